@@ -1,0 +1,339 @@
+"""Analyze stage: pure functions from node records to findings, NCHW regions, hotspots
+and a summary. No torch execution, no I/O.
+
+The rules (one place each):
+
+* break      the node raised on channels_last input (recorded by propagation).
+* mixed      two full spatial activation inputs disagree (one channels_last, one NCHW).
+* revert     a channels_last input, an NCHW (contiguous) output, data moved.
+* conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose
+             channels_last weights make it re-adopt NHWC from an NCHW input).
+
+A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
+no data and is never a revert or a conversion; ambiguous tensors (C == 1, H == W == 1)
+decide nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+
+from .hints import HintTable, default_hints, render_hint
+from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, Summary
+
+__all__ = [
+    "Analysis",
+    "analyze",
+    "build_graph",
+    "find_findings",
+    "find_regions",
+    "group_fixes",
+    "rank_hotspots",
+    "summarize",
+]
+
+_SKIP_OPS = ("placeholder", "get_attr", "output")
+_DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
+
+
+def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph:
+    """The dataflow graph: one node per record (keyed by name), edges producer -> user."""
+    g: nx.DiGraph = nx.DiGraph()
+    for r in records:
+        g.add_node(r.name, index=r.index)
+    for r in records:
+        for u in r.users:
+            g.add_edge(r.name, u)
+    return g
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    by_name: dict[str, NodeRecord]
+    bandwidth: float
+    hints: HintTable
+    device: str
+
+
+def _finding(
+    ctx: _Ctx,
+    r: NodeRecord,
+    kind: FindingKind,
+    *,
+    layout_in: Layout,
+    nbytes: int,
+    producer: NodeRecord | None = None,
+    shape: tuple[int, ...] | None = None,
+    hint_op: str | None = None,
+) -> Finding:
+    if shape is None:
+        spatial = r.spatial_outputs
+        shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
+    origin = _origin(producer, ctx.by_name)
+    return Finding(
+        node=r.name,
+        index=r.index,
+        kind=kind,
+        op=r.op_name,
+        target=r.target,
+        module_path=r.module_path,
+        module_type=r.module_type,
+        source=r.source,
+        layout_in=layout_in,
+        layout_out=r.output_layout,
+        shape=shape,
+        detail=r.detail,
+        bytes=nbytes,
+        est_seconds=nbytes / ctx.bandwidth if ctx.bandwidth > 0 else 0.0,
+        hint=render_hint(
+            ctx.hints,
+            kind,
+            r.op_name if hint_op is None else hint_op,
+            op=r.op_name,
+            origin=_via(origin, producer),
+            device=ctx.device,
+            detail=r.detail or None,
+        ),
+        producer=producer.name if producer else None,
+        origin=origin.name if origin else None,
+        origin_op=_describe(origin) if origin else None,
+        error=r.error,
+    )
+
+
+def _origin(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRecord | None:
+    """Walk back from an NCHW tensor's producer to the node where NCHW started: the first
+    node (following each node's first NCHW activation input) that did not get NCHW input."""
+    r = start
+    seen: set[str] = set()
+    while r is not None and r.name not in seen:
+        seen.add(r.name)
+        nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS]
+        if not nchw or r.op == "placeholder":
+            return r
+        nxt = by_name.get(nchw[0].producer or "")
+        if nxt is None or nxt.op in _SKIP_OPS:
+            return r
+        r = nxt
+    return r
+
+
+def _via(origin: NodeRecord | None, producer: NodeRecord | None) -> str | None:
+    if origin is None:
+        return None
+    text = f"{origin.name} ({_describe(origin)})"
+    if producer is not None and producer.name != origin.name:
+        text += f", via {producer.name}"
+    return text
+
+
+def _describe(r: NodeRecord) -> str:
+    op = f"{r.op_name}({r.detail})" if r.detail else r.op_name
+    return f"{op} at {r.location}" if r.location else op
+
+
+def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
+    if r.error is not None:
+        return [_finding(ctx, r, FindingKind.BREAK, layout_in=_first_decided(r), nbytes=0)]
+    if r.aliases_input:
+        return []
+    ins = [i for i in r.spatial_inputs if i.meta.layout in _DECIDED]
+    out = r.output_layout
+    cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
+    nchw_in = [i for i in ins if i.meta.layout is Layout.CONTIGUOUS]
+    if cl_in and nchw_in:
+        losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
+        return [
+            _finding(
+                ctx,
+                r,
+                FindingKind.MIXED,
+                layout_in=Layout.CHANNELS_LAST if out is Layout.CONTIGUOUS else Layout.CONTIGUOUS,
+                nbytes=2 * sum(i.meta.nbytes for i in losers),
+                producer=ctx.by_name.get(nchw_in[0].producer or ""),
+                shape=losers[0].meta.shape,
+                # op-specific mixed hints explain an NCHW first operand; else the generic one
+                hint_op=None if out is Layout.CONTIGUOUS else "",
+            )
+        ]
+    if cl_in and out is Layout.CONTIGUOUS:
+        nbytes = 2 * sum(o.nbytes for o in r.spatial_outputs if o.layout is Layout.CONTIGUOUS)
+        return [_finding(ctx, r, FindingKind.REVERT, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes)]
+    if nchw_in and out is Layout.CHANNELS_LAST:
+        return [
+            _finding(
+                ctx,
+                r,
+                FindingKind.CONVERSION,
+                layout_in=Layout.CONTIGUOUS,
+                nbytes=2 * sum(i.meta.nbytes for i in nchw_in),
+                producer=ctx.by_name.get(nchw_in[0].producer or ""),
+                shape=nchw_in[0].meta.shape,
+            )
+        ]
+    return []
+
+
+def _first_decided(r: NodeRecord) -> Layout:
+    for i in r.spatial_inputs:
+        return i.meta.layout
+    return Layout.NOT_SPATIAL
+
+
+def find_findings(
+    records: Sequence[NodeRecord],
+    *,
+    bandwidth: float,
+    device: str = "cpu",
+    hints: HintTable | None = None,
+) -> list[Finding]:
+    """Every finding, in graph order."""
+    ctx = _Ctx(
+        by_name={r.name: r for r in records},
+        bandwidth=bandwidth,
+        hints=hints if hints is not None else default_hints(),
+        device=device,
+    )
+    out: list[Finding] = []
+    for r in records:
+        if r.op not in _SKIP_OPS:
+            out.extend(_node_findings(ctx, r))
+    return out
+
+
+def find_regions(
+    records: Sequence[NodeRecord], findings: Sequence[Finding], graph: nx.DiGraph | None = None
+) -> list[Region]:
+    """Connected runs of nodes executing in NCHW that start at a revert, mixed op or break.
+
+    Nodes that are NCHW only because they view a channels_last tensor in another order
+    (ConvNeXt's permute to N, H, W, C) start at no finding and form no region.
+    """
+    g = graph if graph is not None else build_graph(records)
+    by_name = {r.name: r for r in records}
+    nchw = [
+        r.name
+        for r in records
+        if r.op not in _SKIP_OPS and r.output_layout is Layout.CONTIGUOUS
+    ]
+    starters = {
+        f.node: f for f in findings if f.kind is not FindingKind.CONVERSION and f.layout_out is Layout.CONTIGUOUS
+    }
+    conversions = {f.node for f in findings if f.kind is FindingKind.CONVERSION}
+    sub = g.subgraph(nchw)
+    regions: list[Region] = []
+    comps = [sorted(c, key=lambda n: by_name[n].index) for c in nx.weakly_connected_components(sub)]
+    comps.sort(key=lambda c: by_name[c[0]].index)
+    for comp in comps:
+        entries = tuple(n for n in comp if n in starters)
+        if not entries:
+            continue
+        exits = sorted(
+            {u for n in comp for u in g.successors(n) if u in conversions and u not in comp},
+            key=lambda n: by_name[n].index,
+        )
+        nbytes = sum(o.nbytes for n in comp for o in by_name[n].spatial_outputs)
+        regions.append(
+            Region(id=len(regions) + 1, nodes=tuple(comp), entries=entries, exits=tuple(exits), bytes=nbytes)
+        )
+    return regions
+
+
+def rank_hotspots(findings: Sequence[Finding]) -> list[Hotspot]:
+    """Findings that move data, by bytes descending, ties by node name."""
+    moving = sorted((f for f in findings if f.bytes > 0), key=lambda f: (-f.bytes, f.node))
+    total = sum(f.bytes for f in moving)
+    return [Hotspot(rank=i + 1, finding=f, share=f.bytes / total) for i, f in enumerate(moving)]
+
+
+def group_fixes(findings: Sequence[Finding]) -> list[Fix]:
+    """Group findings by the change that removes them, costliest first (ties by op name).
+
+    A conversion or mixed op whose NCHW input started at another finding (its ``origin``)
+    belongs to that finding's fix: fixing the revert removes the conversion too.
+    """
+    by_node = {f.node: f for f in findings}
+    groups: dict[tuple[str, str, str], list[Finding]] = {}
+    roots: dict[tuple[str, str, str], list[str]] = {}
+    for f in findings:
+        root = by_node.get(f.origin or "") if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED) else None
+        if root is None or root.node == f.node:
+            root = f
+        key = (root.kind.value, root.op, root.hint)
+        groups.setdefault(key, []).append(f)
+        names = roots.setdefault(key, [])
+        if root.node not in names:
+            names.append(root.node)
+    order = {f.node: f.index for f in findings}
+    fixes = [
+        Fix(
+            kind=FindingKind(kind),
+            op=op,
+            hint=hint,
+            roots=tuple(sorted(roots[(kind, op, hint)], key=order.__getitem__)),
+            findings=len(fs),
+            bytes=sum(f.bytes for f in fs),
+        )
+        for (kind, op, hint), fs in groups.items()
+    ]
+    fixes.sort(key=lambda x: (x.kind is not FindingKind.BREAK, -x.bytes, x.op, x.roots))
+    return fixes
+
+
+def summarize(
+    records: Sequence[NodeRecord], findings: Sequence[Finding], regions: Sequence[Region], *, bandwidth: float
+) -> Summary:
+    """Headline numbers."""
+    spatial = [
+        r
+        for r in records
+        if r.op not in _SKIP_OPS
+        and r.output_layout in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS, Layout.STRIDED)
+    ]
+    in_regions = {n for reg in regions for n in reg.nodes}
+    spatial_bytes = sum(o.nbytes for r in spatial for o in r.spatial_outputs)
+    nchw_bytes = sum(o.nbytes for r in spatial if r.name in in_regions for o in r.spatial_outputs)
+    count = {k: sum(1 for f in findings if f.kind is k) for k in FindingKind}
+    moved = sum(f.bytes for f in findings)
+    return Summary(
+        nodes=len(records),
+        spatial_nodes=len(spatial),
+        nchw_nodes=sum(1 for r in spatial if r.name in in_regions),
+        spatial_bytes=spatial_bytes,
+        nchw_bytes=nchw_bytes,
+        reverts=count[FindingKind.REVERT],
+        conversions=count[FindingKind.CONVERSION],
+        mixed=count[FindingKind.MIXED],
+        breaks=count[FindingKind.BREAK],
+        bytes_moved=moved,
+        est_seconds=moved / bandwidth if bandwidth > 0 else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything the analysis derives from the records."""
+
+    findings: tuple[Finding, ...]
+    fixes: tuple[Fix, ...]
+    regions: tuple[Region, ...]
+    hotspots: tuple[Hotspot, ...]
+    summary: Summary
+
+
+def analyze(
+    records: Sequence[NodeRecord], *, bandwidth: float, device: str = "cpu", hints: HintTable | None = None
+) -> Analysis:
+    """All of the above in one call."""
+    findings = find_findings(records, bandwidth=bandwidth, device=device, hints=hints)
+    regions = find_regions(records, findings)
+    return Analysis(
+        findings=tuple(findings),
+        fixes=tuple(group_fixes(findings)),
+        regions=tuple(regions),
+        hotspots=tuple(rank_hotspots(findings)),
+        summary=summarize(records, findings, regions, bandwidth=bandwidth),
+    )

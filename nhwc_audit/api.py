@@ -1,0 +1,326 @@
+"""The Python API: ``audit``, ``check``, ``incompatible_nodes``, and the report object.
+
+Composes the stages (load -> copy/convert -> capture -> propagate -> analyze) without
+printing anything.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analyze import analyze
+from .bandwidth import measure_transpose_bandwidth
+from .capture import trace
+from .convert import model_device, prepare_audit_copy, prepare_inputs
+from .errors import ChannelsLastError, ReportWriteError, UsageError
+from .fmt import fmt_bytes, fmt_seconds, fmt_share
+from .layout import tensor_meta
+from .load import split_example
+from .propagate import ProgressFn, propagate
+from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
+from .serialize import report_dict
+
+__all__ = ["AuditReport", "DEFAULT_INPUT_SHAPE", "FAIL_ON", "audit", "check", "incompatible_nodes"]
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+FAIL_ON: dict[str, frozenset[FindingKind]] = {
+    "never": frozenset(),
+    "revert": frozenset({FindingKind.BREAK, FindingKind.REVERT, FindingKind.MIXED}),
+    "any": frozenset(FindingKind),
+}
+"""What each ``fail_on`` level treats as failure: 'revert' = anything that leaves
+channels_last (breaks, reverts, mixed ops); 'any' = conversions too."""
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The result of one audit. Displays itself in a notebook; ``to_json()`` for tools.
+
+    >>> import torch
+    >>> from nhwc_audit import audit
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8))
+    >>> r = audit(m, torch.randn(1, 3, 16, 16), bandwidth=1e9)
+    >>> [(f.node, f.kind.value) for f in r.findings]
+    [('_1', 'revert')]
+    """
+
+    meta: AuditMeta
+    nodes: tuple[NodeRecord, ...]
+    findings: tuple[Finding, ...]
+    fixes: tuple[Fix, ...]
+    hotspots: tuple[Hotspot, ...]
+    regions: tuple[Region, ...]
+    summary: Summary
+    timing: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def incompatible_nodes(self) -> list[NodeRecord]:
+        """Records of the nodes that have a finding, in graph order."""
+        names = {f.node for f in self.findings}
+        return [r for r in self.nodes if r.name in names]
+
+    def findings_of(self, kinds: Iterable[FindingKind]) -> list[Finding]:
+        wanted = frozenset(kinds)
+        return [f for f in self.findings if f.kind in wanted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(
+            self.meta, self.nodes, self.findings, self.fixes, self.hotspots, self.regions, self.summary, self.timing
+        )
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """The report as JSON (schema ``nhwc-audit/1``, documented in the README)."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False) + "\n"
+
+    def save_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write the JSON report atomically (temporary file, then rename)."""
+        return write_text_atomic(Path(path), self.to_json())
+
+    @property
+    def headline(self) -> str:
+        m, s = self.meta, self.summary
+        shapes = ", ".join(t.shape_str for t in m.inputs)
+        return (
+            f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}, input {shapes}): "
+            f"{s.nodes} nodes, {s.reverts} reverts, {s.conversions} conversions, {s.mixed} mixed, "
+            f"{s.breaks} breaks, {fmt_bytes(s.bytes_moved)} moved per forward "
+            f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s), "
+            f"{fmt_share(s.channels_last_node_share)} of spatial nodes channels_last"
+        )
+
+    def __str__(self) -> str:
+        lines = [self.headline]
+        for f in self.findings:
+            lines.append(f"  {_offender_line(f)}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(v))}</td>"
+                for v in (f.kind.value, f.node, f.module_path, f.op, f.location, fmt_bytes(f.bytes), f.hint)
+            )
+            + "</tr>"
+            for f in self.findings
+        )
+        head = "".join(f"<th>{h}</th>" for h in ("kind", "node", "module", "op", "source", "bytes", "hint"))
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>" if rows else ""
+        return f"<div class='nhwc-audit'><p><b>{html.escape(self.headline)}</b></p>{table}</div>"
+
+
+def _offender_line(f: Finding) -> str:
+    where = f"{f.module_path} ({f.module_type})" if f.module_path else f.module_type
+    loc = f" at {f.location}" if f.location else ""
+    cost = f", {fmt_bytes(f.bytes)}" if f.bytes else ""
+    err = f" [{f.error}]" if f.error else ""
+    return f"{f.kind.value}: {f.node} = {f.op} in {where}{loc}{cost}{err} -> {f.hint}"
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+        raise
+    return path
+
+
+def _resolve_model(
+    model: nn.Module | Callable[[], Any],
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None,
+) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+    built_args: tuple[Any, ...] | None = None
+    built_kwargs: dict[str, Any] = {}
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise UsageError(f"audit() needs an nn.Module or a build function, got {type(model).__name__}")
+        from .load import _call_build_fn
+
+        model, built_args, built_kwargs = split_example(
+            _call_build_fn(model, getattr(model, "__name__", "build_fn")), "build_fn"
+        )
+    if example_inputs is None:
+        args = built_args
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        raise UsageError(
+            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    if args is None:
+        g = torch.Generator().manual_seed(0)
+        args = (torch.randn(DEFAULT_INPUT_SHAPE, generator=g),)
+    kwargs = dict(built_kwargs)
+    kwargs.update(example_kwargs or {})
+    return model, args, kwargs
+
+
+def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    dev = torch.device(device) if device is not None else model_device(model)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "device 'cuda' is not available on this machine: audit on cpu, or run on a machine "
+            "with a GPU"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' is not available on this machine: audit on cpu")
+    return dev
+
+
+def audit(
+    model: nn.Module | Callable[[], Any],
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    bandwidth: float | None = None,
+    name: str | None = None,
+    progress: ProgressFn | None = None,
+) -> AuditReport:
+    """Audit ``model`` on a channels_last copy of ``example_inputs``.
+
+    ``model`` is an nn.Module or a build function returning one (or ``(module, args)``,
+    ``(module, args, kwargs)``). Inputs default to one ``1x3x224x224`` tensor. The model
+    and the inputs are never modified: the audit runs a channels_last copy, in the model's
+    own train/eval mode, under ``no_grad``, on the model's device (or ``device``).
+    ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
+    on the device.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    >>> audit(m, torch.randn(1, 3, 16, 16), bandwidth=1e9).summary.findings
+    0
+    """
+    t0 = time.perf_counter()
+    module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
+    dev = _resolve_device(module, device)
+    target_device = dev if dev != model_device(module) else None
+    copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
+    t1 = time.perf_counter()
+    captured = trace(copy)
+    t2 = time.perf_counter()
+    sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=dtype, device=dev)
+    records = propagate(captured.gm, sample_args, sample_kwargs, progress=progress)
+    t3 = time.perf_counter()
+    if bandwidth is None:
+        bw, bw_source = measure_transpose_bandwidth(str(dev)), "measured"
+    else:
+        if bandwidth <= 0:
+            raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+        bw, bw_source = float(bandwidth), "user"
+    t4 = time.perf_counter()
+    analysis = analyze(records, bandwidth=bw, device=dev.type)
+    t5 = time.perf_counter()
+    used_dtype = dtype or _first_float_dtype(module) or torch.float32
+    meta = AuditMeta(
+        model=name or type(module).__name__,
+        torch_version=torch.__version__,
+        capture=captured.method,
+        mode="real",
+        device=str(dev),
+        dtype=str(used_dtype).removeprefix("torch."),
+        training=module.training,
+        inputs=tuple(tensor_meta(a) for a in sample_args if isinstance(a, torch.Tensor)),
+        bandwidth=bw,
+        bandwidth_source=bw_source,
+    )
+    timing = {
+        "copy_s": t1 - t0,
+        "capture_s": t2 - t1,
+        "propagate_s": t3 - t2,
+        "bandwidth_s": t4 - t3,
+        "analyze_s": t5 - t4,
+        "total_s": t5 - t0,
+    }
+    return AuditReport(
+        meta=meta,
+        nodes=tuple(records),
+        findings=analysis.findings,
+        fixes=analysis.fixes,
+        hotspots=analysis.hotspots,
+        regions=analysis.regions,
+        summary=analysis.summary,
+        timing=timing,
+    )
+
+
+def _first_float_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def incompatible_nodes(model: nn.Module | Callable[[], Any], example_inputs: Any = None, **options: Any) -> list[NodeRecord]:
+    """The records of the nodes that leave, break or re-enter channels_last, in graph order.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Softmax(dim=1))
+    >>> [r.name for r in incompatible_nodes(m, torch.randn(1, 3, 16, 16), bandwidth=1e9)]
+    ['_1']
+    """
+    return audit(model, example_inputs, **options).incompatible_nodes
+
+
+def check(
+    model: nn.Module | Callable[[], Any],
+    example_inputs: Any = None,
+    *,
+    fail_on: str = "any",
+    **options: Any,
+) -> AuditReport:
+    """Return the report when the model stays channels_last, else raise ChannelsLastError.
+
+    ``fail_on``: 'any' (default; every finding), 'revert' (breaks, reverts and mixed ops),
+    'never'. The error lists each offender: module path, op, source line, bytes and hint.
+
+    >>> import torch
+    >>> check(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16), bandwidth=1e9).summary.findings
+    0
+    """
+    try:
+        kinds = FAIL_ON[fail_on]
+    except KeyError:
+        raise UsageError(f"fail_on={fail_on!r} is not one of: {', '.join(FAIL_ON)}") from None
+    report = audit(model, example_inputs, **options)
+    offenders = report.findings_of(kinds)
+    if offenders:
+        lines = [
+            f"{report.meta.model} does not stay channels_last: {len(offenders)} offending "
+            f"node(s), {fmt_bytes(sum(f.bytes for f in offenders))} moved per forward"
+        ]
+        lines += [f"  {i}. {_offender_line(f)}" for i, f in enumerate(offenders, 1)]
+        raise ChannelsLastError("\n".join(lines), offenders=tuple(offenders))
+    return report

@@ -1,0 +1,176 @@
+"""Capture stage: model -> torch.fx GraphModule, plus each node's module path, module
+type and source line. Never runs the model.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import TraceError
+from .records import SourceLoc
+
+__all__ = ["Capture", "NodeContext", "node_context", "trace"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_FRAME_RE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A captured graph and how it was obtained."""
+
+    gm: torch.fx.GraphModule
+    method: str
+    """'fx' (symbolic_trace)."""
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """Where a node comes from in the user's code."""
+
+    module_path: str
+    module_type: str
+    source: SourceLoc | None
+    op_name: str
+    target: str
+    detail: str = ""
+    """The op's mode where it has one (pad, interpolate, upsample): 'circular', 'bilinear'."""
+
+
+_SOURCE_KEY = "nhwc_audit_source"
+
+
+def _user_frame() -> SourceLoc | None:
+    """The innermost frame of the model's code on the current stack (not torch's, not ours).
+
+    Cheaper than fx's ``record_stack_traces`` (which imports torch._dynamo, ~1.5 s).
+    """
+    f = sys._getframe(2)
+    while f is not None:
+        file = f.f_code.co_filename
+        if file.startswith(_TORCH_DIR):
+            f = f.f_back
+            continue
+        if file.startswith(_PKG_DIR) and not file.endswith("examples.py"):
+            return None  # left the model's code: the node came from torch modules only
+        line = f.f_lineno or 0
+        return SourceLoc(file=file, line=line, function=f.f_code.co_name, code=linecache.getline(file, line).strip())
+    return None
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx Tracer that stores the user's source line of every node it creates."""
+
+    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta[_SOURCE_KEY] = _user_frame()
+        return node
+
+
+def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> Capture:
+    """Symbolically trace ``model``, recording each node's module stack and source line.
+
+    Raises :class:`TraceError` naming the failure and what to do about it.
+    """
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {msg} "
+            "(data-dependent control flow or non-torch calls in forward; make that code "
+            "traceable, e.g. wrap it with torch.fx.wrap, or audit a traceable submodule)"
+        ) from e
+    name = type(model).__name__
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    return Capture(gm=gm, method="fx")
+
+
+def _source_from_stack(stack_trace: str | None) -> SourceLoc | None:
+    """The innermost frame of the user's code (not torch's, not ours)."""
+    if not stack_trace:
+        return None
+    lines = stack_trace.splitlines()
+    best: SourceLoc | None = None
+    for i, line in enumerate(lines):
+        m = _FRAME_RE.match(line)
+        if not m:
+            continue
+        file = m.group("file")
+        if file.startswith(_TORCH_DIR):
+            continue
+        code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME_RE.match(lines[i + 1]) else ""
+        best = SourceLoc(file=file, line=int(m.group("line")), function=m.group("func"), code=code)
+    return best
+
+
+def _qualified_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    try:
+        return torch.fx.node._get_qualified_name(target)
+    except Exception:
+        return getattr(target, "__name__", repr(target))
+
+
+def _short_name(target: Any) -> str:
+    name = getattr(target, "__name__", None)
+    if isinstance(name, str):
+        return name
+    return _qualified_name(target).rsplit(".", 1)[-1]
+
+
+_DEFAULT_MODES = {"pad": "constant", "interpolate": "nearest", "upsample": "nearest"}
+
+
+def _detail(node: torch.fx.Node, root: nn.Module, op_name: str) -> str:
+    mode: Any = node.kwargs.get("mode")
+    if node.op == "call_module":
+        mode = getattr(root.get_submodule(str(node.target)), "mode", None)
+    elif mode is None and op_name == "pad" and len(node.args) > 2:
+        mode = node.args[2]
+    elif mode is None and op_name == "interpolate" and len(node.args) > 3:
+        mode = node.args[3]
+    if mode is None and node.op != "call_module":
+        mode = _DEFAULT_MODES.get(op_name)
+    return mode if isinstance(mode, str) else ""
+
+
+def node_context(node: torch.fx.Node, root: nn.Module) -> NodeContext:
+    """Module path, module type, source line and display names of an fx node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    module_path, module_type = "", type(root).__name__
+    if stack:
+        path, mtype = list(stack.values())[-1]
+        module_path = str(path)
+        module_type = mtype.__name__ if isinstance(mtype, type) else str(mtype).rsplit(".", 1)[-1]
+    target = _qualified_name(node.target)
+    if node.op == "call_module":
+        sub = root.get_submodule(str(node.target))
+        module_path = str(node.target)
+        module_type = type(sub).__name__
+        op_name = module_type
+    elif node.op in ("call_function", "call_method"):
+        op_name = _short_name(node.target)
+    else:
+        op_name = node.op
+    return NodeContext(
+        module_path=module_path,
+        module_type=module_type,
+        source=node.meta.get(_SOURCE_KEY) or _source_from_stack(node.stack_trace),
+        op_name=op_name,
+        target=target,
+        detail=_detail(node, root, op_name),
+    )

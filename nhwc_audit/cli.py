@@ -1,0 +1,167 @@
+"""``nhwc-audit SPEC``: the command line. The only module that prints or exits.
+
+Exit codes: 0 the audit ran (and ``--fail-on`` did not trigger), 1 ``--fail-on``
+triggered, 2 a user error (one line on stderr; the traceback only with ``--debug``),
+3 an internal error of nhwc-audit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+_FAIL_ON = ("never", "revert", "any")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nhwc-audit",
+        description=(
+            "Audit whether a PyTorch vision model stays channels_last (NHWC): which nodes "
+            "revert to NCHW, which break, and what the layout conversions cost. Loading SPEC "
+            "imports and runs its code, like running it."
+        ),
+    )
+    p.add_argument("spec", help="package.module:attr or path/to/file.py:attr (a module, a class, or a build_fn)")
+    p.add_argument("--input", "-i", action="append", default=None, metavar="SHAPE",
+                   help="sample input shape, e.g. 1x3x224x224; repeat once per positional input "
+                        "(default: the build_fn's inputs, else 1x3x224x224)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (casts model and inputs)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the model's device)")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                   help="write the JSON report here (default: reports/<model>.json)")
+    p.add_argument("--no-report", action="store_true", help="write no report file, print the summary only")
+    p.add_argument("--fail-on", default="never", choices=_FAIL_ON,
+                   help="exit 1 when the audit finds: revert = breaks, reverts or mixed ops; "
+                        "any = conversions too (default: never)")
+    p.add_argument("--bandwidth", default=None, metavar="BW",
+                   help="bytes/s used to estimate time, e.g. 3.35TB/s for a target GPU "
+                        "(default: a transpose copy measured on the audited device)")
+    p.add_argument("--top", type=int, default=10, help="hotspots to list (default 10)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress, plain output")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def _default_name(spec: str) -> str:
+    name = spec.strip().replace(os.sep, "/").rsplit("/", 1)[-1]
+    name = name.replace(".py:", ".").replace(":", ".")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+
+
+def _check_writable(path: Path) -> None:
+    from .errors import ReportWriteError
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(folder)!r} is not writable")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .api import FAIL_ON, audit
+    from .console import render_summary
+    from .load import load_target, parse_bandwidth, parse_dtype, parse_shape
+
+    shapes = [parse_shape(s) for s in args.input] if args.input else None
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else None
+    if args.top < 0:
+        from .errors import UsageError
+
+        raise UsageError("--top must be >= 0")
+    json_path: Path | None = None
+    if args.json_path:
+        json_path = Path(args.json_path)
+        _check_writable(json_path)
+    elif not args.no_report:
+        json_path = Path("reports") / f"{_default_name(args.spec)}.json"
+
+    target = load_target(args.spec)
+    import torch
+
+    if shapes is not None:
+        g = torch.Generator().manual_seed(0)
+        inputs: tuple[torch.Tensor, ...] | None = tuple(torch.randn(s, generator=g) for s in shapes)
+    else:
+        inputs = target.args
+
+    interactive = sys.stdout.isatty() and not args.quiet and not os.environ.get("NO_COLOR")
+    out = Console(no_color=args.quiet or None, highlight=False,
+                  width=None if sys.stdout.isatty() else 160)
+    progress_cb = None
+    progress_ctx = None
+    if interactive:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        progress_ctx = Progress(TextColumn("propagating"), BarColumn(), MofNCompleteColumn(),
+                                transient=True, console=Console(stderr=True))
+        task = progress_ctx.add_task("nodes", total=None)
+
+        def progress_cb(done: int, total: int) -> None:
+            progress_ctx.update(task, completed=done, total=total)  # type: ignore[union-attr]
+
+    try:
+        if progress_ctx is not None:
+            progress_ctx.start()
+        report = audit(
+            target.model,
+            inputs,
+            example_kwargs=target.kwargs,
+            dtype=dtype,
+            device=args.device,
+            bandwidth=bandwidth,
+            name=args.spec,
+            progress=progress_cb,
+        )
+    finally:
+        if progress_ctx is not None:
+            progress_ctx.stop()
+
+    written: list[Path] = []
+    if json_path is not None:
+        if not args.json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+        written.append(report.save_json(json_path))
+    out.print(render_summary(report, top=args.top, paths=tuple(written)))
+    if report.findings_of(FAIL_ON[args.fail_on]):
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``nhwc-audit`` and ``python -m nhwc_audit``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from .errors import NhwcAuditError
+
+    try:
+        return _run(args)
+    except NhwcAuditError as e:
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()
+        print(f"nhwc-audit: error: {first[0] if first else type(e).__name__}", file=sys.stderr)
+        for line in first[1:]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nhwc-audit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"nhwc-audit: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
+            "traceback and report it)",
+            file=sys.stderr,
+        )
+        return 3

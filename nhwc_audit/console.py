@@ -1,0 +1,112 @@
+"""Terminal summary, built with rich (tables, colour only on a terminal, NO_COLOR honoured).
+
+``render_summary`` returns a renderable; only the CLI prints it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .api import AuditReport
+from .fmt import fmt_bytes, fmt_seconds, fmt_share
+from .records import FindingKind, SourceLoc
+
+__all__ = ["render_summary", "short_source"]
+
+_KIND_STYLE = {
+    FindingKind.BREAK: "bold red",
+    FindingKind.REVERT: "red",
+    FindingKind.MIXED: "yellow",
+    FindingKind.CONVERSION: "magenta",
+}
+
+
+def short_source(s: SourceLoc | None, cwd: str | None = None) -> str:
+    """``file:line`` with the file relative to the working directory, or to site-packages."""
+    if s is None:
+        return ""
+    file = s.file
+    base = cwd or os.getcwd()
+    try:
+        rel = os.path.relpath(file, base)
+        if not rel.startswith(".."):
+            file = rel
+    except ValueError:
+        pass
+    if "site-packages" + os.sep in file:
+        file = file.split("site-packages" + os.sep, 1)[1]
+    return f"{file}:{s.line}"
+
+
+def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...] = ()) -> RenderableType:
+    """Verdict line, counts, the top hotspots and the report paths."""
+    m, s = report.meta, report.summary
+    shapes = ", ".join(t.shape_str for t in m.inputs) or "none"
+    head = Text.assemble(
+        (m.model, "bold"),
+        f" ({m.capture}, {m.mode} {m.device}, {m.dtype}, {'train' if m.training else 'eval'} mode, "
+        f"input {shapes}, torch {m.torch_version})",
+    )
+    counts = Text.assemble(
+        f"{s.nodes} nodes: ",
+        (f"{s.reverts} reverts", _KIND_STYLE[FindingKind.REVERT] if s.reverts else ""),
+        ", ",
+        (f"{s.conversions} conversions", _KIND_STYLE[FindingKind.CONVERSION] if s.conversions else ""),
+        ", ",
+        (f"{s.mixed} mixed", _KIND_STYLE[FindingKind.MIXED] if s.mixed else ""),
+        ", ",
+        (f"{s.breaks} breaks", _KIND_STYLE[FindingKind.BREAK] if s.breaks else ""),
+        f"; {fmt_bytes(s.bytes_moved)} moved by layout changes per forward "
+        f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s, {m.bandwidth_source})",
+    )
+    if s.findings == 0:
+        verdict = Text("stays channels_last: no reverts, conversions, mixed ops or breaks", style="green")
+    else:
+        verdict = Text(
+            f"{fmt_share(s.channels_last_node_share)} of spatial nodes and "
+            f"{fmt_share(s.channels_last_byte_share)} of activation bytes stay channels_last"
+        )
+    parts: list[RenderableType] = [head, counts, verdict]
+    shown = report.hotspots[:top]
+    if shown:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
+        for col, just in (("#", "right"), ("kind", "left"), ("node", "left"), ("module", "left"),
+                          ("op", "left"), ("shape", "left"), ("source", "left"), ("bytes", "right"),
+                          ("share", "right")):
+            table.add_column(col, justify=just, no_wrap=col != "module")  # type: ignore[arg-type]
+        for h in shown:
+            f = h.finding
+            table.add_row(str(h.rank), Text(f.kind.value, _KIND_STYLE[f.kind]), f.node,
+                          _module(f.module_path, f.module_type), _op(f.op, f.detail),
+                          "x".join(map(str, f.shape)), short_source(f.source), fmt_bytes(f.bytes),
+                          fmt_share(h.share))
+        parts.append(table)
+        if len(report.hotspots) > top:
+            parts.append(Text(f"... and {len(report.hotspots) - top} more hotspots in the report"))
+    if report.fixes:
+        parts.append(Text("What to change:", style="bold"))
+        for i, fx in enumerate(report.fixes, 1):
+            nodes = ", ".join(fx.roots[:3]) + (f" +{len(fx.roots) - 3}" if len(fx.roots) > 3 else "")
+            cost = f"{fmt_bytes(fx.bytes)}, " if fx.bytes else ""
+            parts.append(Text.assemble(
+                f" {i}. ", (f"{fx.op}", "bold"), f" {fx.kind.value} x{len(fx.roots)} ",
+                f"({cost}{fx.findings} finding{'s' if fx.findings != 1 else ''}; {nodes}): ",
+                fx.hint,
+            ))
+    for p in paths:
+        parts.append(Text(f"report: {p}"))
+    return Group(*parts)
+
+
+def _op(op: str, detail: str) -> str:
+    return f"{op}({detail})" if detail else op
+
+
+def _module(path: str, mtype: str) -> str:
+    return f"{path} ({mtype})" if path else mtype

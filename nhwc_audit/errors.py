@@ -1,0 +1,77 @@
+"""Errors raised by nhwc-audit.
+
+Every error a user can act on is a subclass of :class:`NhwcAuditError`; the CLI maps
+them to exit code 2 and prints ``str(error)`` as one line (the full traceback only with
+``--debug``). The tree::
+
+    NhwcAuditError
+    ├── UsageError            bad option value (malformed --input, unknown --dtype, ...)
+    ├── TargetLoadError       the spec "pkg.mod:attr" could not be turned into a model
+    ├── TraceError            the model could not be captured as a graph
+    ├── PropagationError      the sample could not be run through the captured graph
+    ├── ConversionError       the model could not be copied or converted to channels_last
+    ├── ReportWriteError      a report file could not be written
+    └── ChannelsLastError     raised by ``check()``: the model does not stay channels_last
+
+This module imports nothing from the package (and nothing heavy).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChannelsLastError",
+    "ConversionError",
+    "NhwcAuditError",
+    "PropagationError",
+    "ReportWriteError",
+    "TargetLoadError",
+    "TraceError",
+    "UsageError",
+]
+
+
+class NhwcAuditError(Exception):
+    """Base of every error nhwc-audit raises on purpose; the message says what to change."""
+
+
+class UsageError(NhwcAuditError):
+    """An option has a value nhwc-audit cannot use (e.g. ``--input 1x3xax224``)."""
+
+
+class TargetLoadError(NhwcAuditError):
+    """The spec ``pkg.module:attr`` could not be imported, found, called or used as a model."""
+
+
+class TraceError(NhwcAuditError):
+    """The model could not be captured as a graph (torch.fx symbolic tracing failed)."""
+
+
+class PropagationError(NhwcAuditError):
+    """Running the sample through the captured graph failed at a node.
+
+    ``node`` is the graph node's name and ``node_format`` its ``format_node()`` text.
+    """
+
+    def __init__(self, message: str, *, node: str | None = None, node_format: str | None = None):
+        super().__init__(message)
+        self.node = node
+        self.node_format = node_format
+
+
+class ConversionError(NhwcAuditError):
+    """The model could not be copied or converted to channels_last."""
+
+
+class ReportWriteError(NhwcAuditError):
+    """A report file could not be written (missing folder, no permission, ...)."""
+
+
+class ChannelsLastError(NhwcAuditError):
+    """``check()`` found nodes that leave channels_last; ``offenders`` lists the findings.
+
+    The message has one line per offender: module path, op, source line and fix hint.
+    """
+
+    def __init__(self, message: str, *, offenders: tuple[object, ...] = ()):
+        super().__init__(message)
+        self.offenders = offenders

@@ -1,0 +1,146 @@
+"""Fix hints: one registration table keyed by (finding kind, op name).
+
+Op names are the records' ``op_name`` lower-cased: a module class (``instancenorm2d``),
+a function (``cat``, ``pad``) or a method (``contiguous``, ``view``). Hints may use the
+fields ``{origin}``, ``{device}`` and ``{detail}``.
+"""
+
+from __future__ import annotations
+
+from .records import FindingKind
+
+__all__ = ["HintTable", "default_hints", "render_hint"]
+
+HintTable = dict[tuple[FindingKind, str], str]
+
+_DEFAULT: dict[FindingKind, str] = {
+    FindingKind.BREAK: (
+        "this op raises on channels_last input: use a layout-agnostic equivalent "
+        "(reshape instead of view), or make its input .contiguous() right before it"
+    ),
+    FindingKind.REVERT: (
+        "{op} has no channels_last kernel on {device} and returns NCHW: replace it with an "
+        "equivalent that keeps channels_last, move it off the hot path, or accept one "
+        "transpose here and one at the next conv"
+    ),
+    FindingKind.MIXED: (
+        "inputs disagree in layout and the first operand decides the output; the NCHW "
+        "input comes from {origin}: keep that op channels_last"
+    ),
+    FindingKind.CONVERSION: (
+        "converts an NCHW input back to channels_last; the NCHW tensor comes from "
+        "{origin}: fix that op so it stays channels_last, and this "
+        "conversion disappears"
+    ),
+}
+
+
+def _register(table: HintTable, kind: FindingKind, ops: tuple[str, ...], text: str) -> None:
+    for op in ops:
+        key = (kind, op.lower())
+        if key in table:
+            raise ValueError(f"duplicate hint for {kind.value} {op!r}")
+        table[key] = text
+
+
+def default_hints() -> HintTable:
+    """A fresh copy of the built-in table (callers may add their own entries to it)."""
+    t: HintTable = {}
+    _register(
+        t,
+        FindingKind.BREAK,
+        ("view",),
+        "view() cannot merge or split dims of a channels_last tensor: use .reshape() or "
+        ".flatten(1) (they copy only when needed)",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("instancenorm1d", "instancenorm2d", "instancenorm3d", "instance_norm"),
+        "InstanceNorm calls .contiguous() and returns NCHW on {device}: use "
+        "nn.GroupNorm(num_groups=C, num_channels=C, affine=...) (the same per-channel "
+        "statistics, keeps channels_last on CPU), or accept the cost",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("softmax", "log_softmax", "softmin", "softmax2d", "logsoftmax"),
+        "softmax over the channel dim returns NCHW: permute to (N, H, W, C), softmax over "
+        "dim=-1 and permute back (both permutes are free on a channels_last tensor)",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("contiguous",),
+        ".contiguous() returns NCHW: write .contiguous(memory_format=torch.channels_last), "
+        "or drop it if nothing after it needs NCHW",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("pad",),
+        "pad(mode={detail}) returns NCHW on {device}: use a mode that keeps channels_last "
+        "(constant, reflect, replicate), or build the wrap-around with torch.cat of slices",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("conv3d", "conv2d", "conv_transpose3d", "conv_transpose2d", "convolution"),
+        "the convolution kernel chose NCHW/NCDHW output for this input size on {device} "
+        "(CPU Conv3d does so for small volumes): layouts here hold only for the audited shape",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("avgpool3d", "adaptiveavgpool3d", "adaptivemaxpool3d", "avg_pool3d",
+         "adaptive_avg_pool3d", "adaptive_max_pool3d"),
+        "{op} has no channels_last_3d kernel on {device}: replace it (e.g. mean over "
+        "spatial dims for global pooling: x.mean((2, 3, 4), keepdim=True)) or accept the cost",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("to",),
+        ".to(memory_format=torch.contiguous_format) converts back to NCHW: drop it or use "
+        "torch.channels_last",
+    )
+    mixed_elementwise = (
+        "the first operand decides the output layout and it is NCHW here: put the "
+        "channels_last operand first (e.g. skip + x instead of x + skip), or keep the NCHW "
+        "operand's source, {origin}, channels_last"
+    )
+    _register(
+        t,
+        FindingKind.MIXED,
+        ("add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "where", "maximum",
+         "minimum", "add_", "mul_", "sub_"),
+        mixed_elementwise,
+    )
+    _register(
+        t,
+        FindingKind.MIXED,
+        ("cat", "concat", "concatenate", "stack"),
+        "cat keeps channels_last only when every input is channels_last, and an input "
+        "here is NCHW; it comes from {origin}: keep that op channels_last",
+    )
+    _register(
+        t,
+        FindingKind.CONVERSION,
+        ("to", "contiguous"),
+        "explicit conversion back to channels_last after {origin} made "
+        "the tensor NCHW: fix that op instead and drop this conversion",
+    )
+    return t
+
+
+class _Fields(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def render_hint(table: HintTable, kind: FindingKind, key: str, **fields: str | None) -> str:
+    """The hint for ``kind`` at op ``key`` (the kind's default when the table has none), with
+    the fields (``op``, ``origin``, ``device``, ``detail``) filled in."""
+    text = table.get((kind, key.lower())) or _DEFAULT[kind]
+    values = _Fields({k: v for k, v in fields.items() if v is not None})
+    return text.format_map(values)

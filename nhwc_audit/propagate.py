@@ -1,0 +1,217 @@
+"""Propagate stage: run the channels_last sample through the captured graph and record,
+per node, the layouts, shapes, strides, dtypes and bytes of what it reads and writes.
+
+It records; it never judges (that is :mod:`nhwc_audit.analyze`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .capture import NodeContext, node_context
+from .errors import PropagationError
+from .layout import tensor_meta
+from .records import Layout, NodeInput, NodeRecord, TensorMeta
+
+__all__ = ["LayoutProp", "propagate"]
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except Exception:
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _to_nchw(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
+        return v.contiguous()
+    return v
+
+
+class LayoutProp(torch.fx.Interpreter):
+    """An Interpreter that records a :class:`NodeRecord` for every node it runs.
+
+    A node that raises on channels_last input (a *break*, e.g. ``x.view(n, -1)``) is run
+    again on NCHW copies of its inputs; if that works, the error is recorded and the audit
+    goes on, so one ``view`` does not hide the rest of the model.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, *, progress: ProgressFn | None = None):
+        super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False
+        self.records: list[NodeRecord] = []
+        self._progress = progress
+        self._nodes = list(gm.graph.nodes)
+        self._index = {n: i for i, n in enumerate(self._nodes)}
+        self._contexts: dict[torch.fx.Node, NodeContext] = {
+            n: node_context(n, gm) for n in self._nodes
+        }
+
+    def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
+        out: list[tuple[NodeInput, torch.Tensor]] = []
+        for inp in n.all_input_nodes:
+            is_param = inp.op == "get_attr"
+            for t in _tensors(self.env.get(inp)):
+                out.append((NodeInput(producer=inp.name, meta=tensor_meta(t), is_param=is_param), t))
+        if n.op == "call_module":
+            sub = self.module.get_submodule(str(n.target))
+            for t in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
+                if t.dim() in (4, 5):
+                    out.append((NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t))
+        return out
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            inputs = self._inputs(n)
+            error: str | None = None
+            try:
+                result = getattr(self, n.op)(n.target, args, kwargs)
+            except PropagationError:
+                raise
+            except Exception as e:
+                result = self._retry_nchw(n, args, kwargs, inputs, e)
+                error = _first_line(e)
+            self._record(n, inputs, result, error)
+            if self._progress is not None:
+                self._progress(self._index[n] + 1, len(self._nodes))
+            return result
+
+    def _retry_nchw(
+        self,
+        n: torch.fx.Node,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        inputs: list[tuple[NodeInput, torch.Tensor]],
+        error: Exception,
+    ) -> Any:
+        ctx = self._contexts[n]
+        where = f"node {n.name!r} ({ctx.op_name}"
+        where += f" in {ctx.module_path} ({ctx.module_type})" if ctx.module_path else ""
+        where += f", {ctx.source})" if ctx.source else ")"
+        has_cl = any(
+            i.meta.layout in (Layout.CHANNELS_LAST, Layout.STRIDED)
+            for i, _ in inputs
+            if i.meta.is_spatial
+        )
+        if n.op in ("placeholder", "output", "get_attr") or not has_cl:
+            raise PropagationError(
+                f"{where} raised {_first_line(error)}; its inputs are not channels_last, so "
+                "this is the model's own error at the audited shapes, not a layout problem: "
+                "check the input shapes and dtype",
+                node=n.name,
+                node_format=n.format_node(),
+            ) from error
+        try:
+            return getattr(self, n.op)(n.target, tree_map(_to_nchw, args), tree_map(_to_nchw, kwargs))
+        except Exception as e2:
+            raise PropagationError(
+                f"{where} raised {_first_line(error)}, and also {_first_line(e2)} on NCHW input: "
+                "the model's own error at the audited shapes, not a channels_last problem; "
+                "check the input shapes and dtype",
+                node=n.name,
+                node_format=n.format_node(),
+            ) from error
+
+    def _record(
+        self,
+        n: torch.fx.Node,
+        inputs: list[tuple[NodeInput, torch.Tensor]],
+        result: Any,
+        error: str | None,
+    ) -> None:
+        ctx = self._contexts[n]
+        outputs: list[TensorMeta] = []
+        aliases = False
+        in_ptrs = {p for _, t in inputs if (p := _storage_ptr(t))}
+        if n.op != "output":
+            for t in _tensors(result):
+                outputs.append(tensor_meta(t))
+                if not aliases and in_ptrs:
+                    aliases = _storage_ptr(t) in in_ptrs
+        users = tuple(u.name for u in sorted(n.users, key=self._index.__getitem__))
+        self.records.append(
+            NodeRecord(
+                index=self._index[n],
+                name=n.name,
+                op=n.op,
+                target=ctx.target,
+                op_name=ctx.op_name,
+                module_path=ctx.module_path,
+                module_type=ctx.module_type,
+                source=ctx.source,
+                inputs=tuple(i for i, _ in inputs),
+                outputs=tuple(outputs),
+                aliases_input=aliases,
+                users=users,
+                detail=ctx.detail,
+                error=error,
+            )
+        )
+
+
+def _positional(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Order positional and keyword inputs the way the graph's placeholders expect them."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values: list[Any] = []
+    unknown = set(kwargs) - {str(p.target).lstrip("*") for p in placeholders}
+    if unknown:
+        raise PropagationError(
+            f"the model's forward has no parameter(s) {', '.join(sorted(unknown))}: "
+            "check the example keyword inputs"
+        )
+    if len(args) > len(placeholders):
+        raise PropagationError(
+            f"{len(args)} positional inputs given but the model's forward takes "
+            f"{len(placeholders)}: pass one --input per positional input"
+        )
+    for i, p in enumerate(placeholders):
+        name = str(p.target).lstrip("*")
+        if i < len(args):
+            values.append(args[i])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif p.args:
+            values.append(p.args[0])
+        else:
+            raise PropagationError(
+                f"the model's forward needs input {name!r} and none was given: pass one "
+                "--input per positional input, or return (model, args, kwargs) from the build_fn"
+            )
+    return values
+
+
+def propagate(
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    progress: ProgressFn | None = None,
+) -> list[NodeRecord]:
+    """Run ``gm`` on the (already channels_last) sample under ``no_grad`` and return one
+    record per node, in graph order. The caller owns copying the model and the sample.
+    """
+    interp = LayoutProp(gm, progress=progress)
+    values = _positional(gm, args, kwargs or {})
+    with torch.no_grad():
+        interp.run(*values, enable_io_processing=False)
+    return interp.records

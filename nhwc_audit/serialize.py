@@ -1,0 +1,168 @@
+"""JSON form of an audit (schema ``nhwc-audit/1``): stable key order, plain values.
+
+Everything except the ``timing`` block is deterministic for a given model, sample and
+bandwidth (pass ``bandwidth=`` / ``--bandwidth`` to fix the latter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .records import AuditMeta, Finding, Fix, Hotspot, NodeRecord, Region, SourceLoc, Summary, TensorMeta
+
+__all__ = ["SCHEMA", "report_dict"]
+
+SCHEMA = "nhwc-audit/1"
+
+
+def _source(s: SourceLoc | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    return {"file": s.file, "line": s.line, "function": s.function, "code": s.code}
+
+
+def _tensor(t: TensorMeta) -> dict[str, Any]:
+    return {
+        "shape": list(t.shape),
+        "strides": list(t.strides),
+        "dtype": t.dtype,
+        "layout": t.layout.value,
+        "bytes": t.nbytes,
+    }
+
+
+def _node(r: NodeRecord) -> dict[str, Any]:
+    return {
+        "index": r.index,
+        "name": r.name,
+        "op": r.op,
+        "target": r.target,
+        "op_name": r.op_name,
+        "detail": r.detail,
+        "module_path": r.module_path,
+        "module_type": r.module_type,
+        "source": _source(r.source),
+        "inputs": [
+            {"producer": i.producer, "is_param": i.is_param, **_tensor(i.meta)} for i in r.inputs
+        ],
+        "input_layouts": [i.meta.layout.value for i in r.inputs if not i.is_param],
+        "output_layouts": [o.layout.value for o in r.outputs],
+        "output_shapes": [list(o.shape) for o in r.outputs],
+        "output_strides": [list(o.strides) for o in r.outputs],
+        "dtype": r.outputs[0].dtype if r.outputs else None,
+        "bytes": r.output_bytes,
+        "aliases_input": r.aliases_input,
+        "users": list(r.users),
+        "error": r.error,
+    }
+
+
+def _finding(f: Finding) -> dict[str, Any]:
+    return {
+        "node": f.node,
+        "kind": f.kind.value,
+        "op": f.op,
+        "target": f.target,
+        "module_path": f.module_path,
+        "module_type": f.module_type,
+        "source": _source(f.source),
+        "layout_in": f.layout_in.value,
+        "layout_out": f.layout_out.value,
+        "shape": list(f.shape),
+        "detail": f.detail,
+        "bytes": f.bytes,
+        "est_seconds": f.est_seconds,
+        "hint": f.hint,
+        "producer": f.producer,
+        "origin": f.origin,
+        "origin_op": f.origin_op,
+        "error": f.error,
+    }
+
+
+def _hotspot(h: Hotspot) -> dict[str, Any]:
+    f = h.finding
+    return {
+        "rank": h.rank,
+        "node": f.node,
+        "kind": f.kind.value,
+        "op": f.op,
+        "module_path": f.module_path,
+        "module_type": f.module_type,
+        "source": str(f.source) if f.source else None,
+        "shape": list(f.shape),
+        "bytes": f.bytes,
+        "est_seconds": f.est_seconds,
+        "share": round(h.share, 6),
+        "hint": f.hint,
+    }
+
+
+def _fix(x: Fix) -> dict[str, Any]:
+    return {
+        "kind": x.kind.value,
+        "op": x.op,
+        "roots": list(x.roots),
+        "findings": x.findings,
+        "bytes": x.bytes,
+        "hint": x.hint,
+    }
+
+
+def _region(g: Region) -> dict[str, Any]:
+    return {
+        "id": g.id,
+        "nodes": list(g.nodes),
+        "entries": list(g.entries),
+        "exits": list(g.exits),
+        "bytes": g.bytes,
+    }
+
+
+def _summary(s: Summary) -> dict[str, Any]:
+    return {
+        "nodes": s.nodes,
+        "spatial_nodes": s.spatial_nodes,
+        "nchw_nodes": s.nchw_nodes,
+        "channels_last_node_share": round(s.channels_last_node_share, 6),
+        "channels_last_byte_share": round(s.channels_last_byte_share, 6),
+        "findings": s.findings,
+        "reverts": s.reverts,
+        "conversions": s.conversions,
+        "mixed": s.mixed,
+        "breaks": s.breaks,
+        "bytes_moved": s.bytes_moved,
+        "est_seconds": s.est_seconds,
+    }
+
+
+def report_dict(
+    meta: AuditMeta,
+    nodes: tuple[NodeRecord, ...],
+    findings: tuple[Finding, ...],
+    fixes: tuple[Fix, ...],
+    hotspots: tuple[Hotspot, ...],
+    regions: tuple[Region, ...],
+    summary: Summary,
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """The whole report as a dict in the documented key order."""
+    return {
+        "schema": SCHEMA,
+        "model": meta.model,
+        "torch_version": meta.torch_version,
+        "capture": meta.capture,
+        "mode": meta.mode,
+        "device": meta.device,
+        "dtype": meta.dtype,
+        "training": meta.training,
+        "inputs": [_tensor(t) for t in meta.inputs],
+        "bandwidth": {"bytes_per_second": meta.bandwidth, "source": meta.bandwidth_source},
+        "summary": _summary(summary),
+        "findings": [_finding(f) for f in findings],
+        "fixes": [_fix(x) for x in fixes],
+        "hotspots": [_hotspot(h) for h in hotspots],
+        "regions": [_region(g) for g in regions],
+        "nodes": [_node(r) for r in nodes],
+        "timing": {k: round(v, 6) for k, v in timing.items()},
+    }
