@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .hints import HintTable, default_hints, render_hint
+from .hints import AMBIGUOUS_ORIGIN, HintTable, default_hints, render_hint
 from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, Summary
 
 __all__ = [
@@ -73,6 +73,8 @@ def _finding(
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
     origin = _origin(producer, ctx.by_name)
+    if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
+        hint_op = AMBIGUOUS_ORIGIN
     return Finding(
         node=r.name,
         index=r.index,
@@ -102,6 +104,12 @@ def _finding(
         origin_op=_describe(origin) if origin else None,
         error=r.error,
     )
+
+
+def _only_ambiguous_inputs(r: NodeRecord) -> bool:
+    """The node made NCHW out of ambiguous input only (C == 1 or H == W == 1 tensors)."""
+    ins = r.spatial_inputs
+    return bool(ins) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
 
 
 def _origin(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRecord | None:

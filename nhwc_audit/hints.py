@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from .records import FindingKind
 
-__all__ = ["HintTable", "default_hints", "render_hint"]
+__all__ = ["AMBIGUOUS_ORIGIN", "HintTable", "default_hints", "render_hint"]
 
 HintTable = dict[tuple[FindingKind, str], str]
+
+AMBIGUOUS_ORIGIN = "@ambiguous-origin"
+"""Key of the conversion hint used when the NCHW tensor was made from ambiguous input."""
 
 _DEFAULT: dict[FindingKind, str] = {
     FindingKind.BREAK: (
@@ -129,6 +132,16 @@ def default_hints() -> HintTable:
         ("to", "contiguous"),
         "explicit conversion back to channels_last after {origin} made "
         "the tensor NCHW: fix that op instead and drop this conversion",
+    )
+    _register(
+        t,
+        FindingKind.CONVERSION,
+        (AMBIGUOUS_ORIGIN,),
+        "converts an NCHW input back to channels_last; the NCHW tensor comes from "
+        "{origin}, whose input is ambiguous (C == 1 or H == W == 1) with NCHW-order "
+        "strides, so that op chose NCHW: restride its input with "
+        ".to(memory_format=torch.channels_last) (a tiny copy; .contiguous(memory_format=...) "
+        "is a no-op on ambiguous tensors) and it stays channels_last",
     )
     return t
 

@@ -1,0 +1,180 @@
+"""The Python API: audit/check/incompatible_nodes/convert, the report object, JSON."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+import models as M
+import nhwc_audit
+from nhwc_audit import ChannelsLastError, NhwcAuditError, audit, check, convert, incompatible_nodes
+from nhwc_audit.examples import UNet, unet
+
+
+def _state(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int, ...], torch.dtype, torch.device]]:
+    return {
+        name: (t.detach().clone(), tuple(t.stride()), t.dtype, t.device)
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+    }
+
+
+def _assert_same_state(model: nn.Module, before: dict) -> None:  # type: ignore[type-arg]
+    after = _state(model)
+    assert after.keys() == before.keys()
+    for name, (value, stride, dtype, device) in before.items():
+        v2, s2, d2, dev2 = after[name]
+        assert (s2, d2, dev2) == (stride, dtype, device), name
+        assert torch.equal(v2, value), name
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_audit_never_touches_the_model_or_the_sample(train: bool) -> None:
+    model = UNet(width=4).train(train)
+    before = _state(model)
+    hooks = (dict(model._forward_hooks), dict(model._forward_pre_hooks))
+    x = torch.randn(1, 3, 32, 32)
+    x_before = (x.clone(), x.stride())
+    report = audit(model, x, bandwidth=1e9)
+    check(model, x, fail_on="never", bandwidth=1e9)
+    _assert_same_state(model, before)  # BatchNorm running stats included
+    assert model.training is train
+    assert all(m.training is train for m in model.modules())
+    assert (dict(model._forward_hooks), dict(model._forward_pre_hooks)) == hooks
+    assert torch.equal(x, x_before[0]) and x.stride() == x_before[1]
+    assert report.meta.training is train
+
+
+def test_inplace_model_does_not_write_into_the_sample() -> None:
+    class Inplace(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mul_(2).relu_()
+
+    x = torch.randn(1, 3, 4, 4).to(memory_format=torch.channels_last)
+    before = x.clone()
+    audit(Inplace(), x, bandwidth=1e9)
+    assert torch.equal(x, before)
+
+
+def test_build_fn_and_tuple_forms() -> None:
+    r1 = audit(unet, bandwidth=1e9)  # build_fn returning (module, (input,))
+    assert r1.meta.inputs[0].shape == (1, 3, 128, 128)
+    r2 = audit(lambda: (M.InstanceNormNet(), torch.randn(1, 3, 8, 8)), bandwidth=1e9)
+    assert [f.node for f in r2.findings] == ["norm", "conv2"]
+
+
+def test_kwargs_and_non_image_inputs_pass_through() -> None:
+    class Cond(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.emb = nn.Linear(1, 4)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+            return self.conv(x) * scale + self.emb(t)[:, :, None, None]
+
+    r = audit(Cond(), (torch.randn(2, 3, 8, 8), torch.randn(2, 1)), example_kwargs={"scale": 2.0}, bandwidth=1e9)
+    assert [t.layout.value for t in r.meta.inputs] == ["channels_last", "not_spatial"]
+    assert r.findings == ()
+
+
+def test_incompatible_nodes_are_records_in_graph_order() -> None:
+    nodes = incompatible_nodes(M.ViewHead(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert [(n.name, n.op_name) for n in nodes] == [("view", "view"), ("norm", "InstanceNorm2d")]
+    assert nodes[0].index < nodes[1].index
+
+
+def test_check_passes_clean_models_and_lists_offenders() -> None:
+    report = check(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert report.summary.findings == 0
+    with pytest.raises(ChannelsLastError) as exc:
+        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    err = exc.value
+    assert isinstance(err, NhwcAuditError)
+    lines = str(err).splitlines()
+    assert "2 offending node(s)" in lines[0]
+    assert "revert: norm = InstanceNorm2d in norm (InstanceNorm2d) at" in lines[1]
+    assert "models.py:" in lines[1] and "GroupNorm" in lines[1]
+    assert lines[2].lstrip().startswith("2. conversion: conv2")
+    assert [f.node for f in err.offenders] == ["norm", "conv2"]  # type: ignore[attr-defined]
+    # 'revert' ignores conversions alone; the revert is still there
+    with pytest.raises(ChannelsLastError):
+        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="revert", bandwidth=1e9)
+    with pytest.raises(nhwc_audit.UsageError):
+        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="sometimes", bandwidth=1e9)
+
+
+def test_convert_returns_independent_channels_last_copy_including_3d() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    conv3 = M.Conv3dNet()
+    for m in (model, conv3):
+        before = _state(m)
+        c = convert(m)
+        _assert_same_state(m, before)
+        for (name, p), (_, q) in zip(m.named_parameters(), c.named_parameters()):
+            assert torch.equal(p, q), name
+            assert p.data_ptr() != q.data_ptr()
+            if p.dim() == 4:
+                assert q.stride() == p.to(memory_format=torch.channels_last).stride()
+            if p.dim() == 5:
+                assert q.is_contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(RuntimeError):  # why convert() exists: torch's own call rejects 5D weights
+        M.Conv3dNet().to(memory_format=torch.channels_last)
+
+
+def test_report_json_is_schema_valid_deterministic_and_saved(tmp_path: Path) -> None:
+    schema = json.loads(resources.files("nhwc_audit").joinpath("schema.json").read_text())
+    r1 = audit(unet, bandwidth=2e9)
+    r2 = audit(unet, bandwidth=2e9)
+    d1, d2 = r1.to_dict(), r2.to_dict()
+    jsonschema.validate(d1, schema)
+    d1.pop("timing"), d2.pop("timing")
+    assert json.dumps(d1) == json.dumps(d2)
+    assert list(d1)[:4] == ["schema", "model", "torch_version", "capture"]
+    path = r1.save_json(tmp_path / "r.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["schema"] == "nhwc-audit/1"
+    assert [f["node"] for f in loaded["findings"]] == [f.node for f in r1.findings]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_save_json_into_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    r = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    with pytest.raises(nhwc_audit.ReportWriteError, match="does not exist"):
+        r.save_json(tmp_path / "nope" / "r.json")
+
+
+def test_repr_html_escapes_and_lists_findings() -> None:
+    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    html = r._repr_html_()
+    assert "InstanceNorm2d" in html and "<table>" in html
+    assert "norm" in str(r)
+
+
+def test_model_error_is_reported_as_the_models_own() -> None:
+    with pytest.raises(nhwc_audit.PropagationError) as exc:
+        audit(M.InstanceNormNet(), torch.randn(1, 5, 8, 8), bandwidth=1e9)
+    msg = str(exc.value)
+    assert "node 'conv'" in msg and "not a channels_last problem" in msg and "5" in msg
+    assert exc.value.node == "conv"
+
+
+def test_untraceable_model_raises_trace_error() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return x
+            return -x
+
+    with pytest.raises(nhwc_audit.TraceError, match="torch.fx could not trace DataDependent"):
+        audit(DataDependent(), torch.randn(1, 3, 4, 4), bandwidth=1e9)
+
+
+def test_measured_bandwidth_is_labelled() -> None:
+    r = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8))
+    assert r.meta.bandwidth_source == "measured" and r.meta.bandwidth > 0

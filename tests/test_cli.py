@@ -1,0 +1,153 @@
+"""The CLI: exit codes, the summary, the JSON file, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nhwc_audit.cli import main
+
+USER_MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.InstanceNorm2d(8)
+
+        def forward(self, x):
+            return self.norm(self.conv(x))
+
+    class Clean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    instance = Clean()
+    not_a_model = 42
+
+    def build():
+        return Net(), torch.randn(1, 3, 16, 16)
+
+    def build_raises():
+        raise ValueError("weights folder missing")
+
+    def build_needs_args(depth):
+        return Net()
+
+    def build_returns_str():
+        return "resnet"
+    """
+)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "usermodels.py").write_text(USER_MODULE)
+    (tmp_path / "broken_import.py").write_text("import torch\nraise ImportError('no module named timm_extra')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NO_COLOR", "1")
+    return tmp_path
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args + ["--bandwidth", "1GB/s"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_audit_prints_summary_and_writes_default_json(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["usermodels:build"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("usermodels:build (fx, real cpu, float32, train mode, input 1x3x16x16")
+    assert "1 reverts, 0 conversions, 0 mixed, 0 breaks" in lines[1]
+    assert any("revert" in ln and "norm (InstanceNorm2d)" in ln and "usermodels.py:12" in ln for ln in lines)
+    assert any(ln.startswith(" 1. InstanceNorm2d revert x1") for ln in lines)
+    assert lines[-1] == "report: reports/usermodels.build.json"
+    assert "\x1b[" not in out  # NO_COLOR / not a terminal: no escape codes
+    data = json.loads((workdir / "reports" / "usermodels.build.json").read_text())
+    assert data["summary"]["reverts"] == 1 and data["findings"][0]["module_path"] == "norm"
+
+
+def test_fail_on_exit_codes(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["usermodels:build", "--no-report", "--fail-on", "revert"], capsys)[0] == 1
+    assert run(["usermodels:build", "--no-report", "--fail-on", "any"], capsys)[0] == 1
+    assert run(["usermodels:build", "--no-report", "--fail-on", "never"], capsys)[0] == 0
+    assert run(["usermodels:Clean", "--no-report", "--fail-on", "any", "--input", "1x3x8x8"], capsys)[0] == 0
+    code, _, err = run(["usermodels:build", "--fail-on", "sometimes"], capsys)
+    assert code == 2 and "invalid choice" in err
+
+
+def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["usermodels.py:instance", "--input", "2x3x10x12", "--json", "out.json"], capsys)
+    assert code == 0
+    data = json.loads((workdir / "out.json").read_text())
+    assert data["inputs"][0]["shape"] == [2, 3, 10, 12] and data["inputs"][0]["layout"] == "channels_last"
+    assert data["findings"] == [] and "stays channels_last" in out
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "message"),
+    [
+        ("", [], "empty spec"),
+        ("usermodels", [], "has no ':attr' part"),
+        ("nosuchpkg.models:build", [], "module 'nosuchpkg.models' not found"),
+        ("broken_import:build", [], "importing 'broken_import' raised ImportError: no module named timm_extra"),
+        ("usermodels:buld", [], "has no attribute 'buld'; did you mean 'build'"),
+        ("usermodels:not_a_model", [], "is a int, neither an nn.Module nor a callable"),
+        ("usermodels:build_raises", [], "raised ValueError: weights folder missing"),
+        ("usermodels:build_needs_args", [], "needs arguments (depth)"),
+        ("usermodels:build_returns_str", [], "returned str, not an nn.Module"),
+        ("usermodels:build", ["--input", "1x3xax224"], "is not a shape"),
+        ("usermodels:build", ["--input", "1x0x8x8"], "zero or negative"),
+        ("usermodels:build", ["--input", "1x5x16x16"], "not a channels_last problem"),
+        ("usermodels:build", ["--dtype", "float64"], "--dtype 'float64' is not supported"),
+        ("usermodels:build", ["--json", "missing/dir/r.json"], "does not exist"),
+        ("usermodels:build", ["--device", "cuda:7"], "not available"),
+    ],
+)
+def test_user_errors_are_one_clear_line_exit_2(
+    workdir: Path, capsys: pytest.CaptureFixture[str], spec: str, extra: list[str], message: str
+) -> None:
+    if "cuda" in " ".join(extra):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    code, out, err = run([spec, *extra], capsys)
+    assert code == 2
+    assert out == ""
+    first = err.splitlines()[0]
+    assert first.startswith("nhwc-audit: error: ")
+    assert message in first
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(workdir: Path) -> None:
+    with pytest.raises(Exception, match="weights folder missing"):
+        main(["usermodels:build_raises", "--debug"])
+
+
+def test_python_dash_m_and_console_script_on_bundled_example(tmp_path: Path) -> None:
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nhwc_audit", "nhwc_audit.examples:unet", "--bandwidth", "2GB/s", "--top", "3"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "7 reverts, 6 conversions, 2 mixed, 0 breaks" in proc.stdout
+    assert "up3.conv.block.0 (Conv2d)" in proc.stdout and "examples.py:36" in proc.stdout
+    assert (tmp_path / "reports" / "nhwc_audit.examples.unet.json").is_file()

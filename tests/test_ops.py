@@ -1,0 +1,160 @@
+"""Per-op behaviour on small models: exact node layouts and findings on CPU (torch 2.14.1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import models as M
+from nhwc_audit import AuditReport, FindingKind, audit
+
+CL, NCHW, AMB, NS = "channels_last", "contiguous", "ambiguous", "not_spatial"
+
+
+def run(model: nn.Module, shape: tuple[int, ...]) -> AuditReport:
+    torch.manual_seed(0)
+    return audit(model, torch.randn(shape), bandwidth=1e9)
+
+
+def layouts(report: AuditReport) -> dict[str, str]:
+    return {
+        r.name: r.output_layout.value
+        for r in report.nodes
+        if r.op in ("call_module", "call_function", "call_method")
+    }
+
+
+def kinds(report: AuditReport) -> list[tuple[str, str]]:
+    return [(f.node, f.kind.value) for f in report.findings]
+
+
+def test_conv_bn_relu_chain_stays_channels_last() -> None:
+    r = run(M.ConvBnRelu(), (1, 3, 8, 8))
+    assert layouts(r) == {"conv": CL, "bn": CL, "relu": CL, "conv2": CL, "pool": CL}
+    assert r.findings == ()
+    assert r.summary.channels_last_node_share == 1.0
+
+
+def test_instance_norm_reverts_and_next_conv_converts_back() -> None:
+    r = run(M.InstanceNormNet(), (1, 3, 8, 8))
+    assert layouts(r) == {"conv": CL, "norm": NCHW, "conv2": CL}
+    assert kinds(r) == [("norm", "revert"), ("conv2", "conversion")]
+    revert, conversion = r.findings
+    assert revert.op == "InstanceNorm2d" and revert.module_path == "norm"
+    assert revert.source is not None and revert.source.file.endswith("models.py")
+    assert "GroupNorm" in revert.hint
+    assert conversion.origin == "norm" and "norm" in conversion.hint
+    assert [(g.entries, g.exits, g.nodes) for g in r.regions] == [(("norm",), ("conv2",), ("norm",))]
+
+
+def test_softmax_over_channels_reverts() -> None:
+    r = run(M.SoftmaxChannels(), (1, 3, 8, 8))
+    assert kinds(r) == [("softmax", "revert")]
+    assert "dim=-1" in r.findings[0].hint
+
+
+def test_circular_pad_reverts() -> None:
+    r = run(M.CircularPad(), (1, 3, 8, 8))
+    assert layouts(r) == {"conv": CL, "pad": NCHW, "conv2": CL}
+    assert kinds(r) == [("pad", "revert"), ("conv2", "conversion")]
+    assert r.findings[0].detail == "circular" and "circular" in r.findings[0].hint
+
+
+def test_contiguous_call_reverts() -> None:
+    r = run(M.ContiguousCall(), (1, 3, 8, 8))
+    assert kinds(r) == [("contiguous", "revert")]
+    assert "memory_format=torch.channels_last" in r.findings[0].hint
+
+
+def test_cat_of_channels_last_and_nchw_is_mixed() -> None:
+    r = run(M.CatMixed(), (1, 3, 8, 8))
+    assert layouts(r)["cat"] == NCHW
+    assert kinds(r) == [("norm", "revert"), ("cat", "mixed")]
+    cat = r.findings[1]
+    # the channels_last input (1x4x8x8 float32 = 1024 B) is transposed: read + write
+    assert cat.bytes == 2 * 4 * 8 * 8 * 4
+    assert cat.origin == "norm"
+
+
+@pytest.mark.parametrize(("nchw_first", "out"), [(True, NCHW), (False, CL)])
+def test_add_operand_order_decides_layout(nchw_first: bool, out: str) -> None:
+    r = run(M.AddOrder(nchw_first), (1, 3, 8, 8))
+    assert layouts(r)["add"] == out
+    assert kinds(r) == [("norm", "revert"), ("add", "mixed")]
+    add = r.findings[1]
+    assert add.layout_out.value == out
+    if nchw_first:
+        assert "put the channels_last operand first" in add.hint
+    else:
+        assert "put the channels_last operand first" not in add.hint
+
+
+def test_se_gate_is_ambiguous_and_not_a_finding() -> None:
+    r = run(M.SEBlock(), (1, 3, 8, 8))
+    lay = layouts(r)
+    assert lay["adaptive_avg_pool2d"] == AMB and lay["sigmoid"] == AMB and lay["mul"] == CL
+    assert r.findings == ()
+
+
+def test_view_breaks_and_the_audit_goes_on() -> None:
+    r = run(M.ViewHead(), (1, 3, 8, 8))
+    assert kinds(r) == [("view", "break"), ("norm", "revert")]
+    brk = r.findings[0]
+    assert brk.error is not None and "view" in brk.error
+    assert "reshape" in brk.hint
+    assert brk.source is not None and "view" in brk.source.code
+    assert layouts(r)["fc"] == NS  # ran on the NCHW copy
+
+
+def test_flatten_before_linear_is_not_a_finding() -> None:
+    r = run(M.FlattenHead(), (1, 3, 8, 8))
+    assert layouts(r) == {"conv": CL, "pool": CL, "flatten": NS, "fc": NS}
+    assert r.findings == ()
+
+
+def test_convnext_permute_layernorm_is_free() -> None:
+    r = run(M.ConvNeXtBlock(), (1, 8, 8, 8))
+    lay = layouts(r)
+    assert lay["permute"] == NCHW and lay["norm"] == NCHW and lay["permute_1"] == CL
+    assert r.findings == () and r.regions == ()
+
+
+def test_ambiguous_pooled_tensor_upsampled_to_nchw_is_a_conversion_naming_the_upsample() -> None:
+    r = run(M.PoolingBranch().eval(), (1, 3, 8, 8))
+    lay = layouts(r)
+    assert lay["bn"] == AMB and lay["interpolate"] == NCHW and lay["out"] == CL
+    assert kinds(r) == [("out", "conversion")]
+    f = r.findings[0]
+    assert f.origin == "interpolate" and f.bytes == 2 * 8 * 8 * 8 * 4
+    assert "interpolate" in f.hint and ".to(memory_format=torch.channels_last)" in f.hint
+
+
+def test_conv3d_channels_last_3d_and_instance_norm_3d() -> None:
+    r = run(M.Conv3dNet(), (2, 2, 16, 16, 16))
+    assert layouts(r) == {"conv": CL, "norm": NCHW, "conv2": CL}
+    assert kinds(r) == [("norm", "revert"), ("conv2", "conversion")]
+    assert r.meta.inputs[0].layout.value == CL
+    assert r.findings[1].bytes == 2 * 2 * 8 * 16**3 * 4
+
+
+def test_cpu_conv3d_picks_ncdhw_for_a_small_volume() -> None:
+    """CPU Conv3d chooses its output layout from the input's size: at batch 1, 8^3 the
+    first conv returns NCDHW from a channels_last_3d input, a revert at that shape."""
+    r = run(M.Conv3dNet(), (1, 2, 8, 8, 8))
+    assert layouts(r) == {"conv": NCHW, "norm": NCHW, "conv2": NCHW}
+    assert kinds(r) == [("conv", "revert")]
+    assert "input size" in r.findings[0].hint
+
+
+def test_hotspot_bytes_by_hand() -> None:
+    """InstanceNormNet at 1x3x8x8, float32: the norm output (1x8x8x8 = 512 elements, 2048 B)
+    is written NCHW (2 x 2048 B), then conv2 converts it back (2 x 2048 B)."""
+    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=2048.0)
+    assert [(h.rank, h.finding.node, h.finding.bytes, h.share) for h in r.hotspots] == [
+        (1, "conv2", 4096, 0.5),
+        (2, "norm", 4096, 0.5),
+    ]
+    assert [h.finding.est_seconds for h in r.hotspots] == [2.0, 2.0]
+    assert r.summary.bytes_moved == 8192 and r.summary.est_seconds == 4.0
+    assert [(x.op, x.roots, x.findings, x.bytes) for x in r.fixes] == [("InstanceNorm2d", ("norm",), 2, 8192)]
