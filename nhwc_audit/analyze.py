@@ -5,7 +5,9 @@ The rules (one place each):
 
 * break      the node raised on channels_last input (recorded by propagation).
 * mixed      two full spatial activation inputs disagree (one channels_last, one NCHW).
-* revert     a channels_last input, an NCHW (contiguous) output, data moved.
+* revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the
+             channels: a channels_last input and an NCHW output, or any rank >= 4 view of
+             an NHWC tensor made contiguous (channel shuffle's 5D ``.contiguous()``).
 * conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose
              channels_last weights make it re-adopt NHWC from an NCHW input).
 
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .hints import AMBIGUOUS_ORIGIN, HintTable, default_hints, render_hint
-from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, Summary
+from .hints import AMBIGUOUS_ORIGIN, ND_TRANSPOSE, HintTable, default_hints, render_hint
+from .layout import channels_innermost, row_major
+from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
 
 __all__ = [
     "Analysis",
@@ -139,7 +142,7 @@ def _via(origin: NodeRecord | None, producer: NodeRecord | None) -> str | None:
 
 
 def _describe(r: NodeRecord) -> str:
-    op = f"{r.op_name}({r.detail})" if r.detail else r.op_name
+    op = _op_label(r)
     return f"{op} at {r.location}" if r.location else op
 
 
@@ -167,9 +170,22 @@ def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=None if out is Layout.CONTIGUOUS else "",
             )
         ]
-    if cl_in and out is Layout.CONTIGUOUS:
-        nbytes = 2 * sum(o.nbytes for o in r.spatial_outputs if o.layout is Layout.CONTIGUOUS)
-        return [_finding(ctx, r, FindingKind.REVERT, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes)]
+    reverted = [o for o in r.outputs if row_major(o)]
+    sources = [i for i in r.activation_inputs if channels_innermost(i.meta)]
+    if reverted and sources:
+        nbytes = 2 * sum(o.nbytes for o in reverted)
+        standard = sources[0].meta.layout is Layout.CHANNELS_LAST and reverted[0].is_spatial
+        return [
+            _finding(
+                ctx,
+                r,
+                FindingKind.REVERT,
+                layout_in=sources[0].meta.layout,
+                nbytes=nbytes,
+                shape=reverted[0].shape,
+                hint_op=None if standard else ND_TRANSPOSE,
+            )
+        ]
     if nchw_in and out is Layout.CHANNELS_LAST:
         return [
             _finding(
@@ -257,38 +273,52 @@ def rank_hotspots(findings: Sequence[Finding]) -> list[Hotspot]:
     return [Hotspot(rank=i + 1, finding=f, share=f.bytes / total) for i, f in enumerate(moving)]
 
 
-def group_fixes(findings: Sequence[Finding]) -> list[Fix]:
+def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> list[Fix]:
     """Group findings by the change that removes them, costliest first (ties by op name).
 
-    A conversion or mixed op whose NCHW input started at another finding (its ``origin``)
-    belongs to that finding's fix: fixing the revert removes the conversion too.
+    Each finding has a root: itself for breaks and reverts; for a conversion or mixed op,
+    the node where its NCHW input started (``origin``), since fixing that removes it.
+    Roots that are modules group by module type (replace every InstanceNorm2d); roots
+    that are functions or methods group by op and source line (change that line).
     """
+    by_name = {r.name: r for r in records}
     by_node = {f.node: f for f in findings}
-    groups: dict[tuple[str, str, str], list[Finding]] = {}
-    roots: dict[tuple[str, str, str], list[str]] = {}
+    groups: dict[tuple[str, ...], list[Finding]] = {}
+    roots: dict[tuple[str, ...], list[str]] = {}
+    sources: dict[tuple[str, ...], SourceLoc | None] = {}
     for f in findings:
-        root = by_node.get(f.origin or "") if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED) else None
-        if root is None or root.node == f.node:
-            root = f
-        key = (root.kind.value, root.op, root.hint)
+        root_name = f.origin if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED) and f.origin else f.node
+        root = by_name[root_name]
+        if root.op == "call_module":
+            key: tuple[str, ...] = ("module", root.op_name)
+        else:
+            key = ("site", _op_label(root), root.location)
+            sources[key] = root.source
         groups.setdefault(key, []).append(f)
         names = roots.setdefault(key, [])
-        if root.node not in names:
-            names.append(root.node)
-    order = {f.node: f.index for f in findings}
-    fixes = [
-        Fix(
-            kind=FindingKind(kind),
-            op=op,
-            hint=hint,
-            roots=tuple(sorted(roots[(kind, op, hint)], key=order.__getitem__)),
-            findings=len(fs),
-            bytes=sum(f.bytes for f in fs),
+        if root_name not in names:
+            names.append(root_name)
+    fixes = []
+    for key, fs in groups.items():
+        root_findings = [by_node[n] for n in roots[key] if n in by_node]
+        lead = root_findings[0] if root_findings else fs[0]
+        fixes.append(
+            Fix(
+                kind=lead.kind,
+                op=key[1],
+                source=sources.get(key),
+                hint=lead.hint,
+                roots=tuple(sorted(roots[key], key=lambda n: by_name[n].index)),
+                findings=len(fs),
+                bytes=sum(f.bytes for f in fs),
+            )
         )
-        for (kind, op, hint), fs in groups.items()
-    ]
-    fixes.sort(key=lambda x: (x.kind is not FindingKind.BREAK, -x.bytes, x.op, x.roots))
+    fixes.sort(key=lambda x: (x.kind is not FindingKind.BREAK, -x.bytes, x.op, str(x.source), x.roots))
     return fixes
+
+
+def _op_label(r: NodeRecord) -> str:
+    return f"{r.op_name}({r.detail})" if r.detail else r.op_name
 
 
 def summarize(
@@ -340,7 +370,7 @@ def analyze(
     regions = find_regions(records, findings)
     return Analysis(
         findings=tuple(findings),
-        fixes=tuple(group_fixes(findings)),
+        fixes=tuple(group_fixes(records, findings)),
         regions=tuple(regions),
         hotspots=tuple(rank_hotspots(findings)),
         summary=summarize(records, findings, regions, bandwidth=bandwidth),

@@ -94,8 +94,9 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
         for i, fx in enumerate(report.fixes, 1):
             nodes = ", ".join(fx.roots[:3]) + (f" +{len(fx.roots) - 3}" if len(fx.roots) > 3 else "")
             cost = f"{fmt_bytes(fx.bytes)}, " if fx.bytes else ""
+            at = f" at {short_source(fx.source)}" if fx.source else ""
             parts.append(Text.assemble(
-                f" {i}. ", (f"{fx.op}", "bold"), f" {fx.kind.value} x{len(fx.roots)} ",
+                f" {i}. ", (f"{fx.op}", "bold"), f"{at}: {fx.kind.value} x{len(fx.roots)} ",
                 f"({cost}{fx.findings} finding{'s' if fx.findings != 1 else ''}; {nodes}): ",
                 fx.hint,
             ))

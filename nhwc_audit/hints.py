@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from .records import FindingKind
 
-__all__ = ["AMBIGUOUS_ORIGIN", "HintTable", "default_hints", "render_hint"]
+__all__ = ["AMBIGUOUS_ORIGIN", "ND_TRANSPOSE", "HintTable", "default_hints", "render_hint"]
 
 HintTable = dict[tuple[FindingKind, str], str]
 
 AMBIGUOUS_ORIGIN = "@ambiguous-origin"
 """Key of the conversion hint used when the NCHW tensor was made from ambiguous input."""
+
+ND_TRANSPOSE = "@nd-transpose"
+"""Key of the revert hint for a copy of a channels-innermost view that is not plain NHWC."""
 
 _DEFAULT: dict[FindingKind, str] = {
     FindingKind.BREAK: (
@@ -142,6 +145,15 @@ def default_hints() -> HintTable:
         "strides, so that op chose NCHW: restride its input with "
         ".to(memory_format=torch.channels_last) (a tiny copy; .contiguous(memory_format=...) "
         "is a no-op on ambiguous tensors) and it stays channels_last",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        (ND_TRANSPOSE,),
+        "{op} copies a view of a channels_last tensor into row-major (NCHW) order, moving the "
+        "channel axis out of the innermost position (e.g. channel shuffle: view, transpose, "
+        "contiguous): do it in (N, H, W, C) order instead, x.permute(0, 2, 3, 1), reshape/"
+        "transpose the last dims, permute(0, 3, 1, 2), so the copy keeps channels innermost",
     )
     return t
 

@@ -16,7 +16,14 @@ from .records import Layout, TensorMeta
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["classify", "classify_strides", "is_dense_in_order", "tensor_meta"]
+__all__ = [
+    "channels_innermost",
+    "classify",
+    "classify_strides",
+    "is_dense_in_order",
+    "row_major",
+    "tensor_meta",
+]
 
 # Dimension orders from innermost (stride 1) to outermost.
 _NCHW_ORDER = {4: (3, 2, 1, 0), 5: (4, 3, 2, 1, 0)}
@@ -93,3 +100,39 @@ def tensor_meta(t: torch.Tensor) -> TensorMeta:
         itemsize=t.element_size(),
         layout=layout,
     )
+
+
+def _innermost_dim(shape: Sequence[int], strides: Sequence[int]) -> int | None:
+    """The dim of size > 1 with stride 1 (None if there is none)."""
+    for d, (size, stride) in enumerate(zip(shape, strides)):
+        if size > 1 and stride == 1:
+            return d
+    return None
+
+
+def channels_innermost(meta: TensorMeta) -> bool:
+    """A rank >= 4 tensor whose memory runs along a dim other than its last one, as in an
+    NHWC tensor or any view of one (a channel slice, channel shuffle's 5D view).
+
+    Copying such a tensor into row-major order is a layout transpose. Ambiguous and
+    row-major tensors are never channels-innermost.
+
+    >>> from nhwc_audit.layout import tensor_meta
+    >>> import torch
+    >>> channels_innermost(tensor_meta(torch.zeros(1, 4, 3, 3).to(memory_format=torch.channels_last)))
+    True
+    """
+    if meta.rank < 4 or len(meta.strides) != meta.rank or meta.layout is Layout.AMBIGUOUS:
+        return False
+    if row_major(meta):
+        return False
+    d = _innermost_dim(meta.shape, meta.strides)
+    last = max((i for i, s in enumerate(meta.shape) if s > 1), default=None)
+    return d is not None and d != last
+
+
+def row_major(meta: TensorMeta) -> bool:
+    """Dense with the last dim innermost (``is_contiguous()``), rank >= 4, not ambiguous."""
+    if meta.rank < 4 or len(meta.strides) != meta.rank or meta.layout is Layout.AMBIGUOUS:
+        return False
+    return is_dense_in_order(meta.shape, meta.strides, tuple(range(meta.rank - 1, -1, -1)))

@@ -227,6 +227,9 @@ class Fix:
 
     kind: FindingKind
     op: str
+    """The module type to replace, or the op to change at ``source``."""
+    source: SourceLoc | None
+    """For a function or method root: the source line to change (None for module roots)."""
     hint: str
     roots: tuple[str, ...]
     """Nodes to change (the root causes), in graph order."""

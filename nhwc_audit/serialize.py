@@ -102,6 +102,7 @@ def _fix(x: Fix) -> dict[str, Any]:
     return {
         "kind": x.kind.value,
         "op": x.op,
+        "source": _source(x.source),
         "roots": list(x.roots),
         "findings": x.findings,
         "bytes": x.bytes,
