@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
-from .api import AuditReport, audit, check, incompatible_nodes
-from .convert import convert
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ChannelsLastError,
     ConversionError,
@@ -22,7 +23,35 @@ from .errors import (
     UsageError,
 )
 from .layout import classify, classify_strides
-from .records import Finding, FindingKind, Hotspot, Layout, NodeRecord, Region, Summary
+from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, Summary
+
+if TYPE_CHECKING:
+    from .api import AuditReport, audit, check, incompatible_nodes
+    from .conversion import convert
+
+# torch-dependent names load on first use, so `nhwc-audit --help` and `import nhwc_audit`
+# stay cheap (no torch, networkx, rich or jinja2 until needed).
+_LAZY = {
+    "AuditReport": "api",
+    "audit": "api",
+    "check": "api",
+    "incompatible_nodes": "api",
+    "convert": "conversion",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nhwc_audit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -32,6 +61,7 @@ __all__ = [
     "ConversionError",
     "Finding",
     "FindingKind",
+    "Fix",
     "Hotspot",
     "Layout",
     "NhwcAuditError",

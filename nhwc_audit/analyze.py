@@ -25,7 +25,17 @@ import networkx as nx
 
 from .hints import AMBIGUOUS_ORIGIN, ND_TRANSPOSE, HintTable, default_hints, render_hint
 from .layout import channels_innermost, row_major
-from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
+from .records import (
+    Finding,
+    FindingKind,
+    Fix,
+    Hotspot,
+    Layout,
+    NodeRecord,
+    Region,
+    SourceLoc,
+    Summary,
+)
 
 __all__ = [
     "Analysis",
@@ -42,9 +52,9 @@ _SKIP_OPS = ("placeholder", "get_attr", "output")
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
 
 
-def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph:
+def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:
     """The dataflow graph: one node per record (keyed by name), edges producer -> user."""
-    g: nx.DiGraph = nx.DiGraph()
+    g: nx.DiGraph[str] = nx.DiGraph()
     for r in records:
         g.add_node(r.name, index=r.index)
     for r in records:
@@ -229,7 +239,7 @@ def find_findings(
 
 
 def find_regions(
-    records: Sequence[NodeRecord], findings: Sequence[Finding], graph: nx.DiGraph | None = None
+    records: Sequence[NodeRecord], findings: Sequence[Finding], graph: nx.DiGraph[str] | None = None
 ) -> list[Region]:
     """Connected runs of nodes executing in NCHW that start at a revert, mixed op or break.
 
@@ -238,11 +248,7 @@ def find_regions(
     """
     g = graph if graph is not None else build_graph(records)
     by_name = {r.name: r for r in records}
-    nchw = [
-        r.name
-        for r in records
-        if r.op not in _SKIP_OPS and r.output_layout is Layout.CONTIGUOUS
-    ]
+    nchw = [r.name for r in records if r.op not in _SKIP_OPS and r.output_layout is Layout.CONTIGUOUS]
     starters = {
         f.node: f for f in findings if f.kind is not FindingKind.CONVERSION and f.layout_out is Layout.CONTIGUOUS
     }
@@ -328,8 +334,7 @@ def summarize(
     spatial = [
         r
         for r in records
-        if r.op not in _SKIP_OPS
-        and r.output_layout in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS, Layout.STRIDED)
+        if r.op not in _SKIP_OPS and r.output_layout in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS, Layout.STRIDED)
     ]
     in_regions = {n for reg in regions for n in reg.nodes}
     spatial_bytes = sum(o.nbytes for r in spatial for o in r.spatial_outputs)

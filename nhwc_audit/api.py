@@ -22,7 +22,7 @@ from torch import nn
 from .analyze import analyze
 from .bandwidth import measure_transpose_bandwidth
 from .capture import trace
-from .convert import model_device, prepare_audit_copy, prepare_inputs
+from .conversion import model_device, prepare_audit_copy, prepare_inputs
 from .errors import ChannelsLastError, ReportWriteError, UsageError
 from .fmt import fmt_bytes, fmt_seconds, fmt_share
 from .layout import tensor_meta
@@ -31,7 +31,7 @@ from .propagate import ProgressFn, propagate
 from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
 from .serialize import report_dict
 
-__all__ = ["AuditReport", "DEFAULT_INPUT_SHAPE", "FAIL_ON", "audit", "check", "incompatible_nodes"]
+__all__ = ["DEFAULT_INPUT_SHAPE", "FAIL_ON", "AuditReport", "audit", "check", "incompatible_nodes"]
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -175,9 +175,7 @@ def _resolve_model(
     elif isinstance(example_inputs, (tuple, list)):
         args = tuple(example_inputs)
     else:
-        raise UsageError(
-            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-        )
+        raise UsageError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
     if args is None:
         g = torch.Generator().manual_seed(0)
         args = (torch.randn(DEFAULT_INPUT_SHAPE, generator=g),)
@@ -189,10 +187,7 @@ def _resolve_model(
 def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     dev = torch.device(device) if device is not None else model_device(model)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            "device 'cuda' is not available on this machine: audit on cpu, or run on a machine "
-            "with a GPU"
-        )
+        raise UsageError("device 'cuda' is not available on this machine: audit on cpu, or run on a machine with a GPU")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("device 'mps' is not available on this machine: audit on cpu")
     return dev
@@ -283,7 +278,9 @@ def _first_float_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def incompatible_nodes(model: nn.Module | Callable[[], Any], example_inputs: Any = None, **options: Any) -> list[NodeRecord]:
+def incompatible_nodes(
+    model: nn.Module | Callable[[], Any], example_inputs: Any = None, **options: Any
+) -> list[NodeRecord]:
     """The records of the nodes that leave, break or re-enter channels_last, in graph order.
 
     >>> import torch

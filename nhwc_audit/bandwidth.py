@@ -34,7 +34,11 @@ def measure_transpose_bandwidth(device: str, *, mbytes: int = 8, repeats: int = 
     src = torch.ones(1, c, hw, hw, device=dev)
     dst = torch.empty_like(src, memory_format=torch.channels_last)
     nbytes = 2 * src.numel() * src.element_size()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     times: list[float] = []
     for i in range(repeats + 2):
         sync()

@@ -8,6 +8,7 @@ import linecache
 import os
 import re
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ def _user_frame() -> SourceLoc | None:
 
     Cheaper than fx's ``record_stack_traces`` (which imports torch._dynamo, ~1.5 s).
     """
-    f = sys._getframe(2)
+    f: types.FrameType | None = sys._getframe(2)
     while f is not None:
         file = f.f_code.co_filename
         if file.startswith(_TORCH_DIR):

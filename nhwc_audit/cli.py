@@ -29,20 +29,39 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("spec", help="package.module:attr or path/to/file.py:attr (a module, a class, or a build_fn)")
-    p.add_argument("--input", "-i", action="append", default=None, metavar="SHAPE",
-                   help="sample input shape, e.g. 1x3x224x224; repeat once per positional input "
-                        "(default: the build_fn's inputs, else 1x3x224x224)")
+    p.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        default=None,
+        metavar="SHAPE",
+        help="sample input shape, e.g. 1x3x224x224; repeat once per positional input "
+        "(default: the build_fn's inputs, else 1x3x224x224)",
+    )
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (casts model and inputs)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the model's device)")
-    p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
-                   help="write the JSON report here (default: reports/<model>.json)")
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        default=None,
+        metavar="PATH",
+        help="write the JSON report here (default: reports/<model>.json)",
+    )
     p.add_argument("--no-report", action="store_true", help="write no report file, print the summary only")
-    p.add_argument("--fail-on", default="never", choices=_FAIL_ON,
-                   help="exit 1 when the audit finds: revert = breaks, reverts or mixed ops; "
-                        "any = conversions too (default: never)")
-    p.add_argument("--bandwidth", default=None, metavar="BW",
-                   help="bytes/s used to estimate time, e.g. 3.35TB/s for a target GPU "
-                        "(default: a transpose copy measured on the audited device)")
+    p.add_argument(
+        "--fail-on",
+        default="never",
+        choices=_FAIL_ON,
+        help="exit 1 when the audit finds: revert = breaks, reverts or mixed ops; "
+        "any = conversions too (default: never)",
+    )
+    p.add_argument(
+        "--bandwidth",
+        default=None,
+        metavar="BW",
+        help="bytes/s used to estimate time, e.g. 3.35TB/s for a target GPU "
+        "(default: a transpose copy measured on the audited device)",
+    )
     p.add_argument("--top", type=int, default=10, help="hotspots to list (default 10)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress, plain output")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -96,19 +115,19 @@ def _run(args: argparse.Namespace) -> int:
         inputs = target.args
 
     interactive = sys.stdout.isatty() and not args.quiet and not os.environ.get("NO_COLOR")
-    out = Console(no_color=args.quiet or None, highlight=False,
-                  width=None if sys.stdout.isatty() else 160)
+    out = Console(no_color=args.quiet or None, highlight=False, width=None if sys.stdout.isatty() else 160)
     progress_cb = None
     progress_ctx = None
     if interactive:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        progress_ctx = Progress(TextColumn("propagating"), BarColumn(), MofNCompleteColumn(),
-                                transient=True, console=Console(stderr=True))
+        progress_ctx = Progress(
+            TextColumn("propagating"), BarColumn(), MofNCompleteColumn(), transient=True, console=Console(stderr=True)
+        )
         task = progress_ctx.add_task("nodes", total=None)
 
         def progress_cb(done: int, total: int) -> None:
-            progress_ctx.update(task, completed=done, total=total)  # type: ignore[union-attr]
+            progress_ctx.update(task, completed=done, total=total)
 
     try:
         if progress_ctx is not None:
@@ -163,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"nhwc-audit: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
-            "traceback and report it)",
+            f"nhwc-audit: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)",
             file=sys.stderr,
         )
         return 3

@@ -76,16 +76,31 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
     shown = report.hotspots[:top]
     if shown:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
-        for col, just in (("#", "right"), ("kind", "left"), ("node", "left"), ("module", "left"),
-                          ("op", "left"), ("shape", "left"), ("source", "left"), ("bytes", "right"),
-                          ("share", "right")):
+        for col, just in (
+            ("#", "right"),
+            ("kind", "left"),
+            ("node", "left"),
+            ("module", "left"),
+            ("op", "left"),
+            ("shape", "left"),
+            ("source", "left"),
+            ("bytes", "right"),
+            ("share", "right"),
+        ):
             table.add_column(col, justify=just, no_wrap=col != "module")  # type: ignore[arg-type]
         for h in shown:
             f = h.finding
-            table.add_row(str(h.rank), Text(f.kind.value, _KIND_STYLE[f.kind]), f.node,
-                          _module(f.module_path, f.module_type), _op(f.op, f.detail),
-                          "x".join(map(str, f.shape)), short_source(f.source), fmt_bytes(f.bytes),
-                          fmt_share(h.share))
+            table.add_row(
+                str(h.rank),
+                Text(f.kind.value, _KIND_STYLE[f.kind]),
+                f.node,
+                _module(f.module_path, f.module_type),
+                _op(f.op, f.detail),
+                "x".join(map(str, f.shape)),
+                short_source(f.source),
+                fmt_bytes(f.bytes),
+                fmt_share(h.share),
+            )
         parts.append(table)
         if len(report.hotspots) > top:
             parts.append(Text(f"... and {len(report.hotspots) - top} more hotspots in the report"))
@@ -95,11 +110,15 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
             nodes = ", ".join(fx.roots[:3]) + (f" +{len(fx.roots) - 3}" if len(fx.roots) > 3 else "")
             cost = f"{fmt_bytes(fx.bytes)}, " if fx.bytes else ""
             at = f" at {short_source(fx.source)}" if fx.source else ""
-            parts.append(Text.assemble(
-                f" {i}. ", (f"{fx.op}", "bold"), f"{at}: {fx.kind.value} x{len(fx.roots)} ",
-                f"({cost}{fx.findings} finding{'s' if fx.findings != 1 else ''}; {nodes}): ",
-                fx.hint,
-            ))
+            parts.append(
+                Text.assemble(
+                    f" {i}. ",
+                    (f"{fx.op}", "bold"),
+                    f"{at}: {fx.kind.value} x{len(fx.roots)} ",
+                    f"({cost}{fx.findings} finding{'s' if fx.findings != 1 else ''}; {nodes}): ",
+                    fx.hint,
+                )
+            )
     for p in paths:
         parts.append(Text(f"report: {p}"))
     return Group(*parts)

@@ -33,7 +33,8 @@ class DoubleConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        out: torch.Tensor = self.block(x)
+        return out
 
 
 class Down(nn.Module):
@@ -43,7 +44,8 @@ class Down(nn.Module):
         self.conv = DoubleConv(in_ch, out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pool(x))
+        out: torch.Tensor = self.conv(self.pool(x))
+        return out
 
 
 class Up(nn.Module):
@@ -58,7 +60,8 @@ class Up(nn.Module):
         diff_x = x2.size(3) - x1.size(3)
         x1 = F.pad(x1, [diff_x // 2, diff_x - diff_x // 2, diff_y // 2, diff_y - diff_y // 2])
         x = torch.cat([x2, x1], dim=1)
-        return self.conv(x)
+        out: torch.Tensor = self.conv(x)
+        return out
 
 
 class UNet(nn.Module):
@@ -84,7 +87,8 @@ class UNet(nn.Module):
         x = self.up1(x4, x3)
         x = self.up2(x, x2)
         x = self.up3(x, x1)
-        return self.outc(x).softmax(dim=1)
+        out: torch.Tensor = self.outc(x).softmax(dim=1)
+        return out
 
 
 def unet() -> tuple[nn.Module, tuple[torch.Tensor]]:
@@ -107,6 +111,7 @@ def resnet_block() -> nn.Module:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.bn1(self.conv1(x)).relu()
-            return (y + self.bn2(self.conv2(y))).relu()
+            out: torch.Tensor = (y + self.bn2(self.conv2(y))).relu()
+            return out
 
     return Block()

@@ -98,8 +98,14 @@ def default_hints() -> HintTable:
     _register(
         t,
         FindingKind.REVERT,
-        ("avgpool3d", "adaptiveavgpool3d", "adaptivemaxpool3d", "avg_pool3d",
-         "adaptive_avg_pool3d", "adaptive_max_pool3d"),
+        (
+            "avgpool3d",
+            "adaptiveavgpool3d",
+            "adaptivemaxpool3d",
+            "avg_pool3d",
+            "adaptive_avg_pool3d",
+            "adaptive_max_pool3d",
+        ),
         "{op} has no channels_last_3d kernel on {device}: replace it (e.g. mean over "
         "spatial dims for global pooling: x.mean((2, 3, 4), keepdim=True)) or accept the cost",
     )
@@ -107,8 +113,7 @@ def default_hints() -> HintTable:
         t,
         FindingKind.REVERT,
         ("to",),
-        ".to(memory_format=torch.contiguous_format) converts back to NCHW: drop it or use "
-        "torch.channels_last",
+        ".to(memory_format=torch.contiguous_format) converts back to NCHW: drop it or use torch.channels_last",
     )
     mixed_elementwise = (
         "the first operand decides the output layout and it is NCHW here: put the "
@@ -118,8 +123,22 @@ def default_hints() -> HintTable:
     _register(
         t,
         FindingKind.MIXED,
-        ("add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "where", "maximum",
-         "minimum", "add_", "mul_", "sub_"),
+        (
+            "add",
+            "iadd",
+            "sub",
+            "isub",
+            "mul",
+            "imul",
+            "truediv",
+            "div",
+            "where",
+            "maximum",
+            "minimum",
+            "add_",
+            "mul_",
+            "sub_",
+        ),
         mixed_elementwise,
     )
     _register(

@@ -104,7 +104,7 @@ def tensor_meta(t: torch.Tensor) -> TensorMeta:
 
 def _innermost_dim(shape: Sequence[int], strides: Sequence[int]) -> int | None:
     """The dim of size > 1 with stride 1 (None if there is none)."""
-    for d, (size, stride) in enumerate(zip(shape, strides)):
+    for d, (size, stride) in enumerate(zip(shape, strides, strict=True)):
         if size > 1 and stride == 1:
             return d
     return None

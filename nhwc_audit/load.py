@@ -57,9 +57,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
-        raise UsageError(
-            f"--input {text!r} is not a shape: write sizes joined by 'x', e.g. 1x3x224x224"
-        ) from None
+        raise UsageError(f"--input {text!r} is not a shape: write sizes joined by 'x', e.g. 1x3x224x224") from None
     if not dims or any(d <= 0 for d in dims):
         raise UsageError(f"--input {text!r} has a zero or negative size: every size must be >= 1")
     return dims
@@ -70,9 +68,7 @@ def parse_dtype(text: str) -> torch.dtype:
     try:
         return _DTYPES[text.strip().lower()]
     except KeyError:
-        raise UsageError(
-            f"--dtype {text!r} is not supported: use float32, float16 or bfloat16"
-        ) from None
+        raise UsageError(f"--dtype {text!r} is not supported: use float32, float16 or bfloat16") from None
 
 
 @contextmanager
@@ -106,9 +102,7 @@ def _import_module(module_part: str) -> Any:
             sys.modules.pop(mod_name, None)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise TargetLoadError(
-                f"importing {module_part!r} raised {type(e).__name__}: {e}"
-            ) from e
+            raise TargetLoadError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from e
         return module
     try:
         with _on_sys_path(os.getcwd()):
@@ -119,9 +113,7 @@ def _import_module(module_part: str) -> Any:
                 f"module {module_part!r} not found: check the name, install its package, "
                 "or run from the folder that contains it"
             ) from e
-        raise TargetLoadError(
-            f"importing {module_part!r} raised ModuleNotFoundError: {e}"
-        ) from e
+        raise TargetLoadError(f"importing {module_part!r} raised ModuleNotFoundError: {e}") from e
     except Exception as e:
         raise TargetLoadError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from e
 
@@ -145,8 +137,7 @@ def split_example(value: Any, where: str) -> tuple[nn.Module, tuple[Any, ...] | 
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], nn.Module):
         if len(value) not in (2, 3):
             raise TargetLoadError(
-                f"{where} returned a {len(value)}-tuple: return a module, (module, inputs) "
-                "or (module, inputs, kwargs)"
+                f"{where} returned a {len(value)}-tuple: return a module, (module, inputs) or (module, inputs, kwargs)"
             )
         args = value[1]
         if isinstance(args, torch.Tensor):
@@ -155,14 +146,11 @@ def split_example(value: Any, where: str) -> tuple[nn.Module, tuple[Any, ...] | 
             args = tuple(args)
         if not isinstance(args, tuple):
             raise TargetLoadError(
-                f"{where} returned example inputs of type {type(args).__name__}: "
-                "use a tensor or a tuple of tensors"
+                f"{where} returned example inputs of type {type(args).__name__}: use a tensor or a tuple of tensors"
             )
         kwargs = value[2] if len(value) == 3 else {}
         if not isinstance(kwargs, dict):
-            raise TargetLoadError(
-                f"{where} returned example kwargs of type {type(kwargs).__name__}: use a dict"
-            )
+            raise TargetLoadError(f"{where} returned example kwargs of type {type(kwargs).__name__}: use a dict")
         return value[0], args, dict(kwargs)
     raise TargetLoadError(
         f"{where} returned {type(value).__name__}, not an nn.Module: return a module, "
@@ -205,22 +193,18 @@ def load_target(spec: str) -> LoadedTarget:
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise TargetLoadError(
-            f"spec {spec!r} has no ':attr' part: write 'package.module:build_fn' "
-            "or 'path/file.py:build_fn'"
+            f"spec {spec!r} has no ':attr' part: write 'package.module:build_fn' or 'path/file.py:build_fn'"
         )
     module = _import_module(module_part)
     obj = _resolve_attr(module, module_part, attr)
     where = f"{spec}"
     if isinstance(obj, nn.Module):
         value: Any = obj
-    elif inspect.isclass(obj) and issubclass(obj, nn.Module):
-        value = _call_build_fn(obj, where)
-    elif callable(obj):
+    elif inspect.isclass(obj) and issubclass(obj, nn.Module) or callable(obj):
         value = _call_build_fn(obj, where)
     else:
         raise TargetLoadError(
-            f"{spec!r} is a {type(obj).__name__}, neither an nn.Module nor a callable that "
-            "builds one"
+            f"{spec!r} is a {type(obj).__name__}, neither an nn.Module nor a callable that builds one"
         )
     model, args, kwargs = split_example(value, where)
     return LoadedTarget(name=spec, model=model, args=args, kwargs=kwargs)
@@ -237,7 +221,7 @@ def parse_bandwidth(text: str) -> float:
     """
     t = text.strip().lower().replace(" ", "")
     num = t.rstrip("kmgtb/s")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in _BW_UNITS:
         raise UsageError(f"--bandwidth {text!r}: use bytes/s (2.5e9) or a unit like 900GB/s")
     try:

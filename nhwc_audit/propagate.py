@@ -62,9 +62,7 @@ class LayoutProp(torch.fx.Interpreter):
         self._progress = progress
         self._nodes = list(gm.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
-        self._contexts: dict[torch.fx.Node, NodeContext] = {
-            n: node_context(n, gm) for n in self._nodes
-        }
+        self._contexts: dict[torch.fx.Node, NodeContext] = {n: node_context(n, gm) for n in self._nodes}
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
@@ -108,11 +106,7 @@ class LayoutProp(torch.fx.Interpreter):
         where = f"node {n.name!r} ({ctx.op_name}"
         where += f" in {ctx.module_path} ({ctx.module_type})" if ctx.module_path else ""
         where += f", {ctx.source})" if ctx.source else ")"
-        has_cl = any(
-            i.meta.layout in (Layout.CHANNELS_LAST, Layout.STRIDED)
-            for i, _ in inputs
-            if i.meta.is_spatial
-        )
+        has_cl = any(i.meta.layout in (Layout.CHANNELS_LAST, Layout.STRIDED) for i, _ in inputs if i.meta.is_spatial)
         if n.op in ("placeholder", "output", "get_attr") or not has_cl:
             raise PropagationError(
                 f"{where} raised {_first_line(error)}; its inputs are not channels_last, so "
@@ -176,8 +170,7 @@ def _positional(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[st
     unknown = set(kwargs) - {str(p.target).lstrip("*") for p in placeholders}
     if unknown:
         raise PropagationError(
-            f"the model's forward has no parameter(s) {', '.join(sorted(unknown))}: "
-            "check the example keyword inputs"
+            f"the model's forward has no parameter(s) {', '.join(sorted(unknown))}: check the example keyword inputs"
         )
     if len(args) > len(placeholders):
         raise PropagationError(

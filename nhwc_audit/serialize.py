@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .records import AuditMeta, Finding, Fix, Hotspot, NodeRecord, Region, SourceLoc, Summary, TensorMeta
+from .records import (
+    AuditMeta,
+    Finding,
+    Fix,
+    Hotspot,
+    NodeRecord,
+    Region,
+    SourceLoc,
+    Summary,
+    TensorMeta,
+)
 
 __all__ = ["SCHEMA", "report_dict"]
 
@@ -42,9 +52,7 @@ def _node(r: NodeRecord) -> dict[str, Any]:
         "module_path": r.module_path,
         "module_type": r.module_type,
         "source": _source(r.source),
-        "inputs": [
-            {"producer": i.producer, "is_param": i.is_param, **_tensor(i.meta)} for i in r.inputs
-        ],
+        "inputs": [{"producer": i.producer, "is_param": i.is_param, **_tensor(i.meta)} for i in r.inputs],
         "input_layouts": [i.meta.layout.value for i in r.inputs if not i.is_param],
         "output_layouts": [o.layout.value for o in r.outputs],
         "output_shapes": [list(o.shape) for o in r.outputs],

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from nhwc_audit import AuditReport, convert
-from nhwc_audit.convert import prepare_inputs
+from nhwc_audit.conversion import prepare_inputs
 from nhwc_audit.layout import classify
 
 
@@ -53,7 +53,7 @@ def report_module_layouts(report: AuditReport) -> dict[str, list[list[str]]]:
         if r.op in ("placeholder", "get_attr", "output") or not r.module_path:
             continue
         path = r.module_path
-        scopes = [path[: i] for i in range(len(path)) if path[i] == "."] + [path]
+        scopes = [path[:i] for i in range(len(path)) if path[i] == "."] + [path]
         for scope in scopes:
             if any(not _inside(by_name[u].module_path, scope) or by_name[u].op == "output" for u in r.users):
                 last[scope] = r.name

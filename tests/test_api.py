@@ -7,11 +7,11 @@ from importlib import resources
 from pathlib import Path
 
 import jsonschema
+import models as M
 import pytest
 import torch
 from torch import nn
 
-import models as M
 import nhwc_audit
 from nhwc_audit import ChannelsLastError, NhwcAuditError, audit, check, convert, incompatible_nodes
 from nhwc_audit.examples import UNet, unet
@@ -116,7 +116,7 @@ def test_convert_returns_independent_channels_last_copy_including_3d() -> None:
         before = _state(m)
         c = convert(m)
         _assert_same_state(m, before)
-        for (name, p), (_, q) in zip(m.named_parameters(), c.named_parameters()):
+        for (name, p), (_, q) in zip(m.named_parameters(), c.named_parameters(), strict=True):
             assert torch.equal(p, q), name
             assert p.data_ptr() != q.data_ptr()
             if p.dim() == 4:

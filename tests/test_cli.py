@@ -145,7 +145,11 @@ def test_python_dash_m_and_console_script_on_bundled_example(tmp_path: Path) -> 
     env = {**os.environ, "NO_COLOR": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "nhwc_audit", "nhwc_audit.examples:unet", "--bandwidth", "2GB/s", "--top", "3"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "7 reverts, 6 conversions, 2 mixed, 0 breaks" in proc.stdout

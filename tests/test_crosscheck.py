@@ -4,11 +4,11 @@ random weights, small inputs)."""
 
 from __future__ import annotations
 
+import models as M
 import pytest
 import torch
-
-import models as M
 from eager import hook_layouts, report_module_layouts
+
 from nhwc_audit import audit
 
 tvm = pytest.importorskip("torchvision.models")
@@ -28,7 +28,9 @@ pytestmark = pytest.mark.slow
         ("shufflenet_v2_x0_5", (1, 3, 64, 64), {"revert": 3, "conversion": 18, "mixed": 13, "break": 0}),
     ],
 )
-def test_torchvision_module_layouts_match_eager_hooks(name: str, shape: tuple[int, ...], expected: dict[str, int]) -> None:
+def test_torchvision_module_layouts_match_eager_hooks(
+    name: str, shape: tuple[int, ...], expected: dict[str, int]
+) -> None:
     torch.manual_seed(0)
     model = getattr(tvm, name)()
     x = torch.randn(shape)

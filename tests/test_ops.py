@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import models as M
 import pytest
 import torch
 from torch import nn
 
-import models as M
-from nhwc_audit import AuditReport, FindingKind, audit
+from nhwc_audit import AuditReport, audit
 
 CL, NCHW, AMB, NS = "channels_last", "contiguous", "ambiguous", "not_spatial"
 
@@ -19,9 +19,7 @@ def run(model: nn.Module, shape: tuple[int, ...]) -> AuditReport:
 
 def layouts(report: AuditReport) -> dict[str, str]:
     return {
-        r.name: r.output_layout.value
-        for r in report.nodes
-        if r.op in ("call_module", "call_function", "call_method")
+        r.name: r.output_layout.value for r in report.nodes if r.op in ("call_module", "call_function", "call_method")
     }
 
 

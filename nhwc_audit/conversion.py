@@ -79,7 +79,7 @@ def convert(model: nn.Module) -> nn.Module:
             "nhwc-audit never converts your model in place"
         ) from e
     with torch.no_grad():
-        for _, t, is_param in _tensors(new):
+        for _, t, _ in _tensors(new):
             fmt = memory_format_for_rank(t.dim())
             if fmt is not None:
                 t.data = t.data.to(memory_format=fmt)
