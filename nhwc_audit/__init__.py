@@ -26,13 +26,14 @@ from .layout import classify, classify_strides
 from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, Summary
 
 if TYPE_CHECKING:
-    from .api import AuditReport, audit, check, incompatible_nodes
+    from .api import audit, check, incompatible_nodes
     from .conversion import convert
+    from .result import AuditReport
 
 # torch-dependent names load on first use, so `nhwc-audit --help` and `import nhwc_audit`
 # stay cheap (no torch, networkx, rich or jinja2 until needed).
 _LAZY = {
-    "AuditReport": "api",
+    "AuditReport": "result",
     "audit": "api",
     "check": "api",
     "incompatible_nodes": "api",

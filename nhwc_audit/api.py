@@ -6,14 +6,8 @@ printing anything.
 
 from __future__ import annotations
 
-import html
-import json
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,13 +17,13 @@ from .analyze import analyze
 from .bandwidth import measure_transpose_bandwidth
 from .capture import trace
 from .conversion import model_device, prepare_audit_copy, prepare_inputs
-from .errors import ChannelsLastError, ReportWriteError, UsageError
-from .fmt import fmt_bytes, fmt_seconds, fmt_share
+from .errors import ChannelsLastError, UsageError
+from .fmt import fmt_bytes
 from .layout import tensor_meta
 from .load import split_example
 from .propagate import ProgressFn, propagate
-from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
-from .serialize import report_dict
+from .records import AuditMeta, FindingKind, NodeRecord
+from .result import AuditReport, offender_line
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "FAIL_ON", "AuditReport", "audit", "check", "incompatible_nodes"]
 
@@ -42,115 +36,6 @@ FAIL_ON: dict[str, frozenset[FindingKind]] = {
 }
 """What each ``fail_on`` level treats as failure: 'revert' = anything that leaves
 channels_last (breaks, reverts, mixed ops); 'any' = conversions too."""
-
-
-@dataclass(frozen=True)
-class AuditReport:
-    """The result of one audit. Displays itself in a notebook; ``to_json()`` for tools.
-
-    >>> import torch
-    >>> from nhwc_audit import audit
-    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8))
-    >>> r = audit(m, torch.randn(1, 3, 16, 16), bandwidth=1e9)
-    >>> [(f.node, f.kind.value) for f in r.findings]
-    [('_1', 'revert')]
-    """
-
-    meta: AuditMeta
-    nodes: tuple[NodeRecord, ...]
-    findings: tuple[Finding, ...]
-    fixes: tuple[Fix, ...]
-    hotspots: tuple[Hotspot, ...]
-    regions: tuple[Region, ...]
-    summary: Summary
-    timing: dict[str, float] = field(default_factory=dict, compare=False)
-
-    @property
-    def incompatible_nodes(self) -> list[NodeRecord]:
-        """Records of the nodes that have a finding, in graph order."""
-        names = {f.node for f in self.findings}
-        return [r for r in self.nodes if r.name in names]
-
-    def findings_of(self, kinds: Iterable[FindingKind]) -> list[Finding]:
-        wanted = frozenset(kinds)
-        return [f for f in self.findings if f.kind in wanted]
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(
-            self.meta, self.nodes, self.findings, self.fixes, self.hotspots, self.regions, self.summary, self.timing
-        )
-
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as JSON (schema ``nhwc-audit/1``, documented in the README)."""
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False) + "\n"
-
-    def save_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write the JSON report atomically (temporary file, then rename)."""
-        return write_text_atomic(Path(path), self.to_json())
-
-    @property
-    def headline(self) -> str:
-        m, s = self.meta, self.summary
-        shapes = ", ".join(t.shape_str for t in m.inputs)
-        return (
-            f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}, input {shapes}): "
-            f"{s.nodes} nodes, {s.reverts} reverts, {s.conversions} conversions, {s.mixed} mixed, "
-            f"{s.breaks} breaks, {fmt_bytes(s.bytes_moved)} moved per forward "
-            f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s), "
-            f"{fmt_share(s.channels_last_node_share)} of spatial nodes channels_last"
-        )
-
-    def __str__(self) -> str:
-        lines = [self.headline]
-        for f in self.findings:
-            lines.append(f"  {_offender_line(f)}")
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(str(v))}</td>"
-                for v in (f.kind.value, f.node, f.module_path, f.op, f.location, fmt_bytes(f.bytes), f.hint)
-            )
-            + "</tr>"
-            for f in self.findings
-        )
-        head = "".join(f"<th>{h}</th>" for h in ("kind", "node", "module", "op", "source", "bytes", "hint"))
-        table = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>" if rows else ""
-        return f"<div class='nhwc-audit'><p><b>{html.escape(self.headline)}</b></p>{table}</div>"
-
-
-def _offender_line(f: Finding) -> str:
-    where = f"{f.module_path} ({f.module_type})" if f.module_path else f.module_type
-    loc = f" at {f.location}" if f.location else ""
-    cost = f", {fmt_bytes(f.bytes)}" if f.bytes else ""
-    err = f" [{f.error}]" if f.error else ""
-    return f"{f.kind.value}: {f.node} = {f.op} in {where}{loc}{cost}{err} -> {f.hint}"
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
-        raise
-    return path
 
 
 def _resolve_model(
@@ -318,6 +203,6 @@ def check(
             f"{report.meta.model} does not stay channels_last: {len(offenders)} offending "
             f"node(s), {fmt_bytes(sum(f.bytes for f in offenders))} moved per forward"
         ]
-        lines += [f"  {i}. {_offender_line(f)}" for i, f in enumerate(offenders, 1)]
+        lines += [f"  {i}. {offender_line(f)}" for i, f in enumerate(offenders, 1)]
         raise ChannelsLastError("\n".join(lines), offenders=tuple(offenders))
     return report

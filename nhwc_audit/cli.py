@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the JSON report here (default: reports/<model>.json)",
     )
+    p.add_argument(
+        "--html",
+        dest="html_path",
+        default=None,
+        metavar="PATH",
+        help="write the self-contained HTML report here (default: reports/<model>.html)",
+    )
     p.add_argument("--no-report", action="store_true", help="write no report file, print the summary only")
     p.add_argument(
         "--fail-on",
@@ -98,12 +105,15 @@ def _run(args: argparse.Namespace) -> int:
         from .errors import UsageError
 
         raise UsageError("--top must be >= 0")
-    json_path: Path | None = None
-    if args.json_path:
-        json_path = Path(args.json_path)
-        _check_writable(json_path)
-    elif not args.no_report:
+    json_path: Path | None = Path(args.json_path) if args.json_path else None
+    html_path: Path | None = Path(args.html_path) if args.html_path else None
+    for path in (json_path, html_path):
+        if path is not None:
+            _check_writable(path)
+    default_paths = json_path is None and html_path is None and not args.no_report
+    if default_paths:
         json_path = Path("reports") / f"{_default_name(args.spec)}.json"
+        html_path = json_path.with_suffix(".html")
 
     target = load_target(args.spec)
     import torch
@@ -147,10 +157,12 @@ def _run(args: argparse.Namespace) -> int:
             progress_ctx.stop()
 
     written: list[Path] = []
+    if default_paths:
+        Path("reports").mkdir(exist_ok=True)
     if json_path is not None:
-        if not args.json_path:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
         written.append(report.save_json(json_path))
+    if html_path is not None:
+        written.append(report.save_html(html_path))
     out.print(render_summary(report, top=args.top, paths=tuple(written)))
     if report.findings_of(FAIL_ON[args.fail_on]):
         return 1

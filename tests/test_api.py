@@ -152,7 +152,7 @@ def test_save_json_into_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
 def test_repr_html_escapes_and_lists_findings() -> None:
     r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
     html = r._repr_html_()
-    assert "InstanceNorm2d" in html and "<table>" in html
+    assert "InstanceNorm2d" in html and "<table" in html
     assert "norm" in str(r)
 
 

@@ -76,10 +76,11 @@ def test_audit_prints_summary_and_writes_default_json(workdir: Path, capsys: pyt
     assert "1 reverts, 0 conversions, 0 mixed, 0 breaks" in lines[1]
     assert any("revert" in ln and "norm (InstanceNorm2d)" in ln and "usermodels.py:12" in ln for ln in lines)
     assert any(ln.startswith(" 1. InstanceNorm2d: revert x1 (") for ln in lines)
-    assert lines[-1] == "report: reports/usermodels.build.json"
+    assert lines[-2:] == ["report: reports/usermodels.build.json", "report: reports/usermodels.build.html"]
     assert "\x1b[" not in out  # NO_COLOR / not a terminal: no escape codes
     data = json.loads((workdir / "reports" / "usermodels.build.json").read_text())
     assert data["summary"]["reverts"] == 1 and data["findings"][0]["module_path"] == "norm"
+    assert "<svg" in (workdir / "reports" / "usermodels.build.html").read_text()
 
 
 def test_fail_on_exit_codes(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

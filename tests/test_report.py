@@ -1,0 +1,120 @@
+"""The HTML report: parsed with a real parser, escaped, self-contained, deterministic."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import models as M
+import pytest
+import torch
+from bs4 import BeautifulSoup
+from torch import nn
+
+from nhwc_audit import AuditReport, audit
+from nhwc_audit.examples import unet
+from nhwc_audit.report import render_html
+
+FIXED = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
+
+
+def render(report: AuditReport) -> tuple[str, BeautifulSoup]:
+    text = render_html(report, now=lambda: FIXED)
+    return text, BeautifulSoup(text, "html.parser")
+
+
+@pytest.fixture(scope="module")
+def unet_report() -> AuditReport:
+    return audit(unet, bandwidth=1e9)
+
+
+def test_unet_report_lists_every_finding_and_is_self_contained(unet_report: AuditReport) -> None:
+    text, soup = render(unet_report)
+    assert "http://" not in text and "https://" not in text
+    for tag in soup.find_all(src=True) + soup.find_all(href=True):
+        for attr in ("src", "href"):
+            value = tag.get(attr)
+            if value is not None:
+                assert str(value).startswith("#"), value
+    for style in soup.find_all("style"):
+        assert "url(" not in style.get_text()
+    assert not soup.find_all("link") and not soup.find_all("img") and not soup.find_all("iframe")
+    scripts = soup.find_all("script")
+    assert len(scripts) == 1 and not scripts[0].get("src")
+    hotspot_text = soup.find(id="hotspot-table").get_text(" ")
+    for f in unet_report.findings:
+        assert f.node in hotspot_text and f.module_path in hotspot_text
+    banner = soup.find(id="verdict").get_text(" ")
+    assert "66.1% of spatial nodes" in banner and "26.2 MB" in banner
+    assert soup.find(id="fixes").get_text(" ").count("InstanceNorm2d") >= 1
+    assert len(soup.select("#hotspot-chart rect")) == len(unet_report.hotspots)
+
+
+def test_graph_and_node_table_have_one_element_per_node(unet_report: AuditReport) -> None:
+    _, soup = render(unet_report)
+    names = [r.name for r in unet_report.nodes]
+    assert [g["data-node"] for g in soup.select("svg#graph g.node")] == names
+    assert [tr["data-node"] for tr in soup.select("#node-table tbody tr")] == names
+    flagged = {tr["data-node"] for tr in soup.select('#node-table tbody tr[data-finding="1"]')}
+    assert flagged == {f.node for f in unet_report.findings}
+    reverts = {g["data-node"] for g in soup.select("svg#graph g.node.f-revert")}
+    assert reverts == {f.node for f in unet_report.findings if f.kind.value == "revert"}
+    assert soup.select("svg#graph line.heavy")
+
+
+def test_regions_listed_with_entries_and_exits(unet_report: AuditReport) -> None:
+    _, soup = render(unet_report)
+    rows = soup.select("#regions tbody tr")
+    assert len(rows) == len(unet_report.regions) == 7
+    first = rows[0].get_text(" ")
+    assert "up1_conv_block_1" in first and "up1_conv_block_3" in first
+
+
+def test_render_is_deterministic_with_an_injected_clock(unet_report: AuditReport) -> None:
+    assert render(unet_report)[0] == render(unet_report)[0]
+    assert "2026-01-02 03:04 UTC" in render(unet_report)[0]
+
+
+def test_user_strings_are_escaped() -> None:
+    evil = "<script>alert(1)</script>"
+
+    class Evil(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_module(evil, nn.Conv2d(3, 4, 1))
+            self.norm = nn.InstanceNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = getattr(self, evil)(x)  # <img src=x onerror=alert(2)>
+            return self.norm(y)
+
+    report = audit(Evil(), torch.randn(1, 3, 8, 8), bandwidth=1e9, name='<b onmouseover="x">model</b>')
+    text, soup = render(report)
+    assert len(soup.find_all("script")) == 1
+    assert not soup.find_all("img") and not soup.find_all("b", attrs={"onmouseover": True})
+    assert evil in soup.get_text()
+    titles = [str(el.get("title")) for el in soup.find_all(title=True)]
+    assert any("<img src=x onerror=alert(2)>" in title for title in titles)  # kept as text
+    assert "&lt;script&gt;" in text
+    notebook = BeautifulSoup(report._repr_html_(), "html.parser")
+    assert not notebook.find_all("script") and not notebook.find_all("b", attrs={"onmouseover": True})
+
+
+def test_notebook_repr_is_compact(unet_report: AuditReport) -> None:
+    html = unet_report._repr_html_()
+    soup = BeautifulSoup(html, "html.parser")
+    assert "What to change" in soup.get_text() and "InstanceNorm2d" in soup.get_text()
+    assert len(soup.select("tbody tr")) == 10 and "5 more hotspots" in soup.get_text()
+    assert not soup.find_all("svg")
+    clean = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)._repr_html_()
+    assert "Stays channels_last" in clean
+
+
+@pytest.mark.slow
+def test_densenet_report_renders_and_stays_small() -> None:
+    tvm = pytest.importorskip("torchvision.models")
+    report = audit(tvm.densenet121(), torch.randn(1, 3, 64, 64), bandwidth=1e9)
+    text, soup = render(report)
+    assert len(soup.select("svg#graph g.node")) == len(report.nodes) > 400
+    assert len(text) < 2_000_000
+    assert re.search(r"Stays channels_last", text)
