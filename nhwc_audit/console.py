@@ -65,7 +65,9 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
         f"; {fmt_bytes(s.bytes_moved)} moved by layout changes per forward "
         f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s, {m.bandwidth_source})",
     )
-    if s.findings == 0:
+    if report.nothing_to_audit:
+        verdict = Text("no 4D/5D activations: nothing to audit for channels_last")
+    elif s.findings == 0:
         verdict = Text("stays channels_last: no reverts, conversions, mixed ops or breaks", style="green")
     else:
         verdict = Text(

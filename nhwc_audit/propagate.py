@@ -108,20 +108,23 @@ class LayoutProp(torch.fx.Interpreter):
         where += f", {ctx.source})" if ctx.source else ")"
         has_cl = any(i.meta.layout in (Layout.CHANNELS_LAST, Layout.STRIDED) for i, _ in inputs if i.meta.is_spatial)
         if n.op in ("placeholder", "output", "get_attr") or not has_cl:
+            shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
             raise PropagationError(
-                f"{where} raised {_first_line(error)}; its inputs are not channels_last, so "
-                "this is the model's own error at the audited shapes, not a layout problem: "
-                "check the input shapes and dtype",
+                f"{where} raised {_first_line(error)} (node inputs {shapes}, none channels_last): "
+                "the model's own error at the audited shapes, not a channels_last problem; "
+                "check the input shapes (--input) and dtype",
                 node=n.name,
                 node_format=n.format_node(),
             ) from error
         try:
             return getattr(self, n.op)(n.target, tree_map(_to_nchw, args), tree_map(_to_nchw, kwargs))
         except Exception as e2:
+            again = "on NCHW input too" if str(e2) == str(error) else f"and {_first_line(e2)} on NCHW input"
+            shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
             raise PropagationError(
-                f"{where} raised {_first_line(error)}, and also {_first_line(e2)} on NCHW input: "
-                "the model's own error at the audited shapes, not a channels_last problem; "
-                "check the input shapes and dtype",
+                f"{where} raised {_first_line(error)} ({again}; node inputs {shapes}): the model's "
+                "own error at the audited shapes, not a channels_last problem; check the input "
+                "shapes (--input) and dtype",
                 node=n.name,
                 node_format=n.format_node(),
             ) from error

@@ -208,6 +208,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "est_seconds": s.est_seconds,
         },
         "clean": s.findings == 0,
+        "nothing_to_audit": report.nothing_to_audit,
         "hotspots": [_finding_row(h.finding, h.share) | {"rank": h.rank} for h in report.hotspots],
         "breaks": [_finding_row(f) for f in report.findings if f.kind is FindingKind.BREAK],
         "findings": [_finding_row(f) for f in sorted(report.findings, key=lambda f: (f.index, _KIND_ORDER[f.kind]))],

@@ -63,9 +63,19 @@ class AuditReport:
         return write_text_atomic(Path(path), self.to_json())
 
     @property
+    def nothing_to_audit(self) -> bool:
+        """No node produced a 4D/5D activation: channels_last does not apply."""
+        return self.summary.spatial_nodes == 0
+
+    @property
     def headline(self) -> str:
         m, s = self.meta, self.summary
         shapes = ", ".join(t.shape_str for t in m.inputs)
+        if self.nothing_to_audit:
+            return (
+                f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}, input {shapes}): {s.nodes} nodes, "
+                "no 4D/5D activations: nothing to audit for channels_last"
+            )
         return (
             f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}, input {shapes}): "
             f"{s.nodes} nodes, {s.reverts} reverts, {s.conversions} conversions, {s.mixed} mixed, "

@@ -14,8 +14,9 @@ from nhwc_audit.conversion import prepare_inputs
 from nhwc_audit.layout import classify
 
 
-def hook_layouts(model: nn.Module, args: tuple[Any, ...]) -> dict[str, list[list[str]]]:
-    """Per module path, per call, the layouts of the module's tensor outputs."""
+def hook_layouts(model: nn.Module, args: tuple[Any, ...], *, allow_error: bool = False) -> dict[str, list[list[str]]]:
+    """Per module path, per call, the layouts of the module's tensor outputs (up to the
+    failing call when ``allow_error`` and the channels_last forward raises)."""
     cl = convert(model)
     seen: dict[str, list[list[str]]] = defaultdict(list)
     handles = []
@@ -31,6 +32,9 @@ def hook_layouts(model: nn.Module, args: tuple[Any, ...]) -> dict[str, list[list
         sample, _ = prepare_inputs(args, {}, dtype=None, device=torch.device("cpu"))
         with torch.no_grad():
             cl(*sample)
+    except RuntimeError:
+        if not allow_error:
+            raise
     finally:
         for h in handles:
             h.remove()

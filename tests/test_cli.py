@@ -49,6 +49,25 @@ USER_MODULE = textwrap.dedent(
 
     def build_returns_str():
         return "resnet"
+
+    def build_meta():
+        with torch.device("meta"):
+            return Net()
+
+    class Raises(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.reshape(7, -1, 5)
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.mean() > 0:
+                return x
+            return -x
     """
 )
 
@@ -63,7 +82,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args + ["--bandwidth", "1GB/s"])
+    code = main(args if "--bandwidth" in args else [*args, "--bandwidth", "1GB/s"])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -118,6 +137,11 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("usermodels:build", ["--dtype", "float64"], "--dtype 'float64' is not supported"),
         ("usermodels:build", ["--json", "missing/dir/r.json"], "does not exist"),
         ("usermodels:build", ["--device", "cuda:7"], "not available"),
+        ("usermodels:build", ["--input", "1x3x8"], "not a channels_last problem"),
+        ("usermodels:build_meta", [], "meta device"),
+        ("usermodels:Raises", ["--input", "1x3x8x8"], "not a channels_last problem"),
+        ("usermodels:Branchy", [], "torch.fx could not trace Branchy"),
+        ("usermodels:build", ["--bandwidth", "fast"], "--bandwidth 'fast'"),
     ],
 )
 def test_user_errors_are_one_clear_line_exit_2(

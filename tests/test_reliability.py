@@ -1,0 +1,159 @@
+"""Reliability: odd models and outputs, huge graphs, no partial files, nothing mutated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import models as M
+import pytest
+import torch
+from fuzz_models import FuzzNet
+from torch import nn
+
+from nhwc_audit import audit, check
+from nhwc_audit.cli import main
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class Outputs(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(4)
+
+    def forward(self, x: torch.Tensor):  # type: ignore[no-untyped-def]
+        y = self.conv(x)
+        z = self.norm(y)
+        if self.kind == "dict":
+            return {"a": y, "b": z}
+        if self.kind == "tuple":
+            return y, (z, y.mean())
+        return Out(logits=y.flatten(1), features=z)
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple", "dataclass"])
+def test_models_returning_containers(kind: str) -> None:
+    r = audit(Outputs(kind), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert [(f.node, f.kind.value) for f in r.findings] == [("norm", "revert")]
+
+
+def test_inplace_ops_are_not_conversions() -> None:
+    class Inplace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.act(self.conv(x))
+            y.add_(1.0)
+            return y.mul_(2)
+
+    r = audit(Inplace(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert r.findings == ()
+    assert all(n.aliases_input for n in r.nodes if n.op == "call_method")
+
+
+def test_buffers_only_model() -> None:
+    class Buffers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1, 3, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    r = audit(Buffers(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert r.findings == () and r.nodes[-2].output_layout.value == "channels_last"
+
+
+def test_no_spatial_tensors_is_nothing_to_audit() -> None:
+    mlp = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    r = audit(mlp, torch.randn(4, 16), bandwidth=1e9)
+    assert r.findings == () and r.summary.spatial_nodes == 0
+    assert r.nothing_to_audit
+    assert "nothing to audit" in r.headline
+    assert "nothing to audit" in r._repr_html_()
+
+
+def test_five_thousand_node_graph_audits() -> None:
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            for _ in range(2500):
+                y = torch.relu(y) + 1.0
+            return y
+
+    r = audit(Deep(), torch.randn(1, 3, 4, 4), bandwidth=1e9)
+    assert len(r.nodes) > 5000 and r.findings == ()
+    assert "<svg" in r.to_html()
+
+
+def test_error_mid_audit_leaves_existing_report_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "m.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Bad(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 1)\n"
+        "    def forward(self, x):\n        return self.conv(x).view(-1, 7, 13)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.json").write_text('{"old": true}')
+    assert main(["m.py:Bad", "--json", "r.json", "--bandwidth", "1e9"]) == 2
+    assert json.loads((tmp_path / "r.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.py", "r.json"]
+
+
+def _snapshot(model: nn.Module) -> list[tuple[str, torch.Tensor, tuple[int, ...], torch.dtype, str]]:
+    items = list(model.named_parameters()) + list(model.named_buffers())
+    return [(n, t.detach().clone(), tuple(t.stride()), t.dtype, str(t.device)) for n, t in items]
+
+
+def _hooks(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: FuzzNet(["bn", "conv", "inorm", "add_nchw_first"], "flatten"),
+        lambda: FuzzNet(["gn", "se", "cat", "bn"], "view"),
+        lambda: M.ConvBnRelu(),
+        lambda: M.Conv3dNet(),
+        lambda: M.PoolingBranch(),
+    ],
+)
+@pytest.mark.parametrize("train", [True, False])
+def test_user_objects_are_never_mutated(build, train: bool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = build().train(train)
+    shape = (2, 2, 16, 16, 16) if isinstance(model, M.Conv3dNet) else (2, 3, 8, 8)
+    x = torch.randn(shape)
+    before, hooks, x0 = _snapshot(model), _hooks(model), (x.clone(), x.stride())
+    audit(model, x, bandwidth=1e9)
+    check(model, x, fail_on="never", bandwidth=1e9)
+    after = _snapshot(model)
+    assert [(n, s, d, dev) for n, _, s, d, dev in after] == [(n, s, d, dev) for n, _, s, d, dev in before]
+    for (name, v0, *_), (_, v1, *_) in zip(before, after, strict=True):
+        assert torch.equal(v0, v1), name  # BatchNorm running stats included
+    assert _hooks(model) == hooks
+    assert [m.training for m in model.modules()] == [train] * len(list(model.modules()))
+    assert torch.equal(x, x0[0]) and x.stride() == x0[1]
+
+
+def test_json_is_byte_identical_across_runs_apart_from_timing() -> None:
+    model = FuzzNet(["bn", "inorm", "cat", "add_cl_first", "se"], "flatten")
+    a = audit(model, torch.randn(2, 3, 8, 8), bandwidth=1e9).to_dict()
+    b = audit(model, torch.randn(2, 3, 8, 8), bandwidth=1e9).to_dict()
+    assert a.pop("timing").keys() == b.pop("timing").keys()
+    assert json.dumps(a) == json.dumps(b)
