@@ -9,7 +9,9 @@ The rules (one place each):
              channels: a channels_last input and an NCHW output, or any rank >= 4 view of
              an NHWC tensor made contiguous (channel shuffle's 5D ``.contiguous()``).
 * conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose
-             channels_last weights make it re-adopt NHWC from an NCHW input).
+             channels_last weights make it re-adopt NHWC from an NCHW input); or a node
+             whose own layouts look fine but that transposed data internally (copies seen
+             at ATen level while it ran, e.g. a conv with padding_mode='circular').
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion; ambiguous tensors (C == 1, H == W == 1)
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .hints import AMBIGUOUS_ORIGIN, ND_TRANSPOSE, HintTable, default_hints, render_hint
+from .hints import AMBIGUOUS_ORIGIN, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
 from .layout import channels_innermost, row_major
 from .records import (
     Finding,
@@ -106,8 +108,8 @@ def _finding(
         hint=render_hint(
             ctx.hints,
             kind,
-            r.op_name if hint_op is None else hint_op,
-            op=r.op_name,
+            _hint_keys(r) if hint_op is None else hint_op,
+            op=r.module_type if r.in_leaf_module and r.op != "call_module" else r.op_name,
             origin=_via(origin, producer),
             device=ctx.device,
             detail=r.detail or None,
@@ -117,6 +119,18 @@ def _finding(
         origin_op=_describe(origin) if origin else None,
         error=r.error,
     )
+
+
+_OWN_HINT_ONLY = ("conv", "convtranspose")
+
+
+def _hint_keys(r: NodeRecord) -> tuple[str, ...]:
+    """The op's own name, then (for an ATen op inside a torch.nn leaf module, as export and
+    hooks captures record them) the module type, so InstanceNorm2d's internal clone gets the
+    InstanceNorm hint. Conv modules are skipped: their hint is about the conv kernel only."""
+    if r.in_leaf_module and not r.module_type.lower().startswith(_OWN_HINT_ONLY):
+        return (r.op_name, r.module_type)
+    return (r.op_name,)
 
 
 def _only_ambiguous_inputs(r: NodeRecord) -> bool:
@@ -208,6 +222,20 @@ def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
+    if r.hidden and any(o.rank >= 4 for o in r.outputs):
+        # the node left and re-entered NHWC internally: invisible in its input/output layouts
+        # (exits to non-spatial outputs, like flatten before a classifier, are not findings)
+        return [
+            _finding(
+                ctx,
+                r,
+                FindingKind.CONVERSION,
+                layout_in=r.hidden[0].layout_in,
+                nbytes=sum(h.bytes for h in r.hidden),
+                shape=r.hidden[0].shape,
+                hint_op=HIDDEN,
+            )
+        ]
     return []
 
 
@@ -295,8 +323,8 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     for f in findings:
         root_name = f.origin if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED) and f.origin else f.node
         root = by_name[root_name]
-        if root.op == "call_module":
-            key: tuple[str, ...] = ("module", root.op_name)
+        if root.in_leaf_module:
+            key: tuple[str, ...] = ("module", root.module_type)
         else:
             key = ("site", _op_label(root), root.location)
             sources[key] = root.source

@@ -15,13 +15,13 @@ from torch import nn
 
 from .analyze import analyze
 from .bandwidth import measure_transpose_bandwidth
-from .capture import trace
+from .chain import capture_and_propagate
 from .conversion import model_device, prepare_audit_copy, prepare_inputs
 from .errors import ChannelsLastError, UsageError
 from .fmt import fmt_bytes
 from .layout import tensor_meta
 from .load import split_example
-from .propagate import ProgressFn, propagate
+from .propagate import ProgressFn
 from .records import AuditMeta, FindingKind, NodeRecord
 from .result import AuditReport, offender_line
 
@@ -87,6 +87,8 @@ def audit(
     device: str | torch.device | None = None,
     bandwidth: float | None = None,
     name: str | None = None,
+    capture: str = "auto",
+    verify: bool = True,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Audit ``model`` on a channels_last copy of ``example_inputs``.
@@ -95,6 +97,8 @@ def audit(
     ``(module, args, kwargs)``). Inputs default to one ``1x3x224x224`` tensor. The model
     and the inputs are never modified: the audit runs a channels_last copy, in the model's
     own train/eval mode, under ``no_grad``, on the model's device (or ``device``).
+    ``capture``: 'auto' tries torch.fx (checked against an eager run when ``verify``),
+    then torch.export, then eager hooks; 'fx', 'export' or 'hooks' forces one.
     ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
     on the device.
 
@@ -108,11 +112,10 @@ def audit(
     dev = _resolve_device(module, device)
     target_device = dev if dev != model_device(module) else None
     copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
-    t1 = time.perf_counter()
-    captured = trace(copy)
-    t2 = time.perf_counter()
     sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=dtype, device=dev)
-    records = propagate(captured.gm, sample_args, sample_kwargs, progress=progress)
+    t1 = time.perf_counter()
+    captured = capture_and_propagate(copy, sample_args, sample_kwargs, method=capture, verify=verify, progress=progress)
+    records = captured.records
     t3 = time.perf_counter()
     if bandwidth is None:
         bw, bw_source = measure_transpose_bandwidth(str(dev)), "measured"
@@ -128,6 +131,7 @@ def audit(
         model=name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
+        capture_notes=captured.notes,
         mode="real",
         device=str(dev),
         dtype=str(used_dtype).removeprefix("torch."),
@@ -138,8 +142,7 @@ def audit(
     )
     timing = {
         "copy_s": t1 - t0,
-        "capture_s": t2 - t1,
-        "propagate_s": t3 - t2,
+        "capture_and_propagate_s": t3 - t1,
         "bandwidth_s": t4 - t3,
         "analyze_s": t5 - t4,
         "total_s": t5 - t0,

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import TraceError
 from .records import SourceLoc
 
-__all__ = ["Capture", "NodeContext", "node_context", "trace"]
+__all__ = ["Capture", "NodeContext", "export", "node_context", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -32,7 +32,7 @@ class Capture:
 
     gm: torch.fx.GraphModule
     method: str
-    """'fx' (symbolic_trace)."""
+    """'fx' (symbolic_trace) or 'export' (torch.export, non-strict, ATen-level graph)."""
     notes: tuple[str, ...] = ()
 
 
@@ -47,9 +47,16 @@ class NodeContext:
     target: str
     detail: str = ""
     """The op's mode where it has one (pad, interpolate, upsample): 'circular', 'bilinear'."""
+    in_leaf_module: bool = False
+    """The node is (or runs inside) a torch.nn leaf module such as InstanceNorm2d."""
 
 
 _SOURCE_KEY = "nhwc_audit_source"
+
+
+def _is_own(file: str) -> bool:
+    """nhwc-audit's own code (the bundled examples count as user code)."""
+    return file.startswith(_PKG_DIR) and not file.endswith("examples.py")
 
 
 def _user_frame() -> SourceLoc | None:
@@ -63,7 +70,7 @@ def _user_frame() -> SourceLoc | None:
         if file.startswith(_TORCH_DIR):
             f = f.f_back
             continue
-        if file.startswith(_PKG_DIR) and not file.endswith("examples.py"):
+        if _is_own(file):
             return None  # left the model's code: the node came from torch modules only
         line = f.f_lineno or 0
         return SourceLoc(file=file, line=line, function=f.f_code.co_name, code=linecache.getline(file, line).strip())
@@ -110,7 +117,7 @@ def _source_from_stack(stack_trace: str | None) -> SourceLoc | None:
         if not m:
             continue
         file = m.group("file")
-        if file.startswith(_TORCH_DIR):
+        if file.startswith(_TORCH_DIR) or _is_own(file):
             continue
         code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME_RE.match(lines[i + 1]) else ""
         best = SourceLoc(file=file, line=int(m.group("line")), function=m.group("func"), code=code)
@@ -127,6 +134,9 @@ def _qualified_name(target: Any) -> str:
 
 
 def _short_name(target: Any) -> str:
+    opname = getattr(target, "_opname", None)  # an ATen OpOverload: aten.conv2d.default -> conv2d
+    if isinstance(opname, str):
+        return opname
     name = getattr(target, "__name__", None)
     if isinstance(name, str):
         return name
@@ -153,16 +163,20 @@ def node_context(node: torch.fx.Node, root: nn.Module) -> NodeContext:
     """Module path, module type, source line and display names of an fx node."""
     stack = node.meta.get("nn_module_stack") or {}
     module_path, module_type = "", type(root).__name__
+    in_leaf = False
     if stack:
         path, mtype = list(stack.values())[-1]
         module_path = str(path)
-        module_type = mtype.__name__ if isinstance(mtype, type) else str(mtype).rsplit(".", 1)[-1]
+        qual = f"{mtype.__module__}.{mtype.__name__}" if isinstance(mtype, type) else str(mtype)
+        module_type = qual.rsplit(".", 1)[-1]
+        in_leaf = qual.startswith("torch.nn.modules.") and not qual.endswith(".Sequential")
     target = _qualified_name(node.target)
     if node.op == "call_module":
         sub = root.get_submodule(str(node.target))
         module_path = str(node.target)
         module_type = type(sub).__name__
         op_name = module_type
+        in_leaf = True
     elif node.op in ("call_function", "call_method"):
         op_name = _short_name(node.target)
     else:
@@ -174,4 +188,19 @@ def node_context(node: torch.fx.Node, root: nn.Module) -> NodeContext:
         op_name=op_name,
         target=target,
         detail=_detail(node, root, op_name),
+        in_leaf_module=in_leaf,
     )
+
+
+def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Capture:
+    """Capture with ``torch.export.export(..., strict=False)``: an ATen-level graph whose nodes
+    keep their module path (``nn_module_stack``) and stack trace. Export runs the model on
+    fake tensors only; the layouts still come from running this graph on real tensors."""
+    try:
+        ep = torch.export.export(model, args, kwargs or None, strict=False)
+        gm = ep.module()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {msg}") from e
+    assert isinstance(gm, torch.fx.GraphModule)
+    return Capture(gm=gm, method="export")

@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-report", action="store_true", help="write no report file, print the summary only")
     p.add_argument(
+        "--capture",
+        default="auto",
+        choices=("auto", "fx", "export", "hooks"),
+        help="graph capture: auto tries torch.fx (checked against eager), then torch.export, then eager hooks",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the captured graph's output against one eager forward (faster)",
+    )
+    p.add_argument(
         "--fail-on",
         default="never",
         choices=_FAIL_ON,
@@ -150,6 +161,8 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device,
             bandwidth=bandwidth,
             name=args.spec,
+            capture=args.capture,
+            verify=not args.no_verify,
             progress=progress_cb,
         )
     finally:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from .records import FindingKind
 
-__all__ = ["AMBIGUOUS_ORIGIN", "ND_TRANSPOSE", "HintTable", "default_hints", "render_hint"]
+__all__ = ["AMBIGUOUS_ORIGIN", "HIDDEN", "ND_TRANSPOSE", "HintTable", "default_hints", "render_hint"]
 
 HintTable = dict[tuple[FindingKind, str], str]
 
 AMBIGUOUS_ORIGIN = "@ambiguous-origin"
 """Key of the conversion hint used when the NCHW tensor was made from ambiguous input."""
+
+HIDDEN = "@hidden"
+"""Key of the conversion hint for layout-changing copies made inside a node."""
 
 ND_TRANSPOSE = "@nd-transpose"
 """Key of the revert hint for a copy of a channels-innermost view that is not plain NHWC."""
@@ -70,7 +73,7 @@ def default_hints() -> HintTable:
     _register(
         t,
         FindingKind.REVERT,
-        ("softmax", "log_softmax", "softmin", "softmax2d", "logsoftmax"),
+        ("softmax", "_softmax", "log_softmax", "_log_softmax", "softmin", "softmax2d", "logsoftmax"),
         "softmax over the channel dim returns NCHW: permute to (N, H, W, C), softmax over "
         "dim=-1 and permute back (both permutes are free on a channels_last tensor)",
     )
@@ -174,6 +177,14 @@ def default_hints() -> HintTable:
         "contiguous): do it in (N, H, W, C) order instead, x.permute(0, 2, 3, 1), reshape/"
         "transpose the last dims, permute(0, 3, 1, 2), so the copy keeps channels innermost",
     )
+    _register(
+        t,
+        FindingKind.CONVERSION,
+        (HIDDEN,),
+        "{op} keeps its input and output layouts but transposes data internally (ATen-level "
+        "copies between NHWC and NCHW while it runs, e.g. padding_mode='circular' pads in NCHW "
+        "first): use a variant without the internal copy, or accept the cost",
+    )
     return t
 
 
@@ -182,9 +193,11 @@ class _Fields(dict[str, str]):
         return "?"
 
 
-def render_hint(table: HintTable, kind: FindingKind, key: str, **fields: str | None) -> str:
-    """The hint for ``kind`` at op ``key`` (the kind's default when the table has none), with
+def render_hint(table: HintTable, kind: FindingKind, key: str | tuple[str, ...], **fields: str | None) -> str:
+    """The hint for ``kind`` at op ``key`` (the first of several keys the table has, else the
+    kind's default), with
     the fields (``op``, ``origin``, ``device``, ``detail``) filled in."""
-    text = table.get((kind, key.lower())) or _DEFAULT[kind]
+    keys = (key,) if isinstance(key, str) else key
+    text = next((table[(kind, k.lower())] for k in keys if (kind, k.lower()) in table), _DEFAULT[kind])
     values = _Fields({k: v for k, v in fields.items() if v is not None})
     return text.format_map(values)

@@ -20,6 +20,7 @@ __all__ = [
     "channels_innermost",
     "classify",
     "classify_strides",
+    "innermost_dim",
     "is_dense_in_order",
     "row_major",
     "tensor_meta",
@@ -102,9 +103,11 @@ def tensor_meta(t: torch.Tensor) -> TensorMeta:
     )
 
 
-def _innermost_dim(shape: Sequence[int], strides: Sequence[int]) -> int | None:
-    """The dim of size > 1 with stride 1 (None if there is none)."""
-    for d, (size, stride) in enumerate(zip(shape, strides, strict=True)):
+def innermost_dim(meta: TensorMeta) -> int | None:
+    """The dim of size > 1 with stride 1: where the tensor's memory runs (None if none)."""
+    if len(meta.strides) != meta.rank:
+        return None
+    for d, (size, stride) in enumerate(zip(meta.shape, meta.strides, strict=True)):
         if size > 1 and stride == 1:
             return d
     return None
@@ -126,7 +129,7 @@ def channels_innermost(meta: TensorMeta) -> bool:
         return False
     if row_major(meta):
         return False
-    d = _innermost_dim(meta.shape, meta.strides)
+    d = innermost_dim(meta)
     last = max((i for i, s in enumerate(meta.shape) if s > 1), default=None)
     return d is not None and d != last
 

@@ -11,14 +11,15 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .capture import NodeContext, node_context
 from .errors import PropagationError
-from .layout import tensor_meta
-from .records import Layout, NodeInput, NodeRecord, TensorMeta
+from .layout import innermost_dim, tensor_meta
+from .records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 
-__all__ = ["LayoutProp", "propagate"]
+__all__ = ["CopyRecorder", "LayoutProp", "layout_change", "propagate"]
 
 ProgressFn = Callable[[int, int], None]
 
@@ -47,6 +48,52 @@ def _to_nchw(v: Any) -> Any:
     return v
 
 
+_COPY_OPS = frozenset(
+    {
+        torch.ops.aten.clone.default,
+        torch.ops.aten.copy_.default,
+        torch.ops.aten._to_copy.default,
+        torch.ops.aten.contiguous.default,
+    }
+)
+
+
+def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
+    """A copy from ``src`` to ``dst`` (rank >= 4, same shape) changes which dim is innermost
+    in memory, e.g. channels (NHWC) to width (NCHW): a transpose, not a plain copy."""
+    if src.rank < 4 or src.shape != dst.shape:
+        return False
+    a, b = innermost_dim(src), innermost_dim(dst)
+    return a is not None and b is not None and a != b
+
+
+class CopyRecorder(TorchDispatchMode):
+    """Sees the ATen ops a node runs and keeps the copies that change layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[HiddenCopy] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _COPY_OPS:
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = out
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dim() >= 4:
+                sm, dm = tensor_meta(src), tensor_meta(dst)
+                if layout_change(sm, dm):
+                    self.copies.append(
+                        HiddenCopy(
+                            op=str(func.overloadpacket.__name__),
+                            layout_in=sm.layout,
+                            layout_out=dm.layout,
+                            shape=dm.shape,
+                            bytes=2 * dm.nbytes,
+                        )
+                    )
+        return out
+
+
 class LayoutProp(torch.fx.Interpreter):
     """An Interpreter that records a :class:`NodeRecord` for every node it runs.
 
@@ -55,9 +102,10 @@ class LayoutProp(torch.fx.Interpreter):
     goes on, so one ``view`` does not hide the rest of the model.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, *, progress: ProgressFn | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, *, progress: ProgressFn | None = None, record_hidden: bool = True):
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False
+        self.record_hidden = record_hidden
         self.records: list[NodeRecord] = []
         self._progress = progress
         self._nodes = list(gm.graph.nodes)
@@ -82,14 +130,22 @@ class LayoutProp(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             inputs = self._inputs(n)
             error: str | None = None
+            hidden: list[HiddenCopy] = []
             try:
-                result = getattr(self, n.op)(n.target, args, kwargs)
+                if self.record_hidden and n.op in ("call_module", "call_function", "call_method"):
+                    recorder = CopyRecorder()
+                    with recorder:
+                        result = getattr(self, n.op)(n.target, args, kwargs)
+                    hidden = recorder.copies
+                else:
+                    result = getattr(self, n.op)(n.target, args, kwargs)
             except PropagationError:
                 raise
             except Exception as e:
                 result = self._retry_nchw(n, args, kwargs, inputs, e)
                 error = _first_line(e)
-            self._record(n, inputs, result, error)
+            if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
+                self._record(n, inputs, result, error, tuple(hidden))
             if self._progress is not None:
                 self._progress(self._index[n] + 1, len(self._nodes))
             return result
@@ -135,6 +191,7 @@ class LayoutProp(torch.fx.Interpreter):
         inputs: list[tuple[NodeInput, torch.Tensor]],
         result: Any,
         error: str | None,
+        hidden: tuple[HiddenCopy, ...] = (),
     ) -> None:
         ctx = self._contexts[n]
         outputs: list[TensorMeta] = []
@@ -162,6 +219,8 @@ class LayoutProp(torch.fx.Interpreter):
                 users=users,
                 detail=ctx.detail,
                 error=error,
+                in_leaf_module=ctx.in_leaf_module,
+                hidden=hidden,
             )
         )
 
@@ -202,12 +261,19 @@ def propagate(
     kwargs: dict[str, Any] | None = None,
     *,
     progress: ProgressFn | None = None,
-) -> list[NodeRecord]:
-    """Run ``gm`` on the (already channels_last) sample under ``no_grad`` and return one
-    record per node, in graph order. The caller owns copying the model and the sample.
+    record_hidden: bool = True,
+    flat_inputs: bool = False,
+) -> tuple[list[NodeRecord], Any]:
+    """Run ``gm`` on the (already channels_last) sample under ``no_grad``; return one record
+    per node, in graph order, and the graph's output. The caller owns copying the model and
+    the sample. ``flat_inputs``: the graph takes the pytree leaves of (args, kwargs), as
+    torch.export graphs do.
     """
-    interp = LayoutProp(gm, progress=progress)
-    values = _positional(gm, args, kwargs or {})
+    interp = LayoutProp(gm, progress=progress, record_hidden=record_hidden)
+    if flat_inputs:
+        values = list(tree_leaves((args, kwargs or {})))
+    else:
+        values = _positional(gm, args, kwargs or {})
     with torch.no_grad():
-        interp.run(*values, enable_io_processing=False)
-    return interp.records
+        out = interp.run(*values, enable_io_processing=False)
+    return interp.records, out

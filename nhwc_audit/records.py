@@ -13,6 +13,7 @@ __all__ = [
     "AuditMeta",
     "Finding",
     "FindingKind",
+    "HiddenCopy",
     "Fix",
     "Hotspot",
     "Layout",
@@ -122,6 +123,18 @@ class SourceLoc:
 
 
 @dataclass(frozen=True, slots=True)
+class HiddenCopy:
+    """A layout-changing copy an op made internally (clone, copy_, _to_copy at ATen level)."""
+
+    op: str
+    layout_in: Layout
+    layout_out: Layout
+    shape: tuple[int, ...]
+    bytes: int
+    """2 x numel x itemsize (read + write)."""
+
+
+@dataclass(frozen=True, slots=True)
 class NodeRecord:
     """Everything recorded about one graph node during propagation (no judgement)."""
 
@@ -147,6 +160,10 @@ class NodeRecord:
     """The op's mode where it has one (pad 'circular', interpolate 'bilinear')."""
     error: str | None = None
     """For a break: the error the op raised on channels_last input."""
+    in_leaf_module: bool = False
+    """The node is (or runs inside) a torch.nn leaf module (fixes group by module type)."""
+    hidden: tuple[HiddenCopy, ...] = ()
+    """Layout-changing copies seen at ATen level while this node ran (real mode)."""
 
     @property
     def activation_inputs(self) -> tuple[NodeInput, ...]:
@@ -295,6 +312,9 @@ class AuditMeta:
     model: str
     torch_version: str
     capture: str
+    """'fx', 'export' or 'hooks'."""
+    capture_notes: tuple[str, ...]
+    """Why earlier captures were not used, one line each."""
     mode: str
     device: str
     dtype: str

@@ -161,6 +161,7 @@ def report_dict(
         "model": meta.model,
         "torch_version": meta.torch_version,
         "capture": meta.capture,
+        "capture_notes": list(meta.capture_notes),
         "mode": meta.mode,
         "device": meta.device,
         "dtype": meta.dtype,

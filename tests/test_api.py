@@ -164,7 +164,7 @@ def test_model_error_is_reported_as_the_models_own() -> None:
     assert exc.value.node == "conv"
 
 
-def test_untraceable_model_raises_trace_error() -> None:
+def test_untraceable_model_falls_back_and_says_why() -> None:
     class DataDependent(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.sum() > 0:
@@ -172,7 +172,11 @@ def test_untraceable_model_raises_trace_error() -> None:
             return -x
 
     with pytest.raises(nhwc_audit.TraceError, match="torch.fx could not trace DataDependent"):
-        audit(DataDependent(), torch.randn(1, 3, 4, 4), bandwidth=1e9)
+        audit(DataDependent(), torch.randn(1, 3, 4, 4), bandwidth=1e9, capture="fx")
+    report = audit(DataDependent(), torch.randn(1, 3, 4, 4), bandwidth=1e9)
+    assert report.meta.capture == "hooks"
+    assert [n.split(":")[0] for n in report.meta.capture_notes] == ["fx", "export"]
+    assert "torch.fx could not trace DataDependent" in report.meta.capture_notes[0]
 
 
 def test_measured_bandwidth_is_labelled() -> None:

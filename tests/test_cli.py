@@ -140,7 +140,7 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("usermodels:build", ["--input", "1x3x8"], "not a channels_last problem"),
         ("usermodels:build_meta", [], "meta device"),
         ("usermodels:Raises", ["--input", "1x3x8x8"], "not a channels_last problem"),
-        ("usermodels:Branchy", [], "torch.fx could not trace Branchy"),
+        ("usermodels:Branchy", ["--capture", "fx"], "torch.fx could not trace Branchy"),
         ("usermodels:build", ["--bandwidth", "fast"], "--bandwidth 'fast'"),
     ],
 )

@@ -1,0 +1,147 @@
+"""The capture chain: torch.fx (checked against eager) -> torch.export -> eager hooks.
+
+Each step that fails leaves a one-line reason; the report says which capture was used and
+why the earlier ones were not. Layouts always come from running real tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .capture import export, trace
+from .errors import PropagationError, TraceError, UsageError
+from .hooks import record_eager
+from .propagate import ProgressFn, propagate
+from .records import NodeRecord
+
+__all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
+
+CAPTURES = ("auto", "fx", "export", "hooks")
+
+
+@dataclass(frozen=True)
+class Captured:
+    records: list[NodeRecord]
+    method: str
+    notes: tuple[str, ...]
+
+
+def _clone(v: Any) -> Any:
+    return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int) -> Any:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        return model(*tree_map(_clone, args), **tree_map(_clone, kwargs))
+
+
+def _same_outputs(a: Any, b: Any) -> str | None:
+    """None when the outputs match, else a one-line difference."""
+    ta = [t for t in tree_leaves(a) if isinstance(t, torch.Tensor)]
+    tb = [t for t in tree_leaves(b) if isinstance(t, torch.Tensor)]
+    if len(ta) != len(tb):
+        return f"{len(ta)} output tensors where eager returns {len(tb)}"
+    for i, (x, y) in enumerate(zip(ta, tb, strict=True)):
+        if x.shape != y.shape:
+            return f"output {i} has shape {tuple(x.shape)} where eager gives {tuple(y.shape)}"
+        try:
+            torch.testing.assert_close(x, y, equal_nan=True, check_stride=False)
+        except AssertionError:
+            diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else float("nan")
+            return f"output {i} differs from eager (max abs diff {diff:.3g})"
+    return None
+
+
+def capture_and_propagate(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    method: str = "auto",
+    verify: bool = True,
+    progress: ProgressFn | None = None,
+) -> Captured:
+    """Capture ``model`` (the audit's private channels_last copy) and record every node's
+    layouts on the sample. ``method`` forces one capture ('fx', 'export', 'hooks')."""
+    if method not in CAPTURES:
+        raise UsageError(f"capture {method!r} is not one of: {', '.join(CAPTURES)}")
+    notes: list[str] = []
+    seed = 0
+    eager_out: list[Any] = []
+
+    def eager() -> Any:
+        if not eager_out:
+            eager_out.append(_run_eager(model, args, kwargs, seed))
+        return eager_out[0]
+
+    def graph_step(name: str, capture: Callable[[], Any], flat: bool) -> Captured | None:
+        try:
+            cap = capture()
+        except TraceError as e:
+            if method == name:
+                raise
+            notes.append(f"{name}: {e}")
+            return None
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                records, out = propagate(
+                    cap.gm, tree_map(_clone, args), tree_map(_clone, kwargs), progress=progress, flat_inputs=flat
+                )
+        except PropagationError as e:
+            try:
+                eager()
+            except Exception as eager_error:
+                raise PropagationError(
+                    f"{e} (eager forward fails too: {_first(eager_error)})", node=e.node, node_format=e.node_format
+                ) from e
+            if method == name:
+                raise
+            notes.append(f"{name}: the captured graph fails where eager runs: {e}")
+            return None
+        if verify and method != name:
+            if any(r.error for r in records):
+                # eager channels_last raises at the break too: nothing to compare against
+                notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
+                return Captured(records=records, method=name, notes=tuple(notes))
+            try:
+                reference = eager()
+            except Exception as e:
+                notes.append(f"{name}: not checked against eager (eager raised {_first(e)})")
+                return Captured(records=records, method=name, notes=tuple(notes))
+            diff = _same_outputs(out, reference)
+            if diff is not None:
+                notes.append(f"{name}: the captured graph does not reproduce eager: {diff}")
+                return None
+        return Captured(records=records, method=name, notes=tuple(notes))
+
+    if method in ("auto", "fx"):
+        got = graph_step("fx", lambda: trace(model), flat=False)
+        if got is not None:
+            return got
+    if method in ("auto", "export"):
+        got = graph_step("export", lambda: export(model, args, kwargs), flat=True)
+        if got is not None:
+            return got
+    try:
+        records, _, _ = record_eager(model, tree_map(_clone, args), tree_map(_clone, kwargs))
+    except Exception as e:
+        reasons = "; ".join(notes)
+        raise PropagationError(
+            f"the model's forward raised {_first(e)} when run eagerly on the channels_last sample: the model's "
+            f"own error at the audited shapes, not a channels_last problem"
+            + (f" (earlier captures: {reasons})" if reasons else "")
+        ) from e
+    return Captured(records=records, method="hooks", notes=tuple(notes))

@@ -1,0 +1,216 @@
+"""Last-resort capture: run the model eagerly and record every ATen op it dispatches
+(TorchDispatchMode), with the module it ran in (forward pre/post hooks on the audit's
+private copy) and the user's source line. Used when neither torch.fx nor torch.export can
+capture the model. Module hooks alone would miss layout changes between modules
+(shufflenet's channel shuffle), so the records are per ATen op.
+
+A break (an op that raises on channels_last input) ends an eager run: it is recorded with
+its error, and the audit stops there.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .capture import _DEFAULT_MODES, _TORCH_DIR, _is_own
+from .layout import tensor_meta
+from .propagate import _COPY_OPS, layout_change
+from .records import HiddenCopy, NodeInput, NodeRecord, SourceLoc
+
+__all__ = ["record_eager"]
+
+# ATen ops that only describe tensors or allocate: never layout findings, kept out of the graph
+_SKIP = frozenset({"detach", "alias", "lift_fresh", "_local_scalar_dense", "empty", "empty_like", "zeros"})
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+
+
+def _user_source() -> SourceLoc | None:
+    import linecache
+
+    f: types.FrameType | None = sys._getframe(2)
+    while f is not None:
+        file = f.f_code.co_filename
+        if file.startswith(_TORCH_DIR) or _is_own(file):
+            f = f.f_back
+            continue
+        line = f.f_lineno or 0
+        return SourceLoc(file=file, line=line, function=f.f_code.co_name, code=linecache.getline(file, line).strip())
+    return None
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, stack: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.records: list[dict[str, Any]] = []
+        self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.counts: dict[str, int] = {}
+        self.error: tuple[dict[str, Any], BaseException] | None = None
+        self.layout_caused = False
+
+    def _name(self, op: str) -> str:
+        n = self.counts.get(op, 0)
+        self.counts[op] = n + 1
+        return op if n == 0 else f"{op}_{n}"
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        op = func.overloadpacket.__name__
+        ins = list(_tensors((args, kwargs)))
+        if op in _SKIP:
+            out = func(*args, **kwargs)
+            for t in _tensors(out):
+                src = next(iter(ins), None)
+                if src is not None and src in self.producer:
+                    self.producer[t] = self.producer[src]
+            return out
+        path, mtype = self.stack[-1] if self.stack else ("", "")
+        rec: dict[str, Any] = {
+            "name": self._name(op),
+            "target": str(func),
+            "op_name": op,
+            "module_path": path,
+            "module_type": mtype,
+            "source": _user_source(),
+            "inputs": [
+                NodeInput(producer=self.producer.get(t), meta=tensor_meta(t), is_param=isinstance(t, nn.Parameter))
+                for t in ins
+            ],
+            "detail": _detail(op, args, kwargs),
+        }
+        try:
+            out = func(*args, **kwargs)
+        except Exception as e:
+            self.error = (rec, e)
+            self.layout_caused = _fails_only_on_channels_last(func, args, kwargs)
+            raise
+        outs = list(_tensors(out))
+        in_ptrs = {t.untyped_storage().data_ptr() for t in ins}
+        rec["outputs"] = [tensor_meta(t) for t in outs]
+        rec["aliases"] = any(t.untyped_storage().data_ptr() in in_ptrs for t in outs)
+        hidden: list[HiddenCopy] = []
+        if func in _COPY_OPS and ins and outs:
+            src = args[1] if op == "copy_" else args[0]
+            sm, dm = tensor_meta(src), tensor_meta(outs[0])
+            if layout_change(sm, dm):
+                hidden.append(
+                    HiddenCopy(op=op, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
+                )
+        rec["hidden"] = hidden
+        for t in outs:
+            self.producer[t] = rec["name"]
+        self.records.append(rec)
+        return out
+
+
+def _nchw(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
+        return v.contiguous()
+    return v
+
+
+def _fails_only_on_channels_last(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Re-run a failed op on NCHW copies of its inputs: True if that works (a break)."""
+    from torch.utils._pytree import tree_map
+
+    if not any(t.dim() in (4, 5) and not t.is_contiguous() for t in _tensors((args, kwargs))):
+        return False
+    try:
+        func(*tree_map(_nchw, args), **tree_map(_nchw, kwargs))
+    except Exception:
+        return False
+    return True
+
+
+def _detail(op: str, args: Any, kwargs: dict[str, Any]) -> str:
+    if op == "pad":
+        mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+        return mode if isinstance(mode, str) else ""
+    if op.startswith("upsample_"):
+        return op.removeprefix("upsample_").removesuffix("2d").removesuffix("3d").removesuffix("1d")
+    return _DEFAULT_MODES.get(op, "")
+
+
+def record_eager(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[list[NodeRecord], Any, str | None]:
+    """Run ``model`` (the audit's private copy) once and return per-op records, its output and,
+    if an op raised, that op's error (the run stops there)."""
+    stack: list[tuple[str, str]] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def pre(m: nn.Module, a: Any, name: str = name) -> None:
+            stack.append((name, type(m).__name__))
+
+        def post(m: nn.Module, a: Any, o: Any) -> None:
+            if stack:
+                stack.pop()
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post, always_call=True))
+    rec = _Recorder(stack)
+    out: Any = None
+    error: str | None = None
+    try:
+        with torch.no_grad(), rec:
+            out = model(*args, **kwargs)
+    except Exception as e:
+        if rec.error is None or not rec.layout_caused:
+            raise
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    finally:
+        for h in handles:
+            h.remove()
+    raw = rec.records
+    if rec.error is not None:
+        failed, _ = rec.error
+        failed.update(outputs=[], aliases=False, hidden=[])
+        raw = [*raw, failed]
+    users: dict[str, list[str]] = {}
+    for r in raw:
+        for i in r["inputs"]:
+            if i.producer is not None and r["name"] not in users.setdefault(i.producer, []):
+                users[i.producer].append(r["name"])
+    records: list[NodeRecord] = []
+    for idx, r in enumerate(raw):
+        last = rec.error is not None and idx == len(raw) - 1
+        records.append(
+            NodeRecord(
+                index=idx,
+                name=r["name"],
+                op="call_function",
+                target=r["target"],
+                op_name=r["op_name"],
+                module_path=r["module_path"],
+                module_type=r["module_type"] or type(model).__name__,
+                source=r["source"],
+                inputs=tuple(r["inputs"]),
+                outputs=tuple(r["outputs"]),
+                aliases_input=r["aliases"],
+                users=tuple(users.get(r["name"], [])),
+                detail=r["detail"],
+                error=error if last else None,
+                in_leaf_module=type(model.get_submodule(r["module_path"])).__module__.startswith("torch.nn.modules")
+                if r["module_path"]
+                else False,
+                hidden=tuple(r["hidden"]),
+            )
+        )
+    return records, out, error
