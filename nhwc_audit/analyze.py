@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from .hints import AMBIGUOUS_ORIGIN, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
-from .layout import channels_innermost, row_major
+from .layout import channels_innermost, leans_channels_last, row_major
 from .records import (
     Finding,
     FindingKind,
@@ -195,7 +195,9 @@ def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     reverted = [o for o in r.outputs if row_major(o)]
-    sources = [i for i in r.activation_inputs if channels_innermost(i.meta)]
+    # an ambiguous input counts when its strides lean channels_last (kernels follow them):
+    # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
+    sources = [i for i in r.activation_inputs if channels_innermost(i.meta) or leans_channels_last(i.meta)]
     if reverted and sources:
         nbytes = 2 * sum(o.nbytes for o in reverted)
         standard = sources[0].meta.layout is Layout.CHANNELS_LAST and reverted[0].is_spatial

@@ -22,7 +22,9 @@ __all__ = [
     "classify_strides",
     "innermost_dim",
     "is_dense_in_order",
+    "leans_channels_last",
     "row_major",
+    "strides_like_channels_last",
     "tensor_meta",
 ]
 
@@ -103,6 +105,37 @@ def tensor_meta(t: torch.Tensor) -> TensorMeta:
     )
 
 
+def strides_like_channels_last(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """PyTorch's ``suggest_memory_format() == channels_last(_3d)`` test on raw strides
+    (``is_channels_last_strides_2d/3d`` in c10): which way an *ambiguous* tensor leans.
+    Kernels follow it, so a 1x1 weight or a C == 1 input converted with
+    ``.to(memory_format=torch.channels_last)`` steers a conv's output layout.
+
+    >>> strides_like_channels_last((8, 4, 1, 1), (4, 1, 4, 4))
+    True
+    >>> strides_like_channels_last((8, 4, 1, 1), (4, 1, 1, 1))
+    False
+    """
+    rank = len(shape)
+    if rank not in (4, 5) or len(strides) != rank or strides[1] == 0:
+        return False
+    low = 0
+    for d in _NHWC_ORDER[rank]:
+        if shape[d] == 0 or strides[d] < low:
+            return False
+        if d == 0 and low == strides[1]:
+            return False
+        low = strides[d] * (shape[d] if shape[d] > 1 else 1)
+    return True
+
+
+def leans_channels_last(meta: TensorMeta) -> bool:
+    """Channels_last, or ambiguous with strides PyTorch reads as channels_last."""
+    if meta.layout is Layout.CHANNELS_LAST:
+        return True
+    return meta.layout is Layout.AMBIGUOUS and strides_like_channels_last(meta.shape, meta.strides)
+
+
 def innermost_dim(meta: TensorMeta) -> int | None:
     """The dim of size > 1 with stride 1: where the tensor's memory runs (None if none)."""
     if len(meta.strides) != meta.rank:
@@ -114,24 +147,21 @@ def innermost_dim(meta: TensorMeta) -> int | None:
 
 
 def channels_innermost(meta: TensorMeta) -> bool:
-    """A rank >= 4 tensor whose memory runs along a dim other than its last one, as in an
-    NHWC tensor or any view of one (a channel slice, channel shuffle's 5D view).
+    """A rank >= 4 tensor whose memory runs along dim 1 (the channels), as in an NHWC tensor
+    or any view of one (a channel slice, channel shuffle's 5D view, an unfold's 6D view).
 
-    Copying such a tensor into row-major order is a layout transpose. Ambiguous and
-    row-major tensors are never channels-innermost.
+    Copying such a tensor into row-major order is an NHWC -> NCHW transpose. Tensors whose
+    memory runs along another dim (attention's transposed keys, B x heads x N x d) are not
+    image layouts and never count. Ambiguous and row-major tensors never count.
 
     >>> from nhwc_audit.layout import tensor_meta
     >>> import torch
     >>> channels_innermost(tensor_meta(torch.zeros(1, 4, 3, 3).to(memory_format=torch.channels_last)))
     True
     """
-    if meta.rank < 4 or len(meta.strides) != meta.rank or meta.layout is Layout.AMBIGUOUS:
+    if meta.rank < 4 or meta.layout is Layout.AMBIGUOUS or row_major(meta):
         return False
-    if row_major(meta):
-        return False
-    d = innermost_dim(meta)
-    last = max((i for i, s in enumerate(meta.shape) if s > 1), default=None)
-    return d is not None and d != last
+    return innermost_dim(meta) == 1
 
 
 def row_major(meta: TensorMeta) -> bool:

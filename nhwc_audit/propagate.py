@@ -59,12 +59,14 @@ _COPY_OPS = frozenset(
 
 
 def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
-    """A copy from ``src`` to ``dst`` (rank >= 4, same shape) changes which dim is innermost
-    in memory, e.g. channels (NHWC) to width (NCHW): a transpose, not a plain copy."""
+    """A copy from ``src`` to ``dst`` (rank >= 4, same shape) moves the innermost memory dim
+    between the channels (dim 1, NHWC) and the last dim (NCHW): a layout transpose. Copies
+    between other dims (attention's B x heads x N x d transposes) are not layout changes."""
     if src.rank < 4 or src.shape != dst.shape:
         return False
-    a, b = innermost_dim(src), innermost_dim(dst)
-    return a is not None and b is not None and a != b
+    last = max((i for i, s in enumerate(src.shape) if s > 1), default=None)
+    pair = {innermost_dim(src), innermost_dim(dst)}
+    return last is not None and last != 1 and pair == {1, last}
 
 
 class CopyRecorder(TorchDispatchMode):

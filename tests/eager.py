@@ -14,7 +14,9 @@ from nhwc_audit.conversion import prepare_inputs
 from nhwc_audit.layout import classify
 
 
-def hook_layouts(model: nn.Module, args: tuple[Any, ...], *, allow_error: bool = False) -> dict[str, list[list[str]]]:
+def hook_layouts(
+    model: nn.Module, args: tuple[Any, ...], *, kwargs: dict[str, Any] | None = None, allow_error: bool = False
+) -> dict[str, list[list[str]]]:
     """Per module path, per call, the layouts of the module's tensor outputs (up to the
     failing call when ``allow_error`` and the channels_last forward raises)."""
     cl = convert(model)
@@ -29,9 +31,9 @@ def hook_layouts(model: nn.Module, args: tuple[Any, ...], *, allow_error: bool =
 
         handles.append(mod.register_forward_hook(hook))
     try:
-        sample, _ = prepare_inputs(args, {}, dtype=None, device=torch.device("cpu"))
+        sample, sample_kwargs = prepare_inputs(args, kwargs or {}, dtype=None, device=torch.device("cpu"))
         with torch.no_grad():
-            cl(*sample)
+            cl(*sample, **sample_kwargs)
     except RuntimeError:
         if not allow_error:
             raise
@@ -69,3 +71,18 @@ def report_module_layouts(report: AuditReport) -> dict[str, list[list[str]]]:
 
 def _inside(path: str, scope: str) -> bool:
     return path == scope or path.startswith(scope + ".")
+
+
+def consistent(recorded: dict[str, list[list[str]]], observed: dict[str, list[list[str]]]) -> dict[str, object]:
+    """Mismatches between the audit and eager hooks, tolerant of the harness's blind spots:
+    a module called several times or returning several tensors may have fewer recorded
+    outputs (identity modules have no node, export graphs merge repeated calls), but every
+    layout recorded for a module must be one that eager observed for that module."""
+    bad: dict[str, object] = {}
+    for path, calls in recorded.items():
+        if path not in observed:
+            continue  # containers (ModuleList, ModuleDict) have no forward of their own
+        seen = {lay for call in observed[path] for lay in call}
+        if any(lay not in seen for call in calls for lay in call):
+            bad[path] = (calls, observed[path])
+    return bad

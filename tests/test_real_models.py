@@ -1,0 +1,90 @@
+"""Real-model corpus (random weights, small inputs): capture succeeds (and which one), the
+audit completes, and every module output's recorded layout is one eager forward hooks observe
+on the same channels_last run. Known facts of torch 2.14.1 on CPU are pinned."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from eager import consistent, hook_layouts, report_module_layouts
+
+from nhwc_audit import AuditReport, audit
+from nhwc_audit.zoo import build
+
+pytestmark = pytest.mark.slow
+
+# name -> (capture, reverts, conversions, mixed, breaks)
+EXPECTED = {
+    "torchvision.resnet18": ("fx", 0, 0, 0, 0),
+    "torchvision.mobilenet_v3_small": ("fx", 0, 0, 0, 0),
+    "torchvision.convnext_tiny": ("fx", 0, 0, 0, 0),
+    "torchvision.densenet121": ("fx", 0, 0, 0, 0),
+    "torchvision.shufflenet_v2_x0_5": ("fx", 3, 18, 13, 0),
+    "torchvision.swin_t": ("fx", 0, 0, 0, 0),
+    "torchvision.deeplabv3_mobilenet_v3_large": ("fx", 0, 1, 1, 0),
+    "timm.convnext_atto": ("fx", 0, 0, 0, 0),
+    "timm.mobilevitv2_050": ("export", 12, 15, 15, 0),
+    "diffusers.UNet2DModel": ("export", 0, 0, 0, 0),
+    "diffusers.UNet2DConditionModel": ("export", 4, 4, 0, 0),
+    "diffusers.AutoencoderKL": ("export", 0, 0, 0, 0),
+    "monai.BasicUNet2d": ("export", 18, 22, 4, 0),
+    "monai.UNet2d": ("fx", 4, 4, 0, 0),
+    "monai.UNet3d": ("fx", 1, 0, 0, 0),
+    "monai.SegResNet2d": ("fx", 0, 0, 0, 0),
+    "smp.Unet": ("fx", 0, 0, 0, 0),
+    "smp.FPN": ("export", 0, 1, 0, 0),
+}
+
+
+def _audit(name: str) -> tuple[AuditReport, object, tuple[object, ...], dict[str, object]]:
+    family = name.split(".")[0]
+    pytest.importorskip({"smp": "segmentation_models_pytorch"}.get(family, family))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, args, kwargs = build(name)
+        return audit(model, args, example_kwargs=kwargs, bandwidth=1e9), model, args, kwargs
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_real_model(name: str) -> None:
+    report, model, args, kwargs = _audit(name)
+    capture, reverts, conversions, mixed, breaks = EXPECTED[name]
+    s = report.summary
+    assert (report.meta.capture, s.reverts, s.conversions, s.mixed, s.breaks) == (
+        capture,
+        reverts,
+        conversions,
+        mixed,
+        breaks,
+    ), report.meta.capture_notes
+    if capture != "fx":
+        assert report.meta.capture_notes and report.meta.capture_notes[0].startswith("fx: ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = hook_layouts(model, args, kwargs=kwargs)  # type: ignore[arg-type]
+    recorded = report_module_layouts(report)
+    assert len(recorded) > 10
+    assert consistent(recorded, observed) == {}
+    for f in report.findings:
+        assert f.module_path or f.module_type
+        if capture == "export":  # ATen graphs still name the user's modules and source lines
+            assert f.source is not None
+
+
+def test_monai_unet_instance_norms_are_the_fix() -> None:
+    report, *_ = _audit("monai.UNet2d")
+    assert [(x.op, x.kind.value) for x in report.fixes] == [("InstanceNorm2d", "revert")]
+    assert all(f.module_type == "InstanceNorm2d" for f in report.findings if f.kind.value == "revert")
+
+
+def test_diffusers_transformer_contiguous_is_found_with_source_line() -> None:
+    report, *_ = _audit("diffusers.UNet2DConditionModel")
+    (fix,) = report.fixes
+    assert fix.op == "contiguous" and fix.source is not None and "transformer" in fix.source.file
+
+
+def test_monai_basic_unet_falls_back_because_fx_graph_fails() -> None:
+    report, *_ = _audit("monai.BasicUNet2d")
+    assert report.meta.capture == "export"
+    assert "the captured graph fails where eager runs" in report.meta.capture_notes[0]
