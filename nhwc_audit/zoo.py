@@ -51,7 +51,7 @@ def _timm(name: str, size: int = 64) -> Callable[[], Built]:
 def _unet2d() -> Built:
     from diffusers import UNet2DModel
 
-    m = UNet2DModel(
+    m: nn.Module = UNet2DModel(
         sample_size=32,
         in_channels=3,
         out_channels=3,
@@ -67,7 +67,7 @@ def _unet2d() -> Built:
 def _unet2d_cond() -> Built:
     from diffusers import UNet2DConditionModel
 
-    m = UNet2DConditionModel(
+    m: nn.Module = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -86,7 +86,7 @@ def _unet2d_cond() -> Built:
 def _vae() -> Built:
     from diffusers import AutoencoderKL
 
-    m = AutoencoderKL(
+    m: nn.Module = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(32, 64),
@@ -101,9 +101,9 @@ def _vae() -> Built:
 
 def _monai(name: str, dims: int) -> Callable[[], Built]:
     def b() -> Built:
-        from monai import networks
+        from monai.networks import nets
 
-        nets = networks.nets
+        m: nn.Module
         if name == "BasicUNet":
             m = nets.BasicUNet(spatial_dims=dims, in_channels=1, out_channels=2, features=(8, 8, 16, 32, 64, 8))
         elif name == "UNet":
