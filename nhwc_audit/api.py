@@ -89,6 +89,7 @@ def audit(
     name: str | None = None,
     capture: str = "auto",
     verify: bool = True,
+    autocast: bool | torch.dtype = False,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Audit ``model`` on a channels_last copy of ``example_inputs``.
@@ -97,6 +98,8 @@ def audit(
     ``(module, args, kwargs)``). Inputs default to one ``1x3x224x224`` tensor. The model
     and the inputs are never modified: the audit runs a channels_last copy, in the model's
     own train/eval mode, under ``no_grad``, on the model's device (or ``device``).
+    ``autocast=True`` runs under ``torch.autocast`` for the device (bfloat16 on cpu,
+    float16 on cuda; or pass a dtype): mixed precision is where channels_last pays on GPUs.
     ``capture``: 'auto' tries torch.fx (checked against an eager run when ``verify``),
     then torch.export, then eager hooks; 'fx', 'export' or 'hooks' forces one.
     ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
@@ -114,7 +117,14 @@ def audit(
     copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
     sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=dtype, device=dev)
     t1 = time.perf_counter()
-    captured = capture_and_propagate(copy, sample_args, sample_kwargs, method=capture, verify=verify, progress=progress)
+    amp: torch.dtype | None = None
+    if autocast is True:
+        amp = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    elif isinstance(autocast, torch.dtype):
+        amp = autocast
+    captured = capture_and_propagate(
+        copy, sample_args, sample_kwargs, method=capture, verify=verify, progress=progress, autocast=amp
+    )
     records = captured.records
     t3 = time.perf_counter()
     if bandwidth is None:
@@ -135,6 +145,7 @@ def audit(
         mode="real",
         device=str(dev),
         dtype=str(used_dtype).removeprefix("torch."),
+        autocast=str(amp).removeprefix("torch.") if amp is not None else None,
         training=module.training,
         inputs=tuple(tensor_meta(a) for a in sample_args if isinstance(a, torch.Tensor)),
         bandwidth=bw,

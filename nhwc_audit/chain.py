@@ -6,6 +6,7 @@ why the earlier ones were not. Layouts always come from running real tensors.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +42,11 @@ def _first(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
-def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int) -> Any:
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx) -> Any:
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx():
         torch.manual_seed(seed)
         return model(*tree_map(_clone, args), **tree_map(_clone, kwargs))
 
@@ -72,18 +76,27 @@ def capture_and_propagate(
     method: str = "auto",
     verify: bool = True,
     progress: ProgressFn | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Captured:
     """Capture ``model`` (the audit's private channels_last copy) and record every node's
-    layouts on the sample. ``method`` forces one capture ('fx', 'export', 'hooks')."""
+    layouts on the sample. ``method`` forces one capture ('fx', 'export', 'hooks');
+    ``autocast`` runs every execution under ``torch.autocast`` with that dtype."""
     if method not in CAPTURES:
         raise UsageError(f"capture {method!r} is not one of: {', '.join(CAPTURES)}")
     notes: list[str] = []
     seed = 0
+    device_type = next((t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
+
+    def ctx() -> contextlib.AbstractContextManager[Any]:
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=autocast)
+
     eager_out: list[Any] = []
 
     def eager() -> Any:
         if not eager_out:
-            eager_out.append(_run_eager(model, args, kwargs, seed))
+            eager_out.append(_run_eager(model, args, kwargs, seed, ctx))
         return eager_out[0]
 
     def graph_step(name: str, capture: Callable[[], Any], flat: bool) -> Captured | None:
@@ -95,7 +108,7 @@ def capture_and_propagate(
             notes.append(f"{name}: {e}")
             return None
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), ctx():
                 torch.manual_seed(seed)
                 records, out = propagate(
                     cap.gm, tree_map(_clone, args), tree_map(_clone, kwargs), progress=progress, flat_inputs=flat
@@ -136,7 +149,8 @@ def capture_and_propagate(
         if got is not None:
             return got
     try:
-        records, _, _ = record_eager(model, tree_map(_clone, args), tree_map(_clone, kwargs))
+        with ctx():
+            records, _, _ = record_eager(model, tree_map(_clone, args), tree_map(_clone, kwargs))
     except Exception as e:
         reasons = "; ".join(notes)
         raise PropagationError(

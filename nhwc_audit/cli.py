@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-report", action="store_true", help="write no report file, print the summary only")
     p.add_argument(
+        "--autocast",
+        action="store_true",
+        help="run under torch.autocast (bfloat16 on cpu, float16 on cuda)",
+    )
+    p.add_argument(
         "--capture",
         default="auto",
         choices=("auto", "fx", "export", "hooks"),
@@ -162,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
             bandwidth=bandwidth,
             name=args.spec,
             capture=args.capture,
+            autocast=args.autocast,
             verify=not args.no_verify,
             progress=progress_cb,
         )

@@ -50,7 +50,7 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
     shapes = ", ".join(t.shape_str for t in m.inputs) or "none"
     head = Text.assemble(
         (m.model, "bold"),
-        f" ({m.capture}, {m.mode} {m.device}, {m.dtype}, {'train' if m.training else 'eval'} mode, "
+        f" ({m.capture}, {m.mode} {m.device}, {m.dtype}{' autocast ' + m.autocast if m.autocast else ''}, {'train' if m.training else 'eval'} mode, "
         f"input {shapes}, torch {m.torch_version})",
     )
     counts = Text.assemble(

@@ -318,6 +318,8 @@ class AuditMeta:
     mode: str
     device: str
     dtype: str
+    autocast: str | None
+    """The torch.autocast dtype the audit ran under, if any."""
     training: bool
     inputs: tuple[TensorMeta, ...]
     """The sample inputs as audited (after conversion to channels_last)."""

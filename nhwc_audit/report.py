@@ -186,7 +186,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "capture": m.capture,
             "mode": m.mode,
             "device": m.device,
-            "dtype": m.dtype,
+            "dtype": m.dtype + (f" (autocast {m.autocast})" if m.autocast else ""),
             "training": m.training,
             "inputs": [f"{t.shape_str} ({t.layout.value})" for t in m.inputs],
             "bandwidth": m.bandwidth,

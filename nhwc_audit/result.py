@@ -73,11 +73,11 @@ class AuditReport:
         shapes = ", ".join(t.shape_str for t in m.inputs)
         if self.nothing_to_audit:
             return (
-                f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}, input {shapes}): {s.nodes} nodes, "
+                f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}{' autocast ' + m.autocast if m.autocast else ''}, input {shapes}): {s.nodes} nodes, "
                 "no 4D/5D activations: nothing to audit for channels_last"
             )
         return (
-            f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}, input {shapes}): "
+            f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}{' autocast ' + m.autocast if m.autocast else ''}, input {shapes}): "
             f"{s.nodes} nodes, {s.reverts} reverts, {s.conversions} conversions, {s.mixed} mixed, "
             f"{s.breaks} breaks, {fmt_bytes(s.bytes_moved)} moved per forward "
             f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s), "

@@ -165,6 +165,7 @@ def report_dict(
         "mode": meta.mode,
         "device": meta.device,
         "dtype": meta.dtype,
+        "autocast": meta.autocast,
         "training": meta.training,
         "inputs": [_tensor(t) for t in meta.inputs],
         "bandwidth": {"bytes_per_second": meta.bandwidth, "source": meta.bandwidth_source},

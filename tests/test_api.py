@@ -182,3 +182,17 @@ def test_untraceable_model_falls_back_and_says_why() -> None:
 def test_measured_bandwidth_is_labelled() -> None:
     r = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8))
     assert r.meta.bandwidth_source == "measured" and r.meta.bandwidth > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_dtype_and_autocast(dtype: torch.dtype) -> None:
+    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), dtype=dtype, bandwidth=1e9)
+    assert r.meta.dtype == str(dtype).removeprefix("torch.")
+    assert [(f.node, f.kind.value) for f in r.findings] == [("norm", "revert"), ("conv2", "conversion")]
+    assert r.findings[0].bytes == 2 * 8 * 8 * 8 * 2  # 2-byte elements
+    model = M.InstanceNormNet()
+    r = audit(model, torch.randn(1, 3, 8, 8), autocast=True, bandwidth=1e9)
+    assert r.meta.autocast == "bfloat16" and "autocast bfloat16" in r.headline
+    conv = next(n for n in r.nodes if n.name == "conv")
+    assert conv.outputs[0].dtype == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -156,3 +156,53 @@ def test_hotspot_bytes_by_hand() -> None:
     assert [h.finding.est_seconds for h in r.hotspots] == [2.0, 2.0]
     assert r.summary.bytes_moved == 8192 and r.summary.est_seconds == 4.0
     assert [(x.op, x.roots, x.findings, x.bytes) for x in r.fixes] == [("InstanceNorm2d", ("norm",), 2, 8192)]
+
+
+class Volume(nn.Module):
+    """Conv3d -> op -> Conv3d at 2x2x16^3, where CPU Conv3d keeps channels_last_3d."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.c1 = nn.Conv3d(2, 8, 3, padding=1)
+        self.c2 = nn.Conv3d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        y = self.c1(x)
+        ops = {
+            "avg_pool3d": lambda t: F.avg_pool3d(t, 2),
+            "adaptive_avg_pool3d": lambda t: F.adaptive_avg_pool3d(t, 4),
+            "adaptive_max_pool3d": lambda t: F.adaptive_max_pool3d(t, 4),
+            "interpolate": lambda t: F.interpolate(t, size=(4, 4, 4), mode="area"),
+            "instance_norm": lambda t: F.instance_norm(t),
+            "max_pool3d": lambda t: F.max_pool3d(t, 2),
+            "trilinear": lambda t: F.interpolate(t, scale_factor=2, mode="trilinear"),
+            "group_norm": lambda t: F.group_norm(t, 2),
+            "reflect_pad": lambda t: F.pad(t, (1,) * 6, mode="reflect"),
+        }
+        out: torch.Tensor = self.c2(ops[self.kind](y))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "reverts"),
+    [
+        ("avg_pool3d", True),
+        ("adaptive_avg_pool3d", True),
+        ("adaptive_max_pool3d", True),
+        ("interpolate", True),  # area
+        ("instance_norm", True),
+        ("max_pool3d", False),
+        ("trilinear", False),
+        ("group_norm", False),  # GroupNorm keeps channels_last_3d on CPU
+        ("reflect_pad", False),
+    ],
+)
+def test_3d_ops_on_cpu(kind: str, reverts: bool) -> None:
+    r = run(Volume(kind), (2, 2, 16, 16, 16))
+    if reverts:
+        assert [(f.op, f.kind.value) for f in r.findings] == [(kind, "revert"), ("Conv3d", "conversion")]
+    else:
+        assert r.findings == ()
