@@ -188,8 +188,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _atlas(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="nhwc-audit atlas", description="audit the public model zoo into an atlas")
+    p.add_argument("--out", default="reports/atlas", help="output folder (default reports/atlas)")
+    p.add_argument("--models", nargs="*", default=None, help="zoo names (default: all)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    from .atlas import run_atlas
+
+    rows = run_atlas(Path(args.out), args.models)
+    print(f"atlas: {len(rows)} models -> {Path(args.out) / 'index.html'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nhwc-audit`` and ``python -m nhwc_audit``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["atlas"]:
+        from .errors import NhwcAuditError
+
+        try:
+            return _atlas(argv[1:])
+        except NhwcAuditError as e:
+            print(f"nhwc-audit: error: {e}", file=sys.stderr)
+            return 2
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
