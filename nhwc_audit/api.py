@@ -158,7 +158,12 @@ def audit(
         "analyze_s": t5 - t4,
         "total_s": t5 - t0,
     }
+    from .verdict import decide
+
+    verdict = decide(records, analysis.summary, device=str(dev), dtype=meta.dtype)
     return AuditReport(
+        verdict=verdict,
+        source=(module, args, kwargs),
         meta=meta,
         nodes=tuple(records),
         findings=analysis.findings,

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run under torch.autocast (bfloat16 on cpu, float16 on cuda)",
     )
+    p.add_argument("--apply", action="store_true", help="repair the channels_last graph and show what changed")
+    p.add_argument("--measure", action="store_true", help="time NCHW, channels_last and repaired forward passes")
+    p.add_argument("--train", action="store_true", help="with --measure: time forward+backward")
+    p.add_argument("--save-repaired", default=None, metavar="PATH", help="write the repaired graph's code here")
     p.add_argument(
         "--capture",
         default="auto",
@@ -123,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--top must be >= 0")
     json_path: Path | None = Path(args.json_path) if args.json_path else None
     html_path: Path | None = Path(args.html_path) if args.html_path else None
-    for path in (json_path, html_path):
+    for path in (json_path, html_path, Path(args.save_repaired) if args.save_repaired else None):
         if path is not None:
             _check_writable(path)
     default_paths = json_path is None and html_path is None and not args.no_report
@@ -175,7 +179,22 @@ def _run(args: argparse.Namespace) -> int:
         if progress_ctx is not None:
             progress_ctx.stop()
 
+    if args.apply or args.save_repaired:
+        report = report.repaired()
+    if args.measure:
+        report = report.measure(train=args.train)
     written: list[Path] = []
+    if args.save_repaired:
+        from .result import write_text_atomic
+
+        log = report.repair
+        lines = [f"# Repaired channels_last graph of {args.spec}, written by nhwc-audit (GraphModule.code)."]
+        if log is not None:
+            lines.append(f"# Layout changes per forward: {log.bytes_before} B -> {log.bytes_after} B.")
+            lines += [f"# {s.kind}: {s.node}: {s.reason} (-{s.bytes_saved} B)" for s in log.steps]
+            lines += [f"# refused: {msg}" for msg in log.refused]
+        header = "\n".join(lines) + "\n"
+        written.append(write_text_atomic(Path(args.save_repaired), header + (report.repaired_code or "")))
     if default_paths:
         Path("reports").mkdir(exist_ok=True)
     if json_path is not None:

@@ -121,8 +121,45 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
                     fx.hint,
                 )
             )
+    if report.repair is not None:
+        rp = report.repair
+        parts.append(Text("Repair:", style="bold"))
+        parts.append(
+            Text(
+                f" layout changes {fmt_bytes(rp.bytes_before)} -> {fmt_bytes(rp.bytes_after)} per forward, "
+                f"breaks {rp.breaks_before} -> {rp.breaks_after}"
+                + ("" if rp.steps else " (nothing to repair: no rewrite removes bytes without changing the math)")
+            )
+        )
+        for st in rp.steps:
+            parts.append(Text(f"  {st.kind:<24} {st.node}: {st.reason} (-{fmt_bytes(st.bytes_saved)})"))
+        for msg in rp.refused:
+            parts.append(Text(f"  refused: {msg}", style="yellow"))
+    if report.measurement is not None:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
+        for col in ("variant", "median", "min", "max", "vs NCHW"):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for t in report.measurement.timings:
+            sp = report.measurement.speedup(t.variant)
+            table.add_row(
+                t.variant, fmt_seconds(t.median), fmt_seconds(t.low), fmt_seconds(t.high), f"{sp:.2f}x" if sp else "-"
+            )
+        parts.append(
+            Text(
+                f"Measured {'forward+backward' if report.measurement.train else 'forward'} on {report.measurement.device}:",
+                style="bold",
+            )
+        )
+        parts.append(table)
+    if report.verdict is not None:
+        v = report.verdict
+        parts.append(
+            Text.assemble(
+                ("Verdict: ", "bold"), (v.summary, "green" if v.convert else "red"), " — " + "; ".join(v.reasons)
+            )
+        )
     for p in paths:
-        parts.append(Text(f"report: {p}"))
+        parts.append(Text(f"{'repaired code' if p.suffix == '.py' else 'report'}: {p}"))
     return Group(*parts)
 
 

@@ -8,12 +8,17 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ReportWriteError
+from .errors import ReportWriteError, UsageError
 from .fmt import fmt_bytes, fmt_seconds, fmt_share
 from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
 from .serialize import report_dict
+
+if TYPE_CHECKING:
+    from .measure import Measurement
+    from .repair import RepairLog
+    from .verdict import Verdict
 
 __all__ = ["AuditReport", "offender_line", "write_text_atomic"]
 
@@ -38,6 +43,14 @@ class AuditReport:
     regions: tuple[Region, ...]
     summary: Summary
     timing: dict[str, float] = field(default_factory=dict, compare=False)
+    verdict: Verdict | None = None
+    repair: RepairLog | None = None
+    repaired_code: str | None = field(default=None, compare=False)
+    repaired_module: Any = field(default=None, compare=False)
+    """The repaired torch.fx GraphModule (channels_last weights), after ``repaired()``."""
+    measurement: Measurement | None = field(default=None, compare=False)
+    source: tuple[Any, ...] | None = field(default=None, compare=False)
+    """(model, args, kwargs) as given, for repair()/measure(); never serialized or modified."""
 
     @property
     def incompatible_nodes(self) -> list[NodeRecord]:
@@ -50,9 +63,60 @@ class AuditReport:
         return [f for f in self.findings if f.kind in wanted]
 
     def to_dict(self) -> dict[str, Any]:
-        return report_dict(
+        from .serialize import extras_dict
+
+        d = report_dict(
             self.meta, self.nodes, self.findings, self.fixes, self.hotspots, self.regions, self.summary, self.timing
         )
+        return extras_dict(d, self.verdict, self.repair, self.measurement)
+
+    def repaired(self, **options: Any) -> AuditReport:
+        """This report with a repaired graph attached (``repair``, ``repaired_code``) and the
+        verdict updated. Needs the model the report was made from (``audit`` keeps it)."""
+        import dataclasses
+
+        from .repair import repair_model
+
+        model, args, kwargs = self._source()
+        from .verdict import decide
+
+        gm, log = repair_model(model, args, kwargs, bandwidth=self.meta.bandwidth, **options)
+        verdict = decide(
+            self.nodes, self.summary, device=self.meta.device, dtype=self.meta.dtype, bytes_moved=log.bytes_after
+        )
+        return dataclasses.replace(self, repair=log, repaired_code=gm.code, repaired_module=gm, verdict=verdict)
+
+    def measure(self, *, train: bool = False, rounds: int = 5) -> AuditReport:
+        """This report with timings of NCHW, naive channels_last and (when repaired) the
+        repaired model attached, and the verdict decided by them."""
+        import dataclasses
+
+        from .measure import measure
+        from .verdict import decide
+
+        model, args, kwargs = self._source()
+        m = measure(model, args, kwargs, repaired=self.repaired_module, train=train, rounds=rounds)
+        speeds = [s for s in (m.speedup("channels_last"), m.speedup("repaired")) if s is not None]
+        lines = [
+            f"{t.variant}: {fmt_seconds(t.median)} per {'step' if train else 'forward'} "
+            f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
+            for t in m.timings
+        ]
+        verdict = decide(
+            self.nodes,
+            self.summary,
+            device=self.meta.device,
+            dtype=self.meta.dtype,
+            speedup=max(speeds),
+            measured=lines,
+        )
+        return dataclasses.replace(self, measurement=m, verdict=verdict)
+
+    def _source(self) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        if self.source is None:
+            raise UsageError("this report does not hold its model (it was loaded, not audited)")
+        model, args, kwargs = self.source
+        return model, args, kwargs
 
     def to_json(self, *, indent: int | None = 2) -> str:
         """The report as JSON (schema ``nhwc-audit/1``, documented in the README)."""

@@ -177,3 +177,54 @@ def report_dict(
         "nodes": [_node(r) for r in nodes],
         "timing": {k: round(v, 6) for k, v in timing.items()},
     }
+
+
+def extras_dict(d: dict[str, Any], verdict: Any, repair: Any, measurement: Any) -> dict[str, Any]:
+    """Add the ``verdict``, ``repair`` and ``measurement`` blocks (before ``timing``, which
+    stays last: measurement times are excluded from determinism like ``timing``)."""
+    timing = d.pop("timing")
+    d["verdict"] = (
+        None
+        if verdict is None
+        else {
+            "convert": verdict.convert,
+            "summary": verdict.summary,
+            "measured": verdict.measured,
+            "reasons": list(verdict.reasons),
+        }
+    )
+    d["repair"] = (
+        None
+        if repair is None
+        else {
+            "bytes_before": repair.bytes_before,
+            "bytes_after": repair.bytes_after,
+            "breaks_before": repair.breaks_before,
+            "breaks_after": repair.breaks_after,
+            "steps": [
+                {
+                    "node": s.node,
+                    "kind": s.kind,
+                    "reason": s.reason,
+                    "bytes_saved": s.bytes_saved,
+                    "breaks_removed": s.breaks_removed,
+                }
+                for s in repair.steps
+            ],
+            "refused": list(repair.refused),
+        }
+    )
+    d["measurement"] = (
+        None
+        if measurement is None
+        else {
+            "train": measurement.train,
+            "device": measurement.device,
+            "timings": [
+                {"variant": t.variant, "median_s": t.median, "min_s": t.low, "max_s": t.high, "rounds": t.rounds}
+                for t in measurement.timings
+            ],
+        }
+    )
+    d["timing"] = timing
+    return d

@@ -1,0 +1,104 @@
+"""Convert or don't: a verdict with reasons a user can check.
+
+Where timings exist (``measure``), they decide. Otherwise the heuristics PyTorch's inductor
+uses to decide whether channels_last pays (torch/_inductor/graph.py, decide_layout_opt): no
+convolutions; grouped convolutions that are not depthwise; convolutions whose output channels
+are at most half their input channels with kernels larger than 1; every convolution at most
+64 channels wide. Plus the dtype (tensor cores want half precision on GPUs) and the share of
+activation bytes that would still be converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .records import NodeRecord, Summary
+
+__all__ = ["ConvInfo", "Verdict", "conv_infos", "decide"]
+
+_CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose2d", "conv_transpose3d"}
+
+
+@dataclass(frozen=True, slots=True)
+class ConvInfo:
+    node: str
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    convert: bool
+    summary: str
+    reasons: tuple[str, ...]
+    measured: bool
+
+
+def conv_infos(records: Sequence[NodeRecord]) -> list[ConvInfo]:
+    """Convolutions found in the records, with channels, groups and kernel from the weights."""
+    out: list[ConvInfo] = []
+    for r in records:
+        name = r.op_name.lower()
+        if name not in _CONV_OPS and not (r.op == "call_module" and name.startswith("conv")):
+            continue
+        acts = [i for i in r.activation_inputs if i.meta.rank >= 3]
+        weights = [i for i in r.inputs if i.is_param and i.meta.rank >= 3]
+        if not acts or not weights or not r.outputs:
+            continue
+        w = weights[0].meta.shape
+        cin = acts[0].meta.shape[1]
+        groups = max(1, cin // w[1]) if w[1] else 1
+        out.append(ConvInfo(r.name, cin, r.outputs[0].shape[1], groups, tuple(w[2:])))
+    return out
+
+
+def decide(
+    records: Sequence[NodeRecord],
+    summary: Summary,
+    *,
+    device: str,
+    dtype: str,
+    speedup: float | None = None,
+    measured: Sequence[str] = (),
+    bytes_moved: int | None = None,
+) -> Verdict:
+    """The verdict. ``speedup``: measured NCHW time / best channels_last time; ``measured``:
+    lines describing each timed variant, shown as reasons."""
+    reasons: list[str] = list(measured)
+    convs = conv_infos(records)
+    # bytes_moved counts read + write; the share of activation data transposed is half of it
+    moved = summary.bytes_moved if bytes_moved is None else bytes_moved
+    moved_share = moved / 2 / summary.spatial_bytes if summary.spatial_bytes else 0.0
+    if speedup is not None:
+        ok = speedup >= 1.05
+        reasons.append(f"measured: the best channels_last variant runs {speedup:.2f}x the speed of NCHW on {device}")
+        return Verdict(ok, "convert" if ok else "don't convert", tuple(reasons), measured=True)
+    if not convs:
+        return Verdict(False, "don't convert", ("no convolutions: channels_last has nothing to speed up",), False)
+    grouped = [c for c in convs if c.groups > 1 and c.in_channels // c.groups > 1]
+    shrinking = [c for c in convs if c.out_channels * 2 <= c.in_channels and any(k > 1 for k in c.kernel)]
+    small = all(c.in_channels <= 64 and c.out_channels <= 64 for c in convs)
+    against = 0
+    reasons.append(f"{len(convs)} convolutions")
+    if grouped:
+        reasons.append(f"{len(grouped)} grouped, non-depthwise convolutions (slower in channels_last per inductor)")
+        against += len(grouped) * 2 >= len(convs)
+    if shrinking:
+        reasons.append(
+            f"{len(shrinking)} convolutions with out <= in/2 channels and kernel > 1 (inductor avoids channels_last)"
+        )
+        against += len(shrinking) * 2 >= len(convs)
+    if small:
+        reasons.append("every convolution has <= 64 channels (inductor keeps NCHW)")
+        against += 1
+    if device.startswith("cuda") and dtype == "float32":
+        reasons.append("float32 on GPU: the channels_last gain comes mostly with half precision (tensor cores)")
+    after = "after converting" if bytes_moved is None else "after converting and repairing"
+    reasons.append(f"{100 * moved_share:.1f}% of activation bytes are transposed per forward {after}")
+    if moved_share > 0.25:
+        against += 1
+    ok = against == 0
+    return Verdict(ok, "convert" if ok else "don't convert", tuple(reasons), measured=False)

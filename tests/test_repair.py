@@ -1,0 +1,239 @@
+"""Repair: each rewrite removes bytes without changing outputs or gradients; the verdict
+heuristics each have a model that triggers them; --apply/--measure on the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import models as M
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nhwc_audit import audit
+from nhwc_audit.cli import main
+from nhwc_audit.repair import repair_model
+from nhwc_audit.verdict import decide
+
+
+def _check_same(model: nn.Module, gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> None:
+    """Independent check: outputs and parameter gradients of the repaired graph (NHWC input)
+    equal the original model's (NCHW input)."""
+    torch.manual_seed(3)
+    x = torch.randn(shape)
+    out_a = model(x)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    out_b = gm(x.contiguous(memory_format=fmt))
+    a = out_a if isinstance(out_a, tuple) else (out_a,)
+    b = out_b if isinstance(out_b, tuple) else (out_b,)
+    for ta, tb in zip(a, b, strict=True):
+        torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
+    # a random linear loss: sum() of a softmax output would have zero gradients
+    w = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(a)]
+    ga = torch.autograd.grad(sum((t * wi).sum() for t, wi in zip(a, w, strict=True)), list(model.parameters()))
+    names = dict(gm.named_parameters())
+    params_b = [names[n] for n, _ in model.named_parameters()]
+    gb = torch.autograd.grad(sum((t * wi).sum() for t, wi in zip(b, w, strict=True)), params_b)
+    # summation order differs between layouts: compare at the scale of the largest gradient
+    # (a conv bias in front of a norm layer has a gradient that is zero up to rounding)
+    scale = max(float(g.norm()) for g in ga)
+    for x1, x2 in zip(ga, gb, strict=True):
+        assert float((x1 - x2).norm()) < 1e-4 * scale
+
+
+class PadAdd(nn.Module):
+    """NCHW (circular pad, cropped) + NHWC: only the operand order can help."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        p = F.pad(y, (1, 1, 1, 1), mode="circular")[:, :, 1:-1, 1:-1].relu()
+        return self.conv2(p + y)
+
+
+class PadFanOut(nn.Module):
+    """A circular pad (reverts) feeding three convs: converting once beats three conversions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.a = nn.Conv2d(8, 8, 3)
+        self.b = nn.Conv2d(8, 8, 3)
+        self.c = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.pad(self.conv(x), (1, 1, 1, 1), mode="circular")
+        return self.a(p) + self.b(p) + self.c(p)
+
+
+class ContiguousThenConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv(x).contiguous())
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "kinds"),
+    [
+        (M.ViewHead(), (1, 3, 8, 8), ["view->reshape", "instancenorm->groupnorm"]),
+        (PadAdd(), (1, 3, 8, 8), ["swap-operands"]),
+        (ContiguousThenConv(), (1, 3, 8, 8), ["contiguous-cl"]),
+        (M.InstanceNormNet(), (2, 3, 8, 8), ["instancenorm->groupnorm"]),
+        (M.SoftmaxChannels(), (1, 3, 8, 8), ["softmax-nhwc"]),
+        (PadFanOut(), (1, 3, 8, 8), ["insert-contiguous-cl"]),
+        (M.Conv3dNet(), (2, 2, 16, 16, 16), ["instancenorm->groupnorm"]),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None,
+)
+def test_each_rewrite_removes_bytes_and_keeps_the_math(
+    model: nn.Module, shape: tuple[int, ...], kinds: list[str]
+) -> None:
+    x = torch.randn(shape)
+    gm, log = repair_model(model, (x,))
+    assert [s.kind for s in log.steps] == kinds
+    assert log.bytes_after < log.bytes_before or log.breaks_after < log.breaks_before
+    assert all(s.bytes_saved > 0 or s.breaks_removed > 0 for s in log.steps)
+    after = audit(gm, x, bandwidth=1e9)
+    assert after.summary.bytes_moved == log.bytes_after
+    _check_same(model, gm, shape)
+
+
+def test_repair_never_touches_the_model() -> None:
+    model = M.ViewHead()
+    before = {n: (p.detach().clone(), p.dtype, p.stride()) for n, p in model.named_parameters()}
+    x = torch.randn(1, 3, 8, 8)
+    repair_model(model, (x,))
+    for n, p in model.named_parameters():
+        value, dtype, stride = before[n]
+        assert p.dtype == dtype and p.stride() == stride and torch.equal(p, value)
+    assert isinstance(model.norm, nn.InstanceNorm2d)
+
+
+@pytest.mark.parametrize("model", [M.ConvBnRelu(), M.CircularPad(), M.SEBlock()], ids=lambda m: type(m).__name__)
+def test_no_repair_helps_gives_an_empty_log(model: nn.Module) -> None:
+    gm, log = repair_model(model, (torch.randn(1, 3, 8, 8),))
+    assert log.steps == () and not log.changed and log.bytes_after == log.bytes_before
+
+
+def test_unet_example_repair_removes_every_transpose() -> None:
+    from nhwc_audit.examples import unet
+
+    model, (x,) = unet()
+    report = audit(model, x, bandwidth=1e9).repaired()
+    assert report.repair is not None
+    assert report.repair.bytes_before == 26_214_400 and report.repair.bytes_after == 0
+    assert [s.kind for s in report.repair.steps].count("instancenorm->groupnorm") == 6
+    _check_same(model, report.repaired_module, (1, 3, 32, 32))
+    assert report.to_dict()["repair"]["bytes_after"] == 0
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 128, 1)
+        self.g1 = nn.Conv2d(128, 128, 3, groups=4)
+        self.g2 = nn.Conv2d(128, 128, 3, groups=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g2(self.g1(self.stem(x)))
+
+
+class Shrinking(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 256, 1)
+        self.b = nn.Conv2d(256, 96, 3)
+        self.c = nn.Conv2d(96, 32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 128, 3)
+        self.b = nn.Conv2d(128, 128, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize(
+    ("model", "convert", "reason"),
+    [
+        (nn.Sequential(nn.AvgPool2d(2), nn.ReLU()), False, "no convolutions"),
+        (Grouped(), False, "grouped, non-depthwise"),
+        (Shrinking(), False, "out <= in/2"),
+        (M.ConvBnRelu(), False, "<= 64 channels"),
+        (M.InstanceNormNet(), False, "<= 64 channels"),
+        (Wide(), True, "2 convolutions"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
+)
+def test_verdict_heuristics(model: nn.Module, convert: bool, reason: str) -> None:
+    r = audit(model, torch.randn(1, 3, 16, 16), bandwidth=1e9)
+    assert r.verdict is not None
+    assert r.verdict.convert is convert and not r.verdict.measured
+    assert any(reason in line for line in r.verdict.reasons), r.verdict.reasons
+    assert r.to_dict()["verdict"]["convert"] is convert
+
+
+def test_verdict_prefers_measurement() -> None:
+    r = audit(Wide(), torch.randn(1, 3, 16, 16), bandwidth=1e9)
+    v = decide(r.nodes, r.summary, device="cpu", dtype="float32", speedup=0.8)
+    assert not v.convert and v.measured and "0.80x" in v.reasons[-1]
+
+
+def test_cli_apply_measure_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 8, 3, padding=1)\n        self.norm = nn.InstanceNorm2d(8)\n"
+        "        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)\n"
+        "    def forward(self, x):\n        return self.conv2(self.norm(self.conv(x)))\n"
+    )
+    code = main(
+        [
+            "tiny.py:Tiny",
+            "--input",
+            "2x3x16x16",
+            "--apply",
+            "--measure",
+            "--train",
+            "--bandwidth",
+            "1e9",
+            "--save-repaired",
+            "rep.py",
+            "--json",
+            "r.json",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "layout changes 65.5 kB -> 0 B per forward" in out
+    assert "instancenorm->groupnorm" in out and "Measured forward+backward on cpu" in out
+    for variant in ("nchw", "channels_last", "repaired"):
+        assert any(line.startswith(variant + " ") for line in out.splitlines())
+    assert "Verdict:" in out
+    import json
+
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [t["variant"] for t in data["measurement"]["timings"]] == ["nchw", "channels_last", "repaired"]
+    assert data["measurement"]["train"] is True and data["verdict"]["measured"] is True
+    code_text = (tmp_path / "rep.py").read_text()
+    assert code_text.startswith("# Repaired channels_last graph of tiny.py:Tiny") and "def forward" in code_text
