@@ -26,8 +26,9 @@ from .layout import classify, classify_strides
 from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, Summary
 
 if TYPE_CHECKING:
-    from .api import audit, check, incompatible_nodes
+    from .api import audit, check, incompatible_nodes, repair
     from .conversion import convert
+    from .measure import measure
     from .result import AuditReport
 
 # torch-dependent names load on first use, so `nhwc-audit --help` and `import nhwc_audit`
@@ -38,6 +39,8 @@ _LAZY = {
     "check": "api",
     "incompatible_nodes": "api",
     "convert": "conversion",
+    "repair": "api",
+    "measure": "measure",
 }
 
 
@@ -80,4 +83,6 @@ __all__ = [
     "classify_strides",
     "convert",
     "incompatible_nodes",
+    "measure",
+    "repair",
 ]

@@ -25,7 +25,7 @@ from .propagate import ProgressFn
 from .records import AuditMeta, FindingKind, NodeRecord
 from .result import AuditReport, offender_line
 
-__all__ = ["DEFAULT_INPUT_SHAPE", "FAIL_ON", "AuditReport", "audit", "check", "incompatible_nodes"]
+__all__ = ["DEFAULT_INPUT_SHAPE", "FAIL_ON", "AuditReport", "audit", "check", "incompatible_nodes", "repair"]
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -225,3 +225,27 @@ def check(
         lines += [f"  {i}. {offender_line(f)}" for i, f in enumerate(offenders, 1)]
         raise ChannelsLastError("\n".join(lines), offenders=tuple(offenders))
     return report
+
+
+def repair(
+    model: nn.Module | Callable[[], Any],
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    grads: bool = True,
+) -> tuple[Any, Any]:
+    """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog``.
+
+    Rewrites that remove layout transposes are kept only when the outputs (and gradients)
+    still match the original model in float64; the model itself is never modified.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8), torch.nn.Conv2d(8, 8, 3))
+    >>> gm, log = repair(m, torch.randn(1, 3, 16, 16))
+    >>> [s.kind for s in log.steps], log.bytes_after
+    (['instancenorm->groupnorm'], 0)
+    """
+    from .repair import repair_model
+
+    module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
+    return repair_model(module, args, kwargs, grads=grads)

@@ -237,6 +237,39 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "box_height": max(160, min(520, height * 2)),
         },
         "layouts": [lay.value for lay in Layout],
+        "verdict": None
+        if report.verdict is None
+        else {
+            "convert": report.verdict.convert,
+            "summary": report.verdict.summary,
+            "reasons": list(report.verdict.reasons),
+        },
+        "repair": None
+        if report.repair is None
+        else {
+            "bytes_before": report.repair.bytes_before,
+            "bytes_after": report.repair.bytes_after,
+            "breaks_before": report.repair.breaks_before,
+            "breaks_after": report.repair.breaks_after,
+            "steps": [
+                {"node": s.node, "kind": s.kind, "reason": s.reason, "bytes_saved": s.bytes_saved}
+                for s in report.repair.steps
+            ],
+            "refused": list(report.repair.refused),
+        },
+        "timings": []
+        if report.measurement is None
+        else [
+            {
+                "variant": t.variant,
+                "median": t.median,
+                "low": t.low,
+                "high": t.high,
+                "speedup": report.measurement.speedup(t.variant),
+            }
+            for t in report.measurement.timings
+        ],
+        "timed": "" if report.measurement is None else ("forward+backward" if report.measurement.train else "forward"),
     }
 
 

@@ -237,3 +237,16 @@ def test_cli_apply_measure_save(
     assert data["measurement"]["train"] is True and data["verdict"]["measured"] is True
     code_text = (tmp_path / "rep.py").read_text()
     assert code_text.startswith("# Repaired channels_last graph of tiny.py:Tiny") and "def forward" in code_text
+
+
+def test_html_report_shows_repair_and_verdict(tmp_path: Path) -> None:
+    from bs4 import BeautifulSoup
+
+    from nhwc_audit.examples import unet
+
+    model, (x,) = unet()
+    report = audit(model, x[:, :, :32, :32], bandwidth=1e9).repaired()
+    soup = BeautifulSoup(report.to_html(), "html.parser")
+    text = soup.find(id="repair").get_text(" ")
+    assert "instancenorm->groupnorm" in text and "→ 0 B" in text
+    assert "Verdict:" in soup.find(id="verdict").get_text(" ")
