@@ -28,7 +28,7 @@ from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Reg
 if TYPE_CHECKING:
     from .api import audit, check, incompatible_nodes, repair
     from .conversion import convert
-    from .measure import measure
+    from .timing import measure
     from .result import AuditReport
 
 # torch-dependent names load on first use, so `nhwc-audit --help` and `import nhwc_audit`
@@ -40,7 +40,7 @@ _LAZY = {
     "incompatible_nodes": "api",
     "convert": "conversion",
     "repair": "api",
-    "measure": "measure",
+    "measure": "timing",
 }
 
 

@@ -245,7 +245,7 @@ def repair(
     >>> [s.kind for s in log.steps], log.bytes_after
     (['instancenorm->groupnorm'], 0)
     """
-    from .repair import repair_model
+    from .rewrite import repair_model
 
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
     return repair_model(module, args, kwargs, grads=grads)

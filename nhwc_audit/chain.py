@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ._tensors import clone_value, first_line
 from .capture import export, trace
 from .errors import PropagationError, TraceError, UsageError
 from .hooks import record_eager
@@ -33,22 +34,13 @@ class Captured:
     notes: tuple[str, ...]
 
 
-def _clone(v: Any) -> Any:
-    return v.clone() if isinstance(v, torch.Tensor) else v
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
 Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx) -> Any:
     with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx():
         torch.manual_seed(seed)
-        return model(*tree_map(_clone, args), **tree_map(_clone, kwargs))
+        return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
 
 
 def _same_outputs(a: Any, b: Any) -> str | None:
@@ -111,14 +103,18 @@ def capture_and_propagate(
             with torch.random.fork_rng(devices=[]), ctx():
                 torch.manual_seed(seed)
                 records, out = propagate(
-                    cap.gm, tree_map(_clone, args), tree_map(_clone, kwargs), progress=progress, flat_inputs=flat
+                    cap.gm,
+                    tree_map(clone_value, args),
+                    tree_map(clone_value, kwargs),
+                    progress=progress,
+                    flat_inputs=flat,
                 )
         except PropagationError as e:
             try:
                 eager()
             except Exception as eager_error:
                 raise PropagationError(
-                    f"{e} (eager forward fails too: {_first(eager_error)})", node=e.node, node_format=e.node_format
+                    f"{e} (eager forward fails too: {first_line(eager_error)})", node=e.node, node_format=e.node_format
                 ) from e
             if method == name:
                 raise
@@ -132,7 +128,7 @@ def capture_and_propagate(
             try:
                 reference = eager()
             except Exception as e:
-                notes.append(f"{name}: not checked against eager (eager raised {_first(e)})")
+                notes.append(f"{name}: not checked against eager (eager raised {first_line(e)})")
                 return Captured(records=records, method=name, notes=tuple(notes))
             diff = _same_outputs(out, reference)
             if diff is not None:
@@ -150,11 +146,11 @@ def capture_and_propagate(
             return got
     try:
         with ctx():
-            records, _, _ = record_eager(model, tree_map(_clone, args), tree_map(_clone, kwargs))
+            records, _, _ = record_eager(model, tree_map(clone_value, args), tree_map(clone_value, kwargs))
     except Exception as e:
         reasons = "; ".join(notes)
         raise PropagationError(
-            f"the model's forward raised {_first(e)} when run eagerly on the channels_last sample: the model's "
+            f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the model's "
             f"own error at the audited shapes, not a channels_last problem"
             + (f" (earlier captures: {reasons})" if reasons else "")
         ) from e

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._tensors import first_line, iter_tensors, to_nchw
 from .capture import _DEFAULT_MODES, _TORCH_DIR, _is_own
 from .layout import tensor_meta
 from .propagate import _COPY_OPS, layout_change
@@ -30,12 +29,6 @@ __all__ = ["record_eager"]
 
 # ATen ops that only describe tensors or allocate: never layout findings, kept out of the graph
 _SKIP = frozenset({"detach", "alias", "lift_fresh", "_local_scalar_dense", "empty", "empty_like", "zeros"})
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    for leaf in tree_leaves(value):
-        if isinstance(leaf, torch.Tensor):
-            yield leaf
 
 
 def _user_source() -> SourceLoc | None:
@@ -70,10 +63,10 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         op = func.overloadpacket.__name__
-        ins = list(_tensors((args, kwargs)))
+        ins = list(iter_tensors((args, kwargs)))
         if op in _SKIP:
             out = func(*args, **kwargs)
-            for t in _tensors(out):
+            for t in iter_tensors(out):
                 src = next(iter(ins), None)
                 if src is not None and src in self.producer:
                     self.producer[t] = self.producer[src]
@@ -98,7 +91,7 @@ class _Recorder(TorchDispatchMode):
             self.error = (rec, e)
             self.layout_caused = _fails_only_on_channels_last(func, args, kwargs)
             raise
-        outs = list(_tensors(out))
+        outs = list(iter_tensors(out))
         in_ptrs = {t.untyped_storage().data_ptr() for t in ins}
         rec["outputs"] = [tensor_meta(t) for t in outs]
         rec["aliases"] = any(t.untyped_storage().data_ptr() in in_ptrs for t in outs)
@@ -117,20 +110,14 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def _nchw(v: Any) -> Any:
-    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
-        return v.contiguous()
-    return v
-
-
 def _fails_only_on_channels_last(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     """Re-run a failed op on NCHW copies of its inputs: True if that works (a break)."""
     from torch.utils._pytree import tree_map
 
-    if not any(t.dim() in (4, 5) and not t.is_contiguous() for t in _tensors((args, kwargs))):
+    if not any(t.dim() in (4, 5) and not t.is_contiguous() for t in iter_tensors((args, kwargs))):
         return False
     try:
-        func(*tree_map(_nchw, args), **tree_map(_nchw, kwargs))
+        func(*tree_map(to_nchw, args), **tree_map(to_nchw, kwargs))
     except Exception:
         return False
     return True
@@ -174,7 +161,7 @@ def record_eager(
     except Exception as e:
         if rec.error is None or not rec.layout_caused:
             raise
-        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        error = first_line(e)
     finally:
         for h in handles:
             h.remove()

@@ -6,7 +6,7 @@ It records; it never judges (that is :mod:`nhwc_audit.analyze`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ._tensors import first_line, iter_tensors, to_nchw
 from .capture import NodeContext, node_context
 from .errors import PropagationError
 from .layout import innermost_dim, tensor_meta
@@ -24,28 +25,11 @@ __all__ = ["CopyRecorder", "LayoutProp", "layout_change", "propagate"]
 ProgressFn = Callable[[int, int], None]
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    for leaf in tree_leaves(value):
-        if isinstance(leaf, torch.Tensor):
-            yield leaf
-
-
 def _storage_ptr(t: torch.Tensor) -> int | None:
     try:
         return int(t.untyped_storage().data_ptr())
     except Exception:
         return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
-def _to_nchw(v: Any) -> Any:
-    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
-        return v.contiguous()
-    return v
 
 
 _COPY_OPS = frozenset(
@@ -118,7 +102,7 @@ class LayoutProp(torch.fx.Interpreter):
         out: list[tuple[NodeInput, torch.Tensor]] = []
         for inp in n.all_input_nodes:
             is_param = inp.op == "get_attr"
-            for t in _tensors(self.env.get(inp)):
+            for t in iter_tensors(self.env.get(inp)):
                 out.append((NodeInput(producer=inp.name, meta=tensor_meta(t), is_param=is_param), t))
         if n.op == "call_module":
             sub = self.module.get_submodule(str(n.target))
@@ -145,7 +129,7 @@ class LayoutProp(torch.fx.Interpreter):
                 raise
             except Exception as e:
                 result = self._retry_nchw(n, args, kwargs, inputs, e)
-                error = _first_line(e)
+                error = first_line(e)
             if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
                 self._record(n, inputs, result, error, tuple(hidden))
             if self._progress is not None:
@@ -165,27 +149,23 @@ class LayoutProp(torch.fx.Interpreter):
         where += f" in {ctx.module_path} ({ctx.module_type})" if ctx.module_path else ""
         where += f", {ctx.source})" if ctx.source else ")"
         has_cl = any(i.meta.layout in (Layout.CHANNELS_LAST, Layout.STRIDED) for i, _ in inputs if i.meta.is_spatial)
+        shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
+
+        def model_error(how: str) -> PropagationError:
+            return PropagationError(
+                f"{where} raised {first_line(error)} ({how}; node inputs {shapes}): the model's own error at "
+                "the audited shapes, not a channels_last problem; check the input shapes (--input) and dtype",
+                node=n.name,
+                node_format=n.format_node(),
+            )
+
         if n.op in ("placeholder", "output", "get_attr") or not has_cl:
-            shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
-            raise PropagationError(
-                f"{where} raised {_first_line(error)} (node inputs {shapes}, none channels_last): "
-                "the model's own error at the audited shapes, not a channels_last problem; "
-                "check the input shapes (--input) and dtype",
-                node=n.name,
-                node_format=n.format_node(),
-            ) from error
+            raise model_error("none of its inputs is channels_last") from error
         try:
-            return getattr(self, n.op)(n.target, tree_map(_to_nchw, args), tree_map(_to_nchw, kwargs))
+            return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
         except Exception as e2:
-            again = "on NCHW input too" if str(e2) == str(error) else f"and {_first_line(e2)} on NCHW input"
-            shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
-            raise PropagationError(
-                f"{where} raised {_first_line(error)} ({again}; node inputs {shapes}): the model's "
-                "own error at the audited shapes, not a channels_last problem; check the input "
-                "shapes (--input) and dtype",
-                node=n.name,
-                node_format=n.format_node(),
-            ) from error
+            again = "on NCHW input too" if str(e2) == str(error) else f"and {first_line(e2)} on NCHW input"
+            raise model_error(again) from error
 
     def _record(
         self,
@@ -200,7 +180,7 @@ class LayoutProp(torch.fx.Interpreter):
         aliases = False
         in_ptrs = {p for _, t in inputs if (p := _storage_ptr(t))}
         if n.op != "output":
-            for t in _tensors(result):
+            for t in iter_tensors(result):
                 outputs.append(tensor_meta(t))
                 if not aliases and in_ptrs:
                     aliases = _storage_ptr(t) in in_ptrs

@@ -16,8 +16,8 @@ from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, 
 from .serialize import report_dict
 
 if TYPE_CHECKING:
-    from .measure import Measurement
-    from .repair import RepairLog
+    from .timing import Measurement
+    from .rewrite import RepairLog
     from .verdict import Verdict
 
 __all__ = ["AuditReport", "offender_line", "write_text_atomic"]
@@ -75,7 +75,7 @@ class AuditReport:
         verdict updated. Needs the model the report was made from (``audit`` keeps it)."""
         import dataclasses
 
-        from .repair import repair_model
+        from .rewrite import repair_model
 
         model, args, kwargs = self._source()
         from .verdict import decide
@@ -91,7 +91,7 @@ class AuditReport:
         repaired model attached, and the verdict decided by them."""
         import dataclasses
 
-        from .measure import measure
+        from .timing import measure
         from .verdict import decide
 
         model, args, kwargs = self._source()

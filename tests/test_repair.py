@@ -13,7 +13,7 @@ from torch import nn
 
 from nhwc_audit import audit
 from nhwc_audit.cli import main
-from nhwc_audit.repair import repair_model
+from nhwc_audit.rewrite import repair_model
 from nhwc_audit.verdict import decide
 
 

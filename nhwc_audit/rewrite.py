@@ -30,6 +30,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ._tensors import clone_value, to_nchw
 from .analyze import Analysis, analyze
 from .capture import trace
 from .conversion import convert, memory_format_for_rank, prepare_inputs
@@ -109,12 +110,8 @@ def _measure(
     gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], bw: float
 ) -> tuple[list[NodeRecord], Analysis]:
     private = _clone_gm(gm)
-    records, _ = propagate(private, tree_map(_clone, args), tree_map(_clone, kwargs), record_hidden=True)
+    records, _ = propagate(private, tree_map(clone_value, args), tree_map(clone_value, kwargs), record_hidden=True)
     return records, analyze(records, bandwidth=bw)
-
-
-def _clone(v: Any) -> Any:
-    return v.clone() if isinstance(v, torch.Tensor) else v
 
 
 def _fmt(rank: int) -> torch.memory_format:
@@ -246,7 +243,7 @@ def _outputs(
         torch.manual_seed(0)
         ctx = torch.enable_grad() if grads else torch.no_grad()
         with ctx:
-            out = model(*tree_map(_clone, args), **tree_map(_clone, kwargs))
+            out = model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
             tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
             g: dict[str, torch.Tensor] = {}
             if grads:
@@ -267,10 +264,6 @@ def _fresh(model: nn.Module) -> nn.Module:
     """A private copy for a checking run (buffers copied: BatchNorm stats must not drift)."""
     memo: dict[int, Any] = {id(p): p for p in model.parameters()}
     return copy.deepcopy(model, memo)
-
-
-def _nchw(v: Any) -> Any:
-    return v.contiguous() if isinstance(v, torch.Tensor) else v
 
 
 def _deviation(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -296,11 +289,11 @@ def _same(
         # full copies: Module.double() rewrites param.data, and _fresh shares parameters
         m64, t64 = copy.deepcopy(model).double(), copy.deepcopy(trial).double()
         samples64 = [(tree_map(_double, a), tree_map(_double, k)) for a, k in samples]
-        _outputs(_fresh(m64), tree_map(_nchw, samples64[0][0]), tree_map(_nchw, samples64[0][1]), False)
+        _outputs(_fresh(m64), tree_map(to_nchw, samples64[0][0]), tree_map(to_nchw, samples64[0][1]), False)
     except Exception:
         return _same_calibrated(model, naive, trial, samples, grads)
     for args, kwargs in samples64:
-        oa, ga = _outputs(_fresh(m64), tree_map(_nchw, args), tree_map(_nchw, kwargs), grads)
+        oa, ga = _outputs(_fresh(m64), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
         ob, gb = _outputs(_fresh(t64), args, kwargs, grads)
         if len(oa) != len(ob):
             return "a different number of outputs"
@@ -335,7 +328,7 @@ def _same_calibrated(
     deviates by the size of the values themselves.
     """
     for args, kwargs in samples:
-        oa, ga = _outputs(_fresh(model), tree_map(_nchw, args), tree_map(_nchw, kwargs), grads)
+        oa, ga = _outputs(_fresh(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
         try:
             on, gn = _outputs(_fresh(naive), args, kwargs, grads)
         except Exception:

@@ -1,0 +1,36 @@
+"""Small tensor helpers shared by the stages that run the model (one definition each)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["clone_value", "first_line", "iter_tensors", "to_nchw"]
+
+
+def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors among the pytree leaves of ``value``."""
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+
+
+def clone_value(v: Any) -> Any:
+    """A tensor's clone with its strides kept (``preserve_format``); other values as they are."""
+    return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+def to_nchw(v: Any) -> Any:
+    """A 4D/5D tensor made contiguous (NCHW/NCDHW); other values as they are."""
+    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
+        return v.contiguous()
+    return v
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` for one-line error reports."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
