@@ -28,8 +28,8 @@ from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Reg
 if TYPE_CHECKING:
     from .api import audit, check, incompatible_nodes, repair
     from .conversion import convert
-    from .timing import measure
     from .result import AuditReport
+    from .timing import measure
 
 # torch-dependent names load on first use, so `nhwc-audit --help` and `import nhwc_audit`
 # stay cheap (no torch, networkx, rich or jinja2 until needed).

@@ -16,8 +16,8 @@ from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, 
 from .serialize import report_dict
 
 if TYPE_CHECKING:
-    from .timing import Measurement
     from .rewrite import RepairLog
+    from .timing import Measurement
     from .verdict import Verdict
 
 __all__ = ["AuditReport", "offender_line", "write_text_atomic"]
