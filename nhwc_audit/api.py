@@ -90,6 +90,7 @@ def audit(
     capture: str = "auto",
     verify: bool = True,
     autocast: bool | torch.dtype = False,
+    mode: str = "real",
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Audit ``model`` on a channels_last copy of ``example_inputs``.
@@ -100,6 +101,9 @@ def audit(
     own train/eval mode, under ``no_grad``, on the model's device (or ``device``).
     ``autocast=True`` runs under ``torch.autocast`` for the device (bfloat16 on cpu,
     float16 on cuda; or pass a dtype): mixed precision is where channels_last pays on GPUs.
+    ``mode='fake'`` propagates FakeTensors on ``device`` (default cpu): no weights, no compute,
+    so meta-device models audit on any machine and a CPU machine can predict CUDA; every
+    layout is then a prediction (torch.fx capture only).
     ``capture``: 'auto' tries torch.fx (checked against an eager run when ``verify``),
     then torch.export, then eager hooks; 'fx', 'export' or 'hooks' forces one.
     ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
@@ -112,6 +116,10 @@ def audit(
     """
     t0 = time.perf_counter()
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
+    if mode not in ("real", "fake"):
+        raise UsageError(f"mode {mode!r} is not one of: real, fake")
+    if mode == "fake":
+        return _audit_fake(module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, t0=t0)
     dev = _resolve_device(module, device)
     target_device = dev if dev != model_device(module) else None
     copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
@@ -249,3 +257,78 @@ def repair(
 
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
     return repair_model(module, args, kwargs, grads=grads)
+
+
+_ASSUMED_BANDWIDTH = {"cuda": 2.0e12, "cpu": 1.0e10, "mps": 2.0e11}
+
+
+def _audit_fake(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    bandwidth: float | None,
+    name: str | None,
+    t0: float,
+) -> AuditReport:
+    from .analyze import analyze
+    from .capture import trace
+    from .fake import divergence_warnings, fake_copy, fake_inputs, fake_mode
+    from .propagate import propagate
+    from .verdict import decide
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    fmode = fake_mode()
+    copy = fake_copy(module, fmode, dev, dtype)
+    sample_args, sample_kwargs = fake_inputs(args, kwargs, fmode, dev, dtype)
+    captured = trace(copy)
+    with fmode:
+        records, _ = propagate(captured.gm, sample_args, sample_kwargs, record_hidden=False)
+    if bandwidth is not None:
+        if bandwidth <= 0:
+            raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+        bw, source = float(bandwidth), "user"
+    else:
+        bw, source = _ASSUMED_BANDWIDTH.get(dev.type, 1.0e10), "assumed"
+    analysis = analyze(records, bandwidth=bw, device=dev.type)
+    ops = {r.op_name.lower() for r in records} | {r.module_type.lower() for r in records if r.op == "call_module"}
+    used_dtype = dtype or _first_float_dtype(module) or torch.float32
+    meta = AuditMeta(
+        model=name or type(module).__name__,
+        torch_version=torch.__version__,
+        capture=captured.method,
+        capture_notes=tuple(f"prediction: {w}" for w in divergence_warnings(ops, str(dev))),
+        mode="fake",
+        device=str(dev),
+        dtype=str(used_dtype).removeprefix("torch."),
+        autocast=None,
+        training=module.training,
+        inputs=tuple(tensor_meta(a) for a in sample_args if isinstance(a, torch.Tensor)),
+        bandwidth=bw,
+        bandwidth_source=source,
+    )
+    verdict = decide(records, analysis.summary, device=str(dev), dtype=meta.dtype)
+    return AuditReport(
+        meta=meta,
+        nodes=tuple(records),
+        findings=analysis.findings,
+        fixes=analysis.fixes,
+        hotspots=analysis.hotspots,
+        regions=analysis.regions,
+        summary=analysis.summary,
+        timing={"total_s": time.perf_counter() - t0, "peak_rss_bytes": float(_peak_rss())},
+        verdict=verdict,
+        source=None,
+    )
+
+
+def _peak_rss() -> int:
+    """High-water mark of this process's resident memory, in bytes (0 where unknown)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except Exception:
+        return 0

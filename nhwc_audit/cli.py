@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="with --measure: time forward+backward")
     p.add_argument("--save-repaired", default=None, metavar="PATH", help="write the repaired graph's code here")
     p.add_argument(
+        "--mode",
+        default="real",
+        choices=("real", "fake"),
+        help="real: run the model; fake: FakeTensors, no weights or compute (meta-device models; "
+        "predict --device cuda from a CPU machine); fake layouts are predictions",
+    )
+    p.add_argument(
         "--capture",
         default="auto",
         choices=("auto", "fx", "export", "hooks"),
@@ -172,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
             name=args.spec,
             capture=args.capture,
             autocast=args.autocast,
+            mode=args.mode,
             verify=not args.no_verify,
             progress=progress_cb,
         )

@@ -75,6 +75,12 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
             f"{fmt_share(s.channels_last_byte_share)} of activation bytes stay channels_last"
         )
     parts: list[RenderableType] = [head, counts, verdict]
+    if m.mode == "fake":
+        parts.append(
+            Text(f"fake mode: every layout is a prediction for {m.device} (no weights, no compute)", style="yellow")
+        )
+    for note in m.capture_notes:
+        parts.append(Text(f"note: {note}", style="dim"))
     shown = report.hotspots[:top]
     if shown:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)

@@ -25,13 +25,6 @@ __all__ = ["CopyRecorder", "LayoutProp", "layout_change", "propagate"]
 ProgressFn = Callable[[int, int], None]
 
 
-def _storage_ptr(t: torch.Tensor) -> int | None:
-    try:
-        return int(t.untyped_storage().data_ptr())
-    except Exception:
-        return None
-
-
 _COPY_OPS = frozenset(
     {
         torch.ops.aten.clone.default,
@@ -78,6 +71,11 @@ class CopyRecorder(TorchDispatchMode):
                         )
                     )
         return out
+
+
+def _is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` shares storage with ``b`` (works for FakeTensors, unlike data_ptr)."""
+    return bool(torch._C._is_alias_of(a, b))  # type: ignore[attr-defined]
 
 
 class LayoutProp(torch.fx.Interpreter):
@@ -178,12 +176,12 @@ class LayoutProp(torch.fx.Interpreter):
         ctx = self._contexts[n]
         outputs: list[TensorMeta] = []
         aliases = False
-        in_ptrs = {p for _, t in inputs if (p := _storage_ptr(t))}
+        in_tensors = [t for _, t in inputs]
         if n.op != "output":
             for t in iter_tensors(result):
                 outputs.append(tensor_meta(t))
-                if not aliases and in_ptrs:
-                    aliases = _storage_ptr(t) in in_ptrs
+                if not aliases:
+                    aliases = any(_is_alias_of(t, i) for i in in_tensors)
         users = tuple(u.name for u in sorted(n.users, key=self._index.__getitem__))
         self.records.append(
             NodeRecord(

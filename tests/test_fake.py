@@ -1,0 +1,79 @@
+"""Fake mode: FakeTensors instead of weights and compute; layouts are predictions."""
+
+from __future__ import annotations
+
+import models as M
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nhwc_audit import audit
+from nhwc_audit.examples import UNet
+
+
+class Mixed(nn.Module):
+    """conv, bn, relu, pools, interpolation, cat: fake and real agree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(x)))
+        p = F.interpolate(F.max_pool2d(y, 2), scale_factor=2, mode="bilinear")
+        return self.conv2(torch.cat([y, F.avg_pool2d(p, 3, 1, 1)], 1))
+
+
+class WithGroupNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv2(self.norm(self.conv(x)))
+        return out
+
+
+def _layouts(report) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {r.name: r.output_layout.value for r in report.nodes}
+
+
+def test_fake_agrees_with_real_on_common_ops() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    real = audit(Mixed(), x, bandwidth=1e9)
+    fake = audit(Mixed(), x, mode="fake", bandwidth=1e9)
+    assert fake.meta.mode == "fake" and real.meta.mode == "real"
+    assert _layouts(fake) == _layouts(real)
+    assert fake.findings == real.findings == ()
+    assert fake.meta.capture_notes == ()
+
+
+def test_group_norm_is_the_known_divergence_on_cpu() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    real, fake = audit(WithGroupNorm(), x, bandwidth=1e9), audit(WithGroupNorm(), x, mode="fake", bandwidth=1e9)
+    diff = {n for n, lay in _layouts(fake).items() if _layouts(real)[n] != lay}
+    assert diff == {"norm"}
+    assert _layouts(real)["norm"] == "channels_last" and _layouts(fake)["norm"] == "contiguous"
+    assert any("GroupNorm" in n for n in fake.meta.capture_notes)
+
+
+def test_meta_device_model_audits_in_fake_mode_like_real_weights() -> None:
+    with torch.device("meta"):
+        meta_model = UNet(width=8)
+    fake = audit(meta_model, torch.empty(1, 3, 64, 64, device="meta"), mode="fake", bandwidth=1e9)
+    torch.manual_seed(0)
+    real = audit(UNet(width=8), torch.randn(1, 3, 64, 64), bandwidth=1e9)
+    assert _layouts(fake) == _layouts(real)
+    assert [(f.node, f.kind, f.bytes) for f in fake.findings] == [(f.node, f.kind, f.bytes) for f in real.findings]
+    assert all(p.device.type == "meta" for p in meta_model.parameters())
+    assert fake.timing["peak_rss_bytes"] > 0
+
+
+def test_fake_mode_predicts_cuda_without_a_gpu() -> None:
+    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), mode="fake", device="cuda")
+    assert r.meta.device == "cuda" and r.meta.bandwidth_source == "assumed"
+    assert [(f.node, f.kind.value) for f in r.findings] == [("norm", "revert"), ("conv2", "conversion")]
