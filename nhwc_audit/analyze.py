@@ -83,6 +83,7 @@ def _finding(
     producer: NodeRecord | None = None,
     shape: tuple[int, ...] | None = None,
     hint_op: str | None = None,
+    detail: str | None = None,
 ) -> Finding:
     if shape is None:
         spatial = r.spatial_outputs
@@ -112,7 +113,7 @@ def _finding(
             op=r.module_type if r.in_leaf_module and r.op != "call_module" else r.op_name,
             origin=_via(origin, producer),
             device=ctx.device,
-            detail=r.detail or None,
+            detail=detail if detail is not None else (r.detail or None),
         ),
         producer=producer.name if producer else None,
         origin=origin.name if origin else None,
@@ -171,6 +172,31 @@ def _describe(r: NodeRecord) -> str:
 
 
 def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
+    return _forward_findings(ctx, r) + _backward_findings(ctx, r)
+
+
+def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
+    """A channels_last activation whose gradient arrives NCHW (recorded with train=True)."""
+    if not (r.grads and r.output_layout is Layout.CHANNELS_LAST):
+        return []
+    nchw_grads = [g for g in r.grads if row_major(g)]
+    if not nchw_grads:
+        return []
+    users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "?"
+    return [
+        _finding(
+            ctx,
+            r,
+            FindingKind.BACKWARD,
+            layout_in=Layout.CHANNELS_LAST,
+            nbytes=2 * sum(g.nbytes for g in nchw_grads),
+            shape=nchw_grads[0].shape,
+            detail=users,
+        )
+    ]
+
+
+def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if r.error is not None:
         return [_finding(ctx, r, FindingKind.BREAK, layout_in=_first_decided(r), nbytes=0)]
     if r.aliases_input:
@@ -381,6 +407,7 @@ def summarize(
         conversions=count[FindingKind.CONVERSION],
         mixed=count[FindingKind.MIXED],
         breaks=count[FindingKind.BREAK],
+        backward=count[FindingKind.BACKWARD],
         bytes_moved=moved,
         est_seconds=moved / bandwidth if bandwidth > 0 else 0.0,
     )

@@ -91,6 +91,7 @@ def audit(
     verify: bool = True,
     autocast: bool | torch.dtype = False,
     mode: str = "real",
+    train: bool = False,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Audit ``model`` on a channels_last copy of ``example_inputs``.
@@ -104,6 +105,9 @@ def audit(
     ``mode='fake'`` propagates FakeTensors on ``device`` (default cpu): no weights, no compute,
     so meta-device models audit on any machine and a CPU machine can predict CUDA; every
     layout is then a prediction (torch.fx capture only).
+    ``train=True`` adds one backward pass (real mode, graph captures) and reports the layout
+    of the gradient reaching every node and every parameter; a gradient arriving NCHW at a
+    channels_last activation is a ``backward`` finding.
     ``capture``: 'auto' tries torch.fx (checked against an eager run when ``verify``),
     then torch.export, then eager hooks; 'fx', 'export' or 'hooks' forces one.
     ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
@@ -134,6 +138,9 @@ def audit(
         copy, sample_args, sample_kwargs, method=capture, verify=verify, progress=progress, autocast=amp
     )
     records = captured.records
+    param_grads: dict[str, Any] = {}
+    if train:
+        records, param_grads = _with_backward(captured, dtype)
     t3 = time.perf_counter()
     if bandwidth is None:
         bw, bw_source = measure_transpose_bandwidth(str(dev)), "measured"
@@ -149,7 +156,7 @@ def audit(
         model=name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=captured.notes,
+        capture_notes=captured.notes + _param_grad_notes(param_grads),
         mode="real",
         device=str(dev),
         dtype=str(used_dtype).removeprefix("torch."),
@@ -332,3 +339,29 @@ def _peak_rss() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     except Exception:
         return 0
+
+
+def _with_backward(captured: Any, dtype: torch.dtype | None) -> tuple[list[NodeRecord], dict[str, Any]]:
+    import dataclasses
+
+    from .backward import backward_layouts
+
+    if captured.gm is None:
+        raise UsageError("the backward audit (train=True) needs a graph capture (fx or export), not hooks")
+    grads, param_grads = backward_layouts(captured.gm, captured.flat_inputs or [])
+    records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
+    return records, param_grads
+
+
+def _param_grad_notes(param_grads: dict[str, Any]) -> tuple[str, ...]:
+    """One note naming 4D/5D parameter gradients the ops produced in NCHW (a leaf's .grad is
+    forced to the parameter's strides, so this is the layout the backward kernel chose)."""
+    from .records import Layout
+
+    nchw = sorted(n for n, m in param_grads.items() if m.is_spatial and m.layout is Layout.CONTIGUOUS)
+    if not param_grads:
+        return ()
+    spatial = sum(1 for m in param_grads.values() if m.is_spatial)
+    if not nchw:
+        return (f"backward: all {spatial} 4D/5D parameter gradients produced channels_last or ambiguous",)
+    return (f"backward: {len(nchw)} of {spatial} 4D/5D parameter gradients produced NCHW: {', '.join(nchw[:8])}",)

@@ -19,7 +19,7 @@ from ._tensors import clone_value, first_line
 from .capture import export, trace
 from .errors import PropagationError, TraceError, UsageError
 from .hooks import record_eager
-from .propagate import ProgressFn, propagate
+from .propagate import ProgressFn, _positional, propagate
 from .records import NodeRecord
 
 __all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
@@ -32,6 +32,10 @@ class Captured:
     records: list[NodeRecord]
     method: str
     notes: tuple[str, ...]
+    gm: torch.fx.GraphModule | None = None
+    """The graph that was propagated (None for the hooks capture)."""
+    flat_inputs: list[Any] | None = None
+    """The values its placeholders took, in order."""
 
 
 Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -92,6 +96,9 @@ def capture_and_propagate(
         return eager_out[0]
 
     def graph_step(name: str, capture: Callable[[], Any], flat: bool) -> Captured | None:
+        def inputs_of(gm: torch.fx.GraphModule) -> list[Any]:
+            return list(tree_leaves((args, kwargs))) if flat else _positional(gm, args, kwargs)
+
         try:
             cap = capture()
         except TraceError as e:
@@ -124,17 +131,17 @@ def capture_and_propagate(
             if any(r.error for r in records):
                 # eager channels_last raises at the break too: nothing to compare against
                 notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
-                return Captured(records=records, method=name, notes=tuple(notes))
+                return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
             try:
                 reference = eager()
             except Exception as e:
                 notes.append(f"{name}: not checked against eager (eager raised {first_line(e)})")
-                return Captured(records=records, method=name, notes=tuple(notes))
+                return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
             diff = _same_outputs(out, reference)
             if diff is not None:
                 notes.append(f"{name}: the captured graph does not reproduce eager: {diff}")
                 return None
-        return Captured(records=records, method=name, notes=tuple(notes))
+        return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
 
     if method in ("auto", "fx"):
         got = graph_step("fx", lambda: trace(model), flat=False)

@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--apply", action="store_true", help="repair the channels_last graph and show what changed")
     p.add_argument("--measure", action="store_true", help="time NCHW, channels_last and repaired forward passes")
-    p.add_argument("--train", action="store_true", help="with --measure: time forward+backward")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="also audit one backward pass (gradient layouts); with --measure, time forward+backward",
+    )
     p.add_argument("--save-repaired", default=None, metavar="PATH", help="write the repaired graph's code here")
     p.add_argument(
         "--mode",
@@ -180,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
             capture=args.capture,
             autocast=args.autocast,
             mode=args.mode,
+            train=args.train and args.mode == "real",
             verify=not args.no_verify,
             progress=progress_cb,
         )

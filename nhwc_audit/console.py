@@ -24,6 +24,7 @@ _KIND_STYLE = {
     FindingKind.REVERT: "red",
     FindingKind.MIXED: "yellow",
     FindingKind.CONVERSION: "magenta",
+    FindingKind.BACKWARD: "blue",
 }
 
 
@@ -62,6 +63,9 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
         (f"{s.mixed} mixed", _KIND_STYLE[FindingKind.MIXED] if s.mixed else ""),
         ", ",
         (f"{s.breaks} breaks", _KIND_STYLE[FindingKind.BREAK] if s.breaks else ""),
+        f", {s.backward} backward"
+        if m.capture_notes and any(n.startswith("backward:") for n in m.capture_notes)
+        else "",
         f"; {fmt_bytes(s.bytes_moved)} moved by layout changes per forward "
         f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s, {m.bandwidth_source})",
     )

@@ -41,6 +41,11 @@ _DEFAULT: dict[FindingKind, str] = {
         "{origin}: fix that op so it stays channels_last, and this "
         "conversion disappears"
     ),
+    FindingKind.BACKWARD: (
+        "in backward, the gradient reaching this channels_last activation is NCHW: the backward "
+        "of its consumer ({detail}) produces NCHW gradients, and the next NHWC backward kernel "
+        "transposes them back; fixing that consumer's layout in forward usually fixes this too"
+    ),
 }
 
 

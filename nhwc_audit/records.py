@@ -58,6 +58,8 @@ class FindingKind(str, enum.Enum):
     """The op's spatial inputs disagree in layout; the first operand decided the output."""
     CONVERSION = "conversion"
     """An NCHW input was converted back to channels_last (e.g. by a conv with NHWC weights)."""
+    BACKWARD = "backward"
+    """In backward, the gradient arriving at a channels_last activation is NCHW."""
 
     def __str__(self) -> str:
         return self.value
@@ -164,6 +166,8 @@ class NodeRecord:
     """The node is (or runs inside) a torch.nn leaf module (fixes group by module type)."""
     hidden: tuple[HiddenCopy, ...] = ()
     """Layout-changing copies seen at ATen level while this node ran (real mode)."""
+    grads: tuple[TensorMeta, ...] = ()
+    """With ``train=True``: the gradients that arrived at this node's outputs in backward."""
 
     @property
     def activation_inputs(self) -> tuple[NodeInput, ...]:
@@ -285,12 +289,13 @@ class Summary:
     conversions: int
     mixed: int
     breaks: int
+    backward: int
     bytes_moved: int
     est_seconds: float
 
     @property
     def findings(self) -> int:
-        return self.reverts + self.conversions + self.mixed + self.breaks
+        return self.reverts + self.conversions + self.mixed + self.breaks + self.backward
 
     @property
     def channels_last_node_share(self) -> float:

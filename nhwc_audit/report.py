@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["graph_layout", "render_html", "render_notebook", "short_path", "view_model"]
 
 _X_STEP, _Y_STEP, _NODE_W, _NODE_H = 34, 22, 26, 14
-_KIND_ORDER = {FindingKind.BREAK: 0, FindingKind.REVERT: 1, FindingKind.MIXED: 2, FindingKind.CONVERSION: 3}
+_KIND_ORDER = {
+    FindingKind.BREAK: 0,
+    FindingKind.REVERT: 1,
+    FindingKind.MIXED: 2,
+    FindingKind.CONVERSION: 3,
+    FindingKind.BACKWARD: 4,
+}
 
 
 def short_path(file: str, cwd: str | None = None) -> str:

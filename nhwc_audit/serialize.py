@@ -62,6 +62,7 @@ def _node(r: NodeRecord) -> dict[str, Any]:
         "aliases_input": r.aliases_input,
         "users": list(r.users),
         "error": r.error,
+        "grad_layouts": [g.layout.value for g in r.grads],
     }
 
 
@@ -140,6 +141,7 @@ def _summary(s: Summary) -> dict[str, Any]:
         "conversions": s.conversions,
         "mixed": s.mixed,
         "breaks": s.breaks,
+        "backward": s.backward,
         "bytes_moved": s.bytes_moved,
         "est_seconds": s.est_seconds,
     }

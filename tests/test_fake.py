@@ -77,3 +77,26 @@ def test_fake_mode_predicts_cuda_without_a_gpu() -> None:
     r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), mode="fake", device="cuda")
     assert r.meta.device == "cuda" and r.meta.bandwidth_source == "assumed"
     assert [(f.node, f.kind.value) for f in r.findings] == [("norm", "revert"), ("conv2", "conversion")]
+
+
+def test_backward_audit_finds_nchw_gradients() -> None:
+    r = audit(M.InstanceNormNet(), torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
+    grads = {n.name: [g.layout.value for g in n.grads] for n in r.nodes if n.grads}
+    # InstanceNorm's backward hands the conv before it an NCHW gradient
+    assert grads == {"conv": ["contiguous"], "norm": ["channels_last"], "conv2": ["channels_last"]}
+    back = [f for f in r.findings if f.kind.value == "backward"]
+    assert [(f.node, f.bytes) for f in back] == [("conv", 2 * 2 * 8 * 8 * 8 * 4)]
+    assert "InstanceNorm2d" in back[0].hint
+    assert r.summary.backward == 1
+    assert r.to_dict()["nodes"][1]["grad_layouts"] == ["contiguous"]
+
+
+def test_backward_audit_of_a_conv_bn_chain_is_clean() -> None:
+    model = M.ConvBnRelu()
+    before = [p.detach().clone() for p in model.parameters()]
+    r = audit(model, torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
+    assert r.findings == ()
+    assert all(g.layout.value == "channels_last" for n in r.nodes for g in n.grads)
+    assert any(n.startswith("backward: all 2 4D/5D parameter gradients") for n in r.meta.capture_notes)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

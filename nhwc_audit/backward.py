@@ -1,0 +1,57 @@
+"""Backward audit: one backward pass from a loss on the outputs, recording the layout of the
+gradient that arrives at each node's output (tensor hooks) and of each parameter gradient as
+the op produced it (``torch.autograd.grad``; a leaf's ``.grad`` would be forced to the
+parameter's own strides)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from ._tensors import clone_value, iter_tensors
+from .layout import tensor_meta
+from .records import TensorMeta
+
+__all__ = ["backward_layouts"]
+
+
+class _GradProp(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, grads: dict[str, list[TensorMeta]]) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.grads = grads
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op not in ("output", "get_attr"):
+            for t in iter_tensors(out):
+                if t.requires_grad:
+
+                    def hook(g: torch.Tensor, name: str = n.name) -> None:
+                        self.grads.setdefault(name, []).append(tensor_meta(g))
+
+                    t.register_hook(hook)
+        return out
+
+
+def backward_layouts(
+    gm: torch.fx.GraphModule, flat_inputs: list[Any], seed: int = 0
+) -> tuple[dict[str, tuple[TensorMeta, ...]], dict[str, TensorMeta]]:
+    """Run ``gm`` (the audit's private graph) forward with autograd and back from a fixed random
+    linear loss whose seed gradient has each output's own layout (as an elementwise loss on a
+    channels_last output gives). Returns node -> gradient layouts and parameter -> layout."""
+    grads: dict[str, list[TensorMeta]] = {}
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        out = _GradProp(gm, grads).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
+        outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
+        params = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
+        param_grads: dict[str, TensorMeta] = {}
+        if outs:
+            loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+            assert isinstance(loss, torch.Tensor)
+            got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+            param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
+    return {k: tuple(v) for k, v in grads.items()}, param_grads
