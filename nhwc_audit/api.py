@@ -120,10 +120,14 @@ def audit(
     """
     t0 = time.perf_counter()
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
-    if mode not in ("real", "fake"):
-        raise UsageError(f"mode {mode!r} is not one of: real, fake")
+    if mode not in ("real", "fake", "both"):
+        raise UsageError(f"mode {mode!r} is not one of: real, fake, both")
     if mode == "fake":
         return _audit_fake(module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, t0=t0)
+    if mode == "both":
+        return _audit_both(
+            module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, train=train
+        )
     dev = _resolve_device(module, device)
     target_device = dev if dev != model_device(module) else None
     copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
@@ -365,3 +369,47 @@ def _param_grad_notes(param_grads: dict[str, Any]) -> tuple[str, ...]:
     if not nchw:
         return (f"backward: all {spatial} 4D/5D parameter gradients produced channels_last or ambiguous",)
     return (f"backward: {len(nchw)} of {spatial} 4D/5D parameter gradients produced NCHW: {', '.join(nchw[:8])}",)
+
+
+def _audit_both(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    bandwidth: float | None,
+    name: str | None,
+    train: bool,
+) -> AuditReport:
+    """Real and fake on the same graph; every node where they disagree is a divergence."""
+    import dataclasses
+
+    from .fake import divergences
+
+    real = audit(
+        module,
+        args,
+        example_kwargs=kwargs,
+        dtype=dtype,
+        device=device,
+        bandwidth=bandwidth,
+        name=name,
+        capture="fx",
+        train=train,
+    )
+    fake = audit(
+        module,
+        args,
+        example_kwargs=kwargs,
+        dtype=dtype,
+        device=real.meta.device,
+        bandwidth=real.meta.bandwidth,
+        name=name,
+        mode="fake",
+    )
+    extra = divergences(real.nodes, fake.nodes, real.meta.device)
+    findings = tuple(sorted(real.findings + tuple(extra), key=lambda f: f.index))
+    summary = dataclasses.replace(real.summary, divergences=len(extra))
+    meta = dataclasses.replace(real.meta, mode="both")
+    return dataclasses.replace(real, meta=meta, findings=findings, summary=summary)

@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default="real",
-        choices=("real", "fake"),
+        choices=("real", "fake", "both"),
         help="real: run the model; fake: FakeTensors, no weights or compute (meta-device models; "
-        "predict --device cuda from a CPU machine); fake layouts are predictions",
+        "predict --device cuda from a CPU machine), layouts are predictions; both: real and fake "
+        "on the same graph, each disagreement a 'divergence' finding",
     )
     p.add_argument(
         "--capture",

@@ -25,6 +25,7 @@ _KIND_STYLE = {
     FindingKind.MIXED: "yellow",
     FindingKind.CONVERSION: "magenta",
     FindingKind.BACKWARD: "blue",
+    FindingKind.DIVERGENCE: "dim",
 }
 
 

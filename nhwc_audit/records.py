@@ -60,6 +60,8 @@ class FindingKind(str, enum.Enum):
     """An NCHW input was converted back to channels_last (e.g. by a conv with NHWC weights)."""
     BACKWARD = "backward"
     """In backward, the gradient arriving at a channels_last activation is NCHW."""
+    DIVERGENCE = "divergence"
+    """Real kernels and fake (meta) kernels disagree on this node's output layout."""
 
     def __str__(self) -> str:
         return self.value
@@ -292,10 +294,12 @@ class Summary:
     backward: int
     bytes_moved: int
     est_seconds: float
+    divergences: int = 0
+    """With mode='both': nodes where real and fake kernels disagree."""
 
     @property
     def findings(self) -> int:
-        return self.reverts + self.conversions + self.mixed + self.breaks + self.backward
+        return self.reverts + self.conversions + self.mixed + self.breaks + self.backward + self.divergences
 
     @property
     def channels_last_node_share(self) -> float:

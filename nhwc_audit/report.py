@@ -32,6 +32,7 @@ _KIND_ORDER = {
     FindingKind.MIXED: 2,
     FindingKind.CONVERSION: 3,
     FindingKind.BACKWARD: 4,
+    FindingKind.DIVERGENCE: 5,
 }
 
 

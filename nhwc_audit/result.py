@@ -143,7 +143,8 @@ class AuditReport:
         return (
             f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}{' autocast ' + m.autocast if m.autocast else ''}, input {shapes}): "
             f"{s.nodes} nodes, {s.reverts} reverts, {s.conversions} conversions, {s.mixed} mixed, "
-            f"{s.breaks} breaks, {fmt_bytes(s.bytes_moved)} moved per forward "
+            f"{s.breaks} breaks{f', {s.backward} backward' if s.backward else ''}"
+            f"{f', {s.divergences} divergences' if s.divergences else ''}, {fmt_bytes(s.bytes_moved)} moved per forward "
             f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s), "
             f"{fmt_share(s.channels_last_node_share)} of spatial nodes channels_last"
         )

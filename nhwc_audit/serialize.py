@@ -142,6 +142,7 @@ def _summary(s: Summary) -> dict[str, Any]:
         "mixed": s.mixed,
         "breaks": s.breaks,
         "backward": s.backward,
+        "divergences": s.divergences,
         "bytes_moved": s.bytes_moved,
         "est_seconds": s.est_seconds,
     }

@@ -100,3 +100,14 @@ def test_backward_audit_of_a_conv_bn_chain_is_clean() -> None:
     assert any(n.startswith("backward: all 2 4D/5D parameter gradients") for n in r.meta.capture_notes)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_mode_both_reports_divergences_only_where_kernels_disagree() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    r = audit(WithGroupNorm(), x, bandwidth=1e9, mode="both")
+    assert r.meta.mode == "both" and r.summary.divergences == 1
+    (d,) = [f for f in r.findings if f.kind.value == "divergence"]
+    assert (d.node, d.layout_in.value, d.layout_out.value) == ("norm", "channels_last", "contiguous")
+    assert "1 divergences" in r.headline
+    clean = audit(Mixed(), x, bandwidth=1e9, mode="both")
+    assert clean.findings == () and clean.summary.divergences == 0
