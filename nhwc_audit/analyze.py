@@ -250,7 +250,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
-    if r.hidden and any(o.rank >= 4 for o in r.outputs):
+    writes_in_place = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
+    if r.hidden and (writes_in_place or any(o.rank >= 4 for o in r.outputs)):
         # the node left and re-entered NHWC internally: invisible in its input/output layouts
         # (exits to non-spatial outputs, like flatten before a classifier, are not findings)
         return [

@@ -162,6 +162,9 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
             )
         )
         parts.append(table)
+        if report.measurement.copies:
+            costly = ", ".join(f"{n} {fmt_seconds(sec)}" for n, sec in report.measurement.copies[:5])
+            parts.append(Text(f"Measured copy kernels by node (profiler, channels_last graph): {costly}"))
     if report.verdict is not None:
         v = report.verdict
         parts.append(

@@ -276,6 +276,9 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             }
             for t in report.measurement.timings
         ],
+        "copies": []
+        if report.measurement is None
+        else [{"node": n, "seconds": s} for n, s in report.measurement.copies],
         "timed": "" if report.measurement is None else ("forward+backward" if report.measurement.train else "forward"),
     }
 

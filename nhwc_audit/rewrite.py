@@ -15,6 +15,9 @@ Rewrites (each logged with node, reason and bytes saved):
                            of its free (N, H, W, C) permutation.
 * ``insert-contiguous-cl`` one ``.contiguous(memory_format=channels_last)`` right after an op
                            that reverts, when that costs less than the conversions downstream.
+* ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``) and then
+                           filled from channels_last tensors is allocated channels_last instead
+                           (``torch.empty(..., memory_format=...)`` then ``zero_``/``fill_``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ _COMMUTATIVE_FUNCS = {operator.add, operator.mul, torch.add, torch.mul}
 _COMMUTATIVE_METHODS = {"add", "mul"}
 _SOFTMAX_FUNCS = {"softmax", "log_softmax"}
 # rewrites that change an op come before the one that adds an op (stable sort keeps graph order)
+_ALLOC = {torch.zeros: "zero_", torch.ones: "fill_", torch.empty: None, torch.full: "fill_"}
+_NEW_ALLOC = {"new_zeros": "zero_", "new_ones": "fill_", "new_empty": None, "new_full": "fill_"}
+
 _PRIORITY = (
+    "alloc-cl",
     "view->reshape",
     "contiguous-cl",
     "instancenorm->groupnorm",
@@ -121,6 +128,24 @@ def _fmt(rank: int) -> torch.memory_format:
 
 def _candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: Analysis) -> Iterator[_Candidate]:
     by_name = {r.name: r for r in records}
+    for r in records:
+        node = _node(gm, r.name)
+        spatial = r.spatial_outputs
+        allocates = (node.op == "call_function" and node.target in _ALLOC) or (
+            node.op == "call_method" and node.target in _NEW_ALLOC
+        )
+        if allocates and spatial and spatial[0].layout is Layout.CONTIGUOUS:
+            fmt_alloc = _fmt(spatial[0].rank)
+
+            def alloc_cl(g: torch.fx.GraphModule, name: str = r.name, fmt: torch.memory_format = fmt_alloc) -> None:
+                _allocate_channels_last(g, name, fmt)
+
+            yield _Candidate(
+                r.name,
+                "alloc-cl",
+                f"allocate {getattr(node.target, '__name__', 'buffer')}(...) channels_last",
+                alloc_cl,
+            )
     for f in analysis.findings:
         r = by_name[f.node]
         node = _node(gm, f.node)
@@ -183,6 +208,39 @@ def _candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: A
             yield _Candidate(
                 f.node, "insert-contiguous-cl", f"convert {f.op}'s output back once, right after it", insert_cl
             )
+
+
+def _allocate_channels_last(gm: torch.fx.GraphModule, name: str, fmt: torch.memory_format) -> None:
+    """``torch.zeros(size)`` / ``x.new_zeros(size)`` (and ones, empty, full) become
+    ``torch.empty(size, memory_format=fmt)`` followed by the same fill: identical values."""
+    n = _node(gm, name)
+    args = list(n.args)
+    kwargs = {k: v for k, v in n.kwargs.items() if k != "fill_value"}
+    if n.op == "call_method":  # x.new_zeros(size, ...): dtype and device default to x's
+        method = str(n.target)
+        fill = _NEW_ALLOC[method]
+        source = args.pop(0)
+        with gm.graph.inserting_before(n):
+            kwargs.setdefault("dtype", gm.graph.call_function(getattr, (source, "dtype")))
+            kwargs.setdefault("device", gm.graph.call_function(getattr, (source, "device")))
+        kind = method.removeprefix("new_")
+    else:
+        fill = _ALLOC[n.target]  # type: ignore[index]
+        kind = getattr(n.target, "__name__", "")
+    value = None
+    if kind == "full":
+        value = args.pop(1) if len(args) > 1 else n.kwargs.get("fill_value")
+    elif kind == "ones":
+        value = 1
+    kwargs["memory_format"] = fmt
+    with gm.graph.inserting_after(n):
+        empty = gm.graph.call_function(torch.empty, tuple(args), kwargs)
+    new = empty
+    if fill is not None:
+        with gm.graph.inserting_after(empty):
+            new = gm.graph.call_method(fill, (empty,) if value is None else (empty, value))
+    n.replace_all_uses_with(new)
+    gm.graph.erase_node(n)
 
 
 def _commutative(node: torch.fx.Node) -> bool:

@@ -227,6 +227,7 @@ def extras_dict(d: dict[str, Any], verdict: Any, repair: Any, measurement: Any) 
                 {"variant": t.variant, "median_s": t.median, "min_s": t.low, "max_s": t.high, "rounds": t.rounds}
                 for t in measurement.timings
             ],
+            "copies": [{"node": n, "seconds": sec} for n, sec in measurement.copies],
         }
     )
     d["timing"] = timing

@@ -15,7 +15,55 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .conversion import convert, prepare_inputs
 
-__all__ = ["Measurement", "Timing", "measure"]
+__all__ = ["Measurement", "Timing", "measure", "profile_copies"]
+
+_COPY_EVENTS = frozenset({"aten::copy_", "aten::_copy_from", "aten::_copy_from_and_resize"})
+_RANGE = "nhwc-audit:"
+
+
+class _Ranged(torch.fx.Interpreter):
+    """Runs each node inside a profiler range named after it."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with torch.profiler.record_function(_RANGE + n.name):
+            return super().run_node(n)
+
+
+def profile_copies(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> tuple[tuple[str, float], ...]:
+    """Trace the channels_last conversion of ``model`` with torch.fx, run it once under the
+    profiler with a range per node, and sum the self time of the ATen copy kernels inside each
+    node. Copies a kernel makes below ATen (oneDNN reorders inside a conv) are not visible.
+    Returns () when the model is not fx-traceable."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .capture import trace
+    from .propagate import _positional
+
+    try:
+        gm = trace(convert(model)).gm
+    except Exception:
+        return ()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cl_args, cl_kwargs = prepare_inputs(args, kwargs or {}, dtype=None, device=device)
+    values = _positional(gm, cl_args, cl_kwargs)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        _Ranged(gm).run(*values, enable_io_processing=False)  # warm-up
+        with profile(activities=activities) as prof:
+            _Ranged(gm).run(*values, enable_io_processing=False)
+    totals: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.name not in _COPY_EVENTS:
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not parent.name.startswith(_RANGE):
+            parent = parent.cpu_parent
+        if parent is not None:
+            name = parent.name[len(_RANGE) :]
+            totals[name] = totals.get(name, 0.0) + ev.self_cpu_time_total / 1e6
+    return tuple(sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +84,9 @@ class Measurement:
     train: bool
     device: str
     timings: tuple[Timing, ...]
+    copies: tuple[tuple[str, float], ...] = ()
+    """Profiler-measured time (s) of ATen copy kernels inside each node of the channels_last
+    graph, costliest first (record_function ranges around every fx node)."""
 
     def of(self, variant: str) -> Timing | None:
         return next((t for t in self.timings if t.variant == variant), None)
@@ -116,4 +167,4 @@ def measure(
         Timing(variant=name, median=statistics.median(v), low=min(v), high=max(v), rounds=rounds)
         for name, v in samples.items()
     )
-    return Measurement(train=train, device=str(device), timings=timings)
+    return Measurement(train=train, device=str(device), timings=timings, copies=profile_copies(model, args, kwargs))

@@ -235,6 +235,9 @@ def test_cli_apply_measure_save(
     data = json.loads((tmp_path / "r.json").read_text())
     assert [t["variant"] for t in data["measurement"]["timings"]] == ["nchw", "channels_last", "repaired"]
     assert data["measurement"]["train"] is True and data["verdict"]["measured"] is True
+    # the profiler attributes InstanceNorm's internal NHWC -> NCHW copy to its graph node
+    assert [c["node"] for c in data["measurement"]["copies"]][:1] == ["norm"]
+    assert "Measured copy kernels by node (profiler, channels_last graph): norm" in out
     code_text = (tmp_path / "rep.py").read_text()
     assert code_text.startswith("# Repaired channels_last graph of tiny.py:Tiny") and "def forward" in code_text
 
@@ -250,3 +253,32 @@ def test_html_report_shows_repair_and_verdict(tmp_path: Path) -> None:
     text = soup.find(id="repair").get_text(" ")
     assert "instancenorm->groupnorm" in text and "→ 0 B" in text
     assert "Verdict:" in soup.find(id="verdict").get_text(" ")
+
+
+class AllocCopy(nn.Module):
+    """A zero buffer allocated NCHW and filled from a channels_last tensor (a hand-written pad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        buf = y.new_zeros((y.shape[0], y.shape[1], y.shape[2] + 2, y.shape[3] + 2))
+        buf[:, :, 1:-1, 1:-1].copy_(y)
+        out: torch.Tensor = self.conv2(buf)
+        return out
+
+
+def test_allocate_then_copy_is_allocated_channels_last() -> None:
+    model = AllocCopy()
+    x = torch.randn(1, 3, 8, 8)
+    before = audit(model, x, bandwidth=1e9)
+    kinds = {f.node: f.kind.value for f in before.findings}
+    # new_zeros takes NCHW from a channels_last tensor, then the conv converts the buffer back
+    assert before.meta.capture == "fx" and kinds == {"new_zeros": "revert", "conv2": "conversion"}
+    gm, log = repair_model(model, (x,))
+    assert [s.kind for s in log.steps] == ["alloc-cl"]
+    assert log.bytes_after == 0 < log.bytes_before
+    _check_same(model, gm, (1, 3, 8, 8))
