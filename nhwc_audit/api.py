@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .analyze import analyze
 from .bandwidth import measure_transpose_bandwidth
@@ -104,7 +105,7 @@ def audit(
     float16 on cuda; or pass a dtype): mixed precision is where channels_last pays on GPUs.
     ``mode='fake'`` propagates FakeTensors on ``device`` (default cpu): no weights, no compute,
     so meta-device models audit on any machine and a CPU machine can predict CUDA; every
-    layout is then a prediction (torch.fx capture only).
+    layout is then a prediction (torch.fx capture, else torch.export on the fake weights).
     ``train=True`` adds one backward pass (real mode, graph captures) and reports the layout
     of the gradient reaching every node and every parameter; a gradient arriving NCHW at a
     channels_last activation is a ``backward`` finding.
@@ -123,7 +124,9 @@ def audit(
     if mode not in ("real", "fake", "both"):
         raise UsageError(f"mode {mode!r} is not one of: real, fake, both")
     if mode == "fake":
-        return _audit_fake(module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, t0=t0)
+        return _audit_fake(
+            module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, t0=t0, train=train
+        )
     if mode == "both":
         return _audit_both(
             module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, train=train
@@ -176,6 +179,7 @@ def audit(
         "bandwidth_s": t4 - t3,
         "analyze_s": t5 - t4,
         "total_s": t5 - t0,
+        "peak_rss_bytes": float(_peak_rss()),
     }
     from .verdict import decide
 
@@ -283,9 +287,12 @@ def _audit_fake(
     bandwidth: float | None,
     name: str | None,
     t0: float,
+    train: bool = False,
 ) -> AuditReport:
     from .analyze import analyze
+    from .capture import export as export_capture
     from .capture import trace
+    from .errors import TraceError
     from .fake import divergence_warnings, fake_copy, fake_inputs, fake_mode
     from .propagate import propagate
     from .verdict import decide
@@ -294,9 +301,31 @@ def _audit_fake(
     fmode = fake_mode()
     copy = fake_copy(module, fmode, dev, dtype)
     sample_args, sample_kwargs = fake_inputs(args, kwargs, fmode, dev, dtype)
-    captured = trace(copy)
+    notes: list[str] = []
+    try:
+        captured = trace(copy)
+        flat = False
+    except TraceError as e:
+        # torch.export reuses the fake mode of the fake weights and inputs: still no real memory
+        notes.append(f"fx: {e}")
+        captured = export_capture(copy, sample_args, sample_kwargs)
+        flat = True
     with fmode:
-        records, _ = propagate(captured.gm, sample_args, sample_kwargs, record_hidden=False)
+        records, _ = propagate(captured.gm, sample_args, sample_kwargs, record_hidden=False, flat_inputs=flat)
+        param_grads: dict[str, Any] = {}
+        if train:
+            import dataclasses
+
+            from .backward import backward_layouts
+            from .propagate import _positional
+
+            values = (
+                list(tree_leaves((sample_args, sample_kwargs)))
+                if flat
+                else _positional(captured.gm, sample_args, sample_kwargs)
+            )
+            grads, param_grads = backward_layouts(captured.gm, values)
+            records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in records]
     if bandwidth is not None:
         if bandwidth <= 0:
             raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
@@ -310,7 +339,9 @@ def _audit_fake(
         model=name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=tuple(f"prediction: {w}" for w in divergence_warnings(ops, str(dev))),
+        capture_notes=tuple(notes)
+        + tuple(f"prediction: {w}" for w in divergence_warnings(ops, str(dev)))
+        + _param_grad_notes(param_grads),
         mode="fake",
         device=str(dev),
         dtype=str(used_dtype).removeprefix("torch."),

@@ -111,3 +111,12 @@ def test_mode_both_reports_divergences_only_where_kernels_disagree() -> None:
     assert "1 divergences" in r.headline
     clean = audit(Mixed(), x, bandwidth=1e9, mode="both")
     assert clean.findings == () and clean.summary.divergences == 0
+
+
+def test_backward_in_fake_mode_matches_real() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    real = audit(M.InstanceNormNet(), x, bandwidth=1e9, train=True)
+    fake = audit(M.InstanceNormNet(), x, bandwidth=1e9, train=True, mode="fake")
+    grads = {n.name: [g.layout for g in n.grads] for n in real.nodes}
+    assert grads == {n.name: [g.layout for g in n.grads] for n in fake.nodes}
+    assert [f.kind.value for f in fake.findings] == [f.kind.value for f in real.findings]

@@ -1,0 +1,42 @@
+"""A Stable-Diffusion-1.5-sized UNet (about 860 M parameters) built on the meta device audits
+in fake mode without materialising its 3.4 GB of float32 weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, warnings, torch
+    warnings.filterwarnings("ignore")
+    from diffusers import UNet2DConditionModel
+    import nhwc_audit
+    with torch.device("meta"):
+        model = UNet2DConditionModel(cross_attention_dim=768)  # the SD-1.5 configuration
+    params = sum(p.numel() for p in model.parameters())
+    args = (torch.empty(1, 4, 32, 32, device="meta"), torch.tensor([10], device="meta"),
+            torch.empty(1, 77, 768, device="meta"))
+    r = nhwc_audit.audit(model.eval(), args, mode="fake")
+    print(json.dumps({"params": params, "capture": r.meta.capture, "mode": r.meta.mode, "nodes": len(r.nodes),
+                      "rss": r.timing["peak_rss_bytes"], "notes": list(r.meta.capture_notes),
+                      "meta": all(p.device.type == "meta" for p in model.parameters())}))
+    """
+)
+
+
+def test_sd15_sized_unet_audits_in_fake_mode_within_memory() -> None:
+    pytest.importorskip("diffusers")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 850e6 < out["params"] < 870e6
+    assert out["capture"] == "export" and out["mode"] == "fake" and out["nodes"] > 1500 and out["meta"]
+    assert out["rss"] < 2.0e9  # the float32 weights alone would need 3.4 GB
+    assert any("GroupNorm" in n for n in out["notes"])  # the known fake-vs-real divergence is flagged
