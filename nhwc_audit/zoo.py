@@ -152,3 +152,8 @@ MODELS: dict[str, Callable[[], Built]] = {
 def build(name: str) -> Built:
     """Build one model of the zoo by name."""
     return MODELS[name]()
+
+
+def _cli_resnet50() -> Built:
+    """resnet50 at 1x3x224x224 for ``nhwc-audit nhwc_audit.zoo:_cli_resnet50`` (benchmarks)."""
+    return build("torchvision.resnet50")

@@ -1,0 +1,196 @@
+"""nhwc-audit benchmark suite: everything side by side in one process (warm-up, several
+repeats, median and min/max), written to benchmarks/results/ as markdown and JSON.
+
+    python benchmarks/run.py [--repeats 5] [--quick]
+
+Measures: real-mode audit vs one eager channels_last forward (with and without the fx
+verification forward), fake-mode audit time, CLI end-to-end wall time vs `import torch`,
+and how audit time grows with depth (resnet18..152) and input size (resnet18, 64^2..512^2).
+No assertions: a table to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import nhwc_audit
+from nhwc_audit.zoo import build
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: _stats(v) for k, v in times.items()}
+
+
+def audit_vs_forward(
+    name: str, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], repeats: int
+) -> dict[str, Any]:
+    cl_model = nhwc_audit.convert(model)
+    cl_args = tuple(
+        a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+        for a in args
+    )
+
+    def forward() -> None:
+        with torch.no_grad():
+            cl_model(*cl_args, **kwargs)
+
+    fns = {
+        "forward": forward,
+        "audit": lambda: nhwc_audit.audit(model, args, example_kwargs=kwargs),
+        "audit_no_verify": lambda: nhwc_audit.audit(model, args, example_kwargs=kwargs, verify=False),
+        "audit_fake": lambda: nhwc_audit.audit(model, args, example_kwargs=kwargs, mode="fake"),
+    }
+    r = _interleaved(fns, repeats)
+    f = r["forward"]["median"]
+    return {
+        "model": name,
+        "inputs": " ".join("x".join(map(str, a.shape)) for a in args if isinstance(a, torch.Tensor)),
+        **{k: v for k, v in r.items()},
+        "ratio": r["audit"]["median"] / f,
+        "ratio_no_verify": r["audit_no_verify"]["median"] / f,
+    }
+
+
+def cli_vs_import(repeats: int) -> dict[str, Any]:
+    py = sys.executable
+    cmds = {
+        "import_torch": [py, "-c", "import torch"],
+        "cli_resnet50": [py, "-m", "nhwc_audit", "nhwc_audit.zoo:_cli_resnet50", "--no-report", "--quiet"],
+        "cli_help": [py, "-m", "nhwc_audit", "--help"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(repeats):
+        for k, cmd in cmds.items():
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times[k].append(time.perf_counter() - t)
+    return {k: _stats(v) for k, v in times.items()}
+
+
+def scaling(repeats: int, quick: bool) -> list[dict[str, Any]]:
+    import torchvision.models as tvm
+
+    rows = []
+    for depth in ("resnet18", "resnet50") if quick else ("resnet18", "resnet50", "resnet101", "resnet152"):
+        m = getattr(tvm, depth)(weights=None).eval()
+        x = torch.randn(1, 3, 224, 224)
+        r = _interleaved({"audit": lambda m=m, x=x: nhwc_audit.audit(m, x, bandwidth=1e10)}, repeats)["audit"]
+        nodes = len(nhwc_audit.audit(m, x, bandwidth=1e10).nodes)
+        rows.append({"case": f"{depth} 224^2", "nodes": nodes, **r, "ms_per_node": 1e3 * r["median"] / nodes})
+    m18 = tvm.resnet18(weights=None).eval()
+    for size in (64, 128) if quick else (64, 128, 256, 512):
+        x = torch.randn(1, 3, size, size)
+        r = _interleaved({"audit": lambda x=x: nhwc_audit.audit(m18, x, bandwidth=1e10)}, repeats)["audit"]
+        rows.append({"case": f"resnet18 {size}^2", "nodes": 71, **r, "ms_per_node": 1e3 * r["median"] / 71})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="fewer models and sizes")
+    a = p.parse_args()
+    warnings.filterwarnings("ignore")
+    names = [
+        "torchvision.resnet50",
+        "torchvision.densenet121",
+        "torchvision.convnext_tiny",
+        "diffusers.UNet2DModel",
+        "monai.UNet2d",
+    ]
+    if a.quick:
+        names = names[:1]
+    results: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": dt.date.today().isoformat(),
+        "audit_vs_forward": [],
+    }
+    from nhwc_audit.examples import unet
+
+    um, (ux,) = unet()
+    results["audit_vs_forward"].append(audit_vs_forward("examples.unet", um, (ux,), {}, a.repeats))
+    for name in names:
+        m, args, kwargs = build(name)
+        results["audit_vs_forward"].append(audit_vs_forward(name, m, args, kwargs, a.repeats))
+        print(results["audit_vs_forward"][-1]["model"], f"{results['audit_vs_forward'][-1]['ratio']:.2f}x", flush=True)
+    m, args, kwargs = build("torchvision.resnet50")
+    m8 = (torch.randn(8, 3, 224, 224),)
+    results["audit_vs_forward"].append(
+        audit_vs_forward("torchvision.resnet50 (batch 8)", m, m8, {}, max(3, a.repeats // 2))
+    )
+    results["cli"] = cli_vs_import(3)
+    results["scaling"] = scaling(3, a.quick)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (OUT / "results.md").write_text(_markdown(results))
+    print((OUT / "results.md").read_text())
+
+
+def _ms(s: dict[str, float]) -> str:
+    return f"{1e3 * s['median']:.0f} ms ({1e3 * s['min']:.0f}-{1e3 * s['max']:.0f})"
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# nhwc-audit benchmarks ({r['date']}, torch {r['torch']}, {r['threads']} CPU threads)",
+        "",
+        "Generated by `python benchmarks/run.py`. Median (min-max) of interleaved repeats in one process.",
+        "",
+        "## Real-mode audit vs one eager channels_last forward",
+        "",
+        "| model | input | forward | audit | audit --no-verify | fake-mode audit | audit/forward | no-verify/forward |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["audit_vs_forward"]:
+        lines.append(
+            f"| {row['model']} | {row['inputs']} | {_ms(row['forward'])} | {_ms(row['audit'])} | {_ms(row['audit_no_verify'])} | "
+            f"{_ms(row['audit_fake'])} | {row['ratio']:.2f}x | {row['ratio_no_verify']:.2f}x |"
+        )
+    c = r["cli"]
+    lines += [
+        "",
+        "## CLI end to end",
+        "",
+        f"- `python -c 'import torch'`: {_ms(c['import_torch'])}",
+        f"- `nhwc-audit --help`: {_ms(c['cli_help'])}",
+        f"- `nhwc-audit` on resnet50 1x3x224x224 (`--no-report --quiet`): {_ms(c['cli_resnet50'])}",
+        "",
+        "## Scaling (bandwidth fixed, so no copy benchmark inside)",
+        "",
+        "| case | nodes | audit | ms per node |",
+        "|---|---|---|---|",
+    ]
+    for row in r["scaling"]:
+        lines.append(f"| {row['case']} | {row['nodes']} | {_ms(row)} | {row['ms_per_node']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
