@@ -120,9 +120,13 @@ def capture_and_propagate(
             try:
                 eager()
             except Exception as eager_error:
-                raise PropagationError(
-                    f"{e} (eager forward fails too: {first_line(eager_error)})", node=e.node, node_format=e.node_format
-                ) from e
+                same = str(e.__cause__) == str(eager_error) if e.__cause__ else False
+                tail = (
+                    "eager forward fails the same way"
+                    if same
+                    else f"eager forward fails too: {first_line(eager_error)}"
+                )
+                raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
             if method == name:
                 raise
             notes.append(f"{name}: the captured graph fails where eager runs: {e}")

@@ -99,7 +99,8 @@ def prepare_audit_copy(
         if t.device.type == "meta":
             raise ConversionError(
                 f"{type(model).__name__} has tensors on the meta device (e.g. {name!r}); "
-                "a real-mode audit needs real weights: build the model on cpu/cuda"
+                "a real-mode audit needs real weights: build the model on cpu/cuda, or audit it with "
+                "--mode fake (API: mode='fake')"
             )
     memo: dict[int, Any] = {}
     with torch.no_grad():

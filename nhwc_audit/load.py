@@ -204,7 +204,7 @@ def load_target(spec: str) -> LoadedTarget:
         value = _call_build_fn(obj, where)
     else:
         raise TargetLoadError(
-            f"{spec!r} is a {type(obj).__name__}, neither an nn.Module nor a callable that builds one"
+            f"{spec!r} is of type {type(obj).__name__}, neither an nn.Module nor a callable that builds one"
         )
     model, args, kwargs = split_example(value, where)
     return LoadedTarget(name=spec, model=model, args=args, kwargs=kwargs)

@@ -63,6 +63,10 @@ USER_MODULE = textwrap.dedent(
             y = self.conv(x)
             return y.reshape(7, -1, 5)
 
+    class AlwaysRaises(nn.Module):
+        def forward(self, x):
+            raise ValueError("boom")
+
     class Branchy(nn.Module):
         def forward(self, x):
             if x.mean() > 0:
@@ -127,7 +131,7 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("nosuchpkg.models:build", [], "module 'nosuchpkg.models' not found"),
         ("broken_import:build", [], "importing 'broken_import' raised ImportError: no module named timm_extra"),
         ("usermodels:buld", [], "has no attribute 'buld'; did you mean 'build'"),
-        ("usermodels:not_a_model", [], "is a int, neither an nn.Module nor a callable"),
+        ("usermodels:not_a_model", [], "is of type int, neither an nn.Module nor a callable"),
         ("usermodels:build_raises", [], "raised ValueError: weights folder missing"),
         ("usermodels:build_needs_args", [], "needs arguments (depth)"),
         ("usermodels:build_returns_str", [], "returned str, not an nn.Module"),
@@ -139,6 +143,7 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("usermodels:build", ["--device", "cuda:7"], "not available"),
         ("usermodels:build", ["--input", "1x3x8"], "not a channels_last problem"),
         ("usermodels:build_meta", [], "meta device"),
+        ("usermodels:AlwaysRaises", [], "the model's own error"),
         ("usermodels:Raises", ["--input", "1x3x8x8"], "not a channels_last problem"),
         ("usermodels:Branchy", ["--capture", "fx"], "torch.fx could not trace Branchy"),
         ("usermodels:build", ["--bandwidth", "fast"], "--bandwidth 'fast'"),
