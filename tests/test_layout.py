@@ -92,3 +92,27 @@ def test_tensor_meta_bytes() -> None:
     m = tensor_meta(torch.zeros(2, 3, 4, 5, dtype=torch.float16).to(memory_format=CL))
     assert (m.shape, m.strides, m.dtype, m.itemsize, m.nbytes) == ((2, 3, 4, 5), (60, 1, 15, 3), "float16", 2, 240)
     assert m.layout is Layout.CHANNELS_LAST
+
+
+def test_stride_lean_matches_pytorchs_suggest_memory_format() -> None:
+    """Which way an ambiguous tensor leans decides kernels' output layouts; our pure function
+    must agree with PyTorch's own test on every case."""
+    import torch._prims_common as pc
+
+    from nhwc_audit.layout import strides_like_channels_last
+
+    checked = 0
+    for shape in itertools.product((1, 2, 3), repeat=4):
+        base = torch.zeros(shape)
+        for perm in itertools.permutations(range(4)):
+            t = base.permute(perm)
+            for u in (t, t.contiguous(), t.contiguous(memory_format=CL), t.to(memory_format=CL)):
+                expected = pc.suggest_memory_format(u) == CL
+                assert strides_like_channels_last(tuple(u.shape), u.stride()) is expected, (shape, perm, u.stride())
+                checked += 1
+    for shape in itertools.product((1, 2, 3), repeat=5):
+        t = torch.zeros(shape)
+        for u in (t, t.to(memory_format=CL3), t.permute(0, 2, 1, 3, 4), t.permute(0, 4, 3, 2, 1)):
+            assert strides_like_channels_last(tuple(u.shape), u.stride()) is (pc.suggest_memory_format(u) == CL3)
+            checked += 1
+    assert checked == 81 * 24 * 4 + 243 * 4
