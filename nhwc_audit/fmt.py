@@ -21,7 +21,9 @@ def fmt_seconds(s: float) -> str:
     """Human-readable duration.
 
     >>> fmt_seconds(0.00042)
-    '0.42 ms'
+    '420.0 us'
+    >>> fmt_seconds(0.0042)
+    '4.20 ms'
     """
     if s >= 1:
         return f"{s:.2f} s"
