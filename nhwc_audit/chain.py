@@ -47,6 +47,29 @@ def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
         return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
 
 
+def _batch_one(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The sample cut to its first item when it has a batch dim larger than 1 (the leading dim
+    of its 4D/5D inputs, cut wherever a tensor has it), else None."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    images = [t for t in tensors if t.dim() in (4, 5)]
+    if not images or len({t.shape[0] for t in images}) != 1 or images[0].shape[0] <= 1:
+        return None
+    batch = images[0].shape[0]
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
+            return v[:1].clone()  # clone keeps the channels_last strides of the slice's layout
+        return v
+
+    return tuple(tree_map(cut, a) for a in args), {k: tree_map(cut, v) for k, v in kwargs.items()}
+
+
+def _run_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx) -> Any:
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx():
+        torch.manual_seed(seed)
+        return gm(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
+
+
 def _same_outputs(a: Any, b: Any) -> str | None:
     """None when the outputs match, else a one-line difference."""
     ta = [t for t in tree_leaves(a) if isinstance(t, torch.Tensor)]
@@ -136,6 +159,22 @@ def capture_and_propagate(
                 # eager channels_last raises at the break too: nothing to compare against
                 notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
                 return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
+            sliced = _batch_one(args, kwargs) if name == "fx" else None
+            if sliced is not None:
+                # fx graphs are not specialised to shapes: checking fidelity on one sample of the
+                # batch costs 2/B of a forward instead of one forward (falls back to the full
+                # batch when either side cannot run at batch 1, e.g. train-mode BatchNorm on 1x1)
+                try:
+                    small_graph = _run_graph(cap.gm, sliced[0], sliced[1], seed, ctx)
+                    small_eager = _run_eager(model, sliced[0], sliced[1], seed, ctx)
+                except Exception:
+                    sliced = None
+                else:
+                    diff = _same_outputs(small_graph, small_eager)
+                    if diff is not None:
+                        notes.append(f"{name}: the captured graph does not reproduce eager: {diff}")
+                        return None
+                    return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
             try:
                 reference = eager()
             except Exception as e:

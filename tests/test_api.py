@@ -196,3 +196,26 @@ def test_half_precision_dtype_and_autocast(dtype: torch.dtype) -> None:
     conv = next(n for n in r.nodes if n.name == "conv")
     assert conv.outputs[0].dtype == "bfloat16"
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+class Sneaky(nn.Module):
+    """isinstance(Proxy, Tensor) is False while fx traces: the graph takes the other branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.conv(x)
+        if isinstance(y, torch.Tensor):
+            return y * 2
+        return y
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fx_graph_that_differs_from_eager_falls_back(batch: int) -> None:
+    r = audit(Sneaky(), torch.randn(batch, 3, 8, 8), bandwidth=1e9)
+    assert r.meta.capture == "export"
+    assert r.meta.capture_notes[0].startswith("fx: the captured graph does not reproduce eager")
+    ok = audit(M.ConvBnRelu(), torch.randn(batch, 3, 8, 8), bandwidth=1e9)
+    assert ok.meta.capture == "fx" and ok.meta.capture_notes == ()
