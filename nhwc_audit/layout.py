@@ -8,6 +8,7 @@ labelled by chance.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -85,6 +86,11 @@ def classify(t: torch.Tensor) -> Layout:
     return classify_strides(tuple(t.shape), t.stride())
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def tensor_meta(t: torch.Tensor) -> TensorMeta:
     """Extract the plain-value record of a tensor (no data is read)."""
     shape = tuple(t.shape)
@@ -99,7 +105,7 @@ def tensor_meta(t: torch.Tensor) -> TensorMeta:
     return TensorMeta(
         shape=shape,
         strides=strides,
-        dtype=str(t.dtype).removeprefix("torch."),
+        dtype=_dtype_name(t.dtype),
         itemsize=t.element_size(),
         layout=layout,
     )

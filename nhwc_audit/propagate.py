@@ -95,18 +95,26 @@ class LayoutProp(torch.fx.Interpreter):
         self._nodes = list(gm.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
         self._contexts: dict[torch.fx.Node, NodeContext] = {n: node_context(n, gm) for n in self._nodes}
+        self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
+        # a leaf module's own 4D/5D weights: static during the run, recorded once
+        self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
+        for n in self._nodes:
+            if n.op == "call_module":
+                sub = gm.get_submodule(str(n.target))
+                self._leaf_weights[n] = [
+                    (NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t)
+                    for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+                    if t.dim() in (4, 5)
+                ]
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
         for inp in n.all_input_nodes:
             is_param = inp.op == "get_attr"
-            for t in iter_tensors(self.env.get(inp)):
+            value = self.env.get(inp)
+            for t in (value,) if isinstance(value, torch.Tensor) else iter_tensors(value):
                 out.append((NodeInput(producer=inp.name, meta=tensor_meta(t), is_param=is_param), t))
-        if n.op == "call_module":
-            sub = self.module.get_submodule(str(n.target))
-            for t in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
-                if t.dim() in (4, 5):
-                    out.append((NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t))
+        out.extend(self._leaf_weights.get(n, ()))
         return out
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -178,11 +186,11 @@ class LayoutProp(torch.fx.Interpreter):
         aliases = False
         in_tensors = [t for _, t in inputs]
         if n.op != "output":
-            for t in iter_tensors(result):
+            for t in (result,) if isinstance(result, torch.Tensor) else iter_tensors(result):
                 outputs.append(tensor_meta(t))
                 if not aliases:
                     aliases = any(_is_alias_of(t, i) for i in in_tensors)
-        users = tuple(u.name for u in sorted(n.users, key=self._index.__getitem__))
+        users = self._users[n]
         self.records.append(
             NodeRecord(
                 index=self._index[n],
