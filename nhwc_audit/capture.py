@@ -59,8 +59,10 @@ def _is_own(file: str) -> bool:
     return file.startswith(_PKG_DIR) and not file.endswith("examples.py")
 
 
-def _user_frame() -> SourceLoc | None:
-    """The innermost frame of the model's code on the current stack (not torch's, not ours).
+def user_frame() -> SourceLoc | None:
+    """The innermost frame of the model's code on the stack of this function's caller (not
+    torch's; an nhwc-audit frame means the op came from torch modules only: None). Used by
+    the fx tracer and the eager dispatch recorder.
 
     Cheaper than fx's ``record_stack_traces`` (which imports torch._dynamo, ~1.5 s).
     """
@@ -82,7 +84,7 @@ class _Tracer(torch.fx.Tracer):
 
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)
-        node.meta[_SOURCE_KEY] = _user_frame()
+        node.meta[_SOURCE_KEY] = user_frame()
         return node
 
 

@@ -42,6 +42,7 @@ Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx) -> Any:
+    """One forward of ``model`` (or a captured graph) on clones of the sample, seeded."""
     with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx():
         torch.manual_seed(seed)
         return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
@@ -62,12 +63,6 @@ def _batch_one(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any
         return v
 
     return tuple(tree_map(cut, a) for a in args), {k: tree_map(cut, v) for k, v in kwargs.items()}
-
-
-def _run_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx) -> Any:
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx():
-        torch.manual_seed(seed)
-        return gm(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
 
 
 def _same_outputs(a: Any, b: Any) -> str | None:
@@ -165,7 +160,7 @@ def capture_and_propagate(
                 # batch costs 2/B of a forward instead of one forward (falls back to the full
                 # batch when either side cannot run at batch 1, e.g. train-mode BatchNorm on 1x1)
                 try:
-                    small_graph = _run_graph(cap.gm, sliced[0], sliced[1], seed, ctx)
+                    small_graph = _run_eager(cap.gm, sliced[0], sliced[1], seed, ctx)
                     small_eager = _run_eager(model, sliced[0], sliced[1], seed, ctx)
                 except Exception:
                     sliced = None

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from rich import box
@@ -14,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .api import AuditReport
-from .fmt import fmt_bytes, fmt_seconds, fmt_share
+from .fmt import fmt_bytes, fmt_seconds, fmt_share, short_path
 from .records import FindingKind, SourceLoc
 
 __all__ = ["render_summary", "short_source"]
@@ -31,19 +30,7 @@ _KIND_STYLE = {
 
 def short_source(s: SourceLoc | None, cwd: str | None = None) -> str:
     """``file:line`` with the file relative to the working directory, or to site-packages."""
-    if s is None:
-        return ""
-    file = s.file
-    base = cwd or os.getcwd()
-    try:
-        rel = os.path.relpath(file, base)
-        if not rel.startswith(".."):
-            file = rel
-    except ValueError:
-        pass
-    if "site-packages" + os.sep in file:
-        file = file.split("site-packages" + os.sep, 1)[1]
-    return f"{file}:{s.line}"
+    return f"{short_path(s.file, cwd)}:{s.line}" if s else ""
 
 
 def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...] = ()) -> RenderableType:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["fmt_bytes", "fmt_seconds", "fmt_share"]
+import os
+
+__all__ = ["fmt_bytes", "fmt_seconds", "fmt_share", "short_path"]
 
 
 def fmt_bytes(n: float) -> str:
@@ -39,3 +41,22 @@ def fmt_share(x: float) -> str:
     '87.5%'
     """
     return f"{100 * x:.1f}%"
+
+
+def short_path(file: str, cwd: str | None = None) -> str:
+    """A source path relative to the working directory, or to site-packages.
+
+    >>> short_path("/x/lib/python3.11/site-packages/timm/models/vit.py", cwd="/home")
+    'timm/models/vit.py'
+    """
+    base = cwd or os.getcwd()
+    try:
+        rel = os.path.relpath(file, base)
+        if not rel.startswith(".."):
+            return rel
+    except ValueError:
+        pass
+    marker = "site-packages" + os.sep
+    if marker in file:
+        return file.split(marker, 1)[1]
+    return file

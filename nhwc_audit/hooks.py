@@ -10,8 +10,6 @@ its error, and the audit stops there.
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 import torch
@@ -20,29 +18,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._tensors import first_line, iter_tensors, to_nchw
-from .capture import _DEFAULT_MODES, _TORCH_DIR, _is_own
+from .capture import _DEFAULT_MODES, user_frame
 from .layout import tensor_meta
-from .propagate import _COPY_OPS, layout_change
-from .records import HiddenCopy, NodeInput, NodeRecord, SourceLoc
+from .propagate import _is_alias_of, hidden_copy
+from .records import NodeInput, NodeRecord
 
 __all__ = ["record_eager"]
 
 # ATen ops that only describe tensors or allocate: never layout findings, kept out of the graph
 _SKIP = frozenset({"detach", "alias", "lift_fresh", "_local_scalar_dense", "empty", "empty_like", "zeros"})
-
-
-def _user_source() -> SourceLoc | None:
-    import linecache
-
-    f: types.FrameType | None = sys._getframe(2)
-    while f is not None:
-        file = f.f_code.co_filename
-        if file.startswith(_TORCH_DIR) or _is_own(file):
-            f = f.f_back
-            continue
-        line = f.f_lineno or 0
-        return SourceLoc(file=file, line=line, function=f.f_code.co_name, code=linecache.getline(file, line).strip())
-    return None
 
 
 class _Recorder(TorchDispatchMode):
@@ -78,7 +62,7 @@ class _Recorder(TorchDispatchMode):
             "op_name": op,
             "module_path": path,
             "module_type": mtype,
-            "source": _user_source(),
+            "source": user_frame(),
             "inputs": [
                 NodeInput(producer=self.producer.get(t), meta=tensor_meta(t), is_param=isinstance(t, nn.Parameter))
                 for t in ins
@@ -92,18 +76,10 @@ class _Recorder(TorchDispatchMode):
             self.layout_caused = _fails_only_on_channels_last(func, args, kwargs)
             raise
         outs = list(iter_tensors(out))
-        in_ptrs = {t.untyped_storage().data_ptr() for t in ins}
         rec["outputs"] = [tensor_meta(t) for t in outs]
-        rec["aliases"] = any(t.untyped_storage().data_ptr() in in_ptrs for t in outs)
-        hidden: list[HiddenCopy] = []
-        if func in _COPY_OPS and ins and outs:
-            src = args[1] if op == "copy_" else args[0]
-            sm, dm = tensor_meta(src), tensor_meta(outs[0])
-            if layout_change(sm, dm):
-                hidden.append(
-                    HiddenCopy(op=op, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
-                )
-        rec["hidden"] = hidden
+        rec["aliases"] = any(_is_alias_of(t, i) for t in outs for i in ins)
+        copy = hidden_copy(func, args, out)
+        rec["hidden"] = [copy] if copy is not None else []
         for t in outs:
             self.producer[t] = rec["name"]
         self.records.append(rec)

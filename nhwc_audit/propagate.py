@@ -46,6 +46,20 @@ def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
     return last is not None and last != 1 and pair == {1, last}
 
 
+def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
+    """The record of an ATen copy (clone, copy_, _to_copy, contiguous) that changes layout."""
+    if func not in _COPY_OPS:
+        return None
+    src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4):
+        return None
+    sm, dm = tensor_meta(src), tensor_meta(out)
+    if not layout_change(sm, dm):
+        return None
+    name = str(func.overloadpacket.__name__)
+    return HiddenCopy(op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
+
+
 class CopyRecorder(TorchDispatchMode):
     """Sees the ATen ops a node runs and keeps the copies that change layout."""
 
@@ -55,21 +69,9 @@ class CopyRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func in _COPY_OPS:
-            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-            dst = out
-            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dim() >= 4:
-                sm, dm = tensor_meta(src), tensor_meta(dst)
-                if layout_change(sm, dm):
-                    self.copies.append(
-                        HiddenCopy(
-                            op=str(func.overloadpacket.__name__),
-                            layout_in=sm.layout,
-                            layout_out=dm.layout,
-                            shape=dm.shape,
-                            bytes=2 * dm.nbytes,
-                        )
-                    )
+        copy = hidden_copy(func, args, out)
+        if copy is not None:
+            self.copies.append(copy)
         return out
 
 

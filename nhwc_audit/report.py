@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .fmt import fmt_bytes, fmt_seconds, fmt_share
+from .fmt import fmt_bytes, fmt_seconds, fmt_share, short_path
 from .records import Finding, FindingKind, Layout, NodeRecord, SourceLoc
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from .result import AuditReport
 
-__all__ = ["graph_layout", "render_html", "render_notebook", "short_path", "view_model"]
+__all__ = ["graph_layout", "render_html", "render_notebook", "view_model"]
 
 _X_STEP, _Y_STEP, _NODE_W, _NODE_H = 34, 22, 26, 14
 _KIND_ORDER = {
@@ -34,21 +34,6 @@ _KIND_ORDER = {
     FindingKind.BACKWARD: 4,
     FindingKind.DIVERGENCE: 5,
 }
-
-
-def short_path(file: str, cwd: str | None = None) -> str:
-    """A source path relative to the working directory, or to site-packages."""
-    base = cwd or os.getcwd()
-    try:
-        rel = os.path.relpath(file, base)
-        if not rel.startswith(".."):
-            return rel
-    except ValueError:
-        pass
-    marker = "site-packages" + os.sep
-    if marker in file:
-        return file.split(marker, 1)[1]
-    return file
 
 
 def _loc(s: SourceLoc | None) -> str:

@@ -99,8 +99,7 @@ class _Candidate:
 
 def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A private copy sharing parameters (read-only) and copying buffers."""
-    memo: dict[int, Any] = {id(p): p for p in gm.parameters()}
-    out = copy.deepcopy(gm, memo)
+    out = _fresh(gm)
     assert isinstance(out, torch.fx.GraphModule)
     return out
 

@@ -219,3 +219,14 @@ def test_fx_graph_that_differs_from_eager_falls_back(batch: int) -> None:
     assert r.meta.capture_notes[0].startswith("fx: the captured graph does not reproduce eager")
     ok = audit(M.ConvBnRelu(), torch.randn(batch, 3, 8, 8), bandwidth=1e9)
     assert ok.meta.capture == "fx" and ok.meta.capture_notes == ()
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_source_lines_are_the_models_never_the_callers(capture: str) -> None:
+    """A torch.nn-only model has no source line of its own; the line that called audit() is
+    not the model's and must not be reported (fx and hooks captures share one frame walker)."""
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4))
+    r = audit(plain, torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
+    assert r.findings and all(f.source is None for f in r.findings)
+    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
+    assert all(f.source is not None and f.source.file.endswith("models.py") for f in r.findings)
