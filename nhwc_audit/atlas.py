@@ -41,6 +41,10 @@ class AtlasRow:
     error: str = ""
 
 
+def _failed(name: str, error: str) -> AtlasRow:
+    return AtlasRow(name, "-", "-", 0.0, 0.0, 0, 0, 0, 0, 0, "", "", error=error)
+
+
 def _offenders(report: AuditReport) -> str:
     """The root-cause ops of the three costliest fixes, with how many sites each."""
     return ", ".join(f"{x.op} x{len(x.roots)}" for x in report.fixes[:3])
@@ -64,11 +68,11 @@ def run_atlas(
                 model, args, kwargs = build(name)
                 report = audit(model, args, example_kwargs=kwargs, bandwidth=bandwidth, name=name)
         except ImportError as e:
-            rows.append(AtlasRow(name, "-", "-", 0.0, 0.0, 0, 0, 0, 0, 0, "", "", error=f"not installed: {e.name}"))
+            rows.append(_failed(name, f"not installed: {e.name}"))
             log(f"{name}: skipped ({e.name} not installed)")
             continue
         except Exception as e:  # one model failing must not stop the atlas
-            rows.append(AtlasRow(name, "-", "-", 0.0, 0.0, 0, 0, 0, 0, 0, "", "", error=f"{type(e).__name__}: {e}"))
+            rows.append(_failed(name, f"{type(e).__name__}: {e}"))
             log(f"{name}: failed: {type(e).__name__}: {e}")
             continue
         seconds = time.perf_counter() - t0
