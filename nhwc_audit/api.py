@@ -6,6 +6,7 @@ printing anything.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +17,9 @@ from torch.utils._pytree import tree_leaves
 
 from .analyze import analyze
 from .bandwidth import measure_transpose_bandwidth
-from .chain import capture_and_propagate
-from .conversion import model_device, prepare_audit_copy, prepare_inputs
-from .errors import ChannelsLastError, UsageError
+from .chain import Captured, capture_and_propagate
+from .conversion import AuditCopy, model_device, prepare_audit_copy, prepare_inputs
+from .errors import ChannelsLastError, SharedWeightWrite, UsageError
 from .fmt import fmt_bytes
 from .layout import tensor_meta
 from .load import split_example
@@ -133,7 +134,7 @@ def audit(
         )
     dev = _resolve_device(module, device)
     target_device = dev if dev != model_device(module) else None
-    copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
+    audit_copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
     sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=dtype, device=dev)
     t1 = time.perf_counter()
     amp: torch.dtype | None = None
@@ -141,9 +142,26 @@ def audit(
         amp = torch.bfloat16 if dev.type == "cpu" else torch.float16
     elif isinstance(autocast, torch.dtype):
         amp = autocast
-    captured = capture_and_propagate(
-        copy, sample_args, sample_kwargs, method=capture, verify=verify, progress=progress, autocast=amp
-    )
+
+    def run(c: AuditCopy) -> Captured:
+        return capture_and_propagate(
+            c.module,
+            sample_args,
+            sample_kwargs,
+            method=capture,
+            verify=verify,
+            progress=progress,
+            autocast=amp,
+            shared=c.shared,
+        )
+
+    try:
+        captured = run(audit_copy)
+    except SharedWeightWrite as e:
+        # caught before the write: start again on weights of the audit's own
+        audit_copy = prepare_audit_copy(module, dtype=dtype, device=target_device, share_weights=False)
+        captured = run(audit_copy)
+        captured = dataclasses.replace(captured, notes=(*captured.notes, f"{e}: audited on copies of the weights"))
     records = captured.records
     param_grads: dict[str, Any] = {}
     if train:
@@ -314,8 +332,6 @@ def _audit_fake(
         records, _ = propagate(captured.gm, sample_args, sample_kwargs, record_hidden=False, flat_inputs=flat)
         param_grads: dict[str, Any] = {}
         if train:
-            import dataclasses
-
             from .backward import backward_layouts
             from .propagate import _positional
 
@@ -377,7 +393,6 @@ def _peak_rss() -> int:
 
 
 def _with_backward(captured: Any, dtype: torch.dtype | None) -> tuple[list[NodeRecord], dict[str, Any]]:
-    import dataclasses
 
     from .backward import backward_layouts
 
@@ -414,7 +429,6 @@ def _audit_both(
     train: bool,
 ) -> AuditReport:
     """Real and fake on the same graph; every node where they disagree is a divergence."""
-    import dataclasses
 
     from .fake import divergences
 

@@ -17,9 +17,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._tensors import clone_value, first_line
 from .capture import export, trace
-from .errors import PropagationError, TraceError, UsageError
+from .errors import PropagationError, SharedWeightWrite, TraceError, UsageError
 from .hooks import record_eager
-from .propagate import ProgressFn, _positional, propagate
+from .propagate import CopyRecorder, ProgressFn, _positional, propagate
 from .records import NodeRecord
 
 __all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
@@ -41,9 +41,14 @@ class Captured:
 Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
-def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx) -> Any:
-    """One forward of ``model`` (or a captured graph) on clones of the sample, seeded."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx():
+def _run_eager(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx, shared: frozenset[int]
+) -> Any:
+    """One forward of ``model`` (or a captured graph) on clones of the sample, seeded, never
+    writing to the ``shared`` weights (:class:`SharedWeightWrite`; ~10% of a resnet50
+    forward at batch 1 when there are any)."""
+    guard = CopyRecorder(shared) if shared else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx(), guard:
         torch.manual_seed(seed)
         return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
 
@@ -91,10 +96,14 @@ def capture_and_propagate(
     verify: bool = True,
     progress: ProgressFn | None = None,
     autocast: torch.dtype | None = None,
+    shared: frozenset[int] = frozenset(),
 ) -> Captured:
     """Capture ``model`` (the audit's private channels_last copy) and record every node's
     layouts on the sample. ``method`` forces one capture ('fx', 'export', 'hooks');
-    ``autocast`` runs every execution under ``torch.autocast`` with that dtype."""
+    ``autocast`` runs every execution under ``torch.autocast`` with that dtype; ``shared``
+    are the storages of user weights the copy reads in place (recorded runs raise
+    :class:`SharedWeightWrite` before writing to one; the unrecorded eager check runs the
+    same code the recorded run has just run without writing)."""
     if method not in CAPTURES:
         raise UsageError(f"capture {method!r} is not one of: {', '.join(CAPTURES)}")
     notes: list[str] = []
@@ -110,7 +119,7 @@ def capture_and_propagate(
 
     def eager() -> Any:
         if not eager_out:
-            eager_out.append(_run_eager(model, args, kwargs, seed, ctx))
+            eager_out.append(_run_eager(model, args, kwargs, seed, ctx, shared))
         return eager_out[0]
 
     def graph_step(name: str, capture: Callable[[], Any], flat: bool) -> Captured | None:
@@ -133,10 +142,13 @@ def capture_and_propagate(
                     tree_map(clone_value, kwargs),
                     progress=progress,
                     flat_inputs=flat,
+                    shared=shared,
                 )
         except PropagationError as e:
             try:
                 eager()
+            except SharedWeightWrite:
+                raise
             except Exception as eager_error:
                 same = str(e.__cause__) == str(eager_error) if e.__cause__ else False
                 tail = (
@@ -160,8 +172,10 @@ def capture_and_propagate(
                 # batch costs 2/B of a forward instead of one forward (falls back to the full
                 # batch when either side cannot run at batch 1, e.g. train-mode BatchNorm on 1x1)
                 try:
-                    small_graph = _run_eager(cap.gm, sliced[0], sliced[1], seed, ctx)
-                    small_eager = _run_eager(model, sliced[0], sliced[1], seed, ctx)
+                    small_graph = _run_eager(cap.gm, sliced[0], sliced[1], seed, ctx, shared)
+                    small_eager = _run_eager(model, sliced[0], sliced[1], seed, ctx, shared)
+                except SharedWeightWrite:
+                    raise
                 except Exception:
                     sliced = None
                 else:
@@ -172,6 +186,8 @@ def capture_and_propagate(
                     return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
             try:
                 reference = eager()
+            except SharedWeightWrite:
+                raise
             except Exception as e:
                 notes.append(f"{name}: not checked against eager (eager raised {first_line(e)})")
                 return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
@@ -191,7 +207,11 @@ def capture_and_propagate(
             return got
     try:
         with ctx():
-            records, _, _ = record_eager(model, tree_map(clone_value, args), tree_map(clone_value, kwargs))
+            records, _, _ = record_eager(
+                model, tree_map(clone_value, args), tree_map(clone_value, kwargs), shared=shared
+            )
+    except SharedWeightWrite:
+        raise
     except Exception as e:
         reasons = "; ".join(notes)
         raise PropagationError(

@@ -10,7 +10,9 @@ would leave alone), and those strides decide a conv's output layout.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +20,15 @@ from torch import nn
 
 from .errors import ConversionError, UsageError
 
-__all__ = ["convert", "memory_format_for_rank", "model_device", "prepare_audit_copy", "prepare_inputs"]
+__all__ = [
+    "AuditCopy",
+    "clone_modules",
+    "convert",
+    "memory_format_for_rank",
+    "model_device",
+    "prepare_audit_copy",
+    "prepare_inputs",
+]
 
 
 def memory_format_for_rank(rank: int) -> torch.memory_format | None:
@@ -86,14 +96,125 @@ def convert(model: nn.Module) -> nn.Module:
     return new
 
 
-def prepare_audit_copy(
-    model: nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | None = None
-) -> nn.Module:
-    """A channels_last copy for auditing, cheap on weights.
+_ATOMIC = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format)
 
-    Spatial (4D/5D) parameters are converted (as ``convert`` does); other parameters are
-    shared with ``model`` read-only (the audit runs under ``no_grad``); buffers are
-    copied, so BatchNorm running statistics in train mode never reach the user's model.
+
+def _atomic(v: Any) -> bool:
+    return isinstance(v, _ATOMIC) or (type(v) is tuple and all(isinstance(x, _ATOMIC) for x in v))
+
+
+def _plain_copyable(cls: Any) -> bool:
+    """``copy.deepcopy`` would copy an instance of ``cls`` through getstate/setstate."""
+    base: Any = object
+    return (
+        getattr(cls, "__deepcopy__", None) is None
+        and cls.__reduce_ex__ is base.__reduce_ex__
+        and cls.__reduce__ is base.__reduce__
+        and not any("__slots__" in k.__dict__ for k in cls.__mro__[:-1])
+    )
+
+
+def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(model, memo)`` with a fast path for the module tree.
+
+    ``memo`` maps ``id()`` of parameters and buffers to their replacements (as deepcopy's
+    memo does; one missing from it is deep-copied). Modules are rebuilt through their own ``__getstate__``/``__setstate__``;
+    numbers, strings and tuples of them are shared (immutable), empty containers (hook
+    dicts) are new, anything else goes through ``copy.deepcopy`` with the same memo. A
+    module class with its own ``__deepcopy__``/``__reduce__`` is deep-copied whole.
+    About 6x faster than deepcopy on torchvision's resnet50 (161 modules).
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> c = clone_modules(m, {id(p): p.detach().clone() for p in m.parameters()})
+    >>> c[0] is not m[0], c[0].weight.data_ptr() != m[0].weight.data_ptr()
+    (True, True)
+    """
+
+    def one(m: Any) -> Any:
+        if id(m) in memo:
+            return memo[id(m)]
+        cls: Any = type(m)
+        if not _plain_copyable(cls):
+            return copy.deepcopy(m, memo)
+        new = cls.__new__(cls)
+        memo[id(m)] = new
+        state: dict[str, Any] = {}
+        for k, v in m.__getstate__().items():
+            if k in ("_parameters", "_buffers"):
+                state[k] = {n: (None if t is None else copy.deepcopy(t, memo)) for n, t in v.items()}
+            elif k == "_modules":
+                state[k] = {n: (None if c is None else one(c)) for n, c in v.items()}
+            elif _atomic(v):
+                state[k] = v
+            elif type(v) in (dict, OrderedDict, set) and not v:
+                state[k] = type(v)()
+            else:
+                state[k] = copy.deepcopy(v, memo)
+        new.__setstate__(state)
+        return new
+
+    out: nn.Module = one(model)
+    return out
+
+
+def _restrided(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor | None:
+    """``t`` with the strides ``t.to(memory_format=fmt)`` gives it (worked out on the meta
+    device, so 1x1 and depthwise weights are restrided exactly as ``.to`` does), over ``t``'s
+    own storage: no copy, the values come out permuted. ``t`` itself when ``.to`` keeps its
+    strides; None unless ``t`` is dense in NCHW or channels_last order (else a view of its
+    storage may not cover the new strides)."""
+    strides = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").to(memory_format=fmt).stride()
+    if strides == t.stride():
+        return t
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=fmt)):
+        return None
+    return torch.as_strided(t, t.shape, strides, t.storage_offset())
+
+
+def _audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> tuple[torch.Tensor, bool]:
+    """A parameter's tensor for the audit and whether it shares the user's storage.
+
+    Same dtype and device: 4D/5D weights are *restrided* to what ``.to(memory_format=...)``
+    gives (same storage, values permuted: kernels choose layouts from strides, shapes and
+    dtypes, never from values); the rest are the user's tensors as they are. Any other
+    dtype or device: a converted copy."""
+    fmt = memory_format_for_rank(t.dim())
+    changes_dtype = dtype is not None and t.is_floating_point() and t.dtype != dtype
+    if changes_dtype or (device is not None and t.device != device):
+        return _converted(t, dtype, device), False
+    if fmt is None:
+        return t, True
+    view = _restrided(t, fmt)
+    return (view, True) if view is not None else (t.to(memory_format=fmt), False)
+
+
+@dataclass(frozen=True)
+class AuditCopy:
+    """The audit's private channels_last model and the storages it shares with the user's."""
+
+    module: nn.Module
+    shared: frozenset[int]
+    """``untyped_storage().data_ptr()`` of every user parameter the copy reads in place: the
+    propagation refuses to write to them (:class:`~nhwc_audit.errors.SharedWeightWrite`)."""
+
+
+def prepare_audit_copy(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    share_weights: bool = True,
+) -> AuditCopy:
+    """A channels_last copy for auditing that does not pay for the weights.
+
+    The audit needs the weights' layouts, not their values: with ``share_weights``,
+    parameters keep the user's storage (4D/5D ones restrided to channels_last, see
+    :func:`_audit_param`) and nothing is copied; without it (the fallback for models that
+    write to their own weights in forward) spatial parameters are converted copies as
+    :func:`convert` makes them. Buffers are always copied, so BatchNorm running statistics
+    in train mode never reach the user's model. The module tree is rebuilt
+    (:func:`clone_modules`), so setting attributes on the copy never touches ``model``.
     """
     for name, t, _ in _tensors(model):
         if t.device.type == "meta":
@@ -103,14 +224,24 @@ def prepare_audit_copy(
                 "--mode fake (API: mode='fake')"
             )
     memo: dict[int, Any] = {}
+    shared: set[int] = set()
     with torch.no_grad():
         for _, t, is_param in _tensors(model):
-            new = _converted(t.detach(), dtype, device)
-            if not is_param and _same_storage(new, t):
-                new = new.clone()  # buffers may be updated in place (BatchNorm stats)
-            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+            if is_param:
+                if share_weights:
+                    new, shares = _audit_param(t.detach(), dtype, device)
+                else:
+                    new, shares = _converted(t.detach(), dtype, device), False
+                    if _same_storage(new, t):
+                        new = new.clone(memory_format=torch.preserve_format)
+                if shares:
+                    shared.add(t.untyped_storage().data_ptr())
+                memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad)
+            else:
+                new = _converted(t.detach(), dtype, device)
+                memo[id(t)] = new.clone() if _same_storage(new, t) else new  # updated in place (BN stats)
     try:
-        return copy.deepcopy(model, memo)
+        return AuditCopy(clone_modules(model, memo), frozenset(shared))
     except Exception as e:
         raise ConversionError(
             f"cannot copy {type(model).__name__} for the audit ({type(e).__name__}: {e}); "

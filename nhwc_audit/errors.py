@@ -13,6 +13,9 @@ them to exit code 2 and prints ``str(error)`` as one line (the full traceback on
     ├── ReportWriteError      a report file could not be written
     └── ChannelsLastError     raised by ``check()``: the model does not stay channels_last
 
+``SharedWeightWrite`` is internal (never reaches a user): the audit caught the model
+about to write to a weight it shares with the user's model, and starts again on copies.
+
 This module imports nothing from the package (and nothing heavy).
 """
 
@@ -24,6 +27,7 @@ __all__ = [
     "NhwcAuditError",
     "PropagationError",
     "ReportWriteError",
+    "SharedWeightWrite",
     "TargetLoadError",
     "TraceError",
     "UsageError",
@@ -75,3 +79,12 @@ class ChannelsLastError(NhwcAuditError):
     def __init__(self, message: str, *, offenders: tuple[object, ...] = ()):
         super().__init__(message)
         self.offenders = offenders
+
+
+class SharedWeightWrite(Exception):
+    """The model was about to write in place to a weight the audit shares with the user's
+    model (``op``); raised before the write happens. Internal: the audit re-runs on copies."""
+
+    def __init__(self, op: str):
+        super().__init__(f"the model writes to its own weights in forward ({op})")
+        self.op = op

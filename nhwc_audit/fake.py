@@ -6,7 +6,6 @@ kernels behind FakeTensors disagree with real kernels on some ops (see ``KNOWN_D
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .conversion import memory_format_for_rank
+from .conversion import clone_modules, memory_format_for_rank
 from .errors import TraceError
 from .records import Finding, FindingKind, Layout, NodeRecord
 
@@ -55,7 +54,7 @@ def fake_copy(model: nn.Module, mode: Any, device: torch.device, dtype: torch.dt
         for b in model.buffers():
             memo[id(b)] = _fake_like(b, device, dtype)
     try:
-        return copy.deepcopy(model, memo)
+        return clone_modules(model, memo)
     except Exception as e:
         raise TraceError(f"cannot copy {type(model).__name__} for a fake-mode audit: {e}") from e
 

@@ -20,7 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._tensors import first_line, iter_tensors, to_nchw
 from .capture import _DEFAULT_MODES, user_frame
 from .layout import tensor_meta
-from .propagate import _is_alias_of, hidden_copy
+from .propagate import _is_alias_of, check_shared_write, hidden_copy
 from .records import NodeInput, NodeRecord
 
 __all__ = ["record_eager"]
@@ -30,9 +30,10 @@ _SKIP = frozenset({"detach", "alias", "lift_fresh", "_local_scalar_dense", "empt
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, stack: list[tuple[str, str]]) -> None:
+    def __init__(self, stack: list[tuple[str, str]], shared: frozenset[int]) -> None:
         super().__init__()
         self.stack = stack
+        self.shared = shared
         self.records: list[dict[str, Any]] = []
         self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.counts: dict[str, int] = {}
@@ -46,6 +47,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        check_shared_write(func, args, kwargs, self.shared)
         op = func.overloadpacket.__name__
         ins = list(iter_tensors((args, kwargs)))
         if op in _SKIP:
@@ -109,10 +111,11 @@ def _detail(op: str, args: Any, kwargs: dict[str, Any]) -> str:
 
 
 def record_eager(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, shared: frozenset[int] = frozenset()
 ) -> tuple[list[NodeRecord], Any, str | None]:
     """Run ``model`` (the audit's private copy) once and return per-op records, its output and,
-    if an op raised, that op's error (the run stops there)."""
+    if an op raised, that op's error (the run stops there). ``shared`` as in
+    :func:`~nhwc_audit.propagate.propagate`."""
     stack: list[tuple[str, str]] = []
     handles = []
     for name, mod in model.named_modules():
@@ -128,7 +131,7 @@ def record_eager(
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))
-    rec = _Recorder(stack)
+    rec = _Recorder(stack, shared)
     out: Any = None
     error: str | None = None
     try:

@@ -6,6 +6,7 @@ It records; it never judges (that is :mod:`nhwc_audit.analyze`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._tensors import first_line, iter_tensors, to_nchw
 from .capture import NodeContext, node_context
-from .errors import PropagationError
+from .errors import PropagationError, SharedWeightWrite
 from .layout import innermost_dim, tensor_meta
 from .records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 
@@ -60,14 +61,39 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     return HiddenCopy(op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
 
 
-class CopyRecorder(TorchDispatchMode):
-    """Sees the ATen ops a node runs and keeps the copies that change layout."""
+@functools.cache
+def _written_args(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments an ATen op writes to (``self`` of ``add_``, ``out=``)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return ()
+    return tuple(
+        (i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write
+    )
 
-    def __init__(self) -> None:
+
+def check_shared_write(func: Any, args: Any, kwargs: Any, shared: frozenset[int]) -> None:
+    """Raise :class:`SharedWeightWrite` before ``func`` writes to a storage in ``shared``."""
+    if not shared:
+        return
+    for i, name in _written_args(func):
+        value = args[i] if i < len(args) else (kwargs or {}).get(name)
+        for t in (value,) if isinstance(value, torch.Tensor) else iter_tensors(value):
+            if t.untyped_storage().data_ptr() in shared:
+                raise SharedWeightWrite(str(func))
+
+
+class CopyRecorder(TorchDispatchMode):
+    """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
+    writes to the weights the audit shares with the user's model (``shared``)."""
+
+    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.copies: list[HiddenCopy] = []
+        self.shared = shared
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        check_shared_write(func, args, kwargs, self.shared)
         out = func(*args, **(kwargs or {}))
         copy = hidden_copy(func, args, out)
         if copy is not None:
@@ -88,10 +114,18 @@ class LayoutProp(torch.fx.Interpreter):
     goes on, so one ``view`` does not hide the rest of the model.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, *, progress: ProgressFn | None = None, record_hidden: bool = True):
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        *,
+        progress: ProgressFn | None = None,
+        record_hidden: bool = True,
+        shared: frozenset[int] = frozenset(),
+    ):
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False
         self.record_hidden = record_hidden
+        self.shared = shared
         self.records: list[NodeRecord] = []
         self._progress = progress
         self._nodes = list(gm.graph.nodes)
@@ -126,14 +160,14 @@ class LayoutProp(torch.fx.Interpreter):
             error: str | None = None
             hidden: list[HiddenCopy] = []
             try:
-                if self.record_hidden and n.op in ("call_module", "call_function", "call_method"):
-                    recorder = CopyRecorder()
+                if (self.record_hidden or self.shared) and n.op in ("call_module", "call_function", "call_method"):
+                    recorder = CopyRecorder(self.shared)
                     with recorder:
                         result = getattr(self, n.op)(n.target, args, kwargs)
-                    hidden = recorder.copies
+                    hidden = recorder.copies if self.record_hidden else []
                 else:
                     result = getattr(self, n.op)(n.target, args, kwargs)
-            except PropagationError:
+            except (PropagationError, SharedWeightWrite):
                 raise
             except Exception as e:
                 result = self._retry_nchw(n, args, kwargs, inputs, e)
@@ -170,7 +204,10 @@ class LayoutProp(torch.fx.Interpreter):
         if n.op in ("placeholder", "output", "get_attr") or not has_cl:
             raise model_error("none of its inputs is channels_last") from error
         try:
-            return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
+            with CopyRecorder(self.shared):
+                return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
+        except SharedWeightWrite:
+            raise
         except Exception as e2:
             again = "on NCHW input too" if str(e2) == str(error) else f"and {first_line(e2)} on NCHW input"
             raise model_error(again) from error
@@ -253,13 +290,15 @@ def propagate(
     progress: ProgressFn | None = None,
     record_hidden: bool = True,
     flat_inputs: bool = False,
+    shared: frozenset[int] = frozenset(),
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``gm`` on the (already channels_last) sample under ``no_grad``; return one record
     per node, in graph order, and the graph's output. The caller owns copying the model and
     the sample. ``flat_inputs``: the graph takes the pytree leaves of (args, kwargs), as
-    torch.export graphs do.
+    torch.export graphs do. ``shared``: storages of the user's weights the graph reads in
+    place; a write to one raises :class:`SharedWeightWrite` before it happens.
     """
-    interp = LayoutProp(gm, progress=progress, record_hidden=record_hidden)
+    interp = LayoutProp(gm, progress=progress, record_hidden=record_hidden, shared=shared)
     if flat_inputs:
         values = list(tree_leaves((args, kwargs or {})))
     else:
