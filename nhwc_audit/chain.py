@@ -21,6 +21,7 @@ from .errors import PropagationError, SharedWeightWrite, TraceError, UsageError
 from .hooks import record_eager
 from .propagate import CopyRecorder, ProgressFn, _positional, propagate
 from .records import NodeRecord
+from .replay import LeafCalls, replay, versions_of
 
 __all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
 
@@ -47,10 +48,14 @@ def _run_eager(
     """One forward of ``model`` (or a captured graph) on clones of the sample, seeded, never
     writing to the ``shared`` weights (:class:`SharedWeightWrite`; ~10% of a resnet50
     forward at batch 1 when there are any)."""
+    return _seeded(lambda: model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs)), seed, ctx, shared)
+
+
+def _seeded(fn: Callable[[], Any], seed: int, ctx: Ctx, shared: frozenset[int]) -> Any:
     guard = CopyRecorder(shared) if shared else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx(), guard:
         torch.manual_seed(seed)
-        return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
+        return fn()
 
 
 def _batch_one(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -133,6 +138,9 @@ def capture_and_propagate(
                 raise
             notes.append(f"{name}: {e}")
             return None
+        checking = verify and method != name
+        # fx graphs call leaf modules: record their calls so that a replay can check the graph
+        calls = LeafCalls() if checking and name == "fx" else None
         try:
             with torch.random.fork_rng(devices=[]), ctx():
                 torch.manual_seed(seed)
@@ -143,7 +151,9 @@ def capture_and_propagate(
                     progress=progress,
                     flat_inputs=flat,
                     shared=shared,
+                    leaf_calls=calls,
                 )
+            out_versions = versions_of(out)
         except PropagationError as e:
             try:
                 eager()
@@ -161,11 +171,26 @@ def capture_and_propagate(
                 raise
             notes.append(f"{name}: the captured graph fails where eager runs: {e}")
             return None
-        if verify and method != name:
+        if checking:
             if any(r.error for r in records):
                 # eager channels_last raises at the break too: nothing to compare against
                 notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
                 return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
+            if calls is not None:
+                # eager with every leaf module call answered from the record: the cost of the
+                # model's Python instead of a forward; anything it cannot vouch for goes on below
+                recorded = calls
+                unsure = _seeded(
+                    lambda: replay(
+                        model, recorded, tree_map(clone_value, args), tree_map(clone_value, kwargs), out, out_versions
+                    ),
+                    seed,
+                    ctx,
+                    shared,
+                )
+                calls = recorded = None  # type: ignore[assignment]  # let the recorded activations go
+                if unsure is None:
+                    return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
             sliced = _batch_one(args, kwargs) if name == "fx" else None
             if sliced is not None:
                 # fx graphs are not specialised to shapes: checking fidelity on one sample of the

@@ -20,6 +20,7 @@ from .capture import NodeContext, node_context
 from .errors import PropagationError, SharedWeightWrite
 from .layout import innermost_dim, tensor_meta
 from .records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
+from .replay import LeafCalls
 
 __all__ = ["CopyRecorder", "LayoutProp", "layout_change", "propagate"]
 
@@ -121,11 +122,13 @@ class LayoutProp(torch.fx.Interpreter):
         progress: ProgressFn | None = None,
         record_hidden: bool = True,
         shared: frozenset[int] = frozenset(),
+        leaf_calls: LeafCalls | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False
         self.record_hidden = record_hidden
         self.shared = shared
+        self.leaf_calls = leaf_calls
         self.records: list[NodeRecord] = []
         self._progress = progress
         self._nodes = list(gm.graph.nodes)
@@ -160,6 +163,9 @@ class LayoutProp(torch.fx.Interpreter):
             error: str | None = None
             hidden: list[HiddenCopy] = []
             try:
+                noted = None
+                if self.leaf_calls is not None and n.op == "call_module":
+                    noted = self.leaf_calls.before(self.fetch_attr(str(n.target)), args, kwargs)
                 if (self.record_hidden or self.shared) and n.op in ("call_module", "call_function", "call_method"):
                     recorder = CopyRecorder(self.shared)
                     with recorder:
@@ -167,9 +173,13 @@ class LayoutProp(torch.fx.Interpreter):
                     hidden = recorder.copies if self.record_hidden else []
                 else:
                     result = getattr(self, n.op)(n.target, args, kwargs)
+                if noted is not None and self.leaf_calls is not None:
+                    self.leaf_calls.after(str(n.target), noted, result)
             except (PropagationError, SharedWeightWrite):
                 raise
             except Exception as e:
+                if self.leaf_calls is not None:
+                    self.leaf_calls.disable(f"node {n.name} raised")
                 result = self._retry_nchw(n, args, kwargs, inputs, e)
                 error = first_line(e)
             if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
@@ -291,14 +301,16 @@ def propagate(
     record_hidden: bool = True,
     flat_inputs: bool = False,
     shared: frozenset[int] = frozenset(),
+    leaf_calls: LeafCalls | None = None,
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``gm`` on the (already channels_last) sample under ``no_grad``; return one record
     per node, in graph order, and the graph's output. The caller owns copying the model and
     the sample. ``flat_inputs``: the graph takes the pytree leaves of (args, kwargs), as
     torch.export graphs do. ``shared``: storages of the user's weights the graph reads in
     place; a write to one raises :class:`SharedWeightWrite` before it happens.
+    ``leaf_calls`` collects every leaf module call for the replay check (:mod:`.replay`).
     """
-    interp = LayoutProp(gm, progress=progress, record_hidden=record_hidden, shared=shared)
+    interp = LayoutProp(gm, progress=progress, record_hidden=record_hidden, shared=shared, leaf_calls=leaf_calls)
     if flat_inputs:
         values = list(tree_leaves((args, kwargs or {})))
     else:

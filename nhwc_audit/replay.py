@@ -1,0 +1,228 @@
+"""Fidelity check of an fx capture without a second forward pass.
+
+A symbolic trace can differ from what the model does eagerly (``isinstance`` checks on
+proxies, ``try/except`` around traced code, fx-only branches). The plain check runs the
+model eagerly once more and compares outputs: one whole forward. The replay check gets the
+same answer for the cost of the model's Python: while the graph is propagated, every leaf
+module call (``call_module`` node) keeps its inputs and output (:class:`LeafCalls`); then
+the model runs eagerly with each leaf module's call replaced by the recorded one
+(:func:`replay`). Everything between leaf modules (adds, cats, reshapes, functional calls)
+runs for real, every leaf call's inputs are compared with the inputs the graph gave it, and
+the final outputs with the graph's: a graph that differs from eager shows up at the first
+leaf call or output it changes.
+
+The check is conservative: whenever it cannot tell (a leaf call it has no record of, a
+recorded tensor changed in place since it was recorded, too much to keep, a value that
+differs for any reason such as random ops), it answers with a reason and the caller runs
+the plain check instead, which decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ._tensors import first_line
+from .errors import SharedWeightWrite
+
+__all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "replay", "versions_of"]
+
+DEFAULT_BUDGET_BYTES = 2 * 1024**3
+"""What :class:`LeafCalls` may keep alive (about every activation of one forward); past it
+the replay check is off and the plain check runs."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    leaves: list[Any]
+    """The flattened (args, kwargs) as the graph passed them."""
+    spec: Any
+    versions: tuple[int | None, ...]
+    """Each tensor leaf's version counter at the call (None for non-tensors)."""
+    snapshots: list[Any] | None
+    """Copies of ``leaves`` taken before an in-place module overwrote them."""
+    result: Any
+
+
+_Noted = tuple[list[Any], Any, tuple[int | None, ...], list[Any] | None]
+
+
+class LeafCalls:
+    """What each leaf module call of a propagation was given and returned, per module path."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        self.calls: dict[str, list[_Call]] = {}
+        self.budget = budget_bytes
+        self.kept = 0
+        self._storages: set[int] = set()
+        self.off: str | None = None
+        """Why the record is unusable (None while it is usable)."""
+
+    def _keep(self, leaves: list[Any]) -> None:
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                if s.data_ptr() not in self._storages:
+                    self._storages.add(s.data_ptr())
+                    self.kept += s.nbytes()
+        if self.kept > self.budget:
+            self.disable(f"keeping every leaf module's inputs would hold more than {self.budget / 2**30:.0f} GiB")
+
+    def disable(self, why: str) -> None:
+        if self.off is None:
+            self.off = why
+            self.calls.clear()
+            self._storages.clear()
+
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Noted | None:
+        """Note a leaf call's inputs just before it runs (with copies for in-place modules such
+        as ``ReLU(inplace=True)``, whose input the call overwrites)."""
+        if self.off is not None:
+            return None
+        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))  # fx hands immutable_list/dict
+        versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in leaves)
+        snapshots = None
+        if getattr(module, "inplace", False) is True:
+            snapshots = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]
+            self._keep(snapshots)
+        self._keep(leaves)
+        return leaves, spec, versions, snapshots
+
+    def after(self, target: str, noted: _Noted | None, result: Any) -> None:
+        if self.off is not None or noted is None:
+            return
+        self._keep(tree_flatten(result)[0])
+        if self.off is None:
+            self.calls.setdefault(target, []).append(_Call(*noted, result=result))
+
+
+class _Differs(Exception):
+    pass
+
+
+def _same(x: Any, y: Any, version: int | None, snapshot: Any, handed: dict[int, int], what: str) -> None:
+    """Raise :class:`_Differs` unless eager's ``x`` is the graph's ``y`` (``y`` had ``version``
+    at the call; ``snapshot`` is its copy from then, or None)."""
+    if isinstance(y, torch.Tensor):
+        if not isinstance(x, torch.Tensor):
+            raise _Differs(f"{what}: eager passes {type(x).__name__} where the graph passes a tensor")
+        if x is y:
+            # the very tensor the graph used: fine unless eager changed it since the replay handed it out
+            expected = handed.get(id(x), version)
+            if expected is None or x._version != expected:
+                raise _Differs(f"{what}: changed in place since it was recorded")
+            return
+        if isinstance(snapshot, torch.Tensor):
+            y = snapshot
+        elif version is not None and y._version != version:
+            raise _Differs(f"{what}: the recorded input changed in place after the call")
+        if x.shape != y.shape or x.dtype != y.dtype:
+            raise _Differs(f"{what}: eager gives {tuple(x.shape)} {x.dtype}, the graph {tuple(y.shape)} {y.dtype}")
+        if not torch.equal(x, y):
+            try:
+                torch.testing.assert_close(x, y, equal_nan=True, check_stride=False)
+            except AssertionError:
+                raise _Differs(f"{what}: values differ") from None
+        return
+    try:
+        same = bool(x == y)
+    except Exception:
+        same = False
+    if not same and x is not y:
+        raise _Differs(f"{what}: eager passes {_short(x)}, the graph {_short(y)}")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _handed_out(result: Any, handed: dict[int, int]) -> Any:
+    for t in tree_flatten(result)[0]:
+        if isinstance(t, torch.Tensor):
+            handed[id(t)] = t._version
+    return result
+
+
+@contextlib.contextmanager
+def _replaced(model: nn.Module, calls: LeafCalls, handed: dict[int, int], used: dict[str, int]) -> Iterator[None]:
+    patched: list[nn.Module] = []
+
+    def make(target: str) -> Any:
+        recorded = calls.calls[target]
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            i = used.get(target, 0)
+            used[target] = i + 1
+            if i >= len(recorded):
+                raise _Differs(f"eager calls {target} {i + 1} times, the graph {len(recorded)}")
+            c = recorded[i]
+            leaves, spec = tree_flatten((args, kwargs))
+            if spec != c.spec:
+                raise _Differs(f"{target} (call {i + 1}): eager passes other arguments than the graph")
+            for j, (x, y) in enumerate(zip(leaves, c.leaves, strict=True)):
+                snap = c.snapshots[j] if c.snapshots is not None else None
+                _same(x, y, c.versions[j], snap, handed, f"{target} (call {i + 1}) input {j}")
+            return _handed_out(c.result, handed)
+
+        return call
+
+    try:
+        for target in calls.calls:
+            mod = model.get_submodule(target)
+            if "_call_impl" in mod.__dict__:
+                raise _Differs(f"{target} already replaces its call")
+            mod._call_impl = make(target)  # type: ignore[method-assign]  # instance attribute: hooks included
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.__dict__["_call_impl"]
+
+
+def replay(
+    model: nn.Module,
+    calls: LeafCalls,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    graph_out: Any,
+    out_versions: tuple[int | None, ...],
+) -> str | None:
+    """Run ``model`` eagerly (the caller sets seeds, autocast and guards) with its leaf module
+    calls replaced by ``calls``; None when every leaf call and the output match the graph's
+    (``graph_out``, whose tensor leaves had ``out_versions`` when the propagation ended),
+    else why the replay cannot vouch for the graph."""
+    if calls.off is not None:
+        return calls.off
+    handed: dict[int, int] = {}
+    used: dict[str, int] = {}
+    try:
+        with _replaced(model, calls, handed, used), torch.no_grad():
+            out = model(*args, **kwargs)
+        for target, recorded in calls.calls.items():
+            if used.get(target, 0) != len(recorded):
+                raise _Differs(f"eager calls {target} {used.get(target, 0)} times, the graph {len(recorded)}")
+        got, got_spec = tree_flatten(out)
+        want, want_spec = tree_flatten(graph_out)
+        if got_spec != want_spec:
+            raise _Differs("eager returns another output structure than the graph")
+        for j, (x, y) in enumerate(zip(got, want, strict=True)):
+            _same(x, y, out_versions[j], None, handed, f"output {j}")
+    except _Differs as e:
+        return str(e)
+    except SharedWeightWrite:
+        raise
+    except Exception as e:
+        return f"the replay raised {first_line(e)}"
+    return None
+
+
+def versions_of(value: Any) -> tuple[int | None, ...]:
+    """Version counters of ``value``'s flattened leaves (None for non-tensors)."""
+    return tuple(t._version if isinstance(t, torch.Tensor) else None for t in tree_flatten(value)[0])

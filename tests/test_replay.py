@@ -1,0 +1,168 @@
+"""The replay check of an fx capture: vouches for faithful graphs without a second forward,
+and never for one that differs from eager."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import models as M
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from nhwc_audit import audit
+from nhwc_audit.capture import trace
+from nhwc_audit.conversion import prepare_audit_copy
+from nhwc_audit.examples import unet
+from nhwc_audit.propagate import propagate
+from nhwc_audit.replay import LeafCalls, replay, versions_of
+
+
+def _replay(model: nn.Module, *args: torch.Tensor, budget: int = 2**31) -> str | None:
+    cp = prepare_audit_copy(model)
+    gm = trace(cp.module).gm
+    sample = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args)
+    calls = LeafCalls(budget)
+    _, out = propagate(gm, tuple(a.clone() for a in sample), {}, leaf_calls=calls, shared=cp.shared)
+    return replay(cp.module, calls, tuple(a.clone() for a in sample), {}, out, versions_of(out))
+
+
+class Twice(nn.Module):
+    """One module called twice, a leaf returning a tuple, a pre-hook that edits the input and
+    eager in-place ops on leaf outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.conv.register_forward_pre_hook(lambda m, a: (a[0] * 0.5,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        y += x
+        y = self.act(self.conv(y))
+        seq = y.flatten(2).transpose(1, 2)
+        att, _ = self.attn(seq, seq, seq)
+        return y + att.transpose(1, 2).reshape(y.shape)
+
+
+@pytest.mark.parametrize(
+    "build,shape",
+    [
+        (lambda: tvm.resnet18().eval(), (1, 3, 32, 32)),
+        (lambda: tvm.resnet18().train(), (2, 3, 32, 32)),  # BatchNorm updates its (copied) stats
+        (lambda: tvm.mobilenet_v3_small().eval(), (2, 3, 32, 32)),
+        (lambda: unet()[0], (1, 3, 32, 32)),
+        (Twice, (1, 4, 8, 8)),
+    ],
+)
+def test_replay_vouches_for_faithful_graphs(build, shape) -> None:  # type: ignore[no-untyped-def]
+    assert _replay(build(), torch.randn(shape)) is None
+
+
+def test_fx_check_runs_no_second_forward() -> None:
+    model = M.ConvBnRelu()
+    seen: list[int] = []
+    model.conv.register_forward_hook(lambda m, a, o: seen.append(1))  # deep copies keep hooks
+    report = audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert report.meta.capture == "fx" and report.meta.capture_notes == ()
+    assert len(seen) == 1  # the propagation's call only: the check replayed it
+
+
+class ChangesInput(nn.Module):
+    """fx sees a Proxy, not a Tensor: the graph skips the ``+ 1`` that eager applies before conv2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        if isinstance(y, torch.Tensor):
+            y = y + 1
+        out: torch.Tensor = self.conv2(y)
+        return out
+
+
+class SkipsCall(nn.Module):
+    """The graph never calls conv2; eager does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.conv1(x)
+        if isinstance(y, torch.Tensor):
+            y = self.conv2(y)
+        return y
+
+
+class CallsMore(nn.Module):
+    """The graph calls conv twice; eager once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.conv(x)
+        if not isinstance(y, torch.Tensor):
+            y = self.conv(y)
+        return y
+
+
+class OutputOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.conv(x)
+        if isinstance(y, torch.Tensor):
+            return {"y": y, "z": y.mean()}
+        return {"y": y}
+
+
+@pytest.mark.parametrize(
+    "model,x,why",
+    [
+        (ChangesInput(), torch.randn(1, 3, 8, 8), "conv2 (call 1) input 0: values differ"),
+        (SkipsCall(), torch.randn(1, 3, 8, 8), "output 0: values differ"),
+        (CallsMore(), torch.randn(1, 4, 8, 8), "eager calls conv 1 times, the graph 2"),
+        (OutputOnly(), torch.randn(1, 3, 8, 8), "eager returns another output structure than the graph"),
+    ],
+)
+def test_replay_never_vouches_for_a_graph_that_differs(model: nn.Module, x: torch.Tensor, why: str) -> None:
+    assert _replay(model, x) == why
+    report = audit(model, x, bandwidth=1e9)
+    assert report.meta.capture == "export"  # the full check confirmed it and the chain moved on
+
+
+def test_replay_gives_up_past_its_memory_budget() -> None:
+    assert "would hold more than" in (_replay(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), budget=1) or "")
+
+
+class Random(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.drop(self.conv(x))
+        return y + torch.rand_like(y)
+
+
+def test_random_ops_are_left_to_the_full_check() -> None:
+    model = Random().train()
+    assert _replay(model, torch.randn(1, 3, 8, 8)) is not None  # the random draws move when leaves don't run
+    seen: list[int] = []
+    model.conv.register_forward_hook(lambda m, a, o: seen.append(1))
+    report = audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert report.meta.capture == "fx" and report.meta.capture_notes == ()  # seeded full check agrees
+    assert len(seen) == 2  # propagation + the full check's forward
