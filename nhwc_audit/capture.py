@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,10 +149,10 @@ def _short_name(target: Any) -> str:
 _DEFAULT_MODES = {"pad": "constant", "interpolate": "nearest", "upsample": "nearest"}
 
 
-def _detail(node: torch.fx.Node, root: nn.Module, op_name: str) -> str:
+def _detail(node: torch.fx.Node, sub: nn.Module | None, op_name: str) -> str:
     mode: Any = node.kwargs.get("mode")
-    if node.op == "call_module":
-        mode = getattr(root.get_submodule(str(node.target)), "mode", None)
+    if sub is not None:
+        mode = getattr(sub, "mode", None)
     elif mode is None and op_name == "pad" and len(node.args) > 2:
         mode = node.args[2]
     elif mode is None and op_name == "interpolate" and len(node.args) > 3:
@@ -161,8 +162,9 @@ def _detail(node: torch.fx.Node, root: nn.Module, op_name: str) -> str:
     return mode if isinstance(mode, str) else ""
 
 
-def node_context(node: torch.fx.Node, root: nn.Module) -> NodeContext:
-    """Module path, module type, source line and display names of an fx node."""
+def node_context(node: torch.fx.Node, root: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> NodeContext:
+    """Module path, module type, source line and display names of an fx node (``modules``:
+    ``dict(root.named_modules())``, to look submodules up once per graph)."""
     stack = node.meta.get("nn_module_stack") or {}
     module_path, module_type = "", type(root).__name__
     in_leaf = False
@@ -173,8 +175,9 @@ def node_context(node: torch.fx.Node, root: nn.Module) -> NodeContext:
         module_type = qual.rsplit(".", 1)[-1]
         in_leaf = qual.startswith("torch.nn.modules.") and not qual.endswith(".Sequential")
     target = _qualified_name(node.target)
+    sub: nn.Module | None = None
     if node.op == "call_module":
-        sub = root.get_submodule(str(node.target))
+        sub = (modules or {}).get(str(node.target)) or root.get_submodule(str(node.target))
         module_path = str(node.target)
         module_type = type(sub).__name__
         op_name = module_type
@@ -189,7 +192,7 @@ def node_context(node: torch.fx.Node, root: nn.Module) -> NodeContext:
         source=node.meta.get(_SOURCE_KEY) or _source_from_stack(node.stack_trace),
         op_name=op_name,
         target=target,
-        detail=_detail(node, root, op_name),
+        detail=_detail(node, sub, op_name),
         in_leaf_module=in_leaf,
     )
 

@@ -6,6 +6,7 @@ It records; it never judges (that is :mod:`nhwc_audit.analyze`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -65,8 +66,8 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
 @functools.cache
 def _written_args(func: Any) -> tuple[tuple[int, str], ...]:
     """(position, name) of the arguments an ATen op writes to (``self`` of ``add_``, ``out=``)."""
-    schema = func._schema
-    if not schema.is_mutable:
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.is_mutable:
         return ()
     return tuple(
         (i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write
@@ -92,13 +93,16 @@ class CopyRecorder(TorchDispatchMode):
         super().__init__()
         self.copies: list[HiddenCopy] = []
         self.shared = shared
+        self.recording = True
+        """Keep copies (False while the caller runs ops of its own under the mode)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         check_shared_write(func, args, kwargs, self.shared)
         out = func(*args, **(kwargs or {}))
-        copy = hidden_copy(func, args, out)
-        if copy is not None:
-            self.copies.append(copy)
+        if self.recording:
+            copy = hidden_copy(func, args, out)
+            if copy is not None:
+                self.copies.append(copy)
         return out
 
 
@@ -129,17 +133,21 @@ class LayoutProp(torch.fx.Interpreter):
         self.record_hidden = record_hidden
         self.shared = shared
         self.leaf_calls = leaf_calls
+        self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
+        if self._recorder is not None:
+            self._recorder.recording = False
         self.records: list[NodeRecord] = []
         self._progress = progress
         self._nodes = list(gm.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
-        self._contexts: dict[torch.fx.Node, NodeContext] = {n: node_context(n, gm) for n in self._nodes}
+        self._modules = dict(gm.named_modules(remove_duplicate=False))
+        self._contexts: dict[torch.fx.Node, NodeContext] = {n: node_context(n, gm, self._modules) for n in self._nodes}
         self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
         # a leaf module's own 4D/5D weights: static during the run, recorded once
         self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
         for n in self._nodes:
             if n.op == "call_module":
-                sub = gm.get_submodule(str(n.target))
+                sub = self._module(n.target)
                 self._leaf_weights[n] = [
                     (NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t)
                     for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
@@ -165,12 +173,16 @@ class LayoutProp(torch.fx.Interpreter):
             try:
                 noted = None
                 if self.leaf_calls is not None and n.op == "call_module":
-                    noted = self.leaf_calls.before(self.fetch_attr(str(n.target)), args, kwargs)
-                if (self.record_hidden or self.shared) and n.op in ("call_module", "call_function", "call_method"):
-                    recorder = CopyRecorder(self.shared)
-                    with recorder:
+                    noted = self.leaf_calls.before(self._module(n.target), args, kwargs)
+                rec = self._recorder
+                if rec is not None:  # one mode for the whole run: pushing one per node costs more
+                    rec.copies = []
+                    rec.recording = self.record_hidden
+                    try:
                         result = getattr(self, n.op)(n.target, args, kwargs)
-                    hidden = recorder.copies if self.record_hidden else []
+                    finally:
+                        rec.recording = False
+                    hidden = rec.copies
                 else:
                     result = getattr(self, n.op)(n.target, args, kwargs)
                 if noted is not None and self.leaf_calls is not None:
@@ -187,6 +199,19 @@ class LayoutProp(torch.fx.Interpreter):
             if self._progress is not None:
                 self._progress(self._index[n] + 1, len(self._nodes))
             return result
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        if self._recorder is None:
+            return super().run(*args, **kwargs)
+        with self._recorder:
+            return super().run(*args, **kwargs)
+
+    def _module(self, target: Any) -> Any:
+        mod = self._modules.get(str(target))
+        return mod if mod is not None else self.fetch_attr(str(target))
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._module(target)(*args, **kwargs)  # looked up once per graph, not per call
 
     def _retry_nchw(
         self,
@@ -214,7 +239,7 @@ class LayoutProp(torch.fx.Interpreter):
         if n.op in ("placeholder", "output", "get_attr") or not has_cl:
             raise model_error("none of its inputs is channels_last") from error
         try:
-            with CopyRecorder(self.shared):
+            with contextlib.nullcontext() if self._recorder is not None else CopyRecorder(self.shared):
                 return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
         except SharedWeightWrite:
             raise

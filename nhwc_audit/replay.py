@@ -43,10 +43,12 @@ class _Call:
     leaves: list[Any]
     """The flattened (args, kwargs) as the graph passed them."""
     spec: Any
+    """Their pytree spec; None when the graph passed positional tensors only."""
     versions: tuple[int | None, ...]
     """Each tensor leaf's version counter at the call (None for non-tensors)."""
     snapshots: list[Any] | None
-    """Copies of ``leaves`` taken before an in-place module overwrote them."""
+    """For in-place modules: copies of the tensor leaves that no recorded call returned,
+    taken before the call overwrote them (None elsewhere)."""
     result: Any
 
 
@@ -61,6 +63,8 @@ class LeafCalls:
         self.budget = budget_bytes
         self.kept = 0
         self._storages: set[int] = set()
+        self._results: set[int] = set()
+        """``id()`` of every tensor a recorded call returned (kept alive by the record)."""
         self.off: str | None = None
         """Why the record is unusable (None while it is usable)."""
 
@@ -79,17 +83,25 @@ class LeafCalls:
             self.off = why
             self.calls.clear()
             self._storages.clear()
+            self._results.clear()
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Noted | None:
         """Note a leaf call's inputs just before it runs (with copies for in-place modules such
         as ``ReLU(inplace=True)``, whose input the call overwrites)."""
         if self.off is not None:
             return None
-        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))  # fx hands immutable_list/dict
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            leaves, spec = list(args), None  # the common case, without pytree's cost
+        else:
+            leaves, spec = tree_flatten((tuple(args), dict(kwargs)))  # fx hands immutable_list/dict
         versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in leaves)
         snapshots = None
         if getattr(module, "inplace", False) is True:
-            snapshots = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]
+            # the replay hands eager the same objects leaf calls returned, and those are compared by
+            # identity; any other input is compared by value, so its value before the call is kept
+            snapshots = [
+                t.clone() if isinstance(t, torch.Tensor) and id(t) not in self._results else None for t in leaves
+            ]
             self._keep(snapshots)
         self._keep(leaves)
         return leaves, spec, versions, snapshots
@@ -97,9 +109,11 @@ class LeafCalls:
     def after(self, target: str, noted: _Noted | None, result: Any) -> None:
         if self.off is not None or noted is None:
             return
-        self._keep(tree_flatten(result)[0])
+        out = [result] if isinstance(result, torch.Tensor) else tree_flatten(result)[0]
+        self._keep(out)
         if self.off is None:
             self.calls.setdefault(target, []).append(_Call(*noted, result=result))
+            self._results.update(id(t) for t in out if isinstance(t, torch.Tensor))
 
 
 class _Differs(Exception):
@@ -119,7 +133,7 @@ def _same(x: Any, y: Any, version: int | None, snapshot: Any, handed: dict[int, 
                 raise _Differs(f"{what}: changed in place since it was recorded")
             return
         if isinstance(snapshot, torch.Tensor):
-            y = snapshot
+            y = snapshot  # its value before an in-place module overwrote it
         elif version is not None and y._version != version:
             raise _Differs(f"{what}: the recorded input changed in place after the call")
         if x.shape != y.shape or x.dtype != y.dtype:
@@ -163,7 +177,10 @@ def _replaced(model: nn.Module, calls: LeafCalls, handed: dict[int, int], used: 
             if i >= len(recorded):
                 raise _Differs(f"eager calls {target} {i + 1} times, the graph {len(recorded)}")
             c = recorded[i]
-            leaves, spec = tree_flatten((args, kwargs))
+            if c.spec is None and not kwargs and len(args) == len(c.leaves):
+                leaves, spec = list(args), None  # the graph passed tensors only; _same checks each
+            else:
+                leaves, spec = tree_flatten((args, kwargs))
             if spec != c.spec:
                 raise _Differs(f"{target} (call {i + 1}): eager passes other arguments than the graph")
             for j, (x, y) in enumerate(zip(leaves, c.leaves, strict=True)):
