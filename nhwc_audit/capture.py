@@ -4,6 +4,7 @@ type and source line. Never runs the model.
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import re
@@ -31,10 +32,20 @@ _FRAME_RE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<
 class Capture:
     """A captured graph and how it was obtained."""
 
-    gm: torch.fx.GraphModule
+    root: nn.Module
+    """The module the graph's ``call_module``/``get_attr`` targets are paths into."""
+    graph: torch.fx.Graph
     method: str
     """'fx' (symbolic_trace) or 'export' (torch.export, non-strict, ATen-level graph)."""
     notes: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def gm(self) -> torch.fx.GraphModule:
+        """The graph as a GraphModule, built on first use: generating its Python code costs
+        about a third of a trace, and the audit itself runs ``graph`` on ``root`` directly."""
+        if isinstance(self.root, torch.fx.GraphModule) and self.root.graph is self.graph:
+            return self.root
+        return torch.fx.GraphModule(self.root, self.graph, type(self.root).__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +115,7 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> C
             "(data-dependent control flow or non-torch calls in forward; make that code "
             "traceable, e.g. wrap it with torch.fx.wrap, or audit a traceable submodule)"
         ) from e
-    name = type(model).__name__
-    gm = torch.fx.GraphModule(tracer.root, graph, name)
-    return Capture(gm=gm, method="fx")
+    return Capture(root=tracer.root, graph=graph, method="fx")
 
 
 def _source_from_stack(stack_trace: str | None) -> SourceLoc | None:
@@ -208,4 +217,4 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {msg}") from e
     assert isinstance(gm, torch.fx.GraphModule)
-    return Capture(gm=gm, method="export")
+    return Capture(root=gm, graph=gm.graph, method="export")

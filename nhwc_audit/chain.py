@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ._tensors import clone_value, first_line
-from .capture import export, trace
+from .capture import Capture, export, trace
 from .errors import PropagationError, SharedWeightWrite, TraceError, UsageError
 from .hooks import record_eager
 from .propagate import CopyRecorder, ProgressFn, _positional, propagate
@@ -33,10 +33,14 @@ class Captured:
     records: list[NodeRecord]
     method: str
     notes: tuple[str, ...]
-    gm: torch.fx.GraphModule | None = None
+    capture: Capture | None = None
     """The graph that was propagated (None for the hooks capture)."""
     flat_inputs: list[Any] | None = None
     """The values its placeholders took, in order."""
+
+    @property
+    def gm(self) -> torch.fx.GraphModule | None:
+        return self.capture.gm if self.capture is not None else None
 
 
 Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -128,8 +132,8 @@ def capture_and_propagate(
         return eager_out[0]
 
     def graph_step(name: str, capture: Callable[[], Any], flat: bool) -> Captured | None:
-        def inputs_of(gm: torch.fx.GraphModule) -> list[Any]:
-            return list(tree_leaves((args, kwargs))) if flat else _positional(gm, args, kwargs)
+        def inputs_of(graph: torch.fx.Graph) -> list[Any]:
+            return list(tree_leaves((args, kwargs))) if flat else _positional(graph, args, kwargs)
 
         try:
             cap = capture()
@@ -145,9 +149,10 @@ def capture_and_propagate(
             with torch.random.fork_rng(devices=[]), ctx():
                 torch.manual_seed(seed)
                 records, out = propagate(
-                    cap.gm,
+                    cap.root,
                     tree_map(clone_value, args),
                     tree_map(clone_value, kwargs),
+                    graph=cap.graph,
                     progress=progress,
                     flat_inputs=flat,
                     shared=shared,
@@ -175,7 +180,7 @@ def capture_and_propagate(
             if any(r.error for r in records):
                 # eager channels_last raises at the break too: nothing to compare against
                 notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
-                return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
+                return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
             if calls is not None:
                 # eager with every leaf module call answered from the record: the cost of the
                 # model's Python instead of a forward; anything it cannot vouch for goes on below
@@ -190,7 +195,7 @@ def capture_and_propagate(
                 )
                 calls = recorded = None  # type: ignore[assignment]  # let the recorded activations go
                 if unsure is None:
-                    return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
+                    return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
             sliced = _batch_one(args, kwargs) if name == "fx" else None
             if sliced is not None:
                 # fx graphs are not specialised to shapes: checking fidelity on one sample of the
@@ -208,19 +213,19 @@ def capture_and_propagate(
                     if diff is not None:
                         notes.append(f"{name}: the captured graph does not reproduce eager: {diff}")
                         return None
-                    return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
+                    return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
             try:
                 reference = eager()
             except SharedWeightWrite:
                 raise
             except Exception as e:
                 notes.append(f"{name}: not checked against eager (eager raised {first_line(e)})")
-                return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
+                return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
             diff = _same_outputs(out, reference)
             if diff is not None:
                 notes.append(f"{name}: the captured graph does not reproduce eager: {diff}")
                 return None
-        return Captured(records, name, tuple(notes), cap.gm, inputs_of(cap.gm))
+        return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
 
     if method in ("auto", "fx"):
         got = graph_step("fx", lambda: trace(model), flat=False)

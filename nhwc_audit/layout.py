@@ -98,17 +98,15 @@ def tensor_meta(t: torch.Tensor) -> TensorMeta:
         strides: tuple[int, ...] = tuple(t.stride())
     except (RuntimeError, NotImplementedError):  # sparse, nested: no strides to judge
         strides = ()
-    if len(strides) == len(shape):
-        layout = classify_strides(shape, strides)
-    else:
-        layout = Layout.NOT_SPATIAL
-    return TensorMeta(
-        shape=shape,
-        strides=strides,
-        dtype=_dtype_name(t.dtype),
-        itemsize=t.element_size(),
-        layout=layout,
-    )
+    return _meta(shape, strides, t.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _meta(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype) -> TensorMeta:
+    """TensorMeta is a pure function of these (and frozen): models repeat a few shapes many
+    times, so each is classified once."""
+    layout = classify_strides(shape, strides) if len(strides) == len(shape) else Layout.NOT_SPATIAL
+    return TensorMeta(shape=shape, strides=strides, dtype=_dtype_name(dtype), itemsize=dtype.itemsize, layout=layout)
 
 
 def strides_like_channels_last(shape: Sequence[int], strides: Sequence[int]) -> bool:

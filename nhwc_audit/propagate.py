@@ -121,14 +121,15 @@ class LayoutProp(torch.fx.Interpreter):
 
     def __init__(
         self,
-        gm: torch.fx.GraphModule,
+        gm: torch.nn.Module,
         *,
+        graph: torch.fx.Graph | None = None,
         progress: ProgressFn | None = None,
         record_hidden: bool = True,
         shared: frozenset[int] = frozenset(),
         leaf_calls: LeafCalls | None = None,
     ):
-        super().__init__(gm, garbage_collect_values=True)
+        super().__init__(gm, garbage_collect_values=True, graph=graph)
         self.extra_traceback = False
         self.record_hidden = record_hidden
         self.shared = shared
@@ -138,9 +139,9 @@ class LayoutProp(torch.fx.Interpreter):
             self._recorder.recording = False
         self.records: list[NodeRecord] = []
         self._progress = progress
-        self._nodes = list(gm.graph.nodes)
+        self._nodes = list(self.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
-        self._modules = dict(gm.named_modules(remove_duplicate=False))
+        self._modules: dict[str, torch.nn.Module] = self.submodules  # Interpreter's own path -> module map
         self._contexts: dict[torch.fx.Node, NodeContext] = {n: node_context(n, gm, self._modules) for n in self._nodes}
         self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
         # a leaf module's own 4D/5D weights: static during the run, recorded once
@@ -287,9 +288,10 @@ class LayoutProp(torch.fx.Interpreter):
         )
 
 
-def _positional(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+def _positional(gm: torch.fx.GraphModule | torch.fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """Order positional and keyword inputs the way the graph's placeholders expect them."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = gm if isinstance(gm, torch.fx.Graph) else gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     values: list[Any] = []
     unknown = set(kwargs) - {str(p.target).lstrip("*") for p in placeholders}
     if unknown:
@@ -318,28 +320,32 @@ def _positional(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[st
 
 
 def propagate(
-    gm: torch.fx.GraphModule,
+    gm: torch.nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any] | None = None,
     *,
+    graph: torch.fx.Graph | None = None,
     progress: ProgressFn | None = None,
     record_hidden: bool = True,
     flat_inputs: bool = False,
     shared: frozenset[int] = frozenset(),
     leaf_calls: LeafCalls | None = None,
 ) -> tuple[list[NodeRecord], Any]:
-    """Run ``gm`` on the (already channels_last) sample under ``no_grad``; return one record
+    """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already
+    channels_last) sample under ``no_grad``; return one record
     per node, in graph order, and the graph's output. The caller owns copying the model and
     the sample. ``flat_inputs``: the graph takes the pytree leaves of (args, kwargs), as
     torch.export graphs do. ``shared``: storages of the user's weights the graph reads in
     place; a write to one raises :class:`SharedWeightWrite` before it happens.
     ``leaf_calls`` collects every leaf module call for the replay check (:mod:`.replay`).
     """
-    interp = LayoutProp(gm, progress=progress, record_hidden=record_hidden, shared=shared, leaf_calls=leaf_calls)
+    interp = LayoutProp(
+        gm, graph=graph, progress=progress, record_hidden=record_hidden, shared=shared, leaf_calls=leaf_calls
+    )
     if flat_inputs:
         values = list(tree_leaves((args, kwargs or {})))
     else:
-        values = _positional(gm, args, kwargs or {})
+        values = _positional(interp.graph, args, kwargs or {})
     with torch.no_grad():
         out = interp.run(*values, enable_io_processing=False)
     return interp.records, out
