@@ -21,7 +21,7 @@ from .errors import PropagationError, SharedWeightWrite, TraceError, UsageError
 from .hooks import record_eager
 from .propagate import CopyRecorder, ProgressFn, _positional, propagate
 from .records import NodeRecord
-from .replay import LeafCalls, replay, versions_of
+from .replay import LeafCalls, record_calls, replay, versions_of
 
 __all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
 
@@ -60,6 +60,40 @@ def _seeded(fn: Callable[[], Any], seed: int, ctx: Ctx, shared: frozenset[int]) 
     with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx(), guard:
         torch.manual_seed(seed)
         return fn()
+
+
+def _replays(
+    model: nn.Module,
+    cap: Capture,
+    calls: LeafCalls | None,
+    graph_out: tuple[Any, tuple[int | None, ...]],
+    sample: tuple[tuple[Any, ...], dict[str, Any]],
+    seed: int,
+    ctx: Ctx,
+    shared: frozenset[int],
+) -> bool:
+    """The replay check (:mod:`.replay`) of an fx capture: with ``calls`` recorded by the
+    propagation on ``sample``, or else on a new record of the graph run on ``sample`` (one
+    sample of the batch: keeping a whole batch's activations costs more than that run)."""
+    args, kwargs = sample
+    out, versions = graph_out
+    if calls is None:
+        values = _positional(cap.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
+        try:
+            calls, out = _seeded(lambda: record_calls(cap.root, cap.graph, values), seed, ctx, shared)
+        except SharedWeightWrite:
+            raise
+        except Exception:
+            return False  # e.g. train-mode BatchNorm on one sample: the full check decides
+        versions = versions_of(out)
+    recorded = calls
+    unsure = _seeded(
+        lambda: replay(model, recorded, tree_map(clone_value, args), tree_map(clone_value, kwargs), out, versions),
+        seed,
+        ctx,
+        shared,
+    )
+    return unsure is None
 
 
 def _batch_one(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -143,8 +177,10 @@ def capture_and_propagate(
             notes.append(f"{name}: {e}")
             return None
         checking = verify and method != name
+        sliced = _batch_one(args, kwargs) if name == "fx" else None
         # fx graphs call leaf modules: record their calls so that a replay can check the graph
-        calls = LeafCalls() if checking and name == "fx" else None
+        # (at batch 1 here; a larger batch is replayed on one sample, see _replays)
+        calls = LeafCalls() if checking and name == "fx" and sliced is None else None
         try:
             with torch.random.fork_rng(devices=[]), ctx():
                 torch.manual_seed(seed)
@@ -181,22 +217,13 @@ def capture_and_propagate(
                 # eager channels_last raises at the break too: nothing to compare against
                 notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
                 return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-            if calls is not None:
-                # eager with every leaf module call answered from the record: the cost of the
-                # model's Python instead of a forward; anything it cannot vouch for goes on below
-                recorded = calls
-                unsure = _seeded(
-                    lambda: replay(
-                        model, recorded, tree_map(clone_value, args), tree_map(clone_value, kwargs), out, out_versions
-                    ),
-                    seed,
-                    ctx,
-                    shared,
-                )
-                calls = recorded = None  # type: ignore[assignment]  # let the recorded activations go
-                if unsure is None:
+            if name == "fx":
+                # eager with every leaf module call answered from a record of the graph's: the
+                # cost of the model's Python instead of a forward; what it cannot vouch for goes on
+                vouched = _replays(model, cap, calls, (out, out_versions), sliced or (args, kwargs), seed, ctx, shared)
+                calls = None  # let the recorded activations go
+                if vouched:
                     return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-            sliced = _batch_one(args, kwargs) if name == "fx" else None
             if sliced is not None:
                 # fx graphs are not specialised to shapes: checking fidelity on one sample of the
                 # batch costs 2/B of a forward instead of one forward (falls back to the full

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from ._tensors import first_line
 from .errors import SharedWeightWrite
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "replay", "versions_of"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "record_calls", "replay", "versions_of"]
 
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 """What :class:`LeafCalls` may keep alive (about every activation of one forward); past it
@@ -238,6 +238,32 @@ def replay(
     except Exception as e:
         return f"the replay raised {first_line(e)}"
     return None
+
+
+class _CallRecorder(torch.fx.Interpreter):
+    """Runs a graph and records its leaf module calls, nothing else."""
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, calls: LeafCalls) -> None:
+        super().__init__(root, garbage_collect_values=True, graph=graph)
+        self.calls = calls
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        mod = self.submodules.get(str(target)) or self.fetch_attr(str(target))
+        noted = self.calls.before(mod, args, kwargs)
+        out = mod(*args, **kwargs)
+        self.calls.after(str(target), noted, out)
+        return out
+
+
+def record_calls(root: nn.Module, graph: torch.fx.Graph, values: list[Any]) -> tuple[LeafCalls, Any]:
+    """Run ``graph`` on ``values`` (its placeholders' inputs; the caller sets seeds, autocast
+    and guards) and return its leaf module calls and its output. Used on one sample of a
+    batch, where keeping every activation of the whole batch would cost more (fresh memory
+    for each one) than running the graph again at batch 1."""
+    calls = LeafCalls()
+    with torch.no_grad():
+        out = _CallRecorder(root, graph, calls).run(*values, enable_io_processing=False)
+    return calls, out
 
 
 def versions_of(value: Any) -> tuple[int | None, ...]:

@@ -62,13 +62,15 @@ def test_replay_vouches_for_faithful_graphs(build, shape) -> None:  # type: igno
     assert _replay(build(), torch.randn(shape)) is None
 
 
-def test_fx_check_runs_no_second_forward() -> None:
-    model = M.ConvBnRelu()
+@pytest.mark.parametrize("batch,calls", [(1, [1]), (4, [4, 1])])
+def test_fx_check_runs_no_second_forward(batch: int, calls: list[int]) -> None:
+    model = M.ConvBnRelu().eval()
     seen: list[int] = []
-    model.conv.register_forward_hook(lambda m, a, o: seen.append(1))  # deep copies keep hooks
-    report = audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    model.conv.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))  # deep copies keep hooks
+    report = audit(model, torch.randn(batch, 3, 8, 8), bandwidth=1e9)
     assert report.meta.capture == "fx" and report.meta.capture_notes == ()
-    assert len(seen) == 1  # the propagation's call only: the check replayed it
+    # the propagation's call, plus at batch > 1 the graph on one sample for the replay's record
+    assert seen == calls
 
 
 class ChangesInput(nn.Module):
