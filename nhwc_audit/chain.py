@@ -21,7 +21,7 @@ from .errors import PropagationError, SharedWeightWrite, TraceError, UsageError
 from .hooks import record_eager
 from .propagate import CopyRecorder, ProgressFn, _positional, propagate
 from .records import NodeRecord
-from .replay import LeafCalls, record_calls, replay, versions_of
+from .replay import LeafCalls, replay, versions_of
 
 __all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
 
@@ -64,31 +64,20 @@ def _seeded(fn: Callable[[], Any], seed: int, ctx: Ctx, shared: frozenset[int]) 
 
 def _replays(
     model: nn.Module,
-    cap: Capture,
-    calls: LeafCalls | None,
-    graph_out: tuple[Any, tuple[int | None, ...]],
+    calls: LeafCalls,
+    graph_out: Any,
     sample: tuple[tuple[Any, ...], dict[str, Any]],
     seed: int,
     ctx: Ctx,
     shared: frozenset[int],
 ) -> bool:
-    """The replay check (:mod:`.replay`) of an fx capture: with ``calls`` recorded by the
-    propagation on ``sample``, or else on a new record of the graph run on ``sample`` (one
-    sample of the batch: keeping a whole batch's activations costs more than that run)."""
+    """The replay check (:mod:`.replay`) of an fx capture whose propagation recorded ``calls``
+    (of the whole batch, or of its first sample: then ``sample`` is that sample)."""
     args, kwargs = sample
-    out, versions = graph_out
-    if calls is None:
-        values = _positional(cap.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
-        try:
-            calls, out = _seeded(lambda: record_calls(cap.root, cap.graph, values), seed, ctx, shared)
-        except SharedWeightWrite:
-            raise
-        except Exception:
-            return False  # e.g. train-mode BatchNorm on one sample: the full check decides
-        versions = versions_of(out)
-    recorded = calls
+    out = calls.sample(graph_out)
+    versions = versions_of(out)
     unsure = _seeded(
-        lambda: replay(model, recorded, tree_map(clone_value, args), tree_map(clone_value, kwargs), out, versions),
+        lambda: replay(model, calls, tree_map(clone_value, args), tree_map(clone_value, kwargs), out, versions),
         seed,
         ctx,
         shared,
@@ -96,14 +85,21 @@ def _replays(
     return unsure is None
 
 
-def _batch_one(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """The sample cut to its first item when it has a batch dim larger than 1 (the leading dim
-    of its 4D/5D inputs, cut wherever a tensor has it), else None."""
-    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    images = [t for t in tensors if t.dim() in (4, 5)]
+def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The sample's batch size when it is larger than 1 and clear (the leading dim of its
+    4D/5D inputs, all equal), else None."""
+    images = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() in (4, 5)]
     if not images or len({t.shape[0] for t in images}) != 1 or images[0].shape[0] <= 1:
         return None
-    batch = images[0].shape[0]
+    return int(images[0].shape[0])
+
+
+def _batch_one(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The sample cut to its first item when it has a batch (:func:`_batch_of`; cut wherever a
+    tensor has that leading dim), else None."""
+    batch = _batch_of(args, kwargs)
+    if batch is None:
+        return None
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
@@ -179,8 +175,8 @@ def capture_and_propagate(
         checking = verify and method != name
         sliced = _batch_one(args, kwargs) if name == "fx" else None
         # fx graphs call leaf modules: record their calls so that a replay can check the graph
-        # (at batch 1 here; a larger batch is replayed on one sample, see _replays)
-        calls = LeafCalls() if checking and name == "fx" and sliced is None else None
+        # (a batch is recorded and replayed on its first sample)
+        calls = LeafCalls(batch=_batch_of(args, kwargs)) if checking and name == "fx" else None
         try:
             with torch.random.fork_rng(devices=[]), ctx():
                 torch.manual_seed(seed)
@@ -194,7 +190,6 @@ def capture_and_propagate(
                     shared=shared,
                     leaf_calls=calls,
                 )
-            out_versions = versions_of(out)
         except PropagationError as e:
             try:
                 eager()
@@ -217,10 +212,10 @@ def capture_and_propagate(
                 # eager channels_last raises at the break too: nothing to compare against
                 notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
                 return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-            if name == "fx":
+            if calls is not None:
                 # eager with every leaf module call answered from a record of the graph's: the
                 # cost of the model's Python instead of a forward; what it cannot vouch for goes on
-                vouched = _replays(model, cap, calls, (out, out_versions), sliced or (args, kwargs), seed, ctx, shared)
+                vouched = _replays(model, calls, out, sliced or (args, kwargs), seed, ctx, shared)
                 calls = None  # let the recorded activations go
                 if vouched:
                     return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))

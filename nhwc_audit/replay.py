@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._tensors import first_line
 from .errors import SharedWeightWrite
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "record_calls", "replay", "versions_of"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "replay", "versions_of"]
 
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 """What :class:`LeafCalls` may keep alive (about every activation of one forward); past it
@@ -56,17 +57,44 @@ _Noted = tuple[list[Any], Any, tuple[int | None, ...], list[Any] | None]
 
 
 class LeafCalls:
-    """What each leaf module call of a propagation was given and returned, per module path."""
+    """What each leaf module call of a propagation was given and returned, per module path.
 
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    With ``batch=None`` the record keeps the graph's own tensors (the replay then runs on the
+    same sample). With ``batch=B`` it keeps a private copy of the first sample of every tensor
+    whose leading dim is B (other tensors whole), one copy per tensor and version, so that the
+    replay runs on one sample: keeping every activation of a whole batch would cost more than
+    the check (fresh memory for each one)."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, *, batch: int | None = None) -> None:
         self.calls: dict[str, list[_Call]] = {}
         self.budget = budget_bytes
+        self.batch = batch
         self.kept = 0
         self._storages: set[int] = set()
         self._results: set[int] = set()
         """``id()`` of every tensor a recorded call returned (kept alive by the record)."""
+        self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """batch mode: graph tensor -> {version: its first sample's copy}."""
         self.off: str | None = None
         """Why the record is unusable (None while it is usable)."""
+
+    def sample(self, value: Any) -> Any:
+        """batch mode: ``value`` with each tensor replaced by its first sample's copy (the same
+        copy for the same tensor in the same state, so identities carry over)."""
+        if self.batch is None:
+            return value
+        return tree_map(lambda v: self._sample(v) if isinstance(v, torch.Tensor) else v, value)
+
+    def _sample(self, t: torch.Tensor) -> torch.Tensor:
+        if t in self._copies:
+            per: dict[int, torch.Tensor] = self._copies[t]
+        else:
+            per = self._copies[t] = {}
+        copy = per.get(t._version)
+        if copy is None:
+            copy = (t[:1] if t.dim() >= 1 and t.shape[0] == self.batch else t).clone()
+            per[t._version] = copy
+        return copy
 
     def _keep(self, leaves: list[Any]) -> None:
         for t in leaves:
@@ -84,6 +112,7 @@ class LeafCalls:
             self.calls.clear()
             self._storages.clear()
             self._results.clear()
+            self._copies = WeakIdKeyDictionary()
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Noted | None:
         """Note a leaf call's inputs just before it runs (with copies for in-place modules such
@@ -94,9 +123,11 @@ class LeafCalls:
             leaves, spec = list(args), None  # the common case, without pytree's cost
         else:
             leaves, spec = tree_flatten((tuple(args), dict(kwargs)))  # fx hands immutable_list/dict
+        if self.batch is not None:
+            leaves = [self._sample(t) if isinstance(t, torch.Tensor) else t for t in leaves]
         versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in leaves)
         snapshots = None
-        if getattr(module, "inplace", False) is True:
+        if self.batch is None and getattr(module, "inplace", False) is True:
             # the replay hands eager the same objects leaf calls returned, and those are compared by
             # identity; any other input is compared by value, so its value before the call is kept
             snapshots = [
@@ -109,6 +140,7 @@ class LeafCalls:
     def after(self, target: str, noted: _Noted | None, result: Any) -> None:
         if self.off is not None or noted is None:
             return
+        result = self.sample(result)
         out = [result] if isinstance(result, torch.Tensor) else tree_flatten(result)[0]
         self._keep(out)
         if self.off is None:
@@ -238,32 +270,6 @@ def replay(
     except Exception as e:
         return f"the replay raised {first_line(e)}"
     return None
-
-
-class _CallRecorder(torch.fx.Interpreter):
-    """Runs a graph and records its leaf module calls, nothing else."""
-
-    def __init__(self, root: nn.Module, graph: torch.fx.Graph, calls: LeafCalls) -> None:
-        super().__init__(root, garbage_collect_values=True, graph=graph)
-        self.calls = calls
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        mod = self.submodules.get(str(target)) or self.fetch_attr(str(target))
-        noted = self.calls.before(mod, args, kwargs)
-        out = mod(*args, **kwargs)
-        self.calls.after(str(target), noted, out)
-        return out
-
-
-def record_calls(root: nn.Module, graph: torch.fx.Graph, values: list[Any]) -> tuple[LeafCalls, Any]:
-    """Run ``graph`` on ``values`` (its placeholders' inputs; the caller sets seeds, autocast
-    and guards) and return its leaf module calls and its output. Used on one sample of a
-    batch, where keeping every activation of the whole batch would cost more (fresh memory
-    for each one) than running the graph again at batch 1."""
-    calls = LeafCalls()
-    with torch.no_grad():
-        out = _CallRecorder(root, graph, calls).run(*values, enable_io_processing=False)
-    return calls, out
 
 
 def versions_of(value: Any) -> tuple[int | None, ...]:
