@@ -184,6 +184,18 @@ def _same(x: Any, y: Any, version: int | None, snapshot: Any, handed: dict[int, 
         raise _Differs(f"{what}: eager passes {_short(x)}, the graph {_short(y)}")
 
 
+def _plain(v: Any) -> Any:
+    """Mappings as plain dicts and lists as plain lists: fx returns ``{...}`` where eager
+    code returns an OrderedDict (torchvision's segmentation models)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if type(v) is tuple:
+        return tuple(_plain(x) for x in v)
+    return v
+
+
 def _short(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -257,8 +269,8 @@ def replay(
         for target, recorded in calls.calls.items():
             if used.get(target, 0) != len(recorded):
                 raise _Differs(f"eager calls {target} {used.get(target, 0)} times, the graph {len(recorded)}")
-        got, got_spec = tree_flatten(out)
-        want, want_spec = tree_flatten(graph_out)
+        got, got_spec = tree_flatten(_plain(out))
+        want, want_spec = tree_flatten(_plain(graph_out))
         if got_spec != want_spec:
             raise _Differs("eager returns another output structure than the graph")
         for j, (x, y) in enumerate(zip(got, want, strict=True)):

@@ -3,6 +3,7 @@ and never for one that differs from eager."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import models as M
@@ -52,9 +53,21 @@ class Twice(nn.Module):
         return y + att.transpose(1, 2).reshape(y.shape)
 
 
+class Ordered(nn.Module):
+    """Returns an OrderedDict (torchvision segmentation models do); fx's graph returns a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return OrderedDict(out=self.conv(x), aux=[x.mean()])
+
+
 @pytest.mark.parametrize(
     "build,shape",
     [
+        (Ordered, (1, 3, 8, 8)),
         (lambda: tvm.resnet18().eval(), (1, 3, 32, 32)),
         (lambda: tvm.resnet18().eval(), (3, 3, 32, 32)),
         (lambda: tvm.resnet18().train(), (2, 3, 32, 32)),  # batch statistics: leaves are not re-run
