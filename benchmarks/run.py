@@ -4,7 +4,8 @@ repeats, median and min/max), written to benchmarks/results/ as markdown and JSO
     python benchmarks/run.py [--repeats 5] [--quick]
 
 Measures: real-mode audit vs one eager channels_last forward (with and without the fx
-verification forward), fake-mode audit time, CLI end-to-end wall time vs `import torch`,
+fidelity check), fake-mode audit time and peak RSS (one process per model, plus a Stable
+Diffusion 1.5-sized UNet on the meta device), CLI end-to-end wall time vs `import torch`,
 and how audit time grows with depth (resnet18..152) and input size (resnet18, 64^2..512^2).
 No assertions: a table to read.
 """
@@ -77,6 +78,55 @@ def audit_vs_forward(
     }
 
 
+_FAKE_SCRIPT = """
+import json, sys, time, warnings, torch
+warnings.filterwarnings("ignore")
+import nhwc_audit
+name = sys.argv[1]
+if name == "sd15":
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        model = UNet2DConditionModel(cross_attention_dim=768).eval()  # Stable Diffusion 1.5's configuration
+    args, kwargs = (torch.empty(1, 4, 32, 32, device="meta"), torch.tensor([10], device="meta"),
+                    torch.empty(1, 77, 768, device="meta")), {}
+else:
+    from nhwc_audit.zoo import build
+    model, args, kwargs = build(name)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+nhwc_audit.audit(model, args, example_kwargs=kwargs, mode="fake")  # warm-up: imports, first-call costs
+built = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current RSS
+times = []
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter()
+    r = nhwc_audit.audit(model, args, example_kwargs=kwargs, mode="fake")
+    times.append(time.perf_counter() - t)
+peak = status("VmHWM")
+params = sum(p.numel() for p in model.parameters())
+print(json.dumps({"times": times, "built_rss": built, "peak_rss": peak, "params": params, "nodes": len(r.nodes)}))
+"""
+
+
+def fake_memory(names: list[str], repeats: int) -> list[dict[str, Any]]:
+    """Fake-mode audit time and memory, one fresh process per model: RSS before the timed
+    audits (model built, one warm-up audit done) and the peak during them (Linux: the peak is
+    reset through /proc/self/clear_refs)."""
+    rows = []
+    for name in names:
+        proc = subprocess.run(
+            [sys.executable, "-c", _FAKE_SCRIPT, name, str(repeats)], capture_output=True, text=True, check=True
+        )
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        times = out.pop("times")
+        rows.append({"model": name, **out, **_stats(times)})
+        print("fake", name, f"{rows[-1]['median']:.2f} s", flush=True)
+    return rows
+
+
 def cli_vs_import(repeats: int) -> dict[str, Any]:
     py = sys.executable
     cmds = {
@@ -96,18 +146,31 @@ def cli_vs_import(repeats: int) -> dict[str, Any]:
 def scaling(repeats: int, quick: bool) -> list[dict[str, Any]]:
     import torchvision.models as tvm
 
+    def row(case: str, m: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        cl, xc = nhwc_audit.convert(m), x.contiguous(memory_format=torch.channels_last)
+
+        def forward() -> None:
+            with torch.no_grad():
+                cl(xc)
+
+        r = _interleaved({"forward": forward, "audit": lambda: nhwc_audit.audit(m, x, bandwidth=1e10)}, repeats)
+        nodes = len(nhwc_audit.audit(m, x, bandwidth=1e10).nodes)
+        extra = r["audit"]["median"] - r["forward"]["median"]
+        return {
+            "case": case,
+            "nodes": nodes,
+            "forward": r["forward"],
+            **r["audit"],
+            "ms_per_node": 1e3 * r["audit"]["median"] / nodes,
+            "overhead_ms_per_node": 1e3 * extra / nodes,
+        }
+
     rows = []
     for depth in ("resnet18", "resnet50") if quick else ("resnet18", "resnet50", "resnet101", "resnet152"):
-        m = getattr(tvm, depth)(weights=None).eval()
-        x = torch.randn(1, 3, 224, 224)
-        r = _interleaved({"audit": lambda m=m, x=x: nhwc_audit.audit(m, x, bandwidth=1e10)}, repeats)["audit"]
-        nodes = len(nhwc_audit.audit(m, x, bandwidth=1e10).nodes)
-        rows.append({"case": f"{depth} 224^2", "nodes": nodes, **r, "ms_per_node": 1e3 * r["median"] / nodes})
+        rows.append(row(f"{depth} 224^2", getattr(tvm, depth)(weights=None).eval(), torch.randn(1, 3, 224, 224)))
     m18 = tvm.resnet18(weights=None).eval()
     for size in (64, 128) if quick else (64, 128, 256, 512):
-        x = torch.randn(1, 3, size, size)
-        r = _interleaved({"audit": lambda x=x: nhwc_audit.audit(m18, x, bandwidth=1e10)}, repeats)["audit"]
-        rows.append({"case": f"resnet18 {size}^2", "nodes": 71, **r, "ms_per_node": 1e3 * r["median"] / 71})
+        rows.append(row(f"resnet18 {size}^2", m18, torch.randn(1, 3, size, size)))
     return rows
 
 
@@ -145,6 +208,7 @@ def main() -> None:
     results["audit_vs_forward"].append(
         audit_vs_forward("torchvision.resnet50 (batch 8)", m, m8, {}, max(3, a.repeats // 2))
     )
+    results["fake"] = fake_memory([*names, *(() if a.quick else ("sd15",))], 3)
     results["cli"] = cli_vs_import(3)
     results["scaling"] = scaling(3, a.quick)
     OUT.mkdir(exist_ok=True)
@@ -173,6 +237,21 @@ def _markdown(r: dict[str, Any]) -> str:
             f"| {row['model']} | {row['inputs']} | {_ms(row['forward'])} | {_ms(row['audit'])} | {_ms(row['audit_no_verify'])} | "
             f"{_ms(row['audit_fake'])} | {row['ratio']:.2f}x | {row['ratio_no_verify']:.2f}x |"
         )
+    lines += [
+        "",
+        "## Fake-mode audit: time and peak memory (one fresh process per model)",
+        "",
+        "`sd15` is a UNet2DConditionModel in Stable Diffusion 1.5's configuration built on the meta device.",
+        "",
+        "| model | parameters | nodes | fake-mode audit | process RSS before | peak RSS during the audits | audit's extra |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["fake"]:
+        lines.append(
+            f"| {row['model']} | {row['params'] / 1e6:.1f} M | {row['nodes']} | {_ms(row)} | "
+            f"{row['built_rss'] / 2**20:.0f} MiB | {row['peak_rss'] / 2**20:.0f} MiB | "
+            f"{(row['peak_rss'] - row['built_rss']) / 2**20:.0f} MiB |"
+        )
     c = r["cli"]
     lines += [
         "",
@@ -184,11 +263,14 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         "## Scaling (bandwidth fixed, so no copy benchmark inside)",
         "",
-        "| case | nodes | audit | ms per node |",
-        "|---|---|---|---|",
+        "| case | nodes | forward | audit | audit ms per node | (audit - forward) ms per node |",
+        "|---|---|---|---|---|---|",
     ]
     for row in r["scaling"]:
-        lines.append(f"| {row['case']} | {row['nodes']} | {_ms(row)} | {row['ms_per_node']:.2f} |")
+        lines.append(
+            f"| {row['case']} | {row['nodes']} | {_ms(row['forward'])} | {_ms(row)} | {row['ms_per_node']:.2f} | "
+            f"{row['overhead_ms_per_node']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

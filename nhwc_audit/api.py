@@ -100,8 +100,10 @@ def audit(
 
     ``model`` is an nn.Module or a build function returning one (or ``(module, args)``,
     ``(module, args, kwargs)``). Inputs default to one ``1x3x224x224`` tensor. The model
-    and the inputs are never modified: the audit runs a channels_last copy, in the model's
-    own train/eval mode, under ``no_grad``, on the model's device (or ``device``).
+    and the inputs are never modified: the audit runs a channels_last copy (weights read in
+    place with channels_last strides, not copied: see
+    :func:`~nhwc_audit.conversion.prepare_audit_copy`), in the model's own train/eval mode,
+    under ``no_grad``, on the model's device (or ``device``).
     ``autocast=True`` runs under ``torch.autocast`` for the device (bfloat16 on cpu,
     float16 on cuda; or pass a dtype): mixed precision is where channels_last pays on GPUs.
     ``mode='fake'`` propagates FakeTensors on ``device`` (default cpu): no weights, no compute,
@@ -110,7 +112,9 @@ def audit(
     ``train=True`` adds one backward pass (real mode, graph captures) and reports the layout
     of the gradient reaching every node and every parameter; a gradient arriving NCHW at a
     channels_last activation is a ``backward`` finding.
-    ``capture``: 'auto' tries torch.fx (checked against an eager run when ``verify``),
+    ``capture``: 'auto' tries torch.fx (checked against eager when ``verify``: a replay of
+    the model's Python with leaf module calls answered from the propagation, one eager
+    forward where the replay cannot vouch),
     then torch.export, then eager hooks; 'fx', 'export' or 'hooks' forces one.
     ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
     on the device.

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-verify",
         action="store_true",
-        help="skip checking the captured graph's output against one eager forward (faster)",
+        help="skip checking that the fx graph does what eager does (a replay of the model's Python; "
+        "one eager forward where the replay cannot vouch)",
     )
     p.add_argument(
         "--fail-on",
