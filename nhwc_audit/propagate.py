@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,30 +74,42 @@ def _written_args(func: Any) -> tuple[tuple[int, str], ...]:
     )
 
 
+def written_tensors(func: Any, args: Any, kwargs: Any) -> Iterator[torch.Tensor]:
+    """The tensors an ATen op call is about to write to in place."""
+    for i, name in _written_args(func):
+        value = args[i] if i < len(args) else (kwargs or {}).get(name)
+        yield from (value,) if isinstance(value, torch.Tensor) else iter_tensors(value)
+
+
 def check_shared_write(func: Any, args: Any, kwargs: Any, shared: frozenset[int]) -> None:
     """Raise :class:`SharedWeightWrite` before ``func`` writes to a storage in ``shared``."""
     if not shared:
         return
-    for i, name in _written_args(func):
-        value = args[i] if i < len(args) else (kwargs or {}).get(name)
-        for t in (value,) if isinstance(value, torch.Tensor) else iter_tensors(value):
-            if t.untyped_storage().data_ptr() in shared:
-                raise SharedWeightWrite(str(func))
+    for t in written_tensors(func, args, kwargs):
+        if t.untyped_storage().data_ptr() in shared:
+            raise SharedWeightWrite(str(func))
 
 
 class CopyRecorder(TorchDispatchMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
-    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, shared: frozenset[int] = frozenset(), on_write: Callable[[torch.Tensor], None] | None = None
+    ) -> None:
         super().__init__()
         self.copies: list[HiddenCopy] = []
         self.shared = shared
+        self.on_write = on_write
+        """Told about every tensor an op is about to write to in place (:class:`LeafCalls`)."""
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         check_shared_write(func, args, kwargs, self.shared)
+        if self.on_write is not None and _written_args(func):
+            for t in written_tensors(func, args, kwargs):
+                self.on_write(t)
         out = func(*args, **(kwargs or {}))
         if self.recording:
             copy = hidden_copy(func, args, out)
@@ -134,7 +146,8 @@ class LayoutProp(torch.fx.Interpreter):
         self.record_hidden = record_hidden
         self.shared = shared
         self.leaf_calls = leaf_calls
-        self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
+        watch = leaf_calls.before_write if leaf_calls is not None and leaf_calls.batch is None else None
+        self._recorder = CopyRecorder(shared, watch) if (record_hidden or shared or watch) else None
         if self._recorder is not None:
             self._recorder.recording = False
         self.records: list[NodeRecord] = []

@@ -47,21 +47,24 @@ class _Call:
     """Their pytree spec; None when the graph passed positional tensors only."""
     versions: tuple[int | None, ...]
     """Each tensor leaf's version counter at the call (None for non-tensors)."""
-    snapshots: list[Any] | None
-    """For in-place modules: copies of the tensor leaves that no recorded call returned,
-    taken before the call overwrote them (None elsewhere)."""
+    snapshots: list[Any]
+    """Copies of tensor leaves taken just before something wrote to them in place (None for
+    the leaves nothing overwrote, and for those the replay matches by identity)."""
     result: Any
 
 
-_Noted = tuple[list[Any], Any, tuple[int | None, ...], list[Any] | None]
+_Noted = tuple[list[Any], Any, tuple[int | None, ...], list[Any]]
 
 
 class LeafCalls:
     """What each leaf module call of a propagation was given and returned, per module path.
 
     With ``batch=None`` the record keeps the graph's own tensors (the replay then runs on the
-    same sample). With ``batch=B`` it keeps a private copy of the first sample of every tensor
-    whose leading dim is B (other tensors whole), one copy per tensor and version, so that the
+    same sample); an input the replay compares by value is copied only when an op is about to
+    write to it in place (:meth:`before_write`, called by the propagation's dispatch mode).
+    With ``batch=B`` it keeps a private copy of the first sample of every tensor (the first
+    1/B of its leading dim when B divides it: batch-major reshapes such as attention windows
+    keep sample 0 there; other tensors whole), one copy per tensor and version, so that the
     replay runs on one sample: keeping every activation of a whole batch would cost more than
     the check (fresh memory for each one)."""
 
@@ -75,6 +78,9 @@ class LeafCalls:
         """``id()`` of every tensor a recorded call returned (kept alive by the record)."""
         self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
         """batch mode: graph tensor -> {version: its first sample's copy}."""
+        self._watched: dict[int, list[tuple[torch.Tensor, int, list[Any], int]]] = {}
+        """storage -> (tensor, version, snapshots list, index) of recorded inputs that the
+        replay compares by value: copied before anything writes to that storage."""
         self.off: str | None = None
         """Why the record is unusable (None while it is usable)."""
 
@@ -92,7 +98,8 @@ class LeafCalls:
             per = self._copies[t] = {}
         copy = per.get(t._version)
         if copy is None:
-            copy = (t[:1] if t.dim() >= 1 and t.shape[0] == self.batch else t).clone()
+            rows = t.shape[0] // self.batch if t.dim() >= 1 and self.batch and t.shape[0] % self.batch == 0 else 0
+            copy = (t[:rows] if rows else t).clone()
             per[t._version] = copy
         return copy
 
@@ -112,11 +119,11 @@ class LeafCalls:
             self.calls.clear()
             self._storages.clear()
             self._results.clear()
+            self._watched.clear()
             self._copies = WeakIdKeyDictionary()
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Noted | None:
-        """Note a leaf call's inputs just before it runs (with copies for in-place modules such
-        as ``ReLU(inplace=True)``, whose input the call overwrites)."""
+        """Note a leaf call's inputs just before it runs."""
         if self.off is not None:
             return None
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
@@ -126,16 +133,25 @@ class LeafCalls:
         if self.batch is not None:
             leaves = [self._sample(t) if isinstance(t, torch.Tensor) else t for t in leaves]
         versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in leaves)
-        snapshots = None
-        if self.batch is None and getattr(module, "inplace", False) is True:
-            # the replay hands eager the same objects leaf calls returned, and those are compared by
-            # identity; any other input is compared by value, so its value before the call is kept
-            snapshots = [
-                t.clone() if isinstance(t, torch.Tensor) and id(t) not in self._results else None for t in leaves
-            ]
-            self._keep(snapshots)
+        snapshots: list[Any] = [None] * len(leaves)
+        if self.batch is None:
+            # the replay hands eager the tensors leaf calls returned and matches those by identity;
+            # any other input is compared by value, so watch it for in-place writes
+            for j, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor) and id(t) not in self._results:
+                    entry = (t, t._version, snapshots, j)
+                    self._watched.setdefault(t.untyped_storage().data_ptr(), []).append(entry)
         self._keep(leaves)
         return leaves, spec, versions, snapshots
+
+    def before_write(self, t: torch.Tensor) -> None:
+        """An op is about to write to ``t`` in place: copy the recorded inputs on its storage
+        that still hold the value they had at their call."""
+        entries = self._watched.pop(t.untyped_storage().data_ptr(), None) if self._watched else None
+        for tensor, version, snapshots, j in entries or ():
+            if tensor._version == version and snapshots[j] is None:
+                snapshots[j] = tensor.clone()
+                self._keep([snapshots[j]])
 
     def after(self, target: str, noted: _Noted | None, result: Any) -> None:
         if self.off is not None or noted is None:
@@ -228,8 +244,7 @@ def _replaced(model: nn.Module, calls: LeafCalls, handed: dict[int, int], used: 
             if spec != c.spec:
                 raise _Differs(f"{target} (call {i + 1}): eager passes other arguments than the graph")
             for j, (x, y) in enumerate(zip(leaves, c.leaves, strict=True)):
-                snap = c.snapshots[j] if c.snapshots is not None else None
-                _same(x, y, c.versions[j], snap, handed, f"{target} (call {i + 1}) input {j}")
+                _same(x, y, c.versions[j], c.snapshots[j], handed, f"{target} (call {i + 1}) input {j}")
             return _handed_out(c.result, handed)
 
         return call

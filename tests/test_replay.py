@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 from torch import nn
+from torch.nn import functional as F
 
 from nhwc_audit import audit
 from nhwc_audit.capture import trace
@@ -64,10 +65,48 @@ class Ordered(nn.Module):
         return OrderedDict(out=self.conv(x), aux=[x.mean()])
 
 
+class NormAct(nn.Module):
+    """timm's BatchNormAct2d: batch_norm in the module's own code, then an Identity leaf and an
+    in-place activation leaf that overwrites the tensor the Identity was given and returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Identity()
+        self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False)
+        out: torch.Tensor = self.act(self.drop(y))
+        return out
+
+
+class Windows(nn.Module):
+    """Swin-style windows: the batch is folded into dim 0 (B * windows) before a leaf Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        win = y.permute(0, 2, 3, 1).reshape(b, h // 4, 4, w // 4, 4, c).transpose(2, 3).reshape(-1, 16, c)
+        out: torch.Tensor = self.proj(win)
+        return out.reshape(b, -1, c).mean(1)
+
+
 @pytest.mark.parametrize(
     "build,shape",
     [
         (Ordered, (1, 3, 8, 8)),
+        (lambda: NormAct().eval(), (1, 3, 8, 8)),
+        (lambda: NormAct().eval(), (3, 3, 8, 8)),
+        (Windows, (1, 3, 8, 8)),
+        (Windows, (3, 3, 8, 8)),
         (lambda: tvm.resnet18().eval(), (1, 3, 32, 32)),
         (lambda: tvm.resnet18().eval(), (3, 3, 32, 32)),
         (lambda: tvm.resnet18().train(), (2, 3, 32, 32)),  # batch statistics: leaves are not re-run
