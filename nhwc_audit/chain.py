@@ -21,7 +21,7 @@ from .errors import PropagationError, SharedWeightWrite, TraceError, UsageError
 from .hooks import record_eager
 from .propagate import CopyRecorder, ProgressFn, _positional, propagate
 from .records import NodeRecord
-from .replay import LeafCalls, replay, versions_of
+from .replay import LeafCalls, replay
 
 __all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
 
@@ -74,10 +74,8 @@ def _replays(
     """The replay check (:mod:`.replay`) of an fx capture whose propagation recorded ``calls``
     (of the whole batch, or of its first sample: then ``sample`` is that sample)."""
     args, kwargs = sample
-    out = calls.sample(graph_out)
-    versions = versions_of(out)
     unsure = _seeded(
-        lambda: replay(model, calls, tree_map(clone_value, args), tree_map(clone_value, kwargs), out, versions),
+        lambda: replay(model, calls, tree_map(clone_value, args), tree_map(clone_value, kwargs), graph_out),
         seed,
         ctx,
         shared,

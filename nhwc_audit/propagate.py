@@ -156,6 +156,8 @@ class LayoutProp(torch.fx.Interpreter):
         self._index = {n: i for i, n in enumerate(self._nodes)}
         self._modules: dict[str, torch.nn.Module] = self.submodules  # Interpreter's own path -> module map
         self._contexts: dict[torch.fx.Node, NodeContext] = {n: node_context(n, gm, self._modules) for n in self._nodes}
+        # nodes whose value only ever goes into leaf modules (the replay needs its identity only)
+        self._leaf_only = {n: bool(n.users) and all(u.op == "call_module" for u in n.users) for n in self._nodes}
         self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
         # a leaf module's own 4D/5D weights: static during the run, recorded once
         self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
@@ -200,7 +202,7 @@ class LayoutProp(torch.fx.Interpreter):
                 else:
                     result = getattr(self, n.op)(n.target, args, kwargs)
                 if noted is not None and self.leaf_calls is not None:
-                    self.leaf_calls.after(str(n.target), noted, result)
+                    self.leaf_calls.after(str(n.target), noted, result, opaque=self._leaf_only[n])
             except (PropagationError, SharedWeightWrite):
                 raise
             except Exception as e:

@@ -32,41 +32,59 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._tensors import first_line
 from .errors import SharedWeightWrite
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "replay", "versions_of"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "replay"]
 
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 """What :class:`LeafCalls` may keep alive (about every activation of one forward); past it
 the replay check is off and the plain check runs."""
 
 
+class _Slot:
+    """One graph tensor in one state (tensor and version) as the replay sees it."""
+
+    __slots__ = ("by_value", "check", "value")
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor = _NOTHING
+        """The graph's tensor itself (whole-sample record), a copy of its first sample (batch
+        record), a copy taken before an in-place write, or a meta-device stand-in."""
+        self.check: int | None = None
+        """``value._version`` when it was stored (None for stand-ins)."""
+        self.by_value = False
+        """Made for a leaf call's input that no recorded call returned: eager brings its own
+        tensor there, compared by value."""
+
+
+_NOTHING = torch.empty(0, device="meta")
+
+
 @dataclass(frozen=True)
 class _Call:
     leaves: list[Any]
-    """The flattened (args, kwargs) as the graph passed them."""
+    """The flattened (args, kwargs) as the graph passed them, tensors as slots."""
     spec: Any
     """Their pytree spec; None when the graph passed positional tensors only."""
-    versions: tuple[int | None, ...]
-    """Each tensor leaf's version counter at the call (None for non-tensors)."""
-    snapshots: list[Any]
-    """Copies of tensor leaves taken just before something wrote to them in place (None for
-    the leaves nothing overwrote, and for those the replay matches by identity)."""
     result: Any
+    """What the call returned, tensors as slots."""
 
 
-_Noted = tuple[list[Any], Any, tuple[int | None, ...], list[Any]]
+_Noted = tuple[list[Any], Any]
 
 
 class LeafCalls:
     """What each leaf module call of a propagation was given and returned, per module path.
 
-    With ``batch=None`` the record keeps the graph's own tensors (the replay then runs on the
-    same sample); an input the replay compares by value is copied only when an op is about to
-    write to it in place (:meth:`before_write`, called by the propagation's dispatch mode).
-    With ``batch=B`` it keeps a private copy of the first sample of every tensor (the first
-    1/B of its leading dim when B divides it: batch-major reshapes such as attention windows
-    keep sample 0 there; other tensors whole), one copy per tensor and version, so that the
-    replay runs on one sample: keeping every activation of a whole batch would cost more than
-    the check (fresh memory for each one)."""
+    Every graph tensor, in each state it is seen in, becomes one slot, so the replay sees the
+    same object wherever the graph used the same tensor. A tensor the graph only ever passes
+    into leaf modules (``opaque``) is needed by identity only and is kept as a meta-device
+    stand-in: no memory held, and any eager use of it fails the replay (the full check then
+    decides). Other tensors keep their values: with ``batch=None`` the graph's own tensors
+    (the replay then runs on the same sample; an input compared by value is copied only when
+    an op is about to write to it in place, :meth:`before_write`); with ``batch=B`` a copy of
+    the first sample (the first 1/B of the leading dim when B divides it: batch-major
+    reshapes such as attention windows keep sample 0 there; other tensors whole), so that
+    the replay runs on one sample: keeping a whole batch's activations would cost more than
+    the check (fresh memory for each)."""
 
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, *, batch: int | None = None) -> None:
         self.calls: dict[str, list[_Call]] = {}
@@ -74,34 +92,47 @@ class LeafCalls:
         self.batch = batch
         self.kept = 0
         self._storages: set[int] = set()
-        self._results: set[int] = set()
-        """``id()`` of every tensor a recorded call returned (kept alive by the record)."""
-        self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        """batch mode: graph tensor -> {version: its first sample's copy}."""
-        self._watched: dict[int, list[tuple[torch.Tensor, int, list[Any], int]]] = {}
-        """storage -> (tensor, version, snapshots list, index) of recorded inputs that the
-        replay compares by value: copied before anything writes to that storage."""
+        self._slots: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """graph tensor -> {version: slot}."""
+        self._watched: dict[int, list[tuple[_Slot, torch.Tensor]]] = {}
+        """storage -> slots compared by value that still hold the graph's own tensor."""
         self.off: str | None = None
         """Why the record is unusable (None while it is usable)."""
 
-    def sample(self, value: Any) -> Any:
-        """batch mode: ``value`` with each tensor replaced by its first sample's copy (the same
-        copy for the same tensor in the same state, so identities carry over)."""
+    def _first(self, t: torch.Tensor) -> torch.Tensor:
         if self.batch is None:
-            return value
-        return tree_map(lambda v: self._sample(v) if isinstance(v, torch.Tensor) else v, value)
+            return t
+        rows = t.shape[0] // self.batch if t.dim() >= 1 and t.shape[0] % self.batch == 0 else 0
+        return t[:rows] if rows else t
 
-    def _sample(self, t: torch.Tensor) -> torch.Tensor:
-        if t in self._copies:
-            per: dict[int, torch.Tensor] = self._copies[t]
+    def _fill(self, slot: _Slot, t: torch.Tensor) -> None:
+        slot.value = t if self.batch is None else self._first(t).clone()
+        slot.check = slot.value._version
+        self._keep([slot.value])
+
+    def _slot(self, t: torch.Tensor, *, real: bool, by_value: bool = False, upgrade: bool = True) -> _Slot:
+        if t in self._slots:
+            per: dict[int, _Slot] = self._slots[t]
         else:
-            per = self._copies[t] = {}
-        copy = per.get(t._version)
-        if copy is None:
-            rows = t.shape[0] // self.batch if t.dim() >= 1 and self.batch and t.shape[0] % self.batch == 0 else 0
-            copy = (t[:rows] if rows else t).clone()
-            per[t._version] = copy
-        return copy
+            per = self._slots[t] = {}
+        slot = per.get(t._version)
+        if slot is None:
+            slot = per[t._version] = _Slot()
+            slot.by_value = by_value
+            if real:
+                self._fill(slot, t)
+                if by_value and self.batch is None:
+                    self._watched.setdefault(t.untyped_storage().data_ptr(), []).append((slot, t))
+            else:
+                first = self._first(t)
+                slot.value = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device="meta")
+        elif real and upgrade and slot.check is None and slot.value.device.type == "meta":
+            self._fill(slot, t)  # a tensor first seen as opaque turns out to be needed by value
+        return slot
+
+    def slots(self, value: Any, *, real: bool = True) -> Any:
+        """``value`` with each tensor replaced by its slot."""
+        return tree_map(lambda v: self._slot(v, real=real) if isinstance(v, torch.Tensor) else v, value)
 
     def _keep(self, leaves: list[Any]) -> None:
         for t in leaves:
@@ -118,9 +149,8 @@ class LeafCalls:
             self.off = why
             self.calls.clear()
             self._storages.clear()
-            self._results.clear()
             self._watched.clear()
-            self._copies = WeakIdKeyDictionary()
+            self._slots = WeakIdKeyDictionary()
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Noted | None:
         """Note a leaf call's inputs just before it runs."""
@@ -130,59 +160,56 @@ class LeafCalls:
             leaves, spec = list(args), None  # the common case, without pytree's cost
         else:
             leaves, spec = tree_flatten((tuple(args), dict(kwargs)))  # fx hands immutable_list/dict
-        if self.batch is not None:
-            leaves = [self._sample(t) if isinstance(t, torch.Tensor) else t for t in leaves]
-        versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in leaves)
-        snapshots: list[Any] = [None] * len(leaves)
-        if self.batch is None:
-            # the replay hands eager the tensors leaf calls returned and matches those by identity;
-            # any other input is compared by value, so watch it for in-place writes
-            for j, t in enumerate(leaves):
-                if isinstance(t, torch.Tensor) and id(t) not in self._results:
-                    entry = (t, t._version, snapshots, j)
-                    self._watched.setdefault(t.untyped_storage().data_ptr(), []).append(entry)
-        self._keep(leaves)
-        return leaves, spec, versions, snapshots
+        # a tensor a recorded call returned keeps its slot (eager gets it from the replay and
+        # brings it back: matched by identity); any other is compared by value
+        slots = [
+            self._slot(t, real=True, by_value=True, upgrade=False) if isinstance(t, torch.Tensor) else t for t in leaves
+        ]
+        return slots, spec
 
     def before_write(self, t: torch.Tensor) -> None:
         """An op is about to write to ``t`` in place: copy the recorded inputs on its storage
         that still hold the value they had at their call."""
         entries = self._watched.pop(t.untyped_storage().data_ptr(), None) if self._watched else None
-        for tensor, version, snapshots, j in entries or ():
-            if tensor._version == version and snapshots[j] is None:
-                snapshots[j] = tensor.clone()
-                self._keep([snapshots[j]])
+        for slot, tensor in entries or ():
+            if slot.value is tensor and tensor._version == slot.check:
+                slot.value = tensor.clone()
+                slot.check = slot.value._version
+                self._keep([slot.value])
 
-    def after(self, target: str, noted: _Noted | None, result: Any) -> None:
+    def after(self, target: str, noted: _Noted | None, result: Any, *, opaque: bool = False) -> None:
+        """Note what a leaf call returned; ``opaque``: the graph passes it only into leaf
+        modules (kept as a stand-in unless it also has a use by value)."""
         if self.off is not None or noted is None:
             return
-        result = self.sample(result)
-        out = [result] if isinstance(result, torch.Tensor) else tree_flatten(result)[0]
-        self._keep(out)
+        leaves, spec = noted
+        result = self.slots(result, real=not opaque)
         if self.off is None:
-            self.calls.setdefault(target, []).append(_Call(*noted, result=result))
-            self._results.update(id(t) for t in out if isinstance(t, torch.Tensor))
+            self.calls.setdefault(target, []).append(_Call(leaves, spec, result))
 
 
 class _Differs(Exception):
     pass
 
 
-def _same(x: Any, y: Any, version: int | None, snapshot: Any, handed: dict[int, int], what: str) -> None:
-    """Raise :class:`_Differs` unless eager's ``x`` is the graph's ``y`` (``y`` had ``version``
-    at the call; ``snapshot`` is its copy from then, or None)."""
+def _same(x: Any, y: Any, handed: dict[int, int], what: str) -> None:
+    """Raise :class:`_Differs` unless eager's ``x`` is the graph's ``y`` (a slot, or a plain
+    value)."""
+    check = None
+    if isinstance(y, _Slot):
+        y, check = y.value, y.check
     if isinstance(y, torch.Tensor):
         if not isinstance(x, torch.Tensor):
             raise _Differs(f"{what}: eager passes {type(x).__name__} where the graph passes a tensor")
         if x is y:
-            # the very tensor the graph used: fine unless eager changed it since the replay handed it out
-            expected = handed.get(id(x), version)
+            # the very tensor the replay handed out: fine unless eager changed it since
+            expected = handed.get(id(x), check)
             if expected is None or x._version != expected:
                 raise _Differs(f"{what}: changed in place since it was recorded")
             return
-        if isinstance(snapshot, torch.Tensor):
-            y = snapshot  # its value before an in-place module overwrote it
-        elif version is not None and y._version != version:
+        if x.device.type == "meta" or y.device.type == "meta":
+            raise _Differs(f"{what}: eager computes with a value the graph only passes between leaf modules")
+        if check is not None and y._version != check:
             raise _Differs(f"{what}: the recorded input changed in place after the call")
         if x.shape != y.shape or x.dtype != y.dtype:
             raise _Differs(f"{what}: eager gives {tuple(x.shape)} {x.dtype}, the graph {tuple(y.shape)} {y.dtype}")
@@ -218,10 +245,15 @@ def _short(v: Any) -> str:
 
 
 def _handed_out(result: Any, handed: dict[int, int]) -> Any:
-    for t in tree_flatten(result)[0]:
-        if isinstance(t, torch.Tensor):
-            handed[id(t)] = t._version
-    return result
+    """A recorded result with its slots resolved, noting each tensor's version as handed out."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, _Slot):
+            handed[id(v.value)] = v.value._version
+            return v.value
+        return v
+
+    return tree_map(value, result, is_leaf=lambda v: isinstance(v, _Slot))
 
 
 @contextlib.contextmanager
@@ -244,7 +276,7 @@ def _replaced(model: nn.Module, calls: LeafCalls, handed: dict[int, int], used: 
             if spec != c.spec:
                 raise _Differs(f"{target} (call {i + 1}): eager passes other arguments than the graph")
             for j, (x, y) in enumerate(zip(leaves, c.leaves, strict=True)):
-                _same(x, y, c.versions[j], c.snapshots[j], handed, f"{target} (call {i + 1}) input {j}")
+                _same(x, y, handed, f"{target} (call {i + 1}) input {j}")
             return _handed_out(c.result, handed)
 
         return call
@@ -268,14 +300,14 @@ def replay(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     graph_out: Any,
-    out_versions: tuple[int | None, ...],
 ) -> str | None:
     """Run ``model`` eagerly (the caller sets seeds, autocast and guards) with its leaf module
     calls replaced by ``calls``; None when every leaf call and the output match the graph's
-    (``graph_out``, whose tensor leaves had ``out_versions`` when the propagation ended),
-    else why the replay cannot vouch for the graph."""
+    (``graph_out``, the propagation's output, unchanged since), else why the replay cannot
+    vouch for the graph."""
     if calls.off is not None:
         return calls.off
+    want_slots = calls.slots(graph_out)
     handed: dict[int, int] = {}
     used: dict[str, int] = {}
     try:
@@ -285,11 +317,11 @@ def replay(
             if used.get(target, 0) != len(recorded):
                 raise _Differs(f"eager calls {target} {used.get(target, 0)} times, the graph {len(recorded)}")
         got, got_spec = tree_flatten(_plain(out))
-        want, want_spec = tree_flatten(_plain(graph_out))
-        if got_spec != want_spec:
+        want, want_spec = tree_flatten(_plain(want_slots), is_leaf=lambda v: isinstance(v, _Slot))
+        if got_spec != tree_flatten(_plain(graph_out))[1]:
             raise _Differs("eager returns another output structure than the graph")
         for j, (x, y) in enumerate(zip(got, want, strict=True)):
-            _same(x, y, out_versions[j], None, handed, f"output {j}")
+            _same(x, y, handed, f"output {j}")
     except _Differs as e:
         return str(e)
     except SharedWeightWrite:
@@ -297,8 +329,3 @@ def replay(
     except Exception as e:
         return f"the replay raised {first_line(e)}"
     return None
-
-
-def versions_of(value: Any) -> tuple[int | None, ...]:
-    """Version counters of ``value``'s flattened leaves (None for non-tensors)."""
-    return tuple(t._version if isinstance(t, torch.Tensor) else None for t in tree_flatten(value)[0])

@@ -18,7 +18,7 @@ from nhwc_audit.capture import trace
 from nhwc_audit.conversion import prepare_audit_copy
 from nhwc_audit.examples import unet
 from nhwc_audit.propagate import propagate
-from nhwc_audit.replay import LeafCalls, replay, versions_of
+from nhwc_audit.replay import LeafCalls, replay
 
 
 def _replay(model: nn.Module, *args: torch.Tensor, budget: int = 2**31) -> str | None:
@@ -29,9 +29,8 @@ def _replay(model: nn.Module, *args: torch.Tensor, budget: int = 2**31) -> str |
     batch = sample[0].shape[0]
     calls = LeafCalls(budget, batch=batch if batch > 1 else None)
     _, out = propagate(gm, tuple(a.clone() for a in sample), {}, leaf_calls=calls, shared=cp.shared)
-    out = calls.sample(out)
     first = tuple(a[:1].clone() if batch > 1 else a.clone() for a in sample)
-    return replay(cp.module, calls, first, {}, out, versions_of(out))
+    return replay(cp.module, calls, first, {}, out)
 
 
 class Twice(nn.Module):
@@ -140,6 +139,18 @@ class ChangesInput(nn.Module):
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x) * 2
+        if isinstance(y, torch.Tensor):
+            y = y + 1
+        out: torch.Tensor = self.conv2(y)
+        return out
+
+
+class ChangesLeafOutput(ChangesInput):
+    """As ChangesInput, but the graph passes conv1's output straight into conv2: the replay
+    kept it as a stand-in, and eager computing with it ends the replay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(x)
         if isinstance(y, torch.Tensor):
             y = y + 1
@@ -193,6 +204,7 @@ class OutputOnly(nn.Module):
     "model,channels,why",
     [
         (ChangesInput(), 3, "conv2 (call 1) input 0: values differ"),
+        (ChangesLeafOutput(), 3, "conv2 (call 1) input 0: eager computes with a value the graph only passes"),
         (SkipsCall(), 3, "output 0: values differ"),
         (CallsMore(), 4, "eager calls conv 1 times, the graph 2"),
         (OutputOnly(), 3, "eager returns another output structure than the graph"),
@@ -200,7 +212,7 @@ class OutputOnly(nn.Module):
 )
 def test_replay_never_vouches_for_a_graph_that_differs(model: nn.Module, channels: int, why: str, batch: int) -> None:
     x = torch.randn(batch, channels, 8, 8)
-    assert _replay(model, x) == why
+    assert (_replay(model, x) or "").startswith(why)
     report = audit(model, x, bandwidth=1e9)
     assert report.meta.capture == "export"  # the full check confirmed it and the chain moved on
 
