@@ -20,6 +20,7 @@ the plain check instead, which decides.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._tensors import first_line
 from .errors import SharedWeightWrite
@@ -56,6 +56,12 @@ class _Slot:
 
 
 _NOTHING = torch.empty(0, device="meta")
+
+
+def _own_ops() -> Any:
+    """The record's own copies and stand-ins bypass the propagation's dispatch recorder
+    (they are not the model's ops, and going through Python dispatch costs more than them)."""
+    return torch._C._DisableTorchDispatch()
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,9 @@ class LeafCalls:
         self.batch = batch
         self.kept = 0
         self._storages: set[int] = set()
-        self._slots: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        """graph tensor -> {version: slot}."""
+        self._slots: dict[int, tuple[weakref.ref[torch.Tensor], dict[int, _Slot]]] = {}
+        """id(graph tensor) -> (weak reference to it, {version: slot}); a weak reference, so
+        that a stand-in does not keep its tensor's memory alive."""
         self._watched: dict[int, list[tuple[_Slot, torch.Tensor]]] = {}
         """storage -> slots compared by value that still hold the graph's own tensor."""
         self.off: str | None = None
@@ -106,15 +113,19 @@ class LeafCalls:
         return t[:rows] if rows else t
 
     def _fill(self, slot: _Slot, t: torch.Tensor) -> None:
-        slot.value = t if self.batch is None else self._first(t).clone()
+        if self.batch is None:
+            slot.value = t
+        else:
+            with _own_ops():
+                slot.value = self._first(t).clone()
         slot.check = slot.value._version
         self._keep([slot.value])
 
     def _slot(self, t: torch.Tensor, *, real: bool, by_value: bool = False, upgrade: bool = True) -> _Slot:
-        if t in self._slots:
-            per: dict[int, _Slot] = self._slots[t]
-        else:
-            per = self._slots[t] = {}
+        entry = self._slots.get(id(t))
+        if entry is None or entry[0]() is not t:  # new, or an id reused after its tensor died
+            entry = self._slots[id(t)] = (weakref.ref(t), {})
+        per = entry[1]
         slot = per.get(t._version)
         if slot is None:
             slot = per[t._version] = _Slot()
@@ -125,7 +136,8 @@ class LeafCalls:
                     self._watched.setdefault(t.untyped_storage().data_ptr(), []).append((slot, t))
             else:
                 first = self._first(t)
-                slot.value = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device="meta")
+                with _own_ops():
+                    slot.value = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device="meta")
         elif real and upgrade and slot.check is None and slot.value.device.type == "meta":
             self._fill(slot, t)  # a tensor first seen as opaque turns out to be needed by value
         return slot
@@ -150,7 +162,7 @@ class LeafCalls:
             self.calls.clear()
             self._storages.clear()
             self._watched.clear()
-            self._slots = WeakIdKeyDictionary()
+            self._slots.clear()
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Noted | None:
         """Note a leaf call's inputs just before it runs."""
@@ -173,7 +185,8 @@ class LeafCalls:
         entries = self._watched.pop(t.untyped_storage().data_ptr(), None) if self._watched else None
         for slot, tensor in entries or ():
             if slot.value is tensor and tensor._version == slot.check:
-                slot.value = tensor.clone()
+                with _own_ops():
+                    slot.value = tensor.clone()
                 slot.check = slot.value._version
                 self._keep([slot.value])
 
@@ -183,7 +196,10 @@ class LeafCalls:
         if self.off is not None or noted is None:
             return
         leaves, spec = noted
-        result = self.slots(result, real=not opaque)
+        if isinstance(result, torch.Tensor):
+            result = self._slot(result, real=not opaque)  # the common case, without pytree's cost
+        else:
+            result = self.slots(result, real=not opaque)
         if self.off is None:
             self.calls.setdefault(target, []).append(_Call(leaves, spec, result))
 
