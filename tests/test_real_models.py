@@ -88,3 +88,27 @@ def test_monai_basic_unet_falls_back_because_fx_graph_fails() -> None:
     report, *_ = _audit("monai.BasicUNet2d")
     assert report.meta.capture == "export"
     assert "the captured graph fails where eager runs" in report.meta.capture_notes[0]
+
+
+@pytest.mark.parametrize("name", [n for n, (capture, *_) in EXPECTED.items() if capture == "fx"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_replay_vouches_for_real_fx_graphs(name: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fx check of every fx-captured model here is the replay: no eager forward runs."""
+    import torch
+
+    from nhwc_audit import chain
+
+    forwards: list[str] = []
+    run_eager = chain._run_eager
+    monkeypatch.setattr(
+        chain, "_run_eager", lambda model, *a: forwards.append(type(model).__name__) or run_eager(model, *a)
+    )
+    family = name.split(".")[0]
+    pytest.importorskip({"smp": "segmentation_models_pytorch"}.get(family, family))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, args, kwargs = build(name)
+        args = tuple(torch.cat([a] * batch) if isinstance(a, torch.Tensor) and a.dim() >= 4 else a for a in args)
+        report = audit(model, args, example_kwargs=kwargs, bandwidth=1e9)
+    assert report.meta.capture == "fx" and report.meta.capture_notes == ()
+    assert forwards == []
