@@ -42,7 +42,7 @@ the replay check is off and the plain check runs."""
 class _Slot:
     """One graph tensor in one state (tensor and version) as the replay sees it."""
 
-    __slots__ = ("by_value", "check", "value")
+    __slots__ = ("check", "value")
 
     def __init__(self) -> None:
         self.value: torch.Tensor = _NOTHING
@@ -50,9 +50,6 @@ class _Slot:
         record), a copy taken before an in-place write, or a meta-device stand-in."""
         self.check: int | None = None
         """``value._version`` when it was stored (None for stand-ins)."""
-        self.by_value = False
-        """Made for a leaf call's input that no recorded call returned: eager brings its own
-        tensor there, compared by value."""
 
 
 _NOTHING = torch.empty(0, device="meta")
@@ -122,6 +119,10 @@ class LeafCalls:
         self._keep([slot.value])
 
     def _slot(self, t: torch.Tensor, *, real: bool, by_value: bool = False, upgrade: bool = True) -> _Slot:
+        """The slot of ``t`` in its current state. ``real``: the replay needs its value (a
+        stand-in otherwise); ``by_value``: eager will bring its own tensor for it (an input no
+        recorded call returned), so watch it for in-place writes; ``upgrade``: give an existing
+        stand-in a real value."""
         entry = self._slots.get(id(t))
         if entry is None or entry[0]() is not t:  # new, or an id reused after its tensor died
             entry = self._slots[id(t)] = (weakref.ref(t), {})
@@ -129,7 +130,6 @@ class LeafCalls:
         slot = per.get(t._version)
         if slot is None:
             slot = per[t._version] = _Slot()
-            slot.by_value = by_value
             if real:
                 self._fill(slot, t)
                 if by_value and self.batch is None:
