@@ -185,7 +185,9 @@ def _audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.devic
         return _converted(t, dtype, device), False
     if fmt is None:
         return t, True
-    view = _restrided(t, fmt)
+    view = None
+    if t.layout == torch.strided and not t.is_quantized and type(t) in (torch.Tensor, nn.Parameter):
+        view = _restrided(t, fmt)  # plain dense tensors only: others keep .to()'s own copy
     return (view, True) if view is not None else (t.to(memory_format=fmt), False)
 
 
