@@ -174,6 +174,44 @@ def scaling(repeats: int, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+class _Chain(torch.nn.Module):
+    """A conv and then ``n`` (relu, add) pairs: a graph of 2n + 3 nodes with almost no compute."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.conv(x)
+        for _ in range(self.n):
+            y = torch.relu(y) + 1.0
+        return y
+
+
+def graph_size(repeats: int, quick: bool) -> list[dict[str, Any]]:
+    """Audit and analysis time per node on graphs of growing size (linear: flat per node)."""
+    from nhwc_audit.analyze import analyze
+
+    rows = []
+    for n in (500, 2000) if quick else (500, 2000, 8000):
+        m, x = _Chain(n), torch.randn(1, 3, 4, 4)
+        r = _interleaved({"audit": lambda m=m, x=x: nhwc_audit.audit(m, x, bandwidth=1e10)}, repeats)["audit"]
+        records = list(nhwc_audit.audit(m, x, bandwidth=1e10).nodes)
+        t = _interleaved({"analyze": lambda rec=records: analyze(rec, bandwidth=1e10)}, repeats)["analyze"]
+        nodes = len(records)
+        rows.append(
+            {
+                "nodes": nodes,
+                **r,
+                "us_per_node": 1e6 * r["median"] / nodes,
+                "analyze": t,
+                "analyze_us_per_node": 1e6 * t["median"] / nodes,
+            }
+        )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=5)
@@ -211,6 +249,7 @@ def main() -> None:
     results["fake"] = fake_memory([*names, *(() if a.quick else ("sd15",))], 3)
     results["cli"] = cli_vs_import(3)
     results["scaling"] = scaling(3, a.quick)
+    results["graph_size"] = graph_size(3, a.quick)
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (OUT / "results.md").write_text(_markdown(results))
@@ -270,6 +309,18 @@ def _markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {row['case']} | {row['nodes']} | {_ms(row['forward'])} | {_ms(row)} | {row['ms_per_node']:.2f} | "
             f"{row['overhead_ms_per_node']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Graph size (a conv and n relu/add pairs: no compute to speak of)",
+        "",
+        "| nodes | audit | audit us per node | analysis (findings, fixes, regions) | analysis us per node |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["graph_size"]:
+        lines.append(
+            f"| {row['nodes']} | {_ms(row)} | {row['us_per_node']:.0f} | {_ms(row['analyze'])} | "
+            f"{row['analyze_us_per_node']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
