@@ -92,10 +92,11 @@ def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     return int(images[0].shape[0])
 
 
-def _batch_one(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """The sample cut to its first item when it has a batch (:func:`_batch_of`; cut wherever a
-    tensor has that leading dim), else None."""
-    batch = _batch_of(args, kwargs)
+def _batch_one(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int | None
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The sample cut to its first item when it has a ``batch`` (:func:`_batch_of`; cut
+    wherever a tensor has that leading dim), else None."""
     if batch is None:
         return None
 
@@ -138,9 +139,9 @@ def capture_and_propagate(
     """Capture ``model`` (the audit's private channels_last copy) and record every node's
     layouts on the sample. ``method`` forces one capture ('fx', 'export', 'hooks');
     ``autocast`` runs every execution under ``torch.autocast`` with that dtype; ``shared``
-    are the storages of user weights the copy reads in place (recorded runs raise
-    :class:`SharedWeightWrite` before writing to one; the unrecorded eager check runs the
-    same code the recorded run has just run without writing)."""
+    are the storages of user weights the copy reads in place (every run of the model, the
+    recorded ones and the eager checks, raises :class:`SharedWeightWrite` before writing to
+    one)."""
     if method not in CAPTURES:
         raise UsageError(f"capture {method!r} is not one of: {', '.join(CAPTURES)}")
     notes: list[str] = []
@@ -171,10 +172,11 @@ def capture_and_propagate(
             notes.append(f"{name}: {e}")
             return None
         checking = verify and method != name
-        sliced = _batch_one(args, kwargs) if name == "fx" else None
+        batch = _batch_of(args, kwargs) if checking and name == "fx" else None
+        sliced = _batch_one(args, kwargs, batch)
         # fx graphs call leaf modules: record their calls so that a replay can check the graph
         # (a batch is recorded and replayed on its first sample)
-        calls = LeafCalls(batch=_batch_of(args, kwargs)) if checking and name == "fx" else None
+        calls = LeafCalls(batch=batch) if checking and name == "fx" else None
         try:
             with torch.random.fork_rng(devices=[]), ctx():
                 torch.manual_seed(seed)

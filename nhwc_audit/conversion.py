@@ -229,19 +229,15 @@ def prepare_audit_copy(
     shared: set[int] = set()
     with torch.no_grad():
         for _, t, is_param in _tensors(model):
-            if is_param:
-                if share_weights:
-                    new, shares = _audit_param(t.detach(), dtype, device)
-                else:
-                    new, shares = _converted(t.detach(), dtype, device), False
-                    if _same_storage(new, t):
-                        new = new.clone(memory_format=torch.preserve_format)
-                if shares:
-                    shared.add(t.untyped_storage().data_ptr())
-                memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad)
+            if is_param and share_weights:
+                new, shares = _audit_param(t.detach(), dtype, device)
             else:
-                new = _converted(t.detach(), dtype, device)
-                memo[id(t)] = new.clone() if _same_storage(new, t) else new  # updated in place (BN stats)
+                new, shares = _converted(t.detach(), dtype, device), False
+                if _same_storage(new, t):
+                    new = new.clone()  # buffers are updated in place (BatchNorm stats)
+            if shares:
+                shared.add(t.untyped_storage().data_ptr())
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
     try:
         return AuditCopy(clone_modules(model, memo), frozenset(shared))
     except Exception as e:

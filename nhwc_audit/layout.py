@@ -86,11 +86,6 @@ def classify(t: torch.Tensor) -> Layout:
     return classify_strides(tuple(t.shape), t.stride())
 
 
-@functools.lru_cache(maxsize=64)
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def tensor_meta(t: torch.Tensor) -> TensorMeta:
     """Extract the plain-value record of a tensor (no data is read)."""
     shape = tuple(t.shape)
@@ -106,7 +101,9 @@ def _meta(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype) 
     """TensorMeta is a pure function of these (and frozen): models repeat a few shapes many
     times, so each is classified once."""
     layout = classify_strides(shape, strides) if len(strides) == len(shape) else Layout.NOT_SPATIAL
-    return TensorMeta(shape=shape, strides=strides, dtype=_dtype_name(dtype), itemsize=dtype.itemsize, layout=layout)
+    return TensorMeta(
+        shape=shape, strides=strides, dtype=str(dtype).removeprefix("torch."), itemsize=dtype.itemsize, layout=layout
+    )
 
 
 def strides_like_channels_last(shape: Sequence[int], strides: Sequence[int]) -> bool:

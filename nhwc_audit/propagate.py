@@ -6,7 +6,6 @@ It records; it never judges (that is :mod:`nhwc_audit.analyze`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -106,10 +105,11 @@ class CopyRecorder(TorchDispatchMode):
         """Keep copies (False while the caller runs ops of its own under the mode)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        check_shared_write(func, args, kwargs, self.shared)
-        if self.on_write is not None and _written_args(func):
-            for t in written_tensors(func, args, kwargs):
-                self.on_write(t)
+        if _written_args(func):  # in-place and out= ops only
+            check_shared_write(func, args, kwargs, self.shared)
+            if self.on_write is not None:
+                for t in written_tensors(func, args, kwargs):
+                    self.on_write(t)
         out = func(*args, **(kwargs or {}))
         if self.recording:
             copy = hidden_copy(func, args, out)
@@ -254,9 +254,8 @@ class LayoutProp(torch.fx.Interpreter):
 
         if n.op in ("placeholder", "output", "get_attr") or not has_cl:
             raise model_error("none of its inputs is channels_last") from error
-        try:
-            with contextlib.nullcontext() if self._recorder is not None else CopyRecorder(self.shared):
-                return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
+        try:  # still under the run's recorder when there are shared weights to guard
+            return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
         except SharedWeightWrite:
             raise
         except Exception as e2:

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from ._tensors import clone_value, to_nchw
 from .analyze import Analysis, analyze
 from .capture import trace
-from .conversion import convert, memory_format_for_rank, prepare_inputs
+from .conversion import clone_modules, convert, memory_format_for_rank, prepare_inputs
 from .errors import ConversionError
 from .propagate import propagate
 from .records import FindingKind, Layout, NodeRecord
@@ -319,8 +319,7 @@ def _outputs(
 
 def _fresh(model: nn.Module) -> nn.Module:
     """A private copy for a checking run (buffers copied: BatchNorm stats must not drift)."""
-    memo: dict[int, Any] = {id(p): p for p in model.parameters()}
-    return copy.deepcopy(model, memo)
+    return clone_modules(model, {id(p): p for p in model.parameters()})
 
 
 def _deviation(ref: torch.Tensor, other: torch.Tensor) -> float:
