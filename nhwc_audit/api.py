@@ -169,14 +169,13 @@ def audit(
     records = captured.records
     param_grads: dict[str, Any] = {}
     if train:
-        records, param_grads = _with_backward(captured, dtype)
+        if captured.gm is None:
+            raise UsageError("the backward audit (train=True) needs a graph capture (fx or export), not hooks")
+        records, param_grads = _with_backward(records, captured.gm, captured.flat_inputs or [])
     t3 = time.perf_counter()
-    if bandwidth is None:
+    bw, bw_source = _user_bandwidth(bandwidth), "user"
+    if bw is None:
         bw, bw_source = measure_transpose_bandwidth(str(dev)), "measured"
-    else:
-        if bandwidth <= 0:
-            raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
-        bw, bw_source = float(bandwidth), "user"
     t4 = time.perf_counter()
     analysis = analyze(records, bandwidth=bw, device=dev.type)
     t5 = time.perf_counter()
@@ -333,24 +332,21 @@ def _audit_fake(
         captured = export_capture(copy, sample_args, sample_kwargs)
         flat = True
     with fmode:
-        records, _ = propagate(captured.gm, sample_args, sample_kwargs, record_hidden=False, flat_inputs=flat)
+        records, _ = propagate(
+            captured.root, sample_args, sample_kwargs, graph=captured.graph, record_hidden=False, flat_inputs=flat
+        )
         param_grads: dict[str, Any] = {}
         if train:
-            from .backward import backward_layouts
             from .propagate import _positional
 
             values = (
                 list(tree_leaves((sample_args, sample_kwargs)))
                 if flat
-                else _positional(captured.gm, sample_args, sample_kwargs)
+                else _positional(captured.graph, sample_args, sample_kwargs)
             )
-            grads, param_grads = backward_layouts(captured.gm, values)
-            records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in records]
-    if bandwidth is not None:
-        if bandwidth <= 0:
-            raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
-        bw, source = float(bandwidth), "user"
-    else:
+            records, param_grads = _with_backward(records, captured.gm, values)
+    bw, source = _user_bandwidth(bandwidth), "user"
+    if bw is None:
         bw, source = _ASSUMED_BANDWIDTH.get(dev.type, 1.0e10), "assumed"
     analysis = analyze(records, bandwidth=bw, device=dev.type)
     ops = {r.op_name.lower() for r in records} | {r.module_type.lower() for r in records if r.op == "call_module"}
@@ -396,15 +392,24 @@ def _peak_rss() -> int:
         return 0
 
 
-def _with_backward(captured: Any, dtype: torch.dtype | None) -> tuple[list[NodeRecord], dict[str, Any]]:
+def _user_bandwidth(bandwidth: float | None) -> float | None:
+    """The caller's bandwidth in bytes/s, checked (None when not given)."""
+    if bandwidth is None:
+        return None
+    if bandwidth <= 0:
+        raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+    return float(bandwidth)
 
+
+def _with_backward(
+    records: list[NodeRecord], gm: torch.fx.GraphModule, values: list[Any]
+) -> tuple[list[NodeRecord], dict[str, Any]]:
+    """``records`` with the gradient layouts of one backward pass of ``gm`` on ``values``
+    (its placeholders' inputs), and the parameter gradients' layouts."""
     from .backward import backward_layouts
 
-    if captured.gm is None:
-        raise UsageError("the backward audit (train=True) needs a graph capture (fx or export), not hooks")
-    grads, param_grads = backward_layouts(captured.gm, captured.flat_inputs or [])
-    records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
-    return records, param_grads
+    grads, param_grads = backward_layouts(gm, values)
+    return [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in records], param_grads
 
 
 def _param_grad_notes(param_grads: dict[str, Any]) -> tuple[str, ...]:
