@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import nhwc_audit
-from nhwc_audit.zoo import build
+from nhwc_audit.zoo.models import build
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -90,7 +90,7 @@ if name == "sd15":
     args, kwargs = (torch.empty(1, 4, 32, 32, device="meta"), torch.tensor([10], device="meta"),
                     torch.empty(1, 77, 768, device="meta")), {}
 else:
-    from nhwc_audit.zoo import build
+    from nhwc_audit.zoo.models import build
     model, args, kwargs = build(name)
 def status(key):
     for line in open("/proc/self/status"):
@@ -131,7 +131,7 @@ def cli_vs_import(repeats: int) -> dict[str, Any]:
     py = sys.executable
     cmds = {
         "import_torch": [py, "-c", "import torch"],
-        "cli_resnet50": [py, "-m", "nhwc_audit", "nhwc_audit.zoo:_cli_resnet50", "--no-report", "--quiet"],
+        "cli_resnet50": [py, "-m", "nhwc_audit", "nhwc_audit.zoo.models:cli_resnet50", "--no-report", "--quiet"],
         "cli_help": [py, "-m", "nhwc_audit", "--help"],
     }
     times: dict[str, list[float]] = {k: [] for k in cmds}
@@ -191,7 +191,7 @@ class _Chain(torch.nn.Module):
 
 def graph_size(repeats: int, quick: bool) -> list[dict[str, Any]]:
     """Audit and analysis time per node on graphs of growing size (linear: flat per node)."""
-    from nhwc_audit.analyze import analyze
+    from nhwc_audit.analyze.findings import analyze
 
     rows = []
     for n in (500, 2000) if quick else (500, 2000, 8000):

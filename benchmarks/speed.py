@@ -17,7 +17,7 @@ from nhwc_audit import audit
 
 def models() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
     from nhwc_audit.examples import unet
-    from nhwc_audit.zoo import build
+    from nhwc_audit.zoo.models import build
 
     m, (x,) = unet()
     out = [("examples.unet 1x3x128x128", m, x)]

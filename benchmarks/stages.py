@@ -19,12 +19,12 @@ import torch
 import torchvision.models as tvm
 
 import nhwc_audit
-from nhwc_audit.analyze import analyze
-from nhwc_audit.capture import trace
-from nhwc_audit.chain import _replays
-from nhwc_audit.conversion import prepare_audit_copy, prepare_inputs
-from nhwc_audit.propagate import propagate
-from nhwc_audit.replay import LeafCalls
+from nhwc_audit.analyze.findings import analyze
+from nhwc_audit.capture.fx import trace
+from nhwc_audit.prepare.copy import prepare_audit_copy, prepare_inputs
+from nhwc_audit.propagate.chain import _replays
+from nhwc_audit.propagate.interpreter import propagate
+from nhwc_audit.propagate.replay import LeafCalls
 
 
 def main() -> None:

@@ -27,9 +27,9 @@ from .records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Reg
 
 if TYPE_CHECKING:
     from .api import audit, check, incompatible_nodes, repair
-    from .conversion import convert
+    from .prepare.copy import convert
     from .result import AuditReport
-    from .timing import measure
+    from .timing.measure import measure
 
 # torch-dependent names load on first use, so `nhwc-audit --help` and `import nhwc_audit`
 # stay cheap (no torch, networkx, rich or jinja2 until needed).
@@ -38,9 +38,9 @@ _LAZY = {
     "audit": "api",
     "check": "api",
     "incompatible_nodes": "api",
-    "convert": "conversion",
+    "convert": "prepare.copy",
     "repair": "api",
-    "measure": "timing",
+    "measure": "timing.measure",
 }
 
 

@@ -15,17 +15,17 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .analyze import analyze
-from .bandwidth import measure_transpose_bandwidth
-from .chain import Captured, capture_and_propagate
-from .conversion import AuditCopy, model_device, prepare_audit_copy, prepare_inputs
+from .analyze.findings import analyze
 from .errors import ChannelsLastError, SharedWeightWrite, UsageError
-from .fmt import fmt_bytes
 from .layout import tensor_meta
-from .load import split_example
-from .propagate import ProgressFn
+from .prepare.copy import AuditCopy, model_device, prepare_audit_copy, prepare_inputs
+from .prepare.load import split_example
+from .propagate.chain import Captured, capture_and_propagate
+from .propagate.interpreter import ProgressFn
 from .records import AuditMeta, FindingKind, NodeRecord
+from .report.text import fmt_bytes
 from .result import AuditReport, offender_line
+from .timing.bandwidth import measure_transpose_bandwidth
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "FAIL_ON", "AuditReport", "audit", "check", "incompatible_nodes", "repair"]
 
@@ -50,7 +50,7 @@ def _resolve_model(
     if not isinstance(model, nn.Module):
         if not callable(model):
             raise UsageError(f"audit() needs an nn.Module or a build function, got {type(model).__name__}")
-        from .load import _call_build_fn
+        from .prepare.load import _call_build_fn
 
         model, built_args, built_kwargs = split_example(
             _call_build_fn(model, getattr(model, "__name__", "build_fn")), "build_fn"
@@ -102,7 +102,7 @@ def audit(
     ``(module, args, kwargs)``). Inputs default to one ``1x3x224x224`` tensor. The model
     and the inputs are never modified: the audit runs a channels_last copy (weights read in
     place with channels_last strides, not copied: see
-    :func:`~nhwc_audit.conversion.prepare_audit_copy`), in the model's own train/eval mode,
+    :func:`~nhwc_audit.prepare.copy.prepare_audit_copy`), in the model's own train/eval mode,
     under ``no_grad``, on the model's device (or ``device``).
     ``autocast=True`` runs under ``torch.autocast`` for the device (bfloat16 on cpu,
     float16 on cuda; or pass a dtype): mixed precision is where channels_last pays on GPUs.
@@ -202,7 +202,7 @@ def audit(
         "total_s": t5 - t0,
         "peak_rss_bytes": float(_peak_rss()),
     }
-    from .verdict import decide
+    from .analyze.verdict import decide
 
     verdict = decide(records, analysis.summary, device=str(dev), dtype=meta.dtype)
     return AuditReport(
@@ -289,7 +289,7 @@ def repair(
     >>> [s.kind for s in log.steps], log.bytes_after
     (['instancenorm->groupnorm'], 0)
     """
-    from .rewrite import repair_model
+    from .fix.rewrite import repair_model
 
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
     return repair_model(module, args, kwargs, grads=grads)
@@ -310,13 +310,13 @@ def _audit_fake(
     t0: float,
     train: bool = False,
 ) -> AuditReport:
-    from .analyze import analyze
-    from .capture import export as export_capture
-    from .capture import trace
+    from .analyze.findings import analyze
+    from .analyze.verdict import decide
+    from .capture.fx import export as export_capture
+    from .capture.fx import trace
     from .errors import TraceError
-    from .fake import divergence_warnings, fake_copy, fake_inputs, fake_mode
-    from .propagate import propagate
-    from .verdict import decide
+    from .prepare.fake import divergence_warnings, fake_copy, fake_inputs, fake_mode
+    from .propagate.interpreter import propagate
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     fmode = fake_mode()
@@ -337,7 +337,7 @@ def _audit_fake(
         )
         param_grads: dict[str, Any] = {}
         if train:
-            from .propagate import _positional
+            from .propagate.interpreter import _positional
 
             values = (
                 list(tree_leaves((sample_args, sample_kwargs)))
@@ -406,7 +406,7 @@ def _with_backward(
 ) -> tuple[list[NodeRecord], dict[str, Any]]:
     """``records`` with the gradient layouts of one backward pass of ``gm`` on ``values``
     (its placeholders' inputs), and the parameter gradients' layouts."""
-    from .backward import backward_layouts
+    from .propagate.backward import backward_layouts
 
     grads, param_grads = backward_layouts(gm, values)
     return [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in records], param_grads
@@ -439,7 +439,7 @@ def _audit_both(
 ) -> AuditReport:
     """Real and fake on the same graph; every node where they disagree is a divergence."""
 
-    from .fake import divergences
+    from .prepare.fake import divergences
 
     real = audit(
         module,

@@ -128,8 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .api import FAIL_ON, audit
-    from .console import render_summary
-    from .load import load_target, parse_bandwidth, parse_dtype, parse_shape
+    from .prepare.load import load_target, parse_bandwidth, parse_dtype, parse_shape
+    from .report.console import render_summary
 
     shapes = [parse_shape(s) for s in args.input] if args.input else None
     dtype = parse_dtype(args.dtype) if args.dtype else None
@@ -230,7 +230,7 @@ def _atlas(argv: Sequence[str]) -> int:
         args = p.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    from .atlas import run_atlas
+    from .zoo.atlas import run_atlas
 
     rows = run_atlas(Path(args.out), args.models)
     print(f"atlas: {len(rows)} models -> {Path(args.out) / 'index.html'}")

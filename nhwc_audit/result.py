@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ReportWriteError, UsageError
-from .fmt import fmt_bytes, fmt_seconds, fmt_share
 from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
-from .serialize import report_dict
+from .report.serialize import report_dict
+from .report.text import fmt_bytes, fmt_seconds, fmt_share
 
 if TYPE_CHECKING:
-    from .rewrite import RepairLog
-    from .timing import Measurement
-    from .verdict import Verdict
+    from .analyze.verdict import Verdict
+    from .fix.rewrite import RepairLog
+    from .timing.measure import Measurement
 
 __all__ = ["AuditReport", "offender_line", "write_text_atomic"]
 
@@ -63,7 +63,7 @@ class AuditReport:
         return [f for f in self.findings if f.kind in wanted]
 
     def to_dict(self) -> dict[str, Any]:
-        from .serialize import extras_dict
+        from .report.serialize import extras_dict
 
         d = report_dict(
             self.meta, self.nodes, self.findings, self.fixes, self.hotspots, self.regions, self.summary, self.timing
@@ -75,10 +75,10 @@ class AuditReport:
         verdict updated. Needs the model the report was made from (``audit`` keeps it)."""
         import dataclasses
 
-        from .rewrite import repair_model
+        from .fix.rewrite import repair_model
 
         model, args, kwargs = self._source()
-        from .verdict import decide
+        from .analyze.verdict import decide
 
         gm, log = repair_model(model, args, kwargs, bandwidth=self.meta.bandwidth, **options)
         verdict = decide(
@@ -91,8 +91,8 @@ class AuditReport:
         repaired model attached, and the verdict decided by them."""
         import dataclasses
 
-        from .timing import measure
-        from .verdict import decide
+        from .analyze.verdict import decide
+        from .timing.measure import measure
 
         model, args, kwargs = self._source()
         m = measure(model, args, kwargs, repaired=self.repaired_module, train=train, rounds=rounds)
@@ -160,18 +160,18 @@ class AuditReport:
 
     def save_html(self, path: str | os.PathLike[str]) -> Path:
         """Write the self-contained HTML report atomically (temporary file, then rename)."""
-        from .report import write_html
+        from .report.html import write_html
 
         return write_html(self, path)
 
     def to_html(self) -> str:
         """The full self-contained HTML report as a string."""
-        from .report import render_html
+        from .report.html import render_html
 
         return render_html(self)
 
     def _repr_html_(self) -> str:
-        from .report import render_notebook
+        from .report.html import render_notebook
 
         return render_notebook(self)
 

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from nhwc_audit import AuditReport, convert
-from nhwc_audit.conversion import prepare_inputs
 from nhwc_audit.layout import classify
+from nhwc_audit.prepare.copy import prepare_inputs
 
 
 def hook_layouts(

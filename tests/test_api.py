@@ -128,7 +128,7 @@ def test_convert_returns_independent_channels_last_copy_including_3d() -> None:
 
 
 def test_report_json_is_schema_valid_deterministic_and_saved(tmp_path: Path) -> None:
-    schema = json.loads(resources.files("nhwc_audit").joinpath("schema.json").read_text())
+    schema = json.loads(resources.files("nhwc_audit.report").joinpath("schema.json").read_text())
     r1 = audit(unet, bandwidth=2e9)
     r2 = audit(unet, bandwidth=2e9)
     d1, d2 = r1.to_dict(), r2.to_dict()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nhwc_audit import audit, convert
-from nhwc_audit.conversion import _audit_param, clone_modules, memory_format_for_rank, prepare_audit_copy
+from nhwc_audit.prepare.copy import _audit_param, clone_modules, memory_format_for_rank, prepare_audit_copy
 
 
 def _storages(model: nn.Module) -> set[int]:

@@ -10,7 +10,7 @@ import pytest
 from eager import consistent, hook_layouts, report_module_layouts
 
 from nhwc_audit import AuditReport, audit
-from nhwc_audit.zoo import build
+from nhwc_audit.zoo.models import build
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_replay_vouches_for_real_fx_graphs(name: str, batch: int, monkeypatch: p
     """The fx check of every fx-captured model here is the replay: no eager forward runs."""
     import torch
 
-    from nhwc_audit import chain
+    from nhwc_audit.propagate import chain
 
     forwards: list[str] = []
     run_eager = chain._run_eager

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import audit
+from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
-from nhwc_audit.rewrite import repair_model
-from nhwc_audit.verdict import decide
+from nhwc_audit.fix.rewrite import repair_model
 
 
 def _check_same(model: nn.Module, gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> None:

@@ -14,11 +14,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from nhwc_audit import audit
-from nhwc_audit.capture import trace
-from nhwc_audit.conversion import prepare_audit_copy
+from nhwc_audit.capture.fx import trace
 from nhwc_audit.examples import unet
-from nhwc_audit.propagate import propagate
-from nhwc_audit.replay import LeafCalls, replay
+from nhwc_audit.prepare.copy import prepare_audit_copy
+from nhwc_audit.propagate.interpreter import propagate
+from nhwc_audit.propagate.replay import LeafCalls, replay
 
 
 def _replay(model: nn.Module, *args: torch.Tensor, budget: int = 2**31) -> str | None:

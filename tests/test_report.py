@@ -13,7 +13,7 @@ from torch import nn
 
 from nhwc_audit import AuditReport, audit
 from nhwc_audit.examples import unet
-from nhwc_audit.report import render_html
+from nhwc_audit.report.html import render_html
 
 FIXED = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
 

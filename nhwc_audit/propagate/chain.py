@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ._tensors import clone_value, first_line
-from .capture import Capture, export, trace
-from .errors import PropagationError, SharedWeightWrite, TraceError, UsageError
-from .hooks import record_eager
-from .propagate import CopyRecorder, ProgressFn, _positional, propagate
-from .records import NodeRecord
+from ..capture.fx import Capture, export, trace
+from ..errors import PropagationError, SharedWeightWrite, TraceError, UsageError
+from ..records import NodeRecord
+from ..tensors import clone_value, first_line
+from .eager import record_eager
+from .interpreter import CopyRecorder, ProgressFn, _positional, propagate
 from .replay import LeafCalls, replay
 
 __all__ = ["CAPTURES", "Captured", "capture_and_propagate"]

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .fmt import fmt_bytes, fmt_seconds, fmt_share, short_path
-from .records import Finding, FindingKind, Layout, NodeRecord, SourceLoc
+from ..records import Finding, FindingKind, Layout, NodeRecord, SourceLoc
+from .text import fmt_bytes, fmt_seconds, fmt_share, short_path
 
 if TYPE_CHECKING:
     import jinja2
 
-    from .result import AuditReport
+    from ..result import AuditReport
 
 __all__ = ["graph_layout", "render_html", "render_notebook", "view_model"]
 
@@ -63,7 +63,7 @@ def _environment() -> jinja2.Environment:
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("nhwc_audit", "templates"),
+        loader=jinja2.PackageLoader("nhwc_audit.report", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -282,6 +282,6 @@ def render_notebook(report: AuditReport, *, top: int = 10) -> str:
 
 def write_html(report: AuditReport, path: str | os.PathLike[str]) -> Path:
     """Render and write the HTML report atomically."""
-    from .result import write_text_atomic
+    from ..result import write_text_atomic
 
     return write_text_atomic(Path(path), render_html(report))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .records import (
+from ..records import (
     AuditMeta,
     Finding,
     Fix,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .conversion import convert, prepare_inputs
+from ..prepare.copy import convert, prepare_inputs
 
 __all__ = ["Measurement", "Timing", "measure", "profile_copies"]
 
@@ -38,8 +38,8 @@ def profile_copies(
     Returns () when the model is not fx-traceable."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .capture import trace
-    from .propagate import _positional
+    from ..capture.fx import trace
+    from ..propagate.interpreter import _positional
 
     try:
         gm = trace(convert(model)).gm

@@ -7,7 +7,7 @@ fields ``{origin}``, ``{device}`` and ``{detail}``.
 
 from __future__ import annotations
 
-from .records import FindingKind
+from ..records import FindingKind
 
 __all__ = ["AMBIGUOUS_ORIGIN", "HIDDEN", "ND_TRANSPOSE", "HintTable", "default_hints", "render_hint"]
 

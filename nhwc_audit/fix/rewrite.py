@@ -33,13 +33,13 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ._tensors import clone_value, to_nchw
-from .analyze import Analysis, analyze
-from .capture import trace
-from .conversion import clone_modules, convert, memory_format_for_rank, prepare_inputs
-from .errors import ConversionError
-from .propagate import propagate
-from .records import FindingKind, Layout, NodeRecord
+from ..analyze.findings import Analysis, analyze
+from ..capture.fx import trace
+from ..errors import ConversionError
+from ..prepare.copy import clone_modules, convert, memory_format_for_rank, prepare_inputs
+from ..propagate.interpreter import propagate
+from ..records import FindingKind, Layout, NodeRecord
+from ..tensors import clone_value, to_nchw
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
 

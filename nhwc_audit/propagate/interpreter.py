@@ -1,7 +1,7 @@
 """Propagate stage: run the channels_last sample through the captured graph and record,
 per node, the layouts, shapes, strides, dtypes and bytes of what it reads and writes.
 
-It records; it never judges (that is :mod:`nhwc_audit.analyze`).
+It records; it never judges (that is :mod:`nhwc_audit.analyze.findings`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ._tensors import first_line, iter_tensors, to_nchw
-from .capture import NodeContext, node_context
-from .errors import PropagationError, SharedWeightWrite
-from .layout import innermost_dim, tensor_meta
-from .records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
+from ..capture.fx import NodeContext, node_context
+from ..errors import PropagationError, SharedWeightWrite
+from ..layout import innermost_dim, tensor_meta
+from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
+from ..tensors import first_line, iter_tensors, to_nchw
 from .replay import LeafCalls
 
 __all__ = ["CopyRecorder", "LayoutProp", "layout_change", "propagate"]

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .hints import AMBIGUOUS_ORIGIN, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
-from .layout import channels_innermost, leans_channels_last, row_major
-from .records import (
+from ..layout import channels_innermost, leans_channels_last, row_major
+from ..records import (
     Finding,
     FindingKind,
     Fix,
@@ -38,6 +37,7 @@ from .records import (
     SourceLoc,
     Summary,
 )
+from .hints import AMBIGUOUS_ORIGIN, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
 
 __all__ = [
     "Analysis",

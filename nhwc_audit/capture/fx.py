@@ -18,13 +18,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import TraceError
-from .records import SourceLoc
+from ..errors import TraceError
+from ..records import SourceLoc
 
 __all__ = ["Capture", "NodeContext", "export", "node_context", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _FRAME_RE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
 
 

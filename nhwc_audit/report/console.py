@@ -12,9 +12,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .api import AuditReport
-from .fmt import fmt_bytes, fmt_seconds, fmt_share, short_path
-from .records import FindingKind, SourceLoc
+from ..api import AuditReport
+from ..records import FindingKind, SourceLoc
+from .text import fmt_bytes, fmt_seconds, fmt_share, short_path
 
 __all__ = ["render_summary", "short_source"]
 

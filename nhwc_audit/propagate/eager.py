@@ -17,11 +17,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._tensors import first_line, iter_tensors, to_nchw
-from .capture import _DEFAULT_MODES, user_frame
-from .layout import tensor_meta
-from .propagate import _is_alias_of, check_shared_write, hidden_copy
-from .records import NodeInput, NodeRecord
+from ..capture.fx import _DEFAULT_MODES, user_frame
+from ..layout import tensor_meta
+from ..records import NodeInput, NodeRecord
+from ..tensors import first_line, iter_tensors, to_nchw
+from .interpreter import _is_alias_of, check_shared_write, hidden_copy
 
 __all__ = ["record_eager"]
 
@@ -115,7 +115,7 @@ def record_eager(
 ) -> tuple[list[NodeRecord], Any, str | None]:
     """Run ``model`` (the audit's private copy) once and return per-op records, its output and,
     if an op raised, that op's error (the run stops there). ``shared`` as in
-    :func:`~nhwc_audit.propagate.propagate`."""
+    :func:`~nhwc_audit.propagate.interpreter.propagate`."""
     stack: list[tuple[str, str]] = []
     handles = []
     for name, mod in model.named_modules():

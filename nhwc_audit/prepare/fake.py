@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .conversion import clone_modules, memory_format_for_rank
-from .errors import TraceError
-from .records import Finding, FindingKind, Layout, NodeRecord
+from ..errors import TraceError
+from ..records import Finding, FindingKind, Layout, NodeRecord
+from .copy import clone_modules, memory_format_for_rank
 
 __all__ = ["KNOWN_DIVERGENCES", "divergence_warnings", "divergences", "fake_copy", "fake_inputs", "fake_mode"]
 

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ._tensors import first_line
-from .errors import SharedWeightWrite
+from ..errors import SharedWeightWrite
+from ..tensors import first_line
 
 __all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "replay"]
 

@@ -154,6 +154,6 @@ def build(name: str) -> Built:
     return MODELS[name]()
 
 
-def _cli_resnet50() -> Built:
-    """resnet50 at 1x3x224x224 for ``nhwc-audit nhwc_audit.zoo:_cli_resnet50`` (benchmarks)."""
+def cli_resnet50() -> Built:
+    """resnet50 at 1x3x224x224 for ``nhwc-audit nhwc_audit.zoo.models:cli_resnet50`` (benchmarks)."""
     return build("torchvision.resnet50")

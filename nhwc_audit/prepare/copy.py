@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConversionError, UsageError
+from ..errors import ConversionError, UsageError
 
 __all__ = [
     "AuditCopy",

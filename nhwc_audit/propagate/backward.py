@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from ._tensors import clone_value, iter_tensors
-from .layout import tensor_meta
-from .records import TensorMeta
+from ..layout import tensor_meta
+from ..records import TensorMeta
+from ..tensors import clone_value, iter_tensors
 
 __all__ = ["backward_layouts"]
 

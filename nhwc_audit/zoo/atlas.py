@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .api import audit
-from .errors import NhwcAuditError
-from .fmt import fmt_bytes, fmt_share
-from .result import AuditReport, write_text_atomic
-from .zoo import MODELS, build
+from ..api import audit
+from ..errors import NhwcAuditError
+from ..report.text import fmt_bytes, fmt_share
+from ..result import AuditReport, write_text_atomic
+from .models import MODELS, build
 
 __all__ = ["AtlasRow", "run_atlas"]
 
@@ -101,7 +101,7 @@ def run_atlas(
 
 
 def _write_index(out: Path, rows: list[AtlasRow]) -> None:
-    from .report import _environment
+    from ..report.html import _environment
 
     meta = {
         "torch": torch.__version__,

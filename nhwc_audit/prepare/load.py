@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import TargetLoadError, UsageError
+from ..errors import TargetLoadError, UsageError
 
 __all__ = ["LoadedTarget", "load_target", "parse_bandwidth", "parse_dtype", "parse_shape", "split_example"]
 
