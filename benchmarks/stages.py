@@ -22,9 +22,10 @@ import nhwc_audit
 from nhwc_audit.analyze.findings import analyze
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.prepare.copy import prepare_audit_copy, prepare_inputs
-from nhwc_audit.propagate.chain import _replays
+from nhwc_audit.propagate.chain import replay_check
 from nhwc_audit.propagate.interpreter import propagate
 from nhwc_audit.propagate.replay import LeafCalls
+from nhwc_audit.propagate.runner import Runner
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
     def replay() -> None:
         _, out2, leaf2 = prop(True, True, True)()
         t = time.perf_counter()
-        assert _replays(cp.module, leaf2, out2, (first, {}), 0, _null, cp.shared)
+        assert replay_check(cp.module, leaf2, out2, (first, {}), Runner(shared=cp.shared))
         replay_times.append(time.perf_counter() - t)
 
     replay_times: list[float] = []
@@ -108,12 +109,6 @@ def main() -> None:
     print("|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v * 1e3:.1f} ms | {v / f:.2f} |")
-
-
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

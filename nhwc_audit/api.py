@@ -1,33 +1,43 @@
-"""The Python API: ``audit``, ``check``, ``incompatible_nodes``, and the report object.
+"""The Python API: ``audit``, ``check``, ``incompatible_nodes``, ``repair``, and the steps a
+report can take after the audit (``repair_report``, ``measure_report``).
 
-Composes the stages (load -> copy/convert -> capture -> propagate -> analyze) without
-printing anything.
+Turns the caller's arguments into a model, a sample and :class:`~nhwc_audit.pipeline.AuditOptions`
+(the one place they are checked), then runs :func:`~nhwc_audit.pipeline.run_audit`. Prints
+nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
-from .analyze.findings import analyze
-from .errors import ChannelsLastError, SharedWeightWrite, UsageError
-from .layout import tensor_meta
-from .prepare.copy import AuditCopy, model_device, prepare_audit_copy, prepare_inputs
-from .prepare.load import split_example
-from .propagate.chain import Captured, capture_and_propagate
+from .analyze.verdict import decide
+from .errors import ChannelsLastError, UsageError
+from .fix.repair import RepairLog, repair_model
+from .pipeline import AuditOptions, run_audit
+from .prepare.copy import model_device
+from .prepare.load import call_build_fn, split_example
+from .propagate.chain import CAPTURES, CaptureMethod
 from .propagate.interpreter import ProgressFn
-from .records import AuditMeta, FindingKind, NodeRecord
-from .report.text import fmt_bytes
-from .result import AuditReport, offender_line
-from .timing.bandwidth import measure_transpose_bandwidth
+from .records import FindingKind, Mode, NodeRecord
+from .report.text import fmt_bytes, fmt_seconds, offender_line
+from .result import AuditReport
 
-__all__ = ["DEFAULT_INPUT_SHAPE", "FAIL_ON", "AuditReport", "audit", "check", "incompatible_nodes", "repair"]
+__all__ = [
+    "DEFAULT_INPUT_SHAPE",
+    "FAIL_ON",
+    "AuditReport",
+    "audit",
+    "check",
+    "incompatible_nodes",
+    "measure_report",
+    "repair",
+    "repair_report",
+]
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -38,6 +48,8 @@ FAIL_ON: dict[str, frozenset[FindingKind]] = {
 }
 """What each ``fail_on`` level treats as failure: 'revert' = anything that leaves
 channels_last (breaks, reverts, mixed ops); 'any' = conversions too."""
+
+_MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 def _resolve_model(
@@ -50,10 +62,8 @@ def _resolve_model(
     if not isinstance(model, nn.Module):
         if not callable(model):
             raise UsageError(f"audit() needs an nn.Module or a build function, got {type(model).__name__}")
-        from .prepare.load import _call_build_fn
-
         model, built_args, built_kwargs = split_example(
-            _call_build_fn(model, getattr(model, "__name__", "build_fn")), "build_fn"
+            call_build_fn(model, getattr(model, "__name__", "build_fn")), "build_fn"
         )
     if example_inputs is None:
         args = built_args
@@ -71,13 +81,58 @@ def _resolve_model(
     return model, args, kwargs
 
 
-def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device) if device is not None else model_device(model)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' is not available on this machine: audit on cpu, or run on a machine with a GPU")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
+def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: Mode) -> torch.device:
+    if device is None:
+        # fake audits predict; the model may live on the meta device
+        return torch.device("cpu") if mode == "fake" else model_device(model)
+    dev = torch.device(device)
+    if mode != "fake" and dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "device 'cuda' is not available on this machine: audit on cpu, or predict cuda with mode='fake'"
+        )
+    if mode != "fake" and dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("device 'mps' is not available on this machine: audit on cpu")
     return dev
+
+
+def _options(
+    module: nn.Module,
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    bandwidth: float | None,
+    name: str | None,
+    capture: str,
+    verify: bool,
+    autocast: bool | torch.dtype,
+    mode: str,
+    train: bool,
+    progress: ProgressFn | None,
+) -> AuditOptions:
+    if mode not in _MODES:
+        raise UsageError(f"mode {mode!r} is not one of: {', '.join(_MODES)}")
+    if capture not in CAPTURES:
+        raise UsageError(f"capture {capture!r} is not one of: {', '.join(CAPTURES)}")
+    if bandwidth is not None and bandwidth <= 0:
+        raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+    dev = _resolve_device(module, device, mode)
+    amp: torch.dtype | None = None
+    if autocast is True:
+        amp = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    elif isinstance(autocast, torch.dtype):
+        amp = autocast
+    return AuditOptions(
+        device=dev,
+        dtype=dtype,
+        bandwidth=float(bandwidth) if bandwidth is not None else None,
+        name=name,
+        capture=capture,
+        verify=verify,
+        autocast=amp,
+        mode=mode,
+        train=train,
+        progress=progress,
+    )
 
 
 def audit(
@@ -89,10 +144,10 @@ def audit(
     device: str | torch.device | None = None,
     bandwidth: float | None = None,
     name: str | None = None,
-    capture: str = "auto",
+    capture: CaptureMethod = "auto",
     verify: bool = True,
     autocast: bool | torch.dtype = False,
-    mode: str = "real",
+    mode: Mode = "real",
     train: bool = False,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
@@ -108,122 +163,38 @@ def audit(
     float16 on cuda; or pass a dtype): mixed precision is where channels_last pays on GPUs.
     ``mode='fake'`` propagates FakeTensors on ``device`` (default cpu): no weights, no compute,
     so meta-device models audit on any machine and a CPU machine can predict CUDA; every
-    layout is then a prediction (torch.fx capture, else torch.export on the fake weights).
-    ``train=True`` adds one backward pass (real mode, graph captures) and reports the layout
+    layout is then a prediction. ``mode='both'`` runs both on the same capture and reports
+    every node where they disagree.
+    ``train=True`` adds one backward pass (graph captures) and reports the layout
     of the gradient reaching every node and every parameter; a gradient arriving NCHW at a
     channels_last activation is a ``backward`` finding.
-    ``capture``: 'auto' tries torch.fx (checked against eager when ``verify``: a replay of
-    the model's Python with leaf module calls answered from the propagation, one eager
-    forward where the replay cannot vouch),
-    then torch.export, then eager hooks; 'fx', 'export' or 'hooks' forces one.
+    ``capture``: 'auto' tries torch.fx (checked against eager when ``verify``, in real mode: a
+    replay of the model's Python with leaf module calls answered from the propagation, one
+    eager forward where the replay cannot vouch), then torch.export, then an eager run
+    recorded at the dispatch level ('hooks'); 'fx', 'export' or 'hooks' forces one.
     ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
-    on the device.
+    on the device (fake mode assumes a typical figure for the device type).
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
     >>> audit(m, torch.randn(1, 3, 16, 16), bandwidth=1e9).summary.findings
     0
     """
-    t0 = time.perf_counter()
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
-    if mode not in ("real", "fake", "both"):
-        raise UsageError(f"mode {mode!r} is not one of: real, fake, both")
-    if mode == "fake":
-        return _audit_fake(
-            module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, t0=t0, train=train
-        )
-    if mode == "both":
-        return _audit_both(
-            module, args, kwargs, dtype=dtype, device=device, bandwidth=bandwidth, name=name, train=train
-        )
-    dev = _resolve_device(module, device)
-    target_device = dev if dev != model_device(module) else None
-    audit_copy = prepare_audit_copy(module, dtype=dtype, device=target_device)
-    sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=dtype, device=dev)
-    t1 = time.perf_counter()
-    amp: torch.dtype | None = None
-    if autocast is True:
-        amp = torch.bfloat16 if dev.type == "cpu" else torch.float16
-    elif isinstance(autocast, torch.dtype):
-        amp = autocast
-
-    def run(c: AuditCopy) -> Captured:
-        return capture_and_propagate(
-            c.module,
-            sample_args,
-            sample_kwargs,
-            method=capture,
-            verify=verify,
-            progress=progress,
-            autocast=amp,
-            shared=c.shared,
-        )
-
-    try:
-        captured = run(audit_copy)
-    except SharedWeightWrite as e:
-        # caught before the write: start again on weights of the audit's own
-        audit_copy = prepare_audit_copy(module, dtype=dtype, device=target_device, share_weights=False)
-        captured = run(audit_copy)
-        captured = dataclasses.replace(captured, notes=(*captured.notes, f"{e}: audited on copies of the weights"))
-    records = captured.records
-    param_grads: dict[str, Any] = {}
-    if train:
-        if captured.gm is None:
-            raise UsageError("the backward audit (train=True) needs a graph capture (fx or export), not hooks")
-        records, param_grads = _with_backward(records, captured.gm, captured.flat_inputs or [])
-    t3 = time.perf_counter()
-    bw, bw_source = _user_bandwidth(bandwidth), "user"
-    if bw is None:
-        bw, bw_source = measure_transpose_bandwidth(str(dev)), "measured"
-    t4 = time.perf_counter()
-    analysis = analyze(records, bandwidth=bw, device=dev.type)
-    t5 = time.perf_counter()
-    used_dtype = dtype or _first_float_dtype(module) or torch.float32
-    meta = AuditMeta(
-        model=name or type(module).__name__,
-        torch_version=torch.__version__,
-        capture=captured.method,
-        capture_notes=captured.notes + _param_grad_notes(param_grads),
-        mode="real",
-        device=str(dev),
-        dtype=str(used_dtype).removeprefix("torch."),
-        autocast=str(amp).removeprefix("torch.") if amp is not None else None,
-        training=module.training,
-        inputs=tuple(tensor_meta(a) for a in sample_args if isinstance(a, torch.Tensor)),
-        bandwidth=bw,
-        bandwidth_source=bw_source,
+    options = _options(
+        module,
+        dtype=dtype,
+        device=device,
+        bandwidth=bandwidth,
+        name=name,
+        capture=capture,
+        verify=verify,
+        autocast=autocast,
+        mode=mode,
+        train=train,
+        progress=progress,
     )
-    timing = {
-        "copy_s": t1 - t0,
-        "capture_and_propagate_s": t3 - t1,
-        "bandwidth_s": t4 - t3,
-        "analyze_s": t5 - t4,
-        "total_s": t5 - t0,
-        "peak_rss_bytes": float(_peak_rss()),
-    }
-    from .analyze.verdict import decide
-
-    verdict = decide(records, analysis.summary, device=str(dev), dtype=meta.dtype)
-    return AuditReport(
-        verdict=verdict,
-        source=(module, args, kwargs),
-        meta=meta,
-        nodes=tuple(records),
-        findings=analysis.findings,
-        fixes=analysis.fixes,
-        hotspots=analysis.hotspots,
-        regions=analysis.regions,
-        summary=analysis.summary,
-        timing=timing,
-    )
-
-
-def _first_float_dtype(model: nn.Module) -> torch.dtype | None:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
+    return run_audit(module, args, kwargs, options)
 
 
 def incompatible_nodes(
@@ -277,7 +248,7 @@ def repair(
     *,
     example_kwargs: dict[str, Any] | None = None,
     grads: bool = True,
-) -> tuple[Any, Any]:
+) -> tuple[torch.fx.GraphModule, RepairLog]:
     """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog``.
 
     Rewrites that remove layout transposes are kept only when the outputs (and gradients)
@@ -289,181 +260,53 @@ def repair(
     >>> [s.kind for s in log.steps], log.bytes_after
     (['instancenorm->groupnorm'], 0)
     """
-    from .fix.rewrite import repair_model
-
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
     return repair_model(module, args, kwargs, grads=grads)
 
 
-_ASSUMED_BANDWIDTH = {"cuda": 2.0e12, "cpu": 1.0e10, "mps": 2.0e11}
-
-
-def _audit_fake(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    dtype: torch.dtype | None,
-    device: str | torch.device | None,
-    bandwidth: float | None,
-    name: str | None,
-    t0: float,
-    train: bool = False,
-) -> AuditReport:
-    from .analyze.findings import analyze
-    from .analyze.verdict import decide
-    from .capture.fx import export as export_capture
-    from .capture.fx import trace
-    from .errors import TraceError
-    from .prepare.fake import divergence_warnings, fake_copy, fake_inputs, fake_mode
-    from .propagate.interpreter import propagate
-
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    fmode = fake_mode()
-    copy = fake_copy(module, fmode, dev, dtype)
-    sample_args, sample_kwargs = fake_inputs(args, kwargs, fmode, dev, dtype)
-    notes: list[str] = []
-    try:
-        captured = trace(copy)
-        flat = False
-    except TraceError as e:
-        # torch.export reuses the fake mode of the fake weights and inputs: still no real memory
-        notes.append(f"fx: {e}")
-        captured = export_capture(copy, sample_args, sample_kwargs)
-        flat = True
-    with fmode:
-        records, _ = propagate(
-            captured.root, sample_args, sample_kwargs, graph=captured.graph, record_hidden=False, flat_inputs=flat
+def _source(report: AuditReport) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+    if report.source is None:
+        raise UsageError(
+            f"this report ({report.meta.mode} mode) does not hold a model to run: repair and measure "
+            "need a real-mode audit of a model with real weights"
         )
-        param_grads: dict[str, Any] = {}
-        if train:
-            from .propagate.interpreter import _positional
+    model, args, kwargs = report.source
+    return model, args, kwargs
 
-            values = (
-                list(tree_leaves((sample_args, sample_kwargs)))
-                if flat
-                else _positional(captured.graph, sample_args, sample_kwargs)
-            )
-            records, param_grads = _with_backward(records, captured.gm, values)
-    bw, source = _user_bandwidth(bandwidth), "user"
-    if bw is None:
-        bw, source = _ASSUMED_BANDWIDTH.get(dev.type, 1.0e10), "assumed"
-    analysis = analyze(records, bandwidth=bw, device=dev.type)
-    ops = {r.op_name.lower() for r in records} | {r.module_type.lower() for r in records if r.op == "call_module"}
-    used_dtype = dtype or _first_float_dtype(module) or torch.float32
-    meta = AuditMeta(
-        model=name or type(module).__name__,
-        torch_version=torch.__version__,
-        capture=captured.method,
-        capture_notes=tuple(notes)
-        + tuple(f"prediction: {w}" for w in divergence_warnings(ops, str(dev)))
-        + _param_grad_notes(param_grads),
-        mode="fake",
-        device=str(dev),
-        dtype=str(used_dtype).removeprefix("torch."),
-        autocast=None,
-        training=module.training,
-        inputs=tuple(tensor_meta(a) for a in sample_args if isinstance(a, torch.Tensor)),
-        bandwidth=bw,
-        bandwidth_source=source,
+
+def repair_report(report: AuditReport, **options: Any) -> AuditReport:
+    """``report`` with a repaired graph attached (``repair``, ``repaired_code``,
+    ``repaired_module``) and the verdict updated. The repair starts from the audit's own
+    torch.fx graph when it has one (no second trace)."""
+    model, args, kwargs = _source(report)
+    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
+    gm, log = repair_model(model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, **options)
+    verdict = decide(
+        report.nodes, report.summary, device=report.meta.device, dtype=report.meta.dtype, bytes_moved=log.bytes_after
     )
-    verdict = decide(records, analysis.summary, device=str(dev), dtype=meta.dtype)
-    return AuditReport(
-        meta=meta,
-        nodes=tuple(records),
-        findings=analysis.findings,
-        fixes=analysis.fixes,
-        hotspots=analysis.hotspots,
-        regions=analysis.regions,
-        summary=analysis.summary,
-        timing={"total_s": time.perf_counter() - t0, "peak_rss_bytes": float(_peak_rss())},
-        verdict=verdict,
-        source=None,
+    return dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm, verdict=verdict)
+
+
+def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5) -> AuditReport:
+    """``report`` with timings of NCHW, naive channels_last and (when repaired) the repaired
+    model attached, and the verdict decided by them."""
+    from .timing.measure import measure
+
+    model, args, kwargs = _source(report)
+    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
+    m = measure(model, args, kwargs, repaired=report.repaired_module, train=train, rounds=rounds, graph=graph)
+    speeds = [s for s in (m.speedup("channels_last"), m.speedup("repaired")) if s is not None]
+    lines = [
+        f"{t.variant}: {fmt_seconds(t.median)} per {'step' if train else 'forward'} "
+        f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
+        for t in m.timings
+    ]
+    verdict = decide(
+        report.nodes,
+        report.summary,
+        device=report.meta.device,
+        dtype=report.meta.dtype,
+        speedup=max(speeds),
+        measured=lines,
     )
-
-
-def _peak_rss() -> int:
-    """High-water mark of this process's resident memory, in bytes (0 where unknown)."""
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except Exception:
-        return 0
-
-
-def _user_bandwidth(bandwidth: float | None) -> float | None:
-    """The caller's bandwidth in bytes/s, checked (None when not given)."""
-    if bandwidth is None:
-        return None
-    if bandwidth <= 0:
-        raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
-    return float(bandwidth)
-
-
-def _with_backward(
-    records: list[NodeRecord], gm: torch.fx.GraphModule, values: list[Any]
-) -> tuple[list[NodeRecord], dict[str, Any]]:
-    """``records`` with the gradient layouts of one backward pass of ``gm`` on ``values``
-    (its placeholders' inputs), and the parameter gradients' layouts."""
-    from .propagate.backward import backward_layouts
-
-    grads, param_grads = backward_layouts(gm, values)
-    return [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in records], param_grads
-
-
-def _param_grad_notes(param_grads: dict[str, Any]) -> tuple[str, ...]:
-    """One note naming 4D/5D parameter gradients the ops produced in NCHW (a leaf's .grad is
-    forced to the parameter's strides, so this is the layout the backward kernel chose)."""
-    from .records import Layout
-
-    nchw = sorted(n for n, m in param_grads.items() if m.is_spatial and m.layout is Layout.CONTIGUOUS)
-    if not param_grads:
-        return ()
-    spatial = sum(1 for m in param_grads.values() if m.is_spatial)
-    if not nchw:
-        return (f"backward: all {spatial} 4D/5D parameter gradients produced channels_last or ambiguous",)
-    return (f"backward: {len(nchw)} of {spatial} 4D/5D parameter gradients produced NCHW: {', '.join(nchw[:8])}",)
-
-
-def _audit_both(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    dtype: torch.dtype | None,
-    device: str | torch.device | None,
-    bandwidth: float | None,
-    name: str | None,
-    train: bool,
-) -> AuditReport:
-    """Real and fake on the same graph; every node where they disagree is a divergence."""
-
-    from .prepare.fake import divergences
-
-    real = audit(
-        module,
-        args,
-        example_kwargs=kwargs,
-        dtype=dtype,
-        device=device,
-        bandwidth=bandwidth,
-        name=name,
-        capture="fx",
-        train=train,
-    )
-    fake = audit(
-        module,
-        args,
-        example_kwargs=kwargs,
-        dtype=dtype,
-        device=real.meta.device,
-        bandwidth=real.meta.bandwidth,
-        name=name,
-        mode="fake",
-    )
-    extra = divergences(real.nodes, fake.nodes, real.meta.device)
-    findings = tuple(sorted(real.findings + tuple(extra), key=lambda f: f.index))
-    summary = dataclasses.replace(real.summary, divergences=len(extra))
-    meta = dataclasses.replace(real.meta, mode="both")
-    return dataclasses.replace(real, meta=meta, findings=findings, summary=summary)
+    return dataclasses.replace(report, measurement=m, verdict=verdict)

@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         report = report.measure(train=args.train)
     written: list[Path] = []
     if args.save_repaired:
-        from .result import write_text_atomic
+        from .report.files import write_text_atomic
 
         log = report.repair
         lines = [f"# Repaired channels_last graph of {args.spec}, written by nhwc-audit (GraphModule.code)."]

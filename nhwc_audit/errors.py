@@ -14,7 +14,9 @@ them to exit code 2 and prints ``str(error)`` as one line (the full traceback on
     └── ChannelsLastError     raised by ``check()``: the model does not stay channels_last
 
 ``SharedWeightWrite`` is internal (never reaches a user): the audit caught the model
-about to write to a weight it shares with the user's model, and starts again on copies.
+about to write to a weight it shares with the user's model, and starts again on copies. It
+derives from ``BaseException``, like ``KeyboardInterrupt``: a signal to the audit, not an
+error, so no ``except Exception`` (the audit's own or the model's) can swallow it.
 
 This module imports nothing from the package (and nothing heavy).
 """
@@ -81,7 +83,7 @@ class ChannelsLastError(NhwcAuditError):
         self.offenders = offenders
 
 
-class SharedWeightWrite(Exception):
+class SharedWeightWrite(BaseException):
     """The model was about to write in place to a weight the audit shares with the user's
     model (``op``); raised before the write happens. Internal: the audit re-runs on copies."""
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
     "AuditMeta",
+    "BandwidthSource",
+    "CaptureName",
+    "Mode",
     "Finding",
     "FindingKind",
     "HiddenCopy",
@@ -23,7 +27,30 @@ __all__ = [
     "SourceLoc",
     "Summary",
     "TensorMeta",
+    "op_label",
 ]
+
+
+Mode = Literal["real", "fake", "both"]
+"""real: executed kernels on the audited device; fake: FakeTensors (a prediction); both: the
+two on the same graph, every disagreement a finding."""
+
+CaptureName = Literal["fx", "export", "hooks"]
+"""How the model was captured: torch.fx symbolic trace, torch.export, or an eager run recorded
+at the dispatch level."""
+
+BandwidthSource = Literal["measured", "user", "assumed"]
+"""Where the bandwidth came from: a transpose copy timed on the audited device, the caller, or
+a typical figure for the device type (fake mode: nothing runs)."""
+
+
+def op_label(op: str, detail: str) -> str:
+    """An op with its mode, the one way every renderer shows it.
+
+    >>> op_label("pad", "circular"), op_label("Conv2d", "")
+    ('pad(circular)', 'Conv2d')
+    """
+    return f"{op}({detail})" if detail else op
 
 
 class Layout(str, enum.Enum):
@@ -197,6 +224,11 @@ class NodeRecord:
     def location(self) -> str:
         return str(self.source) if self.source else ""
 
+    @property
+    def op_label(self) -> str:
+        """The op as shown: ``pad(circular)``, ``Conv2d``."""
+        return op_label(self.op_name, self.detail)
+
 
 @dataclass(frozen=True, slots=True)
 class Finding:
@@ -229,6 +261,16 @@ class Finding:
     @property
     def location(self) -> str:
         return str(self.source) if self.source else ""
+
+    @property
+    def op_label(self) -> str:
+        """The op as shown: ``pad(circular)``, ``Conv2d``."""
+        return op_label(self.op, self.detail)
+
+    @property
+    def module_label(self) -> str:
+        """``path (Type)``, or the type alone at the root module."""
+        return f"{self.module_path} ({self.module_type})" if self.module_path else self.module_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,11 +362,10 @@ class AuditMeta:
 
     model: str
     torch_version: str
-    capture: str
-    """'fx', 'export' or 'hooks'."""
+    capture: CaptureName
     capture_notes: tuple[str, ...]
     """Why earlier captures were not used, one line each."""
-    mode: str
+    mode: Mode
     device: str
     dtype: str
     autocast: str | None
@@ -334,5 +375,6 @@ class AuditMeta:
     """The sample inputs as audited (after conversion to channels_last)."""
     bandwidth: float
     """Bytes per second used to estimate the time of layout changes."""
-    bandwidth_source: str
-    """'measured' (a transpose copy timed on the audited device) or 'user'."""
+    bandwidth_source: BandwidthSource
+    backward: bool = False
+    """The audit ran one backward pass (``train=True``) and recorded gradient layouts."""

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ReportWriteError, UsageError
 from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
+from .report.files import write_text_atomic
 from .report.serialize import report_dict
-from .report.text import fmt_bytes, fmt_seconds, fmt_share
+from .report.text import headline, offender_line
 
 if TYPE_CHECKING:
     from .analyze.verdict import Verdict
-    from .fix.rewrite import RepairLog
+    from .capture.fx import Capture
+    from .fix.repair import RepairLog
     from .timing.measure import Measurement
 
-__all__ = ["AuditReport", "offender_line", "write_text_atomic"]
+__all__ = ["AuditReport"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -51,6 +51,8 @@ class AuditReport:
     measurement: Measurement | None = field(default=None, compare=False)
     source: tuple[Any, ...] | None = field(default=None, compare=False)
     """(model, args, kwargs) as given, for repair()/measure(); never serialized or modified."""
+    capture: Capture | None = field(default=None, compare=False)
+    """The graph the audit captured (real mode), reused by repair()/measure(); never serialized."""
 
     @property
     def incompatible_nodes(self) -> list[NodeRecord]:
@@ -71,52 +73,19 @@ class AuditReport:
         return extras_dict(d, self.verdict, self.repair, self.measurement)
 
     def repaired(self, **options: Any) -> AuditReport:
-        """This report with a repaired graph attached (``repair``, ``repaired_code``) and the
-        verdict updated. Needs the model the report was made from (``audit`` keeps it)."""
-        import dataclasses
+        """This report with a repaired graph attached and the verdict updated
+        (:func:`nhwc_audit.api.repair_report`)."""
+        from .api import repair_report
 
-        from .fix.rewrite import repair_model
-
-        model, args, kwargs = self._source()
-        from .analyze.verdict import decide
-
-        gm, log = repair_model(model, args, kwargs, bandwidth=self.meta.bandwidth, **options)
-        verdict = decide(
-            self.nodes, self.summary, device=self.meta.device, dtype=self.meta.dtype, bytes_moved=log.bytes_after
-        )
-        return dataclasses.replace(self, repair=log, repaired_code=gm.code, repaired_module=gm, verdict=verdict)
+        return repair_report(self, **options)
 
     def measure(self, *, train: bool = False, rounds: int = 5) -> AuditReport:
         """This report with timings of NCHW, naive channels_last and (when repaired) the
-        repaired model attached, and the verdict decided by them."""
-        import dataclasses
+        repaired model attached, and the verdict decided by them
+        (:func:`nhwc_audit.api.measure_report`)."""
+        from .api import measure_report
 
-        from .analyze.verdict import decide
-        from .timing.measure import measure
-
-        model, args, kwargs = self._source()
-        m = measure(model, args, kwargs, repaired=self.repaired_module, train=train, rounds=rounds)
-        speeds = [s for s in (m.speedup("channels_last"), m.speedup("repaired")) if s is not None]
-        lines = [
-            f"{t.variant}: {fmt_seconds(t.median)} per {'step' if train else 'forward'} "
-            f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
-            for t in m.timings
-        ]
-        verdict = decide(
-            self.nodes,
-            self.summary,
-            device=self.meta.device,
-            dtype=self.meta.dtype,
-            speedup=max(speeds),
-            measured=lines,
-        )
-        return dataclasses.replace(self, measurement=m, verdict=verdict)
-
-    def _source(self) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-        if self.source is None:
-            raise UsageError("this report does not hold its model (it was loaded, not audited)")
-        model, args, kwargs = self.source
-        return model, args, kwargs
+        return measure_report(self, train=train, rounds=rounds)
 
     def to_json(self, *, indent: int | None = 2) -> str:
         """The report as JSON (schema ``nhwc-audit/1``, documented in the README)."""
@@ -133,21 +102,8 @@ class AuditReport:
 
     @property
     def headline(self) -> str:
-        m, s = self.meta, self.summary
-        shapes = ", ".join(t.shape_str for t in m.inputs)
-        if self.nothing_to_audit:
-            return (
-                f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}{' autocast ' + m.autocast if m.autocast else ''}, input {shapes}): {s.nodes} nodes, "
-                "no 4D/5D activations: nothing to audit for channels_last"
-            )
-        return (
-            f"{m.model} ({m.capture}, {m.mode} {m.device}, {m.dtype}{' autocast ' + m.autocast if m.autocast else ''}, input {shapes}): "
-            f"{s.nodes} nodes, {s.reverts} reverts, {s.conversions} conversions, {s.mixed} mixed, "
-            f"{s.breaks} breaks{f', {s.backward} backward' if s.backward else ''}"
-            f"{f', {s.divergences} divergences' if s.divergences else ''}, {fmt_bytes(s.bytes_moved)} moved per forward "
-            f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s), "
-            f"{fmt_share(s.channels_last_node_share)} of spatial nodes channels_last"
-        )
+        """The audit in one line (:func:`nhwc_audit.report.text.headline`)."""
+        return headline(self.meta, self.summary)
 
     def __repr__(self) -> str:
         return f"<AuditReport {self.headline}>"
@@ -174,39 +130,3 @@ class AuditReport:
         from .report.html import render_notebook
 
         return render_notebook(self)
-
-
-def offender_line(f: Finding) -> str:
-    """One line per offender: kind, node, op, module, source, bytes, error, hint."""
-    where = f"{f.module_path} ({f.module_type})" if f.module_path else f.module_type
-    loc = f" at {f.location}" if f.location else ""
-    cost = f", {fmt_bytes(f.bytes)}" if f.bytes else ""
-    err = f" [{f.error}]" if f.error else ""
-    return f"{f.kind.value}: {f.node} = {f.op} in {where}{loc}{cost}{err} -> {f.hint}"
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; reports are ordinary files
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
-        raise
-    return path

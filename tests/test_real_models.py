@@ -92,23 +92,22 @@ def test_monai_basic_unet_falls_back_because_fx_graph_fails() -> None:
 
 @pytest.mark.parametrize("name", [n for n, (capture, *_) in EXPECTED.items() if capture == "fx"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_replay_vouches_for_real_fx_graphs(name: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_vouches_for_real_fx_graphs(name: str, batch: int) -> None:
     """The fx check of every fx-captured model here is the replay: no eager forward runs."""
     import torch
 
-    from nhwc_audit.propagate import chain
+    from nhwc_audit.prepare.copy import prepare_audit_copy, prepare_inputs
+    from nhwc_audit.propagate.chain import capture_and_propagate
+    from nhwc_audit.propagate.runner import Runner
 
-    forwards: list[str] = []
-    run_eager = chain._run_eager
-    monkeypatch.setattr(
-        chain, "_run_eager", lambda model, *a: forwards.append(type(model).__name__) or run_eager(model, *a)
-    )
     family = name.split(".")[0]
     pytest.importorskip({"smp": "segmentation_models_pytorch"}.get(family, family))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, args, kwargs = build(name)
         args = tuple(torch.cat([a] * batch) if isinstance(a, torch.Tensor) and a.dim() >= 4 else a for a in args)
-        report = audit(model, args, example_kwargs=kwargs, bandwidth=1e9)
-    assert report.meta.capture == "fx" and report.meta.capture_notes == ()
-    assert forwards == []
+        copy = prepare_audit_copy(model)
+        sample, sample_kwargs = prepare_inputs(args, kwargs, dtype=None, device=torch.device("cpu"))
+        captured = capture_and_propagate(copy.module, sample, sample_kwargs, runner=Runner(shared=copy.shared))
+    assert captured.method == "fx" and captured.notes == ()
+    assert captured.checked == "replay"

@@ -14,7 +14,7 @@ from torch import nn
 from nhwc_audit import audit
 from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
-from nhwc_audit.fix.rewrite import repair_model
+from nhwc_audit.fix.repair import repair_model
 
 
 def _check_same(model: nn.Module, gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> None:

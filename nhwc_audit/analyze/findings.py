@@ -167,7 +167,7 @@ def _via(origin: NodeRecord | None, producer: NodeRecord | None) -> str | None:
 
 
 def _describe(r: NodeRecord) -> str:
-    op = _op_label(r)
+    op = r.op_label
     return f"{op} at {r.location}" if r.location else op
 
 
@@ -355,7 +355,7 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
         if root.in_leaf_module:
             key: tuple[str, ...] = ("module", root.module_type)
         else:
-            key = ("site", _op_label(root), root.location)
+            key = ("site", root.op_label, root.location)
             sources[key] = root.source
         groups.setdefault(key, []).append(f)
         names = roots.setdefault(key, [])
@@ -378,10 +378,6 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
         )
     fixes.sort(key=lambda x: (x.kind is not FindingKind.BREAK, -x.bytes, x.op, str(x.source), x.roots))
     return fixes
-
-
-def _op_label(r: NodeRecord) -> str:
-    return f"{r.op_name}({r.detail})" if r.detail else r.op_name
 
 
 def summarize(

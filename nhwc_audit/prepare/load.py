@@ -158,7 +158,7 @@ def split_example(value: Any, where: str) -> tuple[nn.Module, tuple[Any, ...] | 
     )
 
 
-def _call_build_fn(obj: Any, where: str) -> Any:
+def call_build_fn(obj: Any, where: str) -> Any:
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
@@ -201,7 +201,7 @@ def load_target(spec: str) -> LoadedTarget:
     if isinstance(obj, nn.Module):
         value: Any = obj
     elif inspect.isclass(obj) and issubclass(obj, nn.Module) or callable(obj):
-        value = _call_build_fn(obj, where)
+        value = call_build_fn(obj, where)
     else:
         raise TargetLoadError(
             f"{spec!r} is of type {type(obj).__name__}, neither an nn.Module nor a callable that builds one"

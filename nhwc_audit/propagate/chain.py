@@ -1,41 +1,67 @@
-"""The capture chain: torch.fx (checked against eager) -> torch.export -> eager hooks.
+"""The capture chain: torch.fx (checked against eager) -> torch.export -> eager recording.
 
-Each step that fails leaves a one-line reason; the report says which capture was used and
-why the earlier ones were not. Layouts always come from running real tensors.
+Each step that fails leaves a one-line note and the next one runs; the result says which
+capture was used, how it was checked, and why the earlier ones were not used. Real and fake
+audits share this chain: a :class:`Runner` says how every run of the model executes (seed,
+autocast, the guard on shared weights, FakeTensorMode). Layouts always come from running
+tensors (real ones, or FakeTensors in fake mode), never from a graph's metadata.
+
+A failure of the audit's own machinery while checking a capture (a comparison that cannot be
+made, a check that raises) fails that capture, with a note; only the model raising on the
+sample, eagerly, is the model's error.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.fx import Capture, export, trace
-from ..errors import PropagationError, SharedWeightWrite, TraceError, UsageError
+from ..capture.export import export
+from ..capture.fx import Capture, GraphMethod, trace
+from ..errors import PropagationError, TraceError, UsageError
 from ..records import NodeRecord
 from ..tensors import clone_value, first_line
+from .compare import first_difference
 from .eager import record_eager
-from .interpreter import CopyRecorder, ProgressFn, _positional, propagate
+from .interpreter import ProgressFn, positional_inputs, propagate
 from .replay import LeafCalls, replay
+from .runner import Runner, attributes_restored, batch_of, first_sample
 
-__all__ = ["CAPTURES", "Captured", "capture_and_propagate"]
+__all__ = [
+    "CAPTURES",
+    "CaptureMethod",
+    "Captured",
+    "CheckKind",
+    "capture_and_propagate",
+    "replay_check",
+]
 
-CAPTURES = ("auto", "fx", "export", "hooks")
+CaptureMethod = Literal["auto", "fx", "export", "hooks"]
+CAPTURES: tuple[CaptureMethod, ...] = ("auto", "fx", "export", "hooks")
+
+CheckKind = Literal["replay", "sample", "eager", "unchecked", "off"]
+"""How the capture was checked against eager: a replay of the model's Python on the
+propagation's record, one eager forward on one sample of the batch, one eager forward on the
+whole sample, not at all where it could not be (a break, eager raising), or not asked for
+(forced capture, ``verify=False``, fake mode, the hooks capture, which is eager itself)."""
 
 
 @dataclass(frozen=True)
 class Captured:
+    """The records of one capture's propagation, and how that capture was obtained."""
+
     records: list[NodeRecord]
-    method: str
+    method: Literal["fx", "export", "hooks"]
     notes: tuple[str, ...]
+    checked: CheckKind
     capture: Capture | None = None
     """The graph that was propagated (None for the hooks capture)."""
-    flat_inputs: list[Any] | None = None
+    inputs: list[Any] | None = None
     """The values its placeholders took, in order."""
 
     @property
@@ -43,86 +69,184 @@ class Captured:
         return self.capture.gm if self.capture is not None else None
 
 
-Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
-
-
-def _run_eager(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int, ctx: Ctx, shared: frozenset[int]
-) -> Any:
-    """One forward of ``model`` (or a captured graph) on clones of the sample, seeded, never
-    writing to the ``shared`` weights (:class:`SharedWeightWrite`; ~10% of a resnet50
-    forward at batch 1 when there are any)."""
-    return _seeded(lambda: model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs)), seed, ctx, shared)
-
-
-def _seeded(fn: Callable[[], Any], seed: int, ctx: Ctx, shared: frozenset[int]) -> Any:
-    guard = CopyRecorder(shared) if shared else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), ctx(), guard:
-        torch.manual_seed(seed)
-        return fn()
-
-
-def _replays(
+def replay_check(
     model: nn.Module,
     calls: LeafCalls,
     graph_out: Any,
     sample: tuple[tuple[Any, ...], dict[str, Any]],
-    seed: int,
-    ctx: Ctx,
-    shared: frozenset[int],
+    runner: Runner,
 ) -> bool:
     """The replay check (:mod:`.replay`) of an fx capture whose propagation recorded ``calls``
-    (of the whole batch, or of its first sample: then ``sample`` is that sample)."""
+    (of the whole batch, or of its first sample: then ``sample`` is that sample): True when
+    the replay vouches for the graph."""
     args, kwargs = sample
-    unsure = _seeded(
-        lambda: replay(model, calls, tree_map(clone_value, args), tree_map(clone_value, kwargs), graph_out),
-        seed,
-        ctx,
-        shared,
-    )
-    return unsure is None
+    with runner.context():
+        return replay(model, calls, tree_map(clone_value, args), tree_map(clone_value, kwargs), graph_out) is None
 
 
-def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The sample's batch size when it is larger than 1 and clear (the leading dim of its
-    4D/5D inputs, all equal), else None."""
-    images = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() in (4, 5)]
-    if not images or len({t.shape[0] for t in images}) != 1 or images[0].shape[0] <= 1:
-        return None
-    return int(images[0].shape[0])
+@dataclass(frozen=True)
+class _Verdict:
+    """What checking a capture against eager found."""
+
+    checked: CheckKind
+    rejected: str | None = None
+    """The capture does not reproduce eager (or the check failed): why. The chain goes on."""
+    note: str | None = None
+    """The capture is kept, with this note."""
+
+    @staticmethod
+    def compared(checked: CheckKind, graph_out: Any, eager_out: Any) -> _Verdict:
+        diff = first_difference(graph_out, eager_out)
+        return _Verdict(
+            checked, rejected=None if diff is None else f"the captured graph does not reproduce eager: {diff}"
+        )
 
 
-def _batch_one(
-    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int | None
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """The sample cut to its first item when it has a ``batch`` (:func:`_batch_of`; cut
-    wherever a tensor has that leading dim), else None."""
-    if batch is None:
-        return None
+@dataclass
+class _Chain:
+    model: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    method: CaptureMethod
+    verify: bool
+    progress: ProgressFn | None
+    runner: Runner
+    notes: list[str] = field(default_factory=list)
+    _eager: list[Any] = field(default_factory=list)
 
-    def cut(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
-            return v[:1].clone()  # clone keeps the channels_last strides of the slice's layout
-        return v
+    def run(self) -> Captured:
+        steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
+            ("fx", lambda: trace(self.model)),
+            ("export", lambda: export(self.model, self.args, self.kwargs)),
+        ]
+        for name, capture in steps:
+            if self.method in ("auto", name):
+                got = self._graph_step(name, capture)
+                if got is not None:
+                    return got
+        return self._hooks()
 
-    return tuple(tree_map(cut, a) for a in args), {k: tree_map(cut, v) for k, v in kwargs.items()}
+    def _eager_reference(self) -> Any:
+        """One eager forward of the whole sample, run at most once per chain."""
+        if not self._eager:
+            self._eager.append(self.runner.forward(self.model, self.args, self.kwargs))
+        return self._eager[0]
 
+    def _done(self, records: list[NodeRecord], cap: Capture, checked: CheckKind) -> Captured:
+        inputs = (
+            list(tree_leaves((self.args, self.kwargs)))
+            if cap.flat_inputs
+            else positional_inputs(cap.graph, self.args, self.kwargs)
+        )
+        return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs)
 
-def _same_outputs(a: Any, b: Any) -> str | None:
-    """None when the outputs match, else a one-line difference."""
-    ta = [t for t in tree_leaves(a) if isinstance(t, torch.Tensor)]
-    tb = [t for t in tree_leaves(b) if isinstance(t, torch.Tensor)]
-    if len(ta) != len(tb):
-        return f"{len(ta)} output tensors where eager returns {len(tb)}"
-    for i, (x, y) in enumerate(zip(ta, tb, strict=True)):
-        if x.shape != y.shape:
-            return f"output {i} has shape {tuple(x.shape)} where eager gives {tuple(y.shape)}"
+    def _graph_step(self, name: GraphMethod, capture: Callable[[], Capture]) -> Captured | None:
+        forced = self.method == name
         try:
-            torch.testing.assert_close(x, y, equal_nan=True, check_stride=False)
-        except AssertionError:
-            diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else float("nan")
-            return f"output {i} differs from eager (max abs diff {diff:.3g})"
-    return None
+            with attributes_restored(self.model):
+                cap = capture()
+        except TraceError as e:
+            if forced:
+                raise
+            self.notes.append(f"{name}: {e}")
+            return None
+        checking = self.verify and not forced and not self.runner.fake
+        batch = batch_of(self.args, self.kwargs) if checking and name == "fx" else None
+        # fx graphs call leaf modules: record their calls so that a replay can check the graph
+        # (a batch is recorded and replayed on its first sample)
+        calls = LeafCalls(batch=batch) if checking and name == "fx" else None
+        try:
+            with self.runner.context(guard=False):
+                records, out = propagate(
+                    cap.root,
+                    tree_map(clone_value, self.args),
+                    tree_map(clone_value, self.kwargs),
+                    graph=cap.graph,
+                    progress=self.progress,
+                    flat_inputs=cap.flat_inputs,
+                    shared=self.runner.shared,
+                    leaf_calls=calls,
+                    record_hidden=not self.runner.fake,
+                )
+        except PropagationError as e:
+            self._raise_if_eager_fails(e)
+            if forced:
+                raise
+            self.notes.append(f"{name}: the captured graph fails where eager runs: {e}")
+            return None
+        if not checking:
+            return self._done(records, cap, "off")
+        try:
+            verdict = self._check(cap, records, out, calls, first_sample(self.args, self.kwargs, batch))
+        except Exception as e:  # the check itself failed: the audit's problem, not the model's
+            verdict = _Verdict("unchecked", rejected=f"the check against eager raised {first_line(e)}")
+        if verdict.rejected is not None:
+            self.notes.append(f"{name}: {verdict.rejected}")
+            return None
+        if verdict.note is not None:
+            self.notes.append(f"{name}: {verdict.note}")
+        return self._done(records, cap, verdict.checked)
+
+    def _check(
+        self,
+        cap: Capture,
+        records: list[NodeRecord],
+        out: Any,
+        calls: LeafCalls | None,
+        first: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    ) -> _Verdict:
+        """How the graph was checked, and whether it reproduces eager."""
+        if any(r.error for r in records):
+            # eager channels_last raises at the break too: nothing to compare against
+            return _Verdict("unchecked", note="not checked against eager (the model breaks on channels_last)")
+        if calls is not None:
+            # eager with every leaf module call answered from a record of the graph's: the cost
+            # of the model's Python instead of a forward; what it cannot vouch for goes on
+            if replay_check(self.model, calls, out, first or (self.args, self.kwargs), self.runner):
+                return _Verdict("replay")
+        if first is not None:
+            # fx graphs are not specialised to shapes: checking on one sample of the batch costs
+            # 2/B of a forward (the full batch decides when either side cannot run at batch 1,
+            # e.g. train-mode BatchNorm on 1x1)
+            try:
+                small_graph = self.runner.forward(cap.gm, *first)
+                small_eager = self.runner.forward(self.model, *first)
+            except Exception:
+                pass
+            else:
+                return _Verdict.compared("sample", small_graph, small_eager)
+        try:
+            reference = self._eager_reference()
+        except Exception as e:
+            return _Verdict("unchecked", note=f"not checked against eager (eager raised {first_line(e)})")
+        return _Verdict.compared("eager", out, reference)
+
+    def _raise_if_eager_fails(self, e: PropagationError) -> None:
+        """The graph raised on the sample: when eager raises too, it is the model's error."""
+        try:
+            self._eager_reference()
+        except Exception as eager_error:
+            same = str(e.__cause__) == str(eager_error) if e.__cause__ else False
+            tail = "eager forward fails the same way" if same else f"eager forward fails too: {first_line(eager_error)}"
+            raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
+
+    def _hooks(self) -> Captured:
+        try:
+            with self.runner.context(guard=False):
+                records, _, _ = record_eager(
+                    self.model,
+                    tree_map(clone_value, self.args),
+                    tree_map(clone_value, self.kwargs),
+                    shared=self.runner.shared,
+                )
+        except Exception as e:
+            reasons = "; ".join(self.notes)
+            raise PropagationError(
+                f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
+                "model's own error at the audited shapes, not a channels_last problem"
+                + (f" (earlier captures: {reasons})" if reasons else "")
+            ) from e
+        return Captured(records, "hooks", tuple(self.notes), "off")
 
 
 def capture_and_propagate(
@@ -130,145 +254,20 @@ def capture_and_propagate(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
-    method: str = "auto",
+    method: CaptureMethod = "auto",
     verify: bool = True,
     progress: ProgressFn | None = None,
-    autocast: torch.dtype | None = None,
-    shared: frozenset[int] = frozenset(),
+    runner: Runner | None = None,
 ) -> Captured:
-    """Capture ``model`` (the audit's private channels_last copy) and record every node's
-    layouts on the sample. ``method`` forces one capture ('fx', 'export', 'hooks');
-    ``autocast`` runs every execution under ``torch.autocast`` with that dtype; ``shared``
-    are the storages of user weights the copy reads in place (every run of the model, the
-    recorded ones and the eager checks, raises :class:`SharedWeightWrite` before writing to
-    one)."""
+    """Capture ``model`` (the audit's private channels_last copy, real or fake) and record
+    every node's layouts on the sample. ``method`` forces one capture ('fx', 'export',
+    'hooks'); ``verify`` checks an fx or export graph against eager (real mode only);
+    ``runner`` says how the model runs (see :class:`Runner`; every run, the recorded ones and
+    the checks, raises :class:`~nhwc_audit.errors.SharedWeightWrite` before writing to one of
+    ``runner.shared``)."""
     if method not in CAPTURES:
         raise UsageError(f"capture {method!r} is not one of: {', '.join(CAPTURES)}")
-    notes: list[str] = []
-    seed = 0
-    device_type = next((t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
-
-    def ctx() -> contextlib.AbstractContextManager[Any]:
-        if autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type, dtype=autocast)
-
-    eager_out: list[Any] = []
-
-    def eager() -> Any:
-        if not eager_out:
-            eager_out.append(_run_eager(model, args, kwargs, seed, ctx, shared))
-        return eager_out[0]
-
-    def graph_step(name: str, capture: Callable[[], Any], flat: bool) -> Captured | None:
-        def inputs_of(graph: torch.fx.Graph) -> list[Any]:
-            return list(tree_leaves((args, kwargs))) if flat else _positional(graph, args, kwargs)
-
-        try:
-            cap = capture()
-        except TraceError as e:
-            if method == name:
-                raise
-            notes.append(f"{name}: {e}")
-            return None
-        checking = verify and method != name
-        batch = _batch_of(args, kwargs) if checking and name == "fx" else None
-        sliced = _batch_one(args, kwargs, batch)
-        # fx graphs call leaf modules: record their calls so that a replay can check the graph
-        # (a batch is recorded and replayed on its first sample)
-        calls = LeafCalls(batch=batch) if checking and name == "fx" else None
-        try:
-            with torch.random.fork_rng(devices=[]), ctx():
-                torch.manual_seed(seed)
-                records, out = propagate(
-                    cap.root,
-                    tree_map(clone_value, args),
-                    tree_map(clone_value, kwargs),
-                    graph=cap.graph,
-                    progress=progress,
-                    flat_inputs=flat,
-                    shared=shared,
-                    leaf_calls=calls,
-                )
-        except PropagationError as e:
-            try:
-                eager()
-            except SharedWeightWrite:
-                raise
-            except Exception as eager_error:
-                same = str(e.__cause__) == str(eager_error) if e.__cause__ else False
-                tail = (
-                    "eager forward fails the same way"
-                    if same
-                    else f"eager forward fails too: {first_line(eager_error)}"
-                )
-                raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
-            if method == name:
-                raise
-            notes.append(f"{name}: the captured graph fails where eager runs: {e}")
-            return None
-        if checking:
-            if any(r.error for r in records):
-                # eager channels_last raises at the break too: nothing to compare against
-                notes.append(f"{name}: not checked against eager (the model breaks on channels_last)")
-                return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-            if calls is not None:
-                # eager with every leaf module call answered from a record of the graph's: the
-                # cost of the model's Python instead of a forward; what it cannot vouch for goes on
-                vouched = _replays(model, calls, out, sliced or (args, kwargs), seed, ctx, shared)
-                calls = None  # let the recorded activations go
-                if vouched:
-                    return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-            if sliced is not None:
-                # fx graphs are not specialised to shapes: checking fidelity on one sample of the
-                # batch costs 2/B of a forward instead of one forward (falls back to the full
-                # batch when either side cannot run at batch 1, e.g. train-mode BatchNorm on 1x1)
-                try:
-                    small_graph = _run_eager(cap.gm, sliced[0], sliced[1], seed, ctx, shared)
-                    small_eager = _run_eager(model, sliced[0], sliced[1], seed, ctx, shared)
-                except SharedWeightWrite:
-                    raise
-                except Exception:
-                    sliced = None
-                else:
-                    diff = _same_outputs(small_graph, small_eager)
-                    if diff is not None:
-                        notes.append(f"{name}: the captured graph does not reproduce eager: {diff}")
-                        return None
-                    return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-            try:
-                reference = eager()
-            except SharedWeightWrite:
-                raise
-            except Exception as e:
-                notes.append(f"{name}: not checked against eager (eager raised {first_line(e)})")
-                return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-            diff = _same_outputs(out, reference)
-            if diff is not None:
-                notes.append(f"{name}: the captured graph does not reproduce eager: {diff}")
-                return None
-        return Captured(records, name, tuple(notes), cap, inputs_of(cap.graph))
-
-    if method in ("auto", "fx"):
-        got = graph_step("fx", lambda: trace(model), flat=False)
-        if got is not None:
-            return got
-    if method in ("auto", "export"):
-        got = graph_step("export", lambda: export(model, args, kwargs), flat=True)
-        if got is not None:
-            return got
-    try:
-        with ctx():
-            records, _, _ = record_eager(
-                model, tree_map(clone_value, args), tree_map(clone_value, kwargs), shared=shared
-            )
-    except SharedWeightWrite:
-        raise
-    except Exception as e:
-        reasons = "; ".join(notes)
-        raise PropagationError(
-            f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the model's "
-            f"own error at the audited shapes, not a channels_last problem"
-            + (f" (earlier captures: {reasons})" if reasons else "")
-        ) from e
-    return Captured(records=records, method="hooks", notes=tuple(notes))
+    if runner is None:
+        device = next((t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
+        runner = Runner(device_type=device)
+    return _Chain(model, args, kwargs, method, verify, progress, runner).run()

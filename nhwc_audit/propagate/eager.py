@@ -17,11 +17,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..capture.fx import _DEFAULT_MODES, user_frame
+from ..capture.context import aten_detail
+from ..capture.source import user_frame
 from ..layout import tensor_meta
 from ..records import NodeInput, NodeRecord
 from ..tensors import first_line, iter_tensors, to_nchw
-from .interpreter import _is_alias_of, check_shared_write, hidden_copy
+from .dispatch import check_shared_write, hidden_copy, is_alias_of
 
 __all__ = ["record_eager"]
 
@@ -69,7 +70,7 @@ class _Recorder(TorchDispatchMode):
                 NodeInput(producer=self.producer.get(t), meta=tensor_meta(t), is_param=isinstance(t, nn.Parameter))
                 for t in ins
             ],
-            "detail": _detail(op, args, kwargs),
+            "detail": aten_detail(op, args, kwargs),
         }
         try:
             out = func(*args, **kwargs)
@@ -79,7 +80,7 @@ class _Recorder(TorchDispatchMode):
             raise
         outs = list(iter_tensors(out))
         rec["outputs"] = [tensor_meta(t) for t in outs]
-        rec["aliases"] = any(_is_alias_of(t, i) for t in outs for i in ins)
+        rec["aliases"] = any(is_alias_of(t, i) for t in outs for i in ins)
         copy = hidden_copy(func, args, out)
         rec["hidden"] = [copy] if copy is not None else []
         for t in outs:
@@ -99,15 +100,6 @@ def _fails_only_on_channels_last(func: Any, args: Any, kwargs: dict[str, Any]) -
     except Exception:
         return False
     return True
-
-
-def _detail(op: str, args: Any, kwargs: dict[str, Any]) -> str:
-    if op == "pad":
-        mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
-        return mode if isinstance(mode, str) else ""
-    if op.startswith("upsample_"):
-        return op.removeprefix("upsample_").removesuffix("2d").removesuffix("3d").removesuffix("1d")
-    return _DEFAULT_MODES.get(op, "")
 
 
 def record_eager(

@@ -6,121 +6,24 @@ It records; it never judges (that is :mod:`nhwc_audit.analyze.findings`).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.fx import NodeContext, node_context
-from ..errors import PropagationError, SharedWeightWrite
-from ..layout import innermost_dim, tensor_meta
+from ..capture.context import NodeContext, node_context
+from ..errors import PropagationError
+from ..layout import tensor_meta
 from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 from ..tensors import first_line, iter_tensors, to_nchw
+from .dispatch import CopyRecorder, is_alias_of
 from .replay import LeafCalls
 
-__all__ = ["CopyRecorder", "LayoutProp", "layout_change", "propagate"]
+__all__ = ["LayoutProp", "ProgressFn", "positional_inputs", "propagate"]
 
 ProgressFn = Callable[[int, int], None]
-
-
-_COPY_OPS = frozenset(
-    {
-        torch.ops.aten.clone.default,
-        torch.ops.aten.copy_.default,
-        torch.ops.aten._to_copy.default,
-        torch.ops.aten.contiguous.default,
-    }
-)
-
-
-def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
-    """A copy from ``src`` to ``dst`` (rank >= 4, same shape) moves the innermost memory dim
-    between the channels (dim 1, NHWC) and the last dim (NCHW): a layout transpose. Copies
-    between other dims (attention's B x heads x N x d transposes) are not layout changes."""
-    if src.rank < 4 or src.shape != dst.shape:
-        return False
-    last = max((i for i, s in enumerate(src.shape) if s > 1), default=None)
-    pair = {innermost_dim(src), innermost_dim(dst)}
-    return last is not None and last != 1 and pair == {1, last}
-
-
-def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
-    """The record of an ATen copy (clone, copy_, _to_copy, contiguous) that changes layout."""
-    if func not in _COPY_OPS:
-        return None
-    src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4):
-        return None
-    sm, dm = tensor_meta(src), tensor_meta(out)
-    if not layout_change(sm, dm):
-        return None
-    name = str(func.overloadpacket.__name__)
-    return HiddenCopy(op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
-
-
-@functools.cache
-def _written_args(func: Any) -> tuple[tuple[int, str], ...]:
-    """(position, name) of the arguments an ATen op writes to (``self`` of ``add_``, ``out=``)."""
-    schema = getattr(func, "_schema", None)
-    if schema is None or not schema.is_mutable:
-        return ()
-    return tuple(
-        (i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write
-    )
-
-
-def written_tensors(func: Any, args: Any, kwargs: Any) -> Iterator[torch.Tensor]:
-    """The tensors an ATen op call is about to write to in place."""
-    for i, name in _written_args(func):
-        value = args[i] if i < len(args) else (kwargs or {}).get(name)
-        yield from (value,) if isinstance(value, torch.Tensor) else iter_tensors(value)
-
-
-def check_shared_write(func: Any, args: Any, kwargs: Any, shared: frozenset[int]) -> None:
-    """Raise :class:`SharedWeightWrite` before ``func`` writes to a storage in ``shared``."""
-    if not shared:
-        return
-    for t in written_tensors(func, args, kwargs):
-        if t.untyped_storage().data_ptr() in shared:
-            raise SharedWeightWrite(str(func))
-
-
-class CopyRecorder(TorchDispatchMode):
-    """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
-    writes to the weights the audit shares with the user's model (``shared``)."""
-
-    def __init__(
-        self, shared: frozenset[int] = frozenset(), on_write: Callable[[torch.Tensor], None] | None = None
-    ) -> None:
-        super().__init__()
-        self.copies: list[HiddenCopy] = []
-        self.shared = shared
-        self.on_write = on_write
-        """Told about every tensor an op is about to write to in place (:class:`LeafCalls`)."""
-        self.recording = True
-        """Keep copies (False while the caller runs ops of its own under the mode)."""
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if _written_args(func):  # in-place and out= ops only
-            check_shared_write(func, args, kwargs, self.shared)
-            if self.on_write is not None:
-                for t in written_tensors(func, args, kwargs):
-                    self.on_write(t)
-        out = func(*args, **(kwargs or {}))
-        if self.recording:
-            copy = hidden_copy(func, args, out)
-            if copy is not None:
-                self.copies.append(copy)
-        return out
-
-
-def _is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` shares storage with ``b`` (works for FakeTensors, unlike data_ptr)."""
-    return bool(torch._C._is_alias_of(a, b))  # type: ignore[attr-defined]
 
 
 class LayoutProp(torch.fx.Interpreter):
@@ -203,7 +106,7 @@ class LayoutProp(torch.fx.Interpreter):
                     result = getattr(self, n.op)(n.target, args, kwargs)
                 if noted is not None and self.leaf_calls is not None:
                     self.leaf_calls.after(str(n.target), noted, result, opaque=self._leaf_only[n])
-            except (PropagationError, SharedWeightWrite):
+            except PropagationError:
                 raise
             except Exception as e:
                 if self.leaf_calls is not None:
@@ -256,8 +159,6 @@ class LayoutProp(torch.fx.Interpreter):
             raise model_error("none of its inputs is channels_last") from error
         try:  # still under the run's recorder when there are shared weights to guard
             return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
-        except SharedWeightWrite:
-            raise
         except Exception as e2:
             again = "on NCHW input too" if str(e2) == str(error) else f"and {first_line(e2)} on NCHW input"
             raise model_error(again) from error
@@ -278,7 +179,7 @@ class LayoutProp(torch.fx.Interpreter):
             for t in (result,) if isinstance(result, torch.Tensor) else iter_tensors(result):
                 outputs.append(tensor_meta(t))
                 if not aliases:
-                    aliases = any(_is_alias_of(t, i) for i in in_tensors)
+                    aliases = any(is_alias_of(t, i) for i in in_tensors)
         users = self._users[n]
         self.records.append(
             NodeRecord(
@@ -302,7 +203,9 @@ class LayoutProp(torch.fx.Interpreter):
         )
 
 
-def _positional(gm: torch.fx.GraphModule | torch.fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+def positional_inputs(
+    gm: torch.fx.GraphModule | torch.fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[Any]:
     """Order positional and keyword inputs the way the graph's placeholders expect them."""
     graph = gm if isinstance(gm, torch.fx.Graph) else gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -359,7 +262,7 @@ def propagate(
     if flat_inputs:
         values = list(tree_leaves((args, kwargs or {})))
     else:
-        values = _positional(interp.graph, args, kwargs or {})
+        values = positional_inputs(interp.graph, args, kwargs or {})
     with torch.no_grad():
         out = interp.run(*values, enable_io_processing=False)
     return interp.records, out

@@ -6,17 +6,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..api import AuditReport
-from ..records import FindingKind, SourceLoc
-from .text import fmt_bytes, fmt_seconds, fmt_share, short_path
+from ..records import FindingKind
+from .text import (
+    cost_line,
+    count_parts,
+    fake_note,
+    fmt_bytes,
+    fmt_seconds,
+    fmt_share,
+    run_description,
+    share_line,
+    short_source,
+)
 
-__all__ = ["render_summary", "short_source"]
+if TYPE_CHECKING:
+    from ..result import AuditReport
+
+__all__ = ["render_summary"]
 
 _KIND_STYLE = {
     FindingKind.BREAK: "bold red",
@@ -28,49 +41,21 @@ _KIND_STYLE = {
 }
 
 
-def short_source(s: SourceLoc | None, cwd: str | None = None) -> str:
-    """``file:line`` with the file relative to the working directory, or to site-packages."""
-    return f"{short_path(s.file, cwd)}:{s.line}" if s else ""
-
-
 def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...] = ()) -> RenderableType:
     """Verdict line, counts, the top hotspots and the report paths."""
     m, s = report.meta, report.summary
-    shapes = ", ".join(t.shape_str for t in m.inputs) or "none"
-    head = Text.assemble(
-        (m.model, "bold"),
-        f" ({m.capture}, {m.mode} {m.device}, {m.dtype}{' autocast ' + m.autocast if m.autocast else ''}, {'train' if m.training else 'eval'} mode, "
-        f"input {shapes}, torch {m.torch_version})",
-    )
-    counts = Text.assemble(
-        f"{s.nodes} nodes: ",
-        (f"{s.reverts} reverts", _KIND_STYLE[FindingKind.REVERT] if s.reverts else ""),
-        ", ",
-        (f"{s.conversions} conversions", _KIND_STYLE[FindingKind.CONVERSION] if s.conversions else ""),
-        ", ",
-        (f"{s.mixed} mixed", _KIND_STYLE[FindingKind.MIXED] if s.mixed else ""),
-        ", ",
-        (f"{s.breaks} breaks", _KIND_STYLE[FindingKind.BREAK] if s.breaks else ""),
-        f", {s.backward} backward"
-        if m.capture_notes and any(n.startswith("backward:") for n in m.capture_notes)
-        else "",
-        f"; {fmt_bytes(s.bytes_moved)} moved by layout changes per forward "
-        f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s, {m.bandwidth_source})",
-    )
-    if report.nothing_to_audit:
-        verdict = Text("no 4D/5D activations: nothing to audit for channels_last")
-    elif s.findings == 0:
-        verdict = Text("stays channels_last: no reverts, conversions, mixed ops or breaks", style="green")
-    else:
-        verdict = Text(
-            f"{fmt_share(s.channels_last_node_share)} of spatial nodes and "
-            f"{fmt_share(s.channels_last_byte_share)} of activation bytes stay channels_last"
-        )
+    head = Text.assemble((m.model, "bold"), f" ({run_description(m)})")
+    counts = Text(f"{s.nodes} nodes: ")
+    for i, (text, kind) in enumerate(count_parts(m, s)):
+        counts.append(", " if i else "")
+        nonzero = not text.startswith("0 ")
+        counts.append(text, style=_KIND_STYLE[kind] if kind is not None and nonzero else "")
+    counts.append(f"; {cost_line(m, s)}")
+    verdict = Text(share_line(s), style="green" if s.findings == 0 and s.spatial_nodes else "")
     parts: list[RenderableType] = [head, counts, verdict]
-    if m.mode == "fake":
-        parts.append(
-            Text(f"fake mode: every layout is a prediction for {m.device} (no weights, no compute)", style="yellow")
-        )
+    fake = fake_note(m)
+    if fake is not None:
+        parts.append(Text(fake, style="yellow"))
     for note in m.capture_notes:
         parts.append(Text(f"note: {note}", style="dim"))
     shown = report.hotspots[:top]
@@ -94,8 +79,8 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
                 str(h.rank),
                 Text(f.kind.value, _KIND_STYLE[f.kind]),
                 f.node,
-                _module(f.module_path, f.module_type),
-                _op(f.op, f.detail),
+                f.module_label,
+                f.op_label,
                 "x".join(map(str, f.shape)),
                 short_source(f.source),
                 fmt_bytes(f.bytes),
@@ -162,11 +147,3 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
     for p in paths:
         parts.append(Text(f"{'repaired code' if p.suffix == '.py' else 'report'}: {p}"))
     return Group(*parts)
-
-
-def _op(op: str, detail: str) -> str:
-    return f"{op}({detail})" if detail else op
-
-
-def _module(path: str, mtype: str) -> str:
-    return f"{path} ({mtype})" if path else mtype

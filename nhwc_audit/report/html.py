@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from ..records import Finding, FindingKind, Layout, NodeRecord, SourceLoc
-from .text import fmt_bytes, fmt_seconds, fmt_share, short_path
+from ..records import Finding, FindingKind, Layout, NodeRecord
+from .files import write_text_atomic
+from .serialize import measurement_dict, repair_dict, verdict_dict
+from .text import fmt_bytes, fmt_seconds, fmt_share, short_source
 
 if TYPE_CHECKING:
     import jinja2
 
     from ..result import AuditReport
 
-__all__ = ["graph_layout", "render_html", "render_notebook", "view_model"]
+__all__ = ["graph_layout", "jinja_environment", "render_html", "render_notebook", "view_model", "write_html"]
 
 _X_STEP, _Y_STEP, _NODE_W, _NODE_H = 34, 22, 26, 14
 _KIND_ORDER = {
@@ -34,10 +36,6 @@ _KIND_ORDER = {
     FindingKind.BACKWARD: 4,
     FindingKind.DIVERGENCE: 5,
 }
-
-
-def _loc(s: SourceLoc | None) -> str:
-    return f"{short_path(s.file)}:{s.line}" if s else ""
 
 
 def graph_layout(nodes: tuple[NodeRecord, ...]) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str]]]:
@@ -59,7 +57,8 @@ def graph_layout(nodes: tuple[NodeRecord, ...]) -> tuple[dict[str, tuple[int, in
     return pos, edges
 
 
-def _environment() -> jinja2.Environment:
+def jinja_environment() -> jinja2.Environment:
+    """The package's templates: autoescape on, undefined names an error, the unit filters."""
     import jinja2
 
     env = jinja2.Environment(
@@ -79,10 +78,10 @@ def _finding_row(f: Finding, share: float | None = None) -> dict[str, Any]:
     return {
         "node": f.node,
         "kind": f.kind.value,
-        "op": f"{f.op}({f.detail})" if f.detail else f.op,
+        "op": f.op_label,
         "module_path": f.module_path,
         "module_type": f.module_type,
-        "source": _loc(f.source),
+        "source": short_source(f.source),
         "code": f.source.code if f.source else "",
         "shape": "x".join(map(str, f.shape)),
         "layout_in": f.layout_in.value,
@@ -113,10 +112,10 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
                 "name": r.name,
                 "index": r.index,
                 "op": r.op,
-                "op_name": f"{r.op_name}({r.detail})" if r.detail else r.op_name,
+                "op_name": r.op_label,
                 "module_path": r.module_path,
                 "module_type": r.module_type,
-                "source": _loc(r.source),
+                "source": short_source(r.source),
                 "code": r.source.code if r.source else "",
                 "layout": r.output_layout.value,
                 "in_layouts": ", ".join(i.meta.layout.value for i in r.activation_inputs if i.meta.is_spatial),
@@ -169,6 +168,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
         }
         for g in report.regions
     ]
+    measured = measurement_dict(report.measurement)
     created = (now or (lambda: dt.datetime.now(dt.timezone.utc)))()
     return {
         "title": f"nhwc-audit: {m.model}",
@@ -208,7 +208,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             {
                 "kind": x.kind.value,
                 "op": x.op,
-                "source": _loc(x.source),
+                "source": short_source(x.source),
                 "roots": list(x.roots),
                 "findings": x.findings,
                 "bytes": x.bytes,
@@ -229,38 +229,13 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "box_height": max(160, min(520, height * 2)),
         },
         "layouts": [lay.value for lay in Layout],
-        "verdict": None
-        if report.verdict is None
-        else {
-            "convert": report.verdict.convert,
-            "summary": report.verdict.summary,
-            "reasons": list(report.verdict.reasons),
-        },
-        "repair": None
-        if report.repair is None
-        else {
-            "bytes_before": report.repair.bytes_before,
-            "bytes_after": report.repair.bytes_after,
-            "breaks_before": report.repair.breaks_before,
-            "breaks_after": report.repair.breaks_after,
-            "steps": [
-                {"node": s.node, "kind": s.kind, "reason": s.reason, "bytes_saved": s.bytes_saved}
-                for s in report.repair.steps
-            ],
-            "refused": list(report.repair.refused),
-        },
-        "timings": []
-        if report.measurement is None
-        else [
-            {
-                "variant": t.variant,
-                "median": t.median,
-                "low": t.low,
-                "high": t.high,
-                "speedup": report.measurement.speedup(t.variant),
-            }
-            for t in report.measurement.timings
-        ],
+        "verdict": verdict_dict(report.verdict),
+        "repair": repair_dict(report.repair),
+        "timings": [
+            {**t, "speedup": report.measurement.speedup(t["variant"])} for t in (measured or {"timings": []})["timings"]
+        ]
+        if report.measurement is not None
+        else [],
         "copies": []
         if report.measurement is None
         else [{"node": n, "seconds": s} for n, s in report.measurement.copies],
@@ -270,18 +245,16 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
 
 def render_html(report: AuditReport, *, now: Callable[[], dt.datetime] | None = None) -> str:
     """The full self-contained HTML report."""
-    return _environment().get_template("report.html").render(vm=view_model(report, now=now))
+    return str(jinja_environment().get_template("report.html").render(vm=view_model(report, now=now)))
 
 
 def render_notebook(report: AuditReport, *, top: int = 10) -> str:
     """Compact HTML for a notebook cell: verdict, top hotspots, fixes (no graph)."""
     vm = view_model(report)
     vm["hotspots"] = vm["hotspots"][:top]
-    return _environment().get_template("notebook.html").render(vm=vm, more=max(0, len(report.hotspots) - top))
+    return str(jinja_environment().get_template("notebook.html").render(vm=vm, more=max(0, len(report.hotspots) - top)))
 
 
 def write_html(report: AuditReport, path: str | os.PathLike[str]) -> Path:
     """Render and write the HTML report atomically."""
-    from ..result import write_text_atomic
-
     return write_text_atomic(Path(path), render_html(report))

@@ -6,7 +6,7 @@ bandwidth (pass ``bandwidth=`` / ``--bandwidth`` to fix the latter).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..records import (
     AuditMeta,
@@ -20,7 +20,12 @@ from ..records import (
     TensorMeta,
 )
 
-__all__ = ["SCHEMA", "report_dict"]
+if TYPE_CHECKING:
+    from ..analyze.verdict import Verdict
+    from ..fix.repair import RepairLog
+    from ..timing.measure import Measurement
+
+__all__ = ["SCHEMA", "extras_dict", "measurement_dict", "repair_dict", "report_dict", "verdict_dict"]
 
 SCHEMA = "nhwc-audit/1"
 
@@ -182,53 +187,61 @@ def report_dict(
     }
 
 
-def extras_dict(d: dict[str, Any], verdict: Any, repair: Any, measurement: Any) -> dict[str, Any]:
+def verdict_dict(verdict: Verdict | None) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {
+        "convert": verdict.convert,
+        "summary": verdict.summary,
+        "measured": verdict.measured,
+        "reasons": list(verdict.reasons),
+    }
+
+
+def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
+    if repair is None:
+        return None
+    return {
+        "bytes_before": repair.bytes_before,
+        "bytes_after": repair.bytes_after,
+        "breaks_before": repair.breaks_before,
+        "breaks_after": repair.breaks_after,
+        "steps": [
+            {
+                "node": s.node,
+                "kind": s.kind,
+                "reason": s.reason,
+                "bytes_saved": s.bytes_saved,
+                "breaks_removed": s.breaks_removed,
+            }
+            for s in repair.steps
+        ],
+        "refused": list(repair.refused),
+    }
+
+
+def measurement_dict(measurement: Measurement | None) -> dict[str, Any] | None:
+    if measurement is None:
+        return None
+    return {
+        "train": measurement.train,
+        "device": measurement.device,
+        "timings": [
+            {"variant": t.variant, "median_s": t.median, "min_s": t.low, "max_s": t.high, "rounds": t.rounds}
+            for t in measurement.timings
+        ],
+        "copies": [{"node": n, "seconds": sec} for n, sec in measurement.copies],
+    }
+
+
+def extras_dict(
+    d: dict[str, Any], verdict: Verdict | None, repair: RepairLog | None, measurement: Measurement | None
+) -> dict[str, Any]:
     """Add the ``verdict``, ``repair`` and ``measurement`` blocks (before ``timing``, which
     stays last: measurement times are excluded from determinism like ``timing``)."""
     timing = d.pop("timing")
-    d["verdict"] = (
-        None
-        if verdict is None
-        else {
-            "convert": verdict.convert,
-            "summary": verdict.summary,
-            "measured": verdict.measured,
-            "reasons": list(verdict.reasons),
-        }
-    )
-    d["repair"] = (
-        None
-        if repair is None
-        else {
-            "bytes_before": repair.bytes_before,
-            "bytes_after": repair.bytes_after,
-            "breaks_before": repair.breaks_before,
-            "breaks_after": repair.breaks_after,
-            "steps": [
-                {
-                    "node": s.node,
-                    "kind": s.kind,
-                    "reason": s.reason,
-                    "bytes_saved": s.bytes_saved,
-                    "breaks_removed": s.breaks_removed,
-                }
-                for s in repair.steps
-            ],
-            "refused": list(repair.refused),
-        }
-    )
-    d["measurement"] = (
-        None
-        if measurement is None
-        else {
-            "train": measurement.train,
-            "device": measurement.device,
-            "timings": [
-                {"variant": t.variant, "median_s": t.median, "min_s": t.low, "max_s": t.high, "rounds": t.rounds}
-                for t in measurement.timings
-            ],
-            "copies": [{"node": n, "seconds": sec} for n, sec in measurement.copies],
-        }
-    )
+    d["verdict"] = verdict_dict(verdict)
+    d["repair"] = repair_dict(repair)
+    d["measurement"] = measurement_dict(measurement)
     d["timing"] = timing
     return d

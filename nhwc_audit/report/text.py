@@ -1,10 +1,30 @@
-"""Plain-text formatting helpers shared by the console summary, errors and reports."""
+"""Every presentation rule in words: units, the headline, the counts, the share line, an
+offender's line. The terminal, JSON-adjacent text (``str(report)``, ``check()``'s error), HTML
+and notebook renderers all take their text from here. Records in, strings out; no torch.
+"""
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["fmt_bytes", "fmt_seconds", "fmt_share", "short_path"]
+from ..records import AuditMeta, Finding, FindingKind, SourceLoc, Summary
+
+__all__ = [
+    "CLEAN",
+    "NOTHING_TO_AUDIT",
+    "cost_line",
+    "count_parts",
+    "fake_note",
+    "fmt_bytes",
+    "fmt_seconds",
+    "fmt_share",
+    "headline",
+    "offender_line",
+    "run_description",
+    "share_line",
+    "short_path",
+    "short_source",
+]
 
 
 def fmt_bytes(n: float) -> str:
@@ -60,3 +80,80 @@ def short_path(file: str, cwd: str | None = None) -> str:
     if marker in file:
         return file.split(marker, 1)[1]
     return file
+
+
+NOTHING_TO_AUDIT = "no 4D/5D activations: nothing to audit for channels_last"
+CLEAN = "stays channels_last: no reverts, conversions, mixed ops or breaks"
+
+
+def short_source(s: SourceLoc | None, cwd: str | None = None) -> str:
+    """``file:line`` with the file relative to the working directory, or to site-packages."""
+    return f"{short_path(s.file, cwd)}:{s.line}" if s else ""
+
+
+def run_description(m: AuditMeta) -> str:
+    """How the audit ran, in one parenthesis: capture, mode, device, dtype, train/eval, inputs,
+    torch version."""
+    shapes = ", ".join(t.shape_str for t in m.inputs) or "none"
+    amp = f" autocast {m.autocast}" if m.autocast else ""
+    return (
+        f"{m.capture}, {m.mode} {m.device}, {m.dtype}{amp}, {'train' if m.training else 'eval'} mode, "
+        f"input {shapes}, torch {m.torch_version}"
+    )
+
+
+def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]]:
+    """The finding counts, each with its kind (for colour): reverts, conversions, mixed and
+    breaks always; backward when the audit ran one; divergences when there are any."""
+    parts: list[tuple[str, FindingKind | None]] = [
+        (f"{s.reverts} reverts", FindingKind.REVERT),
+        (f"{s.conversions} conversions", FindingKind.CONVERSION),
+        (f"{s.mixed} mixed", FindingKind.MIXED),
+        (f"{s.breaks} breaks", FindingKind.BREAK),
+    ]
+    if m.backward:
+        parts.append((f"{s.backward} backward", FindingKind.BACKWARD))
+    if s.divergences:
+        parts.append((f"{s.divergences} divergences", FindingKind.DIVERGENCE))
+    return parts
+
+
+def cost_line(m: AuditMeta, s: Summary) -> str:
+    """Bytes moved by layout changes per forward and the time they cost at the bandwidth."""
+    return (
+        f"{fmt_bytes(s.bytes_moved)} moved by layout changes per forward "
+        f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s, {m.bandwidth_source})"
+    )
+
+
+def share_line(s: Summary) -> str:
+    """What stays channels_last, or that nothing needs to."""
+    if s.spatial_nodes == 0:
+        return NOTHING_TO_AUDIT
+    if s.findings == 0:
+        return CLEAN
+    return (
+        f"{fmt_share(s.channels_last_node_share)} of spatial nodes and "
+        f"{fmt_share(s.channels_last_byte_share)} of activation bytes stay channels_last"
+    )
+
+
+def headline(m: AuditMeta, s: Summary) -> str:
+    """The audit in one line: model, how it ran, counts, cost, share."""
+    counts = ", ".join(text for text, _ in count_parts(m, s))
+    return f"{m.model} ({run_description(m)}): {s.nodes} nodes, {counts}; {cost_line(m, s)}; {share_line(s)}"
+
+
+def fake_note(m: AuditMeta) -> str | None:
+    """The reminder that a fake audit predicts."""
+    if m.mode != "fake":
+        return None
+    return f"fake mode: every layout is a prediction for {m.device} (no weights, no compute)"
+
+
+def offender_line(f: Finding) -> str:
+    """One line per offender: kind, node, op, module, source, bytes, error, hint."""
+    loc = f" at {f.location}" if f.location else ""
+    cost = f", {fmt_bytes(f.bytes)}" if f.bytes else ""
+    err = f" [{f.error}]" if f.error else ""
+    return f"{f.kind.value}: {f.node} = {f.op} in {f.module_label}{loc}{cost}{err} -> {f.hint}"

@@ -30,24 +30,31 @@ class _Ranged(torch.fx.Interpreter):
 
 
 def profile_copies(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    converted: nn.Module | None = None,
+    graph: torch.fx.Graph | None = None,
 ) -> tuple[tuple[str, float], ...]:
-    """Trace the channels_last conversion of ``model`` with torch.fx, run it once under the
+    """Run the channels_last conversion of ``model`` (``converted``, else converted here) as a
+    torch.fx graph (``graph``, the audit's own capture, else traced here) once under the
     profiler with a range per node, and sum the self time of the ATen copy kernels inside each
     node. Copies a kernel makes below ATen (oneDNN reorders inside a conv) are not visible.
     Returns () when the model is not fx-traceable."""
     from torch.profiler import ProfilerActivity, profile
 
     from ..capture.fx import trace
-    from ..propagate.interpreter import _positional
+    from ..propagate.interpreter import positional_inputs
 
+    root = converted if converted is not None else convert(model)
     try:
-        gm = trace(convert(model)).gm
+        gm = torch.fx.GraphModule(root, copy.deepcopy(graph)) if graph is not None else trace(root).gm
     except Exception:
         return ()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cl_args, cl_kwargs = prepare_inputs(args, kwargs or {}, dtype=None, device=device)
-    values = _positional(gm, cl_args, cl_kwargs)
+    values = positional_inputs(gm, cl_args, cl_kwargs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad():
         _Ranged(gm).run(*values, enable_io_processing=False)  # warm-up
@@ -126,8 +133,10 @@ def measure(
     train: bool = False,
     rounds: int = 5,
     min_time: float = 0.05,
+    graph: torch.fx.Graph | None = None,
 ) -> Measurement:
-    """Time ``model`` as given (NCHW), its channels_last conversion and ``repaired``.
+    """Time ``model`` as given (NCHW), its channels_last conversion and ``repaired``; the
+    profiler's copy times per node run ``graph`` (the audit's fx capture) when given.
 
     Each variant runs on its own copy (the user's model is untouched), after warm-up; each
     round times every variant once with ``torch.utils.benchmark.Timer.timeit`` (enough calls
@@ -140,9 +149,10 @@ def measure(
     cl_args, cl_kwargs = prepare_inputs(args, kwargs, dtype=None, device=device)
     nchw_args = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, cl_args)
     nchw_kwargs = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, cl_kwargs)
+    converted = convert(model)
     variants: list[tuple[str, Callable[[], None]]] = [
         ("nchw", _step(copy.deepcopy(model), nchw_args, nchw_kwargs, train)),
-        ("channels_last", _step(convert(model), cl_args, cl_kwargs, train)),
+        ("channels_last", _step(converted, cl_args, cl_kwargs, train)),
     ]
     if repaired is not None:
         variants.append(("repaired", _step(copy.deepcopy(repaired), cl_args, cl_kwargs, train)))
@@ -167,4 +177,9 @@ def measure(
         Timing(variant=name, median=statistics.median(v), low=min(v), high=max(v), rounds=rounds)
         for name, v in samples.items()
     )
-    return Measurement(train=train, device=str(device), timings=timings, copies=profile_copies(model, args, kwargs))
+    return Measurement(
+        train=train,
+        device=str(device),
+        timings=timings,
+        copies=profile_copies(model, args, kwargs, converted=converted, graph=graph),
+    )

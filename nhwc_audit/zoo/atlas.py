@@ -17,8 +17,9 @@ import torch
 
 from ..api import audit
 from ..errors import NhwcAuditError
+from ..report.files import write_text_atomic
 from ..report.text import fmt_bytes, fmt_share
-from ..result import AuditReport, write_text_atomic
+from ..result import AuditReport
 from .models import MODELS, build
 
 __all__ = ["AtlasRow", "run_atlas"]
@@ -101,7 +102,7 @@ def run_atlas(
 
 
 def _write_index(out: Path, rows: list[AtlasRow]) -> None:
-    from ..report.html import _environment
+    from ..report.html import jinja_environment
 
     meta = {
         "torch": torch.__version__,
@@ -109,7 +110,7 @@ def _write_index(out: Path, rows: list[AtlasRow]) -> None:
         "date": dt.date.today().isoformat(),
         "command": "nhwc-audit atlas --out " + str(out),
     }
-    html = _environment().get_template("atlas.html").render(rows=rows, meta=meta)
+    html = jinja_environment().get_template("atlas.html").render(rows=rows, meta=meta)
     write_text_atomic(out / "index.html", html)
     lines = [
         f"# nhwc-audit compatibility atlas (torch {meta['torch']}, {meta['device']}, {meta['date']})",

@@ -1,0 +1,122 @@
+"""What the records say about a node besides its tensors: module path and type, source line,
+op name and the op's mode (``detail``). The one place for the op-detail rule, used for fx and
+export graph nodes and for the eager recorder's ATen ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..records import SourceLoc
+from .source import source_from_stack
+
+__all__ = ["SOURCE_KEY", "NodeContext", "aten_detail", "node_context"]
+
+SOURCE_KEY = "nhwc_audit_source"
+"""``node.meta`` key where the fx tracer keeps the user's source line of a node."""
+
+_DEFAULT_MODES = {"pad": "constant", "interpolate": "nearest", "upsample": "nearest"}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """Where a node comes from in the user's code."""
+
+    module_path: str
+    module_type: str
+    source: SourceLoc | None
+    op_name: str
+    target: str
+    detail: str = ""
+    """The op's mode where it has one (pad, interpolate, upsample): 'circular', 'bilinear'."""
+    in_leaf_module: bool = False
+    """The node is (or runs inside) a torch.nn leaf module such as InstanceNorm2d."""
+
+
+def _detail(op_name: str, mode: Any) -> str:
+    """The op's mode as recorded: the one given, else the op's default mode."""
+    if mode is None:
+        mode = _DEFAULT_MODES.get(op_name)
+    return mode if isinstance(mode, str) else ""
+
+
+def aten_detail(op: str, args: Any, kwargs: Mapping[str, Any]) -> str:
+    """The mode of an ATen op call (``pad``'s mode argument, ``upsample_bilinear2d`` ->
+    'bilinear')."""
+    if op == "pad":
+        return _detail(op, kwargs.get("mode", args[2] if len(args) > 2 else None))
+    if op.startswith("upsample_"):
+        return op.removeprefix("upsample_").removesuffix("2d").removesuffix("3d").removesuffix("1d")
+    return _detail(op, None)
+
+
+def _node_detail(node: torch.fx.Node, sub: nn.Module | None, op_name: str) -> str:
+    if sub is not None:  # a module keeps its mode as an attribute (nn.Upsample), else none
+        own = getattr(sub, "mode", None)
+        return own if isinstance(own, str) else ""
+    mode: Any = node.kwargs.get("mode")
+    if mode is None and op_name == "pad" and len(node.args) > 2:
+        mode = node.args[2]
+    elif mode is None and op_name == "interpolate" and len(node.args) > 3:
+        mode = node.args[3]
+    return _detail(op_name, mode)
+
+
+def _qualified_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    try:
+        return torch.fx.node._get_qualified_name(target)
+    except Exception:
+        return getattr(target, "__name__", repr(target))
+
+
+def _short_name(target: Any) -> str:
+    opname = getattr(target, "_opname", None)  # an ATen OpOverload: aten.conv2d.default -> conv2d
+    if isinstance(opname, str):
+        return opname
+    name = getattr(target, "__name__", None)
+    if isinstance(name, str):
+        return name
+    return _qualified_name(target).rsplit(".", 1)[-1]
+
+
+def node_context(node: torch.fx.Node, root: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> NodeContext:
+    """Module path, module type, source line and display names of an fx node (``modules``:
+    ``dict(root.named_modules())``, to look submodules up once per graph)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    module_path, module_type = "", type(root).__name__
+    in_leaf = False
+    if stack:
+        path, mtype = list(stack.values())[-1]
+        module_path = str(path)
+        qual = f"{mtype.__module__}.{mtype.__name__}" if isinstance(mtype, type) else str(mtype)
+        module_type = qual.rsplit(".", 1)[-1]
+        in_leaf = qual.startswith("torch.nn.modules.") and not qual.endswith(".Sequential")
+    target = _qualified_name(node.target)
+    sub: nn.Module | None = None
+    if node.op == "call_module":
+        sub = (modules or {}).get(str(node.target)) or root.get_submodule(str(node.target))
+        module_path = str(node.target)
+        module_type = type(sub).__name__
+        op_name = module_type
+        in_leaf = True
+    elif node.op in ("call_function", "call_method"):
+        op_name = _short_name(node.target)
+    else:
+        op_name = node.op
+    return NodeContext(
+        module_path=module_path,
+        module_type=module_type,
+        source=node.meta.get(SOURCE_KEY) or source_from_stack(node.stack_trace),
+        op_name=op_name,
+        target=target,
+        detail=_node_detail(node, sub, op_name),
+        in_leaf_module=in_leaf,
+    )

@@ -1,0 +1,27 @@
+"""torch.export capture (non-strict): an ATen-level graph for models torch.fx cannot trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TraceError
+from .fx import Capture
+
+__all__ = ["export"]
+
+
+def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Capture:
+    """Capture with ``torch.export.export(..., strict=False)``: an ATen-level graph whose nodes
+    keep their module path (``nn_module_stack``) and stack trace. Export runs the model on
+    fake tensors only; the layouts still come from running this graph on real tensors."""
+    try:
+        ep = torch.export.export(model, args, kwargs or None, strict=False)
+        gm = ep.module()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {msg}") from e
+    assert isinstance(gm, torch.fx.GraphModule)
+    return Capture(root=gm, graph=gm.graph, method="export")

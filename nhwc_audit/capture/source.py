@@ -1,0 +1,69 @@
+"""Where an op comes from in the user's code: the innermost frame that is neither torch's
+nor nhwc-audit's machinery. One rule for the fx tracer, torch.export's stack traces and the
+eager recorder.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import re
+import sys
+import types
+
+import torch
+
+from ..records import SourceLoc
+
+__all__ = ["is_machinery", "source_from_stack", "user_frame"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_MODEL_CODE = (_PKG_DIR + "examples.py", _PKG_DIR + "zoo" + os.sep)
+"""The package's own model code (the bundled examples, the public-model builders): user
+code as far as source lines go."""
+_FRAME_RE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
+
+
+def is_machinery(file: str) -> bool:
+    """``file`` is torch's or nhwc-audit's own (not model) code."""
+    if file.startswith(_TORCH_DIR):
+        return True
+    return file.startswith(_PKG_DIR) and not file.startswith(_MODEL_CODE)
+
+
+def user_frame() -> SourceLoc | None:
+    """The innermost frame of the model's code on the stack of this function's caller (not
+    torch's; an nhwc-audit frame means the op came from torch modules only: None).
+
+    Cheaper than fx's ``record_stack_traces`` (which imports torch._dynamo, ~1.5 s).
+    """
+    f: types.FrameType | None = sys._getframe(2)
+    while f is not None:
+        file = f.f_code.co_filename
+        if file.startswith(_TORCH_DIR):
+            f = f.f_back
+            continue
+        if is_machinery(file):
+            return None  # left the model's code: the node came from torch modules only
+        line = f.f_lineno or 0
+        return SourceLoc(file=file, line=line, function=f.f_code.co_name, code=linecache.getline(file, line).strip())
+    return None
+
+
+def source_from_stack(stack_trace: str | None) -> SourceLoc | None:
+    """The innermost frame of the user's code in a formatted stack trace (torch.export's)."""
+    if not stack_trace:
+        return None
+    lines = stack_trace.splitlines()
+    best: SourceLoc | None = None
+    for i, line in enumerate(lines):
+        m = _FRAME_RE.match(line)
+        if not m:
+            continue
+        file = m.group("file")
+        if is_machinery(file):
+            continue
+        code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME_RE.match(lines[i + 1]) else ""
+        best = SourceLoc(file=file, line=int(m.group("line")), function=m.group("func"), code=code)
+    return best

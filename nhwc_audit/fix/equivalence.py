@@ -1,0 +1,140 @@
+"""Does a repaired model compute what the original computes? Outputs and parameter gradients
+of a fixed random linear loss, on the sample and a second input: in float64, where the rounding
+noise of a layout change vanishes (~1e-12) and a changed formula still shows; in the model's own
+dtype, with a tolerance calibrated on the naive conversion, when the model cannot run in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ..prepare.copy import clone_modules
+from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
+from ..tensors import clone_value, to_nchw
+
+__all__ = ["Sample", "first_change", "fresh_copy"]
+
+Sample = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _outputs(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], grads: bool
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ctx = torch.enable_grad() if grads else torch.no_grad()
+        with ctx:
+            out = model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
+            tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            g: dict[str, torch.Tensor] = {}
+            if grads:
+                floats = [t for t in tensors if t.is_floating_point() and t.requires_grad]
+                if floats:
+                    # a fixed random linear loss (the sum of a softmax output has no gradient)
+                    gen = torch.Generator().manual_seed(7)
+                    weights = [torch.randn(t.shape, generator=gen).to(t.device) for t in floats]
+                    loss = sum((t.float() * w).sum() for t, w in zip(floats, weights, strict=True))
+                    assert isinstance(loss, torch.Tensor)
+                    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                    got = torch.autograd.grad(loss, [p for _, p in names], allow_unused=True)
+                    g = {n: gr for (n, _), gr in zip(names, got, strict=True) if gr is not None}
+    return [t.detach() for t in tensors], g
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    """A private copy for a checking run (buffers copied: BatchNorm stats must not drift)."""
+    return clone_modules(model, {id(p): p for p in model.parameters()})
+
+
+def _deviation(ref: torch.Tensor, other: torch.Tensor) -> float:
+    return float((other.double() - ref.double()).norm())
+
+
+def _double(v: Any) -> Any:
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def first_change(
+    model: nn.Module,
+    naive: nn.Module,
+    trial: nn.Module,
+    samples: list[Sample],
+    grads: bool,
+) -> str | None:
+    """Does ``trial`` compute what ``model`` computes? Checked in float64, where layout-induced
+    rounding differences vanish (~1e-12) and a changed formula still shows at the size of the
+    values; in the model's own dtype, with a tolerance calibrated on the naive conversion,
+    when the model cannot run in float64."""
+    try:
+        # full copies: Module.double() rewrites param.data, and _fresh shares parameters
+        m64, t64 = copy.deepcopy(model).double(), copy.deepcopy(trial).double()
+        samples64 = [(tree_map(_double, a), tree_map(_double, k)) for a, k in samples]
+        _outputs(fresh_copy(m64), tree_map(to_nchw, samples64[0][0]), tree_map(to_nchw, samples64[0][1]), False)
+    except Exception:
+        return _first_change_calibrated(model, naive, trial, samples, grads)
+    for args, kwargs in samples64:
+        oa, ga = _outputs(fresh_copy(m64), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+        ob, gb = _outputs(fresh_copy(t64), args, kwargs, grads)
+        diff = first_difference(ob, oa, rtol=1e-6, atol=1e-9)
+        if diff is not None:
+            return f"{diff} (float64)"
+        scale = max((float(g.abs().max()) for g in ga.values()), default=0.0)
+        for name, g in ga.items():
+            if name in gb and tensor_difference(gb[name], g, rtol=1e-6, atol=1e-9 * max(scale, 1.0)) is not None:
+                return f"gradient of {name} differs (float64)"
+    return None
+
+
+def _first_change_calibrated(
+    model: nn.Module,
+    naive: nn.Module,
+    trial: nn.Module,
+    samples: list[Sample],
+    grads: bool,
+) -> str | None:
+    """Compare the repaired ``trial`` (NHWC input) with the original ``model`` (NCHW input).
+
+    Converting to channels_last alone changes float summation order, so deviations are
+    judged against the naive channels_last model's own deviation from the original: a
+    rewrite may deviate at most 4x as much plus 1e-4 of the value's norm (the naive model may
+    not run at all: it breaks where the repair fixes a view). A rewrite that changes the math
+    deviates by the size of the values themselves.
+    """
+    for args, kwargs in samples:
+        oa, ga = _outputs(fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+        try:
+            on, gn = _outputs(fresh_copy(naive), args, kwargs, grads)
+        except Exception:
+            on, gn = list(oa), dict(ga)  # no noise estimate: the relative floor alone
+        ob, gb = _outputs(fresh_copy(trial), args, kwargs, grads)
+        if len(on) != len(oa):
+            on = list(oa)
+        diff = first_difference(ob, oa, judge=_noise_judge(on))
+        if diff is not None:
+            return diff
+        for name, g in ga.items():
+            if name in gb and name in gn and _within_noise(gb[name], g, gn[name]) is not None:
+                return f"gradient of {name} differs"
+    return None
+
+
+def _noise_judge(naive: list[torch.Tensor]) -> IndexedJudge:
+    """Judge output ``i`` against the naive conversion's output ``i``."""
+
+    def judge(i: int, actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+        return _within_noise(actual, expected, naive[i])
+
+    return judge
+
+
+def _within_noise(actual: torch.Tensor, expected: torch.Tensor, naive: torch.Tensor) -> str | None:
+    """None when ``actual`` deviates from ``expected`` at most 4x as much as the naive
+    conversion does, plus 1e-4 of the value's norm."""
+    allowed = 4 * _deviation(expected, naive) + 1e-4 * float(expected.double().norm()) + 1e-6
+    got = _deviation(expected, actual)
+    return None if got <= allowed else f"deviates by {got:.3g}, allowed {allowed:.3g}"

@@ -1,0 +1,154 @@
+"""Repair stage: rewrite the channels_last model's fx graph to remove avoidable transposes,
+keeping the math. Every rewrite (:mod:`.rewrites`) is tried on a private copy, re-measured
+(bytes moved by layout changes), checked against the original model's outputs and gradients
+(:mod:`.equivalence`), and kept only if it removes bytes or a break without changing the
+results.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..analyze.findings import Analysis, analyze
+from ..capture.fx import trace
+from ..errors import ConversionError
+from ..prepare.copy import convert, prepare_inputs
+from ..propagate.interpreter import propagate
+from ..records import NodeRecord
+from ..tensors import clone_value
+from .equivalence import first_change, fresh_copy
+from .rewrites import PRIORITY, RepairKind, candidates
+
+__all__ = ["RepairLog", "RepairStep", "repair_model"]
+
+
+@dataclass(frozen=True, slots=True)
+class RepairStep:
+    """One accepted rewrite."""
+
+    node: str
+    kind: RepairKind
+    reason: str
+    bytes_saved: int
+    breaks_removed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RepairLog:
+    """What the repair changed, and the bytes moved by layout changes before and after."""
+
+    steps: tuple[RepairStep, ...]
+    bytes_before: int
+    bytes_after: int
+    breaks_before: int
+    breaks_after: int
+    refused: tuple[str, ...] = ()
+    """Rewrites tried and dropped because they changed the outputs or gradients."""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.steps)
+
+
+def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A private copy sharing parameters (read-only) and copying buffers."""
+    out = fresh_copy(gm)
+    assert isinstance(out, torch.fx.GraphModule)
+    return out
+
+
+def _measure(
+    gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], bw: float
+) -> tuple[list[NodeRecord], Analysis]:
+    private = _clone_gm(gm)
+    records, _ = propagate(private, tree_map(clone_value, args), tree_map(clone_value, kwargs), record_hidden=True)
+    return records, analyze(records, bandwidth=bw)
+
+
+def repair_model(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    bandwidth: float = 1e9,
+    grads: bool = True,
+    max_passes: int = 4,
+    graph: torch.fx.Graph | None = None,
+) -> tuple[torch.fx.GraphModule, RepairLog]:
+    """Return a repaired channels_last GraphModule of ``model`` and the log of what changed.
+
+    The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx
+    capture of the same module tree) saves the trace. Outputs (and, with
+    ``grads``, parameter gradients of a fixed random linear loss) are checked against the
+    original model on the sample and on a second random input of the same shapes, at the
+    float tolerance that converting to channels_last itself costs; a rewrite that changes
+    them is refused.
+    """
+    kwargs = kwargs or {}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=None, device=device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    second = tree_map(
+        lambda t: (
+            torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()
+            else t
+        ),
+        (sample_args, sample_kwargs),
+    )
+    samples = [(sample_args, sample_kwargs), second]
+    try:
+        converted = convert(model)
+        gm = torch.fx.GraphModule(converted, copy.deepcopy(graph)) if graph is not None else trace(converted).gm
+    except Exception as e:
+        raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
+    naive = _clone_gm(gm)
+    records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth)
+    before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks
+    steps: list[RepairStep] = []
+    refused: list[str] = []
+    tried: set[tuple[str, str]] = set()
+    for _ in range(max_passes):
+        progressed = False
+        ordered = sorted(candidates(gm, records, analysis), key=lambda c: PRIORITY.index(c.kind))
+        for cand in ordered:
+            if (cand.node, cand.kind) in tried:
+                continue
+            tried.add((cand.node, cand.kind))
+            trial = _clone_gm(gm)
+            try:
+                cand.apply(trial)
+                trial.graph.lint()
+                trial.recompile()
+                t_records, t_analysis = _measure(trial, sample_args, sample_kwargs, bandwidth)
+            except Exception:
+                continue
+            saved = analysis.summary.bytes_moved - t_analysis.summary.bytes_moved
+            fixed_breaks = analysis.summary.breaks - t_analysis.summary.breaks
+            if fixed_breaks < 0 or (saved <= 0 and fixed_breaks <= 0):
+                continue
+            problem = first_change(model, naive, trial, samples, grads)
+            if problem is not None:
+                refused.append(f"{cand.kind} at {cand.node}: {problem}")
+                continue
+            gm, records, analysis = trial, t_records, t_analysis
+            steps.append(RepairStep(cand.node, cand.kind, cand.reason, saved, fixed_breaks))
+            progressed = True
+        if not progressed:
+            break
+    log = RepairLog(
+        steps=tuple(steps),
+        bytes_before=before_bytes,
+        bytes_after=analysis.summary.bytes_moved,
+        breaks_before=before_breaks,
+        breaks_after=analysis.summary.breaks,
+        refused=tuple(refused),
+    )
+    return gm, log

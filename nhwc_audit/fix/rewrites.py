@@ -1,0 +1,243 @@
+"""The graph rewrites a repair can try, in the order it tries them. Each one matches a node of
+the channels_last fx graph (by its record and finding) and changes a copy of the graph; none of
+them judges whether it helped (that is :mod:`.repair`).
+
+* ``view->reshape``        a ``view`` that breaks on NHWC becomes ``reshape`` (same result).
+* ``swap-operands``        ``nchw + nhwc`` (add/mul, commutative in IEEE arithmetic) becomes
+                           ``nhwc + nchw`` so the channels_last operand decides the output.
+* ``contiguous-cl``        ``x.contiguous()`` becomes ``x.contiguous(memory_format=channels_last)``.
+* ``instancenorm->groupnorm`` InstanceNorm (no running stats) becomes GroupNorm(C, C): the same
+                           per-sample, per-channel statistics, with a channels_last kernel on CPU.
+* ``softmax-nhwc``         softmax/log_softmax over dim 1 of a 4D tensor runs over the last dim
+                           of its free (N, H, W, C) permutation.
+* ``insert-contiguous-cl`` one ``.contiguous(memory_format=channels_last)`` right after an op
+                           that reverts, when that costs less than the conversions downstream.
+* ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``) and then
+                           filled from channels_last tensors is allocated channels_last instead
+                           (``torch.empty(..., memory_format=...)`` then ``zero_``/``fill_``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..analyze.findings import Analysis
+from ..prepare.copy import memory_format_for_rank
+from ..records import FindingKind, Layout, NodeRecord
+
+__all__ = ["PRIORITY", "Candidate", "RepairKind", "candidates", "find_node"]
+
+RepairKind = Literal[
+    "alloc-cl",
+    "view->reshape",
+    "contiguous-cl",
+    "instancenorm->groupnorm",
+    "softmax-nhwc",
+    "swap-operands",
+    "insert-contiguous-cl",
+]
+PRIORITY: tuple[RepairKind, ...] = get_args(RepairKind)
+"""The order a repair tries rewrites in: the ones that change an op come before the one that
+adds an op (a stable sort keeps graph order within a kind)."""
+
+_COMMUTATIVE_FUNCS = {operator.add, operator.mul, torch.add, torch.mul}
+_COMMUTATIVE_METHODS = {"add", "mul"}
+_SOFTMAX_FUNCS = {"softmax", "log_softmax"}
+_ALLOC = {torch.zeros: "zero_", torch.ones: "fill_", torch.empty: None, torch.full: "fill_"}
+_NEW_ALLOC = {"new_zeros": "zero_", "new_ones": "fill_", "new_empty": None, "new_full": "fill_"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    node: str
+    kind: RepairKind
+    reason: str
+    apply: Callable[[torch.fx.GraphModule], None]
+
+
+def find_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    for n in gm.graph.nodes:
+        if n.name == name:
+            node: torch.fx.Node = n
+            return node
+    raise KeyError(name)
+
+
+def _fmt(rank: int) -> torch.memory_format:
+    fmt = memory_format_for_rank(rank)
+    return fmt if fmt is not None else torch.contiguous_format
+
+
+def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: Analysis) -> Iterator[Candidate]:
+    by_name = {r.name: r for r in records}
+    for r in records:
+        node = find_node(gm, r.name)
+        spatial = r.spatial_outputs
+        allocates = (node.op == "call_function" and node.target in _ALLOC) or (
+            node.op == "call_method" and node.target in _NEW_ALLOC
+        )
+        if allocates and spatial and spatial[0].layout is Layout.CONTIGUOUS:
+            fmt_alloc = _fmt(spatial[0].rank)
+
+            def alloc_cl(g: torch.fx.GraphModule, name: str = r.name, fmt: torch.memory_format = fmt_alloc) -> None:
+                _allocate_channels_last(g, name, fmt)
+
+            yield Candidate(
+                r.name,
+                "alloc-cl",
+                f"allocate {getattr(node.target, '__name__', 'buffer')}(...) channels_last",
+                alloc_cl,
+            )
+    for f in analysis.findings:
+        r = by_name[f.node]
+        node = find_node(gm, f.node)
+        rank = r.spatial_outputs[0].rank if r.spatial_outputs else 4
+        if f.kind is FindingKind.BREAK and node.op == "call_method" and node.target == "view":
+
+            def view_to_reshape(g: torch.fx.GraphModule, name: str = f.node) -> None:
+                find_node(g, name).target = "reshape"
+
+            yield Candidate(
+                f.node, "view->reshape", "view() raises on NHWC; reshape gives the same tensor", view_to_reshape
+            )
+        elif f.kind is FindingKind.MIXED and _commutative(node) and _nchw_first(r):
+
+            def swap(g: torch.fx.GraphModule, name: str = f.node) -> None:
+                n = find_node(g, name)
+                n.args = (n.args[1], n.args[0], *n.args[2:])
+
+            yield Candidate(f.node, "swap-operands", f"{f.op}: put the channels_last operand first", swap)
+        elif (
+            f.kind is FindingKind.REVERT
+            and node.op == "call_method"
+            and node.target == "contiguous"
+            and not node.kwargs
+            and len(node.args) == 1
+        ):
+            fmt_cl = _fmt(rank)
+
+            def contiguous_cl(g: torch.fx.GraphModule, name: str = f.node, fmt: torch.memory_format = fmt_cl) -> None:
+                find_node(g, name).kwargs = {"memory_format": fmt}
+
+            yield Candidate(
+                f.node, "contiguous-cl", ".contiguous() -> .contiguous(memory_format=channels_last)", contiguous_cl
+            )
+        elif f.kind is FindingKind.REVERT and node.op == "call_module" and _instance_norm(gm, node):
+
+            def to_group_norm(g: torch.fx.GraphModule, target: str = str(node.target)) -> None:
+                _swap_instance_norm(g, target)
+
+            yield Candidate(
+                f.node, "instancenorm->groupnorm", f"{f.module_path}: InstanceNorm -> GroupNorm(C, C)", to_group_norm
+            )
+        elif f.kind is FindingKind.REVERT and _softmax_dim1(node) and rank == 4:
+
+            def softmax_nhwc(g: torch.fx.GraphModule, name: str = f.node) -> None:
+                _rewrite_softmax(g, name)
+
+            yield Candidate(
+                f.node, "softmax-nhwc", f"{f.op} over channels computed in (N, H, W, C) order", softmax_nhwc
+            )
+        elif f.kind is FindingKind.REVERT and r.spatial_outputs and len(node.users) > 0:
+            fmt_ins = _fmt(rank)
+
+            def insert_cl(g: torch.fx.GraphModule, name: str = f.node, fmt: torch.memory_format = fmt_ins) -> None:
+                n = find_node(g, name)
+                with g.graph.inserting_after(n):
+                    new = g.graph.call_method("contiguous", (n,), {"memory_format": fmt})
+                n.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+            yield Candidate(
+                f.node, "insert-contiguous-cl", f"convert {f.op}'s output back once, right after it", insert_cl
+            )
+
+
+def _allocate_channels_last(gm: torch.fx.GraphModule, name: str, fmt: torch.memory_format) -> None:
+    """``torch.zeros(size)`` / ``x.new_zeros(size)`` (and ones, empty, full) become
+    ``torch.empty(size, memory_format=fmt)`` followed by the same fill: identical values."""
+    n = find_node(gm, name)
+    args = list(n.args)
+    kwargs = {k: v for k, v in n.kwargs.items() if k != "fill_value"}
+    if n.op == "call_method":  # x.new_zeros(size, ...): dtype and device default to x's
+        method = str(n.target)
+        fill = _NEW_ALLOC[method]
+        source = args.pop(0)
+        with gm.graph.inserting_before(n):
+            kwargs.setdefault("dtype", gm.graph.call_function(getattr, (source, "dtype")))
+            kwargs.setdefault("device", gm.graph.call_function(getattr, (source, "device")))
+        kind = method.removeprefix("new_")
+    else:
+        fill = _ALLOC[n.target]  # type: ignore[index]
+        kind = getattr(n.target, "__name__", "")
+    value = None
+    if kind == "full":
+        value = args.pop(1) if len(args) > 1 else n.kwargs.get("fill_value")
+    elif kind == "ones":
+        value = 1
+    kwargs["memory_format"] = fmt
+    with gm.graph.inserting_after(n):
+        empty = gm.graph.call_function(torch.empty, tuple(args), kwargs)
+    new = empty
+    if fill is not None:
+        with gm.graph.inserting_after(empty):
+            new = gm.graph.call_method(fill, (empty,) if value is None else (empty, value))
+    n.replace_all_uses_with(new)
+    gm.graph.erase_node(n)
+
+
+def _commutative(node: torch.fx.Node) -> bool:
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    if node.op == "call_function" and node.target in _COMMUTATIVE_FUNCS:
+        return True
+    return node.op == "call_method" and node.target in _COMMUTATIVE_METHODS
+
+
+def _nchw_first(r: NodeRecord) -> bool:
+    acts = [i for i in r.activation_inputs if i.meta.is_spatial]
+    return len(acts) >= 2 and acts[0].meta.layout is Layout.CONTIGUOUS and acts[1].meta.layout is Layout.CHANNELS_LAST
+
+
+def _instance_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    m = gm.get_submodule(str(node.target))
+    return isinstance(m, nn.modules.instancenorm._InstanceNorm) and not bool(m.track_running_stats)
+
+
+def _swap_instance_norm(gm: torch.fx.GraphModule, target: str) -> None:
+    m = gm.get_submodule(target)
+    assert isinstance(m, nn.modules.instancenorm._InstanceNorm)
+    gn = nn.GroupNorm(m.num_features, m.num_features, eps=m.eps, affine=m.affine)
+    if m.affine:
+        assert m.weight is not None and m.bias is not None
+        gn.weight = m.weight
+        gn.bias = m.bias
+    gn.train(m.training)
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, gn)
+
+
+def _softmax_dim1(node: torch.fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name not in _SOFTMAX_FUNCS or node.op not in ("call_method", "call_function"):
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(dim, int) and dim == 1 and set(node.kwargs) <= {"dim"}
+
+
+def _rewrite_softmax(gm: torch.fx.GraphModule, name: str) -> None:
+    n = find_node(gm, name)
+    method = n.target if n.op == "call_method" else getattr(n.target, "__name__", "softmax")
+    x = n.args[0]
+    with gm.graph.inserting_before(n):
+        p = gm.graph.call_method("permute", (x, 0, 2, 3, 1))
+        s = gm.graph.call_method(str(method), (p,), {"dim": -1})
+        back = gm.graph.call_method("permute", (s, 0, 3, 1, 2))
+    n.replace_all_uses_with(back)
+    gm.graph.erase_node(n)

@@ -1,0 +1,217 @@
+"""One audit, stage by stage: prepare -> capture and propagate -> (backward) -> analyze ->
+verdict -> the report. Real and fake audits take the same path; they differ only in how the
+private copy is made and how the model runs (:class:`~nhwc_audit.propagate.runner.Runner`).
+Mode 'both' is a real audit and a fake one of the same capture, compared node by node.
+
+The caller (:mod:`nhwc_audit.api`) has resolved the user's arguments into
+:class:`AuditOptions`; nothing here parses strings or prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analyze.divergence import divergence_warnings, divergences
+from .analyze.findings import analyze
+from .analyze.verdict import decide
+from .errors import SharedWeightWrite, UsageError
+from .layout import tensor_meta
+from .prepare.copy import model_device, prepare_audit_copy, prepare_inputs
+from .prepare.fake import fake_copy, fake_inputs, fake_mode
+from .propagate.backward import backward_layouts
+from .propagate.chain import Captured, CaptureMethod, capture_and_propagate
+from .propagate.interpreter import ProgressFn
+from .propagate.runner import Runner
+from .records import AuditMeta, BandwidthSource, Layout, Mode, NodeRecord, TensorMeta
+from .result import AuditReport
+from .timing.bandwidth import measure_transpose_bandwidth
+
+__all__ = ["ASSUMED_BANDWIDTH", "AuditOptions", "run_audit"]
+
+ASSUMED_BANDWIDTH = {"cuda": 2.0e12, "cpu": 1.0e10, "mps": 2.0e11}
+"""Bytes/s a fake audit assumes per device type when none is given (nothing runs to time)."""
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """Every option of an audit, resolved and checked (see :func:`nhwc_audit.audit`)."""
+
+    device: torch.device
+    """Where the audit runs: the model's device (real) or the predicted one (fake)."""
+    dtype: torch.dtype | None = None
+    bandwidth: float | None = None
+    name: str | None = None
+    capture: CaptureMethod = "auto"
+    verify: bool = True
+    autocast: torch.dtype | None = None
+    mode: Mode = "real"
+    train: bool = False
+    progress: ProgressFn | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    runner: Runner
+
+
+def _prepare(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> _Prepared:
+    """The private channels_last copy and sample, and how they run."""
+    if o.mode == "fake":
+        fmode = fake_mode()
+        copy = fake_copy(module, fmode, o.device, o.dtype)
+        fargs, fkwargs = fake_inputs(args, kwargs, fmode, o.device, o.dtype)
+        return _Prepared(copy, fargs, fkwargs, Runner(o.device.type, o.autocast, fake_mode=fmode))
+    target = o.device if o.device != model_device(module) else None
+    audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target)
+    sargs, skwargs = prepare_inputs(args, kwargs, dtype=o.dtype, device=o.device)
+    return _Prepared(audit_copy.module, sargs, skwargs, Runner(o.device.type, o.autocast, audit_copy.shared))
+
+
+def _capture(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions
+) -> tuple[Captured, _Prepared]:
+    p = _prepare(module, args, kwargs, o)
+
+    def run(p: _Prepared) -> Captured:
+        return capture_and_propagate(
+            p.module, p.args, p.kwargs, method=o.capture, verify=o.verify, progress=o.progress, runner=p.runner
+        )
+
+    try:
+        return run(p), p
+    except SharedWeightWrite as e:
+        # caught before the write: start again on weights of the audit's own
+        target = o.device if o.device != model_device(module) else None
+        copy = prepare_audit_copy(module, dtype=o.dtype, device=target, share_weights=False)
+        p = dataclasses.replace(p, module=copy.module, runner=dataclasses.replace(p.runner, shared=copy.shared))
+        captured = run(p)
+        return dataclasses.replace(captured, notes=(*captured.notes, f"{e}: audited on copies of the weights")), p
+
+
+def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...]]:
+    """The records with the gradient layouts of one backward pass, and a note on the layouts
+    of the parameter gradients."""
+    if captured.gm is None:
+        raise UsageError("the backward audit (train=True) needs a graph capture (fx or export), not hooks")
+    with runner.context(guard=False):
+        grads, param_grads = backward_layouts(captured.gm, captured.inputs or [])
+    records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
+    return records, _param_grad_notes(param_grads)
+
+
+def _param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
+    """One note naming 4D/5D parameter gradients the ops produced in NCHW (a leaf's .grad is
+    forced to the parameter's strides, so this is the layout the backward kernel chose)."""
+    if not param_grads:
+        return ()
+    nchw = sorted(n for n, m in param_grads.items() if m.is_spatial and m.layout is Layout.CONTIGUOUS)
+    spatial = sum(1 for m in param_grads.values() if m.is_spatial)
+    if not nchw:
+        return (f"backward: all {spatial} 4D/5D parameter gradients produced channels_last or ambiguous",)
+    return (f"backward: {len(nchw)} of {spatial} 4D/5D parameter gradients produced NCHW: {', '.join(nchw[:8])}",)
+
+
+def _bandwidth(o: AuditOptions) -> tuple[float, BandwidthSource]:
+    if o.bandwidth is not None:
+        return o.bandwidth, "user"
+    if o.mode == "fake":
+        return ASSUMED_BANDWIDTH.get(o.device.type, 1.0e10), "assumed"
+    return measure_transpose_bandwidth(str(o.device)), "measured"
+
+
+def _first_float_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _peak_rss() -> int:
+    """High-water mark of this process's resident memory, in bytes (0 where unknown)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except Exception:
+        return 0
+
+
+def _audit_one(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
+    t0 = time.perf_counter()
+    captured, p = _capture(module, args, kwargs, o)
+    t1 = time.perf_counter()
+    records, grad_notes = _with_backward(captured, p.runner) if o.train else (captured.records, ())
+    t2 = time.perf_counter()
+    bandwidth, source = _bandwidth(o)
+    t3 = time.perf_counter()
+    analysis = analyze(records, bandwidth=bandwidth, device=o.device.type)
+    predictions: tuple[str, ...] = ()
+    if o.mode == "fake":
+        ops = {r.op_name.lower() for r in records} | {r.module_type.lower() for r in records if r.op == "call_module"}
+        predictions = tuple(f"prediction: {w}" for w in divergence_warnings(ops, str(o.device)))
+    dtype = str(o.dtype or _first_float_dtype(module) or torch.float32).removeprefix("torch.")
+    meta = AuditMeta(
+        model=o.name or type(module).__name__,
+        torch_version=torch.__version__,
+        capture=captured.method,
+        capture_notes=captured.notes + predictions + grad_notes,
+        mode=o.mode,
+        device=str(o.device),
+        dtype=dtype,
+        autocast=str(o.autocast).removeprefix("torch.") if o.autocast is not None else None,
+        training=module.training,
+        inputs=tuple(tensor_meta(a) for a in p.args if isinstance(a, torch.Tensor)),
+        bandwidth=bandwidth,
+        bandwidth_source=source,
+        backward=o.train,
+    )
+    t4 = time.perf_counter()
+    timing = {
+        "capture_and_propagate_s": t1 - t0,
+        "backward_s": t2 - t1,
+        "bandwidth_s": t3 - t2,
+        "analyze_s": t4 - t3,
+        "total_s": t4 - t0,
+        "peak_rss_bytes": float(_peak_rss()),
+    }
+    return AuditReport(
+        meta=meta,
+        nodes=tuple(records),
+        findings=analysis.findings,
+        fixes=analysis.fixes,
+        hotspots=analysis.hotspots,
+        regions=analysis.regions,
+        summary=analysis.summary,
+        timing=timing,
+        verdict=decide(records, analysis.summary, device=str(o.device), dtype=dtype),
+        source=(module, args, kwargs) if o.mode == "real" else None,
+        capture=captured.capture if o.mode == "real" else None,
+    )
+
+
+def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
+    """Audit ``module`` on the sample ``(args, kwargs)`` as the options say."""
+    if o.mode != "both":
+        return _audit_one(module, args, kwargs, o)
+    real = _audit_one(module, args, kwargs, dataclasses.replace(o, mode="real"))
+    # the fake run propagates the capture the real run used, so that node names match; its
+    # forward layouts are what is compared (no backward)
+    fake = _audit_one(
+        module,
+        args,
+        kwargs,
+        dataclasses.replace(o, mode="fake", capture=real.meta.capture, bandwidth=real.meta.bandwidth, train=False),
+    )
+    extra = divergences(real.nodes, fake.nodes, real.meta.device)
+    return dataclasses.replace(
+        real,
+        meta=dataclasses.replace(real.meta, mode="both"),
+        findings=tuple(sorted(real.findings + tuple(extra), key=lambda f: f.index)),
+        summary=dataclasses.replace(real.summary, divergences=len(extra)),
+    )

@@ -1,0 +1,102 @@
+"""How the audit runs the model: :class:`Runner` (seed, autocast, the guard on shared weights,
+fake mode), module state restored around captures, and the batch's first sample for checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ..tensors import clone_value
+from .dispatch import CopyRecorder
+
+__all__ = ["Runner", "attributes_restored", "batch_of", "first_sample"]
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How every run of the model executes: seeded (random ops repeat), under autocast when
+    asked, refusing writes to the user's weights the audit reads in place (``shared``), and
+    inside ``fake_mode`` for fake audits."""
+
+    device_type: str = "cpu"
+    autocast: torch.dtype | None = None
+    shared: frozenset[int] = frozenset()
+    fake_mode: Any = None
+    seed: int = 0
+
+    @property
+    def fake(self) -> bool:
+        return self.fake_mode is not None
+
+    @contextlib.contextmanager
+    def context(self, *, guard: bool = True) -> Iterator[None]:
+        """Seeded RNG, fake mode, autocast and (``guard``) the shared-weight guard. The
+        propagation guards on its own (its recorder refuses the writes)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(self.seed)
+            if self.fake_mode is not None:
+                stack.enter_context(self.fake_mode)
+            if self.autocast is not None:
+                stack.enter_context(torch.autocast(device_type=self.device_type, dtype=self.autocast))
+            if guard and self.shared:
+                stack.enter_context(CopyRecorder(self.shared))
+            yield
+
+    def forward(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One forward of ``model`` (or a captured graph) on clones of the sample."""
+        with self.context(), torch.no_grad():
+            return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
+
+
+@contextlib.contextmanager
+def attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes (and its parameter, buffer and submodule tables) as they were
+    before: a trace or an export runs ``forward`` on proxies or fake tensors, and models cache
+    what they compute on themselves (Ultralytics' Detect keeps anchors and strides), which a
+    later run would otherwise read back."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs, params, buffers, modules in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m._modules.clear()
+            m._modules.update(modules)
+
+
+def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The sample's batch size when it is larger than 1 and clear (the leading dim of its
+    4D/5D inputs, all equal), else None."""
+    images = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() in (4, 5)]
+    if not images or len({t.shape[0] for t in images}) != 1 or images[0].shape[0] <= 1:
+        return None
+    return int(images[0].shape[0])
+
+
+def first_sample(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int | None
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The sample cut to its first item when it has a ``batch`` (:func:`batch_of`; cut
+    wherever a tensor has that leading dim), else None."""
+    if batch is None:
+        return None
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
+            return v[:1].clone()  # clone keeps the channels_last strides of the slice's layout
+        return v
+
+    return tuple(tree_map(cut, a) for a in args), {k: tree_map(cut, v) for k, v in kwargs.items()}
