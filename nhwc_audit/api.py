@@ -21,9 +21,9 @@ from .fix.repair import RepairLog, repair_model
 from .pipeline import AuditOptions, run_audit
 from .prepare.copy import model_device
 from .prepare.load import call_build_fn, split_example
-from .propagate.chain import CAPTURES, CaptureMethod
+from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
-from .records import FindingKind, Mode, NodeRecord
+from .records import FAIL_ON, CaptureMethod, FailOn, Mode, NodeRecord
 from .report.text import fmt_bytes, fmt_seconds, offender_line
 from .result import AuditReport
 
@@ -40,14 +40,6 @@ __all__ = [
 ]
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
-
-FAIL_ON: dict[str, frozenset[FindingKind]] = {
-    "never": frozenset(),
-    "revert": frozenset({FindingKind.BREAK, FindingKind.REVERT, FindingKind.MIXED}),
-    "any": frozenset(FindingKind),
-}
-"""What each ``fail_on`` level treats as failure: 'revert' = anything that leaves
-channels_last (breaks, reverts, mixed ops); 'any' = conversions too."""
 
 _MODES: tuple[Mode, ...] = get_args(Mode)
 
@@ -214,7 +206,7 @@ def check(
     model: nn.Module | Callable[[], Any],
     example_inputs: Any = None,
     *,
-    fail_on: str = "any",
+    fail_on: FailOn = "any",
     **options: Any,
 ) -> AuditReport:
     """Return the report when the model stays channels_last, else raise ChannelsLastError.
@@ -227,7 +219,7 @@ def check(
     0
     """
     try:
-        kinds = FAIL_ON[fail_on]
+        kinds = FAIL_ON[fail_on]  # a typo reaches here from untyped callers
     except KeyError:
         raise UsageError(f"fail_on={fail_on!r} is not one of: {', '.join(FAIL_ON)}") from None
     report = audit(model, example_inputs, **options)

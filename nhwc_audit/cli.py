@@ -13,10 +13,12 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
+
+from .errors import first_line
+from .records import FAIL_ON, CaptureMethod, FailOn, Mode
 
 __all__ = ["build_parser", "main"]
-
-_FAIL_ON = ("never", "revert", "any")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default="real",
-        choices=("real", "fake", "both"),
+        choices=get_args(Mode),
         help="real: run the model; fake: FakeTensors, no weights or compute (meta-device models; "
         "predict --device cuda from a CPU machine), layouts are predictions; both: real and fake "
         "on the same graph, each disagreement a 'divergence' finding",
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--capture",
         default="auto",
-        choices=("auto", "fx", "export", "hooks"),
+        choices=get_args(CaptureMethod),
         help="graph capture: auto tries torch.fx (checked against eager), then torch.export, then eager hooks",
     )
     p.add_argument(
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fail-on",
         default="never",
-        choices=_FAIL_ON,
+        choices=get_args(FailOn),
         help="exit 1 when the audit finds: revert = breaks, reverts or mixed ops; "
         "any = conversions too (default: never)",
     )
@@ -127,7 +129,7 @@ def _check_writable(path: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .api import FAIL_ON, audit
+    from .api import audit
     from .prepare.load import load_target, parse_bandwidth, parse_dtype, parse_shape
     from .report.console import render_summary
 
@@ -186,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
             capture=args.capture,
             autocast=args.autocast,
             mode=args.mode,
-            train=args.train and args.mode == "real",
+            train=args.train,
             verify=not args.no_verify,
             progress=progress_cb,
         )
@@ -271,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"nhwc-audit: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)",
+            f"nhwc-audit: internal error: {first_line(e)} (rerun with --debug for the traceback and report it)",
             file=sys.stderr,
         )
         return 3

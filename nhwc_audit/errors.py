@@ -33,7 +33,18 @@ __all__ = [
     "TargetLoadError",
     "TraceError",
     "UsageError",
+    "first_line",
 ]
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` for one-line error reports.
+
+    >>> first_line(ValueError("bad shape; more on the next line"))
+    'ValueError: bad shape; more on the next line'
+    """
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 class NhwcAuditError(Exception):

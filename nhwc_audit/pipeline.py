@@ -25,10 +25,10 @@ from .layout import tensor_meta
 from .prepare.copy import model_device, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts
-from .propagate.chain import Captured, CaptureMethod, capture_and_propagate
+from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
-from .records import AuditMeta, BandwidthSource, Layout, Mode, NodeRecord, TensorMeta
+from .records import AuditMeta, BandwidthSource, CaptureMethod, Layout, Mode, NodeRecord, TensorMeta
 from .result import AuditReport
 from .timing.bandwidth import measure_transpose_bandwidth
 

@@ -12,8 +12,11 @@ from typing import Literal
 
 __all__ = [
     "AuditMeta",
+    "FAIL_ON",
     "BandwidthSource",
+    "CaptureMethod",
     "CaptureName",
+    "FailOn",
     "Mode",
     "Finding",
     "FindingKind",
@@ -34,6 +37,12 @@ __all__ = [
 Mode = Literal["real", "fake", "both"]
 """real: executed kernels on the audited device; fake: FakeTensors (a prediction); both: the
 two on the same graph, every disagreement a finding."""
+
+CaptureMethod = Literal["auto", "fx", "export", "hooks"]
+"""Which capture to use: 'auto' tries fx, then export, then an eager recording ('hooks')."""
+
+FailOn = Literal["never", "revert", "any"]
+"""What ``check()`` and ``--fail-on`` treat as failure (see :data:`FAIL_ON`)."""
 
 CaptureName = Literal["fx", "export", "hooks"]
 """How the model was captured: torch.fx symbolic trace, torch.export, or an eager run recorded
@@ -92,6 +101,15 @@ class FindingKind(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+FAIL_ON: dict[FailOn, frozenset[FindingKind]] = {
+    "never": frozenset(),
+    "revert": frozenset({FindingKind.BREAK, FindingKind.REVERT, FindingKind.MIXED}),
+    "any": frozenset(FindingKind),
+}
+"""What each ``fail_on`` level treats as failure: 'revert' = anything that leaves
+channels_last (breaks, reverts, mixed ops); 'any' = conversions too."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["clone_value", "first_line", "iter_tensors", "to_nchw"]
+__all__ = ["clone_value", "iter_tensors", "to_nchw"]
 
 
 def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -28,9 +28,3 @@ def to_nchw(v: Any) -> Any:
     if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
         return v.contiguous()
     return v
-
-
-def first_line(e: BaseException) -> str:
-    """``Type: first line of the message`` for one-line error reports."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -23,9 +23,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..capture.export import export
 from ..capture.fx import Capture, GraphMethod, trace
-from ..errors import PropagationError, TraceError, UsageError
-from ..records import NodeRecord
-from ..tensors import clone_value, first_line
+from ..errors import PropagationError, TraceError, UsageError, first_line
+from ..records import CaptureMethod, NodeRecord
+from ..tensors import clone_value
 from .compare import first_difference
 from .eager import record_eager
 from .interpreter import ProgressFn, positional_inputs, propagate
@@ -41,8 +41,7 @@ __all__ = [
     "replay_check",
 ]
 
-CaptureMethod = Literal["auto", "fx", "export", "hooks"]
-CAPTURES: tuple[CaptureMethod, ...] = ("auto", "fx", "export", "hooks")
+CAPTURES: tuple[CaptureMethod, ...] = get_args(CaptureMethod)
 
 CheckKind = Literal["replay", "sample", "eager", "unchecked", "off"]
 """How the capture was checked against eager: a replay of the model's Python on the

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from ..tensors import first_line
+from ..errors import first_line
 
 __all__ = ["IndexedJudge", "Judge", "first_difference", "tensor_difference", "tensors_of"]
 

@@ -19,9 +19,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
 from ..capture.source import user_frame
+from ..errors import first_line
 from ..layout import tensor_meta
 from ..records import NodeInput, NodeRecord
-from ..tensors import first_line, iter_tensors, to_nchw
+from ..tensors import iter_tensors, to_nchw
 from .dispatch import check_shared_write, hidden_copy, is_alias_of
 
 __all__ = ["record_eager"]

@@ -14,10 +14,10 @@ import torch.fx
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..capture.context import NodeContext, node_context
-from ..errors import PropagationError
+from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
-from ..tensors import first_line, iter_tensors, to_nchw
+from ..tensors import iter_tensors, to_nchw
 from .dispatch import CopyRecorder, is_alias_of
 from .replay import LeafCalls
 

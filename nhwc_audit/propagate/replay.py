@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..tensors import first_line
+from ..errors import first_line
 from .compare import tensor_difference
 
 __all__ = ["DEFAULT_BUDGET_BYTES", "LeafCalls", "replay"]
