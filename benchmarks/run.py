@@ -191,7 +191,7 @@ class _Chain(torch.nn.Module):
 
 def graph_size(repeats: int, quick: bool) -> list[dict[str, Any]]:
     """Audit and analysis time per node on graphs of growing size (linear: flat per node)."""
-    from nhwc_audit.analyze.findings import analyze
+    from nhwc_audit.analyze.analysis import analyze
 
     rows = []
     for n in (500, 2000) if quick else (500, 2000, 8000):

@@ -19,12 +19,12 @@ import torch
 import torchvision.models as tvm
 
 import nhwc_audit
-from nhwc_audit.analyze.findings import analyze
+from nhwc_audit.analyze.analysis import analyze
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.prepare.copy import prepare_audit_copy, prepare_inputs
 from nhwc_audit.propagate.chain import replay_check
 from nhwc_audit.propagate.interpreter import propagate
-from nhwc_audit.propagate.replay import LeafCalls
+from nhwc_audit.propagate.leaf_calls import LeafCalls
 from nhwc_audit.propagate.runner import Runner
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .analyze.analysis import analyze
 from .analyze.divergence import divergence_warnings, divergences
-from .analyze.findings import analyze
 from .analyze.verdict import decide
 from .errors import SharedWeightWrite, UsageError
 from .layout import tensor_meta

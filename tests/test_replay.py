@@ -18,7 +18,8 @@ from nhwc_audit.capture.fx import trace
 from nhwc_audit.examples import unet
 from nhwc_audit.prepare.copy import prepare_audit_copy
 from nhwc_audit.propagate.interpreter import propagate
-from nhwc_audit.propagate.replay import LeafCalls, replay
+from nhwc_audit.propagate.leaf_calls import LeafCalls
+from nhwc_audit.propagate.replay import replay
 
 
 def _replay(model: nn.Module, *args: torch.Tensor, budget: int = 2**31) -> str | None:

@@ -1,5 +1,5 @@
-"""Analyze stage: pure functions from node records to findings, NCHW regions, hotspots
-and a summary. No torch execution, no I/O.
+"""The findings of one audit: pure functions from node records to findings. No torch
+execution, no I/O. (Regions, hotspots, fixes and the summary are :mod:`.analysis`.)
 
 The rules (one place each):
 
@@ -29,28 +29,15 @@ from ..layout import channels_innermost, leans_channels_last, row_major
 from ..records import (
     Finding,
     FindingKind,
-    Fix,
-    Hotspot,
     Layout,
     NodeRecord,
-    Region,
-    SourceLoc,
-    Summary,
 )
 from .hints import AMBIGUOUS_ORIGIN, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
 
-__all__ = [
-    "Analysis",
-    "analyze",
-    "build_graph",
-    "find_findings",
-    "find_regions",
-    "group_fixes",
-    "rank_hotspots",
-    "summarize",
-]
+__all__ = ["SKIP_OPS", "build_graph", "find_findings"]
 
-_SKIP_OPS = ("placeholder", "get_attr", "output")
+SKIP_OPS = ("placeholder", "get_attr", "output")
+"""Graph nodes that are not ops: never findings, never in a region."""
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
 
 
@@ -151,7 +138,7 @@ def _origin(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRec
         if not nchw or r.op == "placeholder":
             return r
         nxt = by_name.get(nchw[0].producer or "")
-        if nxt is None or nxt.op in _SKIP_OPS:
+        if nxt is None or nxt.op in SKIP_OPS:
             return r
         r = nxt
     return r
@@ -290,147 +277,6 @@ def find_findings(
     )
     out: list[Finding] = []
     for r in records:
-        if r.op not in _SKIP_OPS:
+        if r.op not in SKIP_OPS:
             out.extend(_node_findings(ctx, r))
     return out
-
-
-def find_regions(
-    records: Sequence[NodeRecord], findings: Sequence[Finding], graph: nx.DiGraph[str] | None = None
-) -> list[Region]:
-    """Connected runs of nodes executing in NCHW that start at a revert, mixed op or break.
-
-    Nodes that are NCHW only because they view a channels_last tensor in another order
-    (ConvNeXt's permute to N, H, W, C) start at no finding and form no region.
-    """
-    g = graph if graph is not None else build_graph(records)
-    by_name = {r.name: r for r in records}
-    nchw = [r.name for r in records if r.op not in _SKIP_OPS and r.output_layout is Layout.CONTIGUOUS]
-    starters = {
-        f.node: f for f in findings if f.kind is not FindingKind.CONVERSION and f.layout_out is Layout.CONTIGUOUS
-    }
-    conversions = {f.node for f in findings if f.kind is FindingKind.CONVERSION}
-    sub = g.subgraph(nchw)
-    regions: list[Region] = []
-    comps = [sorted(c, key=lambda n: by_name[n].index) for c in nx.weakly_connected_components(sub)]
-    comps.sort(key=lambda c: by_name[c[0]].index)
-    for comp in comps:
-        entries = tuple(n for n in comp if n in starters)
-        if not entries:
-            continue
-        exits = sorted(
-            {u for n in comp for u in g.successors(n) if u in conversions and u not in comp},
-            key=lambda n: by_name[n].index,
-        )
-        nbytes = sum(o.nbytes for n in comp for o in by_name[n].spatial_outputs)
-        regions.append(
-            Region(id=len(regions) + 1, nodes=tuple(comp), entries=entries, exits=tuple(exits), bytes=nbytes)
-        )
-    return regions
-
-
-def rank_hotspots(findings: Sequence[Finding]) -> list[Hotspot]:
-    """Findings that move data, by bytes descending, ties by node name."""
-    moving = sorted((f for f in findings if f.bytes > 0), key=lambda f: (-f.bytes, f.node))
-    total = sum(f.bytes for f in moving)
-    return [Hotspot(rank=i + 1, finding=f, share=f.bytes / total) for i, f in enumerate(moving)]
-
-
-def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> list[Fix]:
-    """Group findings by the change that removes them, costliest first (ties by op name).
-
-    Each finding has a root: itself for breaks and reverts; for a conversion or mixed op,
-    the node where its NCHW input started (``origin``), since fixing that removes it.
-    Roots that are modules group by module type (replace every InstanceNorm2d); roots
-    that are functions or methods group by op and source line (change that line).
-    """
-    by_name = {r.name: r for r in records}
-    by_node = {f.node: f for f in findings}
-    groups: dict[tuple[str, ...], list[Finding]] = {}
-    roots: dict[tuple[str, ...], list[str]] = {}
-    sources: dict[tuple[str, ...], SourceLoc | None] = {}
-    for f in findings:
-        root_name = f.origin if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED) and f.origin else f.node
-        root = by_name[root_name]
-        if root.in_leaf_module:
-            key: tuple[str, ...] = ("module", root.module_type)
-        else:
-            key = ("site", root.op_label, root.location)
-            sources[key] = root.source
-        groups.setdefault(key, []).append(f)
-        names = roots.setdefault(key, [])
-        if root_name not in names:
-            names.append(root_name)
-    fixes = []
-    for key, fs in groups.items():
-        root_findings = [by_node[n] for n in roots[key] if n in by_node]
-        lead = root_findings[0] if root_findings else fs[0]
-        fixes.append(
-            Fix(
-                kind=lead.kind,
-                op=key[1],
-                source=sources.get(key),
-                hint=lead.hint,
-                roots=tuple(sorted(roots[key], key=lambda n: by_name[n].index)),
-                findings=len(fs),
-                bytes=sum(f.bytes for f in fs),
-            )
-        )
-    fixes.sort(key=lambda x: (x.kind is not FindingKind.BREAK, -x.bytes, x.op, str(x.source), x.roots))
-    return fixes
-
-
-def summarize(
-    records: Sequence[NodeRecord], findings: Sequence[Finding], regions: Sequence[Region], *, bandwidth: float
-) -> Summary:
-    """Headline numbers."""
-    spatial = [
-        r
-        for r in records
-        if r.op not in _SKIP_OPS and r.output_layout in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS, Layout.STRIDED)
-    ]
-    in_regions = {n for reg in regions for n in reg.nodes}
-    spatial_bytes = sum(o.nbytes for r in spatial for o in r.spatial_outputs)
-    nchw_bytes = sum(o.nbytes for r in spatial if r.name in in_regions for o in r.spatial_outputs)
-    count = {k: sum(1 for f in findings if f.kind is k) for k in FindingKind}
-    moved = sum(f.bytes for f in findings)
-    return Summary(
-        nodes=len(records),
-        spatial_nodes=len(spatial),
-        nchw_nodes=sum(1 for r in spatial if r.name in in_regions),
-        spatial_bytes=spatial_bytes,
-        nchw_bytes=nchw_bytes,
-        reverts=count[FindingKind.REVERT],
-        conversions=count[FindingKind.CONVERSION],
-        mixed=count[FindingKind.MIXED],
-        breaks=count[FindingKind.BREAK],
-        backward=count[FindingKind.BACKWARD],
-        bytes_moved=moved,
-        est_seconds=moved / bandwidth if bandwidth > 0 else 0.0,
-    )
-
-
-@dataclass(frozen=True)
-class Analysis:
-    """Everything the analysis derives from the records."""
-
-    findings: tuple[Finding, ...]
-    fixes: tuple[Fix, ...]
-    regions: tuple[Region, ...]
-    hotspots: tuple[Hotspot, ...]
-    summary: Summary
-
-
-def analyze(
-    records: Sequence[NodeRecord], *, bandwidth: float, device: str = "cpu", hints: HintTable | None = None
-) -> Analysis:
-    """All of the above in one call."""
-    findings = find_findings(records, bandwidth=bandwidth, device=device, hints=hints)
-    regions = find_regions(records, findings)
-    return Analysis(
-        findings=tuple(findings),
-        fixes=tuple(group_fixes(records, findings)),
-        regions=tuple(regions),
-        hotspots=tuple(rank_hotspots(findings)),
-        summary=summarize(records, findings, regions, bandwidth=bandwidth),
-    )

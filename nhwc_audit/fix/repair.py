@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..analyze.findings import Analysis, analyze
+from ..analyze.analysis import Analysis, analyze
 from ..capture.fx import trace
 from ..errors import ConversionError
 from ..prepare.copy import convert, prepare_inputs

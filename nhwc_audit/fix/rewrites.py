@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..analyze.findings import Analysis
+from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
 from ..records import FindingKind, Layout, NodeRecord
 

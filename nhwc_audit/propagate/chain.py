@@ -29,7 +29,8 @@ from ..tensors import clone_value
 from .compare import first_difference
 from .eager import record_eager
 from .interpreter import ProgressFn, positional_inputs, propagate
-from .replay import LeafCalls, replay
+from .leaf_calls import LeafCalls
+from .replay import replay
 from .runner import Runner, attributes_restored, batch_of, first_sample
 
 __all__ = [

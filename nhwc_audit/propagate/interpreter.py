@@ -19,7 +19,7 @@ from ..layout import tensor_meta
 from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors, to_nchw
 from .dispatch import CopyRecorder, is_alias_of
-from .replay import LeafCalls
+from .leaf_calls import LeafCalls
 
 __all__ = ["LayoutProp", "ProgressFn", "positional_inputs", "propagate"]
 

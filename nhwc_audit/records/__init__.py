@@ -1,0 +1,46 @@
+"""The data model: frozen records of plain values shared by every pipeline stage.
+
+Nothing here holds a Tensor, an fx Node or a Module, and nothing here imports torch,
+networkx or jinja2: the analysis and the reports work from these records alone.
+``kinds`` holds the vocabularies (layouts, finding kinds, option values), ``node`` what
+propagation records per node, ``audit`` what an audit concludes.
+"""
+
+from __future__ import annotations
+
+from .audit import AuditMeta, Finding, Fix, Hotspot, Region, Summary
+from .kinds import (
+    FAIL_ON,
+    BandwidthSource,
+    CaptureMethod,
+    CaptureName,
+    FailOn,
+    FindingKind,
+    Layout,
+    Mode,
+    op_label,
+)
+from .node import HiddenCopy, NodeInput, NodeRecord, SourceLoc, TensorMeta
+
+__all__ = [
+    "FAIL_ON",
+    "AuditMeta",
+    "BandwidthSource",
+    "CaptureMethod",
+    "CaptureName",
+    "FailOn",
+    "Finding",
+    "FindingKind",
+    "Fix",
+    "HiddenCopy",
+    "Hotspot",
+    "Layout",
+    "Mode",
+    "NodeInput",
+    "NodeRecord",
+    "Region",
+    "SourceLoc",
+    "Summary",
+    "TensorMeta",
+    "op_label",
+]

@@ -1,0 +1,161 @@
+"""Per-audit records: findings, their hotspots, fixes and regions, the summary, and how the
+audit ran. Stdlib only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kinds import BandwidthSource, CaptureName, FindingKind, Layout, Mode, op_label
+from .node import SourceLoc, TensorMeta
+
+__all__ = ["AuditMeta", "Finding", "Fix", "Hotspot", "Region", "Summary"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A node that leaves, breaks or re-enters channels_last, with its cost and a fix."""
+
+    node: str
+    index: int
+    kind: FindingKind
+    op: str
+    target: str
+    module_path: str
+    module_type: str
+    source: SourceLoc | None
+    layout_in: Layout
+    layout_out: Layout
+    shape: tuple[int, ...]
+    detail: str
+    """The op's mode where it has one (pad 'circular', interpolate 'bilinear')."""
+    bytes: int
+    """Bytes moved by the layout change: 2 x numel x itemsize (read + write)."""
+    est_seconds: float
+    hint: str
+    producer: str | None = None
+    """For conversions and mixed ops: the node that produced the NCHW input."""
+    origin: str | None = None
+    """The node where that NCHW tensor's chain started (the root cause to fix)."""
+    origin_op: str | None = None
+    error: str | None = None
+
+    @property
+    def location(self) -> str:
+        return str(self.source) if self.source else ""
+
+    @property
+    def op_label(self) -> str:
+        """The op as shown: ``pad(circular)``, ``Conv2d``."""
+        return op_label(self.op, self.detail)
+
+    @property
+    def module_label(self) -> str:
+        """``path (Type)``, or the type alone at the root module."""
+        return f"{self.module_path} ({self.module_type})" if self.module_path else self.module_type
+
+
+@dataclass(frozen=True, slots=True)
+class Hotspot:
+    """A finding that moves data, ranked by bytes."""
+
+    rank: int
+    finding: Finding
+    share: float
+    """This hotspot's share of all bytes moved by layout changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """One change to make: a root-cause op, the findings it causes, and what it costs.
+
+    Conversions and mixed ops count towards the revert that made their input NCHW.
+    """
+
+    kind: FindingKind
+    op: str
+    """The module type to replace, or the op to change at ``source``."""
+    source: SourceLoc | None
+    """For a function or method root: the source line to change (None for module roots)."""
+    hint: str
+    roots: tuple[str, ...]
+    """Nodes to change (the root causes), in graph order."""
+    findings: int
+    """Findings removed by the change, root causes included."""
+    bytes: int
+    """Bytes moved by all those findings per forward."""
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """A connected run of nodes executing in NCHW between channels_last nodes."""
+
+    id: int
+    nodes: tuple[str, ...]
+    entries: tuple[str, ...]
+    """Finding nodes (reverts, mixed ops) where the region starts."""
+    exits: tuple[str, ...]
+    """Conversion nodes right after the region, where NHWC is re-adopted."""
+    bytes: int
+    """Output bytes of the nodes executed in NCHW."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Headline numbers of one audit."""
+
+    nodes: int
+    spatial_nodes: int
+    """Nodes with a channels_last, contiguous or strided 4D/5D output (ambiguous excluded)."""
+    nchw_nodes: int
+    """Nodes inside NCHW regions."""
+    spatial_bytes: int
+    nchw_bytes: int
+    reverts: int
+    conversions: int
+    mixed: int
+    breaks: int
+    backward: int
+    bytes_moved: int
+    est_seconds: float
+    divergences: int = 0
+    """With mode='both': nodes where real and fake kernels disagree."""
+
+    @property
+    def findings(self) -> int:
+        return self.reverts + self.conversions + self.mixed + self.breaks + self.backward + self.divergences
+
+    @property
+    def channels_last_node_share(self) -> float:
+        if self.spatial_nodes == 0:
+            return 1.0
+        return 1.0 - self.nchw_nodes / self.spatial_nodes
+
+    @property
+    def channels_last_byte_share(self) -> float:
+        if self.spatial_bytes == 0:
+            return 1.0
+        return 1.0 - self.nchw_bytes / self.spatial_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditMeta:
+    """How the audit ran: what model, which capture, where, at what shapes."""
+
+    model: str
+    torch_version: str
+    capture: CaptureName
+    capture_notes: tuple[str, ...]
+    """Why earlier captures were not used, one line each."""
+    mode: Mode
+    device: str
+    dtype: str
+    autocast: str | None
+    """The torch.autocast dtype the audit ran under, if any."""
+    training: bool
+    inputs: tuple[TensorMeta, ...]
+    """The sample inputs as audited (after conversion to channels_last)."""
+    bandwidth: float
+    """Bytes per second used to estimate the time of layout changes."""
+    bandwidth_source: BandwidthSource
+    backward: bool = False
+    """The audit ran one backward pass (``train=True``) and recorded gradient layouts."""

@@ -1,0 +1,97 @@
+"""The fixed vocabularies of the data model: layouts, finding kinds, and the option values a
+user can ask for (mode, capture, fail_on), with how an op is labelled. Stdlib only."""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+__all__ = [
+    "FAIL_ON",
+    "BandwidthSource",
+    "CaptureMethod",
+    "CaptureName",
+    "FailOn",
+    "FindingKind",
+    "Layout",
+    "Mode",
+    "op_label",
+]
+
+
+Mode = Literal["real", "fake", "both"]
+"""real: executed kernels on the audited device; fake: FakeTensors (a prediction); both: the
+two on the same graph, every disagreement a finding."""
+
+CaptureMethod = Literal["auto", "fx", "export", "hooks"]
+"""Which capture to use: 'auto' tries fx, then export, then an eager recording ('hooks')."""
+
+FailOn = Literal["never", "revert", "any"]
+"""What ``check()`` and ``--fail-on`` treat as failure (see :data:`FAIL_ON`)."""
+
+CaptureName = Literal["fx", "export", "hooks"]
+"""How the model was captured: torch.fx symbolic trace, torch.export, or an eager run recorded
+at the dispatch level."""
+
+BandwidthSource = Literal["measured", "user", "assumed"]
+"""Where the bandwidth came from: a transpose copy timed on the audited device, the caller, or
+a typical figure for the device type (fake mode: nothing runs)."""
+
+
+def op_label(op: str, detail: str) -> str:
+    """An op with its mode, the one way every renderer shows it.
+
+    >>> op_label("pad", "circular"), op_label("Conv2d", "")
+    ('pad(circular)', 'Conv2d')
+    """
+    return f"{op}({detail})" if detail else op
+
+
+class Layout(str, enum.Enum):
+    """Memory layout of one tensor, decided by :func:`nhwc_audit.layout.classify_strides`.
+
+    Rank-5 tensors use the same names (channels_last means channels_last_3d).
+    """
+
+    CHANNELS_LAST = "channels_last"
+    """Dense in N(D)HWC order and not in NC(D)HW order."""
+    CONTIGUOUS = "contiguous"
+    """Dense in NC(D)HW order and not in N(D)HWC order."""
+    AMBIGUOUS = "ambiguous"
+    """Dense in both orders (C == 1, H == W == 1, ...): never a finding by itself."""
+    STRIDED = "strided"
+    """Neither: a permuted view, a slice, an expanded tensor."""
+    NOT_SPATIAL = "not_spatial"
+    """Rank other than 4 or 5."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FindingKind(str, enum.Enum):
+    """What is wrong at a node, in order of severity."""
+
+    BREAK = "break"
+    """The op raises on channels_last input (e.g. ``x.view(n, -1)``)."""
+    REVERT = "revert"
+    """A channels_last input produced a contiguous (NCHW) output: the op left NHWC."""
+    MIXED = "mixed"
+    """The op's spatial inputs disagree in layout; the first operand decided the output."""
+    CONVERSION = "conversion"
+    """An NCHW input was converted back to channels_last (e.g. by a conv with NHWC weights)."""
+    BACKWARD = "backward"
+    """In backward, the gradient arriving at a channels_last activation is NCHW."""
+    DIVERGENCE = "divergence"
+    """Real kernels and fake (meta) kernels disagree on this node's output layout."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FAIL_ON: dict[FailOn, frozenset[FindingKind]] = {
+    "never": frozenset(),
+    "revert": frozenset({FindingKind.BREAK, FindingKind.REVERT, FindingKind.MIXED}),
+    "any": frozenset(FindingKind),
+}
+"""What each ``fail_on`` level treats as failure: 'revert' = anything that leaves
+channels_last (breaks, reverts, mixed ops); 'any' = conversions too."""

@@ -1,0 +1,146 @@
+"""Per-node records: what propagation saw at each node (tensors, layouts, source line). No
+judgement here; stdlib only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kinds import Layout, op_label
+
+__all__ = ["HiddenCopy", "NodeInput", "NodeRecord", "SourceLoc", "TensorMeta"]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """Shape, strides and dtype of one tensor, and its layout."""
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    layout: Layout
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's logical elements (numel x itemsize)."""
+        return self.numel * self.itemsize
+
+    @property
+    def is_spatial(self) -> bool:
+        return self.rank in (4, 5)
+
+    @property
+    def shape_str(self) -> str:
+        return "x".join(str(s) for s in self.shape) if self.shape else "scalar"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInput:
+    """One tensor a node reads: which node produced it, and whether it is a parameter."""
+
+    producer: str | None
+    """Name of the graph node that produced the tensor (None for a leaf module's own weight)."""
+    meta: TensorMeta
+    is_param: bool
+    """True for weights and buffers (get_attr nodes, a leaf module's own parameters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLoc:
+    """The user's source line that created a node."""
+
+    file: str
+    line: int
+    function: str
+    code: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenCopy:
+    """A layout-changing copy an op made internally (clone, copy_, _to_copy at ATen level)."""
+
+    op: str
+    layout_in: Layout
+    layout_out: Layout
+    shape: tuple[int, ...]
+    bytes: int
+    """2 x numel x itemsize (read + write)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """Everything recorded about one graph node during propagation (no judgement)."""
+
+    index: int
+    name: str
+    op: str
+    """fx op kind: placeholder, get_attr, call_module, call_function, call_method, output."""
+    target: str
+    """Qualified target: ``torch.cat``, ``contiguous``, or a submodule path."""
+    op_name: str
+    """Short display name: the module class for call_module, else the function/method name."""
+    module_path: str
+    """Qualified name of the innermost module the node runs in ('' for the root)."""
+    module_type: str
+    source: SourceLoc | None
+    inputs: tuple[NodeInput, ...]
+    outputs: tuple[TensorMeta, ...]
+    aliases_input: bool
+    """Some output shares storage with some input: the op moved no data (a view, in-place op)."""
+    users: tuple[str, ...]
+    """Names of the nodes that consume this node's output, in graph order."""
+    detail: str = ""
+    """The op's mode where it has one (pad 'circular', interpolate 'bilinear')."""
+    error: str | None = None
+    """For a break: the error the op raised on channels_last input."""
+    in_leaf_module: bool = False
+    """The node is (or runs inside) a torch.nn leaf module (fixes group by module type)."""
+    hidden: tuple[HiddenCopy, ...] = ()
+    """Layout-changing copies seen at ATen level while this node ran (real mode)."""
+    grads: tuple[TensorMeta, ...] = ()
+    """With ``train=True``: the gradients that arrived at this node's outputs in backward."""
+
+    @property
+    def activation_inputs(self) -> tuple[NodeInput, ...]:
+        return tuple(i for i in self.inputs if not i.is_param)
+
+    @property
+    def spatial_inputs(self) -> tuple[NodeInput, ...]:
+        return tuple(i for i in self.inputs if not i.is_param and i.meta.is_spatial)
+
+    @property
+    def spatial_outputs(self) -> tuple[TensorMeta, ...]:
+        return tuple(o for o in self.outputs if o.is_spatial)
+
+    @property
+    def output_layout(self) -> Layout:
+        """Layout of the first spatial output (else NOT_SPATIAL)."""
+        spatial = self.spatial_outputs
+        return spatial[0].layout if spatial else Layout.NOT_SPATIAL
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+    @property
+    def location(self) -> str:
+        return str(self.source) if self.source else ""
+
+    @property
+    def op_label(self) -> str:
+        """The op as shown: ``pad(circular)``, ``Conv2d``."""
+        return op_label(self.op_name, self.detail)
