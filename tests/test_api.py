@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
-import models as M
 import pytest
 import torch
 from torch import nn
 
 import nhwc_audit
-from nhwc_audit import ChannelsLastError, NhwcAuditError, audit, check, convert, incompatible_nodes
+from nhwc_audit import AuditReport, ChannelsLastError, NhwcAuditError, audit, check, convert, incompatible_nodes
 from nhwc_audit.examples import UNet, unet
+from tests import models as M
+from tests.support import BANDWIDTH
 
 
 def _state(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int, ...], torch.dtype, torch.device]]:
@@ -34,14 +36,14 @@ def _assert_same_state(model: nn.Module, before: dict) -> None:  # type: ignore[
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_audit_never_touches_the_model_or_the_sample(train: bool) -> None:
+def test_audit_never_touches_the_model_or_the_sample(train: bool, audit_fixed: Callable[..., AuditReport]) -> None:
     model = UNet(width=4).train(train)
     before = _state(model)
     hooks = (dict(model._forward_hooks), dict(model._forward_pre_hooks))
     x = torch.randn(1, 3, 32, 32)
     x_before = (x.clone(), x.stride())
-    report = audit(model, x, bandwidth=1e9)
-    check(model, x, fail_on="never", bandwidth=1e9)
+    report = audit_fixed(model, x)
+    check(model, x, fail_on="never", bandwidth=BANDWIDTH)
     _assert_same_state(model, before)  # BatchNorm running stats included
     assert model.training is train
     assert all(m.training is train for m in model.modules())
@@ -50,21 +52,21 @@ def test_audit_never_touches_the_model_or_the_sample(train: bool) -> None:
     assert report.meta.training is train
 
 
-def test_inplace_model_does_not_write_into_the_sample() -> None:
+def test_inplace_model_does_not_write_into_the_sample(audit_fixed: Callable[..., AuditReport]) -> None:
     class Inplace(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.mul_(2).relu_()
 
     x = torch.randn(1, 3, 4, 4).to(memory_format=torch.channels_last)
     before = x.clone()
-    audit(Inplace(), x, bandwidth=1e9)
+    audit_fixed(Inplace(), x)
     assert torch.equal(x, before)
 
 
-def test_build_fn_and_tuple_forms() -> None:
-    r1 = audit(unet, bandwidth=1e9)  # build_fn returning (module, (input,))
+def test_build_fn_and_tuple_forms(audit_fixed: Callable[..., AuditReport]) -> None:
+    r1 = audit_fixed(unet)  # build_fn returning (module, (input,))
     assert r1.meta.inputs[0].shape == (1, 3, 128, 128)
-    r2 = audit(lambda: (M.InstanceNormNet(), torch.randn(1, 3, 8, 8)), bandwidth=1e9)
+    r2 = audit(lambda: (M.InstanceNormNet(), torch.randn(1, 3, 8, 8)), bandwidth=BANDWIDTH)
     assert [f.node for f in r2.findings] == ["norm", "conv2"]
 
 
@@ -78,22 +80,22 @@ def test_kwargs_and_non_image_inputs_pass_through() -> None:
         def forward(self, x: torch.Tensor, t: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
             return self.conv(x) * scale + self.emb(t)[:, :, None, None]
 
-    r = audit(Cond(), (torch.randn(2, 3, 8, 8), torch.randn(2, 1)), example_kwargs={"scale": 2.0}, bandwidth=1e9)
+    r = audit(Cond(), (torch.randn(2, 3, 8, 8), torch.randn(2, 1)), example_kwargs={"scale": 2.0}, bandwidth=BANDWIDTH)
     assert [t.layout.value for t in r.meta.inputs] == ["channels_last", "not_spatial"]
     assert r.findings == ()
 
 
 def test_incompatible_nodes_are_records_in_graph_order() -> None:
-    nodes = incompatible_nodes(M.ViewHead(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    nodes = incompatible_nodes(M.ViewHead(), torch.randn(1, 3, 8, 8), bandwidth=BANDWIDTH)
     assert [(n.name, n.op_name) for n in nodes] == [("view", "view"), ("norm", "InstanceNorm2d")]
     assert nodes[0].index < nodes[1].index
 
 
 def test_check_passes_clean_models_and_lists_offenders() -> None:
-    report = check(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    report = check(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=BANDWIDTH)
     assert report.summary.findings == 0
     with pytest.raises(ChannelsLastError) as exc:
-        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=BANDWIDTH)
     err = exc.value
     assert isinstance(err, NhwcAuditError)
     lines = str(err).splitlines()
@@ -104,9 +106,9 @@ def test_check_passes_clean_models_and_lists_offenders() -> None:
     assert [f.node for f in err.offenders] == ["norm", "conv2"]  # type: ignore[attr-defined]
     # 'revert' ignores conversions alone; the revert is still there
     with pytest.raises(ChannelsLastError):
-        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="revert", bandwidth=1e9)
+        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="revert", bandwidth=BANDWIDTH)
     with pytest.raises(nhwc_audit.UsageError):
-        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="sometimes", bandwidth=1e9)
+        check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="sometimes", bandwidth=BANDWIDTH)
 
 
 def test_convert_returns_independent_channels_last_copy_including_3d() -> None:
@@ -143,28 +145,30 @@ def test_report_json_is_schema_valid_deterministic_and_saved(tmp_path: Path) -> 
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_save_json_into_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
-    r = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+def test_save_json_into_missing_folder_is_a_clear_error(
+    tmp_path: Path, audit_fixed: Callable[..., AuditReport]
+) -> None:
+    r = audit_fixed(M.ConvBnRelu(), torch.randn(1, 3, 8, 8))
     with pytest.raises(nhwc_audit.ReportWriteError, match="does not exist"):
         r.save_json(tmp_path / "nope" / "r.json")
 
 
-def test_repr_html_escapes_and_lists_findings() -> None:
-    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+def test_repr_html_escapes_and_lists_findings(audit_fixed: Callable[..., AuditReport]) -> None:
+    r = audit_fixed(M.InstanceNormNet(), torch.randn(1, 3, 8, 8))
     html = r._repr_html_()
     assert "InstanceNorm2d" in html and "<table" in html
     assert "norm" in str(r)
 
 
-def test_model_error_is_reported_as_the_models_own() -> None:
+def test_model_error_is_reported_as_the_models_own(audit_fixed: Callable[..., AuditReport]) -> None:
     with pytest.raises(nhwc_audit.PropagationError) as exc:
-        audit(M.InstanceNormNet(), torch.randn(1, 5, 8, 8), bandwidth=1e9)
+        audit_fixed(M.InstanceNormNet(), torch.randn(1, 5, 8, 8))
     msg = str(exc.value)
     assert "node 'conv'" in msg and "not a channels_last problem" in msg and "node inputs 1x5x8x8" in msg
     assert exc.value.node == "conv"
 
 
-def test_untraceable_model_falls_back_and_says_why() -> None:
+def test_untraceable_model_falls_back_and_says_why(audit_fixed: Callable[..., AuditReport]) -> None:
     class DataDependent(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.sum() > 0:
@@ -172,8 +176,8 @@ def test_untraceable_model_falls_back_and_says_why() -> None:
             return -x
 
     with pytest.raises(nhwc_audit.TraceError, match="torch.fx could not trace DataDependent"):
-        audit(DataDependent(), torch.randn(1, 3, 4, 4), bandwidth=1e9, capture="fx")
-    report = audit(DataDependent(), torch.randn(1, 3, 4, 4), bandwidth=1e9)
+        audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), capture="fx")
+    report = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4))
     assert report.meta.capture == "hooks"
     assert [n.split(":")[0] for n in report.meta.capture_notes] == ["fx", "export"]
     assert "torch.fx could not trace DataDependent" in report.meta.capture_notes[0]
@@ -185,13 +189,13 @@ def test_measured_bandwidth_is_labelled() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_dtype_and_autocast(dtype: torch.dtype) -> None:
-    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), dtype=dtype, bandwidth=1e9)
+def test_half_precision_dtype_and_autocast(dtype: torch.dtype, audit_fixed: Callable[..., AuditReport]) -> None:
+    r = audit_fixed(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), dtype=dtype)
     assert r.meta.dtype == str(dtype).removeprefix("torch.")
     assert [(f.node, f.kind.value) for f in r.findings] == [("norm", "revert"), ("conv2", "conversion")]
     assert r.findings[0].bytes == 2 * 8 * 8 * 8 * 2  # 2-byte elements
     model = M.InstanceNormNet()
-    r = audit(model, torch.randn(1, 3, 8, 8), autocast=True, bandwidth=1e9)
+    r = audit_fixed(model, torch.randn(1, 3, 8, 8), autocast=True)
     assert r.meta.autocast == "bfloat16" and "autocast bfloat16" in r.headline
     conv = next(n for n in r.nodes if n.name == "conv")
     assert conv.outputs[0].dtype == "bfloat16"
@@ -213,20 +217,20 @@ class Sneaky(nn.Module):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_fx_graph_that_differs_from_eager_falls_back(batch: int) -> None:
-    r = audit(Sneaky(), torch.randn(batch, 3, 8, 8), bandwidth=1e9)
+def test_fx_graph_that_differs_from_eager_falls_back(batch: int, audit_fixed: Callable[..., AuditReport]) -> None:
+    r = audit_fixed(Sneaky(), torch.randn(batch, 3, 8, 8))
     assert r.meta.capture == "export"
     assert r.meta.capture_notes[0].startswith("fx: the captured graph does not reproduce eager")
-    ok = audit(M.ConvBnRelu(), torch.randn(batch, 3, 8, 8), bandwidth=1e9)
+    ok = audit_fixed(M.ConvBnRelu(), torch.randn(batch, 3, 8, 8))
     assert ok.meta.capture == "fx" and ok.meta.capture_notes == ()
 
 
 @pytest.mark.parametrize("capture", ["fx", "hooks"])
-def test_source_lines_are_the_models_never_the_callers(capture: str) -> None:
+def test_source_lines_are_the_models_never_the_callers(capture: str, audit_fixed: Callable[..., AuditReport]) -> None:
     """A torch.nn-only model has no source line of its own; the line that called audit() is
     not the model's and must not be reported (fx and hooks captures share one frame walker)."""
     plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4))
-    r = audit(plain, torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
+    r = audit_fixed(plain, torch.randn(1, 3, 8, 8), capture=capture)
     assert r.findings and all(f.source is None for f in r.findings)
-    r = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
+    r = audit_fixed(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), capture=capture)
     assert all(f.source is not None and f.source.file.endswith("models.py") for f in r.findings)

@@ -6,14 +6,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import models as M
 import pytest
 import torch
-from fuzz_models import FuzzNet
 from torch import nn
 
 from nhwc_audit import audit, check
 from nhwc_audit.cli import main
+from tests import models as M
+from tests.fuzz_models import FuzzNet
 
 
 @dataclasses.dataclass

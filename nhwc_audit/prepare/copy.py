@@ -22,6 +22,7 @@ from ..errors import ConversionError, UsageError
 
 __all__ = [
     "AuditCopy",
+    "audit_param",
     "clone_modules",
     "convert",
     "memory_format_for_rank",
@@ -172,7 +173,7 @@ def _restrided(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor | None
     return torch.as_strided(t, t.shape, strides, t.storage_offset())
 
 
-def _audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> tuple[torch.Tensor, bool]:
+def audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> tuple[torch.Tensor, bool]:
     """A parameter's tensor for the audit and whether it shares the user's storage.
 
     Same dtype and device: 4D/5D weights are *restrided* to what ``.to(memory_format=...)``
@@ -212,7 +213,7 @@ def prepare_audit_copy(
 
     The audit needs the weights' layouts, not their values: with ``share_weights``,
     parameters keep the user's storage (4D/5D ones restrided to channels_last, see
-    :func:`_audit_param`) and nothing is copied; without it (the fallback for models that
+    :func:`audit_param`) and nothing is copied; without it (the fallback for models that
     write to their own weights in forward) spatial parameters are converted copies as
     :func:`convert` makes them. Buffers are always copied, so BatchNorm running statistics
     in train mode never reach the user's model. The module tree is rebuilt
@@ -230,7 +231,7 @@ def prepare_audit_copy(
     with torch.no_grad():
         for _, t, is_param in _tensors(model):
             if is_param and share_weights:
-                new, shares = _audit_param(t.detach(), dtype, device)
+                new, shares = audit_param(t.detach(), dtype, device)
             else:
                 new, shares = _converted(t.detach(), dtype, device), False
                 if _same_storage(new, t):

@@ -4,12 +4,12 @@ random weights, small inputs)."""
 
 from __future__ import annotations
 
-import models as M
 import pytest
 import torch
-from eager import hook_layouts, report_module_layouts
 
 from nhwc_audit import audit
+from tests import models as M
+from tests.eager import hook_layouts, report_module_layouts
 
 tvm = pytest.importorskip("torchvision.models")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from eager import consistent, hook_layouts, report_module_layouts
 
 from nhwc_audit import AuditReport, audit
 from nhwc_audit.zoo.models import build
+from tests.eager import consistent, hook_layouts, report_module_layouts
 
 pytestmark = pytest.mark.slow
 

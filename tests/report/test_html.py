@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-import models as M
 import pytest
 import torch
 from bs4 import BeautifulSoup
@@ -14,6 +13,7 @@ from torch import nn
 from nhwc_audit import AuditReport, audit
 from nhwc_audit.examples import unet
 from nhwc_audit.report.html import render_html
+from tests import models as M
 
 FIXED = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import models as M
 import pytest
 import torch
 import torchvision.models as tvm
@@ -20,6 +19,7 @@ from nhwc_audit.prepare.copy import prepare_audit_copy
 from nhwc_audit.propagate.interpreter import propagate
 from nhwc_audit.propagate.leaf_calls import LeafCalls
 from nhwc_audit.propagate.replay import replay
+from tests import models as M
 
 
 def _replay(model: nn.Module, *args: torch.Tensor, budget: int = 2**31) -> str | None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import models as M
 import pytest
 import torch
 from torch import nn
 
 from nhwc_audit import AuditReport, audit
+from tests import models as M
 
 CL, NCHW, AMB, NS = "channels_last", "contiguous", "ambiguous", "not_spatial"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import models as M
 import pytest
 import torch
 import torchvision.models as tvm
@@ -14,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nhwc_audit import audit, convert
-from nhwc_audit.prepare.copy import _audit_param, clone_modules, memory_format_for_rank, prepare_audit_copy
+from nhwc_audit.prepare.copy import audit_param, clone_modules, memory_format_for_rank, prepare_audit_copy
+from tests import models as M
 
 
 def _storages(model: nn.Module) -> set[int]:
@@ -34,7 +34,7 @@ def test_restrided_weights_have_the_strides_to_memory_format_gives(shape: list[i
         t = t.contiguous(memory_format=fmt)
     elif order == "transposed":
         t = t.transpose(-1, -2)
-    got, shares = _audit_param(t, None, None)
+    got, shares = audit_param(t, None, None)
     want = t.to(memory_format=fmt)
     assert got.shape == want.shape and got.stride() == want.stride()
     if shares:  # no copy: the user's own storage, same extent

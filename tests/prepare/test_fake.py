@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import models as M
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import audit
 from nhwc_audit.examples import UNet
+from tests import models as M
 
 
 class Mixed(nn.Module):

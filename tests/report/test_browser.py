@@ -15,7 +15,7 @@ import pytest
 from nhwc_audit import audit
 from nhwc_audit.examples import unet
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def _browser_or_skip() -> str:

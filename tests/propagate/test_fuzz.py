@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 
 import torch
-from eager import hook_layouts, report_module_layouts
-from fuzz_models import HEADS, OPS, FuzzNet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nhwc_audit import audit
+from tests.eager import hook_layouts, report_module_layouts
+from tests.fuzz_models import HEADS, OPS, FuzzNet
 
 
 @settings(

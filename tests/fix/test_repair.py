@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models as M
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +14,7 @@ from nhwc_audit import audit
 from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
 from nhwc_audit.fix.repair import repair_model
+from tests import models as M
 
 
 def _check_same(model: nn.Module, gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> None:
