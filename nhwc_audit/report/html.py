@@ -18,7 +18,17 @@ import networkx as nx
 from ..records import Finding, FindingKind, Layout, NodeRecord
 from .files import write_text_atomic
 from .serialize import measurement_dict, repair_dict, verdict_dict
-from .text import fmt_bytes, fmt_seconds, fmt_share, short_source
+from .text import (
+    cost_line,
+    count_parts,
+    fmt_bytes,
+    fmt_seconds,
+    fmt_share,
+    run_description,
+    sentence,
+    share_line,
+    short_source,
+)
 
 if TYPE_CHECKING:
     import jinja2
@@ -200,6 +210,12 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "est_seconds": s.est_seconds,
         },
         "clean": s.findings == 0,
+        "text": {
+            "run": run_description(m),
+            "counts": ", ".join(text for text, _ in count_parts(m, s)),
+            "cost": cost_line(m, s),
+            "share": sentence(share_line(s)),
+        },
         "nothing_to_audit": report.nothing_to_audit,
         "hotspots": [_finding_row(h.finding, h.share) | {"rank": h.rank} for h in report.hotspots],
         "breaks": [_finding_row(f) for f in report.findings if f.kind is FindingKind.BREAK],

@@ -21,6 +21,7 @@ __all__ = [
     "headline",
     "offender_line",
     "run_description",
+    "sentence",
     "share_line",
     "short_path",
     "short_source",
@@ -136,6 +137,15 @@ def share_line(s: Summary) -> str:
         f"{fmt_share(s.channels_last_node_share)} of spatial nodes and "
         f"{fmt_share(s.channels_last_byte_share)} of activation bytes stay channels_last"
     )
+
+
+def sentence(text: str) -> str:
+    """``text`` with its first letter upper-cased (the rest kept: NCHW stays NCHW).
+
+    >>> sentence("stays channels_last")
+    'Stays channels_last'
+    """
+    return text[:1].upper() + text[1:]
 
 
 def headline(m: AuditMeta, s: Summary) -> str:
