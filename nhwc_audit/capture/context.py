@@ -5,6 +5,7 @@ export graph nodes and for the eager recorder's ATen ops.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,20 @@ def _node_detail(node: torch.fx.Node, sub: nn.Module | None, op_name: str) -> st
     return _detail(op_name, mode)
 
 
+_SLICE = re.compile(r"\.?slice\([^)]*\)")
+
+
+def _module_path(path: str) -> str:
+    """torch.export's module path with the slices of containers taken out: iterating
+    ``self.model[:-1]`` records ``model.slice(None, -1, None).11``, and a slice of an
+    ``nn.Sequential`` keeps its children's names (``model.11``).
+
+    >>> _module_path("model.slice(None, -1, None).11")
+    'model.11'
+    """
+    return _SLICE.sub("", path).lstrip(".") if "slice(" in path else path
+
+
 def _qualified_name(target: Any) -> str:
     if isinstance(target, str):
         return target
@@ -95,7 +110,7 @@ def node_context(node: torch.fx.Node, root: nn.Module, modules: Mapping[str, nn.
     in_leaf = False
     if stack:
         path, mtype = list(stack.values())[-1]
-        module_path = str(path)
+        module_path = _module_path(str(path))
         qual = f"{mtype.__module__}.{mtype.__name__}" if isinstance(mtype, type) else str(mtype)
         module_type = qual.rsplit(".", 1)[-1]
         in_leaf = qual.startswith("torch.nn.modules.") and not qual.endswith(".Sequential")

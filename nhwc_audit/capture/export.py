@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,10 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
     keep their module path (``nn_module_stack``) and stack trace. Export runs the model on
     fake tensors only; the layouts still come from running this graph on real tensors."""
     try:
-        ep = torch.export.export(model, args, kwargs or None, strict=False)
+        with warnings.catch_warnings():
+            # the chain restores what forward caches on modules during export, and says so
+            warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
+            ep = torch.export.export(model, args, kwargs or None, strict=False)
         gm = ep.module()
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -26,6 +26,7 @@ __all__ = [
     "clone_modules",
     "convert",
     "memory_format_for_rank",
+    "plain_tensors",
     "model_device",
     "prepare_audit_copy",
     "prepare_inputs",
@@ -192,6 +193,28 @@ def audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device
     return (view, True) if view is not None else (t.to(memory_format=fmt), False)
 
 
+_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def plain_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Tensors the model keeps as plain module attributes (not parameters or buffers), directly
+    or in a list, tuple or dict: Ultralytics' ``Detect.stride``, cached anchors. Module.to()
+    leaves them alone unless the model's own ``_apply`` moves them; the audit's copies must
+    still never share them (a fake copy needs fake ones)."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for path, m in model.named_modules():
+        for key, value in vars(m).items():
+            if key in _MODULE_TABLES:
+                continue
+            items = (
+                value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            )
+            for t in items:
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                    out.append((f"{path}.{key}" if path else key, t))
+    return out
+
+
 @dataclass(frozen=True)
 class AuditCopy:
     """The audit's private channels_last model and the storages it shares with the user's."""
@@ -239,6 +262,9 @@ def prepare_audit_copy(
             if shares:
                 shared.add(t.untyped_storage().data_ptr())
             memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+        for _, t in plain_tensors(model):  # copied (and moved with the model), layout and dtype as they are
+            if id(t) not in memo:
+                memo[id(t)] = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
     try:
         return AuditCopy(clone_modules(model, memo), frozenset(shared))
     except Exception as e:

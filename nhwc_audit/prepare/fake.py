@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..errors import TraceError
-from .copy import clone_modules, memory_format_for_rank
+from .copy import clone_modules, memory_format_for_rank, plain_tensors
 
 __all__ = ["fake_copy", "fake_inputs", "fake_mode"]
 
@@ -33,15 +33,34 @@ def _fake_like(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None)
     return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=target_dtype, device=device)
 
 
+_CONSTANT_NUMEL = 4096
+"""Plain tensor attributes up to this size become fake *constants*: code that reads them as
+numbers (``stride[i].item()``) still runs under fake tensors."""
+
+
+def _fake_plain(t: torch.Tensor, mode: Any, device: torch.device) -> torch.Tensor:
+    """A fake stand-in for a tensor the model keeps as a plain attribute: same strides and
+    dtype (Module.to leaves such tensors alone), a constant when small and real."""
+    if t.device.type != "meta" and device.type == t.device.type and t.numel() <= _CONSTANT_NUMEL:
+        fake: torch.Tensor = mode.fake_tensor_converter.from_real_tensor(mode, t.detach(), make_constant=True)
+        return fake
+    with mode:
+        return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
+
+
 def fake_copy(model: nn.Module, mode: Any, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are FakeTensors on ``device`` with
-    channels_last strides for 4D/5D; the real (or meta) tensors are never read or copied."""
+    channels_last strides for 4D/5D, and whose plain tensor attributes are fake too (see
+    :func:`_fake_plain`); the real (or meta) weights are never read or copied."""
     memo: dict[int, Any] = {}
     with mode:
         for p in model.parameters():
             memo[id(p)] = nn.Parameter(_fake_like(p, device, dtype), requires_grad=p.requires_grad)
         for b in model.buffers():
             memo[id(b)] = _fake_like(b, device, dtype)
+    for _, t in plain_tensors(model):
+        if id(t) not in memo:
+            memo[id(t)] = _fake_plain(t, mode, device)
     try:
         return clone_modules(model, memo)
     except Exception as e:

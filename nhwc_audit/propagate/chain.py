@@ -31,7 +31,7 @@ from .eager import record_eager
 from .interpreter import ProgressFn, positional_inputs, propagate
 from .leaf_calls import LeafCalls
 from .replay import replay
-from .runner import Runner, attributes_restored, batch_of, first_sample
+from .runner import Runner, attributes_restored, batch_of, fake_limitation, first_sample
 
 __all__ = [
     "CAPTURES",
@@ -143,13 +143,18 @@ class _Chain:
     def _graph_step(self, name: GraphMethod, capture: Callable[[], Capture]) -> Captured | None:
         forced = self.method == name
         try:
-            with attributes_restored(self.model):
+            with attributes_restored(self.model) as cached:
                 cap = capture()
         except TraceError as e:
             if forced:
                 raise
             self.notes.append(f"{name}: {e}")
             return None
+        if cached:
+            self.notes.append(
+                f"{name}: the model sets attributes on its modules in forward ({', '.join(sorted(cached)[:4])}"
+                f"{', ...' if len(cached) > 4 else ''}): put back after the capture so that no later run reads them"
+            )
         checking = self.verify and not forced and not self.runner.fake
         batch = batch_of(self.args, self.kwargs) if checking and name == "fx" else None
         # fx graphs call leaf modules: record their calls so that a replay can check the graph
@@ -241,6 +246,12 @@ class _Chain:
                 )
         except Exception as e:
             reasons = "; ".join(self.notes)
+            if self.runner.fake and fake_limitation(e):
+                raise PropagationError(
+                    f"fake mode cannot run the model: {first_line(e)} (it needs tensor values, or fake tensors do "
+                    "not support an op it runs); audit in real mode (--mode real)"
+                    + (f" (earlier captures: {reasons})" if reasons else "")
+                ) from e
             raise PropagationError(
                 f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
                 "model's own error at the audited shapes, not a channels_last problem"

@@ -20,6 +20,7 @@ from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors, to_nchw
 from .dispatch import CopyRecorder, is_alias_of
 from .leaf_calls import LeafCalls
+from .runner import fake_limitation
 
 __all__ = ["LayoutProp", "ProgressFn", "positional_inputs", "propagate"]
 
@@ -148,6 +149,13 @@ class LayoutProp(torch.fx.Interpreter):
         shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
 
         def model_error(how: str) -> PropagationError:
+            if fake_limitation(error):
+                return PropagationError(
+                    f"{where} cannot run on fake tensors: {first_line(error)}: fake mode cannot audit this "
+                    "op (it needs tensor values, or fake tensors do not support it); audit in real mode (--mode real)",
+                    node=n.name,
+                    node_format=n.format_node(),
+                )
             return PropagationError(
                 f"{where} raised {first_line(error)} ({how}; node inputs {shapes}): the model's own error at "
                 "the audited shapes, not a channels_last problem; check the input shapes (--input) and dtype",

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from ..tensors import clone_value
 from .dispatch import CopyRecorder
 
-__all__ = ["Runner", "attributes_restored", "batch_of", "first_sample"]
+__all__ = ["Runner", "attributes_restored", "batch_of", "fake_limitation", "first_sample"]
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,26 @@ class Runner:
 
 
 @contextlib.contextmanager
-def attributes_restored(model: nn.Module) -> Iterator[None]:
+def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
     """Every module's attributes (and its parameter, buffer and submodule tables) as they were
     before: a trace or an export runs ``forward`` on proxies or fake tensors, and models cache
     what they compute on themselves (Ultralytics' Detect keeps anchors and strides), which a
-    later run would otherwise read back."""
-    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    later run would otherwise read back. Yields a list that names, on exit, the public
+    attributes the run had set (``model.22.anchors``, ``model.22.shape``)."""
+    saved = [
+        (path, m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+        for path, m in model.named_modules()
+    ]
+    changed: list[str] = []
     try:
-        yield
+        yield changed
     finally:
-        for m, attrs, params, buffers, modules in saved:
+        for path, m, attrs, params, buffers, modules in saved:
+            changed += [
+                f"{path}.{k}" if path else k
+                for k, v in m.__dict__.items()
+                if not k.startswith("_") and (k not in attrs or _replaced(attrs[k], v))
+            ]
             m.__dict__.clear()
             m.__dict__.update(attrs)
             m._parameters.clear()
@@ -75,6 +85,36 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
             m._buffers.update(buffers)
             m._modules.clear()
             m._modules.update(modules)
+
+
+def _replaced(old: Any, new: Any) -> bool:
+    """``new`` is another value than ``old``: another tensor, or an unequal plain value (export
+    rebuilds equal tuples such as a conv's ``padding``)."""
+    if old is new:
+        return False
+    if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor):
+        return True
+    try:
+        return not bool(old == new)
+    except Exception:
+        return True
+
+
+def fake_limitation(e: BaseException) -> bool:
+    """``e`` is fake tensors' own limit, not the model's error: an op that needs tensor values
+    (``.item()`` on a computed tensor, data-dependent shapes), one fake tensors do not support,
+    or a real tensor meeting fake ones."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    limits = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
+    if isinstance(e, (*limits, GuardOnDataDependentSymNode)):
+        return True
+    return "FakeTensor" in str(e)
 
 
 def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:

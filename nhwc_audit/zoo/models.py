@@ -125,6 +125,19 @@ def _smp(name: str) -> Callable[[], Built]:
     return b
 
 
+def _ultralytics(task: str, config: str, size: int = 320) -> Callable[[], Built]:
+    def b() -> Built:
+        import os
+
+        os.environ.setdefault("YOLO_OFFLINE", "1")  # no settings sync, no font or weight downloads
+        from ultralytics.nn import tasks
+
+        model: nn.Module = getattr(tasks, task)(config, verbose=False)
+        return model.eval(), (_img(s=size),), {}
+
+    return b
+
+
 MODELS: dict[str, Callable[[], Built]] = {
     "torchvision.resnet18": _tv("resnet18"),
     "torchvision.resnet50": _tv("resnet50", 224),
@@ -146,6 +159,13 @@ MODELS: dict[str, Callable[[], Built]] = {
     "monai.SegResNet2d": _monai("SegResNet", 2),
     "smp.Unet": _smp("Unet"),
     "smp.FPN": _smp("FPN"),
+    "ultralytics.yolov8n": _ultralytics("DetectionModel", "yolov8n.yaml"),
+    "ultralytics.yolov8n-seg": _ultralytics("SegmentationModel", "yolov8n-seg.yaml"),
+    "ultralytics.yolov8n-pose": _ultralytics("PoseModel", "yolov8n-pose.yaml"),
+    "ultralytics.yolo11n": _ultralytics("DetectionModel", "yolo11n.yaml"),
+    "ultralytics.yolo11n-seg": _ultralytics("SegmentationModel", "yolo11n-seg.yaml"),
+    "ultralytics.yolo11n-pose": _ultralytics("PoseModel", "yolo11n-pose.yaml"),
+    "ultralytics.rtdetr-l": _ultralytics("RTDETRDetectionModel", "rtdetr-l.yaml"),
 }
 
 

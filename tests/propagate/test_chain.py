@@ -1,0 +1,105 @@
+"""The capture chain: each capture works on state no earlier attempt left behind, a failure of
+the audit's own machinery fails that capture (with a note), and only the model's own error is
+reported as the model's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import AuditReport, PropagationError
+from nhwc_audit.prepare.copy import plain_tensors
+from nhwc_audit.propagate.compare import first_difference
+
+
+class Head(nn.Module):
+    """Like Ultralytics' Detect: anchors computed from the feature shape and cached on the
+    module when the shape changes (fx cannot trace the shape test; export runs it on fake
+    tensors), and a plain tensor attribute read as a number. As there, the cache starts as
+    class attributes, so the first forward adds instance attributes."""
+
+    shape: torch.Size | None = None
+    anchors = torch.empty(0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stride = torch.tensor([8.0, 16.0])  # a plain attribute, not a buffer
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.shape != y.shape:
+            self.anchors = torch.arange(y.shape[-1] * y.shape[-2], dtype=y.dtype).view(1, 1, -1) * self.stride[1].item()
+            self.shape = y.shape
+        return y.flatten(2) + self.anchors
+
+
+class CachesAnchors(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(4)
+        self.head = Head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)))
+
+
+def test_what_export_caches_on_modules_never_reaches_the_eager_check(
+    audit_fixed: Callable[..., AuditReport], sample: Callable[..., torch.Tensor]
+) -> None:
+    model = CachesAnchors()
+    report = audit_fixed(model, sample(1, 3, 8, 8))
+    assert report.meta.capture == "export"
+    assert report.meta.capture_notes[0].startswith("fx: ")
+    assert any(
+        "sets attributes on its modules in forward (head.anchors, head.shape)" in n for n in report.meta.capture_notes
+    )
+    eager = audit_fixed(CachesAnchors(), sample(1, 3, 8, 8), capture="hooks")
+    assert {(f.kind, f.module_path) for f in report.findings} == {(f.kind, f.module_path) for f in eager.findings}
+    assert "shape" not in vars(model.head) and "anchors" not in vars(model.head)  # the user's model ran nothing
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fake_mode_runs_a_model_that_reads_plain_tensor_attributes(
+    audit_fixed: Callable[..., AuditReport], sample: Callable[..., torch.Tensor], train: bool
+) -> None:
+    real = audit_fixed(CachesAnchors(), sample(1, 3, 8, 8), train=train)
+    fake = audit_fixed(CachesAnchors(), sample(1, 3, 8, 8), mode="fake", train=train)
+    assert fake.meta.capture == real.meta.capture == "export"
+    assert [(f.node, f.kind) for f in fake.findings] == [(f.node, f.kind) for f in real.findings]
+
+
+def test_plain_tensor_attributes_are_found() -> None:
+    assert [name for name, _ in plain_tensors(CachesAnchors())] == ["head.stride"]
+
+
+def test_a_comparison_that_cannot_be_made_is_a_difference_not_a_crash() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(2, 3)
+    assert first_difference(torch.zeros(2, 3), fake) == (
+        "output 0 cannot be compared: the expected value is a fake or meta tensor"
+    )
+
+
+class NeedsValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y[:, : int(y.abs().sum().item() > 0) + 1]
+
+
+def test_fake_tensors_own_limit_is_not_blamed_on_the_inputs(
+    audit_fixed: Callable[..., AuditReport], sample: Callable[..., torch.Tensor]
+) -> None:
+    with pytest.raises(PropagationError) as e:
+        audit_fixed(NeedsValues(), sample(1, 3, 8, 8), mode="fake")
+    assert "fake" in str(e.value) and "--mode real" in str(e.value)
+    assert "check the input shapes" not in str(e.value)
+    assert audit_fixed(NeedsValues(), sample(1, 3, 8, 8)).summary.findings == 0

@@ -1,0 +1,89 @@
+"""Ultralytics YOLO and RT-DETR, built from Ultralytics' own configs with random weights
+(no weight or font download): the detector family people train most. fx cannot trace them
+and their heads cache anchors on the module when the input shape changes; every mode must
+audit them, and agree with eager PyTorch."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+
+from nhwc_audit import AuditReport, audit
+from nhwc_audit.zoo.models import build
+from tests.eager import consistent, hook_layouts, report_module_layouts
+from tests.support import BANDWIDTH
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("ultralytics")
+
+_ATTN = {
+    ("conversion", "model.10.m.0.attn.pe.conv"),
+    ("conversion", "model.10.m.0.attn.proj.conv"),
+    ("mixed", "model.10.m.0.attn"),
+}
+# name -> (kind, module path) of every finding, 1x3x320x320 on CPU, torch 2.14.1
+EXPECTED: dict[str, set[tuple[str, str]]] = {
+    "ultralytics.yolov8n": set(),
+    "ultralytics.yolov8n-seg": set(),
+    "ultralytics.yolov8n-pose": set(),
+    "ultralytics.yolo11n": _ATTN,
+    "ultralytics.yolo11n-seg": _ATTN,
+    "ultralytics.yolo11n-pose": _ATTN,
+    "ultralytics.rtdetr-l": {("conversion", "model.12.conv"), ("revert", "model.11")}
+    | {("revert", f"model.28.decoder.layers.{i}.cross_attn") for i in range(6)},
+}
+
+
+def _findings(report: AuditReport) -> set[tuple[str, str]]:
+    return {(f.kind.value, f.module_path) for f in report.findings if f.kind.value != "backward"}
+
+
+def _audit(name: str, training: bool = False, **options: Any) -> tuple[AuditReport, Any, tuple[Any, ...]]:
+    """Audit a fresh build (``training``: in train mode; Detect then returns raw features)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, args, _ = build(name)
+        return audit(model.train(training), args, bandwidth=BANDWIDTH, **options), model, args
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_real_mode_audits_and_agrees_with_eager(name: str) -> None:
+    report, model, args = _audit(name)
+    assert report.meta.capture == "export"
+    assert report.meta.capture_notes[0].startswith("fx: torch.fx could not trace")
+    assert _findings(report) == EXPECTED[name]
+    # every module output's layout is one that forward hooks see on an eager channels_last run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = hook_layouts(model, args)
+    assert consistent(report_module_layouts(report), observed) == {}
+    # and the findings are the ones an eager run recorded at the dispatch level finds
+    eager, _, _ = _audit(name, capture="hooks")
+    assert eager.meta.capture == "hooks" and _findings(eager) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", ["ultralytics.yolov8n", "ultralytics.yolo11n", "ultralytics.rtdetr-l"])
+def test_the_anchor_cache_never_leaks_into_later_runs(name: str) -> None:
+    """export traces on fake tensors: what Detect caches there is put back afterwards, and said."""
+    report, model, args = _audit(name)
+    assert any("sets attributes on its modules in forward" in n for n in report.meta.capture_notes)
+    for _, m in model.named_modules():  # the user's model never sees a fake tensor either
+        assert not any(type(v).__name__ == "FakeTensor" for v in vars(m).values())
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_fake_mode_predicts_the_same_findings(name: str) -> None:
+    report, _, _ = _audit(name, mode="fake")
+    assert report.meta.mode == "fake" and report.meta.capture == "export"
+    assert _findings(report) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", ["ultralytics.yolov8n", "ultralytics.yolo11n-seg", "ultralytics.rtdetr-l"])
+@pytest.mark.parametrize("model_mode", ["train", "eval"])
+def test_backward_audit_runs(name: str, model_mode: str) -> None:
+    report, _, _ = _audit(name, training=model_mode == "train")
+    backward, _, _ = _audit(name, training=model_mode == "train", train=True)
+    assert backward.meta.backward and any(n.startswith("backward: ") for n in backward.meta.capture_notes)
+    assert _findings(backward) == _findings(report)
