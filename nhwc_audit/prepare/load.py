@@ -83,6 +83,18 @@ def _on_sys_path(folder: str) -> Iterator[None]:
             sys.path.remove(folder)
 
 
+@contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """Import the user's file without writing ``__pycache__`` beside it (an audit leaves the
+    user's folders as they were)."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
+
+
 def _import_module(module_part: str) -> Any:
     is_file = module_part.endswith(".py") or os.sep in module_part or "/" in module_part
     if is_file:
@@ -96,7 +108,7 @@ def _import_module(module_part: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         try:
-            with _on_sys_path(str(path.parent)):
+            with _on_sys_path(str(path.parent)), _no_bytecode():
                 spec.loader.exec_module(module)
         except BaseException as e:
             sys.modules.pop(mod_name, None)
