@@ -24,7 +24,7 @@ from .prepare.load import call_build_fn, split_example
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
 from .records import FAIL_ON, CaptureMethod, FailOn, Mode, NodeRecord
-from .report.text import fmt_bytes, fmt_seconds, offender_line
+from .report.text import fmt_bytes, fmt_seconds, offender_line, untimed_lines
 from .result import AuditReport
 
 __all__ = [
@@ -292,13 +292,13 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
         f"{t.variant}: {fmt_seconds(t.median)} per {'step' if train else 'forward'} "
         f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
         for t in m.timings
-    ]
+    ] + untimed_lines(m, report.findings)
     verdict = decide(
         report.nodes,
         report.summary,
         device=report.meta.device,
         dtype=report.meta.dtype,
-        speedup=max(speeds),
+        speedup=max(speeds) if speeds else None,
         measured=lines,
     )
     return dataclasses.replace(report, measurement=m, verdict=verdict)

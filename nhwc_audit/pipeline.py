@@ -20,7 +20,7 @@ from torch import nn
 from .analyze.analysis import analyze
 from .analyze.divergence import divergence_warnings, divergences
 from .analyze.verdict import decide
-from .errors import SharedWeightWrite, UsageError
+from .errors import SharedWeightWrite
 from .layout import tensor_meta
 from .prepare.copy import model_device, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
@@ -101,9 +101,10 @@ def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord]
     """The records with the gradient layouts of one backward pass, and a note on the layouts
     of the parameter gradients."""
     if captured.gm is None:
-        raise UsageError("the backward audit (train=True) needs a graph capture (fx or export), not hooks")
+        return captured.records, ("backward: not audited (the hooks capture has no graph to run backward through)",)
+    breaks = frozenset(r.name for r in captured.records if r.error)
     with runner.context(guard=False):
-        grads, param_grads = backward_layouts(captured.gm, captured.inputs or [])
+        grads, param_grads = backward_layouts(captured.gm, captured.inputs or [], breaks=breaks)
     records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
     return records, _param_grad_notes(param_grads)
 

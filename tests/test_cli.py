@@ -139,7 +139,7 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("usermodels:build", ["--input", "1x0x8x8"], "zero or negative"),
         ("usermodels:build", ["--input", "1x5x16x16"], "not a channels_last problem"),
         ("usermodels:build", ["--dtype", "float64"], "--dtype 'float64' is not supported"),
-        ("usermodels:build", ["--json", "missing/dir/r.json"], "does not exist"),
+        ("usermodels:build", ["--json", "usermodels.py/r.json"], "is not a folder"),
         ("usermodels:build", ["--device", "cuda:7"], "not available"),
         ("usermodels:build", ["--input", "1x3x8"], "not a channels_last problem"),
         ("usermodels:build_meta", [], "meta device"),
@@ -166,9 +166,10 @@ def test_user_errors_are_one_clear_line_exit_2(
     assert "Traceback" not in err
 
 
-def test_debug_shows_the_traceback(workdir: Path) -> None:
-    with pytest.raises(Exception, match="weights folder missing"):
-        main(["usermodels:build_raises", "--debug"])
+def test_debug_shows_the_traceback(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["usermodels:build_raises", "--debug"]) == 2  # the exit code a user error has without --debug
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "weights folder missing" in err
 
 
 def test_python_dash_m_and_console_script_on_bundled_example(tmp_path: Path) -> None:

@@ -58,9 +58,13 @@ def _imports(path: Path) -> list[tuple[str, list[str], bool]]:
             base = package[: len(package) - node.level + 1]
             target = ".".join(base + ([node.module] if node.module else []))
             names = [a.name for a in node.names]
-            if node.module is None:  # from . import x
+            if node.module is None:  # from . import x: a submodule, or a name of the package
+                folder = PKG.parent.joinpath(*target.split("."))
                 for n in names:
-                    out.append((f"{target}.{n}", [], id(node) in typing_only))
+                    is_module = (folder / f"{n}.py").exists() or (folder / n).is_dir()
+                    out.append(
+                        (f"{target}.{n}" if is_module else target, [] if is_module else [n], id(node) in typing_only)
+                    )
             else:
                 out.append((target, names, id(node) in typing_only))
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nhwc_audit"):

@@ -9,22 +9,30 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.utils._pytree import tree_map
 
 from ..layout import tensor_meta
 from ..records import TensorMeta
-from ..tensors import clone_value, iter_tensors
+from ..tensors import clone_value, iter_tensors, to_nchw
 
 __all__ = ["backward_layouts"]
 
 
 class _GradProp(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, grads: dict[str, list[TensorMeta]]) -> None:
+    def __init__(
+        self, gm: torch.fx.GraphModule, grads: dict[str, list[TensorMeta]], breaks: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__(gm)
         self.extra_traceback = False
         self.grads = grads
+        self.breaks = breaks
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n.name in self.breaks:  # raises on channels_last: run on NCHW, as the forward audit did
+                args, kwargs = tree_map(to_nchw, args), tree_map(to_nchw, kwargs)
+            out = getattr(self, n.op)(n.target, args, kwargs)
         if n.op not in ("output", "get_attr"):
             for t in iter_tensors(out):
                 if t.requires_grad:
@@ -37,15 +45,17 @@ class _GradProp(torch.fx.Interpreter):
 
 
 def backward_layouts(
-    gm: torch.fx.GraphModule, flat_inputs: list[Any], seed: int = 0
+    gm: torch.fx.GraphModule, flat_inputs: list[Any], seed: int = 0, *, breaks: frozenset[str] = frozenset()
 ) -> tuple[dict[str, tuple[TensorMeta, ...]], dict[str, TensorMeta]]:
     """Run ``gm`` (the audit's private graph) forward with autograd and back from a fixed random
     linear loss whose seed gradient has each output's own layout (as an elementwise loss on a
-    channels_last output gives). Returns node -> gradient layouts and parameter -> layout."""
+    channels_last output gives). ``breaks``: nodes that raise on channels_last input (the
+    forward audit's breaks), run on NCHW copies of their inputs as the forward audit ran them.
+    Returns node -> gradient layouts and parameter -> layout."""
     grads: dict[str, list[TensorMeta]] = {}
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
-        out = _GradProp(gm, grads).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
+        out = _GradProp(gm, grads, breaks).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
         outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
         params = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
         param_grads: dict[str, TensorMeta] = {}

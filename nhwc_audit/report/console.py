@@ -24,12 +24,13 @@ from .text import (
     run_description,
     share_line,
     short_source,
+    untimed_lines,
 )
 
 if TYPE_CHECKING:
     from ..result import AuditReport
 
-__all__ = ["render_summary"]
+__all__ = ["render_audit", "render_outcome", "render_summary"]
 
 _KIND_STYLE = {
     FindingKind.BREAK: "bold red",
@@ -42,7 +43,12 @@ _KIND_STYLE = {
 
 
 def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...] = ()) -> RenderableType:
-    """Verdict line, counts, the top hotspots and the report paths."""
+    """The audit (:func:`render_audit`), then its outcome (:func:`render_outcome`)."""
+    return Group(render_audit(report, top=top), render_outcome(report, paths=paths))
+
+
+def render_audit(report: AuditReport, *, top: int = 10) -> RenderableType:
+    """Run line, counts, share, notes, the top hotspots and what to change."""
     m, s = report.meta, report.summary
     head = Text.assemble((m.model, "bold"), f" ({run_description(m)})")
     counts = Text(f"{s.nodes} nodes: ")
@@ -104,6 +110,12 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
                     fx.hint,
                 )
             )
+    return Group(*parts)
+
+
+def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> RenderableType:
+    """The repair and the measurement when there are any, the verdict, the files written."""
+    parts: list[RenderableType] = []
     if report.repair is not None:
         rp = report.repair
         parts.append(Text("Repair:", style="bold"))
@@ -134,6 +146,8 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
             )
         )
         parts.append(table)
+        for line in untimed_lines(report.measurement, report.findings):
+            parts.append(Text(line, style="yellow"))
         if report.measurement.copies:
             costly = ", ".join(f"{n} {fmt_seconds(sec)}" for n, sec in report.measurement.copies[:5])
             parts.append(Text(f"Measured copy kernels by node (profiler, channels_last graph): {costly}"))

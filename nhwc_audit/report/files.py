@@ -9,11 +9,11 @@ from pathlib import Path
 
 from ..errors import ReportWriteError
 
-__all__ = ["write_text_atomic"]
+__all__ = ["write_all_atomic", "write_text_atomic"]
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+def _stage(path: Path, text: str) -> str:
+    """``text`` in a temporary file beside ``path`` (same folder: the rename is atomic)."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
@@ -27,13 +27,46 @@ def write_text_atomic(path: Path, text: str) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; reports are ordinary files
-        os.replace(tmp, path)
     except BaseException as e:
+        _discard([tmp])
+        if isinstance(e, OSError):
+            raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+        raise
+    return tmp
+
+
+def _discard(tmps: list[str]) -> None:
+    for tmp in tmps:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+def write_all_atomic(files: list[tuple[Path, str]], *, make_folders: bool = True) -> list[Path]:
+    """Write every ``(path, text)`` or none: all are staged in temporary files first (folders
+    made when ``make_folders``), then renamed into place; a failure before the renames leaves
+    every target as it was."""
+    staged: list[str] = []
+    try:
+        for path, text in files:
+            if make_folders and str(path.parent):
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+            staged.append(_stage(path, text))
+        for tmp, (path, _) in zip(staged, files, strict=True):
+            os.replace(tmp, path)
+    except BaseException as e:
+        _discard(staged)
         if isinstance(e, OSError):
-            raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+            raise ReportWriteError(f"cannot write report files: {e.strerror or e}") from e
         raise
+    return [path for path, _ in files]
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (which must exist)."""
+    write_all_atomic([(path, text)], make_folders=False)
     return path

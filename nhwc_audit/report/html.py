@@ -28,6 +28,7 @@ from .text import (
     sentence,
     share_line,
     short_source,
+    untimed_lines,
 )
 
 if TYPE_CHECKING:
@@ -255,6 +256,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
         "copies": []
         if report.measurement is None
         else [{"node": n, "seconds": s} for n, s in report.measurement.copies],
+        "untimed": [] if report.measurement is None else untimed_lines(report.measurement, report.findings),
         "timed": "" if report.measurement is None else ("forward+backward" if report.measurement.train else "forward"),
     }
 

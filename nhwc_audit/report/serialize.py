@@ -231,6 +231,7 @@ def measurement_dict(measurement: Measurement | None) -> dict[str, Any] | None:
             for t in measurement.timings
         ],
         "copies": [{"node": n, "seconds": sec} for n, sec in measurement.copies],
+        "untimed": [{"variant": v, "reason": why} for v, why in measurement.untimed],
     }
 
 

@@ -6,8 +6,13 @@ and notebook renderers all take their text from here. Records in, strings out; n
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..records import AuditMeta, Finding, FindingKind, SourceLoc, Summary
+
+if TYPE_CHECKING:
+    from ..timing.measure import Measurement
 
 __all__ = [
     "CLEAN",
@@ -25,6 +30,7 @@ __all__ = [
     "share_line",
     "short_path",
     "short_source",
+    "untimed_lines",
 ]
 
 
@@ -167,3 +173,24 @@ def offender_line(f: Finding) -> str:
     cost = f", {fmt_bytes(f.bytes)}" if f.bytes else ""
     err = f" [{f.error}]" if f.error else ""
     return f"{f.kind.value}: {f.node} = {f.op} in {f.module_label}{loc}{cost}{err} -> {f.hint}"
+
+
+_VARIANT = {"nchw": "NCHW model", "channels_last": "naive channels_last model", "repaired": "repaired model"}
+
+
+def untimed_lines(m: Measurement, findings: Sequence[Finding]) -> list[str]:
+    """One line per variant the measurement could not run, naming the break when the naive
+    channels_last model raises at one: "naive channels_last model raises at head.view
+    (mymodel.py:57): not timed"."""
+    breaks = [f for f in findings if f.kind is FindingKind.BREAK]
+    lines = []
+    for variant, reason in m.untimed:
+        label = _VARIANT.get(variant, variant)
+        if variant == "channels_last" and breaks:
+            f = breaks[0]
+            where = f"{f.module_path}.{f.op}" if f.module_path else f.op
+            loc = f" ({short_source(f.source)})" if f.source else ""
+            lines.append(f"{label} raises at {where}{loc}: not timed")
+        else:
+            lines.append(f"{label} raises {reason}: not timed")
+    return lines

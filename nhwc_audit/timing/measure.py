@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ..errors import first_line
 from ..prepare.copy import convert, prepare_inputs
 
 __all__ = ["Measurement", "Timing", "measure", "profile_copies"]
@@ -94,6 +95,9 @@ class Measurement:
     copies: tuple[tuple[str, float], ...] = ()
     """Profiler-measured time (s) of ATen copy kernels inside each node of the channels_last
     graph, costliest first (record_function ranges around every fx node)."""
+    untimed: tuple[tuple[str, str], ...] = ()
+    """(variant, why) of the variants that could not run: the naive channels_last model raises
+    where the model breaks on channels_last."""
 
     def of(self, variant: str) -> Timing | None:
         return next((t for t in self.timings if t.variant == variant), None)
@@ -162,14 +166,19 @@ def measure(
             torch.cuda.synchronize(device)
 
     timers = []
+    untimed: list[tuple[str, str]] = []
     for name, fn in variants:
-        fn()
-        fn()  # warm-up (allocator, oneDNN primitive caches)
-        sync()
+        try:
+            fn()
+            fn()  # warm-up (allocator, oneDNN primitive caches)
+            sync()
+        except Exception as e:  # time what can be timed; say what could not
+            untimed.append((name, first_line(e)))
+            continue
         timer = benchmark.Timer(stmt="fn(); sync()", globals={"fn": fn, "sync": sync}, label=name)
         one = timer.timeit(1).median
         timers.append((name, timer, max(1, int(min_time / max(one, 1e-6)))))
-    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in timers}
     for _ in range(rounds):
         for name, timer, number in timers:
             samples[name].append(timer.timeit(number).median)
@@ -177,9 +186,8 @@ def measure(
         Timing(variant=name, median=statistics.median(v), low=min(v), high=max(v), rounds=rounds)
         for name, v in samples.items()
     )
-    return Measurement(
-        train=train,
-        device=str(device),
-        timings=timings,
-        copies=profile_copies(model, args, kwargs, converted=converted, graph=graph),
-    )
+    try:
+        copies = profile_copies(model, args, kwargs, converted=converted, graph=graph)
+    except Exception:  # the channels_last graph raises (a break): nothing to attribute
+        copies = ()
+    return Measurement(train=train, device=str(device), timings=timings, copies=copies, untimed=tuple(untimed))

@@ -1,0 +1,101 @@
+"""Entry point: exit codes, one-line errors, and the libraries kept quiet unless ``--debug``.
+
+Exit codes: 0 the audit ran (and ``--fail-on`` did not trigger), 1 ``--fail-on``
+triggered, 2 a user error (one line on stderr; the traceback too with ``--debug``),
+3 an internal error of nhwc-audit, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..errors import first_line
+from .parser import build_parser
+from .run import run
+
+__all__ = ["main"]
+
+
+def _atlas(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="nhwc-audit atlas", description="audit the public model zoo into an atlas")
+    p.add_argument("--out", default="reports/atlas", help="output folder (default reports/atlas)")
+    p.add_argument("--models", nargs="*", default=None, help="zoo names (default: all)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    from ..zoo.atlas import run_atlas
+
+    rows = run_atlas(Path(args.out), args.models)
+    print(f"atlas: {len(rows)} models -> {Path(args.out) / 'index.html'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``nhwc-audit`` and ``python -m nhwc_audit``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["atlas"]:
+        from ..errors import NhwcAuditError
+
+        try:
+            return _atlas(argv[1:])
+        except NhwcAuditError as e:
+            print(f"nhwc-audit: error: {e}", file=sys.stderr)
+            return 2
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 2
+    from ..errors import NhwcAuditError
+
+    try:
+        with _quiet_libraries(debug=args.debug):
+            return run(args)
+    except NhwcAuditError as e:
+        if args.debug:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()
+        print(f"nhwc-audit: error: {first[0] if first else type(e).__name__}", file=sys.stderr)
+        for line in first[1:]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nhwc-audit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"nhwc-audit: internal error: {first_line(e)} (rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 3
+
+
+@contextlib.contextmanager
+def _quiet_libraries(*, debug: bool) -> Iterator[None]:
+    """torch's warnings and log messages (export's program dumps, profiler notices) reach the
+    terminal with ``--debug`` only; the levels and filters are put back afterwards."""
+    if debug:
+        yield
+        return
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torch", "torch._export", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        for module in ("torch", "contextlib", "torchvision", "timm", "diffusers", "monai"):
+            warnings.filterwarnings("ignore", module=module + r"(\..*)?$")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)

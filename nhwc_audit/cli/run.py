@@ -1,0 +1,178 @@
+"""One ``nhwc-audit SPEC`` run: load, audit, write and print the audit, then the optional
+steps (repair, measurement), each of which may fail alone without losing the audit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import first_line
+from ..records import FAIL_ON, FailOn
+
+if TYPE_CHECKING:
+    from ..result import AuditReport
+
+__all__ = ["run"]
+
+
+def _default_name(spec: str) -> str:
+    name = spec.strip().replace(os.sep, "/").rsplit("/", 1)[-1]
+    name = name.replace(".py:", ".").replace(":", ".")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the audit when ``path`` cannot be written (its folder is made if missing)."""
+    from ..errors import ReportWriteError
+
+    folder = (path.parent if str(path.parent) else Path(".")).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ReportWriteError(f"cannot write {str(path)!r}: {str(existing or folder)!r} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(existing)!r} is not writable")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Audit ``args.spec`` as the options say; the exit code."""
+    from rich.console import Console
+
+    from ..api import audit
+    from ..prepare.load import load_target, parse_bandwidth, parse_dtype, parse_shape
+    from ..report.console import render_audit, render_outcome
+
+    shapes = [parse_shape(s) for s in args.input] if args.input else None
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else None
+    if args.top < 0:
+        from ..errors import UsageError
+
+        raise UsageError("--top must be >= 0")
+    json_path: Path | None = Path(args.json_path) if args.json_path else None
+    html_path: Path | None = Path(args.html_path) if args.html_path else None
+    for path in (json_path, html_path, Path(args.save_repaired) if args.save_repaired else None):
+        if path is not None:
+            _check_writable(path)
+    default_paths = json_path is None and html_path is None and not args.no_report
+    if default_paths:
+        json_path = Path("reports") / f"{_default_name(args.spec)}.json"
+        html_path = json_path.with_suffix(".html")
+
+    target = load_target(args.spec)
+    import torch
+
+    if shapes is not None:
+        g = torch.Generator().manual_seed(0)
+        inputs: tuple[torch.Tensor, ...] | None = tuple(torch.randn(s, generator=g) for s in shapes)
+    else:
+        inputs = target.args
+
+    interactive = sys.stdout.isatty() and not args.quiet and not os.environ.get("NO_COLOR")
+    out = Console(no_color=args.quiet or None, highlight=False, width=None if sys.stdout.isatty() else 160)
+    progress_cb = None
+    progress_ctx = None
+    if interactive:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        progress_ctx = Progress(
+            TextColumn("propagating"), BarColumn(), MofNCompleteColumn(), transient=True, console=Console(stderr=True)
+        )
+        task = progress_ctx.add_task("nodes", total=None)
+
+        def progress_cb(done: int, total: int) -> None:
+            progress_ctx.update(task, completed=done, total=total)
+
+    try:
+        if progress_ctx is not None:
+            progress_ctx.start()
+        report = audit(
+            target.model,
+            inputs,
+            example_kwargs=target.kwargs,
+            dtype=dtype,
+            device=args.device,
+            bandwidth=bandwidth,
+            name=args.spec,
+            capture=args.capture,
+            autocast=args.autocast,
+            mode=args.mode,
+            train=args.train,
+            verify=not args.no_verify,
+            progress=progress_cb,
+        )
+    finally:
+        if progress_ctx is not None:
+            progress_ctx.stop()
+
+    # the audit first: printed and written before any long optional step, which may fail alone
+    followups = bool(args.apply or args.save_repaired or args.measure)
+    written = _write_reports(report, json_path, html_path)
+    out.print(render_audit(report, top=args.top))
+    if not followups:
+        out.print(render_outcome(report, paths=tuple(written)))
+        return _exit_code(report, args.fail_on)
+    if args.apply or args.save_repaired:
+        report = _followup(report, lambda r: r.repaired(), "repair", out)
+    if args.measure:
+        report = _followup(report, lambda r: r.measure(train=args.train), "measurement", out)
+    if args.save_repaired and report.repaired_code is not None:
+        written_code = _write_repaired(report, Path(args.save_repaired), args.spec)
+    else:
+        written_code = None
+    written = _write_reports(report, json_path, html_path)
+    paths = (*([written_code] if written_code is not None else []), *written)
+    out.print(render_outcome(report, paths=tuple(paths)))
+    return _exit_code(report, args.fail_on)
+
+
+def _exit_code(report: AuditReport, fail_on: FailOn) -> int:
+    """1 when ``--fail-on`` triggers (one line on stderr names the findings), else 0."""
+    offenders = report.findings_of(FAIL_ON[fail_on])
+    if not offenders:
+        return 0
+    named = "; ".join(f"{f.kind.value} {f.node} ({f.module_label})" for f in offenders[:5])
+    more = f"; +{len(offenders) - 5} more" if len(offenders) > 5 else ""
+    print(f"nhwc-audit: --fail-on {fail_on}: {len(offenders)} finding(s): {named}{more}", file=sys.stderr)
+    return 1
+
+
+def _followup(report: AuditReport, step: Callable[[AuditReport], AuditReport], what: str, out: Any) -> AuditReport:
+    """Run one optional step; when it fails, say so in one line and keep the audit."""
+    from rich.text import Text
+
+    try:
+        return step(report)
+    except Exception as e:
+        out.print(Text(f"{what} not done: {first_line(e)}", style="yellow"))
+        return report
+
+
+def _write_reports(report: AuditReport, json_path: Path | None, html_path: Path | None) -> list[Path]:
+    """Both report files, all or nothing (their folders made as needed)."""
+    from ..report.files import write_all_atomic
+    from ..report.html import render_html
+
+    files: list[tuple[Path, str]] = []
+    if json_path is not None:
+        files.append((json_path, report.to_json()))
+    if html_path is not None:
+        files.append((html_path, render_html(report)))
+    return write_all_atomic(files)
+
+
+def _write_repaired(report: AuditReport, path: Path, spec: str) -> Path:
+    from ..report.files import write_text_atomic
+
+    log = report.repair
+    lines = [f"# Repaired channels_last graph of {spec}, written by nhwc-audit (GraphModule.code)."]
+    if log is not None:
+        lines.append(f"# Layout changes per forward: {log.bytes_before} B -> {log.bytes_after} B.")
+        lines += [f"# {s.kind}: {s.node}: {s.reason} (-{s.bytes_saved} B)" for s in log.steps]
+        lines += [f"# refused: {msg}" for msg in log.refused]
+    header = "\n".join(lines) + "\n"
+    return write_text_atomic(path, header + (report.repaired_code or ""))
