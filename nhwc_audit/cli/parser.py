@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: a transpose copy measured on the audited device)",
     )
     p.add_argument("--top", type=int, default=10, help="hotspots to list (default 10)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress, plain output")
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="print nothing but errors (the exit code and the report files tell)"
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks and the libraries' warnings and logs")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = target.args
 
     interactive = sys.stdout.isatty() and not args.quiet and not os.environ.get("NO_COLOR")
-    out = Console(no_color=args.quiet or None, highlight=False, width=None if sys.stdout.isatty() else 160)
+    out = Console(quiet=args.quiet, highlight=False, width=None if sys.stdout.isatty() else 160)
     progress_cb = None
     progress_ctx = None
     if interactive:
@@ -148,7 +148,10 @@ def _followup(report: AuditReport, step: Callable[[AuditReport], AuditReport], w
     try:
         return step(report)
     except Exception as e:
-        out.print(Text(f"{what} not done: {first_line(e)}", style="yellow"))
+        line = f"{what} not done: {first_line(e)}"
+        if out.quiet:  # the one kind of line -q still prints: a step that failed
+            print(f"nhwc-audit: {line}", file=sys.stderr)
+        out.print(Text(line, style="yellow"))
         return report
 
 

@@ -177,7 +177,10 @@ class _Chain:
             self._raise_if_eager_fails(e)
             if forced:
                 raise
-            self.notes.append(f"{name}: the captured graph fails where eager runs: {e}")
+            cause = first_line(e.__cause__) if e.__cause__ is not None else str(e)
+            self.notes.append(
+                f"{name}: the captured graph is wrong: it raises {cause} at node {e.node!r} where the eager model runs"
+            )
             return None
         if not checking:
             return self._done(records, cap, "off")

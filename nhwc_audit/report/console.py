@@ -95,6 +95,12 @@ def render_audit(report: AuditReport, *, top: int = 10) -> RenderableType:
         parts.append(table)
         if len(report.hotspots) > top:
             parts.append(Text(f"... and {len(report.hotspots) - top} more hotspots in the report"))
+    divergent = [f for f in report.findings if f.kind is FindingKind.DIVERGENCE]
+    if divergent:
+        parts.append(Text(f"Real and fake kernels disagree at {len(divergent)} node(s):", style="bold"))
+        for f in divergent:
+            at = f" at {short_source(f.source)}" if f.source else ""
+            parts.append(Text(f"  {f.node} = {f.op_label} in {f.module_label}{at}: {f.hint}", style="dim"))
     if report.fixes:
         parts.append(Text("What to change:", style="bold"))
         for i, fx in enumerate(report.fixes, 1):

@@ -19,6 +19,7 @@ __all__ = [
     "NOTHING_TO_AUDIT",
     "cost_line",
     "count_parts",
+    "evidence_line",
     "fake_note",
     "fmt_bytes",
     "fmt_seconds",
@@ -164,7 +165,20 @@ def fake_note(m: AuditMeta) -> str | None:
     """The reminder that a fake audit predicts."""
     if m.mode != "fake":
         return None
-    return f"fake mode: every layout is a prediction for {m.device} (no weights, no compute)"
+    return f"fake mode: layouts predicted from meta kernels for {m.device}, not measured (no weights, no compute)"
+
+
+def evidence_line(m: AuditMeta) -> str:
+    """Where the layouts come from, as the report's footnote says it."""
+    if m.mode == "fake":
+        return (
+            f"Layouts are predicted from meta kernels (FakeTensors) for {m.device}, not measured: eager kernels "
+            "disagree with them on some ops (see the notes)."
+        )
+    return (
+        f"Layouts come from the kernels that ran on {m.device} at the shapes above; other devices and shapes can "
+        "differ (CPU Conv3d, for one, picks NCDHW for small volumes)."
+    )
 
 
 def offender_line(f: Finding) -> str:

@@ -1,0 +1,85 @@
+"""Every surface says how it knows: fake audits are predictions on every surface, the capture
+notes reach the HTML, a repair shows in the notebook, divergences reach the terminal, and -q
+prints nothing but errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from bs4 import BeautifulSoup
+from rich.console import Console
+
+from nhwc_audit import AuditReport
+from nhwc_audit.cli import main
+from nhwc_audit.report.console import render_summary
+from tests import models as M
+
+
+def _terminal(report: AuditReport) -> str:
+    console = Console(width=200, record=True, no_color=True)
+    console.print(render_summary(report))
+    return console.export_text()
+
+
+def test_fake_audit_says_it_predicts_on_every_surface(audit_fixed: Callable[..., AuditReport]) -> None:
+    fake = audit_fixed(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), mode="fake")
+    soup = BeautifulSoup(fake.to_html(), "html.parser")
+    banner = soup.select_one("#prediction")
+    assert banner is not None and "predicted from meta kernels" in banner.get_text()
+    assert "predicted from meta kernels, not measured" in soup.footer.get_text()
+    assert "predicted from meta kernels" in fake._repr_html_()
+    assert "predicted from meta kernels" in _terminal(fake)
+    real = audit_fixed(M.InstanceNormNet(), torch.randn(1, 3, 8, 8))
+    real_soup = BeautifulSoup(real.to_html(), "html.parser")
+    assert real_soup.select_one("#prediction") is None
+    assert "layouts measured by running the model" in real_soup.footer.get_text()
+
+
+def test_capture_notes_reach_the_html(audit_fixed: Callable[..., AuditReport]) -> None:
+    report = audit_fixed(M.ViewHead(), torch.randn(1, 3, 8, 8))
+    notes = BeautifulSoup(report.to_html(), "html.parser").select("#notes li")
+    assert [n.get_text() for n in notes] == list(report.meta.capture_notes) != []
+
+
+def test_a_repair_shows_in_the_notebook_and_the_html(audit_fixed: Callable[..., AuditReport]) -> None:
+    report = audit_fixed(M.InstanceNormNet(), torch.randn(1, 3, 8, 8))
+    repaired = report.repaired()
+    assert repaired._repr_html_() != report._repr_html_()
+    assert "instancenorm-&gt;groupnorm" in repaired._repr_html_() and "Verdict" in repaired._repr_html_()
+    assert "Repair and measured speed" in repaired.to_html() and "Repair and measured" not in report.to_html()
+
+
+def test_divergences_reach_the_terminal_with_their_hint(audit_fixed: Callable[..., AuditReport]) -> None:
+    class GN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.norm = torch.nn.GroupNorm(2, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x))
+
+    both = audit_fixed(GN(), torch.randn(1, 3, 8, 8), mode="both")
+    assert both.summary.divergences == 1
+    text = _terminal(both)
+    assert "Real and fake kernels disagree at 1 node(s):" in text and "torch.compile" in text
+
+
+def test_quiet_prints_nothing_but_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.py").write_text(
+        "import torch\nclass M(torch.nn.Sequential):\n"
+        "    def __init__(self):\n        super().__init__(torch.nn.Conv2d(3, 4, 1), torch.nn.InstanceNorm2d(4))\n"
+    )
+    assert main(["m.py:M", "--input", "1x3x8x8", "-q", "--bandwidth", "1e9"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    assert (tmp_path / "reports" / "m.M.json").is_file()
+    assert main(["m.py:M", "--input", "1x3x8x8", "-q", "--no-report", "--fail-on", "any"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == "nhwc-audit: --fail-on any: 1 finding(s): revert _1 (1 (InstanceNorm2d))\n"
