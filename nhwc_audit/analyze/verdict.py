@@ -49,9 +49,13 @@ def conv_infos(records: Sequence[NodeRecord]) -> list[ConvInfo]:
         if not acts or not weights or not r.outputs:
             continue
         w = weights[0].meta.shape
-        cin = acts[0].meta.shape[1]
-        groups = max(1, cin // w[1]) if w[1] else 1
-        out.append(ConvInfo(r.name, cin, r.outputs[0].shape[1], groups, tuple(w[2:])))
+        cin, cout = acts[0].meta.shape[1], r.outputs[0].shape[1]
+        if w[0] == cin != cout or "transpose" in name:
+            # a transposed convolution's weight is (in, out / groups, *kernel)
+            groups = max(1, cout // w[1]) if w[1] else 1
+        else:
+            groups = max(1, cin // w[1]) if w[1] else 1
+        out.append(ConvInfo(r.name, cin, cout, groups, tuple(w[2:])))
     return out
 
 
@@ -75,7 +79,7 @@ def decide(
     if speedup is not None:
         ok = speedup >= 1.05
         reasons.append(f"measured: the best channels_last variant runs {speedup:.2f}x the speed of NCHW on {device}")
-        return Verdict(ok, "convert" if ok else "don't convert", tuple(reasons), measured=True)
+        return Verdict(ok, _summary(ok, summary.breaks), tuple(reasons), measured=True)
     if not convs:
         return Verdict(False, "don't convert", ("no convolutions: channels_last has nothing to speed up",), False)
     grouped = [c for c in convs if c.groups > 1 and c.in_channels // c.groups > 1]
@@ -100,5 +104,22 @@ def decide(
     reasons.append(f"{100 * moved_share:.1f}% of activation bytes are transposed per forward {after}")
     if moved_share > 0.25:
         against += 1
+    if summary.spatial_nodes and summary.channels_last_node_share < 0.5:
+        reasons.append(
+            f"only {100 * summary.channels_last_node_share:.1f}% of spatial nodes stay channels_last {after}"
+        )
+        against += 1
+    if summary.breaks:
+        reasons.append(
+            f"{summary.breaks} op(s) raise on channels_last input: the model does not run converted as it is"
+        )
     ok = against == 0
-    return Verdict(ok, "convert" if ok else "don't convert", tuple(reasons), measured=False)
+    return Verdict(ok, _summary(ok, summary.breaks), tuple(reasons), measured=False)
+
+
+def _summary(ok: bool, breaks: int) -> str:
+    """'convert', 'convert after fixing N breaks' or "don't convert": a model whose channels_last
+    forward raises is never plainly 'convert'."""
+    if not ok:
+        return "don't convert"
+    return f"convert after fixing {breaks} break{'s' if breaks != 1 else ''}" if breaks else "convert"

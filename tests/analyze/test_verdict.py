@@ -1,0 +1,74 @@
+"""The verdict accounts for breaks, for how much stays channels_last, and reads transposed
+convolutions' weights the right way round."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nhwc_audit import AuditReport
+from nhwc_audit.analyze.verdict import conv_infos, decide
+
+
+class Wide(nn.Module):
+    """Wide convolutions that stay channels_last: the heuristics say convert."""
+
+    def __init__(self, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 128, 3, padding=1)
+        self.b = nn.Conv2d(128, 128, 3, padding=1)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        return y.view(y.shape[0], -1) if self.head is not None else y
+
+
+def test_a_model_that_breaks_is_never_plainly_convert(audit_fixed: Callable[..., AuditReport]) -> None:
+    clean = audit_fixed(Wide(), torch.randn(1, 3, 8, 8))
+    assert clean.verdict is not None and clean.verdict.summary == "convert"
+    broken = audit_fixed(Wide(head=nn.Identity()), torch.randn(1, 3, 8, 8))
+    assert broken.summary.breaks == 1
+    assert broken.verdict is not None and broken.verdict.summary == "convert after fixing 1 break"
+    assert any("raise on channels_last input" in r for r in broken.verdict.reasons)
+    measured = decide(broken.nodes, broken.summary, device="cpu", dtype="float32", speedup=1.3)
+    assert measured.summary == "convert after fixing 1 break"
+
+
+def test_low_channels_last_coverage_is_a_reason_against(audit_fixed: Callable[..., AuditReport]) -> None:
+    class Mostly3d(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(3, 96, 3, padding=1)
+            self.conv2 = nn.Conv3d(96, 96, 3, padding=1)
+            self.norm = nn.InstanceNorm3d(96)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv2(self.norm(self.conv(x))))
+
+    r = audit_fixed(Mostly3d(), torch.randn(1, 3, 4, 4, 4))
+    assert r.summary.channels_last_node_share < 0.5
+    assert r.verdict is not None and not r.verdict.convert
+    assert any(reason.startswith("only ") and "stay channels_last" in reason for reason in r.verdict.reasons)
+
+
+def test_transposed_convolutions_are_not_counted_as_grouped(audit_fixed: Callable[..., AuditReport]) -> None:
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose2d(128, 64, 2, stride=2)
+            self.grouped = nn.ConvTranspose2d(64, 64, 2, stride=2, groups=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.grouped(self.up(x))
+
+    r = audit_fixed(Up(), torch.randn(1, 128, 4, 4))
+    infos = {c.node: c for c in conv_infos(r.nodes)}
+    assert (infos["up"].in_channels, infos["up"].out_channels, infos["up"].groups) == (128, 64, 1)
+    assert infos["grouped"].groups == 4
+    assert r.verdict is not None
+    assert [reason for reason in r.verdict.reasons if "grouped" in reason] == [
+        "1 grouped, non-depthwise convolutions (slower in channels_last per inductor)"
+    ]
