@@ -63,13 +63,16 @@ class _Prepared:
     runner: Runner
 
 
-def _prepare(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> _Prepared:
-    """The private channels_last copy and sample, and how they run."""
+def _prepare(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, raw: bool = False
+) -> _Prepared:
+    """The private channels_last copy and sample, and how they run (``raw``: a fake run keeps
+    the meta kernels' layouts, uncorrected)."""
     if o.mode == "fake":
         fmode = fake_mode()
         copy = fake_copy(module, fmode, o.device, o.dtype)
         fargs, fkwargs = fake_inputs(args, kwargs, fmode, o.device, o.dtype)
-        return _Prepared(copy, fargs, fkwargs, Runner(o.device.type, o.autocast, fake_mode=fmode))
+        return _Prepared(copy, fargs, fkwargs, Runner(o.device.type, o.autocast, fake_mode=fmode, correct=not raw))
     target = o.device if o.device != model_device(module) else None
     audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target)
     sargs, skwargs = prepare_inputs(args, kwargs, dtype=o.dtype, device=o.device)
@@ -77,9 +80,9 @@ def _prepare(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o
 
 
 def _capture(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, raw: bool
 ) -> tuple[Captured, _Prepared]:
-    p = _prepare(module, args, kwargs, o)
+    p = _prepare(module, args, kwargs, o, raw)
 
     def run(p: _Prepared) -> Captured:
         return capture_and_propagate(
@@ -143,9 +146,11 @@ def _peak_rss() -> int:
         return 0
 
 
-def _audit_one(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
+def _audit_one(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, *, raw: bool = False
+) -> AuditReport:
     t0 = time.perf_counter()
-    captured, p = _capture(module, args, kwargs, o)
+    captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
     records, grad_notes = _with_backward(captured, p.runner) if o.train else (captured.records, ())
     t2 = time.perf_counter()
@@ -208,6 +213,7 @@ def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
         args,
         kwargs,
         dataclasses.replace(o, mode="fake", capture=real.meta.capture, bandwidth=real.meta.bandwidth, train=False),
+        raw=True,
     )
     extra = divergences(real.nodes, fake.nodes, real.meta.device)
     return dataclasses.replace(

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..propagate.corrections import KNOWN_DIVERGENCES
 from ..records import Finding, FindingKind, Layout, NodeRecord
 
 __all__ = ["KNOWN_DIVERGENCES", "divergence_warnings", "divergences"]
-
-# (op name as recorded, device) -> what was observed. torch 2.14.1.
-KNOWN_DIVERGENCES: dict[tuple[str, str], str] = {
-    ("groupnorm", "cpu"): "GroupNorm: fake/meta returns NCHW, eager CPU keeps channels_last",
-    ("group_norm", "cpu"): "GroupNorm: fake/meta returns NCHW, eager CPU keeps channels_last",
-    ("roll", "cpu"): "torch.roll: fake/meta returns NCHW, eager CPU keeps channels_last",
-    ("channelshuffle", "cpu"): "nn.ChannelShuffle: fake/meta returns NCHW, eager CPU keeps channels_last",
-    ("channel_shuffle", "cpu"): "channel_shuffle: fake/meta returns NCHW, eager CPU keeps channels_last",
-    ("pad", "cpu"): "5D reflect/replicate pad: fake/meta returns NCDHW, eager CPU keeps channels_last_3d",
-}
 
 
 def divergence_warnings(op_names: set[str], device: str) -> list[str]:
     """Known fake-vs-real disagreements for the ops this audit met on this device type."""
     dev = device.split(":")[0]
-    return sorted({text for (op, d), text in KNOWN_DIVERGENCES.items() if d == dev and op in op_names})
+    return sorted({d.text for d in KNOWN_DIVERGENCES if d.device == dev and d.ops & op_names})
 
 
 def divergences(real: Sequence[NodeRecord], fake: Sequence[NodeRecord], device: str) -> list[Finding]:

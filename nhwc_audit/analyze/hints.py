@@ -2,7 +2,8 @@
 
 Op names are the records' ``op_name`` lower-cased: a module class (``instancenorm2d``),
 a function (``cat``, ``pad``) or a method (``contiguous``, ``view``). Hints may use the
-fields ``{origin}``, ``{device}`` and ``{detail}``.
+fields ``{origin}``, ``{device}`` and ``{detail}``. An entry may hold for one device type
+only (``instancenorm2d@cuda``): it wins over the entry for every device.
 """
 
 from __future__ import annotations
@@ -49,11 +50,15 @@ _DEFAULT: dict[FindingKind, str] = {
 }
 
 
-def _register(table: HintTable, kind: FindingKind, ops: tuple[str, ...], text: str) -> None:
+def _register(
+    table: HintTable, kind: FindingKind, ops: tuple[str, ...], text: str, *, device: str | None = None
+) -> None:
+    """Add ``text`` for ``kind`` at each op; with ``device`` (a device type), for that device
+    only (it then wins over the entry for every device)."""
     for op in ops:
-        key = (kind, op.lower())
+        key = (kind, op.lower() + (f"@{device}" if device else ""))
         if key in table:
-            raise ValueError(f"duplicate hint for {kind.value} {op!r}")
+            raise ValueError(f"duplicate hint for {kind.value} {key[1]!r}")
         table[key] = text
 
 
@@ -66,6 +71,16 @@ def default_hints() -> HintTable:
         ("view",),
         "view() cannot merge or split dims of a channels_last tensor: use .reshape() or "
         ".flatten(1) (they copy only when needed)",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        ("instancenorm1d", "instancenorm2d", "instancenorm3d", "instance_norm", "groupnorm", "group_norm"),
+        "{op} returns NCHW on {device}, and so does every eager normalization over (H, W) there (ATen's "
+        "group_norm and instance_norm make non-CPU inputs contiguous): no eager swap keeps channels_last; "
+        "convert back once right after it (.contiguous(memory_format=torch.channels_last)) so the rest "
+        "stays NHWC, or let torch.compile fuse the norm",
+        device="cuda",
     )
     _register(
         t,
@@ -203,6 +218,8 @@ def render_hint(table: HintTable, kind: FindingKind, key: str | tuple[str, ...],
     kind's default), with
     the fields (``op``, ``origin``, ``device``, ``detail``) filled in."""
     keys = (key,) if isinstance(key, str) else key
-    text = next((table[(kind, k.lower())] for k in keys if (kind, k.lower()) in table), _DEFAULT[kind])
+    device = (fields.get("device") or "").split(":")[0]
+    candidates = [f"{k.lower()}@{device}" for k in keys] + [k.lower() for k in keys]
+    text = next((table[(kind, k)] for k in candidates if (kind, k) in table), _DEFAULT[kind])
     values = _Fields({k: v for k, v in fields.items() if v is not None})
     return text.format_map(values)

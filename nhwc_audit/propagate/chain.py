@@ -27,6 +27,7 @@ from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value
 from .compare import first_difference
+from .corrections import Corrections
 from .eager import record_eager
 from .interpreter import ProgressFn, positional_inputs, propagate
 from .leaf_calls import LeafCalls
@@ -114,6 +115,14 @@ class _Chain:
     notes: list[str] = field(default_factory=list)
     _eager: list[Any] = field(default_factory=list)
 
+    def _corrections(self) -> Corrections | None:
+        return Corrections(self.runner.device_type) if self.runner.fake and self.runner.correct else None
+
+    def _noted(self, corrections: Corrections | None) -> None:
+        note = corrections.note() if corrections is not None else None
+        if note is not None:
+            self.notes.append(note)
+
     def run(self) -> Captured:
         steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
             ("fx", lambda: trace(self.model)),
@@ -160,6 +169,7 @@ class _Chain:
         # fx graphs call leaf modules: record their calls so that a replay can check the graph
         # (a batch is recorded and replayed on its first sample)
         calls = LeafCalls(batch=batch) if checking and name == "fx" else None
+        corrections = self._corrections()
         try:
             with self.runner.context(guard=False):
                 records, out = propagate(
@@ -172,6 +182,7 @@ class _Chain:
                     shared=self.runner.shared,
                     leaf_calls=calls,
                     record_hidden=not self.runner.fake,
+                    corrections=corrections,
                 )
         except PropagationError as e:
             self._raise_if_eager_fails(e)
@@ -182,6 +193,7 @@ class _Chain:
                 f"{name}: the captured graph is wrong: it raises {cause} at node {e.node!r} where the eager model runs"
             )
             return None
+        self._noted(corrections)
         if not checking:
             return self._done(records, cap, "off")
         try:
@@ -239,6 +251,7 @@ class _Chain:
             raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
 
     def _hooks(self) -> Captured:
+        corrections = self._corrections()
         try:
             with self.runner.context(guard=False):
                 records, _, _ = record_eager(
@@ -246,6 +259,7 @@ class _Chain:
                     tree_map(clone_value, self.args),
                     tree_map(clone_value, self.kwargs),
                     shared=self.runner.shared,
+                    corrections=corrections,
                 )
         except Exception as e:
             reasons = "; ".join(self.notes)
@@ -260,6 +274,7 @@ class _Chain:
                 "model's own error at the audited shapes, not a channels_last problem"
                 + (f" (earlier captures: {reasons})" if reasons else "")
             ) from e
+        self._noted(corrections)
         return Captured(records, "hooks", tuple(self.notes), "off")
 
 

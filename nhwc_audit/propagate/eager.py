@@ -23,6 +23,7 @@ from ..errors import first_line
 from ..layout import tensor_meta
 from ..records import NodeInput, NodeRecord
 from ..tensors import iter_tensors, to_nchw
+from .corrections import Corrections
 from .dispatch import check_shared_write, hidden_copy, is_alias_of
 
 __all__ = ["record_eager"]
@@ -32,8 +33,11 @@ _SKIP = frozenset({"detach", "alias", "lift_fresh", "_local_scalar_dense", "empt
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, stack: list[tuple[str, str]], shared: frozenset[int]) -> None:
+    def __init__(
+        self, stack: list[tuple[str, str]], shared: frozenset[int], corrections: Corrections | None = None
+    ) -> None:
         super().__init__()
+        self.corrections = corrections
         self.stack = stack
         self.shared = shared
         self.records: list[dict[str, Any]] = []
@@ -79,6 +83,8 @@ class _Recorder(TorchDispatchMode):
             self.error = (rec, e)
             self.layout_caused = _fails_only_on_channels_last(func, args, kwargs)
             raise
+        if self.corrections is not None:
+            out = self.corrections.apply(rec["name"], (op,), rec["detail"], ins, out)
         outs = list(iter_tensors(out))
         rec["outputs"] = [tensor_meta(t) for t in outs]
         rec["aliases"] = any(is_alias_of(t, i) for t in outs for i in ins)
@@ -104,7 +110,12 @@ def _fails_only_on_channels_last(func: Any, args: Any, kwargs: dict[str, Any]) -
 
 
 def record_eager(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, shared: frozenset[int] = frozenset()
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    shared: frozenset[int] = frozenset(),
+    corrections: Corrections | None = None,
 ) -> tuple[list[NodeRecord], Any, str | None]:
     """Run ``model`` (the audit's private copy) once and return per-op records, its output and,
     if an op raised, that op's error (the run stops there). ``shared`` as in
@@ -124,7 +135,7 @@ def record_eager(
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))
-    rec = _Recorder(stack, shared)
+    rec = _Recorder(stack, shared, corrections)
     out: Any = None
     error: str | None = None
     try:

@@ -18,6 +18,7 @@ from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors, to_nchw
+from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of
 from .leaf_calls import LeafCalls
 from .runner import fake_limitation
@@ -44,8 +45,10 @@ class LayoutProp(torch.fx.Interpreter):
         record_hidden: bool = True,
         shared: frozenset[int] = frozenset(),
         leaf_calls: LeafCalls | None = None,
+        corrections: Corrections | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
+        self.corrections = corrections
         self.extra_traceback = False
         self.record_hidden = record_hidden
         self.shared = shared
@@ -114,6 +117,11 @@ class LayoutProp(torch.fx.Interpreter):
                     self.leaf_calls.disable(f"node {n.name} raised")
                 result = self._retry_nchw(n, args, kwargs, inputs, e)
                 error = first_line(e)
+            if self.corrections is not None and error is None:
+                ctx = self._contexts[n]
+                names = (ctx.op_name, ctx.module_type) if ctx.in_leaf_module else (ctx.op_name,)
+                acts = [t for i, t in inputs if not i.is_param]
+                result = self.corrections.apply(n.name, names, ctx.detail, acts, result)
             if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
                 self._record(n, inputs, result, error, tuple(hidden))
             if self._progress is not None:
@@ -255,6 +263,7 @@ def propagate(
     flat_inputs: bool = False,
     shared: frozenset[int] = frozenset(),
     leaf_calls: LeafCalls | None = None,
+    corrections: Corrections | None = None,
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already
     channels_last) sample under ``no_grad``; return one record
@@ -263,9 +272,16 @@ def propagate(
     torch.export graphs do. ``shared``: storages of the user's weights the graph reads in
     place; a write to one raises :class:`SharedWeightWrite` before it happens.
     ``leaf_calls`` collects every leaf module call for the replay check (:mod:`.replay`).
+    ``corrections`` (fake runs) makes known meta-kernel errors follow eager (:mod:`.corrections`).
     """
     interp = LayoutProp(
-        gm, graph=graph, progress=progress, record_hidden=record_hidden, shared=shared, leaf_calls=leaf_calls
+        gm,
+        graph=graph,
+        progress=progress,
+        record_hidden=record_hidden,
+        shared=shared,
+        leaf_calls=leaf_calls,
+        corrections=corrections,
     )
     if flat_inputs:
         values = list(tree_leaves((args, kwargs or {})))

@@ -30,6 +30,9 @@ class Runner:
     shared: frozenset[int] = frozenset()
     fake_mode: Any = None
     seed: int = 0
+    correct: bool = True
+    """Fake runs follow eager where meta kernels are known to be wrong
+    (:mod:`.corrections`); mode 'both' keeps the raw meta layouts it compares."""
 
     @property
     def fake(self) -> bool:

@@ -53,12 +53,21 @@ def test_fake_agrees_with_real_on_common_ops() -> None:
 
 
 def test_group_norm_is_the_known_divergence_on_cpu() -> None:
+    """Meta kernels return NCHW for GroupNorm where eager CPU keeps channels_last: a fake CPU
+    audit follows eager there and says so; mode 'both' keeps the raw meta layout it compares."""
     x = torch.randn(1, 3, 16, 16)
     real, fake = audit(WithGroupNorm(), x, bandwidth=1e9), audit(WithGroupNorm(), x, mode="fake", bandwidth=1e9)
-    diff = {n for n, lay in _layouts(fake).items() if _layouts(real)[n] != lay}
-    assert diff == {"norm"}
-    assert _layouts(real)["norm"] == "channels_last" and _layouts(fake)["norm"] == "contiguous"
-    assert any("GroupNorm" in n for n in fake.meta.capture_notes)
+    assert _layouts(fake) == _layouts(real) and _layouts(real)["norm"] == "channels_last"
+    assert fake.summary.findings == real.summary.findings == 0
+    assert fake.meta.capture_notes[0] == (
+        "prediction corrected at 1 node(s) to what eager cpu kernels do (GroupNorm: eager keeps channels_last "
+        "there, the meta kernels return NCHW)"
+    )
+    both = audit(WithGroupNorm(), x, mode="both", bandwidth=1e9)
+    assert [(f.node, f.kind.value) for f in both.findings] == [("norm", "divergence")]
+    cuda = audit(WithGroupNorm(), x, mode="fake", device="cuda", bandwidth=1e9)
+    assert [(f.node, f.kind.value) for f in cuda.findings][:1] == [("norm", "revert")]
+    assert "no eager swap keeps channels_last" in cuda.findings[0].hint  # never "use GroupNorm" on cuda
 
 
 def test_meta_device_model_audits_in_fake_mode_like_real_weights() -> None:

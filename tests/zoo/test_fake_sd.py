@@ -26,6 +26,8 @@ SCRIPT = textwrap.dedent(
     r = nhwc_audit.audit(model.eval(), args, mode="fake")
     print(json.dumps({"params": params, "capture": r.meta.capture, "mode": r.meta.mode, "nodes": len(r.nodes),
                       "rss": r.timing["peak_rss_bytes"], "notes": list(r.meta.capture_notes),
+                      "reverts": r.summary.reverts, "verdict": r.verdict.summary,
+                      "revert_ops": sorted({f.op for f in r.findings if f.kind.value == "revert"}),
                       "meta": all(p.device.type == "meta" for p in model.parameters())}))
     """
 )
@@ -40,3 +42,7 @@ def test_sd15_sized_unet_audits_in_fake_mode_within_memory() -> None:
     assert out["capture"] == "export" and out["mode"] == "fake" and out["nodes"] > 1500 and out["meta"]
     assert out["rss"] < 2.0e9  # the float32 weights alone would need 3.4 GB
     assert any("GroupNorm" in n for n in out["notes"])  # the known fake-vs-real divergence is flagged
+    # and corrected: eager CPU keeps GroupNorm channels_last, so its 61 meta-kernel reverts are not
+    # findings; what is left is what a real-mode audit finds (Transformer2DModel's .contiguous())
+    assert out["notes"][1].startswith("prediction corrected at 61 node(s)")
+    assert out["revert_ops"] == ["contiguous"] and out["reverts"] == 16

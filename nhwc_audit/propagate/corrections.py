@@ -1,0 +1,104 @@
+"""Where fake tensors are known to be wrong: ops whose meta kernels return NCHW while the eager
+kernel of the device keeps channels_last (torch 2.14.1). A fake audit follows the eager
+behaviour there (:class:`Corrections`, labelled in the report) instead of feeding a revert
+that never happens into the bytes, the hints and the verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layout import tensor_meta
+from ..records import Layout
+
+__all__ = ["KNOWN_DIVERGENCES", "Corrections", "Divergence", "known_divergence"]
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """An op whose meta kernel returns NCHW where eager ``device`` keeps channels_last."""
+
+    ops: frozenset[str]
+    """Op names as recorded, lower-cased: module types, functions, ATen ops."""
+    device: str
+    text: str
+    ranks: frozenset[int] = frozenset({4, 5})
+    modes: frozenset[str] | None = None
+    """For ops with a mode (pad): the modes it concerns."""
+
+
+KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
+    Divergence(
+        frozenset({"groupnorm", "group_norm", "native_group_norm"}),
+        "cpu",
+        "GroupNorm: fake/meta returns NCHW, eager CPU keeps channels_last",
+    ),
+    Divergence(frozenset({"roll"}), "cpu", "torch.roll: fake/meta returns NCHW, eager CPU keeps channels_last"),
+    Divergence(
+        frozenset({"channelshuffle", "channel_shuffle", "native_channel_shuffle"}),
+        "cpu",
+        "nn.ChannelShuffle: fake/meta returns NCHW, eager CPU keeps channels_last",
+    ),
+    Divergence(
+        frozenset({"pad", "reflection_pad3d", "replication_pad3d"}),
+        "cpu",
+        "5D reflect/replicate pad: fake/meta returns NCDHW, eager CPU keeps channels_last_3d",
+        ranks=frozenset({5}),
+        modes=frozenset({"reflect", "replicate", ""}),
+    ),
+)
+
+
+def known_divergence(names: tuple[str, ...], detail: str, rank: int, device: str) -> Divergence | None:
+    """The known divergence for an op called any of ``names`` (module type, function or ATen
+    name), with mode ``detail``, at an output of ``rank``, on ``device``; None if none."""
+    dev = device.split(":")[0]
+    lowered = {n.lower() for n in names}
+    for d in KNOWN_DIVERGENCES:
+        if d.device == dev and rank in d.ranks and lowered & d.ops and (d.modes is None or detail in d.modes):
+            return d
+    return None
+
+
+def _memory_format(rank: int) -> torch.memory_format:
+    return torch.channels_last if rank == 4 else torch.channels_last_3d
+
+
+@dataclass
+class Corrections:
+    """Applies the known divergences of ``device`` to a fake run's outputs, and keeps what it
+    changed: (node, what eager does there)."""
+
+    device: str
+    applied: list[tuple[str, str]] = field(default_factory=list)
+
+    def apply(self, node: str, names: tuple[str, ...], detail: str, inputs: list[torch.Tensor], out: object) -> object:
+        """``out``, restrided to channels_last where eager keeps it: a known divergence, a
+        channels_last input and an NCHW output of that rank."""
+        if not any(tensor_meta(t).layout is Layout.CHANNELS_LAST for t in inputs if t.dim() in (4, 5)):
+            return out
+
+        def fix(t: torch.Tensor) -> torch.Tensor:
+            d = known_divergence(names, detail, t.dim(), self.device)
+            if d is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
+                return t
+            self.applied.append((node, d.text))
+            return t.contiguous(memory_format=_memory_format(t.dim()))
+
+        if isinstance(out, torch.Tensor):
+            return fix(out)
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return type(out)([fix(out[0]), *out[1:]])  # native_group_norm: (out, mean, rstd)
+        return out
+
+    def note(self) -> str | None:
+        """One line for the report, or None when nothing was corrected."""
+        if not self.applied:
+            return None
+        texts = sorted({text.split(":")[0] for _, text in self.applied})
+        return (
+            f"prediction corrected at {len(self.applied)} node(s) to what eager {self.device} kernels do "
+            f"({', '.join(texts)}: eager keeps channels_last there, the meta kernels return NCHW)"
+        )
