@@ -72,7 +72,10 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     roots: dict[tuple[str, ...], list[str]] = {}
     sources: dict[tuple[str, ...], SourceLoc | None] = {}
     for f in findings:
-        root_name = f.origin if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED) and f.origin else f.node
+        # conversions and mixed ops go with the change that removes them; a latent break goes
+        # with the revert that hides it: fixing that revert without it makes it raise
+        traced = (FindingKind.CONVERSION, FindingKind.MIXED, FindingKind.LATENT)
+        root_name = f.origin if f.kind in traced and f.origin else f.node
         root = by_name[root_name]
         if root.in_leaf_module:
             key: tuple[str, ...] = ("module", root.module_type)
@@ -87,12 +90,17 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     for key, fs in groups.items():
         root_findings = [by_node[n] for n in roots[key] if n in by_node]
         lead = root_findings[0] if root_findings else fs[0]
+        latent = [f for f in fs if f.kind is FindingKind.LATENT and f is not lead]
+        hint = lead.hint
+        if latent:
+            where = ", ".join(f"{f.op} at {f.location or f.node}" for f in latent[:3])
+            hint += f"; fix together with {len(latent)} op(s) that raise once this stays channels_last ({where})"
         fixes.append(
             Fix(
                 kind=lead.kind,
                 op=key[1],
                 source=sources.get(key),
-                hint=lead.hint,
+                hint=hint,
                 roots=tuple(sorted(roots[key], key=lambda n: by_name[n].index)),
                 findings=len(fs),
                 bytes=sum(f.bytes for f in fs),
@@ -126,6 +134,7 @@ def summarize(
         conversions=count[FindingKind.CONVERSION],
         mixed=count[FindingKind.MIXED],
         breaks=count[FindingKind.BREAK],
+        latent_breaks=count[FindingKind.LATENT],
         backward=count[FindingKind.BACKWARD],
         bytes_moved=moved,
         est_seconds=moved / bandwidth if bandwidth > 0 else 0.0,

@@ -4,6 +4,9 @@ execution, no I/O. (Regions, hotspots, fixes and the summary are :mod:`.analysis
 The rules (one place each):
 
 * break      the node raised on channels_last input (recorded by propagation).
+* latent     a view of an NCHW input that raises when that input is channels_last (propagation
+             re-runs views of NCHW tensors on a channels_last copy): fixing the revert upstream
+             exposes it, so it is grouped with that revert.
 * mixed      two full spatial activation inputs disagree (one channels_last, one NCHW).
 * revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the
              channels: a channels_last input and an NCHW output, or any rank >= 4 view of
@@ -186,6 +189,18 @@ def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
 def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if r.error is not None:
         return [_finding(ctx, r, FindingKind.BREAK, layout_in=_first_decided(r), nbytes=0)]
+    if r.latent_error is not None:
+        nchw = next((i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS), None)
+        return [
+            _finding(
+                ctx,
+                r,
+                FindingKind.LATENT,
+                layout_in=Layout.CONTIGUOUS,
+                nbytes=0,
+                producer=ctx.by_name.get(nchw.producer or "") if nchw is not None else None,
+            )
+        ]
     if r.aliases_input:
         return []
     ins = [i for i in r.spatial_inputs if i.meta.layout in _DECIDED]

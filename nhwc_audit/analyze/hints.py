@@ -28,6 +28,11 @@ _DEFAULT: dict[FindingKind, str] = {
         "this op raises on channels_last input: use a layout-agnostic equivalent "
         "(reshape instead of view), or make its input .contiguous() right before it"
     ),
+    FindingKind.LATENT: (
+        "{op} runs only because its input arrives NCHW from {origin}: it raises once that input is "
+        "channels_last, so change it together with that op (a layout-agnostic equivalent, e.g. "
+        ".reshape() instead of .view())"
+    ),
     FindingKind.REVERT: (
         "{op} has no channels_last kernel on {device} and returns NCHW: replace it with an "
         "equivalent that keeps channels_last, move it off the hot path, or accept one "

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 from ..analyze.analysis import Analysis, analyze
 from ..capture.fx import trace
-from ..errors import ConversionError
+from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.interpreter import propagate
 from ..records import NodeRecord
@@ -50,7 +50,8 @@ class RepairLog:
     breaks_before: int
     breaks_after: int
     refused: tuple[str, ...] = ()
-    """Rewrites tried and dropped because they changed the outputs or gradients."""
+    """Every rewrite tried and dropped, with why (it changed the outputs or gradients, exposed a
+    break, removed nothing, or could not be applied)."""
 
     @property
     def changed(self) -> bool:
@@ -113,31 +114,44 @@ def repair_model(
     records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth)
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks
     steps: list[RepairStep] = []
-    refused: list[str] = []
-    tried: set[tuple[str, str]] = set()
+    refused: dict[tuple[str, str], str] = {}
+    """(node, kind) -> why the candidate was dropped; a candidate that would have exposed a
+    break is tried again on the next pass (another rewrite may have fixed that break)."""
+    done: set[tuple[str, str]] = set()
     for _ in range(max_passes):
         progressed = False
         ordered = sorted(candidates(gm, records, analysis), key=lambda c: PRIORITY.index(c.kind))
         for cand in ordered:
-            if (cand.node, cand.kind) in tried:
+            key = (cand.node, cand.kind)
+            if key in done:
                 continue
-            tried.add((cand.node, cand.kind))
             trial = _clone_gm(gm)
             try:
                 cand.apply(trial)
                 trial.graph.lint()
                 trial.recompile()
                 t_records, t_analysis = _measure(trial, sample_args, sample_kwargs, bandwidth)
-            except Exception:
+            except Exception as e:
+                done.add(key)
+                refused[key] = f"the rewrite failed: {first_line(e)}"
                 continue
-            saved = analysis.summary.bytes_moved - t_analysis.summary.bytes_moved
-            fixed_breaks = analysis.summary.breaks - t_analysis.summary.breaks
-            if fixed_breaks < 0 or (saved <= 0 and fixed_breaks <= 0):
+            before, after = analysis.summary, t_analysis.summary
+            saved = before.bytes_moved - after.bytes_moved
+            fixed_breaks = before.breaks - after.breaks
+            fixed_latent = before.latent_breaks - after.latent_breaks
+            if fixed_breaks < 0:
+                refused[key] = f"it makes {-fixed_breaks} op(s) raise on channels_last input"
                 continue
+            if saved <= 0 and fixed_breaks <= 0 and fixed_latent <= 0:
+                done.add(key)
+                refused[key] = "it removes no layout change, break or latent break"
+                continue
+            done.add(key)
             problem = first_change(model, naive, trial, samples, grads)
             if problem is not None:
-                refused.append(f"{cand.kind} at {cand.node}: {problem}")
+                refused[key] = problem
                 continue
+            refused.pop(key, None)
             gm, records, analysis = trial, t_records, t_analysis
             steps.append(RepairStep(cand.node, cand.kind, cand.reason, saved, fixed_breaks))
             progressed = True
@@ -149,6 +163,6 @@ def repair_model(
         bytes_after=analysis.summary.bytes_moved,
         breaks_before=before_breaks,
         breaks_after=analysis.summary.breaks,
-        refused=tuple(refused),
+        refused=tuple(f"{kind} at {node}: {why}" for (node, kind), why in refused.items()),
     )
     return gm, log

@@ -99,7 +99,7 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
         r = by_name[f.node]
         node = find_node(gm, f.node)
         rank = r.spatial_outputs[0].rank if r.spatial_outputs else 4
-        if f.kind is FindingKind.BREAK and node.op == "call_method" and node.target == "view":
+        if f.kind in (FindingKind.BREAK, FindingKind.LATENT) and node.op == "call_method" and node.target == "view":
 
             def view_to_reshape(g: torch.fx.GraphModule, name: str = f.node) -> None:
                 find_node(g, name).target = "reshape"

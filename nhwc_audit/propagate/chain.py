@@ -29,7 +29,8 @@ from ..tensors import clone_value
 from .compare import first_difference
 from .corrections import Corrections
 from .eager import record_eager
-from .interpreter import ProgressFn, positional_inputs, propagate
+from .inputs import positional_inputs
+from .interpreter import ProgressFn, propagate
 from .leaf_calls import LeafCalls
 from .replay import replay
 from .runner import Runner, attributes_restored, batch_of, fake_limitation, first_sample

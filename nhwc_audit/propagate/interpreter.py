@@ -20,10 +20,11 @@ from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors, to_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of
+from .inputs import positional_inputs
 from .leaf_calls import LeafCalls
 from .runner import fake_limitation
 
-__all__ = ["LayoutProp", "ProgressFn", "positional_inputs", "propagate"]
+__all__ = ["LayoutProp", "ProgressFn", "propagate"]
 
 ProgressFn = Callable[[int, int], None]
 
@@ -122,8 +123,9 @@ class LayoutProp(torch.fx.Interpreter):
                 names = (ctx.op_name, ctx.module_type) if ctx.in_leaf_module else (ctx.op_name,)
                 acts = [t for i, t in inputs if not i.is_param]
                 result = self.corrections.apply(n.name, names, ctx.detail, acts, result)
+            latent = self._latent_error(n, args, kwargs, inputs, result) if error is None else None
             if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
-                self._record(n, inputs, result, error, tuple(hidden))
+                self._record(n, inputs, result, error, tuple(hidden), latent)
             if self._progress is not None:
                 self._progress(self._index[n] + 1, len(self._nodes))
             return result
@@ -179,6 +181,39 @@ class LayoutProp(torch.fx.Interpreter):
             again = "on NCHW input too" if str(e2) == str(error) else f"and {first_line(e2)} on NCHW input"
             raise model_error(again) from error
 
+    def _latent_error(
+        self,
+        n: torch.fx.Node,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        inputs: list[tuple[NodeInput, torch.Tensor]],
+        result: Any,
+    ) -> str | None:
+        """For a view of an NCHW activation: the error it raises when that activation is
+        channels_last (a break that fixing the revert upstream would expose), else None.
+        Views cost nothing to re-run; in-place ops are not views and are never re-run."""
+        if n.op not in ("call_function", "call_method") or not isinstance(result, torch.Tensor):
+            return None
+        name = self._contexts[n].op_name
+        if name.endswith("_") and not name.endswith("__"):
+            return None
+        if not any(
+            not i.is_param and i.meta.is_spatial and i.meta.layout is Layout.CONTIGUOUS and is_alias_of(result, t)
+            for i, t in inputs
+        ):
+            return None
+
+        def channels_last(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() in (4, 5) and tensor_meta(v).layout is Layout.CONTIGUOUS:
+                return v.contiguous(memory_format=torch.channels_last if v.dim() == 4 else torch.channels_last_3d)
+            return v
+
+        try:
+            getattr(self, n.op)(n.target, tree_map(channels_last, args), tree_map(channels_last, kwargs))
+        except Exception as e:
+            return first_line(e)
+        return None
+
     def _record(
         self,
         n: torch.fx.Node,
@@ -186,6 +221,7 @@ class LayoutProp(torch.fx.Interpreter):
         result: Any,
         error: str | None,
         hidden: tuple[HiddenCopy, ...] = (),
+        latent: str | None = None,
     ) -> None:
         ctx = self._contexts[n]
         outputs: list[TensorMeta] = []
@@ -213,43 +249,11 @@ class LayoutProp(torch.fx.Interpreter):
                 users=users,
                 detail=ctx.detail,
                 error=error,
+                latent_error=latent,
                 in_leaf_module=ctx.in_leaf_module,
                 hidden=hidden,
             )
         )
-
-
-def positional_inputs(
-    gm: torch.fx.GraphModule | torch.fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> list[Any]:
-    """Order positional and keyword inputs the way the graph's placeholders expect them."""
-    graph = gm if isinstance(gm, torch.fx.Graph) else gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    values: list[Any] = []
-    unknown = set(kwargs) - {str(p.target).lstrip("*") for p in placeholders}
-    if unknown:
-        raise PropagationError(
-            f"the model's forward has no parameter(s) {', '.join(sorted(unknown))}: check the example keyword inputs"
-        )
-    if len(args) > len(placeholders):
-        raise PropagationError(
-            f"{len(args)} positional inputs given but the model's forward takes "
-            f"{len(placeholders)}: pass one --input per positional input"
-        )
-    for i, p in enumerate(placeholders):
-        name = str(p.target).lstrip("*")
-        if i < len(args):
-            values.append(args[i])
-        elif name in kwargs:
-            values.append(kwargs[name])
-        elif p.args:
-            values.append(p.args[0])
-        else:
-            raise PropagationError(
-                f"the model's forward needs input {name!r} and none was given: pass one "
-                "--input per positional input, or return (model, args, kwargs) from the build_fn"
-            )
-    return values
 
 
 def propagate(

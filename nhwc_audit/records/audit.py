@@ -117,12 +117,22 @@ class Summary:
     backward: int
     bytes_moved: int
     est_seconds: float
+    latent_breaks: int = 0
+    """Views that run only because their input arrives NCHW (they raise once it is channels_last)."""
     divergences: int = 0
     """With mode='both': nodes where real and fake kernels disagree."""
 
     @property
     def findings(self) -> int:
-        return self.reverts + self.conversions + self.mixed + self.breaks + self.backward + self.divergences
+        return (
+            self.reverts
+            + self.conversions
+            + self.mixed
+            + self.breaks
+            + self.latent_breaks
+            + self.backward
+            + self.divergences
+        )
 
     @property
     def channels_last_node_share(self) -> float:

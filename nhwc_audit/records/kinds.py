@@ -73,6 +73,9 @@ class FindingKind(str, enum.Enum):
 
     BREAK = "break"
     """The op raises on channels_last input (e.g. ``x.view(n, -1)``)."""
+    LATENT = "latent_break"
+    """The op runs only because its input arrives NCHW: it raises once the revert upstream is
+    fixed and the input is channels_last (a ``view`` after an InstanceNorm)."""
     REVERT = "revert"
     """A channels_last input produced a contiguous (NCHW) output: the op left NHWC."""
     MIXED = "mixed"
@@ -90,7 +93,7 @@ class FindingKind(str, enum.Enum):
 
 FAIL_ON: dict[FailOn, frozenset[FindingKind]] = {
     "never": frozenset(),
-    "revert": frozenset({FindingKind.BREAK, FindingKind.REVERT, FindingKind.MIXED}),
+    "revert": frozenset({FindingKind.BREAK, FindingKind.LATENT, FindingKind.REVERT, FindingKind.MIXED}),
     "any": frozenset(FindingKind),
 }
 """What each ``fail_on`` level treats as failure: 'revert' = anything that leaves

@@ -107,6 +107,9 @@ class NodeRecord:
     """The op's mode where it has one (pad 'circular', interpolate 'bilinear')."""
     error: str | None = None
     """For a break: the error the op raised on channels_last input."""
+    latent_error: str | None = None
+    """For a view of an NCHW input: the error it raises when that input is channels_last (a
+    break that fixing the revert upstream exposes)."""
     in_leaf_module: bool = False
     """The node is (or runs inside) a torch.nn leaf module (fixes group by module type)."""
     hidden: tuple[HiddenCopy, ...] = ()

@@ -34,6 +34,7 @@ __all__ = ["render_audit", "render_outcome", "render_summary"]
 
 _KIND_STYLE = {
     FindingKind.BREAK: "bold red",
+    FindingKind.LATENT: "red",
     FindingKind.REVERT: "red",
     FindingKind.MIXED: "yellow",
     FindingKind.CONVERSION: "magenta",

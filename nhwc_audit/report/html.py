@@ -43,11 +43,12 @@ __all__ = ["graph_layout", "jinja_environment", "render_html", "render_notebook"
 _X_STEP, _Y_STEP, _NODE_W, _NODE_H = 34, 22, 26, 14
 _KIND_ORDER = {
     FindingKind.BREAK: 0,
-    FindingKind.REVERT: 1,
-    FindingKind.MIXED: 2,
-    FindingKind.CONVERSION: 3,
-    FindingKind.BACKWARD: 4,
-    FindingKind.DIVERGENCE: 5,
+    FindingKind.LATENT: 1,
+    FindingKind.REVERT: 2,
+    FindingKind.MIXED: 3,
+    FindingKind.CONVERSION: 4,
+    FindingKind.BACKWARD: 5,
+    FindingKind.DIVERGENCE: 6,
 }
 
 

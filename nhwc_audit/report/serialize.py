@@ -67,6 +67,7 @@ def _node(r: NodeRecord) -> dict[str, Any]:
         "aliases_input": r.aliases_input,
         "users": list(r.users),
         "error": r.error,
+        "latent_error": r.latent_error,
         "grad_layouts": [g.layout.value for g in r.grads],
     }
 
@@ -146,6 +147,7 @@ def _summary(s: Summary) -> dict[str, Any]:
         "conversions": s.conversions,
         "mixed": s.mixed,
         "breaks": s.breaks,
+        "latent_breaks": s.latent_breaks,
         "backward": s.backward,
         "divergences": s.divergences,
         "bytes_moved": s.bytes_moved,

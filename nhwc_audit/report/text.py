@@ -119,6 +119,8 @@ def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]
         (f"{s.mixed} mixed", FindingKind.MIXED),
         (f"{s.breaks} breaks", FindingKind.BREAK),
     ]
+    if s.latent_breaks:
+        parts.append((f"{s.latent_breaks} latent breaks", FindingKind.LATENT))
     if m.backward:
         parts.append((f"{s.backward} backward", FindingKind.BACKWARD))
     if s.divergences:

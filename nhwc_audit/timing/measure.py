@@ -46,7 +46,7 @@ def profile_copies(
     from torch.profiler import ProfilerActivity, profile
 
     from ..capture.fx import trace
-    from ..propagate.interpreter import positional_inputs
+    from ..propagate.inputs import positional_inputs
 
     root = converted if converted is not None else convert(model)
     try:

@@ -1,0 +1,45 @@
+"""The sample as a graph takes it: positional and keyword inputs in placeholder order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..errors import PropagationError
+
+__all__ = ["positional_inputs"]
+
+
+def positional_inputs(
+    gm: torch.fx.GraphModule | torch.fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[Any]:
+    """Order positional and keyword inputs the way the graph's placeholders expect them."""
+    graph = gm if isinstance(gm, torch.fx.Graph) else gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    values: list[Any] = []
+    unknown = set(kwargs) - {str(p.target).lstrip("*") for p in placeholders}
+    if unknown:
+        raise PropagationError(
+            f"the model's forward has no parameter(s) {', '.join(sorted(unknown))}: check the example keyword inputs"
+        )
+    if len(args) > len(placeholders):
+        raise PropagationError(
+            f"{len(args)} positional inputs given but the model's forward takes "
+            f"{len(placeholders)}: pass one --input per positional input"
+        )
+    for i, p in enumerate(placeholders):
+        name = str(p.target).lstrip("*")
+        if i < len(args):
+            values.append(args[i])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif p.args:
+            values.append(p.args[0])
+        else:
+            raise PropagationError(
+                f"the model's forward needs input {name!r} and none was given: pass one "
+                "--input per positional input, or return (model, args, kwargs) from the build_fn"
+            )
+    return values
