@@ -56,7 +56,7 @@ INPUTS = {"Breaks": "1x3x8x8", "Mixed": "2x3x8x8", "Volume": "1x2x8x8x8"}
 OPTIONS = {
     "train-apply-measure-autocast": ["--train", "--apply", "--measure", "--autocast"],
     "float16-train": ["--dtype", "float16", "--train"],
-    "bfloat16-apply-save": ["--dtype", "bfloat16", "--apply", "--save-repaired", "rep.py"],
+    "bfloat16-apply-save": ["--dtype", "bfloat16", "--apply", "--save-repaired", "repaired"],
 }
 
 

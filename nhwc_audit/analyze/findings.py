@@ -191,16 +191,13 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         return [_finding(ctx, r, FindingKind.BREAK, layout_in=_first_decided(r), nbytes=0)]
     if r.latent_error is not None:
         nchw = next((i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS), None)
-        return [
-            _finding(
-                ctx,
-                r,
-                FindingKind.LATENT,
-                layout_in=Layout.CONTIGUOUS,
-                nbytes=0,
-                producer=ctx.by_name.get(nchw.producer or "") if nchw is not None else None,
-            )
-        ]
+        producer = ctx.by_name.get(nchw.producer or "") if nchw is not None else None
+        origin = _origin(producer, ctx.by_name)
+        # latent only where the audit advises a change that would hand it channels_last: its
+        # NCHW input comes from a revert (not from, say, an attention matmul that is NCHW anyway)
+        if origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin)):
+            return [_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
+        return []
     if r.aliases_input:
         return []
     ins = [i for i in r.spatial_inputs if i.meta.layout in _DECIDED]

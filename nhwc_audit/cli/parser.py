@@ -59,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also audit one backward pass (gradient layouts); with --measure, time forward+backward",
     )
-    p.add_argument("--save-repaired", default=None, metavar="PATH", help="write the repaired graph's code here")
+    p.add_argument(
+        "--save-repaired",
+        default=None,
+        metavar="DIR",
+        help="write the repaired model here as a Python package (code and weights): "
+        "from DIR import Repaired; Repaired()(x)",
+    )
     p.add_argument(
         "--mode",
         default="real",

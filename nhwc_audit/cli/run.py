@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         report = _followup(report, lambda r: r.repaired(), "repair", out)
     if args.measure:
         report = _followup(report, lambda r: r.measure(train=args.train), "measurement", out)
-    if args.save_repaired and report.repaired_code is not None:
-        written_code = _write_repaired(report, Path(args.save_repaired), args.spec)
+    if args.save_repaired and report.repaired_module is not None:
+        written_code = _followup_path(lambda: _write_repaired(report, Path(args.save_repaired), args.spec), out)
     else:
         written_code = None
     written = _write_reports(report, json_path, html_path)
@@ -155,6 +155,17 @@ def _followup(report: AuditReport, step: Callable[[AuditReport], AuditReport], w
         return report
 
 
+def _followup_path(write: Callable[[], Path], out: Any) -> Path | None:
+    """Write one optional file; when that fails, say so in one line and go on."""
+    from rich.text import Text
+
+    try:
+        return write()
+    except Exception as e:
+        out.print(Text(f"repaired model not saved: {first_line(e)}", style="yellow"))
+        return None
+
+
 def _write_reports(report: AuditReport, json_path: Path | None, html_path: Path | None) -> list[Path]:
     """Both report files, all or nothing (their folders made as needed)."""
     from ..report.files import write_all_atomic
@@ -168,14 +179,27 @@ def _write_reports(report: AuditReport, json_path: Path | None, html_path: Path 
     return write_all_atomic(files)
 
 
-def _write_repaired(report: AuditReport, path: Path, spec: str) -> Path:
-    from ..report.files import write_text_atomic
+def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
+    """The repaired GraphModule as a package a user can import and run in a fresh process
+    (``GraphModule.to_folder``: code, weights, and the list of rewrites in the code's header)."""
+    from ..errors import ReportWriteError
 
+    gm = report.repaired_module
+    if gm is None:
+        raise ReportWriteError("no repaired model to save")
     log = report.repair
-    lines = [f"# Repaired channels_last graph of {spec}, written by nhwc-audit (GraphModule.code)."]
+    lines = [
+        f"# Repaired channels_last graph of {spec}, written by nhwc-audit.",
+        f"# Load it: from {folder.name} import Repaired",
+    ]
     if log is not None:
         lines.append(f"# Layout changes per forward: {log.bytes_before} B -> {log.bytes_after} B.")
         lines += [f"# {s.kind}: {s.node}: {s.reason} (-{s.bytes_saved} B)" for s in log.steps]
         lines += [f"# refused: {msg}" for msg in log.refused]
-    header = "\n".join(lines) + "\n"
-    return write_text_atomic(path, header + (report.repaired_code or ""))
+    try:
+        gm.to_folder(folder, "Repaired")
+        code = folder / "module.py"
+        code.write_text("\n".join(lines) + "\n" + code.read_text(encoding="utf-8"), encoding="utf-8")
+    except OSError as e:
+        raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
+    return folder

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -48,6 +48,51 @@ def render_summary(report: AuditReport, *, top: int = 10, paths: tuple[Path, ...
     return Group(render_audit(report, top=top), render_outcome(report, paths=paths))
 
 
+_COLUMNS = ("#", "kind", "node", "module", "op", "shape", "source", "bytes", "share")
+_RIGHT = {"#", "bytes", "share"}
+_DROP_ORDER = ("shape", "node", "share", "op")
+"""Columns given up, in this order, when the terminal is too narrow; what is left wraps
+(module and source), and nothing is cut short with an ellipsis."""
+_WRAPS = {"module", "source"}
+
+
+class _Fitted:
+    """The hotspot table at the console's width: columns dropped by priority, the rest wrapped."""
+
+    def __init__(self, rows: list[dict[str, Text]]) -> None:
+        self.rows = rows
+
+    def _width(self, col: str) -> int:
+        return max([len(col), *(r[col].cell_len for r in self.rows)])
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        columns = list(_COLUMNS)
+        gaps = 2  # rich's default padding between columns of a SIMPLE_HEAD table without edges
+
+        def needed(cols: list[str]) -> int:
+            fixed = sum(self._width(c) for c in cols if c not in _WRAPS)
+            wrapping = sum(min(self._width(c), 24) for c in cols if c in _WRAPS)
+            return fixed + wrapping + gaps * (len(cols) - 1)
+
+        for col in _DROP_ORDER:
+            if needed(columns) <= options.max_width:
+                break
+            columns.remove(col)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
+        for col in columns:
+            wraps = col in _WRAPS
+            table.add_column(
+                col,
+                justify="right" if col in _RIGHT else "left",
+                no_wrap=not wraps,
+                overflow="fold" if wraps else "ellipsis",
+                min_width=None if wraps else self._width(col),
+            )
+        for row in self.rows:
+            table.add_row(*(row[c] for c in columns))
+        yield table
+
+
 def render_audit(report: AuditReport, *, top: int = 10) -> RenderableType:
     """Run line, counts, share, notes, the top hotspots and what to change."""
     m, s = report.meta, report.summary
@@ -67,32 +112,21 @@ def render_audit(report: AuditReport, *, top: int = 10) -> RenderableType:
         parts.append(Text(f"note: {note}", style="dim"))
     shown = report.hotspots[:top]
     if shown:
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
-        for col, just in (
-            ("#", "right"),
-            ("kind", "left"),
-            ("node", "left"),
-            ("module", "left"),
-            ("op", "left"),
-            ("shape", "left"),
-            ("source", "left"),
-            ("bytes", "right"),
-            ("share", "right"),
-        ):
-            table.add_column(col, justify=just, no_wrap=col != "module")  # type: ignore[arg-type]
-        for h in shown:
-            f = h.finding
-            table.add_row(
-                str(h.rank),
-                Text(f.kind.value, _KIND_STYLE[f.kind]),
-                f.node,
-                f.module_label,
-                f.op_label,
-                "x".join(map(str, f.shape)),
-                short_source(f.source),
-                fmt_bytes(f.bytes),
-                fmt_share(h.share),
-            )
+        rows = [
+            {
+                "#": Text(str(h.rank)),
+                "kind": Text(h.finding.kind.value, _KIND_STYLE[h.finding.kind]),
+                "node": Text(h.finding.node),
+                "module": Text(h.finding.module_label),
+                "op": Text(h.finding.op_label),
+                "shape": Text("x".join(map(str, h.finding.shape))),
+                "source": Text(short_source(h.finding.source)),
+                "bytes": Text(fmt_bytes(h.finding.bytes)),
+                "share": Text(fmt_share(h.share)),
+            }
+            for h in shown
+        ]
+        table = _Fitted(rows)
         parts.append(table)
         if len(report.hotspots) > top:
             parts.append(Text(f"... and {len(report.hotspots) - top} more hotspots in the report"))
@@ -166,5 +200,5 @@ def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> Rend
             )
         )
     for p in paths:
-        parts.append(Text(f"{'repaired code' if p.suffix == '.py' else 'report'}: {p}"))
+        parts.append(Text(f"{'repaired model' if p.is_dir() else 'report'}: {p}"))
     return Group(*parts)

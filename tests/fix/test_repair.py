@@ -3,6 +3,8 @@ heuristics each have a model that triggers them; --apply/--measure on the CLI.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,7 +220,7 @@ def test_cli_apply_measure_save(
             "--bandwidth",
             "1e9",
             "--save-repaired",
-            "rep.py",
+            "repaired_tiny",
             "--json",
             "r.json",
         ]
@@ -238,8 +240,26 @@ def test_cli_apply_measure_save(
     # the profiler attributes InstanceNorm's internal NHWC -> NCHW copy to its graph node
     assert "norm" in [c["node"] for c in data["measurement"]["copies"]]
     assert "Measured copy kernels by node (profiler, channels_last graph): " in out and " norm " in out
-    code_text = (tmp_path / "rep.py").read_text()
+    code_text = (tmp_path / "repaired_tiny" / "module.py").read_text()
     assert code_text.startswith("# Repaired channels_last graph of tiny.py:Tiny") and "def forward" in code_text
+    # a fresh process loads the saved model and computes what the original computes
+    check = (
+        "import sys, torch\n"
+        "sys.path.insert(0, '.')\n"
+        "from tiny import Tiny\n"
+        "from repaired_tiny import Repaired\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(2, 3, 16, 16)\n"
+        "rep = Repaired()\n"
+        "orig = Tiny()\n"
+        "orig.load_state_dict({k: v for k, v in rep.state_dict().items() if k in orig.state_dict()})\n"
+        "got = rep(x.to(memory_format=torch.channels_last))\n"
+        "torch.testing.assert_close(got, orig(x), rtol=1e-4, atol=1e-5)\n"
+        "print(type(rep).__name__, tuple(got.shape), got.is_contiguous(memory_format=torch.channels_last))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["Repaired", "(2,", "8,", "16,", "16)", "True"]
 
 
 def test_html_report_shows_repair_and_verdict(tmp_path: Path) -> None:

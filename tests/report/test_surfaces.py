@@ -4,6 +4,7 @@ prints nothing but errors."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tests import models as M
 
 
 def _terminal(report: AuditReport) -> str:
-    console = Console(width=200, record=True, no_color=True)
+    console = Console(width=200, record=True, no_color=True, file=io.StringIO())
     console.print(render_summary(report))
     return console.export_text()
 
@@ -83,3 +84,20 @@ def test_quiet_prints_nothing_but_errors(
     assert main(["m.py:M", "--input", "1x3x8x8", "-q", "--no-report", "--fail-on", "any"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err == "nhwc-audit: --fail-on any: 1 finding(s): revert _1 (1 (InstanceNorm2d))\n"
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_terminal_summary_fits_the_width_without_cutting_words(
+    width: int, unet_example: tuple[torch.nn.Module, tuple[torch.Tensor, ...]], audit_fixed: Callable[..., AuditReport]
+) -> None:
+    model, args = unet_example
+    report = audit_fixed(model, args)
+    console = Console(width=width, record=True, no_color=True, file=io.StringIO())
+    console.print(render_summary(report))
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    assert {"kind", "module", "bytes"} <= set(header.split())
+    if width >= 100:  # the op is the last column given up
+        assert "op" in header.split()
