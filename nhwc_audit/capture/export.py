@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from typing import Any
 
@@ -19,7 +21,9 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
     keep their module path (``nn_module_stack``) and stack trace. Export runs the model on
     fake tensors only; the layouts still come from running this graph on real tensors."""
     try:
-        with warnings.catch_warnings():
+        # torch.export prints the partial graph of a failed export to stderr (300 KB for
+        # torchvision's FCOS): the failure is a one-line note, the dump stays out of the terminal
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             # the chain restores what forward caches on modules during export, and says so
             warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
             ep = torch.export.export(model, args, kwargs or None, strict=False)

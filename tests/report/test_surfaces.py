@@ -101,3 +101,22 @@ def test_terminal_summary_fits_the_width_without_cutting_words(
     assert {"kind", "module", "bytes"} <= set(header.split())
     if width >= 100:  # the op is the last column given up
         assert "op" in header.split()
+
+
+def test_quiet_keeps_a_failed_exports_graph_dump_off_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch.export prints the partial graph of a failed export to stderr (300 KB for FCOS)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dd.py").write_text(
+        "import torch\nclass DataDependent(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = torch.nn.Conv2d(3, 4, 1)\n"
+        "    def forward(self, x):\n        y = self.conv(x)\n"
+        "        return y * 2 if (y > 0).any() else y\n"
+    )
+    assert main(["dd.py:DataDependent", "--input", "1x3x8x8", "-q", "--no-report", "--bandwidth", "1e9"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    assert main(["dd.py:DataDependent", "--input", "1x3x8x8", "--no-report", "--bandwidth", "1e9"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: export: torch.export could not capture DataDependent" in out and "def forward" not in out + err
