@@ -186,3 +186,19 @@ def test_python_dash_m_and_console_script_on_bundled_example(tmp_path: Path) -> 
     assert "7 reverts, 6 conversions, 2 mixed, 0 breaks" in proc.stdout
     assert "up3.conv.block.0 (Conv2d)" in proc.stdout and "examples.py:36" in proc.stdout
     assert (tmp_path / "reports" / "nhwc_audit.examples.unet.json").is_file()
+
+
+def test_debug_keeps_exit_3_for_internal_errors(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import nhwc_audit.api
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the audit's own bug")
+
+    monkeypatch.setattr(nhwc_audit.api, "audit", broken)
+    for extra in ([], ["--debug"]):
+        assert main(["usermodels:build", "--no-report", *extra]) == 3
+        err = capsys.readouterr().err
+        assert "internal error: RuntimeError: the audit's own bug" in err
+        assert ("Traceback" in err) == bool(extra)
