@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layout import tensor_meta
+from ..prepare.copy import memory_format_for_rank
 from ..records import Layout
 
 __all__ = ["KNOWN_DIVERGENCES", "Corrections", "Divergence", "known_divergence"]
@@ -62,10 +63,6 @@ def known_divergence(names: tuple[str, ...], detail: str, rank: int, device: str
     return None
 
 
-def _memory_format(rank: int) -> torch.memory_format:
-    return torch.channels_last if rank == 4 else torch.channels_last_3d
-
-
 @dataclass
 class Corrections:
     """Applies the known divergences of ``device`` to a fake run's outputs, and keeps what it
@@ -82,10 +79,11 @@ class Corrections:
 
         def fix(t: torch.Tensor) -> torch.Tensor:
             d = known_divergence(names, detail, t.dim(), self.device)
-            if d is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
+            fmt = memory_format_for_rank(t.dim())
+            if d is None or fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
                 return t
             self.applied.append((node, d.text))
-            return t.contiguous(memory_format=_memory_format(t.dim()))
+            return t.contiguous(memory_format=fmt)
 
         if isinstance(out, torch.Tensor):
             return fix(out)

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from ..capture.context import NodeContext, node_context
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
+from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors, to_nchw
 from .corrections import Corrections
@@ -204,8 +205,9 @@ class LayoutProp(torch.fx.Interpreter):
             return None
 
         def channels_last(v: Any) -> Any:
-            if isinstance(v, torch.Tensor) and v.dim() in (4, 5) and tensor_meta(v).layout is Layout.CONTIGUOUS:
-                return v.contiguous(memory_format=torch.channels_last if v.dim() == 4 else torch.channels_last_3d)
+            fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
+            if fmt is not None and tensor_meta(v).layout is Layout.CONTIGUOUS:
+                return v.contiguous(memory_format=fmt)
             return v
 
         try:
