@@ -8,23 +8,22 @@ nothing.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, get_args
 
 import torch
 from torch import nn
 
-from .analyze.verdict import decide
 from .errors import ChannelsLastError, UsageError
 from .fix.repair import RepairLog, repair_model
+from .followups import measure_report, repair_report
 from .pipeline import AuditOptions, run_audit
 from .prepare.copy import model_device
 from .prepare.load import call_build_fn, split_example
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
 from .records import FAIL_ON, CaptureMethod, FailOn, Mode, NodeRecord
-from .report.text import fmt_bytes, fmt_seconds, offender_line, untimed_lines
+from .report.text import fmt_bytes, offender_line
 from .result import AuditReport
 
 __all__ = [
@@ -254,51 +253,3 @@ def repair(
     """
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
     return repair_model(module, args, kwargs, grads=grads)
-
-
-def _source(report: AuditReport) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
-    if report.source is None:
-        raise UsageError(
-            f"this report ({report.meta.mode} mode) does not hold a model to run: repair and measure "
-            "need a real-mode audit of a model with real weights"
-        )
-    model, args, kwargs = report.source
-    return model, args, kwargs
-
-
-def repair_report(report: AuditReport, **options: Any) -> AuditReport:
-    """``report`` with a repaired graph attached (``repair``, ``repaired_code``,
-    ``repaired_module``) and the verdict updated. The repair starts from the audit's own
-    torch.fx graph when it has one (no second trace)."""
-    model, args, kwargs = _source(report)
-    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
-    gm, log = repair_model(model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, **options)
-    verdict = decide(
-        report.nodes, report.summary, device=report.meta.device, dtype=report.meta.dtype, bytes_moved=log.bytes_after
-    )
-    return dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm, verdict=verdict)
-
-
-def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5) -> AuditReport:
-    """``report`` with timings of NCHW, naive channels_last and (when repaired) the repaired
-    model attached, and the verdict decided by them."""
-    from .timing.measure import measure
-
-    model, args, kwargs = _source(report)
-    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
-    m = measure(model, args, kwargs, repaired=report.repaired_module, train=train, rounds=rounds, graph=graph)
-    speeds = [s for s in (m.speedup("channels_last"), m.speedup("repaired")) if s is not None]
-    lines = [
-        f"{t.variant}: {fmt_seconds(t.median)} per {'step' if train else 'forward'} "
-        f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
-        for t in m.timings
-    ] + untimed_lines(m, report.findings)
-    verdict = decide(
-        report.nodes,
-        report.summary,
-        device=report.meta.device,
-        dtype=report.meta.dtype,
-        speedup=max(speeds) if speeds else None,
-        measured=lines,
-    )
-    return dataclasses.replace(report, measurement=m, verdict=verdict)

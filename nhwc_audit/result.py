@@ -74,16 +74,16 @@ class AuditReport:
 
     def repaired(self, **options: Any) -> AuditReport:
         """This report with a repaired graph attached and the verdict updated
-        (:func:`nhwc_audit.api.repair_report`)."""
-        from .api import repair_report
+        (:func:`nhwc_audit.followups.repair_report`)."""
+        from .followups import repair_report
 
         return repair_report(self, **options)
 
     def measure(self, *, train: bool = False, rounds: int = 5) -> AuditReport:
         """This report with timings of NCHW, naive channels_last and (when repaired) the
         repaired model attached, and the verdict decided by them
-        (:func:`nhwc_audit.api.measure_report`)."""
-        from .api import measure_report
+        (:func:`nhwc_audit.followups.measure_report`)."""
+        from .followups import measure_report
 
         return measure_report(self, train=train, rounds=rounds)
 

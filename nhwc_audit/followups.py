@@ -1,0 +1,69 @@
+"""The optional steps after an audit: a repair and a measurement, attached to the report that
+asked for them (the verdict updated). They reuse the audit's own fx graph and never modify the
+model. ``AuditReport.repaired()`` and ``.measure()`` call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .analyze.verdict import decide
+from .errors import UsageError
+from .fix.repair import repair_model
+from .report.text import fmt_seconds, untimed_lines
+
+if TYPE_CHECKING:
+    from .result import AuditReport
+
+__all__ = ["measure_report", "repair_report"]
+
+
+def _source(report: AuditReport) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+    if report.source is None:
+        raise UsageError(
+            f"this report ({report.meta.mode} mode) does not hold a model to run: repair and measure "
+            "need a real-mode audit of a model with real weights"
+        )
+    model, args, kwargs = report.source
+    return model, args, kwargs
+
+
+def repair_report(report: AuditReport, **options: Any) -> AuditReport:
+    """``report`` with a repaired graph attached (``repair``, ``repaired_code``,
+    ``repaired_module``) and the verdict updated. The repair starts from the audit's own
+    torch.fx graph when it has one (no second trace)."""
+    model, args, kwargs = _source(report)
+    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
+    gm, log = repair_model(model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, **options)
+    verdict = decide(
+        report.nodes, report.summary, device=report.meta.device, dtype=report.meta.dtype, bytes_moved=log.bytes_after
+    )
+    return dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm, verdict=verdict)
+
+
+def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5) -> AuditReport:
+    """``report`` with timings of NCHW, naive channels_last and (when repaired) the repaired
+    model attached, and the verdict decided by them."""
+    from .timing.measure import measure
+
+    model, args, kwargs = _source(report)
+    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
+    m = measure(model, args, kwargs, repaired=report.repaired_module, train=train, rounds=rounds, graph=graph)
+    speeds = [s for s in (m.speedup("channels_last"), m.speedup("repaired")) if s is not None]
+    lines = [
+        f"{t.variant}: {fmt_seconds(t.median)} per {'step' if train else 'forward'} "
+        f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
+        for t in m.timings
+    ] + untimed_lines(m, report.findings)
+    verdict = decide(
+        report.nodes,
+        report.summary,
+        device=report.meta.device,
+        dtype=report.meta.dtype,
+        speedup=max(speeds) if speeds else None,
+        measured=lines,
+    )
+    return dataclasses.replace(report, measurement=m, verdict=verdict)
