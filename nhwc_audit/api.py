@@ -99,6 +99,7 @@ def _options(
     mode: str,
     train: bool,
     progress: ProgressFn | None,
+    threads: int | None,
 ) -> AuditOptions:
     if mode not in _MODES:
         raise UsageError(f"mode {mode!r} is not one of: {', '.join(_MODES)}")
@@ -106,6 +107,8 @@ def _options(
         raise UsageError(f"capture {capture!r} is not one of: {', '.join(CAPTURES)}")
     if bandwidth is not None and bandwidth <= 0:
         raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
     dev = _resolve_device(module, device, mode)
     amp: torch.dtype | None = None
     if autocast is True:
@@ -123,6 +126,7 @@ def _options(
         mode=mode,
         train=train,
         progress=progress,
+        threads=threads,
     )
 
 
@@ -141,6 +145,7 @@ def audit(
     mode: Mode = "real",
     train: bool = False,
     progress: ProgressFn | None = None,
+    threads: int | None = None,
 ) -> AuditReport:
     """Audit ``model`` on a channels_last copy of ``example_inputs``.
 
@@ -163,6 +168,8 @@ def audit(
     replay of the model's Python with leaf module calls answered from the propagation, one
     eager forward where the replay cannot vouch), then torch.export, then an eager run
     recorded at the dispatch level ('hooks'); 'fx', 'export' or 'hooks' forces one.
+    ``threads``: CPU threads to audit with (CPU Conv3d picks NCDHW or channels_last_3d by shape
+    and thread count; audit at your training configuration); every report records them.
     ``bandwidth`` (bytes/s) turns bytes into time; by default a transpose copy is timed
     on the device (fake mode assumes a typical figure for the device type).
 
@@ -184,6 +191,7 @@ def audit(
         mode=mode,
         train=train,
         progress=progress,
+        threads=threads,
     )
     return run_audit(module, args, kwargs, options)
 

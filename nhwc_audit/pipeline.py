@@ -53,6 +53,8 @@ class AuditOptions:
     mode: Mode = "real"
     train: bool = False
     progress: ProgressFn | None = None
+    threads: int | None = None
+    """CPU threads to audit with (``torch.set_num_threads``, put back afterwards); None: as set."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ def _audit_one(
         bandwidth=bandwidth,
         bandwidth_source=source,
         backward=o.train,
+        threads=torch.get_num_threads(),
     )
     t4 = time.perf_counter()
     timing = {
@@ -203,6 +206,16 @@ def _audit_one(
 
 def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
     """Audit ``module`` on the sample ``(args, kwargs)`` as the options say."""
+    before = torch.get_num_threads()
+    if o.threads is not None:
+        torch.set_num_threads(o.threads)
+    try:
+        return _run(module, args, kwargs, o)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
     if o.mode != "both":
         return _audit_one(module, args, kwargs, o)
     real = _audit_one(module, args, kwargs, dataclasses.replace(o, mode="real"))

@@ -234,3 +234,22 @@ def test_source_lines_are_the_models_never_the_callers(capture: str, audit_fixed
     assert r.findings and all(f.source is None for f in r.findings)
     r = audit_fixed(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), capture=capture)
     assert all(f.source is not None and f.source.file.endswith("models.py") for f in r.findings)
+
+
+def test_threads_are_recorded_and_decide_cpu_conv3d_layouts(audit_fixed: Callable[..., AuditReport]) -> None:
+    """CPU Conv3d(8 -> 2, k=1) at 64^3 keeps channels_last_3d with 2 threads, NCDHW with 1."""
+    conv = nn.Conv3d(8, 2, 1)
+    x = torch.randn(1, 8, 64, 64, 64)
+    before = torch.get_num_threads()
+    layouts = {}
+    for threads in (1, 2):
+        r = audit_fixed(conv, x, threads=threads)
+        assert r.meta.threads == threads and f"{threads} thread" in r.headline
+        assert json.loads(r.to_json())["threads"] == threads
+        layouts[threads] = next(
+            n.output_layout.value for n in r.nodes if n.op not in ("placeholder", "get_attr", "output")
+        )
+    assert layouts == {1: "contiguous", 2: "channels_last"}
+    assert torch.get_num_threads() == before  # put back
+    with pytest.raises(NhwcAuditError, match="threads must be at least 1"):
+        audit_fixed(conv, x, threads=0)

@@ -95,7 +95,8 @@ def test_audit_prints_summary_and_writes_default_json(workdir: Path, capsys: pyt
     code, out, err = run(["usermodels:build"], capsys)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("usermodels:build (fx, real cpu, float32, train mode, input 1x3x16x16")
+    assert lines[0].startswith("usermodels:build (fx, real cpu, ")
+    assert ", float32, train mode, input 1x3x16x16" in lines[0] and " thread" in lines[0]
     assert "1 reverts, 0 conversions, 0 mixed, 0 breaks" in lines[1]
     assert any("revert" in ln and "norm (InstanceNorm2d)" in ln and "usermodels.py:12" in ln for ln in lines)
     assert any(ln.startswith(" 1. InstanceNorm2d: revert x1 (") for ln in lines)

@@ -1,6 +1,6 @@
 """Golden JSON reports: the audit of every test model, byte for byte (``timing`` aside).
 
-They pin the audit's behaviour across refactors: a change that alters any of them must say
+They pin the audit's behaviour across refactors (at 2 CPU threads: CPU Conv3d layouts depend on them): a change that alters any of them must say
 why and regenerate them with ``python -m pytest tests/test_golden.py --update-golden``.
 Absolute paths are written relative to the repository root so the files hold on any checkout.
 """
@@ -70,7 +70,7 @@ def test_report_json_matches_golden(name: str, request: pytest.FixtureRequest) -
     torch.manual_seed(0)
     model = make_model()
     model.eval() if not options.get("train") else model.train()
-    report = audit(model, make_sample(), bandwidth=1e9, **options)
+    report = audit(model, make_sample(), bandwidth=1e9, threads=2, **options)
     actual = _scrubbed(report.to_json())
     path = GOLDEN / f"{name}.json"
     if request.config.getoption("--update-golden"):

@@ -121,7 +121,8 @@ def default_hints() -> HintTable:
         FindingKind.REVERT,
         ("conv3d", "conv2d", "conv_transpose3d", "conv_transpose2d", "convolution"),
         "the convolution kernel chose NCHW/NCDHW output for this input size on {device} "
-        "(CPU Conv3d does so for small volumes): layouts here hold only for the audited shape",
+        "(CPU Conv3d does so for small volumes, and by thread count): layouts here hold only for the "
+        "audited shapes and threads; audit at your training batch, volume and --threads",
     )
     _register(
         t,

@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (casts model and inputs)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the model's device)")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads to audit with (CPU Conv3d layouts depend on them; default: torch's setting)",
+    )
+    p.add_argument(
         "--json",
         dest="json_path",
         default=None,

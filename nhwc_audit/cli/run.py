@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             train=args.train,
             verify=not args.no_verify,
             progress=progress_cb,
+            threads=args.threads,
         )
     finally:
         if progress_ctx is not None:

@@ -169,3 +169,5 @@ class AuditMeta:
     bandwidth_source: BandwidthSource
     backward: bool = False
     """The audit ran one backward pass (``train=True``) and recorded gradient layouts."""
+    threads: int = 1
+    """``torch.get_num_threads()`` during the audit: CPU kernels (Conv3d) choose layouts by it."""

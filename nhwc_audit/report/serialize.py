@@ -174,6 +174,7 @@ def report_dict(
         "capture_notes": list(meta.capture_notes),
         "mode": meta.mode,
         "device": meta.device,
+        "threads": meta.threads,
         "dtype": meta.dtype,
         "autocast": meta.autocast,
         "training": meta.training,

@@ -104,8 +104,9 @@ def run_description(m: AuditMeta) -> str:
     torch version."""
     shapes = ", ".join(t.shape_str for t in m.inputs) or "none"
     amp = f" autocast {m.autocast}" if m.autocast else ""
+    threads = f", {m.threads} thread{'s' if m.threads != 1 else ''}" if m.device.startswith("cpu") else ""
     return (
-        f"{m.capture}, {m.mode} {m.device}, {m.dtype}{amp}, {'train' if m.training else 'eval'} mode, "
+        f"{m.capture}, {m.mode} {m.device}{threads}, {m.dtype}{amp}, {'train' if m.training else 'eval'} mode, "
         f"input {shapes}, torch {m.torch_version}"
     )
 
