@@ -17,7 +17,8 @@ The rules (one place each):
              at ATen level while it ran, e.g. a conv with padding_mode='circular').
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
-no data and is never a revert or a conversion; ambiguous tensors (C == 1, H == W == 1)
+no data and is never a revert or a conversion (an in-place op whose operands disagree in
+layout is mixed, as it would be out of place); ambiguous tensors (C == 1, H == W == 1)
 decide nothing.
 """
 
@@ -198,8 +199,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         if origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin)):
             return [_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
         return []
-    if r.aliases_input:
-        return []
+    in_place = _writes_in_place(r)
+    if r.aliases_input and not in_place:
+        return []  # a view: moves no data
     ins = [i for i in r.spatial_inputs if i.meta.layout in _DECIDED]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
@@ -219,6 +221,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=None if out is Layout.CONTIGUOUS else "",
             )
         ]
+    if r.aliases_input:
+        return []  # in place into its own first operand, layouts agreeing: nothing moves
     reverted = [o for o in r.outputs if row_major(o)]
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
@@ -265,6 +269,14 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     return []
+
+
+def _writes_in_place(r: NodeRecord) -> bool:
+    """An in-place op other than a copy (``add_``, ``mul_``: ``out += skip`` under torch.export
+    or eager capture): it reads its other operands in the written tensor's layout, so mixed
+    layouts move data as they do out of place. ``copy_`` is a copy (the hidden-copy rule)."""
+    name = r.op_name
+    return name.endswith("_") and not name.endswith("__") and name != "copy_"
 
 
 def _first_decided(r: NodeRecord) -> Layout:

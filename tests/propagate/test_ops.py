@@ -206,3 +206,26 @@ def test_3d_ops_on_cpu(kind: str, reverts: bool) -> None:
         assert [(f.op, f.kind.value) for f in r.findings] == [(kind, "revert"), ("Conv3d", "conversion")]
     else:
         assert r.findings == ()
+
+
+class InPlaceSkip(nn.Module):
+    """``out += skip`` with ``out`` NCHW (InstanceNorm) and ``skip`` channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.norm = nn.InstanceNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm(self.a(x))
+        out += self.b(x)
+        return out
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_in_place_mixed_add_is_found_under_every_capture(capture: str) -> None:
+    r = audit(InPlaceSkip(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
+    (mixed,) = [f for f in r.findings if f.kind.value == "mixed"]
+    assert mixed.op in ("add", "add_") and mixed.bytes == 2 * 4 * 8 * 8 * 4
+    assert [f.kind.value for f in r.findings] == ["revert", "mixed"]
