@@ -228,7 +228,11 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
     sources = [i for i in r.activation_inputs if channels_innermost(i.meta) or leans_channels_last(i.meta)]
     if reverted and sources:
-        nbytes = 2 * sum(o.nbytes for o in reverted)
+        # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into
+        # NCHW: where the network leaves channels_last (the region starts here), no copy is made;
+        # the conversions downstream carry the cost
+        exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
+        nbytes = 0 if exit_only else 2 * sum(o.nbytes for o in reverted)
         standard = sources[0].meta.layout is Layout.CHANNELS_LAST and reverted[0].is_spatial
         return [
             _finding(

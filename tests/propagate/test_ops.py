@@ -229,3 +229,15 @@ def test_in_place_mixed_add_is_found_under_every_capture(capture: str) -> None:
     (mixed,) = [f for f in r.findings if f.kind.value == "mixed"]
     assert mixed.op in ("add", "add_") and mixed.bytes == 2 * 4 * 8 * 8 * 4
     assert [f.kind.value for f in r.findings] == ["revert", "mixed"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_single_channel_volume_leaves_channels_last_without_a_copy(batch: int, threads: int) -> None:
+    """A C == 1 volume is dense in both orders; at batch 1 CPU Conv3d computes straight into
+    NCDHW: the region starts there, but no transpose happens (0 bytes)."""
+    m = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1))
+    r = audit(m, torch.randn(batch, 1, 16, 16, 16), bandwidth=1e9, threads=threads)
+    expected = [("_0", "revert", 0)] if batch == 1 else []
+    assert [(f.node, f.kind.value, f.bytes) for f in r.findings] == expected
+    assert r.summary.bytes_moved == 0
