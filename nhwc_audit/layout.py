@@ -170,3 +170,20 @@ def row_major(meta: TensorMeta) -> bool:
     if meta.rank < 4 or len(meta.strides) != meta.rank or meta.layout is Layout.AMBIGUOUS:
         return False
     return is_dense_in_order(meta.shape, meta.strides, tuple(range(meta.rank - 1, -1, -1)))
+
+
+def nchw_ordered(meta: TensorMeta) -> bool:
+    """Laid out in NCHW order, dense or not (a slice of an NCHW tensor): rank >= 4 and the
+    strides of the dims after the batch dim (those of size > 1) never grow from C to W.
+
+    >>> from nhwc_audit.layout import tensor_meta
+    >>> import torch
+    >>> nchw_ordered(tensor_meta(torch.zeros(1, 4, 10, 10)[:, :, 1:-1, 1:-1]))
+    True
+    >>> nchw_ordered(tensor_meta(torch.zeros(1, 4, 10, 10).to(memory_format=torch.channels_last)[:, :, 1:-1]))
+    False
+    """
+    if meta.rank < 4 or len(meta.strides) != meta.rank:
+        return False
+    strides = [st for size, st in zip(meta.shape[1:], meta.strides[1:], strict=True) if size > 1]
+    return len(strides) > 1 and all(a >= b for a, b in zip(strides, strides[1:], strict=False))

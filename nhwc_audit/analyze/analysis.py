@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
-from .findings import SKIP_OPS, build_graph, find_findings
+from .findings import find_findings
 from .hints import HintTable
+from .origin import SKIP_OPS, build_graph
 
 __all__ = ["Analysis", "analyze", "find_regions", "group_fixes", "rank_hotspots", "summarize"]
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import networkx as nx
-
-from ..layout import channels_innermost, leans_channels_last, row_major
+from ..layout import channels_innermost, leans_channels_last, nchw_ordered, row_major
 from ..records import (
     Finding,
     FindingKind,
@@ -37,23 +35,10 @@ from ..records import (
     NodeRecord,
 )
 from .hints import AMBIGUOUS_ORIGIN, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
+from .origin import SKIP_OPS, describe, origin_of, via
 
-__all__ = ["SKIP_OPS", "build_graph", "find_findings"]
-
-SKIP_OPS = ("placeholder", "get_attr", "output")
-"""Graph nodes that are not ops: never findings, never in a region."""
+__all__ = ["SKIP_OPS", "find_findings"]
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
-
-
-def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:
-    """The dataflow graph: one node per record (keyed by name), edges producer -> user."""
-    g: nx.DiGraph[str] = nx.DiGraph()
-    for r in records:
-        g.add_node(r.name, index=r.index)
-    for r in records:
-        for u in r.users:
-            g.add_edge(r.name, u)
-    return g
 
 
 @dataclass(frozen=True)
@@ -79,7 +64,7 @@ def _finding(
     if shape is None:
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
-    origin = _origin(producer, ctx.by_name)
+    origin = origin_of(producer, ctx.by_name)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
         hint_op = AMBIGUOUS_ORIGIN
     return Finding(
@@ -102,13 +87,13 @@ def _finding(
             kind,
             _hint_keys(r) if hint_op is None else hint_op,
             op=r.module_type if r.in_leaf_module and r.op != "call_module" else r.op_name,
-            origin=_via(origin, producer),
+            origin=via(origin, producer),
             device=ctx.device,
             detail=detail if detail is not None else (r.detail or None),
         ),
         producer=producer.name if producer else None,
         origin=origin.name if origin else None,
-        origin_op=_describe(origin) if origin else None,
+        origin_op=describe(origin) if origin else None,
         error=r.error,
     )
 
@@ -129,37 +114,6 @@ def _only_ambiguous_inputs(r: NodeRecord) -> bool:
     """The node made NCHW out of ambiguous input only (C == 1 or H == W == 1 tensors)."""
     ins = r.spatial_inputs
     return bool(ins) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
-
-
-def _origin(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRecord | None:
-    """Walk back from an NCHW tensor's producer to the node where NCHW started: the first
-    node (following each node's first NCHW activation input) that did not get NCHW input."""
-    r = start
-    seen: set[str] = set()
-    while r is not None and r.name not in seen:
-        seen.add(r.name)
-        nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS]
-        if not nchw or r.op == "placeholder":
-            return r
-        nxt = by_name.get(nchw[0].producer or "")
-        if nxt is None or nxt.op in SKIP_OPS:
-            return r
-        r = nxt
-    return r
-
-
-def _via(origin: NodeRecord | None, producer: NodeRecord | None) -> str | None:
-    if origin is None:
-        return None
-    text = f"{origin.name} ({_describe(origin)})"
-    if producer is not None and producer.name != origin.name:
-        text += f", via {producer.name}"
-    return text
-
-
-def _describe(r: NodeRecord) -> str:
-    op = r.op_label
-    return f"{op} at {r.location}" if r.location else op
 
 
 def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
@@ -193,7 +147,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if r.latent_error is not None:
         nchw = next((i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS), None)
         producer = ctx.by_name.get(nchw.producer or "") if nchw is not None else None
-        origin = _origin(producer, ctx.by_name)
+        origin = origin_of(producer, ctx.by_name)
         # latent only where the audit advises a change that would hand it channels_last: its
         # NCHW input comes from a revert (not from, say, an attention matmul that is NCHW anyway)
         if origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin)):
@@ -227,6 +181,21 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
     sources = [i for i in r.activation_inputs if channels_innermost(i.meta) or leans_channels_last(i.meta)]
+    strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
+    if reverted and cl_in and strided_nchw:
+        # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
+        # disagree and the op followed the NCHW one; it is mixed, not an op without an NHWC kernel
+        return [
+            _finding(
+                ctx,
+                r,
+                FindingKind.MIXED,
+                layout_in=Layout.CHANNELS_LAST,
+                nbytes=2 * sum(i.meta.nbytes for i in cl_in),
+                producer=ctx.by_name.get(strided_nchw[0].producer or ""),
+                shape=cl_in[0].meta.shape,
+            )
+        ]
     if reverted and sources:
         # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into
         # NCHW: where the network leaves channels_last (the region starts here), no copy is made;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import AuditReport, audit
@@ -241,3 +242,30 @@ def test_single_channel_volume_leaves_channels_last_without_a_copy(batch: int, t
     expected = [("_0", "revert", 0)] if batch == 1 else []
     assert [(f.node, f.kind.value, f.bytes) for f in r.findings] == expected
     assert r.summary.bytes_moved == 0
+
+
+class SlicedSkip(nn.Module):
+    """A skip path through a circular pad and a slice (NCHW-ordered, not dense) concatenated
+    with a channels_last branch: the inputs disagree; cat itself has a channels_last kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = F.pad(self.a(x), (1, 1, 1, 1), mode="circular")[:, :, 1:-1, 1:-1]
+        return self.c(torch.cat([skip, self.b(x)], 1))
+
+
+def test_cat_of_a_sliced_nchw_input_is_mixed_not_a_revert() -> None:
+    r = audit(SlicedSkip(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert [(f.node, f.kind.value, f.origin) for f in r.findings] == [
+        ("pad", "revert", None),
+        ("cat", "mixed", "pad"),
+        ("c", "conversion", "pad"),
+    ]
+    cat = r.findings[1]
+    assert "has no channels_last kernel" not in cat.hint and cat.bytes == 2 * 4 * 8 * 8 * 4
+    assert [(x.op, x.findings) for x in r.fixes] == [("pad(circular)", 3)]
