@@ -104,10 +104,8 @@ def render_audit(report: AuditReport, *, top: int = 10) -> RenderableType:
         counts.append(text, style=_KIND_STYLE[kind] if kind is not None and nonzero else "")
     counts.append(f"; {cost_line(m, s)}")
     verdict = Text(share_line(s), style="green" if s.findings == 0 and s.spatial_nodes else "")
-    parts: list[RenderableType] = [head, counts, verdict]
     fake = fake_note(m)
-    if fake is not None:
-        parts.append(Text(fake, style="yellow"))
+    parts: list[RenderableType] = [head, *([Text(fake, style="yellow")] if fake else []), counts, verdict]
     for note in m.capture_notes:
         parts.append(Text(f"note: {note}", style="dim"))
     shown = report.hotspots[:top]
