@@ -32,10 +32,11 @@ from ..records import (
     Finding,
     FindingKind,
     Layout,
+    NodeInput,
     NodeRecord,
 )
-from .hints import AMBIGUOUS_ORIGIN, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
-from .origin import SKIP_OPS, describe, origin_of, via
+from .hints import AMBIGUOUS_ORIGIN, COMPUTED_WEIGHT, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
+from .origin import SKIP_OPS, describe, from_parameters_only, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
@@ -162,6 +163,20 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     nchw_in = [i for i in ins if i.meta.layout is Layout.CONTIGUOUS]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
+        weight = _computed_weight(ctx, r, nchw_in)
+        if weight is not None:  # the root cause is the weight computation, not the activations
+            return [
+                _finding(
+                    ctx,
+                    r,
+                    FindingKind.MIXED,
+                    layout_in=Layout.CHANNELS_LAST if out is Layout.CONTIGUOUS else Layout.CONTIGUOUS,
+                    nbytes=2 * sum(i.meta.nbytes for i in losers),
+                    producer=ctx.by_name.get(weight.producer or ""),
+                    shape=losers[0].meta.shape,
+                    hint_op=COMPUTED_WEIGHT,
+                )
+            ]
         return [
             _finding(
                 ctx,
@@ -242,6 +257,23 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     return []
+
+
+_CONVS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose2d", "conv_transpose3d"}
+)
+
+
+def _computed_weight(ctx: _Ctx, r: NodeRecord, nchw_in: list[NodeInput]) -> NodeInput | None:
+    """For a convolution: its NCHW input that is a weight computed in forward from parameters
+    only (weight standardisation: batch_norm over the reshaped weight, then reshape_as)."""
+    if r.op_name.lower() not in _CONVS:
+        return None
+    for i in nchw_in:
+        producer = ctx.by_name.get(i.producer or "")
+        if producer is not None and from_parameters_only(producer, ctx.by_name):
+            return i
+    return None
 
 
 def _writes_in_place(r: NodeRecord) -> bool:

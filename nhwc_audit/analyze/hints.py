@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from ..records import FindingKind
 
-__all__ = ["AMBIGUOUS_ORIGIN", "HIDDEN", "ND_TRANSPOSE", "HintTable", "default_hints", "render_hint"]
+__all__ = [
+    "AMBIGUOUS_ORIGIN",
+    "COMPUTED_WEIGHT",
+    "HIDDEN",
+    "ND_TRANSPOSE",
+    "HintTable",
+    "default_hints",
+    "render_hint",
+]
 
 HintTable = dict[tuple[FindingKind, str], str]
 
@@ -22,6 +30,9 @@ HIDDEN = "@hidden"
 
 ND_TRANSPOSE = "@nd-transpose"
 """Key of the revert hint for a copy of a channels-innermost view that is not plain NHWC."""
+
+COMPUTED_WEIGHT = "@computed-weight"
+"""Key of the mixed hint for a convolution whose weight is computed in forward and NCHW."""
 
 _DEFAULT: dict[FindingKind, str] = {
     FindingKind.BREAK: (
@@ -202,6 +213,15 @@ def default_hints() -> HintTable:
         "channel axis out of the innermost position (e.g. channel shuffle: view, transpose, "
         "contiguous): do it in (N, H, W, C) order instead, x.permute(0, 2, 3, 1), reshape/"
         "transpose the last dims, permute(0, 3, 1, 2), so the copy keeps channels innermost",
+    )
+    _register(
+        t,
+        FindingKind.MIXED,
+        (COMPUTED_WEIGHT,),
+        "{op}'s weight is computed in forward ({origin}) and comes out NCHW, so the convolution "
+        "re-lays the weight on every call or follows it and returns NCHW: give the computed weight "
+        "channels_last strides (weight.contiguous(memory_format=torch.channels_last) after it is "
+        "computed, e.g. after reshape_as in a weight-standardised conv) and nothing moves",
     )
     _register(
         t,

@@ -10,7 +10,7 @@ import networkx as nx
 from ..layout import nchw_ordered
 from ..records import Layout, NodeRecord
 
-__all__ = ["SKIP_OPS", "build_graph", "describe", "origin_of", "via"]
+__all__ = ["SKIP_OPS", "build_graph", "describe", "from_parameters_only", "origin_of", "via"]
 
 SKIP_OPS = ("placeholder", "get_attr", "output")
 """Graph nodes that are not ops: never findings, never in a region."""
@@ -60,3 +60,19 @@ def via(origin: NodeRecord | None, producer: NodeRecord | None) -> str | None:
 def describe(r: NodeRecord) -> str:
     op = r.op_label
     return f"{op} at {r.location}" if r.location else op
+
+
+def from_parameters_only(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
+    """``r`` computes from parameters and buffers only: no model input upstream of it."""
+    stack, seen = [r], set()
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op == "placeholder":
+            return False
+        for i in node.inputs:
+            if i.producer is not None and i.producer in by_name:
+                stack.append(by_name[i.producer])
+    return True
