@@ -197,10 +197,18 @@ def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
         lines.append(f"# Layout changes per forward: {log.bytes_before} B -> {log.bytes_after} B.")
         lines += [f"# {s.kind}: {s.node}: {s.reason} (-{s.bytes_saved} B)" for s in log.steps]
         lines += [f"# refused: {msg}" for msg in log.refused]
+    import copy
+
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:  # annotations such as torch.Tensor print as names module.py cannot resolve
+        node.type = None
+    gm.recompile()
     try:
         gm.to_folder(folder, "Repaired")
         code = folder / "module.py"
-        code.write_text("\n".join(lines) + "\n" + code.read_text(encoding="utf-8"), encoding="utf-8")
+        text = code.read_text(encoding="utf-8").replace(f"r'{folder}/", "_HERE + r'/")
+        here = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))  # loads from any working folder\n"
+        code.write_text("\n".join(lines) + "\n" + here + text, encoding="utf-8")
     except OSError as e:
         raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
     return folder

@@ -207,7 +207,7 @@ def test_cli_apply_measure_save(
         "    def __init__(self):\n        super().__init__()\n"
         "        self.conv = nn.Conv2d(3, 8, 3, padding=1)\n        self.norm = nn.InstanceNorm2d(8)\n"
         "        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)\n"
-        "    def forward(self, x):\n        return self.conv2(self.norm(self.conv(x)))\n"
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n        return self.conv2(self.norm(self.conv(x)))\n"
     )
     code = main(
         [
@@ -245,7 +245,7 @@ def test_cli_apply_measure_save(
     # a fresh process loads the saved model and computes what the original computes
     check = (
         "import sys, torch\n"
-        "sys.path.insert(0, '.')\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "from tiny import Tiny\n"
         "from repaired_tiny import Repaired\n"
         "torch.manual_seed(0)\n"
@@ -257,7 +257,9 @@ def test_cli_apply_measure_save(
         "torch.testing.assert_close(got, orig(x), rtol=1e-4, atol=1e-5)\n"
         "print(type(rep).__name__, tuple(got.shape), got.is_contiguous(memory_format=torch.channels_last))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    elsewhere = tmp_path / "elsewhere"  # from another working folder
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["Repaired", "(2,", "8,", "16,", "16)", "True"]
 
