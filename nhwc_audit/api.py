@@ -76,10 +76,14 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: M
     if device is None:
         # fake audits predict; the model may live on the meta device
         return torch.device("cpu") if mode == "fake" else model_device(model)
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"device {str(device)!r} is not a torch device: use cpu, cuda, cuda:N or mps") from e
     if mode != "fake" and dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
-            "device 'cuda' is not available on this machine: audit on cpu, or predict cuda with mode='fake'"
+            "device 'cuda' is not available on this machine: audit on cpu, or predict cuda in fake mode "
+            "(--mode fake, API mode='fake')"
         )
     if mode != "fake" and dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("device 'mps' is not available on this machine: audit on cpu")

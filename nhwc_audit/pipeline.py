@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .analyze.analysis import analyze
-from .analyze.divergence import divergence_warnings, divergences
+from .analyze.divergence import divergences
 from .analyze.verdict import decide
 from .errors import SharedWeightWrite
 from .layout import tensor_meta
@@ -159,16 +159,12 @@ def _audit_one(
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type)
-    predictions: tuple[str, ...] = ()
-    if o.mode == "fake":
-        ops = {r.op_name.lower() for r in records} | {r.module_type.lower() for r in records if r.op == "call_module"}
-        predictions = tuple(f"prediction: {w}" for w in divergence_warnings(ops, str(o.device)))
     dtype = str(o.dtype or _first_float_dtype(module) or torch.float32).removeprefix("torch.")
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=captured.notes + predictions + grad_notes,
+        capture_notes=captured.notes + grad_notes,
         mode=o.mode,
         device=str(o.device),
         dtype=dtype,

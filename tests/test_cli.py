@@ -142,6 +142,7 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("usermodels:build", ["--dtype", "float64"], "--dtype 'float64' is not supported"),
         ("usermodels:build", ["--json", "usermodels.py/r.json"], "is not a folder"),
         ("usermodels:build", ["--device", "cuda:7"], "not available"),
+        ("usermodels:build", ["--device", "nosuch"], "is not a torch device"),
         ("usermodels:build", ["--input", "1x3x8"], "not a channels_last problem"),
         ("usermodels:build_meta", [], "meta device"),
         ("usermodels:AlwaysRaises", [], "the model's own error"),

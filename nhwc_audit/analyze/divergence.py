@@ -1,20 +1,13 @@
-"""Fake against real: the ops whose meta kernels are known to disagree with eager kernels,
-and the nodes where a real and a fake run of the same graph disagree (mode='both')."""
+"""Fake against real: the nodes where a real and a fake run of the same graph disagree
+(mode='both'). The ops known to disagree are :mod:`nhwc_audit.propagate.corrections`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..propagate.corrections import KNOWN_DIVERGENCES
 from ..records import Finding, FindingKind, Layout, NodeRecord
 
-__all__ = ["KNOWN_DIVERGENCES", "divergence_warnings", "divergences"]
-
-
-def divergence_warnings(op_names: set[str], device: str) -> list[str]:
-    """Known fake-vs-real disagreements for the ops this audit met on this device type."""
-    dev = device.split(":")[0]
-    return sorted({d.text for d in KNOWN_DIVERGENCES if d.device == dev and d.ops & op_names})
+__all__ = ["divergences"]
 
 
 def divergences(real: Sequence[NodeRecord], fake: Sequence[NodeRecord], device: str) -> list[Finding]:

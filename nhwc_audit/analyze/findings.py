@@ -217,7 +217,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # the conversions downstream carry the cost
         exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
         nbytes = 0 if exit_only else 2 * sum(o.nbytes for o in reverted)
-        standard = sources[0].meta.layout is Layout.CHANNELS_LAST and reverted[0].is_spatial
+        # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
+        standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
         return [
             _finding(
                 ctx,

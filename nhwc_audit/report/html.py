@@ -198,6 +198,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "inputs": [f"{t.shape_str} ({t.layout.value})" for t in m.inputs],
             "bandwidth": m.bandwidth,
             "bandwidth_source": m.bandwidth_source,
+            "backward": m.backward,
             "created": created.strftime("%Y-%m-%d %H:%M UTC"),
         },
         "summary": {
@@ -210,6 +211,9 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "conversions": s.conversions,
             "mixed": s.mixed,
             "breaks": s.breaks,
+            "latent_breaks": s.latent_breaks,
+            "backward": s.backward,
+            "divergences": s.divergences,
             "findings": s.findings,
             "bytes_moved": s.bytes_moved,
             "est_seconds": s.est_seconds,

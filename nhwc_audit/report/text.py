@@ -176,7 +176,7 @@ def evidence_line(m: AuditMeta) -> str:
     if m.mode == "fake":
         return (
             f"Layouts are predicted from meta kernels (FakeTensors) for {m.device}, not measured: eager kernels "
-            "disagree with them on some ops (see the notes)."
+            "disagree with them on some ops, corrected where known."
         )
     return (
         f"Layouts come from the kernels that ran on {m.device} at the shapes above; other devices and shapes can "

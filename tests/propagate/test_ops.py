@@ -242,6 +242,8 @@ def test_single_channel_volume_leaves_channels_last_without_a_copy(batch: int, t
     expected = [("_0", "revert", 0)] if batch == 1 else []
     assert [(f.node, f.kind.value, f.bytes) for f in r.findings] == expected
     assert r.summary.bytes_moved == 0
+    for f in r.findings:  # the conv kernel's own choice, not a channel-shuffle copy
+        assert f.hint.startswith("the convolution kernel chose NCHW/NCDHW output"), f.hint
 
 
 class SlicedSkip(nn.Module):
