@@ -109,7 +109,9 @@ def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord]
         return captured.records, ("backward: not audited (the hooks capture has no graph to run backward through)",)
     breaks = frozenset(r.name for r in captured.records if r.error)
     with runner.context(guard=False):
-        grads, param_grads = backward_layouts(captured.gm, captured.inputs or [], breaks=breaks)
+        grads, param_grads = backward_layouts(
+            captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected
+        )
     records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
     return records, _param_grad_notes(param_grads)
 

@@ -12,27 +12,63 @@ import torch.fx
 from torch.utils._pytree import tree_map
 
 from ..layout import tensor_meta
-from ..records import TensorMeta
+from ..prepare.copy import memory_format_for_rank
+from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, to_nchw
 
 __all__ = ["backward_layouts"]
 
 
+def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    fmt = memory_format_for_rank(t.dim())
+    if fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
+        return t
+    return t.contiguous(memory_format=fmt)
+
+
+class _EagerGrad(torch.autograd.Function):
+    """Identity forward; backward hands on the gradient channels_last, as the eager kernel of an
+    op fake tensors get wrong (GroupNorm on CPU) would produce it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _to_channels_last(grad)
+
+
+def _eager_input(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() in (4, 5) and v.requires_grad:
+        return _EagerGrad.apply(v)
+    return v
+
+
 class _GradProp(torch.fx.Interpreter):
     def __init__(
-        self, gm: torch.fx.GraphModule, grads: dict[str, list[TensorMeta]], breaks: frozenset[str] = frozenset()
+        self,
+        gm: torch.fx.GraphModule,
+        grads: dict[str, list[TensorMeta]],
+        breaks: frozenset[str] = frozenset(),
+        corrected: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(gm)
         self.extra_traceback = False
         self.grads = grads
         self.breaks = breaks
+        self.corrected = corrected
 
     def run_node(self, n: torch.fx.Node) -> Any:
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             if n.name in self.breaks:  # raises on channels_last: run on NCHW, as the forward audit did
                 args, kwargs = tree_map(to_nchw, args), tree_map(to_nchw, kwargs)
+            if n.name in self.corrected:  # a fake run's known meta-kernel error: follow eager both ways
+                args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
             out = getattr(self, n.op)(n.target, args, kwargs)
+            if n.name in self.corrected:
+                out = tree_map(lambda v: _to_channels_last(v) if isinstance(v, torch.Tensor) else v, out)
         if n.op not in ("output", "get_attr"):
             for t in iter_tensors(out):
                 if t.requires_grad:
@@ -45,17 +81,26 @@ class _GradProp(torch.fx.Interpreter):
 
 
 def backward_layouts(
-    gm: torch.fx.GraphModule, flat_inputs: list[Any], seed: int = 0, *, breaks: frozenset[str] = frozenset()
+    gm: torch.fx.GraphModule,
+    flat_inputs: list[Any],
+    seed: int = 0,
+    *,
+    breaks: frozenset[str] = frozenset(),
+    corrected: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, tuple[TensorMeta, ...]], dict[str, TensorMeta]]:
     """Run ``gm`` (the audit's private graph) forward with autograd and back from a fixed random
     linear loss whose seed gradient has each output's own layout (as an elementwise loss on a
     channels_last output gives). ``breaks``: nodes that raise on channels_last input (the
     forward audit's breaks), run on NCHW copies of their inputs as the forward audit ran them.
+    ``corrected``: nodes a fake run corrected to eager (:mod:`.corrections`): their outputs and
+    the gradients they hand back are channels_last here too.
     Returns node -> gradient layouts and parameter -> layout."""
     grads: dict[str, list[TensorMeta]] = {}
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
-        out = _GradProp(gm, grads, breaks).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
+        out = _GradProp(gm, grads, breaks, corrected).run(
+            *[clone_value(v) for v in flat_inputs], enable_io_processing=False
+        )
         outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
         params = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
         param_grads: dict[str, TensorMeta] = {}

@@ -65,6 +65,8 @@ class Captured:
     """The graph that was propagated (None for the hooks capture)."""
     inputs: list[Any] | None = None
     """The values its placeholders took, in order."""
+    corrected: frozenset[str] = frozenset()
+    """Nodes a fake run made follow eager where meta kernels are known wrong."""
 
     @property
     def gm(self) -> torch.fx.GraphModule | None:
@@ -119,10 +121,14 @@ class _Chain:
     def _corrections(self) -> Corrections | None:
         return Corrections(self.runner.device_type) if self.runner.fake and self.runner.correct else None
 
-    def _noted(self, corrections: Corrections | None) -> None:
-        note = corrections.note() if corrections is not None else None
+    def _noted(self, corrections: Corrections | None) -> frozenset[str]:
+        """Note the corrections of a fake run; the nodes corrected."""
+        if corrections is None:
+            return frozenset()
+        note = corrections.note()
         if note is not None:
             self.notes.append(note)
+        return frozenset(node for node, _ in corrections.applied)
 
     def run(self) -> Captured:
         steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
@@ -142,13 +148,15 @@ class _Chain:
             self._eager.append(self.runner.forward(self.model, self.args, self.kwargs))
         return self._eager[0]
 
-    def _done(self, records: list[NodeRecord], cap: Capture, checked: CheckKind) -> Captured:
+    def _done(
+        self, records: list[NodeRecord], cap: Capture, checked: CheckKind, corrected: frozenset[str] = frozenset()
+    ) -> Captured:
         inputs = (
             list(tree_leaves((self.args, self.kwargs)))
             if cap.flat_inputs
             else positional_inputs(cap.graph, self.args, self.kwargs)
         )
-        return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs)
+        return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs, corrected)
 
     def _graph_step(self, name: GraphMethod, capture: Callable[[], Capture]) -> Captured | None:
         forced = self.method == name
@@ -194,9 +202,9 @@ class _Chain:
                 f"{name}: the captured graph is wrong: it raises {cause} at node {e.node!r} where the eager model runs"
             )
             return None
-        self._noted(corrections)
+        corrected = self._noted(corrections)
         if not checking:
-            return self._done(records, cap, "off")
+            return self._done(records, cap, "off", corrected)
         try:
             verdict = self._check(cap, records, out, calls, first_sample(self.args, self.kwargs, batch))
         except Exception as e:  # the check itself failed: the audit's problem, not the model's

@@ -129,3 +129,16 @@ def test_backward_in_fake_mode_matches_real() -> None:
     grads = {n.name: [g.layout for g in n.grads] for n in real.nodes}
     assert grads == {n.name: [g.layout for g in n.grads] for n in fake.nodes}
     assert [f.kind.value for f in fake.findings] == [f.kind.value for f in real.findings]
+
+
+def test_fake_backward_follows_eager_where_forward_was_corrected() -> None:
+    """GroupNorm on CPU: the fake forward is corrected to channels_last, and so are the
+    gradients it hands back; fake --train then agrees with real --train."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    real = audit(m, x, bandwidth=1e9, train=True)
+    fake = audit(m, x, bandwidth=1e9, train=True, mode="fake")
+    assert real.summary.findings == fake.summary.findings == 0
+    assert {n.name: [g.layout for g in n.grads] for n in fake.nodes} == {
+        n.name: [g.layout for g in n.grads] for n in real.nodes
+    }
