@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import traceback
 import warnings
@@ -79,6 +80,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Native code's writes to file descriptor 2 (the profiler's 'USDT ... profiler_start' and
+    'gpuGetDeviceCount failed' lines) go to /dev/null; Python's own stderr, where nhwc-audit
+    prints its errors, keeps the terminal through a duplicate of the descriptor."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (a test's capture): nothing to do
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    python_stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    previous = sys.stderr
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    sys.stderr = python_stderr
+    try:
+        yield
+    finally:
+        python_stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+        sys.stderr = previous
+        python_stderr.close()
+
+
+@contextlib.contextmanager
 def _quiet_libraries(*, debug: bool) -> Iterator[None]:
     """torch's warnings and log messages (export's program dumps, profiler notices) reach the
     terminal with ``--debug`` only; the levels and filters are put back afterwards."""
@@ -87,9 +116,10 @@ def _quiet_libraries(*, debug: bool) -> Iterator[None]:
         return
     import logging
 
-    loggers = [logging.getLogger(name) for name in ("torch", "torch._export", "torch.export", "torch._dynamo")]
+    names = ("torch", "torch._export", "torch.export", "torch._dynamo", "torch.utils.cpp_extension")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_stderr_silenced():
         for module in ("torch", "contextlib", "torchvision", "timm", "diffusers", "monai"):
             warnings.filterwarnings("ignore", module=module + r"(\..*)?$")
         for lg in loggers:

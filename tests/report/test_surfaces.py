@@ -120,3 +120,18 @@ def test_quiet_keeps_a_failed_exports_graph_dump_off_the_terminal(
     assert main(["dd.py:DataDependent", "--input", "1x3x8x8", "--no-report", "--bandwidth", "1e9"]) == 0
     out, err = capsys.readouterr()
     assert "note: export: torch.export could not capture DataDependent" in out and "def forward" not in out + err
+
+
+def test_quiet_measure_in_a_fresh_process_prints_nothing(tmp_path: Path) -> None:
+    """The profiler and torch.utils.cpp_extension log on first import ('No CUDA runtime is found'):
+    that stays off the terminal unless --debug."""
+    import subprocess
+    import sys
+
+    (tmp_path / "m.py").write_text(
+        "import torch\nclass M(torch.nn.Sequential):\n"
+        "    def __init__(self):\n        super().__init__(torch.nn.Conv2d(3, 4, 1), torch.nn.InstanceNorm2d(4))\n"
+    )
+    argv = [sys.executable, "-m", "nhwc_audit", "m.py:M", "--input", "1x3x8x8", "--no-report", "-q", "--measure"]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
