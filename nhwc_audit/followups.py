@@ -52,7 +52,8 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
     model, args, kwargs = _source(report)
     graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
     m = measure(model, args, kwargs, repaired=report.repaired_module, train=train, rounds=rounds, graph=graph)
-    speeds = [s for s in (m.speedup("channels_last"), m.speedup("repaired")) if s is not None]
+    naive, repaired = m.speedup("channels_last"), m.speedup("repaired")
+    speeds = [s for s in (naive, repaired) if s is not None]
     lines = [
         f"{t.variant}: {fmt_seconds(t.median)} per {'step' if train else 'forward'} "
         f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
@@ -64,6 +65,7 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
         device=report.meta.device,
         dtype=report.meta.dtype,
         speedup=max(speeds) if speeds else None,
+        needs_repair=repaired is not None and repaired > (naive or 0.0),
         measured=lines,
     )
     return dataclasses.replace(report, measurement=m, verdict=verdict)

@@ -68,9 +68,11 @@ def decide(
     speedup: float | None = None,
     measured: Sequence[str] = (),
     bytes_moved: int | None = None,
+    needs_repair: bool = False,
 ) -> Verdict:
     """The verdict. ``speedup``: measured NCHW time / best channels_last time; ``measured``:
-    lines describing each timed variant, shown as reasons."""
+    lines describing each timed variant, shown as reasons; ``needs_repair``: the best variant is
+    the repaired one (the naive conversion is slower), so the verdict says so."""
     reasons: list[str] = list(measured)
     convs = conv_infos(records)
     # bytes_moved counts read + write; the share of activation data transposed is half of it
@@ -78,8 +80,12 @@ def decide(
     moved_share = moved / 2 / summary.spatial_bytes if summary.spatial_bytes else 0.0
     if speedup is not None:
         ok = speedup >= 1.05
-        reasons.append(f"measured: the best channels_last variant runs {speedup:.2f}x the speed of NCHW on {device}")
-        return Verdict(ok, _summary(ok, summary.breaks), tuple(reasons), measured=True)
+        best = "the repaired channels_last model" if needs_repair else "the best channels_last variant"
+        reasons.append(f"measured: {best} runs {speedup:.2f}x the speed of NCHW on {device}")
+        text = _summary(ok, summary.breaks)
+        if ok and needs_repair:
+            text = "convert with the repair (--apply)" if not summary.breaks else text + ", with the repair (--apply)"
+        return Verdict(ok, text, tuple(reasons), measured=True)
     if not convs:
         return Verdict(False, "don't convert", ("no convolutions: channels_last has nothing to speed up",), False)
     grouped = [c for c in convs if c.groups > 1 and c.in_channels // c.groups > 1]

@@ -72,3 +72,12 @@ def test_transposed_convolutions_are_not_counted_as_grouped(audit_fixed: Callabl
     assert [reason for reason in r.verdict.reasons if "grouped" in reason] == [
         "1 grouped, non-depthwise convolutions (slower in channels_last per inductor)"
     ]
+
+
+def test_a_measured_gain_that_needs_the_repair_says_so(audit_fixed: Callable[..., AuditReport]) -> None:
+    r = audit_fixed(Wide(), torch.randn(1, 3, 8, 8))
+    v = decide(r.nodes, r.summary, device="cpu", dtype="float32", speedup=1.2, needs_repair=True)
+    assert v.convert and v.summary == "convert with the repair (--apply)"
+    assert "the repaired channels_last model runs 1.20x" in v.reasons[-1]
+    plain = decide(r.nodes, r.summary, device="cpu", dtype="float32", speedup=1.2)
+    assert plain.summary == "convert"
