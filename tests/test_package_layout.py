@@ -27,6 +27,7 @@ RANK = {
     "pipeline": 8,
     "api": 9,
     "zoo": 10,
+    "testing": 10,
     "cli": 11,
     "examples": 1,
 }

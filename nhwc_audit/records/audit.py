@@ -53,6 +53,14 @@ class Finding:
         """``path (Type)``, or the type alone at the root module."""
         return f"{self.module_path} ({self.module_type})" if self.module_path else self.module_type
 
+    @property
+    def key(self) -> str:
+        """A name for this finding that survives renumbered graph nodes: kind, module path, op
+        and source line (``revert:up1.conv.block.1:InstanceNorm2d:examples.py:36``; the file's
+        base name, so that keys hold on any checkout)."""
+        where = f"{self.source.file.replace(chr(92), '/').rsplit('/', 1)[-1]}:{self.source.line}" if self.source else ""
+        return f"{self.kind.value}:{self.module_path}:{self.op_label}:{where}"
+
 
 @dataclass(frozen=True, slots=True)
 class Hotspot:

@@ -1,0 +1,49 @@
+"""Assertions for a model's own test suite: the model stays channels_last, apart from what the
+team has accepted.
+
+>>> import torch
+>>> from nhwc_audit.testing import assert_channels_last
+>>> assert_channels_last(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16), bandwidth=1e9)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from .api import audit
+from .records import FAIL_ON, FailOn, Finding
+from .report.text import offender_line
+
+__all__ = ["assert_channels_last"]
+
+
+def _allowed(f: Finding, allow: Iterable[str]) -> bool:
+    """``f`` is accepted by a pattern: a finding key (:attr:`Finding.key`, glob patterns allowed)
+    or a module path pattern (``up*.conv.block.1``, ``decoder.*``)."""
+    return any(fnmatch.fnmatchcase(f.key, p) or fnmatch.fnmatchcase(f.module_path, p) for p in allow)
+
+
+def assert_channels_last(
+    model: nn.Module | Callable[[], Any],
+    example_inputs: Any = None,
+    *,
+    allow: Iterable[str] = (),
+    fail_on: FailOn = "any",
+    **options: Any,
+) -> None:
+    """Raise ``AssertionError`` when auditing ``model`` finds what ``fail_on`` counts ('any':
+    every finding; 'revert': breaks, latent breaks, reverts and mixed ops) outside ``allow``
+    (module path patterns or finding keys the team has accepted). The message lists each
+    offender with module path, op, source line, bytes, hint and its key to allow it.
+    ``options`` go to :func:`nhwc_audit.audit`."""
+    report = audit(model, example_inputs, **options)
+    accepted = tuple(allow)
+    offenders = [f for f in report.findings_of(FAIL_ON[fail_on]) if not _allowed(f, accepted)]
+    if offenders:
+        lines = [f"{report.meta.model} does not stay channels_last: {len(offenders)} finding(s) not allowed"]
+        lines += [f"  {offender_line(f)}\n    key: {f.key}" for f in offenders]
+        raise AssertionError("\n".join(lines))
