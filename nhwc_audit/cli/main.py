@@ -15,10 +15,14 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import first_line
 from .parser import build_parser
 from .run import run
+
+if TYPE_CHECKING:
+    from ..report.diff import ReportDiff
 
 __all__ = ["main"]
 
@@ -38,14 +42,43 @@ def _atlas(argv: Sequence[str]) -> int:
     return 0
 
 
+def _diff(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="nhwc-audit diff", description="what the NEW report adds to the OLD one (exit 1 on new or grown findings)"
+    )
+    p.add_argument("old", help="the baseline JSON report")
+    p.add_argument("new", help="the JSON report to compare with it")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the difference as JSON")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    from ..report.diff import diff_reports, load_report
+
+    diff = diff_reports(load_report(args.old), load_report(args.new))
+    return _print_diff(diff, Path(args.json_path) if args.json_path else None)
+
+
+def _print_diff(diff: ReportDiff, json_path: Path | None) -> int:
+    import json
+
+    from ..report.files import write_all_atomic
+
+    for line in diff.lines():
+        print(line)
+    if json_path is not None:
+        write_all_atomic([(json_path, json.dumps(diff.to_dict(), indent=2) + "\n")])
+    return 1 if diff.regressions else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nhwc-audit`` and ``python -m nhwc_audit``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["atlas"]:
+    if argv[:1] in (["atlas"], ["diff"]):
         from ..errors import NhwcAuditError
 
         try:
-            return _atlas(argv[1:])
+            return _atlas(argv[1:]) if argv[0] == "atlas" else _diff(argv[1:])
         except NhwcAuditError as e:
             print(f"nhwc-audit: error: {e}", file=sys.stderr)
             return 2

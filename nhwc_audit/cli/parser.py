@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-report", action="store_true", help="write no report file, print the summary only")
     p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="JSON",
+        help="compare with a saved JSON report: print what changed and exit 1 only on new or grown findings "
+        "(matched by kind, module path, op and source line)",
+    )
+    p.add_argument(
         "--autocast",
         action="store_true",
         help="run under torch.autocast (bfloat16 on cpu, float16 on cuda)",

@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     for path in (json_path, html_path, Path(args.save_repaired) if args.save_repaired else None):
         if path is not None:
             _check_writable(path)
+    baseline = None
+    if args.baseline:
+        from ..report.diff import load_report
+
+        baseline = load_report(args.baseline)  # read before the audit: a bad path fails at once
     default_paths = json_path is None and html_path is None and not args.no_report
     if default_paths:
         json_path = Path("reports") / f"{_default_name(args.spec)}.json"
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out.print(render_audit(report, top=args.top))
     if not followups:
         out.print(render_outcome(report, paths=tuple(written)))
-        return _exit_code(report, args.fail_on)
+        return _exit_code(report, args.fail_on, baseline, out)
     if args.apply or args.save_repaired:
         report = _followup(report, lambda r: r.repaired(), "repair", out)
     if args.measure:
@@ -128,14 +133,28 @@ def run(args: argparse.Namespace) -> int:
     written = _write_reports(report, json_path, html_path)
     paths = (*([written_code] if written_code is not None else []), *written)
     out.print(render_outcome(report, paths=tuple(paths)))
-    return _exit_code(report, args.fail_on)
+    return _exit_code(report, args.fail_on, baseline, out)
 
 
-def _exit_code(report: AuditReport, fail_on: FailOn) -> int:
-    """1 when ``--fail-on`` triggers (one line on stderr names the findings), else 0."""
+def _exit_code(report: AuditReport, fail_on: FailOn, baseline: dict[str, Any] | None, out: Any) -> int:
+    """1 when ``--fail-on`` triggers (one line on stderr names the findings) or, with
+    ``--baseline``, when the audit adds or grows findings (the changes are printed); else 0."""
+    code = 0
+    if baseline is not None:
+        from rich.text import Text
+
+        from ..report.diff import diff_reports
+
+        diff = diff_reports(baseline, report.to_dict())
+        out.print(Text("Against the baseline:", style="bold"))
+        for line in diff.lines():
+            out.print(Text(f"  {line}", style="red" if line.startswith(("new", "grown")) else ""))
+        if diff.regressions:
+            print(f"nhwc-audit: --baseline: {len(diff.regressions)} new or grown finding(s)", file=sys.stderr)
+            code = 1
     offenders = report.findings_of(FAIL_ON[fail_on])
     if not offenders:
-        return 0
+        return code
     named = "; ".join(f"{f.kind.value} {f.node} ({f.module_label})" for f in offenders[:5])
     more = f"; +{len(offenders) - 5} more" if len(offenders) > 5 else ""
     print(f"nhwc-audit: --fail-on {fail_on}: {len(offenders)} finding(s): {named}{more}", file=sys.stderr)

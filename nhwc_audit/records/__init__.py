@@ -8,7 +8,7 @@ propagation records per node, ``audit`` what an audit concludes.
 
 from __future__ import annotations
 
-from .audit import AuditMeta, Finding, Fix, Hotspot, Region, Summary
+from .audit import AuditMeta, Finding, Fix, Hotspot, Region, Summary, finding_key
 from .kinds import (
     FAIL_ON,
     BandwidthSource,
@@ -42,5 +42,6 @@ __all__ = [
     "SourceLoc",
     "Summary",
     "TensorMeta",
+    "finding_key",
     "op_label",
 ]

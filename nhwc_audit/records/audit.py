@@ -8,7 +8,19 @@ from dataclasses import dataclass
 from .kinds import BandwidthSource, CaptureName, FindingKind, Layout, Mode, op_label
 from .node import SourceLoc, TensorMeta
 
-__all__ = ["AuditMeta", "Finding", "Fix", "Hotspot", "Region", "Summary"]
+__all__ = ["AuditMeta", "Finding", "Fix", "Hotspot", "Region", "Summary", "finding_key"]
+
+
+def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | None, line: int | None) -> str:
+    """Kind, module path, op and source line: ``revert:up1.conv.block.1:InstanceNorm2d:examples.py:36``
+    (the file's base name, so that keys hold on any checkout). The one rule for findings and
+    for findings read back from a JSON report.
+
+    >>> finding_key("revert", "norm", "pad", "circular", "/x/m.py", 7)
+    'revert:norm:pad(circular):m.py:7'
+    """
+    where = f"{file.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}" if file else ""
+    return f"{kind}:{module_path}:{op_label(op, detail)}:{where}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +67,16 @@ class Finding:
 
     @property
     def key(self) -> str:
-        """A name for this finding that survives renumbered graph nodes: kind, module path, op
-        and source line (``revert:up1.conv.block.1:InstanceNorm2d:examples.py:36``; the file's
-        base name, so that keys hold on any checkout)."""
-        where = f"{self.source.file.replace(chr(92), '/').rsplit('/', 1)[-1]}:{self.source.line}" if self.source else ""
-        return f"{self.kind.value}:{self.module_path}:{self.op_label}:{where}"
+        """A name for this finding that survives renumbered graph nodes (:func:`finding_key`)."""
+        source = self.source
+        return finding_key(
+            self.kind.value,
+            self.module_path,
+            self.op,
+            self.detail,
+            source.file if source else None,
+            source.line if source else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
