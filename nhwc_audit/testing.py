@@ -17,8 +17,9 @@ from torch import nn
 from .api import audit
 from .records import FAIL_ON, FailOn, Finding
 from .report.text import offender_line
+from .result import AuditReport
 
-__all__ = ["assert_channels_last"]
+__all__ = ["assert_channels_last", "check_report"]
 
 
 def _allowed(f: Finding, allow: Iterable[str]) -> bool:
@@ -40,7 +41,11 @@ def assert_channels_last(
     (module path patterns or finding keys the team has accepted). The message lists each
     offender with module path, op, source line, bytes, hint and its key to allow it.
     ``options`` go to :func:`nhwc_audit.audit`."""
-    report = audit(model, example_inputs, **options)
+    check_report(audit(model, example_inputs, **options), allow=allow, fail_on=fail_on)
+
+
+def check_report(report: AuditReport, *, allow: Iterable[str] = (), fail_on: FailOn = "any") -> None:
+    """:func:`assert_channels_last` on a report already made."""
     accepted = tuple(allow)
     offenders = [f for f in report.findings_of(FAIL_ON[fail_on]) if not _allowed(f, accepted)]
     if offenders:

@@ -12,6 +12,8 @@ import torch
 from nhwc_audit import AuditReport, audit
 from tests.support import BANDWIDTH
 
+pytest_plugins = ("pytester",)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json from this run")

@@ -28,6 +28,7 @@ RANK = {
     "api": 9,
     "zoo": 10,
     "testing": 10,
+    "pytest_plugin": 10,
     "cli": 11,
     "examples": 1,
 }
