@@ -29,6 +29,7 @@ RANK = {
     "zoo": 10,
     "testing": 10,
     "pytest_plugin": 10,
+    "integrations": 10,
     "cli": 11,
     "examples": 1,
 }
