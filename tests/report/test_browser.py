@@ -7,6 +7,7 @@ and sets NHWC_AUDIT_REQUIRE_BROWSER=1, so there a missing browser fails instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -68,8 +69,12 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
             page.uncheck("#findings-only")
             page.click("a.goto[data-node='softmax'] >> nth=0")
             assert page.locator("#node-table tr.sel").get_attribute("data-node") == "softmax"
+            full = re.search(r'<svg id="graph"[^>]* viewBox="([^"]+)"', page_path.read_text()).group(1)  # type: ignore[union-attr]
             page.mouse.move(300, 300)
             page.mouse.wheel(0, 300)  # zoom must not raise
+            assert page.locator("svg#graph").get_attribute("viewBox") != full
+            page.click("#graph-fit")  # fit all shows the whole graph again, not the zoomed view
+            assert page.locator("svg#graph").get_attribute("viewBox") == full
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "unet-report.png"), full_page=False)
         finally:

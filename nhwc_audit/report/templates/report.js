@@ -22,7 +22,9 @@
   // Graph: wheel zoom, drag pan, click a node to select its table row.
   var box = document.getElementById("graph-box");
   var svg = document.getElementById("graph");
-  var full = svg.viewBox.baseVal;
+  // a copy: viewBox.baseVal is live and would follow every zoom, so "fit all" restored the zoom
+  var base = svg.viewBox.baseVal;
+  var full = { x: base.x, y: base.y, width: base.width, height: base.height };
   var vb = { x: full.x, y: full.y, w: Math.min(full.width, 1400), h: full.height };
   function setVB() { svg.setAttribute("viewBox", vb.x + " " + vb.y + " " + vb.w + " " + vb.h); }
   setVB();
