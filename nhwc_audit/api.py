@@ -8,7 +8,7 @@ nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 import torch
@@ -22,7 +22,7 @@ from .prepare.copy import model_device
 from .prepare.load import call_build_fn, split_example
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
-from .records import FAIL_ON, CaptureMethod, FailOn, Mode, NodeRecord
+from .records import FAIL_ON, CaptureMethod, FailOn, Finding, Mode, NodeRecord
 from .report.text import fmt_bytes, offender_line
 from .result import AuditReport
 
@@ -236,13 +236,18 @@ def check(
     report = audit(model, example_inputs, **options)
     offenders = report.findings_of(kinds)
     if offenders:
-        lines = [
-            f"{report.meta.model} does not stay channels_last: {len(offenders)} offending "
-            f"node(s), {fmt_bytes(sum(f.bytes for f in offenders))} moved per forward"
-        ]
-        lines += [f"  {i}. {offender_line(f)}" for i, f in enumerate(offenders, 1)]
-        raise ChannelsLastError("\n".join(lines), offenders=tuple(offenders))
+        raise channels_last_error(report, offenders)
     return report
+
+
+def channels_last_error(report: AuditReport, offenders: Sequence[Finding]) -> ChannelsLastError:
+    """The error ``check()`` raises: the model, the offenders' count and bytes, one line each."""
+    lines = [
+        f"{report.meta.model} does not stay channels_last: {len(offenders)} offending "
+        f"node(s), {fmt_bytes(sum(f.bytes for f in offenders))} moved per forward"
+    ]
+    lines += [f"  {i}. {offender_line(f)}" for i, f in enumerate(offenders, 1)]
+    return ChannelsLastError("\n".join(lines), offenders=tuple(offenders))
 
 
 def repair(

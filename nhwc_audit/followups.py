@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+import torch.fx
 from torch import nn
 
 from .analyze.verdict import decide
@@ -31,12 +32,18 @@ def _source(report: AuditReport) -> tuple[nn.Module, tuple[Any, ...], dict[str, 
     return model, args, kwargs
 
 
+def _fx_graph(report: AuditReport) -> torch.fx.Graph | None:
+    """The audit's torch.fx graph, when it captured one (repair and profiling run fx graphs)."""
+    capture = report.capture
+    return capture.graph if capture is not None and capture.method == "fx" else None
+
+
 def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     """``report`` with a repaired graph attached (``repair``, ``repaired_code``,
     ``repaired_module``) and the verdict updated. The repair starts from the audit's own
     torch.fx graph when it has one (no second trace)."""
     model, args, kwargs = _source(report)
-    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
+    graph = _fx_graph(report)
     gm, log = repair_model(model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, **options)
     verdict = decide(
         report.nodes, report.summary, device=report.meta.device, dtype=report.meta.dtype, bytes_moved=log.bytes_after
@@ -50,7 +57,7 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
     from .timing.measure import measure
 
     model, args, kwargs = _source(report)
-    graph = report.capture.graph if report.capture is not None and report.capture.method == "fx" else None
+    graph = _fx_graph(report)
     m = measure(model, args, kwargs, repaired=report.repaired_module, train=train, rounds=rounds, graph=graph)
     naive, repaired = m.speedup("channels_last"), m.speedup("repaired")
     speeds = [s for s in (naive, repaired) if s is not None]

@@ -66,17 +66,23 @@ class _Prepared:
 
 
 def _prepare(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, raw: bool = False
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    o: AuditOptions,
+    raw: bool = False,
+    share_weights: bool = True,
 ) -> _Prepared:
     """The private channels_last copy and sample, and how they run (``raw``: a fake run keeps
-    the meta kernels' layouts, uncorrected)."""
+    the meta kernels' layouts, uncorrected; ``share_weights``: see
+    :func:`~nhwc_audit.prepare.copy.prepare_audit_copy`)."""
     if o.mode == "fake":
         fmode = fake_mode()
         copy = fake_copy(module, fmode, o.device, o.dtype)
         fargs, fkwargs = fake_inputs(args, kwargs, fmode, o.device, o.dtype)
         return _Prepared(copy, fargs, fkwargs, Runner(o.device.type, o.autocast, fake_mode=fmode, correct=not raw))
     target = o.device if o.device != model_device(module) else None
-    audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target)
+    audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target, share_weights=share_weights)
     sargs, skwargs = prepare_inputs(args, kwargs, dtype=o.dtype, device=o.device)
     return _Prepared(audit_copy.module, sargs, skwargs, Runner(o.device.type, o.autocast, audit_copy.shared))
 
@@ -95,9 +101,7 @@ def _capture(
         return run(p), p
     except SharedWeightWrite as e:
         # caught before the write: start again on weights of the audit's own
-        target = o.device if o.device != model_device(module) else None
-        copy = prepare_audit_copy(module, dtype=o.dtype, device=target, share_weights=False)
-        p = dataclasses.replace(p, module=copy.module, runner=dataclasses.replace(p.runner, shared=copy.shared))
+        p = _prepare(module, args, kwargs, o, raw, share_weights=False)
         captured = run(p)
         return dataclasses.replace(captured, notes=(*captured.notes, f"{e}: audited on copies of the weights")), p
 

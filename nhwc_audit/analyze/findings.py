@@ -36,7 +36,7 @@ from ..records import (
     NodeRecord,
 )
 from .hints import AMBIGUOUS_ORIGIN, COMPUTED_WEIGHT, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
-from .origin import SKIP_OPS, describe, from_parameters_only, origin_of, via
+from .origin import CONV_OPS, SKIP_OPS, describe, from_parameters_only, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
@@ -260,15 +260,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     return []
 
 
-_CONVS = frozenset(
-    {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose2d", "conv_transpose3d"}
-)
-
-
 def _computed_weight(ctx: _Ctx, r: NodeRecord, nchw_in: list[NodeInput]) -> NodeInput | None:
     """For a convolution: its NCHW input that is a weight computed in forward from parameters
     only (weight standardisation: batch_norm over the reshaped weight, then reshape_as)."""
-    if r.op_name.lower() not in _CONVS:
+    if r.op_name.lower() not in CONV_OPS:
         return None
     for i in nchw_in:
         producer = ctx.by_name.get(i.producer or "")

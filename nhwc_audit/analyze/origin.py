@@ -10,10 +10,15 @@ import networkx as nx
 from ..layout import nchw_ordered
 from ..records import Layout, NodeRecord
 
-__all__ = ["SKIP_OPS", "build_graph", "describe", "from_parameters_only", "origin_of", "via"]
+__all__ = ["CONV_OPS", "SKIP_OPS", "build_graph", "describe", "from_parameters_only", "origin_of", "via"]
 
 SKIP_OPS = ("placeholder", "get_attr", "output")
 """Graph nodes that are not ops: never findings, never in a region."""
+
+CONV_OPS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose2d", "conv_transpose3d"}
+)
+"""Convolutions as fx and ATen graphs name them (lower case)."""
 
 
 def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..records import NodeRecord, Summary
+from .origin import CONV_OPS
 
 __all__ = ["ConvInfo", "Verdict", "conv_infos", "decide"]
-
-_CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose2d", "conv_transpose3d"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +41,7 @@ def conv_infos(records: Sequence[NodeRecord]) -> list[ConvInfo]:
     out: list[ConvInfo] = []
     for r in records:
         name = r.op_name.lower()
-        if name not in _CONV_OPS and not (r.op == "call_module" and name.startswith("conv")):
+        if name not in CONV_OPS and not (r.op == "call_module" and name.startswith("conv")):
             continue
         acts = [i for i in r.activation_inputs if i.meta.rank >= 3]
         weights = [i for i in r.inputs if i.is_param and i.meta.rank >= 3]

@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import first_line
 from ..records import FAIL_ON, FailOn
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from ..result import AuditReport
 
 __all__ = ["run"]
+
+T = TypeVar("T")
 
 
 def _default_name(spec: str) -> str:
@@ -123,11 +125,13 @@ def run(args: argparse.Namespace) -> int:
         out.print(render_outcome(report, paths=tuple(written)))
         return _exit_code(report, args.fail_on, baseline, out)
     if args.apply or args.save_repaired:
-        report = _followup(report, lambda r: r.repaired(), "repair", out)
+        report = _followup(report.repaired, "repair", out) or report
     if args.measure:
-        report = _followup(report, lambda r: r.measure(train=args.train), "measurement", out)
+        report = _followup(lambda: report.measure(train=args.train), "measurement", out) or report
     if args.save_repaired and report.repaired_module is not None:
-        written_code = _followup_path(lambda: _write_repaired(report, Path(args.save_repaired), args.spec), out)
+        written_code = _followup(
+            lambda: _write_repaired(report, Path(args.save_repaired), args.spec), "saving the repaired model", out
+        )
     else:
         written_code = None
     written = _write_reports(report, json_path, html_path)
@@ -161,28 +165,18 @@ def _exit_code(report: AuditReport, fail_on: FailOn, baseline: dict[str, Any] | 
     return 1
 
 
-def _followup(report: AuditReport, step: Callable[[AuditReport], AuditReport], what: str, out: Any) -> AuditReport:
-    """Run one optional step; when it fails, say so in one line and keep the audit."""
+def _followup(step: Callable[[], T], what: str, out: Any) -> T | None:
+    """Run one optional step; when it fails, say so in one line (on stderr too with -q, the one
+    kind of line -q still prints) and go on without it."""
     from rich.text import Text
 
     try:
-        return step(report)
+        return step()
     except Exception as e:
         line = f"{what} not done: {first_line(e)}"
-        if out.quiet:  # the one kind of line -q still prints: a step that failed
+        if out.quiet:
             print(f"nhwc-audit: {line}", file=sys.stderr)
         out.print(Text(line, style="yellow"))
-        return report
-
-
-def _followup_path(write: Callable[[], Path], out: Any) -> Path | None:
-    """Write one optional file; when that fails, say so in one line and go on."""
-    from rich.text import Text
-
-    try:
-        return write()
-    except Exception as e:
-        out.print(Text(f"repaired model not saved: {first_line(e)}", style="yellow"))
         return None
 
 

@@ -16,10 +16,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from ..api import audit
-from ..errors import ChannelsLastError
+from ..api import audit, channels_last_error
 from ..records import FAIL_ON, FailOn
-from ..report.text import headline, offender_line
+from ..report.text import headline
 from ..result import AuditReport
 
 __all__ = ["ChannelsLastAudit"]
@@ -90,9 +89,5 @@ class ChannelsLastAudit(pl.Callback):  # type: ignore[misc]  # pytorch_lightning
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         offenders = report.findings_of(FAIL_ON[self.fail_on])
-        if offenders:
-            lines = [
-                f"{report.meta.model} does not stay channels_last ({len(offenders)} finding(s)); report: {self.report_path}"
-            ]
-            lines += [f"  {offender_line(f)}" for f in offenders]
-            raise ChannelsLastError("\n".join(lines), offenders=tuple(offenders))
+        if offenders:  # the report's path is in the log line above
+            raise channels_last_error(report, offenders)

@@ -41,15 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["graph_layout", "jinja_environment", "render_html", "render_notebook", "view_model", "write_html"]
 
 _X_STEP, _Y_STEP, _NODE_W, _NODE_H = 34, 22, 26, 14
-_KIND_ORDER = {
-    FindingKind.BREAK: 0,
-    FindingKind.LATENT: 1,
-    FindingKind.REVERT: 2,
-    FindingKind.MIXED: 3,
-    FindingKind.CONVERSION: 4,
-    FindingKind.BACKWARD: 5,
-    FindingKind.DIVERGENCE: 6,
-}
+_KIND_ORDER = {kind: i for i, kind in enumerate(FindingKind)}
+"""Severity: the order FindingKind declares its members in."""
 
 
 def graph_layout(nodes: tuple[NodeRecord, ...]) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str]]]:

@@ -84,6 +84,10 @@ def test_quiet_prints_nothing_but_errors(
     assert main(["m.py:M", "--input", "1x3x8x8", "-q", "--no-report", "--fail-on", "any"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err == "nhwc-audit: --fail-on any: 1 finding(s): revert _1 (1 (InstanceNorm2d))\n"
+    # an optional step that cannot be done is the one other line -q prints, and the audit stands
+    assert main(["m.py:M", "--input", "1x3x8x8", "-q", "--no-report", "--mode", "fake", "--apply"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("nhwc-audit: repair not done: UsageError: this report (fake mode)")
 
 
 @pytest.mark.parametrize("width", [80, 100, 120])
