@@ -18,12 +18,15 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "channel_dims",
     "channels_innermost",
     "classify",
     "classify_strides",
     "innermost_dim",
     "is_dense_in_order",
     "leans_channels_last",
+    "memory_order",
+    "reorders",
     "row_major",
     "strides_like_channels_last",
     "tensor_meta",
@@ -147,9 +150,10 @@ def innermost_dim(meta: TensorMeta) -> int | None:
     return None
 
 
-def channels_innermost(meta: TensorMeta) -> bool:
-    """A rank >= 4 tensor whose memory runs along dim 1 (the channels), as in an NHWC tensor
-    or any view of one (a channel slice, channel shuffle's 5D view, an unfold's 6D view).
+def channels_innermost(meta: TensorMeta, channels: frozenset[int] = frozenset({1})) -> bool:
+    """A rank >= 4 tensor whose memory runs along its channel dims (dim 1 unless told, see
+    :func:`channel_dims`), as in an NHWC tensor or any view of one (a channel slice, channel
+    shuffle's 5D view, an unfold's 6D view, NHWC maps stacked along a new dim 0).
 
     Copying such a tensor into row-major order is an NHWC -> NCHW transpose. Tensors whose
     memory runs along another dim (attention's transposed keys, B x heads x N x d) are not
@@ -162,7 +166,75 @@ def channels_innermost(meta: TensorMeta) -> bool:
     """
     if meta.rank < 4 or meta.layout is Layout.AMBIGUOUS or row_major(meta):
         return False
-    return innermost_dim(meta) == 1
+    return innermost_dim(meta) in channels
+
+
+def channel_dims(src: TensorMeta, out: TensorMeta) -> frozenset[int] | None:
+    """The dims of ``src`` that hold the channels of ``out``, a spatial tensor copied or
+    reduced from it; None when the shapes do not say.
+
+    Dim 1 at the same shape. A reshape that merges dims into the channels (an attention block's
+    ``v.reshape(B, C, H, W)`` of a (B, heads, d, H*W) view: channels are dims 1 and 2) is read
+    from the shapes' factorisation. A source one rank higher reduced into ``out``
+    (``torch.stack(maps).sum(0)``: a new dim 0 stacks NCHW maps, so the channels are dim 2) is
+    the dim that ``out``'s dim 1 comes from, when dropping one dim of ``src`` gives ``out``'s
+    shape one way only.
+
+    >>> import torch
+    >>> def meta(*shape): return tensor_meta(torch.empty(shape))
+    >>> sorted(channel_dims(meta(4, 1, 8, 5, 5), meta(1, 8, 5, 5)))
+    [2]
+    >>> sorted(channel_dims(meta(1, 2, 64, 100), meta(1, 128, 10, 10)))
+    [1, 2]
+    >>> channel_dims(meta(4, 8, 8, 5, 5), meta(4, 8, 5, 5)) is None
+    True
+    """
+    if src.shape == out.shape:
+        return frozenset({1})
+    if not out.is_spatial:
+        return None
+    if src.numel == out.numel:
+        groups = _factor_groups(src.shape, out.shape)
+        return next((frozenset(a) for a, b in groups if 1 in b), None) if groups else None
+    if src.rank != out.rank + 1:
+        return None
+    found = set()
+    for dropped in range(src.rank):
+        if src.shape[:dropped] + src.shape[dropped + 1 :] == out.shape:
+            found.add(1 if dropped > 1 else 2)
+    return frozenset(found) if len(found) == 1 else None
+
+
+def _factor_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Align two shapes of equal numel into groups of dims with equal products (a reshape's
+    view of which dims become which), or None if they do not align."""
+    i = j = 0
+    groups: list[tuple[list[int], list[int]]] = []
+    while i < len(a) or j < len(b):
+        ga: list[int] = []
+        gb: list[int] = []
+        pa = pb = 1
+        if i < len(a):
+            ga.append(i)
+            pa *= a[i]
+            i += 1
+        if j < len(b):
+            gb.append(j)
+            pb *= b[j]
+            j += 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                ga.append(i)
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                gb.append(j)
+                pb *= b[j]
+                j += 1
+            else:
+                return None
+        groups.append((ga, gb))
+    return groups
 
 
 def row_major(meta: TensorMeta) -> bool:
@@ -170,6 +242,33 @@ def row_major(meta: TensorMeta) -> bool:
     if meta.rank < 4 or len(meta.strides) != meta.rank or meta.layout is Layout.AMBIGUOUS:
         return False
     return is_dense_in_order(meta.shape, meta.strides, tuple(range(meta.rank - 1, -1, -1)))
+
+
+def memory_order(meta: TensorMeta) -> tuple[int, ...]:
+    """The dims of size > 1, outermost in memory first (ties broken by dim index).
+
+    >>> import torch
+    >>> memory_order(tensor_meta(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)))
+    (0, 2, 3, 1)
+    """
+    if len(meta.strides) != meta.rank:
+        return ()
+    dims = [d for d in range(meta.rank) if meta.shape[d] > 1]
+    return tuple(sorted(dims, key=lambda d: (-meta.strides[d], d)))
+
+
+def reorders(src: TensorMeta, dst: TensorMeta) -> bool:
+    """Writing ``src`` (rank >= 4) as ``dst``, element for element, reorders memory: any
+    permutation of dims, a layout change or not (channel shuffle's transpose(1, 2).contiguous()
+    in NCHW too), or a reshape of a permuted view into row-major order
+    (``x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)`` in MaxViT's window merge). Copying a
+    slice, which keeps the order, does not."""
+    if src.rank < 4 or src.numel != dst.numel or len(src.strides) != src.rank:
+        return False
+    if src.shape == dst.shape:
+        return memory_order(src) != memory_order(dst)
+    in_order = tuple(d for d in range(src.rank) if src.shape[d] > 1)
+    return row_major(dst) and memory_order(src) != in_order
 
 
 def nchw_ordered(meta: TensorMeta) -> bool:

@@ -19,16 +19,19 @@ from torch import nn
 
 from .analyze.analysis import analyze
 from .analyze.divergence import divergences
+from .analyze.findings import find_findings
+from .analyze.moves import reorder_bytes
 from .analyze.verdict import decide
 from .errors import SharedWeightWrite
 from .layout import tensor_meta
 from .prepare.copy import model_device, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts
+from .propagate.baseline import match_nodes, nchw_records
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
-from .records import AuditMeta, BandwidthSource, CaptureMethod, Layout, Mode, NodeRecord, TensorMeta
+from .records import AuditMeta, BandwidthSource, CaptureMethod, FindingKind, Layout, Mode, NodeRecord, TensorMeta
 from .result import AuditReport
 from .timing.bandwidth import measure_transpose_bandwidth
 
@@ -132,6 +135,45 @@ def _param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
     return (f"backward: {len(nchw)} of {spatial} 4D/5D parameter gradients produced NCHW: {', '.join(nchw[:8])}",)
 
 
+def _with_nchw_baseline(
+    records: list[NodeRecord],
+    captured: Captured,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    o: AuditOptions,
+) -> tuple[list[NodeRecord], tuple[str, ...]]:
+    """The records with the bytes each node also moves when the model runs NCHW (a fake run
+    of the same capture), and a note saying what that changed. Run only when some revert
+    moves data (the findings it can change)."""
+    costly = [
+        f
+        for f in find_findings(records, bandwidth=1.0, device=o.device.type)
+        if f.kind is FindingKind.REVERT and f.bytes > 0
+    ]
+    if not costly:
+        return records, ()
+    nchw = nchw_records(captured, module, args, kwargs, o.device, o.dtype)
+    if isinstance(nchw, str):
+        return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
+    # what each node moves in the NCHW run: a revert by the same rule (a transformer's
+    # channels-innermost view into grid_sample), or any copy that reorders memory
+    moved = {r.name: n for r in nchw if (n := reorder_bytes(r))}
+    for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
+        if f.kind is FindingKind.REVERT:
+            moved[f.node] = max(moved.get(f.node, 0), f.bytes)
+    pairs = match_nodes(records, nchw, by_name=captured.gm is not None)
+    both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
+    if not both:
+        return records, ()
+    out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
+    hit = [f for f in costly if f.node in both]
+    return out, (
+        f"NCHW baseline: {len(hit)} revert(s) copy in NCHW too ({', '.join(sorted({f.op for f in hit}))}): "
+        "charged only the bytes channels_last adds",
+    )
+
+
 def _bandwidth(o: AuditOptions) -> tuple[float, BandwidthSource]:
     if o.bandwidth is not None:
         return o.bandwidth, "user"
@@ -161,6 +203,7 @@ def _audit_one(
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
     records, grad_notes = _with_backward(captured, p.runner) if o.train else (captured.records, ())
+    records, baseline_notes = _with_nchw_baseline(records, captured, module, args, kwargs, o)
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
@@ -170,7 +213,7 @@ def _audit_one(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=captured.notes + grad_notes,
+        capture_notes=captured.notes + grad_notes + baseline_notes,
         mode=o.mode,
         device=str(o.device),
         dtype=dtype,

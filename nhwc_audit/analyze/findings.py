@@ -16,6 +16,11 @@ The rules (one place each):
              whose own layouts look fine but that transposed data internally (copies seen
              at ATen level while it ran, e.g. a conv with padding_mode='circular').
 
+Bytes are what channels_last adds: a revert at a node that also reorders memory when the model
+runs NCHW, as built (``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()``
+after a permute in an attention block), is charged the difference. Conversions are charged
+whole: one the model (or a repair) makes on purpose is still a cost of the NCHW tensor before it.
+
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion (an in-place op whose operands disagree in
 layout is mixed, as it would be out of place); ambiguous tensors (C == 1, H == W == 1)
@@ -27,16 +32,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layout import channels_innermost, leans_channels_last, nchw_ordered, row_major
+from ..layout import nchw_ordered, row_major
 from ..records import (
     Finding,
     FindingKind,
     Layout,
-    NodeInput,
     NodeRecord,
 )
-from .hints import AMBIGUOUS_ORIGIN, COMPUTED_WEIGHT, HIDDEN, ND_TRANSPOSE, HintTable, default_hints, render_hint
-from .origin import CONV_OPS, SKIP_OPS, describe, from_parameters_only, origin_of, via
+from .hints import (
+    AMBIGUOUS_ORIGIN,
+    COMPUTED_WEIGHT,
+    HIDDEN,
+    ND_TRANSPOSE,
+    STACK_REDUCE,
+    HintTable,
+    default_hints,
+    render_hint,
+)
+from .moves import channels_source, computed_weight, viewed_as, writes_in_place
+from .origin import SKIP_OPS, describe, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
@@ -66,6 +80,8 @@ def _finding(
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
     origin = origin_of(producer, ctx.by_name)
+    if kind is FindingKind.REVERT:  # a copy the model makes in NCHW too: only the difference is channels_last's
+        nbytes = max(0, nbytes - r.nchw_bytes)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
         hint_op = AMBIGUOUS_ORIGIN
     return Finding(
@@ -154,7 +170,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         if origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin)):
             return [_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
         return []
-    in_place = _writes_in_place(r)
+    in_place = writes_in_place(r)
     if r.aliases_input and not in_place:
         return []  # a view: moves no data
     ins = [i for i in r.spatial_inputs if i.meta.layout in _DECIDED]
@@ -163,7 +179,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     nchw_in = [i for i in ins if i.meta.layout is Layout.CONTIGUOUS]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
-        weight = _computed_weight(ctx, r, nchw_in)
+        weight = computed_weight(r, nchw_in, ctx.by_name)
         if weight is not None:  # the root cause is the weight computation, not the activations
             return [
                 _finding(
@@ -195,7 +211,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     reverted = [o for o in r.outputs if row_major(o)]
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
-    sources = [i for i in r.activation_inputs if channels_innermost(i.meta) or leans_channels_last(i.meta)]
+    sources = [i for i in r.activation_inputs if channels_source(i, viewed_as(r, reverted, ctx.by_name))]
     strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
@@ -227,7 +243,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 layout_in=sources[0].meta.layout,
                 nbytes=nbytes,
                 shape=reverted[0].shape,
-                hint_op=None if standard else ND_TRANSPOSE,
+                hint_op=None if standard else STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else ND_TRANSPOSE,
             )
         ]
     if nchw_in and out is Layout.CHANNELS_LAST:
@@ -242,8 +258,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
-    writes_in_place = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
-    if r.hidden and (writes_in_place or any(o.rank >= 4 for o in r.outputs)):
+    assigns = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
+    if r.hidden and (assigns or any(o.rank >= 4 for o in r.outputs)):
         # the node left and re-entered NHWC internally: invisible in its input/output layouts
         # (exits to non-spatial outputs, like flatten before a classifier, are not findings)
         return [
@@ -258,26 +274,6 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     return []
-
-
-def _computed_weight(ctx: _Ctx, r: NodeRecord, nchw_in: list[NodeInput]) -> NodeInput | None:
-    """For a convolution: its NCHW input that is a weight computed in forward from parameters
-    only (weight standardisation: batch_norm over the reshaped weight, then reshape_as)."""
-    if r.op_name.lower() not in CONV_OPS:
-        return None
-    for i in nchw_in:
-        producer = ctx.by_name.get(i.producer or "")
-        if producer is not None and from_parameters_only(producer, ctx.by_name):
-            return i
-    return None
-
-
-def _writes_in_place(r: NodeRecord) -> bool:
-    """An in-place op other than a copy (``add_``, ``mul_``: ``out += skip`` under torch.export
-    or eager capture): it reads its other operands in the written tensor's layout, so mixed
-    layouts move data as they do out of place. ``copy_`` is a copy (the hidden-copy rule)."""
-    name = r.op_name
-    return name.endswith("_") and not name.endswith("__") and name != "copy_"
 
 
 def _first_decided(r: NodeRecord) -> Layout:

@@ -15,6 +15,7 @@ __all__ = [
     "COMPUTED_WEIGHT",
     "HIDDEN",
     "ND_TRANSPOSE",
+    "STACK_REDUCE",
     "HintTable",
     "default_hints",
     "render_hint",
@@ -30,6 +31,9 @@ HIDDEN = "@hidden"
 
 ND_TRANSPOSE = "@nd-transpose"
 """Key of the revert hint for a copy of a channels-innermost view that is not plain NHWC."""
+
+STACK_REDUCE = "@stack-reduce"
+"""Key of the revert hint for a reduction over a stack of channels_last maps."""
 
 COMPUTED_WEIGHT = "@computed-weight"
 """Key of the mixed hint for a convolution whose weight is computed in forward and NCHW."""
@@ -213,6 +217,15 @@ def default_hints() -> HintTable:
         "channel axis out of the innermost position (e.g. channel shuffle: view, transpose, "
         "contiguous): do it in (N, H, W, C) order instead, x.permute(0, 2, 3, 1), reshape/"
         "transpose the last dims, permute(0, 3, 1, 2), so the copy keeps channels innermost",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        (STACK_REDUCE,),
+        "{op} reduces a stack of channels_last maps over the stacking dim (torch.stack(maps)"
+        ".sum(dim=0)) and writes NCHW: the stack keeps each map's NHWC strides, so the channels "
+        "are not dim 1 and the reduction picks row-major order; add the maps instead "
+        "(functools.reduce(operator.add, maps), or sum(maps)), which keeps channels_last",
     )
     _register(
         t,

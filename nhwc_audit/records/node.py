@@ -116,6 +116,9 @@ class NodeRecord:
     """Layout-changing copies seen at ATen level while this node ran (real mode)."""
     grads: tuple[TensorMeta, ...] = ()
     """With ``train=True``: the gradients that arrived at this node's outputs in backward."""
+    nchw_bytes: int = 0
+    """Bytes the same node moves between layouts when the model runs NCHW, as built (a copy it
+    makes in either layout): what channels_last adds here is the difference."""
 
     @property
     def activation_inputs(self) -> tuple[NodeInput, ...]:

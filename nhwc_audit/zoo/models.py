@@ -30,6 +30,16 @@ def _tv(name: str, size: int = 64, **kw: Any) -> Callable[[], Built]:
     return b
 
 
+def _tv_video(name: str) -> Callable[[], Built]:
+    def b() -> Built:
+        import torchvision.models.video as video
+
+        x = torch.randn(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
+        return getattr(video, name)(weights=None).eval(), (x,), {}
+
+    return b
+
+
 def _tv_seg(name: str) -> Callable[[], Built]:
     def b() -> Built:
         import torchvision.models.segmentation as seg
@@ -108,9 +118,31 @@ def _monai(name: str, dims: int) -> Callable[[], Built]:
             m = nets.BasicUNet(spatial_dims=dims, in_channels=1, out_channels=2, features=(8, 8, 16, 32, 64, 8))
         elif name == "UNet":
             m = nets.UNet(spatial_dims=dims, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2))
+        elif name == "AttentionUnet":
+            m = nets.AttentionUnet(
+                spatial_dims=dims, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2)
+            )
+        elif name == "SwinUNETR":
+            m = nets.SwinUNETR(spatial_dims=dims, in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1))
+        elif name == "UNETR":
+            m = nets.UNETR(
+                in_channels=1,
+                out_channels=2,
+                img_size=32,
+                spatial_dims=dims,
+                feature_size=8,
+                hidden_size=96,
+                mlp_dim=192,
+                num_heads=4,
+            )
         else:
             m = nets.SegResNet(spatial_dims=dims, in_channels=1, out_channels=2, init_filters=8)
-        x = _img(c=1, s=32) if dims == 2 else torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+        size = 64 if name == "SwinUNETR" else 32  # five 2x downsamplings: InstanceNorm needs > 1 pixel
+        x = (
+            _img(c=1, s=size)
+            if dims == 2
+            else torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+        )
         return m.eval(), (x,), {}
 
     return b
@@ -146,10 +178,14 @@ MODELS: dict[str, Callable[[], Built]] = {
     "torchvision.densenet121": _tv("densenet121"),
     "torchvision.shufflenet_v2_x0_5": _tv("shufflenet_v2_x0_5"),
     "torchvision.swin_t": _tv("swin_t"),
+    "torchvision.maxvit_t": _tv("maxvit_t", 224),
+    "torchvision.r3d_18": _tv_video("r3d_18"),
     "torchvision.deeplabv3_mobilenet_v3_large": _tv_seg("deeplabv3_mobilenet_v3_large"),
     "torchvision.lraspp_mobilenet_v3_large": _tv_seg("lraspp_mobilenet_v3_large"),
     "timm.convnext_atto": _timm("convnext_atto"),
     "timm.mobilevitv2_050": _timm("mobilevitv2_050"),
+    "timm.coatnet_nano_rw_224": _timm("coatnet_nano_rw_224", 224),
+    "timm.nfnet_l0": _timm("nfnet_l0"),
     "diffusers.UNet2DModel": _unet2d,
     "diffusers.UNet2DConditionModel": _unet2d_cond,
     "diffusers.AutoencoderKL": _vae,
@@ -157,6 +193,9 @@ MODELS: dict[str, Callable[[], Built]] = {
     "monai.UNet2d": _monai("UNet", 2),
     "monai.UNet3d": _monai("UNet", 3),
     "monai.SegResNet2d": _monai("SegResNet", 2),
+    "monai.AttentionUnet2d": _monai("AttentionUnet", 2),
+    "monai.SwinUNETR2d": _monai("SwinUNETR", 2),
+    "monai.UNETR2d": _monai("UNETR", 2),
     "smp.Unet": _smp("Unet"),
     "smp.FPN": _smp("FPN"),
     "ultralytics.yolov8n": _ultralytics("DetectionModel", "yolov8n.yaml"),

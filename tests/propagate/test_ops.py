@@ -9,6 +9,7 @@ from torch import nn
 
 from nhwc_audit import AuditReport, audit
 from tests import models as M
+from tests.eager_bytes import eager_bytes
 
 CL, NCHW, AMB, NS = "channels_last", "contiguous", "ambiguous", "not_spatial"
 
@@ -271,3 +272,56 @@ def test_cat_of_a_sliced_nchw_input_is_mixed_not_a_revert() -> None:
     cat = r.findings[1]
     assert "has no channels_last kernel" not in cat.hint and cat.bytes == 2 * 4 * 8 * 8 * 4
     assert [(x.op, x.findings) for x in r.fixes] == [("pad(circular)", 3)]
+
+
+class StackedSum(nn.Module):
+    """smp FPN's decoder merge: torch.stack(maps).sum(dim=0). The stack keeps each map NHWC
+    (its channels are dim 2), the sum writes NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.stack([self.a(x), self.b(x)]).sum(dim=0))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_sum_over_a_stack_of_channels_last_maps_reverts(capture: str) -> None:
+    x = torch.randn(1, 3, 8, 8)
+    r = audit(StackedSum(), x, bandwidth=1e9, capture=capture)
+    assert [(f.op, f.kind.value) for f in r.findings] == [("sum", "revert"), (r.findings[1].op, "conversion")]
+    revert = r.findings[0]
+    assert revert.bytes == 2 * 8 * 8 * 8 * 4 and "stack" in revert.hint and "has no channels_last" not in revert.hint
+    assert r.findings[1].origin == revert.node
+    assert r.summary.bytes_moved == eager_bytes(StackedSum(), (x,)).added
+
+
+class TokensBack(nn.Module):
+    """diffusers' Transformer2DModel output: tokens (B, HW, C) reshaped to (B, H, W, C),
+    permuted to NCHW and made contiguous: a copy in either layout (channels_last adds nothing
+    there), then a 1x1 conv that converts back (channels_last's real cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.proj = nn.Linear(8, 8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        t = self.proj(self.a(x).flatten(2).transpose(1, 2))
+        return self.out(t.reshape(b, h, w, 8).permute(0, 3, 1, 2).contiguous())
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_copy_made_in_either_layout_costs_nothing_extra(capture: str) -> None:
+    x = torch.randn(1, 3, 8, 8)
+    r = audit(TokensBack(), x, bandwidth=1e9, capture=capture)
+    kinds = [(f.kind.value, f.bytes) for f in r.findings]
+    act = 8 * 8 * 8 * 4
+    assert kinds == [("revert", 0), ("conversion", 2 * act)]  # still where channels_last is lost
+    assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in r.meta.capture_notes)
+    assert r.summary.bytes_moved == eager_bytes(TokensBack(), (x,)).added

@@ -33,7 +33,7 @@ EXPECTED = {
     "monai.UNet3d": ("fx", 1, 0, 0, 0),
     "monai.SegResNet2d": ("fx", 0, 0, 0, 0),
     "smp.Unet": ("fx", 0, 0, 0, 0),
-    "smp.FPN": ("export", 0, 1, 0, 0),
+    "smp.FPN": ("export", 1, 1, 0, 0),  # torch.stack(maps).sum(dim=0) writes NCHW, the conv converts back
 }
 
 

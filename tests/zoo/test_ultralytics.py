@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("ultralytics")
 
 _ATTN = {
+    ("revert", "model.10.m.0.attn"),  # v.reshape(B, C, H, W) of a (B, heads, d, H*W) view of NHWC qkv
     ("conversion", "model.10.m.0.attn.pe.conv"),
     ("conversion", "model.10.m.0.attn.proj.conv"),
     ("mixed", "model.10.m.0.attn"),

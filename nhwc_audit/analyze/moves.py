@@ -1,0 +1,70 @@
+"""What moves data, as the findings rules ask it: inputs whose memory runs along the channels,
+copies that reorder memory, in-place writes, weights computed in forward. Pure functions of
+the node records."""
+
+from __future__ import annotations
+
+from ..layout import channel_dims, channels_innermost, leans_channels_last, reorders
+from ..records import NodeInput, NodeRecord, TensorMeta
+from .origin import CONV_OPS, SKIP_OPS, from_parameters_only
+
+__all__ = ["channels_source", "computed_weight", "reorder_bytes", "viewed_as", "writes_in_place"]
+
+
+def channels_source(i: NodeInput, reverted: list[TensorMeta]) -> bool:
+    """An input whose memory runs along the channels of the NCHW output it was copied into
+    (at the same shape, through a reshape that merges dims into the channels, or a map stack
+    reduced over its stacking dim), or an ambiguous input whose strides lean channels_last
+    (kernels follow them)."""
+    if leans_channels_last(i.meta) or channels_innermost(i.meta):
+        return True
+    channels = channel_dims(i.meta, reverted[0]) if reverted else None
+    return channels is not None and channels_innermost(i.meta, channels)
+
+
+def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, NodeRecord]) -> NodeInput | None:
+    """For a convolution: its NCHW input that is a weight computed in forward from parameters
+    only (weight standardisation: batch_norm over the reshaped weight, then reshape_as)."""
+    if r.op_name.lower() not in CONV_OPS:
+        return None
+    for i in nchw_in:
+        producer = by_name.get(i.producer or "")
+        if producer is not None and from_parameters_only(producer, by_name):
+            return i
+    return None
+
+
+def reorder_bytes(r: NodeRecord) -> int:
+    """Bytes a node moves reordering memory: twice its output when it copies an activation
+    element for element into another dim order (:func:`~nhwc_audit.layout.reorders`: any
+    permutation, not only NHWC <-> NCHW). The NCHW baseline's measure of the copies a model
+    makes in either layout."""
+    if r.op in SKIP_OPS or r.aliases_input or not r.outputs:
+        return 0
+    out = r.outputs[0]
+    return 2 * out.nbytes if any(reorders(i.meta, out) for i in r.activation_inputs) else 0
+
+
+def writes_in_place(r: NodeRecord) -> bool:
+    """An in-place op other than a copy (``add_``, ``mul_``: ``out += skip`` under torch.export
+    or eager capture): it reads its other operands in the written tensor's layout, so mixed
+    layouts move data as they do out of place. ``copy_`` is a copy (the hidden-copy rule)."""
+    name = r.op_name
+    return name.endswith("_") and not name.endswith("__") and name != "copy_"
+
+
+_RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy")
+"""Copies a ``reshape`` that cannot view decomposes into (then ``_unsafe_view``)."""
+
+
+def viewed_as(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> list[TensorMeta]:
+    """The shape a copy is read as: its own, or, when its one user views it as another
+    spatial shape of the same size, that one (ATen's ``reshape`` is ``clone`` then
+    ``_unsafe_view``: under export or hooks capture the copy and the new shape are two ops)."""
+    if len(r.users) != 1 or not reverted or r.op_name not in _RESHAPE_COPIES:
+        return reverted
+    user = by_name.get(r.users[0])
+    if user is None or not user.aliases_input or not user.outputs:
+        return reverted
+    viewed = user.outputs[0]
+    return [viewed] if viewed.is_spatial and viewed.numel == reverted[0].numel else reverted

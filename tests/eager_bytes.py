@@ -1,0 +1,184 @@
+"""Ground truth for the bytes an audit charges: what channels_last adds in eager PyTorch.
+
+Independent of the audit on purpose (nothing here imports ``nhwc_audit``): the model runs
+eagerly twice, once as built (NCHW) and once converted to channels_last, under a
+``TorchDispatchMode`` that sees every ATen op. An op *transposes* an input when the input's
+memory order (its dims of size > 1 sorted by stride) disagrees with the output's on the
+dims both have; it pays ``2 x`` the smaller of the two tensors (read and write of the moved
+data; a broadcast input counts what it stores). A convolution whose input is re-laid to its output's layout pays twice its input.
+Views move nothing. What channels_last adds is, per source line of the model, the channels_last
+run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["EagerBytes", "Transpose", "eager_bytes", "transposes"]
+
+
+@dataclass(frozen=True)
+class Transpose:
+    op: str
+    shape: tuple[int, ...]
+    nbytes: int
+    site: str
+    """The model's source line that made the call (``file:line``, innermost frame outside torch)."""
+
+
+def _site() -> str:
+    for frame in reversed(traceback.extract_stack()):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" in path or path.endswith("eager_bytes.py"):
+            continue
+        return f"{path}:{frame.lineno}"
+    return "?"
+
+
+def _order(t: torch.Tensor, dims: list[int]) -> list[int]:
+    """Positions (into ``dims``) of ``t``'s dims, outermost memory first."""
+    strides = t.stride()
+    return sorted(range(len(dims)), key=lambda k: (-strides[dims[k]], -k))
+
+
+def _aligned(inp: torch.Tensor, out: torch.Tensor, reduced: list[int]) -> list[tuple[int, int]] | None:
+    """Pairs (input dim, output dim) of the same data, or None when the shapes do not say."""
+    if inp.dim() == out.dim():
+        return list(zip(range(inp.dim()), range(out.dim()), strict=True))
+    if inp.dim() > out.dim() and reduced:
+        kept = [d for d in range(inp.dim()) if d not in reduced]
+        if len(kept) == out.dim() and all(inp.shape[a] == out.shape[b] for b, a in enumerate(kept)):
+            return list(zip(kept, range(out.dim()), strict=True))
+    return None
+
+
+def _reduced_dims(args: tuple[Any, ...], kwargs: dict[str, Any], rank: int) -> list[int]:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if isinstance(dim, int):
+        return [dim % rank]
+    if isinstance(dim, (list, tuple)) and all(isinstance(d, int) for d in dim):
+        return [d % rank for d in dim]
+    return []
+
+
+def _moved(inp: torch.Tensor, out: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], *, relaid: bool) -> int:
+    """Bytes moved to bring ``inp`` into ``out``'s memory order (0 when they agree). A
+    convolution re-lays its whole input (``relaid``); other ops move the smaller tensor."""
+    pairs = _aligned(inp, out, _reduced_dims(args, kwargs, inp.dim()))
+    if pairs is None:
+        return 0
+    # a broadcast input (stride 0: ``expand``) holds only its stored dims
+    both = [(a, b) for a, b in pairs if inp.shape[a] > 1 and out.shape[b] > 1 and inp.stride(a) != 0]
+    if len(both) < 2:
+        return 0
+    ins = _order(inp, [a for a, _ in both])
+    outs = _order(out, [b for _, b in both])
+    if ins == outs:
+        return 0
+    stored = [n for n, st in zip(inp.shape, inp.stride(), strict=True) if st != 0]
+    size_in = math.prod(stored) * inp.element_size()
+    return 2 * (size_in if relaid else min(size_in, out.numel() * out.element_size()))
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Transpose] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not outs or outs[0].dim() < 4:
+            return out
+        result = outs[0]
+        written = _storage(result)
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 4]
+        if any(_storage(t) == written and t.shape == result.shape for t in ins) and not func._schema.is_mutable:
+            return out  # a view: moves nothing
+        name = func.overloadpacket.__name__
+        conv = name == "convolution"
+        if conv:
+            ins = ins[:1]  # the activation; weights are parameters, re-laid once per call at most
+        for t in ins:
+            if _storage(t) == written:
+                continue  # the tensor written in place
+            moved = _moved(t, result, tuple(args), kwargs, relaid=conv)
+            if moved:
+                self.seen.append(Transpose(name, tuple(result.shape), moved, _site()))
+        return out
+
+
+def transposes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> list[Transpose]:
+    """Every transpose one eager forward of ``model`` makes (no_grad, eval as given)."""
+    rec = _Recorder()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rec:
+            model(*args, **(kwargs or {}))
+    return rec.seen
+
+
+def _channels_last(t: Any) -> Any:
+    if isinstance(t, torch.Tensor) and t.dim() in (4, 5):
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return t.to(memory_format=fmt)
+    return t
+
+
+@dataclass(frozen=True)
+class EagerBytes:
+    nchw: list[Transpose] = field(default_factory=list)
+    channels_last: list[Transpose] = field(default_factory=list)
+
+    def by_site(self) -> dict[str, tuple[int, int]]:
+        """Per source line: (bytes in the NCHW run, bytes in the channels_last run)."""
+        sites: dict[str, tuple[int, int]] = {}
+        for run, seen in ((0, self.nchw), (1, self.channels_last)):
+            for t in seen:
+                pair = list(sites.get(t.site, (0, 0)))
+                pair[run] += t.nbytes
+                sites[t.site] = (pair[0], pair[1])
+        return sites
+
+    @property
+    def added(self) -> int:
+        """The bytes channels_last adds: per source line, its transposes minus the NCHW run's
+        where it makes more (a copy made in either layout cancels; savings elsewhere do not)."""
+        return sum(max(0, cl - nchw) for nchw, cl in self.by_site().values())
+
+    @property
+    def saved(self) -> int:
+        """Transposes the NCHW model makes that channels_last removes (per source line)."""
+        return sum(max(0, nchw - cl) for nchw, cl in self.by_site().values())
+
+
+def eager_bytes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> EagerBytes:
+    """Both eager runs of ``model`` (left untouched: each runs on its own copy)."""
+    kwargs = kwargs or {}
+    torch.manual_seed(0)
+    nchw = transposes(copy.deepcopy(model), args, kwargs)
+    rank = next((a.dim() for a in args if isinstance(a, torch.Tensor)), 4)
+    fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
+    cl_model = copy.deepcopy(model).to(memory_format=fmt)
+    cl_args = tuple(_channels_last(a) for a in args)
+    cl_kwargs = {k: _channels_last(v) for k, v in kwargs.items()}
+    torch.manual_seed(0)
+    return EagerBytes(nchw=nchw, channels_last=transposes(cl_model, cl_args, cl_kwargs))

@@ -1,0 +1,45 @@
+"""The eager byte checker itself: it must see the transposes it exists to count, and none
+where nothing moves (else the accuracy tests could not fail)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tests.eager_bytes import eager_bytes
+
+
+class Reverting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.norm = nn.InstanceNorm2d(8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.norm(self.a(x)))
+
+
+class SameInBoth(nn.Module):
+    """A permute + contiguous that copies in either layout: nothing added."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).contiguous() * 2
+
+
+def test_checker_counts_a_revert_and_its_conversion() -> None:
+    e = eager_bytes(Reverting().eval(), (torch.randn(1, 3, 8, 8),))
+    act = 8 * 8 * 8 * 4
+    assert e.added == 2 * act + 2 * act  # InstanceNorm's copy out, the conv's copy back in
+    assert e.nchw == []
+
+
+def test_checker_sees_nothing_on_a_plain_convnet() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    e = eager_bytes(m, (torch.randn(1, 3, 8, 8),))
+    assert e.added == 0 and e.channels_last == []
+
+
+def test_copies_made_in_either_layout_cancel() -> None:
+    e = eager_bytes(SameInBoth(), (torch.randn(1, 3, 8, 8),))
+    assert e.nchw and e.added == 0
