@@ -136,12 +136,7 @@ def _param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
 
 
 def _with_nchw_baseline(
-    records: list[NodeRecord],
-    captured: Captured,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    o: AuditOptions,
+    records: list[NodeRecord], captured: Captured, p: _Prepared, o: AuditOptions
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node also moves when the model runs NCHW (a fake run
     of the same capture), and a note saying what that changed. Run only when some revert
@@ -153,7 +148,7 @@ def _with_nchw_baseline(
     ]
     if not costly:
         return records, ()
-    nchw = nchw_records(captured, module, args, kwargs, o.device, o.dtype)
+    nchw = nchw_records(captured, p.module, p.args, p.kwargs, p.runner)
     if isinstance(nchw, str):
         return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
     # what each node moves in the NCHW run: a revert by the same rule (a transformer's
@@ -203,7 +198,7 @@ def _audit_one(
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
     records, grad_notes = _with_backward(captured, p.runner) if o.train else (captured.records, ())
-    records, baseline_notes = _with_nchw_baseline(records, captured, module, args, kwargs, o)
+    records, baseline_notes = _with_nchw_baseline(records, captured, p, o)
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()

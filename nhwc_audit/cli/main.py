@@ -31,13 +31,15 @@ def _atlas(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="nhwc-audit atlas", description="audit the public model zoo into an atlas")
     p.add_argument("--out", default="reports/atlas", help="output folder (default reports/atlas)")
     p.add_argument("--models", nargs="*", default=None, help="zoo names (default: all)")
+    p.add_argument("--jobs", type=int, default=None, help="models audited at once, one process each (default: CPUs)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per model (default 1)")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     from ..zoo.atlas import run_atlas
 
-    rows = run_atlas(Path(args.out), args.models)
+    rows = run_atlas(Path(args.out), args.models, jobs=args.jobs, threads=args.threads)
     print(f"atlas: {len(rows)} models -> {Path(args.out) / 'index.html'}")
     return 0
 
@@ -49,6 +51,7 @@ def _diff(argv: Sequence[str]) -> int:
     p.add_argument("old", help="the baseline JSON report")
     p.add_argument("new", help="the JSON report to compare with it")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the difference as JSON")
+    p.add_argument("--html", dest="html_path", default=None, metavar="PATH", help="write the difference as HTML")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -56,18 +59,22 @@ def _diff(argv: Sequence[str]) -> int:
     from ..report.diff import diff_reports, load_report
 
     diff = diff_reports(load_report(args.old), load_report(args.new))
-    return _print_diff(diff, Path(args.json_path) if args.json_path else None)
+    html = (Path(args.html_path), diff.to_html(args.old, args.new)) if args.html_path else None
+    return _print_diff(diff, Path(args.json_path) if args.json_path else None, html)
 
 
-def _print_diff(diff: ReportDiff, json_path: Path | None) -> int:
+def _print_diff(diff: ReportDiff, json_path: Path | None, html: tuple[Path, str] | None = None) -> int:
     import json
 
     from ..report.files import write_all_atomic
 
     for line in diff.lines():
         print(line)
-    if json_path is not None:
-        write_all_atomic([(json_path, json.dumps(diff.to_dict(), indent=2) + "\n")])
+    files = [(json_path, json.dumps(diff.to_dict(), indent=2) + "\n")] if json_path is not None else []
+    if html is not None:
+        files.append(html)
+    if files:
+        write_all_atomic(files)
     return 1 if diff.regressions else 0
 
 

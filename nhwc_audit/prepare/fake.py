@@ -25,12 +25,8 @@ def fake_mode() -> Any:
     return FakeTensorMode(allow_non_fake_inputs=False)
 
 
-def _fake_like(
-    t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, channels_last: bool = True
-) -> torch.Tensor:
+def _fake_like(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
     target_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-    if not channels_last and t.dim() in (4, 5):
-        return torch.empty(t.shape, dtype=target_dtype, device=device)
     fmt = memory_format_for_rank(t.dim())
     if fmt is not None:  # as conversion.convert does: .to(memory_format=...) restrides 1x1 weights too
         return torch.empty(t.shape, dtype=target_dtype, device=device).to(memory_format=fmt)
@@ -52,19 +48,16 @@ def _fake_plain(t: torch.Tensor, mode: Any, device: torch.device) -> torch.Tenso
         return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
 
 
-def fake_copy(
-    model: nn.Module, mode: Any, device: torch.device, dtype: torch.dtype | None, *, channels_last: bool = True
-) -> nn.Module:
+def fake_copy(model: nn.Module, mode: Any, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are FakeTensors on ``device`` with
-    channels_last strides for 4D/5D (NCHW, as built, with ``channels_last=False``), and whose
-    plain tensor attributes are fake too (see :func:`_fake_plain`); the real (or meta)
-    weights are never read or copied."""
+    channels_last strides for 4D/5D, and whose plain tensor attributes are fake too (see
+    :func:`_fake_plain`); the real (or meta) weights are never read or copied."""
     memo: dict[int, Any] = {}
     with mode:
         for p in model.parameters():
-            memo[id(p)] = nn.Parameter(_fake_like(p, device, dtype, channels_last), requires_grad=p.requires_grad)
+            memo[id(p)] = nn.Parameter(_fake_like(p, device, dtype), requires_grad=p.requires_grad)
         for b in model.buffers():
-            memo[id(b)] = _fake_like(b, device, dtype, channels_last)
+            memo[id(b)] = _fake_like(b, device, dtype)
     for _, t in plain_tensors(model):
         if id(t) not in memo:
             memo[id(t)] = _fake_plain(t, mode, device)
@@ -75,22 +68,15 @@ def fake_copy(
 
 
 def fake_inputs(
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    mode: Any,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    *,
-    channels_last: bool = True,
+    args: tuple[Any, ...], kwargs: dict[str, Any], mode: Any, device: torch.device, dtype: torch.dtype | None
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """FakeTensor inputs of the sample's shapes: 4D/5D channels_last(_3d) (NCHW with
-    ``channels_last=False``), others as given."""
+    """FakeTensor inputs of the sample's shapes: 4D/5D channels_last(_3d), others as given."""
 
     def conv(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return v
         target_dtype = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
-        fmt = memory_format_for_rank(v.dim()) if channels_last else None
+        fmt = memory_format_for_rank(v.dim())
         out = torch.empty(v.shape, dtype=target_dtype, device=device)
         return out.to(memory_format=fmt) if fmt is not None else out
 

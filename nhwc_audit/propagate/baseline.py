@@ -1,13 +1,15 @@
-"""The NCHW baseline: the captured model run as built (NCHW weights and inputs) on fake
-tensors, so each finding can be charged only the bytes channels_last adds. A copy the model
-makes in either layout (``x.permute(...).contiguous()`` in an attention block) is where
-channels_last is lost, but it costs nothing extra.
+"""The NCHW baseline: the captured model run as built (NCHW weights and inputs), so each
+revert can be charged only the bytes channels_last adds. A copy the model makes in either
+layout (``x.permute(...).contiguous()`` in an attention block) is where channels_last is lost,
+but it costs nothing extra.
 
-Graph captures run their own graph with fake NCHW parameters swapped in
-(``torch.func.functional_call``: the private copy is never changed); the hooks capture runs a
-fake NCHW copy of the model eagerly. Nodes are matched by name in a graph, and by module path,
-op, source line and occurrence for the hooks capture, whose op sequence may differ between
-layouts.
+The audit's own copy runs again with every 4D/5D parameter and buffer seen through NCHW
+strides over the same storage (``as_strided``: nothing is copied; ``torch.func.functional_call``
+swaps them in for the run only) and the sample made NCHW, in the same mode as the audit (real
+kernels in real mode, fake tensors in fake mode), under the guard on the user's weights. Graph
+captures run their graph; the hooks capture runs the model eagerly. Nodes are matched by name in
+a graph, and by module path, op, source line and occurrence for the hooks capture, whose op
+sequence may differ between layouts.
 """
 
 from __future__ import annotations
@@ -20,76 +22,82 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..errors import first_line
-from ..prepare.fake import fake_copy, fake_inputs
+from ..errors import SharedWeightWrite, first_line
 from ..records import NodeRecord
+from ..tensors import to_nchw
 from .chain import Captured
 from .eager import record_eager
 from .interpreter import LayoutProp
+from .runner import Runner
 
 __all__ = ["match_nodes", "nchw_records"]
 
 
-def _fake_mode() -> Any:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # real constants the graph holds (not parameters or buffers) are converted on first use
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def _nchw_empty(t: Any) -> Any:
-    if not isinstance(t, torch.Tensor):
+def _nchw_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` seen with NCHW strides: the same storage when it is dense, else a copy."""
+    if t.dim() not in (4, 5):
         return t
-    if t.dim() in (4, 5):
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+    strides = [1] * t.dim()
+    for d in range(t.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * max(t.shape[d + 1], 1)
+    dense = t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t.as_strided(t.shape, strides) if dense or t.is_contiguous() else t.contiguous()
 
 
 class _Graph(nn.Module):
-    """Holds the captured graph so that functional_call can swap its parameters."""
-
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, shared: frozenset[int]) -> None:
         super().__init__()
-        self.gm = gm
+        self.inner = gm
+        self.shared = shared
         self.records: list[NodeRecord] = []
 
     def forward(self, *values: Any) -> Any:
-        interp = LayoutProp(self.gm, record_hidden=False)
+        interp = LayoutProp(self.inner, record_hidden=False, shared=self.shared)
         out = interp.run(*values, enable_io_processing=False)
         self.records = interp.records
         return out
 
 
+class _Eager(nn.Module):
+    def __init__(self, model: nn.Module, shared: frozenset[int]) -> None:
+        super().__init__()
+        self.inner = model
+        self.shared = shared
+        self.records: list[NodeRecord] = []
+        self.error: str | None = None
+
+    def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.records, out, self.error = record_eager(self.inner, args, kwargs, shared=self.shared)
+        return out
+
+
 def nchw_records(
-    captured: Captured,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    device: torch.device,
-    dtype: torch.dtype | None,
+    captured: Captured, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], runner: Runner
 ) -> list[NodeRecord] | str:
-    """The records of the NCHW run of the capture ``captured`` came from, or why it could not
-    run (a fake-tensor limit, an op that needs values)."""
-    mode = _fake_mode()
+    """The records of the NCHW run of the capture ``captured`` came from (``model`` and the
+    sample are the audit's channels_last copies), or why it could not run."""
+    holder: _Graph | _Eager
+    if captured.gm is not None and captured.inputs is not None:
+        holder = _Graph(captured.gm, runner.shared)
+        call: tuple[Any, ...] = tuple(tree_map(to_nchw, v) for v in captured.inputs)
+    else:
+        holder = _Eager(model, runner.shared)
+        call = (tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
+    state = {
+        f"inner.{name}": _nchw_view(t)
+        for name, t in [*holder.inner.named_parameters(), *holder.inner.named_buffers()]
+        if t.dim() in (4, 5)
+    }
     try:
-        with torch.no_grad():
-            if captured.gm is not None and captured.inputs is not None:
-                holder = _Graph(captured.gm)
-                with mode:
-                    state = {
-                        f"gm.{name}": _nchw_empty(t)
-                        for name, t in [*captured.gm.named_parameters(), *captured.gm.named_buffers()]
-                    }
-                    values = [tree_map(_nchw_empty, v) for v in captured.inputs]
-                    torch.func.functional_call(holder, state, tuple(values), strict=False)
-                return holder.records
-            copy = fake_copy(module, mode, device, dtype, channels_last=False)
-            fargs, fkwargs = fake_inputs(args, kwargs, mode, device, dtype, channels_last=False)
-            with mode:
-                records, _, error = record_eager(copy, fargs, fkwargs)
-            return records if error is None else error
-    except Exception as e:  # the comparison is an estimate's refinement, never a reason to fail
+        with runner.context(guard=False), torch.no_grad():
+            torch.func.functional_call(holder, state, call, strict=False)
+    except SharedWeightWrite as e:
+        return str(e)
+    except Exception as e:  # the comparison refines an estimate; it is never a reason to fail
         return first_line(e)
+    if isinstance(holder, _Eager) and holder.error is not None:
+        return holder.error
+    return holder.records
 
 
 def match_nodes(channels_last: Sequence[NodeRecord], nchw: Sequence[NodeRecord], *, by_name: bool) -> dict[str, str]:

@@ -56,6 +56,14 @@ class ReportDiff:
             out.append(f"{c.kind:<6} {c.key}  ({counts} finding(s), {sizes})")
         return out
 
+    def to_html(self, old: str, new: str) -> str:
+        """A self-contained HTML page of the changes, regressions first."""
+        from .html import jinja_environment
+
+        ordered = sorted(self.changes, key=lambda c: (not c.regression, c.kind, c.key))
+        template = jinja_environment().get_template("diff.html")
+        return template.render(changes=ordered, regressions=len(self.regressions), old=old, new=new)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "regressions": len(self.regressions),

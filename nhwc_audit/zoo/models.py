@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build"]
+__all__ = ["ATLAS", "ATLAS_ONLY", "MODELS", "build"]
 
 Built = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 
@@ -157,6 +157,61 @@ def _smp(name: str) -> Callable[[], Built]:
     return b
 
 
+def _kw(**kw: Any) -> dict[str, Any]:
+    """Config keywords the transformers stubs do not declare (they are read from **kwargs)."""
+    return kw
+
+
+def _hf(name: str) -> Callable[[], Built]:
+    """Hugging Face transformers vision models from small configs (random weights)."""
+
+    def b() -> Built:
+        import transformers as hf
+
+        size = 32 if name == "Swin2SR" else 64
+        configs: dict[str, Callable[[], nn.Module]] = {
+            "ConvNext": lambda: hf.ConvNextForImageClassification(
+                hf.ConvNextConfig(**_kw(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], num_labels=10))
+            ),
+            "ResNet": lambda: hf.ResNetForImageClassification(
+                hf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+            ),
+            "MobileViT": lambda: hf.MobileViTForImageClassification(
+                hf.MobileViTConfig(
+                    image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 24, 32, 40, 160]
+                )
+            ),
+            "Segformer": lambda: hf.SegformerForSemanticSegmentation(
+                hf.SegformerConfig(
+                    **_kw(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=64, num_labels=4)
+                )
+            ),
+            "Detr": lambda: hf.DetrForObjectDetection(  # timm backbone built from code, no weights
+                hf.DetrConfig(
+                    **_kw(
+                        use_timm_backbone=True,
+                        backbone="resnet18",
+                        use_pretrained_backbone=False,
+                        d_model=32,
+                        encoder_layers=1,
+                        decoder_layers=1,
+                        encoder_ffn_dim=64,
+                        decoder_ffn_dim=64,
+                        num_queries=10,
+                        encoder_attention_heads=2,
+                        decoder_attention_heads=2,
+                    )
+                )
+            ),
+            "Swin2SR": lambda: hf.Swin2SRForImageSuperResolution(  # image to image (2x super-resolution)
+                hf.Swin2SRConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, image_size=32, upscale=2)
+            ),
+        }
+        return configs[name]().eval(), (_img(s=size),), {}
+
+    return b
+
+
 def _ultralytics(task: str, config: str, size: int = 320) -> Callable[[], Built]:
     def b() -> Built:
         import os
@@ -198,6 +253,12 @@ MODELS: dict[str, Callable[[], Built]] = {
     "monai.UNETR2d": _monai("UNETR", 2),
     "smp.Unet": _smp("Unet"),
     "smp.FPN": _smp("FPN"),
+    "transformers.ConvNext": _hf("ConvNext"),
+    "transformers.ResNet": _hf("ResNet"),
+    "transformers.MobileViT": _hf("MobileViT"),
+    "transformers.Segformer": _hf("Segformer"),
+    "transformers.Detr": _hf("Detr"),
+    "transformers.Swin2SR": _hf("Swin2SR"),
     "ultralytics.yolov8n": _ultralytics("DetectionModel", "yolov8n.yaml"),
     "ultralytics.yolov8n-seg": _ultralytics("SegmentationModel", "yolov8n-seg.yaml"),
     "ultralytics.yolov8n-pose": _ultralytics("PoseModel", "yolov8n-pose.yaml"),
@@ -208,9 +269,49 @@ MODELS: dict[str, Callable[[], Built]] = {
 }
 
 
+ATLAS_ONLY: dict[str, Callable[[], Built]] = {
+    "torchvision.mobilenet_v2": _tv("mobilenet_v2"),
+    "torchvision.efficientnet_b0": _tv("efficientnet_b0"),
+    "torchvision.regnet_y_400mf": _tv("regnet_y_400mf"),
+    "torchvision.squeezenet1_0": _tv("squeezenet1_0"),
+    "torchvision.mnasnet0_5": _tv("mnasnet0_5"),
+    "torchvision.resnext50_32x4d": _tv("resnext50_32x4d"),
+    "torchvision.shufflenet_v2_x1_0": _tv("shufflenet_v2_x1_0", 224),
+    "torchvision.swin_v2_t": _tv("swin_v2_t"),
+    "timm.resnet50": _timm("resnet50"),
+    "timm.efficientnet_b0": _timm("efficientnet_b0"),
+    "timm.regnety_002": _timm("regnety_002"),
+    "timm.mobilenetv3_large_100": _timm("mobilenetv3_large_100"),
+    "timm.ghostnet_100": _timm("ghostnet_100"),
+    "timm.efficientvit_b0": _timm("efficientvit_b0"),
+    "timm.rexnet_100": _timm("rexnet_100"),
+    "timm.poolformer_s12": _timm("poolformer_s12"),
+    "timm.dla34": _timm("dla34"),
+    "timm.hrnet_w18_small": _timm("hrnet_w18_small"),
+    "timm.res2net50_26w_4s": _timm("res2net50_26w_4s"),
+    "timm.skresnet18": _timm("skresnet18"),
+    "timm.edgenext_xx_small": _timm("edgenext_xx_small"),
+    "timm.fastvit_t8": _timm("fastvit_t8"),
+    "timm.mixnet_s": _timm("mixnet_s"),
+    "timm.cspdarknet53": _timm("cspdarknet53"),
+    "timm.vit_tiny_patch16_224": _timm("vit_tiny_patch16_224", 224),
+    "monai.SegResNet3d": _monai("SegResNet", 3),
+    "monai.BasicUNet3d": _monai("BasicUNet", 3),
+    "smp.DeepLabV3Plus": _smp("DeepLabV3Plus"),
+    "smp.Linknet": _smp("Linknet"),
+    "smp.PSPNet": _smp("PSPNet"),
+    "smp.UnetPlusPlus": _smp("UnetPlusPlus"),
+    "smp.MAnet": _smp("MAnet"),
+    "smp.PAN": _smp("PAN"),
+}
+"""Models the atlas audits beyond the real-model tests' corpus (:data:`MODELS`)."""
+
+ATLAS: dict[str, Callable[[], Built]] = {**MODELS, **ATLAS_ONLY}
+
+
 def build(name: str) -> Built:
-    """Build one model of the zoo by name."""
-    return MODELS[name]()
+    """Build one model of the zoo (or the atlas) by name."""
+    return ATLAS[name]()
 
 
 def cli_resnet50() -> Built:

@@ -79,3 +79,19 @@ def test_keys_ignore_node_names(workdir: Path) -> None:
     for f in b["findings"]:
         f["node"] = f["node"] + "_renumbered"
     assert diff_reports(a, b).changes == ()
+
+
+def test_diff_as_html(workdir: Path) -> None:
+    from bs4 import BeautifulSoup
+
+    _report("net.py:old", "old.json")
+    _report("net.py:new", "new.json")
+    assert main(["diff", "old.json", "new.json", "--html", "out/d.html", "--json", "out/d.json"]) == 1
+    soup = BeautifulSoup(Path("out/d.html").read_text(), "html.parser")
+    assert "1 new or grown finding(s)" in soup.select_one("#verdict").get_text()
+    rows = soup.select("#diff tbody tr")
+    cells = [td.get_text(" ", strip=True) for td in rows[0].find_all("td")]
+    assert cells[0] == "new" and cells[1] == "revert::contiguous:net.py:13" and cells[2] == "0 → 1"
+    assert "regression" in rows[0]["class"] and "<script" not in Path("out/d.html").read_text()
+    assert main(["diff", "new.json", "old.json", "--html", "back.html"]) == 0
+    assert "no new or grown findings" in Path("back.html").read_text()

@@ -33,7 +33,15 @@ EXPECTED = {
     "monai.UNet3d": ("fx", 1, 0, 0, 0),
     "monai.SegResNet2d": ("fx", 0, 0, 0, 0),
     "smp.Unet": ("fx", 0, 0, 0, 0),
-    "smp.FPN": ("export", 1, 1, 0, 0),  # torch.stack(maps).sum(dim=0) writes NCHW, the conv converts back
+    "smp.FPN": ("export", 1, 1, 0, 0),
+    # Hugging Face transformers from small configs: torch.fx cannot trace them (they need their own
+    # HFTracer), torch.export can
+    "transformers.ConvNext": ("export", 0, 0, 0, 0),
+    "transformers.ResNet": ("export", 0, 0, 0, 0),
+    "transformers.MobileViT": ("export", 4, 2, 0, 0),  # unfold/fold of patches: reshape copies into NCHW
+    "transformers.Segformer": ("export", 8, 4, 0, 0),  # tokens back to maps with .contiguous(), bilinear upsample
+    "transformers.Detr": ("export", 0, 0, 0, 0),
+    "transformers.Swin2SR": ("export", 0, 2, 0, 0),  # torch.stack(maps).sum(dim=0) writes NCHW, the conv converts back
 }
 
 
