@@ -97,7 +97,14 @@ def _capture(
 
     def run(p: _Prepared) -> Captured:
         return capture_and_propagate(
-            p.module, p.args, p.kwargs, method=o.capture, verify=o.verify, progress=o.progress, runner=p.runner
+            p.module,
+            p.args,
+            p.kwargs,
+            method=o.capture,
+            verify=o.verify,
+            progress=o.progress,
+            runner=p.runner,
+            need_graph=o.train,
         )
 
     try:
@@ -163,6 +170,8 @@ def _with_nchw_baseline(
         return records, ()
     out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
     hit = [f for f in costly if f.node in both]
+    if not hit:
+        return out, ()
     return out, (
         f"NCHW baseline: {len(hit)} revert(s) copy in NCHW too ({', '.join(sorted({f.op for f in hit}))}): "
         "charged only the bytes channels_last adds",

@@ -64,8 +64,9 @@ def report_module_layouts(report: AuditReport) -> dict[str, list[list[str]]]:
             if any(not _inside(by_name[u].module_path, scope) or by_name[u].op == "output" for u in r.users):
                 last[scope] = r.name
     for scope, name in last.items():
-        if scope not in out:
-            out[scope].append([o.layout.value for o in by_name[name].outputs])
+        if scope not in out:  # a module's output is the first output of its last op (native_batch_norm
+            # also returns its statistics)
+            out[scope].append([o.layout.value for o in by_name[name].outputs[:1]])
     return dict(out)
 
 

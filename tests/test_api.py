@@ -179,8 +179,11 @@ def test_untraceable_model_falls_back_and_says_why(audit_fixed: Callable[..., Au
         audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), capture="fx")
     report = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4))
     assert report.meta.capture == "hooks"
-    assert [n.split(":")[0] for n in report.meta.capture_notes] == ["fx", "export"]
+    assert [n.split(":")[0] for n in report.meta.capture_notes] == ["fx", "hooks"]
     assert "torch.fx could not trace DataDependent" in report.meta.capture_notes[0]
+    assert "torch.export is tried only when a graph is needed" in report.meta.capture_notes[1]
+    trained = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), train=True)  # backward needs a graph
+    assert [n.split(":")[0] for n in trained.meta.capture_notes][:2] == ["fx", "export"]
 
 
 def test_measured_bandwidth_is_labelled() -> None:
@@ -219,7 +222,7 @@ class Sneaky(nn.Module):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_fx_graph_that_differs_from_eager_falls_back(batch: int, audit_fixed: Callable[..., AuditReport]) -> None:
     r = audit_fixed(Sneaky(), torch.randn(batch, 3, 8, 8))
-    assert r.meta.capture == "export"
+    assert r.meta.capture == "hooks"
     assert r.meta.capture_notes[0].startswith("fx: the captured graph does not reproduce eager")
     ok = audit_fixed(M.ConvBnRelu(), torch.randn(batch, 3, 8, 8))
     assert ok.meta.capture == "fx" and ok.meta.capture_notes == ()

@@ -260,13 +260,15 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         ]
     assigns = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
     if r.hidden and (assigns or any(o.rank >= 4 for o in r.outputs)):
-        # the node left and re-entered NHWC internally: invisible in its input/output layouts
-        # (exits to non-spatial outputs, like flatten before a classifier, are not findings)
+        # the node left (and maybe re-entered) NHWC internally: invisible in its input/output
+        # layouts (exits to non-spatial outputs, like flatten before a classifier, are not
+        # findings); copies out of NHWC only are a revert, as the eager capture sees that copy
+        out_only = all(h.layout_in is Layout.CHANNELS_LAST and h.layout_out is Layout.CONTIGUOUS for h in r.hidden)
         return [
             _finding(
                 ctx,
                 r,
-                FindingKind.CONVERSION,
+                FindingKind.REVERT if out_only else FindingKind.CONVERSION,
                 layout_in=r.hidden[0].layout_in,
                 nbytes=sum(h.bytes for h in r.hidden),
                 shape=r.hidden[0].shape,

@@ -236,14 +236,15 @@ def default_hints() -> HintTable:
         "channels_last strides (weight.contiguous(memory_format=torch.channels_last) after it is "
         "computed, e.g. after reshape_as in a weight-standardised conv) and nothing moves",
     )
-    _register(
-        t,
-        FindingKind.CONVERSION,
-        (HIDDEN,),
-        "{op} keeps its input and output layouts but transposes data internally (ATen-level "
-        "copies between NHWC and NCHW while it runs, e.g. padding_mode='circular' pads in NCHW "
-        "first): use a variant without the internal copy, or accept the cost",
-    )
+    for kind in (FindingKind.CONVERSION, FindingKind.REVERT):
+        _register(
+            t,
+            kind,
+            (HIDDEN,),
+            "{op} keeps its input and output layouts but transposes data internally (ATen-level "
+            "copies between NHWC and NCHW while it runs, e.g. padding_mode='circular' pads in NCHW "
+            "first): use a variant without the internal copy, or accept the cost",
+        )
     return t
 
 

@@ -53,15 +53,19 @@ def writes_in_place(r: NodeRecord) -> bool:
     return name.endswith("_") and not name.endswith("__") and name != "copy_"
 
 
-_RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy")
-"""Copies a ``reshape`` that cannot view decomposes into (then ``_unsafe_view``)."""
+_RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")
+"""Copies a ``reshape`` that cannot view decomposes into (then ``_unsafe_view``), as ATen names
+them or as the eager capture labels them (by the call the model made)."""
 
 
 def viewed_as(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> list[TensorMeta]:
-    """The shape a copy is read as: its own, or, when its one user views it as another
-    spatial shape of the same size, that one (ATen's ``reshape`` is ``clone`` then
-    ``_unsafe_view``: under export or hooks capture the copy and the new shape are two ops)."""
+    """The shape a copy is read as: its own, or, for a copy that keeps its input's shape and
+    whose one user views it as another spatial shape of the same size, that one (ATen's
+    ``reshape`` is ``clone`` then ``_unsafe_view``: the eager capture sees the copy and the
+    new shape as two ops; a graph's ``reshape`` node already has its shape)."""
     if len(r.users) != 1 or not reverted or r.op_name not in _RESHAPE_COPIES:
+        return reverted
+    if not any(i.meta.shape == reverted[0].shape for i in r.activation_inputs):
         return reverted
     user = by_name.get(r.users[0])
     if user is None or not user.aliases_input or not user.outputs:

@@ -8,8 +8,8 @@ strides over the same storage (``as_strided``: nothing is copied; ``torch.func.f
 swaps them in for the run only) and the sample made NCHW, in the same mode as the audit (real
 kernels in real mode, fake tensors in fake mode), under the guard on the user's weights. Graph
 captures run their graph; the hooks capture runs the model eagerly. Nodes are matched by name in
-a graph, and by module path, op, source line and occurrence for the hooks capture, whose op
-sequence may differ between layouts.
+a graph, and for the hooks capture, whose op sequence may differ between layouts, by module path,
+call, ATen op, source line, output shapes and occurrence.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import SharedWeightWrite, first_line
 from ..records import NodeRecord
-from ..tensors import to_nchw
-from .chain import Captured
+from .captured import Captured
 from .eager import record_eager
 from .interpreter import LayoutProp
 from .runner import Runner
@@ -42,6 +41,15 @@ def _nchw_view(t: torch.Tensor) -> torch.Tensor:
         strides[d] = strides[d + 1] * max(t.shape[d + 1], 1)
     dense = t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
     return t.as_strided(t.shape, strides) if dense or t.is_contiguous() else t.contiguous()
+
+
+def _nchw_input(v: Any) -> Any:
+    """A 4D/5D sample tensor as the user builds it: an NCHW copy with PyTorch's canonical
+    strides (``contiguous()`` keeps a C == 1 tensor's channels_last strides, and kernels follow
+    them)."""
+    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
+        return v.clone(memory_format=torch.contiguous_format)
+    return v
 
 
 class _Graph(nn.Module):
@@ -79,10 +87,10 @@ def nchw_records(
     holder: _Graph | _Eager
     if captured.gm is not None and captured.inputs is not None:
         holder = _Graph(captured.gm, runner.shared)
-        call: tuple[Any, ...] = tuple(tree_map(to_nchw, v) for v in captured.inputs)
+        call: tuple[Any, ...] = tuple(tree_map(_nchw_input, v) for v in captured.inputs)
     else:
         holder = _Eager(model, runner.shared)
-        call = (tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
+        call = (tree_map(_nchw_input, args), tree_map(_nchw_input, kwargs))
     state = {
         f"inner.{name}": _nchw_view(t)
         for name, t in [*holder.inner.named_parameters(), *holder.inner.named_buffers()]
@@ -101,7 +109,8 @@ def nchw_records(
 
 
 def match_nodes(channels_last: Sequence[NodeRecord], nchw: Sequence[NodeRecord], *, by_name: bool) -> dict[str, str]:
-    """Channels_last record name -> the NCHW record of the same op."""
+    """Channels_last record name -> the NCHW record of the same op (by name in a graph; by module
+    path, call, ATen op, source line, output shapes and occurrence for the eager capture)."""
     if by_name:
         names = {r.name for r in nchw}
         return {r.name: r.name for r in channels_last if r.name in names}
@@ -110,7 +119,10 @@ def match_nodes(channels_last: Sequence[NodeRecord], nchw: Sequence[NodeRecord],
         seen: Counter[tuple[Any, ...]] = Counter()
         out: dict[tuple[Any, ...], str] = {}
         for r in records:
-            key = (r.module_path, r.op_name, r.source.file if r.source else "", r.source.line if r.source else 0)
+            where = (r.source.file, r.source.line) if r.source else ("", 0)
+            # the ATen op and the shapes too: a reshape that copies in one layout is only a view in
+            # the other, and must not shift the pairing of the ops after it
+            key = (r.module_path, r.op_name, r.target, *where, tuple(o.shape for o in r.outputs))
             out[(*key, seen[key])] = r.name
             seen[key] += 1
         return out

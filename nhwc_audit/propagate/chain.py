@@ -1,4 +1,5 @@
-"""The capture chain: torch.fx (checked against eager) -> torch.export -> eager recording.
+"""The capture chain: torch.fx (checked against eager), then the eager recording (torch.export
+before it when a graph is needed: a backward pass).
 
 Each step that fails leaves a one-line note and the next one runs; the result says which
 capture was used, how it was checked, and why the earlier ones were not used. Real and fake
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from ..capture.fx import Capture, GraphMethod, trace
 from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value
+from .captured import Captured, CheckKind
 from .compare import first_difference
 from .corrections import Corrections
 from .eager import record_eager
@@ -45,32 +47,6 @@ __all__ = [
 ]
 
 CAPTURES: tuple[CaptureMethod, ...] = get_args(CaptureMethod)
-
-CheckKind = Literal["replay", "sample", "eager", "unchecked", "off"]
-"""How the capture was checked against eager: a replay of the model's Python on the
-propagation's record, one eager forward on one sample of the batch, one eager forward on the
-whole sample, not at all where it could not be (a break, eager raising), or not asked for
-(forced capture, ``verify=False``, fake mode, the hooks capture, which is eager itself)."""
-
-
-@dataclass(frozen=True)
-class Captured:
-    """The records of one capture's propagation, and how that capture was obtained."""
-
-    records: list[NodeRecord]
-    method: Literal["fx", "export", "hooks"]
-    notes: tuple[str, ...]
-    checked: CheckKind
-    capture: Capture | None = None
-    """The graph that was propagated (None for the hooks capture)."""
-    inputs: list[Any] | None = None
-    """The values its placeholders took, in order."""
-    corrected: frozenset[str] = frozenset()
-    """Nodes a fake run made follow eager where meta kernels are known wrong."""
-
-    @property
-    def gm(self) -> torch.fx.GraphModule | None:
-        return self.capture.gm if self.capture is not None else None
 
 
 def replay_check(
@@ -115,6 +91,7 @@ class _Chain:
     verify: bool
     progress: ProgressFn | None
     runner: Runner
+    need_graph: bool = False
     notes: list[str] = field(default_factory=list)
     _eager: list[Any] = field(default_factory=list)
 
@@ -131,15 +108,24 @@ class _Chain:
         return frozenset(node for node, _ in corrections.applied)
 
     def run(self) -> Captured:
+        """fx first (a graph, checked against eager); after it fails, the eager recording, which
+        sees what eager runs in one forward (torch.export costs 1-2.5 s before anything runs
+        and finds the same), unless a graph is needed (``need_graph``: a backward pass), when
+        torch.export comes before it."""
         steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
             ("fx", lambda: trace(self.model)),
             ("export", lambda: export(self.model, self.args, self.kwargs)),
         ]
         for name, capture in steps:
-            if self.method in ("auto", name):
+            if self.method == name or (self.method == "auto" and (name == "fx" or self.need_graph)):
                 got = self._graph_step(name, capture)
                 if got is not None:
                     return got
+        if self.method == "auto" and not self.need_graph:
+            self.notes.append(
+                "hooks: recorded from one eager forward (module hooks and every ATen op): torch.export is "
+                "tried only when a graph is needed (train=True / --train)"
+            )
         return self._hooks()
 
     def _eager_reference(self) -> Any:
@@ -296,16 +282,18 @@ def capture_and_propagate(
     verify: bool = True,
     progress: ProgressFn | None = None,
     runner: Runner | None = None,
+    need_graph: bool = False,
 ) -> Captured:
     """Capture ``model`` (the audit's private channels_last copy, real or fake) and record
     every node's layouts on the sample. ``method`` forces one capture ('fx', 'export',
     'hooks'); ``verify`` checks an fx or export graph against eager (real mode only);
     ``runner`` says how the model runs (see :class:`Runner`; every run, the recorded ones and
     the checks, raises :class:`~nhwc_audit.errors.SharedWeightWrite` before writing to one of
-    ``runner.shared``)."""
+    ``runner.shared``); ``need_graph`` (a backward pass follows) tries torch.export before the
+    eager recording when fx fails."""
     if method not in CAPTURES:
         raise UsageError(f"capture {method!r} is not one of: {', '.join(CAPTURES)}")
     if runner is None:
         device = next((t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
         runner = Runner(device_type=device)
-    return _Chain(model, args, kwargs, method, verify, progress, runner).run()
+    return _Chain(model, args, kwargs, method, verify, progress, runner, need_graph).run()

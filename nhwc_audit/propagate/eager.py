@@ -1,8 +1,10 @@
-"""Last-resort capture: run the model eagerly and record every ATen op it dispatches
+"""The eager capture: run the model once and record every ATen op it dispatches
 (TorchDispatchMode), with the module it ran in (forward pre/post hooks on the audit's
-private copy) and the user's source line. Used when neither torch.fx nor torch.export can
-capture the model. Module hooks alone would miss layout changes between modules
-(shufflenet's channel shuffle), so the records are per ATen op.
+private copy), the user's source line, and the torch function the model called
+(TorchFunctionMode): an op is named as the model wrote it (``contiguous``, ``reshape``,
+``conv2d``: the names torch.export's graphs use), not as ATen runs it (``clone``,
+``convolution``). Used when torch.fx cannot capture the model. Module hooks alone would miss
+layout changes between modules (shufflenet's channel shuffle), so the records are per ATen op.
 
 A break (an op that raises on channels_last input) ends an eager run: it is recorded with
 its error, and the audit stops there.
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -21,7 +24,7 @@ from ..capture.context import aten_detail
 from ..capture.source import user_frame
 from ..errors import first_line
 from ..layout import tensor_meta
-from ..records import NodeInput, NodeRecord
+from ..records import NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .corrections import Corrections
 from .dispatch import check_shared_write, hidden_copy, is_alias_of
@@ -32,11 +35,42 @@ __all__ = ["record_eager"]
 _SKIP = frozenset({"detach", "alias", "lift_fresh", "_local_scalar_dense", "empty", "empty_like", "zeros"})
 
 
+def call_name(func: Any) -> str:
+    """How the model wrote a torch call: ``contiguous``, ``conv2d``; in-place operators as
+    their methods (``x += y`` is ``add_``), other operators without underscores (``getitem``)."""
+    name = str(getattr(func, "__name__", "") or func)
+    if name.startswith("__") and name.endswith("__"):
+        bare = name[2:-2]
+        in_place = bare.startswith("i") and bare[1:] in ("add", "sub", "mul", "truediv", "floordiv", "and", "or", "xor")
+        return bare[1:].replace("truediv", "div") + "_" if in_place else bare
+    return name
+
+
+class _Calls(TorchFunctionMode):
+    """The torch function the model is in (only the outermost reaches a mode: inside its
+    handler, the mode is off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: str | None = None
+        self.source: SourceLoc | None = None
+        """The model's line that made the call (taken here: below, this frame is nhwc-audit's)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        outer = self.current, self.source
+        self.current, self.source = call_name(func), user_frame()
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.current, self.source = outer
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(
         self, stack: list[tuple[str, str]], shared: frozenset[int], corrections: Corrections | None = None
     ) -> None:
         super().__init__()
+        self.calls = _Calls()
         self.corrections = corrections
         self.stack = stack
         self.shared = shared
@@ -67,10 +101,10 @@ class _Recorder(TorchDispatchMode):
         rec: dict[str, Any] = {
             "name": self._name(op),
             "target": str(func),
-            "op_name": op,
+            "op_name": self.calls.current or op,
             "module_path": path,
             "module_type": mtype,
-            "source": user_frame(),
+            "source": self.calls.source if self.calls.current is not None else user_frame(),
             "inputs": [
                 NodeInput(producer=self.producer.get(t), meta=tensor_meta(t), is_param=isinstance(t, nn.Parameter))
                 for t in ins
@@ -139,7 +173,7 @@ def record_eager(
     out: Any = None
     error: str | None = None
     try:
-        with torch.no_grad(), rec:
+        with torch.no_grad(), rec.calls, rec:
             out = model(*args, **kwargs)
     except Exception as e:
         if rec.error is None or not rec.layout_caused:

@@ -50,9 +50,8 @@ def test_what_export_caches_on_modules_never_reaches_the_eager_check(
     audit_fixed: Callable[..., AuditReport], sample: Callable[..., torch.Tensor]
 ) -> None:
     model = CachesAnchors()
-    report = audit_fixed(model, sample(1, 3, 8, 8))
+    report = audit_fixed(model, sample(1, 3, 8, 8), capture="export")
     assert report.meta.capture == "export"
-    assert report.meta.capture_notes[0].startswith("fx: ")
     assert any(
         "sets attributes on its modules in forward (head.anchors, head.shape)" in n for n in report.meta.capture_notes
     )
@@ -67,7 +66,8 @@ def test_fake_mode_runs_a_model_that_reads_plain_tensor_attributes(
 ) -> None:
     real = audit_fixed(CachesAnchors(), sample(1, 3, 8, 8), train=train)
     fake = audit_fixed(CachesAnchors(), sample(1, 3, 8, 8), mode="fake", train=train)
-    assert fake.meta.capture == real.meta.capture == "export"
+    # after fx fails: the eager recording, or torch.export when a backward pass needs a graph
+    assert fake.meta.capture == real.meta.capture == ("export" if train else "hooks")
     assert [(f.node, f.kind) for f in fake.findings] == [(f.node, f.kind) for f in real.findings]
 
 

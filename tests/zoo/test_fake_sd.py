@@ -39,10 +39,11 @@ def test_sd15_sized_unet_audits_in_fake_mode_within_memory() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 850e6 < out["params"] < 870e6
-    assert out["capture"] == "export" and out["mode"] == "fake" and out["nodes"] > 1500 and out["meta"]
+    # fx cannot trace it; the eager recording runs one fake forward (no torch.export)
+    assert out["capture"] == "hooks" and out["mode"] == "fake" and out["nodes"] > 1500 and out["meta"]
     assert out["rss"] < 2.0e9  # the float32 weights alone would need 3.4 GB
     assert any("GroupNorm" in n for n in out["notes"])  # the known fake-vs-real divergence is flagged
     # and corrected: eager CPU keeps GroupNorm channels_last, so its 61 meta-kernel reverts are not
     # findings; what is left is what a real-mode audit finds (Transformer2DModel's .contiguous())
-    assert out["notes"][1].startswith("prediction corrected at 61 node(s)")
+    assert any(n.startswith("prediction corrected at 61 node(s)") for n in out["notes"]), out["notes"]
     assert out["revert_ops"] == ["contiguous"] and out["reverts"] == 16

@@ -5,6 +5,7 @@ on the same channels_last run. Known facts of torch 2.14.1 on CPU are pinned."""
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pytest
 
@@ -24,34 +25,50 @@ EXPECTED = {
     "torchvision.swin_t": ("fx", 0, 0, 0, 0),
     "torchvision.deeplabv3_mobilenet_v3_large": ("fx", 0, 1, 1, 0),
     "timm.convnext_atto": ("fx", 0, 0, 0, 0),
-    "timm.mobilevitv2_050": ("export", 12, 15, 15, 0),
-    "diffusers.UNet2DModel": ("export", 0, 0, 0, 0),
-    "diffusers.UNet2DConditionModel": ("export", 4, 4, 0, 0),
-    "diffusers.AutoencoderKL": ("export", 0, 0, 0, 0),
-    "monai.BasicUNet2d": ("export", 18, 22, 4, 0),
+    "timm.mobilevitv2_050": ("hooks", 12, 15, 15, 0),
+    "diffusers.UNet2DModel": ("hooks", 0, 0, 0, 0),
+    "diffusers.UNet2DConditionModel": ("hooks", 4, 4, 0, 0),
+    "diffusers.AutoencoderKL": ("hooks", 0, 0, 0, 0),
+    "monai.BasicUNet2d": ("hooks", 18, 22, 4, 0),
     "monai.UNet2d": ("fx", 4, 4, 0, 0),
     "monai.UNet3d": ("fx", 1, 0, 0, 0),
     "monai.SegResNet2d": ("fx", 0, 0, 0, 0),
     "smp.Unet": ("fx", 0, 0, 0, 0),
-    "smp.FPN": ("export", 1, 1, 0, 0),
+    "smp.FPN": ("hooks", 1, 1, 0, 0),  # torch.stack(maps).sum(dim=0) writes NCHW, the conv converts back
     # Hugging Face transformers from small configs: torch.fx cannot trace them (they need their own
-    # HFTracer), torch.export can
-    "transformers.ConvNext": ("export", 0, 0, 0, 0),
-    "transformers.ResNet": ("export", 0, 0, 0, 0),
-    "transformers.MobileViT": ("export", 4, 2, 0, 0),  # unfold/fold of patches: reshape copies into NCHW
-    "transformers.Segformer": ("export", 8, 4, 0, 0),  # tokens back to maps with .contiguous(), bilinear upsample
-    "transformers.Detr": ("export", 0, 0, 0, 0),
-    "transformers.Swin2SR": ("export", 0, 2, 0, 0),  # torch.stack(maps).sum(dim=0) writes NCHW, the conv converts back
+    # HFTracer); the eager recording captures them
+    "transformers.ConvNext": ("hooks", 0, 0, 0, 0),
+    "transformers.ResNet": ("hooks", 0, 0, 0, 0),
+    "transformers.MobileViT": ("hooks", 4, 2, 0, 0),
+    "transformers.Segformer": ("hooks", 8, 4, 0, 0),  # tokens back to maps with .contiguous(), bilinear upsample
+    "transformers.Detr": ("hooks", 0, 0, 0, 0),
+    "transformers.Swin2SR": ("hooks", 2, 0, 0, 0),  # linear over a 4D coords buffer .to(channels_last) made NHWC
 }
 
 
-def _audit(name: str) -> tuple[AuditReport, object, tuple[object, ...], dict[str, object]]:
+def _audit(name: str, **options: object) -> tuple[AuditReport, object, tuple[object, ...], dict[str, object]]:
     family = name.split(".")[0]
     pytest.importorskip({"smp": "segmentation_models_pytorch"}.get(family, family))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, args, kwargs = build(name)
-        return audit(model, args, example_kwargs=kwargs, bandwidth=1e9), model, args, kwargs
+        return audit(model, args, example_kwargs=kwargs, bandwidth=1e9, **options), model, args, kwargs  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [n for n, (capture, *_) in EXPECTED.items() if capture == "hooks"])
+def test_eager_recording_and_export_find_the_same(name: str) -> None:
+    """For the models fx cannot trace, the eager recording (the default after fx) and
+    torch.export's graph give the same findings: kind, module and bytes (ops are named as the
+    model calls them; export names a few by their ATen op: upsample_bilinear2d for interpolate)."""
+    eager, *_ = _audit(name)
+    graph, *_ = _audit(name, capture="export")
+    assert (eager.meta.capture, graph.meta.capture) == ("hooks", "export")
+
+    def found(r: AuditReport) -> Counter[tuple[str, str, int]]:
+        # latent breaks need a graph to re-run a view on channels_last input: export only
+        return Counter((f.kind.value, f.module_path, f.bytes) for f in r.findings if f.kind.value != "latent_break")
+
+    assert found(eager) == found(graph)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -76,7 +93,7 @@ def test_real_model(name: str) -> None:
     assert consistent(recorded, observed) == {}
     for f in report.findings:
         assert f.module_path or f.module_type
-        if capture == "export":  # ATen graphs still name the user's modules and source lines
+        if capture == "hooks":  # the eager recording still names the user's modules and source lines
             assert f.source is not None
 
 
@@ -94,7 +111,7 @@ def test_diffusers_transformer_contiguous_is_found_with_source_line() -> None:
 
 def test_monai_basic_unet_falls_back_because_fx_graph_fails() -> None:
     report, *_ = _audit("monai.BasicUNet2d")
-    assert report.meta.capture == "export"
+    assert report.meta.capture == "hooks"
     note = report.meta.capture_notes[0]
     assert note.startswith("fx: the captured graph is wrong: it raises ") and "where the eager model runs" in note
     assert "input shapes" not in note
