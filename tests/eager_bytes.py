@@ -98,6 +98,10 @@ def _storage(t: torch.Tensor) -> int:
 
 
 class _Recorder(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # never under torch.compile: skip the ~0.7 ms per-op wrapper
+
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[Transpose] = []

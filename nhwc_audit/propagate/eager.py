@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
@@ -27,7 +26,7 @@ from ..layout import tensor_meta
 from ..records import NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .corrections import Corrections
-from .dispatch import check_shared_write, hidden_copy, is_alias_of
+from .dispatch import RecordingMode, check_shared_write, hidden_copy, is_alias_of
 
 __all__ = ["record_eager"]
 
@@ -65,7 +64,7 @@ class _Calls(TorchFunctionMode):
             self.current, self.source = outer
 
 
-class _Recorder(TorchDispatchMode):
+class _Recorder(RecordingMode):
     def __init__(
         self, stack: list[tuple[str, str]], shared: frozenset[int], corrections: Corrections | None = None
     ) -> None:

@@ -148,11 +148,12 @@ def _monai(name: str, dims: int) -> Callable[[], Built]:
     return b
 
 
-def _smp(name: str) -> Callable[[], Built]:
+def _smp(name: str, size: int = 64) -> Callable[[], Built]:
     def b() -> Built:
         import segmentation_models_pytorch as smp
 
-        return getattr(smp, name)(encoder_name="resnet18", encoder_weights=None, classes=2).eval(), (_img(s=64),), {}
+        model = getattr(smp, name)(encoder_name="resnet18", encoder_weights=None, classes=2).eval()
+        return model, (_img(s=size),), {}
 
     return b
 
@@ -302,7 +303,7 @@ ATLAS_ONLY: dict[str, Callable[[], Built]] = {
     "smp.PSPNet": _smp("PSPNet"),
     "smp.UnetPlusPlus": _smp("UnetPlusPlus"),
     "smp.MAnet": _smp("MAnet"),
-    "smp.PAN": _smp("PAN"),
+    "smp.PAN": _smp("PAN", 128),  # its pyramid pools the 1/32 map down to 1x1 at 64^2
 }
 """Models the atlas audits beyond the real-model tests' corpus (:data:`MODELS`)."""
 
