@@ -147,7 +147,10 @@ def untraceable(names: list[str], repeats: int) -> list[dict[str, Any]]:
     for name in names:
         model, args, kwargs = build(name)
         cl_model = nhwc_audit.convert(model)
-        cl_args = tuple(nhwc_audit.convert(a) if isinstance(a, torch.Tensor) else a for a in args)
+        cl_args = tuple(
+            a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+            for a in args
+        )
 
         def forward(
             cl_model: torch.nn.Module = cl_model, cl_args: tuple[Any, ...] = cl_args, kwargs: dict[str, Any] = kwargs

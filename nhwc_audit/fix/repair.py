@@ -1,13 +1,14 @@
 """Repair stage: rewrite the channels_last model's fx graph to remove avoidable transposes,
-keeping the math. Every rewrite (:mod:`.rewrites`) is tried on a private copy, re-measured
-(bytes moved by layout changes), checked against the original model's outputs and gradients
-(:mod:`.equivalence`), and kept only if it removes bytes or a break without changing the
-results.
+keeping the math. Every rewrite (:mod:`.rewrites`) is tried on a private copy and re-measured
+(bytes moved by layout changes); the rewrites of a pass that remove bytes or a break are
+checked against the original model's outputs and gradients (:mod:`.equivalence`) together,
+once, and a group that changes the results is bisected down to the rewrite to refuse.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..propagate.interpreter import propagate
 from ..records import NodeRecord
 from ..tensors import clone_value
 from .equivalence import first_change, fresh_copy
-from .rewrites import PRIORITY, RepairKind, candidates
+from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
 
@@ -73,6 +74,42 @@ def _measure(
     return records, analyze(records, bandwidth=bw)
 
 
+def _apply(gm: torch.fx.GraphModule, cands: list[Candidate]) -> None:
+    for cand in cands:
+        cand.apply(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _checked(
+    base: torch.fx.GraphModule,
+    batch: list[tuple[Candidate, RepairStep]],
+    change: Callable[[torch.fx.GraphModule], str | None],
+    refused: dict[tuple[str, str], str],
+) -> list[tuple[Candidate, RepairStep]]:
+    """The rewrites of ``batch`` that keep the math, applied in order on ``base``: the whole
+    group is checked once; a group that changes the results is split in halves (the first
+    half on ``base``, the second on top of what the first kept) down to the rewrite to refuse."""
+    trial = _clone_gm(base)
+    try:
+        _apply(trial, [c for c, _ in batch])
+        problem = change(trial)
+    except Exception as e:
+        problem = f"the rewrite failed: {first_line(e)}"
+    if problem is None:
+        return batch
+    if len(batch) == 1:
+        cand = batch[0][0]
+        refused[(cand.node, cand.kind)] = problem
+        return []
+    half = len(batch) // 2
+    first = _checked(base, batch[:half], change, refused)
+    if first:
+        base = _clone_gm(base)
+        _apply(base, [c for c, _ in first])
+    return first + _checked(base, batch[half:], change, refused)
+
+
 def repair_model(
     model: nn.Module,
     args: tuple[Any, ...],
@@ -119,7 +156,8 @@ def repair_model(
     break is tried again on the next pass (another rewrite may have fixed that break)."""
     done: set[tuple[str, str]] = set()
     for _ in range(max_passes):
-        progressed = False
+        start = gm
+        batch: list[tuple[Candidate, RepairStep]] = []
         ordered = sorted(candidates(gm, records, analysis), key=lambda c: PRIORITY.index(c.kind))
         for cand in ordered:
             key = (cand.node, cand.kind)
@@ -127,9 +165,7 @@ def repair_model(
                 continue
             trial = _clone_gm(gm)
             try:
-                cand.apply(trial)
-                trial.graph.lint()
-                trial.recompile()
+                _apply(trial, [cand])
                 t_records, t_analysis = _measure(trial, sample_args, sample_kwargs, bandwidth)
             except Exception as e:
                 done.add(key)
@@ -147,15 +183,20 @@ def repair_model(
                 refused[key] = "it removes no layout change, break or latent break"
                 continue
             done.add(key)
-            problem = first_change(model, naive, trial, samples, grads)
-            if problem is not None:
-                refused[key] = problem
-                continue
             refused.pop(key, None)
             gm, records, analysis = trial, t_records, t_analysis
-            steps.append(RepairStep(cand.node, cand.kind, cand.reason, saved, fixed_breaks))
-            progressed = True
-        if not progressed:
+            batch.append((cand, RepairStep(cand.node, cand.kind, cand.reason, saved, fixed_breaks)))
+        if not batch:
+            break
+        # the pass's rewrites are checked against the original model together, once; only a
+        # failing group is split, so a model whose rewrites all hold runs one check per pass
+        kept = _checked(start, batch, lambda g: first_change(model, naive, g, samples, grads), refused)
+        if len(kept) < len(batch):
+            gm = _clone_gm(start)
+            _apply(gm, [c for c, _ in kept])
+            records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth)
+        steps.extend(step for _, step in kept)
+        if not kept:
             break
     log = RepairLog(
         steps=tuple(steps),

@@ -304,3 +304,39 @@ def test_allocate_then_copy_is_allocated_channels_last() -> None:
     assert [s.kind for s in log.steps] == ["alloc-cl"]
     assert log.bytes_after == 0 < log.bytes_before
     _check_same(model, gm, (1, 3, 8, 8))
+
+
+def test_rewrites_are_checked_together_and_bisected_only_on_a_failure() -> None:
+    """One equivalence check for a pass whose rewrites all hold; a failing group is split
+    down to the rewrite that changes the math, and the others are kept."""
+    from nhwc_audit.fix.repair import RepairStep, _checked
+    from nhwc_audit.fix.rewrites import Candidate
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+
+    def mark(name: str) -> Candidate:
+        def apply(g: torch.fx.GraphModule) -> None:
+            g.meta.setdefault("applied", []).append(name)
+
+        return Candidate(name, "insert-contiguous-cl", name, apply)
+
+    batch = [(mark(n), RepairStep(n, "insert-contiguous-cl", n, 1)) for n in "abcdef"]
+    calls: list[list[str]] = []
+
+    def change(bad: set[str]) -> object:
+        def check(g: torch.fx.GraphModule) -> str | None:
+            applied = g.meta.get("applied", [])
+            calls.append(list(applied))
+            return "outputs differ" if bad & set(applied) else None
+
+        return check
+
+    refused: dict[tuple[str, str], str] = {}
+    assert [c.node for c, _ in _checked(gm, batch, change(set()), refused)] == list("abcdef")  # type: ignore[arg-type]
+    assert len(calls) == 1 and refused == {}
+    calls.clear()
+    kept = _checked(gm, batch, change({"d"}), refused)  # type: ignore[arg-type]
+    assert [c.node for c, _ in kept] == list("abcef")
+    assert refused == {("d", "insert-contiguous-cl"): "outputs differ"}
+    assert len(calls) < 2 * len(batch)  # a bisection, not one check per rewrite and then some
+    assert calls[-1] == list("abcef")  # the last check runs the kept rewrites together, in order
