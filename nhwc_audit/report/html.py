@@ -18,6 +18,7 @@ import networkx as nx
 from ..records import Finding, FindingKind, Layout, NodeRecord
 from .files import write_text_atomic
 from .serialize import measurement_dict, repair_dict, verdict_dict
+from .strip import LAYOUT_COLOURS, layout_strip
 from .text import (
     cost_line,
     count_parts,
@@ -251,6 +252,8 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "box_height": max(160, min(520, height * 2)),
         },
         "layouts": [lay.value for lay in Layout],
+        "strip": layout_strip(report.nodes, report.findings),
+        "strip_colours": LAYOUT_COLOURS,
         "verdict": verdict_dict(report.verdict),
         "repair": repair_dict(report.repair),
         "timings": [

@@ -69,6 +69,14 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
             page.uncheck("#findings-only")
             page.click("a.goto[data-node='softmax'] >> nth=0")
             assert page.locator("#node-table tr.sel").get_attribute("data-node") == "softmax"
+            # the layout strip: a mark per op with findings; clicking one selects that op
+            marks = page.locator("svg#strip rect.mark")
+            assert marks.count() == len({f.node for f in report.findings})
+            first = marks.nth(0).get_attribute("data-node")
+            marks.nth(0).dispatch_event("click")
+            assert page.locator("#node-table tr.sel").get_attribute("data-node") == first
+            box = page.locator("svg#strip").bounding_box()
+            assert box is not None and box["width"] > 1000 and box["height"] >= 20
             full = re.search(r'<svg id="graph"[^>]* viewBox="([^"]+)"', page_path.read_text()).group(1)  # type: ignore[union-attr]
             page.mouse.move(300, 300)
             page.mouse.wheel(0, 300)  # zoom must not raise

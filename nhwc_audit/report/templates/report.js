@@ -56,6 +56,19 @@
     if (g) g.classList.add("sel");
     if (tr) { tr.classList.remove("hidden"); tr.classList.add("sel"); tr.scrollIntoView({ block: "center" }); }
   }
+  // centre the graph on a node and select it (links in the tables, marks on the layout strip)
+  function focus(name) {
+    var g = svg.querySelector('[data-node="' + CSS.escape(name) + '"]');
+    if (g) {
+      var x = parseFloat(g.getAttribute("data-x")), y = parseFloat(g.getAttribute("data-y"));
+      vb.x = x - vb.w / 2; vb.y = Math.max(full.y, y - vb.h / 2); setVB();
+    }
+    select(name);
+  }
+  document.getElementById("strip").addEventListener("click", function (e) {
+    var m = e.target.closest("[data-node]");
+    if (m) focus(m.getAttribute("data-node"));
+  });
   svg.addEventListener("click", function (e) {
     var g = e.target.closest("[data-node]");
     if (g) select(g.getAttribute("data-node"));
@@ -63,13 +76,7 @@
   document.querySelectorAll("a.goto").forEach(function (a) {
     a.addEventListener("click", function (e) {
       e.preventDefault();
-      var name = a.getAttribute("data-node");
-      var g = svg.querySelector('[data-node="' + CSS.escape(name) + '"]');
-      if (g) {
-        var x = parseFloat(g.getAttribute("data-x")), y = parseFloat(g.getAttribute("data-y"));
-        vb.x = x - vb.w / 2; vb.y = Math.max(full.y, y - vb.h / 2); setVB();
-      }
-      select(name);
+      focus(a.getAttribute("data-node"));
     });
   });
 })();
