@@ -275,10 +275,13 @@ def render_html(report: AuditReport, *, now: Callable[[], dt.datetime] | None = 
 
 
 def render_notebook(report: AuditReport, *, top: int = 10) -> str:
-    """Compact HTML for a notebook cell: verdict, top hotspots, fixes (no graph)."""
+    """Compact HTML for a notebook cell: verdict, the layout strip, fixes, top hotspots, and the
+    full interactive report inline behind a control (a sandboxed ``iframe srcdoc``: self-contained,
+    no server, its script kept away from the notebook's page)."""
     vm = view_model(report)
     vm["hotspots"] = vm["hotspots"][:top]
-    return str(jinja_environment().get_template("notebook.html").render(vm=vm, more=max(0, len(report.hotspots) - top)))
+    template = jinja_environment().get_template("notebook.html")
+    return str(template.render(vm=vm, more=max(0, len(report.hotspots) - top), full=render_html(report)))
 
 
 def write_html(report: AuditReport, path: str | os.PathLike[str]) -> Path:

@@ -90,3 +90,38 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
     assert errors == []
     assert all(u.startswith("file://") for u in requests), requests
     assert (ARTIFACTS / "unet-report.png").stat().st_size > 10_000
+
+
+def test_notebook_view_opens_the_full_report_inline(tmp_path: Path) -> None:
+    """The notebook cell's control shows the whole interactive report in a sandboxed iframe:
+    it renders, its script runs (the node count), and it asks for nothing over the network."""
+    chromium = _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    report = audit(unet, bandwidth=1e9)
+    page_path = tmp_path / "cell.html"
+    page_path.write_text(f"<!DOCTYPE html><html><body>{report._repr_html_()}</body></html>")
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_path.as_uri())
+            page.click("details.nhwc-audit-full summary")
+            frame = page.frame_locator("details.nhwc-audit-full iframe")
+            frame.locator("svg#graph").wait_for()
+            assert frame.locator("svg#graph g.node").count() == len(report.nodes)
+            n = len(report.nodes)
+            assert frame.locator("#node-count").inner_text() == f"{n} of {n} nodes"  # its script ran
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "unet-notebook.png"), full_page=False)
+        finally:
+            browser.close()
+    assert errors == []
+    assert all(u.startswith(("file://", "about:")) for u in requests), requests

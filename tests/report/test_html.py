@@ -105,8 +105,12 @@ def test_notebook_repr_is_compact(unet_report: AuditReport) -> None:
     soup = BeautifulSoup(html, "html.parser")
     assert "What to change" in soup.get_text() and "InstanceNorm2d" in soup.get_text()
     assert len(soup.select("tbody tr")) == 10 and "5 more hotspots" in soup.get_text()
-    (strip,) = soup.find_all("svg")  # the layout strip only (issue 16), no graph
+    (strip,) = soup.find_all("svg")  # the layout strip only (issue 16); the graph is behind the control
     assert strip["id"] == "strip" and len(str(strip)) < 20_000
+    frame = soup.select_one("details.nhwc-audit-full iframe")
+    assert frame is not None and frame["sandbox"] == ["allow-scripts"]  # scripts, but not the notebook's origin
+    full = BeautifulSoup(frame["srcdoc"], "html.parser")  # the whole report, self-contained
+    assert len(full.select("svg#graph g.node")) == len(unet_report.nodes) and full.select_one("svg#strip")
     clean = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)._repr_html_()
     assert "Stays channels_last" in clean
 
