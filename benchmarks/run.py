@@ -48,14 +48,19 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, d
     return {k: _stats(v) for k, v in times.items()}
 
 
+def _channels_last(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The sample as a channels_last model's user passes it: 4D tensors channels_last."""
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+        for a in args
+    )
+
+
 def audit_vs_forward(
     name: str, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], repeats: int
 ) -> dict[str, Any]:
     cl_model = nhwc_audit.convert(model)
-    cl_args = tuple(
-        a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
-        for a in args
-    )
+    cl_args = _channels_last(args)
 
     def forward() -> None:
         with torch.no_grad():
@@ -147,10 +152,7 @@ def untraceable(names: list[str], repeats: int) -> list[dict[str, Any]]:
     for name in names:
         model, args, kwargs = build(name)
         cl_model = nhwc_audit.convert(model)
-        cl_args = tuple(
-            a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
-            for a in args
-        )
+        cl_args = _channels_last(args)
 
         def forward(
             cl_model: torch.nn.Module = cl_model, cl_args: tuple[Any, ...] = cl_args, kwargs: dict[str, Any] = kwargs

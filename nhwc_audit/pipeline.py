@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,17 @@ from .propagate.baseline import match_nodes, nchw_records
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
-from .records import AuditMeta, BandwidthSource, CaptureMethod, FindingKind, Layout, Mode, NodeRecord, TensorMeta
+from .records import (
+    AuditMeta,
+    BandwidthSource,
+    CaptureMethod,
+    Finding,
+    FindingKind,
+    Layout,
+    Mode,
+    NodeRecord,
+    TensorMeta,
+)
 from .result import AuditReport
 from .timing.bandwidth import measure_transpose_bandwidth
 
@@ -143,16 +154,13 @@ def _param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
 
 
 def _with_nchw_baseline(
-    records: list[NodeRecord], captured: Captured, p: _Prepared, o: AuditOptions
+    records: list[NodeRecord], findings: Sequence[Finding], captured: Captured, p: _Prepared, o: AuditOptions
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
-    """The records with the bytes each node also moves when the model runs NCHW (a fake run
-    of the same capture), and a note saying what that changed. Run only when some revert
+    """The records with the bytes each node also moves when the model runs NCHW (the same
+    capture run as built, in the audit's mode), and a note saying what that changed; ``records``
+    itself when nothing changed. Run only when one of ``findings`` (theirs) is a revert that
     moves data (the findings it can change)."""
-    costly = [
-        f
-        for f in find_findings(records, bandwidth=1.0, device=o.device.type)
-        if f.kind is FindingKind.REVERT and f.bytes > 0
-    ]
+    costly = [f for f in findings if f.kind is FindingKind.REVERT and f.bytes > 0]
     if not costly:
         return records, ()
     nchw = nchw_records(captured, p.module, p.args, p.kwargs, p.runner)
@@ -207,11 +215,14 @@ def _audit_one(
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
     records, grad_notes = _with_backward(captured, p.runner) if o.train else (captured.records, ())
-    records, baseline_notes = _with_nchw_baseline(records, captured, p, o)
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type)
+    baselined, baseline_notes = _with_nchw_baseline(records, analysis.findings, captured, p, o)
+    if baselined is not records:  # reverts that copy in NCHW too are charged less: analyse again
+        records = baselined
+        analysis = analyze(records, bandwidth=bandwidth, device=o.device.type)
     dtype = str(o.dtype or _first_float_dtype(module) or torch.float32).removeprefix("torch.")
     meta = AuditMeta(
         model=o.name or type(module).__name__,
