@@ -239,6 +239,7 @@ def _audit_one(
         bandwidth_source=source,
         backward=o.train,
         threads=torch.get_num_threads(),
+        modules=tuple((path, type(m).__name__) for path, m in module.named_modules()),
     )
     t4 = time.perf_counter()
     timing = {

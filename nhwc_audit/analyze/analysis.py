@@ -5,7 +5,7 @@ whole analyze stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -15,7 +15,16 @@ from .findings import find_findings
 from .hints import HintTable
 from .origin import SKIP_OPS, build_graph
 
-__all__ = ["Analysis", "analyze", "find_regions", "group_fixes", "rank_hotspots", "summarize"]
+__all__ = [
+    "Analysis",
+    "activation_bytes",
+    "analyze",
+    "counts_for_share",
+    "find_regions",
+    "group_fixes",
+    "rank_hotspots",
+    "summarize",
+]
 
 
 def find_regions(
@@ -111,18 +120,30 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     return fixes
 
 
+def counts_for_share(r: NodeRecord) -> bool:
+    """The ops the channels_last share is taken over: ops (not inputs, weights or the output)
+    whose output is a spatial activation in a definite layout."""
+    return r.op not in SKIP_OPS and r.output_layout in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS, Layout.STRIDED)
+
+
+def activation_bytes(spatial: Iterable[NodeRecord], in_regions: Container[str]) -> tuple[int, int]:
+    """(all, NCHW) spatial output bytes of ``spatial`` (ops that :func:`counts_for_share`): an op
+    runs NCHW when it lies in an NCHW region."""
+    total = nchw = 0
+    for r in spatial:
+        n = sum(o.nbytes for o in r.spatial_outputs)
+        total += n
+        nchw += n if r.name in in_regions else 0
+    return total, nchw
+
+
 def summarize(
     records: Sequence[NodeRecord], findings: Sequence[Finding], regions: Sequence[Region], *, bandwidth: float
 ) -> Summary:
     """Headline numbers."""
-    spatial = [
-        r
-        for r in records
-        if r.op not in SKIP_OPS and r.output_layout in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS, Layout.STRIDED)
-    ]
+    spatial = [r for r in records if counts_for_share(r)]
     in_regions = {n for reg in regions for n in reg.nodes}
-    spatial_bytes = sum(o.nbytes for r in spatial for o in r.spatial_outputs)
-    nchw_bytes = sum(o.nbytes for r in spatial if r.name in in_regions for o in r.spatial_outputs)
+    spatial_bytes, nchw_bytes = activation_bytes(spatial, in_regions)
     count = {k: sum(1 for f in findings if f.kind is k) for k in FindingKind}
     moved = sum(f.bytes for f in findings)
     return Summary(

@@ -196,3 +196,6 @@ class AuditMeta:
     """The audit ran one backward pass (``train=True``) and recorded gradient layouts."""
     threads: int = 1
     """``torch.get_num_threads()`` during the audit: CPU kernels (Conv3d) choose layouts by it."""
+    modules: tuple[tuple[str, str], ...] = ()
+    """(path, class name) of every module of the audited model in definition order; ``''`` is the
+    root. The report's module tree names containers (``ModuleList``) that run no op of their own."""

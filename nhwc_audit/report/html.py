@@ -8,15 +8,17 @@ Imports no torch; the graph layout uses networkx (layers by topological generati
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
+from markupsafe import Markup
 
-from ..records import Finding, FindingKind, Layout, NodeRecord
+from ..records import Finding, FindingKind, Layout
 from .files import write_text_atomic
+from .modules import graph_data, module_rows
 from .serialize import measurement_dict, repair_dict, verdict_dict
 from .strip import LAYOUT_COLOURS, layout_strip
 from .text import (
@@ -39,30 +41,17 @@ if TYPE_CHECKING:
 
     from ..result import AuditReport
 
-__all__ = ["graph_layout", "jinja_environment", "render_html", "render_notebook", "view_model", "write_html"]
+__all__ = ["jinja_environment", "render_html", "render_notebook", "view_model", "write_html"]
 
-_X_STEP, _Y_STEP, _NODE_W, _NODE_H = 34, 22, 26, 14
 _KIND_ORDER = {kind: i for i, kind in enumerate(FindingKind)}
 """Severity: the order FindingKind declares its members in."""
 
 
-def graph_layout(nodes: tuple[NodeRecord, ...]) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str]]]:
-    """Grid positions (column = topological generation, row = order within it) and edges."""
-    g: nx.DiGraph[str] = nx.DiGraph()
-    index = {r.name: r.index for r in nodes}
-    for r in nodes:
-        g.add_node(r.name)
-    edges: list[tuple[str, str]] = []
-    for r in nodes:
-        for u in r.users:
-            if u in index:
-                g.add_edge(r.name, u)
-                edges.append((r.name, u))
-    pos: dict[str, tuple[int, int]] = {}
-    for col, layer in enumerate(nx.topological_generations(g)):
-        for row, name in enumerate(sorted(layer, key=index.__getitem__)):
-            pos[name] = (col, row)
-    return pos, edges
+def _script_json(value: Any) -> str:
+    """JSON to sit inside a ``<script type="application/json">``: ``<``, ``>`` and ``&`` escaped,
+    so no user string (a module named ``</script>``) can end the element."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def jinja_environment() -> jinja2.Environment:
@@ -110,17 +99,12 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
     kinds_by_node: dict[str, list[str]] = {}
     for f in report.findings:
         kinds_by_node.setdefault(f.node, []).append(f.kind.value)
-    pos, edges = graph_layout(report.nodes)
-    conversion_nodes = {f.node for f in report.findings if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED)}
     nodes: list[dict[str, Any]] = []
     for r in report.nodes:
-        col, row = pos.get(r.name, (0, 0))
-        kinds = kinds_by_node.get(r.name, [])
         nodes.append(
             {
                 "name": r.name,
                 "index": r.index,
-                "op": r.op,
                 "op_name": r.op_label,
                 "module_path": r.module_path,
                 "module_type": r.module_type,
@@ -132,26 +116,13 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
                 "strides": "; ".join(",".join(map(str, o.strides)) for o in r.outputs),
                 "dtype": r.outputs[0].dtype if r.outputs else "",
                 "bytes": r.output_bytes,
-                "kinds": kinds,
-                "x": 10 + col * _X_STEP,
-                "y": 10 + row * _Y_STEP,
+                "kinds": kinds_by_node.get(r.name, []),
             }
         )
     by_name = {n["name"]: n for n in nodes}
-    svg_edges = []
-    for a, b in edges:
-        na, nb = by_name[a], by_name[b]
-        svg_edges.append(
-            {
-                "x1": na["x"] + _NODE_W,
-                "y1": na["y"] + _NODE_H // 2,
-                "x2": nb["x"],
-                "y2": nb["y"] + _NODE_H // 2,
-                "heavy": b in conversion_nodes or (a in kinds_by_node and "revert" in kinds_by_node[a]),
-            }
-        )
-    width = max((n["x"] for n in nodes), default=0) + _NODE_W + 20
-    height = max((n["y"] for n in nodes), default=0) + _NODE_H + 20
+    rows = module_rows(report.nodes, report.findings, report.regions, m.modules, m.model)
+    graph = graph_data(report.nodes, report.findings, rows)
+    parents = {row.parent for row in rows}
     top = list(report.hotspots[:25])
     max_bytes = max((h.finding.bytes for h in top), default=1) or 1
     bars = [
@@ -242,15 +213,28 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
         "bars": bars,
         "chart_height": 8 + 20 * len(bars),
         "regions": regions,
+        "nodes": nodes,
         "graph": {
-            "nodes": nodes,
-            "edges": svg_edges,
-            "width": width,
-            "height": height,
-            "w": _NODE_W,
-            "h": _NODE_H,
-            "box_height": max(160, min(520, height * 2)),
+            "ops": len(graph["nodes"]),
+            "modules": len(rows),
+            "json": Markup(_script_json(graph)),  # escaped for the script element
         },
+        "tree": [
+            {
+                "path": row.path,
+                "name": row.name,
+                "type": row.type,
+                "depth": row.depth,
+                "has_children": row.path in parents,
+                "ops": row.ops,
+                "output_shape": row.output_shape,
+                "output_layout": row.output_layout,
+                "share": row.share,
+                "findings": list(row.findings),
+                "moved": row.moved,
+            }
+            for row in rows
+        ],
         "layouts": [lay.value for lay in Layout],
         "strip": layout_strip(report.nodes, report.findings),
         "strip_colours": LAYOUT_COLOURS,

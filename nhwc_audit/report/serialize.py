@@ -185,6 +185,7 @@ def report_dict(
         "fixes": [_fix(x) for x in fixes],
         "hotspots": [_hotspot(h) for h in hotspots],
         "regions": [_region(g) for g in regions],
+        "modules": [{"path": path, "type": kind} for path, kind in meta.modules],
         "nodes": [_node(r) for r in nodes],
         "timing": {k: round(v, 6) for k, v in timing.items()},
     }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -39,8 +41,9 @@ def test_unet_report_lists_every_finding_and_is_self_contained(unet_report: Audi
     for style in soup.find_all("style"):
         assert "url(" not in style.get_text()
     assert not soup.find_all("link") and not soup.find_all("img") and not soup.find_all("iframe")
-    scripts = soup.find_all("script")
-    assert len(scripts) == 1 and not scripts[0].get("src")
+    scripts = soup.find_all("script")  # the graph's data and the code (dagre inlined), nothing fetched
+    assert [s.get("type") for s in scripts] == ["application/json", None]
+    assert not any(s.get("src") for s in scripts) and "dagre" in scripts[1].get_text()
     hotspot_text = soup.find(id="hotspot-table").get_text(" ")
     for f in unet_report.findings:
         assert f.node in hotspot_text and f.module_path in hotspot_text
@@ -50,16 +53,31 @@ def test_unet_report_lists_every_finding_and_is_self_contained(unet_report: Audi
     assert len(soup.select("#hotspot-chart rect")) == len(unet_report.hotspots)
 
 
-def test_graph_and_node_table_have_one_element_per_node(unet_report: AuditReport) -> None:
+def graph_json(soup: BeautifulSoup) -> dict[str, Any]:
+    return json.loads(soup.find(id="graph-data").get_text())
+
+
+def test_graph_data_and_node_table_cover_every_node(unet_report: AuditReport) -> None:
     _, soup = render(unet_report)
     names = [r.name for r in unet_report.nodes]
-    assert [g["data-node"] for g in soup.select("svg#graph g.node")] == names
     assert [tr["data-node"] for tr in soup.select("#node-table tbody tr")] == names
     flagged = {tr["data-node"] for tr in soup.select('#node-table tbody tr[data-finding="1"]')}
     assert flagged == {f.node for f in unet_report.findings}
-    reverts = {g["data-node"] for g in soup.select("svg#graph g.node.f-revert")}
+    graph = graph_json(soup)
+    drawn = [r for r in unet_report.nodes if r.outputs or r.op in ("placeholder", "output")]
+    assert [n["name"] for n in graph["nodes"]] == [r.name for r in drawn if r.op != "get_attr"]
+    reverts = {n["name"] for n in graph["nodes"] if "revert" in n["kinds"]}
     assert reverts == {f.node for f in unet_report.findings if f.kind.value == "revert"}
-    assert soup.select("svg#graph line.heavy")
+    heavy = {graph["nodes"][b]["name"] for a, b, h in graph["edges"] if h}
+    assert {f.node for f in unet_report.findings if f.kind.value == "conversion"} <= heavy
+    # every op sits in the module it ran in; the graph opens with the root's children collapsed
+    paths = [m["path"] for m in graph["modules"]]
+    for n, r in zip(graph["nodes"], drawn, strict=True):
+        assert paths[n["module"]] == (r.module_path if r.op not in ("placeholder", "output") else "")
+    assert graph["open"] == [0] and paths[0] == ""
+    tip = next(n["tip"] for n in graph["nodes"] if n["name"] == "softmax").splitlines()
+    assert tip[0] == "softmax = softmax" and "layout: contiguous (inputs: channels_last)" in tip
+    assert any(line.startswith("source: ") for line in tip) and "findings: revert" in tip
 
 
 def test_regions_listed_with_entries_and_exits(unet_report: AuditReport) -> None:
@@ -90,7 +108,8 @@ def test_user_strings_are_escaped() -> None:
 
     report = audit(Evil(), torch.randn(1, 3, 8, 8), bandwidth=1e9, name='<b onmouseover="x">model</b>')
     text, soup = render(report)
-    assert len(soup.find_all("script")) == 1
+    assert len(soup.find_all("script")) == 2  # data and code: the module's name ended neither
+    assert evil in graph_json(soup)["modules"][1]["path"] and "<script>alert" not in soup.find(id="graph-data").decode()
     assert not soup.find_all("img") and not soup.find_all("b", attrs={"onmouseover": True})
     assert evil in soup.get_text()
     titles = [str(el.get("title")) for el in soup.find_all(title=True)]
@@ -110,7 +129,8 @@ def test_notebook_repr_is_compact(unet_report: AuditReport) -> None:
     frame = soup.select_one("details.nhwc-audit-full iframe")
     assert frame is not None and frame["sandbox"] == ["allow-scripts"]  # scripts, but not the notebook's origin
     full = BeautifulSoup(frame["srcdoc"], "html.parser")  # the whole report, self-contained
-    assert len(full.select("svg#graph g.node")) == len(unet_report.nodes) and full.select_one("svg#strip")
+    assert graph_json(full)["nodes"] and full.select_one("svg#graph") and full.select_one("svg#strip")
+    assert soup.get_text().index("Verdict") < soup.get_text().index("What to change")  # the answer first
     clean = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)._repr_html_()
     assert "Stays channels_last" in clean
 
@@ -120,6 +140,6 @@ def test_densenet_report_renders_and_stays_small() -> None:
     tvm = pytest.importorskip("torchvision.models")
     report = audit(tvm.densenet121(), torch.randn(1, 3, 64, 64), bandwidth=1e9)
     text, soup = render(report)
-    assert len(soup.select("svg#graph g.node")) == len(report.nodes) > 400
+    assert len(graph_json(soup)["nodes"]) > 400
     assert len(text) < 2_000_000
     assert re.search(r"Stays channels_last", text)
