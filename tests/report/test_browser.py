@@ -110,11 +110,11 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
         page.wait_for_load_state("load")
         rows = page.locator("#node-table tbody tr")
         assert rows.count() == len(report.nodes)
-        assert page.locator("#node-count").inner_text() == f"{len(report.nodes)} of {len(report.nodes)} nodes"
+        assert page.locator("#node-count").text_content() == f"{len(report.nodes)} of {len(report.nodes)} nodes"
         page.fill("#node-filter", "instancenorm2d")
         visible = page.locator("#node-table tbody tr:not(.hidden)")
         assert visible.count() == 6
-        assert all("InstanceNorm2d" in t for t in visible.all_inner_texts())
+        assert all("InstanceNorm2d" in t for t in visible.all_text_contents())
         page.fill("#node-filter", "")
         page.check("#findings-only")
         assert page.locator("#node-table tbody tr:not(.hidden)").count() == len({f.node for f in report.findings})
@@ -276,7 +276,7 @@ def test_notebook_view_opens_the_full_report_inline(tmp_path: Path) -> None:
             assert box is not None and first is not None and box["width"] > 600
             assert box["x"] <= first["x"] and first["x"] + first["width"] <= box["x"] + box["width"]
             n = len(report.nodes)
-            assert frame.locator("#node-count").inner_text() == f"{n} of {n} nodes"  # its script ran
+            assert frame.locator("#node-count").text_content() == f"{n} of {n} nodes"  # its script ran
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "unet-notebook.png"), full_page=False)
         finally:
