@@ -121,7 +121,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
         )
     by_name = {n["name"]: n for n in nodes}
     rows = module_rows(report.nodes, report.findings, report.regions, m.modules, m.model)
-    graph = graph_data(report.nodes, report.findings, rows)
+    graph = graph_data(report.nodes, report.findings, report.regions, rows)
     parents = {row.parent for row in rows}
     top = list(report.hotspots[:25])
     max_bytes = max((h.finding.bytes for h in top), default=1) or 1

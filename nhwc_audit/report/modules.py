@@ -8,6 +8,7 @@ ops, edges between them, and the modules they collapse into. Imports no torch.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ _CONTAINERS = frozenset({"Sequential", "ModuleList", "ModuleDict"})
 """Module types that run no op of their own: the graph opens them to show their children."""
 _OPEN_LIMIT = 60
 """The graph opens containers only while it shows at most this many blocks and ops."""
+_GROUP_MIN = 3
+"""A module's own ops in one helper function form a block from this many."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,21 +159,6 @@ def _module_tip(m: ModuleRow) -> str:
     )
 
 
-def _opened(rows: Sequence[ModuleRow]) -> list[str]:
-    """The modules the graph opens with: the root, then containers at the top level while the
-    graph stays small (an SD-1.5 UNet opens as its down, mid and up blocks)."""
-    opened = [""]
-    shown = sum(1 for m in rows if m.depth == 1) + (rows[0].ops - sum(m.ops for m in rows if m.depth == 1))
-    kids: dict[str | None, int] = {}
-    for m in rows:
-        kids[m.parent] = kids.get(m.parent, 0) + 1
-    for m in rows:
-        if m.depth == 1 and m.type in _CONTAINERS and shown - 1 + kids.get(m.path, 0) <= _OPEN_LIMIT:
-            opened.append(m.path)
-            shown += kids.get(m.path, 0) - 1
-    return opened
-
-
 def drawn(r: NodeRecord) -> bool:
     """Ops the graph draws: the inputs, the output and every op that makes a tensor. Weights
     belong to the op that reads them; ops on Python numbers only (``size``, shape arithmetic)
@@ -178,10 +166,25 @@ def drawn(r: NodeRecord) -> bool:
     return r.op in ("placeholder", "output") or (r.op != "get_attr" and bool(r.outputs))
 
 
-def graph_data(nodes: Sequence[NodeRecord], findings: Sequence[Finding], rows: Sequence[ModuleRow]) -> dict[str, Any]:
-    """Plain lists for the report's script: modules (parent index, colour share, findings),
-    ops (module index, layout, label, tooltip with one fact per line) and edges (heavy where a
-    layout changes), and which modules the graph opens with."""
+def _function_groups(shown: Sequence[NodeRecord], module_of: dict[str, int]) -> dict[str, tuple[int, str]]:
+    """Ops a module runs itself in a helper function (not ``forward``), that function's name, for
+    functions with at least ``_GROUP_MIN`` of them: a detector's ``postprocess_detections`` and
+    ``decode`` draw as two blocks, not two hundred ops."""
+    keys = {
+        r.name: (module_of[r.name], r.source.function)
+        for r in shown
+        if r.op not in SKIP_OPS and r.source is not None and r.source.function != "forward"
+    }
+    sizes = Counter(keys.values())
+    return {name: key for name, key in keys.items() if sizes[key] >= _GROUP_MIN}
+
+
+def graph_data(
+    nodes: Sequence[NodeRecord], findings: Sequence[Finding], regions: Sequence[Region], rows: Sequence[ModuleRow]
+) -> dict[str, Any]:
+    """Plain lists for the report's script: modules and function groups (parent index, colour
+    share, findings), ops (module or group index, layout, label, tooltip with one fact per line),
+    edges (heavy where a layout changes), and which modules the graph opens with."""
     index = {m.path: i for i, m in enumerate(rows)}
     kinds: dict[str, list[str]] = {}
     for f in findings:
@@ -196,41 +199,77 @@ def graph_data(nodes: Sequence[NodeRecord], findings: Sequence[Finding], rows: S
         for u in r.users
         if u in position
     ]
-
-    parents = {m.parent for m in rows}
-    drawn_in: dict[int, int] = {}
-    for r in shown:
-        j = index.get(r.module_path, 0)
-        drawn_in[j] = drawn_in.get(j, 0) + 1
-    return {
-        "modules": [
+    module_of = {r.name: index.get(r.module_path, 0) for r in shown}  # inputs and the output: the root
+    grouped = _function_groups(shown, module_of)
+    groups = sorted(set(grouped.values()), key=lambda k: min(position[n] for n, g in grouped.items() if g == k))
+    group_index = {k: len(rows) + i for i, k in enumerate(groups)}
+    owner = {r.name: group_index[grouped[r.name]] if r.name in grouped else module_of[r.name] for r in shown}
+    in_regions = {n for reg in regions for n in reg.nodes}
+    modules: list[dict[str, Any]] = [
+        {
+            "path": m.path,
+            "name": m.name,
+            "type": m.type,
+            "parent": index[m.parent] if m.parent is not None else -1,
+            "ops": m.ops,
+            "share": None if m.share is None else round(m.share, 4),
+            "kinds": [k for k, _ in m.findings],
+            "findings": m.finding_count,
+            "tip": _module_tip(m),
+        }
+        for m in rows
+    ]
+    for (j, function), gi in group_index.items():
+        ops = [r for r in shown if owner[r.name] == gi]
+        total, nchw = activation_bytes((r for r in ops if counts_for_share(r)), in_regions)
+        found = Counter(k for r in ops for k in kinds.get(r.name, []))
+        order = [k.value for k in FindingKind if found[k.value]]
+        where = rows[j].path or rows[j].name
+        share = None if total == 0 else 1.0 - nchw / total
+        modules.append(
             {
-                "path": m.path,
-                "name": m.name,
-                "type": m.type,
-                "parent": index[m.parent] if m.parent is not None else -1,
-                "ops": m.ops,
-                "share": None if m.share is None else round(m.share, 4),
-                "kinds": [k for k, _ in m.findings],
-                "findings": sum(n for _, n in m.findings),
-                "tip": _module_tip(m),
-                # a leaf module of one op is drawn as that op, never as a block or a frame
-                "flat": m.path != "" and m.path not in parents and drawn_in.get(index[m.path], 0) <= 1,
+                "path": f"{rows[j].path}.{function}()" if rows[j].path else f"{function}()",
+                "name": f"{function}()",
+                "type": "",
+                "parent": j,
+                "ops": len(ops),
+                "share": None if share is None else round(share, 4),
+                "kinds": order,
+                "findings": sum(found.values()),
+                "tip": _lines(
+                    f"{function}() in {where}",
+                    f"{len(ops)} ops it runs itself",
+                    f"channels_last: {fmt_share(share)} of {fmt_bytes(total)}" if share is not None else "",
+                    "findings: " + ", ".join(f"{found[k]} {k}" for k in order) if order else "findings: none",
+                ),
             }
-            for m in rows
-        ],
+        )
+    items = Counter(owner.values())  # what opening each module shows: its ops, groups, submodules
+    inner = Counter(m["parent"] for m in modules if m["parent"] >= 0)
+    items.update(inner)
+    for i, m in enumerate(modules):  # a leaf module of one op is drawn as that op, not as a block
+        m["flat"] = 0 < i < len(rows) and not inner[i] and items[i] <= 1
+    opened = [0]
+    count = items[0]
+    for i, m in enumerate(modules[: len(rows)]):  # then containers at the top, while few dozen
+        if m["parent"] == 0 and m["type"] in _CONTAINERS and count - 1 + items[i] <= _OPEN_LIMIT:
+            opened.append(i)
+            count += items[i] - 1
+    return {
+        "modules": modules,
         "nodes": [
             {
                 "name": r.name,
                 "op": f"input {r.name}" if r.op == "placeholder" else r.op_label,
                 "shape": r.outputs[0].shape_str if r.outputs else "",
                 "layout": r.output_layout.value,
-                "module": index.get(r.module_path, 0),  # inputs and the output: the root
+                "module": owner[r.name],
                 "kinds": kinds.get(r.name, []),
                 "tip": _node_tip(r, kinds.get(r.name, [])),
             }
             for r in shown
         ],
         "edges": edges,
-        "open": [index[p] for p in _opened(rows)],
+        "open": opened,
+        "tree": len(rows),
     }

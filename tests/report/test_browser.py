@@ -208,6 +208,30 @@ def test_torchvision_report_in_chromium(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_detector_report_in_chromium(tmp_path: Path) -> None:
+    """FCOS (eager recording: fx cannot trace it): its hotspot table once ran off the page, and
+    its post-processing drew as a wall of ops; now every helper function is one block."""
+    detection = pytest.importorskip("torchvision.models.detection")
+    model = detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, min_size=128, max_size=128).eval()
+    report = audit(model, ([torch.randn(3, 128, 128)],), bandwidth=1e9)
+    page_path = report.save_html(tmp_path / "fcos.html")
+    with chromium_page() as (page, errors, requests):
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        assert _items(page) <= 20
+        for name in ("backbone", "head", "postprocess_detections()", "decode()"):
+            assert page.locator(f"svg#graph g.block[data-module='{name}']").count() == 1, name
+        page.locator("svg#graph g.block[data-module='decode()']").dispatch_event("click")
+        assert page.locator("#module-tree tr.sel").get_attribute("data-module") == ""  # its module: the root
+        assert page.locator("svg#graph g.cluster[data-module='decode()']").count() == 1
+        assert_fit_all_shows_everything(page)
+        assert_nothing_overflows(page)
+        screenshots(page, "fcos")
+    assert errors == []
+    assert all(u.startswith("file://") for u in requests), requests
+
+
+@pytest.mark.slow
 def test_sd15_sized_unet_report_opens_small_and_fast(tmp_path: Path) -> None:
     """Stable Diffusion 1.5's UNet (built on meta, fake mode): a few dozen blocks, under 5 MB;
     the time to a drawn, clickable graph is written beside the screenshots (no test asserts a time)."""

@@ -82,13 +82,13 @@ def test_containers_are_named_and_open_while_the_graph_stays_small() -> None:
     by_path = {r.path: r for r in rows}
     assert "unused" not in by_path  # ran no op
     assert by_path["blocks"].type == "ModuleList" and by_path["blocks"].ops == 6
-    graph = graph_data(report.nodes, report.findings, rows)
+    graph = graph_data(report.nodes, report.findings, report.regions, rows)
     paths = [m["path"] for m in graph["modules"]]
     assert [paths[j] for j in graph["open"]] == ["", "blocks"]  # the container opens to its stages
     flat = {m["path"] for m in graph["modules"] if m["flat"]}
     assert {"stem", "blocks.0.conv", "blocks.0.norm"} <= flat and "blocks.0" not in flat
     big = audit(Blocks(70), torch.randn(1, 3, 8, 8), bandwidth=1e9)
-    big_graph = graph_data(big.nodes, big.findings, rows_of(big))
+    big_graph = graph_data(big.nodes, big.findings, big.regions, rows_of(big))
     assert big_graph["open"] == [0]  # 70 stages would not be a few dozen blocks
 
 
@@ -99,8 +99,37 @@ def test_graph_draws_tensor_ops_only() -> None:
             return torch.nn.functional.pad(x, (0, 0, 0, 16 - h))
 
     report = audit(Padded(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
-    graph = graph_data(report.nodes, report.findings, rows_of(report))
+    graph = graph_data(report.nodes, report.findings, report.regions, rows_of(report))
     names = [n["name"] for n in graph["nodes"]]
     assert names == [r.name for r in report.nodes if drawn(r)]
     assert "size" in {r.op_label for r in report.nodes} and "size" not in {n["op"] for n in graph["nodes"]}
     assert graph["nodes"][0]["op"] == "input x"
+
+
+class Detector(nn.Module):
+    """A head that post-processes in helper methods of its own, as torchvision's detectors do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.sigmoid()
+        x = x * 2.0
+        return x.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.conv(x)).softmax(-1)
+
+
+def test_a_modules_helper_functions_draw_as_blocks() -> None:
+    report = audit(Detector(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    rows = rows_of(report)
+    graph = graph_data(report.nodes, report.findings, report.regions, rows)
+    assert graph["tree"] == len(rows)  # the tree's rows first, then the groups
+    (group,) = graph["modules"][len(rows) :]
+    assert (group["path"], group["name"], group["parent"], group["ops"]) == ("decode()", "decode()", 0, 4)
+    assert group["tip"].splitlines()[:2] == ["decode() in Detector", "4 ops it runs itself"]
+    members = [n["op"] for n in graph["nodes"] if n["module"] == len(rows)]
+    assert members == ["sigmoid", "mul", "flatten", "transpose"]
+    assert next(n for n in graph["nodes"] if n["op"] == "softmax")["module"] == 0  # forward's own op

@@ -199,9 +199,11 @@
       if (i >= 0) g = graphItem('[data-node="' + CSS.escape(nodes[i].name) + '"]');
     }
     if (g) { g.classList.add("sel"); if (move) centreOn(g); }
-    chain[j].slice(0, -1).forEach(function (k) { treeOpen.add(k); });
+    var row = j;
+    while (row >= data.tree) row = mods[row].parent;  // a function's block: its module's row
+    chain[row].slice(0, -1).forEach(function (k) { treeOpen.add(k); });
     treeRefresh();
-    var tr = treeRows[j];
+    var tr = treeRows[row];
     tr.classList.add("sel");
     treeBox.scrollTop = tr.offsetTop - treeBox.clientHeight / 2;
     info.textContent = mods[j].tip;
