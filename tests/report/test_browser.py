@@ -134,7 +134,13 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
         before = page.locator("svg#graph").get_attribute("viewBox")
         page.mouse.move(700, page.locator("#graph-box").bounding_box()["y"] + 200)  # type: ignore[index]
         page.mouse.wheel(0, -300)
-        assert page.locator("svg#graph").get_attribute("viewBox") != before  # zoomed
+        zoomed = page.locator("svg#graph").get_attribute("viewBox") or ""
+        assert zoomed != before  # zoomed
+        page.mouse.down()
+        page.mouse.move(500, page.locator("#graph-box").bounding_box()["y"] + 100, steps=5)  # type: ignore[index]
+        page.mouse.up()
+        panned = page.locator("svg#graph").get_attribute("viewBox") or ""
+        assert panned.split()[:2] != zoomed.split()[:2] and panned.split()[2:] == zoomed.split()[2:]  # moved, same zoom
         assert_fit_all_shows_everything(page)  # and fit all shows it all again
 
         # a click opens a block in place: its ops inside a frame, its tree row selected

@@ -131,6 +131,11 @@ def test_notebook_repr_is_compact(unet_report: AuditReport) -> None:
     full = BeautifulSoup(frame["srcdoc"], "html.parser")  # the whole report, self-contained
     assert graph_json(full)["nodes"] and full.select_one("svg#graph") and full.select_one("svg#strip")
     assert soup.get_text().index("Verdict") < soup.get_text().index("What to change")  # the answer first
+    root = BeautifulSoup(
+        audit(M.SoftmaxChannels(), torch.randn(1, 3, 8, 8), bandwidth=1e9)._repr_html_(), "html.parser"
+    )
+    cells = [td.get_text() for td in root.select("tbody tr td")]
+    assert "SoftmaxChannels" in cells and not any(c.startswith(" (") for c in cells)  # the root by its class
     clean = audit(M.ConvBnRelu(), torch.randn(1, 3, 8, 8), bandwidth=1e9)._repr_html_()
     assert "Stays channels_last" in clean
 
