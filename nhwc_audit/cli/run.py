@@ -71,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
         html_path = json_path.with_suffix(".html")
 
     target = load_target(args.spec)
+    import gc
+
     import torch
+
+    # This process's objects so far (torch, the user's model) are never scanned by the cyclic
+    # collector again: each full collection walks torch's ~400k objects (~0.2 s per CLI run).
+    gc.freeze()
 
     if shapes is not None:
         g = torch.Generator().manual_seed(0)
