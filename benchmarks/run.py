@@ -5,8 +5,10 @@ repeats, median and min/max), written to benchmarks/results/ as markdown and JSO
 
 Measures: real-mode audit vs one eager channels_last forward (with and without the fx
 fidelity check), fake-mode audit time and peak RSS (one process per model, plus a Stable
-Diffusion 1.5-sized UNet on the meta device), CLI end-to-end wall time vs `import torch`,
-and how audit time grows with depth (resnet18..152) and input size (resnet18, 64^2..512^2).
+Diffusion 1.5-sized UNet on the meta device), Stable Diffusion 1.5's UNet in real mode (time
+and peak RSS beside its forward), the CLI end to end against importing what it imports (wall
+time and peak RSS per process), and how audit time grows with depth (resnet18..152) and input
+size (resnet18, 64^2..512^2).
 No assertions: a table to read.
 """
 
@@ -15,9 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -132,6 +137,53 @@ def fake_memory(names: list[str], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+_SD15_REAL_SCRIPT = """
+import json, sys, time, warnings, torch
+warnings.filterwarnings("ignore")
+import nhwc_audit
+from diffusers import UNet2DConditionModel
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+torch.manual_seed(0)
+model = UNet2DConditionModel(cross_attention_dim=768).eval()  # random float32 weights, 3.4 GB
+args = (torch.randn(1, 4, 64, 64), torch.tensor([10]), torch.randn(1, 77, 768))
+built = status("VmRSS")
+times = []
+if sys.argv[1] == "forward":
+    model = nhwc_audit.convert(model)  # in place of the NCHW weights: one copy, as a user has
+    args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    with torch.no_grad():
+        for _ in range(int(sys.argv[2])):
+            t = time.perf_counter()
+            model(*args)
+            times.append(time.perf_counter() - t)
+else:
+    for _ in range(int(sys.argv[2])):
+        t = time.perf_counter()
+        r = nhwc_audit.audit(model, args, bandwidth=1e10)
+        times.append(time.perf_counter() - t)
+print(json.dumps({"times": times, "built_rss": built, "peak_rss": status("VmHWM")}))
+"""
+
+
+def sd15_real(repeats: int) -> dict[str, Any]:
+    """Stable Diffusion 1.5's UNet with random float32 weights (1x4x64x64 latents, 77x768
+    text), real mode: one fresh process for the eager channels_last forwards, one for the
+    audits; time and each process's peak RSS (the audit's must not hold a second copy of the
+    weights)."""
+    out: dict[str, Any] = {}
+    for what in ("forward", "audit"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _SD15_REAL_SCRIPT, what, str(repeats)], capture_output=True, text=True, check=True
+        )
+        d = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[what] = {**_stats(d.pop("times")), **d}
+        print("sd15 real", what, f"{out[what]['median']:.1f} s", flush=True)
+    return out
+
+
 UNTRACEABLE = [
     "diffusers.UNet2DModel",
     "timm.mobilevitv2_050",
@@ -181,20 +233,36 @@ def untraceable(names: list[str], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def cli_vs_import(repeats: int) -> dict[str, Any]:
+def cli_vs_import(repeats: int, quick: bool) -> dict[str, Any]:
+    """Whole processes, interleaved: wall time and each process's own peak RSS (``os.wait4``)."""
     py = sys.executable
+    out = tempfile.mkdtemp(prefix="nhwc-bench-")
+    cli = [py, "-m", "nhwc_audit"]
     cmds = {
         "import_torch": [py, "-c", "import torch"],
-        "cli_resnet50": [py, "-m", "nhwc_audit", "nhwc_audit.zoo.models:cli_resnet50", "--no-report", "--quiet"],
-        "cli_help": [py, "-m", "nhwc_audit", "--help"],
+        "import_torch_tv": [py, "-c", "import torch, torchvision"],
+        "cli_help": [*cli, "--help"],
+        "cli_resnet50": [*cli, "nhwc_audit.zoo.models:cli_resnet50", "--no-report", "--quiet"],
+        "cli_resnet50_reports": [*cli, "nhwc_audit.zoo.models:cli_resnet50", "--quiet", "--json", f"{out}/r.json"]
+        + ["--html", f"{out}/r.html"],
     }
+    if not quick:
+        cmds["import_diffusers"] = [py, "-c", "import torch; from diffusers import UNet2DConditionModel"]
+        cmds["cli_sd15_fake"] = [*cli, "nhwc_audit.zoo.models:sd15_meta", "--mode", "fake", "--quiet"]
+        cmds["cli_sd15_fake"] += ["--json", f"{out}/sd.json", "--html", f"{out}/sd.html"]
     times: dict[str, list[float]] = {k: [] for k in cmds}
+    peaks: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(repeats):
         for k, cmd in cmds.items():
             t = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)
             times[k].append(time.perf_counter() - t)
-    return {k: _stats(v) for k, v in times.items()}
+            peaks[k].append(usage.ru_maxrss * 1024)
+            if os.waitstatus_to_exitcode(status) not in (0, 1):  # 1: findings
+                raise RuntimeError(f"{' '.join(cmd)} exited with {os.waitstatus_to_exitcode(status)}")
+    shutil.rmtree(out, ignore_errors=True)
+    return {k: {**_stats(v), "peak_rss": max(peaks[k])} for k, v in times.items()}
 
 
 def scaling(repeats: int, quick: bool) -> list[dict[str, Any]]:
@@ -302,7 +370,9 @@ def main() -> None:
     )
     results["untraceable"] = untraceable(UNTRACEABLE[:2] if a.quick else UNTRACEABLE, max(3, a.repeats // 2))
     results["fake"] = fake_memory([*names, *(() if a.quick else ("sd15",))], 3)
-    results["cli"] = cli_vs_import(3)
+    if not a.quick:
+        results["sd15_real"] = sd15_real(2)
+    results["cli"] = cli_vs_import(3, a.quick)
     results["scaling"] = scaling(3, a.quick)
     results["graph_size"] = graph_size(3, a.quick)
     OUT.mkdir(exist_ok=True)
@@ -360,14 +430,53 @@ def _markdown(r: dict[str, Any]) -> str:
             f"{row['built_rss'] / 2**20:.0f} MiB | {row['peak_rss'] / 2**20:.0f} MiB | "
             f"{(row['peak_rss'] - row['built_rss']) / 2**20:.0f} MiB |"
         )
+    if "sd15_real" in r:
+        f, au = r["sd15_real"]["forward"], r["sd15_real"]["audit"]
+        lines += [
+            "",
+            "## Stable Diffusion 1.5's UNet in real mode (random float32 weights, 1x4x64x64, text 77x768)",
+            "",
+            "One fresh process each: the model built (RSS after), then timed; peak RSS of the process.",
+            "",
+            "| run | time | RSS, model built | peak RSS | peak over built |",
+            "|---|---|---|---|---|",
+            f"| eager channels_last forward | {_ms(f)} | {f['built_rss'] / 2**30:.2f} GiB | "
+            f"{f['peak_rss'] / 2**30:.2f} GiB | {(f['peak_rss'] - f['built_rss']) / 2**30:.2f} GiB |",
+            f"| audit (real mode) | {_ms(au)} | {au['built_rss'] / 2**30:.2f} GiB | "
+            f"{au['peak_rss'] / 2**30:.2f} GiB | {(au['peak_rss'] - au['built_rss']) / 2**30:.2f} GiB |",
+            "",
+            f"audit / forward: {au['median'] / f['median']:.2f}x.",
+        ]
     c = r["cli"]
     lines += [
         "",
         "## CLI end to end",
         "",
-        f"- `python -c 'import torch'`: {_ms(c['import_torch'])}",
-        f"- `nhwc-audit --help`: {_ms(c['cli_help'])}",
-        f"- `nhwc-audit` on resnet50 1x3x224x224 (`--no-report --quiet`): {_ms(c['cli_resnet50'])}",
+        "Whole processes, interleaved; peak RSS of each process. The goals: resnet50 <= 1.0 s over",
+        "importing torch and torchvision; the SD-1.5-sized fake audit < 7 s and < 1 GB.",
+        "",
+        "| command | wall | over its floor | peak RSS |",
+        "|---|---|---|---|",
+    ]
+    floors = {
+        "cli_resnet50": "import_torch_tv",
+        "cli_resnet50_reports": "import_torch_tv",
+        "cli_sd15_fake": "import_diffusers",
+    }
+    labels = {
+        "import_torch": "`python -c 'import torch'`",
+        "import_torch_tv": "`python -c 'import torch, torchvision'`",
+        "import_diffusers": "`python -c 'import torch; from diffusers import UNet2DConditionModel'`",
+        "cli_help": "`nhwc-audit --help`",
+        "cli_resnet50": "`nhwc-audit nhwc_audit.zoo.models:cli_resnet50 --no-report --quiet`",
+        "cli_resnet50_reports": "the same, writing the JSON and HTML reports",
+        "cli_sd15_fake": "`nhwc-audit nhwc_audit.zoo.models:sd15_meta --mode fake` (reports written)",
+    }
+    for k, label in labels.items():
+        if k in c:
+            over = f"+{(c[k]['median'] - c[floors[k]]['median']) * 1e3:.0f} ms" if k in floors else ""
+            lines.append(f"| {label} | {_ms(c[k])} | {over} | {c[k]['peak_rss'] / 2**20:.0f} MiB |")
+    lines += [
         "",
         "## Scaling (bandwidth fixed, so no copy benchmark inside)",
         "",
