@@ -201,8 +201,11 @@ def graph_data(
     ]
     module_of = {r.name: index.get(r.module_path, 0) for r in shown}  # inputs and the output: the root
     grouped = _function_groups(shown, module_of)
-    groups = sorted(set(grouped.values()), key=lambda k: min(position[n] for n, g in grouped.items() if g == k))
-    group_index = {k: len(rows) + i for i, k in enumerate(groups)}
+    members: dict[tuple[int, str], list[NodeRecord]] = {}
+    for r in shown:  # in execution order: each group's ops, and the groups by their first op
+        if r.name in grouped:
+            members.setdefault(grouped[r.name], []).append(r)
+    group_index = {k: len(rows) + i for i, k in enumerate(members)}
     owner = {r.name: group_index[grouped[r.name]] if r.name in grouped else module_of[r.name] for r in shown}
     in_regions = {n for reg in regions for n in reg.nodes}
     modules: list[dict[str, Any]] = [
@@ -219,8 +222,7 @@ def graph_data(
         }
         for m in rows
     ]
-    for (j, function), gi in group_index.items():
-        ops = [r for r in shown if owner[r.name] == gi]
+    for (j, function), ops in members.items():  # appended in group_index's order
         total, nchw = activation_bytes((r for r in ops if counts_for_share(r)), in_regions)
         found = Counter(k for r in ops for k in kinds.get(r.name, []))
         order = [k.value for k in FindingKind if found[k.value]]
