@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -152,7 +151,7 @@ args = (torch.randn(1, 4, 64, 64), torch.tensor([10]), torch.randn(1, 77, 768))
 built = status("VmRSS")
 times = []
 if sys.argv[1] == "forward":
-    model = nhwc_audit.convert(model)  # in place of the NCHW weights: one copy, as a user has
+    model = model.to(memory_format=torch.channels_last)  # in place, as a user converts
     args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
     with torch.no_grad():
         for _ in range(int(sys.argv[2])):
@@ -233,8 +232,25 @@ def untraceable(names: list[str], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+_LAUNCH = """
+import json, os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"wall": time.perf_counter() - t, "peak_rss": usage.ru_maxrss * 1024,
+                  "code": os.waitstatus_to_exitcode(status)}))
+"""
+"""Runs a command from a small process: a child's peak RSS counts the pages of the process it
+was forked (or vforked) from until its exec, so the benchmark's own 0.5-1.4 GB must not be it."""
+
+
 def cli_vs_import(repeats: int, quick: bool) -> dict[str, Any]:
-    """Whole processes, interleaved: wall time and each process's own peak RSS (``os.wait4``)."""
+    """Whole processes, interleaved: wall time and each process's own peak RSS."""
     py = sys.executable
     out = tempfile.mkdtemp(prefix="nhwc-bench-")
     cli = [py, "-m", "nhwc_audit"]
@@ -254,13 +270,12 @@ def cli_vs_import(repeats: int, quick: bool) -> dict[str, Any]:
     peaks: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(repeats):
         for k, cmd in cmds.items():
-            t = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _, status, usage = os.wait4(proc.pid, 0)
-            times[k].append(time.perf_counter() - t)
-            peaks[k].append(usage.ru_maxrss * 1024)
-            if os.waitstatus_to_exitcode(status) not in (0, 1):  # 1: findings
-                raise RuntimeError(f"{' '.join(cmd)} exited with {os.waitstatus_to_exitcode(status)}")
+            proc = subprocess.run([py, "-c", _LAUNCH, *cmd], capture_output=True, text=True, check=True)
+            d = json.loads(proc.stdout)
+            if d["code"] not in (0, 1):  # 1: findings
+                raise RuntimeError(f"{' '.join(cmd)} exited with {d['code']}")
+            times[k].append(d["wall"])
+            peaks[k].append(d["peak_rss"])
     shutil.rmtree(out, ignore_errors=True)
     return {k: {**_stats(v), "peak_rss": max(peaks[k])} for k, v in times.items()}
 
@@ -474,7 +489,7 @@ def _markdown(r: dict[str, Any]) -> str:
     }
     for k, label in labels.items():
         if k in c:
-            over = f"+{(c[k]['median'] - c[floors[k]]['median']) * 1e3:.0f} ms" if k in floors else ""
+            over = f"{(c[k]['median'] - c[floors[k]]['median']) * 1e3:+.0f} ms" if k in floors else ""
             lines.append(f"| {label} | {_ms(c[k])} | {over} | {c[k]['peak_rss'] / 2**20:.0f} MiB |")
     lines += [
         "",
