@@ -93,11 +93,8 @@ warnings.filterwarnings("ignore")
 import nhwc_audit
 name = sys.argv[1]
 if name == "sd15":
-    from diffusers import UNet2DConditionModel
-    with torch.device("meta"):
-        model = UNet2DConditionModel(cross_attention_dim=768).eval()  # Stable Diffusion 1.5's configuration
-    args, kwargs = (torch.empty(1, 4, 32, 32, device="meta"), torch.tensor([10], device="meta"),
-                    torch.empty(1, 77, 768, device="meta")), {}
+    from nhwc_audit.zoo.large import sd15_meta
+    model, args, kwargs = sd15_meta()  # Stable Diffusion 1.5's configuration, on the meta device
 else:
     from nhwc_audit.zoo.models import build
     model, args, kwargs = build(name)
@@ -264,7 +261,7 @@ def cli_vs_import(repeats: int, quick: bool) -> dict[str, Any]:
     }
     if not quick:
         cmds["import_diffusers"] = [py, "-c", "import torch; from diffusers import UNet2DConditionModel"]
-        cmds["cli_sd15_fake"] = [*cli, "nhwc_audit.zoo.models:sd15_meta", "--mode", "fake", "--quiet"]
+        cmds["cli_sd15_fake"] = [*cli, "nhwc_audit.zoo.large:sd15_meta", "--mode", "fake", "--quiet"]
         cmds["cli_sd15_fake"] += ["--json", f"{out}/sd.json", "--html", f"{out}/sd.html"]
     times: dict[str, list[float]] = {k: [] for k in cmds}
     peaks: dict[str, list[float]] = {k: [] for k in cmds}
@@ -485,7 +482,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "cli_help": "`nhwc-audit --help`",
         "cli_resnet50": "`nhwc-audit nhwc_audit.zoo.models:cli_resnet50 --no-report --quiet`",
         "cli_resnet50_reports": "the same, writing the JSON and HTML reports",
-        "cli_sd15_fake": "`nhwc-audit nhwc_audit.zoo.models:sd15_meta --mode fake` (reports written)",
+        "cli_sd15_fake": "`nhwc-audit nhwc_audit.zoo.large:sd15_meta --mode fake` (reports written)",
     }
     for k, label in labels.items():
         if k in c:

@@ -157,3 +157,33 @@ def test_json_is_byte_identical_across_runs_apart_from_timing() -> None:
     b = audit(model, torch.randn(2, 3, 8, 8), bandwidth=1e9).to_dict()
     assert a.pop("timing").keys() == b.pop("timing").keys()
     assert json.dumps(a) == json.dumps(b)
+
+
+def test_the_collector_is_paused_for_an_audit_and_left_as_found() -> None:
+    """The audit pauses Python's cyclic collector (it walks torch's objects on every full pass)
+    and leaves it as it found it: on, off, and after an audit that raised."""
+    import gc
+
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(gc.isenabled())
+            return self.conv(x)
+
+    assert gc.isenabled()
+    audit(Probe(), torch.randn(1, 3, 4, 4), bandwidth=1e9)
+    assert gc.isenabled() and seen and not any(seen)
+    gc.disable()
+    try:
+        audit(Probe(), torch.randn(1, 3, 4, 4), bandwidth=1e9)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(Exception, match="input shapes|shape"):
+        audit(Probe(), torch.randn(1, 5, 4, 4), bandwidth=1e9)
+    assert gc.isenabled()

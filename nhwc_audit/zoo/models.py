@@ -315,17 +315,6 @@ def build(name: str) -> Built:
     return ATLAS[name]()
 
 
-def sd15_meta() -> Built:
-    """Stable Diffusion 1.5's UNet2DConditionModel (860 M parameters) built on the meta device,
-    1x4x32x32 latents and 77x768 text states: for ``--mode fake`` (no weights are made)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        m: nn.Module = UNet2DConditionModel(cross_attention_dim=768).eval()
-        args = (torch.empty(1, 4, 32, 32), torch.tensor([10]), torch.empty(1, 77, 768))
-    return m, args, {}
-
-
 def cli_resnet50() -> Built:
     """resnet50 at 1x3x224x224 for ``nhwc-audit nhwc_audit.zoo.models:cli_resnet50`` (benchmarks)."""
     return build("torchvision.resnet50")

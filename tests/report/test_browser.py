@@ -241,14 +241,10 @@ def test_detector_report_in_chromium(tmp_path: Path) -> None:
 def test_sd15_sized_unet_report_opens_small_and_fast(tmp_path: Path) -> None:
     """Stable Diffusion 1.5's UNet (built on meta, fake mode): a few dozen blocks, under 5 MB;
     the time to a drawn, clickable graph is written beside the screenshots (no test asserts a time)."""
-    diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):
-        model = diffusers.UNet2DConditionModel(cross_attention_dim=768).eval()
-    args = (
-        torch.empty(1, 4, 32, 32, device="meta"),
-        torch.tensor([10], device="meta"),
-        torch.empty(1, 77, 768, device="meta"),
-    )
+    pytest.importorskip("diffusers")
+    from nhwc_audit.zoo.large import sd15_meta
+
+    model, args, _ = sd15_meta()
     report = audit(model, args, mode="fake", bandwidth=1e9)
     page_path = report.save_html(tmp_path / "sd15.html")
     size = page_path.stat().st_size
