@@ -160,10 +160,10 @@ def _module_tip(m: ModuleRow) -> str:
 
 
 def drawn(r: NodeRecord) -> bool:
-    """Ops the graph draws: the inputs, the output and every op that makes a tensor. Weights
-    belong to the op that reads them; ops on Python numbers only (``size``, shape arithmetic)
-    stay in the node table."""
-    return r.op in ("placeholder", "output") or (r.op != "get_attr" and bool(r.outputs))
+    """Ops the graph draws: the inputs, the output, every op that makes a tensor and every op
+    that raised (a break). Weights belong to the op that reads them; ops on Python numbers
+    only (``size``, shape arithmetic) stay in the node table."""
+    return r.op in ("placeholder", "output") or (r.op != "get_attr" and (bool(r.outputs) or r.error is not None))
 
 
 def _function_groups(shown: Sequence[NodeRecord], module_of: dict[str, int]) -> dict[str, tuple[int, str]]:
@@ -174,6 +174,8 @@ def _function_groups(shown: Sequence[NodeRecord], module_of: dict[str, int]) -> 
         r.name: (module_of[r.name], r.source.function)
         for r in shown
         if r.op not in SKIP_OPS and r.source is not None and r.source.function != "forward"
+        # a comprehension's or lambda's frame is part of the function around it, not a block
+        and not r.source.function.startswith("<")
     }
     sizes = Counter(keys.values())
     return {name: key for name, key in keys.items() if sizes[key] >= _GROUP_MIN}
@@ -249,8 +251,13 @@ def graph_data(
     items = Counter(owner.values())  # what opening each module shows: its ops, groups, submodules
     inner = Counter(m["parent"] for m in modules if m["parent"] >= 0)
     items.update(inner)
-    for i, m in enumerate(modules):  # a leaf module of one op is drawn as that op, not as a block
-        m["flat"] = 0 < i < len(rows) and not inner[i] and items[i] <= 1
+    fed = {b for a, b, _ in edges if owner[shown[a].name] == owner[shown[b].name]}
+    starts = Counter(owner[r.name] for i, r in enumerate(shown) if i not in fed)
+    for i, m in enumerate(modules):
+        # a leaf module is drawn as its ops, not as a block, when it has one, or when its ops
+        # start more than one chain: a module called more than once (BasicBlock's relu), whose
+        # block would join its calls into a cycle
+        m["flat"] = 0 < i < len(rows) and not inner[i] and (items[i] <= 1 or starts[i] > 1)
     opened = [0]
     count = items[0]
     for i, m in enumerate(modules[: len(rows)]):  # then containers at the top, while few dozen

@@ -132,12 +132,21 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
         assert title.splitlines()[:2] == ["up3 (Up)", "21 ops"] and "findings: 2 revert, 1 mixed, 2 conversion" in title
         assert_fit_all_shows_everything(page)
         before = page.locator("svg#graph").get_attribute("viewBox")
-        page.mouse.move(700, page.locator("#graph-box").bounding_box()["y"] + 200)  # type: ignore[index]
+        page.locator("#graph-box").scroll_into_view_if_needed()
+        gb = page.locator("#graph-box").bounding_box()
+        assert gb is not None
+        page.mouse.move(gb["x"] + 20, gb["y"] + 20)  # a corner with nothing drawn
+        page.mouse.wheel(0, -100)  # over a graph not clicked yet: the page scrolls, the graph stays
+        assert page.locator("svg#graph").get_attribute("viewBox") == before
+        page.locator("#graph-box").scroll_into_view_if_needed()
+        gb = page.locator("#graph-box").bounding_box()
+        assert gb is not None
+        page.mouse.click(gb["x"] + 20, gb["y"] + 20)
         page.mouse.wheel(0, -300)
         zoomed = page.locator("svg#graph").get_attribute("viewBox") or ""
         assert zoomed != before  # zoomed
         page.mouse.down()
-        page.mouse.move(500, page.locator("#graph-box").bounding_box()["y"] + 100, steps=5)  # type: ignore[index]
+        page.mouse.move(gb["x"] + 300, gb["y"] + 100, steps=5)
         page.mouse.up()
         panned = page.locator("svg#graph").get_attribute("viewBox") or ""
         assert panned.split()[:2] != zoomed.split()[:2] and panned.split()[2:] == zoomed.split()[2:]  # moved, same zoom
@@ -156,8 +165,25 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
         assert page.locator("#node-table tr.sel").get_attribute("data-node") == "cat_2"
         assert page.locator("#graph-info").inner_text().splitlines()[0] == "cat_2 = cat"
         assert_fit_all_shows_everything(page)
-        page.locator("svg#graph g.cluster[data-module='up3'] > text").dispatch_event("click")  # closes it
+        frame = page.locator("svg#graph g.clusters rect[data-module='up3']").bounding_box()
+        assert frame is not None
+        page.mouse.click(frame["x"] + 4, frame["y"] + frame["height"] - 4)  # inside the frame, on no op
+        assert page.locator("svg#graph g.cluster[data-module='up3']").count() == 1  # still open
+        assert page.locator("svg#graph path.edge[marker-end]").count() == page.locator("svg#graph path.edge").count()
+        page.locator("svg#graph g.node[data-node='cat_2']").dispatch_event("click")
+        page.click("#graph-top")  # the selection stays, on the block that now holds the op
+        assert page.locator("svg#graph g.sel").get_attribute("data-module") == "up3"
+        assert page.locator("#graph-info").inner_text().splitlines()[0] == "cat_2 = cat"
+        page.locator("svg#graph g.block[data-module='up3']").dispatch_event("click")
+        page.locator("svg#graph g.cluster[data-module='up3'] > text").dispatch_event("click")  # the title closes it
         assert _items(page) == n
+        page.locator("#module-tree tr[data-module=''] button.tw").click()  # the tree closed to its root
+        page.locator("svg#graph g.block[data-module='down2']").dispatch_event("click")
+        selected = page.locator("#module-tree tr.sel")
+        assert selected.get_attribute("data-module") == "down2" and "hidden" not in (
+            selected.get_attribute("class") or ""
+        )
+        page.click("#graph-top")
 
         # the module tree: rows open and close; a row selects its block in the graph, inner ones too
         tree = page.locator("#module-tree tbody tr:not(.hidden)")
@@ -224,7 +250,8 @@ def test_detector_report_in_chromium(tmp_path: Path) -> None:
     with chromium_page() as (page, errors, requests):
         page.goto(page_path.as_uri())
         page.wait_for_load_state("load")
-        assert _items(page) <= 20
+        assert _items(page) <= 40
+        assert page.locator("svg#graph g.block[data-module*='<']").count() == 0  # no "<listcomp>()" block
         for name in ("backbone", "head", "postprocess_detections()", "decode()"):
             assert page.locator(f"svg#graph g.block[data-module='{name}']").count() == 1, name
         page.locator("svg#graph g.block[data-module='decode()']").dispatch_event("click")

@@ -133,3 +133,35 @@ def test_a_modules_helper_functions_draw_as_blocks() -> None:
     members = [n["op"] for n in graph["nodes"] if n["module"] == len(rows)]
     assert members == ["sigmoid", "mul", "flatten", "transpose"]
     assert next(n for n in graph["nodes"] if n["op"] == "softmax")["module"] == 0  # forward's own op
+
+
+class Reused(nn.Module):
+    """A module called twice (torchvision's BasicBlock calls its relu twice), a helper's list
+    comprehension (its own frame on Python 3.11), and a ``.view`` that breaks on channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU()
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [x.sigmoid() * 2.0 for _ in range(3)]
+        return torch.cat(parts, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.heads(x).view(1, -1)
+
+
+def test_reused_modules_draw_at_each_call_and_breaks_are_drawn() -> None:
+    report = audit(Reused(), torch.randn(1, 3, 4, 4), bandwidth=1e9, capture="hooks")
+    rows = rows_of(report)
+    graph = graph_data(report.nodes, report.findings, report.regions, rows)
+    mods = {m["path"]: m for m in graph["modules"]}
+    assert mods["act"]["flat"]  # its two calls stay two ops, no block joining them into a cycle
+    assert sum(1 for n in graph["nodes"] if n["module"] == list(mods).index("act")) == 2
+    assert not any("<" in p for p in mods)  # a comprehension's frame is no block: its ops stay ops
+    assert {"sigmoid", "mul", "cat"} <= {n["op"] for n in graph["nodes"] if n["module"] == 0}
+    (brk,) = [f for f in report.findings if f.kind.value == "break"]
+    assert brk.node in {n["name"] for n in graph["nodes"]}  # the op that raised is drawn
