@@ -229,6 +229,10 @@ def test_torchvision_report_in_chromium(tmp_path: Path) -> None:
         assert opened == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"][: len(opened)]  # Sequentials open
         assert page.locator("svg#graph g.node").count() >= 5  # conv1, bn1, relu, maxpool, ... as ops
         assert_fit_all_shows_everything(page)
+        assert "conv1 · Conv2d" in (page.locator("svg#graph g.node[data-node='conv1']").text_content() or "")
+        page.locator("#module-tree tr[data-module='layer3'] button.tw").click()
+        page.locator("#module-tree tr[data-module='layer3.1'] td").nth(1).click()
+        assert page.locator("svg#graph g.sel").get_attribute("data-module") == "layer3.1"
         page.click("#graph-more")
         assert page.locator("svg#graph g.cluster[data-module='layer1.0']").count() == 1
         assert_fit_all_shows_everything(page)
@@ -284,8 +288,14 @@ def test_sd15_sized_unet_report_opens_small_and_fast(tmp_path: Path) -> None:
         loaded = time.perf_counter() - start
         assert 10 <= _items(page) <= 60  # conv_in, time embedding, 4 down blocks, mid, 4 up blocks, ...
         assert page.locator("svg#graph g.cluster[data-module='down_blocks']").count() == 1
+        label = page.locator("svg#graph g.block[data-module='mid_block']").text_content() or ""
+        assert label.startswith("▸ mid_block (UNetMidBlock2D") and " ops · " in label  # cut to its box
         page.locator("svg#graph g.block[data-module='up_blocks.1']").dispatch_event("click")
         assert page.locator("#module-tree tr.sel").get_attribute("data-module") == "up_blocks.1"
+        assert page.locator("svg#graph g.cluster[data-module='up_blocks.1']").count() == 1  # opened: its children
+        assert page.locator("svg#graph g.block[data-module='up_blocks.1.attentions']").count() == 1
+        page.locator("#module-tree tr[data-module='mid_block'] td").nth(1).click()
+        assert page.locator("svg#graph g.sel").get_attribute("data-module") == "mid_block"
         assert_fit_all_shows_everything(page)
         assert_nothing_overflows(page)
         screenshots(page, "sd15")
