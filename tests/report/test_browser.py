@@ -175,7 +175,7 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
         assert page.locator("svg#graph g.sel").get_attribute("data-module") == "up3"
         assert page.locator("#graph-info").inner_text().splitlines()[0] == "cat_2 = cat"
         page.locator("svg#graph g.block[data-module='up3']").dispatch_event("click")
-        page.locator("svg#graph g.cluster[data-module='up3'] > text").dispatch_event("click")  # the title closes it
+        page.locator("svg#graph g.cluster[data-module='up3'] > text").click()  # a real click on the title closes it
         assert _items(page) == n
         page.locator("#module-tree tr[data-module=''] button.tw").click()  # the tree closed to its root
         page.locator("svg#graph g.block[data-module='down2']").dispatch_event("click")
@@ -196,9 +196,17 @@ def test_report_renders_in_chromium_without_errors_and_filters(tmp_path: Path) -
         page.locator("#module-tree tr[data-module='up2'] button.tw").click()
         assert tree.count() == 9
 
+        page.locator("#module-tree tr[data-module='inc'] td").nth(1).click()
         page.click("a.goto[data-node='softmax'] >> nth=0")
         assert page.locator("#node-table tr.sel").get_attribute("data-node") == "softmax"
         assert page.locator("svg#graph g.sel").get_attribute("data-node") == "softmax"
+        assert page.locator("#module-tree tr.sel").get_attribute("data-module") == ""  # the module it ran in
+        facts = page.locator("#graph-info").inner_text()
+        for _ in range(4):  # open every level: its messages go beside the buttons, not over the facts
+            page.click("#graph-more")
+        assert page.locator("#graph-info").inner_text() == facts
+        assert "open" in page.locator("#graph-status").inner_text()
+        page.click("#graph-top")
         # the layout strip: a mark per op with findings; clicking one opens its blocks and selects it
         marks = page.locator("svg#strip rect.mark")
         assert marks.count() == len({f.node for f in report.findings})

@@ -6,7 +6,7 @@
   var data = JSON.parse(document.getElementById("graph-data").textContent);
   var mods = data.modules, nodes = data.nodes;
   var svg = document.getElementById("graph"), box = document.getElementById("graph-box");
-  var info = document.getElementById("graph-info");
+  var info = document.getElementById("graph-info"), status = document.getElementById("graph-status");
   var NS = svg.namespaceURI;
   var NODE_W = 132, NODE_H = 34, MOD_W = 196, MOD_H = 50, CHAR_W = 6.2;
   var LIMIT = 300;  // dagre's time grows faster than what it lays out (800 ops: ~2 s here)
@@ -115,7 +115,7 @@
         var p = mods[j].parent, right = p > 0 && tops[p] !== undefined && Math.abs(tops[p] - y) < 14;
         var gr = el("g", { "class": "cluster", "data-module": m.path, "data-x": v.x, "data-y": y + 8 }, titles);
         var t = el("text", right ? { x: x + v.width - 6, y: y + 11, "text-anchor": "end" } : { x: x + 6, y: y + 11 }, gr);
-        t.textContent = "▾ " + fit(title(m), v.width - 16);
+        t.textContent = "▾ " + fit(title(m), (v.width - 28) * CHAR_W / 7.2);  // bold: ~7.2 px a character
         el("title", {}, t).textContent = m.tip + "\nclick to close";
       });
     layout.edges().forEach(function (e) {
@@ -268,6 +268,7 @@
     current = null;
     if (i === undefined) {  // an op on Python numbers only: in the node table, not drawn
       highlight(false);
+      document.querySelectorAll("#module-tree tr.sel").forEach(function (x) { x.classList.remove("sel"); });
       info.textContent = name + ": computes Python numbers only (shape arithmetic); not drawn, see the node table";
       return false;
     }
@@ -275,6 +276,7 @@
     if (reveal(m) || (m > 0 && !open.has(m))) { open.add(m); draw(); }
     current = { node: i };
     highlight(move);
+    selectRow(rowOf(m));  // the module it ran in
     info.textContent = nodes[i].tip;
     return true;
   }
@@ -309,17 +311,19 @@
   });
   document.getElementById("graph-fit").addEventListener("click", fitAll);
   document.getElementById("graph-top").addEventListener("click", function () {
+    status.textContent = "";
     open = openSet(data.open); draw(); readable();
   });
   document.getElementById("graph-more").addEventListener("click", function () {
     var closed = [];
     layout.nodes().forEach(function (id) { if (id[0] === "m") closed.push(+id.slice(1)); });
-    if (!closed.length) { info.textContent = "Every module is open."; return; }
+    status.textContent = "";
+    if (!closed.length) { status.textContent = "Every module is open."; return; }
     var next = new Set(open);
     closed.forEach(function (j) { next.add(j); });
     var n = count(next);
     if (n > LIMIT) {
-      info.textContent = "Opening every block would draw " + n + " blocks and ops (at most " + LIMIT +
+      status.textContent = "Opening every block would draw " + n + " blocks and ops (at most " + LIMIT +
         " are laid out at once): click the blocks to open, or a row of the module tree.";
       return;
     }
