@@ -173,7 +173,9 @@ def _function_groups(shown: Sequence[NodeRecord], module_of: dict[str, int]) -> 
     keys = {
         r.name: (module_of[r.name], r.source.function)
         for r in shown
-        if r.op not in SKIP_OPS and r.source is not None and r.source.function != "forward"
+        if r.op not in SKIP_OPS
+        and r.source is not None
+        and r.source.function != "forward"
         # a comprehension's or lambda's frame is part of the function around it, not a block
         and not r.source.function.startswith("<")
     }
