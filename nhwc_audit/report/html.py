@@ -1,8 +1,8 @@
 """HTML report: a view model of plain values built from an AuditReport, rendered with
 jinja2 (package templates, autoescape on, strict undefined) into one self-contained file:
-CSS and JS inlined, graph and chart as inline SVG, no external URL of any kind.
+CSS and JS inlined (the graph's layout library too), no external URL of any kind.
 
-Imports no torch; the graph layout uses networkx (layers by topological generation).
+Imports no torch; the graph is drawn in the browser from :func:`~.modules.graph_data`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from markupsafe import Markup
 
 from ..records import Finding, FindingKind, Layout
 from .files import write_text_atomic
-from .modules import graph_data, module_rows
+from .modules import finding_kinds, graph_data, module_rows
 from .serialize import measurement_dict, repair_dict, verdict_dict
 from .strip import LAYOUT_COLOURS, layout_strip
 from .text import (
@@ -96,9 +96,7 @@ def _finding_row(f: Finding, share: float | None = None) -> dict[str, Any]:
 def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = None) -> dict[str, Any]:
     """Everything the template shows, as plain values (strings, numbers, lists, dicts)."""
     m, s = report.meta, report.summary
-    kinds_by_node: dict[str, list[str]] = {}
-    for f in report.findings:
-        kinds_by_node.setdefault(f.node, []).append(f.kind.value)
+    kinds_by_node = finding_kinds(report.findings)
     nodes: list[dict[str, Any]] = []
     for r in report.nodes:
         nodes.append(

@@ -18,7 +18,7 @@ from ..analyze.origin import SKIP_OPS
 from ..records import Finding, FindingKind, NodeRecord, Region
 from .text import fmt_bytes, fmt_share, short_source
 
-__all__ = ["ModuleRow", "drawn", "graph_data", "module_rows"]
+__all__ = ["ModuleRow", "drawn", "finding_kinds", "graph_data", "module_rows"]
 
 _CONTAINERS = frozenset({"Sequential", "ModuleList", "ModuleDict"})
 """Module types that run no op of their own: the graph opens them to show their children."""
@@ -57,13 +57,25 @@ class ModuleRow:
     @property
     def share(self) -> float | None:
         """The share of its activation bytes that stay channels_last (None when it has none)."""
-        if self.activation_bytes == 0:
-            return None
-        return 1.0 - self.nchw_bytes / self.activation_bytes
+        return _share(self.activation_bytes, self.nchw_bytes)
 
     @property
     def finding_count(self) -> int:
         return sum(n for _, n in self.findings)
+
+
+def _tally(
+    rs: Sequence[NodeRecord], kinds: dict[str, list[str]], in_regions: set[str]
+) -> tuple[int, int, tuple[tuple[str, int], ...]]:
+    """What a set of ops adds up to: (activation bytes, of those in NCHW regions, (kind, count)
+    of their findings in severity order): a module's row and a function's block alike."""
+    total, nchw = activation_bytes((r for r in rs if counts_for_share(r)), in_regions)
+    found = Counter(k for r in rs for k in kinds.get(r.name, ()))
+    return total, nchw, tuple((k.value, found[k.value]) for k in FindingKind if found[k.value])
+
+
+def _share(total: int, nchw: int) -> float | None:
+    return None if total == 0 else 1.0 - nchw / total
 
 
 def _ancestors(path: str) -> list[str]:
@@ -89,11 +101,11 @@ def module_rows(
             if p not in types and p == r.module_path:
                 types[p] = r.module_type
     in_regions = {n for reg in regions for n in reg.nodes}
-    by_node: dict[str, list[Finding]] = {}
+    kinds = finding_kinds(findings)
+    moved: Counter[str] = Counter()
     for f in findings:
-        by_node.setdefault(f.node, []).append(f)
+        moved[f.node] += f.bytes
     users = {r.name: r.users for r in nodes}
-    kinds = list(FindingKind)
     children: dict[str, list[str]] = {}
     for p in members:
         if p:
@@ -104,8 +116,7 @@ def module_rows(
         rs = members[path]
         names = {r.name for r in rs}
         out = next((r for r in reversed(rs) if any(u not in names for u in users[r.name])), rs[-1] if rs else None)
-        fs = [f for r in rs for f in by_node.get(r.name, ())]
-        total, nchw = activation_bytes((r for r in rs if counts_for_share(r)), in_regions)
+        total, nchw, found = _tally(rs, kinds, in_regions)
         rows.append(
             ModuleRow(
                 path=path,
@@ -116,8 +127,8 @@ def module_rows(
                 ops=len(rs),
                 activation_bytes=total,
                 nchw_bytes=nchw,
-                findings=tuple((k.value, n) for k in kinds if (n := sum(1 for f in fs if f.kind is k))),
-                moved=sum(f.bytes for f in fs),
+                findings=found,
+                moved=sum(moved[r.name] for r in rs),
                 output=out.name if out else "",
                 output_shape=", ".join(o.shape_str for o in out.outputs) if out else "",
                 output_layout=out.output_layout.value if out else "",
@@ -129,6 +140,14 @@ def module_rows(
 
     visit("", 0)
     return rows
+
+
+def finding_kinds(findings: Sequence[Finding]) -> dict[str, list[str]]:
+    """Each op's finding kinds."""
+    kinds: dict[str, list[str]] = {}
+    for f in findings:
+        kinds.setdefault(f.node, []).append(f.kind.value)
+    return kinds
 
 
 def _lines(*facts: str) -> str:
@@ -190,9 +209,7 @@ def graph_data(
     share, findings), ops (module or group index, layout, label, tooltip with one fact per line),
     edges (heavy where a layout changes), and which modules the graph opens with."""
     index = {m.path: i for i, m in enumerate(rows)}
-    kinds: dict[str, list[str]] = {}
-    for f in findings:
-        kinds.setdefault(f.node, []).append(f.kind.value)
+    kinds = finding_kinds(findings)
     shown = [r for r in nodes if drawn(r)]
     position = {r.name: i for i, r in enumerate(shown)}
     changes = {f.node for f in findings if f.kind in (FindingKind.CONVERSION, FindingKind.MIXED)}
@@ -227,11 +244,9 @@ def graph_data(
         for m in rows
     ]
     for (j, function), ops in members.items():  # appended in group_index's order
-        total, nchw = activation_bytes((r for r in ops if counts_for_share(r)), in_regions)
-        found = Counter(k for r in ops for k in kinds.get(r.name, []))
-        order = [k.value for k in FindingKind if found[k.value]]
+        total, nchw, found = _tally(ops, kinds, in_regions)
         where = rows[j].path or rows[j].name
-        share = None if total == 0 else 1.0 - nchw / total
+        share = _share(total, nchw)
         modules.append(
             {
                 "path": f"{rows[j].path}.{function}()" if rows[j].path else f"{function}()",
@@ -240,13 +255,13 @@ def graph_data(
                 "parent": j,
                 "ops": len(ops),
                 "share": None if share is None else round(share, 4),
-                "kinds": order,
-                "findings": sum(found.values()),
+                "kinds": [k for k, _ in found],
+                "findings": sum(n for _, n in found),
                 "tip": _lines(
                     f"{function}() in {where}",
                     f"{len(ops)} ops it runs itself",
                     f"channels_last: {fmt_share(share)} of {fmt_bytes(total)}" if share is not None else "",
-                    "findings: " + ", ".join(f"{found[k]} {k}" for k in order) if order else "findings: none",
+                    "findings: " + ", ".join(f"{n} {k}" for k, n in found) if found else "findings: none",
                 ),
             }
         )
