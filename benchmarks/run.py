@@ -87,10 +87,21 @@ def audit_vs_forward(
     }
 
 
-_FAKE_SCRIPT = """
+_CHILD_PRELUDE = """
 import json, sys, time, warnings, torch
 warnings.filterwarnings("ignore")
 import nhwc_audit
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+"""
+"""What the fresh benchmark processes start with: quiet imports and a reader of the kernel's
+memory figures (VmRSS now, VmHWM the peak)."""
+
+_FAKE_SCRIPT = (
+    _CHILD_PRELUDE
+    + """
 name = sys.argv[1]
 if name == "sd15":
     from nhwc_audit.zoo.large import sd15_meta
@@ -98,10 +109,6 @@ if name == "sd15":
 else:
     from nhwc_audit.zoo.models import build
     model, args, kwargs = build(name)
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
 nhwc_audit.audit(model, args, example_kwargs=kwargs, mode="fake")  # warm-up: imports, first-call costs
 built = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
@@ -115,6 +122,7 @@ peak = status("VmHWM")
 params = sum(p.numel() for p in model.parameters())
 print(json.dumps({"times": times, "built_rss": built, "peak_rss": peak, "params": params, "nodes": len(r.nodes)}))
 """
+)
 
 
 def fake_memory(names: list[str], repeats: int) -> list[dict[str, Any]]:
@@ -133,15 +141,10 @@ def fake_memory(names: list[str], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-_SD15_REAL_SCRIPT = """
-import json, sys, time, warnings, torch
-warnings.filterwarnings("ignore")
-import nhwc_audit
+_SD15_REAL_SCRIPT = (
+    _CHILD_PRELUDE
+    + """
 from diffusers import UNet2DConditionModel
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
 torch.manual_seed(0)
 model = UNet2DConditionModel(cross_attention_dim=768).eval()  # random float32 weights, 3.4 GB
 args = (torch.randn(1, 4, 64, 64), torch.tensor([10]), torch.randn(1, 77, 768))
@@ -162,6 +165,7 @@ else:
         times.append(time.perf_counter() - t)
 print(json.dumps({"times": times, "built_rss": built, "peak_rss": status("VmHWM")}))
 """
+)
 
 
 def sd15_real(repeats: int) -> dict[str, Any]:
