@@ -16,14 +16,11 @@ SCRIPT = textwrap.dedent(
     """
     import json, warnings, torch
     warnings.filterwarnings("ignore")
-    from diffusers import UNet2DConditionModel
     import nhwc_audit
-    with torch.device("meta"):
-        model = UNet2DConditionModel(cross_attention_dim=768)  # the SD-1.5 configuration
+    from nhwc_audit.zoo.large import sd15_meta
+    model, args, _ = sd15_meta()  # the SD-1.5 configuration, on the meta device
     params = sum(p.numel() for p in model.parameters())
-    args = (torch.empty(1, 4, 32, 32, device="meta"), torch.tensor([10], device="meta"),
-            torch.empty(1, 77, 768, device="meta"))
-    r = nhwc_audit.audit(model.eval(), args, mode="fake")
+    r = nhwc_audit.audit(model, args, mode="fake")
     print(json.dumps({"params": params, "capture": r.meta.capture, "mode": r.meta.mode, "nodes": len(r.nodes),
                       "rss": r.timing["peak_rss_bytes"], "notes": list(r.meta.capture_notes),
                       "reverts": r.summary.reverts, "verdict": r.verdict.summary,
