@@ -7,7 +7,7 @@ Measures: real-mode audit vs one eager channels_last forward (with and without t
 fidelity check), fake-mode audit time and peak RSS (one process per model, plus a Stable
 Diffusion 1.5-sized UNet on the meta device), Stable Diffusion 1.5's UNet in real mode (time
 and peak RSS beside its forward), the CLI end to end against importing what it imports (wall
-time and peak RSS per process), and how audit time grows with depth (resnet18..152) and input
+time and peak RSS per process), the repair (``--apply``) beside its audit, and how audit time grows with depth (resnet18..152) and input
 size (resnet18, 64^2..512^2).
 No assertions: a table to read.
 """
@@ -262,6 +262,8 @@ def cli_vs_import(repeats: int, quick: bool) -> dict[str, Any]:
         "cli_resnet50": [*cli, "nhwc_audit.zoo.models:cli_resnet50", "--no-report", "--quiet"],
         "cli_resnet50_reports": [*cli, "nhwc_audit.zoo.models:cli_resnet50", "--quiet", "--json", f"{out}/r.json"]
         + ["--html", f"{out}/r.html"],
+        "cli_unet": [*cli, "nhwc_audit.examples:unet", "--no-report", "--quiet"],
+        "cli_unet_apply": [*cli, "nhwc_audit.examples:unet", "--no-report", "--quiet", "--apply"],
     }
     if not quick:
         cmds["import_diffusers"] = [py, "-c", "import torch; from diffusers import UNet2DConditionModel"]
@@ -279,6 +281,23 @@ def cli_vs_import(repeats: int, quick: bool) -> dict[str, Any]:
             peaks[k].append(d["peak_rss"])
     shutil.rmtree(out, ignore_errors=True)
     return {k: {**_stats(v), "peak_rss": max(peaks[k])} for k, v in times.items()}
+
+
+def repair_vs_audit(repeats: int) -> dict[str, Any]:
+    """The bundled UNet: one audit, and the repair of that audit (``report.repaired()``, what
+    ``--apply`` runs), interleaved."""
+    from nhwc_audit.examples import unet
+
+    m, (x,) = unet()
+    reports: list[Any] = []
+
+    def audit() -> None:
+        reports[:] = [nhwc_audit.audit(m, x, bandwidth=1e10)]
+
+    audit()
+    r = _interleaved({"audit": audit, "repair": lambda: reports[0].repaired()}, repeats)
+    log = reports[0].repaired().repair
+    return {**r, "nodes": len(reports[0].nodes), "steps": len(log.steps) if log is not None else 0}
 
 
 def scaling(repeats: int, quick: bool) -> list[dict[str, Any]]:
@@ -389,6 +408,7 @@ def main() -> None:
     if not a.quick:
         results["sd15_real"] = sd15_real(2)
     results["cli"] = cli_vs_import(3, a.quick)
+    results["repair"] = repair_vs_audit(max(3, a.repeats // 2))
     results["scaling"] = scaling(3, a.quick)
     results["graph_size"] = graph_size(3, a.quick)
     OUT.mkdir(exist_ok=True)
@@ -478,6 +498,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "cli_resnet50": "import_torch_tv",
         "cli_resnet50_reports": "import_torch_tv",
         "cli_sd15_fake": "import_diffusers",
+        "cli_unet_apply": "cli_unet",
     }
     labels = {
         "import_torch": "`python -c 'import torch'`",
@@ -487,11 +508,26 @@ def _markdown(r: dict[str, Any]) -> str:
         "cli_resnet50": "`nhwc-audit nhwc_audit.zoo.models:cli_resnet50 --no-report --quiet`",
         "cli_resnet50_reports": "the same, writing the JSON and HTML reports",
         "cli_sd15_fake": "`nhwc-audit nhwc_audit.zoo.large:sd15_meta --mode fake` (reports written)",
+        "cli_unet": "`nhwc-audit nhwc_audit.examples:unet --no-report --quiet`",
+        "cli_unet_apply": "the same with `--apply` (its floor: the same without)",
     }
     for k, label in labels.items():
         if k in c:
             over = f"{(c[k]['median'] - c[floors[k]]['median']) * 1e3:+.0f} ms" if k in floors else ""
             lines.append(f"| {label} | {_ms(c[k])} | {over} | {c[k]['peak_rss'] / 2**20:.0f} MiB |")
+    rep = r["repair"]
+    lines += [
+        "",
+        "## Repair (`--apply`) beside the audit it follows",
+        "",
+        f"The bundled UNet ({rep['nodes']} nodes, {rep['steps']} rewrites kept), in one process: the audit, then",
+        "`report.repaired()` (each candidate re-measured; the kept ones checked together in float64",
+        "with gradients on two inputs, against the original model).",
+        "",
+        "| audit | repair | repair / audit |",
+        "|---|---|---|",
+        f"| {_ms(rep['audit'])} | {_ms(rep['repair'])} | {rep['repair']['median'] / rep['audit']['median']:.1f}x |",
+    ]
     lines += [
         "",
         "## Scaling (bandwidth fixed, so no copy benchmark inside)",

@@ -5,8 +5,9 @@ export graph nodes and for the eager recorder's ATen ops.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 from ..records import SourceLoc
 from .source import source_from_stack
 
-__all__ = ["SOURCE_KEY", "NodeContext", "aten_detail", "node_context"]
+__all__ = ["SOURCE_KEY", "NodeContext", "aten_detail", "node_context", "node_contexts"]
 
 SOURCE_KEY = "nhwc_audit_source"
 """``node.meta`` key where the fx tracer keeps the user's source line of a node."""
@@ -83,28 +84,54 @@ def _module_path(path: str) -> str:
     return _SLICE.sub("", path).lstrip(".") if "slice(" in path else path
 
 
-def _qualified_name(target: Any) -> str:
+def _qualified_name(target: Any, names: dict[Any, str] | None = None) -> str:
+    """``target``'s qualified name; ``names``: the names already found in this graph (naming
+    a target walks its module, ~5 us, and graphs repeat a few targets many times)."""
     if isinstance(target, str):
         return target
+    if names is not None:
+        try:
+            got = names.get(target)
+        except TypeError:  # unhashable: named each time
+            got = None
+        if got is None:
+            got = _qualified_name(target)
+            with contextlib.suppress(TypeError):
+                names[target] = got
+        return got
     try:
         return torch.fx.node._get_qualified_name(target)
     except Exception:
         return getattr(target, "__name__", repr(target))
 
 
-def _short_name(target: Any) -> str:
+def _short_name(target: Any, names: dict[Any, str] | None = None) -> str:
     opname = getattr(target, "_opname", None)  # an ATen OpOverload: aten.conv2d.default -> conv2d
     if isinstance(opname, str):
         return opname
     name = getattr(target, "__name__", None)
     if isinstance(name, str):
         return name
-    return _qualified_name(target).rsplit(".", 1)[-1]
+    return _qualified_name(target, names).rsplit(".", 1)[-1]
 
 
-def node_context(node: torch.fx.Node, root: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> NodeContext:
+def node_contexts(
+    nodes: Iterable[torch.fx.Node], root: nn.Module, modules: Mapping[str, nn.Module] | None = None
+) -> dict[torch.fx.Node, NodeContext]:
+    """:func:`node_context` of each of ``nodes`` (one graph's), each distinct target named once."""
+    names: dict[Any, str] = {}
+    return {n: node_context(n, root, modules, names) for n in nodes}
+
+
+def node_context(
+    node: torch.fx.Node,
+    root: nn.Module,
+    modules: Mapping[str, nn.Module] | None = None,
+    names: dict[Any, str] | None = None,
+) -> NodeContext:
     """Module path, module type, source line and display names of an fx node (``modules``:
-    ``dict(root.named_modules())``, to look submodules up once per graph)."""
+    ``dict(root.named_modules())``, to look submodules up once per graph; ``names``: targets
+    already named in this graph)."""
     stack = node.meta.get("nn_module_stack") or {}
     module_path, module_type = "", type(root).__name__
     in_leaf = False
@@ -114,7 +141,7 @@ def node_context(node: torch.fx.Node, root: nn.Module, modules: Mapping[str, nn.
         qual = f"{mtype.__module__}.{mtype.__name__}" if isinstance(mtype, type) else str(mtype)
         module_type = qual.rsplit(".", 1)[-1]
         in_leaf = qual.startswith("torch.nn.modules.") and not qual.endswith(".Sequential")
-    target = _qualified_name(node.target)
+    target = _qualified_name(node.target, names)
     sub: nn.Module | None = None
     if node.op == "call_module":
         sub = (modules or {}).get(str(node.target)) or root.get_submodule(str(node.target))
@@ -123,7 +150,7 @@ def node_context(node: torch.fx.Node, root: nn.Module, modules: Mapping[str, nn.
         op_name = module_type
         in_leaf = True
     elif node.op in ("call_function", "call_method"):
-        op_name = _short_name(node.target)
+        op_name = _short_name(node.target, names)
     else:
         op_name = node.op
     return NodeContext(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..prepare.copy import clone_modules
+from ..prepare.clone import clone_modules
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
 from ..tensors import clone_value, to_nchw
 
@@ -65,20 +65,33 @@ def first_change(
     trial: nn.Module,
     samples: list[Sample],
     grads: bool,
+    reference: dict[str, Any] | None = None,
 ) -> str | None:
     """Does ``trial`` compute what ``model`` computes? Checked in float64, where layout-induced
     rounding differences vanish (~1e-12) and a changed formula still shows at the size of the
     values; in the model's own dtype, with a tolerance calibrated on the naive conversion,
-    when the model cannot run in float64."""
+    when the model cannot run in float64. ``reference``: a dict kept between the checks of
+    one repair (same model and samples), where the original model's float64 outputs and
+    gradients are computed once."""
+    reference = {} if reference is None else reference
+    if "float64" not in reference:
+        try:
+            # a full copy: Module.double() rewrites param.data, and fresh_copy shares parameters
+            m64 = copy.deepcopy(model).double()
+            samples64 = [(tree_map(_double, a), tree_map(_double, k)) for a, k in samples]
+            reference["float64"] = [
+                (a, k, *_outputs(fresh_copy(m64), tree_map(to_nchw, a), tree_map(to_nchw, k), grads))
+                for a, k in samples64
+            ]
+        except Exception:
+            reference["float64"] = None
+    if reference["float64"] is None:
+        return _first_change_calibrated(model, naive, trial, samples, grads)
     try:
-        # full copies: Module.double() rewrites param.data, and _fresh shares parameters
-        m64, t64 = copy.deepcopy(model).double(), copy.deepcopy(trial).double()
-        samples64 = [(tree_map(_double, a), tree_map(_double, k)) for a, k in samples]
-        _outputs(fresh_copy(m64), tree_map(to_nchw, samples64[0][0]), tree_map(to_nchw, samples64[0][1]), False)
+        t64 = copy.deepcopy(trial).double()
     except Exception:
         return _first_change_calibrated(model, naive, trial, samples, grads)
-    for args, kwargs in samples64:
-        oa, ga = _outputs(fresh_copy(m64), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+    for args, kwargs, oa, ga in reference["float64"]:
         ob, gb = _outputs(fresh_copy(t64), args, kwargs, grads)
         diff = first_difference(ob, oa, rtol=1e-6, atol=1e-9)
         if diff is not None:

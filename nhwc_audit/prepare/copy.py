@@ -10,7 +10,6 @@ would leave alone), and those strides decide a conv's output layout.
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError, UsageError
+from .clone import clone_modules
 
 __all__ = [
     "AuditCopy",
     "audit_param",
-    "clone_modules",
     "convert",
     "memory_format_for_rank",
     "plain_tensors",
@@ -55,11 +54,20 @@ def _converted(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device 
     return t.to(**kwargs) if kwargs else t
 
 
-def _tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor, bool]]:
-    for name, p in model.named_parameters(remove_duplicate=True):
-        yield name, p, True
-    for name, b in model.named_buffers(remove_duplicate=True):
-        yield name, b, False
+def _tensors(
+    model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
+) -> Iterable[tuple[str, torch.Tensor, bool]]:
+    """``named_parameters()`` then ``named_buffers()`` (each tensor once), with the flag
+    is-a-parameter; ``modules``: ``list(model.named_modules())`` when the caller has it (each
+    of those calls walks the module tree again)."""
+    walk = modules if modules is not None else list(model.named_modules())
+    seen: set[int] = set()
+    for table, is_param in (("_parameters", True), ("_buffers", False)):
+        for path, m in walk:
+            for name, t in vars(m).get(table, {}).items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    yield (f"{path}.{name}" if path else name), t, is_param
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -98,68 +106,6 @@ def convert(model: nn.Module) -> nn.Module:
     return new
 
 
-_ATOMIC = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format)
-
-
-def _atomic(v: Any) -> bool:
-    return isinstance(v, _ATOMIC) or (type(v) is tuple and all(isinstance(x, _ATOMIC) for x in v))
-
-
-def _plain_copyable(cls: Any) -> bool:
-    """``copy.deepcopy`` would copy an instance of ``cls`` through getstate/setstate."""
-    base: Any = object
-    return (
-        getattr(cls, "__deepcopy__", None) is None
-        and cls.__reduce_ex__ is base.__reduce_ex__
-        and cls.__reduce__ is base.__reduce__
-        and not any("__slots__" in k.__dict__ for k in cls.__mro__[:-1])
-    )
-
-
-def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(model, memo)`` with a fast path for the module tree.
-
-    ``memo`` maps ``id()`` of parameters and buffers to their replacements (as deepcopy's
-    memo does; one missing from it is deep-copied). Modules are rebuilt through their own ``__getstate__``/``__setstate__``;
-    numbers, strings and tuples of them are shared (immutable), empty containers (hook
-    dicts) are new, anything else goes through ``copy.deepcopy`` with the same memo. A
-    module class with its own ``__deepcopy__``/``__reduce__`` is deep-copied whole.
-    About 6x faster than deepcopy on torchvision's resnet50 (161 modules).
-
-    >>> import torch
-    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    >>> c = clone_modules(m, {id(p): p.detach().clone() for p in m.parameters()})
-    >>> c[0] is not m[0], c[0].weight.data_ptr() != m[0].weight.data_ptr()
-    (True, True)
-    """
-
-    def one(m: Any) -> Any:
-        if id(m) in memo:
-            return memo[id(m)]
-        cls: Any = type(m)
-        if not _plain_copyable(cls):
-            return copy.deepcopy(m, memo)
-        new = cls.__new__(cls)
-        memo[id(m)] = new
-        state: dict[str, Any] = {}
-        for k, v in m.__getstate__().items():
-            if k in ("_parameters", "_buffers"):
-                state[k] = {n: (None if t is None else copy.deepcopy(t, memo)) for n, t in v.items()}
-            elif k == "_modules":
-                state[k] = {n: (None if c is None else one(c)) for n, c in v.items()}
-            elif _atomic(v):
-                state[k] = v
-            elif type(v) in (dict, OrderedDict, set) and not v:
-                state[k] = type(v)()
-            else:
-                state[k] = copy.deepcopy(v, memo)
-        new.__setstate__(state)
-        return new
-
-    out: nn.Module = one(model)
-    return out
-
-
 def _restrided(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor | None:
     """``t`` with the strides ``t.to(memory_format=fmt)`` gives it (worked out on the meta
     device, so 1x1 and depthwise weights are restrided exactly as ``.to`` does), over ``t``'s
@@ -196,13 +142,15 @@ def audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device
 _MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
-def plain_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def plain_tensors(
+    model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, torch.Tensor]]:
     """Tensors the model keeps as plain module attributes (not parameters or buffers), directly
     or in a list, tuple or dict: Ultralytics' ``Detect.stride``, cached anchors. Module.to()
     leaves them alone unless the model's own ``_apply`` moves them; the audit's copies must
     still never share them (a fake copy needs fake ones)."""
     out: list[tuple[str, torch.Tensor]] = []
-    for path, m in model.named_modules():
+    for path, m in modules if modules is not None else model.named_modules():
         for key, value in vars(m).items():
             if key in _MODULE_TABLES:
                 continue
@@ -242,7 +190,9 @@ def prepare_audit_copy(
     in train mode never reach the user's model. The module tree is rebuilt
     (:func:`clone_modules`), so setting attributes on the copy never touches ``model``.
     """
-    for name, t, _ in _tensors(model):
+    modules = list(model.named_modules())
+    tensors = list(_tensors(model, modules))
+    for name, t, _ in tensors:
         if t.device.type == "meta":
             raise ConversionError(
                 f"{type(model).__name__} has tensors on the meta device (e.g. {name!r}); "
@@ -252,7 +202,7 @@ def prepare_audit_copy(
     memo: dict[int, Any] = {}
     shared: set[int] = set()
     with torch.no_grad():
-        for _, t, is_param in _tensors(model):
+        for _, t, is_param in tensors:
             if is_param and share_weights:
                 new, shares = audit_param(t.detach(), dtype, device)
             else:
@@ -262,7 +212,7 @@ def prepare_audit_copy(
             if shares:
                 shared.add(t.untyped_storage().data_ptr())
             memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
-        for _, t in plain_tensors(model):  # copied (and moved with the model), layout and dtype as they are
+        for _, t in plain_tensors(model, modules):  # copied (and moved with the model), layout and dtype as they are
             if id(t) not in memo:
                 memo[id(t)] = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
     try:

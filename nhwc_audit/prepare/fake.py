@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..errors import TraceError
-from .copy import clone_modules, memory_format_for_rank, plain_tensors
+from .clone import clone_modules
+from .copy import memory_format_for_rank, plain_tensors
 
 __all__ = ["fake_copy", "fake_inputs", "fake_mode"]
 

@@ -6,24 +6,25 @@ It records; it never judges (that is :mod:`nhwc_audit.analyze.findings`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.fx.node import map_arg
+from torch.utils._pytree import tree_leaves
 
-from ..capture.context import NodeContext, node_context
+from ..capture.context import NodeContext, node_contexts
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
-from ..prepare.copy import memory_format_for_rank
-from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
-from ..tensors import iter_tensors, to_nchw
+from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
+from ..tensors import iter_tensors
+from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of
 from .inputs import positional_inputs
 from .leaf_calls import LeafCalls
-from .runner import fake_limitation
 
 __all__ = ["LayoutProp", "ProgressFn", "propagate"]
 
@@ -64,7 +65,7 @@ class LayoutProp(torch.fx.Interpreter):
         self._nodes = list(self.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
         self._modules: dict[str, torch.nn.Module] = self.submodules  # Interpreter's own path -> module map
-        self._contexts: dict[torch.fx.Node, NodeContext] = {n: node_context(n, gm, self._modules) for n in self._nodes}
+        self._contexts: dict[torch.fx.Node, NodeContext] = node_contexts(self._nodes, gm, self._modules)
         # nodes whose value only ever goes into leaf modules (the replay needs its identity only)
         self._leaf_only = {n: bool(n.users) and all(u.op == "call_module" for u in n.users) for n in self._nodes}
         self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
@@ -90,131 +91,92 @@ class LayoutProp(torch.fx.Interpreter):
         return out
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            inputs = self._inputs(n)
-            error: str | None = None
-            hidden: list[HiddenCopy] = []
-            try:
-                noted = None
-                if self.leaf_calls is not None and n.op == "call_module":
-                    noted = self.leaf_calls.before(self._module(n.target), args, kwargs)
-                rec = self._recorder
-                if rec is not None:  # one mode for the whole run: pushing one per node costs more
-                    rec.copies = []
-                    rec.recording = self.record_hidden
-                    try:
-                        result = getattr(self, n.op)(n.target, args, kwargs)
-                    finally:
-                        rec.recording = False
-                    hidden = rec.copies
-                else:
-                    result = getattr(self, n.op)(n.target, args, kwargs)
-                if noted is not None and self.leaf_calls is not None:
-                    self.leaf_calls.after(str(n.target), noted, result, opaque=self._leaf_only[n])
-            except PropagationError:
-                raise
-            except Exception as e:
-                if self.leaf_calls is not None:
-                    self.leaf_calls.disable(f"node {n.name} raised")
-                result = self._retry_nchw(n, args, kwargs, inputs, e)
-                error = first_line(e)
-            if self.corrections is not None and error is None:
-                ctx = self._contexts[n]
-                names = (ctx.op_name, ctx.module_type) if ctx.in_leaf_module else (ctx.op_name,)
-                acts = [t for i, t in inputs if not i.is_param]
-                result = self.corrections.apply(n.name, names, ctx.detail, acts, result)
-            latent = self._latent_error(n, args, kwargs, inputs, result) if error is None else None
-            if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
-                self._record(n, inputs, result, error, tuple(hidden), latent)
-            if self._progress is not None:
-                self._progress(self._index[n] + 1, len(self._nodes))
-            return result
+        load = self.env.__getitem__
+        return self._step(n, map_arg(n.args, load), map_arg(n.kwargs, load))
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        if self._recorder is None:
-            return super().run(*args, **kwargs)
-        with self._recorder:
-            return super().run(*args, **kwargs)
+    def _call(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        op = n.op
+        if op == "call_module":
+            return self._module(n.target)(*args, **kwargs)  # looked up once per graph, not per call
+        if op == "call_function":
+            return n.target(*args, **kwargs)  # type: ignore[operator]
+        return getattr(self, op)(n.target, args, kwargs)
+
+    def _step(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        inputs = self._inputs(n)
+        error: str | None = None
+        hidden: list[HiddenCopy] = []
+        try:
+            noted = None
+            if self.leaf_calls is not None and n.op == "call_module":
+                noted = self.leaf_calls.before(self._module(n.target), args, kwargs)
+            rec = self._recorder
+            if rec is not None:  # one mode for the whole run: pushing one per node costs more
+                rec.copies = []
+                rec.recording = self.record_hidden
+                try:
+                    result = self._call(n, args, kwargs)
+                finally:
+                    rec.recording = False
+                hidden = rec.copies
+            else:
+                result = self._call(n, args, kwargs)
+            if noted is not None and self.leaf_calls is not None:
+                self.leaf_calls.after(str(n.target), noted, result, opaque=self._leaf_only[n])
+        except PropagationError:
+            raise
+        except Exception as e:
+            if self.leaf_calls is not None:
+                self.leaf_calls.disable(f"node {n.name} raised")
+            result = retry_nchw(self._call, n, self._contexts[n], args, kwargs, inputs, e)
+            error = first_line(e)
+        if self.corrections is not None and error is None:
+            ctx = self._contexts[n]
+            names = (ctx.op_name, ctx.module_type) if ctx.in_leaf_module else (ctx.op_name,)
+            acts = [t for i, t in inputs if not i.is_param]
+            result = self.corrections.apply(n.name, names, ctx.detail, acts, result)
+        latent = (
+            latent_error(self._call, n, self._contexts[n].op_name, args, kwargs, inputs, result)
+            if error is None
+            else None
+        )
+        if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
+            self._record(n, inputs, result, error, tuple(hidden), latent)
+        if self._progress is not None:
+            self._progress(self._index[n] + 1, len(self._nodes))
+        return result
+
+    def run(
+        self, *args: Any, initial_env: dict[torch.fx.Node, Any] | None = None, enable_io_processing: bool = True
+    ) -> Any:
+        """``Interpreter.run`` in one tight loop (without its progress bar and per-node context
+        managers, ~20 us a node): every value is dropped after its last use."""
+        if enable_io_processing:
+            args = self.graph.process_inputs(*args)
+        with self._recorder if self._recorder is not None else contextlib.nullcontext():
+            out = self._run(args, initial_env)
+        return self.graph.process_outputs(out) if enable_io_processing else out
+
+    def _run(self, args: tuple[Any, ...], initial_env: dict[torch.fx.Node, Any] | None) -> Any:
+        env = self.env = dict(initial_env or {})
+        self.args_iter = iter(args)
+        step, last_uses, load = self._step, self.user_to_last_uses, env.__getitem__
+        for n in self._nodes:
+            if n in env:
+                continue
+            env[n] = step(n, map_arg(n.args, load), map_arg(n.kwargs, load))
+            for dead in last_uses.get(n, ()):
+                del env[dead]
+            if n.op == "output":
+                return env[n]
+        return None
 
     def _module(self, target: Any) -> Any:
         mod = self._modules.get(str(target))
         return mod if mod is not None else self.fetch_attr(str(target))
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return self._module(target)(*args, **kwargs)  # looked up once per graph, not per call
-
-    def _retry_nchw(
-        self,
-        n: torch.fx.Node,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        inputs: list[tuple[NodeInput, torch.Tensor]],
-        error: Exception,
-    ) -> Any:
-        ctx = self._contexts[n]
-        where = f"node {n.name!r} ({ctx.op_name}"
-        where += f" in {ctx.module_path} ({ctx.module_type})" if ctx.module_path else ""
-        where += f", {ctx.source})" if ctx.source else ")"
-        has_cl = any(i.meta.layout in (Layout.CHANNELS_LAST, Layout.STRIDED) for i, _ in inputs if i.meta.is_spatial)
-        shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
-
-        def model_error(how: str) -> PropagationError:
-            if fake_limitation(error):
-                return PropagationError(
-                    f"{where} cannot run on fake tensors: {first_line(error)}: fake mode cannot audit this "
-                    "op (it needs tensor values, or fake tensors do not support it); audit in real mode (--mode real)",
-                    node=n.name,
-                    node_format=n.format_node(),
-                )
-            return PropagationError(
-                f"{where} raised {first_line(error)} ({how}; node inputs {shapes}): the model's own error at "
-                "the audited shapes, not a channels_last problem; check the input shapes (--input) and dtype",
-                node=n.name,
-                node_format=n.format_node(),
-            )
-
-        if n.op in ("placeholder", "output", "get_attr") or not has_cl:
-            raise model_error("none of its inputs is channels_last") from error
-        try:  # still under the run's recorder when there are shared weights to guard
-            return getattr(self, n.op)(n.target, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
-        except Exception as e2:
-            again = "on NCHW input too" if str(e2) == str(error) else f"and {first_line(e2)} on NCHW input"
-            raise model_error(again) from error
-
-    def _latent_error(
-        self,
-        n: torch.fx.Node,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        inputs: list[tuple[NodeInput, torch.Tensor]],
-        result: Any,
-    ) -> str | None:
-        """For a view of an NCHW activation: the error it raises when that activation is
-        channels_last (a break that fixing the revert upstream would expose), else None.
-        Views cost nothing to re-run; in-place ops are not views and are never re-run."""
-        if n.op not in ("call_function", "call_method") or not isinstance(result, torch.Tensor):
-            return None
-        name = self._contexts[n].op_name
-        if name.endswith("_") and not name.endswith("__"):
-            return None
-        if not any(
-            not i.is_param and i.meta.is_spatial and i.meta.layout is Layout.CONTIGUOUS and is_alias_of(result, t)
-            for i, t in inputs
-        ):
-            return None
-
-        def channels_last(v: Any) -> Any:
-            fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
-            if fmt is not None and tensor_meta(v).layout is Layout.CONTIGUOUS:
-                return v.contiguous(memory_format=fmt)
-            return v
-
-        try:
-            getattr(self, n.op)(n.target, tree_map(channels_last, args), tree_map(channels_last, kwargs))
-        except Exception as e:
-            return first_line(e)
-        return None
+        return self._module(target)(*args, **kwargs)
 
     def _record(
         self,

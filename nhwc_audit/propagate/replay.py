@@ -97,6 +97,8 @@ def _handed_out(result: Any, handed: dict[int, int]) -> Any:
             return v.value
         return v
 
+    if isinstance(result, Slot):  # the common case, without pytree's walk
+        return value(result)
     return tree_map(value, result, is_leaf=lambda v: isinstance(v, Slot))
 
 
@@ -126,8 +128,9 @@ def _replaced(model: nn.Module, calls: LeafCalls, handed: dict[int, int], used: 
         return call
 
     try:
+        modules = dict(model.named_modules())
         for target in calls.calls:
-            mod = model.get_submodule(target)
+            mod = modules.get(target) or model.get_submodule(target)
             if "_call_impl" in mod.__dict__:
                 raise _Differs(f"{target} already replaces its call")
             mod._call_impl = make(target)  # type: ignore[method-assign]  # instance attribute: hooks included

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nhwc_audit import audit, convert
-from nhwc_audit.prepare.copy import audit_param, clone_modules, memory_format_for_rank, prepare_audit_copy
+from nhwc_audit.prepare import copy as copy_module
+from nhwc_audit.prepare.clone import clone_modules
+from nhwc_audit.prepare.copy import audit_param, memory_format_for_rank, prepare_audit_copy
 from tests import models as M
 
 
@@ -123,6 +125,17 @@ def test_clone_modules_is_a_deepcopy() -> None:
     assert sorted(c.state_dict()) == sorted(model.state_dict())
     c.again.padding_mode = "circular"
     assert model.shared.padding_mode == "zeros"
+
+
+def test_one_walk_names_the_tensors_as_named_parameters_and_named_buffers_do() -> None:
+    # prepare_audit_copy walks the module tree once; the names, the order and the dedup of
+    # tied weights and shared modules are named_parameters()'s and named_buffers()'s
+    model = _Tree()
+    got = [(name, t, is_param) for name, t, is_param in copy_module._tensors(model)]
+    want = [(n, p, True) for n, p in model.named_parameters()] + [(n, b, False) for n, b in model.named_buffers()]
+    assert [(n, id(t), p) for n, t, p in got] == [(n, id(t), p) for n, t, p in want]
+    modules = list(model.named_modules())
+    assert [(n, id(t), p) for n, t, p in copy_module._tensors(model, modules)] == [(n, id(t), p) for n, t, p in want]
 
 
 class _WritesWeights(nn.Module):

@@ -1,0 +1,98 @@
+"""The module tree copied fast: ``copy.deepcopy`` of an ``nn.Module`` with the parameters and
+buffers swapped for the caller's replacements (:func:`clone_modules`). The audit's private
+copies, the fake copies and the repair's checking runs are all made this way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["clone_modules"]
+
+_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+_ATOMIC = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format)
+_ATOMIC_TYPES = frozenset(_ATOMIC)
+_EMPTY_CONTAINERS = (dict, OrderedDict, set)
+
+
+def _atomic(v: Any) -> bool:
+    kind = type(v)
+    if kind in _ATOMIC_TYPES:  # the common case, without isinstance's walk
+        return True
+    if kind is tuple:
+        return all(type(x) in _ATOMIC_TYPES or isinstance(x, _ATOMIC) for x in v)
+    return isinstance(v, _ATOMIC)
+
+
+def _copied(t: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy(t, memo)``, without its call when ``memo`` has ``t`` (a parameter or
+    buffer replaced up front)."""
+    got = memo.get(id(t), memo)
+    return copy.deepcopy(t, memo) if got is memo else got
+
+
+def _plain_copyable(cls: Any) -> bool:
+    """``copy.deepcopy`` would copy an instance of ``cls`` through getstate/setstate."""
+    base: Any = object
+    return (
+        getattr(cls, "__deepcopy__", None) is None
+        and cls.__reduce_ex__ is base.__reduce_ex__
+        and cls.__reduce__ is base.__reduce__
+        and not any("__slots__" in k.__dict__ for k in cls.__mro__[:-1])
+    )
+
+
+def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(model, memo)`` with a fast path for the module tree.
+
+    ``memo`` maps ``id()`` of parameters and buffers to their replacements (as deepcopy's
+    memo does; one missing from it is deep-copied). Modules are rebuilt through their own ``__getstate__``/``__setstate__``;
+    numbers, strings and tuples of them are shared (immutable), empty containers (hook
+    dicts) are new, anything else goes through ``copy.deepcopy`` with the same memo. A
+    module class with its own ``__deepcopy__``/``__reduce__`` is deep-copied whole.
+    About 6x faster than deepcopy on torchvision's resnet50 (161 modules).
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> c = clone_modules(m, {id(p): p.detach().clone() for p in m.parameters()})
+    >>> c[0] is not m[0], c[0].weight.data_ptr() != m[0].weight.data_ptr()
+    (True, True)
+    """
+
+    plain: dict[type, bool] = {}  # per class, asked once
+
+    def one(m: Any) -> Any:
+        if id(m) in memo:
+            return memo[id(m)]
+        cls: Any = type(m)
+        copyable = plain.get(cls)
+        if copyable is None:
+            copyable = plain[cls] = _plain_copyable(cls)
+        if not copyable:
+            return copy.deepcopy(m, memo)
+        new = cls.__new__(cls)
+        memo[id(m)] = new
+        state: dict[str, Any] = {}
+        for k, v in m.__getstate__().items():
+            if k in _MODULE_TABLES:
+                if k == "_modules":
+                    state[k] = {n: (None if c is None else one(c)) for n, c in v.items()}
+                else:
+                    state[k] = {n: (None if t is None else _copied(t, memo)) for n, t in v.items()}
+            elif _atomic(v):
+                state[k] = v
+            elif type(v) in _EMPTY_CONTAINERS and not v:
+                state[k] = type(v)()
+            else:
+                state[k] = copy.deepcopy(v, memo)
+        new.__setstate__(state)
+        return new
+
+    out: nn.Module = one(model)
+    return out

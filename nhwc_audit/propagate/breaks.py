@@ -1,0 +1,107 @@
+"""Breaks during the propagation: a node that raises on channels_last input is run again on
+NCHW copies (:func:`retry_nchw`: the error is the model's own when that fails too), and a view
+of an NCHW activation is tried on a channels_last one (:func:`latent_error`: the break that
+fixing the revert upstream would expose).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_map
+
+from ..capture.context import NodeContext
+from ..errors import PropagationError, first_line
+from ..layout import tensor_meta
+from ..prepare.copy import memory_format_for_rank
+from ..records import Layout, NodeInput
+from ..tensors import to_nchw
+from .dispatch import is_alias_of
+from .runner import fake_limitation
+
+__all__ = ["Call", "latent_error", "retry_nchw"]
+
+Call = Callable[[torch.fx.Node, tuple[Any, ...], dict[str, Any]], Any]
+"""Runs a node on given argument values (the interpreter's own call)."""
+
+Inputs = list[tuple[NodeInput, torch.Tensor]]
+
+
+def retry_nchw(
+    call: Call,
+    n: torch.fx.Node,
+    ctx: NodeContext,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    inputs: Inputs,
+    error: Exception,
+) -> Any:
+    """The result of node ``n`` on NCHW copies of its arguments, after ``error`` on the
+    channels_last ones; :class:`PropagationError` naming the node when it is the model's own
+    error (no channels_last input, or NCHW fails too)."""
+    where = f"node {n.name!r} ({ctx.op_name}"
+    where += f" in {ctx.module_path} ({ctx.module_type})" if ctx.module_path else ""
+    where += f", {ctx.source})" if ctx.source else ")"
+    has_cl = any(i.meta.layout in (Layout.CHANNELS_LAST, Layout.STRIDED) for i, _ in inputs if i.meta.is_spatial)
+    shapes = ", ".join(i.meta.shape_str for i, _ in inputs if not i.is_param) or "none"
+
+    def model_error(how: str) -> PropagationError:
+        if fake_limitation(error):
+            return PropagationError(
+                f"{where} cannot run on fake tensors: {first_line(error)}: fake mode cannot audit this "
+                "op (it needs tensor values, or fake tensors do not support it); audit in real mode (--mode real)",
+                node=n.name,
+                node_format=n.format_node(),
+            )
+        return PropagationError(
+            f"{where} raised {first_line(error)} ({how}; node inputs {shapes}): the model's own error at "
+            "the audited shapes, not a channels_last problem; check the input shapes (--input) and dtype",
+            node=n.name,
+            node_format=n.format_node(),
+        )
+
+    if n.op in ("placeholder", "output", "get_attr") or not has_cl:
+        raise model_error("none of its inputs is channels_last") from error
+    try:  # still under the run's recorder when there are shared weights to guard
+        return call(n, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
+    except Exception as e2:
+        again = "on NCHW input too" if str(e2) == str(error) else f"and {first_line(e2)} on NCHW input"
+        raise model_error(again) from error
+
+
+def latent_error(
+    call: Call,
+    n: torch.fx.Node,
+    op_name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    inputs: Inputs,
+    result: Any,
+) -> str | None:
+    """For a view of an NCHW activation: the error it raises when that activation is
+    channels_last (a break that fixing the revert upstream would expose), else None.
+    Views cost nothing to re-run; in-place ops are not views and are never re-run."""
+    if n.op not in ("call_function", "call_method") or not isinstance(result, torch.Tensor):
+        return None
+    if op_name.endswith("_") and not op_name.endswith("__"):
+        return None
+    if not any(
+        not i.is_param and i.meta.is_spatial and i.meta.layout is Layout.CONTIGUOUS and is_alias_of(result, t)
+        for i, t in inputs
+    ):
+        return None
+
+    def channels_last(v: Any) -> Any:
+        fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
+        if fmt is not None and tensor_meta(v).layout is Layout.CONTIGUOUS:
+            return v.contiguous(memory_format=fmt)
+        return v
+
+    try:
+        call(n, tree_map(channels_last, args), tree_map(channels_last, kwargs))
+    except Exception as e:
+        return first_line(e)
+    return None
