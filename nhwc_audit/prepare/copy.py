@@ -152,7 +152,7 @@ def plain_tensors(
     out: list[tuple[str, torch.Tensor]] = []
     for path, m in modules if modules is not None else model.named_modules():
         for key, value in vars(m).items():
-            if key in _MODULE_TABLES:
+            if type(value) in _NO_TENSORS or key in _MODULE_TABLES:  # most attributes: skipped cheaply
                 continue
             items = (
                 value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
@@ -161,6 +161,9 @@ def plain_tensors(
                 if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                     out.append((f"{path}.{key}" if path else key, t))
     return out
+
+
+_NO_TENSORS = frozenset({bool, int, float, str, type(None)})
 
 
 @dataclass(frozen=True)

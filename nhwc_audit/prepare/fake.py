@@ -26,12 +26,22 @@ def fake_mode() -> Any:
     return FakeTensorMode(allow_non_fake_inputs=False)
 
 
-def _fake_like(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+def _fake_layout(
+    t: torch.Tensor, dtype: torch.dtype | None, strides: dict[tuple[int, ...], tuple[int, ...]]
+) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
+    """Shape, strides and dtype of ``t``'s fake stand-in: 4D/5D with the strides
+    ``.to(memory_format=...)`` gives a new tensor of that shape (it restrides 1x1 weights too,
+    as conversion.convert does), worked out on the meta device outside fake mode (each op
+    under fake mode costs ~100 us) once per shape (``strides``); others as they are."""
     target_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    shape = tuple(t.shape)
     fmt = memory_format_for_rank(t.dim())
-    if fmt is not None:  # as conversion.convert does: .to(memory_format=...) restrides 1x1 weights too
-        return torch.empty(t.shape, dtype=target_dtype, device=device).to(memory_format=fmt)
-    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=target_dtype, device=device)
+    if fmt is None:
+        return shape, tuple(t.stride()), target_dtype
+    got = strides.get(shape)
+    if got is None:
+        got = strides[shape] = tuple(torch.empty(shape, device="meta").to(memory_format=fmt).stride())
+    return shape, got, target_dtype
 
 
 _CONSTANT_NUMEL = 4096
@@ -54,11 +64,15 @@ def fake_copy(model: nn.Module, mode: Any, device: torch.device, dtype: torch.dt
     channels_last strides for 4D/5D, and whose plain tensor attributes are fake too (see
     :func:`_fake_plain`); the real (or meta) weights are never read or copied."""
     memo: dict[int, Any] = {}
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+    params = [(p, _fake_layout(p, dtype, strides)) for p in model.parameters()]
+    buffers = [(b, _fake_layout(b, dtype, strides)) for b in model.buffers()]
     with mode:
-        for p in model.parameters():
-            memo[id(p)] = nn.Parameter(_fake_like(p, device, dtype), requires_grad=p.requires_grad)
-        for b in model.buffers():
-            memo[id(b)] = _fake_like(b, device, dtype)
+        for p, (shape, stride, dt) in params:
+            fake = torch.empty_strided(shape, stride, dtype=dt, device=device)
+            memo[id(p)] = nn.Parameter(fake, requires_grad=p.requires_grad)
+        for b, (shape, stride, dt) in buffers:
+            memo[id(b)] = torch.empty_strided(shape, stride, dtype=dt, device=device)
     for _, t in plain_tensors(model):
         if id(t) not in memo:
             memo[id(t)] = _fake_plain(t, mode, device)

@@ -155,9 +155,11 @@ def record_eager(
     :func:`~nhwc_audit.propagate.interpreter.propagate`."""
     stack: list[tuple[str, str]] = []
     handles = []
+    torch_nn: dict[str, bool] = {}  # module path -> a torch.nn module (looked up once per module)
     for name, mod in model.named_modules():
         if not name:
             continue
+        torch_nn[name] = type(mod).__module__.startswith("torch.nn.modules")
 
         def pre(m: nn.Module, a: Any, name: str = name) -> None:
             stack.append((name, type(m).__name__))
@@ -210,10 +212,18 @@ def record_eager(
                 users=tuple(users.get(r["name"], [])),
                 detail=r["detail"],
                 error=error if last else None,
-                in_leaf_module=type(model.get_submodule(r["module_path"])).__module__.startswith("torch.nn.modules")
-                if r["module_path"]
-                else False,
+                in_leaf_module=_in_torch_nn(model, r["module_path"], torch_nn),
                 hidden=tuple(r["hidden"]),
             )
         )
     return records, out, error
+
+
+def _in_torch_nn(model: nn.Module, path: str, known: dict[str, bool]) -> bool:
+    """The op ran in a torch.nn module (``path``; ``known``: the paths looked up so far)."""
+    if not path:
+        return False
+    got = known.get(path)
+    if got is None:
+        got = known[path] = type(model.get_submodule(path)).__module__.startswith("torch.nn.modules")
+    return got
