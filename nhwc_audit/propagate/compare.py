@@ -37,6 +37,54 @@ def _fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
+@functools.cache
+def _memcmp() -> Any:
+    """The C library's ``memcmp`` (None where ctypes cannot find it)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        fn = libc.memcmp
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Row-major, NHWC or NDHWC and dense: its bytes are ``numel * element_size`` from
+    ``data_ptr``."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are dense CPU tensors of one dtype and one set of strides holding the
+    same bytes: equal values (NaN included), read at memory speed; ``torch.equal`` reads them
+    ~20x slower on this project's CPU (2 ms for a 3 MB activation). False proves nothing (0.0
+    and -0.0 differ in bytes): the caller compares values then."""
+    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.stride() != b.stride():
+        return False
+    if type(a) is not torch.Tensor and not isinstance(a, torch.nn.Parameter):
+        return False  # subclasses keep their data elsewhere
+    if type(b) is not torch.Tensor and not isinstance(b, torch.nn.Parameter):
+        return False
+    for t in (a, b):
+        if t.layout != torch.strided or t.is_quantized or t.is_conj() or t.is_neg():
+            return False
+        if not _dense(t):
+            return False
+    memcmp = _memcmp()
+    if memcmp is None:
+        return False
+    return bool(memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0)
+
+
 def tensor_difference(
     actual: torch.Tensor,
     expected: torch.Tensor,
@@ -58,6 +106,8 @@ def tensor_difference(
     try:
         if judge is not None and actual.is_floating_point() and expected.is_floating_point():
             return judge(actual, expected)
+        if _same_bytes(actual, expected):
+            return None
         if actual.dtype == expected.dtype and torch.equal(actual, expected):
             return None
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, check_stride=False)
