@@ -5,6 +5,7 @@ and notebook renderers all take their text from here. Records in, strings out; n
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -77,7 +78,12 @@ def short_path(file: str, cwd: str | None = None) -> str:
     >>> short_path("/x/lib/python3.11/site-packages/timm/models/vit.py", cwd="/home")
     'timm/models/vit.py'
     """
-    base = cwd or os.getcwd()
+    return _short_path(file, cwd or os.getcwd())
+
+
+@functools.lru_cache(maxsize=1024)
+def _short_path(file: str, base: str) -> str:
+    """:func:`short_path` for one working directory (a report names a few files many times)."""
     try:
         rel = os.path.relpath(file, base)
         if not rel.startswith(".."):
