@@ -19,6 +19,7 @@ them judges whether it helped (that is :mod:`.repair`).
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -219,8 +220,22 @@ def _swap_instance_norm(gm: torch.fx.GraphModule, target: str) -> None:
         gn.weight = m.weight
         gn.bias = m.bias
     gn.train(m.training)
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, gn)
+    _put_module(gm, target, gn)
+
+
+def _put_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
+    """Put ``new`` at ``target`` in ``gm``, every module on the way there replaced by a shallow
+    copy with its own table of children: the repair's copies of a graph share their modules
+    (``repair._clone_gm``), and a module that is called and also holds the target (a leaf with
+    an InstanceNorm child) must not change in the other copies."""
+    *path, leaf = target.split(".")
+    parent: nn.Module = gm
+    for atom in path:
+        child = copy.copy(getattr(parent, atom))
+        child._modules = dict(child._modules)
+        setattr(parent, atom, child)
+        parent = child
+    setattr(parent, leaf, new)
 
 
 def _softmax_dim1(node: torch.fx.Node) -> bool:

@@ -70,15 +70,13 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     and -0.0 differ in bytes): the caller compares values then."""
     if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.stride() != b.stride():
         return False
-    if type(a) is not torch.Tensor and not isinstance(a, torch.nn.Parameter):
-        return False  # subclasses keep their data elsewhere
-    if type(b) is not torch.Tensor and not isinstance(b, torch.nn.Parameter):
-        return False
     for t in (a, b):
-        if t.layout != torch.strided or t.is_quantized or t.is_conj() or t.is_neg():
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return False  # subclasses (a Parameter of one too) keep their data elsewhere
+        if t.layout != torch.strided or t.is_quantized or t.is_conj() or t.is_neg() or t._is_zerotensor():
             return False
-        if not _dense(t):
-            return False
+        if not _dense(t) or (t.data_ptr() == 0 and t.numel() > 0):
+            return False  # no storage to read
     memcmp = _memcmp()
     if memcmp is None:
         return False

@@ -340,3 +340,27 @@ def test_rewrites_are_checked_together_and_bisected_only_on_a_failure() -> None:
     assert refused == {("d", "insert-contiguous-cl"): "outputs differ"}
     assert len(calls) < 2 * len(batch)  # a bisection, not one check per rewrite and then some
     assert calls[-1] == list("abcef")  # the last check runs the kept rewrites together, in order
+
+
+class _ConvHoldingNorm(nn.Module):
+    """A called module (Conv2d) that also holds the InstanceNorm a rewrite replaces: the
+    repair's copies of the graph share their modules, so the swap must not reach the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv.norm = nn.InstanceNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.conv.norm(self.conv(self.stem(x))))
+
+
+def test_a_rewrite_inside_a_called_module_stays_in_its_copy() -> None:
+    torch.manual_seed(0)
+    model = _ConvHoldingNorm()
+    gm, log = repair_model(model, (torch.randn(1, 3, 8, 8),))
+    swapped = [s for s in log.steps if s.kind == "instancenorm->groupnorm"]
+    assert [s.node for s in swapped] == ["conv_norm"], log.refused
+    assert isinstance(gm.get_submodule("conv.norm"), nn.GroupNorm)
+    assert isinstance(model.conv.norm, nn.InstanceNorm2d)  # the user's model untouched

@@ -53,3 +53,14 @@ def test_dense_tensors_of_one_layout_are_compared_by_their_bytes() -> None:
     assert compare._same_bytes(a.clone(memory_format=torch.preserve_format), a)
     assert not compare._same_bytes(a.contiguous(), a)  # other strides: by value
     assert not compare._same_bytes(a[:, ::2], a[:, ::2].clone(memory_format=torch.preserve_format))  # not dense
+
+
+def test_tensors_without_plain_storage_are_compared_by_value() -> None:
+    # a zero tensor has no storage (data_ptr 0) and a wrapper subclass keeps its data in its
+    # inner tensors: reading their bytes would read address 0
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    z = torch._efficientzerotensor(4)  # type: ignore[attr-defined]
+    assert tensor_difference(z, torch._efficientzerotensor(4)) is None  # type: ignore[attr-defined]
+    x = torch.randn(4)
+    assert tensor_difference(torch.nn.Parameter(TwoTensor(x, x)), torch.nn.Parameter(TwoTensor(x, x + 1))) is None
