@@ -12,21 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["clone_modules"]
+__all__ = ["ATOMIC_TYPES", "MODULE_TABLES", "clone_modules"]
 
-_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+"""A module's own tables of parameters, buffers and children (its other attributes are plain)."""
 
 _ATOMIC = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format)
-_ATOMIC_TYPES = frozenset(_ATOMIC)
+ATOMIC_TYPES = frozenset(_ATOMIC)
+"""Immutable plain values (no tensor among them): shared by copies, skipped by tensor searches."""
 _EMPTY_CONTAINERS = (dict, OrderedDict, set)
 
 
 def _atomic(v: Any) -> bool:
     kind = type(v)
-    if kind in _ATOMIC_TYPES:  # the common case, without isinstance's walk
+    if kind in ATOMIC_TYPES:  # the common case, without isinstance's walk
         return True
     if kind is tuple:
-        return all(type(x) in _ATOMIC_TYPES or isinstance(x, _ATOMIC) for x in v)
+        return all(type(x) in ATOMIC_TYPES or isinstance(x, _ATOMIC) for x in v)
     return isinstance(v, _ATOMIC)
 
 
@@ -80,7 +82,7 @@ def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
         memo[id(m)] = new
         state: dict[str, Any] = {}
         for k, v in m.__getstate__().items():
-            if k in _MODULE_TABLES:
+            if k in MODULE_TABLES:
                 if k == "_modules":
                     state[k] = {n: (None if c is None else one(c)) for n, c in v.items()}
                 else:

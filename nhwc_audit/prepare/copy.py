@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError, UsageError
-from .clone import clone_modules
+from .clone import ATOMIC_TYPES, MODULE_TABLES, clone_modules
 
 __all__ = [
     "AuditCopy",
@@ -139,9 +139,6 @@ def audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device
     return (view, True) if view is not None else (t.to(memory_format=fmt), False)
 
 
-_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
-
-
 def plain_tensors(
     model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
 ) -> list[tuple[str, torch.Tensor]]:
@@ -152,7 +149,7 @@ def plain_tensors(
     out: list[tuple[str, torch.Tensor]] = []
     for path, m in modules if modules is not None else model.named_modules():
         for key, value in vars(m).items():
-            if type(value) in _NO_TENSORS or key in _MODULE_TABLES:  # most attributes: skipped cheaply
+            if type(value) in ATOMIC_TYPES or key in MODULE_TABLES:  # most attributes: skipped cheaply
                 continue
             items = (
                 value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
@@ -161,9 +158,6 @@ def plain_tensors(
                 if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                     out.append((f"{path}.{key}" if path else key, t))
     return out
-
-
-_NO_TENSORS = frozenset({bool, int, float, str, type(None)})
 
 
 @dataclass(frozen=True)

@@ -212,18 +212,8 @@ def record_eager(
                 users=tuple(users.get(r["name"], [])),
                 detail=r["detail"],
                 error=error if last else None,
-                in_leaf_module=_in_torch_nn(model, r["module_path"], torch_nn),
+                in_leaf_module=torch_nn.get(r["module_path"], False),  # paths come from the hooks above
                 hidden=tuple(r["hidden"]),
             )
         )
     return records, out, error
-
-
-def _in_torch_nn(model: nn.Module, path: str, known: dict[str, bool]) -> bool:
-    """The op ran in a torch.nn module (``path``; ``known``: the paths looked up so far)."""
-    if not path:
-        return False
-    got = known.get(path)
-    if got is None:
-        got = known[path] = type(model.get_submodule(path)).__module__.startswith("torch.nn.modules")
-    return got

@@ -175,9 +175,6 @@ class LayoutProp(torch.fx.Interpreter):
         mod = self._modules.get(str(target))
         return mod if mod is not None else self.fetch_attr(str(target))
 
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return self._module(target)(*args, **kwargs)
-
     def _record(
         self,
         n: torch.fx.Node,
