@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
 from .report.files import write_text_atomic
-from .report.serialize import report_dict
+from .report.serialize import json_text, report_dict
 from .report.text import headline, offender_line
 
 if TYPE_CHECKING:
@@ -88,8 +88,12 @@ class AuditReport:
         return measure_report(self, train=train, rounds=rounds)
 
     def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as JSON (schema ``nhwc-audit/1``, documented in the README)."""
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False) + "\n"
+        """The report as JSON (schema ``nhwc-audit/1``, documented in the README): one key,
+        node, finding or module per line (``indent`` spaces a level); ``indent=None``: all on
+        one line."""
+        if indent is None:
+            return json.dumps(self.to_dict(), ensure_ascii=False) + "\n"
+        return json_text(self.to_dict(), indent=indent) + "\n"
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON report atomically (temporary file, then rename)."""

@@ -139,8 +139,14 @@ def test_report_json_is_schema_valid_deterministic_and_saved(tmp_path: Path) -> 
     assert json.dumps(d1) == json.dumps(d2)
     assert list(d1)[:4] == ["schema", "model", "torch_version", "capture"]
     path = r1.save_json(tmp_path / "r.json")
-    loaded = json.loads(path.read_text())
+    text = path.read_text()
+    loaded = json.loads(text)
+    assert loaded == json.loads(r1.to_json(indent=None)) == json.loads(r1.to_json(indent=4))
     assert loaded["schema"] == "nhwc-audit/1"
+    # one node per line, so that two reports diff node by node
+    lines = text.splitlines()
+    for node in loaded["nodes"]:
+        assert sum(f'"name": {json.dumps(node["name"])},' in line for line in lines) == 1
     assert [f["node"] for f in loaded["findings"]] == [f.node for f in r1.findings]
     assert not list(tmp_path.glob(".*.tmp"))
 

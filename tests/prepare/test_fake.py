@@ -142,3 +142,45 @@ def test_fake_backward_follows_eager_where_forward_was_corrected() -> None:
     assert {n.name: [g.layout for g in n.grads] for n in fake.nodes} == {
         n.name: [g.layout for g in n.grads] for n in real.nodes
     }
+
+
+def test_fake_copy_holds_what_the_ops_under_fake_mode_would_make() -> None:
+    """The copy wraps meta tensors itself (faster than ``empty_strided`` and ``nn.Parameter``
+    under the mode): each weight must be what those ops make, on either device."""
+    from nhwc_audit.prepare.fake import fake_copy, fake_mode
+
+    model = Mixed()
+    model.conv.bias.requires_grad_(False)
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        mode = fake_mode()
+        copy = fake_copy(model, mode, device, torch.float16)
+        with mode:
+            for (name, got), (_, p) in zip(copy.named_parameters(), model.named_parameters(), strict=True):
+                want = nn.Parameter(
+                    torch.empty(p.shape, dtype=torch.float16, device=device).to(
+                        memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format
+                    ),
+                    requires_grad=p.requires_grad,
+                )
+                assert type(got) is type(want) and isinstance(got, nn.Parameter), name
+                assert (got.shape, got.stride(), got.dtype, got.device) == (
+                    want.shape,
+                    want.stride(),
+                    want.dtype,
+                    want.device,
+                ), name
+                assert (got.requires_grad, got.is_leaf, got.fake_mode) == (p.requires_grad, True, mode), name
+            for (name, got), (_, b) in zip(copy.named_buffers(), model.named_buffers(), strict=True):
+                dtype = torch.float16 if b.is_floating_point() else b.dtype
+                assert (type(got).__name__, got.shape, got.dtype, got.device.type) == (
+                    "FakeTensor",
+                    b.shape,
+                    dtype,
+                    device.type,
+                ), name
+                assert not isinstance(got, nn.Parameter) and got.fake_mode is mode, name
+            out = copy(
+                torch.empty(1, 3, 8, 8, dtype=torch.float16, device=device).to(memory_format=torch.channels_last)
+            )
+            assert out.device.type == device.type and out.shape == (1, 8, 8, 8)
+    assert all(type(p) is nn.Parameter for p in model.parameters())  # the user's model untouched
