@@ -25,8 +25,8 @@ from nhwc_audit.capture.fx import trace
 from nhwc_audit.prepare.copy import prepare_audit_copy, prepare_inputs
 from nhwc_audit.propagate.chain import replay_check
 from nhwc_audit.propagate.interpreter import propagate
-from nhwc_audit.propagate.leaf_calls import LeafCalls
 from nhwc_audit.propagate.runner import Runner
+from nhwc_audit.propagate.skeleton import Skeleton
 
 
 def main() -> None:
@@ -43,8 +43,6 @@ def main() -> None:
     cp = prepare_audit_copy(model)
     cap = trace(cp.module)
     (sample,), _ = prepare_inputs((x,), {}, dtype=None, device=torch.device("cpu"))
-    batch = a.batch if a.batch > 1 else None
-    first = (sample[:1].clone(),) if batch else (sample,)
 
     class Plain(torch.fx.Interpreter):
         pass
@@ -57,9 +55,9 @@ def main() -> None:
         with torch.no_grad():
             Plain(cap.root, graph=cap.graph, garbage_collect_values=True).run(sample.clone())
 
-    def prop(record_hidden: bool, shared: bool, calls: bool) -> Callable[[], Any]:
+    def prop(record_hidden: bool, shared: bool, outline: bool) -> Callable[[], Any]:
         def run() -> Any:
-            leaf = LeafCalls(batch=batch) if calls else None
+            skeleton = Skeleton() if outline else None
             recs, out = propagate(
                 cap.root,
                 (sample.clone(),),
@@ -67,19 +65,19 @@ def main() -> None:
                 graph=cap.graph,
                 record_hidden=record_hidden,
                 shared=cp.shared if shared else frozenset(),
-                leaf_calls=leaf,
+                skeleton=skeleton,
             )
-            return recs, out, leaf
+            return recs, out, skeleton
 
         return run
 
-    recs, out, leaf = prop(True, True, True)()
+    recs, out, skeleton = prop(True, True, True)()
 
     def replay() -> None:
-        _, out2, leaf2 = prop(True, True, True)()
         t = time.perf_counter()
-        assert replay_check(cp.module, leaf2, out2, (first, {}), Runner(shared=cp.shared))
+        why = replay_check(cap, skeleton, (sample,), {}, Runner(shared=cp.shared))
         replay_times.append(time.perf_counter() - t)
+        assert why is None, why
 
     replay_times: list[float] = []
     stages: dict[str, Callable[[], Any]] = {
@@ -90,7 +88,7 @@ def main() -> None:
         "graph run, plain fx.Interpreter": interp,
         "+ per-node records": prop(False, False, False),
         "+ dispatch-level recorder (hidden copies, weight guard)": prop(True, True, False),
-        "+ leaf-call record for the replay": prop(True, True, True),
+        "+ the run's outline for the replay (no activation kept)": prop(True, True, True),
         "analysis (findings, fixes, regions)": lambda: analyze(recs, bandwidth=1e10, device="cpu"),
     }
     times: dict[str, list[float]] = {k: [] for k in stages}

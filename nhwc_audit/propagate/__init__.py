@@ -5,7 +5,8 @@ it never judges.
 ``chain`` (fx -> export -> eager recording, each capture checked against eager), ``runner``
 (how a run executes: seed, autocast, the shared-weight guard, fake mode), ``interpreter``
 (``LayoutProp``, an fx Interpreter), ``eager`` (the dispatch-level recorder for models no graph
-captures), ``dispatch`` (hidden copies, in-place writes, the weight guard), ``replay`` and
-``leaf_calls`` (the fx check without a second forward), ``compare`` (the one comparison of
+captures), ``dispatch`` (hidden copies, in-place writes, the weight guard), ``replay``,
+``replay_state``, ``call_keys`` and ``skeleton`` (the fx check without a second forward or kept
+activations), ``compare`` (the one comparison of
 values), ``backward`` (gradient layouts).
 """

@@ -14,8 +14,8 @@ from ..records import NodeRecord
 __all__ = ["Captured", "CheckKind"]
 
 CheckKind = Literal["replay", "sample", "eager", "unchecked", "off"]
-"""How the capture was checked against eager: a replay of the model's Python on the
-propagation's record, one eager forward on one sample of the batch, one eager forward on the
+"""How the capture was checked against eager: a replay of the model's Python on meta stand-ins,
+each call matched with the graph's (:mod:`.replay`), one eager forward on one sample of the batch, one eager forward on the
 whole sample, not at all where it could not be (a break, eager raising), or not asked for
 (forced capture, ``verify=False``, fake mode, the hooks capture, which is eager itself)."""
 

@@ -33,9 +33,9 @@ from .corrections import Corrections
 from .eager import record_eager
 from .inputs import positional_inputs
 from .interpreter import ProgressFn, propagate
-from .leaf_calls import LeafCalls
 from .replay import replay
 from .runner import Runner, attributes_restored, batch_of, fake_limitation, first_sample
+from .skeleton import Skeleton
 
 __all__ = [
     "CAPTURES",
@@ -50,18 +50,15 @@ CAPTURES: tuple[CaptureMethod, ...] = get_args(CaptureMethod)
 
 
 def replay_check(
-    model: nn.Module,
-    calls: LeafCalls,
-    graph_out: Any,
-    sample: tuple[tuple[Any, ...], dict[str, Any]],
-    runner: Runner,
-) -> bool:
-    """The replay check (:mod:`.replay`) of an fx capture whose propagation recorded ``calls``
-    (of the whole batch, or of its first sample: then ``sample`` is that sample): True when
-    the replay vouches for the graph."""
-    args, kwargs = sample
+    cap: Capture, skeleton: Skeleton, args: tuple[Any, ...], kwargs: dict[str, Any], runner: Runner
+) -> str | None:
+    """The replay check (:mod:`.replay`) of an fx capture whose propagation of the sample
+    (``args``, ``kwargs``) left ``skeleton``: None when the replay vouches for the graph,
+    else why not."""
+    placeholders = [str(n.name) for n in cap.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(placeholders, positional_inputs(cap.graph, args, kwargs), strict=True))
     with runner.context():
-        return replay(model, calls, tree_map(clone_value, args), tree_map(clone_value, kwargs), graph_out) is None
+        return replay(cap.root, cap.graph, skeleton, inputs, args, kwargs)
 
 
 @dataclass(frozen=True)
@@ -161,9 +158,8 @@ class _Chain:
             )
         checking = self.verify and not forced and not self.runner.fake
         batch = batch_of(self.args, self.kwargs) if checking and name == "fx" else None
-        # fx graphs call leaf modules: record their calls so that a replay can check the graph
-        # (a batch is recorded and replayed on its first sample)
-        calls = LeafCalls(batch=batch) if checking and name == "fx" else None
+        # fx graphs call leaf modules: note the run's shape so that a replay can check the graph
+        skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self._corrections()
         try:
             with self.runner.context(guard=False):
@@ -175,7 +171,7 @@ class _Chain:
                     progress=self.progress,
                     flat_inputs=cap.flat_inputs,
                     shared=self.runner.shared,
-                    leaf_calls=calls,
+                    skeleton=skeleton,
                     record_hidden=not self.runner.fake,
                     corrections=corrections,
                 )
@@ -192,7 +188,7 @@ class _Chain:
         if not checking:
             return self._done(records, cap, "off", corrected)
         try:
-            verdict = self._check(cap, records, out, calls, first_sample(self.args, self.kwargs, batch))
+            verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch))
         except Exception as e:  # the check itself failed: the audit's problem, not the model's
             verdict = _Verdict("unchecked", rejected=f"the check against eager raised {first_line(e)}")
         if verdict.rejected is not None:
@@ -207,17 +203,18 @@ class _Chain:
         cap: Capture,
         records: list[NodeRecord],
         out: Any,
-        calls: LeafCalls | None,
+        skeleton: Skeleton | None,
         first: tuple[tuple[Any, ...], dict[str, Any]] | None,
     ) -> _Verdict:
         """How the graph was checked, and whether it reproduces eager."""
         if any(r.error for r in records):
             # eager channels_last raises at the break too: nothing to compare against
             return _Verdict("unchecked", note="not checked against eager (the model breaks on channels_last)")
-        if calls is not None:
-            # eager with every leaf module call answered from a record of the graph's: the cost
-            # of the model's Python instead of a forward; what it cannot vouch for goes on
-            if replay_check(self.model, calls, out, first or (self.args, self.kwargs), self.runner):
+        if skeleton is not None:
+            # eager with every leaf module call answered by a stand-in of the graph's, every
+            # other call on meta tensors: the cost of the model's Python instead of a forward;
+            # what it cannot vouch for goes on to a forward
+            if replay_check(cap, skeleton, self.args, self.kwargs, self.runner) is None:
                 return _Verdict("replay")
         if first is not None:
             # fx graphs are not specialised to shapes: checking on one sample of the batch costs

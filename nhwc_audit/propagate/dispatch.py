@@ -8,7 +8,7 @@ run.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -108,23 +108,16 @@ class CopyRecorder(RecordingMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
-    def __init__(
-        self, shared: frozenset[int] = frozenset(), on_write: Callable[[torch.Tensor], None] | None = None
-    ) -> None:
+    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.copies: list[HiddenCopy] = []
         self.shared = shared
-        self.on_write = on_write
-        """Told about every tensor an op is about to write to in place (:class:`LeafCalls`)."""
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if _written_args(func):  # in-place and out= ops only
             check_shared_write(func, args, kwargs, self.shared)
-            if self.on_write is not None:
-                for t in written_tensors(func, args, kwargs):
-                    self.on_write(t)
         out = func(*args, **(kwargs or {}))
         if self.recording:
             copy = hidden_copy(func, args, out)

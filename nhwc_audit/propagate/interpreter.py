@@ -24,7 +24,7 @@ from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of
 from .inputs import positional_inputs
-from .leaf_calls import LeafCalls
+from .skeleton import Skeleton
 
 __all__ = ["LayoutProp", "ProgressFn", "propagate"]
 
@@ -47,7 +47,7 @@ class LayoutProp(torch.fx.Interpreter):
         progress: ProgressFn | None = None,
         record_hidden: bool = True,
         shared: frozenset[int] = frozenset(),
-        leaf_calls: LeafCalls | None = None,
+        skeleton: Skeleton | None = None,
         corrections: Corrections | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
@@ -55,9 +55,8 @@ class LayoutProp(torch.fx.Interpreter):
         self.extra_traceback = False
         self.record_hidden = record_hidden
         self.shared = shared
-        self.leaf_calls = leaf_calls
-        watch = leaf_calls.before_write if leaf_calls is not None and leaf_calls.batch is None else None
-        self._recorder = CopyRecorder(shared, watch) if (record_hidden or shared or watch) else None
+        self.skeleton = skeleton
+        self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
         self.records: list[NodeRecord] = []
@@ -66,8 +65,6 @@ class LayoutProp(torch.fx.Interpreter):
         self._index = {n: i for i, n in enumerate(self._nodes)}
         self._modules: dict[str, torch.nn.Module] = self.submodules  # Interpreter's own path -> module map
         self._contexts: dict[torch.fx.Node, NodeContext] = node_contexts(self._nodes, gm, self._modules)
-        # nodes whose value only ever goes into leaf modules (the replay needs its identity only)
-        self._leaf_only = {n: bool(n.users) and all(u.op == "call_module" for u in n.users) for n in self._nodes}
         self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
         # a leaf module's own 4D/5D weights: static during the run, recorded once
         self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
@@ -106,10 +103,9 @@ class LayoutProp(torch.fx.Interpreter):
         inputs = self._inputs(n)
         error: str | None = None
         hidden: list[HiddenCopy] = []
+        sk = self.skeleton
+        versions = [t._version for _, t in inputs] if sk is not None else []
         try:
-            noted = None
-            if self.leaf_calls is not None and n.op == "call_module":
-                noted = self.leaf_calls.before(self._module(n.target), args, kwargs)
             rec = self._recorder
             if rec is not None:  # one mode for the whole run: pushing one per node costs more
                 rec.copies = []
@@ -121,13 +117,13 @@ class LayoutProp(torch.fx.Interpreter):
                 hidden = rec.copies
             else:
                 result = self._call(n, args, kwargs)
-            if noted is not None and self.leaf_calls is not None:
-                self.leaf_calls.after(str(n.target), noted, result, opaque=self._leaf_only[n])
+            if sk is not None:
+                sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:
             raise
         except Exception as e:
-            if self.leaf_calls is not None:
-                self.leaf_calls.disable(f"node {n.name} raised")
+            if sk is not None:
+                sk.disable(f"node {n.name} raised")
             result = retry_nchw(self._call, n, self._contexts[n], args, kwargs, inputs, e)
             error = first_line(e)
         if self.corrections is not None and error is None:
@@ -227,7 +223,7 @@ def propagate(
     record_hidden: bool = True,
     flat_inputs: bool = False,
     shared: frozenset[int] = frozenset(),
-    leaf_calls: LeafCalls | None = None,
+    skeleton: Skeleton | None = None,
     corrections: Corrections | None = None,
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already
@@ -236,7 +232,7 @@ def propagate(
     the sample. ``flat_inputs``: the graph takes the pytree leaves of (args, kwargs), as
     torch.export graphs do. ``shared``: storages of the user's weights the graph reads in
     place; a write to one raises :class:`SharedWeightWrite` before it happens.
-    ``leaf_calls`` collects every leaf module call for the replay check (:mod:`.replay`).
+    ``skeleton`` collects what the replay check needs (:mod:`.replay`).
     ``corrections`` (fake runs) makes known meta-kernel errors follow eager (:mod:`.corrections`).
     """
     interp = LayoutProp(
@@ -245,7 +241,7 @@ def propagate(
         progress=progress,
         record_hidden=record_hidden,
         shared=shared,
-        leaf_calls=leaf_calls,
+        skeleton=skeleton,
         corrections=corrections,
     )
     if flat_inputs:

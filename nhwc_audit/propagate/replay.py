@@ -1,20 +1,25 @@
-"""Fidelity check of an fx capture without a second forward pass.
+"""Fidelity check of an fx capture without a second forward and without keeping activations.
 
 A symbolic trace can differ from what the model does eagerly (``isinstance`` checks on
-proxies, ``try/except`` around traced code, fx-only branches). The plain check runs the
-model eagerly once more and compares outputs: one whole forward. The replay check gets the
-same answer for the cost of the model's Python: while the graph is propagated, every leaf
-module call (``call_module`` node) keeps its inputs and output (:class:`LeafCalls`); then
-the model runs eagerly with each leaf module's call replaced by the recorded one
-(:func:`replay`). Everything between leaf modules (adds, cats, reshapes, functional calls)
-runs for real, every leaf call's inputs are compared with the inputs the graph gave it, and
-the final outputs with the graph's: a graph that differs from eager shows up at the first
-leaf call or output it changes.
+proxies, ``try/except`` around traced code, fx-only branches, an in-place ``+=`` that fx
+records out of place). The plain check runs the model eagerly once more and compares
+outputs: one whole forward. The replay gets the same answer for the cost of the model's
+Python: the model runs eagerly on meta-device stand-ins of the sample, and every call that
+makes or writes a tensor (a leaf module, a torch function, a method, an operator, a function
+fx was told to keep whole) is matched, in order, with the graph's next call, and answered
+with stand-ins of what the graph's call returned (:class:`.skeleton.Skeleton`: shapes,
+strides and dtypes, no values). A call matches when it is the same module or function with
+the same plain arguments and tensors that come from the same nodes; what each eager tensor
+stands for is tracked through every call and in-place write. Calls that are the same on the
+same inputs compute the same values, so a graph that matches call for call, and returns the
+same nodes, computes what eager computes; a graph that differs shows up at the first call it
+changes. Calls that only read metadata (``x.shape``, ``x.size(0)``) run on the stand-ins;
+their results are compared where they are used.
 
-The check is conservative: whenever it cannot tell (a leaf call it has no record of, a
-recorded tensor changed in place since it was recorded, too much to keep, a value that
-differs for any reason such as random ops), it answers with a reason and the caller runs
-the plain check instead, which decides.
+The check is conservative: whenever it cannot tell (a call on values, such as ``.item()``,
+that meta tensors cannot run, a value it cannot stand in for, an in-place write eager makes
+where the graph makes a copy while another view of that memory is still used), it answers
+with a reason and the caller runs the plain check instead, which decides.
 """
 
 from __future__ import annotations
@@ -25,151 +30,108 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import first_line
-from .compare import tensor_difference
-from .leaf_calls import LeafCalls, Slot
+from .replay_state import Differs, ReplayState
+from .skeleton import Skeleton, Unsupported, is_plain, rebuild, standin
 
 __all__ = ["replay"]
 
 
-class _Differs(Exception):
-    pass
-
-
-def _same(x: Any, y: Any, handed: dict[int, int], what: str) -> None:
-    """Raise :class:`_Differs` unless eager's ``x`` is the graph's ``y`` (a slot, or a plain
-    value)."""
-    check = None
-    if isinstance(y, Slot):
-        y, check = y.value, y.check
-    if isinstance(y, torch.Tensor):
-        if not isinstance(x, torch.Tensor):
-            raise _Differs(f"{what}: eager passes {type(x).__name__} where the graph passes a tensor")
-        if x is y:
-            # the very tensor the replay handed out: fine unless eager changed it since
-            expected = handed.get(id(x), check)
-            if expected is None or x._version != expected:
-                raise _Differs(f"{what}: changed in place since it was recorded")
-            return
-        if x.device.type == "meta" or y.device.type == "meta":
-            raise _Differs(f"{what}: eager computes with a value the graph only passes between leaf modules")
-        if check is not None and y._version != check:
-            raise _Differs(f"{what}: the recorded input changed in place after the call")
-        if x.shape != y.shape or x.dtype != y.dtype:
-            raise _Differs(f"{what}: eager gives {tuple(x.shape)} {x.dtype}, the graph {tuple(y.shape)} {y.dtype}")
-        diff = tensor_difference(x, y)
-        if diff is not None:
-            raise _Differs(f"{what}: {diff}")
-        return
-    try:
-        same = bool(x == y)
-    except Exception:
-        same = False
-    if not same and x is not y:
-        raise _Differs(f"{what}: eager passes {_short(x)}, the graph {_short(y)}")
-
-
-def _plain(v: Any) -> Any:
-    """Mappings as plain dicts and lists as plain lists: fx returns ``{...}`` where eager
-    code returns an OrderedDict (torchvision's segmentation models)."""
+def _plain_containers(v: Any) -> Any:
+    """Mappings as plain dicts: fx returns ``{...}`` where eager code returns an OrderedDict."""
     if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
+        return {k: _plain_containers(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_plain(x) for x in v]
+        return [_plain_containers(x) for x in v]
     if type(v) is tuple:
-        return tuple(_plain(x) for x in v)
+        return tuple(_plain_containers(x) for x in v)
     return v
 
 
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _wrap_registry() -> list[tuple[dict[str, Any], str]]:
+    """(module namespace, name) of each function ``torch.fx.wrap`` registered: fx's tracer
+    patches those names there, and so does the replay (torch keeps no public list of them)."""
+    from torch.fx import _symbolic_trace
 
-
-def _handed_out(result: Any, handed: dict[int, int]) -> Any:
-    """A recorded result with its slots resolved, noting each tensor's version as handed out."""
-
-    def value(v: Any) -> Any:
-        if isinstance(v, Slot):
-            handed[id(v.value)] = v.value._version
-            return v.value
-        return v
-
-    if isinstance(result, Slot):  # the common case, without pytree's walk
-        return value(result)
-    return tree_map(value, result, is_leaf=lambda v: isinstance(v, Slot))
+    registry = getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
+    return [(where, key[1]) for key, where in registry.items() if isinstance(where, dict) and len(key) == 2]
 
 
 @contextlib.contextmanager
-def _replaced(model: nn.Module, calls: LeafCalls, handed: dict[int, int], used: dict[str, int]) -> Iterator[None]:
+def _answered(gm: nn.Module, graph: torch.fx.Graph, state: ReplayState) -> Iterator[None]:
+    """Leaf module calls, and calls of the functions fx keeps whole (``torch.fx.wrap``: where
+    they are defined), answered by ``state``."""
+    modules = dict(gm.named_modules())
     patched: list[nn.Module] = []
+    wrapped: list[tuple[dict[str, Any], str, Any]] = []
 
-    def make(target: str) -> Any:
-        recorded = calls.calls[target]
-
+    def make(target: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
-            i = used.get(target, 0)
-            used[target] = i + 1
-            if i >= len(recorded):
-                raise _Differs(f"eager calls {target} {i + 1} times, the graph {len(recorded)}")
-            c = recorded[i]
-            if c.spec is None and not kwargs and len(args) == len(c.leaves):
-                leaves, spec = list(args), None  # the graph passed tensors only; _same checks each
-            else:
-                leaves, spec = tree_flatten((args, kwargs))
-            if spec != c.spec:
-                raise _Differs(f"{target} (call {i + 1}): eager passes other arguments than the graph")
-            for j, (x, y) in enumerate(zip(leaves, c.leaves, strict=True)):
-                _same(x, y, handed, f"{target} (call {i + 1}) input {j}")
-            return _handed_out(c.result, handed)
+            return state.leaf(target, args, kwargs)
 
         return call
 
     try:
-        modules = dict(model.named_modules())
-        for target in calls.calls:
-            mod = modules.get(target) or model.get_submodule(target)
+        kept_whole = {id(n.target) for n in graph.nodes if n.op == "call_function"}
+        for where, name in _wrap_registry():
+            fn = where.get(name)
+            if fn is not None and id(fn) in kept_whole:
+                where[name] = make(fn)
+                wrapped.append((where, name, fn))
+        for target in dict.fromkeys(str(n.target) for n in graph.nodes if n.op == "call_module"):
+            mod = modules[target] if target in modules else gm.get_submodule(target)
             if "_call_impl" in mod.__dict__:
-                raise _Differs(f"{target} already replaces its call")
-            mod._call_impl = make(target)  # type: ignore[method-assign]  # instance attribute: hooks included
+                raise Differs(f"{target} already replaces its call")
+            mod.__dict__["_call_impl"] = make(target)  # shadows the class's method: hooks included
             patched.append(mod)
         yield
     finally:
         for mod in patched:
             del mod.__dict__["_call_impl"]
+        for where, name, fn in reversed(wrapped):
+            where[name] = fn
 
 
 def replay(
     model: nn.Module,
-    calls: LeafCalls,
+    graph: torch.fx.Graph,
+    skeleton: Skeleton,
+    inputs: dict[str, Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    graph_out: Any,
 ) -> str | None:
-    """Run ``model`` eagerly (the caller sets seeds, autocast and guards) with its leaf module
-    calls replaced by ``calls``; None when every leaf call and the output match the graph's
-    (``graph_out``, the propagation's output, unchanged since), else why the replay cannot
-    vouch for the graph."""
-    if calls.off is not None:
-        return calls.off
-    want_slots = calls.slots(graph_out)
-    handed: dict[int, int] = {}
-    used: dict[str, int] = {}
+    """Run ``model`` (the root of ``graph``; the caller sets autocast and guards) eagerly on
+    stand-ins of the sample (``args``, ``kwargs``; ``inputs``: placeholder name -> its value)
+    with its calls answered from ``skeleton``; None when every call and the output match the
+    graph's, else why the replay cannot vouch for the graph."""
+    if skeleton.off is not None:
+        return skeleton.off
     try:
-        with _replaced(model, calls, handed, used), torch.no_grad():
-            out = model(*args, **kwargs)
-        for target, recorded in calls.calls.items():
-            if used.get(target, 0) != len(recorded):
-                raise _Differs(f"eager calls {target} {used.get(target, 0)} times, the graph {len(recorded)}")
-        got, got_spec = tree_flatten(_plain(out))
-        want, want_spec = tree_flatten(_plain(want_slots), is_leaf=lambda v: isinstance(v, Slot))
-        if got_spec != tree_flatten(_plain(graph_out))[1]:
-            raise _Differs("eager returns another output structure than the graph")
-        for j, (x, y) in enumerate(zip(got, want, strict=True)):
-            _same(x, y, handed, f"output {j}")
-    except _Differs as e:
+        state = ReplayState(model, graph, skeleton)
+        by_value = {id(v): name for name, v in inputs.items()}
+
+        def stand(v: Any) -> Any:
+            name = by_value.get(id(v))
+            if name is None:
+                if is_plain(v):
+                    return v
+                raise Unsupported("an input the graph has no placeholder for")
+            return state.track(rebuild(v, lambda t, _: standin(t)), state.canon[name])
+
+        eager_args = tuple(stand(a) for a in args)
+        eager_kwargs = {k: stand(v) for k, v in kwargs.items()}
+        with _answered(model, graph, state), torch.no_grad(), state:
+            out = model(*eager_args, **eager_kwargs)
+        if state.pos != len(state.calls):
+            n = state.calls[state.pos]
+            raise Differs(f"the graph calls {n.name} ({getattr(n.target, '__name__', n.target)}), eager does not")
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        try:
+            state.same(_plain_containers(output.args[0]), _plain_containers(out))
+        except Differs as e:
+            raise Differs("output" + "".join(f"[{k!r}]" for k in reversed(e.at)) + f": {e}") from None
+    except (Differs, Unsupported) as e:
         return str(e)
     except Exception as e:
         return f"the replay raised {first_line(e)}"

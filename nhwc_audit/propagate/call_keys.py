@@ -1,0 +1,147 @@
+"""How fx names a call, and how an eager torch function mode sees the same call: ``x + y``
+reaches a mode as the method ``add``; fx records ``operator.add`` (or the method ``add`` for
+``x.add(y)``), and ``x += y`` on a proxy as ``operator.add`` too. Used by the replay check
+(:mod:`.replay`) to pair eager calls with graph nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.overrides import get_overridable_functions
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["Call", "eager_calls", "graph_call", "mapped", "tensor_methods", "tensors_in", "writes_first"]
+
+
+_IN_PLACE: set[str] = {"__setitem__"}
+"""Eager calls that write to their first argument (filled with the table below)."""
+
+
+def _family() -> dict[str, tuple[Any, bool]]:
+    """Tensor method (as a torch function mode sees ``x + y``, ``x += y``, ``1 - x``) -> the
+    ``operator`` function fx records for it, and whether fx has its arguments swapped."""
+    table: dict[str, tuple[Any, bool]] = {}
+    for op, methods in {
+        "add": "add",
+        "sub": "sub",
+        "mul": "mul",
+        "truediv": "div truediv",
+        "floordiv": "floor_divide floordiv",
+        "mod": "remainder mod",
+        "pow": "pow",
+        "matmul": "matmul",
+        "and_": "bitwise_and and",
+        "or_": "bitwise_or or",
+        "xor": "bitwise_xor xor",
+        "lshift": "bitwise_left_shift lshift",
+        "rshift": "bitwise_right_shift rshift",
+    }.items():
+        for m in methods.split():
+            for name, swapped in (
+                (m, False),
+                (f"{m}_", False),
+                (f"__{m}__", False),
+                (f"__i{m}__", False),
+                (f"__r{m}__", True),
+            ):
+                table[name] = (getattr(operator, op), swapped)
+            _IN_PLACE.update((f"{m}_", f"__i{m}__"))
+    for op, methods in {
+        "neg": "neg",
+        "pos": "positive pos",
+        "invert": "bitwise_not invert",
+        "eq": "eq",
+        "ne": "ne",
+        "lt": "lt",
+        "le": "le",
+        "gt": "gt",
+        "ge": "ge",
+        "getitem": "getitem",
+        "setitem": "setitem",
+    }.items():
+        for m in methods.split():
+            table[m] = table[f"__{m}__"] = (getattr(operator, op), False)
+    return table
+
+
+_FAMILY = _family()
+_COMMUTATIVE = {operator.add, operator.mul, operator.and_, operator.or_, operator.xor, operator.eq, operator.ne}
+
+Call = tuple[Any, tuple[Any, ...]]
+
+
+def tensor_methods() -> frozenset[Any]:
+    """Tensor's methods as a torch function mode receives them (``is_tensor_method_or_property``
+    without its per-call warnings filter, ~10 us a call)."""
+    return frozenset(get_overridable_functions()[torch.Tensor])
+
+
+def eager_calls(func: Any, args: tuple[Any, ...], methods: frozenset[Any]) -> list[Call]:
+    """The keys fx may have recorded an eager torch call under, each with its arguments in
+    fx's order (``x + y`` reaches a torch function mode as the method ``add``; fx records
+    ``operator.add``, or the method ``add`` for ``x.add(y)``)."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property: x.T
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        return [(("getattr", prop), (args[0], prop))]
+    if func not in methods:
+        return [(("fn", func), args)]
+    calls: list[Call] = [(("method", name), args)]
+    family = _FAMILY.get(name)
+    if family is not None:
+        op, swapped = family
+        calls.append((("fn", op), (args[1], args[0], *args[2:]) if swapped else args))
+        if op in _COMMUTATIVE and len(args) == 2:
+            calls.append((("fn", op), (args[1], args[0])))
+    return calls
+
+
+def graph_call(n: torch.fx.Node, methods: frozenset[Any]) -> tuple[Any, tuple[Any, ...]]:
+    """The key and arguments of a graph call, as :func:`eager_calls` gives them."""
+    if n.op == "call_method":
+        return ("method", n.target), n.args
+    if n.op == "call_module":
+        return ("module", n.target), n.args
+    if n.target is getattr:
+        return ("getattr", n.args[1]), n.args
+    if callable(n.target) and n.target in methods:
+        return ("method", getattr(n.target, "__name__", "")), n.args
+    return ("fn", n.target), n.args
+
+
+def writes_first(func: Any, methods: frozenset[Any]) -> bool:
+    """The eager call writes to its first argument (``x.add_(y)``, ``x += y``, ``x[i] = v``)."""
+    name = getattr(func, "__name__", "")
+    if name in _IN_PLACE:
+        return True
+    return name.endswith("_") and not name.endswith("__") and func in methods
+
+
+def tensors_in(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors in a call's arguments (in tuples, lists and dicts), in order."""
+    out: list[torch.Tensor] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+
+    for a in args:
+        walk(a)
+    if kwargs:
+        walk(kwargs)
+    return out
+
+
+def mapped(value: Any, fn: Any) -> Any:
+    """``value`` (arguments: tuples, lists, dicts) with ``fn`` applied to each leaf."""
+    leaves, spec = tree_flatten(value)
+    return spec.unflatten([fn(v) for v in leaves])
