@@ -112,11 +112,14 @@ class CopyRecorder(RecordingMode):
         super().__init__()
         self.copies: list[HiddenCopy] = []
         self.shared = shared
+        self.writes = 0
+        """In-place and ``out=`` ops seen (the caller resets it)."""
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if _written_args(func):  # in-place and out= ops only
+            self.writes += 1
             check_shared_write(func, args, kwargs, self.shared)
         out = func(*args, **(kwargs or {}))
         if self.recording:

@@ -24,6 +24,7 @@ from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of
 from .inputs import positional_inputs
+from .seen import SeenCalls
 from .skeleton import Skeleton
 
 __all__ = ["LayoutProp", "ProgressFn", "propagate"]
@@ -57,6 +58,8 @@ class LayoutProp(torch.fx.Interpreter):
         self.shared = shared
         self.skeleton = skeleton
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
+        # leaf calls like one already recorded without a copy or a write run without the mode
+        self._seen = SeenCalls() if record_hidden else None
         if self._recorder is not None:
             self._recorder.recording = False
         self.records: list[NodeRecord] = []
@@ -107,16 +110,23 @@ class LayoutProp(torch.fx.Interpreter):
         versions = [t._version for _, t in inputs] if sk is not None else []
         try:
             rec = self._recorder
-            if rec is not None:  # one mode for the whole run: pushing one per node costs more
-                rec.copies = []
+            seen = self._seen
+            key = seen.key(self._module(n.target), args, kwargs) if seen is not None and n.op == "call_module" else None
+            if rec is None:
+                result = self._call(n, args, kwargs)
+            elif key is not None and key in seen.quiet:  # type: ignore[union-attr]
+                with torch._C._DisableTorchDispatch():
+                    result = self._call(n, args, kwargs)
+            else:  # one mode for the whole run: pushing one per node costs more
+                rec.copies, rec.writes = [], 0
                 rec.recording = self.record_hidden
                 try:
                     result = self._call(n, args, kwargs)
                 finally:
                     rec.recording = False
                 hidden = rec.copies
-            else:
-                result = self._call(n, args, kwargs)
+                if key is not None and not hidden and not rec.writes:
+                    seen.quiet.add(key)  # type: ignore[union-attr]
             if sk is not None:
                 sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:

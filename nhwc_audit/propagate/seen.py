@@ -1,0 +1,119 @@
+"""Leaf module calls the dispatch recorder has already seen (:class:`SeenCalls`).
+
+A torch.nn module's forward is a function of its configuration, its weights' layouts and its
+inputs' layouts: a second call of the same class, configuration and layouts runs the same ATen
+ops. When the first such call made no layout copy and wrote nothing, the recorder's Python
+dispatch mode (~20 us of torch's own machinery per ATen op) has nothing to see in the next
+ones, and the propagation runs them without it. Only torch.nn's own classes qualify, without
+hooks, children or attributes other than plain values, with plain tensors only; anything else
+is always recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SeenCalls"]
+
+_TABLES = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_non_persistent_buffers_set",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+        "_backward_pre_hooks",
+        "_backward_hooks",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+    }
+)
+_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_pre_hooks")
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _plain(v: Any) -> bool:
+    return isinstance(v, _PLAIN) or (type(v) in (tuple, list) and all(isinstance(x, _PLAIN) for x in v))
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(v) if type(v) is list else v
+
+
+def _tensor_key(t: Any) -> Any:
+    if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided:
+        return None
+    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (``nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as m
+
+    return any(
+        getattr(m, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+    )
+
+
+class SeenCalls:
+    """Signatures of the leaf calls of one propagation that made no copy and wrote nothing."""
+
+    def __init__(self) -> None:
+        self.quiet: set[Any] = set()
+        self._modules: dict[int, Any] = {}
+        self._hooked = _global_hooks()
+
+    def _module_key(self, m: nn.Module) -> Any:
+        """The part of a call's signature that is the module's own, or None (never skipped)."""
+        got = self._modules.get(id(m))
+        if got is not None and got[0] is m:  # (the module is kept: its id is not reused)
+            return got[1]
+        key = None
+        cls = type(m)
+        state = m.__dict__
+        if (
+            not self._hooked
+            and cls.__module__.startswith("torch.nn.modules.")
+            and not state.get("_modules")
+            and not any(state.get(h) for h in _HOOKS)
+            and "forward" not in state
+            and "_call_impl" not in state
+        ):
+            config = [(k, v) for k, v in state.items() if k not in _TABLES]
+            tensors = [
+                (k, None if t is None else _tensor_key(t))
+                for k, t in [*state["_parameters"].items(), *state["_buffers"].items()]
+            ]
+            # plain settings only; a weight that is a tensor subclass or sparse: always recorded
+            if all(_plain(v) for _, v in config) and all(
+                tk is not None or t is None
+                for (_, tk), t in zip(
+                    tensors, [*state["_parameters"].values(), *state["_buffers"].values()], strict=True
+                )
+            ):
+                key = (cls, tuple((k, _hashable(v)) for k, v in config), tuple(tensors))
+        self._modules[id(m)] = (m, key)
+        return key
+
+    def key(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call's signature, or None when it must always be recorded."""
+        base = self._module_key(m)
+        if base is None:
+            return None
+        ins: list[Any] = []
+        for name, v in [*enumerate(args), *kwargs.items()]:
+            k = _tensor_key(v) if isinstance(v, torch.Tensor) else _hashable(v) if _plain(v) else None
+            if k is None and v is not None:
+                return None
+            ins.append((name, k))
+        return (base, tuple(ins), torch.is_grad_enabled())

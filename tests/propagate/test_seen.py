@@ -1,0 +1,87 @@
+"""Leaf calls like one already recorded without a copy or a write run without the dispatch
+recorder: the records must be exactly those of recording every call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from nhwc_audit.capture.fx import trace
+from nhwc_audit.examples import unet
+from nhwc_audit.prepare.copy import prepare_audit_copy
+from nhwc_audit.propagate.interpreter import propagate
+from nhwc_audit.propagate.seen import SeenCalls
+
+
+class Repeats(nn.Module):
+    """The same configurations called again: InstanceNorm and a circular conv copy inside
+    (every call must keep its hidden copy), an in-place ReLU writes (always recorded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.norms = nn.ModuleList(nn.InstanceNorm2d(8) for _ in range(3))
+        self.circular = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular") for _ in range(2))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            y = self.act(norm(conv(y)))
+        for conv in self.circular:
+            y = conv(y)
+        return y
+
+
+def _records(model: nn.Module, x: torch.Tensor, *, skip: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    cp = prepare_audit_copy(model.eval())
+    cap = trace(cp.module)
+    with monkeypatch.context() as m:
+        if not skip:
+            m.setattr(SeenCalls, "key", lambda self, *a: None)
+        records, _ = propagate(cap.root, (x.contiguous(memory_format=torch.channels_last),), {}, graph=cap.graph)
+    return records
+
+
+@pytest.mark.parametrize(
+    "build,shape",
+    [(Repeats, (1, 3, 8, 8)), (tvm.resnet18, (2, 3, 32, 32)), (lambda: unet()[0], (1, 3, 32, 32))],
+)
+def test_skipping_seen_calls_changes_no_record(
+    build: Any, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(shape)
+    every = _records(model, x, skip=False, monkeypatch=monkeypatch)
+    seen = _records(model, x, skip=True, monkeypatch=monkeypatch)
+    assert seen == every
+    if build is Repeats:
+        hidden = [r.name for r in every if r.hidden]
+        assert hidden[:3] == ["norms_0", "norms_1", "norms_2"]  # the same configuration, each call
+
+
+def test_only_plain_torch_nn_calls_qualify() -> None:
+    seen = SeenCalls()
+    x = torch.randn(1, 8, 4, 4)
+    conv = nn.Conv2d(8, 8, 1)
+    assert seen.key(conv, (x,), {}) is not None
+    assert seen.key(conv, (x,), {}) == seen.key(nn.Conv2d(8, 8, 1), (torch.randn(1, 8, 4, 4),), {})
+    assert seen.key(conv, (x,), {}) != seen.key(conv, (x.contiguous(memory_format=torch.channels_last),), {})
+    hooked = nn.Conv2d(8, 8, 1)
+    hooked.register_forward_hook(lambda m, a, o: None)
+    assert seen.key(hooked, (x,), {}) is None
+
+    class Mine(nn.Conv2d):
+        pass
+
+    assert seen.key(Mine(8, 8, 1), (x,), {}) is None  # not torch.nn's own code
+    assert seen.key(nn.Sequential(nn.ReLU()), (x,), {}) is None  # children
+    odd = nn.ReLU()
+    odd.extra = [x]  # type: ignore[assignment]
+    assert seen.key(odd, (x,), {}) is None
+    assert seen.key(nn.ReLU(), ([x],), {}) is None
