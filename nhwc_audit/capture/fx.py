@@ -16,7 +16,7 @@ from ..errors import TraceError
 from .context import SOURCE_KEY
 from .source import user_frame
 
-__all__ = ["Capture", "GraphMethod", "trace"]
+__all__ = ["Capture", "GraphMethod", "graph_attributes", "put_back", "trace"]
 
 GraphMethod = Literal["fx", "export"]
 
@@ -70,3 +70,24 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> C
             "traceable, e.g. wrap it with torch.fx.wrap, or audit a traceable submodule)"
         ) from e
     return Capture(root=tracer.root, graph=graph, method="fx")
+
+
+def graph_attributes(cap: Capture) -> list[tuple[str, Any]]:
+    """(target, value) of each get_attr node of ``cap``'s graph, read from its root."""
+    out = []
+    for n in cap.graph.nodes:
+        if n.op == "get_attr":
+            value: Any = cap.root
+            for part in str(n.target).split("."):
+                value = getattr(value, part, None)
+            out.append((str(n.target), value))
+    return out
+
+
+def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:
+    """Set each attribute the graph reads that ``root`` no longer has."""
+    for target, value in attributes:
+        owner, _, name = target.rpartition(".")
+        module = root.get_submodule(owner) if owner else root
+        if value is not None and not hasattr(module, name):
+            setattr(module, name, value)

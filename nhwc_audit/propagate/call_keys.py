@@ -13,7 +13,17 @@ import torch
 from torch.overrides import get_overridable_functions
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Call", "eager_calls", "graph_call", "mapped", "tensor_methods", "tensors_in", "writes_first"]
+__all__ = [
+    "Call",
+    "call_name",
+    "eager_calls",
+    "is_method",
+    "graph_call",
+    "mapped",
+    "tensor_methods",
+    "tensors_in",
+    "writes_first",
+]
 
 
 _IN_PLACE: set[str] = {"__setitem__"}
@@ -79,6 +89,22 @@ def tensor_methods() -> frozenset[Any]:
     return frozenset(get_overridable_functions()[torch.Tensor])
 
 
+def is_method(func: Any, methods: frozenset[Any]) -> bool:
+    """``func`` is a Tensor method (some, such as ``new_ones``, are not overridable)."""
+    if func in methods:
+        return True
+    name = getattr(func, "__name__", None)
+    return isinstance(name, str) and getattr(torch.Tensor, name, None) is func
+
+
+def call_name(func: Any) -> str:
+    """How a message names an eager call (a property by its own name)."""
+    name = getattr(func, "__name__", str(func))
+    if name in ("__get__", "__set__"):
+        return f"{getattr(getattr(func, '__self__', None), '__name__', '?')} (a property)"
+    return str(name)
+
+
 def eager_calls(func: Any, args: tuple[Any, ...], methods: frozenset[Any]) -> list[Call]:
     """The keys fx may have recorded an eager torch call under, each with its arguments in
     fx's order (``x + y`` reaches a torch function mode as the method ``add``; fx records
@@ -87,7 +113,7 @@ def eager_calls(func: Any, args: tuple[Any, ...], methods: frozenset[Any]) -> li
     if name == "__get__":  # a property: x.T
         prop = getattr(getattr(func, "__self__", None), "__name__", "")
         return [(("getattr", prop), (args[0], prop))]
-    if func not in methods:
+    if not is_method(func, methods):
         return [(("fn", func), args)]
     calls: list[Call] = [(("method", name), args)]
     family = _FAMILY.get(name)
@@ -107,7 +133,7 @@ def graph_call(n: torch.fx.Node, methods: frozenset[Any]) -> tuple[Any, tuple[An
         return ("module", n.target), n.args
     if n.target is getattr:
         return ("getattr", n.args[1]), n.args
-    if callable(n.target) and n.target in methods:
+    if callable(n.target) and is_method(n.target, methods):
         return ("method", getattr(n.target, "__name__", "")), n.args
     return ("fn", n.target), n.args
 
@@ -117,7 +143,7 @@ def writes_first(func: Any, methods: frozenset[Any]) -> bool:
     name = getattr(func, "__name__", "")
     if name in _IN_PLACE:
         return True
-    return name.endswith("_") and not name.endswith("__") and func in methods
+    return name.endswith("_") and not name.endswith("__") and is_method(func, methods)
 
 
 def tensors_in(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..capture.export import export
-from ..capture.fx import Capture, GraphMethod, trace
+from ..capture.fx import Capture, GraphMethod, graph_attributes, put_back, trace
 from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value
@@ -57,7 +57,7 @@ def replay_check(
     else why not."""
     placeholders = [str(n.name) for n in cap.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, positional_inputs(cap.graph, args, kwargs), strict=True))
-    with runner.context():
+    with attributes_restored(cap.root), runner.context():  # what forward caches on the model goes
         return replay(cap.root, cap.graph, skeleton, inputs, args, kwargs)
 
 
@@ -146,6 +146,10 @@ class _Chain:
         try:
             with attributes_restored(self.model) as cached:
                 cap = capture()
+                # the constants the tracer stored on the model for the graph's get_attr nodes
+                # (``torch.tensor([...])`` in forward: ``_tensor_constant0``) stay
+                constants = graph_attributes(cap)
+            put_back(cap.root, constants)
         except TraceError as e:
             if forced:
                 raise

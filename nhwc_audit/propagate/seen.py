@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SeenCalls"]
+__all__ = ["SeenCalls", "global_module_hooks"]
 
 _TABLES = frozenset(
     {
@@ -55,7 +55,7 @@ def _tensor_key(t: Any) -> Any:
     return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
 
 
-def _global_hooks() -> bool:
+def global_module_hooks() -> bool:
     """Hooks registered for every module (``nn.modules.module.register_module_forward_hook``)."""
     from torch.nn.modules import module as m
 
@@ -71,7 +71,7 @@ class SeenCalls:
     def __init__(self) -> None:
         self.quiet: set[Any] = set()
         self._modules: dict[int, Any] = {}
-        self._hooked = _global_hooks()
+        self._hooked = global_module_hooks()
 
     def _module_key(self, m: nn.Module) -> Any:
         """The part of a call's signature that is the module's own, or None (never skipped)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PLAIN_TYPES", "Leaf", "Skeleton", "Unsupported", "is_plain", "rebuild", "standin"]
+__all__ = ["PLAIN_TYPES", "Leaf", "Skeleton", "Unsupported", "extent", "is_plain", "rebuild", "standin"]
 
 PLAIN_TYPES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format, slice)
 """Values a node may hold that the replay compares by value (with tuples, lists and dicts of
@@ -26,11 +26,12 @@ class Unsupported(Exception):
 
 
 class Leaf:
-    """One tensor of a node's value, as the replay stands in for it: shape, strides, dtype and
-    where its memory starts (tensors that share memory share it; a freed block may be reused
-    by a later tensor, which only ever makes the replay more careful)."""
+    """One tensor of a node's value, as the replay stands in for it: shape, strides, dtype,
+    device, and the bytes of memory it spans (``storage``, ``lo``, ``hi``: tensors that
+    overlap there alias; a freed block may be reused by a later tensor, which only ever makes
+    the replay more careful)."""
 
-    __slots__ = ("dtype", "shape", "storage", "stride")
+    __slots__ = ("device", "dtype", "hi", "lo", "shape", "storage", "stride")
 
     def __init__(self, t: torch.Tensor) -> None:
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
@@ -38,11 +39,22 @@ class Leaf:
         self.shape = t.shape
         self.stride = t.stride()
         self.dtype = t.dtype
-        self.storage = t.untyped_storage().data_ptr()
+        self.device = t.device
+        self.storage, self.lo, self.hi = extent(t)
 
     def standin(self) -> torch.Tensor:
         """A meta-device tensor of this shape, strides and dtype: no memory, no values."""
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
+
+
+def extent(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage, first byte, byte past the last) of the memory a dense tensor spans."""
+    size = t.element_size()
+    lo = int(t.storage_offset()) * size
+    if t.numel() == 0:
+        return t.untyped_storage().data_ptr(), lo, lo
+    span = 1 + sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.untyped_storage().data_ptr(), lo, lo + span * size
 
 
 def standin(t: torch.Tensor) -> torch.Tensor:
@@ -63,6 +75,8 @@ def rebuild(value: Any, leaf: Callable[[Any, tuple[Any, ...]], Any], path: tuple
         return kind(rebuild(v, leaf, (*path, i)) for i, v in enumerate(value))
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
         return kind(*(rebuild(v, leaf, (*path, i)) for i, v in enumerate(value)))
+    if isinstance(value, tuple) and kind.__module__ == "torch.return_types":  # torch.max(x, 1)
+        return kind([rebuild(v, leaf, (*path, i)) for i, v in enumerate(value)])
     if kind in (dict, OrderedDict):
         return kind((k, rebuild(v, leaf, (*path, k))) for k, v in value.items())
     if is_plain(value):
@@ -93,6 +107,9 @@ class Skeleton:
         """Nodes whose value is a tuple, list or dict holding tensors."""
         self.written: dict[str, tuple[str, ...]] = {}
         """Node name -> the input nodes whose tensors it wrote to in place."""
+        self.same: dict[str, str] = {}
+        """Node name -> the input node whose tensor its value is (``x.contiguous()`` of a
+        contiguous tensor, an Identity, an in-place method's result)."""
         self.off: str | None = None
         """Why the skeleton is unusable (None while it is usable)."""
 
@@ -116,6 +133,9 @@ class Skeleton:
         try:
             if isinstance(value, torch.Tensor):
                 self.values[n.name] = Leaf(value)
+                same = next((p for p, t in inputs if t is value and p is not None), None)
+                if same is not None:
+                    self.same[n.name] = same
             elif is_plain(value):
                 self.plain[n.name] = value
             else:

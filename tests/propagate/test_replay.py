@@ -35,15 +35,13 @@ def _replay(model: nn.Module, *args: torch.Tensor) -> str | None:
 
 
 class Twice(nn.Module):
-    """One module called twice, a leaf returning a tuple, a pre-hook that edits the input and
-    eager in-place ops on leaf outputs."""
+    """One module called twice, a leaf returning a tuple and eager in-place ops on leaf outputs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.act = nn.ReLU(inplace=True)
         self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-        self.conv.register_forward_pre_hook(lambda m, a: (a[0] * 0.5,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.conv(x))
@@ -121,11 +119,23 @@ def test_replay_vouches_for_faithful_graphs(build, shape) -> None:  # type: igno
     assert _replay(build(), torch.randn(shape)) is None
 
 
+def _count_calls(module: nn.Module, note: Any) -> None:
+    """Note each run of ``module`` (a forward of its own, not a hook: the audit's copies keep
+    it, and the replay refuses models with hooks)."""
+    forward = module.forward
+
+    def counted(*args: Any) -> Any:
+        note(args)
+        return forward(*args)
+
+    module.forward = counted  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize("batch,calls", [(1, [1]), (4, [4])])
 def test_fx_check_runs_no_second_forward(batch: int, calls: list[int]) -> None:
     model = M.ConvBnRelu().eval()
     seen: list[int] = []
-    model.conv.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))  # deep copies keep hooks
+    _count_calls(model.conv, lambda a: seen.append(a[0].shape[0]))
     report = audit(model, torch.randn(batch, 3, 8, 8), bandwidth=1e9)
     assert report.meta.capture == "fx" and report.meta.capture_notes == ()
     assert seen == calls  # the propagation's call only: the check replayed it
@@ -234,7 +244,7 @@ def test_random_calls_in_the_same_place_are_the_same_graph() -> None:
     model = Random().train()
     assert _replay(model, torch.randn(1, 3, 8, 8)) is None
     seen: list[int] = []
-    model.conv.register_forward_hook(lambda m, a, o: seen.append(1))
+    _count_calls(model.conv, lambda a: seen.append(1))
     report = audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
     assert report.meta.capture == "fx" and report.meta.capture_notes == ()
     assert len(seen) == 1  # the propagation's call only
@@ -335,7 +345,7 @@ def test_the_propagation_keeps_no_activation_for_the_replay() -> None:
 @pytest.mark.parametrize(
     "model,why",
     [
-        (BakedRandom(), "other inputs than the graph's add: argument[1]: eager makes another constant"),
+        (BakedRandom(), "eager draws random numbers (randn) where the graph keeps a constant"),
         (
             AliasedAdd(),
             "other inputs than the graph's add_1: argument[1]: eager passes add where the graph passes conv",
@@ -350,3 +360,149 @@ def test_replay_never_vouches_where_eager_values_differ(model: nn.Module, why: s
     with torch.no_grad():
         eager, graph = model(x), trace(model).gm(x)
     assert not torch.equal(eager, graph)  # the graph really differs
+
+
+class _Y(nn.Module):
+    """conv, then ``body`` (the case), then a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.scale = nn.Parameter(torch.ones(4, 1, 1))
+
+    def body(self, y: torch.Tensor) -> Any:
+        return y
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.body(self.conv(x))
+
+
+def _case(body: Any) -> nn.Module:
+    return type("Case", (_Y,), {"body": lambda self, y: body(self, y)})()
+
+
+def _proxy(y: Any) -> bool:
+    return not isinstance(y, torch.Tensor)  # True while fx traces: the graph takes the other branch
+
+
+def _half_add(self: Any, y: torch.Tensor) -> Any:
+    h = y.half()
+    h += y  # eager keeps float16; fx records h + y: float32
+    return h
+
+
+def _broadcast_add(self: Any, y: torch.Tensor) -> Any:
+    m = y.mean((2, 3), keepdim=True)
+    if _proxy(y):
+        m += y  # fx: m + y broadcasts to y's shape
+        return m
+    return m * 0 + y  # eager: an in-place add could not broadcast m
+
+
+def _int_or_float(self: Any, y: torch.Tensor) -> Any:
+    return y.long() * (2.0 if _proxy(y) else 2)
+
+
+def _reads_device(self: Any, y: torch.Tensor) -> Any:
+    try:
+        if y.is_meta:  # a stand-in is on the meta device; the graph's tensor was not
+            return y * 2
+    except Exception:
+        return y * 3  # fx cannot branch on a proxy
+    return y
+
+
+def _sets_data(self: Any, y: torch.Tensor) -> Any:
+    if not _proxy(y):
+        y.data = y
+    return self.conv2(y)
+
+
+def _writes_parameter(self: Any, y: torch.Tensor) -> Any:
+    s = self.scale[0]
+    s += 1  # a view of the parameter: eager changes self.scale, fx records s + 1
+    return y * self.scale
+
+
+def _same_object(self: Any, y: torch.Tensor) -> Any:
+    z = y.contiguous(memory_format=torch.channels_last)
+    return y * 2 if z is not y else y  # eager: y is already channels_last, so z is y
+
+
+def _view_of_written(self: Any, y: torch.Tensor) -> Any:
+    y += 1
+    w = y[:, :2]
+    w += 1  # eager changes y too; fx records w + 1
+    return self.conv2(y)
+
+
+def _draws(self: Any, y: torch.Tensor) -> Any:
+    if not _proxy(y):
+        torch.rand(3)  # eager draws; fx keeps nothing of it
+    return torch.nn.functional.dropout(y, 0.5, training=True)
+
+
+def _list_or_tuple(self: Any, y: torch.Tensor) -> Any:
+    return (y,) if _proxy(y) else [y]
+
+
+def _hooked() -> nn.Module:
+    model, seen = _Y(), []
+    model.conv.register_forward_hook(lambda m, a, o: seen.append(o))  # runs in eager only
+    return model
+
+
+@pytest.mark.parametrize(
+    "build,why",
+    [
+        (lambda: _case(_half_add), "where the graph makes another tensor"),
+        (lambda: _case(_broadcast_add), ""),
+        (lambda: _case(_int_or_float), "(int), the graph 2.0"),
+        (lambda: _case(_reads_device), ""),
+        (lambda: _case(_sets_data), "data (a property)"),
+        (lambda: _case(_writes_parameter), "a tensor on memory eager changed in place"),
+        (lambda: _case(_same_object), ""),
+        (lambda: _case(_view_of_written), "a tensor on memory eager changed in place"),
+        (lambda: _case(_draws).train(), "eager draws random numbers"),
+        (lambda: _case(_list_or_tuple), "output: eager passes [FakeTensor"),
+        (_hooked, "hooks on conv"),
+    ],
+)
+def test_replay_refuses_what_it_cannot_answer(build: Any, why: str) -> None:
+    """Cases a review built against the replay: each graph differs from eager (or eager runs
+    code the replay cannot), and the replay must not vouch for it."""
+    got = _replay(build(), torch.randn(1, 3, 8, 8))
+    assert got is not None and why.replace("[FakeTensor", "[") in got, got
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda self, y: torch.max(y, 1, keepdim=True)[0] * y,  # torch.return_types
+        lambda self, y: torch.split(y, 1, 1)[-1],  # a negative index into a tuple
+        lambda self, y: y + y.new_ones(1),  # a Tensor method torch does not list as overridable
+    ],
+)
+def test_replay_vouches_for_these_faithful_graphs(body: Any) -> None:
+    assert _replay(_case(body), torch.randn(1, 3, 8, 8)) is None
+
+
+class MadeConstant(nn.Module):
+    """A tensor made in forward: fx keeps it as a constant (``_tensor_constant0``) on the model."""
+
+    def __init__(self, random: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.random = random
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.randn(4) if self.random else torch.tensor([1.0, 2.0, 3.0, 4.0])
+        return self.conv(x) * scale.view(1, 4, 1, 1)
+
+
+def test_constants_made_in_forward_keep_the_fx_capture() -> None:
+    report = audit(MadeConstant(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert report.meta.capture == "fx" and report.meta.capture_notes == ()
+    drawn = audit(MadeConstant(random=True), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert drawn.meta.capture == "hooks"  # fx kept one draw; eager draws anew: the full check refused it
