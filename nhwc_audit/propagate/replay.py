@@ -16,6 +16,11 @@ same nodes, computes what eager computes; a graph that differs shows up at the f
 changes. Calls that only read metadata (``x.shape``, ``x.size(0)``) run on the stand-ins;
 their results are compared where they are used.
 
+Like fx itself, the replay takes a leaf module call, and a call of a function the model marks
+with ``torch.fx.wrap``, as a call whose effect is its result: a Python side effect inside one
+(a list it appends to, an attribute it sets) that the forward reads later is not seen.
+Models with hooks are left to the full check (a hook is code eager runs that fx does not).
+
 The check is conservative: whenever it cannot tell (a call on values, such as ``.item()``,
 that meta tensors cannot run, a value it cannot stand in for, an in-place write eager makes
 where the graph makes a copy while another view of that memory is still used), it answers
