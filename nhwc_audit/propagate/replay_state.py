@@ -43,10 +43,7 @@ class ReplayState(Matching, TorchFunctionMode):
                 self.canon[n.name] = ("attr", (id(value),))
             elif self._access(n):  # an item of a tuple a call returned: no call of its own
                 name, path = self.canon[n.args[0].name]
-                key = n.args[1]
-                if isinstance(key, int) and key < 0:  # parts[-1]: the position eager's tuple has
-                    key += len(self.sk.values[n.args[0].name])
-                self.canon[n.name] = (name, (*path, key))
+                self.canon[n.name] = (name, self.resolve(name, (*path, n.args[1])))
             else:
                 self.canon[n.name] = (n.name, ())
         self.calls = [n for n in nodes if self._is_call(n)]
@@ -81,7 +78,6 @@ class ReplayState(Matching, TorchFunctionMode):
             and n.target in (getattr, operator.getitem)
             and isinstance(parent, torch.fx.Node)
             and parent.name in self.sk.containers
-            and not isinstance(n.args[1], slice)
         )
 
     def _is_call(self, n: torch.fx.Node) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .call_keys import Call
-from .skeleton import PLAIN_TYPES, Skeleton, rebuild
+from .skeleton import PLAIN_TYPES, Leaf, Skeleton, rebuild
 
 __all__ = ["UNANSWERABLE", "Differs", "Matching", "Origin", "device_read", "same_plain", "short"]
 
@@ -89,9 +89,37 @@ class Matching:
     origin: dict[int, Origin]
     attrs: dict[int, torch.Tensor]
     stale_attrs: dict[int, str]
+
     calls: list[torch.fx.Node]
     keys: list[Call]
     pos: int
+
+    def resolve(self, node: str, path: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``path`` into node's value with negative indices and slices of tuples and lists
+        turned into the positions eager's Python indexing reaches (``parts[-1]`` ->
+        ``parts[3]``, ``parts[1:][0]`` -> ``parts[1]``); a trailing slice stays."""
+        value: Any = self.sk.values.get(node)
+        out: list[Any] = []
+        i = 0
+        while i < len(path):
+            k = path[i]
+            if isinstance(value, (tuple, list)) and isinstance(k, (int, slice)) and not isinstance(k, bool):
+                positions = range(len(value))
+                if isinstance(k, slice):
+                    if i + 1 == len(path):
+                        out.append(k)
+                        break
+                    positions = positions[k]
+                    i += 1
+                    k = path[i]
+                k = positions[k]
+                out.append(k)
+                value = value[k]
+            else:
+                out.append(k)
+                value = value.get(k) if isinstance(value, dict) else None
+            i += 1
+        return tuple(out)
 
     def origin_of(self, t: torch.Tensor) -> Origin:
         got = self.origin.get(id(t))
@@ -111,7 +139,9 @@ class Matching:
                 self.same(self.sk.plain[name], e)
             elif name in self.sk.containers:
                 node, base = self.canon[name]
-                rebuild(e, lambda t, path: self._same_tensor(g, t, (node, (*base, *path))))
+                if _nesting(self.sk.values[name]) != _nesting(e):
+                    raise Differs(f"eager passes {short(e)} where the graph passes {name}")
+                rebuild(e, lambda t, path: self._same_tensor(g, t, (node, self.resolve(node, (*base, *path)))))
             else:
                 self._same_tensor(g, e, self.canon[name])
             return
@@ -190,3 +220,12 @@ def origin_name(origin: Origin) -> str:
     if origin[0] == "made":
         return "a constant"
     return str(origin[0]) + "".join(f"[{k!r}]" for k in origin[1])
+
+
+def _nesting(v: Any) -> Any:
+    """A value's nesting: containers with their lengths and keys, each tensor as one mark."""
+    if isinstance(v, (tuple, list)):
+        return (len(v), tuple(_nesting(x) for x in v))
+    if isinstance(v, dict):
+        return (tuple(v), tuple(_nesting(x) for x in v.values()))
+    return "T" if isinstance(v, (torch.Tensor, Leaf)) else repr(v)

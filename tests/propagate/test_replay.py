@@ -506,3 +506,19 @@ def test_constants_made_in_forward_keep_the_fx_capture() -> None:
     assert report.meta.capture == "fx" and report.meta.capture_notes == ()
     drawn = audit(MadeConstant(random=True), torch.randn(1, 3, 8, 8), bandwidth=1e9)
     assert drawn.meta.capture == "hooks"  # fx kept one draw; eager draws anew: the full check refused it
+
+
+def _fewer_parts(self: Any, y: torch.Tensor) -> Any:
+    parts = torch.split(y, 1, 1)
+    return torch.cat(parts if _proxy(y) else parts[:3], 1)  # the graph passes all four
+
+
+def _sliced_parts(self: Any, y: torch.Tensor) -> Any:
+    parts = torch.split(y, 1, 1)
+    return torch.cat(parts[1:], 1) + parts[1:][0]
+
+
+def test_replay_compares_whole_tuples_and_follows_their_slices() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    assert "where the graph passes split" in (_replay(_case(_fewer_parts), x) or "")
+    assert _replay(_case(_sliced_parts), x) is None
