@@ -52,7 +52,7 @@ class ReplayState(Matching, TorchFunctionMode):
         self.pos = 0
         self.origin: dict[int, Origin] = {}
         self.keep: list[Any] = []  # every tracked object stays alive, so that ids are not reused
-        self.memory: dict[int, Extent | None] = {}
+        self.memory: dict[int, Leaf | Extent | None] = {}
         """Tracked tensor -> the memory of the graph's tensor it stands for."""
         self.devices: dict[int, torch.device] = {}
         self.metas: dict[int, torch.Tensor] = {}
@@ -99,7 +99,7 @@ class ReplayState(Matching, TorchFunctionMode):
         leaf = self._leaf(origin)
         self.origin[id(t)] = origin
         self.keep.append(t)
-        self.memory[id(t)] = (leaf.storage, leaf.lo, leaf.hi) if leaf is not None else None
+        self.memory[id(t)] = leaf
         if leaf is not None:
             self.devices[id(t)] = leaf.device
         return t
@@ -162,11 +162,11 @@ class ReplayState(Matching, TorchFunctionMode):
     def _stale(self, written: torch.Tensor, n: torch.fx.Node) -> None:
         """Every other tracked tensor and model attribute on ``written``'s memory (all of them
         when that memory is not known) now holds what eager changed."""
-        mem = self.memory.get(id(written))
+        mem = _extent(self.memory.get(id(written)))
         for t in self.keep:
             if t is written or not isinstance(t, torch.Tensor) or id(t) not in self.origin:
                 continue
-            if mem is None or _overlap(self.memory.get(id(t)), mem):
+            if mem is None or _overlap(_extent(self.memory.get(id(t))), mem):
                 self.origin[id(t)] = ("stale", n.name)
         for key, where in self.attr_memory().items():
             if mem is None or _overlap(where, mem):
@@ -184,13 +184,15 @@ class ReplayState(Matching, TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         tensors = tensors_in(args, kwargs)
-        stand = [t for t in tensors if t.device.type == "meta" and id(t) in self.origin]
-        if stand:
-            known, value = device_read(func, self.devices.get(id(stand[0]), stand[0].device))
-            if known:
-                return value
-            if getattr(func, "__name__", "") in UNANSWERABLE or getattr(func, "__name__", "") == "__set__":
-                raise Differs(f"eager reads or sets {call_name(func)} of a tensor: the replay cannot answer it")
+        name = getattr(func, "__name__", "")
+        if name in _READS:  # metadata a stand-in would answer wrongly
+            stand = [t for t in tensors if t.device.type == "meta" and id(t) in self.origin]
+            if stand:
+                known, value = device_read(func, self.devices.get(id(stand[0]), stand[0].device))
+                if known:
+                    return value
+                if name in UNANSWERABLE or name == "__set__":
+                    raise Differs(f"eager reads or sets {call_name(func)} of a tensor: the replay cannot answer it")
         calls = eager_calls(func, tuple(args), self.methods)
         with _own_work():
             n = self._next(calls, kwargs)
@@ -229,8 +231,15 @@ class ReplayState(Matching, TorchFunctionMode):
         return t
 
 
+def _extent(where: Leaf | Extent | None) -> Extent | None:
+    return where.memory if isinstance(where, Leaf) else where
+
+
 def _overlap(a: Extent | None, b: Extent) -> bool:
     return a is None or (a[0] == b[0] and a[1] < b[2] and b[1] < a[2])
+
+
+_READS = UNANSWERABLE | {"__get__", "__set__", "get_device"}
 
 
 def _own_work() -> Any:

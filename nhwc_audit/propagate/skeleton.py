@@ -27,11 +27,11 @@ class Unsupported(Exception):
 
 class Leaf:
     """One tensor of a node's value, as the replay stands in for it: shape, strides, dtype,
-    device, and the bytes of memory it spans (``storage``, ``lo``, ``hi``: tensors that
-    overlap there alias; a freed block may be reused by a later tensor, which only ever makes
-    the replay more careful)."""
+    device, and the bytes of memory it spans (:attr:`memory`: tensors that overlap there
+    alias; a freed block may be reused by a later tensor, which only ever makes the replay
+    more careful)."""
 
-    __slots__ = ("device", "dtype", "hi", "lo", "shape", "storage", "stride")
+    __slots__ = ("device", "dtype", "offset", "shape", "storage", "stride")
 
     def __init__(self, t: torch.Tensor) -> None:
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
@@ -40,21 +40,30 @@ class Leaf:
         self.stride = t.stride()
         self.dtype = t.dtype
         self.device = t.device
-        self.storage, self.lo, self.hi = extent(t)
+        self.storage = t.untyped_storage().data_ptr()
+        self.offset = t.storage_offset()
+
+    @property
+    def memory(self) -> tuple[int, int, int]:
+        """(storage, first byte, byte past the last) it spans (worked out when asked: rarely)."""
+        return _span(self.storage, int(self.offset), self.shape, self.stride, self.dtype.itemsize)
 
     def standin(self) -> torch.Tensor:
         """A meta-device tensor of this shape, strides and dtype: no memory, no values."""
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
 
 
+def _span(storage: int, offset: int, shape: Any, stride: Any, size: int) -> tuple[int, int, int]:
+    lo = offset * size
+    if any(n == 0 for n in shape):
+        return storage, lo, lo
+    span = 1 + sum((int(n) - 1) * abs(int(st)) for n, st in zip(shape, stride, strict=True))
+    return storage, lo, lo + span * size
+
+
 def extent(t: torch.Tensor) -> tuple[int, int, int]:
     """(storage, first byte, byte past the last) of the memory a dense tensor spans."""
-    size = t.element_size()
-    lo = int(t.storage_offset()) * size
-    if t.numel() == 0:
-        return t.untyped_storage().data_ptr(), lo, lo
-    span = 1 + sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride(), strict=True))
-    return t.untyped_storage().data_ptr(), lo, lo + span * size
+    return _span(t.untyped_storage().data_ptr(), int(t.storage_offset()), t.shape, t.stride(), t.element_size())
 
 
 def standin(t: torch.Tensor) -> torch.Tensor:
