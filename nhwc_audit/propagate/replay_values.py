@@ -145,19 +145,16 @@ class Matching:
             else:
                 self._same_tensor(g, e, self.canon[name])
             return
+        keys: Any = None
         if isinstance(g, (tuple, list)) and isinstance(e, (tuple, list)):
             named = hasattr(g, "_fields") or hasattr(e, "_fields")
             if len(g) != len(e) or isinstance(g, list) != isinstance(e, list) or (named and type(g) is not type(e)):
                 raise Differs(f"eager passes {short(e)} where the graph passes {short(g)}")
-            for i in range(len(g)):
-                try:
-                    self.same(g[i], e[i])
-                except Differs as err:
-                    err.at.append(i)
-                    raise
-            return
-        if isinstance(g, dict) and isinstance(e, dict) and list(g) == list(e):
-            for k in g:
+            keys = range(len(g))
+        elif isinstance(g, dict) and isinstance(e, dict) and list(g) == list(e):
+            keys = list(g)
+        if keys is not None:
+            for k in keys:
                 try:
                     self.same(g[k], e[k])
                 except Differs as err:
