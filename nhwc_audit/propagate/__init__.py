@@ -6,7 +6,7 @@ it never judges.
 (how a run executes: seed, autocast, the shared-weight guard, fake mode), ``interpreter``
 (``LayoutProp``, an fx Interpreter), ``eager`` (the dispatch-level recorder for models no graph
 captures), ``dispatch`` (hidden copies, in-place writes, the weight guard), ``replay``,
-``replay_state``, ``call_keys`` and ``skeleton`` (the fx check without a second forward or kept
-activations), ``compare`` (the one comparison of
+``replay_state``, ``replay_values``, ``call_keys`` and ``skeleton`` (the fx check without a second
+forward or kept activations), ``seen`` (repeated torch.nn calls skip the dispatch recorder), ``compare`` (the one comparison of
 values), ``backward`` (gradient layouts).
 """
