@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["clone_value", "iter_tensors", "to_nchw"]
+__all__ = ["clone_value", "is_plain_dense", "iter_tensors", "to_nchw"]
 
 
 def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -16,6 +16,12 @@ def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
     for leaf in tree_leaves(value):
         if isinstance(leaf, torch.Tensor):
             yield leaf
+
+
+def is_plain_dense(t: torch.Tensor) -> bool:
+    """``t`` is a plain dense tensor (or Parameter): no subclass, sparse or quantized layout,
+    so its shape, strides and dtype describe it whole."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and not t.is_quantized
 
 
 def clone_value(v: Any) -> Any:

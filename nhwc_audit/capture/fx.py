@@ -16,7 +16,7 @@ from ..errors import TraceError
 from .context import SOURCE_KEY
 from .source import user_frame
 
-__all__ = ["Capture", "GraphMethod", "graph_attributes", "put_back", "trace"]
+__all__ = ["Capture", "GraphMethod", "attribute", "graph_attributes", "put_back", "trace"]
 
 GraphMethod = Literal["fx", "export"]
 
@@ -72,16 +72,17 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> C
     return Capture(root=tracer.root, graph=graph, method="fx")
 
 
+def attribute(root: nn.Module, target: str) -> Any:
+    """What a get_attr node with ``target`` reads from ``root`` (None when it is not there)."""
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def graph_attributes(cap: Capture) -> list[tuple[str, Any]]:
     """(target, value) of each get_attr node of ``cap``'s graph, read from its root."""
-    out = []
-    for n in cap.graph.nodes:
-        if n.op == "get_attr":
-            value: Any = cap.root
-            for part in str(n.target).split("."):
-                value = getattr(value, part, None)
-            out.append((str(n.target), value))
-    return out
+    return [(str(n.target), attribute(cap.root, str(n.target))) for n in cap.graph.nodes if n.op == "get_attr"]
 
 
 def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:

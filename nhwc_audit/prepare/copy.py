@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError, UsageError
+from ..tensors import is_plain_dense
 from .clone import ATOMIC_TYPES, MODULE_TABLES, clone_modules
 
 __all__ = [
@@ -134,7 +135,7 @@ def audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device
     if fmt is None:
         return t, True
     view = None
-    if t.layout == torch.strided and not t.is_quantized and type(t) in (torch.Tensor, nn.Parameter):
+    if is_plain_dense(t):
         view = _restrided(t, fmt)  # plain dense tensors only: others keep .to()'s own copy
     return (view, True) if view is not None else (t.to(memory_format=fmt), False)
 

@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import first_line
 from .replay_state import ReplayState
 from .replay_values import Differs
-from .seen import global_module_hooks
+from .seen import global_module_hooks, has_hooks
 from .skeleton import Skeleton, Unsupported, is_plain, rebuild, standin
 
 __all__ = ["replay"]
@@ -54,9 +54,6 @@ def _plain_containers(v: Any) -> Any:
     if type(v) is tuple:
         return tuple(_plain_containers(x) for x in v)
     return v
-
-
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _wrap_registry() -> list[tuple[dict[str, Any], str]]:
@@ -117,7 +114,7 @@ def replay(
     graph's, else why the replay cannot vouch for the graph."""
     if skeleton.off is not None:
         return skeleton.off
-    hooked = [name or "the model" for name, m in model.named_modules() if any(getattr(m, h) for h in _HOOKS)]
+    hooked = [name or "the model" for name, m in model.named_modules() if has_hooks(m)]
     if hooked or global_module_hooks():
         where = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "") if hooked else "every module"
         return f"hooks on {where}: the replay cannot run them on stand-ins"

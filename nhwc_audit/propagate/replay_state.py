@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..capture.fx import attribute
 from ..errors import SharedWeightWrite
 from .call_keys import call_name, eager_calls, graph_call, mapped, tensor_methods, tensors_in, writes_first
 from .dispatch import CopyRecorder
@@ -38,7 +39,7 @@ class ReplayState(Matching, TorchFunctionMode):
         """Graph node -> what its value stands for now (after an in-place write, the writer)."""
         for n in nodes:
             if n.op == "get_attr":
-                value = self.fetch(n)
+                value = attribute(gm, str(n.target))
                 self.attrs[id(value)] = value
                 self.canon[n.name] = ("attr", (id(value),))
             elif self._access(n):  # an item of a tuple a call returned: no call of its own
@@ -64,12 +65,6 @@ class ReplayState(Matching, TorchFunctionMode):
         if self._attr_memory is None:
             self._attr_memory = {key: extent(t) for key, t in self.attrs.items() if t.device.type != "meta"}
         return self._attr_memory
-
-    def fetch(self, n: torch.fx.Node) -> Any:
-        value: Any = self.gm
-        for part in str(n.target).split("."):
-            value = getattr(value, part)
-        return value
 
     def _access(self, n: torch.fx.Node) -> bool:
         parent = n.args[0] if n.args else None

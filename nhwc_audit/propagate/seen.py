@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SeenCalls", "global_module_hooks"]
+from ..tensors import is_plain_dense
+
+__all__ = ["SeenCalls", "global_module_hooks", "has_hooks"]
 
 _TABLES = frozenset(
     {
@@ -50,9 +52,14 @@ def _hashable(v: Any) -> Any:
 
 
 def _tensor_key(t: Any) -> Any:
-    if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided:
+    if not is_plain_dense(t):
         return None
     return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """``m`` has forward or backward hooks of its own."""
+    return any(m.__dict__.get(h) for h in _HOOKS)
 
 
 def global_module_hooks() -> bool:
@@ -85,23 +92,16 @@ class SeenCalls:
             not self._hooked
             and cls.__module__.startswith("torch.nn.modules.")
             and not state.get("_modules")
-            and not any(state.get(h) for h in _HOOKS)
+            and not has_hooks(m)
             and "forward" not in state
             and "_call_impl" not in state
         ):
             config = [(k, v) for k, v in state.items() if k not in _TABLES]
-            tensors = [
-                (k, None if t is None else _tensor_key(t))
-                for k, t in [*state["_parameters"].items(), *state["_buffers"].items()]
-            ]
-            # plain settings only; a weight that is a tensor subclass or sparse: always recorded
-            if all(_plain(v) for _, v in config) and all(
-                tk is not None or t is None
-                for (_, tk), t in zip(
-                    tensors, [*state["_parameters"].values(), *state["_buffers"].values()], strict=True
-                )
-            ):
-                key = (cls, tuple((k, _hashable(v)) for k, v in config), tuple(tensors))
+            weights = [*state["_parameters"].items(), *state["_buffers"].items()]
+            # plain settings and plain dense weights only (a tensor subclass: always recorded)
+            if all(_plain(v) for _, v in config) and all(t is None or is_plain_dense(t) for _, t in weights):
+                tensors = tuple((k, None if t is None else _tensor_key(t)) for k, t in weights)
+                key = (cls, tuple((k, _hashable(v)) for k, v in config), tensors)
         self._modules[id(m)] = (m, key)
         return key
 

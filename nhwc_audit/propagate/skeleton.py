@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..tensors import is_plain_dense
+
 __all__ = ["PLAIN_TYPES", "Leaf", "Skeleton", "Unsupported", "extent", "is_plain", "rebuild", "standin"]
 
 PLAIN_TYPES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format, slice)
@@ -25,6 +27,11 @@ class Unsupported(Exception):
     """A value the replay cannot stand in for (another container type, a tensor subclass)."""
 
 
+def _plain_dense(t: torch.Tensor) -> None:
+    if not is_plain_dense(t):
+        raise Unsupported(f"a {type(t).__name__} ({t.layout}) value")
+
+
 class Leaf:
     """One tensor of a node's value, as the replay stands in for it: shape, strides, dtype,
     device, and the bytes of memory it spans (:attr:`memory`: tensors that overlap there
@@ -34,8 +41,7 @@ class Leaf:
     __slots__ = ("device", "dtype", "offset", "shape", "storage", "stride")
 
     def __init__(self, t: torch.Tensor) -> None:
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
-            raise Unsupported(f"a {type(t).__name__} ({t.layout}) value")
+        _plain_dense(t)
         self.shape = t.shape
         self.stride = t.stride()
         self.dtype = t.dtype
@@ -68,8 +74,7 @@ def extent(t: torch.Tensor) -> tuple[int, int, int]:
 
 def standin(t: torch.Tensor) -> torch.Tensor:
     """A meta-device tensor of ``t``'s shape, strides and dtype."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
-        raise Unsupported(f"a {type(t).__name__} ({t.layout}) value")
+    _plain_dense(t)
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
