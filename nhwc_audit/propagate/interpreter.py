@@ -63,6 +63,7 @@ class LayoutProp(torch.fx.Interpreter):
         if self._recorder is not None:
             self._recorder.recording = False
         self.records: list[NodeRecord] = []
+        self._pending: list[Any] = []
         self._progress = progress
         self._nodes = list(self.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
@@ -71,12 +72,16 @@ class LayoutProp(torch.fx.Interpreter):
         self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
         # a leaf module's own 4D/5D weights: static during the run, recorded once
         self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
+        self._callee: dict[torch.fx.Node, torch.nn.Module] = {}
         for n in self._nodes:
             if n.op == "call_module":
-                sub = self._module(n.target)
+                sub = self._callee[n] = self._module(n.target)
+                if self._seen is not None:  # read before the run, in one go: cheaper than between kernels
+                    self._seen.module_key(sub)
+                own = {id(t): t for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None}
                 self._leaf_weights[n] = [
                     (NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t)
-                    for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+                    for t in own.values()
                     if t.dim() in (4, 5)
                 ]
 
@@ -97,7 +102,7 @@ class LayoutProp(torch.fx.Interpreter):
     def _call(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         op = n.op
         if op == "call_module":
-            return self._module(n.target)(*args, **kwargs)  # looked up once per graph, not per call
+            return self._callee[n](*args, **kwargs)  # looked up once per graph, not per call
         if op == "call_function":
             return n.target(*args, **kwargs)  # type: ignore[operator]
         return getattr(self, op)(n.target, args, kwargs)
@@ -111,7 +116,7 @@ class LayoutProp(torch.fx.Interpreter):
         try:
             rec = self._recorder
             seen = self._seen
-            key = seen.key(self._module(n.target), args, kwargs) if seen is not None and n.op == "call_module" else None
+            key = seen.key(self._callee[n], args, kwargs) if seen is not None and n.op == "call_module" else None
             if rec is None:
                 result = self._call(n, args, kwargs)
             elif key is not None and key in seen.quiet:  # type: ignore[union-attr]
@@ -161,6 +166,7 @@ class LayoutProp(torch.fx.Interpreter):
             args = self.graph.process_inputs(*args)
         with self._recorder if self._recorder is not None else contextlib.nullcontext():
             out = self._run(args, initial_env)
+        self._built()
         return self.graph.process_outputs(out) if enable_io_processing else out
 
     def _run(self, args: tuple[Any, ...], initial_env: dict[torch.fx.Node, Any] | None) -> Any:
@@ -199,28 +205,32 @@ class LayoutProp(torch.fx.Interpreter):
                 outputs.append(tensor_meta(t))
                 if not aliases:
                     aliases = any(is_alias_of(t, i) for i in in_tensors)
-        users = self._users[n]
-        self.records.append(
-            NodeRecord(
-                index=self._index[n],
-                name=n.name,
-                op=n.op,
-                target=ctx.target,
-                op_name=ctx.op_name,
-                module_path=ctx.module_path,
-                module_type=ctx.module_type,
-                source=ctx.source,
-                inputs=tuple(i for i, _ in inputs),
-                outputs=tuple(outputs),
-                aliases_input=aliases,
-                users=users,
-                detail=ctx.detail,
-                error=error,
-                latent_error=latent,
-                in_leaf_module=ctx.in_leaf_module,
-                hidden=hidden,
+        self._pending.append((n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden))
+
+    def _built(self) -> None:
+        for n, ctx, inputs, outputs, aliases, error, latent, hidden in self._pending:
+            self.records.append(
+                NodeRecord(
+                    index=self._index[n],
+                    name=n.name,
+                    op=n.op,
+                    target=ctx.target,
+                    op_name=ctx.op_name,
+                    module_path=ctx.module_path,
+                    module_type=ctx.module_type,
+                    source=ctx.source,
+                    inputs=inputs,
+                    outputs=outputs,
+                    aliases_input=aliases,
+                    users=self._users[n],
+                    detail=ctx.detail,
+                    error=error,
+                    latent_error=latent,
+                    in_leaf_module=ctx.in_leaf_module,
+                    hidden=hidden,
+                )
             )
-        )
+        self._pending.clear()
 
 
 def propagate(

@@ -66,10 +66,11 @@ def _wrap_registry() -> list[tuple[dict[str, Any], str]]:
 
 
 @contextlib.contextmanager
-def _answered(gm: nn.Module, graph: torch.fx.Graph, state: ReplayState) -> Iterator[None]:
+def _answered(
+    gm: nn.Module, modules: dict[str, nn.Module], graph: torch.fx.Graph, state: ReplayState
+) -> Iterator[None]:
     """Leaf module calls, and calls of the functions fx keeps whole (``torch.fx.wrap``: where
-    they are defined), answered by ``state``."""
-    modules = dict(gm.named_modules())
+    they are defined), answered by ``state``; ``modules``: ``gm``'s named modules."""
     patched: list[nn.Module] = []
     wrapped: list[tuple[dict[str, Any], str, Any]] = []
 
@@ -114,12 +115,13 @@ def replay(
     graph's, else why the replay cannot vouch for the graph."""
     if skeleton.off is not None:
         return skeleton.off
-    hooked = [name or "the model" for name, m in model.named_modules() if has_hooks(m)]
+    modules = dict(model.named_modules())
+    hooked = [name or "the model" for name, m in modules.items() if has_hooks(m)]
     if hooked or global_module_hooks():
         where = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "") if hooked else "every module"
         return f"hooks on {where}: the replay cannot run them on stand-ins"
     try:
-        state = ReplayState(model, graph, skeleton)
+        state = ReplayState(model, modules.values(), graph, skeleton)
         by_value = {id(v): name for name, v in inputs.items()}
 
         def stand(v: Any) -> Any:
@@ -132,7 +134,7 @@ def replay(
 
         eager_args = tuple(stand(a) for a in args)
         eager_kwargs = {k: stand(v) for k, v in kwargs.items()}
-        with _answered(model, graph, state), torch.no_grad(), state:
+        with _answered(model, modules, graph, state), torch.no_grad(), state:
             out = model(*eager_args, **eager_kwargs)
         if state.pos != len(state.calls):
             n = state.calls[state.pos]

@@ -4,6 +4,7 @@ next call, and the matching of one eager call with it (:class:`ReplayState`)."""
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -27,13 +28,14 @@ class ReplayState(Matching, TorchFunctionMode):
     next one and answered with stand-ins of its value; leaf module calls come in through
     :meth:`leaf`."""
 
-    def __init__(self, gm: nn.Module, graph: torch.fx.Graph, skeleton: Skeleton) -> None:
+    def __init__(self, gm: nn.Module, modules: Iterable[nn.Module], graph: torch.fx.Graph, skeleton: Skeleton) -> None:
+        """``modules``: every module of ``gm`` (``gm.modules()``)."""
         super().__init__()
         self.gm = gm
         self.sk = skeleton
         nodes = list(graph.nodes)
         self.attrs: dict[int, torch.Tensor] = {
-            id(t): t for m in gm.modules() for t in [*m._parameters.values(), *m._buffers.values()] if t is not None
+            id(t): t for m in modules for t in [*m._parameters.values(), *m._buffers.values()] if t is not None
         }
         self.canon: dict[str, Origin] = {}
         """Graph node -> what its value stands for now (after an in-place write, the writer)."""
@@ -55,16 +57,27 @@ class ReplayState(Matching, TorchFunctionMode):
         self.keep: list[Any] = []  # every tracked object stays alive, so that ids are not reused
         self.memory: dict[int, Leaf | Extent | None] = {}
         """Tracked tensor -> the memory of the graph's tensor it stands for."""
+        self.on_storage: dict[int | None, list[torch.Tensor]] = {}
+        """Storage -> the tracked tensors noted on it (None: on memory not known), so that a
+        write looks only at the tensors it may reach."""
         self.devices: dict[int, torch.device] = {}
         self.metas: dict[int, torch.Tensor] = {}
         self.stale_attrs: dict[int, str] = {}
-        self._attr_memory: dict[int, Extent] | None = None
+        self._attrs_on: dict[int, list[int]] | None = None
 
-    def attr_memory(self) -> dict[int, Extent]:
-        """The memory of each model tensor (worked out once, when first needed)."""
-        if self._attr_memory is None:
-            self._attr_memory = {key: extent(t) for key, t in self.attrs.items() if t.device.type != "meta"}
-        return self._attr_memory
+    def attrs_on(self) -> dict[int, list[int]]:
+        """Storage -> the model tensors on it (worked out once, when first needed)."""
+        if self._attrs_on is None:
+            self._attrs_on = {}
+            for key, t in self.attrs.items():
+                if t.device.type != "meta":
+                    self._attrs_on.setdefault(t.untyped_storage().data_ptr(), []).append(key)
+        return self._attrs_on
+
+    def _note_memory(self, t: torch.Tensor, where: Leaf | Extent | None) -> None:
+        self.memory[id(t)] = where
+        storage = None if where is None else where.storage if isinstance(where, Leaf) else where[0]
+        self.on_storage.setdefault(storage, []).append(t)
 
     def _access(self, n: torch.fx.Node) -> bool:
         parent = n.args[0] if n.args else None
@@ -94,7 +107,7 @@ class ReplayState(Matching, TorchFunctionMode):
         leaf = self._leaf(origin)
         self.origin[id(t)] = origin
         self.keep.append(t)
-        self.memory[id(t)] = leaf
+        self._note_memory(t, leaf)
         if leaf is not None:
             self.devices[id(t)] = leaf.device
         return t
@@ -158,13 +171,16 @@ class ReplayState(Matching, TorchFunctionMode):
         """Every other tracked tensor and model attribute on ``written``'s memory (all of them
         when that memory is not known) now holds what eager changed."""
         mem = _extent(self.memory.get(id(written)))
-        for t in self.keep:
+        reach = self.keep if mem is None else [*self.on_storage.get(mem[0], ()), *self.on_storage.get(None, ())]
+        for t in reach:
             if t is written or not isinstance(t, torch.Tensor) or id(t) not in self.origin:
                 continue
             if mem is None or _overlap(_extent(self.memory.get(id(t))), mem):
                 self.origin[id(t)] = ("stale", n.name)
-        for key, where in self.attr_memory().items():
-            if mem is None or _overlap(where, mem):
+        on = self.attrs_on()
+        keys = [k for ks in on.values() for k in ks] if mem is None else on.get(mem[0], [])
+        for key in keys:
+            if mem is None or _overlap(extent(self.attrs[key]), mem):
                 self.stale_attrs[key] = n.name
 
     def leaf(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -211,7 +227,7 @@ class ReplayState(Matching, TorchFunctionMode):
         and must neither write to the model's tensors nor draw random numbers."""
         state = torch.random.get_rng_state()
         try:
-            with CopyRecorder(frozenset(where[0] for where in self.attr_memory().values())):
+            with CopyRecorder(frozenset(self.attrs_on())):
                 out = func(*args, **kwargs)
         except SharedWeightWrite:
             raise Differs(f"eager writes to a model tensor ({call_name(func)}) where the graph does not") from None
@@ -222,7 +238,7 @@ class ReplayState(Matching, TorchFunctionMode):
     def _made(self, t: torch.Tensor) -> torch.Tensor:
         self.origin[id(t)] = ("made", t)
         self.keep.append(t)
-        self.memory[id(t)] = extent(t) if t.device.type != "meta" else None
+        self._note_memory(t, extent(t) if t.device.type != "meta" else None)
         return t
 
 

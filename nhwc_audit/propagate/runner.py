@@ -5,6 +5,7 @@ fake mode), module state restored around captures, and the batch's first sample 
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,10 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
         yield changed
     finally:
         for path, m, attrs, params, buffers, modules in saved:
+            if all(
+                map(_unchanged, (m.__dict__, m._parameters, m._buffers, m._modules), (attrs, params, buffers, modules))
+            ):
+                continue
             changed += [
                 f"{path}.{k}" if path else k
                 for k, v in m.__dict__.items()
@@ -88,6 +93,15 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
             m._buffers.update(buffers)
             m._modules.clear()
             m._modules.update(modules)
+
+
+def _unchanged(now: dict[str, Any], before: dict[str, Any]) -> bool:
+    """``now`` holds the same keys, in the same order, with the same objects as ``before``."""
+    return (
+        len(now) == len(before)
+        and tuple(now) == tuple(before)
+        and all(map(operator.is_, now.values(), before.values()))
+    )
 
 
 def _replaced(old: Any, new: Any) -> bool:

@@ -44,7 +44,9 @@ _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
 def _plain(v: Any) -> bool:
-    return isinstance(v, _PLAIN) or (type(v) in (tuple, list) and all(isinstance(x, _PLAIN) for x in v))
+    if isinstance(v, _PLAIN):
+        return True
+    return type(v) in (tuple, list) and all([isinstance(x, _PLAIN) for x in v])
 
 
 def _hashable(v: Any) -> Any:
@@ -80,8 +82,9 @@ class SeenCalls:
         self._modules: dict[int, Any] = {}
         self._hooked = global_module_hooks()
 
-    def _module_key(self, m: nn.Module) -> Any:
-        """The part of a call's signature that is the module's own, or None (never skipped)."""
+    def module_key(self, m: nn.Module) -> Any:
+        """The part of a call's signature that is the module's own, or None (never skipped);
+        read once per module and propagation."""
         got = self._modules.get(id(m))
         if got is not None and got[0] is m:  # (the module is kept: its id is not reused)
             return got[1]
@@ -99,7 +102,7 @@ class SeenCalls:
             config = [(k, v) for k, v in state.items() if k not in _TABLES]
             weights = [*state["_parameters"].items(), *state["_buffers"].items()]
             # plain settings and plain dense weights only (a tensor subclass: always recorded)
-            if all(_plain(v) for _, v in config) and all(t is None or is_plain_dense(t) for _, t in weights):
+            if all(map(_plain, [v for _, v in config])) and all(t is None or is_plain_dense(t) for _, t in weights):
                 tensors = tuple((k, None if t is None else _tensor_key(t)) for k, t in weights)
                 key = (cls, tuple((k, _hashable(v)) for k, v in config), tensors)
         self._modules[id(m)] = (m, key)
@@ -107,7 +110,7 @@ class SeenCalls:
 
     def key(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The call's signature, or None when it must always be recorded."""
-        base = self._module_key(m)
+        base = self.module_key(m)
         if base is None:
             return None
         ins: list[Any] = []
