@@ -5,6 +5,7 @@ eager recorder.
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import re
@@ -40,15 +41,31 @@ def user_frame() -> SourceLoc | None:
     """
     f: types.FrameType | None = sys._getframe(2)
     while f is not None:
-        file = f.f_code.co_filename
-        if file.startswith(_TORCH_DIR):
+        code = f.f_code
+        kind = _kind(code.co_filename)
+        if kind is _TORCH:
             f = f.f_back
             continue
-        if is_machinery(file):
+        if kind is _OURS:
             return None  # left the model's code: the node came from torch modules only
-        line = f.f_lineno or 0
-        return SourceLoc(file=file, line=line, function=f.f_code.co_name, code=linecache.getline(file, line).strip())
+        return _location(code.co_filename, f.f_lineno or 0, code.co_name)
     return None
+
+
+_TORCH, _OURS, _MODEL = "torch", "ours", "model"
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind(file: str) -> str:
+    """Whose code ``file`` is (a pure function of the path: cached, a trace asks per node)."""
+    if file.startswith(_TORCH_DIR):
+        return _TORCH
+    return _OURS if is_machinery(file) else _MODEL
+
+
+@functools.lru_cache(maxsize=16384)
+def _location(file: str, line: int, function: str) -> SourceLoc:
+    return SourceLoc(file=file, line=line, function=function, code=linecache.getline(file, line).strip())
 
 
 def source_from_stack(stack_trace: str | None) -> SourceLoc | None:

@@ -102,8 +102,9 @@ class SeenCalls:
             config = [(k, v) for k, v in state.items() if k not in _TABLES]
             weights = [*state["_parameters"].items(), *state["_buffers"].items()]
             # plain settings and plain dense weights only (a tensor subclass: always recorded)
-            if all(map(_plain, [v for _, v in config])) and all(t is None or is_plain_dense(t) for _, t in weights):
-                tensors = tuple((k, None if t is None else _tensor_key(t)) for k, t in weights)
+            tensors = tuple((k, None if t is None else _tensor_key(t)) for k, t in weights)
+            dense = all(t is None or got is not None for (_, t), (_, got) in zip(weights, tensors, strict=True))
+            if dense and all(map(_plain, [v for _, v in config])):
                 key = (cls, tuple((k, _hashable(v)) for k, v in config), tensors)
         self._modules[id(m)] = (m, key)
         return key
