@@ -82,15 +82,18 @@ def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
         memo[id(m)] = new
         state: dict[str, Any] = {}
         for k, v in m.__getstate__().items():
-            if k in MODULE_TABLES:
+            kind = type(v)
+            if kind in ATOMIC_TYPES:  # the common cases first, without isinstance's walk
+                state[k] = v
+            elif k in MODULE_TABLES:
                 if k == "_modules":
                     state[k] = {n: (None if c is None else one(c)) for n, c in v.items()}
                 else:
                     state[k] = {n: (None if t is None else _copied(t, memo)) for n, t in v.items()}
+            elif kind in _EMPTY_CONTAINERS and not v:  # hook tables
+                state[k] = kind()
             elif _atomic(v):
                 state[k] = v
-            elif type(v) in _EMPTY_CONTAINERS and not v:
-                state[k] = type(v)()
             else:
                 state[k] = copy.deepcopy(v, memo)
         new.__setstate__(state)

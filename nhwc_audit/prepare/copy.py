@@ -10,6 +10,8 @@ would leave alone), and those strides decide a conv's output layout.
 from __future__ import annotations
 
 import copy
+import functools
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -113,12 +115,21 @@ def _restrided(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor | None
     own storage: no copy, the values come out permuted. ``t`` itself when ``.to`` keeps its
     strides; None unless ``t`` is dense in NCHW or channels_last order (else a view of its
     storage may not cover the new strides)."""
-    strides = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").to(memory_format=fmt).stride()
+    strides = _strides_to(tuple(t.shape), t.stride(), t.dtype, fmt)
     if strides == t.stride():
         return t
     if not (t.is_contiguous() or t.is_contiguous(memory_format=fmt)):
         return None
     return torch.as_strided(t, t.shape, strides, t.storage_offset())
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides_to(
+    shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, fmt: torch.memory_format
+) -> tuple[int, ...]:
+    """The strides ``.to(memory_format=fmt)`` gives a tensor of these (a pure function of them,
+    asked once per weight shape: models repeat a few)."""
+    return tuple(torch.empty_strided(shape, strides, dtype=dtype, device="meta").to(memory_format=fmt).stride())
 
 
 def audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> tuple[torch.Tensor, bool]:
@@ -140,6 +151,9 @@ def audit_param(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device
     return (view, True) if view is not None else (t.to(memory_format=fmt), False)
 
 
+_CONTAINERS = (dict, OrderedDict, list, tuple, set)
+
+
 def plain_tensors(
     model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
 ) -> list[tuple[str, torch.Tensor]]:
@@ -150,8 +164,9 @@ def plain_tensors(
     out: list[tuple[str, torch.Tensor]] = []
     for path, m in modules if modules is not None else model.named_modules():
         for key, value in vars(m).items():
-            if type(value) in ATOMIC_TYPES or key in MODULE_TABLES:  # most attributes: skipped cheaply
-                continue
+            kind = type(value)
+            if kind in ATOMIC_TYPES or key in MODULE_TABLES or (kind in _CONTAINERS and not value):
+                continue  # most attributes (numbers, empty hook tables): skipped cheaply
             items = (
                 value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
             )
