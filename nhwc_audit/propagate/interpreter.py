@@ -116,7 +116,13 @@ class LayoutProp(torch.fx.Interpreter):
         try:
             rec = self._recorder
             seen = self._seen
-            key = seen.key(self._callee[n], args, kwargs) if seen is not None and n.op == "call_module" else None
+            key = None
+            if seen is not None:
+                op = n.op
+                if op == "call_module":
+                    key = seen.key(self._callee[n], args, kwargs)
+                elif op == "call_function" or op == "call_method":
+                    key = seen.call_key(op, n.target, args, kwargs)
             if rec is None:
                 result = self._call(n, args, kwargs)
             elif key is not None and key in seen.quiet:  # type: ignore[union-attr]

@@ -1,12 +1,14 @@
-"""Leaf module calls the dispatch recorder has already seen (:class:`SeenCalls`).
+"""Calls the dispatch recorder has already seen (:class:`SeenCalls`).
 
 A torch.nn module's forward is a function of its configuration, its weights' layouts and its
 inputs' layouts: a second call of the same class, configuration and layouts runs the same ATen
-ops. When the first such call made no layout copy and wrote nothing, the recorder's Python
-dispatch mode (~20 us of torch's own machinery per ATen op) has nothing to see in the next
-ones, and the propagation runs them without it. Only torch.nn's own classes qualify, without
-hooks, children or attributes other than plain values, with plain tensors only; anything else
-is always recorded.
+ops. So is one of torch's own functions (``torch.cat``, ``F.interpolate``, an operator or a
+method on tensors) of its arguments' layouts and plain values. When the first such call made no
+layout copy and wrote nothing, the recorder's Python dispatch mode (~20 us of torch's own
+machinery per ATen op) has nothing to see in the next ones, and the propagation runs them
+without it. Only torch.nn's own classes qualify, without hooks, children or attributes other
+than plain values, and torch's own functions, with plain tensors only; anything else (a
+function of the model's, a tensor subclass, a callable argument) is always recorded.
 """
 
 from __future__ import annotations
@@ -40,17 +42,13 @@ _TABLES = frozenset(
     }
 )
 _HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_pre_hooks")
-_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 
 def _plain(v: Any) -> bool:
     if isinstance(v, _PLAIN):
         return True
     return type(v) in (tuple, list) and all([isinstance(x, _PLAIN) for x in v])
-
-
-def _hashable(v: Any) -> Any:
-    return tuple(v) if type(v) is list else v
 
 
 def _tensor_key(t: Any) -> Any:
@@ -105,19 +103,56 @@ class SeenCalls:
             tensors = tuple((k, None if t is None else _tensor_key(t)) for k, t in weights)
             dense = all(t is None or got is not None for (_, t), (_, got) in zip(weights, tensors, strict=True))
             if dense and all(map(_plain, [v for _, v in config])):
-                key = (cls, tuple((k, _hashable(v)) for k, v in config), tensors)
+                key = (cls, tuple((k, _arg_key(v)) for k, v in config), tensors)
         self._modules[id(m)] = (m, key)
         return key
 
     def key(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The call's signature, or None when it must always be recorded."""
         base = self.module_key(m)
-        if base is None:
-            return None
-        ins: list[Any] = []
-        for name, v in [*enumerate(args), *kwargs.items()]:
-            k = _tensor_key(v) if isinstance(v, torch.Tensor) else _hashable(v) if _plain(v) else None
-            if k is None and v is not None:
+        return None if base is None else _signature(base, args, kwargs)
+
+    def call_key(self, op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The signature of a function or method node's call (``op``: the fx op), or None when
+        it must always be recorded: torch's own functions (``torch.cat``, ``F.interpolate``),
+        Python's operators on tensors and methods of plain tensors qualify; a function of the
+        model's own (``torch.fx.wrap``) never does."""
+        if op == "call_method":
+            if not (isinstance(target, str) and args and is_plain_dense(args[0])):
                 return None
-            ins.append((name, k))
-        return (base, tuple(ins), torch.is_grad_enabled())
+            return _signature(("method", target), args, kwargs)
+        where = getattr(target, "__module__", None) or ""
+        if not (where == "_operator" or where == "torch" or where.startswith("torch.")):
+            return None
+        return _signature(("function", target), args, kwargs)
+
+
+def _signature(base: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    ins = tuple((name, _arg_key(v)) for name, v in [*enumerate(args), *kwargs.items()])
+    if any(k is _UNKEYED for _, k in ins):
+        return None
+    return (base, ins, torch.is_grad_enabled())
+
+
+_UNKEYED = object()
+"""An argument no signature can stand for (a tensor subclass, a module, a callable)."""
+
+
+def _arg_key(v: Any) -> Any:
+    """An argument's part of a signature: each tensor's layout, plain values with their type
+    (``1`` and ``True``, a list and a tuple of indices are different arguments), nested."""
+    kind = type(v)
+    if isinstance(v, torch.Tensor):
+        got = _tensor_key(v)
+        return _UNKEYED if got is None else got
+    if isinstance(v, _PLAIN):
+        return (kind, v)
+    if kind in (tuple, list):
+        items = tuple(_arg_key(x) for x in v)
+        return _UNKEYED if any(k is _UNKEYED for k in items) else (kind, items)
+    if kind is slice:
+        parts = (_arg_key(v.start), _arg_key(v.stop), _arg_key(v.step))
+        return _UNKEYED if any(k is _UNKEYED for k in parts) else (kind, parts)
+    if v is Ellipsis:
+        return (kind,)
+    return _UNKEYED

@@ -3,12 +3,14 @@ recorder: the records must be exactly those of recording every call."""
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import pytest
 import torch
 import torchvision.models as tvm
 from torch import nn
+from torch.nn import functional as F
 
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.examples import unet
@@ -38,19 +40,46 @@ class Repeats(nn.Module):
         return y
 
 
+class Functional(nn.Module):
+    """torch's functions and tensor methods called again on the same layouts: a circular
+    ``pad`` and the ``flatten`` of an NHWC tensor copy inside (each call keeps its copies), an
+    in-place ``add_`` writes (always recorded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for _ in range(3):
+            z = torch.cat([y, y * 2], dim=1)[:, :8]
+            z = F.layer_norm(z.permute(0, 2, 3, 1).contiguous(), (8,)).permute(0, 3, 1, 2)
+            z = F.interpolate(F.pad(z, (1, 1, 1, 1), mode="circular"), size=y.shape[-2:], mode="bilinear")
+            z = z + torch.flatten(y, 1).mean(-1)[:, None, None, None]
+            y = torch.relu(y + z).add_(1)
+        return y
+
+
 def _records(model: nn.Module, x: torch.Tensor, *, skip: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
     cp = prepare_audit_copy(model.eval())
     cap = trace(cp.module)
     with monkeypatch.context() as m:
         if not skip:
             m.setattr(SeenCalls, "key", lambda self, *a: None)
+            m.setattr(SeenCalls, "call_key", lambda self, *a: None)
         records, _ = propagate(cap.root, (x.contiguous(memory_format=torch.channels_last),), {}, graph=cap.graph)
     return records
 
 
 @pytest.mark.parametrize(
     "build,shape",
-    [(Repeats, (1, 3, 8, 8)), (tvm.resnet18, (2, 3, 32, 32)), (lambda: unet()[0], (1, 3, 32, 32))],
+    [
+        (Repeats, (1, 3, 8, 8)),
+        (Functional, (1, 3, 8, 8)),
+        (tvm.resnet18, (2, 3, 32, 32)),
+        (tvm.swin_t, (1, 3, 64, 64)),
+        (lambda: unet()[0], (1, 3, 32, 32)),
+    ],
 )
 def test_skipping_seen_calls_changes_no_record(
     build: Any, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
@@ -63,6 +92,10 @@ def test_skipping_seen_calls_changes_no_record(
     if build is Repeats:
         hidden = [r.name for r in every if r.hidden]
         assert hidden[:3] == ["norms_0", "norms_1", "norms_2"]  # the same configuration, each call
+    if build is Functional:
+        copies = [r.name for r in every if r.hidden]
+        assert [c for c in copies if c.startswith("flatten")] == ["flatten", "flatten_1", "flatten_2"], copies
+        assert len([c for c in copies if c.startswith("pad")]) == 3, copies
 
 
 def test_only_plain_torch_nn_calls_qualify() -> None:
@@ -84,4 +117,30 @@ def test_only_plain_torch_nn_calls_qualify() -> None:
     odd = nn.ReLU()
     odd.extra = [x]  # type: ignore[assignment]
     assert seen.key(odd, (x,), {}) is None
-    assert seen.key(nn.ReLU(), ([x],), {}) is None
+    assert seen.key(nn.ReLU(), (nn.ReLU(),), {}) is None  # a module as an argument
+
+
+def _mine(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+def test_only_torch_functions_and_plain_tensor_methods_qualify() -> None:
+    seen = SeenCalls()
+    x = torch.randn(1, 8, 4, 4)
+    cat = seen.call_key("call_function", torch.cat, ([x, x],), {"dim": 1})
+    assert cat is not None
+    assert cat == seen.call_key("call_function", torch.cat, ([torch.randn(1, 8, 4, 4)] * 2,), {"dim": 1})
+    assert cat != seen.call_key("call_function", torch.cat, ((x, x),), {"dim": 1})  # list and tuple
+    assert cat != seen.call_key("call_function", torch.cat, ([x, x],), {"dim": True})  # 1 and True
+    assert seen.call_key("call_function", torch.nn.functional.interpolate, (x,), {"scale_factor": 2.0}) is not None
+    assert seen.call_key("call_function", operator.getitem, (x, (slice(None), slice(0, 2))), {}) is not None
+    index = seen.call_key("call_function", operator.getitem, (x, [0, 1]), {})
+    assert index is not None and index != seen.call_key("call_function", operator.getitem, (x, (0, 1)), {})
+    assert seen.call_key("call_method", "permute", (x, 0, 2, 3, 1), {}) is not None
+    assert seen.call_key("call_function", _mine, (x,), {}) is None  # the model's own function
+    assert seen.call_key("call_function", torch.cat, ([x, _mine],), {}) is None  # a callable argument
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert seen.call_key("call_method", "permute", (x.as_subclass(Sub), 0, 2, 3, 1), {}) is None
