@@ -125,16 +125,18 @@ class LayoutProp(torch.fx.Interpreter):
                     key = seen.call_key(op, n.target, args, kwargs)
             if rec is None:
                 result = self._call(n, args, kwargs)
-            elif key is not None and key in seen.quiet:  # type: ignore[union-attr]
+            elif key is not None and key in seen.quiet and not self._shared_input(inputs):  # type: ignore[union-attr]
                 with torch._C._DisableTorchDispatch():
                     result = self._call(n, args, kwargs)
             else:  # one mode for the whole run: pushing one per node costs more
                 rec.copies, rec.writes = [], 0
+                rec.inputs = _storages(inputs) if key is not None else frozenset()
                 rec.recording = self.record_hidden
                 try:
                     result = self._call(n, args, kwargs)
                 finally:
                     rec.recording = False
+                    rec.inputs = frozenset()
                 hidden = rec.copies
                 if key is not None and not hidden and not rec.writes:
                     seen.quiet.add(key)  # type: ignore[union-attr]
@@ -162,6 +164,12 @@ class LayoutProp(torch.fx.Interpreter):
         if self._progress is not None:
             self._progress(self._index[n] + 1, len(self._nodes))
         return result
+
+    def _shared_input(self, inputs: list[tuple[NodeInput, torch.Tensor]]) -> bool:
+        """A call reads one of the user's weights the audit reads in place: a call skipped by
+        the recorder may write to its inputs (an in-place ReLU), so this one must be recorded,
+        and guarded."""
+        return bool(self.shared) and any(t.untyped_storage().data_ptr() in self.shared for _, t in inputs)
 
     def run(
         self, *args: Any, initial_env: dict[torch.fx.Node, Any] | None = None, enable_io_processing: bool = True
@@ -237,6 +245,11 @@ class LayoutProp(torch.fx.Interpreter):
                 )
             )
         self._pending.clear()
+
+
+def _storages(inputs: list[tuple[NodeInput, torch.Tensor]]) -> frozenset[int]:
+    """The storages of a call's activation inputs (not the weights it reads)."""
+    return frozenset(t.untyped_storage().data_ptr() for i, t in inputs if not i.is_param)
 
 
 def propagate(

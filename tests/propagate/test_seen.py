@@ -12,7 +12,9 @@ import torchvision.models as tvm
 from torch import nn
 from torch.nn import functional as F
 
+import nhwc_audit
 from nhwc_audit.capture.fx import trace
+from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.examples import unet
 from nhwc_audit.prepare.copy import prepare_audit_copy
 from nhwc_audit.propagate.interpreter import propagate
@@ -21,7 +23,7 @@ from nhwc_audit.propagate.seen import SeenCalls
 
 class Repeats(nn.Module):
     """The same configurations called again: InstanceNorm and a circular conv copy inside
-    (every call must keep its hidden copy), an in-place ReLU writes (always recorded)."""
+    (every call must keep its hidden copy), an in-place ReLU writes to its input."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,7 +45,7 @@ class Repeats(nn.Module):
 class Functional(nn.Module):
     """torch's functions and tensor methods called again on the same layouts: a circular
     ``pad`` and the ``flatten`` of an NHWC tensor copy inside (each call keeps its copies), an
-    in-place ``add_`` writes (always recorded)."""
+    in-place ``add_`` writes to its input."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -144,3 +146,33 @@ def test_only_torch_functions_and_plain_tensor_methods_qualify() -> None:
         pass
 
     assert seen.call_key("call_method", "permute", (x.as_subclass(Sub), 0, 2, 3, 1), {}) is None
+
+
+class WritesWeight(nn.Module):
+    """An in-place ReLU on an activation, then the same call on a weight of the same layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        w = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+        self.w = nn.Parameter(w, requires_grad=False)  # frozen: its layout key is an activation's
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x)) + self.act(self.w)
+
+
+def test_a_call_like_a_quiet_one_that_writes_to_a_shared_weight_is_still_refused() -> None:
+    """Calls that write only to their own inputs are skipped when seen again, unless they read
+    one of the user's weights: the guard must see that write."""
+    model = WritesWeight().eval()
+    cp = prepare_audit_copy(model)
+    assert cp.shared
+    cap = trace(cp.module)
+    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(SharedWeightWrite):
+        propagate(cap.root, (x,), {}, graph=cap.graph, shared=cp.shared)
+    before = model.w.detach().clone()
+    report = nhwc_audit.audit(model, torch.randn(1, 3, 4, 4))
+    assert torch.equal(model.w.detach(), before)
+    assert any("copies of the weights" in note for note in report.meta.capture_notes)
