@@ -166,10 +166,14 @@ class LayoutProp(torch.fx.Interpreter):
         return result
 
     def _shared_input(self, inputs: list[tuple[NodeInput, torch.Tensor]]) -> bool:
-        """A call reads one of the user's weights the audit reads in place: a call skipped by
-        the recorder may write to its inputs (an in-place ReLU), so this one must be recorded,
-        and guarded."""
-        return bool(self.shared) and any(t.untyped_storage().data_ptr() in self.shared for _, t in inputs)
+        """A call is passed one of the user's weights the audit reads in place: a call skipped
+        by the recorder may write to what it is passed (an in-place ReLU), so this one must be
+        recorded, and guarded. (A leaf module's own weights are not passed: a call that wrote
+        to them is never skipped.)"""
+        shared = self.shared
+        return bool(shared) and any(
+            i.producer is not None and t.untyped_storage().data_ptr() in shared for i, t in inputs
+        )
 
     def run(
         self, *args: Any, initial_env: dict[torch.fx.Node, Any] | None = None, enable_io_processing: bool = True

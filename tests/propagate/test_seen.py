@@ -17,6 +17,7 @@ from nhwc_audit.capture.fx import trace
 from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.examples import unet
 from nhwc_audit.prepare.copy import prepare_audit_copy
+from nhwc_audit.propagate.dispatch import CopyRecorder
 from nhwc_audit.propagate.interpreter import propagate
 from nhwc_audit.propagate.seen import SeenCalls
 
@@ -176,3 +177,26 @@ def test_a_call_like_a_quiet_one_that_writes_to_a_shared_weight_is_still_refused
     report = nhwc_audit.audit(model, torch.randn(1, 3, 4, 4))
     assert torch.equal(model.w.detach(), before)
     assert any("copies of the weights" in note for note in report.meta.capture_notes)
+
+
+def test_calls_on_the_users_shared_weights_are_still_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leaf module's own weights are the user's, read in place (shared): that alone must not
+    keep its repeated calls under the recorder (only a shared tensor passed to a call does)."""
+    model = Repeats().eval()
+    cp = prepare_audit_copy(model)
+    assert cp.shared
+    cap = trace(cp.module)
+    seen: list[str] = []
+    record = CopyRecorder.__torch_dispatch__
+
+    def counted(self: CopyRecorder, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        seen.append(str(func))
+        return record(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(CopyRecorder, "__torch_dispatch__", counted)
+    x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    propagate(cap.root, (x,), {}, graph=cap.graph, shared=cp.shared)
+    # recorded: conv, convs.0 (channels_last input), convs.1 (NCHW input, after the
+    # InstanceNorm), circular.0 and circular.1 (each input layout once, and they copy inside);
+    # convs.2 is a call like convs.1 on the same layouts: skipped
+    assert seen.count("aten.convolution.default") == 5, seen
