@@ -4,9 +4,10 @@ A torch.nn module's forward is a function of its configuration, its weights' lay
 inputs' layouts: a second call of the same class, configuration and layouts runs the same ATen
 ops. So is one of torch's own functions (``torch.cat``, ``F.interpolate``, an operator or a
 method on tensors) of its arguments' layouts and plain values. When the first such call made no
-layout copy and wrote nothing, the recorder's Python dispatch mode (~20 us of torch's own
-machinery per ATen op) has nothing to see in the next ones, and the propagation runs them
-without it. Only torch.nn's own classes qualify, without hooks, children or attributes other
+layout copy and wrote to nothing but its own inputs (an in-place ReLU), the recorder's Python
+dispatch mode (~5-20 us of torch's own machinery per ATen op, far more for some kernels) has
+nothing to see in the next ones, and the propagation runs them without it, unless a call is
+passed one of the user's weights the audit shares (the recorder's guard must see that write). Only torch.nn's own classes qualify, without hooks, children or attributes other
 than plain values, and torch's own functions, with plain tensors only; anything else (a
 function of the model's, a tensor subclass, a callable argument) is always recorded.
 """
