@@ -14,6 +14,7 @@ function of the model's, a tensor subclass, a callable argument) is always recor
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -47,9 +48,11 @@ _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.me
 
 
 def _plain(v: Any) -> bool:
+    """A module setting that cannot change unseen: a plain value or a tuple of them (a list
+    could be changed in place after the signature was read)."""
     if isinstance(v, _PLAIN):
         return True
-    return type(v) in (tuple, list) and all([isinstance(x, _PLAIN) for x in v])
+    return type(v) is tuple and all([isinstance(x, _PLAIN) for x in v])
 
 
 def _tensor_key(t: Any) -> Any:
@@ -85,7 +88,9 @@ class SeenCalls:
         """The part of a call's signature that is the module's own, or None (never skipped);
         read once per module and propagation."""
         got = self._modules.get(id(m))
-        if got is not None and got[0] is m:  # (the module is kept: its id is not reused)
+        # (the module is kept, so its id is not reused; code of the model's may have set an
+        # attribute or a weight on it since: then it is read again)
+        if got is not None and got[0] is m and _same_objects(m, got[2]):
             return got[1]
         key = None
         cls = type(m)
@@ -105,7 +110,7 @@ class SeenCalls:
             dense = all(t is None or got is not None for (_, t), (_, got) in zip(weights, tensors, strict=True))
             if dense and all(map(_plain, [v for _, v in config])):
                 key = (cls, tuple((k, _arg_key(v)) for k, v in config), tensors)
-        self._modules[id(m)] = (m, key)
+        self._modules[id(m)] = (m, key, _objects(m))
         return key
 
     def key(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -122,10 +127,37 @@ class SeenCalls:
             if not (isinstance(target, str) and args and is_plain_dense(args[0])):
                 return None
             return _signature(("method", target), args, kwargs)
-        where = getattr(target, "__module__", None) or ""
-        if not (where == "_operator" or where == "torch" or where.startswith("torch.")):
+        if not _torch_function(target):
             return None
         return _signature(("function", target), args, kwargs)
+
+
+def _torch_function(target: Any) -> bool:
+    """``target`` is torch's own function (or Python's operator): a plain function or builtin
+    defined in torch (not TorchScript, whose functions the model writes), or an ATen/prims op;
+    a callable object, which takes ``__module__`` from its class (a user's custom op reads as
+    ``torch._ops``), is not."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace in ("aten", "prims")
+    if isinstance(target, torch._ops.OpOverloadPacket):  # (its attributes are overload names)
+        return str(target._qualified_op_name).split("::")[0] in ("aten", "prims")
+    if not isinstance(target, (types.FunctionType, types.BuiltinFunctionType)):
+        return False
+    where = getattr(target, "__module__", None) or ""
+    if where.startswith("torch.jit"):
+        return False
+    return where in ("_operator", "torch") or where.startswith("torch.")
+
+
+def _objects(m: nn.Module) -> tuple[Any, ...]:
+    """The objects a module's signature was read from: its attributes, parameters and buffers."""
+    state = m.__dict__
+    return (*state.items(), *state["_parameters"].items(), *state["_buffers"].items())
+
+
+def _same_objects(m: nn.Module, before: tuple[Any, ...]) -> bool:
+    now = _objects(m)
+    return len(now) == len(before) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(now, before, strict=True))
 
 
 def _signature(base: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -144,6 +176,8 @@ def _arg_key(v: Any) -> Any:
     (``1`` and ``True``, a list and a tuple of indices are different arguments), nested."""
     kind = type(v)
     if isinstance(v, torch.Tensor):
+        if v.numel() == 1:  # torch may read its value as a number (a size, a dim): never keyed
+            return _UNKEYED
         got = _tensor_key(v)
         return _UNKEYED if got is None else got
     if isinstance(v, _PLAIN):

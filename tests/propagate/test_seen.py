@@ -63,6 +63,64 @@ class Functional(nn.Module):
         return y
 
 
+class ValueShaped(nn.Module):
+    """Reshapes whose sizes are 0-dim tensors: 8 rows view the NHWC map, 32 rows copy it (a
+    tensor torch reads as a number is never keyed by its layout alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.register_buffer("rows_a", torch.tensor(8))
+        self.register_buffer("rows_b", torch.tensor(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y.reshape(self.rows_a, -1).sum() + y.reshape(self.rows_b, -1).sum()
+
+
+def _set_start(m: nn.Module, v: int, x: torch.Tensor) -> torch.Tensor:
+    m.start_dim = v  # type: ignore[assignment]
+    return x
+
+
+torch.fx.wrap("_set_start")
+
+
+class Retuned(nn.Module):
+    """Code of the model's changes a leaf's setting between its two calls: the second flatten
+    (from dim 1 of an NHWC map) copies, the first (from dim 2) does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.flat = nn.Flatten(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = self.flat(y).sum(-1)
+        b = self.flat(_set_start(self.flat, 1, y)).sum(-1)
+        return a + b.sum(-1, keepdim=True)
+
+
+_OPS = torch.library.Library("nhwc_audit_test_seen", "DEF")
+_OPS.define("maybe_nchw(Tensor x) -> Tensor")
+_OPS.impl("maybe_nchw", lambda x: x.contiguous() if bool(x.sum() > 0) else x * 1.0, "CompositeImplicitAutograd")
+
+
+class CustomOp(nn.Module):
+    """A custom op of the user's (``torch.ops.<lib>``, whose ``__module__`` reads as torch's)
+    copies on the values it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        op = torch.ops.nhwc_audit_test_seen.maybe_nchw
+        return op(-y.abs()) + op(y.abs())
+
+
 def _records(model: nn.Module, x: torch.Tensor, *, skip: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
     cp = prepare_audit_copy(model.eval())
     cap = trace(cp.module)
@@ -81,6 +139,9 @@ def _records(model: nn.Module, x: torch.Tensor, *, skip: bool, monkeypatch: pyte
         (Functional, (1, 3, 8, 8)),
         (tvm.resnet18, (2, 3, 32, 32)),
         (tvm.swin_t, (1, 3, 64, 64)),
+        (ValueShaped, (1, 3, 4, 4)),
+        (Retuned, (1, 3, 4, 4)),
+        (CustomOp, (1, 3, 4, 4)),
         (lambda: unet()[0], (1, 3, 32, 32)),
     ],
 )
@@ -95,6 +156,8 @@ def test_skipping_seen_calls_changes_no_record(
     if build is Repeats:
         hidden = [r.name for r in every if r.hidden]
         assert hidden[:3] == ["norms_0", "norms_1", "norms_2"]  # the same configuration, each call
+    if build in (ValueShaped, Retuned, CustomOp):
+        assert any(r.hidden for r in every[len(every) // 2 :]), [r.name for r in every if r.hidden]
     if build is Functional:
         copies = [r.name for r in every if r.hidden]
         assert [c for c in copies if c.startswith("flatten")] == ["flatten", "flatten_1", "flatten_2"], copies
