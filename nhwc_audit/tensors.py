@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["clone_value", "is_plain_dense", "iter_tensors", "to_nchw"]
+__all__ = ["SharedStorages", "clone_value", "is_plain_dense", "iter_tensors", "on_shared", "to_nchw"]
 
 
 def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -34,3 +35,32 @@ def to_nchw(v: Any) -> Any:
     if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
         return v.contiguous()
     return v
+
+
+class SharedStorages(frozenset[int]):
+    """The storages (``data_ptr``) of the user's weights the audit reads in place, with the
+    bytes each spans, so that a tensor made over a weight's memory with a storage of its own
+    (``from_dlpack``, ``from_numpy`` of a slice) is seen to be on it too (:func:`on_shared`)."""
+
+    spans: tuple[tuple[int, int], ...]
+    """(first byte, byte past the last) of each storage, sorted."""
+
+    def __new__(cls, spans: Iterable[tuple[int, int]]) -> SharedStorages:
+        ordered = tuple(sorted(spans))
+        made = super().__new__(cls, (start for start, _ in ordered))
+        made.spans = ordered
+        return made
+
+
+def on_shared(t: torch.Tensor, shared: frozenset[int]) -> bool:
+    """``t``'s storage is one of ``shared``, or (for :class:`SharedStorages`) overlaps one."""
+    storage = t.untyped_storage()
+    start = storage.data_ptr()
+    if start in shared:
+        return True
+    spans = getattr(shared, "spans", ())
+    end = start + storage.nbytes()
+    if not spans or end <= start:
+        return False
+    i = bisect.bisect_left(spans, (end, end)) - 1  # the last storage that starts before ``end``
+    return i >= 0 and spans[i][1] > start

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError, UsageError
-from ..tensors import is_plain_dense
+from ..tensors import SharedStorages, is_plain_dense
 from .clone import ATOMIC_TYPES, MODULE_TABLES, clone_modules
 
 __all__ = [
@@ -182,8 +182,10 @@ class AuditCopy:
 
     module: nn.Module
     shared: frozenset[int]
-    """``untyped_storage().data_ptr()`` of every user parameter the copy reads in place: the
-    propagation refuses to write to them (:class:`~nhwc_audit.errors.SharedWeightWrite`)."""
+    """``untyped_storage().data_ptr()`` of every user parameter the copy reads in place, with
+    the bytes each spans (a :class:`~nhwc_audit.tensors.SharedStorages`): the propagation
+    refuses to write to them, or to a tensor made over their memory
+    (:class:`~nhwc_audit.errors.SharedWeightWrite`)."""
 
 
 def prepare_audit_copy(
@@ -213,7 +215,7 @@ def prepare_audit_copy(
                 "--mode fake (API: mode='fake')"
             )
     memo: dict[int, Any] = {}
-    shared: set[int] = set()
+    shared: dict[int, int] = {}
     with torch.no_grad():
         for _, t, is_param in tensors:
             if is_param and share_weights:
@@ -223,13 +225,14 @@ def prepare_audit_copy(
                 if _same_storage(new, t):
                     new = new.clone()  # buffers are updated in place (BatchNorm stats)
             if shares:
-                shared.add(t.untyped_storage().data_ptr())
+                storage = t.untyped_storage()
+                shared[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
             memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
         for _, t in plain_tensors(model, modules):  # copied (and moved with the model), layout and dtype as they are
             if id(t) not in memo:
                 memo[id(t)] = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
     try:
-        return AuditCopy(clone_modules(model, memo), frozenset(shared))
+        return AuditCopy(clone_modules(model, memo), SharedStorages(shared.items()))
     except Exception as e:
         raise ConversionError(
             f"cannot copy {type(model).__name__} for the audit ({type(e).__name__}: {e}); "

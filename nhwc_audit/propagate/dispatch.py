@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import SharedWeightWrite
 from ..layout import innermost_dim, tensor_meta
 from ..records import HiddenCopy, TensorMeta
-from ..tensors import iter_tensors
+from ..tensors import iter_tensors, on_shared
 
 __all__ = [
     "CopyRecorder",
@@ -88,7 +88,7 @@ def check_shared_write(func: Any, args: Any, kwargs: Any, shared: frozenset[int]
     if not shared:
         return
     for t in written_tensors(func, args, kwargs):
-        if t.untyped_storage().data_ptr() in shared:
+        if on_shared(t, shared):
             raise SharedWeightWrite(str(func))
 
 

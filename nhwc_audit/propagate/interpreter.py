@@ -19,7 +19,7 @@ from ..capture.context import NodeContext, node_contexts
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
-from ..tensors import iter_tensors
+from ..tensors import iter_tensors, on_shared
 from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of
@@ -171,9 +171,7 @@ class LayoutProp(torch.fx.Interpreter):
         recorded, and guarded. (A leaf module's own weights are not passed: a call that wrote
         to them is never skipped.)"""
         shared = self.shared
-        return bool(shared) and any(
-            i.producer is not None and t.untyped_storage().data_ptr() in shared for i, t in inputs
-        )
+        return bool(shared) and any(i.producer is not None and on_shared(t, shared) for i, t in inputs)
 
     def run(
         self, *args: Any, initial_env: dict[torch.fx.Node, Any] | None = None, enable_io_processing: bool = True

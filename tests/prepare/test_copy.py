@@ -16,6 +16,7 @@ from nhwc_audit import audit, convert
 from nhwc_audit.prepare import copy as copy_module
 from nhwc_audit.prepare.clone import clone_modules
 from nhwc_audit.prepare.copy import audit_param, memory_format_for_rank, prepare_audit_copy
+from nhwc_audit.tensors import SharedStorages, on_shared
 from tests import models as M
 
 
@@ -180,3 +181,46 @@ def test_model_writing_to_its_weights_is_audited_on_copies(capture: str, kind: s
     assert any("writes to its own weights in forward" in note for note in report.meta.capture_notes)
     ref = audit(copy.deepcopy(model), args, bandwidth=1e9, capture=capture)
     assert [(f.node, f.kind) for f in report.findings] == [(f.node, f.kind) for f in ref.findings]
+
+
+def _alias(w: torch.Tensor) -> torch.Tensor:
+    """A tensor over the weight's memory with a storage of its own (another data_ptr)."""
+    return torch.utils.dlpack.from_dlpack(w.detach()[:, 1:])
+
+
+torch.fx.wrap("_alias")
+
+
+class _WritesThroughAlias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.w = nn.Parameter(torch.randn(1, 8, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + _alias(self.w).add_(1).sum()
+
+
+@pytest.mark.parametrize("capture", ["auto", "hooks"])
+def test_a_write_through_memory_of_the_users_weight_is_refused(capture: str) -> None:
+    """The guard compares memory, not storage pointers: a write through a tensor made over a
+    weight's bytes (dlpack of a slice) is refused, and the audit runs on copies."""
+    model = _WritesThroughAlias()
+    assert copy_module.prepare_audit_copy(model).shared.spans  # type: ignore[attr-defined]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = audit(model, torch.randn(1, 3, 4, 4), bandwidth=1e9, capture=capture)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert any("writes to its own weights in forward" in note for note in report.meta.capture_notes)
+
+
+def test_on_shared_sees_memory_inside_a_shared_storage() -> None:
+    base, other = torch.zeros(64), torch.zeros(64)
+    storage = base.untyped_storage()
+    shared = SharedStorages([(storage.data_ptr(), storage.data_ptr() + storage.nbytes())])
+    assert on_shared(base, shared) and on_shared(base[10:], shared)
+    assert on_shared(torch.utils.dlpack.from_dlpack(base[10:]), shared)  # its own storage, inside
+    assert not on_shared(other, shared)
+    assert not on_shared(torch.zeros(0), shared)
+    assert on_shared(base, frozenset({storage.data_ptr()}))  # a plain set: the storage itself only
+    assert not on_shared(torch.utils.dlpack.from_dlpack(base[10:]), frozenset({storage.data_ptr()}))
