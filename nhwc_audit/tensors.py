@@ -51,6 +51,9 @@ class SharedStorages(frozenset[int]):
         made.spans = ordered
         return made
 
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle rebuild it from its spans
+        return (SharedStorages, (self.spans,))
+
 
 def on_shared(t: torch.Tensor, shared: frozenset[int]) -> bool:
     """``t``'s storage is one of ``shared``, or (for :class:`SharedStorages`) overlaps one."""

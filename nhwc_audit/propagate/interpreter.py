@@ -58,7 +58,7 @@ class LayoutProp(torch.fx.Interpreter):
         self.shared = shared
         self.skeleton = skeleton
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
-        # leaf calls like one already recorded without a copy or a write run without the mode
+        # calls like one already recorded without a copy (or a write but to its inputs) run without the mode
         self._seen = SeenCalls() if record_hidden else None
         if self._recorder is not None:
             self._recorder.recording = False

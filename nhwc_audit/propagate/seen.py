@@ -77,7 +77,8 @@ def global_module_hooks() -> bool:
 
 
 class SeenCalls:
-    """Signatures of the leaf calls of one propagation that made no copy and wrote nothing."""
+    """Signatures of the calls of one propagation that made no layout copy and wrote to
+    nothing but their own inputs (:attr:`quiet`), and each module's part of them."""
 
     def __init__(self) -> None:
         self.quiet: set[Any] = set()
@@ -107,7 +108,7 @@ class SeenCalls:
             weights = [*state["_parameters"].items(), *state["_buffers"].items()]
             # plain settings and plain dense weights only (a tensor subclass: always recorded)
             tensors = tuple((k, None if t is None else _tensor_key(t)) for k, t in weights)
-            dense = all(t is None or got is not None for (_, t), (_, got) in zip(weights, tensors, strict=True))
+            dense = all(t is None or tk is not None for (_, t), (_, tk) in zip(weights, tensors, strict=True))
             if dense and all(map(_plain, [v for _, v in config])):
                 key = (cls, tuple((k, _arg_key(v)) for k, v in config), tensors)
         self._modules[id(m)] = (m, key, _objects(m))

@@ -224,3 +224,5 @@ def test_on_shared_sees_memory_inside_a_shared_storage() -> None:
     assert not on_shared(torch.zeros(0), shared)
     assert on_shared(base, frozenset({storage.data_ptr()}))  # a plain set: the storage itself only
     assert not on_shared(torch.utils.dlpack.from_dlpack(base[10:]), frozenset({storage.data_ptr()}))
+    for again in (copy.copy(shared), copy.deepcopy(shared)):  # copies keep the spans
+        assert again == shared and on_shared(torch.utils.dlpack.from_dlpack(base[10:]), again)
