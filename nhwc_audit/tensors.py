@@ -22,7 +22,10 @@ def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
 def is_plain_dense(t: torch.Tensor) -> bool:
     """``t`` is a plain dense tensor (or Parameter): no subclass, sparse or quantized layout,
     so its shape, strides and dtype describe it whole."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and not t.is_quantized
+    return type(t) in _DENSE and t.layout is torch.strided and not t.is_quantized
+
+
+_DENSE = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 def clone_value(v: Any) -> Any:

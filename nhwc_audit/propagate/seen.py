@@ -14,11 +14,14 @@ function of the model's, a tensor subclass, a callable argument) is always recor
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import types
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.immutable_collections import immutable_list
 
 from ..tensors import is_plain_dense
 
@@ -45,6 +48,10 @@ _TABLES = frozenset(
 )
 _HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_pre_hooks")
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+_EXACT = frozenset(_PLAIN)
+"""The plain types by exact type (the fast path of a module's settings; a subclass of one
+takes the slow path)."""
+_SETTINGS = _EXACT | {tuple}
 
 
 def _plain(v: Any) -> bool:
@@ -55,10 +62,28 @@ def _plain(v: Any) -> bool:
     return type(v) is tuple and all([isinstance(x, _PLAIN) for x in v])
 
 
+def _settings_key(state: dict[str, Any]) -> Any:
+    """A module's settings' part of its signature (its attributes other than the tables of
+    weights, children and hooks), or :data:`_UNKEYED` when one is not plain. Most settings are
+    ints, bools, strings and tuples of them: keyed as names, values and types in a few C-level
+    steps (the types tell ``(1, True)`` from ``(1, 1)``, which compare equal as tuples); any
+    other plain setting as :func:`_arg_key` keys it."""
+    names = tuple([k for k in state if k not in _TABLES])
+    values = tuple([state[k] for k in names])
+    kinds = tuple(map(type, values))
+    if _SETTINGS.issuperset(kinds):
+        inner = tuple(map(type, itertools.chain.from_iterable([v for v in values if type(v) is tuple])))
+        if _EXACT.issuperset(inner):
+            return (names, values, kinds, inner)
+    keys = tuple([_arg_key(v) if _plain(v) else _UNKEYED for v in values])
+    return _UNKEYED if _UNKEYED in keys else (names, keys)
+
+
 def _tensor_key(t: Any) -> Any:
+    """A plain dense tensor's layout and what its kernels depend on (None for any other)."""
     if not is_plain_dense(t):
         return None
-    return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+    return (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -83,16 +108,28 @@ class SeenCalls:
     def __init__(self) -> None:
         self.quiet: set[Any] = set()
         self._modules: dict[int, Any] = {}
+        self._ids: dict[Any, int] = {}
+        """Each distinct module signature's number: a call's signature holds the number, cheaper
+        to hash on every lookup than the module's settings."""
         self._hooked = global_module_hooks()
+        self._methods: dict[str, bool] = {}
+        self._epoch = 0
+        """Counts the calls that may have run the model's own code (any call without a
+        signature): only such a call can set an attribute or a weight on a module, so a
+        module's signature is checked against its objects again only after one."""
 
     def module_key(self, m: nn.Module) -> Any:
         """The part of a call's signature that is the module's own, or None (never skipped);
-        read once per module and propagation."""
+        read once per module and propagation, and read again when code of the model's has set
+        an attribute or a weight on it since."""
         got = self._modules.get(id(m))
-        # (the module is kept, so its id is not reused; code of the model's may have set an
-        # attribute or a weight on it since: then it is read again)
-        if got is not None and got[0] is m and _same_objects(m, got[2]):
-            return got[1]
+        # (the module is kept, so its id is not reused)
+        if got is not None and got[0] is m:
+            if got[3] == self._epoch:
+                return got[1]
+            if _same_objects(m, got[2]):
+                self._modules[id(m)] = (*got[:3], self._epoch)
+                return got[1]
         key = None
         cls = type(m)
         state = m.__dict__
@@ -104,33 +141,50 @@ class SeenCalls:
             and "forward" not in state
             and "_call_impl" not in state
         ):
-            config = [(k, v) for k, v in state.items() if k not in _TABLES]
-            weights = [*state["_parameters"].items(), *state["_buffers"].items()]
+            config = _settings_key(state)
             # plain settings and plain dense weights only (a tensor subclass: always recorded)
+            weights = (*state["_parameters"].items(), *state["_buffers"].items())
             tensors = tuple((k, None if t is None else _tensor_key(t)) for k, t in weights)
-            dense = all(t is None or tk is not None for (_, t), (_, tk) in zip(weights, tensors, strict=True))
-            if dense and all(map(_plain, [v for _, v in config])):
-                key = (cls, tuple((k, _arg_key(v)) for k, v in config), tensors)
-        self._modules[id(m)] = (m, key, _objects(m))
+            dense = all([t is None or tk is not None for (_, t), (_, tk) in zip(weights, tensors, strict=True)])
+            if dense and config is not _UNKEYED:
+                key = self._ids.setdefault((cls, config, tensors), len(self._ids))
+        self._modules[id(m)] = (m, key, _objects(m), self._epoch)
         return key
 
     def key(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The call's signature, or None when it must always be recorded."""
         base = self.module_key(m)
-        return None if base is None else _signature(base, args, kwargs)
+        got = None if base is None else _signature(base, args, kwargs)
+        if got is None:
+            self._epoch += 1
+        return got
 
     def call_key(self, op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The signature of a function or method node's call (``op``: the fx op), or None when
         it must always be recorded: torch's own functions (``torch.cat``, ``F.interpolate``),
         Python's operators on tensors and methods of plain tensors qualify; a function of the
         model's own (``torch.fx.wrap``) never does."""
+        got = None
         if op == "call_method":
-            if not (isinstance(target, str) and args and is_plain_dense(args[0])):
-                return None
-            return _signature(("method", target), args, kwargs)
-        if not _torch_function(target):
-            return None
-        return _signature(("function", target), args, kwargs)
+            if isinstance(target, str) and args and is_plain_dense(args[0]) and self._tensor_method(target):
+                got = _signature(("method", target), args, kwargs)
+        elif _torch_function(target):
+            got = _signature(("function", target), args, kwargs)
+        if got is None:
+            self._epoch += 1
+        return got
+
+    def _tensor_method(self, name: str) -> bool:
+        """``torch.Tensor.<name>`` is torch's own (not a function of the model's set on the
+        class)."""
+        got = self._methods.get(name)
+        if got is None:
+            attr = inspect.getattr_static(torch.Tensor, name, None)
+            got = self._methods[name] = isinstance(attr, _DESCRIPTORS) or _torch_function(attr)
+        return got
+
+
+_DESCRIPTORS = (types.MethodDescriptorType, types.WrapperDescriptorType, types.GetSetDescriptorType)
 
 
 def _torch_function(target: Any) -> bool:
@@ -162,10 +216,11 @@ def _same_objects(m: nn.Module, before: tuple[Any, ...]) -> bool:
 
 
 def _signature(base: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    ins = tuple((name, _arg_key(v)) for name, v in [*enumerate(args), *kwargs.items()])
-    if any(k is _UNKEYED for _, k in ins):
+    ins = tuple([_arg_key(v) for v in args])
+    named = tuple([(k, _arg_key(v)) for k, v in kwargs.items()]) if kwargs else ()
+    if _UNKEYED in ins or any([k is _UNKEYED for _, k in named]):
         return None
-    return (base, ins, torch.is_grad_enabled())
+    return (base, ins, named, torch.is_grad_enabled())
 
 
 _UNKEYED = object()
@@ -183,9 +238,9 @@ def _arg_key(v: Any) -> Any:
         return _UNKEYED if got is None else got
     if isinstance(v, _PLAIN):
         return (kind, v)
-    if kind in (tuple, list):
-        items = tuple(_arg_key(x) for x in v)
-        return _UNKEYED if any(k is _UNKEYED for k in items) else (kind, items)
+    if kind is tuple or kind is list or kind is immutable_list:  # (fx passes lists as its own)
+        items = tuple([_arg_key(x) for x in v])
+        return _UNKEYED if _UNKEYED in items else (kind, items)
     if kind is slice:
         parts = (_arg_key(v.start), _arg_key(v.stop), _arg_key(v.step))
         return _UNKEYED if any(k is _UNKEYED for k in parts) else (kind, parts)

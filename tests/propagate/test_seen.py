@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 from torch import nn
+from torch.fx.immutable_collections import immutable_list
 from torch.nn import functional as F
 
 import nhwc_audit
@@ -17,6 +18,7 @@ from nhwc_audit.capture.fx import trace
 from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.examples import unet
 from nhwc_audit.prepare.copy import prepare_audit_copy
+from nhwc_audit.propagate import seen as seen_module
 from nhwc_audit.propagate.dispatch import CopyRecorder
 from nhwc_audit.propagate.interpreter import propagate
 from nhwc_audit.propagate.seen import SeenCalls
@@ -210,6 +212,47 @@ def test_only_torch_functions_and_plain_tensor_methods_qualify() -> None:
         pass
 
     assert seen.call_key("call_method", "permute", (x.as_subclass(Sub), 0, 2, 3, 1), {}) is None
+    # fx passes a list argument as its own list type: keyed like a list of the same items
+    fx_list = seen.call_key("call_function", torch.cat, (immutable_list([x, x]),), {"dim": 1})
+    assert fx_list is not None and fx_list != cat
+    assert fx_list == seen.call_key("call_function", torch.cat, (immutable_list([x, x]),), {"dim": 1})
+
+
+def test_a_function_of_the_models_set_on_the_tensor_class_is_not_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.Tensor, "nhwc_audit_mine", _mine, raising=False)
+    seen = SeenCalls()
+    x = torch.randn(1, 8, 4, 4)
+    assert seen.call_key("call_method", "nhwc_audit_mine", (x,), {}) is None
+    assert seen.call_key("call_method", "split", (x, 2), {}) is not None  # torch's own, written in Python
+
+
+def test_a_module_is_read_again_only_after_a_call_that_may_run_the_models_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checks: list[int] = []
+    same = seen_module._same_objects
+    monkeypatch.setattr(seen_module, "_same_objects", lambda m, before: checks.append(1) or same(m, before))
+    seen = SeenCalls()
+    x = torch.randn(1, 8, 4, 4)
+    flat = nn.Flatten(2)
+    first = seen.key(flat, (x,), {})
+    seen.call_key("call_function", torch.relu, (x,), {})  # torch's own: cannot set anything on flat
+    assert seen.key(flat, (x,), {}) == first and not checks
+    seen.call_key("call_function", _mine, (x,), {})  # the model's own code ran (or may have)
+    flat.start_dim = 1
+    assert seen.key(flat, (x,), {}) != first and checks
+
+
+class Concatenates(nn.Module):
+    """``torch.cat`` of the same layouts, three times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, y], 1) + torch.cat([y, y], 1) + torch.cat([y, y], 1)
 
 
 class WritesWeight(nn.Module):
@@ -263,3 +306,22 @@ def test_calls_on_the_users_shared_weights_are_still_skipped(monkeypatch: pytest
     # InstanceNorm), circular.0 and circular.1 (each input layout once, and they copy inside);
     # convs.2 is a call like convs.1 on the same layouts: skipped
     assert seen.count("aten.convolution.default") == 5, seen
+
+
+def test_repeated_concatenations_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fx hands ``torch.cat`` its list as an ``immutable_list``: a call like one already recorded
+    is skipped all the same."""
+    model = Concatenates().eval()
+    cp = prepare_audit_copy(model)
+    cap = trace(cp.module)
+    seen: list[str] = []
+    record = CopyRecorder.__torch_dispatch__
+
+    def counted(self: CopyRecorder, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        seen.append(str(func))
+        return record(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(CopyRecorder, "__torch_dispatch__", counted)
+    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    propagate(cap.root, (x,), {}, graph=cap.graph, shared=cp.shared)
+    assert seen.count("aten.cat.default") == 1, seen
