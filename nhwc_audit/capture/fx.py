@@ -5,12 +5,14 @@ the model.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError
 from .context import SOURCE_KEY
@@ -45,8 +47,41 @@ class Capture:
         return torch.fx.GraphModule(self.root, self.graph, type(self.root).__name__)
 
 
+_PLAIN_ARGS = frozenset({Proxy, tuple, list, dict, int, float, bool, str, type(None)})
+
+
+class _ModuleStack(OrderedDict[str, Any]):
+    """fx's stack of the modules being traced, copied into each node's meta
+    (``nn_module_stack``): copied by its own ``__copy__`` (``copy.copy`` of a plain OrderedDict
+    goes through ``__reduce_ex__``, ~3 us a node)."""
+
+    def __copy__(self) -> _ModuleStack:
+        return _ModuleStack(self)
+
+
+class _Scope(Scope):
+    """fx's current scope, copied on entering each module call: by its own ``__copy__``."""
+
+    def __copy__(self) -> Scope:
+        return Scope(self.module_path, self.module_type)
+
+
 class _Tracer(torch.fx.Tracer):
     """fx Tracer that stores the user's source line of every node it creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scope = _Scope("", None)
+        self.module_stack = _ModuleStack()
+
+    def create_arg(self, a: Any) -> Any:
+        # a proxy, a plain value, a tuple, list or dict: torch's Tracer would find it is none of the
+        # values it turns into get_attr nodes (parameters, buffers, modules, named tuples,
+        # constants) by ~10 isinstance checks each before handing it to TracerBase, which
+        # looks its exact type up in a table: go there directly
+        if type(a) in _PLAIN_ARGS:
+            return TracerBase.create_arg(self, a)
+        return super().create_arg(a)
 
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)

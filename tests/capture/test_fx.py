@@ -1,0 +1,67 @@
+"""The fx capture's tracer takes shortcuts through torch's Tracer (plain arguments handed to
+TracerBase directly, its scope and module stack copied by their own ``__copy__``): the graphs
+must be torch's own, node for node."""
+
+from __future__ import annotations
+
+import operator
+from collections import namedtuple
+from typing import Any
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+from torch.nn import functional as F
+
+from nhwc_audit.capture.fx import trace
+from nhwc_audit.examples import unet
+
+Pair = namedtuple("Pair", ["a", "b"])
+
+
+class Odd(nn.Module):
+    """Arguments of every kind the tracer turns into nodes or keeps: a parameter and a buffer
+    passed to functions, a tensor constant, a named tuple, a dict, slices, a list, None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.register_buffer("shift", torch.zeros(1, 8, 1, 1))
+        self.inner = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x: torch.Tensor, extra: dict[str, Any] | None = None) -> Any:
+        y = self.inner(self.conv(x)) * self.scale + self.shift
+        y = y + torch.tensor(0.5)
+        p = Pair(y, y[:, :4])
+        z = torch.cat([p.a[:, 4:], p.b], dim=1)
+        z = F.interpolate(z, size=None, scale_factor=2.0, mode="nearest")
+        return {"out": operator.add(z, 1), "pair": p, "none": None}
+
+
+def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
+    return [
+        (
+            n.op,
+            n.name,
+            str(n.target),
+            str(n.args),
+            str(n.kwargs),
+            str(list((n.meta.get("nn_module_stack") or {}).items())),
+        )
+        for n in g.nodes
+    ]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [Odd, lambda: tvm.resnet18(), lambda: tvm.densenet121(), lambda: unet()[0]],
+    ids=["odd", "resnet18", "densenet121", "unet"],
+)
+def test_the_graph_is_torchs_own(build: Any) -> None:
+    ours = trace(build().eval())  # (a trace stows tensor constants on the model: one each)
+    model = build().eval()
+    theirs = torch.fx.Tracer().trace(model)
+    assert _graph(ours.graph) == _graph(theirs)
+    assert ours.gm.code == torch.fx.GraphModule(model, theirs).code
