@@ -59,7 +59,7 @@ class LayoutProp(torch.fx.Interpreter):
         self.skeleton = skeleton
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         # calls like one already recorded without a copy (or a write but to its inputs) run without the mode
-        self._seen = SeenCalls() if record_hidden else None
+        self._seen = SeenCalls(own_modes=1) if record_hidden else None  # (the recorder's mode)
         if self._recorder is not None:
             self._recorder.recording = False
         self.records: list[NodeRecord] = []

@@ -7,21 +7,27 @@ method on tensors) of its arguments' layouts and plain values. When the first su
 layout copy and wrote to nothing but its own inputs (an in-place ReLU), the recorder's Python
 dispatch mode (~5-20 us of torch's own machinery per ATen op, far more for some kernels) has
 nothing to see in the next ones, and the propagation runs them without it, unless a call is
-passed one of the user's weights the audit shares (the recorder's guard must see that write). Only torch.nn's own classes qualify, without hooks, children or attributes other
-than plain values, and torch's own functions, with plain tensors only; anything else (a
-function of the model's, a tensor subclass, a callable argument) is always recorded.
+passed one of the user's weights the audit shares (the recorder's guard must see that write).
+Only torch.nn's own classes qualify, without hooks (their own or global ones), children or
+attributes other than plain values, and torch's own functions and tensor methods, with plain
+tensors only, while no torch function or dispatch mode of the model's own is on; anything else
+(a function of the model's, a method it set on a tensor, a tensor subclass, a callable
+argument) is always recorded. A module's signature is read again when any of its attributes,
+weights or hooks is not the object it was.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import operator
 import types
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx.immutable_collections import immutable_list
+from torch.nn.modules import module as _nn_module
 
 from ..tensors import is_plain_dense
 
@@ -93,51 +99,47 @@ def has_hooks(m: nn.Module) -> bool:
 
 def global_module_hooks() -> bool:
     """Hooks registered for every module (``nn.modules.module.register_module_forward_hook``)."""
-    from torch.nn.modules import module as m
+    return any([getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS])
 
-    return any(
-        getattr(m, name, None)
-        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
-    )
+
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 class SeenCalls:
     """Signatures of the calls of one propagation that made no layout copy and wrote to
     nothing but their own inputs (:attr:`quiet`), and each module's part of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_modes: int = 0) -> None:
         self.quiet: set[Any] = set()
         self._modules: dict[int, Any] = {}
         self._ids: dict[Any, int] = {}
         """Each distinct module signature's number: a call's signature holds the number, cheaper
         to hash on every lookup than the module's settings."""
-        self._hooked = global_module_hooks()
-        self._methods: dict[str, bool] = {}
-        self._epoch = 0
-        """Counts the calls that may have run the model's own code (any call without a
-        signature): only such a call can set an attribute or a weight on a module, so a
-        module's signature is checked against its objects again only after one."""
+        self._methods: dict[tuple[type, str], bool] = {}
+        self._own_modes = own_modes
+        """Dispatch modes the propagation itself keeps on the stack (its recorder)."""
 
     def module_key(self, m: nn.Module) -> Any:
         """The part of a call's signature that is the module's own, or None (never skipped);
         read once per module and propagation, and read again when code of the model's has set
-        an attribute or a weight on it since."""
+        an attribute, a weight or a hook on it since."""
         got = self._modules.get(id(m))
         # (the module is kept, so its id is not reused)
-        if got is not None and got[0] is m:
-            if got[3] == self._epoch:
-                return got[1]
-            if _same_objects(m, got[2]):
-                self._modules[id(m)] = (*got[:3], self._epoch)
-                return got[1]
+        if got is not None and got[1] is not None and got[0] is m and not has_hooks(m) and _same_objects(m, got[2]):
+            return None if global_module_hooks() else got[1]
         key = None
         cls = type(m)
         state = m.__dict__
         if (
-            not self._hooked
-            and cls.__module__.startswith("torch.nn.modules.")
+            cls.__module__.startswith("torch.nn.modules.")
             and not state.get("_modules")
             and not has_hooks(m)
+            and not global_module_hooks()
             and "forward" not in state
             and "_call_impl" not in state
         ):
@@ -148,39 +150,49 @@ class SeenCalls:
             dense = all([t is None or tk is not None for (_, t), (_, tk) in zip(weights, tensors, strict=True)])
             if dense and config is not _UNKEYED:
                 key = self._ids.setdefault((cls, config, tensors), len(self._ids))
-        self._modules[id(m)] = (m, key, _objects(m), self._epoch)
+        self._modules[id(m)] = (m, key, _objects(m))
         return key
 
     def key(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The call's signature, or None when it must always be recorded."""
+        if self._modes():
+            return None
         base = self.module_key(m)
-        got = None if base is None else _signature(base, args, kwargs)
-        if got is None:
-            self._epoch += 1
-        return got
+        return None if base is None else _signature(base, args, kwargs)
 
     def call_key(self, op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The signature of a function or method node's call (``op``: the fx op), or None when
         it must always be recorded: torch's own functions (``torch.cat``, ``F.interpolate``),
         Python's operators on tensors and methods of plain tensors qualify; a function of the
-        model's own (``torch.fx.wrap``) never does."""
-        got = None
+        model's own (``torch.fx.wrap``, a method it set on a tensor) never does."""
+        if self._modes():
+            return None
         if op == "call_method":
-            if isinstance(target, str) and args and is_plain_dense(args[0]) and self._tensor_method(target):
-                got = _signature(("method", target), args, kwargs)
-        elif _torch_function(target):
-            got = _signature(("function", target), args, kwargs)
-        if got is None:
-            self._epoch += 1
-        return got
+            this = args[0] if args else None
+            if not (isinstance(target, str) and isinstance(this, torch.Tensor) and is_plain_dense(this)):
+                return None
+            if target in this.__dict__:  # a function of the model's set on this tensor
+                return None
+            if not self._tensor_method(type(this), target):
+                return None
+            return _signature(("method", target), args, kwargs)
+        if not _torch_function(target):
+            return None
+        return _signature(("function", target), args, kwargs)
 
-    def _tensor_method(self, name: str) -> bool:
-        """``torch.Tensor.<name>`` is torch's own (not a function of the model's set on the
-        class)."""
-        got = self._methods.get(name)
+    def _modes(self) -> bool:
+        """A mode of the model's own is on: a torch function mode (torch's functions then run
+        its code) or a dispatch mode (a skipped call, run with dispatch modes off, would skip it
+        too)."""
+        return bool(torch._C._len_torch_function_stack()) or torch._C._len_torch_dispatch_stack() > self._own_modes
+
+    def _tensor_method(self, cls: type, name: str) -> bool:
+        """``cls.<name>`` (``cls``: torch.Tensor or nn.Parameter) is torch's own (not a function
+        of the model's set on the class)."""
+        got = self._methods.get((cls, name))
         if got is None:
-            attr = inspect.getattr_static(torch.Tensor, name, None)
-            got = self._methods[name] = isinstance(attr, _DESCRIPTORS) or _torch_function(attr)
+            attr = inspect.getattr_static(cls, name, None)
+            got = self._methods[cls, name] = isinstance(attr, _DESCRIPTORS) or _torch_function(attr)
         return got
 
 
@@ -205,14 +217,20 @@ def _torch_function(target: Any) -> bool:
 
 
 def _objects(m: nn.Module) -> tuple[Any, ...]:
-    """The objects a module's signature was read from: its attributes, parameters and buffers."""
+    """The objects a module's signature was read from: the names and the values of its
+    attributes, parameters and buffers."""
     state = m.__dict__
-    return (*state.items(), *state["_parameters"].items(), *state["_buffers"].items())
+    params, buffers = state["_parameters"], state["_buffers"]
+    return (tuple(state), tuple(params), tuple(buffers)), (*state.values(), *params.values(), *buffers.values())
 
 
 def _same_objects(m: nn.Module, before: tuple[Any, ...]) -> bool:
-    now = _objects(m)
-    return len(now) == len(before) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(now, before, strict=True))
+    """``m`` has the attributes, parameters and buffers it had, each the same object."""
+    state = m.__dict__
+    params, buffers = state["_parameters"], state["_buffers"]
+    if (tuple(state), tuple(params), tuple(buffers)) != before[0]:
+        return False
+    return all(map(operator.is_, (*state.values(), *params.values(), *buffers.values()), before[1]))
 
 
 def _signature(base: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

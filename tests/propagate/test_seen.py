@@ -12,14 +12,14 @@ import torchvision.models as tvm
 from torch import nn
 from torch.fx.immutable_collections import immutable_list
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 import nhwc_audit
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.examples import unet
 from nhwc_audit.prepare.copy import prepare_audit_copy
-from nhwc_audit.propagate import seen as seen_module
-from nhwc_audit.propagate.dispatch import CopyRecorder
+from nhwc_audit.propagate.dispatch import CopyRecorder, RecordingMode
 from nhwc_audit.propagate.interpreter import propagate
 from nhwc_audit.propagate.seen import SeenCalls
 
@@ -104,6 +104,127 @@ class Retuned(nn.Module):
         return a + b.sum(-1, keepdim=True)
 
 
+def _shadow(flat: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    z = y * 1
+
+    def relu() -> torch.Tensor:  # a method of the model's on this one tensor
+        flat.start_dim = 1  # type: ignore[assignment]
+        return torch.relu(z)
+
+    z.relu = relu  # type: ignore[method-assign]
+    return z
+
+
+torch.fx.wrap("_shadow")
+
+
+class Shadowed(nn.Module):
+    """A tensor method of the model's own (set on the tensor) changes a leaf's setting between
+    its calls: the second flatten copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.flat = nn.Flatten(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = _shadow(self.flat, y)
+        a = self.flat(y)
+        b = self.flat(z.relu())
+        return a.sum() + b.sum()
+
+
+class _Retune(TorchFunctionMode):
+    def __init__(self, flat: nn.Module) -> None:
+        super().__init__()
+        self.flat = flat
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.relu:
+            self.flat.start_dim = 1
+        return func(*args, **(kwargs or {}))
+
+
+class _ToNCHW(RecordingMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        return out.contiguous() if func is torch.ops.aten.relu.default else out
+
+
+_MODES: list[Any] = []
+
+
+def _enter(flat: nn.Module, dispatch: bool, y: torch.Tensor) -> torch.Tensor:
+    mode = _ToNCHW() if dispatch else _Retune(flat)
+    mode.__enter__()
+    _MODES.append(mode)
+    return y
+
+
+def _leave(y: torch.Tensor) -> torch.Tensor:
+    _MODES.pop().__exit__(None, None, None)
+    return y
+
+
+def _hooked(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    m.register_forward_hook(lambda m, a, out: out.contiguous())
+    return y
+
+
+def _global_hook(y: torch.Tensor) -> torch.Tensor:
+    hook = torch.nn.modules.module.register_module_forward_hook
+    _MODES.append(hook(lambda m, a, out: out.contiguous() if isinstance(m, nn.ReLU) else out))
+    return y
+
+
+def _unhook(y: torch.Tensor) -> torch.Tensor:
+    _MODES.pop().remove()
+    return y
+
+
+for _f in ("_enter", "_leave", "_hooked", "_global_hook", "_unhook"):
+    torch.fx.wrap(_f)
+
+
+class Moded(nn.Module):
+    """The model's code enters a mode between two calls like each other: a torch function mode
+    that changes a leaf's setting when ``torch.relu`` runs, or a dispatch mode that makes
+    ``relu`` NCHW."""
+
+    def __init__(self, dispatch: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.flat = nn.Flatten(2)
+        self.dispatch = dispatch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _enter(self.flat, self.dispatch, self.conv(x))
+        a = self.flat(y)
+        b = torch.relu(y)  # the function mode sets flat.start_dim = 1; the dispatch mode copies
+        c = self.flat(b)
+        d = torch.relu(y)
+        return _leave(a.sum() + c.sum() + d.sum())
+
+
+class Hooked(nn.Module):
+    """The model's code adds a forward hook that copies (to the module itself, into the hook
+    table it had, or for every module) between two calls like each other."""
+
+    def __init__(self, every: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.act = nn.ReLU()
+        self.every = every
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = self.act(y)
+        y = _global_hook(y) if self.every else _hooked(self.act, y)
+        b = self.act(y)
+        return _unhook(a + b) if self.every else a + b
+
+
 _OPS = torch.library.Library("nhwc_audit_test_seen", "DEF")
 _OPS.define("maybe_nchw(Tensor x) -> Tensor")
 _OPS.impl("maybe_nchw", lambda x: x.contiguous() if bool(x.sum() > 0) else x * 1.0, "CompositeImplicitAutograd")
@@ -144,6 +265,11 @@ def _records(model: nn.Module, x: torch.Tensor, *, skip: bool, monkeypatch: pyte
         (ValueShaped, (1, 3, 4, 4)),
         (Retuned, (1, 3, 4, 4)),
         (CustomOp, (1, 3, 4, 4)),
+        (Shadowed, (1, 3, 4, 4)),
+        (lambda: Moded(dispatch=False), (1, 3, 4, 4)),
+        (lambda: Moded(dispatch=True), (1, 3, 4, 4)),
+        (lambda: Hooked(every=False), (1, 3, 4, 4)),
+        (lambda: Hooked(every=True), (1, 3, 4, 4)),
         (lambda: unet()[0], (1, 3, 32, 32)),
     ],
 )
@@ -158,8 +284,10 @@ def test_skipping_seen_calls_changes_no_record(
     if build is Repeats:
         hidden = [r.name for r in every if r.hidden]
         assert hidden[:3] == ["norms_0", "norms_1", "norms_2"]  # the same configuration, each call
-    if build in (ValueShaped, Retuned, CustomOp):
+    if type(model) in (ValueShaped, Retuned, CustomOp):  # a copy in the second call
         assert any(r.hidden for r in every[len(every) // 2 :]), [r.name for r in every if r.hidden]
+    if type(model) in (Shadowed, Moded, Hooked):  # a copy in a call like a quiet one
+        assert any(r.hidden for r in every), [r.name for r in every]
     if build is Functional:
         copies = [r.name for r in every if r.hidden]
         assert [c for c in copies if c.startswith("flatten")] == ["flatten", "flatten_1", "flatten_2"], copies
@@ -224,23 +352,42 @@ def test_a_function_of_the_models_set_on_the_tensor_class_is_not_torchs(monkeypa
     x = torch.randn(1, 8, 4, 4)
     assert seen.call_key("call_method", "nhwc_audit_mine", (x,), {}) is None
     assert seen.call_key("call_method", "split", (x, 2), {}) is not None  # torch's own, written in Python
+    shadowed = torch.randn(1, 8, 4, 4)
+    shadowed.relu = lambda: _mine(shadowed)  # type: ignore[method-assign]  # on the tensor itself
+    assert seen.call_key("call_method", "relu", (shadowed,), {}) is None
+    assert seen.call_key("call_method", "relu", (x,), {}) is not None
 
 
-def test_a_module_is_read_again_only_after_a_call_that_may_run_the_models_code(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    checks: list[int] = []
-    same = seen_module._same_objects
-    monkeypatch.setattr(seen_module, "_same_objects", lambda m, before: checks.append(1) or same(m, before))
+def test_a_module_is_read_again_when_its_objects_or_hooks_change() -> None:
     seen = SeenCalls()
     x = torch.randn(1, 8, 4, 4)
     flat = nn.Flatten(2)
     first = seen.key(flat, (x,), {})
-    seen.call_key("call_function", torch.relu, (x,), {})  # torch's own: cannot set anything on flat
-    assert seen.key(flat, (x,), {}) == first and not checks
-    seen.call_key("call_function", _mine, (x,), {})  # the model's own code ran (or may have)
-    flat.start_dim = 1
-    assert seen.key(flat, (x,), {}) != first and checks
+    assert first is not None and seen.key(flat, (x,), {}) == first
+    flat.start_dim = 1  # set by anything: torch's own calls can run the model's code (modes, hooks)
+    assert seen.key(flat, (x,), {}) != first
+    handle = flat.register_forward_hook(lambda m, a, out: out)  # into the same hook table
+    assert seen.key(flat, (x,), {}) is None
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: out)
+    try:
+        assert seen.key(flat, (x,), {}) is None
+    finally:
+        handle.remove()
+    assert seen.key(flat, (x,), {}) is not None
+
+
+def test_no_call_is_keyed_under_a_mode_of_the_models_own() -> None:
+    seen = SeenCalls()
+    x = torch.randn(1, 8, 4, 4)
+    with TorchFunctionMode():  # torch's functions run its code
+        assert seen.call_key("call_function", torch.relu, (x,), {}) is None
+        assert seen.key(nn.ReLU(), (x,), {}) is None
+    with RecordingMode():  # a skipped call runs with dispatch modes off: it would skip this one
+        assert seen.call_key("call_function", torch.relu, (x,), {}) is None
+    assert SeenCalls(own_modes=1).call_key("call_function", torch.relu, (x,), {}) is not None
+    with RecordingMode():
+        assert SeenCalls(own_modes=1).call_key("call_function", torch.relu, (x,), {}) is not None
 
 
 class Concatenates(nn.Module):
@@ -325,3 +472,68 @@ def test_repeated_concatenations_are_skipped(monkeypatch: pytest.MonkeyPatch) ->
     x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     propagate(cap.root, (x,), {}, graph=cap.graph, shared=cp.shared)
     assert seen.count("aten.cat.default") == 1, seen
+
+
+class Emb(nn.Module):
+    """A method of the model's on a tensor sets ``max_norm`` on an Embedding between two calls
+    like each other: the second renormalises the (user's) weight in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.emb = nn.Embedding(10, 16)
+        self.register_buffer("idx", torch.arange(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = _arm(self.emb, y)
+        a = self.emb(self.idx)
+        w = z.relu()
+        b = self.emb(self.idx)  # (right after: a sum of 0-dim tensors would be a call never skipped)
+        return y.sum() + w.sum() + a.sum() + b.sum()
+
+
+def _arm(emb: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    z = y * 1
+
+    def relu() -> torch.Tensor:
+        emb.max_norm = 1.0  # type: ignore[assignment]
+        return torch.relu(z)
+
+    z.relu = relu  # type: ignore[method-assign]
+    return z
+
+
+torch.fx.wrap("_arm")
+
+
+class HookWrites(nn.Module):
+    """A hook the model's code adds between two calls like each other writes to a weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = self.act(y)
+        return a + self.act(_zeroing_hook(self.act, self.conv, y))
+
+
+def _zeroing_hook(act: nn.Module, conv: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    act.register_forward_hook(lambda m, a, out: (conv.weight.mul_(0), out)[1])
+    return y
+
+
+torch.fx.wrap("_zeroing_hook")
+
+
+@pytest.mark.parametrize("build", [Emb, HookWrites])
+def test_audit_never_writes_the_users_weights_through_a_call_changed_by_the_models_code(build: Any) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    report = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), capture="fx")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any("copies of the weights" in n for n in report.meta.capture_notes), report.meta.capture_notes
