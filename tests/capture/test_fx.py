@@ -14,6 +14,7 @@ import torchvision.models as tvm
 from torch import nn
 from torch.nn import functional as F
 
+from nhwc_audit.capture.context import SOURCE_KEY
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.examples import unet
 
@@ -65,3 +66,12 @@ def test_the_graph_is_torchs_own(build: Any) -> None:
     theirs = torch.fx.Tracer().trace(model)
     assert _graph(ours.graph) == _graph(theirs)
     assert ours.gm.code == torch.fx.GraphModule(model, theirs).code
+
+
+def test_every_node_of_the_models_code_has_its_source_line() -> None:
+    """Nodes made while the tracer turns an argument into a node (the parameter, buffer and
+    tensor constant ``Odd`` passes to functions) keep the model's line too."""
+    graph = trace(Odd().eval()).graph
+    lines = {n.name: n.meta.get(SOURCE_KEY) for n in graph.nodes if n.op not in ("placeholder", "output")}
+    assert lines and all(loc is not None and loc.file == __file__ for loc in lines.values()), lines
+    assert {"scale", "shift", "_tensor_constant0"} <= set(lines)
