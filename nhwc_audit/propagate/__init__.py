@@ -7,6 +7,5 @@ it never judges.
 (``LayoutProp``, an fx Interpreter), ``eager`` (the dispatch-level recorder for models no graph
 captures), ``dispatch`` (hidden copies, in-place writes, the weight guard), ``replay``,
 ``replay_state``, ``replay_values``, ``call_keys`` and ``skeleton`` (the fx check without a second
-forward or kept activations), ``seen`` (repeated torch.nn calls and torch functions skip the
-dispatch recorder), ``compare`` (the one comparison of values), ``backward`` (gradient layouts).
+forward or kept activations), ``compare`` (the one comparison of values), ``backward`` (gradient layouts).
 """

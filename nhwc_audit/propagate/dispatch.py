@@ -112,20 +112,11 @@ class CopyRecorder(RecordingMode):
         super().__init__()
         self.copies: list[HiddenCopy] = []
         self.shared = shared
-        self.writes = 0
-        """In-place and ``out=`` writes seen, other than to :attr:`inputs` (the caller resets it)."""
-        self.inputs: frozenset[int] = frozenset()
-        """Storages of the running call's own inputs (the caller sets them): a write there (an
-        in-place ReLU) is the call's business and not counted in :attr:`writes`."""
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if _written_args(func):  # in-place and out= ops only
-            inputs = self.inputs
-            for t in written_tensors(func, args, kwargs):
-                if not (inputs and t.untyped_storage().data_ptr() in inputs):
-                    self.writes += 1
             check_shared_write(func, args, kwargs, self.shared)
         out = func(*args, **(kwargs or {}))
         if self.recording:

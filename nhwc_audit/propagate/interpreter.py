@@ -19,12 +19,11 @@ from ..capture.context import NodeContext, node_contexts
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
-from ..tensors import iter_tensors, on_shared
+from ..tensors import iter_tensors
 from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of
 from .inputs import positional_inputs
-from .seen import SeenCalls
 from .skeleton import Skeleton
 
 __all__ = ["LayoutProp", "ProgressFn", "propagate"]
@@ -58,8 +57,6 @@ class LayoutProp(torch.fx.Interpreter):
         self.shared = shared
         self.skeleton = skeleton
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
-        # calls like one already recorded without a copy (or a write but to its inputs) run without the mode
-        self._seen = SeenCalls(own_modes=1) if record_hidden else None  # (the recorder's mode)
         if self._recorder is not None:
             self._recorder.recording = False
         self.records: list[NodeRecord] = []
@@ -76,8 +73,6 @@ class LayoutProp(torch.fx.Interpreter):
         for n in self._nodes:
             if n.op == "call_module":
                 sub = self._callee[n] = self._module(n.target)
-                if self._seen is not None:  # read before the run, in one go: cheaper than between kernels
-                    self._seen.module_key(sub)
                 own = {id(t): t for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None}
                 self._leaf_weights[n] = [
                     (NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t)
@@ -115,31 +110,16 @@ class LayoutProp(torch.fx.Interpreter):
         versions = [t._version for _, t in inputs] if sk is not None else []
         try:
             rec = self._recorder
-            seen = self._seen
-            key = None
-            if seen is not None:
-                op = n.op
-                if op == "call_module":
-                    key = seen.key(self._callee[n], args, kwargs)
-                elif op == "call_function" or op == "call_method":
-                    key = seen.call_key(op, n.target, args, kwargs)
             if rec is None:
                 result = self._call(n, args, kwargs)
-            elif key is not None and key in seen.quiet and not self._shared_input(inputs):  # type: ignore[union-attr]
-                with torch._C._DisableTorchDispatch():
-                    result = self._call(n, args, kwargs)
             else:  # one mode for the whole run: pushing one per node costs more
-                rec.copies, rec.writes = [], 0
-                rec.inputs = _storages(inputs) if key is not None else frozenset()
+                rec.copies = []
                 rec.recording = self.record_hidden
                 try:
                     result = self._call(n, args, kwargs)
                 finally:
                     rec.recording = False
-                    rec.inputs = frozenset()
                 hidden = rec.copies
-                if key is not None and not hidden and not rec.writes:
-                    seen.quiet.add(key)  # type: ignore[union-attr]
             if sk is not None:
                 sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:
@@ -164,14 +144,6 @@ class LayoutProp(torch.fx.Interpreter):
         if self._progress is not None:
             self._progress(self._index[n] + 1, len(self._nodes))
         return result
-
-    def _shared_input(self, inputs: list[tuple[NodeInput, torch.Tensor]]) -> bool:
-        """A call is passed one of the user's weights the audit reads in place: a call skipped
-        by the recorder may write to what it is passed (an in-place ReLU), so this one must be
-        recorded, and guarded. (A leaf module's own weights are not passed: a call that wrote
-        to them is never skipped.)"""
-        shared = self.shared
-        return bool(shared) and any(i.producer is not None and on_shared(t, shared) for i, t in inputs)
 
     def run(
         self, *args: Any, initial_env: dict[torch.fx.Node, Any] | None = None, enable_io_processing: bool = True
@@ -247,11 +219,6 @@ class LayoutProp(torch.fx.Interpreter):
                 )
             )
         self._pending.clear()
-
-
-def _storages(inputs: list[tuple[NodeInput, torch.Tensor]]) -> frozenset[int]:
-    """The storages of a call's activation inputs (not the weights it reads)."""
-    return frozenset(t.untyped_storage().data_ptr() for i, t in inputs if not i.is_param)
 
 
 def propagate(

@@ -35,14 +35,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ..errors import first_line
 from .replay_state import ReplayState
 from .replay_values import Differs
-from .seen import global_module_hooks, has_hooks
 from .skeleton import Skeleton, Unsupported, is_plain, rebuild, standin
 
 __all__ = ["replay"]
+
+_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_pre_hooks")
+"""A module's own hook tables."""
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+"""torch.nn's tables of hooks for every module (``register_module_forward_hook``)."""
 
 
 def _plain_containers(v: Any) -> Any:
@@ -116,8 +126,8 @@ def replay(
     if skeleton.off is not None:
         return skeleton.off
     modules = dict(model.named_modules())
-    hooked = [name or "the model" for name, m in modules.items() if has_hooks(m)]
-    if hooked or global_module_hooks():
+    hooked = [name or "the model" for name, m in modules.items() if any(m.__dict__.get(h) for h in _HOOKS)]
+    if hooked or any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS):
         where = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "") if hooked else "every module"
         return f"hooks on {where}: the replay cannot run them on stand-ins"
     try:

@@ -1,0 +1,370 @@
+"""The dispatch-level recorder: every call's hidden layout copies, and the guard that refuses
+writes to the user's weights, whatever the model's own code does between two calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+import nhwc_audit
+from nhwc_audit.capture.fx import trace
+from nhwc_audit.errors import SharedWeightWrite
+from nhwc_audit.prepare.copy import prepare_audit_copy
+from nhwc_audit.propagate.dispatch import RecordingMode
+from nhwc_audit.propagate.interpreter import propagate
+
+
+class Repeats(nn.Module):
+    """The same configurations called again: InstanceNorm and a circular conv copy inside
+    (every call must keep its hidden copy), an in-place ReLU writes to its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.norms = nn.ModuleList(nn.InstanceNorm2d(8) for _ in range(3))
+        self.circular = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular") for _ in range(2))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            y = self.act(norm(conv(y)))
+        for conv in self.circular:
+            y = conv(y)
+        return y
+
+
+class Functional(nn.Module):
+    """torch's functions and tensor methods called again on the same layouts: a circular
+    ``pad`` and the ``flatten`` of an NHWC tensor copy inside (each call keeps its copies), an
+    in-place ``add_`` writes to its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for _ in range(3):
+            z = torch.cat([y, y * 2], dim=1)[:, :8]
+            z = F.layer_norm(z.permute(0, 2, 3, 1).contiguous(), (8,)).permute(0, 3, 1, 2)
+            z = F.interpolate(F.pad(z, (1, 1, 1, 1), mode="circular"), size=y.shape[-2:], mode="bilinear")
+            z = z + torch.flatten(y, 1).mean(-1)[:, None, None, None]
+            y = torch.relu(y + z).add_(1)
+        return y
+
+
+class ValueShaped(nn.Module):
+    """Reshapes whose sizes are 0-dim tensors: 8 rows view the NHWC map, 32 rows copy it (a
+    tensor torch reads as a number is never keyed by its layout alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.register_buffer("rows_a", torch.tensor(8))
+        self.register_buffer("rows_b", torch.tensor(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y.reshape(self.rows_a, -1).sum() + y.reshape(self.rows_b, -1).sum()
+
+
+def _set_start(m: nn.Module, v: int, x: torch.Tensor) -> torch.Tensor:
+    m.start_dim = v  # type: ignore[assignment]
+    return x
+
+
+torch.fx.wrap("_set_start")
+
+
+class Retuned(nn.Module):
+    """Code of the model's changes a leaf's setting between its two calls: the second flatten
+    (from dim 1 of an NHWC map) copies, the first (from dim 2) does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.flat = nn.Flatten(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = self.flat(y).sum(-1)
+        b = self.flat(_set_start(self.flat, 1, y)).sum(-1)
+        return a + b.sum(-1, keepdim=True)
+
+
+def _shadow(flat: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    z = y * 1
+
+    def relu() -> torch.Tensor:  # a method of the model's on this one tensor
+        flat.start_dim = 1  # type: ignore[assignment]
+        return torch.relu(z)
+
+    z.relu = relu  # type: ignore[method-assign]
+    return z
+
+
+torch.fx.wrap("_shadow")
+
+
+class Shadowed(nn.Module):
+    """A tensor method of the model's own (set on the tensor) changes a leaf's setting between
+    its calls: the second flatten copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.flat = nn.Flatten(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = _shadow(self.flat, y)
+        a = self.flat(y)
+        b = self.flat(z.relu())
+        return a.sum() + b.sum()
+
+
+class _Retune(TorchFunctionMode):
+    def __init__(self, flat: nn.Module) -> None:
+        super().__init__()
+        self.flat = flat
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.relu:
+            self.flat.start_dim = 1
+        return func(*args, **(kwargs or {}))
+
+
+class _ToNCHW(RecordingMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        return out.contiguous() if func is torch.ops.aten.relu.default else out
+
+
+_MODES: list[Any] = []
+
+
+def _enter(flat: nn.Module, dispatch: bool, y: torch.Tensor) -> torch.Tensor:
+    mode = _ToNCHW() if dispatch else _Retune(flat)
+    mode.__enter__()
+    _MODES.append(mode)
+    return y
+
+
+def _leave(y: torch.Tensor) -> torch.Tensor:
+    _MODES.pop().__exit__(None, None, None)
+    return y
+
+
+def _hooked(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    m.register_forward_hook(lambda m, a, out: out.contiguous())
+    return y
+
+
+def _global_hook(y: torch.Tensor) -> torch.Tensor:
+    hook = torch.nn.modules.module.register_module_forward_hook
+    _MODES.append(hook(lambda m, a, out: out.contiguous() if isinstance(m, nn.ReLU) else out))
+    return y
+
+
+def _unhook(y: torch.Tensor) -> torch.Tensor:
+    _MODES.pop().remove()
+    return y
+
+
+for _f in ("_enter", "_leave", "_hooked", "_global_hook", "_unhook"):
+    torch.fx.wrap(_f)
+
+
+class Moded(nn.Module):
+    """The model's code enters a mode between two calls like each other: a torch function mode
+    that changes a leaf's setting when ``torch.relu`` runs, or a dispatch mode that makes
+    ``relu`` NCHW."""
+
+    def __init__(self, dispatch: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.flat = nn.Flatten(2)
+        self.dispatch = dispatch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _enter(self.flat, self.dispatch, self.conv(x))
+        a = self.flat(y)
+        b = torch.relu(y)  # the function mode sets flat.start_dim = 1; the dispatch mode copies
+        c = self.flat(b)
+        d = torch.relu(y)
+        return _leave(a.sum() + c.sum() + d.sum())
+
+
+class Hooked(nn.Module):
+    """The model's code adds a forward hook that copies (to the module itself, into the hook
+    table it had, or for every module) between two calls like each other."""
+
+    def __init__(self, every: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.act = nn.ReLU()
+        self.every = every
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = self.act(y)
+        y = _global_hook(y) if self.every else _hooked(self.act, y)
+        b = self.act(y)
+        return _unhook(a + b) if self.every else a + b
+
+
+_OPS = torch.library.Library("nhwc_audit_test_seen", "DEF")
+_OPS.define("maybe_nchw(Tensor x) -> Tensor")
+_OPS.impl("maybe_nchw", lambda x: x.contiguous() if bool(x.sum() > 0) else x * 1.0, "CompositeImplicitAutograd")
+
+
+class CustomOp(nn.Module):
+    """A custom op of the user's (``torch.ops.<lib>``, whose ``__module__`` reads as torch's)
+    copies on the values it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        op = torch.ops.nhwc_audit_test_seen.maybe_nchw
+        return op(-y.abs()) + op(y.abs())
+
+
+@pytest.mark.parametrize(
+    "build,shape",
+    [
+        (Repeats, (1, 3, 8, 8)),
+        (Functional, (1, 3, 8, 8)),
+        (ValueShaped, (1, 3, 4, 4)),
+        (Retuned, (1, 3, 4, 4)),
+        (CustomOp, (1, 3, 4, 4)),
+        (Shadowed, (1, 3, 4, 4)),
+        (lambda: Moded(dispatch=False), (1, 3, 4, 4)),
+        (lambda: Moded(dispatch=True), (1, 3, 4, 4)),
+        (lambda: Hooked(every=False), (1, 3, 4, 4)),
+        (lambda: Hooked(every=True), (1, 3, 4, 4)),
+    ],
+)
+def test_every_call_keeps_its_hidden_copies(build: Any, shape: tuple[int, ...]) -> None:
+    """A call like an earlier one that made no copy may copy (its module's setting, a mode or a
+    hook of the model's own changed in between, or a value torch reads as a number): each call
+    is recorded on its own."""
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(shape)
+    cp = prepare_audit_copy(model.eval())
+    cap = trace(cp.module)
+    records, _ = propagate(cap.root, (x.contiguous(memory_format=torch.channels_last),), {}, graph=cap.graph)
+    copies = [r.name for r in records if r.hidden]
+    if build is Repeats:
+        assert copies[:3] == ["norms_0", "norms_1", "norms_2"]  # the same configuration, each call
+    elif build is Functional:
+        assert [c for c in copies if c.startswith("flatten")] == ["flatten", "flatten_1", "flatten_2"], copies
+        assert len([c for c in copies if c.startswith("pad")]) == 3, copies
+    elif type(model) in (ValueShaped, Retuned, CustomOp):  # the second call copies, the first does not
+        assert copies and all(records.index(r) >= len(records) // 2 for r in records if r.hidden), copies
+    else:  # the call after the model's change copies
+        assert copies, [r.name for r in records]
+
+
+class WritesWeight(nn.Module):
+    """An in-place ReLU on an activation, then the same call on a weight of the same layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        w = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+        self.w = nn.Parameter(w, requires_grad=False)  # frozen: its layout key is an activation's
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x)) + self.act(self.w)
+
+
+def test_an_in_place_call_on_a_shared_weight_is_refused() -> None:
+    """An in-place ReLU on an activation, then on one of the user's weights (read in place): the
+    guard refuses the second write, and ``audit()`` runs on copies of the weights."""
+    model = WritesWeight().eval()
+    cp = prepare_audit_copy(model)
+    assert cp.shared
+    cap = trace(cp.module)
+    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(SharedWeightWrite):
+        propagate(cap.root, (x,), {}, graph=cap.graph, shared=cp.shared)
+    before = model.w.detach().clone()
+    report = nhwc_audit.audit(model, torch.randn(1, 3, 4, 4))
+    assert torch.equal(model.w.detach(), before)
+    assert any("copies of the weights" in note for note in report.meta.capture_notes)
+
+
+class Emb(nn.Module):
+    """A method of the model's on a tensor sets ``max_norm`` on an Embedding between two calls
+    like each other: the second renormalises the (user's) weight in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.emb = nn.Embedding(10, 16)
+        self.register_buffer("idx", torch.arange(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = _arm(self.emb, y)
+        a = self.emb(self.idx)
+        w = z.relu()
+        b = self.emb(self.idx)  # (right after: a sum of 0-dim tensors would be a call never skipped)
+        return y.sum() + w.sum() + a.sum() + b.sum()
+
+
+def _arm(emb: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    z = y * 1
+
+    def relu() -> torch.Tensor:
+        emb.max_norm = 1.0  # type: ignore[assignment]
+        return torch.relu(z)
+
+    z.relu = relu  # type: ignore[method-assign]
+    return z
+
+
+torch.fx.wrap("_arm")
+
+
+class HookWrites(nn.Module):
+    """A hook the model's code adds between two calls like each other writes to a weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = self.act(y)
+        return a + self.act(_zeroing_hook(self.act, self.conv, y))
+
+
+def _zeroing_hook(act: nn.Module, conv: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    act.register_forward_hook(lambda m, a, out: (conv.weight.mul_(0), out)[1])
+    return y
+
+
+torch.fx.wrap("_zeroing_hook")
+
+
+@pytest.mark.parametrize("build", [Emb, HookWrites])
+def test_audit_never_writes_the_users_weights_through_a_call_changed_by_the_models_code(build: Any) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    report = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), capture="fx")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any("copies of the weights" in n for n in report.meta.capture_notes), report.meta.capture_notes
