@@ -220,7 +220,7 @@ class Hooked(nn.Module):
         return _unhook(a + b) if self.every else a + b
 
 
-_OPS = torch.library.Library("nhwc_audit_test_seen", "DEF")
+_OPS = torch.library.Library("nhwc_audit_test_dispatch", "DEF")
 _OPS.define("maybe_nchw(Tensor x) -> Tensor")
 _OPS.impl("maybe_nchw", lambda x: x.contiguous() if bool(x.sum() > 0) else x * 1.0, "CompositeImplicitAutograd")
 
@@ -235,7 +235,7 @@ class CustomOp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        op = torch.ops.nhwc_audit_test_seen.maybe_nchw
+        op = torch.ops.nhwc_audit_test_dispatch.maybe_nchw
         return op(-y.abs()) + op(y.abs())
 
 
