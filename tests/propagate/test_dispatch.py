@@ -61,8 +61,8 @@ class Functional(nn.Module):
 
 
 class ValueShaped(nn.Module):
-    """Reshapes whose sizes are 0-dim tensors: 8 rows view the NHWC map, 32 rows copy it (a
-    tensor torch reads as a number is never keyed by its layout alone)."""
+    """Reshapes whose sizes are 0-dim tensors: 8 rows view the NHWC map, 32 rows copy it (the same
+    layouts in, a copy decided by a tensor's value)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,18 +99,19 @@ class Retuned(nn.Module):
         return a + b.sum(-1, keepdim=True)
 
 
-def _shadow(flat: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def _set_by_relu(m: nn.Module, name: str, value: Any, y: torch.Tensor) -> torch.Tensor:
+    """``y`` again, with a ``relu`` method of the model's own on it that sets ``m.<name>``."""
     z = y * 1
 
-    def relu() -> torch.Tensor:  # a method of the model's on this one tensor
-        flat.start_dim = 1  # type: ignore[assignment]
+    def relu() -> torch.Tensor:
+        setattr(m, name, value)
         return torch.relu(z)
 
     z.relu = relu  # type: ignore[method-assign]
     return z
 
 
-torch.fx.wrap("_shadow")
+torch.fx.wrap("_set_by_relu")
 
 
 class Shadowed(nn.Module):
@@ -124,7 +125,7 @@ class Shadowed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        z = _shadow(self.flat, y)
+        z = _set_by_relu(self.flat, "start_dim", 1, y)
         a = self.flat(y)
         b = self.flat(z.relu())
         return a.sum() + b.sum()
@@ -147,18 +148,19 @@ class _ToNCHW(RecordingMode):
         return out.contiguous() if func is torch.ops.aten.relu.default else out
 
 
-_MODES: list[Any] = []
+_UNDO: list[Any] = []
+"""Modes entered and global hooks registered by the models' code, undone later in their forward."""
 
 
 def _enter(flat: nn.Module, dispatch: bool, y: torch.Tensor) -> torch.Tensor:
     mode = _ToNCHW() if dispatch else _Retune(flat)
     mode.__enter__()
-    _MODES.append(mode)
+    _UNDO.append(mode)
     return y
 
 
 def _leave(y: torch.Tensor) -> torch.Tensor:
-    _MODES.pop().__exit__(None, None, None)
+    _UNDO.pop().__exit__(None, None, None)
     return y
 
 
@@ -169,12 +171,12 @@ def _hooked(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 def _global_hook(y: torch.Tensor) -> torch.Tensor:
     hook = torch.nn.modules.module.register_module_forward_hook
-    _MODES.append(hook(lambda m, a, out: out.contiguous() if isinstance(m, nn.ReLU) else out))
+    _UNDO.append(hook(lambda m, a, out: out.contiguous() if isinstance(m, nn.ReLU) else out))
     return y
 
 
 def _unhook(y: torch.Tensor) -> torch.Tensor:
-    _MODES.pop().remove()
+    _UNDO.pop().remove()
     return y
 
 
@@ -270,7 +272,7 @@ def test_every_call_keeps_its_hidden_copies(build: Any, shape: tuple[int, ...]) 
         assert [c for c in copies if c.startswith("flatten")] == ["flatten", "flatten_1", "flatten_2"], copies
         assert len([c for c in copies if c.startswith("pad")]) == 3, copies
     elif type(model) in (ValueShaped, Retuned, CustomOp):  # the second call copies, the first does not
-        assert copies and all(records.index(r) >= len(records) // 2 for r in records if r.hidden), copies
+        assert copies and all(i >= len(records) // 2 for i, r in enumerate(records) if r.hidden), copies
     else:  # the call after the model's change copies
         assert copies, [r.name for r in records]
 
@@ -282,7 +284,7 @@ class WritesWeight(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 1)
         w = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-        self.w = nn.Parameter(w, requires_grad=False)  # frozen: its layout key is an activation's
+        self.w = nn.Parameter(w, requires_grad=False)  # frozen: the in-place ReLU may run on it
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,25 +319,11 @@ class Emb(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        z = _arm(self.emb, y)
+        z = _set_by_relu(self.emb, "max_norm", 1.0, y)
         a = self.emb(self.idx)
         w = z.relu()
-        b = self.emb(self.idx)  # (right after: a sum of 0-dim tensors would be a call never skipped)
+        b = self.emb(self.idx)
         return y.sum() + w.sum() + a.sum() + b.sum()
-
-
-def _arm(emb: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    z = y * 1
-
-    def relu() -> torch.Tensor:
-        emb.max_norm = 1.0  # type: ignore[assignment]
-        return torch.relu(z)
-
-    z.relu = relu  # type: ignore[method-assign]
-    return z
-
-
-torch.fx.wrap("_arm")
 
 
 class HookWrites(nn.Module):
