@@ -9,11 +9,9 @@ The caller (:mod:`nhwc_audit.api`) has resolved the user's arguments into
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +23,7 @@ from .analyze.divergence import divergences
 from .analyze.findings import find_findings
 from .analyze.moves import reorder_bytes
 from .analyze.verdict import decide
+from .collector import collector_paused
 from .errors import SharedWeightWrite
 from .layout import tensor_meta
 from .prepare.copy import model_device, prepare_audit_copy, prepare_inputs
@@ -267,30 +266,13 @@ def _audit_one(
     )
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused for one audit, and on again after (when it was
-    on). A full collection walks every object of the process, torch's ~400k among them, and an
-    audit that allocates per op set off several: a 4,000-op graph took 0.58 s with it, 0.35 s
-    without. Reference counting still frees every tensor when its last use ends; the audit's
-    own reference cycles (fx graphs) wait for the next collection."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
     """Audit ``module`` on the sample ``(args, kwargs)`` as the options say."""
     before = torch.get_num_threads()
     if o.threads is not None:
         torch.set_num_threads(o.threads)
     try:
-        with _collector_paused():
+        with collector_paused():
             return _run(module, args, kwargs, o)
     finally:
         torch.set_num_threads(before)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .collector import collector_paused
 from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
 from .report.files import write_text_atomic
 from .report.serialize import json_text, report_dict
@@ -90,10 +91,11 @@ class AuditReport:
     def to_json(self, *, indent: int | None = 2) -> str:
         """The report as JSON (schema ``nhwc-audit/1``, documented in the README): one key,
         node, finding or module per line (``indent`` spaces a level); ``indent=None``: all on
-        one line."""
-        if indent is None:
-            return json.dumps(self.to_dict(), ensure_ascii=False) + "\n"
-        return json_text(self.to_dict(), indent=indent) + "\n"
+        one line. Built with the collector paused (:mod:`nhwc_audit.collector`)."""
+        with collector_paused():
+            if indent is None:
+                return json.dumps(self.to_dict(), ensure_ascii=False) + "\n"
+            return json_text(self.to_dict(), indent=indent) + "\n"
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON report atomically (temporary file, then rename)."""

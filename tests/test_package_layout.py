@@ -12,6 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "nhwc_audit"
 
 RANK = {
     "records": 0,
+    "collector": 0,
     "errors": 0,
     "layout": 1,
     "tensors": 1,

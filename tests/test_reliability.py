@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -186,4 +187,34 @@ def test_the_collector_is_paused_for_an_audit_and_left_as_found() -> None:
         gc.enable()
     with pytest.raises(Exception, match="input shapes|shape"):
         audit(Probe(), torch.randn(1, 5, 4, 4), bandwidth=1e9)
+    assert gc.isenabled()
+
+
+def test_the_collector_is_paused_while_a_report_is_rendered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JSON, the HTML and the notebook view are built with the collector paused (a large
+    model's records set off full collections of the whole process), and leave it on."""
+    import gc
+
+    from nhwc_audit import result
+    from nhwc_audit.report import html
+
+    report = audit(FuzzNet(["bn", "cat"], "flatten"), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    seen: list[bool] = []
+
+    def spy(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            seen.append(gc.isenabled())
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(result, "json_text")
+    spy(html, "view_model")
+    assert gc.isenabled()
+    report.to_json()
+    report.to_html()
+    report._repr_html_()
+    assert seen == [False] * 4  # json_text, view_model for the page, and twice for the notebook
     assert gc.isenabled()

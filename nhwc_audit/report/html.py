@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from markupsafe import Markup
 
+from ..collector import collector_paused
 from ..records import Finding, FindingKind, Layout
 from .files import write_text_atomic
 from .modules import finding_kinds, graph_data, module_rows
@@ -252,18 +253,20 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
 
 
 def render_html(report: AuditReport, *, now: Callable[[], dt.datetime] | None = None) -> str:
-    """The full self-contained HTML report."""
-    return str(jinja_environment().get_template("report.html").render(vm=view_model(report, now=now)))
+    """The full self-contained HTML report (the collector paused: :mod:`nhwc_audit.collector`)."""
+    with collector_paused():
+        return str(jinja_environment().get_template("report.html").render(vm=view_model(report, now=now)))
 
 
 def render_notebook(report: AuditReport, *, top: int = 10) -> str:
     """Compact HTML for a notebook cell: verdict, the layout strip, fixes, top hotspots, and the
     full interactive report inline behind a control (a sandboxed ``iframe srcdoc``: self-contained,
     no server, its script kept away from the notebook's page)."""
-    vm = view_model(report)
-    vm["hotspots"] = vm["hotspots"][:top]
-    template = jinja_environment().get_template("notebook.html")
-    return str(template.render(vm=vm, more=max(0, len(report.hotspots) - top), full=render_html(report)))
+    with collector_paused():
+        vm = view_model(report)
+        vm["hotspots"] = vm["hotspots"][:top]
+        template = jinja_environment().get_template("notebook.html")
+        return str(template.render(vm=vm, more=max(0, len(report.hotspots) - top), full=render_html(report)))
 
 
 def write_html(report: AuditReport, path: str | os.PathLike[str]) -> Path:
