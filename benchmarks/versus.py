@@ -2,8 +2,9 @@
 
     python benchmarks/versus.py [--base REV] [--repeats 9] [CASE ...]
 
-CASE is ``torchvision_name:size:batch`` (``resnet50:224:1``) or ``chainN`` (a conv and N
-relu/add pairs, no compute to speak of). The base revision's package is exported with
+CASE is ``torchvision_name:size:batch`` (``resnet50:224:1``), ``chainN`` (a conv and N
+relu/add pairs, no compute to speak of) or ``sd15`` (Stable Diffusion 1.5's UNet built on the
+meta device, audited in fake mode: no forward to compare with, so its forward column is empty). The base revision's package is exported with
 ``git archive`` into a temporary folder under another name, so both versions run interleaved
 in the same process on the same model and sample: machine noise (this project's machine drifts
 by 20-30% within minutes) cancels out of the ratio. Wall time and CPU time (``process_time``:
@@ -38,17 +39,27 @@ def _base_package(rev: str, into: Path) -> Any:
     return importlib.import_module("nhwc_audit_base")
 
 
-def _case(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+def _case(name: str) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any], str]:
+    """The model, its sample (args, kwargs) and the audit's mode."""
     torch.manual_seed(0)
     if name.startswith("chain"):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from run import _Chain
 
-        return _Chain(int(name[5:] or 2000)), torch.randn(1, 3, 4, 4)
+        return _Chain(int(name[5:] or 2000)), (torch.randn(1, 3, 4, 4),), {}, "real"
+    if name == "sd15":
+        from nhwc_audit.zoo.large import sd15_meta
+
+        model, args, kwargs = sd15_meta()
+        return model, args, kwargs, "fake"
     import torchvision.models as tvm
 
     model, size, batch = name.split(":")
-    return getattr(tvm, model)(weights=None).eval(), torch.randn(int(batch), 3, int(size), int(size))
+    return getattr(tvm, model)(weights=None).eval(), (torch.randn(int(batch), 3, int(size), int(size)),), {}, "real"
+
+
+def _cell(seconds: float, forward: float | None) -> str:
+    return f"{seconds * 1e3:.1f} ms" + (f" ({seconds / forward:.2f}x)" if forward else "")
 
 
 def main() -> None:
@@ -66,18 +77,21 @@ def main() -> None:
         print("| case | nodes | forward | base audit | this audit | this / base (wall) | this / base (CPU) |")
         print("|---|---|---|---|---|---|---|")
         for name in a.cases:
-            model, x = _case(name)
-            cl, xc = nhwc_audit.convert(model), x.contiguous(memory_format=torch.channels_last)
+            model, args, kwargs, mode = _case(name)
 
-            def forward(cl: Any = cl, xc: Any = xc) -> None:
-                with torch.no_grad():
-                    cl(xc)
+            def audit(pkg: Any, m: Any = model, args: Any = args, kwargs: Any = kwargs, mode: str = mode) -> Any:
+                return pkg.audit(m, args, example_kwargs=kwargs, mode=mode, bandwidth=1e10)
 
-            runs = {
-                "forward": forward,
-                "base": lambda m=model, x=x: base.audit(m, x, bandwidth=1e10),
-                "this": lambda m=model, x=x: nhwc_audit.audit(m, x, bandwidth=1e10),
-            }
+            runs = {"base": lambda: audit(base), "this": lambda: audit(nhwc_audit)}
+            if mode == "real":
+                cl = nhwc_audit.convert(model)
+                xc = tuple(x.contiguous(memory_format=torch.channels_last) for x in args)
+
+                def forward(cl: Any = cl, xc: Any = xc) -> None:
+                    with torch.no_grad():
+                        cl(*xc)
+
+                runs = {"forward": forward, **runs}
             wall: dict[str, list[float]] = {k: [] for k in runs}
             cpu: dict[str, list[float]] = {k: [] for k in runs}
             for fn in runs.values():
@@ -89,12 +103,13 @@ def main() -> None:
                     fn()
                     wall[k].append(time.perf_counter() - t)
                     cpu[k].append(time.process_time() - c)
-            nodes = len(nhwc_audit.audit(model, x, bandwidth=1e10).nodes)
+            nodes = len(audit(nhwc_audit).nodes)
             w = {k: statistics.median(v) for k, v in wall.items()}
             c = {k: statistics.median(v) for k, v in cpu.items()}
+            fw = w.get("forward")
+
             print(
-                f"| {name} | {nodes} | {w['forward'] * 1e3:.1f} ms | {w['base'] * 1e3:.1f} ms "
-                f"({w['base'] / w['forward']:.2f}x) | {w['this'] * 1e3:.1f} ms ({w['this'] / w['forward']:.2f}x) | "
+                f"| {name} | {nodes} | {f'{fw * 1e3:.1f} ms' if fw else '-'} | {_cell(w['base'], fw)} | {_cell(w['this'], fw)} | "
                 f"{w['this'] / w['base']:.3f} | {c['this'] / c['base']:.3f} |",
                 flush=True,
             )

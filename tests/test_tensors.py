@@ -1,0 +1,42 @@
+"""tensors.iter_tensors walks an op's arguments itself: the same tensors, in the same order,
+as torch's pytree on every kind of value (and leaves the rest to pytree)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, namedtuple
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+from nhwc_audit.tensors import iter_tensors
+
+Pair = namedtuple("Pair", "a b")
+
+
+def _reference(value: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def _values() -> list[Any]:
+    a, b, c = torch.zeros(1), torch.ones(2), torch.nn.Parameter(torch.zeros(3))
+    return [
+        a,
+        None,
+        3,
+        (a, 2.0, [b, None, {"k": c, "j": a}], slice(0, 2), ...),
+        {"z": b, "a": (c, a)},  # insertion order, as pytree flattens dicts
+        OrderedDict([("y", c), ("x", b)]),
+        Pair(a=[b], b=(c,)),  # a named tuple: pytree's
+        (torch.Size([1, 2]), torch.float32, torch.device("cpu"), torch.channels_last, torch.strided),
+        [[[]], (), {}],
+        {"nested": Pair(a={"q": b}, b=a), "more": [OrderedDict(m=c)]},
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_values())))
+def test_iter_tensors_is_pytrees_order(index: int) -> None:
+    value = _values()[index]
+    got, want = iter_tensors(value), _reference(value)
+    assert [id(t) for t in got] == [id(t) for t in want]
