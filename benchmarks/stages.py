@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -92,17 +93,20 @@ def main() -> None:
         "analysis (findings, fixes, regions)": lambda: analyze(recs, bandwidth=1e10, device="cpu"),
     }
     times: dict[str, list[float]] = {k: [] for k in stages}
+    faults: dict[str, list[int]] = {k: [] for k in stages}
     for fn in stages.values():
         fn()  # warm-up
-    # the audit pauses Python's cyclic collector (pipeline._collector_paused): so do the stages,
+    # the audit pauses Python's cyclic collector (nhwc_audit.collector): so do the stages,
     # or a full collection set off inside one stage (~400k objects of torch's) is charged to it
     gc.disable()
     try:
         for _ in range(a.repeats):
             for k, fn in stages.items():
+                before = _minor_faults()
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
+                faults[k].append(_minor_faults() - before)
             replay()
             gc.collect()
     finally:
@@ -111,10 +115,20 @@ def main() -> None:
     med["replay check (after the propagation)"] = statistics.median(replay_times)
     f = med["eager channels_last forward"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.model} {a.batch}x3x{a.size}x{a.size}")
-    print("| stage | median | x forward |")
-    print("|---|---|---|")
+    print("| stage | median | x forward | page faults (median) |")
+    print("|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v * 1e3:.1f} ms | {v / f:.2f} |")
+        fl = f"{statistics.median(faults[k]):,.0f}" if k in faults else ""
+        print(f"| {k} | {v * 1e3:.1f} ms | {v / f:.2f} | {fl} |")
+    print(
+        "\nPage faults: the process's minor faults during the stage (getrusage). At larger batches a run's"
+        "\ntime follows them: glibc's malloc gives large freed blocks back to the kernel and every fresh page"
+        "\nfaults again, as many times as the allocation order dictates."
+    )
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 if __name__ == "__main__":
