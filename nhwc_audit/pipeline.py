@@ -173,7 +173,7 @@ def _with_nchw_baseline(
     for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
         if f.kind is FindingKind.REVERT:
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
-    pairs = match_nodes(records, nchw, by_name=captured.gm is not None)
+    pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
     if not both:
         return records, ()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -325,3 +327,20 @@ def test_a_copy_made_in_either_layout_costs_nothing_extra(capture: str) -> None:
     assert kinds == [("revert", 0), ("conversion", 2 * act)]  # still where channels_last is lost
     assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in r.meta.capture_notes)
     assert r.summary.bytes_moved == eager_bytes(TokensBack(), (x,)).added
+
+
+def test_the_nchw_baseline_runs_the_graph_without_generating_its_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fx audit interprets the graph on the audit copy, the NCHW baseline too: no GraphModule
+    (whose code generation costs ~50 ms on a 1,600-node graph) is built unless a later step
+    (a repair, a backward pass) asks for one."""
+    built: list[str] = []
+    real_init = torch.fx.GraphModule.__init__
+
+    def counting(self: torch.fx.GraphModule, *a: Any, **k: Any) -> None:
+        built.append(type(self).__name__)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(torch.fx.GraphModule, "__init__", counting)
+    r = audit(TokensBack(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture="fx")
+    assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in r.meta.capture_notes)
+    assert built == []
