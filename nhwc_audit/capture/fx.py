@@ -4,7 +4,11 @@ the model.
 
 from __future__ import annotations
 
+import bisect
+import dis
 import functools
+import sys
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -12,7 +16,7 @@ from typing import Any, Literal
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.proxy import Proxy, Scope, TracerBase
+from torch.fx.proxy import Attribute, Proxy, Scope, TracerBase
 
 from ..errors import TraceError
 from .context import SOURCE_KEY
@@ -47,7 +51,16 @@ class Capture:
         return torch.fx.GraphModule(self.root, self.graph, type(self.root).__name__)
 
 
-_PLAIN_ARGS = frozenset({Proxy, tuple, list, dict, int, float, bool, str, type(None)})
+def _holds(root: nn.Module, name: str, kind: str) -> Any:
+    """The parameter ('p') or buffer ('b') ``root`` holds under ``name`` now (read from the
+    module tables: ``getattr`` on a module is fx's patched one while it traces)."""
+    *path, leaf = name.split(".")
+    module: nn.Module | None = root
+    for part in path:
+        module = module._modules.get(part) if module is not None else None
+    if module is None:
+        return None
+    return (module._parameters if kind == "p" else module._buffers).get(leaf)
 
 
 class _ModuleStack(OrderedDict[str, Any]):
@@ -66,6 +79,42 @@ class _Scope(Scope):
         return Scope(self.module_path, self.module_type)
 
 
+class _Unpacking:
+    """fx's ``Proxy.__iter__`` reads the caller's bytecode to tell ``c, h, w = x.shape[1:]``
+    (unpacking: one ``getitem`` node per name) from a loop: it disassembles the caller's whole
+    function on every call, ~1 ms for a transformer block's forward. Here each function is
+    disassembled once per trace and the instruction looked up the same way."""
+
+    tracer: TracerBase
+
+    def __iter__(self) -> Any:
+        frame = sys._getframe(1)
+        assert isinstance(self.tracer, _Tracer)
+        offsets, insts = self.tracer.instructions(frame.f_code)
+        if sys.version_info >= (3, 11):
+            index = bisect.bisect_left(offsets, frame.f_lasti)
+        else:
+            index = frame.f_lasti // 2
+        inst = insts[index]
+        if inst.opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(inst.argval))  # type: ignore[index]
+        return self.tracer.iter(self)  # type: ignore[arg-type]
+
+    def __getattr__(self, k: str) -> Attribute:
+        return _Attribute(self, k)  # type: ignore[arg-type]
+
+
+class _Proxy(_Unpacking, Proxy):
+    pass
+
+
+class _Attribute(_Unpacking, Attribute):
+    pass
+
+
+_PLAIN_ARGS = frozenset({Proxy, _Proxy, tuple, list, dict, int, float, bool, str, type(None)})
+
+
 class _Tracer(torch.fx.Tracer):
     """fx Tracer that stores the user's source line of every node it creates."""
 
@@ -73,6 +122,50 @@ class _Tracer(torch.fx.Tracer):
         super().__init__()
         self.scope = _Scope("", None)
         self.module_stack = _ModuleStack()
+        self._code: dict[types.CodeType, tuple[list[int], list[dis.Instruction]]] = {}
+        self._names: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+
+    def proxy(self, node: torch.fx.Node) -> Proxy:
+        return _Proxy(node, self)
+
+    def instructions(self, code: types.CodeType) -> tuple[list[int], list[dis.Instruction]]:
+        """The offsets and instructions of ``code``, disassembled once per trace."""
+        got = self._code.get(code)
+        if got is None:
+            insts = list(dis.get_instructions(code))
+            got = self._code[code] = ([i.offset for i in insts], insts)
+        return got
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        self._code.clear()
+        self._names.clear()
+        return super().trace(root, concrete_args)
+
+    def _name_of(self, t: torch.Tensor, kind: str) -> str | None:
+        """The first name under which the root holds ``t`` as a parameter (``kind`` 'p') or a
+        buffer ('b'), as torch's Tracer finds it by walking the whole module tree on every
+        lookup: walked once per trace here, and looked up again when the table is stale."""
+        for fresh in (False, True):
+            table = self._names.get(kind)
+            if table is None or fresh:
+                named = self.root.named_parameters() if kind == "p" else self.root.named_buffers()
+                table = self._names[kind] = {}
+                for name, held in named:
+                    table.setdefault(id(held), (name, held))
+            entry = table.get(id(t))
+            if entry is not None and entry[1] is t and _holds(self.root, entry[0], kind) is t:
+                return entry[0]
+        return None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Proxy]) -> Any:
+        # torch's Tracer finds a parameter's name by a walk of the whole module tree per access
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            name = self._name_of(attr_val, "p")
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_arg(self, a: Any) -> Any:
         # a proxy, a plain value, a tuple, list or dict: torch's Tracer would find it is none of the
@@ -81,6 +174,10 @@ class _Tracer(torch.fx.Tracer):
         # looks its exact type up in a table: go there directly
         if type(a) in _PLAIN_ARGS:
             return TracerBase.create_arg(self, a)
+        if isinstance(a, torch.Tensor):  # a parameter or buffer of the root: its name, found once
+            name = self._name_of(a, "p" if isinstance(a, nn.Parameter) else "b")
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
 
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:

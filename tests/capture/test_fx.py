@@ -1,6 +1,7 @@
 """The fx capture's tracer takes shortcuts through torch's Tracer (plain arguments handed to
-TracerBase directly, its scope and module stack copied by their own ``__copy__``): the graphs
-must be torch's own, node for node."""
+TracerBase directly, its scope and module stack copied by their own ``__copy__``, parameter and
+buffer names found once per trace, each function's bytecode read once for unpacking): the
+graphs must be torch's own, node for node."""
 
 from __future__ import annotations
 
@@ -41,6 +42,33 @@ class Odd(nn.Module):
         return {"out": operator.add(z, 1), "pair": p, "none": None}
 
 
+class Unpacks(nn.Module):
+    """Shapes unpacked (an attribute of a proxy, a slice of it), a parameter shared under two
+    names (the first is the one torch names), parameters and buffers read in forward and
+    passed to functions, one of them twice, in a function other than forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.table = nn.Parameter(torch.zeros(4, 8))
+        self.register_buffer("index", torch.zeros(8, dtype=torch.long))
+        self.register_buffer("bias", torch.zeros(1, 8, 1, 1))
+
+    def _bias(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x + self.bias + self.table[0].reshape(1, c, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        t = x.flatten(2).transpose(1, 2)
+        t = F.linear(t, self.b.weight) + self.table[1] + self.table[2]
+        t = t[:, :, self.index]
+        b, n, c = t.shape
+        return self._bias(t.transpose(1, 2).reshape(b, c, h, w))
+
+
 def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
     return [
         (
@@ -57,8 +85,8 @@ def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
 
 @pytest.mark.parametrize(
     "build",
-    [Odd, lambda: tvm.resnet18(), lambda: tvm.densenet121(), lambda: unet()[0]],
-    ids=["odd", "resnet18", "densenet121", "unet"],
+    [Odd, Unpacks, lambda: tvm.resnet18(), lambda: tvm.densenet121(), lambda: unet()[0], lambda: tvm.maxvit_t()],
+    ids=["odd", "unpacks", "resnet18", "densenet121", "unet", "maxvit_t"],
 )
 def test_the_graph_is_torchs_own(build: Any) -> None:
     ours = trace(build().eval())  # (a trace stows tensor constants on the model: one each)
