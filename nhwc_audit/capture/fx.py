@@ -83,7 +83,9 @@ class _Unpacking:
     """fx's ``Proxy.__iter__`` reads the caller's bytecode to tell ``c, h, w = x.shape[1:]``
     (unpacking: one ``getitem`` node per name) from a loop: it disassembles the caller's whole
     function on every call, ~1 ms for a transformer block's forward. Here each function is
-    disassembled once per trace and the instruction looked up the same way."""
+    disassembled once per trace and the instruction looked up the same way. The proxies are
+    subclasses of torch's: code that tests ``type(x) is torch.fx.Proxy`` (no library in the
+    zoo does; ``isinstance`` is unaffected) sees another type."""
 
     tracer: TracerBase
 
@@ -139,7 +141,23 @@ class _Tracer(torch.fx.Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
         self._code.clear()
         self._names.clear()
-        return super().trace(root, concrete_args)
+
+        def registered(*_: Any) -> None:  # a module registered something in forward: look again
+            self._names.clear()
+
+        # torch's own hooks on every registration (a buffer made lazily in forward may give a
+        # tensor an earlier name), held for this trace only; a name deleted is caught by
+        # _name_of's check. Module tables edited as dicts in forward are not seen.
+        handles = [
+            nn.modules.module.register_module_parameter_registration_hook(registered),
+            nn.modules.module.register_module_buffer_registration_hook(registered),
+            nn.modules.module.register_module_module_registration_hook(registered),
+        ]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for h in handles:
+                h.remove()
 
     def _name_of(self, t: torch.Tensor, kind: str) -> str | None:
         """The first name under which the root holds ``t`` as a parameter (``kind`` 'p') or a

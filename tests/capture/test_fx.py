@@ -69,6 +69,46 @@ class Unpacks(nn.Module):
         return self._bias(t.transpose(1, 2).reshape(b, c, h, w))
 
 
+class AliasLater(nn.Module):
+    """A parameter given an earlier name in forward (after its first use): torch names it by
+    the first name from then on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sub = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.sub.weight
+        self.register_parameter("alias", self.sub._parameters["weight"])
+        return y + x @ self.sub.weight
+
+
+class _Lazy(nn.Module):
+    def __init__(self, shared: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("cache", None, persistent=False)
+        self.lin = nn.Linear(4, 4)
+        self.pending = shared  # a plain attribute until forward registers it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:  # a buffer shared by every block, registered on first use
+            self.register_buffer("cache", self.pending, persistent=False)
+        return self.lin(x) * self.cache
+
+
+class LazyShared(nn.Module):
+    """A buffer registered lazily in forward and shared: the block declared first runs last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = torch.arange(4.0)
+        self.dec = _Lazy(shared)
+        self.enc = _Lazy(shared)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x))
+
+
 def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
     return [
         (
@@ -85,8 +125,17 @@ def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
 
 @pytest.mark.parametrize(
     "build",
-    [Odd, Unpacks, lambda: tvm.resnet18(), lambda: tvm.densenet121(), lambda: unet()[0], lambda: tvm.maxvit_t()],
-    ids=["odd", "unpacks", "resnet18", "densenet121", "unet", "maxvit_t"],
+    [
+        Odd,
+        Unpacks,
+        AliasLater,
+        LazyShared,
+        lambda: tvm.resnet18(),
+        lambda: tvm.densenet121(),
+        lambda: unet()[0],
+        lambda: tvm.maxvit_t(),
+    ],
+    ids=["odd", "unpacks", "alias_later", "lazy_shared", "resnet18", "densenet121", "unet", "maxvit_t"],
 )
 def test_the_graph_is_torchs_own(build: Any) -> None:
     ours = trace(build().eval())  # (a trace stows tensor constants on the model: one each)
