@@ -162,16 +162,19 @@ class _Tracer(torch.fx.Tracer):
     def _name_of(self, t: torch.Tensor, kind: str) -> str | None:
         """The first name under which the root holds ``t`` as a parameter (``kind`` 'p') or a
         buffer ('b'), as torch's Tracer finds it by walking the whole module tree on every
-        lookup: walked once per trace here, and looked up again when the table is stale."""
+        lookup: walked once per trace here (again after a registration, see :meth:`trace`,
+        or when the name found is no longer ``t``'s); None when the root does not hold it."""
         for fresh in (False, True):
-            table = self._names.get(kind)
-            if table is None or fresh:
+            table = None if fresh else self._names.get(kind)
+            if table is None:
                 named = self.root.named_parameters() if kind == "p" else self.root.named_buffers()
                 table = self._names[kind] = {}
                 for name, held in named:
                     table.setdefault(id(held), (name, held))
             entry = table.get(id(t))
-            if entry is not None and entry[1] is t and _holds(self.root, entry[0], kind) is t:
+            if entry is None:
+                return None
+            if entry[1] is t and _holds(self.root, entry[0], kind) is t:
                 return entry[0]
         return None
 
@@ -196,7 +199,20 @@ class _Tracer(torch.fx.Tracer):
             name = self._name_of(a, "p" if isinstance(a, nn.Parameter) else "b")
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
+            if type(a) is torch.Tensor:  # none of the root's: a constant, stowed as torch stows it
+                return self.create_node("get_attr", self._constant(a), (), {})
         return super().create_arg(a)
+
+    def _constant(self, a: torch.Tensor) -> str:
+        """The root attribute that holds the tensor constant ``a`` (``_tensor_constant3``),
+        set on first use: what torch's Tracer does once its walk of every buffer has not
+        found ``a`` (the table above has already looked)."""
+        qualname = self.tensor_attrs.get(a)
+        if not qualname:
+            qualname = str(self.get_fresh_qualname("_tensor_constant"))
+            self.tensor_attrs[a] = qualname
+            setattr(self.root, qualname, a)
+        return qualname
 
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)
