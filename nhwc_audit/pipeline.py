@@ -219,11 +219,11 @@ def _audit_one(
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
-    analysis = analyze(records, bandwidth=bandwidth, device=o.device.type)
-    baselined, baseline_notes = _with_nchw_baseline(records, analysis.findings, captured, p, o)
-    if baselined is not records:  # reverts that copy in NCHW too are charged less: analyse again
-        records = baselined
-        analysis = analyze(records, bandwidth=bandwidth, device=o.device.type)
+    found = find_findings(records, bandwidth=bandwidth, device=o.device.type)
+    baselined, baseline_notes = _with_nchw_baseline(records, found, captured, p, o)
+    unchanged = baselined is records  # else reverts that copy in NCHW too are charged less
+    records = baselined
+    analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
     dtype = str(o.dtype or _first_float_dtype(module) or torch.float32).removeprefix("torch.")
     meta = AuditMeta(
         model=o.name or type(module).__name__,

@@ -175,10 +175,17 @@ class Analysis:
 
 
 def analyze(
-    records: Sequence[NodeRecord], *, bandwidth: float, device: str = "cpu", hints: HintTable | None = None
+    records: Sequence[NodeRecord],
+    *,
+    bandwidth: float,
+    device: str = "cpu",
+    hints: HintTable | None = None,
+    findings: Sequence[Finding] | None = None,
 ) -> Analysis:
-    """All of the above in one call."""
-    findings = find_findings(records, bandwidth=bandwidth, device=device, hints=hints)
+    """All of the above in one call (``findings``: :func:`find_findings` of ``records`` with
+    the same settings, when the caller already has them)."""
+    if findings is None:
+        findings = find_findings(records, bandwidth=bandwidth, device=device, hints=hints)
     regions = find_regions(records, findings)
     return Analysis(
         findings=tuple(findings),
