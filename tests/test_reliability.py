@@ -218,3 +218,33 @@ def test_the_collector_is_paused_while_a_report_is_rendered(monkeypatch: pytest.
     report._repr_html_()
     assert seen == [False] * 4  # json_text, view_model for the page, and twice for the notebook
     assert gc.isenabled()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_the_peak_memory_reported_is_the_audits_own_process() -> None:
+    """``timing['peak_rss_bytes']`` is the auditing process's own peak: getrusage's ru_maxrss
+    carries over the peak of the process it was started from (a pytest run of 2 GB made a
+    fake SD-1.5 audit report 2.08 GB against its own ~0.9 GB)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent(
+        """
+        import json, torch
+        from nhwc_audit import audit
+        r = audit(torch.nn.Conv2d(3, 4, 1), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+        own = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(json.dumps([r.timing["peak_rss_bytes"], own]))
+        """
+    )
+    size = 2 << 30
+    ballast = bytearray(size)  # 2 GiB with every page touched: this process's peak is over 2 GiB
+    ballast[::4096] = b"\x01" * len(range(0, size, 4096))
+    try:
+        proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    finally:
+        del ballast
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reported, own = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 < reported <= own < 1.5e9
