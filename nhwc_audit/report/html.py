@@ -263,10 +263,13 @@ def render_notebook(report: AuditReport, *, top: int = 10) -> str:
     full interactive report inline behind a control (a sandboxed ``iframe srcdoc``: self-contained,
     no server, its script kept away from the notebook's page)."""
     with collector_paused():
-        vm = view_model(report)
-        vm["hotspots"] = vm["hotspots"][:top]
-        template = jinja_environment().get_template("notebook.html")
-        return str(template.render(vm=vm, more=max(0, len(report.hotspots) - top), full=render_html(report)))
+        env = jinja_environment()
+        vm = view_model(report)  # one view model for both (it costs ~0.1 s on a 3,000-node graph)
+        full = str(env.get_template("report.html").render(vm=vm))
+        cell = {**vm, "hotspots": vm["hotspots"][:top]}
+        return str(
+            env.get_template("notebook.html").render(vm=cell, more=max(0, len(report.hotspots) - top), full=full)
+        )
 
 
 def write_html(report: AuditReport, path: str | os.PathLike[str]) -> Path:
