@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from ..prepare.clone import clone_modules
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
-from ..tensors import clone_value, to_nchw
+from ..tensors import clone_value, iter_tensors, to_nchw
 
 __all__ = ["Sample", "first_change", "fresh_copy"]
 
@@ -30,7 +30,7 @@ def _outputs(
         ctx = torch.enable_grad() if grads else torch.no_grad()
         with ctx:
             out = model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
-            tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            tensors = iter_tensors(out)
             g: dict[str, torch.Tensor] = {}
             if grads:
                 floats = [t for t in tensors if t.is_floating_point() and t.requires_grad]

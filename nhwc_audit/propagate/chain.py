@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -26,7 +25,7 @@ from ..capture.export import export
 from ..capture.fx import Capture, GraphMethod, graph_attributes, put_back, trace
 from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..records import CaptureMethod, NodeRecord
-from ..tensors import clone_value
+from ..tensors import clone_value, iter_tensors
 from .captured import Captured, CheckKind
 from .compare import first_difference
 from .corrections import Corrections
@@ -295,6 +294,6 @@ def capture_and_propagate(
     if method not in CAPTURES:
         raise UsageError(f"capture {method!r} is not one of: {', '.join(CAPTURES)}")
     if runner is None:
-        device = next((t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
+        device = next((t.device.type for t in iter_tensors((args, kwargs))), "cpu")
         runner = Runner(device_type=device)
     return _Chain(model, args, kwargs, method, verify, progress, runner, need_graph).run()

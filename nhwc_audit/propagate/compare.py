@@ -13,22 +13,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from ..errors import first_line
+from ..tensors import iter_tensors
 
-__all__ = ["IndexedJudge", "Judge", "first_difference", "tensor_difference", "tensors_of"]
+__all__ = ["IndexedJudge", "Judge", "first_difference", "tensor_difference"]
 
 Judge = Callable[[torch.Tensor, torch.Tensor], "str | None"]
 """A custom closeness test for one pair (actual, expected) of same-shape floating tensors."""
 
 IndexedJudge = Callable[[int, torch.Tensor, torch.Tensor], "str | None"]
 """A :data:`Judge` that is also told the pair's position among the outputs."""
-
-
-def tensors_of(value: Any) -> list[torch.Tensor]:
-    """The tensors among the pytree leaves of ``value``, in order."""
-    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _fake(t: torch.Tensor) -> bool:
@@ -136,7 +131,7 @@ def first_difference(
     >>> first_difference(torch.ones(2), torch.zeros(2))
     'output 0 values differ (max abs diff 1)'
     """
-    ta, tb = tensors_of(actual), tensors_of(expected)
+    ta, tb = iter_tensors(actual), iter_tensors(expected)
     if len(ta) != len(tb):
         return f"{len(ta)} {what} tensors where {len(tb)} are expected"
     for i, (x, y) in enumerate(zip(ta, tb, strict=True)):

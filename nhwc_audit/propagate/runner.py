@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
-from ..tensors import clone_value
+from ..tensors import clone_value, iter_tensors
 from .dispatch import CopyRecorder
 
 __all__ = ["Runner", "attributes_restored", "batch_of", "fake_limitation", "first_sample"]
@@ -137,7 +137,7 @@ def fake_limitation(e: BaseException) -> bool:
 def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     """The sample's batch size when it is larger than 1 and clear (the leading dim of its
     4D/5D inputs, all equal), else None."""
-    images = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() in (4, 5)]
+    images = [t for t in iter_tensors((args, kwargs)) if t.dim() in (4, 5)]
     if not images or len({t.shape[0] for t in images}) != 1 or images[0].shape[0] <= 1:
         return None
     return int(images[0].shape[0])

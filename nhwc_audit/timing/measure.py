@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from ..errors import first_line
 from ..prepare.copy import convert, prepare_inputs
+from ..tensors import iter_tensors
 
 __all__ = ["Measurement", "Timing", "measure", "profile_copies"]
 
@@ -117,9 +118,7 @@ def _step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], train
 
     def fwd_bwd() -> None:
         out = model(*args, **kwargs)
-        floats = [
-            t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
-        ]
+        floats = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
         if floats:
             sum(t.float().mean() for t in floats).backward()  # type: ignore[union-attr]
         for p in model.parameters():
