@@ -83,14 +83,19 @@ def _set_start(m: nn.Module, v: int, x: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap("_set_start")
 
 
-class Retuned(nn.Module):
-    """Code of the model's changes a leaf's setting between its two calls: the second flatten
-    (from dim 1 of an NHWC map) copies, the first (from dim 2) does not."""
+class _ConvFlat(nn.Module):
+    """A conv and a flatten from dim 2 (a view of its NHWC map): the models below change the
+    flatten's setting, by various means, between two calls of it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 1)
         self.flat = nn.Flatten(2)
+
+
+class Retuned(_ConvFlat):
+    """Code of the model's changes a leaf's setting between its two calls: the second flatten
+    (from dim 1 of an NHWC map) copies, the first (from dim 2) does not."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -114,14 +119,9 @@ def _set_by_relu(m: nn.Module, name: str, value: Any, y: torch.Tensor) -> torch.
 torch.fx.wrap("_set_by_relu")
 
 
-class Shadowed(nn.Module):
+class Shadowed(_ConvFlat):
     """A tensor method of the model's own (set on the tensor) changes a leaf's setting between
     its calls: the second flatten copies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 1)
-        self.flat = nn.Flatten(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -184,15 +184,13 @@ for _f in ("_enter", "_leave", "_hooked", "_global_hook", "_unhook"):
     torch.fx.wrap(_f)
 
 
-class Moded(nn.Module):
+class Moded(_ConvFlat):
     """The model's code enters a mode between two calls like each other: a torch function mode
     that changes a leaf's setting when ``torch.relu`` runs, or a dispatch mode that makes
     ``relu`` NCHW."""
 
     def __init__(self, dispatch: bool) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 1)
-        self.flat = nn.Flatten(2)
         self.dispatch = dispatch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
