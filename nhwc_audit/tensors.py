@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["SharedStorages", "clone_value", "is_plain_dense", "iter_tensors", "on_shared", "to_nchw"]
+__all__ = ["PLAIN_LEAVES", "SharedStorages", "clone_value", "is_plain_dense", "iter_tensors", "on_shared", "to_nchw"]
 
 
 def iter_tensors(value: Any) -> list[torch.Tensor]:
@@ -33,11 +33,11 @@ def _collect(value: Any, out: list[torch.Tensor]) -> None:
     elif kind is dict:
         for v in value.values():
             _collect(v, out)
-    elif kind not in _LEAVES:
+    elif kind not in PLAIN_LEAVES:
         out.extend(leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
-_LEAVES = frozenset(
+PLAIN_LEAVES = frozenset(
     {int, float, bool, complex, str, type(None), slice, type(Ellipsis), torch.Size, torch.dtype, torch.device}
     | {torch.memory_format, torch.layout}
 )

@@ -1,4 +1,26 @@
-"""Constants the tests share (fixtures are in conftest.py)."""
+"""Constants and small helpers the tests share (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
 
 BANDWIDTH = 1e9
 """Bytes/s for every test audit: estimated seconds become deterministic and no transpose is timed."""
+
+
+def cyclic_garbage(fn: Callable[[], Any]) -> int:
+    """How many objects ``fn()`` leaves in reference cycles: what only the cyclic collector
+    frees (its result is kept alive while counting, so what it returns does not count)."""
+    gc.collect()
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        kept = fn()
+        found = gc.collect()
+        del kept
+    finally:
+        if was_on:
+            gc.enable()
+    return found

@@ -13,6 +13,8 @@ import torch
 from torch.overrides import get_overridable_functions
 from torch.utils._pytree import tree_flatten
 
+from ..tensors import PLAIN_LEAVES
+
 __all__ = [
     "Call",
     "call_name",
@@ -27,6 +29,8 @@ __all__ = [
 
 
 _IN_PLACE: set[str] = {"__setitem__"}
+_LEAVES = PLAIN_LEAVES - {torch.Size}
+"""What pytree maps as leaves among plain values (it rebuilds a ``torch.Size`` from its ints)."""
 """Eager calls that write to their first argument (filled with the table below)."""
 
 
@@ -149,25 +153,37 @@ def writes_first(func: Any, methods: frozenset[Any]) -> bool:
 def tensors_in(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors in a call's arguments (in tuples, lists and dicts), in order."""
     out: list[torch.Tensor] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (tuple, list)):
-            for x in v:
-                walk(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-
     for a in args:
-        walk(a)
+        _walk(a, out)
     if kwargs:
-        walk(kwargs)
+        _walk(kwargs, out)
     return out
 
 
+def _walk(v: Any, out: list[torch.Tensor]) -> None:
+    # a module-level function, not a closure: a recursive closure is a reference cycle (the
+    # function and its cell) left for the cyclic collector, per call
+    if isinstance(v, torch.Tensor):
+        out.append(v)
+    elif isinstance(v, (tuple, list)):
+        for x in v:
+            _walk(x, out)
+    elif isinstance(v, dict):
+        for x in v.values():
+            _walk(x, out)
+
+
 def mapped(value: Any, fn: Any) -> Any:
-    """``value`` (arguments: tuples, lists, dicts) with ``fn`` applied to each leaf."""
+    """``value`` (arguments: tuples, lists, dicts) with ``fn`` applied to each pytree leaf.
+    Plain tuples, lists and dicts are rebuilt here; any other container (a named tuple, an
+    OrderedDict, a registered pytree node) by pytree (torch's flatten makes a recursive
+    closure per call: a reference cycle for the collector)."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return kind(mapped(v, fn) for v in value)
+    if kind is dict:
+        return {k: mapped(v, fn) for k, v in value.items()}
+    if kind in _LEAVES or isinstance(value, torch.Tensor):
+        return fn(value)
     leaves, spec = tree_flatten(value)
     return spec.unflatten([fn(v) for v in leaves])

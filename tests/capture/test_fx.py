@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from nhwc_audit.capture.context import SOURCE_KEY
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.examples import unet
+from tests.support import cyclic_garbage
 
 Pair = namedtuple("Pair", ["a", "b"])
 
@@ -152,3 +153,17 @@ def test_every_node_of_the_models_code_has_its_source_line() -> None:
     lines = {n.name: n.meta.get(SOURCE_KEY) for n in graph.nodes if n.op not in ("placeholder", "output")}
     assert lines and all(loc is not None and loc.file == __file__ for loc in lines.values()), lines
     assert {"scale", "shift", "_tensor_constant0"} <= set(lines)
+
+
+def test_a_trace_leaves_no_per_node_garbage_for_the_collector() -> None:
+    """torch's Tracer.trace keeps the tracer in a reference cycle (a recursive closure): its
+    per-node tables must not go down with it, or every audit leaves work for the cyclic
+    collector that grows with the graph (a densenet121 audit: ~4,400 objects, 4-7 ms)."""
+
+    def chain(n: int) -> nn.Module:
+        return nn.Sequential(*[nn.Conv2d(2, 2, 1) for _ in range(n)])
+
+    small, large = chain(10), chain(200)
+    trace(small), trace(large)  # warm: first-call caches are not the trace's garbage
+    grown = cyclic_garbage(lambda: trace(large)) - cyclic_garbage(lambda: trace(small))
+    assert grown < 20, f"190 more nodes left {grown} more objects in reference cycles"
