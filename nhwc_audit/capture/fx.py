@@ -214,8 +214,29 @@ class _Tracer(torch.fx.Tracer):
             setattr(self.root, qualname, a)
         return qualname
 
-    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        node = super().create_node(*args, **kwargs)
+    def create_node(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+    ) -> torch.fx.Node:
+        # the node is made without arguments and given them after: torch's Graph.create_node
+        # walks every call's arguments with pytree (~10 us a node) to warn about SymInts, which
+        # a symbolic trace never makes; the node, its name and its users come out the same
+        if self.check_mutable_operations:  # torch's check reads the arguments
+            return self._sourced(super().create_node(kind, target, args, kwargs, name, type_expr))
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        if args:
+            node.args = tuple(args)
+        if kwargs:
+            node.kwargs = kwargs
+        return self._sourced(node)
+
+    @staticmethod
+    def _sourced(node: torch.fx.Node) -> torch.fx.Node:
         node.meta[SOURCE_KEY] = user_frame()
         return node
 
