@@ -64,12 +64,26 @@ class ModuleRow:
         return sum(n for _, n in self.findings)
 
 
+def _op_bytes(nodes: Sequence[NodeRecord], regions: Sequence[Region]) -> dict[str, tuple[int, int]]:
+    """Op name -> (its activation bytes, of those in NCHW regions), for the ops the share is
+    taken over: worked out once per op (a module's row sums those of its ops, and every op is
+    in the rows of all its ancestors)."""
+    in_regions = {n for reg in regions for n in reg.nodes}
+    return {r.name: activation_bytes((r,), in_regions) for r in nodes if counts_for_share(r)}
+
+
 def _tally(
-    rs: Sequence[NodeRecord], kinds: dict[str, list[str]], in_regions: set[str]
+    rs: Sequence[NodeRecord], kinds: dict[str, list[str]], own: dict[str, tuple[int, int]]
 ) -> tuple[int, int, tuple[tuple[str, int], ...]]:
     """What a set of ops adds up to: (activation bytes, of those in NCHW regions, (kind, count)
-    of their findings in severity order): a module's row and a function's block alike."""
-    total, nchw = activation_bytes((r for r in rs if counts_for_share(r)), in_regions)
+    of their findings in severity order): a module's row and a function's block alike; ``own``:
+    :func:`_op_bytes`."""
+    total = nchw = 0
+    for r in rs:
+        got = own.get(r.name)
+        if got is not None:
+            total += got[0]
+            nchw += got[1]
     found = Counter(k for r in rs for k in kinds.get(r.name, ()))
     return total, nchw, tuple((k.value, found[k.value]) for k in FindingKind if found[k.value])
 
@@ -100,7 +114,7 @@ def module_rows(
             members.setdefault(p, []).append(r)
             if p not in types and p == r.module_path:
                 types[p] = r.module_type
-    in_regions = {n for reg in regions for n in reg.nodes}
+    own = _op_bytes(ops, regions)
     kinds = finding_kinds(findings)
     moved: Counter[str] = Counter()
     for f in findings:
@@ -116,7 +130,7 @@ def module_rows(
         rs = members[path]
         names = {r.name for r in rs}
         out = next((r for r in reversed(rs) if any(u not in names for u in users[r.name])), rs[-1] if rs else None)
-        total, nchw, found = _tally(rs, kinds, in_regions)
+        total, nchw, found = _tally(rs, kinds, own)
         rows.append(
             ModuleRow(
                 path=path,
@@ -228,7 +242,7 @@ def graph_data(
             members.setdefault(grouped[r.name], []).append(r)
     group_index = {k: len(rows) + i for i, k in enumerate(members)}
     owner = {r.name: group_index[grouped[r.name]] if r.name in grouped else module_of[r.name] for r in shown}
-    in_regions = {n for reg in regions for n in reg.nodes}
+    own = _op_bytes(shown, regions)
     modules: list[dict[str, Any]] = [
         {
             "path": m.path,
@@ -244,7 +258,7 @@ def graph_data(
         for m in rows
     ]
     for (j, function), ops in members.items():  # appended in group_index's order
-        total, nchw, found = _tally(ops, kinds, in_regions)
+        total, nchw, found = _tally(ops, kinds, own)
         where = rows[j].path or rows[j].name
         share = _share(total, nchw)
         modules.append(
