@@ -33,15 +33,16 @@ def _collect(value: Any, out: list[torch.Tensor]) -> None:
     elif kind is dict:
         for v in value.values():
             _collect(v, out)
-    elif kind not in PLAIN_LEAVES:
+    elif kind not in PLAIN_LEAVES and kind is not torch.Size:  # a torch.Size holds ints only
         out.extend(leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
 PLAIN_LEAVES = frozenset(
-    {int, float, bool, complex, str, type(None), slice, type(Ellipsis), torch.Size, torch.dtype, torch.device}
+    {int, float, bool, complex, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device}
     | {torch.memory_format, torch.layout}
 )
-"""Types that are pytree leaves and never tensors."""
+"""Types that are pytree leaves and never tensors (not ``torch.Size``: pytree flattens it into
+its ints and rebuilds it)."""
 
 
 def is_plain_dense(t: torch.Tensor) -> bool:

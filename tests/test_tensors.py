@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_leaves
 
-from nhwc_audit.tensors import iter_tensors
+from nhwc_audit.tensors import PLAIN_LEAVES, iter_tensors
 
 Pair = namedtuple("Pair", "a b")
 
@@ -40,3 +40,13 @@ def test_iter_tensors_is_pytrees_order(index: int) -> None:
     value = _values()[index]
     got, want = iter_tensors(value), _reference(value)
     assert [id(t) for t in got] == [id(t) for t in want]
+
+
+def test_plain_leaves_are_pytree_leaves() -> None:
+    """What PLAIN_LEAVES names pytree keeps whole (``mapped`` applies its function to them
+    without pytree): a value of each of its types flattens to itself."""
+    samples = [1, 1.5, True, 1j, "s", None, slice(0, 2), ..., torch.float32, torch.device("cpu")]
+    samples += [torch.channels_last, torch.strided]
+    assert {type(v) for v in samples} == set(PLAIN_LEAVES)
+    for v in samples:
+        assert tree_leaves(v) == [v]

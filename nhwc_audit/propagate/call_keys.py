@@ -29,8 +29,6 @@ __all__ = [
 
 
 _IN_PLACE: set[str] = {"__setitem__"}
-_LEAVES = PLAIN_LEAVES - {torch.Size}
-"""What pytree maps as leaves among plain values (it rebuilds a ``torch.Size`` from its ints)."""
 """Eager calls that write to their first argument (filled with the table below)."""
 
 
@@ -183,7 +181,7 @@ def mapped(value: Any, fn: Any) -> Any:
         return kind(mapped(v, fn) for v in value)
     if kind is dict:
         return {k: mapped(v, fn) for k, v in value.items()}
-    if kind in _LEAVES or isinstance(value, torch.Tensor):
+    if kind in PLAIN_LEAVES or isinstance(value, torch.Tensor):
         return fn(value)
     leaves, spec = tree_flatten(value)
     return spec.unflatten([fn(v) for v in leaves])
