@@ -21,7 +21,7 @@ from torch import nn
 
 from .analyze.analysis import analyze
 from .analyze.divergence import divergences
-from .analyze.findings import find_findings
+from .analyze.findings import BASELINED, find_findings
 from .analyze.moves import reorder_bytes
 from .analyze.verdict import decide
 from .collector import collector_paused
@@ -159,33 +159,36 @@ def _with_nchw_baseline(
     records: list[NodeRecord], findings: Sequence[Finding], captured: Captured, p: _Prepared, o: AuditOptions
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node also moves when the model runs NCHW (the same
-    capture run as built, in the audit's mode), and a note saying what that changed; ``records``
-    itself when nothing changed. Run only when one of ``findings`` (theirs) is a revert that
-    moves data (the findings it can change)."""
-    costly = [f for f in findings if f.kind is FindingKind.REVERT and f.bytes > 0]
+    capture run as built, in the audit's mode), and notes saying what that changed; ``records``
+    itself when nothing changed. Run only when one of ``findings`` (theirs) is a revert or a
+    mixed op that moves data (the findings it can change)."""
+    costly = [f for f in findings if f.kind in BASELINED and f.bytes > 0]
     if not costly:
         return records, ()
     nchw = nchw_records(captured, p.module, p.args, p.kwargs, p.runner)
     if isinstance(nchw, str):
         return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
-    # what each node moves in the NCHW run: a revert by the same rule (a transformer's
-    # channels-innermost view into grid_sample), or any copy that reorders memory
+    # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a
+    # transformer's channels-innermost view into grid_sample; an add of a LayerNorm2d output,
+    # NHWC-strided in either layout), or any copy that reorders memory
     moved = {r.name: n for r in nchw if (n := reorder_bytes(r))}
     for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
-        if f.kind is FindingKind.REVERT:
+        if f.kind in BASELINED:
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
     if not both:
         return records, ()
     out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
-    hit = [f for f in costly if f.node in both]
-    if not hit:
-        return out, ()
-    return out, (
-        f"NCHW baseline: {len(hit)} revert(s) copy in NCHW too ({', '.join(sorted({f.op for f in hit}))}): "
-        "charged only the bytes channels_last adds",
-    )
+    notes = []
+    for kind, what in ((FindingKind.REVERT, "revert(s) copy"), (FindingKind.MIXED, "mixed op(s) move data")):
+        hit = [f for f in costly if f.kind is kind and f.node in both]
+        if hit:
+            notes.append(
+                f"NCHW baseline: {len(hit)} {what} in NCHW too ({', '.join(sorted({f.op for f in hit}))}): "
+                "charged only the bytes channels_last adds"
+            )
+    return out, tuple(notes)
 
 
 def _bandwidth(o: AuditOptions) -> tuple[float, BandwidthSource]:

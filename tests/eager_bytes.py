@@ -5,7 +5,8 @@ eagerly twice, once as built (NCHW) and once converted to channels_last, under a
 ``TorchDispatchMode`` that sees every ATen op. An op *transposes* an input when the input's
 memory order (its dims of size > 1 sorted by stride) disagrees with the output's on the
 dims both have; it pays ``2 x`` the smaller of the two tensors (read and write of the moved
-data; a broadcast input counts what it stores). A convolution whose input is re-laid to its output's layout pays twice its input.
+data; a broadcast input counts what it stores). Ops that read only an input's shape
+(``new_empty``, ``zeros_like``) move nothing. A convolution whose input is re-laid to its output's layout pays twice its input.
 Views move nothing. What channels_last adds is, per source line of the model, the channels_last
 run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
 """
@@ -118,6 +119,8 @@ class _Recorder(TorchDispatchMode):
         if any(_storage(t) == written and t.shape == result.shape for t in ins) and not func._schema.is_mutable:
             return out  # a view: moves nothing
         name = func.overloadpacket.__name__
+        if name.startswith("new_") or name.endswith("_like"):
+            return out  # new_empty, zeros_like: the input gives a shape, no data is read
         conv = name == "convolution"
         if conv:
             ins = ins[:1]  # the activation; weights are parameters, re-laid once per call at most
@@ -145,6 +148,19 @@ def _channels_last(t: Any) -> Any:
         fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
         return t.to(memory_format=fmt)
     return t
+
+
+def _channels_last_model(model: nn.Module) -> nn.Module:
+    """A copy with every 4D parameter and buffer channels_last and every 5D one channels_last_3d,
+    by ``Tensor.to`` as ``Module.to`` does it (which raises on a model with both ranks, such as a
+    video UNet's Conv2d and Conv3d layers)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [*out.parameters(), *out.buffers()]:
+            converted = _channels_last(t)
+            if converted is not t:
+                t.data = converted
+    return out
 
 
 @dataclass(frozen=True)
@@ -179,9 +195,7 @@ def eager_bytes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
     kwargs = kwargs or {}
     torch.manual_seed(0)
     nchw = transposes(copy.deepcopy(model), args, kwargs)
-    rank = next((a.dim() for a in args if isinstance(a, torch.Tensor)), 4)
-    fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
-    cl_model = copy.deepcopy(model).to(memory_format=fmt)
+    cl_model = _channels_last_model(model)
     cl_args = tuple(_channels_last(a) for a in args)
     cl_kwargs = {k: _channels_last(v) for k, v in kwargs.items()}
     torch.manual_seed(0)

@@ -43,3 +43,40 @@ def test_checker_sees_nothing_on_a_plain_convnet() -> None:
 def test_copies_made_in_either_layout_cancel() -> None:
     e = eager_bytes(SameInBoth(), (torch.randn(1, 3, 8, 8),))
     assert e.nchw and e.added == 0
+
+
+class TwoRanks(nn.Module):
+    """2D and 3D convolutions in one model (diffusers' video UNets): ``Module.to(memory_format=...)``
+    raises on it, whichever format is asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spatial = nn.Conv2d(3, 8, 1)
+        self.temporal = nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.spatial(x)  # frames as the batch: (F, C, H, W)
+        return self.temporal(y.permute(1, 0, 2, 3)[None])
+
+
+def test_checker_converts_each_weight_by_its_rank() -> None:
+    e = eager_bytes(TwoRanks().eval(), (torch.randn(4, 3, 8, 8),))
+    assert e.channels_last  # it ran, converted: the frames' view into the Conv3d is not channels_last_3d
+
+
+def test_checker_does_not_count_what_reads_only_a_shape() -> None:
+    """A circular pad allocates its NCHW output with ``new_empty`` from the NHWC input (no data
+    read), then copies the input in: one transpose of the input, then the conv's of the output."""
+
+    class Pad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.nn.functional.pad(self.a(x), (1, 1, 1, 1), mode="circular"))
+
+    e = eager_bytes(Pad().eval(), (torch.randn(1, 3, 8, 8),))
+    assert sorted(t.op for t in e.channels_last) == ["convolution", "copy_"]
+    assert e.added == 2 * 8 * 8 * 8 * 4 + 2 * 8 * 10 * 10 * 4

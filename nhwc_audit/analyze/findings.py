@@ -16,10 +16,11 @@ The rules (one place each):
              whose own layouts look fine but that transposed data internally (copies seen
              at ATen level while it ran, e.g. a conv with padding_mode='circular').
 
-Bytes are what channels_last adds: a revert at a node that also reorders memory when the model
-runs NCHW, as built (``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()``
-after a permute in an attention block), is charged the difference. Conversions are charged
-whole: one the model (or a repair) makes on purpose is still a cost of the NCHW tensor before it.
+Bytes are what channels_last adds: a revert or a mixed op at a node that also moves data when the
+model runs NCHW, as built (``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()``
+after a permute in an attention block; an add of a LayerNorm2d output, NHWC-strided in either
+layout, and an NCHW tensor), is charged the difference. Conversions are charged whole: one the
+model (or a repair) makes on purpose is still a cost of the NCHW tensor before it.
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion (an in-place op whose operands disagree in
@@ -49,11 +50,13 @@ from .hints import (
     default_hints,
     render_hint,
 )
-from .moves import channels_source, computed_weight, viewed_as, writes_in_place
+from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
 from .origin import SKIP_OPS, describe, origin_of, via
 
-__all__ = ["SKIP_OPS", "find_findings"]
+__all__ = ["BASELINED", "SKIP_OPS", "find_findings"]
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
+BASELINED = (FindingKind.REVERT, FindingKind.MIXED)
+"""The kinds charged only what channels_last adds over the NCHW baseline (``nchw_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def _finding(
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
     origin = origin_of(producer, ctx.by_name)
-    if kind is FindingKind.REVERT:  # a copy the model makes in NCHW too: only the difference is channels_last's
+    if kind in BASELINED:  # data the op moves in NCHW too: only the difference is channels_last's
         nbytes = max(0, nbytes - r.nchw_bytes)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
         hint_op = AMBIGUOUS_ORIGIN
@@ -209,6 +212,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if r.aliases_input:
         return []  # in place into its own first operand, layouts agreeing: nothing moves
     reverted = [o for o in r.outputs if row_major(o)]
+    if reverted and exits_spatial(r, reverted, ctx.by_name):
+        return []  # a flatten out of the spatial ranks: an exit, not a finding (as in a graph)
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
     sources = [i for i in r.activation_inputs if channels_source(i, viewed_as(r, reverted, ctx.by_name))]
@@ -232,7 +237,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # NCHW: where the network leaves channels_last (the region starts here), no copy is made;
         # the conversions downstream carry the cost
         exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
-        nbytes = 0 if exit_only else 2 * sum(o.nbytes for o in reverted)
+        nbytes = 0 if exit_only else revert_bytes(r, sources, reverted)
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
         return [

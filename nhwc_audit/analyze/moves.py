@@ -8,7 +8,15 @@ from ..layout import channel_dims, channels_innermost, leans_channels_last, reor
 from ..records import NodeInput, NodeRecord, TensorMeta
 from .origin import CONV_OPS, SKIP_OPS, from_parameters_only
 
-__all__ = ["channels_source", "computed_weight", "reorder_bytes", "viewed_as", "writes_in_place"]
+__all__ = [
+    "channels_source",
+    "computed_weight",
+    "exits_spatial",
+    "reorder_bytes",
+    "revert_bytes",
+    "viewed_as",
+    "writes_in_place",
+]
 
 
 def channels_source(i: NodeInput, reverted: list[TensorMeta]) -> bool:
@@ -32,6 +40,17 @@ def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, 
         if producer is not None and from_parameters_only(producer, by_name):
             return i
     return None
+
+
+def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta]) -> int:
+    """Bytes a revert moves: each input whose memory runs along the channels (``sources``)
+    brought into the NCHW output's order, read and written. A convolution re-lays its whole
+    input (the kernel makes it contiguous, then computes: a CPU Conv3d from 45 to 64 channels
+    moves its 45-channel input); any other op moves the smaller of the input and the output
+    (a cat moves only its channels_last operands; a reduction over a stack, only its result)."""
+    out = sum(o.nbytes for o in reverted)
+    conv = r.op_name.lower() in CONV_OPS
+    return sum(2 * (i.meta.nbytes if conv else min(i.meta.nbytes, out)) for i in sources)
 
 
 def reorder_bytes(r: NodeRecord) -> int:
@@ -58,17 +77,31 @@ _RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")
 them or as the eager capture labels them (by the call the model made)."""
 
 
-def viewed_as(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> list[TensorMeta]:
-    """The shape a copy is read as: its own, or, for a copy that keeps its input's shape and
-    whose one user views it as another spatial shape of the same size, that one (ATen's
-    ``reshape`` is ``clone`` then ``_unsafe_view``: the eager capture sees the copy and the
-    new shape as two ops; a graph's ``reshape`` node already has its shape)."""
+def _reshape_view(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> NodeRecord | None:
+    """For a copy that keeps its input's shape and whose one user views it as another shape of
+    the same size (ATen's ``reshape`` is ``clone`` then ``_unsafe_view``: the eager capture sees
+    the copy and the new shape as two ops), that view."""
     if len(r.users) != 1 or not reverted or r.op_name not in _RESHAPE_COPIES:
-        return reverted
+        return None
     if not any(i.meta.shape == reverted[0].shape for i in r.activation_inputs):
-        return reverted
+        return None
     user = by_name.get(r.users[0])
     if user is None or not user.aliases_input or not user.outputs:
-        return reverted
-    viewed = user.outputs[0]
-    return [viewed] if viewed.is_spatial and viewed.numel == reverted[0].numel else reverted
+        return None
+    return user if user.outputs[0].numel == reverted[0].numel else None
+
+
+def viewed_as(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> list[TensorMeta]:
+    """The shape a copy is read as: its own, or, for the copy of a reshape to another spatial
+    shape (:func:`_reshape_view`), that one (a graph's ``reshape`` node already has its shape)."""
+    user = _reshape_view(r, reverted, by_name)
+    return [user.outputs[0]] if user is not None and user.outputs[0].is_spatial else reverted
+
+
+def exits_spatial(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> bool:
+    """The copy of one reshape call out of the spatial ranks (``torch.flatten(x, 1)`` before a
+    classifier, as the eager capture records it: a copy, then a view to 2D, both made by that
+    call, at its line): an exit, which a graph records as one node with a non-spatial output. A
+    copy the model asks for itself (``.contiguous()``) that a later call flattens stays a copy."""
+    user = _reshape_view(r, reverted, by_name)
+    return user is not None and not user.outputs[0].is_spatial and user.op_name == r.op_name and user.source == r.source

@@ -16,9 +16,21 @@ SKIP_OPS = ("placeholder", "get_attr", "output")
 """Graph nodes that are not ops: never findings, never in a region."""
 
 CONV_OPS = frozenset(
-    {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose2d", "conv_transpose3d"}
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "_convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "convtranspose1d",
+        "convtranspose2d",
+        "convtranspose3d",
+    }
 )
-"""Convolutions as fx and ATen graphs name them (lower case)."""
+"""Convolutions as fx and ATen graphs name them, and torch.nn's modules (lower case)."""
 
 
 def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:

@@ -1,0 +1,162 @@
+"""Bytes charged against eager ground truth (:mod:`tests.eager_bytes`) on op patterns from
+public models, in every capture: what channels_last adds, and nothing more.
+
+Each case is a minimal form of what an audit of a real model (outside this repo's zoo)
+charged differently from eager: timm's focalnet and the UPerNet pyramid pooling (a mixed op
+that is mixed in the NCHW model too), timm's CSPNet (a cat of a channels_last half and an
+NCHW half), torchvision's r2plus1d_18 stem (a Conv3d that re-lays its input), and the
+vgg/alexnet classifier head (a flatten exit: not a finding, in any capture).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nhwc_audit import audit
+from tests.eager_bytes import eager_bytes
+
+CAPTURES = ["fx", "export", "hooks"]
+
+
+class MixedInBoth(nn.Module):
+    """LayerNorm2d (permute, layer_norm, permute back) leaves NHWC strides in the NCHW model
+    too, so the add of it and an NCHW product is mixed in either layout (focalnet.py:102)."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],)).permute(0, 3, 1, 2)
+        g = y.mean((2, 3), keepdim=True) * y[:, :1]  # [1,C,1,1] * [1,1,H,W]: NCHW in either layout
+        return y + g
+
+
+class HalfAndHalfCat(nn.Module):
+    """timm's CrossStage (cspnet.py:390): one half of a channels_last split made NCHW by
+    ``.contiguous()``, then cat with the other half: only the channels_last half moves."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.c = c
+        self.exp = nn.Conv2d(c, 2 * c, 1)
+        self.b = nn.Conv2d(c, c, 1)
+        self.out = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = self.exp(x).split(self.c, dim=1)
+        xb = self.b(xb).contiguous()
+        return self.out(torch.cat([xs, xb], dim=1))
+
+
+def r2plus1d_stem() -> nn.Module:
+    """torchvision's r2plus1d_18 stem: on CPU the (3, 1, 1) Conv3d from 45 to 64 channels takes
+    channels_last_3d and returns NCDHW; the kernel re-lays its 45-channel input."""
+    return nn.Sequential(
+        nn.Conv3d(3, 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
+        nn.BatchNorm3d(45),
+        nn.ReLU(),
+        nn.Conv3d(45, 64, (3, 1, 1), padding=(1, 0, 0), bias=False),
+    ).eval()
+
+
+class FlattenHead(nn.Module):
+    """vgg/alexnet: a 7x7 adaptive pool, then ``torch.flatten(x, 1)`` into the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
+        self.fc = nn.Linear(64 * 49, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_mixed_op_mixed_in_nchw_too_costs_nothing_extra(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 16, 16)
+    r = audit(MixedInBoth().eval(), x, bandwidth=1e9, capture=capture)
+    mixed = [f for f in r.findings if f.kind.value == "mixed"]
+    assert mixed and all(f.bytes == 0 for f in mixed)  # still shown: channels_last is lost there
+    assert any(n.startswith("NCHW baseline:") and "mixed" in n for n in r.meta.capture_notes)
+    assert r.summary.bytes_moved == eager_bytes(MixedInBoth().eval(), (x,)).added == 0
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_cat_is_charged_the_half_it_moves(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 16, 16)
+    model = HalfAndHalfCat().eval()
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    half = 32 * 16 * 16 * 4
+    cat = [f for f in r.findings if f.op == "cat"]
+    assert [f.bytes for f in cat] == [2 * half]
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_convolution_that_reverts_is_charged_its_input(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4, 32, 32)
+    model = r2plus1d_stem()
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    reverts = [f for f in r.findings if f.kind.value == "revert"]
+    assert len(reverts) == 1
+    assert reverts[0].bytes == 2 * 45 * 4 * 16 * 16 * 4  # the 45-channel input, not the 64-channel output
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_flatten_exit_is_not_a_finding_in_any_capture(capture: str) -> None:
+    r = audit(FlattenHead().eval(), torch.randn(1, 3, 32, 32), bandwidth=1e9, capture=capture)
+    assert r.findings == ()
+    assert r.summary.bytes_moved == 0
+
+
+class CircularPad(nn.Module):
+    """A circular pad of an NHWC activation: ATen allocates the padded NCHW buffer
+    (``new_empty``: no data read), copies the input into it, wraps the borders; the next conv
+    converts back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.pad(self.conv(x), (1, 1, 1, 1), mode="circular"))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_padding_revert_is_charged_its_input(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    r = audit(CircularPad().eval(), x, bandwidth=1e9, capture=capture)
+    act, padded = 8 * 8 * 8 * 4, 8 * 10 * 10 * 4
+    assert [(f.kind.value, f.bytes) for f in r.findings] == [("revert", 2 * act), ("conversion", 2 * padded)]
+    assert r.summary.bytes_moved == eager_bytes(CircularPad().eval(), (x,)).added
+
+
+class ContiguousThenFlatten(nn.Module):
+    """A ``.contiguous()`` the model asks for, flattened on the next line: a revert (the copy is
+    the model's own), unlike a flatten that copies on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).contiguous()
+        return y.flatten(1)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_contiguous_call_before_a_flatten_stays_a_revert(capture: str) -> None:
+    r = audit(ContiguousThenFlatten().eval(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
+    assert [(f.kind.value, f.op, f.bytes) for f in r.findings] == [("revert", "contiguous", 2 * 8 * 8 * 8 * 4)]
