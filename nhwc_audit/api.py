@@ -22,7 +22,7 @@ from .prepare.copy import model_device
 from .prepare.load import call_build_fn, split_example
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
-from .records import FAIL_ON, CaptureMethod, FailOn, Finding, Mode, NodeRecord
+from .records import FAIL_ON, CaptureMethod, FailOn, Finding, FindingKind, Mode, NodeRecord
 from .report.text import fmt_bytes, offender_line
 from .result import AuditReport
 
@@ -32,6 +32,8 @@ __all__ = [
     "AuditReport",
     "audit",
     "check",
+    "default_input_shape",
+    "fail_on_kinds",
     "incompatible_nodes",
     "measure_report",
     "repair",
@@ -66,10 +68,27 @@ def _resolve_model(
         raise UsageError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
     if args is None:
         g = torch.Generator().manual_seed(0)
-        args = (torch.randn(DEFAULT_INPUT_SHAPE, generator=g),)
+        args = (torch.randn(default_input_shape(model), generator=g),)
     kwargs = dict(built_kwargs)
     kwargs.update(example_kwargs or {})
     return model, args, kwargs
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The sample an audit uses when none is given: one image for the model's first 2D
+    convolution (``1 x in_channels x 224 x 224``) or one clip for its first 3D one
+    (``1 x in_channels x 16 x 112 x 112``, the video models' training clip); 1x3x224x224 when it
+    has no convolution. Give the training shape for anything else.
+
+    >>> default_input_shape(nn.Sequential(nn.Conv3d(1, 8, 3)))
+    (1, 1, 16, 112, 112)
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            return (1, m.in_channels, 224, 224)
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            return (1, m.in_channels, 16, 112, 112)
+    return DEFAULT_INPUT_SHAPE
 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: Mode) -> torch.device:
@@ -80,6 +99,12 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: M
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise UsageError(f"device {str(device)!r} is not a torch device: use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "meta":
+        raise UsageError(
+            "device 'meta' is not a device to audit on: meta tensors run no kernels, so their layouts are "
+            "not what any device computes (every convolution comes out NCHW); audit a meta-device model "
+            "in fake mode (--mode fake, API mode='fake'), which predicts cpu or cuda (--device)"
+        )
     if mode != "fake" and dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             "device 'cuda' is not available on this machine: audit on cpu, or predict cuda in fake mode "
@@ -109,10 +134,14 @@ def _options(
         raise UsageError(f"mode {mode!r} is not one of: {', '.join(_MODES)}")
     if capture not in CAPTURES:
         raise UsageError(f"capture {capture!r} is not one of: {', '.join(CAPTURES)}")
+    if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float))):
+        raise UsageError(f"bandwidth must be a number of bytes/s (e.g. 1e10), got {bandwidth!r}")
     if bandwidth is not None and bandwidth <= 0:
         raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise UsageError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16, ...), got {dtype!r}")
     dev = _resolve_device(module, device, mode)
     amp: torch.dtype | None = None
     if autocast is True:
@@ -154,7 +183,8 @@ def audit(
     """Audit ``model`` on a channels_last copy of ``example_inputs``.
 
     ``model`` is an nn.Module or a build function returning one (or ``(module, args)``,
-    ``(module, args, kwargs)``). Inputs default to one ``1x3x224x224`` tensor. The model
+    ``(module, args, kwargs)``). Inputs default to one image (or clip) for the model's first
+    convolution (:func:`default_input_shape`: ``1x3x224x224`` for an RGB 2D model). The model
     and the inputs are never modified: the audit runs a channels_last copy (weights read in
     place with channels_last strides, not copied: see
     :func:`~nhwc_audit.prepare.copy.prepare_audit_copy`), in the model's own train/eval mode,
@@ -229,15 +259,21 @@ def check(
     >>> check(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16), bandwidth=1e9).summary.findings
     0
     """
-    try:
-        kinds = FAIL_ON[fail_on]  # a typo reaches here from untyped callers
-    except KeyError:
-        raise UsageError(f"fail_on={fail_on!r} is not one of: {', '.join(FAIL_ON)}") from None
+    kinds = fail_on_kinds(fail_on)
     report = audit(model, example_inputs, **options)
     offenders = report.findings_of(kinds)
     if offenders:
         raise channels_last_error(report, offenders)
     return report
+
+
+def fail_on_kinds(fail_on: FailOn) -> frozenset[FindingKind]:
+    """The finding kinds ``fail_on`` counts, or a :class:`UsageError` naming the choices (a typo,
+    or None, reaches here from untyped callers)."""
+    try:
+        return FAIL_ON[fail_on]
+    except (KeyError, TypeError):
+        raise UsageError(f"fail_on={fail_on!r} is not one of: {', '.join(FAIL_ON)}") from None
 
 
 def channels_last_error(report: AuditReport, offenders: Sequence[Finding]) -> ChannelsLastError:

@@ -35,6 +35,7 @@ from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
 from .records import (
+    BACKWARD_NOT_AUDITED,
     AuditMeta,
     BandwidthSource,
     CaptureMethod,
@@ -46,6 +47,7 @@ from .records import (
     TensorMeta,
 )
 from .result import AuditReport
+from .tensors import iter_tensors
 from .timing.bandwidth import measure_transpose_bandwidth
 
 __all__ = ["ASSUMED_BANDWIDTH", "AuditOptions", "run_audit"]
@@ -133,7 +135,9 @@ def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord]
     """The records with the gradient layouts of one backward pass, and a note on the layouts
     of the parameter gradients."""
     if captured.gm is None:
-        return captured.records, ("backward: not audited (the hooks capture has no graph to run backward through)",)
+        return captured.records, (
+            f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",
+        )
     breaks = frozenset(r.name for r in captured.records if r.error)
     with runner.context(guard=False):
         grads, param_grads = backward_layouts(
@@ -250,10 +254,10 @@ def _audit_one(
         dtype=dtype,
         autocast=str(o.autocast).removeprefix("torch.") if o.autocast is not None else None,
         training=module.training,
-        inputs=tuple(tensor_meta(a) for a in p.args if isinstance(a, torch.Tensor)),
+        inputs=tuple(tensor_meta(a) for a in iter_tensors(p.args)),  # in lists too (detection models)
         bandwidth=bandwidth,
         bandwidth_source=source,
-        backward=o.train,
+        backward=o.train and captured.gm is not None,
         threads=torch.get_num_threads(),
         modules=tuple((path, type(m).__name__) for path, m in module.named_modules()),
     )

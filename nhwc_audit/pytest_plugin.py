@@ -47,11 +47,12 @@ class AuditFixture:
         model: Any,
         example_inputs: Any = None,
         *,
-        allow: Iterable[str] = (),
+        allow: Iterable[str] | str = (),
         fail_on: FailOn = "any",
         **options: Any,
     ) -> AuditReport:
         """:func:`nhwc_audit.testing.assert_channels_last` on a remembered audit; returns it."""
+        __tracebackhide__ = True
         from .testing import check_report
 
         report = self.audit(model, example_inputs, **options)

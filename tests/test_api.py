@@ -111,6 +111,21 @@ def test_check_passes_clean_models_and_lists_offenders() -> None:
         check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="sometimes", bandwidth=BANDWIDTH)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"device": "meta"}, "device 'meta' is not a device to audit on"),
+        ({"device": "meta", "mode": "fake"}, "device 'meta' is not a device to audit on"),
+        ({"dtype": "float64"}, "dtype must be a torch.dtype"),
+        ({"bandwidth": "fast"}, "bandwidth must be a number of bytes/s"),
+        ({"bandwidth": True}, "bandwidth must be a number of bytes/s"),
+    ],
+)
+def test_bad_options_are_usage_errors_before_anything_runs(options: dict[str, object], message: str) -> None:
+    with pytest.raises(nhwc_audit.UsageError, match=message):
+        nhwc_audit.audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), **options)  # type: ignore[arg-type]
+
+
 def test_convert_returns_independent_channels_last_copy_including_3d() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
     conv3 = M.Conv3dNet()
@@ -151,12 +166,15 @@ def test_report_json_is_schema_valid_deterministic_and_saved(tmp_path: Path) -> 
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_save_json_into_missing_folder_is_a_clear_error(
+def test_save_json_makes_its_folder_and_a_file_in_the_way_is_a_clear_error(
     tmp_path: Path, audit_fixed: Callable[..., AuditReport]
 ) -> None:
     r = audit_fixed(M.ConvBnRelu(), torch.randn(1, 3, 8, 8))
-    with pytest.raises(nhwc_audit.ReportWriteError, match="does not exist"):
-        r.save_json(tmp_path / "nope" / "r.json")
+    assert r.save_json(tmp_path / "reports" / "unet.json").is_file()  # the README's example, on a fresh folder
+    assert r.save_html(tmp_path / "html" / "unet.html").is_file()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(nhwc_audit.ReportWriteError, match="cannot write"):
+        r.save_json(tmp_path / "afile" / "r.json")
 
 
 def test_repr_html_escapes_and_lists_findings(audit_fixed: Callable[..., AuditReport]) -> None:
@@ -190,6 +208,9 @@ def test_untraceable_model_falls_back_and_says_why(audit_fixed: Callable[..., Au
     assert "torch.export is tried only when a graph is needed" in report.meta.capture_notes[1]
     trained = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), train=True)  # backward needs a graph
     assert [n.split(":")[0] for n in trained.meta.capture_notes][:2] == ["fx", "export"]
+    hooked = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), train=True, capture="hooks")
+    assert not hooked.meta.backward  # asked for, not run: the headline says so, not "0 backward"
+    assert "backward not audited" in str(hooked) and "0 backward" not in str(hooked)
 
 
 def test_measured_bandwidth_is_labelled() -> None:
@@ -262,3 +283,25 @@ def test_threads_are_recorded_and_decide_cpu_conv3d_layouts(audit_fixed: Callabl
     assert torch.get_num_threads() == before  # put back
     with pytest.raises(NhwcAuditError, match="threads must be at least 1"):
         audit_fixed(conv, x, threads=0)
+
+
+def test_inputs_in_a_list_are_recorded() -> None:
+    """Detection models take a list of images: the report's inputs name them."""
+
+    class ListInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+            return self.conv(torch.stack(images))
+
+    r = audit(ListInput(), ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)],), bandwidth=1e9)
+    assert [t.shape for t in r.meta.inputs] == [(3, 8, 8), (3, 8, 8)]
+
+
+def test_the_default_input_follows_the_first_convolution() -> None:
+    r = audit(nn.Sequential(nn.Conv3d(2, 4, 3), nn.InstanceNorm3d(4)), bandwidth=1e9)
+    assert [t.shape for t in r.meta.inputs] == [(1, 2, 16, 112, 112)]  # a batched clip, not an unbatched volume
+    r = audit(nn.Sequential(nn.Conv2d(1, 4, 3)), bandwidth=1e9)
+    assert [t.shape for t in r.meta.inputs] == [(1, 1, 224, 224)]

@@ -97,7 +97,7 @@ def test_audit_prints_summary_and_writes_default_json(workdir: Path, capsys: pyt
     lines = out.splitlines()
     assert lines[0].startswith("usermodels:build (fx, real cpu, ")
     assert ", float32, train mode, input 1x3x16x16" in lines[0] and " thread" in lines[0]
-    assert "1 reverts, 0 conversions, 0 mixed, 0 breaks" in lines[1]
+    assert "1 revert, 0 conversions, 0 mixed, 0 breaks" in lines[1]
     assert any("revert" in ln and "norm (InstanceNorm2d)" in ln and "usermodels.py:12" in ln for ln in lines)
     assert any(ln.startswith(" 1. InstanceNorm2d: revert x1 (") for ln in lines)
     assert lines[-2:] == ["report: reports/usermodels.build.json", "report: reports/usermodels.build.html"]
@@ -143,6 +143,11 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("usermodels:build", ["--json", "usermodels.py/r.json"], "is not a folder"),
         ("usermodels:build", ["--device", "cuda:7"], "not available"),
         ("usermodels:build", ["--device", "nosuch"], "is not a torch device"),
+        ("usermodels:build", ["--device", "meta"], "device 'meta' is not a device to audit on"),
+        ("usermodels:build", ["--apply", "--mode", "fake"], "--apply runs the model's real kernels"),
+        ("usermodels:build", ["--no-report", "--json", "r.json"], "--no-report writes no report file"),
+        ("usermodels:build", ["--measure", "--apply", "--mode", "fake"], "--apply, --measure run the model's"),
+        ("usermodels:build", ["--device", "meta", "--mode", "fake"], "device 'meta' is not a device to audit on"),
         ("usermodels:build", ["--input", "1x3x8"], "not a channels_last problem"),
         ("usermodels:build_meta", [], "meta device"),
         ("usermodels:AlwaysRaises", [], "the model's own error"),

@@ -79,6 +79,10 @@ def test_every_combination_ends_without_an_internal_error(
     code = main(argv)
     out, err = capsys.readouterr()
     assert "internal error" not in err and "Traceback" not in err
+    if code == 2 and mode == "fake" and "--apply" in argv:  # a repair runs real kernels: refused up front
+        assert err.startswith("nhwc-audit: error: ") and "not --mode fake" in err
+        assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+        return
     if code == 2:  # only where eager PyTorch itself cannot run the model so (avg_pool3d in float16 on CPU)
         assert "the model's own error" in err and "eager forward fails the same way" in err, err
         assert err.count("\n") == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tests import models as M
 from tests.eager_bytes import eager_bytes
 
 
@@ -68,15 +69,6 @@ def test_checker_does_not_count_what_reads_only_a_shape() -> None:
     """A circular pad allocates its NCHW output with ``new_empty`` from the NHWC input (no data
     read), then copies the input in: one transpose of the input, then the conv's of the output."""
 
-    class Pad(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 1)
-            self.b = nn.Conv2d(8, 8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(torch.nn.functional.pad(self.a(x), (1, 1, 1, 1), mode="circular"))
-
-    e = eager_bytes(Pad().eval(), (torch.randn(1, 3, 8, 8),))
+    e = eager_bytes(M.CircularPad().eval(), (torch.randn(1, 3, 8, 8),))
     assert sorted(t.op for t in e.channels_last) == ["convolution", "copy_"]
     assert e.added == 2 * 8 * 8 * 8 * 4 + 2 * 8 * 10 * 10 * 4

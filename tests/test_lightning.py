@@ -68,3 +68,10 @@ def test_fail_on_stops_the_run_before_the_first_step(tmp_path: Path) -> None:
     callback = ChannelsLastAudit(fail_on="revert", bandwidth=1e9)
     with pytest.raises(ChannelsLastError, match="Tiny does not stay channels_last"):
         _fit(tmp_path, callback)
+
+
+def test_a_bad_fail_on_fails_when_the_callback_is_made() -> None:
+    from nhwc_audit.errors import UsageError
+
+    with pytest.raises(UsageError, match="fail_on=None is not one of"):
+        ChannelsLastAudit(fail_on=None)  # type: ignore[arg-type]

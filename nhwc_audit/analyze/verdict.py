@@ -91,7 +91,7 @@ def decide(
     shrinking = [c for c in convs if c.out_channels * 2 <= c.in_channels and any(k > 1 for k in c.kernel)]
     small = all(c.in_channels <= 64 and c.out_channels <= 64 for c in convs)
     against = 0
-    reasons.append(f"{len(convs)} convolutions")
+    reasons.append(f"{len(convs)} convolution{'' if len(convs) == 1 else 's'}")
     if grouped:
         reasons.append(f"{len(grouped)} grouped, non-depthwise convolutions (slower in channels_last per inductor)")
         against += len(grouped) * 2 >= len(convs)

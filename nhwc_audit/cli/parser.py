@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SHAPE",
         help="sample input shape, e.g. 1x3x224x224; repeat once per positional input "
-        "(default: the build_fn's inputs, else 1x3x224x224)",
+        "(default: the build_fn's inputs, else 1xCx224x224 for the first conv's C, 1xCx16x112x112 for a 3D model)",
     )
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (casts model and inputs)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the model's device)")
@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--capture",
         default="auto",
         choices=get_args(CaptureMethod),
-        help="graph capture: auto tries torch.fx (checked against eager), then torch.export, then eager hooks",
+        help=(
+            "capture: auto tries torch.fx (checked against eager), then the eager recording (hooks); "
+            "torch.export comes between them only with --train (a backward pass needs a graph)"
+        ),
     )
     p.add_argument(
         "--no-verify",

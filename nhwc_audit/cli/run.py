@@ -51,10 +51,22 @@ def run(args: argparse.Namespace) -> int:
     shapes = [parse_shape(s) for s in args.input] if args.input else None
     dtype = parse_dtype(args.dtype) if args.dtype else None
     bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else None
-    if args.top < 0:
-        from ..errors import UsageError
+    from ..errors import UsageError
 
+    if args.top < 0:
         raise UsageError("--top must be >= 0")
+    if args.no_report and (args.json_path or args.html_path):
+        raise UsageError("--no-report writes no report file: drop it, or drop --json/--html")
+    if args.mode == "fake" and (args.apply or args.save_repaired or args.measure):
+        asked = [
+            o
+            for o, on in (("--apply", args.apply), ("--save-repaired", args.save_repaired), ("--measure", args.measure))
+            if on
+        ]
+        raise UsageError(
+            f"{', '.join(asked)} run{'s' if len(asked) == 1 else ''} the model's real kernels: use it with a real-mode "
+            "audit (--mode real, the default, or --mode both), not --mode fake"
+        )
     json_path: Path | None = Path(args.json_path) if args.json_path else None
     html_path: Path | None = Path(args.html_path) if args.html_path else None
     for path in (json_path, html_path, Path(args.save_repaired) if args.save_repaired else None):

@@ -23,7 +23,7 @@ from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.interpreter import propagate
 from ..propagate.runner import attributes_restored
-from ..records import NodeRecord
+from ..records import NodeRecord, Summary
 from ..tensors import clone_value
 from .equivalence import first_change
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
@@ -54,6 +54,11 @@ class RepairLog:
     refused: tuple[str, ...] = ()
     """Every rewrite tried and dropped, with why (it changed the outputs or gradients, exposed a
     break, removed nothing, or could not be applied)."""
+    records_after: tuple[NodeRecord, ...] = ()
+    """The repaired graph's records (one propagation of the sample): what the verdict after
+    repairing is decided on."""
+    summary_after: Summary | None = None
+    """The repaired graph's summary (bytes, breaks, the share that stays channels_last)."""
 
     @property
     def changed(self) -> bool:
@@ -217,5 +222,7 @@ def repair_model(
         breaks_before=before_breaks,
         breaks_after=analysis.summary.breaks,
         refused=tuple(f"{kind} at {node}: {why}" for (node, kind), why in refused.items()),
+        records_after=tuple(records),
+        summary_after=analysis.summary,
     )
     return gm, log

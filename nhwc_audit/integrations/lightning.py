@@ -16,8 +16,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from ..api import audit, channels_last_error
-from ..records import FAIL_ON, FailOn
+from ..api import audit, channels_last_error, fail_on_kinds
+from ..records import FailOn
 from ..report.text import headline
 from ..result import AuditReport
 
@@ -58,6 +58,7 @@ class ChannelsLastAudit(pl.Callback):  # type: ignore[misc]  # pytorch_lightning
         **options: Any,
     ) -> None:
         super().__init__()
+        fail_on_kinds(fail_on)  # a bad value fails here, not after the first batch's audit
         self.fail_on: FailOn = fail_on
         self.inputs = inputs or _first_tensor
         self.report_name = report_name
@@ -88,6 +89,6 @@ class ChannelsLastAudit(pl.Callback):  # type: ignore[misc]  # pytorch_lightning
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        offenders = report.findings_of(FAIL_ON[self.fail_on])
+        offenders = report.findings_of(fail_on_kinds(self.fail_on))
         if offenders:  # the report's path is in the log line above
             raise channels_last_error(report, offenders)

@@ -266,8 +266,9 @@ class _Chain:
                 ) from e
             raise PropagationError(
                 f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
-                "model's own error at the audited shapes, not a channels_last problem"
-                + (f" (earlier captures: {reasons})" if reasons else "")
+                "model's own error at the audited shapes, not a channels_last problem (check the input shapes, "
+                "--input: random float tensors; inputs of other dtypes come from a build function that returns "
+                "(model, inputs))" + (f" (earlier captures: {reasons})" if reasons else "")
             ) from e
         self._noted(corrections)
         return Captured(records, "hooks", tuple(self.notes), "off")

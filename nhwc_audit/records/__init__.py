@@ -8,7 +8,7 @@ propagation records per node, ``audit`` what an audit concludes.
 
 from __future__ import annotations
 
-from .audit import AuditMeta, Finding, Fix, Hotspot, Region, Summary, finding_key
+from .audit import BACKWARD_NOT_AUDITED, AuditMeta, Finding, Fix, Hotspot, Region, Summary, finding_key
 from .kinds import (
     FAIL_ON,
     BandwidthSource,
@@ -23,6 +23,7 @@ from .kinds import (
 from .node import HiddenCopy, NodeInput, NodeRecord, SourceLoc, TensorMeta
 
 __all__ = [
+    "BACKWARD_NOT_AUDITED",
     "FAIL_ON",
     "AuditMeta",
     "BandwidthSource",

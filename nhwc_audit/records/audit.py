@@ -8,18 +8,22 @@ from dataclasses import dataclass
 from .kinds import BandwidthSource, CaptureName, FindingKind, Layout, Mode, op_label
 from .node import SourceLoc, TensorMeta
 
-__all__ = ["AuditMeta", "Finding", "Fix", "Hotspot", "Region", "Summary", "finding_key"]
+__all__ = ["BACKWARD_NOT_AUDITED", "AuditMeta", "Finding", "Fix", "Hotspot", "Region", "Summary", "finding_key"]
+
+BACKWARD_NOT_AUDITED = "backward: not audited"
+"""How the note begins when a backward pass was asked for (``train=True``) and could not run."""
 
 
-def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | None, line: int | None) -> str:
-    """Kind, module path, op and source line: ``revert:up1.conv.block.1:InstanceNorm2d:examples.py:36``
-    (the file's base name, so that keys hold on any checkout). The one rule for findings and
-    for findings read back from a JSON report.
+def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | None) -> str:
+    """Kind, module path, op and source file: ``revert:up1.conv.block.1:InstanceNorm2d:examples.py``
+    (the file's base name, so that keys hold on any checkout; no line number, so that they hold
+    when code moves within the file: findings sharing a key count together). The one rule for
+    findings and for findings read back from a JSON report.
 
-    >>> finding_key("revert", "norm", "pad", "circular", "/x/m.py", 7)
-    'revert:norm:pad(circular):m.py:7'
+    >>> finding_key("revert", "norm", "pad", "circular", "/x/m.py")
+    'revert:norm:pad(circular):m.py'
     """
-    where = f"{file.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}" if file else ""
+    where = file.replace(chr(92), "/").rsplit("/", 1)[-1] if file else ""
     return f"{kind}:{module_path}:{op_label(op, detail)}:{where}"
 
 
@@ -67,15 +71,10 @@ class Finding:
 
     @property
     def key(self) -> str:
-        """A name for this finding that survives renumbered graph nodes (:func:`finding_key`)."""
-        source = self.source
+        """A name for this finding that survives renumbered graph nodes and code moved within
+        its file (:func:`finding_key`)."""
         return finding_key(
-            self.kind.value,
-            self.module_path,
-            self.op,
-            self.detail,
-            source.file if source else None,
-            source.line if source else None,
+            self.kind.value, self.module_path, self.op, self.detail, self.source.file if self.source else None
         )
 
 
@@ -193,7 +192,8 @@ class AuditMeta:
     """Bytes per second used to estimate the time of layout changes."""
     bandwidth_source: BandwidthSource
     backward: bool = False
-    """The audit ran one backward pass (``train=True``) and recorded gradient layouts."""
+    """The audit ran one backward pass (``train=True``) and recorded gradient layouts (False when
+    one was asked for and could not run: a note beginning :data:`BACKWARD_NOT_AUDITED` says why)."""
     threads: int = 1
     """``torch.get_num_threads()`` during the audit: CPU kernels (Conv3d) choose layouts by it."""
     modules: tuple[tuple[str, str], ...] = ()

@@ -1,6 +1,7 @@
 """Regressions, not inventories: two JSON reports in, what the newer one adds out. Findings are
-matched by :func:`~nhwc_audit.records.finding_key` (kind, module path, op, source line), never by
-node names, which renumber; several findings with one key (a line run in a loop) count together.
+matched by :func:`~nhwc_audit.records.finding_key` (kind, module path, op, source file), never by
+node names, which renumber, nor by line numbers, which move when code above them changes;
+several findings with one key (a line run in a loop, one op at two lines) count together.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ class Change:
     bytes_before: int
     bytes_after: int
     hint: str
+    lines: tuple[int, ...] = ()
+    """The source lines of the key's findings in the newer report (in the older one when gone)."""
+
+    @property
+    def where(self) -> str:
+        """``key (line 13)``: the key and where its findings are."""
+        if not self.lines:
+            return self.key
+        return f"{self.key} (line{'s' if len(self.lines) > 1 else ''} {', '.join(map(str, self.lines))})"
 
     @property
     def regression(self) -> bool:
@@ -53,7 +63,7 @@ class ReportDiff:
         for c in sorted(self.changes, key=lambda c: (not c.regression, c.kind, c.key)):
             counts = f"{c.count_before} -> {c.count_after}"
             sizes = f"{fmt_bytes(c.bytes_before)} -> {fmt_bytes(c.bytes_after)}"
-            out.append(f"{c.kind:<6} {c.key}  ({counts} finding(s), {sizes})")
+            out.append(f"{c.kind:<6} {c.where}  ({counts} finding(s), {sizes})")
         return out
 
     def to_html(self, old: str, new: str) -> str:
@@ -70,6 +80,7 @@ class ReportDiff:
             "changes": [
                 {
                     "key": c.key,
+                    "lines": list(c.lines),
                     "change": c.kind,
                     "count_before": c.count_before,
                     "count_after": c.count_after,
@@ -82,16 +93,26 @@ class ReportDiff:
         }
 
 
-def _grouped(report: Mapping[str, Any]) -> dict[str, tuple[int, int, str]]:
-    """key -> (count, bytes, hint) over a JSON report's findings."""
-    out: dict[str, tuple[int, int, str]] = {}
+@dataclass
+class _Group:
+    count: int = 0
+    nbytes: int = 0
+    hint: str = ""
+    lines: set[int] | None = None
+
+
+def _grouped(report: Mapping[str, Any]) -> dict[str, _Group]:
+    """key -> count, bytes, hint and source lines over a JSON report's findings."""
+    out: dict[str, _Group] = {}
     for f in report.get("findings", []):
         source = f.get("source") or {}
-        key = finding_key(
-            f["kind"], f["module_path"], f["op"], f.get("detail", ""), source.get("file"), source.get("line")
-        )
-        count, nbytes, _ = out.get(key, (0, 0, ""))
-        out[key] = (count + 1, nbytes + int(f.get("bytes", 0)), f.get("hint", ""))
+        key = finding_key(f["kind"], f["module_path"], f["op"], f.get("detail", ""), source.get("file"))
+        g = out.setdefault(key, _Group(lines=set()))
+        g.count += 1
+        g.nbytes += int(f.get("bytes", 0))
+        g.hint = g.hint or f.get("hint", "")
+        if source.get("line") is not None and g.lines is not None:
+            g.lines.add(int(source["line"]))
     return out
 
 
@@ -101,19 +122,19 @@ def diff_reports(before: Mapping[str, Any], after: Mapping[str, Any]) -> ReportD
     old, new = _grouped(before), _grouped(after)
     changes = []
     for key in sorted(old.keys() | new.keys()):
-        cb, bb, hb = old.get(key, (0, 0, ""))
-        ca, ba, ha = new.get(key, (0, 0, ""))
-        if (cb, bb) == (ca, ba):
+        b, a = old.get(key, _Group()), new.get(key, _Group())
+        if (b.count, b.nbytes) == (a.count, a.nbytes):
             continue
-        if cb == 0:
+        if b.count == 0:
             kind: ChangeKind = "new"
-        elif ca == 0:
+        elif a.count == 0:
             kind = "gone"
-        elif ca > cb or ba > bb:
+        elif a.count > b.count or a.nbytes > b.nbytes:
             kind = "grown"
         else:
             kind = "shrunk"
-        changes.append(Change(key, kind, cb, ca, bb, ba, ha or hb))
+        lines = tuple(sorted((a if a.count else b).lines or ()))
+        changes.append(Change(key, kind, b.count, a.count, b.nbytes, a.nbytes, a.hint or b.hint, lines))
     return ReportDiff(tuple(changes))
 
 

@@ -67,6 +67,7 @@ def write_all_atomic(files: list[tuple[Path, str]], *, make_folders: bool = True
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (which must exist)."""
-    write_all_atomic([(path, text)], make_folders=False)
+    """Write ``text`` to ``path`` through a temporary file in the same folder (made as needed,
+    as the CLI makes its report folders)."""
+    write_all_atomic([(path, text)])
     return path

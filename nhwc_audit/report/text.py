@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..records import AuditMeta, Finding, FindingKind, SourceLoc, Summary
+from ..records import BACKWARD_NOT_AUDITED, AuditMeta, Finding, FindingKind, SourceLoc, Summary
 
 if TYPE_CHECKING:
     from ..timing.measure import Measurement
@@ -27,6 +27,7 @@ __all__ = [
     "fmt_share",
     "headline",
     "offender_line",
+    "plural",
     "run_description",
     "sentence",
     "share_line",
@@ -117,19 +118,30 @@ def run_description(m: AuditMeta) -> str:
     )
 
 
+def plural(n: int, word: str) -> str:
+    """``1 revert``, ``2 reverts``, ``0 reverts``.
+
+    >>> plural(1, "revert"), plural(3, "convolution")
+    ('1 revert', '3 convolutions')
+    """
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]]:
     """The finding counts, each with its kind (for colour): reverts, conversions, mixed and
     breaks always; backward when the audit ran one; divergences when there are any."""
     parts: list[tuple[str, FindingKind | None]] = [
-        (f"{s.reverts} reverts", FindingKind.REVERT),
-        (f"{s.conversions} conversions", FindingKind.CONVERSION),
+        (plural(s.reverts, "revert"), FindingKind.REVERT),
+        (plural(s.conversions, "conversion"), FindingKind.CONVERSION),
         (f"{s.mixed} mixed", FindingKind.MIXED),
-        (f"{s.breaks} breaks", FindingKind.BREAK),
+        (plural(s.breaks, "break"), FindingKind.BREAK),
     ]
     if s.latent_breaks:
-        parts.append((f"{s.latent_breaks} latent breaks", FindingKind.LATENT))
+        parts.append((plural(s.latent_breaks, "latent break"), FindingKind.LATENT))
     if m.backward:
         parts.append((f"{s.backward} backward", FindingKind.BACKWARD))
+    elif any(n.startswith(BACKWARD_NOT_AUDITED) for n in m.capture_notes):
+        parts.append(("backward not audited", None))
     if s.divergences:
         parts.append((f"{s.divergences} divergences", FindingKind.DIVERGENCE))
     return parts

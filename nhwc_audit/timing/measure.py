@@ -38,12 +38,17 @@ def profile_copies(
     *,
     converted: nn.Module | None = None,
     graph: torch.fx.Graph | None = None,
+    rounds: int = 5,
+    nodes: frozenset[str] | None = None,
 ) -> tuple[tuple[str, float], ...]:
     """Run the channels_last conversion of ``model`` (``converted``, else converted here) as a
-    torch.fx graph (``graph``, the audit's own capture, else traced here) once under the
-    profiler with a range per node, and sum the self time of the ATen copy kernels inside each
-    node. Copies a kernel makes below ATen (oneDNN reorders inside a conv) are not visible.
-    Returns () when the model is not fx-traceable."""
+    torch.fx graph (``graph``, the audit's own capture, else traced here) ``rounds`` times under
+    the profiler with a range per node, and take, per node, the median over the rounds of the
+    self time of the ATen copy kernels inside it (one profiled run varies several-fold on a
+    busy machine). Copies a kernel makes below ATen (oneDNN reorders inside a conv) are not
+    visible. ``nodes``: only these (the nodes the audit found changing layout; a pad or an
+    upsample in an NCHW region copies too, without changing layout). Returns () when the model
+    is not fx-traceable."""
     from torch.profiler import ProfilerActivity, profile
 
     from ..capture.fx import trace
@@ -58,12 +63,22 @@ def profile_copies(
     cl_args, cl_kwargs = prepare_inputs(args, kwargs or {}, dtype=None, device=device)
     values = positional_inputs(gm, cl_args, cl_kwargs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    per_round: list[dict[str, float]] = []
     with torch.no_grad():
         _Ranged(gm).run(*values, enable_io_processing=False)  # warm-up
-        with profile(activities=activities) as prof:
-            _Ranged(gm).run(*values, enable_io_processing=False)
+        for _ in range(max(1, rounds)):
+            with profile(activities=activities) as prof:
+                _Ranged(gm).run(*values, enable_io_processing=False)
+            per_round.append(_copy_times(prof.events(), nodes))
+    seen = {name for totals in per_round for name in totals}
+    medians = {name: statistics.median(t.get(name, 0.0) for t in per_round) for name in seen}
+    return tuple(sorted(((n, t) for n, t in medians.items() if t > 0), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _copy_times(events: Any, nodes: frozenset[str] | None) -> dict[str, float]:
+    """Seconds of ATen copy kernels (self time) per node range of one profiled run."""
     totals: dict[str, float] = {}
-    for ev in prof.events():
+    for ev in events:
         if ev.name not in _COPY_EVENTS:
             continue
         parent = ev.cpu_parent
@@ -71,8 +86,9 @@ def profile_copies(
             parent = parent.cpu_parent
         if parent is not None:
             name = parent.name[len(_RANGE) :]
-            totals[name] = totals.get(name, 0.0) + ev.self_cpu_time_total / 1e6
-    return tuple(sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])))
+            if nodes is None or name in nodes:
+                totals[name] = totals.get(name, 0.0) + ev.self_cpu_time_total / 1e6
+    return totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +111,8 @@ class Measurement:
     timings: tuple[Timing, ...]
     copies: tuple[tuple[str, float], ...] = ()
     """Profiler-measured time (s) of ATen copy kernels inside each node of the channels_last
-    graph, costliest first (record_function ranges around every fx node)."""
+    graph that the audit found changing layout, costliest first (record_function ranges around
+    every fx node; the median over the measurement's rounds)."""
     untimed: tuple[tuple[str, str], ...] = ()
     """(variant, why) of the variants that could not run: the naive channels_last model raises
     where the model breaks on channels_last."""
@@ -137,9 +154,11 @@ def measure(
     rounds: int = 5,
     min_time: float = 0.05,
     graph: torch.fx.Graph | None = None,
+    nodes: frozenset[str] | None = None,
 ) -> Measurement:
     """Time ``model`` as given (NCHW), its channels_last conversion and ``repaired``; the
-    profiler's copy times per node run ``graph`` (the audit's fx capture) when given.
+    profiler's copy times per node (of ``nodes`` when given: the audit's layout changes) run
+    ``graph`` (the audit's fx capture) when given, over the same number of rounds.
 
     Each variant runs on its own copy (the user's model is untouched), after warm-up; each
     round times every variant once with ``torch.utils.benchmark.Timer.timeit`` (enough calls
@@ -186,7 +205,7 @@ def measure(
         for name, v in samples.items()
     )
     try:
-        copies = profile_copies(model, args, kwargs, converted=converted, graph=graph)
+        copies = profile_copies(model, args, kwargs, converted=converted, graph=graph, rounds=rounds, nodes=nodes)
     except Exception:  # the channels_last graph raises (a break): nothing to attribute
         copies = ()
     return Measurement(train=train, device=str(device), timings=timings, copies=copies, untimed=tuple(untimed))

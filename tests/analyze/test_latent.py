@@ -35,7 +35,7 @@ def test_the_view_behind_a_revert_is_a_latent_break(
     latent = report.findings[1]
     assert latent.origin == "norm" and latent.bytes == 0 and "raises once that input is channels_last" in latent.hint
     assert report.nodes[[r.name for r in report.nodes].index("view")].latent_error.startswith("RuntimeError: view")
-    assert report.summary.latent_breaks == 1 and "1 latent breaks" in report.headline
+    assert report.summary.latent_breaks == 1 and "1 latent break" in report.headline
     # one fix: change the InstanceNorm and the view together
     (fix,) = report.fixes
     assert fix.op == "InstanceNorm2d" and fix.roots == ("norm",) and fix.findings == 2

@@ -364,3 +364,43 @@ def test_a_rewrite_inside_a_called_module_stays_in_its_copy() -> None:
     assert [s.node for s in swapped] == ["conv_norm"], log.refused
     assert isinstance(gm.get_submodule("conv.norm"), nn.GroupNorm)
     assert isinstance(model.conv.norm, nn.InstanceNorm2d)  # the user's model untouched
+
+
+def test_the_verdict_after_a_repair_is_decided_on_the_repaired_graph() -> None:
+    """A repair that removes the only break and every transpose: the verdict's reasons describe
+    the repaired model (no break left, all of it channels_last), not the audited one."""
+    report = audit(M.ViewHead(), torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert any("raise on channels_last" in line for line in report.verdict.reasons)
+    repaired = report.repaired()
+    assert repaired.repair is not None and (repaired.repair.breaks_before, repaired.repair.breaks_after) == (1, 0)
+    reasons = repaired.verdict.reasons
+    assert not any("raise on channels_last" in line for line in reasons), reasons
+    assert not any("spatial nodes stay channels_last" in line for line in reasons), reasons
+    assert "0.0% of activation bytes are transposed per forward after converting and repairing" in reasons
+
+
+class PadInNchw(nn.Module):
+    """InstanceNorm reverts; a constant pad in the NCHW region after it copies too (into its
+    padded buffer), without changing layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.pad(self.norm(self.conv(x)), (1, 1, 1, 1)))
+
+
+def test_measured_copy_times_are_those_of_layout_changes() -> None:
+    from nhwc_audit.timing.measure import profile_copies
+
+    x = torch.randn(1, 3, 32, 32)
+    every = dict(profile_copies(PadInNchw().eval(), (x,), rounds=3))
+    assert "pad" in every and "norm" in every  # the profiler sees both copies
+    report = audit(PadInNchw().eval(), x, bandwidth=1e9).measure(rounds=3)
+    assert report.measurement is not None
+    measured = dict(report.measurement.copies)
+    assert "norm" in measured and "pad" not in measured  # the pad's copy keeps NCHW: no layout change
+    assert set(measured) <= {f.node for f in report.findings}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import audit
+from tests import models as M
 from tests.eager_bytes import eager_bytes
 
 CAPTURES = ["fx", "export", "hooks"]
@@ -119,28 +120,14 @@ def test_a_flatten_exit_is_not_a_finding_in_any_capture(capture: str) -> None:
     assert r.summary.bytes_moved == 0
 
 
-class CircularPad(nn.Module):
-    """A circular pad of an NHWC activation: ATen allocates the padded NCHW buffer
-    (``new_empty``: no data read), copies the input into it, wraps the borders; the next conv
-    converts back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 1)
-        self.conv2 = nn.Conv2d(8, 8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.pad(self.conv(x), (1, 1, 1, 1), mode="circular"))
-
-
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_a_padding_revert_is_charged_its_input(capture: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
-    r = audit(CircularPad().eval(), x, bandwidth=1e9, capture=capture)
+    r = audit(M.CircularPad().eval(), x, bandwidth=1e9, capture=capture)  # ATen pads via new_empty + copy_
     act, padded = 8 * 8 * 8 * 4, 8 * 10 * 10 * 4
     assert [(f.kind.value, f.bytes) for f in r.findings] == [("revert", 2 * act), ("conversion", 2 * padded)]
-    assert r.summary.bytes_moved == eager_bytes(CircularPad().eval(), (x,)).added
+    assert r.summary.bytes_moved == eager_bytes(M.CircularPad().eval(), (x,)).added
 
 
 class ContiguousThenFlatten(nn.Module):

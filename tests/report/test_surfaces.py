@@ -69,6 +69,17 @@ def test_divergences_reach_the_terminal_with_their_hint(audit_fixed: Callable[..
     assert "Real and fake kernels disagree at 1 node(s):" in text and "torch.compile" in text
 
 
+UNTRACEABLE = """
+class Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+"""
+
+
 def test_quiet_prints_nothing_but_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -85,9 +96,18 @@ def test_quiet_prints_nothing_but_errors(
     out, err = capsys.readouterr()
     assert out == "" and err == "nhwc-audit: --fail-on any: 1 finding(s): revert _1 (1 (InstanceNorm2d))\n"
     # an optional step that cannot be done is the one other line -q prints, and the audit stands
-    assert main(["m.py:M", "--input", "1x3x8x8", "-q", "--no-report", "--mode", "fake", "--apply"]) == 0
+    (tmp_path / "m.py").write_text(
+        (tmp_path / "m.py").read_text() + "def untraceable():\n    return Untraceable()\n" + UNTRACEABLE
+    )
+    assert main(["m.py:untraceable", "--input", "1x3x8x8", "-q", "--no-report", "--apply"]) == 0
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("nhwc-audit: repair not done: UsageError: this report (fake mode)")
+    assert out == "" and err.startswith(
+        "nhwc-audit: repair not done: ConversionError: repair needs a torch.fx-traceable"
+    )
+    # options that cannot go together are refused before the audit
+    assert main(["m.py:M", "--input", "1x3x8x8", "-q", "--no-report", "--mode", "fake", "--apply"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--apply runs the model's real kernels" in err
 
 
 @pytest.mark.parametrize("width", [80, 100, 120])
