@@ -6,7 +6,10 @@ eagerly twice, once as built (NCHW) and once converted to channels_last, under a
 memory order (its dims of size > 1 sorted by stride) disagrees with the output's on the
 dims both have; it pays ``2 x`` the smaller of the two tensors (read and write of the moved
 data; a broadcast input counts what it stores). Ops that read only an input's shape
-(``new_empty``, ``zeros_like``) move nothing. A convolution whose input is re-laid to its output's layout pays twice its input.
+(``new_empty``, ``zeros_like``) move nothing, and neither does an exit: the copy a reshape
+makes out of the spatial ranks (``torch.flatten(x, 1)`` of an NHWC map before a classifier,
+seen as a copy then a view to 2D at one source line), which the audit does not count either
+(exits are not findings). A convolution whose input is re-laid to its output's layout pays twice its input.
 Views move nothing. What channels_last adds is, per source line of the model, the channels_last
 run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
 """
@@ -37,10 +40,13 @@ class Transpose:
     """The model's source line that made the call (``file:line``, innermost frame outside torch)."""
 
 
+_HERE = __file__.replace("\\", "/")
+
+
 def _site() -> str:
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" in path or path.endswith("eager_bytes.py"):
+        if "/torch/" in path or path == _HERE:
             continue
         return f"{path}:{frame.lineno}"
     return "?"
@@ -106,11 +112,18 @@ class _Recorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[Transpose] = []
+        self._last: tuple[int, int, int, str] | None = None
+        """(storage, numel, transposes recorded, site) of the last op that moved data."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        last, self._last = self._last, None
+        if outs and outs[0].dim() < 4 and last is not None:
+            storage, numel, count, site = last
+            if _storage(outs[0]) == storage and outs[0].numel() == numel and _site() == site:
+                del self.seen[-count:]  # the copy of a reshape out of the spatial ranks: an exit
         if not outs or outs[0].dim() < 4:
             return out
         result = outs[0]
@@ -124,12 +137,15 @@ class _Recorder(TorchDispatchMode):
         conv = name == "convolution"
         if conv:
             ins = ins[:1]  # the activation; weights are parameters, re-laid once per call at most
+        before = len(self.seen)
         for t in ins:
             if _storage(t) == written:
                 continue  # the tensor written in place
             moved = _moved(t, result, tuple(args), kwargs, relaid=conv)
             if moved:
                 self.seen.append(Transpose(name, tuple(result.shape), moved, _site()))
+        if len(self.seen) > before:
+            self._last = (written, result.numel(), len(self.seen) - before, self.seen[-1].site)
         return out
 
 

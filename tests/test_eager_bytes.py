@@ -72,3 +72,21 @@ def test_checker_does_not_count_what_reads_only_a_shape() -> None:
     e = eager_bytes(M.CircularPad().eval(), (torch.randn(1, 3, 8, 8),))
     assert sorted(t.op for t in e.channels_last) == ["convolution", "copy_"]
     assert e.added == 2 * 8 * 8 * 8 * 4 + 2 * 8 * 10 * 10 * 4
+
+
+def test_checker_does_not_count_an_exit() -> None:
+    """``torch.flatten(x, 1)`` of a 7x7 NHWC map copies it (a view in NCHW): an exit, as in the
+    audit; a ``.contiguous()`` the model asks for before flattening is still counted."""
+    e = eager_bytes(M.FlattenHead().eval(), (torch.randn(1, 3, 32, 32),))
+    assert e.added == 0
+
+    class Explicit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x).contiguous()
+            return y.flatten(1)
+
+    assert eager_bytes(Explicit().eval(), (torch.randn(1, 3, 8, 8),)).added == 2 * 8 * 8 * 8 * 4
