@@ -8,8 +8,8 @@ dims both have; it pays ``2 x`` the smaller of the two tensors (read and write o
 data; a broadcast input counts what it stores). Ops that read only an input's shape
 (``new_empty``, ``zeros_like``) move nothing, and neither does an exit: the copy a reshape
 makes out of the spatial ranks (``torch.flatten(x, 1)`` of an NHWC map before a classifier,
-seen as a copy then a view to 2D at one source line), which the audit does not count either
-(exits are not findings). A convolution whose input is re-laid to its output's layout pays twice its input.
+seen as a copy then a view to 2D by one flatten or reshape call), which the audit does not count either
+(exits are not findings); a weight reshaped in forward (weight standardisation) is not an exit. A convolution whose input is re-laid to its output's layout pays twice its input.
 Views move nothing. What channels_last adds is, per source line of the model, the channels_last
 run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
 """
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -104,16 +105,40 @@ def _storage(t: torch.Tensor) -> int:
         return 0
 
 
+class _Calls(TorchFunctionMode):
+    """The name of the outermost torch call running (``flatten``, ``linear``): ATen ops do not say
+    which call of the model's made them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: str | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        outer = self.current is None
+        if outer:
+            self.current = getattr(func, "__name__", None)
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            if outer:
+                self.current = None
+
+
+_EXITING_CALLS = frozenset({"flatten", "reshape"})
+"""Calls that leave the spatial ranks by copying an NHWC map (a view in NCHW)."""
+
+
 class _Recorder(TorchDispatchMode):
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False  # never under torch.compile: skip the ~0.7 ms per-op wrapper
 
-    def __init__(self) -> None:
+    def __init__(self, calls: _Calls) -> None:
         super().__init__()
         self.seen: list[Transpose] = []
+        self.calls = calls
         self._last: tuple[int, int, int, str] | None = None
-        """(storage, numel, transposes recorded, site) of the last op that moved data."""
+        """(storage, numel, transposes recorded, site) of the last copy a flatten or reshape made."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -138,23 +163,27 @@ class _Recorder(TorchDispatchMode):
         if conv:
             ins = ins[:1]  # the activation; weights are parameters, re-laid once per call at most
         before = len(self.seen)
+        weights = False
         for t in ins:
             if _storage(t) == written:
                 continue  # the tensor written in place
             moved = _moved(t, result, tuple(args), kwargs, relaid=conv)
             if moved:
                 self.seen.append(Transpose(name, tuple(result.shape), moved, _site()))
-        if len(self.seen) > before:
+                weights = weights or isinstance(t, nn.Parameter)
+        exiting = self.calls.current in _EXITING_CALLS and not weights  # activations exit, not weights
+        if len(self.seen) > before and exiting:
             self._last = (written, result.numel(), len(self.seen) - before, self.seen[-1].site)
         return out
 
 
 def transposes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> list[Transpose]:
     """Every transpose one eager forward of ``model`` makes (no_grad, eval as given)."""
-    rec = _Recorder()
+    calls = _Calls()
+    rec = _Recorder(calls)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with rec:
+        with calls, rec:
             model(*args, **(kwargs or {}))
     return rec.seen
 

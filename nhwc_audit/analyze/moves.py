@@ -102,6 +102,8 @@ def exits_spatial(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, 
     """The copy of one reshape call out of the spatial ranks (``torch.flatten(x, 1)`` before a
     classifier, as the eager capture records it: a copy, then a view to 2D, both made by that
     call, at its line): an exit, which a graph records as one node with a non-spatial output. A
-    copy the model asks for itself (``.contiguous()``) that a later call flattens stays a copy."""
+    copy the model asks for itself (``.contiguous()``) that a later call flattens stays a copy,
+    and so does a weight reshaped in forward (weight standardisation: :func:`_reshape_view` reads
+    activations only)."""
     user = _reshape_view(r, reverted, by_name)
     return user is not None and not user.outputs[0].is_spatial and user.op_name == r.op_name and user.source == r.source
