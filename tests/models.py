@@ -176,3 +176,26 @@ class Conv3dNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.norm(self.conv(x)))
+
+
+class StandardisedConv(nn.Conv2d):
+    """BiT's and NFNet's weight standardisation: the NHWC weight reshaped to (1, O, -1) in every
+    forward (a copy in channels_last, a view in NCHW)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, self.out_channels, -1)
+        w = ((w - w.mean(-1, keepdim=True)) / (w.std(-1, keepdim=True) + 1e-5)).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, padding=1)
+
+
+class ContiguousThenFlatten(nn.Module):
+    """A ``.contiguous()`` the model asks for, flattened on the next line: a revert (the copy is
+    the model's own), unlike a flatten that copies on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).contiguous()
+        return y.flatten(1)

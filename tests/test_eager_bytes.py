@@ -80,16 +80,7 @@ def test_checker_does_not_count_an_exit() -> None:
     e = eager_bytes(M.FlattenHead().eval(), (torch.randn(1, 3, 32, 32),))
     assert e.added == 0
 
-    class Explicit(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x).contiguous()
-            return y.flatten(1)
-
-    assert eager_bytes(Explicit().eval(), (torch.randn(1, 3, 8, 8),)).added == 2 * 8 * 8 * 8 * 4
+    assert eager_bytes(M.ContiguousThenFlatten().eval(), (torch.randn(1, 3, 8, 8),)).added == 2 * 8 * 8 * 8 * 4
 
 
 def test_checker_counts_a_weight_reshaped_in_forward_and_a_linear_of_an_nhwc_map() -> None:
@@ -97,13 +88,7 @@ def test_checker_counts_a_weight_reshaped_in_forward_and_a_linear_of_an_nhwc_map
     every forward (BiT, NFNet), and ``linear`` over the last dim of a 4D channels_last buffer
     copies it to compute (Swin2SR's position-bias table); both are views in NCHW."""
 
-    class Standardised(nn.Conv2d):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            w = self.weight.reshape(1, self.out_channels, -1)
-            w = ((w - w.mean(-1, keepdim=True)) / (w.std(-1, keepdim=True) + 1e-5)).reshape_as(self.weight)
-            return torch.nn.functional.conv2d(x, w, self.bias, padding=1)
-
-    e = eager_bytes(nn.Sequential(Standardised(8, 8, 3)).eval(), (torch.randn(1, 8, 8, 8),))
+    e = eager_bytes(nn.Sequential(M.StandardisedConv(8, 8, 3)).eval(), (torch.randn(1, 8, 8, 8),))
     assert e.added >= 2 * 8 * 8 * 3 * 3 * 4  # the weight's copy into NCHW order
 
     class Table(nn.Module):

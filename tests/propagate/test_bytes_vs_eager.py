@@ -121,39 +121,16 @@ def test_a_padding_revert_is_charged_its_input(capture: str) -> None:
     assert r.summary.bytes_moved == eager_bytes(M.CircularPad().eval(), (x,)).added
 
 
-class ContiguousThenFlatten(nn.Module):
-    """A ``.contiguous()`` the model asks for, flattened on the next line: a revert (the copy is
-    the model's own), unlike a flatten that copies on its own."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x).contiguous()
-        return y.flatten(1)
-
-
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_a_contiguous_call_before_a_flatten_stays_a_revert(capture: str) -> None:
-    r = audit(ContiguousThenFlatten().eval(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
+    r = audit(M.ContiguousThenFlatten().eval(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture=capture)
     assert [(f.kind.value, f.op, f.bytes) for f in r.findings] == [("revert", "contiguous", 2 * 8 * 8 * 8 * 4)]
-
-
-class StandardisedConv(nn.Conv2d):
-    """BiT's and NFNet's weight standardisation: the NHWC weight reshaped to (1, O, -1) in every
-    forward (a copy in channels_last, a view in NCHW)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.reshape(1, self.out_channels, -1)
-        w = ((w - w.mean(-1, keepdim=True)) / (w.std(-1, keepdim=True) + 1e-5)).reshape_as(self.weight)
-        return F.conv2d(x, w, self.bias, padding=1)
 
 
 def test_a_weight_reshaped_in_forward_is_no_exit() -> None:
     """The eager capture sees the weight's reshape as a copy and a view to 3D, like a flatten exit;
     only activations exit, so the weight's copy stays a finding there."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), StandardisedConv(8, 8, 3)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), M.StandardisedConv(8, 8, 3)).eval()
     r = audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9, capture="hooks")
     weight = 8 * 8 * 3 * 3 * 4
     assert ("revert", 2 * weight) in [(f.kind.value, f.bytes) for f in r.findings]
