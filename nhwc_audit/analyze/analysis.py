@@ -19,7 +19,7 @@ __all__ = [
     "Analysis",
     "activation_bytes",
     "analyze",
-    "counts_for_share",
+    "share_ops",
     "find_regions",
     "group_fixes",
     "rank_hotspots",
@@ -120,14 +120,23 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     return fixes
 
 
-def counts_for_share(r: NodeRecord) -> bool:
-    """The ops the channels_last share is taken over: ops (not inputs, weights or the output)
-    whose output is a spatial activation in a definite layout."""
+def _counts(r: NodeRecord) -> bool:
     return r.op not in SKIP_OPS and r.output_layout in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS, Layout.STRIDED)
 
 
+def share_ops(records: Iterable[NodeRecord]) -> list[NodeRecord]:
+    """The ops the channels_last share is taken over: ops (not inputs, weights or the output)
+    whose output is a spatial activation in a definite layout; of the ATen ops one call of the
+    model dispatched (eager capture: InstanceNorm's copy, view, batch norm and view back), the
+    last one, as a graph has one node for the call, so that the share does not depend on the
+    capture."""
+    counted = [r for r in records if _counts(r)]
+    last = {r.call: r.name for r in counted if r.call is not None}
+    return [r for r in counted if r.call is None or last[r.call] == r.name]
+
+
 def activation_bytes(spatial: Iterable[NodeRecord], in_regions: Container[str]) -> tuple[int, int]:
-    """(all, NCHW) spatial output bytes of ``spatial`` (ops that :func:`counts_for_share`): an op
+    """(all, NCHW) spatial output bytes of ``spatial`` (ops of :func:`share_ops`): an op
     runs NCHW when it lies in an NCHW region."""
     total = nchw = 0
     for r in spatial:
@@ -141,7 +150,7 @@ def summarize(
     records: Sequence[NodeRecord], findings: Sequence[Finding], regions: Sequence[Region], *, bandwidth: float
 ) -> Summary:
     """Headline numbers."""
-    spatial = [r for r in records if counts_for_share(r)]
+    spatial = share_ops(records)
     in_regions = {n for reg in regions for n in reg.nodes}
     spatial_bytes, nchw_bytes = activation_bytes(spatial, in_regions)
     count = {k: sum(1 for f in findings if f.kind is k) for k in FindingKind}

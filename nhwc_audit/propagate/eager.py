@@ -54,14 +54,18 @@ class _Calls(TorchFunctionMode):
         self.current: str | None = None
         self.source: SourceLoc | None = None
         """The model's line that made the call (taken here: below, this frame is nhwc-audit's)."""
+        self.index: int | None = None
+        """Which call this is, counting from 1 (None outside any)."""
+        self._count = 0
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        outer = self.current, self.source
-        self.current, self.source = call_name(func), user_frame()
+        outer = self.current, self.source, self.index
+        self._count += 1
+        self.current, self.source, self.index = call_name(func), user_frame(), self._count
         try:
             return func(*args, **(kwargs or {}))
         finally:
-            self.current, self.source = outer
+            self.current, self.source, self.index = outer
 
 
 class _Recorder(RecordingMode):
@@ -109,6 +113,7 @@ class _Recorder(RecordingMode):
                 for t in ins
             ],
             "detail": aten_detail(op, args, kwargs),
+            "call": self.calls.index,
         }
         try:
             out = func(*args, **kwargs)
@@ -214,6 +219,7 @@ def record_eager(
                 error=error if last else None,
                 in_leaf_module=torch_nn.get(r["module_path"], False),  # paths come from the hooks above
                 hidden=tuple(r["hidden"]),
+                call=r["call"],
             )
         )
     return records, out, error

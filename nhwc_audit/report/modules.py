@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..analyze.analysis import activation_bytes, counts_for_share
+from ..analyze.analysis import activation_bytes, share_ops
 from ..analyze.origin import SKIP_OPS
 from ..records import Finding, FindingKind, NodeRecord, Region
 from .text import fmt_bytes, fmt_share, short_source
@@ -69,7 +69,7 @@ def _op_bytes(nodes: Sequence[NodeRecord], regions: Sequence[Region]) -> dict[st
     taken over: worked out once per op (a module's row sums those of its ops, and every op is
     in the rows of all its ancestors)."""
     in_regions = {n for reg in regions for n in reg.nodes}
-    return {r.name: activation_bytes((r,), in_regions) for r in nodes if counts_for_share(r)}
+    return {r.name: activation_bytes((r,), in_regions) for r in share_ops(nodes)}
 
 
 def _tally(
