@@ -78,9 +78,12 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (cpu for a stateless model)."""
-    for _, t, _ in _tensors(model):
-        return t.device
+    """The device of the model's first parameter or buffer (cpu for a stateless model). Lazily:
+    it stops at the first one (a full walk of densenet121's 434 modules costs ~1 ms, and every
+    audit asks twice)."""
+    for ts in (model.parameters(), model.buffers()):
+        for t in ts:
+            return t.device
     return torch.device("cpu")
 
 
