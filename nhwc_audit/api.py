@@ -19,7 +19,7 @@ from .fix.repair import RepairLog, repair_model
 from .followups import measure_report, repair_report
 from .pipeline import AuditOptions, run_audit
 from .prepare.copy import model_device
-from .prepare.load import call_build_fn, split_example
+from .prepare.load import call_build_fn, split_example, usable_bandwidth
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
 from .records import FAIL_ON, CaptureMethod, FailOn, Finding, FindingKind, Mode, NodeRecord
@@ -102,8 +102,8 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: M
     if dev.type == "meta":
         raise UsageError(
             "device 'meta' is not a device to audit on: meta tensors run no kernels, so their layouts are "
-            "not what any device computes (every convolution comes out NCHW); audit a meta-device model "
-            "in fake mode (--mode fake, API mode='fake'), which predicts cpu or cuda (--device)"
+            "not what any device computes (every convolution comes out NCHW); a meta-device model is audited "
+            "in fake mode (--mode fake, API mode='fake') on the device it predicts: --device cpu or cuda"
         )
     if mode != "fake" and dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
@@ -134,10 +134,8 @@ def _options(
         raise UsageError(f"mode {mode!r} is not one of: {', '.join(_MODES)}")
     if capture not in CAPTURES:
         raise UsageError(f"capture {capture!r} is not one of: {', '.join(CAPTURES)}")
-    if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float))):
-        raise UsageError(f"bandwidth must be a number of bytes/s (e.g. 1e10), got {bandwidth!r}")
-    if bandwidth is not None and bandwidth <= 0:
-        raise UsageError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+    if bandwidth is not None and not usable_bandwidth(bandwidth):
+        raise UsageError(f"bandwidth must be a positive, finite number of bytes/s (e.g. 1e10), got {bandwidth!r}")
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
     if dtype is not None and not isinstance(dtype, torch.dtype):

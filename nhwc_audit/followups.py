@@ -6,6 +6,7 @@ model. ``AuditReport.repaired()`` and ``.measure()`` call these.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch.fx
@@ -14,6 +15,7 @@ from torch import nn
 from .analyze.verdict import decide
 from .errors import UsageError
 from .fix.repair import repair_model
+from .records import NodeRecord, Summary
 from .report.text import fmt_seconds, untimed_lines
 
 if TYPE_CHECKING:
@@ -38,6 +40,15 @@ def _fx_graph(report: AuditReport) -> torch.fx.Graph | None:
     return capture.graph if capture is not None and capture.method == "fx" else None
 
 
+def _decided_on(report: AuditReport) -> tuple[Sequence[NodeRecord], Summary]:
+    """What a verdict is decided on: the repaired graph's records and summary when a repair
+    changed the model, else the audit's."""
+    rp = report.repair
+    if rp is not None and rp.changed and rp.summary_after is not None:
+        return rp.records_after, rp.summary_after
+    return report.nodes, report.summary
+
+
 def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     """``report`` with a repaired graph attached (``repair``, ``repaired_code``,
     ``repaired_module``) and the verdict updated. The repair starts from the audit's own
@@ -45,17 +56,13 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     model, args, kwargs = _source(report)
     graph = _fx_graph(report)
     gm, log = repair_model(model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, **options)
+    repaired = dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)
     if not log.changed or log.summary_after is None:
-        return dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)
+        return repaired
     # decided on the repaired graph: its breaks, its share of channels_last nodes and bytes
-    verdict = decide(
-        log.records_after,
-        log.summary_after,
-        device=report.meta.device,
-        dtype=report.meta.dtype,
-        bytes_moved=log.bytes_after,
-    )
-    return dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm, verdict=verdict)
+    records, summary = _decided_on(repaired)
+    verdict = decide(records, summary, device=report.meta.device, dtype=report.meta.dtype, bytes_moved=log.bytes_after)
+    return dataclasses.replace(repaired, verdict=verdict)
 
 
 def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5) -> AuditReport:
@@ -65,8 +72,9 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
 
     model, args, kwargs = _source(report)
     graph = _fx_graph(report)
-    # copy times of the nodes that change layout (a pad in an NCHW region copies too)
-    moving = frozenset(f.node for f in report.findings if f.bytes > 0)
+    # copy times of the nodes that change layout (a pad in an NCHW region copies too), when the
+    # profiled graph is the audit's own (else its node names are not the findings')
+    moving = frozenset(f.node for f in report.findings if f.bytes > 0) if graph is not None else None
     m = measure(
         model, args, kwargs, repaired=report.repaired_module, train=train, rounds=rounds, graph=graph, nodes=moving
     )
@@ -77,9 +85,10 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
         f"(min {fmt_seconds(t.low)}, max {fmt_seconds(t.high)}, {t.rounds} rounds)"
         for t in m.timings
     ] + untimed_lines(m, report.findings)
+    records, summary = _decided_on(report)
     verdict = decide(
-        report.nodes,
-        report.summary,
+        records,
+        summary,
         device=report.meta.device,
         dtype=report.meta.dtype,
         speedup=max(speeds) if speeds else None,

@@ -111,14 +111,22 @@ def test_check_passes_clean_models_and_lists_offenders() -> None:
         check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="sometimes", bandwidth=BANDWIDTH)
 
 
+def test_a_numpy_bandwidth_is_a_number() -> None:
+    np = pytest.importorskip("numpy")
+    r = nhwc_audit.audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=np.float32(1e9))
+    assert r.meta.bandwidth == 1e9
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"device": "meta"}, "device 'meta' is not a device to audit on"),
         ({"device": "meta", "mode": "fake"}, "device 'meta' is not a device to audit on"),
         ({"dtype": "float64"}, "dtype must be a torch.dtype"),
-        ({"bandwidth": "fast"}, "bandwidth must be a number of bytes/s"),
-        ({"bandwidth": True}, "bandwidth must be a number of bytes/s"),
+        ({"bandwidth": "fast"}, "bandwidth must be a positive, finite number of bytes/s"),
+        ({"bandwidth": True}, "bandwidth must be a positive, finite number of bytes/s"),
+        ({"bandwidth": float("nan")}, "bandwidth must be a positive, finite number of bytes/s"),
+        ({"bandwidth": -1.0}, "bandwidth must be a positive, finite number of bytes/s"),
     ],
 )
 def test_bad_options_are_usage_errors_before_anything_runs(options: dict[str, object], message: str) -> None:

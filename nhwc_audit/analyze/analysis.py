@@ -127,12 +127,13 @@ def _counts(r: NodeRecord) -> bool:
 def share_ops(records: Iterable[NodeRecord]) -> list[NodeRecord]:
     """The ops the channels_last share is taken over: ops (not inputs, weights or the output)
     whose output is a spatial activation in a definite layout; of the ATen ops one call of the
-    model dispatched (eager capture: InstanceNorm's copy, view, batch norm and view back), the
-    last one, as a graph has one node for the call, so that the share does not depend on the
-    capture."""
-    counted = [r for r in records if _counts(r)]
-    last = {r.call: r.name for r in counted if r.call is not None}
-    return [r for r in counted if r.call is None or last[r.call] == r.name]
+    model dispatched (eager capture: InstanceNorm's copy, view, batch norm and view back), only
+    the last one, as a graph has one node for the call, so that the share does not depend on the
+    capture (a flatten's copy of an NHWC map, then its view to 2D: the call's result is not
+    spatial, and nothing counts, as in a graph)."""
+    records = list(records)
+    last = {r.call: r.name for r in records if r.call is not None}  # a call's result: its last op
+    return [r for r in records if _counts(r) and (r.call is None or last[r.call] == r.name)]
 
 
 def activation_bytes(spatial: Iterable[NodeRecord], in_regions: Container[str]) -> tuple[int, int]:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="JSON",
         help="compare with a saved JSON report: print what changed and exit 1 only on new or grown findings "
-        "(matched by kind, module path, op and source line)",
+        "(matched by kind, module path, op and source file, not line: code moves)",
     )
     p.add_argument(
         "--autocast",

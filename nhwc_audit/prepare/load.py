@@ -10,6 +10,8 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -240,6 +242,19 @@ def parse_bandwidth(text: str) -> float:
         value = float(num) * _BW_UNITS[unit]
     except ValueError:
         raise UsageError(f"--bandwidth {text!r}: use bytes/s (2.5e9) or a unit like 900GB/s") from None
-    if not value > 0:
-        raise UsageError(f"--bandwidth {text!r} must be positive")
+    if not usable_bandwidth(value):
+        raise UsageError(f"--bandwidth {text!r} must be a positive, finite number of bytes/s")
     return value
+
+
+def usable_bandwidth(value: object) -> bool:
+    """A bandwidth the audit can divide by: a real number (numpy's too), positive and finite,
+    not a bool. The one rule for the CLI and the API.
+
+    >>> usable_bandwidth(2e9), usable_bandwidth(float("nan")), usable_bandwidth(True), usable_bandwidth("fast")
+    (True, False, False, False)
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    number = float(value)
+    return math.isfinite(number) and number > 0

@@ -129,7 +129,8 @@ def plural(n: int, word: str) -> str:
 
 def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]]:
     """The finding counts, each with its kind (for colour): reverts, conversions, mixed and
-    breaks always; backward when the audit ran one; divergences when there are any."""
+    breaks always; backward when the audit ran one ("backward not audited" when one was asked
+    for and could not run); divergences when there are any."""
     parts: list[tuple[str, FindingKind | None]] = [
         (plural(s.reverts, "revert"), FindingKind.REVERT),
         (plural(s.conversions, "conversion"), FindingKind.CONVERSION),

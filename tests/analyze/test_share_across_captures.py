@@ -12,7 +12,7 @@ from nhwc_audit.examples import unet
 from tests import models as M
 
 
-@pytest.mark.parametrize("model", [M.InstanceNormNet, lambda: M.AddOrder(True), lambda: unet()[0]])
+@pytest.mark.parametrize("model", [M.InstanceNormNet, lambda: M.AddOrder(True), lambda: unet()[0], M.FlattenHead])
 def test_the_share_is_the_same_in_every_capture(model: object) -> None:
     torch.manual_seed(0)
     m = model()  # type: ignore[operator]

@@ -404,3 +404,16 @@ def test_measured_copy_times_are_those_of_layout_changes() -> None:
     measured = dict(report.measurement.copies)
     assert "norm" in measured and "pad" not in measured  # the pad's copy keeps NCHW: no layout change
     assert set(measured) <= {f.node for f in report.findings}
+
+
+def test_a_measurement_after_a_repair_keeps_the_verdict_on_the_repaired_graph() -> None:
+    report = audit(M.ViewHead(), torch.randn(1, 3, 8, 8), bandwidth=1e9).repaired().measure(rounds=2)
+    assert report.verdict.measured
+    assert "after fixing" not in report.verdict.summary, report.verdict  # the repair fixed the only break
+
+
+def test_measured_copy_times_of_an_eager_capture_are_kept() -> None:
+    """The profiler runs a graph traced for it when the audit had none: its node names are not
+    the findings', so nothing is filtered out by them."""
+    report = audit(M.CircularPad().eval(), torch.randn(1, 3, 16, 16), bandwidth=1e9, capture="hooks").measure(rounds=2)
+    assert report.measurement is not None and report.measurement.copies
