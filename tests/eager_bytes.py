@@ -98,6 +98,15 @@ def _moved(inp: torch.Tensor, out: torch.Tensor, args: tuple[Any, ...], kwargs: 
     return 2 * (size_in if relaid else min(size_in, out.numel() * out.element_size()))
 
 
+def _relaid_weight(activation: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A convolution's weight whose memory order is not its activation's (channels innermost in
+    one, not the other): the kernel copies it into the activation's layout."""
+    if activation.dim() != weight.dim() or weight.dim() < 4:
+        return False
+    dims = list(range(weight.dim()))
+    return _order(activation, dims) != _order(weight, dims) and min(weight.shape[1:]) > 1
+
+
 def _storage(t: torch.Tensor) -> int:
     try:
         return t.untyped_storage().data_ptr()
@@ -161,7 +170,14 @@ class _Recorder(TorchDispatchMode):
             return out  # new_empty, zeros_like: the input gives a shape, no data is read
         conv = name == "convolution"
         if conv:
-            ins = ins[:1]  # the activation; weights are parameters, re-laid once per call at most
+            weight = ins[1] if len(ins) > 1 else None
+            ins = ins[:1]  # the activation; a parameter weight is re-laid once per call at most
+            if weight is not None and not isinstance(weight, nn.Parameter) and _relaid_weight(ins[0], weight):
+                # a weight computed in forward (weight standardisation) in the other layout than the
+                # activation: the kernel re-lays it every call
+                self.seen.append(
+                    Transpose(name, tuple(weight.shape), 2 * weight.numel() * weight.element_size(), _site())
+                )
         before = len(self.seen)
         weights = False
         for t in ins:

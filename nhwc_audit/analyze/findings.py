@@ -46,6 +46,7 @@ from .hints import (
     HIDDEN,
     ND_TRANSPOSE,
     STACK_REDUCE,
+    WEIGHT_RESHAPE,
     HintTable,
     default_hints,
     render_hint,
@@ -264,7 +265,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     assigns = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
-    if r.hidden and (assigns or any(o.rank >= 4 for o in r.outputs)):
+    # a weight reshaped in forward (weight standardisation) copies out of NHWC whatever its output's
+    # rank: only activations exit
+    of_weight = any(i.is_param and i.meta.rank >= 4 for i in r.inputs)
+    if r.hidden and (assigns or of_weight or any(o.rank >= 4 for o in r.outputs)):
         # the node left (and maybe re-entered) NHWC internally: invisible in its input/output
         # layouts (exits to non-spatial outputs, like flatten before a classifier, are not
         # findings); copies out of NHWC only are a revert, as the eager capture sees that copy
@@ -277,7 +281,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 layout_in=r.hidden[0].layout_in,
                 nbytes=sum(h.bytes for h in r.hidden),
                 shape=r.hidden[0].shape,
-                hint_op=HIDDEN,
+                hint_op=WEIGHT_RESHAPE if of_weight and out_only else HIDDEN,
             )
         ]
     return []

@@ -16,6 +16,7 @@ __all__ = [
     "HIDDEN",
     "ND_TRANSPOSE",
     "STACK_REDUCE",
+    "WEIGHT_RESHAPE",
     "HintTable",
     "default_hints",
     "render_hint",
@@ -37,6 +38,9 @@ STACK_REDUCE = "@stack-reduce"
 
 COMPUTED_WEIGHT = "@computed-weight"
 """Key of the mixed hint for a convolution whose weight is computed in forward and NCHW."""
+
+WEIGHT_RESHAPE = "@weight-reshape"
+"""Key of the revert hint for a weight reshaped in forward (a copy out of NHWC every call)."""
 
 _DEFAULT: dict[FindingKind, str] = {
     FindingKind.BREAK: (
@@ -232,9 +236,20 @@ def default_hints() -> HintTable:
         FindingKind.MIXED,
         (COMPUTED_WEIGHT,),
         "{op}'s weight is computed in forward ({origin}) and comes out NCHW, so the convolution "
-        "re-lays the weight on every call or follows it and returns NCHW: give the computed weight "
-        "channels_last strides (weight.contiguous(memory_format=torch.channels_last) after it is "
-        "computed, e.g. after reshape_as in a weight-standardised conv) and nothing moves",
+        "re-lays the weight on every call or follows it and returns NCHW: compute it without "
+        "reshaping (a weight standardisation over dims (1, 2, 3) with keepdim=True: w.mean(...), "
+        "w.var(..., unbiased=False)), which keeps the weight's channels_last strides, and nothing "
+        "moves; weight.contiguous(memory_format=torch.channels_last) after reshape_as would only move "
+        "the copy out of the convolution",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        (WEIGHT_RESHAPE,),
+        "{op} of a weight in forward copies the channels_last weight into NCHW order on every call "
+        "(a view in NCHW), and the convolution then re-lays the computed weight: standardise it "
+        "without reshaping (over dims (1, 2, 3) with keepdim=True: w.mean(...), "
+        "w.var(..., unbiased=False)), which keeps its channels_last strides, and neither copy happens",
     )
     for kind in (FindingKind.CONVERSION, FindingKind.REVERT):
         _register(

@@ -24,11 +24,33 @@ def test_a_computed_nchw_weight_is_the_root_cause(
 ) -> None:
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), StdConv(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
     r = audit_fixed(m, sample(1, 3, 16, 16))
-    (f,) = r.findings
-    assert (f.node, f.kind.value, f.origin) == ("conv2d", "mixed", "reshape_as")
+    copy, f = r.findings
+    weight = 2 * 16 * 16 * 3 * 3 * 4
+    # the weight moves twice a forward: its reshape copies it out of NHWC, the conv re-lays it
+    assert (copy.node, copy.kind.value, copy.bytes) == ("reshape", "revert", weight)
+    assert copy.hint.startswith("reshape of a weight in forward copies the channels_last weight")
+    assert (f.node, f.kind.value, f.origin, f.bytes) == ("conv2d", "mixed", "reshape_as", weight)
     assert f.hint.startswith("conv2d's weight is computed in forward (reshape_as")
-    assert "weight.contiguous(memory_format=torch.channels_last)" in f.hint
-    assert [(x.op, x.roots) for x in r.fixes] == [("reshape_as", ("reshape_as",))]
+    for hint in (copy.hint, f.hint):
+        assert "without reshaping" in hint and "dims (1, 2, 3)" in hint
+    assert [(x.op, x.roots) for x in r.fixes] == [("reshape", ("reshape",)), ("reshape_as", ("reshape_as",))]
+
+
+def test_the_advised_standardisation_moves_nothing(
+    audit_fixed: Callable[..., AuditReport], sample: Callable[..., torch.Tensor]
+) -> None:
+    """What the hint advises, checked: standardised over dims (1, 2, 3) with keepdim, the weight
+    keeps its channels_last strides and the audit finds nothing."""
+
+    class Advised(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.weight
+            mean = w.mean(dim=(1, 2, 3), keepdim=True)
+            var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+            return F.conv2d(x, (w - mean) / (var + 1e-5).sqrt(), self.bias, self.stride, self.padding)
+
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Advised(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
+    assert audit_fixed(m, sample(1, 3, 16, 16)).findings == ()
 
 
 def test_an_nchw_activation_into_a_conv_is_not_a_weight(
