@@ -19,7 +19,7 @@ from .records import FailOn, Finding
 from .report.text import offender_line
 from .result import AuditReport
 
-__all__ = ["assert_channels_last", "check_report"]
+__all__ = ["allow_patterns", "assert_channels_last", "check_report"]
 
 
 def _allowed(f: Finding, allow: tuple[str, ...]) -> bool:
@@ -33,7 +33,7 @@ def _allowed(f: Finding, allow: tuple[str, ...]) -> bool:
     )
 
 
-def _patterns(allow: Iterable[str] | str) -> tuple[str, ...]:
+def allow_patterns(allow: Iterable[str] | str) -> tuple[str, ...]:
     """``allow`` as a tuple of patterns: one string is one pattern (not one per character, where a
     lone ``*`` would accept every finding)."""
     if isinstance(allow, str):
@@ -59,14 +59,14 @@ def assert_channels_last(
     offender with module path, op, source line, bytes, hint and its key to allow it.
     ``options`` go to :func:`nhwc_audit.audit`."""
     __tracebackhide__ = True
-    _patterns(allow), fail_on_kinds(fail_on)  # bad arguments fail before the audit runs
+    allow_patterns(allow), fail_on_kinds(fail_on)  # bad arguments fail before the audit runs
     check_report(audit(model, example_inputs, **options), allow=allow, fail_on=fail_on)
 
 
 def check_report(report: AuditReport, *, allow: Iterable[str] | str = (), fail_on: FailOn = "any") -> None:
     """:func:`assert_channels_last` on a report already made."""
     __tracebackhide__ = True  # pytest shows the caller's line, not this frame
-    accepted = _patterns(allow)
+    accepted = allow_patterns(allow)
     offenders = [f for f in report.findings_of(fail_on_kinds(fail_on)) if not _allowed(f, accepted)]
     if offenders:
         lines = [f"{report.meta.model} does not stay channels_last: {len(offenders)} finding(s) not allowed"]

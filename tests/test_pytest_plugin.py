@@ -23,13 +23,22 @@ def test_fails(nhwc_audit):
 def test_passes_with_allow(nhwc_audit):
     report = nhwc_audit.assert_channels_last(model(), torch.randn(1, 3, 8, 8), allow=["1", "2"], bandwidth=1e9)
     assert report.summary.findings == 2
+
+
+def test_bad_fail_on_fails_before_auditing(nhwc_audit):
+    import pytest
+    from nhwc_audit.errors import UsageError
+
+    with pytest.raises(UsageError, match="fail_on='reverts'"):
+        nhwc_audit.assert_channels_last(model(), torch.randn(1, 3, 8, 8), fail_on="reverts")
+    assert nhwc_audit.reports == []  # nothing was audited
 """
 
 
 def test_a_failing_audit_attaches_its_html_report(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_models=TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
             "*Sequential does not stay channels_last: 2 finding(s) not allowed*",
