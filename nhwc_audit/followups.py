@@ -57,8 +57,8 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     graph = _fx_graph(report)
     gm, log = repair_model(model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, **options)
     repaired = dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)
-    if not log.changed or log.summary_after is None:
-        return repaired
+    if not log.changed:
+        return repaired  # the model as audited: its verdict stands
     # decided on the repaired graph: its breaks, its share of channels_last nodes and bytes
     records, summary = _decided_on(repaired)
     verdict = decide(records, summary, device=report.meta.device, dtype=report.meta.dtype, bytes_moved=log.bytes_after)

@@ -53,10 +53,9 @@ class AuditFixture:
     ) -> AuditReport:
         """:func:`nhwc_audit.testing.assert_channels_last` on a remembered audit; returns it."""
         __tracebackhide__ = True
-        from .api import fail_on_kinds
-        from .testing import allow_patterns, check_report
+        from .testing import check_report, checked_arguments
 
-        allow_patterns(allow), fail_on_kinds(fail_on)  # bad arguments fail before the audit runs
+        checked_arguments(allow, fail_on)  # bad arguments fail before the audit runs
         report = self.audit(model, example_inputs, **options)
         check_report(report, allow=allow, fail_on=fail_on)
         return report

@@ -15,11 +15,11 @@ from typing import Any
 from torch import nn
 
 from .api import audit, fail_on_kinds
-from .records import FailOn, Finding
+from .records import FailOn, Finding, FindingKind
 from .report.text import offender_line
 from .result import AuditReport
 
-__all__ = ["allow_patterns", "assert_channels_last", "check_report"]
+__all__ = ["assert_channels_last", "check_report", "checked_arguments"]
 
 
 def _allowed(f: Finding, allow: tuple[str, ...]) -> bool:
@@ -33,7 +33,7 @@ def _allowed(f: Finding, allow: tuple[str, ...]) -> bool:
     )
 
 
-def allow_patterns(allow: Iterable[str] | str) -> tuple[str, ...]:
+def _patterns(allow: Iterable[str] | str) -> tuple[str, ...]:
     """``allow`` as a tuple of patterns: one string is one pattern (not one per character, where a
     lone ``*`` would accept every finding)."""
     if isinstance(allow, str):
@@ -43,6 +43,12 @@ def allow_patterns(allow: Iterable[str] | str) -> tuple[str, ...]:
     if bad:
         raise TypeError(f"allow takes module path patterns or finding keys (strings), got {bad[0]!r}")
     return patterns
+
+
+def checked_arguments(allow: Iterable[str] | str, fail_on: FailOn) -> tuple[tuple[str, ...], frozenset[FindingKind]]:
+    """``allow`` as patterns and the finding kinds ``fail_on`` counts, or the error a bad value
+    gets (checked before an audit runs)."""
+    return _patterns(allow), fail_on_kinds(fail_on)
 
 
 def assert_channels_last(
@@ -59,15 +65,15 @@ def assert_channels_last(
     offender with module path, op, source line, bytes, hint and its key to allow it.
     ``options`` go to :func:`nhwc_audit.audit`."""
     __tracebackhide__ = True
-    allow_patterns(allow), fail_on_kinds(fail_on)  # bad arguments fail before the audit runs
+    checked_arguments(allow, fail_on)  # bad arguments fail before the audit runs
     check_report(audit(model, example_inputs, **options), allow=allow, fail_on=fail_on)
 
 
 def check_report(report: AuditReport, *, allow: Iterable[str] | str = (), fail_on: FailOn = "any") -> None:
     """:func:`assert_channels_last` on a report already made."""
     __tracebackhide__ = True  # pytest shows the caller's line, not this frame
-    accepted = allow_patterns(allow)
-    offenders = [f for f in report.findings_of(fail_on_kinds(fail_on)) if not _allowed(f, accepted)]
+    accepted, kinds = checked_arguments(allow, fail_on)
+    offenders = [f for f in report.findings_of(kinds) if not _allowed(f, accepted)]
     if offenders:
         lines = [f"{report.meta.model} does not stay channels_last: {len(offenders)} finding(s) not allowed"]
         lines += [f"  {offender_line(f)}\n    key: {f.key}" for f in offenders]

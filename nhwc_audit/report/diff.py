@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,7 +98,7 @@ class _Group:
     count: int = 0
     nbytes: int = 0
     hint: str = ""
-    lines: set[int] | None = None
+    lines: set[int] = field(default_factory=set)
 
 
 def _grouped(report: Mapping[str, Any]) -> dict[str, _Group]:
@@ -107,11 +107,11 @@ def _grouped(report: Mapping[str, Any]) -> dict[str, _Group]:
     for f in report.get("findings", []):
         source = f.get("source") or {}
         key = finding_key(f["kind"], f["module_path"], f["op"], f.get("detail", ""), source.get("file"))
-        g = out.setdefault(key, _Group(lines=set()))
+        g = out.setdefault(key, _Group())
         g.count += 1
         g.nbytes += int(f.get("bytes", 0))
         g.hint = g.hint or f.get("hint", "")
-        if source.get("line") is not None and g.lines is not None:
+        if source.get("line") is not None:
             g.lines.add(int(source["line"]))
     return out
 
@@ -133,7 +133,7 @@ def diff_reports(before: Mapping[str, Any], after: Mapping[str, Any]) -> ReportD
             kind = "grown"
         else:
             kind = "shrunk"
-        lines = tuple(sorted((a if a.count else b).lines or ()))
+        lines = tuple(sorted((a if a.count else b).lines))
         changes.append(Change(key, kind, b.count, a.count, b.nbytes, a.nbytes, a.hint or b.hint, lines))
     return ReportDiff(tuple(changes))
 
