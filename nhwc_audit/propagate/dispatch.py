@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SharedWeightWrite
@@ -21,6 +22,8 @@ from ..tensors import iter_tensors, on_shared
 
 __all__ = [
     "CopyRecorder",
+    "RECORDER_BLIND",
+    "recorder_blind",
     "RecordingMode",
     "check_shared_write",
     "hidden_copy",
@@ -114,6 +117,9 @@ class CopyRecorder(RecordingMode):
         self.shared = shared
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
+        self.on_stack = False
+        """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
+        see into: :func:`recorder_blind`)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if _written_args(func):  # in-place and out= ops only
@@ -124,6 +130,61 @@ class CopyRecorder(RecordingMode):
             if copy is not None:
                 self.copies.append(copy)
         return out
+
+
+RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.Identity,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.SiLU,
+        nn.GELU,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.Sigmoid,
+        nn.Tanh,
+        nn.LeakyReLU,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool2d,
+        nn.Dropout,
+    }
+)
+"""torch.nn leaf modules in which :class:`CopyRecorder` can find nothing on the CPU: their
+forward dispatches no ATen copy (clone, copy_, _to_copy, contiguous) above the kernels and
+writes nothing but its own output and buffers (buffers are the audit's private copies), for any
+input layout (``tests/propagate/test_dispatch.py`` runs each under the recorder). Kernels'
+own copies (a convolution re-laying its input) are below the recorder anyway: the records
+show them as a layout change from input to output."""
+
+
+def recorder_blind(module: nn.Module) -> bool:
+    """The recorder cannot see anything in a call of ``module`` on the CPU (without
+    autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a subclass
+    may override forward), its own forward, zero padding, not in place, and no hooks."""
+    return (
+        type(module) in RECORDER_BLIND
+        and "forward" not in module.__dict__
+        and getattr(module, "padding_mode", "zeros") == "zeros"
+        and not getattr(module, "inplace", False)
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (
+            nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks
+            or nn.modules.module._global_forward_hooks_always_called
+        )
+    )
 
 
 def is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
 from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
-from .dispatch import CopyRecorder, is_alias_of
+from .dispatch import CopyRecorder, is_alias_of, recorder_blind
 from .inputs import positional_inputs
 from .skeleton import Skeleton
 
@@ -59,6 +59,9 @@ class LayoutProp(torch.fx.Interpreter):
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
+        self._blind: frozenset[torch.fx.Node] = frozenset()
+        """Leaf calls that may run with the recorder off the dispatch stack (a CPU run without
+        autocast): those of :func:`recorder_blind` modules, which it could see nothing in."""
         self.records: list[NodeRecord] = []
         self._pending: list[Any] = []
         self._progress = progress
@@ -112,7 +115,13 @@ class LayoutProp(torch.fx.Interpreter):
             rec = self._recorder
             if rec is None:
                 result = self._call(n, args, kwargs)
+            elif n in self._blind and recorder_blind(self._callee[n]) and _off_stack(rec):  # asked per call:
+                # the model's code may add a hook or change a setting between two calls
+                result = self._call(n, args, kwargs)
             else:  # one mode for the whole run: pushing one per node costs more
+                if not rec.on_stack:
+                    torch._C._push_on_torch_dispatch_stack(rec)
+                    rec.on_stack = True
                 rec.copies = []
                 rec.recording = self.record_hidden
                 try:
@@ -152,8 +161,20 @@ class LayoutProp(torch.fx.Interpreter):
         managers, ~20 us a node): every value is dropped after its last use."""
         if enable_io_processing:
             args = self.graph.process_inputs(*args)
-        with self._recorder if self._recorder is not None else contextlib.nullcontext():
-            out = self._run(args, initial_env)
+        rec = self._recorder
+        if rec is not None and not torch._C._is_any_autocast_enabled():  # autocast's casts are copies
+            tensors = iter_tensors(args)
+            if all(t.device.type == "cpu" for t in tensors):
+                self._blind = frozenset(self._callee)
+        with rec if rec is not None else contextlib.nullcontext():
+            if rec is not None:
+                rec.on_stack = True
+            try:
+                out = self._run(args, initial_env)
+            finally:
+                if rec is not None and not rec.on_stack:
+                    torch._C._push_on_torch_dispatch_stack(rec)  # the mode's exit pops it
+                    rec.on_stack = True
         self._built()
         return self.graph.process_outputs(out) if enable_io_processing else out
 
@@ -219,6 +240,19 @@ class LayoutProp(torch.fx.Interpreter):
                 )
             )
         self._pending.clear()
+
+
+def _off_stack(rec: CopyRecorder) -> bool:
+    """Take ``rec`` off torch's dispatch stack (one C-level pop for a run of nodes it cannot
+    see into, where entering and leaving the mode per node costs more than it saves); False,
+    and the stack as it was, when another mode is on top of it."""
+    if rec.on_stack:
+        top = torch._C._pop_torch_dispatch_stack(None)
+        if top is not rec:
+            torch._C._push_on_torch_dispatch_stack(top)
+            return False
+        rec.on_stack = False
+    return True
 
 
 def propagate(

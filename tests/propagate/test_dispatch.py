@@ -15,6 +15,7 @@ import nhwc_audit
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.prepare.copy import prepare_audit_copy
+from nhwc_audit.propagate import dispatch
 from nhwc_audit.propagate.dispatch import RecordingMode
 from nhwc_audit.propagate.interpreter import propagate
 
@@ -354,3 +355,145 @@ def test_audit_never_writes_the_users_weights_through_a_call_changed_by_the_mode
     report = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), capture="fx")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert any("copies of the weights" in n for n in report.meta.capture_notes), report.meta.capture_notes
+
+
+def _variants(shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """One input shape in every layout a model hands a module: row-major, channels_last (4D,
+    5D), a non-dense slice and a permuted view."""
+    rank = len(shape)
+    x = torch.randn(shape)
+    out = [x, torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2], torch.randn(shape[::-1]).permute(*range(rank)[::-1])]
+    if rank in (4, 5):
+        out.append(x.contiguous(memory_format=torch.channels_last if rank == 4 else torch.channels_last_3d))
+    return out
+
+
+_BLIND_CASES: list[tuple[Any, tuple[int, ...]]] = [
+    (lambda: nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), (2, 4, 9, 9)),
+    (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), (2, 4, 9, 9)),
+    (lambda: nn.Conv2d(1, 6, 1), (2, 1, 5, 5)),
+    (lambda: nn.Conv3d(4, 6, 3, padding=1), (1, 4, 5, 6, 7)),
+    (lambda: nn.ConvTranspose1d(4, 6, 2, stride=2), (2, 4, 9)),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1), (2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose3d(4, 6, 2, stride=2), (1, 4, 3, 4, 5)),
+    (lambda: nn.BatchNorm1d(4), (2, 4, 9)),
+    (lambda: nn.BatchNorm2d(4), (2, 4, 5, 5)),
+    (lambda: nn.BatchNorm3d(4), (1, 4, 3, 4, 5)),
+    (nn.Identity, (2, 4, 5, 5)),
+    (nn.ReLU, (2, 4, 5, 5)),
+    (nn.ReLU6, (2, 4, 5, 5)),
+    (nn.SiLU, (2, 4, 5, 5)),
+    (lambda: nn.GELU(approximate="tanh"), (2, 4, 5, 5)),
+    (nn.GELU, (2, 4, 5, 5)),
+    (nn.Hardswish, (2, 4, 5, 5)),
+    (nn.Hardsigmoid, (2, 4, 5, 5)),
+    (nn.Sigmoid, (2, 4, 5, 5)),
+    (nn.Tanh, (2, 4, 5, 5)),
+    (lambda: nn.LeakyReLU(0.1), (2, 4, 5, 5)),
+    (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), (2, 4, 9, 9)),
+    (lambda: nn.MaxPool3d(2), (1, 4, 4, 6, 6)),
+    (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), (2, 4, 9, 9)),
+    (lambda: nn.AvgPool3d(2), (1, 4, 4, 6, 6)),
+    (lambda: nn.AdaptiveAvgPool2d(1), (2, 4, 9, 9)),
+    (lambda: nn.AdaptiveAvgPool2d((3, 4)), (2, 4, 9, 9)),
+    (lambda: nn.Dropout(0.3), (2, 4, 5, 5)),
+]
+
+
+def test_every_recorder_blind_type_is_checked_here() -> None:
+    assert {type(build()) for build, _ in _BLIND_CASES} == dispatch.RECORDER_BLIND
+
+
+@pytest.mark.parametrize("build,shape", _BLIND_CASES)
+def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape: tuple[int, ...]) -> None:
+    """Why the interpreter may take the recorder off the stack for these modules on the CPU:
+    in any input layout, in either mode, float32 or bfloat16, with the weights as built or
+    converted, no copy reaches the recorder and no parameter is written."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for training in (False, True):
+            for convert in (False, True):
+                m = build().to(dtype).train(training)
+                if convert:
+                    m = nhwc_audit.convert(m)
+                assert dispatch.recorder_blind(m)
+                params = [(p, p._version) for p in m.parameters()]
+                for x in _variants(shape):
+                    rec = dispatch.CopyRecorder()
+                    try:
+                        with rec, torch.no_grad():
+                            m(x.to(dtype))
+                    except NotImplementedError:  # no such CPU kernel (avg_pool3d in bfloat16)
+                        continue
+                    assert rec.copies == [], (m, x.stride(), rec.copies)
+                    assert all(p._version == v for p, v in params)
+
+
+def test_a_module_with_a_hook_or_its_own_settings_is_not_blind() -> None:
+    assert not dispatch.recorder_blind(nn.ReLU(inplace=True))
+    assert not dispatch.recorder_blind(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
+    assert not dispatch.recorder_blind(nn.Linear(2, 2))  # matmul folds a 4D input: a copy
+    hooked = nn.Conv2d(2, 2, 1)
+    hooked.register_forward_hook(lambda *a: None)
+    assert not dispatch.recorder_blind(hooked)
+    own = nn.Conv2d(2, 2, 1)
+    own.forward = lambda x: x.contiguous()  # type: ignore[method-assign]
+    assert not dispatch.recorder_blind(own)
+
+    class Sub(nn.Conv2d):
+        pass
+
+    assert not dispatch.recorder_blind(Sub(2, 2, 1))
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not dispatch.recorder_blind(nn.ReLU())
+    finally:
+        handle.remove()
+
+
+class _Block(nn.Module):
+    """Blind leaves around calls the recorder must see: a hidden copy between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.norm = nn.InstanceNorm2d(8)
+        self.head = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.conv(x)))
+        y = self.norm(y).contiguous()
+        return self.act(self.head(y)) + y
+
+
+@pytest.mark.parametrize("build", [_Block, Repeats, lambda: Hooked(every=True)])
+def test_records_are_the_same_with_the_recorder_off_for_blind_modules(build: Any, monkeypatch: Any) -> None:
+    """Taking the recorder off the stack changes no record; and it is taken off (the
+    recorder is asked for fewer ops)."""
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    calls: list[int] = []
+    seen = dispatch.CopyRecorder.__torch_dispatch__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return seen(self, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch.CopyRecorder, "__torch_dispatch__", counted)
+
+    def run() -> tuple[list[Any], int]:
+        calls.clear()
+        copy = prepare_audit_copy(model)
+        cap = trace(copy.module)
+        records, _ = propagate(cap.root, (x.clone(),), graph=cap.graph, shared=copy.shared)
+        return records, len(calls)
+
+    fast, fast_calls = run()
+    monkeypatch.setattr(dispatch, "RECORDER_BLIND", frozenset())
+    slow, slow_calls = run()
+    assert fast == slow
+    assert any(r.hidden for r in fast)
+    assert fast_calls < slow_calls
