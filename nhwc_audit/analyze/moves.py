@@ -47,8 +47,10 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     brought into the NCHW output's order, read and written. A convolution re-lays its whole
     input (the kernel makes it contiguous, then computes: a CPU Conv3d from 45 to 64 channels
     moves its 45-channel input); any other op moves the smaller of the input and the output
-    (a cat moves only its channels_last operands; a reduction over a stack, only its result)."""
-    out = sum(o.nbytes for o in reverted)
+    (a cat moves only its channels_last operands; a reduction over a stack, only its result).
+    The output is the first one reverted: the values of an op that also returns indices
+    (``topk``, a max pool's ``return_indices``), which are computed, not moved."""
+    out = reverted[0].nbytes if reverted else 0
     conv = r.op_name.lower() in CONV_OPS
     return sum(2 * (i.meta.nbytes if conv else min(i.meta.nbytes, out)) for i in sources)
 

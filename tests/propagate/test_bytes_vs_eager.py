@@ -140,3 +140,35 @@ def test_a_weight_reshaped_in_forward_is_no_exit(capture: str) -> None:
     weight = 8 * 8 * 3 * 3 * 4
     assert sorted((f.kind.value, f.bytes) for f in r.findings) == [("mixed", 2 * weight), ("revert", 2 * weight)]
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
+
+
+class WithIndices(nn.Module):
+    """Ops that revert and also return int64 indices (a max pool with ``return_indices``, ``topk``
+    over the channels): the indices are computed, not moved; eager moves the values only."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool3d = nn.AdaptiveMaxPool3d((2, 4, 4), return_indices=True)
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "pool3d":  # on the (channels_last_3d) sample itself
+            return self.pool3d(x)[0] * 2
+        y = self.conv(x)
+        if self.op == "topk":
+            return torch.topk(y, 4, dim=1).values * 2
+        if self.op == "fractional":
+            return F.fractional_max_pool2d(y, 2, output_size=(5, 5), _random_samples=torch.full((1, 16, 2), 0.5)) * 2
+        raise ValueError(self.op)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("op", ["topk", "fractional", "pool3d"])
+def test_a_revert_that_returns_indices_is_charged_its_values(capture: str, op: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 16, 16) if op == "pool3d" else torch.randn(1, 3, 12, 12)
+    r = audit(WithIndices(op).eval(), x, bandwidth=1e9, capture=capture)
+    expected = eager_bytes(WithIndices(op).eval(), (x,)).added
+    assert expected > 0
+    assert r.summary.bytes_moved == expected
