@@ -7,7 +7,8 @@ The rules (one place each):
 * latent     a view of an NCHW input that raises when that input is channels_last (propagation
              re-runs views of NCHW tensors on a channels_last copy): fixing the revert upstream
              exposes it, so it is grouped with that revert.
-* mixed      two full spatial activation inputs disagree (one channels_last, one NCHW).
+* mixed      two full spatial inputs disagree (one channels_last, one NCHW): activations, or
+             a stored tensor (parameter, buffer, constant) read as data (:func:`.moves.data_inputs`).
 * revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the
              channels: a channels_last input and an NCHW output, or any rank >= 4 view of
              an NHWC tensor made contiguous (channel shuffle's 5D ``.contiguous()``).
@@ -40,12 +41,14 @@ from ..records import (
     Layout,
     NodeRecord,
 )
+from . import moves
 from .hints import (
     AMBIGUOUS_ORIGIN,
     COMPUTED_WEIGHT,
     HIDDEN,
     ND_TRANSPOSE,
     STACK_REDUCE,
+    STORED_OPERAND,
     WEIGHT_RESHAPE,
     HintTable,
     default_hints,
@@ -177,7 +180,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     in_place = writes_in_place(r)
     if r.aliases_input and not in_place:
         return []  # a view: moves no data
-    ins = [i for i in r.spatial_inputs if i.meta.layout in _DECIDED]
+    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial and i.meta.layout in _DECIDED]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
     nchw_in = [i for i in ins if i.meta.layout is Layout.CONTIGUOUS]
@@ -197,6 +200,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                     hint_op=COMPUTED_WEIGHT,
                 )
             ]
+        stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
         return [
             _finding(
                 ctx,
@@ -204,10 +208,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 FindingKind.MIXED,
                 layout_in=Layout.CHANNELS_LAST if out is Layout.CONTIGUOUS else Layout.CONTIGUOUS,
                 nbytes=2 * sum(i.meta.nbytes for i in losers),
-                producer=ctx.by_name.get(nchw_in[0].producer or ""),
+                producer=ctx.by_name.get((losers if stored else nchw_in)[0].producer or ""),
                 shape=losers[0].meta.shape,
                 # op-specific mixed hints explain an NCHW first operand; else the generic one
-                hint_op=None if out is Layout.CONTIGUOUS else "",
+                hint_op=STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else "",
             )
         ]
     if r.aliases_input:

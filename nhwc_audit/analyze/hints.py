@@ -16,6 +16,7 @@ __all__ = [
     "HIDDEN",
     "ND_TRANSPOSE",
     "STACK_REDUCE",
+    "STORED_OPERAND",
     "WEIGHT_RESHAPE",
     "HintTable",
     "default_hints",
@@ -38,6 +39,9 @@ STACK_REDUCE = "@stack-reduce"
 
 COMPUTED_WEIGHT = "@computed-weight"
 """Key of the mixed hint for a convolution whose weight is computed in forward and NCHW."""
+
+STORED_OPERAND = "@stored-operand"
+"""Key of the mixed hint for a parameter, buffer or tensor constant re-laid to meet an activation."""
 
 WEIGHT_RESHAPE = "@weight-reshape"
 """Key of the revert hint for a weight reshaped in forward (a copy out of NHWC every call)."""
@@ -241,6 +245,18 @@ def default_hints() -> HintTable:
         "w.var(..., unbiased=False)), which keeps the weight's channels_last strides, and nothing "
         "moves; weight.contiguous(memory_format=torch.channels_last) after reshape_as would only move "
         "the copy out of the convolution",
+    )
+    _register(
+        t,
+        FindingKind.MIXED,
+        (STORED_OPERAND,),
+        "{op} reads a stored tensor ({origin}: a parameter, a buffer, or a tensor made in forward "
+        "that the graph keeps as a constant) in the other layout than the activation it meets, "
+        "and re-lays it on every call: model.to(memory_format=torch.channels_last) restrides every "
+        "4D parameter and buffer, also one that holds tokens rather than an image (a position "
+        "embedding); give it the activation's layout (.contiguous() it after converting, or store "
+        "it 3D and reshape in forward; make a tensor in forward like the activation: "
+        "torch.ones_like(x))",
     )
     _register(
         t,

@@ -11,6 +11,7 @@ from .origin import CONV_OPS, SKIP_OPS, from_parameters_only
 __all__ = [
     "channels_source",
     "computed_weight",
+    "data_inputs",
     "exits_spatial",
     "reorder_bytes",
     "revert_bytes",
@@ -40,6 +41,16 @@ def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, 
         if producer is not None and from_parameters_only(producer, by_name):
             return i
     return None
+
+
+def data_inputs(r: NodeRecord) -> tuple[NodeInput, ...]:
+    """The inputs an op reads as data, in their own layouts: its activations, and its
+    parameters, buffers and tensor constants unless it is a convolution (whose weight the
+    weight rules judge). ``model.to(memory_format=torch.channels_last)`` restrides every 4D
+    parameter and buffer, so one that holds tokens (timm NesT's position embedding, added to a
+    row-major token map) is read across layouts on every call; a tensor a graph holds as a
+    constant was made in forward, NCHW (``x + torch.ones(...)``)."""
+    return r.activation_inputs if r.op_name.lower() in CONV_OPS else r.inputs
 
 
 def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta]) -> int:

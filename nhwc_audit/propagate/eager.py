@@ -70,9 +70,15 @@ class _Calls(TorchFunctionMode):
 
 class _Recorder(RecordingMode):
     def __init__(
-        self, stack: list[tuple[str, str]], shared: frozenset[int], corrections: Corrections | None = None
+        self,
+        stack: list[tuple[str, str]],
+        shared: frozenset[int],
+        corrections: Corrections | None = None,
+        buffers: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__()
+        self.buffers = buffers
+        """``id()`` of the model's buffers: stored tensors, as a graph's get_attr inputs are."""
         self.calls = _Calls()
         self.corrections = corrections
         self.stack = stack
@@ -109,7 +115,11 @@ class _Recorder(RecordingMode):
             "module_type": mtype,
             "source": self.calls.source if self.calls.current is not None else user_frame(),
             "inputs": [
-                NodeInput(producer=self.producer.get(t), meta=tensor_meta(t), is_param=isinstance(t, nn.Parameter))
+                NodeInput(
+                    producer=self.producer.get(t),
+                    meta=tensor_meta(t),
+                    is_param=isinstance(t, nn.Parameter) or id(t) in self.buffers,
+                )
                 for t in ins
             ],
             "detail": aten_detail(op, args, kwargs),
@@ -175,7 +185,7 @@ def record_eager(
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))
-    rec = _Recorder(stack, shared, corrections)
+    rec = _Recorder(stack, shared, corrections, frozenset(id(b) for b in model.buffers()))
     out: Any = None
     error: str | None = None
     try:

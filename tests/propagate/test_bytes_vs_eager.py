@@ -172,3 +172,36 @@ def test_a_revert_that_returns_indices_is_charged_its_values(capture: str, op: s
     expected = eager_bytes(WithIndices(op).eval(), (x,)).added
     assert expected > 0
     assert r.summary.bytes_moved == expected
+
+
+class StoredOperands(nn.Module):
+    """A 4D parameter and a 4D buffer that hold tokens (timm NesT's position embedding,
+    nest.py:278: ``x + self.pos_embed`` on a (1, T, N, C) token map): ``model.to(channels_last)``
+    restrides them, so the add re-lays them on every call; and a tensor made in forward (a graph
+    keeps it as a constant) that meets a channels_last activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 1)
+        self.pos = nn.Parameter(torch.randn(1, 4, 8, 16))
+        self.register_buffer("mask", torch.randn(1, 4, 8, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)  # 1x16x8x8, channels_last
+        tokens = y.permute(0, 2, 3, 1).reshape(1, 4, 16, 16)[:, :, :8].contiguous()  # row-major tokens
+        return (tokens + self.pos + self.mask).sum() + (y + torch.ones(1, 16, 8, 8)).sum()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_stored_operand_in_the_other_layout_is_mixed(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    r = audit(StoredOperands().eval(), x, bandwidth=1e9, capture=capture)
+    expected = eager_bytes(StoredOperands().eval(), (x,)).added
+    # each stored operand read across layouts once: the parameter, the buffer, the constant
+    assert expected == 2 * 4 * (4 * 8 * 16 + 4 * 8 * 16 + 16 * 8 * 8)
+    mixed = [f for f in r.findings if f.kind.value == "mixed"]
+    assert len(mixed) == 3, r.findings
+    assert r.summary.bytes_moved == expected
+    stored = [f for f in mixed if "restrides every 4D parameter" in f.hint]
+    assert len(stored) >= 2  # the parameter and the buffer (the constant is one in graphs only)
