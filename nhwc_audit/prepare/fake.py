@@ -17,7 +17,7 @@ from ..errors import TraceError
 from .clone import clone_modules
 from .copy import memory_format_for_rank, plain_tensors
 
-__all__ = ["fake_copy", "fake_inputs", "fake_mode"]
+__all__ = ["fake_copy", "fake_inputs", "fake_mode", "fake_plain"]
 
 
 def fake_mode() -> Any:
@@ -71,7 +71,7 @@ _CONSTANT_NUMEL = 4096
 numbers (``stride[i].item()``) still runs under fake tensors."""
 
 
-def _fake_plain(t: torch.Tensor, mode: Any, device: torch.device) -> torch.Tensor:
+def fake_plain(t: torch.Tensor, mode: Any, device: torch.device) -> torch.Tensor:
     """A fake stand-in for a tensor the model keeps as a plain attribute: same strides and
     dtype (Module.to leaves such tensors alone), a constant when small and real."""
     if t.device.type != "meta" and device.type == t.device.type and t.numel() <= _CONSTANT_NUMEL:
@@ -84,7 +84,7 @@ def _fake_plain(t: torch.Tensor, mode: Any, device: torch.device) -> torch.Tenso
 def fake_copy(model: nn.Module, mode: Any, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are FakeTensors on ``device`` with
     channels_last strides for 4D/5D, and whose plain tensor attributes are fake too (see
-    :func:`_fake_plain`); the real (or meta) weights are never read or copied."""
+    :func:`fake_plain`); the real (or meta) weights are never read or copied."""
     memo: dict[int, Any] = {}
     strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     params = [(p, _fake_layout(p, dtype, strides)) for p in model.parameters()]
@@ -95,7 +95,7 @@ def fake_copy(model: nn.Module, mode: Any, device: torch.device, dtype: torch.dt
         memo[id(b)] = _fake_empty(mode, layout, device)
     for _, t in plain_tensors(model):
         if id(t) not in memo:
-            memo[id(t)] = _fake_plain(t, mode, device)
+            memo[id(t)] = fake_plain(t, mode, device)
     try:
         return clone_modules(model, memo)
     except Exception as e:

@@ -18,12 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
+import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..capture.export import export
 from ..capture.fx import Capture, GraphMethod, graph_attributes, put_back, trace
 from ..errors import PropagationError, TraceError, UsageError, first_line
+from ..prepare.fake import fake_plain
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value, iter_tensors
 from .captured import Captured, CheckKind
@@ -103,6 +106,17 @@ class _Chain:
             self.notes.append(note)
         return frozenset(node for node, _ in corrections.applied)
 
+    def _fake_constants(self, root: nn.Module, constants: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """The graph's real tensor constants (``torch.ones(...)`` in forward), removed from
+        ``root`` and returned as fake ones: a fake run cannot mix real tensors in."""
+        out = []
+        for target, value in constants:
+            if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+                owner, _, name = target.rpartition(".")
+                delattr(root.get_submodule(owner) if owner else root, name)
+                out.append((target, fake_plain(value, self.runner.fake_mode, value.device)))
+        return out
+
     def run(self) -> Captured:
         """fx first (a graph, checked against eager); after it fails, the eager recording, which
         sees what eager runs in one forward (torch.export costs 1-2.5 s before anything runs
@@ -149,6 +163,8 @@ class _Chain:
                 # (``torch.tensor([...])`` in forward: ``_tensor_constant0``) stay
                 constants = graph_attributes(cap)
             put_back(cap.root, constants)
+            if self.runner.fake:  # made in forward while tracing, outside fake mode: real tensors
+                put_back(cap.root, self._fake_constants(cap.root, constants))
         except TraceError as e:
             if forced:
                 raise
