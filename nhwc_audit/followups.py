@@ -13,6 +13,7 @@ import torch.fx
 from torch import nn
 
 from .analyze.verdict import decide
+from .capture.fx import graph_attributes
 from .errors import UsageError
 from .fix.repair import repair_model
 from .records import NodeRecord, Summary
@@ -34,10 +35,14 @@ def _source(report: AuditReport) -> tuple[nn.Module, tuple[Any, ...], dict[str, 
     return model, args, kwargs
 
 
-def _fx_graph(report: AuditReport) -> torch.fx.Graph | None:
-    """The audit's torch.fx graph, when it captured one (repair and profiling run fx graphs)."""
+def _fx_graph(report: AuditReport) -> tuple[torch.fx.Graph | None, list[tuple[str, Any]]]:
+    """The audit's torch.fx graph, when it captured one (repair and profiling run fx graphs),
+    and what its get_attr nodes read (tensors made in forward, which fx keeps as constants on
+    the audit's copy: a graph module of the user's model needs them too)."""
     capture = report.capture
-    return capture.graph if capture is not None and capture.method == "fx" else None
+    if capture is None or capture.method != "fx":
+        return None, []
+    return capture.graph, graph_attributes(capture)
 
 
 def _decided_on(report: AuditReport) -> tuple[Sequence[NodeRecord], Summary]:
@@ -54,8 +59,10 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     ``repaired_module``) and the verdict updated. The repair starts from the audit's own
     torch.fx graph when it has one (no second trace)."""
     model, args, kwargs = _source(report)
-    graph = _fx_graph(report)
-    gm, log = repair_model(model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, **options)
+    graph, constants = _fx_graph(report)
+    gm, log = repair_model(
+        model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, constants=constants, **options
+    )
     repaired = dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)
     if not log.changed:
         return repaired  # the model as audited: its verdict stands
@@ -71,12 +78,20 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
     from .timing.measure import measure
 
     model, args, kwargs = _source(report)
-    graph = _fx_graph(report)
+    graph, constants = _fx_graph(report)
     # copy times of the nodes that change layout (a pad in an NCHW region copies too), when the
     # profiled graph is the audit's own (else its node names are not the findings')
     moving = frozenset(f.node for f in report.findings if f.bytes > 0) if graph is not None else None
     m = measure(
-        model, args, kwargs, repaired=report.repaired_module, train=train, rounds=rounds, graph=graph, nodes=moving
+        model,
+        args,
+        kwargs,
+        repaired=report.repaired_module,
+        train=train,
+        rounds=rounds,
+        graph=graph,
+        constants=constants,
+        nodes=moving,
     )
     naive, repaired = m.speedup("channels_last"), m.speedup("repaired")
     speeds = [s for s in (naive, repaired) if s is not None]

@@ -8,7 +8,7 @@ once, and a group that changes the results is bisected down to the rewrite to re
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..analyze.analysis import Analysis, analyze
-from ..capture.fx import trace
+from ..capture.fx import put_back, trace
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.interpreter import propagate
@@ -135,11 +135,13 @@ def repair_model(
     grads: bool = True,
     max_passes: int = 4,
     graph: torch.fx.Graph | None = None,
+    constants: Sequence[tuple[str, Any]] = (),
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
     """Return a repaired channels_last GraphModule of ``model`` and the log of what changed.
 
     The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx
-    capture of the same module tree) saves the trace. Outputs (and, with
+    capture of the same module tree, with ``constants``: what its get_attr nodes read, see
+    :func:`~nhwc_audit.capture.fx.graph_attributes`) saves the trace. Outputs (and, with
     ``grads``, parameter gradients of a fixed random linear loss) are checked against the
     original model on the sample and on a second random input of the same shapes, at the
     float tolerance that converting to channels_last itself costs; a rewrite that changes
@@ -160,6 +162,7 @@ def repair_model(
     samples = [(sample_args, sample_kwargs), second]
     try:
         converted = convert(model)
+        put_back(converted, list(constants))  # tensors made in forward: the trace kept them on its root
         gm = torch.fx.GraphModule(converted, copy.deepcopy(graph)) if graph is not None else trace(converted).gm
     except Exception as e:
         raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e

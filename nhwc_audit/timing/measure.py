@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ def profile_copies(
     *,
     converted: nn.Module | None = None,
     graph: torch.fx.Graph | None = None,
+    constants: Sequence[tuple[str, Any]] = (),
     rounds: int = 5,
     nodes: frozenset[str] | None = None,
 ) -> tuple[tuple[str, float], ...]:
@@ -51,10 +52,11 @@ def profile_copies(
     is not fx-traceable."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ..capture.fx import trace
+    from ..capture.fx import put_back, trace
     from ..propagate.inputs import positional_inputs
 
     root = converted if converted is not None else convert(model)
+    put_back(root, list(constants))  # what the graph's get_attr nodes read (tensor constants)
     try:
         gm = torch.fx.GraphModule(root, copy.deepcopy(graph)) if graph is not None else trace(root).gm
     except Exception:
@@ -154,6 +156,7 @@ def measure(
     rounds: int = 5,
     min_time: float = 0.05,
     graph: torch.fx.Graph | None = None,
+    constants: Sequence[tuple[str, Any]] = (),
     nodes: frozenset[str] | None = None,
 ) -> Measurement:
     """Time ``model`` as given (NCHW), its channels_last conversion and ``repaired``; the
@@ -205,7 +208,9 @@ def measure(
         for name, v in samples.items()
     )
     try:
-        copies = profile_copies(model, args, kwargs, converted=converted, graph=graph, rounds=rounds, nodes=nodes)
+        copies = profile_copies(
+            model, args, kwargs, converted=converted, graph=graph, constants=constants, rounds=rounds, nodes=nodes
+        )
     except Exception:  # the channels_last graph raises (a break): nothing to attribute
         copies = ()
     return Measurement(train=train, device=str(device), timings=timings, copies=copies, untimed=tuple(untimed))

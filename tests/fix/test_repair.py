@@ -417,3 +417,31 @@ def test_measured_copy_times_of_an_eager_capture_are_kept() -> None:
     the findings', so nothing is filtered out by them."""
     report = audit(M.CircularPad().eval(), torch.randn(1, 3, 16, 16), bandwidth=1e9, capture="hooks").measure(rounds=2)
     assert report.measurement is not None and report.measurement.copies
+
+
+class _Constant(nn.Module):
+    """A tensor made in forward, which torch.fx keeps as a constant on the traced root
+    (``_tensor_constant0``): a graph module of the user's model needs it too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x) + torch.ones(1, 8, 8, 8))
+
+
+def test_a_graph_with_tensor_constants_repairs_and_measures() -> None:
+    """``repaired()`` raised "repair needs a torch.fx-traceable model: ... no attribute
+    '_tensor_constant0'" for a model the audit had just traced with torch.fx."""
+    torch.manual_seed(0)
+    model = _Constant().eval()
+    r = audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    assert r.meta.capture == "fx" and any(n.name.startswith("_tensor_constant") for n in r.nodes)
+    fixed = r.repaired()
+    assert fixed.repair is not None and fixed.repair.changed  # the instance norm's transposes go
+    assert fixed.repaired_module(torch.randn(1, 3, 8, 8)).shape == (1, 8, 8, 8)
+    measured = fixed.measure(rounds=1)
+    assert measured.measurement is not None
+    assert not hasattr(model, "_tensor_constant0")  # the user's model is left alone
