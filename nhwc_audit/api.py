@@ -294,7 +294,9 @@ def repair(
     """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog``.
 
     Rewrites that remove layout transposes are kept only when the outputs (and gradients)
-    still match the original model in float64; the model itself is never modified.
+    still match the original model in float64; the model itself is never modified. The log's
+    bytes count every copy whole; ``audit(...).repaired()`` counts them over the audit's NCHW
+    baseline, as the audit does (a copy the model makes in either layout costs nothing extra).
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8), torch.nn.Conv2d(8, 8, 3))

@@ -60,8 +60,17 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     torch.fx graph when it has one (no second trace)."""
     model, args, kwargs = _source(report)
     graph, constants = _fx_graph(report)
+    # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the audit
+    baseline = {r.name: r.nchw_bytes for r in report.nodes if r.nchw_bytes} if graph is not None else None
     gm, log = repair_model(
-        model, args, kwargs, bandwidth=report.meta.bandwidth, graph=graph, constants=constants, **options
+        model,
+        args,
+        kwargs,
+        bandwidth=report.meta.bandwidth,
+        graph=graph,
+        constants=constants,
+        baseline=baseline,
+        **options,
     )
     repaired = dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)
     if not log.changed:

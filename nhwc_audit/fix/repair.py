@@ -8,7 +8,8 @@ once, and a group that changes the results is bisected down to the rewrite to re
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +76,11 @@ def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _measure(
-    gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], bw: float
+    gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], bw: float, baseline: Mapping[str, int]
 ) -> tuple[list[NodeRecord], Analysis]:
     """The records and analysis of one propagation of ``gm``, whose buffers (BatchNorm
-    statistics in train mode) and module attributes are as they were before it."""
+    statistics in train mode) and module attributes are as they were before it; a node named
+    in ``baseline`` is charged only what it moves beyond that (its NCHW baseline in the audit)."""
     buffers = [(b, b.clone()) for b in gm.buffers()]
     try:
         with attributes_restored(gm):
@@ -87,6 +89,8 @@ def _measure(
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
+    if baseline:
+        records = [dataclasses.replace(r, nchw_bytes=baseline[r.name]) if r.name in baseline else r for r in records]
     return records, analyze(records, bandwidth=bw)
 
 
@@ -136,18 +140,22 @@ def repair_model(
     max_passes: int = 4,
     graph: torch.fx.Graph | None = None,
     constants: Sequence[tuple[str, Any]] = (),
+    baseline: Mapping[str, int] | None = None,
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
     """Return a repaired channels_last GraphModule of ``model`` and the log of what changed.
 
     The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx
     capture of the same module tree, with ``constants``: what its get_attr nodes read, see
-    :func:`~nhwc_audit.capture.fx.graph_attributes`) saves the trace. Outputs (and, with
+    :func:`~nhwc_audit.capture.fx.graph_attributes`) saves the trace, and ``baseline`` (node
+    name -> the bytes it moves when the model runs NCHW, the audit's ``nchw_bytes``) charges
+    the graph's nodes as the audit did; without it every copy is charged whole. Outputs (and, with
     ``grads``, parameter gradients of a fixed random linear loss) are checked against the
     original model on the sample and on a second random input of the same shapes, at the
     float tolerance that converting to channels_last itself costs; a rewrite that changes
     them is refused.
     """
     kwargs = kwargs or {}
+    baseline = baseline or {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=None, device=device)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -167,7 +175,7 @@ def repair_model(
     except Exception as e:
         raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
     naive = _clone_gm(gm)
-    records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth)
+    records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks
     steps: list[RepairStep] = []
     refused: dict[tuple[str, str], str] = {}
@@ -186,7 +194,7 @@ def repair_model(
             trial = _clone_gm(gm)
             try:
                 _apply(trial, [cand])
-                t_records, t_analysis = _measure(trial, sample_args, sample_kwargs, bandwidth)
+                t_records, t_analysis = _measure(trial, sample_args, sample_kwargs, bandwidth, baseline)
             except Exception as e:
                 done.add(key)
                 refused[key] = f"the rewrite failed: {first_line(e)}"
@@ -214,7 +222,7 @@ def repair_model(
         if len(kept) < len(batch):
             gm = _clone_gm(start)
             _apply(gm, [c for c, _ in kept])
-            records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth)
+            records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
         steps.extend(step for _, step in kept)
         if not kept:
             break

@@ -445,3 +445,31 @@ def test_a_graph_with_tensor_constants_repairs_and_measures() -> None:
     measured = fixed.measure(rounds=1)
     assert measured.measurement is not None
     assert not hasattr(model, "_tensor_constant0")  # the user's model is left alone
+
+
+class _Shuffle(nn.Module):
+    """A manual channel shuffle: its ``.contiguous()`` copies in the NCHW model too (the audit
+    charges it nothing extra); its final ``view`` is a latent break the repair rewrites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(8, 8, 3, padding=1)
+        self.post = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(x)
+        n, c, h, w = x.shape
+        return self.post(x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w))
+
+
+def test_the_repair_counts_bytes_as_the_audit_does() -> None:
+    """The repair's bytes before and after are charged over the audit's NCHW baseline: its log
+    said 65,536 bytes before against the audit's 32,768 (the shuffle's copy counted whole), and
+    the verdict after the repair read that."""
+    torch.manual_seed(0)
+    r = audit(_Shuffle().eval(), torch.randn(2, 8, 16, 16), bandwidth=1e9)
+    assert any(n.nchw_bytes for n in r.nodes)
+    fixed = r.repaired()
+    assert fixed.repair is not None and fixed.repair.changed
+    assert fixed.repair.bytes_before == r.summary.bytes_moved == 32768
+    assert fixed.repair.bytes_after == 32768
