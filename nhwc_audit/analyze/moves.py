@@ -49,8 +49,21 @@ def data_inputs(r: NodeRecord) -> tuple[NodeInput, ...]:
     weight rules judge). ``model.to(memory_format=torch.channels_last)`` restrides every 4D
     parameter and buffer, so one that holds tokens (timm NesT's position embedding, added to a
     row-major token map) is read across layouts on every call; a tensor a graph holds as a
-    constant was made in forward, NCHW (``x + torch.ones(...)``)."""
-    return r.activation_inputs if r.op_name.lower() in CONV_OPS else r.inputs
+    constant was made in forward, NCHW (``x + torch.ones(...)``). Only inputs read element for
+    element with the output: its shape but for the channels (a cat) and broadcast dims; a
+    sampling grid (``grid_sample``'s N x H x W x 2) holds coordinates, not a map."""
+    if r.op_name.lower() in CONV_OPS:
+        return r.activation_inputs
+    outs = r.spatial_outputs
+    if not outs:
+        return r.inputs
+    return tuple(i for i in r.inputs if _elementwise(i.meta, outs[0]))
+
+
+def _elementwise(t: TensorMeta, out: TensorMeta) -> bool:
+    return t.rank == out.rank and all(
+        d == 1 or a in (b, 1) for d, (a, b) in enumerate(zip(t.shape, out.shape, strict=True))
+    )
 
 
 def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta]) -> int:

@@ -209,3 +209,27 @@ def test_a_stored_operand_in_the_other_layout_is_mixed(capture: str, mode: str) 
     assert r.summary.bytes_moved == expected
     stored = [f for f in mixed if "restrides every 4D parameter" in f.hint]
     assert len(stored) >= 2  # the parameter and the buffer (the constant is one in graphs only)
+
+
+class Sampled(nn.Module):
+    """``grid_sample`` of a channels_last map returns NCHW on the CPU: a revert of the map. Its
+    grid (N x H x W x 2, row-major) holds coordinates, not a map, so the op is not mixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("theta", torch.tensor([[[0.9, 0.1, 0.0], [-0.1, 0.9, 0.0]]]).repeat(2, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = F.affine_grid(self.theta, [2, 8, 16, 16], align_corners=False)
+        return F.grid_sample(self.pre(x), grid, align_corners=False)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_sampling_grid_is_not_an_operand_in_another_layout(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 16)
+    r = audit(Sampled().eval(), x, bandwidth=1e9, capture=capture)
+    assert [f.kind.value for f in r.findings] == ["revert"]
+    assert "no channels_last kernel" in r.findings[0].hint
+    assert r.summary.bytes_moved == eager_bytes(Sampled().eval(), (x,)).added > 0
