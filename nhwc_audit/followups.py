@@ -60,8 +60,11 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     torch.fx graph when it has one (no second trace)."""
     model, args, kwargs = _source(report)
     graph, constants = _fx_graph(report)
-    # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the audit
-    baseline = {r.name: r.nchw_bytes for r in report.nodes if r.nchw_bytes} if graph is not None else None
+    # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the
+    # audit, when the repair runs as the audit did (it runs the model in its own dtype, no autocast)
+    own = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+    same_run = report.meta.autocast is None and report.meta.dtype == (own or "float32")
+    baseline = {r.name: r.nchw_bytes for r in report.nodes if r.nchw_bytes} if graph is not None and same_run else None
     gm, log = repair_model(
         model,
         args,

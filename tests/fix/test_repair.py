@@ -473,3 +473,13 @@ def test_the_repair_counts_bytes_as_the_audit_does() -> None:
     assert fixed.repair is not None and fixed.repair.changed
     assert fixed.repair.bytes_before == r.summary.bytes_moved == 32768
     assert fixed.repair.bytes_after == 32768
+
+
+def test_the_repair_of_an_audit_in_another_dtype_counts_its_own_bytes() -> None:
+    """The repair runs the model in its own dtype: the bytes of a bfloat16 audit's NCHW baseline
+    are not taken off its float32 copies (it reported 65,536 - 16,384 B)."""
+    torch.manual_seed(0)
+    r = audit(_Shuffle().eval(), torch.randn(2, 8, 16, 16), bandwidth=1e9, dtype=torch.bfloat16)
+    assert r.summary.bytes_moved == 16384
+    fixed = r.repaired()
+    assert fixed.repair is not None and fixed.repair.bytes_before == 65536  # float32, the copy counted whole
