@@ -162,9 +162,9 @@ class LayoutProp(torch.fx.Interpreter):
         if enable_io_processing:
             args = self.graph.process_inputs(*args)
         rec = self._recorder
-        if rec is not None and not torch._C._is_any_autocast_enabled():  # autocast's casts are copies
-            tensors = iter_tensors(args)
-            if all(t.device.type == "cpu" for t in tensors):
+        self._blind = frozenset()  # decided per run: autocast's casts are copies; CPU kernels only
+        if rec is not None and not torch._C._is_any_autocast_enabled():
+            if all(t.device.type == "cpu" for t in iter_tensors(args)):
                 self._blind = frozenset(self._callee)
         with rec if rec is not None else contextlib.nullcontext():
             if rec is not None:
