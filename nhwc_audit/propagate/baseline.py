@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map
 from ..errors import SharedWeightWrite, first_line
 from ..records import NodeRecord
 from .captured import Captured
+from .corrections import Corrections
 from .eager import record_eager
 from .interpreter import LayoutProp
 from .runner import Runner
@@ -56,30 +57,38 @@ class _Graph(nn.Module):
     """Runs ``graph`` on ``root`` (its targets are paths into it), as the propagation did: no
     GraphModule is built (generating its code cost ~50 ms on maxvit_t's 1,633 nodes)."""
 
-    def __init__(self, root: nn.Module, graph: torch.fx.Graph, shared: frozenset[int]) -> None:
+    def __init__(
+        self, root: nn.Module, graph: torch.fx.Graph, shared: frozenset[int], corrections: Corrections | None
+    ) -> None:
         super().__init__()
         self.inner = root
         self.graph = graph
         self.shared = shared
+        self.corrections = corrections
         self.records: list[NodeRecord] = []
 
     def forward(self, *values: Any) -> Any:
-        interp = LayoutProp(self.inner, graph=self.graph, record_hidden=False, shared=self.shared)
+        interp = LayoutProp(
+            self.inner, graph=self.graph, record_hidden=False, shared=self.shared, corrections=self.corrections
+        )
         out = interp.run(*values, enable_io_processing=False)
         self.records = interp.records
         return out
 
 
 class _Eager(nn.Module):
-    def __init__(self, model: nn.Module, shared: frozenset[int]) -> None:
+    def __init__(self, model: nn.Module, shared: frozenset[int], corrections: Corrections | None) -> None:
         super().__init__()
         self.inner = model
         self.shared = shared
+        self.corrections = corrections
         self.records: list[NodeRecord] = []
         self.error: str | None = None
 
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.records, out, self.error = record_eager(self.inner, args, kwargs, shared=self.shared)
+        self.records, out, self.error = record_eager(
+            self.inner, args, kwargs, shared=self.shared, corrections=self.corrections
+        )
         return out
 
 
@@ -89,11 +98,13 @@ def nchw_records(
     """The records of the NCHW run of the capture ``captured`` came from (``model`` and the
     sample are the audit's channels_last copies), or why it could not run."""
     holder: _Graph | _Eager
+    # a fake run follows eager where meta kernels are known to differ, as the audit's own run did
+    corrections = Corrections(runner.device_type) if runner.fake and runner.correct else None
     if captured.capture is not None and captured.inputs is not None:
-        holder = _Graph(captured.capture.root, captured.capture.graph, runner.shared)
+        holder = _Graph(captured.capture.root, captured.capture.graph, runner.shared, corrections)
         call: tuple[Any, ...] = tuple(tree_map(_nchw_input, v) for v in captured.inputs)
     else:
-        holder = _Eager(model, runner.shared)
+        holder = _Eager(model, runner.shared, corrections)
         call = (tree_map(_nchw_input, args), tree_map(_nchw_input, kwargs))
     state = {
         f"inner.{name}": _nchw_view(t)

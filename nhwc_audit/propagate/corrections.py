@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
 from ..records import Layout
+from .dispatch import is_alias_of
 
-__all__ = ["KNOWN_DIVERGENCES", "Corrections", "Divergence", "known_divergence"]
+__all__ = ["KNOWN_DIVERGENCES", "VIEW_STRIDES", "Corrections", "Divergence", "known_divergence"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,13 @@ class Corrections:
 
     def apply(self, node: str, names: tuple[str, ...], detail: str, inputs: list[torch.Tensor], out: object) -> object:
         """``out``, restrided to channels_last where eager keeps it: a known divergence, a
-        channels_last input and an NCHW output of that rank."""
+        channels_last input and an NCHW output of that rank; a view's size-1 dims strided as
+        eager strides them (:func:`_view_strides`)."""
+        if inputs and isinstance(out, torch.Tensor) and {n.lower() for n in names} & _VIEWS:
+            viewed = _view_strides(inputs[0], out)
+            if viewed is not out:
+                self.applied.append((node, VIEW_STRIDES))
+            return viewed
         if not any(tensor_meta(t).layout is Layout.CHANNELS_LAST for t in inputs if t.dim() in (4, 5)):
             return out
 
@@ -95,8 +103,42 @@ class Corrections:
         """One line for the report, or None when nothing was corrected."""
         if not self.applied:
             return None
-        texts = sorted({text.split(":")[0] for _, text in self.applied})
+        texts = sorted({text.split(":")[0] for _, text in self.applied if text != VIEW_STRIDES})
+        what = [f"{', '.join(texts)}: eager keeps channels_last there, the meta kernels return NCHW"] if texts else []
+        if any(text == VIEW_STRIDES for _, text in self.applied):
+            what.append(VIEW_STRIDES)
         return (
             f"prediction corrected at {len(self.applied)} node(s) to what eager {self.device} kernels do "
-            f"({', '.join(texts)}: eager keeps channels_last there, the meta kernels return NCHW)"
+            f"({'; '.join(what)})"
         )
+
+
+_VIEWS = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "_unsafe_view", "_reshape_alias"}
+)
+"""Ops (as recorded, lower-cased) whose eager strides come from ATen's ``computeStride``."""
+
+VIEW_STRIDES = (
+    "view/reshape: size-1 dims strided as eager strides them, where FakeTensor's view does not; "
+    "kernels read them to pick channels_last, as after x.transpose(1, 2).view(1, C, H, W)"
+)
+
+
+def _view_strides(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (a view of ``source`` made under fake tensors) with the strides eager gives it:
+    the meta device runs ATen's own stride computation, which FakeTensor's view does not for
+    dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
+    element, so only those are changed; ``out`` itself when they agree."""
+    if not is_alias_of(out, source) or out.numel() != source.numel() or out.dim() not in (4, 5):
+        return out
+    try:
+        with unset_fake_temporarily():  # the meta device itself, not a FakeTensor on it
+            meta = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta")
+            strides = tuple(meta.view(out.shape).stride())
+    except RuntimeError:  # not viewable: eager copies (contiguous strides)
+        return out
+    if strides == tuple(out.stride()) or any(
+        a != b and n != 1 for a, b, n in zip(strides, out.stride(), out.shape, strict=True)
+    ):
+        return out
+    return out.as_strided(out.shape, strides, out.storage_offset())

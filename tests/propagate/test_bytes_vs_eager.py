@@ -233,3 +233,35 @@ def test_a_sampling_grid_is_not_an_operand_in_another_layout(capture: str) -> No
     assert [f.kind.value for f in r.findings] == ["revert"]
     assert "no channels_last kernel" in r.findings[0].hint
     assert r.summary.bytes_moved == eager_bytes(Sampled().eval(), (x,)).added > 0
+
+
+class PosConv(nn.Module):
+    """timm twins' PosConv (twins.py:556) at batch 1: tokens viewed back as a map
+    (``transpose(1, 2).view(B, C, H, W)``) get a size-1 batch stride from eager's view that the
+    CPU conv reads as not channels_last; FakeTensor's view strode it otherwise, so a fake audit's
+    NCHW baseline wrote the final ``.contiguous()`` off as copying in NCHW too (fake 131,072 B,
+    real and eager 262,144 B; timm twins_svt_small 2.81 against 5.62 MB)."""
+
+    def __init__(self, c: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 4, 4)
+        self.norm = nn.LayerNorm(c)
+        self.peg = nn.Conv2d(c, c, 3, 1, 1, groups=c)
+        self.down = nn.Conv2d(c, c, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        t = self.norm(x.flatten(2).transpose(1, 2))
+        f = t.transpose(1, 2).view(b, c, h, w)
+        t = (self.peg(f) + f).flatten(2).transpose(1, 2)
+        return self.down(t.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous())
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_view_back_to_a_map_is_strided_as_eager_strides_it(capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    r = audit(PosConv().eval(), x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
+    assert r.summary.bytes_moved == eager_bytes(PosConv().eval(), (x,)).added == 262144
