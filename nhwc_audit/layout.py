@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "relay_bytes",
     "channel_dims",
     "channels_innermost",
     "classify",
@@ -286,3 +287,11 @@ def nchw_ordered(meta: TensorMeta) -> bool:
         return False
     strides = [st for size, st in zip(meta.shape[1:], meta.strides[1:], strict=True) if size > 1]
     return len(strides) > 1 and all(a >= b for a, b in zip(strides, strides[1:], strict=False))
+
+
+def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:
+    """Bytes an op moves bringing ``source`` into ``out``'s layout, read and written: a
+    convolution re-lays its whole input (the kernel makes it contiguous, then computes); any
+    other op moves at most the smaller of the two (a cat only its operands, a reduction over a
+    stack only its result)."""
+    return 2 * (source.nbytes if conv else min(source.nbytes, out.nbytes))

@@ -272,7 +272,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     # a weight reshaped in forward (weight standardisation) copies out of NHWC whatever its output's
     # rank: only activations exit
     of_weight = any(i.is_param and i.meta.rank >= 4 for i in r.inputs)
-    if r.hidden and (assigns or of_weight or any(o.rank >= 4 for o in r.outputs)):
+    # (a layout change an op computed inside is no reshape's exit, whatever the node's output)
+    if r.hidden and (assigns or of_weight or any(o.rank >= 4 for o in r.outputs) or any(h.computed for h in r.hidden)):
         # the node left (and maybe re-entered) NHWC internally: invisible in its input/output
         # layouts (exits to non-spatial outputs, like flatten before a classifier, are not
         # findings); copies out of NHWC only are a revert, as the eager capture sees that copy

@@ -4,9 +4,9 @@ the node records."""
 
 from __future__ import annotations
 
-from ..layout import channel_dims, channels_innermost, leans_channels_last, reorders
-from ..records import NodeInput, NodeRecord, TensorMeta
-from .origin import CONV_OPS, SKIP_OPS, from_parameters_only
+from ..layout import channel_dims, channels_innermost, leans_channels_last, relay_bytes, reorders
+from ..records import CONV_OPS, NodeInput, NodeRecord, TensorMeta
+from .origin import SKIP_OPS, from_parameters_only
 
 __all__ = [
     "channels_source",
@@ -74,9 +74,10 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     (a cat moves only its channels_last operands; a reduction over a stack, only its result).
     The output is the first one reverted: the values of an op that also returns indices
     (``topk``, a max pool's ``return_indices``), which are computed, not moved."""
-    out = reverted[0].nbytes if reverted else 0
+    if not reverted:
+        return 0
     conv = r.op_name.lower() in CONV_OPS
-    return sum(2 * (i.meta.nbytes if conv else min(i.meta.nbytes, out)) for i in sources)
+    return sum(relay_bytes(i.meta, reverted[0], conv=conv) for i in sources)
 
 
 def reorder_bytes(r: NodeRecord) -> int:

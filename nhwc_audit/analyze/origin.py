@@ -8,29 +8,12 @@ from collections.abc import Sequence
 import networkx as nx
 
 from ..layout import nchw_ordered
-from ..records import Layout, NodeRecord
+from ..records import CONV_OPS, Layout, NodeRecord
 
 __all__ = ["CONV_OPS", "SKIP_OPS", "build_graph", "describe", "from_parameters_only", "origin_of", "via"]
 
 SKIP_OPS = ("placeholder", "get_attr", "output")
 """Graph nodes that are not ops: never findings, never in a region."""
-
-CONV_OPS = frozenset(
-    {
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "convolution",
-        "_convolution",
-        "conv_transpose1d",
-        "conv_transpose2d",
-        "conv_transpose3d",
-        "convtranspose1d",
-        "convtranspose2d",
-        "convtranspose3d",
-    }
-)
-"""Convolutions as fx and ATen graphs name them, and torch.nn's modules (lower case)."""
 
 
 def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:

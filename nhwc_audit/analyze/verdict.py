@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..records import NodeRecord, Summary
-from .origin import CONV_OPS
+from ..records import CONV_OPS, NodeRecord, Summary
 
 __all__ = ["ConvInfo", "Verdict", "conv_infos", "decide"]
 

@@ -191,7 +191,7 @@ class _Chain:
                     flat_inputs=cap.flat_inputs,
                     shared=self.runner.shared,
                     skeleton=skeleton,
-                    record_hidden=not self.runner.fake,
+                    record_hidden=True,
                     corrections=corrections,
                 )
         except PropagationError as e:

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SharedWeightWrite
-from ..layout import innermost_dim, tensor_meta
-from ..records import HiddenCopy, TensorMeta
+from ..layout import innermost_dim, relay_bytes, tensor_meta
+from ..records import CONV_OPS, HiddenCopy, Layout, TensorMeta
 from ..tensors import iter_tensors, on_shared
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "recorder_blind",
     "RecordingMode",
     "check_shared_write",
+    "computed_relay",
     "hidden_copy",
     "is_alias_of",
     "layout_change",
@@ -66,6 +67,50 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
         return None
     name = str(func.overloadpacket.__name__)
     return HiddenCopy(op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
+
+
+_DECIDED = frozenset({Layout.CHANNELS_LAST, Layout.CONTIGUOUS})
+
+
+def computed_relay(
+    func: Any, args: Any, out: Any, boundary: frozenset[int] = frozenset()
+) -> tuple[HiddenCopy, int, int] | None:
+    """The record of an ATen op that is neither a copy nor a view and computes its 4D/5D output
+    in NHWC from an NCHW input of its rank, or the other way (a convolution inside a
+    circular-padding Conv2d re-lays the padded NCHW input; the 2D pool inside AvgPool1d reads a
+    token map unsqueezed from an NHWC map and writes NCHW). Parameters are left to the weight
+    rules. Bytes by :func:`~nhwc_audit.layout.relay_bytes`, summed over such inputs. With the
+    ``id()`` of the first input it re-lays and of the output (a node's own op is its record's).
+    An op that reads only ``boundary`` tensors (``id()``: the node's inputs) is skipped: in a
+    node of one op (a cat of dozens of maps) it is the node's own."""
+    if func in _COPY_OPS:
+        return None
+    result = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(result, torch.Tensor) or result.dim() < 4:
+        return None
+    om = tensor_meta(result)
+    name = str(func.overloadpacket.__name__)
+    if om.layout not in _DECIDED or name.startswith("new_") or name.endswith("_like"):
+        return None
+    tensors = list(iter_tensors(args))
+    if all(id(t) in boundary for t in tensors):
+        return None
+    conv = name in CONV_OPS
+    moved, first, source = 0, None, 0
+    rank = result.dim()
+    for t in tensors:
+        if t.dim() != rank or isinstance(t, nn.Parameter):
+            continue
+        m = tensor_meta(t)
+        if m.layout in _DECIDED and m.layout is not om.layout:
+            if is_alias_of(result, t):
+                return None  # a view, or written in place
+            moved += relay_bytes(m, om, conv=conv)
+            first, source = first or m, source or id(t)
+    if first is None:
+        return None
+    copy = HiddenCopy(op=name, layout_in=first.layout, layout_out=om.layout, shape=om.shape, bytes=moved, computed=True)
+    return copy, source, id(result)
 
 
 @functools.cache
@@ -111,10 +156,17 @@ class CopyRecorder(RecordingMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
-    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
+    def __init__(self, shared: frozenset[int] = frozenset(), *, relays: bool = False) -> None:
         super().__init__()
         self.copies: list[HiddenCopy] = []
         self.shared = shared
+        self.relays = relays
+        """Keep the layout changes of ops that compute too (:func:`computed_relay`, in
+        ``relayed``): a graph's node runs several ATen ops, whose moves its own layouts may not
+        show."""
+        self.relayed: list[tuple[HiddenCopy, int, int]] = []
+        self.boundary: frozenset[int] = frozenset()
+        """``id()`` of the running node's inputs (see :func:`computed_relay`)."""
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
         self.on_stack = False
@@ -129,6 +181,8 @@ class CopyRecorder(RecordingMode):
             copy = hidden_copy(func, args, out)
             if copy is not None:
                 self.copies.append(copy)
+            elif self.relays and (relay := computed_relay(func, args, out, self.boundary)) is not None:
+                self.relayed.append(relay)
         return out
 
 

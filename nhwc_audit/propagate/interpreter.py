@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_leaves
 
@@ -56,7 +57,7 @@ class LayoutProp(torch.fx.Interpreter):
         self.record_hidden = record_hidden
         self.shared = shared
         self.skeleton = skeleton
-        self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
+        self._recorder = CopyRecorder(shared, relays=True) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
         self._blind: frozenset[torch.fx.Node] = frozenset()
@@ -122,13 +123,14 @@ class LayoutProp(torch.fx.Interpreter):
                 if not rec.on_stack:
                     torch._C._push_on_torch_dispatch_stack(rec)
                     rec.on_stack = True
-                rec.copies = []
+                rec.copies, rec.relayed = [], []
+                rec.boundary = frozenset(id(t) for _, t in inputs)
                 rec.recording = self.record_hidden
                 try:
                     result = self._call(n, args, kwargs)
                 finally:
                     rec.recording = False
-                hidden = rec.copies
+                hidden = rec.copies + _inner(rec.relayed, inputs, result) if rec.relayed else rec.copies
             if sk is not None:
                 sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:
@@ -162,6 +164,8 @@ class LayoutProp(torch.fx.Interpreter):
         if enable_io_processing:
             args = self.graph.process_inputs(*args)
         rec = self._recorder
+        if rec is not None:  # real kernels' layout changes (a fake run corrects meta kernels at the node)
+            rec.relays = not any(isinstance(t, FakeTensor) for t in iter_tensors(args))
         self._blind = frozenset()  # decided per run: autocast's casts are copies; CPU kernels only
         if rec is not None and not torch._C._is_any_autocast_enabled():
             if all(t.device.type == "cpu" for t in iter_tensors(args)):
@@ -240,6 +244,16 @@ class LayoutProp(torch.fx.Interpreter):
                 )
             )
         self._pending.clear()
+
+
+def _inner(
+    relayed: list[tuple[HiddenCopy, int, int]], inputs: list[tuple[NodeInput, torch.Tensor]], result: Any
+) -> list[HiddenCopy]:
+    """The layout changes computed inside a node, less its own op's (from one of its inputs to
+    its output: its record shows that one)."""
+    ins = {id(t) for _, t in inputs}
+    outs = {id(result)} if isinstance(result, torch.Tensor) else {id(t) for t in iter_tensors(result)}
+    return [h for h, source, out in relayed if not (source in ins and out in outs)]
 
 
 def _off_stack(rec: CopyRecorder) -> bool:

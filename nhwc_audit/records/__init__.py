@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .audit import BACKWARD_NOT_AUDITED, AuditMeta, Finding, Fix, Hotspot, Region, Summary, finding_key
 from .kinds import (
+    CONV_OPS,
     FAIL_ON,
     BandwidthSource,
     CaptureMethod,
@@ -24,6 +25,7 @@ from .node import HiddenCopy, NodeInput, NodeRecord, SourceLoc, TensorMeta
 
 __all__ = [
     "BACKWARD_NOT_AUDITED",
+    "CONV_OPS",
     "FAIL_ON",
     "AuditMeta",
     "BandwidthSource",

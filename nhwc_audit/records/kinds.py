@@ -7,6 +7,7 @@ import enum
 from typing import Literal
 
 __all__ = [
+    "CONV_OPS",
     "FAIL_ON",
     "BandwidthSource",
     "CaptureMethod",
@@ -18,6 +19,23 @@ __all__ = [
     "op_label",
 ]
 
+
+CONV_OPS = frozenset(
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "_convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "convtranspose1d",
+        "convtranspose2d",
+        "convtranspose3d",
+    }
+)
+"""Convolutions as fx and ATen graphs name them, and torch.nn's modules (lower case)."""
 
 Mode = Literal["real", "fake", "both"]
 """real: executed kernels on the audited device; fake: FakeTensors (a prediction); both: the

@@ -71,14 +71,19 @@ class SourceLoc:
 
 @dataclass(frozen=True, slots=True)
 class HiddenCopy:
-    """A layout-changing copy an op made internally (clone, copy_, _to_copy at ATen level)."""
+    """A layout change an op made internally: a copy (clone, copy_, _to_copy at ATen level), or
+    (``computed``) an ATen op that computes its output in another layout than it reads an
+    input: a convolution re-laying its padded input inside a circular-padding Conv2d, a 2D
+    pool run on a token map that AvgPool1d unsqueezed from an NHWC map."""
 
     op: str
     layout_in: Layout
     layout_out: Layout
     shape: tuple[int, ...]
     bytes: int
-    """2 x numel x itemsize (read + write)."""
+    """What it moves, read and written (a copy: 2 x numel x itemsize)."""
+    computed: bool = False
+    """Made by an op that computes, not by a copy: never a reshape's exit."""
 
 
 @dataclass(frozen=True, slots=True)

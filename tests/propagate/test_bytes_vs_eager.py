@@ -265,3 +265,34 @@ def test_a_view_back_to_a_map_is_strided_as_eager_strides_it(capture: str, mode:
     x = torch.randn(1, 3, 64, 64)
     r = audit(PosConv().eval(), x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
     assert r.summary.bytes_moved == eager_bytes(PosConv().eval(), (x,)).added == 262144
+
+
+class InnerMoves(nn.Module):
+    """Nodes whose own inputs and outputs do not show what their ATen ops move: a 1D pool over
+    tokens flattened from an NHWC map (timm nextvit, nextvit.py:297: the 2D pool inside reads
+    the unsqueezed NHWC tokens and writes NCHW) and a circular-padding convolution (the kernel
+    re-lays the padded NCHW input back into NHWC)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 1)
+        self.pool = nn.AvgPool1d(2)
+        self.circular = nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular")
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.op == "pool1d":
+            return self.pool(y.flatten(2)).sum(-1)
+        return self.circular(y)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("op", ["pool1d", "circular"])
+def test_what_the_ops_inside_a_node_move_is_charged(capture: str, op: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    r = audit(InnerMoves(op).eval(), x, bandwidth=1e9, capture=capture)
+    expected = eager_bytes(InnerMoves(op).eval(), (x,)).added
+    assert expected > 0
+    assert r.summary.bytes_moved == expected
