@@ -73,6 +73,12 @@ class Corrections:
     device: str
     applied: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def ops(self) -> frozenset[str]:
+        """Every op name (lower-cased) of a known divergence on this device."""
+        dev = self.device.split(":")[0]
+        return frozenset().union(*(d.ops for d in KNOWN_DIVERGENCES if d.device == dev))
+
     def apply(self, node: str, names: tuple[str, ...], detail: str, inputs: list[torch.Tensor], out: object) -> object:
         """``out``, restrided to channels_last where eager keeps it: a known divergence, a
         channels_last input and an NCHW output of that rank; a view's size-1 dims strided as

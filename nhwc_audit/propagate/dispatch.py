@@ -73,7 +73,7 @@ _DECIDED = frozenset({Layout.CHANNELS_LAST, Layout.CONTIGUOUS})
 
 
 def computed_relay(
-    func: Any, args: Any, out: Any, boundary: frozenset[int] = frozenset()
+    func: Any, args: Any, out: Any, boundary: frozenset[int] = frozenset(), skip: frozenset[str] = frozenset()
 ) -> tuple[HiddenCopy, int, int] | None:
     """The record of an ATen op that is neither a copy nor a view and computes its 4D/5D output
     in NHWC from an NCHW input of its rank, or the other way (a convolution inside a
@@ -82,7 +82,8 @@ def computed_relay(
     rules. Bytes by :func:`~nhwc_audit.layout.relay_bytes`, summed over such inputs. With the
     ``id()`` of the first input it re-lays and of the output (a node's own op is its record's).
     An op that reads only ``boundary`` tensors (``id()``: the node's inputs) is skipped: in a
-    node of one op (a cat of dozens of maps) it is the node's own."""
+    node of one op (a cat of dozens of maps) it is the node's own. ``skip``: ATen op names
+    whose layouts are not to be trusted (meta kernels known to differ from eager)."""
     if func in _COPY_OPS:
         return None
     result = out[0] if isinstance(out, (tuple, list)) and out else out
@@ -90,7 +91,7 @@ def computed_relay(
         return None
     om = tensor_meta(result)
     name = str(func.overloadpacket.__name__)
-    if om.layout not in _DECIDED or name.startswith("new_") or name.endswith("_like"):
+    if om.layout not in _DECIDED or name.startswith("new_") or name.endswith("_like") or name in skip:
         return None
     tensors = list(iter_tensors(args))
     if all(id(t) in boundary for t in tensors):
@@ -167,6 +168,8 @@ class CopyRecorder(RecordingMode):
         self.relayed: list[tuple[HiddenCopy, int, int]] = []
         self.boundary: frozenset[int] = frozenset()
         """``id()`` of the running node's inputs (see :func:`computed_relay`)."""
+        self.untrusted: frozenset[str] = frozenset()
+        """ATen ops whose computed layout changes are not kept (a fake run's known meta errors)."""
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
         self.on_stack = False
@@ -181,7 +184,7 @@ class CopyRecorder(RecordingMode):
             copy = hidden_copy(func, args, out)
             if copy is not None:
                 self.copies.append(copy)
-            elif self.relays and (relay := computed_relay(func, args, out, self.boundary)) is not None:
+            elif self.relays and (relay := computed_relay(func, args, out, self.boundary, self.untrusted)) is not None:
                 self.relayed.append(relay)
         return out
 
@@ -218,9 +221,9 @@ RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
 """torch.nn leaf modules in which :class:`CopyRecorder` can find nothing on the CPU: their
 forward dispatches no ATen copy (clone, copy_, _to_copy, contiguous) above the kernels and
 writes nothing but its own output and buffers (buffers are the audit's private copies), for any
-input layout (``tests/propagate/test_dispatch.py`` runs each under the recorder). Kernels'
-own copies (a convolution re-laying its input) are below the recorder anyway: the records
-show them as a layout change from input to output."""
+input layout (``tests/propagate/test_dispatch.py`` runs each under the recorder). Each runs
+one computing ATen op on the node's own input and output, whose layout change the node's
+record shows (the recorder keeps only changes inside a node: :func:`computed_relay`)."""
 
 
 def recorder_blind(module: nn.Module) -> bool:

@@ -164,8 +164,10 @@ class LayoutProp(torch.fx.Interpreter):
         if enable_io_processing:
             args = self.graph.process_inputs(*args)
         rec = self._recorder
-        if rec is not None:  # real kernels' layout changes (a fake run corrects meta kernels at the node)
-            rec.relays = not any(isinstance(t, FakeTensor) for t in iter_tensors(args))
+        if rec is not None:  # a fake run keeps no layout change of a meta kernel known to be wrong
+            fake = any(isinstance(t, FakeTensor) for t in iter_tensors(args))
+            rec.relays = not fake or self.corrections is not None
+            rec.untrusted = self.corrections.ops if fake and self.corrections is not None else frozenset()
         self._blind = frozenset()  # decided per run: autocast's casts are copies; CPU kernels only
         if rec is not None and not torch._C._is_any_autocast_enabled():
             if all(t.device.type == "cpu" for t in iter_tensors(args)):
