@@ -200,6 +200,9 @@ RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
         nn.BatchNorm1d,
         nn.BatchNorm2d,
         nn.BatchNorm3d,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.Linear,
         nn.Identity,
         nn.ReLU,
         nn.ReLU6,
@@ -226,12 +229,16 @@ one computing ATen op on the node's own input and output, whose layout change th
 record shows (the recorder keeps only changes inside a node: :func:`computed_relay`)."""
 
 
-def recorder_blind(module: nn.Module) -> bool:
-    """The recorder cannot see anything in a call of ``module`` on the CPU (without
-    autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a subclass
-    may override forward), its own forward, zero padding, not in place, and no hooks."""
+def recorder_blind(module: nn.Module, args: Any = ()) -> bool:
+    """The recorder cannot see anything in a call of ``module`` on ``args`` on the CPU
+    (without autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a
+    subclass may override forward), its own forward, zero padding, not in place, and no hooks;
+    a Linear on tokens only (its matmul folds a 4D input with a reshape, which copies a
+    channels_last one)."""
+    kind = type(module)
     return (
-        type(module) in RECORDER_BLIND
+        kind in RECORDER_BLIND
+        and (kind is not nn.Linear or all(t.dim() < 4 for t in iter_tensors(args)))
         and "forward" not in module.__dict__
         and getattr(module, "padding_mode", "zeros") == "zeros"
         and not getattr(module, "inplace", False)

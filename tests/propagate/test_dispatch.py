@@ -380,6 +380,12 @@ _BLIND_CASES: list[tuple[Any, tuple[int, ...]]] = [
     (lambda: nn.BatchNorm1d(4), (2, 4, 9)),
     (lambda: nn.BatchNorm2d(4), (2, 4, 5, 5)),
     (lambda: nn.BatchNorm3d(4), (1, 4, 3, 4, 5)),
+    (lambda: nn.GroupNorm(2, 4), (2, 4, 5, 5)),
+    (lambda: nn.GroupNorm(2, 4), (1, 4, 3, 4, 5)),
+    (lambda: nn.LayerNorm(5), (2, 4, 5, 5)),
+    (lambda: nn.LayerNorm([4, 5, 5]), (2, 4, 5, 5)),
+    (lambda: nn.LayerNorm(6), (2, 9, 6)),
+    (lambda: nn.Linear(6, 3), (2, 9, 6)),
     (nn.Identity, (2, 4, 5, 5)),
     (nn.ReLU, (2, 4, 5, 5)),
     (nn.ReLU6, (2, 4, 5, 5)),
@@ -417,7 +423,7 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
                 m = build().to(dtype).train(training)
                 if convert:
                     m = nhwc_audit.convert(m)
-                assert dispatch.recorder_blind(m)
+                assert dispatch.recorder_blind(m, (torch.empty(shape),))
                 params = [(p, p._version) for p in m.parameters()]
                 for x in _variants(shape):
                     rec = dispatch.CopyRecorder(relays=True)
@@ -436,7 +442,9 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
 def test_a_module_with_a_hook_or_its_own_settings_is_not_blind() -> None:
     assert not dispatch.recorder_blind(nn.ReLU(inplace=True))
     assert not dispatch.recorder_blind(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
-    assert not dispatch.recorder_blind(nn.Linear(2, 2))  # matmul folds a 4D input: a copy
+    four_d = torch.randn(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert not dispatch.recorder_blind(nn.Linear(2, 2), (four_d,))  # matmul folds a 4D input: a copy
+    assert dispatch.recorder_blind(nn.Linear(2, 2), (torch.randn(3, 2),))
     hooked = nn.Conv2d(2, 2, 1)
     hooked.register_forward_hook(lambda *a: None)
     assert not dispatch.recorder_blind(hooked)
