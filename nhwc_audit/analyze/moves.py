@@ -82,13 +82,15 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
 
 def reorder_bytes(r: NodeRecord) -> int:
     """Bytes a node moves reordering memory: twice its output when it copies an activation
-    element for element into another dim order (:func:`~nhwc_audit.layout.reorders`: any
-    permutation, not only NHWC <-> NCHW). The NCHW baseline's measure of the copies a model
-    makes in either layout."""
+    (a reshape's too) or a stored tensor read element for element (:func:`data_inputs`: timm volo
+    adds its position embedding to a permuted map) into another dim order
+    (:func:`~nhwc_audit.layout.reorders`: any permutation, not only NHWC <-> NCHW). The NCHW
+    baseline's measure of the copies a model makes in either layout."""
     if r.op in SKIP_OPS or r.aliases_input or not r.outputs:
         return 0
     out = r.outputs[0]
-    return 2 * out.nbytes if any(reorders(i.meta, out) for i in r.activation_inputs) else 0
+    ins = (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
+    return 2 * out.nbytes if any(reorders(i.meta, out) for i in ins) else 0
 
 
 def writes_in_place(r: NodeRecord) -> bool:

@@ -305,3 +305,28 @@ def test_what_the_ops_inside_a_node_move_is_charged(capture: str, op: str) -> No
     expected = eager_bytes(InnerMoves(op).eval(), (x,)).added
     assert expected > 0
     assert r.summary.bytes_moved == expected
+
+
+class PermutedPlusEmbedding(nn.Module):
+    """timm volo (volo.py:974): a patch map permuted to (B, H, W, C) plus a (1, H, W, C) position
+    embedding. The add re-lays one operand in either layout: the embedding in the channels_last
+    model (restrided by the conversion), the permuted map in the NCHW one; channels_last adds
+    nothing (fx charged the embedding whole: its NCHW baseline read activations only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 8, 8, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.embed(x).permute(0, 2, 3, 1) + self.pos).sum()
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_stored_operand_re_laid_in_either_layout_costs_nothing_extra(capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    r = audit(PermutedPlusEmbedding().eval(), x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
+    assert [f.kind.value for f in r.findings] == ["mixed"]
+    assert r.summary.bytes_moved == eager_bytes(PermutedPlusEmbedding().eval(), (x,)).added == 0
