@@ -27,7 +27,7 @@ from .analyze.verdict import decide
 from .collector import collector_paused
 from .errors import SharedWeightWrite
 from .layout import tensor_meta
-from .prepare.copy import model_device, prepare_audit_copy, prepare_inputs
+from .prepare.copy import first_float_dtype, model_device, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts
 from .propagate.baseline import match_nodes, nchw_records
@@ -203,10 +203,6 @@ def _bandwidth(o: AuditOptions) -> tuple[float, BandwidthSource]:
     return measure_transpose_bandwidth(str(o.device)), "measured"
 
 
-def _first_float_dtype(model: nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
 def _peak_rss() -> int:
     """High-water mark of this process's resident memory, in bytes (0 where unknown): the
     kernel's VmHWM where /proc has it. getrusage's ``ru_maxrss`` carries over the peak of the
@@ -243,7 +239,7 @@ def _audit_one(
     unchanged = baselined is records  # else reverts that copy in NCHW too are charged less
     records = baselined
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
-    dtype = str(o.dtype or _first_float_dtype(module) or torch.float32).removeprefix("torch.")
+    dtype = str(o.dtype or first_float_dtype(module) or torch.float32).removeprefix("torch.")
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,

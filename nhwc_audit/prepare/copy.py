@@ -27,6 +27,7 @@ __all__ = [
     "AuditCopy",
     "audit_param",
     "convert",
+    "first_float_dtype",
     "memory_format_for_rank",
     "plain_tensors",
     "model_device",
@@ -85,6 +86,12 @@ def model_device(model: nn.Module) -> torch.device:
         for t in ts:
             return t.device
     return torch.device("cpu")
+
+
+def first_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None when it has none): the
+    dtype a run without ``dtype=`` audits in."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -106,16 +106,17 @@ class _Chain:
             self.notes.append(note)
         return frozenset(node for node, _ in corrections.applied)
 
-    def _fake_constants(self, root: nn.Module, constants: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        """The graph's real tensor constants (``torch.ones(...)`` in forward), removed from
-        ``root`` and returned as fake ones: a fake run cannot mix real tensors in."""
-        out = []
+    def _fake_constants(self, root: nn.Module, constants: list[tuple[str, Any]]) -> None:
+        """Make the graph's real tensor constants (``torch.ones(...)`` in forward) on ``root``
+        fake: a fake run cannot mix real tensors in."""
         for target, value in constants:
             if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
                 owner, _, name = target.rpartition(".")
-                delattr(root.get_submodule(owner) if owner else root, name)
-                out.append((target, fake_plain(value, self.runner.fake_mode, value.device)))
-        return out
+                setattr(
+                    root.get_submodule(owner) if owner else root,
+                    name,
+                    fake_plain(value, self.runner.fake_mode, value.device),
+                )
 
     def run(self) -> Captured:
         """fx first (a graph, checked against eager); after it fails, the eager recording, which
@@ -164,7 +165,7 @@ class _Chain:
                 constants = graph_attributes(cap)
             put_back(cap.root, constants)
             if self.runner.fake:  # made in forward while tracing, outside fake mode: real tensors
-                put_back(cap.root, self._fake_constants(cap.root, constants))
+                self._fake_constants(cap.root, constants)
         except TraceError as e:
             if forced:
                 raise
@@ -191,7 +192,6 @@ class _Chain:
                     flat_inputs=cap.flat_inputs,
                     shared=self.runner.shared,
                     skeleton=skeleton,
-                    record_hidden=True,
                     corrections=corrections,
                 )
         except PropagationError as e:

@@ -57,11 +57,11 @@ class LayoutProp(torch.fx.Interpreter):
         self.record_hidden = record_hidden
         self.shared = shared
         self.skeleton = skeleton
-        self._recorder = CopyRecorder(shared, relays=True) if (record_hidden or shared) else None
+        self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
-        self._blind: frozenset[torch.fx.Node] = frozenset()
-        """Leaf calls that may run with the recorder off the dispatch stack (a CPU run without
+        self._blind_ok = False
+        """Leaf calls may run with the recorder off the dispatch stack (a CPU run without
         autocast): those of :func:`recorder_blind` modules, which it could see nothing in."""
         self.records: list[NodeRecord] = []
         self._pending: list[Any] = []
@@ -116,8 +116,8 @@ class LayoutProp(torch.fx.Interpreter):
             rec = self._recorder
             if rec is None:
                 result = self._call(n, args, kwargs)
-            elif n in self._blind and recorder_blind(self._callee[n], args) and _off_stack(rec):  # asked per call:
-                # the model's code may add a hook or change a setting between two calls
+            elif self._blind_ok and n in self._callee and recorder_blind(self._callee[n], args) and _off_stack(rec):
+                # asked per call: the model's code may add a hook or change a setting between two calls
                 result = self._call(n, args, kwargs)
             else:  # one mode for the whole run: pushing one per node costs more
                 if not rec.on_stack:
@@ -168,10 +168,12 @@ class LayoutProp(torch.fx.Interpreter):
             fake = any(isinstance(t, FakeTensor) for t in iter_tensors(args))
             rec.relays = not fake or self.corrections is not None
             rec.untrusted = self.corrections.ops if fake and self.corrections is not None else frozenset()
-        self._blind = frozenset()  # decided per run: autocast's casts are copies; CPU kernels only
-        if rec is not None and not torch._C._is_any_autocast_enabled():
-            if all(t.device.type == "cpu" for t in iter_tensors(args)):
-                self._blind = frozenset(self._callee)
+        # decided per run: autocast's casts are copies; CPU kernels only
+        self._blind_ok = (
+            rec is not None
+            and not torch._C._is_any_autocast_enabled()
+            and all(t.device.type == "cpu" for t in iter_tensors(args))
+        )
         with rec if rec is not None else contextlib.nullcontext():
             if rec is not None:
                 rec.on_stack = True
