@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["PLAIN_LEAVES", "SharedStorages", "clone_value", "is_plain_dense", "iter_tensors", "on_shared", "to_nchw"]
+__all__ = [
+    "PLAIN_LEAVES",
+    "SharedStorages",
+    "clone_value",
+    "is_plain_dense",
+    "iter_tensors",
+    "on_shared",
+    "seeded",
+    "to_nchw",
+]
 
 
 def iter_tensors(value: Any) -> list[torch.Tensor]:
@@ -96,3 +106,22 @@ def on_shared(t: torch.Tensor, shared: frozenset[int]) -> bool:
         return False
     i = bisect.bisect_left(spans, (end, end)) - 1  # the last storage that starts before ``end``
     return i >= 0 and spans[i][1] > start
+
+
+@contextlib.contextmanager
+def seeded(seed: int, values: Any = (), *, cuda: bool = False) -> Iterator[None]:
+    """Random ops in the block repeat: the CPU generator, and every CUDA one when the run is
+    on CUDA (``cuda``, or a tensor among ``values`` on it), forked and seeded; nothing else
+    is touched.
+    ``torch.manual_seed`` is not used: it also seeds every CUDA, XPU and MTIA device, which on
+    a machine where they are not initialised queues a seed for later (~0.1 ms a call, a stack
+    formatted each time) that replaces the user's own when the device starts, and it reseeds
+    an initialised CUDA generator that a fork of the CPU generator does not restore."""
+    # no CUDA tensor exists before CUDA is initialised
+    cuda = torch.cuda.is_initialized() and (cuda or any(t.is_cuda for t in iter_tensors(values)))  # type: ignore[no-untyped-call]
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            for generator in torch.cuda.default_generators:
+                generator.manual_seed(seed)
+        yield

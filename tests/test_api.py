@@ -313,3 +313,32 @@ def test_the_default_input_follows_the_first_convolution() -> None:
     assert [t.shape for t in r.meta.inputs] == [(1, 2, 16, 112, 112)]  # a batched clip, not an unbatched volume
     r = audit(nn.Sequential(nn.Conv2d(1, 4, 3)), bandwidth=1e9)
     assert [t.shape for t in r.meta.inputs] == [(1, 1, 224, 224)]
+
+
+def test_audit_leaves_every_random_generator_as_it_was() -> None:
+    """The audit seeds the generators its runs draw from, inside a fork; seeding them with
+    ``torch.manual_seed`` also queued a CUDA, XPU and MTIA seed per run on a machine where
+    those are not initialised (applied, in place of the user's own seed, when the device
+    starts) and reseeded an initialised CUDA generator that a CPU audit never restored; the
+    repair's measurements drew from the user's generator."""
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.drop = nn.Dropout2d(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.conv(x)).softmax(1) + torch.rand_like(x[:, :1, 1:-1, 1:-1])
+
+    trackers = [getattr(torch, b)._lazy_seed_tracker for b in ("cuda", "xpu", "mtia") if hasattr(torch, b)]
+    queued = [t.get_calls() for t in trackers]
+    model, x = Noisy().train(), torch.randn(2, 3, 8, 8)
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    report = audit(model, x, train=True, bandwidth=BANDWIDTH)
+    report.repaired()
+    assert torch.equal(torch.random.get_rng_state(), cpu)
+    assert [t.get_calls() for t in trackers] == queued
+    if cuda is not None:
+        assert all(map(torch.equal, torch.cuda.get_rng_state_all(), cuda))

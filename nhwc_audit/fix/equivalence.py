@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_map
 
 from ..prepare.clone import clone_modules
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
-from ..tensors import clone_value, iter_tensors, to_nchw
+from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 
 __all__ = ["Sample", "first_change", "fresh_copy"]
 
@@ -25,8 +25,7 @@ Sample = tuple[tuple[Any, ...], dict[str, Any]]
 def _outputs(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], grads: bool
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0, (args, kwargs)):
         ctx = torch.enable_grad() if grads else torch.no_grad()
         with ctx:
             out = model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))

@@ -25,7 +25,7 @@ from ..prepare.copy import convert, prepare_inputs
 from ..propagate.interpreter import propagate
 from ..propagate.runner import attributes_restored
 from ..records import NodeRecord, Summary
-from ..tensors import clone_value
+from ..tensors import clone_value, seeded
 from .equivalence import first_change
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
@@ -83,7 +83,7 @@ def _measure(
     in ``baseline`` is charged only what it moves beyond that (its NCHW baseline in the audit)."""
     buffers = [(b, b.clone()) for b in gm.buffers()]
     try:
-        with attributes_restored(gm):
+        with attributes_restored(gm), seeded(0, (args, kwargs)):
             records, _ = propagate(gm, tree_map(clone_value, args), tree_map(clone_value, kwargs), record_hidden=True)
     finally:
         with torch.no_grad():

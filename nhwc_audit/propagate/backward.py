@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_map
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
 from ..records import Layout, TensorMeta
-from ..tensors import clone_value, iter_tensors, to_nchw
+from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 
 __all__ = ["backward_layouts"]
 
@@ -96,8 +96,7 @@ def backward_layouts(
     the gradients they hand back are channels_last here too.
     Returns node -> gradient layouts and parameter -> layout."""
     grads: dict[str, list[TensorMeta]] = {}
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(seed)
+    with seeded(seed, flat_inputs), torch.enable_grad():
         out = _GradProp(gm, grads, breaks, corrected).run(
             *[clone_value(v) for v in flat_inputs], enable_io_processing=False
         )

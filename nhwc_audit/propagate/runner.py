@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..tensors import clone_value, iter_tensors
+from ..tensors import clone_value, iter_tensors, seeded
 from .dispatch import CopyRecorder
 
 __all__ = ["Runner", "attributes_restored", "batch_of", "fake_limitation", "first_sample"]
@@ -44,8 +44,7 @@ class Runner:
         """Seeded RNG, fake mode, autocast and (``guard``) the shared-weight guard. The
         propagation guards on its own (its recorder refuses the writes)."""
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=[]))
-            torch.manual_seed(self.seed)
+            stack.enter_context(seeded(self.seed, cuda=self.device_type == "cuda" and not self.fake))
             if self.fake_mode is not None:
                 stack.enter_context(self.fake_mode)
             if self.autocast is not None:
