@@ -81,7 +81,9 @@ def _measure(
     """The records and analysis of one propagation of ``gm``, whose buffers (BatchNorm
     statistics in train mode) and module attributes are as they were before it; a node named
     in ``baseline`` is charged only what it moves beyond that (its NCHW baseline in the audit)."""
-    buffers = [(b, b.clone()) for b in gm.buffers()]
+    # a buffer whose elements share memory (a graph constant ``idx.expand(...)``) cannot be
+    # written in place, by the model or by the restore below
+    buffers = [(b, b.clone()) for b in gm.buffers() if torch._debug_has_internal_overlap(b) != 1]
     try:
         with attributes_restored(gm), seeded(0, (args, kwargs)):
             records, _ = propagate(gm, tree_map(clone_value, args), tree_map(clone_value, kwargs), record_hidden=True)

@@ -483,3 +483,24 @@ def test_the_repair_of_an_audit_in_another_dtype_counts_its_own_bytes() -> None:
     assert r.summary.bytes_moved == 16384
     fixed = r.repaired()
     assert fixed.repair is not None and fixed.repair.bytes_before == 65536  # float32, the copy counted whole
+
+
+def test_repair_after_an_audit_of_a_model_with_an_expanded_constant() -> None:
+    """fx keeps ``idx.expand(...)`` in forward as a graph constant whose elements share memory;
+    the repair's measurements restored it with an in-place copy, which torch refuses."""
+
+    class Gather(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.post = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.register_buffer("idx", torch.randint(0, 8, (1, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.post(self.pre(x).gather(2, self.idx.expand(2, 4, 8, 8)))
+
+    model, x = Gather().eval(), torch.randn(2, 4, 8, 8)
+    report = audit(model, x, capture="fx", bandwidth=1e9)
+    repaired = report.repaired()
+    assert repaired.repair is not None and repaired.repaired_module is not None
+    with torch.no_grad():
+        torch.testing.assert_close(repaired.repaired_module(x.to(memory_format=torch.channels_last)), model(x))
