@@ -263,18 +263,20 @@ def reorders(src: TensorMeta, dst: TensorMeta) -> bool:
     permutation of dims, a layout change or not (channel shuffle's transpose(1, 2).contiguous()
     in NCHW too), or a reshape of a permuted view into row-major order
     (``x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)`` in MaxViT's window merge). Copying a
-    slice, which keeps the order, does not."""
+    slice, which keeps the order, does not; nor does reading a broadcast ``src`` (an index
+    ``expand``-ed over the channels: stride 0), compared over the dims it holds in memory."""
     if src.rank < 4 or src.numel != dst.numel or len(src.strides) != src.rank:
         return False
+    held = [d for d in memory_order(src) if src.strides[d] != 0]
     if src.shape == dst.shape:
-        return memory_order(src) != memory_order(dst)
-    in_order = tuple(d for d in range(src.rank) if src.shape[d] > 1)
-    return row_major(dst) and memory_order(src) != in_order
+        return held != [d for d in memory_order(dst) if src.strides[d] != 0]
+    return row_major(dst) and held != sorted(held)
 
 
 def nchw_ordered(meta: TensorMeta) -> bool:
     """Laid out in NCHW order, dense or not (a slice of an NCHW tensor): rank >= 4 and the
-    strides of the dims after the batch dim (those of size > 1) never grow from C to W.
+    strides of the dims after the batch dim (those of size > 1, not broadcast) never grow from C
+    to W.
 
     >>> from nhwc_audit.layout import tensor_meta
     >>> import torch
@@ -285,7 +287,7 @@ def nchw_ordered(meta: TensorMeta) -> bool:
     """
     if meta.rank < 4 or len(meta.strides) != meta.rank:
         return False
-    strides = [st for size, st in zip(meta.shape[1:], meta.strides[1:], strict=True) if size > 1]
+    strides = [st for size, st in zip(meta.shape[1:], meta.strides[1:], strict=True) if size > 1 and st != 0]
     return len(strides) > 1 and all(a >= b for a, b in zip(strides, strides[1:], strict=False))
 
 

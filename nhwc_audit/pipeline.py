@@ -27,6 +27,7 @@ from .analyze.verdict import decide
 from .collector import collector_paused
 from .errors import SharedWeightWrite
 from .layout import tensor_meta
+from .prepare.caches import code_caches, emptied
 from .prepare.copy import first_float_dtype, model_device, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts
@@ -98,11 +99,13 @@ def _prepare(
         fmode = fake_mode()
         copy = fake_copy(module, fmode, o.device, o.dtype)
         fargs, fkwargs = fake_inputs(args, kwargs, fmode, o.device, o.dtype)
-        return _Prepared(copy, fargs, fkwargs, Runner(o.device.type, o.autocast, fake_mode=fmode, correct=not raw))
+        runner = Runner(o.device.type, o.autocast, fake_mode=fmode, correct=not raw, caches=code_caches(module))
+        return _Prepared(copy, fargs, fkwargs, runner)
     target = o.device if o.device != model_device(module) else None
     audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target, share_weights=share_weights)
     sargs, skwargs = prepare_inputs(args, kwargs, dtype=o.dtype, device=o.device)
-    return _Prepared(audit_copy.module, sargs, skwargs, Runner(o.device.type, o.autocast, audit_copy.shared))
+    runner = Runner(o.device.type, o.autocast, audit_copy.shared, caches=code_caches(module))
+    return _Prepared(audit_copy.module, sargs, skwargs, runner)
 
 
 def _capture(
@@ -111,16 +114,17 @@ def _capture(
     p = _prepare(module, args, kwargs, o, raw)
 
     def run(p: _Prepared) -> Captured:
-        return capture_and_propagate(
-            p.module,
-            p.args,
-            p.kwargs,
-            method=o.capture,
-            verify=o.verify,
-            progress=o.progress,
-            runner=p.runner,
-            need_graph=o.train,
-        )
+        with emptied(p.runner.caches):  # a trace leaves proxies there, an export fake tensors
+            return capture_and_propagate(
+                p.module,
+                p.args,
+                p.kwargs,
+                method=o.capture,
+                verify=o.verify,
+                progress=o.progress,
+                runner=p.runner,
+                need_graph=o.train,
+            )
 
     try:
         return run(p), p

@@ -25,8 +25,8 @@ model (or a repair) makes on purpose is still a cost of the NCHW tensor before i
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion (an in-place op whose operands disagree in
-layout is mixed, as it would be out of place); ambiguous tensors (C == 1, H == W == 1)
-decide nothing.
+layout is mixed, as it would be out of place; ``buf[...].copy_(x)`` copies across layouts);
+ambiguous tensors (C == 1, H == W == 1) decide nothing.
 """
 
 from __future__ import annotations
@@ -35,12 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..layout import nchw_ordered, row_major
-from ..records import (
-    Finding,
-    FindingKind,
-    Layout,
-    NodeRecord,
-)
+from ..records import Finding, FindingKind, Layout, NodeRecord
 from . import moves
 from .hints import (
     AMBIGUOUS_ORIGIN,
@@ -59,6 +54,7 @@ from .origin import SKIP_OPS, describe, origin_of, via
 
 __all__ = ["BASELINED", "SKIP_OPS", "find_findings"]
 _DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
+_NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
 BASELINED = (FindingKind.REVERT, FindingKind.MIXED)
 """The kinds charged only what channels_last adds over the NCHW baseline (``nchw_bytes``)."""
 
@@ -178,8 +174,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
             return [_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
         return []
     in_place = writes_in_place(r)
-    if r.aliases_input and not in_place:
-        return []  # a view: moves no data
+    if (r.aliases_input and not in_place) or moves.allocates(r):
+        # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
+        return _hidden_findings(ctx, r) if r.op_name == "copy_" else []
     ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial and i.meta.layout in _DECIDED]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
@@ -268,6 +265,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
+    return _hidden_findings(ctx, r)
+
+
+def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     assigns = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
     # a weight reshaped in forward (weight standardisation) copies out of NHWC whatever its output's
     # rank: only activations exit
@@ -277,7 +278,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # the node left (and maybe re-entered) NHWC internally: invisible in its input/output
         # layouts (exits to non-spatial outputs, like flatten before a classifier, are not
         # findings); copies out of NHWC only are a revert, as the eager capture sees that copy
-        out_only = all(h.layout_in is Layout.CHANNELS_LAST and h.layout_out is Layout.CONTIGUOUS for h in r.hidden)
+        out_only = all(h.layout_in is Layout.CHANNELS_LAST and h.layout_out in _NCHW_SIDE for h in r.hidden)
         return [
             _finding(
                 ctx,

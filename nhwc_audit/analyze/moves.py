@@ -5,10 +5,11 @@ the node records."""
 from __future__ import annotations
 
 from ..layout import channel_dims, channels_innermost, leans_channels_last, relay_bytes, reorders
-from ..records import CONV_OPS, NodeInput, NodeRecord, TensorMeta
+from ..records import ALLOCATING_OPS, CONV_OPS, NodeInput, NodeRecord, TensorMeta
 from .origin import SKIP_OPS, from_parameters_only
 
 __all__ = [
+    "allocates",
     "channels_source",
     "computed_weight",
     "data_inputs",
@@ -18,6 +19,12 @@ __all__ = [
     "viewed_as",
     "writes_in_place",
 ]
+
+
+def allocates(r: NodeRecord) -> bool:
+    """An allocation (``zeros_like``, ``new_zeros``): it reads no data, so it moves none, in
+    whatever layout it makes its result; an op that reads that result judges it."""
+    return r.op_name in ALLOCATING_OPS
 
 
 def channels_source(i: NodeInput, reverted: list[TensorMeta]) -> bool:
@@ -86,7 +93,7 @@ def reorder_bytes(r: NodeRecord) -> int:
     adds its position embedding to a permuted map) into another dim order
     (:func:`~nhwc_audit.layout.reorders`: any permutation, not only NHWC <-> NCHW). The NCHW
     baseline's measure of the copies a model makes in either layout."""
-    if r.op in SKIP_OPS or r.aliases_input or not r.outputs:
+    if r.op in SKIP_OPS or r.aliases_input or not r.outputs or allocates(r):
         return 0
     out = r.outputs[0]
     ins = (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))

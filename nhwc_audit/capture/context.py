@@ -53,15 +53,24 @@ def aten_detail(op: str, args: Any, kwargs: Mapping[str, Any]) -> str:
     'bilinear')."""
     if op == "pad":
         return _detail(op, kwargs.get("mode", args[2] if len(args) > 2 else None))
+    if op == "roll":
+        return _roll_detail(kwargs.get("dims", args[2] if len(args) > 2 else None))
     if op.startswith("upsample_"):
         return op.removeprefix("upsample_").removesuffix("2d").removesuffix("3d").removesuffix("1d")
     return _detail(op, None)
+
+
+def _roll_detail(dims: Any) -> str:
+    """``torch.roll`` without dims rolls the flattened tensor (an NCHW copy on CPU)."""
+    return "" if dims not in (None, (), []) else "flattened"
 
 
 def _node_detail(node: torch.fx.Node, sub: nn.Module | None, op_name: str) -> str:
     if sub is not None:  # a module keeps its mode as an attribute (nn.Upsample), else none
         own = getattr(sub, "mode", None)
         return own if isinstance(own, str) else ""
+    if op_name == "roll":
+        return _roll_detail(node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None))
     mode: Any = node.kwargs.get("mode")
     if mode is None and op_name == "pad" and len(node.args) > 2:
         mode = node.args[2]

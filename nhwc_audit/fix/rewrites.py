@@ -12,8 +12,9 @@ them judges whether it helped (that is :mod:`.repair`).
                            of its free (N, H, W, C) permutation.
 * ``insert-contiguous-cl`` one ``.contiguous(memory_format=channels_last)`` right after an op
                            that reverts, when that costs less than the conversions downstream.
-* ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``) and then
-                           filled from channels_last tensors is allocated channels_last instead
+* ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``, ``new_*``,
+                           ``zeros_like(x, memory_format=torch.contiguous_format)``) and then
+                           read with channels_last tensors is allocated channels_last instead
                            (``torch.empty(..., memory_format=...)`` then ``zero_``/``fill_``).
 """
 
@@ -52,6 +53,9 @@ _COMMUTATIVE_FUNCS = {operator.add, operator.mul, torch.add, torch.mul}
 _COMMUTATIVE_METHODS = {"add", "mul"}
 _SOFTMAX_FUNCS = {"softmax", "log_softmax"}
 _ALLOC = {torch.zeros: "zero_", torch.ones: "fill_", torch.empty: None, torch.full: "fill_"}
+_LIKE = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+"""Allocations whose values do not depend on the layout (random ones do: rand_like fills memory
+in order)."""
 _NEW_ALLOC = {"new_zeros": "zero_", "new_ones": "fill_", "new_empty": None, "new_full": "fill_"}
 
 
@@ -81,8 +85,10 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
     for r in records:
         node = find_node(gm, r.name)
         spatial = r.spatial_outputs
-        allocates = (node.op == "call_function" and node.target in _ALLOC) or (
-            node.op == "call_method" and node.target in _NEW_ALLOC
+        allocates = (
+            (node.op == "call_function" and node.target in _ALLOC)
+            or (node.op == "call_method" and node.target in _NEW_ALLOC)
+            or _like_contiguous(node)
         )
         if allocates and spatial and spatial[0].layout is Layout.CONTIGUOUS:
             fmt_alloc = _fmt(spatial[0].rank)
@@ -160,10 +166,17 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
             )
 
 
+def _like_contiguous(n: torch.fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _LIKE and n.kwargs.get("memory_format") is torch.contiguous_format
+
+
 def _allocate_channels_last(gm: torch.fx.GraphModule, name: str, fmt: torch.memory_format) -> None:
     """``torch.zeros(size)`` / ``x.new_zeros(size)`` (and ones, empty, full) become
     ``torch.empty(size, memory_format=fmt)`` followed by the same fill: identical values."""
     n = find_node(gm, name)
+    if _like_contiguous(n):  # zeros_like(x, memory_format=torch.contiguous_format): ask for fmt
+        n.kwargs = {**n.kwargs, "memory_format": fmt}
+        return
     args = list(n.args)
     kwargs = {k: v for k, v in n.kwargs.items() if k != "fill_value"}
     if n.op == "call_method":  # x.new_zeros(size, ...): dtype and device default to x's

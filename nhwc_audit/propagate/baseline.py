@@ -112,7 +112,7 @@ def nchw_records(
         if t.dim() in (4, 5)
     }
     try:
-        with runner.context(guard=False), torch.no_grad():
+        with runner.context(guard=False, corrections=corrections), torch.no_grad():
             torch.func.functional_call(holder, state, call, strict=False)
     except SharedWeightWrite as e:
         return str(e)

@@ -182,7 +182,7 @@ class _Chain:
         skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self._corrections()
         try:
-            with self.runner.context(guard=False):
+            with self.runner.context(guard=False, corrections=corrections):
                 records, out = propagate(
                     cap.root,
                     tree_map(clone_value, self.args),
@@ -264,7 +264,7 @@ class _Chain:
     def _hooks(self) -> Captured:
         corrections = self._corrections()
         try:
-            with self.runner.context(guard=False):
+            with self.runner.context(guard=False, corrections=corrections):
                 records, _, _ = record_eager(
                     self.model,
                     tree_map(clone_value, self.args),

@@ -7,6 +7,7 @@ that never happens into the bytes, the hints and the verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -14,9 +15,16 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
 from ..records import Layout
-from .dispatch import is_alias_of
+from .dispatch import RecordingMode, is_alias_of
 
-__all__ = ["KNOWN_DIVERGENCES", "VIEW_STRIDES", "Corrections", "Divergence", "known_divergence"]
+__all__ = [
+    "KNOWN_DIVERGENCES",
+    "POINTWISE_STRIDES",
+    "VIEW_STRIDES",
+    "Corrections",
+    "Divergence",
+    "known_divergence",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +46,12 @@ KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
         "cpu",
         "GroupNorm: fake/meta returns NCHW, eager CPU keeps channels_last",
     ),
-    Divergence(frozenset({"roll"}), "cpu", "torch.roll: fake/meta returns NCHW, eager CPU keeps channels_last"),
+    Divergence(
+        frozenset({"roll"}),
+        "cpu",
+        "torch.roll: fake/meta returns NCHW, eager CPU keeps channels_last",
+        modes=frozenset({""}),  # over dims; rolled flattened, eager copies to NCHW too
+    ),
     Divergence(
         frozenset({"channelshuffle", "channel_shuffle", "native_channel_shuffle"}),
         "cpu",
@@ -109,14 +122,72 @@ class Corrections:
         """One line for the report, or None when nothing was corrected."""
         if not self.applied:
             return None
-        texts = sorted({text.split(":")[0] for _, text in self.applied if text != VIEW_STRIDES})
+        strides = (VIEW_STRIDES, POINTWISE_STRIDES)
+        texts = sorted({text.split(":")[0] for _, text in self.applied if text not in strides})
         what = [f"{', '.join(texts)}: eager keeps channels_last there, the meta kernels return NCHW"] if texts else []
-        if any(text == VIEW_STRIDES for _, text in self.applied):
-            what.append(VIEW_STRIDES)
+        what += [text for text in strides if any(t == text for _, t in self.applied)]
         return (
             f"prediction corrected at {len(self.applied)} node(s) to what eager {self.device} kernels do "
             f"({'; '.join(what)})"
         )
+
+    def eager_strides(self) -> RecordingMode:
+        """A dispatch mode to enter inside the fake mode: pointwise ops allocate their outputs
+        as eager does (:data:`POINTWISE_STRIDES`)."""
+        return _PointwiseStrides(self)
+
+
+POINTWISE_STRIDES = (
+    "pointwise ops on inputs contiguous in both orders (N x C x 1 x 1) allocate NCHW strides, as eager's "
+    "TensorIterator does, where FakeTensor keeps the input's; kernels read them to pick a layout, as "
+    "F.interpolate after image pooling does"
+)
+_UNTAGGED_POINTWISE = frozenset({"hardswish"})
+"""TensorIterator kernels without ATen's ``pointwise`` tag."""
+
+
+class _PointwiseStrides(RecordingMode):
+    """TensorIterator's fast setup: an op whose operands all have the output's shape and are
+    all ``is_contiguous()`` (which ignores size-1 dims: an N x C x 1 x 1 map with channels_last
+    strides is) allocates a contiguous output; FakeTensor's strides follow the input's."""
+
+    def __init__(self, corrections: Corrections) -> None:
+        super().__init__()
+        self.corrections = corrections
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not isinstance(out, torch.Tensor) or out.dim() not in (4, 5) or 1 not in out.shape[1:]:
+            return out  # the common case, decided first: no size-1 dim to stride otherwise
+        if not out.is_contiguous() or tuple(out.stride()) == _row_major_strides(out.shape):
+            return out
+        return self._contiguous(out) if _fast_contiguous(func, args, kwargs or {}, out) else out
+
+    def _contiguous(self, out: torch.Tensor) -> torch.Tensor:
+        self.corrections.applied.append(("", POINTWISE_STRIDES))
+        return torch.empty(out.shape, dtype=out.dtype, device=out.device)
+
+
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _fast_contiguous(func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> bool:
+    schema = func._schema
+    if schema.is_mutable or not (
+        torch.Tag.pointwise in func.tags or func.__name__.split(".")[0] in _UNTAGGED_POINTWISE
+    ):
+        return False
+    operands = []
+    for i, arg in enumerate(schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if isinstance(arg.type, torch.TensorType) and value is not None:
+            operands.append(value)
+    return all(isinstance(t, torch.Tensor) and t.shape == out.shape and t.is_contiguous() for t in operands)
 
 
 _VIEWS = frozenset(

@@ -1,4 +1,5 @@
-"""The sample as a graph takes it: positional and keyword inputs in placeholder order."""
+"""The sample as a graph takes it (positional and keyword inputs in placeholder order), and the
+operands a node takes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.node import map_arg
 
 from ..errors import PropagationError
 
-__all__ = ["positional_inputs"]
+__all__ = ["operands", "positional_inputs"]
 
 
 def positional_inputs(
@@ -43,3 +45,11 @@ def positional_inputs(
                 "--input per positional input, or return (model, args, kwargs) from the build_fn"
             )
     return values
+
+
+def operands(n: torch.fx.Node) -> list[torch.fx.Node]:
+    """Every node ``n`` reads, once per use: ``y.scatter_add(1, idx, y)`` reads ``y`` twice
+    (``Node.all_input_nodes`` lists it once)."""
+    out: list[torch.fx.Node] = []
+    map_arg((n.args, n.kwargs), out.append)
+    return out

@@ -24,7 +24,7 @@ from ..tensors import iter_tensors
 from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of, recorder_blind
-from .inputs import positional_inputs
+from .inputs import operands, positional_inputs
 from .skeleton import Skeleton
 
 __all__ = ["LayoutProp", "ProgressFn", "propagate"]
@@ -70,6 +70,7 @@ class LayoutProp(torch.fx.Interpreter):
         self._index = {n: i for i, n in enumerate(self._nodes)}
         self._modules: dict[str, torch.nn.Module] = self.submodules  # Interpreter's own path -> module map
         self._contexts: dict[torch.fx.Node, NodeContext] = node_contexts(self._nodes, gm, self._modules)
+        self._operands = {n: operands(n) for n in self._nodes}
         self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
         # a leaf module's own 4D/5D weights: static during the run, recorded once
         self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
@@ -86,7 +87,7 @@ class LayoutProp(torch.fx.Interpreter):
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
-        for inp in n.all_input_nodes:
+        for inp in self._operands[n]:
             is_param = inp.op == "get_attr"
             value = self.env.get(inp)
             for t in (value,) if isinstance(value, torch.Tensor) else iter_tensors(value):

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ..prepare.caches import emptied
 from ..tensors import clone_value, iter_tensors, seeded
+from .corrections import Corrections
 from .dispatch import CopyRecorder
 
 __all__ = ["Runner", "attributes_restored", "batch_of", "fake_limitation", "first_sample"]
@@ -34,19 +36,26 @@ class Runner:
     correct: bool = True
     """Fake runs follow eager where meta kernels are known to be wrong
     (:mod:`.corrections`); mode 'both' keeps the raw meta layouts it compares."""
+    caches: tuple[Any, ...] = ()
+    """The lru caches of the model's code, emptied around each fake run (and by the pipeline
+    around each capture: :mod:`~nhwc_audit.prepare.caches`)."""
 
     @property
     def fake(self) -> bool:
         return self.fake_mode is not None
 
     @contextlib.contextmanager
-    def context(self, *, guard: bool = True) -> Iterator[None]:
-        """Seeded RNG, fake mode, autocast and (``guard``) the shared-weight guard. The
-        propagation guards on its own (its recorder refuses the writes)."""
+    def context(self, *, guard: bool = True, corrections: Corrections | None = None) -> Iterator[None]:
+        """Seeded RNG, fake mode (with the ``corrections`` of a fake run's strides), autocast and
+        (``guard``) the shared-weight guard. The propagation guards on its own (its recorder
+        refuses the writes)."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(seeded(self.seed, cuda=self.device_type == "cuda" and not self.fake))
             if self.fake_mode is not None:
+                stack.enter_context(emptied(self.caches))
                 stack.enter_context(self.fake_mode)
+                if corrections is not None:
+                    stack.enter_context(corrections.eager_strides())
             if self.autocast is not None:
                 stack.enter_context(torch.autocast(device_type=self.device_type, dtype=self.autocast))
             if guard and self.shared:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .audit import BACKWARD_NOT_AUDITED, AuditMeta, Finding, Fix, Hotspot, Region, Summary, finding_key
 from .kinds import (
+    ALLOCATING_OPS,
     CONV_OPS,
     FAIL_ON,
     BandwidthSource,
@@ -25,6 +26,7 @@ from .node import HiddenCopy, NodeInput, NodeRecord, SourceLoc, TensorMeta
 
 __all__ = [
     "BACKWARD_NOT_AUDITED",
+    "ALLOCATING_OPS",
     "CONV_OPS",
     "FAIL_ON",
     "AuditMeta",

@@ -7,6 +7,7 @@ import enum
 from typing import Literal
 
 __all__ = [
+    "ALLOCATING_OPS",
     "CONV_OPS",
     "FAIL_ON",
     "BandwidthSource",
@@ -36,6 +37,15 @@ CONV_OPS = frozenset(
     }
 )
 """Convolutions as fx and ATen graphs name them, and torch.nn's modules (lower case)."""
+
+ALLOCATING_OPS = frozenset(
+    {
+        *(f"{kind}_like" for kind in ("empty", "zeros", "ones", "full", "rand", "randn", "randint")),
+        *(f"new_{kind}" for kind in ("empty", "empty_strided", "zeros", "ones", "full")),
+    }
+)
+"""Ops that read only their tensor inputs' shape, dtype and device (``zeros_like(x)``,
+``x.new_zeros(...)``): they allocate, whatever layout they choose, and copy nothing."""
 
 Mode = Literal["real", "fake", "both"]
 """real: executed kernels on the audited device; fake: FakeTensors (a prediction); both: the

@@ -17,6 +17,7 @@ from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
 from nhwc_audit.fix.repair import repair_model
 from tests import models as M
+from tests.eager_bytes import eager_bytes
 
 
 def _check_same(model: nn.Module, gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> None:
@@ -298,8 +299,10 @@ def test_allocate_then_copy_is_allocated_channels_last() -> None:
     x = torch.randn(1, 3, 8, 8)
     before = audit(model, x, bandwidth=1e9)
     kinds = {f.node: f.kind.value for f in before.findings}
-    # new_zeros takes NCHW from a channels_last tensor, then the conv converts the buffer back
-    assert before.meta.capture == "fx" and kinds == {"new_zeros": "revert", "conv2": "conversion"}
+    # new_zeros allocates NCHW (no data moves there), copy_ transposes the channels_last tensor
+    # into it, then the conv converts the buffer back
+    assert before.meta.capture == "fx" and kinds == {"copy_": "revert", "conv2": "conversion"}
+    assert before.summary.bytes_moved == eager_bytes(model, (x,)).added
     gm, log = repair_model(model, (x,))
     assert [s.kind for s in log.steps] == ["alloc-cl"]
     assert log.bytes_after == 0 < log.bytes_before

@@ -1,0 +1,139 @@
+"""Op cases between two convolutions, each audited in every capture and mode and charged what
+eager PyTorch measures (:mod:`tests.eager_bytes`): the bytes channels_last adds, no more, no
+less. Each case is one a sweep of op patterns outside the zoo found charged differently from
+eager: an index broadcast over the channels (gather, scatter), an operand read twice, an
+allocation (``zeros_like``, ``new_zeros``) that reads only its input's shape, a copy into an
+NCHW buffer, and in fake mode the strides eager gives an N x C x 1 x 1 map and a flattened roll.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+from tests.eager_bytes import eager_bytes
+
+Op = Callable[["Between", torch.Tensor], torch.Tensor]
+
+
+class Between(nn.Module):
+    """``post(op(pre(x)))``: the op reads a channels_last activation, and its result is read by
+    a convolution (which makes it channels_last again where the op left NCHW)."""
+
+    def __init__(self, op: Op, post: int = 8, **buffers: torch.Tensor) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(8, 8, 3, padding=1)
+        self.op = op
+        self.post = nn.Conv2d(post, 8, 3, padding=1)
+        for name, b in buffers.items():
+            self.register_buffer(name, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.op(self, self.pre(x)))
+
+
+def _gather_h() -> Between:
+    # an index broadcast over batch and channels: in NCHW gather reads it in order, no copy
+    return Between(lambda s, y: y.gather(2, s.idx.expand(2, 8, 16, 16)), idx=torch.randint(0, 16, (1, 1, 16, 16)))
+
+
+def _scatter_c() -> Between:
+    # a channel permutation scattered through an index broadcast over the map
+    return Between(
+        lambda s, y: torch.zeros_like(y).scatter(1, s.idx.expand(2, -1, 16, 16), y),
+        idx=torch.randperm(8).view(1, 8, 1, 1),
+    )
+
+
+def _scatter_add_twice() -> Between:
+    # ``y`` read twice, as the tensor added into and as the source
+    return Between(lambda s, y: y.scatter_add(1, y.argmax(1, keepdim=True).expand_as(y), y))
+
+
+def _cat_ones_like() -> Between:
+    # an allocation reads only y's shape: the cat that reads it with y is what moves data
+    return Between(lambda s, y: torch.cat([y, torch.ones_like(y, memory_format=torch.contiguous_format)], 1), post=16)
+
+
+def _cat_new_zeros() -> Between:
+    return Between(lambda s, y: torch.cat([y.new_zeros(2, 8, 16, 16), y], 1), post=16)
+
+
+def _add_zeros_like() -> Between:
+    return Between(lambda s, y: y + torch.zeros_like(y, memory_format=torch.contiguous_format))
+
+
+def _copy_into_buffer() -> Between:
+    # a hand-written pad: an NCHW buffer filled with copy_ from the channels_last map
+    def pad(s: Between, y: torch.Tensor) -> torch.Tensor:
+        buf = y.new_zeros((y.shape[0], y.shape[1], y.shape[2] + 2, y.shape[3] + 2))
+        buf[:, :, 1:-1, 1:-1].copy_(y)
+        return buf
+
+    return Between(pad)
+
+
+def _copy_into_empty_like() -> Between:
+    return Between(lambda s, y: torch.empty_like(y, memory_format=torch.contiguous_format).copy_(y))
+
+
+def _roll_flattened() -> Between:
+    # without dims torch.roll rolls the flattened tensor: a copy to NCHW on CPU (with dims, none)
+    return Between(lambda s, y: torch.roll(y, 5))
+
+
+class ImagePooling(nn.Module):
+    """DeepLabV3's ASPP image pooling (torchvision, smp; UPerNet's and PAN's pyramids): pool to
+    1 x 1, conv, ReLU, upsample, cat. The ReLU's N x C x 1 x 1 output is contiguous in both
+    orders; eager CPU strides it NCHW, and the upsample follows those strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), nn.ReLU())
+        self.b = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        p = nn.functional.interpolate(self.pool(y), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        return self.b(torch.cat([y, p], dim=1))
+
+
+CASES: dict[str, Callable[[], nn.Module]] = {
+    "gather_broadcast_index": _gather_h,
+    "scatter_broadcast_index": _scatter_c,
+    "scatter_add_operand_twice": _scatter_add_twice,
+    "cat_ones_like_contiguous": _cat_ones_like,
+    "cat_new_zeros": _cat_new_zeros,
+    "add_zeros_like_contiguous": _add_zeros_like,
+    "copy_into_nchw_buffer": _copy_into_buffer,
+    "copy_into_empty_like": _copy_into_empty_like,
+    "roll_flattened": _roll_flattened,
+    "image_pooling_upsampled": ImagePooling,
+}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_an_op_case_is_charged_what_eager_moves(case: str, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model = CASES[case]().eval()
+    x = torch.randn(2, 8, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+@pytest.mark.parametrize("case", ["cat_ones_like_contiguous", "cat_new_zeros", "add_zeros_like_contiguous"])
+def test_an_allocation_asked_for_nchw_is_repaired_channels_last(case: str) -> None:
+    torch.manual_seed(0)
+    model = CASES[case]().eval()
+    r = audit(model, torch.randn(2, 8, 16, 16), bandwidth=1e9).repaired()
+    assert [s.kind for s in r.repair.steps] == ["alloc-cl"]
+    assert r.repair.bytes_before > 0 and r.repair.bytes_after == 0
+    assert not [f for f in r.findings if f.op in ("zeros_like", "ones_like", "new_zeros")]
