@@ -218,7 +218,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         return []  # a flatten out of the spatial ranks: an exit, not a finding (as in a graph)
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
-    sources = [i for i in r.activation_inputs if channels_source(i, viewed_as(r, reverted, ctx.by_name))]
+    sources = [i for i in r.activation_inputs if channels_source(i, viewed_as(r, reverted, ctx.by_name), ctx.by_name)]
     strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs

@@ -5,7 +5,7 @@ the node records."""
 from __future__ import annotations
 
 from ..layout import channel_dims, channels_innermost, leans_channels_last, relay_bytes, reorders
-from ..records import ALLOCATING_OPS, CONV_OPS, NodeInput, NodeRecord, TensorMeta
+from ..records import ALLOCATING_OPS, CONV_OPS, Layout, NodeInput, NodeRecord, TensorMeta
 from .origin import SKIP_OPS, from_parameters_only
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "exits_spatial",
     "reorder_bytes",
     "revert_bytes",
+    "split_channels",
     "viewed_as",
     "writes_in_place",
 ]
@@ -27,15 +28,38 @@ def allocates(r: NodeRecord) -> bool:
     return r.op_name in ALLOCATING_OPS
 
 
-def channels_source(i: NodeInput, reverted: list[TensorMeta]) -> bool:
+def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> bool:
     """An input whose memory runs along the channels of the NCHW output it was copied into
     (at the same shape, through a reshape that merges dims into the channels, or a map stack
-    reduced over its stacking dim), or an ambiguous input whose strides lean channels_last
-    (kernels follow them)."""
+    reduced over its stacking dim; for a view above rank 5, :func:`split_channels`), or an
+    ambiguous input whose strides lean channels_last (kernels follow them)."""
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
+    if i.meta.rank > 5:
+        return channels_innermost(i.meta, split_channels(i, by_name))
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
     return channels is not None and channels_innermost(i.meta, channels)
+
+
+def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[int]:
+    """The dims of ``i`` that hold the channels of the channels_last map it views, through
+    views only (torchvision RAFT's ``mask.view(N, 1, 9, 8, 8, H, W)`` of an N x 576 x H x W
+    map: dims 2-4): those strided below every other dim of the map (its channels are
+    innermost); none when ``i`` is no view of a channels_last map."""
+    node = by_name.get(i.producer or "")
+    while node is not None and node.aliases_input and node.activation_inputs:
+        src = node.activation_inputs[0].meta
+        if src.is_spatial:
+            if src.layout is not Layout.CHANNELS_LAST:
+                break
+            below = min(st for d, (n, st) in enumerate(zip(src.shape, src.strides, strict=True)) if d != 1 and n > 1)
+            return frozenset(
+                d
+                for d, (n, st) in enumerate(zip(i.meta.shape, i.meta.strides, strict=True))
+                if n > 1 and 0 < st < below
+            )
+        node = by_name.get(node.activation_inputs[0].producer or "")
+    return frozenset()
 
 
 def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, NodeRecord]) -> NodeInput | None:

@@ -24,9 +24,9 @@ class Between(nn.Module):
     """``post(op(pre(x)))``: the op reads a channels_last activation, and its result is read by
     a convolution (which makes it channels_last again where the op left NCHW)."""
 
-    def __init__(self, op: Op, post: int = 8, **buffers: torch.Tensor) -> None:
+    def __init__(self, op: Op, post: int = 8, width: int = 8, **buffers: torch.Tensor) -> None:
         super().__init__()
-        self.pre = nn.Conv2d(8, 8, 3, padding=1)
+        self.pre = nn.Conv2d(8, width, 3, padding=1)
         self.op = op
         self.post = nn.Conv2d(post, 8, 3, padding=1)
         for name, b in buffers.items():
@@ -103,6 +103,16 @@ class ImagePooling(nn.Module):
         return self.b(torch.cat([y, p], dim=1))
 
 
+def _softmax_over_split_channels() -> Between:
+    # torchvision RAFT's upsample_flow: the 72-channel map viewed as N x 1 x 9 x 8 x H x W, a
+    # softmax over the 9: the CPU kernel writes it row-major, a transpose in channels_last only
+    def softmax(s: Between, y: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = y.shape
+        return torch.softmax(y.view(n, 1, 9, c // 9, h, w), dim=2).sum(dim=(1, 2))
+
+    return Between(softmax, width=72)
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
@@ -114,6 +124,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "copy_into_empty_like": _copy_into_empty_like,
     "roll_flattened": _roll_flattened,
     "image_pooling_upsampled": ImagePooling,
+    "softmax_over_split_channels": _softmax_over_split_channels,
 }
 
 
