@@ -34,8 +34,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layout import nchw_ordered, row_major
-from ..records import Finding, FindingKind, Layout, NodeRecord
+from ..layout import along_w, nchw_ordered, row_major
+from ..records import GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import moves
 from .hints import (
     AMBIGUOUS_ORIGIN,
@@ -177,10 +177,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
         return _hidden_findings(ctx, r) if r.op_name == "copy_" else []
-    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial and i.meta.layout in _DECIDED]
+    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial and (i.meta.layout in _DECIDED or along_w(i.meta))]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
-    nchw_in = [i for i in ins if i.meta.layout is Layout.CONTIGUOUS]
+    nchw_in = [i for i in ins if along_w(i.meta)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
         weight = computed_weight(r, nchw_in, ctx.by_name)
@@ -213,7 +213,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         ]
     if r.aliases_input:
         return []  # in place into its own first operand, layouts agreeing: nothing moves
-    reverted = [o for o in r.outputs if row_major(o)]
+    reverted = [o for o in r.outputs if row_major(o) or along_w(o)]
     if reverted and exits_spatial(r, reverted, ctx.by_name):
         return []  # a flatten out of the spatial ranks: an exit, not a finding (as in a graph)
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
@@ -234,7 +234,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=cl_in[0].meta.shape,
             )
         ]
-    if reverted and sources:
+    if reverted and sources and r.op_name.lower() not in GEMM_OPS:  # a GEMM computes its output's layout
         # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into
         # NCHW: where the network leaves channels_last (the region starts here), no copy is made;
         # the conversions downstream carry the cost

@@ -104,9 +104,15 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     moves its 45-channel input); any other op moves the smaller of the input and the output
     (a cat moves only its channels_last operands; a reduction over a stack, only its result).
     The output is the first one reverted: the values of an op that also returns indices
-    (``topk``, a max pool's ``return_indices``), which are computed, not moved."""
+    (``topk``, a max pool's ``return_indices``), which are computed, not moved. A node
+    whose ops transposed an intermediate into that output (``torch.fft.fft2`` of a real map:
+    ATen casts it to complex, channels_last, then transposes the complex tensor) is charged what
+    they moved (its hidden relays)."""
     if not reverted:
         return 0
+    inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in is Layout.CHANNELS_LAST]
+    if inner:
+        return sum(h.bytes for h in inner)
     conv = r.op_name.lower() in CONV_OPS
     return sum(relay_bytes(i.meta, reverted[0], conv=conv) for i in sources)
 

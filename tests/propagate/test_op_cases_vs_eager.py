@@ -113,6 +113,32 @@ def _softmax_over_split_channels() -> Between:
     return Between(softmax, width=72)
 
 
+def _einsum_attention() -> Between:
+    # a channel attention written with einsum: ATen runs bmm over views of the channels_last map,
+    # which reads it strided and writes NCHW without a copy (the conv after it converts)
+    def attend(s: Between, y: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(torch.einsum("bchw,bkhw->bck", y, y), -1)
+        return torch.einsum("bck,bkhw->bchw", a, y)
+
+    return Between(attend)
+
+
+def _tensordot_over_channels() -> Between:
+    # (B, H, W, K) from a channels_last map, permuted back: channels_last, no copy
+    return Between(lambda s, y: torch.tensordot(y, s.w, dims=([1], [0])).permute(0, 3, 1, 2), w=torch.randn(8, 8))
+
+
+def _fft_along_w() -> Between:
+    # a 1D FFT along W of a channels_last map writes N, H, C, W memory (W innermost): a
+    # transpose, and one back at the conv that reads it
+    return Between(lambda s, y: torch.fft.fft(y, dim=3).abs())
+
+
+def _fft2() -> Between:
+    # ATen casts the real map to complex (channels_last), then transposes the complex tensor
+    return Between(lambda s, y: torch.fft.fft2(y).abs())
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
@@ -125,6 +151,10 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "roll_flattened": _roll_flattened,
     "image_pooling_upsampled": ImagePooling,
     "softmax_over_split_channels": _softmax_over_split_channels,
+    "einsum_attention": _einsum_attention,
+    "tensordot_over_channels": _tensordot_over_channels,
+    "fft_along_w": _fft_along_w,
+    "fft2_complex": _fft2,
 }
 
 
