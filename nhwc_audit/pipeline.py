@@ -10,7 +10,6 @@ The caller (:mod:`nhwc_audit.api`) has resolved the user's arguments into
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from .prepare.copy import first_float_dtype, model_device, prepare_audit_copy, p
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts
 from .propagate.baseline import match_nodes, nchw_records
+from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
@@ -50,6 +50,7 @@ from .records import (
 from .result import AuditReport
 from .tensors import iter_tensors
 from .timing.bandwidth import measure_transpose_bandwidth
+from .timing.memory import peak_rss
 
 __all__ = ["ASSUMED_BANDWIDTH", "AuditOptions", "run_audit"]
 
@@ -82,6 +83,8 @@ class _Prepared:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     runner: Runner
+    permuted: bool = False
+    """Some weights are the user's restrided: their values come out permuted."""
 
 
 def _prepare(
@@ -105,7 +108,7 @@ def _prepare(
     audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target, share_weights=share_weights)
     sargs, skwargs = prepare_inputs(args, kwargs, dtype=o.dtype, device=o.device)
     runner = Runner(o.device.type, o.autocast, audit_copy.shared, caches=code_caches(module))
-    return _Prepared(audit_copy.module, sargs, skwargs, runner)
+    return _Prepared(audit_copy.module, sargs, skwargs, runner, audit_copy.permuted)
 
 
 def _capture(
@@ -127,12 +130,19 @@ def _capture(
             )
 
     try:
-        return run(p), p
+        captured = run(p)
     except SharedWeightWrite as e:
         # caught before the write: start again on weights of the audit's own
-        p = _prepare(module, args, kwargs, o, raw, share_weights=False)
-        captured = run(p)
-        return dataclasses.replace(captured, notes=(*captured.notes, f"{e}: audited on copies of the weights")), p
+        why = f"{e}: audited on copies of the weights"
+    else:
+        dynamic = value_dependent(captured.records) if p.permuted else []
+        if not dynamic:
+            return captured, p
+        # the restrided weights' values are permuted: shapes made from values would not be the model's
+        why = f"shapes depend on tensor values ({', '.join(dynamic)}): audited on copies of the weights, whose values are the model's"
+    p = _prepare(module, args, kwargs, o, raw, share_weights=False)
+    captured = run(p)
+    return dataclasses.replace(captured, notes=(*captured.notes, why)), p
 
 
 def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...]]:
@@ -207,27 +217,6 @@ def _bandwidth(o: AuditOptions) -> tuple[float, BandwidthSource]:
     return measure_transpose_bandwidth(str(o.device)), "measured"
 
 
-def _peak_rss() -> int:
-    """High-water mark of this process's resident memory, in bytes (0 where unknown): the
-    kernel's VmHWM where /proc has it. getrusage's ``ru_maxrss`` carries over the peak of the
-    process this one was started from (Linux keeps it across fork and exec): a process started
-    from a 1.4 GB Python process read 1.4 GB before allocating anything, against 13 MB of its own."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-
-        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
-    except Exception:
-        return 0
-
-
 def _audit_one(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, *, raw: bool = False
 ) -> AuditReport:
@@ -268,7 +257,7 @@ def _audit_one(
         "bandwidth_s": t3 - t2,
         "analyze_s": t4 - t3,
         "total_s": t4 - t0,
-        "peak_rss_bytes": float(_peak_rss()),
+        "peak_rss_bytes": float(peak_rss()),
     }
     return AuditReport(
         meta=meta,

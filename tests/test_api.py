@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from importlib import resources
@@ -342,3 +343,28 @@ def test_audit_leaves_every_random_generator_as_it_was() -> None:
     assert [t.get_calls() for t in trackers] == queued
     if cuda is not None:
         assert all(map(torch.equal, torch.cuda.get_rng_state_all(), cuda))
+
+
+class _KeepPositive(nn.Module):
+    """Shapes that depend on values, as a detector's box filtering makes them: the positions of
+    channel 0 above zero, gathered from every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y[:, :, y[0, 0] > 0]
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks", "export"])
+def test_shapes_that_depend_on_values_are_the_models(capture: str) -> None:
+    torch.manual_seed(0)
+    model = _KeepPositive().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        kept = convert(copy.deepcopy(model))(x.to(memory_format=torch.channels_last)).shape
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert kept in [tuple(o.shape) for n in r.nodes for o in n.outputs]
+    assert any("shapes depend on tensor values (index)" in note for note in r.meta.capture_notes)

@@ -35,8 +35,9 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     ambiguous input whose strides lean channels_last (kernels follow them)."""
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
-    if i.meta.rank > 5:
-        return channels_innermost(i.meta, split_channels(i, by_name))
+    if i.meta.rank > 5:  # element for element only: a reshape may keep the channels innermost (MaxViT)
+        same = bool(reverted) and reverted[0].shape == i.meta.shape
+        return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
     return channels is not None and channels_innermost(i.meta, channels)
 

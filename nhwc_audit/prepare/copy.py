@@ -196,6 +196,10 @@ class AuditCopy:
     the bytes each spans (a :class:`~nhwc_audit.tensors.SharedStorages`): the propagation
     refuses to write to them, or to a tensor made over their memory
     (:class:`~nhwc_audit.errors.SharedWeightWrite`)."""
+    permuted: bool = False
+    """Some parameter is restrided over the user's storage: its values come out permuted, so
+    the copy's outputs are not the model's (layouts are; shapes too unless they depend on
+    values: :func:`~nhwc_audit.propagate.captured.value_dependent`)."""
 
 
 def prepare_audit_copy(
@@ -226,6 +230,7 @@ def prepare_audit_copy(
             )
     memo: dict[int, Any] = {}
     shared: dict[int, int] = {}
+    permuted = False
     with torch.no_grad():
         for _, t, is_param in tensors:
             if is_param and share_weights:
@@ -235,6 +240,7 @@ def prepare_audit_copy(
                 if _same_storage(new, t):
                     new = new.clone()  # buffers are updated in place (BatchNorm stats)
             if shares:
+                permuted = permuted or new.stride() != t.stride()
                 storage = t.untyped_storage()
                 shared[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
             memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
@@ -242,7 +248,7 @@ def prepare_audit_copy(
             if id(t) not in memo:
                 memo[id(t)] = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
     try:
-        return AuditCopy(clone_modules(model, memo), SharedStorages(shared.items()))
+        return AuditCopy(clone_modules(model, memo), SharedStorages(shared.items()), permuted)
     except Exception as e:
         raise ConversionError(
             f"cannot copy {type(model).__name__} for the audit ({type(e).__name__}: {e}); "

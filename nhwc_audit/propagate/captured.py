@@ -11,7 +11,7 @@ import torch
 from ..capture.fx import Capture
 from ..records import NodeRecord
 
-__all__ = ["Captured", "CheckKind"]
+__all__ = ["Captured", "CheckKind", "value_dependent"]
 
 CheckKind = Literal["replay", "sample", "eager", "unchecked", "off"]
 """How the capture was checked against eager: a replay of the model's Python on meta stand-ins,
@@ -38,3 +38,28 @@ class Captured:
     @property
     def gm(self) -> torch.fx.GraphModule | None:
         return self.capture.gm if self.capture is not None else None
+
+
+def value_dependent(records: list[NodeRecord]) -> list[str]:
+    """The ops among ``records`` whose output shapes depend on tensor values (ATen's
+    ``dynamic_output_shape`` tag: ``nonzero``, ``masked_select``, indexing with a boolean mask,
+    as a detector's box filtering runs them), by name, once each. An ATen record names its
+    overload (``repeat_interleave`` by an int is static); a graph's call, any of its op's."""
+    found: dict[str, bool] = {}
+    for r in records:
+        target = r.target.removeprefix("torch.ops.")
+        aten = target.startswith("aten.")
+        key = target if aten else r.op_name
+        if r.op_name in ("index", "getitem") or key.startswith("aten.index."):
+            if any(i.meta.dtype == "bool" for i in r.inputs):
+                found["index"] = True  # indexing is dynamic by a boolean mask only
+            continue
+        if key in found:
+            continue
+        name, _, overload = target.removeprefix("aten.").partition(".") if aten else (r.op_name, "", "")
+        packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
+        ops = (
+            [getattr(packet, o) for o in ([overload] if overload else packet.overloads())] if packet is not None else []
+        )
+        found[key] = any(torch.Tag.dynamic_output_shape in o.tags for o in ops)
+    return sorted({k.removeprefix("aten.").split(".")[0] for k, dynamic in found.items() if dynamic})

@@ -178,6 +178,8 @@ def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
 
 def _fast_contiguous(func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> bool:
     schema = func._schema
+    if any(a.name == "memory_format" for a in schema.arguments):
+        return False  # clone, _to_copy: preserve_format keeps the input's strides
     if schema.is_mutable or not (
         torch.Tag.pointwise in func.tags or func.__name__.split(".")[0] in _UNTAGGED_POINTWISE
     ):

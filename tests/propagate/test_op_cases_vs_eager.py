@@ -178,3 +178,51 @@ def test_an_allocation_asked_for_nchw_is_repaired_channels_last(case: str) -> No
     assert [s.kind for s in r.repair.steps] == ["alloc-cl"]
     assert r.repair.bytes_before > 0 and r.repair.bytes_after == 0
     assert not [f for f in r.findings if f.op in ("zeros_like", "ones_like", "new_zeros")]
+
+
+def test_a_fake_audit_keeps_the_strides_a_clone_keeps() -> None:
+    """A one-channel volume is dense in both orders; the clone of the sample keeps its
+    channels_last strides in eager and must in a fake run too (clone is tagged pointwise, but
+    allocates by memory_format, not as TensorIterator does)."""
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    found = {
+        m: [(f.kind.value, f.bytes) for f in audit(model, x, bandwidth=1e9, mode=m).findings] for m in ("real", "fake")
+    }
+    assert found["fake"] == found["real"] == [("revert", 0)]
+
+
+class WindowPartition(nn.Module):
+    """MaxViT's window partition (maxvit.py): a 6D view of the map, permuted so that the
+    channels come last, reshaped to windows of tokens: channels stay innermost, no transpose in
+    channels_last (NCHW transposes there); then merged back."""
+
+    def __init__(self, p: int = 4) -> None:
+        super().__init__()
+        self.p = p
+        self.pre = nn.Conv2d(8, 8, 3, padding=1)
+        self.post = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        b, c, h, w = y.shape
+        p = self.p
+        t = y.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p, c)
+        t = t * 2.0
+        y = t.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return self.post(y)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_window_partition_that_keeps_the_channels_innermost_is_no_revert(capture: str) -> None:
+    torch.manual_seed(0)
+    model = WindowPartition().eval()
+    x = torch.randn(2, 8, 16, 16)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    partition = [
+        f
+        for f in r.findings
+        if f.source is not None and f.source.line == WindowPartition.forward.__code__.co_firstlineno + 4
+    ]
+    assert partition == [], [(f.kind.value, f.op, f.bytes) for f in partition]
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
