@@ -138,34 +138,58 @@ class Corrections:
 
 
 POINTWISE_STRIDES = (
-    "pointwise ops on inputs contiguous in both orders (N x C x 1 x 1) allocate NCHW strides, as eager's "
-    "TensorIterator does, where FakeTensor keeps the input's; kernels read them to pick a layout, as "
-    "F.interpolate after image pooling does"
+    "pointwise ops and CPU batch/layer norms on inputs contiguous in both orders (N x C x 1 x 1) allocate "
+    "NCHW strides, as eager's TensorIterator and norm kernels do, where FakeTensor keeps the input's; kernels "
+    "read them to pick a layout, as F.interpolate after image pooling does"
 )
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
+_CONTIGUOUS_FIRST_CPU = frozenset(
+    {
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit_functional",
+        "native_layer_norm",
+    }
+)
+"""CPU kernels that take their contiguous path when the input ``is_contiguous()`` (measured on
+torch 2.14.1: an N x C x 1 x 1 input strided channels_last comes out NCHW)."""
 
 
 class _PointwiseStrides(RecordingMode):
     """TensorIterator's fast setup: an op whose operands all have the output's shape and are
     all ``is_contiguous()`` (which ignores size-1 dims: an N x C x 1 x 1 map with channels_last
-    strides is) allocates a contiguous output; FakeTensor's strides follow the input's."""
+    strides is) allocates a contiguous output; FakeTensor's strides follow the input's. So do
+    CPU batch and layer norms (:data:`_CONTIGUOUS_FIRST_CPU`) for a contiguous input."""
 
     def __init__(self, corrections: Corrections) -> None:
         super().__init__()
         self.corrections = corrections
+        self.cpu = corrections.device.split(":")[0] == "cpu"
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if not isinstance(out, torch.Tensor) or out.dim() not in (4, 5) or 1 not in out.shape[1:]:
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(first, torch.Tensor) or first.dim() not in (4, 5) or 1 not in first.shape[1:]:
             return out  # the common case, decided first: no size-1 dim to stride otherwise
-        if not out.is_contiguous() or tuple(out.stride()) == _row_major_strides(out.shape):
+        if not first.is_contiguous() or tuple(first.stride()) == _row_major_strides(first.shape):
             return out
-        return self._contiguous(out) if _fast_contiguous(func, args, kwargs or {}, out) else out
-
-    def _contiguous(self, out: torch.Tensor) -> torch.Tensor:
+        if not (_fast_contiguous(func, args, kwargs or {}, out) or (self.cpu and _contiguous_first(func, args, first))):
+            return out
         self.corrections.applied.append(("", POINTWISE_STRIDES))
-        return torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        fixed = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+        return fixed if first is out else type(out)([fixed, *out[1:]])
+
+
+def _contiguous_first(func: Any, args: Any, out: torch.Tensor) -> bool:
+    source = args[0] if args else None
+    return (
+        func.__name__.split(".")[0] in _CONTIGUOUS_FIRST_CPU
+        and isinstance(source, torch.Tensor)
+        and source.shape == out.shape
+        and source.is_contiguous()
+    )
 
 
 def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -176,7 +200,9 @@ def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _fast_contiguous(func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> bool:
+def _fast_contiguous(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> bool:
+    if not isinstance(out, torch.Tensor):
+        return False
     schema = func._schema
     if any(a.name == "memory_format" for a in schema.arguments):
         return False  # clone, _to_copy: preserve_format keeps the input's strides

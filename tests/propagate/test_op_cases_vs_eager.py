@@ -91,10 +91,12 @@ class ImagePooling(nn.Module):
     1 x 1, conv, ReLU, upsample, cat. The ReLU's N x C x 1 x 1 output is contiguous in both
     orders; eager CPU strides it NCHW, and the upsample follows those strides."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: bool = False) -> None:
         super().__init__()
         self.a = nn.Conv2d(8, 16, 3, padding=1)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), nn.ReLU())
+        # UPerNet's and PAN's: BatchNorm (NCHW out of the CPU kernel too), then an in-place ReLU
+        norms = [nn.BatchNorm2d(16)] if norm else []
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), *norms, nn.ReLU(inplace=norm))
         self.b = nn.Conv2d(32, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +152,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "copy_into_empty_like": _copy_into_empty_like,
     "roll_flattened": _roll_flattened,
     "image_pooling_upsampled": ImagePooling,
+    "image_pooling_batchnorm_upsampled": lambda: ImagePooling(norm=True),
     "softmax_over_split_channels": _softmax_over_split_channels,
     "einsum_attention": _einsum_attention,
     "tensordot_over_channels": _tensordot_over_channels,
