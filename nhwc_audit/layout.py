@@ -248,18 +248,22 @@ def row_major(meta: TensorMeta) -> bool:
 def along_w(meta: TensorMeta) -> bool:
     """NCHW (row-major), or dense with its memory running along the last dim in another order
     (a 1D FFT along W of a channels_last map leaves N, H, C, W in memory): between such a
-    tensor and a channels_last one, a copy is a layout transpose. Slices are not dense.
-
-    >>> import torch
-    >>> along_w(tensor_meta(torch.zeros(2, 3, 4, 5).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)))
-    True
-    """
+    tensor and a channels_last one, a copy is a layout transpose. Slices are not dense."""
     if meta.layout is Layout.CONTIGUOUS:
         return True
     if meta.layout is not Layout.STRIDED or meta.rank < 4 or len(meta.strides) != meta.rank:
         return False
     order = memory_order(meta)
     return bool(order) and order[-1] == max(order) != 1 and is_dense_in_order(meta.shape, meta.strides, order[::-1])
+
+
+def nchw_side(meta: TensorMeta) -> bool:
+    """On the NCHW side of a layout transpose: :func:`along_w`, or a slice of an NCHW map
+    (strided, :func:`nchw_ordered`, nothing broadcast), which a kernel writing channels_last
+    reads across layouts."""
+    if along_w(meta):
+        return True
+    return meta.layout is Layout.STRIDED and 0 not in meta.strides and nchw_ordered(meta)
 
 
 def memory_order(meta: TensorMeta) -> tuple[int, ...]:

@@ -67,6 +67,14 @@ def _aligned(inp: torch.Tensor, out: torch.Tensor, reduced: list[int]) -> list[t
         kept = [d for d in range(inp.dim()) if d not in reduced]
         if len(kept) == out.dim() and all(inp.shape[a] == out.shape[b] for b, a in enumerate(kept)):
             return list(zip(kept, range(out.dim()), strict=True))
+    if inp.dim() + 1 == out.dim():  # torch.stack: a new dim, found when one way only says it
+        ways = [
+            [b for b in range(out.dim()) if b != new]
+            for new in range(out.dim())
+            if [n for b, n in enumerate(out.shape) if b != new] == list(inp.shape)
+        ]
+        if len(ways) == 1:
+            return list(zip(range(inp.dim()), ways[0], strict=True))
     return None
 
 

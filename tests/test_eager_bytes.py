@@ -101,3 +101,21 @@ def test_checker_counts_a_weight_reshaped_in_forward_and_a_linear_of_an_nhwc_map
             return x + self.mlp(self.coords).view(-1, 4).sum()
 
     assert eager_bytes(Table().eval(), (torch.randn(1, 3, 8, 8),)).added == 2 * 7 * 7 * 2 * 4
+
+
+class StackedHalves(nn.Module):
+    """monai RegUNet's AdditiveUpSampleBlock: ``torch.stack(x.split(C // 2, 1), dim=-1)`` writes
+    a contiguous 5D tensor, interleaving the channels_last halves: a transpose in channels_last
+    only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.a(x).split(8, dim=1), dim=-1).sum(dim=-1)
+
+
+def test_checker_counts_a_stack_that_transposes() -> None:
+    e = eager_bytes(StackedHalves().eval(), (torch.randn(1, 3, 16, 16),))
+    assert e.added == 2 * 8 * 16 * 16 * 2 * 4  # the 5D stack, written NCDHW-ordered from NHWC halves

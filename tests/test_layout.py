@@ -116,3 +116,15 @@ def test_stride_lean_matches_pytorchs_suggest_memory_format() -> None:
             assert strides_like_channels_last(tuple(u.shape), u.stride()) is (pc.suggest_memory_format(u) == CL3)
             checked += 1
     assert checked == 81 * 24 * 4 + 243 * 4
+
+
+def test_the_nchw_side_of_a_transpose() -> None:
+    from nhwc_audit.layout import along_w, nchw_side
+
+    x = torch.zeros(2, 8, 16, 16)
+    w_innermost = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # a 1D FFT along W's N, H, C, W
+    assert along_w(tensor_meta(w_innermost)) and along_w(tensor_meta(x))
+    assert not along_w(tensor_meta(x.to(memory_format=torch.channels_last)))
+    assert not along_w(tensor_meta(x.permute(0, 1, 3, 2)))  # H innermost: not W
+    assert not along_w(tensor_meta(x[:, :, 1:-1])) and nchw_side(tensor_meta(x[:, :, 1:-1]))  # a slice
+    assert not nchw_side(tensor_meta(torch.zeros(2, 1, 16, 16).expand(2, 8, 16, 16)))  # broadcast

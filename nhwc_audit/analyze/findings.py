@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layout import along_w, nchw_ordered, row_major
+from ..layout import along_w, nchw_ordered, nchw_side, row_major
 from ..records import GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import moves
 from .hints import (
@@ -177,10 +177,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
         return _hidden_findings(ctx, r) if r.op_name == "copy_" else []
-    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial and (i.meta.layout in _DECIDED or along_w(i.meta))]
+    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial and (i.meta.layout in _DECIDED or nchw_side(i.meta))]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
-    nchw_in = [i for i in ins if along_w(i.meta)]
+    nchw_in = [i for i in ins if nchw_side(i.meta)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
         weight = computed_weight(r, nchw_in, ctx.by_name)

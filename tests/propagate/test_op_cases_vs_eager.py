@@ -141,6 +141,12 @@ def _fft2() -> Between:
     return Between(lambda s, y: torch.fft.fft2(y).abs())
 
 
+def _conv_of_a_strided_nchw_view() -> Between:
+    # the real part of an rfft2 (contiguous, complex): a stride-2 NCHW-ordered view, which the
+    # conv after it copies in either layout, transposing it in channels_last only
+    return Between(lambda s, y: torch.view_as_real(torch.fft.rfft2(y))[..., 0])
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
@@ -158,6 +164,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "tensordot_over_channels": _tensordot_over_channels,
     "fft_along_w": _fft_along_w,
     "fft2_complex": _fft2,
+    "conv_of_a_strided_nchw_view": _conv_of_a_strided_nchw_view,
 }
 
 
