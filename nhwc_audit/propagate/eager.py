@@ -22,8 +22,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..capture.context import aten_detail
 from ..capture.source import user_frame
 from ..errors import first_line
-from ..layout import tensor_meta
-from ..records import NodeInput, NodeRecord, SourceLoc
+from ..layout import classify, tensor_meta
+from ..prepare.copy import memory_format_for_rank
+from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .corrections import Corrections
 from .dispatch import RecordingMode, check_shared_write, hidden_copy, is_alias_of
@@ -136,12 +137,34 @@ class _Recorder(RecordingMode):
         outs = list(iter_tensors(out))
         rec["outputs"] = [tensor_meta(t) for t in outs]
         rec["aliases"] = any(is_alias_of(t, i) for t in outs for i in ins)
+        if rec["aliases"] and rec["op_name"] == "view" and op == "view":
+            rec["latent"] = _latent_view_error(func, args, kwargs, outs, ins)
         copy = hidden_copy(func, args, out)
         rec["hidden"] = [copy] if copy is not None else []
         for t in outs:
             self.producer[t] = rec["name"]
         self.records.append(rec)
         return out
+
+
+def _latent_view_error(func: Any, args: Any, kwargs: dict[str, Any], outs: list[Any], ins: list[Any]) -> str | None:
+    """For the model's ``x.view(...)`` of an NCHW activation: the error it raises when that
+    activation is channels_last (a break fixing the revert upstream would expose), as the
+    graph captures find it (:func:`~nhwc_audit.propagate.breaks.latent_error`)."""
+    from torch.utils._pytree import tree_map
+
+    if not any(t.dim() in (4, 5) and classify(t) is Layout.CONTIGUOUS and is_alias_of(outs[0], t) for t in ins):
+        return None
+
+    def channels_last(v: Any) -> Any:
+        fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
+        return v.contiguous(memory_format=fmt) if fmt is not None and classify(v) is Layout.CONTIGUOUS else v
+
+    try:
+        func(*tree_map(channels_last, args), **tree_map(channels_last, kwargs))
+    except Exception as e:
+        return first_line(e)
+    return None
 
 
 def _fails_only_on_channels_last(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
@@ -230,6 +253,7 @@ def record_eager(
                 in_leaf_module=torch_nn.get(r["module_path"], False),  # paths come from the hooks above
                 hidden=tuple(r["hidden"]),
                 call=r["call"],
+                latent_error=r.get("latent"),
             )
         )
     return records, out, error

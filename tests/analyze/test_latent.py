@@ -72,3 +72,27 @@ def test_every_skipped_repair_candidate_is_named_with_its_reason(sample: Callabl
     _, log = repair(NormThenView(view_as=True), sample(1, 3, 8, 8))
     assert log.steps == ()
     assert log.refused == ("instancenorm->groupnorm at norm: it makes 1 op(s) raise on channels_last input",)
+
+
+def test_every_capture_finds_the_latent_break(sample: Callable[..., torch.Tensor]) -> None:
+    """The eager recording re-runs the model's ``view`` of an NCHW activation on a channels_last
+    copy too (torchvision's shufflenet: fx found its channel-shuffle latent breaks, hooks not);
+    a ``flatten`` that views NCHW copies channels_last and never raises."""
+    from nhwc_audit import audit
+
+    x = sample(1, 3, 8, 8)
+    found = {
+        capture: [
+            (f.kind.value, f.op) for f in audit(NormThenView().eval(), x, bandwidth=1e9, capture=capture).findings
+        ]
+        for capture in ("fx", "export", "hooks")
+    }
+    assert all(("latent_break", "view") in kinds for kinds in found.values()), found
+
+    class FlattenAfterNorm(NormThenView):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.norm(self.conv(x)), 1))
+
+    for capture in ("fx", "hooks"):
+        r = audit(FlattenAfterNorm().eval(), x, bandwidth=1e9, capture=capture)
+        assert r.summary.latent_breaks == 0
