@@ -20,8 +20,8 @@ from torch import nn
 
 from .analyze.analysis import analyze
 from .analyze.divergence import divergences
-from .analyze.findings import BASELINED, find_findings
-from .analyze.moves import reorder_bytes
+from .analyze.findings import find_findings
+from .analyze.moves import baselined, reorder_bytes
 from .analyze.verdict import decide
 from .collector import collector_paused
 from .errors import SharedWeightWrite
@@ -180,7 +180,7 @@ def _with_nchw_baseline(
     capture run as built, in the audit's mode), and notes saying what that changed; ``records``
     itself when nothing changed. Run only when one of ``findings`` (theirs) is a revert or a
     mixed op that moves data (the findings it can change)."""
-    costly = [f for f in findings if f.kind in BASELINED and f.bytes > 0]
+    costly = [f for f in findings if baselined(f.kind, f.op) and f.bytes > 0]
     if not costly:
         return records, ()
     nchw = nchw_records(captured, p.module, p.args, p.kwargs, p.runner)
@@ -191,7 +191,7 @@ def _with_nchw_baseline(
     # NHWC-strided in either layout), or any copy that reorders memory
     moved = {r.name: n for r in nchw if (n := reorder_bytes(r))}
     for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
-        if f.kind in BASELINED:
+        if baselined(f.kind, f.op):
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}

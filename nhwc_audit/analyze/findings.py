@@ -20,8 +20,8 @@ The rules (one place each):
 Bytes are what channels_last adds: a revert or a mixed op at a node that also moves data when the
 model runs NCHW, as built (``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()``
 after a permute in an attention block; an add of a LayerNorm2d output, NHWC-strided in either
-layout, and an NCHW tensor), is charged the difference. Conversions are charged whole: one the
-model (or a repair) makes on purpose is still a cost of the NCHW tensor before it.
+layout, and an NCHW tensor; a conv re-laying a transposed map), is charged the difference
+(:func:`.moves.baselined`). A conversion the model or a repair asks for is charged whole.
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion (an in-place op whose operands disagree in
@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layout import along_w, nchw_ordered, nchw_side, row_major
+from ..layout import along_w, nchw_ordered, row_major
 from ..records import GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import moves
 from .hints import (
@@ -52,11 +52,8 @@ from .hints import (
 from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
 from .origin import SKIP_OPS, describe, origin_of, via
 
-__all__ = ["BASELINED", "SKIP_OPS", "find_findings"]
-_DECIDED = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
+__all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
-BASELINED = (FindingKind.REVERT, FindingKind.MIXED)
-"""The kinds charged only what channels_last adds over the NCHW baseline (``nchw_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +80,7 @@ def _finding(
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
     origin = origin_of(producer, ctx.by_name)
-    if kind in BASELINED:  # data the op moves in NCHW too: only the difference is channels_last's
+    if moves.baselined(kind, r.op_name):  # data the op moves in NCHW too: only the difference is channels_last's
         nbytes = max(0, nbytes - r.nchw_bytes)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
         hint_op = AMBIGUOUS_ORIGIN
@@ -177,10 +174,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
         return _hidden_findings(ctx, r) if r.op_name == "copy_" else []
-    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial and (i.meta.layout in _DECIDED or nchw_side(i.meta))]
+    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
-    nchw_in = [i for i in ins if nchw_side(i.meta)]
+    nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
         weight = computed_weight(r, nchw_in, ctx.by_name)

@@ -4,16 +4,26 @@ the node records."""
 
 from __future__ import annotations
 
-from ..layout import channel_dims, channels_innermost, leans_channels_last, relay_bytes, reorders
-from ..records import ALLOCATING_OPS, CONV_OPS, Layout, NodeInput, NodeRecord, TensorMeta
+from ..layout import (
+    channel_dims,
+    channels_innermost,
+    leans_channels_last,
+    memory_order,
+    nchw_side,
+    relay_bytes,
+    reorders,
+)
+from ..records import ALLOCATING_OPS, CONV_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
 from .origin import SKIP_OPS, from_parameters_only
 
 __all__ = [
     "allocates",
+    "baselined",
     "channels_source",
     "computed_weight",
     "data_inputs",
     "exits_spatial",
+    "other_side",
     "reorder_bytes",
     "revert_bytes",
     "split_channels",
@@ -26,6 +36,15 @@ def allocates(r: NodeRecord) -> bool:
     """An allocation (``zeros_like``, ``new_zeros``): it reads no data, so it moves none, in
     whatever layout it makes its result; an op that reads that result judges it."""
     return r.op_name in ALLOCATING_OPS
+
+
+def baselined(kind: FindingKind, op: str) -> bool:
+    """Charged only what channels_last adds over the NCHW baseline (``nchw_bytes``): reverts,
+    mixed ops, and a convolution's conversion (it re-lays a transposed map in NCHW too); not
+    a conversion the model or a repair asks for (``.contiguous(memory_format=...)``)."""
+    return kind in (FindingKind.REVERT, FindingKind.MIXED) or (
+        kind is FindingKind.CONVERSION and op.lower() in CONV_OPS
+    )
 
 
 def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> bool:
@@ -122,13 +141,31 @@ def reorder_bytes(r: NodeRecord) -> int:
     """Bytes a node moves reordering memory: twice its output when it copies an activation
     (a reshape's too) or a stored tensor read element for element (:func:`data_inputs`: timm volo
     adds its position embedding to a permuted map) into another dim order
-    (:func:`~nhwc_audit.layout.reorders`: any permutation, not only NHWC <-> NCHW). The NCHW
-    baseline's measure of the copies a model makes in either layout."""
+    (:func:`~nhwc_audit.layout.reorders`: any permutation, not only NHWC <-> NCHW); a
+    convolution, twice its input when that is not laid out as its output (the kernel re-lays it:
+    a map transposed to N x W x H x C is copied in either layout). The NCHW baseline's measure of
+    the copies a model makes in either layout."""
     if r.op in SKIP_OPS or r.aliases_input or not r.outputs or allocates(r):
         return 0
     out = r.outputs[0]
+    act = r.activation_inputs[0] if r.activation_inputs else None
+    if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
+        both = [d for d in range(out.rank) if act.meta.shape[d] > 1 and out.shape[d] > 1]
+        relaid = [d for d in memory_order(act.meta) if d in both] != [d for d in memory_order(out) if d in both]
+        return 2 * act.meta.nbytes if relaid else 0
     ins = (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     return 2 * out.nbytes if any(reorders(i.meta, out) for i in ins) else 0
+
+
+def other_side(r: NodeRecord, i: NodeInput) -> bool:
+    """``i`` is read across layouts by a kernel writing channels_last: on the NCHW side of a
+    transpose (:func:`~nhwc_audit.layout.nchw_side`), or, into a convolution (which re-lays
+    its whole input), strided with its memory running along another dim than the channels (a
+    map permuted to N x W x C x H)."""
+    if nchw_side(i.meta):
+        return True
+    conv = r.op_name.lower() in CONV_OPS
+    return conv and i.meta.layout is Layout.STRIDED and 0 not in i.meta.strides and not channels_innermost(i.meta)
 
 
 def writes_in_place(r: NodeRecord) -> bool:

@@ -79,7 +79,8 @@ class _Recorder(RecordingMode):
     ) -> None:
         super().__init__()
         self.buffers = buffers
-        """``id()`` of the model's buffers: stored tensors, as a graph's get_attr inputs are."""
+        """``id()`` of the model's parameters and buffers: stored tensors, as a graph's get_attr
+        inputs are."""
         self.calls = _Calls()
         self.corrections = corrections
         self.stack = stack
@@ -208,7 +209,9 @@ def record_eager(
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))
-    rec = _Recorder(stack, shared, corrections, frozenset(id(b) for b in model.buffers()))
+    # stored tensors as the model holds them now (the NCHW baseline swaps in plain tensors)
+    stored = frozenset(id(t) for t in (*model.parameters(), *model.buffers()))
+    rec = _Recorder(stack, shared, corrections, stored)
     out: Any = None
     error: str | None = None
     try:

@@ -236,3 +236,38 @@ def test_a_window_partition_that_keeps_the_channels_innermost_is_no_revert(captu
     ]
     assert partition == [], [(f.kind.value, f.op, f.bytes) for f in partition]
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
+
+
+_TRANSPOSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "transpose(1,3)": lambda y: y.transpose(1, 3),
+    "transpose(1,2)": lambda y: y.transpose(1, 2),
+    "permute(0,3,2,1)": lambda y: y.permute(0, 3, 2, 1),
+    "permute(0,2,3,1)": lambda y: y.permute(0, 2, 3, 1),
+    "permute(0,3,1,2)": lambda y: y.permute(0, 3, 1, 2),
+    "permute(0,2,1,3)": lambda y: y.permute(0, 2, 1, 3),
+}
+
+
+class ConvOfTransposed(nn.Module):
+    """A conv of a transposed map: the conv re-lays it into its own layout, in NCHW as in
+    channels_last unless the transpose happens to give the NCHW model a channels_last map."""
+
+    def __init__(self, transpose: Callable[[torch.Tensor], torch.Tensor], channels: int) -> None:
+        super().__init__()
+        self.transpose = transpose
+        self.pre = nn.Conv2d(8, 8, 3, padding=1)
+        self.post = nn.Conv2d(channels, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.transpose(self.pre(x)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("name", sorted(_TRANSPOSES))
+def test_a_conv_of_a_transposed_map_is_charged_what_channels_last_adds(name: str, capture: str) -> None:
+    torch.manual_seed(0)
+    transpose = _TRANSPOSES[name]
+    x = torch.randn(2, 8, 12, 16)
+    model = ConvOfTransposed(transpose, transpose(torch.zeros(2, 8, 12, 16)).shape[1]).eval()
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added, [(f.kind.value, f.op, f.bytes) for f in r.findings]
