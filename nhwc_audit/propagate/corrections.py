@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
@@ -138,30 +139,25 @@ class Corrections:
 
 
 POINTWISE_STRIDES = (
-    "pointwise ops and CPU batch/layer norms on inputs contiguous in both orders (N x C x 1 x 1) allocate "
-    "NCHW strides, as eager's TensorIterator and norm kernels do, where FakeTensor keeps the input's; kernels "
-    "read them to pick a layout, as F.interpolate after image pooling does"
+    "ops on N x C x 1 x 1 maps (dense in both orders) strided as eager strides them, where FakeTensor keeps "
+    "the input's strides (pointwise ops, CPU batch and layer norms write NCHW); kernels read them to pick a "
+    "layout, as F.interpolate after image pooling does"
 )
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
-_CONTIGUOUS_FIRST_CPU = frozenset(
-    {
-        "native_batch_norm",
-        "_native_batch_norm_legit",
-        "_native_batch_norm_legit_no_training",
-        "_native_batch_norm_legit_functional",
-        "native_layer_norm",
-    }
-)
-"""CPU kernels that take their contiguous path when the input ``is_contiguous()`` (measured on
-torch 2.14.1: an N x C x 1 x 1 input strided channels_last comes out NCHW)."""
+_PROBE_NUMEL = 1 << 16
+"""Elements of all of an op's tensor arguments together up to which a fake run on the CPU asks
+the CPU kernel itself for the strides of an N x C x 1 x 1 output (a 1x1 conv of 2048 channels
+is above it: convolutions stride such outputs as FakeTensor does)."""
 
 
 class _PointwiseStrides(RecordingMode):
-    """TensorIterator's fast setup: an op whose operands all have the output's shape and are
-    all ``is_contiguous()`` (which ignores size-1 dims: an N x C x 1 x 1 map with channels_last
-    strides is) allocates a contiguous output; FakeTensor's strides follow the input's. So do
-    CPU batch and layer norms (:data:`_CONTIGUOUS_FIRST_CPU`) for a contiguous input."""
+    """Strides of a fake op's 4D/5D output with size-1 dims, which FakeTensor takes from the
+    input where eager kernels may not: an N x C x 1 x 1 map is dense in both orders. On the CPU,
+    the op runs once for real on zeros of its arguments' shapes, strides and dtypes (small ones,
+    :data:`_PROBE_NUMEL`) and its output's strides are eager's. Elsewhere, TensorIterator's fast
+    setup: an op whose operands all have the output's shape and are all ``is_contiguous()``
+    allocates a contiguous output."""
 
     def __init__(self, corrections: Corrections) -> None:
         super().__init__()
@@ -169,27 +165,48 @@ class _PointwiseStrides(RecordingMode):
         self.cpu = corrections.device.split(":")[0] == "cpu"
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         first = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(first, torch.Tensor) or first.dim() not in (4, 5) or 1 not in first.shape[1:]:
             return out  # the common case, decided first: no size-1 dim to stride otherwise
-        if not first.is_contiguous() or tuple(first.stride()) == _row_major_strides(first.shape):
-            return out
-        if not (_fast_contiguous(func, args, kwargs or {}, out) or (self.cpu and _contiguous_first(func, args, first))):
+        if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
+            return out  # in place, or a view: strided by its input
+        if self.cpu:
+            strides = _eager_cpu_strides(func, args, kwargs, first)
+        elif first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
+            strides = _row_major_strides(first.shape)
+        else:
+            strides = None
+        if strides is None or strides == tuple(first.stride()):
             return out
         self.corrections.applied.append(("", POINTWISE_STRIDES))
-        fixed = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+        fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
         return fixed if first is out else type(out)([fixed, *out[1:]])
 
 
-def _contiguous_first(func: Any, args: Any, out: torch.Tensor) -> bool:
-    source = args[0] if args else None
-    return (
-        func.__name__.split(".")[0] in _CONTIGUOUS_FIRST_CPU
-        and isinstance(source, torch.Tensor)
-        and source.shape == out.shape
-        and source.is_contiguous()
-    )
+def _eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides the CPU kernel gives ``func``'s first output, on zeros of the arguments'
+    shapes, strides and dtypes; None when the arguments are large or the kernel raises."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if sum(t.numel() for t in tensors) > _PROBE_NUMEL or any(t.device.type != "cpu" for t in tensors):
+        return None
+
+    def real(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        span = 1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True)) if v.numel() else 0
+        return torch.zeros(span, dtype=v.dtype).as_strided(v.shape, v.stride())
+
+    try:
+        with unset_fake_temporarily():
+            out = func(*tree_map(real, args), **tree_map(real, kwargs))
+    except Exception:
+        return None
+    result = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(result, torch.Tensor) or result.shape != first.shape:
+        return None
+    return tuple(result.stride())
 
 
 def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:

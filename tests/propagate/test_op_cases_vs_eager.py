@@ -86,17 +86,23 @@ def _roll_flattened() -> Between:
     return Between(lambda s, y: torch.roll(y, 5))
 
 
+class _NanToNum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(x)
+
+
 class ImagePooling(nn.Module):
     """DeepLabV3's ASPP image pooling (torchvision, smp; UPerNet's and PAN's pyramids): pool to
     1 x 1, conv, ReLU, upsample, cat. The ReLU's N x C x 1 x 1 output is contiguous in both
     orders; eager CPU strides it NCHW, and the upsample follows those strides."""
 
-    def __init__(self, norm: bool = False) -> None:
+    def __init__(self, norm: bool = False, act: nn.Module | None = None) -> None:
         super().__init__()
         self.a = nn.Conv2d(8, 16, 3, padding=1)
         # UPerNet's and PAN's: BatchNorm (NCHW out of the CPU kernel too), then an in-place ReLU
         norms = [nn.BatchNorm2d(16)] if norm else []
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), *norms, nn.ReLU(inplace=norm))
+        act = act if act is not None else nn.ReLU(inplace=norm)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), *norms, act)
         self.b = nn.Conv2d(32, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +165,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "roll_flattened": _roll_flattened,
     "image_pooling_upsampled": ImagePooling,
     "image_pooling_batchnorm_upsampled": lambda: ImagePooling(norm=True),
+    # pointwise-tagged, but eager's kernel keeps the input's strides: asked of the CPU kernel itself
+    "image_pooling_nan_to_num_upsampled": lambda: ImagePooling(act=_NanToNum()),
     "softmax_over_split_channels": _softmax_over_split_channels,
     "einsum_attention": _einsum_attention,
     "tensordot_over_channels": _tensordot_over_channels,
