@@ -262,8 +262,8 @@ def nchw_side(meta: TensorMeta) -> bool:
     (strided, :func:`nchw_ordered`, nothing broadcast), which a kernel writing channels_last
     reads across layouts."""
     if along_w(meta):
-        return True
-    return meta.layout is Layout.STRIDED and 0 not in meta.strides and nchw_ordered(meta)
+        return True  # a one-channel slice (gates[:, l:l + 1]) has the same order in either layout
+    return meta.layout is Layout.STRIDED and meta.shape[1] > 1 and 0 not in meta.strides and nchw_ordered(meta)
 
 
 def memory_order(meta: TensorMeta) -> tuple[int, ...]:

@@ -250,14 +250,16 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=None if standard else STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else ND_TRANSPOSE,
             )
         ]
-    if nchw_in and out is Layout.CHANNELS_LAST:
+    nbytes = 2 * sum(i.meta.nbytes for i in nchw_in)  # none where a conv re-lays as much in NCHW too
+    relaid_in_nchw = moves.baselined(FindingKind.CONVERSION, r.op_name) and r.nchw_bytes >= nbytes
+    if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
         return [
             _finding(
                 ctx,
                 r,
                 FindingKind.CONVERSION,
                 layout_in=Layout.CONTIGUOUS,
-                nbytes=2 * sum(i.meta.nbytes for i in nchw_in),
+                nbytes=nbytes,
                 producer=ctx.by_name.get(nchw_in[0].producer or ""),
                 shape=nchw_in[0].meta.shape,
             )

@@ -165,7 +165,8 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
     if nchw_side(i.meta):
         return True
     conv = r.op_name.lower() in CONV_OPS
-    return conv and i.meta.layout is Layout.STRIDED and 0 not in i.meta.strides and not channels_innermost(i.meta)
+    order = memory_order(i.meta)  # a channel slice with a step (y[:, ::2]) still runs along the channels
+    return conv and i.meta.layout is Layout.STRIDED and 0 not in i.meta.strides and bool(order) and order[-1] != 1
 
 
 def writes_in_place(r: NodeRecord) -> bool:
