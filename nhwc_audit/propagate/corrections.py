@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
-from ..records import Layout
+from ..records import CONV_OPS, Layout
 from .dispatch import RecordingMode, is_alias_of
 
 __all__ = [
@@ -145,19 +145,20 @@ POINTWISE_STRIDES = (
 )
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
-_PROBE_NUMEL = 1 << 16
+_PROBE_NUMEL = 1 << 22
 """Elements of all of an op's tensor arguments together up to which a fake run on the CPU asks
-the CPU kernel itself for the strides of an N x C x 1 x 1 output (a 1x1 conv of 2048 channels
-is above it: convolutions stride such outputs as FakeTensor does)."""
+the CPU kernel itself for the strides of an N x C x 1 x 1 output (a BatchNorm of 64 x 2048
+pooled features is 131,072); above it, or where the kernel raises, the pointwise rule."""
 
 
 class _PointwiseStrides(RecordingMode):
     """Strides of a fake op's 4D/5D output with size-1 dims, which FakeTensor takes from the
     input where eager kernels may not: an N x C x 1 x 1 map is dense in both orders. On the CPU,
     the op runs once for real on zeros of its arguments' shapes, strides and dtypes (small ones,
-    :data:`_PROBE_NUMEL`) and its output's strides are eager's. Elsewhere, TensorIterator's fast
-    setup: an op whose operands all have the output's shape and are all ``is_contiguous()``
-    allocates a contiguous output."""
+    :data:`_PROBE_NUMEL`; not convolutions, which FakeTensor strides as eager does) and its
+    output's strides are eager's. Elsewhere, and where the probe cannot tell, TensorIterator's
+    fast setup: a pointwise op whose operands all have the output's shape and are all
+    ``is_contiguous()`` allocates a contiguous output."""
 
     def __init__(self, corrections: Corrections) -> None:
         super().__init__()
@@ -172,12 +173,10 @@ class _PointwiseStrides(RecordingMode):
             return out  # the common case, decided first: no size-1 dim to stride otherwise
         if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
             return out  # in place, or a view: strided by its input
-        if self.cpu:
-            strides = _eager_cpu_strides(func, args, kwargs, first)
-        elif first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
+        conv = func.overloadpacket.__name__ in CONV_OPS  # strided as FakeTensor strides them, and costly
+        strides = _eager_cpu_strides(func, args, kwargs, first) if self.cpu and not conv else None
+        if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _row_major_strides(first.shape)
-        else:
-            strides = None
         if strides is None or strides == tuple(first.stride()):
             return out
         self.corrections.applied.append(("", POINTWISE_STRIDES))

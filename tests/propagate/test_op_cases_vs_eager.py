@@ -305,3 +305,26 @@ def test_a_conv_of_a_transposed_map_is_charged_what_channels_last_adds(name: str
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added, [(f.kind.value, f.op, f.bytes) for f in r.findings]
     # a conv re-laying a map it re-lays in NCHW too is no finding at all
     assert all(f.bytes > 0 for f in r.findings if f.kind.value == "conversion")
+
+
+def test_a_fake_audit_strides_a_large_pooled_batch_as_eager() -> None:
+    """The CPU probe of an N x C x 1 x 1 output runs on arguments of any usual size: a
+    BatchNorm of 32 x 2048 pooled features (73,728 elements with its statistics) was past this
+    session's first limit, and the fake audit read 0 B."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(2048), nn.ReLU(inplace=True))
+            self.conv = nn.Conv2d(4096, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = nn.functional.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return self.conv(torch.cat([x, p], dim=1))
+
+    torch.manual_seed(0)
+    model = Pooled().eval()
+    x = torch.randn(32, 2048, 2, 2)
+    expected = eager_bytes(model, (x,)).added
+    assert expected > 0
+    assert audit(model, x, bandwidth=1e9, mode="fake").summary.bytes_moved == expected
