@@ -164,9 +164,10 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
     map permuted to N x W x C x H)."""
     if nchw_side(i.meta):
         return True
-    conv = r.op_name.lower() in CONV_OPS
+    if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.STRIDED or 0 in i.meta.strides:
+        return False
     order = memory_order(i.meta)  # a channel slice with a step (y[:, ::2]) still runs along the channels
-    return conv and i.meta.layout is Layout.STRIDED and 0 not in i.meta.strides and bool(order) and order[-1] != 1
+    return bool(order) and order[-1] != 1
 
 
 def writes_in_place(r: NodeRecord) -> bool:

@@ -22,7 +22,7 @@ from ..tensors import to_nchw
 from .dispatch import is_alias_of
 from .runner import fake_limitation
 
-__all__ = ["Call", "latent_error", "retry_nchw"]
+__all__ = ["Call", "latent_error", "retry_nchw", "to_channels_last"]
 
 Call = Callable[[torch.fx.Node, tuple[Any, ...], dict[str, Any]], Any]
 """Runs a node on given argument values (the interpreter's own call)."""
@@ -74,6 +74,15 @@ def retry_nchw(
         raise model_error(again) from error
 
 
+def to_channels_last(v: Any) -> Any:
+    """An NCHW 4D/5D tensor as a channels_last(_3d) copy, to re-run a view of it (a latent
+    break); other values as they are."""
+    fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
+    if fmt is not None and tensor_meta(v).layout is Layout.CONTIGUOUS:
+        return v.contiguous(memory_format=fmt)
+    return v
+
+
 def latent_error(
     call: Call,
     n: torch.fx.Node,
@@ -96,14 +105,8 @@ def latent_error(
     ):
         return None
 
-    def channels_last(v: Any) -> Any:
-        fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
-        if fmt is not None and tensor_meta(v).layout is Layout.CONTIGUOUS:
-            return v.contiguous(memory_format=fmt)
-        return v
-
     try:
-        call(n, tree_map(channels_last, args), tree_map(channels_last, kwargs))
+        call(n, tree_map(to_channels_last, args), tree_map(to_channels_last, kwargs))
     except Exception as e:
         return first_line(e)
     return None

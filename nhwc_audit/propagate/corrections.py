@@ -133,8 +133,8 @@ class Corrections:
         )
 
     def eager_strides(self) -> RecordingMode:
-        """A dispatch mode to enter inside the fake mode: pointwise ops allocate their outputs
-        as eager does (:data:`POINTWISE_STRIDES`)."""
+        """A dispatch mode to enter inside the fake mode: an op's N x C x 1 x 1 output gets the
+        strides eager gives it (:class:`_PointwiseStrides`, :data:`POINTWISE_STRIDES`)."""
         return _PointwiseStrides(self)
 
 

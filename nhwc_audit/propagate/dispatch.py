@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SharedWeightWrite
 from ..layout import innermost_dim, relay_bytes, tensor_meta
-from ..records import CONV_OPS, HiddenCopy, Layout, TensorMeta
+from ..records import ALLOCATING_OPS, CONV_OPS, HiddenCopy, Layout, TensorMeta
 from ..tensors import iter_tensors, on_shared
 
 __all__ = [
@@ -91,7 +91,7 @@ def computed_relay(
         return None
     om = tensor_meta(result)
     name = str(func.overloadpacket.__name__)
-    if om.layout not in _DECIDED or name.startswith("new_") or name.endswith("_like") or name in skip:
+    if om.layout not in _DECIDED or name in ALLOCATING_OPS or name in skip:
         return None
     tensors = list(iter_tensors(args))
     if all(id(t) in boundary for t in tensors):

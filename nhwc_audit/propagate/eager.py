@@ -23,9 +23,9 @@ from ..capture.context import aten_detail
 from ..capture.source import user_frame
 from ..errors import first_line
 from ..layout import classify, tensor_meta
-from ..prepare.copy import memory_format_for_rank
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
+from .breaks import to_channels_last
 from .corrections import Corrections
 from .dispatch import RecordingMode, check_shared_write, hidden_copy, is_alias_of
 
@@ -156,13 +156,8 @@ def _latent_view_error(func: Any, args: Any, kwargs: dict[str, Any], outs: list[
 
     if not any(t.dim() in (4, 5) and classify(t) is Layout.CONTIGUOUS and is_alias_of(outs[0], t) for t in ins):
         return None
-
-    def channels_last(v: Any) -> Any:
-        fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
-        return v.contiguous(memory_format=fmt) if fmt is not None and classify(v) is Layout.CONTIGUOUS else v
-
     try:
-        func(*tree_map(channels_last, args), **tree_map(channels_last, kwargs))
+        func(*tree_map(to_channels_last, args), **tree_map(to_channels_last, kwargs))
     except Exception as e:
         return first_line(e)
     return None
