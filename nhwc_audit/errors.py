@@ -16,7 +16,9 @@ them to exit code 2 and prints ``str(error)`` as one line (the full traceback on
 ``SharedWeightWrite`` is internal (never reaches a user): the audit caught the model
 about to write to a weight it shares with the user's model, and starts again on copies. It
 derives from ``BaseException``, like ``KeyboardInterrupt``: a signal to the audit, not an
-error, so no ``except Exception`` (the audit's own or the model's) can swallow it.
+error, so no ``except Exception`` (the audit's own or the model's) can swallow it. Its
+subclass ``ValueDependentShapes`` says the same of an op whose output shape depends on values
+read from weights whose values the shared copy permutes.
 
 This module imports nothing from the package (and nothing heavy).
 """
@@ -33,6 +35,7 @@ __all__ = [
     "TargetLoadError",
     "TraceError",
     "UsageError",
+    "ValueDependentShapes",
     "first_line",
 ]
 
@@ -100,4 +103,15 @@ class SharedWeightWrite(BaseException):
 
     def __init__(self, op: str):
         super().__init__(f"the model writes to its own weights in forward ({op})")
+        self.op = op
+
+
+class ValueDependentShapes(SharedWeightWrite):
+    """The model was about to run an op whose output shape depends on tensor values (``op``:
+    ``nonzero``, boolean-mask indexing) on weights the audit reads restrided, whose values come
+    out permuted: the shapes would not be the model's. Raised before the op runs; the audit
+    starts again on copies of the weights, as for a write."""
+
+    def __init__(self, op: str):
+        BaseException.__init__(self, f"shapes depend on tensor values ({op})")
         self.op = op

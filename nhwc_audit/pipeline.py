@@ -24,7 +24,7 @@ from .analyze.findings import find_findings
 from .analyze.moves import baselined, reorder_bytes
 from .analyze.verdict import decide
 from .collector import collector_paused
-from .errors import SharedWeightWrite
+from .errors import SharedWeightWrite, ValueDependentShapes
 from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
 from .prepare.copy import first_float_dtype, model_device, prepare_audit_copy, prepare_inputs
@@ -132,8 +132,10 @@ def _capture(
     try:
         captured = run(p)
     except SharedWeightWrite as e:
-        # caught before the write: start again on weights of the audit's own
-        why = f"{e}: audited on copies of the weights"
+        # caught before the write (or before a shape made from permuted values): start again
+        # on weights of the audit's own
+        values = ", whose values are the model's" if isinstance(e, ValueDependentShapes) else ""
+        why = f"{e}: audited on copies of the weights{values}"
     else:
         dynamic = value_dependent(captured.records) if p.permuted else []
         if not dynamic:

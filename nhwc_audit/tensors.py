@@ -83,15 +83,19 @@ class SharedStorages(frozenset[int]):
 
     spans: tuple[tuple[int, int], ...]
     """(first byte, byte past the last) of each storage, sorted."""
+    permuted: bool
+    """Some weight is read restrided over its storage: its values come out permuted, so a shape
+    computed from values is not the model's."""
 
-    def __new__(cls, spans: Iterable[tuple[int, int]]) -> SharedStorages:
+    def __new__(cls, spans: Iterable[tuple[int, int]], permuted: bool = False) -> SharedStorages:
         ordered = tuple(sorted(spans))
         made = super().__new__(cls, (start for start, _ in ordered))
         made.spans = ordered
+        made.permuted = permuted
         return made
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle rebuild it from its spans
-        return (SharedStorages, (self.spans,))
+        return (SharedStorages, (self.spans, self.permuted))
 
 
 def on_shared(t: torch.Tensor, shared: frozenset[int]) -> bool:

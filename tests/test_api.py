@@ -358,6 +358,41 @@ class _KeepPositive(nn.Module):
         return y[:, :, y[0, 0] > 0]
 
 
+_TAIL_SHAPES: list[int] = []
+
+
+class _KeepPositiveThenTail(_KeepPositive):
+    """_KeepPositive, then a module that notes the number of positions it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tail = _NoteWidth()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(super().forward(x))
+
+
+class _NoteWidth(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if type(y) is torch.Tensor:  # not a proxy, nor a fake tensor
+            _TAIL_SHAPES.append(y.shape[-1])
+        return y * 2
+
+
+def test_a_run_stops_before_a_shape_made_from_permuted_values() -> None:
+    """The eager recording stops at the boolean mask, before the rest of the model runs on
+    shapes that are not the model's; the run on copies of the weights is the only one after it."""
+    torch.manual_seed(0)
+    model = _KeepPositiveThenTail().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        kept = convert(copy.deepcopy(model))(x.to(memory_format=torch.channels_last)).shape[-1]
+    _TAIL_SHAPES.clear()
+    r = audit(model, x, bandwidth=1e9, capture="hooks")
+    assert _TAIL_SHAPES == [kept]
+    assert any("shapes depend on tensor values (index)" in note for note in r.meta.capture_notes)
+
+
 @pytest.mark.parametrize("capture", ["fx", "hooks", "export"])
 def test_shapes_that_depend_on_values_are_the_models(capture: str) -> None:
     torch.manual_seed(0)

@@ -248,7 +248,7 @@ def prepare_audit_copy(
             if id(t) not in memo:
                 memo[id(t)] = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
     try:
-        return AuditCopy(clone_modules(model, memo), SharedStorages(shared.items()), permuted)
+        return AuditCopy(clone_modules(model, memo), SharedStorages(shared.items(), permuted), permuted)
     except Exception as e:
         raise ConversionError(
             f"cannot copy {type(model).__name__} for the audit ({type(e).__name__}: {e}); "

@@ -1,8 +1,9 @@
 """Dispatch-level recording: the ATen ops a node (or an eager run) dispatches. Layout-changing
 copies made inside a kernel (:func:`hidden_copy`), in-place writes (:func:`written_tensors`)
 and the guard that refuses writes to the user's weights the audit reads in place
-(:func:`check_shared_write`). Used by the interpreter, the eager recorder and every checking
-run.
+(:func:`check_shared_write`), and the guard that stops a run before an op whose output shape
+depends on the values of weights read restrided (:func:`check_value_shape`). Used by the
+interpreter, the eager recorder and every checking run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..errors import SharedWeightWrite
+from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import innermost_dim, relay_bytes, tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, HiddenCopy, Layout, TensorMeta
 from ..tensors import iter_tensors, on_shared
@@ -26,6 +27,7 @@ __all__ = [
     "recorder_blind",
     "RecordingMode",
     "check_shared_write",
+    "check_value_shape",
     "computed_relay",
     "hidden_copy",
     "is_alias_of",
@@ -141,6 +143,21 @@ def check_shared_write(func: Any, args: Any, kwargs: Any, shared: frozenset[int]
             raise SharedWeightWrite(str(func))
 
 
+def check_value_shape(func: Any, args: Any, shared: frozenset[int]) -> None:
+    """Raise :class:`ValueDependentShapes` before ``func`` computes a shape from tensor values
+    (ATen's ``dynamic_output_shape`` tag; indexing by a boolean mask only) while ``shared``
+    weights are read with their values permuted: the shapes of the rest of the run would not
+    be the model's, so the audit stops there rather than at the end of the run."""
+    if not getattr(shared, "permuted", False) or torch.Tag.dynamic_output_shape not in func.tags:
+        return
+    name = func.overloadpacket.__name__
+    if name in ("index", "_unsafe_index") and not any(
+        t.dtype in (torch.bool, torch.uint8) for t in iter_tensors(args[1:] if len(args) > 1 else ())
+    ):
+        return
+    raise ValueDependentShapes(name)
+
+
 class RecordingMode(TorchDispatchMode):
     """The base of the audit's dispatch-level recorders. torch wraps every subclass's
     ``__torch_dispatch__`` in ``torch._disable_dynamo`` (so that torch.compile never traces
@@ -179,6 +196,7 @@ class CopyRecorder(RecordingMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if _written_args(func):  # in-place and out= ops only
             check_shared_write(func, args, kwargs, self.shared)
+        check_value_shape(func, args, self.shared)
         out = func(*args, **(kwargs or {}))
         if self.recording:
             copy = hidden_copy(func, args, out)

@@ -27,7 +27,7 @@ from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .corrections import Corrections
-from .dispatch import RecordingMode, check_shared_write, hidden_copy, is_alias_of
+from .dispatch import RecordingMode, check_shared_write, check_value_shape, hidden_copy, is_alias_of
 
 __all__ = ["record_eager"]
 
@@ -99,6 +99,7 @@ class _Recorder(RecordingMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         check_shared_write(func, args, kwargs, self.shared)
+        check_value_shape(func, args, self.shared)
         op = func.overloadpacket.__name__
         ins = list(iter_tensors((args, kwargs)))
         if op in _SKIP:
