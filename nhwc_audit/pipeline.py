@@ -30,7 +30,7 @@ from .prepare.caches import code_caches, emptied
 from .prepare.copy import first_float_dtype, model_device, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts
-from .propagate.baseline import match_nodes, nchw_records
+from .propagate.baseline import fake_pays, match_nodes, nchw_records
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
@@ -176,7 +176,12 @@ def _param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
 
 
 def _with_nchw_baseline(
-    records: list[NodeRecord], findings: Sequence[Finding], captured: Captured, p: _Prepared, o: AuditOptions
+    records: list[NodeRecord],
+    findings: Sequence[Finding],
+    captured: Captured,
+    p: _Prepared,
+    o: AuditOptions,
+    run_seconds: float,
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node also moves when the model runs NCHW (the same
     capture run as built, in the audit's mode), and notes saying what that changed; ``records``
@@ -185,7 +190,8 @@ def _with_nchw_baseline(
     costly = [f for f in findings if baselined(f.kind, f.op) and f.bytes > 0]
     if not costly:
         return records, ()
-    nchw = nchw_records(captured, p.module, p.args, p.kwargs, p.runner)
+    fake = o.mode == "real" and fake_pays(run_seconds, len(records))
+    nchw, on_fake = nchw_records(captured, p.module, p.args, p.kwargs, p.runner, fake=fake)
     if isinstance(nchw, str):
         return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
     # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a
@@ -201,6 +207,8 @@ def _with_nchw_baseline(
         return records, ()
     out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
     notes = []
+    if on_fake and o.mode == "real":
+        notes.append("NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)")
     for kind, what in ((FindingKind.REVERT, "revert(s) copy"), (FindingKind.MIXED, "mixed op(s) move data")):
         hit = [f for f in costly if f.kind is kind and f.node in both]
         if hit:
@@ -230,7 +238,7 @@ def _audit_one(
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
     found = find_findings(records, bandwidth=bandwidth, device=o.device.type)
-    baselined, baseline_notes = _with_nchw_baseline(records, found, captured, p, o)
+    baselined, baseline_notes = _with_nchw_baseline(records, found, captured, p, o, t1 - t0)
     unchanged = baselined is records  # else reverts that copy in NCHW too are charged less
     records = baselined
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)

@@ -1,0 +1,84 @@
+"""The NCHW baseline of a real audit run on fake tensors charges what the real run charges.
+
+A real audit whose own run costs more than a fake run would (:func:`baseline.fake_pays`) runs
+its NCHW baseline on fake tensors: layouts only, no compute. Forced here (a fake run is chosen
+whatever the model costs), every op case and transpose of the eager-checked tables, and a copy
+made in either layout, get the findings and bytes the real baseline gives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import AuditReport, audit
+from nhwc_audit.propagate import baseline
+from tests.propagate.test_op_cases_vs_eager import _TRANSPOSES, CASES, ConvOfTransposed
+from tests.propagate.test_ops import TokensBack
+
+_MODELS: dict[str, Callable[[], nn.Module]] = {
+    **{f"case {name}": build for name, build in CASES.items()},
+    **{
+        f"conv of {name}": (lambda t=t: ConvOfTransposed(t, t(torch.zeros(2, 8, 12, 16)).shape[1]))
+        for name, t in _TRANSPOSES.items()
+    },
+    "tokens back": TokensBack,
+}
+_INPUTS = {"tokens back": (1, 3, 8, 8), **{f"conv of {name}": (2, 8, 12, 16) for name in _TRANSPOSES}}
+
+FAKE_NOTE = "NCHW baseline: run on fake tensors"
+
+
+def _charged(r: AuditReport) -> tuple[int, list[tuple[str, str, int]], list[str]]:
+    notes = [n for n in r.meta.capture_notes if n.startswith("NCHW baseline") and not n.startswith(FAKE_NOTE)]
+    return r.summary.bytes_moved, [(f.node, f.kind.value, f.bytes) for f in r.findings], notes
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+@pytest.mark.parametrize("name", sorted(_MODELS))
+def test_a_fake_baseline_charges_what_the_real_one_does(
+    name: str, capture: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = _MODELS[name]().eval()
+    x = torch.randn(*_INPUTS.get(name, (2, 8, 16, 16)))
+    try:
+        real = audit(model, x, bandwidth=1e9, capture=capture)
+    except Exception as e:  # a case fx cannot trace: the hooks capture covers it
+        pytest.skip(f"no {capture} audit: {e}")
+    assert not any(n.startswith(FAKE_NOTE) for n in real.meta.capture_notes)  # small: its own run is cheap
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)  # any run costs more than a fake one
+    fake = audit(model, x, bandwidth=1e9, capture=capture)
+    assert _charged(fake) == _charged(real)
+    assert [r.nchw_bytes for r in fake.nodes] == [r.nchw_bytes for r in real.nodes]
+    # the fake run is noted wherever the baseline changed a charge
+    ran_fake = any(n.startswith(FAKE_NOTE) for n in fake.meta.capture_notes)
+    assert ran_fake == any(r.nchw_bytes for r in real.nodes), fake.meta.capture_notes
+
+
+def test_a_fake_baseline_that_cannot_run_gives_way_to_the_real_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value read into Python (here, a shape made from a tensor's values) cannot run on fake
+    tensors: the baseline runs for real, as before."""
+
+    class ReadsAValue(TokensBack):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            return y[:, : int(y.shape[1] * (x.abs().max() > -1).item())]
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    real = audit(ReadsAValue(), x, bandwidth=1e9, capture="hooks")
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
+    fallback = audit(ReadsAValue(), x, bandwidth=1e9, capture="hooks")
+    assert _charged(fallback) == _charged(real)
+    assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in fallback.meta.capture_notes)
+    assert not any(n.startswith(FAKE_NOTE) for n in fallback.meta.capture_notes)
+
+
+def test_the_fake_baseline_is_chosen_by_what_the_run_cost() -> None:
+    nodes = 500
+    assert not baseline.fake_pays(0.5, nodes)  # a 1 ms/node run: the real baseline is as cheap
+    assert baseline.fake_pays(5.0, nodes)  # a compute-bound run (10 ms/node)
