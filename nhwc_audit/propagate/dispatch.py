@@ -241,25 +241,30 @@ RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
 )
 """torch.nn leaf modules in which :class:`CopyRecorder` can find nothing on the CPU: their
 forward dispatches no ATen copy (clone, copy_, _to_copy, contiguous) above the kernels and
-writes nothing but its own output and buffers (buffers are the audit's private copies), for any
+writes nothing but its own output and buffers (buffers are the audit's private copies; an
+in-place activation writes its input, never a shared weight: :func:`recorder_blind`), for any
 input layout (``tests/propagate/test_dispatch.py`` runs each under the recorder). Each runs
 one computing ATen op on the node's own input and output, whose layout change the node's
 record shows (the recorder keeps only changes inside a node: :func:`computed_relay`)."""
 
 
-def recorder_blind(module: nn.Module, args: Any = ()) -> bool:
+def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | None = None) -> bool:
     """The recorder cannot see anything in a call of ``module`` on ``args`` on the CPU
     (without autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a
-    subclass may override forward), its own forward, zero padding, not in place, and no hooks;
-    a Linear on tokens only (its matmul folds a 4D input with a reshape, which copies a
-    channels_last one)."""
+    subclass may override forward), its own forward, zero padding, no hooks, and in place
+    (``ReLU(inplace=True)``) only on tensors not among the ``shared`` weights (None: never in
+    place), whose write the recorder must refuse; a Linear on tokens only (its matmul folds a
+    4D input with a reshape, which copies a channels_last one)."""
     kind = type(module)
     return (
         kind in RECORDER_BLIND
         and (kind is not nn.Linear or all(t.dim() < 4 for t in iter_tensors(args)))
         and "forward" not in module.__dict__
         and getattr(module, "padding_mode", "zeros") == "zeros"
-        and not getattr(module, "inplace", False)
+        and (
+            not getattr(module, "inplace", False)
+            or (shared is not None and not (shared and any(on_shared(t, shared) for t in iter_tensors(args))))
+        )
         and not (module._forward_hooks or module._forward_pre_hooks)
         and not (
             nn.modules.module._global_forward_hooks

@@ -117,7 +117,12 @@ class LayoutProp(torch.fx.Interpreter):
             rec = self._recorder
             if rec is None:
                 result = self._call(n, args, kwargs)
-            elif self._blind_ok and n in self._callee and recorder_blind(self._callee[n], args) and _off_stack(rec):
+            elif (
+                self._blind_ok
+                and n in self._callee
+                and recorder_blind(self._callee[n], args, rec.shared)
+                and _off_stack(rec)
+            ):
                 # asked per call: the model's code may add a hook or change a setting between two calls
                 result = self._call(n, args, kwargs)
             else:  # one mode for the whole run: pushing one per node costs more

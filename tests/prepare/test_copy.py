@@ -165,11 +165,26 @@ class _Renorm(nn.Module):
         return self.conv(x + self.emb(idx)[:, :, None, None])
 
 
+class _ActivatesItsWeight(nn.Module):
+    """An in-place activation module called on the model's own 4D weight: the interpreter may
+    take its recorder off for in-place activations of activations, never of a shared weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.act(self.conv.weight)
+        return self.act(self.conv(x))
+
+
 @pytest.mark.parametrize("capture", ["auto", "export", "hooks"])
-@pytest.mark.parametrize("kind", ["clamp", "renorm"])
+@pytest.mark.parametrize("kind", ["clamp", "renorm", "inplace_activation"])
 def test_model_writing_to_its_weights_is_audited_on_copies(capture: str, kind: str) -> None:
-    if kind == "clamp":
-        model: nn.Module = _WritesWeights()
+    if kind in ("clamp", "inplace_activation"):
+        model: nn.Module = _WritesWeights() if kind == "clamp" else _ActivatesItsWeight()
         args: tuple[torch.Tensor, ...] = (torch.randn(1, 3, 8, 8),)
     else:
         model = _Renorm()

@@ -404,6 +404,14 @@ _BLIND_CASES: list[tuple[Any, tuple[int, ...]]] = [
     (lambda: nn.AdaptiveAvgPool2d(1), (2, 4, 9, 9)),
     (lambda: nn.AdaptiveAvgPool2d((3, 4)), (2, 4, 9, 9)),
     (lambda: nn.Dropout(0.3), (2, 4, 5, 5)),
+    # in place, on an activation (never a shared weight: see the test after the next)
+    (lambda: nn.ReLU(inplace=True), (2, 4, 5, 5)),
+    (lambda: nn.ReLU6(inplace=True), (2, 4, 5, 5)),
+    (lambda: nn.SiLU(inplace=True), (2, 4, 5, 5)),
+    (lambda: nn.Hardswish(inplace=True), (2, 4, 5, 5)),
+    (lambda: nn.Hardsigmoid(inplace=True), (2, 4, 5, 5)),
+    (lambda: nn.LeakyReLU(0.1, inplace=True), (2, 4, 5, 5)),
+    (lambda: nn.Dropout(0.3, inplace=True), (2, 4, 5, 5)),
 ]
 
 
@@ -423,7 +431,7 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
                 m = build().to(dtype).train(training)
                 if convert:
                     m = nhwc_audit.convert(m)
-                assert dispatch.recorder_blind(m, (torch.empty(shape),))
+                assert dispatch.recorder_blind(m, (torch.empty(shape),), frozenset())
                 params = [(p, p._version) for p in m.parameters()]
                 for x in _variants(shape):
                     rec = dispatch.CopyRecorder(relays=True)
@@ -434,13 +442,19 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
                     except NotImplementedError:  # no such CPU kernel (avg_pool3d in bfloat16)
                         continue
                     assert rec.copies == [], (m, x.stride(), rec.copies)
+                    if getattr(m, "inplace", False):
+                        y = x  # the node's output is its input, written in place
                     # a layout change it computes is its own op's, from its input to its output
                     assert all((s, o) == (id(x), id(y)) for _, s, o in rec.relayed), (m, x.stride(), rec.relayed)
                     assert all(p._version == v for p, v in params)
 
 
 def test_a_module_with_a_hook_or_its_own_settings_is_not_blind() -> None:
-    assert not dispatch.recorder_blind(nn.ReLU(inplace=True))
+    assert not dispatch.recorder_blind(nn.ReLU(inplace=True))  # no shared weights said: never in place
+    copy = prepare_audit_copy(nn.Conv2d(2, 2, 3))
+    on_user = copy.module.weight  # the user's storage, read in place
+    assert copy.shared and not dispatch.recorder_blind(nn.ReLU(inplace=True), (on_user,), copy.shared)
+    assert dispatch.recorder_blind(nn.ReLU(inplace=True), (on_user.clone(),), copy.shared)
     assert not dispatch.recorder_blind(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
     four_d = torch.randn(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
     assert not dispatch.recorder_blind(nn.Linear(2, 2), (four_d,))  # matmul folds a 4D input: a copy
@@ -466,11 +480,11 @@ def test_a_module_with_a_hook_or_its_own_settings_is_not_blind() -> None:
 class _Block(nn.Module):
     """Blind leaves around calls the recorder must see: a hidden copy between them."""
 
-    def __init__(self) -> None:
+    def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=inplace)
         self.norm = nn.InstanceNorm2d(8)
         self.head = nn.Conv2d(8, 8, 1)
 
@@ -480,7 +494,7 @@ class _Block(nn.Module):
         return self.act(self.head(y)) + y
 
 
-@pytest.mark.parametrize("build", [_Block, Repeats, lambda: Hooked(every=True)])
+@pytest.mark.parametrize("build", [_Block, lambda: _Block(inplace=True), Repeats, lambda: Hooked(every=True)])
 def test_records_are_the_same_with_the_recorder_off_for_blind_modules(build: Any, monkeypatch: Any) -> None:
     """Taking the recorder off the stack changes no record; and it is taken off (the
     recorder is asked for fewer ops)."""
