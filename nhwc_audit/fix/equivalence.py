@@ -7,6 +7,7 @@ dtype, with a tolerance calibrated on the naive conversion, when the model canno
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from ..prepare.clone import clone_modules
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 
-__all__ = ["Sample", "first_change", "fresh_copy"]
+__all__ = ["Deviation", "Sample", "deviations", "first_change", "fresh_copy"]
 
 Sample = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -150,3 +151,54 @@ def _within_noise(actual: torch.Tensor, expected: torch.Tensor, naive: torch.Ten
     allowed = 4 * _deviation(expected, naive) + 1e-4 * float(expected.double().norm()) + 1e-6
     got = _deviation(expected, actual)
     return None if got <= allowed else f"deviates by {got:.3g}, allowed {allowed:.3g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deviation:
+    """How far a channels_last model's results, in the model's own dtype, are from the
+    original model's: the largest relative deviation of an output (the norm of the difference
+    over the norm of the original's), and the relative deviation of all parameter gradients
+    together (the update a training step would make; one parameter's own gradient can be zero
+    up to rounding, a conv bias before a norm layer)."""
+
+    outputs: float
+    gradients: float | None
+    """None without gradients (not asked for, or no parameter gets one)."""
+
+
+def _deviation_of(results: tuple[list[torch.Tensor], dict[str, torch.Tensor]], ref: Any) -> Deviation:
+    (outs, grads), (ref_outs, ref_grads) = results, ref
+    outputs = max(
+        (
+            _deviation(b, a) / max(float(b.double().norm()), 1e-30)
+            for a, b in zip(outs, ref_outs, strict=False)
+            if a.is_floating_point() and a.shape == b.shape
+        ),
+        default=0.0,
+    )
+    shared = [n for n in ref_grads if n in grads and grads[n].shape == ref_grads[n].shape]
+    if not shared:
+        return Deviation(outputs, None)
+    diff = sum(_deviation(ref_grads[n], grads[n]) ** 2 for n in shared) ** 0.5
+    scale = sum(float(ref_grads[n].double().norm()) ** 2 for n in shared) ** 0.5
+    return Deviation(outputs, diff / max(scale, 1e-30))
+
+
+def deviations(
+    model: nn.Module, naive: nn.Module | None, repaired: nn.Module, sample: Sample, grads: bool
+) -> tuple[Deviation, Deviation | None]:
+    """The repaired model's deviation from the original in the model's own dtype, and the naive
+    conversion's (None when it cannot run, None given: it breaks where the repair fixed a view). The
+    float64 check says a rewrite keeps the math; this says what the kernels it picks do to the
+    rounding the user trains with (GroupNorm's channels_last CPU backward is less exact than
+    InstanceNorm's)."""
+    args, kwargs = sample
+    ref = _outputs(fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+    mine = _deviation_of(_outputs(fresh_copy(repaired), args, kwargs, grads), ref)
+    theirs: Deviation | None = None
+    if naive is not None:
+        try:
+            theirs = _deviation_of(_outputs(fresh_copy(naive), args, kwargs, grads), ref)
+        except Exception:
+            pass  # an error the audit did not see: no noise estimate
+    return mine, theirs

@@ -26,7 +26,7 @@ from ..propagate.interpreter import propagate
 from ..propagate.runner import attributes_restored
 from ..records import NodeRecord, Summary
 from ..tensors import clone_value, seeded
-from .equivalence import first_change
+from .equivalence import Deviation, deviations, first_change
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
@@ -60,6 +60,11 @@ class RepairLog:
     repairing is decided on."""
     summary_after: Summary | None = None
     """The repaired graph's summary (bytes, breaks, the share that stays channels_last)."""
+    deviation: Deviation | None = None
+    """In the model's own dtype, on the sample: how far the repaired model's outputs and
+    gradients are from the original's (None when nothing was rewritten)."""
+    naive_deviation: Deviation | None = None
+    """The same for the naive channels_last conversion: the rounding converting costs anyway."""
 
     @property
     def changed(self) -> bool:
@@ -228,6 +233,9 @@ def repair_model(
         steps.extend(step for _, step in kept)
         if not kept:
             break
+    # the naive model raises at a break (a GraphModule prints its traceback on the way): not run
+    runs = naive if before_breaks == 0 else None
+    mine, naive_dev = deviations(model, runs, gm, samples[0], grads) if steps else (None, None)
     log = RepairLog(
         steps=tuple(steps),
         bytes_before=before_bytes,
@@ -237,5 +245,7 @@ def repair_model(
         refused=tuple(f"{kind} at {node}: {why}" for (node, kind), why in refused.items()),
         records_after=tuple(records),
         summary_after=analysis.summary,
+        deviation=mine,
+        naive_deviation=naive_dev,
     )
     return gm, log

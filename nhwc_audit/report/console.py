@@ -17,6 +17,7 @@ from ..records import FindingKind
 from .text import (
     cost_line,
     count_parts,
+    deviation_line,
     fake_note,
     fmt_bytes,
     fmt_seconds,
@@ -169,6 +170,8 @@ def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> Rend
             parts.append(Text(f"  {st.kind:<24} {st.node}: {st.reason} (-{fmt_bytes(st.bytes_saved)})"))
         for msg in rp.refused:
             parts.append(Text(f"  refused: {msg}", style="yellow"))
+        if (numerics := deviation_line(rp, report.meta.dtype)) is not None:
+            parts.append(Text(f"  {numerics}"))
     if report.measurement is not None:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)
         for col in ("variant", "median", "min", "max", "vs NCHW"):

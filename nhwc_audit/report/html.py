@@ -25,6 +25,7 @@ from .strip import LAYOUT_COLOURS, layout_strip
 from .text import (
     cost_line,
     count_parts,
+    deviation_line,
     evidence_line,
     fake_note,
     fmt_bytes,
@@ -239,6 +240,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
         "strip_colours": LAYOUT_COLOURS,
         "verdict": verdict_dict(report.verdict),
         "repair": repair_dict(report.repair),
+        "repair_numerics": deviation_line(report.repair, report.meta.dtype) if report.repair is not None else None,
         "timings": [
             {**t, "speedup": report.measurement.speedup(t["variant"])} for t in (measured or {"timings": []})["timings"]
         ]

@@ -23,6 +23,7 @@ from ..records import (
 
 if TYPE_CHECKING:
     from ..analyze.verdict import Verdict
+    from ..fix.equivalence import Deviation
     from ..fix.repair import RepairLog
     from ..timing.measure import Measurement
 
@@ -222,7 +223,13 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
             for s in repair.steps
         ],
         "refused": list(repair.refused),
+        "deviation": _deviation(repair.deviation),
+        "naive_deviation": _deviation(repair.naive_deviation),
     }
+
+
+def _deviation(d: Deviation | None) -> dict[str, float | None] | None:
+    return None if d is None else {"outputs": d.outputs, "gradients": d.gradients}
 
 
 def measurement_dict(measurement: Measurement | None) -> dict[str, Any] | None:

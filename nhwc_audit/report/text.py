@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from ..records import BACKWARD_NOT_AUDITED, AuditMeta, Finding, FindingKind, SourceLoc, Summary
 
 if TYPE_CHECKING:
+    from ..fix.equivalence import Deviation
+    from ..fix.repair import RepairLog
     from ..timing.measure import Measurement
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "NOTHING_TO_AUDIT",
     "cost_line",
     "count_parts",
+    "deviation_line",
     "evidence_line",
     "fake_note",
     "fmt_bytes",
@@ -230,3 +233,26 @@ def untimed_lines(m: Measurement, findings: Sequence[Finding]) -> list[str]:
         else:
             lines.append(f"{label} raises {reason}: not timed")
     return lines
+
+
+def deviation_line(repair: RepairLog, dtype: str) -> str | None:
+    """What the repaired model's kernels do to rounding in the model's own dtype, beside what the
+    naive conversion does: the float64 check proves the math, not this. Flagged when the repair
+    deviates over 10x as much as the conversion and over 1e-4."""
+    mine, naive = repair.deviation, repair.naive_deviation
+    if mine is None:
+        return None
+
+    def both(d: Deviation) -> str:
+        return f"outputs {d.outputs:.1e}" + ("" if d.gradients is None else f", gradients {d.gradients:.1e}")
+
+    def worst(d: Deviation) -> float:
+        return max(d.outputs, d.gradients or 0.0)
+
+    line = f"In {dtype}, the repaired model deviates from the original by {both(mine)}"
+    if naive is None:
+        return line + " (relative norms; the naive conversion does not run)."
+    line += f"; the naive conversion by {both(naive)}"
+    if worst(mine) > 1e-4 and worst(mine) > 10 * worst(naive):
+        return line + " (relative norms): the rewritten kernels round differently, beyond what converting costs."
+    return line + " (relative norms)."

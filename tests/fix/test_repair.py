@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import audit
+from nhwc_audit import convert as nhwc_convert
 from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
 from nhwc_audit.fix.repair import repair_model
@@ -507,3 +508,40 @@ def test_repair_after_an_audit_of_a_model_with_an_expanded_constant() -> None:
     assert repaired.repair is not None and repaired.repaired_module is not None
     with torch.no_grad():
         torch.testing.assert_close(repaired.repaired_module(x.to(memory_format=torch.channels_last)), model(x))
+
+
+def test_the_log_says_how_far_the_repaired_model_rounds_from_the_original() -> None:
+    """In the model's own dtype, on the sample: the repaired model's outputs deviate from the
+    original's by what an independent computation finds, beside the naive conversion's."""
+    torch.manual_seed(0)
+    model = M.InstanceNormNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    gm, log = repair_model(model, (x,))
+    assert [s.kind for s in log.steps] == ["instancenorm->groupnorm"]
+    assert log.deviation is not None and log.naive_deviation is not None
+    with torch.no_grad():
+        ref = model(x)
+        mine = gm(x.contiguous(memory_format=torch.channels_last))
+        naive = nhwc_convert(model)(x.contiguous(memory_format=torch.channels_last))
+    assert log.deviation.outputs == pytest.approx(float((mine - ref).norm() / ref.norm()), rel=1e-6, abs=1e-12)
+    assert log.naive_deviation.outputs == pytest.approx(float((naive - ref).norm() / ref.norm()), rel=1e-6, abs=1e-12)
+    assert log.deviation.gradients is not None and log.deviation.gradients < 1e-3
+    nothing = repair_model(M.ConvBnRelu().eval(), (x,))[1]
+    assert not nothing.steps and nothing.deviation is None  # nothing rewritten: nothing to say
+
+
+def test_a_repair_that_rounds_beyond_the_conversion_is_flagged() -> None:
+    from nhwc_audit.fix.equivalence import Deviation
+    from nhwc_audit.fix.repair import RepairLog
+    from nhwc_audit.report.text import deviation_line
+
+    def log(mine: Deviation, naive: Deviation | None) -> RepairLog:
+        return RepairLog((), 1, 0, 0, 0, deviation=mine, naive_deviation=naive)
+
+    flagged = deviation_line(log(Deviation(2e-6, 1.8e-3), Deviation(2e-6, 6.7e-6)), "float32")
+    assert flagged is not None and flagged.startswith("In float32, the repaired model deviates")
+    assert "round differently" in flagged and "1.8e-03" in flagged and "6.7e-06" in flagged
+    calm = deviation_line(log(Deviation(2e-6, 9e-6), Deviation(2e-6, 6.7e-6)), "float32")
+    assert calm is not None and "round differently" not in calm
+    assert "does not run" in (deviation_line(log(Deviation(2e-6, None), None), "float32") or "")
+    assert deviation_line(RepairLog((), 0, 0, 0, 0), "float32") is None
