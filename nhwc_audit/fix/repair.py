@@ -189,7 +189,7 @@ def repair_model(
     """(node, kind) -> why the candidate was dropped; a candidate that would have exposed a
     break is tried again on the next pass (another rewrite may have fixed that break)."""
     done: set[tuple[str, str]] = set()
-    reference: dict[str, Any] = {}  # the original model's float64 results, computed at the first check
+    reference: dict[str, Any] = {}  # the original model's results, computed at the first check
     for _ in range(max_passes):
         start = gm
         batch: list[tuple[Candidate, RepairStep]] = []
@@ -235,7 +235,7 @@ def repair_model(
             break
     # the naive model raises at a break (a GraphModule prints its traceback on the way): not run
     runs = naive if before_breaks == 0 else None
-    mine, naive_dev = deviations(model, runs, gm, samples[0], grads) if steps else (None, None)
+    mine, naive_dev = deviations(model, runs, gm, samples[0], grads, reference) if steps else (None, None)
     log = RepairLog(
         steps=tuple(steps),
         bytes_before=before_bytes,

@@ -1,0 +1,70 @@
+"""The repair's check: a repaired model within float32's rounding of the original is accepted
+without a float64 pass; one beyond it is judged in float64, where a changed formula shows."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from nhwc_audit import convert
+from nhwc_audit.fix import equivalence
+from tests import models as M
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the float64 passes: each converts the samples with ``_double`` first."""
+    calls: list[int] = []
+    real = equivalence._double
+
+    def counting(v: Any) -> Any:
+        calls.append(1)
+        return real(v)
+
+    monkeypatch.setattr(equivalence, "_double", counting)
+    return calls
+
+
+def _sample() -> list[equivalence.Sample]:
+    torch.manual_seed(0)
+    return [((torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last),), {})]
+
+
+def test_a_conversion_that_only_rounds_is_accepted_without_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = M.InstanceNormNet().train()
+    float64 = _counted(monkeypatch)
+    assert equivalence.first_change(model, convert(model), convert(model), _sample(), grads=True) is None
+    assert float64 == []
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-4])
+def test_a_changed_formula_is_judged_and_refused_in_float64(scale: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = M.InstanceNormNet().train()
+    changed = convert(copy.deepcopy(model))
+    with torch.no_grad():
+        changed.conv2.weight.mul_(1 + scale)  # a formula off by 0.1% or 0.01%
+    float64 = _counted(monkeypatch)
+    problem = equivalence.first_change(model, convert(model), changed, _sample(), grads=True)
+    assert problem is not None and problem.endswith("(float64)")
+    assert float64  # judged there
+
+
+def test_the_checks_share_the_originals_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One repair runs the original model once in its own dtype, whatever the number of checks."""
+    model = M.InstanceNormNet().train()
+    runs: list[int] = []
+    real = equivalence._outputs
+
+    def counting(m: Any, *a: Any) -> Any:
+        if m.__class__.__name__ == "InstanceNormNet" and not a[0][0].is_contiguous(memory_format=torch.channels_last):
+            runs.append(1)
+        return real(m, *a)
+
+    monkeypatch.setattr(equivalence, "_outputs", counting)
+    reference: dict[str, Any] = {}
+    for _ in range(3):
+        assert equivalence.first_change(model, convert(model), convert(model), _sample(), True, reference) is None
+    equivalence.deviations(model, convert(model), convert(model), _sample()[0], True, reference)
+    assert runs == [1]
