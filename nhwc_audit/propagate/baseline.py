@@ -98,11 +98,18 @@ FAKE_SECONDS_PER_NODE = 1e-3
 FakeTensor dispatch of each ATen op and the recording)."""
 
 
+FAKE_MIN_SECONDS = 1.0
+"""Below this, the audit's own run never sends the baseline to fake tensors: what a fake run
+would save is small, and an audit's fixed costs (the trace, the copy, a first call's set-up on a
+busy machine) are not the model's."""
+
+
 def fake_pays(run_seconds: float, nodes: int) -> bool:
     """Is a real audit's NCHW baseline cheaper on fake tensors? The real run costs about what
-    the audit's own run took (``run_seconds``), the fake one :data:`FAKE_SECONDS_PER_NODE`
-    a node; fake is chosen at twice that, so that a model near the line keeps one way."""
-    return run_seconds > 2 * FAKE_SECONDS_PER_NODE * nodes
+    the audit's own capture took (``run_seconds``), the fake one :data:`FAKE_SECONDS_PER_NODE`
+    a node; fake is chosen at twice that and past :data:`FAKE_MIN_SECONDS`, so that a model near
+    the line, or a small one on a busy machine, keeps one way."""
+    return run_seconds > max(2 * FAKE_SECONDS_PER_NODE * nodes, FAKE_MIN_SECONDS)
 
 
 def nchw_records(

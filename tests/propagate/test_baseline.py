@@ -45,12 +45,14 @@ def test_a_fake_baseline_charges_what_the_real_one_does(
     torch.manual_seed(0)
     model = _MODELS[name]().eval()
     x = torch.randn(*_INPUTS.get(name, (2, 8, 16, 16)))
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", float("inf"))  # no run costs more than a fake one
     try:
         real = audit(model, x, bandwidth=1e9, capture=capture)
     except Exception as e:  # a case fx cannot trace: the hooks capture covers it
         pytest.skip(f"no {capture} audit: {e}")
-    assert not any(n.startswith(FAKE_NOTE) for n in real.meta.capture_notes)  # small: its own run is cheap
+    assert not any(n.startswith(FAKE_NOTE) for n in real.meta.capture_notes)
     monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)  # any run costs more than a fake one
+    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
     fake = audit(model, x, bandwidth=1e9, capture=capture)
     assert _charged(fake) == _charged(real)
     assert [r.nchw_bytes for r in fake.nodes] == [r.nchw_bytes for r in real.nodes]
@@ -70,8 +72,10 @@ def test_a_fake_baseline_that_cannot_run_gives_way_to_the_real_one(monkeypatch: 
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", float("inf"))
     real = audit(ReadsAValue(), x, bandwidth=1e9, capture="hooks")
     monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
+    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
     fallback = audit(ReadsAValue(), x, bandwidth=1e9, capture="hooks")
     assert _charged(fallback) == _charged(real)
     assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in fallback.meta.capture_notes)
@@ -82,3 +86,4 @@ def test_the_fake_baseline_is_chosen_by_what_the_run_cost() -> None:
     nodes = 500
     assert not baseline.fake_pays(0.5, nodes)  # a 1 ms/node run: the real baseline is as cheap
     assert baseline.fake_pays(5.0, nodes)  # a compute-bound run (10 ms/node)
+    assert not baseline.fake_pays(0.9, 20)  # a small model on a busy machine: not the model's cost
