@@ -393,6 +393,37 @@ def test_a_run_stops_before_a_shape_made_from_permuted_values() -> None:
     assert any("shapes depend on tensor values (index)" in note for note in r.meta.capture_notes)
 
 
+class _GuardedMask(nn.Module):
+    """Boolean-mask indexing behind a bare ``except:``, with a fallback: the audit's stop before
+    the mask must not be swallowed, leaving the fallback's shapes as the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        try:
+            kept = y[:, :, y[0, 0] > 0]
+        except:  # noqa: E722 (as some model code has)
+            kept = y.flatten(2)
+        return self.head(y), kept
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_a_bare_except_does_not_hide_shapes_made_from_values(capture: str) -> None:
+    torch.manual_seed(0)
+    model = _GuardedMask().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        kept = tuple(model(x)[1].shape)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    shapes = {tuple(o.shape) for n in r.nodes for o in n.outputs}
+    assert kept in shapes and (1, 8, 256) not in shapes  # the mask's, not the fallback's flatten
+    assert any("shapes depend on tensor values (index)" in note for note in r.meta.capture_notes)
+
+
 @pytest.mark.parametrize("capture", ["fx", "hooks", "export"])
 def test_shapes_that_depend_on_values_are_the_models(capture: str) -> None:
     torch.manual_seed(0)

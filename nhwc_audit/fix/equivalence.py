@@ -13,6 +13,7 @@ order, an allocation's layout) give the same float32 results, and skip it.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,18 +204,34 @@ class Deviation:
     original model's: the largest relative deviation of an output (the norm of the difference
     over the norm of the original's), and the relative deviation of all parameter gradients
     together (the update a training step would make; one parameter's own gradient can be zero
-    up to rounding, a conv bias before a norm layer)."""
+    up to rounding, a conv bias before a norm layer). Values equal in both (an infinity, a NaN
+    in the same place) do not count; any other non-finite difference is ``inf``."""
 
     outputs: float
     gradients: float | None
     """None without gradients (not asked for, or no parameter gets one)."""
+    dtype: str = "float32"
+    """The dtype both ran in: the model's own."""
 
 
-def _deviation_of(results: tuple[list[torch.Tensor], dict[str, torch.Tensor]], ref: Any) -> Deviation:
+def _norms(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(norm of ``other - ref``, norm of ``ref``) over the finite values of ``ref``, where equal
+    non-finite values (the same infinity, NaN against NaN) differ by nothing."""
+    a, b = ref.detach().double(), other.detach().double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    diff = torch.where(same, torch.zeros_like(a), b - a)
+    return float(diff.norm()), float(torch.where(a.isfinite(), a, torch.zeros_like(a)).norm())
+
+
+def _relative(diff: float, scale: float) -> float:
+    return diff / max(scale, 1e-30) if math.isfinite(diff) else math.inf
+
+
+def _deviation_of(results: Results, ref: Results, dtype: str = "float32") -> Deviation:
     (outs, grads), (ref_outs, ref_grads) = results, ref
     outputs = max(
         (
-            _deviation(b, a) / max(float(b.double().norm()), 1e-30)
+            _relative(*_norms(b, a))
             for a, b in zip(outs, ref_outs, strict=False)
             if a.is_floating_point() and a.shape == b.shape
         ),
@@ -222,10 +239,10 @@ def _deviation_of(results: tuple[list[torch.Tensor], dict[str, torch.Tensor]], r
     )
     shared = [n for n in ref_grads if n in grads and grads[n].shape == ref_grads[n].shape]
     if not shared:
-        return Deviation(outputs, None)
-    diff = sum(_deviation(ref_grads[n], grads[n]) ** 2 for n in shared) ** 0.5
-    scale = sum(float(ref_grads[n].double().norm()) ** 2 for n in shared) ** 0.5
-    return Deviation(outputs, diff / max(scale, 1e-30))
+        return Deviation(outputs, None, dtype)
+    pairs = [_norms(ref_grads[n], grads[n]) for n in shared]
+    diff = math.sqrt(sum(d * d for d, _ in pairs))
+    return Deviation(outputs, _relative(diff, math.sqrt(sum(r * r for _, r in pairs))), dtype)
 
 
 def deviations(
@@ -244,11 +261,12 @@ def deviations(
     args, kwargs = sample
     own = (reference or {}).get("own")  # the original's results on the sample, from the checks
     ref = own[0] if own else _outputs(fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
-    mine = _deviation_of(_outputs(fresh_copy(repaired), args, kwargs, grads), ref)
+    dtype = str(first_float_dtype(model) or torch.float32).removeprefix("torch.")
+    mine = _deviation_of(_outputs(fresh_copy(repaired), args, kwargs, grads), ref, dtype)
     theirs: Deviation | None = None
     if naive is not None:
         try:
-            theirs = _deviation_of(_outputs(fresh_copy(naive), args, kwargs, grads), ref)
+            theirs = _deviation_of(_outputs(fresh_copy(naive), args, kwargs, grads), ref, dtype)
         except Exception:
             pass  # an error the audit did not see: no noise estimate
     return mine, theirs

@@ -64,7 +64,8 @@ class RepairLog:
     """In the model's own dtype, on the sample: how far the repaired model's outputs and
     gradients are from the original's (None when nothing was rewritten)."""
     naive_deviation: Deviation | None = None
-    """The same for the naive channels_last conversion: the rounding converting costs anyway."""
+    """The same for the naive channels_last conversion: what converting alone changes (rounding,
+    or a kernel that computes differently in channels_last); None when it cannot run."""
 
     @property
     def changed(self) -> bool:

@@ -25,11 +25,12 @@ from torch.utils._pytree import tree_map
 
 from ..errors import SharedWeightWrite, first_line
 from ..records import NodeRecord
+from ..tensors import SharedStorages
 from .captured import Captured
 from .corrections import Corrections
 from .eager import record_eager
 from .interpreter import LayoutProp
-from .runner import Runner
+from .runner import Runner, attributes_restored
 
 __all__ = ["match_nodes", "nchw_records"]
 
@@ -133,7 +134,10 @@ def nchw_records(
     the run is real."""
     if fake and not runner.fake:
         fake_runner = dataclasses.replace(runner, fake_mode=_converting_fake_mode())
-        got = _nchw_run(captured, model, args, kwargs, fake_runner)
+        # what forward caches on the modules is put back: a fake run that fails must not leave
+        # FakeTensors there for the real run after it
+        with attributes_restored(captured.capture.root if captured.capture is not None else model):
+            got = _nchw_run(captured, model, args, kwargs, fake_runner)
         if not isinstance(got, str):
             return got, True
     return _nchw_run(captured, model, args, kwargs, runner), runner.fake
@@ -153,8 +157,9 @@ def _nchw_run(
     holder: _Graph | _Eager
     # a fake run follows eager where meta kernels are known to differ, as the audit's own run did
     corrections = Corrections(runner.device_type) if runner.fake and runner.correct else None
-    # a fake run writes to no storage: only a real one is guarded
-    shared = frozenset() if runner.fake else runner.shared
+    # a fake run writes to no storage: only a real one is guarded, and its weights, seen through
+    # NCHW strides, have the model's values (shapes made from values are the model's)
+    shared: frozenset[int] = frozenset() if runner.fake else _values_kept(runner.shared)
     if captured.capture is not None and captured.inputs is not None:
         holder = _Graph(captured.capture.root, captured.capture.graph, shared, corrections)
         call: tuple[Any, ...] = tuple(tree_map(_nchw_input, v) for v in captured.inputs)
@@ -178,6 +183,13 @@ def _nchw_run(
     if isinstance(holder, _Eager) and holder.error is not None:
         return holder.error
     return holder.records
+
+
+def _values_kept(shared: frozenset[int]) -> frozenset[int]:
+    """``shared`` for a run that reads the weights with their own values."""
+    if isinstance(shared, SharedStorages) and shared.permuted:
+        return SharedStorages(shared.spans, permuted=False)
+    return shared
 
 
 def _to_fake(v: Any, mode: Any) -> Any:

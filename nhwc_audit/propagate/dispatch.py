@@ -26,6 +26,7 @@ __all__ = [
     "RECORDER_BLIND",
     "recorder_blind",
     "RecordingMode",
+    "check_guards",
     "check_shared_write",
     "check_value_shape",
     "computed_relay",
@@ -158,6 +159,19 @@ def check_value_shape(func: Any, args: Any, shared: frozenset[int]) -> None:
     raise ValueDependentShapes(name)
 
 
+def check_guards(func: Any, args: Any, kwargs: Any, shared: frozenset[int], refused: list[SharedWeightWrite]) -> None:
+    """:func:`check_shared_write` and :func:`check_value_shape`; a refusal is also kept in
+    ``refused``: a bare ``except:`` in the model's code may swallow it and run on (on a fallback
+    path, with permuted values), so the run raises it again at its end."""
+    try:
+        if _written_args(func):  # in-place and out= ops only
+            check_shared_write(func, args, kwargs, shared)
+        check_value_shape(func, args, shared)
+    except SharedWeightWrite as e:
+        refused.append(e)
+        raise
+
+
 class RecordingMode(TorchDispatchMode):
     """The base of the audit's dispatch-level recorders. torch wraps every subclass's
     ``__torch_dispatch__`` in ``torch._disable_dynamo`` (so that torch.compile never traces
@@ -192,11 +206,11 @@ class CopyRecorder(RecordingMode):
         self.on_stack = False
         """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
         see into: :func:`recorder_blind`)."""
+        self.refused: list[SharedWeightWrite] = []
+        """What the guards refused (:func:`check_guards`): raised again when the run ends."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if _written_args(func):  # in-place and out= ops only
-            check_shared_write(func, args, kwargs, self.shared)
-        check_value_shape(func, args, self.shared)
+        check_guards(func, args, kwargs, self.shared, self.refused)
         out = func(*args, **(kwargs or {}))
         if self.recording:
             copy = hidden_copy(func, args, out)

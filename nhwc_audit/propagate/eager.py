@@ -21,13 +21,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
 from ..capture.source import user_frame
-from ..errors import first_line
+from ..errors import SharedWeightWrite, first_line
 from ..layout import classify, tensor_meta
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .corrections import Corrections
-from .dispatch import RecordingMode, check_shared_write, check_value_shape, hidden_copy, is_alias_of
+from .dispatch import RecordingMode, check_guards, hidden_copy, is_alias_of
 
 __all__ = ["record_eager"]
 
@@ -85,6 +85,8 @@ class _Recorder(RecordingMode):
         self.corrections = corrections
         self.stack = stack
         self.shared = shared
+        self.refused: list[SharedWeightWrite] = []
+        """What the guards refused: raised again when the forward ends."""
         self.records: list[dict[str, Any]] = []
         self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.counts: dict[str, int] = {}
@@ -98,8 +100,7 @@ class _Recorder(RecordingMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        check_shared_write(func, args, kwargs, self.shared)
-        check_value_shape(func, args, self.shared)
+        check_guards(func, args, kwargs, self.shared, self.refused)
         op = func.overloadpacket.__name__
         ins = list(iter_tensors((args, kwargs)))
         if op in _SKIP:
@@ -213,6 +214,8 @@ def record_eager(
     try:
         with torch.no_grad(), rec.calls, rec:
             out = model(*args, **kwargs)
+        if rec.refused:  # swallowed by the model's own bare except
+            raise rec.refused[0]
     except Exception as e:
         if rec.error is None or not rec.layout_caused:
             raise

@@ -35,10 +35,8 @@ ProgressFn = Callable[[int, int], None]
 class LayoutProp(torch.fx.Interpreter):
     """An Interpreter that records a :class:`NodeRecord` for every node it runs.
 
-    A node that raises on channels_last input (a *break*, e.g. ``x.view(n, -1)``) is run
-    again on NCHW copies of its inputs; if that works, the error is recorded and the audit
-    goes on, so one ``view`` does not hide the rest of the model.
-    """
+    A node that raises on channels_last input (a *break*, e.g. ``x.view(n, -1)``) is run again on
+    NCHW copies of its inputs; if that works, the error is recorded and the audit goes on."""
 
     def __init__(
         self,
@@ -189,6 +187,8 @@ class LayoutProp(torch.fx.Interpreter):
                 if rec is not None and not rec.on_stack:
                     torch._C._push_on_torch_dispatch_stack(rec)  # the mode's exit pops it
                     rec.on_stack = True
+        if rec is not None and rec.refused:  # swallowed by the model's own bare except
+            raise rec.refused[0]
         self._built()
         return self.graph.process_outputs(out) if enable_io_processing else out
 

@@ -170,7 +170,7 @@ def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> Rend
             parts.append(Text(f"  {st.kind:<24} {st.node}: {st.reason} (-{fmt_bytes(st.bytes_saved)})"))
         for msg in rp.refused:
             parts.append(Text(f"  refused: {msg}", style="yellow"))
-        if (numerics := deviation_line(rp, report.meta.dtype)) is not None:
+        if (numerics := deviation_line(rp)) is not None:
             parts.append(Text(f"  {numerics}"))
     if report.measurement is not None:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=None)

@@ -240,7 +240,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
         "strip_colours": LAYOUT_COLOURS,
         "verdict": verdict_dict(report.verdict),
         "repair": repair_dict(report.repair),
-        "repair_numerics": deviation_line(report.repair, report.meta.dtype) if report.repair is not None else None,
+        "repair_numerics": deviation_line(report.repair) if report.repair is not None else None,
         "timings": [
             {**t, "speedup": report.measurement.speedup(t["variant"])} for t in (measured or {"timings": []})["timings"]
         ]

@@ -7,6 +7,7 @@ bandwidth (pass ``bandwidth=`` / ``--bandwidth`` to fix the latter).
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from ..records import (
@@ -228,8 +229,13 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
     }
 
 
-def _deviation(d: Deviation | None) -> dict[str, float | None] | None:
-    return None if d is None else {"outputs": d.outputs, "gradients": d.gradients}
+def _deviation(d: Deviation | None) -> dict[str, Any] | None:
+    """JSON has no infinities: a deviation that is not finite is null."""
+
+    def finite(v: float | None) -> float | None:
+        return v if v is not None and math.isfinite(v) else None
+
+    return None if d is None else {"outputs": finite(d.outputs), "gradients": finite(d.gradients), "dtype": d.dtype}
 
 
 def measurement_dict(measurement: Measurement | None) -> dict[str, Any] | None:

@@ -87,3 +87,63 @@ def test_the_fake_baseline_is_chosen_by_what_the_run_cost() -> None:
     assert not baseline.fake_pays(0.5, nodes)  # a 1 ms/node run: the real baseline is as cheap
     assert baseline.fake_pays(5.0, nodes)  # a compute-bound run (10 ms/node)
     assert not baseline.fake_pays(0.9, 20)  # a small model on a busy machine: not the model's cost
+
+
+class _Streaming(nn.Module):
+    """Keeps a tensor from its last call on itself and reads a value into Python: a fake
+    baseline stores a FakeTensor there and fails at ``.item()``; the real one after it must not
+    read that FakeTensor back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 8, 1)
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.cache is not None and self.cache.shape == y.shape:
+            y = y + 0.5 * self.cache
+        self.cache = y.detach()
+        t = y.transpose(-1, -2).contiguous()  # copies in either layout
+        return self.head(t) * int((t.abs().max() > -1).item())
+
+
+def test_a_fake_baseline_that_fails_leaves_nothing_for_the_real_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(1, 3, 8, 8)
+    torch.manual_seed(0)
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", float("inf"))
+    real = audit(_Streaming().eval(), x, bandwidth=1e9, capture="hooks")
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
+    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
+    torch.manual_seed(0)
+    model = _Streaming().eval()
+    fallback = audit(model, x, bandwidth=1e9, capture="hooks")
+    assert _charged(fallback) == _charged(real)
+    assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in fallback.meta.capture_notes)
+    assert model.cache is None  # the user's model is never run
+
+
+class _BreakThenMask(nn.Module):
+    """A break (``view`` on channels_last) stops the audit's eager run before a boolean mask: the
+    audit keeps its restrided weights, and the NCHW baseline, which reads them through NCHW
+    strides (the model's own values), runs on to the mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.head(self.conv(x).transpose(-1, -2).contiguous())  # a revert that copies in NCHW too
+        f = self.fc(t.view(t.shape[0], -1))  # a break on channels_last
+        return f[f > 0]
+
+
+def test_the_baseline_reads_the_models_values_past_a_break() -> None:
+    torch.manual_seed(0)
+    r = audit(_BreakThenMask().eval(), torch.randn(1, 3, 8, 8), bandwidth=1e9, capture="hooks")
+    assert r.summary.breaks == 1
+    assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in r.meta.capture_notes)
+    assert not any("not run" in n for n in r.meta.capture_notes)
