@@ -68,3 +68,22 @@ def test_the_checks_share_the_originals_results(monkeypatch: pytest.MonkeyPatch)
         assert equivalence.first_change(model, convert(model), convert(model), _sample(), True, reference) is None
     equivalence.deviations(model, convert(model), convert(model), _sample()[0], True, reference)
     assert runs == [1]
+
+
+def test_the_logs_deviation_reuses_the_last_checked_graphs_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = M.InstanceNormNet().train()
+    trial = torch.fx.symbolic_trace(convert(model))
+    again = torch.fx.GraphModule(trial, copy.deepcopy(trial.graph))  # another copy of the same graph
+    reference: dict[str, Any] = {}
+    assert equivalence.first_change(model, convert(model), trial, _sample(), True, reference) is None
+    ran: list[str] = []
+    real = equivalence._outputs
+
+    def counting(m: Any, *a: Any) -> Any:
+        ran.append(type(m).__name__)
+        return real(m, *a)
+
+    monkeypatch.setattr(equivalence, "_outputs", counting)
+    mine, naive = equivalence.deviations(model, convert(model), again, _sample()[0], True, reference)
+    assert ran == ["InstanceNormNet"]  # the naive model only: the original's and the graph's were kept
+    assert naive is not None and mine.outputs < equivalence.ROUNDING
