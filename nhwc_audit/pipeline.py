@@ -34,6 +34,7 @@ from .propagate.baseline import fake_pays, match_nodes, nchw_records
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
+from .propagate.kernels import layout_dependent_backwards
 from .propagate.runner import Runner
 from .records import (
     BACKWARD_NOT_AUDITED,
@@ -148,8 +149,8 @@ def _capture(
 
 
 def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...]]:
-    """The records with the gradient layouts of one backward pass, and a note on the layouts
-    of the parameter gradients."""
+    """The records with the gradient layouts of one backward pass, and notes on the parameter
+    gradients' layouts and on kernels whose result depends on a gradient's layout."""
     if captured.gm is None:
         return captured.records, (
             f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",
@@ -160,7 +161,8 @@ def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord]
             captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected
         )
     records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
-    return records, _param_grad_notes(param_grads)
+    faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
+    return records, _param_grad_notes(param_grads) + faults
 
 
 def _param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
