@@ -37,7 +37,7 @@ def test_a_train_audit_names_an_instancenorm_whose_backward_depends_on_the_gradi
     noted = [n for n in r.meta.capture_notes if n.startswith("backward: InstanceNorm (norm)")]
     assert bool(noted) == _torch_says_it_differs((batch, 8, 16, 16))
     if noted:
-        assert f"at {batch}x8x16x16 float32" in noted[0]
+        assert f"at {batch}x8x16x16 float32" in noted[0] and "wrong input gradient" in noted[0]
 
 
 def test_nothing_is_measured_without_a_backward_pass_or_on_fake_tensors() -> None:
