@@ -23,10 +23,10 @@ from ..tensors import iter_tensors, on_shared
 
 __all__ = [
     "CopyRecorder",
+    "GuardedMode",
     "RECORDER_BLIND",
     "recorder_blind",
     "RecordingMode",
-    "check_guards",
     "check_shared_write",
     "check_value_shape",
     "computed_relay",
@@ -159,19 +159,6 @@ def check_value_shape(func: Any, args: Any, shared: frozenset[int]) -> None:
     raise ValueDependentShapes(name)
 
 
-def check_guards(func: Any, args: Any, kwargs: Any, shared: frozenset[int], refused: list[SharedWeightWrite]) -> None:
-    """:func:`check_shared_write` and :func:`check_value_shape`; a refusal is also kept in
-    ``refused``: a bare ``except:`` in the model's code may swallow it and run on (on a fallback
-    path, with permuted values), so the run raises it again at its end."""
-    try:
-        if _written_args(func):  # in-place and out= ops only
-            check_shared_write(func, args, kwargs, shared)
-        check_value_shape(func, args, shared)
-    except SharedWeightWrite as e:
-        refused.append(e)
-        raise
-
-
 class RecordingMode(TorchDispatchMode):
     """The base of the audit's dispatch-level recorders. torch wraps every subclass's
     ``__torch_dispatch__`` in ``torch._disable_dynamo`` (so that torch.compile never traces
@@ -184,14 +171,40 @@ class RecordingMode(TorchDispatchMode):
         return False
 
 
-class CopyRecorder(RecordingMode):
+class GuardedMode(RecordingMode):
+    """A recording mode that refuses, before the op runs, a write to the weights the audit shares
+    with the user's model (``shared``: :func:`check_shared_write`) and a shape made from their
+    permuted values (:func:`check_value_shape`). A bare ``except:`` in the model's code may
+    swallow the refusal and run on (down a fallback path, on permuted values): the mode keeps
+    what it refused and raises it again when it exits."""
+
+    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.shared = shared
+        self.refused: list[SharedWeightWrite] = []
+
+    def guard(self, func: Any, args: Any, kwargs: Any) -> None:
+        try:
+            if _written_args(func):  # in-place and out= ops only
+                check_shared_write(func, args, kwargs, self.shared)
+            check_value_shape(func, args, self.shared)
+        except SharedWeightWrite as e:
+            self.refused.append(e)
+            raise
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        super().__exit__(exc_type, exc, tb)
+        if exc_type is None and self.refused:
+            raise self.refused[0]
+
+
+class CopyRecorder(GuardedMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
     def __init__(self, shared: frozenset[int] = frozenset(), *, relays: bool = False) -> None:
-        super().__init__()
+        super().__init__(shared)
         self.copies: list[HiddenCopy] = []
-        self.shared = shared
         self.relays = relays
         """Keep the layout changes of ops that compute too (:func:`computed_relay`, in
         ``relayed``): a graph's node runs several ATen ops, whose moves its own layouts may not
@@ -206,11 +219,9 @@ class CopyRecorder(RecordingMode):
         self.on_stack = False
         """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
         see into: :func:`recorder_blind`)."""
-        self.refused: list[SharedWeightWrite] = []
-        """What the guards refused (:func:`check_guards`): raised again when the run ends."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        check_guards(func, args, kwargs, self.shared, self.refused)
+        self.guard(func, args, kwargs)
         out = func(*args, **(kwargs or {}))
         if self.recording:
             copy = hidden_copy(func, args, out)

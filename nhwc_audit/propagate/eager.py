@@ -21,13 +21,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
 from ..capture.source import user_frame
-from ..errors import SharedWeightWrite, first_line
+from ..errors import first_line
 from ..layout import classify, tensor_meta
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .corrections import Corrections
-from .dispatch import RecordingMode, check_guards, hidden_copy, is_alias_of
+from .dispatch import GuardedMode, hidden_copy, is_alias_of
 
 __all__ = ["record_eager"]
 
@@ -69,7 +69,7 @@ class _Calls(TorchFunctionMode):
             self.current, self.source, self.index = outer
 
 
-class _Recorder(RecordingMode):
+class _Recorder(GuardedMode):
     def __init__(
         self,
         stack: list[tuple[str, str]],
@@ -77,16 +77,13 @@ class _Recorder(RecordingMode):
         corrections: Corrections | None = None,
         buffers: frozenset[int] = frozenset(),
     ) -> None:
-        super().__init__()
+        super().__init__(shared)
         self.buffers = buffers
         """``id()`` of the model's parameters and buffers: stored tensors, as a graph's get_attr
         inputs are."""
         self.calls = _Calls()
         self.corrections = corrections
         self.stack = stack
-        self.shared = shared
-        self.refused: list[SharedWeightWrite] = []
-        """What the guards refused: raised again when the forward ends."""
         self.records: list[dict[str, Any]] = []
         self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.counts: dict[str, int] = {}
@@ -100,7 +97,7 @@ class _Recorder(RecordingMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        check_guards(func, args, kwargs, self.shared, self.refused)
+        self.guard(func, args, kwargs)
         op = func.overloadpacket.__name__
         ins = list(iter_tensors((args, kwargs)))
         if op in _SKIP:
@@ -214,8 +211,6 @@ def record_eager(
     try:
         with torch.no_grad(), rec.calls, rec:
             out = model(*args, **kwargs)
-        if rec.refused:  # swallowed by the model's own bare except
-            raise rec.refused[0]
     except Exception as e:
         if rec.error is None or not rec.layout_caused:
             raise

