@@ -17,7 +17,7 @@ from .analyze.verdict import decide
 from .capture.fx import graph_attributes
 from .errors import UsageError
 from .fix.repair import repair_model
-from .prepare.copy import first_float_dtype
+from .prepare.copy import own_dtype_name
 from .records import NodeRecord, Summary
 from .report.text import fmt_seconds, untimed_lines
 
@@ -64,7 +64,7 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     graph, constants = _fx_graph(report)
     # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the
     # audit, when the repair runs as the audit did (it runs the model in its own dtype, no autocast)
-    own = str(first_float_dtype(model) or torch.float32).removeprefix("torch.")
+    own = own_dtype_name(model)
     same_run = report.meta.autocast is None and report.meta.dtype == own
     baseline = {r.name: r.nchw_bytes for r in report.nodes if r.nchw_bytes} if graph is not None and same_run else None
     gm, log = repair_model(

@@ -27,7 +27,7 @@ from .collector import collector_paused
 from .errors import SharedWeightWrite, ValueDependentShapes
 from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
-from .prepare.copy import first_float_dtype, model_device, prepare_audit_copy, prepare_inputs
+from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts
 from .propagate.baseline import fake_pays, match_nodes, nchw_records
@@ -209,7 +209,7 @@ def _with_nchw_baseline(
         return records, ()
     out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
     notes = []
-    if on_fake and o.mode == "real":
+    if on_fake:
         notes.append("NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)")
     for kind, what in ((FindingKind.REVERT, "revert(s) copy"), (FindingKind.MIXED, "mixed op(s) move data")):
         hit = [f for f in costly if f.kind is kind and f.node in both]
@@ -244,7 +244,7 @@ def _audit_one(
     unchanged = baselined is records  # else reverts that copy in NCHW too are charged less
     records = baselined
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
-    dtype = str(o.dtype or first_float_dtype(module) or torch.float32).removeprefix("torch.")
+    dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..prepare.clone import clone_modules
-from ..prepare.copy import first_float_dtype
+from ..prepare.copy import first_float_dtype, own_dtype_name
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 
@@ -279,7 +279,7 @@ def deviations(
     args, kwargs = sample
     own = (reference or {}).get("own")  # the original's results on the sample, from the checks
     ref = own[0] if own else _outputs(fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
-    dtype = str(first_float_dtype(model) or torch.float32).removeprefix("torch.")
+    dtype = own_dtype_name(model)
     seen = (reference or {}).get("trial", {}).get(_graph_key(repaired))
     mine = _deviation_of(seen or _outputs(fresh_copy(repaired), args, kwargs, grads), ref, dtype)
     theirs: Deviation | None = None

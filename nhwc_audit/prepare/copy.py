@@ -31,6 +31,7 @@ __all__ = [
     "memory_format_for_rank",
     "plain_tensors",
     "model_device",
+    "own_dtype_name",
     "prepare_audit_copy",
     "prepare_inputs",
 ]
@@ -92,6 +93,12 @@ def first_float_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter (None when it has none): the
     dtype a run without ``dtype=`` audits in."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def own_dtype_name(model: nn.Module) -> str:
+    """The name of the dtype ``model`` runs in (``"float32"``): its first floating-point
+    parameter's, float32 without one."""
+    return str(first_float_dtype(model) or torch.float32).removeprefix("torch.")
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -191,15 +198,17 @@ class AuditCopy:
     """The audit's private channels_last model and the storages it shares with the user's."""
 
     module: nn.Module
-    shared: frozenset[int]
+    shared: SharedStorages
     """``untyped_storage().data_ptr()`` of every user parameter the copy reads in place, with
-    the bytes each spans (a :class:`~nhwc_audit.tensors.SharedStorages`): the propagation
-    refuses to write to them, or to a tensor made over their memory
-    (:class:`~nhwc_audit.errors.SharedWeightWrite`)."""
-    permuted: bool = False
-    """Some parameter is restrided over the user's storage: its values come out permuted, so
-    the copy's outputs are not the model's (layouts are; shapes too unless they depend on
-    values: :func:`~nhwc_audit.propagate.captured.value_dependent`)."""
+    the bytes each spans: the propagation refuses to write to them, or to a tensor made over
+    their memory (:class:`~nhwc_audit.errors.SharedWeightWrite`)."""
+
+    @property
+    def permuted(self) -> bool:
+        """Some parameter is restrided over the user's storage: its values come out permuted, so
+        the copy's outputs are not the model's (layouts are; shapes too unless they depend on
+        values: :func:`~nhwc_audit.propagate.captured.value_dependent`)."""
+        return self.shared.permuted
 
 
 def prepare_audit_copy(
@@ -248,7 +257,7 @@ def prepare_audit_copy(
             if id(t) not in memo:
                 memo[id(t)] = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
     try:
-        return AuditCopy(clone_modules(model, memo), SharedStorages(shared.items(), permuted), permuted)
+        return AuditCopy(clone_modules(model, memo), SharedStorages(shared.items(), permuted))
     except Exception as e:
         raise ConversionError(
             f"cannot copy {type(model).__name__} for the audit ({type(e).__name__}: {e}); "

@@ -20,10 +20,12 @@ from .copy import memory_format_for_rank, plain_tensors
 __all__ = ["fake_copy", "fake_inputs", "fake_mode", "fake_plain"]
 
 
-def fake_mode() -> Any:
+def fake_mode(*, real_inputs: bool = False) -> Any:
+    """A FakeTensorMode; with ``real_inputs``, one that takes real tensors (the weights and
+    constants of a real model) as they come, converted on first use, no data read or copied."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    return FakeTensorMode(allow_non_fake_inputs=False)
+    return FakeTensorMode(allow_non_fake_inputs=real_inputs)
 
 
 def _fake_layout(

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..errors import SharedWeightWrite, first_line
+from ..prepare.fake import fake_mode
 from ..records import NodeRecord
 from ..tensors import SharedStorages
 from .captured import Captured
@@ -123,8 +124,8 @@ def nchw_records(
     fake: bool = False,
 ) -> tuple[list[NodeRecord] | str, bool]:
     """The records of the NCHW run of the capture ``captured`` came from (``model`` and the
-    sample are the audit's channels_last copies), or why it could not run; and whether it ran
-    on fake tensors.
+    sample are the audit's channels_last copies), or why it could not run; and whether a real
+    audit's run went on fake tensors.
 
     ``fake``: a real audit runs it on fake tensors first (:func:`fake_pays`). The baseline
     needs layouts, not values, and a real run costs what the audit's own forward costs: it
@@ -133,22 +134,14 @@ def nchw_records(
     go (an op without a meta kernel, a value read into Python, a shape made from values),
     the run is real."""
     if fake and not runner.fake:
-        fake_runner = dataclasses.replace(runner, fake_mode=_converting_fake_mode())
+        fake_runner = dataclasses.replace(runner, fake_mode=fake_mode(real_inputs=True))
         # what forward caches on the modules is put back: a fake run that fails must not leave
         # FakeTensors there for the real run after it
         with attributes_restored(captured.capture.root if captured.capture is not None else model):
             got = _nchw_run(captured, model, args, kwargs, fake_runner)
         if not isinstance(got, str):
             return got, True
-    return _nchw_run(captured, model, args, kwargs, runner), runner.fake
-
-
-def _converting_fake_mode() -> Any:
-    """A FakeTensorMode that takes the real weights and constants as they come (converted on
-    first use, no data read or copied)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return FakeTensorMode(allow_non_fake_inputs=True)
+    return _nchw_run(captured, model, args, kwargs, runner), False
 
 
 def _nchw_run(
