@@ -12,18 +12,11 @@ import torch.fx
 from torch.utils._pytree import tree_map
 
 from ..layout import tensor_meta
-from ..prepare.copy import memory_format_for_rank
-from ..records import Layout, TensorMeta
+from ..records import TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
+from .breaks import to_channels_last
 
 __all__ = ["backward_layouts"]
-
-
-def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
-    fmt = memory_format_for_rank(t.dim())
-    if fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
-        return t
-    return t.contiguous(memory_format=fmt)
 
 
 class _EagerGrad(torch.autograd.Function):
@@ -36,7 +29,8 @@ class _EagerGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return _to_channels_last(grad)
+        out: torch.Tensor = to_channels_last(grad)
+        return out
 
 
 def _eager_input(v: Any) -> Any:
@@ -68,7 +62,7 @@ class _GradProp(torch.fx.Interpreter):
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
             out = getattr(self, n.op)(n.target, args, kwargs)
             if n.name in self.corrected:
-                out = tree_map(lambda v: _to_channels_last(v) if isinstance(v, torch.Tensor) else v, out)
+                out = tree_map(to_channels_last, out)
         if n.op not in ("output", "get_attr"):
             for t in iter_tensors(out):
                 if t.requires_grad:

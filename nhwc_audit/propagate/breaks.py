@@ -75,8 +75,8 @@ def retry_nchw(
 
 
 def to_channels_last(v: Any) -> Any:
-    """An NCHW 4D/5D tensor as a channels_last(_3d) copy, to re-run a view of it (a latent
-    break); other values as they are."""
+    """An NCHW 4D/5D tensor as a channels_last(_3d) copy (to re-run a view of it, a latent
+    break; a gradient handed back as eager's kernel gives it); other values as they are."""
     fmt = memory_format_for_rank(v.dim()) if isinstance(v, torch.Tensor) else None
     if fmt is not None and tensor_meta(v).layout is Layout.CONTIGUOUS:
         return v.contiguous(memory_format=fmt)
