@@ -14,7 +14,6 @@ import torch.fx
 from torch import nn
 
 from .analyze.verdict import decide
-from .capture.fx import graph_attributes
 from .errors import UsageError
 from .fix.repair import repair_model
 from .prepare.copy import own_dtype_name
@@ -41,10 +40,8 @@ def _fx_graph(report: AuditReport) -> tuple[torch.fx.Graph | None, list[tuple[st
     """The audit's torch.fx graph, when it captured one (repair and profiling run fx graphs),
     and what its get_attr nodes read (tensors made in forward, which fx keeps as constants on
     the audit's copy: a graph module of the user's model needs them too)."""
-    capture = report.capture
-    if capture is None or capture.method != "fx":
-        return None, []
-    return capture.graph, graph_attributes(capture)
+    kept = report.capture
+    return (kept.graph, list(kept.attributes)) if kept is not None else (None, [])
 
 
 def _decided_on(report: AuditReport) -> tuple[Sequence[NodeRecord], Summary]:

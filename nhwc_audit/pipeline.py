@@ -282,7 +282,7 @@ def _audit_one(
         timing=timing,
         verdict=decide(records, analysis.summary, device=str(o.device), dtype=dtype),
         source=(module, args, kwargs) if o.mode == "real" else None,
-        capture=captured.capture if o.mode == "real" else None,
+        capture=captured.kept if o.mode == "real" else None,
     )
 
 

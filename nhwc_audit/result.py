@@ -17,7 +17,7 @@ from .report.text import headline, offender_line
 
 if TYPE_CHECKING:
     from .analyze.verdict import Verdict
-    from .capture.fx import Capture
+    from .capture.fx import KeptGraph
     from .fix.repair import RepairLog
     from .timing.measure import Measurement
 
@@ -52,8 +52,8 @@ class AuditReport:
     measurement: Measurement | None = field(default=None, compare=False)
     source: tuple[Any, ...] | None = field(default=None, compare=False)
     """(model, args, kwargs) as given, for repair()/measure(); never serialized or modified."""
-    capture: Capture | None = field(default=None, compare=False)
-    """The graph the audit captured (real mode), reused by repair()/measure(); never serialized."""
+    capture: KeptGraph | None = field(default=None, compare=False)
+    """The fx graph the audit captured (real mode), reused by repair()/measure(); never serialized."""
 
     @property
     def incompatible_nodes(self) -> list[NodeRecord]:

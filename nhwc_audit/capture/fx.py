@@ -22,7 +22,7 @@ from ..errors import TraceError
 from .context import SOURCE_KEY
 from .source import user_frame
 
-__all__ = ["Capture", "GraphMethod", "attribute", "graph_attributes", "put_back", "trace"]
+__all__ = ["Capture", "GraphMethod", "KeptGraph", "attribute", "graph_attributes", "kept", "put_back", "trace"]
 
 GraphMethod = Literal["fx", "export"]
 
@@ -193,7 +193,13 @@ class _Tracer(torch.fx.Tracer):
         # values it turns into get_attr nodes (parameters, buffers, modules, named tuples,
         # constants) by ~10 isinstance checks each before handing it to TracerBase, which
         # looks its exact type up in a table: go there directly
-        if type(a) in _PLAIN_ARGS:
+        kind = type(a)
+        if kind is _Proxy:
+            return a.node
+        if kind is list or kind is tuple:  # torch.cat's list of maps: its proxies looked up here
+            args = [x.node if type(x) is _Proxy else self.create_arg(x) for x in a]
+            return args if kind is list else tuple(args)
+        if kind in _PLAIN_ARGS:
             return TracerBase.create_arg(self, a)
         if isinstance(a, torch.Tensor):  # a parameter or buffer of the root: its name, found once
             name = self._name_of(a, "p" if isinstance(a, nn.Parameter) else "b")
@@ -276,6 +282,22 @@ def attribute(root: nn.Module, target: str) -> Any:
 def graph_attributes(cap: Capture) -> list[tuple[str, Any]]:
     """(target, value) of each get_attr node of ``cap``'s graph, read from its root."""
     return [(str(n.target), attribute(cap.root, str(n.target))) for n in cap.graph.nodes if n.op == "get_attr"]
+
+
+@dataclass(frozen=True)
+class KeptGraph:
+    """What a report keeps of an audit's fx capture for a repair or a measurement: the graph and
+    what its get_attr nodes read. Not its root, the audit's private copy of the model, which
+    goes when the audit ends (a copy of the weights too, for a model that writes to its own)."""
+
+    graph: torch.fx.Graph
+    attributes: tuple[tuple[str, Any], ...]
+    """(target, value) of each get_attr node (:func:`graph_attributes`)."""
+
+
+def kept(cap: Capture | None) -> KeptGraph | None:
+    """What a report keeps of ``cap``: only an fx graph runs on the user's module tree."""
+    return KeptGraph(cap.graph, tuple(graph_attributes(cap))) if cap is not None and cap.method == "fx" else None
 
 
 def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..capture.fx import Capture
+from ..capture.fx import Capture, KeptGraph, kept
 from ..records import NodeRecord
 
 __all__ = ["Captured", "CheckKind", "value_dependent"]
@@ -38,6 +38,11 @@ class Captured:
     @property
     def gm(self) -> torch.fx.GraphModule | None:
         return self.capture.gm if self.capture is not None else None
+
+    @property
+    def kept(self) -> KeptGraph | None:
+        """What the report keeps of the capture (:func:`~nhwc_audit.capture.fx.kept`)."""
+        return kept(self.capture)
 
 
 def value_dependent(records: list[NodeRecord]) -> list[str]:

@@ -281,13 +281,14 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
     place), whose write the recorder must refuse; a Linear on tokens only (its matmul folds a
     4D input with a reshape, which copies a channels_last one)."""
     kind = type(module)
+    own = module.__dict__  # their settings are instance attributes: read without a failed lookup
     return (
         kind in RECORDER_BLIND
         and (kind is not nn.Linear or all(t.dim() < 4 for t in iter_tensors(args)))
-        and "forward" not in module.__dict__
-        and getattr(module, "padding_mode", "zeros") == "zeros"
+        and "forward" not in own
+        and own.get("padding_mode", "zeros") == "zeros"
         and (
-            not getattr(module, "inplace", False)
+            not own.get("inplace", False)
             or (shared is not None and not (shared and any(on_shared(t, shared) for t in iter_tensors(args))))
         )
         and not (module._forward_hooks or module._forward_pre_hooks)

@@ -8,6 +8,7 @@ import contextlib
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -74,33 +75,55 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
     before: a trace or an export runs ``forward`` on proxies or fake tensors, and models cache
     what they compute on themselves (Ultralytics' Detect keeps anchors and strides), which a
     later run would otherwise read back. Yields a list that names, on exit, the public
-    attributes the run had set (``model.22.anchors``, ``model.22.shape``)."""
-    saved = [
-        (path, m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-        for path, m in model.named_modules()
-    ]
+    attributes the run had set (``model.22.anchors``, ``model.22.shape``).
+
+    The tables' keys and values are kept as two flat lists (built and compared in C, with the
+    values compared by identity): most runs change nothing, and a module-by-module comparison
+    cost ~3 us a module (1.3 ms for densenet121's 434), twice per audit."""
+    modules = list(model.named_modules())
+    tables = [t for _, m in modules for t in (m.__dict__, m._parameters, m._buffers, m._modules)]
+    sizes = list(map(len, tables))
+    keys = list(chain.from_iterable(tables))
+    views = [t.values() for t in tables]
+    values = list(chain.from_iterable(views))
     changed: list[str] = []
     try:
         yield changed
     finally:
-        for path, m, attrs, params, buffers, modules in saved:
-            if all(
-                map(_unchanged, (m.__dict__, m._parameters, m._buffers, m._modules), (attrs, params, buffers, modules))
-            ):
-                continue
-            changed += [
-                f"{path}.{k}" if path else k
-                for k, v in m.__dict__.items()
-                if not k.startswith("_") and (k not in attrs or _replaced(attrs[k], v))
-            ]
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            m._parameters.clear()
-            m._parameters.update(params)
-            m._buffers.clear()
-            m._buffers.update(buffers)
-            m._modules.clear()
-            m._modules.update(modules)
+        same = (
+            list(map(len, tables)) == sizes
+            and list(chain.from_iterable(tables)) == keys
+            and all(map(operator.is_, chain.from_iterable(views), values))
+        )
+        if not same:
+            changed += _restore(modules, tables, sizes, keys, values)
+
+
+def _restore(
+    modules: list[tuple[str, nn.Module]], tables: list[Any], sizes: list[int], keys: list[str], values: list[Any]
+) -> list[str]:
+    """Put each module's four tables (``tables``: four per module, in order) back as they were
+    (``sizes``, ``keys``, ``values``: their entries then, flat); the public attributes set."""
+    changed: list[str] = []
+    start = 0
+    before: list[dict[str, Any]] = []
+    for size in sizes:
+        before.append(dict(zip(keys[start : start + size], values[start : start + size], strict=True)))
+        start += size
+    for i, (path, _) in enumerate(modules):
+        now, then = tables[4 * i : 4 * i + 4], before[4 * i : 4 * i + 4]
+        if all(map(_unchanged, now, then)):
+            continue
+        attrs = then[0]
+        changed += [
+            f"{path}.{k}" if path else k
+            for k, v in now[0].items()
+            if not k.startswith("_") and (k not in attrs or _replaced(attrs[k], v))
+        ]
+        for table, saved in zip(now, then, strict=True):
+            table.clear()
+            table.update(saved)
+    return changed
 
 
 def _unchanged(now: dict[str, Any], before: dict[str, Any]) -> bool:

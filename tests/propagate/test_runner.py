@@ -1,0 +1,77 @@
+"""Module state put back around a capture (:func:`attributes_restored`): every kind of change a
+forward can make to its modules is undone and the public attributes it set are named; a run
+that changes nothing leaves every table the very object it was."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import nhwc_audit
+from nhwc_audit import pipeline
+from nhwc_audit.prepare.copy import AuditCopy
+from nhwc_audit.propagate.runner import attributes_restored
+
+
+def _model() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2)))
+
+
+def _state(m: nn.Module) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Each module's four tables: keys, in order, and the identity of each value."""
+    return [
+        (path, [(k, id(v)) for t in (s.__dict__, s._parameters, s._buffers, s._modules) for k, v in t.items()])
+        for path, s in m.named_modules()
+    ]
+
+
+def test_every_change_a_forward_can_make_is_undone_and_named() -> None:
+    m = _model()
+    before = _state(m)
+    tables = [(s.__dict__, s._parameters, s._buffers, s._modules) for s in m.modules()]
+    with attributes_restored(m) as changed:
+        m[0].anchors = torch.zeros(2)  # a new public attribute
+        m[0].stride = (5, 5)  # a plain value replaced
+        m[0]._private = 1  # a private one: undone, not named
+        m[0].weight = nn.Parameter(torch.zeros(1))  # a parameter replaced
+        m[1].register_buffer("running_mean", torch.ones(4))  # a buffer replaced
+        m[2].add_module("extra", nn.ReLU())  # a submodule added
+        del m[2][1]  # one removed
+        m[1].__dict__.pop("momentum")  # an attribute deleted behind Module's back
+    assert sorted(changed) == ["0.anchors", "0.stride"]
+    assert _state(m) == before
+    assert [(s.__dict__, s._parameters, s._buffers, s._modules) for s in m.modules()] == tables
+
+
+def test_a_run_that_changes_nothing_names_nothing() -> None:
+    m = _model()
+    before = _state(m)
+    with attributes_restored(m) as changed:
+        m[0].stride = m[0].stride  # the same object written back
+        m(torch.randn(1, 3, 6, 6).flatten(2).mean(-1)[..., None, None].expand(1, 3, 6, 6))
+    assert changed == []
+    assert _state(m) == before
+
+
+def test_a_report_does_not_keep_the_audits_copy_of_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report keeps the fx graph for a repair; the private copy the audit ran goes."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    copies: list[weakref.ref[nn.Module]] = []
+    real_copy = pipeline.prepare_audit_copy
+
+    def spy(*args: Any, **kwargs: Any) -> AuditCopy:
+        got = real_copy(*args, **kwargs)
+        copies.append(weakref.ref(got.module))
+        return got
+
+    monkeypatch.setattr(pipeline, "prepare_audit_copy", spy)
+    report = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    gc.collect()
+    assert report.capture is not None and copies
+    assert all(ref() is None for ref in copies)
+    assert report.repaired().repair is not None  # the kept graph is enough for a repair
