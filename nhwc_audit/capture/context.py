@@ -67,7 +67,9 @@ def _roll_detail(dims: Any) -> str:
 
 def _node_detail(node: torch.fx.Node, sub: nn.Module | None, op_name: str) -> str:
     if sub is not None:  # a module keeps its mode as an attribute (nn.Upsample), else none
-        own = getattr(sub, "mode", None)
+        own = sub.__dict__.get("mode")  # most have none: no failed lookup through Module.__getattr__
+        if own is None and hasattr(type(sub), "mode"):  # a class attribute or a property
+            own = getattr(sub, "mode", None)
         return own if isinstance(own, str) else ""
     if op_name == "roll":
         return _roll_detail(node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None))
@@ -145,7 +147,7 @@ def node_context(
     module_path, module_type = "", type(root).__name__
     in_leaf = False
     if stack:
-        path, mtype = list(stack.values())[-1]
+        path, mtype = next(reversed(stack.values()))
         module_path = _module_path(str(path))
         qual = f"{mtype.__module__}.{mtype.__name__}" if isinstance(mtype, type) else str(mtype)
         module_type = qual.rsplit(".", 1)[-1]

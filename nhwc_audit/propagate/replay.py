@@ -126,7 +126,7 @@ def replay(
     if skeleton.off is not None:
         return skeleton.off
     modules = dict(model.named_modules())
-    hooked = [name or "the model" for name, m in modules.items() if any(m.__dict__.get(h) for h in _HOOKS)]
+    hooked = [name or "the model" for name, m in modules.items() if any(map(m.__dict__.get, _HOOKS))]
     if hooked or any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS):
         where = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "") if hooked else "every module"
         return f"hooks on {where}: the replay cannot run them on stand-ins"
