@@ -158,7 +158,7 @@ def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord]
     breaks = frozenset(r.name for r in captured.records if r.error)
     with runner.context(guard=False):
         grads, param_grads = backward_layouts(
-            captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected
+            captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected, ran=captured.grad_run
         )
     records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)

@@ -1,10 +1,15 @@
 """Backward audit: one backward pass from a loss on the outputs, recording the layout of the
 gradient that arrives at each node's output (tensor hooks) and of each parameter gradient as
 the op produced it (``torch.autograd.grad``; a leaf's ``.grad`` would be forced to the
-parameter's own strides)."""
+parameter's own strides).
+
+A real audit's propagation runs its forward with autograd when a backward follows
+(:class:`GradRun`): the backward starts from it, and the model runs forward once. A fake run
+(whose corrected nodes hand gradients back as eager would) runs a forward of its own here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +21,32 @@ from ..records import TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .breaks import to_channels_last
 
-__all__ = ["backward_layouts"]
+__all__ = ["GradRun", "backward_layouts", "hook_gradients"]
+
+
+Grads = dict[str, list[TensorMeta]]
+"""Node name -> the layouts of the gradients that arrived at its output's tensors."""
+
+
+def hook_gradients(name: str, value: Any, grads: Grads) -> None:
+    """Note in ``grads[name]`` the layout of each gradient that arrives at ``value``'s tensors."""
+    for t in iter_tensors(value):
+        if t.requires_grad:
+
+            def hook(g: torch.Tensor) -> None:
+                grads.setdefault(name, []).append(tensor_meta(g))
+
+            t.register_hook(hook)
+
+
+@dataclass(frozen=True)
+class GradRun:
+    """A forward the propagation ran with autograd, each node's output hooked
+    (:func:`hook_gradients`): the graph's output, and the gradient layouts the hooks collect
+    once a backward runs from it."""
+
+    out: Any
+    grads: Grads
 
 
 class _EagerGrad(torch.autograd.Function):
@@ -43,7 +73,7 @@ class _GradProp(torch.fx.Interpreter):
     def __init__(
         self,
         gm: torch.fx.GraphModule,
-        grads: dict[str, list[TensorMeta]],
+        grads: Grads,
         breaks: frozenset[str] = frozenset(),
         corrected: frozenset[str] = frozenset(),
     ) -> None:
@@ -64,13 +94,7 @@ class _GradProp(torch.fx.Interpreter):
             if n.name in self.corrected:
                 out = tree_map(to_channels_last, out)
         if n.op not in ("output", "get_attr"):
-            for t in iter_tensors(out):
-                if t.requires_grad:
-
-                    def hook(g: torch.Tensor, name: str = n.name) -> None:
-                        self.grads.setdefault(name, []).append(tensor_meta(g))
-
-                    t.register_hook(hook)
+            hook_gradients(n.name, out, self.grads)
         return out
 
 
@@ -81,19 +105,24 @@ def backward_layouts(
     *,
     breaks: frozenset[str] = frozenset(),
     corrected: frozenset[str] = frozenset(),
+    ran: GradRun | None = None,
 ) -> tuple[dict[str, tuple[TensorMeta, ...]], dict[str, TensorMeta]]:
     """Run ``gm`` (the audit's private graph) forward with autograd and back from a fixed random
     linear loss whose seed gradient has each output's own layout (as an elementwise loss on a
     channels_last output gives). ``breaks``: nodes that raise on channels_last input (the
     forward audit's breaks), run on NCHW copies of their inputs as the forward audit ran them.
     ``corrected``: nodes a fake run corrected to eager (:mod:`.corrections`): their outputs and
-    the gradients they hand back are channels_last here too.
+    the gradients they hand back are channels_last here too. ``ran``: the propagation's own
+    forward of ``gm``'s graph, run with autograd: the backward starts there, with no forward here.
     Returns node -> gradient layouts and parameter -> layout."""
-    grads: dict[str, list[TensorMeta]] = {}
+    grads = ran.grads if ran is not None else {}
     with seeded(seed, flat_inputs), torch.enable_grad():
-        out = _GradProp(gm, grads, breaks, corrected).run(
-            *[clone_value(v) for v in flat_inputs], enable_io_processing=False
-        )
+        if ran is not None:
+            out = ran.out
+        else:
+            out = _GradProp(gm, grads, breaks, corrected).run(
+                *[clone_value(v) for v in flat_inputs], enable_io_processing=False
+            )
         outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
         params = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
         param_grads: dict[str, TensorMeta] = {}

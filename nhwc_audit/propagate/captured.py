@@ -10,6 +10,7 @@ import torch
 
 from ..capture.fx import Capture, KeptGraph, kept
 from ..records import NodeRecord
+from .backward import GradRun
 
 __all__ = ["Captured", "CheckKind", "value_dependent"]
 
@@ -34,6 +35,9 @@ class Captured:
     """The values its placeholders took, in order."""
     corrected: frozenset[str] = frozenset()
     """Nodes a fake run made follow eager where meta kernels are known wrong."""
+    grad_run: GradRun | None = None
+    """The propagation's forward, run with autograd for the backward that follows (real runs
+    that need a graph: ``train``)."""
 
     @property
     def gm(self) -> torch.fx.GraphModule | None:

@@ -29,6 +29,7 @@ from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..prepare.fake import fake_plain
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value, iter_tensors
+from .backward import GradRun, Grads
 from .captured import Captured, CheckKind
 from .compare import first_difference
 from .corrections import Corrections
@@ -112,11 +113,8 @@ class _Chain:
         for target, value in constants:
             if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
                 owner, _, name = target.rpartition(".")
-                setattr(
-                    root.get_submodule(owner) if owner else root,
-                    name,
-                    fake_plain(value, self.runner.fake_mode, value.device),
-                )
+                fake = fake_plain(value, self.runner.fake_mode, value.device)
+                setattr(root.get_submodule(owner) if owner else root, name, fake)
 
     def run(self) -> Captured:
         """fx first (a graph, checked against eager); after it fails, the eager recording, which
@@ -146,14 +144,16 @@ class _Chain:
         return self._eager[0]
 
     def _done(
-        self, records: list[NodeRecord], cap: Capture, checked: CheckKind, corrected: frozenset[str] = frozenset()
+        self,
+        records: list[NodeRecord],
+        cap: Capture,
+        checked: CheckKind,
+        corrected: frozenset[str] = frozenset(),
+        ran: GradRun | None = None,
     ) -> Captured:
-        inputs = (
-            list(tree_leaves((self.args, self.kwargs)))
-            if cap.flat_inputs
-            else positional_inputs(cap.graph, self.args, self.kwargs)
-        )
-        return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs, corrected)
+        sample = (self.args, self.kwargs)
+        inputs = list(tree_leaves(sample)) if cap.flat_inputs else positional_inputs(cap.graph, *sample)
+        return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs, corrected, ran)
 
     def _graph_step(self, name: GraphMethod, capture: Callable[[], Capture]) -> Captured | None:
         forced = self.method == name
@@ -181,6 +181,7 @@ class _Chain:
         # fx graphs call leaf modules: note the run's shape so that a replay can check the graph
         skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self._corrections()
+        grads: Grads | None = {} if self.need_graph and not self.runner.fake else None  # a backward starts there
         try:
             with self.runner.context(guard=False, corrections=corrections):
                 records, out = propagate(
@@ -193,6 +194,7 @@ class _Chain:
                     shared=self.runner.shared,
                     skeleton=skeleton,
                     corrections=corrections,
+                    grads=grads,
                 )
         except PropagationError as e:
             self._raise_if_eager_fails(e)
@@ -204,8 +206,9 @@ class _Chain:
             )
             return None
         corrected = self._noted(corrections)
+        ran = GradRun(out, grads) if grads is not None else None
         if not checking:
-            return self._done(records, cap, "off", corrected)
+            return self._done(records, cap, "off", corrected, ran)
         try:
             verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch))
         except Exception as e:  # the check itself failed: the audit's problem, not the model's
@@ -215,7 +218,7 @@ class _Chain:
             return None
         if verdict.note is not None:
             self.notes.append(f"{name}: {verdict.note}")
-        return self._done(records, cap, verdict.checked)
+        return self._done(records, cap, verdict.checked, ran=ran)
 
     def _check(
         self,

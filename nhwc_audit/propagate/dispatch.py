@@ -220,6 +220,18 @@ class CopyRecorder(GuardedMode):
         """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
         see into: :func:`recorder_blind`)."""
 
+    def off_stack(self) -> bool:
+        """Take the mode off torch's dispatch stack (one C-level pop for a run of nodes it cannot
+        see into, where entering and leaving the mode per node costs more than it saves); False,
+        and the stack as it was, when another mode is on top of it."""
+        if self.on_stack:
+            top = torch._C._pop_torch_dispatch_stack(None)
+            if top is not self:
+                torch._C._push_on_torch_dispatch_stack(top)
+                return False
+            self.on_stack = False
+        return True
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.guard(func, args, kwargs)
         out = func(*args, **(kwargs or {}))

@@ -21,6 +21,7 @@ from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
+from .backward import Grads, hook_gradients
 from .breaks import latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of, recorder_blind
@@ -48,9 +49,11 @@ class LayoutProp(torch.fx.Interpreter):
         shared: frozenset[int] = frozenset(),
         skeleton: Skeleton | None = None,
         corrections: Corrections | None = None,
+        grads: Grads | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
         self.corrections = corrections
+        self.grads = grads
         self.extra_traceback = False
         self.record_hidden = record_hidden
         self.shared = shared
@@ -119,7 +122,7 @@ class LayoutProp(torch.fx.Interpreter):
                 self._blind_ok
                 and n in self._callee
                 and recorder_blind(self._callee[n], args, rec.shared)
-                and _off_stack(rec)
+                and rec.off_stack()
             ):
                 # asked per call: the model's code may add a hook or change a setting between two calls
                 result = self._call(n, args, kwargs)
@@ -156,6 +159,8 @@ class LayoutProp(torch.fx.Interpreter):
         )
         if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
             self._record(n, inputs, result, error, tuple(hidden), latent)
+        if self.grads is not None and n.op not in ("output", "get_attr"):
+            hook_gradients(n.name, result, self.grads)
         if self._progress is not None:
             self._progress(self._index[n] + 1, len(self._nodes))
         return result
@@ -264,19 +269,6 @@ def _inner(
     return [h for h, source, out in relayed if not (source in ins and out in outs)]
 
 
-def _off_stack(rec: CopyRecorder) -> bool:
-    """Take ``rec`` off torch's dispatch stack (one C-level pop for a run of nodes it cannot
-    see into, where entering and leaving the mode per node costs more than it saves); False,
-    and the stack as it was, when another mode is on top of it."""
-    if rec.on_stack:
-        top = torch._C._pop_torch_dispatch_stack(None)
-        if top is not rec:
-            torch._C._push_on_torch_dispatch_stack(top)
-            return False
-        rec.on_stack = False
-    return True
-
-
 def propagate(
     gm: torch.nn.Module,
     args: tuple[Any, ...],
@@ -289,16 +281,17 @@ def propagate(
     shared: frozenset[int] = frozenset(),
     skeleton: Skeleton | None = None,
     corrections: Corrections | None = None,
+    grads: Grads | None = None,
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already
-    channels_last) sample under ``no_grad``; return one record
-    per node, in graph order, and the graph's output. The caller owns copying the model and
-    the sample. ``flat_inputs``: the graph takes the pytree leaves of (args, kwargs), as
-    torch.export graphs do. ``shared``: storages of the user's weights the graph reads in
-    place; a write to one raises :class:`SharedWeightWrite` before it happens.
-    ``skeleton`` collects what the replay check needs (:mod:`.replay`).
-    ``corrections`` (fake runs) makes known meta-kernel errors follow eager (:mod:`.corrections`).
-    """
+    channels_last) sample under ``no_grad``; return one record per node, in graph order, and
+    the graph's output. The caller owns copying the model and the sample. ``flat_inputs``: the
+    graph takes the pytree leaves of (args, kwargs), as torch.export graphs do. ``shared``:
+    storages of the user's weights the graph reads in place; a write to one raises
+    :class:`SharedWeightWrite` before it happens. ``skeleton`` collects what the replay check
+    needs (:mod:`.replay`). ``corrections`` (fake runs) makes known meta-kernel errors follow
+    eager (:mod:`.corrections`). ``grads``: run with autograd instead, each node's output hooked
+    to note there the gradients a later backward hands it (:mod:`.backward`)."""
     interp = LayoutProp(
         gm,
         graph=graph,
@@ -307,11 +300,12 @@ def propagate(
         shared=shared,
         skeleton=skeleton,
         corrections=corrections,
+        grads=grads,
     )
     if flat_inputs:
         values = list(tree_leaves((args, kwargs or {})))
     else:
         values = positional_inputs(interp.graph, args, kwargs or {})
-    with torch.no_grad():
+    with torch.no_grad() if grads is None else torch.enable_grad():
         out = interp.run(*values, enable_io_processing=False)
     return interp.records, out
