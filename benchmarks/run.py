@@ -87,6 +87,26 @@ def audit_vs_forward(
     }
 
 
+def train_vs_step(name: str, model: torch.nn.Module, args: tuple[Any, ...], repeats: int) -> dict[str, Any]:
+    """``audit(train=True)`` beside one eager training step of the channels_last model (forward,
+    a linear loss, backward into the parameters' ``.grad``), interleaved."""
+    cl_model = nhwc_audit.convert(model)
+    cl_args = _channels_last(args)
+
+    def step() -> None:
+        cl_model.zero_grad(set_to_none=True)
+        out = cl_model(*cl_args)
+        sum(t.float().sum() for t in ([out] if isinstance(out, torch.Tensor) else out)).backward()
+
+    r = _interleaved({"step": step, "audit_train": lambda: nhwc_audit.audit(model, args, train=True)}, repeats)
+    return {
+        "model": name,
+        "inputs": " ".join("x".join(map(str, a.shape)) for a in args if isinstance(a, torch.Tensor)),
+        **r,
+        "ratio": r["audit_train"]["median"] / r["step"]["median"],
+    }
+
+
 _CHILD_PRELUDE = """
 import json, sys, time, warnings, torch
 warnings.filterwarnings("ignore")
@@ -403,6 +423,12 @@ def main() -> None:
     results["audit_vs_forward"].append(
         audit_vs_forward("torchvision.resnet50 (batch 8)", m, m8, {}, max(3, a.repeats // 2))
     )
+    results["train"] = [
+        train_vs_step("examples.unet", um, (ux,), a.repeats),
+        train_vs_step("torchvision.resnet50", m, (torch.randn(1, 3, 224, 224),), a.repeats),
+    ]
+    if not a.quick:
+        results["train"].append(train_vs_step("torchvision.resnet50 (batch 8)", m, m8, max(3, a.repeats // 2)))
     results["untraceable"] = untraceable(UNTRACEABLE[:2] if a.quick else UNTRACEABLE, max(3, a.repeats // 2))
     results["fake"] = fake_memory([*names, *(() if a.quick else ("sd15",))], 3)
     if not a.quick:
@@ -437,6 +463,20 @@ def _markdown(r: dict[str, Any]) -> str:
             f"| {row['model']} | {row['inputs']} | {_ms(row['forward'])} | {_ms(row['audit'])} | {_ms(row['audit_no_verify'])} | "
             f"{_ms(row['audit_fake'])} | {row['ratio']:.2f}x | {row['ratio_no_verify']:.2f}x |"
         )
+    lines += [
+        "",
+        "## `--train` audit vs one eager channels_last training step",
+        "",
+        "The step: forward, a linear loss, backward into the parameters' `.grad`. The audit's backward starts",
+        "from its own forward (run with autograd), so the model runs forward once.",
+        "",
+        "| model | input | training step | audit --train | audit/step |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {row['model']} | {row['inputs']} | {_ms(row['step'])} | {_ms(row['audit_train'])} | {row['ratio']:.2f}x |"
+            for row in r.get("train", [])
+        ),
+    ]
     lines += [
         "",
         "## Models torch.fx cannot trace: the eager recording (default) vs torch.export",

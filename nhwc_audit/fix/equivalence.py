@@ -7,7 +7,8 @@ cannot run in float64.
 
 A float64 forward and backward costs ~7x a float32 one on a CPU (no oneDNN kernels; the bundled
 UNet at 128x128: 166-187 ms against 25-27 ms): most rewrites (a view made a reshape, an operand
-order, an allocation's layout) give the same float32 results, and skip it.
+order, an allocation's layout) give the same float32 results, and skip it; a batched sample is
+checked there on its first two items (:data:`FLOAT64_ITEMS`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from torch.utils._pytree import tree_map
 from ..prepare.clone import clone_modules
 from ..prepare.copy import first_float_dtype, own_dtype_name
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
+from ..propagate.runner import batch_of, first_sample
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 
-__all__ = ["ROUNDING", "Deviation", "Sample", "deviations", "first_change", "fresh_copy"]
+__all__ = ["FLOAT64_ITEMS", "ROUNDING", "Deviation", "Sample", "deviations", "first_change", "fresh_copy"]
 
 Sample = tuple[tuple[Any, ...], dict[str, Any]]
 Results = tuple[list[torch.Tensor], dict[str, torch.Tensor]]
@@ -69,6 +71,40 @@ def _double(v: Any) -> Any:
     return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
 
+FLOAT64_ITEMS = 2
+"""The float64 check runs on the first items of a batched sample (a float64 pass costs ~7x a
+float32 one on a CPU): two, so that a rewrite that mixes the items of a batch still shows."""
+
+
+def _float64_samples(samples: list[Sample]) -> list[list[Sample]]:
+    """The samples in float64, in the order to try them: cut to their first
+    :data:`FLOAT64_ITEMS` items when batched beyond that, then whole."""
+    whole = [(tree_map(_double, a), tree_map(_double, k)) for a, k in samples]
+    cut = [first_sample(a, k, batch_of(a, k), FLOAT64_ITEMS) for a, k in whole]
+    return [[c for c in cut if c is not None], whole] if all(c is not None for c in cut) else [whole]
+
+
+def _float64_reference(model: nn.Module, samples: list[Sample], grads: bool) -> list[Any] | None:
+    """(args, kwargs, outputs, gradients) of the original model in float64 (NCHW inputs) on each
+    of the samples as the float64 check runs them (:func:`_float64_samples`: the first two items
+    of a batch, the whole sample when the model cannot run on them); None when it cannot run in
+    float64."""
+    try:
+        # a full copy: Module.double() rewrites param.data, and fresh_copy shares parameters
+        m64 = copy.deepcopy(model).double()
+    except Exception:
+        return None
+    for samples64 in _float64_samples(samples):
+        try:
+            return [
+                (a, k, *_outputs(fresh_copy(m64), tree_map(to_nchw, a), tree_map(to_nchw, k), grads))
+                for a, k in samples64
+            ]
+        except Exception:
+            continue
+    return None
+
+
 def first_change(
     model: nn.Module,
     naive: nn.Module,
@@ -92,16 +128,7 @@ def first_change(
     ):
         return None
     if "float64" not in reference:
-        try:
-            # a full copy: Module.double() rewrites param.data, and fresh_copy shares parameters
-            m64 = copy.deepcopy(model).double()
-            samples64 = [(tree_map(_double, a), tree_map(_double, k)) for a, k in samples]
-            reference["float64"] = [
-                (a, k, *_outputs(fresh_copy(m64), tree_map(to_nchw, a), tree_map(to_nchw, k), grads))
-                for a, k in samples64
-            ]
-        except Exception:
-            reference["float64"] = None
+        reference["float64"] = _float64_reference(model, samples, grads)
     if reference["float64"] is None:
         return _first_change_calibrated(model, naive, trial, samples, grads)
     try:

@@ -175,16 +175,16 @@ def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 
 def first_sample(
-    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int | None
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int | None, items: int = 1
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """The sample cut to its first item when it has a ``batch`` (:func:`batch_of`; cut
-    wherever a tensor has that leading dim), else None."""
-    if batch is None:
+    """The sample cut to its first ``items`` when it has a larger ``batch`` (:func:`batch_of`;
+    cut wherever a tensor has that leading dim), else None."""
+    if batch is None or batch <= items:
         return None
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
-            return v[:1].clone()  # clone keeps the channels_last strides of the slice's layout
+            return v[:items].clone()  # clone keeps the channels_last strides of the slice's layout
         return v
 
     return tuple(tree_map(cut, a) for a in args), {k: tree_map(cut, v) for k, v in kwargs.items()}

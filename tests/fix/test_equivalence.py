@@ -87,3 +87,70 @@ def test_the_logs_deviation_reuses_the_last_checked_graphs_results(monkeypatch: 
     mine, naive = equivalence.deviations(model, convert(model), again, _sample()[0], True, reference)
     assert ran == ["InstanceNormNet"]  # the naive model only: the original's and the graph's were kept
     assert naive is not None and mine.outputs < equivalence.ROUNDING
+
+
+class _FlipsTheBatch(torch.nn.Module):
+    """``model``'s outputs with the batch in reverse order: the same at batch 1, another formula
+    as soon as a batch holds two items (the kind of fault a rewrite that mixes the batch has)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x).flip(0)
+        return out
+
+
+def _float64_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of each float64 pass's input."""
+    batches: list[int] = []
+    real = equivalence._outputs
+
+    def seen(m: Any, args: Any, kwargs: Any, grads: bool) -> Any:
+        if args[0].dtype == torch.float64:
+            batches.append(args[0].shape[0])
+        return real(m, args, kwargs, grads)
+
+    monkeypatch.setattr(equivalence, "_outputs", seen)
+    return batches
+
+
+def _batch_of(n: int) -> list[equivalence.Sample]:
+    torch.manual_seed(0)
+    return [((torch.randn(n, 3, 8, 8).contiguous(memory_format=torch.channels_last),), {})]
+
+
+def test_the_float64_check_runs_on_two_items_of_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float64 pass costs ~7x a float32 one: a batch of 8 is checked there on its first two
+    items, which still show a rewrite that mixes the batch."""
+    model = M.InstanceNormNet().train()
+    batches = _float64_batches(monkeypatch)
+    problem = equivalence.first_change(model, convert(model), _FlipsTheBatch(convert(model)), _batch_of(8), grads=True)
+    assert problem is not None and problem.endswith("(float64)")
+    assert batches and set(batches) == {equivalence.FLOAT64_ITEMS} == {2}
+
+
+class _FixedBatch(torch.nn.Module):
+    """Runs at its own batch size only (``view(8, ...)``), like models with a batch in a reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        out: torch.Tensor = y.reshape(8, 4 * 8 * 8)
+        return out
+
+
+def test_a_model_that_cannot_run_on_two_items_is_checked_in_float64_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _FixedBatch()
+    batches = _float64_batches(monkeypatch)
+    changed = convert(copy.deepcopy(model))
+    with torch.no_grad():
+        changed.conv.weight.mul_(1 + 1e-3)
+    problem = equivalence.first_change(model, convert(model), changed, _batch_of(8), grads=True)
+    assert problem is not None and problem.endswith("(float64)")
+    assert batches[0] == 2 and set(batches[1:]) == {8}  # tried on two items, then whole
+    assert equivalence.first_change(model, convert(model), convert(model), _batch_of(8), grads=True) is None
