@@ -33,8 +33,9 @@ def hook_gradients(name: str, value: Any, grads: Grads) -> None:
     for t in iter_tensors(value):
         if t.requires_grad:
 
-            def hook(g: torch.Tensor) -> None:
-                grads.setdefault(name, []).append(tensor_meta(g))
+            def hook(g: torch.Tensor | None) -> None:
+                if g is not None:  # None reaches an output of a multi-output op no gradient flows to
+                    grads.setdefault(name, []).append(tensor_meta(g))
 
             t.register_hook(hook)
 

@@ -37,12 +37,26 @@ class InPlace(nn.Module):
         return F.relu_(z), y.mean((2, 3))
 
 
+class UnusedHalf(nn.Module):
+    """A VAE encoder's ``mean, logvar = moments.chunk(2, 1)`` with the second half used only
+    detached: the chunk's hook on it is called with no gradient (None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self.conv(x).chunk(2, dim=1)
+        return mean + logvar.detach().exp()
+
+
 BUILDS: dict[str, tuple[Callable[[], nn.Module], int]] = {  # the model and its input channels
     "instance-norm": (M.InstanceNormNet, 3),
     "view-break": (M.ViewHead, 3),
     "in-place": (InPlace, 3),
     "convnext-block": (M.ConvNeXtBlock, 8),
     "train-mode-bn": (lambda: M.ConvBnRelu().train(), 3),
+    "unused-half": (UnusedHalf, 3),
 }
 
 
