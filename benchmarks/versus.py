@@ -1,6 +1,6 @@
 """This tree's audit against another revision's, side by side in one process.
 
-    python benchmarks/versus.py [--base REV] [--repeats 9] [CASE ...]
+    python benchmarks/versus.py [--base REV] [--repeats 9] [--train] [CASE ...]
 
 CASE is ``torchvision_name:size:batch`` (``resnet50:224:1``), ``chainN`` (a conv and N
 relu/add pairs, no compute to speak of) or ``sd15`` (Stable Diffusion 1.5's UNet built on the
@@ -68,6 +68,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--base", default="HEAD~1")
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument(
+        "--train", action="store_true", help="audit with train=True; the forward column is one training step"
+    )
     p.add_argument("cases", nargs="*", default=["resnet50:224:1", "densenet121:64:1", "chain2000"])
     a = p.parse_args()
     import nhwc_audit
@@ -82,7 +85,7 @@ def main() -> None:
             model, args, kwargs, mode = _case(name)
 
             def audit(pkg: Any, m: Any = model, args: Any = args, kwargs: Any = kwargs, mode: str = mode) -> Any:
-                return pkg.audit(m, args, example_kwargs=kwargs, mode=mode, bandwidth=1e10)
+                return pkg.audit(m, args, example_kwargs=kwargs, mode=mode, bandwidth=1e10, train=a.train)
 
             runs = {"base": lambda: audit(base), "this": lambda: audit(nhwc_audit)}
             if mode == "real":
@@ -90,6 +93,10 @@ def main() -> None:
                 xc = tuple(x.contiguous(memory_format=torch.channels_last) for x in args)
 
                 def forward(cl: Any = cl, xc: Any = xc) -> None:
+                    if a.train:  # one training step: forward, a linear loss, backward
+                        cl.zero_grad(set_to_none=True)
+                        cl(*xc).float().sum().backward()
+                        return
                     with torch.no_grad():
                         cl(*xc)
 
