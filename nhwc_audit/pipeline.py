@@ -29,7 +29,7 @@ from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
 from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
-from .propagate.backward import backward_layouts
+from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.baseline import fake_pays, match_nodes, nchw_records
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
@@ -43,10 +43,8 @@ from .records import (
     CaptureMethod,
     Finding,
     FindingKind,
-    Layout,
     Mode,
     NodeRecord,
-    TensorMeta,
 )
 from .result import AuditReport
 from .tensors import iter_tensors
@@ -73,6 +71,10 @@ class AuditOptions:
     autocast: torch.dtype | None = None
     mode: Mode = "real"
     train: bool = False
+    """Run the model as training does (with autograd) and audit one backward pass."""
+    backward: bool = True
+    """With ``train``: the backward pass too (mode 'both''s fake half runs as the real one ran,
+    with autograd, and compares forward layouts only)."""
     progress: ProgressFn | None = None
     threads: int | None = None
     """CPU threads to audit with (``torch.set_num_threads``, put back afterwards); None: as set."""
@@ -103,12 +105,14 @@ def _prepare(
         fmode = fake_mode()
         copy = fake_copy(module, fmode, o.device, o.dtype)
         fargs, fkwargs = fake_inputs(args, kwargs, fmode, o.device, o.dtype)
-        runner = Runner(o.device.type, o.autocast, fake_mode=fmode, correct=not raw, caches=code_caches(module))
+        runner = Runner(
+            o.device.type, o.autocast, fake_mode=fmode, correct=not raw, caches=code_caches(module), grad=o.train
+        )
         return _Prepared(copy, fargs, fkwargs, runner)
     target = o.device if o.device != model_device(module) else None
     audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target, share_weights=share_weights)
     sargs, skwargs = prepare_inputs(args, kwargs, dtype=o.dtype, device=o.device)
-    runner = Runner(o.device.type, o.autocast, audit_copy.shared, caches=code_caches(module))
+    runner = Runner(o.device.type, o.autocast, audit_copy.shared, caches=code_caches(module), grad=o.train)
     return _Prepared(audit_copy.module, sargs, skwargs, runner, audit_copy.permuted)
 
 
@@ -162,19 +166,7 @@ def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord]
         )
     records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
-    return records, _param_grad_notes(param_grads) + faults
-
-
-def _param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
-    """One note naming 4D/5D parameter gradients the ops produced in NCHW (a leaf's .grad is
-    forced to the parameter's strides, so this is the layout the backward kernel chose)."""
-    if not param_grads:
-        return ()
-    nchw = sorted(n for n, m in param_grads.items() if m.is_spatial and m.layout is Layout.CONTIGUOUS)
-    spatial = sum(1 for m in param_grads.values() if m.is_spatial)
-    if not nchw:
-        return (f"backward: all {spatial} 4D/5D parameter gradients produced channels_last or ambiguous",)
-    return (f"backward: {len(nchw)} of {spatial} 4D/5D parameter gradients produced NCHW: {', '.join(nchw[:8])}",)
+    return records, param_grad_notes(param_grads) + faults
 
 
 def _with_nchw_baseline(
@@ -235,7 +227,7 @@ def _audit_one(
     t0 = time.perf_counter()
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
-    records, grad_notes = _with_backward(captured, p.runner) if o.train else (captured.records, ())
+    records, grad_notes = _with_backward(captured, p.runner) if o.train and o.backward else (captured.records, ())
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
@@ -258,7 +250,7 @@ def _audit_one(
         inputs=tuple(tensor_meta(a) for a in iter_tensors(p.args)),  # in lists too (detection models)
         bandwidth=bandwidth,
         bandwidth_source=source,
-        backward=o.train and captured.gm is not None,
+        backward=o.train and o.backward and captured.gm is not None,
         threads=torch.get_num_threads(),
         modules=tuple((path, type(m).__name__) for path, m in module.named_modules()),
     )
@@ -302,15 +294,10 @@ def _run(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: Au
     if o.mode != "both":
         return _audit_one(module, args, kwargs, o)
     real = _audit_one(module, args, kwargs, dataclasses.replace(o, mode="real"))
-    # the fake run propagates the capture the real run used, so that node names match; its
-    # forward layouts are what is compared (no backward)
-    fake = _audit_one(
-        module,
-        args,
-        kwargs,
-        dataclasses.replace(o, mode="fake", capture=real.meta.capture, bandwidth=real.meta.bandwidth, train=False),
-        raw=True,
-    )
+    # the fake run propagates the capture the real run used, so that node names match, as it ran
+    # (with autograd for a train audit); its forward layouts are what is compared (no backward)
+    same = dataclasses.replace(o, mode="fake", capture=real.meta.capture, bandwidth=real.meta.bandwidth)
+    fake = _audit_one(module, args, kwargs, dataclasses.replace(same, backward=False), raw=True)
     extra = divergences(real.nodes, fake.nodes, real.meta.device)
     return dataclasses.replace(
         real,

@@ -11,6 +11,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 __all__ = [
+    "detached",
     "PLAIN_LEAVES",
     "SharedStorages",
     "clone_value",
@@ -67,6 +68,12 @@ _DENSE = frozenset({torch.Tensor, torch.nn.Parameter})
 def clone_value(v: Any) -> Any:
     """A tensor's clone with its strides kept (``preserve_format``); other values as they are."""
     return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+def detached(v: Any) -> Any:
+    """A tensor without its autograd history (what a comparison keeps holds no activation);
+    other values as they are."""
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
 def to_nchw(v: Any) -> Any:

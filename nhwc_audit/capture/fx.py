@@ -5,6 +5,7 @@ the model.
 from __future__ import annotations
 
 import bisect
+import copy
 import dis
 import functools
 import sys
@@ -296,8 +297,17 @@ class KeptGraph:
 
 
 def kept(cap: Capture | None) -> KeptGraph | None:
-    """What a report keeps of ``cap``: only an fx graph runs on the user's module tree."""
-    return KeptGraph(cap.graph, tuple(graph_attributes(cap))) if cap is not None and cap.method == "fx" else None
+    """What a report keeps of an fx ``cap``: its graph (copied when a GraphModule, which holds the
+    modules, owns it) and the tensors its get_attr nodes read that the tracer made (not weights)."""
+    if cap is None or cap.method != "fx":
+        return None
+    graph = copy.deepcopy(cap.graph) if cap.graph.owning_module is not None else cap.graph
+    made = [
+        (t, v)
+        for t, v in graph_attributes(cap)
+        if _holds(cap.root, t, "p") is None and _holds(cap.root, t, "b") is None
+    ]
+    return KeptGraph(graph, tuple(made))
 
 
 def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:

@@ -17,11 +17,11 @@ import torch.fx
 from torch.utils._pytree import tree_map
 
 from ..layout import tensor_meta
-from ..records import TensorMeta
+from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
-from .breaks import to_channels_last
+from .breaks import to_channels_last, without_grad_if_refused
 
-__all__ = ["GradRun", "backward_layouts", "hook_gradients"]
+__all__ = ["GradRun", "backward_layouts", "hook_gradients", "param_grad_notes"]
 
 
 Grads = dict[str, list[TensorMeta]]
@@ -91,7 +91,7 @@ class _GradProp(torch.fx.Interpreter):
                 args, kwargs = tree_map(to_nchw, args), tree_map(to_nchw, kwargs)
             if n.name in self.corrected:  # a fake run's known meta-kernel error: follow eager both ways
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
-            out = getattr(self, n.op)(n.target, args, kwargs)
+            out = without_grad_if_refused(lambda n, a, k: getattr(self, n.op)(n.target, a, k))(n, args, kwargs)
             if n.name in self.corrected:
                 out = tree_map(to_channels_last, out)
         if n.op not in ("output", "get_attr"):
@@ -114,22 +114,46 @@ def backward_layouts(
     forward audit's breaks), run on NCHW copies of their inputs as the forward audit ran them.
     ``corrected``: nodes a fake run corrected to eager (:mod:`.corrections`): their outputs and
     the gradients they hand back are channels_last here too. ``ran``: the propagation's own
-    forward of ``gm``'s graph, run with autograd: the backward starts there, with no forward here.
+    forward of ``gm``'s graph, run with autograd: the backward starts there, with no forward here
+    (unless a check after it wrote in place to a tensor autograd saved: then it runs again).
     Returns node -> gradient layouts and parameter -> layout."""
-    grads = ran.grads if ran is not None else {}
+    if ran is not None:
+        try:
+            with seeded(seed, flat_inputs), torch.enable_grad():
+                return _back(ran.out, ran.grads, gm)
+        except RuntimeError:  # a check after the run wrote in place to what autograd saved
+            pass
+    grads: Grads = {}
     with seeded(seed, flat_inputs), torch.enable_grad():
-        if ran is not None:
-            out = ran.out
-        else:
-            out = _GradProp(gm, grads, breaks, corrected).run(
-                *[clone_value(v) for v in flat_inputs], enable_io_processing=False
-            )
-        outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
-        params = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
-        param_grads: dict[str, TensorMeta] = {}
-        if outs:
-            loss = sum((t * torch.randn_like(t)).sum() for t in outs)
-            assert isinstance(loss, torch.Tensor)
-            got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-            param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
+        out = _GradProp(gm, grads, breaks, corrected).run(
+            *[clone_value(v) for v in flat_inputs], enable_io_processing=False
+        )
+        return _back(out, grads, gm)
+
+
+def _back(
+    out: Any, grads: Grads, gm: torch.fx.GraphModule
+) -> tuple[dict[str, tuple[TensorMeta, ...]], dict[str, TensorMeta]]:
+    """The backward from ``out`` (its run's nodes hooked into ``grads``), and the parameter
+    gradients' layouts."""
+    outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
+    params = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
+    param_grads: dict[str, TensorMeta] = {}
+    if outs:
+        loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+        assert isinstance(loss, torch.Tensor)
+        got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
     return {k: tuple(v) for k, v in grads.items()}, param_grads
+
+
+def param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:
+    """One note naming 4D/5D parameter gradients the ops produced in NCHW (a leaf's .grad is
+    forced to the parameter's strides, so this is the layout the backward kernel chose)."""
+    if not param_grads:
+        return ()
+    nchw = sorted(n for n, m in param_grads.items() if m.is_spatial and m.layout is Layout.CONTIGUOUS)
+    spatial = sum(1 for m in param_grads.values() if m.is_spatial)
+    if not nchw:
+        return (f"backward: all {spatial} 4D/5D parameter gradients produced channels_last or ambiguous",)
+    return (f"backward: {len(nchw)} of {spatial} 4D/5D parameter gradients produced NCHW: {', '.join(nchw[:8])}",)

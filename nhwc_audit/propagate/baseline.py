@@ -167,7 +167,7 @@ def _nchw_run(
     try:
         if runner.fake_mode is not None:
             call = tree_map(lambda v: _to_fake(v, runner.fake_mode), call)
-        with runner.context(guard=False, corrections=corrections), torch.no_grad():
+        with runner.context(guard=False, corrections=corrections), runner.grad_mode():
             torch.func.functional_call(holder, state, call, strict=False)
     except SharedWeightWrite as e:
         return str(e)

@@ -1,7 +1,8 @@
 """Breaks during the propagation: a node that raises on channels_last input is run again on
 NCHW copies (:func:`retry_nchw`: the error is the model's own when that fails too), and a view
 of an NCHW activation is tried on a channels_last one (:func:`latent_error`: the break that
-fixing the revert upstream would expose).
+fixing the revert upstream would expose). A node autograd alone refuses is not a break
+(:func:`without_grad_if_refused`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,31 @@ from ..tensors import to_nchw
 from .dispatch import is_alias_of
 from .runner import fake_limitation
 
-__all__ = ["Call", "latent_error", "retry_nchw", "to_channels_last"]
+__all__ = ["Call", "latent_error", "retry_nchw", "to_channels_last", "without_grad_if_refused"]
 
 Call = Callable[[torch.fx.Node, tuple[Any, ...], dict[str, Any]], Any]
 """Runs a node on given argument values (the interpreter's own call)."""
 
 Inputs = list[tuple[NodeInput, torch.Tensor]]
+
+
+def without_grad_if_refused(call: Call) -> Call:
+    """``call`` (a train audit's, with autograd), run again without autograd where autograd alone
+    refuses it: an in-place write to a leaf that requires grad, made under ``torch.no_grad()`` in
+    the model's forward, a block fx does not trace. Not a break: the run goes on as the model's
+    does; the error stays when the node fails without autograd too."""
+
+    def run(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return call(n, args, kwargs)
+        except Exception as e:
+            try:
+                with torch.no_grad():
+                    return call(n, args, kwargs)
+            except Exception:
+                raise e from None
+
+    return run
 
 
 def retry_nchw(

@@ -14,6 +14,7 @@ sample, eagerly, is the model's error.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -28,7 +29,7 @@ from ..capture.fx import Capture, GraphMethod, graph_attributes, put_back, trace
 from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..prepare.fake import fake_plain
 from ..records import CaptureMethod, NodeRecord
-from ..tensors import clone_value, iter_tensors
+from ..tensors import clone_value, detached, iter_tensors
 from .backward import GradRun, Grads
 from .captured import Captured, CheckKind
 from .compare import first_difference
@@ -60,7 +61,7 @@ def replay_check(
     else why not."""
     placeholders = [str(n.name) for n in cap.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, positional_inputs(cap.graph, args, kwargs), strict=True))
-    with attributes_restored(cap.root), runner.context():  # what forward caches on the model goes
+    with attributes_restored(cap.root), runner.context(), runner.grad_mode():  # what forward caches goes
         return replay(cap.root, cap.graph, skeleton, inputs, args, kwargs)
 
 
@@ -76,7 +77,7 @@ class _Verdict:
 
     @staticmethod
     def compared(checked: CheckKind, graph_out: Any, eager_out: Any) -> _Verdict:
-        diff = first_difference(graph_out, eager_out)
+        diff = first_difference(tree_map(detached, graph_out), eager_out)  # its traceback holds no autograd run
         return _Verdict(
             checked, rejected=None if diff is None else f"the captured graph does not reproduce eager: {diff}"
         )
@@ -130,6 +131,8 @@ class _Chain:
                 got = self._graph_step(name, capture)
                 if got is not None:
                     return got
+                if self.runner.grad:  # a rejected run's autograd graph may sit in reference cycles
+                    gc.collect()
         if self.method == "auto" and not self.need_graph:
             self.notes.append(
                 "hooks: recorded from one eager forward (module hooks and every ATen op): torch.export is "
@@ -140,20 +143,14 @@ class _Chain:
     def _eager_reference(self) -> Any:
         """One eager forward of the whole sample, run at most once per chain."""
         if not self._eager:
-            self._eager.append(self.runner.forward(self.model, self.args, self.kwargs))
+            self._eager.append(tree_map(detached, self.runner.forward(self.model, self.args, self.kwargs)))
         return self._eager[0]
 
-    def _done(
-        self,
-        records: list[NodeRecord],
-        cap: Capture,
-        checked: CheckKind,
-        corrected: frozenset[str] = frozenset(),
-        ran: GradRun | None = None,
-    ) -> Captured:
+    def _done(self, records: list[NodeRecord], cap: Capture, checked: CheckKind, **more: Any) -> Captured:
+        """The capture kept; ``more``: :class:`Captured`'s ``corrected`` and ``grad_run``."""
         sample = (self.args, self.kwargs)
         inputs = list(tree_leaves(sample)) if cap.flat_inputs else positional_inputs(cap.graph, *sample)
-        return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs, corrected, ran)
+        return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs, **more)
 
     def _graph_step(self, name: GraphMethod, capture: Callable[[], Capture]) -> Captured | None:
         forced = self.method == name
@@ -181,7 +178,7 @@ class _Chain:
         # fx graphs call leaf modules: note the run's shape so that a replay can check the graph
         skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self._corrections()
-        grads: Grads | None = {} if self.need_graph and not self.runner.fake else None  # a backward starts there
+        grads: Grads | None = {} if self.runner.grad and not self.runner.fake else None  # a backward starts there
         try:
             with self.runner.context(guard=False, corrections=corrections):
                 records, out = propagate(
@@ -194,6 +191,7 @@ class _Chain:
                     shared=self.runner.shared,
                     skeleton=skeleton,
                     corrections=corrections,
+                    grad=self.runner.grad,
                     grads=grads,
                 )
         except PropagationError as e:
@@ -208,7 +206,7 @@ class _Chain:
         corrected = self._noted(corrections)
         ran = GradRun(out, grads) if grads is not None else None
         if not checking:
-            return self._done(records, cap, "off", corrected, ran)
+            return self._done(records, cap, "off", corrected=corrected, grad_run=ran)
         try:
             verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch))
         except Exception as e:  # the check itself failed: the audit's problem, not the model's
@@ -218,7 +216,7 @@ class _Chain:
             return None
         if verdict.note is not None:
             self.notes.append(f"{name}: {verdict.note}")
-        return self._done(records, cap, verdict.checked, ran=ran)
+        return self._done(records, cap, verdict.checked, grad_run=ran)
 
     def _check(
         self,

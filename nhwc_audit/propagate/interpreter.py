@@ -22,7 +22,7 @@ from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
 from .backward import Grads, hook_gradients
-from .breaks import latent_error, retry_nchw
+from .breaks import latent_error, retry_nchw, without_grad_if_refused
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of, recorder_blind
 from .inputs import operands, positional_inputs
@@ -49,11 +49,14 @@ class LayoutProp(torch.fx.Interpreter):
         shared: frozenset[int] = frozenset(),
         skeleton: Skeleton | None = None,
         corrections: Corrections | None = None,
+        grad: bool = False,
         grads: Grads | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
         self.corrections = corrections
         self.grads = grads
+        if grad:
+            self._call = without_grad_if_refused(self._call)  # type: ignore[method-assign,assignment]
         self.extra_traceback = False
         self.record_hidden = record_hidden
         self.shared = shared
@@ -281,6 +284,7 @@ def propagate(
     shared: frozenset[int] = frozenset(),
     skeleton: Skeleton | None = None,
     corrections: Corrections | None = None,
+    grad: bool = False,
     grads: Grads | None = None,
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already
@@ -290,8 +294,9 @@ def propagate(
     storages of the user's weights the graph reads in place; a write to one raises
     :class:`SharedWeightWrite` before it happens. ``skeleton`` collects what the replay check
     needs (:mod:`.replay`). ``corrections`` (fake runs) makes known meta-kernel errors follow
-    eager (:mod:`.corrections`). ``grads``: run with autograd instead, each node's output hooked
-    to note there the gradients a later backward hands it (:mod:`.backward`)."""
+    eager (:mod:`.corrections`). ``grad``: run with autograd instead, as training runs the model;
+    ``grads``: each node's output hooked to note there the gradients a later backward hands it
+    (:mod:`.backward`)."""
     interp = LayoutProp(
         gm,
         graph=graph,
@@ -300,12 +305,13 @@ def propagate(
         shared=shared,
         skeleton=skeleton,
         corrections=corrections,
+        grad=grad,
         grads=grads,
     )
     if flat_inputs:
         values = list(tree_leaves((args, kwargs or {})))
     else:
         values = positional_inputs(interp.graph, args, kwargs or {})
-    with torch.no_grad() if grads is None else torch.enable_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         out = interp.run(*values, enable_io_processing=False)
     return interp.records, out

@@ -119,7 +119,7 @@ def replay(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> str | None:
-    """Run ``model`` (the root of ``graph``; the caller sets autocast and guards) eagerly on
+    """Run ``model`` (the root of ``graph``; the caller sets autocast, guards and autograd) eagerly on
     stand-ins of the sample (``args``, ``kwargs``; ``inputs``: placeholder name -> its value)
     with its calls answered from ``skeleton``; None when every call and the output match the
     graph's, else why the replay cannot vouch for the graph."""
@@ -144,7 +144,7 @@ def replay(
 
         eager_args = tuple(stand(a) for a in args)
         eager_kwargs = {k: stand(v) for k, v in kwargs.items()}
-        with _answered(model, modules, graph, state), torch.no_grad(), state:
+        with _answered(model, modules, graph, state), state:  # in the caller's autograd mode
             out = model(*eager_args, **eager_kwargs)
         if state.pos != len(state.calls):
             n = state.calls[state.pos]

@@ -40,6 +40,14 @@ class Runner:
     caches: tuple[Any, ...] = ()
     """The lru caches of the model's code, emptied around each fake run (and by the pipeline
     around each capture: :mod:`~nhwc_audit.prepare.caches`)."""
+    grad: bool = False
+    """Runs go with autograd, as training runs the model (a train audit): the propagation and
+    every run compared with it, so that a module with a path of its own without autograd
+    (MultiheadAttention's fused fast path) takes the same one everywhere."""
+
+    def grad_mode(self) -> Any:
+        """The autograd mode of every run: ``enable_grad`` for a train audit, else ``no_grad``."""
+        return torch.enable_grad() if self.grad else torch.no_grad()
 
     @property
     def fake(self) -> bool:
@@ -65,7 +73,7 @@ class Runner:
 
     def forward(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One forward of ``model`` (or a captured graph) on clones of the sample."""
-        with self.context(), torch.no_grad():
+        with self.context(), self.grad_mode():
             return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
 
 
@@ -91,7 +99,8 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
         yield changed
     finally:
         same = (
-            list(map(len, tables)) == sizes
+            all(map(operator.is_, map(_OWN, (m for _, m in modules)), tables[::4]))  # no __dict__ replaced
+            and list(map(len, tables)) == sizes
             and list(chain.from_iterable(tables)) == keys
             and all(map(operator.is_, chain.from_iterable(views), values))
         )
@@ -110,20 +119,26 @@ def _restore(
     for size in sizes:
         before.append(dict(zip(keys[start : start + size], values[start : start + size], strict=True)))
         start += size
-    for i, (path, _) in enumerate(modules):
+    for i, (path, m) in enumerate(modules):
         now, then = tables[4 * i : 4 * i + 4], before[4 * i : 4 * i + 4]
-        if all(map(_unchanged, now, then)):
+        own = m.__dict__
+        if own is not now[0]:  # replaced whole: the module's own goes back
+            object.__setattr__(m, "__dict__", now[0])
+        elif all(map(_unchanged, now, then)):
             continue
         attrs = then[0]
         changed += [
             f"{path}.{k}" if path else k
-            for k, v in now[0].items()
+            for k, v in own.items()
             if not k.startswith("_") and (k not in attrs or _replaced(attrs[k], v))
         ]
         for table, saved in zip(now, then, strict=True):
             table.clear()
             table.update(saved)
     return changed
+
+
+_OWN = operator.attrgetter("__dict__")
 
 
 def _unchanged(now: dict[str, Any], before: dict[str, Any]) -> bool:

@@ -4,6 +4,7 @@ a forward of its own (as a fake audit runs it) records."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from nhwc_audit.capture.fx import trace
 from nhwc_audit.prepare.copy import prepare_audit_copy, prepare_inputs
 from nhwc_audit.propagate import backward
 from nhwc_audit.propagate.backward import backward_layouts
+from nhwc_audit.tensors import iter_tensors
 from tests import models as M
 
 
@@ -103,3 +105,126 @@ def test_a_fake_train_audit_runs_its_own_forward_for_the_backward(monkeypatch: p
     monkeypatch.setattr(backward, "_GradProp", spy)
     report = audit(M.InstanceNormNet(), torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True, mode="fake")
     assert ran and any(n.grads for n in report.nodes)
+
+
+class Encoder(nn.Module):
+    """An eval-mode TransformerEncoder given a padding mask: without autograd it takes the fused
+    nested-tensor path, whose outputs differ from the path training runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.enc(self.conv(x).flatten(2).transpose(1, 2), src_key_padding_mask=mask))
+        return out
+
+
+def test_a_train_audits_checks_run_with_autograd_as_its_propagation_does() -> None:
+    """A hook keeps the replay from vouching: the graph is compared with an eager run, which
+    must run as training does too, or the fast path makes the fx graph look wrong."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    model.head.register_forward_hook(lambda *_: None)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[:, 10:] = True
+    report = audit(model, (torch.randn(1, 3, 4, 4),), example_kwargs={"mask": mask}, bandwidth=1e9, train=True)
+    assert report.meta.capture == "fx" and report.meta.backward, report.meta.capture_notes
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).flatten(2).transpose(1, 2)
+        y = self.attn(y, y, y, need_weights=False)[0]
+        out: torch.Tensor = self.conv2(y.transpose(1, 2).reshape(x.shape[0], 16, 4, 4))
+        return out
+
+
+def test_mode_both_runs_its_fake_half_as_the_real_one_ran() -> None:
+    """MultiheadAttention's output strides differ with and without autograd: a train audit's
+    fake half runs with autograd too, so no divergence is made up."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    for train in (False, True):
+        report = audit(Attention().eval(), x, bandwidth=1e9, train=train, mode="both")
+        assert report.summary.divergences == 0, train
+        assert report.meta.backward is train
+
+
+class ClipsItsWeight(nn.Module):
+    """A WGAN critic that clips its own weight under ``torch.no_grad()`` in forward (a block fx
+    does not trace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.conv.weight.clamp_(-0.1, 0.1)
+        out: torch.Tensor = self.head(F.relu(self.conv(x)))
+        return out
+
+
+def test_a_node_autograd_alone_refuses_is_not_a_break() -> None:
+    model = ClipsItsWeight()
+    before = model.conv.weight.detach().clone()
+    report = audit(model, torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
+    assert [n.name for n in report.nodes if n.error] == []
+    assert report.meta.capture == "fx" and report.meta.backward
+    assert torch.equal(model.conv.weight, before)  # the clip ran on the audit's own copy
+
+
+def test_a_rejected_captures_autograd_run_does_not_outlive_the_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fx graph of the encoder above is rejected when its eager check runs without
+    autograd (forced here): the rejected run's activations go before the next capture runs."""
+    import gc
+    import weakref
+
+    from nhwc_audit.propagate import chain
+
+    outs: list[weakref.ref[torch.Tensor]] = []
+    alive_at_export: list[bool] = []
+    real_run = chain.GradRun
+
+    class Spy(real_run):  # type: ignore[misc,valid-type]
+        def __init__(self, out: Any, grads: Any) -> None:
+            super().__init__(out, grads)
+            outs.append(weakref.ref(iter_tensors(out)[0]))
+
+    real_export = chain.export
+
+    def export(*args: Any, **kwargs: Any) -> Any:
+        alive_at_export.extend(ref() is not None for ref in outs)
+        return real_export(*args, **kwargs)
+
+    real_forward = chain.Runner.forward
+
+    def forward_without_autograd(self: Any, *args: Any) -> Any:  # the check as it ran before
+        with torch.no_grad():
+            return real_forward(dataclasses.replace(self, grad=False), *args)
+
+    monkeypatch.setattr(chain, "GradRun", Spy)
+    monkeypatch.setattr(chain, "export", export)
+    monkeypatch.setattr(chain.Runner, "forward", forward_without_autograd)
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    model.head.register_forward_hook(lambda *_: None)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[:, 10:] = True
+    gc.disable()  # as inside an audit: only what refcounts free goes
+    try:
+        audit(model, (torch.randn(1, 3, 4, 4),), example_kwargs={"mask": mask}, bandwidth=1e9, train=True)
+    finally:
+        gc.enable()
+    assert alive_at_export == [False]

@@ -58,20 +58,47 @@ def test_a_run_that_changes_nothing_names_nothing() -> None:
     assert _state(m) == before
 
 
-def test_a_report_does_not_keep_the_audits_copy_of_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dict_replaced_whole_is_put_back() -> None:
+    m = _model()
+    before = _state(m)
+    own = m[0].__dict__
+    with attributes_restored(m) as changed:
+        object.__setattr__(m[0], "__dict__", {**own, "anchors": torch.zeros(1)})
+    assert m[0].__dict__ is own and _state(m) == before
+    assert changed == ["0.anchors"]
+
+
+class Functional(nn.Module):
+    """A weight read by a get_attr node (``F.conv2d(x, self.weight)``) and a tensor the tracer
+    keeps as a constant (``torch.tensor`` in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight) * torch.tensor([2.0])
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])  # train builds a GraphModule on the graph
+@pytest.mark.parametrize("build", [lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), Functional])
+def test_a_report_does_not_keep_the_audits_copy_of_the_model(
+    build: Any, train: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The report keeps the fx graph for a repair; the private copy the audit ran goes."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    model = build()
     copies: list[weakref.ref[nn.Module]] = []
     real_copy = pipeline.prepare_audit_copy
 
     def spy(*args: Any, **kwargs: Any) -> AuditCopy:
         got = real_copy(*args, **kwargs)
-        copies.append(weakref.ref(got.module))
+        copies.extend(weakref.ref(m) for m in got.module.modules())  # a GraphModule holds submodules
         return got
 
     monkeypatch.setattr(pipeline, "prepare_audit_copy", spy)
-    report = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    report = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9, train=train)
     gc.collect()
     assert report.capture is not None and copies
     assert all(ref() is None for ref in copies)
+    assert all(not isinstance(v, nn.Parameter) for _, v in report.capture.attributes)
     assert report.repaired().repair is not None  # the kept graph is enough for a repair
