@@ -186,16 +186,17 @@ def audit(
     and the inputs are never modified: the audit runs a channels_last copy (weights read in
     place with channels_last strides, not copied: see
     :func:`~nhwc_audit.prepare.copy.prepare_audit_copy`), in the model's own train/eval mode,
-    under ``no_grad``, on the model's device (or ``device``).
+    under ``no_grad`` (with autograd for ``train=True``, as training runs it), on the model's
+    device (or ``device``).
     ``autocast=True`` runs under ``torch.autocast`` for the device (bfloat16 on cpu,
     float16 on cuda; or pass a dtype): mixed precision is where channels_last pays on GPUs.
     ``mode='fake'`` propagates FakeTensors on ``device`` (default cpu): no weights, no compute,
     so meta-device models audit on any machine and a CPU machine can predict CUDA; every
     layout is then a prediction. ``mode='both'`` runs both on the same capture and reports
     every node where they disagree.
-    ``train=True`` adds one backward pass (graph captures) and reports the layout
-    of the gradient reaching every node and every parameter; a gradient arriving NCHW at a
-    channels_last activation is a ``backward`` finding.
+    ``train=True`` runs the forward with autograd and adds one backward pass from it (graph
+    captures) and reports the layout of the gradient reaching every node and every parameter; a
+    gradient arriving NCHW at a channels_last activation is a ``backward`` finding.
     ``capture``: 'auto' tries torch.fx (checked against eager when ``verify``, in real mode: a
     replay of the model's Python with leaf module calls answered from the propagation, one
     eager forward where the replay cannot vouch), then torch.export, then an eager run
