@@ -26,6 +26,7 @@ from .breaks import latent_error, retry_nchw, without_grad_if_refused
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of, recorder_blind
 from .inputs import operands, positional_inputs
+from .runner import autograd
 from .skeleton import Skeleton
 
 __all__ = ["LayoutProp", "ProgressFn", "propagate"]
@@ -312,6 +313,6 @@ def propagate(
         values = list(tree_leaves((args, kwargs or {})))
     else:
         values = positional_inputs(interp.graph, args, kwargs or {})
-    with torch.enable_grad() if grad else torch.no_grad():
+    with autograd(grad):
         out = interp.run(*values, enable_io_processing=False)
     return interp.records, out

@@ -20,7 +20,7 @@ from ..tensors import clone_value, iter_tensors, seeded
 from .corrections import Corrections
 from .dispatch import CopyRecorder
 
-__all__ = ["Runner", "attributes_restored", "batch_of", "fake_limitation", "first_sample"]
+__all__ = ["Runner", "attributes_restored", "autograd", "batch_of", "fake_limitation", "first_sample"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class Runner:
     (MultiheadAttention's fused fast path) takes the same one everywhere."""
 
     def grad_mode(self) -> Any:
-        """The autograd mode of every run: ``enable_grad`` for a train audit, else ``no_grad``."""
-        return torch.enable_grad() if self.grad else torch.no_grad()
+        """The autograd mode of every run (:func:`autograd`)."""
+        return autograd(self.grad)
 
     @property
     def fake(self) -> bool:
@@ -75,6 +75,11 @@ class Runner:
         """One forward of ``model`` (or a captured graph) on clones of the sample."""
         with self.context(), self.grad_mode():
             return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
+
+
+def autograd(grad: bool) -> Any:
+    """``enable_grad`` for a run as training runs the model (a train audit's), else ``no_grad``."""
+    return torch.enable_grad() if grad else torch.no_grad()
 
 
 @contextlib.contextmanager
