@@ -64,3 +64,47 @@ def test_tensors_without_plain_storage_are_compared_by_value() -> None:
     assert tensor_difference(z, torch._efficientzerotensor(4)) is None  # type: ignore[attr-defined]
     x = torch.randn(4)
     assert tensor_difference(torch.nn.Parameter(TwoTensor(x, x)), torch.nn.Parameter(TwoTensor(x, x + 1))) is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "close", "far"),
+    [
+        (torch.float32, 1e-6, 1e-4),
+        (torch.float64, 1e-8, 1e-6),
+        (torch.float16, 5e-4, 1e-2),
+        (torch.bfloat16, 0.0, 5e-2),  # 1.6e-2: bfloat16 has no step between
+    ],
+)
+def test_values_within_the_dtypes_default_tolerance_match(dtype: torch.dtype, close: float, far: float) -> None:
+    a = torch.linspace(1, 2, 16, dtype=torch.float64)
+    assert tensor_difference((a * (1 + close)).to(dtype), a.to(dtype)) is None
+    assert tensor_difference((a * (1 + far)).to(dtype), a.to(dtype)) is not None
+    if dtype == torch.float32:  # the same as torch.testing.assert_close decides
+        torch.testing.assert_close((a * (1 + close)).to(dtype), a.to(dtype))
+
+
+def test_given_tolerances_are_used_and_integers_are_exact() -> None:
+    a = torch.ones(4, dtype=torch.float64)
+    assert tensor_difference(a + 1e-8, a) is None
+    assert tensor_difference(a + 1e-8, a, rtol=1e-12, atol=1e-12) == "values differ (max abs diff 1e-08)"
+    assert tensor_difference(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4])) == "values differ (1 of 3 elements)"
+    assert tensor_difference(torch.tensor([True]), torch.tensor([True])) is None
+    assert tensor_difference(a.float(), a) == "dtype torch.float32 where torch.float64 is expected"
+
+
+def test_comparing_values_imports_nothing_heavy() -> None:
+    # torch.testing.assert_close imports torch.distributed.tensor on its every call: ~0.5 s of a
+    # CLI run that reaches a comparison of values that are close but not equal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from nhwc_audit.propagate.compare import tensor_difference\n"
+        "a = torch.randn(64)\n"
+        "assert tensor_difference(a * (1 + 1e-7), a) is None\n"
+        "assert tensor_difference(a + 1, a) is not None\n"
+        "print('torch.distributed.tensor' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
