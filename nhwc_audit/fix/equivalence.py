@@ -14,53 +14,21 @@ checked there on its first two items (:data:`FLOAT64_ITEMS`).
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..prepare.clone import clone_modules
 from ..prepare.copy import first_float_dtype, own_dtype_name
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
 from ..propagate.runner import batch_of, first_sample
-from ..tensors import clone_value, iter_tensors, seeded, to_nchw
+from ..tensors import to_nchw
+from . import results as res
+from .islands import in_float64, rewritten_nodes
+from .results import Deviation, Results, Sample
 
-__all__ = ["FLOAT64_ITEMS", "ROUNDING", "Deviation", "Sample", "deviations", "first_change", "fresh_copy"]
-
-Sample = tuple[tuple[Any, ...], dict[str, Any]]
-Results = tuple[list[torch.Tensor], dict[str, torch.Tensor]]
-"""A model's outputs, and its parameters' gradients by name, on one sample."""
-
-
-def _outputs(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], grads: bool
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    with seeded(0, (args, kwargs)):
-        ctx = torch.enable_grad() if grads else torch.no_grad()
-        with ctx:
-            out = model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
-            tensors = iter_tensors(out)
-            g: dict[str, torch.Tensor] = {}
-            if grads:
-                floats = [t for t in tensors if t.is_floating_point() and t.requires_grad]
-                if floats:
-                    # a fixed random linear loss (the sum of a softmax output has no gradient)
-                    gen = torch.Generator().manual_seed(7)
-                    weights = [torch.randn(t.shape, generator=gen).to(t.device) for t in floats]
-                    loss = sum((t.float() * w).sum() for t, w in zip(floats, weights, strict=True))
-                    assert isinstance(loss, torch.Tensor)
-                    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-                    got = torch.autograd.grad(loss, [p for _, p in names], allow_unused=True)
-                    g = {n: gr for (n, _), gr in zip(names, got, strict=True) if gr is not None}
-    return [t.detach() for t in tensors], g
-
-
-def fresh_copy(model: nn.Module) -> nn.Module:
-    """A private copy for a checking run (buffers copied: BatchNorm stats must not drift)."""
-    return clone_modules(model, {id(p): p for p in model.parameters()})
+__all__ = ["FLOAT64_ITEMS", "ROUNDING", "deviations", "first_change"]
 
 
 def _deviation(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -97,7 +65,7 @@ def _float64_reference(model: nn.Module, samples: list[Sample], grads: bool) -> 
     for samples64 in _float64_samples(samples):
         try:
             return [
-                (a, k, *_outputs(fresh_copy(m64), tree_map(to_nchw, a), tree_map(to_nchw, k), grads))
+                (a, k, *res.outputs(res.fresh_copy(m64), tree_map(to_nchw, a), tree_map(to_nchw, k), grads))
                 for a, k in samples64
             ]
         except Exception:
@@ -107,23 +75,26 @@ def _float64_reference(model: nn.Module, samples: list[Sample], grads: bool) -> 
 
 def first_change(
     model: nn.Module,
-    naive: nn.Module,
+    naive: nn.Module | None,
     trial: nn.Module,
     samples: list[Sample],
     grads: bool,
     reference: dict[str, Any] | None = None,
 ) -> str | None:
     """Does ``trial`` compute what ``model`` computes? In float32 (the model's own dtype), a
-    trial within :data:`ROUNDING` of the original does; beyond it, float64 decides, where
-    layout-induced rounding differences vanish (~1e-12) and a changed formula still shows at
-    the size of the values; in the model's own dtype, with a tolerance calibrated on the naive
-    conversion, when the model cannot run in float64. ``reference``: a dict kept between the
-    checks of one repair (same model and samples), where the original model's results are
-    computed once in each dtype."""
+    trial within :data:`ROUNDING` of the naive conversion ``naive`` (None: it cannot run), its
+    rewritten nodes computed in float64 (:mod:`.islands`), does; so does one within it of the
+    original; beyond both, float64 decides, where layout-induced rounding differences vanish
+    (~1e-12) and a changed formula still shows at the size of the values; in the model's own
+    dtype, with a tolerance calibrated on the naive conversion, when the model cannot run in
+    float64. ``reference``: a dict kept between the checks of one repair (same model and
+    samples), where the original's and the naive conversion's results are computed once."""
     reference = {} if reference is None else reference
+    if _matches_naive(model, naive, trial, samples, grads, reference):
+        return None
     own = _originals(model, samples, grads, reference)
     if own is not None and all(
-        _rounds_only(_deviation_of(_trial_results(trial, a, k, grads, reference, first=i == 0), ref))
+        _rounds_only(res.deviation_of(_trial_results(trial, a, k, grads, reference, first=i == 0), ref))
         for i, ((a, k), ref) in enumerate(zip(samples, own, strict=True))
     ):
         return None
@@ -136,7 +107,7 @@ def first_change(
     except Exception:
         return _first_change_calibrated(model, naive, trial, samples, grads)
     for args, kwargs, oa, ga in reference["float64"]:
-        ob, gb = _outputs(fresh_copy(t64), args, kwargs, grads)
+        ob, gb = res.outputs(res.fresh_copy(t64), args, kwargs, grads)
         diff = first_difference(ob, oa, rtol=1e-6, atol=1e-9)
         if diff is not None:
             return f"{diff} (float64)"
@@ -147,9 +118,43 @@ def first_change(
     return None
 
 
+def _matches_naive(
+    model: nn.Module,
+    naive: nn.Module | None,
+    trial: nn.Module,
+    samples: list[Sample],
+    grads: bool,
+    reference: dict[str, Any],
+) -> bool:
+    """``trial``, its rewritten nodes in float64, within :data:`ROUNDING` of ``naive`` on every
+    sample (both fx graphs of a float32 model; the naive results computed once per repair)."""
+    if not isinstance(trial, torch.fx.GraphModule) or not isinstance(naive, torch.fx.GraphModule):
+        return False
+    if "naive" not in reference:
+        reference["naive"] = None
+        if first_float_dtype(model) in (torch.float32, None):
+            try:
+                reference["naive"] = [res.outputs(res.fresh_copy(naive), a, k, grads) for a, k in samples]
+            except Exception:
+                pass
+    theirs: list[Results] | None = reference["naive"]
+    if theirs is None:
+        return False
+    names = rewritten_nodes(trial, naive)
+    try:
+        for (a, k), ref in zip(samples, theirs, strict=True):
+            mine = res.fresh_copy(trial)
+            assert isinstance(mine, torch.fx.GraphModule)
+            if not _rounds_only(res.deviation_of(res.outputs(mine, a, k, grads, run=in_float64(mine, names)), ref)):
+                return False
+    except Exception:
+        return False  # the float64 check decides
+    return True
+
+
 def _first_change_calibrated(
     model: nn.Module,
-    naive: nn.Module,
+    naive: nn.Module | None,
     trial: nn.Module,
     samples: list[Sample],
     grads: bool,
@@ -163,12 +168,14 @@ def _first_change_calibrated(
     deviates by the size of the values themselves.
     """
     for args, kwargs in samples:
-        oa, ga = _outputs(fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+        oa, ga = res.outputs(res.fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
         try:
-            on, gn = _outputs(fresh_copy(naive), args, kwargs, grads)
+            if naive is None:
+                raise ValueError("the naive conversion cannot run")
+            on, gn = res.outputs(res.fresh_copy(naive), args, kwargs, grads)
         except Exception:
             on, gn = list(oa), dict(ga)  # no noise estimate: the relative floor alone
-        ob, gb = _outputs(fresh_copy(trial), args, kwargs, grads)
+        ob, gb = res.outputs(res.fresh_copy(trial), args, kwargs, grads)
         if len(on) != len(oa):
             on = list(oa)
         diff = first_difference(ob, oa, judge=_noise_judge(on))
@@ -215,7 +222,7 @@ def _trial_results(
 ) -> Results:
     """``trial``'s results on a sample; on the first sample, kept by graph for the log's
     deviation (the repaired graph is most often the last one checked)."""
-    got = _outputs(fresh_copy(trial), args, kwargs, grads)
+    got = res.outputs(res.fresh_copy(trial), args, kwargs, grads)
     key = _graph_key(trial)
     if first and key is not None:
         reference.setdefault("trial", {})[key] = got
@@ -235,59 +242,13 @@ def _originals(model: nn.Module, samples: list[Sample], grads: bool, reference: 
         if first_float_dtype(model) in (torch.float32, None):
             try:
                 reference["own"] = [
-                    _outputs(fresh_copy(model), tree_map(to_nchw, a), tree_map(to_nchw, k), grads) for a, k in samples
+                    res.outputs(res.fresh_copy(model), tree_map(to_nchw, a), tree_map(to_nchw, k), grads)
+                    for a, k in samples
                 ]
             except Exception:
                 pass
     own: list[Results] | None = reference["own"]
     return own
-
-
-@dataclass(frozen=True, slots=True)
-class Deviation:
-    """How far a channels_last model's results, in the model's own dtype, are from the
-    original model's: the largest relative deviation of an output (the norm of the difference
-    over the norm of the original's), and the relative deviation of all parameter gradients
-    together (the update a training step would make; one parameter's own gradient can be zero
-    up to rounding, a conv bias before a norm layer). Values equal in both (an infinity, a NaN
-    in the same place) do not count; any other non-finite difference is ``inf``."""
-
-    outputs: float
-    gradients: float | None
-    """None without gradients (not asked for, or no parameter gets one)."""
-    dtype: str = "float32"
-    """The dtype both ran in: the model's own."""
-
-
-def _norms(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """(norm of ``other - ref``, norm of ``ref``) over the finite values of ``ref``, where equal
-    non-finite values (the same infinity, NaN against NaN) differ by nothing."""
-    a, b = ref.detach().double(), other.detach().double()
-    same = (a == b) | (a.isnan() & b.isnan())
-    diff = torch.where(same, torch.zeros_like(a), b - a)
-    return float(diff.norm()), float(torch.where(a.isfinite(), a, torch.zeros_like(a)).norm())
-
-
-def _relative(diff: float, scale: float) -> float:
-    return diff / max(scale, 1e-30) if math.isfinite(diff) else math.inf
-
-
-def _deviation_of(results: Results, ref: Results, dtype: str = "float32") -> Deviation:
-    (outs, grads), (ref_outs, ref_grads) = results, ref
-    outputs = max(
-        (
-            _relative(*_norms(b, a))
-            for a, b in zip(outs, ref_outs, strict=False)
-            if a.is_floating_point() and a.shape == b.shape
-        ),
-        default=0.0,
-    )
-    shared = [n for n in ref_grads if n in grads and grads[n].shape == ref_grads[n].shape]
-    if not shared:
-        return Deviation(outputs, None, dtype)
-    pairs = [_norms(ref_grads[n], grads[n]) for n in shared]
-    diff = math.sqrt(sum(d * d for d, _ in pairs))
-    return Deviation(outputs, _relative(diff, math.sqrt(sum(r * r for _, r in pairs))), dtype)
 
 
 def deviations(
@@ -305,14 +266,18 @@ def deviations(
     InstanceNorm's). ``reference``: the checks' dict (``sample`` is their first)."""
     args, kwargs = sample
     own = (reference or {}).get("own")  # the original's results on the sample, from the checks
-    ref = own[0] if own else _outputs(fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+    ref = (
+        own[0] if own else res.outputs(res.fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+    )
     dtype = own_dtype_name(model)
     seen = (reference or {}).get("trial", {}).get(_graph_key(repaired))
-    mine = _deviation_of(seen or _outputs(fresh_copy(repaired), args, kwargs, grads), ref, dtype)
+    mine = res.deviation_of(seen or res.outputs(res.fresh_copy(repaired), args, kwargs, grads), ref, dtype)
     theirs: Deviation | None = None
     if naive is not None:
         try:
-            theirs = _deviation_of(_outputs(fresh_copy(naive), args, kwargs, grads), ref, dtype)
+            kept = (reference or {}).get("naive")  # the naive results, when a check computed them
+            got = kept[0] if kept else res.outputs(res.fresh_copy(naive), args, kwargs, grads)
+            theirs = res.deviation_of(got, ref, dtype)
         except Exception:
             pass  # an error the audit did not see: no noise estimate
     return mine, theirs

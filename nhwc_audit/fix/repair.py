@@ -26,7 +26,8 @@ from ..propagate.interpreter import propagate
 from ..propagate.runner import attributes_restored
 from ..records import NodeRecord, Summary
 from ..tensors import clone_value, seeded
-from .equivalence import Deviation, deviations, first_change
+from .equivalence import deviations, first_change
+from .results import Deviation
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
@@ -191,6 +192,8 @@ def repair_model(
     break is tried again on the next pass (another rewrite may have fixed that break)."""
     done: set[tuple[str, str]] = set()
     reference: dict[str, Any] = {}  # the original model's results, computed at the first check
+    # the naive model raises at a break (a GraphModule prints its traceback on the way): not run
+    runs = naive if before_breaks == 0 else None
     for _ in range(max_passes):
         start = gm
         batch: list[tuple[Candidate, RepairStep]] = []
@@ -226,7 +229,7 @@ def repair_model(
             break
         # the pass's rewrites are checked against the original model together, once; only a
         # failing group is split, so a model whose rewrites all hold runs one check per pass
-        kept = _checked(start, batch, lambda g: first_change(model, naive, g, samples, grads, reference), refused)
+        kept = _checked(start, batch, lambda g: first_change(model, runs, g, samples, grads, reference), refused)
         if len(kept) < len(batch):
             gm = _clone_gm(start)
             _apply(gm, [c for c, _ in kept])
@@ -234,8 +237,6 @@ def repair_model(
         steps.extend(step for _, step in kept)
         if not kept:
             break
-    # the naive model raises at a break (a GraphModule prints its traceback on the way): not run
-    runs = naive if before_breaks == 0 else None
     mine, naive_dev = deviations(model, runs, gm, samples[0], grads, reference) if steps else (None, None)
     log = RepairLog(
         steps=tuple(steps),

@@ -24,8 +24,8 @@ from ..records import (
 
 if TYPE_CHECKING:
     from ..analyze.verdict import Verdict
-    from ..fix.equivalence import Deviation
     from ..fix.repair import RepairLog
+    from ..fix.results import Deviation
     from ..timing.measure import Measurement
 
 __all__ = ["SCHEMA", "json_text", "extras_dict", "measurement_dict", "repair_dict", "report_dict", "verdict_dict"]

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from ..records import BACKWARD_NOT_AUDITED, AuditMeta, Finding, FindingKind, SourceLoc, Summary
 
 if TYPE_CHECKING:
-    from ..fix.equivalence import Deviation
     from ..fix.repair import RepairLog
+    from ..fix.results import Deviation
     from ..timing.measure import Measurement
 
 __all__ = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nhwc_audit import convert
-from nhwc_audit.fix import equivalence
+from nhwc_audit.fix import equivalence, results
 from tests import models as M
 
 
@@ -27,7 +27,7 @@ def _counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def _sample() -> list[equivalence.Sample]:
+def _sample() -> list[results.Sample]:
     torch.manual_seed(0)
     return [((torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last),), {})]
 
@@ -55,14 +55,14 @@ def test_the_checks_share_the_originals_results(monkeypatch: pytest.MonkeyPatch)
     """One repair runs the original model once in its own dtype, whatever the number of checks."""
     model = M.InstanceNormNet().train()
     runs: list[int] = []
-    real = equivalence._outputs
+    real = results.outputs
 
-    def counting(m: Any, *a: Any) -> Any:
+    def counting(m: Any, *a: Any, **kw: Any) -> Any:
         if m.__class__.__name__ == "InstanceNormNet" and not a[0][0].is_contiguous(memory_format=torch.channels_last):
             runs.append(1)
-        return real(m, *a)
+        return real(m, *a, **kw)
 
-    monkeypatch.setattr(equivalence, "_outputs", counting)
+    monkeypatch.setattr(results, "outputs", counting)
     reference: dict[str, Any] = {}
     for _ in range(3):
         assert equivalence.first_change(model, convert(model), convert(model), _sample(), True, reference) is None
@@ -77,13 +77,13 @@ def test_the_logs_deviation_reuses_the_last_checked_graphs_results(monkeypatch: 
     reference: dict[str, Any] = {}
     assert equivalence.first_change(model, convert(model), trial, _sample(), True, reference) is None
     ran: list[str] = []
-    real = equivalence._outputs
+    real = results.outputs
 
-    def counting(m: Any, *a: Any) -> Any:
+    def counting(m: Any, *a: Any, **kw: Any) -> Any:
         ran.append(type(m).__name__)
-        return real(m, *a)
+        return real(m, *a, **kw)
 
-    monkeypatch.setattr(equivalence, "_outputs", counting)
+    monkeypatch.setattr(results, "outputs", counting)
     mine, naive = equivalence.deviations(model, convert(model), again, _sample()[0], True, reference)
     assert ran == ["InstanceNormNet"]  # the naive model only: the original's and the graph's were kept
     assert naive is not None and mine.outputs < equivalence.ROUNDING
@@ -105,18 +105,18 @@ class _FlipsTheBatch(torch.nn.Module):
 def _float64_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The batch size of each float64 pass's input."""
     batches: list[int] = []
-    real = equivalence._outputs
+    real = results.outputs
 
-    def seen(m: Any, args: Any, kwargs: Any, grads: bool) -> Any:
+    def seen(m: Any, args: Any, kwargs: Any, grads: bool, **kw: Any) -> Any:
         if args[0].dtype == torch.float64:
             batches.append(args[0].shape[0])
-        return real(m, args, kwargs, grads)
+        return real(m, args, kwargs, grads, **kw)
 
-    monkeypatch.setattr(equivalence, "_outputs", seen)
+    monkeypatch.setattr(results, "outputs", seen)
     return batches
 
 
-def _batch_of(n: int) -> list[equivalence.Sample]:
+def _batch_of(n: int) -> list[results.Sample]:
     torch.manual_seed(0)
     return [((torch.randn(n, 3, 8, 8).contiguous(memory_format=torch.channels_last),), {})]
 

@@ -531,8 +531,8 @@ def test_the_log_says_how_far_the_repaired_model_rounds_from_the_original() -> N
 
 
 def test_a_repair_that_rounds_beyond_the_conversion_is_flagged() -> None:
-    from nhwc_audit.fix.equivalence import Deviation
     from nhwc_audit.fix.repair import RepairLog
+    from nhwc_audit.fix.results import Deviation
     from nhwc_audit.report.text import deviation_line
 
     def log(mine: Deviation, naive: Deviation | None) -> RepairLog:
@@ -552,7 +552,7 @@ def test_a_repair_that_rounds_beyond_the_conversion_is_flagged() -> None:
 
 
 def test_a_deviation_counts_equal_infinities_as_equal_and_says_its_dtype() -> None:
-    from nhwc_audit.fix.equivalence import _deviation_of
+    from nhwc_audit.fix.results import deviation_of as _deviation_of
     from nhwc_audit.report.serialize import repair_dict
 
     ref = ([torch.tensor([-float("inf"), 1.0, 2.0]), torch.tensor([1.0, 1.0])], {})

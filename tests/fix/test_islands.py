@@ -1,0 +1,111 @@
+"""The repair's float32 check against the naive conversion, the rewritten nodes computed in
+float64: a rewrite that only picks a kernel that rounds more (InstanceNorm -> GroupNorm) is
+accepted there without a float64 pass of the whole model; a changed formula is not."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from nhwc_audit import convert
+from nhwc_audit.examples import unet
+from nhwc_audit.fix import equivalence, results
+from nhwc_audit.fix.islands import in_float64, rewritten_nodes
+from nhwc_audit.fix.repair import repair_model
+from tests import models as M
+
+
+def _float64_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = equivalence._double
+
+    def counting(v: Any) -> Any:
+        calls.append(1)
+        return real(v)
+
+    monkeypatch.setattr(equivalence, "_double", counting)
+    return calls
+
+
+def _graphs(eps: float) -> tuple[nn.Module, torch.fx.GraphModule, torch.fx.GraphModule]:
+    torch.manual_seed(0)
+    model = M.InstanceNormNet().train()
+    naive = torch.fx.symbolic_trace(convert(model))
+    trial = torch.fx.GraphModule(naive, copy.deepcopy(naive.graph))
+    trial.norm = nn.GroupNorm(8, 8, eps=eps, affine=False)  # InstanceNorm2d(8)'s statistics
+    return model, naive, trial
+
+
+def _samples() -> list[results.Sample]:
+    torch.manual_seed(1)
+    return [((torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last),), {}) for _ in range(2)]
+
+
+def test_only_the_rewritten_nodes_are_found() -> None:
+    model, naive, trial = _graphs(1e-5)
+    assert rewritten_nodes(trial, naive) == {"norm"}  # another module under the same name
+    assert rewritten_nodes(naive, naive) == frozenset()
+    node = next(n for n in trial.graph.nodes if n.name == "conv2")
+    with trial.graph.inserting_before(node):
+        new = trial.graph.call_method("contiguous", (node.args[0],))
+    node.args = (new,)
+    assert rewritten_nodes(trial, naive) == {"norm", new.name, "conv2"}  # a new node and its user
+
+
+def test_a_rewrite_that_only_rounds_differently_is_accepted_without_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, naive, trial = _graphs(1e-5)
+    float64 = _float64_passes(monkeypatch)
+    assert equivalence.first_change(model, naive, trial, _samples(), grads=True) is None
+    assert float64 == []
+
+
+@pytest.mark.parametrize("eps", [1e-3, 2e-5])
+def test_a_changed_formula_is_still_refused(eps: float) -> None:
+    model, naive, trial = _graphs(eps)
+    problem = equivalence.first_change(model, naive, trial, _samples(), grads=True)
+    assert problem is not None and problem.endswith("(float64)")
+
+
+def test_the_bundled_unets_groupnorm_rewrites_need_no_float64_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its repaired graph rounds 1e-3 from the original in float32 (GroupNorm's channels_last
+    backward on the CPU): beyond what the check in float32 accepted before, so each repair
+    ran four float64 passes of the whole UNet."""
+    model, (x,) = unet()
+    float64 = _float64_passes(monkeypatch)
+    _, log = repair_model(model, (x,), bandwidth=1e9)  # 1x3x128x128
+    kinds = [s.kind for s in log.steps]
+    assert kinds.count("instancenorm->groupnorm") == 6, log.refused
+    assert log.deviation is not None and log.deviation.gradients is not None
+    assert log.deviation.gradients > equivalence.ROUNDING  # the plain float32 graph is beyond rounding
+    assert float64 == []
+
+
+def _view_then_write() -> torch.fx.GraphModule:
+    """y = x * 1; y.view(-1).mul_(3); y[:, 0] = 0; return relu_(y + 1): writes through a view,
+    in place, and by ``operator.setitem`` (which returns None), as a graph (fx's tracer cannot
+    record an item assignment, a graph built by hand can hold one)."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(operator.mul, (x, 1.0))
+    flat = g.call_method("view", (y, -1))
+    g.call_method("mul_", (flat, 3))
+    g.call_function(operator.setitem, (y, (slice(None), 0), 0))
+    z = g.call_function(operator.add, (y, 1))
+    g.output(g.call_function(torch.relu_, (z,)))
+    return torch.fx.GraphModule(nn.Module(), g)
+
+
+def test_views_and_in_place_writes_run_as_they_are() -> None:
+    gm = _view_then_write()
+    names = frozenset(n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+    x = torch.randn(2, 3, 4, 4)
+    got = in_float64(gm, names)(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, gm(x))
+    assert bool((got[:, 0] == 1).all())  # the item assignment was not lost
