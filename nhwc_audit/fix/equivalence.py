@@ -94,7 +94,7 @@ def first_change(
         return None
     own = _originals(model, samples, grads, reference)
     if own is not None and all(
-        _rounds_only(res.deviation_of(_trial_results(trial, a, k, grads, reference, first=i == 0), ref))
+        _rounds_only(_trial_results(trial, a, k, grads, reference, first=i == 0), ref)
         for i, ((a, k), ref) in enumerate(zip(samples, own, strict=True))
     ):
         return None
@@ -145,7 +145,7 @@ def _matches_naive(
         for (a, k), ref in zip(samples, theirs, strict=True):
             mine = res.fresh_copy(trial)
             assert isinstance(mine, torch.fx.GraphModule)
-            if not _rounds_only(res.deviation_of(res.outputs(mine, a, k, grads, run=in_float64(mine, names)), ref)):
+            if not _rounds_only(res.outputs(mine, a, k, grads, run=in_float64(mine, names)), ref):
                 return False
     except Exception:
         return False  # the float64 check decides
@@ -229,7 +229,18 @@ def _trial_results(
     return got
 
 
-def _rounds_only(d: Deviation) -> bool:
+def _rounds_only(got: Results, ref: Results) -> bool:
+    """``got`` has ``ref``'s outputs (count, shapes, dtypes; the same values where not floating)
+    and gradients (names, shapes), and its floating values are within :data:`ROUNDING` of them."""
+    (outs, grads), (ref_outs, ref_grads) = got, ref
+    if len(outs) != len(ref_outs) or grads.keys() != ref_grads.keys():
+        return False
+    for a, b in zip(outs, ref_outs, strict=True):
+        if a.shape != b.shape or a.dtype != b.dtype or (not a.is_floating_point() and not torch.equal(a, b)):
+            return False
+    if any(g.shape != ref_grads[n].shape for n, g in grads.items()):
+        return False
+    d = res.deviation_of(got, ref)
     return d.outputs <= ROUNDING and (d.gradients is None or d.gradients <= ROUNDING)
 
 

@@ -154,3 +154,26 @@ def test_a_model_that_cannot_run_on_two_items_is_checked_in_float64_whole(monkey
     assert problem is not None and problem.endswith("(float64)")
     assert batches[0] == 2 and set(batches[1:]) == {8}  # tried on two items, then whole
     assert equivalence.first_change(model, convert(model), convert(model), _batch_of(8), grads=True) is None
+
+
+class _Outputs(torch.nn.Module):
+    """``model``'s output and its argmax over channels (plus ``shift``), or flattened."""
+
+    def __init__(self, model: torch.nn.Module, shift: int = 0, flat: bool = False) -> None:
+        super().__init__()
+        self.model, self.shift, self.flat = model, shift, flat
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.model(x)
+        return (y.flatten(1) if self.flat else y), y.argmax(1) + self.shift
+
+
+@pytest.mark.parametrize(("shift", "flat"), [(1, False), (0, True)])
+def test_another_integer_output_or_shape_is_never_taken_for_rounding(shift: int, flat: bool) -> None:
+    # the relative deviation reads floating outputs of one shape only: an integer output that
+    # changed, or an output of another shape, must not pass the float32 check for want of pairs
+    model = _Outputs(M.InstanceNormNet().train())
+    trial = _Outputs(convert(copy.deepcopy(model.model)), shift, flat)
+    problem = equivalence.first_change(model, convert(copy.deepcopy(model)), trial, _sample(), grads=True)
+    assert problem is not None and problem.endswith("(float64)")
+    assert ("output 1" in problem) if shift else ("shape" in problem)
