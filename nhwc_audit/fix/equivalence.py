@@ -229,9 +229,18 @@ def _trial_results(
     return got
 
 
+ELEMENTS = 1e-4
+"""What one element of a float32 result may move by when only the rounding changes, relative to
+its tensor's largest (:func:`~.results.worst_element`): the bundled UNet's naive conversion moves
+them up to 7e-6, its repaired graph with the rewritten nodes in float64 4e-6 from the naive one.
+A rewrite that changes a few elements (one output element by 0.01) stays within
+:data:`ROUNDING` in norm, and is caught here."""
+
+
 def _rounds_only(got: Results, ref: Results) -> bool:
     """``got`` has ``ref``'s outputs (count, shapes, dtypes; the same values where not floating)
-    and gradients (names, shapes), and its floating values are within :data:`ROUNDING` of them."""
+    and gradients (names, shapes), and its floating values are within :data:`ROUNDING` of them
+    in norm and within :data:`ELEMENTS` element by element."""
     (outs, grads), (ref_outs, ref_grads) = got, ref
     if len(outs) != len(ref_outs) or grads.keys() != ref_grads.keys():
         return False
@@ -241,7 +250,11 @@ def _rounds_only(got: Results, ref: Results) -> bool:
     if any(g.shape != ref_grads[n].shape for n, g in grads.items()):
         return False
     d = res.deviation_of(got, ref)
-    return d.outputs <= ROUNDING and (d.gradients is None or d.gradients <= ROUNDING)
+    return (
+        d.outputs <= ROUNDING
+        and (d.gradients is None or d.gradients <= ROUNDING)
+        and res.worst_element(got, ref) <= ELEMENTS
+    )
 
 
 def _originals(model: nn.Module, samples: list[Sample], grads: bool, reference: dict[str, Any]) -> list[Results] | None:

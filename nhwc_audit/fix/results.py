@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 from ..prepare.clone import clone_modules
 from ..tensors import clone_value, iter_tensors, seeded
 
-__all__ = ["Deviation", "Results", "Sample", "deviation_of", "fresh_copy", "outputs"]
+__all__ = ["Deviation", "Results", "Sample", "deviation_of", "fresh_copy", "outputs", "worst_element"]
 
 Sample = tuple[tuple[Any, ...], dict[str, Any]]
 Results = tuple[list[torch.Tensor], dict[str, torch.Tensor]]
@@ -80,6 +80,36 @@ def _norms(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     same = (a == b) | (a.isnan() & b.isnan())
     diff = torch.where(same, torch.zeros_like(a), b - a)
     return float(diff.norm()), float(torch.where(a.isfinite(), a, torch.zeros_like(a)).norm())
+
+
+def _largest(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(largest ``|other - ref|`` of one element, largest finite ``|ref|``), equal non-finite
+    values differing by nothing (NaN where a difference is not a number)."""
+    if ref.numel() == 0:
+        return 0.0, 0.0
+    a, b = ref.detach().double(), other.detach().double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    diff = torch.where(same, torch.zeros_like(a), b - a).abs()
+    return float(diff.max()), float(torch.where(a.isfinite(), a, torch.zeros_like(a)).abs().max())
+
+
+def worst_element(results: Results, ref: Results) -> float:
+    """The largest difference of one element between ``results`` and ``ref``, relative to the
+    largest magnitude of its output in ``ref``, or of its parameter's gradient (at least 1% of
+    the largest gradient anywhere: a gradient that is zero but for rounding, a conv bias before a
+    norm layer, has no scale of its own); pairs of one shape only, as :func:`deviation_of`
+    pairs them. A norm-wise deviation dilutes a change of a few elements; this does not."""
+    (outs, grads), (ref_outs, ref_grads) = results, ref
+    worst = 0.0
+    for a, b in zip(outs, ref_outs, strict=False):
+        if a.is_floating_point() and a.shape == b.shape:
+            diff, scale = _largest(b, a)
+            worst = max(worst, _relative(diff, scale) if diff == diff else math.inf)
+    pairs = {n: _largest(ref_grads[n], g) for n, g in grads.items() if n in ref_grads and g.shape == ref_grads[n].shape}
+    floor = 0.01 * max((scale for _, scale in pairs.values()), default=0.0)
+    for diff, scale in pairs.values():
+        worst = max(worst, _relative(diff, max(scale, floor)) if diff == diff else math.inf)
+    return worst
 
 
 def _relative(diff: float, scale: float) -> float:

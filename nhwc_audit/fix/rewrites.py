@@ -29,6 +29,7 @@ from typing import Literal, get_args
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.node import Argument
 
 from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
@@ -251,21 +252,35 @@ def _put_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def _softmax_dim1(node: torch.fx.Node) -> bool:
+def _softmax_call(node: torch.fx.Node) -> tuple[Argument, Argument] | None:
+    """(dim, dtype) of a softmax/log_softmax node called as ``x.softmax(dim, dtype)`` or
+    ``torch.softmax(x, dim, dtype)`` (positional or keyword); None for another node or call."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name not in _SOFTMAX_FUNCS or node.op not in ("call_method", "call_function"):
-        return False
+        return None
+    if node.op == "call_function" and node.target not in (torch.softmax, torch.log_softmax):
+        return None  # F.softmax(x, dim, _stacklevel, dtype): another order
+    if len(node.args) > 3 or not set(node.kwargs) <= {"dim", "dtype"}:
+        return None
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    return isinstance(dim, int) and dim == 1 and set(node.kwargs) <= {"dim"}
+    dtype = node.kwargs.get("dtype", node.args[2] if len(node.args) > 2 else None)
+    return dim, dtype
+
+
+def _softmax_dim1(node: torch.fx.Node) -> bool:
+    call = _softmax_call(node)
+    return call is not None and isinstance(call[0], int) and call[0] == 1
 
 
 def _rewrite_softmax(gm: torch.fx.GraphModule, name: str) -> None:
     n = find_node(gm, name)
     method = n.target if n.op == "call_method" else getattr(n.target, "__name__", "softmax")
+    call = _softmax_call(n)
+    assert call is not None
     x = n.args[0]
     with gm.graph.inserting_before(n):
         p = gm.graph.call_method("permute", (x, 0, 2, 3, 1))
-        s = gm.graph.call_method(str(method), (p,), {"dim": -1})
+        s = gm.graph.call_method(str(method), (p,), {"dim": -1, "dtype": call[1]})
         back = gm.graph.call_method("permute", (s, 0, 3, 1, 2))
     n.replace_all_uses_with(back)
     gm.graph.erase_node(n)

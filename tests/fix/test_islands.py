@@ -109,3 +109,93 @@ def test_views_and_in_place_writes_run_as_they_are() -> None:
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, gm(x))
     assert bool((got[:, 0] == 1).all())  # the item assignment was not lost
+
+
+def _graph(build: Any) -> torch.fx.GraphModule:
+    g = torch.fx.Graph()
+    g.output(build(g, g.placeholder("x")))
+    return torch.fx.GraphModule(nn.Module(), g)
+
+
+def _every_node(gm: torch.fx.GraphModule) -> frozenset[str]:
+    return frozenset(n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+
+
+def test_a_conversion_to_the_dtype_a_tensor_has_stays_that_tensor() -> None:
+    # y.float() is y: a write to y after it shows in what it returned
+    def build(g: torch.fx.Graph, x: torch.fx.Node) -> Any:
+        y = g.call_function(operator.mul, (x, 1.0))
+        z = g.call_method("float", (y,))
+        g.call_method("relu_", (y,))
+        return z
+
+    gm = _graph(build)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(in_float64(gm, _every_node(gm))(x), gm(x))
+    assert bool((gm(x) >= 0).all())
+
+
+def test_a_dtype_read_from_a_tensor_is_its_own() -> None:
+    # alloc-cl's rewrite reads getattr(x, "dtype"): the buffer it allocates stays float32
+    def build(g: torch.fx.Graph, x: torch.fx.Node) -> Any:
+        dtype = g.call_function(getattr, (x, "dtype"))
+        size = g.call_method("size", (x,))
+        buf = g.call_function(torch.zeros, (size,), {"dtype": dtype})
+        return g.call_function(operator.add, (buf, x))
+
+    gm = _graph(build)
+    x = torch.randn(2, 3, 4, 4)
+    got = in_float64(gm, _every_node(gm))(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, gm(x))
+
+
+def test_a_rewritten_nodes_values_come_in_its_own_dtype_and_layout_from_float64() -> None:
+    def build(g: torch.fx.Graph, x: torch.fx.Node) -> Any:
+        return g.call_function(torch.sum, (x,), {"dim": 1, "dtype": torch.float64})
+
+    gm = _graph(build)
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert in_float64(gm, _every_node(gm))(x).dtype == torch.float64  # asked for as it runs
+    conv = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5)).train())
+    names = frozenset({"_0", "_1"})
+    torch.manual_seed(3)
+    mine = in_float64(conv, names)(x)
+    torch.manual_seed(3)
+    theirs = conv(x)
+    assert mine.stride() == theirs.stride()  # channels_last, as the node gives it
+    assert torch.equal(mine == 0, theirs == 0)  # the same dropout mask: the random state it drew from
+    torch.testing.assert_close(mine, theirs)
+
+
+class _BumpedGroupNorm(nn.GroupNorm):
+    """GroupNorm that also moves one element of its output by 0.005: a changed formula that a
+    norm of the whole output dilutes below rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        bump = torch.zeros_like(y)
+        bump[0, 0, 0, 0] = 0.005
+        return y + bump
+
+
+def test_a_change_of_one_element_is_refused() -> None:
+    model, naive, trial = _graphs(1e-5)
+    trial.norm = _BumpedGroupNorm(8, 8, eps=1e-5, affine=False)
+    torch.manual_seed(1)
+    samples: list[results.Sample] = [((torch.randn(1, 3, 256, 256).contiguous(memory_format=torch.channels_last),), {})]
+    got, ref = (results.outputs(m, *samples[0], grads=True) for m in (trial, naive))
+    assert results.deviation_of(got, ref).outputs < equivalence.ROUNDING  # diluted in norm
+    problem = equivalence.first_change(model, naive, trial, samples, grads=True)
+    assert problem is not None and problem.endswith("(float64)")
+
+
+def test_the_float32_check_reads_each_element() -> None:
+    torch.manual_seed(0)
+    ref: results.Results = ([torch.randn(1, 8, 256, 256)], {"w": torch.randn(8, 8), "b": torch.randn(8) * 1e-9})
+    bumped = ref[0][0].clone()
+    bumped[0, 0, 0, 0] += 0.005  # 7e-6 of the output's norm, 1e-3 of its largest element
+    assert results.deviation_of(([bumped], ref[1]), ref).outputs < equivalence.ROUNDING
+    assert not equivalence._rounds_only(([bumped], ref[1]), ref)
+    noisy = {"w": ref[1]["w"] * (1 + 1e-6), "b": ref[1]["b"] * 1.5}  # a gradient zero but for rounding
+    assert equivalence._rounds_only((ref[0], noisy), ref)

@@ -85,6 +85,32 @@ class ContiguousThenConv(nn.Module):
         return self.conv2(self.conv(x).contiguous())
 
 
+class SoftmaxInDtype(nn.Module):
+    """Softmax over channels in a dtype of its own, asked for three ways."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.how = nn.Conv2d(3, 8, 1), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.how == "positional":
+            return y.softmax(1, torch.float64)
+        if self.how == "function":
+            return torch.log_softmax(y, 1, dtype=torch.float64)
+        return y.softmax(dim=1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("how", ["positional", "function", "keyword"])
+def test_softmax_nhwc_keeps_the_dtype_asked_for(how: str) -> None:
+    model, x = SoftmaxInDtype(how), torch.randn(1, 3, 8, 8)
+    gm, log = repair_model(model, (x,))
+    assert [s.kind for s in log.steps] == ["softmax-nhwc"]
+    out = gm(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, model(x))
+
+
 @pytest.mark.parametrize(
     ("model", "shape", "kinds"),
     [
