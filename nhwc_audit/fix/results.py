@@ -4,6 +4,7 @@ checks (:mod:`.equivalence`, :mod:`.islands`) compare."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,8 +54,19 @@ def outputs(
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:
-    """A private copy for a checking run (buffers copied: BatchNorm stats must not drift)."""
-    return clone_modules(model, {id(p): p for p in model.parameters()})
+    """A private copy for a checking run (buffers copied: BatchNorm stats must not drift;
+    parameters shared). A GraphModule's copy runs the same graph and code (a check never changes
+    them) on its own module tree: its own deepcopy generates its code again (15.6 ms against
+    2.6 ms on the bundled UNet)."""
+    memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+    if not isinstance(model, torch.fx.GraphModule):
+        return clone_modules(model, memo)
+    new = object.__new__(type(model))  # the instance's own class: its forward is the graph's code
+    new.__dict__.update(model.__dict__)
+    new.__dict__["_parameters"] = dict(model._parameters)
+    new.__dict__["_buffers"] = {n: None if b is None else copy.deepcopy(b, memo) for n, b in model._buffers.items()}
+    new.__dict__["_modules"] = {n: None if c is None else clone_modules(c, memo) for n, c in model._modules.items()}
+    return new
 
 
 @dataclass(frozen=True, slots=True)
