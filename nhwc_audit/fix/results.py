@@ -107,9 +107,9 @@ def _largest(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
 
 def worst_element(results: Results, ref: Results) -> float:
     """The largest difference of one element between ``results`` and ``ref``, relative to the
-    largest magnitude of its output in ``ref``, or of its parameter's gradient (at least 1% of
-    the largest gradient anywhere: a gradient that is zero but for rounding, a conv bias before a
-    norm layer, has no scale of its own); pairs of one shape only, as :func:`deviation_of`
+    largest magnitude of its output in ``ref``, or for a parameter's gradient of the largest
+    gradient anywhere in ``ref`` (a gradient that is zero but for rounding, a conv bias before
+    a norm layer, has no scale of its own); pairs of one shape only, as :func:`deviation_of`
     pairs them. A norm-wise deviation dilutes a change of a few elements; this does not."""
     (outs, grads), (ref_outs, ref_grads) = results, ref
     worst = 0.0
@@ -117,10 +117,10 @@ def worst_element(results: Results, ref: Results) -> float:
         if a.is_floating_point() and a.shape == b.shape:
             diff, scale = _largest(b, a)
             worst = max(worst, _relative(diff, scale) if diff == diff else math.inf)
-    pairs = {n: _largest(ref_grads[n], g) for n, g in grads.items() if n in ref_grads and g.shape == ref_grads[n].shape}
-    floor = 0.01 * max((scale for _, scale in pairs.values()), default=0.0)
-    for diff, scale in pairs.values():
-        worst = max(worst, _relative(diff, max(scale, floor)) if diff == diff else math.inf)
+    pairs = [_largest(ref_grads[n], g) for n, g in grads.items() if n in ref_grads and g.shape == ref_grads[n].shape]
+    scale = max((s for _, s in pairs), default=0.0)
+    for diff, _ in pairs:
+        worst = max(worst, _relative(diff, scale) if diff == diff else math.inf)
     return worst
 
 
