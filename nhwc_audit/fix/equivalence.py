@@ -1,6 +1,6 @@
 """Does a repaired model compute what the original computes? Outputs and parameter gradients
 of a fixed random linear loss, on the sample and a second input: first in the model's own dtype,
-where a repaired model within the rounding a layout change costs (:data:`ROUNDING`) is accepted;
+where a repaired model within the rounding a layout change costs (:data:`~.results.ROUNDING`) is accepted;
 beyond it, in float64, where that rounding vanishes (~1e-12) and a changed formula still shows;
 in the model's own dtype with a tolerance calibrated on the naive conversion when the model
 cannot run in float64.
@@ -25,10 +25,10 @@ from ..propagate.compare import IndexedJudge, first_difference, tensor_differenc
 from ..propagate.runner import batch_of, first_sample
 from ..tensors import to_nchw
 from . import results as res
-from .islands import in_float64, rewritten_nodes
-from .results import Deviation, Results, Sample
+from .islands import against_naive
+from .results import ELEMENTS, ROUNDING, Deviation, Results, Sample, within
 
-__all__ = ["FLOAT64_ITEMS", "ROUNDING", "deviations", "first_change"]
+__all__ = ["FLOAT64_ITEMS", "deviations", "first_change"]
 
 
 def _deviation(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -82,20 +82,24 @@ def first_change(
     reference: dict[str, Any] | None = None,
 ) -> str | None:
     """Does ``trial`` compute what ``model`` computes? In float32 (the model's own dtype), a
-    trial within :data:`ROUNDING` of the naive conversion ``naive`` (None: it cannot run), its
-    rewritten nodes computed in float64 (:mod:`.islands`), does; so does one within it of the
-    original; beyond both, float64 decides, where layout-induced rounding differences vanish
+    trial within :data:`~.results.ROUNDING` of the naive conversion ``naive`` (None: it cannot
+    run), its rewritten nodes computed in float64, does, where the naive conversion itself is
+    near the original and the rewritten kernels round as kernels do (:func:`.islands.against_naive`);
+    so does one within it of the original; beyond both, float64 decides, where layout-induced rounding differences vanish
     (~1e-12) and a changed formula still shows at the size of the values; in the model's own
     dtype, with a tolerance calibrated on the naive conversion, when the model cannot run in
     float64. ``reference``: a dict kept between the checks of one repair (same model and
     samples), where the original's and the naive conversion's results are computed once."""
     reference = {} if reference is None else reference
-    if _matches_naive(model, naive, trial, samples, grads, reference):
-        return None
     own = _originals(model, samples, grads, reference)
+    if own is not None and naive is not None:
+        decided, problem = against_naive(naive, trial, samples, grads, own, reference)
+        if decided:
+            return problem
+    noises = reference.get("noise") or [None] * len(samples)
     if own is not None and all(
-        _rounds_only(_trial_results(trial, a, k, grads, reference, first=i == 0), ref)
-        for i, ((a, k), ref) in enumerate(zip(samples, own, strict=True))
+        within(_trial_results(trial, a, k, grads, reference, first=i == 0), ref, ROUNDING, ELEMENTS, noise)
+        for i, ((a, k), ref, noise) in enumerate(zip(samples, own, noises, strict=True))
     ):
         return None
     if "float64" not in reference:
@@ -116,40 +120,6 @@ def first_change(
             if name in gb and tensor_difference(gb[name], g, rtol=1e-6, atol=1e-9 * max(scale, 1.0)) is not None:
                 return f"gradient of {name} differs (float64)"
     return None
-
-
-def _matches_naive(
-    model: nn.Module,
-    naive: nn.Module | None,
-    trial: nn.Module,
-    samples: list[Sample],
-    grads: bool,
-    reference: dict[str, Any],
-) -> bool:
-    """``trial``, its rewritten nodes in float64, within :data:`ROUNDING` of ``naive`` on every
-    sample (both fx graphs of a float32 model; the naive results computed once per repair)."""
-    if not isinstance(trial, torch.fx.GraphModule) or not isinstance(naive, torch.fx.GraphModule):
-        return False
-    if "naive" not in reference:
-        reference["naive"] = None
-        if first_float_dtype(model) in (torch.float32, None):
-            try:
-                reference["naive"] = [res.outputs(res.fresh_copy(naive), a, k, grads) for a, k in samples]
-            except Exception:
-                pass
-    theirs: list[Results] | None = reference["naive"]
-    if theirs is None:
-        return False
-    names = rewritten_nodes(trial, naive)
-    try:
-        for (a, k), ref in zip(samples, theirs, strict=True):
-            mine = res.fresh_copy(trial)
-            assert isinstance(mine, torch.fx.GraphModule)
-            if not _rounds_only(res.outputs(mine, a, k, grads, run=in_float64(mine, names)), ref):
-                return False
-    except Exception:
-        return False  # the float64 check decides
-    return True
 
 
 def _first_change_calibrated(
@@ -204,17 +174,15 @@ def _within_noise(actual: torch.Tensor, expected: torch.Tensor, naive: torch.Ten
     return None if got <= allowed else f"deviates by {got:.3g}, allowed {allowed:.3g}"
 
 
-ROUNDING = 1e-5
-"""What a float32 model's results may move by (relative norms: the largest of an output, all
-parameter gradients together) when only the rounding changes. The naive conversion of the
-bundled UNet moves them 2e-6 and 4e-6 with two CPU threads; a rewrite beyond this is checked in
-float64 (InstanceNorm -> GroupNorm there: 1.3e-3, GroupNorm's channels_last backward)."""
-
-
-def _graph_key(m: nn.Module) -> str | None:
-    """What identifies a repaired graph's computation between two copies of it: its code (the
-    rewrites change the graph, never a weight's value)."""
-    return m.code if isinstance(m, torch.fx.GraphModule) else None
+def _graph_key(m: nn.Module) -> tuple[Any, ...] | None:
+    """What identifies a repaired graph's computation between two copies of it: its code and
+    the modules it calls, by type and parameters (a rewrite that swaps a module leaves the code
+    as it was; the rewrites never change a weight's value)."""
+    if not isinstance(m, torch.fx.GraphModule):
+        return None
+    called = sorted({str(n.target) for n in m.graph.nodes if n.op == "call_module"})
+    mods = [(t, type(m.get_submodule(t)).__name__, tuple(map(id, m.get_submodule(t).parameters()))) for t in called]
+    return (m.code, *mods)
 
 
 def _trial_results(
@@ -227,36 +195,6 @@ def _trial_results(
     if first and key is not None:
         reference.setdefault("trial", {})[key] = got
     return got
-
-
-ELEMENTS = 1e-4
-"""What one element of a float32 result may move by when only the rounding changes, relative to
-its output's largest element, or for gradients to the largest gradient element
-(:func:`~.results.worst_element`). The naive conversion of 44 zoo models moves them up to
-2.9e-6 and 3.5e-6 (resnet50, densenet121 and smp's Unet, whose gradients are already beyond
-:data:`ROUNDING` in norm, aside); the bundled UNet's repaired graph, its rewritten nodes in
-float64, 6e-7 and 1.5e-6 from the naive one. A rewrite that changes a few elements (one output
-element by 0.005) stays within :data:`ROUNDING` in norm, and is caught here."""
-
-
-def _rounds_only(got: Results, ref: Results) -> bool:
-    """``got`` has ``ref``'s outputs (count, shapes, dtypes; the same values where not floating)
-    and gradients (names, shapes), and its floating values are within :data:`ROUNDING` of them
-    in norm and within :data:`ELEMENTS` element by element."""
-    (outs, grads), (ref_outs, ref_grads) = got, ref
-    if len(outs) != len(ref_outs) or grads.keys() != ref_grads.keys():
-        return False
-    for a, b in zip(outs, ref_outs, strict=True):
-        if a.shape != b.shape or a.dtype != b.dtype or (not a.is_floating_point() and not torch.equal(a, b)):
-            return False
-    if any(g.shape != ref_grads[n].shape for n, g in grads.items()):
-        return False
-    d = res.deviation_of(got, ref)
-    return (
-        d.outputs <= ROUNDING
-        and (d.gradients is None or d.gradients <= ROUNDING)
-        and res.worst_element(got, ref) <= ELEMENTS
-    )
 
 
 def _originals(model: nn.Module, samples: list[Sample], grads: bool, reference: dict[str, Any]) -> list[Results] | None:

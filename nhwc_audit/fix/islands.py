@@ -19,17 +19,20 @@ on reading.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ..propagate.inputs import positional_inputs
+from .results import ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
 
-__all__ = ["in_float64", "rewritten_nodes"]
+__all__ = ["CONVERSION", "KERNEL", "against_naive", "in_float64", "rewritten_nodes"]
 
 _IN_PLACE_OPERATORS = {
     operator.setitem,
@@ -96,10 +99,23 @@ def _plain(result: Any, inputs: Any) -> bool:
     return bool(_storages(leaves) & _storages(inputs))
 
 
+def _distance(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """``|got - exact| / |exact|`` over the finite values of ``exact`` (inf where ``got`` is not
+    finite there)."""
+    a, b = exact.detach().double(), got.detach().double()
+    finite = a.isfinite()
+    if not bool(b[finite].isfinite().all()):
+        return math.inf
+    diff = float(torch.where(finite, b - a, torch.zeros_like(a)).norm())
+    return diff / max(float(torch.where(finite, a, torch.zeros_like(a)).norm()), 1e-30)
+
+
 class _Float64Islands(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, names: frozenset[str]) -> None:
         super().__init__(gm)
         self._names = names
+        self.kernel_errors: list[tuple[float, str]] = []
+        """(relative distance of a node's float32 result from its float64 value, node)."""
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.name not in self._names or n.op not in ("call_module", "call_function", "call_method"):
@@ -128,17 +144,98 @@ class _Float64Islands(torch.fx.Interpreter):
         values, wide_spec = tree_flatten(wide)
         if spec != wide_spec:
             return result
+        for r, w in zip(got, values, strict=True):
+            if isinstance(r, torch.Tensor) and r.is_floating_point() and r.shape == w.shape:
+                self.kernel_errors.append((_distance(r, w), n.name))
         # the float64 values, in the dtype and layout the node gives as it runs
         return tree_unflatten(
             [w if r is None else torch.empty_like(r).copy_(w) for r, w in zip(got, values, strict=True)], spec
         )
 
 
+KERNEL = 1e-3
+"""How far a rewritten node's float32 result may sit from its float64 value (relative norm):
+a kernel's rounding. Beyond it the rewrite is refused, whatever float64 says of its math:
+GroupNorm's channels_last CPU kernel on activations whose mean is 100x their spread is off by
+5e-3 (InstanceNorm's by 3e-6), by ~1 at 1000x."""
+
+CONVERSION = 1e-2
+"""How near the naive conversion must be to the original (norms and elements, as
+:func:`~.results.within` measures) to stand in for it: converting costs rounding, and a CPU
+kernel's error at batch size 1 (InstanceNorm's channels_last backward: 1.3e-3 on the bundled
+UNet's gradients); a conversion that changes the math (an ``as_strided`` reading the strides)
+moves them by the size of the values."""
+
+
+class _Float64Run:
+    """Calls ``trial`` with the nodes ``names`` in float64 (:class:`_Float64Islands`); after a
+    call, ``worst`` holds the largest distance of a rewritten node's float32 result from its
+    float64 value (relative norm) and the node."""
+
+    def __init__(self, trial: torch.fx.GraphModule, names: frozenset[str]) -> None:
+        self.trial, self.names = trial, names
+        self.worst: tuple[float, str] = (0.0, "")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        interp = _Float64Islands(self.trial, self.names)
+        out = interp.run(*positional_inputs(self.trial, args, kwargs), enable_io_processing=False)
+        self.worst = max([self.worst, *interp.kernel_errors])
+        return out
+
+
 def in_float64(trial: torch.fx.GraphModule, names: frozenset[str]) -> Callable[..., Any]:
     """Call ``trial`` as its forward is called, with the nodes ``names`` computed in float64 and
     their results handed on in the dtypes and layouts the nodes give as they run."""
+    return _Float64Run(trial, names)
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return _Float64Islands(trial, names).run(*positional_inputs(trial, args, kwargs), enable_io_processing=False)
 
-    return run
+def against_naive(
+    naive: nn.Module,
+    trial: nn.Module,
+    samples: list[Sample],
+    grads: bool,
+    originals: list[Results],
+    reference: dict[str, Any],
+) -> tuple[bool, str | None]:
+    """(decided, what changed) for ``trial`` against the naive conversion ``naive``, both fx
+    graphs: the trial, its rewritten nodes in float64, within rounding of the naive conversion on
+    every sample, with the naive conversion within :data:`CONVERSION` of the original
+    (``originals``: its results on the samples), decides that the math is kept; a rewritten node
+    whose float32 result is beyond :data:`KERNEL` of its float64 value decides that the rewrite
+    is refused. Anything else leaves it undecided (False, None) to the checks after. The naive
+    results, and each parameter's gradient noise (naive against original), are computed once per
+    repair in ``reference``."""
+    if not isinstance(trial, torch.fx.GraphModule) or not isinstance(naive, torch.fx.GraphModule):
+        return False, None
+    if "naive" not in reference:
+        reference["naive"] = None
+        try:
+            theirs = [outputs(fresh_copy(naive), a, k, grads) for a, k in samples]
+        except Exception:
+            theirs = None
+        if theirs is not None and all(
+            within(n, o, CONVERSION, CONVERSION) for n, o in zip(theirs, originals, strict=True)
+        ):
+            reference["naive"] = theirs
+            reference["noise"] = [gradient_noise(n, o) for n, o in zip(theirs, originals, strict=True)]
+    theirs = reference["naive"]
+    if theirs is None:
+        return False, None
+    names = rewritten_nodes(trial, naive)
+    try:
+        for (a, k), ref, noise in zip(samples, theirs, reference["noise"], strict=True):
+            mine = fresh_copy(trial)
+            assert isinstance(mine, torch.fx.GraphModule)
+            run = _Float64Run(mine, names)
+            got = outputs(mine, a, k, grads, run=run)
+            err, node = run.worst
+            if err > KERNEL:
+                return True, (
+                    f"{node} computes {err:.2g} (relative) off its float64 value in float32 on this sample: its "
+                    "kernel's rounding at these activations"
+                )
+            if not within(got, ref, ROUNDING, ELEMENTS, noise):
+                return False, None
+    except Exception:
+        return False, None  # the checks after decide
+    return True, None

@@ -86,7 +86,7 @@ def test_the_logs_deviation_reuses_the_last_checked_graphs_results(monkeypatch: 
     monkeypatch.setattr(results, "outputs", counting)
     mine, naive = equivalence.deviations(model, convert(model), again, _sample()[0], True, reference)
     assert ran == ["InstanceNormNet"]  # the naive model only: the original's and the graph's were kept
-    assert naive is not None and mine.outputs < equivalence.ROUNDING
+    assert naive is not None and mine.outputs < results.ROUNDING
 
 
 class _FlipsTheBatch(torch.nn.Module):

@@ -38,3 +38,20 @@ def test_a_modules_copy_shares_parameters_and_not_buffers() -> None:
     assert mine[0].weight is model[0].weight
     assert mine[1].running_var is not model[1].running_var
     assert torch.equal(mine[1].running_var, model[1].running_var)
+
+
+def test_a_graph_modules_plain_tensor_attributes_are_its_copys_own() -> None:
+    # torch.export keeps lifted constants as plain attributes; a graph may write to them
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    count = g.get_attr("count")
+    g.output(g.call_function(torch.mul, (x, g.call_method("add_", (count, 1)))))
+    root = nn.Module()
+    root.count = torch.zeros(1)
+    gm = torch.fx.GraphModule(root, g)
+    del gm._buffers["count"]  # GraphModule made it a buffer
+    gm.count = torch.zeros(1)
+    assert "count" in gm.__dict__
+    for _ in range(3):
+        outputs(fresh_copy(gm), (torch.ones(2),), {}, grads=False)
+    assert float(gm.count) == 0.0
