@@ -30,6 +30,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.node import Argument
+from torch.nn import functional as F
 
 from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
@@ -252,19 +253,34 @@ def _put_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
+_SOFTMAX_ORDER = {
+    "x.softmax": ("dim", "dtype"),
+    "torch.softmax": ("dim", "dtype"),
+    "F.softmax": ("dim", "_stacklevel", "dtype"),
+}
+"""The positional arguments after the input, by how a softmax is called (fx records
+``F.softmax(x, dim=1)`` as a call of ``F.softmax`` with ``_stacklevel`` among them)."""
+
+
 def _softmax_call(node: torch.fx.Node) -> tuple[Argument, Argument] | None:
-    """(dim, dtype) of a softmax/log_softmax node called as ``x.softmax(dim, dtype)`` or
-    ``torch.softmax(x, dim, dtype)`` (positional or keyword); None for another node or call."""
+    """(dim, dtype) of a softmax/log_softmax node called as ``x.softmax(dim, dtype)``,
+    ``torch.softmax(x, dim, dtype)`` or ``F.softmax(x, dim, _stacklevel, dtype)`` (positional or
+    keyword); None for another node or call."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name not in _SOFTMAX_FUNCS or node.op not in ("call_method", "call_function"):
         return None
-    if node.op == "call_function" and node.target not in (torch.softmax, torch.log_softmax):
-        return None  # F.softmax(x, dim, _stacklevel, dtype): another order
-    if len(node.args) > 3 or not set(node.kwargs) <= {"dim", "dtype"}:
+    if node.op == "call_method":
+        order = _SOFTMAX_ORDER["x.softmax"]
+    elif node.target in (torch.softmax, torch.log_softmax):
+        order = _SOFTMAX_ORDER["torch.softmax"]
+    elif node.target in (F.softmax, F.log_softmax):
+        order = _SOFTMAX_ORDER["F.softmax"]
+    else:
         return None
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    dtype = node.kwargs.get("dtype", node.args[2] if len(node.args) > 2 else None)
-    return dim, dtype
+    if len(node.args) > 1 + len(order) or not set(node.kwargs) <= set(order):
+        return None
+    given = {**dict(zip(order, node.args[1:], strict=False)), **node.kwargs}
+    return given.get("dim"), given.get("dtype")
 
 
 def _softmax_dim1(node: torch.fx.Node) -> bool:

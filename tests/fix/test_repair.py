@@ -98,10 +98,14 @@ class SoftmaxInDtype(nn.Module):
             return y.softmax(1, torch.float64)
         if self.how == "function":
             return torch.log_softmax(y, 1, dtype=torch.float64)
+        if self.how == "functional":
+            return F.softmax(y, dim=1, dtype=torch.float64)
+        if self.how == "functional-positional":
+            return F.log_softmax(y, 1, 3, torch.float64)
         return y.softmax(dim=1, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("how", ["positional", "function", "keyword"])
+@pytest.mark.parametrize("how", ["positional", "function", "keyword", "functional", "functional-positional"])
 def test_softmax_nhwc_keeps_the_dtype_asked_for(how: str) -> None:
     model, x = SoftmaxInDtype(how), torch.randn(1, 3, 8, 8)
     gm, log = repair_model(model, (x,))
