@@ -21,18 +21,6 @@ from nhwc_audit.fix.repair import repair_model
 from tests import models as M
 
 
-def _float64_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = equivalence._double
-
-    def counting(v: Any) -> Any:
-        calls.append(1)
-        return real(v)
-
-    monkeypatch.setattr(equivalence, "_double", counting)
-    return calls
-
-
 def _graphs(eps: float) -> tuple[nn.Module, torch.fx.GraphModule, torch.fx.GraphModule]:
     torch.manual_seed(0)
     model = M.InstanceNormNet().train()
@@ -58,9 +46,9 @@ def test_only_the_rewritten_nodes_are_found() -> None:
     assert rewritten_nodes(trial, naive) == {"norm", new.name, "conv2"}  # a new node and its user
 
 
-def test_a_rewrite_that_only_rounds_differently_is_accepted_without_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rewrite_that_only_rounds_differently_is_accepted_without_float64(float64_passes: list[int]) -> None:
     model, naive, trial = _graphs(1e-5)
-    float64 = _float64_passes(monkeypatch)
+    float64 = float64_passes
     assert equivalence.first_change(model, naive, trial, _samples(), grads=True) is None
     assert float64 == []
 
@@ -72,12 +60,12 @@ def test_a_changed_formula_is_still_refused(eps: float) -> None:
     assert problem is not None and problem.endswith("(float64)")
 
 
-def test_the_bundled_unets_groupnorm_rewrites_need_no_float64_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_bundled_unets_groupnorm_rewrites_need_no_float64_pass(float64_passes: list[int]) -> None:
     """Its repaired graph rounds 1e-3 from the original in float32 (GroupNorm's channels_last
     backward on the CPU): beyond what the check in float32 accepted before, so each repair
     ran four float64 passes of the whole UNet."""
     model, (x,) = unet()
-    float64 = _float64_passes(monkeypatch)
+    float64 = float64_passes
     _, log = repair_model(model, (x,), bandwidth=1e9)  # 1x3x128x128
     kinds = [s.kind for s in log.steps]
     assert kinds.count("instancenorm->groupnorm") == 6, log.refused
