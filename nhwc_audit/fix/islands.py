@@ -11,10 +11,11 @@ costs two float32 passes where a float64 check of the whole model costs ~7x as m
 
 Each rewritten node runs as it is first (its dtypes and layouts), then in float64 on float64
 copies of its inputs and parameters; its float64 values are handed on in the first run's dtypes
-and layouts, with the random state it drew from. A node that writes in place, returns something
-else than tensors (a dtype, a size) or returns memory of its input (a view; ``x.float()`` is
-``x``) keeps its first run: a float64 copy would not write through to the tensor the graph goes
-on reading.
+and layouts. A node that writes in place, draws random numbers (``rand_like`` draws other ones
+in float64; on the CPU only: the CPU generator is the one compared), returns something else
+than tensors (a dtype, a size) or returns memory of its input (a view; ``x.float()`` is ``x``)
+keeps its first run: a float64 copy would not write through to the tensor the graph goes on
+reading.
 """
 
 from __future__ import annotations
@@ -128,10 +129,8 @@ class _Float64Islands(torch.fx.Interpreter):
             return super().run_node(n)  # nothing to compute in float64, or a mix of dtypes to keep
         rng = torch.random.get_rng_state()
         result = getattr(self, n.op)(n.target, args, kwargs)  # as it runs: its dtypes and layouts
-        if _plain(result, (args, kwargs)):
-            return result
-        after = torch.random.get_rng_state()
-        torch.random.set_rng_state(rng)  # a random op draws what it drew as it ran
+        if _plain(result, (args, kwargs)) or not torch.equal(torch.random.get_rng_state(), rng):
+            return result  # ... or it drew random numbers (rand_like draws others in float64)
         wide_args, wide_kwargs = tree_map(_up, args), tree_map(_up, kwargs)
         if n.op == "call_module":
             mod = self.fetch_attr(str(n.target))
@@ -139,7 +138,6 @@ class _Float64Islands(torch.fx.Interpreter):
             wide = torch.func.functional_call(mod, state, wide_args, wide_kwargs)
         else:
             wide = getattr(self, n.op)(n.target, wide_args, wide_kwargs)
-        torch.random.set_rng_state(after)
         got, spec = tree_flatten(result)
         values, wide_spec = tree_flatten(wide)
         if spec != wide_spec:
