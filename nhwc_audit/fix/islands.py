@@ -12,7 +12,7 @@ costs two float32 passes where a float64 check of the whole model costs ~7x as m
 Each rewritten node runs as it is first (its dtypes and layouts), then in float64 on float64
 copies of its inputs and parameters; its float64 values are handed on in the first run's dtypes
 and layouts. A node that writes in place, draws random numbers (``rand_like`` draws other ones
-in float64; on the CPU only: the CPU generator is the one compared), returns something else
+in float64: the generators of the CPU and of its tensors' CUDA devices are compared), returns something else
 than tensors (a dtype, a size) or returns memory of its input (a view; ``x.float()`` is ``x``)
 keeps its first run: a float64 copy would not write through to the tensor the graph goes on
 reading.
@@ -100,6 +100,12 @@ def _plain(result: Any, inputs: Any) -> bool:
     return bool(_storages(leaves) & _storages(inputs))
 
 
+def _random_states(tree: Any) -> list[torch.Tensor]:
+    """The CPU generator's state, and each CUDA device's that a tensor of ``tree`` is on."""
+    cuda = {t.device.index or 0 for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    return [torch.random.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in sorted(cuda))]
+
+
 def _distance(got: torch.Tensor, exact: torch.Tensor) -> float:
     """``|got - exact| / |exact|`` over the finite values of ``exact`` (inf where ``got`` is not
     finite there)."""
@@ -127,9 +133,10 @@ class _Float64Islands(torch.fx.Interpreter):
         own = [t.dtype for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if not own or any(d != own[0] for d in own):
             return super().run_node(n)  # nothing to compute in float64, or a mix of dtypes to keep
-        rng = torch.random.get_rng_state()
+        rng = _random_states((args, kwargs))
         result = getattr(self, n.op)(n.target, args, kwargs)  # as it runs: its dtypes and layouts
-        if _plain(result, (args, kwargs)) or not torch.equal(torch.random.get_rng_state(), rng):
+        drew = any(not torch.equal(a, b) for a, b in zip(rng, _random_states((args, kwargs)), strict=True))
+        if drew or _plain(result, (args, kwargs)):
             return result  # ... or it drew random numbers (rand_like draws others in float64)
         wide_args, wide_kwargs = tree_map(_up, args), tree_map(_up, kwargs)
         if n.op == "call_module":

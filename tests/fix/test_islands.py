@@ -273,14 +273,18 @@ def test_the_logs_deviation_never_reuses_a_refused_module_swaps_results() -> Non
     )
 
 
-def test_a_node_that_draws_random_numbers_keeps_its_run_and_refuses_nothing() -> None:
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_a_node_that_draws_random_numbers_keeps_its_run_and_refuses_nothing(device: str) -> None:
     # rand_like draws other numbers in float64: taken for a kernel's error, it refused the rewrite
     def build(g: torch.fx.Graph, x: torch.fx.Node) -> Any:
         return g.call_function(operator.add, (x, g.call_function(torch.rand_like, (x,))))
 
     gm = _graph(build)
     run = in_float64(gm, _every_node(gm))
-    x = torch.randn(2, 3, 4, 4)
+    x = torch.randn(2, 3, 4, 4, device=device)
     torch.manual_seed(5)
     mine = run(x)
     torch.manual_seed(5)
