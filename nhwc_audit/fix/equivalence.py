@@ -92,10 +92,8 @@ def first_change(
     samples), where the original's and the naive conversion's results are computed once."""
     reference = {} if reference is None else reference
     own = _originals(model, samples, grads, reference)
-    if own is not None and naive is not None:
-        decided, problem = against_naive(naive, trial, samples, grads, own, reference)
-        if decided:
-            return problem
+    if own is not None and naive is not None and against_naive(naive, trial, samples, grads, own, reference):
+        return None
     noises = reference.get("noise") or [None] * len(samples)
     if own is not None and all(
         within(_trial_results(trial, a, k, grads, reference, first=i == 0), ref, ROUNDING, ELEMENTS, noise)
