@@ -1,13 +1,14 @@
 """Does a repaired model compute what the original computes? Outputs and parameter gradients
 of a fixed random linear loss, on the sample and a second input: first in the model's own dtype,
-where a repaired model within the rounding a layout change costs (:data:`~.results.ROUNDING`) is accepted;
-beyond it, in float64, where that rounding vanishes (~1e-12) and a changed formula still shows;
-in the model's own dtype with a tolerance calibrated on the naive conversion when the model
-cannot run in float64.
+where a repaired model within the rounding a layout change costs (:data:`~.results.ROUNDING`)
+is accepted, of the naive conversion with its rewritten nodes computed in float64
+(:mod:`.islands`), or of the original; beyond it, in float64, where that rounding vanishes
+(~1e-12) and a changed formula still shows; in the model's own dtype with a tolerance calibrated
+on the naive conversion when the model cannot run in float64.
 
 A float64 forward and backward costs ~7x a float32 one on a CPU (no oneDNN kernels; the bundled
 UNet at 128x128: 166-187 ms against 25-27 ms): most rewrites (a view made a reshape, an operand
-order, an allocation's layout) give the same float32 results, and skip it; a batched sample is
+order, an allocation's layout, a kernel that only rounds more) skip it; a batched sample is
 checked there on its first two items (:data:`FLOAT64_ITEMS`).
 """
 
@@ -84,11 +85,11 @@ def first_change(
     """Does ``trial`` compute what ``model`` computes? In float32 (the model's own dtype), a
     trial within :data:`~.results.ROUNDING` of the naive conversion ``naive`` (None: it cannot
     run), its rewritten nodes computed in float64, does, where the naive conversion itself is
-    near the original and the rewritten kernels round as kernels do (:func:`.islands.against_naive`);
-    so does one within it of the original; beyond both, float64 decides, where layout-induced rounding differences vanish
-    (~1e-12) and a changed formula still shows at the size of the values; in the model's own
-    dtype, with a tolerance calibrated on the naive conversion, when the model cannot run in
-    float64. ``reference``: a dict kept between the checks of one repair (same model and
+    near the original and the rewritten kernels round as kernels do
+    (:func:`.islands.against_naive`); so does one within it of the original; beyond both,
+    float64 decides, where layout-induced rounding differences vanish (~1e-12) and a changed
+    formula still shows at the size of the values; in the model's own dtype, with a tolerance
+    calibrated on the naive conversion, when the model cannot run in float64. ``reference``: a dict kept between the checks of one repair (same model and
     samples), where the original's and the naive conversion's results are computed once."""
     reference = {} if reference is None else reference
     own = _originals(model, samples, grads, reference)

@@ -12,10 +12,10 @@ costs two float32 passes where a float64 check of the whole model costs ~7x as m
 Each rewritten node runs as it is first (its dtypes and layouts), then in float64 on float64
 copies of its inputs and parameters; its float64 values are handed on in the first run's dtypes
 and layouts. A node that writes in place, draws random numbers (``rand_like`` draws other ones
-in float64: the generators of the CPU and of its tensors' CUDA devices are compared), returns something else
-than tensors (a dtype, a size) or returns memory of its input (a view; ``x.float()`` is ``x``)
-keeps its first run: a float64 copy would not write through to the tensor the graph goes on
-reading.
+in float64: the generators of the CPU and of its tensors' CUDA devices are compared), returns
+something else than tensors (a dtype, a size) or returns memory of its input (a view;
+``x.float()`` is ``x``) keeps its first run: a float64 copy would not write through to the
+tensor the graph goes on reading.
 """
 
 from __future__ import annotations
