@@ -11,10 +11,11 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 __all__ = [
-    "detached",
     "PLAIN_LEAVES",
     "SharedStorages",
     "clone_value",
+    "detached",
+    "in_a_dense_format",
     "is_plain_dense",
     "iter_tensors",
     "on_shared",
@@ -63,6 +64,16 @@ def is_plain_dense(t: torch.Tensor) -> bool:
 
 
 _DENSE = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def in_a_dense_format(t: torch.Tensor) -> bool:
+    """Row-major, NHWC or NDHWC and dense: its bytes are ``numel * element_size`` from
+    ``data_ptr``."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def clone_value(v: Any) -> Any:

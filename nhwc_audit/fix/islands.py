@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,9 +30,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ..propagate.inputs import positional_inputs
+from ..tensors import in_a_dense_format
 from .results import ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
 
-__all__ = ["CONVERSION", "KERNEL", "against_naive", "in_float64", "rewritten_nodes"]
+__all__ = ["CONVERSION", "KERNEL", "Float64Run", "against_naive", "rewritten_nodes"]
 
 _IN_PLACE_OPERATORS = {
     operator.setitem,
@@ -81,13 +81,6 @@ def _storages(tree: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
 
 
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or any(
-        t.dim() == rank and t.is_contiguous(memory_format=fmt)
-        for rank, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d))
-    )
-
-
 def _plain(result: Any, inputs: Any) -> bool:
     """``result`` (the node run as it is) is to be kept: it holds something else than tensors (a
     dtype, a size), no floating tensor, a tensor that shares memory with an input (a view, a
@@ -95,7 +88,7 @@ def _plain(result: Any, inputs: Any) -> bool:
     leaves = [v for v in tree_leaves(result) if v is not None]
     if not leaves or not all(isinstance(v, torch.Tensor) for v in leaves):
         return True
-    if not any(v.is_floating_point() for v in leaves) or not all(_dense(v) for v in leaves):
+    if not any(v.is_floating_point() for v in leaves) or not all(map(in_a_dense_format, leaves)):
         return True
     return bool(_storages(leaves) & _storages(inputs))
 
@@ -161,10 +154,10 @@ class _Float64Islands(torch.fx.Interpreter):
 
 KERNEL = 1e-3
 """How far a rewritten node's float32 result may sit from its float64 value (relative norm)
-for this check to decide: a kernel's rounding. Beyond it
-(GroupNorm's channels_last CPU kernel on activations whose mean is 100x their spread is off by
-5e-3, InstanceNorm's by 3e-6; a floor() on a grid step; an overflow) the float64 values handed on
-would hide what the float32 graph computes, and the checks after decide."""
+for this check to decide: a kernel's rounding. Beyond it (GroupNorm's channels_last CPU kernel
+on activations whose mean is 100x their spread is off by 5e-3, InstanceNorm's by 3e-6; a
+floor() on a grid step; an overflow) the float64 values handed on would hide what the float32
+graph computes, and the checks after decide."""
 
 CONVERSION = 1e-2
 """How near the naive conversion must be to the original (norms and elements, as
@@ -174,10 +167,11 @@ UNet's gradients); a conversion that changes the math (an ``as_strided`` reading
 moves them by the size of the values."""
 
 
-class _Float64Run:
-    """Calls ``trial`` with the nodes ``names`` in float64 (:class:`_Float64Islands`); after a
-    call, ``worst`` holds the largest distance of a rewritten node's float32 result from its
-    float64 value (relative norm) and the node."""
+class Float64Run:
+    """Calls ``trial`` as its forward is called, with the nodes ``names`` computed in float64
+    (:class:`_Float64Islands`) and their results handed on in the dtypes and layouts the nodes
+    give as they run; after a call, ``worst`` holds the largest distance of a rewritten node's
+    float32 result from its float64 value (relative norm) and the node."""
 
     def __init__(self, trial: torch.fx.GraphModule, names: frozenset[str]) -> None:
         self.trial, self.names = trial, names
@@ -188,12 +182,6 @@ class _Float64Run:
         out = interp.run(*positional_inputs(self.trial, args, kwargs), enable_io_processing=False)
         self.worst = max([self.worst, *interp.kernel_errors])
         return out
-
-
-def in_float64(trial: torch.fx.GraphModule, names: frozenset[str]) -> Callable[..., Any]:
-    """Call ``trial`` as its forward is called, with the nodes ``names`` computed in float64 and
-    their results handed on in the dtypes and layouts the nodes give as they run."""
-    return _Float64Run(trial, names)
 
 
 def against_naive(
@@ -209,9 +197,8 @@ def against_naive(
     every sample, with the naive conversion within :data:`CONVERSION` of the original
     (``originals``: its results on the samples), shows it; a rewritten node whose float32 result
     is beyond :data:`KERNEL` of its float64 value, like anything else, leaves it (False) to the
-    checks after. The naive
-    results, and each parameter's gradient noise (naive against original), are computed once per
-    repair in ``reference``."""
+    checks after. The naive results, and each parameter's gradient noise (naive against
+    original), are computed once per repair in ``reference``."""
     if not isinstance(trial, torch.fx.GraphModule) or not isinstance(naive, torch.fx.GraphModule):
         return False
     try:
@@ -227,7 +214,7 @@ def against_naive(
         for (a, k), ref, noise in zip(samples, reference["naive"], reference["noise"], strict=True):
             mine = fresh_copy(trial)
             assert isinstance(mine, torch.fx.GraphModule)
-            run = _Float64Run(mine, names)
+            run = Float64Run(mine, names)
             got = outputs(mine, a, k, grads, run=run)
             if run.worst[0] > KERNEL or not within(got, ref, ROUNDING, ELEMENTS, noise):
                 return False

@@ -101,24 +101,32 @@ class Deviation:
     """The dtype both ran in: the model's own."""
 
 
-def _norms(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """(norm of ``other - ref``, norm of ``ref``) over the finite values of ``ref``, where equal
-    non-finite values (the same infinity, NaN against NaN) differ by nothing."""
+def _difference(ref: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``ref`` in float64, ``other - ref``), where equal non-finite values (the same infinity,
+    NaN against NaN) differ by nothing."""
     a, b = ref.detach().double(), other.detach().double()
     same = (a == b) | (a.isnan() & b.isnan())
-    diff = torch.where(same, torch.zeros_like(a), b - a)
-    return float(diff.norm()), float(torch.where(a.isfinite(), a, torch.zeros_like(a)).norm())
+    return a, torch.where(same, torch.zeros_like(a), b - a)
+
+
+def _finite(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(a.isfinite(), a, torch.zeros_like(a))
+
+
+def _norms(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(norm of ``other - ref``, norm of ``ref``) over the finite values of ``ref``
+    (:func:`_difference`)."""
+    a, diff = _difference(ref, other)
+    return float(diff.norm()), float(_finite(a).norm())
 
 
 def _largest(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """(largest ``|other - ref|`` of one element, largest finite ``|ref|``), equal non-finite
-    values differing by nothing (NaN where a difference is not a number)."""
+    """(largest ``|other - ref|`` of one element, largest finite ``|ref|``) (:func:`_difference`;
+    NaN where a difference is not a number)."""
     if ref.numel() == 0:
         return 0.0, 0.0
-    a, b = ref.detach().double(), other.detach().double()
-    same = (a == b) | (a.isnan() & b.isnan())
-    diff = torch.where(same, torch.zeros_like(a), b - a).abs()
-    return float(diff.max()), float(torch.where(a.isfinite(), a, torch.zeros_like(a)).abs().max())
+    a, diff = _difference(ref, other)
+    return float(diff.abs().max()), float(_finite(a).abs().max())
 
 
 def _element_ratio(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -128,12 +136,11 @@ def _element_ratio(ref: torch.Tensor, other: torch.Tensor) -> float:
     non-finite difference is ``inf``."""
     if ref.numel() == 0:
         return 0.0
-    a, b = ref.detach().double(), other.detach().double()
-    same = (a == b) | (a.isnan() & b.isnan())
-    diff = torch.where(same, torch.zeros_like(a), b - a).abs()
+    a, diff = _difference(ref, other)
+    diff = diff.abs()
     if not bool(diff.isfinite().all()):
         return math.inf
-    mag = torch.where(a.isfinite(), a.abs(), torch.zeros_like(a))
+    mag = _finite(a).abs()
     typical = float(mag.median()) or float(mag.mean())
     return float((diff / (mag + max(typical, 1e-30))).max())
 
@@ -153,7 +160,7 @@ def worst_element(results: Results, ref: Results) -> float:
     pairs = [_largest(ref_grads[n], g) for n, g in grads.items() if n in ref_grads and g.shape == ref_grads[n].shape]
     scale = max((s for _, s in pairs), default=0.0)
     for diff, _ in pairs:
-        worst = max(worst, _relative(diff, scale) if diff == diff else math.inf)
+        worst = max(worst, _relative(diff, scale))  # inf for a NaN
     return worst
 
 
@@ -202,10 +209,11 @@ def within(got: Results, ref: Results, norm: float, element: float, noise: dict[
     d = deviation_of(got, ref)
     if d.outputs > norm or (d.gradients is not None and d.gradients > norm) or worst_element(got, ref) > element:
         return False
-    for n, g in grads.items():
-        diff, size = _norms(ref_grads[n], g)
-        if noise is not None and n in noise and not diff <= NOISE * noise[n] + element * size + 1e-30:
-            return False
+    for n, allowed in (noise or {}).items():
+        if n in grads:
+            diff, size = _norms(ref_grads[n], grads[n])
+            if not diff <= NOISE * allowed + element * size + 1e-30:
+                return False
     return True
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import first_line
-from ..tensors import iter_tensors
+from ..tensors import in_a_dense_format, iter_tensors
 
 __all__ = ["IndexedJudge", "Judge", "first_difference", "tensor_difference"]
 
@@ -48,16 +48,6 @@ def _memcmp() -> Any:
     return fn
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Row-major, NHWC or NDHWC and dense: its bytes are ``numel * element_size`` from
-    ``data_ptr``."""
-    if t.is_contiguous():
-        return True
-    if t.dim() == 4:
-        return t.is_contiguous(memory_format=torch.channels_last)
-    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
-
-
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` and ``b`` are dense CPU tensors of one dtype and one set of strides holding the
     same bytes: equal values (NaN included), read at memory speed; ``torch.equal`` reads them
@@ -70,7 +60,7 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
             return False  # subclasses (a Parameter of one too) keep their data elsewhere
         if t.layout != torch.strided or t.is_quantized or t.is_conj() or t.is_neg() or t._is_zerotensor():
             return False
-        if not _dense(t) or (t.data_ptr() == 0 and t.numel() > 0):
+        if not in_a_dense_format(t) or (t.data_ptr() == 0 and t.numel() > 0):
             return False  # no storage to read
     memcmp = _memcmp()
     if memcmp is None:

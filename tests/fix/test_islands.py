@@ -16,7 +16,7 @@ from torch import nn
 from nhwc_audit import convert
 from nhwc_audit.examples import unet
 from nhwc_audit.fix import equivalence, results
-from nhwc_audit.fix.islands import against_naive, in_float64, rewritten_nodes
+from nhwc_audit.fix.islands import Float64Run, against_naive, rewritten_nodes
 from nhwc_audit.fix.repair import repair_model
 from tests import models as M
 
@@ -93,7 +93,7 @@ def test_views_and_in_place_writes_run_as_they_are() -> None:
     gm = _view_then_write()
     names = frozenset(n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
     x = torch.randn(2, 3, 4, 4)
-    got = in_float64(gm, names)(x)
+    got = Float64Run(gm, names)(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, gm(x))
     assert bool((got[:, 0] == 1).all())  # the item assignment was not lost
@@ -119,7 +119,7 @@ def test_a_conversion_to_the_dtype_a_tensor_has_stays_that_tensor() -> None:
 
     gm = _graph(build)
     x = torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(in_float64(gm, _every_node(gm))(x), gm(x))
+    torch.testing.assert_close(Float64Run(gm, _every_node(gm))(x), gm(x))
     assert bool((gm(x) >= 0).all())
 
 
@@ -133,7 +133,7 @@ def test_a_dtype_read_from_a_tensor_is_its_own() -> None:
 
     gm = _graph(build)
     x = torch.randn(2, 3, 4, 4)
-    got = in_float64(gm, _every_node(gm))(x)
+    got = Float64Run(gm, _every_node(gm))(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, gm(x))
 
@@ -144,11 +144,11 @@ def test_a_rewritten_nodes_values_come_in_its_own_dtype_and_layout_from_float64(
 
     gm = _graph(build)
     x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert in_float64(gm, _every_node(gm))(x).dtype == torch.float64  # asked for as it runs
+    assert Float64Run(gm, _every_node(gm))(x).dtype == torch.float64  # asked for as it runs
     conv = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5)).train())
     names = frozenset({"_0", "_1"})
     torch.manual_seed(3)
-    mine = in_float64(conv, names)(x)
+    mine = Float64Run(conv, names)(x)
     torch.manual_seed(3)
     theirs = conv(x)
     assert mine.stride() == theirs.stride()  # channels_last, as the node gives it
@@ -214,9 +214,9 @@ def test_a_rewritten_kernel_far_from_its_float64_value_leaves_the_decision_to_fl
     ]
     originals = [results.outputs(model, (a[0].contiguous(),), k, grads=True) for a, k in samples]
     assert not against_naive(naive, trial, samples, True, originals, {})
-    run = in_float64(results.fresh_copy(trial), frozenset({"norm"}))  # type: ignore[arg-type]
+    run = Float64Run(results.fresh_copy(trial), frozenset({"norm"}))  # type: ignore[arg-type]
     run(samples[0][0][0])
-    assert run.worst[0] > 1e-3  # type: ignore[attr-defined]
+    assert run.worst[0] > 1e-3
     equivalence.first_change(model, naive, trial, samples, grads=True)
     assert float64_passes  # decided there
 
@@ -290,10 +290,10 @@ def test_a_node_that_draws_random_numbers_keeps_its_run_and_refuses_nothing(devi
         return g.call_function(operator.add, (x, g.call_function(torch.rand_like, (x,))))
 
     gm = _graph(build)
-    run = in_float64(gm, _every_node(gm))
+    run = Float64Run(gm, _every_node(gm))
     x = torch.randn(2, 3, 4, 4, device=device)
     torch.manual_seed(5)
     mine = run(x)
     torch.manual_seed(5)
     torch.testing.assert_close(mine, gm(x))
-    assert run.worst[0] < 1e-6  # type: ignore[attr-defined]
+    assert run.worst[0] < 1e-6
