@@ -103,11 +103,14 @@ def _distance(got: torch.Tensor, exact: torch.Tensor) -> float:
     """``|got - exact| / |exact|`` over the finite values of ``exact`` (inf where ``got`` is not
     finite there; an exact zero makes any rounding far: the checks after decide)."""
     a, b = exact.detach().double(), got.detach().double()
+    diff = b - a
+    if bool(diff.isfinite().all()):  # both finite everywhere
+        return float(diff.norm()) / max(float(a.norm()), 1e-30)
     finite = a.isfinite()
     if not bool(b[finite].isfinite().all()):
         return math.inf
-    diff = float(torch.where(finite, b - a, torch.zeros_like(a)).norm())
-    return diff / max(float(torch.where(finite, a, torch.zeros_like(a)).norm()), 1e-30)
+    zero = torch.zeros_like(a)
+    return float(torch.where(finite, diff, zero).norm()) / max(float(torch.where(finite, a, zero).norm()), 1e-30)
 
 
 class _Float64Islands(torch.fx.Interpreter):

@@ -74,12 +74,23 @@ class RepairLog:
 
 
 def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy to rewrite: its own graph and module containers, the modules themselves shared.
-    Rewrites change the graph and put new modules in place of old ones (never change a module
-    in place), so the copy's rewrites never reach ``gm``; ~2x cheaper than a deep copy."""
-    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
-    out.meta = copy.deepcopy(gm.meta)
-    return out
+    """A copy to rewrite: its own graph and tables of parameters, buffers and children, the modules
+    themselves shared. Rewrites change the graph and put new modules in place of old ones (never
+    change a module in place, :func:`.rewrites._put_module`), so the copy's rewrites never reach
+    ``gm``. It has no code until :func:`_apply` generates it (``compile``): a copy that is only
+    measured runs its graph node by node, and generating code costs more than copying the graph."""
+    new = torch.fx.GraphModule.__new__(type(gm))  # a class of its own: recompile sets its forward
+    new.__dict__.update(gm.__dict__)
+    for k, v in gm.__dict__.items():
+        if isinstance(v, (dict, list)) and k != "meta":  # tables of modules, parameters, hooks
+            new.__dict__[k] = copy.copy(v)
+    for k in ("_code", "_lineno_map", "_prologue_start"):  # gm's: reading them is an error
+        new.__dict__.pop(k, None)
+    graph = copy.deepcopy(gm.graph)
+    graph.owning_module = new
+    new.__dict__["_graph"] = graph
+    new.meta = copy.deepcopy(gm.meta)
+    return new
 
 
 def _measure(
@@ -103,11 +114,14 @@ def _measure(
     return records, analyze(records, bandwidth=bw)
 
 
-def _apply(gm: torch.fx.GraphModule, cands: list[Candidate]) -> None:
+def _apply(gm: torch.fx.GraphModule, cands: list[Candidate], *, compile: bool = True) -> None:
+    """Rewrite ``gm`` (a :func:`_clone_gm` copy) with ``cands``; ``compile``: generate its code
+    (to call it as a module; an interpreter runs the graph without)."""
     for cand in cands:
         cand.apply(gm)
     gm.graph.lint()
-    gm.recompile()
+    if compile:
+        gm.recompile()
 
 
 def _checked(
@@ -135,7 +149,7 @@ def _checked(
     first = _checked(base, batch[:half], change, refused)
     if first:
         base = _clone_gm(base)
-        _apply(base, [c for c, _ in first])
+        _apply(base, [c for c, _ in first], compile=False)
     return first + _checked(base, batch[half:], change, refused)
 
 
@@ -183,7 +197,7 @@ def repair_model(
         gm = torch.fx.GraphModule(converted, copy.deepcopy(graph)) if graph is not None else trace(converted).gm
     except Exception as e:
         raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
-    naive = _clone_gm(gm)
+    naive = gm  # never rewritten: every rewrite is made on a copy
     records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks
     steps: list[RepairStep] = []
@@ -204,7 +218,7 @@ def repair_model(
                 continue
             trial = _clone_gm(gm)
             try:
-                _apply(trial, [cand])
+                _apply(trial, [cand], compile=False)
                 t_records, t_analysis = _measure(trial, sample_args, sample_kwargs, bandwidth, baseline)
             except Exception as e:
                 done.add(key)
@@ -232,11 +246,13 @@ def repair_model(
         kept = _checked(start, batch, lambda g: first_change(model, runs, g, samples, grads, reference), refused)
         if len(kept) < len(batch):
             gm = _clone_gm(start)
-            _apply(gm, [c for c, _ in kept])
+            _apply(gm, [c for c, _ in kept], compile=False)
             records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
         steps.extend(step for _, step in kept)
         if not kept:
             break
+    if steps:
+        gm.recompile()  # the last copy measured, its code not generated yet
     mine, naive_dev = deviations(model, runs, gm, samples[0], grads, reference) if steps else (None, None)
     log = RepairLog(
         steps=tuple(steps),

@@ -102,72 +102,86 @@ class Deviation:
 
 
 def _difference(ref: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``ref`` in float64, ``other - ref``), where equal non-finite values (the same infinity,
-    NaN against NaN) differ by nothing."""
+    """(``ref`` in float64 with its non-finite values 0, ``other - ref``), where equal non-finite
+    values (the same infinity, NaN against NaN) differ by nothing."""
     a, b = ref.detach().double(), other.detach().double()
+    diff = b - a
+    if bool(diff.isfinite().all()):  # both finite everywhere (a non-finite value in either is not)
+        return a, diff
     same = (a == b) | (a.isnan() & b.isnan())
-    return a, torch.where(same, torch.zeros_like(a), b - a)
+    zero = torch.zeros_like(a)
+    return torch.where(a.isfinite(), a, zero), torch.where(same, zero, diff)
 
 
-def _finite(a: torch.Tensor) -> torch.Tensor:
-    return torch.where(a.isfinite(), a, torch.zeros_like(a))
-
-
-def _norms(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """(norm of ``other - ref``, norm of ``ref``) over the finite values of ``ref``
+@dataclass(frozen=True, slots=True)
+class _Gap:
+    """One tensor against its reference, over the finite values of the reference
     (:func:`_difference`)."""
-    a, diff = _difference(ref, other)
-    return float(diff.norm()), float(_finite(a).norm())
+
+    diff: float
+    """The norm of ``other - ref``."""
+    size: float
+    """The norm of ``ref``."""
+    largest: float
+    """The largest ``|other - ref|`` of one element (NaN where a difference is not a number)."""
+    scale: float
+    """The largest ``|ref|``."""
+    ratio: float
+    """The largest ``|other - ref|`` of one element over ``|ref|`` there plus the median
+    ``|ref|`` (the mean where the median is 0): a few huge elements, a mask's -1e9, do not set the
+    scale the others are judged at; ``inf`` for a non-finite difference; 0 when not asked for."""
 
 
-def _largest(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """(largest ``|other - ref|`` of one element, largest finite ``|ref|``) (:func:`_difference`;
-    NaN where a difference is not a number)."""
+def _gap(ref: torch.Tensor, other: torch.Tensor, ratio: bool) -> _Gap:
     if ref.numel() == 0:
-        return 0.0, 0.0
+        return _Gap(0.0, 0.0, 0.0, 0.0, 0.0)
     a, diff = _difference(ref, other)
-    return float(diff.abs().max()), float(_finite(a).abs().max())
+    mag, gap = a.abs(), diff.abs()
+    r = 0.0
+    if ratio:
+        typical = float(mag.median()) or float(mag.mean())
+        r = float((gap / (mag + max(typical, 1e-30))).max()) if bool(gap.isfinite().all()) else math.inf
+    return _Gap(float(diff.norm()), float(a.norm()), float(gap.max()), float(mag.max()), r)
 
 
-def _element_ratio(ref: torch.Tensor, other: torch.Tensor) -> float:
-    """The largest ``|other - ref|`` of one element over ``|ref|`` there plus the median finite
-    ``|ref|`` (the mean where the median is 0): a few huge elements, a mask's -1e9, do not set
-    the scale the others are judged at. Equal non-finite values differ by nothing; any other
-    non-finite difference is ``inf``."""
-    if ref.numel() == 0:
-        return 0.0
-    a, diff = _difference(ref, other)
-    diff = diff.abs()
-    if not bool(diff.isfinite().all()):
-        return math.inf
-    mag = _finite(a).abs()
-    typical = float(mag.median()) or float(mag.mean())
-    return float((diff / (mag + max(typical, 1e-30))).max())
+_Gaps = tuple[list[_Gap], dict[str, _Gap]]
+
+
+def _gaps(results: Results, ref: Results, ratio: bool) -> _Gaps:
+    """The floating outputs and the gradients of ``results`` against ``ref``'s, pairs of one shape
+    only; ``ratio``: each output's :attr:`_Gap.ratio` too."""
+    (outs, grads), (ref_outs, ref_grads) = results, ref
+    return (
+        [
+            _gap(b, a, ratio)
+            for a, b in zip(outs, ref_outs, strict=False)
+            if a.is_floating_point() and a.shape == b.shape
+        ],
+        {n: _gap(ref_grads[n], g, False) for n, g in grads.items() if n in ref_grads and g.shape == ref_grads[n].shape},
+    )
+
+
+def _worst(gaps: _Gaps) -> float:
+    outs, grads = gaps
+    scale = max((g.scale for g in grads.values()), default=0.0)
+    # inf for a NaN
+    return max([0.0, *(g.ratio for g in outs), *(_relative(g.largest, scale) for g in grads.values())])
 
 
 def worst_element(results: Results, ref: Results) -> float:
     """The largest difference of one element between ``results`` and ``ref``: for an output,
-    over that element's own size plus its output's typical one (:func:`_element_ratio`); for
-    a parameter's gradient, over the largest gradient element anywhere in ``ref`` (a gradient
-    that is zero but for rounding, a conv bias before a norm layer, has no scale of its own).
-    Pairs of one shape only, as :func:`deviation_of` pairs them. A norm-wise deviation dilutes a
-    change of a few elements; this does not."""
-    (outs, grads), (ref_outs, ref_grads) = results, ref
-    worst = 0.0
-    for a, b in zip(outs, ref_outs, strict=False):
-        if a.is_floating_point() and a.shape == b.shape:
-            worst = max(worst, _element_ratio(b, a))
-    pairs = [_largest(ref_grads[n], g) for n, g in grads.items() if n in ref_grads and g.shape == ref_grads[n].shape]
-    scale = max((s for _, s in pairs), default=0.0)
-    for diff, _ in pairs:
-        worst = max(worst, _relative(diff, scale))  # inf for a NaN
-    return worst
+    over that element's own size plus its output's typical one (:attr:`_Gap.ratio`); for a
+    parameter's gradient, over the largest gradient element anywhere in ``ref`` (a gradient that
+    is zero but for rounding, a conv bias before a norm layer, has no scale of its own). Pairs of
+    one shape only, as :func:`deviation_of` pairs them. A norm-wise deviation dilutes a change of
+    a few elements; this does not."""
+    return _worst(_gaps(results, ref, ratio=True))
 
 
 def gradient_noise(a: Results, b: Results) -> dict[str, float]:
     """Per parameter, the norm of the difference of two runs' gradients (what rounding moves
     each one by: the naive conversion against the original)."""
-    return {n: _norms(b[1][n], g)[0] for n, g in a[1].items() if n in b[1] and g.shape == b[1][n].shape}
+    return {n: g.diff for n, g in _gaps(a, b, ratio=False)[1].items()}
 
 
 ROUNDING = 1e-5
@@ -206,14 +220,14 @@ def within(got: Results, ref: Results, norm: float, element: float, noise: dict[
             return False
     if any(g.shape != ref_grads[n].shape for n, g in grads.items()):
         return False
-    d = deviation_of(got, ref)
-    if d.outputs > norm or (d.gradients is not None and d.gradients > norm) or worst_element(got, ref) > element:
+    gaps = _gaps(got, ref, ratio=True)
+    d = _deviation(gaps)
+    if d.outputs > norm or (d.gradients is not None and d.gradients > norm) or _worst(gaps) > element:
         return False
     for n, allowed in (noise or {}).items():
-        if n in grads:
-            diff, size = _norms(ref_grads[n], grads[n])
-            if not diff <= NOISE * allowed + element * size + 1e-30:
-                return False
+        g = gaps[1].get(n)
+        if g is not None and not g.diff <= NOISE * allowed + element * g.size + 1e-30:
+            return False
     return True
 
 
@@ -221,19 +235,14 @@ def _relative(diff: float, scale: float) -> float:
     return diff / max(scale, 1e-30) if math.isfinite(diff) else math.inf
 
 
-def deviation_of(results: Results, ref: Results, dtype: str = "float32") -> Deviation:
-    (outs, grads), (ref_outs, ref_grads) = results, ref
-    outputs = max(
-        (
-            _relative(*_norms(b, a))
-            for a, b in zip(outs, ref_outs, strict=False)
-            if a.is_floating_point() and a.shape == b.shape
-        ),
-        default=0.0,
-    )
-    shared = [n for n in ref_grads if n in grads and grads[n].shape == ref_grads[n].shape]
-    if not shared:
+def _deviation(gaps: _Gaps, dtype: str = "float32") -> Deviation:
+    outs, grads = gaps
+    outputs = max((_relative(g.diff, g.size) for g in outs), default=0.0)
+    if not grads:
         return Deviation(outputs, None, dtype)
-    pairs = [_norms(ref_grads[n], grads[n]) for n in shared]
-    diff = math.sqrt(sum(d * d for d, _ in pairs))
-    return Deviation(outputs, _relative(diff, math.sqrt(sum(r * r for _, r in pairs))), dtype)
+    diff = math.sqrt(sum(g.diff * g.diff for g in grads.values()))
+    return Deviation(outputs, _relative(diff, math.sqrt(sum(g.size * g.size for g in grads.values()))), dtype)
+
+
+def deviation_of(results: Results, ref: Results, dtype: str = "float32") -> Deviation:
+    return _deviation(_gaps(results, ref, ratio=False), dtype)

@@ -602,3 +602,52 @@ def test_the_deviation_is_in_the_models_own_dtype_whatever_the_audits() -> None:
     r = audit(model, torch.randn(1, 3, 16, 16), bandwidth=1e9, dtype=torch.bfloat16).repaired()
     assert r.meta.dtype == "bfloat16" and r.repair is not None and r.repair.deviation is not None
     assert r.repair.deviation.dtype == "float32"
+
+
+def test_the_repair_generates_code_only_for_graphs_it_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies that are only measured run their graph node by node: code is generated for a
+    group of rewrites the checks call as a module and, once, for the repaired graph (generating
+    code costs more than copying the graph). The repaired module's code is its graph's."""
+    import nhwc_audit.fix.repair as repair
+    from nhwc_audit.examples import unet
+
+    compiled: list[int] = []
+    checks: list[int] = []
+    recompile = torch.fx.GraphModule.recompile
+    first_change = repair.first_change
+
+    def counting_recompile(self: torch.fx.GraphModule) -> object:
+        compiled.append(id(self))
+        return recompile(self)
+
+    def counting_check(*args: object, **kwargs: object) -> str | None:
+        checks.append(1)
+        return first_change(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", counting_recompile)
+    monkeypatch.setattr(repair, "first_change", counting_check)
+    model, (x,) = unet()
+    gm, log = repair_model(model, (x[..., :32, :32],))
+    assert len(log.steps) >= 6 and checks
+    # the graph built for the repair, one per group checked, and the repaired one
+    assert len(compiled) <= 1 + len(checks) + 1, (len(compiled), len(checks))
+    assert gm.code == gm.graph.python_code("self").src
+    _check_same(model, gm, (1, 3, 32, 32))
+
+
+def test_a_copy_to_rewrite_has_no_code_until_rewritten() -> None:
+    from nhwc_audit.fix.repair import _apply, _clone_gm
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    copy = _clone_gm(gm)
+    assert copy.graph is not gm.graph and copy.get_submodule("0") is gm.get_submodule("0")
+    with pytest.raises(RuntimeError, match="Code has not been generated"):
+        _ = copy.code
+    (relu,) = [n for n in copy.graph.nodes if n.op == "call_module" and n.target == "1"]
+    with copy.graph.inserting_after(relu):
+        neg = copy.graph.call_function(torch.neg, (relu,))
+    relu.replace_all_uses_with(neg, delete_user_cb=lambda u: u is not neg)
+    _apply(copy, [])
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(copy(x), -gm(x))  # its own code; the original's is as it was
+    assert "neg" not in gm.code

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx
 from torch import nn
@@ -55,3 +56,34 @@ def test_a_graph_modules_plain_tensor_attributes_are_its_copys_own() -> None:
     for _ in range(3):
         outputs(fresh_copy(gm), (torch.ones(2),), {}, grads=False)
     assert float(gm.count) == 0.0
+
+
+def test_differences_of_finite_values_and_of_equal_non_finite_ones() -> None:
+    """Two results that differ by a few elements, then the same with an infinity and a NaN in
+    the same places of both: the non-finite values count for nothing, the others as before."""
+    from nhwc_audit.fix.results import deviation_of, gradient_noise, within, worst_element
+
+    g = torch.Generator().manual_seed(0)
+    ref_out, ref_grad = torch.randn(64, generator=g), torch.randn(16, generator=g)
+    out, grad = ref_out.clone(), ref_grad.clone()
+    out[3] += 0.01
+    grad[5] -= 0.02
+    plain = deviation_of(([out], {"w": grad}), ([ref_out], {"w": ref_grad}))
+    assert plain.outputs == pytest.approx(0.01 / float(ref_out.norm()), rel=1e-5)
+    assert plain.gradients == pytest.approx(0.02 / float(ref_grad.norm()), rel=1e-5)
+
+    def spoiled(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, torch.tensor([float("inf"), float("nan")])])
+
+    results = ([spoiled(out)], {"w": spoiled(grad)})
+    ref = ([spoiled(ref_out)], {"w": spoiled(ref_grad)})
+    assert deviation_of(results, ref) == plain
+    # the non-finite places count as zeros in the output's median size
+    assert worst_element(results, ref) == pytest.approx(
+        worst_element(([out], {"w": grad}), ([ref_out], {"w": ref_grad})), rel=0.05
+    )
+    assert gradient_noise(results, ref) == {"w": pytest.approx(0.02, rel=1e-5)}
+    assert within(results, ref, 1.0, 1.0) and not within(results, ref, 1e-5, 1.0)
+    finite_there = ([torch.cat([out, torch.tensor([1.0, float("nan")])])], {"w": spoiled(grad)})
+    assert deviation_of(finite_there, ref).outputs == float("inf")
+    assert worst_element(finite_there, ref) == float("inf") and not within(finite_there, ref, 1.0, 1.0)
