@@ -27,7 +27,7 @@ from .collector import collector_paused
 from .errors import SharedWeightWrite, ValueDependentShapes
 from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
-from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
+from .prepare.copy import conversion_note, model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.baseline import fake_pays, match_nodes, nchw_records
@@ -237,11 +237,13 @@ def _audit_one(
     records = baselined
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
     dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)
+    ranks = {t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}
+    converted = [n for n in [conversion_note(module, max(ranks, default=None))] if n is not None]
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=captured.notes + grad_notes + baseline_notes,
+        capture_notes=(*converted, *captured.notes, *grad_notes, *baseline_notes),
         mode=o.mode,
         device=str(o.device),
         dtype=dtype,

@@ -26,7 +26,9 @@ layout, and an NCHW tensor; a conv re-laying a transposed map), is charged the d
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion (an in-place op whose operands disagree in
 layout is mixed, as it would be out of place; ``buf[...].copy_(x)`` copies across layouts);
-ambiguous tensors (C == 1, H == W == 1) decide nothing.
+ambiguous tensors (C == 1, H == W == 1) decide nothing. Nor do tensors the conversion leaves as
+they are (:func:`.origin.conversion_free`: made from parameters and buffers it does not re-lay, a
+relative-position bias permuted to (1, heads, N, N)): they are the NCHW model's too.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from .hints import (
     render_hint,
 )
 from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
-from .origin import SKIP_OPS, describe, origin_of, via
+from .origin import SKIP_OPS, conversion_free, describe, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -62,6 +64,7 @@ class _Ctx:
     bandwidth: float
     hints: HintTable
     device: str
+    free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
 
 
 def _finding(
@@ -170,31 +173,25 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         if origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin)):
             return [_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
         return []
+    if r.name in ctx.free:
+        return []  # its inputs are those of the NCHW model: it does what it does there
     in_place = writes_in_place(r)
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
         return _hidden_findings(ctx, r) if r.op_name == "copy_" else []
     ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial]
     out = r.output_layout
-    cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST]
+    cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST and i.producer not in ctx.free]
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
         weight = computed_weight(r, nchw_in, ctx.by_name)
-        if weight is not None:  # the root cause is the weight computation, not the activations
-            return [
-                _finding(
-                    ctx,
-                    r,
-                    FindingKind.MIXED,
-                    layout_in=Layout.CHANNELS_LAST if out is Layout.CONTIGUOUS else Layout.CONTIGUOUS,
-                    nbytes=2 * sum(i.meta.nbytes for i in losers),
-                    producer=ctx.by_name.get(weight.producer or ""),
-                    shape=losers[0].meta.shape,
-                    hint_op=COMPUTED_WEIGHT,
-                )
-            ]
         stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
+        # op-specific mixed hints explain an NCHW first operand, else the generic one
+        generic = STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else ""
+        # the root cause: a weight computed in forward, else the stored tensor or the NCHW activation
+        source = weight if weight is not None else (losers if stored else nchw_in)[0]
+        hint = COMPUTED_WEIGHT if weight is not None else generic
         return [
             _finding(
                 ctx,
@@ -202,10 +199,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 FindingKind.MIXED,
                 layout_in=Layout.CHANNELS_LAST if out is Layout.CONTIGUOUS else Layout.CONTIGUOUS,
                 nbytes=2 * sum(i.meta.nbytes for i in losers),
-                producer=ctx.by_name.get((losers if stored else nchw_in)[0].producer or ""),
+                producer=ctx.by_name.get(source.producer or ""),
                 shape=losers[0].meta.shape,
-                # op-specific mixed hints explain an NCHW first operand; else the generic one
-                hint_op=STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else "",
+                hint_op=hint,
             )
         ]
     if r.aliases_input:
@@ -215,7 +211,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         return []  # a flatten out of the spatial ranks: an exit, not a finding (as in a graph)
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
-    sources = [i for i in r.activation_inputs if channels_source(i, viewed_as(r, reverted, ctx.by_name), ctx.by_name)]
+    viewed = viewed_as(r, reverted, ctx.by_name)
+    sources = [i for i in r.activation_inputs if i.producer not in ctx.free and channels_source(i, viewed, ctx.by_name)]
     strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
@@ -311,6 +308,7 @@ def find_findings(
         bandwidth=bandwidth,
         hints=hints if hints is not None else default_hints(),
         device=device,
+        free=conversion_free(records),
     )
     out: list[Finding] = []
     for r in records:

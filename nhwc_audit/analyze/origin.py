@@ -10,7 +10,16 @@ import networkx as nx
 from ..layout import nchw_ordered
 from ..records import CONV_OPS, Layout, NodeRecord
 
-__all__ = ["CONV_OPS", "SKIP_OPS", "build_graph", "describe", "from_parameters_only", "origin_of", "via"]
+__all__ = [
+    "CONV_OPS",
+    "SKIP_OPS",
+    "build_graph",
+    "conversion_free",
+    "describe",
+    "from_parameters_only",
+    "origin_of",
+    "via",
+]
 
 SKIP_OPS = ("placeholder", "get_attr", "output")
 """Graph nodes that are not ops: never findings, never in a region."""
@@ -29,7 +38,8 @@ def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:
 
 def origin_of(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRecord | None:
     """Walk back from an NCHW tensor's producer to the node where NCHW started: the first
-    node (following each node's first NCHW activation input) that did not get NCHW input."""
+    node (following each node's first NCHW activation input, and in an eager capture the ops of
+    one torch call) that did not get NCHW input."""
     r = start
     seen: set[str] = set()
     while r is not None and r.name not in seen:
@@ -39,6 +49,14 @@ def origin_of(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeR
             for i in r.spatial_inputs
             if i.meta.layout is Layout.CONTIGUOUS or (i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta))
         ]
+        if not nchw and not r.spatial_inputs and r.call is not None:
+            # an eager capture's op on the flat view a torch call made (a Linear's mm and
+            # _unsafe_view of a 4D input): the call's ops are one node of a graph, go on inside it
+            inside = [by_name.get(i.producer or "") for i in r.activation_inputs]
+            nxt = next((p for p in inside if p is not None and p.call == r.call), None)
+            if nxt is not None:
+                r = nxt
+                continue
         if not nchw or r.op == "placeholder":
             return r
         nxt = by_name.get(nchw[0].producer or "")
@@ -63,7 +81,8 @@ def describe(r: NodeRecord) -> str:
 
 
 def from_parameters_only(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
-    """``r`` computes from parameters and buffers only: no model input upstream of it."""
+    """``r`` computes from parameters and buffers only: no model input upstream of it (a
+    placeholder, or in an eager capture an input that is no parameter and has no producer)."""
     stack, seen = [r], set()
     while stack:
         node = stack.pop()
@@ -73,6 +92,32 @@ def from_parameters_only(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
         if node.op == "placeholder":
             return False
         for i in node.inputs:
+            if i.producer is None and not i.is_param:
+                return False  # the model's input, as an eager capture records it
             if i.producer is not None and i.producer in by_name:
                 stack.append(by_name[i.producer])
     return True
+
+
+def conversion_free(records: Sequence[NodeRecord]) -> frozenset[str]:
+    """The records the conversion leaves as they are: computed from parameters, buffers and
+    constants only, none of them 4D or 5D but dense in both orders (the conversion re-lays those),
+    with no model input upstream; their layouts are those of the model run NCHW (a
+    relative-position bias table indexed and permuted to (1, heads, N, N) has channels_last
+    strides in both), so what they do is not the conversion's. ``records`` in graph order."""
+    free: set[str] = set()
+    for r in records:
+        if r.op == "placeholder":
+            continue
+        if r.op == "get_attr":
+            kept = all(o.rank not in (4, 5) or o.layout is Layout.AMBIGUOUS for o in r.outputs)
+        else:  # an input with no producer is a parameter or buffer, else the model's input (eager)
+            kept = all(
+                i.producer in free
+                if i.producer is not None
+                else i.is_param and (i.meta.rank not in (4, 5) or i.meta.layout is Layout.AMBIGUOUS)
+                for i in r.inputs
+            )
+        if kept:
+            free.add(r.name)
+    return frozenset(free)

@@ -90,6 +90,7 @@ def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.owning_module = new
     new.__dict__["_graph"] = graph
     new.meta = copy.deepcopy(gm.meta)
+    type(new).__name__ = type(gm).__name__  # the model's class name, as GraphModule(gm, ...) gives it
     return new
 
 
@@ -251,8 +252,8 @@ def repair_model(
         steps.extend(step for _, step in kept)
         if not kept:
             break
-    if steps:
-        gm.recompile()  # the last copy measured, its code not generated yet
+    if gm is not naive:
+        gm.recompile()  # the last copy measured (or kept when a check refused them all): no code yet
     mine, naive_dev = deviations(model, runs, gm, samples[0], grads, reference) if steps else (None, None)
     log = RepairLog(
         steps=tuple(steps),

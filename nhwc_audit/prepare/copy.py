@@ -27,6 +27,7 @@ __all__ = [
     "AuditCopy",
     "audit_param",
     "convert",
+    "conversion_note",
     "first_float_dtype",
     "memory_format_for_rank",
     "plain_tensors",
@@ -99,6 +100,27 @@ def own_dtype_name(model: nn.Module) -> str:
     """The name of the dtype ``model`` runs in (``"float32"``): its first floating-point
     parameter's, float32 without one."""
     return str(first_float_dtype(model) or torch.float32).removeprefix("torch.")
+
+
+def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
+    """What to tell the user when ``model.to(memory_format=...)``, in the format of its input's
+    rank (channels_last for 4D, channels_last_3d for 5D; either, without such an input), raises:
+    it holds 4D and 5D parameters or buffers (timm's LambdaLayer: a Conv3d in a 2D network).
+    The audit converts each by its rank, as :func:`convert` does; None when the call works."""
+    by_rank: dict[int, list[str]] = {4: [], 5: []}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.dim() in by_rank:
+            by_rank[t.dim()].append(name)
+    if not (by_rank[4] and by_rank[5]):
+        return None
+    fmt = "channels_last_3d" if input_rank == 5 else "channels_last"
+    other = 4 if input_rank == 5 else 5
+    names = ", ".join(by_rank[other][:3]) + (", ..." if len(by_rank[other]) > 3 else "")
+    return (
+        f"model.to(memory_format=torch.{fmt}) raises on this model: it holds {other}D parameters or "
+        f"buffers ({names}); the audit converts each tensor by its rank (4D to channels_last, 5D to "
+        "channels_last_3d), as nhwc_audit.convert(model) does: convert the model that way"
+    )
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -195,7 +195,8 @@ def _to_fake(v: Any, mode: Any) -> Any:
 
 def match_nodes(channels_last: Sequence[NodeRecord], nchw: Sequence[NodeRecord], *, by_name: bool) -> dict[str, str]:
     """Channels_last record name -> the NCHW record of the same op (by name in a graph; by module
-    path, call, ATen op, source line, output shapes and occurrence for the eager capture)."""
+    path, ATen op, source line, which call from that line, output shapes and occurrence for the
+    eager capture)."""
     if by_name:
         names = {r.name for r in nchw}
         return {r.name: r.name for r in channels_last if r.name in names}
@@ -205,9 +206,11 @@ def match_nodes(channels_last: Sequence[NodeRecord], nchw: Sequence[NodeRecord],
         out: dict[tuple[Any, ...], str] = {}
         for r in records:
             where = (r.source.file, r.source.line) if r.source else ("", 0)
-            # the ATen op and the shapes too: a reshape that copies in one layout is only a view in
-            # the other, and must not shift the pairing of the ops after it
-            key = (r.module_path, r.op_name, r.target, *where, tuple(o.shape for o in r.outputs))
+            # which call from its line (counted in both runs alike: a ``.contiguous()`` that copies in
+            # one layout only is a call in both), the ATen op and the shapes: an op that one layout
+            # makes and the other does not must not shift the pairing of the ops after it
+            shapes = tuple(o.shape for o in r.outputs)
+            key = (r.module_path, r.op_name, r.target, *where, r.call_at_site, shapes)
             out[(*key, seen[key])] = r.name
             seen[key] += 1
         return out

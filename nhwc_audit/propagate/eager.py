@@ -57,16 +57,25 @@ class _Calls(TorchFunctionMode):
         """The model's line that made the call (taken here: below, this frame is nhwc-audit's)."""
         self.index: int | None = None
         """Which call this is, counting from 1 (None outside any)."""
+        self.at_site: int | None = None
+        """Which call of this function from this line it is, counting from 0: the same in a run
+        in either layout, where one call dispatches ATen ops in one layout only (a
+        ``.contiguous()`` that copies in one) and a model's branches run other calls elsewhere."""
         self._count = 0
+        self._sites: dict[tuple[str, str, int], int] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        outer = self.current, self.source, self.index
+        outer = self.current, self.source, self.index, self.at_site
         self._count += 1
-        self.current, self.source, self.index = call_name(func), user_frame(), self._count
+        name, source = call_name(func), user_frame()
+        site = (name, source.file, source.line) if source is not None else (name, "", 0)
+        at_site = self._sites.get(site, 0)
+        self._sites[site] = at_site + 1
+        self.current, self.source, self.index, self.at_site = name, source, self._count, at_site
         try:
             return func(*args, **(kwargs or {}))
         finally:
-            self.current, self.source, self.index = outer
+            self.current, self.source, self.index, self.at_site = outer
 
 
 class _Recorder(GuardedMode):
@@ -125,6 +134,7 @@ class _Recorder(GuardedMode):
             ],
             "detail": aten_detail(op, args, kwargs),
             "call": self.calls.index,
+            "at_site": self.calls.at_site,
         }
         try:
             out = func(*args, **kwargs)
@@ -250,6 +260,7 @@ def record_eager(
                 in_leaf_module=torch_nn.get(r["module_path"], False),  # paths come from the hooks above
                 hidden=tuple(r["hidden"]),
                 call=r["call"],
+                call_at_site=r["at_site"],
                 latent_error=r.get("latent"),
             )
         )

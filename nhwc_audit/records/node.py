@@ -127,6 +127,9 @@ class NodeRecord:
     call: int | None = None
     """Eager capture: which of the model's torch calls dispatched this ATen op (the ops of one
     call, InstanceNorm's four, are one node of a graph); None in graphs."""
+    call_at_site: int | None = None
+    """Eager capture: which call of its torch function from its source line that call is (from
+    0), the same in a run in either layout; None in graphs."""
 
     @property
     def activation_inputs(self) -> tuple[NodeInput, ...]:

@@ -68,3 +68,31 @@ def test_an_nchw_activation_into_a_conv_is_not_a_weight(
 
     r = audit_fixed(Act(), sample(1, 3, 8, 8))
     assert all("weight is computed" not in f.hint for f in r.findings)
+
+
+class DynamicFilter(nn.Module):
+    """A convolution whose weight is made from the activations (a dynamic filter), not from
+    parameters: no computed-weight finding, in a graph or an eager capture (which records the
+    model's input with no producer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return F.conv2d(y, y[:, :, :3, :3].repeat(8, 1, 1, 1).contiguous())
+
+
+def test_a_weight_made_from_activations_is_not_computed_from_parameters() -> None:
+    import nhwc_audit
+
+    seen = []
+    for capture in ("fx", "hooks"):
+        torch.manual_seed(0)
+        r = nhwc_audit.audit(DynamicFilter().eval(), torch.randn(1, 3, 8, 8), capture=capture)
+        assert r.meta.capture == capture
+        assert [f.kind.value for f in r.findings] == ["revert", "mixed"]
+        assert "computed in forward" not in r.findings[1].hint
+        seen.append([(f.kind, f.bytes, f.origin) for f in r.findings])  # fx adds "via contiguous"
+    assert seen[0] == seen[1]

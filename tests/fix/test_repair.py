@@ -651,3 +651,37 @@ def test_a_copy_to_rewrite_has_no_code_until_rewritten() -> None:
     x = torch.randn(1, 3, 4, 4)
     assert torch.equal(copy(x), -gm(x))  # its own code; the original's is as it was
     assert "neg" not in gm.code
+
+
+class ReadsMemoryOrder(nn.Module):
+    """Its one rewrite (``.contiguous()`` made channels_last) saves bytes, and the check refuses
+    it: ``as_strided`` reads the memory order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).contiguous()
+        return y.as_strided((y.shape[0], 512), (512, 1))
+
+
+def test_a_repair_whose_every_rewrite_is_refused_returns_a_working_module() -> None:
+    torch.manual_seed(0)
+    model, x = ReadsMemoryOrder().eval(), torch.randn(1, 3, 8, 8)
+    gm, log = repair_model(model, (x,))
+    assert not log.steps and any(r.startswith("contiguous-cl at contiguous") for r in log.refused), log.refused
+    assert type(gm).__name__ == "ReadsMemoryOrder" and str(gm).startswith("ReadsMemoryOrder(")
+    assert gm.code == gm.graph.python_code("self").src
+    torch.testing.assert_close(gm(x.contiguous(memory_format=torch.channels_last)), model(x))
+    report = audit(model, x, bandwidth=1e9).repaired()
+    assert report.repaired_code is not None and "as_strided" in report.repaired_code
+
+
+def test_the_repaired_module_keeps_the_models_class_name() -> None:
+    from nhwc_audit.examples import unet
+
+    model, (x,) = unet()
+    gm, log = repair_model(model, (x[..., :32, :32],))
+    assert log.steps and type(gm).__name__ == type(model).__name__
+    assert {r.module_type for r in log.records_after if r.module_path == ""} <= {type(model).__name__}

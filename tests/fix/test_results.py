@@ -87,3 +87,17 @@ def test_differences_of_finite_values_and_of_equal_non_finite_ones() -> None:
     finite_there = ([torch.cat([out, torch.tensor([1.0, float("nan")])])], {"w": spoiled(grad)})
     assert deviation_of(finite_there, ref).outputs == float("inf")
     assert worst_element(finite_there, ref) == float("inf") and not within(finite_there, ref, 1.0, 1.0)
+
+
+def test_a_deviation_does_not_depend_on_the_order_gradients_come_in() -> None:
+    """A graph of a model registers its parameters in call order, the model in its own: the
+    norms are summed in the reference's order whatever the run's."""
+    from nhwc_audit.fix.results import deviation_of
+
+    # squared differences 1 and eight of 2**-54: 1 + 2**-54 rounds to 1, eight of them add to 2**-51
+    ref = {n: torch.tensor([1.0, 0.0]) for n in "abcdefghi"}
+    moved = {n: torch.tensor([1.0, 1.0 if n == "a" else 2.0**-27]) for n in ref}
+    backwards = dict(reversed(list(moved.items())))
+    a = deviation_of(([], moved), ([], ref)).gradients
+    b = deviation_of(([], backwards), ([], ref)).gradients
+    assert a is not None and a.hex() == b.hex()  # type: ignore[union-attr]

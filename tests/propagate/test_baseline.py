@@ -147,3 +147,54 @@ def test_the_baseline_reads_the_models_values_past_a_break() -> None:
     assert r.summary.breaks == 1
     assert any(n.startswith("NCHW baseline: 1 revert(s) copy in NCHW too") for n in r.meta.capture_notes)
     assert not any("not run" in n for n in r.meta.capture_notes)
+
+
+class TwoProjections(nn.Module):
+    """One source line called twice (monai's UNETR ``proj_feat``): tokens viewed as a map and
+    made ``.contiguous()``. The first call's tokens are row-major in the channels_last model only,
+    so it copies there and not in the NCHW model (where no ATen op runs); the second copies in
+    both. The eager capture's baseline must pair each call with its own NCHW run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.lin = nn.Linear(8, 8)
+        self.out = nn.Conv2d(8, 8, 1)
+
+    def proj(self, t: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+        return t.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        b, _, h, w = y.shape
+        tokens = y.flatten(2).transpose(1, 2)
+        return self.out(self.proj(tokens, b, h, w)) + self.out(self.proj(self.lin(tokens), b, h, w))
+
+
+def _copies(model: nn.Module, x: torch.Tensor) -> list[bool]:
+    """Eager: does each call's ``.contiguous()`` copy?"""
+    seen: list[bool] = []
+    proj = model.proj
+
+    def watched(t: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+        seen.append(not t.view(b, h, w, -1).permute(0, 3, 1, 2).is_contiguous())
+        return proj(t, b, h, w)
+
+    model.proj = watched  # type: ignore[method-assign]
+    with torch.no_grad():
+        model(x)
+    return seen
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_each_call_of_a_line_is_charged_against_its_own_nchw_run(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = TwoProjections().eval(), torch.randn(1, 3, 8, 8)
+    assert _copies(TwoProjections().eval(), x) == [False, True]  # NCHW
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert _copies(TwoProjections().eval().to(memory_format=torch.channels_last), cl) == [True, True]
+    r = audit(model, x, capture=capture, bandwidth=1e10)
+    assert r.meta.capture == capture
+    copy = 8 * 8 * 8 * 4 * 2  # read and written
+    reverts = [(f.kind.value, f.bytes) for f in r.findings if f.kind.value == "revert"]
+    assert reverts == [("revert", copy), ("revert", 0)]

@@ -1,0 +1,55 @@
+"""A model that ``model.to(memory_format=...)`` cannot convert (4D and 5D parameters: timm's
+LambdaLayer holds a Conv3d in a 2D network): the audit converts each tensor by its rank, as
+``nhwc_audit.convert`` does, and says so, where the call the user would make raises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nhwc_audit
+from nhwc_audit.prepare.copy import conversion_note
+
+
+class Conv3dInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.c3 = nn.Conv3d(1, 4, (3, 3, 1), padding=(1, 1, 0))
+        self.p = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(x)
+        return self.p(y + self.c3(y.unsqueeze(1)).mean(1))
+
+
+def test_a_model_the_standard_call_cannot_convert_is_audited_with_a_note() -> None:
+    model = Conv3dInside().eval()
+    with pytest.raises(RuntimeError, match="required rank 4"):
+        Conv3dInside().to(memory_format=torch.channels_last)
+    report = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), bandwidth=1e9)
+    (note,) = [n for n in report.meta.capture_notes if "raises on this model" in n]
+    assert note.startswith("model.to(memory_format=torch.channels_last) raises on this model")
+    assert "5D parameters or buffers (c3.weight)" in note and "nhwc_audit.convert(model)" in note
+    converted = nhwc_audit.convert(model)  # what the note advises works, and is what was audited
+    assert converted.c3.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert converted.c.weight.is_contiguous(memory_format=torch.channels_last)
+    assert note in report.to_dict()["capture_notes"]
+
+
+def test_no_note_where_the_standard_call_works() -> None:
+    for model, rank in ((nn.Conv2d(3, 8, 3), 4), (nn.Conv3d(3, 8, 3), 5), (nn.Linear(3, 8), None)):
+        fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
+        model.to(memory_format=fmt)  # eager: it converts
+        assert conversion_note(model, rank) is None
+
+
+def test_a_3d_model_holding_a_4d_parameter_names_channels_last_3d() -> None:
+    model = nn.Sequential(nn.Conv3d(2, 4, 1))
+    model.register_buffer("table", torch.zeros(1, 2, 3, 4))
+    with pytest.raises(RuntimeError):
+        model.to(memory_format=torch.channels_last_3d)
+    note = conversion_note(model, 5)
+    assert note is not None and note.startswith("model.to(memory_format=torch.channels_last_3d) raises")
+    assert "4D parameters or buffers (table)" in note
