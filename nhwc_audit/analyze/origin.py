@@ -101,21 +101,20 @@ def from_parameters_only(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
 
 def conversion_free(records: Sequence[NodeRecord]) -> frozenset[str]:
     """The records the conversion leaves as they are: computed from parameters, buffers and
-    constants only, none of them 4D or 5D but dense in both orders (the conversion re-lays those),
-    with no model input upstream; their layouts are those of the model run NCHW (a
-    relative-position bias table indexed and permuted to (1, heads, N, N) has channels_last
-    strides in both), so what they do is not the conversion's. ``records`` in graph order."""
+    constants only, none of them 4D or 5D (``.to(memory_format=...)`` restrides those, even one
+    dense in both orders: a (1, C, 1, 1) scale, a 1x1 conv's weight), with no model input
+    upstream; their layouts are those of the model run NCHW (a relative-position bias table
+    indexed and permuted to (1, heads, N, N) has channels_last strides in both), so what they do
+    is not the conversion's. ``records`` in graph order."""
     free: set[str] = set()
     for r in records:
         if r.op == "placeholder":
             continue
         if r.op == "get_attr":
-            kept = all(o.rank not in (4, 5) or o.layout is Layout.AMBIGUOUS for o in r.outputs)
+            kept = all(o.rank not in (4, 5) for o in r.outputs)
         else:  # an input with no producer is a parameter or buffer, else the model's input (eager)
             kept = all(
-                i.producer in free
-                if i.producer is not None
-                else i.is_param and (i.meta.rank not in (4, 5) or i.meta.layout is Layout.AMBIGUOUS)
+                i.producer in free if i.producer is not None else i.is_param and i.meta.rank not in (4, 5)
                 for i in r.inputs
             )
         if kept:

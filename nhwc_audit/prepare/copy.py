@@ -105,16 +105,17 @@ def own_dtype_name(model: nn.Module) -> str:
 def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
     """What to tell the user when ``model.to(memory_format=...)``, in the format of its input's
     rank (channels_last for 4D, channels_last_3d for 5D; either, without such an input), raises:
-    it holds 4D and 5D parameters or buffers (timm's LambdaLayer: a Conv3d in a 2D network).
+    it holds parameters or buffers of the other rank (timm's LambdaLayer: a Conv3d in a 2D
+    network).
     The audit converts each by its rank, as :func:`convert` does; None when the call works."""
     by_rank: dict[int, list[str]] = {4: [], 5: []}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.dim() in by_rank:
             by_rank[t.dim()].append(name)
-    if not (by_rank[4] and by_rank[5]):
-        return None
-    fmt = "channels_last_3d" if input_rank == 5 else "channels_last"
     other = 4 if input_rank == 5 else 5
+    if not by_rank[other] or (input_rank not in (4, 5) and not by_rank[9 - other]):
+        return None  # the call for the input's rank converts every tensor (without one: either call)
+    fmt = "channels_last_3d" if input_rank == 5 else "channels_last"
     names = ", ".join(by_rank[other][:3]) + (", ..." if len(by_rank[other]) > 3 else "")
     return (
         f"model.to(memory_format=torch.{fmt}) raises on this model: it holds {other}D parameters or "

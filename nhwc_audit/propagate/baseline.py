@@ -201,19 +201,34 @@ def match_nodes(channels_last: Sequence[NodeRecord], nchw: Sequence[NodeRecord],
         names = {r.name for r in nchw}
         return {r.name: r.name for r in channels_last if r.name in names}
 
-    def keys(records: Sequence[NodeRecord]) -> dict[tuple[Any, ...], str]:
+    def keys(records: Sequence[NodeRecord], at_site: bool) -> dict[tuple[Any, ...], str]:
         seen: Counter[tuple[Any, ...]] = Counter()
         out: dict[tuple[Any, ...], str] = {}
         for r in records:
             where = (r.source.file, r.source.line) if r.source else ("", 0)
-            # which call from its line (counted in both runs alike: a ``.contiguous()`` that copies in
-            # one layout only is a call in both), the ATen op and the shapes: an op that one layout
-            # makes and the other does not must not shift the pairing of the ops after it
-            shapes = tuple(o.shape for o in r.outputs)
-            key = (r.module_path, r.op_name, r.target, *where, r.call_at_site, shapes)
+            # which call from its line (counted in both runs alike: a ``.contiguous()`` that copies
+            # in one layout only is a call in both), the ATen op and the shapes: an op that one
+            # layout makes and the other does not must not shift the pairing of the ops after it
+            site = (r.call_at_site,) if at_site else ()
+            key: tuple[Any, ...] = (
+                r.module_path,
+                r.op_name,
+                r.target,
+                *where,
+                tuple(o.shape for o in r.outputs),
+                *site,
+            )
             out[(*key, seen[key])] = r.name
             seen[key] += 1
         return out
 
-    theirs = keys(nchw)
-    return {name: theirs[key] for key, name in keys(channels_last).items() if key in theirs}
+    def paired(ours: Sequence[NodeRecord], nchw: Sequence[NodeRecord], at_site: bool) -> dict[str, str]:
+        theirs = keys(nchw, at_site)
+        return {name: theirs[key] for key, name in keys(ours, at_site).items() if key in theirs}
+
+    first = paired(channels_last, nchw, True)
+    # then the others, counted among the unpaired: a call one layout makes and the other does not
+    # (``if not x.is_contiguous(): x = x.contiguous()``) shifts the count of calls from its line
+    taken = set(first.values())
+    rest = [r for r in channels_last if r.name not in first], [r for r in nchw if r.name not in taken]
+    return {**first, **paired(*rest, False)}

@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..layout import tensor_meta
+from ..layout import strides_like_channels_last, tensor_meta
 from ..prepare.copy import memory_format_for_rank
 from ..records import CONV_OPS, Layout
 from .dispatch import RecordingMode, is_alias_of
@@ -39,6 +39,10 @@ class Divergence:
     ranks: frozenset[int] = frozenset({4, 5})
     modes: frozenset[str] | None = None
     """For ops with a mode (pad): the modes it concerns."""
+    suggested: bool = False
+    """The eager kernel picks its output's layout by its input's ``suggest_memory_format()``
+    (:func:`~nhwc_audit.layout.strides_like_channels_last`): a channels_last input whose size-1
+    batch dim has another stride (a view after a transpose) gets NCHW there."""
 
 
 KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
@@ -46,6 +50,7 @@ KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
         frozenset({"groupnorm", "group_norm", "native_group_norm"}),
         "cpu",
         "GroupNorm: fake/meta returns NCHW, eager CPU keeps channels_last",
+        suggested=True,
     ),
     Divergence(
         frozenset({"roll"}),
@@ -109,6 +114,8 @@ class Corrections:
             d = known_divergence(names, detail, t.dim(), self.device)
             fmt = memory_format_for_rank(t.dim())
             if d is None or fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
+                return t
+            if d.suggested and not any(strides_like_channels_last(i.shape, i.stride()) for i in inputs):
                 return t
             self.applied.append((node, d.text))
             return t.contiguous(memory_format=fmt)

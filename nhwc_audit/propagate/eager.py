@@ -23,6 +23,7 @@ from ..capture.context import aten_detail
 from ..capture.source import user_frame
 from ..errors import first_line
 from ..layout import classify, tensor_meta
+from ..prepare.copy import plain_tensors
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
@@ -109,7 +110,7 @@ class _Recorder(GuardedMode):
         self.guard(func, args, kwargs)
         op = func.overloadpacket.__name__
         ins = list(iter_tensors((args, kwargs)))
-        if op in _SKIP:
+        if op in _SKIP or func.namespace == "prim":  # prim.device: a fake tensor's C++ device() query
             out = func(*args, **kwargs)
             for t in iter_tensors(out):
                 src = next(iter(ins), None)
@@ -213,8 +214,10 @@ def record_eager(
 
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post, always_call=True))
-    # stored tensors as the model holds them now (the NCHW baseline swaps in plain tensors)
-    stored = frozenset(id(t) for t in (*model.parameters(), *model.buffers()))
+    # stored tensors as the model holds them now (the NCHW baseline swaps in plain tensors), and
+    # tensors kept as plain attributes, which a graph reads with get_attr as it reads buffers
+    kept = (t for _, t in plain_tensors(model))
+    stored = frozenset(id(t) for t in (*model.parameters(), *model.buffers(), *kept))
     rec = _Recorder(stack, shared, corrections, stored)
     out: Any = None
     error: str | None = None

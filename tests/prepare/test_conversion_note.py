@@ -53,3 +53,13 @@ def test_a_3d_model_holding_a_4d_parameter_names_channels_last_3d() -> None:
     note = conversion_note(model, 5)
     assert note is not None and note.startswith("model.to(memory_format=torch.channels_last_3d) raises")
     assert "4D parameters or buffers (table)" in note
+
+
+def test_a_2d_input_into_a_model_of_5d_weights_only_gets_the_note() -> None:
+    model = nn.Sequential(nn.Conv3d(1, 4, 1))
+    with pytest.raises(RuntimeError, match="required rank 4"):
+        nn.Sequential(nn.Conv3d(1, 4, 1)).to(memory_format=torch.channels_last)
+    note = conversion_note(model, 4)
+    assert note is not None and "5D parameters or buffers (0.weight, 0.bias)" not in note
+    assert "5D parameters or buffers (0.weight)" in note
+    assert conversion_note(model, 5) is None and conversion_note(model, None) is None

@@ -198,3 +198,36 @@ def test_each_call_of_a_line_is_charged_against_its_own_nchw_run(capture: str) -
     copy = 8 * 8 * 8 * 4 * 2  # read and written
     reverts = [(f.kind.value, f.bytes) for f in r.findings if f.kind.value == "revert"]
     assert reverts == [("revert", copy), ("revert", 0)]
+
+
+def _made_contiguous(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+class ContiguousWhereNeeded(nn.Module):
+    """One line makes its argument contiguous only where it is not: the channels_last model calls
+    ``.contiguous()`` there once more than the NCHW one (on a map NCHW in the NCHW model), then both
+    copy a transposed map of another shape. That second copy is paired with its NCHW twin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.side = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([_made_contiguous(self.stem(x)), _made_contiguous(self.side(x).transpose(2, 3))], 1))
+
+
+def test_a_call_made_in_one_layout_only_shifts_no_pairing() -> None:
+    torch.manual_seed(0)
+    model, x = ContiguousWhereNeeded().eval(), torch.randn(1, 3, 8, 8)
+    charged = {}
+    for capture in ("hooks", "export"):
+        r = audit(model, x, capture=capture, bandwidth=1e10)
+        assert r.meta.capture == capture
+        charged[capture] = [(f.kind.value, f.bytes) for f in r.findings]
+    assert charged["hooks"][:2] == [("revert", 8 * 64 * 4 * 2), ("revert", 0)]  # the second copies in NCHW too
+    assert charged["hooks"] == charged["export"]

@@ -287,7 +287,7 @@ def test_sd15_sized_unet_report_opens_small_and_fast(tmp_path: Path) -> None:
     report = audit(model, args, mode="fake", bandwidth=1e9)
     page_path = report.save_html(tmp_path / "sd15.html")
     size = page_path.stat().st_size
-    assert size < 5_000_000 and len(report.nodes) > 2000
+    assert size < 5_000_000 and len(report.nodes) > 1500  # the ATen ops of its ~1,600 torch calls
     with chromium_page() as (page, errors, requests):
         start = time.perf_counter()
         page.goto(page_path.as_uri())

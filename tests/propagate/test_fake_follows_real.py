@@ -1,0 +1,74 @@
+"""A fake-mode audit gives what a real one gives where the fake run differs from eager in ways
+the meta kernels do not show: a fake tensor's C++ ``device()`` queries reach the eager capture's
+recorder as ``prim.device`` calls (not ops of the model), and GroupNorm's CPU kernel follows its
+input's ``suggest_memory_format()``, so a channels_last input whose size-1 batch dim has another
+stride (a view after a transpose) gets NCHW there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nhwc_audit
+
+
+class NormThenSelect(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)).permute(0, 2, 3, 1)[:, 0]
+
+
+class NormAfterTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.proj = nn.Linear(64, 64)
+        self.norm = nn.GroupNorm(8, 64)
+        self.out = nn.Conv2d(64, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        n, c, hh, ww = h.shape
+        t = self.proj(h.flatten(2).transpose(1, 2)).transpose(1, 2).view(n, c, hh, ww)
+        return self.out(self.norm(t))
+
+
+def _same(real: nhwc_audit.AuditReport, fake: nhwc_audit.AuditReport) -> None:
+    # (a size-1 dim's stride may differ: FakeTensor keeps the input's where some CPU kernels do not)
+    def layouts(r: nhwc_audit.AuditReport) -> list[tuple[str, list[tuple[tuple[int, ...], str]]]]:
+        return [(n.name, [(o.shape, o.layout.value) for o in n.outputs]) for n in r.nodes]
+
+    assert layouts(fake) == layouts(real)
+    assert [(f.kind, f.node, f.bytes) for f in fake.findings] == [(f.kind, f.node, f.bytes) for f in real.findings]
+    assert fake.summary.nodes == real.summary.nodes and fake.summary.spatial_nodes == real.summary.spatial_nodes
+
+
+@pytest.mark.parametrize("capture", ["hooks", "fx"])
+def test_a_fake_eager_capture_records_the_models_ops_only(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = NormThenSelect().eval(), torch.randn(1, 3, 16, 16)
+    real = nhwc_audit.audit(model, x, mode="real", capture=capture, bandwidth=1e10)
+    fake = nhwc_audit.audit(model, x, mode="fake", capture=capture, bandwidth=1e10)
+    assert not any("prim." in n.target for n in fake.nodes)
+    _same(real, fake)
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_the_group_norm_correction_follows_the_suggested_format(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = NormAfterTokens().eval(), torch.randn(1, 3, 16, 16)
+    with torch.no_grad():  # eager: a channels_last view the CPU kernel reads as NCHW
+        cl = nhwc_audit.convert(model)
+        h = cl.conv(x.contiguous(memory_format=torch.channels_last))
+        t = cl.proj(h.flatten(2).transpose(1, 2)).transpose(1, 2).view(1, 64, 16, 16)
+        assert t.is_contiguous(memory_format=torch.channels_last) and cl.norm(t).is_contiguous()
+    real = nhwc_audit.audit(model, x, mode="real", capture=capture, bandwidth=1e10)
+    fake = nhwc_audit.audit(model, x, mode="fake", capture=capture, bandwidth=1e10)
+    (norm,) = [n for n in real.nodes if n.op_name.lower() in ("groupnorm", "group_norm") and n.outputs[0].rank == 4]
+    assert norm.outputs[0].layout.value == "contiguous"
+    _same(real, fake)
