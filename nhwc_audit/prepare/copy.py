@@ -108,15 +108,20 @@ def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
     it holds parameters or buffers of the other rank (timm's LambdaLayer: a Conv3d in a 2D
     network).
     The audit converts each by its rank, as :func:`convert` does; None when the call works."""
-    by_rank: dict[int, list[str]] = {4: [], 5: []}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.dim() in by_rank:
-            by_rank[t.dim()].append(name)
+    # the ranks first, from the modules' own tables (the names only for a note: most models need none)
+    ranks = {
+        t.dim()
+        for m in model.modules()
+        for table in (m._parameters, m._buffers)
+        for t in table.values()
+        if t is not None
+    }
     other = 4 if input_rank == 5 else 5
-    if not by_rank[other] or (input_rank not in (4, 5) and not by_rank[9 - other]):
+    if other not in ranks or (input_rank not in (4, 5) and 9 - other not in ranks):
         return None  # the call for the input's rank converts every tensor (without one: either call)
     fmt = "channels_last_3d" if input_rank == 5 else "channels_last"
-    names = ", ".join(by_rank[other][:3]) + (", ..." if len(by_rank[other]) > 3 else "")
+    held = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.dim() == other]
+    names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
     return (
         f"model.to(memory_format=torch.{fmt}) raises on this model: it holds {other}D parameters or "
         f"buffers ({names}); the audit converts each tensor by its rank (4D to channels_last, 5D to "
