@@ -141,8 +141,9 @@ def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
 
 
 def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
-    """A channels_last activation whose gradient arrives NCHW (recorded with train=True)."""
-    if not (r.grads and r.output_layout is Layout.CHANNELS_LAST):
+    """A channels_last activation whose gradient arrives NCHW (recorded with train=True); not at
+    a view (an Identity returns its input): its gradient is its producer's, counted there."""
+    if not (r.grads and r.output_layout is Layout.CHANNELS_LAST) or (r.aliases_input and not writes_in_place(r)):
         return []
     nchw_grads = [g for g in r.grads if row_major(g)]
     if not nchw_grads:

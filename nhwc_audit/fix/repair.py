@@ -22,12 +22,13 @@ from ..analyze.analysis import Analysis, analyze
 from ..capture.fx import put_back, trace
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
+from ..propagate.compare import first_difference
 from ..propagate.interpreter import propagate
 from ..propagate.runner import attributes_restored
 from ..records import NodeRecord, Summary
 from ..tensors import clone_value, seeded
 from .equivalence import deviations, first_change
-from .results import Deviation
+from .results import Deviation, fresh_copy, outputs
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
@@ -115,6 +116,26 @@ def _measure(
     return records, analyze(records, bandwidth=bw)
 
 
+def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConversionError` unless ``gm``, torch.fx's trace of ``converted``, computes
+    what ``converted`` computes on the sample (the same weights, input and kernels): a trace takes
+    a branch fx cannot see (``torch.jit.isinstance``, a Python value) one way, whatever eager does."""
+    try:
+        got = outputs(fresh_copy(gm), args, kwargs, grads=False)[0]
+    except Exception as e:
+        raise ConversionError(
+            f"repair needs a torch.fx trace that runs as the model does; torch.fx's graph of "
+            f"{type(converted).__name__} fails where the model runs: {first_line(e)}"
+        ) from e
+    diff = first_difference(got, outputs(fresh_copy(converted), args, kwargs, grads=False)[0])
+    if diff is not None:
+        raise ConversionError(
+            f"repair needs a torch.fx trace that computes what the model computes; torch.fx's graph of "
+            f"{type(converted).__name__} does not ({diff}): the trace took a branch of forward the other way "
+            "(a test fx cannot see); make that code traceable, or repair a submodule that traces"
+        )
+
+
 def _apply(gm: torch.fx.GraphModule, cands: list[Candidate], *, compile: bool = True) -> None:
     """Rewrite ``gm`` (a :func:`_clone_gm` copy) with ``cands``; ``compile``: generate its code
     (to call it as a module; an interpreter runs the graph without)."""
@@ -198,6 +219,8 @@ def repair_model(
         gm = torch.fx.GraphModule(converted, copy.deepcopy(graph)) if graph is not None else trace(converted).gm
     except Exception as e:
         raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
+    if graph is None:  # an audit's graph was checked against eager; a trace of its own is checked here
+        _check_trace(converted, gm, sample_args, sample_kwargs)
     naive = gm  # never rewritten: every rewrite is made on a copy
     records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks

@@ -685,3 +685,55 @@ def test_the_repaired_module_keeps_the_models_class_name() -> None:
     gm, log = repair_model(model, (x[..., :32, :32],))
     assert log.steps and type(gm).__name__ == type(model).__name__
     assert {r.module_type for r in log.records_after if r.module_path == ""} <= {type(model).__name__}
+
+
+class BranchFxCannotSee(nn.Module):
+    """``torch.jit.isinstance`` is True in eager and False on a torch.fx proxy (MONAI BasicUNet's
+    UpCat): the trace drops the skip. The audit checks its trace and falls back; the repair,
+    tracing on its own, must check too rather than return a graph without the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        z = self.b(y)
+        if torch.jit.isinstance(y, torch.Tensor):
+            z = z + y
+        return torch.softmax(z, dim=1)
+
+
+def test_a_repair_refuses_a_trace_that_computes_something_else() -> None:
+    from nhwc_audit.errors import ConversionError
+
+    torch.manual_seed(0)
+    model, x = BranchFxCannotSee().eval(), torch.randn(1, 3, 16, 16)
+    traced = torch.fx.symbolic_trace(model)
+    assert not torch.allclose(traced(x), model(x))  # eager: the trace lost the skip
+    report = audit(model, x, bandwidth=1e9)
+    assert report.meta.capture != "fx"
+    for attempt in (report.repaired, lambda: repair_model(model, (x,))):
+        with pytest.raises(ConversionError, match="does not \\(output 0 values differ"):
+            attempt()
+
+
+def test_a_repair_refuses_a_trace_that_fails_where_the_model_runs() -> None:
+    from nhwc_audit.errors import ConversionError
+
+    class Concat(BranchFxCannotSee):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            if torch.jit.isinstance(y, torch.Tensor):
+                y = torch.cat([y, y], 1)
+            return self.b(y)
+
+    torch.manual_seed(0)
+    model, x = Concat().eval(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(ConversionError, match="fails where the model runs: RuntimeError"):
+        repair_model(model, (x,))
