@@ -7,8 +7,10 @@ once, and a group that changes the results is bisected down to the rewrite to re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,23 +118,36 @@ def _measure(
     return records, analyze(records, bandwidth=bw)
 
 
-def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise :class:`ConversionError` unless ``gm``, torch.fx's trace of ``converted``, computes
-    what ``converted`` computes on the sample (the same weights, input and kernels): a trace takes
-    a branch fx cannot see (``torch.jit.isinstance``, a Python value) one way, whatever eager does."""
+def _run(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor] | None, str]:
+    """``m``'s outputs on the sample, or None and the first line of what it raised (a GraphModule
+    prints the traceback of an error in its code to stderr on the way: kept off it)."""
     try:
-        got = outputs(fresh_copy(gm), args, kwargs, grads=False)[0]
+        with contextlib.redirect_stderr(io.StringIO()):
+            return outputs(fresh_copy(m), args, kwargs, grads=False)[0], ""
     except Exception as e:
+        return None, first_line(e)
+
+
+def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConversionError` unless ``gm``, torch.fx's trace of ``converted``, does what
+    ``converted`` does on the sample (the same weights, input and kernels): the same outputs, or the
+    same error (a view that breaks on channels_last, which the repair is for). A trace takes a
+    branch fx cannot see (``torch.jit.isinstance``, a Python value) one way, whatever eager does."""
+    (got, raised), (ref, eager_raised) = _run(gm, args, kwargs), _run(converted, args, kwargs)
+    name = type(converted).__name__
+    if got is None and raised != eager_raised:
         raise ConversionError(
-            f"repair needs a torch.fx trace that runs as the model does; torch.fx's graph of "
-            f"{type(converted).__name__} fails where the model runs: {first_line(e)}"
-        ) from e
-    diff = first_difference(got, outputs(fresh_copy(converted), args, kwargs, grads=False)[0])
+            f"repair needs a torch.fx trace that runs as the model does; torch.fx's graph of {name} fails where "
+            f"the model {'raises otherwise' if eager_raised else 'runs'}: {raised}"
+        )
+    diff = "it runs where the model raises" if ref is None and got is not None else None
+    if got is not None and ref is not None:
+        diff = first_difference(got, ref)
     if diff is not None:
         raise ConversionError(
-            f"repair needs a torch.fx trace that computes what the model computes; torch.fx's graph of "
-            f"{type(converted).__name__} does not ({diff}): the trace took a branch of forward the other way "
-            "(a test fx cannot see); make that code traceable, or repair a submodule that traces"
+            f"repair needs a torch.fx trace that computes what the model computes; torch.fx's graph of {name} does "
+            f"not ({diff}): the trace took a branch of forward the other way (a test fx cannot see); make that "
+            "code traceable, or repair a submodule that traces"
         )
 
 

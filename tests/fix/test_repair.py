@@ -737,3 +737,16 @@ def test_a_repair_refuses_a_trace_that_fails_where_the_model_runs() -> None:
     model, x = Concat().eval(), torch.randn(1, 3, 16, 16)
     with pytest.raises(ConversionError, match="fails where the model runs: RuntimeError"):
         repair_model(model, (x,))
+
+
+def test_a_trace_that_breaks_where_the_model_breaks_is_repaired_quietly(capsys: pytest.CaptureFixture[str]) -> None:
+    """A view that raises on channels_last raises in the model and in its trace alike: the trace
+    is faithful, the repair goes on (that break is what it removes), and nothing is printed."""
+    torch.manual_seed(0)
+    model, x = M.ViewHead(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        nhwc_convert(model)(x.contiguous(memory_format=torch.channels_last))
+    gm, log = repair_model(model, (x,))
+    assert "view->reshape" in [s.kind for s in log.steps]
+    assert capsys.readouterr().err == ""
+    _check_same(model, gm, (1, 3, 8, 8))
