@@ -1,0 +1,76 @@
+"""Public models outside the zoo where audits were checked against eager and found wrong
+(random weights, small inputs): the reproductions, kept. timm's MaxViT relative-position bias
+(a 2D table permuted to (1, heads, N, N): channels_last-strided in the NCHW model too) gave
+false reverts; torchvision's Swin V2 had latent breaks in fx that the eager capture missed;
+monai UNETR's ``proj_feat`` copies in NCHW on its last call only, and the eager capture charged
+another call for it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from nhwc_audit import audit, check
+
+pytestmark = pytest.mark.slow
+
+
+def test_maxvit_relative_position_bias_is_no_finding() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("maxvit_pico_rw_256", pretrained=False, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = audit(model, x, bandwidth=1e9)
+    assert report.meta.capture == "fx"
+    assert report.findings == ()
+    check(model, x, bandwidth=1e9, fail_on="revert")
+
+
+def test_swin_v2_findings_are_the_same_in_a_graph_and_the_eager_capture() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = torchvision.models.swin_v2_t(weights=None).eval(), torch.randn(1, 3, 64, 64)
+    found = {}
+    for capture in ("fx", "hooks"):
+        report = audit(model, x, bandwidth=1e9, capture=capture)
+        found[capture] = Counter((f.kind.value, f.module_path, f.bytes) for f in report.findings)
+    assert found["fx"] == found["hooks"]
+    assert Counter(k for k, _, _ in found["fx"].elements()) == {"revert": 12, "latent_break": 12}
+
+
+def test_unetr_projections_are_charged_where_nchw_does_not_copy() -> None:
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    model = nets.UNETR(
+        in_channels=1,
+        out_channels=2,
+        img_size=32,
+        spatial_dims=3,
+        feature_size=8,
+        hidden_size=96,
+        mlp_dim=192,
+        num_heads=4,
+    ).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    copies: list[bool] = []  # eager, as built: does each proj_feat call's .contiguous() copy?
+    proj = model.proj_feat
+
+    def watched(t: torch.Tensor) -> torch.Tensor:
+        viewed = t.view([t.size(0), *model.proj_view_shape]).permute(model.proj_axes)
+        copies.append(not viewed.is_contiguous())
+        return proj(t)
+
+    model.proj_feat = watched  # type: ignore[method-assign]
+    with torch.no_grad():
+        model(x)
+    del model.proj_feat
+    assert copies == [False, False, False, True]
+    report = audit(model, x, bandwidth=1e9)
+    assert report.meta.capture == "hooks"
+    charged = [
+        f.bytes for f in report.findings if f.kind.value == "revert" and f.source and f.source.function == "proj_feat"
+    ]
+    nbytes = 96 * 2 * 2 * 2 * 4 * 2  # read and written
+    assert charged == [0 if copied else nbytes for copied in copies]
