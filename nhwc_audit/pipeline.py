@@ -238,12 +238,12 @@ def _audit_one(
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
     dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)
     ranks = {t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}
-    converted = [n for n in [conversion_note(module, max(ranks, default=None))] if n is not None]
+    note = conversion_note(module, max(ranks, default=None))
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=(*converted, *captured.notes, *grad_notes, *baseline_notes),
+        capture_notes=((note,) if note else ()) + captured.notes + grad_notes + baseline_notes,
         mode=o.mode,
         device=str(o.device),
         dtype=dtype,

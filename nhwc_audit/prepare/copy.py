@@ -106,8 +106,8 @@ def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
     """What to tell the user when ``model.to(memory_format=...)``, in the format of its input's
     rank (channels_last for 4D, channels_last_3d for 5D; either, without such an input), raises:
     it holds parameters or buffers of the other rank (timm's LambdaLayer: a Conv3d in a 2D
-    network).
-    The audit converts each by its rank, as :func:`convert` does; None when the call works."""
+    network). The audit converts each by its rank, as :func:`convert` does; None when the call
+    works."""
     # the ranks first, from the modules' own tables (the names only for a note: most models need none)
     ranks = {
         t.dim()

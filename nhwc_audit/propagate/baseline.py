@@ -222,8 +222,8 @@ def match_nodes(channels_last: Sequence[NodeRecord], nchw: Sequence[NodeRecord],
             seen[key] += 1
         return out
 
-    def paired(ours: Sequence[NodeRecord], nchw: Sequence[NodeRecord], at_site: bool) -> dict[str, str]:
-        theirs = keys(nchw, at_site)
+    def paired(ours: Sequence[NodeRecord], others: Sequence[NodeRecord], at_site: bool) -> dict[str, str]:
+        theirs = keys(others, at_site)
         return {name: theirs[key] for key, name in keys(ours, at_site).items() if key in theirs}
 
     first = paired(channels_last, nchw, True)
