@@ -237,6 +237,8 @@ def _audit_one(
     records = baselined
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
     dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)
+    if captured.capture is not None:
+        captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph
     ranks = {t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}
     note = conversion_note(module, max(ranks, default=None))
     meta = AuditMeta(
@@ -252,7 +254,7 @@ def _audit_one(
         inputs=tuple(tensor_meta(a) for a in iter_tensors(p.args)),  # in lists too (detection models)
         bandwidth=bandwidth,
         bandwidth_source=source,
-        backward=o.train and o.backward and captured.gm is not None,
+        backward=o.train and o.backward and captured.capture is not None,
         threads=torch.get_num_threads(),
         modules=tuple((path, type(m).__name__) for path, m in module.named_modules()),
     )

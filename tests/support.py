@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,25 @@ def cyclic_garbage(fn: Callable[[], Any]) -> int:
         found = gc.collect()
         del kept
     finally:
+        if was_on:
+            gc.enable()
+    return found
+
+
+def cyclic_garbage_types(fn: Callable[[], Any]) -> Counter[str]:
+    """The types (qualified names) of what ``fn()`` leaves in reference cycles, counted."""
+    gc.collect()
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        kept = fn()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found = Counter(type(o).__qualname__ for o in gc.garbage)
+        del kept
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
         if was_on:
             gc.enable()
     return found

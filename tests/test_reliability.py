@@ -15,6 +15,7 @@ from nhwc_audit import audit, check
 from nhwc_audit.cli import main
 from tests import models as M
 from tests.fuzz_models import FuzzNet
+from tests.support import BANDWIDTH, cyclic_garbage_types
 
 
 @dataclasses.dataclass
@@ -250,3 +251,26 @@ def test_the_peak_memory_reported_is_the_audits_own_process() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     reported, own = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0 < reported <= own < 1.5e9
+
+
+def _blocks(n: int) -> nn.Module:
+    convs = [nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()) for _ in range(n)]
+    return nn.Sequential(nn.Conv2d(3, 4, 1), *convs).eval()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_an_audit_leaves_no_per_node_garbage_for_the_collector(train: bool) -> None:
+    """What an audit makes and lets go is freed as it goes (reference counts), not left for the
+    cyclic collector: the private copy was held by the copying's recursive closure, a train
+    audit's run by its interpreter's wrapper of its own bound method, and the copy again by the
+    backward's GraphModule (a GraphModule and its graph are a cycle). A densenet121 audit left
+    8,700 objects, 18 ms of the collection that follows it."""
+    x = torch.randn(1, 3, 4, 4)
+    small, large = _blocks(3), _blocks(60)
+    for m in (small, large):  # warm: first-call caches are not the audit's garbage
+        audit(m, x, bandwidth=BANDWIDTH, train=train)
+    big = cyclic_garbage_types(lambda: audit(large, x, bandwidth=BANDWIDTH, train=train))
+    few = cyclic_garbage_types(lambda: audit(small, x, bandwidth=BANDWIDTH, train=train))
+    grown = sum(big.values()) - sum(few.values())
+    assert grown < 20, f"57 more blocks left {grown} more objects in reference cycles: {big.most_common(8)}"
+    assert not {"Conv2d", "NodeRecord", "LayoutProp", "Parameter"} & set(big)

@@ -4,11 +4,9 @@ the model.
 
 from __future__ import annotations
 
-import bisect
 import copy
 import dis
 import functools
-import sys
 import types
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,10 +15,11 @@ from typing import Any, Literal
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.proxy import Attribute, Proxy, Scope, TracerBase
+from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError
 from .context import SOURCE_KEY
+from .proxies import TracerProxy
 from .source import user_frame
 
 __all__ = ["Capture", "GraphMethod", "KeptGraph", "attribute", "graph_attributes", "kept", "put_back", "trace"]
@@ -51,6 +50,14 @@ class Capture:
             return self.root
         return torch.fx.GraphModule(self.root, self.graph, type(self.root).__name__)
 
+    def release(self) -> None:
+        """Let go of the graph's GraphModule (:attr:`gm`, or an export's root): the graph no
+        longer names it its owner. A GraphModule and its graph are a reference cycle, and it
+        holds the modules (the audit's private copy): without this they wait for the cyclic
+        collector once the audit is over. The graph itself stays, to be run on a root or copied."""
+        self.__dict__.pop("gm", None)
+        self.graph.owning_module = None
+
 
 def _holds(root: nn.Module, name: str, kind: str) -> Any:
     """The parameter ('p') or buffer ('b') ``root`` holds under ``name`` now (read from the
@@ -80,42 +87,7 @@ class _Scope(Scope):
         return Scope(self.module_path, self.module_type)
 
 
-class _Unpacking:
-    """fx's ``Proxy.__iter__`` reads the caller's bytecode to tell ``c, h, w = x.shape[1:]``
-    (unpacking: one ``getitem`` node per name) from a loop: it disassembles the caller's whole
-    function on every call, ~1 ms for a transformer block's forward. Here each function is
-    disassembled once per trace and the instruction looked up the same way. The proxies are
-    subclasses of torch's: code that tests ``type(x) is torch.fx.Proxy`` (no library in the
-    zoo does; ``isinstance`` is unaffected) sees another type."""
-
-    tracer: TracerBase
-
-    def __iter__(self) -> Any:
-        frame = sys._getframe(1)
-        assert isinstance(self.tracer, _Tracer)
-        offsets, insts = self.tracer.instructions(frame.f_code)
-        if sys.version_info >= (3, 11):
-            index = bisect.bisect_left(offsets, frame.f_lasti)
-        else:
-            index = frame.f_lasti // 2
-        inst = insts[index]
-        if inst.opname == "UNPACK_SEQUENCE":
-            return (self[i] for i in range(inst.argval))  # type: ignore[index]
-        return self.tracer.iter(self)  # type: ignore[arg-type]
-
-    def __getattr__(self, k: str) -> Attribute:
-        return _Attribute(self, k)  # type: ignore[arg-type]
-
-
-class _Proxy(_Unpacking, Proxy):
-    pass
-
-
-class _Attribute(_Unpacking, Attribute):
-    pass
-
-
-_PLAIN_ARGS = frozenset({Proxy, _Proxy, tuple, list, dict, int, float, bool, str, type(None)})
+_PLAIN_ARGS = frozenset({Proxy, TracerProxy, tuple, list, dict, int, float, bool, str, type(None)})
 
 
 class _Tracer(torch.fx.Tracer):
@@ -129,7 +101,7 @@ class _Tracer(torch.fx.Tracer):
         self._names: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
 
     def proxy(self, node: torch.fx.Node) -> Proxy:
-        return _Proxy(node, self)
+        return TracerProxy(node, self)
 
     def instructions(self, code: types.CodeType) -> tuple[list[int], list[dis.Instruction]]:
         """The offsets and instructions of ``code``, disassembled once per trace."""
@@ -195,10 +167,10 @@ class _Tracer(torch.fx.Tracer):
         # constants) by ~10 isinstance checks each before handing it to TracerBase, which
         # looks its exact type up in a table: go there directly
         kind = type(a)
-        if kind is _Proxy:
+        if kind is TracerProxy:
             return a.node
         if kind is list or kind is tuple:  # torch.cat's list of maps: its proxies looked up here
-            args = [x.node if type(x) is _Proxy else self.create_arg(x) for x in a]
+            args = [x.node if type(x) is TracerProxy else self.create_arg(x) for x in a]
             return args if kind is list else tuple(args)
         if kind in _PLAIN_ARGS:
             return TracerBase.create_arg(self, a)

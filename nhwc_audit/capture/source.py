@@ -55,15 +55,16 @@ def user_frame() -> SourceLoc | None:
 _TORCH, _OURS, _MODEL = "torch", "ours", "model"
 
 
-_TRACER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fx.py")
-"""The fx tracer's own overrides run between torch's frames (``create_arg`` calls back into
-torch's Tracer, which may create a node): passed through like torch's."""
+_TRACER = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("fx.py", "proxies.py"))
+"""The fx tracer's and its proxies' own overrides run between torch's frames (``create_arg``
+calls back into torch's Tracer, which may create a node; a torch call on proxies makes one):
+passed through like torch's."""
 
 
 @functools.lru_cache(maxsize=4096)
 def _kind(file: str) -> str:
     """Whose code ``file`` is (a pure function of the path: cached, a trace asks per node)."""
-    if file.startswith(_TORCH_DIR) or file == _TRACER:
+    if file.startswith(_TORCH_DIR) or file in _TRACER:
         return _TORCH
     return _OURS if is_machinery(file) else _MODEL
 

@@ -67,15 +67,27 @@ def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
     (True, True)
     """
 
-    plain: dict[type, bool] = {}  # per class, asked once
+    out: nn.Module = _Cloner(memo).one(model)
+    return out
 
-    def one(m: Any) -> Any:
+
+class _Cloner:
+    """:func:`clone_modules`' walk of the tree. A class, not a closure calling itself: such a
+    closure is a reference cycle (the function, its cell), and it would hold ``memo``, so the
+    whole copy, until the cyclic collector ran."""
+
+    def __init__(self, memo: dict[int, Any]) -> None:
+        self.memo = memo
+        self.plain: dict[type, bool] = {}  # per class, asked once
+
+    def one(self, m: Any) -> Any:
+        memo = self.memo
         if id(m) in memo:
             return memo[id(m)]
         cls: Any = type(m)
-        copyable = plain.get(cls)
+        copyable = self.plain.get(cls)
         if copyable is None:
-            copyable = plain[cls] = _plain_copyable(cls)
+            copyable = self.plain[cls] = _plain_copyable(cls)
         if not copyable:
             return copy.deepcopy(m, memo)
         new = cls.__new__(cls)
@@ -87,7 +99,7 @@ def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
                 state[k] = v
             elif k in MODULE_TABLES:
                 if k == "_modules":
-                    state[k] = {n: (None if c is None else one(c)) for n, c in v.items()}
+                    state[k] = {n: (None if c is None else self.one(c)) for n, c in v.items()}
                 else:
                     state[k] = {n: (None if t is None else _copied(t, memo)) for n, t in v.items()}
             elif kind in _EMPTY_CONTAINERS and not v:  # hook tables
@@ -98,6 +110,3 @@ def clone_modules(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
                 state[k] = copy.deepcopy(v, memo)
         new.__setstate__(state)
         return new
-
-    out: nn.Module = one(model)
-    return out

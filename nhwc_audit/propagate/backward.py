@@ -83,7 +83,9 @@ class _GradProp(torch.fx.Interpreter):
         self.grads = grads
         self.breaks = breaks
         self.corrected = corrected
-        self._call = without_grad_if_refused(lambda n, args, kwargs: getattr(self, n.op)(n.target, args, kwargs))
+
+    def _run_target(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return getattr(self, n.op)(n.target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         with self._set_current_node(n):
@@ -92,7 +94,7 @@ class _GradProp(torch.fx.Interpreter):
                 args, kwargs = tree_map(to_nchw, args), tree_map(to_nchw, kwargs)
             if n.name in self.corrected:  # a fake run's known meta-kernel error: follow eager both ways
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
-            out = self._call(n, args, kwargs)
+            out = without_grad_if_refused(self._run_target, n, args, kwargs)
             if n.name in self.corrected:
                 out = tree_map(to_channels_last, out)
         if n.op not in ("output", "get_attr"):

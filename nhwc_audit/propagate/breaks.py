@@ -31,23 +31,21 @@ Call = Callable[[torch.fx.Node, tuple[Any, ...], dict[str, Any]], Any]
 Inputs = list[tuple[NodeInput, torch.Tensor]]
 
 
-def without_grad_if_refused(call: Call) -> Call:
-    """``call`` (a train audit's, with autograd), run again without autograd where autograd alone
-    refuses it: an in-place write to a leaf that requires grad, made under ``torch.no_grad()`` in
-    the model's forward, a block fx does not trace. Not a break: the run goes on as the model's
-    does; the error stays when the node fails without autograd too."""
-
-    def run(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def without_grad_if_refused(call: Call, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``call(n, args, kwargs)`` (a train audit's, with autograd), run again without autograd
+    where autograd alone refuses it: an in-place write to a leaf that requires grad, made under
+    ``torch.no_grad()`` in the model's forward, a block fx does not trace. Not a break: the run
+    goes on as the model's does; the error stays when the node fails without autograd too. (A
+    call, not a wrapper an interpreter keeps: a wrapper of its own bound method is a reference
+    cycle, which holds the run's records until the cyclic collector comes.)"""
+    try:
+        return call(n, args, kwargs)
+    except Exception as e:
         try:
-            return call(n, args, kwargs)
-        except Exception as e:
-            try:
-                with torch.no_grad():
-                    return call(n, args, kwargs)
-            except Exception:
-                raise e from None
-
-    return run
+            with torch.no_grad():
+                return call(n, args, kwargs)
+        except Exception:
+            raise e from None
 
 
 def retry_nchw(

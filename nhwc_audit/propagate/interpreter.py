@@ -56,8 +56,7 @@ class LayoutProp(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
         self.corrections = corrections
         self.grads = grads
-        if grad:
-            self._call = without_grad_if_refused(self._call)  # type: ignore[method-assign,assignment]
+        self._retry_without_grad = grad
         self.extra_traceback = False
         self.record_hidden = record_hidden
         self.shared = shared
@@ -65,9 +64,8 @@ class LayoutProp(torch.fx.Interpreter):
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
-        self._blind_ok = False
-        """Leaf calls may run with the recorder off the dispatch stack (a CPU run without
-        autocast): those of :func:`recorder_blind` modules, which it could see nothing in."""
+        self._blind_ok = False  # leaf calls may run with the recorder off the dispatch stack (a
+        # CPU run without autocast): those of recorder_blind modules, which it could see nothing in
         self.records: list[NodeRecord] = []
         self._pending: list[Any] = []
         self._progress = progress
@@ -105,6 +103,10 @@ class LayoutProp(torch.fx.Interpreter):
         return self._step(n, map_arg(n.args, load), map_arg(n.kwargs, load))
 
     def _call(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        run = self._run_target
+        return without_grad_if_refused(run, n, args, kwargs) if self._retry_without_grad else run(n, args, kwargs)
+
+    def _run_target(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         op = n.op
         if op == "call_module":
             return self._callee[n](*args, **kwargs)  # looked up once per graph, not per call

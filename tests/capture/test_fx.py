@@ -110,6 +110,21 @@ class LazyShared(nn.Module):
         return self.dec(self.enc(x))
 
 
+class Calls(nn.Module):
+    """torch functions given proxies every way (keywords, lists, a list in a keyword, a named
+    tuple, a size, a dtype, a Python function with its own torch-function check): the tracer's
+    own tracer lookup, or torch's."""
+
+    def forward(self, x: torch.Tensor) -> Any:
+        a = torch.add(x, other=x, alpha=2)
+        b = torch.cat(tensors=[a, x], dim=1)
+        c = torch.stack(Pair(a, x))  # a named tuple: torch's own lookup
+        d = b.mul(2.0).to(dtype=torch.float64)
+        e = F.interpolate(x, scale_factor=2.0) + x.new_zeros(x.shape[0], 1, 1, 1)
+        f = torch.where(x > 0, x, torch.zeros_like(x))
+        return a, b, c, d, e, torch.einsum("nchw->nhwc", f)
+
+
 def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
     return [
         (
@@ -128,6 +143,7 @@ def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
     "build",
     [
         Odd,
+        Calls,
         Unpacks,
         AliasLater,
         LazyShared,
@@ -136,7 +152,7 @@ def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
         lambda: unet()[0],
         lambda: tvm.maxvit_t(),
     ],
-    ids=["odd", "unpacks", "alias_later", "lazy_shared", "resnet18", "densenet121", "unet", "maxvit_t"],
+    ids=["odd", "calls", "unpacks", "alias_later", "lazy_shared", "resnet18", "densenet121", "unet", "maxvit_t"],
 )
 def test_the_graph_is_torchs_own(build: Any) -> None:
     ours = trace(build().eval())  # (a trace stows tensor constants on the model: one each)
@@ -167,3 +183,25 @@ def test_a_trace_leaves_no_per_node_garbage_for_the_collector() -> None:
     trace(small), trace(large)  # warm: first-call caches are not the trace's garbage
     grown = cyclic_garbage(lambda: trace(large)) - cyclic_garbage(lambda: trace(small))
     assert grown < 20, f"190 more nodes left {grown} more objects in reference cycles"
+
+
+class _Functions(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.n):
+            x = torch.cat([torch.relu(x), x.sigmoid()], dim=1)[:, :2]
+        return x
+
+
+def test_torch_calls_on_proxies_leave_no_garbage_for_the_collector() -> None:
+    """torch's Proxy.__torch_function__ finds the tracer with pytree walks that each leave a
+    reference cycle behind (~7 objects per call of a torch function: 7,600 for a graph of 1,000
+    nodes, 26 ms of the collector's after an audit); the tracer's proxies walk their arguments
+    themselves."""
+    small, large = _Functions(5), _Functions(100)
+    trace(small), trace(large)
+    grown = cyclic_garbage(lambda: trace(large)) - cyclic_garbage(lambda: trace(small))
+    assert grown < 20, f"95 more blocks left {grown} more objects in reference cycles"

@@ -1,0 +1,103 @@
+"""The proxies of the fx capture's tracer (:mod:`.fx`): torch's, with two of its costs cut
+(unpacking read from each function's bytecode once per trace; the tracer of a torch call's
+arguments found without pytree's walks, which leave garbage for the cyclic collector)."""
+
+from __future__ import annotations
+
+import bisect
+import dis
+import sys
+from typing import Any, Protocol, cast
+
+import torch
+from torch import nn
+from torch.fx.proxy import Attribute, Proxy, TracerBase
+
+__all__ = ["Disassembling", "TracerAttribute", "TracerProxy", "Unpacking"]
+
+
+class Disassembling(Protocol):
+    """The tracer the proxies belong to: it disassembles each function once per trace."""
+
+    def instructions(self, code: Any) -> tuple[list[int], list[dis.Instruction]]: ...
+
+    def iter(self, obj: Any) -> Any: ...
+
+
+class Unpacking:
+    """fx's ``Proxy.__iter__`` reads the caller's bytecode to tell ``c, h, w = x.shape[1:]``
+    (unpacking: one ``getitem`` node per name) from a loop: it disassembles the caller's whole
+    function on every call, ~1 ms for a transformer block's forward. Here each function is
+    disassembled once per trace and the instruction looked up the same way. The proxies are
+    subclasses of torch's: code that tests ``type(x) is torch.fx.Proxy`` (no library in the
+    zoo does; ``isinstance`` is unaffected) sees another type."""
+
+    tracer: TracerBase
+
+    def __iter__(self) -> Any:
+        frame = sys._getframe(1)
+        tracer = cast(Disassembling, self.tracer)
+        offsets, insts = tracer.instructions(frame.f_code)
+        if sys.version_info >= (3, 11):
+            index = bisect.bisect_left(offsets, frame.f_lasti)
+        else:
+            index = frame.f_lasti // 2
+        inst = insts[index]
+        if inst.opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(inst.argval))  # type: ignore[index]
+        return tracer.iter(self)
+
+    def __getattr__(self, k: str) -> Attribute:
+        return TracerAttribute(self, k)  # type: ignore[arg-type]
+
+
+class TracerProxy(Unpacking, Proxy):
+    @classmethod
+    def __torch_function__(
+        cls, orig_method: Any, types: tuple[type, ...], args: Any = None, kwargs: Any = None
+    ) -> Proxy:
+        """torch's ``Proxy.__torch_function__``, which finds the tracer with two ``tree_map_``
+        walks: each leaves a reference cycle behind (pytree's recursive closure, ~7 objects a
+        call) for the cyclic collector. Arguments of tuples, lists, dicts and plain values are
+        walked here; anything else (a named tuple, a ScriptMethod, a higher-order op, proxies of
+        two tracers) goes to torch's own."""
+        args = args if args else ()
+        kwargs = kwargs if kwargs else {}
+        tracers: dict[Any, None] = {}
+        if (
+            isinstance(orig_method, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator))
+            or not _tracers_in(args, cls, tracers)
+            or not _tracers_in(kwargs, cls, tracers)
+            or len(tracers) != 1
+        ):
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        tracer = next(iter(tracers))
+        if torch.overrides.is_tensor_method_or_property(orig_method):
+            return tracer.create_proxy("call_method", orig_method.__name__, args, kwargs)  # type: ignore[no-any-return]
+        name = tracer.graph._target_to_str(orig_method.__name__)
+        return tracer.create_proxy("call_function", orig_method, args, kwargs, name=name)  # type: ignore[no-any-return]
+
+
+_NO_PROXY = frozenset(
+    {int, float, bool, complex, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.Size}
+    | {torch.memory_format, torch.layout}
+)
+"""Argument types that hold no proxy (pytree leaves, or ``torch.Size``: ints)."""
+
+
+def _tracers_in(value: Any, cls: type, found: dict[Any, None]) -> bool:
+    """Add the tracer of every ``cls`` proxy in ``value`` to ``found``; False when ``value``
+    holds a container other than a tuple, list or dict (pytree may walk into it)."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return all(_tracers_in(v, cls, found) for v in value)
+    if kind is dict:
+        return all(_tracers_in(v, cls, found) for v in value.values())
+    if isinstance(value, cls):
+        found[value.tracer] = None  # type: ignore[attr-defined]
+        return True
+    return kind in _NO_PROXY or isinstance(value, (Proxy, torch.Tensor, nn.Module)) or callable(value)
+
+
+class TracerAttribute(Unpacking, Attribute):
+    pass
