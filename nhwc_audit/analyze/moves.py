@@ -172,10 +172,10 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
 
 def writes_in_place(r: NodeRecord) -> bool:
     """An in-place op other than a copy (``add_``, ``mul_``: ``out += skip`` under torch.export
-    or eager capture): it reads its other operands in the written tensor's layout, so mixed
+    or eager capture; ``ReLU(inplace=True)``, as the run saw it write): it reads its other operands in the written tensor's layout, so mixed
     layouts move data as they do out of place. ``copy_`` is a copy (the hidden-copy rule)."""
     name = r.op_name
-    return name.endswith("_") and not name.endswith("__") and name != "copy_"
+    return r.in_place and name != "copy_" or name.endswith("_") and not name.endswith("__") and name != "copy_"
 
 
 _RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")

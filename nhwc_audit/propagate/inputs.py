@@ -10,8 +10,9 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from ..errors import PropagationError
+from ..records import NodeInput
 
-__all__ = ["operands", "positional_inputs"]
+__all__ = ["operands", "positional_inputs", "written"]
 
 
 def positional_inputs(
@@ -53,3 +54,9 @@ def operands(n: torch.fx.Node) -> list[torch.fx.Node]:
     out: list[torch.fx.Node] = []
     map_arg((n.args, n.kwargs), out.append)
     return out
+
+
+def written(inputs: list[tuple[NodeInput, torch.Tensor]], versions: list[int]) -> bool:
+    """Some input that is not a parameter has been written since its ``_version`` was
+    ``versions`` (its place in the list): a node that returns it ran in place."""
+    return any(t._version != v and not i.is_param for (i, t), v in zip(inputs, versions, strict=True))

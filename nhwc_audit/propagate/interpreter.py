@@ -25,7 +25,7 @@ from .backward import Grads, hook_gradients
 from .breaks import latent_error, retry_nchw, without_grad_if_refused
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of, recorder_blind
-from .inputs import operands, positional_inputs
+from .inputs import operands, positional_inputs, written
 from .runner import autograd
 from .skeleton import Skeleton
 
@@ -64,8 +64,7 @@ class LayoutProp(torch.fx.Interpreter):
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
-        self._blind_ok = False  # leaf calls may run with the recorder off the dispatch stack (a
-        # CPU run without autocast): those of recorder_blind modules, which it could see nothing in
+        self._blind_ok = False  # leaf calls of recorder_blind modules may run without the recorder
         self.records: list[NodeRecord] = []
         self._pending: list[Any] = []
         self._progress = progress
@@ -80,7 +79,7 @@ class LayoutProp(torch.fx.Interpreter):
         self._callee: dict[torch.fx.Node, torch.nn.Module] = {}
         for n in self._nodes:
             if n.op == "call_module":
-                sub = self._callee[n] = self._module(n.target)
+                sub = self._callee[n] = self._modules.get(str(n.target)) or self.fetch_attr(str(n.target))
                 own = {id(t): t for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None}
                 self._leaf_weights[n] = [
                     (NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t)
@@ -119,7 +118,7 @@ class LayoutProp(torch.fx.Interpreter):
         error: str | None = None
         hidden: list[HiddenCopy] = []
         sk = self.skeleton
-        versions = [t._version for _, t in inputs] if sk is not None else []
+        versions = [t._version for _, t in inputs]
         try:
             rec = self._recorder
             if rec is None:
@@ -164,7 +163,8 @@ class LayoutProp(torch.fx.Interpreter):
             else None
         )
         if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
-            self._record(n, inputs, result, error, tuple(hidden), latent)
+            wrote = error is None and written(inputs, versions)
+            self._record(n, inputs, result, error, tuple(hidden), latent, wrote)
         if self.grads is not None and n.op not in ("output", "get_attr"):
             hook_gradients(n.name, result, self.grads)
         if self._progress is not None:
@@ -215,10 +215,6 @@ class LayoutProp(torch.fx.Interpreter):
                 return env[n]
         return None
 
-    def _module(self, target: Any) -> Any:
-        mod = self._modules.get(str(target))
-        return mod if mod is not None else self.fetch_attr(str(target))
-
     def _record(
         self,
         n: torch.fx.Node,
@@ -227,6 +223,7 @@ class LayoutProp(torch.fx.Interpreter):
         error: str | None,
         hidden: tuple[HiddenCopy, ...] = (),
         latent: str | None = None,
+        wrote: bool = False,
     ) -> None:
         ctx = self._contexts[n]
         outputs: list[TensorMeta] = []
@@ -237,10 +234,12 @@ class LayoutProp(torch.fx.Interpreter):
                 outputs.append(tensor_meta(t))
                 if not aliases:
                     aliases = any(is_alias_of(t, i) for i in in_tensors)
-        self._pending.append((n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden))
+        self._pending.append(
+            (n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden, wrote)
+        )
 
     def _built(self) -> None:
-        for n, ctx, inputs, outputs, aliases, error, latent, hidden in self._pending:
+        for n, ctx, inputs, outputs, aliases, error, latent, hidden, wrote in self._pending:
             self.records.append(
                 NodeRecord(
                     index=self._index[n],
@@ -254,6 +253,7 @@ class LayoutProp(torch.fx.Interpreter):
                     inputs=inputs,
                     outputs=outputs,
                     aliases_input=aliases,
+                    in_place=aliases and wrote,
                     users=self._users[n],
                     detail=ctx.detail,
                     error=error,

@@ -108,6 +108,9 @@ class NodeRecord:
     """Some output shares storage with some input: the op moved no data (a view, in-place op)."""
     users: tuple[str, ...]
     """Names of the nodes that consume this node's output, in graph order."""
+    in_place: bool = False
+    """The op wrote its output into an input it returns (``ReLU(inplace=True)``, ``relu_``): an op
+    of its own, with a gradient of its own, where a view (an Identity) only names its input."""
     detail: str = ""
     """The op's mode where it has one (pad 'circular', interpolate 'bilinear')."""
     error: str | None = None

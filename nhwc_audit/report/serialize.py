@@ -68,6 +68,7 @@ def _node(r: NodeRecord) -> dict[str, Any]:
         "dtype": r.outputs[0].dtype if r.outputs else None,
         "bytes": r.output_bytes,
         "aliases_input": r.aliases_input,
+        "in_place": r.in_place,
         "users": list(r.users),
         "error": r.error,
         "latent_error": r.latent_error,
