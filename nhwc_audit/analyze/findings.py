@@ -183,6 +183,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST and i.producer not in ctx.free]
+    cl_in = [i for i in cl_in if not moves.converted_weight(r, i, ctx.by_name)]
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in

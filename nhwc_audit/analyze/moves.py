@@ -21,6 +21,7 @@ __all__ = [
     "baselined",
     "channels_source",
     "computed_weight",
+    "converted_weight",
     "data_inputs",
     "exits_spatial",
     "other_side",
@@ -92,6 +93,16 @@ def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, 
         if producer is not None and from_parameters_only(producer, by_name):
             return i
     return None
+
+
+def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
+    """For a convolution: ``i`` is computed in forward from parameters only and channels_last, as
+    the conversion lays weights out (autocast's cast of the weight, recorded by the eager
+    capture as an op of its own): a weight, not an activation that disagrees with another."""
+    if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.CHANNELS_LAST:
+        return False
+    producer = by_name.get(i.producer or "")
+    return producer is not None and from_parameters_only(producer, by_name)
 
 
 def data_inputs(r: NodeRecord) -> tuple[NodeInput, ...]:

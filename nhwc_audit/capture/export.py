@@ -32,4 +32,21 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {msg}") from e
     assert isinstance(gm, torch.fx.GraphModule)
+    _drop_dtype_asserts(gm)
     return Capture(root=gm, graph=gm.graph, method="export")
+
+
+def _drop_dtype_asserts(gm: torch.fx.GraphModule) -> None:
+    """Remove the graph's ``_assert_tensor_metadata`` nodes (``x.float()`` asserts that ``x`` was
+    float32): facts of the export's run, which hold on the sample by construction, except under
+    autocast, where the audit runs the graph as the model runs (a convolution's output in
+    bfloat16) and they would fail."""
+    asserts = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users
+    ]
+    for n in asserts:
+        gm.graph.erase_node(n)
+    if asserts:
+        gm.recompile()
