@@ -24,7 +24,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.export import export
 from ..capture.fx import Capture, GraphMethod, graph_attributes, put_back, trace
 from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..prepare.fake import fake_plain
@@ -35,6 +34,7 @@ from .captured import Captured, CheckKind
 from .compare import first_difference
 from .corrections import Corrections
 from .eager import record_eager
+from .exported import exported
 from .inputs import positional_inputs
 from .interpreter import ProgressFn, propagate
 from .replay import replay
@@ -124,7 +124,7 @@ class _Chain:
         torch.export comes before it."""
         steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
             ("fx", lambda: trace(self.model)),
-            ("export", lambda: export(self.model, self.args, self.kwargs)),
+            ("export", lambda: exported(self.model, self.args, self.kwargs, self.runner.device_type, self.notes)),
         ]
         for name, capture in steps:
             if self.method == name or (self.method == "auto" and (name == "fx" or self.need_graph)):

@@ -24,6 +24,7 @@ __all__ = [
     "VIEW_STRIDES",
     "Corrections",
     "Divergence",
+    "eager_cpu_strides",
     "known_divergence",
 ]
 
@@ -181,7 +182,7 @@ class _PointwiseStrides(RecordingMode):
         if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
             return out  # in place, or a view: strided by its input
         conv = func.overloadpacket.__name__ in CONV_OPS  # strided as FakeTensor strides them, and costly
-        strides = _eager_cpu_strides(func, args, kwargs, first) if self.cpu and not conv else None
+        strides = eager_cpu_strides(func, args, kwargs, first) if self.cpu and not conv else None
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _row_major_strides(first.shape)
         if strides is None or strides == tuple(first.stride()):
@@ -191,7 +192,7 @@ class _PointwiseStrides(RecordingMode):
         return fixed if first is out else type(out)([fixed, *out[1:]])
 
 
-def _eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
+def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
     """The strides the CPU kernel gives ``func``'s first output, on zeros of the arguments'
     shapes, strides and dtypes; None when the arguments are large or the kernel raises."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]

@@ -202,7 +202,7 @@ def test_a_rejected_captures_autograd_run_does_not_outlive_the_rejection(monkeyp
             super().__init__(out, grads)
             outs.append(weakref.ref(iter_tensors(out)[0]))
 
-    real_export = chain.export
+    real_export = chain.exported
 
     def export(*args: Any, **kwargs: Any) -> Any:
         alive_at_export.extend(ref() is not None for ref in outs)
@@ -215,7 +215,7 @@ def test_a_rejected_captures_autograd_run_does_not_outlive_the_rejection(monkeyp
             return real_forward(dataclasses.replace(self, grad=False), *args)
 
     monkeypatch.setattr(chain, "GradRun", Spy)
-    monkeypatch.setattr(chain, "export", export)
+    monkeypatch.setattr(chain, "exported", export)
     monkeypatch.setattr(chain.Runner, "forward", forward_without_autograd)
     torch.manual_seed(0)
     model = Encoder().eval()

@@ -1,0 +1,73 @@
+"""torch.export's capture traced as eager lays tensors out (:class:`EagerLayouts`): export runs
+the model on fake tensors and writes into its graph only the copies those need."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from ..capture.export import export
+from ..capture.fx import Capture
+from ..errors import TraceError, first_line
+from ..layout import tensor_meta
+from ..records import Layout
+from .corrections import eager_cpu_strides
+from .dispatch import RecordingMode
+
+__all__ = ["EagerLayouts", "exported"]
+
+
+class EagerLayouts(RecordingMode):
+    """For torch.export's trace, which runs the model on fake tensors: an op's 4D/5D output that
+    the fake kernel makes row-major from a channels_last input gets the strides the CPU kernel
+    gives it (asked on zeros: :func:`eager_cpu_strides`, small arguments only). Export writes a
+    ``.contiguous()`` into its graph only where the fake tensor is not contiguous already: a
+    channels_last Conv3d's output at batch 2, NCDHW in export's trace and channels_last_3d in
+    eager, lost the copy eager makes after it (and so did GroupNorm's, ``torch.roll``'s). Export
+    turns oneDNN off while it traces (the CPU convolutions then pick NCDHW too): the kernels are
+    asked with the settings the model runs with, as they were when the mode was made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mkldnn = torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(first, torch.Tensor) or first.dim() not in (4, 5) or not first.is_contiguous():
+            return out
+        if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
+            return out  # in place, or a view: strided by its input
+        rank = first.dim()
+        if not any(
+            isinstance(t, torch.Tensor) and t.dim() == rank and tensor_meta(t).layout is Layout.CHANNELS_LAST
+            for t in tree_leaves((args, kwargs))
+        ):
+            return out
+        with torch.backends.mkldnn.flags(enabled=self.mkldnn):
+            strides = eager_cpu_strides(func, args, kwargs, first)
+        if strides is None or strides == tuple(first.stride()):
+            return out
+        fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
+        return fixed if first is out else type(out)([fixed, *out[1:]])
+
+
+def exported(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], device: str, notes: list[str]) -> Capture:
+    """torch.export's capture, traced under :class:`EagerLayouts` on the CPU. Where that trace
+    raises (a view that eager cannot make either: a break), the trace on the fake tensors' own
+    layouts, with a note in ``notes``."""
+    if device != "cpu":
+        return export(model, args, kwargs)
+    try:
+        with EagerLayouts():
+            return export(model, args, kwargs)
+    except TraceError as e:
+        cap = export(model, args, kwargs)
+        notes.append(
+            f"export: traced on fake tensors' layouts, as eager's made the trace raise ({first_line(e)}): a copy "
+            "torch.export writes only where the fake tensor needs it (.contiguous(), a reshape) may be missing"
+        )
+        return cap

@@ -1,0 +1,87 @@
+"""torch.export runs the model on fake tensors and writes a ``.contiguous()`` (or a reshape's
+copy) into its graph only where its fake tensor is not contiguous already. Its fake layouts are
+not eager's: it turns oneDNN off while it traces, and then a channels_last Conv3d at batch 2 gives
+NCDHW; GroupNorm's and roll's meta kernels give NCHW where the CPU kernels keep channels_last. The
+copy eager makes after them was missing from the graph, and with it the revert (every train
+audit of a model fx cannot trace runs the export capture)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit, convert
+
+
+class ThenContiguous(nn.Module):
+    def __init__(self, rank: int, op: str) -> None:
+        super().__init__()
+        conv = nn.Conv3d if rank == 5 else nn.Conv2d
+        self.a, self.b = conv(8, 8, 3, padding=1), conv(8, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.op == "groupnorm":
+            y = self.norm(y)
+        elif self.op == "roll":
+            y = torch.roll(y, 1, dims=2)
+        return self.b(y.contiguous() + y)
+
+
+def _eager(model: nn.Module, x: torch.Tensor, rank: int) -> torch.Tensor:
+    fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
+    cl = convert(model)
+    with torch.no_grad():
+        y = cl.a(x.contiguous(memory_format=fmt))
+        y = cl.norm(y) if model.op == "groupnorm" else torch.roll(y, 1, dims=2) if model.op == "roll" else y
+    return y
+
+
+CASES: list[tuple[int, str]] = [(5, "conv"), (4, "groupnorm"), (4, "roll"), (5, "groupnorm")]
+
+
+@pytest.mark.parametrize(("rank", "op"), CASES, ids=[f"{r}d-{op}" for r, op in CASES])
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
+def test_an_export_keeps_the_copies_eager_makes(rank: int, op: str, train: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *([6] * (rank - 2)))
+    model = ThenContiguous(rank, op).train(train)
+    fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
+    y = _eager(model, x, rank)
+    assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()  # eager: .contiguous() copies
+    kinds: Callable[[str], list[str]] = lambda capture: sorted(  # noqa: E731
+        f.kind.value
+        for f in audit(model, x, capture=capture, train=train, bandwidth=1e9).findings
+        if f.kind.value != "backward"
+    )
+    assert kinds("export") == kinds("fx") == ["conversion", "mixed", "revert"]
+
+
+class ViewAfterConv(nn.Module):
+    """A view that breaks on channels_last_3d, after a shape branch fx cannot trace: export's own
+    fake layouts (NCDHW out of the Conv3d) let it through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.shape[1] == 8:
+            y = y * 2
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_a_break_is_still_exported_for_its_backward() -> None:
+    """Traced with eager's layouts, the view raises in the export itself (as it does in eager):
+    the trace on fake layouts is kept, with a note, so a train audit still runs its backward."""
+    r = audit(ViewAfterConv().train(), torch.randn(2, 3, 4, 4, 4), train=True, bandwidth=1e9)
+    assert r.meta.capture == "export" and r.meta.backward, r.meta.capture_notes
+    assert [f.kind.value for f in r.findings if f.kind.value == "break"] == ["break"]
+    assert any(n.startswith("export: traced on fake tensors' layouts") for n in r.meta.capture_notes)
