@@ -11,8 +11,7 @@ from torch.utils._pytree import tree_leaves
 from ..capture.export import export
 from ..capture.fx import Capture
 from ..errors import TraceError, first_line
-from ..layout import tensor_meta
-from ..records import Layout
+from ..layout import strides_like_channels_last
 from .corrections import eager_cpu_strides
 from .dispatch import RecordingMode
 
@@ -21,7 +20,7 @@ __all__ = ["EagerLayouts", "exported"]
 
 class EagerLayouts(RecordingMode):
     """For torch.export's trace, which runs the model on fake tensors: an op's 4D/5D output that
-    the fake kernel makes row-major from a channels_last input gets the strides the CPU kernel
+    the fake kernel makes row-major from an input strided channels_last gets the strides the CPU kernel
     gives it (asked on zeros: :func:`eager_cpu_strides`, small arguments only). Export writes a
     ``.contiguous()`` into its graph only where the fake tensor is not contiguous already: a
     channels_last Conv3d's output at batch 2, NCDHW in export's trace and channels_last_3d in
@@ -43,10 +42,10 @@ class EagerLayouts(RecordingMode):
             return out  # in place, or a view: strided by its input
         rank = first.dim()
         if not any(
-            isinstance(t, torch.Tensor) and t.dim() == rank and tensor_meta(t).layout is Layout.CHANNELS_LAST
+            isinstance(t, torch.Tensor) and t.dim() == rank and strides_like_channels_last(t.shape, t.stride())
             for t in tree_leaves((args, kwargs))
         ):
-            return out
+            return out  # (a kernel picks channels_last by its inputs' suggest_memory_format(): C == 1 too)
         with torch.backends.mkldnn.flags(enabled=self.mkldnn):
             strides = eager_cpu_strides(func, args, kwargs, first)
         if strides is None or strides == tuple(first.stride()):

@@ -74,3 +74,29 @@ def test_unetr_projections_are_charged_where_nchw_does_not_copy() -> None:
     ]
     nbytes = 96 * 2 * 2 * 2 * 4 * 2  # read and written
     assert charged == [0 if copied else nbytes for copied in copies]
+
+
+def test_unetr_export_keeps_the_projections_copies() -> None:
+    """torch.export traced UNETR's patch embedding (a Conv3d of a C == 1 volume) NCDHW, where eager
+    gives channels_last_3d, and so wrote only one of ``proj_feat``'s four ``.contiguous()`` into its
+    graph: three reverts were blamed on the ConvTranspose3d after them. A train audit of a model fx
+    cannot trace runs this capture."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    model = nets.UNETR(
+        in_channels=1,
+        out_channels=2,
+        img_size=32,
+        spatial_dims=3,
+        feature_size=8,
+        hidden_size=96,
+        mlp_dim=192,
+        num_heads=4,
+    ).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    found = {
+        capture: sorted((f.kind.value, f.op, f.bytes) for f in audit(model, x, capture=capture, bandwidth=1e9).findings)
+        for capture in ("export", "hooks")
+    }
+    assert found["export"] == found["hooks"]
+    assert [nbytes for _, op, nbytes in found["export"] if op == "contiguous"] == [0, 6144, 6144, 6144]
