@@ -18,7 +18,7 @@ from torch import nn
 from ..records import SourceLoc
 from .source import source_from_stack
 
-__all__ = ["SOURCE_KEY", "NodeContext", "aten_detail", "node_context", "node_contexts"]
+__all__ = ["SOURCE_KEY", "NodeContext", "aten_detail", "first_names", "node_context", "node_contexts"]
 
 SOURCE_KEY = "nhwc_audit_source"
 """``node.meta`` key where the fx tracer keeps the user's source line of a node."""
@@ -93,6 +93,28 @@ def _module_path(path: str) -> str:
     'model.11'
     """
     return _SLICE.sub("", path).lstrip(".") if "slice(" in path else path
+
+
+def first_names(graph: torch.fx.Graph, model: nn.Module) -> None:
+    """Rename the modules of ``graph``'s ``nn_module_stack`` (torch.export's: each module by the
+    path forward reached it through) by their first name in ``model.named_modules()``, as the fx
+    tracer and the eager capture name them: a module registered twice (MONAI DynUNet's
+    ``input_block``, also ``skip_layers.downsample``) got another name, so another finding key."""
+    first: dict[int, str] = {}
+    for name, m in model.named_modules():
+        first.setdefault(id(m), name)
+    renamed: dict[str, str] = {}
+    for n in graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        for key, (path, mtype) in list(stack.items()):
+            if path not in renamed:
+                try:
+                    renamed[path] = first.get(id(model.get_submodule(_module_path(str(path)))), path)
+                except AttributeError:  # a path no module is at (a slice export names oddly)
+                    renamed[path] = path
+            stack[key] = (renamed[path], mtype)
 
 
 def _qualified_name(target: Any, names: dict[Any, str] | None = None) -> str:

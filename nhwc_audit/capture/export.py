@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import TraceError
+from .context import first_names
 from .fx import Capture
 
 __all__ = ["export"]
@@ -33,6 +34,7 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {msg}") from e
     assert isinstance(gm, torch.fx.GraphModule)
     _drop_dtype_asserts(gm)
+    first_names(gm.graph, model)
     return Capture(root=gm, graph=gm.graph, method="export")
 
 

@@ -196,12 +196,13 @@ class _Chain:
                 )
         except PropagationError as e:
             self._raise_if_eager_fails(e)
-            if forced:
-                raise
             cause = first_line(e.__cause__) if e.__cause__ is not None else str(e)
-            self.notes.append(
+            wrong = (
                 f"{name}: the captured graph is wrong: it raises {cause} at node {e.node!r} where the eager model runs"
             )
+            if forced:  # not the model's error: the graph's (a branch of forward traced the other way)
+                raise TraceError(f"{wrong}; audit with capture 'auto' or 'hooks', which record what eager runs") from e
+            self.notes.append(wrong)
             return None
         corrected = self._noted(corrections)
         ran = GradRun(out, grads) if grads is not None else None

@@ -103,3 +103,30 @@ def test_fake_tensors_own_limit_is_not_blamed_on_the_inputs(
     assert "fake" in str(e.value) and "--mode real" in str(e.value)
     assert "check the input shapes" not in str(e.value)
     assert audit_fixed(NeedsValues(), sample(1, 3, 8, 8)).summary.findings == 0
+
+
+class TracedOtherwise(nn.Module):
+    """Forward takes another branch while torch.fx traces it (``is_fx_tracing()``, as
+    ``torch.jit.isinstance`` or a Python value can): the graph raises where eager runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            return y.reshape(1, -1, 3)
+        return y
+
+
+def test_a_forced_graph_that_raises_where_eager_runs_is_the_graphs_error() -> None:
+    """Not 'the model's own error at the audited shapes' (eager runs them): the capture's, with the
+    captures that record what eager runs named."""
+    from nhwc_audit import TraceError, audit
+
+    model, x = TracedOtherwise().eval(), torch.randn(1, 3, 5, 5)
+    model(x)  # eager runs
+    with pytest.raises(TraceError, match="captured graph is wrong.*where the eager model runs.*'hooks'"):
+        audit(model, x, capture="fx", bandwidth=1e9)
+    assert audit(model, x, bandwidth=1e9).meta.capture == "hooks"  # auto: the chain goes on
