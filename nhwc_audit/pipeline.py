@@ -27,8 +27,9 @@ from .collector import collector_paused
 from .errors import SharedWeightWrite, ValueDependentShapes
 from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
-from .prepare.copy import conversion_note, model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
+from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
+from .prepare.notes import conversion_note, one_channel_note
 from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.baseline import fake_pays, match_nodes, nchw_records
 from .propagate.captured import value_dependent
@@ -240,12 +241,12 @@ def _audit_one(
     if captured.capture is not None:
         captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph
     ranks = {t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}
-    note = conversion_note(module, max(ranks, default=None))
+    notes = (conversion_note(module, max(ranks, default=None)), one_channel_note(args, kwargs))
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=((note,) if note else ()) + captured.notes + grad_notes + baseline_notes,
+        capture_notes=tuple(n for n in notes if n) + captured.notes + grad_notes + baseline_notes,
         mode=o.mode,
         device=str(o.device),
         dtype=dtype,

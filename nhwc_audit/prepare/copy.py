@@ -27,7 +27,6 @@ __all__ = [
     "AuditCopy",
     "audit_param",
     "convert",
-    "conversion_note",
     "first_float_dtype",
     "memory_format_for_rank",
     "plain_tensors",
@@ -100,33 +99,6 @@ def own_dtype_name(model: nn.Module) -> str:
     """The name of the dtype ``model`` runs in (``"float32"``): its first floating-point
     parameter's, float32 without one."""
     return str(first_float_dtype(model) or torch.float32).removeprefix("torch.")
-
-
-def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
-    """What to tell the user when ``model.to(memory_format=...)``, in the format of its input's
-    rank (channels_last for 4D, channels_last_3d for 5D; either, without such an input), raises:
-    it holds parameters or buffers of the other rank (timm's LambdaLayer: a Conv3d in a 2D
-    network). The audit converts each by its rank, as :func:`convert` does; None when the call
-    works."""
-    # the ranks first, from the modules' own tables (the names only for a note: most models need none)
-    ranks = {
-        t.dim()
-        for m in model.modules()
-        for table in (m._parameters, m._buffers)
-        for t in table.values()
-        if t is not None
-    }
-    other = 4 if input_rank == 5 else 5
-    if other not in ranks or (input_rank not in (4, 5) and 9 - other not in ranks):
-        return None  # the call for the input's rank converts every tensor (without one: either call)
-    fmt = "channels_last_3d" if input_rank == 5 else "channels_last"
-    held = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.dim() == other]
-    names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-    return (
-        f"model.to(memory_format=torch.{fmt}) raises on this model: it holds {other}D parameters or "
-        f"buffers ({names}); the audit converts each tensor by its rank (4D to channels_last, 5D to "
-        "channels_last_3d), as nhwc_audit.convert(model) does: convert the model that way"
-    )
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import nhwc_audit
-from nhwc_audit.prepare.copy import conversion_note
+from nhwc_audit.prepare.notes import conversion_note
 
 
 class Conv3dInside(nn.Module):
@@ -63,3 +63,27 @@ def test_a_2d_input_into_a_model_of_5d_weights_only_gets_the_note() -> None:
     assert note is not None and "5D parameters or buffers (0.weight, 0.bias)" not in note
     assert "5D parameters or buffers (0.weight)" in note
     assert conversion_note(model, 5) is None and conversion_note(model, None) is None
+
+
+@pytest.mark.parametrize("rank", [4, 5])
+def test_a_one_channel_input_gets_a_note_on_converting_it(rank: int) -> None:
+    """Eager: ``x.to(memory_format=...)`` of a one-channel input strides the channel 1, where
+    ``x.contiguous(memory_format=...)`` leaves it row-major; a 1x1 convolution then computes
+    channels_last from the first and NCHW from the second. The audit converts as ``.to()``
+    does, and says so."""
+    from nhwc_audit import audit
+
+    fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
+    conv = (nn.Conv3d if rank == 5 else nn.Conv2d)(1, 4, 1).to(memory_format=fmt)
+    x = torch.randn(1, 1, *([6] * (rank - 2)))
+    assert x.to(memory_format=fmt).stride()[1] == 1 and x.contiguous(memory_format=fmt).is_contiguous()
+    if rank == 4:  # (a CPU Conv3d of a volume this small picks NCDHW either way)
+        with torch.no_grad():
+            assert conv(x.to(memory_format=fmt)).is_contiguous(memory_format=fmt)
+            assert conv(x.contiguous(memory_format=fmt)).is_contiguous()
+    notes = audit(conv, x, bandwidth=1e9).meta.capture_notes
+    assert any("has one channel" in n and f"x.to(memory_format=torch.{str(fmt)[6:]})" in n for n in notes), notes
+    three = torch.randn(1, 3, *([6] * (rank - 2)))
+    assert not any(
+        "one channel" in n for n in audit(nn.Conv2d(3, 4, 1), three[..., 0] if rank == 5 else three).meta.capture_notes
+    )
