@@ -246,7 +246,7 @@ def _audit_one(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,
         capture=captured.method,
-        capture_notes=tuple(n for n in notes if n) + captured.notes + grad_notes + baseline_notes,
+        capture_notes=captured.notes + tuple(n for n in notes if n) + grad_notes + baseline_notes,
         mode=o.mode,
         device=str(o.device),
         dtype=dtype,
