@@ -274,3 +274,18 @@ def test_an_audit_leaves_no_per_node_garbage_for_the_collector(train: bool) -> N
     grown = sum(big.values()) - sum(few.values())
     assert grown < 20, f"57 more blocks left {grown} more objects in reference cycles: {big.most_common(8)}"
     assert not {"Conv2d", "NodeRecord", "LayoutProp", "Parameter"} & set(big)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"capture": "fx", "verify": False}, {"capture": "export"}, {"capture": "hooks"}, {"mode": "fake"}],
+    ids=["auto", "fx-unverified", "export", "hooks", "fake"],
+)
+def test_an_audit_runs_inside_inference_mode(options: dict[str, Any]) -> None:
+    """Inference tensors keep no version counter (reading ``_version`` raises): the eager model
+    runs inside ``torch.inference_mode()``, so the audit does too."""
+    model, x = _blocks(2), torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        r = audit(_blocks(2), x, bandwidth=BANDWIDTH, **options)
+    assert r.nodes and r.summary.breaks == 0

@@ -96,10 +96,12 @@ def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, 
 
 
 def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
-    """For a convolution: ``i`` is computed in forward from parameters only and channels_last, as
-    the conversion lays weights out (autocast's cast of the weight, recorded by the eager
+    """For a convolution: ``i``, its weight (the operand after the input), is computed in forward
+    from parameters only and channels_last, as the conversion lays weights out (autocast's cast of the weight, recorded by the eager
     capture as an op of its own): a weight, not an activation that disagrees with another."""
     if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.CHANNELS_LAST:
+        return False
+    if len(r.inputs) < 2 or r.inputs[1] is not i:  # the weight, after the input (a constant map is data)
         return False
     producer = by_name.get(i.producer or "")
     return producer is not None and from_parameters_only(producer, by_name)

@@ -95,6 +95,22 @@ def _module_path(path: str) -> str:
     return _SLICE.sub("", path).lstrip(".") if "slice(" in path else path
 
 
+_SLICE_PART = re.compile(r"^slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)$")
+
+
+def _resolved(model: nn.Module, path: str) -> Any:
+    """The module at torch.export's ``path``, its slices applied (``blocks.slice(1, None, None).0``
+    is ``model.blocks[1:][0]``: a sliced ModuleList numbers its children from 0 again)."""
+    m: Any = model
+    for part in path.split(".") if path else ():
+        sliced = _SLICE_PART.match(part)
+        if sliced:
+            m = m[slice(*(None if g == "None" else int(g) for g in sliced.groups()))]
+        else:
+            m = m._modules[part]
+    return m
+
+
 def first_names(graph: torch.fx.Graph, model: nn.Module) -> None:
     """Rename the modules of ``graph``'s ``nn_module_stack`` (torch.export's: each module by the
     path forward reached it through) by their first name in ``model.named_modules()``, as the fx
@@ -111,8 +127,8 @@ def first_names(graph: torch.fx.Graph, model: nn.Module) -> None:
         for key, (path, mtype) in list(stack.items()):
             if path not in renamed:
                 try:
-                    renamed[path] = first.get(id(model.get_submodule(_module_path(str(path)))), path)
-                except AttributeError:  # a path no module is at (a slice export names oddly)
+                    renamed[path] = first.get(id(_resolved(model, str(path))), path)
+                except (AttributeError, IndexError, KeyError, TypeError):  # no module there
                     renamed[path] = path
             stack[key] = (renamed[path], mtype)
 

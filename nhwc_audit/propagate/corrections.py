@@ -154,7 +154,7 @@ POINTWISE_STRIDES = (
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
 _PROBE_NUMEL = 1 << 22
-"""Elements of all of an op's tensor arguments together up to which a fake run on the CPU asks
+"""Elements of all of an op's tensor arguments and its output together up to which a fake run on the CPU asks
 the CPU kernel itself for the strides of an N x C x 1 x 1 output (a BatchNorm of 64 x 2048
 pooled features is 131,072); above it, or where the kernel raises, the pointwise rule."""
 
@@ -194,9 +194,10 @@ class _PointwiseStrides(RecordingMode):
 
 def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
     """The strides the CPU kernel gives ``func``'s first output, on zeros of the arguments'
-    shapes, strides and dtypes; None when the arguments are large or the kernel raises."""
+    shapes, strides and dtypes; None when the arguments and the output are large or the kernel
+    raises."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    if sum(t.numel() for t in tensors) > _PROBE_NUMEL or any(t.device.type != "cpu" for t in tensors):
+    if sum(t.numel() for t in tensors) + first.numel() > _PROBE_NUMEL or any(t.device.type != "cpu" for t in tensors):
         return None
 
     def real(v: Any) -> Any:

@@ -31,6 +31,9 @@ class EagerLayouts(RecordingMode):
     def __init__(self) -> None:
         super().__init__()
         self.mkldnn = torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+        self.asked: dict[tuple[Any, ...], tuple[int, ...] | None] = {}
+        """The kernels' answers by op and arguments (shapes, strides, dtypes; other values as
+        written): a network's blocks repeat them, and a Conv3d's answer costs a real Conv3d."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -46,12 +49,21 @@ class EagerLayouts(RecordingMode):
             for t in tree_leaves((args, kwargs))
         ):
             return out  # (a kernel picks channels_last by its inputs' suggest_memory_format(): C == 1 too)
-        with torch.backends.mkldnn.flags(enabled=self.mkldnn):
-            strides = eager_cpu_strides(func, args, kwargs, first)
+        key = (func, *(_described(v) for v in tree_leaves((args, kwargs))))
+        if key not in self.asked:
+            with torch.backends.mkldnn.flags(enabled=self.mkldnn):
+                self.asked[key] = eager_cpu_strides(func, args, kwargs, first)
+        strides = self.asked[key]
         if strides is None or strides == tuple(first.stride()):
             return out
         fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
         return fixed if first is out else type(out)([fixed, *out[1:]])
+
+
+def _described(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return (tuple(v.shape), tuple(v.stride()), v.dtype)
+    return repr(v)
 
 
 def exported(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], device: str, notes: list[str]) -> Capture:

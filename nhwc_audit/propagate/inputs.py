@@ -12,7 +12,7 @@ from torch.fx.node import map_arg
 from ..errors import PropagationError
 from ..records import NodeInput
 
-__all__ = ["operands", "positional_inputs", "written"]
+__all__ = ["operands", "positional_inputs", "versions_of", "written"]
 
 
 def positional_inputs(
@@ -56,7 +56,18 @@ def operands(n: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+def versions_of(inputs: list[tuple[NodeInput, torch.Tensor]]) -> list[int]:
+    """Each input's ``_version``; none when one is an inference tensor (``torch.inference_mode``),
+    which keeps no version counter."""
+    try:
+        return [t._version for _, t in inputs]
+    except RuntimeError:
+        return []
+
+
 def written(inputs: list[tuple[NodeInput, torch.Tensor]], versions: list[int]) -> bool:
     """Some input that is not a parameter has been written since its ``_version`` was
-    ``versions`` (its place in the list): a node that returns it ran in place."""
-    return any(t._version != v and not i.is_param for (i, t), v in zip(inputs, versions, strict=True))
+    ``versions`` (:func:`versions_of`, empty when unknown): a node that returns it ran in place."""
+    return bool(versions) and any(
+        t._version != v and not i.is_param for (i, t), v in zip(inputs, versions, strict=True)
+    )

@@ -25,7 +25,7 @@ from .backward import Grads, hook_gradients
 from .breaks import latent_error, retry_nchw, without_grad_if_refused
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of, recorder_blind
-from .inputs import operands, positional_inputs, written
+from .inputs import operands, positional_inputs, versions_of, written
 from .runner import autograd
 from .skeleton import Skeleton
 
@@ -118,7 +118,7 @@ class LayoutProp(torch.fx.Interpreter):
         error: str | None = None
         hidden: list[HiddenCopy] = []
         sk = self.skeleton
-        versions = [t._version for _, t in inputs]
+        versions = versions_of(inputs)
         try:
             rec = self._recorder
             if rec is None:

@@ -85,3 +85,16 @@ def test_a_break_is_still_exported_for_its_backward() -> None:
     assert r.meta.capture == "export" and r.meta.backward, r.meta.capture_notes
     assert [f.kind.value for f in r.findings if f.kind.value == "break"] == ["break"]
     assert any(n.startswith("export: traced on fake tensors' layouts") for n in r.meta.capture_notes)
+
+
+def test_the_kernels_are_asked_only_about_small_ops() -> None:
+    """An op is run for real on zeros only when its arguments and its output are small (a stem
+    convolution of a video clip reads 2.4 M elements and writes 12.8 M)."""
+    from nhwc_audit.propagate.corrections import eager_cpu_strides
+
+    op = torch.ops.aten.upsample_nearest2d.vec
+    small = torch.zeros(1, 2, 8, 8).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(1, 2, 16, 16)
+    assert eager_cpu_strides(op, (small, [16, 16], None), {}, out) == (512, 1, 32, 2)
+    big = torch.empty(1, 2, 2048, 2048)  # 8.4 M elements out of 128 in
+    assert eager_cpu_strides(op, (small, [2048, 2048], None), {}, big) is None

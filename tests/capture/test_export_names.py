@@ -40,3 +40,48 @@ def test_a_shared_module_has_one_name_in_every_capture() -> None:
         for capture in ("fx", "export", "hooks")
     }
     assert paths["export"] == paths["fx"] == paths["hooks"] == [("conversion", "out"), ("revert", "block.1")]
+
+
+class Rev(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous() * 1.0  # back to NCHW
+
+
+class Blk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.rev = Rev()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rev(self.conv(x))
+
+
+class Sliced(nn.Module):
+    """Blocks run through a slice of a ModuleList (torch.export names them
+    ``blocks.slice(1, None, None).0``: the sliced list numbers from 0 again), one of them shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        shared = Blk()
+        self.first = shared
+        self.blocks = nn.ModuleList([Blk(), shared, Blk()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in self.blocks[1:]:
+            x = b(x)
+        return x
+
+
+def test_a_module_reached_through_a_slice_has_its_own_name() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    paths = {
+        capture: sorted(
+            {(f.kind.value, f.module_path) for f in audit(Sliced(), x, capture=capture, bandwidth=1e9).findings}
+        )
+        for capture in ("fx", "export", "hooks")
+    }
+    assert paths["export"] == paths["fx"] == paths["hooks"]
+    assert paths["fx"] == [("conversion", "blocks.2.conv"), ("revert", "blocks.2.rev"), ("revert", "first.rev")]
