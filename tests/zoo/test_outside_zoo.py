@@ -40,7 +40,8 @@ def test_swin_v2_findings_are_the_same_in_a_graph_and_the_eager_capture() -> Non
     assert Counter(k for k, _, _ in found["fx"].elements()) == {"revert": 12, "latent_break": 12}
 
 
-def test_unetr_projections_are_charged_where_nchw_does_not_copy() -> None:
+def _unetr() -> tuple[torch.nn.Module, torch.Tensor]:
+    """monai's UNETR, small, and a 32^3 one-channel volume."""
     nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
     model = nets.UNETR(
@@ -52,8 +53,12 @@ def test_unetr_projections_are_charged_where_nchw_does_not_copy() -> None:
         hidden_size=96,
         mlp_dim=192,
         num_heads=4,
-    ).eval()
-    x = torch.randn(1, 1, 32, 32, 32)
+    )
+    return model.eval(), torch.randn(1, 1, 32, 32, 32)
+
+
+def test_unetr_projections_are_charged_where_nchw_does_not_copy() -> None:
+    model, x = _unetr()
     copies: list[bool] = []  # eager, as built: does each proj_feat call's .contiguous() copy?
     proj = model.proj_feat
 
@@ -81,19 +86,7 @@ def test_unetr_export_keeps_the_projections_copies() -> None:
     gives channels_last_3d, and so wrote only one of ``proj_feat``'s four ``.contiguous()`` into its
     graph: three reverts were blamed on the ConvTranspose3d after them. A train audit of a model fx
     cannot trace runs this capture."""
-    nets = pytest.importorskip("monai.networks.nets")
-    torch.manual_seed(0)
-    model = nets.UNETR(
-        in_channels=1,
-        out_channels=2,
-        img_size=32,
-        spatial_dims=3,
-        feature_size=8,
-        hidden_size=96,
-        mlp_dim=192,
-        num_heads=4,
-    ).eval()
-    x = torch.randn(1, 1, 32, 32, 32)
+    model, x = _unetr()
     found = {
         capture: sorted((f.kind.value, f.op, f.bytes) for f in audit(model, x, capture=capture, bandwidth=1e9).findings)
         for capture in ("export", "hooks")
