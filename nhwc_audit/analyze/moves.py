@@ -97,8 +97,9 @@ def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, 
 
 def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
     """For a convolution: ``i``, its weight (the operand after the input), is computed in forward
-    from parameters only and channels_last, as the conversion lays weights out (autocast's cast of the weight, recorded by the eager
-    capture as an op of its own): a weight, not an activation that disagrees with another."""
+    from parameters only and channels_last, as the conversion lays weights out (autocast's cast of
+    the weight, which the eager capture records as an op of its own): a weight, not an activation
+    that disagrees with another."""
     if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.CHANNELS_LAST:
         return False
     if len(r.inputs) < 2 or r.inputs[1] is not i:  # the weight, after the input (a constant map is data)
@@ -185,10 +186,13 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
 
 def writes_in_place(r: NodeRecord) -> bool:
     """An in-place op other than a copy (``add_``, ``mul_``: ``out += skip`` under torch.export
-    or eager capture; ``ReLU(inplace=True)``, as the run saw it write): it reads its other operands in the written tensor's layout, so mixed
-    layouts move data as they do out of place. ``copy_`` is a copy (the hidden-copy rule)."""
+    or eager capture; ``ReLU(inplace=True)``, as the run saw it write): it reads its other
+    operands in the written tensor's layout, so mixed layouts move data as they do out of place.
+    ``copy_`` is a copy (the hidden-copy rule)."""
     name = r.op_name
-    return r.in_place and name != "copy_" or name.endswith("_") and not name.endswith("__") and name != "copy_"
+    if name == "copy_":
+        return False
+    return r.in_place or (name.endswith("_") and not name.endswith("__"))
 
 
 _RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")

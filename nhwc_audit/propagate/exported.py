@@ -20,8 +20,8 @@ __all__ = ["EagerLayouts", "exported"]
 
 class EagerLayouts(RecordingMode):
     """For torch.export's trace, which runs the model on fake tensors: an op's 4D/5D output that
-    the fake kernel makes row-major from an input strided channels_last gets the strides the CPU kernel
-    gives it (asked on zeros: :func:`eager_cpu_strides`, small arguments only). Export writes a
+    the fake kernel makes row-major from an input strided channels_last gets the strides the CPU
+    kernel gives it (asked on zeros: :func:`eager_cpu_strides`, small ops only). Export writes a
     ``.contiguous()`` into its graph only where the fake tensor is not contiguous already: a
     channels_last Conv3d's output at batch 2, NCDHW in export's trace and channels_last_3d in
     eager, lost the copy eager makes after it (and so did GroupNorm's, ``torch.roll``'s). Export
