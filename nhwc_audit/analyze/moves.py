@@ -88,11 +88,13 @@ def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, 
     only (weight standardisation: batch_norm over the reshaped weight, then reshape_as)."""
     if r.op_name.lower() not in CONV_OPS:
         return None
-    for i in nchw_in:
-        producer = by_name.get(i.producer or "")
-        if producer is not None and from_parameters_only(producer, by_name):
-            return i
-    return None
+    return next((i for i in nchw_in if _from_parameters(i, by_name)), None)
+
+
+def _from_parameters(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
+    """``i`` is computed in forward from parameters and buffers only (no model input upstream)."""
+    producer = by_name.get(i.producer or "")
+    return producer is not None and from_parameters_only(producer, by_name)
 
 
 def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
@@ -104,8 +106,7 @@ def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]
         return False
     if len(r.inputs) < 2 or r.inputs[1] is not i:  # the weight, after the input (a constant map is data)
         return False
-    producer = by_name.get(i.producer or "")
-    return producer is not None and from_parameters_only(producer, by_name)
+    return _from_parameters(i, by_name)
 
 
 def data_inputs(r: NodeRecord) -> tuple[NodeInput, ...]:

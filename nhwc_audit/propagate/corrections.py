@@ -154,9 +154,10 @@ POINTWISE_STRIDES = (
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
 _PROBE_NUMEL = 1 << 22
-"""Elements of all of an op's tensor arguments and its output together up to which a fake run on the CPU asks
-the CPU kernel itself for the strides of an N x C x 1 x 1 output (a BatchNorm of 64 x 2048
-pooled features is 131,072); above it, or where the kernel raises, the pointwise rule."""
+"""Elements of all of an op's tensor arguments and its output together up to which the CPU
+kernel itself is asked for the strides of an output (a fake run's N x C x 1 x 1 output: a
+BatchNorm of 64 x 2048 pooled features is 131,072; an export's, :mod:`.exported`); above it, or
+where the kernel raises, the fake tensor's (a fake run: the pointwise rule)."""
 
 
 class _PointwiseStrides(RecordingMode):
