@@ -86,12 +86,9 @@ class _Eager(nn.Module):
         self.shared = shared
         self.corrections = corrections
         self.records: list[NodeRecord] = []
-        self.error: str | None = None
 
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.records, out, self.error = record_eager(
-            self.inner, args, kwargs, shared=self.shared, corrections=self.corrections
-        )
+        self.records, out = record_eager(self.inner, args, kwargs, shared=self.shared, corrections=self.corrections)
         return out
 
 
@@ -173,8 +170,6 @@ def _nchw_run(
         return str(e)
     except Exception as e:  # the comparison refines an estimate; it is never a reason to fail
         return first_line(e)
-    if isinstance(holder, _Eager) and holder.error is not None:
-        return holder.error
     return holder.records
 
 

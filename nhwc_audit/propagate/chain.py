@@ -267,7 +267,7 @@ class _Chain:
         corrections = self._corrections()
         try:
             with self.runner.context(guard=False, corrections=corrections):
-                records, _, _ = record_eager(
+                records, _ = record_eager(
                     self.model,
                     tree_map(clone_value, self.args),
                     tree_map(clone_value, self.kwargs),

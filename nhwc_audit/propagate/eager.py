@@ -6,8 +6,10 @@ private copy), the user's source line, and the torch function the model called
 ``convolution``). Used when torch.fx cannot capture the model. Module hooks alone would miss
 layout changes between modules (shufflenet's channel shuffle), so the records are per ATen op.
 
-A break (an op that raises on channels_last input) ends an eager run: it is recorded with
-its error, and the audit stops there.
+A break (an ATen op that raises on channels_last input and runs on NCHW copies of its inputs)
+is recorded with its error, and the run goes on with the NCHW result, as the graph captures'
+propagation does (:func:`~nhwc_audit.propagate.breaks.retry_nchw`): what runs after a break is
+audited too. An op that fails on NCHW copies as well is the model's own error, raised.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
 from ..capture.source import user_frame
-from ..errors import first_line
+from ..errors import PropagationError, first_line
 from ..layout import classify, tensor_meta
 from ..prepare.copy import plain_tensors
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
@@ -97,8 +99,6 @@ class _Recorder(GuardedMode):
         self.records: list[dict[str, Any]] = []
         self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.counts: dict[str, int] = {}
-        self.error: tuple[dict[str, Any], BaseException] | None = None
-        self.layout_caused = False
 
     def _name(self, op: str) -> str:
         n = self.counts.get(op, 0)
@@ -139,10 +139,13 @@ class _Recorder(GuardedMode):
         }
         try:
             out = func(*args, **kwargs)
-        except Exception as e:
-            self.error = (rec, e)
-            self.layout_caused = _fails_only_on_channels_last(func, args, kwargs)
+        except PropagationError:
             raise
+        except Exception as e:
+            out = _on_nchw(func, args, kwargs)
+            if out is _FAILED:
+                raise  # the model's own error (or one its code catches): no record
+            rec["error"] = first_line(e)
         if self.corrections is not None:
             out = self.corrections.apply(rec["name"], (op,), rec["detail"], ins, out)
         outs = list(iter_tensors(out))
@@ -173,17 +176,20 @@ def _latent_view_error(func: Any, args: Any, kwargs: dict[str, Any], outs: list[
     return None
 
 
-def _fails_only_on_channels_last(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
-    """Re-run a failed op on NCHW copies of its inputs: True if that works (a break)."""
+_FAILED = object()
+
+
+def _on_nchw(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """A failed op run again on NCHW copies of its inputs: its result when that works (a
+    break), :data:`_FAILED` when it has no channels_last input or fails there too."""
     from torch.utils._pytree import tree_map
 
     if not any(t.dim() in (4, 5) and not t.is_contiguous() for t in iter_tensors((args, kwargs))):
-        return False
+        return _FAILED
     try:
-        func(*tree_map(to_nchw, args), **tree_map(to_nchw, kwargs))
+        return func(*tree_map(to_nchw, args), **tree_map(to_nchw, kwargs))
     except Exception:
-        return False
-    return True
+        return _FAILED
 
 
 def record_eager(
@@ -193,9 +199,9 @@ def record_eager(
     *,
     shared: frozenset[int] = frozenset(),
     corrections: Corrections | None = None,
-) -> tuple[list[NodeRecord], Any, str | None]:
-    """Run ``model`` (the audit's private copy) once and return per-op records, its output and,
-    if an op raised, that op's error (the run stops there). ``shared`` as in
+) -> tuple[list[NodeRecord], Any]:
+    """Run ``model`` (the audit's private copy) once and return per-op records and its output
+    (a break's record carries its error; the run goes on past it). ``shared`` as in
     :func:`~nhwc_audit.propagate.interpreter.propagate`."""
     stack: list[tuple[str, str]] = []
     handles = []
@@ -219,23 +225,13 @@ def record_eager(
     kept = (t for _, t in plain_tensors(model))
     stored = frozenset(id(t) for t in (*model.parameters(), *model.buffers(), *kept))
     rec = _Recorder(stack, shared, corrections, stored)
-    out: Any = None
-    error: str | None = None
     try:
         with torch.no_grad(), rec.calls, rec:
             out = model(*args, **kwargs)
-    except Exception as e:
-        if rec.error is None or not rec.layout_caused:
-            raise
-        error = first_line(e)
     finally:
         for h in handles:
             h.remove()
     raw = rec.records
-    if rec.error is not None:
-        failed, _ = rec.error
-        failed.update(outputs=[], aliases=False, hidden=[])
-        raw = [*raw, failed]
     users: dict[str, list[str]] = {}
     for r in raw:
         for i in r["inputs"]:
@@ -243,7 +239,6 @@ def record_eager(
                 users[i.producer].append(r["name"])
     records: list[NodeRecord] = []
     for idx, r in enumerate(raw):
-        last = rec.error is not None and idx == len(raw) - 1
         records.append(
             NodeRecord(
                 index=idx,
@@ -259,7 +254,7 @@ def record_eager(
                 aliases_input=r["aliases"],
                 users=tuple(users.get(r["name"], [])),
                 detail=r["detail"],
-                error=error if last else None,
+                error=r.get("error"),
                 in_leaf_module=torch_nn.get(r["module_path"], False),  # paths come from the hooks above
                 hidden=tuple(r["hidden"]),
                 call=r["call"],
@@ -267,4 +262,4 @@ def record_eager(
                 latent_error=r.get("latent"),
             )
         )
-    return records, out, error
+    return records, out
