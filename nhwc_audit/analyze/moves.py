@@ -176,13 +176,15 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
     """``i`` is read across layouts by a kernel writing channels_last: on the NCHW side of a
     transpose (:func:`~nhwc_audit.layout.nchw_side`), or, into a convolution (which re-lays
     its whole input), strided with its memory running along another dim than the channels (a
-    map permuted to N x W x C x H)."""
+    map permuted to N x W x C x H; not a one-channel slice, compacted in either layout)."""
     if nchw_side(i.meta):
         return True
     if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.STRIDED or 0 in i.meta.strides:
         return False
     order = memory_order(i.meta)  # a channel slice with a step (y[:, ::2]) still runs along the channels
-    return bool(order) and order[-1] != 1
+    # one channel (``y[:, :1]`` of a channels_last map): no run along the channels to leave; the
+    # kernel compacts it, as it compacts a slice of an NCHW map, without changing its order
+    return 1 in order and order[-1] != 1
 
 
 def writes_in_place(r: NodeRecord) -> bool:

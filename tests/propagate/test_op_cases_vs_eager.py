@@ -197,6 +197,9 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # channel slices with a step still run along the channels: no transpose at the conv
     "conv_of_channels_with_a_step": lambda: Between(lambda s, y: y[:, ::2], post=4),
     "conv_of_unflattened_channels": lambda: Between(lambda s, y: y.unflatten(1, (4, 2))[:, :, 0], post=4),
+    # one channel of a channels_last map: compacted by the conv as a slice of an NCHW map is
+    "conv_of_one_channel_slice": lambda: Between(lambda s, y: y[:, :1], post=1),
+    "conv_of_one_channel_selected": lambda: Between(lambda s, y: y.select(1, 3).unsqueeze(1), post=1),
 }
 
 
