@@ -316,5 +316,5 @@ def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:
     """Bytes an op moves bringing ``source`` into ``out``'s layout, read and written: a
     convolution re-lays its whole input (the kernel makes it contiguous, then computes); any
     other op moves at most the smaller of the two (a cat only its operands, a reduction over a
-    stack only its result)."""
-    return 2 * (source.nbytes if conv else min(source.nbytes, out.nbytes))
+    stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes."""
+    return 2 * (source.stored_nbytes if conv else min(source.stored_nbytes, out.nbytes))

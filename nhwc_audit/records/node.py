@@ -3,6 +3,7 @@ judgement here; stdlib only."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .kinds import Layout, op_label
@@ -35,6 +36,13 @@ class TensorMeta:
     def nbytes(self) -> int:
         """Bytes of the tensor's logical elements (numel x itemsize)."""
         return self.numel * self.itemsize
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the elements it stores: a broadcast dim (stride 0, an ``expand``) once."""
+        if 0 not in self.strides:
+            return self.nbytes
+        return math.prod(n for n, st in zip(self.shape, self.strides, strict=True) if st != 0) * self.itemsize
 
     @property
     def is_spatial(self) -> bool:

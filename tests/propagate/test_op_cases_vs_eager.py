@@ -200,6 +200,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # one channel of a channels_last map: compacted by the conv as a slice of an NCHW map is
     "conv_of_one_channel_slice": lambda: Between(lambda s, y: y[:, :1], post=1),
     "conv_of_one_channel_selected": lambda: Between(lambda s, y: y.select(1, 3).unsqueeze(1), post=1),
+    # ATen's clone of an expanded map (the eager capture records it): reads the map once
+    "repeat_interleave_channels": lambda: Between(lambda s, y: y.repeat_interleave(2, dim=1), post=16),
 }
 
 
