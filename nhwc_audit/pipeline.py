@@ -182,7 +182,8 @@ def _with_nchw_baseline(
     capture run as built, in the audit's mode), and notes saying what that changed; ``records``
     itself when nothing changed. Run only when one of ``findings`` (theirs) is a revert or a
     mixed op that moves data (the findings it can change)."""
-    costly = [f for f in findings if baselined(f.kind, f.op) and f.bytes > 0]
+    hidden = {r.name for r in records if r.hidden}
+    costly = [f for f in findings if baselined(f.kind, f.op, hidden=f.node in hidden) and f.bytes > 0]
     if not costly:
         return records, ()
     fake = o.mode == "real" and fake_pays(run_seconds, len(records))
@@ -191,8 +192,8 @@ def _with_nchw_baseline(
         return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
     # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a
     # transformer's channels-innermost view into grid_sample; an add of a LayerNorm2d output,
-    # NHWC-strided in either layout), or any copy that reorders memory
-    moved = {r.name: n for r in nchw if (n := reorder_bytes(r))}
+    # NHWC-strided in either layout), any copy that reorders memory, or what a node re-lays inside
+    moved = {r.name: n for r in nchw if (n := max(reorder_bytes(r), sum(h.bytes for h in r.hidden)))}
     for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
         if baselined(f.kind, f.op):
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
@@ -204,7 +205,11 @@ def _with_nchw_baseline(
     notes = []
     if on_fake:
         notes.append("NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)")
-    for kind, what in ((FindingKind.REVERT, "revert(s) copy"), (FindingKind.MIXED, "mixed op(s) move data")):
+    for kind, what in (
+        (FindingKind.REVERT, "revert(s) copy"),
+        (FindingKind.MIXED, "mixed op(s) move data"),
+        (FindingKind.CONVERSION, "conversion(s) re-lay data"),
+    ):
         hit = [f for f in costly if f.kind is kind and f.node in both]
         if hit:
             notes.append(

@@ -9,19 +9,18 @@ The rules (one place each):
              exposes it, so it is grouped with that revert.
 * mixed      two full spatial inputs disagree (one channels_last, one NCHW): activations, or
              a stored tensor (parameter, buffer, constant) read as data (:func:`.moves.data_inputs`).
-* revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the
-             channels: a channels_last input and an NCHW output, or any rank >= 4 view of
-             an NHWC tensor made contiguous (channel shuffle's 5D ``.contiguous()``).
-* conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose
-             channels_last weights make it re-adopt NHWC from an NCHW input); or a node
-             whose own layouts look fine but that transposed data internally (copies seen
-             at ATen level while it ran, e.g. a conv with padding_mode='circular').
+* revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the channels:
+             an NHWC input and an NCHW output, or a rank >= 4 view of one made contiguous.
+* conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose channels_last
+             weights make it re-adopt NHWC from an NCHW input); or a node whose own layouts look
+             fine but that transposed data internally (copies seen at ATen level while it ran,
+             e.g. a conv with padding_mode='circular').
 
-Bytes are what channels_last adds: a revert or a mixed op at a node that also moves data when the
-model runs NCHW, as built (``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()``
-after a permute in an attention block; an add of a LayerNorm2d output, NHWC-strided in either
-layout, and an NCHW tensor; a conv re-laying a transposed map), is charged the difference
-(:func:`.moves.baselined`). A conversion the model or a repair asks for is charged whole.
+Bytes are what channels_last adds: a node that also moves data when the model runs NCHW, as built
+(``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()`` after a permute; an add
+of a LayerNorm2d output, NHWC-strided in either layout, and an NCHW tensor; a conv re-laying a
+transposed map; a matmul's copy inside) is charged the difference (:func:`.moves.baselined`).
+A conversion the model or a repair asks for is charged whole.
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion (an in-place op whose operands disagree in
@@ -78,12 +77,13 @@ def _finding(
     shape: tuple[int, ...] | None = None,
     hint_op: str | None = None,
     detail: str | None = None,
+    hidden: bool = False,
 ) -> Finding:
     if shape is None:
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
     origin = origin_of(producer, ctx.by_name)
-    if moves.baselined(kind, r.op_name):  # data the op moves in NCHW too: only the difference is channels_last's
+    if moves.baselined(kind, r.op_name, hidden=hidden):  # what it moves in NCHW too is not channels_last's
         nbytes = max(0, nbytes - r.nchw_bytes)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
         hint_op = AMBIGUOUS_ORIGIN
@@ -286,6 +286,7 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 nbytes=sum(h.bytes for h in r.hidden),
                 shape=r.hidden[0].shape,
                 hint_op=WEIGHT_RESHAPE if of_weight and out_only else HIDDEN,
+                hidden=True,
             )
         ]
     return []

@@ -39,12 +39,15 @@ def allocates(r: NodeRecord) -> bool:
     return r.op_name in ALLOCATING_OPS
 
 
-def baselined(kind: FindingKind, op: str) -> bool:
+def baselined(kind: FindingKind, op: str, *, hidden: bool = False) -> bool:
     """Charged only what channels_last adds over the NCHW baseline (``nchw_bytes``): reverts,
-    mixed ops, and a convolution's conversion (it re-lays a transposed map in NCHW too); not
-    a conversion the model or a repair asks for (``.contiguous(memory_format=...)``)."""
-    return kind in (FindingKind.REVERT, FindingKind.MIXED) or (
-        kind is FindingKind.CONVERSION and op.lower() in CONV_OPS
+    mixed ops, a convolution's conversion (it re-lays a transposed map in NCHW too) and the
+    layout changes a node makes inside (``hidden``: a matmul clones a transposed operand in NCHW
+    too); not a conversion the model or a repair asks for (``.contiguous(memory_format=...)``)."""
+    return (
+        hidden
+        or kind in (FindingKind.REVERT, FindingKind.MIXED)
+        or (kind is FindingKind.CONVERSION and op.lower() in CONV_OPS)
     )
 
 

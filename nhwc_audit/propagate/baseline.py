@@ -72,7 +72,7 @@ class _Graph(nn.Module):
 
     def forward(self, *values: Any) -> Any:
         interp = LayoutProp(
-            self.inner, graph=self.graph, record_hidden=False, shared=self.shared, corrections=self.corrections
+            self.inner, graph=self.graph, record_hidden=True, shared=self.shared, corrections=self.corrections
         )
         out = interp.run(*values, enable_io_processing=False)
         self.records = interp.records

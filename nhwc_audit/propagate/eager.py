@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
 from ..capture.source import user_frame
-from ..errors import PropagationError, first_line
+from ..errors import NhwcAuditError, first_line
 from ..layout import classify, tensor_meta
 from ..prepare.copy import plain_tensors
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
@@ -139,8 +139,8 @@ class _Recorder(GuardedMode):
         }
         try:
             out = func(*args, **kwargs)
-        except PropagationError:
-            raise
+        except NhwcAuditError:
+            raise  # the audit's own (a guard of a nested mode)
         except Exception as e:
             out = _on_nchw(func, args, kwargs)
             if out is _FAILED:

@@ -333,3 +333,27 @@ def test_a_fake_audit_strides_a_large_pooled_batch_as_eager() -> None:
     expected = eager_bytes(model, (x,)).added
     assert expected > 0
     assert audit(model, x, bandwidth=1e9, mode="fake").summary.bytes_moved == expected
+
+
+class HaloBlocks(nn.Module):
+    """timm's HaloAttn: a map unfolded into blocks (a copy in either layout), transposed, then
+    ``q @ k^T``: matmul clones its transposed operand in the NCHW run as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Conv2d(16, 32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).reshape(-1, 8, 4, 4, 4, 4).permute(0, 1, 3, 5, 2, 4)
+        q = q.reshape(4, 8, -1, 16).transpose(1, 3)
+        return (q @ q.transpose(-1, -2)).softmax(-1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_copy_an_op_makes_inside_in_either_layout_is_charged_what_channels_last_adds(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 16, 16)
+    r = audit(HaloBlocks().eval(), x, bandwidth=1e9, capture=capture)
+    assert any(f.op == "matmul" for f in r.findings)  # still where the copy is made
+    assert r.summary.bytes_moved == eager_bytes(HaloBlocks().eval(), (x,)).added == 0
+    assert any(n.startswith("NCHW baseline: 1 conversion(s) re-lay data in NCHW too") for n in r.meta.capture_notes)
