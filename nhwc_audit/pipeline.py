@@ -180,8 +180,9 @@ def _with_nchw_baseline(
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node also moves when the model runs NCHW (the same
     capture run as built, in the audit's mode), and notes saying what that changed; ``records``
-    itself when nothing changed. Run only when one of ``findings`` (theirs) is a revert or a
-    mixed op that moves data (the findings it can change)."""
+    itself when nothing changed. Run only when one of ``findings`` (theirs) that it can change
+    moves data (:func:`~.analyze.moves.baselined`: a revert, a mixed op, a convolution's
+    conversion, a layout change a node makes inside)."""
     hidden = {r.name for r in records if r.hidden}
     costly = [f for f in findings if baselined(f.kind, f.op, hidden=f.node in hidden) and f.bytes > 0]
     if not costly:
