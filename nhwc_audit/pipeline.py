@@ -184,7 +184,8 @@ def _with_nchw_baseline(
     moves data (:func:`~.analyze.moves.baselined`: a revert, a mixed op, a convolution's
     conversion, a layout change a node makes inside)."""
     hidden = {r.name for r in records if r.hidden}
-    costly = [f for f in findings if baselined(f.kind, f.op, hidden=f.node in hidden) and f.bytes > 0]
+    ops = {r.name: r.op_name for r in records}  # the rule's op (a finding names its torch.nn module)
+    costly = [f for f in findings if baselined(f.kind, ops[f.node], hidden=f.node in hidden) and f.bytes > 0]
     if not costly:
         return records, ()
     fake = o.mode == "real" and fake_pays(run_seconds, len(records))
@@ -195,8 +196,9 @@ def _with_nchw_baseline(
     # transformer's channels-innermost view into grid_sample; an add of a LayerNorm2d output,
     # NHWC-strided in either layout), any copy that reorders memory, or what a node re-lays inside
     moved = {r.name: n for r in nchw if (n := max(reorder_bytes(r), sum(h.bytes for h in r.hidden)))}
+    theirs_op = {r.name: r.op_name for r in nchw}
     for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
-        if baselined(f.kind, f.op):
+        if baselined(f.kind, theirs_op[f.node]):
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}

@@ -91,7 +91,7 @@ def _finding(
         node=r.name,
         index=r.index,
         kind=kind,
-        op=r.op_name,
+        op=_site_op(r),
         target=r.target,
         module_path=r.module_path,
         module_type=r.module_type,
@@ -106,7 +106,7 @@ def _finding(
             ctx.hints,
             kind,
             _hint_keys(r) if hint_op is None else hint_op,
-            op=r.module_type if r.in_leaf_module and r.op != "call_module" else r.op_name,
+            op=_site_op(r),
             origin=via(origin, producer),
             device=ctx.device,
             detail=detail if detail is not None else (r.detail or None),
@@ -119,6 +119,11 @@ def _finding(
 
 
 _OWN_HINT_ONLY = ("conv", "convtranspose")
+
+
+def _site_op(r: NodeRecord) -> str:
+    """The torch.nn module an ATen op (hooks, export) runs in, as fx names it; the op stays in ``target``."""
+    return r.module_type if r.in_leaf_module and r.op != "call_module" else r.op_name
 
 
 def _hint_keys(r: NodeRecord) -> tuple[str, ...]:
@@ -134,10 +139,6 @@ def _only_ambiguous_inputs(r: NodeRecord) -> bool:
     """The node made NCHW out of ambiguous input only (C == 1 or H == W == 1 tensors)."""
     ins = r.spatial_inputs
     return bool(ins) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
-
-
-def _node_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
-    return _forward_findings(ctx, r) + _backward_findings(ctx, r)
 
 
 def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
@@ -164,7 +165,8 @@ def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
 
 def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if r.error is not None:
-        return [_finding(ctx, r, FindingKind.BREAK, layout_in=_first_decided(r), nbytes=0)]
+        first = next((i.meta.layout for i in r.spatial_inputs), Layout.NOT_SPATIAL)
+        return [_finding(ctx, r, FindingKind.BREAK, layout_in=first, nbytes=0)]
     if r.latent_error is not None:
         nchw = next((i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS), None)
         producer = ctx.by_name.get(nchw.producer or "") if nchw is not None else None
@@ -292,12 +294,6 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     return []
 
 
-def _first_decided(r: NodeRecord) -> Layout:
-    for i in r.spatial_inputs:
-        return i.meta.layout
-    return Layout.NOT_SPATIAL
-
-
 def find_findings(
     records: Sequence[NodeRecord],
     *,
@@ -316,5 +312,5 @@ def find_findings(
     out: list[Finding] = []
     for r in records:
         if r.op not in SKIP_OPS:
-            out.extend(_node_findings(ctx, r))
+            out.extend(_forward_findings(ctx, r) + _backward_findings(ctx, r))
     return out

@@ -22,3 +22,30 @@ def test_the_share_is_the_same_in_every_capture(model: object) -> None:
         s = audit(m, x, bandwidth=1e9, capture=capture).summary
         shares[capture] = (s.spatial_nodes, s.nchw_nodes, round(s.channels_last_node_share, 6))
     assert shares["hooks"] == shares["fx"] == shares["export"], shares
+
+
+class _LeafSites(torch.nn.Module):
+    """Findings inside torch.nn modules: InstanceNorm's revert (an ATen clone under the eager
+    capture, instance_norm under export) and the next conv's conversion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv3d(2, 8, 3, padding=1)
+        self.norm = torch.nn.InstanceNorm3d(8)
+        self.b = torch.nn.Conv3d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.norm(self.a(x)))
+
+
+@pytest.mark.parametrize("model", [_LeafSites, M.InstanceNormNet])
+def test_a_finding_inside_a_torch_nn_module_has_one_key_in_every_capture(model: type[torch.nn.Module]) -> None:
+    """A --baseline or an allow list written by one capture matches the others: an op a torch.nn
+    module runs is named by that module, as fx names it; its ATen op stays in ``target``."""
+    m = model().eval()
+    x = torch.randn(2, 2, 16, 16, 16) if model is _LeafSites else torch.randn(1, 3, 16, 16)
+    reports = {c: audit(m, x, bandwidth=1e9, capture=c) for c in ("fx", "export", "hooks")}
+    keys = {c: sorted((f.key, f.bytes) for f in r.findings) for c, r in reports.items()}
+    assert keys["fx"] and keys["hooks"] == keys["fx"] == keys["export"], keys
+    assert any(f.kind.value == "revert" and f.op.startswith("InstanceNorm") for f in reports["hooks"].findings)
+    assert any("aten." in f.target for f in reports["hooks"].findings)
