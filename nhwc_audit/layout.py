@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "relay_bytes",
     "channel_dims",
     "channels_innermost",
     "classify",
@@ -158,16 +157,19 @@ def channels_innermost(meta: TensorMeta, channels: frozenset[int] = frozenset({1
 
     Copying such a tensor into row-major order is an NHWC -> NCHW transpose. Tensors whose
     memory runs along another dim (attention's transposed keys, B x heads x N x d) are not
-    image layouts and never count. Ambiguous and row-major tensors never count.
+    image layouts and never count, nor do channels split over dims that are not all innermost
+    (LaMa's FFT: real and imaginary parts stacked last, then merged into the channels).
+    Ambiguous and row-major tensors never count.
 
-    >>> from nhwc_audit.layout import tensor_meta
     >>> import torch
     >>> channels_innermost(tensor_meta(torch.zeros(1, 4, 3, 3).to(memory_format=torch.channels_last)))
     True
     """
     if meta.rank < 4 or meta.layout is Layout.AMBIGUOUS or row_major(meta):
         return False
-    return innermost_dim(meta) in channels
+    held = [(d, st) for d, (n, st) in enumerate(zip(meta.shape, meta.strides, strict=True)) if n > 1 and st]
+    below = min((st for d, st in held if d not in channels), default=meta.numel)
+    return innermost_dim(meta) in channels and all(st < below for d, st in held if d in channels)
 
 
 def channel_dims(src: TensorMeta, out: TensorMeta) -> frozenset[int] | None:
@@ -282,16 +284,16 @@ def memory_order(meta: TensorMeta) -> tuple[int, ...]:
 def reorders(src: TensorMeta, dst: TensorMeta) -> bool:
     """Writing ``src`` (rank >= 4) as ``dst``, element for element, reorders memory: any
     permutation of dims, a layout change or not (channel shuffle's transpose(1, 2).contiguous()
-    in NCHW too), or a reshape of a permuted view into row-major order
-    (``x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)`` in MaxViT's window merge). Copying a
-    slice, which keeps the order, does not; nor does reading a broadcast ``src`` (an index
-    ``expand``-ed over the channels: stride 0), compared over the dims it holds in memory."""
-    if src.rank < 4 or src.numel != dst.numel or len(src.strides) != src.rank:
+    in NCHW too; an H/W-transposed operand of a cat), or a reshape of a permuted view into
+    row-major order (``x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)`` in MaxViT's window merge).
+    Copying a slice, which keeps the order, does not; nor does reading a broadcast ``src`` (an
+    index ``expand``-ed over the channels: stride 0), compared over the dims both hold in memory."""
+    if src.rank < 4 or len(src.strides) != src.rank:
         return False
     held = [d for d in memory_order(src) if src.strides[d] != 0]
-    if src.shape == dst.shape:
-        return held != [d for d in memory_order(dst) if src.strides[d] != 0]
-    return row_major(dst) and held != sorted(held)
+    if src.rank == dst.rank and (src.shape == dst.shape or src.numel != dst.numel):  # dims correspond
+        return [d for d in held if dst.shape[d] > 1] != [d for d in memory_order(dst) if d in held]
+    return src.numel == dst.numel and row_major(dst) and held != sorted(held)
 
 
 def nchw_ordered(meta: TensorMeta) -> bool:
@@ -310,11 +312,3 @@ def nchw_ordered(meta: TensorMeta) -> bool:
         return False
     strides = [st for size, st in zip(meta.shape[1:], meta.strides[1:], strict=True) if size > 1 and st != 0]
     return len(strides) > 1 and all(a >= b for a, b in zip(strides, strides[1:], strict=False))
-
-
-def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:
-    """Bytes an op moves bringing ``source`` into ``out``'s layout, read and written: a
-    convolution re-lays its whole input (the kernel makes it contiguous, then computes); any
-    other op moves at most the smaller of the two (a cat only its operands, a reduction over a
-    stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes."""
-    return 2 * (source.stored_nbytes if conv else min(source.stored_nbytes, out.nbytes))

@@ -161,13 +161,15 @@ def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord]
             f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",
         )
     breaks = frozenset(r.name for r in captured.records if r.error)
-    with runner.context(guard=False):
+    corrections = runner.corrections()  # a fake run's backward kernels strided as eager's
+    with runner.context(guard=False, corrections=corrections):
         grads, param_grads = backward_layouts(
             captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected, ran=captured.grad_run
         )
     records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
-    return records, param_grad_notes(param_grads) + faults
+    fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
+    return records, param_grad_notes(param_grads) + faults + fixed
 
 
 def _with_nchw_baseline(
@@ -192,9 +194,8 @@ def _with_nchw_baseline(
     nchw, on_fake = nchw_records(captured, p.module, p.args, p.kwargs, p.runner, fake=fake)
     if isinstance(nchw, str):
         return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
-    # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a
-    # transformer's channels-innermost view into grid_sample; an add of a LayerNorm2d output,
-    # NHWC-strided in either layout), any copy that reorders memory, or what a node re-lays inside
+    # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a LayerNorm2d
+    # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
     moved = {r.name: n for r in nchw if (n := max(reorder_bytes(r), sum(h.bytes for h in r.hidden)))}
     theirs_op = {r.name: r.op_name for r in nchw}
     for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
@@ -242,14 +243,13 @@ def _audit_one(
     t3 = time.perf_counter()
     found = find_findings(records, bandwidth=bandwidth, device=o.device.type)
     baselined, baseline_notes = _with_nchw_baseline(records, found, captured, p, o, t1 - t0)
-    unchanged = baselined is records  # else reverts that copy in NCHW too are charged less
-    records = baselined
+    unchanged, records = baselined is records, baselined  # else copies made in NCHW too are charged less
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
     dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)
     if captured.capture is not None:
         captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph
-    ranks = {t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}
-    notes = (conversion_note(module, max(ranks, default=None)), one_channel_note(args, kwargs))
+    rank = max({t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}, default=None)
+    notes = (conversion_note(module, rank), one_channel_note(args, kwargs))
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,

@@ -15,6 +15,7 @@ RANK = {
     "collector": 0,
     "errors": 0,
     "layout": 1,
+    "channels": 1,
     "tensors": 1,
     "capture": 2,
     "prepare": 2,

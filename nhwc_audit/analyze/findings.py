@@ -91,7 +91,7 @@ def _finding(
         node=r.name,
         index=r.index,
         kind=kind,
-        op=_site_op(r),
+        op=r.site_op,
         target=r.target,
         module_path=r.module_path,
         module_type=r.module_type,
@@ -106,7 +106,7 @@ def _finding(
             ctx.hints,
             kind,
             _hint_keys(r) if hint_op is None else hint_op,
-            op=_site_op(r),
+            op=r.site_op,
             origin=via(origin, producer),
             device=ctx.device,
             detail=detail if detail is not None else (r.detail or None),
@@ -119,11 +119,6 @@ def _finding(
 
 
 _OWN_HINT_ONLY = ("conv", "convtranspose")
-
-
-def _site_op(r: NodeRecord) -> str:
-    """The torch.nn module an ATen op (hooks, export) runs in, as fx names it; the op stays in ``target``."""
-    return r.module_type if r.in_leaf_module and r.op != "call_module" else r.op_name
 
 
 def _hint_keys(r: NodeRecord) -> tuple[str, ...]:
@@ -181,7 +176,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     in_place = writes_in_place(r)
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
-        return _hidden_findings(ctx, r) if r.op_name == "copy_" else []
+        return _hidden_findings(ctx, r) if moves.copies_into(r) else []
     ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST and i.producer not in ctx.free]
@@ -202,7 +197,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 r,
                 FindingKind.MIXED,
                 layout_in=Layout.CHANNELS_LAST if out is Layout.CONTIGUOUS else Layout.CONTIGUOUS,
-                nbytes=2 * sum(i.meta.nbytes for i in losers),
+                nbytes=moves.mixed_bytes(r, losers),
                 producer=ctx.by_name.get(source.producer or ""),
                 shape=losers[0].meta.shape,
                 hint_op=hint,
@@ -210,7 +205,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         ]
     if r.aliases_input:
         return []  # in place into its own first operand, layouts agreeing: nothing moves
-    reverted = [o for o in r.outputs if row_major(o) or along_w(o)]
+    reverted = [o for o in r.outputs if row_major(o) or along_w(o) or moves.reordered(r, o)]
     if reverted and exits_spatial(r, reverted, ctx.by_name):
         return []  # a flatten out of the spatial ranks: an exit, not a finding (as in a graph)
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
@@ -232,6 +227,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=cl_in[0].meta.shape,
             )
         ]
+    if not reverted and (relaid := moves.relaid_views(r, ctx.by_name)):
+        reverted, sources = [r.outputs[0]], relaid  # its format flags say nothing (C == 1 views)
     if reverted and sources and r.op_name.lower() not in GEMM_OPS:  # a GEMM computes its output's layout
         # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into
         # NCHW: where the network leaves channels_last (the region starts here), no copy is made;

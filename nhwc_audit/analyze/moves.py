@@ -4,28 +4,34 @@ the node records."""
 
 from __future__ import annotations
 
+from ..channels import channels_relaid, relay_bytes, view_channels
 from ..layout import (
     channel_dims,
     channels_innermost,
+    is_dense_in_order,
     leans_channels_last,
     memory_order,
     nchw_side,
-    relay_bytes,
     reorders,
 )
-from ..records import ALLOCATING_OPS, CONV_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
+from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
 from .origin import SKIP_OPS, from_parameters_only
 
 __all__ = [
     "allocates",
+    "aten_op",
     "baselined",
     "channels_source",
     "computed_weight",
     "converted_weight",
+    "copies_into",
     "data_inputs",
     "exits_spatial",
+    "mixed_bytes",
     "other_side",
+    "relaid_views",
     "reorder_bytes",
+    "reordered",
     "revert_bytes",
     "split_channels",
     "viewed_as",
@@ -36,7 +42,14 @@ __all__ = [
 def allocates(r: NodeRecord) -> bool:
     """An allocation (``zeros_like``, ``new_zeros``): it reads no data, so it moves none, in
     whatever layout it makes its result; an op that reads that result judges it."""
-    return r.op_name in ALLOCATING_OPS
+    return r.op_name in ALLOCATING_OPS or aten_op(r) in ALLOCATING_OPS
+
+
+def aten_op(r: NodeRecord) -> str:
+    """The ATen op an ATen-level record ran (``aten.new_empty.default``: ``new_empty``), which the
+    eager capture names by the call the model made (``pad``, ``setitem``); '' for other records."""
+    parts = r.target.split(".")
+    return parts[-2] if len(parts) > 2 and "aten" in parts[:-2] else ""
 
 
 def baselined(kind: FindingKind, op: str, *, hidden: bool = False) -> bool:
@@ -55,7 +68,10 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     """An input whose memory runs along the channels of the NCHW output it was copied into
     (at the same shape, through a reshape that merges dims into the channels, or a map stack
     reduced over its stacking dim; for a view above rank 5, :func:`split_channels`), or an
-    ambiguous input whose strides lean channels_last (kernels follow them)."""
+    ambiguous input whose strides lean channels_last (kernels follow them). Not one that holds
+    one dim in memory (an index of N x C x 1 x 1 expanded to the map): it has no order to change."""
+    if sum(1 for d in memory_order(i.meta) if i.meta.strides[d] != 0) < 2:
+        return False
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
     if i.meta.rank > 5:  # element for element only: a reshape may keep the channels innermost (MaxViT)
@@ -74,16 +90,24 @@ def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[in
     while node is not None and node.aliases_input and node.activation_inputs:
         src = node.activation_inputs[0].meta
         if src.is_spatial:
-            if src.layout is not Layout.CHANNELS_LAST:
-                break
-            below = min(st for d, (n, st) in enumerate(zip(src.shape, src.strides, strict=True)) if d != 1 and n > 1)
-            return frozenset(
-                d
-                for d, (n, st) in enumerate(zip(i.meta.shape, i.meta.strides, strict=True))
-                if n > 1 and 0 < st < below
-            )
+            return view_channels(i.meta, src)
         node = by_name.get(node.activation_inputs[0].producer or "")
     return frozenset()
+
+
+def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInput]:
+    """The inputs ``r`` writes with a channels_last map's channels moved out of the innermost
+    place, read through a view that no format flag calls channels_last (:mod:`nhwc_audit.channels`:
+    LocalResponseNorm pads an N x 1 x C x H x W view of its NHWC input into row-major order). Not
+    at a convolution or a matmul, which compute their output (their relays are their own rules)."""
+    if r.aliases_input or not r.outputs or r.op_name.lower() in CONV_OPS | GEMM_OPS:
+        return []
+    out = r.outputs[0]
+    return [
+        i
+        for i in r.activation_inputs
+        if i.meta.layout is Layout.STRIDED and channels_relaid(i.meta, split_channels(i, by_name), out)
+    ]
 
 
 def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, NodeRecord]) -> NodeInput | None:
@@ -155,16 +179,37 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     return sum(relay_bytes(i.meta, reverted[0], conv=conv) for i in sources)
 
 
+def reordered(r: NodeRecord, out: TensorMeta) -> bool:
+    """``out`` is dense in another dim order than a channels_last input it was written from, the
+    channels innermost still (an index along H writes N x W x H x C): channels_last is left, as
+    by a copy to NCHW. Not at a convolution or a matmul, which compute their output's layout."""
+    if out.layout is not Layout.STRIDED or r.aliases_input or r.op_name.lower() in CONV_OPS | GEMM_OPS:
+        return False
+    if not is_dense_in_order(out.shape, out.strides, memory_order(out)[::-1]):
+        return False
+    return any(i.meta.layout is Layout.CHANNELS_LAST and reorders(i.meta, out) for i in r.activation_inputs)
+
+
+def mixed_bytes(r: NodeRecord, losers: list[NodeInput]) -> int:
+    """Bytes a mixed op moves reading ``losers`` across layouts: each brought into its output's
+    layout as :func:`~nhwc_audit.channels.relay_bytes` counts it (a scatter of an 8-channel map into
+    a 4-channel buffer moves at most the buffer)."""
+    if not r.outputs:
+        return 2 * sum(i.meta.nbytes for i in losers)
+    conv = r.op_name.lower() in CONV_OPS
+    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv) for i in losers)
+
+
 def reorder_bytes(r: NodeRecord) -> int:
-    """Bytes a node moves reordering memory: twice its output when it copies an activation
-    (a reshape's too) or a stored tensor read element for element (:func:`data_inputs`: timm volo
-    adds its position embedding to a permuted map) into another dim order
+    """Bytes a node moves reordering memory: each activation it copies (a reshape's too) or
+    stored tensor it reads element for element (:func:`data_inputs`: timm volo adds its position
+    embedding to a permuted map) into another dim order, as ``relay_bytes`` counts it
     (:func:`~nhwc_audit.layout.reorders`: any permutation, not only NHWC <-> NCHW); a
     convolution, twice its input when that is not laid out as its output (the kernel re-lays it:
     a map transposed to N x W x H x C is copied in either layout). The NCHW baseline's measure of
     the copies a model makes in either layout."""
-    if r.op in SKIP_OPS or r.aliases_input or not r.outputs or allocates(r):
-        return 0
+    if r.op in SKIP_OPS or r.aliases_input or not r.outputs or allocates(r) or 0 in r.outputs[0].strides:
+        return 0  # a broadcast output is an ``expand``: a view (a fake run may not see it alias)
     out = r.outputs[0]
     act = r.activation_inputs[0] if r.activation_inputs else None
     if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
@@ -172,22 +217,27 @@ def reorder_bytes(r: NodeRecord) -> int:
         relaid = [d for d in memory_order(act.meta) if d in both] != [d for d in memory_order(out) if d in both]
         return 2 * act.meta.nbytes if relaid else 0
     ins = (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
-    return 2 * out.nbytes if any(reorders(i.meta, out) for i in ins) else 0
+    return sum(relay_bytes(i.meta, out, conv=False) for i in ins if reorders(i.meta, out))
 
 
 def other_side(r: NodeRecord, i: NodeInput) -> bool:
     """``i`` is read across layouts by a kernel writing channels_last: on the NCHW side of a
     transpose (:func:`~nhwc_audit.layout.nchw_side`), or, into a convolution (which re-lays
-    its whole input), strided with its memory running along another dim than the channels (a
-    map permuted to N x W x C x H; not a one-channel slice, compacted in either layout)."""
+    its whole input), strided in another dim order than the conv writes (a map permuted to
+    N x W x C x H, or indexed along H into N x W x H x C; not a one-channel slice)."""
+    if 0 in i.meta.strides:  # broadcast (``ctx.expand_as(v)``): across where the dims it holds run otherwise
+        out = r.outputs[0] if r.outputs else None
+        return out is not None and out.layout is Layout.CHANNELS_LAST and reorders(i.meta, out)
     if nchw_side(i.meta):
         return True
     if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.STRIDED or 0 in i.meta.strides:
         return False
-    order = memory_order(i.meta)  # a channel slice with a step (y[:, ::2]) still runs along the channels
-    # one channel (``y[:, :1]`` of a channels_last map): no run along the channels to leave; the
-    # kernel compacts it, as it compacts a slice of an NCHW map, without changing its order
-    return 1 in order and order[-1] != 1
+    # a channel slice with a step (y[:, ::2]) still runs along the channels; one channel (y[:, :1]
+    # of a channels_last map) has no run along them to leave: the kernel compacts either, as it
+    # compacts a slice of an NCHW map; a map indexed along H (N x W x H x C) it re-lays
+    out = r.outputs[0] if r.outputs else None
+    both = [d for d in memory_order(i.meta) if out is not None and d < out.rank and out.shape[d] > 1]
+    return out is not None and both != [d for d in memory_order(out) if d in both]
 
 
 def writes_in_place(r: NodeRecord) -> bool:
@@ -196,9 +246,15 @@ def writes_in_place(r: NodeRecord) -> bool:
     operands in the written tensor's layout, so mixed layouts move data as they do out of place.
     ``copy_`` is a copy (the hidden-copy rule)."""
     name = r.op_name
-    if name == "copy_":
+    if copies_into(r):
         return False
     return r.in_place or (name.endswith("_") and not name.endswith("__"))
+
+
+def copies_into(r: NodeRecord) -> bool:
+    """``buf[...].copy_(x)``, or ``buf[...] = x`` (the eager capture names the ATen ``copy_`` by
+    the call the model made, ``setitem``): a copy into an existing tensor, charged what it re-lays."""
+    return r.op_name == "copy_" or aten_op(r) == "copy_"
 
 
 _RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")

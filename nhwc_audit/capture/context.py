@@ -202,12 +202,17 @@ def node_context(
         op_name = _short_name(node.target, names)
     else:
         op_name = node.op
+    detail = _node_detail(node, sub, op_name)
+    called = node.meta.get("torch_fn")  # torch.export's: the torch.nn.functional call an ATen op came from
+    if called and str(called[1]).startswith("function.") and isinstance(getattr(node.target, "_opname", None), str):
+        # named as the model called it, as fx and the eager capture name it (interpolate, not upsample_bilinear2d)
+        op_name, detail = str(called[1]).removeprefix("function."), aten_detail(op_name, node.args, node.kwargs)
     return NodeContext(
         module_path=module_path,
         module_type=module_type,
         source=node.meta.get(SOURCE_KEY) or source_from_stack(node.stack_trace),
         op_name=op_name,
         target=target,
-        detail=_node_detail(node, sub, op_name),
+        detail=detail,
         in_leaf_module=in_leaf,
     )

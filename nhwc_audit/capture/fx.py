@@ -230,11 +230,13 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> C
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {msg} "
-            "(data-dependent control flow or non-torch calls in forward; make that code "
-            "traceable, e.g. wrap it with torch.fx.wrap, or audit a traceable submodule)"
-        ) from e
+        why = (  # symbolic tensors take no item assignment; anything else: control flow, non-torch calls
+            "fx cannot record an item assignment, x[...] = y; capture 'hooks' or 'auto', the default, records it"
+            if "item assignment" in msg
+            else "data-dependent control flow or non-torch calls in forward; make that code "
+            "traceable, e.g. wrap it with torch.fx.wrap, or audit a traceable submodule"
+        )
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {msg} ({why})") from e
     finally:
         root: nn.Module = getattr(tracer, "root", model)
         # torch's Tracer.trace leaves a recursive closure that holds the tracer (a reference

@@ -146,7 +146,7 @@ def _nchw_run(
 ) -> list[NodeRecord] | str:
     holder: _Graph | _Eager
     # a fake run follows eager where meta kernels are known to differ, as the audit's own run did
-    corrections = Corrections(runner.device_type) if runner.fake and runner.correct else None
+    corrections = runner.corrections()
     # a fake run writes to no storage: only a real one is guarded, and its weights, seen through
     # NCHW strides, have the model's values (shapes made from values are the model's)
     shared: frozenset[int] = frozenset() if runner.fake else _values_kept(runner.shared)

@@ -97,7 +97,7 @@ class _Chain:
     _eager: list[Any] = field(default_factory=list)
 
     def _corrections(self) -> Corrections | None:
-        return Corrections(self.runner.device_type) if self.runner.fake and self.runner.correct else None
+        return self.runner.corrections()
 
     def _noted(self, corrections: Corrections | None) -> frozenset[str]:
         """Note the corrections of a fake run; the nodes corrected."""

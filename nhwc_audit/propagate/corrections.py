@@ -131,7 +131,7 @@ class Corrections:
         """One line for the report, or None when nothing was corrected."""
         if not self.applied:
             return None
-        strides = (VIEW_STRIDES, POINTWISE_STRIDES)
+        strides = (VIEW_STRIDES, POINTWISE_STRIDES, BACKWARD_STRIDES)
         texts = sorted({text.split(":")[0] for _, text in self.applied if text not in strides})
         what = [f"{', '.join(texts)}: eager keeps channels_last there, the meta kernels return NCHW"] if texts else []
         what += [text for text in strides if any(t == text for _, t in self.applied)]
@@ -151,6 +151,19 @@ POINTWISE_STRIDES = (
     "the input's strides (pointwise ops, CPU batch and layer norms write NCHW); kernels read them to pick a "
     "layout, as F.interpolate after image pooling does"
 )
+BACKWARD_STRIDES = (
+    "gradients of GLU, log_softmax and reflect/replicate pads strided as the CPU kernels stride them, "
+    "where their meta kernels give other layouts"
+)
+_PROBED_BACKWARDS = frozenset(
+    {
+        "glu_backward",
+        "_log_softmax_backward_data",
+        *(f"{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)),
+    }
+)
+"""Backward ops whose meta kernels stride the gradient otherwise than the CPU kernels (torch
+2.14.1): the CPU kernel is asked (:func:`eager_cpu_strides`, up to :data:`_PROBE_NUMEL`)."""
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
 _PROBE_NUMEL = 1 << 22
@@ -161,8 +174,9 @@ where the kernel raises, the fake tensor's (a fake run: the pointwise rule)."""
 
 
 class _PointwiseStrides(RecordingMode):
-    """Strides of a fake op's 4D/5D output with size-1 dims, which FakeTensor takes from the
-    input where eager kernels may not: an N x C x 1 x 1 map is dense in both orders. On the CPU,
+    """Strides of a fake op's 3D-5D output with size-1 dims (an unfold's N x C*k*k x 1 too), which
+    FakeTensor takes from the input where eager kernels may not: an N x C x 1 x 1 map is dense in
+    both orders. On the CPU,
     the op runs once for real on zeros of its arguments' shapes, strides and dtypes (small ones,
     :data:`_PROBE_NUMEL`; not convolutions, which FakeTensor strides as eager does) and its
     output's strides are eager's. Elsewhere, and where the probe cannot tell, TensorIterator's
@@ -178,7 +192,8 @@ class _PointwiseStrides(RecordingMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         first = out[0] if isinstance(out, (tuple, list)) and out else out
-        if not isinstance(first, torch.Tensor) or first.dim() not in (4, 5) or 1 not in first.shape[1:]:
+        probed = func.overloadpacket.__name__ in _PROBED_BACKWARDS
+        if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5) or not (probed or 1 in first.shape[1:]):
             return out  # the common case, decided first: no size-1 dim to stride otherwise
         if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
             return out  # in place, or a view: strided by its input
@@ -188,7 +203,7 @@ class _PointwiseStrides(RecordingMode):
             strides = _row_major_strides(first.shape)
         if strides is None or strides == tuple(first.stride()):
             return out
-        self.corrections.applied.append(("", POINTWISE_STRIDES))
+        self.corrections.applied.append(("", BACKWARD_STRIDES if probed else POINTWISE_STRIDES))
         fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
         return fixed if first is out else type(out)([fixed, *out[1:]])
 

@@ -1,5 +1,5 @@
 """Dispatch-level recording: the ATen ops a node (or an eager run) dispatches. Layout-changing
-copies made inside a kernel (:func:`hidden_copy`), in-place writes (:func:`written_tensors`)
+copies made inside a kernel (:func:`~nhwc_audit.channels.hidden_copy`), in-place writes (:func:`written_tensors`)
 and the guard that refuses writes to the user's weights the audit reads in place
 (:func:`check_shared_write`), and the guard that stops a run before an op whose output shape
 depends on the values of weights read restrided (:func:`check_value_shape`). Used by the
@@ -9,16 +9,17 @@ interpreter, the eager recorder and every checking run.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..channels import COPY_OPS, hidden_copy, relay_bytes, relays_view
 from ..errors import SharedWeightWrite, ValueDependentShapes
-from ..layout import innermost_dim, relay_bytes, tensor_meta
-from ..records import ALLOCATING_OPS, CONV_OPS, HiddenCopy, Layout, TensorMeta
+from ..layout import tensor_meta
+from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
 
 __all__ = [
@@ -30,71 +31,34 @@ __all__ = [
     "check_shared_write",
     "check_value_shape",
     "computed_relay",
-    "hidden_copy",
     "is_alias_of",
-    "layout_change",
     "written_tensors",
 ]
-
-
-_COPY_OPS = frozenset(
-    {
-        torch.ops.aten.clone.default,
-        torch.ops.aten.copy_.default,
-        torch.ops.aten._to_copy.default,
-        torch.ops.aten.contiguous.default,
-    }
-)
-
-
-def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
-    """A copy from ``src`` to ``dst`` (rank >= 4, same shape) moves the innermost memory dim
-    between the channels (dim 1, NHWC) and the last dim (NCHW): a layout transpose. Copies
-    between other dims (attention's B x heads x N x d transposes) are not layout changes."""
-    if src.rank < 4 or src.shape != dst.shape:
-        return False
-    last = max((i for i, s in enumerate(src.shape) if s > 1), default=None)
-    pair = {innermost_dim(src), innermost_dim(dst)}
-    return last is not None and last != 1 and pair == {1, last}
-
-
-def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
-    """The record of an ATen copy (clone, copy_, _to_copy, contiguous) that changes layout."""
-    if func not in _COPY_OPS:
-        return None
-    src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4):
-        return None
-    sm, dm = tensor_meta(src), tensor_meta(out)
-    if not layout_change(sm, dm):
-        return None
-    name = str(func.overloadpacket.__name__)
-    return HiddenCopy(op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
 
 
 _DECIDED = frozenset({Layout.CHANNELS_LAST, Layout.CONTIGUOUS})
 
 
 def computed_relay(
-    func: Any, args: Any, out: Any, boundary: frozenset[int] = frozenset(), skip: frozenset[str] = frozenset()
+    func: Any, args: Any, out: Any, boundary: frozenset[int] = frozenset(), unsure: Collection[int] = ()
 ) -> tuple[HiddenCopy, int, int] | None:
     """The record of an ATen op that is neither a copy nor a view and computes its 4D/5D output
     in NHWC from an NCHW input of its rank, or the other way (a convolution inside a
     circular-padding Conv2d re-lays the padded NCHW input; the 2D pool inside AvgPool1d reads a
     token map unsqueezed from an NHWC map and writes NCHW). Parameters are left to the weight
-    rules. Bytes by :func:`~nhwc_audit.layout.relay_bytes`, summed over such inputs. With the
+    rules. Bytes by :func:`~nhwc_audit.channels.relay_bytes`, summed over such inputs. With the
     ``id()`` of the first input it re-lays and of the output (a node's own op is its record's).
     An op that reads only ``boundary`` tensors (``id()``: the node's inputs) is skipped: in a
-    node of one op (a cat of dozens of maps) it is the node's own. ``skip``: ATen op names
-    whose layouts are not to be trusted (meta kernels known to differ from eager)."""
-    if func in _COPY_OPS:
+    node of one op (a cat of dozens of maps) it is the node's own. ``unsure``: the ``id()`` of
+    tensors whose layouts are not to be trusted (made by meta kernels known to differ from eager)."""
+    if func in COPY_OPS:
         return None
     result = out[0] if isinstance(out, (tuple, list)) and out else out
     if not isinstance(result, torch.Tensor) or result.dim() < 4:
         return None
     om = tensor_meta(result)
     name = str(func.overloadpacket.__name__)
-    if om.layout not in _DECIDED or name in ALLOCATING_OPS or name in skip:
+    if name in ALLOCATING_OPS:
         return None
     tensors = list(iter_tensors(args))
     if all(id(t) in boundary for t in tensors):
@@ -103,17 +67,22 @@ def computed_relay(
     moved, first, source = 0, None, 0
     rank = result.dim()
     for t in tensors:
-        if t.dim() != rank or isinstance(t, nn.Parameter):
+        if t.dim() != rank or isinstance(t, nn.Parameter) or id(t) in unsure:
             continue
         m = tensor_meta(t)
-        if m.layout in _DECIDED and m.layout is not om.layout:
-            if is_alias_of(result, t):
-                return None  # a view, or written in place
-            moved += relay_bytes(m, om, conv=conv)
-            first, source = first or m, source or id(t)
+        if om.layout in _DECIDED and m.layout in _DECIDED and m.layout is not om.layout:
+            layouts = (m.layout, om.layout)
+        elif not conv and name not in GEMM_OPS and relays_view(t, m, om):  # they compute their output
+            layouts = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
+        else:
+            continue
+        if is_alias_of(result, t):
+            return None  # a view, or written in place
+        moved += relay_bytes(m, om, conv=conv)
+        first, source = first or layouts, source or id(t)
     if first is None:
         return None
-    copy = HiddenCopy(op=name, layout_in=first.layout, layout_out=om.layout, shape=om.shape, bytes=moved, computed=True)
+    copy = HiddenCopy(op=name, layout_in=first[0], layout_out=first[1], shape=om.shape, bytes=moved, computed=True)
     return copy, source, id(result)
 
 
@@ -213,12 +182,19 @@ class CopyRecorder(GuardedMode):
         self.boundary: frozenset[int] = frozenset()
         """``id()`` of the running node's inputs (see :func:`computed_relay`)."""
         self.untrusted: frozenset[str] = frozenset()
-        """ATen ops whose computed layout changes are not kept (a fake run's known meta errors)."""
+        """ATen ops whose layout changes are not kept (a fake run's known meta errors), nor those of
+        the ops reading their outputs (``unsure``: a fake 5D pad inside a Conv3d writes NCDHW)."""
+        self.unsure: set[int] = set()
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
         self.on_stack = False
         """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
         see into: :func:`recorder_blind`)."""
+
+    def start(self, boundary: frozenset[int], recording: bool) -> None:
+        """Begin a node: nothing kept yet; ``boundary``, the ``id()`` of its inputs."""
+        self.copies, self.relayed, self.unsure = [], [], set()
+        self.boundary, self.recording = boundary, recording
 
     def off_stack(self) -> bool:
         """Take the mode off torch's dispatch stack (one C-level pop for a run of nodes it cannot
@@ -239,7 +215,9 @@ class CopyRecorder(GuardedMode):
             copy = hidden_copy(func, args, out)
             if copy is not None:
                 self.copies.append(copy)
-            elif self.relays and (relay := computed_relay(func, args, out, self.boundary, self.untrusted)) is not None:
+            elif self.relays and func.overloadpacket.__name__ in self.untrusted:
+                self.unsure.update(id(t) for t in iter_tensors(out))
+            elif self.relays and (relay := computed_relay(func, args, out, self.boundary, self.unsure)) is not None:
                 self.relayed.append(relay)
         return out
 

@@ -23,6 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
 from ..capture.source import user_frame
+from ..channels import hidden_copy
 from ..errors import NhwcAuditError, first_line
 from ..layout import classify, tensor_meta
 from ..prepare.copy import plain_tensors
@@ -30,7 +31,7 @@ from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .corrections import Corrections
-from .dispatch import GuardedMode, hidden_copy, is_alias_of
+from .dispatch import GuardedMode, is_alias_of
 
 __all__ = ["record_eager"]
 

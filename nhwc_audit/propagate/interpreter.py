@@ -135,9 +135,7 @@ class LayoutProp(torch.fx.Interpreter):
                 if not rec.on_stack:
                     torch._C._push_on_torch_dispatch_stack(rec)
                     rec.on_stack = True
-                rec.copies, rec.relayed = [], []
-                rec.boundary = frozenset(id(t) for _, t in inputs)
-                rec.recording = self.record_hidden
+                rec.start(frozenset(id(t) for _, t in inputs), self.record_hidden)
                 try:
                     result = self._call(n, args, kwargs)
                 finally:

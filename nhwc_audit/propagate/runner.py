@@ -53,6 +53,10 @@ class Runner:
     def fake(self) -> bool:
         return self.fake_mode is not None
 
+    def corrections(self) -> Corrections | None:
+        """Fresh corrections for one fake run; None for a real run (or mode 'both''s raw half)."""
+        return Corrections(self.device_type) if self.fake and self.correct else None
+
     @contextlib.contextmanager
     def context(self, *, guard: bool = True, corrections: Corrections | None = None) -> Iterator[None]:
         """Seeded RNG, fake mode (with the ``corrections`` of a fake run's strides), autocast and

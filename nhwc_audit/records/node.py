@@ -172,3 +172,9 @@ class NodeRecord:
     def op_label(self) -> str:
         """The op as shown: ``pad(circular)``, ``Conv2d``."""
         return op_label(self.op_name, self.detail)
+
+    @property
+    def site_op(self) -> str:
+        """The op a finding names: for an ATen op that a torch.nn module runs (the hooks and
+        export captures record them), that module, as fx names it (``InstanceNorm3d``)."""
+        return self.module_type if self.in_leaf_module and self.op != "call_module" else self.op_name

@@ -49,3 +49,28 @@ def test_a_finding_inside_a_torch_nn_module_has_one_key_in_every_capture(model: 
     assert keys["fx"] and keys["hooks"] == keys["fx"] == keys["export"], keys
     assert any(f.kind.value == "revert" and f.op.startswith("InstanceNorm") for f in reports["hooks"].findings)
     assert any("aten." in f.target for f in reports["hooks"].findings)
+
+
+class _FunctionalSites(torch.nn.Module):
+    """Findings at torch.nn.functional calls that torch.export records as other ATen ops
+    (``F.interpolate`` as ``upsample_bilinear2d``, ``F.grid_sample`` as ``grid_sampler``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("grid", torch.rand(1, 16, 16, 2) * 2 - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x).sum(-1, keepdim=True).expand(-1, -1, -1, 8)  # NCHW from here
+        y = torch.nn.functional.interpolate(y, scale_factor=2.0, mode="bilinear")
+        return self.b(torch.nn.functional.grid_sample(y, self.grid, align_corners=False))
+
+
+def test_a_finding_at_a_functional_call_has_one_key_in_every_capture() -> None:
+    m = _FunctionalSites().eval()
+    x = torch.randn(1, 3, 8, 8)
+    reports = {c: audit(m, x, bandwidth=1e9, capture=c) for c in ("fx", "export", "hooks")}
+    keys = {c: sorted((f.key, f.bytes) for f in r.findings) for c, r in reports.items()}
+    assert keys["hooks"] == keys["fx"] == keys["export"], keys
+    ops = {n.op_name for n in reports["export"].nodes}
+    assert {"interpolate", "grid_sample"} <= ops and not ops & {"upsample_bilinear2d", "grid_sampler"}

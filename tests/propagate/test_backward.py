@@ -228,3 +228,48 @@ def test_a_rejected_captures_autograd_run_does_not_outlive_the_rejection(monkeyp
     finally:
         gc.enable()
     assert alive_at_export == [False]
+
+
+class _Between(nn.Module):
+    def __init__(self, op: nn.Module, post: int = 8) -> None:
+        super().__init__()
+        self.a, self.op, self.b = nn.Conv2d(8, 8, 3, padding=1), op, nn.Conv2d(post, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.op(self.a(x)))
+
+
+def _eager_grad_layout(model: nn.Module, x: torch.Tensor) -> str:
+    """The layout of the gradient eager autograd hands conv ``a``'s channels_last output."""
+    from nhwc_audit import convert
+
+    m, seen = convert(model), {}
+
+    def hook(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: seen.update(g=g.stride()))
+
+    m.a.register_forward_hook(hook)
+    y = m(x.contiguous(memory_format=torch.channels_last).requires_grad_())
+    (y * torch.randn_like(y)).sum().backward()
+    return (
+        "channels_last" if seen["g"] == torch.empty(x.shape).to(memory_format=torch.channels_last).stride() else "nchw"
+    )
+
+
+@pytest.mark.parametrize(
+    "op,post",
+    [(nn.GLU(dim=1), 4), (nn.LogSoftmax(dim=1), 8), (nn.ReflectionPad2d(2), 8), (nn.ReplicationPad2d((1, 0, 0, 2)), 8)]
+    + [(nn.Conv2d(8, 8, 3, padding=(1, 2), padding_mode=m), 8) for m in ("replicate", "reflect")],
+)
+def test_a_fake_train_audit_strides_gradients_as_the_cpu_kernels_do(op: nn.Module, post: int) -> None:
+    """The meta kernels of GLU's and of the reflect/replicate pads' backward stride their gradient
+    otherwise than the CPU kernels (torch 2.14.1): a fake audit asks the CPU kernel, as real mode
+    runs it, and finds what eager does at conv ``a``."""
+    torch.manual_seed(0)
+    model = _Between(op, post).train()
+    x = torch.randn(2, 8, 8, 12)
+    nchw_grad_at_a = _eager_grad_layout(model, x) == "nchw"
+    for mode in ("real", "fake"):
+        r = audit(model, x, bandwidth=1e9, train=True, mode=mode)
+        found = [f.module_path for f in r.findings if f.kind.value == "backward"]
+        assert ("a" in found) == nchw_grad_at_a, (mode, found, r.meta.capture_notes)

@@ -49,6 +49,16 @@ def _scatter_c() -> Between:
     )
 
 
+def _scatter_into_fewer_channels() -> Between:
+    # 8 channels summed pairwise into a 4-channel NCHW buffer: moves at most the buffer; the
+    # index holds only its channels in memory, which no layout reorders
+    return Between(
+        lambda s, y: y.new_zeros(2, 4, 16, 16).scatter_add(1, s.idx.expand_as(y), y),
+        post=4,
+        idx=(torch.arange(8) // 2).view(1, 8, 1, 1),
+    )
+
+
 def _scatter_add_twice() -> Between:
     # ``y`` read twice, as the tensor added into and as the source
     return Between(lambda s, y: y.scatter_add(1, y.argmax(1, keepdim=True).expand_as(y), y))
@@ -177,6 +187,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
     "scatter_add_operand_twice": _scatter_add_twice,
+    "scatter_into_fewer_channels": _scatter_into_fewer_channels,
     "cat_ones_like_contiguous": _cat_ones_like,
     "cat_new_zeros": _cat_new_zeros,
     "add_zeros_like_contiguous": _add_zeros_like,
@@ -202,6 +213,23 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "conv_of_one_channel_selected": lambda: Between(lambda s, y: y.select(1, 3).unsqueeze(1), post=1),
     # ATen's clone of an expanded map (the eager capture records it): reads the map once
     "repeat_interleave_channels": lambda: Between(lambda s, y: y.repeat_interleave(2, dim=1), post=16),
+    # MobileViTV2's linear attention: a context summed over W (NCHW) expanded back over the map
+    # and multiplied with it: the broadcast operand is read across layouts, stored bytes only
+    "product_with_an_expanded_context": lambda: Between(lambda s, y: y.relu() * y.sum(-1, keepdim=True).expand_as(y)),
+    # an index along H writes N x W x H x C (the channels innermost, H and W swapped): a revert,
+    # and the conv re-lays it; in NCHW neither moves anything
+    "index_along_h": lambda: Between(lambda s, y: y[:, :, s.idx], idx=torch.arange(15, -1, -1)),
+    # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
+    "cat_with_its_transpose": lambda: Between(lambda s, y: torch.cat([y, y.transpose(2, 3)], 1), post=16),
+    # a view that puts the channels at dim 2 (N x 1 x C x H x W), then a row-major copy of it:
+    # LocalResponseNorm's pad; a C == 1 view is in no format, the copy is still a transpose
+    "local_response_norm": lambda: Between(lambda s, y: nn.functional.local_response_norm(y, 5)),
+    "local_response_norm_module": lambda: nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), nn.LocalResponseNorm(3), nn.Conv2d(8, 8, 3, padding=1)
+    ),
+    "channels_padded_through_a_5d_view": lambda: Between(
+        lambda s, y: nn.functional.pad(y.unsqueeze(1), (0, 0, 0, 0, 1, 1)).squeeze(1), post=10
+    ),
 }
 
 
@@ -357,3 +385,104 @@ def test_a_copy_an_op_makes_inside_in_either_layout_is_charged_what_channels_las
     assert any(f.op == "matmul" for f in r.findings)  # still where the copy is made
     assert r.summary.bytes_moved == eager_bytes(HaloBlocks().eval(), (x,)).added == 0
     assert any(n.startswith("NCHW baseline: 1 conversion(s) re-lay data in NCHW too") for n in r.meta.capture_notes)
+
+
+class PadByAssignment(nn.Module):
+    """A hand-written pad, ``buf[...] = y`` into an NCHW buffer (fx cannot trace item assignment:
+    the default capture falls back to the eager one, which names the ATen ``copy_`` ``setitem``)."""
+
+    def __init__(self, half: bool) -> None:
+        super().__init__()
+        self.half = half
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.half:  # an NCHW tensor assigned into half the channels of a channels_last map
+            y[:, 4:] = y[:, :4].contiguous()
+            return self.b(y)
+        buf = y.new_zeros((y.shape[0], y.shape[1], y.shape[2] + 2, y.shape[3] + 2))
+        buf[:, :, 1:-1, 1:-1] = y
+        return self.b(buf)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["auto", "export", "hooks"])
+@pytest.mark.parametrize("half", [False, True])
+def test_an_assignment_across_layouts_is_charged_what_eager_moves(half: bool, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model = PadByAssignment(half).eval()
+    x = torch.randn(2, 8, 8, 12)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("padding_mode", ["replicate", "reflect", "circular"])
+def test_a_padded_conv3d_is_charged_what_eager_moves(padding_mode: str, capture: str, mode: str) -> None:
+    """Its pad runs inside the Conv3d (one fx node): a fake 5D reflect or replicate pad writes
+    NCDHW where the CPU kernel keeps channels_last_3d, and the conv after it must not be charged
+    for re-laying that; the eager capture sees a circular pad as an allocation and its copies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(4, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1, padding_mode=padding_mode), nn.Conv3d(8, 8, 1)
+    ).eval()
+    x = torch.randn(2, 4, 6, 6, 4)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert r.summary.bytes_moved == expected, [(f.kind.value, f.target, f.bytes) for f in r.findings]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_volume_indexed_along_its_depth_is_charged_what_eager_moves(capture: str) -> None:
+    """CPU ``index`` writes a channels_last_3d volume indexed along D as N x W x H x D x C
+    (strides (1152, 1, 32, 192, 8) here): a revert, and the Conv3d after it re-lays it."""
+    torch.manual_seed(0)
+
+    class IndexD(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv3d(4, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)
+            self.register_buffer("idx", torch.arange(5, -1, -1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x)[:, :, self.idx])
+
+    model = IndexD().eval()
+    x = torch.randn(2, 4, 6, 6, 4)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+def test_fx_forced_on_an_item_assignment_says_what_records_it() -> None:
+    from nhwc_audit.errors import TraceError
+
+    with pytest.raises(TraceError, match=r"item assignment.*capture 'hooks' or 'auto'") as err:
+        audit(PadByAssignment(False).eval(), torch.randn(2, 8, 8, 12), bandwidth=1e9, capture="fx")
+    assert "control flow" not in str(err.value)
+
+
+class UnfoldedPatches(nn.Module):
+    """MobileViTV2's patches (transformers modeling_mobilevitv2.py): unfold to one patch, reshaped
+    to 1 x C x 4 x 1; FakeTensor strides the unfold's size-1 dim otherwise than the CPU kernel."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.a, self.p, self.b = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.gn, self.c = nn.GroupNorm(1, c), c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.unfold(self.a(x), kernel_size=2, stride=2).reshape(1, self.c, 4, 1)
+        return self.b(self.gn(self.p(h) + h))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_unfolded_patches_are_charged_what_eager_moves(mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = UnfoldedPatches().eval(), torch.randn(1, 32, 2, 2)
+    r = audit(model, x, bandwidth=1e9, mode=mode)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added, [(f.kind.value, f.op, f.bytes) for f in r.findings]

@@ -1,0 +1,121 @@
+"""Which copies move a channels_last map's channels out of the innermost place: a copy
+between NHWC and NCHW (:func:`layout_change`), and one out of a view that puts the channels at
+another dim, whatever the view's format flags say.
+
+A view can put an NHWC map's channels at another dim: ``F.local_response_norm`` views an
+N x C x H x W map as N x 1 x C x H x W. That 5D tensor is dense in no memory format, and a
+row-major copy of it (its constant pad) is ``AMBIGUOUS`` by the layout rule (dim 1 has size 1),
+yet the copy moves the channels out of the innermost place: an NHWC -> NCHW transpose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .layout import innermost_dim, is_dense_in_order, memory_order, tensor_meta
+from .records import HiddenCopy, Layout, TensorMeta
+
+__all__ = [
+    "COPY_OPS",
+    "channels_relaid",
+    "hidden_copy",
+    "layout_change",
+    "relay_bytes",
+    "relays_view",
+    "view_channels",
+]
+
+
+def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
+    """A copy from ``src`` to ``dst`` (rank >= 4, same shape) moves the innermost memory dim
+    between the channels (dim 1, NHWC) and the last dim (NCHW): a layout transpose. Copies
+    between other dims (attention's B x heads x N x d transposes) are not layout changes."""
+    if src.rank < 4 or src.shape != dst.shape:
+        return False
+    last = max((i for i, s in enumerate(src.shape) if s > 1), default=None)
+    pair = {innermost_dim(src), innermost_dim(dst)}
+    return last is not None and last != 1 and pair == {1, last}
+
+
+def view_channels(view: TensorMeta, base: TensorMeta) -> frozenset[int]:
+    """The dims of ``view`` that hold the channels of ``base``, the channels_last map it views:
+    those strided below every other dim of the map (none when ``base`` is not channels_last).
+
+    >>> import torch
+    >>> from nhwc_audit.layout import tensor_meta
+    >>> x = torch.zeros(1, 16, 8, 8).to(memory_format=torch.channels_last)
+    >>> sorted(view_channels(tensor_meta(x.view(1, 1, 16, 8, 8)), tensor_meta(x)))
+    [2]
+    """
+    if base.layout is not Layout.CHANNELS_LAST or len(view.strides) != view.rank:
+        return frozenset()
+    others = [st for d, (n, st) in enumerate(zip(base.shape, base.strides, strict=True)) if d != 1 and n > 1]
+    below = min(others, default=base.numel)
+    return frozenset(
+        d for d, (n, st) in enumerate(zip(view.shape, view.strides, strict=True)) if n > 1 and 0 < st < below
+    )
+
+
+def channels_relaid(src: TensorMeta, channels: frozenset[int], dst: TensorMeta) -> bool:
+    """Writing ``src``, whose memory runs along ``channels`` (:func:`view_channels`), as ``dst``
+    of its rank moves them out of the innermost place, the channels kept (a reduction over them
+    computes, it does not move them) and ``dst`` dense: an NHWC -> NCHW transpose.
+
+    >>> import torch
+    >>> from nhwc_audit.layout import tensor_meta
+    >>> x = torch.zeros(1, 16, 8, 8).to(memory_format=torch.channels_last).view(1, 1, 16, 8, 8)
+    >>> channels_relaid(tensor_meta(x), frozenset({2}), tensor_meta(x.contiguous()))
+    True
+    >>> channels_relaid(tensor_meta(x), frozenset({2}), tensor_meta(x * 2))
+    False
+    """
+    if not channels or src.rank != dst.rank or src.rank < 4 or len(dst.strides) != dst.rank:
+        return False
+    if innermost_dim(src) not in channels or any(dst.shape[d] < 2 for d in channels):
+        return False
+    order = memory_order(dst)
+    return bool(order) and order[-1] not in channels and is_dense_in_order(dst.shape, dst.strides, order[::-1])
+
+
+def relays_view(t: torch.Tensor, meta: TensorMeta, out: TensorMeta) -> bool:
+    """At dispatch level: ``t`` (``meta``) views a 4D/5D channels_last map (its ``_base``), in no
+    format the layout rule names, and is written as ``out`` with the channels out of the innermost
+    place (:func:`channels_relaid`)."""
+    base = t._base
+    if meta.layout is not Layout.STRIDED or base is None or base.dim() not in (4, 5):
+        return False
+    return channels_relaid(meta, view_channels(meta, tensor_meta(base)), out)
+
+
+COPY_OPS = frozenset(
+    {
+        torch.ops.aten.clone.default,
+        torch.ops.aten.copy_.default,
+        torch.ops.aten._to_copy.default,
+        torch.ops.aten.contiguous.default,
+    }
+)
+
+
+def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
+    """The record of an ATen copy (clone, copy_, _to_copy, contiguous) that changes layout."""
+    if func not in COPY_OPS:
+        return None
+    src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4):
+        return None
+    sm, dm = tensor_meta(src), tensor_meta(out)
+    if not layout_change(sm, dm):  # not a view's relay (:func:`relays_view`): a matmul clones attention heads so
+        return None
+    name = str(func.overloadpacket.__name__)
+    return HiddenCopy(op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)
+
+
+def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:
+    """Bytes an op moves bringing ``source`` into ``out``'s layout, read and written: a
+    convolution re-lays its whole input (the kernel makes it contiguous, then computes); any
+    other op moves at most the smaller of the two (a cat only its operands, a reduction over a
+    stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes."""
+    return 2 * (source.stored_nbytes if conv else min(source.stored_nbytes, out.nbytes))
