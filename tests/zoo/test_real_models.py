@@ -25,7 +25,7 @@ EXPECTED = {
     "torchvision.swin_t": ("fx", 0, 0, 0, 0),
     "torchvision.deeplabv3_mobilenet_v3_large": ("fx", 0, 1, 1, 0),
     "timm.convnext_atto": ("fx", 0, 0, 0, 0),
-    "timm.mobilevitv2_050": ("hooks", 12, 15, 15, 0),
+    "timm.mobilevitv2_050": ("hooks", 12, 15, 21, 0),  # 6 mixed: ctx.expand_as(v) * v, ctx NCHW after its sum
     "diffusers.UNet2DModel": ("hooks", 0, 0, 0, 0),
     "diffusers.UNet2DConditionModel": ("hooks", 4, 4, 0, 0),
     "diffusers.AutoencoderKL": ("hooks", 0, 0, 0, 0),
