@@ -21,7 +21,7 @@ from torch import nn
 from .analyze.analysis import analyze
 from .analyze.divergence import divergences
 from .analyze.findings import find_findings
-from .analyze.moves import baselined, reorder_bytes
+from .analyze.moves import baselined, displaced, reorder_bytes
 from .analyze.verdict import decide
 from .collector import collector_paused
 from .errors import SharedWeightWrite, ValueDependentShapes
@@ -203,12 +203,11 @@ def _with_nchw_baseline(
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
+    both |= {k: both.get(k, 0) + n for k, n in displaced(records, both, {f.node for f in costly}).items()}
     if not both:
         return records, ()
     out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
-    notes = []
-    if on_fake:
-        notes.append("NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)")
+    notes = ["NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)"] if on_fake else []
     for kind, what in (
         (FindingKind.REVERT, "revert(s) copy"),
         (FindingKind.MIXED, "mixed op(s) move data"),

@@ -4,6 +4,8 @@ the node records."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 from ..channels import channels_relaid, relay_bytes, view_channels
 from ..layout import (
     channel_dims,
@@ -26,6 +28,7 @@ __all__ = [
     "converted_weight",
     "copies_into",
     "data_inputs",
+    "displaced",
     "exits_spatial",
     "mixed_bytes",
     "other_side",
@@ -218,6 +221,29 @@ def reorder_bytes(r: NodeRecord) -> int:
         return 2 * act.meta.nbytes if relaid else 0
     ins = (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     return sum(relay_bytes(i.meta, out, conv=False) for i in ins if reorders(i.meta, out))
+
+
+def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged: Collection[str]) -> dict[str, int]:
+    """For each node of ``charged`` (findings the NCHW baseline can change), the bytes NCHW moves
+    at a node upstream where channels_last moves fewer (``nchw_moved`` against :func:`reorder_bytes`):
+    the same copy, made later in the same line (diffusers' TemporalConvLayer: NCHW copies at its
+    GroupNorm, channels_last at its Conv3d). Up the first activation inputs at one shape."""
+    by_name = {r.name: r for r in records}
+    credit: dict[str, int] = {}
+    used: set[str] = set()
+    for name in charged:
+        site, first = by_name[name].source, by_name[name].activation_inputs[:1]
+        shape = first[0].meta.shape if first else None
+        node = by_name.get(first[0].producer or "") if first else None
+        while node is not None and node.name not in charged and node.outputs and node.outputs[0].shape == shape:
+            saved = nchw_moved.get(node.name, 0) - max(reorder_bytes(node), sum(h.bytes for h in node.hidden))
+            if saved > 0 and node.name not in used and node.source == site:  # one call of the model's
+                credit[name] = saved
+                used.add(node.name)
+                break
+            up = node.activation_inputs[:1]
+            node = by_name.get(up[0].producer or "") if up else None
+    return credit
 
 
 def other_side(r: NodeRecord, i: NodeInput) -> bool:

@@ -486,3 +486,28 @@ def test_unfolded_patches_are_charged_what_eager_moves(mode: str) -> None:
     model, x = UnfoldedPatches().eval(), torch.randn(1, 32, 2, 2)
     r = audit(model, x, bandwidth=1e9, mode=mode)
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+class TemporalConv(nn.Module):
+    """diffusers' TemporalConvLayer: frames moved out of the batch and behind the channels
+    (N x C x F x H x W, channels_last_3d strides from an NHWC map), then GroupNorm, SiLU and a
+    Conv3d. NCHW copies the permuted map at the GroupNorm; channels_last at the Conv3d (CPU
+    Conv3d returns NCDHW): the same copy, one op later, so channels_last adds nothing."""
+
+    def __init__(self, c: int = 64) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = nn.Sequential(nn.GroupNorm(32, c), nn.SiLU(), nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        h = self.conv(y[None, :].reshape((-1, 2) + y.shape[1:]).permute(0, 2, 1, 3, 4))
+        return h.permute(0, 2, 1, 3, 4).reshape((-1,) + h.shape[1:2] + h.shape[3:])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_copy_made_one_op_later_than_in_nchw_is_charged_what_channels_last_adds(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = TemporalConv().eval(), torch.randn(2, 64, 8, 8)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added, [(f.kind.value, f.op, f.bytes) for f in r.findings]
