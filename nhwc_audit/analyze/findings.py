@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layout import along_w, nchw_ordered, row_major
+from ..layout import along_w, nchw_ordered, reorders, row_major
 from ..records import GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import moves
 from .hints import (
@@ -228,7 +228,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=cl_in[0].meta.shape,
             )
         ]
-    if not reverted and (relaid := moves.relaid_views(r, ctx.by_name)):
+    if reverted and not (row_major(reverted[0]) or along_w(reverted[0])):  # another order than NCHW:
+        sources = [i for i in sources if reorders(i.meta, reverted[0])]  # only what changes order moves
+    if not (reverted and sources) and (relaid := moves.relaid_views(r, ctx.by_name)):
         reverted, sources = [r.outputs[0]], relaid  # its format flags say nothing (C == 1 views)
     if reverted and sources and r.op_name.lower() not in GEMM_OPS:  # a GEMM computes its output's layout
         # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into

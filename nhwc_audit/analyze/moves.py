@@ -90,11 +90,12 @@ def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[in
     map: dims 2-4): those strided below every other dim of the map (its channels are
     innermost); none when ``i`` is no view of a channels_last map."""
     node = by_name.get(i.producer or "")
-    while node is not None and node.aliases_input and node.activation_inputs:
-        src = node.activation_inputs[0].meta
+    # a view views its first operand (``m.expand_as(x)`` views the buffer ``m``, not ``x``)
+    while node is not None and node.aliases_input and node.inputs and not node.inputs[0].is_param:
+        src = node.inputs[0].meta
         if src.is_spatial:
             return view_channels(i.meta, src)
-        node = by_name.get(node.activation_inputs[0].producer or "")
+        node = by_name.get(node.inputs[0].producer or "")
     return frozenset()
 
 
@@ -248,22 +249,22 @@ def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged
 
 def other_side(r: NodeRecord, i: NodeInput) -> bool:
     """``i`` is read across layouts by a kernel writing channels_last: on the NCHW side of a
-    transpose (:func:`~nhwc_audit.layout.nchw_side`), or, into a convolution (which re-lays
-    its whole input), strided in another dim order than the conv writes (a map permuted to
-    N x W x C x H, or indexed along H into N x W x H x C; not a one-channel slice)."""
+    transpose (:func:`~nhwc_audit.layout.nchw_side`), or strided in another dim order than a
+    channels_last output, or than any a convolution writes (it re-lays its whole input): a map
+    permuted to N x W x C x H, or indexed along H into N x W x H x C; not a one-channel slice."""
+    out = r.outputs[0] if r.outputs else None
     if 0 in i.meta.strides:  # broadcast (``ctx.expand_as(v)``): across where the dims it holds run otherwise
-        out = r.outputs[0] if r.outputs else None
         return out is not None and out.layout is Layout.CHANNELS_LAST and reorders(i.meta, out)
     if nchw_side(i.meta):
         return True
-    if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.STRIDED or 0 in i.meta.strides:
+    if out is None or i.meta.layout is not Layout.STRIDED:
         return False
-    # a channel slice with a step (y[:, ::2]) still runs along the channels; one channel (y[:, :1]
-    # of a channels_last map) has no run along them to leave: the kernel compacts either, as it
-    # compacts a slice of an NCHW map; a map indexed along H (N x W x H x C) it re-lays
-    out = r.outputs[0] if r.outputs else None
-    both = [d for d in memory_order(i.meta) if out is not None and d < out.rank and out.shape[d] > 1]
-    return out is not None and both != [d for d in memory_order(out) if d in both]
+    if out.layout is not Layout.CHANNELS_LAST and r.op_name.lower() not in CONV_OPS:
+        return False
+    # a channel slice with a step (y[:, ::2]) still runs along the channels; one channel (y[:, :1])
+    # has no run along them to leave: read as a slice of an NCHW map is; not so N x W x H x C
+    both = [d for d in memory_order(i.meta) if d < out.rank and out.shape[d] > 1]
+    return both != [d for d in memory_order(out) if d in both]
 
 
 def writes_in_place(r: NodeRecord) -> bool:
@@ -272,9 +273,7 @@ def writes_in_place(r: NodeRecord) -> bool:
     operands in the written tensor's layout, so mixed layouts move data as they do out of place.
     ``copy_`` is a copy (the hidden-copy rule)."""
     name = r.op_name
-    if copies_into(r):
-        return False
-    return r.in_place or (name.endswith("_") and not name.endswith("__"))
+    return not copies_into(r) and (r.in_place or (name.endswith("_") and not name.endswith("__")))
 
 
 def copies_into(r: NodeRecord) -> bool:

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..channels import COPY_OPS, hidden_copy, relay_bytes, relays_view
 from ..errors import SharedWeightWrite, ValueDependentShapes
-from ..layout import tensor_meta
+from ..layout import reorders, tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
 
@@ -39,21 +39,23 @@ __all__ = [
 _DECIDED = frozenset({Layout.CHANNELS_LAST, Layout.CONTIGUOUS})
 
 
-def computed_relay(
-    func: Any, args: Any, out: Any, boundary: frozenset[int] = frozenset(), unsure: Collection[int] = ()
-) -> tuple[HiddenCopy, int, int] | None:
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ()) -> tuple[HiddenCopy, int, int] | None:
     """The record of an ATen op that is neither a copy nor a view and computes its 4D/5D output
     in NHWC from an NCHW input of its rank, or the other way (a convolution inside a
     circular-padding Conv2d re-lays the padded NCHW input; the 2D pool inside AvgPool1d reads a
     token map unsqueezed from an NHWC map and writes NCHW). Parameters are left to the weight
     rules. Bytes by :func:`~nhwc_audit.channels.relay_bytes`, summed over such inputs. With the
-    ``id()`` of the first input it re-lays and of the output (a node's own op is its record's).
-    An op that reads only ``boundary`` tensors (``id()``: the node's inputs) is skipped: in a
-    node of one op (a cat of dozens of maps) it is the node's own. ``unsure``: the ``id()`` of
-    tensors whose layouts are not to be trusted (made by meta kernels known to differ from eager)."""
+    ``id()`` of the first input it re-lays and of the output (a node's own op is its record's:
+    :class:`CopyRecorder` judges an op that reads only the node's inputs once it knows the node's
+    result). ``unsure``: the ``id()`` of tensors whose layouts are not to be trusted (made by meta
+    kernels known to differ from eager)."""
     if func in COPY_OPS:
         return None
-    result = out[0] if isinstance(out, (tuple, list)) and out else out
+    result = _first(out)
     if not isinstance(result, torch.Tensor) or result.dim() < 4:
         return None
     om = tensor_meta(result)
@@ -61,8 +63,6 @@ def computed_relay(
     if name in ALLOCATING_OPS:
         return None
     tensors = list(iter_tensors(args))
-    if all(id(t) in boundary for t in tensors):
-        return None
     conv = name in CONV_OPS
     moved, first, source = 0, None, 0
     rank = result.dim()
@@ -74,6 +74,8 @@ def computed_relay(
             layouts = (m.layout, om.layout)
         elif not conv and name not in GEMM_OPS and relays_view(t, m, om):  # they compute their output
             layouts = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
+        elif 0 in m.strides and om.layout is Layout.CHANNELS_LAST and reorders(m, om):  # F.normalize's expand_as
+            layouts = (Layout.CONTIGUOUS, Layout.CHANNELS_LAST)
         else:
             continue
         if is_alias_of(result, t):
@@ -185,6 +187,7 @@ class CopyRecorder(GuardedMode):
         """ATen ops whose layout changes are not kept (a fake run's known meta errors), nor those of
         the ops reading their outputs (``unsure``: a fake 5D pad inside a Conv3d writes NCDHW)."""
         self.unsure: set[int] = set()
+        self.deferred: list[tuple[Any, Any, Any]] = []
         self.recording = True
         """Keep copies (False while the caller runs ops of its own under the mode)."""
         self.on_stack = False
@@ -193,8 +196,16 @@ class CopyRecorder(GuardedMode):
 
     def start(self, boundary: frozenset[int], recording: bool) -> None:
         """Begin a node: nothing kept yet; ``boundary``, the ``id()`` of its inputs."""
-        self.copies, self.relayed, self.unsure = [], [], set()
+        self.copies, self.relayed, self.unsure, self.deferred = [], [], set(), []
         self.boundary, self.recording = boundary, recording
+
+    def settled(self, result: Any) -> list[tuple[HiddenCopy, int, int]]:
+        """``relayed``, and the relays of the ops that read only the node's inputs and did not
+        make its result (the first of F.normalize's: its norm), judged now the result is known."""
+        outs = {id(t) for t in iter_tensors(result)}
+        late = [computed_relay(f, a, o, self.unsure) for f, a, o in self.deferred if id(_first(o)) not in outs]
+        self.deferred = []
+        return self.relayed + [r for r in late if r is not None]
 
     def off_stack(self) -> bool:
         """Take the mode off torch's dispatch stack (one C-level pop for a run of nodes it cannot
@@ -217,7 +228,9 @@ class CopyRecorder(GuardedMode):
                 self.copies.append(copy)
             elif self.relays and func.overloadpacket.__name__ in self.untrusted:
                 self.unsure.update(id(t) for t in iter_tensors(out))
-            elif self.relays and (relay := computed_relay(func, args, out, self.boundary, self.unsure)) is not None:
+            elif self.relays and all(id(t) in self.boundary for t in iter_tensors(args)):
+                self.deferred.append((func, args, out))  # the node's own op, if it made the node's result
+            elif self.relays and (relay := computed_relay(func, args, out, self.unsure)) is not None:
                 self.relayed.append(relay)
         return out
 

@@ -140,7 +140,8 @@ class LayoutProp(torch.fx.Interpreter):
                     result = self._call(n, args, kwargs)
                 finally:
                     rec.recording = False
-                hidden = rec.copies + _inner(rec.relayed, inputs, result) if rec.relayed else rec.copies
+                relayed = rec.settled(result)
+                hidden = rec.copies + _inner(relayed, inputs, result) if relayed else rec.copies
             if sk is not None:
                 sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:

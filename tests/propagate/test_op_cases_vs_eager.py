@@ -219,6 +219,16 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # an index along H writes N x W x H x C (the channels innermost, H and W swapped): a revert,
     # and the conv re-lays it; in NCHW neither moves anything
     "index_along_h": lambda: Between(lambda s, y: y[:, :, s.idx], idx=torch.arange(15, -1, -1)),
+    # that map added to the map it came from: the add reads whichever operand is in the other order
+    "index_along_h_plus_map": lambda: Between(lambda s, y: y[:, :, s.idx] + y, idx=torch.arange(15, -1, -1)),
+    "map_plus_index_along_h": lambda: Between(lambda s, y: y + y[:, :, s.idx], idx=torch.arange(15, -1, -1)),
+    # F.normalize over H: its norm (the fx node's first op, reading only the node's input) writes
+    # NCHW, and its division reads that expanded back over the map across layouts
+    "normalize_over_h": lambda: Between(lambda s, y: nn.functional.normalize(y, dim=2)),
+    # a softmax over part of the channels of a 5D view: a row-major copy of channels-innermost memory
+    "softmax_over_a_channel_group": lambda: Between(lambda s, y: y.view(2, 4, 2, 16, 16).softmax(2).view(2, 8, 16, 16)),
+    # a buffer expanded to the map (expand_as views the buffer, not the map it takes a shape from)
+    "product_with_an_expanded_buffer": lambda: Between(lambda s, y: y * s.m.expand_as(y), m=torch.randn(2, 1, 16, 16)),
     # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
     "cat_with_its_transpose": lambda: Between(lambda s, y: torch.cat([y, y.transpose(2, 3)], 1), post=16),
     # a view that puts the channels at dim 2 (N x 1 x C x H x W), then a row-major copy of it:
