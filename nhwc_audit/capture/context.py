@@ -23,7 +23,10 @@ __all__ = ["SOURCE_KEY", "NodeContext", "aten_detail", "first_names", "node_cont
 SOURCE_KEY = "nhwc_audit_source"
 """``node.meta`` key where the fx tracer keeps the user's source line of a node."""
 
-_DEFAULT_MODES = {"pad": "constant", "interpolate": "nearest", "upsample": "nearest"}
+_DEFAULT_MODES = {"pad": "constant", "interpolate": "nearest", "upsample": "nearest", "grid_sample": "bilinear"}
+_ATEN_MODES = {"constant_pad_nd": "constant", "reflection_pad": "reflect", "replication_pad": "replicate"}
+"""The mode an ATen pad kernel's name says, as ``F.pad``'s argument says it under fx."""
+_GRID_MODES = ("bilinear", "nearest", "bicubic")  # grid_sampler's interpolation_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,9 @@ def aten_detail(op: str, args: Any, kwargs: Mapping[str, Any]) -> str:
         return _roll_detail(kwargs.get("dims", args[2] if len(args) > 2 else None))
     if op.startswith("upsample_"):
         return op.removeprefix("upsample_").removesuffix("2d").removesuffix("3d").removesuffix("1d")
-    return _detail(op, None)
+    if op.startswith("grid_sampler") and len(args) > 2 and args[2] in (0, 1, 2):
+        return _GRID_MODES[args[2]]
+    return next((mode for kernel, mode in _ATEN_MODES.items() if op.startswith(kernel)), _detail(op, None))
 
 
 def _roll_detail(dims: Any) -> str:

@@ -74,3 +74,28 @@ def test_a_finding_at_a_functional_call_has_one_key_in_every_capture() -> None:
     assert keys["hooks"] == keys["fx"] == keys["export"], keys
     ops = {n.op_name for n in reports["export"].nodes}
     assert {"interpolate", "grid_sample"} <= ops and not ops & {"upsample_bilinear2d", "grid_sampler"}
+
+
+class _PaddedAndSampled(torch.nn.Module):
+    """A replicate pad and a grid_sample without its mode: the eager capture and torch.export see
+    ATen kernels (replication_pad2d, grid_sampler_2d) whose names or arguments hold the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("grid", torch.rand(2, 8, 8, 2) * 2 - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.pad(self.a(x).transpose(2, 3), (1, 1, 1, 1), mode="replicate")
+        return self.b(torch.nn.functional.grid_sample(y, self.grid, align_corners=False))
+
+
+def test_an_ops_mode_is_the_same_in_every_capture() -> None:
+    m = _PaddedAndSampled().eval()
+    x = torch.randn(2, 3, 8, 8)
+    details = {
+        c: sorted({(n.op_name, n.detail) for n in audit(m, x, bandwidth=1e9, capture=c).nodes if n.detail})
+        for c in ("fx", "export", "hooks")
+    }
+    assert ("pad", "replicate") in details["fx"] and ("grid_sample", "bilinear") in details["fx"], details
+    assert details["hooks"] == details["fx"] == details["export"], details
