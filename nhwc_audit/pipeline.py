@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .analyze.analysis import analyze
+from .analyze.displaced import displaced
 from .analyze.divergence import divergences
 from .analyze.findings import find_findings
-from .analyze.moves import baselined, displaced, reorder_bytes
+from .analyze.moves import baselined, reorder_bytes
 from .analyze.verdict import decide
 from .collector import collector_paused
 from .errors import SharedWeightWrite, ValueDependentShapes

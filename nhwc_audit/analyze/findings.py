@@ -20,7 +20,7 @@ Bytes are what channels_last adds: a node that also moves data when the model ru
 (``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()`` after a permute; an add
 of a LayerNorm2d output, NHWC-strided in either layout, and an NCHW tensor; a conv re-laying a
 transposed map; a matmul's copy inside; a copy NCHW makes upstream in the same line of the model,
-:func:`.moves.displaced`) is charged the difference (:func:`.moves.baselined`).
+:func:`.displaced.displaced`) is charged the difference (:func:`.moves.baselined`).
 A conversion the model or a repair asks for is charged whole.
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves

@@ -4,8 +4,6 @@ the node records."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-
 from ..channels import channels_relaid, relay_bytes, view_channels
 from ..layout import (
     channel_dims,
@@ -28,7 +26,6 @@ __all__ = [
     "converted_weight",
     "copies_into",
     "data_inputs",
-    "displaced",
     "exits_spatial",
     "mixed_bytes",
     "other_side",
@@ -212,39 +209,22 @@ def reorder_bytes(r: NodeRecord) -> int:
     convolution, twice its input when that is not laid out as its output (the kernel re-lays it:
     a map transposed to N x W x H x C is copied in either layout). The NCHW baseline's measure of
     the copies a model makes in either layout."""
-    if r.op in SKIP_OPS or r.aliases_input or not r.outputs or allocates(r) or 0 in r.outputs[0].strides:
+    if r.op in SKIP_OPS or not r.outputs or allocates(r) or 0 in r.outputs[0].strides:
         return 0  # a broadcast output is an ``expand``: a view (a fake run may not see it alias)
     out = r.outputs[0]
     act = r.activation_inputs[0] if r.activation_inputs else None
+    ins = (
+        r.activation_inputs[1:]
+        if r.aliases_input
+        else (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
+    )
+    if r.aliases_input and not writes_in_place(r):
+        return 0  # a view; ``y.add_(t)`` reads ``t`` into ``y``'s order
     if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
         both = [d for d in range(out.rank) if act.meta.shape[d] > 1 and out.shape[d] > 1]
         relaid = [d for d in memory_order(act.meta) if d in both] != [d for d in memory_order(out) if d in both]
         return 2 * act.meta.nbytes if relaid else 0
-    ins = (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     return sum(relay_bytes(i.meta, out, conv=False) for i in ins if reorders(i.meta, out))
-
-
-def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged: Collection[str]) -> dict[str, int]:
-    """For each node of ``charged`` (findings the NCHW baseline can change), the bytes NCHW moves
-    at a node upstream where channels_last moves fewer (``nchw_moved`` against :func:`reorder_bytes`):
-    the same copy, made later in the same line (diffusers' TemporalConvLayer: NCHW copies at its
-    GroupNorm, channels_last at its Conv3d). Up the first activation inputs at one shape."""
-    by_name = {r.name: r for r in records}
-    credit: dict[str, int] = {}
-    used: set[str] = set()
-    for name in charged:
-        site, first = by_name[name].source, by_name[name].activation_inputs[:1]
-        shape = first[0].meta.shape if first else None
-        node = by_name.get(first[0].producer or "") if first else None
-        while node is not None and node.name not in charged and node.outputs and node.outputs[0].shape == shape:
-            saved = nchw_moved.get(node.name, 0) - max(reorder_bytes(node), sum(h.bytes for h in node.hidden))
-            if saved > 0 and node.name not in used and node.source == site:  # one call of the model's
-                credit[name] = saved
-                used.add(node.name)
-                break
-            up = node.activation_inputs[:1]
-            node = by_name.get(up[0].producer or "") if up else None
-    return credit
 
 
 def other_side(r: NodeRecord, i: NodeInput) -> bool:

@@ -521,3 +521,25 @@ def test_a_copy_made_one_op_later_than_in_nchw_is_charged_what_channels_last_add
     model, x = TemporalConv().eval(), torch.randn(2, 64, 8, 8)
     r = audit(model, x, bandwidth=1e9, capture=capture)
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_operand_transposed_in_either_layout_is_charged_nothing(in_place: bool, capture: str) -> None:
+    """``y.add_(x.transpose(2, 3))``: the add reads its transposed operand across layouts in the NCHW
+    model too (channels_last adds 0), in place as out of place."""
+
+    class AddTransposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            z = y * 1
+            return self.b(z.add_(y.transpose(2, 3)) if in_place else z + y.transpose(2, 3))
+
+    torch.manual_seed(0)
+    model, x = AddTransposed().eval(), torch.randn(2, 8, 16, 16)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == 0, [(f.kind.value, f.bytes) for f in r.findings]
