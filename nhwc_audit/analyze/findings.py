@@ -212,7 +212,11 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
     viewed = viewed_as(r, reverted, ctx.by_name)
-    sources = [i for i in r.activation_inputs if i.producer not in ctx.free and channels_source(i, viewed, ctx.by_name)]
+    sources = (
+        [i for i in r.activation_inputs if i.producer not in ctx.free and channels_source(i, viewed, ctx.by_name)]
+        if reverted
+        else []
+    )
     strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
