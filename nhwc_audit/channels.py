@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
-from .layout import innermost_dim, is_dense_in_order, memory_order, tensor_meta
+from .layout import innermost_dim, is_dense_in_order, memory_order, reorders, tensor_meta
 from .records import HiddenCopy, Layout, TensorMeta
 
 __all__ = [
     "COPY_OPS",
+    "broadcast_across",
     "channels_relaid",
     "hidden_copy",
     "layout_change",
@@ -79,6 +80,13 @@ def channels_relaid(src: TensorMeta, channels: frozenset[int], dst: TensorMeta) 
     return bool(order) and order[-1] not in channels and is_dense_in_order(dst.shape, dst.strides, order[::-1])
 
 
+def broadcast_across(src: TensorMeta, out: TensorMeta) -> bool:
+    """``src``, broadcast (stride 0: ``ctx.expand_as(v)``), is read across layouts into the
+    channels_last ``out``: the dims it holds in memory run in another order there (MobileViTV2's
+    context, summed over W and expanded back; ``F.normalize``'s norm)."""
+    return 0 in src.strides and out.layout is Layout.CHANNELS_LAST and reorders(src, out)
+
+
 def relays_view(t: torch.Tensor, meta: TensorMeta, out: TensorMeta) -> bool:
     """At dispatch level: ``t`` (``meta``) views a 4D/5D channels_last map (its ``_base``), in no
     format the layout rule names, and is written as ``out`` with the channels out of the innermost
@@ -107,7 +115,7 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4):
         return None
     sm, dm = tensor_meta(src), tensor_meta(out)
-    if not layout_change(sm, dm):  # not a view's relay (:func:`relays_view`): a matmul clones attention heads so
+    if not layout_change(sm, dm):  # NHWC <-> NCHW only: a matmul clones views of attention heads in either layout
         return None
     name = str(func.overloadpacket.__name__)
     return HiddenCopy(op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes)

@@ -22,7 +22,7 @@ from .analyze.analysis import analyze
 from .analyze.displaced import displaced
 from .analyze.divergence import divergences
 from .analyze.findings import find_findings
-from .analyze.moves import baselined, reorder_bytes
+from .analyze.moves import baselined, moved_bytes
 from .analyze.verdict import decide
 from .collector import collector_paused
 from .errors import SharedWeightWrite, ValueDependentShapes
@@ -197,7 +197,7 @@ def _with_nchw_baseline(
         return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
     # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a LayerNorm2d
     # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
-    moved = {r.name: n for r in nchw if (n := max(reorder_bytes(r), sum(h.bytes for h in r.hidden)))}
+    moved = {r.name: n for r in nchw if (n := moved_bytes(r))}
     theirs_op = {r.name: r.op_name for r in nchw}
     for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
         if baselined(f.kind, theirs_op[f.node]):

@@ -4,7 +4,7 @@ the node records."""
 
 from __future__ import annotations
 
-from ..channels import channels_relaid, relay_bytes, view_channels
+from ..channels import broadcast_across, channels_relaid, relay_bytes, view_channels
 from ..layout import (
     channel_dims,
     channels_innermost,
@@ -28,6 +28,7 @@ __all__ = [
     "data_inputs",
     "exits_spatial",
     "mixed_bytes",
+    "moved_bytes",
     "other_side",
     "relaid_views",
     "reorder_bytes",
@@ -211,20 +212,31 @@ def reorder_bytes(r: NodeRecord) -> int:
     the copies a model makes in either layout."""
     if r.op in SKIP_OPS or not r.outputs or allocates(r) or 0 in r.outputs[0].strides:
         return 0  # a broadcast output is an ``expand``: a view (a fake run may not see it alias)
+    if r.aliases_input and not writes_in_place(r):
+        return 0  # a view; ``y.add_(t)`` reads ``t`` into ``y``'s order
     out = r.outputs[0]
     act = r.activation_inputs[0] if r.activation_inputs else None
+    if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
+        return 2 * act.meta.nbytes if _runs_otherwise(act.meta, out) else 0
     ins = (
         r.activation_inputs[1:]
         if r.aliases_input
         else (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     )
-    if r.aliases_input and not writes_in_place(r):
-        return 0  # a view; ``y.add_(t)`` reads ``t`` into ``y``'s order
-    if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
-        both = [d for d in range(out.rank) if act.meta.shape[d] > 1 and out.shape[d] > 1]
-        relaid = [d for d in memory_order(act.meta) if d in both] != [d for d in memory_order(out) if d in both]
-        return 2 * act.meta.nbytes if relaid else 0
     return sum(relay_bytes(i.meta, out, conv=False) for i in ins if reorders(i.meta, out))
+
+
+def moved_bytes(r: NodeRecord) -> int:
+    """What a node moves in either layout: its reorders (:func:`reorder_bytes`) or the copies it
+    makes inside, whichever is more; the NCHW baseline's measure, in both runs alike."""
+    return max(reorder_bytes(r), sum(h.bytes for h in r.hidden))
+
+
+def _runs_otherwise(src: TensorMeta, out: TensorMeta) -> bool:
+    """Over the dims of size > 1 that ``src`` and ``out`` share by position, their memory runs in
+    another order (a convolution re-lays such an input; an op writing channels_last reads it across)."""
+    both = [d for d in memory_order(src) if d < out.rank and out.shape[d] > 1]
+    return both != [d for d in memory_order(out) if d in both]
 
 
 def other_side(r: NodeRecord, i: NodeInput) -> bool:
@@ -234,7 +246,7 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
     permuted to N x W x C x H, or indexed along H into N x W x H x C; not a one-channel slice."""
     out = r.outputs[0] if r.outputs else None
     if 0 in i.meta.strides:  # broadcast (``ctx.expand_as(v)``): across where the dims it holds run otherwise
-        return out is not None and out.layout is Layout.CHANNELS_LAST and reorders(i.meta, out)
+        return out is not None and broadcast_across(i.meta, out)
     if nchw_side(i.meta):
         return True
     if out is None or i.meta.layout is not Layout.STRIDED:
@@ -243,8 +255,7 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
         return False
     # a channel slice with a step (y[:, ::2]) still runs along the channels; one channel (y[:, :1])
     # has no run along them to leave: read as a slice of an NCHW map is; not so N x W x H x C
-    both = [d for d in memory_order(i.meta) if d < out.rank and out.shape[d] > 1]
-    return both != [d for d in memory_order(out) if d in both]
+    return _runs_otherwise(i.meta, out)
 
 
 def writes_in_place(r: NodeRecord) -> bool:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..channels import COPY_OPS, hidden_copy, relay_bytes, relays_view
+from ..channels import COPY_OPS, broadcast_across, hidden_copy, relay_bytes, relays_view
 from ..errors import SharedWeightWrite, ValueDependentShapes
-from ..layout import reorders, tensor_meta
+from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
 
@@ -74,7 +74,7 @@ def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ())
             layouts = (m.layout, om.layout)
         elif not conv and name not in GEMM_OPS and relays_view(t, m, om):  # they compute their output
             layouts = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
-        elif 0 in m.strides and om.layout is Layout.CHANNELS_LAST and reorders(m, om):  # F.normalize's expand_as
+        elif broadcast_across(m, om):  # F.normalize's norm, expanded back over the map
             layouts = (Layout.CONTIGUOUS, Layout.CHANNELS_LAST)
         else:
             continue
