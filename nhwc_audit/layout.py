@@ -287,12 +287,18 @@ def reorders(src: TensorMeta, dst: TensorMeta) -> bool:
     in NCHW too; an H/W-transposed operand of a cat), or a reshape of a permuted view into
     row-major order (``x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)`` in MaxViT's window merge).
     Copying a slice, which keeps the order, does not; nor does reading a broadcast ``src`` (an
-    index ``expand``-ed over the channels: stride 0), compared over the dims both hold in memory."""
+    index ``expand``-ed over the channels: stride 0), compared over the dims both hold in memory.
+    A map a stack writes (``dst`` one rank up) is compared with its slot along the new dim."""
     if src.rank < 4 or len(src.strides) != src.rank:
         return False
     held = [d for d in memory_order(src) if src.strides[d] != 0]
     if src.rank == dst.rank and (src.shape == dst.shape or src.numel != dst.numel):  # dims correspond
         return [d for d in held if dst.shape[d] > 1] != [d for d in memory_order(dst) if d in held]
+    if dst.rank == src.rank + 1:  # one of the maps a stack writes: its dims are dst's but a new one
+        ways = [[b for b in range(dst.rank) if b != new] for new in range(dst.rank)]
+        ways = [to for to in ways if [dst.shape[b] for b in to] == list(src.shape)]  # each the shapes leave open
+        mine = [[to[d] for d in held if dst.shape[to[d]] > 1] for to in ways]
+        return bool(mine) and all(m != [d for d in memory_order(dst) if d in m] for m in mine)
     return src.numel == dst.numel and row_major(dst) and held != sorted(held)
 
 

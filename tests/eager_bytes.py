@@ -59,15 +59,20 @@ def _order(t: torch.Tensor, dims: list[int]) -> list[int]:
     return sorted(range(len(dims)), key=lambda k: (-strides[dims[k]], -k))
 
 
-def _aligned(inp: torch.Tensor, out: torch.Tensor, reduced: list[int]) -> list[tuple[int, int]] | None:
-    """Pairs (input dim, output dim) of the same data, or None when the shapes do not say."""
+def _aligned(
+    inp: torch.Tensor, out: torch.Tensor, reduced: list[int], new: int | None = None
+) -> list[tuple[int, int]] | None:
+    """Pairs (input dim, output dim) of the same data, or None when the shapes do not say;
+    ``new``: the dim a stack adds (its ``dim`` argument)."""
     if inp.dim() == out.dim():
         return list(zip(range(inp.dim()), range(out.dim()), strict=True))
     if inp.dim() > out.dim() and reduced:
         kept = [d for d in range(inp.dim()) if d not in reduced]
         if len(kept) == out.dim() and all(inp.shape[a] == out.shape[b] for b, a in enumerate(kept)):
             return list(zip(kept, range(out.dim()), strict=True))
-    if inp.dim() + 1 == out.dim():  # torch.stack: a new dim, found when one way only says it
+    if inp.dim() + 1 == out.dim() and new is not None:  # torch.stack, its dim known
+        return list(zip(range(inp.dim()), [b for b in range(out.dim()) if b != new], strict=True))
+    if inp.dim() + 1 == out.dim():  # a new dim, found when one way only says it
         ways = [
             [b for b in range(out.dim()) if b != new]
             for new in range(out.dim())
@@ -87,10 +92,13 @@ def _reduced_dims(args: tuple[Any, ...], kwargs: dict[str, Any], rank: int) -> l
     return []
 
 
-def _moved(inp: torch.Tensor, out: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], *, relaid: bool) -> int:
+def _moved(
+    inp: torch.Tensor, out: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], *, relaid: bool, name: str = ""
+) -> int:
     """Bytes moved to bring ``inp`` into ``out``'s memory order (0 when they agree). A
     convolution re-lays its whole input (``relaid``); other ops move the smaller tensor."""
-    pairs = _aligned(inp, out, _reduced_dims(args, kwargs, inp.dim()))
+    new = (_reduced_dims(args, kwargs, out.dim()) or [0]) if name == "stack" else []  # dim 0 unless given
+    pairs = _aligned(inp, out, _reduced_dims(args, kwargs, inp.dim()), new[0] if new else None)
     if pairs is None:
         return 0
     # a broadcast input (stride 0: ``expand``) holds only its stored dims
@@ -191,7 +199,7 @@ class _Recorder(TorchDispatchMode):
         for t in ins:
             if _storage(t) == written:
                 continue  # the tensor written in place
-            moved = _moved(t, result, tuple(args), kwargs, relaid=conv)
+            moved = _moved(t, result, tuple(args), kwargs, relaid=conv, name=name)
             if moved:
                 self.seen.append(Transpose(name, tuple(result.shape), moved, _site()))
                 weights = weights or isinstance(t, nn.Parameter)

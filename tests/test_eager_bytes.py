@@ -119,3 +119,22 @@ class StackedHalves(nn.Module):
 def test_checker_counts_a_stack_that_transposes() -> None:
     e = eager_bytes(StackedHalves().eval(), (torch.randn(1, 3, 16, 16),))
     assert e.added == 2 * 8 * 16 * 16 * 2 * 4  # the 5D stack, written NCDHW-ordered from NHWC halves
+
+
+class StackedWithTranspose(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return torch.stack([y, y.transpose(2, 3)], 1) * 1
+
+
+def test_checker_reads_a_stacks_new_dim_from_its_argument() -> None:
+    # batch 2 stacked 2 at dim 1: (2, 2, 8, 8, 8) holds the maps either way the shapes allow; in NCHW
+    # only the transposed map is copied across orders, in channels_last both are
+    e = eager_bytes(StackedWithTranspose().eval(), (torch.randn(2, 8, 8, 8),))
+    one_map = 2 * 8 * 8 * 8 * 4
+    assert [t.nbytes for t in e.nchw] == [2 * one_map]
+    assert [t.nbytes for t in e.channels_last] == [2 * one_map, 2 * one_map]

@@ -133,8 +133,7 @@ def _hint_keys(r: NodeRecord) -> tuple[str, ...]:
 
 def _only_ambiguous_inputs(r: NodeRecord) -> bool:
     """The node made NCHW out of ambiguous input only (C == 1 or H == W == 1 tensors)."""
-    ins = r.spatial_inputs
-    return bool(ins) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
+    return bool(ins := r.spatial_inputs) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
 
 
 def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
@@ -185,23 +184,24 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
+        if 0 < (nbytes := moves.mixed_bytes(r, losers)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
+            return []  # it stays NHWC and reads no more across orders than NCHW does (x + x.mT)
         weight = computed_weight(r, nchw_in, ctx.by_name)
         stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
-        # op-specific mixed hints explain an NCHW first operand, else the generic one
+        # op-specific mixed hints explain an NCHW first operand, else the generic one; the root cause:
+        # a weight computed in forward, else the stored tensor or the NCHW activation
         generic = STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else ""
-        # the root cause: a weight computed in forward, else the stored tensor or the NCHW activation
         source = weight if weight is not None else (losers if stored else nchw_in)[0]
-        hint = COMPUTED_WEIGHT if weight is not None else generic
         return [
             _finding(
                 ctx,
                 r,
                 FindingKind.MIXED,
                 layout_in=Layout.CHANNELS_LAST if out is Layout.CONTIGUOUS else Layout.CONTIGUOUS,
-                nbytes=moves.mixed_bytes(r, losers),
+                nbytes=nbytes,
                 producer=ctx.by_name.get(source.producer or ""),
                 shape=losers[0].meta.shape,
-                hint_op=hint,
+                hint_op=COMPUTED_WEIGHT if weight is not None else generic,
             )
         ]
     if r.aliases_input:

@@ -68,14 +68,15 @@ def baselined(kind: FindingKind, op: str, *, hidden: bool = False) -> bool:
 def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> bool:
     """An input whose memory runs along the channels of the NCHW output it was copied into
     (at the same shape, through a reshape that merges dims into the channels, or a map stack
-    reduced over its stacking dim; for a view above rank 5, :func:`split_channels`), or an
+    reduced over its stacking dim, 3D maps' too; for a view above rank 5, :func:`split_channels`), or an
     ambiguous input whose strides lean channels_last (kernels follow them). Not one that holds
     one dim in memory (an index of N x C x 1 x 1 expanded to the map): it has no order to change."""
     if sum(1 for d in memory_order(i.meta) if i.meta.strides[d] != 0) < 2:
         return False
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
-    if i.meta.rank > 5:  # element for element only: a reshape may keep the channels innermost (MaxViT)
+    reduced = bool(reverted) and i.meta.rank == reverted[0].rank + 1 and i.meta.numel != reverted[0].numel
+    if i.meta.rank > 5 and not reduced:  # element for element: a reshape may keep the channels innermost (MaxViT)
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
