@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from ..layout import along_w, nchw_ordered, reorders, row_major
 from ..records import GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import moves
+from .exposed import exposed
 from .hints import (
     AMBIGUOUS_ORIGIN,
     COMPUTED_WEIGHT,
@@ -119,14 +120,11 @@ def _finding(
     )
 
 
-_OWN_HINT_ONLY = ("conv", "convtranspose")
-
-
 def _hint_keys(r: NodeRecord) -> tuple[str, ...]:
     """The op's own name, then (for an ATen op inside a torch.nn leaf module, as export and
     hooks captures record them) the module type, so InstanceNorm2d's internal clone gets the
     InstanceNorm hint. Conv modules are skipped: their hint is about the conv kernel only."""
-    if r.in_leaf_module and not r.module_type.lower().startswith(_OWN_HINT_ONLY):
+    if r.in_leaf_module and not r.module_type.lower().startswith(("conv", "convtranspose")):
         return (r.op_name, r.module_type)
     return (r.op_name,)
 
@@ -166,9 +164,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         nchw = next((i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS), None)
         producer = ctx.by_name.get(nchw.producer or "") if nchw is not None else None
         origin = origin_of(producer, ctx.by_name)
-        # latent only where the audit advises a change that would hand it channels_last: its
-        # NCHW input comes from a revert (not from, say, an attention matmul that is NCHW anyway)
-        if origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin)):
+        # latent only where the audit advises a change that would hand it channels_last: its NCHW input
+        # comes from a revert (not an attention matmul, NCHW anyway) whose input's layout it cannot view
+        reverts = origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin))
+        if nchw is not None and origin is not None and reverts and (origin is not producer or exposed(r, nchw, origin)):
             return [_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
         return []
     if r.name in ctx.free:
