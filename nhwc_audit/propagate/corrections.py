@@ -153,7 +153,8 @@ POINTWISE_STRIDES = (
 )
 BACKWARD_STRIDES = (
     "gradients of GLU, log_softmax and reflect/replicate pads strided as the CPU kernels stride them, "
-    "where their meta kernels give other layouts"
+    "where their meta kernels give other layouts; those of maximum, minimum and clamp with tensor bounds "
+    "masked in place, as in training"
 )
 _PROBED_BACKWARDS = frozenset(
     {
@@ -164,6 +165,13 @@ _PROBED_BACKWARDS = frozenset(
 )
 """Backward ops whose meta kernels stride the gradient otherwise than the CPU kernels (torch
 2.14.1): the CPU kernel is asked (:func:`eager_cpu_strides`, up to :data:`_PROBE_NUMEL`)."""
+_FILLED_IN_PLACE = frozenset(
+    {"MaximumBackward0", "MinimumBackward0", "FmaxBackward0", "FminBackward0", "ClampBackward0"}
+    | {"ClampMinBackward1", "ClampMaxBackward1"}
+)
+"""Autograd formulas that mask their gradient with ``masked_fill_`` (in place), and under any
+dispatch mode (a fake run's) with ``masked_fill``, which copies to contiguous (torch 2.14.1,
+``isTensorSubclassLike``): the fill keeps its input's strides, as in training."""
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
 _PROBE_NUMEL = 1 << 22
@@ -192,6 +200,9 @@ class _PointwiseStrides(RecordingMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if func.overloadpacket is torch.ops.aten.masked_fill and _filled_in_place(args[0], first):
+            self.corrections.applied.append(("", BACKWARD_STRIDES))
+            return torch.empty_strided(first.shape, args[0].stride(), dtype=first.dtype, device=first.device)
         probed = func.overloadpacket.__name__ in _PROBED_BACKWARDS
         if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5) or not (probed or 1 in first.shape[1:]):
             return out  # the common case, decided first: no size-1 dim to stride otherwise
@@ -206,6 +217,12 @@ class _PointwiseStrides(RecordingMode):
         self.corrections.applied.append(("", BACKWARD_STRIDES if probed else POINTWISE_STRIDES))
         fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
         return fixed if first is out else type(out)([fixed, *out[1:]])
+
+
+def _filled_in_place(filled: Any, out: torch.Tensor) -> bool:
+    """``out``, a ``masked_fill`` of ``filled``, is a gradient that training fills in place."""
+    node = torch._C._current_autograd_node()
+    return type(node).__name__ in _FILLED_IN_PLACE and filled.shape == out.shape and filled.stride() != out.stride()
 
 
 def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:

@@ -273,3 +273,33 @@ def test_a_fake_train_audit_strides_gradients_as_the_cpu_kernels_do(op: nn.Modul
         r = audit(model, x, bandwidth=1e9, train=True, mode=mode)
         found = [f.module_path for f in r.findings if f.kind.value == "backward"]
         assert ("a" in found) == nchw_grad_at_a, (mode, found, r.meta.capture_notes)
+
+
+class _WithItsConv(nn.Module):
+    """``fn(y, conv(y))``: an op of two channels_last maps whose gradient formula masks in place."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.c, self.fn = nn.Conv2d(8, 8, 1), fn
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.fn(y, self.c(y))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize(
+    "fn",
+    [torch.maximum, torch.minimum, torch.fmax, torch.fmin]
+    + [lambda y, t: torch.clamp(y, min=t), lambda y, t: torch.clamp(y, min=t, max=t + 1), torch.clamp_max],
+    ids=["maximum", "minimum", "fmax", "fmin", "clamp_min_tensor", "clamp_both_tensors", "clamp_max"],
+)
+def test_a_fake_train_audit_masks_gradients_in_place_as_training_does(fn: Any, capture: str) -> None:
+    """Their formulas fill a mask in place in training, out of place (to a contiguous copy) under
+    any dispatch mode, a fake run's too: no backward finding where eager hands ``a`` channels_last."""
+    torch.manual_seed(0)
+    model = _Between(_WithItsConv(fn)).train()
+    x = torch.randn(2, 8, 8, 12)
+    assert _eager_grad_layout(model, x) == "channels_last"
+    for mode in ("real", "fake"):
+        r = audit(model, x, bandwidth=1e9, train=True, mode=mode, capture=capture)
+        assert not [f for f in r.findings if f.kind.value == "backward"], (mode, r.meta.capture_notes)
