@@ -53,7 +53,7 @@ from .hints import (
     render_hint,
 )
 from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
-from .origin import SKIP_OPS, conversion_free, describe, origin_of, via
+from .origin import SKIP_OPS, conversion_free, describe, leads_to, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -298,11 +298,7 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
 
 
 def find_findings(
-    records: Sequence[NodeRecord],
-    *,
-    bandwidth: float,
-    device: str = "cpu",
-    hints: HintTable | None = None,
+    records: Sequence[NodeRecord], *, bandwidth: float, device: str = "cpu", hints: HintTable | None = None
 ) -> list[Finding]:
     """Every finding, in graph order."""
     ctx = _Ctx(
@@ -312,8 +308,7 @@ def find_findings(
         device=device,
         free=conversion_free(records),
     )
-    out: list[Finding] = []
-    for r in records:
-        if r.op not in SKIP_OPS:
-            out.extend(_forward_findings(ctx, r) + _backward_findings(ctx, r))
-    return out
+    out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
+    # a revert that copies in the NCHW model too (0 B) matters only where it leads to a finding
+    flagged, kept = {f.node for f in out}, (f.bytes or f.kind is not FindingKind.REVERT for f in out)
+    return [f for f, k in zip(out, kept, strict=True) if k or leads_to(ctx.by_name[f.node], flagged, ctx.by_name)]

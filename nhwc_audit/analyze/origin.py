@@ -17,6 +17,7 @@ __all__ = [
     "conversion_free",
     "describe",
     "from_parameters_only",
+    "leads_to",
     "origin_of",
     "via",
 ]
@@ -34,6 +35,23 @@ def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:
         for u in r.users:
             g.add_edge(r.name, u)
     return g
+
+
+def leads_to(r: NodeRecord, flagged: set[str], by_name: dict[str, NodeRecord]) -> bool:
+    """Does ``r``'s NCHW output reach a node in ``flagged`` (one with a finding) or a convolution
+    through NCHW tensors? What keeping ``r`` channels_last would change downstream: a conversion,
+    a mixed op, a latent break, convolutions that run NCHW; nothing where every user computes the
+    same in either layout (attention scores after a softmax that copies in the NCHW model too)."""
+    stack, seen = list(r.users), set()
+    while stack:
+        name = stack.pop()
+        u = by_name.get(name)
+        if name in flagged or (u is not None and u.op_name.lower() in CONV_OPS):
+            return True
+        if name not in seen and u is not None and u.output_layout in (Layout.CONTIGUOUS, Layout.STRIDED):
+            seen.add(name)
+            stack.extend(u.users)
+    return False
 
 
 def origin_of(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRecord | None:
