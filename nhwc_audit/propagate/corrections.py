@@ -108,7 +108,10 @@ class Corrections:
             if viewed is not out:
                 self.applied.append((node, VIEW_STRIDES))
             return viewed
-        if not any(tensor_meta(t).layout is Layout.CHANNELS_LAST for t in inputs if t.dim() in (4, 5)):
+        spatial = [t for t in inputs if t.dim() in (4, 5)]
+        exact = any(tensor_meta(t).layout is Layout.CHANNELS_LAST for t in spatial)
+        suggests = any(strides_like_channels_last(t.shape, t.stride()) for t in spatial)  # a channel slice too
+        if not (exact or suggests):
             return out
 
         def fix(t: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,7 @@ class Corrections:
             fmt = memory_format_for_rank(t.dim())
             if d is None or fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
                 return t
-            if d.suggested and not any(strides_like_channels_last(i.shape, i.stride()) for i in inputs):
+            if not (suggests if d.suggested else exact):
                 return t
             self.applied.append((node, d.text))
             return t.contiguous(memory_format=fmt)
@@ -292,8 +295,13 @@ def _view_strides(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     the meta device runs ATen's own stride computation, which FakeTensor's view does not for
     dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
     element, so only those are changed; ``out`` itself when they agree."""
-    if not is_alias_of(out, source) or out.numel() != source.numel() or out.dim() not in (4, 5):
-        return out
+    if (
+        not is_alias_of(out, source)
+        or out.numel() != source.numel()
+        or out.dim() not in (3, 4, 5)
+        or 1 not in out.shape
+    ):
+        return out  # 3D too: tokens (B, C, N) that a 1D pool unsqueezes to a map and strides by
     try:
         with unset_fake_temporarily():  # the meta device itself, not a FakeTensor on it
             meta = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta")

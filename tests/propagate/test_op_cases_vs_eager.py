@@ -591,3 +591,39 @@ def test_a_stack_of_volumes_reduced_over_the_stack_is_a_revert(reduce: str, dim:
     r = audit(model, x, bandwidth=1e9, capture=capture)
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added > 0
     assert [f.kind.value for f in r.findings] == ["revert", "conversion"], [(f.kind.value, f.op) for f in r.findings]
+
+
+class SliceNorm(nn.Module):
+    """timm SHViT: a GroupNorm of a channel slice of a channels_last map (strided, not dense), then a
+    conv: the CPU kernel follows the slice's suggested memory format and keeps channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gn, self.b = nn.Conv2d(8, 24, 1), nn.GroupNorm(1, 8), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.gn(torch.split(self.a(x), [8, 16], dim=1)[0]))
+
+
+class TokenPool(nn.Module):
+    """timm NextViT's E_MHSA: the tokens of a channels_last map, transposed back and pooled by an
+    AvgPool1d, which pools the map's channels-innermost memory into (B, C, N) rows at batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.pool, self.q = nn.Conv2d(8, 32, 1), nn.AvgPool1d(4, 4), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.a(x).flatten(2).transpose(1, 2)
+        return self.q(self.pool(t.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("case", [SliceNorm, TokenPool])
+def test_a_fake_audit_strides_these_as_the_cpu_kernels_do(case: type[nn.Module], capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = case().eval(), torch.randn(1, 8, 4, 4)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
