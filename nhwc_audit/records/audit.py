@@ -17,12 +17,16 @@ BACKWARD_NOT_AUDITED = "backward: not audited"
 def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | None) -> str:
     """Kind, module path, op and source file: ``revert:up1.conv.block.1:InstanceNorm2d:examples.py``
     (the file's base name, so that keys hold on any checkout; no line number, so that they hold
-    when code moves within the file: findings sharing a key count together). The one rule for
-    findings and for findings read back from a JSON report.
+    when code moves within the file: findings sharing a key count together). An in-place op is
+    keyed as its out-of-place op: torch.fx records ``out += x`` as ``add``, the ATen-level
+    captures as ``add_``. The one rule for findings and for findings read back from a JSON report.
 
     >>> finding_key("revert", "norm", "pad", "circular", "/x/m.py")
     'revert:norm:pad(circular):m.py'
+    >>> finding_key("mixed", "layer1.0", "add_", "", "resnet.py")
+    'mixed:layer1.0:add:resnet.py'
     """
+    op = op[:-1] if op.endswith("_") and not op.endswith("__") else op
     where = file.replace(chr(92), "/").rsplit("/", 1)[-1] if file else ""
     return f"{kind}:{module_path}:{op_label(op, detail)}:{where}"
 

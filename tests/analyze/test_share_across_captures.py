@@ -99,3 +99,27 @@ def test_an_ops_mode_is_the_same_in_every_capture() -> None:
     }
     assert ("pad", "replicate") in details["fx"] and ("grid_sample", "bilinear") in details["fx"], details
     assert details["hooks"] == details["fx"] == details["export"], details
+
+
+class _InPlaceResidual(torch.nn.Module):
+    """torchvision's residual ``out += identity`` with the sum mixed: torch.fx records ``add``,
+    the ATen-level captures ``add_``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x)
+        out += x.contiguous()
+        return self.b(out)
+
+
+def test_an_in_place_op_has_the_key_of_its_out_of_place_op_in_every_capture() -> None:
+    m = _InPlaceResidual().eval()
+    x = torch.randn(1, 4, 8, 8)
+    reports = {c: audit(m, x, bandwidth=1e9, capture=c) for c in ("fx", "export", "hooks")}
+    keys = {c: sorted((f.key, f.bytes) for f in r.findings) for c, r in reports.items()}
+    assert any(k.startswith("mixed::add:") for k, _ in keys["fx"]), keys
+    assert keys["hooks"] == keys["fx"] == keys["export"], keys
+    assert {f.op for f in reports["hooks"].findings if f.kind.value == "mixed"} == {"add_"}  # shown as it ran
