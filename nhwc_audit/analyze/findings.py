@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..layout import along_w, nchw_ordered, reorders, row_major
-from ..records import GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
+from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import moves
 from .exposed import exposed
 from .hints import (
@@ -211,11 +211,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     # an ambiguous input counts when its strides lean channels_last (kernels follow them):
     # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
     viewed = viewed_as(r, reverted, ctx.by_name)
-    sources = (
-        [i for i in r.activation_inputs if i.producer not in ctx.free and channels_source(i, viewed, ctx.by_name)]
-        if reverted
-        else []
-    )
+    # the activations, and 4D parameters the conversion re-laid (timm Hiera's position embedding, tiled)
+    read = [i for i in r.inputs if not i.is_param or (i.meta.rank >= 4 and r.op_name.lower() not in CONV_OPS)]
+    sources = [i for i in read if reverted and i.producer not in ctx.free and channels_source(i, viewed, ctx.by_name)]
     strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
@@ -268,6 +266,12 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
+    if len(ins) > 1 and (across := moves.read_across(r)) and moves.reorder_bytes(r) > r.nchw_bytes:
+        # operands in dense orders no layout names (NHWC tokens of a map plus an NCHW map permuted alike)
+        src = across[0]
+        nbytes = moves.reorder_bytes(r)
+        producer = ctx.by_name.get(src.producer or "")
+        return [_finding(ctx, r, FindingKind.MIXED, layout_in=src.meta.layout, nbytes=nbytes, producer=producer)]
     return _hidden_findings(ctx, r)
 
 

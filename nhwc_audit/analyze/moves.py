@@ -227,6 +227,14 @@ def reorder_bytes(r: NodeRecord) -> int:
     return sum(relay_bytes(i.meta, out, conv=False) for i in ins if reorders(i.meta, out))
 
 
+def read_across(r: NodeRecord) -> list[NodeInput]:
+    """The activations an op that computes element for element (no convolution, no GEMM) reads in
+    another dense order than it writes (:func:`~nhwc_audit.layout.reorders`)."""
+    if r.op_name.lower() in CONV_OPS | GEMM_OPS or not r.outputs or r.aliases_input:
+        return []
+    return [i for i in data_inputs(r) if not i.is_param and reorders(i.meta, r.outputs[0])]
+
+
 def moved_bytes(r: NodeRecord) -> int:
     """What a node moves in either layout: its reorders (:func:`reorder_bytes`) or the copies it
     makes inside, whichever is more; the NCHW baseline's measure, in both runs alike."""

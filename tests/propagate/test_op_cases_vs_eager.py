@@ -627,3 +627,32 @@ def test_a_fake_audit_strides_these_as_the_cpu_kernels_do(case: type[nn.Module],
     expected = eager_bytes(model, (x,)).added
     r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
     assert r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+class HieraLike(nn.Module):
+    """timm Hiera (hieradet_sam2.py): a 4D position embedding tiled over the map (the conversion
+    re-lays it channels_last, the tile copies it row-major), and NHWC tokens of a map plus an
+    NCHW map permuted alike (read across orders in channels_last only)."""
+
+    def __init__(self, tokens: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.q = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Linear(16, 16)
+        self.pos = nn.Parameter(torch.randn(1, 16, 4, 4))
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.tokens:
+            return self.q(y.permute(0, 2, 3, 1) + torch.ones(y.shape, dtype=y.dtype).permute(0, 2, 3, 1))
+        return self.b(y + self.pos.tile((2, 2)))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("tokens", [False, True], ids=["tiled_parameter", "tokens_plus_permuted_map"])
+def test_hiera_like_reads_are_charged_what_eager_moves(tokens: bool, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = HieraLike(tokens).eval(), torch.randn(1, 3, 8, 8)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert r.summary.bytes_moved == expected > 0, [(f.kind.value, f.op, f.bytes) for f in r.findings]
