@@ -153,13 +153,11 @@ def data_inputs(r: NodeRecord) -> tuple[NodeInput, ...]:
     outs = r.spatial_outputs
     if not outs:
         return r.inputs
-    return tuple(i for i in r.inputs if _elementwise(i.meta, outs[0]))
+    return tuple(i for i in r.inputs if _elementwise(i.meta.shape, outs[0].shape))
 
 
-def _elementwise(t: TensorMeta, out: TensorMeta) -> bool:
-    return t.rank == out.rank and all(
-        d == 1 or a in (b, 1) for d, (a, b) in enumerate(zip(t.shape, out.shape, strict=True))
-    )
+def _elementwise(s: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    return len(s) == len(out) and all(d == 1 or a in (b, 1) for d, (a, b) in enumerate(zip(s, out, strict=True)))
 
 
 def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta]) -> int:
@@ -228,11 +226,14 @@ def reorder_bytes(r: NodeRecord) -> int:
 
 
 def read_across(r: NodeRecord) -> list[NodeInput]:
-    """The activations an op that computes element for element (no convolution, no GEMM) reads in
-    another dense order than it writes (:func:`~nhwc_audit.layout.reorders`)."""
+    """The activations an element-for-element op (no convolution or GEMM) reads in another dense
+    order than it writes (:func:`~nhwc_audit.layout.reorders`; densenet's cats decided by labels)."""
     if r.op_name.lower() in CONV_OPS | GEMM_OPS or not r.outputs or r.aliases_input:
         return []
-    return [i for i in data_inputs(r) if not i.is_param and reorders(i.meta, r.outputs[0])]
+    out, same = r.outputs[0], (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)  # one dense order throughout: no sort
+    if out.layout in same and all(i.meta.layout is out.layout and i.meta.rank == out.rank for i in r.inputs):
+        return []
+    return [i for i in data_inputs(r) if not i.is_param and reorders(i.meta, out)]
 
 
 def moved_bytes(r: NodeRecord) -> int:
