@@ -27,22 +27,23 @@ __all__ = [
 ]
 
 
-def find_regions(
-    records: Sequence[NodeRecord], findings: Sequence[Finding], graph: nx.DiGraph[str] | None = None
-) -> list[Region]:
+def find_regions(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> list[Region]:
     """Connected runs of nodes executing in NCHW that start at a revert, mixed op or break.
 
     Nodes that are NCHW only because they view a channels_last tensor in another order
-    (ConvNeXt's permute to N, H, W, C) start at no finding and form no region.
+    (ConvNeXt's permute to N, H, W, C) start at no finding and form no region. The dataflow
+    graph is built over the NCHW nodes only, and only when some finding starts a region.
     """
-    g = graph if graph is not None else build_graph(records)
-    by_name = {r.name: r for r in records}
-    nchw = [r.name for r in records if r.op not in SKIP_OPS and r.output_layout is Layout.CONTIGUOUS]
     starters = {
         f.node: f for f in findings if f.kind is not FindingKind.CONVERSION and f.layout_out is Layout.CONTIGUOUS
     }
+    if not starters:
+        return []
+    by_name = {r.name: r for r in records}
     conversions = {f.node for f in findings if f.kind is FindingKind.CONVERSION}
-    sub = g.subgraph(nchw)
+    nchw = [r for r in records if r.op not in SKIP_OPS and r.output_layout is Layout.CONTIGUOUS]
+    names = {r.name for r in nchw}
+    sub = build_graph(nchw, keep=names)
     regions: list[Region] = []
     comps = [sorted(c, key=lambda n: by_name[n].index) for c in nx.weakly_connected_components(sub)]
     comps.sort(key=lambda c: by_name[c[0]].index)
@@ -51,7 +52,7 @@ def find_regions(
         if not entries:
             continue
         exits = sorted(
-            {u for n in comp for u in g.successors(n) if u in conversions and u not in comp},
+            {u for n in comp for u in by_name[n].users if u in conversions and u not in comp},
             key=lambda n: by_name[n].index,
         )
         nbytes = sum(o.nbytes for n in comp for o in by_name[n].spatial_outputs)

@@ -26,14 +26,16 @@ SKIP_OPS = ("placeholder", "get_attr", "output")
 """Graph nodes that are not ops: never findings, never in a region."""
 
 
-def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:
-    """The dataflow graph: one node per record (keyed by name), edges producer -> user."""
+def build_graph(records: Sequence[NodeRecord], keep: set[str] | None = None) -> nx.DiGraph[str]:
+    """The dataflow graph: one node per record (keyed by name), edges producer -> user;
+    ``keep``: only edges to those nodes (``records``' names: the subgraph they induce)."""
     g: nx.DiGraph[str] = nx.DiGraph()
     for r in records:
         g.add_node(r.name, index=r.index)
     for r in records:
         for u in r.users:
-            g.add_edge(r.name, u)
+            if keep is None or u in keep:
+                g.add_edge(r.name, u)
     return g
 
 
