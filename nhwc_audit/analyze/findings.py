@@ -53,7 +53,7 @@ from .hints import (
     render_hint,
 )
 from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
-from .origin import SKIP_OPS, conversion_free, describe, leads_to, origin_of, via
+from .origin import SKIP_OPS, conversion_free, describe, leading_to, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -313,6 +313,8 @@ def find_findings(
         free=conversion_free(records),
     )
     out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
-    # a revert that copies in the NCHW model too (0 B) matters only where it leads to a finding
-    flagged, kept = {f.node for f in out}, (f.bytes or f.kind is not FindingKind.REVERT for f in out)
-    return [f for f, k in zip(out, kept, strict=True) if k or leads_to(ctx.by_name[f.node], flagged, ctx.by_name)]
+    kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in out]  # a 0 B revert: if it leads to
+    convs = {r.name for r in records if r.op_name.lower() in CONV_OPS}
+    ends = {f.node for f, k in zip(out, kept, strict=True) if k} | convs
+    targets = leading_to(records, ends) if not all(kept) else ends  # a conv or a finding that moves data
+    return [f for f, k in zip(out, kept, strict=True) if k or any(u in targets for u in ctx.by_name[f.node].users)]

@@ -226,14 +226,14 @@ def reorder_bytes(r: NodeRecord) -> int:
 
 
 def read_across(r: NodeRecord) -> list[NodeInput]:
-    """The activations an element-for-element op (no convolution or GEMM) reads in another dense
+    """The operands an element-for-element op (no convolution or GEMM) reads in another dense
     order than it writes (:func:`~nhwc_audit.layout.reorders`; densenet's cats decided by labels)."""
     if r.op_name.lower() in CONV_OPS | GEMM_OPS or not r.outputs or r.aliases_input:
         return []
     out, same = r.outputs[0], (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)  # one dense order throughout: no sort
     if out.layout in same and all(i.meta.layout is out.layout and i.meta.rank == out.rank for i in r.inputs):
         return []
-    return [i for i in data_inputs(r) if not i.is_param and reorders(i.meta, out)]
+    return [i for i in data_inputs(r) if reorders(i.meta, out)]  # a graph's constant made in forward too
 
 
 def moved_bytes(r: NodeRecord) -> int:

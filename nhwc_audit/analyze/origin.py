@@ -17,7 +17,7 @@ __all__ = [
     "conversion_free",
     "describe",
     "from_parameters_only",
-    "leads_to",
+    "leading_to",
     "origin_of",
     "via",
 ]
@@ -39,21 +39,19 @@ def build_graph(records: Sequence[NodeRecord], keep: set[str] | None = None) -> 
     return g
 
 
-def leads_to(r: NodeRecord, flagged: set[str], by_name: dict[str, NodeRecord]) -> bool:
-    """Does ``r``'s NCHW output reach a node in ``flagged`` (one with a finding) or a convolution
-    through NCHW tensors? What keeping ``r`` channels_last would change downstream: a conversion,
-    a mixed op, a latent break, convolutions that run NCHW; nothing where every user computes the
-    same in either layout (attention scores after a softmax that copies in the NCHW model too)."""
-    stack, seen = list(r.users), set()
+def leading_to(records: Sequence[NodeRecord], targets: set[str]) -> set[str]:
+    """The nodes with a path of data flow to one of ``targets``, ``targets`` included: where a
+    0-byte revert's output can change something downstream (a convolution, a finding that moves
+    data), whatever the capture's granularity (one reshape node, or a copy and views)."""
+    producers = {r.name: [i.producer for i in r.inputs if i.producer] for r in records}
+    found: set[str] = set()
+    stack = list(targets)
     while stack:
         name = stack.pop()
-        u = by_name.get(name)
-        if name in flagged or (u is not None and u.op_name.lower() in CONV_OPS):
-            return True
-        if name not in seen and u is not None and u.output_layout in (Layout.CONTIGUOUS, Layout.STRIDED):
-            seen.add(name)
-            stack.extend(u.users)
-    return False
+        if name not in found:
+            found.add(name)
+            stack.extend(producers.get(name, ()))
+    return found
 
 
 def origin_of(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRecord | None:

@@ -298,10 +298,12 @@ def _view_strides(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if (
         not is_alias_of(out, source)
         or out.numel() != source.numel()
-        or out.dim() not in (3, 4, 5)
+        or out.dim() not in ((4, 5) if out.requires_grad else (3, 4, 5))
         or 1 not in out.shape
     ):
-        return out  # 3D too: tokens (B, C, N) that a 1D pool unsqueezes to a map and strides by
+        # 3D too: tokens (B, C, N) that a 1D pool unsqueezes to a map and strides by; not in a train
+        # run, where as_strided's backward would hand the gradient the source's strides
+        return out
     try:
         with unset_fake_temporarily():  # the meta device itself, not a FakeTensor on it
             meta = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta")

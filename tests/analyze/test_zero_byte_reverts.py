@@ -1,7 +1,7 @@
 """A revert the NCHW model makes too (0 B: the same copy in either layout) is a finding only where
-it leads somewhere: to a conversion or another finding, or to convolutions that then run NCHW.
-Attention scores copied by a softmax in both layouts (timm CaiT, ConViT, CoaT) were dozens of
-0 B findings that changed nothing."""
+data flows from it to a convolution or to a finding that moves data. Attention scores copied by a
+softmax in both layouts with no convolution after them (timm CaiT, ConViT) were dozens of 0 B
+findings that changed nothing."""
 
 from __future__ import annotations
 
