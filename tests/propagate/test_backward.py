@@ -303,3 +303,31 @@ def test_a_fake_train_audit_masks_gradients_in_place_as_training_does(fn: Any, c
     for mode in ("real", "fake"):
         r = audit(model, x, bandwidth=1e9, train=True, mode=mode, capture=capture)
         assert not [f for f in r.findings if f.kind.value == "backward"], (mode, r.meta.capture_notes)
+
+
+class _TokensConv1d(nn.Module):
+    """A Conv1d over a map's tokens at batch 1, viewed back: its gradient reaches conv ``a`` NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        n, c, h, w = y.shape
+        return self.b(self.c(y.flatten(2)).view(n, c, h, w))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_fake_train_audit_keeps_the_gradient_of_a_restrided_token_view(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = _TokensConv1d().train(), torch.randn(1, 8, 8, 12)
+    assert _eager_grad_layout(model, x) == "nchw"
+    found = {
+        mode: sorted(
+            (f.kind.value, f.module_path, f.bytes)
+            for f in audit(model, x, bandwidth=1e9, train=True, mode=mode, capture=capture).findings
+        )
+        for mode in ("real", "fake")
+    }
+    assert found["fake"] == found["real"] and ("backward", "a", 6144) in found["real"], found

@@ -656,3 +656,24 @@ def test_hiera_like_reads_are_charged_what_eager_moves(tokens: bool, capture: st
     expected = eager_bytes(model, (x,)).added
     r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
     assert r.summary.bytes_moved == expected > 0, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+class TokensPlusConstant(nn.Module):
+    """NHWC tokens of a map plus a tensor made in forward (a graph's constant under fx), permuted alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        t = y.permute(0, 2, 3, 1) + torch.ones(2, 8, 8, 12).permute(0, 2, 3, 1)
+        return self.b(t.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_tokens_plus_a_constant_made_in_forward_are_read_across_in_every_capture(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = TokensPlusConstant().eval(), torch.randn(2, 8, 8, 12)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added > 0, [(f.kind.value, f.bytes) for f in r.findings]
