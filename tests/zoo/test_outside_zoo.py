@@ -93,3 +93,17 @@ def test_unetr_export_keeps_the_projections_copies() -> None:
     }
     assert found["export"] == found["hooks"]
     assert [nbytes for _, op, nbytes in found["export"] if op == "contiguous"] == [0, 6144, 6144, 6144]
+
+
+def test_halonet_zero_byte_reverts_are_the_same_in_every_capture() -> None:
+    """timm halonet26t's attention copies its blocks in either layout (0 B reverts); data flows from
+    each to a later convolution, so each stays a finding, with the same keys in fx, the eager
+    capture and export (a walk along NCHW outputs only kept 11 in fx and 9 in the eager capture)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("halonet26t", pretrained=False).eval(), torch.randn(1, 3, 256, 256)
+    keys = {
+        c: Counter(f.key for f in audit(model, x, bandwidth=1e9, capture=c).findings) for c in ("fx", "hooks", "export")
+    }
+    assert keys["fx"] == keys["hooks"] == keys["export"]
+    assert sum(keys["fx"].values()) == 14
