@@ -14,6 +14,10 @@ BACKWARD_NOT_AUDITED = "backward: not audited"
 """How the note begins when a backward pass was asked for (``train=True``) and could not run."""
 
 
+_ATEN_NAMES = {"truediv": "div", "floordiv": "floor_divide", "mod": "remainder"}
+"""Python operators as torch.fx names them, and the ATen op the other captures record."""
+
+
 def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | None) -> str:
     """Kind, module path, op and source file: ``revert:up1.conv.block.1:InstanceNorm2d:examples.py``
     (the file's base name, so that keys hold on any checkout; no line number, so that they hold
@@ -25,8 +29,11 @@ def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | N
     'revert:norm:pad(circular):m.py'
     >>> finding_key("mixed", "layer1.0", "add_", "", "resnet.py")
     'mixed:layer1.0:add:resnet.py'
+    >>> finding_key("mixed", "", "truediv", "", "m.py")  # torch.fx's name of x / y
+    'mixed::div:m.py'
     """
     op = op[:-1] if op.endswith("_") and not op.endswith("__") else op
+    op = _ATEN_NAMES.get(op, op)
     where = file.replace(chr(92), "/").rsplit("/", 1)[-1] if file else ""
     return f"{kind}:{module_path}:{op_label(op, detail)}:{where}"
 

@@ -123,3 +123,26 @@ def test_an_in_place_op_has_the_key_of_its_out_of_place_op_in_every_capture() ->
     assert any(k.startswith("mixed::add:") for k, _ in keys["fx"]), keys
     assert keys["hooks"] == keys["fx"] == keys["export"], keys
     assert {f.op for f in reports["hooks"].findings if f.kind.value == "mixed"} == {"add_"}  # shown as it ran
+
+
+class _Divisions(torch.nn.Module):
+    """``y /= t`` and ``y / t`` with ``t`` NCHW: torch.fx names both ``truediv``, the ATen-level
+    captures ``div_`` and ``div``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y /= x.contiguous() + 2
+        return self.b(y / (x.contiguous() + 2))
+
+
+def test_a_python_operator_has_the_key_of_its_aten_op_in_every_capture() -> None:
+    m = _Divisions().eval()
+    x = torch.randn(1, 4, 8, 8)
+    reports = {c: audit(m, x, bandwidth=1e9, capture=c) for c in ("fx", "export", "hooks")}
+    keys = {c: sorted((f.key, f.bytes) for f in r.findings) for c, r in reports.items()}
+    assert [k for k, _ in keys["fx"]].count("mixed::div:test_share_across_captures.py") == 2, keys
+    assert keys["hooks"] == keys["fx"] == keys["export"], keys
