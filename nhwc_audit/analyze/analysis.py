@@ -41,9 +41,7 @@ def find_regions(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> 
         return []
     by_name = {r.name: r for r in records}
     conversions = {f.node for f in findings if f.kind is FindingKind.CONVERSION}
-    nchw = [r for r in records if r.op not in SKIP_OPS and r.output_layout is Layout.CONTIGUOUS]
-    names = {r.name for r in nchw}
-    sub = build_graph(nchw, keep=names)
+    sub = build_graph([r for r in records if r.op not in SKIP_OPS and r.output_layout is Layout.CONTIGUOUS])
     regions: list[Region] = []
     comps = [sorted(c, key=lambda n: by_name[n].index) for c in nx.weakly_connected_components(sub)]
     comps.sort(key=lambda c: by_name[c[0]].index)

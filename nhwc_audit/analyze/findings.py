@@ -266,12 +266,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
-    if len(ins) > 1 and (across := moves.read_across(r)) and moves.reorder_bytes(r) > r.nchw_bytes:
+    if len(ins) > 1 and (across := moves.read_across(r)) and (nbytes := moves.reorder_bytes(r)) > r.nchw_bytes:
         # operands in dense orders no layout names (NHWC tokens of a map plus an NCHW map permuted alike)
-        src = across[0]
-        nbytes = moves.reorder_bytes(r)
-        producer = ctx.by_name.get(src.producer or "")
-        return [_finding(ctx, r, FindingKind.MIXED, layout_in=src.meta.layout, nbytes=nbytes, producer=producer)]
+        producer = ctx.by_name.get(across[0].producer or "")
+        return [_finding(ctx, r, FindingKind.MIXED, layout_in=across[0].meta.layout, nbytes=nbytes, producer=producer)]
     return _hidden_findings(ctx, r)
 
 
@@ -313,8 +311,9 @@ def find_findings(
         free=conversion_free(records),
     )
     out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
-    kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in out]  # a 0 B revert: if it leads to
+    # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding
+    kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in out]
     convs = {r.name for r in records if r.op_name.lower() in CONV_OPS}
     ends = {f.node for f, k in zip(out, kept, strict=True) if k} | convs
-    targets = leading_to(records, ends) if not all(kept) else ends  # a conv or a finding that moves data
+    targets = leading_to(records, ends) if not all(kept) else ends
     return [f for f, k in zip(out, kept, strict=True) if k or any(u in targets for u in ctx.by_name[f.node].users)]

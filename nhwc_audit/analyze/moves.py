@@ -15,6 +15,7 @@ from ..layout import (
     reorders,
 )
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
+from ..records.kinds import in_place_name
 from .origin import SKIP_OPS, from_parameters_only
 
 __all__ = [
@@ -273,8 +274,7 @@ def writes_in_place(r: NodeRecord) -> bool:
     or eager capture; ``ReLU(inplace=True)``, as the run saw it write): it reads its other
     operands in the written tensor's layout, so mixed layouts move data as they do out of place.
     ``copy_`` is a copy (the hidden-copy rule)."""
-    name = r.op_name
-    return not copies_into(r) and (r.in_place or (name.endswith("_") and not name.endswith("__")))
+    return not copies_into(r) and (r.in_place or in_place_name(r.op_name))
 
 
 def copies_into(r: NodeRecord) -> bool:

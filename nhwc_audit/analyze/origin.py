@@ -26,16 +26,14 @@ SKIP_OPS = ("placeholder", "get_attr", "output")
 """Graph nodes that are not ops: never findings, never in a region."""
 
 
-def build_graph(records: Sequence[NodeRecord], keep: set[str] | None = None) -> nx.DiGraph[str]:
-    """The dataflow graph: one node per record (keyed by name), edges producer -> user;
-    ``keep``: only edges to those nodes (``records``' names: the subgraph they induce)."""
+def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:
+    """The dataflow graph of ``records``: one node per record (keyed by name), edges producer ->
+    user among them (the subgraph they induce, where they are some of a run's records)."""
     g: nx.DiGraph[str] = nx.DiGraph()
     for r in records:
         g.add_node(r.name, index=r.index)
     for r in records:
-        for u in r.users:
-            if keep is None or u in keep:
-                g.add_edge(r.name, u)
+        g.add_edges_from((r.name, u) for u in r.users if u in g)
     return g
 
 

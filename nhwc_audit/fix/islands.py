@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ..propagate.inputs import positional_inputs
+from ..records import in_place_name
 from ..tensors import in_a_dense_format
 from .results import ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
 
@@ -70,7 +71,7 @@ def _writes_in_place(n: torch.fx.Node, gm: torch.nn.Module) -> bool:
     if n.target in _IN_PLACE_OPERATORS:
         return True
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__")
+    return in_place_name(name)
 
 
 def _up(v: Any) -> Any:

@@ -18,7 +18,7 @@ from ..capture.context import NodeContext
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
-from ..records import Layout, NodeInput
+from ..records import Layout, NodeInput, in_place_name
 from ..tensors import to_nchw
 from .dispatch import is_alias_of
 from .runner import fake_limitation
@@ -115,7 +115,7 @@ def latent_error(
     Views cost nothing to re-run; in-place ops are not views and are never re-run."""
     if n.op not in ("call_function", "call_method") or not isinstance(result, torch.Tensor):
         return None
-    if op_name.endswith("_") and not op_name.endswith("__"):
+    if in_place_name(op_name):
         return None
     if not any(
         not i.is_param and i.meta.is_spatial and i.meta.layout is Layout.CONTIGUOUS and is_alias_of(result, t)

@@ -13,6 +13,7 @@ import torch
 from torch.overrides import get_overridable_functions
 from torch.utils._pytree import tree_flatten
 
+from ..records import in_place_name
 from ..tensors import PLAIN_LEAVES
 
 __all__ = [
@@ -145,7 +146,7 @@ def writes_first(func: Any, methods: frozenset[Any]) -> bool:
     name = getattr(func, "__name__", "")
     if name in _IN_PLACE:
         return True
-    return name.endswith("_") and not name.endswith("__") and is_method(func, methods)
+    return in_place_name(name) and is_method(func, methods)
 
 
 def tensors_in(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ from .kinds import (
     FindingKind,
     Layout,
     Mode,
+    in_place_name,
     op_label,
 )
 from .node import HiddenCopy, NodeInput, NodeRecord, SourceLoc, TensorMeta
@@ -50,5 +51,6 @@ __all__ = [
     "Summary",
     "TensorMeta",
     "finding_key",
+    "in_place_name",
     "op_label",
 ]

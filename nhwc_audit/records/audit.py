@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kinds import BandwidthSource, CaptureName, FindingKind, Layout, Mode, op_label
+from .kinds import BandwidthSource, CaptureName, FindingKind, Layout, Mode, in_place_name, op_label
 from .node import SourceLoc, TensorMeta
 
 __all__ = ["BACKWARD_NOT_AUDITED", "AuditMeta", "Finding", "Fix", "Hotspot", "Region", "Summary", "finding_key"]
@@ -32,7 +32,7 @@ def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | N
     >>> finding_key("mixed", "", "truediv", "", "m.py")  # torch.fx's name of x / y
     'mixed::div:m.py'
     """
-    op = op[:-1] if op.endswith("_") and not op.endswith("__") else op
+    op = op[:-1] if in_place_name(op) else op
     op = _ATEN_NAMES.get(op, op)
     where = file.replace(chr(92), "/").rsplit("/", 1)[-1] if file else ""
     return f"{kind}:{module_path}:{op_label(op, detail)}:{where}"

@@ -18,6 +18,7 @@ __all__ = [
     "FindingKind",
     "Layout",
     "Mode",
+    "in_place_name",
     "op_label",
 ]
 
@@ -70,6 +71,15 @@ at the dispatch level."""
 BandwidthSource = Literal["measured", "user", "assumed"]
 """Where the bandwidth came from: a transpose copy timed on the audited device, the caller, or
 a typical figure for the device type (fake mode: nothing runs)."""
+
+
+def in_place_name(name: str) -> bool:
+    """The name of an op that writes its first operand: ``add_``, not ``__add__``.
+
+    >>> in_place_name("add_"), in_place_name("__add__"), in_place_name("add")
+    (True, False, False)
+    """
+    return name.endswith("_") and not name.endswith("__")
 
 
 def op_label(op: str, detail: str) -> str:
