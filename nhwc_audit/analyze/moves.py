@@ -4,7 +4,7 @@ the node records."""
 
 from __future__ import annotations
 
-from ..channels import broadcast_across, channels_relaid, relay_bytes, view_channels
+from ..channels import broadcast_across, channels_relaid, relay_bytes
 from ..layout import (
     channel_dims,
     channels_innermost,
@@ -16,7 +16,7 @@ from ..layout import (
 )
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
 from ..records.kinds import in_place_name
-from .origin import SKIP_OPS, from_parameters_only
+from .origin import SKIP_OPS, from_parameters_only, split_channels
 
 __all__ = [
     "allocates",
@@ -35,7 +35,6 @@ __all__ = [
     "reorder_bytes",
     "reordered",
     "revert_bytes",
-    "split_channels",
     "viewed_as",
     "writes_in_place",
 ]
@@ -82,21 +81,6 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
     return channels is not None and channels_innermost(i.meta, channels)
-
-
-def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[int]:
-    """The dims of ``i`` that hold the channels of the channels_last map it views, through
-    views only (torchvision RAFT's ``mask.view(N, 1, 9, 8, 8, H, W)`` of an N x 576 x H x W
-    map: dims 2-4): those strided below every other dim of the map (its channels are
-    innermost); none when ``i`` is no view of a channels_last map."""
-    node = by_name.get(i.producer or "")
-    # a view views its first operand (``m.expand_as(x)`` views the buffer ``m``, not ``x``)
-    while node is not None and node.aliases_input and node.inputs and not node.inputs[0].is_param:
-        src = node.inputs[0].meta
-        if src.is_spatial:
-            return view_channels(i.meta, src)
-        node = by_name.get(node.inputs[0].producer or "")
-    return frozenset()
 
 
 def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInput]:

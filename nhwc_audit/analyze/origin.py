@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import networkx as nx
 
+from ..channels import view_channels
 from ..layout import nchw_ordered
-from ..records import CONV_OPS, Layout, NodeRecord
+from ..records import CONV_OPS, Layout, NodeInput, NodeRecord
 
 __all__ = [
     "CONV_OPS",
@@ -19,6 +20,7 @@ __all__ = [
     "from_parameters_only",
     "leading_to",
     "origin_of",
+    "split_channels",
     "via",
 ]
 
@@ -136,3 +138,30 @@ def conversion_free(records: Sequence[NodeRecord]) -> frozenset[str]:
         if kept:
             free.add(r.name)
     return frozenset(free)
+
+
+def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[int]:
+    """The dims of ``i`` that hold the channels of the channels_last map it views, through
+    views and ops that keep a view's strides (torchvision RAFT's ``mask.view(N, 1, 9, 8, 8, H, W)``
+    of an N x 576 x H x W map: dims 2-4): those strided below every other dim of the map (its
+    channels are innermost); none when ``i`` is no view of a channels_last map."""
+    node = by_name.get(i.producer or "")
+    # a view views its first operand (``m.expand_as(x)`` views the buffer ``m``, not ``x``); an op
+    # that wrote its first operand's strides (``torch.where(v > 0, v, 0)`` of such a view) kept it
+    while node is not None and node.inputs and not node.inputs[0].is_param and _kept_first(node):
+        src = node.inputs[0].meta
+        if src.is_spatial and node.aliases_input:
+            return view_channels(i.meta, src)
+        node = by_name.get(node.inputs[0].producer or "")
+    return frozenset()
+
+
+def _kept_first(node: NodeRecord) -> bool:
+    """``node`` views its first operand, or writes one strided as no format names in its own
+    shape and strides (an element-wise op of a 5D view of a map)."""
+    if node.aliases_input:
+        return True
+    first, out = node.inputs[0].meta, node.outputs[0] if node.outputs else None
+    return (
+        out is not None and first.layout is Layout.STRIDED and (out.shape, out.strides) == (first.shape, first.strides)
+    )

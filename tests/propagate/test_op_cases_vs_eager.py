@@ -227,6 +227,14 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "normalize_over_h": lambda: Between(lambda s, y: nn.functional.normalize(y, dim=2)),
     # a softmax over part of the channels of a 5D view: a row-major copy of channels-innermost memory
     "softmax_over_a_channel_group": lambda: Between(lambda s, y: y.view(2, 4, 2, 16, 16).softmax(2).view(2, 8, 16, 16)),
+    # the same after ops that keep the view's strides: each writes the channels innermost, and
+    # the softmax copies them out of there (its kernel reads row-major memory)
+    "softmax_of_a_channel_group_masked": lambda: Between(
+        lambda s, y: (v := y.view(2, 4, 2, 16, 16)).where(v > 0, torch.zeros(2, 4, 2, 16, 16)).softmax(2).view_as(y)
+    ),
+    "softmax_of_a_channel_group_scaled": lambda: Between(
+        lambda s, y: (y.view(2, 4, 2, 16, 16) * 0.5).relu().softmax(2).view(2, 8, 16, 16)
+    ),
     # a buffer expanded to the map (expand_as views the buffer, not the map it takes a shape from)
     "product_with_an_expanded_buffer": lambda: Between(lambda s, y: y * s.m.expand_as(y), m=torch.randn(2, 1, 16, 16)),
     # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
