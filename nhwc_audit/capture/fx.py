@@ -93,8 +93,10 @@ _PLAIN_ARGS = frozenset({Proxy, TracerProxy, tuple, list, dict, int, float, bool
 class _Tracer(torch.fx.Tracer):
     """fx Tracer that stores the user's source line of every node it creates."""
 
-    def __init__(self) -> None:
+    def __init__(self, proxy_maps: bool) -> None:
         super().__init__()
+        self.proxy_maps = proxy_maps
+        self.proxied_maps = False
         self.scope = _Scope("", None)
         self.module_stack = _ModuleStack()
         self._code: dict[types.CodeType, tuple[list[int], list[dis.Instruction]]] = {}
@@ -152,14 +154,21 @@ class _Tracer(torch.fx.Tracer):
         return None
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Proxy]) -> Any:
-        # torch's Tracer finds a parameter's name by a walk of the whole module tree per access
-        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
-            name = self._name_of(attr_val, "p")
-            if name is not None:
-                if name not in parameter_proxy_cache:
-                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
-                return parameter_proxy_cache[name]
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        # torch's Tracer finds a parameter's name by a walk of the whole module tree per access. A
+        # 4D/5D buffer is traced too: torch's Tracer runs what forward computes from buffers alone
+        # and stows the result as a constant, so the audit would not see a tile of a position map
+        kind = None
+        if isinstance(attr_val, nn.Parameter):
+            kind = None if self.param_shapes_constant else "p"
+        elif self.proxy_maps and isinstance(attr_val, torch.Tensor) and attr_val.dim() >= 4:
+            kind = "b"
+        name = self._name_of(attr_val, kind) if kind is not None else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        self.proxied_maps = self.proxied_maps or kind == "b"
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def create_arg(self, a: Any) -> Any:
         # a proxy, a plain value, a tuple, list or dict: torch's Tracer would find it is none of the
@@ -225,10 +234,23 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> C
 
     Raises :class:`TraceError` naming the failure and what to do about it.
     """
-    tracer = _Tracer()
+    try:
+        return _trace(model, concrete_args, proxy_maps=True)
+    except _MapsProxied:  # forward reads a value of a 4D/5D buffer in Python: stowed, as torch does
+        return _trace(model, concrete_args, proxy_maps=False)
+
+
+class _MapsProxied(Exception):
+    """A trace that traced 4D/5D buffers failed."""
+
+
+def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps: bool) -> Capture:
+    tracer = _Tracer(proxy_maps)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:
+        if tracer.proxied_maps:
+            raise _MapsProxied from e
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         why = (  # symbolic tensors take no item assignment; anything else: control flow, non-torch calls
             "fx cannot record an item assignment, x[...] = y; capture 'hooks' or 'auto', the default, records it"

@@ -125,6 +125,33 @@ class Calls(nn.Module):
         return a, b, c, d, e, torch.einsum("nchw->nhwc", f)
 
 
+class _MapsTracer(torch.fx.Tracer):
+    """torch's Tracer, with its own option to trace buffers taken for the 4D/5D ones only."""
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        self.proxy_buffer_attributes = isinstance(attr_val, torch.Tensor) and attr_val.dim() >= 4
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+class TiledBuffer(nn.Module):
+    """A 4D buffer computed on alone in forward: a node of the graph, not a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pos", torch.randn(1, 3, 4, 4))
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.pos.tile(1, 1, 2, 2) * self.scale.view(1, 3, 1, 1)
+
+
+class BufferReadInPython(TiledBuffer):
+    """The same, with forward reading the buffer's value in Python: traced with it stowed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.pos.tile(1, 1, 2, 2) if float(self.pos.abs().sum()) > 0 else x
+
+
 def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
     return [
         (
@@ -147,19 +174,40 @@ def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
         Unpacks,
         AliasLater,
         LazyShared,
+        TiledBuffer,
         lambda: tvm.resnet18(),
         lambda: tvm.densenet121(),
         lambda: unet()[0],
         lambda: tvm.maxvit_t(),
     ],
-    ids=["odd", "calls", "unpacks", "alias_later", "lazy_shared", "resnet18", "densenet121", "unet", "maxvit_t"],
+    ids=[
+        "odd",
+        "calls",
+        "unpacks",
+        "alias_later",
+        "lazy_shared",
+        "tiled_buffer",
+        "resnet18",
+        "densenet121",
+        "unet",
+        "maxvit_t",
+    ],
 )
 def test_the_graph_is_torchs_own(build: Any) -> None:
     ours = trace(build().eval())  # (a trace stows tensor constants on the model: one each)
     model = build().eval()
-    theirs = torch.fx.Tracer().trace(model)
+    theirs = _MapsTracer().trace(model)
     assert _graph(ours.graph) == _graph(theirs)
     assert ours.gm.code == torch.fx.GraphModule(model, theirs).code
+
+
+def test_a_computation_on_4d_buffers_alone_is_traced_unless_forward_reads_their_values() -> None:
+    # torch's Tracer runs it at trace time and stows the result: the audit would not see its layout
+    ops = [str(n.target) for n in trace(TiledBuffer().eval()).graph.nodes if n.op == "call_method"]
+    assert ops == ["tile"]  # the 1D buffer's view is stowed, as torch does: no layout to change
+    got = trace(BufferReadInPython().eval())
+    assert [str(n.target) for n in got.graph.nodes if n.op == "call_method"] == []
+    assert [n.op for n in got.graph.nodes] == ["placeholder", "get_attr", "call_function", "output"]
 
 
 def test_every_node_of_the_models_code_has_its_source_line() -> None:

@@ -235,6 +235,9 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "softmax_of_a_channel_group_scaled": lambda: Between(
         lambda s, y: (y.view(2, 4, 2, 16, 16) * 0.5).relu().softmax(2).view(2, 8, 16, 16)
     ),
+    # a 4D buffer tiled in forward (timm Hiera's position embedding as a buffer): tile copies the
+    # channels_last buffer row-major, and the product reads it across layouts
+    "product_with_a_tiled_buffer": lambda: Between(lambda s, y: y * s.m.tile(1, 1, 2, 2), m=torch.randn(1, 8, 8, 8)),
     # a buffer expanded to the map (expand_as views the buffer, not the map it takes a shape from)
     "product_with_an_expanded_buffer": lambda: Between(lambda s, y: y * s.m.expand_as(y), m=torch.randn(2, 1, 16, 16)),
     # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
