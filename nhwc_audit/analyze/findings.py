@@ -182,7 +182,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     cl_in = [i for i in cl_in if not moves.converted_weight(r, i, ctx.by_name)]
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
-        losers = nchw_in if out is Layout.CHANNELS_LAST else cl_in
+        losers = nchw_in if out is Layout.CHANNELS_LAST else [*cl_in, *moves.strided_across(r)]  # (x.mT too)
         if 0 < (nbytes := moves.mixed_bytes(r, losers)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
             return []  # it stays NHWC and reads no more across orders than NCHW does (x + x.mT)
         weight = computed_weight(r, nchw_in, ctx.by_name)

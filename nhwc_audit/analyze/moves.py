@@ -35,6 +35,7 @@ __all__ = [
     "reorder_bytes",
     "reordered",
     "revert_bytes",
+    "strided_across",
     "viewed_as",
     "writes_in_place",
 ]
@@ -219,6 +220,12 @@ def read_across(r: NodeRecord) -> list[NodeInput]:
     if out.layout in same and all(i.meta.layout is out.layout and i.meta.rank == out.rank for i in r.inputs):
         return []
     return [i for i in data_inputs(r) if reorders(i.meta, out)]  # a graph's constant made in forward too
+
+
+def strided_across(r: NodeRecord) -> list[NodeInput]:
+    """The operands in a dense order no layout names that ``r`` reads across (:func:`read_across`):
+    ``torch.where(nchw_mask, x, x.mT)`` writing NCHW reads ``x.mT`` across as well as ``x``."""
+    return [i for i in read_across(r) if i.meta.layout is Layout.STRIDED]
 
 
 def moved_bytes(r: NodeRecord) -> int:

@@ -238,6 +238,11 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # a 4D buffer tiled in forward (timm Hiera's position embedding as a buffer): tile copies the
     # channels_last buffer row-major, and the product reads it across layouts
     "product_with_a_tiled_buffer": lambda: Between(lambda s, y: y * s.m.tile(1, 1, 2, 2), m=torch.randn(1, 8, 8, 8)),
+    # an NCHW mask picks from the map and its H/W transpose: the output follows the mask (NCHW), and
+    # reads both the map and its transpose across, where NCHW reads the transpose only
+    "where_of_a_map_and_its_transpose_by_an_nchw_mask": lambda: Between(
+        lambda s, y: torch.where(torch.ones(2, 8, 16, 16) > 0, y, y.mT)
+    ),
     # a buffer expanded to the map (expand_as views the buffer, not the map it takes a shape from)
     "product_with_an_expanded_buffer": lambda: Between(lambda s, y: y * s.m.expand_as(y), m=torch.randn(2, 1, 16, 16)),
     # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
