@@ -23,6 +23,7 @@ __all__ = [
     "channels_relaid",
     "hidden_copy",
     "layout_change",
+    "relaid_weight",
     "relay_bytes",
     "relays_view",
     "view_channels",
@@ -127,3 +128,11 @@ def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:
     other op moves at most the smaller of the two (a cat only its operands, a reduction over a
     stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes."""
     return 2 * (source.stored_nbytes if conv else min(source.stored_nbytes, out.nbytes))
+
+
+def relaid_weight(w: TensorMeta, out: TensorMeta) -> bool:
+    """A convolution re-lays its weight ``w``: not dense in the memory format of its output."""
+    if out.layout not in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS) or w.rank != out.rank:
+        return False
+    fmt = (0, *range(2, w.rank), 1) if out.layout is Layout.CHANNELS_LAST else tuple(range(w.rank))
+    return not is_dense_in_order(w.shape, w.strides, fmt[::-1])

@@ -4,7 +4,7 @@ the node records."""
 
 from __future__ import annotations
 
-from ..channels import broadcast_across, channels_relaid, relay_bytes
+from ..channels import broadcast_across, channels_relaid, relaid_weight, relay_bytes
 from ..layout import (
     channel_dims,
     channels_innermost,
@@ -81,7 +81,12 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
+    if channels is not None and reduced and reverted[0].shape[1] > 1:  # a mean over a channel group too
+        channels |= split_channels(i, by_name)  # (diffusers' AutoencoderDC: unflatten(1, (-1, 2)).mean(2))
     return channels is not None and channels_innermost(i.meta, channels)
+
+
+_UNNAMED = (Layout.STRIDED, Layout.NOT_SPATIAL)  # in no format: a 4D/5D view, or one above rank 5
 
 
 def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInput]:
@@ -95,7 +100,7 @@ def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInpu
     return [
         i
         for i in r.activation_inputs
-        if i.meta.layout is Layout.STRIDED and channels_relaid(i.meta, split_channels(i, by_name), out)
+        if i.meta.layout in _UNNAMED and channels_relaid(i.meta, split_channels(i, by_name), out)
     ]
 
 
@@ -202,7 +207,9 @@ def reorder_bytes(r: NodeRecord) -> int:
     out = r.outputs[0]
     act = r.activation_inputs[0] if r.activation_inputs else None
     if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
-        return 2 * act.meta.nbytes if _runs_otherwise(act.meta, out) else 0
+        # and a weight computed in forward: diffusers' FIR upsampler transposes it (re-laid in NCHW too)
+        w = [i.meta for i in r.inputs[1:2] if not i.is_param and i is not act and relaid_weight(i.meta, out)]
+        return 2 * (act.meta.nbytes if _runs_otherwise(act.meta, out) else 0) + 2 * sum(m.nbytes for m in w)
     ins = (
         r.activation_inputs[1:]
         if r.aliases_input

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import networkx as nx
 
 from ..channels import view_channels
-from ..layout import nchw_ordered
+from ..layout import is_dense_in_order, nchw_ordered
 from ..records import CONV_OPS, Layout, NodeInput, NodeRecord
 
 __all__ = [
@@ -143,25 +143,26 @@ def conversion_free(records: Sequence[NodeRecord]) -> frozenset[str]:
 def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[int]:
     """The dims of ``i`` that hold the channels of the channels_last map it views, through
     views and ops that keep a view's strides (torchvision RAFT's ``mask.view(N, 1, 9, 8, 8, H, W)``
-    of an N x 576 x H x W map: dims 2-4): those strided below every other dim of the map (its
-    channels are innermost); none when ``i`` is no view of a channels_last map."""
+    of an N x 576 x H x W map: dims 2-4; diffusers' FIR filters pad a ``reshape(-1, H, W, 1)``
+    of the map viewed in 6D): those strided below every other dim of the map (its channels are
+    innermost); none when ``i`` is no view of a channels_last map."""
     node = by_name.get(i.producer or "")
     # a view views its first operand (``m.expand_as(x)`` views the buffer ``m``, not ``x``); an op
     # that wrote its first operand's strides (``torch.where(v > 0, v, 0)`` of such a view) kept it
     while node is not None and node.inputs and not node.inputs[0].is_param and _kept_first(node):
         src = node.inputs[0].meta
-        if src.is_spatial and node.aliases_input:
+        if src.layout is Layout.CHANNELS_LAST:
             return view_channels(i.meta, src)
         node = by_name.get(node.inputs[0].producer or "")
     return frozenset()
 
 
 def _kept_first(node: NodeRecord) -> bool:
-    """``node`` views its first operand, or writes one strided as no format names in its own
-    shape and strides (an element-wise op of a 5D view of a map)."""
+    """``node`` views its first operand, or writes one not row-major in its own shape and
+    strides (an element-wise op of a 5D view of a map, a zero pad of a 6D one)."""
     if node.aliases_input:
         return True
     first, out = node.inputs[0].meta, node.outputs[0] if node.outputs else None
-    return (
-        out is not None and first.layout is Layout.STRIDED and (out.shape, out.strides) == (first.shape, first.strides)
-    )
+    same = out is not None and (out.shape, out.strides) == (first.shape, first.strides)
+    rows = tuple(range(first.rank - 1, -1, -1))
+    return same and len(first.strides) == first.rank and not is_dense_in_order(first.shape, first.strides, rows)

@@ -55,7 +55,13 @@ def test_a_fake_baseline_charges_what_the_real_one_does(
     monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
     fake = audit(model, x, bandwidth=1e9, capture=capture)
     assert _charged(fake) == _charged(real)
-    assert [r.nchw_bytes for r in fake.nodes] == [r.nchw_bytes for r in real.nodes]
+    # a fake run converts a real weight afresh at each use, so a view of one (a weight transposed in
+    # forward) aliases none of its inputs there and is measured as a copy: on that view only, which
+    # is never a finding (the real run sees it alias)
+    views = {r.name for r in real.nodes if r.aliases_input and all(i.is_param for i in r.inputs)}
+    assert [(r.name, r.nchw_bytes) for r in fake.nodes if r.name not in views] == [
+        (r.name, r.nchw_bytes) for r in real.nodes if r.name not in views
+    ]
     # the fake run is noted wherever the baseline changed a charge
     ran_fake = any(n.startswith(FAKE_NOTE) for n in fake.meta.capture_notes)
     assert ran_fake == any(r.nchw_bytes for r in real.nodes), fake.meta.capture_notes

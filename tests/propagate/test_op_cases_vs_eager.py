@@ -243,6 +243,34 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "where_of_a_map_and_its_transpose_by_an_nchw_mask": lambda: Between(
         lambda s, y: torch.where(torch.ones(2, 8, 16, 16) > 0, y, y.mT)
     ),
+    # diffusers' FIR resampling (upfirdn2d_native): a batch-1 map viewed as (C, H, W, 1), its channels
+    # now outermost, padded row-major (a transpose), also through a 6D view and after a zero pad
+    # of it (a clone that keeps its strides)
+    "fir_pad_of_the_map_reshaped_channels_first": lambda: Between(
+        lambda s, y: nn.functional.pad(y[:1].reshape(-1, 16, 16, 1), [0, 0, 1, 1, 1, 1]).reshape(1, 8, 18, 18)
+    ),
+    "fir_pad_of_a_6d_view_of_it": lambda: Between(
+        lambda s, y: nn.functional.pad(
+            y[:1].reshape(-1, 16, 16, 1).view(-1, 16, 1, 16, 1, 1), [0, 0, 0, 1, 0, 0, 0, 1]
+        ).reshape(1, 8, 32, 32)
+    ),
+    "fir_zero_pad_of_a_6d_view_then_a_pad": lambda: Between(
+        lambda s, y: nn.functional.pad(
+            nn.functional.pad(y[:1].reshape(-1, 16, 16, 1).view(-1, 16, 1, 16, 1, 1), [0] * 8).view(-1, 16, 16, 1),
+            [0, 0, 1, 1, 1, 1],
+        ).reshape(1, 8, 18, 18)
+    ),
+    # diffusers' AutoencoderDC shortcut: a mean over a channel group writes NCHW from channels-innermost memory
+    "mean_over_a_channel_group": lambda: Between(lambda s, y: y.unflatten(1, (-1, 2)).mean(2), post=4),
+    # a weight transposed in forward (diffusers' FIR upsampler with a conv): the kernel re-lays it in
+    # either layout
+    "conv_of_a_weight_transposed_in_forward": lambda: Between(
+        lambda s, y: nn.functional.conv2d(y, s.w.transpose(0, 1), padding=1), w=torch.randn(8, 8, 3, 3)
+    ),
+    "conv_transpose_of_a_weight_flipped_and_transposed": lambda: Between(
+        lambda s, y: nn.functional.conv_transpose2d(y, s.w.flip(2, 3).transpose(0, 1), padding=1),
+        w=torch.randn(8, 8, 3, 3),
+    ),
     # a buffer expanded to the map (expand_as views the buffer, not the map it takes a shape from)
     "product_with_an_expanded_buffer": lambda: Between(lambda s, y: y * s.m.expand_as(y), m=torch.randn(2, 1, 16, 16)),
     # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
