@@ -21,6 +21,7 @@ from ..errors import TraceError
 from .context import SOURCE_KEY
 from .proxies import TracerProxy
 from .source import user_frame
+from .state import module_state, put_back_state
 
 __all__ = ["Capture", "GraphMethod", "KeptGraph", "attribute", "graph_attributes", "kept", "put_back", "trace"]
 
@@ -234,9 +235,13 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> C
 
     Raises :class:`TraceError` naming the failure and what to do about it.
     """
+    if not any(b.dim() >= 4 for b in model.buffers()):
+        return _trace(model, concrete_args, proxy_maps=False)
+    state = module_state(model)
     try:
         return _trace(model, concrete_args, proxy_maps=True)
     except _MapsProxied:  # forward reads a value of a 4D/5D buffer in Python: stowed, as torch does
+        put_back_state(state)  # what forward cached on its modules holds the failed trace's proxies
         return _trace(model, concrete_args, proxy_maps=False)
 
 

@@ -152,6 +152,19 @@ class BufferReadInPython(TiledBuffer):
         return x * self.pos.tile(1, 1, 2, 2) if float(self.pos.abs().sum()) > 0 else x
 
 
+class CachesThenReadsABuffer(TiledBuffer):
+    """Forward caches what it computes from the buffer on the module, then reads the buffer's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict[str, Any] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "k" not in self.cache:
+            self.cache["k"] = self.pos.tile(1, 1, 2, 2)
+        return x * self.cache["k"] * float(self.pos.abs().sum() > 0)
+
+
 def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
     return [
         (
@@ -208,6 +221,11 @@ def test_a_computation_on_4d_buffers_alone_is_traced_unless_forward_reads_their_
     got = trace(BufferReadInPython().eval())
     assert [str(n.target) for n in got.graph.nodes if n.op == "call_method"] == []
     assert [n.op for n in got.graph.nodes] == ["placeholder", "get_attr", "call_function", "output"]
+    # the second trace starts from the modules as they were: no proxy of the first left in a cache
+    model = CachesThenReadsABuffer().eval()
+    ops = [n.op for n in trace(model).graph.nodes]
+    assert ops == ["placeholder", "get_attr", "call_function", "call_function", "output"]
+    assert type(model.cache["k"]) is torch.Tensor
 
 
 def test_every_node_of_the_models_code_has_its_source_line() -> None:
