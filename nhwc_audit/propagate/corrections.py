@@ -163,6 +163,9 @@ _PROBED_BACKWARDS = frozenset(
     {
         "glu_backward",
         "_log_softmax_backward_data",
+        "native_batch_norm_backward",
+        "native_layer_norm_backward",
+        *(f"{act}_backward" for act in ("softplus", "hardtanh", "hardswish", "hardsigmoid")),
         *(f"{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)),
     }
 )

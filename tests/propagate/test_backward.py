@@ -331,3 +331,76 @@ def test_a_fake_train_audit_keeps_the_gradient_of_a_restrided_token_view(capture
         for mode in ("real", "fake")
     }
     assert found["fake"] == found["real"] and ("backward", "a", 6144) in found["real"], found
+
+
+class _Attractor(nn.Module):
+    """ZoeDepth's attractor: an activation of the map, broadcast in 5D against an NCHW map."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        d = self.act(y).unsqueeze(2) - torch.ones(y.shape[0], 1, 4, y.shape[2], y.shape[3])
+        return (d / (1 + d * d)).sum(2)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [_Attractor(act) for act in (nn.Softplus(), nn.ReLU6(), nn.Hardswish(), nn.Hardsigmoid())],
+    ids=["softplus", "relu6", "hardswish", "hardsigmoid"],
+)
+def test_a_fake_train_audit_strides_activation_gradients_as_the_cpu_kernels_do(op: nn.Module) -> None:
+    """The meta kernels of these activations' backward stride their gradient otherwise than the
+    CPU kernels (torch 2.14.1): the fake audit's backward findings are the real audit's, and
+    conv ``a``'s is eager's."""
+    torch.manual_seed(0)
+    model = _Between(op).train()
+    x = torch.randn(1, 8, 8, 12)
+    found = {}
+    for mode in ("real", "fake"):
+        r = audit(model, x, bandwidth=1e9, train=True, mode=mode)
+        found[mode] = [(f.module_path, f.bytes) for f in r.findings if f.kind.value == "backward"]
+    assert found["fake"] == found["real"]
+    assert ("a" in [p for p, _ in found["real"]]) == (_eager_grad_layout(model, x) == "nchw")
+
+
+class _PatchEmbedStage(nn.Module):
+    """A Segformer-like stage: patch-embedding conv, LayerNorm'd tokens, back to an NCHW map that
+    a decode head reads as tokens."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.proj, self.n1, self.fc = nn.Conv2d(3, c, 7, stride=4, padding=3), nn.LayerNorm(c), nn.Linear(c, c)
+        self.n2, self.head = nn.LayerNorm(c), nn.Linear(c, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        b, c, h, w = y.shape
+        t = self.n1(y.flatten(2).transpose(1, 2))
+        t = self.n2(t + self.fc(t))
+        y = t.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        return self.head(y.flatten(2).transpose(1, 2))
+
+
+def _area_attention() -> nn.Module:
+    block = pytest.importorskip("ultralytics.nn.modules.block")  # YOLO12's: a BatchNorm'd qkv read as tokens
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), block.AAttn(64, num_heads=2, area=1), nn.Conv2d(64, 8, 1))
+
+
+@pytest.mark.parametrize("build", [_PatchEmbedStage, _area_attention], ids=["layer_norm", "batch_norm"])
+def test_a_fake_train_audit_strides_norm_gradients_as_the_cpu_kernels_do(build: Callable[[], nn.Module]) -> None:
+    """LayerNorm's and BatchNorm's backward meta kernels follow the incoming gradient where the CPU
+    kernels follow the input (torch 2.14.1): the fake audit's backward findings are the real one's."""
+    torch.manual_seed(0)
+    model = build().train()
+    x = torch.randn(1, 3, 32 if build is _PatchEmbedStage else 4, 32 if build is _PatchEmbedStage else 4)
+    found = [
+        [
+            (f.module_path, f.bytes)
+            for f in audit(model, x, bandwidth=1e9, train=True, mode=m).findings
+            if f.kind.value == "backward"
+        ]
+        for m in ("real", "fake")
+    ]
+    assert found[1] == found[0]
