@@ -17,7 +17,7 @@ from .report.text import headline, offender_line
 
 if TYPE_CHECKING:
     from .analyze.verdict import Verdict
-    from .capture.fx import KeptGraph
+    from .capture.kept import KeptGraph
     from .fix.repair import RepairLog
     from .timing.measure import Measurement
 

@@ -4,7 +4,6 @@ the model.
 
 from __future__ import annotations
 
-import copy
 import dis
 import functools
 import types
@@ -19,11 +18,12 @@ from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError
 from .context import SOURCE_KEY
+from .kept import holds
 from .proxies import TracerProxy
 from .source import user_frame
-from .state import module_state, put_back_state
+from .state import module_state, put_back_proxied, put_back_state
 
-__all__ = ["Capture", "GraphMethod", "KeptGraph", "attribute", "graph_attributes", "kept", "put_back", "trace"]
+__all__ = ["Capture", "GraphMethod", "trace"]
 
 GraphMethod = Literal["fx", "export"]
 
@@ -37,6 +37,8 @@ class Capture:
     graph: torch.fx.Graph
     method: GraphMethod
     """'fx' (symbolic_trace) or 'export' (torch.export, non-strict, ATen-level graph)."""
+    maps_traced: bool = False
+    """An fx trace traced what forward computes from 4D/5D buffers (:func:`trace`)."""
 
     @property
     def flat_inputs(self) -> bool:
@@ -58,18 +60,6 @@ class Capture:
         collector once the audit is over. The graph itself stays, to be run on a root or copied."""
         self.__dict__.pop("gm", None)
         self.graph.owning_module = None
-
-
-def _holds(root: nn.Module, name: str, kind: str) -> Any:
-    """The parameter ('p') or buffer ('b') ``root`` holds under ``name`` now (read from the
-    module tables: ``getattr`` on a module is fx's patched one while it traces)."""
-    *path, leaf = name.split(".")
-    module: nn.Module | None = root
-    for part in path:
-        module = module._modules.get(part) if module is not None else None
-    if module is None:
-        return None
-    return (module._parameters if kind == "p" else module._buffers).get(leaf)
 
 
 class _ModuleStack(OrderedDict[str, Any]):
@@ -150,7 +140,7 @@ class _Tracer(torch.fx.Tracer):
             entry = table.get(id(t))
             if entry is None:
                 return None
-            if entry[1] is t and _holds(self.root, entry[0], kind) is t:
+            if entry[1] is t and holds(self.root, entry[0], kind) is t:
                 return entry[0]
         return None
 
@@ -230,19 +220,23 @@ class _Tracer(torch.fx.Tracer):
         return node
 
 
-def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None) -> Capture:
+def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None, trace_maps: bool = True) -> Capture:
     """Symbolically trace ``model``, recording each node's module stack and source line.
 
-    Raises :class:`TraceError` naming the failure and what to do about it.
-    """
-    if not any(b.dim() >= 4 for b in model.buffers()):
+    ``trace_maps``: what forward computes from 4D/5D buffers alone is traced too (torch's Tracer
+    runs it and stows the result: a tile of a position map would not be seen), unless forward
+    reads their values in Python: then traced again, from the modules as they were, with them
+    stowed. No proxy is left on the modules. Raises :class:`TraceError` naming what to do."""
+    if not trace_maps or not any(b.dim() >= 4 for b in model.buffers()):
         return _trace(model, concrete_args, proxy_maps=False)
     state = module_state(model)
     try:
-        return _trace(model, concrete_args, proxy_maps=True)
-    except _MapsProxied:  # forward reads a value of a 4D/5D buffer in Python: stowed, as torch does
+        cap = _trace(model, concrete_args, proxy_maps=True)
+    except _MapsProxied:
         put_back_state(state)  # what forward cached on its modules holds the failed trace's proxies
         return _trace(model, concrete_args, proxy_maps=False)
+    put_back_proxied(state)
+    return cap
 
 
 class _MapsProxied(Exception):
@@ -253,6 +247,7 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
     tracer = _Tracer(proxy_maps)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+        proxied = tracer.proxied_maps
     except Exception as e:
         if tracer.proxied_maps:
             raise _MapsProxied from e
@@ -270,51 +265,4 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         # cycle): its per-trace tables (a scope per node, the code cache) would otherwise wait
         # for the cyclic collector, ~10 objects a node
         vars(tracer).clear()
-    return Capture(root=root, graph=graph, method="fx")
-
-
-def attribute(root: nn.Module, target: str) -> Any:
-    """What a get_attr node with ``target`` reads from ``root`` (None when it is not there)."""
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
-def graph_attributes(cap: Capture) -> list[tuple[str, Any]]:
-    """(target, value) of each get_attr node of ``cap``'s graph, read from its root."""
-    return [(str(n.target), attribute(cap.root, str(n.target))) for n in cap.graph.nodes if n.op == "get_attr"]
-
-
-@dataclass(frozen=True)
-class KeptGraph:
-    """What a report keeps of an audit's fx capture for a repair or a measurement: the graph and
-    what its get_attr nodes read. Not its root, the audit's private copy of the model, which
-    goes when the audit ends (a copy of the weights too, for a model that writes to its own)."""
-
-    graph: torch.fx.Graph
-    attributes: tuple[tuple[str, Any], ...]
-    """(target, value) of each get_attr node (:func:`graph_attributes`)."""
-
-
-def kept(cap: Capture | None) -> KeptGraph | None:
-    """What a report keeps of an fx ``cap``: its graph (copied when a GraphModule, which holds the
-    modules, owns it) and the tensors its get_attr nodes read that the tracer made (not weights)."""
-    if cap is None or cap.method != "fx":
-        return None
-    graph = copy.deepcopy(cap.graph) if cap.graph.owning_module is not None else cap.graph
-    made = [
-        (t, v)
-        for t, v in graph_attributes(cap)
-        if _holds(cap.root, t, "p") is None and _holds(cap.root, t, "b") is None
-    ]
-    return KeptGraph(graph, tuple(made))
-
-
-def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:
-    """Set each attribute the graph reads that ``root`` no longer has."""
-    for target, value in attributes:
-        owner, _, name = target.rpartition(".")
-        module = root.get_submodule(owner) if owner else root
-        if value is not None and not hasattr(module, name):
-            setattr(module, name, value)
+    return Capture(root=root, graph=graph, method="fx", maps_traced=proxied)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch.fx
 from torch import nn
 
-__all__ = ["ModuleState", "module_state", "put_back_state"]
+__all__ = ["ModuleState", "module_state", "put_back_proxied", "put_back_state"]
 
 ModuleState = list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]]
 
@@ -38,8 +39,29 @@ def put_back_state(state: ModuleState) -> None:
         vars(m).clear()
         vars(m).update(attrs)
         for container, items in held:
-            container.clear()
-            if isinstance(container, dict):
-                container.update(items)
+            _refill(container, items)
+
+
+def put_back_proxied(state: ModuleState) -> None:
+    """Put back, as :func:`module_state` found them, the attributes and containers of the modules
+    that now hold a trace's proxy (``self.pos = self.pos * 1.0`` of a traced buffer puts one in
+    the module's buffers; a cache filled in forward, in the cache): nothing else the trace left."""
+    for m, attrs, held in state:
+        for key in [k for k, v in vars(m).items() if isinstance(v, torch.fx.Proxy)]:
+            if key in attrs:
+                vars(m)[key] = attrs[key]
             else:
-                container.extend(items)
+                del vars(m)[key]
+        for container, items in held:
+            if any(
+                isinstance(v, torch.fx.Proxy) for v in (container.values() if type(container) is dict else container)
+            ):
+                _refill(container, items)
+
+
+def _refill(container: Any, items: Any) -> None:
+    container.clear()
+    if type(container) is dict:
+        container.update(items)
+    else:
+        container.extend(items)

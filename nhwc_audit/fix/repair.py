@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..analyze.analysis import Analysis, analyze
-from ..capture.fx import put_back, trace
+from ..capture.fx import trace
+from ..capture.kept import put_back
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
@@ -206,7 +207,7 @@ def repair_model(
 
     The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx
     capture of the same module tree, with ``constants``: what its get_attr nodes read, see
-    :func:`~nhwc_audit.capture.fx.graph_attributes`) saves the trace, and ``baseline`` (node
+    :func:`~nhwc_audit.capture.kept.graph_attributes`) saves the trace, and ``baseline`` (node
     name -> the bytes it moves when the model runs NCHW, the audit's ``nchw_bytes``) charges
     the graph's nodes as the audit did; without it every copy is charged whole. Outputs (and, with
     ``grads``, parameter gradients of a fixed random linear loss) are checked against the
@@ -228,14 +229,25 @@ def repair_model(
         (sample_args, sample_kwargs),
     )
     samples = [(sample_args, sample_kwargs), second]
-    try:
-        converted = convert(model)
-        put_back(converted, list(constants))  # tensors made in forward: the trace kept them on its root
-        gm = torch.fx.GraphModule(converted, copy.deepcopy(graph)) if graph is not None else trace(converted).gm
-    except Exception as e:
-        raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
-    if graph is None:  # an audit's graph was checked against eager; a trace of its own is checked here
-        _check_trace(converted, gm, sample_args, sample_kwargs)
+    for maps in (True, False):  # a trace of 4D/5D buffers that is not the model's: again with them stowed
+        try:
+            converted = convert(model)
+            put_back(converted, list(constants))  # tensors made in forward: the trace kept them on its root
+            if graph is None:
+                cap = trace(converted, trace_maps=maps)
+                gm = cap.gm
+            else:
+                cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph))
+        except Exception as e:
+            raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
+        if cap is None:  # an audit's graph was checked against eager; a trace of its own is checked here
+            break
+        try:
+            _check_trace(converted, gm, sample_args, sample_kwargs)
+            break
+        except ConversionError:
+            if not cap.maps_traced:
+                raise
     naive = gm  # never rewritten: every rewrite is made on a copy
     records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks

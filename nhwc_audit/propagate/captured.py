@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..capture.fx import Capture, KeptGraph, kept
+from ..capture.fx import Capture
+from ..capture.kept import KeptGraph, kept
 from ..records import NodeRecord
 from .backward import GradRun
 
@@ -45,7 +46,7 @@ class Captured:
 
     @property
     def kept(self) -> KeptGraph | None:
-        """What the report keeps of the capture (:func:`~nhwc_audit.capture.fx.kept`)."""
+        """What the report keeps of the capture (:func:`~nhwc_audit.capture.kept.kept`)."""
         return kept(self.capture)
 
 

@@ -24,7 +24,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.fx import Capture, GraphMethod, graph_attributes, put_back, trace
+from ..capture.fx import Capture, GraphMethod, trace
+from ..capture.kept import graph_attributes, put_back
 from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..prepare.fake import fake_plain
 from ..records import CaptureMethod, NodeRecord
@@ -41,14 +42,7 @@ from .replay import replay
 from .runner import Runner, attributes_restored, batch_of, fake_limitation, first_sample
 from .skeleton import Skeleton
 
-__all__ = [
-    "CAPTURES",
-    "CaptureMethod",
-    "Captured",
-    "CheckKind",
-    "capture_and_propagate",
-    "replay_check",
-]
+__all__ = ["CAPTURES", "CaptureMethod", "Captured", "CheckKind", "capture_and_propagate", "replay_check"]
 
 CAPTURES: tuple[CaptureMethod, ...] = get_args(CaptureMethod)
 
@@ -96,15 +90,11 @@ class _Chain:
     notes: list[str] = field(default_factory=list)
     _eager: list[Any] = field(default_factory=list)
 
-    def _corrections(self) -> Corrections | None:
-        return self.runner.corrections()
-
     def _noted(self, corrections: Corrections | None) -> frozenset[str]:
         """Note the corrections of a fake run; the nodes corrected."""
         if corrections is None:
             return frozenset()
-        note = corrections.note()
-        if note is not None:
+        if (note := corrections.note()) is not None:
             self.notes.append(note)
         return frozenset(node for node, _ in corrections.applied)
 
@@ -122,11 +112,19 @@ class _Chain:
         sees what eager runs in one forward (torch.export costs 1-2.5 s before anything runs
         and finds the same), unless a graph is needed (``need_graph``: a backward pass), when
         torch.export comes before it."""
+        first: dict[str, Capture] = {}  # the first fx trace: did it trace 4D/5D buffers?
         steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
-            ("fx", lambda: trace(self.model)),
+            ("fx", lambda: first.setdefault("fx", trace(self.model))),
+            # a graph that traced buffers is not the model's (``isinstance(buf, Tensor)`` is False
+            # for a proxy): traced again with them stowed, as torch's Tracer does
+            ("fx", lambda: trace(self.model, trace_maps=False)),
             ("export", lambda: exported(self.model, self.args, self.kwargs, self.runner.device_type, self.notes)),
         ]
-        for name, capture in steps:
+        for i, (name, capture) in enumerate(steps):
+            if i == 1:
+                if not (first and first["fx"].maps_traced):
+                    continue
+                self.notes.append("fx: traced again with its 4D/5D buffers stowed as constants, as torch.fx does")
             if self.method == name or (self.method == "auto" and (name == "fx" or self.need_graph)):
                 got = self._graph_step(name, capture)
                 if got is not None:
@@ -177,7 +175,7 @@ class _Chain:
         batch = batch_of(self.args, self.kwargs) if checking and name == "fx" else None
         # fx graphs call leaf modules: note the run's shape so that a replay can check the graph
         skeleton = Skeleton() if checking and name == "fx" else None
-        corrections = self._corrections()
+        corrections = self.runner.corrections()
         grads: Grads | None = {} if self.runner.grad and not self.runner.fake else None  # a backward starts there
         try:
             with self.runner.context(guard=False, corrections=corrections):
@@ -264,7 +262,7 @@ class _Chain:
             raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
 
     def _hooks(self) -> Captured:
-        corrections = self._corrections()
+        corrections = self.runner.corrections()
         try:
             with self.runner.context(guard=False, corrections=corrections):
                 records, _ = record_eager(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..capture.fx import attribute
+from ..capture.kept import attribute
 from ..errors import SharedWeightWrite
 from .call_keys import call_name, eager_calls, graph_call, mapped, tensor_methods, tensors_in, writes_first
 from .dispatch import CopyRecorder

@@ -52,7 +52,8 @@ def profile_copies(
     is not fx-traceable."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ..capture.fx import put_back, trace
+    from ..capture.fx import trace
+    from ..capture.kept import put_back
     from ..propagate.inputs import positional_inputs
 
     root = converted if converted is not None else convert(model)

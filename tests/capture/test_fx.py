@@ -15,6 +15,7 @@ import torchvision.models as tvm
 from torch import nn
 from torch.nn import functional as F
 
+from nhwc_audit import audit, convert, repair
 from nhwc_audit.capture.context import SOURCE_KEY
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.examples import unet
@@ -165,6 +166,23 @@ class CachesThenReadsABuffer(TiledBuffer):
         return x * self.cache["k"] * float(self.pos.abs().sum() > 0)
 
 
+class ReassignsItsBuffer(nn.Module):
+    """Forward sets a 4D buffer from itself (a proxy, while it is traced), and branches on its type
+    (``isinstance`` is False for a proxy: the traced graph drops the branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("pos", torch.randn(1, 8, 4, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.pos = self.pos * 1.0
+        x = self.a(x)
+        if isinstance(self.pos, torch.Tensor):
+            x = x + self.pos.tile(1, 1, 2, 2)
+        return self.b(x)
+
+
 def _graph(g: torch.fx.Graph) -> list[tuple[Any, ...]]:
     return [
         (
@@ -271,3 +289,16 @@ def test_torch_calls_on_proxies_leave_no_garbage_for_the_collector() -> None:
     trace(small), trace(large)
     grown = cyclic_garbage(lambda: trace(large)) - cyclic_garbage(lambda: trace(small))
     assert grown < 20, f"95 more blocks left {grown} more objects in reference cycles"
+
+
+def test_a_trace_of_4d_buffers_leaves_no_proxy_and_a_graph_that_is_not_the_models_is_traced_again() -> None:
+    model = ReassignsItsBuffer().eval()
+    trace(model)
+    assert type(model.pos) is torch.Tensor  # the trace's proxy is not left in the module's buffers
+    x = torch.randn(2, 8, 8, 12)
+    r = audit(model, x, bandwidth=1e9)  # the traced graph drops the branch: traced with the buffer stowed
+    assert r.meta.capture == "fx" and any("stowed as constants" in n for n in r.meta.capture_notes)
+    assert [(f.kind.value, f.op) for f in r.findings] == [("mixed", "add")]  # as torch.fx's own trace sees it
+    repaired, _ = repair(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(repaired(x), convert(model)(x))
