@@ -298,14 +298,10 @@ def _view_strides(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     the meta device runs ATen's own stride computation, which FakeTensor's view does not for
     dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
     element, so only those are changed; ``out`` itself when they agree."""
-    if (
-        not is_alias_of(out, source)
-        or out.numel() != source.numel()
-        or out.dim() not in ((4, 5) if out.requires_grad else (3, 4, 5))
-        or 1 not in out.shape
-    ):
-        # 3D too: tokens (B, C, N) that a 1D pool unsqueezes to a map and strides by; not in a train
-        # run, where as_strided's backward would hand the gradient the source's strides
+    if out.requires_grad or not is_alias_of(out, source) or out.numel() != source.numel():
+        # not in a train run, where as_strided's backward would hand the gradient the source's strides
+        return out
+    if out.dim() not in (3, 4, 5) or 1 not in out.shape:  # 3D too: tokens (B, C, N) a 1D pool unsqueezes
         return out
     try:
         with unset_fake_temporarily():  # the meta device itself, not a FakeTensor on it

@@ -388,10 +388,19 @@ def _area_attention() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), block.AAttn(64, num_heads=2, area=1), nn.Conv2d(64, 8, 1))
 
 
-@pytest.mark.parametrize("build", [_PatchEmbedStage, _area_attention], ids=["layer_norm", "batch_norm"])
+def _attention() -> nn.Module:
+    block = pytest.importorskip("ultralytics.nn.modules.block")  # YOLO26's: views of a BatchNorm'd qkv
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), block.Attention(64, 2, 0.5), nn.Conv2d(64, 8, 1))
+
+
+@pytest.mark.parametrize(
+    "build", [_PatchEmbedStage, _area_attention, _attention], ids=["layer_norm", "batch_norm", "views_of_batch_norm"]
+)
 def test_a_fake_train_audit_strides_norm_gradients_as_the_cpu_kernels_do(build: Callable[[], nn.Module]) -> None:
     """LayerNorm's and BatchNorm's backward meta kernels follow the incoming gradient where the CPU
-    kernels follow the input (torch 2.14.1): the fake audit's backward findings are the real one's."""
+    kernels follow the input (torch 2.14.1), and a view restrided to eager's size-1 strides by
+    ``as_strided`` would get the source's strides for its gradient: the fake audit's backward
+    findings are the real one's."""
     torch.manual_seed(0)
     model = build().train()
     x = torch.randn(1, 3, 32 if build is _PatchEmbedStage else 4, 32 if build is _PatchEmbedStage else 4)
