@@ -124,18 +124,29 @@ def first_names(graph: torch.fx.Graph, model: nn.Module) -> None:
     first: dict[int, str] = {}
     for name, m in model.named_modules():
         first.setdefault(id(m), name)
-    renamed: dict[str, str] = {}
+    renamed: dict[tuple[str, str], str] = {}
     for n in graph.nodes:
         stack = n.meta.get("nn_module_stack")
         if not stack:
             continue
+        outer = ""
         for key, (path, mtype) in list(stack.items()):
-            if path not in renamed:
-                try:
-                    renamed[path] = first.get(id(_resolved(model, str(path))), path)
-                except (AttributeError, IndexError, KeyError, TypeError):  # no module there
-                    renamed[path] = path
-            stack[key] = (renamed[path], mtype)
+            # a path relative to the module around it (a forward replaced on the instance, as
+            # Ultralytics' fuse() does: export names the fused Conv's conv ``conv``)
+            if (outer, path) not in renamed:
+                renamed[outer, path] = next(
+                    (first.get(id(m), p) for p in (path, f"{outer}.{path}") if (m := _module_at(model, p)) is not None),
+                    path,
+                )
+            outer = renamed[outer, path]
+            stack[key] = (outer, mtype)
+
+
+def _module_at(model: nn.Module, path: str) -> Any:
+    try:
+        return _resolved(model, str(path))
+    except (AttributeError, IndexError, KeyError, TypeError):  # no module there
+        return None
 
 
 def _qualified_name(target: Any, names: dict[Any, str] | None = None) -> str:

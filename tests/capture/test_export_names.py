@@ -5,6 +5,7 @@ torch.export named it by the path forward reached it through, so its findings ha
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -85,3 +86,43 @@ def test_a_module_reached_through_a_slice_has_its_own_name() -> None:
     }
     assert paths["export"] == paths["fx"] == paths["hooks"]
     assert paths["fx"] == [("conversion", "blocks.2.conv"), ("revert", "blocks.2.rev"), ("revert", "first.rev")]
+
+
+class Reverts(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y.transpose(2, 3).contiguous()
+
+
+class Stages(nn.Module):
+    """Ultralytics Conv blocks fused as ``DetectionModel.fuse()`` fuses them (a new conv, and
+    ``forward = forward_fuse`` set on the instance), run as its BaseModel runs its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = pytest.importorskip("ultralytics.nn.modules.conv")
+        utils = pytest.importorskip("ultralytics.utils.torch_utils")
+        self.model = nn.Sequential(conv.Conv(3, 8, 1), Reverts(), conv.Conv(8, 8, 3, 1, g=8))
+        for m in self.model:
+            if isinstance(m, conv.Conv):
+                m.conv = utils.fuse_conv_and_bn(m.conv, m.bn)
+                delattr(m, "bn")
+                m.forward = m.forward_fuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.model:
+            x = m(x)
+        return x
+
+
+def test_a_module_reached_through_a_forward_set_on_its_parent_has_its_own_name() -> None:
+    """torch.export names the conv of a fused block relative to it (``conv``)."""
+    model = Stages().eval()
+    x = torch.randn(1, 3, 8, 8)
+    paths = {
+        capture: sorted(
+            {(f.kind.value, f.module_path) for f in audit(model, x, capture=capture, bandwidth=1e9).findings}
+        )
+        for capture in ("fx", "export", "hooks")
+    }
+    assert paths["export"] == paths["fx"] == paths["hooks"]
+    assert ("conversion", "model.2.conv") in paths["fx"]
