@@ -194,6 +194,8 @@ def channel_dims(src: TensorMeta, out: TensorMeta) -> frozenset[int] | None:
     """
     if src.shape == out.shape:
         return frozenset({1})
+    if src.rank == out.rank and src.numel != out.numel:  # reduced with keepdim: each dim keeps its place
+        return frozenset({1}) if all(b in (a, 1) for a, b in zip(src.shape, out.shape, strict=True)) else None
     if not out.is_spatial:
         return None
     if src.numel == out.numel:
@@ -201,10 +203,7 @@ def channel_dims(src: TensorMeta, out: TensorMeta) -> frozenset[int] | None:
         return next((frozenset(a) for a, b in groups if 1 in b), None) if groups else None
     if src.rank != out.rank + 1:
         return None
-    found = set()
-    for dropped in range(src.rank):
-        if src.shape[:dropped] + src.shape[dropped + 1 :] == out.shape:
-            found.add(1 if dropped > 1 else 2)
+    found = {1 if d > 1 else 2 for d in range(src.rank) if src.shape[:d] + src.shape[d + 1 :] == out.shape}
     return frozenset(found) if len(found) == 1 else None
 
 

@@ -76,7 +76,8 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         return False
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
-    reduced = bool(reverted) and i.meta.rank == reverted[0].rank + 1 and i.meta.numel != reverted[0].numel
+    # reduced over a dim (and kept as size 1, or dropped)
+    reduced = bool(reverted) and i.meta.rank - reverted[0].rank in (0, 1) and i.meta.numel != reverted[0].numel
     if i.meta.rank > 5 and not reduced:  # element for element: a reshape may keep the channels innermost (MaxViT)
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})

@@ -262,6 +262,12 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     ),
     # diffusers' AutoencoderDC shortcut: a mean over a channel group writes NCHW from channels-innermost memory
     "mean_over_a_channel_group": lambda: Between(lambda s, y: y.unflatten(1, (-1, 2)).mean(2), post=4),
+    "mean_over_a_channel_group_kept": lambda: Between(
+        lambda s, y: y.unflatten(1, (-1, 2)).mean(2, keepdim=True).flatten(1, 2), post=4
+    ),
+    "amax_over_a_channel_group_kept": lambda: Between(
+        lambda s, y: y.view(2, 2, 4, 16, 16).amax(2, keepdim=True).view(2, 2, 16, 16), post=2
+    ),
     # a weight transposed in forward (diffusers' FIR upsampler with a conv): the kernel re-lays it in
     # either layout
     "conv_of_a_weight_transposed_in_forward": lambda: Between(
