@@ -101,7 +101,7 @@ def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInpu
     return [
         i
         for i in r.activation_inputs
-        if i.meta.layout in _UNNAMED and channels_relaid(i.meta, split_channels(i, by_name), out)
+        if i.meta.layout in _UNNAMED and i.meta.rank >= 4 and channels_relaid(i.meta, split_channels(i, by_name), out)
     ]
 
 
