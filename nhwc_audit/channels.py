@@ -131,8 +131,8 @@ def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:
 
 
 def relaid_weight(w: TensorMeta, out: TensorMeta) -> bool:
-    """A convolution re-lays its weight ``w``: not dense in the memory format of its output."""
+    """A convolution re-lays its weight ``w``: not dense in the memory format of its output (its
+    layout is neither the output's nor ambiguous, dense in both)."""
     if out.layout not in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS) or w.rank != out.rank:
         return False
-    fmt = (0, *range(2, w.rank), 1) if out.layout is Layout.CHANNELS_LAST else tuple(range(w.rank))
-    return not is_dense_in_order(w.shape, w.strides, fmt[::-1])
+    return w.layout not in (out.layout, Layout.AMBIGUOUS)
