@@ -164,7 +164,12 @@ def _nchw_run(
     try:
         if runner.fake_mode is not None:
             call = tree_map(lambda v: _to_fake(v, runner.fake_mode), call)
-        with runner.context(guard=False, corrections=corrections), runner.grad_mode():
+        # a fake run without autograd: only forward layouts are compared, and a fake view that
+        # needs no gradient gets eager's size-1 strides (fake_strides.view_strides)
+        with (
+            runner.context(guard=False, corrections=corrections),
+            torch.no_grad() if runner.fake else runner.grad_mode(),
+        ):
             torch.func.functional_call(holder, state, call, strict=False)
     except SharedWeightWrite as e:
         return str(e)

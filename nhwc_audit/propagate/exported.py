@@ -12,8 +12,8 @@ from ..capture.export import export
 from ..capture.fx import Capture
 from ..errors import TraceError, first_line
 from ..layout import strides_like_channels_last
-from .corrections import eager_cpu_strides
 from .dispatch import RecordingMode
+from .fake_strides import eager_cpu_strides
 
 __all__ = ["EagerLayouts", "exported"]
 

@@ -90,7 +90,7 @@ def test_a_break_is_still_exported_for_its_backward() -> None:
 def test_the_kernels_are_asked_only_about_small_ops() -> None:
     """An op is run for real on zeros only when its arguments and its output are small (a stem
     convolution of a video clip reads 2.4 M elements and writes 12.8 M)."""
-    from nhwc_audit.propagate.corrections import eager_cpu_strides
+    from nhwc_audit.propagate.fake_strides import eager_cpu_strides
 
     op = torch.ops.aten.upsample_nearest2d.vec
     small = torch.zeros(1, 2, 8, 8).contiguous(memory_format=torch.channels_last)

@@ -237,3 +237,24 @@ def test_a_call_made_in_one_layout_only_shifts_no_pairing() -> None:
         charged[capture] = [(f.kind.value, f.bytes) for f in r.findings]
     assert charged["hooks"][:2] == [("revert", 8 * 64 * 4 * 2), ("revert", 0)]  # the second copies in NCHW too
     assert charged["hooks"] == charged["export"]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_fake_baseline_of_a_train_audit_strides_views_as_eager(train: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake baseline runs without autograd: a view that needs a gradient keeps FakeTensor's
+    size-1 strides (fake_strides.view_strides leaves it), so a batch-1 map viewed back from tokens
+    looked channels_last to the GroupNorm after it, which eager runs in NCHW; the FIR pad after
+    that was credited as a copy NCHW makes too."""
+    from tests.propagate.test_fake_follows_real import ScaledThenNormThenFirPad
+
+    torch.manual_seed(0)
+    model, x = ScaledThenNormThenFirPad().eval(), torch.randn(1, 4, 8, 8)
+    real = audit(model, x, bandwidth=1e9, train=train)
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
+    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
+    fake = audit(model, x, bandwidth=1e9, train=train)
+    assert any(n.startswith(FAKE_NOTE) for n in fake.meta.capture_notes)
+    assert [(f.node, f.kind.value, f.bytes) for f in real.findings if f.kind.value == "revert"] == [
+        ("pad", "revert", 8192)
+    ]
+    assert _charged(fake) == _charged(real)

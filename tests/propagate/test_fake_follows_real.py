@@ -72,3 +72,40 @@ def test_the_group_norm_correction_follows_the_suggested_format(capture: str) ->
     (norm,) = [n for n in real.nodes if n.op_name.lower() in ("groupnorm", "group_norm") and n.outputs[0].rank == 4]
     assert norm.outputs[0].layout.value == "contiguous"
     _same(real, fake)
+
+
+class ScaledThenNormThenFirPad(nn.Module):
+    """diffusers' attention block hands back a batch-1 map viewed from tokens (strides (C, 1, W*C,
+    C)); ``x / rescale_output_factor`` keeps that stride on the CPU (its operands differ in shape,
+    so TensorIterator strides the output by the input's), so the GroupNorm after it writes NCHW;
+    then ResnetBlock2D(kernel="fir") pads a 6D view of it (upfirdn2d_native), a revert."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, c, 3, padding=1)
+        self.proj = nn.Linear(c, c)
+        self.norm = nn.GroupNorm(4, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        t = self.proj(y.view(b, c, h * w).transpose(1, 2))
+        z = (t.transpose(-1, -2).reshape(b, c, h, w) + y) / 1.0
+        z = nn.functional.silu(self.norm(z))
+        u = z.reshape(-1, h, w, 1).view(-1, h, 1, w, 1, 1)
+        return nn.functional.pad(u, [0, 0, 0, 1, 0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_an_op_on_a_batch_1_view_from_tokens_keeps_the_strides_eager_keeps(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = ScaledThenNormThenFirPad().eval(), torch.randn(1, 4, 8, 8)
+    with torch.no_grad():  # eager: the division keeps the view's batch stride, GroupNorm then writes NCHW
+        cl = nhwc_audit.convert(model)
+        y = cl.conv(x.contiguous(memory_format=torch.channels_last))
+        t = cl.proj(y.view(1, 16, 64).transpose(1, 2)).transpose(-1, -2).reshape(1, 16, 8, 8)
+        assert (t / 1.0).stride() == (16, 1, 128, 16) and cl.norm(t / 1.0).is_contiguous()
+    real = nhwc_audit.audit(model, x, mode="real", capture=capture, bandwidth=1e10)
+    fake = nhwc_audit.audit(model, x, mode="fake", capture=capture, bandwidth=1e10)
+    assert [f.kind.value for f in real.findings] == ["revert"] and real.findings[0].bytes == 8192
+    _same(real, fake)

@@ -1,0 +1,213 @@
+"""Strides of a fake run's outputs made to follow the eager CPU kernels where FakeTensor strides
+them otherwise (torch 2.14.1) and a kernel after them reads them to pick a layout: size-1 dims of
+pointwise outputs (:class:`PointwiseStrides`), backward ops whose meta kernels stride the
+gradient by another operand, and views' size-1 dims (:func:`view_strides`). The labels say in
+the report what was corrected (:class:`~.corrections.Corrections` keeps the list).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ..layout import is_dense_in_order
+from ..records import CONV_OPS
+from .dispatch import RecordingMode, is_alias_of
+
+__all__ = [
+    "BACKWARD_STRIDES",
+    "POINTWISE_STRIDES",
+    "VIEWS",
+    "VIEW_STRIDES",
+    "PointwiseStrides",
+    "eager_cpu_strides",
+    "view_strides",
+]
+
+
+POINTWISE_STRIDES = (
+    "ops on N x C x 1 x 1 maps (dense in both orders) strided as eager strides them, where FakeTensor keeps "
+    "the input's strides (pointwise ops, CPU batch and layer norms write NCHW); kernels read them to pick a "
+    "layout, as F.interpolate after image pooling does"
+)
+BACKWARD_STRIDES = (
+    "gradients of GLU, log_softmax and reflect/replicate pads strided as the CPU kernels stride them, "
+    "where their meta kernels give other layouts; those of maximum, minimum and clamp with tensor bounds "
+    "masked in place, as in training"
+)
+_PROBED_BACKWARDS = frozenset(
+    {
+        "glu_backward",
+        "_log_softmax_backward_data",
+        "native_batch_norm_backward",
+        "native_layer_norm_backward",
+        *(f"{act}_backward" for act in ("softplus", "hardtanh", "hardswish", "hardsigmoid")),
+        *(f"{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)),
+    }
+)
+"""Backward ops whose meta kernels stride the gradient otherwise than the CPU kernels (torch
+2.14.1): the CPU kernel is asked (:func:`eager_cpu_strides`, up to :data:`_PROBE_NUMEL`)."""
+_FILLED_IN_PLACE = frozenset(
+    {"MaximumBackward0", "MinimumBackward0", "FmaxBackward0", "FminBackward0", "ClampBackward0"}
+    | {"ClampMinBackward1", "ClampMaxBackward1"}
+)
+"""Autograd formulas that mask their gradient with ``masked_fill_`` (in place), and under any
+dispatch mode (a fake run's) with ``masked_fill``, which copies to contiguous (torch 2.14.1,
+``isTensorSubclassLike``): the fill keeps its input's strides, as in training."""
+_UNTAGGED_POINTWISE = frozenset({"hardswish"})
+"""TensorIterator kernels without ATen's ``pointwise`` tag."""
+_PROBE_NUMEL = 1 << 22
+"""Elements of all of an op's tensor arguments and its output together up to which the CPU
+kernel itself is asked for the strides of an output (a fake run's N x C x 1 x 1 output: a
+BatchNorm of 64 x 2048 pooled features is 131,072; an export's, :mod:`.exported`); above it, or
+where the kernel raises, the fake tensor's (a fake run: the pointwise rule)."""
+
+
+class PointwiseStrides(RecordingMode):
+    """Strides of a fake op's 3D-5D output with size-1 dims (an unfold's N x C*k*k x 1 too), which
+    FakeTensor takes from the input where eager kernels may not: an N x C x 1 x 1 map is dense in
+    both orders. On the CPU,
+    the op runs once for real on zeros of its arguments' shapes, strides and dtypes (small ones,
+    :data:`_PROBE_NUMEL`; not convolutions, which FakeTensor strides as eager does) and its
+    output's strides are eager's. Elsewhere, and where the probe cannot tell, TensorIterator's
+    fast setup: a pointwise op whose operands all have the output's shape and are all
+    ``is_contiguous()`` allocates a contiguous output."""
+
+    def __init__(self, device: str, applied: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.applied = applied
+        """Where a correction goes: (node, label); the node is not known here ("")."""
+        self.cpu = device.split(":")[0] == "cpu"
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if func.overloadpacket is torch.ops.aten.masked_fill and _filled_in_place(args[0], first):
+            self.applied.append(("", BACKWARD_STRIDES))
+            return torch.empty_strided(first.shape, args[0].stride(), dtype=first.dtype, device=first.device)
+        probed = func.overloadpacket.__name__ in _PROBED_BACKWARDS
+        if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5):
+            return out
+        if not (probed or 1 in first.shape[1:] or (first.shape[0] == 1 and _odd_batch(args))):
+            return out  # the common case, decided first: no size-1 dim to stride otherwise
+        if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
+            return out  # in place, or a view: strided by its input
+        conv = func.overloadpacket.__name__ in CONV_OPS  # strided as FakeTensor strides them, and costly
+        strides = eager_cpu_strides(func, args, kwargs, first) if self.cpu and not conv else None
+        if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
+            strides = _row_major_strides(first.shape)
+        if strides is None or strides == tuple(first.stride()):
+            return out
+        self.applied.append(("", BACKWARD_STRIDES if probed else POINTWISE_STRIDES))
+        fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
+        return fixed if first is out else type(out)([fixed, *out[1:]])
+
+
+def _odd_batch(args: Any) -> bool:
+    """Some 3D-5D tensor argument is dense with a size-1 batch dim strided as no dense layout
+    strides it (not the product of the other sizes): a batch-1 map viewed back from tokens
+    (``t.transpose(-1, -2).reshape(1, C, H, W)``: strides (C, 1, W*C, C)). FakeTensor gives an
+    op on it a dense output; the CPU kernel of an op whose operands differ in shape (``x / s``)
+    keeps that stride, and a GroupNorm after it then picks NCHW (``suggest_memory_format``)."""
+    for t in args:
+        if isinstance(t, torch.Tensor) and t.dim() in (3, 4, 5) and t.shape[0] == 1:
+            rest = t.shape[1:].numel()
+            order = sorted(range(1, t.dim()), key=t.stride)  # innermost first
+            if t.stride(0) != rest and rest > 1 and is_dense_in_order(t.shape, t.stride(), order):
+                return True
+    return False
+
+
+def _filled_in_place(filled: Any, out: torch.Tensor) -> bool:
+    """``out``, a ``masked_fill`` of ``filled``, is a gradient that training fills in place."""
+    node = torch._C._current_autograd_node()
+    return type(node).__name__ in _FILLED_IN_PLACE and filled.shape == out.shape and filled.stride() != out.stride()
+
+
+def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides the CPU kernel gives ``func``'s first output, on zeros of the arguments'
+    shapes, strides and dtypes; None when the arguments and the output are large or the kernel
+    raises."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if sum(t.numel() for t in tensors) + first.numel() > _PROBE_NUMEL or any(t.device.type != "cpu" for t in tensors):
+        return None
+
+    def real(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        span = 1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True)) if v.numel() else 0
+        return torch.zeros(span, dtype=v.dtype).as_strided(v.shape, v.stride())
+
+    try:
+        with unset_fake_temporarily():
+            out = func(*tree_map(real, args), **tree_map(real, kwargs))
+    except Exception:
+        return None
+    result = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(result, torch.Tensor) or result.shape != first.shape:
+        return None
+    return tuple(result.stride())
+
+
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _fast_contiguous(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> bool:
+    if not isinstance(out, torch.Tensor):
+        return False
+    schema = func._schema
+    if any(a.name == "memory_format" for a in schema.arguments):
+        return False  # clone, _to_copy: preserve_format keeps the input's strides
+    if schema.is_mutable or not (
+        torch.Tag.pointwise in func.tags or func.__name__.split(".")[0] in _UNTAGGED_POINTWISE
+    ):
+        return False
+    operands = []
+    for i, arg in enumerate(schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if isinstance(arg.type, torch.TensorType) and value is not None:
+            operands.append(value)
+    return all(isinstance(t, torch.Tensor) and t.shape == out.shape and t.is_contiguous() for t in operands)
+
+
+VIEWS = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "_unsafe_view", "_reshape_alias"}
+)
+"""Ops (as recorded, lower-cased) whose eager strides come from ATen's ``computeStride``."""
+
+VIEW_STRIDES = (
+    "view/reshape: size-1 dims strided as eager strides them, where FakeTensor's view does not; "
+    "kernels read them to pick channels_last, as after x.transpose(1, 2).view(1, C, H, W)"
+)
+
+
+def view_strides(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (a view of ``source`` made under fake tensors) with the strides eager gives it:
+    the meta device runs ATen's own stride computation, which FakeTensor's view does not for
+    dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
+    element, so only those are changed; ``out`` itself when they agree."""
+    if out.requires_grad or not is_alias_of(out, source) or out.numel() != source.numel():
+        # not in a train run, where as_strided's backward would hand the gradient the source's strides
+        return out
+    if out.dim() not in (3, 4, 5) or 1 not in out.shape:  # 3D too: tokens (B, C, N) a 1D pool unsqueezes
+        return out
+    try:
+        with unset_fake_temporarily():  # the meta device itself, not a FakeTensor on it
+            meta = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta")
+            strides = tuple(meta.view(out.shape).stride())
+    except RuntimeError:  # not viewable: eager copies (contiguous strides)
+        return out
+    if strides == tuple(out.stride()) or any(
+        a != b and n != 1 for a, b, n in zip(strides, out.stride(), out.shape, strict=True)
+    ):
+        return out
+    return out.as_strided(out.shape, strides, out.storage_offset())
