@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import TraceError
-from .context import first_names
+from .context import SOURCE_KEY, first_names
 from .fx import Capture
+from .source import user_frame
 
 __all__ = ["export"]
 
@@ -24,7 +26,7 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
     try:
         # torch.export prints the partial graph of a failed export to stderr (300 KB for
         # torchvision's FCOS): the failure is a one-line note, the dump stays out of the terminal
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _sources_noted():
             # the chain restores what forward caches on modules during export, and says so
             warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
             ep = torch.export.export(model, args, kwargs or None, strict=False)
@@ -36,6 +38,29 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
     _drop_dtype_asserts(gm)
     first_names(gm.graph, model)
     return Capture(root=gm, graph=gm.graph, method="export")
+
+
+@contextlib.contextmanager
+def _sources_noted() -> Iterator[None]:
+    """Every node export creates notes the innermost frame of the model's code, as the fx tracer
+    and the eager recorder do (:func:`~.source.user_frame`). Export's own stack traces keep the
+    frames of ``forward`` methods only: an op in a function forward calls (diffusers'
+    ``upfirdn2d_native``, timm's ``window_partition``) would be keyed by the line that calls it,
+    and its findings would differ from the other captures' (a train audit's from the eval one's).
+    Nodes made outside the model's code (inputs, guards) keep export's trace."""
+    create = torch.fx.Graph.create_node
+
+    def noted(graph: torch.fx.Graph, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = create(graph, *args, **kwargs)
+        if SOURCE_KEY not in node.meta and (where := user_frame()) is not None:
+            node.meta[SOURCE_KEY] = where
+        return node
+
+    torch.fx.Graph.create_node = noted  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.fx.Graph.create_node = create  # type: ignore[method-assign]
 
 
 def _drop_dtype_asserts(gm: torch.fx.GraphModule) -> None:
