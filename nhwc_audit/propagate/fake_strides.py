@@ -29,9 +29,10 @@ __all__ = [
 
 
 POINTWISE_STRIDES = (
-    "ops on N x C x 1 x 1 maps (dense in both orders) strided as eager strides them, where FakeTensor keeps "
-    "the input's strides (pointwise ops, CPU batch and layer norms write NCHW); kernels read them to pick a "
-    "layout, as F.interpolate after image pooling does"
+    "ops on N x C x 1 x 1 maps (dense in both orders), and on batch-1 maps viewed back from tokens, strided "
+    "as eager strides them, where FakeTensor strides them otherwise (pointwise ops, CPU batch and layer norms "
+    "write NCHW; x / s keeps a view's batch stride); kernels read them to pick a layout, as F.interpolate "
+    "after image pooling and GroupNorm after attention do"
 )
 BACKWARD_STRIDES = (
     "gradients of GLU, log_softmax and reflect/replicate pads strided as the CPU kernels stride them, "
