@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 from ..errors import TraceError
 from .context import SOURCE_KEY, first_names
 from .fx import Capture
-from .source import user_frame
+from .source import is_machinery, user_frame
 
 __all__ = ["export"]
 
@@ -26,7 +27,7 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
     try:
         # torch.export prints the partial graph of a failed export to stderr (300 KB for
         # torchvision's FCOS): the failure is a one-line note, the dump stays out of the terminal
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _sources_noted():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _sources_noted(), _contiguous_kept():
             # the chain restores what forward caches on modules during export, and says so
             warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
             ep = torch.export.export(model, args, kwargs or None, strict=False)
@@ -61,6 +62,29 @@ def _sources_noted() -> Iterator[None]:
         yield
     finally:
         torch.fx.Graph.create_node = create  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _contiguous_kept() -> Iterator[None]:
+    """``x.contiguous()`` in the model's code dispatches ``aten.contiguous`` even where ``x`` is
+    contiguous already (the C++ method returns ``x`` before dispatch, so export writes no node).
+    The node returns its input where it is contiguous, as eager does, and copies where it is not:
+    the NCHW baseline run of the graph makes the copy NCHW makes (diffusers' VectorQuantizer:
+    ``z.permute(0, 2, 3, 1).contiguous()`` is free in channels_last, a copy in NCHW)."""
+    method = torch.Tensor.contiguous
+
+    def kept(self: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        caller = sys._getframe(1).f_code.co_filename
+        if is_machinery(caller):  # torch's own calls (decompositions, meta kernels) as they are
+            return method(self, memory_format=memory_format)
+        out: torch.Tensor = torch.ops.aten.contiguous.default(self, memory_format=memory_format)
+        return out
+
+    torch.Tensor.contiguous = kept  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.contiguous = method  # type: ignore[method-assign]
 
 
 def _drop_dtype_asserts(gm: torch.fx.GraphModule) -> None:

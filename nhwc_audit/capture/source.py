@@ -55,10 +55,12 @@ def user_frame() -> SourceLoc | None:
 _TORCH, _OURS, _MODEL = "torch", "ours", "model"
 
 
-_TRACER = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("fx.py", "proxies.py"))
+_TRACER = tuple(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("fx.py", "proxies.py", "export.py")
+)
 """The fx tracer's and its proxies' own overrides run between torch's frames (``create_arg``
-calls back into torch's Tracer, which may create a node; a torch call on proxies makes one):
-passed through like torch's."""
+calls back into torch's Tracer, which may create a node; a torch call on proxies makes one), and
+so does the export capture's ``Tensor.contiguous``: passed through like torch's."""
 
 
 @functools.lru_cache(maxsize=4096)
