@@ -146,7 +146,12 @@ def _nchw_run(
 ) -> list[NodeRecord] | str:
     holder: _Graph | _Eager
     # a fake run follows eager where meta kernels are known to differ, as the audit's own run did
+    # no backward follows (as in the audit's own run, whose autograd mode kernels may read: CPU SDPA
+    # picks its kernel by whether the mask needs a gradient), so a view that needs a gradient is
+    # strided as eager strides it too (fake_strides.view_strides)
     corrections = runner.corrections()
+    if corrections is not None:
+        corrections = dataclasses.replace(corrections, backward=False)
     # a fake run writes to no storage: only a real one is guarded, and its weights, seen through
     # NCHW strides, have the model's values (shapes made from values are the model's)
     shared: frozenset[int] = frozenset() if runner.fake else _values_kept(runner.shared)
@@ -164,12 +169,7 @@ def _nchw_run(
     try:
         if runner.fake_mode is not None:
             call = tree_map(lambda v: _to_fake(v, runner.fake_mode), call)
-        # a fake run without autograd: only forward layouts are compared, and a fake view that
-        # needs no gradient gets eager's size-1 strides (fake_strides.view_strides)
-        with (
-            runner.context(guard=False, corrections=corrections),
-            torch.no_grad() if runner.fake else runner.grad_mode(),
-        ):
+        with runner.context(guard=False, corrections=corrections), runner.grad_mode():
             torch.func.functional_call(holder, state, call, strict=False)
     except SharedWeightWrite as e:
         return str(e)

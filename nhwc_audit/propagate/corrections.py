@@ -82,6 +82,8 @@ class Corrections:
 
     device: str
     applied: list[tuple[str, str]] = field(default_factory=list)
+    backward: bool = True
+    """A backward pass may follow the run (False: the NCHW baseline, forward layouts only)."""
 
     @property
     def ops(self) -> frozenset[str]:
@@ -94,7 +96,7 @@ class Corrections:
         channels_last input and an NCHW output of that rank; a view's size-1 dims strided as
         eager strides them (:func:`~.fake_strides.view_strides`)."""
         if inputs and isinstance(out, torch.Tensor) and {n.lower() for n in names} & VIEWS:
-            viewed = view_strides(inputs[0], out)
+            viewed = view_strides(inputs[0], out, backward=self.backward)
             if viewed is not out:
                 self.applied.append((node, VIEW_STRIDES))
             return viewed

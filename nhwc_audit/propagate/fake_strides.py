@@ -191,13 +191,14 @@ VIEW_STRIDES = (
 )
 
 
-def view_strides(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def view_strides(source: torch.Tensor, out: torch.Tensor, *, backward: bool = True) -> torch.Tensor:
     """``out`` (a view of ``source`` made under fake tensors) with the strides eager gives it:
     the meta device runs ATen's own stride computation, which FakeTensor's view does not for
     dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
-    element, so only those are changed; ``out`` itself when they agree."""
-    if out.requires_grad or not is_alias_of(out, source) or out.numel() != source.numel():
-        # not in a train run, where as_strided's backward would hand the gradient the source's strides
+    element, so only those are changed; ``out`` itself when they agree. ``backward``: a backward
+    pass may follow the run (then a view that needs a gradient is left as it is)."""
+    if (backward and out.requires_grad) or not is_alias_of(out, source) or out.numel() != source.numel():
+        # not where a backward follows: as_strided's backward would hand the gradient the source's strides
         return out
     if out.dim() not in (3, 4, 5) or 1 not in out.shape:  # 3D too: tokens (B, C, N) a 1D pool unsqueezes
         return out

@@ -241,8 +241,9 @@ def test_a_call_made_in_one_layout_only_shifts_no_pairing() -> None:
 
 @pytest.mark.parametrize("train", [False, True])
 def test_a_fake_baseline_of_a_train_audit_strides_views_as_eager(train: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fake baseline runs without autograd: a view that needs a gradient keeps FakeTensor's
-    size-1 strides (fake_strides.view_strides leaves it), so a batch-1 map viewed back from tokens
+    """No backward follows the fake baseline, so a view that needs a gradient gets eager's size-1
+    strides there too (fake_strides.view_strides left it, as where a backward follows), else a
+    batch-1 map viewed back from tokens
     looked channels_last to the GroupNorm after it, which eager runs in NCHW; the FIR pad after
     that was credited as a copy NCHW makes too."""
     from tests.propagate.test_fake_follows_real import ScaledThenNormThenFirPad
@@ -257,4 +258,42 @@ def test_a_fake_baseline_of_a_train_audit_strides_views_as_eager(train: bool, mo
     assert [(f.node, f.kind.value, f.bytes) for f in real.findings if f.kind.value == "revert"] == [
         ("pad", "revert", 8192)
     ]
+    assert _charged(fake) == _charged(real)
+
+
+class BiasedAttention(nn.Module):
+    """SAM/Swin-style attention: q, k, v unbound from a permuted qkv projection (batch-1 views) and a
+    relative-position bias gathered from a Parameter as the mask. CPU SDPA picks its kernel by
+    whether the mask needs a gradient: the NCHW baseline must run in the audit's autograd mode."""
+
+    def __init__(self, c: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(3, c, 8, stride=8)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.neck = nn.Conv2d(c, 16, 1)
+        self.table = nn.Parameter(torch.randn(225, heads) * 0.02)
+        self.register_buffer("index", torch.randint(0, 225, (64 * 64,), generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).permute(0, 2, 3, 1)
+        b, hh, ww, c = h.shape
+        qkv = self.qkv(h).reshape(b, hh * ww, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.view(b, self.heads, hh * ww, -1) for t in qkv.reshape(3, b * self.heads, hh * ww, -1).unbind(0))
+        bias = self.table[self.index].view(64, 64, -1).permute(2, 0, 1).unsqueeze(0)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        o = o.view(b, self.heads, hh, ww, -1).permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)
+        return self.neck(self.proj(o).permute(0, 3, 1, 2))
+
+
+def test_a_fake_baseline_runs_in_the_audits_autograd_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model, x = BiasedAttention().eval(), torch.randn(1, 3, 64, 64)
+    real = audit(model, x, bandwidth=1e9, train=True)
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
+    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
+    fake = audit(model, x, bandwidth=1e9, train=True)
+    assert any(n.startswith(FAKE_NOTE) for n in fake.meta.capture_notes)
+    assert sum(f.bytes for f in real.findings if f.kind.value != "backward") == 0
     assert _charged(fake) == _charged(real)
