@@ -201,8 +201,8 @@ def reorder_bytes(r: NodeRecord) -> int:
     convolution, twice its input when that is not laid out as its output (the kernel re-lays it:
     a map transposed to N x W x H x C is copied in either layout). The NCHW baseline's measure of
     the copies a model makes in either layout."""
-    if r.op in SKIP_OPS or not r.outputs or allocates(r) or 0 in r.outputs[0].strides:
-        return 0  # a broadcast output is an ``expand``: a view (a fake run may not see it alias)
+    if r.op in SKIP_OPS or not r.outputs or allocates(r) or 0 in r.outputs[0].strides or r.op_name.lower() in GEMM_OPS:
+        return 0  # a broadcast output is an ``expand`` (a view); a GEMM reads a transposed operand as it is
     if r.aliases_input and not writes_in_place(r):
         return 0  # a view; ``y.add_(t)`` reads ``t`` into ``y``'s order
     out = r.outputs[0]
@@ -316,4 +316,5 @@ def exits_spatial(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, 
     and so does a weight reshaped in forward (weight standardisation: :func:`_reshape_view` reads
     activations only)."""
     user = _reshape_view(r, reverted, by_name)
-    return user is not None and not user.outputs[0].is_spatial and user.op_name == r.op_name and user.source == r.source
+    # below rank 4 only, as a graph's hidden copy counts (a 6D reshape that copies stays a revert)
+    return user is not None and user.outputs[0].rank < 4 and user.op_name == r.op_name and user.source == r.source

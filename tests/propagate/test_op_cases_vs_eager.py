@@ -299,6 +299,11 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "local_response_norm_module": lambda: nn.Sequential(
         nn.Conv2d(8, 8, 3, padding=1), nn.LocalResponseNorm(3), nn.Conv2d(8, 8, 3, padding=1)
     ),
+    # timm HaloAttn's query blocks: the batch merged with the heads, a reshape to 6D that cannot view
+    # NHWC memory at batch 2 (a copy the eager capture records as clone + view to 6D: no exit)
+    "halo_query_blocks_reshaped_to_6d": lambda: Between(
+        lambda s, y: y.reshape(-1, 4, 4, 4, 4, 4).permute(0, 1, 3, 5, 2, 4).reshape(2, 8, 16, 16)
+    ),
     "channels_padded_through_a_5d_view": lambda: Between(
         lambda s, y: nn.functional.pad(y.unsqueeze(1), (0, 0, 0, 0, 1, 1)).squeeze(1), post=10
     ),
