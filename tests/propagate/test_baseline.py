@@ -239,6 +239,18 @@ def test_a_call_made_in_one_layout_only_shifts_no_pairing() -> None:
     assert charged["hooks"] == charged["export"]
 
 
+def _real_and_forced_fake(
+    model: nn.Module, x: torch.Tensor, train: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[AuditReport, AuditReport]:
+    """The audit with its baseline run as the model's cost decides (real, for these), then forced fake."""
+    real = audit(model, x, bandwidth=1e9, train=train)
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
+    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
+    fake = audit(model, x, bandwidth=1e9, train=train)
+    assert any(n.startswith(FAKE_NOTE) for n in fake.meta.capture_notes)
+    return real, fake
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_a_fake_baseline_of_a_train_audit_strides_views_as_eager(train: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """No backward follows the fake baseline, so a view that needs a gradient gets eager's size-1
@@ -249,12 +261,7 @@ def test_a_fake_baseline_of_a_train_audit_strides_views_as_eager(train: bool, mo
     from tests.propagate.test_fake_follows_real import ScaledThenNormThenFirPad
 
     torch.manual_seed(0)
-    model, x = ScaledThenNormThenFirPad().eval(), torch.randn(1, 4, 8, 8)
-    real = audit(model, x, bandwidth=1e9, train=train)
-    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
-    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
-    fake = audit(model, x, bandwidth=1e9, train=train)
-    assert any(n.startswith(FAKE_NOTE) for n in fake.meta.capture_notes)
+    real, fake = _real_and_forced_fake(ScaledThenNormThenFirPad().eval(), torch.randn(1, 4, 8, 8), train, monkeypatch)
     assert [(f.node, f.kind.value, f.bytes) for f in real.findings if f.kind.value == "revert"] == [
         ("pad", "revert", 8192)
     ]
@@ -289,11 +296,6 @@ class BiasedAttention(nn.Module):
 
 def test_a_fake_baseline_runs_in_the_audits_autograd_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    model, x = BiasedAttention().eval(), torch.randn(1, 3, 64, 64)
-    real = audit(model, x, bandwidth=1e9, train=True)
-    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
-    monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
-    fake = audit(model, x, bandwidth=1e9, train=True)
-    assert any(n.startswith(FAKE_NOTE) for n in fake.meta.capture_notes)
+    real, fake = _real_and_forced_fake(BiasedAttention().eval(), torch.randn(1, 3, 64, 64), True, monkeypatch)
     assert sum(f.bytes for f in real.findings if f.kind.value != "backward") == 0
     assert _charged(fake) == _charged(real)
