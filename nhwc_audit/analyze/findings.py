@@ -43,6 +43,7 @@ from .exposed import exposed
 from .hints import (
     AMBIGUOUS_ORIGIN,
     COMPUTED_WEIGHT,
+    HEAD_FOLD,
     HIDDEN,
     ND_TRANSPOSE,
     STACK_REDUCE,
@@ -278,25 +279,25 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     # a weight reshaped in forward (weight standardisation) copies out of NHWC whatever its output's
     # rank: only activations exit
     of_weight = any(i.is_param and i.meta.rank >= 4 for i in r.inputs)
+    nbytes = sum(h.bytes for h in r.hidden)
+    if all(h.reorder for h in r.hidden) and nbytes <= r.nchw_bytes:
+        return []  # reorders made in NCHW too (a window partition's): nothing about the layout
     # (a layout change an op computed inside is no reshape's exit, whatever the node's output)
-    if r.hidden and (assigns or of_weight or any(o.rank >= 4 for o in r.outputs) or any(h.computed for h in r.hidden)):
-        # the node left (and maybe re-entered) NHWC internally: invisible in its input/output
-        # layouts (exits to non-spatial outputs, like flatten before a classifier, are not
-        # findings); copies out of NHWC only are a revert, as the eager capture sees that copy
-        out_only = all(h.layout_in is Layout.CHANNELS_LAST and h.layout_out in _NCHW_SIDE for h in r.hidden)
-        return [
-            _finding(
-                ctx,
-                r,
-                FindingKind.REVERT if out_only else FindingKind.CONVERSION,
-                layout_in=r.hidden[0].layout_in,
-                nbytes=sum(h.bytes for h in r.hidden),
-                shape=r.hidden[0].shape,
-                hint_op=WEIGHT_RESHAPE if of_weight and out_only else HIDDEN,
-                hidden=True,
-            )
-        ]
-    return []
+    if not (assigns or of_weight or any(o.rank >= 4 for o in r.outputs) or any(h.computed for h in r.hidden)):
+        return []
+    # the node left (and maybe re-entered) NHWC internally, invisible in its layouts (exits are no
+    # findings); copies out of NHWC only are a revert, as the eager capture sees that copy, beside
+    # reorders in no layout's direction (a matmul's of the head view it multiplies)
+    lead = next((h for h in r.hidden if not h.reorder), r.hidden[0])
+    out_only = not lead.reorder and all(
+        h.reorder or (h.layout_in is Layout.CHANNELS_LAST and h.layout_out in _NCHW_SIDE) for h in r.hidden
+    )
+    kind = FindingKind.REVERT if out_only else FindingKind.CONVERSION
+    fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
+    hint = WEIGHT_RESHAPE if of_weight and out_only else HEAD_FOLD if fold else HIDDEN
+    return [
+        _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
+    ]
 
 
 def find_findings(

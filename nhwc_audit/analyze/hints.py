@@ -13,6 +13,7 @@ from ..records import FindingKind
 __all__ = [
     "AMBIGUOUS_ORIGIN",
     "COMPUTED_WEIGHT",
+    "HEAD_FOLD",
     "HIDDEN",
     "ND_TRANSPOSE",
     "STACK_REDUCE",
@@ -30,6 +31,10 @@ AMBIGUOUS_ORIGIN = "@ambiguous-origin"
 
 HIDDEN = "@hidden"
 """Key of the conversion hint for layout-changing copies made inside a node."""
+
+HEAD_FOLD = "@head-fold"
+"""Key of the hint for a matrix multiply that copies the heads of a channels_last map's view to
+fold them with the batch (attention on ``conv(x).reshape(B, heads, d, H * W)``)."""
 
 ND_TRANSPOSE = "@nd-transpose"
 """Key of the revert hint for a copy of a channels-innermost view that is not plain NHWC."""
@@ -268,6 +273,15 @@ def default_hints() -> HintTable:
         "w.var(..., unbiased=False)), which keeps its channels_last strides, and neither copy happens",
     )
     for kind in (FindingKind.CONVERSION, FindingKind.REVERT):
+        _register(
+            t,
+            kind,
+            (HEAD_FOLD,),
+            "{op} on views of a channels_last map folds their batch and heads into one dim, which "
+            "only a copy of each operand can do at batch > 1 (NCHW memory views them): "
+            "torch.nn.functional.scaled_dot_product_attention reads such strided heads without "
+            "copying; or accept the cost",
+        )
         _register(
             t,
             kind,

@@ -173,8 +173,12 @@ class CopyRecorder(GuardedMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
-    def __init__(self, shared: frozenset[int] = frozenset(), *, relays: bool = False) -> None:
+    def __init__(
+        self, shared: frozenset[int] = frozenset(), *, relays: bool = False, maps: Layout = Layout.CHANNELS_LAST
+    ) -> None:
         super().__init__(shared)
+        self.maps = maps
+        """The layout of the run's maps, whose reorders a copy records (:func:`hidden_copy`)."""
         self.copies: list[HiddenCopy] = []
         self.relays = relays
         """Keep the layout changes of ops that compute too (:func:`computed_relay`, in
@@ -223,7 +227,7 @@ class CopyRecorder(GuardedMode):
         self.guard(func, args, kwargs)
         out = func(*args, **(kwargs or {}))
         if self.recording:
-            copy = hidden_copy(func, args, out)
+            copy = hidden_copy(func, args, out, self.maps)
             if copy is not None:
                 self.copies.append(copy)
             elif self.relays and func.overloadpacket.__name__ in self.untrusted:

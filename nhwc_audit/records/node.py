@@ -92,6 +92,10 @@ class HiddenCopy:
     """What it moves, read and written (a copy: 2 x numel x itemsize)."""
     computed: bool = False
     """Made by an op that computes, not by a copy: never a reshape's exit."""
+    reorder: bool = False
+    """A copy that reorders dims other than the channels' between NHWC and NCHW (a matmul folding
+    the batch and heads of a map's view, :func:`~nhwc_audit.channels.hidden_copy`): a move in no
+    layout's direction, neither a revert nor a conversion by itself."""
 
 
 @dataclass(frozen=True, slots=True)

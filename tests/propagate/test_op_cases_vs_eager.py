@@ -183,6 +183,13 @@ class FocalModulation(nn.Module):
         return self.h(out)
 
 
+def _heads_attention(s: Between, y: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = y.shape
+    q = y.reshape(b, 2, c // 2, h * w)
+    attn = (q.transpose(-1, -2) @ q).softmax(-1)
+    return (q @ attn.transpose(-2, -1)).reshape(b, c, h, w)
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
@@ -304,6 +311,10 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "halo_query_blocks_reshaped_to_6d": lambda: Between(
         lambda s, y: y.reshape(-1, 4, 4, 4, 4, 4).permute(0, 1, 3, 5, 2, 4).reshape(2, 8, 16, 16)
     ),
+    # LeViT/EfficientViT/Visformer-style attention on a conv's map: ``reshape(B, heads, d, H * W)``
+    # of an NHWC map folds batch and heads into one dim only by a copy (matmul clones both
+    # operands at batch 2), where NCHW views them
+    "heads_viewed_from_a_map_then_matmul": lambda: Between(_heads_attention),
     "channels_padded_through_a_5d_view": lambda: Between(
         lambda s, y: nn.functional.pad(y.unsqueeze(1), (0, 0, 0, 0, 1, 1)).squeeze(1), post=10
     ),
@@ -732,3 +743,32 @@ def test_tokens_plus_a_constant_made_in_forward_are_read_across_in_every_capture
     model, x = TokensPlusConstant().eval(), torch.randn(2, 8, 8, 12)
     r = audit(model, x, bandwidth=1e9, capture=capture)
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added > 0, [(f.kind.value, f.bytes) for f in r.findings]
+
+
+class TokenAttention(nn.Module):
+    """A Swin block on a conv's patches: a window partition of the model's own N x H x W x C map
+    and matmul's copies of the heads of the qkv Linear's tokens, made in either layout (memory the
+    conversion never re-lays)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(8, 16, 2, stride=2)
+        self.norm = nn.LayerNorm(16)
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(self.patch(x).permute(0, 2, 3, 1))
+        b, h, w, c = t.shape
+        t = t.view(b, h // 4, 4, w // 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 16, c)
+        q, k, v = self.qkv(t).reshape(t.shape[0], 16, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, h, w, c)
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_copies_made_in_either_layout_need_no_baseline(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = TokenAttention().eval(), torch.randn(2, 8, 16, 16)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == 0
+    assert not r.findings
+    assert not any(n.startswith("NCHW baseline") for n in r.meta.capture_notes)
