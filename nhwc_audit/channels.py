@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .layout import classify, innermost_dim, is_dense_in_order, memory_order, reorders, tensor_meta
+from .layout import innermost_dim, is_dense_in_order, memory_order, reorders, tensor_meta
 from .records import HiddenCopy, Layout, TensorMeta
 
 __all__ = [
@@ -112,17 +112,13 @@ COPY_OPS = frozenset(
 )
 
 
-def hidden_copy(func: Any, args: Any, out: Any, maps: Layout = Layout.CHANNELS_LAST) -> HiddenCopy | None:
+def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     """The record of an ATen copy (clone, copy_, _to_copy, contiguous) that changes layout, or
-    that reorders the memory of a map or of a view of one (``reorder``: a matmul folding the batch
-    and heads of a channels_last conv's ``reshape(B, heads, d, H * W)``, which NCHW views). The
-    NCHW baseline records the same copies, so one made in either layout is charged nothing.
-
-    ``maps``: the layout of the maps whose reorders count, the run's own: channels_last in the
-    audit's run; NCHW (``CONTIGUOUS``) in the NCHW baseline's, where the same views are of NCHW
-    maps. A reorder of any other memory (a view of a Linear's tokens, a window partition of a
-    model's own N x H x W x C map in Swin) is made in either layout: never charged, so never a
-    reason to run the baseline."""
+    that reorders memory otherwise (``reorder``: a matmul folding the batch and heads of a
+    channels_last conv's ``reshape(B, heads, d, H * W)``, which NCHW views). Whether a reorder is
+    the conversion's doing is the analysis's call (:func:`~nhwc_audit.analyze.origin.odd_order_from_map`:
+    heads of a Linear's tokens are copied in either layout); the NCHW baseline records the same
+    copies, so one made in either layout is charged nothing."""
     if func not in COPY_OPS:
         return None
     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
@@ -130,18 +126,12 @@ def hidden_copy(func: Any, args: Any, out: Any, maps: Layout = Layout.CHANNELS_L
         return None
     sm, dm = tensor_meta(src), tensor_meta(out)
     change = layout_change(sm, dm)
-    if not (change or (_of_a_map(src, maps) and reorders(sm, dm))):
+    if not (change or reorders(sm, dm)):
         return None
     name = str(func.overloadpacket.__name__)
     return HiddenCopy(
         op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes, reorder=not change
     )
-
-
-def _of_a_map(t: torch.Tensor, maps: Layout) -> bool:
-    """``t`` is a map dense in ``maps`` (a 4D/5D layout) or a view of one."""
-    base = t._base if t._base is not None else t
-    return classify(base) is maps
 
 
 def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:

@@ -54,7 +54,7 @@ from .hints import (
     render_hint,
 )
 from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
-from .origin import SKIP_OPS, conversion_free, describe, leading_to, origin_of, via
+from .origin import SKIP_OPS, conversion_free, describe, leading_to, odd_order_from_map, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -277,27 +277,27 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
 def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     assigns = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
     # a weight reshaped in forward (weight standardisation) copies out of NHWC whatever its output's
-    # rank: only activations exit
+    # rank: only activations exit; a reorder is the conversion's where it reads memory a map ordered
     of_weight = any(i.is_param and i.meta.rank >= 4 for i in r.inputs)
-    nbytes = sum(h.bytes for h in r.hidden)
-    if all(h.reorder for h in r.hidden) and nbytes <= r.nchw_bytes:
-        return []  # reorders made in NCHW too (a window partition's): nothing about the layout
+    mapped = any(h.reorder for h in r.hidden) and any(odd_order_from_map(i, ctx.by_name) for i in r.activation_inputs)
+    copies = [h for h in r.hidden if mapped or not h.reorder]
+    nbytes = sum(h.bytes for h in copies)
+    if all(h.reorder for h in copies) and nbytes <= r.nchw_bytes:
+        return []  # none, or reorders made in NCHW too (a window partition's): nothing about the layout
     # (a layout change an op computed inside is no reshape's exit, whatever the node's output)
-    if not (assigns or of_weight or any(o.rank >= 4 for o in r.outputs) or any(h.computed for h in r.hidden)):
+    if not (assigns or of_weight or any(o.rank >= 4 for o in r.outputs) or any(h.computed for h in copies)):
         return []
-    # the node left (and maybe re-entered) NHWC internally, invisible in its layouts (exits are no
-    # findings); copies out of NHWC only are a revert, as the eager capture sees that copy, beside
-    # reorders in no layout's direction (a matmul's of the head view it multiplies)
-    lead = next((h for h in r.hidden if not h.reorder), r.hidden[0])
+    # the node left (and maybe re-entered) NHWC internally, invisible in its layouts; copies out of
+    # NHWC only are a revert (as the eager capture sees it), beside reorders in no layout's direction
+    lead = next((h for h in copies if not h.reorder), copies[0])
     out_only = not lead.reorder and all(
-        h.reorder or (h.layout_in is Layout.CHANNELS_LAST and h.layout_out in _NCHW_SIDE) for h in r.hidden
+        h.reorder or (h.layout_in is Layout.CHANNELS_LAST and h.layout_out in _NCHW_SIDE) for h in copies
     )
     kind = FindingKind.REVERT if out_only else FindingKind.CONVERSION
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
     hint = WEIGHT_RESHAPE if of_weight and out_only else HEAD_FOLD if fold else HIDDEN
-    return [
-        _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
-    ]
+    found = _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
+    return [found]
 
 
 def find_findings(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import networkx as nx
 
 from ..channels import view_channels
-from ..layout import is_dense_in_order, nchw_ordered
+from ..layout import is_dense_in_order, memory_order, nchw_ordered, row_major
 from ..records import CONV_OPS, Layout, NodeInput, NodeRecord
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "describe",
     "from_parameters_only",
     "leading_to",
+    "odd_order_from_map",
     "origin_of",
     "split_channels",
     "via",
@@ -166,3 +167,20 @@ def _kept_first(node: NodeRecord) -> bool:
     same = out is not None and (out.shape, out.strides) == (first.shape, first.strides)
     rows = tuple(range(first.rank - 1, -1, -1))
     return same and len(first.strides) == first.rank and not is_dense_in_order(first.shape, first.strides, rows)
+
+
+def odd_order_from_map(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
+    """``i``'s memory is in an order a channels_last map gave it: the map, a view of it, or what
+    an op wrote keeping such a view's order where that order is not row-major (EfficientViT's
+    ReLU of a head view), walked back to the map. Heads of a Linear's tokens, or a window of a
+    map a model keeps as N x H x W x C itself (Swin), are in the same order in either layout."""
+    meta, node = i.meta, by_name.get(i.producer or "")
+    while meta.layout is not Layout.CHANNELS_LAST:
+        if node is None or not node.inputs or node.inputs[0].is_param:
+            return False
+        first = node.inputs[0].meta
+        kept = first.shape == meta.shape and not row_major(meta) and memory_order(first) == memory_order(meta)
+        if not (node.aliases_input or (kept and is_dense_in_order(meta.shape, meta.strides, memory_order(meta)[::-1]))):
+            return False
+        meta, node = first, by_name.get(node.inputs[0].producer or "")
+    return True

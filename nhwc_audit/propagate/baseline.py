@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import SharedWeightWrite, first_line
 from ..prepare.fake import fake_mode
-from ..records import Layout, NodeRecord
+from ..records import NodeRecord
 from ..tensors import SharedStorages
 from .captured import Captured
 from .corrections import Corrections
@@ -72,12 +72,7 @@ class _Graph(nn.Module):
 
     def forward(self, *values: Any) -> Any:
         interp = LayoutProp(
-            self.inner,
-            graph=self.graph,
-            record_hidden=True,
-            shared=self.shared,
-            corrections=self.corrections,
-            maps=Layout.CONTIGUOUS,  # NCHW maps: their reorders are those the audit's run counts
+            self.inner, graph=self.graph, record_hidden=True, shared=self.shared, corrections=self.corrections
         )
         out = interp.run(*values, enable_io_processing=False)
         self.records = interp.records
@@ -93,9 +88,7 @@ class _Eager(nn.Module):
         self.records: list[NodeRecord] = []
 
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.records, out = record_eager(
-            self.inner, args, kwargs, shared=self.shared, corrections=self.corrections, maps=Layout.CONTIGUOUS
-        )
+        self.records, out = record_eager(self.inner, args, kwargs, shared=self.shared, corrections=self.corrections)
         return out
 
 

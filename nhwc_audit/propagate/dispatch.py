@@ -173,12 +173,8 @@ class CopyRecorder(GuardedMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
-    def __init__(
-        self, shared: frozenset[int] = frozenset(), *, relays: bool = False, maps: Layout = Layout.CHANNELS_LAST
-    ) -> None:
+    def __init__(self, shared: frozenset[int] = frozenset(), *, relays: bool = False) -> None:
         super().__init__(shared)
-        self.maps = maps
-        """The layout of the run's maps, whose reorders a copy records (:func:`hidden_copy`)."""
         self.copies: list[HiddenCopy] = []
         self.relays = relays
         """Keep the layout changes of ops that compute too (:func:`computed_relay`, in
@@ -227,7 +223,7 @@ class CopyRecorder(GuardedMode):
         self.guard(func, args, kwargs)
         out = func(*args, **(kwargs or {}))
         if self.recording:
-            copy = hidden_copy(func, args, out, self.maps)
+            copy = hidden_copy(func, args, out)
             if copy is not None:
                 self.copies.append(copy)
             elif self.relays and func.overloadpacket.__name__ in self.untrusted:

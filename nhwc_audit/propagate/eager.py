@@ -89,10 +89,8 @@ class _Recorder(GuardedMode):
         shared: frozenset[int],
         corrections: Corrections | None = None,
         buffers: frozenset[int] = frozenset(),
-        maps: Layout = Layout.CHANNELS_LAST,
     ) -> None:
         super().__init__(shared)
-        self.maps = maps  # the layout of the run's maps (NCHW in the baseline's), whose reorders count
         self.buffers = buffers
         """``id()`` of the model's parameters and buffers: stored tensors, as a graph's get_attr
         inputs are."""
@@ -156,7 +154,7 @@ class _Recorder(GuardedMode):
         rec["aliases"] = any(is_alias_of(t, i) for t in outs for i in ins)
         if rec["aliases"] and rec["op_name"] == "view" and op == "view":
             rec["latent"] = _latent_view_error(func, args, kwargs, outs, ins)
-        copy = hidden_copy(func, args, out, self.maps)
+        copy = hidden_copy(func, args, out)
         rec["hidden"] = [copy] if copy is not None else []
         for t in outs:
             self.producer[t] = rec["name"]
@@ -202,12 +200,10 @@ def record_eager(
     *,
     shared: frozenset[int] = frozenset(),
     corrections: Corrections | None = None,
-    maps: Layout = Layout.CHANNELS_LAST,
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``model`` (the audit's private copy) once and return per-op records and its output
     (a break's record carries its error; the run goes on past it). ``shared`` as in
-    :func:`~nhwc_audit.propagate.interpreter.propagate`; ``maps``: the layout of the run's maps
-    (:func:`~nhwc_audit.channels.hidden_copy`)."""
+    :func:`~nhwc_audit.propagate.interpreter.propagate`."""
     stack: list[tuple[str, str]] = []
     handles = []
     torch_nn: dict[str, bool] = {}  # module path -> a torch.nn module (looked up once per module)
@@ -229,7 +225,7 @@ def record_eager(
     # tensors kept as plain attributes, which a graph reads with get_attr as it reads buffers
     kept = (t for _, t in plain_tensors(model))
     stored = frozenset(id(t) for t in (*model.parameters(), *model.buffers(), *kept))
-    rec = _Recorder(stack, shared, corrections, stored, maps)
+    rec = _Recorder(stack, shared, corrections, stored)
     try:
         with torch.no_grad(), rec.calls, rec:
             out = model(*args, **kwargs)

@@ -1,6 +1,8 @@
-"""Propagate stage: run the channels_last sample through the captured graph and record, per node,
-the layouts, shapes, strides, dtypes and bytes of what it reads and writes. It records; it never
-judges (that is :mod:`nhwc_audit.analyze.findings`)."""
+"""Propagate stage: run the channels_last sample through the captured graph and record,
+per node, the layouts, shapes, strides, dtypes and bytes of what it reads and writes.
+
+It records; it never judges (that is :mod:`nhwc_audit.analyze.findings`).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 from ..capture.context import NodeContext, node_contexts
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
-from ..records import HiddenCopy, Layout, NodeInput, NodeRecord, TensorMeta
+from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
 from .backward import Grads, hook_gradients
 from .breaks import latent_error, retry_nchw, without_grad_if_refused
@@ -50,7 +52,6 @@ class LayoutProp(torch.fx.Interpreter):
         corrections: Corrections | None = None,
         grad: bool = False,
         grads: Grads | None = None,
-        maps: Layout = Layout.CHANNELS_LAST,
     ):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
         self.corrections = corrections
@@ -60,8 +61,7 @@ class LayoutProp(torch.fx.Interpreter):
         self.record_hidden = record_hidden
         self.shared = shared
         self.skeleton = skeleton
-        # maps: the layout of the run's maps, whose reorders its copies record (NCHW in a baseline's)
-        self._recorder = CopyRecorder(shared, maps=maps) if (record_hidden or shared) else None
+        self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
         self._blind_ok = False  # leaf calls of recorder_blind modules may run without the recorder

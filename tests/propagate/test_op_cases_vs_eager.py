@@ -190,6 +190,15 @@ def _heads_attention(s: Between, y: torch.Tensor) -> torch.Tensor:
     return (q @ attn.transpose(-2, -1)).reshape(b, c, h, w)
 
 
+def _relu_heads_attention(s: Between, y: torch.Tensor) -> torch.Tensor:
+    # EfficientViT's linear attention: a ReLU of the head view writes a tensor of its own in the
+    # map's order, which matmul copies as it would the view
+    b, c, h, w = y.shape
+    t = y.reshape(b, 2, c // 2, h * w).transpose(-1, -2)
+    kv = torch.relu(t * 2).transpose(-1, -2) @ t
+    return (torch.relu(t) @ kv).transpose(-1, -2).reshape(b, c, h, w)
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
@@ -315,6 +324,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # of an NHWC map folds batch and heads into one dim only by a copy (matmul clones both
     # operands at batch 2), where NCHW views them
     "heads_viewed_from_a_map_then_matmul": lambda: Between(_heads_attention),
+    "heads_of_a_map_through_relu_then_matmul": lambda: Between(_relu_heads_attention),
     "channels_padded_through_a_5d_view": lambda: Between(
         lambda s, y: nn.functional.pad(y.unsqueeze(1), (0, 0, 0, 0, 1, 1)).squeeze(1), post=10
     ),
