@@ -89,3 +89,24 @@ def test_backward_audit_runs(name: str, model_mode: str) -> None:
     backward, _, _ = _audit(name, training=model_mode == "train", train=True)
     assert backward.meta.backward and any(n.startswith("backward: ") for n in backward.meta.capture_notes)
     assert _findings(backward) == _findings(report)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_attention_at_batch_2_is_charged_what_eager_moves(mode: str) -> None:
+    """C2PSA's attention views the qkv conv's NHWC map as (B, heads, d, H*W): at batch 2 each matmul
+    copies its operands to fold batch and heads, where NCHW views them (charged 131,072 B of
+    eager's 196,608 at 128x128 before the recorder kept copies that reorder a map)."""
+    import torch
+
+    from tests.eager_bytes import eager_bytes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, _ = build("ultralytics.yolo11n")
+        model = model.eval()
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, 128, 128)
+        expected = eager_bytes(model, (x,)).added
+        report = audit(model, x, bandwidth=BANDWIDTH, mode=mode)
+    assert report.summary.bytes_moved == expected
+    assert any(f.op == "matmul" and f.bytes > 0 for f in report.findings)
