@@ -175,10 +175,10 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
 def reordered(r: NodeRecord, out: TensorMeta) -> bool:
     """``out`` is dense in another dim order than a channels_last input it was written from, the
     channels innermost still (an index along H writes N x W x H x C): channels_last is left, as
-    by a copy to NCHW. Not at a convolution or a matmul, which compute their output's layout."""
-    if out.layout is not Layout.STRIDED or r.aliases_input or r.op_name.lower() in CONV_OPS | GEMM_OPS:
-        return False
-    if not is_dense_in_order(out.shape, out.strides, memory_order(out)[::-1]):
+    by a copy to NCHW. Not at a convolution or a matmul, which compute their output's layout. A
+    stack of batch-1 maps at dim 0 is ambiguous by the 5D rule (its dim 1 is the maps' batch)."""
+    odd = out.layout in (Layout.STRIDED, Layout.AMBIGUOUS) and r.op_name.lower() not in CONV_OPS | GEMM_OPS
+    if not odd or r.aliases_input or not is_dense_in_order(out.shape, out.strides, memory_order(out)[::-1]):
         return False
     return any(i.meta.layout is Layout.CHANNELS_LAST and reorders(i.meta, out) for i in r.activation_inputs)
 

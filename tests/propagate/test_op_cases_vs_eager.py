@@ -782,3 +782,16 @@ def test_copies_made_in_either_layout_need_no_baseline(capture: str) -> None:
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == 0
     assert not r.findings
     assert not any(n.startswith("NCHW baseline") for n in r.meta.capture_notes)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_stack_of_batch_1_maps_is_charged_what_eager_moves(capture: str, mode: str) -> None:
+    """``torch.stack([y, y.mT])`` of batch-1 maps writes 2 x 1 x C x H x W, ambiguous by the 5D
+    layout rule (its dim 1, the maps' batch, has size 1) yet an NCHW copy of the channels_last map:
+    charged at batch 2 and missed at batch 1 (16,384 B of eager's 32,768)."""
+    torch.manual_seed(0)
+    model = CASES["stack_with_its_transpose_at_dim_0_summed"]().eval()
+    x = torch.randn(1, 8, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    assert audit(model, x, bandwidth=1e9, capture=capture, mode=mode).summary.bytes_moved == expected
