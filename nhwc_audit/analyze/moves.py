@@ -8,7 +8,6 @@ from ..channels import broadcast_across, channels_relaid, relaid_weight, relay_b
 from ..layout import (
     channel_dims,
     channels_innermost,
-    is_dense_in_order,
     leans_channels_last,
     memory_order,
     nchw_side,
@@ -16,7 +15,7 @@ from ..layout import (
 )
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
 from ..records.kinds import in_place_name
-from .origin import SKIP_OPS, from_parameters_only, split_channels
+from .origin import SKIP_OPS, dense, from_parameters_only, split_channels
 
 __all__ = [
     "allocates",
@@ -178,7 +177,7 @@ def reordered(r: NodeRecord, out: TensorMeta) -> bool:
     by a copy to NCHW. Not at a convolution or a matmul, which compute their output's layout. A
     stack of batch-1 maps at dim 0 is ambiguous by the 5D rule (its dim 1 is the maps' batch)."""
     odd = out.layout in (Layout.STRIDED, Layout.AMBIGUOUS) and r.op_name.lower() not in CONV_OPS | GEMM_OPS
-    if not odd or r.aliases_input or not is_dense_in_order(out.shape, out.strides, memory_order(out)[::-1]):
+    if not odd or r.aliases_input or not dense(out):
         return False
     return any(i.meta.layout is Layout.CHANNELS_LAST and reorders(i.meta, out) for i in r.activation_inputs)
 

@@ -9,7 +9,7 @@ import networkx as nx
 
 from ..channels import view_channels
 from ..layout import is_dense_in_order, memory_order, nchw_ordered, row_major
-from ..records import CONV_OPS, Layout, NodeInput, NodeRecord
+from ..records import CONV_OPS, Layout, NodeInput, NodeRecord, TensorMeta
 
 __all__ = [
     "CONV_OPS",
@@ -19,6 +19,7 @@ __all__ = [
     "describe",
     "from_parameters_only",
     "leading_to",
+    "dense",
     "odd_order_from_map",
     "origin_of",
     "split_channels",
@@ -169,6 +170,12 @@ def _kept_first(node: NodeRecord) -> bool:
     return same and len(first.strides) == first.rank and not is_dense_in_order(first.shape, first.strides, rows)
 
 
+def dense(meta: TensorMeta) -> bool:
+    """Dense in its own memory order: no gap or overlap, whatever the order (a view that skips
+    elements, a broadcast, is not)."""
+    return is_dense_in_order(meta.shape, meta.strides, memory_order(meta)[::-1])
+
+
 def odd_order_from_map(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
     """``i``'s memory is in an order a channels_last map gave it: the map, a view of it, or what
     an op wrote keeping such a view's order where that order is not row-major (EfficientViT's
@@ -180,7 +187,7 @@ def odd_order_from_map(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
             return False
         first = node.inputs[0].meta
         kept = first.shape == meta.shape and not row_major(meta) and memory_order(first) == memory_order(meta)
-        if not (node.aliases_input or (kept and is_dense_in_order(meta.shape, meta.strides, memory_order(meta)[::-1]))):
+        if not (node.aliases_input or (kept and dense(meta))):
             return False
         meta, node = first, by_name.get(node.inputs[0].producer or "")
     return True
