@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +18,8 @@ import torch
 from torch import nn
 
 from .analyze.analysis import analyze
-from .analyze.displaced import displaced
 from .analyze.divergence import divergences
 from .analyze.findings import find_findings
-from .analyze.moves import baselined, moved_bytes
 from .analyze.verdict import decide
 from .collector import collector_paused
 from .errors import SharedWeightWrite, ValueDependentShapes
@@ -31,23 +28,18 @@ from .prepare.caches import code_caches, emptied
 from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .prepare.notes import conversion_note, one_channel_note
-from .propagate.backward import backward_layouts, param_grad_notes
-from .propagate.baseline import fake_pays, match_nodes, nchw_records
+from .propagate.baseline import fake_pays
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
-from .propagate.kernels import layout_dependent_backwards
 from .propagate.runner import Runner
 from .records import (
-    BACKWARD_NOT_AUDITED,
     AuditMeta,
     BandwidthSource,
     CaptureMethod,
-    Finding,
-    FindingKind,
     Mode,
-    NodeRecord,
 )
+from .refine import with_backward, with_nchw_backward, with_nchw_baseline
 from .result import AuditReport
 from .tensors import iter_tensors
 from .timing.bandwidth import measure_transpose_bandwidth
@@ -154,75 +146,6 @@ def _capture(
     return dataclasses.replace(captured, notes=(*captured.notes, why)), p
 
 
-def _with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...]]:
-    """The records with the gradient layouts of one backward pass, and notes on the parameter
-    gradients' layouts and on kernels whose result depends on a gradient's layout."""
-    if captured.gm is None:
-        return captured.records, (
-            f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",
-        )
-    breaks = frozenset(r.name for r in captured.records if r.error)
-    corrections = runner.corrections()  # a fake run's backward kernels strided as eager's
-    with runner.context(guard=False, corrections=corrections):
-        grads, param_grads = backward_layouts(
-            captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected, ran=captured.grad_run
-        )
-    records = [dataclasses.replace(r, grads=grads.get(r.name, ())) for r in captured.records]
-    faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
-    fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
-    return records, param_grad_notes(param_grads) + faults + fixed
-
-
-def _with_nchw_baseline(
-    records: list[NodeRecord],
-    findings: Sequence[Finding],
-    captured: Captured,
-    p: _Prepared,
-    o: AuditOptions,
-    run_seconds: float,
-) -> tuple[list[NodeRecord], tuple[str, ...]]:
-    """The records with the bytes each node also moves when the model runs NCHW (the same
-    capture run as built, in the audit's mode), and notes saying what that changed; ``records``
-    itself when nothing changed. Run only when one of ``findings`` (theirs) that it can change
-    moves data (:func:`~.analyze.moves.baselined`: a revert, a mixed op, a convolution's
-    conversion, a layout change a node makes inside)."""
-    hidden = {r.name for r in records if r.hidden}
-    ops = {r.name: r.op_name for r in records}  # the rule's op (a finding names its torch.nn module)
-    costly = [f for f in findings if baselined(f.kind, ops[f.node], hidden=f.node in hidden) and f.bytes > 0]
-    if not costly:
-        return records, ()
-    fake = o.mode == "real" and fake_pays(run_seconds, len(records))
-    nchw, on_fake = nchw_records(captured, p.module, p.args, p.kwargs, p.runner, fake=fake)
-    if isinstance(nchw, str):
-        return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
-    # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a LayerNorm2d
-    # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
-    moved = {r.name: n for r in nchw if (n := moved_bytes(r))}
-    theirs_op = {r.name: r.op_name for r in nchw}
-    for f in find_findings(nchw, bandwidth=1.0, device=o.device.type):
-        if baselined(f.kind, theirs_op[f.node]):
-            moved[f.node] = max(moved.get(f.node, 0), f.bytes)
-    pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
-    both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
-    both |= {k: both.get(k, 0) + n for k, n in displaced(records, both, {f.node for f in costly}).items()}
-    if not both:
-        return records, ()
-    out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
-    notes = ["NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)"] if on_fake else []
-    for kind, what in (
-        (FindingKind.REVERT, "revert(s) copy"),
-        (FindingKind.MIXED, "mixed op(s) move data"),
-        (FindingKind.CONVERSION, "conversion(s) re-lay data"),
-    ):
-        hit = [f for f in costly if f.kind is kind and f.node in both]
-        if hit:
-            notes.append(
-                f"NCHW baseline: {len(hit)} {what} in NCHW too ({', '.join(sorted({f.op for f in hit}))}): "
-                "charged only the bytes channels_last adds"
-            )
-    return out, tuple(notes)
-
-
 def _bandwidth(o: AuditOptions) -> tuple[float, BandwidthSource]:
     if o.bandwidth is not None:
         return o.bandwidth, "user"
@@ -237,12 +160,18 @@ def _audit_one(
     t0 = time.perf_counter()
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
-    records, grad_notes = _with_backward(captured, p.runner) if o.train and o.backward else (captured.records, ())
+    records, grad_notes = with_backward(captured, p.runner) if o.train and o.backward else (captured.records, ())
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
     found = find_findings(records, bandwidth=bandwidth, device=o.device.type)
-    baselined, baseline_notes = _with_nchw_baseline(records, found, captured, p, o, t1 - t0)
+    fake = o.mode == "real" and fake_pays(t1 - t0, len(records))
+    baselined, baseline_notes = with_nchw_baseline(
+        records, found, captured, p.module, p.args, p.kwargs, p.runner, fake=fake, device=o.device.type
+    )
+    if o.train and o.backward:
+        baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, fake=fake)
+        baseline_notes += backward_notes
     unchanged, records = baselined is records, baselined  # else copies made in NCHW too are charged less
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
     dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)

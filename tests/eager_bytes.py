@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["EagerBytes", "Transpose", "eager_bytes", "transposes"]
+__all__ = ["EagerBytes", "Transpose", "backward_transposes", "eager_backward_bytes", "eager_bytes", "transposes"]
 
 
 @dataclass(frozen=True)
@@ -158,10 +158,12 @@ class _Recorder(TorchDispatchMode):
     def _should_skip_dynamo(cls) -> bool:
         return False  # never under torch.compile: skip the ~0.7 ms per-op wrapper
 
-    def __init__(self, calls: _Calls) -> None:
+    def __init__(self, calls: _Calls, site: Any = None) -> None:
         super().__init__()
         self.seen: list[Transpose] = []
         self.calls = calls
+        self.site = site or _site
+        """Where the op was called from: the model's source line (a backward op: its forward's)."""
         self._last: tuple[int, int, int, str] | None = None
         """(storage, numel, transposes recorded, site) of the last copy a flatten or reshape made."""
 
@@ -172,7 +174,7 @@ class _Recorder(TorchDispatchMode):
         last, self._last = self._last, None
         if outs and outs[0].dim() < 4 and last is not None:
             storage, numel, count, site = last
-            if _storage(outs[0]) == storage and outs[0].numel() == numel and _site() == site:
+            if _storage(outs[0]) == storage and outs[0].numel() == numel and self.site() == site:
                 del self.seen[-count:]  # the copy of a reshape out of the spatial ranks: an exit
         if not outs or outs[0].dim() < 4:
             return out
@@ -184,15 +186,15 @@ class _Recorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name.startswith("new_") or name.endswith("_like"):
             return out  # new_empty, zeros_like: the input gives a shape, no data is read
-        conv = name == "convolution"
-        if conv:
+        conv = name in ("convolution", "convolution_backward")  # the kernel re-lays its whole input, or gradient
+        if conv and name == "convolution":
             weight = ins[1] if len(ins) > 1 else None
             ins = ins[:1]  # the activation; a parameter weight is re-laid once per call at most
             if weight is not None and not isinstance(weight, nn.Parameter) and _relaid_weight(ins[0], weight):
                 # a weight computed in forward (weight standardisation) in the other layout than the
                 # activation: the kernel re-lays it every call
                 self.seen.append(
-                    Transpose(name, tuple(weight.shape), 2 * weight.numel() * weight.element_size(), _site())
+                    Transpose(name, tuple(weight.shape), 2 * weight.numel() * weight.element_size(), self.site())
                 )
         before = len(self.seen)
         weights = False
@@ -201,7 +203,7 @@ class _Recorder(TorchDispatchMode):
                 continue  # the tensor written in place
             moved = _moved(t, result, tuple(args), kwargs, relaid=conv, name=name)
             if moved:
-                self.seen.append(Transpose(name, tuple(result.shape), moved, _site()))
+                self.seen.append(Transpose(name, tuple(result.shape), moved, self.site()))
                 weights = weights or isinstance(t, nn.Parameter)
         exiting = self.calls.current in _EXITING_CALLS and not weights  # activations exit, not weights
         if len(self.seen) > before and exiting:
@@ -277,3 +279,139 @@ def eager_bytes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
     cl_kwargs = {k: _channels_last(v) for k, v in kwargs.items()}
     torch.manual_seed(0)
     return EagerBytes(nchw=nchw, channels_last=transposes(cl_model, cl_args, cl_kwargs))
+
+
+class _Tagger(TorchFunctionMode):
+    """Notes on every autograd node a torch call makes the model's source line of the call."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        todo = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        site = None
+        while todo:
+            node = todo.pop()
+            if node is None or "site" in node.metadata:
+                continue
+            site = site or _site()
+            node.metadata["site"] = site
+            todo.extend(n for n, _ in node.next_functions)
+        return out
+
+
+def _backward_site() -> str:
+    node = torch._C._current_autograd_node()
+    return node.metadata.get("site", "?") if node is not None else "?"
+
+
+def _saved(node: Any) -> list[torch.Tensor]:
+    """The tensors an autograd node saved for its backward (``_saved_*``), parameters left out."""
+    out: list[torch.Tensor] = []
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            try:
+                value = getattr(node, name)
+            except RuntimeError:
+                continue
+            out += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
+    return out
+
+
+class _NodeHooks:
+    """Transposes of a backward seen from hooks on its autograd nodes, with no dispatch mode on
+    (under one, some formulas take other code paths: ``maximum``'s backward masks out of place,
+    into a contiguous copy, where training masks in place). A node transposes an input (the
+    gradients arriving, the tensors it saved) that disagrees with its first 4D/5D gradient out,
+    by :func:`_moved`; a gradient summed from several consumers moves each part that disagrees
+    with the sum."""
+
+    def __init__(self) -> None:
+        self.seen: list[Transpose] = []
+        self.parts: dict[tuple[int, int], list[tuple[torch.Tensor, str]]] = {}
+        self.keep: list[Any] = []
+
+    def hook_all(self, roots: list[Any]) -> None:
+        todo, done = list(roots), set()
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in done or type(node).__name__ == "AccumulateGrad":
+                continue
+            done.add(id(node))
+            self.keep.append(node)
+            self._hook(node)
+            todo.extend(n for n, _ in node.next_functions)
+
+    def _hook(self, node: Any) -> None:
+        site = node.metadata.get("site", "?")
+        state: dict[str, list[torch.Tensor]] = {}
+
+        def pre(grad_outputs: Any) -> None:
+            for nr, g in enumerate(grad_outputs):
+                parts = self.parts.pop((id(node), nr), [])
+                if isinstance(g, torch.Tensor) and len(parts) > 1:
+                    for t, where in parts:
+                        if moved := _moved(t, g, (), {}, relaid=False):
+                            self.seen.append(Transpose("accumulate", tuple(g.shape), moved, where))
+            state["saved"] = [t for t in _saved(node) if t.dim() >= 4]
+
+        def post(grad_inputs: Any, grad_outputs: Any) -> None:
+            outs = [g for g in grad_inputs if isinstance(g, torch.Tensor)]
+            result = next((g for g in outs if g.dim() >= 4), None)
+            conv = type(node).__name__.startswith("ConvolutionBackward")
+            if conv and grad_inputs[0] is None:  # the weight's gradient only: the kernel works in its input's layout
+                result = next(iter(state.get("saved", [])), None)
+            if result is not None:
+                ins = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dim() >= 4] + state.get("saved", [])
+                for t in ins:
+                    if t is result or t.dim() != result.dim() or _storage(t) == _storage(result):
+                        continue  # a view (a permute's backward) moves nothing
+                    if moved := _moved(t, result, (), {}, relaid=conv):
+                        self.seen.append(Transpose(type(node).__name__, tuple(result.shape), moved, site))
+            for g, (nxt, nr) in zip(grad_inputs, node.next_functions, strict=False):
+                if isinstance(g, torch.Tensor) and nxt is not None:
+                    self.parts.setdefault((id(nxt), nr), []).append((g, site))
+
+        node.register_prehook(pre)
+        node.register_hook(post)
+
+
+def backward_transposes(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, hooked: bool = True
+) -> list[Transpose]:
+    """Every transpose one eager backward of ``model`` makes, from a fixed random linear loss on
+    its floating outputs (each seed gradient in its output's layout) into the parameters, as
+    training computes it (the sample needs no gradient); each charged to the source line of the
+    forward call its autograd node belongs to. ``hooked``: seen from autograd node hooks
+    (:class:`_NodeHooks`: what training's own backward does); else at dispatch level, where some
+    formulas take other code paths."""
+    with warnings.catch_warnings(), torch.enable_grad():
+        warnings.simplefilter("ignore")
+        with _Tagger():
+            out = model(*args, **(kwargs or {}))
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        torch.manual_seed(0)
+        loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+        wrt = [p for p in model.parameters() if p.requires_grad]
+        if hooked:
+            hooks = _NodeHooks()
+            hooks.hook_all([loss.grad_fn])
+            torch.autograd.grad(loss, wrt, allow_unused=True)
+            return hooks.seen
+        rec = _Recorder(_Calls(), site=_backward_site)
+        with rec:
+            torch.autograd.grad(loss, wrt, allow_unused=True)
+        return rec.seen
+
+
+def eager_backward_bytes(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, hooked: bool = True
+) -> EagerBytes:
+    """Both eager backwards of ``model`` (NCHW as built, and converted to channels_last), each on its
+    own copy, per forward source line (``hooked``: see :func:`backward_transposes`)."""
+    kwargs = kwargs or {}
+    torch.manual_seed(0)
+    nchw = backward_transposes(copy.deepcopy(model), args, kwargs, hooked=hooked)
+    cl_model = _channels_last_model(model)
+    cl_args = tuple(_channels_last(a) for a in args)
+    cl_kwargs = {k: _channels_last(v) for k, v in kwargs.items()}
+    torch.manual_seed(0)
+    return EagerBytes(nchw=nchw, channels_last=backward_transposes(cl_model, cl_args, cl_kwargs, hooked=hooked))

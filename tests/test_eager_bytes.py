@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests import models as M
-from tests.eager_bytes import eager_bytes
+from tests.eager_bytes import eager_backward_bytes, eager_bytes
 
 
 class Reverting(nn.Module):
@@ -138,3 +138,38 @@ def test_checker_reads_a_stacks_new_dim_from_its_argument() -> None:
     one_map = 2 * 8 * 8 * 8 * 4
     assert [t.nbytes for t in e.nchw] == [2 * one_map]
     assert [t.nbytes for t in e.channels_last] == [2 * one_map, 2 * one_map]
+
+
+def test_backward_checker_counts_what_the_backward_re_lays() -> None:
+    """Conv ``a`` re-lays the NCHW gradient InstanceNorm hands back; the norm's backward copies
+    the channels_last gradient of ``b`` into its own (1, N * C, H, W) view; ``b`` re-lays the NCHW
+    input it saved, for its weight's gradient. In NCHW nothing moves."""
+    m = Reverting().train()
+    e = eager_backward_bytes(m, (torch.randn(2, 3, 8, 8),))
+    act = 2 * 8 * 8 * 8 * 4  # each moves one 8-channel activation (``a``'s gradient, the norm's, b's input)
+    assert e.nchw == []
+    assert [t.nbytes for t in e.channels_last] == [2 * act] * 3
+
+
+def test_backward_checker_sees_nothing_on_a_plain_convnet() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).train()
+    e = eager_backward_bytes(m, (torch.randn(2, 3, 8, 8),))
+    assert e.nchw == [] and e.channels_last == []
+
+
+class _Maximum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return torch.maximum(y, self.b(y))
+
+
+def test_backward_checker_watches_without_a_dispatch_mode() -> None:
+    """Under a dispatch mode ``maximum``'s backward masks into a contiguous copy (the recorder then
+    sees copies); training masks in place: the node hooks see what training does."""
+    m, x = _Maximum().train(), torch.randn(2, 3, 8, 8)
+    assert eager_backward_bytes(m, (x,), hooked=False).added > 0
+    assert eager_backward_bytes(m, (x,)).added == 0

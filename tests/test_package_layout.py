@@ -26,6 +26,7 @@ RANK = {
     "report": 6,
     "followups": 6,
     "result": 7,
+    "refine": 8,
     "pipeline": 8,
     "api": 9,
     "zoo": 10,

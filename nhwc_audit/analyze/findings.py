@@ -136,24 +136,16 @@ def _only_ambiguous_inputs(r: NodeRecord) -> bool:
 
 
 def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
-    """A channels_last activation whose gradient arrives NCHW (recorded with train=True); not at
-    a view (an Identity returns its input): its gradient is its producer's, counted there."""
-    if not (r.grads and r.output_layout is Layout.CHANNELS_LAST) or (r.aliases_input and not writes_in_place(r)):
+    """What this node's backward moves between layouts (recorded at ATen level with
+    train=True) beyond what the same node's backward moves when the model runs NCHW."""
+    nbytes = sum(c.bytes for c in r.backward) - r.nchw_backward_bytes
+    if nbytes <= 0:
         return []
-    nchw_grads = [g for g in r.grads if row_major(g)]
-    if not nchw_grads:
-        return []
-    users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "?"
+    lead = max(r.backward, key=lambda c: c.bytes)
+    users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "the loss"
+    ops = f"{', '.join(dict.fromkeys(c.op for c in r.backward))}; its gradient comes from {users}"
     return [
-        _finding(
-            ctx,
-            r,
-            FindingKind.BACKWARD,
-            layout_in=Layout.CHANNELS_LAST,
-            nbytes=2 * sum(g.nbytes for g in nchw_grads),
-            shape=nchw_grads[0].shape,
-            detail=users,
-        )
+        _finding(ctx, r, FindingKind.BACKWARD, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, detail=ops)
     ]
 
 

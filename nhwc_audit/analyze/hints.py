@@ -76,9 +76,11 @@ _DEFAULT: dict[FindingKind, str] = {
         "conversion disappears"
     ),
     FindingKind.BACKWARD: (
-        "in backward, the gradient reaching this channels_last activation is NCHW: the backward "
-        "of its consumer ({detail}) produces NCHW gradients, and the next NHWC backward kernel "
-        "transposes them back; fixing that consumer's layout in forward usually fixes this too"
+        "in backward, this node's gradient ops move data between layouts where the NCHW model's "
+        "backward does not ({detail}): a gradient arrives in another layout than the tensors it "
+        "meets (a consumer kept NCHW, a mean's or a global pool's broadcast gradient, gradients "
+        "of both layouts summed); keeping the forward channels_last on both sides of this node "
+        "fixes it"
     ),
 }
 

@@ -27,13 +27,14 @@ from ..errors import SharedWeightWrite, first_line
 from ..prepare.fake import fake_mode
 from ..records import NodeRecord
 from ..tensors import SharedStorages
+from .backward import backward_layouts
 from .captured import Captured
 from .corrections import Corrections
 from .eager import record_eager
 from .interpreter import LayoutProp
 from .runner import Runner, attributes_restored
 
-__all__ = ["match_nodes", "nchw_records"]
+__all__ = ["match_nodes", "nchw_backward", "nchw_records"]
 
 
 def _nchw_view(t: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,55 @@ class _Eager(nn.Module):
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.records, out = record_eager(self.inner, args, kwargs, shared=self.shared, corrections=self.corrections)
         return out
+
+
+class _Backward(nn.Module):
+    """Runs the audit's backward (:func:`~.backward.backward_layouts`) through ``gm``, a forward of
+    its own then the backward, keeping what each node's backward moved between layouts. No node
+    is corrected to channels_last (a fake channels_last run's GroupNorm on the CPU): its meta
+    kernel is right on NCHW input."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.inner = gm
+        self.moved: dict[str, int] = {}
+
+    def forward(self, *values: Any) -> None:
+        moved = backward_layouts(self.inner, list(values))[2]
+        self.moved = {name: sum(c.bytes for c in copies) for name, copies in moved.items()}
+
+
+def nchw_backward(captured: Captured, runner: Runner, *, fake: bool = False) -> dict[str, int] | str:
+    """Node -> the bytes its backward moves between layouts when the model runs NCHW (the audit's
+    graph run forward and back as built, in the audit's mode), or why that could not run. The
+    backward of an NCHW model copies too: a ConvNeXt block's gradient comes back through its
+    permutes in NHWC order, and the depthwise convolution's NCHW backward re-lays it. ``fake``: a
+    real audit runs it on fake tensors first (:func:`fake_pays`), as :func:`nchw_records` does."""
+    if captured.gm is None or captured.inputs is None:
+        return f"the {captured.method} capture has no graph to run backward through"
+    if fake and not runner.fake:
+        fake_runner = dataclasses.replace(runner, fake_mode=fake_mode(real_inputs=True))
+        with attributes_restored(captured.gm):
+            got = _nchw_backward_run(captured.gm, captured.inputs, fake_runner)
+        if not isinstance(got, str):
+            return got
+    return _nchw_backward_run(captured.gm, captured.inputs, runner)
+
+
+def _nchw_backward_run(gm: torch.fx.GraphModule, inputs: list[Any], runner: Runner) -> dict[str, int] | str:
+    holder = _Backward(gm)
+    state = {
+        f"inner.{name}": _nchw_view(t) for name, t in [*gm.named_parameters(), *gm.named_buffers()] if t.dim() in (4, 5)
+    }
+    call: tuple[Any, ...] = tuple(tree_map(_nchw_input, v) for v in inputs)
+    try:
+        if runner.fake_mode is not None:
+            call = tree_map(lambda v: _to_fake(v, runner.fake_mode), call)
+        with runner.context(guard=False, corrections=runner.corrections()):
+            torch.func.functional_call(holder, state, call, strict=False)
+    except Exception as e:  # the comparison refines an estimate; it is never a reason to fail
+        return first_line(e)
+    return holder.moved
 
 
 FAKE_SECONDS_PER_NODE = 1e-3

@@ -176,7 +176,7 @@ class _Chain:
         # fx graphs call leaf modules: note the run's shape so that a replay can check the graph
         skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self.runner.corrections()
-        grads: Grads | None = {} if self.runner.grad and not self.runner.fake else None  # a backward starts there
+        grads: Grads | None = Grads() if self.runner.grad and not self.runner.fake else None  # a backward starts there
         try:
             with self.runner.context(guard=False, corrections=corrections):
                 records, out = propagate(

@@ -136,6 +136,10 @@ class NodeRecord:
     """Layout-changing copies seen at ATen level while this node ran (real mode)."""
     grads: tuple[TensorMeta, ...] = ()
     """With ``train=True``: the gradients that arrived at this node's outputs in backward."""
+    backward: tuple[HiddenCopy, ...] = ()
+    """With ``train=True``: the layout changes this node's backward made (dispatch level)."""
+    nchw_backward_bytes: int = 0
+    """Bytes the same node's backward moves between layouts when the model runs NCHW."""
     nchw_bytes: int = 0
     """Bytes the same node moves between layouts when the model runs NCHW, as built (a copy it
     makes in either layout): what channels_last adds here is the difference."""

@@ -70,8 +70,10 @@ def test_the_bundled_unets_groupnorm_rewrites_need_no_float64_pass(float64_passe
     kinds = [s.kind for s in log.steps]
     assert kinds.count("instancenorm->groupnorm") == 6, log.refused
     assert log.deviation is not None and log.deviation.gradients is not None
-    assert log.deviation.gradients > results.ROUNDING  # the plain float32 graph is beyond rounding
-    assert float64 == []
+    # where the GroupNorm kernel rounds 1e-3 (seen: 1.3e-3), the plain float32 graph is beyond
+    # rounding and only the islands keep the float64 passes away; where it rounds less (seen:
+    # 4.5e-6 on another machine of this project's kind) no check needs them either
+    assert float64 == [], log.deviation
 
 
 def _view_then_write() -> torch.fx.GraphModule:

@@ -124,3 +124,26 @@ def test_attention_on_a_conv_map_at_batch_2_is_charged_what_eager_moves(name: st
     expected = eager_bytes(model, (x,)).added
     for capture in ("auto", "hooks"):
         assert audit(model, x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected, capture
+
+
+@pytest.mark.parametrize(
+    "name,old",
+    [("convnext_tiny", 491_520), ("efficientnet_b0", 163_840), ("shufflenet_v2_x0_5", 403_456)],
+)
+def test_train_audits_charge_the_backward_eager_adds(name: str, old: int) -> None:
+    """torchvision at 64x64, batch 2, training. Before backward findings were seen node by node and
+    netted against NCHW's backward: ConvNeXt got false alarms (NCHW's backward re-lays as much),
+    EfficientNet's squeeze-excite sums (a mean's NCHW gradient added to the channels_last one)
+    were missed, and so were ShuffleNet's ReLUs writing slices of an NCHW gradient channels_last
+    (``old``: what the audit charged then)."""
+    torchvision = pytest.importorskip("torchvision")
+    from tests.eager_bytes import eager_backward_bytes
+
+    torch.manual_seed(0)
+    model, x = getattr(torchvision.models, name)(weights=None).train(), torch.randn(2, 3, 64, 64)
+    truth = eager_backward_bytes(model, (x,)).added
+    assert truth != old
+    for how in ({}, {"mode": "fake"}):
+        report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
+        assert report.meta.capture == "fx" and report.meta.backward
+        assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth, how

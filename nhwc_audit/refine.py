@@ -1,0 +1,125 @@
+"""The stages that refine a capture's records before the analysis decides on them: one backward
+pass (a train audit: the gradient layouts, and what each node's backward moves between layouts),
+and the NCHW baseline (what the same nodes move, forward and backward, when the model runs as
+built), so that each finding is charged only what channels_last adds."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .analyze.displaced import displaced
+from .analyze.findings import find_findings
+from .analyze.moves import baselined, moved_bytes
+from .propagate.backward import backward_layouts, param_grad_notes
+from .propagate.baseline import match_nodes, nchw_backward, nchw_records
+from .propagate.chain import Captured
+from .propagate.kernels import layout_dependent_backwards
+from .propagate.runner import Runner
+from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, NodeRecord
+
+__all__ = ["with_backward", "with_nchw_backward", "with_nchw_baseline"]
+
+
+def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...]]:
+    """The records with the gradient layouts of one backward pass and the layout changes each
+    node's backward made, and notes on the parameter gradients' layouts and on kernels whose
+    result depends on a gradient's layout."""
+    if captured.gm is None:
+        return captured.records, (
+            f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",
+        )
+    breaks = frozenset(r.name for r in captured.records if r.error)
+    corrections = runner.corrections()  # a fake run's backward kernels strided as eager's
+    with runner.context(guard=False, corrections=corrections):
+        grads, param_grads, moved = backward_layouts(
+            captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected, ran=captured.grad_run
+        )
+    records = [
+        dataclasses.replace(r, grads=grads.get(r.name, ()), backward=tuple(moved.get(r.name, ())))
+        for r in captured.records
+    ]
+    faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
+    fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
+    return records, param_grad_notes(param_grads) + faults + fixed
+
+
+def with_nchw_backward(
+    records: list[NodeRecord], captured: Captured, runner: Runner, *, fake: bool
+) -> tuple[list[NodeRecord], tuple[str, ...]]:
+    """The records with the bytes each node's backward also moves when the model runs NCHW, run
+    only when some node's backward moved data (``records`` itself otherwise; ``fake``: a real
+    audit's on fake tensors); and a note when that netted something or could not run."""
+    ours = {r.name: sum(c.bytes for c in r.backward) for r in records if r.backward}
+    if not ours:
+        return records, ()
+    theirs = nchw_backward(captured, runner, fake=fake)
+    if isinstance(theirs, str):
+        return records, (
+            f"NCHW baseline of the backward: not run ({theirs}); each backward finding is charged its whole copy",
+        )
+    both = {name: theirs[name] for name in ours if theirs.get(name)}
+    if not both:
+        return records, ()
+    netted = sum(1 for name, n in both.items() if n >= ours[name])
+    out = [dataclasses.replace(r, nchw_backward_bytes=both[r.name]) if r.name in both else r for r in records]
+    return out, (
+        f"NCHW baseline of the backward: {len(both)} node(s)' backward move data in NCHW too ({netted} as much or "
+        "more): charged only the bytes channels_last adds",
+    )
+
+
+def with_nchw_baseline(
+    records: list[NodeRecord],
+    findings: Sequence[Finding],
+    captured: Captured,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    runner: Runner,
+    *,
+    fake: bool,
+    device: str,
+) -> tuple[list[NodeRecord], tuple[str, ...]]:
+    """The records with the bytes each node also moves when the model runs NCHW (the same
+    capture run as built, in the audit's mode; ``fake``: a real audit's on fake tensors), and
+    notes saying what that changed; ``records`` itself when nothing changed. Run only when one of
+    ``findings`` (theirs) that it can change moves data (:func:`~.analyze.moves.baselined`: a
+    revert, a mixed op, a convolution's conversion, a layout change a node makes inside)."""
+    hidden = {r.name for r in records if r.hidden}
+    ops = {r.name: r.op_name for r in records}  # the rule's op (a finding names its torch.nn module)
+    costly = [f for f in findings if baselined(f.kind, ops[f.node], hidden=f.node in hidden) and f.bytes > 0]
+    if not costly:
+        return records, ()
+    nchw, on_fake = nchw_records(captured, module, args, kwargs, runner, fake=fake)
+    if isinstance(nchw, str):
+        return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)
+    # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a LayerNorm2d
+    # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
+    moved = {r.name: n for r in nchw if (n := moved_bytes(r))}
+    theirs_op = {r.name: r.op_name for r in nchw}
+    for f in find_findings(nchw, bandwidth=1.0, device=device):
+        if baselined(f.kind, theirs_op[f.node]):
+            moved[f.node] = max(moved.get(f.node, 0), f.bytes)
+    pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
+    both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
+    both |= {k: both.get(k, 0) + n for k, n in displaced(records, both, {f.node for f in costly}).items()}
+    if not both:
+        return records, ()
+    out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
+    notes = ["NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)"] if on_fake else []
+    for kind, what in (
+        (FindingKind.REVERT, "revert(s) copy"),
+        (FindingKind.MIXED, "mixed op(s) move data"),
+        (FindingKind.CONVERSION, "conversion(s) re-lay data"),
+    ):
+        hit = [f for f in costly if f.kind is kind and f.node in both]
+        if hit:
+            notes.append(
+                f"NCHW baseline: {len(hit)} {what} in NCHW too ({', '.join(sorted({f.op for f in hit}))}): "
+                "charged only the bytes channels_last adds"
+            )
+    return out, tuple(notes)

@@ -1,0 +1,146 @@
+"""A train audit's backward findings against eager autograd (``tests/eager_bytes.py``: what each
+autograd node of a plain ``loss.backward()`` re-lays, seen from node hooks, channels_last less
+NCHW). The audit sees the same backward the same way, node by node, and nets it against the same
+graph's NCHW backward; in every capture and in fake mode it must charge what eager adds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nhwc_audit import audit
+from tests import models as M
+from tests.eager_bytes import eager_backward_bytes
+
+
+class Shuffle(nn.Module):
+    """ShuffleNetV2's unit: half the channels through a branch, a cat and a channel shuffle. In
+    backward the branch gets a slice of the NCHW-ordered gradient the shuffle hands back, and its
+    ReLU's backward writes it channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.stem(x).chunk(2, dim=1)
+        y = torch.cat((a, self.branch(b)), dim=1)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(y)
+
+
+class Maximum(nn.Module):
+    """``torch.maximum`` of two channels_last maps: in training its backward masks in place; under
+    any dispatch mode it masks into a contiguous copy (a recorder there would charge copies that
+    training never makes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.c(torch.maximum(y, self.b(y)))
+
+
+class MeanGate(nn.Module):
+    """An SE block that gates by the map's own mean: the mean's gradient, broadcast back NCHW, is
+    summed into the channels_last gradient of the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.out(y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True))))
+
+
+class PooledHead(nn.Module):
+    """A global average pool before a classifier: its backward hands the last ReLU an NCHW
+    gradient, which the ReLU's backward writes channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+class PooledHead8(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+CASES: dict[str, Callable[[], nn.Module]] = {
+    "convnext_block": lambda: nn.Sequential(M.ConvNeXtBlock(), M.ConvNeXtBlock(), PooledHead8()),
+    "instance_norm": M.InstanceNormNet,
+    "se_block": M.SEBlock,
+    "mean_gate": MeanGate,
+    "pooled_head": PooledHead,
+    "shuffle": Shuffle,
+    "maximum": Maximum,
+}
+
+
+def _input(name: str) -> torch.Tensor:
+    return torch.randn(2, 8 if name == "convnext_block" else 3, 8, 8)
+
+
+@pytest.mark.parametrize("how", [{}, {"capture": "export"}, {"mode": "fake"}], ids=["fx", "export", "fake"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_backward_findings_charge_what_eager_adds(name: str, how: dict[str, str]) -> None:
+    torch.manual_seed(0)
+    model, x = CASES[name]().train(), _input(name)
+    truth = eager_backward_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
+    assert report.meta.backward, report.meta.capture_notes
+    charged = sum(f.bytes for f in report.findings if f.kind.value == "backward")
+    assert charged == truth, [(f.node, f.bytes, f.hint) for f in report.findings if f.kind.value == "backward"]
+
+
+def test_convnext_blocks_net_their_backward_against_nchws() -> None:
+    """Two blocks before a pooled head: channels_last's backward sums the second block's input
+    gradient from parts in two orders (the residual's, the permuted branch's); NCHW's backward
+    re-lays as much at the same node (its depthwise convolution reads the gradient the permutes
+    hand back in NHWC order). No finding, and a note that says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(M.ConvNeXtBlock(), M.ConvNeXtBlock(), PooledHead8()).train()
+    report = audit(model, _input("convnext_block"), bandwidth=1e9, train=True)
+    moved = [n for n in report.nodes if n.backward]
+    assert moved and all(n.nchw_backward_bytes >= sum(c.bytes for c in n.backward) for n in moved)
+    assert not [f for f in report.findings if f.kind.value == "backward"]
+    assert any(n.startswith("NCHW baseline of the backward") for n in report.meta.capture_notes)
+
+
+def test_the_finding_names_the_ops_and_where_the_gradient_comes_from() -> None:
+    torch.manual_seed(0)
+    report = audit(PooledHead().train(), _input("pooled_head"), bandwidth=1e9, train=True)
+    (finding,) = [f for f in report.findings if f.kind.value == "backward"]
+    assert finding.node == "relu" and finding.layout_in.value == "contiguous"
+    assert "ReluBackward0" in finding.hint and "adaptive_avg_pool2d" in finding.hint
+    assert finding.bytes == 2 * 2 * 8 * 8 * 8 * 4
+
+
+def test_a_model_whose_backward_moves_nothing_runs_no_nchw_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nhwc_audit import refine
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the NCHW backward ran for a backward that moved nothing")
+
+    monkeypatch.setattr(refine, "nchw_backward", fail)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).train()
+    report = audit(model, torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
+    assert report.meta.backward and not [n for n in report.nodes if n.backward]
