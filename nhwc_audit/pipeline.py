@@ -160,7 +160,9 @@ def _audit_one(
     t0 = time.perf_counter()
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
-    records, grad_notes = with_backward(captured, p.runner) if o.train and o.backward else (captured.records, ())
+    records, grad_notes, reordering = (
+        with_backward(captured, p.runner) if o.train and o.backward else (captured.records, (), False)
+    )
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
@@ -170,7 +172,7 @@ def _audit_one(
         records, found, captured, p.module, p.args, p.kwargs, p.runner, fake=fake, device=o.device.type
     )
     if o.train and o.backward:
-        baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, fake=fake)
+        baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, fake=fake, reordering=reordering)
         baseline_notes += backward_notes
     unchanged, records = baselined is records, baselined  # else copies made in NCHW too are charged less
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)

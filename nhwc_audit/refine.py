@@ -9,7 +9,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .analyze.displaced import displaced
 from .analyze.findings import find_findings
@@ -21,40 +24,55 @@ from .propagate.kernels import layout_dependent_backwards
 from .propagate.runner import Runner
 from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, NodeRecord
 
-__all__ = ["with_backward", "with_nchw_backward", "with_nchw_baseline"]
+__all__ = ["reorders_dims", "with_backward", "with_nchw_backward", "with_nchw_baseline"]
 
 
-def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...]]:
+def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...], bool]:
     """The records with the gradient layouts of one backward pass and the layout changes each
-    node's backward made, and notes on the parameter gradients' layouts and on kernels whose
-    result depends on a gradient's layout."""
+    node's backward made; notes on the parameter gradients' layouts and on kernels whose result
+    depends on a gradient's layout; and whether the model reorders dims (:func:`reorders_dims`)."""
     if captured.gm is None:
-        return captured.records, (
-            f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",
+        return (
+            captured.records,
+            (f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",),
+            False,
         )
     breaks = frozenset(r.name for r in captured.records if r.error)
     corrections = runner.corrections()  # a fake run's backward kernels strided as eager's
     with runner.context(guard=False, corrections=corrections):
-        grads, param_grads, moved = backward_layouts(
+        ran = backward_layouts(
             captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected, ran=captured.grad_run
         )
     records = [
-        dataclasses.replace(r, grads=grads.get(r.name, ()), backward=tuple(moved.get(r.name, ())))
+        dataclasses.replace(r, grads=ran.layouts.get(r.name, ()), backward=tuple(ran.moved.get(r.name, ())))
         for r in captured.records
     ]
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
     fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
-    return records, param_grad_notes(param_grads) + faults + fixed
+    return records, param_grad_notes(ran.params) + faults + fixed, reorders_dims(captured.gm.graph, ran.reordering)
+
+
+def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str]) -> bool:
+    """Can an NCHW run of the model hand a 4D/5D tensor on in another dim order than NCHW? Only
+    through an op that reorders dims (``reordering``: the autograd nodes of
+    :data:`~.propagate.grad_hooks.REORDERING` the channels_last run made, inside leaf modules too)
+    or an explicit channels_last memory format in the graph (``.contiguous(memory_format=...)``,
+    a no-op in the channels_last run). Without either, the NCHW backward moves nothing."""
+    formats = (torch.channels_last, torch.channels_last_3d)
+    return bool(reordering) or any(
+        v in formats for n in graph.nodes for v in tree_leaves((n.args, n.kwargs)) if isinstance(v, torch.memory_format)
+    )
 
 
 def with_nchw_backward(
-    records: list[NodeRecord], captured: Captured, runner: Runner, *, fake: bool
+    records: list[NodeRecord], captured: Captured, runner: Runner, *, fake: bool, reordering: bool
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node's backward also moves when the model runs NCHW, run
-    only when some node's backward moved data (``records`` itself otherwise; ``fake``: a real
-    audit's on fake tensors); and a note when that netted something or could not run."""
+    only when some node's backward moved data and the model reorders dims (``reordering``:
+    :func:`reorders_dims`; ``records`` itself otherwise; ``fake``: a real audit's on fake
+    tensors); and a note when that netted something or could not run."""
     ours = {r.name: sum(c.bytes for c in r.backward) for r in records if r.backward}
-    if not ours:
+    if not ours or not reordering:
         return records, ()
     theirs = nchw_backward(captured, runner, fake=fake)
     if isinstance(theirs, str):

@@ -105,7 +105,7 @@ class _Backward(nn.Module):
         self.moved: dict[str, int] = {}
 
     def forward(self, *values: Any) -> None:
-        moved = backward_layouts(self.inner, list(values))[2]
+        moved = backward_layouts(self.inner, list(values)).moved
         self.moved = {name: sum(c.bytes for c in copies) for name, copies in moved.items()}
 
 

@@ -30,12 +30,13 @@ from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..prepare.fake import fake_plain
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value, detached, iter_tensors
-from .backward import GradRun, Grads
+from .backward import GradRun
 from .captured import Captured, CheckKind
 from .compare import first_difference
 from .corrections import Corrections
 from .eager import record_eager
 from .exported import exported
+from .grad_hooks import Grads
 from .inputs import positional_inputs
 from .interpreter import ProgressFn, propagate
 from .replay import replay

@@ -21,10 +21,10 @@ from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
-from .backward import Grads, hook_gradients
 from .breaks import latent_error, retry_nchw, without_grad_if_refused
 from .corrections import Corrections
 from .dispatch import CopyRecorder, is_alias_of, recorder_blind
+from .grad_hooks import Grads, hook_gradients
 from .inputs import operands, positional_inputs, versions_of, written
 from .runner import autograd
 from .skeleton import Skeleton

@@ -66,7 +66,8 @@ def _separate(model: nn.Module, x: torch.Tensor, breaks: frozenset[str]) -> dict
     """Gradient layouts of a backward from a forward of its own, on the audit's own graph."""
     copy = prepare_audit_copy(model, share_weights=False)
     (sample,), _ = prepare_inputs((x,), {}, dtype=None, device=torch.device("cpu"))
-    grads, params, _ = backward_layouts(trace(copy.module).gm, [sample], breaks=breaks)
+    ran = backward_layouts(trace(copy.module).gm, [sample], breaks=breaks)
+    grads, params = ran.layouts, ran.params
     return {"nodes": grads, "params": {k: v.layout for k, v in params.items()}}
 
 

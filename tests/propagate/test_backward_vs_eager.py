@@ -134,13 +134,56 @@ def test_the_finding_names_the_ops_and_where_the_gradient_comes_from() -> None:
     assert finding.bytes == 2 * 2 * 8 * 8 * 8 * 4
 
 
-def test_a_model_whose_backward_moves_nothing_runs_no_nchw_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_nchw_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     from nhwc_audit import refine
 
     def fail(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the NCHW backward ran for a backward that moved nothing")
+        raise AssertionError("the NCHW backward ran")
 
     monkeypatch.setattr(refine, "nchw_backward", fail)
+
+
+def test_a_model_whose_backward_moves_nothing_runs_no_nchw_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_nchw_backward(monkeypatch)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).train()
     report = audit(model, torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
     assert report.meta.backward and not [n for n in report.nodes if n.backward]
+
+
+@pytest.mark.parametrize("name", ["pooled_head", "se_block", "mean_gate", "instance_norm"])
+def test_a_model_that_reorders_no_dims_runs_no_nchw_backward(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a permute, a transpose or an explicit memory format, every tensor of the NCHW run
+    runs in NCHW order and its backward moves nothing: the baseline would only cost a training step."""
+    _no_nchw_backward(monkeypatch)
+    torch.manual_seed(0)
+    report = audit(CASES[name]().train(), _input(name), bandwidth=1e9, train=True)
+    assert [n for n in report.nodes if n.backward]  # channels_last's backward moves data
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") > 0
+
+
+class _AsksChannelsLast(nn.Module):
+    """``.contiguous(memory_format=torch.channels_last)``: a no-op in the channels_last run, a copy
+    into channels_last in the NCHW one, whose backward then re-lays what the convolution hands it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x).contiguous(memory_format=torch.channels_last))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "build", [Shuffle, _AsksChannelsLast, CASES["convnext_block"]], ids=["transpose", "format", "permute"]
+)
+def test_a_model_that_reorders_dims_runs_the_nchw_backward(build: Callable[[], nn.Module]) -> None:
+    from nhwc_audit.capture.fx import trace
+    from nhwc_audit.propagate.backward import backward_layouts
+    from nhwc_audit.refine import reorders_dims
+
+    torch.manual_seed(0)
+    model = build().train()
+    gm = trace(model).gm
+    x = torch.randn(2, 8 if build is CASES["convnext_block"] else 3, 8, 8)
+    assert reorders_dims(gm.graph, backward_layouts(gm, [x]).reordering)
