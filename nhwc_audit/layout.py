@@ -280,18 +280,19 @@ def memory_order(meta: TensorMeta) -> tuple[int, ...]:
     return tuple(sorted(dims, key=lambda d: (-meta.strides[d], d)))
 
 
-def reorders(src: TensorMeta, dst: TensorMeta) -> bool:
+def reorders(src: TensorMeta, dst: TensorMeta, *, positional: bool = False) -> bool:
     """Writing ``src`` (rank >= 4) as ``dst``, element for element, reorders memory: any
     permutation of dims, a layout change or not (channel shuffle's transpose(1, 2).contiguous()
     in NCHW too; an H/W-transposed operand of a cat), or a reshape of a permuted view into
     row-major order (``x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)`` in MaxViT's window merge).
     Copying a slice, which keeps the order, does not; nor does reading a broadcast ``src`` (an
     index ``expand``-ed over the channels: stride 0), compared over the dims both hold in memory.
-    A map a stack writes (``dst`` one rank up) is compared with its slot along the new dim."""
+    A map a stack writes (``dst`` one rank up) is compared with its slot along the new dim.
+    ``positional``: never a reshape (a transposed conv's backward: as many elements by chance)."""
     if src.rank < 4 or len(src.strides) != src.rank:
         return False
     held = [d for d in memory_order(src) if src.strides[d] != 0]
-    if src.rank == dst.rank and (src.shape == dst.shape or src.numel != dst.numel):  # dims correspond
+    if src.rank == dst.rank and (positional or src.shape == dst.shape or src.numel != dst.numel):  # dims correspond
         return [d for d in held if dst.shape[d] > 1] != [d for d in memory_order(dst) if d in held]
     if dst.rank == src.rank + 1:  # one of the maps a stack writes: its dims are dst's but a new one
         ways = [[b for b in range(dst.rank) if b != new] for new in range(dst.rank)]

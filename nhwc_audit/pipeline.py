@@ -172,7 +172,7 @@ def _audit_one(
         records, found, captured, p.module, p.args, p.kwargs, p.runner, fake=fake, device=o.device.type
     )
     if o.train and o.backward:
-        baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, fake=fake, reordering=reordering)
+        baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, reordering=reordering)
         baseline_notes += backward_notes
     unchanged, records = baselined is records, baselined  # else copies made in NCHW too are charged less
     analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)

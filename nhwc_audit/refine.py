@@ -65,16 +65,16 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str]) -> bool:
 
 
 def with_nchw_backward(
-    records: list[NodeRecord], captured: Captured, runner: Runner, *, fake: bool, reordering: bool
+    records: list[NodeRecord], captured: Captured, runner: Runner, *, reordering: bool
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node's backward also moves when the model runs NCHW, run
     only when some node's backward moved data and the model reorders dims (``reordering``:
-    :func:`reorders_dims`; ``records`` itself otherwise; ``fake``: a real audit's on fake
-    tensors); and a note when that netted something or could not run."""
+    :func:`reorders_dims`; ``records`` itself otherwise); and a note when that netted something
+    or could not run."""
     ours = {r.name: sum(c.bytes for c in r.backward) for r in records if r.backward}
     if not ours or not reordering:
         return records, ()
-    theirs = nchw_backward(captured, runner, fake=fake)
+    theirs = nchw_backward(captured, runner)
     if isinstance(theirs, str):
         return records, (
             f"NCHW baseline of the backward: not run ({theirs}); each backward finding is charged its whole copy",

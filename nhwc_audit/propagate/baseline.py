@@ -96,8 +96,7 @@ class _Eager(nn.Module):
 class _Backward(nn.Module):
     """Runs the audit's backward (:func:`~.backward.backward_layouts`) through ``gm``, a forward of
     its own then the backward, keeping what each node's backward moved between layouts. No node
-    is corrected to channels_last (a fake channels_last run's GroupNorm on the CPU): its meta
-    kernel is right on NCHW input."""
+    is corrected to channels_last (a fake channels_last run's GroupNorm on the CPU)."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__()
@@ -109,24 +108,22 @@ class _Backward(nn.Module):
         self.moved = {name: sum(c.bytes for c in copies) for name, copies in moved.items()}
 
 
-def nchw_backward(captured: Captured, runner: Runner, *, fake: bool = False) -> dict[str, int] | str:
+def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
     """Node -> the bytes its backward moves between layouts when the model runs NCHW (the audit's
     graph run forward and back as built, in the audit's mode), or why that could not run. The
     backward of an NCHW model copies too: a ConvNeXt block's gradient comes back through its
-    permutes in NHWC order, and the depthwise convolution's NCHW backward re-lays it. ``fake``: a
-    real audit runs it on fake tensors first (:func:`fake_pays`), as :func:`nchw_records` does."""
+    permutes in NHWC order, and the depthwise convolution's NCHW backward re-lays it. A real
+    audit runs it for real, never on fake tensors: the meta kernels' backward strides differ
+    from eager's on an NCHW model too (diffusers' UNet2DModel with attention at batch 1: 7
+    nodes move data on fake tensors, 4 for real), and the corrections a fake run makes are
+    checked on channels_last runs."""
     if captured.gm is None or captured.inputs is None:
         return f"the {captured.method} capture has no graph to run backward through"
-    if fake and not runner.fake:
-        fake_runner = dataclasses.replace(runner, fake_mode=fake_mode(real_inputs=True))
-        with attributes_restored(captured.gm):
-            got = _nchw_backward_run(captured.gm, captured.inputs, fake_runner)
-        if not isinstance(got, str):
-            return got
     return _nchw_backward_run(captured.gm, captured.inputs, runner)
 
 
 def _nchw_backward_run(gm: torch.fx.GraphModule, inputs: list[Any], runner: Runner) -> dict[str, int] | str:
+    corrections = runner.corrections()
     holder = _Backward(gm)
     state = {
         f"inner.{name}": _nchw_view(t) for name, t in [*gm.named_parameters(), *gm.named_buffers()] if t.dim() in (4, 5)
@@ -135,7 +132,7 @@ def _nchw_backward_run(gm: torch.fx.GraphModule, inputs: list[Any], runner: Runn
     try:
         if runner.fake_mode is not None:
             call = tree_map(lambda v: _to_fake(v, runner.fake_mode), call)
-        with runner.context(guard=False, corrections=runner.corrections()):
+        with runner.context(guard=False, corrections=corrections):
             torch.func.functional_call(holder, state, call, strict=False)
     except Exception as e:  # the comparison refines an estimate; it is never a reason to fail
         return first_line(e)

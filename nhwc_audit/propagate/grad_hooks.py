@@ -161,7 +161,7 @@ def _relay(read: Sequence[torch.Tensor], result: torch.Tensor, conv: bool) -> Hi
     """What a backward node moves bringing the tensors it ``read`` (gradients arriving, tensors
     saved; parameters are left out, as in forward) into the memory order of ``result``, the
     first gradient it hands on: those of its rank whose memory runs in another order over the
-    dims both hold (:func:`~nhwc_audit.layout.reorders`: a slice of an NCHW gradient read into a
+    dims both hold, by position (:func:`~nhwc_audit.layout.reorders`: a slice of an NCHW gradient read into a
     channels_last one as well as an NCHW gradient), by :func:`~nhwc_audit.channels.relay_bytes`."""
     om = tensor_meta(result)
     moved, first = 0, None
@@ -169,7 +169,7 @@ def _relay(read: Sequence[torch.Tensor], result: torch.Tensor, conv: bool) -> Hi
         if t.dim() != result.dim() or isinstance(t, nn.Parameter) or t is result:
             continue
         m = tensor_meta(t)
-        if reorders(m, om) and not torch._C._is_alias_of(result, t):  # type: ignore[attr-defined]
+        if reorders(m, om, positional=True) and not torch._C._is_alias_of(result, t):  # type: ignore[attr-defined]
             moved += relay_bytes(m, om, conv=conv)
             first = first or m
     if first is None:
@@ -181,7 +181,7 @@ def _summed(parts: Sequence[tuple[TensorMeta, str]], total: TensorMeta, moved: M
     """Charge each part of a gradient summed from several consumers that runs in another memory
     order than the sum ``total`` to the node whose backward handed it on."""
     for m, who in parts:
-        if reorders(m, total):
+        if reorders(m, total, positional=True):
             copy = HiddenCopy(
                 "add", m.layout, total.layout, total.shape, relay_bytes(m, total, conv=False), computed=True
             )

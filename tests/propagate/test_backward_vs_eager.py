@@ -84,7 +84,16 @@ class PooledHead8(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def _transposed_conv() -> nn.Module:
+    """A stride-2 transposed convolution from 16 channels to 4 (as many elements out as in, by
+    chance: its gradients must not be compared as reshapes of each other) before an InstanceNorm,
+    whose NCHW gradient it re-lays (monai's UNet decoder)."""
+    up = nn.ConvTranspose2d(16, 4, 3, stride=2, padding=1, output_padding=1)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), up, nn.InstanceNorm2d(4), nn.Conv2d(4, 4, 3, padding=1))
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "transposed_conv": _transposed_conv,
     "convnext_block": lambda: nn.Sequential(M.ConvNeXtBlock(), M.ConvNeXtBlock(), PooledHead8()),
     "instance_norm": M.InstanceNormNet,
     "se_block": M.SEBlock,
