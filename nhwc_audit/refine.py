@@ -53,11 +53,12 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
 
 
 def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str]) -> bool:
-    """Can an NCHW run of the model hand a 4D/5D tensor on in another dim order than NCHW? Only
-    through an op that reorders dims (``reordering``: the autograd nodes of
-    :data:`~.propagate.grad_hooks.REORDERING` the channels_last run made, inside leaf modules too)
-    or an explicit channels_last memory format in the graph (``.contiguous(memory_format=...)``,
-    a no-op in the channels_last run). Without either, the NCHW backward moves nothing."""
+    """Can an NCHW run of the model hand a 4D/5D tensor on in another dim order than NCHW? Unless
+    every autograd node the channels_last run made on tensors of rank 3 and up is of a kind known
+    to keep NCHW order (``reordering``: those not in :data:`~.propagate.grad_hooks.KEEPS_ORDER`,
+    inside leaf modules too), or the graph asks for a channels_last memory format
+    (``.contiguous(memory_format=...)``, a no-op in the channels_last run). Without either, the
+    NCHW backward moves nothing."""
     formats = (torch.channels_last, torch.channels_last_3d)
     return bool(reordering) or any(
         v in formats for n in graph.nodes for v in tree_leaves((n.args, n.kwargs)) if isinstance(v, torch.memory_format)

@@ -304,11 +304,15 @@ def _backward_site() -> str:
 
 
 def _saved(node: Any) -> list[torch.Tensor]:
-    """The tensors an autograd node saved for its backward (``_saved_*``), parameters left out."""
+    """The tensors an autograd node saved for its backward (``_saved_*``), parameters left out, and
+    not those packed by saved-tensor hooks (a non-reentrant checkpoint unpacks each once)."""
     out: list[torch.Tensor] = []
     for name in dir(node):
-        if name.startswith("_saved_"):
+        if name.startswith("_saved_") and hasattr(node, "_raw" + name):
             try:
+                raw = getattr(node, "_raw" + name)
+                if any(r.unpack_hook is not None for r in (raw if isinstance(raw, (list, tuple)) else (raw,))):
+                    continue
                 value = getattr(node, name)
             except RuntimeError:
                 continue

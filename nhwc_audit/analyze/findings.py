@@ -136,7 +136,7 @@ def _only_ambiguous_inputs(r: NodeRecord) -> bool:
 
 
 def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
-    """What this node's backward moves between layouts (recorded at ATen level with
+    """What this node's backward moves between layouts (seen from its autograd nodes with
     train=True) beyond what the same node's backward moves when the model runs NCHW."""
     nbytes = sum(c.bytes for c in r.backward) - r.nchw_backward_bytes
     if nbytes <= 0:

@@ -78,9 +78,9 @@ _DEFAULT: dict[FindingKind, str] = {
     FindingKind.BACKWARD: (
         "in backward, this node's gradient ops move data between layouts where the NCHW model's "
         "backward does not ({detail}): a gradient arrives in another layout than the tensors it "
-        "meets (a consumer kept NCHW, a mean's or a global pool's broadcast gradient, gradients "
-        "of both layouts summed); keeping the forward channels_last on both sides of this node "
-        "fixes it"
+        "meets. Where a consumer is kept NCHW in forward, keeping it channels_last fixes this; a "
+        "mean's or a global pool's broadcast gradient summed into a channels_last one "
+        "(squeeze-excite, a pooled head) has no layout fix: weigh it against what channels_last saves"
     ),
 }
 

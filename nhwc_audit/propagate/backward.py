@@ -23,7 +23,7 @@ from ..layout import tensor_meta
 from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .breaks import to_channels_last, without_grad_if_refused
-from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients
+from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients, hook_nodes
 
 __all__ = ["Backward", "GradRun", "backward_layouts", "param_grad_notes"]
 
@@ -38,8 +38,8 @@ class Backward:
     """Parameter name -> the layout of its gradient, as the op produced it."""
     moved: Moved
     reordering: frozenset[str]
-    """The kinds of autograd node in :data:`~.grad_hooks.REORDERING` that ran (on tensors of rank
-    3 and up)."""
+    """The kinds of autograd node not in :data:`~.grad_hooks.KEEPS_ORDER` that ran (on tensors of
+    rank 3 and up)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,10 @@ def backward_layouts(
         return _back(out, grads, gm)
 
 
+LOSS = "(loss)"
+"""The name the loss's autograd nodes are hooked under: no graph node's."""
+
+
 def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule) -> Backward:
     """The backward from ``out`` (its run's nodes hooked into ``grads``), the parameter
     gradients' layouts, and what each node's backward moved between layouts."""
@@ -131,6 +135,10 @@ def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule) -> Backward:
     if outs:
         loss = sum((t * torch.randn_like(t)).sum() for t in outs)
         assert isinstance(loss, torch.Tensor)
+        # the loss's own nodes hand on the seed gradients: a part of any sum with an output the
+        # model reads too (``return f, f.mean()``); what they move is no graph node's
+        hook_nodes(LOSS, [loss.grad_fn], grads)
+        grads.weights = frozenset(id(t) for t in [*gm.parameters(), *gm.buffers()])
         got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
     layouts = {k: tuple(v) for k, v in grads.layouts.items()}

@@ -24,7 +24,7 @@ from ..records import HiddenCopy, TensorMeta
 from ..tensors import iter_tensors
 from .breaks import to_channels_last
 
-__all__ = ["REORDERING", "EagerGrad", "Grads", "Moved", "hook_gradients"]
+__all__ = ["KEEPS_ORDER", "EagerGrad", "Grads", "Moved", "hook_gradients", "hook_nodes"]
 
 
 Moved = dict[str, list[HiddenCopy]]
@@ -44,26 +44,40 @@ class Grads:
     and the graph node whose backward handed each on: summed before the node runs."""
     saved_names: dict[type, tuple[str, ...]] = field(default_factory=dict)
     reordering: set[str] = field(default_factory=set)
-    """The kinds of autograd node in :data:`REORDERING` that ran on tensors of rank 3 and up."""
+    """The kinds of autograd node not in :data:`KEEPS_ORDER` that ran on tensors of rank 3 and up."""
+    weights: frozenset[int] = frozenset()
+    """``id()`` of the graph's parameters and buffers as the run read them (the audit's restrided
+    views are no ``nn.Parameter``): what a backward reads of them is the weight rules' business."""
 
 
-REORDERING = frozenset(
+KEEPS_ORDER = frozenset(
     {
-        "PermuteBackward0",
-        "TransposeBackward0",
-        "TransposeBackward1",
-        "TBackward0",
-        "UnfoldBackward0",
-        "NativeChannelShuffleBackward0",
+        # elementwise and activations: TensorIterator follows the input's strides
+        *("Add", "Sub", "Mul", "Div", "Neg", "Pow", "Exp", "Log", "Sqrt", "Rsqrt", "Abs", "Reciprocal"),
+        *("Clamp", "ClampMin", "ClampMax", "Relu", "Threshold", "Gelu", "Silu", "Sigmoid", "Tanh"),
+        *("Hardsigmoid", "Hardswish", "Hardtanh", "LeakyRelu", "Elu", "PreluKernel", "Softplus", "Mish"),
+        *("Where", "MaskedFill", "NativeDropout", "Softmax", "LogSoftmax"),
+        # reductions over dims (keepdim or not), norms, convolutions, pools, pads, resampling
+        *("Mean", "Sum", "Amax", "Amin", "Std", "Var", "LinalgVectorNorm", "Convolution"),
+        *("NativeBatchNorm", "NativeGroupNorm", "NativeLayerNorm", "MaxPool2DWithIndices"),
+        *("MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D"),
+        *("AdaptiveMaxPool2D", "UpsampleNearest2D", "UpsampleNearest3D", "UpsampleBilinear2D"),
+        *("UpsampleTrilinear3D", "UpsampleBicubic2D", "ConstantPadNd", "ReflectionPad2D"),
+        *("ReplicationPad2D", "ReflectionPad3D", "ReplicationPad3D", "PixelShuffle", "PixelUnshuffle"),
+        # joins, splits and views that keep the dims' order; copies into the same order
+        *("Cat", "Stack", "Split", "SplitWithSizes", "Unbind", "Slice", "Select", "View", "UnsafeView"),
+        *("ReshapeAlias", "Alias", "Expand", "Unsqueeze", "Squeeze", "Clone", "ToCopy", "CopySlices"),
+        *("AsStrided", "Roll", "Flip", "Mm", "Addmm", "Bmm"),
     }
 )
-"""Autograd nodes of ops that hand on a tensor whose dims run in another memory order than their
-input's (``permute``, ``transpose``, ``movedim`` and ``einsum`` made of them, a window
-``unfold``; not ``as_strided``, which the audit itself puts on weights it restrides and on size-1
-dims it strides as eager does): in a model without them (and without an explicit memory format), every 4D/5D
-tensor of an NCHW run runs in NCHW order, forward and backward, and its backward moves nothing.
-Counted on tensors of rank 3 and up: a transpose of tokens (N, H * W, C) reshaped back to a map is
-channels_last-strided in an NCHW model; a Linear's ``weight.t()`` is no such op."""
+"""Autograd nodes (their names without the version digit) of ops that, handed tensors in NCHW
+order, hand on tensors in NCHW order, forward and backward. A model all of whose nodes on tensors
+of rank 3 and up are of these kinds (and whose graph asks for no channels_last memory format)
+keeps every 4D/5D tensor of an NCHW run in NCHW order, so its backward moves nothing. Anything
+else may not: a permute or transpose (a transpose of tokens reshaped back to a map is
+channels_last-strided in an NCHW model), ``linalg.inv`` (column-major), an FFT over the channels,
+an attention kernel; a Linear's ``weight.t()`` is rank 2. ``as_strided`` is here: autograd puts it
+behind every in-place op on a view, and the audit on the weights it restrides."""
 
 
 _NODE = "nhwc_audit.node"
@@ -84,6 +98,12 @@ def hook_gradients(name: str, value: Any, grads: Grads) -> None:
 
             t.register_hook(hook)
             todo.append(t.grad_fn)
+    hook_nodes(name, todo, grads)
+
+
+def hook_nodes(name: str, todo: list[Any], grads: Grads) -> None:
+    """Hook the autograd nodes reachable from ``todo`` that no earlier walk hooked, as node
+    ``name``'s (:func:`_hook_node`)."""
     while todo:
         node = todo.pop()
         if node is None or _NODE in (meta := _metadata(node)):
@@ -102,15 +122,20 @@ def _metadata(node: Any) -> dict[str, Any]:
 
 def _saved(node: Any, names: dict[type, tuple[str, ...]]) -> list[torch.Tensor]:
     """The 4D/5D tensors ``node`` saved for its backward (readable before it runs); ``names``:
-    the ``_saved_*`` attributes of each autograd node class, found once."""
+    the ``_saved_*`` attributes of each autograd node class that hold tensors, found once. Not
+    those packed by saved-tensor hooks (a non-reentrant checkpoint recomputes them when unpacked,
+    once: reading one here would make the backward itself fail)."""
     kind = type(node)
     if kind not in names:
-        names[kind] = tuple(a for a in dir(kind) if a.startswith("_saved_"))
+        names[kind] = tuple(a for a in dir(kind) if a.startswith("_saved_") and hasattr(kind, "_raw" + a))
     out: list[torch.Tensor] = []
     for attr in names[kind]:
         try:
+            raw = getattr(node, "_raw" + attr)
+            if any(r.unpack_hook is not None for r in (raw if isinstance(raw, (list, tuple)) else (raw,))):
+                continue
             value = getattr(node, attr)
-        except RuntimeError:  # released
+        except Exception:  # released, or not a tensor after all
             continue
         out += [t for t in iter_tensors(value) if t.dim() >= 4]
     return out
@@ -124,7 +149,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     be a reference cycle, left to the cyclic collector)."""
     correction = isinstance(node, EagerGrad._backward_cls)
     conv = type(node).__name__.startswith("ConvolutionBackward")
-    reordering = type(node).__name__ in REORDERING
+    reordering = type(node).__name__.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
     saved: list[torch.Tensor] = []
 
     def pre(grad_outputs: Any) -> None:
@@ -139,13 +164,13 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     def post(grad_inputs: Any, grad_outputs: Any) -> None:
         me = torch._C._current_autograd_node()
         if reordering and any(isinstance(g, torch.Tensor) and g.dim() >= 3 for g in grad_inputs):
-            grads.reordering.add(type(me).__name__)  # not a Linear's weight.t()
+            grads.reordering.add(type(me).__name__)
         if not correction:
             result = next((g for g in grad_inputs if isinstance(g, torch.Tensor) and g.dim() >= 4), None)
             if conv and grad_inputs[0] is None:  # the weight's gradient only: computed in its input's layout
                 result = next((t for t in saved if not isinstance(t, nn.Parameter)), None)
             read = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dim() >= 4] + saved
-            if result is not None and (copy := _relay(read, result, conv)) is not None:
+            if result is not None and (copy := _relay(read, result, conv, grads.weights)) is not None:
                 op = "convolution_backward" if conv else type(me).__name__
                 grads.moved.setdefault(name, []).append(dataclasses.replace(copy, op=op))
             saved.clear()
@@ -157,7 +182,9 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     node.register_hook(post)
 
 
-def _relay(read: Sequence[torch.Tensor], result: torch.Tensor, conv: bool) -> HiddenCopy | None:
+def _relay(
+    read: Sequence[torch.Tensor], result: torch.Tensor, conv: bool, weights: frozenset[int]
+) -> HiddenCopy | None:
     """What a backward node moves bringing the tensors it ``read`` (gradients arriving, tensors
     saved; parameters are left out, as in forward) into the memory order of ``result``, the
     first gradient it hands on: those of its rank whose memory runs in another order over the
@@ -166,7 +193,7 @@ def _relay(read: Sequence[torch.Tensor], result: torch.Tensor, conv: bool) -> Hi
     om = tensor_meta(result)
     moved, first = 0, None
     for t in read:
-        if t.dim() != result.dim() or isinstance(t, nn.Parameter) or t is result:
+        if t.dim() != result.dim() or isinstance(t, nn.Parameter) or id(t) in weights or t is result:
             continue
         m = tensor_meta(t)
         if reorders(m, om, positional=True) and not torch._C._is_alias_of(result, t):  # type: ignore[attr-defined]

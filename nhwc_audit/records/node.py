@@ -137,7 +137,8 @@ class NodeRecord:
     grads: tuple[TensorMeta, ...] = ()
     """With ``train=True``: the gradients that arrived at this node's outputs in backward."""
     backward: tuple[HiddenCopy, ...] = ()
-    """With ``train=True``: the layout changes this node's backward made (dispatch level)."""
+    """With ``train=True``: the layout changes this node's backward made (seen from hooks on the
+    autograd nodes its forward made)."""
     nchw_backward_bytes: int = 0
     """Bytes the same node's backward moves between layouts when the model runs NCHW."""
     nchw_bytes: int = 0

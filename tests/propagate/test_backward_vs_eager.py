@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nhwc_audit import audit
 from tests import models as M
@@ -92,7 +93,72 @@ def _transposed_conv() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), up, nn.InstanceNorm2d(4), nn.Conv2d(4, 4, 3, padding=1))
 
 
+class FeaturesAndPooled(nn.Module):
+    """Returns a channels_last map and its mean: the map's gradient sums the loss's seed (in the
+    map's layout) and the mean's broadcast gradient (NCHW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.a(x)
+        return f, f.mean()
+
+
+class ColumnMajor(nn.Module):
+    """``linalg.inv`` of each 8x8 map: its result is column-major in an NCHW model too (no permute
+    or transpose anywhere), so the NCHW backward has copies of its own to net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.linalg.inv(self.a(x) + 8 * torch.eye(8)))
+
+
+class NormedTokensThenConv(nn.Module):
+    """A LayerNorm over the channels of a permuted map, permuted back, before a 5x5 convolution and an
+    InstanceNorm: in the NCHW run the convolution writes channels_last (its input is), and its
+    weight, read through an NCHW view, is no activation to charge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ln = nn.Conv2d(3, 64, 3, padding=1), nn.LayerNorm(64)
+        self.b, self.n, self.c = nn.Conv2d(64, 64, 5, padding=2), nn.InstanceNorm2d(64), nn.Conv2d(64, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln(self.a(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        z = self.b(y)
+        return self.c(self.n(z))
+
+
+def _checkpointed(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return checkpoint(lambda t: F.relu(F.conv2d(t, w, padding=1)), y, use_reentrant=False)
+
+
+torch.fx.wrap("_checkpointed")  # a leaf of the graph: the checkpoint runs in the audit as in training
+
+
+class Checkpointed(nn.Module):
+    """A non-reentrant checkpoint the graph keeps: its saved tensors are unpacked once, by the
+    backward that recomputes them; reading one before would make that backward fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3) / 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(_checkpointed(self.a(x), self.w))
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "checkpointed": Checkpointed,
+    "features_and_pooled": FeaturesAndPooled,
+    "column_major": ColumnMajor,
+    "normed_tokens_then_conv": NormedTokensThenConv,
     "transposed_conv": _transposed_conv,
     "convnext_block": lambda: nn.Sequential(M.ConvNeXtBlock(), M.ConvNeXtBlock(), PooledHead8()),
     "instance_norm": M.InstanceNormNet,
@@ -196,3 +262,16 @@ def test_a_model_that_reorders_dims_runs_the_nchw_backward(build: Callable[[], n
     gm = trace(model).gm
     x = torch.randn(2, 8 if build is CASES["convnext_block"] else 3, 8, 8)
     assert reorders_dims(gm.graph, backward_layouts(gm, [x]).reordering)
+
+
+def test_the_nchw_backward_charges_no_weight() -> None:
+    """The NCHW run reads the weights through NCHW views (no ``nn.Parameter``): what convolution
+    ``b``'s backward moves there is its activations' re-lay only, as eager's NCHW backward."""
+    torch.manual_seed(0)
+    model, x = NormedTokensThenConv().train(), torch.randn(2, 3, 4, 4)
+    report = audit(model, x, bandwidth=1e9, train=True)
+    (b,) = [n for n in report.nodes if n.name == "b"]
+    assert b.source is not None
+    line = f"{b.source.file}:{b.source.line}"
+    nchw = sum(t.nbytes for t in eager_backward_bytes(model, (x,)).nchw if t.site.endswith(line))
+    assert 0 < b.nchw_backward_bytes == nchw
