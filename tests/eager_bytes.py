@@ -395,6 +395,8 @@ def backward_transposes(
         torch.manual_seed(0)
         loss = sum((t * torch.randn_like(t)).sum() for t in outs)
         wrt = [p for p in model.parameters() if p.requires_grad]
+        if not isinstance(loss, torch.Tensor) or not wrt:
+            return []  # nothing to train: no backward runs
         if hooked:
             hooks = _NodeHooks()
             hooks.hook_all([loss.grad_fn])

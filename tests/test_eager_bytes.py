@@ -173,3 +173,9 @@ def test_backward_checker_watches_without_a_dispatch_mode() -> None:
     m, x = _Maximum().train(), torch.randn(2, 3, 8, 8)
     assert eager_backward_bytes(m, (x,), hooked=False).added > 0
     assert eager_backward_bytes(m, (x,)).added == 0
+
+
+def test_backward_checker_on_a_model_with_nothing_to_train() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8)).train().requires_grad_(False)
+    e = eager_backward_bytes(m, (torch.randn(2, 3, 8, 8),))
+    assert e.nchw == [] and e.channels_last == []
