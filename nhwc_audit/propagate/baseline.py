@@ -119,24 +119,31 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
     checked on channels_last runs."""
     if captured.gm is None or captured.inputs is None:
         return f"the {captured.method} capture has no graph to run backward through"
-    return _nchw_backward_run(captured.gm, captured.inputs, runner)
+    holder = _Backward(captured.gm)
+    why = _run_as_built(holder, tuple(tree_map(_nchw_input, v) for v in captured.inputs), runner, runner.corrections())
+    return why if why is not None else holder.moved
 
 
-def _nchw_backward_run(gm: torch.fx.GraphModule, inputs: list[Any], runner: Runner) -> dict[str, int] | str:
-    corrections = runner.corrections()
-    holder = _Backward(gm)
+def _run_as_built(
+    holder: nn.Module, call: tuple[Any, ...], runner: Runner, corrections: Corrections | None
+) -> str | None:
+    """Run ``holder`` on ``call`` (NCHW inputs) with its module's 4D/5D parameters and buffers seen
+    through NCHW strides, in the audit's mode; why it failed, or None."""
+    inner = holder.inner
+    assert isinstance(inner, nn.Module)
     state = {
-        f"inner.{name}": _nchw_view(t) for name, t in [*gm.named_parameters(), *gm.named_buffers()] if t.dim() in (4, 5)
+        f"inner.{n}": _nchw_view(t) for n, t in [*inner.named_parameters(), *inner.named_buffers()] if t.dim() in (4, 5)
     }
-    call: tuple[Any, ...] = tuple(tree_map(_nchw_input, v) for v in inputs)
     try:
         if runner.fake_mode is not None:
             call = tree_map(lambda v: _to_fake(v, runner.fake_mode), call)
-        with runner.context(guard=False, corrections=corrections):
+        with runner.context(guard=False, corrections=corrections), runner.grad_mode():
             torch.func.functional_call(holder, state, call, strict=False)
+    except SharedWeightWrite as e:
+        return str(e)
     except Exception as e:  # the comparison refines an estimate; it is never a reason to fail
         return first_line(e)
-    return holder.moved
+    return None
 
 
 FAKE_SECONDS_PER_NODE = 1e-3
@@ -208,21 +215,8 @@ def _nchw_run(
     else:
         holder = _Eager(model, shared, corrections)
         call = (tree_map(_nchw_input, args), tree_map(_nchw_input, kwargs))
-    state = {
-        f"inner.{name}": _nchw_view(t)
-        for name, t in [*holder.inner.named_parameters(), *holder.inner.named_buffers()]
-        if t.dim() in (4, 5)
-    }
-    try:
-        if runner.fake_mode is not None:
-            call = tree_map(lambda v: _to_fake(v, runner.fake_mode), call)
-        with runner.context(guard=False, corrections=corrections), runner.grad_mode():
-            torch.func.functional_call(holder, state, call, strict=False)
-    except SharedWeightWrite as e:
-        return str(e)
-    except Exception as e:  # the comparison refines an estimate; it is never a reason to fail
-        return first_line(e)
-    return holder.records
+    why = _run_as_built(holder, call, runner, corrections)
+    return why if why is not None else holder.records
 
 
 def _values_kept(shared: frozenset[int]) -> frozenset[int]:

@@ -10,7 +10,6 @@ made the autograd node (:func:`hook_gradients` hooks them as the forward runs)."
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,9 +169,9 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
             if conv and grad_inputs[0] is None:  # the weight's gradient only: computed in its input's layout
                 result = next((t for t in saved if not isinstance(t, nn.Parameter)), None)
             read = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dim() >= 4] + saved
-            if result is not None and (copy := _relay(read, result, conv, grads.weights)) is not None:
-                op = "convolution_backward" if conv else type(me).__name__
-                grads.moved.setdefault(name, []).append(dataclasses.replace(copy, op=op))
+            op = "convolution_backward" if conv else type(me).__name__
+            if result is not None and (copy := _relay(op, read, result, conv, grads.weights)) is not None:
+                grads.moved.setdefault(name, []).append(copy)
             saved.clear()
         for g, (nxt, slot) in zip(grad_inputs, me.next_functions, strict=False):
             if nxt is not None and isinstance(g, torch.Tensor) and g.dim() >= 4:
@@ -183,9 +182,9 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
 
 
 def _relay(
-    read: Sequence[torch.Tensor], result: torch.Tensor, conv: bool, weights: frozenset[int]
+    op: str, read: Sequence[torch.Tensor], result: torch.Tensor, conv: bool, weights: frozenset[int]
 ) -> HiddenCopy | None:
-    """What a backward node moves bringing the tensors it ``read`` (gradients arriving, tensors
+    """What backward node ``op`` moves bringing the tensors it ``read`` (gradients arriving, tensors
     saved; parameters are left out, as in forward) into the memory order of ``result``, the
     first gradient it hands on: those of its rank whose memory runs in another order over the
     dims both hold, by position (:func:`~nhwc_audit.layout.reorders`: a slice of an NCHW gradient read into a
@@ -201,7 +200,7 @@ def _relay(
             first = first or m
     if first is None:
         return None
-    return HiddenCopy("", first.layout, om.layout, first.shape, moved, computed=True)
+    return HiddenCopy(op, first.layout, om.layout, first.shape, moved, computed=True)
 
 
 def _summed(parts: Sequence[tuple[TensorMeta, str]], total: TensorMeta, moved: Moved) -> None:
