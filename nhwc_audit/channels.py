@@ -23,7 +23,9 @@ from .records import HiddenCopy, Layout, TensorMeta
 
 __all__ = [
     "COPY_OPS",
+    "CASTS",
     "broadcast_across",
+    "casts_first",
     "channels_relaid",
     "hidden_copy",
     "layout_change",
@@ -134,12 +136,30 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     )
 
 
-def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool) -> int:
+CASTS = frozenset({"to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double", "copy_"})
+"""Ops (lower-cased names, as recorded) that are dtype casts themselves: one kernel reads the source in
+its dtype and writes the result in another."""
+
+
+def casts_first(op: str) -> bool:
+    """Op ``op`` computes in its output's dtype, an input of another cast to it first (under
+    autocast), not a cast itself (:data:`CASTS`)."""
+    return op.lower() not in CASTS
+
+
+def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool, cast_first: bool = False) -> int:
     """Bytes an op moves bringing ``source`` into ``out``'s layout, read and written: a
     convolution re-lays its whole input (the kernel makes it contiguous, then computes); any
     other op moves at most the smaller of the two (a cat only its operands, a reduction over a
-    stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes."""
-    return 2 * (source.stored_nbytes if conv else min(source.stored_nbytes, out.nbytes))
+    stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes. A
+    source of another dtype than the output counts at the output's where ``cast_first``: autocast casts it, keeping its
+    layout, to the dtype the kernel computes in, and the kernel re-lays the cast (a weight computed in
+    float32 into a bfloat16 convolution moves bfloat16): ``cast_first``, an op that is no cast
+    itself, between floating dtypes (a real map into a complex FFT is re-laid real)."""
+    floating = all(m.dtype.startswith("float") or m.dtype == "bfloat16" for m in (source, out))
+    itemsize = out.itemsize if cast_first and floating else source.itemsize
+    stored = source.stored_nbytes // source.itemsize * itemsize
+    return 2 * (stored if conv else min(stored, out.nbytes))
 
 
 def relaid_weight(w: TensorMeta, out: TensorMeta) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -42,12 +43,15 @@ class Transpose:
 
 
 _HERE = __file__.replace("\\", "/")
+_TORCH = os.path.dirname(torch.__file__).replace("\\", "/") + "/"
+"""torch's own package (a test of ``"/torch/" in path`` also skips every library installed under a
+folder called torch, /opt/torch/venv/...: their lines all fell to the caller's, netted as one)."""
 
 
 def _site() -> str:
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" in path or path == _HERE:
+        if path.startswith(_TORCH) or path == _HERE:
             continue
         return f"{path}:{frame.lineno}"
     return "?"
@@ -115,8 +119,8 @@ def _moved(
 
 
 def _relaid_weight(activation: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A convolution's weight whose memory order is not its activation's (channels innermost in
-    one, not the other): the kernel copies it into the activation's layout."""
+    """A convolution's weight whose memory order is not its output's (channels innermost in one,
+    not the other): the kernel copies it into the layout it computes in."""
     if activation.dim() != weight.dim() or weight.dim() < 4:
         return False
     dims = list(range(weight.dim()))
@@ -190,9 +194,10 @@ class _Recorder(TorchDispatchMode):
         if conv and name == "convolution":
             weight = ins[1] if len(ins) > 1 else None
             ins = ins[:1]  # the activation; a parameter weight is re-laid once per call at most
-            if weight is not None and not isinstance(weight, nn.Parameter) and _relaid_weight(ins[0], weight):
+            if weight is not None and not isinstance(weight, nn.Parameter) and _relaid_weight(result, weight):
                 # a weight computed in forward (weight standardisation) in the other layout than the
-                # activation: the kernel re-lays it every call
+                # kernel computes in (its output's): the kernel re-lays it every call; autocast's
+                # cast of a channels_last weight is channels_last and re-laid by no one
                 self.seen.append(
                     Transpose(name, tuple(weight.shape), 2 * weight.numel() * weight.element_size(), self.site())
                 )

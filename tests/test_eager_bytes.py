@@ -3,6 +3,9 @@ where nothing moves (else the accuracy tests could not fail)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -179,3 +182,40 @@ def test_backward_checker_on_a_model_with_nothing_to_train() -> None:
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8)).train().requires_grad_(False)
     e = eager_backward_bytes(m, (torch.randn(2, 3, 8, 8),))
     assert e.nchw == [] and e.channels_last == []
+
+
+def test_checker_charges_no_weight_that_autocast_casts_in_the_convs_layout() -> None:
+    """Under autocast a convolution reads a bfloat16 copy of its weight (no Parameter), channels_last
+    as the weight is: after a revert the kernel re-lays the NCHW input, not the weight."""
+    model = Reverting().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = eager_bytes(model, (x,))
+    assert [(t.op, t.shape) for t in e.channels_last] == [("clone", (1, 8, 8, 8)), ("convolution", (1, 4, 8, 8))]
+    assert e.added == 2 * (2 * 8 * 8 * 8 * 2)
+
+
+def test_checker_finds_the_models_line_under_a_folder_called_torch(tmp_path: Path) -> None:
+    """A library installed under /opt/torch/venv/...: its lines are the model's, not torch's (they
+    all fell to the caller's line, and per-line netting became one net over the model)."""
+    folder = tmp_path / "torch" / "site"
+    folder.mkdir(parents=True)
+    (folder / "torch_folder_model.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 1)\n"
+        "    def forward(self, x):\n"
+        "        y = self.a(x).contiguous()\n"
+        "        return self.b(y)\n"
+    )
+    spec = importlib.util.spec_from_file_location("torch_folder_model", folder / "torch_folder_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    e = eager_bytes(module.M().eval(), (torch.randn(1, 3, 8, 8),))
+    assert {t.site.rsplit("/", 1)[-1] for t in e.channels_last} == {
+        "torch_folder_model.py:7",
+        "torch_folder_model.py:8",
+    }

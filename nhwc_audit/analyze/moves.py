@@ -4,7 +4,7 @@ the node records."""
 
 from __future__ import annotations
 
-from ..channels import broadcast_across, channels_relaid, relaid_weight, relay_bytes
+from ..channels import broadcast_across, casts_first, channels_relaid, relaid_weight, relay_bytes
 from ..layout import (
     channel_dims,
     channels_innermost,
@@ -168,7 +168,7 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     if inner:
         return sum(h.bytes for h in inner)
     conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, reverted[0], conv=conv) for i in sources)
+    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=casts_first(r.op_name)) for i in sources)
 
 
 def reordered(r: NodeRecord, out: TensorMeta) -> bool:
@@ -189,7 +189,7 @@ def mixed_bytes(r: NodeRecord, losers: list[NodeInput]) -> int:
     if not r.outputs:
         return 2 * sum(i.meta.nbytes for i in losers)
     conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv) for i in losers)
+    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=casts_first(r.op_name)) for i in losers)
 
 
 def reorder_bytes(r: NodeRecord) -> int:
@@ -215,7 +215,8 @@ def reorder_bytes(r: NodeRecord) -> int:
         if r.aliases_input
         else (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     )
-    return sum(relay_bytes(i.meta, out, conv=False) for i in ins if reorders(i.meta, out))
+    cast = casts_first(r.op_name)
+    return sum(relay_bytes(i.meta, out, conv=False, cast_first=cast) for i in ins if reorders(i.meta, out))
 
 
 def read_across(r: NodeRecord) -> list[NodeInput]:

@@ -1,0 +1,45 @@
+"""Audits under autocast against eager PyTorch under the same autocast (:mod:`tests.eager_bytes`).
+
+Autocast casts an op's inputs, keeping their layout, to the dtype the op computes in, and the
+kernel re-lays the cast: a float32 weight standardised in forward (NFNet, BiT) is re-laid by a
+bfloat16 convolution in bfloat16. The audit charged its float32 bytes (timm nfnet_l0 at 64x64:
+71,154,432 B where eager moves 53,365,824)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+from tests import models as M
+from tests.eager_bytes import eager_bytes
+
+CASES: dict[str, Callable[[], nn.Module]] = {
+    "standardised_conv": lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), M.StandardisedConv(8, 8, 3)),
+    "instance_norm": M.InstanceNormNet,
+    "se_block": M.SEBlock,
+    "cat_mixed": M.CatMixed,
+    "convnext_block": lambda: nn.Sequential(nn.Conv2d(3, 8, 1), M.ConvNeXtBlock()),
+}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_an_autocast_audit_charges_what_eager_autocast_moves(name: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = CASES[name]().eval(), torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_bytes(model, (x,)).added
+    report = audit(model, x, autocast=True, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
+    assert report.summary.bytes_moved == expected, [(f.kind.value, f.node, f.bytes) for f in report.findings]
+
+
+def test_a_standardised_weight_is_charged_in_the_dtype_the_convolution_reads_it() -> None:
+    torch.manual_seed(0)
+    model = CASES["standardised_conv"]().eval()
+    report = audit(model, torch.randn(2, 3, 16, 16), autocast=True, bandwidth=1e9)
+    mixed = [f for f in report.findings if f.kind.value == "mixed"]
+    assert [f.bytes for f in mixed] == [2 * 8 * 8 * 3 * 3 * 2]  # read and written, bfloat16
