@@ -34,6 +34,10 @@ class Divergence:
     """The eager kernel picks its output's layout by its input's ``suggest_memory_format()``
     (:func:`~nhwc_audit.layout.strides_like_channels_last`): a channels_last input whose size-1
     batch dim has another stride (a view after a transpose) gets NCHW there."""
+    below_channels: int | None = None
+    """Only outputs of fewer channels than this (a meta decomposition's heuristic by channels)."""
+    reverts: bool = False
+    """The other way round: the meta kernel keeps channels_last where the eager kernel returns NCHW."""
 
 
 KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
@@ -54,6 +58,24 @@ KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
         "cpu",
         "nn.ChannelShuffle: fake/meta returns NCHW, eager CPU keeps channels_last",
     ),
+    # torch 2.11 on an H200 (python -m tests.cuda_check): eager CUDA keeps channels_last at any channel
+    # count; the decomposition follows the channels_last kernel's "only from 16 channels" choice
+    Divergence(
+        frozenset({"interpolate", "upsample", "upsample_bilinear2d", "upsample_trilinear3d"}),
+        "cuda",
+        "bilinear/trilinear upsample under 16 channels: fake/meta returns NCHW, eager CUDA keeps channels_last",
+        modes=frozenset({"bilinear", "trilinear"}),
+        suggested=True,  # an N x C x 1 x 1 pooled map strided channels_last too (ASPP's image pooling)
+        below_channels=16,
+    ),
+    # CUDA has no pixel_unshuffle kernel: its composite copies to NCHW (the meta kernel keeps the input's)
+    Divergence(
+        frozenset({"pixelunshuffle", "pixel_unshuffle"}),
+        "cuda",
+        "pixel_unshuffle: fake/meta keeps channels_last, eager CUDA returns NCHW",
+        ranks=frozenset({4}),
+        reverts=True,
+    ),
     Divergence(
         frozenset({"pad", "reflection_pad3d", "replication_pad3d"}),
         "cpu",
@@ -64,14 +86,17 @@ KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
 )
 
 
-def known_divergence(names: tuple[str, ...], detail: str, rank: int, device: str) -> Divergence | None:
+def known_divergence(
+    names: tuple[str, ...], detail: str, rank: int, device: str, channels: int = 0
+) -> Divergence | None:
     """The known divergence for an op called any of ``names`` (module type, function or ATen
-    name), with mode ``detail``, at an output of ``rank``, on ``device``; None if none."""
+    name), with mode ``detail``, at an output of ``rank`` and ``channels``, on ``device``; None if none."""
     dev = device.split(":")[0]
     lowered = {n.lower() for n in names}
     for d in KNOWN_DIVERGENCES:
         if d.device == dev and rank in d.ranks and lowered & d.ops and (d.modes is None or detail in d.modes):
-            return d
+            if d.below_channels is None or channels < d.below_channels:
+                return d
     return None
 
 
@@ -107,9 +132,12 @@ class Corrections:
             return out
 
         def fix(t: torch.Tensor) -> torch.Tensor:
-            d = known_divergence(names, detail, t.dim(), self.device)
+            d = known_divergence(names, detail, t.dim(), self.device, t.shape[1] if t.dim() > 1 else 0)
             fmt = memory_format_for_rank(t.dim())
-            if d is None or fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
+            if d is not None and d.reverts and exact and tensor_meta(t).layout is Layout.CHANNELS_LAST:
+                self.applied.append((node, d.text))
+                return t.contiguous()
+            if d is None or d.reverts or fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:
                 return t
             if not (suggests if d.suggested else exact):
                 return t
@@ -127,8 +155,10 @@ class Corrections:
         if not self.applied:
             return None
         strides = (VIEW_STRIDES, POINTWISE_STRIDES, BACKWARD_STRIDES)
-        texts = sorted({text.split(":")[0] for _, text in self.applied if text not in strides})
-        what = [f"{', '.join(texts)}: eager keeps channels_last there, the meta kernels return NCHW"] if texts else []
+        texts = {text for _, text in self.applied if text not in strides}
+        kept = sorted({t.split(":")[0] for t in texts if "meta keeps" not in t})
+        what = [f"{', '.join(kept)}: eager keeps channels_last there, the meta kernels return NCHW"] if kept else []
+        what += sorted(t for t in texts if "meta keeps" in t)
         what += [text for text in strides if any(t == text for _, t in self.applied)]
         return (
             f"prediction corrected at {len(self.applied)} node(s) to what eager {self.device} kernels do "

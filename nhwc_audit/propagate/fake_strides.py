@@ -70,7 +70,8 @@ where the kernel raises, the fake tensor's (a fake run: the pointwise rule)."""
 class PointwiseStrides(RecordingMode):
     """Strides of a fake op's 3D-5D output with size-1 dims (an unfold's N x C*k*k x 1 too), which
     FakeTensor takes from the input where eager kernels may not: an N x C x 1 x 1 map is dense in
-    both orders. On the CPU,
+    both orders; a half-precision pointwise op with an expanded operand (:func:`_half_expanded`). On
+    the CPU, and for pointwise ops on any device (TensorIterator's code strides them alike),
     the op runs once for real on zeros of its arguments' shapes, strides and dtypes (small ones,
     :data:`_PROBE_NUMEL`; not convolutions, which FakeTensor strides as eager does) and its
     output's strides are eager's. Elsewhere, and where the probe cannot tell, TensorIterator's
@@ -93,12 +94,17 @@ class PointwiseStrides(RecordingMode):
         probed = func.overloadpacket.__name__ in _PROBED_BACKWARDS
         if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5):
             return out
-        if not (probed or 1 in first.shape[1:] or (first.shape[0] == 1 and _odd_batch(args))):
+        if not (
+            probed or 1 in first.shape[1:] or (first.shape[0] == 1 and _odd_batch(args)) or _half_expanded(func, args)
+        ):
             return out  # the common case, decided first: no size-1 dim to stride otherwise
         if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
             return out  # in place, or a view: strided by its input
         conv = func.overloadpacket.__name__ in CONV_OPS  # strided as FakeTensor strides them, and costly
-        strides = eager_cpu_strides(func, args, kwargs, first) if self.cpu and not conv else None
+        # TensorIterator strides a pointwise op's output by code that CPU and CUDA share: the CPU
+        # kernel answers for every device there (a batch-1 map's odd batch stride, kept by ``x / s``)
+        asked = self.cpu or _pointwise(func)
+        strides = eager_cpu_strides(func, args, kwargs, first) if asked and not conv else None
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _row_major_strides(first.shape)
         if strides is None or strides == tuple(first.stride()):
@@ -123,6 +129,16 @@ def _odd_batch(args: Any) -> bool:
     return False
 
 
+def _half_expanded(func: Any, args: Any) -> bool:
+    """A pointwise op in half precision with an expanded operand (a stride 0): FakeTensor computes
+    it as its reference does, upcast to float32 first, and the cast of the expanded operand (dense
+    NCHW) picks the output's layout, where eager's TensorIterator reads the other operands (``a[:,
+    :1].expand_as(a) + a`` of a channels_last float16 ``a`` is channels_last)."""
+    tensors = [t for t in args if isinstance(t, torch.Tensor) and t.dim() in (3, 4, 5)]
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    return half and _pointwise(func) and any(0 in t.stride() for t in tensors)
+
+
 def _filled_in_place(filled: Any, out: torch.Tensor) -> bool:
     """``out``, a ``masked_fill`` of ``filled``, is a gradient that training fills in place."""
     node = torch._C._current_autograd_node()
@@ -134,7 +150,7 @@ def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch
     shapes, strides and dtypes; None when the arguments and the output are large or the kernel
     raises."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    if sum(t.numel() for t in tensors) + first.numel() > _PROBE_NUMEL or any(t.device.type != "cpu" for t in tensors):
+    if sum(t.numel() for t in tensors) + first.numel() > _PROBE_NUMEL:
         return None
 
     def real(v: Any) -> Any:
@@ -162,15 +178,17 @@ def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _pointwise(func: Any) -> bool:
+    return torch.Tag.pointwise in func.tags or func.__name__.split(".")[0] in _UNTAGGED_POINTWISE
+
+
 def _fast_contiguous(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> bool:
     if not isinstance(out, torch.Tensor):
         return False
     schema = func._schema
     if any(a.name == "memory_format" for a in schema.arguments):
         return False  # clone, _to_copy: preserve_format keeps the input's strides
-    if schema.is_mutable or not (
-        torch.Tag.pointwise in func.tags or func.__name__.split(".")[0] in _UNTAGGED_POINTWISE
-    ):
+    if schema.is_mutable or not _pointwise(func):
         return False
     operands = []
     for i, arg in enumerate(schema.arguments):

@@ -70,7 +70,7 @@ class Runner:
                 if corrections is not None:
                     stack.enter_context(corrections.eager_strides())
             if self.autocast is not None:
-                stack.enter_context(torch.autocast(device_type=self.device_type, dtype=self.autocast))
+                stack.enter_context(autocast(self.device_type, self.autocast, fake=self.fake))
             if guard and self.shared:
                 stack.enter_context(CopyRecorder(self.shared))
             yield
@@ -79,6 +79,29 @@ class Runner:
         """One forward of ``model`` (or a captured graph) on clones of the sample."""
         with self.context(), self.grad_mode():
             return model(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
+
+
+@contextlib.contextmanager
+def autocast(device_type: str, dtype: torch.dtype, *, fake: bool) -> Iterator[None]:
+    """``torch.autocast`` for ``device_type``; for a fake run on a device this machine lacks (CUDA
+    predicted on a CPU machine), its flags set directly: ``torch.autocast`` disables itself there
+    with a warning, and a float16 prediction ran in float32. Fake tensors of that device dispatch
+    through its autocast keys as real ones would (the device's cast policy: GroupNorm in float32)."""
+    if not (fake and device_type == "cuda" and not torch.cuda.is_available()):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            yield
+        return
+    before = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    torch.set_autocast_enabled(device_type, True)
+    torch.set_autocast_dtype(device_type, dtype)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled(device_type, before[0])
+        torch.set_autocast_dtype(device_type, before[1])
 
 
 def autograd(grad: bool) -> Any:
