@@ -39,7 +39,7 @@ class Grads:
     """Node name -> the layouts of the gradients that arrived at its output's tensors."""
     moved: Moved = field(default_factory=dict)
     parts: dict[tuple[int, int], list[tuple[TensorMeta, str]]] = field(default_factory=dict)
-    """(``id()`` of an autograd node, input slot) -> the 4D/5D gradients handed to it so far,
+    """(``id()`` of an autograd node's metadata dict, input slot) -> the 4D/5D gradients handed to it so far,
     and the graph node whose backward handed each on: summed before the node runs."""
     saved_names: dict[type, tuple[str, ...]] = field(default_factory=dict)
     reordering: set[str] = field(default_factory=set)
@@ -145,7 +145,10 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     gradient it receives that were summed from another layout; after, what it re-laid. A fake
     run's correction (:class:`EagerGrad`) re-lays nothing eager does: only its parts count. The
     hooks find their node as the engine runs it (a node holding a hook that held the node would
-    be a reference cycle, left to the cyclic collector)."""
+    be a reference cycle, left to the cyclic collector). A node is known by its metadata dict,
+    which lives as long as it does: torch 2.11 hands out a new Python object for a node at each
+    ``next_functions`` and ``_current_autograd_node()``, whose ids matched nothing, or a freed
+    one's (summed gradients went uncharged, and at random)."""
     correction = isinstance(node, EagerGrad._backward_cls)
     conv = type(node).__name__.startswith("ConvolutionBackward")
     reordering = type(node).__name__.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
@@ -154,7 +157,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     def pre(grad_outputs: Any) -> None:
         me = torch._C._current_autograd_node()
         for slot, g in enumerate(grad_outputs):
-            parts = grads.parts.pop((id(me), slot), ())
+            parts = grads.parts.pop((id(_metadata(me)), slot), ())
             if len(parts) > 1 and isinstance(g, torch.Tensor):
                 _summed(parts, tensor_meta(g), grads.moved)
         if not correction:
@@ -175,7 +178,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
             saved.clear()
         for g, (nxt, slot) in zip(grad_inputs, me.next_functions, strict=False):
             if nxt is not None and isinstance(g, torch.Tensor) and g.dim() >= 4:
-                grads.parts.setdefault((id(nxt), slot), []).append((tensor_meta(g), name))
+                grads.parts.setdefault((id(_metadata(nxt)), slot), []).append((tensor_meta(g), name))
 
     node.register_prehook(pre)
     node.register_hook(post)
