@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from .layout import innermost_dim, is_dense_in_order, memory_order, reorders, tensor_meta
-from .records import HiddenCopy, Layout, TensorMeta
+from .records import HiddenCopy, Layout, NodeRecord, TensorMeta
 
 __all__ = [
     "COPY_OPS",
     "CASTS",
     "broadcast_across",
     "casts_first",
+    "kernel_itemsize",
     "channels_relaid",
     "hidden_copy",
     "layout_change",
@@ -141,10 +142,22 @@ CASTS = frozenset({"to", "_to_copy", "type", "type_as", "float", "half", "bfloat
 its dtype and writes the result in another."""
 
 
-def casts_first(op: str) -> bool:
-    """Op ``op`` computes in its output's dtype, an input of another cast to it first (under
-    autocast), not a cast itself (:data:`CASTS`)."""
-    return op.lower() not in CASTS
+def _floating(dtype: str) -> bool:
+    return dtype.startswith("float") or dtype == "bfloat16"
+
+
+def casts_first(r: NodeRecord) -> bool:
+    """Node ``r`` computes in its output's dtype, its inputs of another cast to it first (autocast:
+    a float32 map into a bfloat16 convolution; CPU autocast's ``avg_pool3d`` and cat run in float32);
+    not a cast itself (:data:`CASTS`). (CUDA's cat of float16 and float32 maps reads each in its own
+    dtype, measured on an H200: there this charges the float32 bytes.)"""
+    return bool(r.outputs) and r.op_name.lower() not in CASTS
+
+
+def kernel_itemsize(source: TensorMeta, out: TensorMeta, *, cast_first: bool) -> int:
+    """The item size the kernel reads ``source`` in: the output's where autocast cast it first
+    (:func:`casts_first`), between floating dtypes (a real map into a complex FFT is re-laid real)."""
+    return out.itemsize if cast_first and _floating(source.dtype) and _floating(out.dtype) else source.itemsize
 
 
 def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool, cast_first: bool = False) -> int:
@@ -154,11 +167,8 @@ def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool, cast_first: 
     stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes. A
     source of another dtype than the output counts at the output's where ``cast_first``: autocast casts it, keeping its
     layout, to the dtype the kernel computes in, and the kernel re-lays the cast (a weight computed in
-    float32 into a bfloat16 convolution moves bfloat16): ``cast_first``, an op that is no cast
-    itself, between floating dtypes (a real map into a complex FFT is re-laid real)."""
-    floating = all(m.dtype.startswith("float") or m.dtype == "bfloat16" for m in (source, out))
-    itemsize = out.itemsize if cast_first and floating else source.itemsize
-    stored = source.stored_nbytes // source.itemsize * itemsize
+    float32 into a bfloat16 convolution moves bfloat16; :func:`kernel_itemsize`)."""
+    stored = source.stored_nbytes // source.itemsize * kernel_itemsize(source, out, cast_first=cast_first)
     return 2 * (stored if conv else min(stored, out.nbytes))
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..channels import casts_first, kernel_itemsize
 from ..layout import along_w, nchw_ordered, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import moves
@@ -245,7 +246,11 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=None if standard else STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else ND_TRANSPOSE,
             )
         ]
-    nbytes = 2 * sum(i.meta.nbytes for i in nchw_in)  # none where a conv re-lays as much in NCHW too
+    cast = casts_first(r)  # (casts_first: an output); none where a conv re-lays as much in NCHW too
+    nbytes = 2 * sum(
+        i.meta.numel * (kernel_itemsize(i.meta, r.outputs[0], cast_first=True) if cast else i.meta.itemsize)
+        for i in nchw_in
+    )
     relaid_in_nchw = moves.baselined(FindingKind.CONVERSION, r.op_name) and r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
         return [

@@ -168,7 +168,7 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     if inner:
         return sum(h.bytes for h in inner)
     conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=casts_first(r.op_name)) for i in sources)
+    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=casts_first(r)) for i in sources)
 
 
 def reordered(r: NodeRecord, out: TensorMeta) -> bool:
@@ -189,7 +189,7 @@ def mixed_bytes(r: NodeRecord, losers: list[NodeInput]) -> int:
     if not r.outputs:
         return 2 * sum(i.meta.nbytes for i in losers)
     conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=casts_first(r.op_name)) for i in losers)
+    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=casts_first(r)) for i in losers)
 
 
 def reorder_bytes(r: NodeRecord) -> int:
@@ -215,7 +215,7 @@ def reorder_bytes(r: NodeRecord) -> int:
         if r.aliases_input
         else (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     )
-    cast = casts_first(r.op_name)
+    cast = casts_first(r)
     return sum(relay_bytes(i.meta, out, conv=False, cast_first=cast) for i in ins if reorders(i.meta, out))
 
 

@@ -104,18 +104,6 @@ RECORDED_CUDA_BYTES = {
 (``python -m tests.cuda_check --only models``); the fake predictions differed on every one."""
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(RECORDED_CUDA_BYTES))
-def test_a_cuda_prediction_charges_what_a_cuda_audit_measured(name: str) -> None:
-    from nhwc_audit.zoo.models import build
-
-    pytest.importorskip({"smp": "segmentation_models_pytorch"}.get(name.split(".")[0], name.split(".")[0]))
-    torch.manual_seed(0)
-    model, args, kwargs = build(name)
-    r = audit(model, tuple(args), example_kwargs=kwargs or None, mode="fake", device="cuda", bandwidth=1e12)
-    assert r.summary.bytes_moved == RECORDED_CUDA_BYTES[name]
-
-
 def test_a_cuda_autocast_prediction_runs_in_float16_on_a_machine_without_cuda() -> None:
     """``torch.autocast('cuda')`` disables itself where CUDA is not available (a warning), and a
     float16 prediction ran in float32: twice the bytes. Fake CUDA tensors follow CUDA's autocast
@@ -127,3 +115,33 @@ def test_a_cuda_autocast_prediction_runs_in_float16_on_a_machine_without_cuda() 
     dtypes = {n.name: n.outputs[0].dtype for n in r.nodes if n.outputs}
     assert (dtypes["conv"], dtypes["norm"], dtypes["conv2"]) == ("float16", "float32", "float16")
     assert not torch.is_autocast_enabled("cuda")
+
+
+RECORDED_CUDA_FP16_BYTES = {
+    "diffusers.UNet2DModel": 5_832_704,
+    "diffusers.AutoencoderKL": 5_341_184,
+    "monai.SegResNet2d": 1_032_192,
+    "monai.BasicUNet2d": 486_912,
+    "monai.UNet2d": 69_632,
+    "smp.FPN": 700_416,
+}
+"""Under ``torch.autocast('cuda', torch.float16)`` on the same H200: what eager CUDA added and a real
+audit charged. A CPU machine's prediction ran in float32 (autocast disabled itself), and charged a
+convolution's float32 input at float32 where the kernel re-lays its float16 cast."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "autocast"),
+    [(n, False) for n in sorted(RECORDED_CUDA_BYTES)] + [(n, True) for n in sorted(RECORDED_CUDA_FP16_BYTES)],
+)
+def test_a_cuda_prediction_charges_what_a_cuda_audit_measured(name: str, autocast: bool) -> None:
+    from nhwc_audit.zoo.models import build
+
+    pytest.importorskip({"smp": "segmentation_models_pytorch"}.get(name.split(".")[0], name.split(".")[0]))
+    torch.manual_seed(0)
+    model, args, kwargs = build(name)
+    r = audit(
+        model, tuple(args), example_kwargs=kwargs or None, mode="fake", device="cuda", autocast=autocast, bandwidth=1e12
+    )
+    assert r.summary.bytes_moved == (RECORDED_CUDA_FP16_BYTES if autocast else RECORDED_CUDA_BYTES)[name]

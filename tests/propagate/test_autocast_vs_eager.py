@@ -17,7 +17,26 @@ from nhwc_audit import audit
 from tests import models as M
 from tests.eager_bytes import eager_bytes
 
+
+class PooledInFloat32(nn.Module):
+    """CPU autocast runs ``avg_pool3d`` in float32 (CUDA's runs GroupNorm so): the bfloat16 volume is
+    cast to float32 channels_last_3d, the pool writes NCDHW float32, and the next convolution re-lays
+    the bfloat16 cast of it; a cat of a float32 and a bfloat16 map reads each in its own dtype."""
+
+    def __init__(self, cat: bool = False) -> None:
+        super().__init__()
+        self.cat = cat
+        self.a, self.b = nn.Conv3d(3, 8, 3, padding=1), nn.Conv3d(16 if cat else 8, 8, 3, padding=1)
+        self.c = nn.Conv3d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = nn.functional.avg_pool3d(self.a(x), 2)
+        return self.b(torch.cat([p, self.c(p)], 1) if self.cat else p)
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "pooled_in_float32": PooledInFloat32,
+    "float32_and_bfloat16_maps_concatenated": lambda: PooledInFloat32(cat=True),
     "standardised_conv": lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), M.StandardisedConv(8, 8, 3)),
     "instance_norm": M.InstanceNormNet,
     "se_block": M.SEBlock,
@@ -30,7 +49,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_an_autocast_audit_charges_what_eager_autocast_moves(name: str, mode: str) -> None:
     torch.manual_seed(0)
-    model, x = CASES[name]().eval(), torch.randn(2, 3, 16, 16)
+    model = CASES[name]().eval()
+    x = torch.randn(2, 3, 8, 8, 8) if isinstance(model, PooledInFloat32) else torch.randn(2, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = eager_bytes(model, (x,)).added
     report = audit(model, x, autocast=True, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
