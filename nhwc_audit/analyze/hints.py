@@ -149,6 +149,16 @@ def default_hints() -> HintTable:
     _register(
         t,
         FindingKind.REVERT,
+        ("pad",),
+        "pad(mode={detail}) returns NCHW on {device}, as every mode but constant does there (reflect and "
+        "replicate like circular: measured on an H200): pad with zeros (mode='constant') where the model "
+        "allows, build the border with torch.cat of slices (cat keeps channels_last), or accept one "
+        "transpose here and one at the next conv",
+        device="cuda",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
         ("conv3d", "conv2d", "conv_transpose3d", "conv_transpose2d", "convolution"),
         "the convolution kernel chose NCHW/NCDHW output for this input size on {device} "
         "(CPU Conv3d does so for small volumes, and by thread count): layouts here hold only for the "

@@ -145,3 +145,13 @@ def test_a_cuda_prediction_charges_what_a_cuda_audit_measured(name: str, autocas
         model, tuple(args), example_kwargs=kwargs or None, mode="fake", device="cuda", autocast=autocast, bandwidth=1e12
     )
     assert r.summary.bytes_moved == (RECORDED_CUDA_FP16_BYTES if autocast else RECORDED_CUDA_BYTES)[name]
+
+
+@pytest.mark.parametrize("name", ["pad_reflect", "pad_replicate", "pad_circular", "pad3d_reflect"])
+def test_a_pad_revert_on_cuda_never_recommends_a_mode_that_reverts_there(name: str) -> None:
+    """On CUDA reflect and replicate padding return NCHW too (only constant keeps channels_last):
+    the hint written for the CPU recommended them."""
+    model, x = _battery_case(name)
+    r = audit(model.eval(), x, mode="fake", device="cuda", bandwidth=1e12)
+    (hint,) = [f.hint for f in r.findings if f.kind.value == "revert"]
+    assert "mode='constant'" in hint and "(constant, reflect, replicate)" not in hint
