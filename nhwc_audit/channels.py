@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from .layout import innermost_dim, is_dense_in_order, memory_order, reorders, tensor_meta
-from .records import HiddenCopy, Layout, NodeRecord, TensorMeta
+from .records import CONV_OPS, GEMM_OPS, HiddenCopy, Layout, NodeRecord, TensorMeta
 
 __all__ = [
     "COPY_OPS",
     "CASTS",
+    "PROMOTES_FIRST",
     "broadcast_across",
     "casts_first",
     "kernel_itemsize",
@@ -146,12 +147,24 @@ def _floating(dtype: str) -> bool:
     return dtype.startswith("float") or dtype == "bfloat16"
 
 
-def casts_first(r: NodeRecord) -> bool:
-    """Node ``r`` computes in its output's dtype, its inputs of another cast to it first (autocast:
-    a float32 map into a bfloat16 convolution; CPU autocast's ``avg_pool3d`` and cat run in float32);
-    not a cast itself (:data:`CASTS`). (CUDA's cat of float16 and float32 maps reads each in its own
-    dtype, measured on an H200: there this charges the float32 bytes.)"""
-    return bool(r.outputs) and r.op_name.lower() not in CASTS
+PROMOTES_FIRST = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "index_copy"})
+"""Ops CPU autocast casts to the widest dtype of their inputs before the kernel runs (its ``promote``
+list; a cat of a bfloat16 and a float32 map re-lays a float32 cast). CUDA's autocast leaves a cat's
+inputs as they are (an H200, torch 2.11: no cast at the dispatch level; the cat reads each)."""
+
+
+def casts_first(r: NodeRecord, device: str = "cpu") -> bool:
+    """Node ``r`` computes in its output's dtype, its inputs of another cast to it first, keeping
+    their layout (autocast: a float32 map into a bfloat16 convolution; GroupNorm in float32 on CUDA,
+    ``avg_pool3d`` on the CPU); not a cast itself (:data:`CASTS`). Activations of mixed dtypes are
+    read each in its own as the op promotes (an add; CUDA's cat), but where ``device``'s autocast
+    casts them first (:data:`PROMOTES_FIRST` on the CPU); a convolution or GEMM casts all."""
+    if not r.outputs or (op := r.op_name.lower()) in CASTS:
+        return False
+    acts = {i.meta.dtype for i in r.inputs if not i.is_param and _floating(i.meta.dtype)}
+    if len(acts) > 1 and op not in CONV_OPS | GEMM_OPS:
+        return device.split(":")[0] == "cpu" and op in PROMOTES_FIRST
+    return True
 
 
 def kernel_itemsize(source: TensorMeta, out: TensorMeta, *, cast_first: bool) -> int:

@@ -177,7 +177,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else [*cl_in, *moves.strided_across(r)]  # (x.mT too)
-        if 0 < (nbytes := moves.mixed_bytes(r, losers)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
+        if 0 < (nbytes := moves.mixed_bytes(r, losers, ctx.device)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
             return []  # it stays NHWC and reads no more across orders than NCHW does (x + x.mT)
         weight = computed_weight(r, nchw_in, ctx.by_name)
         stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
@@ -246,10 +246,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=None if standard else STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else ND_TRANSPOSE,
             )
         ]
-    cast = casts_first(r)  # (casts_first: an output); none where a conv re-lays as much in NCHW too
+    cast = casts_first(r, ctx.device)  # (then an output); none where a conv re-lays as much in NCHW too
     nbytes = 2 * sum(
-        i.meta.numel * (kernel_itemsize(i.meta, r.outputs[0], cast_first=True) if cast else i.meta.itemsize)
-        for i in nchw_in
+        i.meta.numel * kernel_itemsize(i.meta, r.outputs[0] if cast else i.meta, cast_first=cast) for i in nchw_in
     )
     relaid_in_nchw = moves.baselined(FindingKind.CONVERSION, r.op_name) and r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
@@ -264,7 +263,11 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
-    if len(ins) > 1 and (across := moves.read_across(r)) and (nbytes := moves.reorder_bytes(r)) > r.nchw_bytes:
+    if (
+        len(ins) > 1
+        and (across := moves.read_across(r))
+        and (nbytes := moves.reorder_bytes(r, ctx.device)) > r.nchw_bytes
+    ):
         # operands in dense orders no layout names (NHWC tokens of a map plus an NCHW map permuted alike)
         producer = ctx.by_name.get(across[0].producer or "")
         return [_finding(ctx, r, FindingKind.MIXED, layout_in=across[0].meta.layout, nbytes=nbytes, producer=producer)]

@@ -21,22 +21,25 @@ from tests.eager_bytes import eager_bytes
 class PooledInFloat32(nn.Module):
     """CPU autocast runs ``avg_pool3d`` in float32 (CUDA's runs GroupNorm so): the bfloat16 volume is
     cast to float32 channels_last_3d, the pool writes NCDHW float32, and the next convolution re-lays
-    the bfloat16 cast of it; a cat of a float32 and a bfloat16 map reads each in its own dtype."""
+    the bfloat16 cast of it; joined with a bfloat16 map of it by a cat or an add."""
 
-    def __init__(self, cat: bool = False) -> None:
+    def __init__(self, join: str = "") -> None:
         super().__init__()
-        self.cat = cat
-        self.a, self.b = nn.Conv3d(3, 8, 3, padding=1), nn.Conv3d(16 if cat else 8, 8, 3, padding=1)
+        self.join = join
+        self.a, self.b = nn.Conv3d(3, 8, 3, padding=1), nn.Conv3d(16 if join == "cat" else 8, 8, 3, padding=1)
         self.c = nn.Conv3d(8, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = nn.functional.avg_pool3d(self.a(x), 2)
-        return self.b(torch.cat([p, self.c(p)], 1) if self.cat else p)
+        if self.join == "cat":  # CPU autocast casts the bfloat16 map to float32 first
+            return self.b(torch.cat([p, self.c(p)], 1))
+        return self.b(p + self.c(p) if self.join == "add" else p)  # an add reads each in its own dtype
 
 
 CASES: dict[str, Callable[[], nn.Module]] = {
     "pooled_in_float32": PooledInFloat32,
-    "float32_and_bfloat16_maps_concatenated": lambda: PooledInFloat32(cat=True),
+    "float32_and_bfloat16_maps_concatenated": lambda: PooledInFloat32("cat"),
+    "bfloat16_and_float32_maps_added": lambda: PooledInFloat32("add"),
     "standardised_conv": lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), M.StandardisedConv(8, 8, 3)),
     "instance_norm": M.InstanceNormNet,
     "se_block": M.SEBlock,
