@@ -7,6 +7,7 @@ the report what was corrected (:class:`~.corrections.Corrections` keeps the list
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -148,21 +149,30 @@ def _filled_in_place(filled: Any, out: torch.Tensor) -> bool:
 def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
     """The strides the CPU kernel gives ``func``'s first output, on zeros of the arguments'
     shapes, strides and dtypes; None when the arguments and the output are large or the kernel
-    raises."""
+    raises. A kernel that refuses reduced-precision 1D arguments is asked again with them in
+    float32: FakeTensor gives a bfloat16 batch norm's saved statistics its input's dtype, where the
+    CPU kernel keeps them in float32 (and its backward refuses others: "mixed dtype")."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if sum(t.numel() for t in tensors) + first.numel() > _PROBE_NUMEL:
         return None
 
-    def real(v: Any) -> Any:
+    def real(v: Any, stats: torch.dtype | None = None) -> Any:
         if not isinstance(v, torch.Tensor):
             return v
         span = 1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True)) if v.numel() else 0
-        return torch.zeros(span, dtype=v.dtype).as_strided(v.shape, v.stride())
+        dtype = stats if stats is not None and v.dim() == 1 and v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+        return torch.zeros(span, dtype=dtype).as_strided(v.shape, v.stride())
 
-    try:
-        with unset_fake_temporarily():
-            out = func(*tree_map(real, args), **tree_map(real, kwargs))
-    except Exception:
+    out = None
+    for stats in (None, torch.float32):
+        try:
+            with unset_fake_temporarily():
+                made = functools.partial(real, stats=stats)
+                out = func(*tree_map(made, args), **tree_map(made, kwargs))
+            break
+        except Exception:
+            continue
+    if out is None:
         return None
     result = out[0] if isinstance(out, (tuple, list)) and out else out
     if not isinstance(result, torch.Tensor) or result.shape != first.shape:

@@ -15,7 +15,8 @@ from torch import nn
 
 from nhwc_audit import audit
 from tests import models as M
-from tests.eager_bytes import eager_bytes
+from tests.eager_bytes import eager_backward_bytes, eager_bytes
+from tests.propagate import test_backward_vs_eager as back
 
 
 class PooledInFloat32(nn.Module):
@@ -66,3 +67,38 @@ def test_a_standardised_weight_is_charged_in_the_dtype_the_convolution_reads_it(
     report = audit(model, torch.randn(2, 3, 16, 16), autocast=True, bandwidth=1e9)
     mixed = [f for f in report.findings if f.kind.value == "mixed"]
     assert [f.bytes for f in mixed] == [2 * 8 * 8 * 3 * 3 * 2]  # read and written, bfloat16
+
+
+class NormedPooledHead(nn.Module):
+    """EfficientNet's head: convolution, BatchNorm, SiLU, a global pool. In training the pool hands
+    the SiLU an NCHW gradient; the CPU's BatchNorm backward writes it channels_last. Under bfloat16
+    autocast a fake run asked the kernel with the saved statistics FakeTensor gives in bfloat16 (the
+    CPU kernel keeps float32 ones and refuses others), took NCHW and charged the convolution too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 64, 1), nn.BatchNorm2d(64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.adaptive_avg_pool2d(nn.functional.silu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+TRAIN_CASES: dict[str, Callable[[], nn.Module]] = {
+    "normed_pooled_head": NormedPooledHead,
+    **{
+        n: back.CASES[n] for n in ("instance_norm", "se_block", "shuffle", "transposed_conv", "normed_tokens_then_conv")
+    },
+}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("name", sorted(TRAIN_CASES))
+def test_an_autocast_train_audit_charges_what_eager_autocast_backward_adds(name: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model = TRAIN_CASES[name]().train()
+    x = torch.randn(2, 3, 4, 4) if name == "normed_pooled_head" else back._input(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_backward_bytes(model, (x,)).added
+    report = audit(model, x, autocast=True, train=True, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
+    charged = sum(f.bytes for f in report.findings if f.kind.value == "backward")
+    assert charged == expected, [(f.node, f.bytes) for f in report.findings if f.kind.value == "backward"]
