@@ -72,8 +72,7 @@ _DEFAULT: dict[FindingKind, str] = {
     ),
     FindingKind.CONVERSION: (
         "converts an NCHW input back to channels_last; the NCHW tensor comes from "
-        "{origin}: fix that op so it stays channels_last, and this "
-        "conversion disappears"
+        "{origin}: fix that op so it stays channels_last, and this conversion disappears"
     ),
     FindingKind.BACKWARD: (
         "in backward, this node's gradient ops move data between layouts where the NCHW model's "
@@ -150,10 +149,9 @@ def default_hints() -> HintTable:
         t,
         FindingKind.REVERT,
         ("pad",),
-        "pad(mode={detail}) returns NCHW on {device}, as every mode but constant does there (reflect and "
-        "replicate like circular: measured on an H200): pad with zeros (mode='constant') where the model "
-        "allows, build the border with torch.cat of slices (cat keeps channels_last), or accept one "
-        "transpose here and one at the next conv",
+        "pad(mode={detail}) returns NCHW on {device}, as every mode but constant does there (measured on an H200): "
+        "pad with zeros (mode='constant') where the model allows, build the border with torch.cat of slices "
+        "(cat keeps channels_last), or accept one transpose here and one at the next conv",
         device="cuda",
     )
     _register(
