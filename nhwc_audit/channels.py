@@ -153,17 +153,18 @@ list; a cat of a bfloat16 and a float32 map re-lays a float32 cast). CUDA's auto
 inputs as they are (an H200, torch 2.11: no cast at the dispatch level; the cat reads each)."""
 
 
-def casts_first(r: NodeRecord, device: str = "cpu") -> bool:
-    """Node ``r`` computes in its output's dtype, its inputs of another cast to it first, keeping
-    their layout (autocast: a float32 map into a bfloat16 convolution; GroupNorm in float32 on CUDA,
+def casts_first(r: NodeRecord, autocast: str | None) -> bool:
+    """Node ``r``, run under autocast on device type ``autocast`` (None: no autocast, and nothing is
+    cast first), computes in its output's dtype, its inputs of another cast to it first, keeping
+    their layout (a float32 map into a bfloat16 convolution; GroupNorm in float32 on CUDA,
     ``avg_pool3d`` on the CPU); not a cast itself (:data:`CASTS`). Activations of mixed dtypes are
-    read each in its own as the op promotes (an add; CUDA's cat), but where ``device``'s autocast
-    casts them first (:data:`PROMOTES_FIRST` on the CPU); a convolution or GEMM casts all."""
-    if not r.outputs or (op := r.op_name.lower()) in CASTS:
+    read each in its own as the op promotes (an add; CUDA's cat), but where the CPU's autocast
+    casts them first (:data:`PROMOTES_FIRST`); a convolution or GEMM casts all."""
+    if autocast is None or not r.outputs or (op := r.op_name.lower()) in CASTS:
         return False
     acts = {i.meta.dtype for i in r.inputs if not i.is_param and _floating(i.meta.dtype)}
     if len(acts) > 1 and op not in CONV_OPS | GEMM_OPS:
-        return device.split(":")[0] == "cpu" and op in PROMOTES_FIRST
+        return autocast == "cpu" and op in PROMOTES_FIRST
     return True
 
 

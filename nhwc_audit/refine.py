@@ -120,7 +120,7 @@ def with_nchw_baseline(
     # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
     moved = {r.name: n for r in nchw if (n := moved_bytes(r))}
     theirs_op = {r.name: r.op_name for r in nchw}
-    for f in find_findings(nchw, bandwidth=1.0, device=device):
+    for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None):
         if baselined(f.kind, theirs_op[f.node]):
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)

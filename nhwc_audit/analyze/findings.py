@@ -39,21 +39,9 @@ from dataclasses import dataclass
 from ..channels import casts_first, kernel_itemsize
 from ..layout import along_w, nchw_ordered, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
+from . import hints as H
 from . import moves
 from .exposed import exposed
-from .hints import (
-    AMBIGUOUS_ORIGIN,
-    COMPUTED_WEIGHT,
-    HEAD_FOLD,
-    HIDDEN,
-    ND_TRANSPOSE,
-    STACK_REDUCE,
-    STORED_OPERAND,
-    WEIGHT_RESHAPE,
-    HintTable,
-    default_hints,
-    render_hint,
-)
 from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
 from .origin import SKIP_OPS, conversion_free, describe, leading_to, odd_order_from_map, origin_of, via
 
@@ -65,9 +53,10 @@ _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided en
 class _Ctx:
     by_name: dict[str, NodeRecord]
     bandwidth: float
-    hints: HintTable
+    hints: H.HintTable
     device: str
     free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
+    cast: str | None  # the device type autocast runs on (channels.casts_first), None without
 
 
 def _finding(
@@ -90,7 +79,7 @@ def _finding(
     if moves.baselined(kind, r.op_name, hidden=hidden):  # what it moves in NCHW too is not channels_last's
         nbytes = max(0, nbytes - r.nchw_bytes)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
-        hint_op = AMBIGUOUS_ORIGIN
+        hint_op = H.AMBIGUOUS_ORIGIN
     return Finding(
         node=r.name,
         index=r.index,
@@ -106,7 +95,7 @@ def _finding(
         detail=r.detail,
         bytes=nbytes,
         est_seconds=nbytes / ctx.bandwidth if ctx.bandwidth > 0 else 0.0,
-        hint=render_hint(
+        hint=H.render_hint(
             ctx.hints,
             kind,
             _hint_keys(r) if hint_op is None else hint_op,
@@ -177,13 +166,13 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else [*cl_in, *moves.strided_across(r)]  # (x.mT too)
-        if 0 < (nbytes := moves.mixed_bytes(r, losers, ctx.device)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
+        if 0 < (nbytes := moves.mixed_bytes(r, losers, ctx.cast)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
             return []  # it stays NHWC and reads no more across orders than NCHW does (x + x.mT)
         weight = computed_weight(r, nchw_in, ctx.by_name)
         stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
         # op-specific mixed hints explain an NCHW first operand, else the generic one; the root cause:
         # a weight computed in forward, else the stored tensor or the NCHW activation
-        generic = STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else ""
+        generic = H.STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else ""
         source = weight if weight is not None else (losers if stored else nchw_in)[0]
         return [
             _finding(
@@ -194,7 +183,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 nbytes=nbytes,
                 producer=ctx.by_name.get(source.producer or ""),
                 shape=losers[0].meta.shape,
-                hint_op=COMPUTED_WEIGHT if weight is not None else generic,
+                hint_op=H.COMPUTED_WEIGHT if weight is not None else generic,
             )
         ]
     if r.aliases_input:
@@ -232,7 +221,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # NCHW: where the network leaves channels_last (the region starts here), no copy is made;
         # the conversions downstream carry the cost
         exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
-        nbytes = 0 if exit_only else revert_bytes(r, sources, reverted)
+        nbytes = 0 if exit_only else revert_bytes(r, sources, reverted, ctx.cast)
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
         return [
@@ -243,10 +232,14 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 layout_in=sources[0].meta.layout,
                 nbytes=nbytes,
                 shape=reverted[0].shape,
-                hint_op=None if standard else STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else ND_TRANSPOSE,
+                hint_op=None
+                if standard
+                else H.STACK_REDUCE
+                if sources[0].meta.rank > reverted[0].rank
+                else H.ND_TRANSPOSE,
             )
         ]
-    cast = casts_first(r, ctx.device)  # (then an output); none where a conv re-lays as much in NCHW too
+    cast = casts_first(r, ctx.cast)  # (then an output); none where a conv re-lays as much in NCHW too
     nbytes = 2 * sum(
         i.meta.numel * kernel_itemsize(i.meta, r.outputs[0] if cast else i.meta, cast_first=cast) for i in nchw_in
     )
@@ -263,11 +256,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 shape=nchw_in[0].meta.shape,
             )
         ]
-    if (
-        len(ins) > 1
-        and (across := moves.read_across(r))
-        and (nbytes := moves.reorder_bytes(r, ctx.device)) > r.nchw_bytes
-    ):
+    across = moves.read_across(r) if len(ins) > 1 else []
+    if across and (nbytes := moves.reorder_bytes(r, ctx.cast)) > r.nchw_bytes:
         # operands in dense orders no layout names (NHWC tokens of a map plus an NCHW map permuted alike)
         producer = ctx.by_name.get(across[0].producer or "")
         return [_finding(ctx, r, FindingKind.MIXED, layout_in=across[0].meta.layout, nbytes=nbytes, producer=producer)]
@@ -295,21 +285,27 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     )
     kind = FindingKind.REVERT if out_only else FindingKind.CONVERSION
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
-    hint = WEIGHT_RESHAPE if of_weight and out_only else HEAD_FOLD if fold else HIDDEN
+    hint = H.WEIGHT_RESHAPE if of_weight and out_only else H.HEAD_FOLD if fold else H.HIDDEN
     found = _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
     return [found]
 
 
 def find_findings(
-    records: Sequence[NodeRecord], *, bandwidth: float, device: str = "cpu", hints: HintTable | None = None
+    records: Sequence[NodeRecord],
+    *,
+    bandwidth: float,
+    device: str = "cpu",
+    hints: H.HintTable | None = None,
+    autocast: bool = False,
 ) -> list[Finding]:
-    """Every finding, in graph order."""
+    """Every finding, in graph order (``autocast``: the records ran under autocast on ``device``)."""
     ctx = _Ctx(
         by_name={r.name: r for r in records},
         bandwidth=bandwidth,
-        hints=hints if hints is not None else default_hints(),
+        hints=hints if hints is not None else H.default_hints(),
         device=device,
         free=conversion_free(records),
+        cast=device.split(":")[0] if autocast else None,
     )
     out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
     # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding

@@ -151,7 +151,7 @@ def _elementwise(s: tuple[int, ...], out: tuple[int, ...]) -> bool:
     return len(s) == len(out) and all(d == 1 or a in (b, 1) for d, (a, b) in enumerate(zip(s, out, strict=True)))
 
 
-def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta]) -> int:
+def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta], cast: str | None = None) -> int:
     """Bytes a revert moves: each input whose memory runs along the channels (``sources``)
     brought into the NCHW output's order, read and written. A convolution re-lays its whole
     input (the kernel makes it contiguous, then computes: a CPU Conv3d from 45 to 64 channels
@@ -168,7 +168,7 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     if inner:
         return sum(h.bytes for h in inner)
     conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=casts_first(r)) for i in sources)
+    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=casts_first(r, cast)) for i in sources)
 
 
 def reordered(r: NodeRecord, out: TensorMeta) -> bool:
@@ -182,17 +182,17 @@ def reordered(r: NodeRecord, out: TensorMeta) -> bool:
     return any(i.meta.layout is Layout.CHANNELS_LAST and reorders(i.meta, out) for i in r.activation_inputs)
 
 
-def mixed_bytes(r: NodeRecord, losers: list[NodeInput], device: str = "cpu") -> int:
+def mixed_bytes(r: NodeRecord, losers: list[NodeInput], cast: str | None = None) -> int:
     """Bytes a mixed op moves reading ``losers`` across layouts: each brought into its output's
     layout as :func:`~nhwc_audit.channels.relay_bytes` counts it (a scatter of an 8-channel map into
     a 4-channel buffer moves at most the buffer)."""
     if not r.outputs:
         return 2 * sum(i.meta.nbytes for i in losers)
     conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=casts_first(r, device)) for i in losers)
+    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=casts_first(r, cast)) for i in losers)
 
 
-def reorder_bytes(r: NodeRecord, device: str = "cpu") -> int:
+def reorder_bytes(r: NodeRecord, autocast: str | None = None) -> int:
     """Bytes a node moves reordering memory: each activation it copies (a reshape's too) or
     stored tensor it reads element for element (:func:`data_inputs`: timm volo adds its position
     embedding to a permuted map) into another dim order, as ``relay_bytes`` counts it
@@ -215,7 +215,7 @@ def reorder_bytes(r: NodeRecord, device: str = "cpu") -> int:
         if r.aliases_input
         else (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     )
-    cast = casts_first(r, device)
+    cast = casts_first(r, autocast)
     return sum(relay_bytes(i.meta, out, conv=False, cast_first=cast) for i in ins if reorders(i.meta, out))
 
 

@@ -61,7 +61,7 @@ KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
     # torch 2.11 on an H200 (python -m tests.cuda_check): eager CUDA keeps channels_last at any channel
     # count; the decomposition follows the channels_last kernel's "only from 16 channels" choice
     Divergence(
-        frozenset({"interpolate", "upsample", "upsample_bilinear2d", "upsample_trilinear3d"}),
+        frozenset({"interpolate", "upsample", "upsamplingbilinear2d", "upsample_bilinear2d", "upsample_trilinear3d"}),
         "cuda",
         "bilinear/trilinear upsample under 16 channels: fake/meta returns NCHW, eager CUDA keeps channels_last",
         modes=frozenset({"bilinear", "trilinear"}),
@@ -134,7 +134,7 @@ class Corrections:
         def fix(t: torch.Tensor) -> torch.Tensor:
             d = known_divergence(names, detail, t.dim(), self.device, t.shape[1] if t.dim() > 1 else 0)
             fmt = memory_format_for_rank(t.dim())
-            if d is not None and d.reverts and exact and tensor_meta(t).layout is Layout.CHANNELS_LAST:
+            if d is not None and d.reverts and tensor_meta(t).layout is Layout.CHANNELS_LAST:  # a slice too
                 self.applied.append((node, d.text))
                 return t.contiguous()
             if d is None or d.reverts or fmt is None or tensor_meta(t).layout is not Layout.CONTIGUOUS:

@@ -86,12 +86,18 @@ def autocast(device_type: str, dtype: torch.dtype, *, fake: bool) -> Iterator[No
     """``torch.autocast`` for ``device_type``; for a fake run on a device this machine lacks (CUDA
     predicted on a CPU machine), its flags set directly: ``torch.autocast`` disables itself there
     with a warning, and a float16 prediction ran in float32. Fake tensors of that device dispatch
-    through its autocast keys as real ones would (the device's cast policy: GroupNorm in float32)."""
+    through its autocast keys as real ones would (the device's cast policy: GroupNorm in float32).
+    A ``torch.autocast('cuda')`` block of the model's own runs as on CUDA too (its availability check
+    answers so for the run; else it switched autocast off inside and the ops there met float16)."""
     if not (fake and device_type == "cuda" and not torch.cuda.is_available()):
         with torch.autocast(device_type=device_type, dtype=dtype):
             yield
         return
+    from torch.cuda.amp import common
+
     before = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    check = common.amp_definitely_not_available
+    common.amp_definitely_not_available = lambda: False
     torch.set_autocast_enabled(device_type, True)
     torch.set_autocast_dtype(device_type, dtype)
     torch.autocast_increment_nesting()
@@ -102,6 +108,7 @@ def autocast(device_type: str, dtype: torch.dtype, *, fake: bool) -> Iterator[No
             torch.clear_autocast_cache()
         torch.set_autocast_enabled(device_type, before[0])
         torch.set_autocast_dtype(device_type, before[1])
+        common.amp_definitely_not_available = check
 
 
 def autograd(grad: bool) -> Any:

@@ -156,3 +156,47 @@ def test_a_pad_revert_on_cuda_never_recommends_a_mode_that_reverts_there(name: s
     r = audit(model.eval(), x, mode="fake", device="cuda", bandwidth=1e12)
     (hint,) = [f.hint for f in r.findings if f.kind.value == "revert"]
     assert "mode='constant'" in hint and "(constant, reflect, replicate)" not in hint
+
+
+class OwnCudaAutocast(nn.Module):
+    """A model that opens its own ``torch.autocast('cuda')`` block (diffusers pipelines do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(x)
+        with torch.autocast("cuda", dtype=torch.float16):
+            return self.d(y)
+
+
+@pytest.mark.parametrize("capture", ["auto", "hooks"])
+def test_a_models_own_cuda_autocast_block_runs_as_on_cuda(capture: str) -> None:
+    """On a machine without CUDA that block switched autocast off inside (a warning), and its
+    convolution met the float16 map of the audit's autocast: the audit failed, blaming the model."""
+    r = audit(
+        OwnCudaAutocast().eval(), torch.randn(2, 3, 8, 8), mode="fake", device="cuda", autocast=True, capture=capture
+    )  # type: ignore[arg-type]
+    assert {n.outputs[0].dtype for n in r.nodes if n.outputs and n.name != "x"} == {"float16"}
+    assert not torch.is_autocast_enabled("cuda")
+
+
+def test_nn_upsampling_bilinear2d_is_corrected_like_interpolate() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.UpsamplingBilinear2d(scale_factor=2), nn.Conv2d(8, 8, 1))
+    assert _fake(model.eval(), torch.randn(2, 3, 16, 16)) == []
+
+
+def test_pixel_unshuffle_of_a_channel_slice_reverts_on_cuda() -> None:
+    """CUDA's composite ends in a contiguous clone whatever the input's strides."""
+
+    class Sliced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(nn.functional.pixel_unshuffle(self.a(x)[:, :4], 2))
+
+    r = audit(Sliced().eval(), torch.randn(2, 3, 16, 16), mode="fake", device="cuda", bandwidth=1e12)
+    assert [(f.kind.value, f.node) for f in r.findings] == [("revert", "pixel_unshuffle"), ("conversion", "o")]

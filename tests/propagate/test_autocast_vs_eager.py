@@ -102,3 +102,34 @@ def test_an_autocast_train_audit_charges_what_eager_autocast_backward_adds(name:
     report = audit(model, x, autocast=True, train=True, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
     charged = sum(f.bytes for f in report.findings if f.kind.value == "backward")
     assert charged == expected, [(f.node, f.bytes) for f in report.findings if f.kind.value == "backward"]
+
+
+class MixedWithoutAutocast(nn.Module):
+    """Dtypes mixed by the model itself, no autocast: every op reads each input in its own dtype (a
+    CPU cat casts first only under autocast)."""
+
+    def __init__(self, join: str) -> None:
+        super().__init__()
+        self.join = join
+        self.a, self.n, self.o = nn.Conv2d(3, 8, 1), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.pe = nn.Parameter(torch.randn(1, 8, 16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        b = self.n(h)
+        if self.join == "cat":
+            y = torch.cat([h.half(), b], 1)[:, :8]
+        elif self.join == "stack":
+            y = torch.stack([h.half(), b], 0).sum(0)
+        else:  # a float16 activation times a float32 parameter
+            y = self.pe * b.half()
+        return self.o(y.float())
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("join", ["cat", "stack", "parameter"])
+def test_mixed_dtypes_without_autocast_are_read_in_their_own(join: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = MixedWithoutAutocast(join).eval(), torch.randn(2, 3, 16, 16)
+    report = audit(model, x, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
+    assert report.summary.bytes_moved == eager_bytes(model, (x,)).added
