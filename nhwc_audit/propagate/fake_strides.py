@@ -103,8 +103,10 @@ class PointwiseStrides(RecordingMode):
             return out  # in place, or a view: strided by its input
         conv = func.overloadpacket.__name__ in CONV_OPS  # strided as FakeTensor strides them, and costly
         # TensorIterator strides a pointwise op's output by code that CPU and CUDA share: the CPU
-        # kernel answers for every device there (a batch-1 map's odd batch stride, kept by ``x / s``)
-        asked = self.cpu or _pointwise(func)
+        # kernel answers for every device there (a batch-1 map's odd batch stride, kept by ``x / s``),
+        # but where dtypes mix (the CPU casts operands to a common dtype first, CUDA in the kernel)
+        dtypes = {t.dtype for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()}
+        asked = self.cpu or (_pointwise(func) and len(dtypes) == 1)
         strides = eager_cpu_strides(func, args, kwargs, first) if asked and not conv else None
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _row_major_strides(first.shape)
