@@ -200,3 +200,14 @@ def test_pixel_unshuffle_of_a_channel_slice_reverts_on_cuda() -> None:
 
     r = audit(Sliced().eval(), torch.randn(2, 3, 16, 16), mode="fake", device="cuda", bandwidth=1e12)
     assert [(f.kind.value, f.node) for f in r.findings] == [("revert", "pixel_unshuffle"), ("conversion", "o")]
+
+
+def test_the_verdict_of_a_float16_cuda_audit_does_not_call_it_float32() -> None:
+    """The verdict's "float32 on GPU" reason read the model's dtype, not autocast's."""
+    from tests.prepare.test_fake import WithGroupNorm
+
+    model, x = WithGroupNorm().eval(), torch.randn(1, 3, 8, 8)
+    plain = audit(model, x, mode="fake", device="cuda")
+    amp = audit(model, x, mode="fake", device="cuda", autocast=True)
+    assert any("float32 on GPU" in r for r in plain.verdict.reasons)
+    assert not any("float32 on GPU" in r for r in amp.verdict.reasons)
