@@ -211,3 +211,27 @@ def test_the_verdict_of_a_float16_cuda_audit_does_not_call_it_float32() -> None:
     amp = audit(model, x, mode="fake", device="cuda", autocast=True)
     assert any("float32 on GPU" in r for r in plain.verdict.reasons)
     assert not any("float32 on GPU" in r for r in amp.verdict.reasons)
+
+
+class ConvAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        n, c, hh, ww = h.shape
+        q = h.flatten(2).transpose(1, 2).reshape(n, hh * ww, 2, c // 2).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, q, q)
+        return self.o(y.transpose(1, 2).reshape(n, hh, ww, c).permute(0, 3, 1, 2))
+
+
+def test_a_cuda_prediction_says_attention_is_its_math_path() -> None:
+    """FakeTensor cannot ask a GPU which attention kernel it picks and runs the math path; an
+    H200's fused kernels return other strides (timm coatnet_nano_rw_224 in float32: 2,709,504 B
+    predicted, none measured). The prediction says so; a CPU audit has nothing to say."""
+    model, x = ConvAttention().eval(), torch.randn(2, 3, 8, 8)
+    cuda = audit(model, x, mode="fake", device="cuda", bandwidth=1e12)
+    assert any("scaled_dot_product_attention at 1 node(s)" in n for n in cuda.meta.capture_notes)
+    cpu = audit(model, x, mode="fake", device="cpu", bandwidth=1e12)
+    assert not any("scaled_dot_product_attention" in n for n in cpu.meta.capture_notes)
