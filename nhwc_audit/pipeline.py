@@ -33,12 +33,7 @@ from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
-from .records import (
-    AuditMeta,
-    BandwidthSource,
-    CaptureMethod,
-    Mode,
-)
+from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode
 from .refine import with_backward, with_nchw_backward, with_nchw_baseline
 from .result import AuditReport
 from .tensors import iter_tensors
@@ -155,6 +150,10 @@ def _bandwidth(o: AuditOptions) -> tuple[float, BandwidthSource]:
     return measure_transpose_bandwidth(str(o.device)), "measured"
 
 
+def _unaudited(notes: tuple[str, ...]) -> bool:
+    return any(n.startswith(BACKWARD_NOT_AUDITED) for n in notes)
+
+
 def _audit_one(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, *, raw: bool = False
 ) -> AuditReport:
@@ -199,7 +198,7 @@ def _audit_one(
         inputs=tuple(tensor_meta(a) for a in iter_tensors(p.args)),  # in lists too (detection models)
         bandwidth=bandwidth,
         bandwidth_source=source,
-        backward=o.train and o.backward and captured.capture is not None,
+        backward=o.train and o.backward and captured.capture is not None and not _unaudited(grad_notes),
         threads=torch.get_num_threads(),
         modules=tuple((path, type(m).__name__) for path, m in module.named_modules()),
     )

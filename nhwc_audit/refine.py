@@ -37,6 +37,13 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
             (f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",),
             False,
         )
+    if runner.fake and runner.device_type == "cuda" and not torch.cuda.is_available():
+        why = "torch's autograd engine runs a backward of CUDA tensors, fake ones too, on a CUDA device"
+        return (
+            captured.records,
+            (f"{BACKWARD_NOT_AUDITED} ({why}: audit --train on a GPU, or with --device cpu)",),
+            False,
+        )
     breaks = frozenset(r.name for r in captured.records if r.error)
     corrections = runner.corrections()  # a fake run's backward kernels strided as eager's
     with runner.context(guard=False, corrections=corrections):

@@ -235,3 +235,15 @@ def test_a_cuda_prediction_says_attention_is_its_math_path() -> None:
     assert any("scaled_dot_product_attention at 1 node(s)" in n for n in cuda.meta.capture_notes)
     cpu = audit(model, x, mode="fake", device="cpu", bandwidth=1e12)
     assert not any("scaled_dot_product_attention" in n for n in cpu.meta.capture_notes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the backward runs")
+def test_a_cuda_train_prediction_without_a_gpu_audits_forward_and_says_why_not_backward() -> None:
+    """torch's autograd engine sets up a CUDA device for a backward of CUDA tensors, fake ones too:
+    on a machine without one the train audit raised a raw RuntimeError (hasPrimaryContext)."""
+    from tests.prepare.test_fake import WithGroupNorm
+
+    r = audit(WithGroupNorm().train(), torch.randn(2, 3, 8, 8), mode="fake", device="cuda", train=True)
+    assert not r.meta.backward
+    assert [f.kind.value for f in r.findings] == ["revert", "conversion"]
+    assert any(n.startswith("backward: not audited (torch's autograd engine") for n in r.meta.capture_notes)
