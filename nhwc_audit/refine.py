@@ -37,7 +37,7 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
             (f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",),
             False,
         )
-    if runner.fake and runner.device_type == "cuda" and not torch.cuda.is_available():
+    if runner.absent_cuda:
         why = "torch's autograd engine runs a backward of CUDA tensors, fake ones too, on a CUDA device"
         return (
             captured.records,

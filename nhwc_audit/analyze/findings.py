@@ -224,6 +224,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         nbytes = 0 if exit_only else revert_bytes(r, sources, reverted, ctx.cast)
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
+        odd = H.STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else H.ND_TRANSPOSE
         return [
             _finding(
                 ctx,
@@ -232,16 +233,14 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 layout_in=sources[0].meta.layout,
                 nbytes=nbytes,
                 shape=reverted[0].shape,
-                hint_op=None
-                if standard
-                else H.STACK_REDUCE
-                if sources[0].meta.rank > reverted[0].rank
-                else H.ND_TRANSPOSE,
+                hint_op=None if standard else odd,
             )
         ]
-    cast = casts_first(r, ctx.cast)  # (then an output); none where a conv re-lays as much in NCHW too
+    # each NCHW input re-laid whole, in the dtype the kernel reads it (none where a conv re-lays as much in NCHW too)
+    cast_first = casts_first(r, ctx.cast)  # then r has an output
     nbytes = 2 * sum(
-        i.meta.numel * kernel_itemsize(i.meta, r.outputs[0] if cast else i.meta, cast_first=cast) for i in nchw_in
+        i.meta.numel * (kernel_itemsize(i.meta, r.outputs[0], cast_first=True) if cast_first else i.meta.itemsize)
+        for i in nchw_in
     )
     relaid_in_nchw = moves.baselined(FindingKind.CONVERSION, r.op_name) and r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:

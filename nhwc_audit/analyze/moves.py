@@ -167,8 +167,8 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in is Layout.CHANNELS_LAST]
     if inner:
         return sum(h.bytes for h in inner)
-    conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=casts_first(r, cast)) for i in sources)
+    conv, first = r.op_name.lower() in CONV_OPS, casts_first(r, cast)
+    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=first) for i in sources)
 
 
 def reordered(r: NodeRecord, out: TensorMeta) -> bool:
@@ -188,8 +188,8 @@ def mixed_bytes(r: NodeRecord, losers: list[NodeInput], cast: str | None = None)
     a 4-channel buffer moves at most the buffer)."""
     if not r.outputs:
         return 2 * sum(i.meta.nbytes for i in losers)
-    conv = r.op_name.lower() in CONV_OPS
-    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=casts_first(r, cast)) for i in losers)
+    conv, first = r.op_name.lower() in CONV_OPS, casts_first(r, cast)
+    return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=first) for i in losers)
 
 
 def reorder_bytes(r: NodeRecord, autocast: str | None = None) -> int:

@@ -165,8 +165,9 @@ def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch
         dtype = stats if stats is not None and v.dim() == 1 and v.dtype in (torch.float16, torch.bfloat16) else v.dtype
         return torch.zeros(span, dtype=dtype).as_strided(v.shape, v.stride())
 
+    half_stats = any(t.dim() == 1 and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
     out = None
-    for stats in (None, torch.float32):
+    for stats in (None, torch.float32) if half_stats else (None,):
         try:
             with unset_fake_temporarily():
                 made = functools.partial(real, stats=stats)

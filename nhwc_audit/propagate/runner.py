@@ -53,6 +53,11 @@ class Runner:
     def fake(self) -> bool:
         return self.fake_mode is not None
 
+    @property
+    def absent_cuda(self) -> bool:
+        """A fake run predicting CUDA on a machine without it."""
+        return self.fake and self.device_type == "cuda" and not torch.cuda.is_available()
+
     def corrections(self) -> Corrections | None:
         """Fresh corrections for one fake run; None for a real run (or mode 'both''s raw half)."""
         return Corrections(self.device_type) if self.fake and self.correct else None
@@ -70,7 +75,7 @@ class Runner:
                 if corrections is not None:
                     stack.enter_context(corrections.eager_strides())
             if self.autocast is not None:
-                stack.enter_context(autocast(self.device_type, self.autocast, fake=self.fake))
+                stack.enter_context(autocast(self.device_type, self.autocast, absent=self.absent_cuda))
             if guard and self.shared:
                 stack.enter_context(CopyRecorder(self.shared))
             yield
@@ -82,14 +87,15 @@ class Runner:
 
 
 @contextlib.contextmanager
-def autocast(device_type: str, dtype: torch.dtype, *, fake: bool) -> Iterator[None]:
-    """``torch.autocast`` for ``device_type``; for a fake run on a device this machine lacks (CUDA
-    predicted on a CPU machine), its flags set directly: ``torch.autocast`` disables itself there
-    with a warning, and a float16 prediction ran in float32. Fake tensors of that device dispatch
+def autocast(device_type: str, dtype: torch.dtype, *, absent: bool) -> Iterator[None]:
+    """``torch.autocast`` for ``device_type``; for a fake run on a device this machine lacks
+    (``absent``: CUDA predicted on a CPU machine, :attr:`Runner.absent_cuda`), its flags set
+    directly: ``torch.autocast`` disables itself there with a warning, and a float16 prediction
+    ran in float32. Fake tensors of that device dispatch
     through its autocast keys as real ones would (the device's cast policy: GroupNorm in float32).
     A ``torch.autocast('cuda')`` block of the model's own runs as on CUDA too (its availability check
     answers so for the run; else it switched autocast off inside and the ops there met float16)."""
-    if not (fake and device_type == "cuda" and not torch.cuda.is_available()):
+    if not absent:
         with torch.autocast(device_type=device_type, dtype=dtype):
             yield
         return
