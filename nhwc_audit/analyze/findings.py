@@ -140,6 +140,8 @@ def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
 
 
 def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
+    if r.error is None and r.latent_error is None and not r.hidden and r.all_channels_last:
+        return []  # nothing in another order, nothing copied inside: no rule below finds anything
     if r.error is not None:
         first = next((i.meta.layout for i in r.spatial_inputs), Layout.NOT_SPATIAL)
         return [_finding(ctx, r, FindingKind.BREAK, layout_in=first, nbytes=0)]

@@ -25,12 +25,11 @@ from ..tensors import iter_tensors, on_shared
 __all__ = [
     "CopyRecorder",
     "GuardedMode",
-    "RECORDER_BLIND",
-    "recorder_blind",
     "RecordingMode",
     "check_shared_write",
     "check_value_shape",
     "computed_relay",
+    "inner_copies",
     "is_alias_of",
     "written_tensors",
 ]
@@ -235,74 +234,16 @@ class CopyRecorder(GuardedMode):
         return out
 
 
-RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
-    {
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.GroupNorm,
-        nn.LayerNorm,
-        nn.Linear,
-        nn.Identity,
-        nn.ReLU,
-        nn.ReLU6,
-        nn.SiLU,
-        nn.GELU,
-        nn.Hardswish,
-        nn.Hardsigmoid,
-        nn.Sigmoid,
-        nn.Tanh,
-        nn.LeakyReLU,
-        nn.MaxPool2d,
-        nn.MaxPool3d,
-        nn.AvgPool2d,
-        nn.AvgPool3d,
-        nn.AdaptiveAvgPool2d,
-        nn.Dropout,
-    }
-)
-"""torch.nn leaf modules in which :class:`CopyRecorder` can find nothing on the CPU: their
-forward dispatches no ATen copy (clone, copy_, _to_copy, contiguous) above the kernels and
-writes nothing but its own output and buffers (buffers are the audit's private copies; an
-in-place activation writes its input, never a shared weight: :func:`recorder_blind`), for any
-input layout (``tests/propagate/test_dispatch.py`` runs each under the recorder). Each runs
-one computing ATen op on the node's own input and output, whose layout change the node's
-record shows (the recorder keeps only changes inside a node: :func:`computed_relay`)."""
-
-
-def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | None = None) -> bool:
-    """The recorder cannot see anything in a call of ``module`` on ``args`` on the CPU
-    (without autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a
-    subclass may override forward), its own forward, zero padding, no hooks, and in place
-    (``ReLU(inplace=True)``) only on tensors not among the ``shared`` weights (None: never in
-    place), whose write the recorder must refuse; a Linear on tokens only (its matmul folds a
-    4D input with a reshape, which copies a channels_last one)."""
-    kind = type(module)
-    own = module.__dict__  # their settings are instance attributes: read without a failed lookup
-    return (
-        kind in RECORDER_BLIND
-        and (kind is not nn.Linear or all(t.dim() < 4 for t in iter_tensors(args)))
-        and "forward" not in own
-        and own.get("padding_mode", "zeros") == "zeros"
-        and (
-            not own.get("inplace", False)
-            or (shared is not None and not (shared and any(on_shared(t, shared) for t in iter_tensors(args))))
-        )
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (
-            nn.modules.module._global_forward_hooks
-            or nn.modules.module._global_forward_pre_hooks
-            or nn.modules.module._global_forward_hooks_always_called
-        )
-    )
-
-
 def is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` shares storage with ``b`` (works for FakeTensors, unlike data_ptr)."""
     return bool(torch._C._is_alias_of(a, b))  # type: ignore[attr-defined]
+
+
+def inner_copies(
+    relayed: list[tuple[HiddenCopy, int, int]], inputs: list[torch.Tensor], result: Any
+) -> list[HiddenCopy]:
+    """The layout changes computed inside a node (:attr:`CopyRecorder.relayed`), less its own
+    op's (from one of its ``inputs`` to its ``result``: its record shows that one)."""
+    ins = {id(t) for t in inputs}
+    outs = {id(result)} if isinstance(result, torch.Tensor) else {id(t) for t in iter_tensors(result)}
+    return [h for h, source, out in relayed if not (source in ins and out in outs)]

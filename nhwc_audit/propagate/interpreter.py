@@ -21,9 +21,10 @@ from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
+from .blind import function_blind, maybe_blind, recorder_blind
 from .breaks import latent_error, retry_nchw, without_grad_if_refused
 from .corrections import Corrections
-from .dispatch import CopyRecorder, is_alias_of, recorder_blind
+from .dispatch import CopyRecorder, inner_copies, is_alias_of
 from .grad_hooks import Grads, hook_gradients
 from .inputs import operands, positional_inputs, versions_of, written
 from .runner import autograd
@@ -64,7 +65,7 @@ class LayoutProp(torch.fx.Interpreter):
         self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
         if self._recorder is not None:
             self._recorder.recording = False
-        self._blind_ok = False  # leaf calls of recorder_blind modules may run without the recorder
+        self._blind_ok = False  # calls the recorder cannot see into may run without it (.blind)
         self.records: list[NodeRecord] = []
         self._pending: list[Any] = []
         self._progress = progress
@@ -77,6 +78,7 @@ class LayoutProp(torch.fx.Interpreter):
         # a leaf module's own 4D/5D weights: static during the run, recorded once
         self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
         self._callee: dict[torch.fx.Node, torch.nn.Module] = {}
+        self._blind_functions = {n for n in self._nodes if n.op == "call_function" and maybe_blind(n.target)}
         for n in self._nodes:
             if n.op == "call_module":
                 sub = self._callee[n] = self._modules.get(str(n.target)) or self.fetch_attr(str(n.target))
@@ -125,8 +127,11 @@ class LayoutProp(torch.fx.Interpreter):
                 result = self._call(n, args, kwargs)
             elif (
                 self._blind_ok
-                and n in self._callee
-                and recorder_blind(self._callee[n], args, rec.shared)
+                and (
+                    recorder_blind(self._callee[n], args, rec.shared)
+                    if n in self._callee
+                    else n in self._blind_functions and function_blind(n.target, args, kwargs)
+                )
                 and rec.off_stack()
             ):
                 # asked per call: the model's code may add a hook or change a setting between two calls
@@ -141,7 +146,7 @@ class LayoutProp(torch.fx.Interpreter):
                 finally:
                     rec.recording = False
                 relayed = rec.settled(result)
-                hidden = rec.copies + _inner(relayed, inputs, result) if relayed else rec.copies
+                hidden = rec.copies + inner_copies(relayed, [t for _, t in inputs], result) if relayed else rec.copies
             if sk is not None:
                 sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:
@@ -262,16 +267,6 @@ class LayoutProp(torch.fx.Interpreter):
                 )
             )
         self._pending.clear()
-
-
-def _inner(
-    relayed: list[tuple[HiddenCopy, int, int]], inputs: list[tuple[NodeInput, torch.Tensor]], result: Any
-) -> list[HiddenCopy]:
-    """The layout changes computed inside a node, less its own op's (from one of its inputs to
-    its output: its record shows that one)."""
-    ins = {id(t) for _, t in inputs}
-    outs = {id(result)} if isinstance(result, torch.Tensor) else {id(t) for t in iter_tensors(result)}
-    return [h for h, source, out in relayed if not (source in ins and out in outs)]
 
 
 def propagate(

@@ -164,6 +164,16 @@ class NodeRecord:
         return tuple(o for o in self.outputs if o.is_spatial)
 
     @property
+    def all_channels_last(self) -> bool:
+        """It reads and writes only channels_last maps of one rank and dense vectors (a conv's
+        bias, a norm's statistics): nothing in it is in another memory order."""
+        metas = (*(i.meta for i in self.inputs), *self.outputs)
+        rank = self.outputs[0].rank if self.outputs else 0
+        return bool(self.outputs) and all(
+            (m.layout is Layout.CHANNELS_LAST and m.rank == rank) or (m.rank <= 1 and 0 not in m.strides) for m in metas
+        )
+
+    @property
     def output_layout(self) -> Layout:
         """Layout of the first spatial output (else NOT_SPATIAL)."""
         spatial = self.spatial_outputs

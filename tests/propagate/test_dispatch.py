@@ -15,7 +15,7 @@ import nhwc_audit
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.prepare.copy import prepare_audit_copy
-from nhwc_audit.propagate import dispatch
+from nhwc_audit.propagate import blind, dispatch
 from nhwc_audit.propagate.dispatch import RecordingMode
 from nhwc_audit.propagate.interpreter import propagate
 
@@ -416,7 +416,7 @@ _BLIND_CASES: list[tuple[Any, tuple[int, ...]]] = [
 
 
 def test_every_recorder_blind_type_is_checked_here() -> None:
-    assert {type(build()) for build, _ in _BLIND_CASES} == dispatch.RECORDER_BLIND
+    assert {type(build()) for build, _ in _BLIND_CASES} == blind.RECORDER_BLIND
 
 
 @pytest.mark.parametrize("build,shape", _BLIND_CASES)
@@ -431,7 +431,7 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
                 m = build().to(dtype).train(training)
                 if convert:
                     m = nhwc_audit.convert(m)
-                assert dispatch.recorder_blind(m, (torch.empty(shape),), frozenset())
+                assert blind.recorder_blind(m, (torch.empty(shape),), frozenset())
                 params = [(p, p._version) for p in m.parameters()]
                 for x in _variants(shape):
                     rec = dispatch.CopyRecorder(relays=True)
@@ -450,31 +450,90 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
 
 
 def test_a_module_with_a_hook_or_its_own_settings_is_not_blind() -> None:
-    assert not dispatch.recorder_blind(nn.ReLU(inplace=True))  # no shared weights said: never in place
+    assert not blind.recorder_blind(nn.ReLU(inplace=True))  # no shared weights said: never in place
     copy = prepare_audit_copy(nn.Conv2d(2, 2, 3))
     on_user = copy.module.weight  # the user's storage, read in place
-    assert copy.shared and not dispatch.recorder_blind(nn.ReLU(inplace=True), (on_user,), copy.shared)
-    assert dispatch.recorder_blind(nn.ReLU(inplace=True), (on_user.clone(),), copy.shared)
-    assert not dispatch.recorder_blind(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
+    assert copy.shared and not blind.recorder_blind(nn.ReLU(inplace=True), (on_user,), copy.shared)
+    assert blind.recorder_blind(nn.ReLU(inplace=True), (on_user.clone(),), copy.shared)
+    assert not blind.recorder_blind(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
     four_d = torch.randn(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
-    assert not dispatch.recorder_blind(nn.Linear(2, 2), (four_d,))  # matmul folds a 4D input: a copy
-    assert dispatch.recorder_blind(nn.Linear(2, 2), (torch.randn(3, 2),))
+    assert not blind.recorder_blind(nn.Linear(2, 2), (four_d,))  # matmul folds a 4D input: a copy
+    assert blind.recorder_blind(nn.Linear(2, 2), (torch.randn(3, 2),))
     hooked = nn.Conv2d(2, 2, 1)
     hooked.register_forward_hook(lambda *a: None)
-    assert not dispatch.recorder_blind(hooked)
+    assert not blind.recorder_blind(hooked)
     own = nn.Conv2d(2, 2, 1)
     own.forward = lambda x: x.contiguous()  # type: ignore[method-assign]
-    assert not dispatch.recorder_blind(own)
+    assert not blind.recorder_blind(own)
 
     class Sub(nn.Conv2d):
         pass
 
-    assert not dispatch.recorder_blind(Sub(2, 2, 1))
+    assert not blind.recorder_blind(Sub(2, 2, 1))
     handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
     try:
-        assert not dispatch.recorder_blind(nn.ReLU())
+        assert not blind.recorder_blind(nn.ReLU())
     finally:
         handle.remove()
+
+
+def _operands(target: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return ((([x, y], 1) if target is torch.cat else (x, y)) if target not in (torch.sigmoid, torch.relu) else (x,)), {}
+
+
+@pytest.mark.parametrize("target", sorted(blind.RECORDER_BLIND_FUNCTIONS, key=repr))
+def test_the_recorder_sees_nothing_in_a_blind_function_on_one_layout_and_dtype(target: Any) -> None:
+    """Why the interpreter may take the recorder off the stack for these functions: on tensors
+    of one dtype, all row-major or all channels_last (4D and 5D, a broadcast operand too), no
+    copy reaches the recorder and no layout change but the node's own."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, other in (
+            ((2, 4, 5, 5), (2, 4, 5, 5)),
+            ((1, 4, 3, 4, 5), (1, 4, 3, 4, 5)),
+            ((2, 4, 5, 5), (2, 4, 1, 1)),
+        ):
+            for fmt in ("nchw", "cl"):
+                x, y = torch.randn(shape, dtype=dtype), torch.randn(other, dtype=dtype)
+                if fmt == "cl":
+                    x, y = (
+                        t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+                        for t in (x, y)
+                    )
+                if target is torch.cat and shape != other:
+                    continue
+                args, kwargs = _operands(target, x, y)
+                assert blind.function_blind(target, args, kwargs), (target, fmt, shape, other)
+                rec = dispatch.CopyRecorder(relays=True)
+                with rec, torch.no_grad():
+                    out = target(*args, **kwargs)
+                assert rec.copies == [], (target, x.stride(), rec.copies)
+                assert all(o == id(out) for _, _, o in rec.relayed), (target, x.stride(), rec.relayed)
+
+
+def test_a_blind_function_on_mixed_layouts_or_dtypes_is_not_blind() -> None:
+    x = torch.randn(2, 4, 5, 5)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert not blind.function_blind(torch.cat, ([x, cl], 1), {})
+    assert not blind.function_blind(torch.add, (x, x.double()), {})
+    assert not blind.function_blind(torch.add, (cl, torch.randn(5)), {})  # a vector beside a map: not judged
+    assert not blind.function_blind(torch.add, (x, x), {"out": torch.empty_like(x)})
+    assert not blind.function_blind(torch.add, (x[:, :, ::2], x[:, :, ::2]), {})  # slices: another path
+    assert not blind.function_blind(torch.flatten, (x,), {})  # a reshape copies a channels_last map
+    assert not blind.maybe_blind([])  # an unhashable target
+
+
+class _Cats(nn.Module):
+    """Cats and adds on one layout (blind) and on mixed ones (the recorder must see them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = torch.cat([y, torch.relu(y)], 1)  # one layout
+        w = torch.cat([y, self.norm(y)], 1)  # channels_last beside NCHW
+        return self.head(z + w) * torch.sigmoid(y.sum(1, keepdim=True)) + y.contiguous() - y
 
 
 class _Block(nn.Module):
@@ -494,7 +553,7 @@ class _Block(nn.Module):
         return self.act(self.head(y)) + y
 
 
-@pytest.mark.parametrize("build", [_Block, lambda: _Block(inplace=True), Repeats, lambda: Hooked(every=True)])
+@pytest.mark.parametrize("build", [_Block, lambda: _Block(inplace=True), Repeats, lambda: Hooked(every=True), _Cats])
 def test_records_are_the_same_with_the_recorder_off_for_blind_modules(build: Any, monkeypatch: Any) -> None:
     """Taking the recorder off the stack changes no record; and it is taken off (the
     recorder is asked for fewer ops)."""
@@ -518,7 +577,8 @@ def test_records_are_the_same_with_the_recorder_off_for_blind_modules(build: Any
         return records, len(calls)
 
     fast, fast_calls = run()
-    monkeypatch.setattr(dispatch, "RECORDER_BLIND", frozenset())
+    monkeypatch.setattr(blind, "RECORDER_BLIND", frozenset())
+    monkeypatch.setattr(blind, "RECORDER_BLIND_FUNCTIONS", frozenset())
     slow, slow_calls = run()
     assert fast == slow
     assert any(r.hidden for r in fast)

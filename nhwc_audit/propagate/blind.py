@@ -1,0 +1,124 @@
+"""Calls in which the dispatch recorder (:class:`~.dispatch.CopyRecorder`) can see nothing on
+the CPU but the node's own op, so the interpreter runs them with the recorder off its stack (a
+push and pop of a dispatch mode per node costs more than most of these ops)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tensors import iter_tensors, on_shared
+
+__all__ = ["RECORDER_BLIND", "RECORDER_BLIND_FUNCTIONS", "function_blind", "maybe_blind", "recorder_blind"]
+
+RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.Linear,
+        nn.Identity,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.SiLU,
+        nn.GELU,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.Sigmoid,
+        nn.Tanh,
+        nn.LeakyReLU,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool2d,
+        nn.Dropout,
+    }
+)
+"""torch.nn leaf modules in which :class:`CopyRecorder` can find nothing on the CPU: their
+forward dispatches no ATen copy (clone, copy_, _to_copy, contiguous) above the kernels and
+writes nothing but its own output and buffers (buffers are the audit's private copies; an
+in-place activation writes its input, never a shared weight: :func:`recorder_blind`), for any
+input layout (``tests/propagate/test_dispatch.py`` runs each under the recorder). Each runs
+one computing ATen op on the node's own input and output, whose layout change the node's
+record shows (the recorder keeps only changes inside a node: :func:`computed_relay`)."""
+
+
+def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | None = None) -> bool:
+    """The recorder cannot see anything in a call of ``module`` on ``args`` on the CPU
+    (without autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a
+    subclass may override forward), its own forward, zero padding, no hooks, and in place
+    (``ReLU(inplace=True)``) only on tensors not among the ``shared`` weights (None: never in
+    place), whose write the recorder must refuse; a Linear on tokens only (its matmul folds a
+    4D input with a reshape, which copies a channels_last one)."""
+    kind = type(module)
+    own = module.__dict__  # their settings are instance attributes: read without a failed lookup
+    return (
+        kind in RECORDER_BLIND
+        and (kind is not nn.Linear or all(t.dim() < 4 for t in iter_tensors(args)))
+        and "forward" not in own
+        and own.get("padding_mode", "zeros") == "zeros"
+        and (
+            not own.get("inplace", False)
+            or (shared is not None and not (shared and any(on_shared(t, shared) for t in iter_tensors(args))))
+        )
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (
+            nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks
+            or nn.modules.module._global_forward_hooks_always_called
+        )
+    )
+
+
+RECORDER_BLIND_FUNCTIONS: frozenset[Any] = frozenset(
+    {
+        torch.cat,
+        torch.add,
+        torch.mul,
+        torch.sigmoid,
+        torch.relu,
+        operator.add,
+        operator.mul,
+        operator.sub,
+        operator.truediv,
+    }
+)
+"""Functions that run one computing ATen op out of place (no copy, no write, no decomposition
+above the kernel): on tensors of one dtype and one layout (:func:`function_blind`) the recorder
+finds nothing in them (``tests/propagate/test_dispatch.py`` runs each under it)."""
+
+
+def maybe_blind(target: Any) -> bool:
+    """``target`` is a :data:`RECORDER_BLIND_FUNCTIONS` function (decided once per graph node)."""
+    try:
+        return target in RECORDER_BLIND_FUNCTIONS
+    except TypeError:  # an unhashable callable
+        return False
+
+
+def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """The recorder cannot see anything in ``target(*args, **kwargs)`` on the CPU (without
+    autocast): a :data:`RECORDER_BLIND_FUNCTIONS` function on tensors of one dtype, all
+    row-major or all channels_last maps of one rank."""
+    if target not in RECORDER_BLIND_FUNCTIONS or "out" in kwargs:
+        return False
+    ts = list(iter_tensors((args, kwargs)))
+    if not ts or any(t.dtype != ts[0].dtype for t in ts):
+        return False
+    if all(t.is_contiguous() for t in ts):
+        return True
+    rank = ts[0].dim()
+    fmt = torch.channels_last if rank == 4 else torch.channels_last_3d if rank == 5 else None
+    return fmt is not None and all(t.dim() == rank and t.is_contiguous(memory_format=fmt) for t in ts)
