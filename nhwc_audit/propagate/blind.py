@@ -9,10 +9,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..tensors import iter_tensors, on_shared
 
-__all__ = ["RECORDER_BLIND", "RECORDER_BLIND_FUNCTIONS", "function_blind", "maybe_blind", "recorder_blind"]
+__all__ = [
+    "ANY_LAYOUT_FUNCTIONS",
+    "PLAIN_FUNCTIONS",
+    "RECORDER_BLIND",
+    "RECORDER_BLIND_FUNCTIONS",
+    "function_blind",
+    "maybe_blind",
+    "recorder_blind",
+]
 
 RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
     {
@@ -99,26 +108,57 @@ RECORDER_BLIND_FUNCTIONS: frozenset[Any] = frozenset(
 above the kernel): on tensors of one dtype and one layout (:func:`function_blind`) the recorder
 finds nothing in them (``tests/propagate/test_dispatch.py`` runs each under it)."""
 
+ANY_LAYOUT_FUNCTIONS: frozenset[Any] = frozenset({F.batch_norm, F.layer_norm, F.gelu, F.silu, F.relu, F.hardswish})
+"""The functional forms of :data:`RECORDER_BLIND` modules (timm's norm-and-activation layers call
+them): blind on tensors of one dtype in any layout, out of place, and ``batch_norm`` without
+updating running statistics (its write would go unguarded)."""
+
+PLAIN_FUNCTIONS: frozenset[Any] = frozenset(
+    {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.getitem, torch._assert}
+)
+"""Functions that dispatch nothing on values holding no tensor (sizes, flags: ``torch._assert(x.ndim
+== 4)``), and ``getattr`` of :data:`METADATA` (a tensor's sizes, read without dispatch)."""
+
+METADATA = frozenset({"shape", "ndim", "dtype", "device"})
+
 
 def maybe_blind(target: Any) -> bool:
-    """``target`` is a :data:`RECORDER_BLIND_FUNCTIONS` function (decided once per graph node)."""
+    """``target`` is a function :func:`function_blind` may find blind (decided once per node)."""
     try:
-        return target in RECORDER_BLIND_FUNCTIONS
+        return target is getattr or any(
+            target in s for s in (RECORDER_BLIND_FUNCTIONS, ANY_LAYOUT_FUNCTIONS, PLAIN_FUNCTIONS)
+        )
     except TypeError:  # an unhashable callable
         return False
 
 
 def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     """The recorder cannot see anything in ``target(*args, **kwargs)`` on the CPU (without
-    autocast): a :data:`RECORDER_BLIND_FUNCTIONS` function on tensors of one dtype, all
-    row-major or all channels_last maps of one rank."""
-    if target not in RECORDER_BLIND_FUNCTIONS or "out" in kwargs:
-        return False
+    autocast): a :data:`PLAIN_FUNCTIONS` function on no tensor, ``getattr`` of
+    :data:`METADATA`, an :data:`ANY_LAYOUT_FUNCTIONS` function on tensors of one dtype, or a
+    :data:`RECORDER_BLIND_FUNCTIONS` one on tensors of one dtype, all row-major or all
+    channels_last maps of one rank."""
+    if target is getattr:
+        return len(args) == 2 and args[1] in METADATA and not kwargs
     ts = list(iter_tensors((args, kwargs)))
-    if not ts or any(t.dtype != ts[0].dtype for t in ts):
+    if target in PLAIN_FUNCTIONS:
+        return not ts
+    if "out" in kwargs or kwargs.get("inplace") or not ts or any(t.dtype != ts[0].dtype for t in ts):
+        return False
+    if target in ANY_LAYOUT_FUNCTIONS:
+        return target is not F.batch_norm or not _updates_statistics(args, kwargs)
+    if target not in RECORDER_BLIND_FUNCTIONS:
         return False
     if all(t.is_contiguous() for t in ts):
         return True
     rank = ts[0].dim()
     fmt = torch.channels_last if rank == 4 else torch.channels_last_3d if rank == 5 else None
     return fmt is not None and all(t.dim() == rank and t.is_contiguous(memory_format=fmt) for t in ts)
+
+
+def _updates_statistics(args: Any, kwargs: dict[str, Any]) -> bool:
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, training, ...)`` writes its
+    running statistics."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+    given = {**dict(zip(names, args, strict=False)), **kwargs}
+    return bool(given.get("training", False)) and given.get("running_mean") is not None

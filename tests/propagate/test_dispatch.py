@@ -3,6 +3,7 @@ writes to the user's weights, whatever the model's own code does between two cal
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ import nhwc_audit
 from nhwc_audit.capture.fx import trace
 from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.prepare.copy import prepare_audit_copy
-from nhwc_audit.propagate import blind, dispatch
+from nhwc_audit.propagate import blind, dispatch, interpreter
 from nhwc_audit.propagate.dispatch import RecordingMode
 from nhwc_audit.propagate.interpreter import propagate
 
@@ -522,6 +523,67 @@ def test_a_blind_function_on_mixed_layouts_or_dtypes_is_not_blind() -> None:
     assert not blind.maybe_blind([])  # an unhashable target
 
 
+def _any_layout_call(fn: Any, x: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    c = x.shape[1]
+    stats = (torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype))
+    affine = (torch.randn(c, dtype=x.dtype), torch.randn(c, dtype=x.dtype))
+    if fn is F.batch_norm:
+        return (x, *stats, *affine, False), {}
+    if fn is F.layer_norm:
+        return (x, x.shape[-1:], torch.randn(x.shape[-1], dtype=x.dtype), torch.randn(x.shape[-1], dtype=x.dtype)), {}
+    return (x,), {}
+
+
+@pytest.mark.parametrize("fn", sorted(blind.ANY_LAYOUT_FUNCTIONS, key=repr))
+def test_the_recorder_sees_nothing_in_a_functional_norm_or_activation_in_any_layout(fn: Any) -> None:
+    """The functional forms of recorder-blind modules, as timm calls them: in any input layout,
+    float32 or bfloat16, no copy reaches the recorder and no layout change but the node's own."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((2, 4, 5, 5), (1, 4, 3, 4, 5)):
+            for x in _variants(shape):
+                args, kwargs = _any_layout_call(fn, x.to(dtype))
+                assert blind.function_blind(fn, args, kwargs), (fn, x.stride())
+                rec = dispatch.CopyRecorder(relays=True)
+                with rec, torch.no_grad():
+                    y = fn(*args, **kwargs)
+                assert rec.copies == [], (fn, x.stride(), rec.copies)
+                assert all((s, o) == (id(args[0]), id(y)) for _, s, o in rec.relayed), (fn, x.stride(), rec.relayed)
+
+
+def test_plain_calls_and_metadata_are_blind_and_writes_are_not() -> None:
+    x = torch.randn(2, 4, 5, 5)
+    for target, args in ((operator.eq, (4, 4)), (torch._assert, (True, "4D")), (operator.getitem, ((2, 3), 1))):
+        assert blind.function_blind(target, args, {})
+        rec = dispatch.CopyRecorder(relays=True)
+        with rec:
+            target(*args)
+        assert rec.copies == [] and rec.relayed == []
+    assert blind.function_blind(getattr, (x, "shape"), {}) and blind.maybe_blind(getattr)
+    assert not blind.function_blind(getattr, (x, "mT"), {})  # a view: a call the recorder sees
+    assert not blind.function_blind(operator.eq, (x, x), {})  # a comparison of values
+    stats = (torch.zeros(4), torch.ones(4))
+    assert not blind.function_blind(F.batch_norm, (x, *stats, None, None, True), {})  # writes its statistics
+    assert blind.function_blind(F.batch_norm, (x, None, None, None, None, True), {})  # batch statistics only
+    assert not blind.function_blind(F.relu, (x,), {"inplace": True})
+    assert not blind.function_blind(F.batch_norm, (x, *stats), {"training": True})
+
+
+class _Functional(nn.Module):
+    """timm's norm-and-activation layers: functional calls after checks of the input's rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.InstanceNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x))  # copies inside: the recorder must see them still
+        torch._assert(y.ndim == 4, "a map")
+        bn = self.bn
+        y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+        y = F.silu(F.layer_norm(y, y.shape[-1:]))
+        return F.gelu(y.contiguous()) + y
+
+
 class _Cats(nn.Module):
     """Cats and adds on one layout (blind) and on mixed ones (the recorder must see them)."""
 
@@ -553,7 +615,9 @@ class _Block(nn.Module):
         return self.act(self.head(y)) + y
 
 
-@pytest.mark.parametrize("build", [_Block, lambda: _Block(inplace=True), Repeats, lambda: Hooked(every=True), _Cats])
+@pytest.mark.parametrize(
+    "build", [_Block, lambda: _Block(inplace=True), Repeats, lambda: Hooked(every=True), _Cats, _Functional]
+)
 def test_records_are_the_same_with_the_recorder_off_for_blind_modules(build: Any, monkeypatch: Any) -> None:
     """Taking the recorder off the stack changes no record; and it is taken off (the
     recorder is asked for fewer ops)."""
@@ -578,7 +642,7 @@ def test_records_are_the_same_with_the_recorder_off_for_blind_modules(build: Any
 
     fast, fast_calls = run()
     monkeypatch.setattr(blind, "RECORDER_BLIND", frozenset())
-    monkeypatch.setattr(blind, "RECORDER_BLIND_FUNCTIONS", frozenset())
+    monkeypatch.setattr(interpreter, "maybe_blind", lambda target: False)
     slow, slow_calls = run()
     assert fast == slow
     assert any(r.hidden for r in fast)
