@@ -69,13 +69,14 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
     (without autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a
     subclass may override forward), its own forward, zero padding, no hooks, and in place
     (``ReLU(inplace=True)``) only on tensors not among the ``shared`` weights (None: never in
-    place), whose write the recorder must refuse; a Linear on tokens only (its matmul folds a
-    4D input with a reshape, which copies a channels_last one)."""
+    place), whose write the recorder must refuse; a Linear on tokens, or on a row-major map (its
+    matmul folds a 4D input with a reshape, a view of a row-major one, which copies a
+    channels_last one: ConvNeXt's permuted NHWC map is row-major)."""
     kind = type(module)
     own = module.__dict__  # their settings are instance attributes: read without a failed lookup
     return (
         kind in RECORDER_BLIND
-        and (kind is not nn.Linear or all(t.dim() < 4 for t in iter_tensors(args)))
+        and (kind is not nn.Linear or all(t.dim() < 4 or t.is_contiguous() for t in iter_tensors(args)))
         and "forward" not in own
         and own.get("padding_mode", "zeros") == "zeros"
         and (

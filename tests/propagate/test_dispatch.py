@@ -450,6 +450,26 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
                     assert all(p._version == v for p, v in params)
 
 
+def test_the_recorder_sees_nothing_in_a_linear_on_a_row_major_map() -> None:
+    """ConvNeXt's Linear on the NHWC map a permute of a channels_last one gives (row-major): its
+    matmul folds the map with a view; a channels_last map it would copy, which is not blind."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for training in (False, True):
+            m = nn.Linear(8, 16).to(dtype).train(training)
+            x = torch.randn(2, 8, 5, 6, dtype=dtype).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            assert blind.recorder_blind(m, (x,))
+            rec = dispatch.CopyRecorder(relays=True)
+            with rec, torch.no_grad():
+                m(x)
+            assert rec.copies == [] and rec.relayed == []
+    map_cl = torch.randn(2, 6, 5, 8).contiguous(memory_format=torch.channels_last)
+    assert not blind.recorder_blind(nn.Linear(8, 16), (map_cl,))
+    rec = dispatch.CopyRecorder(relays=True)
+    with rec, torch.no_grad():
+        nn.Linear(8, 16)(map_cl)
+    assert rec.copies  # why: the reshape copies it
+
+
 def test_a_module_with_a_hook_or_its_own_settings_is_not_blind() -> None:
     assert not blind.recorder_blind(nn.ReLU(inplace=True))  # no shared weights said: never in place
     copy = prepare_audit_copy(nn.Conv2d(2, 2, 3))
@@ -460,6 +480,7 @@ def test_a_module_with_a_hook_or_its_own_settings_is_not_blind() -> None:
     four_d = torch.randn(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
     assert not blind.recorder_blind(nn.Linear(2, 2), (four_d,))  # matmul folds a 4D input: a copy
     assert blind.recorder_blind(nn.Linear(2, 2), (torch.randn(3, 2),))
+    assert blind.recorder_blind(nn.Linear(2, 2), (four_d.permute(0, 2, 3, 1),))  # ConvNeXt's NHWC tokens
     hooked = nn.Conv2d(2, 2, 1)
     hooked.register_forward_hook(lambda *a: None)
     assert not blind.recorder_blind(hooked)
