@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import tree_leaves
 
 __all__ = [
@@ -39,10 +40,10 @@ def _collect(value: Any, out: list[torch.Tensor]) -> None:
         out.append(value)
         return
     kind = type(value)
-    if kind is tuple or kind is list:
+    if kind is tuple or kind is list or kind is immutable_list:  # fx hands a node its lists immutable
         for v in value:
             _collect(v, out)
-    elif kind is dict:
+    elif kind is dict or kind is immutable_dict:
         for v in value.values():
             _collect(v, out)
     elif kind not in PLAIN_LEAVES and kind is not torch.Size:  # a torch.Size holds ints only

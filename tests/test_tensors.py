@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import tree_leaves
 
 from nhwc_audit.tensors import PLAIN_LEAVES, iter_tensors
@@ -32,6 +33,7 @@ def _values() -> list[Any]:
         (torch.Size([1, 2]), torch.float32, torch.device("cpu"), torch.channels_last, torch.strided),
         [[[]], (), {}],
         {"nested": Pair(a={"q": b}, b=a), "more": [OrderedDict(m=c)]},
+        immutable_list([a, immutable_dict({"k": b, "j": (c, 1)})]),  # torch.cat's list, as fx hands it
     ]
 
 
@@ -40,6 +42,16 @@ def test_iter_tensors_is_pytrees_order(index: int) -> None:
     value = _values()[index]
     got, want = iter_tensors(value), _reference(value)
     assert [id(t) for t in got] == [id(t) for t in want]
+
+
+def test_fx_immutable_lists_are_walked_without_pytree(monkeypatch: Any) -> None:
+    """The lists and dicts fx hands a node's call (every ``torch.cat`` of a graph) take the
+    walk's own path: pytree's costs ~2 us a call."""
+    from nhwc_audit import tensors
+
+    monkeypatch.setattr(tensors, "tree_leaves", lambda value: pytest.fail(f"pytree walked {type(value)}"))
+    a, b = torch.zeros(1), torch.ones(1)
+    assert iter_tensors(immutable_list([a, immutable_dict({"k": b})])) == [a, b]
 
 
 def test_plain_leaves_are_pytree_leaves() -> None:
