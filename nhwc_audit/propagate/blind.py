@@ -144,7 +144,7 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     ts = list(iter_tensors((args, kwargs)))
     if target in PLAIN_FUNCTIONS:
         return not ts
-    if "out" in kwargs or kwargs.get("inplace") or not ts or any(t.dtype != ts[0].dtype for t in ts):
+    if "out" in kwargs or _in_place(target, args, kwargs) or not ts or any(t.dtype != ts[0].dtype for t in ts):
         return False
     if target in ANY_LAYOUT_FUNCTIONS:
         return target is not F.batch_norm or not _updates_statistics(args, kwargs)
@@ -163,3 +163,10 @@ def _updates_statistics(args: Any, kwargs: dict[str, Any]) -> bool:
     names = ("input", "running_mean", "running_var", "weight", "bias", "training")
     given = {**dict(zip(names, args, strict=False)), **kwargs}
     return bool(given.get("training", False)) and given.get("running_mean") is not None
+
+
+def _in_place(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """The call writes its input: ``inplace=True``, by keyword or (``F.relu(x, True)``, ``F.silu``,
+    ``F.hardswish``) as the second argument."""
+    positional = target in (F.relu, F.silu, F.hardswish) and len(args) > 1 and args[1] is True
+    return bool(kwargs.get("inplace")) or positional

@@ -586,6 +586,8 @@ def test_plain_calls_and_metadata_are_blind_and_writes_are_not() -> None:
     assert not blind.function_blind(F.batch_norm, (x, *stats, None, None, True), {})  # writes its statistics
     assert blind.function_blind(F.batch_norm, (x, None, None, None, None, True), {})  # batch statistics only
     assert not blind.function_blind(F.relu, (x,), {"inplace": True})
+    assert not blind.function_blind(F.silu, (x, True), {})  # in place, as a positional argument
+    assert blind.function_blind(F.gelu, (x, "tanh"), {})
     assert not blind.function_blind(F.batch_norm, (x, *stats), {"training": True})
 
 
