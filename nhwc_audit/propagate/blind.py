@@ -65,8 +65,9 @@ record shows (the recorder keeps only changes inside a node: :func:`computed_rel
 
 
 def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | None = None) -> bool:
-    """The recorder cannot see anything in a call of ``module`` on ``args`` on the CPU
-    (without autocast, whose casts are ATen copies): a :data:`RECORDER_BLIND` type itself (a
+    """The recorder cannot see anything in a call of ``module`` on ``args`` (its arguments,
+    positional and keyword, in any nesting) on the CPU (without autocast, whose casts are ATen
+    copies): plain tensors (:func:`_plain`) in and on it, a :data:`RECORDER_BLIND` type itself (a
     subclass may override forward), its own forward, zero padding, no hooks, and in place
     (``ReLU(inplace=True)``) only on tensors not among the ``shared`` weights (None: never in
     place), whose write the recorder must refuse; a Linear on tokens, or on a row-major map (its
@@ -76,6 +77,12 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
     own = module.__dict__  # their settings are instance attributes: read without a failed lookup
     return (
         kind in RECORDER_BLIND
+        and _plain(
+            [
+                *iter_tensors(args),
+                *(t for t in (*own["_parameters"].values(), *own["_buffers"].values()) if t is not None),
+            ]
+        )
         and (kind is not nn.Linear or all(t.dim() < 4 or t.is_contiguous() for t in iter_tensors(args)))
         and "forward" not in own
         and own.get("padding_mode", "zeros") == "zeros"
@@ -139,9 +146,11 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     :data:`METADATA`, an :data:`ANY_LAYOUT_FUNCTIONS` function on tensors of one dtype, or a
     :data:`RECORDER_BLIND_FUNCTIONS` one on tensors of one dtype, all row-major or all
     channels_last maps of one rank."""
+    ts = list(iter_tensors((args, kwargs)))
+    if not _plain(ts):
+        return False
     if target is getattr:
         return len(args) == 2 and args[1] in METADATA and not kwargs
-    ts = list(iter_tensors((args, kwargs)))
     if target in PLAIN_FUNCTIONS:
         return not ts
     if "out" in kwargs or _in_place(target, args, kwargs) or not ts or any(t.dtype != ts[0].dtype for t in ts):
@@ -170,3 +179,9 @@ def _in_place(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     ``F.hardswish``) as the second argument."""
     positional = target in (F.relu, F.silu, F.hardswish) and len(args) > 1 and args[1] is True
     return bool(kwargs.get("inplace")) or positional
+
+
+def _plain(ts: list[torch.Tensor]) -> bool:
+    """Strided tensors whose calls reach the kernels as they are: no ``__torch_function__`` of a
+    subclass (its code may copy; a Parameter's and a FakeTensor's do not count), no sparse layout."""
+    return all(t.layout is torch.strided for t in ts) and not torch.overrides.has_torch_function(ts)

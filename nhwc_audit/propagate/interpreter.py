@@ -128,7 +128,7 @@ class LayoutProp(torch.fx.Interpreter):
             elif (
                 self._blind_ok
                 and (
-                    recorder_blind(self._callee[n], args, rec.shared)
+                    recorder_blind(self._callee[n], (args, kwargs), rec.shared)
                     if n in self._callee
                     else n in self._blind_functions and function_blind(n.target, args, kwargs)
                 )

@@ -670,3 +670,71 @@ def test_records_are_the_same_with_the_recorder_off_for_blind_modules(build: Any
     assert fast == slow
     assert any(r.hidden for r in fast)
     assert fast_calls < slow_calls
+
+
+class _Gain(torch.Tensor):
+    """A gain map whose products run in NCHW, then come back channels_last: its
+    ``__torch_function__`` copies where no recorder-blind rule can tell."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in (torch.Tensor.__mul__, torch.mul, torch.Tensor.mul):
+            a, b = (t.as_subclass(torch.Tensor).contiguous() for t in args)
+            return torch.Tensor.mul(a, b).contiguous(memory_format=torch.channels_last)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _Gained(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.register_buffer("g", torch.ones(1, 8, 8, 8).as_subclass(_Gain))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x) * self.g)
+
+
+def test_a_tensor_subclass_with_its_own_torch_function_is_never_blind() -> None:
+    x = torch.randn(1, 8, 8, 8)
+    gain = torch.ones(1, 8, 8, 8).as_subclass(_Gain)
+    assert not blind.function_blind(operator.mul, (x, gain), {})
+    assert not blind.function_blind(getattr, (gain, "shape"), {})
+    assert not blind.recorder_blind(nn.ReLU(), (gain,))
+    weighted = nn.Conv2d(8, 8, 1)
+    weighted.weight = nn.Parameter(weighted.weight.detach().as_subclass(_Gain))
+    assert not blind.recorder_blind(weighted, (x,))
+    assert blind.function_blind(operator.mul, (x, nn.Parameter(x.clone())), {})  # a Parameter is plain
+    torch.manual_seed(0)
+    for train in (False, True):
+        r = nhwc_audit.audit(_Gained(), (torch.randn(1, 3, 8, 8),), bandwidth=1e10, train=train)
+        assert ("mul", "conversion", 4096) in [(f.node, f.kind.value, f.bytes) for f in r.findings]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_a_sparse_operand_is_not_blind_and_the_graph_is_kept() -> None:
+    class Sparse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x).flatten(1).relu().to_sparse_csr()
+            return torch.add(y, y).to_dense()
+
+    csr = torch.eye(3).to_sparse_csr()
+    assert not blind.function_blind(torch.add, (csr, csr), {})
+    r = nhwc_audit.audit(Sparse(), (torch.randn(1, 3, 8, 8),), bandwidth=1e10)
+    assert r.meta.capture == "fx" and not r.meta.capture_notes
+
+
+def test_a_leaf_module_called_with_keywords_is_judged_on_them() -> None:
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.fc(input=self.conv(x)))  # a Linear on a channels_last map: a copy
+
+    r = nhwc_audit.audit(Keyword(), (torch.randn(1, 3, 8, 8),), bandwidth=1e10)
+    assert ("fc", "revert", 4096) in [(f.node, f.kind.value, f.bytes) for f in r.findings]
