@@ -75,26 +75,25 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
     channels_last one: ConvNeXt's permuted NHWC map is row-major)."""
     kind = type(module)
     own = module.__dict__  # their settings are instance attributes: read without a failed lookup
+    if (
+        kind not in RECORDER_BLIND
+        or "forward" in own
+        or own.get("padding_mode", "zeros") != "zeros"
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or nn.modules.module._global_forward_hooks_always_called
+    ):
+        return False
+    ts = iter_tensors(args)
+    held = [t for t in (*own["_parameters"].values(), *own["_buffers"].values()) if t is not None]
     return (
-        kind in RECORDER_BLIND
-        and _plain(
-            [
-                *iter_tensors(args),
-                *(t for t in (*own["_parameters"].values(), *own["_buffers"].values()) if t is not None),
-            ]
-        )
-        and (kind is not nn.Linear or all(t.dim() < 4 or t.is_contiguous() for t in iter_tensors(args)))
-        and "forward" not in own
-        and own.get("padding_mode", "zeros") == "zeros"
+        _plain([*ts, *held])
+        and (kind is not nn.Linear or all(t.dim() < 4 or t.is_contiguous() for t in ts))
         and (
             not own.get("inplace", False)
-            or (shared is not None and not (shared and any(on_shared(t, shared) for t in iter_tensors(args))))
-        )
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (
-            nn.modules.module._global_forward_hooks
-            or nn.modules.module._global_forward_pre_hooks
-            or nn.modules.module._global_forward_hooks_always_called
+            or (shared is not None and not (shared and any(on_shared(t, shared) for t in ts)))
         )
     )
 
