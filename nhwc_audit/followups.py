@@ -79,8 +79,8 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
         return repaired  # the model as audited: its verdict stands
     # decided on the repaired graph: its breaks, its share of channels_last nodes and bytes
     records, summary = _decided_on(repaired)
-    compute = report.meta.autocast or report.meta.dtype  # what the convolutions run in
-    verdict = decide(records, summary, device=report.meta.device, dtype=compute, bytes_moved=log.bytes_after)
+    meta = report.meta
+    verdict = decide(records, summary, device=meta.device, dtype=meta.compute_dtype, bytes_moved=log.bytes_after)
     return dataclasses.replace(repaired, verdict=verdict)
 
 
@@ -117,7 +117,7 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
         records,
         summary,
         device=report.meta.device,
-        dtype=report.meta.autocast or report.meta.dtype,
+        dtype=report.meta.compute_dtype,
         speedup=max(speeds) if speeds else None,
         needs_repair=repaired is not None and repaired > (naive or 0.0),
         measured=lines,

@@ -180,7 +180,6 @@ def _audit_one(
         records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None, autocast=amp
     )
     dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)
-    amp_name = str(o.autocast).removeprefix("torch.") if o.autocast is not None else None
     if captured.capture is not None:
         captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph
     rank = max({t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}, default=None)
@@ -193,7 +192,7 @@ def _audit_one(
         mode=o.mode,
         device=str(o.device),
         dtype=dtype,
-        autocast=amp_name,
+        autocast=str(o.autocast).removeprefix("torch.") if o.autocast is not None else None,
         training=module.training,
         inputs=tuple(tensor_meta(a) for a in iter_tensors(p.args)),  # in lists too (detection models)
         bandwidth=bandwidth,
@@ -220,7 +219,7 @@ def _audit_one(
         regions=analysis.regions,
         summary=analysis.summary,
         timing=timing,
-        verdict=decide(records, analysis.summary, device=str(o.device), dtype=amp_name or dtype),
+        verdict=decide(records, analysis.summary, device=str(o.device), dtype=meta.compute_dtype),
         source=(module, args, kwargs) if o.mode == "real" else None,
         capture=captured.kept if o.mode == "real" else None,
     )

@@ -210,3 +210,8 @@ class AuditMeta:
     modules: tuple[tuple[str, str], ...] = ()
     """(path, class name) of every module of the audited model in definition order; ``''`` is the
     root. The report's module tree names containers (``ModuleList``) that run no op of their own."""
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the convolutions run in: autocast's where the audit ran under it."""
+        return self.autocast or self.dtype
