@@ -48,7 +48,12 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
     corrections = runner.corrections()  # a fake run's backward kernels strided as eager's
     with runner.context(guard=False, corrections=corrections):
         ran = backward_layouts(
-            captured.gm, captured.inputs or [], breaks=breaks, corrected=captured.corrected, ran=captured.grad_run
+            captured.gm,
+            captured.inputs or [],
+            breaks=breaks,
+            corrected=captured.corrected,
+            ran=captured.grad_run,
+            data=captured.unconverted,
         )
     records = [
         dataclasses.replace(r, grads=ran.layouts.get(r.name, ()), backward=tuple(ran.moved.get(r.name, ())))
@@ -127,7 +132,7 @@ def with_nchw_baseline(
     # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
     moved = {r.name: n for r in nchw if (n := moved_bytes(r))}
     theirs_op = {r.name: r.op_name for r in nchw}
-    for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None):
+    for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None, converted=False):
         if baselined(f.kind, theirs_op[f.node]):
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)

@@ -57,6 +57,7 @@ class _Ctx:
     device: str
     free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
     cast: str | None  # the device type autocast runs on (channels.casts_first), None without
+    converted: bool  # records of the channels_last conversion, not of the model as built (NCHW baseline)
 
 
 def _finding(
@@ -161,7 +162,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
         return _hidden_findings(ctx, r) if moves.copies_into(r) else []
-    ins = [i for i in moves.data_inputs(r) if i.meta.is_spatial]
+    ins = [i for i in moves.data_inputs(r, ctx.converted) if i.meta.is_spatial]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST and i.producer not in ctx.free]
     cl_in = [i for i in cl_in if not moves.converted_weight(r, i, ctx.by_name)]
@@ -193,8 +194,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     reverted = [o for o in r.outputs if row_major(o) or along_w(o) or moves.reordered(r, o)]
     if reverted and exits_spatial(r, reverted, ctx.by_name):
         return []  # a flatten out of the spatial ranks: an exit, not a finding (as in a graph)
-    # an ambiguous input counts when its strides lean channels_last (kernels follow them):
-    # e.g. a C == 1 volume into a CPU Conv3d that picks NCDHW for small inputs
+    # an ambiguous input counts when its strides lean channels_last (kernels follow them: a C == 1 volume)
     viewed = viewed_as(r, reverted, ctx.by_name)
     # the activations, and 4D parameters the conversion re-laid (timm Hiera's position embedding, tiled)
     read = [i for i in r.inputs if not i.is_param or (i.meta.rank >= 4 and r.op_name.lower() not in CONV_OPS)]
@@ -298,8 +298,10 @@ def find_findings(
     device: str = "cpu",
     hints: H.HintTable | None = None,
     autocast: bool = False,
+    converted: bool = True,
 ) -> list[Finding]:
-    """Every finding, in graph order (``autocast``: the records ran under autocast on ``device``)."""
+    """Every finding, in graph order (``autocast``: the records ran under autocast on ``device``;
+    ``converted``: False for the model as built, whose weights no conversion laid out)."""
     ctx = _Ctx(
         by_name={r.name: r for r in records},
         bandwidth=bandwidth,
@@ -307,6 +309,7 @@ def find_findings(
         device=device,
         free=conversion_free(records),
         cast=device.split(":")[0] if autocast else None,
+        converted=converted,
     )
     out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
     # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding

@@ -265,13 +265,13 @@ def default_hints() -> HintTable:
         t,
         FindingKind.MIXED,
         (STORED_OPERAND,),
-        "{op} reads a stored tensor ({origin}: a parameter, a buffer, or a tensor made in forward "
-        "that the graph keeps as a constant) in the other layout than the activation it meets, "
-        "and re-lays it on every call: model.to(memory_format=torch.channels_last) restrides every "
-        "4D parameter and buffer, also one that holds tokens rather than an image (a position "
-        "embedding); give it the activation's layout (.contiguous() it after converting, or store "
-        "it 3D and reshape in forward; make a tensor in forward like the activation: "
-        "torch.ones_like(x))",
+        "{op} reads a stored tensor ({origin}: a parameter, a buffer, a plain tensor attribute, or a "
+        "tensor made in forward that the graph keeps as a constant) in the other layout than the "
+        "activation it meets, and re-lays it on every call: model.to(memory_format=torch.channels_last) "
+        "restrides every 4D parameter and buffer, also one that holds tokens (a position embedding), "
+        "but no plain attribute or tensor made in forward; give it the activation's layout (register "
+        "it as a buffer made once in __init__, .contiguous() it after converting, or store it 3D and "
+        "reshape in forward; make a tensor in forward like the activation: torch.ones_like(x))",
     )
     _register(
         t,

@@ -75,7 +75,6 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         return False
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
-    # reduced over a dim (and kept as size 1, or dropped)
     reduced = bool(reverted) and i.meta.rank - reverted[0].rank in (0, 1) and i.meta.numel != reverted[0].numel
     if i.meta.rank > 5 and not reduced:  # element for element: a reshape may keep the channels innermost (MaxViT)
         same = bool(reverted) and reverted[0].shape == i.meta.shape
@@ -109,7 +108,7 @@ def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, 
     only (weight standardisation: batch_norm over the reshaped weight, then reshape_as)."""
     if r.op_name.lower() not in CONV_OPS:
         return None
-    return next((i for i in nchw_in if _from_parameters(i, by_name)), None)
+    return next((i for i in nchw_in if not i.is_param and _from_parameters(i, by_name)), None)
 
 
 def _from_parameters(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
@@ -130,17 +129,18 @@ def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]
     return _from_parameters(i, by_name)
 
 
-def data_inputs(r: NodeRecord) -> tuple[NodeInput, ...]:
-    """The inputs an op reads as data, in their own layouts: its activations, and its
-    parameters, buffers and tensor constants unless it is a convolution (whose weight the
-    weight rules judge). ``model.to(memory_format=torch.channels_last)`` restrides every 4D
-    parameter and buffer, so one that holds tokens (timm NesT's position embedding, added to a
-    row-major token map) is read across layouts on every call; a tensor a graph holds as a
-    constant was made in forward, NCHW (``x + torch.ones(...)``). Only inputs read element for
-    element with the output: its shape but for the channels (a cat) and broadcast dims; a
+def data_inputs(r: NodeRecord, converted: bool = False) -> tuple[NodeInput, ...]:
+    """The inputs an op reads as data, in their own layouts: its activations, and its stored
+    tensors, but a convolution's weight (``converted``, a record of the channels_last run: one it
+    left NCHW, a tensor constant or a plain attribute, is re-laid on every call). ``model.to(...)``
+    restrides every 4D parameter and buffer, so one that holds tokens (timm NesT's position
+    embedding, added to a row-major token map) is read across layouts on every call; a graph's
+    tensor constant was made in forward, NCHW (``x + torch.ones(...)``). Only inputs read element
+    for element with the output: its shape but for the channels (a cat) and broadcast dims; a
     sampling grid (``grid_sample``'s N x H x W x 2) holds coordinates, not a map."""
     if r.op_name.lower() in CONV_OPS:
-        return r.activation_inputs
+        cl = r.outputs[0] if converted and r.outputs and r.outputs[0].layout is Layout.CHANNELS_LAST else None
+        return (*r.activation_inputs, *(i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl)))
     outs = r.spatial_outputs
     if not outs:
         return r.inputs

@@ -13,7 +13,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .fx import Capture
 
-__all__ = ["KeptGraph", "attribute", "graph_attributes", "holds", "kept", "put_back"]
+__all__ = ["KeptGraph", "attribute", "graph_attributes", "holds", "kept", "made_attributes", "put_back"]
 
 
 def holds(root: nn.Module, name: str, kind: str) -> Any:
@@ -41,6 +41,14 @@ def graph_attributes(cap: Capture) -> list[tuple[str, Any]]:
     return [(str(n.target), attribute(cap.root, str(n.target))) for n in cap.graph.nodes if n.op == "get_attr"]
 
 
+def made_attributes(cap: Capture) -> list[tuple[str, Any]]:
+    """(target, value) of each get_attr node of ``cap``'s graph that reads no parameter or buffer
+    of its root: a tensor the tracer made (``torch.ones(...)`` in forward) or a plain attribute,
+    which ``model.to(memory_format=...)`` leaves as they are."""
+    root = cap.root
+    return [(t, v) for t, v in graph_attributes(cap) if holds(root, t, "p") is None and holds(root, t, "b") is None]
+
+
 @dataclass(frozen=True)
 class KeptGraph:
     """What a report keeps of an audit's fx capture for a repair or a measurement: the graph and
@@ -58,10 +66,7 @@ def kept(cap: Capture | None) -> KeptGraph | None:
     if cap is None or cap.method != "fx":
         return None
     graph = copy.deepcopy(cap.graph) if cap.graph.owning_module is not None else cap.graph
-    made = [
-        (t, v) for t, v in graph_attributes(cap) if holds(cap.root, t, "p") is None and holds(cap.root, t, "b") is None
-    ]
-    return KeptGraph(graph, tuple(made))
+    return KeptGraph(graph, tuple(made_attributes(cap)))
 
 
 def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:

@@ -98,6 +98,7 @@ def backward_layouts(
     breaks: frozenset[str] = frozenset(),
     corrected: frozenset[str] = frozenset(),
     ran: GradRun | None = None,
+    data: frozenset[str] = frozenset(),
 ) -> Backward:
     """Run ``gm`` (the audit's private graph) forward with autograd and back from a fixed random
     linear loss whose seed gradient has each output's own layout (as an elementwise loss on a
@@ -107,11 +108,12 @@ def backward_layouts(
     the gradients they hand back are channels_last here too. ``ran``: the propagation's own
     forward of ``gm``'s graph, run with autograd: the backward starts there, with no forward here
     (unless a check after it wrote in place to a tensor autograd saved: then it runs again).
+    ``data``: ``gm``'s buffers a backward reads as data, not as weights (a tensor constant).
     Returns what the backward handed each node and parameter, and what it moved."""
     if ran is not None:
         try:
             with seeded(seed, flat_inputs), torch.enable_grad():
-                return _back(ran.out, ran.grads, gm)
+                return _back(ran.out, ran.grads, gm, data)
         except RuntimeError:  # a check after the run wrote in place to what autograd saved
             pass
     grads = Grads()
@@ -119,16 +121,17 @@ def backward_layouts(
         out = _GradProp(gm, grads, breaks, corrected).run(
             *[clone_value(v) for v in flat_inputs], enable_io_processing=False
         )
-        return _back(out, grads, gm)
+        return _back(out, grads, gm, data)
 
 
 LOSS = "(loss)"
 """The name the loss's autograd nodes are hooked under: no graph node's."""
 
 
-def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule) -> Backward:
+def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule, data: frozenset[str]) -> Backward:
     """The backward from ``out`` (its run's nodes hooked into ``grads``), the parameter
-    gradients' layouts, and what each node's backward moved between layouts."""
+    gradients' layouts, and what each node's backward moved between layouts; ``data``: names of
+    ``gm``'s buffers read as data, not weights (:attr:`.captured.Captured.unconverted`)."""
     outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
     params = [(name, p) for name, p in gm.named_parameters() if p.requires_grad]
     param_grads: dict[str, TensorMeta] = {}
@@ -138,7 +141,8 @@ def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule) -> Backward:
         # the loss's own nodes hand on the seed gradients: a part of any sum with an output the
         # model reads too (``return f, f.mean()``); what they move is no graph node's
         hook_nodes(LOSS, [loss.grad_fn], grads)
-        grads.weights = frozenset(id(t) for t in [*gm.parameters(), *gm.buffers()])
+        stored = [*gm.named_parameters(), *gm.named_buffers()]
+        grads.weights = frozenset(id(t) for name, t in stored if name not in data)
         got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
     layouts = {k: tuple(v) for k, v in grads.layouts.items()}

@@ -98,13 +98,13 @@ class _Backward(nn.Module):
     its own then the backward, keeping what each node's backward moved between layouts. No node
     is corrected to channels_last (a fake channels_last run's GroupNorm on the CPU)."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, data: frozenset[str]) -> None:
         super().__init__()
-        self.inner = gm
+        self.inner, self.data = gm, data
         self.moved: dict[str, int] = {}
 
     def forward(self, *values: Any) -> None:
-        moved = backward_layouts(self.inner, list(values)).moved
+        moved = backward_layouts(self.inner, list(values), data=self.data).moved
         self.moved = {name: sum(c.bytes for c in copies) for name, copies in moved.items()}
 
 
@@ -119,7 +119,7 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
     checked on channels_last runs."""
     if captured.gm is None or captured.inputs is None:
         return f"the {captured.method} capture has no graph to run backward through"
-    holder = _Backward(captured.gm)
+    holder = _Backward(captured.gm, captured.unconverted)
     why = _run_as_built(holder, tuple(tree_map(_nchw_input, v) for v in captured.inputs), runner, runner.corrections())
     return why if why is not None else holder.moved
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from ..capture.fx import Capture
-from ..capture.kept import KeptGraph, kept
+from ..capture.kept import KeptGraph, kept, made_attributes
 from ..records import NodeRecord
 from .backward import GradRun
 
@@ -43,6 +43,14 @@ class Captured:
     @property
     def gm(self) -> torch.fx.GraphModule | None:
         return self.capture.gm if self.capture is not None else None
+
+    @property
+    def unconverted(self) -> frozenset[str]:
+        """The fx graph's stored tensors the conversion leaves as they are (tensor constants, plain
+        attributes: :func:`~nhwc_audit.capture.kept.made_attributes`): a backward reads them as data."""
+        if self.capture is None or self.method != "fx":
+            return frozenset()
+        return frozenset(t for t, _ in made_attributes(self.capture))
 
     @property
     def kept(self) -> KeptGraph | None:

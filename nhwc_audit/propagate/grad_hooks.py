@@ -46,7 +46,8 @@ class Grads:
     """The kinds of autograd node not in :data:`KEEPS_ORDER` that ran on tensors of rank 3 and up."""
     weights: frozenset[int] = frozenset()
     """``id()`` of the graph's parameters and buffers as the run read them (the audit's restrided
-    views are no ``nn.Parameter``): what a backward reads of them is the weight rules' business."""
+    views are no ``nn.Parameter``): what a backward reads of them is the weight rules' business;
+    not a tensor constant or plain attribute, which the conversion leaves NCHW (read as data)."""
 
 
 KEEPS_ORDER = frozenset(

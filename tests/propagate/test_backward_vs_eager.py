@@ -154,8 +154,24 @@ class Checkpointed(nn.Module):
         return self.c(_checkpointed(self.a(x), self.w))
 
 
+class StoredNchwWeights(nn.Module):
+    """Weights the conversion leaves NCHW: a product of a parameter and a tensor made in forward
+    (fx keeps it as a constant; the product's backward reads it into the parameter's
+    channels_last gradient), and a conv weight made in forward (re-laid by the conv's backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3) / 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(self.a(x), self.w * torch.ones(8, 8, 3, 3), padding=1)
+        return self.c(F.conv2d(y, torch.ones(8, 8, 3, 3) / 72, padding=1))
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "checkpointed": Checkpointed,
+    "stored_nchw_weights": StoredNchwWeights,
     "features_and_pooled": FeaturesAndPooled,
     "column_major": ColumnMajor,
     "normed_tokens_then_conv": NormedTokensThenConv,

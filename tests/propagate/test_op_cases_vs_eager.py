@@ -199,6 +199,12 @@ def _relu_heads_attention(s: Between, y: torch.Tensor) -> torch.Tensor:
     return (torch.relu(t) @ kv).transpose(-1, -2).reshape(b, c, h, w)
 
 
+def _conv_of_a_plain_tensor_attribute() -> Between:
+    m = Between(lambda s, y: nn.functional.conv2d(y, s.k, padding=1))
+    m.k = torch.randn(8, 8, 3, 3) / 8  # no buffer: model.to(memory_format=...) leaves it NCHW
+    return m
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
@@ -325,6 +331,15 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # operands at batch 2), where NCHW views them
     "heads_viewed_from_a_map_then_matmul": lambda: Between(_heads_attention),
     "heads_of_a_map_through_relu_then_matmul": lambda: Between(_relu_heads_attention),
+    # a conv weight the conversion leaves NCHW (a tensor made in forward, which fx keeps as a constant;
+    # a plain tensor attribute): the kernel re-lays it on every call
+    "conv_of_a_weight_made_in_forward": lambda: Between(
+        lambda s, y: nn.functional.conv2d(y, torch.tensor([1.0, 0.0, -1.0]).expand(8, 8, 3, 3).contiguous(), padding=1)
+    ),
+    "conv_transpose_of_a_weight_made_in_forward": lambda: Between(
+        lambda s, y: nn.functional.conv_transpose2d(y, torch.ones(8, 8, 3, 3) / 72, padding=1)
+    ),
+    "conv_of_a_plain_tensor_attribute": _conv_of_a_plain_tensor_attribute,
     "channels_padded_through_a_5d_view": lambda: Between(
         lambda s, y: nn.functional.pad(y.unsqueeze(1), (0, 0, 0, 0, 1, 1)).squeeze(1), post=10
     ),
