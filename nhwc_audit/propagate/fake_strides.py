@@ -46,7 +46,9 @@ _PROBED_BACKWARDS = frozenset(
         "_log_softmax_backward_data",
         "native_batch_norm_backward",
         "native_layer_norm_backward",
-        *(f"{act}_backward" for act in ("softplus", "hardtanh", "hardswish", "hardsigmoid")),
+        "native_group_norm_backward",
+        "rrelu_with_noise_backward",
+        *(f"{act}_backward" for act in ("softplus", "hardtanh", "hardswish", "hardsigmoid", "elu", "log_sigmoid")),
         *(f"{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)),
     }
 )
@@ -227,9 +229,8 @@ def view_strides(source: torch.Tensor, out: torch.Tensor, *, backward: bool = Tr
     the meta device runs ATen's own stride computation, which FakeTensor's view does not for
     dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
     element, so only those are changed; ``out`` itself when they agree. ``backward``: a backward
-    pass may follow the run (then a view that needs a gradient is left as it is)."""
-    if (backward and out.requires_grad) or not is_alias_of(out, source) or out.numel() != source.numel():
-        # not where a backward follows: as_strided's backward would hand the gradient the source's strides
+    pass may follow the run (then a view that needs a gradient is restrided in place)."""
+    if not is_alias_of(out, source) or out.numel() != source.numel():
         return out
     if out.dim() not in (3, 4, 5) or 1 not in out.shape:  # 3D too: tokens (B, C, N) a 1D pool unsqueezes
         return out
@@ -243,4 +244,19 @@ def view_strides(source: torch.Tensor, out: torch.Tensor, *, backward: bool = Tr
         a != b and n != 1 for a, b, n in zip(strides, out.stride(), out.shape, strict=True)
     ):
         return out
+    if backward and out.requires_grad:  # as_strided's backward would hand the gradient the source's strides:
+        return _restrided_in_place(out, strides)  # the view keeps its own backward (a view's, as eager's)
     return out.as_strided(out.shape, strides, out.storage_offset())
+
+
+def _restrided_in_place(out: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """``out`` given ``strides`` in place, outside autograd, with the version counter it shares with
+    its source put back: autograd's check of the tensors it saved would take this for a write."""
+    reset = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if reset is None:
+        return out
+    version = out._version
+    with torch.no_grad():
+        out.as_strided_(out.shape, strides, out.storage_offset())
+    reset((out,), (version,))
+    return out

@@ -169,7 +169,25 @@ class StoredNchwWeights(nn.Module):
         return self.c(F.conv2d(y, torch.ones(8, 8, 3, 3) / 72, padding=1))
 
 
+class NchwThenActivation(nn.Module):
+    """An NCHW map (``.contiguous()``) through a norm and an activation into a conv: the CPU
+    backward of ELU (SELU, CELU), LogSigmoid, RReLU and GroupNorm strides the gradient otherwise
+    than their meta kernels, as does the batch norm's before them."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.a, self.bn, self.act, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), act, nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.bn(self.a(x).contiguous())))
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "nchw_then_elu": lambda: NchwThenActivation(nn.ELU()),
+    "nchw_then_selu": lambda: NchwThenActivation(nn.SELU()),
+    "nchw_then_logsigmoid": lambda: NchwThenActivation(nn.LogSigmoid()),
+    "nchw_then_rrelu": lambda: NchwThenActivation(nn.RReLU()),
+    "nchw_then_group_norm": lambda: NchwThenActivation(nn.GroupNorm(4, 16)),
     "checkpointed": Checkpointed,
     "stored_nchw_weights": StoredNchwWeights,
     "features_and_pooled": FeaturesAndPooled,

@@ -109,3 +109,32 @@ def test_an_op_on_a_batch_1_view_from_tokens_keeps_the_strides_eager_keeps(captu
     fake = nhwc_audit.audit(model, x, mode="fake", capture=capture, bandwidth=1e10)
     assert [f.kind.value for f in real.findings] == ["revert"] and real.findings[0].bytes == 8192
     _same(real, fake)
+
+
+class TokensResizedThenConv(nn.Module):
+    """smp's SegFormer decoder: tokens through a Linear, reshaped back to a batch-1 map (eager
+    strides the size-1 batch dim 64, FakeTensor 16,384), resized bilinearly (the CPU kernel picks
+    NCHW from eager's strides) and fused by a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.linear, self.fuse = nn.Conv2d(3, 32, 3, 2, 1), nn.Linear(32, 64), nn.Conv2d(64, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        y = self.linear(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+        return self.fuse(nn.functional.interpolate(y, size=(2 * h, 2 * w), mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_fake_train_audit_strides_a_batch_1_view_as_eager(capture: str) -> None:
+    """A backward follows a train audit's run: the view is restrided in place, keeping its own
+    backward (an ``as_strided`` of it would hand the gradient the source's strides)."""
+    torch.manual_seed(0)
+    model, x = TokensResizedThenConv().train(), torch.randn(1, 3, 32, 32)
+    real = nhwc_audit.audit(model, x, mode="real", capture=capture, bandwidth=1e10, train=True)
+    fake = nhwc_audit.audit(model, x, mode="fake", capture=capture, bandwidth=1e10, train=True)
+    forward = [(f.kind.value, f.node, f.bytes) for f in real.findings if f.kind.value != "backward"]
+    assert ("conversion", forward[-1][1], 524288) == forward[-1]
+    assert [(f.kind.value, f.node, f.bytes) for f in fake.findings if f.kind.value != "backward"] == forward
