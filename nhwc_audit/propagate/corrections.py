@@ -14,7 +14,15 @@ from ..layout import strides_like_channels_last, tensor_meta
 from ..prepare.copy import memory_format_for_rank
 from ..records import Layout
 from .dispatch import RecordingMode
-from .fake_strides import BACKWARD_STRIDES, POINTWISE_STRIDES, VIEW_STRIDES, VIEWS, PointwiseStrides, view_strides
+from .fake_strides import (
+    BACKWARD_STRIDES,
+    FORWARD_STRIDES,
+    POINTWISE_STRIDES,
+    VIEW_STRIDES,
+    VIEWS,
+    PointwiseStrides,
+    view_strides,
+)
 
 __all__ = ["KNOWN_DIVERGENCES", "Corrections", "Divergence", "known_divergence"]
 
@@ -169,7 +177,7 @@ class Corrections:
         return self._corrected() if self.applied else None
 
     def _corrected(self) -> str:
-        strides = (VIEW_STRIDES, POINTWISE_STRIDES, BACKWARD_STRIDES)
+        strides = (VIEW_STRIDES, POINTWISE_STRIDES, FORWARD_STRIDES, BACKWARD_STRIDES)
         texts = {text for _, text in self.applied if text not in strides}
         kept = sorted({t.split(":")[0] for t in texts if "meta keeps" not in t})
         what = [f"{', '.join(kept)}: eager keeps channels_last there, the meta kernels return NCHW"] if kept else []

@@ -23,6 +23,7 @@ __all__ = [
     "POINTWISE_STRIDES",
     "VIEWS",
     "VIEW_STRIDES",
+    "FORWARD_STRIDES",
     "PointwiseStrides",
     "eager_cpu_strides",
     "view_strides",
@@ -36,10 +37,18 @@ POINTWISE_STRIDES = (
     "after image pooling and GroupNorm after attention do"
 )
 BACKWARD_STRIDES = (
-    "gradients of GLU, log_softmax and reflect/replicate pads strided as the CPU kernels stride them, "
-    "where their meta kernels give other layouts; those of maximum, minimum and clamp with tensor bounds "
-    "masked in place, as in training"
+    "gradients of GLU, log_softmax, norms, ELU/LogSigmoid/RReLU and reflect/replicate pads strided as the "
+    "CPU kernels stride them, where their meta kernels give other layouts; those of maximum, minimum and "
+    "clamp with tensor bounds masked in place, as in training"
 )
+FORWARD_STRIDES = (
+    "LogSigmoid, RReLU and a scalar raised to a tensor (2 ** x) strided as eager strides them (NCHW from a "
+    "channels_last input), where FakeTensor keeps the input's layout"
+)
+_PROBED_FORWARDS = frozenset({"log_sigmoid_forward", "rrelu_with_noise", "pow.Scalar"})
+"""Forward ops (by name, or name and overload) whose eager kernels stride their output otherwise
+than FakeTensor (torch 2.14.1, each op run raw on a channels_last map, eager against fake);
+``rrelu_with_noise`` writes its noise argument, not its output's source."""
 _PROBED_BACKWARDS = frozenset(
     {
         "glu_backward",
@@ -94,14 +103,16 @@ class PointwiseStrides(RecordingMode):
         if func.overloadpacket is torch.ops.aten.masked_fill and _filled_in_place(args[0], first):
             self.applied.append(("", BACKWARD_STRIDES))
             return torch.empty_strided(first.shape, args[0].stride(), dtype=first.dtype, device=first.device)
-        probed = func.overloadpacket.__name__ in _PROBED_BACKWARDS
+        name = func.overloadpacket.__name__
+        forward = name in _PROBED_FORWARDS or func.__name__ in _PROBED_FORWARDS
+        probed = forward or name in _PROBED_BACKWARDS
         if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5):
             return out
         if not (
             probed or 1 in first.shape[1:] or (first.shape[0] == 1 and _odd_batch(args)) or _half_expanded(func, args)
         ):
             return out  # the common case, decided first: no size-1 dim to stride otherwise
-        if func._schema.is_mutable or func._schema.returns[0].alias_info is not None:
+        if (func._schema.is_mutable and not forward) or func._schema.returns[0].alias_info is not None:
             return out  # in place, or a view: strided by its input
         conv = func.overloadpacket.__name__ in CONV_OPS  # strided as FakeTensor strides them, and costly
         # TensorIterator strides a pointwise op's output by code that CPU and CUDA share: the CPU
@@ -109,14 +120,27 @@ class PointwiseStrides(RecordingMode):
         # but where dtypes mix (the CPU casts operands to a common dtype first, CUDA in the kernel)
         dtypes = {t.dtype for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()}
         asked = self.cpu or (_pointwise(func) and len(dtypes) == 1)
-        strides = eager_cpu_strides(func, args, kwargs, first) if asked and not conv else None
+        got = eager_cpu_outputs(func, args, kwargs, first) if asked and not conv else None
+        strides = tuple(got[0].stride()) if got else None
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _row_major_strides(first.shape)
         if strides is None or strides == tuple(first.stride()):
             return out
-        self.applied.append(("", BACKWARD_STRIDES if probed else POINTWISE_STRIDES))
+        self.applied.append(("", FORWARD_STRIDES if forward else BACKWARD_STRIDES if probed else POINTWISE_STRIDES))
         fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
-        return fixed if first is out else type(out)([fixed, *out[1:]])
+        if first is out:
+            return fixed
+        rest = list(out[1:])
+        if forward and got:  # what it saves for its backward too (log_sigmoid's buffer)
+            rest = [_like(o, g) for o, g in zip(rest, got[1:], strict=False)] + rest[len(got) - 1 :]
+        return type(out)([fixed, *rest])
+
+
+def _like(fake: Any, eager: Any) -> Any:
+    """``fake`` strided as ``eager``, a CPU kernel's output of its shape and dtype."""
+    if not isinstance(fake, torch.Tensor) or not isinstance(eager, torch.Tensor) or fake.shape != eager.shape:
+        return fake
+    return torch.empty_strided(fake.shape, eager.stride(), dtype=fake.dtype, device=fake.device)
 
 
 def _odd_batch(args: Any) -> bool:
@@ -151,7 +175,13 @@ def _filled_in_place(filled: Any, out: torch.Tensor) -> bool:
 
 
 def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
-    """The strides the CPU kernel gives ``func``'s first output, on zeros of the arguments'
+    """The strides the CPU kernel gives ``func``'s first output (:func:`eager_cpu_outputs`)."""
+    got = eager_cpu_outputs(func, args, kwargs, first)
+    return tuple(got[0].stride()) if got else None
+
+
+def eager_cpu_outputs(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> list[Any] | None:
+    """The CPU kernel's outputs of ``func`` (a list, first first), on zeros of the arguments'
     shapes, strides and dtypes; None when the arguments and the output are large or the kernel
     raises. A kernel that refuses reduced-precision 1D arguments is asked again with them in
     float32: FakeTensor gives a bfloat16 batch norm's saved statistics its input's dtype, where the
@@ -179,10 +209,10 @@ def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch
             continue
     if out is None:
         return None
-    result = out[0] if isinstance(out, (tuple, list)) and out else out
-    if not isinstance(result, torch.Tensor) or result.shape != first.shape:
+    results = list(out) if isinstance(out, (tuple, list)) else [out]
+    if not results or not isinstance(results[0], torch.Tensor) or results[0].shape != first.shape:
         return None
-    return tuple(result.stride())
+    return results
 
 
 def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:

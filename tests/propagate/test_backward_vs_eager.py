@@ -174,12 +174,14 @@ class NchwThenActivation(nn.Module):
     backward of ELU (SELU, CELU), LogSigmoid, RReLU and GroupNorm strides the gradient otherwise
     than their meta kernels, as does the batch norm's before them."""
 
-    def __init__(self, act: nn.Module) -> None:
+    def __init__(self, act: nn.Module, nchw: bool = True) -> None:
         super().__init__()
         self.a, self.bn, self.act, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), act, nn.Conv2d(16, 8, 1)
+        self.nchw = nchw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.act(self.bn(self.a(x).contiguous())))
+        y = self.a(x)
+        return self.b(self.act(self.bn(y.contiguous() if self.nchw else y)))
 
 
 CASES: dict[str, Callable[[], nn.Module]] = {
@@ -188,6 +190,9 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "nchw_then_logsigmoid": lambda: NchwThenActivation(nn.LogSigmoid()),
     "nchw_then_rrelu": lambda: NchwThenActivation(nn.RReLU()),
     "nchw_then_group_norm": lambda: NchwThenActivation(nn.GroupNorm(4, 16)),
+    # channels_last in: the CPU kernels write NCHW (and save an NCHW buffer), the meta kernels do not
+    "logsigmoid": lambda: NchwThenActivation(nn.LogSigmoid(), nchw=False),
+    "rrelu": lambda: NchwThenActivation(nn.RReLU(), nchw=False),
     "checkpointed": Checkpointed,
     "stored_nchw_weights": StoredNchwWeights,
     "features_and_pooled": FeaturesAndPooled,

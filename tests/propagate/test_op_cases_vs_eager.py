@@ -340,6 +340,10 @@ CASES: dict[str, Callable[[], nn.Module]] = {
         lambda s, y: nn.functional.conv_transpose2d(y, torch.ones(8, 8, 3, 3) / 72, padding=1)
     ),
     "conv_of_a_plain_tensor_attribute": _conv_of_a_plain_tensor_attribute,
+    # CPU kernels that write NCHW from a channels_last input, where their meta kernels keep it
+    "log_sigmoid": lambda: Between(lambda s, y: nn.functional.logsigmoid(y)),
+    "rrelu_eval": lambda: Between(lambda s, y: nn.functional.rrelu(y, training=False)),
+    "scalar_to_the_power_of_the_map": lambda: Between(lambda s, y: 2.0**y),
     "channels_padded_through_a_5d_view": lambda: Between(
         lambda s, y: nn.functional.pad(y.unsqueeze(1), (0, 0, 0, 0, 1, 1)).squeeze(1), post=10
     ),
