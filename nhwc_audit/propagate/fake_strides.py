@@ -43,9 +43,9 @@ BACKWARD_STRIDES = (
 )
 FORWARD_STRIDES = (
     "LogSigmoid, RReLU and a scalar raised to a tensor (2 ** x) strided as eager strides them (NCHW from a "
-    "channels_last input), where FakeTensor keeps the input's layout"
+    "channels_last input), and roll and channel_shuffle (channels_last kept), where FakeTensor does otherwise"
 )
-_PROBED_FORWARDS = frozenset({"log_sigmoid_forward", "rrelu_with_noise", "pow.Scalar"})
+_PROBED_FORWARDS = frozenset({"log_sigmoid_forward", "rrelu_with_noise", "pow.Scalar", "roll", "channel_shuffle"})
 """Forward ops (by name, or name and overload) whose eager kernels stride their output otherwise
 than FakeTensor (torch 2.14.1, each op run raw on a channels_last map, eager against fake);
 ``rrelu_with_noise`` writes its noise argument, not its output's source."""
@@ -57,6 +57,7 @@ _PROBED_BACKWARDS = frozenset(
         "native_layer_norm_backward",
         "native_group_norm_backward",
         "rrelu_with_noise_backward",
+        "logit_backward",
         *(f"{act}_backward" for act in ("softplus", "hardtanh", "hardswish", "hardsigmoid", "elu", "log_sigmoid")),
         *(f"{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)),
     }

@@ -184,7 +184,21 @@ class NchwThenActivation(nn.Module):
         return self.b(self.act(self.bn(y.contiguous() if self.nchw else y)))
 
 
+class _Fn(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    # roll and channel_shuffle keep channels_last on the CPU (FakeTensor: NCHW), their backward too
+    "roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2)), nchw=False),
+    "nchw_then_roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2))),
+    "channel_shuffle": lambda: NchwThenActivation(nn.ChannelShuffle(2), nchw=False),
+    "nchw_then_logit": lambda: NchwThenActivation(_Fn(lambda y: torch.logit(y, eps=1e-3))),
     "nchw_then_elu": lambda: NchwThenActivation(nn.ELU()),
     "nchw_then_selu": lambda: NchwThenActivation(nn.SELU()),
     "nchw_then_logsigmoid": lambda: NchwThenActivation(nn.LogSigmoid()),
