@@ -114,12 +114,13 @@ class _Chain:
         and finds the same), unless a graph is needed (``need_graph``: a backward pass), when
         torch.export comes before it."""
         first: dict[str, Capture] = {}  # the first fx trace: did it trace 4D/5D buffers?
+        r = self.runner
         steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
             ("fx", lambda: first.setdefault("fx", trace(self.model))),
             # a graph that traced buffers is not the model's (``isinstance(buf, Tensor)`` is False
             # for a proxy): traced again with them stowed, as torch's Tracer does
             ("fx", lambda: trace(self.model, trace_maps=False)),
-            ("export", lambda: exported(self.model, self.args, self.kwargs, self.runner.device_type, self.notes)),
+            ("export", lambda: exported(self.model, self.args, self.kwargs, r.device_type, self.notes, r.amp())),
         ]
         for i, (name, capture) in enumerate(steps):
             if i == 1:

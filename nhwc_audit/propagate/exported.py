@@ -3,6 +3,7 @@ the model on fake tensors and writes into its graph only the copies those need."
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -66,19 +67,28 @@ def _described(v: Any) -> Any:
     return repr(v)
 
 
-def exported(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], device: str, notes: list[str]) -> Capture:
-    """torch.export's capture, traced under :class:`EagerLayouts` on the CPU. Where that trace
-    raises (a view that eager cannot make either: a break), the trace on the fake tensors' own
-    layouts, with a note in ``notes``."""
-    if device != "cpu":
-        return export(model, args, kwargs)
-    try:
-        with EagerLayouts():
+def exported(
+    model: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: str,
+    notes: list[str],
+    amp: contextlib.AbstractContextManager[None] | None = None,
+) -> Capture:
+    """torch.export's capture, traced under :class:`EagerLayouts` on the CPU and under ``amp``
+    (the audit's autocast, :meth:`.runner.Runner.amp`). Where that trace raises (a view that
+    eager cannot make either: a break), the trace on the fake tensors' own layouts, with a note
+    in ``notes``."""
+    with amp if amp is not None else contextlib.nullcontext():
+        if device != "cpu":
             return export(model, args, kwargs)
-    except TraceError as e:
-        cap = export(model, args, kwargs)
-        notes.append(
-            f"export: traced on fake tensors' layouts, as eager's made the trace raise ({first_line(e)}): a copy "
-            "torch.export writes only where the fake tensor needs it (.contiguous(), a reshape) may be missing"
-        )
-        return cap
+        try:
+            with EagerLayouts():
+                return export(model, args, kwargs)
+        except TraceError as e:
+            cap = export(model, args, kwargs)
+            notes.append(
+                f"export: traced on fake tensors' layouts, as eager's made the trace raise ({first_line(e)}): a copy "
+                "torch.export writes only where the fake tensor needs it (.contiguous(), a reshape) may be missing"
+            )
+            return cap

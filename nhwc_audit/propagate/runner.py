@@ -74,11 +74,17 @@ class Runner:
                 stack.enter_context(self.fake_mode)
                 if corrections is not None:
                     stack.enter_context(corrections.eager_strides())
-            if self.autocast is not None:
-                stack.enter_context(autocast(self.device_type, self.autocast, absent=self.absent_cuda))
+            stack.enter_context(self.amp())
             if guard and self.shared:
                 stack.enter_context(CopyRecorder(self.shared))
             yield
+
+    def amp(self) -> contextlib.AbstractContextManager[None]:
+        """The audit's autocast alone: a trace under it sees the dtypes its run computes in (code
+        that makes a tensor in another's dtype, ``dtype=h.dtype``, bakes the one it sees)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return autocast(self.device_type, self.autocast, absent=self.absent_cuda)
 
     def forward(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One forward of ``model`` (or a captured graph) on clones of the sample."""

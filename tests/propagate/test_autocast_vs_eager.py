@@ -104,6 +104,32 @@ def test_an_autocast_train_audit_charges_what_eager_autocast_backward_adds(name:
     assert charged == expected, [(f.node, f.bytes) for f in report.findings if f.kind.value == "backward"]
 
 
+class MaskInItsDtype(nn.Module):
+    """A tensor made in the dtype of a map (monai's drop_connect, diffusers' AlphaBlender), in a model
+    fx cannot trace (``len(x)``): torch.export traced outside autocast baked float32 into the graph,
+    and a second output read in float32 made the check reject it (no backward audited at all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(x)
+        y = nn.functional.relu(h * torch.ones(len(x), 1, 1, 1, dtype=h.dtype))
+        return self.fc(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1)), y.mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_an_exported_graph_is_traced_in_the_dtypes_autocast_computes_in(mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = MaskInItsDtype().train(), torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_backward_bytes(model, (x,)).added
+    report = audit(model, x, autocast=True, train=True, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
+    assert report.meta.capture == "export" and report.meta.backward, report.meta.capture_notes
+    assert 0 < sum(f.bytes for f in report.findings if f.kind.value == "backward") == expected
+
+
 class MixedWithoutAutocast(nn.Module):
     """Dtypes mixed by the model itself, no autocast: every op reads each input in its own dtype (a
     CPU cat casts first only under autocast)."""
