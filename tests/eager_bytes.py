@@ -21,6 +21,7 @@ import math
 import os
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,10 +171,14 @@ class _Recorder(TorchDispatchMode):
         """Where the op was called from: the model's source line (a backward op: its forward's)."""
         self._last: tuple[int, int, int, str] | None = None
         """(storage, numel, transposes recorded, site) of the last copy a flatten or reshape made."""
+        self._cast: dict[int, weakref.ref[torch.Tensor]] = {}
+        """Copies of parameters in another dtype (autocast's casts): weights as the parameters are."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter):
+            self._cast[id(out)] = weakref.ref(out)
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         last, self._last = self._last, None
         if outs and outs[0].dim() < 4 and last is not None:
@@ -194,7 +199,9 @@ class _Recorder(TorchDispatchMode):
         if conv and name == "convolution":
             weight = ins[1] if len(ins) > 1 else None
             ins = ins[:1]  # the activation; a parameter weight is re-laid once per call at most
-            if weight is not None and not isinstance(weight, nn.Parameter) and _relaid_weight(result, weight):
+            cast = self._cast.get(id(weight))
+            stored = isinstance(weight, nn.Parameter) or (cast is not None and cast() is weight)
+            if weight is not None and not stored and _relaid_weight(result, weight):
                 # a weight computed in forward (weight standardisation) in the other layout than the
                 # kernel computes in (its output's): the kernel re-lays it every call; autocast's
                 # cast of a channels_last weight is channels_last and re-laid by no one

@@ -37,7 +37,32 @@ class PooledInFloat32(nn.Module):
         return self.b(p + self.c(p) if self.join == "add" else p)  # an add reads each in its own dtype
 
 
+class _Conv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # one source line for every conv (UperNet's ConvModule)
+
+
+class TokensThenConvs(nn.Module):
+    """A map normed as tokens (channels_last-strided in the NCHW model too) into two convs on one
+    source line: NCHW re-lays autocast's bfloat16 cast of the first conv's weight (a parameter's,
+    which the ground truth charges no more than the parameter), channels_last converts the second
+    conv's input (made NCHW by ``.contiguous()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.ln, self.a, self.b = nn.Conv2d(3, 16, 1), nn.LayerNorm(16), _Conv(16, 16), _Conv(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.b(self.a(h).contiguous())
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "tokens_then_convs_on_one_line": TokensThenConvs,
     "pooled_in_float32": PooledInFloat32,
     "float32_and_bfloat16_maps_concatenated": lambda: PooledInFloat32("cat"),
     "bfloat16_and_float32_maps_added": lambda: PooledInFloat32("add"),
