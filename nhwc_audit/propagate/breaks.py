@@ -84,7 +84,7 @@ def retry_nchw(
         )
 
     if n.op in ("placeholder", "output", "get_attr") or not has_cl:
-        raise model_error("none of its inputs is channels_last") from error
+        raise model_error("its inputs are as NCHW lays them out: none is channels_last only") from error
     try:  # still under the run's recorder when there are shared weights to guard
         return call(n, tree_map(to_nchw, args), tree_map(to_nchw, kwargs))
     except Exception as e2:
