@@ -8,6 +8,7 @@ nothing.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
@@ -66,12 +67,22 @@ def _resolve_model(
         args = tuple(example_inputs)
     else:
         raise UsageError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    kwargs = {**built_kwargs, **(example_kwargs or {})}
+    if args is None and _first_parameter(model) in kwargs:
+        args = ()  # the keyword arguments name forward's first input (forward(x=..., mask=...))
     if args is None:
         g = torch.Generator().manual_seed(0)
         args = (torch.randn(default_input_shape(model), generator=g),)
-    kwargs = dict(built_kwargs)
-    kwargs.update(example_kwargs or {})
     return model, args, kwargs
+
+
+def _first_parameter(model: nn.Module) -> str | None:
+    """The name of ``model.forward``'s first parameter, None when it has none or cannot tell."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params and params[0].kind is not inspect.Parameter.VAR_POSITIONAL else None
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:

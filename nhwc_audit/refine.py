@@ -132,7 +132,11 @@ def with_nchw_baseline(
     # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
     moved = {r.name: n for r in nchw if (n := moved_bytes(r))}
     theirs_op = {r.name: r.op_name for r in nchw}
-    for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None, converted=False):
+    # conv weights that are no parameters (a tensor constant, a plain attribute) are re-laid as built too
+    graph = captured.capture.graph if captured.capture is not None and captured.method == "fx" else None
+    made = captured.unconverted
+    left = frozenset(n.name for n in graph.nodes if n.op == "get_attr" and n.target in made) if graph else frozenset()
+    for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None, stored=left):
         if baselined(f.kind, theirs_op[f.node]):
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)

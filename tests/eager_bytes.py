@@ -172,13 +172,15 @@ class _Recorder(TorchDispatchMode):
         self._last: tuple[int, int, int, str] | None = None
         """(storage, numel, transposes recorded, site) of the last copy a flatten or reshape made."""
         self._cast: dict[int, weakref.ref[torch.Tensor]] = {}
-        """Copies of parameters in another dtype (autocast's casts): weights as the parameters are."""
+        """Copies of parameters in another dtype and their layout (autocast's casts): weights as the
+        parameters are (a copy into another layout is re-laid by a conv as a computed weight is)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter):
-            self._cast[id(out)] = weakref.ref(out)
+            if out.dtype != args[0].dtype and out.stride() == args[0].stride():  # a cast as autocast's
+                self._cast[id(out)] = weakref.ref(out)
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         last, self._last = self._last, None
         if outs and outs[0].dim() < 4 and last is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -434,3 +436,52 @@ def test_shapes_that_depend_on_values_are_the_models(capture: str) -> None:
     r = audit(model, x, bandwidth=1e9, capture=capture)
     assert kept in [tuple(o.shape) for n in r.nodes for o in n.outputs]
     assert any("shapes depend on tensor values (index)" in note for note in r.meta.capture_notes)
+
+
+class _KeywordInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * mask
+
+
+def test_keyword_inputs_that_name_the_first_input_add_no_default_sample() -> None:
+    """``forward(x=..., mask=...)`` given whole as keyword arguments: a default 1x3x224x224 sample
+    besides them made forward get ``x`` twice."""
+    x, mask = torch.randn(2, 3, 8, 8), torch.ones(2, 8, 8, 8)
+    report = audit(_KeywordInputs().eval(), example_kwargs={"x": x, "mask": mask}, bandwidth=1e9)
+    assert report.meta.capture == "fx" and report.summary.spatial_nodes > 0
+
+
+@dataclasses.dataclass
+class _Out:
+    feat: torch.Tensor
+    out: torch.Tensor
+
+
+class _RecordOutput(torch.nn.Module):
+    def __init__(self, record: bool) -> None:
+        super().__init__()
+        self.record = record
+        self.a, self.norm = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.InstanceNorm2d(8)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.norm(self.a(x))
+        return _Out(y, self.b(y)) if self.record else (y, self.b(y))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_dataclass_output_is_audited_as_a_tuple_is(train: bool) -> None:
+    """The dataclass's constructor node was charged as a mixed op (its NCHW and NHWC fields), and
+    a train audit's loss saw no output tensor, so no backward was charged."""
+    x = torch.randn(2, 3, 8, 8)
+    found = []
+    for record in (True, False):
+        torch.manual_seed(0)
+        model = _RecordOutput(record).train(train)
+        r = audit(model, x, bandwidth=1e9, train=train)
+        found.append(sorted((f.kind.value, f.bytes) for f in r.findings))
+    assert found[0] == found[1] and ("backward" in {k for k, _ in found[0]}) == train

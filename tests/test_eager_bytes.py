@@ -219,3 +219,20 @@ def test_checker_finds_the_models_line_under_a_folder_called_torch(tmp_path: Pat
         "torch_folder_model.py:7",
         "torch_folder_model.py:8",
     }
+
+
+def test_an_explicit_copy_of_a_parameter_re_laid_by_a_conv_is_charged() -> None:
+    """Only autocast's casts of a parameter are weights as the parameter is: a copy the model asks
+    for (NCHW in the channels_last model) is re-laid by the conv as any computed weight is."""
+
+    class ExplicitCopy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.conv = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.conv.weight.to(memory_format=torch.contiguous_format)
+            return torch.nn.functional.conv2d(self.pre(x), w, padding=1)
+
+    torch.manual_seed(0)
+    assert eager_bytes(ExplicitCopy().eval(), (torch.randn(2, 3, 8, 8),)).added == 2 * 4608

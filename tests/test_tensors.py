@@ -3,6 +3,7 @@ as torch's pytree on every kind of value (and leaves the rest to pytree)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict, namedtuple
 from typing import Any
 
@@ -62,3 +63,17 @@ def test_plain_leaves_are_pytree_leaves() -> None:
     assert {type(v) for v in samples} == set(PLAIN_LEAVES)
     for v in samples:
         assert tree_leaves(v) == [v]
+
+
+def test_tensors_are_collected_from_a_dataclass_output() -> None:
+    """A model's output record (a dataclass, as diffusers' and transformers' outputs are): its
+    tensors are the node's outputs (without them, its constructor was judged a mixed op)."""
+
+    @dataclasses.dataclass
+    class Out:
+        feat: torch.Tensor
+        out: torch.Tensor
+        label: str = "x"
+
+    a, b = torch.zeros(1), torch.ones(2)
+    assert [t.shape for t in iter_tensors(Out(a, b))] == [a.shape, b.shape]

@@ -57,7 +57,7 @@ class _Ctx:
     device: str
     free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
     cast: str | None  # the device type autocast runs on (channels.casts_first), None without
-    converted: bool  # records of the channels_last conversion, not of the model as built (NCHW baseline)
+    stored: frozenset[str] | None  # producers of the conv weights read as data (None: any left NCHW)
 
 
 def _finding(
@@ -162,7 +162,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
         return _hidden_findings(ctx, r) if moves.copies_into(r) else []
-    ins = [i for i in moves.data_inputs(r, ctx.converted) if i.meta.is_spatial]
+    ins = [i for i in moves.data_inputs(r, ctx.stored) if i.meta.is_spatial]
     out = r.output_layout
     cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST and i.producer not in ctx.free]
     cl_in = [i for i in cl_in if not moves.converted_weight(r, i, ctx.by_name)]
@@ -298,10 +298,10 @@ def find_findings(
     device: str = "cpu",
     hints: H.HintTable | None = None,
     autocast: bool = False,
-    converted: bool = True,
+    stored: frozenset[str] | None = None,
 ) -> list[Finding]:
     """Every finding, in graph order (``autocast``: the records ran under autocast on ``device``;
-    ``converted``: False for the model as built, whose weights no conversion laid out)."""
+    ``stored``: for the model as built, the nodes of its stored tensors that are no parameters)."""
     ctx = _Ctx(
         by_name={r.name: r for r in records},
         bandwidth=bandwidth,
@@ -309,7 +309,7 @@ def find_findings(
         device=device,
         free=conversion_free(records),
         cast=device.split(":")[0] if autocast else None,
-        converted=converted,
+        stored=stored,
     )
     out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
     # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding

@@ -129,18 +129,19 @@ def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]
     return _from_parameters(i, by_name)
 
 
-def data_inputs(r: NodeRecord, converted: bool = False) -> tuple[NodeInput, ...]:
+def data_inputs(r: NodeRecord, stored: frozenset[str] | None = frozenset()) -> tuple[NodeInput, ...]:
     """The inputs an op reads as data, in their own layouts: its activations, and its stored
-    tensors, but a convolution's weight (``converted``, a record of the channels_last run: one it
-    left NCHW, a tensor constant or a plain attribute, is re-laid on every call). ``model.to(...)``
+    tensors, but a convolution's weight (``stored`` None, the channels_last run: any it left NCHW,
+    a constant or a plain attribute, is re-laid every call; else those of these producers). ``model.to(...)``
     restrides every 4D parameter and buffer, so one that holds tokens (timm NesT's position
     embedding, added to a row-major token map) is read across layouts on every call; a graph's
     tensor constant was made in forward, NCHW (``x + torch.ones(...)``). Only inputs read element
     for element with the output: its shape but for the channels (a cat) and broadcast dims; a
     sampling grid (``grid_sample``'s N x H x W x 2) holds coordinates, not a map."""
     if r.op_name.lower() in CONV_OPS:
-        cl = r.outputs[0] if converted and r.outputs and r.outputs[0].layout is Layout.CHANNELS_LAST else None
-        return (*r.activation_inputs, *(i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl)))
+        cl = r.outputs[0] if r.outputs and r.outputs[0].layout is Layout.CHANNELS_LAST else None
+        ws = [i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl)]
+        return (*r.activation_inputs, *(i for i in ws if stored is None or i.producer in stored))
     outs = r.spatial_outputs
     if not outs:
         return r.inputs
@@ -263,9 +264,7 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
         return False
     if out.layout is not Layout.CHANNELS_LAST and r.op_name.lower() not in CONV_OPS:
         return False
-    # a channel slice with a step (y[:, ::2]) still runs along the channels; one channel (y[:, :1])
-    # has no run along them to leave: read as a slice of an NCHW map is; not so N x W x H x C
-    return _runs_otherwise(i.meta, out)
+    return _runs_otherwise(i.meta, out)  # y[:, ::2] runs along the channels; y[:, :1] has no run to leave
 
 
 def writes_in_place(r: NodeRecord) -> bool:

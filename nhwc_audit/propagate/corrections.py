@@ -159,7 +159,8 @@ class Corrections:
         if isinstance(out, torch.Tensor):
             return fix(out)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            return type(out)([fix(out[0]), *out[1:]])  # native_group_norm: (out, mean, rstd)
+            items = [fix(out[0]), *out[1:]]  # native_group_norm: (out, mean, rstd)
+            return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)  # a namedtuple's fields
         return out
 
     def note(self) -> str | None:

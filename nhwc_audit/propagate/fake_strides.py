@@ -261,8 +261,8 @@ def view_strides(source: torch.Tensor, out: torch.Tensor, *, backward: bool = Tr
     dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
     element, so only those are changed; ``out`` itself when they agree. ``backward``: a backward
     pass may follow the run (then a view that needs a gradient is restrided in place)."""
-    if not is_alias_of(out, source) or out.numel() != source.numel():
-        return out
+    if out is source or not is_alias_of(out, source) or out.numel() != source.numel():
+        return out  # (flatten(y, d, d) returns y itself: eager keeps its strides)
     if out.dim() not in (3, 4, 5) or 1 not in out.shape:  # 3D too: tokens (B, C, N) a 1D pool unsqueezes
         return out
     try:

@@ -6,6 +6,8 @@ stride (a view after a transpose) gets NCHW there."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +141,45 @@ def test_a_fake_train_audit_strides_a_batch_1_view_as_eager(capture: str) -> Non
     found = [(f.kind.value, f.node, f.bytes) for f in real.findings]
     assert [(k, b) for k, _, b in found] == [("revert", 0), ("conversion", 524288), ("backward", 524288)]
     assert [(f.kind.value, f.node, f.bytes) for f in fake.findings] == found
+
+
+class FlattenedInPlace(nn.Module):
+    """``torch.flatten(y, 3)`` (start_dim == end_dim) returns ``y`` itself: restriding it in place
+    would restride ``y`` for its other reader too (eager keeps its strides)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.lin, self.fuse = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        a = torch.flatten(y, 3).sum()
+        return self.fuse(nn.functional.interpolate(y, scale_factor=2.0, mode="bilinear")) * a
+
+
+def test_a_view_that_is_its_source_is_not_restrided() -> None:
+    torch.manual_seed(0)
+    model, x = FlattenedInPlace().train(), torch.randn(1, 3, 16, 16)
+    real = nhwc_audit.audit(model, x, mode="real", bandwidth=1e10, train=True)
+    fake = nhwc_audit.audit(model, x, mode="fake", bandwidth=1e10, train=True)
+    assert [(f.kind, f.node, f.bytes) for f in fake.findings] == [(f.kind, f.node, f.bytes) for f in real.findings]
+
+
+class NamedOutput(nn.Module):
+    Out = collections.namedtuple("Out", ["feat", "out"])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.norm(self.a(x))
+        return self.Out(y, self.b(y))
+
+
+def test_a_fake_audit_of_a_namedtuple_output_runs() -> None:
+    """The fake run's correction of a tuple rebuilt a namedtuple from a list (a TypeError)."""
+    torch.manual_seed(0)
+    model, x = NamedOutput().eval(), torch.randn(2, 3, 8, 8)
+    real = nhwc_audit.audit(model, x, mode="real", bandwidth=1e10)
+    _same(real, nhwc_audit.audit(model, x, mode="fake", bandwidth=1e10))

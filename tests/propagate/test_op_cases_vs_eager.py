@@ -814,3 +814,31 @@ def test_a_stack_of_batch_1_maps_is_charged_what_eager_moves(capture: str, mode:
     x = torch.randn(1, 8, 16, 16)
     expected = eager_bytes(model, (x,)).added
     assert audit(model, x, bandwidth=1e9, capture=capture, mode=mode).summary.bytes_moved == expected
+
+
+class StoredWeightAfterTokens(nn.Module):
+    """A conv weight that is no parameter (a plain attribute, or a tensor constant made in forward)
+    read by a conv of a map normed as tokens: channels_last-strided in the model as built too, so
+    its NCHW run re-lays that NCHW weight as well, and channels_last adds nothing."""
+
+    def __init__(self, constant: bool) -> None:
+        super().__init__()
+        self.constant = constant
+        self.stem, self.ln, self.post = nn.Conv2d(3, 8, 1), nn.LayerNorm(8), nn.Conv2d(8, 4, 3, padding=1)
+        self.k = torch.randn(8, 8, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        w = torch.ones(8, 8, 3, 3) / 72 if self.constant else self.k
+        return self.post(nn.functional.conv2d(h, w, padding=1))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("constant", [False, True])
+def test_a_stored_weight_the_model_as_built_re_lays_too_is_netted(constant: bool, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = StoredWeightAfterTokens(constant).eval(), torch.randn(2, 3, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    assert expected == 0
+    r = audit(model, x, bandwidth=1e9, mode=mode)
+    assert r.meta.capture == "fx" and r.summary.bytes_moved == expected, [(f.kind.value, f.bytes) for f in r.findings]
