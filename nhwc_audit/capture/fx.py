@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 from torch.fx.proxy import Proxy, Scope, TracerBase
 
-from ..errors import TraceError
+from ..errors import TraceError, first_line
 from .context import SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
@@ -52,6 +52,14 @@ class Capture:
         if isinstance(self.root, torch.fx.GraphModule) and self.root.graph is self.graph:
             return self.root
         return torch.fx.GraphModule(self.root, self.graph, type(self.root).__name__)
+
+    def compiled(self) -> torch.fx.GraphModule:
+        """:attr:`gm`, or :class:`TraceError` when torch.fx's code for it does not compile (a
+        submodule named by a Python keyword: ``nn.ModuleDict({"in": ...})`` gives ``self.heads.in``)."""
+        try:
+            return self.gm
+        except SyntaxError as e:
+            raise TraceError(f"torch.fx's code for the graph does not compile ({first_line(e)})") from e
 
     def release(self) -> None:
         """Let go of the graph's GraphModule (:attr:`gm`, or an export's root): the graph no

@@ -25,7 +25,8 @@ def holds(root: nn.Module, name: str, kind: str) -> Any:
         module = module._modules.get(part) if module is not None else None
     if module is None:
         return None
-    return (module._parameters if kind == "p" else module._buffers).get(leaf)
+    table = module._parameters if kind == "p" else module._buffers  # (a ScriptModule's: no .get)
+    return table[leaf] if leaf in table else None
 
 
 def attribute(root: nn.Module, target: str) -> Any:

@@ -163,6 +163,8 @@ class _Chain:
             put_back(cap.root, constants)
             if self.runner.fake:  # made in forward while tracing, outside fake mode: real tensors
                 self._fake_constants(cap.root, constants)
+            if self.need_graph and name == "fx":
+                cap.compiled()  # a backward runs it as a GraphModule: its code must compile
         except TraceError as e:
             if forced:
                 raise

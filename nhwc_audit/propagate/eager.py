@@ -208,8 +208,8 @@ def record_eager(
     handles = []
     torch_nn: dict[str, bool] = {}  # module path -> a torch.nn module (looked up once per module)
     for name, mod in model.named_modules():
-        if not name:
-            continue
+        if not name or isinstance(mod, torch.jit.ScriptModule):
+            continue  # (TorchScript takes no hooks: its ops are recorded under the module that calls it)
         torch_nn[name] = type(mod).__module__.startswith("torch.nn.modules")
 
         def pre(m: nn.Module, a: Any, name: str = name) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import nhwc_audit
 from nhwc_audit import AuditReport, PropagationError
 from nhwc_audit.prepare.copy import plain_tensors
 from nhwc_audit.propagate.compare import first_difference
@@ -130,3 +131,44 @@ def test_a_forced_graph_that_raises_where_eager_runs_is_the_graphs_error() -> No
     with pytest.raises(TraceError, match="captured graph is wrong.*where the eager model runs.*'hooks'"):
         audit(model, x, capture="fx", bandwidth=1e9)
     assert audit(model, x, bandwidth=1e9).meta.capture == "hooks"  # auto: the chain goes on
+
+
+class _ScriptedMiddle(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.mid = torch.jit.script(torch.nn.Sequential(torch.nn.InstanceNorm2d(8), torch.nn.ReLU()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.mid(self.a(x)))
+
+
+@pytest.mark.parametrize("how", [{}, {"capture": "hooks"}, {"capture": "export"}, {"mode": "fake"}])
+def test_a_torchscript_submodule_is_audited(how: dict[str, str]) -> None:
+    """A ScriptModule's tables are no dicts (a TypeError restoring attributes) and it takes no
+    hooks (the eager capture blamed the model): every capture audits it now, as eager moves."""
+    from tests.eager_bytes import eager_bytes
+
+    torch.manual_seed(0)
+    model, x = _ScriptedMiddle().eval(), torch.randn(2, 3, 8, 8)
+    r = nhwc_audit.audit(model, x, bandwidth=1e9, **how)  # type: ignore[arg-type]
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == 16384
+
+
+class _KeywordKey(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.heads = torch.nn.ModuleDict({"in": torch.nn.InstanceNorm2d(8)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.heads["in"](self.a(x)))
+
+
+def test_a_graph_whose_code_does_not_compile_falls_to_export_for_a_backward() -> None:
+    """torch.fx writes ``self.heads.in(...)`` for a ModuleDict key that is a Python keyword: the
+    train audit's GraphModule raised SyntaxError; the chain now moves on to torch.export."""
+    torch.manual_seed(0)
+    r = nhwc_audit.audit(_KeywordKey().train(), torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
+    assert r.meta.capture == "export" and r.meta.backward
+    assert any("does not compile" in n for n in r.meta.capture_notes)
