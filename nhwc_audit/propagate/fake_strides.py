@@ -123,6 +123,8 @@ class PointwiseStrides(RecordingMode):
         asked = self.cpu or (_pointwise(func) and len(dtypes) == 1)
         got = eager_cpu_outputs(func, args, kwargs, first) if asked and not conv else None
         strides = tuple(got[0].stride()) if got else None
+        if strides is None and probed and asked:  # too large to ask whole: asked on cut copies
+            strides = _asked_on_cuts(func, args, kwargs, first)
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _row_major_strides(first.shape)
         if strides is None or strides == tuple(first.stride()):
@@ -134,6 +136,8 @@ class PointwiseStrides(RecordingMode):
         rest = list(out[1:])
         if forward and got:  # what it saves for its backward too (log_sigmoid's buffer)
             rest = [_like(o, g) for o, g in zip(rest, got[1:], strict=False)] + rest[len(got) - 1 :]
+        elif forward:  # (asked on cuts: an output of the first's shape strided as it)
+            rest = [_like(o, fixed) if isinstance(o, torch.Tensor) and o.shape == first.shape else o for o in rest]
         return type(out)([fixed, *rest])
 
 
@@ -173,6 +177,47 @@ def _filled_in_place(filled: Any, out: torch.Tensor) -> bool:
     """``out``, a ``masked_fill`` of ``filled``, is a gradient that training fills in place."""
     node = torch._C._current_autograd_node()
     return type(node).__name__ in _FILLED_IN_PLACE and filled.shape == out.shape and filled.stride() != out.stride()
+
+
+def _asked_on_cuts(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
+    """For an op too large to ask whole (:data:`_PROBE_NUMEL`): the dim order the CPU kernel gives
+    its first output on zeros of the arguments with their dims past the channels cut to 3, each
+    tensor in its own dim order (a broadcast dim kept broadcast), as dense strides of ``first``'s
+    shape; None when the kernel refuses the cuts or writes no dense output. A kernel's choice of
+    layout follows its operands' dim orders, not the sizes of H and W."""
+
+    def cut(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() < 3:
+            return real_zeros(v)
+        full = [n if d < 2 or n == 1 else min(n, 3) for d, n in enumerate(v.shape)]
+        base = [1 if v.stride(d) == 0 else n for d, n in enumerate(full)]
+        order = sorted(range(v.dim()), key=lambda d: (v.stride(d), d), reverse=True)  # outermost first
+        small = torch.zeros([base[d] for d in order], dtype=v.dtype).permute([order.index(d) for d in range(v.dim())])
+        return small.expand(full)
+
+    try:
+        with unset_fake_temporarily():
+            out = func(*tree_map(cut, args), **tree_map(cut, kwargs))
+    except Exception:
+        return None
+    got = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(got, torch.Tensor) or got.dim() != first.dim():
+        return None
+    order = sorted(range(got.dim()), key=lambda d: (got.stride(d), d), reverse=True)
+    if not is_dense_in_order(got.shape, got.stride(), order[::-1]):
+        return None
+    strides, step = [0] * first.dim(), 1
+    for d in reversed(order):  # innermost first
+        strides[d], step = step, step * max(first.shape[d], 1)
+    return tuple(strides)
+
+
+def real_zeros(v: Any) -> Any:
+    """A real tensor of zeros strided as ``v`` (a fake one), or ``v`` itself when no tensor."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    span = 1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True)) if v.numel() else 0
+    return torch.zeros(span, dtype=v.dtype).as_strided(v.shape, v.stride())
 
 
 def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:

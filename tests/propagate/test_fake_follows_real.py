@@ -183,3 +183,21 @@ def test_a_fake_audit_of_a_namedtuple_output_runs() -> None:
     model, x = NamedOutput().eval(), torch.randn(2, 3, 8, 8)
     real = nhwc_audit.audit(model, x, mode="real", bandwidth=1e10)
     _same(real, nhwc_audit.audit(model, x, mode="fake", bandwidth=1e10))
+
+
+class _ScalarPower(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return 2.0**y
+
+
+@pytest.mark.parametrize("op", [nn.LogSigmoid, _ScalarPower])
+def test_an_op_too_large_to_probe_whole_is_asked_on_cut_copies(op: type[nn.Module]) -> None:
+    """Above the probe's size (a 1 x 16 x 400 x 400 map: 5.1 M elements in and out) the CPU kernel
+    is asked on copies with H and W cut to 3 in the same dim order: LogSigmoid and ``2 ** x`` write
+    NCHW there, which the fake run predicted channels_last (no revert, no conversion)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), op(), nn.Conv2d(16, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 400, 400)
+    real = nhwc_audit.audit(model, x, mode="real", bandwidth=1e10)
+    assert [f.kind.value for f in real.findings] == ["revert", "conversion"]
+    _same(real, nhwc_audit.audit(model, x, mode="fake", bandwidth=1e10))
