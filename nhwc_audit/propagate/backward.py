@@ -24,7 +24,7 @@ from ..layout import tensor_meta
 from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .breaks import to_channels_last, without_grad_if_refused
-from .fake_strides import VIEWS, view_strides
+from .fake_views import VIEWS, view_strides
 from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients, hook_nodes
 
 __all__ = ["Backward", "GradRun", "backward_layouts", "param_grad_notes"]

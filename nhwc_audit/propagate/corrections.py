@@ -18,11 +18,9 @@ from .fake_strides import (
     BACKWARD_STRIDES,
     FORWARD_STRIDES,
     POINTWISE_STRIDES,
-    VIEW_STRIDES,
-    VIEWS,
     PointwiseStrides,
-    view_strides,
 )
+from .fake_views import VIEW_STRIDES, VIEWS, view_strides
 
 __all__ = ["KNOWN_DIVERGENCES", "Corrections", "Divergence", "known_divergence"]
 

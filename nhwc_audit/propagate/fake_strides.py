@@ -1,7 +1,7 @@
 """Strides of a fake run's outputs made to follow the eager CPU kernels where FakeTensor strides
 them otherwise (torch 2.14.1) and a kernel after them reads them to pick a layout: size-1 dims of
 pointwise outputs (:class:`PointwiseStrides`), backward ops whose meta kernels stride the
-gradient by another operand, and views' size-1 dims (:func:`view_strides`). The labels say in
+gradient by another operand (views' size-1 dims: :mod:`.fake_views`). The labels say in
 the report what was corrected (:class:`~.corrections.Corrections` keeps the list).
 """
 
@@ -16,17 +16,14 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..layout import is_dense_in_order
 from ..records import CONV_OPS
-from .dispatch import RecordingMode, is_alias_of
+from .dispatch import RecordingMode
 
 __all__ = [
     "BACKWARD_STRIDES",
     "POINTWISE_STRIDES",
-    "VIEWS",
-    "VIEW_STRIDES",
     "FORWARD_STRIDES",
     "PointwiseStrides",
     "eager_cpu_strides",
-    "view_strides",
 ]
 
 
@@ -287,52 +284,3 @@ def _fast_contiguous(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> 
         if isinstance(arg.type, torch.TensorType) and value is not None:
             operands.append(value)
     return all(isinstance(t, torch.Tensor) and t.shape == out.shape and t.is_contiguous() for t in operands)
-
-
-VIEWS = frozenset(
-    {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "_unsafe_view", "_reshape_alias"}
-)
-"""Ops (as recorded, lower-cased) whose eager strides come from ATen's ``computeStride``."""
-
-VIEW_STRIDES = (
-    "view/reshape: size-1 dims strided as eager strides them, where FakeTensor's view does not; "
-    "kernels read them to pick channels_last, as after x.transpose(1, 2).view(1, C, H, W)"
-)
-
-
-def view_strides(source: torch.Tensor, out: torch.Tensor, *, backward: bool = True) -> torch.Tensor:
-    """``out`` (a view of ``source`` made under fake tensors) with the strides eager gives it:
-    the meta device runs ATen's own stride computation, which FakeTensor's view does not for
-    dims of size 1 (batch 1: 2048 where eager has 32). A size-1 dim's stride addresses no other
-    element, so only those are changed; ``out`` itself when they agree. ``backward``: a backward
-    pass may follow the run (then a view that needs a gradient is restrided in place)."""
-    if out is source or not is_alias_of(out, source) or out.numel() != source.numel():
-        return out  # (flatten(y, d, d) returns y itself: eager keeps its strides)
-    if out.dim() not in (3, 4, 5) or 1 not in out.shape:  # 3D too: tokens (B, C, N) a 1D pool unsqueezes
-        return out
-    try:
-        with unset_fake_temporarily():  # the meta device itself, not a FakeTensor on it
-            meta = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta")
-            strides = tuple(meta.view(out.shape).stride())
-    except RuntimeError:  # not viewable: eager copies (contiguous strides)
-        return out
-    if strides == tuple(out.stride()) or any(
-        a != b and n != 1 for a, b, n in zip(strides, out.stride(), out.shape, strict=True)
-    ):
-        return out
-    if backward and out.requires_grad:  # as_strided's backward would hand the gradient the source's strides:
-        return _restrided_in_place(out, strides)  # the view keeps its own backward (a view's, as eager's)
-    return out.as_strided(out.shape, strides, out.storage_offset())
-
-
-def _restrided_in_place(out: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
-    """``out`` given ``strides`` in place, outside autograd, with the version counter it shares with
-    its source put back: autograd's check of the tensors it saved would take this for a write."""
-    reset = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
-    if reset is None:
-        return out
-    version = out._version
-    with torch.no_grad():
-        out.as_strided_(out.shape, strides, out.storage_offset())
-    reset((out,), (version,))
-    return out
