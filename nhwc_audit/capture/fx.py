@@ -17,7 +17,7 @@ from torch import nn
 from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError, first_line
-from .context import SOURCE_KEY
+from .context import NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
 from .source import user_frame
@@ -225,6 +225,8 @@ class _Tracer(torch.fx.Tracer):
     @staticmethod
     def _sourced(node: torch.fx.Node) -> torch.fx.Node:
         node.meta[SOURCE_KEY] = user_frame()
+        if not torch.is_grad_enabled():  # inside forward's own torch.no_grad() (the trace runs with grad)
+            node.meta[NO_GRAD_KEY] = True
         return node
 
 
@@ -254,7 +256,8 @@ class _MapsProxied(Exception):
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps: bool) -> Capture:
     tracer = _Tracer(proxy_maps)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with torch.enable_grad():  # so that a torch.no_grad() block in forward shows (NO_GRAD_KEY)
+            graph = tracer.trace(model, concrete_args=concrete_args)
         proxied = tracer.proxied_maps
     except Exception as e:
         if tracer.proxied_maps:

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_map
 
-from ..capture.context import NodeContext
+from ..capture.context import NO_GRAD_KEY, NodeContext
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
@@ -35,9 +35,14 @@ def without_grad_if_refused(call: Call, n: torch.fx.Node, args: tuple[Any, ...],
     """``call(n, args, kwargs)`` (a train audit's, with autograd), run again without autograd
     where autograd alone refuses it: an in-place write to a leaf that requires grad, made under
     ``torch.no_grad()`` in the model's forward, a block fx does not trace. Not a break: the run
-    goes on as the model's does; the error stays when the node fails without autograd too. (A
-    call, not a wrapper an interpreter keeps: a wrapper of its own bound method is a reference
-    cycle, which holds the run's records until the cyclic collector comes.)"""
+    goes on as the model's does; the error stays when the node fails without autograd too. A node
+    fx traced inside such a block (:data:`~nhwc_audit.capture.context.NO_GRAD_KEY`) runs without
+    autograd, as eager runs it: no backward goes through it. (A call, not a wrapper an interpreter
+    keeps: a wrapper of its own bound method is a reference cycle, which holds the run's records
+    until the cyclic collector comes.)"""
+    if n.meta.get(NO_GRAD_KEY):
+        with torch.no_grad():
+            return call(n, args, kwargs)
     try:
         return call(n, args, kwargs)
     except Exception as e:

@@ -184,6 +184,21 @@ class NchwThenActivation(nn.Module):
         return self.b(self.act(self.bn(y.contiguous() if self.nchw else y)))
 
 
+class NoGradBlock(nn.Module):
+    """A norm computed under the model's own ``torch.no_grad()`` (a statistic it adds back): eager's
+    backward has no node there; fx records no grad mode, so the graph's run had charged one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        with torch.no_grad():
+            t = self.norm(y)
+        return self.b(y + t)
+
+
 class _Fn(nn.Module):
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
@@ -194,6 +209,7 @@ class _Fn(nn.Module):
 
 
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "no_grad_block": NoGradBlock,
     # roll and channel_shuffle keep channels_last on the CPU (FakeTensor: NCHW), their backward too
     "roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2)), nchw=False),
     "nchw_then_roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2))),
