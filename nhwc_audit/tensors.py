@@ -47,10 +47,12 @@ def _collect(value: Any, out: list[torch.Tensor]) -> None:
     elif kind is dict or kind is immutable_dict:
         for v in value.values():
             _collect(v, out)
+    elif kind in PLAIN_LEAVES or kind is torch.Size:  # a torch.Size holds ints only
+        return
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # a model's output record
         for f in dataclasses.fields(value):
             _collect(getattr(value, f.name, None), out)
-    elif kind not in PLAIN_LEAVES and kind is not torch.Size:  # a torch.Size holds ints only
+    else:
         out.extend(leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 

@@ -24,7 +24,7 @@ from ..layout import tensor_meta
 from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .breaks import to_channels_last, without_grad_if_refused
-from .fake_views import VIEWS, view_strides
+from .fake_views import view_node, view_strides
 from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients, hook_nodes
 
 __all__ = ["Backward", "GradRun", "backward_layouts", "param_grad_notes"]
@@ -87,18 +87,11 @@ class _GradProp(torch.fx.Interpreter):
             out = without_grad_if_refused(self._run_target, n, args, kwargs)
             if n.name in self.corrected:
                 out = tree_map(to_channels_last, out)
-            elif isinstance(out, FakeTensor) and args and isinstance(args[0], torch.Tensor) and _viewing(n):
+            elif isinstance(out, FakeTensor) and args and isinstance(args[0], torch.Tensor) and view_node(n):
                 out = view_strides(args[0], out)  # as the propagation strided it (:class:`.corrections.Corrections`)
         if n.op not in ("output", "get_attr"):
             hook_gradients(n.name, out, self.grads)
         return out
-
-
-def _viewing(n: torch.fx.Node) -> bool:
-    """``n`` calls a view whose size-1 dims FakeTensor strides otherwise than eager (:data:`.fake_strides.VIEWS`)."""
-    target = getattr(n.target, "overloadpacket", n.target)  # an ATen op of torch.export's graph: its name
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return n.op in ("call_method", "call_function") and name.lower() in VIEWS
 
 
 def backward_layouts(

@@ -3,6 +3,7 @@ propagation, the graph when there is one, and how it was checked)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,10 +45,11 @@ class Captured:
     def gm(self) -> torch.fx.GraphModule | None:
         return self.capture.gm if self.capture is not None else None
 
-    @property
+    @functools.cached_property
     def unconverted(self) -> frozenset[str]:
         """The fx graph's stored tensors the conversion leaves as they are (tensor constants, plain
-        attributes: :func:`~nhwc_audit.capture.kept.made_attributes`): a backward reads them as data."""
+        attributes: :func:`~nhwc_audit.capture.kept.made_attributes`): a backward reads them as data
+        (asked by the backward, its NCHW run and the NCHW baseline: walked once)."""
         if self.capture is None or self.method != "fx":
             return frozenset()
         return frozenset(t for t, _ in made_attributes(self.capture))

@@ -123,7 +123,7 @@ class PointwiseStrides(RecordingMode):
         if strides is None and probed and asked:  # too large to ask whole: asked on cut copies
             strides = _asked_on_cuts(func, args, kwargs, first)
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
-            strides = _row_major_strides(first.shape)
+            strides = _dense_strides(first.shape, list(range(first.dim())))
         if strides is None or strides == tuple(first.stride()):
             return out
         self.applied.append(("", FORWARD_STRIDES if forward else BACKWARD_STRIDES if probed else POINTWISE_STRIDES))
@@ -203,18 +203,16 @@ def _asked_on_cuts(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Te
     order = sorted(range(got.dim()), key=lambda d: (got.stride(d), d), reverse=True)
     if not is_dense_in_order(got.shape, got.stride(), order[::-1]):
         return None
-    strides, step = [0] * first.dim(), 1
-    for d in reversed(order):  # innermost first
-        strides[d], step = step, step * max(first.shape[d], 1)
-    return tuple(strides)
+    return _dense_strides(first.shape, order)
 
 
-def real_zeros(v: Any) -> Any:
-    """A real tensor of zeros strided as ``v`` (a fake one), or ``v`` itself when no tensor."""
+def real_zeros(v: Any, dtype: torch.dtype | None = None) -> Any:
+    """A real tensor of zeros strided as ``v`` (a fake one), in ``dtype`` (default: ``v``'s), or
+    ``v`` itself when no tensor."""
     if not isinstance(v, torch.Tensor):
         return v
     span = 1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True)) if v.numel() else 0
-    return torch.zeros(span, dtype=v.dtype).as_strided(v.shape, v.stride())
+    return torch.zeros(span, dtype=dtype or v.dtype).as_strided(v.shape, v.stride())
 
 
 def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> tuple[int, ...] | None:
@@ -234,11 +232,8 @@ def eager_cpu_outputs(func: Any, args: Any, kwargs: dict[str, Any], first: torch
         return None
 
     def real(v: Any, stats: torch.dtype | None = None) -> Any:
-        if not isinstance(v, torch.Tensor):
-            return v
-        span = 1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True)) if v.numel() else 0
-        dtype = stats if stats is not None and v.dim() == 1 and v.dtype in (torch.float16, torch.bfloat16) else v.dtype
-        return torch.zeros(span, dtype=dtype).as_strided(v.shape, v.stride())
+        half = isinstance(v, torch.Tensor) and v.dim() == 1 and v.dtype in (torch.float16, torch.bfloat16)
+        return real_zeros(v, stats if half else None)
 
     half_stats = any(t.dim() == 1 and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
     out = None
@@ -258,12 +253,12 @@ def eager_cpu_outputs(func: Any, args: Any, kwargs: dict[str, Any], first: torch
     return results
 
 
-def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
+def _dense_strides(shape: torch.Size, order: list[int]) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` with its dims in ``order``, outermost first."""
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):  # innermost first
+        strides[d], step = step, step * max(shape[d], 1)
+    return tuple(strides)
 
 
 def _pointwise(func: Any) -> bool:

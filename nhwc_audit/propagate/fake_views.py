@@ -6,17 +6,27 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .dispatch import is_alias_of
 
-__all__ = ["VIEWS", "VIEW_STRIDES", "view_strides"]
+__all__ = ["VIEWS", "VIEW_STRIDES", "view_node", "view_strides"]
 
 
 VIEWS = frozenset(
     {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "_unsafe_view", "_reshape_alias"}
 )
 """Ops (as recorded, lower-cased) whose eager strides come from ATen's ``computeStride``."""
+
+
+def view_node(n: torch.fx.Node) -> bool:
+    """``n`` calls one of the :data:`VIEWS` (an fx method or function, or torch.export's ATen op):
+    what a run that has no node contexts (a backward's forward) restrides."""
+    target = getattr(n.target, "overloadpacket", n.target)  # an ATen op of torch.export's graph: its name
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return n.op in ("call_method", "call_function") and name.lower() in VIEWS
+
 
 VIEW_STRIDES = (
     "view/reshape: size-1 dims strided as eager strides them, where FakeTensor's view does not; "
