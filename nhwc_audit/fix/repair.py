@@ -120,8 +120,7 @@ def _measure(
 
 
 def _run(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor] | None, str]:
-    """``m``'s outputs on the sample, or None and the first line of what it raised (a GraphModule
-    prints the traceback of an error in its code to stderr on the way: kept off it)."""
+    """``m``'s outputs on the sample, or None and the first line of what it raised (off stderr)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return outputs(fresh_copy(m), args, kwargs, grads=False)[0], ""
@@ -172,9 +171,10 @@ def _checked(
     group is checked once; a group that changes the results is split in halves (the first
     half on ``base``, the second on top of what the first kept) down to the rewrite to refuse."""
     trial = _clone_gm(base)
-    try:
+    try:  # (a GraphModule prints the traceback of what it raises to stderr: kept off it)
         _apply(trial, [c for c, _ in batch])
-        problem = change(trial)
+        with contextlib.redirect_stderr(io.StringIO()):
+            problem = change(trial)
     except Exception as e:
         problem = f"the rewrite failed: {first_line(e)}"
     if problem is None:

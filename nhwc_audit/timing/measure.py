@@ -3,7 +3,9 @@ timed side by side with torch.utils.benchmark, interleaved so noise hits all thr
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,10 +192,11 @@ def measure(
     timers = []
     untimed: list[tuple[str, str]] = []
     for name, fn in variants:
-        try:
-            fn()
-            fn()  # warm-up (allocator, oneDNN primitive caches)
-            sync()
+        try:  # (a GraphModule prints the traceback of what it raises to stderr: kept off it)
+            with contextlib.redirect_stderr(io.StringIO()):
+                fn()
+                fn()  # warm-up (allocator, oneDNN primitive caches)
+                sync()
         except Exception as e:  # time what can be timed; say what could not
             untimed.append((name, first_line(e)))
             continue
