@@ -190,22 +190,7 @@ def default_hints() -> HintTable:
     _register(
         t,
         FindingKind.MIXED,
-        (
-            "add",
-            "iadd",
-            "sub",
-            "isub",
-            "mul",
-            "imul",
-            "truediv",
-            "div",
-            "where",
-            "maximum",
-            "minimum",
-            "add_",
-            "mul_",
-            "sub_",
-        ),
+        tuple("add sub mul truediv div where maximum minimum add_ sub_ mul_ div_ iadd isub imul".split()),
         mixed_elementwise,
     )
     _register(

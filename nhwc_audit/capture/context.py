@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from ..records import SourceLoc
+from .proxies import IN_PLACE_OPERATORS
 from .source import source_from_stack
 
 __all__ = ["NO_GRAD_KEY", "SOURCE_KEY", "NodeContext", "aten_detail", "first_names", "node_context", "node_contexts"]
@@ -177,6 +179,8 @@ def _short_name(target: Any, names: dict[Any, str] | None = None) -> str:
     opname = getattr(target, "_opname", None)  # an ATen OpOverload: aten.conv2d.default -> conv2d
     if isinstance(opname, str):
         return opname
+    if isinstance(target, types.BuiltinFunctionType) and target in IN_PLACE_OPERATORS:
+        return IN_PLACE_OPERATORS[target]  # operator.iadd: add_, as the other captures name x += y
     name = getattr(target, "__name__", None)
     if isinstance(name, str):
         return name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import dis
+import operator
 import sys
 from typing import Any, Protocol, cast
 
@@ -97,6 +98,43 @@ def _tracers_in(value: Any, cls: type, found: dict[Any, None]) -> bool:
         found[value.tracer] = None  # type: ignore[attr-defined]
         return True
     return kind in _NO_PROXY or isinstance(value, (Proxy, torch.Tensor, nn.Module)) or callable(value)
+
+
+def _in_place(op: Any) -> Any:
+    def method(self: Proxy, rhs: Any) -> Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, rhs), {})
+
+    method.__name__ = f"__{op.__name__}__"
+    return method
+
+
+IN_PLACE_OPERATORS: dict[Any, str] = {
+    getattr(operator, f"i{name}"): aten
+    for name, aten in {
+        "add": "add_",
+        "sub": "sub_",
+        "mul": "mul_",
+        "truediv": "div_",
+        "floordiv": "floor_divide_",
+        "mod": "remainder_",
+        "pow": "pow_",
+        "matmul": "matmul_",
+        "and": "bitwise_and_",
+        "or": "bitwise_or_",
+        "xor": "bitwise_xor_",
+        "lshift": "bitwise_left_shift_",
+        "rshift": "bitwise_right_shift_",
+    }.items()
+}
+"""``x += y`` and its kin as the tracer records them (``operator.iadd``), with the name of the
+ATen op that runs them on tensors (``add_``: what the other captures record). torch's Proxy
+has no ``__iadd__``, so Python falls back to ``x + y`` and fx records an out-of-place add;
+eager writes ``x``: other names for it (``shortcut = x`` before) see the write, and autograd
+records a write into a view (``out[:, :c] += y``: CopySlices), whose backward a train audit
+must run. fx generates ``x += y`` for these nodes."""
+
+for _op in IN_PLACE_OPERATORS:
+    setattr(TracerProxy, f"__{_op.__name__}__", _in_place(_op))
 
 
 class TracerAttribute(Unpacking, Attribute):

@@ -15,6 +15,8 @@ from ..errors import first_line
 from ..records import FAIL_ON, FailOn
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..result import AuditReport
 
 __all__ = ["run"]
@@ -211,6 +213,25 @@ def _write_reports(report: AuditReport, json_path: Path | None, html_path: Path 
     return write_all_atomic(files)
 
 
+def _modes_kept(gm: nn.Module) -> str:
+    """Code that gives every module of the saved package the training flag it has in ``gm``:
+    ``to_folder`` builds the modules it writes out anew, in training mode, and unpickles the
+    others as they were (BatchNorm would run on batch statistics in a model audited in eval)."""
+    mode = gm.training
+    other = [name for name, m in gm.named_modules() if m.training != mode]
+    return (
+        "\n\n_MODE, _OTHER_MODE = " + repr((mode, tuple(other))) + "  # the modes the model was repaired in\n"
+        "_built = Repaired.__init__\n\n\n"
+        "def _init(self):\n"
+        "    _built(self)\n"
+        "    self.train(_MODE)\n"
+        "    for name, module in self.named_modules():\n"
+        "        if name in _OTHER_MODE:\n"
+        "            module.training = not _MODE\n\n\n"
+        "Repaired.__init__ = _init\n"
+    )
+
+
 def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
     """The repaired GraphModule as a package a user can import and run in a fresh process
     (``GraphModule.to_folder``: code, weights, and the list of rewrites in the code's header)."""
@@ -239,7 +260,7 @@ def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
         code = folder / "module.py"
         text = code.read_text(encoding="utf-8").replace(f"r'{folder}/", "_HERE + r'/")
         here = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))  # loads from any working folder\n"
-        code.write_text("\n".join(lines) + "\n" + here + text, encoding="utf-8")
+        code.write_text("\n".join(lines) + "\n" + here + text + _modes_kept(gm), encoding="utf-8")
     except OSError as e:
         raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
     return folder

@@ -1,6 +1,7 @@
 """How fx names a call, and how an eager torch function mode sees the same call: ``x + y``
 reaches a mode as the method ``add``; fx records ``operator.add`` (or the method ``add`` for
-``x.add(y)``), and ``x += y`` on a proxy as ``operator.add`` too. Used by the replay check
+``x.add(y)``); ``x += y`` reaches a mode as ``add_``, and the audit's tracer records it as
+``operator.iadd`` (torch's own tracer as ``operator.add``). Used by the replay check
 (:mod:`.replay`) to pair eager calls with graph nodes.
 """
 
@@ -81,6 +82,13 @@ def _family() -> dict[str, tuple[Any, bool]]:
 
 
 _FAMILY = _family()
+_IN_PLACE_FUNCTION = {
+    name: getattr(operator, f"i{op.__name__.rstrip('_')}")
+    for name, (op, swapped) in _FAMILY.items()
+    if name in _IN_PLACE and not swapped and hasattr(operator, f"i{op.__name__.rstrip('_')}")
+}
+"""An in-place method as a torch function mode sees ``x += y`` (``add_``, ``__iadd__``) -> the
+``operator`` function the audit's tracer records for it (``operator.iadd``)."""
 _COMMUTATIVE = {operator.add, operator.mul, operator.and_, operator.or_, operator.xor, operator.eq, operator.ne}
 
 Call = tuple[Any, tuple[Any, ...]]
@@ -123,6 +131,9 @@ def eager_calls(func: Any, args: tuple[Any, ...], methods: frozenset[Any]) -> li
     if family is not None:
         op, swapped = family
         calls.append((("fn", op), (args[1], args[0], *args[2:]) if swapped else args))
+        in_place = _IN_PLACE_FUNCTION.get(name)
+        if in_place is not None:  # x += y: the audit's tracer records operator.iadd
+            calls.append((("fn", in_place), args))
         if op in _COMMUTATIVE and len(args) == 2:
             calls.append((("fn", op), (args[1], args[0])))
     return calls

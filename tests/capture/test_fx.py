@@ -1,7 +1,8 @@
 """The fx capture's tracer takes shortcuts through torch's Tracer (plain arguments handed to
 TracerBase directly, its scope and module stack copied by their own ``__copy__``, parameter and
 buffer names found once per trace, each function's bytecode read once for unpacking): the
-graphs must be torch's own, node for node."""
+graphs must be torch's own, node for node, but for ``x += y``, which the audit's tracer records
+as eager runs it (``operator.iadd``) where torch's Proxy falls back to ``x + y``."""
 
 from __future__ import annotations
 
@@ -126,8 +127,25 @@ class Calls(nn.Module):
         return a, b, c, d, e, torch.einsum("nchw->nhwc", f)
 
 
+class _InPlaceProxy(torch.fx.Proxy):
+    """torch's Proxy, with ``x += y`` recorded as ``operator.iadd`` (torch's has no ``__iadd__``:
+    Python falls back to ``x + y``)."""
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor"):
+    setattr(
+        _InPlaceProxy,
+        f"__{_name}__",
+        lambda self, rhs, _op=getattr(operator, _name): self.tracer.create_proxy("call_function", _op, (self, rhs), {}),
+    )
+
+
 class _MapsTracer(torch.fx.Tracer):
-    """torch's Tracer, with its own option to trace buffers taken for the 4D/5D ones only."""
+    """torch's Tracer, with its own option to trace buffers taken for the 4D/5D ones only, and
+    in-place operators recorded as such (:class:`_InPlaceProxy`)."""
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _InPlaceProxy(node, self)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         self.proxy_buffer_attributes = isinstance(attr_val, torch.Tensor) and attr_val.dim() >= 4

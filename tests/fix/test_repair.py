@@ -296,6 +296,46 @@ def test_cli_apply_measure_save(
     assert proc.stdout.split() == ["Repaired", "(2,", "8,", "16,", "16)", "True"]
 
 
+def test_a_saved_repair_comes_up_in_the_modes_it_was_repaired_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``to_folder`` builds the modules it writes out anew, in training mode: a model repaired in
+    eval ran its BatchNorm on batch statistics once saved and loaded (resnet18: outputs off by
+    2.4x their size). Here a model in eval with one BatchNorm left in training, and the other
+    way round."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "normed.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build(train):\n"
+        "    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.BatchNorm2d(8),\n"
+        "                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1))\n"
+        "    for bn in (m[2], m[4]):\n"
+        "        bn.running_mean.normal_(); bn.running_var.uniform_(0.5, 2)\n"
+        "    m.train(train)\n"
+        "    m[4].train(not train)\n"
+        "    return m, (torch.randn(2, 3, 16, 16),)\n"
+        "def in_eval():\n    return build(False)\n"
+        "def in_train():\n    return build(True)\n"
+    )
+    for fn in ("in_eval", "in_train"):
+        assert main([f"normed.py:{fn}", "--apply", "--bandwidth", "1e9", "--save-repaired", f"r_{fn}", "--no-report"]) == 0
+        check = (
+            "import sys, torch\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            f"from normed import {fn}\n"
+            f"from r_{fn} import Repaired\n"
+            f"m, (x,) = {fn}()\n"
+            "rep = Repaired()\n"
+            "modes = dict((n, s.training) for n, s in m.named_modules())\n"
+            "assert all(modes[n] == s.training for n, s in rep.named_modules() if n in modes), modes\n"
+            "print(rep.training, sorted(n for n, s in rep.named_modules() if s.training != rep.training))\n"
+            "with torch.no_grad():\n"
+            "    torch.testing.assert_close(rep(x.to(memory_format=torch.channels_last)), m(x), rtol=1e-4, atol=1e-5)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == [str(fn == "in_train"), "['4']"], proc.stdout
+
+
 def test_html_report_shows_repair_and_verdict(tmp_path: Path) -> None:
     from bs4 import BeautifulSoup
 

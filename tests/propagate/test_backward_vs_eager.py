@@ -199,6 +199,25 @@ class NoGradBlock(nn.Module):
         return self.b(y + t)
 
 
+class AddIntoAView(nn.Module):
+    """timm GhostNet's block: ``out[:, :c] += shortcut`` on a slice of a cat. Eager writes into
+    the cat (autograd: CopySlices), and the channels_last backward moves the gradients through
+    it; a graph that records ``x + y`` has none of that (fx's own tracer does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.b, self.head = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        shortcut = x
+        x1 = self.a(x)
+        y = torch.cat([x1, self.b(x1)], dim=1)[:, :16]
+        y += shortcut
+        return self.head(y)
+
+
 class _Fn(nn.Module):
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
@@ -210,6 +229,7 @@ class _Fn(nn.Module):
 
 CASES: dict[str, Callable[[], nn.Module]] = {
     "no_grad_block": NoGradBlock,
+    "add_into_a_view": AddIntoAView,
     # roll and channel_shuffle keep channels_last on the CPU (FakeTensor: NCHW), their backward too
     "roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2)), nchw=False),
     "nchw_then_roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2))),

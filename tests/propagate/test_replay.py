@@ -3,6 +3,8 @@ and never for one that differs from eager."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections import OrderedDict
 from typing import Any
 
@@ -24,10 +26,13 @@ from nhwc_audit.propagate.skeleton import Skeleton
 from tests import models as M
 
 
-def _replay(model: nn.Module, *args: torch.Tensor) -> str | None:
-    """The replay check as the audit runs it."""
+def _replay(model: nn.Module, *args: torch.Tensor, torch_tracer: bool = False) -> str | None:
+    """The replay check as the audit runs it; ``torch_tracer``: on the graph of torch's own Tracer,
+    which records ``x += y`` as ``x + y`` (out of place), where the audit's records what eager does."""
     cp = prepare_audit_copy(model)
     cap = trace(cp.module)
+    if torch_tracer:
+        cap = dataclasses.replace(cap, graph=torch.fx.Tracer().trace(cp.module))
     sample = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args)
     skeleton = Skeleton()
     propagate(cap.root, tuple(a.clone() for a in sample), {}, graph=cap.graph, skeleton=skeleton, shared=cp.shared)
@@ -354,12 +359,27 @@ def test_the_propagation_keeps_no_activation_for_the_replay() -> None:
     ],
 )
 def test_replay_never_vouches_where_eager_values_differ(model: nn.Module, why: str) -> None:
+    """The in-place cases on torch's own Tracer's graph (``+=`` out of place there)."""
     x = torch.randn(1, 3, 8, 8)
-    got = _replay(model, x) or ""
+    torch_tracer = not isinstance(model, BakedRandom)
+    got = _replay(model, x, torch_tracer=torch_tracer) or ""
     assert why in got, got
     with torch.no_grad():
-        eager, graph = model(x), trace(model).gm(x)
+        gm = torch.fx.GraphModule(model, torch.fx.Tracer().trace(model)) if torch_tracer else trace(model).gm
+        eager, graph = model(x), gm(x)
     assert not torch.equal(eager, graph)  # the graph really differs
+
+
+@pytest.mark.parametrize("model", [AliasedAdd(), ViewThenAdd()], ids=["aliased", "view"])
+def test_the_audits_graph_writes_in_place_where_eager_does(model: nn.Module) -> None:
+    """``out += 1`` is ``operator.iadd`` in the audit's graph: the tensors eager writes through
+    other names (``y`` of ``out = y``, a view taken before) are written in the graph too, so the
+    graph computes eager's values and the replay vouches for it."""
+    x = torch.randn(1, 3, 8, 8)
+    assert _replay(model, x) is None
+    with torch.no_grad():
+        assert torch.equal(model(x), trace(model).gm(x))
+    assert audit(model, x, bandwidth=1e9).meta.capture == "fx"
 
 
 class _Y(nn.Module):
@@ -453,17 +473,20 @@ def _hooked() -> nn.Module:
     return model
 
 
+_OUT_OF_PLACE = [lambda f=f: _case(f) for f in (_half_add, _broadcast_add, _writes_parameter, _view_of_written)]
+
+
 @pytest.mark.parametrize(
     "build,why",
     [
-        (lambda: _case(_half_add), "where the graph makes another tensor"),
-        (lambda: _case(_broadcast_add), ""),
+        (_OUT_OF_PLACE[0], "where the graph makes another tensor"),
+        (_OUT_OF_PLACE[1], ""),
         (lambda: _case(_int_or_float), "(int), the graph 2.0"),
         (lambda: _case(_reads_device), ""),
         (lambda: _case(_sets_data), "data (a property)"),
-        (lambda: _case(_writes_parameter), "a tensor on memory eager changed in place"),
+        (_OUT_OF_PLACE[2], "a tensor on memory eager changed in place"),
         (lambda: _case(_same_object), ""),
-        (lambda: _case(_view_of_written), "a tensor on memory eager changed in place"),
+        (_OUT_OF_PLACE[3], "a tensor on memory eager changed in place"),
         (lambda: _case(_draws).train(), "eager draws random numbers"),
         (lambda: _case(_list_or_tuple), "output: eager passes [FakeTensor"),
         (_hooked, "hooks on conv"),
@@ -471,8 +494,9 @@ def _hooked() -> nn.Module:
 )
 def test_replay_refuses_what_it_cannot_answer(build: Any, why: str) -> None:
     """Cases a review built against the replay: each graph differs from eager (or eager runs
-    code the replay cannot), and the replay must not vouch for it."""
-    got = _replay(build(), torch.randn(1, 3, 8, 8))
+    code the replay cannot), and the replay must not vouch for it. The cases of ``+=`` on
+    torch's own Tracer's graph, which records it out of place."""
+    got = _replay(build(), torch.randn(1, 3, 8, 8), torch_tracer=build in _OUT_OF_PLACE)
     assert got is not None and why.replace("[FakeTensor", "[") in got, got
 
 

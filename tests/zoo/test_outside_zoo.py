@@ -126,6 +126,23 @@ def test_attention_on_a_conv_map_at_batch_2_is_charged_what_eager_moves(name: st
         assert audit(model, x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected, capture
 
 
+def test_ghostnet_adds_into_a_view_in_place_and_trains_as_eager() -> None:
+    """timm GhostNetV2's blocks add the shortcut into a slice of a cat in place (``x += ...``):
+    eager's backward moves gradients through that write (CopySlices). torch.fx's own tracer
+    records an out-of-place add, and the train audit charged 964,608 B of eager's 2,498,560."""
+    timm = pytest.importorskip("timm")
+    from tests.eager_bytes import eager_backward_bytes
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("ghostnetv2_100", pretrained=False).train(), torch.randn(2, 3, 64, 64)
+    truth = eager_backward_bytes(model, (x,)).added
+    assert truth > 964_608
+    for how in ({}, {"mode": "fake"}):
+        report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
+        assert report.meta.capture == "fx" and report.meta.backward
+        assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth, how
+
+
 @pytest.mark.parametrize(
     "name,old",
     [("convnext_tiny", 491_520), ("efficientnet_b0", 163_840), ("shufflenet_v2_x0_5", 403_456)],
