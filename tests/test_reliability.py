@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,26 @@ def test_an_audit_runs_inside_inference_mode(options: dict[str, Any]) -> None:
         model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
         r = audit(_blocks(2), x, bandwidth=BANDWIDTH, **options)
     assert r.nodes and r.summary.breaks == 0
+
+
+class MismatchedAdd(nn.Module):
+    """The model's own error: two maps of other sizes added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_a_models_own_error_is_one_error_and_nothing_on_stderr(mode: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """FakeTensorMode logs a kernel that raises under it with its traceback (~80 lines an op) to
+    stderr before the error reaches the audit, which says it once."""
+    from nhwc_audit.errors import PropagationError
+
+    with pytest.raises(PropagationError, match="node 'add'"):
+        audit(MismatchedAdd(), torch.randn(1, 3, 16, 16), bandwidth=BANDWIDTH, mode=mode)  # type: ignore[arg-type]
+    assert capfd.readouterr().err == ""
+    assert not logging.getLogger("torch._subclasses.fake_tensor").filters  # the filter went with the run

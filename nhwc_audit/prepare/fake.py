@@ -7,6 +7,9 @@ kernels behind FakeTensors disagree with real kernels on some ops (see
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +20,26 @@ from ..errors import TraceError
 from .clone import clone_modules
 from .copy import memory_format_for_rank, plain_tensors
 
-__all__ = ["fake_copy", "fake_inputs", "fake_mode", "fake_plain"]
+__all__ = ["fake_copy", "fake_inputs", "fake_mode", "fake_plain", "meta_failures_unlogged"]
+
+
+class _MetaFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed while attempting to run meta")
+
+
+@contextlib.contextmanager
+def meta_failures_unlogged() -> Iterator[None]:
+    """FakeTensorMode logs each kernel that raises under it, with a traceback, before the error
+    reaches its caller (a model's own shape error: ~80 lines on stderr an op); the audit reports
+    the error itself, in one line. A filter on torch's logger for the run, the logger's level
+    and handlers untouched."""
+    log, quiet = logging.getLogger("torch._subclasses.fake_tensor"), _MetaFailures()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 def fake_mode(*, real_inputs: bool = False) -> Any:

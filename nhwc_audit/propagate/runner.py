@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..prepare.caches import emptied
+from ..prepare.fake import meta_failures_unlogged
 from ..tensors import clone_value, iter_tensors, seeded
 from .corrections import Corrections
 from .dispatch import CopyRecorder
@@ -71,6 +72,7 @@ class Runner:
             stack.enter_context(seeded(self.seed, cuda=self.device_type == "cuda" and not self.fake))
             if self.fake_mode is not None:
                 stack.enter_context(emptied(self.caches))
+                stack.enter_context(meta_failures_unlogged())
                 stack.enter_context(self.fake_mode)
                 if corrections is not None:
                     stack.enter_context(corrections.eager_strides())
