@@ -43,7 +43,7 @@ from . import hints as H
 from . import moves
 from .exposed import exposed
 from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
-from .origin import SKIP_OPS, conversion_free, describe, leading_to, odd_order_from_map, origin_of, via
+from .origin import SKIP_OPS, conversion_free, describe, feeds_a_weight, leading_to, odd_order_from_map, origin_of, via
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -203,17 +203,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
         # disagree and the op followed the NCHW one; it is mixed, not an op without an NHWC kernel
-        return [
-            _finding(
-                ctx,
-                r,
-                FindingKind.MIXED,
-                layout_in=Layout.CHANNELS_LAST,
-                nbytes=2 * sum(i.meta.nbytes for i in cl_in),
-                producer=ctx.by_name.get(strided_nchw[0].producer or ""),
-                shape=cl_in[0].meta.shape,
-            )
-        ]
+        producer, nbytes = ctx.by_name.get(strided_nchw[0].producer or ""), 2 * sum(i.meta.nbytes for i in cl_in)
+        kind, shape = FindingKind.MIXED, cl_in[0].meta.shape
+        return [_finding(ctx, r, kind, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes, producer=producer, shape=shape)]
     if reverted and not (row_major(reverted[0]) or along_w(reverted[0])):  # another order than NCHW:
         sources = [i for i in sources if reorders(i.meta, reverted[0])]  # only what changes order moves
     if not (reverted and sources) and (relaid := moves.relaid_views(r, ctx.by_name)):
@@ -227,6 +219,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
         odd = H.STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else H.ND_TRANSPOSE
+        if all(i.is_param for i in sources):  # a stored tensor the conversion restrided
+            standard, odd = False, H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE
         return [
             _finding(
                 ctx,
@@ -286,7 +280,8 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     )
     kind = FindingKind.REVERT if out_only else FindingKind.CONVERSION
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
-    hint = H.WEIGHT_RESHAPE if of_weight and out_only else H.HEAD_FOLD if fold else H.HIDDEN
+    stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if of_weight else None
+    hint = stored if stored and out_only else H.HEAD_FOLD if fold else H.HIDDEN
     found = _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
     return [found]
 

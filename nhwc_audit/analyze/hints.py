@@ -18,6 +18,7 @@ __all__ = [
     "ND_TRANSPOSE",
     "STACK_REDUCE",
     "STORED_OPERAND",
+    "STORED_TABLE",
     "WEIGHT_RESHAPE",
     "HintTable",
     "default_hints",
@@ -50,6 +51,10 @@ STORED_OPERAND = "@stored-operand"
 
 WEIGHT_RESHAPE = "@weight-reshape"
 """Key of the revert hint for a weight reshaped in forward (a copy out of NHWC every call)."""
+
+STORED_TABLE = "@stored-table"
+"""Key of the revert hint for a 4D buffer or parameter that holds no image (a table of
+coordinates, tokens) copied out of the channels_last strides the conversion gave it."""
 
 _DEFAULT: dict[FindingKind, str] = {
     FindingKind.BREAK: (
@@ -266,6 +271,15 @@ def default_hints() -> HintTable:
         "(a view in NCHW), and the convolution then re-lays the computed weight: standardise it "
         "without reshaping (over dims (1, 2, 3) with keepdim=True: w.mean(...), "
         "w.var(..., unbiased=False)), which keeps its channels_last strides, and neither copy happens",
+    )
+    _register(
+        t,
+        FindingKind.REVERT,
+        (STORED_TABLE,),
+        "{op} reads a 4D stored tensor that model.to(memory_format=torch.channels_last) restrided "
+        "(every 4D parameter and buffer is, also one that holds a table of coordinates or tokens, "
+        "not an image) and copies it back to row-major order on every call: store it 3D and "
+        "reshape in forward, or .contiguous() it after converting",
     )
     for kind in (FindingKind.CONVERSION, FindingKind.REVERT):
         _register(

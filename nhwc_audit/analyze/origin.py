@@ -17,6 +17,7 @@ __all__ = [
     "build_graph",
     "conversion_free",
     "describe",
+    "feeds_a_weight",
     "from_parameters_only",
     "leading_to",
     "dense",
@@ -117,6 +118,27 @@ def from_parameters_only(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
             if i.producer is not None and i.producer in by_name:
                 stack.append(by_name[i.producer])
     return True
+
+
+def feeds_a_weight(r: NodeRecord, by_name: dict[str, NodeRecord], hops: int = 8) -> bool:
+    """``r``'s output becomes a convolution's weight within ``hops`` ops (weight standardisation:
+    reshape, batch_norm, reshape_as, then the conv), not data (a 4D table of coordinates a Linear
+    reads)."""
+    frontier, seen = [r], {r.name}
+    for _ in range(hops):
+        nxt = []
+        for node in frontier:
+            for user in (by_name.get(u) for u in node.users):
+                if user is None or user.name in seen:
+                    continue
+                if user.op_name.lower() in CONV_OPS:
+                    if len(user.inputs) > 1 and user.inputs[1].producer == node.name:
+                        return True
+                    continue  # data of a conv: its output is an activation
+                seen.add(user.name)
+                nxt.append(user)
+        frontier = nxt
+    return False
 
 
 def conversion_free(records: Sequence[NodeRecord]) -> frozenset[str]:

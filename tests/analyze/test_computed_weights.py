@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nhwc_audit import AuditReport
+from nhwc_audit import AuditReport, audit
 
 
 class StdConv(nn.Conv2d):
@@ -96,3 +97,42 @@ def test_a_weight_made_from_activations_is_not_computed_from_parameters() -> Non
         assert "computed in forward" not in r.findings[1].hint
         seen.append([(f.kind, f.bytes, f.origin) for f in r.findings])  # fx adds "via contiguous"
     assert seen[0] == seen[1]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_reshaped_weight_has_the_weight_hint_in_every_capture(capture: str) -> None:
+    """The eager capture records the weight's reshape as a revert of its own; it had the generic
+    'reshape has no channels_last kernel' hint, where the graphs' captures say why it copies."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), StdConv(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)).eval()
+    r = audit(m, torch.randn(1, 3, 16, 16), bandwidth=1e9, capture=capture)  # type: ignore[arg-type]
+    (copy,) = [f for f in r.findings if f.kind.value == "revert"]
+    assert copy.op == "reshape" and copy.bytes == 2 * 8 * 8 * 3 * 3 * 4
+    assert copy.hint.startswith("reshape of a weight in forward copies the channels_last weight"), copy.hint
+
+
+class CoordsTable(nn.Module):
+    """Swin V2's continuous position bias: an MLP over a 1 x 7 x 7 x 2 table of coordinates kept
+    as a 4D buffer, which the conversion restrides as if it held an image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+        h = torch.arange(-3, 4, dtype=torch.float32)
+        table = torch.stack(torch.meshgrid(h, h, indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
+        self.register_buffer("coords", table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.mlp(self.coords).reshape(-1, 2).sum()
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_table_in_a_4d_buffer_is_no_weight(capture: str) -> None:
+    """A Linear over a restrided 4D buffer copies it back to row-major: the hint says to store it
+    3D, not to standardise a convolution's weight."""
+    r = audit(CoordsTable().eval(), torch.randn(1, 3, 16, 16), bandwidth=1e9, capture=capture)  # type: ignore[arg-type]
+    (copy,) = [f for f in r.findings if f.kind.value == "revert"]
+    assert copy.op == "Linear" and copy.bytes == 2 * 7 * 7 * 2 * 4
+    assert copy.hint.startswith("Linear reads a 4D stored tensor that model.to(memory_format=torch.channels_last)")
+    assert "store it 3D" in copy.hint and "convolution" not in copy.hint

@@ -132,12 +132,12 @@ class _InPlaceProxy(torch.fx.Proxy):
     Python falls back to ``x + y``)."""
 
 
+def _recorded(op: Any) -> Any:
+    return lambda self, rhs: self.tracer.create_proxy("call_function", op, (self, rhs), {})
+
+
 for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor"):
-    setattr(
-        _InPlaceProxy,
-        f"__{_name}__",
-        lambda self, rhs, _op=getattr(operator, _name): self.tracer.create_proxy("call_function", _op, (self, rhs), {}),
-    )
+    setattr(_InPlaceProxy, f"__{_name}__", _recorded(getattr(operator, _name)))
 
 
 class _MapsTracer(torch.fx.Tracer):

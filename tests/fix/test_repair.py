@@ -296,7 +296,9 @@ def test_cli_apply_measure_save(
     assert proc.stdout.split() == ["Repaired", "(2,", "8,", "16,", "16)", "True"]
 
 
-def test_a_saved_repair_comes_up_in_the_modes_it_was_repaired_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_saved_repair_comes_up_in_the_modes_it_was_repaired_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``to_folder`` builds the modules it writes out anew, in training mode: a model repaired in
     eval ran its BatchNorm on batch statistics once saved and loaded (resnet18: outputs off by
     2.4x their size). Here a model in eval with one BatchNorm left in training, and the other
@@ -317,7 +319,9 @@ def test_a_saved_repair_comes_up_in_the_modes_it_was_repaired_in(tmp_path: Path,
         "def in_train():\n    return build(True)\n"
     )
     for fn in ("in_eval", "in_train"):
-        assert main([f"normed.py:{fn}", "--apply", "--bandwidth", "1e9", "--save-repaired", f"r_{fn}", "--no-report"]) == 0
+        assert (
+            main([f"normed.py:{fn}", "--apply", "--bandwidth", "1e9", "--save-repaired", f"r_{fn}", "--no-report"]) == 0
+        )
         check = (
             "import sys, torch\n"
             f"sys.path.insert(0, {str(tmp_path)!r})\n"

@@ -4,7 +4,6 @@ and never for one that differs from eager."""
 from __future__ import annotations
 
 import dataclasses
-
 from collections import OrderedDict
 from typing import Any
 
