@@ -18,13 +18,15 @@ from typing import Any
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
+from ..capture.context import node_contexts
 from ..layout import tensor_meta
 from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .breaks import to_channels_last, without_grad_if_refused
-from .fake_views import view_node, view_strides
+from .corrections import Corrections
+from .fake_views import VIEWS, view_node, view_strides
 from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients, hook_nodes
 
 __all__ = ["Backward", "GradRun", "backward_layouts", "param_grad_notes"]
@@ -67,12 +69,28 @@ class _GradProp(torch.fx.Interpreter):
         grads: Grads,
         breaks: frozenset[str] = frozenset(),
         corrected: frozenset[str] = frozenset(),
+        corrections: Corrections | None = None,
     ) -> None:
         super().__init__(gm)
         self.extra_traceback = False
         self.grads = grads
         self.breaks = breaks
         self.corrected = corrected
+        self.corrections = corrections
+        self._contexts = node_contexts(gm.graph.nodes, gm) if corrections is not None else {}
+
+    def _diverges(self, n: torch.fx.Node, args: tuple[Any, ...], out: Any) -> bool:
+        """A fake run's node that ``corrections`` would follow eager at, views aside (strided below)."""
+        assert self.corrections is not None
+        ctx = self._contexts[n]
+        names = (ctx.op_name, ctx.module_type) if ctx.in_leaf_module else (ctx.op_name,)
+        if {name.lower() for name in names} & VIEWS:
+            return False
+        before = len(self.corrections.applied)
+        self.corrections.apply(
+            n.name, names, ctx.detail, [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)], out
+        )
+        return len(self.corrections.applied) > before
 
     def _run_target(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return getattr(self, n.op)(n.target, args, kwargs)
@@ -85,7 +103,11 @@ class _GradProp(torch.fx.Interpreter):
             if n.name in self.corrected:  # a fake run's known meta-kernel error: follow eager both ways
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
             out = without_grad_if_refused(self._run_target, n, args, kwargs)
-            if n.name in self.corrected:
+            if n.name not in self.corrected and self.corrections is not None and self._diverges(n, args, out):
+                # found here (a run with no propagation before it: the NCHW baseline's): run again, as corrected
+                args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
+                out = tree_map(to_channels_last, without_grad_if_refused(self._run_target, n, args, kwargs))
+            elif n.name in self.corrected:
                 out = tree_map(to_channels_last, out)
             elif isinstance(out, FakeTensor) and args and isinstance(args[0], torch.Tensor) and view_node(n):
                 out = view_strides(args[0], out)  # as the propagation strided it (:class:`.corrections.Corrections`)
@@ -103,6 +125,7 @@ def backward_layouts(
     corrected: frozenset[str] = frozenset(),
     ran: GradRun | None = None,
     data: frozenset[str] = frozenset(),
+    corrections: Corrections | None = None,
 ) -> Backward:
     """Run ``gm`` (the audit's private graph) forward with autograd and back from a fixed random
     linear loss whose seed gradient has each output's own layout (as an elementwise loss on a
@@ -113,6 +136,7 @@ def backward_layouts(
     forward of ``gm``'s graph, run with autograd: the backward starts there, with no forward here
     (unless a check after it wrote in place to a tensor autograd saved: then it runs again).
     ``data``: ``gm``'s buffers a backward reads as data, not as weights (a tensor constant).
+    ``corrections``: a fake run with no propagation before it finds the nodes to correct itself.
     Returns what the backward handed each node and parameter, and what it moved."""
     if ran is not None:
         try:
@@ -122,7 +146,7 @@ def backward_layouts(
             pass
     grads = Grads()
     with seeded(seed, flat_inputs), torch.enable_grad():
-        out = _GradProp(gm, grads, breaks, corrected).run(
+        out = _GradProp(gm, grads, breaks, corrected, corrections).run(
             *[clone_value(v) for v in flat_inputs], enable_io_processing=False
         )
         return _back(out, grads, gm, data)

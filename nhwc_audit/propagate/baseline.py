@@ -95,16 +95,17 @@ class _Eager(nn.Module):
 
 class _Backward(nn.Module):
     """Runs the audit's backward (:func:`~.backward.backward_layouts`) through ``gm``, a forward of
-    its own then the backward, keeping what each node's backward moved between layouts. No node
-    is corrected to channels_last (a fake channels_last run's GroupNorm on the CPU)."""
+    its own then the backward, keeping what each node's backward moved between layouts; a fake
+    run corrects the nodes whose meta kernels stride otherwise than eager (``corrections``: the
+    CPU GroupNorm of a map a permute left channels_last-strided keeps it so in an NCHW model too)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, data: frozenset[str]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, data: frozenset[str], corrections: Corrections | None) -> None:
         super().__init__()
-        self.inner, self.data = gm, data
+        self.inner, self.data, self.corrections = gm, data, corrections
         self.moved: dict[str, int] = {}
 
     def forward(self, *values: Any) -> None:
-        moved = backward_layouts(self.inner, list(values), data=self.data).moved
+        moved = backward_layouts(self.inner, list(values), data=self.data, corrections=self.corrections).moved
         self.moved = {name: sum(c.bytes for c in copies) for name, copies in moved.items()}
 
 
@@ -119,7 +120,7 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
     checked on channels_last runs."""
     if captured.gm is None or captured.inputs is None:
         return f"the {captured.method} capture has no graph to run backward through"
-    holder = _Backward(captured.gm, captured.unconverted)
+    holder = _Backward(captured.gm, captured.unconverted, runner.corrections())
     why = _run_as_built(holder, tuple(tree_map(_nchw_input, v) for v in captured.inputs), runner, runner.corrections())
     return why if why is not None else holder.moved
 

@@ -218,6 +218,23 @@ class AddIntoAView(nn.Module):
         return self.head(y)
 
 
+class LayerNorm2dThenGroupNorm(nn.Module):
+    """timm PoolFormerV2: a LayerNorm over channels by permutes leaves the map channels_last-strided
+    in the model as built too, and the CPU GroupNorm keeps it so, in either layout. A fake train
+    audit's NCHW backward baseline took GroupNorm's meta kernel (NCHW) as it came, and charged the
+    MLP's backward 4,096 B that both of eager's runs move."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem, self.ln, self.gn = nn.Conv2d(3, c, 3, padding=1), nn.LayerNorm(c), nn.GroupNorm(1, c)
+        self.fc1, self.fc2, self.fc = nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1), nn.Linear(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.fc2(F.relu(self.fc1(self.gn(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class _Fn(nn.Module):
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
@@ -230,6 +247,7 @@ class _Fn(nn.Module):
 CASES: dict[str, Callable[[], nn.Module]] = {
     "no_grad_block": NoGradBlock,
     "add_into_a_view": AddIntoAView,
+    "layer_norm_2d_then_group_norm": LayerNorm2dThenGroupNorm,
     # roll and channel_shuffle keep channels_last on the CPU (FakeTensor: NCHW), their backward too
     "roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2)), nchw=False),
     "nchw_then_roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2))),
