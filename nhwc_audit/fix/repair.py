@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,17 +19,15 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..analyze.analysis import Analysis, analyze
 from ..capture.fx import trace
 from ..capture.kept import put_back
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
-from ..propagate.interpreter import propagate
-from ..propagate.runner import attributes_restored
 from ..records import NodeRecord, Summary
-from ..tensors import clone_value, seeded
 from .equivalence import deviations, first_change
+from .islands import rewritten_nodes
+from .measure import measure
 from .results import Deviation, fresh_copy, outputs
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
@@ -96,27 +93,6 @@ def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     new.meta = copy.deepcopy(gm.meta)
     type(new).__name__ = type(gm).__name__  # the model's class name, as GraphModule(gm, ...) gives it
     return new
-
-
-def _measure(
-    gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], bw: float, baseline: Mapping[str, int]
-) -> tuple[list[NodeRecord], Analysis]:
-    """The records and analysis of one propagation of ``gm``, whose buffers (BatchNorm
-    statistics in train mode) and module attributes are as they were before it; a node named
-    in ``baseline`` is charged only what it moves beyond that (its NCHW baseline in the audit)."""
-    # a buffer whose elements share memory (a graph constant ``idx.expand(...)``) cannot be
-    # written in place, by the model or by the restore below
-    buffers = [(b, b.clone()) for b in gm.buffers() if torch._debug_has_internal_overlap(b) != 1]
-    try:
-        with attributes_restored(gm), seeded(0, (args, kwargs)):
-            records, _ = propagate(gm, tree_map(clone_value, args), tree_map(clone_value, kwargs), record_hidden=True)
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-    if baseline:
-        records = [dataclasses.replace(r, nchw_bytes=baseline[r.name]) if r.name in baseline else r for r in records]
-    return records, analyze(records, bandwidth=bw)
 
 
 def _run(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor] | None, str]:
@@ -249,7 +225,8 @@ def repair_model(
             if not cap.maps_traced:
                 raise
     naive = gm  # never rewritten: every rewrite is made on a copy
-    records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
+    current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
+    records, analysis = current.records, current.analysis
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks
     steps: list[RepairStep] = []
     refused: dict[tuple[str, str], str] = {}
@@ -270,7 +247,9 @@ def repair_model(
             trial = _clone_gm(gm)
             try:
                 _apply(trial, [cand], compile=False)
-                t_records, t_analysis = _measure(trial, sample_args, sample_kwargs, bandwidth, baseline)
+                changed = rewritten_nodes(trial, gm)
+                t = measure(trial, sample_args, sample_kwargs, bandwidth, baseline, base=current, changed=changed)
+                t_records, t_analysis = t.records, t.analysis
             except Exception as e:
                 done.add(key)
                 refused[key] = f"the rewrite failed: {first_line(e)}"
@@ -288,7 +267,7 @@ def repair_model(
                 continue
             done.add(key)
             refused.pop(key, None)
-            gm, records, analysis = trial, t_records, t_analysis
+            gm, current, records, analysis = trial, t, t_records, t_analysis
             batch.append((cand, RepairStep(cand.node, cand.kind, cand.reason, saved, fixed_breaks)))
         if not batch:
             break
@@ -298,12 +277,16 @@ def repair_model(
         if len(kept) < len(batch):
             gm = _clone_gm(start)
             _apply(gm, [c for c, _ in kept], compile=False)
-            records, analysis = _measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
+            current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
+            records, analysis = current.records, current.analysis
         steps.extend(step for _, step in kept)
         if not kept:
             break
     if gm is not naive:
         gm.recompile()  # the last copy measured (or kept when a check refused them all): no code yet
+        # the log's figures from a whole run of the graph kept (its rewrites were measured in part)
+        current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
+        records, analysis = current.records, current.analysis
     mine, naive_dev = deviations(model, runs, gm, samples[0], grads, reference) if steps else (None, None)
     log = RepairLog(
         steps=tuple(steps),

@@ -3,6 +3,7 @@ operands a node takes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,9 +11,22 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from ..errors import PropagationError
+from ..layout import tensor_meta
 from ..records import NodeInput
 
-__all__ = ["operands", "positional_inputs", "versions_of", "written"]
+__all__ = ["PerNode", "operands", "own_weights", "positional_inputs", "sorted_users", "versions_of", "written"]
+
+
+class PerNode(dict):  # type: ignore[type-arg]
+    """Node -> a value made on first use (a measurement of a rewrite runs a few of a graph's nodes)."""
+
+    def __init__(self, make: Callable[[torch.fx.Node], Any]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, n: torch.fx.Node) -> Any:
+        value = self[n] = self.make(n)
+        return value
 
 
 def positional_inputs(
@@ -71,3 +85,17 @@ def written(inputs: list[tuple[NodeInput, torch.Tensor]], versions: list[int]) -
     return bool(versions) and any(
         t._version != v and not i.is_param for (i, t), v in zip(inputs, versions, strict=True)
     )
+
+
+def sorted_users(n: torch.fx.Node, index: dict[torch.fx.Node, int]) -> tuple[str, ...]:
+    """The names of ``n``'s users in graph order (``index``: each node's place)."""
+    return tuple(u.name for u in sorted(n.users, key=index.__getitem__))
+
+
+def own_weights(n: torch.fx.Node, callee: dict[torch.fx.Node, torch.nn.Module]) -> list[tuple[NodeInput, torch.Tensor]]:
+    """The 4D/5D parameters and buffers of the leaf module ``n`` calls (``callee``: by node)."""
+    sub = callee.get(n)
+    if sub is None:
+        return []
+    own = {id(t): t for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None}
+    return [(NodeInput(None, tensor_meta(t), is_param=True), t) for t in own.values() if t.dim() in (4, 5)]

@@ -7,6 +7,7 @@ It records; it never judges (that is :mod:`nhwc_audit.analyze.findings`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_leaves
 
-from ..capture.context import NodeContext, node_contexts
+from ..capture.context import node_context
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
@@ -26,7 +27,7 @@ from .breaks import latent_error, retry_nchw, without_grad_if_refused
 from .corrections import Corrections
 from .dispatch import CopyRecorder, inner_copies, is_alias_of
 from .grad_hooks import Grads, hook_gradients
-from .inputs import operands, positional_inputs, versions_of, written
+from .inputs import PerNode, operands, own_weights, positional_inputs, sorted_users, versions_of, written
 from .runner import autograd
 from .skeleton import Skeleton
 
@@ -66,28 +67,23 @@ class LayoutProp(torch.fx.Interpreter):
         if self._recorder is not None:
             self._recorder.recording = False
         self._blind_ok = False  # calls the recorder cannot see into may run without it (.blind)
+        # the repair's measurements (fix.measure): every value by name; asked after each node, True stops
+        self.kept: dict[str, Any] | None = None
+        self.until: Callable[[torch.fx.Node, dict[torch.fx.Node, Any]], bool] | None = None
         self.records: list[NodeRecord] = []
         self._pending: list[Any] = []
         self._progress = progress
         self._nodes = list(self.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
         self._modules: dict[str, torch.nn.Module] = self.submodules  # Interpreter's own path -> module map
-        self._contexts: dict[torch.fx.Node, NodeContext] = node_contexts(self._nodes, gm, self._modules)
-        self._operands = {n: operands(n) for n in self._nodes}
-        self._users = {n: tuple(u.name for u in sorted(n.users, key=self._index.__getitem__)) for n in self._nodes}
-        # a leaf module's own 4D/5D weights: static during the run, recorded once
-        self._leaf_weights: dict[torch.fx.Node, list[tuple[NodeInput, torch.Tensor]]] = {}
-        self._callee: dict[torch.fx.Node, torch.nn.Module] = {}
+        # per node, made on first use (none of them refers back to the interpreter: no cycle)
+        self._contexts = PerNode(functools.partial(node_context, root=gm, modules=self._modules, names={}))
+        self._operands = PerNode(operands)
+        self._users = PerNode(functools.partial(sorted_users, index=self._index))
+        modules = [n for n in self._nodes if n.op == "call_module"]
+        self._callee = {n: self._modules.get(str(n.target)) or self.fetch_attr(str(n.target)) for n in modules}
+        self._leaf_weights = PerNode(functools.partial(own_weights, callee=self._callee))  # static during the run
         self._blind_functions = {n for n in self._nodes if n.op == "call_function" and maybe_blind(n.target)}
-        for n in self._nodes:
-            if n.op == "call_module":
-                sub = self._callee[n] = self._modules.get(str(n.target)) or self.fetch_attr(str(n.target))
-                own = {id(t): t for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None}
-                self._leaf_weights[n] = [
-                    (NodeInput(producer=None, meta=tensor_meta(t), is_param=True), t)
-                    for t in own.values()
-                    if t.dim() in (4, 5)
-                ]
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
@@ -96,7 +92,7 @@ class LayoutProp(torch.fx.Interpreter):
             value = self.env.get(inp)
             for t in (value,) if isinstance(value, torch.Tensor) else iter_tensors(value):
                 out.append((NodeInput(producer=inp.name, meta=tensor_meta(t), is_param=is_param), t))
-        out.extend(self._leaf_weights.get(n, ()))
+        out.extend(self._leaf_weights[n])
         return out
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -208,15 +204,17 @@ class LayoutProp(torch.fx.Interpreter):
     def _run(self, args: tuple[Any, ...], initial_env: dict[torch.fx.Node, Any] | None) -> Any:
         env = self.env = dict(initial_env or {})
         self.args_iter = iter(args)
-        step, last_uses, load = self._step, self.user_to_last_uses, env.__getitem__
+        step, last_uses, load, kept, until = self._step, self.user_to_last_uses, env.__getitem__, self.kept, self.until
         for n in self._nodes:
             if n in env:
                 continue
             env[n] = step(n, map_arg(n.args, load), map_arg(n.kwargs, load))
+            if kept is not None:
+                kept[n.name] = env[n]
             for dead in last_uses.get(n, ()):
                 del env[dead]
-            if n.op == "output":
-                return env[n]
+            if n.op == "output" or (until is not None and until(n, env)):
+                return env.get(n) if n.op == "output" else None
         return None
 
     def _record(
