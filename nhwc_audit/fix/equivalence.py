@@ -110,16 +110,47 @@ def first_change(
         t64 = copy.deepcopy(trial).double()
     except Exception:
         return _first_change_calibrated(model, naive, trial, samples, grads)
-    for args, kwargs, oa, ga in reference["float64"]:
+    for i, (args, kwargs, oa, ga) in enumerate(reference["float64"]):
         ob, gb = res.outputs(res.fresh_copy(t64), args, kwargs, grads)
-        diff = first_difference(ob, oa, rtol=1e-6, atol=1e-9)
-        if diff is not None:
-            return f"{diff} (float64)"
-        scale = max((float(g.abs().max()) for g in ga.values()), default=0.0)
-        for name, g in ga.items():
-            if name in gb and tensor_difference(gb[name], g, rtol=1e-6, atol=1e-9 * max(scale, 1.0)) is not None:
-                return f"gradient of {name} differs (float64)"
+        why = _float64_difference((ob, gb), (oa, ga))
+        if why is not None and not _as_naive_in_float64(naive, i, (ob, gb), reference, grads):
+            return why
     return None
+
+
+def _float64_difference(got: Results, ref: Results) -> str | None:
+    """How float64 results differ beyond float64 rounding, or None."""
+    (ob, gb), (oa, ga) = got, ref
+    diff = first_difference(ob, oa, rtol=1e-6, atol=1e-9)
+    if diff is not None:
+        return f"{diff} (float64)"
+    scale = max((float(g.abs().max()) for g in ga.values()), default=0.0)
+    for name, g in ga.items():
+        if name in gb and tensor_difference(gb[name], g, rtol=1e-6, atol=1e-9 * max(scale, 1.0)) is not None:
+            return f"gradient of {name} differs (float64)"
+    return None
+
+
+def _as_naive_in_float64(naive: nn.Module | None, i: int, got: Results, reference: dict[str, Any], grads: bool) -> bool:
+    """Does the naive conversion, in float64 on float64 sample ``i``, compute ``got`` too? Then the
+    rewrites changed nothing the converted model computes, and what differs from the original is
+    the conversion's: an NCHW kernel that computes otherwise than its channels_last one (torch
+    2.14.1's CPU BatchNorm backward at batch 1 with a channels_last-strided gradient, the original's
+    wrong) or the other way round; the log reports the naive conversion's own deviation."""
+    if naive is None:
+        return False
+    if "naive64" not in reference:
+        reference["naive64"] = None
+        try:
+            n64 = copy.deepcopy(naive).double()
+            reference["naive64"] = [res.outputs(res.fresh_copy(n64), a, k, grads) for a, k, *_ in reference["float64"]]
+        except Exception:
+            pass
+    theirs = reference["naive64"]
+    if theirs is None:
+        return False
+    ob, gb = got
+    return _float64_difference((ob, gb), (theirs[i][0], {n: g for n, g in theirs[i][1].items() if n in gb})) is None
 
 
 def _first_change_calibrated(

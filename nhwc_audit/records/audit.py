@@ -22,8 +22,8 @@ def finding_key(kind: str, module_path: str, op: str, detail: str, file: str | N
     """Kind, module path, op and source file: ``revert:up1.conv.block.1:InstanceNorm2d:examples.py``
     (the file's base name, so that keys hold on any checkout; no line number, so that they hold
     when code moves within the file: findings sharing a key count together). An in-place op is
-    keyed as its out-of-place op: torch.fx records ``out += x`` as ``add``, the ATen-level
-    captures as ``add_``. The one rule for findings and for findings read back from a JSON report.
+    keyed as its out-of-place op: ``out += x`` is ``add_`` in every capture (torch's own fx
+    tracer records ``add``). The one rule for findings and for findings read back from a JSON report.
 
     >>> finding_key("revert", "norm", "pad", "circular", "/x/m.py")
     'revert:norm:pad(circular):m.py'

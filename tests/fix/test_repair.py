@@ -794,3 +794,31 @@ def test_a_trace_that_breaks_where_the_model_breaks_is_repaired_quietly(capsys: 
     assert "view->reshape" in [s.kind for s in log.steps]
     assert capsys.readouterr().err == ""
     _check_same(model, gm, (1, 3, 8, 8))
+
+
+class NormThenTokens(nn.Module):
+    """An InstanceNorm to repair, then a BatchNorm whose map leaves as tokens
+    (``flatten(2).transpose(1, 2)``, a ViT or LeViT stem): the gradient reaches the BatchNorm
+    channels_last-strided, and torch 2.14.1's CPU BatchNorm backward at batch 1 then computes
+    the NCHW model's parameter gradients wrong (its channels_last backward is right)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.b, self.bn = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.b(torch.relu(self.n(self.a(x))))).flatten(2).transpose(1, 2)
+
+
+def test_a_rewrite_is_judged_against_the_conversion_where_the_original_computes_otherwise() -> None:
+    """At batch 1 the float64 check found the repaired model's gradients off the original's and
+    refused the rewrite ('gradient of a.weight differs'), though the naive conversion computes
+    the same: what differs is the conversion's (here the NCHW kernel's), and the log says so."""
+    torch.manual_seed(0)
+    model, x = NormThenTokens().eval(), torch.randn(1, 3, 32, 32)
+    log = audit(model, x, bandwidth=1e9).repaired().repair
+    assert log is not None
+    assert [s.kind for s in log.steps] == ["instancenorm->groupnorm"], log.refused
+    assert log.bytes_after == 0 and not log.refused
+    assert log.deviation is not None and log.naive_deviation is not None
