@@ -113,7 +113,7 @@ def first_change(
     for i, (args, kwargs, oa, ga) in enumerate(reference["float64"]):
         ob, gb = res.outputs(res.fresh_copy(t64), args, kwargs, grads)
         why = _float64_difference((ob, gb), (oa, ga))
-        if why is not None and not _as_naive_in_float64(naive, i, (ob, gb), reference, grads):
+        if why is not None and not _as_naive_in_float64(naive, i, (ob, gb), oa, reference, grads):
             return why
     return None
 
@@ -131,12 +131,16 @@ def _float64_difference(got: Results, ref: Results) -> str | None:
     return None
 
 
-def _as_naive_in_float64(naive: nn.Module | None, i: int, got: Results, reference: dict[str, Any], grads: bool) -> bool:
-    """Does the naive conversion, in float64 on float64 sample ``i``, compute ``got`` too? Then the
-    rewrites changed nothing the converted model computes, and what differs from the original is
-    the conversion's: an NCHW kernel that computes otherwise than its channels_last one (torch
-    2.14.1's CPU BatchNorm backward at batch 1 with a channels_last-strided gradient, the original's
-    wrong) or the other way round; the log reports the naive conversion's own deviation."""
+def _as_naive_in_float64(
+    naive: nn.Module | None, i: int, got: Results, outs: list[torch.Tensor], reference: dict[str, Any], grads: bool
+) -> bool:
+    """Does the naive conversion, in float64 on float64 sample ``i``, compute ``got`` too, with the
+    original's outputs (``outs``)? Then the rewrites changed nothing the converted model computes,
+    and the gradients that differ from the original's differ by the conversion: a backward kernel
+    that computes otherwise in one layout (torch 2.14.1's CPU BatchNorm backward at batch 1 with a
+    channels_last-strided gradient: the original's is wrong); the log reports the naive
+    conversion's own deviation. A conversion that changes the outputs (code that reads the memory
+    order) is no reference."""
     if naive is None:
         return False
     if "naive64" not in reference:
@@ -147,7 +151,7 @@ def _as_naive_in_float64(naive: nn.Module | None, i: int, got: Results, referenc
         except Exception:
             pass
     theirs = reference["naive64"]
-    if theirs is None:
+    if theirs is None or first_difference(theirs[i][0], outs, rtol=1e-6, atol=1e-9) is not None:
         return False
     ob, gb = got
     return _float64_difference((ob, gb), (theirs[i][0], {n: g for n, g in theirs[i][1].items() if n in gb})) is None
