@@ -111,10 +111,14 @@ def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any
     branch fx cannot see (``torch.jit.isinstance``, a Python value) one way, whatever eager does."""
     (got, raised), (ref, eager_raised) = _run(gm, args, kwargs), _run(converted, args, kwargs)
     name = type(converted).__name__
+    why = (
+        "the trace took a branch of forward the other way (a test fx cannot see: torch.jit.isinstance, a "
+        "Python value); make that code traceable, or repair a submodule that traces"
+    )
     if got is None and raised != eager_raised:
         raise ConversionError(
             f"repair needs a torch.fx trace that runs as the model does; torch.fx's graph of {name} fails where "
-            f"the model {'raises otherwise' if eager_raised else 'runs'}: {raised}"
+            f"the model {'raises otherwise' if eager_raised else 'runs'} ({raised}): {why}"
         )
     diff = "it runs where the model raises" if ref is None and got is not None else None
     if got is not None and ref is not None:
@@ -122,8 +126,7 @@ def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any
     if diff is not None:
         raise ConversionError(
             f"repair needs a torch.fx trace that computes what the model computes; torch.fx's graph of {name} does "
-            f"not ({diff}): the trace took a branch of forward the other way (a test fx cannot see); make that "
-            "code traceable, or repair a submodule that traces"
+            f"not ({diff}): {why}"
         )
 
 
