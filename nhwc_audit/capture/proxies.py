@@ -118,7 +118,6 @@ IN_PLACE_OPERATORS: dict[Any, str] = {
         "floordiv": "floor_divide_",
         "mod": "remainder_",
         "pow": "pow_",
-        "matmul": "matmul_",
         "and": "bitwise_and_",
         "or": "bitwise_or_",
         "xor": "bitwise_xor_",
@@ -131,7 +130,37 @@ ATen op that runs them on tensors (``add_``: what the other captures record). to
 has no ``__iadd__``, so Python falls back to ``x + y`` and fx records an out-of-place add;
 eager writes ``x``: other names for it (``shortcut = x`` before) see the write, and autograd
 records a write into a view (``out[:, :c] += y``: CopySlices), whose backward a train audit
-must run. fx generates ``x += y`` for these nodes."""
+must run. fx generates ``x += y`` for these nodes. Not ``@=``: a tensor has no ``__imatmul__``,
+and Python runs ``x = x @ y``."""
+
+OUT_OF_PLACE: dict[Any, Any] = {
+    op: getattr(operator, op.__name__[1:] if op.__name__[1:] not in ("and", "or") else op.__name__[1:] + "_")
+    for op in IN_PLACE_OPERATORS
+}
+"""Each in-place operator's out-of-place one (``operator.iadd`` -> ``operator.add``)."""
+
+_MUTABLE = (torch.Tensor, list, dict, set, bytearray)
+
+
+def in_place_operator(target: Any) -> bool:
+    """``target`` (a call_function node's) is one of :data:`IN_PLACE_OPERATORS` (a callable that
+    defines ``__eq__`` but not ``__hash__`` is none)."""
+    return type(target) is type(len) and target in OUT_OF_PLACE
+
+
+def settle_in_place(n: torch.fx.Node, first: Any) -> bool:
+    """Make ``n``, an in-place operator node whose first operand's value is ``first``, its
+    out-of-place operator when that value is one Python rebinds (an int, a tuple: ``size //= 2``
+    on a proxy of ``x.size(-1)``): what it computes is the same, but torch.fx generates
+    ``a //= 2;  ifloordiv = a`` for it, which rebinds ``a`` for the nodes after it that read
+    the value before. True when it changed ``n``."""
+    if not in_place_operator(n.target) or isinstance(first, _MUTABLE):
+        return False
+    n.target = OUT_OF_PLACE[n.target]
+    if isinstance(n.graph.owning_module, torch.fx.GraphModule):
+        n.graph.owning_module.recompile()  # its code was generated with the in-place form
+    return True
+
 
 for _op in IN_PLACE_OPERATORS:
     setattr(TracerProxy, f"__{_op.__name__}__", _in_place(_op))

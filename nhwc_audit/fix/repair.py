@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from ..capture.fx import trace
 from ..capture.kept import put_back
+from ..capture.proxies import in_place_operator
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
@@ -221,6 +222,10 @@ def repair_model(
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
         if cap is None:  # an audit's graph was checked against eager; a trace of its own is checked here
             break
+        current = None
+        if any(in_place_operator(n.target) for n in gm.graph.nodes if n.op == "call_function"):
+            with contextlib.suppress(Exception):  # (its run settles ``size //= 2`` out of place; the check decides)
+                current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
         try:
             _check_trace(converted, gm, sample_args, sample_kwargs)
             break
@@ -228,7 +233,8 @@ def repair_model(
             if not cap.maps_traced:
                 raise
     naive = gm  # never rewritten: every rewrite is made on a copy
-    current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
+    if graph is not None or current is None:
+        current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     records, analysis = current.records, current.analysis
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks
     steps: list[RepairStep] = []

@@ -8,13 +8,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.utils._pytree import tree_map
 
 from ..capture.fx import Capture
 from ..capture.kept import KeptGraph, kept, made_attributes
 from ..records import NodeRecord
+from ..tensors import detached
 from .backward import GradRun
+from .compare import first_difference
 
-__all__ = ["Captured", "CheckKind", "value_dependent"]
+__all__ = ["Captured", "CheckKind", "Verdict", "value_dependent"]
 
 CheckKind = Literal["replay", "sample", "eager", "unchecked", "off"]
 """How the capture was checked against eager: a replay of the model's Python on meta stand-ins,
@@ -83,3 +86,21 @@ def value_dependent(records: list[NodeRecord]) -> list[str]:
         )
         found[key] = any(torch.Tag.dynamic_output_shape in o.tags for o in ops)
     return sorted({k.removeprefix("aten.").split(".")[0] for k, dynamic in found.items() if dynamic})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What checking a capture against eager found."""
+
+    checked: CheckKind
+    rejected: str | None = None
+    """The capture does not reproduce eager (or the check failed): why. The chain goes on."""
+    note: str | None = None
+    """The capture is kept, with this note."""
+
+    @staticmethod
+    def compared(checked: CheckKind, graph_out: Any, eager_out: Any) -> Verdict:
+        diff = first_difference(tree_map(detached, graph_out), eager_out)  # its traceback holds no autograd run
+        return Verdict(
+            checked, rejected=None if diff is None else f"the captured graph does not reproduce eager: {diff}"
+        )

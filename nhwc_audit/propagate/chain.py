@@ -31,8 +31,7 @@ from ..prepare.fake import fake_plain
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value, detached, iter_tensors
 from .backward import GradRun
-from .captured import Captured, CheckKind
-from .compare import first_difference
+from .captured import Captured, CheckKind, Verdict
 from .corrections import Corrections
 from .eager import record_eager
 from .exported import exported
@@ -40,7 +39,7 @@ from .grad_hooks import Grads
 from .inputs import positional_inputs
 from .interpreter import ProgressFn, propagate
 from .replay import replay
-from .runner import Runner, attributes_restored, batch_of, fake_limitation, first_sample
+from .runner import Runner, StateKept, attributes_restored, batch_of, fake_limitation, first_sample, quiet
 from .skeleton import Skeleton
 
 __all__ = ["CAPTURES", "CaptureMethod", "Captured", "CheckKind", "capture_and_propagate", "replay_check"]
@@ -58,24 +57,6 @@ def replay_check(
     inputs = dict(zip(placeholders, positional_inputs(cap.graph, args, kwargs), strict=True))
     with attributes_restored(cap.root), runner.context(), runner.grad_mode():  # what forward caches goes
         return replay(cap.root, cap.graph, skeleton, inputs, args, kwargs)
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    """What checking a capture against eager found."""
-
-    checked: CheckKind
-    rejected: str | None = None
-    """The capture does not reproduce eager (or the check failed): why. The chain goes on."""
-    note: str | None = None
-    """The capture is kept, with this note."""
-
-    @staticmethod
-    def compared(checked: CheckKind, graph_out: Any, eager_out: Any) -> _Verdict:
-        diff = first_difference(tree_map(detached, graph_out), eager_out)  # its traceback holds no autograd run
-        return _Verdict(
-            checked, rejected=None if diff is None else f"the captured graph does not reproduce eager: {diff}"
-        )
 
 
 @dataclass
@@ -181,6 +162,7 @@ class _Chain:
         skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self.runner.corrections()
         grads: Grads | None = Grads() if self.runner.grad and not self.runner.fake else None  # a backward starts there
+        versions = StateKept.versions(self.model) if checking else []
         try:
             with self.runner.context(guard=False, corrections=corrections):
                 records, out = propagate(
@@ -206,14 +188,14 @@ class _Chain:
                 raise TraceError(f"{wrong}; audit with capture 'auto' or 'hooks', which record what eager runs") from e
             self.notes.append(wrong)
             return None
-        corrected = self._noted(corrections)
+        corrected, kept = self._noted(corrections), StateKept(versions)
         ran = GradRun(out, grads) if grads is not None else None
         if not checking:
             return self._done(records, cap, "off", corrected=corrected, grad_run=ran)
         try:
-            verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch))
+            verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch), kept)
         except Exception as e:  # the check itself failed: the audit's problem, not the model's
-            verdict = _Verdict("unchecked", rejected=f"the check against eager raised {first_line(e)}")
+            verdict = Verdict("unchecked", rejected=f"the check against eager raised {first_line(e)}")
         if verdict.rejected is not None:
             self.notes.append(f"{name}: {verdict.rejected}")
             return None
@@ -228,33 +210,41 @@ class _Chain:
         out: Any,
         skeleton: Skeleton | None,
         first: tuple[tuple[Any, ...], dict[str, Any]] | None,
-    ) -> _Verdict:
-        """How the graph was checked, and whether it reproduces eager."""
+        kept: StateKept,
+    ) -> Verdict:
+        """How the graph was checked, and whether it reproduces eager (each from the state the
+        model's own writes to its weights left, ``kept``)."""
         if any(r.error for r in records):
             # eager channels_last raises at the break too: nothing to compare against
-            return _Verdict("unchecked", note="not checked against eager (the model breaks on channels_last)")
+            return Verdict("unchecked", note="not checked against eager (the model breaks on channels_last)")
         if skeleton is not None:
             # eager with every leaf module call answered by a stand-in of the graph's, every
             # other call on meta tensors: the cost of the model's Python instead of a forward;
             # what it cannot vouch for goes on to a forward
             if replay_check(cap, skeleton, self.args, self.kwargs, self.runner) is None:
-                return _Verdict("replay")
+                return Verdict("replay")
         if first is not None:
             # fx graphs are not specialised to shapes: checking on one sample of the batch costs
             # 2/B of a forward (the full batch decides when either side cannot run at batch 1,
             # e.g. train-mode BatchNorm on 1x1)
             try:
-                small_graph = self.runner.forward(cap.gm, *first)
-                small_eager = self.runner.forward(self.model, *first)
+                with kept():
+                    small_graph = quiet(self.runner.forward, cap.gm, *first)
+                with kept():
+                    small_eager = self.runner.forward(self.model, *first)
             except Exception:
                 pass
             else:
-                return _Verdict.compared("sample", small_graph, small_eager)
+                return Verdict.compared("sample", small_graph, small_eager)
         try:
-            reference = self._eager_reference()
+            if kept.written:  # the propagation's run started from the state before its writes
+                with kept():
+                    out = quiet(self.runner.forward, cap.gm, self.args, self.kwargs)
+            with kept():
+                reference = self._eager_reference()
         except Exception as e:
-            return _Verdict("unchecked", note=f"not checked against eager (eager raised {first_line(e)})")
-        return _Verdict.compared("eager", out, reference)
+            return Verdict("unchecked", note=f"not checked against eager (eager raised {first_line(e)})")
+        return Verdict.compared("eager", out, reference)
 
     def _raise_if_eager_fails(self, e: PropagationError) -> None:
         """The graph raised on the sample: when eager raises too, it is the model's error."""

@@ -18,6 +18,7 @@ from torch.fx.node import map_arg
 from torch.utils._pytree import tree_leaves
 
 from ..capture.context import node_context
+from ..capture.proxies import in_place_operator, settle_in_place
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
@@ -108,6 +109,8 @@ class LayoutProp(torch.fx.Interpreter):
         if op == "call_module":
             return self._callee[n](*args, **kwargs)  # looked up once per graph, not per call
         if op == "call_function":
+            if args and in_place_operator(n.target):  # x += y on an int or a tuple: out of place
+                settle_in_place(n, args[0])
             return n.target(*args, **kwargs)  # type: ignore[operator]
         return getattr(self, op)(n.target, args, kwargs)
 

@@ -5,6 +5,7 @@ fake mode), module state restored around captures, and the batch's first sample 
 from __future__ import annotations
 
 import contextlib
+import io
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,16 @@ from ..tensors import clone_value, iter_tensors, seeded
 from .corrections import Corrections
 from .dispatch import CopyRecorder
 
-__all__ = ["Runner", "attributes_restored", "autograd", "batch_of", "fake_limitation", "first_sample"]
+__all__ = [
+    "Runner",
+    "StateKept",
+    "attributes_restored",
+    "autograd",
+    "batch_of",
+    "fake_limitation",
+    "first_sample",
+    "quiet",
+]
 
 
 @dataclass(frozen=True)
@@ -256,3 +266,36 @@ def first_sample(
         return v
 
     return tuple(tree_map(cut, a) for a in args), {k: tree_map(cut, v) for k, v in kwargs.items()}
+
+
+class StateKept:
+    """The model's parameters and buffers that runs of it wrote in place since ``versions`` (each
+    tensor's version counter then) were taken: a forward that updates its own state (a buffer
+    it adds to, a power iteration's vectors). ``with kept():`` runs a block from their values now
+    and puts them back after, so that a graph and eager, run one after the other, start alike."""
+
+    def __init__(self, versions: list[tuple[torch.Tensor, int]]) -> None:
+        self.written = [t for t, v in versions if t._version != v]
+
+    @staticmethod
+    def versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
+        """Each parameter's and buffer's version counter (none of an inference tensor, which
+        keeps none: ``torch.inference_mode``)."""
+        return [(t, t._version) for t in [*model.parameters(), *model.buffers()] if not t.is_inference()]
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        saved = [(t, t.detach().clone()) for t in self.written]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, value in saved:
+                    t.copy_(value)
+
+
+def quiet(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with stderr kept: a GraphModule prints the traceback of what it raises there
+    before raising it, which the caller handles."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        return fn(*args)
