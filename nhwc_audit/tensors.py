@@ -95,8 +95,10 @@ def detached(v: Any) -> Any:
 
 
 def to_nchw(v: Any) -> Any:
-    """A 4D/5D tensor made contiguous (NCHW/NCDHW); other values as they are."""
-    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
+    """A 4D/5D tensor made contiguous (NCHW/NCDHW); other values, and a tensor whose elements
+    share memory (an ``expand``: the NCHW model expands alike, and an op that writes to it
+    raises in either layout), as they are."""
+    if isinstance(v, torch.Tensor) and v.dim() in (4, 5) and torch._debug_has_internal_overlap(v) != 1:
         return v.contiguous()
     return v
 

@@ -313,3 +313,27 @@ def test_a_models_own_error_is_one_error_and_nothing_on_stderr(mode: str, capfd:
         audit(MismatchedAdd(), torch.randn(1, 3, 16, 16), bandwidth=BANDWIDTH, mode=mode)  # type: ignore[arg-type]
     assert capfd.readouterr().err == ""
     assert not logging.getLogger("torch._subclasses.fake_tensor").filters  # the filter went with the run
+
+
+class WritesAnExpand(nn.Module):
+    """``e = y.mean(...).expand_as(y); e += 1`` raises in eager in either layout (the elements of
+    an expand share memory); the NCHW retry made a dense copy of it and ran, and the audit
+    reported a channels_last break."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.post = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        e = y.mean((2, 3), keepdim=True).expand_as(y)
+        e += 1
+        return self.post(e)
+
+
+@pytest.mark.parametrize("capture", ["auto", "export", "hooks"])
+def test_a_write_to_an_expand_is_the_models_own_error(capture: str) -> None:
+    from nhwc_audit.errors import PropagationError
+
+    with pytest.raises(PropagationError, match="more than one element of the written-to tensor"):
+        audit(WritesAnExpand(), torch.randn(2, 3, 16, 16), bandwidth=BANDWIDTH, capture=capture)  # type: ignore[arg-type]

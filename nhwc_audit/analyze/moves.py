@@ -269,10 +269,11 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
 
 def writes_in_place(r: NodeRecord) -> bool:
     """An in-place op other than a copy (``add_``, ``mul_``: ``out += skip`` under torch.export
-    or eager capture; ``ReLU(inplace=True)``, as the run saw it write): it reads its other
+    or eager capture, ``y[idx] += 1``'s ``index_put_``, which the eager capture names ``setitem``;
+    ``ReLU(inplace=True)``, as the run saw it write): it reads its other
     operands in the written tensor's layout, so mixed layouts move data as they do out of place.
     ``copy_`` is a copy (the hidden-copy rule)."""
-    return not copies_into(r) and (r.in_place or in_place_name(r.op_name))
+    return not copies_into(r) and (r.in_place or in_place_name(r.op_name) or in_place_name(aten_op(r)))
 
 
 def copies_into(r: NodeRecord) -> bool:

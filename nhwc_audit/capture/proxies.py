@@ -162,9 +162,10 @@ def settle_in_place(n: torch.fx.Node, first: Any) -> bool:
     return True
 
 
-for _op in IN_PLACE_OPERATORS:
-    setattr(TracerProxy, f"__{_op.__name__}__", _in_place(_op))
-
-
 class TracerAttribute(Unpacking, Attribute):
     pass
+
+
+for _op in IN_PLACE_OPERATORS:  # an attribute too: v = y.mT; v += 1 writes y
+    setattr(TracerProxy, f"__{_op.__name__}__", _in_place(_op))
+    setattr(TracerAttribute, f"__{_op.__name__}__", _in_place(_op))

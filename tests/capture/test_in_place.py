@@ -138,3 +138,27 @@ def test_the_generated_code_of_an_in_place_add_on_a_tensor_writes_it() -> None:
     assert "+= 1" in gm.code
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+def test_an_in_place_add_on_an_attribute_writes_what_it_views() -> None:
+    """``v = y.mT; v += 1`` writes ``y``: torch's Attribute proxy (``y.mT``, ``x.shape``) had no
+    in-place operators, so the graph added out of place and the check dropped fx."""
+
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.post = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.pre(x)
+            v = y.mT
+            v += 1
+            s = x.shape
+            s += (1,)
+            return self.post(y) + s[-1]
+
+    model, x = Transposed().eval(), torch.randn(2, 3, 16, 16)
+    report = audit(model, x, bandwidth=1e9)
+    assert report.meta.capture == "fx", report.meta.capture_notes
+    with torch.no_grad():
+        torch.testing.assert_close(report.repaired().repaired_module(x), model(x), rtol=1e-4, atol=1e-5)
