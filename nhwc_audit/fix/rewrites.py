@@ -10,6 +10,9 @@ them judges whether it helped (that is :mod:`.repair`).
                            per-sample, per-channel statistics, with a channels_last kernel on CPU.
 * ``softmax-nhwc``         softmax/log_softmax over dim 1 of a 4D tensor runs over the last dim
                            of its free (N, H, W, C) permutation.
+* ``standardise-weight``   a weight standardised through reshape, ``F.batch_norm`` and
+                           ``reshape_as`` (timm's StdConv2d) is standardised over dims (1, 2, 3)
+                           instead (:mod:`.standardise`).
 * ``insert-contiguous-cl`` one ``.contiguous(memory_format=channels_last)`` right after an op
                            that reverts, when that costs less than the conversions downstream.
 * ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``, ``new_*``,
@@ -21,6 +24,7 @@ them judges whether it helped (that is :mod:`.repair`).
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from torch.nn import functional as F
 from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
 from ..records import FindingKind, Layout, NodeRecord
+from .standardise import standardisation, standardise
 
 __all__ = ["PRIORITY", "Candidate", "RepairKind", "candidates", "find_node"]
 
@@ -45,6 +50,7 @@ RepairKind = Literal[
     "instancenorm->groupnorm",
     "softmax-nhwc",
     "swap-operands",
+    "standardise-weight",
     "insert-contiguous-cl",
 ]
 PRIORITY: tuple[RepairKind, ...] = get_args(RepairKind)
@@ -153,6 +159,13 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
 
             yield Candidate(
                 f.node, "softmax-nhwc", f"{f.op} over channels computed in (N, H, W, C) order", softmax_nhwc
+            )
+        elif f.kind is FindingKind.REVERT and standardisation(gm, f.node):
+            yield Candidate(
+                f.node,
+                "standardise-weight",
+                "standardise the weight over dims (1, 2, 3) with keepdim: no reshape, no copy",
+                functools.partial(standardise, name=f.node),
             )
         elif f.kind is FindingKind.REVERT and r.spatial_outputs and len(node.users) > 0:
             fmt_ins = _fmt(rank)
