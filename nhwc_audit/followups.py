@@ -44,6 +44,11 @@ def _fx_graph(report: AuditReport) -> tuple[torch.fx.Graph | None, list[tuple[st
     return (kept.graph, list(kept.attributes)) if kept is not None else (None, [])
 
 
+def _checked(report: AuditReport) -> bool:
+    """The audit's fx graph was checked against eager (a forced or unverified capture is not)."""
+    return report.capture is None or report.capture.checked
+
+
 def _decided_on(report: AuditReport) -> tuple[Sequence[NodeRecord], Summary]:
     """What a verdict is decided on: the repaired graph's records and summary when a repair
     changed the model, else the audit's."""
@@ -70,6 +75,7 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
         kwargs,
         bandwidth=report.meta.bandwidth,
         graph=graph,
+        graph_checked=_checked(report),
         constants=constants,
         baseline=baseline,
         **options,

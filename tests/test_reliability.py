@@ -337,3 +337,29 @@ def test_a_write_to_an_expand_is_the_models_own_error(capture: str) -> None:
 
     with pytest.raises(PropagationError, match="more than one element of the written-to tensor"):
         audit(WritesAnExpand(), torch.randn(2, 3, 16, 16), bandwidth=BANDWIDTH, capture=capture)  # type: ignore[arg-type]
+
+
+class CachesOnItself(nn.Module):
+    """A forward that replaces a tensor it keeps as a plain attribute (a cache; old spectral_norm's
+    pre-hook sets ``weight`` alike): the old tensor is freed during the run, and an activation
+    made later could take its ``id()``, which the eager capture had noted as a stored tensor's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.cached = torch.zeros(2, 8, 16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        self.cached = y.detach().clone()
+        return self.c(torch.softmax(y, 1))
+
+
+def test_the_eager_capture_gives_one_answer_whatever_the_allocator_reuses() -> None:
+    from tests.eager_bytes import eager_bytes
+
+    torch.manual_seed(0)
+    model, x = CachesOnItself().eval(), torch.randn(2, 3, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    got = {audit(model, x, bandwidth=BANDWIDTH, capture="hooks").summary.bytes_moved for _ in range(60)}
+    assert got == {expected}

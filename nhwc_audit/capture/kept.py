@@ -59,15 +59,17 @@ class KeptGraph:
     graph: torch.fx.Graph
     attributes: tuple[tuple[str, Any], ...]
     """(target, value) of each get_attr node (:func:`graph_attributes`)."""
+    checked: bool = True
+    """The graph was checked against eager (a forced or unverified capture is not)."""
 
 
-def kept(cap: Capture | None) -> KeptGraph | None:
+def kept(cap: Capture | None, *, checked: bool = True) -> KeptGraph | None:
     """What a report keeps of an fx ``cap``: its graph (copied when a GraphModule, which holds the
     modules, owns it) and the tensors its get_attr nodes read that the tracer made (not weights)."""
     if cap is None or cap.method != "fx":
         return None
     graph = copy.deepcopy(cap.graph) if cap.graph.owning_module is not None else cap.graph
-    return KeptGraph(graph, tuple(made_attributes(cap)))
+    return KeptGraph(graph, tuple(made_attributes(cap)), checked)
 
 
 def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:

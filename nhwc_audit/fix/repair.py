@@ -114,7 +114,8 @@ def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any
     name = type(converted).__name__
     why = (
         "the trace took a branch of forward the other way (a test fx cannot see: torch.jit.isinstance, a "
-        "Python value); make that code traceable, or repair a submodule that traces"
+        "Python value), or forward updates a buffer in place, which torch.fx runs once while tracing; make that "
+        "code traceable, or repair a submodule that traces"
     )
     if got is None and raised != eager_raised:
         raise ConversionError(
@@ -180,6 +181,7 @@ def repair_model(
     grads: bool = True,
     max_passes: int = 4,
     graph: torch.fx.Graph | None = None,
+    graph_checked: bool = True,
     constants: Sequence[tuple[str, Any]] = (),
     baseline: Mapping[str, int] | None = None,
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
@@ -187,7 +189,8 @@ def repair_model(
 
     The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx
     capture of the same module tree, with ``constants``: what its get_attr nodes read, see
-    :func:`~nhwc_audit.capture.kept.graph_attributes`) saves the trace, and ``baseline`` (node
+    :func:`~nhwc_audit.capture.kept.graph_attributes`) saves the trace (checked against the
+    model here unless ``graph_checked``: the audit checked it), and ``baseline`` (node
     name -> the bytes it moves when the model runs NCHW, the audit's ``nchw_bytes``) charges
     the graph's nodes as the audit did; without it every copy is charged whole. Outputs (and, with
     ``grads``, parameter gradients of a fixed random linear loss) are checked against the
@@ -220,7 +223,7 @@ def repair_model(
                 cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph))
         except Exception as e:
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
-        if cap is None:  # an audit's graph was checked against eager; a trace of its own is checked here
+        if cap is None and graph_checked:  # an audit's graph checked against eager; others are checked here
             break
         current = None
         if any(in_place_operator(n.target) for n in gm.graph.nodes if n.op == "call_function"):
@@ -230,7 +233,7 @@ def repair_model(
             _check_trace(converted, gm, sample_args, sample_kwargs)
             break
         except ConversionError:
-            if not cap.maps_traced:
+            if cap is None or not cap.maps_traced:
                 raise
     naive = gm  # never rewritten: every rewrite is made on a copy
     if graph is not None or current is None:

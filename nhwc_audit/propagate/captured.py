@@ -60,7 +60,7 @@ class Captured:
     @property
     def kept(self) -> KeptGraph | None:
         """What the report keeps of the capture (:func:`~nhwc_audit.capture.kept.kept`)."""
-        return kept(self.capture)
+        return kept(self.capture, checked=self.checked in ("replay", "sample", "eager"))
 
 
 def value_dependent(records: list[NodeRecord]) -> list[str]:

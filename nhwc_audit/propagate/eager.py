@@ -223,8 +223,10 @@ def record_eager(
         handles.append(mod.register_forward_hook(post, always_call=True))
     # stored tensors as the model holds them now (the NCHW baseline swaps in plain tensors), and
     # tensors kept as plain attributes, which a graph reads with get_attr as it reads buffers
-    kept = (t for _, t in plain_tensors(model))
-    stored = frozenset(id(t) for t in (*model.parameters(), *model.buffers(), *kept))
+    # (held for the run: a forward that replaces one, old spectral_norm's pre-hook, a cache set
+    # on the module, frees it, and an activation made later could take its id())
+    held = (*model.parameters(), *model.buffers(), *(t for _, t in plain_tensors(model)))
+    stored = frozenset(id(t) for t in held)
     rec = _Recorder(stack, shared, corrections, stored)
     try:
         with torch.no_grad(), rec.calls, rec:

@@ -823,3 +823,29 @@ def test_a_rewrite_is_judged_against_the_conversion_where_the_original_computes_
     assert [s.kind for s in log.steps] == ["instancenorm->groupnorm"], log.refused
     assert log.bytes_after == 0 and not log.refused
     assert log.deviation is not None and log.naive_deviation is not None
+
+
+class EmaInForward(nn.Module):
+    """A 0-d buffer updated in forward: torch.fx runs ``mul_`` once while tracing (it traces only
+    4D/5D buffers), so the graph is not the model. A forced fx audit is not checked against
+    eager, and the repair reused its graph as checked: it handed back a module off by 0.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("ema", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ema.mul_(0.9).add_(0.1 * x.mean())
+        return self.b(self.a(x) - self.ema)
+
+
+@pytest.mark.parametrize("options", [{"capture": "fx"}, {"verify": False}], ids=["forced", "unverified"])
+def test_a_repair_checks_a_graph_the_audit_did_not(options: dict[str, object]) -> None:
+    from nhwc_audit.errors import ConversionError
+
+    torch.manual_seed(0)
+    report = audit(EmaInForward().eval(), torch.randn(2, 3, 16, 16), bandwidth=1e9, **options)  # type: ignore[arg-type]
+    assert report.meta.capture == "fx"
+    with pytest.raises(ConversionError, match="updates a buffer in place"):
+        report.repaired()
