@@ -162,7 +162,7 @@ class _Chain:
         skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self.runner.corrections()
         grads: Grads | None = Grads() if self.runner.grad and not self.runner.fake else None  # a backward starts there
-        versions = StateKept.versions(self.model) if checking else []
+        state = StateKept(self.model if checking else None)
         try:
             with self.runner.context(guard=False, corrections=corrections):
                 records, out = propagate(
@@ -187,17 +187,19 @@ class _Chain:
             if forced:  # not the model's error: the graph's (a branch of forward traced the other way)
                 raise TraceError(f"{wrong}; audit with capture 'auto' or 'hooks', which record what eager runs") from e
             self.notes.append(wrong)
+            state.undo()
             return None
-        corrected, kept = self._noted(corrections), StateKept(versions)
+        corrected = self._noted(corrections)
         ran = GradRun(out, grads) if grads is not None else None
         if not checking:
             return self._done(records, cap, "off", corrected=corrected, grad_run=ran)
         try:
-            verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch), kept)
+            verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch), state)
         except Exception as e:  # the check itself failed: the audit's problem, not the model's
             verdict = Verdict("unchecked", rejected=f"the check against eager raised {first_line(e)}")
         if verdict.rejected is not None:
             self.notes.append(f"{name}: {verdict.rejected}")
+            state.undo()  # what its run wrote to the model's buffers goes with the capture
             return None
         if verdict.note is not None:
             self.notes.append(f"{name}: {verdict.note}")

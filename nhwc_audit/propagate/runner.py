@@ -269,19 +269,22 @@ def first_sample(
 
 
 class StateKept:
-    """The model's parameters and buffers that runs of it wrote in place since ``versions`` (each
-    tensor's version counter then) were taken: a forward that updates its own state (a buffer
-    it adds to, a power iteration's vectors). ``with kept():`` runs a block from their values now
-    and puts them back after, so that a graph and eager, run one after the other, start alike."""
+    """The model's parameters and buffers as they were when taken (``model``; none when None), and
+    those that runs of it have written in place since (:attr:`written`): a forward that updates
+    its own state (a buffer it adds to, a power iteration's vectors). ``with kept():`` runs a
+    block from their values now and puts them back after, so that a graph and eager, run one
+    after the other, start alike; :meth:`undo` puts the buffers back as taken."""
 
-    def __init__(self, versions: list[tuple[torch.Tensor, int]]) -> None:
-        self.written = [t for t, v in versions if t._version != v]
+    def __init__(self, model: nn.Module | None) -> None:
+        tensors = [*model.parameters(), *model.buffers()] if model is not None else []
+        # (an inference tensor keeps no version counter: torch.inference_mode)
+        self._versions = [(t, t._version) for t in tensors if not t.is_inference()]
+        buffers = model.buffers() if model is not None else ()
+        self._taken = {id(b): b.detach().clone() for b in buffers if not b.is_inference()}
 
-    @staticmethod
-    def versions(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
-        """Each parameter's and buffer's version counter (none of an inference tensor, which
-        keeps none: ``torch.inference_mode``)."""
-        return [(t, t._version) for t in [*model.parameters(), *model.buffers()] if not t.is_inference()]
+    @property
+    def written(self) -> list[torch.Tensor]:
+        return [t for t, v in self._versions if t._version != v]
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -292,6 +295,17 @@ class StateKept:
             with torch.no_grad():
                 for t, value in saved:
                     t.copy_(value)
+
+    def undo(self) -> None:
+        """The buffers written since taken as they were, with no autograd history: the run of a
+        capture the chain drops leaves nothing for the next one (a running average taken with
+        autograd on would carry that run's graph into the next capture's backward)."""
+        with torch.no_grad():
+            for t in self.written:
+                if id(t) in self._taken and not isinstance(t, nn.Parameter):
+                    if t.grad_fn is not None:
+                        t.detach_()
+                    t.copy_(self._taken[id(t)])
 
 
 def quiet(fn: Any, *args: Any) -> Any:

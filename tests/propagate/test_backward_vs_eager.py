@@ -382,3 +382,30 @@ def test_the_nchw_backward_charges_no_weight() -> None:
     line = f"{b.source.file}:{b.source.line}"
     nchw = sum(t.nbytes for t in eager_backward_bytes(model, (x,)).nchw if t.site.endswith(line))
     assert 0 < b.nchw_backward_bytes == nchw
+
+
+class EmaOfActivation(nn.Module):
+    """A running average of an activation updated under ``torch.no_grad()`` in forward: torch.fx
+    runs the buffer's ``mul_`` while tracing, the check drops its graph, and torch.export
+    follows. The dropped run had left the buffer with its autograd history, and the export
+    capture's backward ran into it: 16,384 B charged where eager's backward moves nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("ema", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * y.mean())
+        return self.b(y - self.ema)
+
+
+def test_a_dropped_capture_leaves_nothing_for_the_next_ones_backward() -> None:
+    torch.manual_seed(0)
+    model, x = EmaOfActivation().train(), torch.randn(2, 3, 16, 16)
+    truth = eager_backward_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, train=True)
+    assert report.meta.capture != "fx" and report.meta.backward, report.meta.capture_notes
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth == 0
