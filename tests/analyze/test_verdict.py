@@ -81,3 +81,19 @@ def test_a_measured_gain_that_needs_the_repair_says_so(audit_fixed: Callable[...
     assert "the repaired channels_last model runs 1.20x" in v.reasons[-1]
     plain = decide(r.nodes, r.summary, device="cpu", dtype="float32", speedup=1.2)
     assert plain.summary == "convert"
+
+
+def test_convolutions_of_a_weight_computed_in_forward_are_counted(audit_fixed: Callable[..., AuditReport]) -> None:
+    """timm's NFNets standardise every conv weight in forward (StdConv2d): no conv had a weight
+    that is a parameter, and the verdict said "no convolutions: channels_last has nothing to
+    speed up" of a network of 29; repaired, it says convert."""
+    from tests.analyze.test_computed_weights import StdConv
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 96, 3, padding=1), StdConv(96, 96, 3, padding=1), nn.ReLU(), StdConv(96, 96, 3, padding=1)
+    ).eval()
+    report = audit_fixed(model, torch.randn(2, 3, 8, 8))
+    assert len(conv_infos(report.nodes)) == 3
+    assert not any("no convolutions" in r for r in report.verdict.reasons)
+    assert report.repaired().verdict.convert
