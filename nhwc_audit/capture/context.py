@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from ..records import SourceLoc
-from .proxies import IN_PLACE_OPERATORS
+from .proxies import IN_PLACE_OPERATORS, in_place_operator
 from .source import source_from_stack
 
 __all__ = ["NO_GRAD_KEY", "SOURCE_KEY", "NodeContext", "aten_detail", "first_names", "node_context", "node_contexts"]
@@ -47,6 +46,12 @@ class NodeContext:
     """The op's mode where it has one (pad, interpolate, upsample): 'circular', 'bilinear'."""
     in_leaf_module: bool = False
     """The node is (or runs inside) a torch.nn leaf module such as InstanceNorm2d."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names a rule about the node's op may use: the op's, and in a leaf module the
+        module type's (``InstanceNorm2d``)."""
+        return (self.op_name, self.module_type) if self.in_leaf_module else (self.op_name,)
 
 
 def _detail(op_name: str, mode: Any) -> str:
@@ -179,7 +184,7 @@ def _short_name(target: Any, names: dict[Any, str] | None = None) -> str:
     opname = getattr(target, "_opname", None)  # an ATen OpOverload: aten.conv2d.default -> conv2d
     if isinstance(opname, str):
         return opname
-    if isinstance(target, types.BuiltinFunctionType) and target in IN_PLACE_OPERATORS:
+    if in_place_operator(target):
         return IN_PLACE_OPERATORS[target]  # operator.iadd: add_, as the other captures name x += y
     name = getattr(target, "__name__", None)
     if isinstance(name, str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +24,11 @@ from ..capture.proxies import in_place_operator
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
+from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
 from .equivalence import deviations, first_change
 from .islands import rewritten_nodes
-from .measure import measure
+from .measure import Measured, measure
 from .results import Deviation, fresh_copy, outputs
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
@@ -99,7 +99,7 @@ def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def _run(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor] | None, str]:
     """``m``'s outputs on the sample, or None and the first line of what it raised (off stderr)."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with quiet():
             return outputs(fresh_copy(m), args, kwargs, grads=False)[0], ""
     except Exception as e:
         return None, first_line(e)
@@ -154,7 +154,7 @@ def _checked(
     trial = _clone_gm(base)
     try:  # (a GraphModule prints the traceback of what it raises to stderr: kept off it)
         _apply(trial, [c for c, _ in batch])
-        with contextlib.redirect_stderr(io.StringIO()):
+        with quiet():
             problem = change(trial)
     except Exception as e:
         problem = f"the rewrite failed: {first_line(e)}"
@@ -212,6 +212,7 @@ def repair_model(
         (sample_args, sample_kwargs),
     )
     samples = [(sample_args, sample_kwargs), second]
+    current: Measured | None = None  # the measurement of the graph kept, when its check took one
     for maps in (True, False):  # a trace of 4D/5D buffers that is not the model's: again with them stowed
         try:
             converted = convert(model)
@@ -236,7 +237,7 @@ def repair_model(
             if cap is None or not cap.maps_traced:
                 raise
     naive = gm  # never rewritten: every rewrite is made on a copy
-    if graph is not None or current is None:
+    if current is None:
         current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     records, analysis = current.records, current.analysis
     before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks

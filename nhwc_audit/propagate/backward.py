@@ -83,7 +83,7 @@ class _GradProp(torch.fx.Interpreter):
         """A fake run's node that ``corrections`` would follow eager at, views aside (strided below)."""
         assert self.corrections is not None
         ctx = self._contexts[n]
-        names = (ctx.op_name, ctx.module_type) if ctx.in_leaf_module else (ctx.op_name,)
+        names = ctx.names
         if {name.lower() for name in names} & VIEWS:
             return False
         before = len(self.corrections.applied)

@@ -120,8 +120,9 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
     checked on channels_last runs."""
     if captured.gm is None or captured.inputs is None:
         return f"the {captured.method} capture has no graph to run backward through"
-    holder = _Backward(captured.gm, captured.unconverted, runner.corrections())
-    why = _run_as_built(holder, tuple(tree_map(_nchw_input, v) for v in captured.inputs), runner, runner.corrections())
+    corrections = runner.corrections()  # the run's own: its kernels' strides and its nodes' outputs
+    holder = _Backward(captured.gm, captured.unconverted, corrections)
+    why = _run_as_built(holder, tuple(tree_map(_nchw_input, v) for v in captured.inputs), runner, corrections)
     return why if why is not None else holder.moved
 
 

@@ -14,6 +14,7 @@ import torch
 from torch.overrides import get_overridable_functions
 from torch.utils._pytree import tree_flatten
 
+from ..capture.proxies import IN_PLACE_OPERATORS
 from ..records import in_place_name
 from ..tensors import PLAIN_LEAVES
 
@@ -82,13 +83,9 @@ def _family() -> dict[str, tuple[Any, bool]]:
 
 
 _FAMILY = _family()
-_IN_PLACE_FUNCTION = {
-    name: getattr(operator, f"i{op.__name__.rstrip('_')}")
-    for name, (op, swapped) in _FAMILY.items()
-    if name in _IN_PLACE and not swapped and hasattr(operator, f"i{op.__name__.rstrip('_')}")
-}
-"""An in-place method as a torch function mode sees ``x += y`` (``add_``, ``__iadd__``) -> the
-``operator`` function the audit's tracer records for it (``operator.iadd``)."""
+_IN_PLACE_FUNCTION = {name: op for op, aten in IN_PLACE_OPERATORS.items() for name in (aten, f"__{op.__name__}__")}
+"""An in-place method as a torch function mode sees ``x += y`` (``add_``; ``__iand__`` for
+``x &= y``) -> the ``operator`` function the audit's tracer records for it (``operator.iadd``)."""
 _COMMUTATIVE = {operator.add, operator.mul, operator.and_, operator.or_, operator.xor, operator.eq, operator.ne}
 
 Call = tuple[Any, tuple[Any, ...]]

@@ -230,8 +230,8 @@ class _Chain:
             # 2/B of a forward (the full batch decides when either side cannot run at batch 1,
             # e.g. train-mode BatchNorm on 1x1)
             try:
-                with kept():
-                    small_graph = quiet(self.runner.forward, cap.gm, *first)
+                with kept(), quiet():
+                    small_graph = self.runner.forward(cap.gm, *first)
                 with kept():
                     small_eager = self.runner.forward(self.model, *first)
             except Exception:
@@ -240,8 +240,8 @@ class _Chain:
                 return Verdict.compared("sample", small_graph, small_eager)
         try:
             if kept.written:  # the propagation's run started from the state before its writes
-                with kept():
-                    out = quiet(self.runner.forward, cap.gm, self.args, self.kwargs)
+                with kept(), quiet():
+                    out = self.runner.forward(cap.gm, self.args, self.kwargs)
             with kept():
                 reference = self._eager_reference()
         except Exception as e:

@@ -157,7 +157,7 @@ class LayoutProp(torch.fx.Interpreter):
             error = first_line(e)
         if self.corrections is not None and error is None:
             ctx = self._contexts[n]
-            names = (ctx.op_name, ctx.module_type) if ctx.in_leaf_module else (ctx.op_name,)
+            names = ctx.names
             acts = [t for i, t in inputs if not i.is_param]
             result = self.corrections.apply(n.name, names, ctx.detail, acts, result)
         latent = (

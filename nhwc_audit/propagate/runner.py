@@ -308,8 +308,7 @@ class StateKept:
                     t.copy_(self._taken[id(t)])
 
 
-def quiet(fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` with stderr kept: a GraphModule prints the traceback of what it raises there
-    before raising it, which the caller handles."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        return fn(*args)
+def quiet() -> contextlib.AbstractContextManager[Any]:
+    """stderr kept for a block: a GraphModule prints the traceback of what it raises there before
+    raising it, which the caller handles."""
+    return contextlib.redirect_stderr(io.StringIO())

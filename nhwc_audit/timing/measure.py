@@ -3,9 +3,7 @@ timed side by side with torch.utils.benchmark, interleaved so noise hits all thr
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import first_line
 from ..prepare.copy import convert, prepare_inputs
+from ..propagate.runner import quiet
 from ..tensors import iter_tensors
 
 __all__ = ["Measurement", "Timing", "measure", "profile_copies"]
@@ -193,7 +192,7 @@ def measure(
     untimed: list[tuple[str, str]] = []
     for name, fn in variants:
         try:  # (a GraphModule prints the traceback of what it raises to stderr: kept off it)
-            with contextlib.redirect_stderr(io.StringIO()):
+            with quiet():
                 fn()
                 fn()  # warm-up (allocator, oneDNN primitive caches)
                 sync()

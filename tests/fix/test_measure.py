@@ -62,6 +62,16 @@ def _records(m: Measured) -> list[tuple[Any, ...]]:
     return [(r.name, r.index, r.users, r.inputs, r.outputs, r.hidden, r.error, r.nchw_bytes) for r in m.records]
 
 
+def _measured_in_part_as_whole(gm: torch.fx.GraphModule, sample: tuple[Any, ...], base: Measured, cand: Any) -> None:
+    """``cand`` applied to a copy of ``gm`` (measured: ``base``) is measured in part as in whole."""
+    trial = _clone_gm(gm)
+    _apply(trial, [cand], compile=False)
+    part = measure(trial, sample, {}, 1e9, {}, base=base, changed=rewritten_nodes(trial, gm))
+    whole = measure(trial, sample, {}, 1e9, {})
+    assert _records(part) == _records(whole), cand
+    assert part.analysis.summary == whole.analysis.summary, cand
+
+
 @pytest.mark.parametrize(
     "build",
     [
@@ -78,12 +88,7 @@ def test_each_rewrite_measured_in_part_is_measured_as_a_whole_run(build: Callabl
     base = measure(gm, sample, {}, 1e9, {})
     tried = 0
     for cand in candidates(gm, base.records, base.analysis):
-        trial = _clone_gm(gm)
-        _apply(trial, [cand], compile=False)
-        part = measure(trial, sample, {}, 1e9, {}, base=base, changed=rewritten_nodes(trial, gm))
-        whole = measure(trial, sample, {}, 1e9, {})
-        assert _records(part) == _records(whole), cand
-        assert part.analysis.summary == whole.analysis.summary, cand
+        _measured_in_part_as_whole(gm, sample, base, cand)
         tried += 1
     assert tried >= 1
 
@@ -131,9 +136,4 @@ def test_maxvit_rewrites_measured_in_part_are_measured_as_whole_runs() -> None:
     cands = list(candidates(gm, base.records, base.analysis))
     assert len(cands) >= 10
     for cand in cands[::3]:
-        trial = _clone_gm(gm)
-        _apply(trial, [cand], compile=False)
-        part = measure(trial, sample, {}, 1e9, {}, base=base, changed=rewritten_nodes(trial, gm))
-        whole = measure(trial, sample, {}, 1e9, {})
-        assert _records(part) == _records(whole), cand
-        assert part.analysis.summary == whole.analysis.summary, cand
+        _measured_in_part_as_whole(gm, sample, base, cand)
