@@ -27,9 +27,9 @@ from ..propagate.runner import batch_of, first_sample
 from ..tensors import to_nchw
 from . import results as res
 from .islands import against_naive
-from .results import ELEMENTS, ROUNDING, Deviation, Results, Sample, within
+from .results import ELEMENTS, ROUNDING, Deviation, Exactness, Results, Sample, within
 
-__all__ = ["FLOAT64_ITEMS", "deviations", "first_change"]
+__all__ = ["FLOAT64_ITEMS", "deviations", "exactness", "first_change"]
 
 
 def _deviation(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -253,30 +253,59 @@ def _originals(model: nn.Module, samples: list[Sample], grads: bool, reference: 
 def deviations(
     model: nn.Module,
     naive: nn.Module | None,
-    repaired: nn.Module,
+    repaired: nn.Module | None,
     sample: Sample,
     grads: bool,
     reference: dict[str, Any] | None = None,
-) -> tuple[Deviation, Deviation | None]:
-    """The repaired model's deviation from the original in the model's own dtype, and the naive
-    conversion's (None when it cannot run, None given: it breaks where the repair fixed a view). The
-    float64 check says a rewrite keeps the math; this says what the kernels it picks do to the
+) -> tuple[Deviation | None, Deviation | None, Exactness | None]:
+    """The repaired model's deviation from the original in the model's own dtype (None when
+    ``repaired`` is None: nothing was rewritten, the repair hands back the naive conversion),
+    the naive conversion's (None when it cannot run, None given: it breaks where the repair
+    fixed a view), and, when the naive conversion's is beyond :data:`~.results.CONVERSION_OFF`,
+    where both stand against float64 (:func:`exactness`). The float64 check says a rewrite
+    keeps the math; this says what the kernels it picks, and the conversion itself, do to the
     rounding the user trains with (GroupNorm's channels_last CPU backward is less exact than
     InstanceNorm's). ``reference``: the checks' dict (``sample`` is their first)."""
     args, kwargs = sample
     own = (reference or {}).get("own")  # the original's results on the sample, from the checks
-    ref = (
-        own[0] if own else res.outputs(res.fresh_copy(model), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
-    )
+    try:
+        ref = own[0] if own else res.outputs(res.fresh_copy(model), *tree_map(to_nchw, (args, kwargs)), grads)
+    except Exception:  # nothing rewritten, nothing checked: a model that cannot run with gradients
+        return None, None, None
     dtype = own_dtype_name(model)
-    seen = (reference or {}).get("trial", {}).get(_graph_key(repaired))
-    mine = res.deviation_of(seen or res.outputs(res.fresh_copy(repaired), args, kwargs, grads), ref, dtype)
-    theirs: Deviation | None = None
-    if naive is not None:
-        try:
-            kept = (reference or {}).get("naive")  # the naive results, when a check computed them
-            got = kept[0] if kept else res.outputs(res.fresh_copy(naive), args, kwargs, grads)
-            theirs = res.deviation_of(got, ref, dtype)
-        except Exception:
-            pass  # an error the audit did not see: no noise estimate
-    return mine, theirs
+    mine: Deviation | None = None
+    if repaired is not None:
+        seen = (reference or {}).get("trial", {}).get(_graph_key(repaired))
+        mine = res.deviation_of(seen or res.outputs(res.fresh_copy(repaired), args, kwargs, grads), ref, dtype)
+    if naive is None:
+        return mine, None, None
+    try:
+        kept = (reference or {}).get("naive")  # the naive results, when a check computed them
+        got = kept[0] if kept else res.outputs(res.fresh_copy(naive), args, kwargs, grads)
+    except Exception:
+        return mine, None, None  # an error the audit did not see: no noise estimate
+    theirs = res.deviation_of(got, ref, dtype)
+    exact = exactness(model, naive, sample, grads, (ref, got)) if theirs.off else None
+    return mine, theirs, exact
+
+
+def exactness(
+    model: nn.Module, naive: nn.Module, sample: Sample, grads: bool, own: tuple[Results, Results]
+) -> Exactness | None:
+    """The original's and the naive conversion's results in the model's own dtype (``own``, in
+    that order) against the original's in float64 on ``sample``, and the conversion's in float64
+    against those; None when either cannot run in float64."""
+    args, kwargs = tree_map(_double, sample)
+    try:
+        exact = res.outputs(
+            res.fresh_copy(copy.deepcopy(model).double()), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads
+        )
+        converted = res.outputs(res.fresh_copy(copy.deepcopy(naive).double()), args, kwargs, grads)
+    except Exception:
+        return None
+    dtype = own_dtype_name(model)
+    return Exactness(
+        original=res.deviation_of(own[0], exact, dtype),
+        conversion=res.deviation_of(own[1], exact, dtype),
+        float64=res.deviation_of(converted, exact, "float64"),
+    )

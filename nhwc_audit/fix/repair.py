@@ -29,7 +29,7 @@ from ..records import NodeRecord, Summary
 from .equivalence import deviations, first_change
 from .islands import rewritten_nodes
 from .measure import Measured, measure
-from .results import Deviation, fresh_copy, outputs
+from .results import Deviation, Exactness, fresh_copy, outputs
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
@@ -67,8 +67,11 @@ class RepairLog:
     """In the model's own dtype, on the sample: how far the repaired model's outputs and
     gradients are from the original's (None when nothing was rewritten)."""
     naive_deviation: Deviation | None = None
-    """The same for the naive channels_last conversion: what converting alone changes (rounding,
-    or a kernel that computes differently in channels_last); None when it cannot run."""
+    """The same for the naive conversion (the model handed back when nothing was rewritten): what
+    converting alone changes; None when it cannot run."""
+    exactness: Exactness | None = None
+    """Which of the original and the naive conversion is off, by float64, when the conversion
+    deviates beyond :data:`~.results.CONVERSION_OFF` (else None; None too without float64)."""
 
     @property
     def changed(self) -> bool:
@@ -300,7 +303,7 @@ def repair_model(
         # the log's figures from a whole run of the graph kept (its rewrites were measured in part)
         current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
         records, analysis = current.records, current.analysis
-    mine, naive_dev = deviations(model, runs, gm, samples[0], grads, reference) if steps else (None, None)
+    mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
     log = RepairLog(
         steps=tuple(steps),
         bytes_before=before_bytes,
@@ -312,5 +315,6 @@ def repair_model(
         summary_after=analysis.summary,
         deviation=mine,
         naive_deviation=naive_dev,
+        exactness=exact,
     )
     return gm, log

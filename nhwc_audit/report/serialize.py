@@ -227,6 +227,9 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
         "refused": list(repair.refused),
         "deviation": _deviation(repair.deviation),
         "naive_deviation": _deviation(repair.naive_deviation),
+        "exactness": None
+        if repair.exactness is None
+        else {k: _deviation(getattr(repair.exactness, k)) for k in ("original", "conversion", "float64")},
     }
 
 

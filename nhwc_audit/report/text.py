@@ -239,27 +239,51 @@ def deviation_line(repair: RepairLog) -> str | None:
     """What the repaired model's kernels do to its results in the model's own dtype, beside what
     the naive conversion's do: the float64 check proves the math, not this. Flagged when the
     repair deviates over 10x as much as the conversion and over 1e-4 (kernels that round
-    differently), and when the conversion itself deviates over 1e-2 (a kernel that computes
-    differently in channels_last: torch 2.14's CPU InstanceNorm backward at batch 1)."""
+    differently), and when the conversion itself deviates beyond
+    :data:`~nhwc_audit.fix.results.CONVERSION_OFF`: then float64 says which is off
+    (:func:`_conversion_note`). With nothing rewritten, the conversion's alone (the model
+    handed back)."""
     mine, naive = repair.deviation, repair.naive_deviation
-    if mine is None:
+    if mine is None and naive is None:
         return None
 
     def both(d: Deviation) -> str:
         return f"outputs {d.outputs:.1e}" + ("" if d.gradients is None else f", gradients {d.gradients:.1e}")
 
-    def worst(d: Deviation) -> float:
-        return max(d.outputs, d.gradients or 0.0)
-
+    if mine is None:
+        assert naive is not None
+        line = f"Nothing rewritten: in {naive.dtype}, the naive conversion deviates from the original by {both(naive)} (relative norms)"
+        return line + _conversion_note(repair)
     line = f"In {mine.dtype}, the repaired model deviates from the original by {both(mine)}"
     if naive is None:
         return line + " (relative norms; the naive conversion does not run)."
     line += f"; the naive conversion by {both(naive)} (relative norms)"
-    if worst(naive) > 1e-2:
-        return (
-            line
-            + ": the naive conversion's own results are off, beyond rounding (a kernel computes differently in channels_last)."
-        )
-    if worst(mine) > 1e-4 and worst(mine) > 10 * worst(naive):
+    if naive.off:
+        return line + _conversion_note(repair)
+    if mine.worst > 1e-4 and mine.worst > 10 * naive.worst:
         return line + ": the rewritten kernels round differently, beyond what converting costs."
     return line + "."
+
+
+def _conversion_note(repair: RepairLog) -> str:
+    """How the deviation line ends for the naive conversion: a period within
+    :data:`~nhwc_audit.fix.results.CONVERSION_OFF`; beyond it, which of the original and the
+    conversion float64 finds off (its :class:`~nhwc_audit.fix.results.Exactness`)."""
+    naive, exact = repair.naive_deviation, repair.exactness
+    if naive is None or not naive.off:
+        return "."
+    if exact is None:
+        return ": the naive conversion's own results are off, beyond rounding (a kernel computes differently in channels_last)."
+    o, c = exact.original.worst, exact.conversion.worst
+    if exact.float64.worst > 1e-6:
+        return (
+            f": the two differ in float64 too ({exact.float64.worst:.1e}), not only in rounding: a kernel computes "
+            "otherwise in one of the two layouts (torch 2.14.1's CPU BatchNorm backward at batch 1, in NCHW, when its "
+            "gradient arrives channels_last-strided), or code reads the memory order."
+        )
+    against = f"from the original's float64 results: the conversion {c:.1e}, the original {o:.1e}"
+    if c > 10 * o:
+        return f": the naive conversion's own results are off ({against}; in float64 both agree): a kernel computes differently in channels_last."
+    if o > 10 * c:
+        return f": the original's results are the ones off ({against}; in float64 both agree): a kernel computes differently in NCHW, and converting brings them closer to exact."
+    return f": both are far from exact ({against}; in float64 both agree): the model's rounding is amplified (batch statistics over few values), whatever the layout."

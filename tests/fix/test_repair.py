@@ -601,7 +601,11 @@ def test_the_log_says_how_far_the_repaired_model_rounds_from_the_original() -> N
     assert log.naive_deviation.outputs == pytest.approx(float((naive - ref).norm() / ref.norm()), rel=1e-6, abs=1e-12)
     assert log.deviation.gradients is not None and log.deviation.gradients < 1e-3
     nothing = repair_model(M.ConvBnRelu().eval(), (x,))[1]
-    assert not nothing.steps and nothing.deviation is None  # nothing rewritten: nothing to say
+    assert not nothing.steps and nothing.deviation is None  # nothing rewritten: the conversion's alone
+    assert (
+        nothing.naive_deviation is not None
+        and max(nothing.naive_deviation.outputs, nothing.naive_deviation.gradients or 0) < 1e-5
+    )
 
 
 def test_a_repair_that_rounds_beyond_the_conversion_is_flagged() -> None:
@@ -623,6 +627,42 @@ def test_a_repair_that_rounds_beyond_the_conversion_is_flagged() -> None:
     broken = deviation_line(log(Deviation(2e-6, 3e-6), Deviation(2e-6, 0.73)))
     assert broken is not None and "naive conversion's own results are off" in broken
     assert "round differently" not in broken
+
+
+def test_float64_says_which_of_the_original_and_the_conversion_is_off() -> None:
+    """A naive conversion beyond rounding: float64 says whether the conversion, the original, or
+    both are far from exact (torchvision resnet50 in training at batch 1, 64x64: batch statistics
+    over 2x2 maps put the original 0.23 and the conversion 0.05 from float64, which both agree
+    on to 2e-11), or that the two differ in float64 too."""
+    from nhwc_audit.fix.repair import RepairLog
+    from nhwc_audit.fix.results import Deviation, Exactness
+    from nhwc_audit.report.text import deviation_line
+
+    exact64 = Deviation(8e-13, 1.8e-11, "float64")
+
+    def line(original: float, conversion: float, float64: Deviation = exact64, steps: bool = False) -> str:
+        mine = Deviation(1e-6, 0.2) if steps else None
+        e = Exactness(Deviation(1e-7, original), Deviation(1e-7, conversion), float64)
+        got = deviation_line(
+            RepairLog((), 1, 0, 0, 0, deviation=mine, naive_deviation=Deviation(3e-4, 0.2), exactness=e)
+        )
+        assert got is not None
+        return got
+
+    against = "from the original's float64 results: the conversion {}, the original {}; in float64 both agree"
+    assert "naive conversion's own results are off (" + against.format("5.0e-01", "1.0e-05") in line(1e-5, 0.5)
+    assert "original's results are the ones off (" + against.format("1.0e-05", "5.0e-01") in line(0.5, 1e-5)
+    assert "both are far from exact (" + against.format("5.3e-02", "2.3e-01") in line(0.23, 0.053)
+    assert "differ in float64 too (1.4e+00)" in line(1e-6, 1.4, Deviation(1e-7, 1.4, "float64"))
+    assert line(0.23, 0.053, steps=True).startswith(
+        "In float32, the repaired model deviates from the original by outputs 1.0e-06"
+    )
+    assert "both are far from exact" in line(0.23, 0.053, steps=True)
+    calm = deviation_line(RepairLog((), 1, 0, 0, 0, naive_deviation=Deviation(3e-7, 2e-6)))
+    assert (
+        calm
+        == "Nothing rewritten: in float32, the naive conversion deviates from the original by outputs 3.0e-07, gradients 2.0e-06 (relative norms)."
+    )
 
 
 def test_a_deviation_counts_equal_infinities_as_equal_and_says_its_dtype() -> None:
@@ -823,6 +863,48 @@ def test_a_rewrite_is_judged_against_the_conversion_where_the_original_computes_
     assert [s.kind for s in log.steps] == ["instancenorm->groupnorm"], log.refused
     assert log.bytes_after == 0 and not log.refused
     assert log.deviation is not None and log.naive_deviation is not None
+
+
+class BnThenTokens(nn.Module):
+    """A BatchNorm whose map leaves as tokens (a ViT or LeViT stem), nothing to rewrite: at batch
+    1, torch 2.14.1's CPU BatchNorm backward computes the NCHW model's parameter gradients off by
+    over 100% of their norm, float64 as float32, when its incoming gradient is channels_last-strided
+    (as the transpose makes it); the channels_last model's are those of BatchNorm written out as
+    ``(x - mean) / sqrt(var + eps) * w + b`` (to 5e-16 in float64). Batch 2 is right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b, self.bn = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.b(x)).flatten(2).transpose(1, 2)
+
+
+def test_with_nothing_rewritten_the_log_says_what_the_conversion_does_to_the_results() -> None:
+    """The repair handed back the naive conversion with no word on its results: timm's
+    levit_128s at batch 1 came back with gradients 3.7e-2 off the original's, and this stem 1.4
+    off. The log now gives the conversion's deviation, and flags one beyond rounding."""
+    from nhwc_audit.report.text import deviation_line
+
+    torch.manual_seed(0)
+    report = audit(BnThenTokens().eval(), torch.randn(1, 3, 32, 32), bandwidth=1e9).repaired()
+    log = report.repair
+    assert log is not None and not log.steps and log.deviation is None
+    assert log.naive_deviation is not None and log.naive_deviation.outputs < 1e-5
+    assert log.naive_deviation.gradients is not None and log.naive_deviation.gradients > 0.1
+    line = deviation_line(log)
+    assert line is not None and line.startswith("Nothing rewritten: in float32, the naive conversion deviates")
+    assert "differ in float64 too" in line and "BatchNorm backward at batch 1, in NCHW" in line
+    assert log.exactness is not None and log.exactness.float64.gradients is not None
+    assert log.exactness.float64.gradients > 0.1  # in float64 as in float32: torch's NCHW kernel (see BnThenTokens)
+    from rich.console import Console
+
+    from nhwc_audit.report.console import render_outcome
+
+    console = Console(record=True, width=400)
+    console.print(render_outcome(report))
+    assert "differ in float64 too" in console.export_text() and "differ in float64 too" in report.to_html()
+    assert report.to_dict()["repair"]["naive_deviation"]["gradients"] > 0.1
 
 
 class EmaInForward(nn.Module):
