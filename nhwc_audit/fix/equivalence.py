@@ -269,7 +269,8 @@ def deviations(
     args, kwargs = sample
     own = (reference or {}).get("own")  # the original's results on the sample, from the checks
     try:
-        ref = own[0] if own else res.outputs(res.fresh_copy(model), *tree_map(to_nchw, (args, kwargs)), grads)
+        nchw_args, nchw_kwargs = tree_map(to_nchw, (args, kwargs))
+        ref = own[0] if own else res.outputs(res.fresh_copy(model), nchw_args, nchw_kwargs, grads)
     except Exception:  # nothing rewritten, nothing checked: a model that cannot run with gradients
         return None, None, None
     dtype = own_dtype_name(model)

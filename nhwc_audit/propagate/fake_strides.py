@@ -181,21 +181,29 @@ def _asked_on_cuts(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Te
     its first output on zeros of the arguments with their dims past the channels cut to 3, each
     tensor in its own dim order (a broadcast dim kept broadcast), as dense strides of ``first``'s
     shape; None when the kernel refuses the cuts or writes no dense output. A kernel's choice of
-    layout follows its operands' dim orders, not the sizes of H and W."""
+    layout follows its operands' dim orders, not the sizes of H and W. A kernel that refuses the
+    cuts is asked again with the last dim, then the last two, whole: a layer norm over tokens'
+    channels (``normalized_shape``, mvit's pooled keys) takes no cut there."""
 
-    def cut(v: Any) -> Any:
+    def cut(v: Any, whole: int) -> Any:
         if not isinstance(v, torch.Tensor) or v.dim() < 3:
             return real_zeros(v)
-        full = [n if d < 2 or n == 1 else min(n, 3) for d, n in enumerate(v.shape)]
+        full = [n if d < 2 or d >= v.dim() - whole or n == 1 else min(n, 3) for d, n in enumerate(v.shape)]
         base = [1 if v.stride(d) == 0 else n for d, n in enumerate(full)]
         order = sorted(range(v.dim()), key=lambda d: (v.stride(d), d), reverse=True)  # outermost first
         small = torch.zeros([base[d] for d in order], dtype=v.dtype).permute([order.index(d) for d in range(v.dim())])
         return small.expand(full)
 
-    try:
-        with unset_fake_temporarily():
-            out = func(*tree_map(cut, args), **tree_map(cut, kwargs))
-    except Exception:
+    out = None
+    for whole in (0, 1, 2):
+        made = functools.partial(cut, whole=whole)
+        try:
+            with unset_fake_temporarily():
+                out = func(*tree_map(made, args), **tree_map(made, kwargs))
+            break
+        except Exception:
+            continue
+    if out is None:
         return None
     got = out[0] if isinstance(out, (tuple, list)) and out else out
     if not isinstance(got, torch.Tensor) or got.dim() != first.dim():
