@@ -32,9 +32,9 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 from ..propagate.inputs import positional_inputs
 from ..records import in_place_name
 from ..tensors import in_a_dense_format
-from .results import ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
+from .results import CONVERSION, ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
 
-__all__ = ["CONVERSION", "KERNEL", "Float64Run", "against_naive", "rewritten_nodes"]
+__all__ = ["CONVERSION", "KERNEL", "Float64Run", "against_naive", "naive_results", "rewritten_nodes"]
 
 _IN_PLACE_OPERATORS = {
     operator.setitem,
@@ -163,13 +163,6 @@ on activations whose mean is 100x their spread is off by 5e-3, InstanceNorm's by
 floor() on a grid step; an overflow) the float64 values handed on would hide what the float32
 graph computes, and the checks after decide."""
 
-CONVERSION = 1e-2
-"""How near the naive conversion must be to the original (norms and elements, as
-:func:`~.results.within` measures) to stand in for it: converting costs rounding, and a CPU
-kernel's error at batch size 1 (InstanceNorm's channels_last backward: 1.3e-3 on the bundled
-UNet's gradients); a conversion that changes the math (an ``as_strided`` reading the strides)
-moves them by the size of the values."""
-
 
 class Float64Run:
     """Calls ``trial`` as its forward is called, with the nodes ``names`` computed in float64
@@ -186,6 +179,26 @@ class Float64Run:
         out = interp.run(*positional_inputs(self.trial, args, kwargs), enable_io_processing=False)
         self.worst = max([self.worst, *interp.kernel_errors])
         return out
+
+
+def naive_results(
+    naive: nn.Module, samples: list[Sample], grads: bool, originals: list[Results], reference: dict[str, Any]
+) -> list[Results] | None:
+    """The naive conversion's results on the samples, when it may stand in for the original (within
+    :data:`CONVERSION` of ``originals``), with each parameter's gradient noise (naive against
+    original): computed once per repair in ``reference`` (``"naive"``, ``"noise"``); None when it
+    may not, or cannot run."""
+    if "naive" not in reference:
+        reference["naive"] = None
+        try:
+            theirs = [outputs(fresh_copy(naive), a, k, grads) for a, k in samples]
+        except Exception:
+            return None
+        if all(within(n, o, CONVERSION, CONVERSION) for n, o in zip(theirs, originals, strict=True)):
+            reference["naive"] = theirs
+            reference["noise"] = [gradient_noise(n, o) for n, o in zip(theirs, originals, strict=True)]
+    got: list[Results] | None = reference["naive"]
+    return got
 
 
 def against_naive(
@@ -205,15 +218,9 @@ def against_naive(
     original), are computed once per repair in ``reference``."""
     if not isinstance(trial, torch.fx.GraphModule) or not isinstance(naive, torch.fx.GraphModule):
         return False
+    if naive_results(naive, samples, grads, originals, reference) is None:
+        return False
     try:
-        if "naive" not in reference:
-            reference["naive"] = None
-            theirs = [outputs(fresh_copy(naive), a, k, grads) for a, k in samples]
-            if all(within(n, o, CONVERSION, CONVERSION) for n, o in zip(theirs, originals, strict=True)):
-                reference["naive"] = theirs
-                reference["noise"] = [gradient_noise(n, o) for n, o in zip(theirs, originals, strict=True)]
-        if reference["naive"] is None:
-            return False
         names = rewritten_nodes(trial, naive)
         for (a, k), ref, noise in zip(samples, reference["naive"], reference["noise"], strict=True):
             mine = fresh_copy(trial)

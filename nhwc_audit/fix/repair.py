@@ -26,7 +26,8 @@ from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
 from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
-from .equivalence import deviations, first_change
+from .deviation import deviations
+from .equivalence import first_change
 from .islands import rewritten_nodes
 from .measure import Measured, measure
 from .results import Deviation, Exactness, fresh_copy, outputs
@@ -64,14 +65,13 @@ class RepairLog:
     summary_after: Summary | None = None
     """The repaired graph's summary (bytes, breaks, the share that stays channels_last)."""
     deviation: Deviation | None = None
-    """In the model's own dtype, on the sample: how far the repaired model's outputs and
-    gradients are from the original's (None when nothing was rewritten)."""
+    """How far the repaired model's results are from the original's (None: nothing rewritten)."""
     naive_deviation: Deviation | None = None
     """The same for the naive conversion (the model handed back when nothing was rewritten): what
     converting alone changes; None when it cannot run."""
     exactness: Exactness | None = None
     """Which of the original and the naive conversion is off, by float64, when the conversion
-    deviates beyond :data:`~.results.CONVERSION_OFF` (else None; None too without float64)."""
+    deviates beyond :data:`~.results.CONVERSION` (else None; None too without float64)."""
 
     @property
     def changed(self) -> bool:

@@ -18,7 +18,7 @@ from ..prepare.clone import clone_modules
 from ..tensors import clone_value, iter_tensors, seeded
 
 __all__ = [
-    "CONVERSION_OFF",
+    "CONVERSION",
     "ELEMENTS",
     "Exactness",
     "NOISE",
@@ -109,20 +109,24 @@ class Deviation:
 
     @property
     def off(self) -> bool:
-        """Beyond :data:`CONVERSION_OFF`: more than rounding a layout change costs."""
-        return self.worst > CONVERSION_OFF
+        """Beyond :data:`CONVERSION`: more than rounding a layout change costs."""
+        return self.worst > CONVERSION
 
 
-CONVERSION_OFF = 1e-2
-"""A naive conversion whose results deviate from the original's beyond this (:attr:`Deviation.worst`)
-is off beyond what rounding a layout change costs (~1e-6), or in a model whose float32 results
-are far from exact either way: the repair then asks float64 which (:class:`Exactness`)."""
+CONVERSION = 1e-2
+"""How near the naive conversion must be to the original (norms and elements, as :func:`within`
+measures) to stand in for it (:func:`~.islands.against_naive`), and beyond which, in norm
+(:attr:`Deviation.off`), it is off: converting costs rounding (~1e-6), and a CPU kernel's error
+at batch size 1 (InstanceNorm's channels_last backward: 1.3e-3 on the bundled UNet's gradients);
+a conversion that changes the math (an ``as_strided`` reading the strides) moves them by the size
+of the values, and so does a kernel that computes otherwise in one layout, or a model whose
+float32 results are far from exact in both (the repair then asks float64 which: :class:`Exactness`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Exactness:
     """Where the model's own-dtype runs stand against exact math, the original model in float64,
-    on the sample: asked when the naive conversion deviates beyond :data:`CONVERSION_OFF`. torch
+    on the sample: asked when the naive conversion deviates beyond :data:`CONVERSION`. torch
     2.14.1's CPU BatchNorm backward at batch 1 computes the parameter gradients wrong in one layout
     or the other, depending on the strides its incoming gradient has (its float64 kernel as its
     float32 one); BatchNorm on batch statistics over a few values makes float32 far from exact in

@@ -240,7 +240,7 @@ def deviation_line(repair: RepairLog) -> str | None:
     the naive conversion's do: the float64 check proves the math, not this. Flagged when the
     repair deviates over 10x as much as the conversion and over 1e-4 (kernels that round
     differently), and when the conversion itself deviates beyond
-    :data:`~nhwc_audit.fix.results.CONVERSION_OFF`: then float64 says which is off
+    :data:`~nhwc_audit.fix.results.CONVERSION`: then float64 says which is off
     (:func:`_conversion_note`). With nothing rewritten, the conversion's alone (the model
     handed back)."""
     mine, naive = repair.deviation, repair.naive_deviation
@@ -267,7 +267,7 @@ def deviation_line(repair: RepairLog) -> str | None:
 
 def _conversion_note(repair: RepairLog) -> str:
     """How the deviation line ends for the naive conversion: a period within
-    :data:`~nhwc_audit.fix.results.CONVERSION_OFF`; beyond it, which of the original and the
+    :data:`~nhwc_audit.fix.results.CONVERSION`; beyond it, which of the original and the
     conversion float64 finds off (its :class:`~nhwc_audit.fix.results.Exactness`)."""
     naive, exact = repair.naive_deviation, repair.exactness
     if naive is None or not naive.off:

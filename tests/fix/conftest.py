@@ -11,14 +11,14 @@ from nhwc_audit.fix import equivalence
 
 @pytest.fixture
 def float64_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the repair check's float64 passes: each converts its samples with ``_double``
+    """Counts the repair check's float64 passes: each converts its samples with ``double``
     first."""
     calls: list[int] = []
-    real = equivalence._double
+    real = equivalence.double
 
     def counting(v: Any) -> Any:
         calls.append(1)
         return real(v)
 
-    monkeypatch.setattr(equivalence, "_double", counting)
+    monkeypatch.setattr(equivalence, "double", counting)
     return calls

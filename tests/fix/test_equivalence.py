@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nhwc_audit import convert
-from nhwc_audit.fix import equivalence, results
+from nhwc_audit.fix import deviation, equivalence, results
 from tests import models as M
 
 
@@ -53,7 +53,7 @@ def test_the_checks_share_the_originals_results(monkeypatch: pytest.MonkeyPatch)
     reference: dict[str, Any] = {}
     for _ in range(3):
         assert equivalence.first_change(model, convert(model), convert(model), _sample(), True, reference) is None
-    equivalence.deviations(model, convert(model), convert(model), _sample()[0], True, reference)
+    deviation.deviations(model, convert(model), convert(model), _sample()[0], True, reference)
     assert runs == [1]
 
 
@@ -71,8 +71,8 @@ def test_the_logs_deviation_reuses_the_last_checked_graphs_results(monkeypatch: 
         return real(m, *a, **kw)
 
     monkeypatch.setattr(results, "outputs", counting)
-    mine, naive, exact = equivalence.deviations(model, convert(model), again, _sample()[0], True, reference)
-    assert ran == ["InstanceNormNet"]  # the naive model only: the original's and the graph's were kept
+    mine, naive, exact = deviation.deviations(model, convert(model), again, _sample()[0], True, reference)
+    assert ran == []  # the original's, the naive conversion's and the graph's results were kept
     assert naive is not None and mine is not None and mine.outputs < results.ROUNDING
     assert exact is None  # within rounding: float64 is not asked
 
@@ -165,3 +165,29 @@ def test_another_integer_output_or_shape_is_never_taken_for_rounding(shift: int,
     problem = equivalence.first_change(model, convert(copy.deepcopy(model)), trial, _sample(), grads=True)
     assert problem is not None and problem.endswith("(float64)")
     assert ("output 1" in problem) if shift else ("shape" in problem)
+
+
+def test_a_trial_is_first_asked_in_its_own_dtype_where_converting_stays_within_rounding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the naive conversion is within rounding of the original, a trial most often is too:
+    it is asked so first, and its results are the log's deviation; the float64 islands run only
+    when it is not. Where the conversion is not (a CPU kernel's error), the islands come first."""
+    from nhwc_audit.fix import islands
+
+    model = M.ConvBnRelu().eval()
+    trial, naive = torch.fx.symbolic_trace(convert(model)), torch.fx.symbolic_trace(convert(model))
+    islands_ran: list[int] = []
+    real_run = islands.Float64Run.__call__
+
+    def counting(self: Any, *a: Any, **kw: Any) -> Any:
+        islands_ran.append(1)
+        return real_run(self, *a, **kw)
+
+    monkeypatch.setattr(islands.Float64Run, "__call__", counting)
+    reference: dict[str, Any] = {}
+    assert equivalence.first_change(model, naive, trial, _sample(), True, reference) is None
+    assert reference["quiet"] and islands_ran == [] and reference["trial"]
+    noisy: dict[str, Any] = {"quiet": False}  # as a conversion beyond rounding leaves it
+    assert equivalence.first_change(model, naive, trial, _sample(), True, noisy) is None
+    assert len(islands_ran) == len(_sample()) and "trial" not in noisy

@@ -15,7 +15,7 @@ from torch import nn
 
 from nhwc_audit import convert
 from nhwc_audit.examples import unet
-from nhwc_audit.fix import equivalence, results
+from nhwc_audit.fix import deviation, equivalence, results
 from nhwc_audit.fix.islands import Float64Run, against_naive, rewritten_nodes
 from nhwc_audit.fix.repair import repair_model
 from tests import models as M
@@ -276,8 +276,8 @@ def test_the_logs_deviation_never_reuses_a_refused_module_swaps_results() -> Non
     # a swap leaves the code as it was: the key names the modules called too
     model, naive, trial = _graphs(1e-3)
     assert trial.code == naive.code
-    assert equivalence._graph_key(trial) != equivalence._graph_key(naive)
-    assert equivalence._graph_key(naive) == equivalence._graph_key(
+    assert deviation.graph_key(trial) != deviation.graph_key(naive)
+    assert deviation.graph_key(naive) == deviation.graph_key(
         torch.fx.GraphModule(naive, copy.deepcopy(naive.graph))
     )
 

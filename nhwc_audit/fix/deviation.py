@@ -1,0 +1,100 @@
+"""What the repair reports about rounding: how far the repaired model's results, and the naive
+conversion's, are from the original's in the model's own dtype (:func:`deviations`), and, when
+the conversion is off, where both stand against float64 (:func:`exactness`). The checks
+(:mod:`.equivalence`) prove the math; these say what the kernels do to the values the user
+trains with.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..prepare.copy import own_dtype_name
+from ..tensors import to_nchw
+from . import results as res
+from .results import Deviation, Exactness, Results, Sample
+
+__all__ = ["deviations", "double", "exactness", "graph_key"]
+
+
+def double(v: Any) -> Any:
+    """``v`` in float64 when a floating tensor, else ``v``."""
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def graph_key(m: nn.Module) -> tuple[Any, ...] | None:
+    """What identifies a repaired graph's computation between two copies of it: its code and
+    the modules it calls, by type and parameters (a rewrite that swaps a module leaves the code
+    as it was; the rewrites never change a weight's value)."""
+    if not isinstance(m, torch.fx.GraphModule):
+        return None
+    called = sorted({str(n.target) for n in m.graph.nodes if n.op == "call_module"})
+    mods = [(t, type(m.get_submodule(t)).__name__, tuple(map(id, m.get_submodule(t).parameters()))) for t in called]
+    return (m.code, *mods)
+
+
+def deviations(
+    model: nn.Module,
+    naive: nn.Module | None,
+    repaired: nn.Module | None,
+    sample: Sample,
+    grads: bool,
+    reference: dict[str, Any] | None = None,
+) -> tuple[Deviation | None, Deviation | None, Exactness | None]:
+    """The repaired model's deviation from the original in the model's own dtype (None when
+    ``repaired`` is None: nothing was rewritten, the repair hands back the naive conversion),
+    the naive conversion's (None when it cannot run, None given: it breaks where the repair
+    fixed a view), and, when the naive conversion's is beyond :data:`~.results.CONVERSION`,
+    where both stand against float64 (:func:`exactness`). The float64 check says a rewrite
+    keeps the math; this says what the kernels it picks, and the conversion itself, do to the
+    rounding the user trains with (GroupNorm's channels_last CPU backward is less exact than
+    InstanceNorm's). ``reference``: the checks' dict (``sample`` is their first)."""
+    args, kwargs = sample
+    own = (reference or {}).get("own")  # the original's results on the sample, from the checks
+    try:
+        nchw_args, nchw_kwargs = tree_map(to_nchw, (args, kwargs))
+        ref = own[0] if own else res.outputs(res.fresh_copy(model), nchw_args, nchw_kwargs, grads)
+    except Exception:  # nothing rewritten, nothing checked: a model that cannot run with gradients
+        return None, None, None
+    dtype = own_dtype_name(model)
+    mine: Deviation | None = None
+    if repaired is not None:
+        seen = (reference or {}).get("trial", {}).get(graph_key(repaired))
+        mine = res.deviation_of(seen or res.outputs(res.fresh_copy(repaired), args, kwargs, grads), ref, dtype)
+    if naive is None:
+        return mine, None, None
+    try:
+        kept = (reference or {}).get("naive")  # the naive results, when a check computed them
+        got = kept[0] if kept else res.outputs(res.fresh_copy(naive), args, kwargs, grads)
+    except Exception:
+        return mine, None, None  # an error the audit did not see: no noise estimate
+    theirs = res.deviation_of(got, ref, dtype)
+    exact = exactness(model, naive, sample, grads, (ref, got)) if theirs.off else None
+    return mine, theirs, exact
+
+
+def exactness(
+    model: nn.Module, naive: nn.Module, sample: Sample, grads: bool, own: tuple[Results, Results]
+) -> Exactness | None:
+    """The original's and the naive conversion's results in the model's own dtype (``own``, in
+    that order) against the original's in float64 on ``sample``, and the conversion's in float64
+    against those; None when either cannot run in float64."""
+    args, kwargs = tree_map(double, sample)
+    try:
+        exact = res.outputs(
+            res.fresh_copy(copy.deepcopy(model).double()), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads
+        )
+        converted = res.outputs(res.fresh_copy(copy.deepcopy(naive).double()), args, kwargs, grads)
+    except Exception:
+        return None
+    dtype = own_dtype_name(model)
+    return Exactness(
+        original=res.deviation_of(own[0], exact, dtype),
+        conversion=res.deviation_of(own[1], exact, dtype),
+        float64=res.deviation_of(converted, exact, "float64"),
+    )
