@@ -8,6 +8,8 @@ trains with.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,11 +17,38 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..prepare.copy import own_dtype_name
+from ..propagate.dispatch import Draws
 from ..tensors import to_nchw
 from . import results as res
-from .results import Deviation, Exactness, Results, Sample
+from .results import Deviation, Results, Sample
 
-__all__ = ["deviations", "double", "exactness", "graph_key"]
+__all__ = ["Exactness", "deviations", "double", "exactness", "graph_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Exactness:
+    """Where the model's own-dtype runs stand against exact math, the original model in float64,
+    on the sample: asked when the naive conversion deviates beyond :data:`~.results.CONVERSION`. torch
+    2.14.1's CPU BatchNorm backward at batch 1 computes the NCHW model's parameter gradients wrong
+    when its incoming gradient is channels_last-strided (its float64 kernel as its float32 one);
+    a model can amplify float32 rounding in both layouts alike (batch statistics over a few
+    values); dropout in training draws its masks in each layout's memory order."""
+
+    original: Deviation
+    """The original model's own-dtype results against its float64 ones."""
+    conversion: Deviation
+    """The naive conversion's own-dtype results against the original's float64 ones."""
+    float64: Deviation
+    """The naive conversion in float64 against the original in float64: rounding (~1e-12) unless
+    the conversion changes the math (code that reads the memory order) or a float64 kernel of one
+    layout computes otherwise."""
+    agrees: bool = True
+    """The float64 runs agree, against the own-dtype gap: their difference is under 1e-6 of the
+    values' size, or under 1% of the own-dtype runs' difference. A value that is 0 up to rounding
+    (a norm over a batch-1 2x2 map, averaged over that map) has no size to measure against."""
+    draws: bool = False
+    """The runs drew random numbers (dropout in training, a ``torch.rand``): each layout draws
+    them in its memory order, so the two differ by design and neither is off."""
 
 
 def double(v: Any) -> Any:
@@ -83,18 +112,35 @@ def exactness(
 ) -> Exactness | None:
     """The original's and the naive conversion's results in the model's own dtype (``own``, in
     that order) against the original's in float64 on ``sample``, and the conversion's in float64
-    against those; None when either cannot run in float64."""
+    against those; whether the float64 runs agree (:attr:`Exactness.agrees`), and
+    whether they drew random numbers (an ATen op tagged ``nondeterministic_seeded``); None when
+    either cannot run in float64."""
     args, kwargs = tree_map(double, sample)
+    drew = Draws()
+
+    def watched(m: nn.Module) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:  # the forward only: the loss's own weights are drawn
+            with drew:
+                return m(*a, **k)
+
+        return run
+
     try:
-        exact = res.outputs(
-            res.fresh_copy(copy.deepcopy(model).double()), tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads
-        )
-        converted = res.outputs(res.fresh_copy(copy.deepcopy(naive).double()), args, kwargs, grads)
+        m64, n64 = res.fresh_copy(copy.deepcopy(model).double()), res.fresh_copy(copy.deepcopy(naive).double())
+        exact = res.outputs(m64, tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads, run=watched(m64))
+        converted = res.outputs(n64, args, kwargs, grads, run=watched(n64))
     except Exception:
         return None
     dtype = own_dtype_name(model)
+    (outs64, grads64), (outs32, grads32) = res.gap_norms(converted, exact), res.gap_norms(own[1], own[0])
+    agrees = all(
+        d64 <= 1e-6 * size or d64 <= 1e-2 * d32
+        for (d64, size), (d32, _) in zip([*outs64, grads64], [*outs32, grads32], strict=False)
+    )
     return Exactness(
         original=res.deviation_of(own[0], exact, dtype),
         conversion=res.deviation_of(own[1], exact, dtype),
         float64=res.deviation_of(converted, exact, "float64"),
+        agrees=agrees,
+        draws=drew.seen,
     )

@@ -26,11 +26,11 @@ from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
 from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
-from .deviation import deviations
+from .deviation import Exactness, deviations
 from .equivalence import first_change
 from .islands import rewritten_nodes
 from .measure import Measured, measure
-from .results import Deviation, Exactness, fresh_copy, outputs
+from .results import Deviation, fresh_copy, outputs
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]

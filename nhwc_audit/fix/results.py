@@ -20,7 +20,6 @@ from ..tensors import clone_value, iter_tensors, seeded
 __all__ = [
     "CONVERSION",
     "ELEMENTS",
-    "Exactness",
     "NOISE",
     "ROUNDING",
     "Deviation",
@@ -28,6 +27,7 @@ __all__ = [
     "Sample",
     "deviation_of",
     "fresh_copy",
+    "gap_norms",
     "gradient_noise",
     "outputs",
     "within",
@@ -120,26 +120,15 @@ measures) to stand in for it (:func:`~.islands.against_naive`), and beyond which
 at batch size 1 (InstanceNorm's channels_last backward: 1.3e-3 on the bundled UNet's gradients);
 a conversion that changes the math (an ``as_strided`` reading the strides) moves them by the size
 of the values, and so does a kernel that computes otherwise in one layout, or a model whose
-float32 results are far from exact in both (the repair then asks float64 which: :class:`Exactness`)."""
+float32 results are far from exact in both (the repair then asks float64 which: :class:`~.deviation.Exactness`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Exactness:
-    """Where the model's own-dtype runs stand against exact math, the original model in float64,
-    on the sample: asked when the naive conversion deviates beyond :data:`CONVERSION`. torch
-    2.14.1's CPU BatchNorm backward at batch 1 computes the parameter gradients wrong in one layout
-    or the other, depending on the strides its incoming gradient has (its float64 kernel as its
-    float32 one); BatchNorm on batch statistics over a few values makes float32 far from exact in
-    both layouts alike."""
-
-    original: Deviation
-    """The original model's own-dtype results against its float64 ones."""
-    conversion: Deviation
-    """The naive conversion's own-dtype results against the original's float64 ones."""
-    float64: Deviation
-    """The naive conversion in float64 against the original in float64: rounding (~1e-12) unless
-    the conversion changes the math (code that reads the memory order) or a float64 kernel of one
-    layout computes otherwise."""
+def gap_norms(results: Results, ref: Results) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+    """Norms of ``results`` against ``ref``: (difference, size of ``ref``) of each floating output
+    of one shape, and of all parameter gradients together (as :func:`deviation_of` pairs them)."""
+    outs, grads = _gaps(results, ref, ratio=False)
+    together = (math.sqrt(sum(g.diff**2 for g in grads.values())), math.sqrt(sum(g.size**2 for g in grads.values())))
+    return [(g.diff, g.size) for g in outs], together
 
 
 def _difference(ref: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
 
 __all__ = [
+    "Draws",
     "CopyRecorder",
     "GuardedMode",
     "RecordingMode",
@@ -139,6 +140,19 @@ class RecordingMode(TorchDispatchMode):
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False
+
+
+class Draws(RecordingMode):
+    """Notes whether an op that draws random numbers ran (tagged ``nondeterministic_seeded``:
+    dropout's ``bernoulli_``, ``rand``): each layout draws them in its own memory order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.seen = self.seen or torch.Tag.nondeterministic_seeded in func.tags
+        return func(*args, **(kwargs or {}))
 
 
 class GuardedMode(RecordingMode):

@@ -229,7 +229,11 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
         "naive_deviation": _deviation(repair.naive_deviation),
         "exactness": None
         if repair.exactness is None
-        else {k: _deviation(getattr(repair.exactness, k)) for k in ("original", "conversion", "float64")},
+        else {
+            **{k: _deviation(getattr(repair.exactness, k)) for k in ("original", "conversion", "float64")},
+            "agrees": repair.exactness.agrees,
+            "draws": repair.exactness.draws,
+        },
     }
 
 

@@ -268,14 +268,19 @@ def deviation_line(repair: RepairLog) -> str | None:
 def _conversion_note(repair: RepairLog) -> str:
     """How the deviation line ends for the naive conversion: a period within
     :data:`~nhwc_audit.fix.results.CONVERSION`; beyond it, which of the original and the
-    conversion float64 finds off (its :class:`~nhwc_audit.fix.results.Exactness`)."""
+    conversion float64 finds off (its :class:`~nhwc_audit.fix.deviation.Exactness`)."""
     naive, exact = repair.naive_deviation, repair.exactness
     if naive is None or not naive.off:
         return "."
     if exact is None:
         return ": the naive conversion's own results are off, beyond rounding (a kernel computes differently in channels_last)."
     o, c = exact.original.worst, exact.conversion.worst
-    if exact.float64.worst > 1e-6:
+    if exact.draws:
+        return (
+            ": the model draws random numbers (dropout in training), which each layout draws in its own memory "
+            "order: the two differ by design, and neither is off."
+        )
+    if not exact.agrees:
         return (
             f": the two differ in float64 too ({exact.float64.worst:.1e}), not only in rounding: a kernel computes "
             "otherwise in one of the two layouts (torch 2.14.1's CPU BatchNorm backward at batch 1, in NCHW, when its "
@@ -286,4 +291,4 @@ def _conversion_note(repair: RepairLog) -> str:
         return f": the naive conversion's own results are off ({against}; in float64 both agree): a kernel computes differently in channels_last."
     if o > 10 * c:
         return f": the original's results are the ones off ({against}; in float64 both agree): a kernel computes differently in NCHW, and converting brings them closer to exact."
-    return f": both are far from exact ({against}; in float64 both agree): the model's rounding is amplified (batch statistics over few values), whatever the layout."
+    return f": both are far from exact ({against}; in float64 both agree): float32 rounding, which the model amplifies whatever the layout."

@@ -277,9 +277,7 @@ def test_the_logs_deviation_never_reuses_a_refused_module_swaps_results() -> Non
     model, naive, trial = _graphs(1e-3)
     assert trial.code == naive.code
     assert deviation.graph_key(trial) != deviation.graph_key(naive)
-    assert deviation.graph_key(naive) == deviation.graph_key(
-        torch.fx.GraphModule(naive, copy.deepcopy(naive.graph))
-    )
+    assert deviation.graph_key(naive) == deviation.graph_key(torch.fx.GraphModule(naive, copy.deepcopy(naive.graph)))
 
 
 @pytest.mark.parametrize(

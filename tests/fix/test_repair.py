@@ -634,15 +634,16 @@ def test_float64_says_which_of_the_original_and_the_conversion_is_off() -> None:
     both are far from exact (torchvision resnet50 in training at batch 1, 64x64: batch statistics
     over 2x2 maps put the original 0.23 and the conversion 0.05 from float64, which both agree
     on to 2e-11), or that the two differ in float64 too."""
+    from nhwc_audit.fix.deviation import Exactness
     from nhwc_audit.fix.repair import RepairLog
-    from nhwc_audit.fix.results import Deviation, Exactness
+    from nhwc_audit.fix.results import Deviation
     from nhwc_audit.report.text import deviation_line
 
     exact64 = Deviation(8e-13, 1.8e-11, "float64")
 
     def line(original: float, conversion: float, float64: Deviation = exact64, steps: bool = False) -> str:
         mine = Deviation(1e-6, 0.2) if steps else None
-        e = Exactness(Deviation(1e-7, original), Deviation(1e-7, conversion), float64)
+        e = Exactness(Deviation(1e-7, original), Deviation(1e-7, conversion), float64, agrees=float64 is exact64)
         got = deviation_line(
             RepairLog((), 1, 0, 0, 0, deviation=mine, naive_deviation=Deviation(3e-4, 0.2), exactness=e)
         )
@@ -653,7 +654,11 @@ def test_float64_says_which_of_the_original_and_the_conversion_is_off() -> None:
     assert "naive conversion's own results are off (" + against.format("5.0e-01", "1.0e-05") in line(1e-5, 0.5)
     assert "original's results are the ones off (" + against.format("1.0e-05", "5.0e-01") in line(0.5, 1e-5)
     assert "both are far from exact (" + against.format("5.3e-02", "2.3e-01") in line(0.23, 0.053)
+    assert line(0.23, 0.053).endswith("float32 rounding, which the model amplifies whatever the layout.")
     assert "differ in float64 too (1.4e+00)" in line(1e-6, 1.4, Deviation(1e-7, 1.4, "float64"))
+    drawn = Exactness(Deviation(1e-7, 0.5), Deviation(1e-7, 0.5), Deviation(0.9, 1.2, "float64"), False, draws=True)
+    got = deviation_line(RepairLog((), 1, 0, 0, 0, naive_deviation=Deviation(0.7, 1.2), exactness=drawn))
+    assert got is not None and got.endswith("the two differ by design, and neither is off.")
     assert line(0.23, 0.053, steps=True).startswith(
         "In float32, the repaired model deviates from the original by outputs 1.0e-06"
     )
@@ -905,6 +910,50 @@ def test_with_nothing_rewritten_the_log_says_what_the_conversion_does_to_the_res
     console.print(render_outcome(report))
     assert "differ in float64 too" in console.export_text() and "differ in float64 too" in report.to_html()
     assert report.to_dict()["repair"]["naive_deviation"]["gradients"] > 0.1
+    assert report.to_dict()["repair"]["exactness"]["agrees"] is False
+
+
+class ZeroByDesign(nn.Module):
+    """BatchNorm on batch statistics over a batch-1 2x2 map, averaged over that map: exactly the
+    norm's bias, 0, whatever the input (timm efficientformerv2_s0's head in training at 64x64).
+    Both float32 runs give rounding; float64 gives rounding 1e8 times smaller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        nn.init.zeros_(self.head.bias)  # as timm initialises a classifier's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+class DropoutBetween(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.drop, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Dropout(0.5), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.drop(self.a(x)))
+
+
+def test_float64_is_not_asked_to_measure_a_value_that_is_zero_or_drawn_at_random() -> None:
+    """A conversion off beyond 1e-2 was put down to a kernel or to code that reads the memory
+    order whenever float64 too differed by over 1e-6, relative: an output that is 0 in exact math
+    (rounding against rounding: 1.4 relative in float64 as in float32) and dropout in training
+    (each layout draws its mask in its own memory order: torchvision deeplabv3 and fcn) both were."""
+    from nhwc_audit.report.text import deviation_line
+
+    torch.manual_seed(0)
+    zero = audit(ZeroByDesign().train(), torch.randn(1, 3, 2, 2), bandwidth=1e9, train=True).repaired().repair
+    assert zero is not None and zero.exactness is not None and zero.naive_deviation is not None
+    assert zero.naive_deviation.outputs > 1e-2 and zero.exactness.agrees and not zero.exactness.draws
+    assert "both are far from exact" in (deviation_line(zero) or "")
+    drawn = audit(DropoutBetween().train(), torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True).repaired().repair
+    assert drawn is not None and drawn.exactness is not None and drawn.exactness.draws
+    assert "draws random numbers" in (deviation_line(drawn) or "")
+    torch.manual_seed(0)
+    quiet = audit(DropoutBetween().eval(), torch.randn(2, 3, 8, 8), bandwidth=1e9).repaired().repair
+    assert quiet is not None and quiet.exactness is None  # eval: no draw, within rounding
 
 
 class EmaInForward(nn.Module):
