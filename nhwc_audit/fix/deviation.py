@@ -8,7 +8,6 @@ trains with.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..prepare.copy import own_dtype_name
-from ..propagate.dispatch import Draws
 from ..tensors import to_nchw
 from . import results as res
 from .results import Deviation, Results, Sample
@@ -32,7 +30,7 @@ class Exactness:
     2.14.1's CPU BatchNorm backward at batch 1 computes the NCHW model's parameter gradients wrong
     when its incoming gradient is channels_last-strided (its float64 kernel as its float32 one);
     a model can amplify float32 rounding in both layouts alike (batch statistics over a few
-    values); dropout in training draws its masks in each layout's memory order."""
+    values)."""
 
     original: Deviation
     """The original model's own-dtype results against its float64 ones."""
@@ -46,9 +44,6 @@ class Exactness:
     """The float64 runs agree, against the own-dtype gap: their difference is under 1e-6 of the
     values' size, or under 1% of the own-dtype runs' difference. A value that is 0 up to rounding
     (a norm over a batch-1 2x2 map, averaged over that map) has no size to measure against."""
-    draws: bool = False
-    """The runs drew random numbers (dropout in training, a ``torch.rand``): each layout draws
-    them in its memory order, so the two differ by design and neither is off."""
 
 
 def double(v: Any) -> Any:
@@ -112,23 +107,13 @@ def exactness(
 ) -> Exactness | None:
     """The original's and the naive conversion's results in the model's own dtype (``own``, in
     that order) against the original's in float64 on ``sample``, and the conversion's in float64
-    against those; whether the float64 runs agree (:attr:`Exactness.agrees`), and
-    whether they drew random numbers (an ATen op tagged ``nondeterministic_seeded``); None when
+    against those, and whether the float64 runs agree (:attr:`Exactness.agrees`); None when
     either cannot run in float64."""
     args, kwargs = tree_map(double, sample)
-    drew = Draws()
-
-    def watched(m: nn.Module) -> Callable[..., Any]:
-        def run(*a: Any, **k: Any) -> Any:  # the forward only: the loss's own weights are drawn
-            with drew:
-                return m(*a, **k)
-
-        return run
-
     try:
         m64, n64 = res.fresh_copy(copy.deepcopy(model).double()), res.fresh_copy(copy.deepcopy(naive).double())
-        exact = res.outputs(m64, tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads, run=watched(m64))
-        converted = res.outputs(n64, args, kwargs, grads, run=watched(n64))
+        exact = res.outputs(m64, tree_map(to_nchw, args), tree_map(to_nchw, kwargs), grads)
+        converted = res.outputs(n64, args, kwargs, grads)
     except Exception:
         return None
     dtype = own_dtype_name(model)
@@ -142,5 +127,4 @@ def exactness(
         conversion=res.deviation_of(own[1], exact, dtype),
         float64=res.deviation_of(converted, exact, "float64"),
         agrees=agrees,
-        draws=drew.seen,
     )

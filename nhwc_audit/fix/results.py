@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..prepare.clone import clone_modules
+from ..propagate.dispatch import LogicalDraws
 from ..tensors import clone_value, iter_tensors, seeded
 
 __all__ = [
@@ -48,7 +49,7 @@ def outputs(
 ) -> Results:
     """``model``'s outputs on ``(args, kwargs)`` (copied first) and, with ``grads``, its
     parameters' gradients by name; ``run`` calls the model another way (an interpreter over it)."""
-    with seeded(0, (args, kwargs)):
+    with seeded(0, (args, kwargs)), LogicalDraws():  # dropout's mask is one whatever the layout
         ctx = torch.enable_grad() if grads else torch.no_grad()
         with ctx:
             out = (run or model)(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))

@@ -23,7 +23,7 @@ from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
 
 __all__ = [
-    "Draws",
+    "LogicalDraws",
     "CopyRecorder",
     "GuardedMode",
     "RecordingMode",
@@ -142,17 +142,44 @@ class RecordingMode(TorchDispatchMode):
         return False
 
 
-class Draws(RecordingMode):
-    """Notes whether an op that draws random numbers ran (tagged ``nondeterministic_seeded``:
-    dropout's ``bernoulli_``, ``rand``): each layout draws them in its own memory order."""
+class LogicalDraws(RecordingMode):
+    """Random draws in the tensors' logical order (dims outermost first), whatever their memory
+    layout. Dropout on the CPU draws its mask into ``empty_like(x)`` in memory order, so a model in
+    NCHW and its channels_last conversion draw other masks from one seed: the repair's checks,
+    which compare the two, would see a rewrite that moves a dropout's input to channels_last change
+    the outputs. A draw in place into a tensor that is not contiguous is made into a contiguous
+    one and copied in; one that makes a tensor of its first argument's shape is made from
+    contiguous arguments and handed back in that argument's layout."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.seen = self.seen or torch.Tag.nondeterministic_seeded in func.tags
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        if (
+            torch.Tag.nondeterministic_seeded not in func.tags
+            or not isinstance(first, torch.Tensor)
+            or first.dim() < 2
+            or first.is_contiguous()
+        ):
+            return func(*args, **kwargs)
+        rest = [a.contiguous() if isinstance(a, torch.Tensor) and a.shape == first.shape else a for a in args[1:]]
+        written = func._schema.arguments[0].alias_info
+        if written is not None and written.is_write:  # bernoulli_, uniform_, normal_: into ``first``
+            tmp = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+            func(tmp, *rest, **kwargs)
+            return first.copy_(tmp)
+        out = func(first.contiguous(), *rest, **kwargs)  # bernoulli(p), rand_like, native_dropout
+
+        def laid(o: Any) -> Any:
+            return (
+                torch.empty_like(first, dtype=o.dtype).copy_(o)
+                if isinstance(o, torch.Tensor) and o.shape == first.shape
+                else o
+            )
+
+        return type(out)(laid(o) for o in out) if isinstance(out, tuple) else laid(out)
 
 
 class GuardedMode(RecordingMode):

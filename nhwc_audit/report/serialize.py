@@ -232,7 +232,6 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
         else {
             **{k: _deviation(getattr(repair.exactness, k)) for k in ("original", "conversion", "float64")},
             "agrees": repair.exactness.agrees,
-            "draws": repair.exactness.draws,
         },
     }
 

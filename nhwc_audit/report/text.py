@@ -275,11 +275,6 @@ def _conversion_note(repair: RepairLog) -> str:
     if exact is None:
         return ": the naive conversion's own results are off, beyond rounding (a kernel computes differently in channels_last)."
     o, c = exact.original.worst, exact.conversion.worst
-    if exact.draws:
-        return (
-            ": the model draws random numbers (dropout in training), which each layout draws in its own memory "
-            "order: the two differ by design, and neither is off."
-        )
     if not exact.agrees:
         return (
             f": the two differ in float64 too ({exact.float64.worst:.1e}), not only in rounding: a kernel computes "

@@ -101,3 +101,32 @@ def test_a_deviation_does_not_depend_on_the_order_gradients_come_in() -> None:
     a = deviation_of(([], moved), ([], ref)).gradients
     b = deviation_of(([], backwards), ([], ref)).gradients
     assert a is not None and a.hex() == b.hex()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("draw", ["dropout", "rand_like", "normal_", "bernoulli"])
+def test_random_draws_in_the_checks_are_one_whatever_the_layout(draw: str) -> None:
+    """The repair's checks compare a model in NCHW with one in channels_last from one seed: their
+    draws are made in logical order (``LogicalDraws``), and the result keeps its layout."""
+    import torch.nn.functional as F
+
+    from nhwc_audit.propagate.dispatch import LogicalDraws
+
+    made = {
+        "dropout": lambda t: F.dropout(t, 0.5, True),
+        "rand_like": torch.rand_like,
+        "normal_": lambda t: torch.empty_like(t).normal_(),
+        "bernoulli": lambda t: torch.bernoulli(torch.full_like(t, 0.5)),
+    }[draw]
+    x = torch.randn(2, 8, 5, 5)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    eager = made(cl)
+    with LogicalDraws():
+        torch.manual_seed(0)
+        nchw = made(x)
+        torch.manual_seed(0)
+        logical = made(cl)
+    assert torch.equal(nchw, logical)
+    # (the CPU's bernoulli(p) of a tensor p draws in logical order already; the others do not)
+    assert torch.equal(nchw, eager) == (draw == "bernoulli")
+    assert logical.is_contiguous(memory_format=torch.channels_last) and not logical.is_contiguous()
