@@ -278,7 +278,7 @@ def _conversion_note(repair: RepairLog) -> str:
     if not exact.agrees:
         return (
             f": the two differ in float64 too ({exact.float64.worst:.1e}), not only in rounding: a kernel computes "
-            "otherwise in one of the two layouts (torch 2.14.1's CPU BatchNorm backward at batch 1, in NCHW, when its "
+            "otherwise in one of the two layouts (such as torch 2.14.1's CPU BatchNorm backward at batch 1, in NCHW, when its "
             "gradient arrives channels_last-strided), or code reads the memory order."
         )
     against = f"from the original's float64 results: the conversion {c:.1e}, the original {o:.1e}"
