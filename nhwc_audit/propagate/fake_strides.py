@@ -106,9 +106,8 @@ class PointwiseStrides(RecordingMode):
         probed = forward or name in _PROBED_BACKWARDS
         if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5):
             return out
-        if not (
-            probed or 1 in first.shape[1:] or (first.shape[0] == 1 and _odd_batch(args)) or _half_expanded(func, args)
-        ):
+        odd = first.shape[0] == 1 and _odd_batch(args)
+        if not (probed or 1 in first.shape[1:] or odd or _half_expanded(func, args)):
             return out  # the common case, decided first: no size-1 dim to stride otherwise
         if (func._schema.is_mutable and not forward) or func._schema.returns[0].alias_info is not None:
             return out  # in place, or a view: strided by its input
@@ -120,7 +119,7 @@ class PointwiseStrides(RecordingMode):
         asked = self.cpu or (_pointwise(func) and len(dtypes) == 1)
         got = eager_cpu_outputs(func, args, kwargs, first) if asked and not conv else None
         strides = tuple(got[0].stride()) if got else None
-        if strides is None and probed and asked:  # too large to ask whole: asked on cut copies
+        if strides is None and (probed or odd) and asked and not conv:  # too large to ask whole: on cut copies
             strides = _asked_on_cuts(func, args, kwargs, first)
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _dense_strides(first.shape, list(range(first.dim())))
@@ -183,7 +182,10 @@ def _asked_on_cuts(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Te
     shape; None when the kernel refuses the cuts or writes no dense output. A kernel's choice of
     layout follows its operands' dim orders, not the sizes of H and W. A kernel that refuses the
     cuts is asked again with the last dim, then the last two, whole: a layer norm over tokens'
-    channels (``normalized_shape``, mvit's pooled keys) takes no cut there."""
+    channels (``normalized_shape``, mvit's pooled keys) takes no cut there. A batch-1 map viewed
+    back from tokens keeps its odd batch stride in the cut (its size-1 dim sits where its stride
+    puts it in the dim order), and so does the output's strides when the kernel keeps it (``x /
+    2``, not ``relu(x)``)."""
 
     def cut(v: Any, whole: int) -> Any:
         if not isinstance(v, torch.Tensor) or v.dim() < 3:

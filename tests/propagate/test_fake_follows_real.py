@@ -234,3 +234,34 @@ def test_a_layer_norm_over_tokens_too_large_to_probe_whole_is_asked_with_its_cha
     from tests.eager_bytes import eager_backward_bytes
 
     assert sum(b for _, b in backward) == eager_backward_bytes(model, (x,)).added == 0
+
+
+class ScaledTokensThenGroupNorm(nn.Module):
+    """A batch-1 map viewed back from tokens (strides (C, 1, W*C, C), as diffusers' attention
+    leaves it), then a pointwise op, then GroupNorm, which follows ``suggest_memory_format``: the
+    CPU's ``x / 2`` keeps the odd batch stride (GroupNorm then writes NCHW), ``relu(x)`` does not."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.conv, self.lin = nn.Conv2d(3, 64, 1), nn.Linear(64, 64)
+        self.gn, self.out = nn.GroupNorm(8, 64), nn.Conv2d(64, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        b, c, hh, ww = h.shape
+        h = self.lin(h.flatten(2).transpose(1, 2)).transpose(-1, -2).reshape(b, c, hh, ww)
+        return self.out(self.gn(h / 2.0 if self.op == "div" else torch.relu(h)))
+
+
+@pytest.mark.parametrize("op", ["div", "relu"])
+def test_an_odd_batch_stride_is_asked_on_cut_copies_above_the_probes_size(op: str) -> None:
+    """At 1x64x184x184 (4.3 M elements in and out, over the probe's 4M) the fake run kept
+    FakeTensor's dense strides for ``x / 2`` and missed the revert's conversion after the
+    GroupNorm (17.3 MB forward, 34.7 MB backward, as real mode and eager charge)."""
+    torch.manual_seed(0)
+    model, x = ScaledTokensThenGroupNorm(op).train(), torch.randn(1, 3, 184, 184)
+    real = nhwc_audit.audit(model, x, mode="real", train=True, bandwidth=1e10)
+    fake = nhwc_audit.audit(model, x, mode="fake", train=True, bandwidth=1e10)
+    assert [(f.kind, f.node, f.bytes) for f in fake.findings] == [(f.kind, f.node, f.bytes) for f in real.findings]
+    assert (real.summary.bytes_moved > 0) == (op == "div")
