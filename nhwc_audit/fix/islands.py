@@ -218,11 +218,12 @@ def against_naive(
     original), are computed once per repair in ``reference``."""
     if not isinstance(trial, torch.fx.GraphModule) or not isinstance(naive, torch.fx.GraphModule):
         return False
-    if naive_results(naive, samples, grads, originals, reference) is None:
+    naives = naive_results(naive, samples, grads, originals, reference)
+    if naives is None:
         return False
     try:
         names = rewritten_nodes(trial, naive)
-        for (a, k), ref, noise in zip(samples, reference["naive"], reference["noise"], strict=True):
+        for (a, k), ref, noise in zip(samples, naives, reference["noise"], strict=True):
             mine = fresh_copy(trial)
             assert isinstance(mine, torch.fx.GraphModule)
             run = Float64Run(mine, names)

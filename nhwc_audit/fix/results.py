@@ -128,8 +128,14 @@ def gap_norms(results: Results, ref: Results) -> tuple[list[tuple[float, float]]
     """Norms of ``results`` against ``ref``: (difference, size of ``ref``) of each floating output
     of one shape, and of all parameter gradients together (as :func:`deviation_of` pairs them)."""
     outs, grads = _gaps(results, ref, ratio=False)
-    together = (math.sqrt(sum(g.diff**2 for g in grads.values())), math.sqrt(sum(g.size**2 for g in grads.values())))
-    return [(g.diff, g.size) for g in outs], together
+    return [(g.diff, g.size) for g in outs], _together(grads)
+
+
+def _together(grads: dict[str, _Gap]) -> tuple[float, float]:
+    """(difference, size) of all gradients together: their norms summed in ``grads``' order."""
+    return math.sqrt(sum(g.diff * g.diff for g in grads.values())), math.sqrt(
+        sum(g.size * g.size for g in grads.values())
+    )
 
 
 def _difference(ref: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,8 +302,7 @@ def _deviation(gaps: _Gaps, dtype: str = "float32") -> Deviation:
     outputs = max((_relative(g.diff, g.size) for g in outs), default=0.0)
     if not grads:
         return Deviation(outputs, None, dtype)
-    diff = math.sqrt(sum(g.diff * g.diff for g in grads.values()))
-    return Deviation(outputs, _relative(diff, math.sqrt(sum(g.size * g.size for g in grads.values()))), dtype)
+    return Deviation(outputs, _relative(*_together(grads)), dtype)
 
 
 def deviation_of(results: Results, ref: Results, dtype: str = "float32") -> Deviation:
