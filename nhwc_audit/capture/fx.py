@@ -17,6 +17,7 @@ from torch import nn
 from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError, first_line
+from .constants import fresh_constants
 from .context import NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
@@ -276,4 +277,5 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         # cycle): its per-trace tables (a scope per node, the code cache) would otherwise wait
         # for the cyclic collector, ~10 objects a node
         vars(tracer).clear()
+    fresh_constants(graph)
     return Capture(root=root, graph=graph, method="fx", maps_traced=proxied)

@@ -98,7 +98,41 @@ def hook_gradients(name: str, value: Any, grads: Grads) -> None:
 
             t.register_hook(hook)
             todo.append(t.grad_fn)
+            _replayed_view(t)
     hook_nodes(name, todo, grads)
+
+
+_AS_STRIDED = "nhwc_audit.as_strided"
+"""The key, in an autograd node's ``metadata``, of a view chain a fake run replays where eager
+runs one ``AsStridedBackward0`` (:func:`_replayed_view`): the base's (shape, strides), and whether
+the node is the chain's first (handed the view's gradient) and its last (handing the base's on)."""
+
+
+def _replayed_view(t: torch.Tensor) -> None:
+    """Mark the chain of autograd nodes a fake run made for view ``t`` just written in place, for
+    :func:`_hook_node` to follow eager. Autograd regenerates a view's ``grad_fn`` after an in-place
+    write to it: for a CPU tensor one ``AsStridedBackward0``, whose gradient is laid as the base's
+    memory is (``as_strided_backward``); for a fake tensor (a Python subclass: no ``as_strided``
+    for autograd) a replay of the view ops (``SliceBackward0``...), whose gradient starts
+    contiguous. A chain from ``t`` through nodes no graph node made yet, to the ``CopySlices`` the
+    write made; views merely read after a write to their base are not told apart here."""
+    head = t.grad_fn
+    if head is None or not t._is_view() or type(head).__name__ == "AsStridedBackward0":
+        return
+    chain: list[Any] = []
+    node = head
+    while type(node).__name__ != "CopySlices":
+        nexts = [n for n, _ in node.next_functions if n is not None]
+        if _NODE in _metadata(node) or len(nexts) != 1 or len(chain) > 16:
+            return
+        chain.append(node)
+        node = nexts[0]
+    base = t._base
+    if not chain or _NODE in _metadata(node) or base is None:
+        return
+    geometry = (tuple(base.shape), tuple(base.stride()))
+    for i, n in enumerate(chain):
+        _metadata(n)[_AS_STRIDED] = (geometry, i == 0, i == len(chain) - 1)
 
 
 def hook_nodes(name: str, todo: list[Any], grads: Grads) -> None:
@@ -152,7 +186,9 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     one's (summed gradients went uncharged, and at random)."""
     correction = isinstance(node, EagerGrad._backward_cls)
     conv = type(node).__name__.startswith("ConvolutionBackward")
-    reordering = type(node).__name__.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
+    replayed = _metadata(node).get(_AS_STRIDED)
+    kind = "AsStridedBackward0" if replayed else type(node).__name__
+    reordering = kind.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
     saved: list[torch.Tensor] = []
 
     def pre(grad_outputs: Any) -> None:
@@ -164,11 +200,13 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
         if not correction:
             saved[:] = _saved(me, grads.saved_names)
 
-    def post(grad_inputs: Any, grad_outputs: Any) -> None:
+    def post(grad_inputs: Any, grad_outputs: Any) -> Any:
         me = torch._C._current_autograd_node()
         if reordering and any(isinstance(g, torch.Tensor) and g.dim() >= 3 for g in grad_inputs):
-            grads.reordering.add(type(me).__name__)
-        if not correction:
+            grads.reordering.add(kind)
+        if replayed:
+            grad_inputs = _as_strided(replayed, grad_inputs, grad_outputs, grads, name)
+        elif not correction:
             result = next((g for g in grad_inputs if isinstance(g, torch.Tensor) and g.dim() >= 4), None)
             if conv and grad_inputs[0] is None:  # the weight's gradient only: computed in its input's layout
                 result = next((t for t in saved if not isinstance(t, nn.Parameter)), None)
@@ -180,9 +218,26 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
         for g, (nxt, slot) in zip(grad_inputs, me.next_functions, strict=False):
             if nxt is not None and isinstance(g, torch.Tensor) and g.dim() >= 4:
                 grads.parts.setdefault((id(_metadata(nxt)), slot), []).append((tensor_meta(g), name))
+        return grad_inputs if replayed else None
 
     node.register_prehook(pre)
     node.register_hook(post)
+
+
+def _as_strided(replayed: Any, grad_inputs: Any, grad_outputs: Any, grads: Grads, name: str) -> Any:
+    """A node of a view chain a fake run replays (:func:`_replayed_view`), run as eager's one
+    ``AsStridedBackward0``: the first charges bringing the view's gradient into the base's memory
+    order; the last hands the base's gradient on laid as the base is."""
+    (shape, strides), first, last = replayed
+    g = grad_outputs[0]
+    if first and isinstance(g, torch.Tensor) and g.dim() >= 4:
+        laid = g.new_empty_strided(shape, strides)
+        if (copy := _relay("AsStridedBackward0", [g], laid, False, grads.weights)) is not None:
+            grads.moved.setdefault(name, []).append(copy)
+    out = grad_inputs[0]
+    if last and isinstance(out, torch.Tensor) and tuple(out.shape) == shape:
+        return (out.new_empty_strided(shape, strides).copy_(out), *grad_inputs[1:])
+    return grad_inputs
 
 
 def _relay(

@@ -162,3 +162,40 @@ def test_an_in_place_add_on_an_attribute_writes_what_it_views() -> None:
     assert report.meta.capture == "fx", report.meta.capture_notes
     with torch.no_grad():
         torch.testing.assert_close(report.repaired().repaired_module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class SumsIntoAFreshTensor(nn.Module):
+    """Adds into a tensor forward makes from no input (``t = torch.zeros(())``; ``t += ...``):
+    eager makes it afresh each call, torch.fx stows it as one constant for every run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        t = torch.zeros(())
+        t += y.mean()
+        t += y.amax()
+        return self.norm(y) * t
+
+
+def test_a_tensor_made_in_forward_and_written_in_place_is_fresh_in_each_run_of_the_graph() -> None:
+    """Each run of the fx graph wrote into the one constant the trace stowed: the real audit's
+    check found the graph off eager (output 7.86 off) and fell back (hooks, export in training),
+    and a fake train audit, which cannot check, ran its backward into the last run's graph
+    (98,304 B where eager moves 65,536)."""
+    from tests.eager_bytes import eager_backward_bytes
+
+    torch.manual_seed(0)
+    model, x = SumsIntoAFreshTensor().train(), torch.randn(2, 8, 16, 16)
+    truth = eager_backward_bytes(model, (x,)).added
+    forward = eager_bytes(model, (x,)).added
+    for mode in ("real", "fake"):
+        report = audit(model, x, mode=mode, train=True, bandwidth=1e10)  # type: ignore[arg-type]
+        assert report.meta.capture == "fx", report.meta.capture_notes
+        assert report.summary.bytes_moved == forward + truth  # a train audit sums both ways
+        assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth, mode
+    gm = trace(model).gm
+    torch.manual_seed(1)
+    assert torch.equal(gm(x), gm(x)) and torch.equal(gm(x), model(x))

@@ -265,3 +265,45 @@ def test_an_odd_batch_stride_is_asked_on_cut_copies_above_the_probes_size(op: st
     fake = nhwc_audit.audit(model, x, mode="fake", train=True, bandwidth=1e10)
     assert [(f.kind, f.node, f.bytes) for f in fake.findings] == [(f.kind, f.node, f.bytes) for f in real.findings]
     assert (real.summary.bytes_moved > 0) == (op == "div")
+
+
+class WrittenIntoAView(nn.Module):
+    """A conv's channels_last map written in place through a view: its first channels added to
+    (``y[:, :4] += ...``), its left half added to, or its first channels scaled through a permute
+    (``y.permute(0, 2, 3, 1)[..., :4] *= 0.5``)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.conv, self.side = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.where == "channels":
+            y[:, :4] += self.side(x)[:, :4]
+        elif self.where == "columns":
+            y[:, :, :, :8] += self.side(x)[:, :, :, :8]
+        else:
+            z = y.permute(0, 2, 3, 1)
+            z[..., :4] *= 0.5
+        return y
+
+
+@pytest.mark.parametrize("where", ["channels", "columns", "permuted"])
+def test_a_fake_train_audit_charges_the_backward_of_a_write_into_a_view_as_eager(where: str) -> None:
+    """Autograd regenerates a view's backward after an in-place write to it: for a CPU tensor one
+    ``AsStridedBackward0``, whose gradient is laid as the base's memory (channels_last here); for a
+    fake tensor a replay of the view ops, whose gradient starts contiguous. The fake train audit
+    charged 49,152 B and 65,536 B where real mode and eager charge 32,768 and 49,152 (the
+    contiguous part summed into the base's channels_last gradient), and 0 where they charge 16,384
+    (the permuted slice's gradient laid into the base)."""
+    from tests.eager_bytes import eager_backward_bytes
+
+    torch.manual_seed(0)
+    model, x = WrittenIntoAView(where).train(), torch.randn(2, 8, 16, 16)
+    truth = eager_backward_bytes(model, (x,)).added
+    assert truth > 0
+    for mode in ("real", "fake"):
+        report = nhwc_audit.audit(model, x, mode=mode, train=True, bandwidth=1e10)  # type: ignore[arg-type]
+        assert report.meta.backward
+        assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth, mode
