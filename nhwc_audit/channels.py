@@ -31,9 +31,11 @@ __all__ = [
     "channels_relaid",
     "hidden_copy",
     "layout_change",
+    "moves_into",
     "relaid_weight",
     "relay_bytes",
     "relays_view",
+    "runs_otherwise",
     "view_channels",
 ]
 
@@ -192,3 +194,17 @@ def relaid_weight(w: TensorMeta, out: TensorMeta) -> bool:
     if out.layout not in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS) or w.rank != out.rank:
         return False
     return w.layout not in (out.layout, Layout.AMBIGUOUS)
+
+
+def moves_into(src: TensorMeta, out: TensorMeta) -> bool:
+    """Not a source read element for element or broadcast whose memory runs in ``out``'s order over
+    the dims both hold (an N x 1 x H x W mask is laid alike in either layout)."""
+    broadcast = src.rank == out.rank and all(a in (b, 1) for a, b in zip(src.shape, out.shape, strict=True))
+    return not broadcast or runs_otherwise(src, out)
+
+
+def runs_otherwise(src: TensorMeta, out: TensorMeta) -> bool:
+    """Over the dims of size > 1 that ``src`` and ``out`` share by position, their memory runs in
+    another order (a convolution re-lays such an input; an op writing channels_last reads it across)."""
+    both = [d for d in memory_order(src) if d < out.rank and out.shape[d] > 1]
+    return both != [d for d in memory_order(out) if d in both]

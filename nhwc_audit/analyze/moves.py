@@ -4,7 +4,15 @@ the node records."""
 
 from __future__ import annotations
 
-from ..channels import broadcast_across, casts_first, channels_relaid, relaid_weight, relay_bytes
+from ..channels import (
+    broadcast_across,
+    casts_first,
+    channels_relaid,
+    moves_into,
+    relaid_weight,
+    relay_bytes,
+    runs_otherwise,
+)
 from ..layout import (
     channel_dims,
     channels_innermost,
@@ -41,8 +49,7 @@ __all__ = [
 
 
 def allocates(r: NodeRecord) -> bool:
-    """An allocation (``zeros_like``, ``new_zeros``): it reads no data, so it moves none, in
-    whatever layout it makes its result; an op that reads that result judges it."""
+    """An allocation (``zeros_like``, ``new_zeros``): reads no data, moves none (its reader judges it)."""
     return r.op_name in ALLOCATING_OPS or aten_op(r) in ALLOCATING_OPS
 
 
@@ -153,23 +160,23 @@ def _elementwise(s: tuple[int, ...], out: tuple[int, ...]) -> bool:
 
 
 def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta], cast: str | None = None) -> int:
-    """Bytes a revert moves: each input whose memory runs along the channels (``sources``)
-    brought into the NCHW output's order, read and written. A convolution re-lays its whole
-    input (the kernel makes it contiguous, then computes: a CPU Conv3d from 45 to 64 channels
-    moves its 45-channel input); any other op moves the smaller of the input and the output
-    (a cat moves only its channels_last operands; a reduction over a stack, only its result).
-    The output is the first one reverted: the values of an op that also returns indices
-    (``topk``, a max pool's ``return_indices``), which are computed, not moved. A node
-    whose ops transposed an intermediate into that output (``torch.fft.fft2`` of a real map:
-    ATen casts it to complex, channels_last, then transposes the complex tensor) is charged what
-    they moved (its hidden relays)."""
+    """Bytes a revert moves: each input whose memory runs along the channels (``sources``, not one
+    laid alike in both, :func:`~nhwc_audit.channels.moves_into`) brought into the NCHW output's order,
+    read and written. A convolution re-lays its whole input (a CPU Conv3d from 45 to 64 channels its
+    45-channel input); any other op moves the smaller of the input and the output (a cat only its
+    channels_last operands). The output is the first one reverted (not ``topk``'s indices). A node
+    whose ops transposed an intermediate into it (``torch.fft.fft2`` of a real map: ATen casts it to
+    complex, channels_last, then transposes that) is charged what they moved (its hidden relays);
+    one whose copies moved less, no more (a circular pad cropping W)."""
     if not reverted:
         return 0
     inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in is Layout.CHANNELS_LAST]
     if inner:
         return sum(h.bytes for h in inner)
-    conv, first = r.op_name.lower() in CONV_OPS, casts_first(r, cast)
-    return sum(relay_bytes(i.meta, reverted[0], conv=conv, cast_first=first) for i in sources)
+    conv, first, out = r.op_name.lower() in CONV_OPS, casts_first(r, cast), reverted[0]
+    total = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in sources if moves_into(i.meta, out))
+    copies = [h.bytes for h in r.hidden if not h.reorder]
+    return min(total, sum(copies)) if copies else total
 
 
 def reordered(r: NodeRecord, out: TensorMeta) -> bool:
@@ -210,7 +217,7 @@ def reorder_bytes(r: NodeRecord, autocast: str | None = None) -> int:
     if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
         # and a weight computed in forward: diffusers' FIR upsampler transposes it (re-laid in NCHW too)
         w = [i.meta for i in r.inputs[1:2] if not i.is_param and i is not act and relaid_weight(i.meta, out)]
-        return 2 * (act.meta.nbytes if _runs_otherwise(act.meta, out) else 0) + 2 * sum(m.nbytes for m in w)
+        return 2 * (act.meta.nbytes if runs_otherwise(act.meta, out) else 0) + 2 * sum(m.nbytes for m in w)
     ins = (
         r.activation_inputs[1:]
         if r.aliases_input
@@ -243,13 +250,6 @@ def moved_bytes(r: NodeRecord) -> int:
     return max(reorder_bytes(r), sum(h.bytes for h in r.hidden))
 
 
-def _runs_otherwise(src: TensorMeta, out: TensorMeta) -> bool:
-    """Over the dims of size > 1 that ``src`` and ``out`` share by position, their memory runs in
-    another order (a convolution re-lays such an input; an op writing channels_last reads it across)."""
-    both = [d for d in memory_order(src) if d < out.rank and out.shape[d] > 1]
-    return both != [d for d in memory_order(out) if d in both]
-
-
 def other_side(r: NodeRecord, i: NodeInput) -> bool:
     """``i`` is read across layouts by a kernel writing channels_last: on the NCHW side of a
     transpose (:func:`~nhwc_audit.layout.nchw_side`), or strided in another dim order than a
@@ -264,7 +264,7 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
         return False
     if out.layout is not Layout.CHANNELS_LAST and r.op_name.lower() not in CONV_OPS:
         return False
-    return _runs_otherwise(i.meta, out)  # y[:, ::2] runs along the channels; y[:, :1] has no run to leave
+    return runs_otherwise(i.meta, out)  # y[:, ::2] runs along the channels; y[:, :1] has no run to leave
 
 
 def writes_in_place(r: NodeRecord) -> bool:

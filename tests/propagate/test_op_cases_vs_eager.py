@@ -347,6 +347,18 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "channels_padded_through_a_5d_view": lambda: Between(
         lambda s, y: nn.functional.pad(y.unsqueeze(1), (0, 0, 0, 0, 1, 1)).squeeze(1), post=10
     ),
+    # a circular pad that crops W (or H) copies only the part of its input it keeps into its NCHW
+    # output: it was charged the smaller of input and output (30,720 B where eager moves 28,672)
+    "circular_pad_cropping_w": lambda: Between(lambda s, y: nn.functional.pad(y, (-2, 1, 0, 0), mode="circular")),
+    # a one-channel mask (N x 1 x H x W, a buffer the conversion restrided) is laid alike in either
+    # layout: the revert charged it 1,024 B besides the map, which eager does not move
+    "masked_fill_one_channel_mask": lambda: Between(
+        lambda s, y: y.masked_fill(s.mask, 0.0), mask=torch.rand(2, 1, 16, 16) > 0.5
+    ),
+    "masked_fill_one_channel_mask_computed": lambda: Between(lambda s, y: y.masked_fill(y[:, :1] > 0, 0.0)),
+    "circular_pad_cropping_w_and_h": lambda: Between(
+        lambda s, y: nn.functional.pad(y, (-1, 2, 1, -2), mode="circular")
+    ),
 }
 
 
