@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .analyze.displaced import displaced
+from .analyze.displaced import displaced, displaced_backward
 from .analyze.findings import find_findings
 from .analyze.moves import baselined, moved_bytes
 from .propagate.backward import backward_layouts, param_grad_notes
@@ -93,6 +93,7 @@ def with_nchw_backward(
             f"NCHW baseline of the backward: not run ({theirs}); each backward finding is charged its whole copy",
         )
     both = {name: theirs[name] for name in ours if theirs.get(name)}
+    both |= {k: both.get(k, 0) + n for k, n in displaced_backward(records, theirs, ours).items()}
     if not both:
         return records, ()
     netted = sum(1 for name, n in both.items() if n >= ours[name])

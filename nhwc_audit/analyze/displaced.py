@@ -1,5 +1,6 @@
 """What the NCHW baseline's bytes are set against: a copy the NCHW model makes at one node that
-the channels_last model makes at a later one (:func:`displaced`). Pure functions of the records."""
+the channels_last model makes at a later one (:func:`displaced`), or, in backward, at an earlier
+one (:func:`displaced_backward`). Pure functions of the records."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Collection, Sequence
 from ..records import NodeRecord
 from .moves import moved_bytes
 
-__all__ = ["displaced"]
+__all__ = ["displaced", "displaced_backward"]
 
 
 def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged: Collection[str]) -> dict[str, int]:
@@ -31,4 +32,32 @@ def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged
                 break
             up = node.activation_inputs[:1]
             node = by_name.get(up[0].producer or "") if up else None
+    return credit
+
+
+def displaced_backward(records: Sequence[NodeRecord], nchw: dict[str, int], ours: dict[str, int]) -> dict[str, int]:
+    """For each node whose backward moves data in channels_last (``ours``), the bytes NCHW's
+    backward moves at a node downstream where channels_last's moves fewer (``nchw``): the same
+    copy, which the gradient, flowing back, meets earlier in the same line (``act(bn(conv(y)))``
+    handed an NHWC-ordered gradient: NCHW copies at the BatchNorm's backward, channels_last at the
+    convolution's). Down the single reader of each output at one shape."""
+    readers: dict[str, list[NodeRecord]] = {}
+    for r in records:
+        if first := r.activation_inputs[:1]:
+            readers.setdefault(first[0].producer or "", []).append(r)
+    credit: dict[str, int] = {}
+    used: set[str] = set()
+    for name in ours:
+        start = next(r for r in records if r.name == name)
+        shape = start.outputs[0].shape if start.outputs else None
+        node = start
+        while len(after := readers.get(node.name, [])) == 1 and after[0].outputs:
+            node = after[0]
+            if node.outputs[0].shape != shape or node.source != start.source:
+                break
+            saved = nchw.get(node.name, 0) - ours.get(node.name, 0)
+            if saved > 0 and node.name not in used:  # one call of the model's
+                credit[name] = saved
+                used.add(node.name)
+                break
     return credit

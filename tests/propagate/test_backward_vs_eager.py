@@ -235,6 +235,26 @@ class LayerNorm2dThenGroupNorm(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class TokensThenConvBlock(nn.Module):
+    """A map back from tokens, made NCHW (RT-DETR's AIFI), through a conv, BatchNorm and SiLU
+    called on one line (ultralytics' ``Conv``), read as tokens again. The gradient comes back in
+    NHWC order: NCHW copies at the BatchNorm's (and SiLU's) backward, channels_last at the conv's,
+    the same copy met at another node of one call; 16,384 B were charged where eager adds none."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem, self.lin = nn.Conv2d(3, c, 1), nn.Linear(c, c)
+        self.conv, self.bn, self.act = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.SiLU()
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        y = self.lin(x.flatten(2).permute(0, 2, 1)).permute(0, 2, 1).view(b, c, h, w).contiguous()
+        z = self.act(self.bn(self.conv(y)))
+        return self.head(z.flatten(2).permute(0, 2, 1))
+
+
 class _Fn(nn.Module):
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
@@ -274,6 +294,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "pooled_head": PooledHead,
     "shuffle": Shuffle,
     "maximum": Maximum,
+    "tokens_then_conv_block": TokensThenConvBlock,
 }
 
 
