@@ -171,6 +171,7 @@ def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule, data: frozenset[str]
         hook_nodes(LOSS, [loss.grad_fn], grads)
         stored = [*gm.named_parameters(), *gm.named_buffers()]
         grads.weights = frozenset(id(t) for name, t in stored if name not in data)
+        grads.params = frozenset(id(t) for _, t in gm.named_parameters())
         got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
     layouts = {k: tuple(v) for k, v in grads.layouts.items()}

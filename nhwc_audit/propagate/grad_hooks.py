@@ -48,6 +48,10 @@ class Grads:
     """``id()`` of the graph's parameters and buffers as the run read them (the audit's restrided
     views are no ``nn.Parameter``): what a backward reads of them is the weight rules' business;
     not a tensor constant or plain attribute, which the conversion leaves NCHW (read as data)."""
+    params: frozenset[int] = frozenset()
+    """Those of :attr:`weights` that are parameters: a backward other than a convolution's reads a
+    buffer as data (a gather's index, a mask, a sampling grid the conversion made channels_last),
+    as its forward did and as eager's does."""
 
 
 KEEPS_ORDER = frozenset(
@@ -212,7 +216,10 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
                 result = next((t for t in saved if not isinstance(t, nn.Parameter)), None)
             read = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dim() >= 4] + saved
             op = "convolution_backward" if conv else type(me).__name__
-            if result is not None and (copy := _relay(op, read, result, conv, grads.weights)) is not None:
+            if (
+                result is not None
+                and (copy := _relay(op, read, result, conv, grads.weights if conv else grads.params)) is not None
+            ):
                 grads.moved.setdefault(name, []).append(copy)
             saved.clear()
         for g, (nxt, slot) in zip(grad_inputs, me.next_functions, strict=False):

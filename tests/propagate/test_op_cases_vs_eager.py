@@ -872,3 +872,43 @@ def test_an_add_into_indexed_channels_is_charged_its_write_back(capture: str, mo
     x = torch.randn(2, 8, 16, 16)
     r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+def _scatter_index() -> torch.Tensor:
+    return (
+        torch.stack([torch.randperm(8) for _ in range(2 * 16 * 16)]).view(2, 16, 16, 8).permute(0, 3, 1, 2).contiguous()
+    )
+
+
+BUFFERS_READ_IN_BACKWARD: dict[str, Callable[[], nn.Module]] = {
+    # 4D buffers the conversion makes channels_last, read as data by a backward that saved them
+    "gather_index": lambda: Between(lambda s, y: y.gather(1, s.idx), idx=torch.randint(0, 8, (2, 8, 16, 16))),
+    "masked_fill_mask": lambda: Between(lambda s, y: y.masked_fill(s.mask, 0.0), mask=torch.rand(1, 8, 16, 16) > 0.5),
+    "grid_sample_grid": lambda: Between(
+        lambda s, y: nn.functional.grid_sample(y, s.grid, align_corners=False), grid=torch.rand(2, 9, 11, 2) * 2 - 1
+    ),
+    "scatter_index": lambda: Between(lambda s, y: torch.zeros_like(y).scatter(1, s.idx, y), idx=_scatter_index()),
+    # a buffer read as a convolution's weight stays the weight rules' business
+    "depthwise_blur_weight": lambda: Between(
+        lambda s, y: nn.functional.conv2d(y, s.k, padding=1, groups=8), k=torch.ones(8, 1, 3, 3) / 9
+    ),
+    "conv_weight": lambda: Between(lambda s, y: nn.functional.conv2d(y, s.k, padding=1), k=torch.randn(8, 8, 3, 3) / 9),
+}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("case", sorted(BUFFERS_READ_IN_BACKWARD))
+def test_a_buffer_a_backward_reads_as_data_is_charged_as_eager_charges_it(case: str, mode: str) -> None:
+    """The backward of a gather, masked_fill, grid_sample or scatter reads the index, mask or grid
+    it saved: a buffer the conversion made channels_last, read across layouts as in forward. The
+    train audit left every buffer to the weight rules and charged 131,072 B where eager moves
+    163,840 (gather), 98,304 for 102,400 (masked_fill), 90,880 for 94,048 (grid_sample) and
+    73,728 for 81,920 (scatter)."""
+    from tests.eager_bytes import eager_backward_bytes
+
+    torch.manual_seed(0)
+    model, x = BUFFERS_READ_IN_BACKWARD[case]().train(), torch.randn(2, 8, 16, 16)
+    truth = eager_backward_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, train=True, mode=mode)  # type: ignore[arg-type]
+    assert report.meta.backward
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth
