@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..channels import casts_first, kernel_itemsize
-from ..layout import along_w, nchw_ordered, reorders, row_major
+from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import hints as H
 from . import moves
@@ -164,7 +164,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         return _hidden_findings(ctx, r) if moves.copies_into(r) else []
     ins = [i for i in moves.data_inputs(r, ctx.stored) if i.meta.is_spatial]
     out = r.output_layout
-    cl_in = [i for i in ins if i.meta.layout is Layout.CHANNELS_LAST and i.producer not in ctx.free]
+    # written in place from a slice of an NHWC map (``z[:, :4] += y[:, :4]``, z NCHW): read across as a whole map is
+    nhwc = [i for i in ins if in_place and i.meta.layout is Layout.STRIDED and channels_innermost(i.meta)]
+    cl_in = [i for i in ins if (i.meta.layout is Layout.CHANNELS_LAST or i in nhwc) and i.producer not in ctx.free]
     cl_in = [i for i in cl_in if not moves.converted_weight(r, i, ctx.by_name)]
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:

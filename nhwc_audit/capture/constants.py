@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -18,38 +18,68 @@ _CONSTANT = "_tensor_constant"
 """The prefix of the root attributes the tracer stows a tensor forward made in (:meth:`_Tracer._constant`)."""
 
 
-def fresh_constants(graph: torch.fx.Graph) -> None:
+def fresh_constants(graph: torch.fx.Graph, root: torch.nn.Module) -> None:
     """Give each run its own copy of each tensor constant the graph writes in place. A tensor
     forward makes from no input (``t = torch.zeros(())``) is stowed as a constant by the trace,
     one for every run, where eager makes a fresh one per call: ``t += y.mean()`` wrote into that
     one, so that each run of the graph started from what the last left (and, in training, from
-    its autograd history: a backward ran through the last run's graph). The first read of such a
-    constant is followed by a ``clone`` that every read of it then reads."""
-    first: dict[str, torch.fx.Node] = {}
+    its autograd history: a backward ran through the last run's graph). Before the first read of
+    such a constant, a ``clone`` is made that every read of it then reads. Constants that share
+    memory (the trace indexes a tensor it made itself: ``z[:, :4] += y`` stows ``z[:, :4]`` and
+    ``z`` apart) are read as views of one clone of the one that holds the whole memory, so that
+    a write into one still reaches the others; left as they are when none does."""
+    reads: dict[str, list[torch.fx.Node]] = {}
     written: set[str] = set()
     for n in graph.nodes:
         if n.op == "get_attr" and str(n.target).startswith(_CONSTANT):
-            first.setdefault(str(n.target), n)
-        elif n.args and isinstance(n.args[0], torch.fx.Node) and _writes_first(n):
-            target = n.args[0]
+            reads.setdefault(str(n.target), []).append(n)
+        elif isinstance(target := _written(n), torch.fx.Node):
             if target.op == "get_attr" and str(target.target).startswith(_CONSTANT):
                 written.add(str(target.target))
-    for name in written:
-        read = first[name]
-        with graph.inserting_after(read):
-            fresh = graph.call_method("clone", (read,))
-        fresh.meta.update(read.meta)
-        for n in [n for n in graph.nodes if n.op == "get_attr" and n.target == name]:
-            n.replace_all_uses_with(fresh, delete_user_cb=functools.partial(operator.is_not, fresh))
-            if n is not read:
+    shared: dict[int, list[str]] = {}
+    for name in reads:
+        if isinstance(t := getattr(root, name, None), torch.Tensor):
+            shared.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    for names in shared.values():
+        whole = [n for n in names if _whole(getattr(root, n))]
+        if not whole or not written.intersection(names):
+            continue
+        first = min((r for n in names for r in reads[n]), key=_position(graph))
+        with graph.inserting_before(first):
+            fresh = graph.call_method("clone", (graph.get_attr(whole[0]),))
+        fresh.meta.update(first.meta)
+        for name in names:
+            view = fresh
+            if name != whole[0]:
+                t = getattr(root, name)
+                with graph.inserting_after(fresh):
+                    view = graph.call_method("as_strided", (fresh, tuple(t.shape), t.stride(), t.storage_offset()))
+                view.meta.update(first.meta)
+            for n in reads[name]:
+                n.replace_all_uses_with(view)
                 graph.erase_node(n)
 
 
-def _writes_first(n: torch.fx.Node) -> bool:
-    """Node ``n`` writes its first operand: ``x += y``, ``x.add_(y)``, ``x[i] = y``, ``inplace=True``."""
-    if n.op not in ("call_function", "call_method") or n.kwargs.get("inplace"):
-        return bool(n.kwargs.get("inplace"))
-    if n.target is operator.setitem or in_place_operator(n.target):
-        return True
+def _whole(t: torch.Tensor) -> bool:
+    """``t`` holds its whole memory, dense, in row-major order: a clone of it is laid alike."""
+    whole = t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    return bool(whole and t.is_contiguous())
+
+
+def _position(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _written(n: torch.fx.Node) -> object:
+    """What node ``n`` writes in place: its first operand (``x += y``, ``x.add_(y)``, ``x[i] = y``,
+    ``inplace=True``) or its ``out=``; None for a node that writes nothing."""
+    if n.op not in ("call_function", "call_method"):
+        return None
+    if "out" in n.kwargs:
+        return n.kwargs["out"]
+    first = n.args[0] if n.args else None
+    if n.kwargs.get("inplace") or n.target in (operator.setitem, "__setitem__") or in_place_operator(n.target):
+        return first
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return in_place_name(name)
+    return first if in_place_name(name) else None

@@ -277,5 +277,5 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         # cycle): its per-trace tables (a scope per node, the code cache) would otherwise wait
         # for the cyclic collector, ~10 objects a node
         vars(tracer).clear()
-    fresh_constants(graph)
+    fresh_constants(graph, root)
     return Capture(root=root, graph=graph, method="fx", maps_traced=proxied)

@@ -221,6 +221,8 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
                 and (copy := _relay(op, read, result, conv, grads.weights if conv else grads.params)) is not None
             ):
                 grads.moved.setdefault(name, []).append(copy)
+                if kind.startswith("AsStrided"):  # a permuted view's gradient into its base: NCHW's too
+                    grads.reordering.add(kind)
             saved.clear()
         for g, (nxt, slot) in zip(grad_inputs, me.next_functions, strict=False):
             if nxt is not None and isinstance(g, torch.Tensor) and g.dim() >= 4:
@@ -241,6 +243,7 @@ def _as_strided(replayed: Any, grad_inputs: Any, grad_outputs: Any, grads: Grads
         laid = g.new_empty_strided(shape, strides)
         if (copy := _relay("AsStridedBackward0", [g], laid, False, grads.weights)) is not None:
             grads.moved.setdefault(name, []).append(copy)
+            grads.reordering.add("AsStridedBackward0")  # a permuted view's gradient into its base: NCHW's too
     out = grad_inputs[0]
     if last and isinstance(out, torch.Tensor) and tuple(out.shape) == shape:
         return (out.new_empty_strided(shape, strides).copy_(out), *grad_inputs[1:])

@@ -199,3 +199,49 @@ def test_a_tensor_made_in_forward_and_written_in_place_is_fresh_in_each_run_of_t
     gm = trace(model).gm
     torch.manual_seed(1)
     assert torch.equal(gm(x), gm(x)) and torch.equal(gm(x), model(x))
+
+
+class FillsAFreshBuffer(nn.Module):
+    """Writes a conv's first channels into a buffer forward makes (``torch.zeros`` of a fixed
+    size: a constant to the trace), by assignment, by ``+=`` into a slice of it (the trace
+    indexes it itself and stows the slice apart), or by ``add_`` on that slice."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.post = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = torch.zeros(2, 8, 16, 16)
+        if self.how == "assign":
+            z[:, :4] = y[:, :4]
+        elif self.how == "add_into_slice":
+            z[:, :4] += y[:, :4]
+        else:
+            z[:, :4].add_(y[:, :4])
+        return self.post(z)
+
+
+@pytest.mark.parametrize("how", ["assign", "add_into_slice", "add__on_slice"])
+def test_a_buffer_made_in_forward_and_filled_through_views_is_fresh_and_shared_by_its_views(how: str) -> None:
+    """``z[:, :4] = y`` (traced as ``__setitem__`` on the constant) was not seen as a write; a
+    slice of the constant written in place was cloned apart from the constant, so the write no
+    longer reached it (the graph's first run computed ``post(zeros)``). Fake train charged
+    131,072 B (assignment) or 32,768 (``add_``) where eager's backward moves 81,920, and forced
+    fx charged the forward 0 where the slice's add reads a channels_last slice into an NCHW one
+    (16,384 B in eager, in every capture)."""
+    from tests.eager_bytes import eager_backward_bytes
+
+    torch.manual_seed(0)
+    model, x = FillsAFreshBuffer(how).train(), torch.randn(2, 8, 16, 16)
+    gm = trace(model).gm
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x)) and torch.equal(gm(x), model(x))
+    truth, forward = eager_backward_bytes(model, (x,)).added, eager_bytes(model, (x,)).added
+    for mode in ("real", "fake"):
+        report = audit(model, x, mode=mode, train=True, capture="fx", bandwidth=1e10)  # type: ignore[arg-type]
+        assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth, mode
+        assert report.summary.bytes_moved == forward + truth, mode
+    for capture in ("auto", "hooks"):
+        assert audit(model.eval(), x, capture=capture, bandwidth=1e10).summary.bytes_moved == forward, capture
