@@ -39,7 +39,7 @@ def fresh_constants(graph: torch.fx.Graph, root: torch.nn.Module) -> None:
     shared: dict[int, list[str]] = {}
     for name in reads:
         if isinstance(t := getattr(root, name, None), torch.Tensor):
-            shared.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+            shared.setdefault(t.untyped_storage()._cdata, []).append(name)  # a fake one has no data_ptr
     for names in shared.values():
         whole = [n for n in names if _whole(getattr(root, n))]
         if not whole or not written.intersection(names):

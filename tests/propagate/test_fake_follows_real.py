@@ -314,3 +314,27 @@ def test_a_fake_train_audit_charges_the_backward_of_a_write_into_a_view_as_eager
         report = nhwc_audit.audit(model, x, mode=mode, train=True, bandwidth=1e10)  # type: ignore[arg-type]
         assert report.meta.backward
         assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth, mode
+
+
+class IndexedTable(nn.Module):
+    """A table indexed by a buffer in forward (torchvision MaxViT's relative position bias): the
+    trace stows the flattened index as a tensor constant, a fake tensor in a fake audit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(16, 8))
+        self.register_buffer("index", torch.arange(16).flip(0).reshape(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.table[self.index.view(-1)]
+        return self.conv(x) + bias.t().reshape(1, 8, 4, 4)
+
+
+def test_a_fake_audit_of_a_model_whose_trace_stows_constants_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+    """Telling constants that share memory apart read each one's data pointer: a fake tensor's
+    warns ("Accessing the data pointer of FakeTensor is deprecated") on stderr, and is 0 for all."""
+    torch.manual_seed(0)
+    for mode in ("real", "fake"):
+        nhwc_audit.audit(IndexedTable().train(), torch.randn(2, 3, 4, 4), mode=mode, train=True, bandwidth=1e10)
+    assert capfd.readouterr().err == ""
