@@ -22,7 +22,7 @@ from .analyze.divergence import divergences
 from .analyze.findings import find_findings
 from .analyze.verdict import decide
 from .collector import collector_paused
-from .errors import SharedWeightWrite, ValueDependentShapes
+from .errors import PropagationError, SharedWeightWrite, ValueDependentShapes, first_line
 from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
 from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
@@ -33,10 +33,10 @@ from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
-from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode
+from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord
 from .refine import with_backward, with_nchw_backward, with_nchw_baseline
 from .result import AuditReport
-from .tensors import iter_tensors
+from .tensors import clone_value, iter_tensors
 from .timing.bandwidth import measure_transpose_bandwidth
 from .timing.memory import peak_rss
 
@@ -154,6 +154,36 @@ def _unaudited(notes: tuple[str, ...]) -> bool:
     return any(n.startswith(BACKWARD_NOT_AUDITED) for n in notes)
 
 
+def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple[str, ...], bool]:
+    """:func:`~.refine.with_backward`, or, where its backward raises, a clear error when eager
+    PyTorch's backward of the model raises too (``z.mul_(2)`` on a tensor autograd saved: the
+    model cannot train as written), else a note that the backward was not audited."""
+    try:
+        return with_backward(captured, p.runner)
+    except RuntimeError as e:
+        why = first_line(e)
+    eager = _eager_backward(p)
+    if eager is not None:
+        raise PropagationError(
+            f"train=True: the model's backward raises in eager PyTorch too ({eager}); make the op it names "
+            "out of place (z = z * 2 for z.mul_(2)), or audit without --train (API: train=False)"
+        )
+    return captured.records, (f"{BACKWARD_NOT_AUDITED} (the {captured.method} graph's backward raised: {why})",), False
+
+
+def _eager_backward(p: _Prepared) -> str | None:
+    """Why one eager forward and backward of the audit's copy raises (None: it trains)."""
+    args, kwargs = clone_value(p.args), clone_value(p.kwargs)
+    try:
+        with p.runner.context(guard=False), torch.enable_grad():
+            outs = [t for t in iter_tensors(p.module(*args, **kwargs)) if t.requires_grad]
+            if outs:
+                torch.autograd.backward([t.float().sum() for t in outs])
+    except RuntimeError as e:
+        return first_line(e)
+    return None
+
+
 def _audit_one(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, *, raw: bool = False
 ) -> AuditReport:
@@ -161,7 +191,7 @@ def _audit_one(
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
     records, grad_notes, reordering = (
-        with_backward(captured, p.runner) if o.train and o.backward else (captured.records, (), False)
+        _backward(captured, p) if o.train and o.backward else (captured.records, (), False)
     )
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)

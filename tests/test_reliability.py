@@ -363,3 +363,106 @@ def test_the_eager_capture_gives_one_answer_whatever_the_allocator_reuses() -> N
     expected = eager_bytes(model, (x,)).added
     got = {audit(model, x, bandwidth=BANDWIDTH, capture="hooks").summary.bytes_moved for _ in range(60)}
     assert got == {expected}
+
+
+class ScalesASavedOutput(nn.Module):
+    """``z.mul_(2)`` on a sigmoid's output, which autograd saved: eager training raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.sigmoid(self.a(x))
+        z.mul_(2)
+        return self.b(z)
+
+
+class CountsCalls(nn.Module):
+    """A call counter: a 0-d tensor kept as a plain attribute (``plain``) or a buffer, added to
+    in forward and read by the output."""
+
+    def __init__(self, plain: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        if plain:
+            self.count = torch.zeros(())
+        else:
+            self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        self.count += 1
+        return self.b(y) * self.count
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_a_model_whose_backward_raises_in_eager_too_gets_one_clear_error(
+    mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The train audit raised torch's RuntimeError from inside its backward step, which the CLI
+    reported as an internal error to be reported."""
+    from nhwc_audit import PropagationError
+
+    with pytest.raises(PropagationError, match="backward raises in eager PyTorch too .*out of place"):
+        audit(ScalesASavedOutput().train(), torch.randn(1, 3, 16, 16), train=True, mode=mode, bandwidth=BANDWIDTH)  # type: ignore[arg-type]
+    assert (
+        main(
+            [
+                "tests.test_reliability:ScalesASavedOutput",
+                "--train",
+                "--input",
+                "1x3x16x16",
+                "--no-report",
+                f"--mode={mode}",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("nhwc-audit: error: train=True: the model's backward raises") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["auto", "export"])
+def test_a_counter_the_model_adds_to_is_the_models_own_and_an_unaudited_backward_says_why(
+    capture: str, mode: str
+) -> None:
+    """A fake audit added to the user's plain counter (a small plain tensor becomes a fake
+    constant, and fake mode runs in-place ops on a constant's real tensor too); the export
+    graph of a buffer counter raised torch's RuntimeError in its backward, where eager trains."""
+    for plain in (True, False) if (mode, capture) != ("fake", "export") else (False,):  # (export: its own fake mode)
+        model, x = CountsCalls(plain).train(), torch.randn(2, 3, 8, 8)
+        report = audit(model, x, train=True, mode=mode, capture=capture, bandwidth=BANDWIDTH)  # type: ignore[arg-type]
+        assert float(model.count) == 0.0, (plain, mode, capture)
+        if not report.meta.backward:
+            notes = report.meta.capture_notes
+            assert any(n.startswith("backward: not audited (") for n in notes), notes
+
+
+class SigmoidIntoABuffer(nn.Module):
+    """``torch.sigmoid(y, out=buf)`` into a buffer of the sample's batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(2, 8, 16, 16)
+        torch.sigmoid(self.a(x), out=buf)
+        return self.b(buf)
+
+
+def test_what_a_model_warns_of_at_batch_1_only_stays_out_of_the_terminal() -> None:
+    """The graph's check against eager runs one sample of the batch: eager's run of it printed
+    the model's "An output ... was resized" warning, which the user's own batch never gives. (In
+    a process of its own: pytest records warnings instead of printing them.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from nhwc_audit import audit; from tests.test_reliability import SigmoidIntoABuffer; "
+        "audit(SigmoidIntoABuffer().eval(), torch.randn(2, 3, 16, 16), bandwidth=1e10)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -99,7 +99,8 @@ def fake_plain(t: torch.Tensor, mode: Any, device: torch.device) -> torch.Tensor
     """A fake stand-in for a tensor the model keeps as a plain attribute: same strides and
     dtype (Module.to leaves such tensors alone), a constant when small and real."""
     if t.device.type != "meta" and device.type == t.device.type and t.numel() <= _CONSTANT_NUMEL:
-        fake: torch.Tensor = mode.fake_tensor_converter.from_real_tensor(mode, t.detach(), make_constant=True)
+        # a copy: fake mode runs in-place ops on a constant's real tensor too (self.count += 1)
+        fake: torch.Tensor = mode.fake_tensor_converter.from_real_tensor(mode, t.detach().clone(), make_constant=True)
         return fake
     with mode:
         return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)

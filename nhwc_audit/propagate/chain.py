@@ -232,7 +232,7 @@ class _Chain:
             try:
                 with kept(), quiet():
                     small_graph = self.runner.forward(cap.gm, *first)
-                with kept():
+                with kept(), quiet():  # what the model warns of at batch 1 only (an out= resized)
                     small_eager = self.runner.forward(self.model, *first)
             except Exception:
                 pass
