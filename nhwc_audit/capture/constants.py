@@ -61,9 +61,10 @@ def fresh_constants(graph: torch.fx.Graph, root: torch.nn.Module) -> None:
 
 
 def _whole(t: torch.Tensor) -> bool:
-    """``t`` holds its whole memory, dense, in row-major order: a clone of it is laid alike."""
+    """``t`` holds its whole memory, dense in a memory format: a clone of it is laid alike."""
+    formats = [torch.contiguous_format] + {4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(t.dim(), [])
     whole = t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
-    return bool(whole and t.is_contiguous())
+    return bool(whole and any(t.is_contiguous(memory_format=f) for f in formats))
 
 
 def _position(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:

@@ -213,6 +213,10 @@ class FillsAFreshBuffer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
+        if self.how == "copy_into_channels_last":  # a buffer made channels_last: no clone of its own kept it
+            z = torch.empty(2, 8, 16, 16, memory_format=torch.channels_last)
+            z.copy_(y)
+            return self.post(z)
         z = torch.zeros(2, 8, 16, 16)
         if self.how == "assign":
             z[:, :4] = y[:, :4]
@@ -223,7 +227,7 @@ class FillsAFreshBuffer(nn.Module):
         return self.post(z)
 
 
-@pytest.mark.parametrize("how", ["assign", "add_into_slice", "add__on_slice"])
+@pytest.mark.parametrize("how", ["assign", "add_into_slice", "add__on_slice", "copy_into_channels_last"])
 def test_a_buffer_made_in_forward_and_filled_through_views_is_fresh_and_shared_by_its_views(how: str) -> None:
     """``z[:, :4] = y`` (traced as ``__setitem__`` on the constant) was not seen as a write; a
     slice of the constant written in place was cloned apart from the constant, so the write no
