@@ -163,7 +163,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records
         return _hidden_findings(ctx, r) if moves.copies_into(r) else []
     ins = [i for i in moves.data_inputs(r, ctx.stored) if i.meta.is_spatial]
-    out = r.output_layout
+    assigned = not r.outputs and ins and r.op_name.strip("_") == "setitem"  # x[i] = y: in x's layout
+    out = ins[0].meta.layout if assigned else r.output_layout
     # written in place from a slice of an NHWC map (``z[:, :4] += y[:, :4]``, z NCHW): read across as a whole map is
     nhwc = [i for i in ins if in_place and i.meta.layout is Layout.STRIDED and channels_innermost(i.meta)]
     cl_in = [i for i in ins if (i.meta.layout is Layout.CHANNELS_LAST or i in nhwc) and i.producer not in ctx.free]

@@ -912,3 +912,32 @@ def test_a_buffer_a_backward_reads_as_data_is_charged_as_eager_charges_it(case: 
     report = audit(model, x, bandwidth=1e9, train=True, mode=mode)  # type: ignore[arg-type]
     assert report.meta.backward
     assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth
+
+
+class ChannelsIntoAState(nn.Module):
+    """Two channels of a conv's map assigned by an index list into a 4D buffer (channels_last once
+    converted): ``self.state[:, [1, 3]] = y[:, [1, 3]]``, an ``index_put_`` of an NCHW gather."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.post = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.register_buffer("state", torch.zeros(2, 8, 16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        self.state[:, [1, 3]] = y[:, [1, 3]].detach()
+        return self.post(y + self.state)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_an_assignment_by_an_index_list_is_charged_the_values_it_writes(capture: str, mode: str) -> None:
+    """fx records ``__setitem__``, with no output: the mixed rule took the written buffer for the
+    operand read across and charged it whole (32,768 B where eager's ``index_put_`` moves the
+    8,192 of the two channels written; export and hooks record ``index_put_``, whose output is
+    the buffer)."""
+    torch.manual_seed(0)
+    model, x = ChannelsIntoAState().eval(), torch.randn(2, 8, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
