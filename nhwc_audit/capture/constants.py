@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 
 import torch
 import torch.fx
 
-from ..records.kinds import in_place_name
-from .proxies import in_place_operator
+from .proxies import written_operand
 
 __all__ = ["fresh_constants"]
 
@@ -33,7 +31,7 @@ def fresh_constants(graph: torch.fx.Graph, root: torch.nn.Module) -> None:
     for n in graph.nodes:
         if n.op == "get_attr" and str(n.target).startswith(_CONSTANT):
             reads.setdefault(str(n.target), []).append(n)
-        elif isinstance(target := _written(n), torch.fx.Node):
+        elif isinstance(target := written_operand(n), torch.fx.Node):
             if target.op == "get_attr" and str(target.target).startswith(_CONSTANT):
                 written.add(str(target.target))
     shared: dict[int, list[str]] = {}
@@ -70,17 +68,3 @@ def _whole(t: torch.Tensor) -> bool:
 def _position(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     return order.__getitem__
-
-
-def _written(n: torch.fx.Node) -> object:
-    """What node ``n`` writes in place: its first operand (``x += y``, ``x.add_(y)``, ``x[i] = y``,
-    ``inplace=True``) or its ``out=``; None for a node that writes nothing."""
-    if n.op not in ("call_function", "call_method"):
-        return None
-    if "out" in n.kwargs:
-        return n.kwargs["out"]
-    first = n.args[0] if n.args else None
-    if n.kwargs.get("inplace") or n.target in (operator.setitem, "__setitem__") or in_place_operator(n.target):
-        return first
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return first if in_place_name(name) else None

@@ -14,7 +14,17 @@ import torch
 from torch import nn
 from torch.fx.proxy import Attribute, Proxy, TracerBase
 
-__all__ = ["Disassembling", "TracerAttribute", "TracerProxy", "Unpacking"]
+from ..records.kinds import in_place_name
+
+__all__ = [
+    "WRITING_OPERATORS",
+    "Disassembling",
+    "TracerAttribute",
+    "TracerProxy",
+    "Unpacking",
+    "node_writes",
+    "written_operand",
+]
 
 
 class Disassembling(Protocol):
@@ -146,6 +156,39 @@ def in_place_operator(target: Any) -> bool:
     """``target`` (a call_function node's) is one of :data:`IN_PLACE_OPERATORS` (a callable that
     defines ``__eq__`` but not ``__hash__`` is none)."""
     return type(target) is type(len) and target in OUT_OF_PLACE
+
+
+WRITING_OPERATORS = frozenset(
+    {
+        operator.setitem,
+        operator.delitem,
+        *(getattr(operator, n) for n in dir(operator) if n.startswith("i") and n[1:] in dir(operator)),
+    }
+)
+"""``x[i] = v`` (returns None: no view of its input shows the write), ``del x[i]``, ``x += y``
+and the like: the operators that write their first operand."""
+
+
+def node_writes(n: torch.fx.Node) -> bool:
+    """Call ``n`` writes a tensor in place: ``inplace=True``, ``out=``, a writing operator
+    (:data:`WRITING_OPERATORS`; ``x[i] = v`` also as the method ``__setitem__``, which the tracer
+    records on a tensor forward made), or an in-place method (``add_``)."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    if n.kwargs.get("inplace") or "out" in n.kwargs:
+        return True
+    if type(n.target) is type(len) and n.target in WRITING_OPERATORS:
+        return True
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return name == "__setitem__" or in_place_name(name)
+
+
+def written_operand(n: torch.fx.Node) -> Any:
+    """What call ``n`` writes in place (:func:`node_writes`): its ``out=``, else its first operand;
+    None for a call that writes nothing."""
+    if not node_writes(n):
+        return None
+    return n.kwargs["out"] if "out" in n.kwargs else n.args[0] if n.args else None
 
 
 def settle_in_place(n: torch.fx.Node, first: Any) -> bool:

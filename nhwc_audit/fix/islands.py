@@ -21,7 +21,6 @@ tensor the graph goes on reading.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import torch
@@ -29,19 +28,12 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
+from ..capture.proxies import node_writes
 from ..propagate.inputs import positional_inputs
-from ..records import in_place_name
 from ..tensors import in_a_dense_format
 from .results import CONVERSION, ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
 
 __all__ = ["CONVERSION", "KERNEL", "Float64Run", "against_naive", "naive_results", "rewritten_nodes"]
-
-_IN_PLACE_OPERATORS = {
-    operator.setitem,
-    operator.delitem,
-    *(getattr(operator, n) for n in dir(operator) if n.startswith("i") and n[1:] in dir(operator)),
-}
-"""``x[i] = v`` (returns None: no view of its input shows the write), ``x += y`` and the like."""
 
 
 def rewritten_nodes(trial: torch.fx.GraphModule, base: torch.fx.GraphModule) -> frozenset[str]:
@@ -64,14 +56,10 @@ def rewritten_nodes(trial: torch.fx.GraphModule, base: torch.fx.GraphModule) -> 
 
 
 def _writes_in_place(n: torch.fx.Node, gm: torch.nn.Module) -> bool:
-    if n.kwargs.get("inplace") or "out" in n.kwargs:
-        return True
     if n.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(n.target)), "inplace", False))
-    if n.target in _IN_PLACE_OPERATORS:
-        return True
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return in_place_name(name)
+        module = gm.get_submodule(str(n.target))
+        return bool(n.kwargs.get("inplace") or "out" in n.kwargs or getattr(module, "inplace", False))
+    return node_writes(n)
 
 
 def _up(v: Any) -> Any:
