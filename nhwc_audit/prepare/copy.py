@@ -31,6 +31,7 @@ __all__ = [
     "memory_format_for_rank",
     "plain_tensors",
     "model_device",
+    "model_tensors",
     "own_dtype_name",
     "prepare_audit_copy",
     "prepare_inputs",
@@ -59,7 +60,7 @@ def _converted(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device 
     return t.to(**kwargs) if kwargs else t
 
 
-def _tensors(
+def model_tensors(
     model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
 ) -> Iterable[tuple[str, torch.Tensor, bool]]:
     """``named_parameters()`` then ``named_buffers()`` (each tensor once), with the flag
@@ -119,7 +120,7 @@ def convert(model: nn.Module) -> nn.Module:
             "nhwc-audit never converts your model in place"
         ) from e
     with torch.no_grad():
-        for _, t, _ in _tensors(new):
+        for _, t, _ in model_tensors(new):
             fmt = memory_format_for_rank(t.dim())
             if fmt is not None:
                 t.data = t.data.to(memory_format=fmt)
@@ -229,7 +230,7 @@ def prepare_audit_copy(
     (:func:`clone_modules`), so setting attributes on the copy never touches ``model``.
     """
     modules = list(model.named_modules())
-    tensors = list(_tensors(model, modules))
+    tensors = list(model_tensors(model, modules))
     for name, t, _ in tensors:
         if t.device.type == "meta":
             raise ConversionError(

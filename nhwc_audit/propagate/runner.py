@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..prepare.caches import emptied
+from ..prepare.copy import model_tensors
 from ..prepare.fake import meta_failures_unlogged
 from ..tensors import clone_value, iter_tensors, seeded
 from .corrections import Corrections
@@ -275,10 +276,11 @@ class StateKept:
     after the other, start alike; :meth:`undo` puts the buffers back as taken."""
 
     def __init__(self, model: nn.Module | None) -> None:
-        params, buffers = _own_tensors(model) if model is not None else ([], [])
-        live = [t for t in (*params, *buffers) if not t.is_inference()]  # an inference tensor has no version
-        self._versions = [(t, t._version) for t in live]
-        self._taken = {id(b): b.detach().clone() for b in buffers if not b.is_inference()}
+        # parameters, then buffers; an inference tensor keeps no version counter (torch.inference_mode)
+        tensors = model_tensors(model) if model is not None else ()
+        live = [(t, is_param) for _, t, is_param in tensors if not t.is_inference()]
+        self._versions = [(t, t._version) for t, _ in live]
+        self._taken = {id(t): t.detach().clone() for t, is_param in live if not is_param}
 
     @property
     def written(self) -> list[torch.Tensor]:
@@ -310,11 +312,3 @@ def quiet() -> contextlib.AbstractContextManager[Any]:
     """stderr kept for a block: a GraphModule prints the traceback of what it raises there before
     raising it, which the caller handles."""
     return contextlib.redirect_stderr(io.StringIO())
-
-
-def _own_tensors(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``model.parameters()`` and ``model.buffers()``, in one walk of the modules (densenet121: 0.4 ms, not 0.8)."""
-    mods = list(model.modules())
-    params = {id(p): p for m in mods for p in m._parameters.values() if p is not None}
-    buffers = {id(b): b for m in mods for b in m._buffers.values() if b is not None and id(b) not in params}
-    return list(params.values()), list(buffers.values())

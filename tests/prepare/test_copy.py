@@ -132,11 +132,13 @@ def test_one_walk_names_the_tensors_as_named_parameters_and_named_buffers_do() -
     # prepare_audit_copy walks the module tree once; the names, the order and the dedup of
     # tied weights and shared modules are named_parameters()'s and named_buffers()'s
     model = _Tree()
-    got = [(name, t, is_param) for name, t, is_param in copy_module._tensors(model)]
+    got = [(name, t, is_param) for name, t, is_param in copy_module.model_tensors(model)]
     want = [(n, p, True) for n, p in model.named_parameters()] + [(n, b, False) for n, b in model.named_buffers()]
     assert [(n, id(t), p) for n, t, p in got] == [(n, id(t), p) for n, t, p in want]
     modules = list(model.named_modules())
-    assert [(n, id(t), p) for n, t, p in copy_module._tensors(model, modules)] == [(n, id(t), p) for n, t, p in want]
+    assert [(n, id(t), p) for n, t, p in copy_module.model_tensors(model, modules)] == [
+        (n, id(t), p) for n, t, p in want
+    ]
 
 
 class _WritesWeights(nn.Module):
