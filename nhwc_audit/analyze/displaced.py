@@ -41,6 +41,7 @@ def displaced_backward(records: Sequence[NodeRecord], nchw: dict[str, int], ours
     copy, which the gradient, flowing back, meets earlier in the same line (``act(bn(conv(y)))``
     handed an NHWC-ordered gradient: NCHW copies at the BatchNorm's backward, channels_last at the
     convolution's). Down the single reader of each output at one shape."""
+    by_name = {r.name: r for r in records}
     readers: dict[str, list[NodeRecord]] = {}
     for r in records:
         if first := r.activation_inputs[:1]:
@@ -48,7 +49,7 @@ def displaced_backward(records: Sequence[NodeRecord], nchw: dict[str, int], ours
     credit: dict[str, int] = {}
     used: set[str] = set()
     for name in ours:
-        start = next(r for r in records if r.name == name)
+        start = by_name[name]
         shape = start.outputs[0].shape if start.outputs else None
         node = start
         while len(after := readers.get(node.name, [])) == 1 and after[0].outputs:
