@@ -28,7 +28,7 @@ from .prepare.caches import code_caches, emptied
 from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .prepare.notes import conversion_note, one_channel_note
-from .propagate.baseline import fake_pays
+from .propagate.baseline import fake_pays, training_fails
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
@@ -36,7 +36,7 @@ from .propagate.runner import Runner
 from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord
 from .refine import with_backward, with_nchw_backward, with_nchw_baseline
 from .result import AuditReport
-from .tensors import clone_value, iter_tensors
+from .tensors import iter_tensors
 from .timing.bandwidth import measure_transpose_bandwidth
 from .timing.memory import peak_rss
 
@@ -155,33 +155,20 @@ def _unaudited(notes: tuple[str, ...]) -> bool:
 
 
 def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple[str, ...], bool]:
-    """:func:`~.refine.with_backward`, or, where its backward raises, a clear error when eager
-    PyTorch's backward of the model raises too (``z.mul_(2)`` on a tensor autograd saved: the
-    model cannot train as written), else a note that the backward was not audited."""
+    """:func:`~.refine.with_backward`, or, where its backward raises, a clear error when the model
+    as built fails to train in eager PyTorch too (``z.mul_(2)`` on a tensor autograd saved: it
+    cannot train as written), else a note that the backward was not audited."""
     try:
         return with_backward(captured, p.runner)
     except RuntimeError as e:
         why = first_line(e)
-    eager = _eager_backward(p)
+    eager = training_fails(p.module, p.args, p.kwargs, p.runner)
     if eager is not None:
         raise PropagationError(
             f"train=True: the model's backward raises in eager PyTorch too ({eager}); make the op it names "
             "out of place (z = z * 2 for z.mul_(2)), or audit without --train (API: train=False)"
         )
     return captured.records, (f"{BACKWARD_NOT_AUDITED} (the {captured.method} graph's backward raised: {why})",), False
-
-
-def _eager_backward(p: _Prepared) -> str | None:
-    """Why one eager forward and backward of the audit's copy raises (None: it trains)."""
-    args, kwargs = clone_value(p.args), clone_value(p.kwargs)
-    try:
-        with p.runner.context(guard=False), torch.enable_grad():
-            outs = [t for t in iter_tensors(p.module(*args, **kwargs)) if t.requires_grad]
-            if outs:
-                torch.autograd.backward([t.float().sum() for t in outs])
-    except RuntimeError as e:
-        return first_line(e)
-    return None
 
 
 def _audit_one(

@@ -423,6 +423,32 @@ def test_a_model_whose_backward_raises_in_eager_too_gets_one_clear_error(
     assert err.startswith("nhwc-audit: error: train=True: the model's backward raises") and "Traceback" not in err
 
 
+class BreaksAndWritesASavedInput(nn.Module):
+    """``y += conv(y)`` (the conv saved ``y``: eager training raises) before a ``.view`` that
+    breaks on channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y += self.b(y)
+        return self.fc(self.b(y).view(y.shape[0], -1))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_a_model_that_cannot_train_is_told_so_by_its_own_error_not_by_its_channels_last_break(mode: str) -> None:
+    """The eager check ran the audit's channels_last copy: real mode named the ``.view`` that
+    breaks there ("view size is not compatible"), fake mode's ValueError ended as an internal
+    error. The model is now run as built, and its own error is the one named."""
+    from nhwc_audit import PropagationError
+
+    model = BreaksAndWritesASavedInput().train()
+    with pytest.raises(PropagationError, match="eager PyTorch too .*modified by an inplace operation"):
+        audit(model, torch.randn(2, 3, 16, 16), train=True, mode=mode, bandwidth=BANDWIDTH)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("mode", ["real", "fake"])
 @pytest.mark.parametrize("capture", ["auto", "export"])
 def test_a_counter_the_model_adds_to_is_the_models_own_and_an_unaudited_backward_says_why(

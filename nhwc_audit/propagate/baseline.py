@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_map
 from ..errors import SharedWeightWrite, first_line
 from ..prepare.fake import fake_mode
 from ..records import NodeRecord
-from ..tensors import SharedStorages
+from ..tensors import SharedStorages, iter_tensors
 from .backward import backward_layouts
 from .captured import Captured
 from .corrections import Corrections
@@ -34,7 +34,7 @@ from .eager import record_eager
 from .interpreter import LayoutProp
 from .runner import Runner, attributes_restored
 
-__all__ = ["match_nodes", "nchw_backward", "nchw_records"]
+__all__ = ["match_nodes", "nchw_backward", "nchw_records", "training_fails"]
 
 
 def _nchw_view(t: torch.Tensor) -> torch.Tensor:
@@ -124,6 +124,27 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
     holder = _Backward(captured.gm, captured.unconverted, corrections)
     why = _run_as_built(holder, tuple(tree_map(_nchw_input, v) for v in captured.inputs), runner, corrections)
     return why if why is not None else holder.moved
+
+
+class _Trains(nn.Module):
+    """One forward of ``model`` and a backward from the sum of its outputs that need gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        outs = [t for t in iter_tensors(self.inner(*args, **kwargs)) if t.requires_grad]
+        if outs:
+            torch.autograd.backward([t.float().sum() for t in outs])
+
+
+def training_fails(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], runner: Runner) -> str | None:
+    """Why one eager forward and backward of ``model`` as built (NCHW weights and inputs, in the
+    audit's mode) raises, or None when it trains: the model's own error, not one of its
+    channels_last run (a ``.view`` that breaks there)."""
+    call = (tuple(tree_map(_nchw_input, a) for a in args), {k: tree_map(_nchw_input, v) for k, v in kwargs.items()})
+    return _run_as_built(_Trains(model), call, runner, corrections=None)
 
 
 def _run_as_built(
