@@ -42,8 +42,9 @@ from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeReco
 from . import hints as H
 from . import moves
 from .exposed import exposed
-from .moves import channels_source, computed_weight, exits_spatial, revert_bytes, viewed_as, writes_in_place
+from .moves import channels_source, computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, describe, feeds_a_weight, leading_to, odd_order_from_map, origin_of, via
+from .reshapes import exits_spatial, viewed_as
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -194,7 +195,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         ]
     if r.aliases_input:
         return []  # in place into its own first operand, layouts agreeing: nothing moves
-    reverted = [o for o in r.outputs if row_major(o) or along_w(o) or moves.reordered(r, o)]
+    reverted = [o for o in r.outputs if row_major(o) or along_w(o) or moves.reordered(r, o, ctx.by_name)]
     if reverted and exits_spatial(r, reverted, ctx.by_name):
         return []  # a flatten out of the spatial ranks: an exit, not a finding (as in a graph)
     # an ambiguous input counts when its strides lean channels_last (kernels follow them: a C == 1 volume)

@@ -23,7 +23,7 @@ from ..layout import (
 )
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
 from ..records.kinds import in_place_name
-from .origin import SKIP_OPS, dense, from_parameters_only, split_channels
+from .origin import SKIP_OPS, channels_last_ordered, dense, from_parameters_only, split_channels
 
 __all__ = [
     "allocates",
@@ -34,7 +34,6 @@ __all__ = [
     "converted_weight",
     "copies_into",
     "data_inputs",
-    "exits_spatial",
     "mixed_bytes",
     "moved_bytes",
     "other_side",
@@ -43,7 +42,6 @@ __all__ = [
     "reordered",
     "revert_bytes",
     "strided_across",
-    "viewed_as",
     "writes_in_place",
 ]
 
@@ -87,8 +85,12 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
-    if channels is not None and reduced and reverted[0].shape[1] > 1:  # a mean over a channel group too
-        channels |= split_channels(i, by_name)  # (diffusers' AutoencoderDC: unflatten(1, (-1, 2)).mean(2))
+    if channels is not None and reduced:  # a mean over a channel group too
+        split = split_channels(i, by_name)  # (diffusers' AutoencoderDC: unflatten(1, (-1, 2)).mean(2))
+        # or over the groups, keeping their dim: N x 1 x C/G x H x W holds channels in dim 2
+        kept = i.meta.rank == reverted[0].rank and any(reverted[0].shape[d] > 1 for d in split)
+        if reverted[0].shape[1] > 1 or kept:
+            channels |= split
     return channels is not None and channels_innermost(i.meta, channels)
 
 
@@ -179,15 +181,17 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     return min(total, sum(copies)) if copies else total
 
 
-def reordered(r: NodeRecord, out: TensorMeta) -> bool:
+def reordered(r: NodeRecord, out: TensorMeta, by_name: dict[str, NodeRecord]) -> bool:
     """``out`` is dense in another dim order than a channels_last input it was written from, the
     channels innermost still (an index along H writes N x W x H x C): channels_last is left, as
     by a copy to NCHW. Not at a convolution or a matmul, which compute their output's layout. A
-    stack of batch-1 maps at dim 0 is ambiguous by the 5D rule (its dim 1 is the maps' batch)."""
+    stack of batch-1 maps at dim 0 is ambiguous by the 5D rule (its dim 1 is the maps' batch),
+    and so is a reduction over the groups of a channel-group view that keeps its dim (N x 1 x
+    C/G x H x W, read from a view whose channels, :func:`split_channels`, are innermost)."""
     odd = out.layout in (Layout.STRIDED, Layout.AMBIGUOUS) and r.op_name.lower() not in CONV_OPS | GEMM_OPS
     if not odd or r.aliases_input or not dense(out):
         return False
-    return any(i.meta.layout is Layout.CHANNELS_LAST and reorders(i.meta, out) for i in r.activation_inputs)
+    return any(channels_last_ordered(i, by_name) and reorders(i.meta, out) for i in r.activation_inputs)
 
 
 def mixed_bytes(r: NodeRecord, losers: list[NodeInput], cast: str | None = None) -> int:
@@ -280,41 +284,3 @@ def copies_into(r: NodeRecord) -> bool:
     """``buf[...].copy_(x)``, or ``buf[...] = x`` (the eager capture names the ATen ``copy_`` by
     the call the model made, ``setitem``): a copy into an existing tensor, charged what it re-lays."""
     return r.op_name == "copy_" or aten_op(r) == "copy_"
-
-
-_RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")
-"""Copies a ``reshape`` that cannot view decomposes into (then ``_unsafe_view``), as ATen names
-them or as the eager capture labels them (by the call the model made)."""
-
-
-def _reshape_view(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> NodeRecord | None:
-    """For a copy that keeps its input's shape and whose one user views it as another shape of
-    the same size (ATen's ``reshape`` is ``clone`` then ``_unsafe_view``: the eager capture sees
-    the copy and the new shape as two ops), that view."""
-    if len(r.users) != 1 or not reverted or r.op_name not in _RESHAPE_COPIES:
-        return None
-    if not any(i.meta.shape == reverted[0].shape for i in r.activation_inputs):
-        return None
-    user = by_name.get(r.users[0])
-    if user is None or not user.aliases_input or not user.outputs:
-        return None
-    return user if user.outputs[0].numel == reverted[0].numel else None
-
-
-def viewed_as(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> list[TensorMeta]:
-    """The shape a copy is read as: its own, or, for the copy of a reshape to another spatial
-    shape (:func:`_reshape_view`), that one (a graph's ``reshape`` node already has its shape)."""
-    user = _reshape_view(r, reverted, by_name)
-    return [user.outputs[0]] if user is not None and user.outputs[0].is_spatial else reverted
-
-
-def exits_spatial(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> bool:
-    """The copy of one reshape call out of the spatial ranks (``torch.flatten(x, 1)`` before a
-    classifier, as the eager capture records it: a copy, then a view to 2D, both made by that
-    call, at its line): an exit, which a graph records as one node with a non-spatial output. A
-    copy the model asks for itself (``.contiguous()``) that a later call flattens stays a copy,
-    and so does a weight reshaped in forward (weight standardisation: :func:`_reshape_view` reads
-    activations only)."""
-    user = _reshape_view(r, reverted, by_name)
-    # below rank 4 only, as a graph's hidden copy counts (a 6D reshape that copies stays a revert)
-    return user is not None and user.outputs[0].rank < 4 and user.op_name == r.op_name and user.source == r.source

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import networkx as nx
 
 from ..channels import view_channels
-from ..layout import is_dense_in_order, memory_order, nchw_ordered, row_major
+from ..layout import channels_innermost, is_dense_in_order, memory_order, nchw_ordered, row_major
 from ..records import CONV_OPS, Layout, NodeInput, NodeRecord, TensorMeta
 
 __all__ = [
+    "channels_last_ordered",
     "CONV_OPS",
     "SKIP_OPS",
     "build_graph",
@@ -179,6 +180,13 @@ def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[in
             return view_channels(i.meta, src)
         node = by_name.get(node.inputs[0].producer or "")
     return frozenset()
+
+
+def channels_last_ordered(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
+    """``i`` is channels_last, or a view of a channels_last map with its channels innermost."""
+    if i.meta.layout is Layout.CHANNELS_LAST:
+        return True
+    return i.meta.layout is Layout.STRIDED and channels_innermost(i.meta, split_channels(i, by_name) or frozenset({1}))
 
 
 def _kept_first(node: NodeRecord) -> bool:

@@ -359,6 +359,14 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "circular_pad_cropping_w_and_h": lambda: Between(
         lambda s, y: nn.functional.pad(y, (-1, 2, 1, -2), mode="circular")
     ),
+    # a reduction over the groups of a channel-group view, keeping its dim: the N x 1 x C/G x H x W
+    # output is ambiguous by the 5D rule (its dim 1 is 1), and the kernel writes the channels
+    # outermost, a revert eager charges; the audit charged 0 and left the conv the cost
+    "group_sum_keepdim": lambda: Between(lambda s, y: y.view(2, 2, 4, 16, 16).sum(1, keepdim=True).flatten(1, 2), post=4),
+    "group_amax_keepdim": lambda: Between(lambda s, y: y.view(2, 2, 4, 16, 16).amax(1, keepdim=True)[:, 0], post=4),
+    "group_mean_keepdim_4_groups": lambda: Between(
+        lambda s, y: y.view(2, 4, 2, 16, 16).mean(1, keepdim=True).squeeze(1), post=2
+    ),
 }
 
 
