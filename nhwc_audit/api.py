@@ -19,7 +19,7 @@ from .errors import ChannelsLastError, UsageError
 from .fix.repair import RepairLog, repair_model
 from .followups import measure_report, repair_report
 from .pipeline import AuditOptions, run_audit
-from .prepare.copy import model_device
+from .prepare.copy import first_float_dtype, model_device, refuse_meta
 from .prepare.load import call_build_fn, split_example, usable_bandwidth
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
@@ -71,8 +71,8 @@ def _resolve_model(
     if args is None and _first_parameter(model) in kwargs:
         args = ()  # the keyword arguments name forward's first input (forward(x=..., mask=...))
     if args is None:
-        g = torch.Generator().manual_seed(0)
-        args = (torch.randn(default_input_shape(model), generator=g),)
+        g = torch.Generator().manual_seed(0)  # in the model's dtype: a half model gets a half image
+        args = (torch.randn(default_input_shape(model), generator=g).to(first_float_dtype(model) or torch.float32),)
     return model, args, kwargs
 
 
@@ -305,10 +305,9 @@ def repair(
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
     """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog``.
 
-    Rewrites that remove layout transposes are kept only when the outputs (and gradients)
-    still match the original model in float64; the model itself is never modified. The log's
-    bytes count every copy whole; ``audit(...).repaired()`` counts them over the audit's NCHW
-    baseline, as the audit does (a copy the model makes in either layout costs nothing extra).
+    Rewrites that remove layout transposes are kept only when the outputs (and gradients) still
+    match the original model in float64; the model is never modified. The log's bytes count every
+    copy whole; ``audit(...).repaired()`` counts them over the audit's NCHW baseline, as the audit does.
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8), torch.nn.Conv2d(8, 8, 3))
@@ -317,4 +316,5 @@ def repair(
     (['instancenorm->groupnorm'], 0)
     """
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
+    refuse_meta(module, "a repair runs the model and checks its results: build it on cpu/cuda")
     return repair_model(module, args, kwargs, grads=grads)

@@ -205,6 +205,8 @@ def moves_into(src: TensorMeta, out: TensorMeta) -> bool:
 
 def runs_otherwise(src: TensorMeta, out: TensorMeta) -> bool:
     """Over the dims of size > 1 that ``src`` and ``out`` share by position, their memory runs in
-    another order (a convolution re-lays such an input; an op writing channels_last reads it across)."""
-    both = [d for d in memory_order(src) if d < out.rank and out.shape[d] > 1]
+    another order (a convolution re-lays such an input; an op writing channels_last reads it across).
+    A dim ``src`` broadcasts (stride 0) holds nothing in memory, so no order: a map expanded along H
+    (N x C x 1 x W in memory) runs in NCHW's order, not N, C, W, H."""
+    both = [d for d in memory_order(src) if d < out.rank and out.shape[d] > 1 and src.strides[d] != 0]
     return both != [d for d in memory_order(out) if d in both]

@@ -61,19 +61,38 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
     ]
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
     fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
-    return records, param_grad_notes(ran.params) + faults + fixed, reorders_dims(captured.gm.graph, ran.reordering)
+    return (
+        records,
+        param_grad_notes(ran.params) + faults + fixed,
+        reorders_dims(captured.gm.graph, ran.reordering, records),
+    )
 
 
-def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str]) -> bool:
+def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Sequence[NodeRecord] = ()) -> bool:
     """Can an NCHW run of the model hand a 4D/5D tensor on in another dim order than NCHW? Unless
     every autograd node the channels_last run made on tensors of rank 3 and up is of a kind known
     to keep NCHW order (``reordering``: those not in :data:`~.propagate.grad_hooks.KEEPS_ORDER`,
     inside leaf modules too), or the graph asks for a channels_last memory format
-    (``.contiguous(memory_format=...)``, a no-op in the channels_last run). Without either, the
-    NCHW backward moves nothing."""
+    (``.contiguous(memory_format=...)``, a no-op in the channels_last run), or a node reads a map
+    broadcast over a spatial dim (a tensor made in forward and ``expand``-ed, which no autograd
+    node made: a convolution's backward re-lays it in NCHW too). Without any, the NCHW backward
+    moves nothing."""
     formats = (torch.channels_last, torch.channels_last_3d)
-    return bool(reordering) or any(
-        v in formats for n in graph.nodes for v in tree_leaves((n.args, n.kwargs)) if isinstance(v, torch.memory_format)
+    broadcast = any(
+        any(n > 1 and st == 0 for n, st in zip(i.meta.shape, i.meta.strides, strict=False))
+        for r in records
+        for i in r.inputs
+        if i.meta.rank >= 4
+    )
+    return (
+        bool(reordering)
+        or broadcast
+        or any(
+            v in formats
+            for n in graph.nodes
+            for v in tree_leaves((n.args, n.kwargs))
+            if isinstance(v, torch.memory_format)
+        )
     )
 
 

@@ -492,3 +492,21 @@ def test_what_a_model_warns_of_at_batch_1_only_stays_out_of_the_terminal() -> No
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_model_without_an_input_is_audited_on_an_image_of_its_own_dtype(
+    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float32 default image into a half model failed with the model's "Input type (float) and
+    bias type (c10::Half)" error, named as the model's own at the audited shapes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 1)).to(dtype)
+    report = audit(model, bandwidth=BANDWIDTH)
+    assert report.meta.dtype == str(dtype).removeprefix("torch.")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "halfnet.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        f"def build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)).to({dtype})\n"
+    )
+    assert main(["halfnet.py:build", "--input", "1x3x16x16", "--no-report", "--quiet"]) == 0

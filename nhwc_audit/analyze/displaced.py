@@ -4,6 +4,7 @@ one (:func:`displaced_backward`). Pure functions of the records."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Sequence
 
 from ..records import NodeRecord
@@ -40,7 +41,9 @@ def displaced_backward(records: Sequence[NodeRecord], nchw: dict[str, int], ours
     backward moves at a node downstream where channels_last's moves fewer (``nchw``): the same
     copy, which the gradient, flowing back, meets earlier in the same line (``act(bn(conv(y)))``
     handed an NHWC-ordered gradient: NCHW copies at the BatchNorm's backward, channels_last at the
-    convolution's). Down the single reader of each output at one shape."""
+    convolution's). Down every reader of each output at one shape, nearest first (a BatchNorm
+    read by its activation and by a mean: NCHW copies at the activation's backward, channels_last
+    at the BatchNorm's); the nodes furthest downstream, which the gradient reaches first, first."""
     by_name = {r.name: r for r in records}
     readers: dict[str, list[NodeRecord]] = {}
     for r in records:
@@ -48,17 +51,19 @@ def displaced_backward(records: Sequence[NodeRecord], nchw: dict[str, int], ours
             readers.setdefault(first[0].producer or "", []).append(r)
     credit: dict[str, int] = {}
     used: set[str] = set()
-    for name in ours:
+    for name in sorted(ours, key=lambda n: by_name[n].index, reverse=True):
         start = by_name[name]
         shape = start.outputs[0].shape if start.outputs else None
-        node = start
-        while len(after := readers.get(node.name, [])) == 1 and after[0].outputs:
-            node = after[0]
-            if node.outputs[0].shape != shape or node.source != start.source:
-                break
+        frontier, seen = deque(readers.get(name, [])), {name}
+        while frontier:
+            node = frontier.popleft()
+            if node.name in seen or not node.outputs or node.outputs[0].shape != shape or node.source != start.source:
+                continue
+            seen.add(node.name)
             saved = nchw.get(node.name, 0) - ours.get(node.name, 0)
             if saved > 0 and node.name not in used:  # one call of the model's
                 credit[name] = saved
                 used.add(node.name)
                 break
+            frontier.extend(readers.get(node.name, []))
     return credit

@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..channels import casts_first, kernel_itemsize
+from ..channels import casts_first, relay_bytes
 from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import hints as H
@@ -236,12 +236,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=None if standard else odd,
             )
         ]
-    # each NCHW input re-laid whole, in the dtype the kernel reads it (none where a conv re-lays as much in NCHW too)
-    cast_first = casts_first(r, ctx.cast)  # then r has an output
-    nbytes = 2 * sum(
-        i.meta.numel * (kernel_itemsize(i.meta, r.outputs[0], cast_first=True) if cast_first else i.meta.itemsize)
-        for i in nchw_in
-    )
+    # each NCHW input re-laid whole (what it stores, where broadcast), in the dtype the kernel reads it
+    # (none where a conv re-lays as much in NCHW too); an output only where it casts first
+    cast_first = casts_first(r, ctx.cast)
+    nbytes = sum(relay_bytes(i.meta, (r.outputs or (i.meta,))[0], conv=True, cast_first=cast_first) for i in nchw_in)
     relaid_in_nchw = moves.baselined(FindingKind.CONVERSION, r.op_name) and r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
         return [

@@ -150,7 +150,8 @@ def data_inputs(r: NodeRecord, stored: frozenset[str] | None = frozenset()) -> t
     if r.op_name.lower() in CONV_OPS:
         cl = r.outputs[0] if r.outputs and r.outputs[0].layout is Layout.CHANNELS_LAST else None
         ws = [i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl)]
-        return (*r.activation_inputs, *(i for i in ws if stored is None or i.producer in stored))
+        held = r.inputs[:1] if r.inputs and r.inputs[0].is_param else ()  # a stored tensor convolved (made in forward)
+        return (*held, *r.activation_inputs, *(i for i in ws if stored is None or i.producer in stored))
     outs = r.spatial_outputs
     if not outs:
         return r.inputs

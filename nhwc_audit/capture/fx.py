@@ -278,4 +278,7 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         # for the cyclic collector, ~10 objects a node
         vars(tracer).clear()
     fresh_constants(graph, root)
+    # a GraphModule pickles the tracer's class to trace its code again when loaded: torch's own,
+    # which takes no arguments (a repaired module saved with torch.save could not be loaded)
+    graph._tracer_cls = None
     return Capture(root=root, graph=graph, method="fx", maps_traced=proxied)

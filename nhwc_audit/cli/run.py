@@ -15,8 +15,6 @@ from ..errors import first_line
 from ..records import FAIL_ON, FailOn
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from ..result import AuditReport
 
 __all__ = ["run"]
@@ -94,8 +92,11 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
 
     if shapes is not None:
-        g = torch.Generator().manual_seed(0)
-        inputs: tuple[torch.Tensor, ...] | None = tuple(torch.randn(s, generator=g) for s in shapes)
+        from ..prepare.copy import first_float_dtype
+
+        g = torch.Generator().manual_seed(0)  # in the model's dtype (a half model: half images)
+        dtype = first_float_dtype(target.model) or torch.float32
+        inputs: tuple[torch.Tensor, ...] | None = tuple(torch.randn(s, generator=g).to(dtype) for s in shapes)
     else:
         inputs = target.args
 
@@ -157,6 +158,13 @@ def run(args: argparse.Namespace) -> int:
     written = _write_reports(report, json_path, html_path)
     paths = (*([written_code] if written_code is not None else []), *written)
     out.print(render_outcome(report, paths=tuple(paths)))
+    if args.save_repaired and written_code is None:  # asked for a file that is not there: a script must know
+        what = "the save" if report.repaired_module is not None else "the repair"
+        print(
+            f"nhwc-audit: error: --save-repaired {args.save_repaired}: nothing written ({what} failed, said above)",
+            file=sys.stderr,
+        )
+        return 2
     return _exit_code(report, args.fail_on, baseline, out)
 
 
@@ -213,54 +221,20 @@ def _write_reports(report: AuditReport, json_path: Path | None, html_path: Path 
     return write_all_atomic(files)
 
 
-def _modes_kept(gm: nn.Module) -> str:
-    """Code that gives every module of the saved package the training flag it has in ``gm``:
-    ``to_folder`` builds the modules it writes out anew, in training mode, and unpickles the
-    others as they were (BatchNorm would run on batch statistics in a model audited in eval)."""
-    mode = gm.training
-    other = [name for name, m in gm.named_modules() if m.training != mode]
-    return (
-        "\n\n_MODE, _OTHER_MODE = " + repr((mode, tuple(other))) + "  # the modes the model was repaired in\n"
-        "_built = Repaired.__init__\n\n\n"
-        "def _init(self):\n"
-        "    _built(self)\n"
-        "    self.train(_MODE)\n"
-        "    for name, module in self.named_modules():\n"
-        "        if name in _OTHER_MODE:\n"
-        "            module.training = not _MODE\n\n\n"
-        "Repaired.__init__ = _init\n"
-    )
-
-
 def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
     """The repaired GraphModule as a package a user can import and run in a fresh process
-    (``GraphModule.to_folder``: code, weights, and the list of rewrites in the code's header)."""
+    (:func:`~nhwc_audit.fix.package.write_package`: code, weights, and the list of rewrites in the
+    code's header)."""
     from ..errors import ReportWriteError
+    from ..fix.package import write_package
 
     gm = report.repaired_module
     if gm is None:
         raise ReportWriteError("no repaired model to save")
     log = report.repair
-    lines = [
-        f"# Repaired channels_last graph of {spec}, written by nhwc-audit.",
-        f"# Load it: from {folder.name} import Repaired",
-    ]
+    lines = [f"# Repaired channels_last graph of {spec}, written by nhwc-audit."]
     if log is not None:
         lines.append(f"# Layout changes per forward: {log.bytes_before} B -> {log.bytes_after} B.")
         lines += [f"# {s.kind}: {s.node}: {s.reason} (-{s.bytes_saved} B)" for s in log.steps]
         lines += [f"# refused: {msg}" for msg in log.refused]
-    import copy
-
-    gm = copy.deepcopy(gm)
-    for node in gm.graph.nodes:  # annotations such as torch.Tensor print as names module.py cannot resolve
-        node.type = None
-    gm.recompile()
-    try:
-        gm.to_folder(folder, "Repaired")
-        code = folder / "module.py"
-        text = code.read_text(encoding="utf-8").replace(f"r'{folder}/", "_HERE + r'/")
-        here = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))  # loads from any working folder\n"
-        code.write_text("\n".join(lines) + "\n" + here + text + _modes_kept(gm), encoding="utf-8")
-    except OSError as e:
-        raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
-    return folder
+    return write_package(gm, folder, lines)

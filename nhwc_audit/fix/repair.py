@@ -1,9 +1,7 @@
-"""Repair stage: rewrite the channels_last model's fx graph to remove avoidable transposes,
-keeping the math. Every rewrite (:mod:`.rewrites`) is tried on a private copy and re-measured
-(bytes moved by layout changes); the rewrites of a pass that remove bytes or a break are
-checked against the original model's outputs and gradients (:mod:`.equivalence`) together,
-once, and a group that changes the results is bisected down to the rewrite to refuse.
-"""
+"""Repair stage: rewrite the channels_last model's fx graph to remove avoidable transposes, keeping
+the math. Every rewrite (:mod:`.rewrites`) is tried on a private copy and re-measured (bytes moved
+by layout changes); the rewrites of a pass that remove bytes or a break are checked against the
+original's outputs and gradients (:mod:`.equivalence`) together, once; a failing group is bisected."""
 
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
 from .deviation import Exactness, deviations
 from .equivalence import first_change
+from .grad_mode import keep_grad_mode
 from .islands import rewritten_nodes
 from .measure import Measured, measure
 from .results import Deviation, fresh_copy, outputs
@@ -201,8 +200,7 @@ def repair_model(
     float tolerance that converting to channels_last itself costs; a rewrite that changes
     them is refused.
     """
-    kwargs = kwargs or {}
-    baseline = baseline or {}
+    kwargs, baseline = kwargs or {}, baseline or {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=None, device=device)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -227,6 +225,8 @@ def repair_model(
                 cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph))
         except Exception as e:
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
+        if keep_grad_mode(gm.graph):  # forward's torch.no_grad() blocks, which fx does not record
+            gm.recompile()
         if cap is None and graph_checked:  # an audit's graph checked against eager; others are checked here
             break
         current = None

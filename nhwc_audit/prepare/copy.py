@@ -35,6 +35,7 @@ __all__ = [
     "own_dtype_name",
     "prepare_audit_copy",
     "prepare_inputs",
+    "refuse_meta",
 ]
 
 
@@ -212,6 +213,14 @@ class AuditCopy:
         return self.shared.permuted
 
 
+def refuse_meta(model: nn.Module, why: str, tensors: Any = None) -> None:
+    """Raise :class:`ConversionError` (``why``: what to do) when ``model`` holds a tensor on the
+    meta device (``tensors``: :func:`model_tensors` of it, when the caller has them)."""
+    for name, t, _ in tensors if tensors is not None else model_tensors(model):
+        if t.device.type == "meta":
+            raise ConversionError(f"{type(model).__name__} has tensors on the meta device (e.g. {name!r}); {why}")
+
+
 def prepare_audit_copy(
     model: nn.Module,
     *,
@@ -231,13 +240,12 @@ def prepare_audit_copy(
     """
     modules = list(model.named_modules())
     tensors = list(model_tensors(model, modules))
-    for name, t, _ in tensors:
-        if t.device.type == "meta":
-            raise ConversionError(
-                f"{type(model).__name__} has tensors on the meta device (e.g. {name!r}); "
-                "a real-mode audit needs real weights: build the model on cpu/cuda, or audit it with "
-                "--mode fake (API: mode='fake')"
-            )
+    refuse_meta(
+        model,
+        "a real-mode audit needs real weights: build the model on cpu/cuda, or audit it with "
+        "--mode fake (API: mode='fake')",
+        tensors,
+    )
     memo: dict[int, Any] = {}
     shared: dict[int, int] = {}
     permuted = False

@@ -100,10 +100,21 @@ def fake_plain(t: torch.Tensor, mode: Any, device: torch.device) -> torch.Tensor
     dtype (Module.to leaves such tensors alone), a constant when small and real."""
     if t.device.type != "meta" and device.type == t.device.type and t.numel() <= _CONSTANT_NUMEL:
         # a copy: fake mode runs in-place ops on a constant's real tensor too (self.count += 1)
-        fake: torch.Tensor = mode.fake_tensor_converter.from_real_tensor(mode, t.detach().clone(), make_constant=True)
+        fake: torch.Tensor = mode.fake_tensor_converter.from_real_tensor(mode, _strided_copy(t), make_constant=True)
         return fake
     with mode:
         return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with its strides: ``clone`` makes a broadcast (``expand``, stride 0) or a
+    slice dense, which kernels lay out otherwise; then its storage is copied, where it is small."""
+    copied = t.detach().clone()
+    storage = t.untyped_storage()
+    if copied.stride() == t.stride() or storage.nbytes() > 16 * max(1, t.numel()) * t.element_size():
+        return copied
+    held = storage.clone()  # type: ignore[no-untyped-call]
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(held, t.storage_offset(), t.size(), t.stride())
 
 
 def fake_copy(model: nn.Module, mode: Any, device: torch.device, dtype: torch.dtype | None) -> nn.Module:

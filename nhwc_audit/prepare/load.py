@@ -25,7 +25,18 @@ from torch import nn
 
 from ..errors import TargetLoadError, UsageError
 
-__all__ = ["LoadedTarget", "load_target", "parse_bandwidth", "parse_dtype", "parse_shape", "split_example"]
+__all__ = [
+    "FILE_MODULE_PREFIX",
+    "LoadedTarget",
+    "load_target",
+    "parse_bandwidth",
+    "parse_dtype",
+    "parse_shape",
+    "split_example",
+]
+
+FILE_MODULE_PREFIX = "_nhwc_audit_target_"
+"""The module name a model file given by path is imported under (then its stem)."""
 
 _DTYPES = {
     "float32": torch.float32,
@@ -103,7 +114,7 @@ def _import_module(module_part: str) -> Any:
         path = Path(module_part).expanduser().resolve()
         if not path.is_file():
             raise TargetLoadError(f"file {module_part!r} not found (spec names a .py file)")
-        mod_name = f"_nhwc_audit_target_{path.stem}"
+        mod_name = f"{FILE_MODULE_PREFIX}{path.stem}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         if spec is None or spec.loader is None:
             raise TargetLoadError(f"cannot import {module_part!r} as a Python file")

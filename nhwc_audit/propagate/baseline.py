@@ -122,7 +122,8 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
         return f"the {captured.method} capture has no graph to run backward through"
     corrections = runner.corrections()  # the run's own: its kernels' strides and its nodes' outputs
     holder = _Backward(captured.gm, captured.unconverted, corrections)
-    why = _run_as_built(holder, tuple(tree_map(_nchw_input, v) for v in captured.inputs), runner, corrections)
+    call = tuple(tree_map(_nchw_input, v) for v in captured.inputs)
+    why = _run_as_built(holder, call, runner, corrections, left=captured.unconverted)
     return why if why is not None else holder.moved
 
 
@@ -148,14 +149,23 @@ def training_fails(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def _run_as_built(
-    holder: nn.Module, call: tuple[Any, ...], runner: Runner, corrections: Corrections | None
+    holder: nn.Module,
+    call: tuple[Any, ...],
+    runner: Runner,
+    corrections: Corrections | None,
+    *,
+    left: frozenset[str] = frozenset(),
 ) -> str | None:
     """Run ``holder`` on ``call`` (NCHW inputs) with its module's 4D/5D parameters and buffers seen
-    through NCHW strides, in the audit's mode; why it failed, or None."""
+    through NCHW strides, in the audit's mode; why it failed, or None. ``left``: the tensors the
+    conversion left as they are (a GraphModule registers the tensor constants fx stowed as buffers:
+    ``torch.ones(1, C, H, 1).expand(...)`` made in forward is broadcast in either run)."""
     inner = holder.inner
     assert isinstance(inner, nn.Module)
     state = {
-        f"inner.{n}": _nchw_view(t) for n, t in [*inner.named_parameters(), *inner.named_buffers()] if t.dim() in (4, 5)
+        f"inner.{n}": _nchw_view(t)
+        for n, t in [*inner.named_parameters(), *inner.named_buffers()]
+        if t.dim() in (4, 5) and n not in left
     }
     try:
         if runner.fake_mode is not None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nhwc_audit import audit
-from tests.eager_bytes import eager_bytes
+from tests.eager_bytes import eager_backward_bytes, eager_bytes
 
 Op = Callable[["Between", torch.Tensor], torch.Tensor]
 
@@ -362,8 +362,18 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # a reduction over the groups of a channel-group view, keeping its dim: the N x 1 x C/G x H x W
     # output is ambiguous by the 5D rule (its dim 1 is 1), and the kernel writes the channels
     # outermost, a revert eager charges; the audit charged 0 and left the conv the cost
-    "group_sum_keepdim": lambda: Between(lambda s, y: y.view(2, 2, 4, 16, 16).sum(1, keepdim=True).flatten(1, 2), post=4),
+    "group_sum_keepdim": lambda: Between(
+        lambda s, y: y.view(2, 2, 4, 16, 16).sum(1, keepdim=True).flatten(1, 2), post=4
+    ),
     "group_amax_keepdim": lambda: Between(lambda s, y: y.view(2, 2, 4, 16, 16).amax(1, keepdim=True)[:, 0], post=4),
+    # a map broadcast along W (or H) into a convolution: it re-lays what the broadcast stores, not
+    # the whole map (34,816 B were charged where eager moves 4,096); along H the NCHW baseline read
+    # the broadcast dim's stride 0 as an order and netted the conversion away (2,048 against 4,096)
+    "conv_of_a_map_broadcast_along_w": lambda: Between(lambda s, y: y.sum(3, keepdim=True).expand_as(y)),
+    "conv_of_a_map_broadcast_along_h": lambda: Between(lambda s, y: y.mean(2, keepdim=True).expand_as(y)),
+    "conv_of_a_made_tensor_expanded": lambda: Between(
+        lambda s, y: torch.ones(1, 8, 16, 1).cumsum(1).expand(2, 8, 16, 16)
+    ),
     "group_mean_keepdim_4_groups": lambda: Between(
         lambda s, y: y.view(2, 4, 2, 16, 16).mean(1, keepdim=True).squeeze(1), post=2
     ),
@@ -949,3 +959,21 @@ def test_an_assignment_by_an_index_list_is_charged_the_values_it_writes(capture:
     expected = eager_bytes(model, (x,)).added
     r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
     assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize(
+    "case", ["conv_of_a_map_broadcast_along_w", "conv_of_a_map_broadcast_along_h", "conv_of_a_made_tensor_expanded"]
+)
+def test_a_map_broadcast_into_a_convolution_trains_as_eager(case: str, capture: str, mode: str) -> None:
+    # a tensor made in forward and expanded is broadcast in the NCHW backward too (fx stows it as a
+    # constant, which a GraphModule registers as a buffer): the NCHW baseline had made it dense, and
+    # the convolution's backward was charged 32,768 B where eager moves as much in either layout
+    torch.manual_seed(0)
+    model = CASES[case]().train()
+    x = torch.randn(2, 8, 16, 16)
+    expected = eager_backward_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, train=True)
+    assert r.meta.backward, r.meta.capture_notes
+    assert sum(f.bytes for f in r.findings if f.kind.value == "backward") == expected

@@ -1,0 +1,129 @@
+"""The repaired GraphModule as a package a fresh process imports and runs (``--save-repaired``).
+
+``GraphModule.to_folder`` writes the code, the weights and the submodules, and leaves out what
+the code calls by a global name: a class the model returns (a dataclass of outputs), a function
+fx was told not to trace (``torch.fx.wrap``), whose registration it also writes inside the
+class body, where it raises. Here the package imports each such name from its module (a model
+file given by path is loaded from that path, as the audit loaded it), and a name no fresh
+process can import (defined inside a function, or in ``__main__``) is an error that says so.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import torch.fx
+from torch import nn
+from torch.fx.graph import _custom_builtins
+
+from ..errors import ReportWriteError
+from ..prepare.load import FILE_MODULE_PREFIX
+
+__all__ = ["write_package"]
+
+_WRAPPED = re.compile(r"^\s*torch\.fx\._symbolic_trace\.wrap\([^)]*\)\s*$", re.MULTILINE)
+
+
+def write_package(gm: torch.fx.GraphModule, folder: Path, header: list[str]) -> Path:
+    """Write ``gm`` to ``folder`` as a package whose ``Repaired`` class builds it, in the training
+    modes its modules have, ``header`` (comment lines) first. Raises :class:`ReportWriteError`."""
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:  # annotations such as torch.Tensor print as names module.py cannot resolve
+        node.type = None
+    gm.recompile()
+    imports = _imports(gm)
+    name = folder.name
+    load = (
+        f"from {name} import Repaired"
+        if name.isidentifier()
+        else f"Repaired = importlib.import_module({name!r}).Repaired"
+    )
+    try:
+        gm.to_folder(folder, "Repaired")
+        code = folder / "module.py"
+        text = _WRAPPED.sub("", code.read_text(encoding="utf-8")).replace(f"r'{folder}/", "_HERE + r'/")
+        here = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))  # loads from any working folder\n"
+        lines = [*header[:1], f"# Load it: {load}", *header[1:]]
+        code.write_text("\n".join(lines) + "\n" + here + imports + text + _modes_kept(gm), encoding="utf-8")
+    except OSError as e:
+        raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
+    return folder
+
+
+def _imports(gm: torch.fx.GraphModule) -> str:
+    """Code that binds each global name ``gm``'s code calls that ``to_folder`` does not write,
+    and loads the model files (given by path) that those names and the pickled submodules
+    come from."""
+    known = set(_custom_builtins) | set(vars(builtins))
+    lines: list[str] = []
+    files: dict[str, str] = {}
+    for name, obj in gm.graph.python_code(root_module="self").globals.items():
+        if name in known or obj is torch:
+            continue
+        if isinstance(obj, types.ModuleType):
+            lines.append(f"{name} = importlib.import_module({obj.__name__!r})")
+            continue
+        module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        if not module or not qualname or "<locals>" in qualname or module == "__main__":
+            where = "inside a function" if qualname and "<locals>" in qualname else f"in {module or 'no module'}"
+            raise ReportWriteError(
+                f"the repaired graph calls {name} ({qualname or obj!r}), defined {where}, which a fresh process "
+                "cannot import: define it at the top level of an importable module"
+            )
+        _note_file(module, files)
+        lines.append(f"{name} = importlib.import_module({module!r}).{qualname}")
+    for m in gm.modules():  # submodules to_folder pickles: their classes' modules, loaded first
+        _note_file(type(m).__module__, files)
+    loads = [f"_load({mod!r}, {path!r})" for mod, path in files.items()]
+    if not lines and not loads:
+        return ""
+    loader = _LOADER if loads else ""
+    return "import importlib\n" + loader + "\n".join([*loads, *lines]) + "\n"
+
+
+def _note_file(module: str, files: dict[str, str]) -> None:
+    """A model file the audit loaded by its path (its module has a name no import finds)."""
+    got: Any = sys.modules.get(module)
+    if module.startswith(FILE_MODULE_PREFIX) and got is not None and getattr(got, "__file__", None):
+        files.setdefault(module, str(got.__file__))
+
+
+_LOADER = """import importlib.util
+import sys
+
+
+def _load(name, path):  # the model's own file, loaded by its path as nhwc-audit loaded it
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+"""
+
+
+def _modes_kept(gm: nn.Module) -> str:
+    """Code that gives every module of the saved package the training flag it has in ``gm``:
+    ``to_folder`` builds the modules it writes out anew, in training mode, and unpickles the
+    others as they were (BatchNorm would run on batch statistics in a model audited in eval)."""
+    mode = gm.training
+    other = [name for name, m in gm.named_modules() if m.training != mode]
+    return (
+        "\n\n_MODE, _OTHER_MODE = " + repr((mode, tuple(other))) + "  # the modes the model was repaired in\n"
+        "_built = Repaired.__init__\n\n\n"
+        "def _init(self):\n"
+        "    _built(self)\n"
+        "    self.train(_MODE)\n"
+        "    for name, module in self.named_modules():\n"
+        "        if name in _OTHER_MODE:\n"
+        "            module.training = not _MODE\n\n\n"
+        "Repaired.__init__ = _init\n"
+    )

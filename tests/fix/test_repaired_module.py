@@ -1,0 +1,162 @@
+"""What a user does with a repaired module: train it (forward's ``torch.no_grad()`` blocks kept),
+pickle it, save it with ``torch.save`` and load it back."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import nhwc_audit
+from nhwc_audit.cli import main
+
+
+class NoGradScale(nn.Module):
+    """A scale computed under ``torch.no_grad()`` (or after ``set_grad_enabled(False)``) from the
+    conv's output: no gradient flows through it into the conv. fx traces the block's ops, not
+    the block: the repaired model sent a gradient through the scale (the conv's weight gradient
+    84.6 against 2.8e-05)."""
+
+    def __init__(self, how: str = "no_grad") -> None:
+        super().__init__()
+        self.c, self.n, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(x)
+        if self.how == "no_grad":
+            with torch.no_grad():
+                scale = y.abs().mean()
+        else:
+            torch.set_grad_enabled(False)
+            scale = y.abs().mean()
+            torch.set_grad_enabled(True)
+        return self.d(self.n(y)) * scale
+
+
+def _grads(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    m.zero_grad()
+    m(x).sum().backward()
+    return [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("how", ["no_grad", "set_grad_enabled"])
+def test_a_repaired_model_keeps_forwards_gradient_off_blocks(how: str) -> None:
+    torch.manual_seed(0)
+    model, x = NoGradScale(how).double(), torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    gm, log = nhwc_audit.repair(model, x)
+    assert log.changed  # the InstanceNorm rewritten
+    expected, got = _grads(model, x), _grads(gm, x.contiguous(memory_format=torch.channels_last))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():  # a model run under no_grad stays so after the block
+        assert not gm(x).requires_grad
+    assert torch.is_grad_enabled()
+
+
+def test_a_repaired_module_pickles_and_saves() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    gm, _ = nhwc_audit.repair(model, x)
+    again = pickle.loads(pickle.dumps(gm))
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        for m in (again, loaded):
+            torch.testing.assert_close(m(x), gm(x))
+
+
+_MODEL_FILE = """
+import dataclasses
+import torch
+from torch import nn
+
+
+@torch.fx.wrap
+def scaled(y, size):
+    return y * (1.0 / size)  # fx calls it whole: a global name in the graph's code
+
+
+@dataclasses.dataclass
+class Out:
+    mask: torch.Tensor
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.n, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return Out(scaled(self.d(self.n(self.c(x))), x.shape[-1]))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net().eval(), (torch.randn(2, 3, 16, 16),)
+"""
+
+
+@pytest.mark.parametrize("folder", ["saved_net", "saved-net"])
+def test_a_saved_repair_imports_what_its_graph_calls_by_name(
+    folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``to_folder`` wrote neither the dataclass the model returns (the saved forward raised
+    NameError) nor the function ``torch.fx.wrap`` kept whole (its registration, written inside the
+    class body, raised on import). A folder name that is no identifier is loaded by importlib."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "netfile.py").write_text(_MODEL_FILE)
+    assert main(["netfile.py:build", "--apply", "--save-repaired", folder, "--no-report", "--quiet"]) == 0
+    load = (
+        f"from {folder} import Repaired"
+        if folder.isidentifier()
+        else f"Repaired = importlib.import_module({folder!r}).Repaired"
+    )
+    assert f"# Load it: {load}" in (tmp_path / folder / "module.py").read_text()
+    check = (
+        "import importlib, sys, torch\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        f"{load}\n"
+        "spec = importlib.util.spec_from_file_location('netfile_again', sys.path[0] + '/netfile.py')\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "model, (x,) = mod.build()\n"
+        "rep = Repaired()\n"
+        "model.load_state_dict({k: v for k, v in rep.state_dict().items() if k in model.state_dict()})\n"
+        "with torch.no_grad():\n"
+        "    got, want = rep(x.to(memory_format=torch.channels_last)), model(x)\n"
+        "torch.testing.assert_close(got.mask, want.mask, rtol=1e-4, atol=1e-5)\n"
+        "print(type(got).__name__)\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["Out"]
+
+
+def test_a_save_that_writes_nothing_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "netfile.py").write_text(_MODEL_FILE)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert main(["netfile.py:build", "--save-repaired", "taken", "--no-report", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nhwc-audit: error: --save-repaired taken: nothing written" in err
+
+
+def test_a_repair_of_a_model_on_the_meta_device_says_so() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8))
+    with pytest.raises(nhwc_audit.ConversionError, match="meta device .*'0.weight'.*build it on cpu/cuda"):
+        nhwc_audit.repair(model, torch.randn(1, 3, 16, 16))
