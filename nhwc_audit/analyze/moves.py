@@ -81,7 +81,11 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
     reduced = bool(reverted) and i.meta.rank - reverted[0].rank in (0, 1) and i.meta.numel != reverted[0].numel
-    if i.meta.rank > 5 and not reduced:  # element for element: a reshape may keep the channels innermost (MaxViT)
+    # a stack of one map reduced over the stack's dim: no reshape (monai RegUNet with one level)
+    one = bool(reverted) and any(_without(i.meta.shape, d) == reverted[0].shape for d in range(i.meta.rank))
+    if i.meta.rank > 5 and not (
+        reduced or one
+    ):  # element for element: a reshape may keep the channels innermost (MaxViT)
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
@@ -92,6 +96,11 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         if reverted[0].shape[1] > 1 or kept:
             channels |= split
     return channels is not None and channels_innermost(i.meta, channels)
+
+
+def _without(shape: tuple[int, ...], d: int) -> tuple[int, ...] | None:
+    """``shape`` without its dim ``d`` when that dim is 1, else None."""
+    return shape[:d] + shape[d + 1 :] if shape[d] == 1 else None
 
 
 _UNNAMED = (Layout.STRIDED, Layout.NOT_SPATIAL)  # in no format: a 4D/5D view, or one above rank 5

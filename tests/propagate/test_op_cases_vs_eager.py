@@ -380,6 +380,31 @@ CASES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+class _StackOfOne(nn.Module):
+    """monai RegUNet's ``torch.mean(torch.stack(feature_list, dim=0), dim=0)`` with one level: the
+    mean of a stack of one channels_last_3d map writes it contiguous, a revert (65,536 B at
+    2x4x8x8x8), charged 0: the 6D stack's reduction keeps its numel, and was read as a reshape."""
+
+    def __init__(self, maps: int) -> None:
+        super().__init__()
+        self.a, self.post, self.maps = nn.Conv3d(4, 8, 3, padding=1), nn.Conv3d(8, 4, 1), maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.post(torch.stack([y] * self.maps, dim=0).mean(dim=0))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("maps", [1, 2])
+def test_the_mean_of_a_stack_of_volumes_is_charged_what_eager_moves(maps: int, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = _StackOfOne(maps).eval(), torch.randn(2, 4, 8, 8, 8)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
 @pytest.mark.parametrize("mode", ["real", "fake"])
 @pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
 @pytest.mark.parametrize("case", sorted(CASES))
