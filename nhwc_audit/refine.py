@@ -139,10 +139,9 @@ def with_nchw_baseline(
     capture run as built, in the audit's mode; ``fake``: a real audit's on fake tensors), and
     notes saying what that changed; ``records`` itself when nothing changed. Run only when one of
     ``findings`` (theirs) that it can change moves data (:func:`~.analyze.moves.baselined`: a
-    revert, a mixed op, a convolution's conversion, a layout change a node makes inside)."""
+    revert, a mixed op, a conversion, a layout change a node makes inside)."""
     hidden = {r.name for r in records if r.hidden}
-    ops = {r.name: r.op_name for r in records}  # the rule's op (a finding names its torch.nn module)
-    costly = [f for f in findings if baselined(f.kind, ops[f.node], hidden=f.node in hidden) and f.bytes > 0]
+    costly = [f for f in findings if baselined(f.kind, hidden=f.node in hidden) and f.bytes > 0]
     if not costly:
         return records, ()
     nchw, on_fake = nchw_records(captured, module, args, kwargs, runner, fake=fake)
@@ -151,13 +150,12 @@ def with_nchw_baseline(
     # what each node moves in the NCHW run: a revert or a mixed op by the same rules (a LayerNorm2d
     # output added, NHWC-strided in either layout), a copy that reorders memory, a re-lay inside
     moved = {r.name: n for r in nchw if (n := moved_bytes(r))}
-    theirs_op = {r.name: r.op_name for r in nchw}
     # conv weights that are no parameters (a tensor constant, a plain attribute) are re-laid as built too
     graph = captured.capture.graph if captured.capture is not None and captured.method == "fx" else None
     made = captured.unconverted
     left = frozenset(n.name for n in graph.nodes if n.op == "get_attr" and n.target in made) if graph else frozenset()
     for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None, stored=left):
-        if baselined(f.kind, theirs_op[f.node]):
+        if baselined(f.kind):
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}

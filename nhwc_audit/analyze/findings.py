@@ -78,7 +78,7 @@ def _finding(
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
     origin = origin_of(producer, ctx.by_name)
-    if moves.baselined(kind, r.op_name, hidden=hidden):  # what it moves in NCHW too is not channels_last's
+    if moves.baselined(kind, hidden=hidden):  # what it moves in NCHW too is not channels_last's
         nbytes = max(0, nbytes - r.nchw_bytes)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
         hint_op = H.AMBIGUOUS_ORIGIN
@@ -237,10 +237,10 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     # each NCHW input re-laid whole (what it stores, where broadcast), in the dtype the kernel reads it
-    # (none where a conv re-lays as much in NCHW too); an output only where it casts first
+    # (none where the NCHW model re-lays as much: a conv of a transposed map); an output only where it casts first
     cast_first = casts_first(r, ctx.cast)
     nbytes = sum(relay_bytes(i.meta, (r.outputs or (i.meta,))[0], conv=True, cast_first=cast_first) for i in nchw_in)
-    relaid_in_nchw = moves.baselined(FindingKind.CONVERSION, r.op_name) and r.nchw_bytes >= nbytes
+    relaid_in_nchw = r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
         return [
             _finding(

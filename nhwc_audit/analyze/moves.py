@@ -58,16 +58,13 @@ def aten_op(r: NodeRecord) -> str:
     return parts[-2] if len(parts) > 2 and "aten" in parts[:-2] else ""
 
 
-def baselined(kind: FindingKind, op: str, *, hidden: bool = False) -> bool:
+def baselined(kind: FindingKind, *, hidden: bool = False) -> bool:
     """Charged only what channels_last adds over the NCHW baseline (``nchw_bytes``): reverts,
-    mixed ops, a convolution's conversion (it re-lays a transposed map in NCHW too) and the
-    layout changes a node makes inside (``hidden``: a matmul clones a transposed operand in NCHW
-    too); not a conversion the model or a repair asks for (``.contiguous(memory_format=...)``)."""
-    return (
-        hidden
-        or kind in (FindingKind.REVERT, FindingKind.MIXED)
-        or (kind is FindingKind.CONVERSION and op.lower() in CONV_OPS)
-    )
+    mixed ops, conversions (a convolution re-lays a transposed map in NCHW too; the NCHW model makes
+    the copy a ``.contiguous(memory_format=...)`` in its forward asks for) and the layout changes a
+    node makes inside (``hidden``: a matmul clones a transposed operand in NCHW too). A repair's
+    own conversions have no baseline (new nodes): ``AuditReport.repaired`` charges them whole."""
+    return hidden or kind in (FindingKind.REVERT, FindingKind.MIXED, FindingKind.CONVERSION)
 
 
 def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> bool:

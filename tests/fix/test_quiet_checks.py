@@ -15,7 +15,8 @@ from nhwc_audit import audit
 class BreakWithPlainWeight(nn.Module):
     """A view that breaks on channels_last after a conv of a float32 plain attribute and a
     statistic taken under ``torch.no_grad()`` (no float64 copy of the model can run it, so the
-    view's rewrite is judged in float32, and refused)."""
+    view's rewrite is judged in float32; it was refused while the repaired graph sent gradients
+    through the ``no_grad`` block, and is kept since the graph keeps the block)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,6 +37,6 @@ def test_a_repair_and_a_measurement_of_a_graph_that_raises_print_no_traceback(
     torch.manual_seed(0)
     report = audit(BreakWithPlainWeight().train(), torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
     repaired = report.repaired()
-    assert repaired.repair is not None and repaired.repair.breaks_after == 1
-    repaired.measure(train=True, rounds=1)
+    assert repaired.repair is not None and (repaired.repair.breaks_before, repaired.repair.breaks_after) == (1, 0)
+    repaired.measure(train=True, rounds=1)  # the naive conversion raises at the view: untimed, quietly
     assert "Traceback" not in capsys.readouterr().err

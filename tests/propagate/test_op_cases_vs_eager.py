@@ -374,6 +374,17 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "conv_of_a_made_tensor_expanded": lambda: Between(
         lambda s, y: torch.ones(1, 8, 16, 1).cumsum(1).expand(2, 8, 16, 16)
     ),
+    # a conversion the model asks for makes the same copy in the NCHW model: netted like every
+    # finding (32,768 B were charged where channels_last adds nothing)
+    "transpose_then_contiguous_cl": lambda: Between(
+        lambda s, y: y.transpose(2, 3).contiguous(memory_format=torch.channels_last)
+    ),
+    "softmax_then_contiguous_cl": lambda: Between(
+        lambda s, y: y.softmax(1).contiguous(memory_format=torch.channels_last)
+    ),
+    "flip_transpose_then_to_cl": lambda: Between(
+        lambda s, y: y.flip(3).transpose(2, 3).to(memory_format=torch.channels_last)
+    ),
     "group_mean_keepdim_4_groups": lambda: Between(
         lambda s, y: y.view(2, 4, 2, 16, 16).mean(1, keepdim=True).squeeze(1), post=2
     ),
