@@ -19,13 +19,26 @@ from ..records import SourceLoc
 from .proxies import IN_PLACE_OPERATORS, in_place_operator
 from .source import source_from_stack
 
-__all__ = ["NO_GRAD_KEY", "SOURCE_KEY", "NodeContext", "aten_detail", "first_names", "node_context", "node_contexts"]
+__all__ = [
+    "AUTOCAST_KEY",
+    "NO_GRAD_KEY",
+    "SOURCE_KEY",
+    "NodeContext",
+    "aten_detail",
+    "first_names",
+    "node_context",
+    "node_contexts",
+]
 
 SOURCE_KEY = "nhwc_audit_source"
 """``node.meta`` key where the fx tracer keeps the user's source line of a node."""
 NO_GRAD_KEY = "nhwc_audit_no_grad"
 """Set on an fx node traced inside forward's own ``torch.no_grad()``: fx records no grad mode, so
 a run with autograd runs such a node without it, as eager does."""
+
+AUTOCAST_KEY = "nhwc_audit_autocast"
+"""Set on an fx node traced inside forward's own ``torch.autocast(...)`` blocks: their arguments
+(device, dtype, enabled, cache), outermost first. fx records no autocast block either."""
 
 _DEFAULT_MODES = {"pad": "constant", "interpolate": "nearest", "upsample": "nearest", "grid_sample": "bilinear"}
 _ATEN_MODES = {"constant_pad_nd": "constant", "reflection_pad": "reflect", "replication_pad": "replicate"}

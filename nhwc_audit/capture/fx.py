@@ -18,7 +18,7 @@ from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError, first_line
 from .constants import fresh_constants
-from .context import NO_GRAD_KEY, SOURCE_KEY
+from .context import AUTOCAST_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
 from .source import user_frame
@@ -101,6 +101,7 @@ class _Tracer(torch.fx.Tracer):
         self.module_stack = _ModuleStack()
         self._code: dict[types.CodeType, tuple[list[int], list[dis.Instruction]]] = {}
         self._names: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+        self.autocasts: list[tuple[str, torch.dtype | None, bool, bool]] = []  # forward's open autocast blocks
 
     def proxy(self, node: torch.fx.Node) -> Proxy:
         return TracerProxy(node, self)
@@ -128,9 +129,26 @@ class _Tracer(torch.fx.Tracer):
             nn.modules.module.register_module_buffer_registration_hook(registered),
             nn.modules.module.register_module_module_registration_hook(registered),
         ]
+        # an autocast block changes no state fx sees when it turns autocast off, as a float32 head
+        # does: its entries are noted for the nodes made inside (AUTOCAST_KEY), for this trace only
+        cls = torch.amp.autocast_mode.autocast
+        enter, leave, blocks = cls.__enter__, cls.__exit__, self.autocasts
+
+        def entered(cm: Any) -> Any:
+            out = enter(cm)  # type: ignore[no-untyped-call]
+            blocks.append((cm.device, cm.fast_dtype, cm._enabled, cm._cache_enabled))
+            return out
+
+        def left(cm: Any, *exc: Any) -> Any:
+            if blocks:
+                blocks.pop()
+            return leave(cm, *exc)
+
+        cls.__enter__, cls.__exit__ = entered, left  # type: ignore[method-assign]
         try:
             return super().trace(root, concrete_args)
         finally:
+            cls.__enter__, cls.__exit__ = enter, leave  # type: ignore[method-assign]
             for h in handles:
                 h.remove()
 
@@ -223,11 +241,12 @@ class _Tracer(torch.fx.Tracer):
             node.kwargs = kwargs
         return self._sourced(node)
 
-    @staticmethod
-    def _sourced(node: torch.fx.Node) -> torch.fx.Node:
+    def _sourced(self, node: torch.fx.Node) -> torch.fx.Node:
         node.meta[SOURCE_KEY] = user_frame()
         if not torch.is_grad_enabled():  # inside forward's own torch.no_grad() (the trace runs with grad)
             node.meta[NO_GRAD_KEY] = True
+        if self.autocasts:
+            node.meta[AUTOCAST_KEY] = tuple(self.autocasts)
         return node
 
 

@@ -24,9 +24,9 @@ from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
 from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
+from .contexts import keep_blocks
 from .deviation import Exactness, deviations
 from .equivalence import first_change
-from .grad_mode import keep_grad_mode
 from .islands import rewritten_nodes
 from .measure import Measured, measure
 from .results import Deviation, fresh_copy, outputs
@@ -225,7 +225,7 @@ def repair_model(
                 cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph))
         except Exception as e:
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
-        if keep_grad_mode(gm.graph):  # forward's torch.no_grad() blocks, which fx does not record
+        if keep_blocks(gm.graph):  # forward's no_grad and autocast blocks, which fx does not record
             gm.recompile()
         if cap is None and graph_checked:  # an audit's graph checked against eager; others are checked here
             break

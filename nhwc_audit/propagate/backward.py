@@ -24,7 +24,7 @@ from ..capture.context import node_contexts
 from ..layout import tensor_meta
 from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
-from .breaks import to_channels_last, without_grad_if_refused
+from .breaks import as_traced, to_channels_last
 from .corrections import Corrections
 from .fake_views import VIEWS, view_node, view_strides
 from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients, hook_nodes
@@ -102,11 +102,11 @@ class _GradProp(torch.fx.Interpreter):
                 args, kwargs = tree_map(to_nchw, args), tree_map(to_nchw, kwargs)
             if n.name in self.corrected:  # a fake run's known meta-kernel error: follow eager both ways
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
-            out = without_grad_if_refused(self._run_target, n, args, kwargs)
+            out = as_traced(self._run_target, n, args, kwargs, grad=True)
             if n.name not in self.corrected and self.corrections is not None and self._diverges(n, args, out):
                 # found here (a run with no propagation before it: the NCHW baseline's): run again, as corrected
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
-                out = tree_map(to_channels_last, without_grad_if_refused(self._run_target, n, args, kwargs))
+                out = tree_map(to_channels_last, as_traced(self._run_target, n, args, kwargs, grad=True))
             elif n.name in self.corrected:
                 out = tree_map(to_channels_last, out)
             elif isinstance(out, FakeTensor) and args and isinstance(args[0], torch.Tensor) and view_node(n):

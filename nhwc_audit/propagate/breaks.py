@@ -7,6 +7,7 @@ fixing the revert upstream would expose). A node autograd alone refuses is not a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_map
 
-from ..capture.context import NO_GRAD_KEY, NodeContext
+from ..capture.context import AUTOCAST_KEY, NO_GRAD_KEY, NodeContext
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
@@ -23,12 +24,27 @@ from ..tensors import to_nchw
 from .dispatch import is_alias_of
 from .runner import fake_limitation
 
-__all__ = ["Call", "latent_error", "retry_nchw", "to_channels_last", "without_grad_if_refused"]
+__all__ = ["Call", "as_traced", "latent_error", "retry_nchw", "to_channels_last", "without_grad_if_refused"]
 
 Call = Callable[[torch.fx.Node, tuple[Any, ...], dict[str, Any]], Any]
 """Runs a node on given argument values (the interpreter's own call)."""
 
 Inputs = list[tuple[NodeInput, torch.Tensor]]
+
+
+def as_traced(call: Call, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], *, grad: bool) -> Any:
+    """``call(n, args, kwargs)`` inside the ``torch.autocast`` blocks of forward fx traced ``n`` in
+    (:data:`~nhwc_audit.capture.context.AUTOCAST_KEY`: a head kept in float32 runs in float32 in an
+    autocast audit, as in eager; CUDA's blocks on a machine without CUDA are left out, as eager's
+    do nothing there); with ``grad``, through :func:`without_grad_if_refused`."""
+    blocks = n.meta.get(AUTOCAST_KEY)
+    if not blocks:
+        return without_grad_if_refused(call, n, args, kwargs) if grad else call(n, args, kwargs)
+    with contextlib.ExitStack() as stack:
+        for device, dtype, enabled, cache in blocks:
+            if device != "cuda" or torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        return without_grad_if_refused(call, n, args, kwargs) if grad else call(n, args, kwargs)
 
 
 def without_grad_if_refused(call: Call, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -24,7 +24,7 @@ from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
 from .blind import function_blind, maybe_blind, recorder_blind
-from .breaks import latent_error, retry_nchw, without_grad_if_refused
+from .breaks import as_traced, latent_error, retry_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder, inner_copies, is_alias_of
 from .grad_hooks import Grads, hook_gradients
@@ -101,8 +101,7 @@ class LayoutProp(torch.fx.Interpreter):
         return self._step(n, map_arg(n.args, load), map_arg(n.kwargs, load))
 
     def _call(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        run = self._run_target
-        return without_grad_if_refused(run, n, args, kwargs) if self._retry_without_grad else run(n, args, kwargs)
+        return as_traced(self._run_target, n, args, kwargs, grad=self._retry_without_grad)
 
     def _run_target(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         op = n.op

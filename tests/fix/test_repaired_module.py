@@ -160,3 +160,31 @@ def test_a_repair_of_a_model_on_the_meta_device_says_so() -> None:
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8))
     with pytest.raises(nhwc_audit.ConversionError, match="meta device .*'0.weight'.*build it on cpu/cuda"):
         nhwc_audit.repair(model, torch.randn(1, 3, 16, 16))
+
+
+class Float32Head(nn.Module):
+    """A head the model keeps in float32 under autocast (``torch.autocast(..., enabled=False)``):
+    fx traced its ops, not the block, and the repaired model run under autocast computed it in
+    bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.InstanceNorm2d(8)
+        self.h = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n(self.a(x))
+        with torch.autocast("cpu", enabled=False):
+            return self.h(y.float())
+
+
+def test_a_repaired_model_keeps_forwards_autocast_blocks() -> None:
+    torch.manual_seed(0)
+    model, x = Float32Head().eval(), torch.randn(2, 3, 16, 16)
+    gm, log = nhwc_audit.repair(model, x)
+    assert log.changed
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(x), gm(x.contiguous(memory_format=torch.channels_last))
+        assert torch.is_autocast_enabled("cpu")  # the block left as it was entered
+    assert want.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -61,7 +61,22 @@ class TokensThenConvs(nn.Module):
         return self.b(self.a(h).contiguous())
 
 
+class Float32Head(nn.Module):
+    """A head forward keeps in float32 (``torch.autocast(..., enabled=False)``): fx traced its ops,
+    not the block, and the audit ran it in bfloat16 (32,768 B where eager autocast moves 49,152)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n, self.h = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n(self.a(x))
+        with torch.autocast("cpu", enabled=False):
+            return self.h(y.float())
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "float32_head": Float32Head,
     "tokens_then_convs_on_one_line": TokensThenConvs,
     "pooled_in_float32": PooledInFloat32,
     "float32_and_bfloat16_maps_concatenated": lambda: PooledInFloat32("cat"),
