@@ -132,11 +132,17 @@ class _Tracer(torch.fx.Tracer):
         # an autocast block changes no state fx sees when it turns autocast off, as a float32 head
         # does: its entries are noted for the nodes made inside (AUTOCAST_KEY), for this trace only
         cls = torch.amp.autocast_mode.autocast
-        enter, leave, blocks = cls.__enter__, cls.__exit__, self.autocasts
+        init, enter, leave, blocks = cls.__init__, cls.__enter__, cls.__exit__, self.autocasts
+
+        def made(cm: Any, *args: Any, **kwargs: Any) -> None:
+            init(cm, *args, **kwargs)
+            # as asked: a CUDA block on a machine without CUDA turns itself off, and so would the repair's
+            asked = args[2] if len(args) > 2 else kwargs.get("enabled", True)
+            cm.__dict__[_ASKED] = bool(asked)
 
         def entered(cm: Any) -> Any:
             out = enter(cm)  # type: ignore[no-untyped-call]
-            blocks.append((cm.device, cm.fast_dtype, cm._enabled, cm._cache_enabled))
+            blocks.append((cm.device, cm.fast_dtype, cm.__dict__.get(_ASKED, cm._enabled), cm._cache_enabled))
             return out
 
         def left(cm: Any, *exc: Any) -> Any:
@@ -144,11 +150,11 @@ class _Tracer(torch.fx.Tracer):
                 blocks.pop()
             return leave(cm, *exc)
 
-        cls.__enter__, cls.__exit__ = entered, left  # type: ignore[method-assign]
+        cls.__init__, cls.__enter__, cls.__exit__ = made, entered, left  # type: ignore[method-assign,assignment]
         try:
             return super().trace(root, concrete_args)
         finally:
-            cls.__enter__, cls.__exit__ = enter, leave  # type: ignore[method-assign]
+            cls.__init__, cls.__enter__, cls.__exit__ = init, enter, leave  # type: ignore[method-assign]
             for h in handles:
                 h.remove()
 
@@ -267,6 +273,11 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None, trac
         return _trace(model, concrete_args, proxy_maps=False)
     put_back_proxied(state)
     return cap
+
+
+_ASKED = "_nhwc_audit_enabled"
+"""Where a trace keeps the ``enabled`` an autocast block was made with (torch turns a CUDA block off
+on a machine without CUDA, in the object itself)."""
 
 
 class _MapsProxied(Exception):

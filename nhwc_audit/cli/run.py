@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     written = _write_reports(report, json_path, html_path)
     paths = (*([written_code] if written_code is not None else []), *written)
     out.print(render_outcome(report, paths=tuple(paths)))
+    code = _exit_code(report, args.fail_on, baseline, out)  # the baseline's diff and --fail-on's line first
     if args.save_repaired and written_code is None:  # asked for a file that is not there: a script must know
         what = "the save" if report.repaired_module is not None else "the repair"
         print(
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return _exit_code(report, args.fail_on, baseline, out)
+    return code
 
 
 def _exit_code(report: AuditReport, fail_on: FailOn, baseline: dict[str, Any] | None, out: Any) -> int:

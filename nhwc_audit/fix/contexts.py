@@ -14,8 +14,9 @@ that enter the block and leave it (autograd back to what it was, not on).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.fx
@@ -23,7 +24,42 @@ from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
 from ..capture.context import AUTOCAST_KEY, NO_GRAD_KEY
 
-__all__ = ["keep_blocks"]
+__all__ = ["keep_blocks", "keeps_state"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def keeps_state(fn: F) -> F:
+    """``fn`` leaves grad mode and autocast (CPU and CUDA: on or off, dtype) as it found them: a
+    graph with forward's blocks enters and leaves them by plain calls, which a node that raises
+    in between never makes (the repair's checks run graphs that may raise)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        grad = torch.is_grad_enabled()
+        casts = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(grad)
+            for device, on, dtype in casts:
+                torch.set_autocast_enabled(device, on)
+                torch.set_autocast_dtype(device, dtype)
+
+    return cast(F, run)
+
+
+class _BlocksDropped(torch.fx.Tracer):
+    """The tracer a pickled graph with such blocks names for its loading: a GraphModule loads by
+    tracing its code again, which would run the calls that enter and leave the blocks (their
+    arguments are constants) instead of recording them, and hand back a module without them."""
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        raise RuntimeError(
+            "this repaired module keeps forward's torch.no_grad()/torch.autocast blocks, which loading it "
+            "from a pickle (torch.load of the module) would drop: save it with nhwc-audit's --save-repaired, "
+            "or save the model's state_dict and repair the model again"
+        )
 
 
 def keep_blocks(graph: torch.fx.Graph) -> int:
@@ -46,6 +82,10 @@ def keep_blocks(graph: torch.fx.Graph) -> int:
         with graph.inserting_before(last.next):
             for mode in reversed(entered):
                 graph.call_function(_exit_autocast, (mode,))
+    if grad or casts:  # a pickle of it refuses to load rather than lose them
+        graph._tracer_cls = _BlocksDropped
+        if graph.owning_module is not None:
+            graph.owning_module._tracer_cls = _BlocksDropped
     return len(grad) + len(casts)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import keyword
 import re
 import sys
 import types
@@ -39,6 +40,8 @@ def write_package(gm: torch.fx.GraphModule, folder: Path, header: list[str]) -> 
     gm.recompile()
     imports = _imports(gm)
     name = folder.name
+    if not name.replace("-", "_").isidentifier() or keyword.iskeyword(name):  # imported by its name
+        raise ReportWriteError(f"cannot save to {str(folder)!r}: the folder is imported as a package, name it like one")
     load = (
         f"from {name} import Repaired"
         if name.isidentifier()
@@ -95,10 +98,13 @@ def _note_file(module: str, files: dict[str, str]) -> None:
 
 
 _LOADER = """import importlib.util
+import os
 import sys
 
 
 def _load(name, path):  # the model's own file, loaded by its path as nhwc-audit loaded it
+    if os.path.dirname(path) not in sys.path:  # with its folder importable, as then (its own imports)
+        sys.path.append(os.path.dirname(path))
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)

@@ -24,7 +24,7 @@ from ..prepare.copy import convert, prepare_inputs
 from ..propagate.compare import first_difference
 from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
-from .contexts import keep_blocks
+from .contexts import keep_blocks, keeps_state
 from .deviation import Exactness, deviations
 from .equivalence import first_change
 from .islands import rewritten_nodes
@@ -174,6 +174,7 @@ def _checked(
     return first + _checked(base, batch[half:], change, refused)
 
 
+@keeps_state
 def repair_model(
     model: nn.Module,
     args: tuple[Any, ...],
@@ -189,10 +190,9 @@ def repair_model(
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
     """Return a repaired channels_last GraphModule of ``model`` and the log of what changed.
 
-    The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx
-    capture of the same module tree, with ``constants``: what its get_attr nodes read, see
-    :func:`~nhwc_audit.capture.kept.graph_attributes`) saves the trace (checked against the
-    model here unless ``graph_checked``: the audit checked it), and ``baseline`` (node
+    The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx capture
+    of the same module tree, with ``constants``, :func:`~nhwc_audit.capture.kept.graph_attributes`)
+    saves the trace (checked here unless ``graph_checked``: the audit checked it), and ``baseline`` (node
     name -> the bytes it moves when the model runs NCHW, the audit's ``nchw_bytes``) charges
     the graph's nodes as the audit did; without it every copy is charged whole. Outputs (and, with
     ``grads``, parameter gradients of a fixed random linear loss) are checked against the

@@ -123,10 +123,13 @@ class PointwiseStrides(RecordingMode):
             strides = _asked_on_cuts(func, args, kwargs, first)
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
             strides = _dense_strides(first.shape, list(range(first.dim())))
-        if strides is None or strides == tuple(first.stride()):
+        # the kernel's dtype too: a GroupNorm backward under autocast (bfloat16 input, float32 statistics)
+        # gives the input's, where its meta kernel promotes to float32
+        dtype = got[0].dtype if got and got[0].dtype.is_floating_point == first.dtype.is_floating_point else first.dtype
+        if strides is None or (strides == tuple(first.stride()) and dtype == first.dtype):
             return out
         self.applied.append(("", FORWARD_STRIDES if forward else BACKWARD_STRIDES if probed else POINTWISE_STRIDES))
-        fixed = torch.empty_strided(first.shape, strides, dtype=first.dtype, device=first.device)
+        fixed = torch.empty_strided(first.shape, strides, dtype=dtype, device=first.device)
         if first is out:
             return fixed
         rest = list(out[1:])
@@ -234,18 +237,19 @@ def eager_cpu_strides(func: Any, args: Any, kwargs: dict[str, Any], first: torch
 def eager_cpu_outputs(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Tensor) -> list[Any] | None:
     """The CPU kernel's outputs of ``func`` (a list, first first), on zeros of the arguments'
     shapes, strides and dtypes; None when the arguments and the output are large or the kernel
-    raises. A kernel that refuses reduced-precision 1D arguments is asked again with them in
-    float32: FakeTensor gives a bfloat16 batch norm's saved statistics its input's dtype, where the
-    CPU kernel keeps them in float32 (and its backward refuses others: "mixed dtype")."""
+    raises. A kernel that refuses reduced-precision 1D or 2D arguments is asked again with them in
+    float32: FakeTensor gives a bfloat16 batch or group norm's saved statistics its input's dtype,
+    where the CPU kernel keeps them in float32 (and its backward refuses others: "mixed dtype")."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if sum(t.numel() for t in tensors) + first.numel() > _PROBE_NUMEL:
         return None
 
     def real(v: Any, stats: torch.dtype | None = None) -> Any:
-        half = isinstance(v, torch.Tensor) and v.dim() == 1 and v.dtype in (torch.float16, torch.bfloat16)
+        half = isinstance(v, torch.Tensor) and v.dim() in (1, 2) and v.dtype in (torch.float16, torch.bfloat16)
         return real_zeros(v, stats if half else None)
 
-    half_stats = any(t.dim() == 1 and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    # a batch norm's statistics are C, a group norm's N x G
+    half_stats = any(t.dim() in (1, 2) and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
     out = None
     for stats in (None, torch.float32) if half_stats else (None,):
         try:

@@ -188,3 +188,77 @@ def test_a_repaired_model_keeps_forwards_autocast_blocks() -> None:
         assert torch.is_autocast_enabled("cpu")  # the block left as it was entered
     assert want.dtype == got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_pickled_repair_with_forwards_blocks_refuses_to_load_without_them() -> None:
+    """A GraphModule loads from a pickle by tracing its code again, which runs the calls that
+    enter and leave the blocks instead of recording them: the module loaded would send gradients
+    through the no_grad block again. It refuses, saying what to do."""
+    torch.manual_seed(0)
+    gm, _ = nhwc_audit.repair(NoGradScale(), torch.randn(2, 3, 16, 16))
+    data = pickle.dumps(gm)
+    with pytest.raises(RuntimeError, match="no_grad.*--save-repaired"):
+        pickle.loads(data)
+    assert torch.is_grad_enabled()
+
+
+class RaisesInBlock(nn.Module):
+    """Raises inside its autocast block on a 16-wide input (a Linear over W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n, self.lin = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.InstanceNorm2d(8), nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n(self.a(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.lin(y)
+
+
+def test_a_repair_whose_graph_raises_inside_a_block_leaves_autocast_and_grad_as_they_were() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(Exception):  # noqa: B017 - the model's own error, whatever the stage that meets it
+        nhwc_audit.repair(RaisesInBlock(), torch.randn(2, 3, 16, 16))
+    assert not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+
+
+class CudaBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n, self.h = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n(self.a(x))
+        with torch.autocast("cuda", dtype=torch.float16):
+            return self.h(y)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
+def test_a_cuda_autocast_block_is_kept_as_asked_on_a_machine_without_cuda() -> None:
+    """torch turns a CUDA autocast block off in the object itself where CUDA is missing: the
+    repaired graph entered it off, and would run it in float32 on a GPU."""
+    torch.manual_seed(0)
+    gm, _ = nhwc_audit.repair(CudaBlock().eval(), torch.randn(2, 3, 16, 16))
+    entered = [n.args for n in gm.graph.nodes if "enter_autocast" in str(n.target)]
+    assert entered == [("cuda", torch.float16, True, True)]
+
+
+def test_a_saved_repair_imports_the_model_files_own_imports_and_names_its_folder_as_a_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocks.py").write_text(
+        "import dataclasses, torch\n\n\n@dataclasses.dataclass\nclass Out:\n    mask: torch.Tensor\n"
+    )
+    (tmp_path / "netfile.py").write_text(
+        _MODEL_FILE.replace("@dataclasses.dataclass\nclass Out:\n    mask: torch.Tensor\n", "from blocks import Out\n")
+    )
+    assert main(["netfile.py:build", "--apply", "--save-repaired", "saved", "--no-report", "--quiet"]) == 0
+    check = f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom saved import Repaired\nprint(type(Repaired()).__name__)\n"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for bad in ("saved.net", "class"):
+        assert main(["netfile.py:build", "--apply", "--save-repaired", bad, "--no-report", "--quiet"]) == 2
+        assert "imported as a package" in capsys.readouterr().err
