@@ -30,23 +30,59 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def keeps_state(fn: F) -> F:
-    """``fn`` leaves grad mode and autocast (CPU and CUDA: on or off, dtype) as it found them: a
-    graph with forward's blocks enters and leaves them by plain calls, which a node that raises
-    in between never makes (the repair's checks run graphs that may raise)."""
+    """``fn`` (the repair) leaves grad mode and autocast (CPU and CUDA: on or off, dtype) as it found
+    them, and so does the GraphModule it returns when its forward raises: a graph with forward's
+    blocks enters and leaves them by plain calls, which a node that raises in between never makes
+    (eager's ``with`` leaves them on the way out; the repair's checks run graphs that may raise)."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        grad = torch.is_grad_enabled()
-        casts = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        state = _state()
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         finally:
-            torch._C._set_grad_enabled(grad)
-            for device, on, dtype in casts:
-                torch.set_autocast_enabled(device, on)
-                torch.set_autocast_dtype(device, dtype)
+            _restore(state)
+        gm = out[0] if isinstance(out, tuple) and out else None
+        if isinstance(gm, torch.fx.GraphModule) and _has_blocks(gm.graph):
+            cls: Any = type(gm)  # the instance's own class (GraphModule makes one per instance)
+            cls._wrapped_call = _Restoring(cls._wrapped_call)  # recompile keeps a class's own
+        return out
 
     return cast(F, run)
+
+
+def _state() -> tuple[bool, list[tuple[str, bool, torch.dtype]]]:
+    return torch.is_grad_enabled(), [
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+    ]
+
+
+def _restore(state: tuple[bool, list[tuple[str, bool, torch.dtype]]]) -> None:
+    grad, casts = state
+    torch._C._set_grad_enabled(grad)
+    for device, on, dtype in casts:
+        torch.set_autocast_enabled(device, on)
+        torch.set_autocast_dtype(device, dtype)
+
+
+class _Restoring:
+    """A GraphModule's call (its ``_wrapped_call``) that puts grad mode and autocast back as they
+    were when forward raises."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        state = _state()
+        try:
+            return self.inner(obj, *args, **kwargs)
+        except BaseException:
+            _restore(state)
+            raise
+
+
+def _has_blocks(graph: torch.fx.Graph) -> bool:
+    return any(n.target in (torch._C._set_grad_enabled, _enter_autocast) for n in graph.nodes)
 
 
 class _BlocksDropped(torch.fx.Tracer):
@@ -65,9 +101,9 @@ class _BlocksDropped(torch.fx.Tracer):
 def keep_blocks(graph: torch.fx.Graph) -> int:
     """Put forward's gradient-off and autocast blocks back around the nodes traced inside them;
     the number of runs of nodes put inside one. Idempotent: a graph that has such nodes is left."""
-    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    if any(n.target in (torch._C._set_grad_enabled, _enter_autocast) for n in nodes):
+    if _has_blocks(graph):
         return 0
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     grad = _runs(nodes, lambda n: bool(n.meta.get(NO_GRAD_KEY)))
     for first, last, _ in grad:
         with graph.inserting_before(first):

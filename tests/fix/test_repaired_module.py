@@ -262,3 +262,32 @@ def test_a_saved_repair_imports_the_model_files_own_imports_and_names_its_folder
     for bad in ("saved.net", "class"):
         assert main(["netfile.py:build", "--apply", "--save-repaired", bad, "--no-report", "--quiet"]) == 2
         assert "imported as a package" in capsys.readouterr().err
+
+
+class LinearInBlock(nn.Module):
+    """A Linear over W inside a no_grad or an autocast block: raises there on a map not 12 wide."""
+
+    def __init__(self, block: str) -> None:
+        super().__init__()
+        self.a, self.n, self.lin = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.InstanceNorm2d(8), nn.Linear(12, 12)
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n(self.a(x))
+        if self.block == "no_grad":
+            with torch.no_grad():
+                s = self.lin(y).mean()
+            return y * s
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.lin(y)
+
+
+@pytest.mark.parametrize("block", ["no_grad", "autocast"])
+def test_a_repaired_module_that_raises_inside_a_block_leaves_grad_and_autocast_as_they_were(block: str) -> None:
+    """Eager's ``with`` blocks put grad mode and autocast back on the way out of an error; the
+    repaired graph's plain calls left them set (after no_grad: grad off for the rest of the process)."""
+    torch.manual_seed(0)
+    gm, _ = nhwc_audit.repair(LinearInBlock(block).eval(), torch.randn(2, 3, 16, 12))  # (rewritten or not)
+    with pytest.raises(RuntimeError):
+        gm(torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
