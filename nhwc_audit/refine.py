@@ -17,12 +17,13 @@ from torch.utils._pytree import tree_leaves
 from .analyze.displaced import displaced, displaced_backward
 from .analyze.findings import find_findings
 from .analyze.moves import baselined, moved_bytes
+from .layout import channels_innermost, nchw_ordered
 from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.baseline import match_nodes, nchw_backward, nchw_records
 from .propagate.chain import Captured
 from .propagate.kernels import layout_dependent_backwards
 from .propagate.runner import Runner
-from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, NodeRecord
+from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, Layout, NodeRecord, TensorMeta
 
 __all__ = ["reorders_dims", "with_backward", "with_nchw_backward", "with_nchw_baseline"]
 
@@ -74,16 +75,11 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
     to keep NCHW order (``reordering``: those not in :data:`~.propagate.grad_hooks.KEEPS_ORDER`,
     inside leaf modules too), or the graph asks for a channels_last memory format
     (``.contiguous(memory_format=...)``, a no-op in the channels_last run), or a node reads a map
-    broadcast over a spatial dim (a tensor made in forward and ``expand``-ed, which no autograd
-    node made: a convolution's backward re-lays it in NCHW too). Without any, the NCHW backward
-    moves nothing."""
+    laid out in neither order nor a slice of one (:func:`_laid_otherwise`: a tensor made in forward
+    and ``expand``-ed or transposed, which no autograd node made: a convolution's backward re-lays
+    it in NCHW too). Without any, the NCHW backward moves nothing."""
     formats = (torch.channels_last, torch.channels_last_3d)
-    broadcast = any(
-        any(n > 1 and st == 0 for n, st in zip(i.meta.shape, i.meta.strides, strict=False))
-        for r in records
-        for i in r.inputs
-        if i.meta.rank >= 4
-    )
+    broadcast = any(_laid_otherwise(i.meta) for r in records for i in r.inputs if i.meta.rank >= 4)
     return (
         bool(reordering)
         or broadcast
@@ -94,6 +90,14 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
             if isinstance(v, torch.memory_format)
         )
     )
+
+
+def _laid_otherwise(meta: TensorMeta) -> bool:
+    """Broadcast over a dim of size > 1, or strided in an order that is neither NCHW's nor has the
+    channels innermost (a channel slice of an NHWC map has them: no NCHW run makes it)."""
+    if any(n > 1 and st == 0 for n, st in zip(meta.shape, meta.strides, strict=False)):
+        return True
+    return meta.layout is Layout.STRIDED and not channels_innermost(meta) and not nchw_ordered(meta)
 
 
 def with_nchw_backward(

@@ -371,6 +371,9 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # the broadcast dim's stride 0 as an order and netted the conversion away (2,048 against 4,096)
     "conv_of_a_map_broadcast_along_w": lambda: Between(lambda s, y: y.sum(3, keepdim=True).expand_as(y)),
     "conv_of_a_map_broadcast_along_h": lambda: Between(lambda s, y: y.mean(2, keepdim=True).expand_as(y)),
+    "conv_of_a_made_tensor_transposed": lambda: Between(
+        lambda s, y: torch.ones(2, 8, 16, 16).cumsum(2).transpose(2, 3)
+    ),
     "conv_of_a_made_tensor_expanded": lambda: Between(
         lambda s, y: torch.ones(1, 8, 16, 1).cumsum(1).expand(2, 8, 16, 16)
     ),
@@ -1000,10 +1003,16 @@ def test_an_assignment_by_an_index_list_is_charged_the_values_it_writes(capture:
 @pytest.mark.parametrize("mode", ["real", "fake"])
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize(
-    "case", ["conv_of_a_map_broadcast_along_w", "conv_of_a_map_broadcast_along_h", "conv_of_a_made_tensor_expanded"]
+    "case",
+    [
+        "conv_of_a_map_broadcast_along_w",
+        "conv_of_a_map_broadcast_along_h",
+        "conv_of_a_made_tensor_expanded",
+        "conv_of_a_made_tensor_transposed",
+    ],
 )
 def test_a_map_broadcast_into_a_convolution_trains_as_eager(case: str, capture: str, mode: str) -> None:
-    # a tensor made in forward and expanded is broadcast in the NCHW backward too (fx stows it as a
+    # a tensor made in forward and expanded (or transposed) is laid so in the NCHW backward too (fx stows it as a
     # constant, which a GraphModule registers as a buffer): the NCHW baseline had made it dense, and
     # the convolution's backward was charged 32,768 B where eager moves as much in either layout
     torch.manual_seed(0)
