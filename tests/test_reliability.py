@@ -510,3 +510,16 @@ def test_a_half_model_without_an_input_is_audited_on_an_image_of_its_own_dtype(
         f"def build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)).to({dtype})\n"
     )
     assert main(["halfnet.py:build", "--input", "1x3x16x16", "--no-report", "--quiet"]) == 0
+
+
+def test_an_export_capture_passes_on_no_warning_of_torchs_own_flags() -> None:
+    """torch.export and the export capture's stride probe set and restore oneDNN's flags, and
+    torch warns of TF32 on Intel GPUs each time: the user saw it once per process."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 1)).train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        audit(model, torch.randn(2, 3, 16, 16), capture="export", train=True, bandwidth=BANDWIDTH)
+    assert not [str(w.message) for w in seen if "TF32" in str(w.message)]

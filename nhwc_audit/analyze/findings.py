@@ -159,6 +159,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         return []
     if r.name in ctx.free:
         return []  # its inputs are those of the NCHW model: it does what it does there
+    if r.outputs and all(o.numel == 0 for o in r.outputs):  # writes nothing (an ROI op of no boxes)
+        return _hidden_findings(ctx, r)
     in_place = writes_in_place(r)
     if (r.aliases_input and not in_place) or moves.allocates(r):
         # a view, an allocation: moves no data; ``buf[..].copy_(x)`` copies what it records

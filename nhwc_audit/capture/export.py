@@ -30,6 +30,8 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _sources_noted(), _contiguous_kept():
             # the chain restores what forward caches on modules during export, and says so
             warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
+            # export sets and restores oneDNN's flags, which warns of TF32 on Intel GPUs: torch's, not the model's
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
             ep = torch.export.export(model, args, kwargs or None, strict=False)
         gm = ep.module()
     except Exception as e:

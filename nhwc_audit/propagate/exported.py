@@ -4,6 +4,7 @@ the model on fake tensors and writes into its graph only the copies those need."
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -52,7 +53,9 @@ class EagerLayouts(RecordingMode):
             return out  # (a kernel picks channels_last by its inputs' suggest_memory_format(): C == 1 too)
         key = (func, *(_described(v) for v in tree_leaves((args, kwargs))))
         if key not in self.asked:
-            with torch.backends.mkldnn.flags(enabled=self.mkldnn):
+            # the flags' restore on the way out warns of oneDNN's TF32 on Intel GPUs: torch's, not the user's
+            with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=self.mkldnn):
+                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
                 self.asked[key] = eager_cpu_strides(func, args, kwargs, first)
         strides = self.asked[key]
         if strides is None or strides == tuple(first.stride()):

@@ -1022,3 +1022,26 @@ def test_a_map_broadcast_into_a_convolution_trains_as_eager(case: str, capture: 
     r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, train=True)
     assert r.meta.backward, r.meta.capture_notes
     assert sum(f.bytes for f in r.findings if f.kind.value == "backward") == expected
+
+
+class _RoiAlignOfNoBoxes(nn.Module):
+    """torchvision's MultiScaleRoIAlign pools each FPN level's boxes, none at some levels: an empty
+    N x C x 7 x 7 output, ambiguous, counted a revert of 0 B (maskrcnn: 8 reverts, 5 of them empty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.post = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        return self.post(roi_align(self.pre(x), rois, (7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=True))
+
+
+@pytest.mark.parametrize("capture", ["auto", "export", "hooks"])  # (fx cannot trace roi_align's checks)
+def test_an_op_that_writes_an_empty_map_makes_no_finding(capture: str) -> None:
+    torch.manual_seed(0)
+    r = audit(
+        _RoiAlignOfNoBoxes().eval(), (torch.randn(1, 8, 16, 16), torch.zeros(0, 5)), bandwidth=1e9, capture=capture
+    )
+    assert r.findings == () and r.summary.reverts == 0
