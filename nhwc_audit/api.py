@@ -19,7 +19,7 @@ from .errors import ChannelsLastError, UsageError
 from .fix.repair import RepairLog, repair_model
 from .followups import measure_report, repair_report
 from .pipeline import AuditOptions, run_audit
-from .prepare.copy import first_float_dtype, model_device, refuse_meta
+from .prepare.copy import made_inputs, model_device, refuse_meta
 from .prepare.load import call_build_fn, split_example, usable_bandwidth
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
@@ -71,8 +71,7 @@ def _resolve_model(
     if args is None and _first_parameter(model) in kwargs:
         args = ()  # the keyword arguments name forward's first input (forward(x=..., mask=...))
     if args is None:
-        g = torch.Generator().manual_seed(0)  # in the model's dtype: a half model gets a half image
-        args = (torch.randn(default_input_shape(model), generator=g).to(first_float_dtype(model) or torch.float32),)
+        args = made_inputs([default_input_shape(model)], model)
     return model, args, kwargs
 
 

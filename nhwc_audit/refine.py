@@ -79,10 +79,10 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
     and ``expand``-ed or transposed, which no autograd node made: a convolution's backward re-lays
     it in NCHW too). Without any, the NCHW backward moves nothing."""
     formats = (torch.channels_last, torch.channels_last_3d)
-    broadcast = any(_laid_otherwise(i.meta) for r in records for i in r.inputs if i.meta.rank >= 4)
+    laid_otherwise = any(_laid_otherwise(i.meta) for r in records for i in r.inputs if i.meta.rank >= 4)
     return (
         bool(reordering)
-        or broadcast
+        or laid_otherwise
         or any(
             v in formats
             for n in graph.nodes

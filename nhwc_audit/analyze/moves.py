@@ -80,9 +80,8 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     reduced = bool(reverted) and i.meta.rank - reverted[0].rank in (0, 1) and i.meta.numel != reverted[0].numel
     # a stack of one map reduced over the stack's dim: no reshape (monai RegUNet with one level)
     one = bool(reverted) and any(_without(i.meta.shape, d) == reverted[0].shape for d in range(i.meta.rank))
-    if i.meta.rank > 5 and not (
-        reduced or one
-    ):  # element for element: a reshape may keep the channels innermost (MaxViT)
+    if i.meta.rank > 5 and not (reduced or one):
+        # element for element: a reshape may keep the channels innermost (MaxViT)
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None

@@ -92,11 +92,9 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
 
     if shapes is not None:
-        from ..prepare.copy import first_float_dtype
+        from ..prepare.copy import made_inputs
 
-        g = torch.Generator().manual_seed(0)  # in the model's dtype (a half model: half images)
-        dtype = first_float_dtype(target.model) or torch.float32
-        inputs: tuple[torch.Tensor, ...] | None = tuple(torch.randn(s, generator=g).to(dtype) for s in shapes)
+        inputs: tuple[torch.Tensor, ...] | None = made_inputs(shapes, target.model)
     else:
         inputs = target.args
 

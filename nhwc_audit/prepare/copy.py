@@ -28,6 +28,7 @@ __all__ = [
     "audit_param",
     "convert",
     "first_float_dtype",
+    "made_inputs",
     "memory_format_for_rank",
     "plain_tensors",
     "model_device",
@@ -95,6 +96,14 @@ def first_float_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter (None when it has none): the
     dtype a run without ``dtype=`` audits in."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def made_inputs(shapes: Iterable[tuple[int, ...]], model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Inputs made from shapes alone (``--input``, or none given): random normal from a generator
+    seeded 0, in the model's own dtype (a half model gets half images, float32 without one)."""
+    g = torch.Generator().manual_seed(0)
+    dtype = first_float_dtype(model) or torch.float32
+    return tuple(torch.randn(s, generator=g).to(dtype) for s in shapes)
 
 
 def own_dtype_name(model: nn.Module) -> str:
