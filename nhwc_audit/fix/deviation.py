@@ -82,19 +82,20 @@ def deviations(
     own = (reference or {}).get("own")  # the original's results on the sample, from the checks
     try:
         nchw_args, nchw_kwargs = tree_map(to_nchw, (args, kwargs))
-        ref = own[0] if own else res.outputs(res.fresh_copy(model), nchw_args, nchw_kwargs, grads)
+        ref = own[0] if own else res.outputs(res.fresh_copy(model), nchw_args, nchw_kwargs, grads, reference=reference)
     except Exception:  # nothing rewritten, nothing checked: a model that cannot run with gradients
         return None, None, None
     dtype = own_dtype_name(model)
     mine: Deviation | None = None
     if repaired is not None:
         seen = (reference or {}).get("trial", {}).get(graph_key(repaired))
-        mine = res.deviation_of(seen or res.outputs(res.fresh_copy(repaired), args, kwargs, grads), ref, dtype)
+        got = seen or res.outputs(res.fresh_copy(repaired), args, kwargs, grads, reference=reference)
+        mine = res.deviation_of(got, ref, dtype)
     if naive is None:
         return mine, None, None
     try:
         kept = (reference or {}).get("naive")  # the naive results, when a check computed them
-        got = kept[0] if kept else res.outputs(res.fresh_copy(naive), args, kwargs, grads)
+        got = kept[0] if kept else res.outputs(res.fresh_copy(naive), args, kwargs, grads, reference=reference)
     except Exception:
         return mine, None, None  # an error the audit did not see: no noise estimate
     theirs = res.deviation_of(got, ref, dtype)

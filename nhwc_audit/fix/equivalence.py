@@ -50,7 +50,9 @@ def _float64_samples(samples: list[Sample]) -> list[list[Sample]]:
     return [[c for c in cut if c is not None], whole] if all(c is not None for c in cut) else [whole]
 
 
-def _float64_reference(model: nn.Module, samples: list[Sample], grads: bool) -> list[Any] | None:
+def _float64_reference(
+    model: nn.Module, samples: list[Sample], grads: bool, reference: dict[str, Any]
+) -> list[Any] | None:
     """(args, kwargs, outputs, gradients) of the original model in float64 (NCHW inputs) on each
     of the samples as the float64 check runs them (:func:`_float64_samples`: the first two items
     of a batch, the whole sample when the model cannot run on them); None when it cannot run in
@@ -63,7 +65,13 @@ def _float64_reference(model: nn.Module, samples: list[Sample], grads: bool) -> 
     for samples64 in _float64_samples(samples):
         try:
             return [
-                (a, k, *res.outputs(res.fresh_copy(m64), tree_map(to_nchw, a), tree_map(to_nchw, k), grads))
+                (
+                    a,
+                    k,
+                    *res.outputs(
+                        res.fresh_copy(m64), tree_map(to_nchw, a), tree_map(to_nchw, k), grads, reference=reference
+                    ),
+                )
                 for a, k in samples64
             ]
         except Exception:
@@ -103,7 +111,7 @@ def first_change(
         if not quiet and _within_original(trial, samples, grads, own, reference):
             return None
     if "float64" not in reference:
-        reference["float64"] = _float64_reference(model, samples, grads)
+        reference["float64"] = _float64_reference(model, samples, grads, reference)
     if reference["float64"] is None:
         return _first_change_calibrated(model, naive, trial, samples, grads)
     try:
@@ -111,7 +119,7 @@ def first_change(
     except Exception:
         return _first_change_calibrated(model, naive, trial, samples, grads)
     for i, (args, kwargs, oa, ga) in enumerate(reference["float64"]):
-        ob, gb = res.outputs(res.fresh_copy(t64), args, kwargs, grads)
+        ob, gb = res.outputs(res.fresh_copy(t64), args, kwargs, grads, reference=reference)
         why = _float64_difference((ob, gb), (oa, ga))
         if why is not None and not _as_naive_in_float64(naive, i, (ob, gb), oa, reference, grads):
             return why
@@ -171,7 +179,9 @@ def _as_naive_in_float64(
         reference["naive64"] = None
         try:
             n64 = copy.deepcopy(naive).double()
-            reference["naive64"] = [res.outputs(res.fresh_copy(n64), a, k, grads) for a, k, *_ in reference["float64"]]
+            reference["naive64"] = [
+                res.outputs(res.fresh_copy(n64), a, k, grads, reference=reference) for a, k, *_ in reference["float64"]
+            ]
         except Exception:
             pass
     theirs = reference["naive64"]
@@ -238,7 +248,7 @@ def _trial_results(
 ) -> Results:
     """``trial``'s results on a sample; on the first sample, kept by graph for the log's
     deviation (the repaired graph is most often the last one checked)."""
-    got = res.outputs(res.fresh_copy(trial), args, kwargs, grads)
+    got = res.outputs(res.fresh_copy(trial), args, kwargs, grads, reference=reference)
     key = graph_key(trial)
     if first and key is not None:
         reference.setdefault("trial", {})[key] = got
@@ -254,7 +264,9 @@ def _originals(model: nn.Module, samples: list[Sample], grads: bool, reference: 
         if first_float_dtype(model) in (torch.float32, None):
             try:
                 reference["own"] = [
-                    res.outputs(res.fresh_copy(model), tree_map(to_nchw, a), tree_map(to_nchw, k), grads)
+                    res.outputs(
+                        res.fresh_copy(model), tree_map(to_nchw, a), tree_map(to_nchw, k), grads, reference=reference
+                    )
                     for a, k in samples
                 ]
             except Exception:

@@ -179,7 +179,7 @@ def naive_results(
     if "naive" not in reference:
         reference["naive"] = None
         try:
-            theirs = [outputs(fresh_copy(naive), a, k, grads) for a, k in samples]
+            theirs = [outputs(fresh_copy(naive), a, k, grads, reference=reference) for a, k in samples]
         except Exception:
             return None
         if all(within(n, o, CONVERSION, CONVERSION) for n, o in zip(theirs, originals, strict=True)):
@@ -215,7 +215,7 @@ def against_naive(
             mine = fresh_copy(trial)
             assert isinstance(mine, torch.fx.GraphModule)
             run = Float64Run(mine, names)
-            got = outputs(mine, a, k, grads, run=run)
+            got = outputs(mine, a, k, grads, run=run, reference=reference)
             if run.worst[0] > KERNEL or not within(got, ref, ROUNDING, ELEMENTS, noise):
                 return False
     except Exception:

@@ -4,6 +4,7 @@ checks (:mod:`.equivalence`, :mod:`.islands`) compare."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -46,26 +47,33 @@ def outputs(
     kwargs: dict[str, Any],
     grads: bool,
     run: Callable[..., Any] | None = None,
+    reference: dict[str, Any] | None = None,
 ) -> Results:
     """``model``'s outputs on ``(args, kwargs)`` (copied first) and, with ``grads``, its
-    parameters' gradients by name; ``run`` calls the model another way (an interpreter over it)."""
-    with seeded(0, (args, kwargs)), LogicalDraws():  # dropout's mask is one whatever the layout
-        ctx = torch.enable_grad() if grads else torch.no_grad()
-        with ctx:
+    parameters' gradients by name; ``run`` calls the model another way (an interpreter over it).
+    Random draws are made in the tensors' logical order (:class:`LogicalDraws`) unless
+    ``reference`` (the dict of one repair's checks, all runs of one model and its rewrites) says
+    that the first run made none: the mode costs a Python call per ATen op (~8% of a repair)."""
+    draws = None if reference is not None and reference.get("draws") is False else LogicalDraws()
+    g: dict[str, torch.Tensor] = {}
+    with seeded(0, (args, kwargs)), torch.enable_grad() if grads else torch.no_grad():
+        with draws or contextlib.nullcontext():  # dropout's mask is one whatever the layout
             out = (run or model)(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
-            tensors = iter_tensors(out)
-            g: dict[str, torch.Tensor] = {}
-            if grads:
-                floats = [t for t in tensors if t.is_floating_point() and t.requires_grad]
-                if floats:
-                    # a fixed random linear loss (the sum of a softmax output has no gradient)
-                    gen = torch.Generator().manual_seed(7)
-                    weights = [torch.randn(t.shape, generator=gen).to(t.device) for t in floats]
-                    loss = sum((t.float() * w).sum() for t, w in zip(floats, weights, strict=True))
-                    assert isinstance(loss, torch.Tensor)
-                    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-                    got = torch.autograd.grad(loss, [p for _, p in names], allow_unused=True)
-                    g = {n: gr for (n, _), gr in zip(names, got, strict=True) if gr is not None}
+        tensors = iter_tensors(out)
+        floats = [t for t in tensors if t.is_floating_point() and t.requires_grad] if grads else []
+        if floats:
+            # a fixed random linear loss (the sum of a softmax output has no gradient), drawn
+            # outside the mode: ``drew`` is the model's own
+            gen = torch.Generator().manual_seed(7)
+            weights = [torch.randn(t.shape, generator=gen).to(t.device) for t in floats]
+            loss = sum((t.float() * w).sum() for t, w in zip(floats, weights, strict=True))
+            assert isinstance(loss, torch.Tensor)
+            names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            with draws or contextlib.nullcontext():
+                got = torch.autograd.grad(loss, [p for _, p in names], allow_unused=True)
+            g = {n: gr for (n, _), gr in zip(names, got, strict=True) if gr is not None}
+    if reference is not None and draws is not None:
+        reference.setdefault("draws", draws.drew)
     return [t.detach() for t in tensors], g
 
 

@@ -149,20 +149,20 @@ class LogicalDraws(RecordingMode):
     which compare the two, would see a rewrite that moves a dropout's input to channels_last change
     the outputs. A draw in place into a tensor that is not contiguous is made into a contiguous
     one and copied in; one that makes a tensor of its first argument's shape is made from
-    contiguous arguments and handed back in that argument's layout."""
+    contiguous arguments and handed back in that argument's layout. ``drew``: whether a run under
+    it drew at all (a model that does not, dropout off in eval mode, needs no such mode)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.drew = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         first = args[0] if args else None
-        if (
-            torch.Tag.nondeterministic_seeded not in func.tags
-            or not isinstance(first, torch.Tensor)
-            or first.dim() < 2
-            or first.is_contiguous()
-        ):
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        self.drew = True
+        if not isinstance(first, torch.Tensor) or first.dim() < 2 or first.is_contiguous():
             return func(*args, **kwargs)
         rest = [a.contiguous() if isinstance(a, torch.Tensor) and a.shape == first.shape else a for a in args[1:]]
         written = func._schema.arguments[0].alias_info
