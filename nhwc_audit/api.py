@@ -2,8 +2,7 @@
 report can take after the audit (``repair_report``, ``measure_report``).
 
 Turns the caller's arguments into a model, a sample and :class:`~nhwc_audit.pipeline.AuditOptions`
-(the one place they are checked), then runs :func:`~nhwc_audit.pipeline.run_audit`. Prints
-nothing.
+(the one place they are checked), then runs :func:`~nhwc_audit.pipeline.run_audit`. Prints nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from .followups import measure_report, repair_report
 from .pipeline import AuditOptions, run_audit
 from .prepare.copy import made_inputs, model_device, refuse_meta
 from .prepare.load import call_build_fn, split_example, usable_bandwidth
+from .prepare.wrappers import unwrapped
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
 from .records import FAIL_ON, CaptureMethod, FailOn, Finding, FindingKind, Mode, NodeRecord
@@ -315,5 +315,6 @@ def repair(
     (['instancenorm->groupnorm'], 0)
     """
     module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
+    module = unwrapped(module)[0]  # (a graph of what torch.compile or DataParallel wraps)
     refuse_meta(module, "a repair runs the model and checks its results: build it on cpu/cuda")
     return repair_model(module, args, kwargs, grads=grads)

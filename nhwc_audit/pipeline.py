@@ -28,6 +28,7 @@ from .prepare.caches import code_caches, emptied
 from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .prepare.notes import conversion_note, one_channel_note
+from .prepare.wrappers import unwrapped
 from .propagate.baseline import fake_pays, training_fails
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
@@ -175,6 +176,7 @@ def _audit_one(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, *, raw: bool = False
 ) -> AuditReport:
     t0 = time.perf_counter()
+    module, wrapper = unwrapped(module)  # torch.compile's module, DataParallel: what they wrap
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
     records, grad_notes, reordering = (
@@ -200,7 +202,7 @@ def _audit_one(
     if captured.capture is not None:
         captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph
     rank = max({t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}, default=None)
-    notes = (conversion_note(module, rank), one_channel_note(args, kwargs))
+    notes = (wrapper, conversion_note(module, rank), one_channel_note(args, kwargs))
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,
@@ -216,7 +218,7 @@ def _audit_one(
         bandwidth_source=source,
         backward=o.train and o.backward and captured.capture is not None and not _unaudited(grad_notes),
         threads=torch.get_num_threads(),
-        modules=tuple((path, type(m).__name__) for path, m in module.named_modules()),
+        modules=tuple((path, type(m).__name__) for path, m in p.module.named_modules()),  # (wrappers unwrapped)
     )
     t4 = time.perf_counter()
     timing = {

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .wrappers import wrapped_module
+
 __all__ = ["ATOMIC_TYPES", "MODULE_TABLES", "clone_modules"]
 
 MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
@@ -30,6 +32,30 @@ def _atomic(v: Any) -> bool:
     if kind is tuple:
         return all(type(x) in ATOMIC_TYPES or isinstance(x, _ATOMIC) for x in v)
     return isinstance(v, _ATOMIC)
+
+
+def _how(m: Any) -> str:
+    """How :class:`_Cloner` copies an instance of ``m``'s class: 'plain' (its state, walked),
+    'wrapper' (:func:`~.wrappers.wrapped_module`), 'script' (:func:`_script_copy`) or 'deep'."""
+    if isinstance(m, nn.Module) and wrapped_module(m) is not None:
+        return "wrapper"
+    if isinstance(m, torch.jit.ScriptModule):
+        return "script"
+    return "plain" if _plain_copyable(type(m)) else "deep"
+
+
+def _script_copy(m: torch.jit.ScriptModule, memo: dict[int, Any]) -> torch.jit.ScriptModule:
+    """A TorchScript module's copy (its own ``__deepcopy__``, which copies its tensors whatever
+    ``memo`` holds) with the parameters and buffers ``memo`` replaces put in: a scripted or traced
+    conv inside a model keeps the channels_last weights the audit gives every other one."""
+    new: torch.jit.ScriptModule = copy.deepcopy(m)
+    memo[id(m)] = new
+    for (_, old), (_, mine) in zip(m.named_modules(), new.named_modules(), strict=True):
+        for table in ("_parameters", "_buffers"):
+            for name, t in list(getattr(old, table).items()):
+                if t is not None and id(t) in memo:
+                    getattr(mine, table)[name] = memo[id(t)]
+    return new
 
 
 def _copied(t: Any, memo: dict[int, Any]) -> Any:
@@ -78,17 +104,22 @@ class _Cloner:
 
     def __init__(self, memo: dict[int, Any]) -> None:
         self.memo = memo
-        self.plain: dict[type, bool] = {}  # per class, asked once
+        self.plain: dict[type, str] = {}  # per class, asked once (:func:`_how`)
 
     def one(self, m: Any) -> Any:
         memo = self.memo
         if id(m) in memo:
             return memo[id(m)]
         cls: Any = type(m)
-        copyable = self.plain.get(cls)
-        if copyable is None:
-            copyable = self.plain[cls] = _plain_copyable(cls)
-        if not copyable:
+        how = self.plain.get(cls)
+        if how is None:
+            how = self.plain[cls] = _how(m)
+        if how == "wrapper":  # torch.compile's module, DataParallel: the copy runs what they wrap
+            memo[id(m)] = got = self.one(wrapped_module(m))
+            return got
+        if how == "script":
+            return _script_copy(m, memo)
+        if how == "deep":
             return copy.deepcopy(m, memo)
         new = cls.__new__(cls)
         memo[id(m)] = new

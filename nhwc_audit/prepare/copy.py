@@ -72,7 +72,8 @@ def model_tensors(
     seen: set[int] = set()
     for table, is_param in (("_parameters", True), ("_buffers", False)):
         for path, m in walk:
-            for name, t in vars(m).get(table, {}).items():
+            # (a traced TorchScript module's tables are properties, not in its __dict__)
+            for name, t in (vars(m).get(table) or getattr(m, table, {})).items():
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
                     yield (f"{path}.{name}" if path else name), t, is_param
