@@ -161,10 +161,14 @@ def casts_first(r: NodeRecord, autocast: str | None) -> bool:
     their layout (a float32 map into a bfloat16 convolution; GroupNorm in float32 on CUDA,
     ``avg_pool3d`` on the CPU); not a cast itself (:data:`CASTS`). Activations of mixed dtypes are
     read each in its own as the op promotes (an add; CUDA's cat), but where the CPU's autocast
-    casts them first (:data:`PROMOTES_FIRST`); a convolution or GEMM casts all."""
-    if autocast is None or not r.outputs or (op := r.op_name.lower()) in CASTS:
+    casts them first (:data:`PROMOTES_FIRST`); a convolution or GEMM casts all. Without an audit-wide
+    autocast, a convolution or GEMM that reads an activation of another floating dtype than it
+    writes ran in forward's own autocast block (an eager kernel computes in one dtype)."""
+    if not r.outputs or (op := r.op_name.lower()) in CASTS:
         return False
     acts = {i.meta.dtype for i in r.inputs if not i.is_param and _floating(i.meta.dtype)}
+    if autocast is None:
+        return op in CONV_OPS | GEMM_OPS and _floating(r.outputs[0].dtype) and bool(acts - {r.outputs[0].dtype})
     if len(acts) > 1 and op not in CONV_OPS | GEMM_OPS:
         return autocast == "cpu" and op in PROMOTES_FIRST
     return True

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import TraceError
+from .blocks import function_grad_noted
 from .context import SOURCE_KEY, first_names
 from .fx import Capture
+from .inline import FUNCTION_GRAD_KEY, inline_blocks
 from .source import is_machinery, user_frame
 
 __all__ = ["export"]
@@ -27,7 +29,14 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
     try:
         # torch.export prints the partial graph of a failed export to stderr (300 KB for
         # torchvision's FCOS): the failure is a one-line note, the dump stays out of the terminal
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _sources_noted(), _contiguous_kept():
+        grads: list[bool] = []
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            _sources_noted(grads),
+            function_grad_noted(grads),
+            _contiguous_kept(),
+        ):
             # the chain restores what forward caches on modules during export, and says so
             warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
             # export sets and restores oneDNN's flags, which warns of TF32 on Intel GPUs: torch's, not the model's
@@ -38,25 +47,30 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {msg}") from e
     assert isinstance(gm, torch.fx.GraphModule)
+    inline_blocks(gm)  # forward's no_grad and autocast blocks: their nodes, each noted with its block
     _drop_dtype_asserts(gm)
     first_names(gm.graph, model)
     return Capture(root=gm, graph=gm.graph, method="export")
 
 
 @contextlib.contextmanager
-def _sources_noted() -> Iterator[None]:
+def _sources_noted(grads: list[bool]) -> Iterator[None]:
     """Every node export creates notes the innermost frame of the model's code, as the fx tracer
     and the eager recorder do (:func:`~.source.user_frame`). Export's own stack traces keep the
     frames of ``forward`` methods only: an op in a function forward calls (diffusers'
     ``upfirdn2d_native``, timm's ``window_partition``) would be keyed by the line that calls it,
     and its findings would differ from the other captures' (a train audit's from the eval one's).
-    Nodes made outside the model's code (inputs, guards) keep export's trace."""
+    Nodes made outside the model's code (inputs, guards) keep export's trace. A node made inside an
+    ``autograd.Function``'s forward notes the grad mode it was applied in (``grads``, kept by
+    :func:`~.blocks.function_grad_noted`; :data:`~.inline.FUNCTION_GRAD_KEY`)."""
     create = torch.fx.Graph.create_node
 
     def noted(graph: torch.fx.Graph, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = create(graph, *args, **kwargs)
         if SOURCE_KEY not in node.meta and (where := user_frame()) is not None:
             node.meta[SOURCE_KEY] = where
+        if grads:
+            node.meta[FUNCTION_GRAD_KEY] = grads[0]
         return node
 
     torch.fx.Graph.create_node = noted  # type: ignore[method-assign,assignment]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError, first_line
+from .blocks import AutocastBlock, autocast_blocks_noted, function_grad_noted
 from .constants import fresh_constants
 from .context import AUTOCAST_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
@@ -101,7 +102,8 @@ class _Tracer(torch.fx.Tracer):
         self.module_stack = _ModuleStack()
         self._code: dict[types.CodeType, tuple[list[int], list[dis.Instruction]]] = {}
         self._names: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
-        self.autocasts: list[tuple[str, torch.dtype | None, bool, bool]] = []  # forward's open autocast blocks
+        self.autocasts: list[AutocastBlock] = []  # forward's open autocast blocks (:mod:`.blocks`)
+        self.functions: list[bool] = []  # the grad mode each open autograd.Function was applied in
 
     def proxy(self, node: torch.fx.Node) -> Proxy:
         return TracerProxy(node, self)
@@ -129,32 +131,10 @@ class _Tracer(torch.fx.Tracer):
             nn.modules.module.register_module_buffer_registration_hook(registered),
             nn.modules.module.register_module_module_registration_hook(registered),
         ]
-        # an autocast block changes no state fx sees when it turns autocast off, as a float32 head
-        # does: its entries are noted for the nodes made inside (AUTOCAST_KEY), for this trace only
-        cls = torch.amp.autocast_mode.autocast
-        init, enter, leave, blocks = cls.__init__, cls.__enter__, cls.__exit__, self.autocasts
-
-        def made(cm: Any, *args: Any, **kwargs: Any) -> None:
-            init(cm, *args, **kwargs)
-            # as asked: a CUDA block on a machine without CUDA turns itself off, and so would the repair's
-            asked = args[2] if len(args) > 2 else kwargs.get("enabled", True)
-            cm.__dict__[_ASKED] = bool(asked)
-
-        def entered(cm: Any) -> Any:
-            out = enter(cm)  # type: ignore[no-untyped-call]
-            blocks.append((cm.device, cm.fast_dtype, cm.__dict__.get(_ASKED, cm._enabled), cm._cache_enabled))
-            return out
-
-        def left(cm: Any, *exc: Any) -> Any:
-            if blocks:
-                blocks.pop()
-            return leave(cm, *exc)
-
-        cls.__init__, cls.__enter__, cls.__exit__ = made, entered, left  # type: ignore[method-assign,assignment]
         try:
-            return super().trace(root, concrete_args)
+            with autocast_blocks_noted(self.autocasts), function_grad_noted(self.functions):
+                return super().trace(root, concrete_args)
         finally:
-            cls.__init__, cls.__enter__, cls.__exit__ = init, enter, leave  # type: ignore[method-assign]
             for h in handles:
                 h.remove()
 
@@ -249,8 +229,8 @@ class _Tracer(torch.fx.Tracer):
 
     def _sourced(self, node: torch.fx.Node) -> torch.fx.Node:
         node.meta[SOURCE_KEY] = user_frame()
-        if not torch.is_grad_enabled():  # inside forward's own torch.no_grad() (the trace runs with grad)
-            node.meta[NO_GRAD_KEY] = True
+        if not (self.functions[0] if self.functions else torch.is_grad_enabled()):  # forward's own torch.no_grad()
+            node.meta[NO_GRAD_KEY] = True  # (the trace runs with grad)
         if self.autocasts:
             node.meta[AUTOCAST_KEY] = tuple(self.autocasts)
         return node
@@ -273,11 +253,6 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None, trac
         return _trace(model, concrete_args, proxy_maps=False)
     put_back_proxied(state)
     return cap
-
-
-_ASKED = "_nhwc_audit_enabled"
-"""Where a trace keeps the ``enabled`` an autocast block was made with (torch turns a CUDA block off
-on a machine without CUDA, in the object itself)."""
 
 
 class _MapsProxied(Exception):

@@ -1,0 +1,140 @@
+"""Forward's blocks in every capture: ``torch.no_grad()`` / ``set_grad_enabled`` and
+``torch.autocast`` blocks (which torch.export wraps into one node each, and fx does not record),
+and ``autograd.Function``s, whose forward autograd runs without grad (a reentrant checkpoint).
+Against eager (``tests.eager_bytes``), from sweeps of public models and op cases: timm's
+efficientvit at batch 2 (export: 98,304 B where eager moves 294,912), timm's reentrant
+checkpoints (0 B of backward where eager moves 32,768)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nhwc_audit import audit
+from tests.eager_bytes import eager_backward_bytes, eager_bytes
+
+CAPTURES = ["fx", "export", "hooks"]
+MODES = ["real", "fake"]
+
+
+class LinearAttention(nn.Module):
+    """timm's LiteMLA (efficientvit): the attention's matmuls in a block of their own. Their
+    operands are transposes of a conv's tokens: at batch 2 the matmuls copy them."""
+
+    def __init__(self, block: str) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.block = nn.Conv2d(16, 48, 1), nn.Conv2d(16, 8, 1), block
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return q @ (k.transpose(-1, -2) @ v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, -1, 24, h * w).transpose(-1, -2).chunk(3, dim=-1)
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)
+        if self.block == "float32":
+            with torch.autocast(device_type="cpu", enabled=False):
+                out = self.attention(q, k, v)
+        elif self.block == "no_grad":
+            with torch.no_grad():
+                out = self.attention(q, k, v)
+        else:
+            out = self.attention(q, k, v)
+        out = out[..., :-1] / (out[..., -1:] + 1e-5)
+        return self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("block", ["none", "float32", "no_grad"])
+def test_a_block_in_forward_is_charged_what_eager_moves_inside_it(block: str, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = LinearAttention(block).eval(), torch.randn(2, 16, 8, 8)
+    expected = eager_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
+    assert report.summary.bytes_moved == expected == 49_152
+    assert not any("wrap_with" in f.op or "wrap_with" in f.node for f in report.findings)
+    assert all(f.source is not None for f in report.findings)
+
+
+class BlocksInForward(nn.Module):
+    """A softmax under no_grad with an enable_grad block inside, a bfloat16 conv block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        with torch.no_grad():
+            gate = y.softmax(1)
+            with torch.enable_grad():
+                y = y * 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = self.b(gate + y)
+        return z.float()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_the_blocks_findings_are_named_and_placed_as_in_every_capture(capture: str) -> None:
+    """Export named the softmax's revert after its wrapper (``wrap_with_set_grad_enabled``, no
+    source); every capture charged the bfloat16 conv's conversion at float32's size (the block's
+    conv casts its input, the mixed add's NCHW result, first: 32,768 B, not 65,536)."""
+    torch.manual_seed(0)
+    model, x = BlocksInForward().eval(), torch.randn(1, 3, 32, 32)
+    report = audit(model, x, bandwidth=1e9, capture=capture)  # type: ignore[arg-type]
+    lines = [(f.kind.value, f.bytes, f.source.code if f.source else None) for f in report.findings]
+    assert lines == [
+        ("revert", 65_536, "gate = y.softmax(1)"),
+        ("mixed", 65_536, "z = self.b(gate + y)"),
+        ("conversion", 32_768, "z = self.b(gate + y)"),
+    ]
+    assert report.summary.bytes_moved == eager_bytes(model, (x,)).added
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_train_audit_keeps_forwards_blocks(capture: str) -> None:
+    """The no-grad softmax takes no gradient; the enable_grad block and the bfloat16 conv do."""
+    torch.manual_seed(0)
+    model, x = BlocksInForward().train(), torch.randn(2, 3, 16, 16)
+    report = audit(model, x, bandwidth=1e9, capture=capture, train=True)  # type: ignore[arg-type]
+    backward = sum(f.bytes for f in report.findings if f.kind.value == "backward")
+    assert report.meta.backward and backward == eager_backward_bytes(model, (x,)).added
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.stem, self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def block(self, y: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(y)), 1).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, self.stem(x), use_reentrant=self.reentrant)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_block_is_trained_through(reentrant: bool, capture: str, mode: str) -> None:
+    """A reentrant checkpoint runs its function inside an ``autograd.Function``, whose forward
+    autograd runs without grad: fx marked its nodes as forward's own no_grad block, export wrapped
+    them in one, and a train audit ran them without autograd (0 B of backward, no note). Eager's
+    truth is the same model with a non-reentrant checkpoint (the same math; eager_backward_bytes
+    cannot run a reentrant one)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    expected = eager_backward_bytes(Checkpointed(False).train(), (x,)).added
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own: a reentrant checkpoint whose inputs need no grad
+        report = audit(Checkpointed(reentrant).train(), x, bandwidth=1e9, capture=capture, mode=mode, train=True)  # type: ignore[arg-type]
+    backward = sum(f.bytes for f in report.findings if f.kind.value == "backward")
+    assert report.meta.backward and backward == expected == 32_768
