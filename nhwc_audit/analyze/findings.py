@@ -44,7 +44,7 @@ from . import moves
 from .exposed import exposed
 from .moves import channels_source, computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, describe, feeds_a_weight, leading_to, odd_order_from_map, origin_of, via
-from .reshapes import exits_spatial, viewed_as
+from .reshapes import exits_spatial, is_reshape, viewed_as
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -273,8 +273,9 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     nbytes = sum(h.bytes for h in copies)
     if all(h.reorder for h in copies) and nbytes <= r.nchw_bytes:
         return []  # none, or reorders made in NCHW too (a window partition's): nothing about the layout
-    # (a layout change an op computed inside is no reshape's exit, whatever the node's output)
-    if not (assigns or of_weight or any(o.rank >= 4 for o in r.outputs) or any(h.computed for h in copies)):
+    # a reshape's copy out of the spatial ranks is an exit; one an op computes (an einsum over H and W) is not
+    exit = is_reshape(r) and not any(o.rank >= 4 for o in r.outputs) and not any(h.computed for h in copies)
+    if exit and not (assigns or of_weight):
         return []
     # the node left (and maybe re-entered) NHWC internally, invisible in its layouts; copies out of
     # NHWC only are a revert (as the eager capture sees it), beside reorders in no layout's direction

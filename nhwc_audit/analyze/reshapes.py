@@ -6,12 +6,26 @@ from __future__ import annotations
 
 from ..records import NodeRecord, TensorMeta
 
-__all__ = ["exits_spatial", "viewed_as"]
+__all__ = ["exits_spatial", "is_reshape", "viewed_as"]
 
 
 _RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")
 """Copies a ``reshape`` that cannot view decomposes into (then ``_unsafe_view``), as ATen names
 them or as the eager capture labels them (by the call the model made)."""
+
+
+_RESHAPES = frozenset(
+    {"reshape", "flatten", "unflatten", "view", "_unsafe_view", "reshape_as", "view_as", "_reshape_copy"}
+)
+"""Calls that change a tensor's shape and nothing else (lower case: ``nn.Flatten`` too)."""
+
+
+def is_reshape(r: NodeRecord) -> bool:
+    """``r`` is a reshape call, whose copy out of the spatial ranks is an exit (as the eager
+    capture counts one); an op that computes (a matmul, an einsum, a tensordot over H and W)
+    copies an NHWC operand it cannot read as it is, into a lower-rank output too, and that copy
+    is the layout's (eager's channels_last run clones it, the NCHW run views it)."""
+    return r.op_name.lower() in _RESHAPES
 
 
 def _reshape_view(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, NodeRecord]) -> NodeRecord | None:

@@ -391,6 +391,24 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "group_mean_keepdim_4_groups": lambda: Between(
         lambda s, y: y.view(2, 4, 2, 16, 16).mean(1, keepdim=True).squeeze(1), post=2
     ),
+    # ops that compute a lower-rank result from an NHWC map and copy it to read it as they need
+    # (eager's channels_last run clones it; its NCHW run views it): no reshape's exit, a revert
+    # (fx and export charged 0 for all but the GEMM's product, the hooks capture as eager)
+    "einsum_over_hw_of_the_map_and_itself": lambda: Between(
+        lambda s, y: y * torch.einsum("bchw,bchw->bc", y, y)[:, :, None, None]
+    ),
+    "einsum_over_hw_with_a_buffer": lambda: Between(
+        lambda s, y: y * torch.einsum("bchw,hw->bc", y, s.w)[:, :, None, None], w=torch.randn(16, 16)
+    ),
+    "tensordot_over_hw": lambda: Between(
+        lambda s, y: y * torch.tensordot(y, s.w, dims=([2, 3], [0, 1]))[:, :, None, None], w=torch.randn(16, 16)
+    ),
+    "matmul_by_a_vector": lambda: Between(lambda s, y: y * (y @ s.v).unsqueeze(-1), v=torch.randn(16)),
+    "inner_over_w": lambda: Between(lambda s, y: y * torch.inner(y, s.v).unsqueeze(-1), v=torch.randn(16)),
+    # a flatten or reshape out of the spatial ranks stays an exit (eager counts none)
+    "flatten_to_2d_exit": lambda: Between(lambda s, y: y * y.flatten(1).sum(1)[:, None, None, None]),
+    "flatten_to_tokens_exit": lambda: Between(lambda s, y: y * y.flatten(2).mean(-1)[:, :, None, None]),
+    "reshape_to_2d_exit": lambda: Between(lambda s, y: y * y.reshape(2, -1).amax(1)[:, None, None, None]),
 }
 
 
