@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 from .analyze.displaced import displaced, displaced_backward
 from .analyze.findings import find_findings
 from .analyze.moves import baselined, moved_bytes
-from .layout import channels_innermost, nchw_ordered
+from .layout import channels_innermost, memory_order, nchw_ordered
 from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.baseline import match_nodes, nchw_backward, nchw_records
 from .propagate.chain import Captured
@@ -93,11 +93,16 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
 
 
 def _laid_otherwise(meta: TensorMeta) -> bool:
-    """Broadcast over a dim of size > 1, or strided in an order that is neither NCHW's nor has the
-    channels innermost (a channel slice of an NHWC map has them: no NCHW run makes it)."""
+    """Broadcast over a dim of size > 1, or strided in an order that is neither NCHW's nor NHWC's:
+    a channel slice of an NHWC map is in NHWC's (no NCHW run makes it); a transpose of H and W is in
+    neither, whichever map it is of, even one no autograd node made (``y.detach().mT``, a buffer's,
+    the input's): the NCHW run's copy of it is another order, and its conv's backward re-lays it."""
     if any(n > 1 and st == 0 for n, st in zip(meta.shape, meta.strides, strict=False)):
         return True
-    return meta.layout is Layout.STRIDED and not channels_innermost(meta) and not nchw_ordered(meta)
+    if meta.layout is not Layout.STRIDED or nchw_ordered(meta):
+        return False
+    outer = [d for d in memory_order(meta) if d != 1]  # the dims but the channels, outermost first
+    return not channels_innermost(meta) or outer != sorted(outer)
 
 
 def with_nchw_backward(

@@ -34,7 +34,8 @@ POINTWISE_STRIDES = (
     "after image pooling and GroupNorm after attention do"
 )
 BACKWARD_STRIDES = (
-    "gradients of GLU, log_softmax, norms, ELU/LogSigmoid/RReLU and reflect/replicate pads strided as the "
+    "gradients of GLU, log_softmax, norms, ELU/LogSigmoid/RReLU, reflect/replicate pads and MSE/smooth L1/"
+    "Huber/BCE losses strided as the "
     "CPU kernels stride them, where their meta kernels give other layouts; those of maximum, minimum and "
     "clamp with tensor bounds masked in place, as in training"
 )
@@ -57,6 +58,7 @@ _PROBED_BACKWARDS = frozenset(
         "logit_backward",
         *(f"{act}_backward" for act in ("softplus", "hardtanh", "hardswish", "hardsigmoid", "elu", "log_sigmoid")),
         *(f"{kind}_pad{d}d_backward" for kind in ("reflection", "replication") for d in (1, 2, 3)),
+        *(f"{loss}_backward" for loss in ("mse_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy")),
     }
 )
 """Backward ops whose meta kernels stride the gradient otherwise than the CPU kernels (torch

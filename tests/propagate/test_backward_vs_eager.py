@@ -444,3 +444,56 @@ def test_a_dropped_capture_leaves_nothing_for_the_next_ones_backward() -> None:
     report = audit(model, x, bandwidth=1e9, train=True)
     assert report.meta.capture != "fx" and report.meta.backward, report.meta.capture_notes
     assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth == 0
+
+
+class _AroundAMap(nn.Module):
+    """``fn(self, x)`` with two convs and a stored map at hand (8 channels, 16 x 16, batch 2)."""
+
+    def __init__(self, fn: Callable[[_AroundAMap, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("m", torch.randn(2, 8, 16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self, x)
+
+
+def _gated_without_grad(y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        g = y.mT.sigmoid()
+    return y * g
+
+
+OUTSIDE_AUTOGRAD: dict[str, Callable[[_AroundAMap, torch.Tensor], torch.Tensor]] = {
+    # a transpose no autograd node made (detached, under no_grad, of a buffer or of the input): the
+    # NCHW backward was skipped as reordering nothing, and the conv's backward copy, made in NCHW
+    # too, was charged whole (32,768-98,304 B where eager adds 0)
+    "conv_of_a_detached_transpose": lambda s, x: s.b(s.a(x).detach().mT),
+    "gate_of_a_transpose_made_without_grad": lambda s, x: s.b(_gated_without_grad(s.a(x))),
+    "product_with_a_transposed_buffer": lambda s, x: s.b(s.a(x) * s.m.mT),
+    "conv_of_the_transposed_input": lambda s, x: s.b(s.a(x.mT)),
+    "where_by_a_transposes_sign": lambda s, x: s.b((lambda y: torch.where(y.mT > 0, y, 0.5 * y))(s.a(x))),
+    "product_with_a_transposes_mask": lambda s, x: s.b((lambda y: y * (y.mT > 0))(s.a(x))),
+    # losses whose CPU backward writes NCHW from a channels_last map (BCE's: channels_last from
+    # NCHW), where the meta kernels do the other: a fake audit charged 0 (real: 131,072 B)
+    "mse_to_a_stored_map": lambda s, x: s.b(F.mse_loss(s.a(x), s.m, reduction="none")),
+    "huber_to_a_transposed_map": lambda s, x: s.b(F.huber_loss(s.a(x), s.m.mT, reduction="none")),
+    "smooth_l1_to_a_stored_map": lambda s, x: s.b(F.smooth_l1_loss(s.a(x), s.m, reduction="none")),
+    "bce_to_a_stored_map": lambda s, x: s.b(F.binary_cross_entropy(s.a(x).sigmoid(), s.m.sigmoid(), reduction="none")),
+}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("name", sorted(OUTSIDE_AUTOGRAD))
+def test_a_backward_around_maps_autograd_did_not_make_is_charged_what_eager_adds(
+    name: str, capture: str, mode: str
+) -> None:
+    torch.manual_seed(0)
+    model, x = _AroundAMap(OUTSIDE_AUTOGRAD[name]).train(), torch.randn(2, 8, 16, 16)
+    truth = eager_backward_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, train=True, capture=capture, mode=mode)  # type: ignore[arg-type]
+    assert report.meta.backward, report.meta.capture_notes
+    charged = sum(f.bytes for f in report.findings if f.kind.value == "backward")
+    assert charged == truth, [(f.node, f.bytes, f.hint) for f in report.findings if f.kind.value == "backward"]
