@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from .analyze.displaced import displaced, displaced_backward
 from .analyze.findings import find_findings
 from .analyze.moves import baselined, moved_bytes
+from .capture.blocks import custom_backward_note
 from .layout import channels_innermost, memory_order, nchw_ordered
 from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.baseline import match_nodes, nchw_backward, nchw_records
@@ -62,9 +63,10 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
     ]
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
     fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
+    custom = tuple(n for n in (custom_backward_note(captured.gm.graph),) if n)
     return (
         records,
-        param_grad_notes(ran.params) + faults + fixed,
+        param_grad_notes(ran.params) + faults + fixed + custom,
         reorders_dims(captured.gm.graph, ran.reordering, records),
     )
 

@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.fx
 
-__all__ = ["AutocastBlock", "autocast_blocks_noted", "function_grad_noted"]
+from .context import FUNCTION_KEY
+
+__all__ = ["AutocastBlock", "autocast_blocks_noted", "custom_backward_note", "function_grad_noted"]
 
 AutocastBlock = tuple[str, "torch.dtype | None", bool, bool]
 """An autocast block's arguments: device, dtype, enabled, cache_enabled."""
@@ -53,25 +56,42 @@ def autocast_blocks_noted(blocks: list[AutocastBlock]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def function_grad_noted(grads: list[bool]) -> Iterator[None]:
-    """While it lasts, ``grads`` holds, per open ``autograd.Function``, the grad mode the outermost
-    one was applied in. Autograd runs a Function's forward without grad (a reentrant checkpoint's
-    ``CheckpointFunction``): its nodes keep the mode the model runs them in, or a train audit would
-    run them without autograd and lose the backward through them (timm's reentrant checkpoints:
-    0 B of backward where eager moves 32,768). The audit's backward of them is autograd's, exact
-    for a checkpoint (it recomputes the same ops), and not a Function's own backward."""
+def function_grad_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
+    """While it lasts, ``functions`` holds, per open ``autograd.Function``, the grad mode the outermost
+    one was applied in and its class's name (:data:`~.context.FUNCTION_KEY`). Autograd runs a
+    Function's forward without grad (a reentrant checkpoint's ``CheckpointFunction``): its nodes keep
+    the mode the model runs them in, or a train audit would run them without autograd and lose the
+    backward through them (timm's reentrant checkpoints: 0 B of backward where eager moves 32,768).
+    The audit's backward of them is autograd's, exact for a checkpoint (it recomputes the same ops),
+    and not another Function's own backward (:func:`custom_backward_note`)."""
     function = torch.autograd.Function
     apply = function.__dict__["apply"]
 
     def applied(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        grads.append(grads[0] if grads else torch.is_grad_enabled())
+        functions.append(functions[0] if functions else (torch.is_grad_enabled(), fn.__name__))
         try:
             return apply.__get__(None, fn)(*args, **kwargs)
         finally:
-            grads.pop()
+            functions.pop()
 
     function.apply = classmethod(applied)
     try:
         yield
     finally:
         function.apply = apply
+
+
+_RECOMPUTED = frozenset({"CheckpointFunction"})
+"""Functions whose backward is autograd's of their forward's ops, recomputed (torch's checkpoint)."""
+
+
+def custom_backward_note(graph: torch.fx.Graph) -> str | None:
+    """What a train audit tells of the ``autograd.Function``s whose nodes ``graph`` holds, their own
+    backward not run (:data:`~.context.FUNCTION_KEY`); None when there are none but checkpoints."""
+    names = sorted({n.meta[FUNCTION_KEY][1] for n in graph.nodes if FUNCTION_KEY in n.meta} - _RECOMPUTED)
+    if not names:
+        return None
+    return (
+        f"backward: custom autograd.Function {', '.join(names)}: audited as autograd's backward of the ops its "
+        "forward runs; its own backward (and any copy it makes) is not run"
+    )

@@ -21,6 +21,7 @@ from .source import source_from_stack
 
 __all__ = [
     "AUTOCAST_KEY",
+    "FUNCTION_KEY",
     "NO_GRAD_KEY",
     "SOURCE_KEY",
     "NodeContext",
@@ -35,6 +36,11 @@ SOURCE_KEY = "nhwc_audit_source"
 NO_GRAD_KEY = "nhwc_audit_no_grad"
 """Set on an fx node traced inside forward's own ``torch.no_grad()``: fx records no grad mode, so
 a run with autograd runs such a node without it, as eager does."""
+
+FUNCTION_KEY = "nhwc_audit_function"
+"""Set on a node made inside an ``autograd.Function``'s forward: (the grad mode the outermost one was
+applied in, its class's name). Autograd runs a Function's forward without grad; the node runs in the
+mode the model runs the Function in, and its backward is autograd's of the node, not the Function's own."""
 
 AUTOCAST_KEY = "nhwc_audit_autocast"
 """Set on an fx node traced inside forward's own ``torch.autocast(...)`` blocks: their arguments

@@ -14,9 +14,9 @@ from torch import nn
 
 from ..errors import TraceError
 from .blocks import function_grad_noted
-from .context import SOURCE_KEY, first_names
+from .context import FUNCTION_KEY, SOURCE_KEY, first_names
 from .fx import Capture
-from .inline import FUNCTION_GRAD_KEY, inline_blocks
+from .inline import inline_blocks
 from .source import is_machinery, user_frame
 
 __all__ = ["export"]
@@ -29,12 +29,12 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
     try:
         # torch.export prints the partial graph of a failed export to stderr (300 KB for
         # torchvision's FCOS): the failure is a one-line note, the dump stays out of the terminal
-        grads: list[bool] = []
+        functions: list[tuple[bool, str]] = []
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stderr(io.StringIO()),
-            _sources_noted(grads),
-            function_grad_noted(grads),
+            _sources_noted(functions),
+            function_grad_noted(functions),
             _contiguous_kept(),
         ):
             # the chain restores what forward caches on modules during export, and says so
@@ -54,23 +54,23 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
 
 
 @contextlib.contextmanager
-def _sources_noted(grads: list[bool]) -> Iterator[None]:
+def _sources_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
     """Every node export creates notes the innermost frame of the model's code, as the fx tracer
     and the eager recorder do (:func:`~.source.user_frame`). Export's own stack traces keep the
     frames of ``forward`` methods only: an op in a function forward calls (diffusers'
     ``upfirdn2d_native``, timm's ``window_partition``) would be keyed by the line that calls it,
     and its findings would differ from the other captures' (a train audit's from the eval one's).
     Nodes made outside the model's code (inputs, guards) keep export's trace. A node made inside an
-    ``autograd.Function``'s forward notes the grad mode it was applied in (``grads``, kept by
-    :func:`~.blocks.function_grad_noted`; :data:`~.inline.FUNCTION_GRAD_KEY`)."""
+    ``autograd.Function``'s forward notes it and the grad mode it was applied in (``functions``, kept by
+    :func:`~.blocks.function_grad_noted`; :data:`~.context.FUNCTION_KEY`)."""
     create = torch.fx.Graph.create_node
 
     def noted(graph: torch.fx.Graph, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = create(graph, *args, **kwargs)
         if SOURCE_KEY not in node.meta and (where := user_frame()) is not None:
             node.meta[SOURCE_KEY] = where
-        if grads:
-            node.meta[FUNCTION_GRAD_KEY] = grads[0]
+        if functions:
+            node.meta[FUNCTION_KEY] = functions[0]
         return node
 
     torch.fx.Graph.create_node = noted  # type: ignore[method-assign,assignment]

@@ -19,7 +19,7 @@ from torch.fx.proxy import Proxy, Scope, TracerBase
 from ..errors import TraceError, first_line
 from .blocks import AutocastBlock, autocast_blocks_noted, function_grad_noted
 from .constants import fresh_constants
-from .context import AUTOCAST_KEY, NO_GRAD_KEY, SOURCE_KEY
+from .context import AUTOCAST_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
 from .source import user_frame
@@ -103,7 +103,7 @@ class _Tracer(torch.fx.Tracer):
         self._code: dict[types.CodeType, tuple[list[int], list[dis.Instruction]]] = {}
         self._names: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
         self.autocasts: list[AutocastBlock] = []  # forward's open autocast blocks (:mod:`.blocks`)
-        self.functions: list[bool] = []  # the grad mode each open autograd.Function was applied in
+        self.functions: list[tuple[bool, str]] = []  # open autograd.Functions (:func:`.blocks.function_grad_noted`)
 
     def proxy(self, node: torch.fx.Node) -> Proxy:
         return TracerProxy(node, self)
@@ -229,7 +229,9 @@ class _Tracer(torch.fx.Tracer):
 
     def _sourced(self, node: torch.fx.Node) -> torch.fx.Node:
         node.meta[SOURCE_KEY] = user_frame()
-        if not (self.functions[0] if self.functions else torch.is_grad_enabled()):  # forward's own torch.no_grad()
+        if self.functions:
+            node.meta[FUNCTION_KEY] = self.functions[0]
+        if not (self.functions[0][0] if self.functions else torch.is_grad_enabled()):  # forward's own no_grad()
             node.meta[NO_GRAD_KEY] = True  # (the trace runs with grad)
         if self.autocasts:
             node.meta[AUTOCAST_KEY] = tuple(self.autocasts)

@@ -15,14 +15,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from .context import AUTOCAST_KEY, NO_GRAD_KEY
+from .context import AUTOCAST_KEY, FUNCTION_KEY, NO_GRAD_KEY
 
-__all__ = ["FUNCTION_GRAD_KEY", "inline_blocks"]
-
-FUNCTION_GRAD_KEY = "nhwc_audit_function_grad"
-"""Set on a node export made inside an ``autograd.Function``'s forward: the grad mode the Function
-was applied in (autograd runs its forward without grad, and export wraps it in a no-grad block:
-the block of a reentrant checkpoint is not the model's)."""
+__all__ = ["inline_blocks"]
 
 
 def _blocks() -> dict[Any, int]:
@@ -102,7 +97,8 @@ def _note(new: torch.fx.Node, block: torch.fx.Node, at: int) -> None:
     if NO_GRAD_KEY in block.meta and NO_GRAD_KEY not in new.meta:
         new.meta[NO_GRAD_KEY] = block.meta[NO_GRAD_KEY]
     if at == 1:  # set_grad_enabled(enabled): unless a Function's forward made the node (its mode is the Function's)
-        new.meta[NO_GRAD_KEY] = not new.meta.get(FUNCTION_GRAD_KEY, bool(block.args[0]))
+        function = new.meta.get(FUNCTION_KEY)
+        new.meta[NO_GRAD_KEY] = not (function[0] if function else bool(block.args[0]))
     else:
         device, dtype, on, cache = block.args[:4]
         new.meta[AUTOCAST_KEY] = (*block.meta.get(AUTOCAST_KEY, ()), (str(device), dtype, bool(on), bool(cache)))
