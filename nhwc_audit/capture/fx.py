@@ -257,6 +257,22 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None, trac
     return cap
 
 
+_WHY = (
+    ("item assignment", "fx cannot record an item assignment, x[...] = y"),
+    ("cannot be iterated", "forward iterates over a traced value: an input list or *args, a shape unpacked"),
+    ("control flow", "forward branches on a traced value: an if or assert on a shape or a tensor"),
+    ("'len' is not supported", "forward calls len() on a traced value"),
+    ("Proxy(", "forward uses a traced value as a Python one: a dict key, a shape in a Python list"),
+)
+"""What torch.fx's error says forward does that a symbolic trace cannot follow (first match)."""
+
+
+def _untraceable(msg: str) -> str:
+    """The hint for a failed trace whose error reads ``msg``."""
+    what = next((why for key, why in _WHY if key in msg), "data-dependent control flow or non-torch calls in forward")
+    return f"{what}; capture 'hooks' or 'auto', the default, records it from an eager run (or wrap that code in torch.fx.wrap)"
+
+
 class _MapsProxied(Exception):
     """A trace that traced 4D/5D buffers failed."""
 
@@ -271,12 +287,7 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         if tracer.proxied_maps:
             raise _MapsProxied from e
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = (  # symbolic tensors take no item assignment; anything else: control flow, non-torch calls
-            "fx cannot record an item assignment, x[...] = y; capture 'hooks' or 'auto', the default, records it"
-            if "item assignment" in msg
-            else "data-dependent control flow or non-torch calls in forward; make that code "
-            "traceable, e.g. wrap it with torch.fx.wrap, or audit a traceable submodule"
-        )
+        why = _untraceable(msg)
         raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {msg} ({why})") from e
     finally:
         root: nn.Module = getattr(tracer, "root", model)

@@ -147,7 +147,11 @@ class _Chain:
             if self.need_graph and name == "fx":
                 cap.compiled()  # a backward runs it as a GraphModule: its code must compile
         except TraceError as e:
-            if forced:
+            if forced:  # the model's own error when one eager forward raises too (a shape its code refuses)
+                try:
+                    self._eager_reference()
+                except Exception as eager_error:
+                    raise self._own_error(eager_error) from e
                 raise
             self.notes.append(f"{name}: {e}")
             return None
@@ -257,6 +261,21 @@ class _Chain:
             tail = "eager forward fails the same way" if same else f"eager forward fails too: {first_line(eager_error)}"
             raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
 
+    def _own_error(self, e: Exception) -> PropagationError:
+        """The error for an eager forward of the model that raised ``e``."""
+        reasons = f" (earlier captures: {'; '.join(self.notes)})" if self.notes else ""
+        if self.runner.fake and fake_limitation(e):
+            return PropagationError(
+                f"fake mode cannot run the model: {first_line(e)} (it needs tensor values, or fake tensors do "
+                f"not support an op it runs); audit in real mode (--mode real){reasons}"
+            )
+        return PropagationError(
+            f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
+            "model's own error at the audited shapes, not a channels_last problem (check the input shapes, "
+            "--input: random float tensors; inputs of other dtypes come from a build function that returns "
+            f"(model, inputs)){reasons}"
+        )
+
     def _hooks(self) -> Captured:
         corrections = self.runner.corrections()
         try:
@@ -269,19 +288,7 @@ class _Chain:
                     corrections=corrections,
                 )
         except Exception as e:
-            reasons = "; ".join(self.notes)
-            if self.runner.fake and fake_limitation(e):
-                raise PropagationError(
-                    f"fake mode cannot run the model: {first_line(e)} (it needs tensor values, or fake tensors do "
-                    "not support an op it runs); audit in real mode (--mode real)"
-                    + (f" (earlier captures: {reasons})" if reasons else "")
-                ) from e
-            raise PropagationError(
-                f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
-                "model's own error at the audited shapes, not a channels_last problem (check the input shapes, "
-                "--input: random float tensors; inputs of other dtypes come from a build function that returns "
-                "(model, inputs))" + (f" (earlier captures: {reasons})" if reasons else "")
-            ) from e
+            raise self._own_error(e) from e
         self._noted(corrections)
         return Captured(records, "hooks", tuple(self.notes), "off")
 

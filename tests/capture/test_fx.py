@@ -320,3 +320,40 @@ def test_a_trace_of_4d_buffers_leaves_no_proxy_and_a_graph_that_is_not_the_model
     repaired, _ = repair(model, x)
     with torch.no_grad():
         torch.testing.assert_close(repaired(x), convert(model)(x))
+
+
+class _Iterates(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return sum(self.conv(x) for x in xs)  # type: ignore[return-value]
+
+
+class _KeyedByShape(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = torch.nn.ModuleDict({"3": torch.nn.Conv2d(3, 8, 3)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs[str(x.shape[1])](x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        (_Iterates, "forward iterates over a traced value"),
+        (_KeyedByShape, "forward uses a traced value as a Python one"),
+    ],
+)
+def test_a_forced_trace_says_what_forward_does_that_fx_cannot_follow(model: type, says: str) -> None:
+    """Every failed trace said 'data-dependent control flow or non-torch calls in forward', where
+    forward iterated over its inputs (``*args``) or keyed a dict by a shape (monai UNETR:
+    'KeyError: Proxy(getattr_1)')."""
+    from nhwc_audit import audit
+    from nhwc_audit.errors import TraceError
+
+    with pytest.raises(TraceError, match=f"{says}.*capture 'hooks' or 'auto'") as err:
+        audit(model(), torch.randn(1, 3, 8, 8), capture="fx", bandwidth=1e9)
+    assert "data-dependent" not in str(err.value)

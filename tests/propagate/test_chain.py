@@ -172,3 +172,24 @@ def test_a_graph_whose_code_does_not_compile_falls_to_export_for_a_backward() ->
     r = nhwc_audit.audit(_KeywordKey().train(), torch.randn(2, 3, 8, 8), bandwidth=1e9, train=True)
     assert r.meta.capture == "export" and r.meta.backward
     assert any("does not compile" in n for n in r.meta.capture_notes)
+
+
+class _RefusesTheShape(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-1] % 32 == 0  # timm halonet's own check of the input size
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["auto", "fx", "export", "hooks"])
+def test_the_models_own_error_is_named_so_whatever_the_capture(capture: str, mode: str) -> None:
+    """A forced export said only 'torch.export could not capture ByobNet: AssertionError: ' (a
+    bare assert), where the other captures say it is the model's own error at the audited shapes."""
+    from nhwc_audit.errors import PropagationError
+
+    with pytest.raises(PropagationError, match="raised AssertionError.*the model's own error at the audited shapes"):
+        nhwc_audit.audit(_RefusesTheShape(), torch.randn(1, 3, 20, 20), capture=capture, mode=mode)  # type: ignore[arg-type]
