@@ -14,10 +14,9 @@ _RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")
 them or as the eager capture labels them (by the call the model made)."""
 
 
-_RESHAPES = frozenset(
-    {"reshape", "flatten", "unflatten", "view", "_unsafe_view", "reshape_as", "view_as", "_reshape_copy"}
-)
-"""Calls that change a tensor's shape and nothing else (lower case: ``nn.Flatten`` too)."""
+_RESHAPES = frozenset({"reshape", "flatten", "unflatten", "view", "_unsafe_view", "_reshape_copy"})
+"""Calls that change a tensor's shape and nothing else (lower case: ``nn.Flatten`` too), as the eager
+capture's exits are named (``reshape_as`` is not one: its copy is counted, as eager counts it)."""
 
 
 def is_reshape(r: NodeRecord) -> bool:

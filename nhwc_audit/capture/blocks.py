@@ -7,6 +7,7 @@ and no autocast state; the tracer puts both on the nodes it makes
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch.fx
 
 from .context import FUNCTION_KEY
 
-__all__ = ["AutocastBlock", "autocast_blocks_noted", "custom_backward_note", "function_grad_noted"]
+__all__ = ["AutocastBlock", "autocast_blocks_noted", "custom_backward_note", "custom_functions", "function_grad_noted"]
 
 AutocastBlock = tuple[str, "torch.dtype | None", bool, bool]
 """An autocast block's arguments: device, dtype, enabled, cache_enabled."""
@@ -25,70 +26,112 @@ _ASKED = "_nhwc_audit_enabled"
 on a machine without CUDA, in the object itself)."""
 
 
+def _patched(cls: Any, name: str, make: Any) -> Any:
+    """Set ``cls.<name>`` (from ``cls.__dict__``) to ``make(original)``, the original being torch's
+    own even where another trace's patch is in place (one that outlives this one cannot leave it
+    there); the patch is marked with it. Returns what to put back."""
+    current = cls.__dict__[name]
+    func = getattr(current, "__func__", current)
+    original = getattr(func, _ORIGINAL, current)
+    patch = make(original)
+    setattr(getattr(patch, "__func__", patch), _ORIGINAL, original)
+    setattr(cls, name, patch)
+    return original
+
+
+_ORIGINAL = "_nhwc_audit_original"
+
+
 @contextlib.contextmanager
 def autocast_blocks_noted(blocks: list[AutocastBlock]) -> Iterator[None]:
     """While it lasts, ``blocks`` holds forward's open autocast blocks, outermost first. A block
-    changes no state fx sees when it turns autocast off, as a float32 head does."""
-    cls = torch.amp.autocast_mode.autocast
-    init, enter, leave = cls.__init__, cls.__enter__, cls.__exit__
+    changes no state fx sees when it turns autocast off, as a float32 head does. Blocks entered by
+    other threads are theirs: not noted."""
+    cls, owner = torch.amp.autocast_mode.autocast, threading.get_ident()
 
-    def made(cm: Any, *args: Any, **kwargs: Any) -> None:
-        init(cm, *args, **kwargs)
-        # as asked: a CUDA block on a machine without CUDA turns itself off, and so would the repair's
-        asked = args[2] if len(args) > 2 else kwargs.get("enabled", True)
-        cm.__dict__[_ASKED] = bool(asked)
+    def made(init: Any) -> Any:
+        def wrapper(cm: Any, *args: Any, **kwargs: Any) -> None:
+            init(cm, *args, **kwargs)
+            # as asked: a CUDA block on a machine without CUDA turns itself off, and so would the repair's
+            asked = args[2] if len(args) > 2 else kwargs.get("enabled", True)
+            cm.__dict__[_ASKED] = bool(asked)
 
-    def entered(cm: Any) -> Any:
-        out = enter(cm)  # type: ignore[no-untyped-call]
-        blocks.append((cm.device, cm.fast_dtype, cm.__dict__.get(_ASKED, cm._enabled), cm._cache_enabled))
-        return out
+        return wrapper
 
-    def left(cm: Any, *exc: Any) -> Any:
-        if blocks:
-            blocks.pop()
-        return leave(cm, *exc)
+    def entered(enter: Any) -> Any:
+        def wrapper(cm: Any) -> Any:
+            out = enter(cm)
+            if threading.get_ident() == owner:
+                blocks.append((cm.device, cm.fast_dtype, cm.__dict__.get(_ASKED, cm._enabled), cm._cache_enabled))
+            return out
 
-    cls.__init__, cls.__enter__, cls.__exit__ = made, entered, left  # type: ignore[method-assign,assignment]
+        return wrapper
+
+    def left(leave: Any) -> Any:
+        def wrapper(cm: Any, *exc: Any) -> Any:
+            if blocks and threading.get_ident() == owner:
+                blocks.pop()
+            return leave(cm, *exc)
+
+        return wrapper
+
+    kept = [
+        (name, _patched(cls, name, how))
+        for name, how in (("__init__", made), ("__enter__", entered), ("__exit__", left))
+    ]
     try:
         yield
     finally:
-        cls.__init__, cls.__enter__, cls.__exit__ = init, enter, leave  # type: ignore[method-assign]
+        for name, original in kept:
+            setattr(cls, name, original)
 
 
 @contextlib.contextmanager
 def function_grad_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
     """While it lasts, ``functions`` holds, per open ``autograd.Function``, the grad mode the outermost
     one was applied in and its class's name (:data:`~.context.FUNCTION_KEY`). Autograd runs a
-    Function's forward without grad (a reentrant checkpoint's ``CheckpointFunction``): its nodes keep
-    the mode the model runs them in, or a train audit would run them without autograd and lose the
-    backward through them (timm's reentrant checkpoints: 0 B of backward where eager moves 32,768).
-    The audit's backward of them is autograd's, exact for a checkpoint (it recomputes the same ops),
-    and not another Function's own backward (:func:`custom_backward_note`)."""
-    function = torch.autograd.Function
-    apply = function.__dict__["apply"]
+    Function's forward without grad: its nodes keep the mode the model runs them in, or a train
+    audit would run them without autograd and lose the backward through them. Their backward in the
+    audit is autograd's, not the Function's own (:func:`custom_functions`). torch's reentrant
+    checkpoint (``CheckpointFunction``, whose backward recomputes its function with autograd) is
+    traced as its function called as it is, forward's own ``no_grad`` blocks inside it kept (timm's
+    reentrant checkpoints: 0 B of backward where eager moves 32,768). Other threads' Functions are
+    theirs: applied as they are."""
+    from torch.utils.checkpoint import CheckpointFunction
 
-    def applied(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        functions.append(functions[0] if functions else (torch.is_grad_enabled(), fn.__name__))
-        try:
-            return apply.__get__(None, fn)(*args, **kwargs)
-        finally:
-            functions.pop()
+    owner = threading.get_ident()
 
-    function.apply = classmethod(applied)
+    def applying(apply: Any) -> Any:
+        def applied(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != owner:
+                return apply.__get__(None, fn)(*args, **kwargs)
+            if fn is CheckpointFunction and not functions:
+                run, _, *inputs = args  # (function, preserve_rng_state, *args)
+                return run(*inputs)
+            functions.append(functions[0] if functions else (torch.is_grad_enabled(), fn.__name__))
+            try:
+                return apply.__get__(None, fn)(*args, **kwargs)
+            finally:
+                functions.pop()
+
+        return classmethod(applied)
+
+    original = _patched(torch.autograd.Function, "apply", applying)
     try:
         yield
     finally:
-        function.apply = apply
+        torch.autograd.Function.apply = original
 
 
-_RECOMPUTED = frozenset({"CheckpointFunction"})
-"""Functions whose backward is autograd's of their forward's ops, recomputed (torch's checkpoint)."""
+def custom_functions(graph: torch.fx.Graph) -> list[str]:
+    """The ``autograd.Function``s, applied with grad on, whose forward's nodes ``graph`` holds
+    (:data:`~.context.FUNCTION_KEY`): a graph runs their ops with autograd's backward, not theirs."""
+    return sorted({n.meta[FUNCTION_KEY][1] for n in graph.nodes if n.meta.get(FUNCTION_KEY, (False,))[0]})
 
 
 def custom_backward_note(graph: torch.fx.Graph) -> str | None:
-    """What a train audit tells of the ``autograd.Function``s whose nodes ``graph`` holds, their own
-    backward not run (:data:`~.context.FUNCTION_KEY`); None when there are none but checkpoints."""
-    names = sorted({n.meta[FUNCTION_KEY][1] for n in graph.nodes if FUNCTION_KEY in n.meta} - _RECOMPUTED)
+    """What a train audit tells of :func:`custom_functions`; None when there are none."""
+    names = custom_functions(graph)
     if not names:
         return None
     return (

@@ -22,7 +22,9 @@ import torch
 import torch.fx
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
+from ..capture.blocks import custom_functions
 from ..capture.context import AUTOCAST_KEY, NO_GRAD_KEY
+from ..errors import ConversionError
 
 __all__ = ["keep_blocks", "keeps_state"]
 
@@ -100,7 +102,16 @@ class _BlocksDropped(torch.fx.Tracer):
 
 def keep_blocks(graph: torch.fx.Graph) -> int:
     """Put forward's gradient-off and autocast blocks back around the nodes traced inside them;
-    the number of runs of nodes put inside one. Idempotent: a graph that has such nodes is left."""
+    the number of runs of nodes put inside one. Idempotent: a graph that has such nodes is left.
+    :class:`ConversionError` for a graph of a custom ``autograd.Function``'s forward, whose own
+    backward no graph keeps (a straight-through estimator's: the repaired model's conv gradient was
+    0 where the model's is 30; the checks compared it with the naive graph, which has the same fault)."""
+    if functions := custom_functions(graph):
+        raise ConversionError(
+            f"repair: forward applies the custom autograd.Function {', '.join(functions)}; a torch.fx graph "
+            "records the ops of its forward and trains through them with autograd's backward, not its own, so a "
+            "repaired model would train otherwise: repair a submodule that does not apply it"
+        )
     if _has_blocks(graph):
         return 0
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]

@@ -183,3 +183,153 @@ def test_a_train_audit_says_a_custom_functions_own_backward_is_not_run(checkpoin
             "forward runs; its own backward (and any copy it makes) is not run"
         ]
     )
+
+
+class CheckpointedWithItsOwnBlock(nn.Module):
+    """A reentrant checkpoint whose function has a no_grad block of the model's own: no gradient
+    goes through it in eager (conv and fc get none)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc, self.fc2 = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def block(self, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            side = self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(y)), 1).flatten(1))
+        return self.fc2(F.adaptive_avg_pool2d(y, 1).flatten(1)) + side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, self.stem(x), use_reentrant=self.reentrant)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_no_grad_block_inside_a_reentrant_checkpoint_is_kept(capture: str) -> None:
+    """The checkpoint's nodes took the grad mode it was applied in, the block's too: 98,304 B of
+    backward where eager moves 32,768 (the review of the change that fixed the checkpoint)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    expected = eager_backward_bytes(CheckpointedWithItsOwnBlock(False).train(), (x,)).added
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CheckpointedWithItsOwnBlock(True).train()
+        report = audit(model, x, bandwidth=1e9, capture=capture, train=True)  # type: ignore[arg-type]
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == expected == 32_768
+
+
+class FunctionInCheckpointOrNoGrad(nn.Module):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.a, self.b, self.where = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.where == "checkpoint":
+            y = checkpoint(_ContiguousTwice.apply, y, use_reentrant=True)
+        else:
+            with torch.no_grad():
+                y = y + _ContiguousTwice.apply(y)
+        return self.b(y)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("where", ["checkpoint", "no_grad"])
+def test_the_note_names_a_function_whose_backward_eager_runs(where: str, capture: str) -> None:
+    """Inside a checkpoint the Function was hidden by it (no note); under no_grad eager runs no
+    backward of it either (a note said its backward was not run)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = FunctionInCheckpointOrNoGrad(where).train()
+        report = audit(model, torch.randn(2, 3, 16, 16), bandwidth=1e9, capture=capture, train=True)  # type: ignore[arg-type]
+    named = any("_ContiguousTwice" in n for n in report.meta.capture_notes)
+    assert named == (where == "checkpoint")
+
+
+def test_another_threads_function_and_autocast_leave_a_trace_as_it_is() -> None:
+    """The patches of ``Function.apply`` and of autocast's methods hold for the tracing thread: a
+    Function another thread applied under no_grad while the trace ran marked the model's nodes
+    no-grad (0 B of backward where eager moves 32,768); torch's own methods are back afterwards."""
+    import threading
+
+    inside, traced = threading.Event(), threading.Event()
+
+    class Elsewhere(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, t: torch.Tensor) -> torch.Tensor:
+            inside.set()
+            traced.wait(30)
+            return t * 2
+
+        @staticmethod
+        def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+            return g * 2
+
+    class WaitsForTheThread(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.first = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.first:  # the trace: wait until the other thread is inside its Function
+                self.first = False
+                inside.wait(30)
+                y = self.b(self.a(x).flatten(2).unflatten(2, x.shape[2:]).transpose(2, 3))
+                traced.set()
+                return y  # type: ignore[no-any-return]
+            return self.b(self.a(x).flatten(2).unflatten(2, x.shape[2:]).transpose(2, 3))  # type: ignore[no-any-return]
+
+    def elsewhere() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            Elsewhere.apply(torch.ones(2))
+
+    apply = torch.autograd.Function.__dict__["apply"]
+    enter = torch.amp.autocast_mode.autocast.__dict__["__enter__"]
+    x = torch.randn(2, 3, 16, 16)
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    report = audit(WaitsForTheThread().train(), x, capture="fx", bandwidth=1e9, train=True)
+    worker.join()
+    plain = WaitsForTheThread().train()
+    plain.first = False
+    expected = eager_backward_bytes(plain, (x,)).added
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == expected == 32_768
+    assert not any("Elsewhere" in n for n in report.meta.capture_notes)
+    assert torch.autograd.Function.__dict__["apply"] is apply
+    assert torch.amp.autocast_mode.autocast.__dict__["__enter__"] is enter
+
+
+class StraightThrough(torch.autograd.Function):
+    """Rounding with an identity gradient (quantisation-aware training's estimator)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+class Quantised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(StraightThrough.apply(self.n(self.a(x))))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_repair_of_a_model_with_a_custom_function_says_it_cannot_keep_its_backward(capture: str) -> None:
+    """The repaired graph trained through the Function's forward ops: its conv's gradient was 0
+    where the model's is 30 (round's derivative), and the checks, which compare with the naive
+    graph (the same fault), let it through."""
+    from nhwc_audit.errors import ConversionError
+
+    torch.manual_seed(0)
+    report = audit(Quantised().train(), torch.randn(2, 3, 16, 16), bandwidth=1e9, capture=capture)  # type: ignore[arg-type]
+    with pytest.raises(ConversionError, match="custom autograd.Function StraightThrough.*repair a submodule"):
+        report.repaired()

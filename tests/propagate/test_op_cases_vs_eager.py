@@ -1063,3 +1063,13 @@ def test_an_op_that_writes_an_empty_map_makes_no_finding(capture: str) -> None:
         _RoiAlignOfNoBoxes().eval(), (torch.randn(1, 8, 16, 16), torch.zeros(0, 5)), bandwidth=1e9, capture=capture
     )
     assert r.findings == () and r.summary.reverts == 0
+
+
+def test_a_reshape_as_out_of_the_spatial_ranks_is_charged_as_eager_charges_it() -> None:
+    """Eager's exits are ``flatten`` and ``reshape`` calls: ``reshape_as`` copies, counted."""
+    torch.manual_seed(0)
+    model = Between(lambda s, y: y * y.reshape_as(s.t).amax(1)[:, None, None, None], t=torch.zeros(2, 2048))
+    x = torch.randn(2, 8, 16, 16)
+    expected = eager_bytes(model.eval(), (x,)).added
+    for capture in ("export", "hooks"):
+        assert audit(model.eval(), x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected > 0
