@@ -107,7 +107,7 @@ def decide(
     if device.startswith("cuda") and dtype == "float32":
         reasons.append("float32 on GPU: the channels_last gain comes mostly with half precision (tensor cores)")
     after = "after converting" if bytes_moved is None else "after converting and repairing"
-    reasons.append(f"{100 * moved_share:.1f}% of activation bytes are transposed per forward {after}")
+    reasons.append(f"{100 * moved_share:.1f}% of activation bytes are transposed {summary.per} {after}")
     if moved_share > 0.25:
         against += 1
     if summary.spatial_nodes and summary.channels_last_node_share < 0.5:

@@ -12,12 +12,14 @@ from torch.utils._pytree import tree_map
 
 from ..capture.fx import Capture
 from ..capture.kept import KeptGraph, kept, made_attributes
+from ..errors import PropagationError, first_line
 from ..records import NodeRecord
 from ..tensors import detached
 from .backward import GradRun
 from .compare import first_difference
+from .runner import fake_limitation
 
-__all__ = ["Captured", "CheckKind", "Verdict", "value_dependent"]
+__all__ = ["Captured", "CheckKind", "Verdict", "own_error", "value_dependent"]
 
 CheckKind = Literal["replay", "sample", "eager", "unchecked", "off"]
 """How the capture was checked against eager: a replay of the model's Python on meta stand-ins,
@@ -104,3 +106,20 @@ class Verdict:
         return Verdict(
             checked, rejected=None if diff is None else f"the captured graph does not reproduce eager: {diff}"
         )
+
+
+def own_error(e: Exception, fake: bool, notes: list[str]) -> PropagationError:
+    """The error for an eager forward of the model that raised ``e`` (a fake run's: fake tensors'
+    own limit, or the model's error); ``notes``: why the captures before it were not used."""
+    reasons = f" (earlier captures: {'; '.join(notes)})" if notes else ""
+    if fake and fake_limitation(e):
+        return PropagationError(
+            f"fake mode cannot run the model: {first_line(e)} (it needs tensor values, or fake tensors do "
+            f"not support an op it runs); audit in real mode (--mode real){reasons}"
+        )
+    return PropagationError(
+        f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
+        "model's own error at the audited shapes, not a channels_last problem (check the input shapes, "
+        "--input: random float tensors; inputs of other dtypes come from a build function that returns "
+        f"(model, inputs)){reasons}"
+    )

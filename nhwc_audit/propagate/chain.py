@@ -31,7 +31,7 @@ from ..prepare.fake import fake_plain
 from ..records import CaptureMethod, NodeRecord
 from ..tensors import clone_value, detached, iter_tensors
 from .backward import GradRun
-from .captured import Captured, CheckKind, Verdict
+from .captured import Captured, CheckKind, Verdict, own_error
 from .corrections import Corrections
 from .eager import record_eager
 from .exported import exported
@@ -39,7 +39,7 @@ from .grad_hooks import Grads
 from .inputs import positional_inputs
 from .interpreter import ProgressFn, propagate
 from .replay import replay
-from .runner import Runner, StateKept, attributes_restored, batch_of, fake_limitation, first_sample, quiet
+from .runner import Runner, StateKept, attributes_restored, batch_of, first_sample, quiet
 from .skeleton import Skeleton
 
 __all__ = ["CAPTURES", "CaptureMethod", "Captured", "CheckKind", "capture_and_propagate", "replay_check"]
@@ -151,7 +151,7 @@ class _Chain:
                 try:
                     self._eager_reference()
                 except Exception as eager_error:
-                    raise self._own_error(eager_error) from e
+                    raise own_error(eager_error, self.runner.fake, self.notes) from e
                 raise
             self.notes.append(f"{name}: {e}")
             return None
@@ -220,9 +220,14 @@ class _Chain:
     ) -> Verdict:
         """How the graph was checked, and whether it reproduces eager (each from the state the
         model's own writes to its weights left, ``kept``)."""
-        if any(r.error for r in records):
-            # eager channels_last raises at the break too: nothing to compare against
-            return Verdict("unchecked", note="not checked against eager (the model breaks on channels_last)")
+        if broken := next((r.name for r in records if r.error), None):
+            try:  # eager channels_last raises at the break too (nothing to compare), or the graph is wrong
+                with kept(), quiet():
+                    self._eager_reference()
+            except Exception:
+                return Verdict("unchecked", note="not checked against eager (the model breaks on channels_last)")
+            why = f"the graph breaks at node {broken!r} where the eager model runs channels_last (a branch traced"
+            return Verdict("unchecked", rejected=f"{why} the other way: a test of a traced value, is_contiguous())")
         if skeleton is not None:
             # eager with every leaf module call answered by a stand-in of the graph's, every
             # other call on meta tensors: the cost of the model's Python instead of a forward;
@@ -261,21 +266,6 @@ class _Chain:
             tail = "eager forward fails the same way" if same else f"eager forward fails too: {first_line(eager_error)}"
             raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
 
-    def _own_error(self, e: Exception) -> PropagationError:
-        """The error for an eager forward of the model that raised ``e``."""
-        reasons = f" (earlier captures: {'; '.join(self.notes)})" if self.notes else ""
-        if self.runner.fake and fake_limitation(e):
-            return PropagationError(
-                f"fake mode cannot run the model: {first_line(e)} (it needs tensor values, or fake tensors do "
-                f"not support an op it runs); audit in real mode (--mode real){reasons}"
-            )
-        return PropagationError(
-            f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
-            "model's own error at the audited shapes, not a channels_last problem (check the input shapes, "
-            "--input: random float tensors; inputs of other dtypes come from a build function that returns "
-            f"(model, inputs)){reasons}"
-        )
-
     def _hooks(self) -> Captured:
         corrections = self.runner.corrections()
         try:
@@ -288,7 +278,7 @@ class _Chain:
                     corrections=corrections,
                 )
         except Exception as e:
-            raise self._own_error(e) from e
+            raise own_error(e, self.runner.fake, self.notes) from e
         self._noted(corrections)
         return Captured(records, "hooks", tuple(self.notes), "off")
 

@@ -170,6 +170,12 @@ class Summary:
         )
 
     @property
+    def per(self) -> str:
+        """What :attr:`bytes_moved` is counted over: a forward, or a training step where backward
+        findings (a train audit's) are among them."""
+        return "per training step (forward and backward)" if self.backward else "per forward"
+
+    @property
     def channels_last_node_share(self) -> float:
         if self.spatial_nodes == 0:
             return 1.0

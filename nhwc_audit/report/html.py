@@ -181,6 +181,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "divergences": s.divergences,
             "findings": s.findings,
             "bytes_moved": s.bytes_moved,
+            "per": s.per,
             "est_seconds": s.est_seconds,
         },
         "clean": s.findings == 0,

@@ -193,3 +193,30 @@ def test_the_models_own_error_is_named_so_whatever_the_capture(capture: str, mod
 
     with pytest.raises(PropagationError, match="raised AssertionError.*the model's own error at the audited shapes"):
         nhwc_audit.audit(_RefusesTheShape(), torch.randn(1, 3, 20, 20), capture=capture, mode=mode)  # type: ignore[arg-type]
+
+
+class _BranchesOnLayout(torch.nn.Module):
+    """A branch on a test fx cannot make a bool of (``is False`` on a proxy): fx takes the view,
+    which raises on channels_last, where eager takes the flatten (a LightningModule in the wild)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = y.flatten(1) if y.is_contiguous() is False else y.view(y.size(0), -1)
+        return self.fc(y)  # type: ignore[no-any-return]
+
+
+def test_a_graph_that_breaks_where_eager_runs_is_not_the_models() -> None:
+    """auto kept fx's graph and reported a break eager never hits ('not checked against eager
+    (the model breaks on channels_last)'): one eager forward now says whether the model breaks."""
+    x = torch.randn(1, 3, 16, 16)
+    r = nhwc_audit.audit(_BranchesOnLayout().eval(), x, bandwidth=1e9)
+    assert r.meta.capture == "hooks" and not r.findings
+    assert any(
+        "the graph breaks at node 'view' where the eager model runs channels_last" in n for n in r.meta.capture_notes
+    )
+    forced = nhwc_audit.audit(_BranchesOnLayout().eval(), x, bandwidth=1e9, capture="fx")
+    assert [f.kind.value for f in forced.findings] == ["break"]  # what fx's graph does, as asked

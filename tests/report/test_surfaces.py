@@ -161,3 +161,21 @@ def test_quiet_measure_in_a_fresh_process_prints_nothing(tmp_path: Path) -> None
     argv = [sys.executable, "-m", "nhwc_audit", "m.py:M", "--input", "1x3x8x8", "--no-report", "-q", "--measure"]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_bytes_are_said_to_be_per_training_step_where_backward_findings_count(train: bool) -> None:
+    """A train audit's bytes include its backward findings (786.4 kB of 1.3 MB on a LightningModule)
+    and were said to be 'per forward', on every surface and in the verdict (125% of activation bytes)."""
+    from nhwc_audit import audit
+
+    torch.manual_seed(0)
+    report = audit(M.InstanceNormNet().train(), torch.randn(2, 3, 16, 16), bandwidth=1e9, train=train)
+    assert (report.summary.backward > 0) == train
+    per = "per training step (forward and backward)" if train else "per forward"
+    html = BeautifulSoup(report.to_html(), "html.parser").get_text(" ")
+    assert f"moved by layout changes {per}" in html
+    assert any(f"transposed {per}" in r for r in report.verdict.reasons)
+    console = Console(file=io.StringIO(), width=200)
+    console.print(render_summary(report))
+    assert f"moved by layout changes {per}" in console.file.getvalue()  # type: ignore[attr-defined]
