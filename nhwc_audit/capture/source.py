@@ -56,11 +56,13 @@ _TORCH, _OURS, _MODEL = "torch", "ours", "model"
 
 
 _TRACER = tuple(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("fx.py", "proxies.py", "export.py")
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
+    for f in ("fx.py", "proxies.py", "export.py", "blocks.py")
 )
 """The fx tracer's and its proxies' own overrides run between torch's frames (``create_arg``
 calls back into torch's Tracer, which may create a node; a torch call on proxies makes one), and
-so does the export capture's ``Tensor.contiguous``: passed through like torch's."""
+so do the export capture's ``Tensor.contiguous`` and the trace's ``Function.apply`` (a reentrant
+checkpoint's function is called from there): passed through like torch's."""
 
 
 @functools.lru_cache(maxsize=4096)

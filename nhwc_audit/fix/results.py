@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_map
 from ..prepare.clone import clone_modules
 from ..propagate.dispatch import LogicalDraws
 from ..tensors import clone_value, iter_tensors, seeded
+from .grads import gradients
 
 __all__ = [
     "CONVERSION",
@@ -70,7 +71,7 @@ def outputs(
             assert isinstance(loss, torch.Tensor)
             names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             with draws or contextlib.nullcontext():
-                got = torch.autograd.grad(loss, [p for _, p in names], allow_unused=True)
+                got = gradients(loss, [p for _, p in names])
             g = {n: gr for (n, _), gr in zip(names, got, strict=True) if gr is not None}
     if reference is not None and draws is not None:
         reference.setdefault("draws", draws.drew)

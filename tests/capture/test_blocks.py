@@ -333,3 +333,45 @@ def test_a_repair_of_a_model_with_a_custom_function_says_it_cannot_keep_its_back
     report = audit(Quantised().train(), torch.randn(2, 3, 16, 16), bandwidth=1e9, capture=capture)  # type: ignore[arg-type]
     with pytest.raises(ConversionError, match="custom autograd.Function StraightThrough.*repair a submodule"):
         report.repaired()
+
+
+class _Tokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).softmax(-1).reshape_as(x)
+
+
+class CheckpointedBlock(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.stem, self.reentrant = nn.Conv2d(3, 8, 3, padding=1), reentrant
+        self.block = nn.Sequential(_Tokens(), nn.Conv2d(8, 8, 3, padding=1))
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = checkpoint(self.block, self.stem(x), use_reentrant=self.reentrant)
+        return self.head(y.contiguous())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_the_nodes_of_a_reentrant_checkpoint_keep_the_line_that_calls_it(capture: str) -> None:
+    """fx took the trace's own Function.apply for the audit's code and gave up: no source line."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = audit(CheckpointedBlock(True).train(), torch.randn(2, 3, 16, 16), bandwidth=1e9, capture=capture)  # type: ignore[arg-type]
+    lines = {f.source.code if f.source else None for f in report.findings}
+    assert "y = checkpoint(self.block, self.stem(x), use_reentrant=self.reentrant)" in lines and None not in lines
+
+
+def test_a_repair_of_a_model_with_a_reentrant_checkpoint_checks_its_gradients() -> None:
+    """A reentrant checkpoint refuses ``autograd.grad``: every rewrite was refused ('the rewrite
+    failed: ... incompatible with .grad()'). The check's backward fills ``.grad`` of the parameters
+    it shares with the model, each put back as it was."""
+    torch.manual_seed(0)
+    model = CheckpointedBlock(True).train()
+    model.stem.weight.grad = marker = torch.ones_like(model.stem.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        log = audit(model, torch.randn(2, 3, 16, 16), bandwidth=1e9).repaired().repair
+    assert log is not None and "contiguous-cl" in [s.kind for s in log.steps] and not log.refused
+    assert model.stem.weight.grad is marker and all(p.grad is None for p in model.head.parameters())
