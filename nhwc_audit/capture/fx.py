@@ -278,6 +278,9 @@ class _MapsProxied(Exception):
 
 
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps: bool) -> Capture:
+    if isinstance(model, torch.jit.ScriptModule):  # (torch.fx says 'traced_func_name=forward doesn't exist')
+        why = "capture 'hooks' or 'auto', the default, records it from an eager run"
+        raise TraceError(f"torch.fx cannot trace a TorchScript module ({type(model).__name__}): {why}")
     tracer = _Tracer(proxy_maps)
     try:
         with torch.enable_grad():  # so that a torch.no_grad() block in forward shows (NO_GRAD_KEY)

@@ -114,3 +114,15 @@ def test_a_repair_of_a_compiled_model_repairs_the_module_it_wraps() -> None:
     plain = _plain()
     gm, log = repair(torch.compile(plain, backend="eager"), torch.randn(1, 3, 32, 32))
     assert type(gm).__name__ == "Body" and log.breaks_after == 0
+
+
+def test_a_forced_trace_of_a_torchscript_model_says_so() -> None:
+    """torch.fx said 'AssertionError: traced_func_name=forward doesn't exist in RecursiveScriptModule
+    (data-dependent control flow or non-torch calls in forward ...)'."""
+    from nhwc_audit.errors import TraceError
+
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(
+        TraceError, match=r"cannot trace a TorchScript module \(RecursiveScriptModule\): capture 'hooks'"
+    ):
+        audit(_scripted("script", Body().eval(), x), x, capture="fx", bandwidth=1e9)
