@@ -105,6 +105,11 @@ class _Tracer(torch.fx.Tracer):
         self.autocasts: list[AutocastBlock] = []  # forward's open autocast blocks (:mod:`.blocks`)
         self.functions: list[tuple[bool, str]] = []  # open autograd.Functions (:func:`.blocks.function_grad_noted`)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # a TorchScript module is called as a module: traced into, fx made a call on its C++ object
+        # (``inner._c.forward``), and the graph held neither it as a module nor its parameters
+        return isinstance(m, torch.jit.ScriptModule) or super().is_leaf_module(m, module_qualified_name)
+
     def proxy(self, node: torch.fx.Node) -> Proxy:
         return TracerProxy(node, self)
 

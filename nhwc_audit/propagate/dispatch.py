@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..channels import COPY_OPS, broadcast_across, hidden_copy, relay_bytes, relays_view
+from ..channels import COPY_OPS, broadcast_across, hidden_copy, relay_bytes, relays_view, runs_otherwise
 from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
@@ -72,6 +72,8 @@ def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ())
         m = tensor_meta(t)
         if om.layout in _DECIDED and m.layout in _DECIDED and m.layout is not om.layout:
             layouts = (m.layout, om.layout)
+        elif conv and om.layout in _DECIDED and m.layout is Layout.STRIDED and runs_otherwise(m, om):
+            layouts = (m.layout, om.layout)  # a slice in another order (a pad's crop): the kernel re-lays it
         elif not conv and name not in GEMM_OPS and relays_view(t, m, om):  # they compute their output
             layouts = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
         elif broadcast_across(m, om):  # F.normalize's norm, expanded back over the map

@@ -126,3 +126,23 @@ def test_a_forced_trace_of_a_torchscript_model_says_so() -> None:
         TraceError, match=r"cannot trace a TorchScript module \(RecursiveScriptModule\): capture 'hooks'"
     ):
         audit(_scripted("script", Body().eval(), x), x, capture="fx", bandwidth=1e9)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("kind", ["trace", "script"])
+def test_a_torchscript_submodule_is_audited_whole_and_trained_through(kind: str, mode: str) -> None:
+    """fx traced into a TorchScript module as a call on its C++ object: the graph held neither the
+    module nor its parameters (a train audit: 0 B of backward where eager moves 65,536), and the
+    conv inside it of the pad's crop, a strided NCHW slice, was not charged (half of eager's bytes).
+    It is one node now, the copies inside it seen at the dispatch level."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _scripted(kind, Body().eval(), x[:1]))
+    expected = eager_bytes(model, (x,)).added
+    assert audit(model, x, bandwidth=1e9, capture="fx", mode=mode).summary.bytes_moved == expected == 262_144  # type: ignore[arg-type]
+    if mode == "real":
+        from tests.eager_bytes import eager_backward_bytes
+
+        trained = audit(model.train(), x, bandwidth=1e9, capture="fx", train=True)
+        backward = sum(f.bytes for f in trained.findings if f.kind.value == "backward")
+        assert backward == eager_backward_bytes(model.train(), (x,)).added > 0
