@@ -289,7 +289,7 @@ def channels_last_error(report: AuditReport, offenders: Sequence[Finding]) -> Ch
     """The error ``check()`` raises: the model, the offenders' count and bytes, one line each."""
     lines = [
         f"{report.meta.model} does not stay channels_last: {len(offenders)} offending "
-        f"node(s), {fmt_bytes(sum(f.bytes for f in offenders))} moved per forward"
+        f"node(s), {fmt_bytes(sum(f.bytes for f in offenders))} moved {report.summary.per}"
     ]
     lines += [f"  {i}. {offender_line(f)}" for i, f in enumerate(offenders, 1)]
     return ChannelsLastError("\n".join(lines), offenders=tuple(offenders))

@@ -209,3 +209,42 @@ def test_debug_keeps_exit_3_for_internal_errors(
         err = capsys.readouterr().err
         assert "internal error: RuntimeError: the audit's own bug" in err
         assert ("Traceback" in err) == bool(extra)
+
+
+def test_report_paths_that_cannot_hold_a_report_fail_before_the_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder given as --html ran the audit, wrote the JSON and failed on the HTML ('cannot write
+    report files: Is a directory', naming no file); one path for --json and --html kept the HTML
+    only; a file named like --save-repaired's folder, or like ./reports, failed after the audit."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "aon").mkdir()
+    spec = "nhwc_audit.examples:unet"
+    cases = [
+        (["--json", "aon/good.json", "--html", "aon"], "cannot write 'aon': it is a folder"),
+        (["--json", "same.out", "--html", "same.out"], "--json and --html name one file ('same.out')"),
+        (["--no-report", "--apply", "--save-repaired", "afile"], "cannot write 'afile': it is a file"),
+        ([], "cannot write 'reports/nhwc_audit.examples.unet.json': "),
+    ]
+    (tmp_path / "afile").write_text("")
+    for options, says in cases:
+        if not options:
+            (tmp_path / "reports").write_text("")
+        assert main([spec, "--input", "1x3x16x16", *options]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "aon" / "good.json").exists() and not (tmp_path / "same.out").exists()
+
+
+def test_report_files_are_written_all_or_none(tmp_path: Path) -> None:
+    from nhwc_audit.errors import ReportWriteError
+    from nhwc_audit.report.files import write_all_atomic
+
+    old = tmp_path / "a.json"
+    old.write_text("old")
+    (tmp_path / "b.html").mkdir()
+    with pytest.raises(ReportWriteError, match="b.html'?: it is a folder"):
+        write_all_atomic([(old, "new"), (tmp_path / "b.html", "x")])
+    assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.html"]
+    assert write_all_atomic([(old, "new"), (tmp_path / "c.html", "x")]) and old.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.html", "c.html"]

@@ -21,7 +21,6 @@ Bytes are what channels_last adds: a node that also moves data when the model ru
 of a LayerNorm2d output, NHWC-strided in either layout, and an NCHW tensor; a conv re-laying a
 transposed map; a matmul's copy inside; a copy NCHW makes upstream in the same line of the model,
 :func:`.displaced.displaced`) is charged the difference (:func:`.moves.baselined`).
-A conversion the model or a repair asks for is charged whole.
 
 A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
 no data and is never a revert or a conversion (an in-place op whose operands disagree in
@@ -144,6 +143,7 @@ def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
 def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if r.error is None and r.latent_error is None and not r.hidden and r.all_channels_last:
         return []  # nothing in another order, nothing copied inside: no rule below finds anything
+    r = moves.as_read(r)
     if r.error is not None:
         first = next((i.meta.layout for i in r.spatial_inputs), Layout.NOT_SPATIAL)
         return [_finding(ctx, r, FindingKind.BREAK, layout_in=first, nbytes=0)]

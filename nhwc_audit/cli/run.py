@@ -28,14 +28,17 @@ def _default_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before the audit when ``path`` cannot be written (its folder is made if missing)."""
+def _check_writable(path: Path, *, folder: bool = False) -> None:
+    """Fail before the audit when ``path`` cannot be written (its folder is made if missing): a
+    file there is no folder for ``--save-repaired`` (``folder``), a folder no report file."""
     from ..errors import ReportWriteError
 
-    folder = (path.parent if str(path.parent) else Path(".")).absolute()
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if path.exists() and path.is_dir() != folder:
+        raise ReportWriteError(f"cannot write {str(path)!r}: it is a {'file' if folder else 'folder'}")
+    folder_of = (path.parent if str(path.parent) else Path(".")).absolute()
+    existing = next((p for p in (folder_of, *folder_of.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
-        raise ReportWriteError(f"cannot write {str(path)!r}: {str(existing or folder)!r} is not a folder")
+        raise ReportWriteError(f"cannot write {str(path)!r}: {str(existing or folder_of)!r} is not a folder")
     if not os.access(existing, os.W_OK):
         raise ReportWriteError(f"cannot write {str(path)!r}: folder {str(existing)!r} is not writable")
 
@@ -69,18 +72,21 @@ def run(args: argparse.Namespace) -> int:
         )
     json_path: Path | None = Path(args.json_path) if args.json_path else None
     html_path: Path | None = Path(args.html_path) if args.html_path else None
-    for path in (json_path, html_path, Path(args.save_repaired) if args.save_repaired else None):
+    if json_path is not None and html_path is not None and json_path.absolute() == html_path.absolute():
+        raise UsageError(f"--json and --html name one file ({str(json_path)!r}): give each its own")
+    if json_path is None and html_path is None and not args.no_report:
+        json_path = Path("reports") / f"{_default_name(args.spec)}.json"
+        html_path = json_path.with_suffix(".html")
+    for path in (json_path, html_path):
         if path is not None:
             _check_writable(path)
+    if args.save_repaired:
+        _check_writable(Path(args.save_repaired), folder=True)
     baseline = None
     if args.baseline:
         from ..report.diff import load_report
 
         baseline = load_report(args.baseline)  # read before the audit: a bad path fails at once
-    default_paths = json_path is None and html_path is None and not args.no_report
-    if default_paths:
-        json_path = Path("reports") / f"{_default_name(args.spec)}.json"
-        html_path = json_path.with_suffix(".html")
 
     target = load_target(args.spec)
     import gc

@@ -13,8 +13,11 @@ from __future__ import annotations
 import builtins
 import copy
 import keyword
+import os
 import re
+import shutil
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -47,15 +50,28 @@ def write_package(gm: torch.fx.GraphModule, folder: Path, header: list[str]) -> 
         if name.isidentifier()
         else f"Repaired = importlib.import_module({name!r}).Repaired"
     )
+    # written beside it first and moved in whole: a save that fails half-way (a TorchScript module
+    # pickles only in part) leaves nothing behind
+    parent = folder.parent if str(folder.parent) else Path(".")
     try:
-        gm.to_folder(folder, "Repaired")
-        code = folder / "module.py"
-        text = _WRAPPED.sub("", code.read_text(encoding="utf-8")).replace(f"r'{folder}/", "_HERE + r'/")
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    except OSError as e:
+        raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
+    try:
+        gm.to_folder(staging, "Repaired")
+        code = staging / "module.py"
+        text = _WRAPPED.sub("", code.read_text(encoding="utf-8")).replace(f"r'{staging}/", "_HERE + r'/")
         here = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))  # loads from any working folder\n"
         lines = [*header[:1], f"# Load it: {load}", *header[1:]]
         code.write_text("\n".join(lines) + "\n" + here + imports + text + _modes_kept(gm), encoding="utf-8")
+        folder.mkdir(parents=True, exist_ok=True)
+        for made in staging.iterdir():
+            os.replace(made, folder / made.name)
     except OSError as e:
         raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -117,19 +133,33 @@ def _load(name, path):  # the model's own file, loaded by its path as nhwc-audit
 
 
 def _modes_kept(gm: nn.Module) -> str:
-    """Code that gives every module of the saved package the training flag it has in ``gm``:
-    ``to_folder`` builds the modules it writes out anew, in training mode, and unpickles the
-    others as they were (BatchNorm would run on batch statistics in a model audited in eval)."""
+    """Code that gives every module of the saved package the training flag it has in ``gm``, and
+    every parameter and buffer its memory format: ``to_folder`` builds the modules it writes out
+    anew, in training mode, and unpickles the others as they were (BatchNorm would run on batch
+    statistics in a model audited in eval); loading a state dict copies into NCHW tensors (the
+    package ran the repaired graph NCHW)."""
     mode = gm.training
     other = [name for name, m in gm.named_modules() if m.training != mode]
+    formats = {
+        name: fmt
+        for name, t in [*gm.named_parameters(), *gm.named_buffers()]
+        for fmt in ("channels_last", "channels_last_3d")
+        if t.dim() == (4 if fmt == "channels_last" else 5)
+        and t.is_contiguous(memory_format=getattr(torch, fmt))
+        and not t.is_contiguous()
+    }
     return (
         "\n\n_MODE, _OTHER_MODE = " + repr((mode, tuple(other))) + "  # the modes the model was repaired in\n"
+        "_FORMATS = " + repr(formats) + "  # the memory formats of its weights\n"
         "_built = Repaired.__init__\n\n\n"
         "def _init(self):\n"
         "    _built(self)\n"
         "    self.train(_MODE)\n"
         "    for name, module in self.named_modules():\n"
         "        if name in _OTHER_MODE:\n"
-        "            module.training = not _MODE\n\n\n"
+        "            module.training = not _MODE\n"
+        "    for name, t in [*self.named_parameters(), *self.named_buffers()]:\n"
+        "        if name in _FORMATS:\n"
+        "            t.data = t.data.contiguous(memory_format=getattr(torch, _FORMATS[name]))\n\n\n"
         "Repaired.__init__ = _init\n"
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ class RepairLog:
     refused: tuple[str, ...] = ()
     """Every rewrite tried and dropped, with why (it changed the outputs or gradients, exposed a
     break, removed nothing, or could not be applied)."""
-    records_after: tuple[NodeRecord, ...] = ()
+    records_after: tuple[NodeRecord, ...] = field(default=(), repr=False)
     """The repaired graph's records (one propagation of the sample): what the verdict after
     repairing is decided on."""
     summary_after: Summary | None = None

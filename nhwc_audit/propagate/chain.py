@@ -147,11 +147,15 @@ class _Chain:
             if self.need_graph and name == "fx":
                 cap.compiled()  # a backward runs it as a GraphModule: its code must compile
         except TraceError as e:
-            if forced:  # the model's own error when one eager forward raises too (a shape its code refuses)
+            if forced:  # the model's own error when eager raises too, NCHW copies as well (a shape it refuses)
                 try:
                     self._eager_reference()
                 except Exception as eager_error:
-                    raise own_error(eager_error, self.runner.fake, self.notes) from e
+                    self._hooks()  # the model's own error where an op fails on NCHW copies too: raised
+                    hint = "capture 'auto' (the default), 'fx' or 'hooks' report where the model breaks"
+                    raise TraceError(
+                        f"{e}: the model breaks on channels_last input ({first_line(eager_error)}); {hint}"
+                    ) from e
                 raise
             self.notes.append(f"{name}: {e}")
             return None

@@ -3,6 +3,7 @@ rename), so a reader never sees half a report and an interrupted run leaves the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,9 +46,13 @@ def _discard(tmps: list[str]) -> None:
 
 def write_all_atomic(files: list[tuple[Path, str]], *, make_folders: bool = True) -> list[Path]:
     """Write every ``(path, text)`` or none: all are staged in temporary files first (folders
-    made when ``make_folders``), then renamed into place; a failure before the renames leaves
-    every target as it was."""
+    made when ``make_folders``), then renamed into place, each file they replace kept aside until
+    all are in (and put back if one fails); a folder where a file goes fails first, named."""
+    for path, _ in files:
+        if path.is_dir():
+            raise ReportWriteError(f"cannot write {str(path)!r}: it is a folder")
     staged: list[str] = []
+    placed: list[tuple[Path, str | None]] = []  # (target, what it held, set aside)
     try:
         for path, text in files:
             if make_folders and str(path.parent):
@@ -57,12 +62,24 @@ def write_all_atomic(files: list[tuple[Path, str]], *, make_folders: bool = True
                     raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
             staged.append(_stage(path, text))
         for tmp, (path, _) in zip(staged, files, strict=True):
-            os.replace(tmp, path)
-    except BaseException as e:
+            try:
+                kept = _stage(path, "") if path.exists() else None
+                if kept is not None:
+                    os.replace(path, kept)
+                placed.append((path, kept))
+                os.replace(tmp, path)
+            except OSError as e:
+                raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+    except BaseException:
+        for path, kept in reversed(placed):  # put back what was there
+            with contextlib.suppress(OSError):
+                if kept is not None:
+                    os.replace(kept, path)
+                else:
+                    os.unlink(path)
         _discard(staged)
-        if isinstance(e, OSError):
-            raise ReportWriteError(f"cannot write report files: {e.strerror or e}") from e
         raise
+    _discard([kept for _, kept in placed if kept is not None])
     return [path for path, _ in files]
 
 

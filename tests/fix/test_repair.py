@@ -305,7 +305,8 @@ def test_a_saved_repair_comes_up_in_the_modes_it_was_repaired_in(
     """``to_folder`` builds the modules it writes out anew, in training mode: a model repaired in
     eval ran its BatchNorm on batch statistics once saved and loaded (resnet18: outputs off by
     2.4x their size). Here a model in eval with one BatchNorm left in training, and the other
-    way round."""
+    way round. Its conv weights load channels_last, as the repaired module has them (loading a
+    state dict copied them into NCHW tensors: the package ran NCHW)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "normed.py").write_text(
         "import torch\nfrom torch import nn\n"
@@ -335,6 +336,9 @@ def test_a_saved_repair_comes_up_in_the_modes_it_was_repaired_in(
             "modes = dict((n, s.training) for n, s in m.named_modules())\n"
             "assert all(modes[n] == s.training for n, s in rep.named_modules() if n in modes), modes\n"
             "print(rep.training, sorted(n for n, s in rep.named_modules() if s.training != rep.training))\n"
+            "cl = [n for n, w in rep.named_parameters() if w.dim() == 4]\n"
+            "assert cl and all(dict(rep.named_parameters())[n].is_contiguous(memory_format=torch.channels_last)\n"
+            "                  for n in cl), 'the saved package loads its conv weights NCHW'\n"
             "with torch.no_grad():\n"
             "    torch.testing.assert_close(rep(x.to(memory_format=torch.channels_last)), m(x), rtol=1e-4, atol=1e-5)\n"
         )
@@ -1017,3 +1021,12 @@ def test_the_checks_draw_in_logical_order_only_for_a_model_that_draws(
     assert log.deviation is not None and log.deviation.worst < 1e-5
     drew = [m.drew for m in modes]  # type: ignore[attr-defined]
     assert drew == ([True] * len(drew) if training else [False]) and len(drew) >= (4 if training else 1)
+
+
+def test_a_repair_log_prints_in_a_few_lines() -> None:
+    """Its repr listed every NodeRecord of the repaired graph (9,200 characters for a small model)."""
+    from nhwc_audit.examples import unet
+
+    model, (x,) = unet()
+    log = audit(model, x[:, :, :32, :32], bandwidth=1e9).repaired().repair
+    assert log is not None and log.records_after and "NodeRecord" not in repr(log) and len(repr(log)) < 3000

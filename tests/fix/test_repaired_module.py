@@ -149,10 +149,13 @@ def test_a_save_that_writes_nothing_exits_2(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "netfile.py").write_text(_MODEL_FILE)
-    (tmp_path / "taken").write_text("a file, not a folder")
-    assert main(["netfile.py:build", "--save-repaired", "taken", "--no-report", "--quiet"]) == 2
+    assert main(["netfile.py:build", "--save-repaired", "saved.net", "--no-report", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "nhwc-audit: error: --save-repaired taken: nothing written" in err
+    assert "nhwc-audit: error: --save-repaired saved.net: nothing written" in err
+    assert not (tmp_path / "saved.net").exists()
+    (tmp_path / "taken").write_text("a file, not a folder")  # refused before the audit
+    assert main(["netfile.py:build", "--save-repaired", "taken", "--no-report", "--quiet"]) == 2
+    assert "nhwc-audit: error: cannot write 'taken': it is a file" in capsys.readouterr().err
 
 
 def test_a_repair_of_a_model_on_the_meta_device_says_so() -> None:
@@ -291,3 +294,21 @@ def test_a_repaired_module_that_raises_inside_a_block_leaves_grad_and_autocast_a
     with pytest.raises(RuntimeError):
         gm(torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
     assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def test_a_save_that_fails_half_way_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TorchScript submodule pickles only in part: the folder held pre.pt and state_dict.pt where
+    the CLI said 'nothing written'. The package is written beside it and moved in whole."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scripted.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8),\n"
+        "                      torch.jit.script(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())))\n"
+        "    return m.eval(), (torch.randn(1, 3, 16, 16),)\n"
+    )
+    assert main(["scripted.py:build", "--apply", "--save-repaired", "out/pkg", "--no-report", "--quiet"]) == 2
+    assert "--save-repaired out/pkg: nothing written" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "pkg").exists() and not list((tmp_path / "out").iterdir())

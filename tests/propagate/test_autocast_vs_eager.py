@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import audit
@@ -222,3 +223,31 @@ def test_mixed_dtypes_without_autocast_are_read_in_their_own(join: str, mode: st
     model, x = MixedWithoutAutocast(join).eval(), torch.randn(2, 3, 16, 16)
     report = audit(model, x, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
     assert report.summary.bytes_moved == eager_bytes(model, (x,)).added
+
+
+class _CastLikeTheMap(nn.Module):
+    """An instance norm in float32 cast back like the map (``type_as``, ``to(other)``): the cast reads
+    the norm's NCHW output only; the map lends its dtype."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.how = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        n = F.instance_norm(y.float())
+        return self.b(n.type_as(y) if self.how == "type_as" else n.to(y))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("how", ["type_as", "to"])
+def test_a_cast_like_another_tensor_reads_only_its_source(how: str, capture: str, mode: str) -> None:
+    """fx and export charged the cast 16,384 B ('mixed', then 'revert') for the layout of the
+    tensor it takes its dtype from; eager moves nothing there."""
+    torch.manual_seed(0)
+    model, x = _CastLikeTheMap(how).eval(), torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=True)  # type: ignore[arg-type]
+    assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]

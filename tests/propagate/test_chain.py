@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nhwc_audit
-from nhwc_audit import AuditReport, PropagationError
+from nhwc_audit import AuditReport, PropagationError, TraceError
 from nhwc_audit.prepare.copy import plain_tensors
 from nhwc_audit.propagate.compare import first_difference
 
@@ -220,3 +220,23 @@ def test_a_graph_that_breaks_where_eager_runs_is_not_the_models() -> None:
     )
     forced = nhwc_audit.audit(_BranchesOnLayout().eval(), x, bandwidth=1e9, capture="fx")
     assert [f.kind.value for f in forced.findings] == ["break"]  # what fx's graph does, as asked
+
+
+class _ViewsTheMap(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1))  # type: ignore[no-any-return]
+
+
+def test_a_forced_export_of_a_model_that_breaks_on_channels_last_says_so() -> None:
+    """A forced export failed on the view, and eager channels_last raised too: the audit called it
+    'the model's own error at the audited shapes, not a channels_last problem'. The eager recording,
+    which runs a failing op again on NCHW copies, tells a break from the model's own error."""
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(TraceError, match="the model breaks on channels_last input .*'auto' .* report where"):
+        nhwc_audit.audit(_ViewsTheMap().eval(), x, capture="export")
+    assert [f.kind.value for f in nhwc_audit.audit(_ViewsTheMap().eval(), x, bandwidth=1e9).findings] == ["break"]
