@@ -223,6 +223,8 @@ def test_report_paths_that_cannot_hold_a_report_fail_before_the_audit(
     cases = [
         (["--json", "aon/good.json", "--html", "aon"], "cannot write 'aon': it is a folder"),
         (["--json", "same.out", "--html", "same.out"], "--json and --html name one file ('same.out')"),
+        (["--json", "r.json", "--html", "aon/../r.json"], "--json and --html name one file ('r.json')"),
+        (["--no-report", "--apply", "--save-repaired", "."], "cannot save to '.': the folder is imported as a package"),
         (["--no-report", "--apply", "--save-repaired", "afile"], "cannot write 'afile': it is a file"),
         ([], "cannot write 'reports/nhwc_audit.examples.unet.json': "),
     ]
@@ -234,6 +236,7 @@ def test_report_paths_that_cannot_hold_a_report_fail_before_the_audit(
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
     assert not (tmp_path / "aon" / "good.json").exists() and not (tmp_path / "same.out").exists()
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_report_files_are_written_all_or_none(tmp_path: Path) -> None:

@@ -26,20 +26,37 @@ _ASKED = "_nhwc_audit_enabled"
 on a machine without CUDA, in the object itself)."""
 
 
-def _patched(cls: Any, name: str, make: Any) -> Any:
-    """Set ``cls.<name>`` (from ``cls.__dict__``) to ``make(original)``, the original being torch's
-    own even where another trace's patch is in place (one that outlives this one cannot leave it
-    there); the patch is marked with it. Returns what to put back."""
+class _Patch:
+    """One trace's patch of a class attribute: on while the trace runs, in its thread only."""
+
+    def __init__(self) -> None:
+        self.owner, self.on = threading.get_ident(), True
+
+    @property
+    def mine(self) -> bool:
+        """A call to record: made while the trace runs, by its thread."""
+        return self.on and threading.get_ident() == self.owner
+
+
+@contextlib.contextmanager
+def _patched(cls: Any, name: str, make: Any) -> Iterator[_Patch]:
+    """``cls.<name>`` set to ``make(current, patch)`` while it lasts, over whatever is there (another
+    trace's patch: each passes on the calls that are not its own). On the way out the patch turns
+    off and comes off with every patch above it that is off too, in whatever order traces end."""
+    patch = _Patch()
     current = cls.__dict__[name]
-    func = getattr(current, "__func__", current)
-    original = getattr(func, _ORIGINAL, current)
-    patch = make(original)
-    setattr(getattr(patch, "__func__", patch), _ORIGINAL, original)
-    setattr(cls, name, patch)
-    return original
+    made = make(current, patch)
+    setattr(getattr(made, "__func__", made), _STATE, (patch, current))
+    setattr(cls, name, made)
+    try:
+        yield patch
+    finally:
+        patch.on = False
+        while (state := getattr(getattr(top := cls.__dict__[name], "__func__", top), _STATE, None)) and not state[0].on:
+            setattr(cls, name, state[1])
 
 
-_ORIGINAL = "_nhwc_audit_original"
+_STATE = "_nhwc_audit_patch"
 
 
 @contextlib.contextmanager
@@ -47,9 +64,9 @@ def autocast_blocks_noted(blocks: list[AutocastBlock]) -> Iterator[None]:
     """While it lasts, ``blocks`` holds forward's open autocast blocks, outermost first. A block
     changes no state fx sees when it turns autocast off, as a float32 head does. Blocks entered by
     other threads are theirs: not noted."""
-    cls, owner = torch.amp.autocast_mode.autocast, threading.get_ident()
+    cls = torch.amp.autocast_mode.autocast
 
-    def made(init: Any) -> Any:
+    def made(init: Any, patch: _Patch) -> Any:
         def wrapper(cm: Any, *args: Any, **kwargs: Any) -> None:
             init(cm, *args, **kwargs)
             # as asked: a CUDA block on a machine without CUDA turns itself off, and so would the repair's
@@ -58,32 +75,25 @@ def autocast_blocks_noted(blocks: list[AutocastBlock]) -> Iterator[None]:
 
         return wrapper
 
-    def entered(enter: Any) -> Any:
+    def entered(enter: Any, patch: _Patch) -> Any:
         def wrapper(cm: Any) -> Any:
             out = enter(cm)
-            if threading.get_ident() == owner:
+            if patch.mine:
                 blocks.append((cm.device, cm.fast_dtype, cm.__dict__.get(_ASKED, cm._enabled), cm._cache_enabled))
             return out
 
         return wrapper
 
-    def left(leave: Any) -> Any:
+    def left(leave: Any, patch: _Patch) -> Any:
         def wrapper(cm: Any, *exc: Any) -> Any:
-            if blocks and threading.get_ident() == owner:
+            if blocks and patch.mine:
                 blocks.pop()
             return leave(cm, *exc)
 
         return wrapper
 
-    kept = [
-        (name, _patched(cls, name, how))
-        for name, how in (("__init__", made), ("__enter__", entered), ("__exit__", left))
-    ]
-    try:
+    with _patched(cls, "__init__", made), _patched(cls, "__enter__", entered), _patched(cls, "__exit__", left):
         yield
-    finally:
-        for name, original in kept:
-            setattr(cls, name, original)
 
 
 @contextlib.contextmanager
@@ -99,11 +109,9 @@ def function_grad_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
     theirs: applied as they are."""
     from torch.utils.checkpoint import CheckpointFunction
 
-    owner = threading.get_ident()
-
-    def applying(apply: Any) -> Any:
+    def applying(apply: Any, patch: _Patch) -> Any:
         def applied(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() != owner:
+            if not patch.mine:
                 return apply.__get__(None, fn)(*args, **kwargs)
             if fn is CheckpointFunction and not functions:
                 run, _, *inputs = args  # (function, preserve_rng_state, *args)
@@ -116,11 +124,8 @@ def function_grad_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
 
         return classmethod(applied)
 
-    original = _patched(torch.autograd.Function, "apply", applying)
-    try:
+    with _patched(torch.autograd.Function, "apply", applying):
         yield
-    finally:
-        torch.autograd.Function.apply = original
 
 
 def custom_functions(graph: torch.fx.Graph) -> list[str]:

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..api import audit
+    from ..fix.package import package_name
     from ..prepare.load import load_target, parse_bandwidth, parse_dtype, parse_shape
     from ..report.console import render_audit, render_outcome
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         )
     json_path: Path | None = Path(args.json_path) if args.json_path else None
     html_path: Path | None = Path(args.html_path) if args.html_path else None
-    if json_path is not None and html_path is not None and json_path.absolute() == html_path.absolute():
+    if json_path is not None and html_path is not None and json_path.resolve() == html_path.resolve():
         raise UsageError(f"--json and --html name one file ({str(json_path)!r}): give each its own")
     if json_path is None and html_path is None and not args.no_report:
         json_path = Path("reports") / f"{_default_name(args.spec)}.json"
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             _check_writable(path)
     if args.save_repaired:
         _check_writable(Path(args.save_repaired), folder=True)
+        package_name(Path(args.save_repaired))  # the folder is imported by its name
     baseline = None
     if args.baseline:
         from ..report.diff import load_report

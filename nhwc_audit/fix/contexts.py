@@ -100,13 +100,14 @@ class _BlocksDropped(torch.fx.Tracer):
         )
 
 
-def keep_blocks(graph: torch.fx.Graph) -> int:
+def keep_blocks(graph: torch.fx.Graph, *, grads: bool = True) -> int:
     """Put forward's gradient-off and autocast blocks back around the nodes traced inside them;
     the number of runs of nodes put inside one. Idempotent: a graph that has such nodes is left.
-    :class:`ConversionError` for a graph of a custom ``autograd.Function``'s forward, whose own
+    :class:`ConversionError`, where the repair checks gradients (``grads``), for a graph of a
+    custom ``autograd.Function``'s forward, whose own
     backward no graph keeps (a straight-through estimator's: the repaired model's conv gradient was
     0 where the model's is 30; the checks compared it with the naive graph, which has the same fault)."""
-    if functions := custom_functions(graph):
+    if grads and (functions := custom_functions(graph)):  # (a repair for inference keeps its forward)
         raise ConversionError(
             f"repair: forward applies the custom autograd.Function {', '.join(functions)}; a torch.fx graph "
             "records the ops of its forward and trains through them with autograd's backward, not its own, so a "

@@ -29,7 +29,7 @@ from torch.fx.graph import _custom_builtins
 from ..errors import ReportWriteError
 from ..prepare.load import FILE_MODULE_PREFIX
 
-__all__ = ["write_package"]
+__all__ = ["package_name", "write_package"]
 
 _WRAPPED = re.compile(r"^\s*torch\.fx\._symbolic_trace\.wrap\([^)]*\)\s*$", re.MULTILINE)
 
@@ -42,9 +42,7 @@ def write_package(gm: torch.fx.GraphModule, folder: Path, header: list[str]) -> 
         node.type = None
     gm.recompile()
     imports = _imports(gm)
-    name = folder.name
-    if not name.replace("-", "_").isidentifier() or keyword.iskeyword(name):  # imported by its name
-        raise ReportWriteError(f"cannot save to {str(folder)!r}: the folder is imported as a package, name it like one")
+    name = package_name(folder)
     load = (
         f"from {name} import Repaired"
         if name.isidentifier()
@@ -73,6 +71,14 @@ def write_package(gm: torch.fx.GraphModule, folder: Path, header: list[str]) -> 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def package_name(folder: Path) -> str:
+    """The name ``folder`` is imported by, or :class:`ReportWriteError` when no import finds it."""
+    name = folder.name
+    if not name.replace("-", "_").isidentifier() or keyword.iskeyword(name):
+        raise ReportWriteError(f"cannot save to {str(folder)!r}: the folder is imported as a package, name it like one")
+    return name
 
 
 def _imports(gm: torch.fx.GraphModule) -> str:
@@ -142,7 +148,7 @@ def _modes_kept(gm: nn.Module) -> str:
     other = [name for name, m in gm.named_modules() if m.training != mode]
     formats = {
         name: fmt
-        for name, t in [*gm.named_parameters(), *gm.named_buffers()]
+        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
         for fmt in ("channels_last", "channels_last_3d")
         if t.dim() == (4 if fmt == "channels_last" else 5)
         and t.is_contiguous(memory_format=getattr(torch, fmt))
@@ -158,7 +164,8 @@ def _modes_kept(gm: nn.Module) -> str:
         "    for name, module in self.named_modules():\n"
         "        if name in _OTHER_MODE:\n"
         "            module.training = not _MODE\n"
-        "    for name, t in [*self.named_parameters(), *self.named_buffers()]:\n"
+        "    held = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]\n"
+        "    for name, t in held:\n"
         "        if name in _FORMATS:\n"
         "            t.data = t.data.contiguous(memory_format=getattr(torch, _FORMATS[name]))\n\n\n"
         "Repaired.__init__ = _init\n"

@@ -225,7 +225,7 @@ def repair_model(
                 cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph))
         except Exception as e:
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
-        if keep_blocks(gm.graph):  # forward's no_grad and autocast blocks, which fx does not record
+        if keep_blocks(gm.graph, grads=grads):  # forward's no_grad and autocast blocks, which fx does not record
             gm.recompile()
         if cap is None and graph_checked:  # an audit's graph checked against eager; others are checked here
             break

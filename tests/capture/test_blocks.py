@@ -375,3 +375,54 @@ def test_a_repair_of_a_model_with_a_reentrant_checkpoint_checks_its_gradients() 
         log = audit(model, torch.randn(2, 3, 16, 16), bandwidth=1e9).repaired().repair
     assert log is not None and "contiguous-cl" in [s.kind for s in log.steps] and not log.refused
     assert model.stem.weight.grad is marker and all(p.grad is None for p in model.head.parameters())
+
+
+def test_two_traces_at_once_each_note_their_own_blocks() -> None:
+    """Each trace's patch wrapped torch's method and passed other threads' calls straight to it: a
+    trace that began first lost its autocast blocks while a second one ran, and after the second
+    ended (putting torch's methods back) for the rest of its trace."""
+    import threading
+
+    from nhwc_audit.capture.context import AUTOCAST_KEY
+    from nhwc_audit.capture.fx import trace
+
+    first_in, second_done = threading.Event(), threading.Event()
+
+    class Casts(nn.Module):
+        def __init__(self, first: bool) -> None:
+            super().__init__()
+            self.c, self.first = nn.Conv2d(3, 8, 3), first
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.first:
+                first_in.set()
+                second_done.wait(30)  # the second trace runs and ends meanwhile
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self.c(x)
+            return y.float()
+
+    got: dict[str, object] = {}
+
+    def traced(key: str, model: nn.Module) -> None:
+        got[key] = {n.name: n.meta.get(AUTOCAST_KEY) for n in trace(model).graph.nodes if n.op == "call_module"}
+
+    enter = torch.amp.autocast_mode.autocast.__dict__["__enter__"]
+    first = threading.Thread(target=traced, args=("first", Casts(True)))
+    first.start()
+    first_in.wait(30)
+    traced("second", Casts(False))
+    second_done.set()
+    first.join()
+    block = {"c": (("cpu", torch.bfloat16, True, True),)}
+    assert got == {"first": block, "second": block}
+    assert torch.amp.autocast_mode.autocast.__dict__["__enter__"] is enter
+
+
+def test_a_repair_for_inference_keeps_a_custom_functions_forward() -> None:
+    """The refusal of a graph of a custom Function stands where gradients are checked; a repair
+    without them (for inference) keeps its forward, as it did."""
+    from nhwc_audit import repair
+
+    torch.manual_seed(0)
+    gm, log = repair(Quantised().eval(), torch.randn(2, 3, 16, 16), grads=False)
+    assert [s.kind for s in log.steps] == ["instancenorm->groupnorm"]

@@ -150,8 +150,8 @@ def test_a_save_that_writes_nothing_exits_2(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "netfile.py").write_text(_MODEL_FILE)
     assert main(["netfile.py:build", "--save-repaired", "saved.net", "--no-report", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "nhwc-audit: error: --save-repaired saved.net: nothing written" in err
+    err = capsys.readouterr().err  # refused before the audit (a save that fails after it: the half-way test)
+    assert "nhwc-audit: error: cannot save to 'saved.net': the folder is imported as a package" in err
     assert not (tmp_path / "saved.net").exists()
     (tmp_path / "taken").write_text("a file, not a folder")  # refused before the audit
     assert main(["netfile.py:build", "--save-repaired", "taken", "--no-report", "--quiet"]) == 2
@@ -312,3 +312,34 @@ def test_a_save_that_fails_half_way_leaves_nothing_behind(
     assert main(["scripted.py:build", "--apply", "--save-repaired", "out/pkg", "--no-report", "--quiet"]) == 2
     assert "--save-repaired out/pkg: nothing written" in capsys.readouterr().err
     assert not (tmp_path / "out" / "pkg").exists() and not list((tmp_path / "out").iterdir())
+
+
+def test_a_saved_repair_gives_a_tied_weight_its_format_under_each_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The formats were listed by ``named_parameters()``, which names a tied weight once: the second
+    module's copy, which loading a state dict makes, stayed NCHW."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tied.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Tied(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)\n"
+        "        self.b.weight = self.a.weight\n"
+        "    def forward(self, x):\n"
+        "        return self.b(self.a(self.stem(x))).contiguous() + 1\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Tied().eval(), (torch.randn(1, 3, 16, 16),)\n"
+    )
+    assert main(["tied.py:build", "--save-repaired", "pkgtied", "--no-report", "--quiet"]) == 0
+    check = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from pkgtied import Repaired\n"
+        "m = Repaired()\n"
+        "print(all(w.is_contiguous(memory_format=torch.channels_last) for n, w in m.named_parameters(remove_duplicate=False) if w.dim() == 4))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True"], proc.stderr[-2000:]
