@@ -76,7 +76,10 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     that are functions or methods group by op and source line (change that line).
     """
     by_name = {r.name: r for r in records}
-    by_node = {f.node: f for f in findings}
+    by_node: dict[str, Finding] = {}  # a node's forward finding, where it has one beside its backward's
+    for f in findings:
+        if f.node not in by_node or by_node[f.node].kind is FindingKind.BACKWARD:
+            by_node[f.node] = f
     groups: dict[tuple[str, ...], list[Finding]] = {}
     roots: dict[tuple[str, ...], list[str]] = {}
     sources: dict[tuple[str, ...], SourceLoc | None] = {}

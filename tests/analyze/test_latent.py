@@ -96,3 +96,16 @@ def test_every_capture_finds_the_latent_break(sample: Callable[..., torch.Tensor
     for capture in ("fx", "hooks"):
         r = audit(FlattenAfterNorm().eval(), x, bandwidth=1e9, capture=capture)
         assert r.summary.latent_breaks == 0
+
+
+def test_a_train_audits_fix_leads_with_the_forward_findings_hint() -> None:
+    """A node with a revert and a backward finding grouped its fix under the backward one: the
+    InstanceNorm's 'use nn.GroupNorm(...)' gave way to the generic backward text under --train."""
+    from nhwc_audit import audit
+    from tests import models as M
+
+    torch.manual_seed(0)
+    report = audit(M.InstanceNormNet().train(), torch.randn(2, 3, 16, 16), bandwidth=1e9, train=True)
+    norm = next(f for f in report.fixes if f.op == "InstanceNorm2d")
+    assert norm.kind is FindingKind.REVERT and "nn.GroupNorm" in norm.hint
+    assert any(f.kind is FindingKind.BACKWARD and f.node in norm.roots for f in report.findings)
