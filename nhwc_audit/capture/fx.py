@@ -272,10 +272,14 @@ _WHY = (
 """What torch.fx's error says forward does that a symbolic trace cannot follow (first match)."""
 
 
+_RECORDED = "capture 'hooks' or 'auto', the default, records it from an eager run"
+"""What audits a model torch.fx cannot trace."""
+
+
 def _untraceable(msg: str) -> str:
     """The hint for a failed trace whose error reads ``msg``."""
     what = next((why for key, why in _WHY if key in msg), "data-dependent control flow or non-torch calls in forward")
-    return f"{what}; capture 'hooks' or 'auto', the default, records it from an eager run (or wrap that code in torch.fx.wrap)"
+    return f"{what}; {_RECORDED} (or wrap that code in torch.fx.wrap)"
 
 
 class _MapsProxied(Exception):
@@ -284,8 +288,7 @@ class _MapsProxied(Exception):
 
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps: bool) -> Capture:
     if isinstance(model, torch.jit.ScriptModule):  # (torch.fx says 'traced_func_name=forward doesn't exist')
-        why = "capture 'hooks' or 'auto', the default, records it from an eager run"
-        raise TraceError(f"torch.fx cannot trace a TorchScript module ({type(model).__name__}): {why}")
+        raise TraceError(f"torch.fx cannot trace a TorchScript module ({type(model).__name__}): {_RECORDED}")
     tracer = _Tracer(proxy_maps)
     try:
         with torch.enable_grad():  # so that a torch.no_grad() block in forward shows (NO_GRAD_KEY)

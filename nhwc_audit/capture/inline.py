@@ -78,10 +78,11 @@ def _held(gm: torch.fx.GraphModule, sub: torch.nn.Module, target: str, name: str
     value: Any = sub
     for part in target.split("."):
         value = getattr(value, part)
-    fresh, i = name.replace(".", "_"), 0
+    base = fresh = name.replace(".", "_")
+    i = 0
     while hasattr(gm, fresh):
         i += 1
-        fresh = f"{name.replace('.', '_')}_{i}"
+        fresh = f"{base}_{i}"
     if isinstance(value, torch.nn.Module):
         gm.add_submodule(fresh, value)
     else:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx.graph import _custom_builtins
 
 from ..errors import ReportWriteError
+from ..prepare.copy import memory_format_for_rank
 from ..prepare.load import FILE_MODULE_PREFIX
 
 __all__ = ["package_name", "write_package"]
@@ -146,14 +147,11 @@ def _modes_kept(gm: nn.Module) -> str:
     package ran the repaired graph NCHW)."""
     mode = gm.training
     other = [name for name, m in gm.named_modules() if m.training != mode]
-    formats = {
-        name: fmt
-        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-        for fmt in ("channels_last", "channels_last_3d")
-        if t.dim() == (4 if fmt == "channels_last" else 5)
-        and t.is_contiguous(memory_format=getattr(torch, fmt))
-        and not t.is_contiguous()
-    }
+    formats: dict[str, str] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        fmt = memory_format_for_rank(t.dim())
+        if fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
+            formats[name] = str(fmt).removeprefix("torch.")
     return (
         "\n\n_MODE, _OTHER_MODE = " + repr((mode, tuple(other))) + "  # the modes the model was repaired in\n"
         "_FORMATS = " + repr(formats) + "  # the memory formats of its weights\n"
