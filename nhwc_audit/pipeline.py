@@ -34,7 +34,7 @@ from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
 from .propagate.runner import Runner
-from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord
+from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord, TensorMeta
 from .refine import with_backward, with_nchw_backward, with_nchw_baseline
 from .result import AuditReport
 from .tensors import iter_tensors
@@ -172,6 +172,16 @@ def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple
     return captured.records, (f"{BACKWARD_NOT_AUDITED} (the {captured.method} graph's backward raised: {why})",), False
 
 
+def keyword_metas(kwargs: dict[str, Any]) -> tuple[tuple[str, TensorMeta], ...]:
+    """The sample's keyword tensors for the report: ``(name, meta)``, ``name[i]`` for the i-th
+    tensor of a keyword that holds several."""
+    out: list[tuple[str, TensorMeta]] = []
+    for key, value in kwargs.items():
+        tensors = iter_tensors(value)
+        out += [(key if len(tensors) == 1 else f"{key}[{i}]", tensor_meta(t)) for i, t in enumerate(tensors)]
+    return tuple(out)
+
+
 def _audit_one(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions, *, raw: bool = False
 ) -> AuditReport:
@@ -214,6 +224,7 @@ def _audit_one(
         autocast=str(o.autocast).removeprefix("torch.") if o.autocast is not None else None,
         training=module.training,
         inputs=tuple(tensor_meta(a) for a in iter_tensors(p.args)),  # in lists too (detection models)
+        keyword_inputs=keyword_metas(p.kwargs),
         bandwidth=bandwidth,
         bandwidth_source=source,
         backward=o.train and o.backward and captured.capture is not None and not _unaudited(grad_notes),

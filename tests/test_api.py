@@ -88,6 +88,29 @@ def test_kwargs_and_non_image_inputs_pass_through() -> None:
     assert r.findings == ()
 
 
+def test_keyword_tensors_are_named_in_the_report_inputs() -> None:
+    class Cond(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.emb = nn.Linear(1, 4)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+            y = self.conv(x) + self.emb(t)[:, :, None, None]
+            return y * masks[0] * masks[1] if masks else y
+
+    kwargs = {"t": torch.randn(2, 1), "masks": [torch.ones(2, 1, 8, 8), torch.ones(2, 1, 8, 8)]}
+    r = audit(Cond(), torch.randn(2, 3, 8, 8), example_kwargs=kwargs, bandwidth=BANDWIDTH)
+    assert [(k, t.shape) for k, t in r.meta.keyword_inputs] == [
+        ("t", (2, 1)),
+        ("masks[0]", (2, 1, 8, 8)),
+        ("masks[1]", (2, 1, 8, 8)),
+    ]
+    assert "input 2x3x8x8, t=2x1, masks[0]=2x1x8x8, masks[1]=2x1x8x8," in str(r).splitlines()[0]
+    assert [i["name"] for i in r.to_dict()["keyword_inputs"]] == ["t", "masks[0]", "masks[1]"]
+    assert "input 2x3x8x8, t=2x1, masks[0]=2x1x8x8" in r.to_html()
+
+
 def test_incompatible_nodes_are_records_in_graph_order() -> None:
     nodes = incompatible_nodes(M.ViewHead(), torch.randn(1, 3, 8, 8), bandwidth=BANDWIDTH)
     assert [(n.name, n.op_name) for n in nodes] == [("view", "view"), ("norm", "InstanceNorm2d")]

@@ -204,7 +204,7 @@ class AuditMeta:
     """The torch.autocast dtype the audit ran under, if any."""
     training: bool
     inputs: tuple[TensorMeta, ...]
-    """The sample inputs as audited (after conversion to channels_last)."""
+    """The sample's positional tensors as audited (after conversion to channels_last)."""
     bandwidth: float
     """Bytes per second used to estimate the time of layout changes."""
     bandwidth_source: BandwidthSource
@@ -216,6 +216,15 @@ class AuditMeta:
     modules: tuple[tuple[str, str], ...] = ()
     """(path, class name) of every module of the audited model in definition order; ``''`` is the
     root. The report's module tree names containers (``ModuleList``) that run no op of their own."""
+    keyword_inputs: tuple[tuple[str, TensorMeta], ...] = ()
+    """The sample's tensors passed by keyword, as audited: (name, tensor), ``name[i]`` for the
+    i-th tensor of a keyword given a list, tuple or dict of them."""
+
+    @property
+    def inputs_str(self) -> str:
+        """The inputs' shapes, keywords named: ``1x3x64x64, t=1x4``."""
+        shapes = [t.shape_str for t in self.inputs] + [f"{k}={t.shape_str}" for k, t in self.keyword_inputs]
+        return ", ".join(shapes) or "none"
 
     @property
     def compute_dtype(self) -> str:

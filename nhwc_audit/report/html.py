@@ -160,7 +160,8 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "device": m.device,
             "dtype": m.dtype + (f" (autocast {m.autocast})" if m.autocast else ""),
             "training": m.training,
-            "inputs": [f"{t.shape_str} ({t.layout.value})" for t in m.inputs],
+            "inputs": [f"{t.shape_str} ({t.layout.value})" for t in m.inputs]
+            + [f"{k}={t.shape_str} ({t.layout.value})" for k, t in m.keyword_inputs],
             "bandwidth": m.bandwidth,
             "bandwidth_source": m.bandwidth_source,
             "backward": m.backward,

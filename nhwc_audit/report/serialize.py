@@ -183,6 +183,7 @@ def report_dict(
         "autocast": meta.autocast,
         "training": meta.training,
         "inputs": [_tensor(t) for t in meta.inputs],
+        "keyword_inputs": [{"name": k, **_tensor(t)} for k, t in meta.keyword_inputs],
         "bandwidth": {"bytes_per_second": meta.bandwidth, "source": meta.bandwidth_source},
         "summary": _summary(summary),
         "findings": [_finding(f) for f in findings],

@@ -112,7 +112,7 @@ def short_source(s: SourceLoc | None, cwd: str | None = None) -> str:
 def run_description(m: AuditMeta) -> str:
     """How the audit ran, in one parenthesis: capture, mode, device, dtype, train/eval, inputs,
     torch version."""
-    shapes = ", ".join(t.shape_str for t in m.inputs) or "none"
+    shapes = m.inputs_str
     amp = f" autocast {m.autocast}" if m.autocast else ""
     threads = f", {m.threads} thread{'s' if m.threads != 1 else ''}" if m.device.startswith("cpu") else ""
     return (
