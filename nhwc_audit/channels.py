@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .layout import innermost_dim, is_dense_in_order, memory_order, reorders, tensor_meta
+from .layout import innermost_dim, is_dense_in_order, leans_channels_last, memory_order, reorders, tensor_meta
 from .records import CONV_OPS, GEMM_OPS, HiddenCopy, Layout, NodeRecord, TensorMeta
 
 __all__ = [
@@ -27,6 +27,8 @@ __all__ = [
     "PROMOTES_FIRST",
     "broadcast_across",
     "casts_first",
+    "conv_layout",
+    "conv_relays",
     "kernel_itemsize",
     "channels_relaid",
     "hidden_copy",
@@ -194,10 +196,33 @@ def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool, cast_first: 
 
 def relaid_weight(w: TensorMeta, out: TensorMeta) -> bool:
     """A convolution re-lays its weight ``w``: not dense in the memory format of its output (its
-    layout is neither the output's nor ambiguous, dense in both)."""
-    if out.layout not in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS) or w.rank != out.rank:
+    layout is neither the one it computes in, :func:`conv_layout`, nor ambiguous, dense in both)."""
+    kernel = conv_layout(out)
+    if kernel not in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS) or w.rank != out.rank:
         return False
-    return w.layout not in (out.layout, Layout.AMBIGUOUS)
+    return w.layout not in (kernel, Layout.AMBIGUOUS)
+
+
+def conv_layout(out: TensorMeta) -> Layout:
+    """The layout a convolution computed in: its output's, or, for an output dense in both orders
+    (one channel: a mask or depth head, CBAM's spatial attention), the memory format its strides
+    lean to (:func:`~nhwc_audit.layout.leans_channels_last`): kernels allocate their output in the
+    format they compute in."""
+    if out.layout is not Layout.AMBIGUOUS:
+        return out.layout
+    return Layout.CHANNELS_LAST if leans_channels_last(out) else Layout.CONTIGUOUS
+
+
+def conv_relays(src: TensorMeta, out: TensorMeta) -> bool:
+    """A convolution re-lays its input ``src`` (copies it whole into the format it computes in):
+    ``src`` runs in another order than the output (:func:`runs_otherwise`), or, where the output
+    is dense in both orders, than :func:`conv_layout` says the kernel computed in."""
+    if out.layout is not Layout.AMBIGUOUS or src.rank != out.rank:
+        return runs_otherwise(src, out)
+    held = [d for d in memory_order(src) if src.strides[d] != 0]
+    nhwc = conv_layout(out) is Layout.CHANNELS_LAST
+    order = [0, *range(2, src.rank), 1] if nhwc else list(range(src.rank))  # outermost first
+    return held != [d for d in order if d in held]
 
 
 def moves_into(src: TensorMeta, out: TensorMeta) -> bool:

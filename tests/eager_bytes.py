@@ -9,7 +9,8 @@ data; a broadcast input counts what it stores). Ops that read only an input's sh
 (``new_empty``, ``zeros_like``) move nothing, and neither does an exit: the copy a reshape
 makes out of the spatial ranks (``torch.flatten(x, 1)`` of an NHWC map before a classifier,
 seen as a copy then a view to 2D by one flatten or reshape call), which the audit does not count either
-(exits are not findings); a weight reshaped in forward (weight standardisation) is not an exit. A convolution whose input is re-laid to its output's layout pays twice its input.
+(exits are not findings); a weight reshaped in forward (weight standardisation) is not an exit. A convolution whose input is re-laid to its output's layout pays twice its input;
+where its output is dense in both orders (one channel), the format it computed in is read from the output's strides.
 Views move nothing. What channels_last adds is, per source line of the model, the channels_last
 run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -119,13 +121,26 @@ def _moved(
     return 2 * (size_in if relaid else min(size_in, out.numel() * out.element_size()))
 
 
-def _relaid_weight(activation: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A convolution's weight whose memory order is not its output's (channels innermost in one,
-    not the other): the kernel copies it into the layout it computes in."""
-    if activation.dim() != weight.dim() or weight.dim() < 4:
+def _kernel_format(result: torch.Tensor) -> torch.memory_format:
+    """The memory format a convolution computed in: the one it allocated its output in, read from
+    the output's strides as PyTorch's ``suggest_memory_format`` reads them (an output of one
+    channel is dense in both orders; its strides still say which)."""
+    return suggest_memory_format(result)
+
+
+def _relaid_weight(result: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A convolution's weight not dense in the memory format the kernel computes in (its output's,
+    :func:`_kernel_format`): the kernel copies it into that format (``weight.contiguous(format)``;
+    a depthwise N x 1 x k x k weight dense in either order is not copied)."""
+    if result.dim() != weight.dim() or weight.dim() < 4:
         return False
-    dims = list(range(weight.dim()))
-    return _order(activation, dims) != _order(weight, dims) and min(weight.shape[1:]) > 1
+    return not weight.is_contiguous(memory_format=_kernel_format(result))
+
+
+def _ambiguous(t: torch.Tensor) -> bool:
+    """Dense in both NCHW and channels_last order (one channel, a 1 x 1 map)."""
+    cl = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.dim() in (4, 5) and t.is_contiguous() and t.is_contiguous(memory_format=cl)
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -158,6 +173,50 @@ _EXITING_CALLS = frozenset({"flatten", "reshape"})
 """Calls that leave the spatial ranks by copying an NHWC map (a view in NCHW)."""
 
 
+class _KernelCopies(TorchDispatchMode):
+    """The copies the kernel of a library's own op makes of its inputs (torchvision's ``roi_align``
+    calls ``input.contiguous()``: a channels_last feature map copied whole into NCHW), seen by
+    running the op's backend kernel with this mode on the dispatch stack: the ATen ops the kernel
+    calls come back here. Only copies into another memory order count (a ``contiguous()`` of a
+    tensor already contiguous returns it)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[str, tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        src = args[1] if name == "copy_" else args[0] if args else None
+        copying = name in ("clone", "contiguous", "copy_", "_to_copy")
+        if copying and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4:
+            dims = [d for d in range(src.dim()) if src.shape[d] > 1 and src.stride(d) != 0]
+            if out is not src and len(dims) > 1 and _order(src, dims) != _order(out, dims):
+                self.copies.append((name, tuple(out.shape), 2 * out.numel() * out.element_size()))
+        return out
+
+    @classmethod
+    def run(
+        cls, func: Any, args: Any, kwargs: dict[str, Any]
+    ) -> tuple[Any, list[tuple[str, tuple[int, ...], int]]] | None:
+        """``(output, copies)`` of an op outside ATen run by its CPU or CUDA kernel; None for
+        ATen's ops, other modes below this one, or no such kernel (the caller runs it)."""
+        if func.namespace in ("aten", "prim", "prims") or torch._C._len_torch_dispatch_stack() > 0:
+            return None
+        devices = {t.device.type for t in tree_leaves((args, kwargs)) if type(t) in (torch.Tensor, nn.Parameter)}
+        key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(next(iter(devices), ""))
+        if len(devices) != 1 or key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+            return None
+        mode = cls()
+        with mode:
+            out = func._op_dk(key, *args, **kwargs)
+        return out, mode.copies
+
+
 class _Recorder(TorchDispatchMode):
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -177,7 +236,14 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        inside = _KernelCopies.run(func, args, kwargs)
+        if inside is not None:  # a library's own op (torchvision's roi_align): what its kernel copied
+            out, copies = inside
+            self.seen += [Transpose(name, shape, nbytes, self.site()) for name, shape, nbytes in copies]
+            if copies:
+                return out  # it computed from its copies: their orders are its output's
+        else:
+            out = func(*args, **kwargs)
         if func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter):
             if out.dtype != args[0].dtype and out.stride() == args[0].stride():  # a cast as autocast's
                 self._cast[id(out)] = weakref.ref(out)
@@ -216,6 +282,11 @@ class _Recorder(TorchDispatchMode):
             if _storage(t) == written:
                 continue  # the tensor written in place
             moved = _moved(t, result, tuple(args), kwargs, relaid=conv, name=name)
+            if name == "convolution" and _ambiguous(result) and t.dim() == result.dim():
+                # one output channel: the sizes say no order; the kernel re-lays an input not dense
+                # in the format it computes in (a mask or depth head, CBAM's spatial attention)
+                fmt = _kernel_format(result)
+                moved = 0 if t.is_contiguous(memory_format=fmt) else 2 * math.prod(t.shape) * t.element_size()
             if moved:
                 self.seen.append(Transpose(name, tuple(result.shape), moved, self.site()))
                 weights = weights or isinstance(t, nn.Parameter)

@@ -22,12 +22,12 @@ of a LayerNorm2d output, NHWC-strided in either layout, and an NCHW tensor; a co
 transposed map; a matmul's copy inside; a copy NCHW makes upstream in the same line of the model,
 :func:`.displaced.displaced`) is charged the difference (:func:`.moves.baselined`).
 
-A node whose output aliases an input (a view such as ``permute``, an in-place op) moves
-no data and is never a revert or a conversion (an in-place op whose operands disagree in
-layout is mixed, as it would be out of place; ``buf[...].copy_(x)`` copies across layouts);
-ambiguous tensors (C == 1, H == W == 1) decide nothing. Nor do tensors the conversion leaves as
-they are (:func:`.origin.conversion_free`: made from parameters and buffers it does not re-lay, a
-relative-position bias permuted to (1, heads, N, N)): they are the NCHW model's too.
+A node whose output aliases an input (a view such as ``permute``, an in-place op) moves no data and
+is never a revert or a conversion (an in-place op whose operands disagree in layout is mixed, as it
+would be out of place; ``buf[...].copy_(x)`` copies across layouts); ambiguous tensors (C == 1,
+H == W == 1) decide nothing, but a convolution's output by its strides (``channels.conv_layout``).
+Nor do tensors the conversion leaves as they are (:func:`.origin.conversion_free`: made from
+parameters and buffers it does not re-lay, a relative-position bias permuted to (1, heads, N, N)).
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..channels import casts_first, relay_bytes
+from ..channels import casts_first, conv_layout, relay_bytes
 from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
 from . import hints as H
 from . import moves
 from .exposed import exposed
+from .hint_render import hint_keys, render_hint
 from .moves import channels_source, computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, describe, feeds_a_weight, leading_to, odd_order_from_map, origin_of, via
 from .reshapes import exits_spatial, is_reshape, viewed_as
@@ -96,29 +97,21 @@ def _finding(
         detail=r.detail,
         bytes=nbytes,
         est_seconds=nbytes / ctx.bandwidth if ctx.bandwidth > 0 else 0.0,
-        hint=H.render_hint(
+        hint=render_hint(
             ctx.hints,
             kind,
-            _hint_keys(r) if hint_op is None else hint_op,
+            hint_keys(r) if hint_op is None else hint_op,
             op=r.site_op,
             origin=via(origin, producer),
             device=ctx.device,
             detail=detail if detail is not None else (r.detail or None),
+            rank=len(shape),
         ),
         producer=producer.name if producer else None,
         origin=origin.name if origin else None,
         origin_op=describe(origin) if origin else None,
         error=r.error,
     )
-
-
-def _hint_keys(r: NodeRecord) -> tuple[str, ...]:
-    """The op's own name, then (for an ATen op inside a torch.nn leaf module, as export and
-    hooks captures record them) the module type, so InstanceNorm2d's internal clone gets the
-    InstanceNorm hint. Conv modules are skipped: their hint is about the conv kernel only."""
-    if r.in_leaf_module and not r.module_type.lower().startswith(("conv", "convtranspose")):
-        return (r.op_name, r.module_type)
-    return (r.op_name,)
 
 
 def _only_ambiguous_inputs(r: NodeRecord) -> bool:
@@ -167,7 +160,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         return _hidden_findings(ctx, r) if moves.copies_into(r) else []
     ins = [i for i in moves.data_inputs(r, ctx.stored) if i.meta.is_spatial]
     assigned = not r.outputs and ins and r.op_name.strip("_") == "setitem"  # x[i] = y: in x's layout
-    out = ins[0].meta.layout if assigned else r.output_layout
+    conv = r.op_name.lower() in CONV_OPS and r.outputs  # (one output channel: the format it computed in)
+    out = ins[0].meta.layout if assigned else conv_layout(r.outputs[0]) if conv else r.output_layout
     # written in place from a slice of an NHWC map (``z[:, :4] += y[:, :4]``, z NCHW): read across as a whole map is
     nhwc = [i for i in ins if in_place and i.meta.layout is Layout.STRIDED and channels_innermost(i.meta)]
     cl_in = [i for i in ins if (i.meta.layout is Layout.CHANNELS_LAST or i in nhwc) and i.producer not in ctx.free]

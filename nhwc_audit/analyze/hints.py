@@ -2,8 +2,10 @@
 
 Op names are the records' ``op_name`` lower-cased: a module class (``instancenorm2d``),
 a function (``cat``, ``pad``) or a method (``contiguous``, ``view``). Hints may use the
-fields ``{origin}``, ``{device}`` and ``{detail}``. An entry may hold for one device type
-only (``instancenorm2d@cuda``): it wins over the entry for every device.
+fields ``{origin}``, ``{device}`` and ``{detail}``, and name a memory format or a dim order by
+``{channels_last}``, ``{nhwc}``, ``{to_nhwc}``, ``{to_nchw}`` (:mod:`.hint_render`: a volume's
+are 3D). An entry may hold for one device type only (``instancenorm2d@cuda``): it wins over the
+entry for every device.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ __all__ = [
     "STORED_TABLE",
     "WEIGHT_RESHAPE",
     "HintTable",
+    "KIND_DEFAULTS",
     "default_hints",
-    "render_hint",
 ]
 
 HintTable = dict[tuple[FindingKind, str], str]
@@ -56,7 +58,7 @@ STORED_TABLE = "@stored-table"
 """Key of the revert hint for a 4D buffer or parameter that holds no image (a table of
 coordinates, tokens) copied out of the channels_last strides the conversion gave it."""
 
-_DEFAULT: dict[FindingKind, str] = {
+KIND_DEFAULTS: dict[FindingKind, str] = {
     FindingKind.BREAK: (
         "this op raises on channels_last input: use a layout-agnostic equivalent "
         "(reshape instead of view), or make its input .contiguous() right before it"
@@ -117,7 +119,7 @@ def default_hints() -> HintTable:
         ("instancenorm1d", "instancenorm2d", "instancenorm3d", "instance_norm", "groupnorm", "group_norm"),
         "{op} returns NCHW on {device}, and so does every eager normalization over (H, W) there (ATen's "
         "group_norm and instance_norm make non-CPU inputs contiguous): no eager swap keeps channels_last; "
-        "convert back once right after it (.contiguous(memory_format=torch.channels_last)) so the rest "
+        "convert back once right after it (.contiguous(memory_format={channels_last})) so the rest "
         "stays NHWC, or let torch.compile fuse the norm",
         device="cuda",
     )
@@ -133,14 +135,14 @@ def default_hints() -> HintTable:
         t,
         FindingKind.REVERT,
         ("softmax", "_softmax", "log_softmax", "_log_softmax", "softmin", "softmax2d", "logsoftmax"),
-        "softmax over the channel dim returns NCHW: permute to (N, H, W, C), softmax over "
+        "softmax over the channel dim returns NCHW: permute to {nhwc}, softmax over "
         "dim=-1 and permute back (both permutes are free on a channels_last tensor)",
     )
     _register(
         t,
         FindingKind.REVERT,
         ("contiguous",),
-        ".contiguous() returns NCHW: write .contiguous(memory_format=torch.channels_last), "
+        ".contiguous() returns NCHW: write .contiguous(memory_format={channels_last}), "
         "or drop it if nothing after it needs NCHW",
     )
     _register(
@@ -219,7 +221,7 @@ def default_hints() -> HintTable:
         "converts an NCHW input back to channels_last; the NCHW tensor comes from "
         "{origin}, whose input is ambiguous (C == 1 or H == W == 1) with NCHW-order "
         "strides, so that op chose NCHW: restride its input with "
-        ".to(memory_format=torch.channels_last) (a tiny copy; .contiguous(memory_format=...) "
+        ".to(memory_format={channels_last}) (a tiny copy; .contiguous(memory_format=...) "
         "is a no-op on ambiguous tensors) and it stays channels_last",
     )
     _register(
@@ -228,8 +230,8 @@ def default_hints() -> HintTable:
         (ND_TRANSPOSE,),
         "{op} copies a view of a channels_last tensor into row-major (NCHW) order, moving the "
         "channel axis out of the innermost position (e.g. channel shuffle: view, transpose, "
-        "contiguous): do it in (N, H, W, C) order instead, x.permute(0, 2, 3, 1), reshape/"
-        "transpose the last dims, permute(0, 3, 1, 2), so the copy keeps channels innermost",
+        "contiguous): do it in {nhwc} order instead, x.permute{to_nhwc}, reshape/"
+        "transpose the last dims, permute{to_nchw}, so the copy keeps channels innermost",
     )
     _register(
         t,
@@ -300,20 +302,3 @@ def default_hints() -> HintTable:
             "first): use a variant without the internal copy, or accept the cost",
         )
     return t
-
-
-class _Fields(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return "?"
-
-
-def render_hint(table: HintTable, kind: FindingKind, key: str | tuple[str, ...], **fields: str | None) -> str:
-    """The hint for ``kind`` at op ``key`` (the first of several keys the table has, else the
-    kind's default), with
-    the fields (``op``, ``origin``, ``device``, ``detail``) filled in."""
-    keys = (key,) if isinstance(key, str) else key
-    device = (fields.get("device") or "").split(":")[0]
-    candidates = [f"{k.lower()}@{device}" for k in keys] + [k.lower() for k in keys]
-    text = next((table[(kind, k)] for k in candidates if (kind, k) in table), _DEFAULT[kind])
-    values = _Fields({k: v for k, v in fields.items() if v is not None})
-    return text.format_map(values)

@@ -10,6 +10,8 @@ from ..channels import (
     broadcast_across,
     casts_first,
     channels_relaid,
+    conv_layout,
+    conv_relays,
     moves_into,
     relaid_weight,
     relay_bytes,
@@ -156,7 +158,7 @@ def data_inputs(r: NodeRecord, stored: frozenset[str] | None = frozenset()) -> t
     for element with the output: its shape but for the channels (a cat) and broadcast dims; a
     sampling grid (``grid_sample``'s N x H x W x 2) holds coordinates, not a map."""
     if r.op_name.lower() in CONV_OPS:
-        cl = r.outputs[0] if r.outputs and r.outputs[0].layout is Layout.CHANNELS_LAST else None
+        cl = r.outputs[0] if r.outputs and conv_layout(r.outputs[0]) is Layout.CHANNELS_LAST else None
         ws = [i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl)]
         held = r.inputs[:1] if r.inputs and r.inputs[0].is_param else ()  # a stored tensor convolved (made in forward)
         return (*held, *r.activation_inputs, *(i for i in ws if stored is None or i.producer in stored))
@@ -196,6 +198,11 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in is Layout.CHANNELS_LAST]
     if inner:
         return sum(h.bytes for h in inner)
+    held = [i.meta.shape for i in r.inputs if 0 not in i.meta.strides]  # (an expanded map stores less)
+    if any(not h.reorder and h.shape in held for h in r.hidden):
+        # it copied inputs whole, then computed from the copies (roi_align's input.contiguous()):
+        # what it copied (the NCHW baseline's own copies are taken off as for any node)
+        return sum(h.bytes for h in r.hidden)
     conv, first, out = r.op_name.lower() in CONV_OPS, casts_first(r, cast), reverted[0]
     total = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in sources if moves_into(i.meta, out))
     copies = [h.bytes for h in r.hidden if not h.reorder]
@@ -242,7 +249,7 @@ def reorder_bytes(r: NodeRecord, autocast: str | None = None) -> int:
     if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
         # and a weight computed in forward: diffusers' FIR upsampler transposes it (re-laid in NCHW too)
         w = [i.meta for i in r.inputs[1:2] if not i.is_param and i is not act and relaid_weight(i.meta, out)]
-        return 2 * (act.meta.nbytes if runs_otherwise(act.meta, out) else 0) + 2 * sum(m.nbytes for m in w)
+        return 2 * (act.meta.nbytes if conv_relays(act.meta, out) else 0) + 2 * sum(m.nbytes for m in w)
     ins = (
         r.activation_inputs[1:]
         if r.aliases_input
@@ -289,7 +296,8 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
         return False
     if out.layout is not Layout.CHANNELS_LAST and r.op_name.lower() not in CONV_OPS:
         return False
-    return runs_otherwise(i.meta, out)  # y[:, ::2] runs along the channels; y[:, :1] has no run to leave
+    # y[:, ::2] runs along the channels; y[:, :1] has no run to leave
+    return conv_relays(i.meta, out) if r.op_name.lower() in CONV_OPS else runs_otherwise(i.meta, out)
 
 
 def writes_in_place(r: NodeRecord) -> bool:

@@ -21,6 +21,7 @@ from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
+from .library import library_kernel, library_op
 
 __all__ = [
     "LogicalDraws",
@@ -263,7 +264,10 @@ class CopyRecorder(GuardedMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.guard(func, args, kwargs)
-        out = func(*args, **(kwargs or {}))
+        inside = library_kernel(func, args, kwargs or {}, self.guard) if library_op(func) else None
+        out = func(*args, **(kwargs or {})) if inside is None else inside[0]
+        if inside is not None and self.recording:
+            self.copies += inside[1]  # what a library kernel copied (torchvision's roi_align: its input)
         if self.recording:
             copy = hidden_copy(func, args, out)
             if copy is not None:

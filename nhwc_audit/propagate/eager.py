@@ -32,6 +32,7 @@ from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .corrections import Corrections
 from .dispatch import GuardedMode, is_alias_of
+from .library import library_kernel, library_op
 
 __all__ = ["record_eager"]
 
@@ -138,8 +139,10 @@ class _Recorder(GuardedMode):
             "call": self.calls.index,
             "at_site": self.calls.at_site,
         }
+        inside = None  # what a library kernel copied (torchvision's roi_align: its input)
         try:
-            out = func(*args, **kwargs)
+            inside = library_kernel(func, args, kwargs, self.guard) if library_op(func) else None
+            out = func(*args, **kwargs) if inside is None else inside[0]
         except NhwcAuditError:
             raise  # the audit's own (a guard of a nested mode)
         except Exception as e:
@@ -155,7 +158,7 @@ class _Recorder(GuardedMode):
         if rec["aliases"] and rec["op_name"] == "view" and op == "view":
             rec["latent"] = _latent_view_error(func, args, kwargs, outs, ins)
         copy = hidden_copy(func, args, out)
-        rec["hidden"] = [copy] if copy is not None else []
+        rec["hidden"] = ([copy] if copy is not None else []) + (inside[1] if inside is not None else [])
         for t in outs:
             self.producer[t] = rec["name"]
         self.records.append(rec)

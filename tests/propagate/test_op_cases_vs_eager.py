@@ -205,6 +205,20 @@ def _conv_of_a_plain_tensor_attribute() -> Between:
     return m
 
 
+class OneChannelConv(nn.Module):
+    """A conv to one channel (a mask or depth head, CBAM's spatial attention) of what ``op`` makes
+    of a channels_last map. Its output is dense in both orders, but its weight is channels_last, so
+    the kernel computes channels_last and copies an NCHW input whole (seen in the output's strides)."""
+
+    def __init__(self, op: Op, width: int = 8) -> None:
+        super().__init__()
+        self.pre, self.op, self.head = nn.Conv2d(8, 8, 3, padding=1), op, nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        return y * torch.sigmoid(self.head(self.op(self, y)))
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "scatter_broadcast_index": _scatter_c,
@@ -237,6 +251,20 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "repeat_interleave_channels": lambda: Between(lambda s, y: y.repeat_interleave(2, dim=1), post=16),
     # MobileViTV2's linear attention: a context summed over W (NCHW) expanded back over the map
     # and multiplied with it: the broadcast operand is read across layouts, stored bytes only
+    # CBAM's spatial attention: the channel mean and max of the map, concatenated (NCHW in either
+    # layout), convolved to one channel
+    "one_channel_conv_of_channel_mean_and_max": lambda: OneChannelConv(
+        lambda s, y: torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], dim=1), width=2
+    ),
+    "one_channel_conv_after_a_cumsum_over_h": lambda: OneChannelConv(lambda s, y: y.cumsum(2)),
+    "one_channel_conv_of_the_map": lambda: OneChannelConv(lambda s, y: y.relu()),
+    # a depthwise weight pooled from the map in forward (a dynamic filter): its out-channels run
+    # innermost, dense in neither format, and the kernel copies it; in NCHW it is dense
+    "depthwise_weight_pooled_from_the_map": lambda: Between(
+        lambda s, y: nn.functional.conv2d(
+            y, nn.functional.adaptive_avg_pool2d(y[:1], 3).reshape(8, 1, 3, 3), padding=1, groups=8
+        )
+    ),
     "product_with_an_expanded_context": lambda: Between(lambda s, y: y.relu() * y.sum(-1, keepdim=True).expand_as(y)),
     # an index along H writes N x W x H x C (the channels innermost, H and W swapped): a revert,
     # and the conv re-lays it; in NCHW neither moves anything

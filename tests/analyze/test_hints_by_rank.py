@@ -1,0 +1,46 @@
+"""A hint names the memory format and the dim order of the tensor it is about: a volume's
+(``torch.channels_last_3d``, ``(N, D, H, W, C)``), where ``torch.channels_last`` raises ("required
+rank 4 tensor to use channels_last format"), and a 2D map's as before. Each memory format a hint
+names is one its tensor takes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+
+
+class Contiguous(nn.Module):
+    def __init__(self, conv: type[nn.Module], op: str) -> None:
+        super().__init__()
+        self.a, self.b, self.op = conv(4, 8, 3, padding=1), conv(8, 8, 3, padding=1), op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y.contiguous() if self.op == "contiguous" else y.softmax(1))
+
+
+@pytest.mark.parametrize("op", ["contiguous", "softmax"])
+@pytest.mark.parametrize("rank", [4, 5])
+def test_a_hint_names_the_memory_format_of_its_tensors_rank(rank: int, op: str) -> None:
+    conv = nn.Conv3d if rank == 5 else nn.Conv2d
+    x = torch.randn(2, 4, *([6] * (rank - 2)))
+    (finding,) = [f for f in audit(Contiguous(conv, op).eval(), x, bandwidth=1e9).findings if f.kind.value == "revert"]
+    formats = re.findall(r"torch\.channels_last\w*", finding.hint)
+    order = "(N, D, H, W, C)" if rank == 5 else "(N, H, W, C)"
+    assert (formats or [order in finding.hint]) and "?" not in finding.hint, finding.hint
+    for name in formats:  # every format named is one a tensor of this rank takes
+        torch.empty(x.shape).contiguous(memory_format=getattr(torch, name.removeprefix("torch.")))
+    if op == "softmax":
+        assert order in finding.hint, finding.hint
+
+
+def test_the_cuda_norm_hint_of_a_volume_names_channels_last_3d() -> None:
+    model = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv3d(8, 8, 3, padding=1)).eval()
+    r = audit(model, torch.randn(2, 4, 6, 6, 6), mode="fake", device="cuda", bandwidth=1e9)
+    (finding,) = [f for f in r.findings if f.kind.value == "revert"]
+    assert "torch.channels_last_3d" in finding.hint and not re.search(r"torch\.channels_last\b", finding.hint)

@@ -1,0 +1,68 @@
+"""Ops a library registers (torchvision's ``roi_align``, ``roi_pool``, ``ps_roi_align``,
+``deform_conv2d``) are one call at the dispatch level; their CPU kernels call ``contiguous()`` on
+their inputs, which copies a channels_last feature map whole into NCHW on every call. Each is
+charged what eager moves (:mod:`tests.eager_bytes` runs such a kernel with a mode that sees the
+ATen ops it calls), not the crops' size its own layouts show, in every capture that runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torchvision.ops as tvo
+from torch import nn
+
+from nhwc_audit import audit
+from tests.eager_bytes import eager_bytes
+
+_BOXES = torch.tensor([[0, 1.0, 1.0, 9.0, 12.0], [1, 3.0, 0.0, 15.0, 8.0], [0, 0.0, 0.0, 15.0, 15.0]])
+
+
+class Library(nn.Module):
+    """``post(op(pre(x)))`` with a library op between two convolutions."""
+
+    def __init__(
+        self, op: Callable[[Library, torch.Tensor], torch.Tensor], post: int = 8, **buffers: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.pre, self.op, self.post = nn.Conv2d(8, 8, 3, padding=1), op, nn.Conv2d(post, 8, 3, padding=1)
+        for name, b in buffers.items():
+            self.register_buffer(name, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.op(self, self.pre(x)))
+
+
+CASES: dict[str, Callable[[], nn.Module]] = {
+    "roi_align": lambda: Library(lambda s, y: tvo.roi_align(y, s.boxes, (4, 4), 1.0, 2, aligned=True), boxes=_BOXES),
+    "roi_pool": lambda: Library(lambda s, y: tvo.roi_pool(y, s.boxes, (4, 4), 1.0), boxes=_BOXES),
+    "ps_roi_align": lambda: Library(lambda s, y: tvo.ps_roi_align(y, s.boxes, 2, 1.0, 2), post=2, boxes=_BOXES),
+    # the offsets (a buffer the conversion re-lays) and the weight are copied too
+    "deform_conv2d": lambda: Library(
+        lambda s, y: tvo.deform_conv2d(y, s.offset, s.weight, padding=1),
+        offset=torch.randn(2, 18, 16, 16) * 0.5,
+        weight=torch.randn(8, 8, 3, 3) / 24,
+    ),
+}
+
+
+@pytest.mark.parametrize("capture", ["auto", "export", "hooks"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_library_op_is_charged_what_its_kernel_copies(case: str, capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = CASES[case]().eval(), torch.randn(2, 8, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+    op = next(f for f in r.findings if f.kind.value == "revert")
+    assert op.bytes >= 2 * 2 * 8 * 16 * 16 * 4, op  # its input map copied whole, read and written
+
+
+def test_the_ground_truth_sees_the_copy_inside_a_library_kernel() -> None:
+    # the profiler's count of roi_align's copies (aten::copy_, 2 x 4 bytes x elements): 32,768 B
+    # of the 2 x 8 x 16 x 16 map, beyond the crops' 3,072 the op's own layouts show
+    torch.manual_seed(0)
+    model = Library(lambda s, y: tvo.roi_align(y, s.boxes, (4, 4), 1.0, 2, aligned=True), boxes=_BOXES).eval()
+    by_site = eager_bytes(model, (torch.randn(2, 8, 16, 16),)).by_site()
+    assert sorted(cl - nchw for nchw, cl in by_site.values()) == [3072, 32768]
