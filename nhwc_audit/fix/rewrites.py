@@ -8,8 +8,9 @@ them judges whether it helped (that is :mod:`.repair`).
 * ``contiguous-cl``        ``x.contiguous()`` becomes ``x.contiguous(memory_format=channels_last)``.
 * ``instancenorm->groupnorm`` InstanceNorm (no running stats) becomes GroupNorm(C, C): the same
                            per-sample, per-channel statistics, with a channels_last kernel on CPU.
-* ``softmax-nhwc``         softmax/log_softmax over dim 1 of a 4D tensor runs over the last dim
-                           of its free (N, H, W, C) permutation.
+* ``softmax-nhwc``         softmax/log_softmax over the channels of a 4D/5D tensor (a call, or an
+                           ``nn.Softmax``/``nn.LogSoftmax``/``nn.Softmax2d`` module) runs over the
+                           last dim of its free (N, H, W, C) permutation (:mod:`.softmax`).
 * ``standardise-weight``   a weight standardised through reshape, ``F.batch_norm`` and
                            ``reshape_as`` (timm's StdConv2d) is standardised over dims (1, 2, 3)
                            instead (:mod:`.standardise`).
@@ -33,12 +34,11 @@ from typing import Literal, get_args
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.node import Argument
-from torch.nn import functional as F
 
 from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
 from ..records import FindingKind, Layout, NodeRecord
+from .softmax import softmax_last, softmax_over_channels
 from .standardise import standardisation, standardise
 
 __all__ = ["PRIORITY", "Candidate", "RepairKind", "candidates", "find_node"]
@@ -59,7 +59,6 @@ adds an op (a stable sort keeps graph order within a kind)."""
 
 _COMMUTATIVE_FUNCS = {operator.add, operator.mul, torch.add, torch.mul}
 _COMMUTATIVE_METHODS = {"add", "mul"}
-_SOFTMAX_FUNCS = {"softmax", "log_softmax"}
 _ALLOC = {torch.zeros: "zero_", torch.ones: "fill_", torch.empty: None, torch.full: "fill_"}
 _LIKE = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
 """Allocations whose values do not depend on the layout (random ones do: rand_like fills memory
@@ -152,14 +151,10 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
             yield Candidate(
                 f.node, "instancenorm->groupnorm", f"{f.module_path}: InstanceNorm -> GroupNorm(C, C)", to_group_norm
             )
-        elif f.kind is FindingKind.REVERT and _softmax_dim1(node) and rank == 4:
-
-            def softmax_nhwc(g: torch.fx.GraphModule, name: str = f.node) -> None:
-                _rewrite_softmax(g, name)
-
-            yield Candidate(
-                f.node, "softmax-nhwc", f"{f.op} over channels computed in (N, H, W, C) order", softmax_nhwc
-            )
+        elif f.kind is FindingKind.REVERT and softmax_over_channels(gm, node, rank):
+            order = "(N, D, H, W, C)" if rank == 5 else "(N, H, W, C)"
+            rewrite = functools.partial(softmax_last, name=f.node, rank=rank)
+            yield Candidate(f.node, "softmax-nhwc", f"{f.op} over channels computed in {order} order", rewrite)
         elif f.kind is FindingKind.REVERT and standardisation(gm, f.node):
             yield Candidate(
                 f.node,
@@ -264,52 +259,3 @@ def _put_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
         setattr(parent, atom, child)
         parent = child
     setattr(parent, leaf, new)
-
-
-_SOFTMAX_ORDER = {
-    "x.softmax": ("dim", "dtype"),
-    "torch.softmax": ("dim", "dtype"),
-    "F.softmax": ("dim", "_stacklevel", "dtype"),
-}
-"""The positional arguments after the input, by how a softmax is called (fx records
-``F.softmax(x, dim=1)`` as a call of ``F.softmax`` with ``_stacklevel`` among them)."""
-
-
-def _softmax_call(node: torch.fx.Node) -> tuple[Argument, Argument] | None:
-    """(dim, dtype) of a softmax/log_softmax node called as ``x.softmax(dim, dtype)``,
-    ``torch.softmax(x, dim, dtype)`` or ``F.softmax(x, dim, _stacklevel, dtype)`` (positional or
-    keyword); None for another node or call."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if name not in _SOFTMAX_FUNCS or node.op not in ("call_method", "call_function"):
-        return None
-    if node.op == "call_method":
-        order = _SOFTMAX_ORDER["x.softmax"]
-    elif node.target in (torch.softmax, torch.log_softmax):
-        order = _SOFTMAX_ORDER["torch.softmax"]
-    elif node.target in (F.softmax, F.log_softmax):
-        order = _SOFTMAX_ORDER["F.softmax"]
-    else:
-        return None
-    if len(node.args) > 1 + len(order) or not set(node.kwargs) <= set(order):
-        return None
-    given = {**dict(zip(order, node.args[1:], strict=False)), **node.kwargs}
-    return given.get("dim"), given.get("dtype")
-
-
-def _softmax_dim1(node: torch.fx.Node) -> bool:
-    call = _softmax_call(node)
-    return call is not None and isinstance(call[0], int) and call[0] == 1
-
-
-def _rewrite_softmax(gm: torch.fx.GraphModule, name: str) -> None:
-    n = find_node(gm, name)
-    method = n.target if n.op == "call_method" else getattr(n.target, "__name__", "softmax")
-    call = _softmax_call(n)
-    assert call is not None
-    x = n.args[0]
-    with gm.graph.inserting_before(n):
-        p = gm.graph.call_method("permute", (x, 0, 2, 3, 1))
-        s = gm.graph.call_method(str(method), (p,), {"dim": -1, "dtype": call[1]})
-        back = gm.graph.call_method("permute", (s, 0, 3, 1, 2))
-    n.replace_all_uses_with(back)
-    gm.graph.erase_node(n)

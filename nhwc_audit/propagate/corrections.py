@@ -18,6 +18,7 @@ from .fake_strides import (
     BACKWARD_STRIDES,
     FORWARD_STRIDES,
     POINTWISE_STRIDES,
+    PROBED_FORWARDS,
     PointwiseStrides,
 )
 from .fake_views import VIEW_STRIDES, VIEWS, view_strides
@@ -123,6 +124,12 @@ class Corrections:
         """Every op name (lower-cased) of a known divergence on this device."""
         dev = self.device.split(":")[0]
         return frozenset().union(*(d.ops for d in KNOWN_DIVERGENCES if d.device == dev))
+
+    @property
+    def untrusted(self) -> frozenset[str]:
+        """The ops whose fake outputs' layouts a recorder cannot trust: :attr:`ops`, less those the
+        mode of :meth:`eager_strides` asks the CPU kernel about (a 5D reflect pad inside a Conv3d)."""
+        return self.ops - PROBED_FORWARDS if self.device.split(":")[0] == "cpu" else self.ops
 
     def apply(self, node: str, names: tuple[str, ...], detail: str, inputs: list[torch.Tensor], out: object) -> object:
         """``out``, restrided to channels_last where eager keeps it: a known divergence, a

@@ -19,6 +19,7 @@ from ..records import CONV_OPS
 from .dispatch import RecordingMode
 
 __all__ = [
+    "PROBED_FORWARDS",
     "BACKWARD_STRIDES",
     "POINTWISE_STRIDES",
     "FORWARD_STRIDES",
@@ -41,12 +42,24 @@ BACKWARD_STRIDES = (
 )
 FORWARD_STRIDES = (
     "LogSigmoid, RReLU and a scalar raised to a tensor (2 ** x) strided as eager strides them (NCHW from a "
-    "channels_last input), and roll and channel_shuffle (channels_last kept), where FakeTensor does otherwise"
+    "channels_last input), and roll, channel_shuffle and 5D reflect/replicate pads (channels_last kept), where "
+    "FakeTensor does otherwise"
 )
-_PROBED_FORWARDS = frozenset({"log_sigmoid_forward", "rrelu_with_noise", "pow.Scalar", "roll", "channel_shuffle"})
+PROBED_FORWARDS = frozenset(
+    {
+        "log_sigmoid_forward",
+        "rrelu_with_noise",
+        "pow.Scalar",
+        "roll",
+        "channel_shuffle",
+        "reflection_pad3d",
+        "replication_pad3d",
+    }
+)
 """Forward ops (by name, or name and overload) whose eager kernels stride their output otherwise
 than FakeTensor (torch 2.14.1, each op run raw on a channels_last map, eager against fake);
-``rrelu_with_noise`` writes its noise argument, not its output's source."""
+``rrelu_with_noise`` writes its noise argument, not its output's source. The 5D pads too where no
+node of their own shows them (a Conv3d's ``padding_mode='reflect'`` pads inside the module)."""
 _PROBED_BACKWARDS = frozenset(
     {
         "glu_backward",
@@ -104,7 +117,7 @@ class PointwiseStrides(RecordingMode):
             self.applied.append(("", BACKWARD_STRIDES))
             return torch.empty_strided(first.shape, args[0].stride(), dtype=first.dtype, device=first.device)
         name = func.overloadpacket.__name__
-        forward = name in _PROBED_FORWARDS or func.__name__ in _PROBED_FORWARDS
+        forward = name in PROBED_FORWARDS or func.__name__ in PROBED_FORWARDS
         probed = forward or name in _PROBED_BACKWARDS
         if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5):
             return out

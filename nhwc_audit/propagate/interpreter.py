@@ -184,7 +184,7 @@ class LayoutProp(torch.fx.Interpreter):
         if rec is not None:  # a fake run keeps no layout change of a meta kernel known to be wrong
             fake = any(isinstance(t, FakeTensor) for t in iter_tensors(args))
             rec.relays = not fake or self.corrections is not None
-            rec.untrusted = self.corrections.ops if fake and self.corrections is not None else frozenset()
+            rec.untrusted = self.corrections.untrusted if fake and self.corrections is not None else frozenset()
         # decided per run: autocast's casts are copies; CPU kernels only
         self._blind_ok = (
             rec is not None

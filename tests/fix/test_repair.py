@@ -18,7 +18,7 @@ from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
 from nhwc_audit.fix.repair import repair_model
 from tests import models as M
-from tests.eager_bytes import eager_bytes
+from tests.eager_bytes import eager_bytes, transposes
 
 
 def _check_same(model: nn.Module, gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> None:
@@ -113,6 +113,39 @@ def test_softmax_nhwc_keeps_the_dtype_asked_for(how: str) -> None:
     out = gm(x.contiguous(memory_format=torch.channels_last))
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, model(x))
+
+
+class SoftmaxModule(nn.Module):
+    """A softmax over the channels as a module (smp's ``activation='softmax2d'``), of a map or a
+    volume, between two convolutions."""
+
+    def __init__(self, softmax: nn.Module, rank: int = 4) -> None:
+        super().__init__()
+        conv = nn.Conv3d if rank == 5 else nn.Conv2d
+        self.a, self.softmax, self.b = conv(3, 8, 1), softmax, conv(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.softmax(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    ("softmax", "rank"),
+    [
+        (nn.Softmax(dim=1), 4),
+        (nn.LogSoftmax(dim=1), 4),
+        (nn.Softmax2d(), 4),
+        (nn.Softmax(dim=-4), 5),
+        (nn.Softmax(dim=1), 5),
+    ],
+)
+def test_a_softmax_module_over_the_channels_is_rewritten_for_maps_and_volumes(softmax: nn.Module, rank: int) -> None:
+    model = SoftmaxModule(softmax, rank).eval()
+    x = torch.randn(2, 3, *([6] * (rank - 2)))
+    gm, log = repair_model(model, (x,))
+    assert [s.kind for s in log.steps] == ["softmax-nhwc"] and log.bytes_before > 0 and log.bytes_after == 0
+    fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
+    torch.testing.assert_close(gm(x.contiguous(memory_format=fmt)), model(x))
+    assert sum(t.nbytes for t in transposes(gm, (x.contiguous(memory_format=fmt),))) == 0  # eager moves nothing
 
 
 @pytest.mark.parametrize(

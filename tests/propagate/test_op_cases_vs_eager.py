@@ -668,6 +668,35 @@ def test_a_padded_conv3d_is_charged_what_eager_moves(padding_mode: str, capture:
     assert r.summary.bytes_moved == expected, [(f.kind.value, f.target, f.bytes) for f in r.findings]
 
 
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("padding_mode", ["replicate", "reflect"])
+def test_a_padded_conv3d_at_one_thread_is_charged_what_eager_moves_forward_and_back(
+    padding_mode: str, mode: str
+) -> None:
+    """At one CPU thread and batch 1 the Conv3d reads its channels_last_3d padded input and writes
+    NCDHW: the re-lay happens inside its node, after the pad. The fake pad is strided as the CPU
+    kernel strides it, and the conv's re-lay is kept; in a train audit, the conv backward re-lays
+    no fake NCDHW pad either."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(4, 8, 5, padding=2),
+        nn.Conv3d(8, 8, 3, padding=1, padding_mode=padding_mode),
+        nn.Conv3d(8, 8, 5, padding=2),
+    ).train()
+    x = torch.randn(1, 4, 8, 8, 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = (eager_bytes(model, (x,)).added, eager_backward_bytes(model, (x,)).added)
+        r = audit(model, x, bandwidth=1e9, mode=mode, train=True)
+    finally:
+        torch.set_num_threads(threads)
+    backward = sum(f.bytes for f in r.findings if f.kind.value == "backward")
+    assert (r.summary.bytes_moved - backward, backward) == expected, [
+        (f.kind.value, f.target, f.bytes) for f in r.findings
+    ]
+
+
 @pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
 def test_a_volume_indexed_along_its_depth_is_charged_what_eager_moves(capture: str) -> None:
     """CPU ``index`` writes a channels_last_3d volume indexed along D as N x W x H x D x C
