@@ -172,6 +172,7 @@ def summarize(
         backward=count[FindingKind.BACKWARD],
         bytes_moved=moved,
         est_seconds=moved / bandwidth if bandwidth > 0 else 0.0,
+        trained=any(r.grads for r in records),
     )
 
 

@@ -24,13 +24,14 @@ import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..analyze.analysis import Analysis, analyze
+from ..propagate.backward import backward_layouts
 from ..propagate.inputs import positional_inputs
 from ..propagate.interpreter import LayoutProp
 from ..propagate.runner import attributes_restored, autograd
 from ..records import NodeRecord
 from ..tensors import clone_value, seeded
 
-__all__ = ["Measured", "measure"]
+__all__ = ["Measured", "measure", "with_backward"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +149,36 @@ def _placed(r: NodeRecord, n: torch.fx.Node, index: dict[str, int]) -> NodeRecor
     if users is None:
         object.__setattr__(placed, "users", tuple(u.name for u in sorted(n.users, key=lambda u: index[u.name])))
     return placed
+
+
+def with_backward(
+    m: Measured,
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    bandwidth: float,
+    nchw_backward: Mapping[str, int],
+) -> Measured:
+    """``m`` (a measurement of ``gm``) with what one backward pass moves at each node, as a train
+    audit counts it: a repair's figures per training step, forward and backward. A node named in
+    ``nchw_backward`` (the audit's NCHW baseline of the backward) is charged only what it moves
+    beyond that; one the repair made, whole. ``gm``'s buffers and attributes are restored."""
+    buffers = [(b, b.clone()) for b in gm.buffers() if torch._debug_has_internal_overlap(b) != 1]
+    try:
+        with attributes_restored(gm):
+            flat = positional_inputs(gm.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
+            ran = backward_layouts(gm, flat, breaks=frozenset(r.name for r in m.records if r.error))
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    records = [
+        dataclasses.replace(
+            r,
+            grads=ran.layouts.get(r.name, ()),
+            backward=tuple(ran.moved.get(r.name, ())),
+            nchw_backward_bytes=nchw_backward.get(r.name, 0),
+        )
+        for r in m.records
+    ]
+    return Measured(records, analyze(records, bandwidth=bandwidth), m.values)

@@ -28,9 +28,9 @@ from .contexts import keep_blocks, keeps_state
 from .deviation import Exactness, deviations
 from .equivalence import first_change
 from .islands import rewritten_nodes
-from .measure import Measured, measure
+from .measure import Measured, measure, with_backward
 from .results import Deviation, fresh_copy, outputs
-from .rewrites import PRIORITY, Candidate, RepairKind, candidates
+from .rewrites import PRIORITY, Candidate, RepairKind, candidates, rewritable_copy
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
 
@@ -76,26 +76,10 @@ class RepairLog:
     def changed(self) -> bool:
         return bool(self.steps)
 
-
-def _clone_gm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy to rewrite: its own graph and tables of parameters, buffers and children, the modules
-    themselves shared. Rewrites change the graph and put new modules in place of old ones (never
-    change a module in place, :func:`.rewrites._put_module`), so the copy's rewrites never reach
-    ``gm``. It has no code until :func:`_apply` generates it (``compile``): a copy that is only
-    measured runs its graph node by node, and generating code costs more than copying the graph."""
-    new = torch.fx.GraphModule.__new__(type(gm))  # a class of its own: recompile sets its forward
-    new.__dict__.update(gm.__dict__)
-    for k, v in gm.__dict__.items():
-        if isinstance(v, (dict, list)) and k != "meta":  # tables of modules, parameters, hooks
-            new.__dict__[k] = copy.copy(v)
-    for k in ("_code", "_lineno_map", "_prologue_start"):  # gm's: reading them is an error
-        new.__dict__.pop(k, None)
-    graph = copy.deepcopy(gm.graph)
-    graph.owning_module = new
-    new.__dict__["_graph"] = graph
-    new.meta = copy.deepcopy(gm.meta)
-    type(new).__name__ = type(gm).__name__  # the model's class name, as GraphModule(gm, ...) gives it
-    return new
+    @property
+    def per(self) -> str:
+        """What the bytes are counted over: a forward, or a training step (a train audit's repair)."""
+        return self.summary_after.per if self.summary_after is not None else "per forward"
 
 
 def _run(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor] | None, str]:
@@ -135,7 +119,7 @@ def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any
 
 
 def _apply(gm: torch.fx.GraphModule, cands: list[Candidate], *, compile: bool = True) -> None:
-    """Rewrite ``gm`` (a :func:`_clone_gm` copy) with ``cands``; ``compile``: generate its code
+    """Rewrite ``gm`` (a :func:`~.rewrites.rewritable_copy`) with ``cands``; ``compile``: generate its code
     (to call it as a module; an interpreter runs the graph without)."""
     for cand in cands:
         cand.apply(gm)
@@ -153,7 +137,7 @@ def _checked(
     """The rewrites of ``batch`` that keep the math, applied in order on ``base``: the whole
     group is checked once; a group that changes the results is split in halves (the first
     half on ``base``, the second on top of what the first kept) down to the rewrite to refuse."""
-    trial = _clone_gm(base)
+    trial = rewritable_copy(base)
     try:  # (a GraphModule prints the traceback of what it raises to stderr: kept off it)
         _apply(trial, [c for c, _ in batch])
         with quiet():
@@ -169,7 +153,7 @@ def _checked(
     half = len(batch) // 2
     first = _checked(base, batch[:half], change, refused)
     if first:
-        base = _clone_gm(base)
+        base = rewritable_copy(base)
         _apply(base, [c for c, _ in first], compile=False)
     return first + _checked(base, batch[half:], change, refused)
 
@@ -187,6 +171,7 @@ def repair_model(
     graph_checked: bool = True,
     constants: Sequence[tuple[str, Any]] = (),
     baseline: Mapping[str, int] | None = None,
+    backward: Mapping[str, int] | None = None,
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
     """Return a repaired channels_last GraphModule of ``model`` and the log of what changed.
 
@@ -198,7 +183,8 @@ def repair_model(
     ``grads``, parameter gradients of a fixed random linear loss) are checked against the
     original model on the sample and on a second random input of the same shapes, at the
     float tolerance that converting to channels_last itself costs; a rewrite that changes
-    them is refused.
+    them is refused. ``backward`` (a train audit's: node name -> what its backward moves when the
+    model runs NCHW): the log's bytes and summaries count one backward pass too, as the audit does.
     """
     kwargs, baseline = kwargs or {}, baseline or {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -243,7 +229,10 @@ def repair_model(
     if current is None:
         current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     records, analysis = current.records, current.analysis
-    before_bytes, before_breaks = analysis.summary.bytes_moved, analysis.summary.breaks
+    stepped = (
+        with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward) if backward is not None else None
+    )
+    before_bytes, before_breaks = (stepped or current).analysis.summary.bytes_moved, analysis.summary.breaks
     steps: list[RepairStep] = []
     refused: dict[tuple[str, str], str] = {}
     """(node, kind) -> why the candidate was dropped; a candidate that would have exposed a
@@ -260,7 +249,7 @@ def repair_model(
             key = (cand.node, cand.kind)
             if key in done:
                 continue
-            trial = _clone_gm(gm)
+            trial = rewritable_copy(gm)
             try:
                 _apply(trial, [cand], compile=False)
                 changed = rewritten_nodes(trial, gm)
@@ -291,7 +280,7 @@ def repair_model(
         # failing group is split, so a model whose rewrites all hold runs one check per pass
         kept = _checked(start, batch, lambda g: first_change(model, runs, g, samples, grads, reference), refused)
         if len(kept) < len(batch):
-            gm = _clone_gm(start)
+            gm = rewritable_copy(start)
             _apply(gm, [c for c, _ in kept], compile=False)
             current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
             records, analysis = current.records, current.analysis
@@ -302,6 +291,13 @@ def repair_model(
         gm.recompile()  # the last copy measured (or kept when a check refused them all): no code yet
         # the log's figures from a whole run of the graph kept (its rewrites were measured in part)
         current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
+        records, analysis = current.records, current.analysis
+    if backward is not None:  # a train audit's repair: its figures per training step
+        current = (
+            stepped
+            if gm is naive and stepped is not None
+            else with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward)
+        )
         records, analysis = current.records, current.analysis
     mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
     log = RepairLog(

@@ -41,7 +41,7 @@ from ..records import FindingKind, Layout, NodeRecord
 from .softmax import softmax_last, softmax_over_channels
 from .standardise import standardisation, standardise
 
-__all__ = ["PRIORITY", "Candidate", "RepairKind", "candidates", "find_node"]
+__all__ = ["PRIORITY", "Candidate", "RepairKind", "candidates", "find_node", "rewritable_copy"]
 
 RepairKind = Literal[
     "alloc-cl",
@@ -249,7 +249,7 @@ def _swap_instance_norm(gm: torch.fx.GraphModule, target: str) -> None:
 def _put_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
     """Put ``new`` at ``target`` in ``gm``, every module on the way there replaced by a shallow
     copy with its own table of children: the repair's copies of a graph share their modules
-    (``repair._clone_gm``), and a module that is called and also holds the target (a leaf with
+    (:func:`rewritable_copy`), and a module that is called and also holds the target (a leaf with
     an InstanceNorm child) must not change in the other copies."""
     *path, leaf = target.split(".")
     parent: nn.Module = gm
@@ -259,3 +259,24 @@ def _put_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
         setattr(parent, atom, child)
         parent = child
     setattr(parent, leaf, new)
+
+
+def rewritable_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy to rewrite: its own graph and tables of parameters, buffers and children, the modules
+    themselves shared. Rewrites change the graph and put new modules in place of old ones (never
+    change a module in place, :func:`.rewrites._put_module`), so the copy's rewrites never reach
+    ``gm``. It has no code until the repair's ``_apply`` generates it (``compile``): a copy that is only
+    measured runs its graph node by node, and generating code costs more than copying the graph."""
+    new = torch.fx.GraphModule.__new__(type(gm))  # a class of its own: recompile sets its forward
+    new.__dict__.update(gm.__dict__)
+    for k, v in gm.__dict__.items():
+        if isinstance(v, (dict, list)) and k != "meta":  # tables of modules, parameters, hooks
+            new.__dict__[k] = copy.copy(v)
+    for k in ("_code", "_lineno_map", "_prologue_start"):  # gm's: reading them is an error
+        new.__dict__.pop(k, None)
+    graph = copy.deepcopy(gm.graph)
+    graph.owning_module = new
+    new.__dict__["_graph"] = graph
+    new.meta = copy.deepcopy(gm.meta)
+    type(new).__name__ = type(gm).__name__  # the model's class name, as GraphModule(gm, ...) gives it
+    return new

@@ -156,6 +156,8 @@ class Summary:
     """Views that run only because their input arrives NCHW (they raise once it is channels_last)."""
     divergences: int = 0
     """With mode='both': nodes where real and fake kernels disagree."""
+    trained: bool = False
+    """The records carry one backward pass (a train audit's, or its repair's): bytes are per step."""
 
     @property
     def findings(self) -> int:
@@ -171,9 +173,9 @@ class Summary:
 
     @property
     def per(self) -> str:
-        """What :attr:`bytes_moved` is counted over: a forward, or a training step where backward
-        findings (a train audit's) are among them."""
-        return "per training step (forward and backward)" if self.backward else "per forward"
+        """What :attr:`bytes_moved` is counted over: a forward, or a training step where a backward
+        pass was audited (:attr:`trained`) or backward findings are among them."""
+        return "per training step (forward and backward)" if self.backward or self.trained else "per forward"
 
     @property
     def channels_last_node_share(self) -> float:

@@ -161,7 +161,7 @@ def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> Rend
         parts.append(Text("Repair:", style="bold"))
         parts.append(
             Text(
-                f" layout changes {fmt_bytes(rp.bytes_before)} -> {fmt_bytes(rp.bytes_after)} per forward, "
+                f" layout changes {fmt_bytes(rp.bytes_before)} -> {fmt_bytes(rp.bytes_after)} {rp.per}, "
                 f"breaks {rp.breaks_before} -> {rp.breaks_after}"
                 + ("" if rp.steps else " (nothing to repair: no rewrite removes bytes without changing the math)")
             )

@@ -17,8 +17,8 @@ from nhwc_audit.capture.fx import trace
 from nhwc_audit.examples import UNet
 from nhwc_audit.fix.islands import rewritten_nodes
 from nhwc_audit.fix.measure import Measured, incremental, measure
-from nhwc_audit.fix.repair import _apply, _clone_gm
-from nhwc_audit.fix.rewrites import candidates
+from nhwc_audit.fix.repair import _apply
+from nhwc_audit.fix.rewrites import candidates, rewritable_copy
 from nhwc_audit.prepare.copy import convert
 
 
@@ -64,7 +64,7 @@ def _records(m: Measured) -> list[tuple[Any, ...]]:
 
 def _measured_in_part_as_whole(gm: torch.fx.GraphModule, sample: tuple[Any, ...], base: Measured, cand: Any) -> None:
     """``cand`` applied to a copy of ``gm`` (measured: ``base``) is measured in part as in whole."""
-    trial = _clone_gm(gm)
+    trial = rewritable_copy(gm)
     _apply(trial, [cand], compile=False)
     part = measure(trial, sample, {}, 1e9, {}, base=base, changed=rewritten_nodes(trial, gm))
     whole = measure(trial, sample, {}, 1e9, {})
@@ -102,7 +102,7 @@ def test_a_partial_measurement_runs_only_what_a_rewrite_changes() -> None:
     last = max(
         candidates(gm, base.records, base.analysis), key=lambda c: [n.name for n in gm.graph.nodes].index(c.node)
     )
-    trial = _clone_gm(gm)
+    trial = rewritable_copy(gm)
     _apply(trial, [last], compile=False)
     part = measure(trial, sample, {}, 1e9, {}, base=base, changed=rewritten_nodes(trial, gm))
     ran = [name for name in part.values if part.values[name] is not base.values.get(name)]

@@ -18,7 +18,7 @@ from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
 from nhwc_audit.fix.repair import repair_model
 from tests import models as M
-from tests.eager_bytes import eager_bytes, transposes
+from tests.eager_bytes import _channels_last_model, backward_transposes, eager_bytes, transposes
 
 
 def _check_same(model: nn.Module, gm: torch.fx.GraphModule, shape: tuple[int, ...]) -> None:
@@ -295,7 +295,7 @@ def test_cli_apply_measure_save(
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert "layout changes 65.5 kB -> 0 B per forward" in out
+    assert "layout changes 163.8 kB -> 0 B per training step (forward and backward)" in out  # --train: both passes
     assert "instancenorm->groupnorm" in out and "Measured forward+backward on cpu" in out
     for variant in ("nchw", "channels_last", "repaired"):
         assert any(line.startswith(variant + " ") for line in out.splitlines())
@@ -495,6 +495,43 @@ def test_the_verdict_after_a_repair_is_decided_on_the_repaired_graph() -> None:
     assert not any("raise on channels_last" in line for line in reasons), reasons
     assert not any("spatial nodes stay channels_last" in line for line in reasons), reasons
     assert "0.0% of activation bytes are transposed per forward after converting and repairing" in reasons
+
+
+class SoftmaxAndTranspose(nn.Module):
+    """A softmax over the channels and a transpose of H and W made contiguous: NHWC maps re-laid
+    in forward and in backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x).softmax(1))
+        return self.c(y.transpose(2, 3).contiguous() * 2)
+
+
+def test_a_train_audits_repair_counts_a_training_step_as_eager_does() -> None:
+    """The repaired report of a train audit: bytes per training step, forward and backward, before
+    and after, each what channels_last adds over NCHW in eager (every copy of both passes)."""
+    torch.manual_seed(0)
+    model, x = SoftmaxAndTranspose().train(), torch.randn(2, 3, 8, 8)
+    report = audit(model, x, bandwidth=1e9, train=True)
+    repaired = report.repaired()
+    log = repaired.repair
+    assert log is not None and "softmax-nhwc" in [s.kind for s in log.steps]
+    assert log.per == report.summary.per == "per training step (forward and backward)"
+    assert log.bytes_before == report.summary.bytes_moved
+    cl = x.contiguous(memory_format=torch.channels_last)
+
+    def step(m: nn.Module, arg: torch.Tensor) -> int:
+        return sum(t.nbytes for t in transposes(m, (arg,))) + sum(t.nbytes for t in backward_transposes(m, (arg,)))
+
+    assert log.bytes_after == step(repaired.repaired_module, cl) - step(model, x) < log.bytes_before
+    backward = sum(f.bytes for f in report.findings if f.kind.value == "backward")
+    assert backward > 0 and log.bytes_before == step(_channels_last_model(model), cl) - step(model, x)
+    assert any(
+        "per training step (forward and backward) after converting and repairing" in r for r in repaired.verdict.reasons
+    )
 
 
 class PadInNchw(nn.Module):
@@ -762,10 +799,11 @@ def test_the_repair_generates_code_only_for_graphs_it_calls(monkeypatch: pytest.
 
 
 def test_a_copy_to_rewrite_has_no_code_until_rewritten() -> None:
-    from nhwc_audit.fix.repair import _apply, _clone_gm
+    from nhwc_audit.fix.repair import _apply
+    from nhwc_audit.fix.rewrites import rewritable_copy
 
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
-    copy = _clone_gm(gm)
+    copy = rewritable_copy(gm)
     assert copy.graph is not gm.graph and copy.get_submodule("0") is gm.get_submodule("0")
     with pytest.raises(RuntimeError, match="Code has not been generated"):
         _ = copy.code

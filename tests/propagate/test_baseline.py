@@ -242,8 +242,11 @@ def test_a_call_made_in_one_layout_only_shifts_no_pairing() -> None:
 def _real_and_forced_fake(
     model: nn.Module, x: torch.Tensor, train: bool, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[AuditReport, AuditReport]:
-    """The audit with its baseline run as the model's cost decides (real, for these), then forced fake."""
+    """The audit with its baseline run real (forced: on a loaded machine the model's cost could
+    decide otherwise), then forced fake."""
+    monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", float("inf"))
     real = audit(model, x, bandwidth=1e9, train=train)
+    assert not any(n.startswith(FAKE_NOTE) for n in real.meta.capture_notes)
     monkeypatch.setattr(baseline, "FAKE_SECONDS_PER_NODE", 0.0)
     monkeypatch.setattr(baseline, "FAKE_MIN_SECONDS", 0.0)
     fake = audit(model, x, bandwidth=1e9, train=train)
