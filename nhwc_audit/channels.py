@@ -14,6 +14,7 @@ by a copy of the NHWC map at batch >= 2, where NCHW memory views (:func:`hidden_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -194,33 +195,48 @@ def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool, cast_first: 
     return 2 * (stored if conv else min(stored, out.nbytes))
 
 
-def relaid_weight(w: TensorMeta, out: TensorMeta) -> bool:
+def relaid_weight(w: TensorMeta, out: TensorMeta, ins: Sequence[TensorMeta] = ()) -> bool:
     """A convolution re-lays its weight ``w``: not dense in the memory format of its output (its
     layout is neither the one it computes in, :func:`conv_layout`, nor ambiguous, dense in both)."""
-    kernel = conv_layout(out)
+    kernel = conv_layout(out, ins)
     if kernel not in (Layout.CHANNELS_LAST, Layout.CONTIGUOUS) or w.rank != out.rank:
         return False
     return w.layout not in (kernel, Layout.AMBIGUOUS)
 
 
-def conv_layout(out: TensorMeta) -> Layout:
+def _format_strides(shape: tuple[int, ...], nhwc: bool) -> tuple[int, ...]:
+    rank, step = len(shape), 1
+    strides = [0] * rank
+    for d in [1, *range(rank - 1, 1, -1), 0] if nhwc else range(rank - 1, -1, -1):  # innermost first
+        strides[d], step = step, step * shape[d]
+    return tuple(strides)
+
+
+def conv_layout(out: TensorMeta, ins: Sequence[TensorMeta] = ()) -> Layout:
     """The layout a convolution computed in: its output's, or, for an output dense in both orders
     (one channel: a mask or depth head, CBAM's spatial attention), the memory format its strides
     lean to (:func:`~nhwc_audit.layout.leans_channels_last`): kernels allocate their output in the
-    format they compute in."""
+    format they compute in. Where the two formats stride the output alike (N x 1 x 1 x 1: a
+    DCGAN discriminator's last conv), the kernel's own rule (ATen's ``mkldnn_conv_use_channels_last``):
+    channels_last when its input or weight (``ins``) leans so."""
     if out.layout is not Layout.AMBIGUOUS:
         return out.layout
-    return Layout.CHANNELS_LAST if leans_channels_last(out) else Layout.CONTIGUOUS
+    if _format_strides(out.shape, True) != _format_strides(out.shape, False):
+        return Layout.CHANNELS_LAST if leans_channels_last(out) else Layout.CONTIGUOUS
+    return (
+        Layout.CHANNELS_LAST if any(m.rank == out.rank and leans_channels_last(m) for m in ins) else Layout.CONTIGUOUS
+    )
 
 
-def conv_relays(src: TensorMeta, out: TensorMeta) -> bool:
+def conv_relays(src: TensorMeta, out: TensorMeta, ins: Sequence[TensorMeta] = ()) -> bool:
     """A convolution re-lays its input ``src`` (copies it whole into the format it computes in):
     ``src`` runs in another order than the output (:func:`runs_otherwise`), or, where the output
-    is dense in both orders, than :func:`conv_layout` says the kernel computed in."""
+    is dense in both orders, than :func:`conv_layout` says the kernel computed in (``ins``: its input
+    and weight)."""
     if out.layout is not Layout.AMBIGUOUS or src.rank != out.rank:
         return runs_otherwise(src, out)
     held = [d for d in memory_order(src) if src.strides[d] != 0]
-    nhwc = conv_layout(out) is Layout.CHANNELS_LAST
+    nhwc = conv_layout(out, ins) is Layout.CHANNELS_LAST
     order = [0, *range(2, src.rank), 1] if nhwc else list(range(src.rank))  # outermost first
     return held != [d for d in order if d in held]
 

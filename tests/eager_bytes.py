@@ -121,20 +121,26 @@ def _moved(
     return 2 * (size_in if relaid else min(size_in, out.numel() * out.element_size()))
 
 
-def _kernel_format(result: torch.Tensor) -> torch.memory_format:
+def _kernel_format(result: torch.Tensor, operands: tuple[torch.Tensor | None, ...]) -> torch.memory_format:
     """The memory format a convolution computed in: the one it allocated its output in, read from
     the output's strides as PyTorch's ``suggest_memory_format`` reads them (an output of one
-    channel is dense in both orders; its strides still say which)."""
-    return suggest_memory_format(result)
+    channel is dense in both orders; its strides still say which). Where both formats stride the
+    output alike (N x 1 x 1 x 1), ATen's rule (``mkldnn_conv_use_channels_last``): channels_last
+    when the input or the weight (``operands``) suggests it."""
+    cl = torch.channels_last if result.dim() == 4 else torch.channels_last_3d
+    if torch.empty(result.shape).stride() != torch.empty(result.shape, memory_format=cl).stride():
+        return suggest_memory_format(result)
+    suggested = [suggest_memory_format(t) for t in operands if t is not None and t.dim() == result.dim()]
+    return cl if cl in suggested else torch.contiguous_format
 
 
-def _relaid_weight(result: torch.Tensor, weight: torch.Tensor) -> bool:
+def _relaid_weight(result: torch.Tensor, weight: torch.Tensor, activation: torch.Tensor | None) -> bool:
     """A convolution's weight not dense in the memory format the kernel computes in (its output's,
     :func:`_kernel_format`): the kernel copies it into that format (``weight.contiguous(format)``;
     a depthwise N x 1 x k x k weight dense in either order is not copied)."""
     if result.dim() != weight.dim() or weight.dim() < 4:
         return False
-    return not weight.is_contiguous(memory_format=_kernel_format(result))
+    return not weight.is_contiguous(memory_format=_kernel_format(result, (activation, weight)))
 
 
 def _ambiguous(t: torch.Tensor) -> bool:
@@ -209,7 +215,10 @@ class _KernelCopies(TorchDispatchMode):
             return None
         devices = {t.device.type for t in tree_leaves((args, kwargs)) if type(t) in (torch.Tensor, nn.Parameter)}
         key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(next(iter(devices), ""))
-        if len(devices) != 1 or key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+        if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+            explicit = torch._C.DispatchKey.CompositeExplicitAutograd  # one kernel for every device
+            key = explicit if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), explicit) else None
+        if len(devices) != 1 or key is None:
             return None
         mode = cls()
         with mode:
@@ -269,7 +278,7 @@ class _Recorder(TorchDispatchMode):
             ins = ins[:1]  # the activation; a parameter weight is re-laid once per call at most
             cast = self._cast.get(id(weight))
             stored = isinstance(weight, nn.Parameter) or (cast is not None and cast() is weight)
-            if weight is not None and not stored and _relaid_weight(result, weight):
+            if weight is not None and not stored and _relaid_weight(result, weight, ins[0] if ins else None):
                 # a weight computed in forward (weight standardisation) in the other layout than the
                 # kernel computes in (its output's): the kernel re-lays it every call; autocast's
                 # cast of a channels_last weight is channels_last and re-laid by no one
@@ -285,7 +294,7 @@ class _Recorder(TorchDispatchMode):
             if name == "convolution" and _ambiguous(result) and t.dim() == result.dim():
                 # one output channel: the sizes say no order; the kernel re-lays an input not dense
                 # in the format it computes in (a mask or depth head, CBAM's spatial attention)
-                fmt = _kernel_format(result)
+                fmt = _kernel_format(result, (t, weight))
                 moved = 0 if t.is_contiguous(memory_format=fmt) else 2 * math.prod(t.shape) * t.element_size()
             if moved:
                 self.seen.append(Transpose(name, tuple(result.shape), moved, self.site()))

@@ -59,6 +59,7 @@ class _Ctx:
     free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
     cast: str | None  # the device type autocast runs on (channels.casts_first), None without
     stored: frozenset[str] | None  # producers of the conv weights read as data (None: any left NCHW)
+    ranks: frozenset[int] = frozenset({4})  # of the convolutions' outputs: 4 for 2D maps, 5 for volumes
 
 
 def _finding(
@@ -105,7 +106,7 @@ def _finding(
             origin=via(origin, producer),
             device=ctx.device,
             detail=detail if detail is not None else (r.detail or None),
-            rank=len(shape),
+            rank=len(shape) if len(shape) in ctx.ranks else min(ctx.ranks),  # a channel shuffle's 5D view: a map's
         ),
         producer=producer.name if producer else None,
         origin=origin.name if origin else None,
@@ -161,7 +162,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     ins = [i for i in moves.data_inputs(r, ctx.stored) if i.meta.is_spatial]
     assigned = not r.outputs and ins and r.op_name.strip("_") == "setitem"  # x[i] = y: in x's layout
     conv = r.op_name.lower() in CONV_OPS and r.outputs  # (one output channel: the format it computed in)
-    out = ins[0].meta.layout if assigned else conv_layout(r.outputs[0]) if conv else r.output_layout
+    out = ins[0].meta.layout if assigned else conv_layout(r.outputs[0], moves.conv_ins(r)) if conv else r.output_layout
     # written in place from a slice of an NHWC map (``z[:, :4] += y[:, :4]``, z NCHW): read across as a whole map is
     nhwc = [i for i in ins if in_place and i.meta.layout is Layout.STRIDED and channels_innermost(i.meta)]
     cl_in = [i for i in ins if (i.meta.layout is Layout.CHANNELS_LAST or i in nhwc) and i.producer not in ctx.free]
@@ -236,6 +237,8 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     # (none where the NCHW model re-lays as much: a conv of a transposed map); an output only where it casts first
     cast_first = casts_first(r, ctx.cast)
     nbytes = sum(relay_bytes(i.meta, (r.outputs or (i.meta,))[0], conv=True, cast_first=cast_first) for i in nchw_in)
+    # what a conv inside re-laid instead: the padded map of a circular or reflect padding_mode, not its input
+    nbytes = max(nbytes, sum(h.bytes for h in r.hidden if h.computed and h.layout_out is Layout.CHANNELS_LAST))
     relaid_in_nchw = r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
         return [
@@ -304,6 +307,8 @@ def find_findings(
         free=conversion_free(records),
         cast=device.split(":")[0] if autocast else None,
         stored=stored,
+        ranks=frozenset(r.outputs[0].rank for r in records if r.op_name.lower() in CONV_OPS and r.outputs)
+        or frozenset({4}),
     )
     out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
     # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding

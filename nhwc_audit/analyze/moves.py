@@ -148,18 +148,21 @@ def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]
     return _from_parameters(i, by_name)
 
 
+def conv_ins(r: NodeRecord) -> tuple[TensorMeta, ...]:  # what a conv kernel picks its format by
+    return tuple(i.meta for i in r.inputs[:2])
+
+
 def data_inputs(r: NodeRecord, stored: frozenset[str] | None = frozenset()) -> tuple[NodeInput, ...]:
-    """The inputs an op reads as data, in their own layouts: its activations, and its stored
-    tensors, but a convolution's weight (``stored`` None, the channels_last run: any it left NCHW,
-    a constant or a plain attribute, is re-laid every call; else those of these producers). ``model.to(...)``
-    restrides every 4D parameter and buffer, so one that holds tokens (timm NesT's position
-    embedding, added to a row-major token map) is read across layouts on every call; a graph's
-    tensor constant was made in forward, NCHW (``x + torch.ones(...)``). Only inputs read element
-    for element with the output: its shape but for the channels (a cat) and broadcast dims; a
-    sampling grid (``grid_sample``'s N x H x W x 2) holds coordinates, not a map."""
+    """The inputs an op reads as data, in their own layouts: its activations, and its stored tensors,
+    but a convolution's weight (``stored`` None, the channels_last run: any it left NCHW, a constant
+    or a plain attribute, is re-laid every call; else those of these producers). ``model.to(...)``
+    restrides every 4D parameter and buffer, so one that holds tokens (timm NesT's position embedding,
+    added to a row-major token map) is read across layouts on every call; a graph's tensor constant was
+    made in forward, NCHW (``x + torch.ones(...)``). Only inputs read element for element with the output:
+    its shape but for the channels (a cat) and broadcast dims; a grid_sample grid holds coordinates."""
     if r.op_name.lower() in CONV_OPS:
-        cl = r.outputs[0] if r.outputs and conv_layout(r.outputs[0]) is Layout.CHANNELS_LAST else None
-        ws = [i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl)]
+        cl = r.outputs[0] if r.outputs and conv_layout(r.outputs[0], conv_ins(r)) is Layout.CHANNELS_LAST else None
+        ws = [i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl, conv_ins(r))]
         held = r.inputs[:1] if r.inputs and r.inputs[0].is_param else ()  # a stored tensor convolved (made in forward)
         return (*held, *r.activation_inputs, *(i for i in ws if stored is None or i.producer in stored))
     outs = r.spatial_outputs
@@ -199,9 +202,10 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     if inner:
         return sum(h.bytes for h in inner)
     held = [i.meta.shape for i in r.inputs if 0 not in i.meta.strides]  # (an expanded map stores less)
-    if any(not h.reorder and h.shape in held for h in r.hidden):
+    if any(not h.reorder and h.op != "_to_copy" and h.shape in held for h in r.hidden):
         # it copied inputs whole, then computed from the copies (roi_align's input.contiguous()):
-        # what it copied (the NCHW baseline's own copies are taken off as for any node)
+        # what it copied (the NCHW baseline's own copies are taken off as for any node); a cast
+        # (``_to_copy``) is the node's own op, charged as any revert
         return sum(h.bytes for h in r.hidden)
     conv, first, out = r.op_name.lower() in CONV_OPS, casts_first(r, cast), reverted[0]
     total = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in sources if moves_into(i.meta, out))
@@ -248,8 +252,9 @@ def reorder_bytes(r: NodeRecord, autocast: str | None = None) -> int:
     act = r.activation_inputs[0] if r.activation_inputs else None
     if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
         # and a weight computed in forward: diffusers' FIR upsampler transposes it (re-laid in NCHW too)
-        w = [i.meta for i in r.inputs[1:2] if not i.is_param and i is not act and relaid_weight(i.meta, out)]
-        return 2 * (act.meta.nbytes if conv_relays(act.meta, out) else 0) + 2 * sum(m.nbytes for m in w)
+        kin = conv_ins(r)
+        w = [i.meta for i in r.inputs[1:2] if not i.is_param and i is not act and relaid_weight(i.meta, out, kin)]
+        return 2 * (act.meta.nbytes if conv_relays(act.meta, out, kin) else 0) + 2 * sum(m.nbytes for m in w)
     ins = (
         r.activation_inputs[1:]
         if r.aliases_input
@@ -297,7 +302,7 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
     if out.layout is not Layout.CHANNELS_LAST and r.op_name.lower() not in CONV_OPS:
         return False
     # y[:, ::2] runs along the channels; y[:, :1] has no run to leave
-    return conv_relays(i.meta, out) if r.op_name.lower() in CONV_OPS else runs_otherwise(i.meta, out)
+    return conv_relays(i.meta, out, conv_ins(r)) if r.op_name.lower() in CONV_OPS else runs_otherwise(i.meta, out)
 
 
 def writes_in_place(r: NodeRecord) -> bool:

@@ -8,6 +8,7 @@ interpreter, the eager recorder and every checking run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Collection, Iterator
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..channels import COPY_OPS, broadcast_across, hidden_copy, relay_bytes, relays_view, runs_otherwise
+from ..channels import COPY_OPS, broadcast_across, conv_layout, hidden_copy, relay_bytes, relays_view, runs_otherwise
 from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
@@ -65,6 +66,8 @@ def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ())
         return None
     tensors = list(iter_tensors(args))
     conv = name in CONV_OPS
+    if conv and om.layout is Layout.AMBIGUOUS:  # one output channel: the format the kernel computed in
+        om = dataclasses.replace(om, layout=conv_layout(om, tuple(tensor_meta(t) for t in tensors[:2])))
     moved, first, source = 0, None, 0
     rank = result.dim()
     for t in tensors:
@@ -266,8 +269,10 @@ class CopyRecorder(GuardedMode):
         self.guard(func, args, kwargs)
         inside = library_kernel(func, args, kwargs or {}, self.guard) if library_op(func) else None
         out = func(*args, **(kwargs or {})) if inside is None else inside[0]
-        if inside is not None and self.recording:
-            self.copies += inside[1]  # what a library kernel copied (torchvision's roi_align: its input)
+        if inside is not None and inside[1]:  # what a library kernel copied (torchvision's roi_align: its input)
+            if self.recording:  # it computed from its copies: its output is no relay of its inputs
+                self.copies += inside[1]
+            return out
         if self.recording:
             copy = hidden_copy(func, args, out)
             if copy is not None:

@@ -44,3 +44,21 @@ def test_the_cuda_norm_hint_of_a_volume_names_channels_last_3d() -> None:
     r = audit(model, torch.randn(2, 4, 6, 6, 6), mode="fake", device="cuda", bandwidth=1e9)
     (finding,) = [f for f in r.findings if f.kind.value == "revert"]
     assert "torch.channels_last_3d" in finding.hint and not re.search(r"torch\.channels_last\b", finding.hint)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle of a 2D map: its copy is of a 5D view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y.view(2, 2, 4, 6, 6).transpose(1, 2).contiguous().view(2, 8, 6, 6))
+
+
+def test_the_hint_for_a_view_of_a_2d_map_names_the_maps_dim_order() -> None:
+    r = audit(Shuffle().eval(), torch.randn(2, 4, 6, 6), bandwidth=1e9)
+    (finding,) = [f for f in r.findings if f.kind.value == "revert"]
+    assert len(finding.shape) == 5 and "(N, H, W, C)" in finding.hint and "(N, D, H, W, C)" not in finding.hint

@@ -47,13 +47,15 @@ CASES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+@pytest.mark.parametrize("mode", ["real", "fake"])
 @pytest.mark.parametrize("capture", ["auto", "export", "hooks"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_library_op_is_charged_what_its_kernel_copies(case: str, capture: str) -> None:
+def test_a_library_op_is_charged_what_its_kernel_copies(case: str, capture: str, mode: str) -> None:
+    """A fake run asks the op's CPU kernel what it copies, on zeros laid out as its arguments."""
     torch.manual_seed(0)
     model, x = CASES[case]().eval(), torch.randn(2, 8, 16, 16)
     expected = eager_bytes(model, (x,)).added
-    r = audit(model, x, bandwidth=1e9, capture=capture)
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
     assert r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
     op = next(f for f in r.findings if f.kind.value == "revert")
     assert op.bytes >= 2 * 2 * 8 * 16 * 16 * 4, op  # its input map copied whole, read and written
@@ -66,3 +68,69 @@ def test_the_ground_truth_sees_the_copy_inside_a_library_kernel() -> None:
     model = Library(lambda s, y: tvo.roi_align(y, s.boxes, (4, 4), 1.0, 2, aligned=True), boxes=_BOXES).eval()
     by_site = eager_bytes(model, (torch.randn(2, 8, 16, 16),)).by_site()
     assert sorted(cl - nchw for nchw, cl in by_site.values()) == [3072, 32768]
+
+
+class MultiScale(nn.Module):
+    """torchvision's MultiScaleRoIAlign over two levels (one fx leaf running roi_align per level)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.pool, self.post = tvo.MultiScaleRoIAlign(["a", "b"], 7, 2), nn.Conv2d(16, 8, 1)
+        self.register_buffer("boxes", torch.tensor([[1.0, 1.0, 20.0, 30.0], [5.0, 3.0, 60.0, 50.0], [0, 0, 8, 8]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        return self.post(self.pool({"a": a, "b": self.b(a)}, [self.boxes], [(64, 64)]))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_kernel_that_computed_from_its_own_copies_relays_nothing_more(capture: str) -> None:
+    """Each level's map is copied whole into NCHW, and roi_align computes its crops from that copy:
+    the crops are not a second re-lay of the map (fx charged them too: 18,816 B more than eager)."""
+    torch.manual_seed(0)
+    model, x = MultiScale().eval(), torch.rand(1, 3, 64, 64)
+    expected = eager_bytes(model, (x,)).added
+    assert audit(model, x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected > 0
+
+
+class AutocastRoi(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.post = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("boxes", _BOXES[:2].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (the op itself: fx traces it)
+        return self.post(torch.ops.torchvision.roi_align(self.pre(x), self.boxes, 1.0, 4, 4, 2, False))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_library_op_under_autocast_is_charged_its_kernels_copy(capture: str) -> None:
+    """Under CPU autocast roi_align runs in float32 on a cast of the map: the kernel's copy of that
+    cast is what moves, not the crops its float32 call writes."""
+    torch.manual_seed(0)
+    model, x = AutocastRoi().eval(), torch.randn(2, 8, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, autocast=True)
+    assert r.summary.bytes_moved == expected > 2 * 2 * 8 * 16 * 16 * 4, [
+        (f.kind.value, f.node, f.bytes) for f in r.findings
+    ]
+
+
+@torch.library.custom_op("nhwc_audit_tests::roundtrip", mutates_args=())
+def _roundtrip(x: torch.Tensor) -> torch.Tensor:  # no device_types: one CompositeExplicitAutograd kernel
+    return (x.contiguous() * 2).contiguous(memory_format=torch.channels_last)
+
+
+@_roundtrip.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_custom_op_for_every_device_is_seen_inside(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = Library(lambda s, y: torch.ops.nhwc_audit_tests.roundtrip(y)).eval(), torch.randn(2, 8, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    assert audit(model, x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected > 0

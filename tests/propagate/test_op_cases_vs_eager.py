@@ -210,13 +210,27 @@ class OneChannelConv(nn.Module):
     of a channels_last map. Its output is dense in both orders, but its weight is channels_last, so
     the kernel computes channels_last and copies an NCHW input whole (seen in the output's strides)."""
 
-    def __init__(self, op: Op, width: int = 8) -> None:
+    def __init__(self, op: Op, width: int = 8, padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.pre, self.op, self.head = nn.Conv2d(8, 8, 3, padding=1), op, nn.Conv2d(width, 1, 3, padding=1)
+        self.pre, self.op = nn.Conv2d(8, 8, 3, padding=1), op
+        self.head = nn.Conv2d(width, 1, 3, padding=1, padding_mode=padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pre(x)
         return y * torch.sigmoid(self.head(self.op(self, y)))
+
+
+class ToOnePixel(nn.Module):
+    """A conv to N x 1 x 1 x 1 (a DCGAN discriminator's last): its output is strided alike in both
+    formats, so the kernel's own rule decides its format: channels_last when its input or weight is."""
+
+    def __init__(self, nchw: bool) -> None:
+        super().__init__()
+        self.pre, self.head, self.nchw = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 1, 16), nchw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        return self.head(y.contiguous() if self.nchw else y)
 
 
 CASES: dict[str, Callable[[], nn.Module]] = {
@@ -258,6 +272,16 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     ),
     "one_channel_conv_after_a_cumsum_over_h": lambda: OneChannelConv(lambda s, y: y.cumsum(2)),
     "one_channel_conv_of_the_map": lambda: OneChannelConv(lambda s, y: y.relu()),
+    # the pad of a circular-padding conv writes NCHW; the one-channel conv re-lays the padded map
+    "one_channel_circular_conv_after_a_cumsum_over_h": lambda: OneChannelConv(
+        lambda s, y: y.cumsum(2), padding_mode="circular"
+    ),
+    "conv_to_one_pixel": lambda: ToOnePixel(nchw=False),
+    "conv_to_one_pixel_of_an_nchw_map": lambda: ToOnePixel(nchw=True),
+    # a cast that also reverts: charged as a revert, at the smaller of its input and output
+    "cast_to_float64_nchw_and_back": lambda: Between(
+        lambda s, y: y.to(torch.float64, memory_format=torch.contiguous_format).float()
+    ),
     # a depthwise weight pooled from the map in forward (a dynamic filter): its out-channels run
     # innermost, dense in neither format, and the kernel copies it; in NCHW it is dense
     "depthwise_weight_pooled_from_the_map": lambda: Between(
