@@ -26,7 +26,7 @@ from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
 from .contexts import keep_blocks, keeps_state
 from .deviation import Exactness, deviations
-from .equivalence import first_change
+from .equivalence import first_change, state_drift
 from .islands import rewritten_nodes
 from .measure import Measured, measure, with_backward
 from .results import Deviation, fresh_copy, outputs
@@ -299,6 +299,8 @@ def repair_model(
             else with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward)
         )
         records, analysis = current.records, current.analysis
+    if model.training and (drift := state_drift(model, gm, samples)) is not None:
+        raise ConversionError(f"repair needs a graph that updates the model's state as it does in training: {drift}")
     mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
     log = RepairLog(
         steps=tuple(steps),

@@ -16,6 +16,7 @@ from nhwc_audit import audit
 from nhwc_audit import convert as nhwc_convert
 from nhwc_audit.analyze.verdict import decide
 from nhwc_audit.cli import main
+from nhwc_audit.errors import ConversionError
 from nhwc_audit.fix.repair import repair_model
 from tests import models as M
 from tests.eager_bytes import _channels_last_model, backward_transposes, eager_bytes, transposes
@@ -1101,3 +1102,25 @@ def test_a_repair_log_prints_in_a_few_lines() -> None:
     model, (x,) = unet()
     log = audit(model, x[:, :, :32, :32], bandwidth=1e9).repaired().repair
     assert log is not None and log.records_after and "NodeRecord" not in repr(log) and len(repr(log)) < 3000
+
+
+class CumulativeNorm(nn.BatchNorm2d):
+    """A BatchNorm with a forward of its own, as timm's BatchNormAct2d with momentum=None: fx traces
+    into it, runs the counter's update once, and keeps the factor it computes as a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.num_batches_tracked is not None and self.running_mean is not None
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
+
+
+def test_a_training_repair_whose_graph_would_not_keep_the_models_state_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), CumulativeNorm(8), nn.Conv2d(8, 8, 3)).train()
+    with pytest.raises(ConversionError, match=r"1\.running_mean ends .* away from the model's .*model\.eval\(\)"):
+        repair_model(model, (torch.randn(2, 3, 16, 16),))
+    gm, _ = repair_model(model.eval(), (torch.randn(2, 3, 16, 16),))  # for inference it stands
+    # torch's own BatchNorm (a leaf fx keeps whole) updates its statistics in the graph: no refusal
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=None), nn.Conv2d(8, 8, 3)).train()
+    repair_model(plain, (torch.randn(2, 3, 16, 16),))
