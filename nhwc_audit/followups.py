@@ -81,6 +81,7 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
         constants=constants,
         baseline=baseline,
         backward=backward,
+        traced_writes=report.capture.traced_writes if report.capture is not None else None,
         **options,
     )
     repaired = dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)

@@ -4,6 +4,7 @@ the model.
 
 from __future__ import annotations
 
+import dataclasses
 import dis
 import functools
 import types
@@ -24,6 +25,7 @@ from .kept import holds
 from .proxies import TracerProxy
 from .source import user_frame
 from .state import module_state, put_back_proxied, put_back_state
+from .untraceable import RECORDED, untraceable
 
 __all__ = ["Capture", "GraphMethod", "trace"]
 
@@ -41,6 +43,9 @@ class Capture:
     """'fx' (symbolic_trace) or 'export' (torch.export, non-strict, ATen-level graph)."""
     maps_traced: bool = False
     """An fx trace traced what forward computes from 4D/5D buffers (:func:`trace`)."""
+    traced_writes: tuple[str, ...] = ()
+    """Buffers forward wrote while torch.fx traced it, in training mode: an update it ran once, in
+    Python, that may not be in the graph (timm's BatchNormAct2d counting ``num_batches_tracked``)."""
 
     @property
     def flat_inputs(self) -> bool:
@@ -249,7 +254,15 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None, trac
     ``trace_maps``: what forward computes from 4D/5D buffers alone is traced too (torch's Tracer
     runs it and stows the result: a tile of a position map would not be seen), unless forward
     reads their values in Python: then traced again, from the modules as they were, with them
-    stowed. No proxy is left on the modules. Raises :class:`TraceError` naming what to do."""
+    stowed. No proxy is left on the modules. Raises :class:`TraceError` naming what to do. In
+    training mode, the buffers forward wrote while traced are noted (:attr:`Capture.traced_writes`)."""
+    versions = {n: b._version for n, b in model.named_buffers()} if model.training else {}
+    cap = _traced(model, concrete_args, trace_maps)
+    writes = tuple(n for n, b in model.named_buffers() if b._version != versions.get(n, b._version)) if versions else ()
+    return dataclasses.replace(cap, traced_writes=writes) if writes else cap
+
+
+def _traced(model: nn.Module, concrete_args: dict[str, Any] | None, trace_maps: bool) -> Capture:
     if not trace_maps or not any(b.dim() >= 4 for b in model.buffers()):
         return _trace(model, concrete_args, proxy_maps=False)
     state = module_state(model)
@@ -262,33 +275,13 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None, trac
     return cap
 
 
-_WHY = (
-    ("item assignment", "fx cannot record an item assignment, x[...] = y"),
-    ("cannot be iterated", "forward iterates over a traced value: an input list or *args, a shape unpacked"),
-    ("control flow", "forward branches on a traced value: an if or assert on a shape or a tensor"),
-    ("'len' is not supported", "forward calls len() on a traced value"),
-    ("Proxy(", "forward uses a traced value as a Python one: a dict key, a shape in a Python list"),
-)
-"""What torch.fx's error says forward does that a symbolic trace cannot follow (first match)."""
-
-
-_RECORDED = "capture 'hooks' or 'auto', the default, records it from an eager run"
-"""What audits a model torch.fx cannot trace."""
-
-
-def _untraceable(msg: str) -> str:
-    """The hint for a failed trace whose error reads ``msg``."""
-    what = next((why for key, why in _WHY if key in msg), "data-dependent control flow or non-torch calls in forward")
-    return f"{what}; {_RECORDED} (or wrap that code in torch.fx.wrap)"
-
-
 class _MapsProxied(Exception):
     """A trace that traced 4D/5D buffers failed."""
 
 
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps: bool) -> Capture:
     if isinstance(model, torch.jit.ScriptModule):  # (torch.fx says 'traced_func_name=forward doesn't exist')
-        raise TraceError(f"torch.fx cannot trace a TorchScript module ({type(model).__name__}): {_RECORDED}")
+        raise TraceError(f"torch.fx cannot trace a TorchScript module ({type(model).__name__}): {RECORDED}")
     tracer = _Tracer(proxy_maps)
     try:
         with torch.enable_grad():  # so that a torch.no_grad() block in forward shows (NO_GRAD_KEY)
@@ -298,7 +291,7 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         if tracer.proxied_maps:
             raise _MapsProxied from e
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = _untraceable(msg)
+        why = untraceable(msg)
         raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {msg} ({why})") from e
     finally:
         root: nn.Module = getattr(tracer, "root", model)

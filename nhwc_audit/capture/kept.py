@@ -61,6 +61,8 @@ class KeptGraph:
     """(target, value) of each get_attr node (:func:`graph_attributes`)."""
     checked: bool = True
     """The graph was checked against eager (a forced or unverified capture is not)."""
+    traced_writes: tuple[str, ...] = ()
+    """Buffers forward wrote while traced (:attr:`~.fx.Capture.traced_writes`)."""
 
 
 def kept(cap: Capture | None, *, checked: bool = True) -> KeptGraph | None:
@@ -69,7 +71,7 @@ def kept(cap: Capture | None, *, checked: bool = True) -> KeptGraph | None:
     if cap is None or cap.method != "fx":
         return None
     graph = copy.deepcopy(cap.graph) if cap.graph.owning_module is not None else cap.graph
-    return KeptGraph(graph, tuple(made_attributes(cap)), checked)
+    return KeptGraph(graph, tuple(made_attributes(cap)), checked, cap.traced_writes)
 
 
 def put_back(root: nn.Module, attributes: list[tuple[str, Any]]) -> None:

@@ -172,6 +172,7 @@ def repair_model(
     constants: Sequence[tuple[str, Any]] = (),
     baseline: Mapping[str, int] | None = None,
     backward: Mapping[str, int] | None = None,
+    traced_writes: Sequence[str] | None = None,
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
     """Return a repaired channels_last GraphModule of ``model`` and the log of what changed.
 
@@ -185,6 +186,7 @@ def repair_model(
     float tolerance that converting to channels_last itself costs; a rewrite that changes
     them is refused. ``backward`` (a train audit's: node name -> what its backward moves when the
     model runs NCHW): the log's bytes and summaries count one backward pass too, as the audit does.
+    ``traced_writes``: the buffers forward wrote while ``graph`` was traced (None: not known, checked).
     """
     kwargs, baseline = kwargs or {}, baseline or {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -206,7 +208,7 @@ def repair_model(
             put_back(converted, list(constants))  # tensors made in forward: the trace kept them on its root
             if graph is None:
                 cap = trace(converted, trace_maps=maps)
-                gm = cap.gm
+                gm, traced_writes = cap.gm, cap.traced_writes
             else:
                 cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph))
         except Exception as e:
@@ -299,7 +301,7 @@ def repair_model(
             else with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward)
         )
         records, analysis = current.records, current.analysis
-    if model.training and (drift := state_drift(model, gm, samples)) is not None:
+    if model.training and traced_writes != () and (drift := state_drift(model, gm, samples)) is not None:
         raise ConversionError(f"repair needs a graph that updates the model's state as it does in training: {drift}")
     mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
     log = RepairLog(

@@ -1120,6 +1120,10 @@ def test_a_training_repair_whose_graph_would_not_keep_the_models_state_is_refuse
     model = nn.Sequential(nn.Conv2d(3, 8, 3), CumulativeNorm(8), nn.Conv2d(8, 8, 3)).train()
     with pytest.raises(ConversionError, match=r"1\.running_mean ends .* away from the model's .*model\.eval\(\)"):
         repair_model(model, (torch.randn(2, 3, 16, 16),))
+    report = audit(model, torch.randn(2, 3, 16, 16), bandwidth=1e9)  # the audit's graph, repaired
+    assert report.capture is not None and report.capture.traced_writes == ("1.num_batches_tracked",)
+    with pytest.raises(ConversionError, match=r"1\.running_mean ends"):
+        report.repaired()
     gm, _ = repair_model(model.eval(), (torch.randn(2, 3, 16, 16),))  # for inference it stands
     # torch's own BatchNorm (a leaf fx keeps whole) updates its statistics in the graph: no refusal
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=None), nn.Conv2d(8, 8, 3)).train()
