@@ -250,6 +250,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
                 nbytes=nbytes,
                 producer=ctx.by_name.get(nchw_in[0].producer or ""),
                 shape=nchw_in[0].meta.shape,
+                hint_op=H.ONE_CHANNEL if conv and r.output_layout is Layout.AMBIGUOUS else None,
             )
         ]
     across = moves.read_across(r) if len(ins) > 1 else []

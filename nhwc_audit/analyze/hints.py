@@ -18,6 +18,7 @@ __all__ = [
     "HEAD_FOLD",
     "HIDDEN",
     "ND_TRANSPOSE",
+    "ONE_CHANNEL",
     "STACK_REDUCE",
     "STORED_OPERAND",
     "STORED_TABLE",
@@ -31,6 +32,10 @@ HintTable = dict[tuple[FindingKind, str], str]
 
 AMBIGUOUS_ORIGIN = "@ambiguous-origin"
 """Key of the conversion hint used when the NCHW tensor was made from ambiguous input."""
+
+ONE_CHANNEL = "@one-channel"
+"""Key of the conversion hint for a convolution to one channel that re-lays an NCHW input because
+its weight is channels_last (its output is laid alike either way)."""
 
 HIDDEN = "@hidden"
 """Key of the conversion hint for layout-changing copies made inside a node."""
@@ -213,6 +218,16 @@ def default_hints() -> HintTable:
         ("to", "contiguous"),
         "explicit conversion back to channels_last after {origin} made "
         "the tensor NCHW: fix that op instead and drop this conversion",
+    )
+    _register(
+        t,
+        FindingKind.CONVERSION,
+        (ONE_CHANNEL,),
+        "{op} has one output channel, laid alike in either layout, so its channels_last weight decides "
+        "the kernel's format: it copies its NCHW input whole to read it channels_last. Keep this conv's "
+        "weight NCHW after converting (conv.weight.data = conv.weight.data.to(memory_format=torch.contiguous_format);"
+        " .contiguous() keeps a 1 x 1 weight as it is): the kernel then "
+        "reads its input as it is; or give it a channels_last input",
     )
     _register(
         t,

@@ -62,3 +62,30 @@ def test_the_hint_for_a_view_of_a_2d_map_names_the_maps_dim_order() -> None:
     r = audit(Shuffle().eval(), torch.randn(2, 4, 6, 6), bandwidth=1e9)
     (finding,) = [f for f in r.findings if f.kind.value == "revert"]
     assert len(finding.shape) == 5 and "(N, H, W, C)" in finding.hint and "(N, D, H, W, C)" not in finding.hint
+
+
+class OneChannelHead(nn.Module):
+    """A head to one channel of a map an op left NCHW (a cumsum over H)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(x).cumsum(2))
+
+
+def test_a_one_channel_convs_conversion_says_its_weight_decides_and_the_advice_holds() -> None:
+    from nhwc_audit import convert
+    from tests.eager_bytes import transposes
+
+    torch.manual_seed(0)
+    model, x = OneChannelHead().eval(), torch.randn(2, 4, 6, 6)
+    (finding,) = [f for f in audit(model, x, bandwidth=1e9).findings if f.kind.value == "conversion"]
+    assert finding.node == "head" and "weight NCHW after converting" in finding.hint, finding.hint
+    converted = convert(model)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    relaid = [t for t in transposes(converted, (cl,)) if t.op == "convolution" and t.shape[1] == 1]
+    assert relaid  # the head re-lays its input ...
+    converted.head.weight.data = converted.head.weight.data.to(memory_format=torch.contiguous_format)
+    assert not [t for t in transposes(converted, (cl,)) if t.op == "convolution" and t.shape[1] == 1]  # ... not after
