@@ -142,17 +142,16 @@ def autograd(grad: bool) -> Any:
 
 @contextlib.contextmanager
 def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
-    """Every module's attributes (and its parameter, buffer and submodule tables) as they were
-    before: a trace or an export runs ``forward`` on proxies or fake tensors, and models cache
-    what they compute on themselves (Ultralytics' Detect keeps anchors and strides), which a
-    later run would otherwise read back. Yields a list that names, on exit, the public
-    attributes the run had set (``model.22.anchors``, ``model.22.shape``).
-
-    The tables' keys and values are kept as two flat lists (built and compared in C, with the
-    values compared by identity): most runs change nothing, and a module-by-module comparison
-    cost ~3 us a module (1.3 ms for densenet121's 434), twice per audit."""
+    """Every module's attributes (its parameter, buffer and submodule tables, and hooks) as they were
+    before: a trace or an export runs ``forward`` on proxies or fake tensors, and models cache what
+    they compute on themselves (Ultralytics' Detect keeps anchors and strides), which a later run
+    would read back. Yields a list that names, on exit, the public attributes the run had set
+    (``model.22.anchors``). The tables' keys and values are kept as two flat lists (built and
+    compared in C, values by identity): most runs change nothing."""
     modules = [(n, m) for n, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
     tables = [t for _, m in modules for t in (m.__dict__, m._parameters, m._buffers, m._modules)]
+    hooks = list(chain.from_iterable(map(_hooks, map(_OWN, (m for _, m in modules)))))
+    hooked = list(map(len, hooks))
     sizes = list(map(len, tables))
     keys = list(chain.from_iterable(tables))
     views = [t.values() for t in tables]
@@ -169,6 +168,8 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
         )
         if not same:
             changed += _restore(modules, tables, sizes, keys, values)
+        if list(map(len, hooks)) != hooked:  # hooks a run registered (appended): they go with the flag it set
+            _ = [table.popitem() for table, size in zip(hooks, hooked, strict=True) for _ in range(len(table) - size)]
 
 
 def _restore(
@@ -202,6 +203,11 @@ def _restore(
 
 
 _OWN = operator.attrgetter("__dict__")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooks(own: dict[str, Any]) -> list[Any]:  # (transformers' capture_outputs hooks itself in forward, and says so)
+    return [t for t in map(own.get, _HOOKS) if t is not None]
 
 
 def _unchanged(now: dict[str, Any], before: dict[str, Any]) -> bool:

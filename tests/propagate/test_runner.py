@@ -102,3 +102,38 @@ def test_a_report_does_not_keep_the_audits_copy_of_the_model(
     assert all(ref() is None for ref in copies)
     assert all(not isinstance(v, nn.Parameter) for _, v in report.capture.attributes)
     assert report.repaired().repair is not None  # the kept graph is enough for a repair
+
+
+class HooksItself(nn.Module):
+    """Installs forward hooks on its blocks the first time forward runs and sets a flag saying so
+    (transformers' ``capture_outputs``), then branches on a tensor (fx cannot trace it). Its head
+    reads what the hooks collected: hooks installed twice feed it twice as many features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "hooked", False):
+            self.seen: list[torch.Tensor] = []
+            for b in self.blocks:
+                b.register_forward_hook(lambda m, i, o: self.seen.append(o))
+            self.hooked = True
+        self.seen.clear()
+        for b in self.blocks:
+            x = b(x)
+        if x.sum() > 1e9:  # (a branch on a tensor: torch.fx fails here, after the hooks went in)
+            x = x * 0
+        return self.head(torch.cat([s.mean((2, 3)) for s in self.seen], 1))
+
+
+def test_hooks_a_failed_trace_installed_go_with_the_flag_it_set() -> None:
+    """The trace set the flag and installed the hooks; putting the flag back alone left the hooks in
+    place, and the eager recording installed them again: 'the model's own error' at the head."""
+    model, x = HooksItself().eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        HooksItself()(x)  # it runs
+    r = nhwc_audit.audit(model, x, bandwidth=1e9)
+    assert r.meta.capture == "hooks" and r.meta.capture_notes[0].startswith("fx: torch.fx could not trace")
+    assert not model.blocks[0]._forward_hooks and not hasattr(model, "hooked")  # the user's model untouched

@@ -196,3 +196,29 @@ def test_a_fake_train_audit_charges_the_backward_a_real_one_charges(build: str) 
         found[mode] = Counter((f.kind.value, f.node, f.bytes) for f in report.findings)
     assert sum(b for (k, _, b) in found["real"] if k == "backward") > 0
     assert found["fake"] == found["real"]
+
+
+def test_a_segformer_that_hooks_itself_in_forward_is_audited_from_an_eager_run() -> None:
+    """transformers' ``capture_outputs`` registers hooks on the encoder's blocks in forward and sets
+    a flag saying so. fx's failed trace had set both; the flag was put back and the hooks stayed, so
+    the eager recording registered them again, and every hidden state was captured twice: a false
+    'model's own error' at the decode head. Charged what eager moves."""
+    transformers = pytest.importorskip("transformers")
+    from tests.eager_bytes import eager_bytes
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(pixel_values=x).logits
+
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(
+        num_channels=3, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=64,
+        num_attention_heads=[1, 2, 2, 4], num_labels=3,
+    )  # fmt: skip
+    model, x = Logits(transformers.SegformerForSemanticSegmentation(config)).eval(), torch.randn(1, 3, 64, 64)
+    report = audit(model, x, bandwidth=1e9)
+    assert report.meta.capture == "hooks" and report.summary.bytes_moved == eager_bytes(model, (x,)).added > 0
