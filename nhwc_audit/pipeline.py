@@ -164,10 +164,13 @@ def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple
     except RuntimeError as e:
         why = first_line(e)
     eager = training_fails(p.module, p.args, p.kwargs, p.runner)
-    if eager is not None:
+    if eager is not None:  # (an in-place write to what autograd saved, an op with no autograd formula)
+        fix = (
+            "make the op it names out of place (z = z * 2 for z.mul_(2))" if "inplace" in eager else "fix what it names"
+        )
         raise PropagationError(
-            f"train=True: the model's backward raises in eager PyTorch too ({eager}); make the op it names "
-            "out of place (z = z * 2 for z.mul_(2)), or audit without --train (API: train=False)"
+            f"train=True: the model's backward raises in eager PyTorch too ({eager}); {fix}, or audit without "
+            "--train (API: train=False)"
         )
     return captured.records, (f"{BACKWARD_NOT_AUDITED} (the {captured.method} graph's backward raised: {why})",), False
 

@@ -396,6 +396,31 @@ class CountsCalls(nn.Module):
         return self.b(y) * self.count
 
 
+@torch.library.custom_op("nhwc_audit_tests::doubled", mutates_args=(), device_types="cpu")
+def _doubled(x: torch.Tensor) -> torch.Tensor:  # no autograd formula registered
+    return x * 2
+
+
+@_doubled.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_a_backward_that_raises_for_another_reason_than_an_in_place_write_gets_no_in_place_advice() -> None:
+    from nhwc_audit import PropagationError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)).train()
+    model.insert(1, _Doubled())
+    with pytest.raises(PropagationError, match="no autograd formula") as e:
+        audit(model, torch.randn(2, 3, 16, 16), train=True, bandwidth=BANDWIDTH)
+    assert "out of place" not in str(e.value) and "fix what it names" in str(e.value)
+
+
+class _Doubled(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.nhwc_audit_tests.doubled(x)
+
+
 @pytest.mark.parametrize("mode", ["real", "fake"])
 def test_a_model_whose_backward_raises_in_eager_too_gets_one_clear_error(
     mode: str, capsys: pytest.CaptureFixture[str]

