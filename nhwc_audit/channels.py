@@ -30,6 +30,8 @@ __all__ = [
     "casts_first",
     "conv_layout",
     "conv_relays",
+    "dense_strides",
+    "format_order",
     "kernel_itemsize",
     "channels_relaid",
     "hidden_copy",
@@ -204,12 +206,17 @@ def relaid_weight(w: TensorMeta, out: TensorMeta, ins: Sequence[TensorMeta] = ()
     return w.layout not in (kernel, Layout.AMBIGUOUS)
 
 
-def _format_strides(shape: tuple[int, ...], nhwc: bool) -> tuple[int, ...]:
-    rank, step = len(shape), 1
-    strides = [0] * rank
-    for d in [1, *range(rank - 1, 1, -1), 0] if nhwc else range(rank - 1, -1, -1):  # innermost first
-        strides[d], step = step, step * shape[d]
+def dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` with its dims in ``order``, outermost first."""
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):  # innermost first
+        strides[d], step = step, step * max(shape[d], 1)
     return tuple(strides)
+
+
+def format_order(rank: int, nhwc: bool) -> list[int]:
+    """A memory format's dims of a ``rank``-d map, outermost first: N, H, W, C (N, D, H, W, C) or N, C, H, W."""
+    return [0, *range(2, rank), 1] if nhwc else list(range(rank))
 
 
 def conv_layout(out: TensorMeta, ins: Sequence[TensorMeta] = ()) -> Layout:
@@ -221,7 +228,9 @@ def conv_layout(out: TensorMeta, ins: Sequence[TensorMeta] = ()) -> Layout:
     channels_last when its input or weight (``ins``) leans so."""
     if out.layout is not Layout.AMBIGUOUS:
         return out.layout
-    if _format_strides(out.shape, True) != _format_strides(out.shape, False):
+    if dense_strides(out.shape, format_order(out.rank, True)) != dense_strides(
+        out.shape, format_order(out.rank, False)
+    ):
         return Layout.CHANNELS_LAST if leans_channels_last(out) else Layout.CONTIGUOUS
     return (
         Layout.CHANNELS_LAST if any(m.rank == out.rank and leans_channels_last(m) for m in ins) else Layout.CONTIGUOUS
@@ -236,8 +245,7 @@ def conv_relays(src: TensorMeta, out: TensorMeta, ins: Sequence[TensorMeta] = ()
     if out.layout is not Layout.AMBIGUOUS or src.rank != out.rank:
         return runs_otherwise(src, out)
     held = [d for d in memory_order(src) if src.strides[d] != 0]
-    nhwc = conv_layout(out, ins) is Layout.CHANNELS_LAST
-    order = [0, *range(2, src.rank), 1] if nhwc else list(range(src.rank))  # outermost first
+    order = format_order(src.rank, conv_layout(out, ins) is Layout.CHANNELS_LAST)
     return held != [d for d in order if d in held]
 
 

@@ -231,9 +231,7 @@ def repair_model(
     if current is None:
         current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
     records, analysis = current.records, current.analysis
-    stepped = (
-        with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward) if backward is not None else None
-    )
+    stepped = None if backward is None else with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward)
     before_bytes, before_breaks = (stepped or current).analysis.summary.bytes_moved, analysis.summary.breaks
     steps: list[RepairStep] = []
     refused: dict[tuple[str, str], str] = {}
@@ -294,14 +292,15 @@ def repair_model(
         # the log's figures from a whole run of the graph kept (its rewrites were measured in part)
         current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
         records, analysis = current.records, current.analysis
-    if backward is not None:  # a train audit's repair: its figures per training step
+    if backward is not None:  # a train audit's repair: its figures per training step (the naive graph's: stepped)
         current = (
             stepped
             if gm is naive and stepped is not None
             else with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward)
         )
         records, analysis = current.records, current.analysis
-    if model.training and traced_writes != () and (drift := state_drift(model, gm, samples)) is not None:
+    wrote = traced_writes is None or len(traced_writes) > 0  # forward wrote a buffer while traced (None: not known)
+    if model.training and wrote and (drift := state_drift(model, gm, samples)):
         raise ConversionError(f"repair needs a graph that updates the model's state as it does in training: {drift}")
     mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
     log = RepairLog(

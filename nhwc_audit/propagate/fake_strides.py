@@ -14,6 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ..channels import dense_strides
 from ..layout import is_dense_in_order
 from ..records import CONV_OPS
 from .dispatch import RecordingMode
@@ -137,7 +138,7 @@ class PointwiseStrides(RecordingMode):
         if strides is None and (probed or odd) and asked and not conv:  # too large to ask whole: on cut copies
             strides = _asked_on_cuts(func, args, kwargs, first)
         if strides is None and first.is_contiguous() and _fast_contiguous(func, args, kwargs, out):
-            strides = _dense_strides(first.shape, list(range(first.dim())))
+            strides = dense_strides(first.shape, list(range(first.dim())))
         # the kernel's dtype too: a GroupNorm backward under autocast (bfloat16 input, float32 statistics)
         # gives the input's, where its meta kernel promotes to float32
         dtype = got[0].dtype if got and got[0].dtype.is_floating_point == first.dtype.is_floating_point else first.dtype
@@ -231,7 +232,7 @@ def _asked_on_cuts(func: Any, args: Any, kwargs: dict[str, Any], first: torch.Te
     order = sorted(range(got.dim()), key=lambda d: (got.stride(d), d), reverse=True)
     if not is_dense_in_order(got.shape, got.stride(), order[::-1]):
         return None
-    return _dense_strides(first.shape, order)
+    return dense_strides(first.shape, order)
 
 
 def real_zeros(v: Any, dtype: torch.dtype | None = None) -> Any:
@@ -280,14 +281,6 @@ def eager_cpu_outputs(func: Any, args: Any, kwargs: dict[str, Any], first: torch
     if not results or not isinstance(results[0], torch.Tensor) or results[0].shape != first.shape:
         return None
     return results
-
-
-def _dense_strides(shape: torch.Size, order: list[int]) -> tuple[int, ...]:
-    """The strides of a dense tensor of ``shape`` with its dims in ``order``, outermost first."""
-    strides, step = [0] * len(shape), 1
-    for d in reversed(order):  # innermost first
-        strides[d], step = step, step * max(shape[d], 1)
-    return tuple(strides)
 
 
 def _pointwise(func: Any) -> bool:

@@ -150,7 +150,7 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
     compared in C, values by identity): most runs change nothing."""
     modules = [(n, m) for n, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
     tables = [t for _, m in modules for t in (m.__dict__, m._parameters, m._buffers, m._modules)]
-    hooks = list(chain.from_iterable(map(_hooks, map(_OWN, (m for _, m in modules)))))
+    hooks = [t for _, m in modules for t in map(m.__dict__.get, _HOOKS) if t is not None]
     hooked = list(map(len, hooks))
     sizes = list(map(len, tables))
     keys = list(chain.from_iterable(tables))
@@ -168,8 +168,10 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
         )
         if not same:
             changed += _restore(modules, tables, sizes, keys, values)
-        if list(map(len, hooks)) != hooked:  # hooks a run registered (appended): they go with the flag it set
-            _ = [table.popitem() for table, size in zip(hooks, hooked, strict=True) for _ in range(len(table) - size)]
+        if list(map(len, hooks)) != hooked:  # hooks a run registered go with the flag it set: cut off the end
+            for table, size in zip(hooks, hooked, strict=True):
+                while len(table) > size:
+                    table.popitem()
 
 
 def _restore(
@@ -204,10 +206,8 @@ def _restore(
 
 _OWN = operator.attrgetter("__dict__")
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _hooks(own: dict[str, Any]) -> list[Any]:  # (transformers' capture_outputs hooks itself in forward, and says so)
-    return [t for t in map(own.get, _HOOKS) if t is not None]
+"""A module's hook tables: a run that registers hooks (transformers' ``capture_outputs``, in forward,
+with a flag saying so) has them cut back with the flag."""
 
 
 def _unchanged(now: dict[str, Any], before: dict[str, Any]) -> bool:
