@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from .layout import innermost_dim, is_dense_in_order, leans_channels_last, memory_order, reorders, tensor_meta
+from .layout import (
+    classify_strides,
+    innermost_dim,
+    is_dense_in_order,
+    leans_channels_last,
+    memory_order,
+    reorders,
+    tensor_meta,
+)
 from .records import CONV_OPS, GEMM_OPS, HiddenCopy, Layout, NodeRecord, TensorMeta
 
 __all__ = [
@@ -140,9 +148,13 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     if not (change or reorders(sm, dm)):
         return None
     name = str(func.overloadpacket.__name__)
-    return HiddenCopy(
-        op=name, layout_in=sm.layout, layout_out=dm.layout, shape=dm.shape, bytes=2 * dm.nbytes, reorder=not change
+    # a broadcast source (a table ``expand``-ed over the batch) moves what it stores, laid out as it
+    # holds it: a dim it repeats (stride 0) places no constraint, as one of size 1
+    layout = classify_strides(
+        tuple(1 if st == 0 else n for n, st in zip(sm.shape, sm.strides, strict=True)), sm.strides
     )
+    nbytes = 2 * min(sm.stored_nbytes, dm.nbytes)
+    return HiddenCopy(op=name, layout_in=layout, layout_out=dm.layout, shape=dm.shape, bytes=nbytes, reorder=not change)
 
 
 CASTS = frozenset({"to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double", "copy_"})

@@ -9,25 +9,23 @@ The rules (one place each):
              exposes it, so it is grouped with that revert.
 * mixed      two full spatial inputs disagree (one channels_last, one NCHW): activations, or
              a stored tensor (parameter, buffer, constant) read as data (:func:`.moves.data_inputs`).
-* revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the channels:
-             an NHWC input and an NCHW output, or a rank >= 4 view of one made contiguous.
+* revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the channels
+             (an NHWC input and an NCHW output, a rank >= 4 view of one made contiguous), or of a
+             stored table in the order the conversion gave it (:mod:`.tables`).
 * conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose channels_last
              weights make it re-adopt NHWC from an NCHW input); or a node whose own layouts look
              fine but that transposed data internally (copies seen at ATen level while it ran,
              e.g. a conv with padding_mode='circular').
 
 Bytes are what channels_last adds: a node that also moves data when the model runs NCHW, as built
-(``NodeRecord.nchw_bytes``, from the NCHW baseline run: ``.contiguous()`` after a permute; an add
-of a LayerNorm2d output, NHWC-strided in either layout, and an NCHW tensor; a conv re-laying a
-transposed map; a matmul's copy inside; a copy NCHW makes upstream in the same line of the model,
+(``NodeRecord.nchw_bytes``, the NCHW baseline run's: ``.contiguous()`` after a permute, a conv
+re-laying a transposed map, a matmul's copy inside, a copy NCHW makes upstream in the same line,
 :func:`.displaced.displaced`) is charged the difference (:func:`.moves.baselined`).
 
-A node whose output aliases an input (a view such as ``permute``, an in-place op) moves no data and
-is never a revert or a conversion (an in-place op whose operands disagree in layout is mixed, as it
-would be out of place; ``buf[...].copy_(x)`` copies across layouts); ambiguous tensors (C == 1,
-H == W == 1) decide nothing, but a convolution's output by its strides (``channels.conv_layout``).
-Nor do tensors the conversion leaves as they are (:func:`.origin.conversion_free`: made from
-parameters and buffers it does not re-lay, a relative-position bias permuted to (1, heads, N, N)).
+A view (``permute``) or an in-place op moves no data: never a revert or a conversion (in-place
+operands that disagree in layout are mixed; ``buf[...].copy_(x)`` copies across layouts). Ambiguous
+tensors (C == 1, H == W == 1) decide nothing, but a convolution's output by its strides, nor do those
+the conversion leaves as they are (:func:`.origin.conversion_free`: a relative-position bias).
 """
 
 from __future__ import annotations
@@ -42,9 +40,10 @@ from . import hints as H
 from . import moves
 from .exposed import exposed
 from .hint_render import hint_keys, render_hint
-from .moves import channels_source, computed_weight, revert_bytes, writes_in_place
+from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, describe, feeds_a_weight, leading_to, odd_order_from_map, origin_of, via
 from .reshapes import exits_spatial, is_reshape, viewed_as
+from .tables import from_restrided_table, moved_out
 
 __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -199,7 +198,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     viewed = viewed_as(r, reverted, ctx.by_name)
     # the activations, and 4D parameters the conversion re-laid (timm Hiera's position embedding, tiled)
     read = [i for i in r.inputs if not i.is_param or (i.meta.rank >= 4 and r.op_name.lower() not in CONV_OPS)]
-    sources = [i for i in read if reverted and i.producer not in ctx.free and channels_source(i, viewed, ctx.by_name)]
+    sources = [i for i in read if reverted and i.producer not in ctx.free and moved_out(i, viewed, ctx.by_name)]
     strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
@@ -220,7 +219,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
         odd = H.STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else H.ND_TRANSPOSE
-        if all(i.is_param for i in sources):  # a stored tensor the conversion restrided
+        if all(i.is_param or from_restrided_table(i, ctx.by_name) for i in sources):  # the conversion restrided it
             standard, odd = False, H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE
         return [
             _finding(
@@ -283,7 +282,8 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     )
     kind = FindingKind.REVERT if out_only else FindingKind.CONVERSION
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
-    stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if of_weight else None
+    table = of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs)
+    stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if table else None
     hint = stored if stored and out_only else H.HEAD_FOLD if fold else H.HIDDEN
     found = _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
     return [found]
