@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import traceback
 import warnings
 import weakref
@@ -51,12 +52,17 @@ _TORCH = os.path.dirname(torch.__file__).replace("\\", "/") + "/"
 folder called torch, /opt/torch/venv/...: their lines all fell to the caller's, netted as one)."""
 
 
+_GENERATED = re.compile(r"^<eval_with_key>\.\d+$")
+"""A GraphModule's generated code: every copy of it (the two runs' deep copies) is compiled again
+under a new ``<eval_with_key>.N``, the same lines of the same graph."""
+
+
 def _site() -> str:
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace("\\", "/")
         if path.startswith(_TORCH) or path == _HERE:
             continue
-        return f"{path}:{frame.lineno}"
+        return f"{_GENERATED.sub('<eval_with_key>', path)}:{frame.lineno}"
     return "?"
 
 

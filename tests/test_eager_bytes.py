@@ -49,6 +49,25 @@ def test_copies_made_in_either_layout_cancel() -> None:
     assert e.nchw and e.added == 0
 
 
+class SwapHW(nn.Module):
+    """A conv, then H and W swapped and made contiguous: a copy in either layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).permute(0, 1, 3, 2).contiguous()
+
+
+def test_copies_made_in_either_layout_cancel_in_a_graph_module() -> None:
+    # each copy of a GraphModule generates its code again, under another '<eval_with_key>.N' file:
+    # the two runs' lines are the same lines of the graph's code
+    for m in (SwapHW().eval(), torch.fx.symbolic_trace(SwapHW().eval())):
+        e = eager_bytes(m, (torch.randn(1, 3, 8, 8),))
+        assert e.nchw and e.channels_last and e.added == 0, e.by_site()
+
+
 class TwoRanks(nn.Module):
     """2D and 3D convolutions in one model (diffusers' video UNets): ``Module.to(memory_format=...)``
     raises on it, whichever format is asked."""
