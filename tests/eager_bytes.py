@@ -190,7 +190,7 @@ class _KernelCopies(TorchDispatchMode):
     calls ``input.contiguous()``: a channels_last feature map copied whole into NCHW), seen by
     running the op's backend kernel with this mode on the dispatch stack: the ATen ops the kernel
     calls come back here. Only copies into another memory order count (a ``contiguous()`` of a
-    tensor already contiguous returns it)."""
+    tensor already contiguous returns it), each read and written (a broadcast source: what it stores)."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -208,7 +208,9 @@ class _KernelCopies(TorchDispatchMode):
         if copying and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4:
             dims = [d for d in range(src.dim()) if src.shape[d] > 1 and src.stride(d) != 0]
             if out is not src and len(dims) > 1 and _order(src, dims) != _order(out, dims):
-                self.copies.append((name, tuple(out.shape), 2 * out.numel() * out.element_size()))
+                # a broadcast source (an offset expanded over the batch) moves what it stores, as `_moved` counts it
+                stored = math.prod(src.shape[d] for d in range(src.dim()) if src.stride(d) != 0) * src.element_size()
+                self.copies.append((name, tuple(out.shape), 2 * min(stored, out.numel() * out.element_size())))
         return out
 
     @classmethod

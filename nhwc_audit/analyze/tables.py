@@ -13,7 +13,7 @@ no table is restrided: a copy both make is netted there.
 from __future__ import annotations
 
 from ..layout import memory_order, reorders, row_major
-from ..records import Layout, NodeInput, NodeRecord, TensorMeta
+from ..records import CONV_OPS, GEMM_OPS, Layout, NodeInput, NodeRecord, TensorMeta
 from .moves import channels_source
 
 __all__ = ["from_restrided_table", "moved_out"]
@@ -29,9 +29,12 @@ def _held(meta: TensorMeta) -> list[int]:
 
 
 def _keeps_order(src: TensorMeta, out: TensorMeta) -> bool:
-    """``out`` (an op's result of ``src``'s rank) lies in ``src``'s memory order over the dims
-    ``src`` holds, two of them at least: an element-wise op follows its operand's strides."""
+    """``out``, an element-wise result of ``src`` (same rank, each dim of ``src`` the output's or
+    broadcast), lies in ``src``'s memory order over the dims ``src`` holds, two of them at least:
+    an element-wise op follows its operand's strides."""
     if src.rank != out.rank or len(src.strides) != src.rank or len(out.strides) != out.rank:
+        return False
+    if any(a not in (1, b) for a, b in zip(src.shape, out.shape, strict=True)):
         return False
     held = _held(src)
     return len(held) >= 2 and held == [d for d in _held(out) if d in held]
@@ -47,8 +50,15 @@ def from_restrided_table(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
             return meta.rank in (4, 5) and meta.layout is Layout.CHANNELS_LAST
         if node is None or not node.inputs or not node.outputs:
             return False
-        # a view: its base's order; an op (not writing row-major): the operand whose order it kept
-        kept = [node.inputs[0]] if node.aliases_input else [] if row_major(meta) else node.inputs
+        # a view: its base's order; an element-wise op (not writing row-major): the operand whose
+        # order it kept, an activation before a stored tensor (``pos + y`` is in y's order); not a
+        # convolution or a GEMM, which compute their output's layout
+        if node.aliases_input:
+            kept = [node.inputs[0]]
+        elif row_major(meta) or node.op_name.lower() in CONV_OPS | GEMM_OPS:
+            return False
+        else:
+            kept = sorted(node.inputs, key=lambda j: j.is_param)
         nxt = next((j for j in kept if node.aliases_input or _keeps_order(j.meta, meta)), None)
         if nxt is None:
             return False

@@ -114,3 +114,58 @@ def test_a_restrided_frequency_table_copied_row_major_is_charged_what_eager_move
     expected = eager_bytes(model, (x,)).added
     r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
     assert expected > 0 and r.summary.bytes_moved == expected, _charged(r)
+
+
+class NormAfterConvs(nn.Module):
+    """pix2pix's conv, InstanceNorm, ReLU twice: each InstanceNorm a plain revert of an activation,
+    whatever the conv's weight (a stored 4D tensor the conversion restrided) looks like."""
+
+    def __init__(self, table_first: bool) -> None:
+        super().__init__()
+        self.table_first = table_first
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(F.instance_norm(self.a(x)))
+        y = self.b(y)
+        return F.relu(F.instance_norm(self.pos + y if self.table_first else y + self.pos))
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+@pytest.mark.parametrize("table_first", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_revert_of_an_activation_is_not_a_tables(batch: int, table_first: bool, capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = NormAfterConvs(table_first).eval(), torch.randn(batch, 3, 16, 16)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    reverts = [f for f in r.findings if f.kind is FindingKind.REVERT]
+    assert len(reverts) == 2 and r.summary.bytes_moved == eager_bytes(model, (x,)).added, _charged(r)
+    assert not [f.hint for f in reverts if "stored tensor" in f.hint], [f.hint for f in reverts]
+
+
+class ExpandedOffsets(nn.Module):
+    """A deformable conv's offsets, a stored table expanded over the batch: torchvision's kernel
+    calls ``offset.contiguous()``, which copies what the table stores into another order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.offset = nn.Parameter(torch.randn(1, 18, 16, 16) * 0.1)
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import deform_conv2d
+
+        y = self.conv(x)
+        return deform_conv2d(y, self.offset.expand(y.shape[0], -1, -1, -1), self.w, padding=1)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["auto", "export", "hooks"])  # (deform_conv2d branches on a shape: no fx)
+def test_a_library_kernels_copy_of_an_expanded_table_is_charged_what_it_stores(capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = ExpandedOffsets().eval(), torch.randn(4, 3, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert expected > 0 and r.summary.bytes_moved == expected, (expected, _charged(r))
