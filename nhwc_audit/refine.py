@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .analyze.displaced import displaced, displaced_backward
+from .analyze.displaced import displaced, displaced_backward, unpaired
 from .analyze.findings import find_findings
 from .analyze.moves import baselined, moved_bytes
 from .capture.blocks import custom_backward_note
@@ -170,7 +170,10 @@ def with_nchw_baseline(
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
-    both |= {k: both.get(k, 0) + n for k, n in displaced(records, both, {f.node for f in costly}).items()}
+    charged = {f.node for f in costly}
+    both |= {k: both.get(k, 0) + n for k, n in displaced(records, both, charged).items()}
+    if captured.capture is None:  # the eager capture records only the ops a run makes: NCHW's copies of its own
+        both |= {k: both.get(k, 0) + n for k, n in unpaired(nchw, pairs, moved, charged).items()}
     if not both:
         return records, ()
     out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]

@@ -10,29 +10,67 @@ from collections.abc import Collection, Sequence
 from ..records import NodeRecord
 from .moves import moved_bytes
 
-__all__ = ["displaced", "displaced_backward"]
+__all__ = ["displaced", "displaced_backward", "unpaired"]
 
 
 def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged: Collection[str]) -> dict[str, int]:
     """For each node of ``charged`` (findings the NCHW baseline can change), the bytes NCHW moves
     at a node upstream where channels_last moves fewer (``nchw_moved`` against :func:`~.moves.moved_bytes`):
     the same copy, made later in the same line (diffusers' TemporalConvLayer: NCHW copies at its
-    GroupNorm, channels_last at its Conv3d). Up the first activation inputs at one shape."""
+    GroupNorm, channels_last at its Conv3d; an add ``y + t.contiguous()``: NCHW copies ``t`` at the
+    contiguous, channels_last reads it across at the add). Up every activation input, each chain at
+    its operand's shape, nearest first."""
     by_name = {r.name: r for r in records}
     credit: dict[str, int] = {}
     used: set[str] = set()
     for name in charged:
-        site, first = by_name[name].source, by_name[name].activation_inputs[:1]
-        shape = first[0].meta.shape if first else None
-        node = by_name.get(first[0].producer or "") if first else None
-        while node is not None and node.name not in charged and node.outputs and node.outputs[0].shape == shape:
+        site = by_name[name].source
+        frontier, seen = deque(_producers(by_name[name], by_name)), {name}
+        while frontier:
+            node, shape = frontier.popleft()
+            if node.name in seen or node.name in charged or not node.outputs or node.outputs[0].shape != shape:
+                continue
+            seen.add(node.name)
             saved = nchw_moved.get(node.name, 0) - moved_bytes(node)
             if saved > 0 and node.name not in used and node.source == site:  # one call of the model's
                 credit[name] = saved
                 used.add(node.name)
                 break
-            up = node.activation_inputs[:1]
-            node = by_name.get(up[0].producer or "") if up else None
+            frontier.extend(_producers(node, by_name))
+    return credit
+
+
+def _producers(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[tuple[NodeRecord, tuple[int, ...]]]:
+    """The records of ``r``'s activation inputs, in operand order, each with the shape ``r`` reads;
+    past the first, none computed from stored tensors alone (a weight transposed in forward, which a
+    fake run measures as a copy where a real one sees a view)."""
+    out = []
+    for k, i in enumerate(r.activation_inputs):
+        p = by_name.get(i.producer or "")
+        if p is not None and not (k and p.inputs and all(j.is_param for j in p.inputs)):
+            out.append((p, i.meta.shape))
+    return out
+
+
+def unpaired(
+    nchw: Sequence[NodeRecord], pairs: dict[str, str], nchw_moved: dict[str, int], charged: Collection[str]
+) -> dict[str, int]:
+    """For each node of ``charged`` (channels_last record names, ``pairs``: each one's NCHW record),
+    the bytes the NCHW run moves at a node of the same line that only it made (no pair), read by
+    the node's NCHW pair: a ``.contiguous()`` that copies in NCHW and, in channels_last, returns its
+    input, which the eager capture does not record (``y + t.contiguous()``: NCHW copies ``t``,
+    channels_last reads it across at the add)."""
+    by_name = {r.name: r for r in nchw}
+    mine = {theirs: ours for ours, theirs in pairs.items() if ours in charged}
+    made = set(pairs.values())
+    credit: dict[str, int] = {}
+    for r in nchw:
+        moved = nchw_moved.get(r.name, 0)
+        if moved <= 0 or r.name in made or r.source is None:
+            continue
+        reader = next((u for u in r.users if u in mine and by_name[u].source == r.source), None)
+        if reader is not None:
+            credit[mine[reader]] = credit.get(mine[reader], 0) + moved
     return credit
 
 

@@ -169,3 +169,30 @@ def test_a_library_kernels_copy_of_an_expanded_table_is_charged_what_it_stores(c
     expected = eager_bytes(model, (x,)).added
     r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
     assert expected > 0 and r.summary.bytes_moved == expected, (expected, _charged(r))
+
+
+class TableAddedContiguous(nn.Module):
+    """A permuted (1, H, W, C) table interpolated, then added with ``.contiguous()``: NCHW copies
+    the table at the contiguous, channels_last reads it across at the add, in one line."""
+
+    def __init__(self, table_first: bool) -> None:
+        super().__init__()
+        self.table_first = table_first
+        self.patch = nn.Conv2d(3, 8, 2, 2)
+        self.pos = nn.Parameter(torch.randn(1, 4, 6, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.patch(x)
+        t = F.interpolate(self.pos.permute(0, 3, 1, 2), size=(4, 6), mode="bilinear")
+        return t.contiguous() + y if self.table_first else y + t.contiguous()
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("table_first", [False, True])
+def test_a_copy_nchw_makes_at_either_operand_is_netted(table_first: bool, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = TableAddedContiguous(table_first).eval(), torch.randn(2, 3, 8, 12)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert expected > 0 and r.summary.bytes_moved == expected, (expected, _charged(r))
