@@ -203,7 +203,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
         # disagree and the op followed the NCHW one; it is mixed, not an op without an NHWC kernel
-        producer, nbytes = ctx.by_name.get(strided_nchw[0].producer or ""), 2 * sum(i.meta.nbytes for i in cl_in)
+        producer, nbytes = ctx.by_name.get(strided_nchw[0].producer or ""), moves.mixed_bytes(r, cl_in, ctx.cast)
         kind, shape = FindingKind.MIXED, cl_in[0].meta.shape
         return [_finding(ctx, r, kind, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes, producer=producer, shape=shape)]
     if reverted and not (row_major(reverted[0]) or along_w(reverted[0])):  # another order than NCHW:

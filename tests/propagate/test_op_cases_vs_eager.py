@@ -352,6 +352,11 @@ CASES: dict[str, Callable[[], nn.Module]] = {
         w=torch.randn(8, 8, 3, 3),
     ),
     # a buffer expanded to the map (expand_as views the buffer, not the map it takes a shape from)
+    # an index expanded over 4 of 8 channels, NCHW-ordered: gather follows it and reads the map
+    # across, moving at most its 4-channel output (a review's case: charged twice the whole map)
+    "gather_c_by_an_index_expanded_over_fewer_channels": lambda: Between(
+        lambda s, y: y.gather(1, (y.argmax(1, keepdim=True) % 4).expand(-1, 4, -1, -1)), post=4
+    ),
     "product_with_an_expanded_buffer": lambda: Between(lambda s, y: y * s.m.expand_as(y), m=torch.randn(2, 1, 16, 16)),
     # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
     "cat_with_its_transpose": lambda: Between(lambda s, y: torch.cat([y, y.transpose(2, 3)], 1), post=16),
