@@ -60,6 +60,8 @@ def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
     if src.rank < 4 or src.shape != dst.shape:
         return False
     last = max((i for i, s in enumerate(src.shape) if s > 1), default=None)
+    if last is not None and len(src.strides) == src.rank and 0 in (src.strides[1], src.strides[last]):
+        return False  # a dim the source repeats (``expand``): what it holds keeps its order
     pair = {innermost_dim(src), innermost_dim(dst)}
     return last is not None and last != 1 and pair == {1, last}
 

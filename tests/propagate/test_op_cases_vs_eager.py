@@ -357,6 +357,11 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_c_by_an_index_expanded_over_fewer_channels": lambda: Between(
         lambda s, y: y.gather(1, (y.argmax(1, keepdim=True) % 4).expand(-1, 4, -1, -1)), post=4
     ),
+    # a channel mean expanded back over the channels and copied into a channels_last buffer: the dims
+    # it holds (N, H, W) keep their order, whatever dim the copy makes innermost (a review's case)
+    "copy_of_a_channel_mean_expanded_into_a_channels_last_buffer": lambda: Between(
+        lambda s, y: torch.empty_like(y).copy_(y.mean(1, keepdim=True).expand_as(y))
+    ),
     "product_with_an_expanded_buffer": lambda: Between(lambda s, y: y * s.m.expand_as(y), m=torch.randn(2, 1, 16, 16)),
     # a cat of a map and its H/W transpose: the transposed operand is copied in NCHW too
     "cat_with_its_transpose": lambda: Between(lambda s, y: torch.cat([y, y.transpose(2, 3)], 1), post=16),
