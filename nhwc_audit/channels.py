@@ -56,7 +56,8 @@ __all__ = [
 def layout_change(src: TensorMeta, dst: TensorMeta) -> bool:
     """A copy from ``src`` to ``dst`` (rank >= 4, same shape) moves the innermost memory dim
     between the channels (dim 1, NHWC) and the last dim (NCHW): a layout transpose. Copies
-    between other dims (attention's B x heads x N x d transposes) are not layout changes."""
+    between other dims (attention's B x heads x N x d transposes) are not layout changes, nor is
+    one of a source broadcast along either of the two (a channel mean ``expand``-ed back)."""
     if src.rank < 4 or src.shape != dst.shape:
         return False
     last = max((i for i, s in enumerate(src.shape) if s > 1), default=None)
@@ -152,9 +153,8 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     name = str(func.overloadpacket.__name__)
     # a broadcast source (a table ``expand``-ed over the batch) moves what it stores, laid out as it
     # holds it: a dim it repeats (stride 0) places no constraint, as one of size 1
-    layout = classify_strides(
-        tuple(1 if st == 0 else n for n, st in zip(sm.shape, sm.strides, strict=True)), sm.strides
-    )
+    held = tuple(1 if st == 0 else n for n, st in zip(sm.shape, sm.strides, strict=False))
+    layout = classify_strides(held, sm.strides) if len(sm.strides) == sm.rank else sm.layout
     nbytes = 2 * min(sm.stored_nbytes, dm.nbytes)
     return HiddenCopy(op=name, layout_in=layout, layout_out=dm.layout, shape=dm.shape, bytes=nbytes, reorder=not change)
 
