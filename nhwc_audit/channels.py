@@ -258,7 +258,7 @@ def conv_relays(src: TensorMeta, out: TensorMeta, ins: Sequence[TensorMeta] = ()
     and weight)."""
     if out.layout is not Layout.AMBIGUOUS or src.rank != out.rank:
         return runs_otherwise(src, out)
-    held = [d for d in memory_order(src) if src.strides[d] != 0]
+    held = list(memory_order(src, held=True))
     order = format_order(src.rank, conv_layout(out, ins) is Layout.CHANNELS_LAST)
     return held != [d for d in order if d in held]
 
@@ -275,5 +275,5 @@ def runs_otherwise(src: TensorMeta, out: TensorMeta) -> bool:
     another order (a convolution re-lays such an input; an op writing channels_last reads it across).
     A dim ``src`` broadcasts (stride 0) holds nothing in memory, so no order: a map expanded along H
     (N x C x 1 x W in memory) runs in NCHW's order, not N, C, W, H."""
-    both = [d for d in memory_order(src) if d < out.rank and out.shape[d] > 1 and src.strides[d] != 0]
+    both = [d for d in memory_order(src, held=True) if d < out.rank and out.shape[d] > 1]
     return both != [d for d in memory_order(out) if d in both]

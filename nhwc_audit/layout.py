@@ -267,8 +267,8 @@ def nchw_side(meta: TensorMeta) -> bool:
     return meta.layout is Layout.STRIDED and meta.shape[1] > 1 and 0 not in meta.strides and nchw_ordered(meta)
 
 
-def memory_order(meta: TensorMeta) -> tuple[int, ...]:
-    """The dims of size > 1, outermost in memory first (ties broken by dim index).
+def memory_order(meta: TensorMeta, *, held: bool = False) -> tuple[int, ...]:
+    """The dims of size > 1 (``held``: and not broadcast), outermost in memory first (ties by dim index).
 
     >>> import torch
     >>> memory_order(tensor_meta(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)))
@@ -276,7 +276,7 @@ def memory_order(meta: TensorMeta) -> tuple[int, ...]:
     """
     if len(meta.strides) != meta.rank:
         return ()
-    dims = [d for d in range(meta.rank) if meta.shape[d] > 1]
+    dims = [d for d in range(meta.rank) if meta.shape[d] > 1 and not (held and meta.strides[d] == 0)]
     return tuple(sorted(dims, key=lambda d: (-meta.strides[d], d)))
 
 
@@ -291,7 +291,7 @@ def reorders(src: TensorMeta, dst: TensorMeta, *, positional: bool = False) -> b
     ``positional``: never a reshape (a transposed conv's backward: as many elements by chance)."""
     if src.rank < 4 or len(src.strides) != src.rank:
         return False
-    held = [d for d in memory_order(src) if src.strides[d] != 0]
+    held = list(memory_order(src, held=True))
     if src.rank == dst.rank and (positional or src.shape == dst.shape or src.numel != dst.numel):  # dims correspond
         return [d for d in held if dst.shape[d] > 1] != [d for d in memory_order(dst) if d in held]
     if dst.rank == src.rank + 1:  # one of the maps a stack writes: its dims are dst's but a new one

@@ -122,9 +122,13 @@ def _moved(
     outs = _order(out, [b for _, b in both])
     if ins == outs:
         return 0
-    stored = [n for n, st in zip(inp.shape, inp.stride(), strict=True) if st != 0]
-    size_in = math.prod(stored) * inp.element_size()
+    size_in = _stored_bytes(inp)
     return 2 * (size_in if relaid else min(size_in, out.numel() * out.element_size()))
+
+
+def _stored_bytes(t: torch.Tensor) -> int:
+    """Bytes of the elements ``t`` holds: a broadcast dim (stride 0, ``expand``) once."""
+    return math.prod(n for n, st in zip(t.shape, t.stride(), strict=True) if st != 0) * t.element_size()
 
 
 def _kernel_format(result: torch.Tensor, operands: tuple[torch.Tensor | None, ...]) -> torch.memory_format:
@@ -209,8 +213,9 @@ class _KernelCopies(TorchDispatchMode):
             dims = [d for d in range(src.dim()) if src.shape[d] > 1 and src.stride(d) != 0]
             if out is not src and len(dims) > 1 and _order(src, dims) != _order(out, dims):
                 # a broadcast source (an offset expanded over the batch) moves what it stores, as `_moved` counts it
-                stored = math.prod(src.shape[d] for d in range(src.dim()) if src.stride(d) != 0) * src.element_size()
-                self.copies.append((name, tuple(out.shape), 2 * min(stored, out.numel() * out.element_size())))
+                self.copies.append(
+                    (name, tuple(out.shape), 2 * min(_stored_bytes(src), out.numel() * out.element_size()))
+                )
         return out
 
     @classmethod

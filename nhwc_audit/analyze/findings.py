@@ -282,9 +282,9 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     )
     kind = FindingKind.REVERT if out_only else FindingKind.CONVERSION
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
-    table = of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs)
+    table = out_only and (of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs))
     stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if table else None
-    hint = stored if stored and out_only else H.HEAD_FOLD if fold else H.HIDDEN
+    hint = stored if stored else H.HEAD_FOLD if fold else H.HIDDEN  # (what is stored: a revert's only)
     found = _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
     return [found]
 

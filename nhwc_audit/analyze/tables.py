@@ -22,12 +22,6 @@ _STEPS = 16
 """How many ops back an order is followed (a table is read a few ops from where it is stored)."""
 
 
-def _held(meta: TensorMeta) -> list[int]:
-    """``meta``'s dims in memory order, innermost first, that it holds in memory (size > 1, not
-    broadcast)."""
-    return [d for d in memory_order(meta) if meta.shape[d] > 1 and meta.strides[d] != 0]
-
-
 def _keeps_order(src: TensorMeta, out: TensorMeta) -> bool:
     """``out``, an element-wise result of ``src`` (same rank, each dim of ``src`` the output's or
     broadcast), lies in ``src``'s memory order over the dims ``src`` holds, two of them at least:
@@ -36,8 +30,8 @@ def _keeps_order(src: TensorMeta, out: TensorMeta) -> bool:
         return False
     if any(a not in (1, b) for a, b in zip(src.shape, out.shape, strict=True)):
         return False
-    held = _held(src)
-    return len(held) >= 2 and held == [d for d in _held(out) if d in held]
+    held = memory_order(src, held=True)
+    return len(held) >= 2 and held == tuple(d for d in memory_order(out, held=True) if d in held)
 
 
 def from_restrided_table(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
