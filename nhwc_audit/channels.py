@@ -43,6 +43,8 @@ __all__ = [
     "kernel_itemsize",
     "channels_relaid",
     "hidden_copy",
+    "kernel_copy",
+    "laid_out",
     "layout_change",
     "moves_into",
     "relaid_weight",
@@ -157,6 +159,31 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     layout = classify_strides(held, sm.strides) if len(sm.strides) == sm.rank else sm.layout
     nbytes = 2 * min(sm.stored_nbytes, dm.nbytes)
     return HiddenCopy(op=name, layout_in=layout, layout_out=dm.layout, shape=dm.shape, bytes=nbytes, reorder=not change)
+
+
+def laid_out(t: torch.Tensor) -> bool:
+    """Not a 4D/5D tensor, or one dense in NCHW or channels_last order: what a kernel reads as it
+    is (the ``contiguous()`` of its format it asks for first copies nothing, or re-lays the whole
+    tensor, which the node's layouts show)."""
+    if t.dim() not in (4, 5) or t.is_contiguous():
+        return True
+    return t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def kernel_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
+    """A copy an ATen kernel made inside (``func``: an op it called, on ``args``, giving ``out``)
+    that no layout shows: the ``contiguous()`` of a tensor not :func:`laid_out` into a dense one of
+    the same order (a channel slice of a channels_last map, ``torch.split``'s, ``chunk``'s: dense in
+    NCHW memory at batch 1, copied whole in channels_last by a convolution, a pool, a norm). What a
+    kernel re-lays into another order is the rules' to judge, as for any op."""
+    if func is not torch.ops.aten.contiguous.default or out is args[0] or args[0].dim() < 4 or laid_out(args[0]):
+        return None
+    sm, dm = tensor_meta(args[0]), tensor_meta(out)
+    if layout_change(sm, dm) or reorders(sm, dm):
+        return None
+    return HiddenCopy(
+        "contiguous", sm.layout, dm.layout, dm.shape, 2 * min(sm.stored_nbytes, dm.nbytes), densified=True
+    )
 
 
 CASTS = frozenset({"to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double", "copy_"})

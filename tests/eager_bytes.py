@@ -11,7 +11,10 @@ makes out of the spatial ranks (``torch.flatten(x, 1)`` of an NHWC map before a 
 seen as a copy then a view to 2D by one flatten or reshape call), which the audit does not count either
 (exits are not findings); a weight reshaped in forward (weight standardisation) is not an exit. A convolution whose input is re-laid to its output's layout pays twice its input;
 where its output is dense in both orders (one channel), the format it computed in is read from the output's strides.
-Views move nothing. What channels_last adds is, per source line of the model, the channels_last
+Views move nothing. A kernel given an input that is not dense in memory (a channel slice of a
+channels_last map: ``torch.split``, ``chunk``; dense in NCHW at batch 1) copies it whole first, with
+``contiguous()``: such an op is run by its backend kernel with a mode that sees that copy.
+What channels_last adds is, per source line of the model, the channels_last
 run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
 """
 
@@ -189,42 +192,85 @@ _EXITING_CALLS = frozenset({"flatten", "reshape"})
 """Calls that leave the spatial ranks by copying an NHWC map (a view in NCHW)."""
 
 
+def _laid_out(t: Any) -> bool:
+    """Not a 4D/5D tensor, or one dense in NCHW or channels_last order: what a kernel reads as it is."""
+    if not isinstance(t, torch.Tensor) or t.dim() not in (4, 5) or t.is_contiguous():
+        return True
+    return t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def _copy_moves(name: str, src: Any, out: Any, aten: bool) -> int:
+    """Bytes a copy inside a kernel moves, each read and written (a broadcast source: what it
+    stores): a library kernel's into another memory order; an ATen kernel's (``aten``: what it
+    re-lays into another order, the rules count) a ``contiguous()`` of a tensor not dense in memory
+    (a channel slice of a channels_last map) into a dense one of the same order."""
+    copying = name in ("clone", "contiguous", "copy_", "_to_copy")
+    if not (copying and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4):
+        return 0
+    dims = [d for d in range(src.dim()) if src.shape[d] > 1 and src.stride(d) != 0]
+    if out is src:
+        return 0
+    nbytes = 2 * min(_stored_bytes(src), out.numel() * out.element_size())
+    if len(dims) > 1 and _order(src, dims) != _order(out, dims):
+        return 0 if aten else nbytes
+    # (one dim held strided, a one-channel slice's row, is copied too)
+    return nbytes if aten and name == "contiguous" and not _laid_out(src) else 0
+
+
 class _KernelCopies(TorchDispatchMode):
-    """The copies the kernel of a library's own op makes of its inputs (torchvision's ``roi_align``
-    calls ``input.contiguous()``: a channels_last feature map copied whole into NCHW), seen by
-    running the op's backend kernel with this mode on the dispatch stack: the ATen ops the kernel
-    calls come back here. Only copies into another memory order count (a ``contiguous()`` of a
-    tensor already contiguous returns it), each read and written (a broadcast source: what it stores)."""
+    """The copies a kernel makes of its inputs, seen by running the op's backend kernel with this
+    mode on the dispatch stack: the ATen ops the kernel calls come back here. A library's own op
+    (torchvision's ``roi_align`` calls ``input.contiguous()``: a channels_last feature map copied
+    whole into NCHW): copies into another memory order (a ``contiguous()`` of a tensor already
+    contiguous returns it). An ATen op given a 4D/5D input not dense in memory (a channel slice of
+    a channels_last map, from ``torch.split`` or ``chunk``): the ``contiguous()`` its kernel asks
+    for first, into a dense tensor of the same order (``densify``; what a kernel re-lays into
+    another order is counted by the rules, as for dense inputs). An op the kernel calls on such a
+    tensor is run the same way (a convolution's ``_convolution``)."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False
 
-    def __init__(self) -> None:
+    def __init__(self, aten: bool) -> None:
         super().__init__()
+        self.aten = aten
+        """An ATen op's kernel (else a library op's)."""
         self.copies: list[tuple[str, tuple[int, ...], int]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
         name = func.overloadpacket.__name__
+        inner = self.run(func, args, kwargs, within=True) if self.aten else None
+        if inner is not None:
+            self.copies += inner[1]
+            return inner[0]
+        out = func(*args, **kwargs)
         src = args[1] if name == "copy_" else args[0] if args else None
-        copying = name in ("clone", "contiguous", "copy_", "_to_copy")
-        if copying and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4:
-            dims = [d for d in range(src.dim()) if src.shape[d] > 1 and src.stride(d) != 0]
-            if out is not src and len(dims) > 1 and _order(src, dims) != _order(out, dims):
-                # a broadcast source (an offset expanded over the batch) moves what it stores, as `_moved` counts it
-                self.copies.append(
-                    (name, tuple(out.shape), 2 * min(_stored_bytes(src), out.numel() * out.element_size()))
-                )
+        if nbytes := _copy_moves(name, src, out, self.aten):
+            self.copies.append((name, tuple(out.shape), nbytes))
         return out
 
     @classmethod
     def run(
-        cls, func: Any, args: Any, kwargs: dict[str, Any]
+        cls, func: Any, args: Any, kwargs: dict[str, Any], within: bool = False
     ) -> tuple[Any, list[tuple[str, tuple[int, ...], int]]] | None:
-        """``(output, copies)`` of an op outside ATen run by its CPU or CUDA kernel; None for
-        ATen's ops, other modes below this one, or no such kernel (the caller runs it)."""
-        if func.namespace in ("aten", "prim", "prims") or torch._C._len_torch_dispatch_stack() > 0:
+        """``(output, copies)`` of an op outside ATen, or of an ATen op (not a copy) given a
+        4D/5D tensor not dense in memory, run by its CPU or CUDA kernel; None for other ops,
+        other modes below this one (``within``: this mode's own, popped while it handles an op),
+        or no such kernel (the caller runs it)."""
+        aten = func.namespace in ("aten", "prim", "prims")
+        name = func.overloadpacket.__name__
+        # an ATen op that computes a new tensor: no copy, view, in-place op or allocation
+        computes = not (
+            name in ("clone", "contiguous", "copy_", "_to_copy")
+            or any(r.alias_info is not None for r in func._schema.returns)
+            or name.startswith(("new_", "empty", "zeros", "ones", "full"))
+            or name.endswith("_like")
+        )
+        if aten and (not computes or all(_laid_out(t) for t in tree_leaves((args, kwargs)))):
+            return None
+        if torch._C._len_torch_dispatch_stack() > 0 and not within:
             return None
         devices = {t.device.type for t in tree_leaves((args, kwargs)) if type(t) in (torch.Tensor, nn.Parameter)}
         key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(next(iter(devices), ""))
@@ -233,7 +279,7 @@ class _KernelCopies(TorchDispatchMode):
             key = explicit if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), explicit) else None
         if len(devices) != 1 or key is None:
             return None
-        mode = cls()
+        mode = cls(aten)
         with mode:
             out = func._op_dk(key, *args, **kwargs)
         return out, mode.copies
@@ -259,10 +305,10 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         inside = _KernelCopies.run(func, args, kwargs)
-        if inside is not None:  # a library's own op (torchvision's roi_align): what its kernel copied
+        if inside is not None:  # what its kernel copied: a library's op (torchvision's roi_align), a slice made dense
             out, copies = inside
             self.seen += [Transpose(name, shape, nbytes, self.site()) for name, shape, nbytes in copies]
-            if copies:
+            if copies and func.namespace not in ("aten", "prim", "prims"):
                 return out  # it computed from its copies: their orders are its output's
         else:
             out = func(*args, **kwargs)
@@ -306,9 +352,12 @@ class _Recorder(TorchDispatchMode):
             moved = _moved(t, result, tuple(args), kwargs, relaid=conv, name=name)
             if name == "convolution" and _ambiguous(result) and t.dim() == result.dim():
                 # one output channel: the sizes say no order; the kernel re-lays an input not dense
-                # in the format it computes in (a mask or depth head, CBAM's spatial attention)
+                # in the format it computes in (a mask or depth head, CBAM's spatial attention), but
+                # for a copy in the same order, of a tensor dense in no order: its kernel run saw that
                 fmt = _kernel_format(result, (t, weight))
-                moved = 0 if t.is_contiguous(memory_format=fmt) else 2 * math.prod(t.shape) * t.element_size()
+                seen = not _laid_out(t) and _copy_moves("contiguous", t, t.contiguous(memory_format=fmt), True)
+                relaid = not t.is_contiguous(memory_format=fmt) and not seen
+                moved = 2 * math.prod(t.shape) * t.element_size() if relaid else 0
             if moved:
                 self.seen.append(Transpose(name, tuple(result.shape), moved, self.site()))
                 weights = weights or isinstance(t, nn.Parameter)

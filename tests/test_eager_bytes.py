@@ -255,3 +255,29 @@ def test_an_explicit_copy_of_a_parameter_re_laid_by_a_conv_is_charged() -> None:
 
     torch.manual_seed(0)
     assert eager_bytes(ExplicitCopy().eval(), (torch.randn(2, 3, 8, 8),)).added == 2 * 4608
+
+
+class SliceThenConv(nn.Module):
+    """A conv on the second half of a map's channels (``torch.split``, as Res2Net, CSP and YOLO's C2f do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.split(self.a(x), 8, 1)[1])
+
+
+def test_checker_sees_a_kernel_copy_a_slice_that_is_not_dense() -> None:
+    """The conv's kernel copies a channel slice of a channels_last map whole first (dense in no
+    order); an NCHW slice of one sample is dense and read in place; at batch 2 both are copied.
+    The copy happens inside the kernel, where a dispatch mode sees nothing unless it runs the
+    kernel itself (the profiler's ``aten::contiguous`` under ``aten::_convolution``)."""
+    slice_bytes = 8 * 8 * 8 * 4
+    one = eager_bytes(SliceThenConv().eval(), (torch.randn(1, 3, 8, 8),))
+    assert one.nchw == [] and [(t.op, t.nbytes) for t in one.channels_last] == [("contiguous", 2 * slice_bytes)]
+    assert one.added == 2 * slice_bytes
+    two = eager_bytes(SliceThenConv().eval(), (torch.randn(2, 3, 8, 8),))
+    assert [t.nbytes for t in two.nchw] == [t.nbytes for t in two.channels_last] == [4 * slice_bytes]
+    assert two.added == 0

@@ -1,5 +1,4 @@
-"""The findings of one audit: pure functions from node records to findings. No torch
-execution, no I/O. (Regions, hotspots, fixes and the summary are :mod:`.analysis`.)
+"""An audit's findings: pure functions of node records, no torch, no I/O (the rest: :mod:`.analysis`).
 
 The rules (one place each):
 
@@ -14,8 +13,8 @@ The rules (one place each):
              stored table in the order the conversion gave it (:mod:`.tables`).
 * conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose channels_last
              weights make it re-adopt NHWC from an NCHW input); or a node whose own layouts look
-             fine but that transposed data internally (copies seen at ATen level while it ran,
-             e.g. a conv with padding_mode='circular').
+             fine but that copied data internally (copies seen at ATen level while it ran: a conv
+             with padding_mode='circular', a kernel's copy of a channel slice dense in no order).
 
 Bytes are what channels_last adds: a node that also moves data when the model runs NCHW, as built
 (``NodeRecord.nchw_bytes``, the NCHW baseline run's: ``.contiguous()`` after a permute, a conv
@@ -36,10 +35,11 @@ from dataclasses import dataclass
 from ..channels import casts_first, conv_layout, relay_bytes
 from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
-from . import hints as H
+from . import hint_keys as H
 from . import moves
 from .exposed import exposed
 from .hint_render import hint_keys, render_hint
+from .hints import HintTable, default_hints
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, describe, feeds_a_weight, leading_to, odd_order_from_map, origin_of, via
 from .reshapes import exits_spatial, is_reshape, viewed_as
@@ -53,7 +53,7 @@ _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided en
 class _Ctx:
     by_name: dict[str, NodeRecord]
     bandwidth: float
-    hints: H.HintTable
+    hints: HintTable
     device: str
     free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
     cast: str | None  # the device type autocast runs on (channels.casts_first), None without
@@ -284,7 +284,7 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
     table = out_only and (of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs))
     stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if table else None
-    hint = stored if stored else H.HEAD_FOLD if fold else H.HIDDEN  # (what is stored: a revert's only)
+    hint = stored or (H.HEAD_FOLD if fold else H.DENSE_COPY if all(h.densified for h in copies) else H.HIDDEN)
     found = _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
     return [found]
 
@@ -294,7 +294,7 @@ def find_findings(
     *,
     bandwidth: float,
     device: str = "cpu",
-    hints: H.HintTable | None = None,
+    hints: HintTable | None = None,
     autocast: bool = False,
     stored: frozenset[str] | None = None,
 ) -> list[Finding]:
@@ -303,7 +303,7 @@ def find_findings(
     ctx = _Ctx(
         by_name={r.name: r for r in records},
         bandwidth=bandwidth,
-        hints=hints if hints is not None else H.default_hints(),
+        hints=hints if hints is not None else default_hints(),
         device=device,
         free=conversion_free(records),
         cast=device.split(":")[0] if autocast else None,

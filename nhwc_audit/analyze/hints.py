@@ -11,57 +11,27 @@ entry for every device.
 from __future__ import annotations
 
 from ..records import FindingKind
+from .hint_keys import (
+    AMBIGUOUS_ORIGIN,
+    COMPUTED_WEIGHT,
+    DENSE_COPY,
+    HEAD_FOLD,
+    HIDDEN,
+    ND_TRANSPOSE,
+    ONE_CHANNEL,
+    STACK_REDUCE,
+    STORED_OPERAND,
+    STORED_TABLE,
+    WEIGHT_RESHAPE,
+)
 
 __all__ = [
-    "AMBIGUOUS_ORIGIN",
-    "COMPUTED_WEIGHT",
-    "HEAD_FOLD",
-    "HIDDEN",
-    "ND_TRANSPOSE",
-    "ONE_CHANNEL",
-    "STACK_REDUCE",
-    "STORED_OPERAND",
-    "STORED_TABLE",
-    "WEIGHT_RESHAPE",
     "HintTable",
     "KIND_DEFAULTS",
     "default_hints",
 ]
 
 HintTable = dict[tuple[FindingKind, str], str]
-
-AMBIGUOUS_ORIGIN = "@ambiguous-origin"
-"""Key of the conversion hint used when the NCHW tensor was made from ambiguous input."""
-
-ONE_CHANNEL = "@one-channel"
-"""Key of the conversion hint for a convolution to one channel that re-lays an NCHW input because
-its weight is channels_last (its output is laid alike either way)."""
-
-HIDDEN = "@hidden"
-"""Key of the conversion hint for layout-changing copies made inside a node."""
-
-HEAD_FOLD = "@head-fold"
-"""Key of the hint for a matrix multiply that copies the heads of a channels_last map's view to
-fold them with the batch (attention on ``conv(x).reshape(B, heads, d, H * W)``)."""
-
-ND_TRANSPOSE = "@nd-transpose"
-"""Key of the revert hint for a copy of a channels-innermost view that is not plain NHWC."""
-
-STACK_REDUCE = "@stack-reduce"
-"""Key of the revert hint for a reduction over a stack of channels_last maps."""
-
-COMPUTED_WEIGHT = "@computed-weight"
-"""Key of the mixed hint for a convolution whose weight is computed in forward and NCHW."""
-
-STORED_OPERAND = "@stored-operand"
-"""Key of the mixed hint for a parameter, buffer or tensor constant re-laid to meet an activation."""
-
-WEIGHT_RESHAPE = "@weight-reshape"
-"""Key of the revert hint for a weight reshaped in forward (a copy out of NHWC every call)."""
-
-STORED_TABLE = "@stored-table"
-"""Key of the revert hint for a 4D buffer or parameter that holds no image (a table of
-coordinates, tokens) copied out of the channels_last strides the conversion gave it."""
 
 KIND_DEFAULTS: dict[FindingKind, str] = {
     FindingKind.BREAK: (
@@ -316,4 +286,13 @@ def default_hints() -> HintTable:
             "copies between NHWC and NCHW while it runs, e.g. padding_mode='circular' pads in NCHW "
             "first): use a variant without the internal copy, or accept the cost",
         )
+    _register(
+        t,
+        FindingKind.CONVERSION,
+        (DENSE_COPY,),
+        "{op} reads a slice of a channels_last map along its channels (torch.split, chunk, x[:, a:b]), "
+        "which channels_last memory holds in no dense order, so its kernel copies it whole first; NCHW "
+        "memory holds one sample's channel slice densely (batch 1) and reads it in place: make each "
+        "part its own output (two convolutions rather than one and a split), or accept the cost",
+    )
     return t

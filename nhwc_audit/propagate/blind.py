@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..channels import laid_out
 from ..tensors import iter_tensors, on_shared
 
 __all__ = [
@@ -90,6 +91,7 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
     held = [t for t in (*own["_parameters"].values(), *own["_buffers"].values()) if t is not None]
     return (
         _plain([*ts, *held])
+        and all(map(laid_out, ts))  # a kernel copies a tensor not dense first (a channel slice): seen inside
         and (kind is not nn.Linear or all(t.dim() < 4 or t.is_contiguous() for t in ts))
         and (
             not own.get("inplace", False)
@@ -154,8 +156,8 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
         return not ts
     if "out" in kwargs or _in_place(target, args, kwargs) or not ts or any(t.dtype != ts[0].dtype for t in ts):
         return False
-    if target in ANY_LAYOUT_FUNCTIONS:
-        return target is not F.batch_norm or not _updates_statistics(args, kwargs)
+    if target in ANY_LAYOUT_FUNCTIONS:  # (on tensors dense in memory: a kernel copies others first)
+        return all(map(laid_out, ts)) and (target is not F.batch_norm or not _updates_statistics(args, kwargs))
     if target not in RECORDER_BLIND_FUNCTIONS:
         return False
     if all(t.is_contiguous() for t in ts):

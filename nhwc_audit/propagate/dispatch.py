@@ -22,7 +22,7 @@ from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
-from .library import library_kernel, library_op
+from .kernel_copies import kernel_copies, library_op
 
 __all__ = [
     "LogicalDraws",
@@ -267,12 +267,13 @@ class CopyRecorder(GuardedMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.guard(func, args, kwargs)
-        inside = library_kernel(func, args, kwargs or {}, self.guard) if library_op(func) else None
+        inside = kernel_copies(func, args, kwargs or {}, self.guard)
         out = func(*args, **(kwargs or {})) if inside is None else inside[0]
-        if inside is not None and inside[1]:  # what a library kernel copied (torchvision's roi_align: its input)
-            if self.recording:  # it computed from its copies: its output is no relay of its inputs
+        if inside is not None and inside[1]:  # what its kernel copied: a library's (roi_align: its input), a slice's
+            if self.recording:
                 self.copies += inside[1]
-            return out
+            if library_op(func):  # it computed from its copies: its output is no relay of its inputs
+                return out
         if self.recording:
             copy = hidden_copy(func, args, out)
             if copy is not None:

@@ -32,7 +32,7 @@ from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .corrections import Corrections
 from .dispatch import GuardedMode, is_alias_of
-from .library import library_kernel, library_op
+from .kernel_copies import kernel_copies
 
 __all__ = ["record_eager"]
 
@@ -139,9 +139,9 @@ class _Recorder(GuardedMode):
             "call": self.calls.index,
             "at_site": self.calls.at_site,
         }
-        inside = None  # what a library kernel copied (torchvision's roi_align: its input)
+        inside = None  # what its kernel copied (torchvision's roi_align: its input; a slice made dense)
         try:
-            inside = library_kernel(func, args, kwargs, self.guard) if library_op(func) else None
+            inside = kernel_copies(func, args, kwargs, self.guard)
             out = func(*args, **kwargs) if inside is None else inside[0]
         except NhwcAuditError:
             raise  # the audit's own (a guard of a nested mode)

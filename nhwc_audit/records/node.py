@@ -96,6 +96,9 @@ class HiddenCopy:
     """A copy that reorders dims other than the channels' between NHWC and NCHW (a matmul folding
     the batch and heads of a map's view, :func:`~nhwc_audit.channels.hidden_copy`): a move in no
     layout's direction, neither a revert nor a conversion by itself."""
+    densified: bool = False
+    """A kernel's copy of an input not dense in memory into a dense one of the same order
+    (:func:`~nhwc_audit.channels.kernel_copy`: a channel slice of a channels_last map)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 import nhwc_audit
 from nhwc_audit.capture.fx import trace
+from nhwc_audit.channels import laid_out
 from nhwc_audit.errors import SharedWeightWrite
 from nhwc_audit.prepare.copy import prepare_audit_copy
 from nhwc_audit.propagate import blind, dispatch, interpreter
@@ -423,9 +424,10 @@ def test_every_recorder_blind_type_is_checked_here() -> None:
 @pytest.mark.parametrize("build,shape", _BLIND_CASES)
 def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape: tuple[int, ...]) -> None:
     """Why the interpreter may take the recorder off the stack for these modules on the CPU:
-    in any input layout, in either mode, float32 or bfloat16, with the weights as built or
-    converted, no copy reaches the recorder, no layout change but the node's own, and no
-    parameter is written."""
+    in any input layout dense in memory, in either mode, float32 or bfloat16, with the weights as
+    built or converted, no copy reaches the recorder, no layout change but the node's own, and no
+    parameter is written. On an input not dense in NCHW or channels_last order (a slice, a
+    permuted view) they are not blind: a kernel may copy it whole first."""
     for dtype in (torch.float32, torch.bfloat16):
         for training in (False, True):
             for convert in (False, True):
@@ -435,8 +437,11 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
                 assert blind.recorder_blind(m, (torch.empty(shape),), frozenset())
                 params = [(p, p._version) for p in m.parameters()]
                 for x in _variants(shape):
+                    x = x.to(dtype)  # (a cast of a slice is dense)
+                    if not laid_out(x):
+                        assert not blind.recorder_blind(m, (x,), frozenset()), (m, x.stride())
+                        continue
                     rec = dispatch.CopyRecorder(relays=True)
-                    x = x.to(dtype)
                     try:
                         with rec, torch.no_grad():
                             y = m(x)
@@ -557,12 +562,16 @@ def _any_layout_call(fn: Any, x: torch.Tensor) -> tuple[tuple[Any, ...], dict[st
 
 @pytest.mark.parametrize("fn", sorted(blind.ANY_LAYOUT_FUNCTIONS, key=repr))
 def test_the_recorder_sees_nothing_in_a_functional_norm_or_activation_in_any_layout(fn: Any) -> None:
-    """The functional forms of recorder-blind modules, as timm calls them: in any input layout,
-    float32 or bfloat16, no copy reaches the recorder and no layout change but the node's own."""
+    """The functional forms of recorder-blind modules, as timm calls them: in any input layout
+    dense in memory, float32 or bfloat16, no copy reaches the recorder and no layout change but the
+    node's own (on one not dense, a slice, they are not blind: a kernel may copy it first)."""
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((2, 4, 5, 5), (1, 4, 3, 4, 5)):
             for x in _variants(shape):
                 args, kwargs = _any_layout_call(fn, x.to(dtype))
+                if not laid_out(args[0]):  # (a cast of a slice is dense)
+                    assert not blind.function_blind(fn, args, kwargs), (fn, x.stride())
+                    continue
                 assert blind.function_blind(fn, args, kwargs), (fn, x.stride())
                 rec = dispatch.CopyRecorder(relays=True)
                 with rec, torch.no_grad():

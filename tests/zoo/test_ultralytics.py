@@ -28,14 +28,27 @@ _ATTN = {
 # NCHW). Its weight is channels_last, so the kernel computes channels_last and copies that input
 # whole: 1,075,200 B at 320 x 320, the profiler's aten::copy_ count (a second copy NCHW does not make)
 _DFL8, _DFL11 = {("conversion", "model.22.dfl.conv")}, {("conversion", "model.23.dfl.conv")}
+# at batch 1 the first bottleneck of each C2f (C3k2, and the PSA's attention) reads the second half
+# of ``cv1(x).chunk(2, 1)``, a channel slice that channels_last memory holds in no dense order: its
+# conv's kernel copies it whole first, where NCHW memory holds it densely (2,457,600 B in yolov8n,
+# the profiler's aten::contiguous under aten::_convolution, in the channels_last run only)
+_C2F8 = {("conversion", f"model.{i}.m.0.cv1.conv") for i in (2, 4, 6, 8, 12, 15, 18, 21)}
+_C2F11 = (
+    {("conversion", f"model.{i}.m.0.cv1.conv") for i in (2, 4, 6, 8, 13, 16, 19, 22)}
+    | {
+        ("conversion", f"model.{i}.m.0.cv2.conv")
+        for i in (6, 8, 22)  # C3k: cv1 and cv2 read the same half
+    }
+    | {("conversion", "model.10.m.0.attn.qkv.conv")}
+)
 # name -> (kind, module path) of every finding, 1x3x320x320 on CPU, torch 2.14.1
 EXPECTED: dict[str, set[tuple[str, str]]] = {
-    "ultralytics.yolov8n": _DFL8,
-    "ultralytics.yolov8n-seg": _DFL8,
-    "ultralytics.yolov8n-pose": _DFL8,
-    "ultralytics.yolo11n": _ATTN | _DFL11,
-    "ultralytics.yolo11n-seg": _ATTN | _DFL11,
-    "ultralytics.yolo11n-pose": _ATTN | _DFL11,
+    "ultralytics.yolov8n": _DFL8 | _C2F8,
+    "ultralytics.yolov8n-seg": _DFL8 | _C2F8,
+    "ultralytics.yolov8n-pose": _DFL8 | _C2F8,
+    "ultralytics.yolo11n": _ATTN | _DFL11 | _C2F11,
+    "ultralytics.yolo11n-seg": _ATTN | _DFL11 | _C2F11,
+    "ultralytics.yolo11n-pose": _ATTN | _DFL11 | _C2F11,
     # the decoder's deformable attention samples value maps with grid_sample into NCHW in either
     # layout, and nothing after it is a map: those 18 copies (0 B) are no findings
     "ultralytics.rtdetr-l": {("conversion", "model.12.conv"), ("revert", "model.11")},

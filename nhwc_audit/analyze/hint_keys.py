@@ -1,0 +1,55 @@
+"""The keys of the hints that name a cause rather than an op (:mod:`.hints` registers their texts;
+the rules in :mod:`.findings` pick them)."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AMBIGUOUS_ORIGIN",
+    "COMPUTED_WEIGHT",
+    "DENSE_COPY",
+    "HEAD_FOLD",
+    "HIDDEN",
+    "ND_TRANSPOSE",
+    "ONE_CHANNEL",
+    "STACK_REDUCE",
+    "STORED_OPERAND",
+    "STORED_TABLE",
+    "WEIGHT_RESHAPE",
+]
+
+AMBIGUOUS_ORIGIN = "@ambiguous-origin"
+"""Key of the conversion hint used when the NCHW tensor was made from ambiguous input."""
+
+ONE_CHANNEL = "@one-channel"
+"""Key of the conversion hint for a convolution to one channel that re-lays an NCHW input because
+its weight is channels_last (its output is laid alike either way)."""
+
+HIDDEN = "@hidden"
+"""Key of the conversion hint for layout-changing copies made inside a node."""
+
+HEAD_FOLD = "@head-fold"
+"""Key of the hint for a matrix multiply that copies the heads of a channels_last map's view to
+fold them with the batch (attention on ``conv(x).reshape(B, heads, d, H * W)``)."""
+
+ND_TRANSPOSE = "@nd-transpose"
+"""Key of the revert hint for a copy of a channels-innermost view that is not plain NHWC."""
+
+STACK_REDUCE = "@stack-reduce"
+"""Key of the revert hint for a reduction over a stack of channels_last maps."""
+
+COMPUTED_WEIGHT = "@computed-weight"
+"""Key of the mixed hint for a convolution whose weight is computed in forward and NCHW."""
+
+STORED_OPERAND = "@stored-operand"
+"""Key of the mixed hint for a parameter, buffer or tensor constant re-laid to meet an activation."""
+
+WEIGHT_RESHAPE = "@weight-reshape"
+"""Key of the revert hint for a weight reshaped in forward (a copy out of NHWC every call)."""
+
+STORED_TABLE = "@stored-table"
+"""Key of the revert hint for a 4D buffer or parameter that holds no image (a table of
+coordinates, tokens) copied out of the channels_last strides the conversion gave it."""
+
+DENSE_COPY = "@dense-copy"
+"""Key of the conversion hint for a kernel's copy of a channel slice of a channels_last map, dense in
+no memory format (dense in NCHW at batch 1), before it computes."""

@@ -1,0 +1,167 @@
+"""What a kernel copies inside, where the ops it calls never reach a dispatch mode.
+
+An op is one call at the dispatch level: the ATen ops its kernel calls never reach a dispatch
+mode, which is popped while it handles the op. :func:`kernel_copies` runs two kinds of op by their
+backend kernel with a recording mode pushed, so the ATen ops the kernel calls come back to it:
+
+- an op registered by a library (torchvision's ``roi_align``, ``roi_pool``, ``ps_roi_align``,
+  ``deform_conv2d``; a C++ extension's). torchvision's CPU ``roi_align`` calls
+  ``input.contiguous()``: on a channels_last feature map that copies the whole map into NCHW,
+  every call, where the op's own layouts (an NHWC map in, an NCHW stack of crops out) show only a
+  revert of the crops' size. Its layout copies are the op's hidden copies
+  (:func:`~nhwc_audit.channels.hidden_copy`), as a node's are.
+- an ATen op given a 4D/5D input not dense in memory (not
+  :func:`~nhwc_audit.channels.laid_out`): a channel slice of a channels_last map (``torch.split``,
+  ``chunk``), which a convolution, a pool, a norm or an upsample copies whole first
+  (``contiguous()``), where NCHW memory holds one sample's slice densely and reads it in place.
+  Kept: :func:`~nhwc_audit.channels.kernel_copy`. An op such a kernel calls on such a tensor is run
+  the same way (a convolution's ``_convolution``).
+
+ATen's kernels on dense inputs are not run this way (their internal copies stay unseen: one more
+mode per op would cost every audit for the few kernels that copy).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
+from torch.utils._pytree import tree_map
+
+from ..channels import COPY_OPS, hidden_copy, kernel_copy, laid_out
+from ..records import ALLOCATING_OPS, HiddenCopy
+from ..tensors import iter_tensors
+
+__all__ = ["kernel_copies", "library_op"]
+
+_KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
+_EXPLICIT = torch._C.DispatchKey.CompositeExplicitAutograd
+_OWN = frozenset({"aten", "prim", "prims"})
+
+
+@functools.cache
+def library_op(func: Any) -> bool:
+    """``func`` is an op of a library's namespace (not ATen's)."""
+    return str(getattr(func, "namespace", "aten")) not in _OWN
+
+
+Guard = Callable[[Any, Any, Any], None]
+
+
+class _Inside(TorchDispatchMode):
+    """Sees the ATen ops a kernel calls; keeps their copies and guards the user's weights as the
+    mode it runs under does (``guard``: its check of each op before it runs): a library op's kernel's
+    layout copies, an ATen kernel's (``aten``) copies of a tensor not dense in memory made dense
+    (:func:`~nhwc_audit.channels.kernel_copy`)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # (as the audit's other modes: never under torch.compile)
+
+    def __init__(self, guard: Guard, aten: bool) -> None:
+        super().__init__()
+        self.guard = guard
+        self.aten = aten
+        self.copies: list[HiddenCopy] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.guard(func, args, kwargs)
+        inner = _probed(func, args, kwargs, self.guard) if self.aten else None
+        if inner is not None:  # an op of this kernel's on a tensor not dense: its own kernel's copies
+            self.copies += inner[1]
+            return inner[0]
+        out = func(*args, **kwargs)
+        copy = kernel_copy(func, args, out) if self.aten else hidden_copy(func, args, out)
+        if copy is not None:
+            self.copies.append(copy)
+        return out
+
+
+def kernel_copies(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple[Any, list[HiddenCopy]] | None:
+    """``(output, copies its kernel made)`` of a library op (:func:`library_op`), or of an ATen op
+    given a 4D/5D tensor not dense in memory, called from a dispatch mode's handler and run by its
+    CPU or CUDA kernel. None, and nothing run, for other ops (ATen's copies among them), tensors that
+    are not plain (FakeTensors: the op runs fake, and its CPU kernel is asked what it copies on
+    zeros, :func:`_asked_on_zeros`), tensors on several devices or on another, an op with no kernel
+    of its own for the device nor one for every device (``CompositeExplicitAutograd``, a
+    ``torch.library.custom_op`` without ``device_types``; a CompositeImplicit one's ATen ops reach
+    the mode anyway), or another mode below the caller's, which the kernel run would skip."""
+    aten = not library_op(func)
+    tensors = iter_tensors((args, kwargs))
+    if aten and (all(map(laid_out, tensors)) or not _computes(func)):
+        return None
+    if any(isinstance(t, FakeTensor) for t in tensors) or _fake_below():  # a fake run: its CPU kernel asked on zeros
+        return func(*args, **kwargs), _asked_on_zeros(func, args, kwargs, guard, tensors)
+    if torch._C._len_torch_dispatch_stack() > 0 or not tensors:
+        return None
+    return _probed(func, args, kwargs, guard)
+
+
+def _computes(func: Any) -> bool:
+    """An ATen op that computes a new tensor from its inputs' values: not a copy, a view or an
+    in-place op (their outputs alias an input), nor an allocation."""
+    if func in COPY_OPS or any(r.alias_info is not None for r in func._schema.returns):
+        return False
+    name = str(func.overloadpacket.__name__)
+    return name not in ALLOCATING_OPS and not name.startswith("new_") and not name.endswith("_like")
+
+
+def _fake_below() -> bool:
+    """A FakeTensorMode is on the dispatch stack below the caller's mode (a fake run meeting a
+    real tensor: a constant the graph made)."""
+    return any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack())
+
+
+def _probed(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple[Any, list[HiddenCopy]] | None:
+    """:func:`kernel_copies` of an op on plain tensors, whatever the modes below (a kernel's own
+    op is handled inside its mode)."""
+    aten = not library_op(func)
+    tensors = iter_tensors((args, kwargs))
+    if aten and (all(map(laid_out, tensors)) or not _computes(func)):
+        return None
+    if not tensors or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return None
+    devices = {t.device.type for t in tensors}
+    key = _KEYS.get(devices.pop()) if len(devices) == 1 else None
+    if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+        # torch.library.custom_op without device_types, an ATen op made of others: one kernel for every device
+        key = _EXPLICIT if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _EXPLICIT) else None
+    if key is None:
+        return None
+    inside = _Inside(guard, aten)
+    with inside:
+        out = func._op_dk(key, *args, **kwargs)
+    return out, inside.copies
+
+
+PROBE_NUMEL = 1 << 22
+"""A fake run asks a kernel on zeros of its arguments up to this many elements each."""
+
+
+def _asked_on_zeros(
+    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, tensors: list[torch.Tensor]
+) -> list[HiddenCopy]:
+    """The copies an op's CPU kernel makes, for a fake run on the CPU: the op run for real,
+    with every mode off, on zeros laid out as its FakeTensor arguments (shapes, strides, dtypes;
+    zero boxes, offsets and indices are valid arguments). None asked (an empty list) off the CPU,
+    above :data:`PROBE_NUMEL`, or where the kernel refuses zeros."""
+    if any(t.device.type != "cpu" or t.numel() > PROBE_NUMEL for t in tensors):
+        return []
+
+    def zeros(v: Any) -> Any:
+        if not isinstance(v, FakeTensor):
+            return v
+        return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype).zero_()
+
+    try:
+        with _disable_current_modes(), unset_fake_temporarily(), torch.no_grad():
+            real_args, real_kwargs = tree_map(zeros, (args, kwargs))
+            got = _probed(func, real_args, real_kwargs, guard)
+    except Exception:
+        return []
+    return got[1] if got is not None else []
