@@ -272,6 +272,9 @@ class _KernelCopies(TorchDispatchMode):
             return None
         if torch._C._len_torch_dispatch_stack() > 0 and not within:
             return None
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if aten and any(t.is_quantized or t.is_conj() or t.is_neg() for t in leaves):
+            return None  # (their kernels are reached through other dispatch keys)
         devices = {t.device.type for t in tree_leaves((args, kwargs)) if type(t) in (torch.Tensor, nn.Parameter)}
         key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(next(iter(devices), ""))
         if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):

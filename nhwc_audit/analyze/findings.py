@@ -268,8 +268,8 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     mapped = any(h.reorder for h in r.hidden) and any(odd_order_from_map(i, ctx.by_name) for i in r.activation_inputs)
     copies = [h for h in r.hidden if mapped or not h.reorder]
     nbytes = sum(h.bytes for h in copies)
-    if all(h.reorder for h in copies) and nbytes <= r.nchw_bytes:
-        return []  # none, or reorders made in NCHW too (a window partition's): nothing about the layout
+    if all(h.reorder or h.densified for h in copies) and nbytes <= r.nchw_bytes:
+        return []  # none, or reorders (a window partition's), slices made dense, in NCHW too: no layout's
     # a reshape's copy out of the spatial ranks is an exit; one an op computes (an einsum over H and W) is not
     exit = is_reshape(r) and not any(o.rank >= 4 for o in r.outputs) and not any(h.computed for h in copies)
     if exit and not (assigns or of_weight):

@@ -22,7 +22,7 @@ from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
-from .kernel_copies import kernel_copies, library_op
+from .kernel_copies import Asked, kernel_copies, library_op
 
 __all__ = [
     "LogicalDraws",
@@ -239,6 +239,8 @@ class CopyRecorder(GuardedMode):
         self.on_stack = False
         """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
         see into: :func:`recorder_blind`)."""
+        self.asked: Asked = {}
+        """A fake run's kernels asked on zeros (:func:`~.kernel_copies.kernel_copies`)."""
 
     def start(self, boundary: frozenset[int], recording: bool) -> None:
         """Begin a node: nothing kept yet; ``boundary``, the ``id()`` of its inputs."""
@@ -267,7 +269,7 @@ class CopyRecorder(GuardedMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.guard(func, args, kwargs)
-        inside = kernel_copies(func, args, kwargs or {}, self.guard)
+        inside = kernel_copies(func, args, kwargs or {}, self.guard, self.asked)
         out = func(*args, **(kwargs or {})) if inside is None else inside[0]
         if inside is not None and inside[1]:  # what its kernel copied: a library's (roi_align: its input), a slice's
             if self.recording:

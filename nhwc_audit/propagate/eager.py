@@ -32,7 +32,7 @@ from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .corrections import Corrections
 from .dispatch import GuardedMode, is_alias_of
-from .kernel_copies import kernel_copies
+from .kernel_copies import Asked, kernel_copies
 
 __all__ = ["record_eager"]
 
@@ -101,6 +101,7 @@ class _Recorder(GuardedMode):
         self.records: list[dict[str, Any]] = []
         self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.counts: dict[str, int] = {}
+        self.asked: Asked = {}  # a fake run's kernels asked on zeros
 
     def _name(self, op: str) -> str:
         n = self.counts.get(op, 0)
@@ -141,7 +142,7 @@ class _Recorder(GuardedMode):
         }
         inside = None  # what its kernel copied (torchvision's roi_align: its input; a slice made dense)
         try:
-            inside = kernel_copies(func, args, kwargs, self.guard)
+            inside = kernel_copies(func, args, kwargs, self.guard, self.asked)
             out = func(*args, **kwargs) if inside is None else inside[0]
         except NhwcAuditError:
             raise  # the audit's own (a guard of a nested mode)

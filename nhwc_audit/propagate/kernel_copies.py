@@ -82,7 +82,14 @@ class _Inside(TorchDispatchMode):
         return out
 
 
-def kernel_copies(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple[Any, list[HiddenCopy]] | None:
+Asked = dict[str, list[HiddenCopy]]
+"""What a fake run's kernels were asked, by op and arguments (their shapes, strides, dtypes and
+plain values): one run asks each once (a ResNet's blocks repeat their shapes)."""
+
+
+def kernel_copies(
+    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, asked: Asked | None = None
+) -> tuple[Any, list[HiddenCopy]] | None:
     """``(output, copies its kernel made)`` of a library op (:func:`library_op`), or of an ATen op
     given a 4D/5D tensor not dense in memory, called from a dispatch mode's handler and run by its
     CPU or CUDA kernel. None, and nothing run, for other ops (ATen's copies among them), tensors that
@@ -90,16 +97,30 @@ def kernel_copies(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) ->
     zeros, :func:`_asked_on_zeros`), tensors on several devices or on another, an op with no kernel
     of its own for the device nor one for every device (``CompositeExplicitAutograd``, a
     ``torch.library.custom_op`` without ``device_types``; a CompositeImplicit one's ATen ops reach
-    the mode anyway), or another mode below the caller's, which the kernel run would skip."""
+    the mode anyway), or another mode below the caller's, which the kernel run would skip.
+    ``asked``: the run's answers of kernels asked on zeros, kept there."""
     aten = not library_op(func)
     tensors = iter_tensors((args, kwargs))
     if aten and (all(map(laid_out, tensors)) or not _computes(func)):
         return None
     if any(isinstance(t, FakeTensor) for t in tensors) or _fake_below():  # a fake run: its CPU kernel asked on zeros
-        return func(*args, **kwargs), _asked_on_zeros(func, args, kwargs, guard, tensors)
+        key = repr((func, tree_map(_signature, (args, kwargs))))
+        got = asked.get(key) if asked is not None else None
+        if got is None:
+            got = _asked_on_zeros(func, args, kwargs, guard, tensors)
+            if asked is not None:
+                asked[key] = got
+        return func(*args, **kwargs), got
     if torch._C._len_torch_dispatch_stack() > 0 or not tensors:
         return None
     return _probed(func, args, kwargs, guard)
+
+
+def _signature(v: Any) -> Any:
+    """What a kernel's copies depend on, of one argument: a tensor's shape, strides, dtype and device."""
+    if isinstance(v, torch.Tensor):
+        return (tuple(v.shape), v.stride(), v.dtype, v.device.type)
+    return v
 
 
 def _computes(func: Any) -> bool:
@@ -109,6 +130,12 @@ def _computes(func: Any) -> bool:
         return False
     name = str(func.overloadpacket.__name__)
     return name not in ALLOCATING_OPS and not name.startswith("new_") and not name.endswith("_like")
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor whose backend kernel runs as dispatch would run it: no subclass, no quantized
+    dtype (QuantizedCPU kernels), no conjugate or negative bit (their keys resolve them first)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and not (t.is_quantized or t.is_conj() or t.is_neg())
 
 
 def _fake_below() -> bool:
@@ -124,7 +151,7 @@ def _probed(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple
     tensors = iter_tensors((args, kwargs))
     if aten and (all(map(laid_out, tensors)) or not _computes(func)):
         return None
-    if not tensors or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+    if not tensors or not all(map(_plain, tensors)):
         return None
     devices = {t.device.type for t in tensors}
     key = _KEYS.get(devices.pop()) if len(devices) == 1 else None

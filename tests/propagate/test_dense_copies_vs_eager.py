@@ -8,6 +8,7 @@ where a dispatch mode sees nothing; the audit runs such an op by its kernel with
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +19,7 @@ from nhwc_audit import audit
 from nhwc_audit.channels import laid_out
 from nhwc_audit.propagate import blind
 from nhwc_audit.records import FindingKind
+from nhwc_audit.testing import assert_channels_last
 from tests.eager_bytes import eager_bytes
 
 
@@ -80,6 +82,9 @@ def test_a_kernels_copy_of_a_channel_slice_is_charged_what_eager_moves(
         assert f.kind is FindingKind.CONVERSION and "torch.split" in f.hint and "(batch 1)" in f.hint
     if batch == 2 and case != "bilinear_upsample":  # NCHW copies the slice too (softmax: into its NCHW output)
         assert expected == 0
+        # and no finding of 0 B says otherwise (assert_channels_last would fail on one)
+        assert not [f for f in r.findings if f.kind is FindingKind.CONVERSION], r.findings
+        assert_channels_last(model, x, capture=capture, mode=mode)
     # (at batch 2 the NCHW kernel of a bilinear upsample of the slice computes channels_last, re-laying
     # its input and its result inside: copies neither side counts, so channels_last's copy is charged)
 
@@ -94,3 +99,25 @@ def test_an_op_on_a_slice_is_never_run_without_the_recorder() -> None:
         assert blind.recorder_blind(m, (x[:, :8].contiguous(),), frozenset())
         assert not blind.recorder_blind(m, (half,), frozenset())
     assert not blind.function_blind(nn.functional.batch_norm, (half, None, None, None, None, True), {})
+
+
+class QuantizedSlice(nn.Module):
+    """A quantized map's channel slice, upsampled: its kernel is QuantizedCPU's, never run as a CPU one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.quantize_per_tensor(self.conv(x), 0.1, 0, torch.quint8)
+        return nn.functional.interpolate(q[:, :4], scale_factor=2.0).dequantize()
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_a_quantized_slice_is_no_break(capture: str) -> None:
+    """Run by the CPU kernel, the quantized upsample raised, and the audit called it a break."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's deprecation of quantize_per_tensor's memory format)
+        r = audit(QuantizedSlice().eval(), torch.randn(1, 3, 8, 8), capture=capture, bandwidth=1e9)
+    assert r.summary.breaks == 0 and [f.kind for f in r.findings] == [FindingKind.REVERT], r.findings
