@@ -123,6 +123,7 @@ def _signature(v: Any) -> Any:
     return v
 
 
+@functools.cache
 def _computes(func: Any) -> bool:
     """An ATen op that computes a new tensor from its inputs' values: not a copy, a view or an
     in-place op (their outputs alias an input), nor an allocation."""
