@@ -60,7 +60,8 @@ RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
 forward dispatches no ATen copy (clone, copy_, _to_copy, contiguous) above the kernels and
 writes nothing but its own output and buffers (buffers are the audit's private copies; an
 in-place activation writes its input, never a shared weight: :func:`recorder_blind`), for any
-input layout (``tests/propagate/test_dispatch.py`` runs each under the recorder). Each runs
+input dense in NCHW or channels_last order (a kernel copies any other whole first, a copy the
+recorder must see: :mod:`.kernel_copies`; ``tests/propagate/test_dispatch.py`` runs each). Each runs
 one computing ATen op on the node's own input and output, whose layout change the node's
 record shows (the recorder keeps only changes inside a node: :func:`computed_relay`)."""
 
@@ -68,7 +69,8 @@ record shows (the recorder keeps only changes inside a node: :func:`computed_rel
 def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | None = None) -> bool:
     """The recorder cannot see anything in a call of ``module`` on ``args`` (its arguments,
     positional and keyword, in any nesting) on the CPU (without autocast, whose casts are ATen
-    copies): plain tensors (:func:`_plain`) in and on it, a :data:`RECORDER_BLIND` type itself (a
+    copies): plain tensors (:func:`_plain`), dense in NCHW or channels_last order, in and on it, a
+    :data:`RECORDER_BLIND` type itself (a
     subclass may override forward), its own forward, zero padding, no hooks, and in place
     (``ReLU(inplace=True)``) only on tensors not among the ``shared`` weights (None: never in
     place), whose write the recorder must refuse; a Linear on tokens, or on a row-major map (its
@@ -119,7 +121,7 @@ finds nothing in them (``tests/propagate/test_dispatch.py`` runs each under it).
 
 ANY_LAYOUT_FUNCTIONS: frozenset[Any] = frozenset({F.batch_norm, F.layer_norm, F.gelu, F.silu, F.relu, F.hardswish})
 """The functional forms of :data:`RECORDER_BLIND` modules (timm's norm-and-activation layers call
-them): blind on tensors of one dtype in any layout, out of place, and ``batch_norm`` without
+them): blind on tensors of one dtype in either layout, out of place, and ``batch_norm`` without
 updating running statistics (its write would go unguarded)."""
 
 PLAIN_FUNCTIONS: frozenset[Any] = frozenset(
