@@ -224,8 +224,8 @@ class _KernelCopies(TorchDispatchMode):
     whole into NCHW): copies into another memory order (a ``contiguous()`` of a tensor already
     contiguous returns it). An ATen op given a 4D/5D input not dense in memory (a channel slice of
     a channels_last map, from ``torch.split`` or ``chunk``): the ``contiguous()`` its kernel asks
-    for first, into a dense tensor of the same order (``densify``; what a kernel re-lays into
-    another order is counted by the rules, as for dense inputs). An op the kernel calls on such a
+    for first, into a dense tensor of the same order (what a kernel re-lays into another order
+    is counted by the rules, as for dense inputs). An op the kernel calls on such a
     tensor is run the same way (a convolution's ``_convolution``)."""
 
     @classmethod
@@ -261,6 +261,7 @@ class _KernelCopies(TorchDispatchMode):
         or no such kernel (the caller runs it)."""
         aten = func.namespace in ("aten", "prim", "prims")
         name = func.overloadpacket.__name__
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         # an ATen op that computes a new tensor: no copy, view, in-place op or allocation
         computes = not (
             name in ("clone", "contiguous", "copy_", "_to_copy")
@@ -268,14 +269,13 @@ class _KernelCopies(TorchDispatchMode):
             or name.startswith(("new_", "empty", "zeros", "ones", "full"))
             or name.endswith("_like")
         )
-        if aten and (not computes or all(_laid_out(t) for t in tree_leaves((args, kwargs)))):
+        if aten and (not computes or all(map(_laid_out, leaves))):
             return None
         if torch._C._len_torch_dispatch_stack() > 0 and not within:
             return None
-        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if aten and any(t.is_quantized or t.is_conj() or t.is_neg() for t in leaves):
             return None  # (their kernels are reached through other dispatch keys)
-        devices = {t.device.type for t in tree_leaves((args, kwargs)) if type(t) in (torch.Tensor, nn.Parameter)}
+        devices = {t.device.type for t in leaves if type(t) in (torch.Tensor, nn.Parameter)}
         key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(next(iter(devices), ""))
         if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
             explicit = torch._C.DispatchKey.CompositeExplicitAutograd  # one kernel for every device

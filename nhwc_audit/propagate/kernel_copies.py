@@ -99,9 +99,8 @@ def kernel_copies(
     ``torch.library.custom_op`` without ``device_types``; a CompositeImplicit one's ATen ops reach
     the mode anyway), or another mode below the caller's, which the kernel run would skip.
     ``asked``: the run's answers of kernels asked on zeros, kept there."""
-    aten = not library_op(func)
     tensors = iter_tensors((args, kwargs))
-    if aten and (all(map(laid_out, tensors)) or not _computes(func)):
+    if not _asks(func, tensors):
         return None
     if any(isinstance(t, FakeTensor) for t in tensors) or _fake_below():  # a fake run: its CPU kernel asked on zeros
         key = repr((func, tree_map(_signature, (args, kwargs))))
@@ -123,14 +122,19 @@ def _signature(v: Any) -> Any:
     return v
 
 
+def _asks(func: Any, tensors: list[torch.Tensor]) -> bool:
+    """``func`` is run by its kernel to see its copies: a library's op, or an ATen op that computes
+    on a tensor not :func:`~nhwc_audit.channels.laid_out`."""
+    return library_op(func) or (not all(map(laid_out, tensors)) and _computes(func))
+
+
 @functools.cache
 def _computes(func: Any) -> bool:
     """An ATen op that computes a new tensor from its inputs' values: not a copy, a view or an
     in-place op (their outputs alias an input), nor an allocation."""
     if func in COPY_OPS or any(r.alias_info is not None for r in func._schema.returns):
         return False
-    name = str(func.overloadpacket.__name__)
-    return name not in ALLOCATING_OPS and not name.startswith("new_") and not name.endswith("_like")
+    return str(func.overloadpacket.__name__) not in ALLOCATING_OPS
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -148,11 +152,8 @@ def _fake_below() -> bool:
 def _probed(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple[Any, list[HiddenCopy]] | None:
     """:func:`kernel_copies` of an op on plain tensors, whatever the modes below (a kernel's own
     op is handled inside its mode)."""
-    aten = not library_op(func)
     tensors = iter_tensors((args, kwargs))
-    if aten and (all(map(laid_out, tensors)) or not _computes(func)):
-        return None
-    if not tensors or not all(map(_plain, tensors)):
+    if not _asks(func, tensors) or not tensors or not all(map(_plain, tensors)):
         return None
     devices = {t.device.type for t in tensors}
     key = _KEYS.get(devices.pop()) if len(devices) == 1 else None
@@ -161,7 +162,7 @@ def _probed(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple
         key = _EXPLICIT if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _EXPLICIT) else None
     if key is None:
         return None
-    inside = _Inside(guard, aten)
+    inside = _Inside(guard, aten=not library_op(func))
     with inside:
         out = func._op_dk(key, *args, **kwargs)
     return out, inside.copies
