@@ -70,7 +70,11 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     same_run = report.meta.autocast is None and report.meta.dtype == own
     baseline = {r.name: r.nchw_bytes for r in report.nodes if r.nchw_bytes} if graph is not None and same_run else None
     # a train audit's repair counts a backward pass too, each node beyond what it moves in NCHW
-    backward = {r.name: r.nchw_backward_bytes for r in report.nodes} if report.meta.backward else None
+    backward = (
+        {r.name: (r.nchw_backward_bytes, r.nchw_backward_inside) for r in report.nodes}
+        if report.meta.backward
+        else None
+    )
     gm, log = repair_model(
         model,
         args,

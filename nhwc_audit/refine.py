@@ -20,7 +20,7 @@ from .analyze.moves import baselined, moved_bytes
 from .capture.blocks import custom_backward_note
 from .layout import channels_innermost, memory_order, nchw_ordered
 from .propagate.backward import backward_layouts, param_grad_notes
-from .propagate.baseline import match_nodes, nchw_backward, nchw_records
+from .propagate.baseline import match_nodes, nchw_backward, nchw_records, split_moves
 from .propagate.chain import Captured
 from .propagate.kernels import layout_dependent_backwards
 from .propagate.runner import Runner
@@ -112,25 +112,36 @@ def with_nchw_backward(
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node's backward also moves when the model runs NCHW, run
     only when some node's backward moved data and the model reorders dims (``reordering``:
-    :func:`reorders_dims`; ``records`` itself otherwise); and a note when that netted something
-    or could not run."""
-    ours = {r.name: sum(c.bytes for c in r.backward) for r in records if r.backward}
-    if not ours or not reordering:
+    :func:`reorders_dims`) or a kernel copied inside (a convolution's backward: its copies of what
+    it computes depend on its shapes and backend, not on orders: the NCHW model's oneDNN kernel
+    copies a small map's input gradient it computed channels_last); ``records`` itself otherwise;
+    and a note when that netted something or could not run. A node's kernels' copies inside net
+    against the same node's in NCHW only; its other moves also against a copy displaced downstream."""
+    ours = {r.name: split_moves(r.backward) for r in records if r.backward}
+    if not ours or not (reordering or any(inside for _, inside in ours.values())):
         return records, ()
     theirs = nchw_backward(captured, runner)
     if isinstance(theirs, str):
         return records, (
             f"NCHW baseline of the backward: not run ({theirs}); each backward finding is charged its whole copy",
         )
-    both = {name: theirs[name] for name in ours if theirs.get(name)}
-    both |= {k: both.get(k, 0) + n for k, n in displaced_backward(records, theirs, ours).items()}
-    if not both:
+    moved = {name: n for name, (n, _) in theirs.items()}
+    both = {name: moved[name] for name in ours if moved.get(name)}
+    relays = {name: n for name, (n, _) in ours.items() if n}
+    both |= {k: both.get(k, 0) + n for k, n in displaced_backward(records, moved, relays).items()}
+    inside = {name: theirs[name][1] for name in ours if name in theirs and theirs[name][1]}
+    if not both and not inside:
         return records, ()
-    netted = sum(1 for name, n in both.items() if n >= ours[name])
-    out = [dataclasses.replace(r, nchw_backward_bytes=both[r.name]) if r.name in both else r for r in records]
+    netted = sum(1 for name in both.keys() | inside.keys() if sum(theirs.get(name, (0, 0))) >= sum(ours[name]))
+    out = [
+        dataclasses.replace(r, nchw_backward_bytes=both.get(r.name, 0), nchw_backward_inside=inside.get(r.name, 0))
+        if r.name in both or r.name in inside
+        else r
+        for r in records
+    ]
     return out, (
-        f"NCHW baseline of the backward: {len(both)} node(s)' backward move data in NCHW too ({netted} as much or "
-        "more): charged only the bytes channels_last adds",
+        f"NCHW baseline of the backward: {len(both.keys() | inside.keys())} node(s)' backward move data in NCHW too "
+        f"({netted} as much or more): charged only the bytes channels_last adds",
     )
 
 

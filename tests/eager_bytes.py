@@ -16,6 +16,12 @@ channels_last map: ``torch.split``, ``chunk``; dense in NCHW at batch 1) copies 
 ``contiguous()``: such an op is run by its backend kernel with a mode that sees that copy.
 What channels_last adds is, per source line of the model, the channels_last
 run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
+
+A backward's convolution is run once more, by its kernel, on the arguments its autograd node ran
+it on, with a mode that sees what that kernel copies inside (:class:`_ConvBackwardKernel`): a
+copy of a tensor it computed itself (on the CPU, a channels_last convolution computes its weight
+gradient in NCHW and copies it into channels_last, ``grad_weight.to(...)``), and a ``contiguous()``
+of an argument not dense in memory (a saved channel slice).
 """
 
 from __future__ import annotations
@@ -288,6 +294,60 @@ class _KernelCopies(TorchDispatchMode):
         return out, mode.copies
 
 
+class _ConvBackwardKernel(TorchDispatchMode):
+    """Sees the ATen ops a convolution's backward kernel calls: keeps each copy of a tensor the
+    kernel made itself (not a view of one of its ``args``) and each ``contiguous()`` of an
+    argument not dense in memory into a dense one of the same order."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __init__(self, args: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.args = args
+        self.copies: list[tuple[str, tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        src = args[1] if name == "copy_" else args[0] if args else None
+        if name not in ("clone", "contiguous", "copy_", "_to_copy", "to") or not isinstance(src, torch.Tensor):
+            return out
+        if src.dim() < 4 or not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
+            return out
+        if any(_storage(src) == _storage(a) for a in self.args):  # an argument's: densified in its own order
+            nbytes = _copy_moves(name, src, out, aten=True)  # (what it re-lays into another order: the rules')
+        else:
+            nbytes = 2 * min(_stored_bytes(src), out.numel() * out.element_size())
+        if nbytes:
+            self.copies.append((name, tuple(out.shape), nbytes))
+        return out
+
+
+class _ConvBackwardCall(TorchDispatchMode):
+    """Pushed while a ``ConvolutionBackward0`` node runs (from its pre hook; the autograd engine
+    restores the dispatch stack after each node): runs the ``convolution_backward`` it calls by
+    its kernel under :class:`_ConvBackwardKernel`, noting the bytes of each copy."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[int] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is not torch.ops.aten.convolution_backward.default or args[0].device.type != "cpu":
+            return func(*args, **(kwargs or {}))
+        inner = _ConvBackwardKernel([a for a in args[:3] if isinstance(a, torch.Tensor)])
+        with inner:
+            out = func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **(kwargs or {}))
+        self.copies += [n for _, _, n in inner.copies]
+        return out
+
+
 class _Recorder(TorchDispatchMode):
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -423,6 +483,14 @@ class EagerBytes:
         return sum(max(0, cl - nchw) for nchw, cl in self.by_site().values())
 
     @property
+    def relayed(self) -> int:
+        """:attr:`added` but what backward kernels copy inside (a channels_last convolution's weight gradient)."""
+        inside = "convolution_backward"
+        return EagerBytes(
+            [t for t in self.nchw if t.op != inside], [t for t in self.channels_last if t.op != inside]
+        ).added
+
+    @property
     def saved(self) -> int:
         """Transposes the NCHW model makes that channels_last removes (per source line)."""
         return sum(max(0, nchw - cl) for nchw, cl in self.by_site().values())
@@ -441,18 +509,29 @@ def eager_bytes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
 
 
 class _Tagger(TorchFunctionMode):
-    """Notes on every autograd node a torch call makes the model's source line of the call."""
+    """Notes on every autograd node a torch call makes the model's source line of the call
+    (``site``), and which call of that line it was (``call``: ``file:line#k``, k counting the
+    line's calls that return a tensor with a gradient history; the two runs make the same calls in
+    the same order). A backward's moves net per line; what a kernel copies inside nets per call,
+    against what the same call's kernel copies in NCHW (a line run by several blocks, a ConvNeXt
+    stage's depthwise convolution, is several calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         todo = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        site = None
+        if not todo:
+            return out
+        site = _site()
+        self.calls[site] = self.calls.get(site, 0) + 1
         while todo:
             node = todo.pop()
             if node is None or "site" in node.metadata:
                 continue
-            site = site or _site()
-            node.metadata["site"] = site
+            node.metadata["site"], node.metadata["call"] = site, f"{site}#{self.calls[site]}"
             todo.extend(n for n, _ in node.next_functions)
         return out
 
@@ -505,9 +584,14 @@ class _NodeHooks:
 
     def _hook(self, node: Any) -> None:
         site = node.metadata.get("site", "?")
-        state: dict[str, list[torch.Tensor]] = {}
+        state: dict[str, list[Any]] = {}
+
+        conv = type(node).__name__.startswith("ConvolutionBackward")
 
         def pre(grad_outputs: Any) -> None:
+            if conv:
+                state["conv"] = [_ConvBackwardCall()]
+                torch._C._push_on_torch_dispatch_stack(state["conv"][0])
             for nr, g in enumerate(grad_outputs):
                 parts = self.parts.pop((id(node), nr), [])
                 if isinstance(g, torch.Tensor) and len(parts) > 1:
@@ -519,7 +603,13 @@ class _NodeHooks:
         def post(grad_inputs: Any, grad_outputs: Any) -> None:
             outs = [g for g in grad_inputs if isinstance(g, torch.Tensor)]
             result = next((g for g in outs if g.dim() >= 4), None)
-            conv = type(node).__name__.startswith("ConvolutionBackward")
+            if conv:
+                depth = torch._C._len_torch_dispatch_stack()
+                if depth and torch._C._get_dispatch_stack_at(depth - 1) is state["conv"][0]:
+                    torch._C._pop_torch_dispatch_stack(None)
+                call = node.metadata.get("call", f"{site}#0")  # (apart from the moves of its line)
+                for n in state["conv"][0].copies:
+                    self.seen.append(Transpose("convolution_backward", tuple(grad_outputs[0].shape), n, call))
             if conv and grad_inputs[0] is None:  # the weight's gradient only: the kernel works in its input's layout
                 result = next(iter(state.get("saved", [])), None)
             if result is not None:

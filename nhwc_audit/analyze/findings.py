@@ -120,17 +120,17 @@ def _only_ambiguous_inputs(r: NodeRecord) -> bool:
 
 
 def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
-    """What this node's backward moves between layouts (seen from its autograd nodes with
-    train=True) beyond what the same node's backward moves when the model runs NCHW."""
-    nbytes = sum(c.bytes for c in r.backward) - r.nchw_backward_bytes
-    if nbytes <= 0:
-        return []
-    lead = max(r.backward, key=lambda c: c.bytes)
+    """What this node's backward moves beyond NCHW's (train=True): its kernels' copies inside, the rest, netted apart."""
     users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "the loss"
-    ops = f"{', '.join(dict.fromkeys(c.op for c in r.backward))}; its gradient comes from {users}"
-    return [
-        _finding(ctx, r, FindingKind.BACKWARD, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, detail=ops)
-    ]
+    out, BACKWARD = [], FindingKind.BACKWARD  # noqa: N806
+    for inside, nchw in ((False, r.nchw_backward_bytes), (True, r.nchw_backward_inside)):
+        copies = [c for c in r.backward if c.inside is inside]
+        if (nbytes := sum(c.bytes for c in copies) - nchw) > 0:
+            lead, hint = max(copies, key=lambda c: c.bytes), H.BACKWARD_INSIDE if inside else None
+            ops = f"{', '.join(dict.fromkeys(c.op for c in copies))}; its gradient comes from {users}"
+            at, shape = lead.layout_in, lead.shape
+            out.append(_finding(ctx, r, BACKWARD, layout_in=at, nbytes=nbytes, shape=shape, detail=ops, hint_op=hint))
+    return out
 
 
 def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "AMBIGUOUS_ORIGIN",
+    "BACKWARD_INSIDE",
     "COMPUTED_WEIGHT",
     "DENSE_COPY",
     "HEAD_FOLD",
@@ -53,3 +54,8 @@ coordinates, tokens) copied out of the channels_last strides the conversion gave
 DENSE_COPY = "@dense-copy"
 """Key of the conversion hint for a kernel's copy of a channel slice of a channels_last map, dense in
 no memory format (dense in NCHW at batch 1), before it computes."""
+
+BACKWARD_INSIDE = "@backward-inside"
+"""Key of the backward hint for what a backward kernel copies inside: a tensor it computed, into another
+layout (a CPU channels_last convolution's weight gradient, computed NCHW), or a saved input not dense in
+memory (a channel slice) made dense."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..records import FindingKind
 from .hint_keys import (
     AMBIGUOUS_ORIGIN,
+    BACKWARD_INSIDE,
     COMPUTED_WEIGHT,
     DENSE_COPY,
     HEAD_FOLD,
@@ -294,5 +295,16 @@ def default_hints() -> HintTable:
         "which channels_last memory holds in no dense order, so its kernel copies it whole first; NCHW "
         "memory holds one sample's channel slice densely (batch 1) and reads it in place: make each "
         "part its own output (two convolutions rather than one and a split), or accept the cost",
+    )
+    _register(
+        t,
+        FindingKind.BACKWARD,
+        (BACKWARD_INSIDE,),
+        "in backward, the kernel of {op} on {device} copies inside every step what the NCHW model's does "
+        "not ({detail}): a channels_last convolution's backward on the CPU (oneDNN) computes its weight "
+        "gradient in NCHW and copies it into channels_last, whatever gradient it is handed (it grows with "
+        "the weights, not the batch), and copies a channel slice of a channels_last map it saved "
+        "(torch.split, chunk) whole. No layout change in the model removes the first: weigh it against "
+        "what channels_last saves in forward and backward; for the second, make each part its own output",
     )
     return t

@@ -165,7 +165,7 @@ def with_backward(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     bandwidth: float,
-    nchw_backward: Mapping[str, int],
+    nchw_backward: Mapping[str, tuple[int, int]],
 ) -> Measured:
     """``m`` (a measurement of ``gm``) with what one backward pass moves at each node, as a train
     audit counts it: a repair's figures per training step, forward and backward. A node named in
@@ -179,7 +179,8 @@ def with_backward(
             r,
             grads=ran.layouts.get(r.name, ()),
             backward=tuple(ran.moved.get(r.name, ())),
-            nchw_backward_bytes=nchw_backward.get(r.name, 0),
+            nchw_backward_bytes=nchw_backward.get(r.name, (0, 0))[0],
+            nchw_backward_inside=nchw_backward.get(r.name, (0, 0))[1],
         )
         for r in m.records
     ]

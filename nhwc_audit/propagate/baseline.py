@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import SharedWeightWrite, first_line
 from ..prepare.fake import fake_mode
-from ..records import NodeRecord
+from ..records import HiddenCopy, NodeRecord
 from ..tensors import SharedStorages, iter_tensors
 from .backward import backward_layouts
 from .captured import Captured
@@ -34,7 +34,7 @@ from .eager import record_eager
 from .interpreter import LayoutProp
 from .runner import Runner, attributes_restored
 
-__all__ = ["match_nodes", "nchw_backward", "nchw_records", "training_fails"]
+__all__ = ["match_nodes", "nchw_backward", "nchw_records", "split_moves", "training_fails"]
 
 
 def _nchw_view(t: torch.Tensor) -> torch.Tensor:
@@ -102,15 +102,22 @@ class _Backward(nn.Module):
     def __init__(self, gm: torch.fx.GraphModule, data: frozenset[str], corrections: Corrections | None) -> None:
         super().__init__()
         self.inner, self.data, self.corrections = gm, data, corrections
-        self.moved: dict[str, int] = {}
+        self.moved: dict[str, tuple[int, int]] = {}
 
     def forward(self, *values: Any) -> None:
         moved = backward_layouts(self.inner, list(values), data=self.data, corrections=self.corrections).moved
-        self.moved = {name: sum(c.bytes for c in copies) for name, copies in moved.items()}
+        self.moved = {name: split_moves(copies) for name, copies in moved.items()}
 
 
-def nchw_backward(captured: Captured, runner: Runner) -> dict[str, int] | str:
-    """Node -> the bytes its backward moves between layouts when the model runs NCHW (the audit's
+def split_moves(copies: Sequence[HiddenCopy]) -> tuple[int, int]:
+    """(bytes of a backward's copies but those its kernels made inside, bytes of those)."""
+    inside = sum(c.bytes for c in copies if c.inside)
+    return sum(c.bytes for c in copies) - inside, inside
+
+
+def nchw_backward(captured: Captured, runner: Runner) -> dict[str, tuple[int, int]] | str:
+    """Node -> the bytes its backward moves between layouts when the model runs NCHW, and those its
+    kernels copy inside (:func:`split_moves`; the audit's
     graph run forward and back as built, in the audit's mode), or why that could not run. The
     backward of an NCHW model copies too: a ConvNeXt block's gradient comes back through its
     permutes in NHWC order, and the depthwise convolution's NCHW backward re-lays it. A real

@@ -21,7 +21,9 @@ from ..channels import relay_bytes
 from ..layout import reorders, tensor_meta
 from ..records import HiddenCopy, TensorMeta
 from ..tensors import iter_tensors
+from .backward_kernels import KernelWatch
 from .breaks import to_channels_last
+from .kernel_copies import Asked
 
 __all__ = ["KEEPS_ORDER", "EagerGrad", "Grads", "Moved", "hook_gradients", "hook_nodes"]
 
@@ -52,6 +54,8 @@ class Grads:
     """Those of :attr:`weights` that are parameters: a backward other than a convolution's reads a
     buffer as data (a gather's index, a mask, a sampling grid the conversion made channels_last),
     as its forward did and as eager's does."""
+    asked: Asked = field(default_factory=dict)
+    """A fake run's backward kernels asked on zeros (:class:`~.kernel_copies.KernelWatch`)."""
 
 
 KEEPS_ORDER = frozenset(
@@ -95,13 +99,15 @@ def hook_gradients(name: str, value: Any, grads: Grads) -> None:
     todo = []
     for t in iter_tensors(value):
         if t.requires_grad:
+            # read first: a view of a weight written in place under no_grad (a clipped weight, seen
+            # through the NCHW run's views) makes its grad_fn here, and a hook registered before crashes
+            todo.append(t.grad_fn)
 
             def hook(g: torch.Tensor | None) -> None:
                 if g is not None:  # None reaches an output of a multi-output op no gradient flows to
                     grads.layouts.setdefault(name, []).append(tensor_meta(g))
 
             t.register_hook(hook)
-            todo.append(t.grad_fn)
             _replayed_view(t)
     hook_nodes(name, todo, grads)
 
@@ -194,6 +200,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     kind = "AsStridedBackward0" if replayed else type(node).__name__
     reordering = kind.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
     saved: list[torch.Tensor] = []
+    watch: list[KernelWatch] = []  # a convolution's backward kernel, run with a mode: its own copies
 
     def pre(grad_outputs: Any) -> None:
         me = torch._C._current_autograd_node()
@@ -203,9 +210,14 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
                 _summed(parts, tensor_meta(g), grads.moved)
         if not correction:
             saved[:] = _saved(me, grads.saved_names)
+        if conv:
+            watch[:] = [KernelWatch(grads.asked)]
+            torch._C._push_on_torch_dispatch_stack(watch[0])
 
     def post(grad_inputs: Any, grad_outputs: Any) -> Any:
         me = torch._C._current_autograd_node()
+        if watch and (copies := _popped(watch.pop())):
+            grads.moved.setdefault(name, []).extend(copies)
         if reordering and any(isinstance(g, torch.Tensor) and g.dim() >= 3 for g in grad_inputs):
             grads.reordering.add(kind)
         if replayed:
@@ -231,6 +243,14 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
 
     node.register_prehook(pre)
     node.register_hook(post)
+
+
+def _popped(watch: KernelWatch) -> list[HiddenCopy]:
+    """The copies ``watch`` saw, taken off the dispatch stack (where the node's run left it on top)."""
+    depth = torch._C._len_torch_dispatch_stack()
+    if depth and torch._C._get_dispatch_stack_at(depth - 1) is watch:
+        torch._C._pop_torch_dispatch_stack(None)
+    return watch.copies
 
 
 def _as_strided(replayed: Any, grad_inputs: Any, grad_outputs: Any, grads: Grads, name: str) -> Any:

@@ -17,14 +17,18 @@ backend kernel with a recording mode pushed, so the ATen ops the kernel calls co
   Kept: :func:`~nhwc_audit.channels.kernel_copy`. An op such a kernel calls on such a tensor is run
   the same way (a convolution's ``_convolution``).
 
-ATen's kernels on dense inputs are not run this way (their internal copies stay unseen: one more
-mode per op would cost every audit for the few kernels that copy).
+A backward's convolution is run this way too, whatever its inputs (:mod:`.backward_kernels`): on the CPU, a channels_last convolution's backward computes its
+weight gradient in NCHW and copies it into channels_last, every step (``grad_weight.to(...)`` in
+the oneDNN kernel), where strides show nothing (the gradient comes out channels_last either way).
+Kept: a copy of a tensor the kernel made itself (:func:`_result_copy`). Other ATen kernels on
+dense inputs are not run this way (their internal copies stay unseen: one more mode per op would
+cost every audit for the few kernels that copy).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,10 +37,21 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_map
 
 from ..channels import COPY_OPS, hidden_copy, kernel_copy, laid_out
+from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, HiddenCopy
 from ..tensors import iter_tensors
 
-__all__ = ["kernel_copies", "library_op"]
+__all__ = [
+    "PROBE_NUMEL",
+    "Asked",
+    "asked_on_zeros",
+    "computes",
+    "fake_below",
+    "kernel_copies",
+    "library_op",
+    "probed",
+    "signature",
+]
 
 _KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
 _EXPLICIT = torch._C.DispatchKey.CompositeExplicitAutograd
@@ -56,27 +71,31 @@ class _Inside(TorchDispatchMode):
     """Sees the ATen ops a kernel calls; keeps their copies and guards the user's weights as the
     mode it runs under does (``guard``: its check of each op before it runs): a library op's kernel's
     layout copies, an ATen kernel's (``aten``) copies of a tensor not dense in memory made dense
-    (:func:`~nhwc_audit.channels.kernel_copy`)."""
+    (:func:`~nhwc_audit.channels.kernel_copy`); with ``made`` (the op's arguments), an ATen
+    kernel's copies of tensors it made itself (:func:`_result_copy`) too."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False  # (as the audit's other modes: never under torch.compile)
 
-    def __init__(self, guard: Guard, aten: bool) -> None:
+    def __init__(self, guard: Guard, aten: bool, made: Sequence[torch.Tensor] | None = None) -> None:
         super().__init__()
         self.guard = guard
         self.aten = aten
+        self.made = made
         self.copies: list[HiddenCopy] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self.guard(func, args, kwargs)
-        inner = _probed(func, args, kwargs, self.guard) if self.aten else None
+        inner = probed(func, args, kwargs, self.guard) if self.aten else None
         if inner is not None:  # an op of this kernel's on a tensor not dense: its own kernel's copies
             self.copies += inner[1]
             return inner[0]
         out = func(*args, **kwargs)
         copy = kernel_copy(func, args, out) if self.aten else hidden_copy(func, args, out)
+        if copy is None and self.made is not None:
+            copy = _result_copy(func, args, out, self.made)
         if copy is not None:
             self.copies.append(copy)
         return out
@@ -94,7 +113,7 @@ def kernel_copies(
     given a 4D/5D tensor not dense in memory, called from a dispatch mode's handler and run by its
     CPU or CUDA kernel. None, and nothing run, for other ops (ATen's copies among them), tensors that
     are not plain (FakeTensors: the op runs fake, and its CPU kernel is asked what it copies on
-    zeros, :func:`_asked_on_zeros`), tensors on several devices or on another, an op with no kernel
+    zeros, :func:`asked_on_zeros`), tensors on several devices or on another, an op with no kernel
     of its own for the device nor one for every device (``CompositeExplicitAutograd``, a
     ``torch.library.custom_op`` without ``device_types``; a CompositeImplicit one's ATen ops reach
     the mode anyway), or another mode below the caller's, which the kernel run would skip.
@@ -102,20 +121,20 @@ def kernel_copies(
     tensors = iter_tensors((args, kwargs))
     if not _asks(func, tensors):
         return None
-    if any(isinstance(t, FakeTensor) for t in tensors) or _fake_below():  # a fake run: its CPU kernel asked on zeros
-        key = repr((func, tree_map(_signature, (args, kwargs))))
+    if any(isinstance(t, FakeTensor) for t in tensors) or fake_below():  # a fake run: its CPU kernel asked on zeros
+        key = repr((func, tree_map(signature, (args, kwargs))))
         got = asked.get(key) if asked is not None else None
         if got is None:
-            got = _asked_on_zeros(func, args, kwargs, guard, tensors)
+            got = asked_on_zeros(func, args, kwargs, guard, tensors)
             if asked is not None:
                 asked[key] = got
         return func(*args, **kwargs), got
     if torch._C._len_torch_dispatch_stack() > 0 or not tensors:
         return None
-    return _probed(func, args, kwargs, guard)
+    return probed(func, args, kwargs, guard)
 
 
-def _signature(v: Any) -> Any:
+def signature(v: Any) -> Any:
     """What a kernel's copies depend on, of one argument: a tensor's shape, strides, dtype and device."""
     if isinstance(v, torch.Tensor):
         return (tuple(v.shape), v.stride(), v.dtype, v.device.type)
@@ -125,11 +144,11 @@ def _signature(v: Any) -> Any:
 def _asks(func: Any, tensors: list[torch.Tensor]) -> bool:
     """``func`` is run by its kernel to see its copies: a library's op, or an ATen op that computes
     on a tensor not :func:`~nhwc_audit.channels.laid_out`."""
-    return library_op(func) or (not all(map(laid_out, tensors)) and _computes(func))
+    return library_op(func) or (not all(map(laid_out, tensors)) and computes(func))
 
 
 @functools.cache
-def _computes(func: Any) -> bool:
+def computes(func: Any) -> bool:
     """An ATen op that computes a new tensor from its inputs' values: not a copy, a view or an
     in-place op (their outputs alias an input), nor an allocation."""
     if func in COPY_OPS or any(r.alias_info is not None for r in func._schema.returns):
@@ -143,17 +162,21 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and not (t.is_quantized or t.is_conj() or t.is_neg())
 
 
-def _fake_below() -> bool:
+def fake_below() -> bool:
     """A FakeTensorMode is on the dispatch stack below the caller's mode (a fake run meeting a
     real tensor: a constant the graph made)."""
     return any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack())
 
 
-def _probed(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple[Any, list[HiddenCopy]] | None:
+def probed(
+    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, results: bool = False
+) -> tuple[Any, list[HiddenCopy]] | None:
     """:func:`kernel_copies` of an op on plain tensors, whatever the modes below (a kernel's own
-    op is handled inside its mode)."""
+    op is handled inside its mode); ``results``: any ATen op that computes, keeping also the copies
+    its kernel makes of tensors it made (:class:`KernelWatch`)."""
     tensors = iter_tensors((args, kwargs))
-    if not _asks(func, tensors) or not tensors or not all(map(_plain, tensors)):
+    asks = computes(func) and not library_op(func) if results else _asks(func, tensors)
+    if not asks or not tensors or not all(map(_plain, tensors)):
         return None
     devices = {t.device.type for t in tensors}
     key = _KEYS.get(devices.pop()) if len(devices) == 1 else None
@@ -162,7 +185,7 @@ def _probed(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard) -> tuple
         key = _EXPLICIT if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _EXPLICIT) else None
     if key is None:
         return None
-    inside = _Inside(guard, aten=not library_op(func))
+    inside = _Inside(guard, aten=not library_op(func), made=tensors if results else None)
     with inside:
         out = func._op_dk(key, *args, **kwargs)
     return out, inside.copies
@@ -172,8 +195,8 @@ PROBE_NUMEL = 1 << 22
 """A fake run asks a kernel on zeros of its arguments up to this many elements each."""
 
 
-def _asked_on_zeros(
-    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, tensors: list[torch.Tensor]
+def asked_on_zeros(
+    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, tensors: list[torch.Tensor], results: bool = False
 ) -> list[HiddenCopy]:
     """The copies an op's CPU kernel makes, for a fake run on the CPU: the op run for real,
     with every mode off, on zeros laid out as its FakeTensor arguments (shapes, strides, dtypes;
@@ -190,7 +213,26 @@ def _asked_on_zeros(
     try:
         with _disable_current_modes(), unset_fake_temporarily(), torch.no_grad():
             real_args, real_kwargs = tree_map(zeros, (args, kwargs))
-            got = _probed(func, real_args, real_kwargs, guard)
+            got = probed(func, real_args, real_kwargs, guard, results)
     except Exception:
         return []
     return got[1] if got is not None else []
+
+
+_TO = torch.ops.aten.to
+
+
+def _result_copy(func: Any, args: Any, out: Any, made: Sequence[torch.Tensor]) -> HiddenCopy | None:
+    """A copy an ATen kernel made of a 4D/5D tensor it computed itself (no view of an argument
+    ``made`` of the op it runs): the weight gradient a CPU channels_last convolution's backward
+    computes in NCHW, copied into channels_last (``to``: a copy unless it returns its input)."""
+    if not (func in COPY_OPS or func.overloadpacket is _TO) or not args or not isinstance(out, torch.Tensor):
+        return None
+    src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+    if not isinstance(src, torch.Tensor) or src.dim() not in (4, 5) or torch._C._is_alias_of(out, src):  # type: ignore[attr-defined]
+        return None
+    if any(torch._C._is_alias_of(src, t) for t in made):  # type: ignore[attr-defined]
+        return None  # an argument's copy: what the rules judge (a gradient re-laid to meet the input)
+    sm, dm = tensor_meta(src), tensor_meta(out)
+    nbytes = 2 * min(sm.stored_nbytes, dm.nbytes)
+    return HiddenCopy(str(func.overloadpacket.__name__), sm.layout, dm.layout, dm.shape, nbytes, result=True)

@@ -99,6 +99,15 @@ class HiddenCopy:
     densified: bool = False
     """A kernel's copy of an input not dense in memory into a dense one of the same order
     (:func:`~nhwc_audit.channels.kernel_copy`: a channel slice of a channels_last map)."""
+    result: bool = False
+    """A kernel's copy of a tensor it computed itself into another layout (a CPU channels_last
+    convolution's backward: its weight gradient, computed NCHW; :mod:`~nhwc_audit.propagate.kernel_copies`)."""
+
+    @property
+    def inside(self) -> bool:
+        """Made inside a kernel, of what it computed or of an input not dense in memory: the kernel's
+        own doing at its call, netted only against what the same call copies inside in NCHW."""
+        return self.result or self.densified
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +152,11 @@ class NodeRecord:
     """With ``train=True``: the layout changes this node's backward made (seen from hooks on the
     autograd nodes its forward made)."""
     nchw_backward_bytes: int = 0
-    """Bytes the same node's backward moves between layouts when the model runs NCHW."""
+    """Bytes the same node's backward moves between layouts when the model runs NCHW (its kernels'
+    copies inside aside)."""
+    nchw_backward_inside: int = 0
+    """Bytes the same node's backward kernels copy inside (:attr:`HiddenCopy.inside`) when the
+    model runs NCHW (a oneDNN convolution's input gradient of a small map, computed channels_last)."""
     nchw_bytes: int = 0
     """Bytes the same node moves between layouts when the model runs NCHW, as built (a copy it
     makes in either layout): what channels_last adds here is the difference."""

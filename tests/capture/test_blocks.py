@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nhwc_audit import audit
 from tests.eager_bytes import eager_backward_bytes, eager_bytes
+from tests.support import relayed
 
 CAPTURES = ["fx", "export", "hooks"]
 MODES = ["real", "fake"]
@@ -137,7 +138,8 @@ def test_a_checkpointed_block_is_trained_through(reentrant: bool, capture: str, 
         warnings.simplefilter("ignore")  # torch's own: a reentrant checkpoint whose inputs need no grad
         report = audit(Checkpointed(reentrant).train(), x, bandwidth=1e9, capture=capture, mode=mode, train=True)  # type: ignore[arg-type]
     backward = sum(f.bytes for f in report.findings if f.kind.value == "backward")
-    assert report.meta.backward and backward == expected == 32_768
+    assert report.meta.backward and backward == expected  # the convolutions' weight gradient copies too
+    assert sum(f.bytes for f in relayed(report.findings)) == 32_768
 
 
 class _ContiguousTwice(torch.autograd.Function):
@@ -216,7 +218,8 @@ def test_a_no_grad_block_inside_a_reentrant_checkpoint_is_kept(capture: str) -> 
         warnings.simplefilter("ignore")
         model = CheckpointedWithItsOwnBlock(True).train()
         report = audit(model, x, bandwidth=1e9, capture=capture, train=True)  # type: ignore[arg-type]
-    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == expected == 32_768
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == expected
+    assert sum(f.bytes for f in relayed(report.findings)) == 32_768
 
 
 class FunctionInCheckpointOrNoGrad(nn.Module):
@@ -295,7 +298,8 @@ def test_another_threads_function_and_autocast_leave_a_trace_as_it_is() -> None:
     plain = WaitsForTheThread().train()
     plain.first = False
     expected = eager_backward_bytes(plain, (x,)).added
-    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == expected == 32_768
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == expected
+    assert sum(f.bytes for f in relayed(report.findings)) == 32_768
     assert not any("Elsewhere" in n for n in report.meta.capture_notes)
     assert torch.autograd.Function.__dict__["apply"] is apply
     assert torch.amp.autocast_mode.autocast.__dict__["__enter__"] is enter
