@@ -57,13 +57,14 @@ class AuditReport:
 
     @property
     def incompatible_nodes(self) -> list[NodeRecord]:
-        """Records of the nodes that have a finding, in graph order."""
-        names = {f.node for f in self.findings}
+        """Records of the nodes that have a finding a change to the model can remove, in graph order."""
+        names = {f.node for f in self.findings if not f.intrinsic}
         return [r for r in self.nodes if r.name in names]
 
     def findings_of(self, kinds: Iterable[FindingKind]) -> list[Finding]:
+        """The findings of ``kinds`` but the :attr:`~nhwc_audit.records.Finding.intrinsic` ones."""
         wanted = frozenset(kinds)
-        return [f for f in self.findings if f.kind in wanted]
+        return [f for f in self.findings if f.kind in wanted and not f.intrinsic]
 
     def to_dict(self) -> dict[str, Any]:
         from .report.serialize import extras_dict

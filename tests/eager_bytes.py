@@ -309,6 +309,10 @@ class _ConvBackwardKernel(TorchDispatchMode):
         self.copies: list[tuple[str, tuple[int, ...], int]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        inner = _KernelCopies.run(func, args, kwargs or {}, within=True)  # an op on a tensor not dense
+        if inner is not None:  # (``_slow_conv2d_backward`` handed the saved slice: its own copies)
+            self.copies += inner[1]
+            return inner[0]
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         src = args[1] if name == "copy_" else args[0] if args else None

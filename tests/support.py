@@ -50,4 +50,4 @@ def relayed(findings: Any) -> list[Any]:
     """The backward findings but those of what a backward kernel copies inside (on the CPU, a
     channels_last convolution's weight gradient, computed NCHW): the gradients a layout change in
     the model can keep from moving."""
-    return [f for f in findings if f.kind.value == "backward" and "copies inside" not in f.hint]
+    return [f for f in findings if f.kind.value == "backward" and not f.intrinsic and "copies inside" not in f.hint]

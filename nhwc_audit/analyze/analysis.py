@@ -78,7 +78,7 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     by_name = {r.name: r for r in records}
     by_node: dict[str, Finding] = {}  # a node's forward finding, where it has one beside its backward's
     for f in findings:
-        if f.node not in by_node or by_node[f.node].kind is FindingKind.BACKWARD:
+        if (f.node not in by_node or by_node[f.node].kind is FindingKind.BACKWARD) and not f.intrinsic:
             by_node[f.node] = f
     groups: dict[tuple[str, ...], list[Finding]] = {}
     roots: dict[tuple[str, ...], list[str]] = {}
@@ -94,13 +94,14 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
         else:
             key = ("site", root.op_label, root.location)
             sources[key] = root.source
+        key += ("intrinsic",) if f.intrinsic else ()  # a cost no change removes: apart from the changes
         groups.setdefault(key, []).append(f)
         names = roots.setdefault(key, [])
         if root_name not in names:
             names.append(root_name)
     fixes = []
     for key, fs in groups.items():
-        root_findings = [by_node[n] for n in roots[key] if n in by_node]
+        root_findings = [by_node[n] for n in roots[key] if n in by_node and key[-1] != "intrinsic"]
         lead = root_findings[0] if root_findings else fs[0]
         latent = [f for f in fs if f.kind is FindingKind.LATENT and f is not lead]
         hint = lead.hint
@@ -173,6 +174,7 @@ def summarize(
         bytes_moved=moved,
         est_seconds=moved / bandwidth if bandwidth > 0 else 0.0,
         trained=any(r.grads for r in records),
+        intrinsic_bytes=sum(f.bytes for f in findings if f.intrinsic),
     )
 
 

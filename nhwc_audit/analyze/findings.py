@@ -15,6 +15,8 @@ The rules (one place each):
              weights make it re-adopt NHWC from an NCHW input); or a node whose own layouts look
              fine but that copied data internally (copies seen at ATen level while it ran: a conv
              with padding_mode='circular', a kernel's copy of a channel slice dense in no order).
+* backward   with train=True: what a node's backward re-lays, or its kernels copy inside (a CPU
+             channels_last convolution's weight gradient: intrinsic, no model change removes it).
 
 Bytes are what channels_last adds: a node that also moves data when the model runs NCHW, as built
 (``NodeRecord.nchw_bytes``, the NCHW baseline run's: ``.contiguous()`` after a permute, a conv
@@ -30,7 +32,6 @@ the conversion leaves as they are (:func:`.origin.conversion_free`: a relative-p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ..channels import casts_first, conv_layout, relay_bytes
 from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
@@ -38,10 +39,10 @@ from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeReco
 from . import hint_keys as H
 from . import moves
 from .exposed import exposed
-from .hint_render import hint_keys, render_hint
+from .finding_record import Ctx, make_finding
 from .hints import HintTable, default_hints
 from .moves import computed_weight, revert_bytes, writes_in_place
-from .origin import SKIP_OPS, conversion_free, describe, feeds_a_weight, leading_to, odd_order_from_map, origin_of, via
+from .origin import SKIP_OPS, conversion_free, feeds_a_weight, leading_to, odd_order_from_map, origin_of
 from .reshapes import exits_spatial, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
 
@@ -49,97 +50,43 @@ __all__ = ["SKIP_OPS", "find_findings"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
 
 
-@dataclass(frozen=True)
-class _Ctx:
-    by_name: dict[str, NodeRecord]
-    bandwidth: float
-    hints: HintTable
-    device: str
-    free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
-    cast: str | None  # the device type autocast runs on (channels.casts_first), None without
-    stored: frozenset[str] | None  # producers of the conv weights read as data (None: any left NCHW)
-    ranks: frozenset[int] = frozenset({4})  # of the convolutions' outputs: 4 for 2D maps, 5 for volumes
-
-
-def _finding(
-    ctx: _Ctx,
-    r: NodeRecord,
-    kind: FindingKind,
-    *,
-    layout_in: Layout,
-    nbytes: int,
-    producer: NodeRecord | None = None,
-    shape: tuple[int, ...] | None = None,
-    hint_op: str | None = None,
-    detail: str | None = None,
-    hidden: bool = False,
-) -> Finding:
-    if shape is None:
-        spatial = r.spatial_outputs
-        shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
-    origin = origin_of(producer, ctx.by_name)
-    if moves.baselined(kind, hidden=hidden):  # what it moves in NCHW too is not channels_last's
-        nbytes = max(0, nbytes - r.nchw_bytes)
-    if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
-        hint_op = H.AMBIGUOUS_ORIGIN
-    return Finding(
-        node=r.name,
-        index=r.index,
-        kind=kind,
-        op=r.site_op,
-        target=r.target,
-        module_path=r.module_path,
-        module_type=r.module_type,
-        source=r.source,
-        layout_in=layout_in,
-        layout_out=r.output_layout,
-        shape=shape,
-        detail=r.detail,
-        bytes=nbytes,
-        est_seconds=nbytes / ctx.bandwidth if ctx.bandwidth > 0 else 0.0,
-        hint=render_hint(
-            ctx.hints,
-            kind,
-            hint_keys(r) if hint_op is None else hint_op,
-            op=r.site_op,
-            origin=via(origin, producer),
-            device=ctx.device,
-            detail=detail if detail is not None else (r.detail or None),
-            rank=len(shape) if len(shape) in ctx.ranks else min(ctx.ranks),  # a channel shuffle's 5D view: a map's
-        ),
-        producer=producer.name if producer else None,
-        origin=origin.name if origin else None,
-        origin_op=describe(origin) if origin else None,
-        error=r.error,
-    )
-
-
-def _only_ambiguous_inputs(r: NodeRecord) -> bool:
-    """The node made NCHW out of ambiguous input only (C == 1 or H == W == 1 tensors)."""
-    return bool(ins := r.spatial_inputs) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
-
-
-def _backward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
-    """What this node's backward moves beyond NCHW's (train=True): its kernels' copies inside, the rest, netted apart."""
+def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
+    """What this node's backward moves between layouts (train=True) beyond what it moves when the
+    model runs NCHW: what its kernels copy inside (:attr:`~nhwc_audit.records.HiddenCopy.inside`)
+    beyond what they copy inside there, the rest beyond the rest. Copies a kernel makes of what it
+    computed alone (a CPU convolution's weight gradient) are intrinsic: no model change removes them."""
     users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "the loss"
-    out, BACKWARD = [], FindingKind.BACKWARD  # noqa: N806
+    out = []
     for inside, nchw in ((False, r.nchw_backward_bytes), (True, r.nchw_backward_inside)):
         copies = [c for c in r.backward if c.inside is inside]
-        if (nbytes := sum(c.bytes for c in copies) - nchw) > 0:
-            lead, hint = max(copies, key=lambda c: c.bytes), H.BACKWARD_INSIDE if inside else None
-            ops = f"{', '.join(dict.fromkeys(c.op for c in copies))}; its gradient comes from {users}"
-            at, shape = lead.layout_in, lead.shape
-            out.append(_finding(ctx, r, BACKWARD, layout_in=at, nbytes=nbytes, shape=shape, detail=ops, hint_op=hint))
+        nbytes = sum(c.bytes for c in copies) - nchw
+        if nbytes <= 0:
+            continue
+        lead, own = max(copies, key=lambda c: c.bytes), inside and all(c.result for c in copies)
+        ops = f"{', '.join(dict.fromkeys(c.op for c in copies))}; its gradient comes from {users}"
+        out.append(
+            make_finding(
+                ctx,
+                r,
+                FindingKind.BACKWARD,
+                layout_in=lead.layout_in,
+                nbytes=nbytes,
+                shape=lead.shape,
+                detail=ops,
+                hint_op=(H.BACKWARD_INSIDE if own else H.BACKWARD_DENSE) if inside else None,
+                intrinsic=own,
+            )
+        )
     return out
 
 
-def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
+def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     if r.error is None and r.latent_error is None and not r.hidden and r.all_channels_last:
         return []  # nothing in another order, nothing copied inside: no rule below finds anything
     r = moves.as_read(r)
     if r.error is not None:
         first = next((i.meta.layout for i in r.spatial_inputs), Layout.NOT_SPATIAL)
-        return [_finding(ctx, r, FindingKind.BREAK, layout_in=first, nbytes=0)]
+        return [make_finding(ctx, r, FindingKind.BREAK, layout_in=first, nbytes=0)]
     if r.latent_error is not None:
         nchw = next((i for i in r.spatial_inputs if i.meta.layout is Layout.CONTIGUOUS), None)
         producer = ctx.by_name.get(nchw.producer or "") if nchw is not None else None
@@ -148,7 +95,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # comes from a revert (not an attention matmul, NCHW anyway) whose input's layout it cannot view
         reverts = origin is not None and any(f.kind is FindingKind.REVERT for f in _forward_findings(ctx, origin))
         if nchw is not None and origin is not None and reverts and (origin is not producer or exposed(r, nchw, origin)):
-            return [_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
+            return [make_finding(ctx, r, FindingKind.LATENT, layout_in=Layout.CONTIGUOUS, nbytes=0, producer=producer)]
         return []
     if r.name in ctx.free:
         return []  # its inputs are those of the NCHW model: it does what it does there
@@ -178,7 +125,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         generic = H.STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else ""
         source = weight if weight is not None else (losers if stored else nchw_in)[0]
         return [
-            _finding(
+            make_finding(
                 ctx,
                 r,
                 FindingKind.MIXED,
@@ -205,7 +152,9 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         # disagree and the op followed the NCHW one; it is mixed, not an op without an NHWC kernel
         producer, nbytes = ctx.by_name.get(strided_nchw[0].producer or ""), moves.mixed_bytes(r, cl_in, ctx.cast)
         kind, shape = FindingKind.MIXED, cl_in[0].meta.shape
-        return [_finding(ctx, r, kind, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes, producer=producer, shape=shape)]
+        return [
+            make_finding(ctx, r, kind, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes, producer=producer, shape=shape)
+        ]
     if reverted and not (row_major(reverted[0]) or along_w(reverted[0])):  # another order than NCHW:
         sources = [i for i in sources if reorders(i.meta, reverted[0])]  # only what changes order moves
     if not (reverted and sources) and (relaid := moves.relaid_views(r, ctx.by_name)):
@@ -222,7 +171,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
         if all(i.is_param or from_restrided_table(i, ctx.by_name) for i in sources):  # the conversion restrided it
             standard, odd = False, H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE
         return [
-            _finding(
+            make_finding(
                 ctx,
                 r,
                 FindingKind.REVERT,
@@ -241,7 +190,7 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     relaid_in_nchw = r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
         return [
-            _finding(
+            make_finding(
                 ctx,
                 r,
                 FindingKind.CONVERSION,
@@ -256,11 +205,13 @@ def _forward_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     if across and (nbytes := moves.reorder_bytes(r, ctx.cast)) > r.nchw_bytes:
         # operands in dense orders no layout names (NHWC tokens of a map plus an NCHW map permuted alike)
         producer = ctx.by_name.get(across[0].producer or "")
-        return [_finding(ctx, r, FindingKind.MIXED, layout_in=across[0].meta.layout, nbytes=nbytes, producer=producer)]
+        return [
+            make_finding(ctx, r, FindingKind.MIXED, layout_in=across[0].meta.layout, nbytes=nbytes, producer=producer)
+        ]
     return _hidden_findings(ctx, r)
 
 
-def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
+def _hidden_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     assigns = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
     # a weight reshaped in forward (weight standardisation) copies out of NHWC whatever its output's
     # rank: only activations exit; a reorder is the conversion's where it reads memory a map ordered
@@ -285,7 +236,9 @@ def _hidden_findings(ctx: _Ctx, r: NodeRecord) -> list[Finding]:
     table = out_only and (of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs))
     stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if table else None
     hint = stored or (H.HEAD_FOLD if fold else H.DENSE_COPY if all(h.densified for h in copies) else H.HIDDEN)
-    found = _finding(ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True)
+    found = make_finding(
+        ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True
+    )
     return [found]
 
 
@@ -300,7 +253,7 @@ def find_findings(
 ) -> list[Finding]:
     """Every finding, in graph order (``autocast``: the records ran under autocast on ``device``;
     ``stored``: for the model as built, the nodes of its stored tensors that are no parameters)."""
-    ctx = _Ctx(
+    ctx = Ctx(
         by_name={r.name: r for r in records},
         bandwidth=bandwidth,
         hints=hints if hints is not None else default_hints(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "AMBIGUOUS_ORIGIN",
+    "BACKWARD_DENSE",
     "BACKWARD_INSIDE",
     "COMPUTED_WEIGHT",
     "DENSE_COPY",
@@ -56,6 +57,10 @@ DENSE_COPY = "@dense-copy"
 no memory format (dense in NCHW at batch 1), before it computes."""
 
 BACKWARD_INSIDE = "@backward-inside"
-"""Key of the backward hint for what a backward kernel copies inside: a tensor it computed, into another
-layout (a CPU channels_last convolution's weight gradient, computed NCHW), or a saved input not dense in
-memory (a channel slice) made dense."""
+"""Key of the backward hint for what a backward kernel copies inside of a tensor it computed, into another
+layout (a CPU channels_last convolution's weight gradient, computed NCHW): intrinsic, no model change
+removes it."""
+
+BACKWARD_DENSE = "@backward-dense"
+"""Key of the backward hint for what a backward kernel copies inside of a saved input not dense in memory
+(a channel slice of a channels_last map) made dense, a weight gradient's copy beside it or not."""

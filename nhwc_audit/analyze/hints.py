@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..records import FindingKind
 from .hint_keys import (
     AMBIGUOUS_ORIGIN,
+    BACKWARD_DENSE,
     BACKWARD_INSIDE,
     COMPUTED_WEIGHT,
     DENSE_COPY,
@@ -300,11 +301,20 @@ def default_hints() -> HintTable:
         t,
         FindingKind.BACKWARD,
         (BACKWARD_INSIDE,),
-        "in backward, the kernel of {op} on {device} copies inside every step what the NCHW model's does "
-        "not ({detail}): a channels_last convolution's backward on the CPU (oneDNN) computes its weight "
-        "gradient in NCHW and copies it into channels_last, whatever gradient it is handed (it grows with "
-        "the weights, not the batch), and copies a channel slice of a channels_last map it saved "
-        "(torch.split, chunk) whole. No layout change in the model removes the first: weigh it against "
-        "what channels_last saves in forward and backward; for the second, make each part its own output",
+        "in backward, the kernel of {op} on {device} copies inside, every step, what it computed into "
+        "another layout, where the NCHW model's does not ({detail}): a channels_last convolution's "
+        "backward on the CPU (oneDNN) computes its weight gradient in NCHW and copies it into "
+        "channels_last (it grows with the weights, not the batch). No change to the model removes it: "
+        "weigh it against what channels_last saves in forward and backward",
+    )
+    _register(
+        t,
+        FindingKind.BACKWARD,
+        (BACKWARD_DENSE,),
+        "in backward, the kernel of {op} on {device} copies inside, every step, what the NCHW model's "
+        "does not ({detail}): a channel slice of a channels_last map it saved (torch.split, chunk, "
+        "x[:, a:b]), dense in no memory format, is copied whole first, where NCHW memory holds one "
+        "sample's slice densely; a weight gradient it copies besides is the kernel's own. Make each "
+        "part its own output (two convolutions rather than one and a split), or accept the cost",
     )
     return t

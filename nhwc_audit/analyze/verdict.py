@@ -108,6 +108,9 @@ def decide(
         reasons.append("float32 on GPU: the channels_last gain comes mostly with half precision (tensor cores)")
     after = "after converting" if bytes_moved is None else "after converting and repairing"
     reasons.append(f"{100 * moved_share:.1f}% of activation bytes are transposed {summary.per} {after}")
+    if summary.intrinsic_bytes:
+        share = summary.intrinsic_bytes / max(moved, 1)
+        reasons[-1] += f" ({100 * share:.1f}% of it copied inside the backward kernels on {device}: weight gradients)"
     if moved_share > 0.25:
         against += 1
     if summary.spatial_nodes and summary.channels_last_node_share < 0.5:

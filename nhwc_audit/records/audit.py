@@ -65,6 +65,11 @@ class Finding:
     """The node where that NCHW tensor's chain started (the root cause to fix)."""
     origin_op: str | None = None
     error: str | None = None
+    intrinsic: bool = False
+    """A cost of the layout on the device audited that no change to the model removes: a backward
+    kernel's copy of what it computed (on the CPU a channels_last convolution copies its weight
+    gradient, computed NCHW, into channels_last every step). Counted in bytes and shown; never an
+    offender of ``check()``, ``--fail-on`` or :attr:`~nhwc_audit.AuditReport.incompatible_nodes`."""
 
     @property
     def location(self) -> str:
@@ -158,6 +163,9 @@ class Summary:
     """With mode='both': nodes where real and fake kernels disagree."""
     trained: bool = False
     """The records carry one backward pass (a train audit's, or its repair's): bytes are per step."""
+    intrinsic_bytes: int = 0
+    """Of :attr:`bytes_moved`, the :attr:`Finding.intrinsic` findings': what the backward kernels copy
+    inside on the device audited whatever the model does (a CPU convolution's weight gradient)."""
 
     @property
     def findings(self) -> int:

@@ -96,6 +96,7 @@ def _finding(f: Finding) -> dict[str, Any]:
         "origin": f.origin,
         "origin_op": f.origin_op,
         "error": f.error,
+        "intrinsic": f.intrinsic,
     }
 
 
@@ -155,6 +156,7 @@ def _summary(s: Summary) -> dict[str, Any]:
         "backward": s.backward,
         "divergences": s.divergences,
         "bytes_moved": s.bytes_moved,
+        "intrinsic_bytes": s.intrinsic_bytes,
         "est_seconds": s.est_seconds,
     }
 

@@ -542,3 +542,49 @@ def test_a_backward_around_maps_autograd_did_not_make_is_charged_what_eager_adds
     assert report.meta.backward, report.meta.capture_notes
     charged = sum(f.bytes for f in report.findings if f.kind.value == "backward")
     assert charged == truth, [(f.node, f.bytes, f.hint) for f in report.findings if f.kind.value == "backward"]
+
+
+class _SplitThenConv(nn.Module):
+    """Half a map's channels into a convolution (YOLO's C2f): at batch 1 the slice is dense in NCHW
+    memory, in no order in channels_last, and the convolution's backward kernel copies the slice it
+    saved whole for its weight's gradient, in channels_last only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.stem(x).chunk(2, dim=1)
+        return torch.cat((a, self.conv(b)), dim=1)
+
+
+@pytest.mark.parametrize("how", [{}, {"capture": "export"}, {"mode": "fake"}], ids=["fx", "export", "fake"])
+def test_a_saved_slice_copied_by_the_backward_kernel_is_charged_as_eager_and_is_not_intrinsic(
+    how: dict[str, str],
+) -> None:
+    """At batch 1 and 16 x 16 the CPU picks the slow backend: it copies the saved slice three times
+    (the profiler: ``aten::copy_`` under ``convolution_backward``'s ``contiguous`` and twice under
+    ``_slow_conv2d_backward``'s, which is handed the slice too), and copies no weight gradient."""
+    torch.manual_seed(0)
+    model, x = _SplitThenConv().train(), torch.randn(1, 3, 16, 16)
+    report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
+    (backward,) = [f for f in report.findings if f.kind.value == "backward"]
+    assert backward.bytes == eager_backward_bytes(model, (x,)).added == 3 * 2 * 8 * 16 * 16 * 4
+    assert backward.module_path == "conv" and not backward.intrinsic and "channel slice" in backward.hint
+    assert [n.module_path for n in report.incompatible_nodes] == ["conv"]  # (its forward's copy of the slice too)
+
+
+def test_a_train_check_of_a_plain_convnet_passes_with_its_weight_gradients_copies_reported() -> None:
+    """On the CPU every channels_last convolution's backward copies its weight gradient: a cost
+    the report counts (and the verdict weighs), which no change to the model removes, so neither
+    ``check()`` nor ``incompatible_nodes`` names it, and the fixes list it apart."""
+    from nhwc_audit import check
+
+    torch.manual_seed(0)
+    model, x = M.ConvBnRelu().train(), torch.randn(2, 3, 8, 8)
+    report = check(model, x, bandwidth=1e9, train=True)
+    assert report.findings and all(f.intrinsic for f in report.findings)
+    assert report.summary.intrinsic_bytes == report.summary.bytes_moved == eager_backward_bytes(model, (x,)).added
+    assert report.incompatible_nodes == [] and report.findings_of({report.findings[0].kind}) == []
+    assert all(f["intrinsic"] for f in report.to_dict()["findings"])
+    assert any("weight gradients" in r for r in report.verdict.reasons)
