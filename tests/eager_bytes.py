@@ -294,45 +294,66 @@ class _KernelCopies(TorchDispatchMode):
         return out, mode.copies
 
 
+def _computing(func: Any) -> bool:
+    """An ATen op that computes a new tensor: no copy, view, in-place op or allocation."""
+    name = func.overloadpacket.__name__
+    return not (
+        name in ("clone", "contiguous", "copy_", "_to_copy", "to")
+        or any(r.alias_info is not None for r in func._schema.returns)
+        or name.startswith(("new_", "empty", "zeros", "ones", "full"))
+        or name.endswith("_like")
+    )
+
+
+def _by_kernel(func: Any, args: Any, kwargs: dict[str, Any], mode: TorchDispatchMode) -> Any:
+    """Run ``func`` by its CPU kernel (or its one kernel for every device) with ``mode`` on the stack."""
+    key = torch._C.DispatchKey.CPU
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+        key = torch._C.DispatchKey.CompositeExplicitAutograd
+    with mode:
+        return func._op_dk(key, *args, **kwargs)
+
+
 class _ConvBackwardKernel(TorchDispatchMode):
-    """Sees the ATen ops a convolution's backward kernel calls: keeps each copy of a tensor the
-    kernel made itself (not a view of one of its ``args``) and each ``contiguous()`` of an
-    argument not dense in memory into a dense one of the same order."""
+    """Sees the ATen ops a convolution's backward kernel calls, and those the ops it calls call
+    (``_slow_conv2d_backward`` copies each group's gradient): keeps every copy, as ``(whose, bytes)``:
+    ``"activation"`` for one of ``acts`` (the gradient, the input: re-laid, or a slice made dense),
+    ``"own"`` for what the kernel made itself or the weight (on the CPU, the weight gradient a
+    channels_last convolution computes in NCHW, copied into channels_last)."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False
 
-    def __init__(self, args: list[torch.Tensor]) -> None:
+    def __init__(self, acts: list[torch.Tensor]) -> None:
         super().__init__()
-        self.args = args
-        self.copies: list[tuple[str, tuple[int, ...], int]] = []
+        self.acts = acts
+        self.copies: list[tuple[str, int]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        inner = _KernelCopies.run(func, args, kwargs or {}, within=True)  # an op on a tensor not dense
-        if inner is not None:  # (``_slow_conv2d_backward`` handed the saved slice: its own copies)
-            self.copies += inner[1]
-            return inner[0]
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func.namespace == "aten" and _computing(func) and leaves and all(t.device.type == "cpu" for t in leaves):
+            inner = _ConvBackwardKernel(self.acts)
+            out = _by_kernel(func, args, kwargs, inner)
+            self.copies += inner.copies
+            return out
+        out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         src = args[1] if name == "copy_" else args[0] if args else None
         if name not in ("clone", "contiguous", "copy_", "_to_copy", "to") or not isinstance(src, torch.Tensor):
             return out
         if src.dim() < 4 or not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
             return out
-        if any(_storage(src) == _storage(a) for a in self.args):  # an argument's: densified in its own order
-            nbytes = _copy_moves(name, src, out, aten=True)  # (what it re-lays into another order: the rules')
-        else:
-            nbytes = 2 * min(_stored_bytes(src), out.numel() * out.element_size())
-        if nbytes:
-            self.copies.append((name, tuple(out.shape), nbytes))
+        whose = "activation" if any(_storage(src) == _storage(a) for a in self.acts) else "own"
+        self.copies.append((whose, 2 * min(_stored_bytes(src), out.numel() * out.element_size())))
         return out
 
 
 class _ConvBackwardCall(TorchDispatchMode):
     """Pushed while a ``ConvolutionBackward0`` node runs (from its pre hook; the autograd engine
     restores the dispatch stack after each node): runs the ``convolution_backward`` it calls by
-    its kernel under :class:`_ConvBackwardKernel`, noting the bytes of each copy."""
+    its kernel under :class:`_ConvBackwardKernel` (``ran``), noting each copy."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -340,15 +361,16 @@ class _ConvBackwardCall(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.copies: list[int] = []
+        self.copies: list[tuple[str, int]] = []
+        self.ran = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is not torch.ops.aten.convolution_backward.default or args[0].device.type != "cpu":
             return func(*args, **(kwargs or {}))
-        inner = _ConvBackwardKernel([a for a in args[:3] if isinstance(a, torch.Tensor)])
-        with inner:
-            out = func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **(kwargs or {}))
-        self.copies += [n for _, _, n in inner.copies]
+        inner = _ConvBackwardKernel([a for a in args[:2] if isinstance(a, torch.Tensor)])
+        out = _by_kernel(func, args, kwargs or {}, inner)
+        self.copies += inner.copies
+        self.ran = True
         return out
 
 
@@ -607,16 +629,20 @@ class _NodeHooks:
         def post(grad_inputs: Any, grad_outputs: Any) -> None:
             outs = [g for g in grad_inputs if isinstance(g, torch.Tensor)]
             result = next((g for g in outs if g.dim() >= 4), None)
+            kernel = conv and state["conv"][0].ran  # its kernel's copies, in place of the rule below
             if conv:
                 depth = torch._C._len_torch_dispatch_stack()
                 if depth and torch._C._get_dispatch_stack_at(depth - 1) is state["conv"][0]:
                     torch._C._pop_torch_dispatch_stack(None)
                 call = node.metadata.get("call", f"{site}#0")  # (apart from the moves of its line)
-                for n in state["conv"][0].copies:
-                    self.seen.append(Transpose("convolution_backward", tuple(grad_outputs[0].shape), n, call))
+                for whose, n in state["conv"][0].copies:  # (an activation's copy is named as the rule names it)
+                    op, where = (
+                        ("ConvolutionBackward0", site) if whose == "activation" else ("convolution_backward", call)
+                    )
+                    self.seen.append(Transpose(op, tuple(grad_outputs[0].shape), n, where))
             if conv and grad_inputs[0] is None:  # the weight's gradient only: the kernel works in its input's layout
                 result = next(iter(state.get("saved", [])), None)
-            if result is not None:
+            if result is not None and not kernel:
                 ins = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.dim() >= 4] + state.get("saved", [])
                 for t in ins:
                     if t is result or t.dim() != result.dim() or _storage(t) == _storage(result):

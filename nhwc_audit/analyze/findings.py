@@ -52,9 +52,10 @@ _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided en
 
 def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     """What this node's backward moves between layouts (train=True) beyond what it moves when the
-    model runs NCHW: what its kernels copy inside (:attr:`~nhwc_audit.records.HiddenCopy.inside`)
-    beyond what they copy inside there, the rest beyond the rest. Copies a kernel makes of what it
-    computed alone (a CPU convolution's weight gradient) are intrinsic: no model change removes them."""
+    model runs NCHW: what its kernels copy of what they computed or of their weights
+    (:attr:`~nhwc_audit.records.HiddenCopy.inside`: a CPU convolution's weight gradient; intrinsic, no
+    model change removes it) beyond what they copy so there; the rest (gradients re-laid, a saved
+    slice made dense) beyond the rest."""
     users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "the loss"
     out = []
     for inside, nchw in ((False, r.nchw_backward_bytes), (True, r.nchw_backward_inside)):
@@ -62,7 +63,7 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         nbytes = sum(c.bytes for c in copies) - nchw
         if nbytes <= 0:
             continue
-        lead, own = max(copies, key=lambda c: c.bytes), inside and all(c.result for c in copies)
+        lead, dense = max(copies, key=lambda c: c.bytes), all(c.densified for c in copies)
         ops = f"{', '.join(dict.fromkeys(c.op for c in copies))}; its gradient comes from {users}"
         out.append(
             make_finding(
@@ -73,8 +74,8 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
                 nbytes=nbytes,
                 shape=lead.shape,
                 detail=ops,
-                hint_op=(H.BACKWARD_INSIDE if own else H.BACKWARD_DENSE) if inside else None,
-                intrinsic=own,
+                hint_op=H.BACKWARD_INSIDE if inside else H.BACKWARD_DENSE if dense else None,
+                intrinsic=inside,
             )
         )
     return out

@@ -22,9 +22,12 @@ from torch.utils._pytree import tree_map
 
 from ..records import HiddenCopy
 from ..tensors import iter_tensors
-from .kernel_copies import PROBE_NUMEL, Asked, asked_on_zeros, computes, fake_below, library_op, probed, signature
+from .kernel_copies import PROBE_NUMEL, asked_on_zeros, fake_below, probed, signature
 
-__all__ = ["KernelWatch"]
+__all__ = ["Answers", "KernelWatch"]
+
+Answers = dict[str, list[HiddenCopy] | None]
+"""A fake run's backward convolutions asked on zeros, by arguments: their copies, None where not asked."""
 
 
 def _unguarded(func: Any, args: Any, kwargs: Any) -> None:
@@ -32,44 +35,50 @@ def _unguarded(func: Any, args: Any, kwargs: Any) -> None:
 
 
 class KernelWatch(TorchDispatchMode):
-    """Pushed while one autograd node runs (between its hooks, :mod:`.grad_hooks`; the engine
-    restores the dispatch stack after each node): runs each ATen op that computes by its kernel
-    with a recording mode (:func:`probed`), keeping the copies the kernel makes of tensors it
-    computed and of tensors not dense in memory it was given, under the op's name. A fake op's
-    CPU kernel is asked on zeros, once per signature (``asked``)."""
+    """Pushed while one convolution's autograd node runs (between its hooks, :mod:`.grad_hooks`; the
+    engine restores the dispatch stack after each node): runs the ``convolution_backward`` it calls
+    by its kernel with a recording mode (:func:`~.kernel_copies.probed`), keeping every copy the
+    kernel and the ops it calls make, under the op's name: its gradient's and input's
+    (``computed``), and those of what it made itself or of its weight (``result``). ``ran``: the
+    kernel was run, or asked (a fake op's CPU kernel on zeros, once per signature in ``asked``, or
+    on a cut copy, :func:`_cut`): its copies are the node's, in place of the rules' estimate."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False
 
-    def __init__(self, asked: Asked) -> None:
+    def __init__(self, asked: Answers) -> None:
         super().__init__()
         self.asked = asked
         self.copies: list[HiddenCopy] = []
+        self.ran = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        tensors = iter_tensors((args, kwargs))
-        got: tuple[Any, list[HiddenCopy]] | None = None
-        if not computes(func) or library_op(func):
-            pass
-        elif any(isinstance(t, FakeTensor) for t in tensors) or fake_below():
-            key = repr(("made", func, tree_map(signature, (args, kwargs))))
-            if (asked := self.asked.get(key)) is None:
-                whole = all(t.numel() <= PROBE_NUMEL for t in tensors)
-                if whole:
-                    asked = asked_on_zeros(func, args, kwargs, _unguarded, tensors, results=True)
-                else:
-                    asked = _cut(args) if func is _CONV_BACKWARD else []
-                self.asked[key] = asked
-            got = func(*args, **kwargs), asked
-        elif torch._C._len_torch_dispatch_stack() == 0:
-            got = probed(func, args, kwargs, _unguarded, results=True)
-        if got is None:
+        if func is not _CONV_BACKWARD:
             return func(*args, **kwargs)
-        name = str(func.overloadpacket.__name__)
-        self.copies += [dataclasses.replace(c, op=name) for c in got[1]]
+        tensors = iter_tensors((args, kwargs))
+        got: tuple[Any, list[HiddenCopy] | None] | None = None
+        if any(isinstance(t, FakeTensor) for t in tensors) or fake_below():
+            key = repr(("watched", tree_map(signature, (args, kwargs))))
+            if key not in self.asked:
+                whole = all(t.numel() <= PROBE_NUMEL for t in tensors)
+                self.asked[key] = (
+                    asked_on_zeros(func, args, kwargs, _unguarded, tensors, _activations) if whole else _cut(args)
+                )
+            got = func(*args, **kwargs), self.asked[key]
+        elif torch._C._len_torch_dispatch_stack() == 0:
+            got = probed(func, args, kwargs, _unguarded, _activations(args))
+        if got is None or got[1] is None:
+            return func(*args, **kwargs) if got is None else got[0]
+        self.ran = True
+        self.copies += [dataclasses.replace(c, op="convolution_backward") for c in got[1]]
         return got[0]
+
+
+def _activations(args: Any) -> list[torch.Tensor]:
+    """A ``convolution_backward``'s activations: its incoming gradient and its input (not its weight)."""
+    return [t for t in args[:2] if isinstance(t, torch.Tensor)]
 
 
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
@@ -84,40 +93,56 @@ def _laid(t: torch.Tensor) -> torch.memory_format | None:
     return fmt if fmt is not None and t.is_contiguous(memory_format=fmt) else None
 
 
-def _cut(args: Any) -> list[HiddenCopy]:
+def _cut(args: Any) -> list[HiddenCopy] | None:
     """What a fake convolution's backward kernel, too large to ask whole (above
     :data:`~.kernel_copies.PROBE_NUMEL`), copies inside: asked on a copy cut along the spatial dims
-    (halved until its input and gradient fit, never below the kernel's extent) that picks the same
-    backend (``torch._C._select_conv_backend``). Its copies of the weight gradient are the
-    whole problem's; those of a tensor shaped as the cut input or gradient are scaled up to
-    theirs; others are dropped. Nothing where no such cut exists or the tensors are not dense."""
+    (halved one dim at a time, W first, never below the kernel's extent, keeping a halving only
+    where the cut still picks the same backend, ``torch._C._select_conv_backend``: the CPU's choice
+    reads N x C x D x H) until its input and gradient fit. Its copies of a tensor shaped as the
+    weight are the whole problem's; those shaped as the cut input or gradient are scaled up to
+    theirs; others are dropped. None where no such cut exists or a tensor is not dense."""
     go, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, _ = args
     formats = [_laid(t) for t in (go, x, w)]
     if any(f is None for f in formats) or x.device.type != "cpu" or w.numel() > 16 * PROBE_NUMEL:
-        return []
+        return None
     conv = (stride, padding, dilation, transposed, output_padding, groups)
     backend = torch._C._select_conv_backend(x, w, None, *conv, bias_sizes)
     extents = [d * (k - 1) + 1 for d, k in zip(dilation, w.shape[2:], strict=False)]
-    shape = list(x.shape)
-    with _disable_current_modes(), unset_fake_temporarily(), torch.no_grad():
-        while max(math.prod(shape), go.numel() * math.prod(shape) // max(x.numel(), 1)) > PROBE_NUMEL:
-            smaller = [max(n // 2, e) for n, e in zip(shape[2:], extents, strict=False)]
-            if smaller == shape[2:]:
-                return []
-            shape[2:] = smaller
-        try:
-            cx = torch.zeros(shape, dtype=x.dtype).to(memory_format=formats[1])
-            cw = torch.zeros(tuple(w.shape), dtype=w.dtype).to(memory_format=formats[2])
-            out = torch.ops.aten.convolution(cx.to("meta"), cw.to("meta"), None, *conv)
-            cgo = torch.zeros(tuple(out.shape), dtype=go.dtype).to(memory_format=formats[0])
+
+    def problem(shape: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cx = torch.zeros(shape, dtype=x.dtype).to(memory_format=formats[1])
+        cw = torch.zeros(tuple(w.shape), dtype=w.dtype).to(memory_format=formats[2])
+        out = torch.ops.aten.convolution(cx.to("meta"), cw.to("meta"), None, *conv)
+        return cx, cw, torch.zeros(tuple(out.shape), dtype=go.dtype).to(memory_format=formats[0])
+
+    shape, left = list(x.shape), list(range(x.dim() - 1, 1, -1))  # the spatial dims, W first
+    try:
+        with _disable_current_modes(), unset_fake_temporarily(), torch.no_grad():
+            cx, cw, cgo = problem(shape)
+            while max(cx.numel(), cgo.numel()) > PROBE_NUMEL:
+                if not left:
+                    return None
+                d = left[0]
+                smaller = [*shape[:d], max(shape[d] // 2, extents[d - 2]), *shape[d + 1 :]]
+                trial = problem(smaller)
+                if (
+                    smaller == shape
+                    or torch._C._select_conv_backend(trial[0], trial[1], None, *conv, bias_sizes) != backend
+                ):
+                    left.pop(0)  # this dim cannot shrink further, or shrinking it changes the kernel
+                    continue
+                shape, (cx, cw, cgo) = smaller, trial
+                left = left[1:] + left[:1]  # the next dim, in turn
             if torch._C._select_conv_backend(cx, cw, None, *conv, bias_sizes) != backend:
-                return []
-            got = probed(_CONV_BACKWARD, (cgo, cx, cw, *args[3:]), {}, _unguarded, results=True)
-        except Exception:
-            return []
+                return None
+            got = probed(_CONV_BACKWARD, (cgo, cx, cw, *args[3:]), {}, _unguarded, [cgo, cx])
+    except Exception:
+        return None
+    if got is None:
+        return None
     scaled = {tuple(cx.shape): tuple(x.shape), tuple(cgo.shape): tuple(go.shape)}
     copies = []
-    for c in got[1] if got is not None else []:
+    for c in got[1]:
         if c.shape == tuple(w.shape):
             copies.append(c)
         elif (whole := scaled.get(c.shape)) is not None:

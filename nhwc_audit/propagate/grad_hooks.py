@@ -21,9 +21,8 @@ from ..channels import relay_bytes
 from ..layout import reorders, tensor_meta
 from ..records import HiddenCopy, TensorMeta
 from ..tensors import iter_tensors
-from .backward_kernels import KernelWatch
+from .backward_kernels import Answers, KernelWatch
 from .breaks import to_channels_last
-from .kernel_copies import Asked
 
 __all__ = ["KEEPS_ORDER", "EagerGrad", "Grads", "Moved", "hook_gradients", "hook_nodes"]
 
@@ -54,8 +53,8 @@ class Grads:
     """Those of :attr:`weights` that are parameters: a backward other than a convolution's reads a
     buffer as data (a gather's index, a mask, a sampling grid the conversion made channels_last),
     as its forward did and as eager's does."""
-    asked: Asked = field(default_factory=dict)
-    """A fake run's backward kernels asked on zeros (:class:`~.kernel_copies.KernelWatch`)."""
+    asked: Answers = field(default_factory=dict)
+    """A fake run's backward convolutions asked on zeros (:class:`~.backward_kernels.KernelWatch`)."""
 
 
 KEEPS_ORDER = frozenset(
@@ -216,8 +215,9 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
 
     def post(grad_inputs: Any, grad_outputs: Any) -> Any:
         me = torch._C._current_autograd_node()
-        if watch and (copies := _popped(watch.pop())):
-            grads.moved.setdefault(name, []).extend(copies)
+        asked = _popped(watch.pop()) if watch else None  # the kernel's own account: in place of the rules'
+        if asked is not None and asked.copies:
+            grads.moved.setdefault(name, []).extend(asked.copies)
         if reordering and any(isinstance(g, torch.Tensor) and g.dim() >= 3 for g in grad_inputs):
             grads.reordering.add(kind)
         if replayed:
@@ -230,6 +230,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
             op = "convolution_backward" if conv else type(me).__name__
             if (
                 result is not None
+                and asked is None
                 and (copy := _relay(op, read, result, conv, grads.weights if conv else grads.params)) is not None
             ):
                 grads.moved.setdefault(name, []).append(copy)
@@ -245,12 +246,13 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     node.register_hook(post)
 
 
-def _popped(watch: KernelWatch) -> list[HiddenCopy]:
-    """The copies ``watch`` saw, taken off the dispatch stack (where the node's run left it on top)."""
+def _popped(watch: KernelWatch) -> KernelWatch | None:
+    """``watch`` taken off the dispatch stack (where the node's run left it on top), if it ran its
+    kernel (:attr:`~.backward_kernels.KernelWatch.ran`)."""
     depth = torch._C._len_torch_dispatch_stack()
     if depth and torch._C._get_dispatch_stack_at(depth - 1) is watch:
         torch._C._pop_torch_dispatch_stack(None)
-    return watch.copies
+    return watch if watch.ran else None
 
 
 def _as_strided(replayed: Any, grad_inputs: Any, grad_outputs: Any, grads: Grads, name: str) -> Any:

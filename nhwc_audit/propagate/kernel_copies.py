@@ -36,8 +36,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_map
 
-from ..channels import COPY_OPS, hidden_copy, kernel_copy, laid_out
-from ..layout import tensor_meta
+from ..channels import COPY_OPS, hidden_copy, kernel_copy, laid_out, layout_change
+from ..layout import reorders, tensor_meta
 from ..records import ALLOCATING_OPS, HiddenCopy
 from ..tensors import iter_tensors
 
@@ -71,31 +71,33 @@ class _Inside(TorchDispatchMode):
     """Sees the ATen ops a kernel calls; keeps their copies and guards the user's weights as the
     mode it runs under does (``guard``: its check of each op before it runs): a library op's kernel's
     layout copies, an ATen kernel's (``aten``) copies of a tensor not dense in memory made dense
-    (:func:`~nhwc_audit.channels.kernel_copy`); with ``made`` (the op's arguments), an ATen
-    kernel's copies of tensors it made itself (:func:`_result_copy`) too."""
+    (:func:`~nhwc_audit.channels.kernel_copy`). With ``activations`` (a backward convolution's
+    gradient and input, :mod:`.backward_kernels`): every copy the kernel makes, and the ops it calls
+    run the same way (:func:`_watched_copy`)."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False  # (as the audit's other modes: never under torch.compile)
 
-    def __init__(self, guard: Guard, aten: bool, made: Sequence[torch.Tensor] | None = None) -> None:
+    def __init__(self, guard: Guard, aten: bool, activations: Sequence[torch.Tensor] | None = None) -> None:
         super().__init__()
         self.guard = guard
         self.aten = aten
-        self.made = made
+        self.activations = activations
         self.copies: list[HiddenCopy] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self.guard(func, args, kwargs)
-        inner = probed(func, args, kwargs, self.guard) if self.aten else None
-        if inner is not None:  # an op of this kernel's on a tensor not dense: its own kernel's copies
+        inner = probed(func, args, kwargs, self.guard, self.activations) if self.aten else None
+        if inner is not None:  # an op of this kernel's on a tensor not dense (or watched): its own kernel's copies
             self.copies += inner[1]
             return inner[0]
         out = func(*args, **kwargs)
-        copy = kernel_copy(func, args, out) if self.aten else hidden_copy(func, args, out)
-        if copy is None and self.made is not None:
-            copy = _result_copy(func, args, out, self.made)
+        if self.activations is not None:
+            copy = _watched_copy(func, args, out, self.activations)
+        else:
+            copy = kernel_copy(func, args, out) if self.aten else hidden_copy(func, args, out)
         if copy is not None:
             self.copies.append(copy)
         return out
@@ -125,7 +127,7 @@ def kernel_copies(
         key = repr((func, tree_map(signature, (args, kwargs))))
         got = asked.get(key) if asked is not None else None
         if got is None:
-            got = asked_on_zeros(func, args, kwargs, guard, tensors)
+            got = asked_on_zeros(func, args, kwargs, guard, tensors) or []
             if asked is not None:
                 asked[key] = got
         return func(*args, **kwargs), got
@@ -169,13 +171,12 @@ def fake_below() -> bool:
 
 
 def probed(
-    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, results: bool = False
+    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, activations: Sequence[torch.Tensor] | None = None
 ) -> tuple[Any, list[HiddenCopy]] | None:
     """:func:`kernel_copies` of an op on plain tensors, whatever the modes below (a kernel's own
-    op is handled inside its mode); ``results``: any ATen op that computes, keeping also the copies
-    its kernel makes of tensors it made (:class:`KernelWatch`)."""
+    op is handled inside its mode); with ``activations`` (:class:`_Inside`), any ATen op that computes."""
     tensors = iter_tensors((args, kwargs))
-    asks = computes(func) and not library_op(func) if results else _asks(func, tensors)
+    asks = computes(func) and not library_op(func) if activations is not None else _asks(func, tensors)
     if not asks or not tensors or not all(map(_plain, tensors)):
         return None
     devices = {t.device.type for t in tensors}
@@ -185,7 +186,7 @@ def probed(
         key = _EXPLICIT if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _EXPLICIT) else None
     if key is None:
         return None
-    inside = _Inside(guard, aten=not library_op(func), made=tensors if results else None)
+    inside = _Inside(guard, aten=not library_op(func), activations=activations)
     with inside:
         out = func._op_dk(key, *args, **kwargs)
     return out, inside.copies
@@ -196,14 +197,20 @@ PROBE_NUMEL = 1 << 22
 
 
 def asked_on_zeros(
-    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, tensors: list[torch.Tensor], results: bool = False
-) -> list[HiddenCopy]:
+    func: Any,
+    args: Any,
+    kwargs: dict[str, Any],
+    guard: Guard,
+    tensors: list[torch.Tensor],
+    watched: Callable[[Any], Sequence[torch.Tensor]] | None = None,
+) -> list[HiddenCopy] | None:
     """The copies an op's CPU kernel makes, for a fake run on the CPU: the op run for real,
     with every mode off, on zeros laid out as its FakeTensor arguments (shapes, strides, dtypes;
-    zero boxes, offsets and indices are valid arguments). None asked (an empty list) off the CPU,
-    above :data:`PROBE_NUMEL`, or where the kernel refuses zeros."""
+    zero boxes, offsets and indices are valid arguments). None (not asked) off the CPU, above
+    :data:`PROBE_NUMEL`, or where the kernel refuses zeros. ``watched``: the activations among the
+    real arguments, for :func:`probed`."""
     if any(t.device.type != "cpu" or t.numel() > PROBE_NUMEL for t in tensors):
-        return []
+        return None
 
     def zeros(v: Any) -> Any:
         if not isinstance(v, FakeTensor):
@@ -213,26 +220,29 @@ def asked_on_zeros(
     try:
         with _disable_current_modes(), unset_fake_temporarily(), torch.no_grad():
             real_args, real_kwargs = tree_map(zeros, (args, kwargs))
-            got = probed(func, real_args, real_kwargs, guard, results)
+            got = probed(func, real_args, real_kwargs, guard, watched(real_args) if watched else None)
     except Exception:
-        return []
-    return got[1] if got is not None else []
+        return None
+    return got[1] if got is not None else None
 
 
 _TO = torch.ops.aten.to
 
 
-def _result_copy(func: Any, args: Any, out: Any, made: Sequence[torch.Tensor]) -> HiddenCopy | None:
-    """A copy an ATen kernel made of a 4D/5D tensor it computed itself (no view of an argument
-    ``made`` of the op it runs): the weight gradient a CPU channels_last convolution's backward
-    computes in NCHW, copied into channels_last (``to``: a copy unless it returns its input)."""
+def _watched_copy(func: Any, args: Any, out: Any, activations: Sequence[torch.Tensor]) -> HiddenCopy | None:
+    """A copy a watched kernel (a backward convolution's) made of a 4D/5D tensor (``to``: a copy
+    unless it returns its input): of one of its ``activations`` (the gradient, the input: a re-lay
+    into the order it computes in, or a slice made dense), or else (``result``) of a tensor it made
+    itself or of its weight (on the CPU a channels_last convolution computes its weight gradient in
+    NCHW and copies it into channels_last; the slow backends copy a channels_last weight into NCHW)."""
     if not (func in COPY_OPS or func.overloadpacket is _TO) or not args or not isinstance(out, torch.Tensor):
         return None
     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
     if not isinstance(src, torch.Tensor) or src.dim() not in (4, 5) or torch._C._is_alias_of(out, src):  # type: ignore[attr-defined]
         return None
-    if any(torch._C._is_alias_of(src, t) for t in made):  # type: ignore[attr-defined]
-        return None  # an argument's copy: what the rules judge (a gradient re-laid to meet the input)
     sm, dm = tensor_meta(src), tensor_meta(out)
-    nbytes = 2 * min(sm.stored_nbytes, dm.nbytes)
-    return HiddenCopy(str(func.overloadpacket.__name__), sm.layout, dm.layout, dm.shape, nbytes, result=True)
+    nbytes, name = 2 * min(sm.stored_nbytes, dm.nbytes), str(func.overloadpacket.__name__)
+    if not any(torch._C._is_alias_of(src, t) for t in activations):  # type: ignore[attr-defined]
+        return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, result=True)
+    same = not (layout_change(sm, dm) or reorders(sm, dm))
+    return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, computed=True, densified=same)

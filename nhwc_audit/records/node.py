@@ -100,14 +100,15 @@ class HiddenCopy:
     """A kernel's copy of an input not dense in memory into a dense one of the same order
     (:func:`~nhwc_audit.channels.kernel_copy`: a channel slice of a channels_last map)."""
     result: bool = False
-    """A kernel's copy of a tensor it computed itself into another layout (a CPU channels_last
-    convolution's backward: its weight gradient, computed NCHW; :mod:`~nhwc_audit.propagate.kernel_copies`)."""
+    """A kernel's copy of a tensor it computed itself or of its weight (a CPU channels_last
+    convolution's backward: its weight gradient, computed NCHW, into channels_last; the slow
+    backends' copy of a channels_last weight into NCHW; :mod:`~nhwc_audit.propagate.backward_kernels`)."""
 
     @property
     def inside(self) -> bool:
-        """Made inside a kernel, of what it computed or of an input not dense in memory: the kernel's
-        own doing at its call, netted only against what the same call copies inside in NCHW."""
-        return self.result or self.densified
+        """A kernel's copy of what it computed or of its weight (:attr:`result`): its own doing at
+        its call, whatever the model does, netted only against what the same call copies so in NCHW."""
+        return self.result
 
 
 @dataclass(frozen=True, slots=True)

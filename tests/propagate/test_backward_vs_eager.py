@@ -5,6 +5,7 @@ graph's NCHW backward; in every capture and in fake mode it must charge what eag
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -588,3 +589,107 @@ def test_a_train_check_of_a_plain_convnet_passes_with_its_weight_gradients_copie
     assert report.incompatible_nodes == [] and report.findings_of({report.findings[0].kind}) == []
     assert all(f["intrinsic"] for f in report.to_dict()["findings"])
     assert any("weight gradients" in r for r in report.verdict.reasons)
+
+
+def _conv_backward_copies(model: nn.Module, x: torch.Tensor, weight: list[int] | None = None) -> int:
+    """What the profiler sees copied under ``aten::convolution_backward`` in one backward, in bytes
+    (``weight``: under those of convolutions of that weight shape only)."""
+    import math
+
+    out = model(x)
+    loss = (out * torch.randn_like(out)).sum()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    total = 0
+    for ev in prof.events():
+        parent = ev.cpu_parent
+        while parent is not None and parent.name != "aten::convolution_backward":
+            parent = parent.cpu_parent
+        if ev.name == "aten::copy_" and parent is not None and weight in (None, parent.input_shapes[2]):
+            total += 2 * 4 * math.prod(ev.input_shapes[0])
+    return total
+
+
+class _PermutedIntoTwoConvs(nn.Module):
+    """A map permuted to NHWC order and back before a conv, in either run (channels_last strides in
+    both): both kernels copy the gradient's slice into a dense channels_last tensor, NCHW's as a
+    re-lay, channels_last's as a same-order densify; charged apart, they did not net (1,069,312 B
+    where channels_last adds the weight gradients' copies alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.s = (
+            nn.Conv2d(3, 64, 3, padding=1),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.Conv2d(3, 32, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        return torch.cat([self.b(h), self.s(x)], 1)
+
+
+def _lite_mla() -> nn.Module:
+    from timm.models.efficientvit_mit import LiteMLA
+
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), LiteMLA(64, 64, dim=16))
+
+
+KERNELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str, list[int]]] = {
+    # the CPU's slow 3D backend copies the channels_last_3d weight and the saved input into NCHW (the
+    # rule charged the gradient's re-lay, 65,536 B, where the profiler sees 67,584)
+    "slow_conv3d": (
+        lambda: nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1)),
+        (1, 3, 8, 8, 8),
+        "2",
+        [16, 16, 3, 3, 3],
+    ),
+    # timm EfficientViT's LiteMLA: its qkv convolution's gradient arrives NCHW and the kernel copies
+    # it twice (the rule charged once); the grouped 1 x 1 on the slow 2D backend copies each group's
+    # gradient (the rule charged 0); the depthwise one's arrives channels_last (the rule charged a re-lay)
+    "lite_mla_qkv": (_lite_mla, (2, 3, 4, 4), "1.qkv.conv", [192, 64, 1, 1]),
+    "lite_mla_grouped": (_lite_mla, (2, 3, 4, 4), "1.aggreg.0.1", [192, 16, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("how", [{}, {"capture": "export"}, {"mode": "fake"}], ids=["fx", "export", "fake"])
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_a_convolutions_backward_is_charged_what_its_kernel_copies(name: str, how: dict[str, str]) -> None:
+    """A convolution's backward is charged what its kernel and the ops it calls copy (the profiler's
+    ``copy_`` under its ``convolution_backward``, channels_last run less NCHW's); the whole backward
+    what eager's adds."""
+    torch.manual_seed(0)
+    build, shape, path, weight = KERNELS[name]
+    model, x = build().train(), torch.randn(*shape)
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    cl = copy.deepcopy(model).to(memory_format=fmt)
+    profiled = _conv_backward_copies(cl, x.to(memory_format=fmt), weight)
+    profiled -= _conv_backward_copies(copy.deepcopy(model), x, weight)
+    report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
+    backward = [f for f in report.findings if f.kind.value == "backward"]
+    assert sum(f.bytes for f in backward) == eager_backward_bytes(model, (x,)).added
+    assert sum(f.bytes for f in backward if f.module_path == path) == profiled > 0
+
+
+@pytest.mark.parametrize("how", [{}, {"mode": "fake"}], ids=["real", "fake"])
+def test_a_gradient_slice_both_kernels_copy_nets(how: dict[str, str]) -> None:
+    torch.manual_seed(0)
+    model, x = _PermutedIntoTwoConvs().train(), torch.randn(2, 3, 32, 32)
+    report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
+    backward = {f.module_path: f.bytes for f in report.findings if f.kind.value == "backward"}
+    assert backward == {"a": 2 * 64 * 27 * 4, "s": 2 * 32 * 27 * 4}  # the weight gradients' copies alone
+    assert sum(backward.values()) == eager_backward_bytes(model, (x,)).added
+
+
+def test_a_fake_cut_keeps_the_backend_of_the_whole_problem() -> None:
+    """Halving D, H and W together switched the CPU's choice from oneDNN to Slow3d (it reads
+    N x C x D x H) and the fake audit asked nothing: halved W first, a dim at a time, it asks a cut
+    that picks the whole problem's backend, and charges what real mode charges."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1)).train()
+    x = torch.randn(1, 3, 64, 72, 72)
+    found = {}
+    for mode in ("real", "fake"):
+        r = audit(model, x, bandwidth=1e9, train=True, mode=mode)  # type: ignore[arg-type]
+        found[mode] = sorted((f.node, f.bytes, f.intrinsic) for f in r.findings if f.kind.value == "backward")
+    assert found["fake"] == found["real"] and any(intrinsic for _, _, intrinsic in found["real"])
