@@ -112,13 +112,14 @@ def with_nchw_backward(
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node's backward also moves when the model runs NCHW, run
     only when some node's backward moved data and the model reorders dims (``reordering``:
-    :func:`reorders_dims`) or a kernel copied inside (a convolution's backward: its copies of what
-    it computes depend on its shapes and backend, not on orders: the NCHW model's oneDNN kernel
-    copies a small map's input gradient it computed channels_last); ``records`` itself otherwise;
+    :func:`reorders_dims`) or a convolution's backward copied (its kernel's copies depend on its
+    shapes and backend, not on orders: the NCHW model's oneDNN kernel copies a small map's input
+    gradient it computed channels_last; a grouped one on the slow backend each group's gradient); ``records`` itself otherwise;
     and a note when that netted something or could not run. A node's kernels' copies inside net
     against the same node's in NCHW only; its other moves also against a copy displaced downstream."""
     ours = {r.name: split_moves(r.backward) for r in records if r.backward}
-    if not ours or not (reordering or any(inside for _, inside in ours.values())):
+    kernels = any(c.op == "convolution_backward" for r in records for c in r.backward)
+    if not ours or not (reordering or kernels):
         return records, ()
     theirs = nchw_backward(captured, runner)
     if isinstance(theirs, str):

@@ -317,8 +317,9 @@ def _by_kernel(func: Any, args: Any, kwargs: dict[str, Any], mode: TorchDispatch
 class _ConvBackwardKernel(TorchDispatchMode):
     """Sees the ATen ops a convolution's backward kernel calls, and those the ops it calls call
     (``_slow_conv2d_backward`` copies each group's gradient): keeps every copy, as ``(whose, bytes)``:
-    ``"activation"`` for one of ``acts`` (the gradient, the input: re-laid, or a slice made dense),
-    ``"own"`` for what the kernel made itself or the weight (on the CPU, the weight gradient a
+    ``"activation"`` for one of ``acts`` whole (the gradient, the input: re-laid) or a part of one not
+    dense (a slice made dense), ``"own"`` for what the kernel made itself, the weight, or its own
+    view of a dense activation (a grouped convolution's group) (on the CPU, the weight gradient a
     channels_last convolution computes in NCHW, copied into channels_last)."""
 
     @classmethod
@@ -345,7 +346,13 @@ class _ConvBackwardKernel(TorchDispatchMode):
             return out
         if src.dim() < 4 or not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
             return out
-        whose = "activation" if any(_storage(src) == _storage(a) for a in self.acts) else "own"
+        of = next((a for a in self.acts if _storage(src) == _storage(a)), None)
+        part = of is not None and (src.shape, src.stride(), src.storage_offset()) != (
+            of.shape,
+            of.stride(),
+            of.storage_offset(),
+        )
+        whose = "activation" if of is not None and not (part and _laid_out(of)) else "own"  # (a group's view: own)
         self.copies.append((whose, 2 * min(_stored_bytes(src), out.numel() * out.element_size())))
         return out
 

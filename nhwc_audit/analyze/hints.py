@@ -301,11 +301,11 @@ def default_hints() -> HintTable:
         t,
         FindingKind.BACKWARD,
         (BACKWARD_INSIDE,),
-        "in backward, the kernel of {op} on {device} copies inside, every step, what it computed into "
-        "another layout, where the NCHW model's does not ({detail}): a channels_last convolution's "
-        "backward on the CPU (oneDNN) computes its weight gradient in NCHW and copies it into "
-        "channels_last (it grows with the weights, not the batch). No change to the model removes it: "
-        "weigh it against what channels_last saves in forward and backward",
+        "in backward, the kernel of {op} on {device} copies inside, every step, what it computed into another "
+        "layout, where the NCHW model's does not ({detail}): a channels_last convolution's backward on the "
+        "CPU (oneDNN) computes its weight gradient in NCHW and copies it into channels_last (as large as the "
+        "weights at any batch; the slow backend the CPU picks for small maps copies other tensors instead). "
+        "No change to the model removes it: weigh it against what channels_last saves in forward and backward",
     )
     _register(
         t,

@@ -231,10 +231,12 @@ _TO = torch.ops.aten.to
 
 def _watched_copy(func: Any, args: Any, out: Any, activations: Sequence[torch.Tensor]) -> HiddenCopy | None:
     """A copy a watched kernel (a backward convolution's) made of a 4D/5D tensor (``to``: a copy
-    unless it returns its input): of one of its ``activations`` (the gradient, the input: a re-lay
-    into the order it computes in, or a slice made dense), or else (``result``) of a tensor it made
-    itself or of its weight (on the CPU a channels_last convolution computes its weight gradient in
-    NCHW and copies it into channels_last; the slow backends copy a channels_last weight into NCHW)."""
+    unless it returns its input): of one of its ``activations`` whole (the gradient, the input: a
+    re-lay into the order it computes in) or of a part of one not dense in memory (a slice made
+    dense), or else (``result``) of a tensor it made itself, of its weight, or of its own view of
+    a dense activation (on the CPU a channels_last convolution computes its weight gradient in NCHW
+    and copies it into channels_last; the slow backends copy a channels_last weight into NCHW, a
+    grouped convolution each group's gradient)."""
     if not (func in COPY_OPS or func.overloadpacket is _TO) or not args or not isinstance(out, torch.Tensor):
         return None
     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
@@ -242,7 +244,13 @@ def _watched_copy(func: Any, args: Any, out: Any, activations: Sequence[torch.Te
         return None
     sm, dm = tensor_meta(src), tensor_meta(out)
     nbytes, name = 2 * min(sm.stored_nbytes, dm.nbytes), str(func.overloadpacket.__name__)
-    if not any(torch._C._is_alias_of(src, t) for t in activations):  # type: ignore[attr-defined]
+    of = next((t for t in activations if torch._C._is_alias_of(src, t)), None)  # type: ignore[attr-defined]
+    if of is None or (laid_out(of) and not _whole(src, of)):  # (a group's view of a dense gradient: its own)
         return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, result=True)
     same = not (layout_change(sm, dm) or reorders(sm, dm))
     return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, computed=True, densified=same)
+
+
+def _whole(view: torch.Tensor, t: torch.Tensor) -> bool:
+    """``view`` is all of ``t``: the same shape, strides and offset."""
+    return bool(view.shape == t.shape and view.stride() == t.stride() and view.storage_offset() == t.storage_offset())

@@ -693,3 +693,33 @@ def test_a_fake_cut_keeps_the_backend_of_the_whole_problem() -> None:
         r = audit(model, x, bandwidth=1e9, train=True, mode=mode)  # type: ignore[arg-type]
         found[mode] = sorted((f.node, f.bytes, f.intrinsic) for f in r.findings if f.kind.value == "backward")
     assert found["fake"] == found["real"] and any(intrinsic for _, _, intrinsic in found["real"])
+
+
+def test_a_convolution_whose_kernel_copies_alike_in_nchw_is_netted() -> None:
+    """A grouped 1 x 1 convolution on the slow backend (one thread) copies each group's gradient in
+    either layout: the NCHW backward ran only where a kernel copied a weight gradient, and a lone
+    such convolution was charged 393,216 B where channels_last adds nothing."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(48, 48, 1, groups=3)).train(), torch.randn(2, 48, 16, 16)
+    report = audit(model, x, bandwidth=1e9, train=True, threads=1)
+    assert report.meta.backward and any(n.backward for n in report.nodes)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        truth = eager_backward_bytes(model, (x,)).added
+    finally:
+        torch.set_num_threads(previous)
+    assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth == 0
+
+
+def test_a_grouped_convolutions_own_copies_of_its_groups_are_intrinsic() -> None:
+    """On the slow backend (one thread) a grouped convolution copies each group's view of its dense
+    gradient and input: the kernel's own doing, which no change to the model removes; it was charged
+    as a re-lay with the saved-slice hint (make each part its own output), and check() failed."""
+    from nhwc_audit import check
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(48, 48, 1, groups=3)).train(), torch.randn(1, 48, 16, 16)
+    report = check(model, x, bandwidth=1e9, train=True, threads=1)
+    (finding,) = [f for f in report.findings if f.kind.value == "backward"]
+    assert finding.intrinsic and finding.bytes == 2 * 2 * 48 * 16 * 16 * 4 and "split" not in finding.hint
