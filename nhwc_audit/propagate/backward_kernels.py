@@ -99,8 +99,9 @@ def _cut(args: Any) -> list[HiddenCopy] | None:
     (halved one dim at a time, W first, never below the kernel's extent, keeping a halving only
     where the cut still picks the same backend, ``torch._C._select_conv_backend``: the CPU's choice
     reads N x C x D x H) until its input and gradient fit. Its copies of a tensor shaped as the
-    weight are the whole problem's; those shaped as the cut input or gradient are scaled up to
-    theirs; others are dropped. None where no such cut exists or a tensor is not dense."""
+    weight are the whole problem's; those laid over the cut input's or gradient's map (whole, or a
+    group's channels) are scaled up to the whole map; others are dropped. None where no such cut
+    exists or a tensor is not dense."""
     go, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, _ = args
     formats = [_laid(t) for t in (go, x, w)]
     if any(f is None for f in formats) or x.device.type != "cpu" or w.numel() > 16 * PROBE_NUMEL:
@@ -140,11 +141,15 @@ def _cut(args: Any) -> list[HiddenCopy] | None:
         return None
     if got is None:
         return None
-    scaled = {tuple(cx.shape): tuple(x.shape), tuple(cgo.shape): tuple(go.shape)}
+    # a copy laid over the cut input's or gradient's map (the whole tensor, or a group of its
+    # channels) is scaled back to the whole map; one shaped as the weight is the whole problem's
+    maps = {tuple(cx.shape[2:]): tuple(x.shape[2:]), tuple(cgo.shape[2:]): tuple(go.shape[2:])}
     copies = []
     for c in got[1]:
+        whole = maps.get(c.shape[2:]) if c.shape[:1] == tuple(x.shape[:1]) else None
         if c.shape == tuple(w.shape):
             copies.append(c)
-        elif (whole := scaled.get(c.shape)) is not None:
-            copies.append(dataclasses.replace(c, shape=whole, bytes=c.bytes * math.prod(whole) // math.prod(c.shape)))
+        elif whole is not None:
+            full = (*c.shape[:2], *whole)
+            copies.append(dataclasses.replace(c, shape=full, bytes=c.bytes * math.prod(full) // math.prod(c.shape)))
     return copies

@@ -369,3 +369,17 @@ def test_a_convolutions_backward_too_large_to_ask_whole_is_asked_on_a_cut_copy()
     assert found["fake"] == found["real"]
     assert ("_2", 2 * 2 * 16 * 384 * 384 * 4) in found["real"][1]
     assert sum(b for _, b in found["real"][0]) == eager_backward_bytes(model, (x,)).added == 2 * 4 * (16 * 27 + 8 * 288)
+
+
+def test_a_cut_scales_a_grouped_convolutions_copies_of_its_groups() -> None:
+    """On the slow backend (one thread) a grouped convolution copies each group's view of its
+    gradient and input, shaped (1, C / groups, H, W): the cut kept only copies shaped as the whole
+    input or gradient, and the fake audit charged 0 where real mode charges 69.6 MB."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 48, 1), nn.Conv2d(48, 48, 1, groups=3)).train()
+    x = torch.randn(1, 3, 301, 301)  # 48 x 301 x 301: over the probe's 4M elements
+    found = {}
+    for mode in ("real", "fake"):
+        r = nhwc_audit.audit(model, x, mode=mode, train=True, bandwidth=1e10, threads=1)
+        found[mode] = [(f.node, f.bytes, f.intrinsic) for f in r.findings if f.kind.value == "backward"]
+    assert found["fake"] == found["real"] and sum(b for _, b, _ in found["real"]) == 69_581_568
