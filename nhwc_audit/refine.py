@@ -114,9 +114,10 @@ def with_nchw_backward(
     only when some node's backward moved data and the model reorders dims (``reordering``:
     :func:`reorders_dims`) or a convolution's backward copied (its kernel's copies depend on its
     shapes and backend, not on orders: the NCHW model's oneDNN kernel copies a small map's input
-    gradient it computed channels_last; a grouped one on the slow backend each group's gradient); ``records`` itself otherwise;
-    and a note when that netted something or could not run. A node's kernels' copies inside net
-    against the same node's in NCHW only; its other moves also against a copy displaced downstream."""
+    gradient it computed channels_last; a grouped one on the slow backend each group's gradient);
+    ``records`` itself otherwise; and a note when that netted something or could not run. A node's
+    kernels' copies of what they made (``HiddenCopy.result``) net against the same node's in NCHW
+    only; its other moves also against a copy displaced downstream."""
     ours = {r.name: split_moves(r.backward) for r in records if r.backward}
     kernels = any(c.op == "convolution_backward" for r in records for c in r.backward)
     if not ours or not (reordering or kernels):
@@ -131,18 +132,19 @@ def with_nchw_backward(
     relays = {name: n for name, (n, _) in ours.items() if n}
     both |= {k: both.get(k, 0) + n for k, n in displaced_backward(records, moved, relays).items()}
     inside = {name: theirs[name][1] for name in ours if name in theirs and theirs[name][1]}
-    if not both and not inside:
+    netted = both.keys() | inside.keys()
+    if not netted:
         return records, ()
-    netted = sum(1 for name in both.keys() | inside.keys() if sum(theirs.get(name, (0, 0))) >= sum(ours[name]))
+    more = sum(1 for name in netted if sum(theirs.get(name, (0, 0))) >= sum(ours[name]))
     out = [
         dataclasses.replace(r, nchw_backward_bytes=both.get(r.name, 0), nchw_backward_inside=inside.get(r.name, 0))
-        if r.name in both or r.name in inside
+        if r.name in netted
         else r
         for r in records
     ]
     return out, (
-        f"NCHW baseline of the backward: {len(both.keys() | inside.keys())} node(s)' backward move data in NCHW too "
-        f"({netted} as much or more): charged only the bytes channels_last adds",
+        f"NCHW baseline of the backward: {len(netted)} node(s)' backward move data in NCHW too "
+        f"({more} as much or more): charged only the bytes channels_last adds",
     )
 
 

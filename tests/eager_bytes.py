@@ -17,11 +17,11 @@ channels_last map: ``torch.split``, ``chunk``; dense in NCHW at batch 1) copies 
 What channels_last adds is, per source line of the model, the channels_last
 run's bytes minus the NCHW run's: copies a model makes in either layout cancel.
 
-A backward's convolution is run once more, by its kernel, on the arguments its autograd node ran
-it on, with a mode that sees what that kernel copies inside (:class:`_ConvBackwardKernel`): a
-copy of a tensor it computed itself (on the CPU, a channels_last convolution computes its weight
-gradient in NCHW and copies it into channels_last, ``grad_weight.to(...)``), and a ``contiguous()``
-of an argument not dense in memory (a saved channel slice).
+A backward's convolution is run by its kernel while its autograd node runs, with a mode that sees
+every copy that kernel and the ops it calls make (:class:`_ConvBackwardCall`), in place of the rule
+above for it: an activation's (the gradient re-laid, a saved channel slice made dense), charged to
+the line, or the kernel's own (on the CPU, a channels_last convolution computes its weight gradient
+in NCHW and copies it into channels_last, ``grad_weight.to(...)``), charged to the call.
 """
 
 from __future__ import annotations
@@ -223,6 +223,27 @@ def _copy_moves(name: str, src: Any, out: Any, aten: bool) -> int:
     return nbytes if aten and name == "contiguous" and not _laid_out(src) else 0
 
 
+def _computing(func: Any) -> bool:
+    """An ATen op that computes a new tensor: no copy, view, in-place op or allocation."""
+    name = func.overloadpacket.__name__
+    return not (
+        name in ("clone", "contiguous", "copy_", "_to_copy", "to")
+        or any(r.alias_info is not None for r in func._schema.returns)
+        or name.startswith(("new_", "empty", "zeros", "ones", "full"))
+        or name.endswith("_like")
+    )
+
+
+def _kernel_key(func: Any, device: str) -> Any:
+    """The dispatch key of ``func``'s kernel for ``device`` (cpu or cuda), or of its one kernel for
+    every device (``CompositeExplicitAutograd``); None where it has neither."""
+    key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(device)
+    if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+        explicit = torch._C.DispatchKey.CompositeExplicitAutograd
+        key = explicit if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), explicit) else None
+    return key
+
+
 class _KernelCopies(TorchDispatchMode):
     """The copies a kernel makes of its inputs, seen by running the op's backend kernel with this
     mode on the dispatch stack: the ATen ops the kernel calls come back here. A library's own op
@@ -266,52 +287,21 @@ class _KernelCopies(TorchDispatchMode):
         other modes below this one (``within``: this mode's own, popped while it handles an op),
         or no such kernel (the caller runs it)."""
         aten = func.namespace in ("aten", "prim", "prims")
-        name = func.overloadpacket.__name__
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        # an ATen op that computes a new tensor: no copy, view, in-place op or allocation
-        computes = not (
-            name in ("clone", "contiguous", "copy_", "_to_copy")
-            or any(r.alias_info is not None for r in func._schema.returns)
-            or name.startswith(("new_", "empty", "zeros", "ones", "full"))
-            or name.endswith("_like")
-        )
-        if aten and (not computes or all(map(_laid_out, leaves))):
+        if aten and (not _computing(func) or all(map(_laid_out, leaves))):
             return None
         if torch._C._len_torch_dispatch_stack() > 0 and not within:
             return None
         if aten and any(t.is_quantized or t.is_conj() or t.is_neg() for t in leaves):
             return None  # (their kernels are reached through other dispatch keys)
         devices = {t.device.type for t in leaves if type(t) in (torch.Tensor, nn.Parameter)}
-        key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(next(iter(devices), ""))
-        if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
-            explicit = torch._C.DispatchKey.CompositeExplicitAutograd  # one kernel for every device
-            key = explicit if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), explicit) else None
-        if len(devices) != 1 or key is None:
+        key = _kernel_key(func, devices.pop()) if len(devices) == 1 else None
+        if key is None:
             return None
         mode = cls(aten)
         with mode:
             out = func._op_dk(key, *args, **kwargs)
         return out, mode.copies
-
-
-def _computing(func: Any) -> bool:
-    """An ATen op that computes a new tensor: no copy, view, in-place op or allocation."""
-    name = func.overloadpacket.__name__
-    return not (
-        name in ("clone", "contiguous", "copy_", "_to_copy", "to")
-        or any(r.alias_info is not None for r in func._schema.returns)
-        or name.startswith(("new_", "empty", "zeros", "ones", "full"))
-        or name.endswith("_like")
-    )
-
-
-def _by_kernel(func: Any, args: Any, kwargs: dict[str, Any], mode: TorchDispatchMode) -> Any:
-    """Run ``func`` by its CPU kernel (or its one kernel for every device) with ``mode`` on the stack."""
-    key = torch._C.DispatchKey.CPU
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
-        key = torch._C.DispatchKey.CompositeExplicitAutograd
-    with mode:
-        return func._op_dk(key, *args, **kwargs)
 
 
 class _ConvBackwardKernel(TorchDispatchMode):
@@ -334,9 +324,12 @@ class _ConvBackwardKernel(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if func.namespace == "aten" and _computing(func) and leaves and all(t.device.type == "cpu" for t in leaves):
+        cpu = bool(leaves) and all(t.device.type == "cpu" for t in leaves)
+        key = _kernel_key(func, "cpu") if cpu and func.namespace == "aten" and _computing(func) else None
+        if key is not None:
             inner = _ConvBackwardKernel(self.acts)
-            out = _by_kernel(func, args, kwargs, inner)
+            with inner:
+                out = func._op_dk(key, *args, **kwargs)
             self.copies += inner.copies
             return out
         out = func(*args, **kwargs)
@@ -375,7 +368,8 @@ class _ConvBackwardCall(TorchDispatchMode):
         if func is not torch.ops.aten.convolution_backward.default or args[0].device.type != "cpu":
             return func(*args, **(kwargs or {}))
         inner = _ConvBackwardKernel([a for a in args[:2] if isinstance(a, torch.Tensor)])
-        out = _by_kernel(func, args, kwargs or {}, inner)
+        with inner:
+            out = func._op_dk(_kernel_key(func, "cpu"), *args, **(kwargs or {}))
         self.copies += inner.copies
         self.ran = True
         return out

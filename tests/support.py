@@ -51,3 +51,25 @@ def relayed(findings: Any) -> list[Any]:
     channels_last convolution's weight gradient, computed NCHW): the gradients a layout change in
     the model can keep from moving."""
     return [f for f in findings if f.kind.value == "backward" and not f.intrinsic and "copies inside" not in f.hint]
+
+
+def conv_backward_copies(model: Any, x: Any, weight: list[int] | None = None) -> int:
+    """What the torch profiler sees copied under ``aten::convolution_backward`` in one backward
+    from a random linear loss (a sum's gradient, expanded, is made dense in either layout), in
+    bytes of float32, read and written (``weight``: under convolutions of that weight shape only)."""
+    import math
+
+    import torch
+
+    out = model(x)
+    loss = (out * torch.randn_like(out)).sum()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    total = 0
+    for ev in prof.events():
+        parent = ev.cpu_parent
+        while parent is not None and parent.name != "aten::convolution_backward":
+            parent = parent.cpu_parent
+        if ev.name == "aten::copy_" and parent is not None and weight in (None, parent.input_shapes[2]):
+            total += 2 * 4 * math.prod(ev.input_shapes[0])
+    return total

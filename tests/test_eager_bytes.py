@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 
 from tests import models as M
 from tests.eager_bytes import eager_backward_bytes, eager_bytes
+from tests.support import conv_backward_copies
 
 
 class Reverting(nn.Module):
@@ -175,22 +175,6 @@ def test_backward_checker_counts_what_the_backward_re_lays() -> None:
     assert [t.nbytes for t in e.channels_last if t.op != "convolution_backward"] == [2 * act] * 3
 
 
-def _weight_gradient_copies(model: nn.Module, x: torch.Tensor) -> int:
-    """What the profiler sees copied under ``aten::convolution_backward`` in one backward."""
-    out = model(x)
-    loss = (out * torch.randn_like(out)).sum()  # (a sum's gradient, expanded, is made dense in either layout)
-    with torch.profiler.profile(record_shapes=True) as prof:
-        loss.backward()
-    total = 0
-    for ev in prof.events():
-        parent = ev.cpu_parent
-        while parent is not None and parent.name != "aten::convolution_backward":
-            parent = parent.cpu_parent
-        if ev.name == "aten::copy_" and parent is not None and len(ev.input_shapes[0]) == 4:
-            total += 2 * 4 * math.prod(ev.input_shapes[0])
-    return total
-
-
 def test_backward_checker_sees_only_the_weight_gradients_copies_on_a_plain_convnet() -> None:
     """Nothing is re-laid; a channels_last convolution's backward kernel computes its weight gradient
     in NCHW and copies it into channels_last (CPU, oneDNN): 2 x 4 B x each weight, as many bytes as
@@ -203,9 +187,9 @@ def test_backward_checker_sees_only_the_weight_gradients_copies_on_a_plain_convn
     e = eager_backward_bytes(m, (x,))
     assert e.nchw == [] and {t.op for t in e.channels_last} == {"convolution_backward"}
     assert sorted(t.nbytes for t in e.channels_last) == [2 * 4 * 8 * 3 * 9, 2 * 4 * 8 * 8 * 9]
-    assert _weight_gradient_copies(m, x) == 0
+    assert conv_backward_copies(m, x) == 0
     cl = copy.deepcopy(m).to(memory_format=torch.channels_last)
-    assert _weight_gradient_copies(cl, x.to(memory_format=torch.channels_last)) == e.added
+    assert conv_backward_copies(cl, x.to(memory_format=torch.channels_last)) == e.added
 
 
 class _Maximum(nn.Module):

@@ -53,13 +53,13 @@ _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided en
 def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     """What this node's backward moves between layouts (train=True) beyond what it moves when the
     model runs NCHW: what its kernels copy of what they computed or of their weights
-    (:attr:`~nhwc_audit.records.HiddenCopy.inside`: a CPU convolution's weight gradient; intrinsic, no
+    (:attr:`~nhwc_audit.records.HiddenCopy.result`: a CPU convolution's weight gradient; intrinsic, no
     model change removes it) beyond what they copy so there; the rest (gradients re-laid, a saved
     slice made dense) beyond the rest."""
     users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "the loss"
     out = []
     for inside, nchw in ((False, r.nchw_backward_bytes), (True, r.nchw_backward_inside)):
-        copies = [c for c in r.backward if c.inside is inside]
+        copies = [c for c in r.backward if c.result is inside]
         nbytes = sum(c.bytes for c in copies) - nchw
         if nbytes <= 0:
             continue

@@ -185,7 +185,8 @@ def repair_model(
     original model on the sample and on a second random input of the same shapes, at the
     float tolerance that converting to channels_last itself costs; a rewrite that changes
     them is refused. ``backward`` (a train audit's: node name -> what its backward moves when the
-    model runs NCHW, and what its kernels copy inside): the log's bytes and summaries count one backward pass too, as the audit does.
+    model runs NCHW, and what its kernels copy of what they made there): the log's bytes and
+    summaries count one backward pass too, as the audit does.
     ``traced_writes``: the buffers forward wrote while ``graph`` was traced (None: not known, checked).
     """
     kwargs, baseline = kwargs or {}, baseline or {}

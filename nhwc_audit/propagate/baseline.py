@@ -111,7 +111,7 @@ class _Backward(nn.Module):
 
 def split_moves(copies: Sequence[HiddenCopy]) -> tuple[int, int]:
     """(bytes of a backward's copies but those its kernels made inside, bytes of those)."""
-    inside = sum(c.bytes for c in copies if c.inside)
+    inside = sum(c.bytes for c in copies if c.result)
     return sum(c.bytes for c in copies) - inside, inside
 
 

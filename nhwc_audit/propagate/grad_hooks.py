@@ -215,9 +215,9 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
 
     def post(grad_inputs: Any, grad_outputs: Any) -> Any:
         me = torch._C._current_autograd_node()
-        asked = _popped(watch.pop()) if watch else None  # the kernel's own account: in place of the rules'
-        if asked is not None and asked.copies:
-            grads.moved.setdefault(name, []).extend(asked.copies)
+        kernel = _popped(watch.pop()) if watch else None  # the kernel's own account: in place of the rules'
+        if kernel is not None and kernel.copies:
+            grads.moved.setdefault(name, []).extend(kernel.copies)
         if reordering and any(isinstance(g, torch.Tensor) and g.dim() >= 3 for g in grad_inputs):
             grads.reordering.add(kind)
         if replayed:
@@ -230,7 +230,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
             op = "convolution_backward" if conv else type(me).__name__
             if (
                 result is not None
-                and asked is None
+                and kernel is None
                 and (copy := _relay(op, read, result, conv, grads.weights if conv else grads.params)) is not None
             ):
                 grads.moved.setdefault(name, []).append(copy)

@@ -17,12 +17,12 @@ backend kernel with a recording mode pushed, so the ATen ops the kernel calls co
   Kept: :func:`~nhwc_audit.channels.kernel_copy`. An op such a kernel calls on such a tensor is run
   the same way (a convolution's ``_convolution``).
 
-A backward's convolution is run this way too, whatever its inputs (:mod:`.backward_kernels`): on the CPU, a channels_last convolution's backward computes its
-weight gradient in NCHW and copies it into channels_last, every step (``grad_weight.to(...)`` in
-the oneDNN kernel), where strides show nothing (the gradient comes out channels_last either way).
-Kept: a copy of a tensor the kernel made itself (:func:`_result_copy`). Other ATen kernels on
-dense inputs are not run this way (their internal copies stay unseen: one more mode per op would
-cost every audit for the few kernels that copy).
+A backward's convolution is run this way too, whatever its inputs, and every op its kernel calls
+(:mod:`.backward_kernels`): on the CPU a channels_last convolution's backward computes its weight
+gradient in NCHW and copies it into channels_last every step (``grad_weight.to(...)`` in the oneDNN
+kernel), where strides show nothing. Kept: every copy it makes (:func:`_watched_copy`). Other ATen
+kernels on dense inputs are not run this way (their internal copies stay unseen: one more mode per
+op would cost every audit for the few kernels that copy).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ __all__ = [
     "PROBE_NUMEL",
     "Asked",
     "asked_on_zeros",
-    "computes",
     "fake_below",
     "kernel_copies",
     "library_op",
@@ -146,11 +145,11 @@ def signature(v: Any) -> Any:
 def _asks(func: Any, tensors: list[torch.Tensor]) -> bool:
     """``func`` is run by its kernel to see its copies: a library's op, or an ATen op that computes
     on a tensor not :func:`~nhwc_audit.channels.laid_out`."""
-    return library_op(func) or (not all(map(laid_out, tensors)) and computes(func))
+    return library_op(func) or (not all(map(laid_out, tensors)) and _computes(func))
 
 
 @functools.cache
-def computes(func: Any) -> bool:
+def _computes(func: Any) -> bool:
     """An ATen op that computes a new tensor from its inputs' values: not a copy, a view or an
     in-place op (their outputs alias an input), nor an allocation."""
     if func in COPY_OPS or any(r.alias_info is not None for r in func._schema.returns):
@@ -176,7 +175,7 @@ def probed(
     """:func:`kernel_copies` of an op on plain tensors, whatever the modes below (a kernel's own
     op is handled inside its mode); with ``activations`` (:class:`_Inside`), any ATen op that computes."""
     tensors = iter_tensors((args, kwargs))
-    asks = computes(func) and not library_op(func) if activations is not None else _asks(func, tensors)
+    asks = _computes(func) and not library_op(func) if activations is not None else _asks(func, tensors)
     if not asks or not tensors or not all(map(_plain, tensors)):
         return None
     devices = {t.device.type for t in tensors}

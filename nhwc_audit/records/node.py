@@ -102,13 +102,9 @@ class HiddenCopy:
     result: bool = False
     """A kernel's copy of a tensor it computed itself or of its weight (a CPU channels_last
     convolution's backward: its weight gradient, computed NCHW, into channels_last; the slow
-    backends' copy of a channels_last weight into NCHW; :mod:`~nhwc_audit.propagate.backward_kernels`)."""
-
-    @property
-    def inside(self) -> bool:
-        """A kernel's copy of what it computed or of its weight (:attr:`result`): its own doing at
-        its call, whatever the model does, netted only against what the same call copies so in NCHW."""
-        return self.result
+    backends' copy of a channels_last weight into NCHW; :mod:`~nhwc_audit.propagate.backward_kernels`):
+    its own doing at its call, whatever the model does, netted only against what the same node's
+    kernels copy so in NCHW."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +152,7 @@ class NodeRecord:
     """Bytes the same node's backward moves between layouts when the model runs NCHW (its kernels'
     copies inside aside)."""
     nchw_backward_inside: int = 0
-    """Bytes the same node's backward kernels copy inside (:attr:`HiddenCopy.inside`) when the
+    """Bytes the same node's backward kernels copy inside (:attr:`HiddenCopy.result`) when the
     model runs NCHW (a oneDNN convolution's input gradient of a small map, computed channels_last)."""
     nchw_bytes: int = 0
     """Bytes the same node moves between layouts when the model runs NCHW, as built (a copy it

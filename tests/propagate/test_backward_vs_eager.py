@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from nhwc_audit import audit
 from tests import models as M
 from tests.eager_bytes import eager_backward_bytes
+from tests.support import conv_backward_copies
 
 
 class Shuffle(nn.Module):
@@ -340,8 +341,8 @@ def test_convnext_blocks_net_their_backward_against_nchws() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(M.ConvNeXtBlock(), M.ConvNeXtBlock(), PooledHead8()).train()
     report = audit(model, _input("convnext_block"), bandwidth=1e9, train=True)
-    moved = [n for n in report.nodes if any(not c.inside for c in n.backward)]
-    assert moved and all(n.nchw_backward_bytes >= sum(c.bytes for c in n.backward if not c.inside) for n in moved)
+    moved = [n for n in report.nodes if any(not c.result for c in n.backward)]
+    assert moved and all(n.nchw_backward_bytes >= sum(c.bytes for c in n.backward if not c.result) for n in moved)
     # what is charged: the depthwise convolutions' weight gradients, copied inside their kernels
     backward = [f for f in report.findings if f.kind.value == "backward"]
     assert {f.node for f in backward} == {"_0_dw", "_1_dw"} and all(f.bytes == 2 * 8 * 49 * 4 for f in backward)
@@ -489,7 +490,7 @@ def test_a_dropped_capture_leaves_nothing_for_the_next_ones_backward() -> None:
     report = audit(model, x, bandwidth=1e9, train=True)
     assert report.meta.capture != "fx" and report.meta.backward, report.meta.capture_notes
     assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == truth
-    assert not [c for n in report.nodes for c in n.backward if not c.inside]  # the convs' weight gradients only
+    assert not [c for n in report.nodes for c in n.backward if not c.result]  # the convs' weight gradients only
 
 
 class _AroundAMap(nn.Module):
@@ -591,25 +592,6 @@ def test_a_train_check_of_a_plain_convnet_passes_with_its_weight_gradients_copie
     assert any("weight gradients" in r for r in report.verdict.reasons)
 
 
-def _conv_backward_copies(model: nn.Module, x: torch.Tensor, weight: list[int] | None = None) -> int:
-    """What the profiler sees copied under ``aten::convolution_backward`` in one backward, in bytes
-    (``weight``: under those of convolutions of that weight shape only)."""
-    import math
-
-    out = model(x)
-    loss = (out * torch.randn_like(out)).sum()
-    with torch.profiler.profile(record_shapes=True) as prof:
-        loss.backward()
-    total = 0
-    for ev in prof.events():
-        parent = ev.cpu_parent
-        while parent is not None and parent.name != "aten::convolution_backward":
-            parent = parent.cpu_parent
-        if ev.name == "aten::copy_" and parent is not None and weight in (None, parent.input_shapes[2]):
-            total += 2 * 4 * math.prod(ev.input_shapes[0])
-    return total
-
-
 class _PermutedIntoTwoConvs(nn.Module):
     """A map permuted to NHWC order and back before a conv, in either run (channels_last strides in
     both): both kernels copy the gradient's slice into a dense channels_last tensor, NCHW's as a
@@ -663,8 +645,8 @@ def test_a_convolutions_backward_is_charged_what_its_kernel_copies(name: str, ho
     model, x = build().train(), torch.randn(*shape)
     fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
     cl = copy.deepcopy(model).to(memory_format=fmt)
-    profiled = _conv_backward_copies(cl, x.to(memory_format=fmt), weight)
-    profiled -= _conv_backward_copies(copy.deepcopy(model), x, weight)
+    profiled = conv_backward_copies(cl, x.to(memory_format=fmt), weight)
+    profiled -= conv_backward_copies(copy.deepcopy(model), x, weight)
     report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
     backward = [f for f in report.findings if f.kind.value == "backward"]
     assert sum(f.bytes for f in backward) == eager_backward_bytes(model, (x,)).added
