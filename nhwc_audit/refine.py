@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .analyze.displaced import displaced, displaced_backward, unpaired
-from .analyze.findings import find_findings
+from .analyze.findings import find_findings, kernel_own
 from .analyze.moves import baselined, moved_bytes
 from .capture.blocks import custom_backward_note
 from .layout import channels_innermost, memory_order, nchw_ordered
@@ -180,17 +180,27 @@ def with_nchw_baseline(
     made = captured.unconverted
     left = frozenset(n.name for n in graph.nodes if n.op == "get_attr" and n.target in made) if graph else frozenset()
     for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None, stored=left):
-        if baselined(f.kind):
+        if baselined(f.kind) and not f.intrinsic:  # (a kernel's own copies: netted as ``nchw_inside``)
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)
     both = {name: moved[theirs] for name, theirs in pairs.items() if theirs in moved}
+    copied = {
+        r.name: sum(c.bytes for c in kernel_own(r, Layout.CONTIGUOUS)) for r in nchw if r.inside
+    }  # a conv kernel's own copies
+    inside = {r.name for r in records if r.inside}
+    own = {name: copied[theirs] for name, theirs in pairs.items() if theirs in copied and name in inside}
     charged = {f.node for f in costly}
     both |= {k: both.get(k, 0) + n for k, n in displaced(records, both, charged).items()}
     if captured.capture is None:  # the eager capture records only the ops a run makes: NCHW's copies of its own
         both |= {k: both.get(k, 0) + n for k, n in unpaired(nchw, pairs, moved, charged).items()}
-    if not both:
+    if not both and not own:
         return records, ()
-    out = [dataclasses.replace(r, nchw_bytes=both[r.name]) if r.name in both else r for r in records]
+    out = [
+        dataclasses.replace(r, nchw_bytes=both.get(r.name, 0), nchw_inside=own.get(r.name, 0))
+        if r.name in both or r.name in own
+        else r
+        for r in records
+    ]
     notes = ["NCHW baseline: run on fake tensors (layouts only; the model's own run costs more)"] if on_fake else []
     for kind, what in (
         (FindingKind.REVERT, "revert(s) copy"),

@@ -236,11 +236,13 @@ def _computing(func: Any) -> bool:
 
 def _kernel_key(func: Any, device: str) -> Any:
     """The dispatch key of ``func``'s kernel for ``device`` (cpu or cuda), or of its one kernel for
-    every device (``CompositeExplicitAutograd``); None where it has neither."""
+    every device (``CompositeExplicitAutograd``), or of its decomposition into other ATen ops
+    (``CompositeImplicitAutograd``: ``slow_conv3d``, called from inside a kernel); None where it
+    has none of them."""
     key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(device)
     if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
-        explicit = torch._C.DispatchKey.CompositeExplicitAutograd
-        key = explicit if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), explicit) else None
+        keys = (torch._C.DispatchKey.CompositeExplicitAutograd, torch._C.DispatchKey.CompositeImplicitAutograd)
+        key = next((k for k in keys if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), k)), None)
     return key
 
 
@@ -304,8 +306,8 @@ class _KernelCopies(TorchDispatchMode):
         return out, mode.copies
 
 
-class _ConvBackwardKernel(TorchDispatchMode):
-    """Sees the ATen ops a convolution's backward kernel calls, and those the ops it calls call
+class _ConvKernel(TorchDispatchMode):
+    """Sees the ATen ops a convolution's kernel (forward's, or backward's) calls, and those the ops it calls call
     (``_slow_conv2d_backward`` copies each group's gradient): keeps every copy, as ``(whose, bytes)``:
     ``"activation"`` for one of ``acts`` whole (the gradient, the input: re-laid) or a part of one not
     dense (a slice made dense), ``"own"`` for what the kernel made itself, the weight, or its own
@@ -327,7 +329,7 @@ class _ConvBackwardKernel(TorchDispatchMode):
         cpu = bool(leaves) and all(t.device.type == "cpu" for t in leaves)
         key = _kernel_key(func, "cpu") if cpu and func.namespace == "aten" and _computing(func) else None
         if key is not None:
-            inner = _ConvBackwardKernel(self.acts)
+            inner = _ConvKernel(self.acts)
             with inner:
                 out = func._op_dk(key, *args, **kwargs)
             self.copies += inner.copies
@@ -339,6 +341,8 @@ class _ConvBackwardKernel(TorchDispatchMode):
             return out
         if src.dim() < 4 or not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
             return out
+        if 0 in src.stride():
+            return out  # a bias broadcast into the output: in any layout, no layout's copy
         of = next((a for a in self.acts if _storage(src) == _storage(a)), None)
         part = of is not None and (src.shape, src.stride(), src.storage_offset()) != (
             of.shape,
@@ -353,7 +357,7 @@ class _ConvBackwardKernel(TorchDispatchMode):
 class _ConvBackwardCall(TorchDispatchMode):
     """Pushed while a ``ConvolutionBackward0`` node runs (from its pre hook; the autograd engine
     restores the dispatch stack after each node): runs the ``convolution_backward`` it calls by
-    its kernel under :class:`_ConvBackwardKernel` (``ran``), noting each copy."""
+    its kernel under :class:`_ConvKernel` (``ran``), noting each copy."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -367,12 +371,16 @@ class _ConvBackwardCall(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is not torch.ops.aten.convolution_backward.default or args[0].device.type != "cpu":
             return func(*args, **(kwargs or {}))
-        inner = _ConvBackwardKernel([a for a in args[:2] if isinstance(a, torch.Tensor)])
+        inner = _ConvKernel([a for a in args[:2] if isinstance(a, torch.Tensor)])
         with inner:
             out = func._op_dk(_kernel_key(func, "cpu"), *args, **(kwargs or {}))
         self.copies += inner.copies
         self.ran = True
         return out
+
+
+_OWN = "convolution_kernel"
+"""The op named by a forward convolution kernel's copies of its own (:meth:`_Recorder._conv_kernel`)."""
 
 
 class _Recorder(TorchDispatchMode):
@@ -394,7 +402,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        inside = _KernelCopies.run(func, args, kwargs)
+        inside = _KernelCopies.run(func, args, kwargs) or self._conv_kernel(func, args, kwargs)
         if inside is not None:  # what its kernel copied: a library's op (torchvision's roi_align), a slice made dense
             out, copies = inside
             self.seen += [Transpose(name, shape, nbytes, self.site()) for name, shape, nbytes in copies]
@@ -456,6 +464,27 @@ class _Recorder(TorchDispatchMode):
             self._last = (written, result.numel(), len(self.seen) - before, self.seen[-1].site)
         return out
 
+    def _conv_kernel(self, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, list[Any]] | None:
+        """A CPU convolution on tensors dense in memory run by its kernel under :class:`_ConvKernel`:
+        its own copies (of its weight: the slow backends copy a channels_last weight into NCHW every
+        call) noted per line apart from the rules' moves (``#own``); its input's re-lay is the rules'."""
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func is not torch.ops.aten.convolution.default or torch._C._len_torch_dispatch_stack() > 0:
+            return None
+        if not all(t.device.type == "cpu" and type(t) in (torch.Tensor, nn.Parameter) for t in leaves):
+            return None
+        if not all(map(_laid_out, leaves)):
+            return None
+        weight = args[1]
+        cast = self._cast.get(id(weight))
+        stored = isinstance(weight, nn.Parameter) or (cast is not None and cast() is weight)
+        watch = _ConvKernel([args[0]] if stored else [args[0], weight])  # a computed weight's re-lay: the rules'
+        with watch:
+            out = func._op_dk(_kernel_key(func, "cpu"), *args, **kwargs)
+        site = self.site() + "#own"
+        self.seen += [Transpose(_OWN, (), nbytes, site) for whose, nbytes in watch.copies if whose == "own"]
+        return out, []
+
 
 def transposes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> list[Transpose]:
     """Every transpose one eager forward of ``model`` makes (no_grad, eval as given)."""
@@ -511,10 +540,11 @@ class EagerBytes:
 
     @property
     def relayed(self) -> int:
-        """:attr:`added` but what backward kernels copy inside (a channels_last convolution's weight gradient)."""
-        inside = "convolution_backward"
+        """:attr:`added` but what convolution kernels copy inside of their own (a channels_last
+        convolution's weight gradient in backward, its weight on a slow backend in forward)."""
+        inside = ("convolution_backward", _OWN)
         return EagerBytes(
-            [t for t in self.nchw if t.op != inside], [t for t in self.channels_last if t.op != inside]
+            [t for t in self.nchw if t.op not in inside], [t for t in self.channels_last if t.op not in inside]
         ).added
 
     @property

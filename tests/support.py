@@ -73,3 +73,22 @@ def conv_backward_copies(model: Any, x: Any, weight: list[int] | None = None) ->
         if ev.name == "aten::copy_" and parent is not None and weight in (None, parent.input_shapes[2]):
             total += 2 * 4 * math.prod(ev.input_shapes[0])
     return total
+
+
+def conv_forward_copies(model: Any, x: Any) -> int:
+    """What the torch profiler sees copied of a weight under ``aten::convolution`` in one forward
+    (no_grad) of ``model`` on ``x``, in bytes, read and written (float32)."""
+    import math
+
+    import torch
+
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        model(x)
+    total = 0
+    for ev in prof.events():
+        parent = ev.cpu_parent
+        while parent is not None and parent.name != "aten::convolution":
+            parent = parent.cpu_parent
+        if ev.name == "aten::copy_" and parent is not None and ev.input_shapes[0] == parent.input_shapes[1]:
+            total += 2 * 4 * math.prod(ev.input_shapes[0])
+    return total

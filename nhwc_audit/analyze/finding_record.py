@@ -46,7 +46,7 @@ def make_finding(
         spatial = r.spatial_outputs
         shape = spatial[0].shape if spatial else (r.outputs[0].shape if r.outputs else ())
     origin = origin_of(producer, ctx.by_name)
-    if moves.baselined(kind, hidden=hidden):  # what it moves in NCHW too is not channels_last's
+    if moves.baselined(kind, hidden=hidden) and not intrinsic:  # what it moves in NCHW too is not channels_last's
         nbytes = max(0, nbytes - r.nchw_bytes)
     if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
         hint_op = H.AMBIGUOUS_ORIGIN

@@ -15,6 +15,9 @@ The rules (one place each):
              weights make it re-adopt NHWC from an NCHW input); or a node whose own layouts look
              fine but that copied data internally (copies seen at ATen level while it ran: a conv
              with padding_mode='circular', a kernel's copy of a channel slice dense in no order).
+* (intrinsic) a revert or conversion a convolution's kernel makes inside of its weight or of what it
+             made (the CPU's slow backends, a Conv3d at batch 1: its channels_last weight into NCHW,
+             every call): no change to the model's ops removes it.
 * backward   with train=True: what a node's backward re-lays, or its kernels copy inside (a CPU
              channels_last convolution's weight gradient: intrinsic, no model change removes it).
 
@@ -35,7 +38,7 @@ from collections.abc import Sequence
 
 from ..channels import casts_first, conv_layout, relay_bytes
 from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
-from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, Layout, NodeRecord
+from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, HiddenCopy, Layout, NodeRecord
 from . import hint_keys as H
 from . import moves
 from .exposed import exposed
@@ -46,7 +49,7 @@ from .origin import SKIP_OPS, conversion_free, feeds_a_weight, leading_to, odd_o
 from .reshapes import exits_spatial, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
 
-__all__ = ["SKIP_OPS", "find_findings"]
+__all__ = ["SKIP_OPS", "find_findings", "kernel_own"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
 
 
@@ -79,6 +82,44 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
             )
         )
     return out
+
+
+def kernel_own(r: NodeRecord, stored: Layout = Layout.CHANNELS_LAST) -> list[HiddenCopy]:
+    """What its convolution's kernel copied of its own (``r.inside``) but of a weight not laid out as
+    the run lays out stored weights (``stored``: channels_last, or NCHW for the model as built): one
+    computed in forward, a tensor attribute, a constant the conversion leaves NCHW, whose re-lay the
+    rules charge (:func:`.moves.reorder_bytes`, a mixed op)."""
+    ruled = {i.meta.shape for i in r.inputs[1:2] if not i.is_param or i.meta.layout is not stored}
+    return [c for c in r.inside if c.shape not in ruled]
+
+
+def _inside_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
+    """What its convolution's kernel copied of its weight or of what it made (:func:`kernel_own`: the
+    CPU's slow backends copy a channels_last weight into NCHW every call) beyond what the same node's
+    kernels copy so when the model runs NCHW: intrinsic, the kernel's own doing at this shape."""
+    own = kernel_own(r)
+    nbytes = sum(c.bytes for c in own) - r.nchw_inside
+    if not own or nbytes <= 0:
+        return []
+    lead = max(own, key=lambda c: c.bytes)
+    kind = FindingKind.REVERT if lead.layout_out in _NCHW_SIDE else FindingKind.CONVERSION
+    weight = r.inputs[1].meta.shape if len(r.inputs) > 1 else None
+    what = ", ".join(
+        dict.fromkeys(("its weight " if c.shape == weight else "") + "x".join(map(str, c.shape)) for c in own)
+    )
+    return [
+        make_finding(
+            ctx,
+            r,
+            kind,
+            layout_in=lead.layout_in,
+            nbytes=nbytes,
+            shape=lead.shape,
+            detail=f"it copies {what}",
+            hint_op=H.FORWARD_INSIDE,
+            intrinsic=True,
+        )
+    ]
 
 
 def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
@@ -265,7 +306,12 @@ def find_findings(
         ranks=frozenset(r.outputs[0].rank for r in records if r.op_name.lower() in CONV_OPS and r.outputs)
         or frozenset({4}),
     )
-    out = [f for r in records if r.op not in SKIP_OPS for f in _forward_findings(ctx, r) + _backward_findings(ctx, r)]
+    out = [
+        f
+        for r in records
+        if r.op not in SKIP_OPS
+        for f in _forward_findings(ctx, r) + _inside_findings(ctx, r) + _backward_findings(ctx, r)
+    ]
     # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding
     kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in out]
     convs = {r.name for r in records if r.op_name.lower() in CONV_OPS}

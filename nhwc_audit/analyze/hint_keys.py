@@ -7,6 +7,7 @@ __all__ = [
     "AMBIGUOUS_ORIGIN",
     "BACKWARD_DENSE",
     "BACKWARD_INSIDE",
+    "FORWARD_INSIDE",
     "COMPUTED_WEIGHT",
     "DENSE_COPY",
     "HEAD_FOLD",
@@ -64,3 +65,8 @@ removes it."""
 BACKWARD_DENSE = "@backward-dense"
 """Key of the backward hint for what a backward kernel copies inside of a saved input not dense in memory
 (a channel slice of a channels_last map) made dense, a weight gradient's copy beside it or not."""
+
+FORWARD_INSIDE = "@forward-inside"
+"""Key of the revert (or conversion) hint for what a convolution's kernel copies inside of its weight or of
+what it made (the CPU's slow backend for a Conv3d at batch 1 copies its channels_last weight into NCDHW):
+intrinsic, no change to the model's ops removes it."""

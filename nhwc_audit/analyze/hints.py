@@ -13,10 +13,7 @@ from __future__ import annotations
 from ..records import FindingKind
 from .hint_keys import (
     AMBIGUOUS_ORIGIN,
-    BACKWARD_DENSE,
-    BACKWARD_INSIDE,
     COMPUTED_WEIGHT,
-    DENSE_COPY,
     HEAD_FOLD,
     HIDDEN,
     ND_TRANSPOSE,
@@ -26,6 +23,7 @@ from .hint_keys import (
     STORED_TABLE,
     WEIGHT_RESHAPE,
 )
+from .kernel_hints import KERNEL_HINTS
 
 __all__ = [
     "HintTable",
@@ -288,33 +286,6 @@ def default_hints() -> HintTable:
             "copies between NHWC and NCHW while it runs, e.g. padding_mode='circular' pads in NCHW "
             "first): use a variant without the internal copy, or accept the cost",
         )
-    _register(
-        t,
-        FindingKind.CONVERSION,
-        (DENSE_COPY,),
-        "{op} reads a slice of a channels_last map along its channels (torch.split, chunk, x[:, a:b]), "
-        "which channels_last memory holds in no dense order, so its kernel copies it whole first; NCHW "
-        "memory holds one sample's channel slice densely (batch 1) and reads it in place: make each "
-        "part its own output (two convolutions rather than one and a split), or accept the cost",
-    )
-    _register(
-        t,
-        FindingKind.BACKWARD,
-        (BACKWARD_INSIDE,),
-        "in backward, the kernel of {op} on {device} copies inside, every step, what it computed into another "
-        "layout, where the NCHW model's does not ({detail}): a channels_last convolution's backward on the "
-        "CPU (oneDNN) computes its weight gradient in NCHW and copies it into channels_last (as large as the "
-        "weights at any batch; the slow backend the CPU picks for small maps copies other tensors instead). "
-        "No change to the model removes it: weigh it against what channels_last saves in forward and backward",
-    )
-    _register(
-        t,
-        FindingKind.BACKWARD,
-        (BACKWARD_DENSE,),
-        "in backward, the kernel of {op} on {device} copies inside, every step, what the NCHW model's "
-        "does not ({detail}): a channel slice of a channels_last map it saved (torch.split, chunk, "
-        "x[:, a:b]), dense in no memory format, is copied whole first, where NCHW memory holds one "
-        "sample's slice densely; a weight gradient it copies besides is the kernel's own. Make each "
-        "part its own output (two convolutions rather than one and a split), or accept the cost",
-    )
+    for kind, keys, text in KERNEL_HINTS:
+        _register(t, kind, keys, text)
     return t

@@ -22,6 +22,7 @@ from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
+from .conv_kernels import own_copies
 from .kernel_copies import Asked, kernel_copies, library_op
 
 __all__ = [
@@ -219,7 +220,7 @@ class CopyRecorder(GuardedMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
-    def __init__(self, shared: frozenset[int] = frozenset(), *, relays: bool = False) -> None:
+    def __init__(self, shared: frozenset[int] = frozenset(), *, relays: bool = False, recording: bool = True) -> None:
         super().__init__(shared)
         self.copies: list[HiddenCopy] = []
         self.relays = relays
@@ -234,17 +235,20 @@ class CopyRecorder(GuardedMode):
         the ops reading their outputs (``unsure``: a fake 5D pad inside a Conv3d writes NCDHW)."""
         self.unsure: set[int] = set()
         self.deferred: list[tuple[Any, Any, Any]] = []
-        self.recording = True
+        self.recording = recording
         """Keep copies (False while the caller runs ops of its own under the mode)."""
         self.on_stack = False
         """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
         see into: :func:`recorder_blind`)."""
         self.asked: Asked = {}
-        """A fake run's kernels asked on zeros (:func:`~.kernel_copies.kernel_copies`)."""
+        """A fake run's kernels asked on zeros (:func:`~.kernel_copies.kernel_copies`), and the
+        convolutions' own copies by signature (:func:`~.conv_kernels.own_copies`)."""
+        self.own: list[HiddenCopy] = []
+        """The node's convolution kernels' copies of their weights or of what they made."""
 
     def start(self, boundary: frozenset[int], recording: bool) -> None:
         """Begin a node: nothing kept yet; ``boundary``, the ``id()`` of its inputs."""
-        self.copies, self.relayed, self.unsure, self.deferred = [], [], set(), []
+        self.copies, self.own, self.relayed, self.unsure, self.deferred = [], [], [], set(), []
         self.boundary, self.recording = boundary, recording
 
     def settled(self, result: Any) -> list[tuple[HiddenCopy, int, int]]:
@@ -269,11 +273,15 @@ class CopyRecorder(GuardedMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.guard(func, args, kwargs)
-        inside = kernel_copies(func, args, kwargs or {}, self.guard, self.asked)
-        out = func(*args, **(kwargs or {})) if inside is None else inside[0]
+        kw = kwargs or {}
+        inside = own_copies(func, args, kw, self.guard, self.asked) or kernel_copies(
+            func, args, kw, self.guard, self.asked
+        )
+        out = func(*args, **kw) if inside is None else inside[0]
         if inside is not None and inside[1]:  # what its kernel copied: a library's (roi_align: its input), a slice's
             if self.recording:
-                self.copies += inside[1]
+                self.copies += [c for c in inside[1] if not c.result]
+                self.own += [c for c in inside[1] if c.result]  # a convolution's weight (a slow backend's)
             if library_op(func):  # it computed from its copies: its output is no relay of its inputs
                 return out
         if self.recording:

@@ -30,6 +30,7 @@ from ..prepare.copy import plain_tensors
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
+from .conv_kernels import own_copies
 from .corrections import Corrections
 from .dispatch import GuardedMode, is_alias_of
 from .kernel_copies import Asked, kernel_copies
@@ -142,7 +143,9 @@ class _Recorder(GuardedMode):
         }
         inside = None  # what its kernel copied (torchvision's roi_align: its input; a slice made dense)
         try:
-            inside = kernel_copies(func, args, kwargs, self.guard, self.asked)
+            inside = own_copies(func, args, kwargs, self.guard, self.asked) or kernel_copies(
+                func, args, kwargs, self.guard, self.asked
+            )
             out = func(*args, **kwargs) if inside is None else inside[0]
         except NhwcAuditError:
             raise  # the audit's own (a guard of a nested mode)
@@ -159,7 +162,9 @@ class _Recorder(GuardedMode):
         if rec["aliases"] and rec["op_name"] == "view" and op == "view":
             rec["latent"] = _latent_view_error(func, args, kwargs, outs, ins)
         copy = hidden_copy(func, args, out)
-        rec["hidden"] = ([copy] if copy is not None else []) + (inside[1] if inside is not None else [])
+        copies = inside[1] if inside is not None else []  # a convolution's of its weight: its own (result)
+        rec["hidden"] = ([copy] if copy is not None else []) + [c for c in copies if not c.result]
+        rec["inside"] = tuple(c for c in copies if c.result)
         for t in outs:
             self.producer[t] = rec["name"]
         self.records.append(rec)
@@ -264,6 +269,7 @@ def record_eager(
                 error=r.get("error"),
                 in_leaf_module=torch_nn.get(r["module_path"], False),  # paths come from the hooks above
                 hidden=tuple(r["hidden"]),
+                inside=r.get("inside", ()),
                 call=r["call"],
                 call_at_site=r["at_site"],
                 latent_error=r.get("latent"),

@@ -25,6 +25,7 @@ from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
 from .blind import function_blind, maybe_blind, recorder_blind
 from .breaks import as_traced, latent_error, retry_nchw
+from .conv_kernels import CONV_MODULES, call_key
 from .corrections import Corrections
 from .dispatch import CopyRecorder, inner_copies, is_alias_of
 from .grad_hooks import Grads, hook_gradients
@@ -64,9 +65,7 @@ class LayoutProp(torch.fx.Interpreter):
         self.record_hidden = record_hidden
         self.shared = shared
         self.skeleton = skeleton
-        self._recorder = CopyRecorder(shared) if (record_hidden or shared) else None
-        if self._recorder is not None:
-            self._recorder.recording = False
+        self._recorder = CopyRecorder(shared, recording=False) if (record_hidden or shared) else None
         self._blind_ok = False  # calls the recorder cannot see into may run without it (.blind)
         # the repair's measurements (fix.measure): every value by name; asked after each node, True stops
         self.kept: dict[str, Any] | None = None
@@ -85,6 +84,8 @@ class LayoutProp(torch.fx.Interpreter):
         self._callee = {n: self._modules.get(str(n.target)) or self.fetch_attr(str(n.target)) for n in modules}
         self._leaf_weights = PerNode(functools.partial(own_weights, callee=self._callee))  # static during the run
         self._blind_functions = {n for n in self._nodes if n.op == "call_function" and maybe_blind(n.target)}
+        self._convs = {n for n, m in self._callee.items() if isinstance(m, CONV_MODULES)}
+        self._own: dict[Any, tuple[HiddenCopy, ...]] = {}  # a conv module's kernel copies, by call_key
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
@@ -117,6 +118,8 @@ class LayoutProp(torch.fx.Interpreter):
         inputs = self._inputs(n)
         error: str | None = None
         hidden: list[HiddenCopy] = []
+        own: tuple[HiddenCopy, ...] = ()
+        key = call_key(self._callee[n], args, kwargs) if n in self._convs else None  # its kernel asked once
         sk = self.skeleton
         versions = versions_of(inputs)
         try:
@@ -125,6 +128,7 @@ class LayoutProp(torch.fx.Interpreter):
                 result = self._call(n, args, kwargs)
             elif (
                 self._blind_ok
+                and (key is None or key in self._own)
                 and (
                     recorder_blind(self._callee[n], (args, kwargs), rec.shared)
                     if n in self._callee
@@ -134,6 +138,7 @@ class LayoutProp(torch.fx.Interpreter):
             ):
                 # asked per call: the model's code may add a hook or change a setting between two calls
                 result = self._call(n, args, kwargs)
+                own = self._own.get(key, ())  # its kernel's copies, those of its first call of this signature
             else:  # one mode for the whole run: pushing one per node costs more
                 if not rec.on_stack:
                     torch._C._push_on_torch_dispatch_stack(rec)
@@ -145,6 +150,9 @@ class LayoutProp(torch.fx.Interpreter):
                     rec.recording = False
                 relayed = rec.settled(result)
                 hidden = rec.copies + inner_copies(relayed, [t for _, t in inputs], result) if relayed else rec.copies
+                own = tuple(rec.own)
+                if key is not None:
+                    self._own[key] = own
             if sk is not None:
                 sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:
@@ -166,7 +174,7 @@ class LayoutProp(torch.fx.Interpreter):
         )
         if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
             wrote = error is None and written(inputs, versions)
-            self._record(n, inputs, result, error, tuple(hidden), latent, wrote)
+            self._record(n, inputs, result, error, tuple(hidden), latent, wrote, own)
         if self.grads is not None and n.op not in ("output", "get_attr"):
             hook_gradients(n.name, result, self.grads)
         if self._progress is not None:
@@ -228,6 +236,7 @@ class LayoutProp(torch.fx.Interpreter):
         hidden: tuple[HiddenCopy, ...] = (),
         latent: str | None = None,
         wrote: bool = False,
+        own: tuple[HiddenCopy, ...] = (),
     ) -> None:
         ctx = self._contexts[n]
         outputs: list[TensorMeta] = []
@@ -239,11 +248,11 @@ class LayoutProp(torch.fx.Interpreter):
                 if not aliases:
                     aliases = any(is_alias_of(t, i) for i in in_tensors)
         self._pending.append(
-            (n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden, wrote)
+            (n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden, wrote, own)
         )
 
     def _built(self) -> None:
-        for n, ctx, inputs, outputs, aliases, error, latent, hidden, wrote in self._pending:
+        for n, ctx, inputs, outputs, aliases, error, latent, hidden, wrote, own in self._pending:
             self.records.append(
                 NodeRecord(
                     index=self._index[n],
@@ -264,6 +273,7 @@ class LayoutProp(torch.fx.Interpreter):
                     latent_error=latent,
                     in_leaf_module=ctx.in_leaf_module,
                     hidden=hidden,
+                    inside=own,
                 )
             )
         self._pending.clear()
@@ -284,16 +294,14 @@ def propagate(
     grad: bool = False,
     grads: Grads | None = None,
 ) -> tuple[list[NodeRecord], Any]:
-    """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already
-    channels_last) sample under ``no_grad``; return one record per node, in graph order, and
-    the graph's output. The caller owns copying the model and the sample. ``flat_inputs``: the
-    graph takes the pytree leaves of (args, kwargs), as torch.export graphs do. ``shared``:
-    storages of the user's weights the graph reads in place; a write to one raises
-    :class:`SharedWeightWrite` before it happens. ``skeleton`` collects what the replay check
-    needs (:mod:`.replay`). ``corrections`` (fake runs) makes known meta-kernel errors follow
-    eager (:mod:`.corrections`). ``grad``: run with autograd instead, as training runs the model;
-    ``grads``: each node's output hooked to note there the gradients a later backward hands it
-    (:mod:`.backward`)."""
+    """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already channels_last)
+    sample under ``no_grad``; return one record per node, in graph order, and the graph's output.
+    The caller owns copying the model and the sample. ``flat_inputs``: the graph takes the pytree
+    leaves of (args, kwargs), as torch.export graphs do. ``shared``: storages of the user's weights
+    the graph reads in place; a write to one raises :class:`SharedWeightWrite` before it happens.
+    ``skeleton`` collects what the replay check needs (:mod:`.replay`). ``corrections`` (fake runs)
+    makes known meta-kernel errors follow eager (:mod:`.corrections`). ``grad``: run with autograd,
+    as training does; ``grads``: each node's output hooked for its gradients (:mod:`.backward`)."""
     interp = LayoutProp(
         gm,
         graph=graph,
@@ -305,10 +313,8 @@ def propagate(
         grad=grad,
         grads=grads,
     )
-    if flat_inputs:
-        values = list(tree_leaves((args, kwargs or {})))
-    else:
-        values = positional_inputs(interp.graph, args, kwargs or {})
+    kw = kwargs or {}
+    values = list(tree_leaves((args, kw))) if flat_inputs else positional_inputs(interp.graph, args, kw)
     with autograd(grad):
         out = interp.run(*values, enable_io_processing=False)
     return interp.records, out

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 _KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
-_EXPLICIT = torch._C.DispatchKey.CompositeExplicitAutograd
+_COMPOSITE = (torch._C.DispatchKey.CompositeExplicitAutograd, torch._C.DispatchKey.CompositeImplicitAutograd)
 _OWN = frozenset({"aten", "prim", "prims"})
 
 
@@ -182,7 +182,8 @@ def probed(
     key = _KEYS.get(devices.pop()) if len(devices) == 1 else None
     if key is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
         # torch.library.custom_op without device_types, an ATen op made of others: one kernel for every device
-        key = _EXPLICIT if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _EXPLICIT) else None
+        # (made of ATen ops only, ``slow_conv3d``'s, below autograd: the ops it calls come to the mode)
+        key = next((k for k in _COMPOSITE if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), k)), None)
     if key is None:
         return None
     inside = _Inside(guard, aten=not library_op(func), activations=activations)

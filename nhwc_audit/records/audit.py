@@ -151,6 +151,7 @@ class Summary:
     spatial_bytes: int
     nchw_bytes: int
     reverts: int
+    """Of these counts, none is of an :attr:`Finding.intrinsic` finding (a kernel's own copy)."""
     conversions: int
     mixed: int
     breaks: int
@@ -164,8 +165,9 @@ class Summary:
     trained: bool = False
     """The records carry one backward pass (a train audit's, or its repair's): bytes are per step."""
     intrinsic_bytes: int = 0
-    """Of :attr:`bytes_moved`, the :attr:`Finding.intrinsic` findings': what the backward kernels copy
-    inside on the device audited whatever the model does (a CPU convolution's weight gradient)."""
+    """Of :attr:`bytes_moved`, the :attr:`Finding.intrinsic` findings': what the convolution kernels copy
+    inside on the device audited whatever the model does (a CPU convolution's weight gradient, the slow
+    backends' copy of a channels_last weight)."""
 
     @property
     def findings(self) -> int:

@@ -143,6 +143,12 @@ class NodeRecord:
     """The node is (or runs inside) a torch.nn leaf module (fixes group by module type)."""
     hidden: tuple[HiddenCopy, ...] = ()
     """Layout-changing copies seen at ATen level while this node ran (real mode)."""
+    inside: tuple[HiddenCopy, ...] = ()
+    """What its convolution's kernel copied of its weight or of what it made
+    (:attr:`HiddenCopy.result`; the CPU's slow backends copy a channels_last weight into NCHW every
+    call, :mod:`~nhwc_audit.propagate.conv_kernels`)."""
+    nchw_inside: int = 0
+    """Bytes the same node's kernels copy so (:attr:`inside`) when the model runs NCHW."""
     grads: tuple[TensorMeta, ...] = ()
     """With ``train=True``: the gradients that arrived at this node's outputs in backward."""
     backward: tuple[HiddenCopy, ...] = ()

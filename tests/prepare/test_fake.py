@@ -103,7 +103,7 @@ def test_backward_audit_finds_nchw_gradients() -> None:
     every = sum(f.bytes for f in r.findings if f.kind.value == "backward")  # the weight gradients' copies too
     assert every == eager_backward_bytes(M.InstanceNormNet(), (torch.randn(2, 3, 8, 8),)).added
     assert "InstanceNorm2d" in back[0].hint
-    assert r.summary.backward == len([f for f in r.findings if f.kind.value == "backward"])
+    assert r.summary.backward == len(back) < len([f for f in r.findings if f.kind.value == "backward"])  # (own apart)
     assert r.to_dict()["nodes"][1]["grad_layouts"] == ["contiguous"]
 
 

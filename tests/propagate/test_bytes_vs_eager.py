@@ -115,9 +115,11 @@ def test_a_convolution_that_reverts_is_charged_its_input(capture: str) -> None:
     x = torch.randn(1, 3, 4, 32, 32)
     model = r2plus1d_stem()
     r = audit(model, x, bandwidth=1e9, capture=capture)
-    reverts = [f for f in r.findings if f.kind.value == "revert"]
+    reverts = [f for f in r.findings if f.kind.value == "revert" and not f.intrinsic]
     assert len(reverts) == 1
     assert reverts[0].bytes == 2 * 45 * 4 * 16 * 16 * 4  # the 45-channel input, not the 64-channel output
+    # (at batch 1 the CPU's slow backend copies each channels_last_3d weight too: the kernel's own)
+    assert {f.node for f in r.findings if f.intrinsic} == {f.node for f in r.findings if f.op == "Conv3d"}
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
 
 

@@ -126,13 +126,14 @@ def test_replay_vouches_for_faithful_graphs(build, shape) -> None:  # type: igno
 def _count_calls(module: nn.Module, note: Any) -> None:
     """Note each run of ``module`` (a forward of its own, not a hook: the audit's copies keep
     it, and the replay refuses models with hooks)."""
-    forward = module.forward
+    base = type(module)
 
-    def counted(*args: Any) -> Any:
+    def forward(self: nn.Module, *args: Any) -> Any:
         note(args)
-        return forward(*args)
+        return base.forward(self, *args)
 
-    module.forward = counted  # type: ignore[method-assign]
+    # a subclass, not a bound method in the instance: the audit's copy runs its own weights
+    module.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__})  # fx's leaf
 
 
 @pytest.mark.parametrize("batch,calls", [(1, [1]), (4, [4])])

@@ -1,0 +1,50 @@
+"""Hints for what kernels copy inside, that no layout of a node's shows (a channel slice made dense,
+a convolution's copies of its weight or of what it computed): rows of (finding kind, hint keys, text)
+that :func:`.hints.default_hints` registers with the rest."""
+
+from __future__ import annotations
+
+from ..records import FindingKind
+from .hint_keys import BACKWARD_DENSE, BACKWARD_INSIDE, DENSE_COPY, FORWARD_INSIDE
+
+__all__ = ["KERNEL_HINTS"]
+
+_FORWARD_INSIDE = (
+    "the kernel of {op} on {device} copies inside, every call, what the NCHW model's does not ({detail}): at "
+    "this shape the CPU runs it on its slow backend (a Conv3d or ConvTranspose3d at batch 1 in float32), which "
+    "computes in contiguous (NCHW, NCDHW) order and copies a {channels_last} weight into that order (its input's "
+    "re-lay is charged apart). No change to the model's ops removes it: a batch of 2 or more, or bfloat16, "
+    "picks oneDNN here, which reads the weight as it is; weigh it against what {channels_last} saves elsewhere"
+)
+
+
+KERNEL_HINTS: tuple[tuple[FindingKind, tuple[str, ...], str], ...] = (
+    (
+        FindingKind.CONVERSION,
+        (DENSE_COPY,),
+        "{op} reads a slice of a channels_last map along its channels (torch.split, chunk, x[:, a:b]), "
+        "which channels_last memory holds in no dense order, so its kernel copies it whole first; NCHW "
+        "memory holds one sample's channel slice densely (batch 1) and reads it in place: make each "
+        "part its own output (two convolutions rather than one and a split), or accept the cost",
+    ),
+    (
+        FindingKind.BACKWARD,
+        (BACKWARD_INSIDE,),
+        "in backward, the kernel of {op} on {device} copies inside, every step, what it computed into another "
+        "layout, where the NCHW model's does not ({detail}): a channels_last convolution's backward on the "
+        "CPU (oneDNN) computes its weight gradient in NCHW and copies it into channels_last (as large as the "
+        "weights at any batch; the slow backend the CPU picks for small maps copies other tensors instead). "
+        "No change to the model removes it: weigh it against what channels_last saves in forward and backward",
+    ),
+    (
+        FindingKind.BACKWARD,
+        (BACKWARD_DENSE,),
+        "in backward, the kernel of {op} on {device} copies inside, every step, what the NCHW model's "
+        "does not ({detail}): a channel slice of a channels_last map it saved (torch.split, chunk, "
+        "x[:, a:b]), dense in no memory format, is copied whole first, where NCHW memory holds one "
+        "sample's slice densely; a weight gradient it copies besides is the kernel's own. Make each "
+        "part its own output (two convolutions rather than one and a split), or accept the cost",
+    ),
+    (FindingKind.REVERT, (FORWARD_INSIDE,), _FORWARD_INSIDE),
+    (FindingKind.CONVERSION, (FORWARD_INSIDE,), _FORWARD_INSIDE),
+)

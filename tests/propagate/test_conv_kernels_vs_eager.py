@@ -1,0 +1,103 @@
+"""A convolution's kernel copies inside of its weight, forward: the CPU's slow backends.
+
+On the CPU (torch 2.14.1) a float32 Conv3d or ConvTranspose3d at batch 1 runs on the slow backend,
+which computes NCDHW and copies a channels_last_3d weight into it on every call
+(``weight.contiguous()`` inside ``slow_conv3d_forward``); the op's layouts show only its input's
+re-lay. The audit charges the weight's copy as an intrinsic finding, as the profiler sees it and as
+the ground truth (``tests/eager_bytes.py``) counts it, in every capture and mode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+from nhwc_audit.propagate import conv_kernels
+from tests.eager_bytes import eager_bytes
+from tests.support import conv_forward_copies
+
+CASES = {
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(8, 16, 3, padding=1)), (1, 8, 12, 12, 12)),
+    "conv3d_stem_stride2": (lambda: nn.Sequential(nn.Conv3d(3, 16, 3, stride=2, padding=1)), (1, 3, 16, 16, 16)),
+    "conv3d_1x3x3": (lambda: nn.Sequential(nn.Conv3d(8, 16, (1, 3, 3), padding=(0, 1, 1))), (1, 8, 8, 12, 12)),
+    "conv_transpose3d": (lambda: nn.Sequential(nn.ConvTranspose3d(16, 8, 2, stride=2)), (1, 16, 8, 8, 8)),
+    "conv_transpose3d_k3": (
+        lambda: nn.Sequential(nn.ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1)),
+        (1, 16, 8, 8, 8),
+    ),
+    "two_alike": (
+        lambda: nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1)),
+        (1, 8, 10, 10, 10),
+    ),
+}
+
+
+def _case(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    build, shape = CASES[name]
+    return build().eval(), torch.randn(shape)
+
+
+def _profiled(model: nn.Module, x: torch.Tensor) -> int:
+    """The weight copies channels_last_3d adds, as the profiler sees them."""
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    return conv_forward_copies(cl, x.to(memory_format=torch.channels_last_3d)) - conv_forward_copies(model, x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_slow_backends_weight_copy_is_charged_as_the_profiler_sees_it(name: str, mode: str, capture: str) -> None:
+    torch.set_num_threads(1)
+    model, x = _case(name)
+    r = audit(model, x, mode=mode, capture=capture)
+    inside = [f for f in r.findings if f.intrinsic]
+    assert sum(f.bytes for f in inside) == _profiled(model, x) > 0
+    assert all(f.kind.value == "revert" and "slow backend" in f.hint for f in inside)
+    eb = eager_bytes(model, (x,))
+    assert sum(f.bytes for f in r.findings) == eb.added
+    assert sum(f.bytes for f in r.findings if not f.intrinsic) == eb.relayed
+
+
+def test_the_export_capture_charges_it_too() -> None:
+    torch.set_num_threads(1)
+    model, x = _case("two_alike")
+    r = audit(model, x, capture="export")
+    assert sum(f.bytes for f in r.findings if f.intrinsic) == _profiled(model, x) > 0
+
+
+def test_every_call_of_a_signature_is_charged_once_asked() -> None:
+    """The second convolution runs with the recorder off (its signature was asked at the first):
+    both are charged their weight's copy."""
+    torch.set_num_threads(1)
+    model, x = _case("two_alike")
+    r = audit(model, x)
+    charged = {f.node: f.bytes for f in r.findings if f.intrinsic}
+    assert len(charged) == 2 and len(set(charged.values())) == 1
+    # only the first re-lays its input: the second reads the first's NCDHW output, intrinsic alone
+    first = min(charged, key=lambda name: next(n.index for n in r.nodes if n.name == name))
+    assert [n.name for n in r.incompatible_nodes] == [first]
+
+
+def test_batch_two_runs_onednn_and_copies_no_weight() -> None:
+    torch.set_num_threads(1)
+    model, _ = _case("conv3d")
+    x = torch.randn(2, 8, 12, 12, 12)
+    assert _profiled(model, x) == 0
+    r = audit(model, x)
+    assert not r.findings and r.summary.intrinsic_bytes == 0
+
+
+def test_a_fake_run_too_large_to_ask_whole_asks_a_cut_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the probe limit the fake run asks the kernel on a copy cut along its spatial dims that
+    keeps the backend: the weight's copy is the whole problem's."""
+    torch.set_num_threads(1)
+    model, x = _case("conv3d")
+    real = sum(f.bytes for f in audit(model, x).findings if f.intrinsic)
+    monkeypatch.setattr(conv_kernels, "PROBE_NUMEL", 2000)
+    fake = audit(model, x, mode="fake")
+    assert sum(f.bytes for f in fake.findings if f.intrinsic) == real > 0
