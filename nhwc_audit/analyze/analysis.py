@@ -157,7 +157,9 @@ def summarize(
     spatial = share_ops(records)
     in_regions = {n for reg in regions for n in reg.nodes}
     spatial_bytes, nchw_bytes = activation_bytes(spatial, in_regions)
-    count = {k: sum(1 for f in findings if f.kind is k and not f.intrinsic) for k in FindingKind}  # (a kernel's own: apart)
+    count = {
+        k: sum(1 for f in findings if f.kind is k and not f.intrinsic) for k in FindingKind
+    }  # (a kernel's own: apart)
     moved = sum(f.bytes for f in findings)
     return Summary(
         nodes=len(records),

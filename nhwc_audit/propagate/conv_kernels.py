@@ -26,9 +26,22 @@ from torch.utils._pytree import tree_map
 from ..channels import laid_out
 from ..records import HiddenCopy, Layout
 from ..tensors import iter_tensors
-from .kernel_copies import PROBE_NUMEL, Asked, Guard, asked_on_zeros, fake_below, probed, signature
+from .kernel_copies import PROBE_NUMEL, Guard, asked_on_zeros, fake_below, probed, signature
 
-__all__ = ["CONVOLUTION", "CONV_BACKWARD", "CONV_MODULES", "call_key", "cut", "own_copies", "unguarded"]
+__all__ = [
+    "BY_SIGNATURE",
+    "CONVOLUTION",
+    "CONV_BACKWARD",
+    "CONV_MODULES",
+    "Answer",
+    "Kernels",
+    "call_key",
+    "cut",
+    "kernel_key",
+    "known",
+    "own_copies",
+    "unguarded",
+]
 
 CONVOLUTION = torch.ops.aten.convolution.default
 CONV_BACKWARD = torch.ops.aten.convolution_backward.default
@@ -45,30 +58,104 @@ def _input(args: Any) -> list[torch.Tensor]:
     return [args[0]] if isinstance(args[0], torch.Tensor) else []
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What a convolution's kernel copied of its own in one call, and that call's input, weight and
+    output shapes: each copy is shaped as one of them, so a call of another size on the same kernel
+    path copies the same tensors at its own sizes (:meth:`at`)."""
+
+    copies: tuple[HiddenCopy, ...]
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+    def at(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tuple[HiddenCopy, ...]:
+        """The copies a call on ``x`` and ``w`` giving ``out`` makes."""
+        now = (tuple(x.shape), tuple(w.shape), tuple(out.shape))
+        if now == self.shapes:
+            return self.copies
+        role = dict(zip(self.shapes, now, strict=True))
+        return tuple(
+            dataclasses.replace(
+                c, shape=role[c.shape], bytes=c.bytes * math.prod(role[c.shape]) // max(math.prod(c.shape), 1)
+            )
+            for c in self.copies
+        )
+
+
+Kernels = dict[Any, Answer | str]
+"""A run's answers by kernel path (:func:`kernel_key`), or by signature where a copy was shaped as
+none of the call's input, weight or output (the path key then holds :data:`BY_SIGNATURE`)."""
+
+BY_SIGNATURE = "by signature"
+
+
+def kernel_key(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: bool,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    transposed: bool,
+    groups: int,
+) -> Any:
+    """What a convolution kernel's own copies depend on but its tensors' sizes: the backend it runs
+    on (``torch._C._select_conv_backend``, the dispatcher's own choice: the CPU's reads N x C x D x H),
+    the formats its input and weight are dense in, their dtypes and device, and the settings that take
+    other paths inside (transposed, grouped, strided, dilated, padded, a 1 x 1 kernel, a bias). None
+    where no backend is chosen (padding given as a string: the call's own is then asked)."""
+    try:
+        backend = torch._C._select_conv_backend(
+            x, w, None, stride, padding, dilation, transposed, [0] * len(stride), groups, [w.shape[0]] if bias else None
+        )
+    except Exception:
+        return None
+    ones = (all(s == 1 for s in stride), all(d == 1 for d in dilation), all(p == 0 for p in padding))
+    return (
+        "conv",
+        backend,
+        _laid(x),
+        _laid(w),
+        x.dtype,
+        w.dtype,
+        x.device.type,
+        x.dim(),
+        transposed,
+        groups > 1,
+        ones,
+        all(k == 1 for k in w.shape[2:]),
+        bias,
+    )
+
+
 def own_copies(
-    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, asked: Asked
+    func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, kernels: Kernels
 ) -> tuple[Any, list[HiddenCopy]] | None:
     """``(output, the copies its kernel made of its weight or of what it made)`` of a forward
     convolution on tensors dense in memory (:func:`~nhwc_audit.channels.laid_out`; a channel slice's
     copy is :func:`~.kernel_copies.kernel_copies`'), its kernel run with a recording mode the first
-    time its signature is met in ``asked`` (a fake run's: asked on zeros, or on a cut copy,
-    :func:`cut`). None, and nothing run, for other ops, or where another mode is below the caller's."""
-    if func is not CONVOLUTION:
+    time its kernel path is met in ``kernels`` (:func:`kernel_key`; a fake run's: asked on zeros, or on
+    a cut copy, :func:`cut`). None, and nothing run, for other ops, or where another mode is below the
+    caller's."""
+    if func is not CONVOLUTION or kwargs:
         return None
-    tensors = iter_tensors((args, kwargs))
+    tensors = iter_tensors(args)
     if not tensors or not all(map(laid_out, tensors)):
         return None
     fake = any(isinstance(t, FakeTensor) for t in tensors) or fake_below()
     if not fake and torch._C._len_torch_dispatch_stack() > 0:
         return None
-    key = repr(("own", tree_map(signature, (args, kwargs))))
-    known = asked.get(key)
-    if known is not None:
-        return func(*args, **kwargs), known
+    x, w, b, stride, padding, dilation, transposed, _, groups = args
+    key = kernel_key(x, w, b is not None, stride, padding, dilation, transposed, groups)
+    if kernels.get(key) == BY_SIGNATURE:
+        key = repr(tree_map(signature, args))
+    known = kernels.get(key)
+    if isinstance(known, Answer):
+        out = func(*args)
+        return out, list(known.at(x, w, out))
     if fake:
         whole = all(t.numel() <= PROBE_NUMEL for t in tensors)
         found = asked_on_zeros(func, args, kwargs, guard, tensors, _input) if whole else cut(func, args)
-        out = func(*args, **kwargs)
+        out = func(*args)
     else:
         ran = probed(func, args, kwargs, guard, _input(args))
         if ran is None:  # a subclass, a quantized tensor: run as it is
@@ -76,29 +163,53 @@ def own_copies(
         out, found = ran
     # (a bias broadcast into the output, in any layout, is no layout's copy)
     moved = [c for c in found or () if c.result and c.layout_in not in (c.layout_out, Layout.AMBIGUOUS)]
-    asked[key] = [dataclasses.replace(c, op="convolution") for c in moved]
-    return out, asked[key]
+    answer = Answer(tuple(dataclasses.replace(c, op="convolution") for c in moved), _shapes(x, w, out))
+    roles = len(set(answer.shapes)) == 3 or not answer.copies  # (an input shaped as the output: whose copy?)
+    if key is not None and roles and all(c.shape in answer.shapes for c in answer.copies):
+        kernels[key] = answer
+    elif key is not None:  # a copy of a part (a group's): this call's own, by its signature
+        kernels[key], kernels[repr(tree_map(signature, args))] = BY_SIGNATURE, answer
+    return out, list(answer.copies)
+
+
+def _shapes(
+    x: torch.Tensor, w: torch.Tensor, out: torch.Tensor
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    return tuple(x.shape), tuple(w.shape), tuple(out.shape)
 
 
 def call_key(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """What a torch.nn convolution module's kernel copies depend on in a call of it on ``args``:
-    its input's and weights' signatures and its settings (a call with more than its input, a
-    ConvTranspose's ``output_size``: a key of its own, never met again)."""
+    """:func:`kernel_key` of a call of a torch.nn convolution module on ``args`` (as its forward
+    calls the op); None for a call with more than its input (a ConvTranspose's ``output_size``) or a
+    padding given as a string, whose kernel is asked at each call."""
     if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
-        return object()
+        return None
     own = module.__dict__
-    b = own["_parameters"].get("bias")
-    return (
-        type(module),
-        signature(args[0]),
-        signature(own["_parameters"]["weight"]),
-        b is None,
-        own.get("stride"),
-        own.get("padding"),
-        own.get("dilation"),
-        own.get("groups"),
-        own.get("output_padding"),
+    params = own["_parameters"]
+    padding = own.get("padding")
+    if isinstance(padding, str):
+        return None
+    transposed = isinstance(module, _TRANSPOSED)
+    return kernel_key(
+        args[0],
+        params["weight"],
+        params.get("bias") is not None,
+        own["stride"],
+        padding,
+        own["dilation"],
+        transposed,
+        own["groups"],
     )
+
+
+def known(kernels: Kernels, key: Any) -> Answer | None:
+    """The answer a conv module's call of ``key`` (:func:`call_key`) has in ``kernels``: None where its
+    kernel must be asked (a key never met, or one answered by signature)."""
+    got = kernels.get(key) if key is not None else None
+    return got if isinstance(got, Answer) else None
+
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}

@@ -22,7 +22,7 @@ from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..layout import tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
-from .conv_kernels import own_copies
+from .conv_kernels import Kernels, own_copies
 from .kernel_copies import Asked, kernel_copies, library_op
 
 __all__ = [
@@ -241,8 +241,9 @@ class CopyRecorder(GuardedMode):
         """Pushed on torch's dispatch stack (the interpreter takes it off for nodes it cannot
         see into: :func:`recorder_blind`)."""
         self.asked: Asked = {}
-        """A fake run's kernels asked on zeros (:func:`~.kernel_copies.kernel_copies`), and the
-        convolutions' own copies by signature (:func:`~.conv_kernels.own_copies`)."""
+        """A fake run's kernels asked on zeros (:func:`~.kernel_copies.kernel_copies`)."""
+        self.kernels: Kernels = {}
+        """The convolutions' own copies by kernel path (:func:`~.conv_kernels.own_copies`)."""
         self.own: list[HiddenCopy] = []
         """The node's convolution kernels' copies of their weights or of what they made."""
 
@@ -274,7 +275,7 @@ class CopyRecorder(GuardedMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.guard(func, args, kwargs)
         kw = kwargs or {}
-        inside = own_copies(func, args, kw, self.guard, self.asked) or kernel_copies(
+        inside = own_copies(func, args, kw, self.guard, self.kernels) or kernel_copies(
             func, args, kw, self.guard, self.asked
         )
         out = func(*args, **kw) if inside is None else inside[0]

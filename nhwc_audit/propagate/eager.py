@@ -30,7 +30,7 @@ from ..prepare.copy import plain_tensors
 from ..records import Layout, NodeInput, NodeRecord, SourceLoc
 from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
-from .conv_kernels import own_copies
+from .conv_kernels import Kernels, own_copies
 from .corrections import Corrections
 from .dispatch import GuardedMode, is_alias_of
 from .kernel_copies import Asked, kernel_copies
@@ -103,6 +103,7 @@ class _Recorder(GuardedMode):
         self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.counts: dict[str, int] = {}
         self.asked: Asked = {}  # a fake run's kernels asked on zeros
+        self.kernels: Kernels = {}  # the convolutions' own copies, by kernel path
 
     def _name(self, op: str) -> str:
         n = self.counts.get(op, 0)
@@ -143,7 +144,7 @@ class _Recorder(GuardedMode):
         }
         inside = None  # what its kernel copied (torchvision's roi_align: its input; a slice made dense)
         try:
-            inside = own_copies(func, args, kwargs, self.guard, self.asked) or kernel_copies(
+            inside = own_copies(func, args, kwargs, self.guard, self.kernels) or kernel_copies(
                 func, args, kwargs, self.guard, self.asked
             )
             out = func(*args, **kwargs) if inside is None else inside[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -25,7 +25,7 @@ from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
 from .blind import function_blind, maybe_blind, recorder_blind
 from .breaks import as_traced, latent_error, retry_nchw
-from .conv_kernels import CONV_MODULES, call_key
+from .conv_kernels import CONV_MODULES, call_key, known
 from .corrections import Corrections
 from .dispatch import CopyRecorder, inner_copies, is_alias_of
 from .grad_hooks import Grads, hook_gradients
@@ -85,7 +85,6 @@ class LayoutProp(torch.fx.Interpreter):
         self._leaf_weights = PerNode(functools.partial(own_weights, callee=self._callee))  # static during the run
         self._blind_functions = {n for n in self._nodes if n.op == "call_function" and maybe_blind(n.target)}
         self._convs = {n for n, m in self._callee.items() if isinstance(m, CONV_MODULES)}
-        self._own: dict[Any, tuple[HiddenCopy, ...]] = {}  # a conv module's kernel copies, by call_key
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
@@ -119,16 +118,16 @@ class LayoutProp(torch.fx.Interpreter):
         error: str | None = None
         hidden: list[HiddenCopy] = []
         own: tuple[HiddenCopy, ...] = ()
-        key = call_key(self._callee[n], args, kwargs) if n in self._convs else None  # its kernel asked once
+        rec, conv = self._recorder, n in self._convs  # a conv's kernel is asked once a path (.conv_kernels)
+        answer = known(rec.kernels, call_key(self._callee[n], args, kwargs)) if rec is not None and conv else None
         sk = self.skeleton
         versions = versions_of(inputs)
         try:
-            rec = self._recorder
             if rec is None:
                 result = self._call(n, args, kwargs)
             elif (
                 self._blind_ok
-                and (key is None or key in self._own)
+                and (not conv or answer is not None)
                 and (
                     recorder_blind(self._callee[n], (args, kwargs), rec.shared)
                     if n in self._callee
@@ -138,7 +137,8 @@ class LayoutProp(torch.fx.Interpreter):
             ):
                 # asked per call: the model's code may add a hook or change a setting between two calls
                 result = self._call(n, args, kwargs)
-                own = self._own.get(key, ())  # its kernel's copies, those of its first call of this signature
+                if answer is not None:  # its kernel's copies: those of its path's first call, at its sizes
+                    own = answer.at(args[0], cast(torch.Tensor, self._callee[n].weight), result)
             else:  # one mode for the whole run: pushing one per node costs more
                 if not rec.on_stack:
                     torch._C._push_on_torch_dispatch_stack(rec)
@@ -151,8 +151,6 @@ class LayoutProp(torch.fx.Interpreter):
                 relayed = rec.settled(result)
                 hidden = rec.copies + inner_copies(relayed, [t for _, t in inputs], result) if relayed else rec.copies
                 own = tuple(rec.own)
-                if key is not None:
-                    self._own[key] = own
             if sk is not None:
                 sk.note(n, [(i.producer, t) for i, t in inputs], versions, result)
         except PropagationError:

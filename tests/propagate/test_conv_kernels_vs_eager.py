@@ -29,6 +29,14 @@ CASES = {
         lambda: nn.Sequential(nn.ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1)),
         (1, 16, 8, 8, 8),
     ),
+    # the second and third run one kernel path (an NCDHW input, a channels_last_3d weight) at other
+    # sizes: the first one's answer, at each one's sizes
+    "three_sizes": (
+        lambda: nn.Sequential(
+            nn.Conv3d(8, 16, 3, padding=1), nn.Conv3d(16, 32, 3, padding=1), nn.Conv3d(32, 8, 3, padding=1)
+        ),
+        (1, 8, 8, 8, 8),
+    ),
     "two_alike": (
         lambda: nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1)),
         (1, 8, 10, 10, 10),
