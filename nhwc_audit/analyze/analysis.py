@@ -176,6 +176,7 @@ def summarize(
         bytes_moved=moved,
         est_seconds=moved / bandwidth if bandwidth > 0 else 0.0,
         trained=any(r.grads for r in records),
+        intrinsic=sum(1 for f in findings if f.intrinsic),
         intrinsic_bytes=sum(f.bytes for f in findings if f.intrinsic),
     )
 

@@ -110,7 +110,10 @@ def decide(
     reasons.append(f"{100 * moved_share:.1f}% of activation bytes are transposed {summary.per} {after}")
     if summary.intrinsic_bytes:
         share = summary.intrinsic_bytes / max(moved, 1)
-        reasons[-1] += f" ({100 * share:.1f}% of it copied inside the backward kernels on {device}: weight gradients)"
+        reasons[-1] += (
+            f" ({100 * share:.1f}% of it the convolution kernels' own copies on {device}, of weights or weight"
+            " gradients: no change to the model's ops removes them)"
+        )
     if moved_share > 0.25:
         against += 1
     if summary.spatial_nodes and summary.channels_last_node_share < 0.5:

@@ -66,10 +66,17 @@ class Finding:
     origin_op: str | None = None
     error: str | None = None
     intrinsic: bool = False
-    """A cost of the layout on the device audited that no change to the model removes: a backward
-    kernel's copy of what it computed (on the CPU a channels_last convolution copies its weight
-    gradient, computed NCHW, into channels_last every step). Counted in bytes and shown; never an
-    offender of ``check()``, ``--fail-on`` or :attr:`~nhwc_audit.AuditReport.incompatible_nodes`."""
+    """A cost of the layout on the device audited that no change to the model's ops removes: a
+    convolution kernel's copy of its weight or of what it computed (on the CPU a channels_last
+    convolution copies its weight gradient, computed NCHW, into channels_last every step; the slow
+    backend of a Conv3d at batch 1 its channels_last_3d weight into NCDHW every call). Counted in
+    bytes and shown; never an offender of ``check()``, ``--fail-on`` or
+    :attr:`~nhwc_audit.AuditReport.incompatible_nodes`."""
+
+    @property
+    def kind_label(self) -> str:
+        """Its kind as tables show it: an intrinsic one marked the kernel's."""
+        return f"{self.kind.value} (kernel)" if self.intrinsic else self.kind.value
 
     @property
     def location(self) -> str:
@@ -164,6 +171,8 @@ class Summary:
     """With mode='both': nodes where real and fake kernels disagree."""
     trained: bool = False
     """The records carry one backward pass (a train audit's, or its repair's): bytes are per step."""
+    intrinsic: int = 0
+    """:attr:`Finding.intrinsic` findings (a kernel's own copies), counted apart from the kinds'."""
     intrinsic_bytes: int = 0
     """Of :attr:`bytes_moved`, the :attr:`Finding.intrinsic` findings': what the convolution kernels copy
     inside on the device audited whatever the model does (a CPU convolution's weight gradient, the slow

@@ -114,7 +114,7 @@ def render_audit(report: AuditReport, *, top: int = 10) -> RenderableType:
         rows = [
             {
                 "#": Text(str(h.rank)),
-                "kind": Text(h.finding.kind.value, _KIND_STYLE[h.finding.kind]),
+                "kind": Text(h.finding.kind_label, _KIND_STYLE[h.finding.kind]),
                 "node": Text(h.finding.node),
                 "module": Text(h.finding.module_label),
                 "op": Text(h.finding.op_label),

@@ -77,6 +77,7 @@ def _finding_row(f: Finding, share: float | None = None) -> dict[str, Any]:
     return {
         "node": f.node,
         "kind": f.kind.value,
+        "kind_label": f.kind_label,
         "op": f.op_label,
         "module_path": f.module_path,
         "module_type": f.module_type,
@@ -180,6 +181,8 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             "latent_breaks": s.latent_breaks,
             "backward": s.backward,
             "divergences": s.divergences,
+            "intrinsic": s.intrinsic,
+            "intrinsic_bytes": s.intrinsic_bytes,
             "findings": s.findings,
             "bytes_moved": s.bytes_moved,
             "per": s.per,

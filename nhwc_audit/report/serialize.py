@@ -156,6 +156,7 @@ def _summary(s: Summary) -> dict[str, Any]:
         "backward": s.backward,
         "divergences": s.divergences,
         "bytes_moved": s.bytes_moved,
+        "intrinsic": s.intrinsic,
         "intrinsic_bytes": s.intrinsic_bytes,
         "est_seconds": s.est_seconds,
     }

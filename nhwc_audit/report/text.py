@@ -133,7 +133,7 @@ def plural(n: int, word: str) -> str:
 def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]]:
     """The finding counts, each with its kind (for colour): reverts, conversions, mixed and
     breaks always; backward when the audit ran one ("backward not audited" when one was asked
-    for and could not run); divergences when there are any."""
+    for and could not run); the kernels' own copies (intrinsic) and divergences when there are any."""
     parts: list[tuple[str, FindingKind | None]] = [
         (plural(s.reverts, "revert"), FindingKind.REVERT),
         (plural(s.conversions, "conversion"), FindingKind.CONVERSION),
@@ -146,6 +146,8 @@ def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]
         parts.append((f"{s.backward} backward", FindingKind.BACKWARD))
     elif any(n.startswith(BACKWARD_NOT_AUDITED) for n in m.capture_notes):
         parts.append(("backward not audited", None))
+    if s.intrinsic:
+        parts.append((f"{s.intrinsic} kernel cop{'y' if s.intrinsic == 1 else 'ies'}", None))
     if s.divergences:
         parts.append((f"{s.divergences} divergences", FindingKind.DIVERGENCE))
     return parts
@@ -212,7 +214,7 @@ def offender_line(f: Finding) -> str:
     loc = f" at {f.location}" if f.location else ""
     cost = f", {fmt_bytes(f.bytes)}" if f.bytes else ""
     err = f" [{f.error}]" if f.error else ""
-    return f"{f.kind.value}: {f.node} = {f.op} in {f.module_label}{loc}{cost}{err} -> {f.hint}"
+    return f"{f.kind_label}: {f.node} = {f.op} in {f.module_label}{loc}{cost}{err} -> {f.hint}"
 
 
 _VARIANT = {"nchw": "NCHW model", "channels_last": "naive channels_last model", "repaired": "repaired model"}

@@ -109,3 +109,19 @@ def test_a_fake_run_too_large_to_ask_whole_asks_a_cut_copy(monkeypatch: pytest.M
     monkeypatch.setattr(conv_kernels, "PROBE_NUMEL", 2000)
     fake = audit(model, x, mode="fake")
     assert sum(f.bytes for f in fake.findings if f.intrinsic) == real > 0
+
+
+def test_the_summary_counts_the_kernels_copies_apart_and_names_them() -> None:
+    """A forward audit's summary: the reverts count the model's own layout changes; the kernels'
+    copies are counted and marked apart, and the verdict names them as forward weight copies too."""
+    torch.set_num_threads(1)
+    model, x = _case("three_sizes")
+    r = audit(model, x)
+    s = r.summary
+    assert (s.reverts, s.intrinsic) == (1, 3) and s.intrinsic_bytes == _profiled(model, x)
+    text = str(r)
+    assert "1 revert," in text and "3 kernel copies" in text and "revert (kernel)" in text
+    assert r.verdict is not None
+    (share,) = [reason for reason in r.verdict.reasons if "kernels' own copies" in reason]
+    assert "backward" not in share and "weights" in share
+    assert r.to_dict()["summary"]["intrinsic"] == 3
