@@ -442,6 +442,10 @@ class _Recorder(TorchDispatchMode):
                 self.seen.append(
                     Transpose(name, tuple(weight.shape), 2 * weight.numel() * weight.element_size(), self.site())
                 )
+        whole = [] if conv else self._whole_copies(func, args, kwargs, ins, result)
+        if whole:  # it copied an input whole into NCHW, then computed from the copy (a CPU avg_pool3d)
+            self.seen += [Transpose(name, tuple(result.shape), nbytes, self.site()) for nbytes in whole]
+            return out
         before = len(self.seen)
         weights = False
         for t in ins:
@@ -463,6 +467,32 @@ class _Recorder(TorchDispatchMode):
         if len(self.seen) > before and exiting:
             self._last = (written, result.numel(), len(self.seen) - before, self.seen[-1].site)
         return out
+
+    @staticmethod
+    def _whole_copies(func: Any, args: Any, kwargs: dict[str, Any], ins: list[torch.Tensor], result: Any) -> list[int]:
+        """What the CPU kernel of an op that wrote ``result`` NCHW from a channels_last input (a
+        revert) copied of its inputs whole, run again by its kernel under :class:`_ConvKernel` (a CPU
+        ``avg_pool3d`` has no channels_last_3d kernel: ``input.contiguous()``, then it pools the copy)."""
+        fmt = torch.channels_last if result.dim() == 4 else torch.channels_last_3d
+        if not result.is_contiguous() or result.is_contiguous(memory_format=fmt) or result.device.type != "cpu":
+            return []
+        n = result.numel()  # (an output as large: the rule charges the whole input)
+        cl = [
+            t
+            for t in ins
+            if t.dim() == result.dim()
+            and t.numel() > n
+            and not t.is_contiguous()
+            and t.is_contiguous(memory_format=fmt)
+        ]
+        if not cl or func.namespace != "aten" or not _computing(func) or torch.Tag.nondeterministic_seeded in func.tags:
+            return []
+        if torch._C._len_torch_dispatch_stack() > 0 or (key := _kernel_key(func, "cpu")) is None:
+            return []
+        watch = _ConvKernel(list(ins))
+        with watch:
+            func._op_dk(key, *args, **kwargs)
+        return [nbytes for whose, nbytes in watch.copies if whose == "activation"]
 
     def _conv_kernel(self, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, list[Any]] | None:
         """A CPU convolution on tensors dense in memory run by its kernel under :class:`_ConvKernel`:

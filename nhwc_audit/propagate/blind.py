@@ -51,7 +51,6 @@ RECORDER_BLIND: frozenset[type[nn.Module]] = frozenset(
         nn.MaxPool2d,
         nn.MaxPool3d,
         nn.AvgPool2d,
-        nn.AvgPool3d,
         nn.AdaptiveAvgPool2d,
         nn.Dropout,
     }
@@ -61,7 +60,8 @@ forward dispatches no ATen copy (clone, copy_, _to_copy, contiguous) above the k
 writes nothing but its own output and buffers (buffers are the audit's private copies; an
 in-place activation writes its input, never a shared weight: :func:`recorder_blind`), for any
 input dense in NCHW or channels_last order (a kernel copies any other whole first, a copy the
-recorder must see: :mod:`.kernel_copies`; ``tests/propagate/test_dispatch.py`` runs each). Each runs
+recorder must see: :mod:`.kernel_copies`; ``tests/propagate/test_dispatch.py`` runs each; not
+AvgPool3d, whose CPU kernel copies a channels_last_3d input whole into NCDHW: :mod:`.revert_kernels`). Each runs
 one computing ATen op on the node's own input and output, whose layout change the node's
 record shows (the recorder keeps only changes inside a node: :func:`computed_relay`)."""
 

@@ -24,6 +24,7 @@ from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
 from ..tensors import iter_tensors, on_shared
 from .conv_kernels import Kernels, own_copies
 from .kernel_copies import Asked, kernel_copies, library_op
+from .revert_kernels import revert_copies
 
 __all__ = [
     "LogicalDraws",
@@ -285,6 +286,9 @@ class CopyRecorder(GuardedMode):
                 self.own += [c for c in inside[1] if c.result]  # a convolution's weight (a slow backend's)
             if library_op(func):  # it computed from its copies: its output is no relay of its inputs
                 return out
+        elif self.recording and (whole := revert_copies(func, args, kw, out, self.guard, self.asked)):
+            self.copies += whole  # a kernel that reverted by copying its input whole (a CPU avg_pool3d)
+            return out
         if self.recording:
             copy = hidden_copy(func, args, out)
             if copy is not None:

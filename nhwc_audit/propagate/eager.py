@@ -34,6 +34,7 @@ from .conv_kernels import Kernels, own_copies
 from .corrections import Corrections
 from .dispatch import GuardedMode, is_alias_of
 from .kernel_copies import Asked, kernel_copies
+from .revert_kernels import revert_copies
 
 __all__ = ["record_eager"]
 
@@ -163,7 +164,8 @@ class _Recorder(GuardedMode):
         if rec["aliases"] and rec["op_name"] == "view" and op == "view":
             rec["latent"] = _latent_view_error(func, args, kwargs, outs, ins)
         copy = hidden_copy(func, args, out)
-        copies = inside[1] if inside is not None else []  # a convolution's of its weight: its own (result)
+        # a convolution's of its weight: its own (result); a kernel that reverted by copying its input whole
+        copies = inside[1] if inside is not None else revert_copies(func, args, kwargs, out, self.guard, self.asked)
         rec["hidden"] = ([copy] if copy is not None else []) + [c for c in copies if not c.result]
         rec["inside"] = tuple(c for c in copies if c.result)
         for t in outs:

@@ -45,6 +45,7 @@ __all__ = [
     "PROBE_NUMEL",
     "Asked",
     "asked_on_zeros",
+    "computes",
     "fake_below",
     "kernel_copies",
     "library_op",
@@ -145,11 +146,11 @@ def signature(v: Any) -> Any:
 def _asks(func: Any, tensors: list[torch.Tensor]) -> bool:
     """``func`` is run by its kernel to see its copies: a library's op, or an ATen op that computes
     on a tensor not :func:`~nhwc_audit.channels.laid_out`."""
-    return library_op(func) or (not all(map(laid_out, tensors)) and _computes(func))
+    return library_op(func) or (not all(map(laid_out, tensors)) and computes(func))
 
 
 @functools.cache
-def _computes(func: Any) -> bool:
+def computes(func: Any) -> bool:
     """An ATen op that computes a new tensor from its inputs' values: not a copy, a view or an
     in-place op (their outputs alias an input), nor an allocation."""
     if func in COPY_OPS or any(r.alias_info is not None for r in func._schema.returns):
@@ -175,7 +176,7 @@ def probed(
     """:func:`kernel_copies` of an op on plain tensors, whatever the modes below (a kernel's own
     op is handled inside its mode); with ``activations`` (:class:`_Inside`), any ATen op that computes."""
     tensors = iter_tensors((args, kwargs))
-    asks = _computes(func) and not library_op(func) if activations is not None else _asks(func, tensors)
+    asks = computes(func) and not library_op(func) if activations is not None else _asks(func, tensors)
     if not asks or not tensors or not all(map(_plain, tensors)):
         return None
     devices = {t.device.type for t in tensors}

@@ -402,7 +402,6 @@ _BLIND_CASES: list[tuple[Any, tuple[int, ...]]] = [
     (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), (2, 4, 9, 9)),
     (lambda: nn.MaxPool3d(2), (1, 4, 4, 6, 6)),
     (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), (2, 4, 9, 9)),
-    (lambda: nn.AvgPool3d(2), (1, 4, 4, 6, 6)),
     (lambda: nn.AdaptiveAvgPool2d(1), (2, 4, 9, 9)),
     (lambda: nn.AdaptiveAvgPool2d((3, 4)), (2, 4, 9, 9)),
     (lambda: nn.Dropout(0.3), (2, 4, 5, 5)),

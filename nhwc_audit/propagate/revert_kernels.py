@@ -1,0 +1,81 @@
+"""What a kernel that reverts copies of its input: asked once per signature.
+
+An op that writes NCHW from a channels_last input is a revert, charged what it moves into the
+output's order: at most the smaller of its input and output. Some CPU kernels copy the whole input
+into NCHW first (``input.contiguous()``) and compute from the copy: ``avg_pool3d`` has no
+channels_last_3d kernel (torch 2.14.1), ``median`` along a dim, ``fractional_max_pool2d``,
+``index_select`` over the channels. Their output is smaller than their input (a 2 x 2 x 2 pool's is
+an eighth), so the rule charges an eighth of what the kernel copies. :func:`revert_copies` runs such
+an op again by its kernel with a recording mode (:func:`~.kernel_copies.probed`) the first time its
+signature is met, and keeps the copies of its inputs whole into another order; the node's revert is
+then charged what they moved (:func:`~nhwc_audit.analyze.moves.revert_bytes`: a node that copied its
+inputs whole, then computed from the copies). A fake run asks the CPU kernel on zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_map
+
+from ..records import HiddenCopy
+from ..tensors import iter_tensors
+from .kernel_copies import Asked, Guard, asked_on_zeros, computes, fake_below, library_op, probed, signature
+
+__all__ = ["revert_copies"]
+
+_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
+    """An ATen op that computes (no convolution: its re-lay is its own rule's, nor a random op: run
+    again, it would draw again) wrote its first output dense in NCHW order only from an input of its
+    rank dense in channels_last order only, and holding more elements (where the output holds as many,
+    the rule already charges the whole input: a layer norm's copy of it is the revert's bytes)."""
+    first = next(iter(iter_tensors(out)), None)
+    if first is None or (fmt := _FORMATS.get(first.dim())) is None:
+        return False
+    if not first.is_contiguous() or first.is_contiguous(memory_format=fmt):
+        return False
+    if library_op(func) or func.overloadpacket.__name__ == "convolution" or not computes(func):
+        return False
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        return False
+    n = first.numel()
+    return any(
+        t.dim() == first.dim() and t.numel() > n and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+        for t in tensors
+    )
+
+
+def _maps(args: Any) -> list[torch.Tensor]:
+    """An op's 4D/5D tensor arguments: what a kernel that reverts may copy whole."""
+    return [t for t in iter_tensors(args) if t.dim() in (4, 5)]
+
+
+def revert_copies(
+    func: Any, args: Any, kwargs: dict[str, Any], out: Any, guard: Guard, asked: Asked
+) -> list[HiddenCopy]:
+    """The copies of its inputs whole into another order that the kernel of ``func`` made, where it
+    reverted (wrote ``out`` NCHW from a channels_last input), asked once per signature in ``asked``
+    (run again by its kernel; a fake run's asked on zeros); none for other ops, or where another
+    mode is below the caller's."""
+    tensors = iter_tensors((args, kwargs))
+    if not _reverted(func, tensors, out):
+        return []
+    key = repr(("revert", func, tree_map(signature, (args, kwargs))))
+    got = asked.get(key)
+    if got is None:
+        found: list[HiddenCopy] | None = None
+        if any(isinstance(t, FakeTensor) for t in tensors) or fake_below():
+            found = asked_on_zeros(func, args, kwargs, guard, tensors, _maps)
+        elif torch._C._len_torch_dispatch_stack() == 0:
+            try:  # (run again as dispatch ran it; an op its kernel refuses so is charged by the rule)
+                ran = probed(func, args, kwargs, guard, _maps(args))
+            except Exception:
+                ran = None
+            found = ran[1] if ran is not None else None
+        got = asked[key] = [c for c in found or () if c.computed and not c.densified]
+    return got
