@@ -474,7 +474,7 @@ class _Recorder(TorchDispatchMode):
         revert) copied of its inputs whole, run again by its kernel under :class:`_ConvKernel` (a CPU
         ``avg_pool3d`` has no channels_last_3d kernel: ``input.contiguous()``, then it pools the copy)."""
         fmt = torch.channels_last if result.dim() == 4 else torch.channels_last_3d
-        if not result.is_contiguous() or result.is_contiguous(memory_format=fmt) or result.device.type != "cpu":
+        if not result.is_contiguous() or result.device.type != "cpu":  # (NCHW, or dense in both orders)
             return []
         n = result.numel()  # (an output as large: the rule charges the whole input)
         cl = [

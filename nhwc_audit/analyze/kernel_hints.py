@@ -11,10 +11,12 @@ __all__ = ["KERNEL_HINTS"]
 
 _FORWARD_INSIDE = (
     "the kernel of {op} on {device} copies inside, every call, what the NCHW model's does not ({detail}): at "
-    "this shape the CPU runs it on its slow backend (a Conv3d or ConvTranspose3d at batch 1 in float32), which "
+    "this shape the CPU runs it on its slow backend (a float32 Conv3d or ConvTranspose3d at batch 1 on a small "
+    "volume), which "
     "computes in contiguous (NCHW, NCDHW) order and copies a {channels_last} weight into that order (its input's "
-    "re-lay is charged apart). No change to the model's ops removes it: a batch of 2 or more, or bfloat16, "
-    "picks oneDNN here, which reads the weight as it is; weigh it against what {channels_last} saves elsewhere"
+    "re-lay is charged apart). No change to the model's ops removes it: a batch of 2 or more, a larger volume "
+    "or bfloat16 may pick oneDNN, which reads the weight as it is (audit at your training shapes); weigh it "
+    "against what {channels_last} saves elsewhere"
 )
 
 

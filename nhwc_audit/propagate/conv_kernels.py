@@ -180,14 +180,15 @@ def _shapes(
 
 def call_key(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """:func:`kernel_key` of a call of a torch.nn convolution module on ``args`` (as its forward
-    calls the op); None for a call with more than its input (a ConvTranspose's ``output_size``) or a
-    padding given as a string, whose kernel is asked at each call."""
+    calls the op); None for a call with more than its input (a ConvTranspose's ``output_size``), a
+    padding given as a string, or a weight that is no parameter of its own (weight_norm's,
+    spectral_norm's, prune's: computed by a hook or a parametrization), whose kernel is asked at each call."""
     if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
         return None
     own = module.__dict__
     params = own["_parameters"]
     padding = own.get("padding")
-    if isinstance(padding, str):
+    if isinstance(padding, str) or not isinstance(params.get("weight"), torch.Tensor):
         return None
     transposed = isinstance(module, _TRANSPOSED)
     return kernel_key(

@@ -31,13 +31,14 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
     """An ATen op that computes (no convolution: its re-lay is its own rule's, nor a random op: run
-    again, it would draw again) wrote its first output dense in NCHW order only from an input of its
-    rank dense in channels_last order only, and holding more elements (where the output holds as many,
-    the rule already charges the whole input: a layer norm's copy of it is the revert's bytes)."""
+    again, it would draw again) wrote its first output dense in NCHW order (or in both: a global
+    pool's N x C x 1 x 1 x 1, one channel) from an input of its rank dense in channels_last order
+    only, and holding more elements (where the output holds as many, the rule already charges the
+    whole input: a layer norm's copy of it is the revert's bytes)."""
     first = next(iter(iter_tensors(out)), None)
     if first is None or (fmt := _FORMATS.get(first.dim())) is None:
         return False
-    if not first.is_contiguous() or first.is_contiguous(memory_format=fmt):
+    if not first.is_contiguous():  # (one dense in channels_last order only: the kernel kept it)
         return False
     if library_op(func) or func.overloadpacket.__name__ == "convolution" or not computes(func):
         return False

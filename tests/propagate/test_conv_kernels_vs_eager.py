@@ -10,10 +10,12 @@ the ground truth (``tests/eager_bytes.py``) counts it, in every capture and mode
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from nhwc_audit import audit
 from nhwc_audit.propagate import conv_kernels
@@ -89,6 +91,32 @@ def test_every_call_of_a_signature_is_charged_once_asked() -> None:
     # only the first re-lays its input: the second reads the first's NCDHW output, intrinsic alone
     first = min(charged, key=lambda name: next(n.index for n in r.nodes if n.name == name))
     assert [n.name for n in r.incompatible_nodes] == [first]
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        torch.nn.utils.parametrizations.weight_norm,
+        torch.nn.utils.weight_norm,
+        torch.nn.utils.spectral_norm,
+        lambda m: prune.l1_unstructured(m, "weight", amount=0.3),
+    ],
+    ids=["parametrizations.weight_norm", "weight_norm", "spectral_norm", "prune"],
+)
+def test_a_conv_whose_weight_is_computed_by_a_hook_or_a_parametrization(wrap: Any) -> None:
+    """weight_norm, spectral_norm and prune take ``weight`` out of the module's parameters (a hook
+    or a parametrization computes it): its kernel is asked at each call, and the graph capture runs
+    (it raised a KeyError once). The eager capture charges what eager adds (the ground truth's two
+    runs deep-copy the model, which the hook-based ones' non-leaf weights refuse)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(wrap(nn.Conv3d(8, 16, 3, padding=1)), nn.Conv3d(16, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 8, 8, 8)
+    r = audit(model, x)
+    assert r.meta.capture == "fx" and r.summary.intrinsic_bytes > 0
+    if wrap is torch.nn.utils.parametrizations.weight_norm:
+        hooks = audit(model, x, capture="hooks")
+        assert sum(f.bytes for f in hooks.findings) == eager_bytes(model, (x,)).added > 0
 
 
 def test_batch_two_runs_onednn_and_copies_no_weight() -> None:

@@ -36,11 +36,11 @@ class After(nn.Module):
 
 
 class Pick(nn.Module):
-    """Four of the channels, by ``index_select`` (its index a buffer)."""
+    """Some of the channels, by ``index_select`` (its index a buffer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, idx: tuple[int, ...] = (0, 3, 5, 9)) -> None:
         super().__init__()
-        self.register_buffer("idx", torch.tensor([0, 3, 5, 9]))
+        self.register_buffer("idx", torch.tensor(idx))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self.idx)
@@ -58,6 +58,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "AvgPool3d((3,2,1))": (lambda: After(nn.AvgPool3d((3, 2, 1))), (2, 4, 6, 8, 8)),
     "avg_pool3d at batch 1": (Pool, (1, 16, 8, 8, 8)),
     "index_select over the channels": (lambda: After(Pick(), rank=4), (2, 4, 12, 12)),
+    # an output dense in both orders (N x C x 1 x 1 x 1, one channel): the kernel copied its input all the same
+    "global avg_pool3d": (lambda: After(nn.AvgPool3d(8)), (2, 4, 8, 8, 8)),
+    "index_select of one channel": (lambda: After(Pick((3,)), rank=4), (2, 4, 12, 12)),
 }
 
 
