@@ -33,6 +33,7 @@ from .propagate.baseline import fake_pays, training_fails
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
 from .propagate.interpreter import ProgressFn
+from .propagate.kernel_copies import callers_modes_note
 from .propagate.runner import Runner
 from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord, TensorMeta
 from .refine import with_backward, with_nchw_backward, with_nchw_baseline
@@ -215,7 +216,7 @@ def _audit_one(
     if captured.capture is not None:
         captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph
     rank = max({t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}, default=None)
-    notes = (wrapper, conversion_note(module, rank), one_channel_note(args, kwargs))
+    notes = (wrapper, conversion_note(module, rank), one_channel_note(args, kwargs), callers_modes_note(o.mode))
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,

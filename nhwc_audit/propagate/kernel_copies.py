@@ -45,6 +45,7 @@ __all__ = [
     "PROBE_NUMEL",
     "Asked",
     "asked_on_zeros",
+    "callers_modes_note",
     "computes",
     "fake_below",
     "kernel_copies",
@@ -162,6 +163,21 @@ def _plain(t: torch.Tensor) -> bool:
     """A tensor whose backend kernel runs as dispatch would run it: no subclass, no quantized
     dtype (QuantizedCPU kernels), no conjugate or negative bit (their keys resolve them first)."""
     return type(t) in (torch.Tensor, torch.nn.Parameter) and not (t.is_quantized or t.is_conj() or t.is_neg())
+
+
+def callers_modes_note(mode: str) -> str | None:
+    """What to tell a user who runs a real-mode audit inside a dispatch mode of their own: the
+    kernels are not run by the audit's recording mode (they would skip it), so what they copy inside
+    (a slow backend's weight, a kernel's copy of its whole input) goes unseen. None where no such
+    mode is active, or for a fake audit (its kernels are asked on zeros, every mode off)."""
+    outer = [type(m).__name__ for m in _get_current_dispatch_mode_stack()]
+    if not outer or mode == "fake":
+        return None
+    return (
+        f"a dispatch mode of the caller's is active ({', '.join(outer)}): kernels were not run to see what "
+        "they copy inside (a slow convolution backend's weight, a kernel's copy of its whole input), so such "
+        "copies are not charged; audit outside it, or with --mode fake"
+    )
 
 
 def fake_below() -> bool:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nhwc_audit import audit
 from nhwc_audit.propagate import conv_kernels
@@ -153,3 +154,24 @@ def test_the_summary_counts_the_kernels_copies_apart_and_names_them() -> None:
     (share,) = [reason for reason in r.verdict.reasons if "kernels' own copies" in reason]
     assert "backward" not in share and "weights" in share
     assert r.to_dict()["summary"]["intrinsic"] == 3
+
+
+class _Passing(TorchDispatchMode):
+    """A caller's own dispatch mode that only passes each op on."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_audit_inside_a_callers_dispatch_mode_says_its_kernels_were_not_asked() -> None:
+    """Real mode: a kernel run under the audit's mode would skip the caller's, so none is run, and the
+    report says so (it charged the weight's copy silently to no one); a fake audit asks on zeros."""
+    torch.set_num_threads(1)
+    model, x = _case("conv3d")
+    with _Passing():
+        real, fake = audit(model, x), audit(model, x, mode="fake")
+    (note,) = [n for n in real.meta.capture_notes if "_Passing" in n]
+    assert "not run to see what they copy" in note and real.summary.intrinsic_bytes == 0
+    assert not [n for n in fake.meta.capture_notes if "_Passing" in n]
+    assert fake.summary.intrinsic_bytes == _profiled(model, x) > 0
+    assert not [n for n in audit(model, x).meta.capture_notes if "dispatch mode" in n]
