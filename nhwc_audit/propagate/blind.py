@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..channels import laid_out
+from ..prepare.copy import memory_format_for_rank
 from ..tensors import iter_tensors, on_shared
 
 __all__ = [
@@ -165,7 +166,7 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     if all(t.is_contiguous() for t in ts):
         return True
     rank = ts[0].dim()
-    fmt = torch.channels_last if rank == 4 else torch.channels_last_3d if rank == 5 else None
+    fmt = memory_format_for_rank(rank)
     return fmt is not None and all(t.dim() == rank and t.is_contiguous(memory_format=fmt) for t in ts)
 
 

@@ -4,9 +4,10 @@ On the CPU (torch 2.14.1) a Conv3d at batch 1 runs on the slow backend (``slow_c
 which computes NCDHW: it copies a channels_last_3d weight into NCDHW (``weight.contiguous()``) on
 every call, where the op's own layouts show only its input's re-lay (its output is NCDHW). A
 forward convolution on tensors dense in memory is run by its kernel with a recording mode
-(:func:`~.kernel_copies.probed`) once per signature (its tensors' shapes, strides, dtypes, its
-settings), keeping the copies of its weight and of what it made (:attr:`HiddenCopy.result`); its
-copies of its input are the node's layout change, which its record shows. A fake run asks the CPU
+(:func:`~.kernel_copies.probed`) once per kernel path (:func:`kernel_key`: its backend, formats,
+dtypes, settings), keeping the copies of its weight and of what it made (:attr:`HiddenCopy.result`),
+carried to the path's other calls at their sizes (:class:`Answer`); its copies of its input are the
+node's layout change, which its record shows. A fake run asks the CPU
 kernel on zeros, and a problem too large to ask whole on a copy cut along its spatial dims
 (:func:`cut`, the backward's too: :mod:`.backward_kernels`).
 """
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
 from ..channels import laid_out
+from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy, Layout
 from ..tensors import iter_tensors
 from .kernel_copies import PROBE_NUMEL, Guard, asked_on_zeros, fake_below, probed, signature
@@ -69,6 +71,8 @@ class Answer:
 
     def at(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tuple[HiddenCopy, ...]:
         """The copies a call on ``x`` and ``w`` giving ``out`` makes."""
+        if not self.copies:  # (most paths: every conv call of a channels_last model asks this)
+            return ()
         now = (tuple(x.shape), tuple(w.shape), tuple(out.shape))
         if now == self.shapes:
             return self.copies
@@ -148,10 +152,10 @@ def own_copies(
     key = kernel_key(x, w, b is not None, stride, padding, dilation, transposed, groups)
     if kernels.get(key) == BY_SIGNATURE:
         key = repr(tree_map(signature, args))
-    known = kernels.get(key)
-    if isinstance(known, Answer):
+    answered = kernels.get(key)
+    if isinstance(answered, Answer):
         out = func(*args)
-        return out, list(known.at(x, w, out))
+        return out, list(answered.at(x, w, out))
     if fake:
         whole = all(t.numel() <= PROBE_NUMEL for t in tensors)
         found = asked_on_zeros(func, args, kwargs, guard, tensors, _input) if whole else cut(func, args)
@@ -213,14 +217,11 @@ def known(kernels: Kernels, key: Any) -> Answer | None:
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def _laid(t: torch.Tensor) -> torch.memory_format | None:
     """The memory format ``t`` is dense in (NCHW's first), or None."""
     if t.is_contiguous():
         return torch.contiguous_format
-    fmt = _FORMATS.get(t.dim())
+    fmt = memory_format_for_rank(t.dim())
     return fmt if fmt is not None and t.is_contiguous(memory_format=fmt) else None
 
 

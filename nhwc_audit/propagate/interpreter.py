@@ -118,8 +118,7 @@ class LayoutProp(torch.fx.Interpreter):
         error: str | None = None
         hidden: list[HiddenCopy] = []
         own: tuple[HiddenCopy, ...] = ()
-        rec, conv = self._recorder, n in self._convs  # a conv's kernel is asked once a path (.conv_kernels)
-        answer = known(rec.kernels, call_key(self._callee[n], args, kwargs)) if rec is not None and conv else None
+        rec, answer = self._recorder, None  # a conv module's kernel is asked once a path (.conv_kernels)
         sk = self.skeleton
         versions = versions_of(inputs)
         try:
@@ -127,13 +126,16 @@ class LayoutProp(torch.fx.Interpreter):
                 result = self._call(n, args, kwargs)
             elif (
                 self._blind_ok
-                and (not conv or answer is not None)
                 and (
                     recorder_blind(self._callee[n], (args, kwargs), rec.shared)
                     if n in self._callee
                     else n in self._blind_functions and function_blind(n.target, args, kwargs)
                 )
-                and rec.off_stack()
+                and rec.off_stack()  # (before the key: choosing a conv backend dispatches an op)
+                and (
+                    n not in self._convs
+                    or (answer := known(rec.kernels, call_key(self._callee[n], args, kwargs))) is not None
+                )
             ):
                 # asked per call: the model's code may add a hook or change a setting between two calls
                 result = self._call(n, args, kwargs)

@@ -3,8 +3,8 @@
 An op that writes NCHW from a channels_last input is a revert, charged what it moves into the
 output's order: at most the smaller of its input and output. Some CPU kernels copy the whole input
 into NCHW first (``input.contiguous()``) and compute from the copy: ``avg_pool3d`` has no
-channels_last_3d kernel (torch 2.14.1), ``median`` along a dim, ``fractional_max_pool2d``,
-``index_select`` over the channels. Their output is smaller than their input (a 2 x 2 x 2 pool's is
+channels_last_3d kernel (torch 2.14.1), ``fractional_max_pool2d``, ``index_select`` over the
+channels (``median`` along a dim too, but its output has a lower rank: no map, not asked). Their output is smaller than their input (a 2 x 2 x 2 pool's is
 an eighth), so the rule charges an eighth of what the kernel copies. :func:`revert_copies` runs such
 an op again by its kernel with a recording mode (:func:`~.kernel_copies.probed`) the first time its
 signature is met, and keeps the copies of its inputs whole into another order; the node's revert is
@@ -20,13 +20,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_map
 
+from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy
 from ..tensors import iter_tensors
+from .conv_kernels import CONVOLUTION
 from .kernel_copies import Asked, Guard, asked_on_zeros, computes, fake_below, library_op, probed, signature
 
 __all__ = ["revert_copies"]
-
-_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
@@ -36,11 +36,11 @@ def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
     only, and holding more elements (where the output holds as many, the rule already charges the
     whole input: a layer norm's copy of it is the revert's bytes)."""
     first = next(iter(iter_tensors(out)), None)
-    if first is None or (fmt := _FORMATS.get(first.dim())) is None:
+    if first is None or (fmt := memory_format_for_rank(first.dim())) is None:
         return False
     if not first.is_contiguous():  # (one dense in channels_last order only: the kernel kept it)
         return False
-    if library_op(func) or func.overloadpacket.__name__ == "convolution" or not computes(func):
+    if library_op(func) or func is CONVOLUTION or not computes(func):
         return False
     if torch.Tag.nondeterministic_seeded in func.tags:
         return False
