@@ -47,6 +47,7 @@ __all__ = [
     "laid_out",
     "layout_change",
     "moves_into",
+    "permuted",
     "relaid_weight",
     "relay_bytes",
     "relays_view",
@@ -146,11 +147,15 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     if func not in COPY_OPS:
         return None
     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() >= 4):
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return None
+    # (a 2D/3D view of a map in another order copied row-major: ``instance_norm``'s ``contiguous()``)
+    row_major = out.layout is torch.strided and out.is_contiguous()
+    if src.dim() < 4 and not (permuted(src) and src.shape == out.shape and row_major):
         return None
     sm, dm = tensor_meta(src), tensor_meta(out)
-    change = layout_change(sm, dm)
-    if not (change or reorders(sm, dm)):
+    change = src.dim() >= 4 and layout_change(sm, dm)
+    if not (change or reorders(sm, dm) or src.dim() < 4):
         return None
     name = str(func.overloadpacket.__name__)
     # a broadcast source (a table ``expand``-ed over the batch) moves what it stores, laid out as it
@@ -168,6 +173,15 @@ def laid_out(t: torch.Tensor) -> bool:
     if t.dim() not in (4, 5) or t.is_contiguous():
         return True
     return t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def permuted(t: torch.Tensor) -> bool:
+    """A 2D/3D tensor dense in memory, not row-major: a channels_last map's ``flatten(2)`` (strided
+    HW*C, 1, C), which a GroupNorm, a softmax, a Conv1d copies row-major first (NCHW's is row-major)."""
+    if t.dim() not in (2, 3) or t.layout is not torch.strided or t.is_contiguous():
+        return False
+    strides = t.stride()
+    return is_dense_in_order(tuple(t.shape), strides, sorted(range(t.dim()), key=lambda d: (strides[d], -d)))
 
 
 def kernel_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._prims_common import suggest_memory_format
+from torch._prims_common import is_non_overlapping_and_dense_or_false, suggest_memory_format
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -306,6 +306,19 @@ class _KernelCopies(TorchDispatchMode):
         return out, mode.copies
 
 
+def _view_in_other_order(t: torch.Tensor) -> bool:
+    """A 2D/3D tensor dense in memory but not row-major: ``flatten(2)`` of a channels_last map."""
+    return t.dim() in (2, 3) and not t.is_contiguous() and is_non_overlapping_and_dense_or_false(t)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _storage(a) == _storage(b) and (a.shape, a.stride(), a.storage_offset()) == (
+        b.shape,
+        b.stride(),
+        b.storage_offset(),
+    )
+
+
 class _ConvKernel(TorchDispatchMode):
     """Sees the ATen ops a convolution's kernel (forward's, or backward's) calls, and those the ops it calls call
     (``_slow_conv2d_backward`` copies each group's gradient): keeps every copy, as ``(whose, bytes)``:
@@ -322,6 +335,8 @@ class _ConvKernel(TorchDispatchMode):
         super().__init__()
         self.acts = acts
         self.copies: list[tuple[str, int]] = []
+        self.views = [a for a in acts if _view_in_other_order(a)]
+        """The 2D/3D ``acts`` in an order other than row-major: their copies whole are kept too."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -330,6 +345,7 @@ class _ConvKernel(TorchDispatchMode):
         key = _kernel_key(func, "cpu") if cpu and func.namespace == "aten" and _computing(func) else None
         if key is not None:
             inner = _ConvKernel(self.acts)
+            inner.views = self.views
             with inner:
                 out = func._op_dk(key, *args, **kwargs)
             self.copies += inner.copies
@@ -339,7 +355,11 @@ class _ConvKernel(TorchDispatchMode):
         src = args[1] if name == "copy_" else args[0] if args else None
         if name not in ("clone", "contiguous", "copy_", "_to_copy", "to") or not isinstance(src, torch.Tensor):
             return out
-        if src.dim() < 4 or not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
+        if not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
+            return out
+        if src.dim() < 4:  # a watched view of a map (flatten(2)) copied whole into row-major order
+            if any(_same_view(src, v) for v in self.views) and out.is_contiguous():
+                self.copies.append(("activation", 2 * out.numel() * out.element_size()))
             return out
         if 0 in src.stride():
             return out  # a bias broadcast into the output: in any layout, no layout's copy
@@ -419,6 +439,11 @@ class _Recorder(TorchDispatchMode):
             storage, numel, count, site = last
             if _storage(outs[0]) == storage and outs[0].numel() == numel and self.site() == site:
                 del self.seen[-count:]  # the copy of a reshape out of the spatial ranks: an exit
+        if outs and outs[0].dim() < 4:
+            self.seen += [
+                Transpose(func.overloadpacket.__name__, tuple(outs[0].shape), n, self.site())
+                for n in self._view_copies(func, args, kwargs, outs[0])
+            ]
         if not outs or outs[0].dim() < 4:
             return out
         result = outs[0]
@@ -469,6 +494,32 @@ class _Recorder(TorchDispatchMode):
         return out
 
     @staticmethod
+    def _view_copies(func: Any, args: Any, kwargs: dict[str, Any], result: torch.Tensor) -> list[int]:
+        """What an op that wrote ``result`` (2D/3D) row-major copied of a 2D/3D view of its inputs in
+        another order (``flatten(2)`` of a channels_last map), read and written: a copy op's own
+        (``contiguous()``), or a CPU kernel's, run again under :class:`_ConvKernel` (a GroupNorm's, a
+        softmax's, a Conv1d's ``input.contiguous()``)."""
+        if not result.is_contiguous() or result.device.type != "cpu" or torch._C._len_torch_dispatch_stack() > 0:
+            return []
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        views = [t for t in leaves if _view_in_other_order(t)]
+        if not views or func.namespace != "aten" or torch.Tag.nondeterministic_seeded in func.tags:
+            return []
+        name = func.overloadpacket.__name__
+        if name in ("clone", "contiguous", "_to_copy", "to", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            same = isinstance(src, torch.Tensor) and _view_in_other_order(src) and src.shape == result.shape
+            return [2 * result.numel() * result.element_size()] if same else []
+        if name in ("convolution", "convolution_backward") or not _computing(func):
+            return []  # (a convolution's kernel copies: :meth:`_conv_kernel`'s)
+        if (key := _kernel_key(func, "cpu")) is None:
+            return []
+        watch = _ConvKernel(views)
+        with watch:
+            func._op_dk(key, *args, **kwargs)
+        return [nbytes for whose, nbytes in watch.copies if whose == "activation"]
+
+    @staticmethod
     def _whole_copies(func: Any, args: Any, kwargs: dict[str, Any], ins: list[torch.Tensor], result: Any) -> list[int]:
         """What the CPU kernel of an op that wrote ``result`` NCHW from a channels_last input (a
         revert) copied of its inputs whole, run again by its kernel under :class:`_ConvKernel` (a CPU
@@ -513,6 +564,12 @@ class _Recorder(TorchDispatchMode):
             out = func._op_dk(_kernel_key(func, "cpu"), *args, **kwargs)
         site = self.site() + "#own"
         self.seen += [Transpose(_OWN, (), nbytes, site) for whose, nbytes in watch.copies if whose == "own"]
+        if watch.views:  # a 1D convolution's input, a view of a map in another order: re-laid, no layout shows it
+            self.seen += [
+                Transpose(func.overloadpacket.__name__, tuple(out.shape), n, self.site())
+                for w, n in watch.copies
+                if w == "activation"
+            ]
         return out, []
 
 

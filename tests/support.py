@@ -92,3 +92,22 @@ def conv_forward_copies(model: Any, x: Any) -> int:
         if ev.name == "aten::copy_" and parent is not None and ev.input_shapes[0] == parent.input_shapes[1]:
             total += 2 * 4 * math.prod(ev.input_shapes[0])
     return total
+
+
+def profiled_copies_added(model: Any, x: Any) -> int:
+    """Bytes the torch profiler sees copied (``aten::copy_``, read and written, float32) in one
+    forward (no_grad) of a channels_last copy of ``model`` on a channels_last ``x`` beyond the
+    NCHW run's (``x`` NCHW; channels_last_3d for a 5D ``x``)."""
+    import copy
+    import math
+
+    import torch
+
+    def copied(m: Any, t: Any) -> int:
+        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+            m(t)
+        return sum(2 * 4 * math.prod(ev.input_shapes[0]) for ev in prof.events() if ev.name == "aten::copy_")
+
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    cl = copy.deepcopy(model).to(memory_format=fmt)
+    return copied(cl, x.to(memory_format=fmt)) - copied(model, x)

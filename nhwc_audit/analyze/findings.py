@@ -14,10 +14,10 @@ The rules (one place each):
 * conversion an NCHW input, a channels_last output, data moved (e.g. a conv whose channels_last
              weights make it re-adopt NHWC from an NCHW input); or a node whose own layouts look
              fine but that copied data internally (copies seen at ATen level while it ran: a conv
-             with padding_mode='circular', a kernel's copy of a channel slice dense in no order).
-* (intrinsic) a revert or conversion a convolution's kernel makes inside of its weight or of what it
-             made (the CPU's slow backends, a Conv3d at batch 1: its channels_last weight into NCHW,
-             every call): no change to the model's ops removes it.
+             with padding_mode='circular', a kernel's copy of a channel slice dense in no order, or
+             of a map's ``flatten(2)``, not row-major in channels_last, into row-major order).
+* (intrinsic) a revert or conversion a convolution's kernel makes inside of its weight or of what
+             it made (a CPU slow backend's copy of a Conv3d's weight into NCHW): no model change removes it.
 * backward   with train=True: what a node's backward re-lays, or its kernels copy inside (a CPU
              channels_last convolution's weight gradient: intrinsic, no model change removes it).
 
@@ -28,9 +28,8 @@ re-laying a transposed map, a matmul's copy inside, a copy NCHW makes upstream i
 
 A view (``permute``) or an in-place op moves no data: never a revert or a conversion (in-place
 operands that disagree in layout are mixed; ``buf[...].copy_(x)`` copies across layouts). Ambiguous
-tensors (C == 1, H == W == 1) decide nothing, but a convolution's output by its strides, nor do those
-the conversion leaves as they are (:func:`.origin.conversion_free`: a relative-position bias).
-"""
+tensors (C == 1, H == W == 1) decide nothing, but a convolution's output by its strides, nor do
+those the conversion leaves as they are (:func:`.origin.conversion_free`: a relative-position bias)."""
 
 from __future__ import annotations
 
@@ -44,6 +43,7 @@ from . import moves
 from .exposed import exposed
 from .finding_record import Ctx, make_finding
 from .hints import HintTable, default_hints
+from .kernel_hints import inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, feeds_a_weight, leading_to, odd_order_from_map, origin_of
 from .reshapes import exits_spatial, is_reshape, viewed_as
@@ -277,7 +277,7 @@ def _hidden_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
     table = out_only and (of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs))
     stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if table else None
-    hint = stored or (H.HEAD_FOLD if fold else H.DENSE_COPY if all(h.densified for h in copies) else H.HIDDEN)
+    hint = stored or (H.HEAD_FOLD if fold else inside_hint(copies))
     found = make_finding(
         ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True
     )

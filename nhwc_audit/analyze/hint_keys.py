@@ -17,6 +17,7 @@ __all__ = [
     "STACK_REDUCE",
     "STORED_OPERAND",
     "STORED_TABLE",
+    "VIEW_COPY",
     "WEIGHT_RESHAPE",
 ]
 
@@ -56,6 +57,11 @@ coordinates, tokens) copied out of the channels_last strides the conversion gave
 DENSE_COPY = "@dense-copy"
 """Key of the conversion hint for a kernel's copy of a channel slice of a channels_last map, dense in
 no memory format (dense in NCHW at batch 1), before it computes."""
+
+VIEW_COPY = "@view-copy"
+"""Key of the conversion hint for a copy into row-major order of a 2D/3D view of a channels_last map
+(``flatten(2)``: N x C x HW, dense in NHWC memory), by a kernel (a GroupNorm, a softmax, a Conv1d) or
+``contiguous()``, where the NCHW map's view is row-major already."""
 
 BACKWARD_INSIDE = "@backward-inside"
 """Key of the backward hint for what a backward kernel copies inside of a tensor it computed, into another

@@ -4,10 +4,21 @@ that :func:`.hints.default_hints` registers with the rest."""
 
 from __future__ import annotations
 
-from ..records import FindingKind
-from .hint_keys import BACKWARD_DENSE, BACKWARD_INSIDE, DENSE_COPY, FORWARD_INSIDE
+from collections.abc import Sequence
 
-__all__ = ["KERNEL_HINTS"]
+from ..records import FindingKind, HiddenCopy
+from .hint_keys import BACKWARD_DENSE, BACKWARD_INSIDE, DENSE_COPY, FORWARD_INSIDE, HIDDEN, VIEW_COPY
+
+__all__ = ["KERNEL_HINTS", "inside_hint"]
+
+
+def inside_hint(copies: Sequence[HiddenCopy]) -> str:
+    """The hint key of a node's layout changes made inside: slices made dense, views of a map in
+    fewer dims copied row-major, or other copies."""
+    if all(h.densified for h in copies):
+        return DENSE_COPY
+    return VIEW_COPY if all(len(h.shape) < 4 for h in copies) else HIDDEN
+
 
 _FORWARD_INSIDE = (
     "the kernel of {op} on {device} copies inside, every call, what the NCHW model's does not ({detail}): at "
@@ -28,6 +39,16 @@ KERNEL_HINTS: tuple[tuple[FindingKind, tuple[str, ...], str], ...] = (
         "which channels_last memory holds in no dense order, so its kernel copies it whole first; NCHW "
         "memory holds one sample's channel slice densely (batch 1) and reads it in place: make each "
         "part its own output (two convolutions rather than one and a split), or accept the cost",
+    ),
+    (
+        FindingKind.CONVERSION,
+        (VIEW_COPY,),
+        "{op} reads a view of a channels_last map flattened to fewer dims (x.flatten(2), x.view(B, C, H * W)): "
+        "in channels_last memory its channels are innermost, so the view is not row-major and {op} copies it "
+        "whole into row-major order first, where the NCHW map's view is row-major already. Apply {op} to the "
+        "4D map before flattening where it has a 4D form (GroupNorm, softmax over a dim of the map), or "
+        "flatten to tokens instead (x.flatten(2).transpose(1, 2): B x HW x C, row-major in channels_last) "
+        "and compute on those",
     ),
     (
         FindingKind.BACKWARD,

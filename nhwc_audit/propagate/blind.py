@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..channels import laid_out
+from ..channels import laid_out, permuted
 from ..prepare.copy import memory_format_for_rank
 from ..tensors import iter_tensors, on_shared
 
@@ -94,7 +94,7 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
     held = [t for t in (*own["_parameters"].values(), *own["_buffers"].values()) if t is not None]
     return (
         _plain([*ts, *held])
-        and all(map(laid_out, ts))  # a kernel copies a tensor not dense first (a channel slice): seen inside
+        and all(map(_as_is, ts))  # a kernel copies a tensor not dense first (a channel slice): seen inside
         and (kind is not nn.Linear or all(t.dim() < 4 or t.is_contiguous() for t in ts))
         and (
             not own.get("inplace", False)
@@ -160,7 +160,7 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     if "out" in kwargs or _in_place(target, args, kwargs) or not ts or any(t.dtype != ts[0].dtype for t in ts):
         return False
     if target in ANY_LAYOUT_FUNCTIONS:  # (on tensors dense in memory: a kernel copies others first)
-        return all(map(laid_out, ts)) and (target is not F.batch_norm or not _updates_statistics(args, kwargs))
+        return all(map(_as_is, ts)) and (target is not F.batch_norm or not _updates_statistics(args, kwargs))
     if target not in RECORDER_BLIND_FUNCTIONS:
         return False
     if all(t.is_contiguous() for t in ts):
@@ -168,6 +168,13 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     rank = ts[0].dim()
     fmt = memory_format_for_rank(rank)
     return fmt is not None and all(t.dim() == rank and t.is_contiguous(memory_format=fmt) for t in ts)
+
+
+def _as_is(t: torch.Tensor) -> bool:
+    """A tensor a kernel reads as it is: :func:`~nhwc_audit.channels.laid_out`, and no 2D/3D view
+    in another order than row-major (:func:`~nhwc_audit.channels.permuted`: a GroupNorm copies a
+    channels_last map's ``flatten(2)``)."""
+    return laid_out(t) and not permuted(t)
 
 
 def _updates_statistics(args: Any, kwargs: dict[str, Any]) -> bool:

@@ -165,8 +165,13 @@ def own_copies(
         if ran is None:  # a subclass, a quantized tensor: run as it is
             return None
         out, found = ran
-    # (a bias broadcast into the output, in any layout, is no layout's copy)
-    moved = [c for c in found or () if c.result and c.layout_in not in (c.layout_out, Layout.AMBIGUOUS)]
+    # (a bias broadcast into the output, in any layout, is no layout's copy); a 1D convolution's
+    # input, a view of a map in another order (``flatten(2)``), re-laid: no layout shows it
+    moved = [
+        c
+        for c in found or ()
+        if (c.result and c.layout_in not in (c.layout_out, Layout.AMBIGUOUS)) or (c.computed and c.reorder)
+    ]
     answer = Answer(tuple(dataclasses.replace(c, op="convolution") for c in moved), _shapes(x, w, out))
     roles = len(set(answer.shapes)) == 3 or not answer.copies  # (an input shaped as the output: whose copy?)
     if key is not None and roles and all(c.shape in answer.shapes for c in answer.copies):

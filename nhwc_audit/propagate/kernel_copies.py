@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_map
 
-from ..channels import COPY_OPS, hidden_copy, kernel_copy, laid_out, layout_change
+from ..channels import COPY_OPS, hidden_copy, kernel_copy, laid_out, layout_change, permuted
 from ..layout import reorders, tensor_meta
 from ..records import ALLOCATING_OPS, HiddenCopy
 from ..tensors import iter_tensors
@@ -257,11 +257,14 @@ def _watched_copy(func: Any, args: Any, out: Any, activations: Sequence[torch.Te
     if not (func in COPY_OPS or func.overloadpacket is _TO) or not args or not isinstance(out, torch.Tensor):
         return None
     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-    if not isinstance(src, torch.Tensor) or src.dim() not in (4, 5) or torch._C._is_alias_of(out, src):  # type: ignore[attr-defined]
+    if not isinstance(src, torch.Tensor) or torch._C._is_alias_of(out, src):  # type: ignore[attr-defined]
         return None
     sm, dm = tensor_meta(src), tensor_meta(out)
     nbytes, name = 2 * min(sm.stored_nbytes, dm.nbytes), str(func.overloadpacket.__name__)
     of = next((t for t in activations if torch._C._is_alias_of(src, t)), None)  # type: ignore[attr-defined]
+    if src.dim() not in (4, 5):  # a watched view's order copied row-major: no layout's, the map's doing
+        whole = of is not None and permuted(of) and _whole(src, of) and out.is_contiguous()
+        return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, computed=True, reorder=True) if whole else None
     if of is None or (laid_out(of) and not _whole(src, of)):  # (a group's view of a dense gradient: its own)
         return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, result=True)
     same = not (layout_change(sm, dm) or reorders(sm, dm))

@@ -20,6 +20,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_map
 
+from ..channels import permuted
 from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy
 from ..tensors import iter_tensors
@@ -31,29 +32,33 @@ __all__ = ["revert_copies"]
 
 def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
     """An ATen op that computes (no convolution: its re-lay is its own rule's, nor a random op: run
-    again, it would draw again) wrote its first output dense in NCHW order (or in both: a global
-    pool's N x C x 1 x 1 x 1, one channel) from an input of its rank dense in channels_last order
-    only, and holding more elements (where the output holds as many, the rule already charges the
-    whole input: a layer norm's copy of it is the revert's bytes)."""
+    again, it would draw again) wrote its first output dense row-major: from an input of its rank
+    dense in channels_last order only and holding more elements (a revert; where the output holds
+    as many, the rule already charges the whole input: a layer norm's copy of it is the revert's
+    bytes), or from a 2D/3D view dense in another order (:func:`~nhwc_audit.channels.permuted`: a
+    channels_last map's ``flatten(2)``), which no layout shows."""
     first = next(iter(iter_tensors(out)), None)
-    if first is None or (fmt := memory_format_for_rank(first.dim())) is None:
-        return False
-    if not first.is_contiguous():  # (one dense in channels_last order only: the kernel kept it)
+    if (
+        first is None or first.layout is not torch.strided or not first.is_contiguous()
+    ):  # (one dense in another order: kept)
         return False
     if library_op(func) or func is CONVOLUTION or not computes(func):
         return False
     if torch.Tag.nondeterministic_seeded in func.tags:
         return False
-    n = first.numel()
-    return any(
+    if any(map(permuted, tensors)):
+        return True
+    fmt, n = memory_format_for_rank(first.dim()), first.numel()
+    return fmt is not None and any(
         t.dim() == first.dim() and t.numel() > n and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
         for t in tensors
     )
 
 
 def _maps(args: Any) -> list[torch.Tensor]:
-    """An op's 4D/5D tensor arguments: what a kernel that reverts may copy whole."""
-    return [t for t in iter_tensors(args) if t.dim() in (4, 5)]
+    """An op's 4D/5D tensor arguments and its 2D/3D views in another order than row-major: what a
+    kernel may copy whole."""
+    return [t for t in iter_tensors(args) if t.dim() in (4, 5) or permuted(t)]
 
 
 def revert_copies(

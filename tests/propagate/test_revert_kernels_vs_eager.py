@@ -9,7 +9,6 @@ ground truth (``tests/eager_bytes.py``) counts it.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -20,6 +19,7 @@ from torch import nn
 from nhwc_audit import audit
 from nhwc_audit.propagate import dispatch
 from tests.eager_bytes import eager_bytes
+from tests.support import profiled_copies_added
 
 
 class After(nn.Module):
@@ -64,20 +64,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def _profiled(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes the profiler sees copied (``aten::copy_``, read and written) in the channels_last run
-    beyond the NCHW run's, float32."""
-
-    def copied(m: nn.Module, t: torch.Tensor) -> int:
-        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
-            m(t)
-        return sum(2 * 4 * math.prod(ev.input_shapes[0]) for ev in prof.events() if ev.name == "aten::copy_")
-
-    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-    cl = copy.deepcopy(model).to(memory_format=fmt)
-    return copied(cl, x.to(memory_format=fmt)) - copied(model, x)
-
-
 @pytest.mark.parametrize("capture", ["fx", "hooks"])
 @pytest.mark.parametrize("mode", ["real", "fake"])
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -89,7 +75,11 @@ def test_a_kernel_that_copies_its_input_whole_is_charged_the_copy(name: str, mod
     r = audit(model, x, mode=mode, capture=capture)
     reverts = [f for f in r.findings if f.kind.value == "revert" and not f.intrinsic]
     assert len(reverts) == 1 and reverts[0].bytes == 2 * 4 * math.prod((shape[0], 16, *shape[2:]))  # its whole input
-    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == _profiled(model, x) + r.summary.intrinsic_bytes
+    assert (
+        r.summary.bytes_moved
+        == eager_bytes(model, (x,)).added
+        == profiled_copies_added(model, x) + r.summary.intrinsic_bytes
+    )
 
 
 def test_the_recorder_sees_an_avg_pool3d_copy_its_channels_last_input() -> None:
