@@ -342,7 +342,10 @@ class _ConvKernel(TorchDispatchMode):
         kwargs = kwargs or {}
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         cpu = bool(leaves) and all(t.device.type == "cpu" for t in leaves)
-        key = _kernel_key(func, "cpu") if cpu and func.namespace == "aten" and _computing(func) else None
+        out_variant = any(a.is_out for a in func._schema.arguments)  # (median.dim's median.dim_values)
+        key = (
+            _kernel_key(func, "cpu") if cpu and func.namespace == "aten" and (_computing(func) or out_variant) else None
+        )
         if key is not None:
             inner = _ConvKernel(self.acts)
             inner.views = self.views
@@ -439,11 +442,10 @@ class _Recorder(TorchDispatchMode):
             storage, numel, count, site = last
             if _storage(outs[0]) == storage and outs[0].numel() == numel and self.site() == site:
                 del self.seen[-count:]  # the copy of a reshape out of the spatial ranks: an exit
-        if outs and outs[0].dim() < 4:
-            self.seen += [
-                Transpose(func.overloadpacket.__name__, tuple(outs[0].shape), n, self.site())
-                for n in self._view_copies(func, args, kwargs, outs[0])
-            ]
+        if outs and outs[0].dim() < 4:  # a view's copies; a map's whole, by a kernel that leaves the ranks
+            maps = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 4]
+            low = self._view_copies(func, args, kwargs, outs[0]) + self._whole_copies(func, args, kwargs, maps, outs[0])
+            self.seen += [Transpose(func.overloadpacket.__name__, tuple(outs[0].shape), n, self.site()) for n in low]
         if not outs or outs[0].dim() < 4:
             return out
         result = outs[0]
@@ -522,20 +524,20 @@ class _Recorder(TorchDispatchMode):
     @staticmethod
     def _whole_copies(func: Any, args: Any, kwargs: dict[str, Any], ins: list[torch.Tensor], result: Any) -> list[int]:
         """What the CPU kernel of an op that wrote ``result`` NCHW from a channels_last input (a
-        revert) copied of its inputs whole, run again by its kernel under :class:`_ConvKernel` (a CPU
-        ``avg_pool3d`` has no channels_last_3d kernel: ``input.contiguous()``, then it pools the copy)."""
-        fmt = torch.channels_last if result.dim() == 4 else torch.channels_last_3d
+        revert; or a tensor of a lower rank: ``F.unfold``'s im2col, ``median`` along a dim) copied of
+        its inputs whole, run again by its kernel under :class:`_ConvKernel` (a CPU ``avg_pool3d``
+        has no channels_last_3d kernel: ``input.contiguous()``, then it pools the copy); none where
+        the kernel copies the same inputs made row-major too (``kthvalue`` clones its input in
+        either layout: the rules charge it)."""
         if not result.is_contiguous() or result.device.type != "cpu":  # (NCHW, or dense in both orders)
             return []
-        n = result.numel()  # (an output as large: the rule charges the whole input)
-        cl = [
-            t
-            for t in ins
-            if t.dim() == result.dim()
-            and t.numel() > n
-            and not t.is_contiguous()
-            and t.is_contiguous(memory_format=fmt)
-        ]
+        n = result.numel()  # (an output as large, of the same rank: the rule charges the whole input)
+
+        def cl_only(t: torch.Tensor) -> bool:
+            fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+            return not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+
+        cl = [t for t in ins if t.dim() in (4, 5) and (t.dim() > result.dim() or t.numel() > n) and cl_only(t)]
         if not cl or func.namespace != "aten" or not _computing(func) or torch.Tag.nondeterministic_seeded in func.tags:
             return []
         if torch._C._len_torch_dispatch_stack() > 0 or (key := _kernel_key(func, "cpu")) is None:
@@ -543,7 +545,14 @@ class _Recorder(TorchDispatchMode):
         watch = _ConvKernel(list(ins))
         with watch:
             func._op_dk(key, *args, **kwargs)
-        return [nbytes for whose, nbytes in watch.copies if whose == "activation"]
+        copies = [nbytes for whose, nbytes in watch.copies if whose == "activation"]
+        if copies:  # the same op on the maps made row-major
+            rows = [a.contiguous() if isinstance(a, torch.Tensor) and a.dim() in (4, 5) else a for a in args]
+            again = _ConvKernel([a for a in rows if isinstance(a, torch.Tensor) and a.dim() in (4, 5)])
+            with again:
+                func._op_dk(key, *rows, **kwargs)
+            copies = [] if any(whose == "activation" for whose, _ in again.copies) else copies
+        return copies
 
     def _conv_kernel(self, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, list[Any]] | None:
         """A CPU convolution on tensors dense in memory run by its kernel under :class:`_ConvKernel`:

@@ -277,7 +277,7 @@ def _hidden_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
     table = out_only and (of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs))
     stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if table else None
-    hint = stored or (H.HEAD_FOLD if fold else inside_hint(copies))
+    hint = stored or (H.HEAD_FOLD if fold else inside_hint(copies, any(o.rank >= 4 for o in r.outputs)))
     found = make_finding(
         ctx, r, kind, layout_in=lead.layout_in, nbytes=nbytes, shape=lead.shape, hint_op=hint, hidden=True
     )

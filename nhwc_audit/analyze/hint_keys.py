@@ -19,6 +19,7 @@ __all__ = [
     "STORED_TABLE",
     "VIEW_COPY",
     "WEIGHT_RESHAPE",
+    "WHOLE_COPY",
 ]
 
 AMBIGUOUS_ORIGIN = "@ambiguous-origin"
@@ -62,6 +63,10 @@ VIEW_COPY = "@view-copy"
 """Key of the conversion hint for a copy into row-major order of a 2D/3D view of a channels_last map
 (``flatten(2)``: N x C x HW, dense in NHWC memory), by a kernel (a GroupNorm, a softmax, a Conv1d) or
 ``contiguous()``, where the NCHW map's view is row-major already."""
+
+WHOLE_COPY = "@whole-copy"
+"""Key of the revert hint for a kernel that copies its whole channels_last input into NCHW order first
+and writes no map (``F.unfold``'s im2col, ``median`` along a dim)."""
 
 BACKWARD_INSIDE = "@backward-inside"
 """Key of the backward hint for what a backward kernel copies inside of a tensor it computed, into another

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..records import FindingKind, HiddenCopy
-from .hint_keys import BACKWARD_DENSE, BACKWARD_INSIDE, DENSE_COPY, FORWARD_INSIDE, HIDDEN, VIEW_COPY
+from ..records import FindingKind, HiddenCopy, Layout
+from .hint_keys import BACKWARD_DENSE, BACKWARD_INSIDE, DENSE_COPY, FORWARD_INSIDE, HIDDEN, VIEW_COPY, WHOLE_COPY
 
 __all__ = ["KERNEL_HINTS", "inside_hint"]
 
 
-def inside_hint(copies: Sequence[HiddenCopy]) -> str:
-    """The hint key of a node's layout changes made inside: slices made dense, views of a map in
-    fewer dims copied row-major, or other copies."""
+def inside_hint(copies: Sequence[HiddenCopy], writes_map: bool) -> str:
+    """The hint key of a node's layout changes made inside: slices made dense, a map copied whole
+    into NCHW by a kernel that writes no map (``writes_map``: the node has a 4D/5D output), views
+    of a map in fewer dims copied row-major, or other copies."""
     if all(h.densified for h in copies):
         return DENSE_COPY
+    whole = all(
+        h.computed and h.layout_in is Layout.CHANNELS_LAST and h.layout_out is Layout.CONTIGUOUS for h in copies
+    )
+    if whole and not writes_map:
+        return WHOLE_COPY
     return VIEW_COPY if all(len(h.shape) < 4 for h in copies) else HIDDEN
 
 
@@ -49,6 +55,15 @@ KERNEL_HINTS: tuple[tuple[FindingKind, tuple[str, ...], str], ...] = (
         "4D map before flattening where it has a 4D form (GroupNorm, softmax over a dim of the map), or "
         "flatten to tokens instead (x.flatten(2).transpose(1, 2): B x HW x C, row-major in channels_last) "
         "and compute on those",
+    ),
+    (
+        FindingKind.REVERT,
+        (WHOLE_COPY,),
+        "the kernel of {op} on {device} copies its whole channels_last input into NCHW order first "
+        "(input.contiguous()) and computes from the copy (F.unfold's im2col, median along a dim), where the "
+        "NCHW model's input is in that order already; its output is no map, so nothing after it changes. "
+        "Compute the same with ops that read channels_last (a convolution with fixed one-hot weights for "
+        "F.unfold), or accept the cost",
     ),
     (
         FindingKind.BACKWARD,

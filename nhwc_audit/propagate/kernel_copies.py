@@ -159,6 +159,13 @@ def computes(func: Any) -> bool:
     return str(func.overloadpacket.__name__) not in ALLOCATING_OPS
 
 
+@functools.cache
+def _writes_out(func: Any) -> bool:
+    """An ATen op's ``out=`` variant (``median.dim_values``, which ``median.dim`` calls): a watched
+    kernel's op that computes into a tensor its caller allocated."""
+    return any(a.is_out for a in func._schema.arguments)
+
+
 def _plain(t: torch.Tensor) -> bool:
     """A tensor whose backend kernel runs as dispatch would run it: no subclass, no quantized
     dtype (QuantizedCPU kernels), no conjugate or negative bit (their keys resolve them first)."""
@@ -192,7 +199,11 @@ def probed(
     """:func:`kernel_copies` of an op on plain tensors, whatever the modes below (a kernel's own
     op is handled inside its mode); with ``activations`` (:class:`_Inside`), any ATen op that computes."""
     tensors = iter_tensors((args, kwargs))
-    asks = computes(func) and not library_op(func) if activations is not None else _asks(func, tensors)
+    asks = (
+        (computes(func) or _writes_out(func)) and not library_op(func)
+        if activations is not None
+        else _asks(func, tensors)
+    )
     if not asks or not tensors or not all(map(_plain, tensors)):
         return None
     devices = {t.device.type for t in tensors}

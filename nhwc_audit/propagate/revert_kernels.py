@@ -48,10 +48,11 @@ def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
         return False
     if any(map(permuted, tensors)):
         return True
-    fmt, n = memory_format_for_rank(first.dim()), first.numel()
-    return fmt is not None and any(
-        t.dim() == first.dim() and t.numel() > n and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+    n = first.numel()
+    return any(
+        (t.dim() > first.dim() or t.numel() > n) and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
         for t in tensors
+        if (fmt := memory_format_for_rank(t.dim())) is not None and t.dim() >= first.dim()
     )
 
 
@@ -66,22 +67,32 @@ def revert_copies(
 ) -> list[HiddenCopy]:
     """The copies of its inputs whole into another order that the kernel of ``func`` made, where it
     reverted (wrote ``out`` NCHW from a channels_last input), asked once per signature in ``asked``
-    (run again by its kernel; a fake run's asked on zeros); none for other ops, or where another
-    mode is below the caller's."""
+    (run again by its kernel; a fake run's asked on zeros); none for other ops, for a kernel that
+    copies its input whole from NCHW too (``kthvalue`` clones it in either layout: the same bytes,
+    which the rule's revert charges as before), or where another mode is below the caller's."""
     tensors = iter_tensors((args, kwargs))
     if not _reverted(func, tensors, out):
         return []
     key = repr(("revert", func, tree_map(signature, (args, kwargs))))
     got = asked.get(key)
     if got is None:
-        found: list[HiddenCopy] | None = None
-        if any(isinstance(t, FakeTensor) for t in tensors) or fake_below():
-            found = asked_on_zeros(func, args, kwargs, guard, tensors, _maps)
-        elif torch._C._len_torch_dispatch_stack() == 0:
-            try:  # (run again as dispatch ran it; an op its kernel refuses so is charged by the rule)
-                ran = probed(func, args, kwargs, guard, _maps(args))
-            except Exception:
-                ran = None
-            found = ran[1] if ran is not None else None
-        got = asked[key] = [c for c in found or () if c.computed and not c.densified]
+        found = [c for c in _asked(func, args, kwargs, guard, tensors) or () if c.computed and not c.densified]
+        if found:  # (as NCHW: the maps and views made row-major, the rest as they are)
+            nchw = tree_map(lambda v: v.contiguous() if isinstance(v, torch.Tensor) and _maps([v]) else v, args)
+            again = _asked(func, nchw, kwargs, guard, iter_tensors((nchw, kwargs)))
+            found = [] if again is None or any(c.computed for c in again) else found
+        got = asked[key] = found
     return got
+
+
+def _asked(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, tensors: list[torch.Tensor]) -> Any:
+    """What ``func``'s kernel copies of its maps and views run again on ``args`` (None: not asked)."""
+    if any(isinstance(t, FakeTensor) for t in tensors) or fake_below():
+        return asked_on_zeros(func, args, kwargs, guard, tensors, _maps)
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    try:  # (run again as dispatch ran it; an op its kernel refuses so is charged by the rule)
+        ran = probed(func, args, kwargs, guard, _maps(args))
+    except Exception:
+        return None
+    return ran[1] if ran is not None else None

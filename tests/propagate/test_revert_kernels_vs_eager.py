@@ -96,3 +96,54 @@ def test_a_pool_with_a_channels_last_kernel_is_charged_nothing() -> None:
     torch.manual_seed(0)
     model, x = After(nn.MaxPool3d(2)).eval(), torch.randn(2, 4, 8, 8, 8)
     assert not audit(model, x).findings and eager_bytes(model, (x,)).added == 0
+
+
+class Median(nn.Module):
+    """The median along W of a channels_last convolution's output (``keepdim``: a map)."""
+
+    def __init__(self, keepdim: bool) -> None:
+        super().__init__()
+        self.conv, self.keepdim = nn.Conv2d(4, 16, 3, padding=1), keepdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(x).median(3, keepdim=self.keepdim)[0]
+        return out
+
+
+LEAVING: dict[str, Callable[[], nn.Module]] = {
+    # im2col copies its channels_last input whole into NCHW, then unfolds (an N x C*k*k x L output)
+    "F.unfold": lambda: After(nn.Unfold(3, padding=1), rank=4),
+    "F.fold(F.unfold(...))": lambda: After(
+        lambda t: nn.functional.fold(nn.functional.unfold(t, 2, stride=2), (12, 12), 2, stride=2), rank=4
+    ),
+    # median.dim is median.dim_values' caller: the out= variant's kernel makes the copy
+    "median along W": lambda: Median(keepdim=False),
+    "median along W, keepdim": lambda: Median(keepdim=True),
+}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("name", sorted(LEAVING))
+def test_a_kernel_that_copies_a_map_whole_and_writes_no_map_is_charged_the_copy(name: str, mode: str) -> None:
+    """F.unfold, median along a dim: a kernel with no channels_last path that copies its input whole,
+    whatever the rank of what it writes."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, x = LEAVING[name]().eval(), torch.randn(2, 4, 12, 12)
+    r = audit(model, x, mode=mode)
+    whole = 2 * 4 * 2 * 16 * 12 * 12  # the convolution's output, read and written
+    assert [(f.kind.value, f.bytes) for f in r.findings] == [("revert", whole)]
+    said = "has no channels_last kernel" if "keepdim" in name else "copies its whole channels_last input"
+    assert said in r.findings[0].hint  # (a map written: the op's own hint)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == profiled_copies_added(model, x) == whole
+
+
+def test_a_kernel_that_copies_its_input_in_nchw_too_is_charged_only_the_rule() -> None:
+    """kthvalue clones its input into row-major order in either layout (the same bytes: the profiler's
+    difference is 0): not the kernel's whole copy, only the rule's output-sized revert, as before."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, x = After(lambda t: t.kthvalue(2, 3, keepdim=True)[0], rank=4).eval(), torch.randn(2, 4, 12, 12)
+    r = audit(model, x)
+    assert [(f.kind.value, f.bytes) for f in r.findings] == [("revert", 2 * 4 * 2 * 16 * 12)]
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added and profiled_copies_added(model, x) == 0
