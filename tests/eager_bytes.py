@@ -311,14 +311,6 @@ def _view_in_other_order(t: torch.Tensor) -> bool:
     return t.dim() in (2, 3) and not t.is_contiguous() and is_non_overlapping_and_dense_or_false(t)
 
 
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return _storage(a) == _storage(b) and (a.shape, a.stride(), a.storage_offset()) == (
-        b.shape,
-        b.stride(),
-        b.storage_offset(),
-    )
-
-
 class _ConvKernel(TorchDispatchMode):
     """Sees the ATen ops a convolution's kernel (forward's, or backward's) calls, and those the ops it calls call
     (``_slow_conv2d_backward`` copies each group's gradient): keeps every copy, as ``(whose, bytes)``:
@@ -360,8 +352,12 @@ class _ConvKernel(TorchDispatchMode):
             return out
         if not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
             return out
-        if src.dim() < 4:  # a watched view of a map (flatten(2)) copied whole into row-major order
-            if any(_same_view(src, v) for v in self.views) and out.is_contiguous():
+        if src.dim() < 4:  # a watched view of a map (flatten(2)) copied into row-major order, whole or by parts
+            if (
+                any(_storage(src) == _storage(v) for v in self.views)
+                and out.is_contiguous()
+                and not src.is_contiguous()
+            ):
                 self.copies.append(("activation", 2 * out.numel() * out.element_size()))
             return out
         if 0 in src.stride():

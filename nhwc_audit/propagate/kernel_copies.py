@@ -274,7 +274,7 @@ def _watched_copy(func: Any, args: Any, out: Any, activations: Sequence[torch.Te
     nbytes, name = 2 * min(sm.stored_nbytes, dm.nbytes), str(func.overloadpacket.__name__)
     of = next((t for t in activations if torch._C._is_alias_of(src, t)), None)  # type: ignore[attr-defined]
     if src.dim() not in (4, 5):  # a watched view's order copied row-major: no layout's, the map's doing
-        whole = of is not None and permuted(of) and _whole(src, of) and out.is_contiguous()
+        whole = of is not None and permuted(of) and out.is_contiguous() and not src.is_contiguous()
         return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, computed=True, reorder=True) if whole else None
     if of is None or (laid_out(of) and not _whole(src, of)):  # (a group's view of a dense gradient: its own)
         return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, result=True)

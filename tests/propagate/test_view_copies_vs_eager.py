@@ -12,6 +12,7 @@ The audit charges them as the profiler sees them and as the ground truth
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -134,3 +135,32 @@ def test_a_diffusers_attention_block_is_charged_its_group_norms_copy() -> None:
     assert r.meta.capture == "hooks"
     assert [(f.kind.value, f.op, f.bytes) for f in r.findings] == [("conversion", "GroupNorm", whole)]
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == profiled_copies_added(model, x) == whole
+
+
+class MapProduct(nn.Module):
+    """A matmul of a channels_last map and its transpose (per channel, H x W matrices): at batch 1
+    it folds the batch and channels into a view whose matrices are neither row- nor column-major
+    in channels_last memory, which the CPU ``bmm`` copies matrix by matrix (in bfloat16, whole);
+    NCHW's are row-major and its transpose column-major, read as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return torch.matmul(h, h.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_one_matmul_of_maps_is_charged_what_bmm_copies(dtype: torch.dtype, mode: str) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, x = MapProduct().eval(), torch.randn(1, 4, 8, 8)
+    r = audit(model, x, mode=mode, dtype=dtype)
+    both = 2 * 2 * (16 * 8 * 8) * dtype.itemsize  # each operand, read and written
+    assert [(f.kind.value, f.op, f.bytes) for f in r.findings] == [("conversion", "matmul", both)]
+    if dtype is torch.float32:  # (the profiler's count here is float32's)
+        assert profiled_copies_added(model, x) == both
+    assert eager_bytes(copy.deepcopy(model).to(dtype), (x.to(dtype),)).added == both
