@@ -149,7 +149,7 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
     if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
         return None
-    # (a 2D/3D view of a map in another order copied row-major: ``instance_norm``'s ``contiguous()``)
+    # (a 3D view of a map in another order copied row-major: ``instance_norm``'s ``contiguous()``)
     row_major = out.layout is torch.strided and out.is_contiguous()
     if src.dim() < 4 and not (permuted(src) and src.shape == out.shape and row_major):
         return None
@@ -176,9 +176,9 @@ def laid_out(t: torch.Tensor) -> bool:
 
 
 def permuted(t: torch.Tensor) -> bool:
-    """A 2D/3D tensor dense in memory, not row-major: a channels_last map's ``flatten(2)`` (strided
+    """A 3D tensor dense in memory, not row-major: a channels_last map's ``flatten(2)`` (strided
     HW*C, 1, C), which a GroupNorm, a softmax, a Conv1d copies row-major first (NCHW's is row-major)."""
-    if t.dim() not in (2, 3) or t.layout is not torch.strided or t.is_contiguous():
+    if t.dim() != 3 or t.layout is not torch.strided or t.is_contiguous():  # (a 2D one: a GEMM's transposed weight)
         return False
     strides = t.stride()
     return is_dense_in_order(tuple(t.shape), strides, sorted(range(t.dim()), key=lambda d: (strides[d], -d)))

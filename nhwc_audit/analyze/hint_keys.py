@@ -60,7 +60,7 @@ DENSE_COPY = "@dense-copy"
 no memory format (dense in NCHW at batch 1), before it computes."""
 
 VIEW_COPY = "@view-copy"
-"""Key of the conversion hint for a copy into row-major order of a 2D/3D view of a channels_last map
+"""Key of the conversion hint for a copy into row-major order of a 3D view of a channels_last map
 (``flatten(2)``: N x C x HW, dense in NHWC memory), by a kernel (a GroupNorm, a softmax, a Conv1d) or
 ``contiguous()``, where the NCHW map's view is row-major already."""
 

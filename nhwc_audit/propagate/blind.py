@@ -171,7 +171,7 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
 
 
 def _as_is(t: torch.Tensor) -> bool:
-    """A tensor a kernel reads as it is: :func:`~nhwc_audit.channels.laid_out`, and no 2D/3D view
+    """A tensor a kernel reads as it is: :func:`~nhwc_audit.channels.laid_out`, and no 3D view
     in another order than row-major (:func:`~nhwc_audit.channels.permuted`: a GroupNorm copies a
     channels_last map's ``flatten(2)``)."""
     return laid_out(t) and not permuted(t)

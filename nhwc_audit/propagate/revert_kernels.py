@@ -35,7 +35,7 @@ def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
     again, it would draw again) wrote its first output dense row-major: from an input of its rank
     dense in channels_last order only and holding more elements (a revert; where the output holds
     as many, the rule already charges the whole input: a layer norm's copy of it is the revert's
-    bytes), or from a 2D/3D view dense in another order (:func:`~nhwc_audit.channels.permuted`: a
+    bytes), or from a 3D view dense in another order (:func:`~nhwc_audit.channels.permuted`: a
     channels_last map's ``flatten(2)``), which no layout shows."""
     first = next(iter(iter_tensors(out)), None)
     if (
@@ -57,7 +57,7 @@ def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
 
 
 def _maps(args: Any) -> list[torch.Tensor]:
-    """An op's 4D/5D tensor arguments and its 2D/3D views in another order than row-major: what a
+    """An op's 4D/5D tensor arguments and its 3D views in another order than row-major: what a
     kernel may copy whole."""
     return [t for t in iter_tensors(args) if t.dim() in (4, 5) or permuted(t)]
 
