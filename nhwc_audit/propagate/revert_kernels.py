@@ -38,9 +38,9 @@ def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
     bytes), or from a 3D view dense in another order (:func:`~nhwc_audit.channels.permuted`: a
     channels_last map's ``flatten(2)``), which no layout shows."""
     first = next(iter(iter_tensors(out)), None)
-    if (
-        first is None or first.layout is not torch.strided or not first.is_contiguous()
-    ):  # (one dense in another order: kept)
+    if first is None or first.layout is not torch.strided:
+        return False
+    if not first.is_contiguous():  # (one dense in another order: the kernel kept it)
         return False
     if library_op(func) or func is CONVOLUTION or not computes(func):
         return False
@@ -56,10 +56,14 @@ def _reverted(func: Any, tensors: list[torch.Tensor], out: Any) -> bool:
     )
 
 
+def _whole_copied(t: torch.Tensor) -> bool:
+    """A 4D/5D tensor, or a 3D view in another order than row-major: what a kernel may copy whole."""
+    return t.dim() in (4, 5) or permuted(t)
+
+
 def _maps(args: Any) -> list[torch.Tensor]:
-    """An op's 4D/5D tensor arguments and its 3D views in another order than row-major: what a
-    kernel may copy whole."""
-    return [t for t in iter_tensors(args) if t.dim() in (4, 5) or permuted(t)]
+    """An op's tensor arguments a kernel may copy whole (:func:`_whole_copied`)."""
+    return [t for t in iter_tensors(args) if _whole_copied(t)]
 
 
 def revert_copies(
@@ -78,7 +82,7 @@ def revert_copies(
     if got is None:
         found = [c for c in _asked(func, args, kwargs, guard, tensors) or () if c.computed and not c.densified]
         if found:  # (as NCHW: the maps and views made row-major, the rest as they are)
-            nchw = tree_map(lambda v: v.contiguous() if isinstance(v, torch.Tensor) and _maps([v]) else v, args)
+            nchw = tree_map(lambda v: v.contiguous() if isinstance(v, torch.Tensor) and _whole_copied(v) else v, args)
             again = _asked(func, nchw, kwargs, guard, iter_tensors((nchw, kwargs)))
             found = [] if again is None or any(c.computed for c in again) else found
         got = asked[key] = found
