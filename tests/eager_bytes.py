@@ -329,6 +329,8 @@ class _ConvKernel(TorchDispatchMode):
         self.copies: list[tuple[str, int]] = []
         self.views = [a for a in acts if _view_in_other_order(a)]
         """The 2D/3D ``acts`` in an order other than row-major: their copies whole are kept too."""
+        self.any_order = False
+        """``views`` made row-major (a second ask): any copy of one is kept."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -340,7 +342,7 @@ class _ConvKernel(TorchDispatchMode):
         )
         if key is not None:
             inner = _ConvKernel(self.acts)
-            inner.views = self.views
+            inner.views, inner.any_order = self.views, self.any_order
             with inner:
                 out = func._op_dk(key, *args, **kwargs)
             self.copies += inner.copies
@@ -353,11 +355,8 @@ class _ConvKernel(TorchDispatchMode):
         if not isinstance(out, torch.Tensor) or _storage(out) == _storage(src):
             return out
         if src.dim() < 4:  # a watched view of a map (flatten(2)) copied into row-major order, whole or by parts
-            if (
-                any(_storage(src) == _storage(v) for v in self.views)
-                and out.is_contiguous()
-                and not src.is_contiguous()
-            ):
+            ordered = out.is_contiguous() and (self.any_order or not src.is_contiguous())
+            if any(_storage(src) == _storage(v) for v in self.views) and ordered:
                 self.copies.append(("activation", 2 * out.numel() * out.element_size()))
             return out
         if 0 in src.stride():
@@ -515,7 +514,15 @@ class _Recorder(TorchDispatchMode):
         watch = _ConvKernel(views)
         with watch:
             func._op_dk(key, *args, **kwargs)
-        return [nbytes for whose, nbytes in watch.copies if whose == "activation"]
+        copies = [nbytes for whose, nbytes in watch.copies if whose == "activation"]
+        if copies:  # the same op on the views made row-major: a kernel that copies there too (kthvalue) adds none
+            rows = [a.contiguous() if isinstance(a, torch.Tensor) and _view_in_other_order(a) else a for a in args]
+            again = _ConvKernel([])
+            again.views, again.any_order = [a for a in rows if isinstance(a, torch.Tensor) and a.dim() < 4], True
+            with again:
+                func._op_dk(key, *rows, **kwargs)
+            copies = [] if any(whose == "activation" for whose, _ in again.copies) else copies
+        return copies
 
     @staticmethod
     def _whole_copies(func: Any, args: Any, kwargs: dict[str, Any], ins: list[torch.Tensor], result: Any) -> list[int]:

@@ -51,6 +51,7 @@ __all__ = [
     "kernel_copies",
     "library_op",
     "probed",
+    "RowMajor",
     "signature",
 ]
 
@@ -274,12 +275,18 @@ def _watched_copy(func: Any, args: Any, out: Any, activations: Sequence[torch.Te
     nbytes, name = 2 * min(sm.stored_nbytes, dm.nbytes), str(func.overloadpacket.__name__)
     of = next((t for t in activations if torch._C._is_alias_of(src, t)), None)  # type: ignore[attr-defined]
     if src.dim() not in (4, 5):  # a watched view's order copied row-major: no layout's, the map's doing
-        whole = of is not None and permuted(of) and out.is_contiguous() and not src.is_contiguous()
+        rows = isinstance(activations, RowMajor) and of is not None  # (a second ask's: any copy of one)
+        whole = rows or (of is not None and permuted(of) and out.is_contiguous() and not src.is_contiguous())
         return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, computed=True, reorder=True) if whole else None
     if of is None or (laid_out(of) and not _whole(src, of)):  # (a group's view of a dense gradient: its own)
         return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, result=True)
     same = not (layout_change(sm, dm) or reorders(sm, dm))
     return HiddenCopy(name, sm.layout, dm.layout, dm.shape, nbytes, computed=True, densified=same)
+
+
+class RowMajor(list[torch.Tensor]):
+    """Watched tensors made row-major, for a second ask of a kernel found copying (what the NCHW
+    model's kernel does, :mod:`.revert_kernels`): any copy of one, of a view's too, counts."""
 
 
 def _whole(view: torch.Tensor, t: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ inputs whole, then computed from the copies). A fake run asks the CPU kernel on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy
 from ..tensors import iter_tensors
 from .conv_kernels import CONVOLUTION
-from .kernel_copies import Asked, Guard, asked_on_zeros, computes, fake_below, library_op, probed, signature
+from .kernel_copies import Asked, Guard, RowMajor, asked_on_zeros, computes, fake_below, library_op, probed, signature
 
 __all__ = ["revert_copies"]
 
@@ -83,20 +84,33 @@ def revert_copies(
         found = [c for c in _asked(func, args, kwargs, guard, tensors) or () if c.computed and not c.densified]
         if found:  # (as NCHW: the maps and views made row-major, the rest as they are)
             nchw = tree_map(lambda v: v.contiguous() if isinstance(v, torch.Tensor) and _whole_copied(v) else v, args)
-            again = _asked(func, nchw, kwargs, guard, iter_tensors((nchw, kwargs)))
+            again = _asked(func, nchw, kwargs, guard, iter_tensors((nchw, kwargs)), _rows)
             found = [] if again is None or any(c.computed for c in again) else found
         got = asked[key] = found
     return got
 
 
-def _asked(func: Any, args: Any, kwargs: dict[str, Any], guard: Guard, tensors: list[torch.Tensor]) -> Any:
-    """What ``func``'s kernel copies of its maps and views run again on ``args`` (None: not asked)."""
+def _rows(args: Any) -> RowMajor:
+    """An op's 3D to 5D tensor arguments, the maps and views made row-major among them: in a second
+    ask, any copy of one counts (``kthvalue`` clones a row-major view too)."""
+    return RowMajor(t for t in iter_tensors(args) if t.dim() in (3, 4, 5))
+
+
+def _asked(
+    func: Any,
+    args: Any,
+    kwargs: dict[str, Any],
+    guard: Guard,
+    tensors: list[torch.Tensor],
+    watched: Callable[[Any], list[torch.Tensor]] = _maps,
+) -> Any:
+    """What ``func``'s kernel copies of its ``watched`` arguments, run again on ``args`` (None: not asked)."""
     if any(isinstance(t, FakeTensor) for t in tensors) or fake_below():
-        return asked_on_zeros(func, args, kwargs, guard, tensors, _maps)
+        return asked_on_zeros(func, args, kwargs, guard, tensors, watched)
     if torch._C._len_torch_dispatch_stack() > 0:
         return None
     try:  # (run again as dispatch ran it; an op its kernel refuses so is charged by the rule)
-        ran = probed(func, args, kwargs, guard, _maps(args))
+        ran = probed(func, args, kwargs, guard, watched(args))
     except Exception:
         return None
     return ran[1] if ran is not None else None

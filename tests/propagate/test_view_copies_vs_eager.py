@@ -86,6 +86,8 @@ CONTROLS: dict[str, Callable[[], nn.Module]] = {
     "flatten(2) * 2": lambda: Flat(lambda t: t * 2),
     # tokens (B x HW x C) are row-major in channels_last: a LayerNorm reads them as they are
     "LayerNorm on tokens": lambda: Flat(nn.Sequential(Transpose(), nn.LayerNorm(16))),
+    # kthvalue clones its input row-major whatever its order: NCHW's view too, the same bytes
+    "kthvalue along H * W": lambda: Flat(lambda t: t.kthvalue(2, -1)[0]),
     # a Linear's tokens transposed: the same view in either layout, copied in NCHW too
     "softmax of a Linear's transposed tokens": lambda: Flat(nn.Sequential(Transpose(), nn.Linear(16, 8), Softmax1())),
 }
