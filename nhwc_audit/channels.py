@@ -149,13 +149,12 @@ def hidden_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
     if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
         return None
-    # (a 3D view of a map in another order copied row-major: ``instance_norm``'s ``contiguous()``)
-    row_major = out.layout is torch.strided and out.is_contiguous()
-    if src.dim() < 4 and not (permuted(src) and src.shape == out.shape and row_major):
+    view = src.dim() < 4  # a 3D view of a map in another order copied row-major (``instance_norm``'s ``contiguous()``)
+    if view and not (permuted(src) and src.shape == out.shape and out.layout is torch.strided and out.is_contiguous()):
         return None
     sm, dm = tensor_meta(src), tensor_meta(out)
-    change = src.dim() >= 4 and layout_change(sm, dm)
-    if not (change or reorders(sm, dm) or src.dim() < 4):
+    change = not view and layout_change(sm, dm)
+    if not (view or change or reorders(sm, dm)):
         return None
     name = str(func.overloadpacket.__name__)
     # a broadcast source (a table ``expand``-ed over the batch) moves what it stores, laid out as it

@@ -157,9 +157,8 @@ def summarize(
     spatial = share_ops(records)
     in_regions = {n for reg in regions for n in reg.nodes}
     spatial_bytes, nchw_bytes = activation_bytes(spatial, in_regions)
-    count = {
-        k: sum(1 for f in findings if f.kind is k and not f.intrinsic) for k in FindingKind
-    }  # (a kernel's own: apart)
+    # per kind, a kernel's own copies apart (:attr:`Summary.intrinsic`)
+    count = {k: sum(1 for f in findings if f.kind is k and not f.intrinsic) for k in FindingKind}
     moved = sum(f.bytes for f in findings)
     return Summary(
         nodes=len(records),

@@ -4,12 +4,15 @@ An op that writes NCHW from a channels_last input is a revert, charged what it m
 output's order: at most the smaller of its input and output. Some CPU kernels copy the whole input
 into NCHW first (``input.contiguous()``) and compute from the copy: ``avg_pool3d`` has no
 channels_last_3d kernel (torch 2.14.1), ``fractional_max_pool2d``, ``index_select`` over the
-channels (``median`` along a dim too, but its output has a lower rank: no map, not asked). Their output is smaller than their input (a 2 x 2 x 2 pool's is
-an eighth), so the rule charges an eighth of what the kernel copies. :func:`revert_copies` runs such
-an op again by its kernel with a recording mode (:func:`~.kernel_copies.probed`) the first time its
-signature is met, and keeps the copies of its inputs whole into another order; the node's revert is
-then charged what they moved (:func:`~nhwc_audit.analyze.moves.revert_bytes`: a node that copied its
-inputs whole, then computed from the copies). A fake run asks the CPU kernel on zeros.
+channels. Their output is smaller than their input (a 2 x 2 x 2 pool's is an eighth), so the rule
+charges an eighth of what the kernel copies; one whose output has a lower rank (``F.unfold``'s
+im2col, ``median`` along a dim) no rule charges at all, nor a kernel's row-major copy of a 3D view
+of a map (a GroupNorm of its ``flatten(2)``). :func:`revert_copies` runs such an op again by its
+kernel with a recording mode (:func:`~.kernel_copies.probed`) the first time its signature is met,
+and keeps the copies of its inputs whole into another order, unless the kernel copies the same
+inputs made row-major too (``kthvalue``); the node is then charged what they moved
+(:func:`~nhwc_audit.analyze.moves.revert_bytes`: a node that copied its inputs whole, then computed
+from the copies). A fake run asks the CPU kernel on zeros.
 """
 
 from __future__ import annotations
