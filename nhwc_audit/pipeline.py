@@ -36,7 +36,7 @@ from .propagate.interpreter import ProgressFn
 from .propagate.kernel_copies import callers_modes_note
 from .propagate.runner import Runner
 from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord, TensorMeta
-from .refine import with_backward, with_nchw_backward, with_nchw_baseline
+from .refine import NO_BACKWARD, NchwPlan, with_backward, with_nchw_backward, with_nchw_baseline
 from .result import AuditReport
 from .tensors import iter_tensors
 from .timing.bandwidth import measure_transpose_bandwidth
@@ -156,7 +156,7 @@ def _unaudited(notes: tuple[str, ...]) -> bool:
     return any(n.startswith(BACKWARD_NOT_AUDITED) for n in notes)
 
 
-def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple[str, ...], bool]:
+def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple[str, ...], NchwPlan]:
     """:func:`~.refine.with_backward`, or, where its backward raises, a clear error when the model
     as built fails to train in eager PyTorch too (``z.mul_(2)`` on a tensor autograd saved: it
     cannot train as written), else a note that the backward was not audited."""
@@ -173,7 +173,11 @@ def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple
             f"train=True: the model's backward raises in eager PyTorch too ({eager}); {fix}, or audit without "
             "--train (API: train=False)"
         )
-    return captured.records, (f"{BACKWARD_NOT_AUDITED} (the {captured.method} graph's backward raised: {why})",), False
+    return (
+        captured.records,
+        (f"{BACKWARD_NOT_AUDITED} (the {captured.method} graph's backward raised: {why})",),
+        NO_BACKWARD,
+    )
 
 
 def keyword_metas(kwargs: dict[str, Any]) -> tuple[tuple[str, TensorMeta], ...]:
@@ -193,8 +197,8 @@ def _audit_one(
     module, wrapper = unwrapped(module)  # torch.compile's module, DataParallel: what they wrap
     captured, p = _capture(module, args, kwargs, o, raw)
     t1 = time.perf_counter()
-    records, grad_notes, reordering = (
-        _backward(captured, p) if o.train and o.backward else (captured.records, (), False)
+    records, grad_notes, plan = (
+        _backward(captured, p) if o.train and o.backward else (captured.records, (), NO_BACKWARD)
     )
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
@@ -206,7 +210,7 @@ def _audit_one(
         records, found, captured, p.module, p.args, p.kwargs, p.runner, fake=fake, device=o.device.type
     )
     if o.train and o.backward:
-        baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, reordering=reordering)
+        baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, plan)
         baseline_notes += backward_notes
     unchanged, records = baselined is records, baselined  # else copies made in NCHW too are charged less
     analysis = analyze(

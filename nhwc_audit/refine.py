@@ -6,7 +6,8 @@ built), so that each finding is charged only what channels_last adds."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,31 +21,55 @@ from .analyze.moves import baselined, moved_bytes
 from .capture.blocks import custom_backward_note
 from .layout import channels_innermost, memory_order, nchw_ordered
 from .propagate.backward import backward_layouts, param_grad_notes
+from .propagate.backward_kernels import Call
 from .propagate.baseline import match_nodes, nchw_backward, nchw_records, split_moves
 from .propagate.chain import Captured
 from .propagate.kernels import layout_dependent_backwards
+from .propagate.nchw_kernels import asked
 from .propagate.runner import Runner
 from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, Layout, NodeRecord, TensorMeta
 
-__all__ = ["reorders_dims", "with_backward", "with_nchw_backward", "with_nchw_baseline"]
+__all__ = [
+    "NO_BACKWARD",
+    "NchwPlan",
+    "by_kernel",
+    "reorders_dims",
+    "with_backward",
+    "with_nchw_backward",
+    "with_nchw_baseline",
+]
 
 
-def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...], bool]:
+@dataclass(frozen=True)
+class NchwPlan:
+    """What the NCHW baseline of a backward needs (:func:`with_nchw_backward`): whether the model
+    reorders dims (:func:`reorders_dims`: then a whole NCHW forward and backward), and else the
+    NCHW counterparts of each node's convolution backward calls, to ask by their kernels
+    (:mod:`.propagate.nchw_kernels`); None where one has none known (then the whole run too)."""
+
+    reordering: bool
+    kernels: Mapping[str, Sequence[Call]] | None = None
+
+
+NO_BACKWARD = NchwPlan(reordering=False, kernels={})
+
+
+def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord], tuple[str, ...], NchwPlan]:
     """The records with the gradient layouts of one backward pass and the layout changes each
     node's backward made; notes on the parameter gradients' layouts and on kernels whose result
-    depends on a gradient's layout; and whether the model reorders dims (:func:`reorders_dims`)."""
+    depends on a gradient's layout; and what its NCHW baseline needs (:class:`NchwPlan`)."""
     if captured.gm is None:
         return (
             captured.records,
             (f"{BACKWARD_NOT_AUDITED} (the {captured.method} capture has no graph to run backward through)",),
-            False,
+            NO_BACKWARD,
         )
     if runner.absent_cuda:
         why = "torch's autograd engine runs a backward of CUDA tensors, fake ones too, on a CUDA device"
         return (
             captured.records,
             (f"{BACKWARD_NOT_AUDITED} ({why}: audit --train on a GPU, or with --device cpu)",),
-            False,
+            NO_BACKWARD,
         )
     breaks = frozenset(r.name for r in captured.records if r.error)
     corrections = runner.corrections()  # a fake run's backward kernels strided as eager's
@@ -64,10 +89,12 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
     fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
     custom = tuple(n for n in (custom_backward_note(captured.gm.graph),) if n)
+    calls = {name: [c for c in node_calls if c is not None] for name, node_calls in ran.kernels.items()}
+    known = all(c is not None for node_calls in ran.kernels.values() for c in node_calls)
     return (
         records,
         param_grad_notes(ran.params) + faults + fixed + custom,
-        reorders_dims(captured.gm.graph, ran.reordering, records),
+        NchwPlan(reorders_dims(captured.gm.graph, ran.reordering, records), calls if known else None),
     )
 
 
@@ -108,7 +135,7 @@ def _laid_otherwise(meta: TensorMeta) -> bool:
 
 
 def with_nchw_backward(
-    records: list[NodeRecord], captured: Captured, runner: Runner, *, reordering: bool
+    records: list[NodeRecord], captured: Captured, runner: Runner, plan: NchwPlan
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node's backward also moves when the model runs NCHW, run
     only when some node's backward moved data and the model reorders dims (``reordering``:
@@ -120,9 +147,10 @@ def with_nchw_backward(
     only; its other moves also against a copy displaced downstream."""
     ours = {r.name: split_moves(r.backward) for r in records if r.backward}
     kernels = any(c.op == "convolution_backward" for r in records for c in r.backward)
-    if not ours or not (reordering or kernels):
+    if not ours or not (plan.reordering or kernels):
         return records, ()
-    theirs = nchw_backward(captured, runner)
+    asked_alone = by_kernel(plan, runner)
+    theirs = asked_alone if asked_alone is not None else nchw_backward(captured, runner)
     if isinstance(theirs, str):
         return records, (
             f"NCHW baseline of the backward: not run ({theirs}); each backward finding is charged its whole copy",
@@ -146,6 +174,18 @@ def with_nchw_backward(
         f"NCHW baseline of the backward: {len(netted)} node(s)' backward move data in NCHW too "
         f"({more} as much or more): charged only the bytes channels_last adds",
     )
+
+
+def by_kernel(plan: NchwPlan, runner: Runner) -> dict[str, tuple[int, int]] | None:
+    """Node -> what its convolutions' NCHW backward kernels copy inside (:func:`split_moves`), each
+    call's NCHW counterpart asked by its kernel (:func:`~.propagate.nchw_kernels.asked`): the NCHW
+    run's backward moves nothing else where the model reorders no dims (:func:`reorders_dims`).
+    None where that needs the whole NCHW run (the model reorders dims, a call has no counterpart
+    known, a kernel could not be asked)."""
+    if plan.reordering or plan.kernels is None:
+        return None
+    copies = asked(plan.kernels, runner.fake_mode)
+    return None if copies is None else {name: split_moves(c) for name, c in copies.items()}
 
 
 def with_nchw_baseline(

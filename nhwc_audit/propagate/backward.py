@@ -24,6 +24,7 @@ from ..capture.context import node_contexts
 from ..layout import tensor_meta
 from ..records import Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
+from .backward_kernels import Call
 from .breaks import as_traced, to_channels_last
 from .corrections import Corrections
 from .fake_views import VIEWS, view_node, view_strides
@@ -44,6 +45,8 @@ class Backward:
     reordering: frozenset[str]
     """The kinds of autograd node not in :data:`~.grad_hooks.KEEPS_ORDER` that ran (on tensors of
     rank 3 and up)."""
+    kernels: dict[str, list[Call | None]]
+    """Node name -> the NCHW counterparts of its convolutions' backward calls (:attr:`.grad_hooks.Grads.kernels`)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule, data: frozenset[str]
         got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
     layouts = {k: tuple(v) for k, v in grads.layouts.items()}
-    return Backward(layouts, param_grads, grads.moved, frozenset(grads.reordering))
+    return Backward(layouts, param_grads, grads.moved, frozenset(grads.reordering), grads.kernels)
 
 
 def param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:

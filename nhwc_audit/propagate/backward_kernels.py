@@ -12,20 +12,22 @@ on a cut copy of the problem where it is too large to ask whole (:func:`~.conv_k
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
+from ..channels import dense_strides
 from ..records import HiddenCopy
 from ..tensors import iter_tensors
 from .conv_kernels import CONV_BACKWARD as _CONV_BACKWARD
 from .conv_kernels import cut, unguarded
 from .kernel_copies import PROBE_NUMEL, asked_on_zeros, fake_below, probed, signature
 
-__all__ = ["Answers", "KernelWatch"]
+__all__ = ["Answers", "Call", "KernelWatch", "Zeros", "counterpart"]
 
 Answers = dict[str, list[HiddenCopy] | None]
 """A fake run's backward convolutions asked on zeros, by arguments: their copies, None where not asked."""
@@ -49,6 +51,8 @@ class KernelWatch(TorchDispatchMode):
         self.asked = asked
         self.copies: list[HiddenCopy] = []
         self.ran = False
+        self.calls: list[Call | None] = []
+        """Each call's NCHW counterpart (:func:`counterpart`), None where none is known."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -67,12 +71,81 @@ class KernelWatch(TorchDispatchMode):
         elif torch._C._len_torch_dispatch_stack() == 0:
             got = probed(func, args, kwargs, unguarded, _activations(args))
         if got is None or got[1] is None:
+            self.calls.append(None)  # not asked: what it copies is the rules' estimate
             return func(*args, **kwargs) if got is None else got[0]
         self.ran = True
         self.copies += [dataclasses.replace(c, op="convolution_backward") for c in got[1]]
+        self.calls.append(counterpart(args, kwargs))
         return got[0]
 
 
 def _activations(args: Any) -> list[torch.Tensor]:
     """A ``convolution_backward``'s activations: its incoming gradient and its input (not its weight)."""
     return [t for t in args[:2] if isinstance(t, torch.Tensor)]
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """A tensor argument of a call's NCHW counterpart: zeros of this shape, dtype and device, with
+    PyTorch's row-major (NCHW) strides; or (``base``) that view of zeros shaped ``base``, laid out
+    so, ``offset`` elements in (a channel slice of an NCHW map)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    base: tuple[int, ...] | None = None
+    offset: int = 0
+
+    def made(self) -> torch.Tensor:
+        if self.base is None:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return torch.zeros(self.base, dtype=self.dtype, device=self.device).as_strided(
+            self.shape, dense_strides(self.base, range(len(self.base))), self.offset
+        )
+
+
+Call = tuple[Any, dict[str, Any]]
+"""A ``convolution_backward`` call's arguments and keywords, its tensors as :class:`Zeros`."""
+
+
+def counterpart(args: Any, kwargs: dict[str, Any]) -> Call | None:
+    """What the NCHW model's run hands the ``convolution_backward`` called with ``args`` and
+    ``kwargs`` in a channels_last run of a model that reorders no dims: its weight and each
+    activation dense in NCHW order, or an activation that is a slice of a dense map (a
+    concatenation's gradient) the same slice of that map laid out NCHW. None where a tensor is
+    neither (a broadcast gradient, a flattened view of a map): what the NCHW run's is then is
+    its run's business."""
+    grad, x, weight, *rest = args
+    made = [_activation(grad), _activation(x), _dense_zeros(weight)]
+    if any(m is None for m in made) or any(isinstance(v, torch.Tensor) for v in tree_leaves((rest, kwargs))):
+        return None
+    return (*made, *rest), dict(kwargs)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
+
+
+def _dense_zeros(t: torch.Tensor) -> Zeros | None:
+    return Zeros(tuple(t.shape), t.dtype, t.device) if _dense(t) else None
+
+
+def _activation(t: torch.Tensor) -> Zeros | None:
+    """An activation's NCHW counterpart: a view of another tensor (a slice of the gradient a
+    concatenation handed back, dense or not) as the same slice of that tensor laid out NCHW, where
+    it takes that tensor's strides (no dim reordered or stepped) and that tensor is dense;
+    another tensor made dense NCHW where it is dense."""
+    base = t._base
+    if base is None:
+        return _dense_zeros(t)
+    if base.dim() != t.dim() or t.stride() != base.stride() or not _dense(base):
+        return None
+    left, at = int(t.storage_offset() - base.storage_offset()), [0] * t.dim()
+    for d in sorted(range(t.dim()), key=lambda d: -int(base.stride()[d])):  # outermost first
+        if base.shape[d] > 1:
+            at[d], left = divmod(left, int(base.stride(d)))
+    if left or any(a + n > m for a, n, m in zip(at, t.shape, base.shape, strict=True)):
+        return None
+    offset = sum(a * s for a, s in zip(at, dense_strides(base.shape, range(base.dim())), strict=True))
+    return Zeros(tuple(t.shape), t.dtype, t.device, tuple(base.shape), offset)

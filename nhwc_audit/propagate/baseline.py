@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ..channels import dense_strides
 from ..errors import SharedWeightWrite, first_line
 from ..prepare.fake import fake_mode
 from ..records import HiddenCopy, NodeRecord
@@ -41,9 +42,7 @@ def _nchw_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` seen with NCHW strides: the same storage when it is dense, else a copy."""
     if t.dim() not in (4, 5):
         return t
-    strides = [1] * t.dim()
-    for d in range(t.dim() - 2, -1, -1):
-        strides[d] = strides[d + 1] * max(t.shape[d + 1], 1)
+    strides = dense_strides(t.shape, range(t.dim()))
     dense = t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
     return t.as_strided(t.shape, strides) if dense or t.is_contiguous() else t.contiguous()
 

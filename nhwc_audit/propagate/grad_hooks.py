@@ -21,7 +21,7 @@ from ..channels import relay_bytes
 from ..layout import reorders, tensor_meta
 from ..records import HiddenCopy, TensorMeta
 from ..tensors import iter_tensors
-from .backward_kernels import Answers, KernelWatch
+from .backward_kernels import Answers, Call, KernelWatch
 from .breaks import to_channels_last
 
 __all__ = ["KEEPS_ORDER", "EagerGrad", "Grads", "Moved", "hook_gradients", "hook_nodes"]
@@ -55,6 +55,8 @@ class Grads:
     as its forward did and as eager's does."""
     asked: Answers = field(default_factory=dict)
     """A fake run's backward convolutions asked on zeros (:class:`~.backward_kernels.KernelWatch`)."""
+    kernels: dict[str, list[Call | None]] = field(default_factory=dict)
+    """Node -> its convolutions' backward calls' :func:`~.backward_kernels.counterpart` (None: unknown)."""
 
 
 KEEPS_ORDER = frozenset(
@@ -218,6 +220,8 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
         kernel = _popped(watch.pop()) if watch else None  # the kernel's own account: in place of the rules'
         if kernel is not None and kernel.copies:
             grads.moved.setdefault(name, []).extend(kernel.copies)
+        if conv:  # (not asked by its kernel: None)
+            grads.kernels.setdefault(name, []).extend(kernel.calls if kernel is not None else [None])
         if reordering and any(isinstance(g, torch.Tensor) and g.dim() >= 3 for g in grad_inputs):
             grads.reordering.add(kind)
         if replayed:
@@ -289,9 +293,7 @@ def _relay(
         if reorders(m, om, positional=True) and not torch._C._is_alias_of(result, t):  # type: ignore[attr-defined]
             moved += relay_bytes(m, om, conv=conv)
             first = first or m
-    if first is None:
-        return None
-    return HiddenCopy(op, first.layout, om.layout, first.shape, moved, computed=True)
+    return None if first is None else HiddenCopy(op, first.layout, om.layout, first.shape, moved, computed=True)
 
 
 def _summed(parts: Sequence[tuple[TensorMeta, str]], total: TensorMeta, moved: Moved) -> None:
@@ -299,10 +301,8 @@ def _summed(parts: Sequence[tuple[TensorMeta, str]], total: TensorMeta, moved: M
     order than the sum ``total`` to the node whose backward handed it on."""
     for m, who in parts:
         if reorders(m, total, positional=True):
-            copy = HiddenCopy(
-                "add", m.layout, total.layout, total.shape, relay_bytes(m, total, conv=False), computed=True
-            )
-            moved.setdefault(who, []).append(copy)
+            n = relay_bytes(m, total, conv=False)
+            moved.setdefault(who, []).append(HiddenCopy("add", m.layout, total.layout, total.shape, n, computed=True))
 
 
 class EagerGrad(torch.autograd.Function):  # here: its hooks tell its nodes from the model's
