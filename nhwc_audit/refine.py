@@ -138,11 +138,12 @@ def with_nchw_backward(
     records: list[NodeRecord], captured: Captured, runner: Runner, plan: NchwPlan
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
     """The records with the bytes each node's backward also moves when the model runs NCHW, run
-    only when some node's backward moved data and the model reorders dims (``reordering``:
+    only when some node's backward moved data and the model reorders dims (``plan.reordering``:
     :func:`reorders_dims`) or a convolution's backward copied (its kernel's copies depend on its
     shapes and backend, not on orders: the NCHW model's oneDNN kernel copies a small map's input
-    gradient it computed channels_last; a grouped one on the slow backend each group's gradient);
-    ``records`` itself otherwise; and a note when that netted something or could not run. A node's
+    gradient it computed channels_last; a grouped one on the slow backend each group's gradient):
+    those convolutions asked alone where the model reorders no dims (:func:`by_kernel`), else the
+    graph run forward and back as built; ``records`` itself otherwise; and a note when that netted something or could not run. A node's
     kernels' copies of what they made (``HiddenCopy.result``) net against the same node's in NCHW
     only; its other moves also against a copy displaced downstream."""
     ours = {r.name: split_moves(r.backward) for r in records if r.backward}
