@@ -83,6 +83,15 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any]]
         {"threads": 1},
     ),
     "bfloat16": (_strided, (2, 3, 16, 16), {"dtype": torch.bfloat16}),
+    # a classifier convolution on the pooled map (timm's dla34 ``fc``): its gradient is the loss's
+    # 2D gradient unflattened, a view of a tensor no layout touches
+    "pooled_conv_head": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 10, 1), nn.Flatten()
+        ),
+        (2, 3, 8, 8),
+        {},
+    ),
 }
 
 
