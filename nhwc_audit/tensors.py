@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "on_shared",
     "seeded",
     "to_nchw",
+    "view_reorders",
 ]
 
 
@@ -81,6 +82,19 @@ def in_a_dense_format(t: torch.Tensor) -> bool:
     if t.dim() == 4:
         return t.is_contiguous(memory_format=torch.channels_last)
     return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def view_reorders(shape: Sequence[int], strides: Sequence[int], base: torch.Tensor) -> bool:
+    """A view of ``shape`` and ``strides`` of ``base`` (or a tensor strided as it is) may reorder its
+    dims: a permute. Not where both run over memory in their dims' own order (an InstanceNorm's
+    ``view_as`` of the N*C map it computes), nor where the view runs in the base's order, dim for
+    dim (a slice); dims of size 1 aside."""
+
+    def order(shape: Sequence[int], strides: Sequence[int]) -> list[int]:
+        return sorted((d for d in range(len(shape)) if shape[d] > 1), key=lambda d: (-strides[d], d))
+
+    mine, its = order(shape, strides), order(base.shape, base.stride())
+    return not (mine == sorted(mine) and its == sorted(its)) and (len(shape) != base.dim() or mine != its)
 
 
 def clone_value(v: Any) -> Any:

@@ -12,7 +12,7 @@ import torch
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import tree_leaves
 
-from nhwc_audit.tensors import PLAIN_LEAVES, iter_tensors
+from nhwc_audit.tensors import PLAIN_LEAVES, iter_tensors, view_reorders
 
 Pair = namedtuple("Pair", "a b")
 
@@ -77,3 +77,22 @@ def test_tensors_are_collected_from_a_dataclass_output() -> None:
 
     a, b = torch.zeros(1), torch.ones(2)
     assert [t.shape for t in iter_tensors(Out(a, b))] == [a.shape, b.shape]
+
+
+def _reorders(view: torch.Tensor) -> bool:
+    assert view._base is not None
+    return view_reorders(view.shape, view.stride(), view._base)
+
+
+def test_a_view_reorders_its_base_only_where_it_permutes_dims() -> None:
+    """Where a channels_last run's view written in place is not a permute of its base, the NCHW
+    run's same view keeps the base's order and its backward lays the gradient as it comes."""
+    cl = torch.zeros(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    nchw = torch.zeros(2, 8, 4, 4)
+    assert not _reorders(torch.zeros(1, 16, 4, 4).view(2, 8, 4, 4))  # InstanceNorm's view_as of its N*C map
+    assert not _reorders(cl[:, :4])  # a channel slice of a channels_last map
+    assert not _reorders(nchw[:, :, 1:])  # rows of an NCHW map
+    assert not _reorders(nchw.flatten(2))  # another rank, both row-major
+    assert _reorders(cl.permute(0, 2, 3, 1))  # row-major itself, over a channels_last map
+    assert _reorders(nchw.permute(0, 2, 3, 1))
+    assert _reorders(cl.flatten(2))  # another rank, over a channels_last map

@@ -136,9 +136,10 @@ def _activation(t: torch.Tensor) -> Zeros | None:
     concatenation handed back, dense or not) as the same slice of that tensor laid out NCHW, where
     it takes that tensor's strides (no dim reordered or stepped) and that tensor is dense;
     another tensor made dense NCHW where it is dense, and so is a row-major view of a tensor of
-    rank 3 or less (a pooled head's gradient unflattened: laid alike in either run)."""
+    rank 3 or less (a pooled head's gradient unflattened: laid alike in either run) or of a
+    row-major one (InstanceNorm's output, a view of the N*C map it computes: NCHW in either run)."""
     base = t._base
-    if base is None or (base.dim() < 4 and t.is_contiguous()):
+    if base is None or (t.is_contiguous() and (base.dim() < 4 or base.is_contiguous())):
         return _dense_zeros(t)
     if base.dim() != t.dim() or t.stride() != base.stride() or not _dense(base):
         return None

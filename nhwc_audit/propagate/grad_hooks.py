@@ -20,7 +20,8 @@ from torch import nn
 from ..channels import relay_bytes
 from ..layout import reorders, tensor_meta
 from ..records import HiddenCopy, TensorMeta
-from ..tensors import iter_tensors
+from ..tensors import iter_tensors, view_reorders
+from .autograd_nodes import metadata, permuted_view, saved_tensors
 from .backward_kernels import Answers, Call, KernelWatch
 from .breaks import to_channels_last
 
@@ -115,8 +116,9 @@ def hook_gradients(name: str, value: Any, grads: Grads) -> None:
 
 _AS_STRIDED = "nhwc_audit.as_strided"
 """The key, in an autograd node's ``metadata``, of a view chain a fake run replays where eager
-runs one ``AsStridedBackward0`` (:func:`_replayed_view`): the base's (shape, strides), and whether
-the node is the chain's first (handed the view's gradient) and its last (handing the base's on)."""
+runs one ``AsStridedBackward0`` (:func:`_replayed_view`): the base's (shape, strides), whether the
+node is the chain's first (handed the view's gradient) and its last (handing the base's on), and
+whether the view reorders the base's dims (:func:`~nhwc_audit.tensors.view_reorders`)."""
 
 
 def _replayed_view(t: torch.Tensor) -> None:
@@ -134,16 +136,16 @@ def _replayed_view(t: torch.Tensor) -> None:
     node = head
     while type(node).__name__ != "CopySlices":
         nexts = [n for n, _ in node.next_functions if n is not None]
-        if _NODE in _metadata(node) or len(nexts) != 1 or len(chain) > 16:
+        if _NODE in metadata(node) or len(nexts) != 1 or len(chain) > 16:
             return
         chain.append(node)
         node = nexts[0]
     base = t._base
-    if not chain or _NODE in _metadata(node) or base is None:
+    if not chain or _NODE in metadata(node) or base is None:
         return
-    geometry = (tuple(base.shape), tuple(base.stride()))
+    geometry, permutes = (tuple(base.shape), tuple(base.stride())), view_reorders(t.shape, t.stride(), base)
     for i, n in enumerate(chain):
-        _metadata(n)[_AS_STRIDED] = (geometry, i == 0, i == len(chain) - 1)
+        metadata(n)[_AS_STRIDED] = (geometry, i == 0, i == len(chain) - 1, permutes)
 
 
 def hook_nodes(name: str, todo: list[Any], grads: Grads) -> None:
@@ -151,39 +153,12 @@ def hook_nodes(name: str, todo: list[Any], grads: Grads) -> None:
     ``name``'s (:func:`_hook_node`)."""
     while todo:
         node = todo.pop()
-        if node is None or _NODE in (meta := _metadata(node)):
+        if node is None or _NODE in (meta := metadata(node)):
             continue
         meta[_NODE] = name
         if type(node).__name__ != "AccumulateGrad":  # a leaf's: no backward of the model's
             _hook_node(node, name, grads)
         todo.extend(n for n, _ in node.next_functions)
-
-
-def _metadata(node: Any) -> dict[str, Any]:
-    """An autograd node's own dict (``Node.metadata``, a property the stubs call a method)."""
-    meta: dict[str, Any] = node.metadata
-    return meta
-
-
-def _saved(node: Any, names: dict[type, tuple[str, ...]]) -> list[torch.Tensor]:
-    """The 4D/5D tensors ``node`` saved for its backward (readable before it runs); ``names``:
-    the ``_saved_*`` attributes of each autograd node class that hold tensors, found once. Not
-    those packed by saved-tensor hooks (a non-reentrant checkpoint recomputes them when unpacked,
-    once: reading one here would make the backward itself fail)."""
-    kind = type(node)
-    if kind not in names:
-        names[kind] = tuple(a for a in dir(kind) if a.startswith("_saved_") and hasattr(kind, "_raw" + a))
-    out: list[torch.Tensor] = []
-    for attr in names[kind]:
-        try:
-            raw = getattr(node, "_raw" + attr)
-            if any(r.unpack_hook is not None for r in (raw if isinstance(raw, (list, tuple)) else (raw,))):
-                continue
-            value = getattr(node, attr)
-        except Exception:  # released, or not a tensor after all
-            continue
-        out += [t for t in iter_tensors(value) if t.dim() >= 4]
-    return out
 
 
 def _hook_node(node: Any, name: str, grads: Grads) -> None:
@@ -197,7 +172,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     one's (summed gradients went uncharged, and at random)."""
     correction = isinstance(node, EagerGrad._backward_cls)
     conv = type(node).__name__.startswith("ConvolutionBackward")
-    replayed = _metadata(node).get(_AS_STRIDED)
+    replayed = metadata(node).get(_AS_STRIDED)
     kind = "AsStridedBackward0" if replayed else type(node).__name__
     reordering = kind.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
     saved: list[torch.Tensor] = []
@@ -206,11 +181,11 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     def pre(grad_outputs: Any) -> None:
         me = torch._C._current_autograd_node()
         for slot, g in enumerate(grad_outputs):
-            parts = grads.parts.pop((id(_metadata(me)), slot), ())
+            parts = grads.parts.pop((id(metadata(me)), slot), ())
             if len(parts) > 1 and isinstance(g, torch.Tensor):
                 _summed(parts, tensor_meta(g), grads.moved)
         if not correction:
-            saved[:] = _saved(me, grads.saved_names)
+            saved[:] = saved_tensors(me, grads.saved_names)
         if conv:
             watch[:] = [KernelWatch(grads.asked)]
             torch._C._push_on_torch_dispatch_stack(watch[0])
@@ -238,12 +213,12 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
                 and (copy := _relay(op, read, result, conv, grads.weights if conv else grads.params)) is not None
             ):
                 grads.moved.setdefault(name, []).append(copy)
-                if kind.startswith("AsStrided"):  # a permuted view's gradient into its base: NCHW's too
+                if kind.startswith("AsStrided") and permuted_view(me, result):  # into its base: NCHW's too
                     grads.reordering.add(kind)
             saved.clear()
         for g, (nxt, slot) in zip(grad_inputs, me.next_functions, strict=False):
             if nxt is not None and isinstance(g, torch.Tensor) and g.dim() >= 4:
-                grads.parts.setdefault((id(_metadata(nxt)), slot), []).append((tensor_meta(g), name))
+                grads.parts.setdefault((id(metadata(nxt)), slot), []).append((tensor_meta(g), name))
         return grad_inputs if replayed else None
 
     node.register_prehook(pre)
@@ -263,13 +238,14 @@ def _as_strided(replayed: Any, grad_inputs: Any, grad_outputs: Any, grads: Grads
     """A node of a view chain a fake run replays (:func:`_replayed_view`), run as eager's one
     ``AsStridedBackward0``: the first charges bringing the view's gradient into the base's memory
     order; the last hands the base's gradient on laid as the base is."""
-    (shape, strides), first, last = replayed
+    (shape, strides), first, last, permutes = replayed
     g = grad_outputs[0]
     if first and isinstance(g, torch.Tensor) and g.dim() >= 4:
         laid = g.new_empty_strided(shape, strides)
         if (copy := _relay("AsStridedBackward0", [g], laid, False, grads.weights)) is not None:
             grads.moved.setdefault(name, []).append(copy)
-            grads.reordering.add("AsStridedBackward0")  # a permuted view's gradient into its base: NCHW's too
+            if permutes:  # a permuted view's gradient into its base: NCHW's too
+                grads.reordering.add("AsStridedBackward0")
     out = grad_inputs[0]
     if last and isinstance(out, torch.Tensor) and tuple(out.shape) == shape:
         return (out.new_empty_strided(shape, strides).copy_(out), *grad_inputs[1:])

@@ -83,6 +83,16 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any]]
         {"threads": 1},
     ),
     "bfloat16": (_strided, (2, 3, 16, 16), {"dtype": torch.bfloat16}),
+    # an in-place ReLU on InstanceNorm's output, a view of the NCHW map it computes (the bundled
+    # UNet's up blocks): autograd's AsStridedBackward0 lays channels_last's gradient into NCHW, a
+    # view in the base's own dim order, which NCHW's backward lays as it comes
+    "in_place_after_instance_norm": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16), nn.ReLU(inplace=True), nn.Conv2d(16, 8, 3, padding=1)
+        ),
+        (2, 3, 8, 8),
+        {},
+    ),
     # a classifier convolution on the pooled map (timm's dla34 ``fc``): its gradient is the loss's
     # 2D gradient unflattened, a view of a tensor no layout touches
     "pooled_conv_head": (
