@@ -2,7 +2,8 @@
 
     python benchmarks/versus.py [--base REV] [--repeats 9] [--train] [CASE ...]
 
-CASE is ``torchvision_name:size:batch`` (``resnet50:224:1``), ``chainN`` (a conv and N
+CASE is ``torchvision_name:size:batch`` (``resnet50:224:1``), ``unet`` (the bundled example,
+1x3x128x128), ``chainN`` (a conv and N
 relu/add pairs, no compute to speak of) or ``sd15`` (Stable Diffusion 1.5's UNet built on the
 meta device, audited in fake mode: no forward to compare with, so its forward column is
 empty). The base revision's package is exported with ``git archive`` into a temporary folder
@@ -49,6 +50,11 @@ def _case(name: str) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any], 
         from run import _Chain
 
         return _Chain(int(name[5:] or 2000)), (torch.randn(1, 3, 4, 4),), {}, "real"
+    if name == "unet":  # the bundled example the README's first command audits
+        from nhwc_audit.examples import unet
+
+        model, args = unet()
+        return model, args, {}, "real"
     if name == "sd15":
         from nhwc_audit.zoo.large import sd15_meta
 
