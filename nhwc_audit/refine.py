@@ -106,9 +106,13 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
     (``.contiguous(memory_format=...)``, a no-op in the channels_last run), or a node reads a map
     laid out in neither order nor a slice of one (:func:`_laid_otherwise`: a tensor made in forward
     and ``expand``-ed or transposed, which no autograd node made: a convolution's backward re-lays
-    it in NCHW too). Without any, the NCHW backward moves nothing."""
+    it in NCHW too; not a ``stack`` of maps, whose maps are read, and laid, as they come: smp FPN's
+    ``torch.stack(maps).sum(0)``). Without any, the NCHW backward moves nothing."""
     formats = (torch.channels_last, torch.channels_last_3d)
-    laid_otherwise = any(_laid_otherwise(i.meta) for r in records for i in r.inputs if i.meta.rank >= 4)
+    stacked = {r.name for r in records if r.op_name == "stack"}
+    laid_otherwise = any(
+        _laid_otherwise(i.meta) for r in records for i in r.inputs if i.meta.rank >= 4 and i.producer not in stacked
+    )
     return (
         bool(reordering)
         or laid_otherwise

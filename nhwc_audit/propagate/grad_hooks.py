@@ -174,7 +174,8 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
     conv = type(node).__name__.startswith("ConvolutionBackward")
     replayed = metadata(node).get(_AS_STRIDED)
     kind = "AsStridedBackward0" if replayed else type(node).__name__
-    reordering = kind.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
+    # (a correction stands for a kernel that keeps order: GroupNorm's gradient laid as eager lays it)
+    reordering = not correction and kind.rstrip("0123456789").removesuffix("Backward") not in KEEPS_ORDER
     saved: list[torch.Tensor] = []
     watch: list[KernelWatch] = []  # a convolution's backward kernel, run with a mode: its own copies
 

@@ -52,6 +52,15 @@ class _Shared(nn.Module):
         return self.b(torch.relu(self.b(self.a(x))))
 
 
+class _Stacked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.stack([self.a(x), self.b(x)]).sum(0))
+
+
 def _frozen() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1))
     model[1].weight.requires_grad_(False)  # its backward computes the input gradient only
@@ -89,6 +98,17 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any]]
     "in_place_after_instance_norm": (
         lambda: nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16), nn.ReLU(inplace=True), nn.Conv2d(16, 8, 3, padding=1)
+        ),
+        (2, 3, 8, 8),
+        {},
+    ),
+    # maps stacked then summed (smp FPN's merge): the stack is laid as a stack of channels_last maps,
+    # in neither 5D order, and an NCHW run stacks NCHW maps as they come
+    "stacked_maps": (_Stacked, (1, 3, 8, 8), {}),
+    # a fake run corrects GroupNorm's gradient to eager's channels_last (EagerGrad): no reordering
+    "group_norm": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)
         ),
         (2, 3, 8, 8),
         {},
