@@ -110,13 +110,15 @@ Call = tuple[Any, dict[str, Any]]
 
 def counterpart(args: Any, kwargs: dict[str, Any]) -> Call | None:
     """What the NCHW model's run hands the ``convolution_backward`` called with ``args`` and
-    ``kwargs`` in a channels_last run of a model that reorders no dims: its weight and each
+    ``kwargs`` in a channels_last run of a model that reorders no dims: its weight (unless a slice:
+    one dense channels_last only because it holds one output channel is not dense NCHW) and each
     activation dense in NCHW order, or an activation that is a slice of a dense map (a
     concatenation's gradient) the same slice of that map laid out NCHW. None where a tensor is
     neither (a broadcast gradient, a flattened view of a map): what the NCHW run's is then is
     its run's business."""
     grad, x, weight, *rest = args
-    made = [_activation(grad), _activation(x), _dense_zeros(weight)]
+    whole = weight._base is None or weight.numel() == weight._base.numel()  # (not a slice of a weight)
+    made = [_activation(grad), _activation(x), _dense_zeros(weight) if whole else None]
     if any(m is None for m in made) or any(isinstance(v, torch.Tensor) for v in tree_leaves((rest, kwargs))):
         return None
     return (*made, *rest), dict(kwargs)
