@@ -91,18 +91,13 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
     custom = tuple(n for n in (custom_backward_note(captured.gm.graph),) if n)
     calls = {name: [c for c in node_calls if c is not None] for name, node_calls in ran.kernels.items()}
     known = all(c is not None for node_calls in ran.kernels.values() for c in node_calls)
-    stored = dict(captured.gm.named_buffers())  # a map left as built, channels_last: NCHW's run is not all NCHW
-    known = known and not any(t.dim() in (4, 5) and not t.is_contiguous() for t in _left(stored, captured))
+    left = [t for name, t in captured.gm.named_buffers() if name in captured.unconverted]
+    known = known and not any(t.dim() in (4, 5) and not t.is_contiguous() for t in left)  # (NCHW's run not all NCHW)
     return (
         records,
         param_grad_notes(ran.params) + faults + fixed + custom,
         NchwPlan(reorders_dims(captured.gm.graph, ran.reordering, records), calls if known else None),
     )
-
-
-def _left(stored: dict[str, torch.Tensor], captured: Captured) -> list[torch.Tensor]:
-    """The graph's tensors the conversion left as built (:attr:`~.propagate.captured.Captured.unconverted`)."""
-    return [t for name, t in stored.items() if name in captured.unconverted]
 
 
 def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Sequence[NodeRecord] = ()) -> bool:

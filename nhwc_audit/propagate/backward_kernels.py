@@ -99,9 +99,8 @@ class Zeros:
     def made(self) -> torch.Tensor:
         if self.base is None:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        return torch.zeros(self.base, dtype=self.dtype, device=self.device).as_strided(
-            self.shape, dense_strides(self.base, range(len(self.base))), self.offset
-        )
+        base = torch.zeros(self.base, dtype=self.dtype, device=self.device)
+        return base.as_strided(self.shape, base.stride(), self.offset)
 
 
 Call = tuple[Any, dict[str, Any]]
