@@ -8,22 +8,20 @@ interpreter, the eager recorder and every checking run.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..channels import COPY_OPS, broadcast_across, conv_layout, hidden_copy, relay_bytes, relays_view, runs_otherwise
+from ..channels import hidden_copy
 from ..errors import SharedWeightWrite, ValueDependentShapes
-from ..layout import tensor_meta
-from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout
+from ..records import HiddenCopy
 from ..tensors import iter_tensors, on_shared
 from .conv_kernels import Kernels, own_copies
 from .kernel_copies import Asked, kernel_copies, library_op
+from .relays import Relay, computed_relay, first_output, inner_copies, is_alias_of
 from .revert_kernels import revert_copies
 
 __all__ = [
@@ -33,67 +31,10 @@ __all__ = [
     "RecordingMode",
     "check_shared_write",
     "check_value_shape",
-    "computed_relay",
     "inner_copies",
     "is_alias_of",
     "written_tensors",
 ]
-
-
-_DECIDED = frozenset({Layout.CHANNELS_LAST, Layout.CONTIGUOUS})
-
-
-def _first(out: Any) -> Any:
-    return out[0] if isinstance(out, (tuple, list)) and out else out
-
-
-def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ()) -> tuple[HiddenCopy, int, int] | None:
-    """The record of an ATen op that is neither a copy nor a view and computes its 4D/5D output
-    in NHWC from an NCHW input of its rank, or the other way (a convolution inside a
-    circular-padding Conv2d re-lays the padded NCHW input; the 2D pool inside AvgPool1d reads a
-    token map unsqueezed from an NHWC map and writes NCHW). Parameters are left to the weight
-    rules. Bytes by :func:`~nhwc_audit.channels.relay_bytes`, summed over such inputs. With the
-    ``id()`` of the first input it re-lays and of the output (a node's own op is its record's:
-    :class:`CopyRecorder` judges an op that reads only the node's inputs once it knows the node's
-    result). ``unsure``: the ``id()`` of tensors whose layouts are not to be trusted (made by meta
-    kernels known to differ from eager)."""
-    if func in COPY_OPS:
-        return None
-    result = _first(out)
-    if not isinstance(result, torch.Tensor) or result.dim() < 4:
-        return None
-    om = tensor_meta(result)
-    name = str(func.overloadpacket.__name__)
-    if name in ALLOCATING_OPS:
-        return None
-    tensors = list(iter_tensors(args))
-    conv = name in CONV_OPS
-    if conv and om.layout is Layout.AMBIGUOUS:  # one output channel: the format the kernel computed in
-        om = dataclasses.replace(om, layout=conv_layout(om, tuple(tensor_meta(t) for t in tensors[:2])))
-    moved, first, source = 0, None, 0
-    rank = result.dim()
-    for t in tensors:
-        if t.dim() != rank or isinstance(t, nn.Parameter) or id(t) in unsure:
-            continue
-        m = tensor_meta(t)
-        if om.layout in _DECIDED and m.layout in _DECIDED and m.layout is not om.layout:
-            layouts = (m.layout, om.layout)
-        elif conv and om.layout in _DECIDED and m.layout is Layout.STRIDED and runs_otherwise(m, om):
-            layouts = (m.layout, om.layout)  # a slice in another order (a pad's crop): the kernel re-lays it
-        elif not conv and name not in GEMM_OPS and relays_view(t, m, om):  # they compute their output
-            layouts = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)
-        elif broadcast_across(m, om):  # F.normalize's norm, expanded back over the map
-            layouts = (Layout.CONTIGUOUS, Layout.CHANNELS_LAST)
-        else:
-            continue
-        if is_alias_of(result, t):
-            return None  # a view, or written in place
-        moved += relay_bytes(m, om, conv=conv)
-        first, source = first or layouts, source or id(t)
-    if first is None:
-        return None
-    copy = HiddenCopy(op=name, layout_in=first[0], layout_out=first[1], shape=om.shape, bytes=moved, computed=True)
-    return copy, source, id(result)
 
 
 @functools.cache
@@ -228,7 +169,7 @@ class CopyRecorder(GuardedMode):
         """Keep the layout changes of ops that compute too (:func:`computed_relay`, in
         ``relayed``): a graph's node runs several ATen ops, whose moves its own layouts may not
         show."""
-        self.relayed: list[tuple[HiddenCopy, int, int]] = []
+        self.relayed: list[Relay] = []
         self.boundary: frozenset[int] = frozenset()
         """``id()`` of the running node's inputs (see :func:`computed_relay`)."""
         self.untrusted: frozenset[str] = frozenset()
@@ -253,11 +194,11 @@ class CopyRecorder(GuardedMode):
         self.copies, self.own, self.relayed, self.unsure, self.deferred = [], [], [], set(), []
         self.boundary, self.recording = boundary, recording
 
-    def settled(self, result: Any) -> list[tuple[HiddenCopy, int, int]]:
+    def settled(self, result: Any) -> list[Relay]:
         """``relayed``, and the relays of the ops that read only the node's inputs and did not
         make its result (the first of F.normalize's: its norm), judged now the result is known."""
         outs = {id(t) for t in iter_tensors(result)}
-        late = [computed_relay(f, a, o, self.unsure) for f, a, o in self.deferred if id(_first(o)) not in outs]
+        late = [computed_relay(f, a, o, self.unsure) for f, a, o in self.deferred if id(first_output(o)) not in outs]
         self.deferred = []
         return self.relayed + [r for r in late if r is not None]
 
@@ -280,11 +221,13 @@ class CopyRecorder(GuardedMode):
             func, args, kw, self.guard, self.asked
         )
         out = func(*args, **kw) if inside is None else inside[0]
+        own: list[HiddenCopy] = []  # a convolution's copies of its weight (a slow backend's)
         if inside is not None and inside[1]:  # what its kernel copied: a library's (roi_align: its input), a slice's
             if self.recording:
                 self.copies += [c for c in inside[1] if not c.result]
-                self.own += [c for c in inside[1] if c.result]  # a convolution's weight (a slow backend's)
+                own = [c for c in inside[1] if c.result]
             if library_op(func):  # it computed from its copies: its output is no relay of its inputs
+                self.own += own
                 return out
         elif self.recording and (whole := revert_copies(func, args, kw, out, self.guard, self.asked)):
             self.copies += whole  # a kernel that reverted by copying its input whole (a CPU avg_pool3d)
@@ -299,19 +242,7 @@ class CopyRecorder(GuardedMode):
                 self.deferred.append((func, args, out))  # the node's own op, if it made the node's result
             elif self.relays and (relay := computed_relay(func, args, out, self.unsure)) is not None:
                 self.relayed.append(relay)
+                if relay.weight:  # a weight computed in forward: the rule's re-lay is its kernel's copy of it
+                    own = [c for c in own if c.shape != tuple(args[1].shape)]
+        self.own += own
         return out
-
-
-def is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` shares storage with ``b`` (works for FakeTensors, unlike data_ptr)."""
-    return bool(torch._C._is_alias_of(a, b))  # type: ignore[attr-defined]
-
-
-def inner_copies(
-    relayed: list[tuple[HiddenCopy, int, int]], inputs: list[torch.Tensor], result: Any
-) -> list[HiddenCopy]:
-    """The layout changes computed inside a node (:attr:`CopyRecorder.relayed`), less its own
-    op's (from one of its ``inputs`` to its ``result``: its record shows that one)."""
-    ins = {id(t) for t in inputs}
-    outs = {id(result)} if isinstance(result, torch.Tensor) else {id(t) for t in iter_tensors(result)}
-    return [h for h, source, out in relayed if not (source in ins and out in outs)]

@@ -136,3 +136,42 @@ def test_a_table_in_a_4d_buffer_is_no_weight(capture: str) -> None:
     assert copy.op == "Linear" and copy.bytes == 2 * 7 * 7 * 2 * 4
     assert copy.hint.startswith("Linear reads a 4D stored tensor that model.to(memory_format=torch.channels_last)")
     assert "store it 3D" in copy.hint and "convolution" not in copy.hint
+
+
+def _weight_norm(conv: nn.Conv2d) -> nn.Module:
+    return nn.utils.parametrizations.weight_norm(conv)
+
+
+def _old_weight_norm(conv: nn.Conv2d) -> nn.Module:
+    return nn.utils.weight_norm(conv)
+
+
+def _spectral_norm(conv: nn.Conv2d) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(conv)
+
+
+@pytest.mark.parametrize("wrap", [_weight_norm, _old_weight_norm, _spectral_norm])
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_weight_computed_inside_a_conv_module_is_charged_once(
+    wrap: Callable[[nn.Conv2d], nn.Module], mode: str, batch: int
+) -> None:
+    """A leaf convolution module whose weight its parametrization computes in forward (weight_norm,
+    spectral_norm): the weight made NCHW is re-laid by the convolution once, as eager copies it (the
+    rule on the op inside the module, and the kernel's own copy of the same weight, were both
+    charged: 55,296 B where eager moves 36,864)."""
+    from tests.eager_bytes import eager_bytes
+
+    def build() -> nn.Module:  # (the old weight_norm's weight has a grad_fn: no deepcopy of it)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            m = nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1), wrap(nn.Conv2d(16, 16, 3, padding=1)), nn.Conv2d(16, 8, 1)
+            )
+        return m.eval()
+
+    x = torch.randn(batch, 3, 16, 16)
+    r = audit(build(), x, bandwidth=1e9, mode=mode)  # type: ignore[arg-type]
+    truth = eager_bytes(build(), (x,)).added
+    assert truth > 0 and sum(f.bytes for f in r.findings) == truth
+    assert not any(f.intrinsic for f in r.findings)  # computed in forward: the model can change it

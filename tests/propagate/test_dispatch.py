@@ -451,7 +451,11 @@ def test_the_recorder_sees_nothing_in_a_recorder_blind_module(build: Any, shape:
                     if getattr(m, "inplace", False):
                         y = x  # the node's output is its input, written in place
                     # a layout change it computes is its own op's, from its input to its output
-                    assert all((s, o) == (id(x), id(y)) for _, s, o in rec.relayed), (m, x.stride(), rec.relayed)
+                    assert all((r.source, r.result) == (id(x), id(y)) for r in rec.relayed), (
+                        m,
+                        x.stride(),
+                        rec.relayed,
+                    )
                     assert all(p._version == v for p, v in params)
 
 
@@ -534,7 +538,7 @@ def test_the_recorder_sees_nothing_in_a_blind_function_on_one_layout_and_dtype(t
                 with rec, torch.no_grad():
                     out = target(*args, **kwargs)
                 assert rec.copies == [], (target, x.stride(), rec.copies)
-                assert all(o == id(out) for _, _, o in rec.relayed), (target, x.stride(), rec.relayed)
+                assert all(r.result == id(out) for r in rec.relayed), (target, x.stride(), rec.relayed)
 
 
 def test_a_blind_function_on_mixed_layouts_or_dtypes_is_not_blind() -> None:
@@ -577,7 +581,11 @@ def test_the_recorder_sees_nothing_in_a_functional_norm_or_activation_in_any_lay
                 with rec, torch.no_grad():
                     y = fn(*args, **kwargs)
                 assert rec.copies == [], (fn, x.stride(), rec.copies)
-                assert all((s, o) == (id(args[0]), id(y)) for _, s, o in rec.relayed), (fn, x.stride(), rec.relayed)
+                assert all((r.source, r.result) == (id(args[0]), id(y)) for r in rec.relayed), (
+                    fn,
+                    x.stride(),
+                    rec.relayed,
+                )
 
 
 def test_plain_calls_and_metadata_are_blind_and_writes_are_not() -> None:
