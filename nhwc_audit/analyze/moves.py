@@ -83,13 +83,17 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True
     reduced = bool(reverted) and i.meta.rank - reverted[0].rank in (0, 1) and i.meta.numel != reverted[0].numel
-    # a stack of one map reduced over the stack's dim: no reshape (monai RegUNet with one level)
-    one = bool(reverted) and any(_without(i.meta.shape, d) == reverted[0].shape for d in range(i.meta.rank))
+    shape = i.meta.shape  # the dims whose removal gives the output's shape (reduced over one of them)
+    ways = {d for d in range(i.meta.rank) if reverted and shape[:d] + shape[d + 1 :] == reverted[0].shape}
+    one = any(shape[d] == 1 for d in ways)  # a stack of one map reduced over the stack's dim (monai RegUNet)
     if i.meta.rank > 5 and not (reduced or one):
         # element for element: a reshape may keep the channels innermost (MaxViT)
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
+    sources = {1 if d > 1 else 2 for d in ways}  # the dims the output's channels may come from
+    if channels is None and len(sources) > 1 and sources <= (split := split_channels(i, by_name)):
+        channels = split  # N x G x C/G x H x W with G == C/G reduced over either: the shapes cannot say which
     if channels is not None and reduced:  # a mean over a channel group too
         split = split_channels(i, by_name)  # (diffusers' AutoencoderDC: unflatten(1, (-1, 2)).mean(2))
         # or over the groups, keeping their dim: N x 1 x C/G x H x W holds channels in dim 2
@@ -97,11 +101,6 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         if reverted[0].shape[1] > 1 or kept:
             channels |= split
     return channels is not None and channels_innermost(i.meta, channels)
-
-
-def _without(shape: tuple[int, ...], d: int) -> tuple[int, ...] | None:
-    """``shape`` without its dim ``d`` when that dim is 1, else None."""
-    return shape[:d] + shape[d + 1 :] if shape[d] == 1 else None
 
 
 _UNNAMED = (Layout.STRIDED, Layout.NOT_SPATIAL)  # in no format: a 4D/5D view, or one above rank 5

@@ -450,6 +450,13 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "flip_transpose_then_to_cl": lambda: Between(
         lambda s, y: y.flip(3).transpose(2, 3).to(memory_format=torch.channels_last)
     ),
+    # a reduction over one part of a square channel split (G == C/G): dropping either dim gives the
+    # output's shape, so the shapes cannot say which dims hold its channels; the view's split can
+    # (the audit charged 0 and left the conv the cost, where every other split was charged)
+    "group_sum_square_split": lambda: Between(lambda s, y: y.view(2, 4, 4, 16, 16).sum(2), post=4, width=16),
+    "group_amax_square_split_as_the_batch": lambda: Between(
+        lambda s, y: y.view(2, 2, 2, 16, 16).amax(1), post=2, width=4
+    ),
     "group_mean_keepdim_4_groups": lambda: Between(
         lambda s, y: y.view(2, 4, 2, 16, 16).mean(1, keepdim=True).squeeze(1), post=2
     ),
