@@ -53,6 +53,8 @@ class Transpose:
     nbytes: int
     site: str
     """The model's source line that made the call (``file:line``, innermost frame outside torch)."""
+    call: str = ""
+    """Which call of that line (``file:line#k``) a backward's move belongs to; '' where not known."""
 
 
 _HERE = __file__.replace("\\", "/")
@@ -638,6 +640,21 @@ class EagerBytes:
         return sum(max(0, cl - nchw) for nchw, cl in self.by_site().values())
 
     @property
+    def added_per_call(self) -> int:
+        """:attr:`added` with a backward's moves netted per call of a line, as the audit nets them per
+        node: where two modules share a line (a block's norm run by two blocks; ``nn.Sequential``'s
+        children all fall to its caller's line), a copy only the NCHW model makes in one does not
+        cancel a channels_last copy in the other. Not the tests' reference (:attr:`added` is): one
+        copy met at another node of the same call (a conv, BatchNorm and SiLU on one line: NCHW copies
+        at the norm's backward, channels_last at the conv's) nets per line, as the audit nets it
+        (:mod:`nhwc_audit.analyze.displaced`); per call it would count twice."""
+        keyed: dict[tuple[str, str], list[int]] = {}  # (a kernel's own copies, sited by call, net apart)
+        for run, seen in ((0, self.nchw), (1, self.channels_last)):
+            for t in seen:
+                keyed.setdefault((t.call or t.site, t.site), [0, 0])[run] += t.nbytes
+        return sum(max(0, cl - nchw) for nchw, cl in keyed.values())
+
+    @property
     def relayed(self) -> int:
         """:attr:`added` but what convolution kernels copy inside of their own (a channels_last
         convolution's weight gradient in backward, its weight on a slow backend in forward)."""
@@ -724,7 +741,7 @@ class _NodeHooks:
 
     def __init__(self) -> None:
         self.seen: list[Transpose] = []
-        self.parts: dict[tuple[int, int], list[tuple[torch.Tensor, str]]] = {}
+        self.parts: dict[tuple[int, int], list[tuple[torch.Tensor, str, str]]] = {}
         self.keep: list[Any] = []
 
     def hook_all(self, roots: list[Any]) -> None:
@@ -740,6 +757,7 @@ class _NodeHooks:
 
     def _hook(self, node: Any) -> None:
         site = node.metadata.get("site", "?")
+        call = node.metadata.get("call", f"{site}#0")  # which call of the line (:attr:`EagerBytes.added_per_call`)
         state: dict[str, list[Any]] = {}
 
         conv = type(node).__name__.startswith("ConvolutionBackward")
@@ -751,9 +769,9 @@ class _NodeHooks:
             for nr, g in enumerate(grad_outputs):
                 parts = self.parts.pop((id(node), nr), [])
                 if isinstance(g, torch.Tensor) and len(parts) > 1:
-                    for t, where in parts:
+                    for t, where, which in parts:
                         if moved := _moved(t, g, (), {}, relaid=False):
-                            self.seen.append(Transpose("accumulate", tuple(g.shape), moved, where))
+                            self.seen.append(Transpose("accumulate", tuple(g.shape), moved, where, which))
             state["saved"] = [t for t in _saved(node) if t.dim() >= 4]
 
         def post(grad_inputs: Any, grad_outputs: Any) -> None:
@@ -764,12 +782,11 @@ class _NodeHooks:
                 depth = torch._C._len_torch_dispatch_stack()
                 if depth and torch._C._get_dispatch_stack_at(depth - 1) is state["conv"][0]:
                     torch._C._pop_torch_dispatch_stack(None)
-                call = node.metadata.get("call", f"{site}#0")  # (apart from the moves of its line)
                 for whose, n in state["conv"][0].copies:  # (an activation's copy is named as the rule names it)
                     op, where = (
                         ("ConvolutionBackward0", site) if whose == "activation" else ("convolution_backward", call)
                     )
-                    self.seen.append(Transpose(op, tuple(grad_outputs[0].shape), n, where))
+                    self.seen.append(Transpose(op, tuple(grad_outputs[0].shape), n, where, call))
             if conv and grad_inputs[0] is None:  # the weight's gradient only: the kernel works in its input's layout
                 result = next(iter(state.get("saved", [])), None)
             if result is not None and not kernel:
@@ -778,10 +795,10 @@ class _NodeHooks:
                     if t is result or t.dim() != result.dim() or _storage(t) == _storage(result):
                         continue  # a view (a permute's backward) moves nothing
                     if moved := _moved(t, result, (), {}, relaid=conv):
-                        self.seen.append(Transpose(type(node).__name__, tuple(result.shape), moved, site))
+                        self.seen.append(Transpose(type(node).__name__, tuple(result.shape), moved, site, call))
             for g, (nxt, nr) in zip(grad_inputs, node.next_functions, strict=False):
                 if isinstance(g, torch.Tensor) and nxt is not None:
-                    self.parts.setdefault((id(nxt), nr), []).append((g, site))
+                    self.parts.setdefault((id(nxt), nr), []).append((g, site, call))
 
         node.register_prehook(pre)
         node.register_hook(post)

@@ -295,3 +295,61 @@ def test_checker_sees_a_kernel_copy_a_slice_that_is_not_dense() -> None:
     two = eager_bytes(SliceThenConv().eval(), (torch.randn(2, 3, 8, 8),))
     assert [t.nbytes for t in two.nchw] == [t.nbytes for t in two.channels_last] == [4 * slice_bytes]
     assert two.added == 0
+
+
+class _SharedNormBlock(nn.Module):
+    """One GroupNorm line run by two blocks: the NCHW backward re-lays at the block whose output goes
+    to tokens (a permute to N x H x W x C), the channels_last one at the block whose Linear mixes the
+    pixels of each channel (an N x C x HW view)."""
+
+    def __init__(self, tokens_last: bool) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(4, 16)
+        self.tokens_last = tokens_last
+        self.mix = nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        if self.tokens_last:
+            return y.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 16)
+        return self.mix(y.reshape(x.shape[0], 16, -1)).transpose(1, 2)
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b = _SharedNormBlock(True), _SharedNormBlock(False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.head(self.a(h)) + self.head(self.b(h))
+
+
+class _MatView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.w @ h.flatten(2)).view(h.shape)
+
+
+def test_backward_moves_net_per_call_as_the_audit_nets_them_per_node() -> None:
+    """Two calls of one line: a norm line run by two blocks, and ``nn.Sequential``'s children (their
+    calls fall to its caller's line). The NCHW backward re-lays at one call, the channels_last one at
+    the other: per line they cancel; per call (:attr:`EagerBytes.added_per_call`) the channels_last
+    copy stays, as the audit charges it at its node (a real cost: the other module's saving does
+    not remove it)."""
+    from nhwc_audit import audit
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _MatView(), nn.Conv2d(16, 8, 1))
+    for model in (_TwoBlocks(), seq):
+        x = torch.randn(2, 3, 16, 16)
+        e = eager_backward_bytes(model.train(), (x,))
+        assert e.added_per_call > e.added  # a copy only NCHW makes cancelled one only channels_last makes
+        for mode in ("real", "fake"):
+            r = audit(model, x, train=True, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
+            assert sum(f.bytes for f in r.findings if f.kind.value == "backward") == e.added_per_call, mode
