@@ -54,11 +54,10 @@ _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided en
 
 
 def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
-    """What this node's backward moves between layouts (train=True) beyond what it moves when the
-    model runs NCHW: what its kernels copy of what they computed or of their weights
-    (:attr:`~nhwc_audit.records.HiddenCopy.result`: a CPU convolution's weight gradient; intrinsic, no
-    model change removes it) beyond what they copy so there; the rest (gradients re-laid, a saved
-    slice made dense) beyond the rest."""
+    """What this node's backward moves between layouts (train=True) beyond what it moves when the model
+    runs NCHW: what its kernels copy of what they computed or of their weights (``HiddenCopy.result``: a
+    CPU convolution's weight gradient; intrinsic, no model change removes it) beyond what they copy so
+    there; the rest (gradients re-laid, a saved slice made dense) beyond the rest."""
     users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "the loss"
     out = []
     for inside, nchw in ((False, r.nchw_backward_bytes), (True, r.nchw_backward_inside)):
@@ -261,8 +260,9 @@ def _hidden_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     mapped = any(h.reorder for h in r.hidden) and any(odd_order_from_map(i, ctx.by_name) for i in r.activation_inputs)
     copies = [h for h in r.hidden if mapped or not h.reorder]
     nbytes = sum(h.bytes for h in copies)
-    if all(h.reorder or h.densified for h in copies) and nbytes <= r.nchw_bytes:
-        return []  # none, or reorders (a window partition's), slices made dense, in NCHW too: no layout's
+    into_nhwc = all(h.computed and h.layout_out is Layout.CHANNELS_LAST for h in copies)  # (a weight a conv re-lays)
+    if (into_nhwc or all(h.reorder or h.densified for h in copies)) and nbytes <= r.nchw_bytes:
+        return []  # none, reorders (a window partition's), slices made dense, re-lays into NHWC: in NCHW too
     # a reshape's copy out of the spatial ranks is an exit; one an op computes (an einsum over H and W) is not
     exit = is_reshape(r) and not any(o.rank >= 4 for o in r.outputs) and not any(h.computed for h in copies)
     if exit and not (assigns or of_weight):

@@ -13,13 +13,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from ..channels import hidden_copy
 from ..errors import SharedWeightWrite, ValueDependentShapes
 from ..records import HiddenCopy
 from ..tensors import iter_tensors, on_shared
 from .conv_kernels import Kernels, own_copies
+from .fake_views import view_strides
 from .kernel_copies import Asked, kernel_copies, library_op
 from .relays import Relay, computed_relay, first_output, inner_copies, is_alias_of
 from .revert_kernels import revert_copies
@@ -158,6 +161,10 @@ class GuardedMode(RecordingMode):
             raise self.refused[0]
 
 
+_VIEWS = frozenset({torch.ops.aten.view, torch.ops.aten._reshape_alias})
+"""ATen's views whose strides eager computes (``computeStride``) and FakeTensor's do not for size-1 dims."""
+
+
 class CopyRecorder(GuardedMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
@@ -188,10 +195,13 @@ class CopyRecorder(GuardedMode):
         """The convolutions' own copies by kernel path (:func:`~.conv_kernels.own_copies`)."""
         self.own: list[HiddenCopy] = []
         """The node's convolution kernels' copies of their weights or of what they made."""
+        self.eager: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """A fake run's views made inside the node, by ``id()``: (the view, itself strided as eager
+        strides it, :func:`~.fake_views.view_strides`), what a kernel asked on zeros is given."""
 
     def start(self, boundary: frozenset[int], recording: bool) -> None:
         """Begin a node: nothing kept yet; ``boundary``, the ``id()`` of its inputs."""
-        self.copies, self.own, self.relayed, self.unsure, self.deferred = [], [], [], set(), []
+        self.copies, self.own, self.relayed, self.unsure, self.deferred, self.eager = [], [], [], set(), [], {}
         self.boundary, self.recording = boundary, recording
 
     def settled(self, result: Any) -> list[Relay]:
@@ -229,7 +239,7 @@ class CopyRecorder(GuardedMode):
             if library_op(func):  # it computed from its copies: its output is no relay of its inputs
                 self.own += own
                 return out
-        elif self.recording and (whole := revert_copies(func, args, kw, out, self.guard, self.asked)):
+        elif self.recording and (whole := revert_copies(func, self._as_eager(args), kw, out, self.guard, self.asked)):
             self.copies += whole  # a kernel that reverted by copying its input whole (a CPU avg_pool3d)
             return out
         if self.recording:
@@ -245,4 +255,13 @@ class CopyRecorder(GuardedMode):
                 if relay.weight:  # a weight computed in forward: the rule's re-lay is its kernel's copy of it
                     own = [c for c in own if c.shape != tuple(args[1].shape)]
         self.own += own
+        if func.overloadpacket in _VIEWS and isinstance(out, FakeTensor) and args and 1 in out.shape:
+            self.eager[id(out)] = (out, view_strides(args[0], out, backward=False))  # (bmm's copy reads them)
         return out
+
+    def _as_eager(self, args: Any) -> Any:
+        """``args`` with the fake views made in the node strided as eager's (:attr:`eager`)."""
+        if not self.eager:
+            return args
+        seen = self.eager
+        return tree_map(lambda v: seen[id(v)][1] if id(v) in seen and seen[id(v)][0] is v else v, args)

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .dispatch import is_alias_of
+from .relays import is_alias_of
 
 __all__ = ["VIEWS", "VIEW_STRIDES", "view_node", "view_strides"]
 

@@ -85,7 +85,11 @@ def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ())
         if t.dim() != rank or isinstance(t, nn.Parameter) or id(t) in unsure:
             continue
         m = tensor_meta(t)
-        layouts = _layouts(t, m, om, conv, name)
+        layouts: tuple[Layout, Layout] | None
+        if conv and k == 1 and m.layout is Layout.STRIDED and om.layout in _DECIDED:
+            layouts = m.layout, om.layout  # a weight dense in neither format, copied into the one it computes in
+        else:
+            layouts = _layouts(t, m, om, conv, name)
         if layouts is None:
             continue
         if is_alias_of(result, t):

@@ -175,3 +175,28 @@ def test_a_weight_computed_inside_a_conv_module_is_charged_once(
     truth = eager_bytes(build(), (x,)).added
     assert truth > 0 and sum(f.bytes for f in r.findings) == truth
     assert not any(f.intrinsic for f in r.findings)  # computed in forward: the model can change it
+
+
+class _Transposed(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.transpose(0, 1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_weight_dense_in_neither_format_is_copied_in_nchw_too(batch: int, capture: str) -> None:
+    """A parametrization that returns its weight transposed (in and out channels swapped): the
+    convolution copies it into the format it computes in, NCHW's as channels_last's, so channels_last
+    adds nothing. At batch 1 the NCHW run's copy went unseen (its order was compared with the output's
+    as an activation's: 18,432 B charged); at batch 2 a 0 B conversion was left, and check() raised."""
+    from nhwc_audit import check
+    from tests.eager_bytes import eager_bytes
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)).eval()
+    nn.utils.parametrize.register_parametrization(m[1], "weight", _Transposed())
+    x = torch.randn(batch, 3, 16, 16)
+    assert eager_bytes(m, (x,)).added == 0
+    for mode in ("real", "fake"):
+        assert audit(m, x, bandwidth=1e9, mode=mode, capture=capture).findings == ()  # type: ignore[arg-type]
+    check(m, x, bandwidth=1e9, capture=capture)  # type: ignore[arg-type]

@@ -383,3 +383,41 @@ def test_a_cut_scales_a_grouped_convolutions_copies_of_its_groups() -> None:
         r = nhwc_audit.audit(model, x, mode=mode, train=True, bandwidth=1e10, threads=1)
         found[mode] = [(f.node, f.bytes, f.intrinsic) for f in r.findings if f.kind.value == "backward"]
     assert found["fake"] == found["real"] and sum(b for _, b, _ in found["real"]) == 69_581_568
+
+
+class _Gram(nn.Module):
+    """A Gram matrix of a map's ``flatten(2)`` (style losses), or attention over its pixels."""
+
+    def __init__(self, attention: bool) -> None:
+        super().__init__()
+        self.attention = attention
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        f = x.flatten(2)
+        if self.attention:
+            t = f.transpose(1, 2)
+            return self.b((torch.softmax(t @ f, -1) @ t).transpose(1, 2).reshape(x.shape))
+        g = f @ f.transpose(1, 2)
+        return self.b(x * g.diagonal(dim1=1, dim2=2)[:, :, None, None])
+
+
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_bfloat16_matmul_of_a_flattened_map_is_asked_with_the_strides_eager_views_give(
+    batch: int, attention: bool
+) -> None:
+    """Inside ``matmul`` a view of size-1 dims (the batch at batch 1) is strided by FakeTensor
+    otherwise than by eager, and the CPU bfloat16 ``bmm`` reads those strides to decide which
+    operand it copies: NCHW copies the transposed one, channels_last the other, the same bytes. A
+    fake audit asked the NCHW kernel with the fake strides, saw no copy, and charged channels_last's
+    (16,384 B where the real audit and eager charge 0)."""
+    from tests.eager_bytes import eager_bytes
+
+    torch.manual_seed(0)
+    m, x = _Gram(attention).eval().to(torch.bfloat16), torch.randn(batch, 3, 16, 16).to(torch.bfloat16)
+    truth = eager_bytes(m, (x,)).added
+    for mode in ("real", "fake"):
+        r = nhwc_audit.audit(m, x, bandwidth=1e9, mode=mode)  # type: ignore[arg-type]
+        assert r.summary.bytes_moved == truth, (mode, [(f.kind.value, f.op, f.bytes) for f in r.findings])
