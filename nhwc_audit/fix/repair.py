@@ -211,7 +211,7 @@ def repair_model(
                 cap = trace(converted, trace_maps=maps)
                 gm, traced_writes = cap.gm, cap.traced_writes
             else:
-                cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph))
+                cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph), type(converted).__name__)
         except Exception as e:
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
         if keep_blocks(gm.graph, grads=grads):  # forward's no_grad and autocast blocks, which fx does not record

@@ -343,3 +343,29 @@ def test_a_saved_repair_gives_a_tied_weight_its_format_under_each_name(
     )
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.split() == ["True"], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_api_repair_keeps_the_rewrites_the_audits_repair_keeps() -> None:
+    """``nhwc_audit.repair`` counted every copy whole where ``audit(...).repaired()`` counts what
+    channels_last adds over NCHW: on a small MaxViT it kept one of the three ``contiguous(memory_format=
+    channels_last)`` insertions before its window partitions (torchvision's maxvit_t at 224: 3 of 9,
+    4.0 MB a forward left unremoved), refusing the rest as 'removes no layout change'."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.MaxVit(
+        input_size=(112, 112),
+        stem_channels=16,
+        partition_size=7,
+        block_channels=[16, 32],
+        block_layers=[2, 2],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+    ).eval()
+    x = torch.randn(1, 3, 112, 112)
+    gm, log = nhwc_audit.repair(model, x)
+    by_audit = nhwc_audit.audit(model, x).repaired().repair
+    assert by_audit is not None and len(by_audit.steps) == 3
+    assert log.steps == by_audit.steps and log.bytes_after == by_audit.bytes_after
+    assert type(gm).__name__ == "MaxVit"
