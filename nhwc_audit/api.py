@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import torch
 from torch import nn
@@ -102,8 +102,7 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: Mode) -> torch.device:
-    if device is None:
-        # fake audits predict; the model may live on the meta device
+    if device is None:  # fake audits predict; the model may live on the meta device
         return torch.device("cpu") if mode == "fake" else model_device(model)
     try:
         dev = torch.device(device)
@@ -148,8 +147,8 @@ def _options(
         raise UsageError(f"bandwidth must be a positive, finite number of bytes/s (e.g. 1e10), got {bandwidth!r}")
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise UsageError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16, ...), got {dtype!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UsageError(f"dtype must be a floating torch.dtype (torch.float16, torch.bfloat16, ...), got {dtype!r}")
     dev = _resolve_device(module, device, mode)
     amp: torch.dtype | None = None
     if autocast is True:
@@ -305,10 +304,8 @@ def repair(
     """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog``.
 
     Rewrites that remove layout transposes are kept only when the outputs (and gradients) still
-    match the original model in float64; the model is never modified. It is ``audit(model,
-    example_inputs).repaired()``: each rewrite is kept by, and the log counts, the
-    bytes channels_last adds over the model run NCHW, as the audit charges them (counting every copy
-    whole, a ``contiguous(memory_format=...)`` that spares MaxViT's windows 1.6 MB looked like no gain).
+    match the original model in float64; the model is never modified. ``audit(model, x).repaired()``'s
+    graph and log: each rewrite kept by the bytes channels_last adds over NCHW, as the audit charges them.
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8), torch.nn.Conv2d(8, 8, 3))
@@ -320,5 +317,4 @@ def repair(
     module = unwrapped(module)[0]  # (a graph of what torch.compile or DataParallel wraps)
     refuse_meta(module, "a repair runs the model and checks its results: build it on cpu/cuda")
     report = repair_report(run_audit(module, args, kwargs, AuditOptions(device=model_device(module))), grads=grads)
-    assert report.repair is not None
-    return report.repaired_module, report.repair
+    return report.repaired_module, cast(RepairLog, report.repair)

@@ -148,7 +148,8 @@ def test_a_numpy_bandwidth_is_a_number() -> None:
     [
         ({"device": "meta"}, "device 'meta' is not a device to audit on"),
         ({"device": "meta", "mode": "fake"}, "device 'meta' is not a device to audit on"),
-        ({"dtype": "float64"}, "dtype must be a torch.dtype"),
+        ({"dtype": "float64"}, "dtype must be a floating torch.dtype"),
+        ({"dtype": torch.int8}, "dtype must be a floating torch.dtype"),
         ({"bandwidth": "fast"}, "bandwidth must be a positive, finite number of bytes/s"),
         ({"bandwidth": True}, "bandwidth must be a positive, finite number of bytes/s"),
         ({"bandwidth": float("nan")}, "bandwidth must be a positive, finite number of bytes/s"),

@@ -129,6 +129,8 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
     [
         ("", [], "empty spec"),
         ("usermodels", [], "has no ':attr' part"),
+        (":build", [], "names no module before ':'"),
+        ("usermodels:build:x", [], "has more than one ':'"),
         ("nosuchpkg.models:build", [], "module 'nosuchpkg.models' not found"),
         ("broken_import:build", [], "importing 'broken_import' raised ImportError: no module named timm_extra"),
         ("usermodels:buld", [], "has no attribute 'buld'; did you mean 'build'"),
@@ -251,3 +253,17 @@ def test_report_files_are_written_all_or_none(tmp_path: Path) -> None:
     assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.html"]
     assert write_all_atomic([(old, "new"), (tmp_path / "c.html", "x")]) and old.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.html", "c.html"]
+
+
+def test_a_file_specs_build_function_imports_its_sibling_modules(
+    workdir: Path, capsys: pytest.CaptureFixture[str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``path/file.py:build`` run from another folder, its build function importing a module beside
+    the file when called (not at import): the file's folder stays on sys.path while it builds (it
+    raised 'No module named ...', where ``python file.py`` finds the sibling)."""
+    folder = tmp_path_factory.mktemp("elsewhere")
+    (folder / "sibling_models.py").write_text(USER_MODULE)
+    (folder / "entry.py").write_text("def build():\n    import sibling_models\n    return sibling_models.build()\n")
+    code, out, err = run([f"{folder / 'entry.py'}:build", "--no-report"], capsys)
+    assert code == 0, err
+    assert "1 revert" in out

@@ -107,7 +107,8 @@ def decide(
     if device.startswith("cuda") and dtype == "float32":
         reasons.append("float32 on GPU: the channels_last gain comes mostly with half precision (tensor cores)")
     after = "after converting" if bytes_moved is None else "after converting and repairing"
-    reasons.append(f"{100 * moved_share:.1f}% of activation bytes are transposed {summary.per} {after}")
+    # (a sum of copies, not a share: a byte copied twice counts twice, a backward's copies too)
+    reasons.append(f"layout changes copy {100 * moved_share:.1f}% of the activation bytes {summary.per} {after}")
     if summary.intrinsic_bytes:
         share = summary.intrinsic_bytes / max(moved, 1)
         reasons[-1] += (

@@ -108,9 +108,17 @@ def _no_bytecode() -> Iterator[None]:
         sys.dont_write_bytecode = before
 
 
+def _is_file(module_part: str) -> bool:
+    return module_part.endswith(".py") or os.sep in module_part or "/" in module_part
+
+
+def _folder(module_part: str) -> str:
+    """Where the spec's module is imported from: a file's folder, else the working folder."""
+    return str(Path(module_part).expanduser().resolve().parent) if _is_file(module_part) else os.getcwd()
+
+
 def _import_module(module_part: str) -> Any:
-    is_file = module_part.endswith(".py") or os.sep in module_part or "/" in module_part
-    if is_file:
+    if _is_file(module_part):
         path = Path(module_part).expanduser().resolve()
         if not path.is_file():
             raise TargetLoadError(f"file {module_part!r} not found (spec names a .py file)")
@@ -121,7 +129,7 @@ def _import_module(module_part: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         try:
-            with _on_sys_path(str(path.parent)), _no_bytecode():
+            with _on_sys_path(_folder(module_part)), _no_bytecode():
                 spec.loader.exec_module(module)
         except BaseException as e:
             sys.modules.pop(mod_name, None)
@@ -130,7 +138,7 @@ def _import_module(module_part: str) -> Any:
             raise TargetLoadError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from e
         return module
     try:
-        with _on_sys_path(os.getcwd()):
+        with _on_sys_path(_folder(module_part)):
             return importlib.import_module(module_part)
     except ModuleNotFoundError as e:
         if e.name and (module_part == e.name or module_part.startswith(e.name + ".")):
@@ -216,17 +224,21 @@ def load_target(spec: str) -> LoadedTarget:
     if not spec:
         raise TargetLoadError("empty spec: give 'package.module:build_fn' or 'path/file.py:build_fn'")
     module_part, sep, attr = spec.rpartition(":")
-    if not sep or not module_part or not attr:
-        raise TargetLoadError(
-            f"spec {spec!r} has no ':attr' part: write 'package.module:build_fn' or 'path/file.py:build_fn'"
-        )
+    form = "write 'package.module:build_fn' or 'path/file.py:build_fn'"
+    if not sep or not attr:
+        raise TargetLoadError(f"spec {spec!r} has no ':attr' part: {form}")
+    if not module_part:
+        raise TargetLoadError(f"spec {spec!r} names no module before ':': {form}")
+    if ":" in module_part and not (len(module_part) > 2 and module_part[1] == ":" and module_part[0].isalpha()):
+        raise TargetLoadError(f"spec {spec!r} has more than one ':': {form}")  # (C:\ starts a Windows path)
     module = _import_module(module_part)
     obj = _resolve_attr(module, module_part, attr)
     where = f"{spec}"
     if isinstance(obj, nn.Module):
         value: Any = obj
     elif inspect.isclass(obj) and issubclass(obj, nn.Module) or callable(obj):
-        value = call_build_fn(obj, where)
+        with _on_sys_path(_folder(module_part)):  # (a build function that imports a sibling module)
+            value = call_build_fn(obj, where)
     else:
         raise TargetLoadError(
             f"{spec!r} is of type {type(obj).__name__}, neither an nn.Module nor a callable that builds one"

@@ -149,7 +149,7 @@ def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]
     if s.intrinsic:
         parts.append((f"{s.intrinsic} kernel cop{'y' if s.intrinsic == 1 else 'ies'}", None))
     if s.divergences:
-        parts.append((f"{s.divergences} divergences", FindingKind.DIVERGENCE))
+        parts.append((plural(s.divergences, "divergence"), FindingKind.DIVERGENCE))
     return parts
 
 

@@ -496,7 +496,7 @@ def test_the_verdict_after_a_repair_is_decided_on_the_repaired_graph() -> None:
     reasons = repaired.verdict.reasons
     assert not any("raise on channels_last" in line for line in reasons), reasons
     assert not any("spatial nodes stay channels_last" in line for line in reasons), reasons
-    assert "0.0% of activation bytes are transposed per forward after converting and repairing" in reasons
+    assert "layout changes copy 0.0% of the activation bytes per forward after converting and repairing" in reasons
 
 
 class SoftmaxAndTranspose(nn.Module):

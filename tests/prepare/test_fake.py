@@ -124,7 +124,7 @@ def test_mode_both_reports_divergences_only_where_kernels_disagree() -> None:
     assert r.meta.mode == "both" and r.summary.divergences == 1
     (d,) = [f for f in r.findings if f.kind.value == "divergence"]
     assert (d.node, d.layout_in.value, d.layout_out.value) == ("norm", "channels_last", "contiguous")
-    assert "1 divergences" in r.headline
+    assert ", 1 divergence;" in r.headline
     clean = audit(Mixed(), x, bandwidth=1e9, mode="both")
     assert clean.findings == () and clean.summary.divergences == 0
 

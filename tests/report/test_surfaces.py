@@ -166,7 +166,7 @@ def test_quiet_measure_in_a_fresh_process_prints_nothing(tmp_path: Path) -> None
 @pytest.mark.parametrize("train", [False, True])
 def test_the_bytes_are_said_to_be_per_training_step_where_backward_findings_count(train: bool) -> None:
     """A train audit's bytes include its backward findings (786.4 kB of 1.3 MB on a LightningModule)
-    and were said to be 'per forward', on every surface and in the verdict (125% of activation bytes)."""
+    and were said to be 'per forward', on every surface and in the verdict (125% of the activation bytes copied)."""
     from nhwc_audit import audit
 
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def test_the_bytes_are_said_to_be_per_training_step_where_backward_findings_coun
     per = "per training step (forward and backward)" if train else "per forward"
     html = BeautifulSoup(report.to_html(), "html.parser").get_text(" ")
     assert f"moved by layout changes {per}" in html
-    assert any(f"transposed {per}" in r for r in report.verdict.reasons)
+    assert any(f"of the activation bytes {per}" in r for r in report.verdict.reasons)
     console = Console(file=io.StringIO(), width=200)
     console.print(render_summary(report))
     assert f"moved by layout changes {per}" in console.file.getvalue()  # type: ignore[attr-defined]
