@@ -21,16 +21,17 @@ from ..capture.kept import put_back
 from ..capture.proxies import in_place_operator
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
-from ..propagate.compare import first_difference
 from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
 from .contexts import keep_blocks, keeps_state
 from .deviation import Exactness, deviations
 from .equivalence import first_change, state_drift
+from .follows import exposed_pair
 from .islands import rewritten_nodes
 from .measure import Measured, measure, with_backward
-from .results import Deviation, fresh_copy, outputs
+from .results import Deviation
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates, rewritable_copy
+from .trace_check import check_trace
 
 __all__ = ["RepairLog", "RepairStep", "repair_model"]
 
@@ -80,42 +81,6 @@ class RepairLog:
     def per(self) -> str:
         """What the bytes are counted over: a forward, or a training step (a train audit's repair)."""
         return self.summary_after.per if self.summary_after is not None else "per forward"
-
-
-def _run(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor] | None, str]:
-    """``m``'s outputs on the sample, or None and the first line of what it raised (off stderr)."""
-    try:
-        with quiet():
-            return outputs(fresh_copy(m), args, kwargs, grads=False)[0], ""
-    except Exception as e:
-        return None, first_line(e)
-
-
-def _check_trace(converted: nn.Module, gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise :class:`ConversionError` unless ``gm``, torch.fx's trace of ``converted``, does what
-    ``converted`` does on the sample (the same weights, input and kernels): the same outputs, or the
-    same error (a view that breaks on channels_last, which the repair is for). A trace takes a
-    branch fx cannot see (``torch.jit.isinstance``, a Python value) one way, whatever eager does."""
-    (got, raised), (ref, eager_raised) = _run(gm, args, kwargs), _run(converted, args, kwargs)
-    name = type(converted).__name__
-    why = (
-        "the trace took a branch of forward the other way (a test fx cannot see: torch.jit.isinstance, a "
-        "Python value), or forward updates a buffer in place, which torch.fx runs once while tracing; make that "
-        "code traceable, or repair a submodule that traces"
-    )
-    if got is None and raised != eager_raised:
-        raise ConversionError(
-            f"repair needs a torch.fx trace that runs as the model does; torch.fx's graph of {name} fails where "
-            f"the model {'raises otherwise' if eager_raised else 'runs'} ({raised}): {why}"
-        )
-    diff = "it runs where the model raises" if ref is None and got is not None else None
-    if got is not None and ref is not None:
-        diff = first_difference(got, ref)
-    if diff is not None:
-        raise ConversionError(
-            f"repair needs a torch.fx trace that computes what the model computes; torch.fx's graph of {name} does "
-            f"not ({diff}): {why}"
-        )
 
 
 def _apply(gm: torch.fx.GraphModule, cands: list[Candidate], *, compile: bool = True) -> None:
@@ -223,7 +188,7 @@ def repair_model(
             with contextlib.suppress(Exception):  # (its run settles ``size //= 2`` out of place; the check decides)
                 current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
         try:
-            _check_trace(converted, gm, sample_args, sample_kwargs)
+            check_trace(converted, gm, sample_args, sample_kwargs)
             break
         except ConversionError:
             if cap is None or not cap.maps_traced:
@@ -242,6 +207,10 @@ def repair_model(
     reference: dict[str, Any] = {}  # the original model's results, computed at the first check
     # the naive model raises at a break (a GraphModule prints its traceback on the way): not run
     runs = naive if before_breaks == 0 else None
+
+    def remeasure(g: torch.fx.GraphModule, base: Measured, changed: Any) -> Measured:
+        return measure(g, sample_args, sample_kwargs, bandwidth, baseline, base=base, changed=changed)
+
     for _ in range(max_passes):
         start = gm
         batch: list[tuple[Candidate, RepairStep]] = []
@@ -268,9 +237,16 @@ def repair_model(
                 refused[key] = f"it makes {-fixed_breaks} op(s) raise on channels_last input"
                 continue
             if saved <= 0 and fixed_breaks <= 0 and fixed_latent <= 0:
-                done.add(key)
-                refused[key] = "it removes no layout change, break or latent break"
-                continue
+                # alone it moves a revert on (a norm made to keep channels_last, a .contiguous() after it)
+                pair = exposed_pair(cand, trial, t, {(c.node, c.kind) for c in ordered}, before, remeasure)
+                if pair is None:
+                    done.add(key)
+                    refused[key] = "it removes no layout change, break or latent break"
+                    continue
+                cand, trial, t = pair
+                t_records, t_analysis = t.records, t.analysis
+                after = t_analysis.summary
+                saved, fixed_breaks = before.bytes_moved - after.bytes_moved, before.breaks - after.breaks
             done.add(key)
             refused.pop(key, None)
             gm, current, records, analysis = trial, t, t_records, t_analysis

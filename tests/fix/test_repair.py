@@ -1129,3 +1129,36 @@ def test_a_training_repair_whose_graph_would_not_keep_the_models_state_is_refuse
     # torch's own BatchNorm (a leaf fx keeps whole) updates its statistics in the graph: no refusal
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=None), nn.Conv2d(8, 8, 3)).train()
     repair_model(plain, (torch.randn(2, 3, 16, 16),))
+
+
+class _NormThenContiguous(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.norm, self.c2 = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.InstanceNorm2d(16),
+            nn.Conv2d(16, 16, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.norm(self.c1(x)).contiguous())
+
+
+def test_a_rewrite_that_saves_nothing_alone_is_kept_with_the_one_it_exposes() -> None:
+    """InstanceNorm -> GroupNorm keeps channels_last, and the ``.contiguous()`` after it then reverts
+    (a no-op after InstanceNorm's NCHW output): alone the norm's rewrite moves the revert one node on,
+    and the ``.contiguous()`` has no rewrite before it; the repair refused both ('removes no layout
+    change'). Tried on the norm's trial graph, the ``.contiguous()``'s rewrite removes every byte."""
+    torch.manual_seed(0)
+    model, x = _NormThenContiguous().eval(), torch.randn(2, 3, 32, 32)
+    report = audit(model, x, bandwidth=1e9)
+    assert report.summary.bytes_moved > 0
+    repaired = report.repaired()
+    log = repaired.repair
+    assert log is not None and log.bytes_after == 0 and log.refused == ()
+    (step,) = log.steps
+    assert (step.kind, step.bytes_saved) == ("instancenorm->groupnorm", report.summary.bytes_moved)
+    assert "with contiguous-cl at contiguous" in step.reason
+    with torch.no_grad():
+        got = repaired.repaired_module(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
