@@ -77,8 +77,9 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     (at the same shape, through a reshape that merges dims into the channels, or a map stack
     reduced over its stacking dim, 3D maps' too; for a view above rank 5, :func:`split_channels`), or an
     ambiguous input whose strides lean channels_last (kernels follow them). Not one that holds
-    one dim in memory (an index of N x C x 1 x 1 expanded to the map): it has no order to change."""
-    if sum(1 for d in memory_order(i.meta) if i.meta.strides[d] != 0) < 2:
+    one dim in memory (an index of N x C x 1 x 1 expanded to the map), nor N then C only (a pooled
+    map broadcast over it, as NCHW orders them): it has no order to change."""
+    if len(held := [d for d in memory_order(i.meta) if i.meta.strides[d] != 0]) < 2 or held == [0, 1]:
         return False
     if leans_channels_last(i.meta) or channels_innermost(i.meta):
         return True

@@ -97,9 +97,9 @@ def retry_nchw(
             )
         return PropagationError(
             f"{where} raised {first_line(error)} ({how}; node inputs {shapes}): the model's own error at "
-            "the audited shapes, not a channels_last problem; check the input shapes (--input: random float "
-            "tensors), or give inputs of other dtypes (integer ids, timesteps) from a build function that returns "
-            "(model, inputs)",
+            "the audited shapes, not a channels_last problem; for a shape or dtype error, check the input shapes "
+            "(--input: random float tensors), or give inputs of other dtypes (integer ids, timesteps) from a build "
+            "function that returns (model, inputs)",
             node=n.name,
             node_format=n.format_node(),
         )

@@ -119,7 +119,7 @@ def own_error(e: Exception, fake: bool, notes: list[str]) -> PropagationError:
         )
     return PropagationError(
         f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
-        "model's own error at the audited shapes, not a channels_last problem (check the input shapes, "
-        "--input: random float tensors; inputs of other dtypes come from a build function that returns "
-        f"(model, inputs)){reasons}"
+        "model's own error at the audited shapes, not a channels_last problem (for a shape or dtype error, "
+        "check the input shapes, --input: random float tensors; inputs of other dtypes come from a build "
+        f"function that returns (model, inputs)){reasons}"
     )

@@ -76,7 +76,22 @@ class Float32Head(nn.Module):
             return self.h(y.float())
 
 
+class CatOfAPooledMap(nn.Module):
+    """A map concatenated with its float32 mean broadcast back over it (``expand_as``): the NCHW
+    baseline charged the broadcast's stored N x C a move (its channels innermost of what it holds),
+    the channels_last cat's own record does not, and the node netted 128 B too little."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.cat([h, h.float().mean((2, 3), keepdim=True).expand_as(h)], 1))
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "cat_of_a_pooled_map": CatOfAPooledMap,
     "float32_head": Float32Head,
     "tokens_then_convs_on_one_line": TokensThenConvs,
     "pooled_in_float32": PooledInFloat32,
