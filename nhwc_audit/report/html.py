@@ -70,6 +70,7 @@ def jinja_environment() -> jinja2.Environment:
     env.filters["bytes"] = fmt_bytes
     env.filters["seconds"] = fmt_seconds
     env.filters["share"] = fmt_share
+    env.filters["noun"] = lambda n, word: word if n == 1 else f"{word}s"  # a stat's label: 1 revert, 2 reverts
     return env
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from bs4 import BeautifulSoup
 from rich.console import Console
+from torch import nn
 
 from nhwc_audit import AuditReport
 from nhwc_audit.cli import main
@@ -179,3 +180,15 @@ def test_the_bytes_are_said_to_be_per_training_step_where_backward_findings_coun
     console = Console(file=io.StringIO(), width=200)
     console.print(render_summary(report))
     assert f"moved by layout changes {per}" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_the_html_stats_name_one_finding_in_the_singular() -> None:
+    """The banner's tiles read '1 reverts 1 conversions' as text."""
+    import re
+
+    from nhwc_audit import audit
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 1))
+    html = audit(m, torch.randn(1, 3, 16, 16), bandwidth=1e9).to_html()
+    stats = re.findall(r'<b class="kind (?:revert|conversion|break)">(\d+)</b><span>([a-z ]+)</span>', html)
+    assert stats == [("1", "revert"), ("1", "conversion"), ("0", "breaks")]
