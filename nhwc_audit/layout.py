@@ -172,7 +172,7 @@ def channels_innermost(meta: TensorMeta, channels: frozenset[int] = frozenset({1
     return innermost_dim(meta) in channels and all(st < below for d, st in held if d in channels)
 
 
-def channel_dims(src: TensorMeta, out: TensorMeta) -> frozenset[int] | None:
+def channel_dims(src: TensorMeta, out: TensorMeta, *, either: bool = False) -> frozenset[int] | None:
     """The dims of ``src`` that hold the channels of ``out``, a spatial tensor copied or
     reduced from it; None when the shapes do not say.
 
@@ -181,7 +181,7 @@ def channel_dims(src: TensorMeta, out: TensorMeta) -> frozenset[int] | None:
     from the shapes' factorisation. A source one rank higher reduced into ``out``
     (``torch.stack(maps).sum(0)``: a new dim 0 stacks NCHW maps, so the channels are dim 2) is
     the dim that ``out``'s dim 1 comes from, when dropping one dim of ``src`` gives ``out``'s
-    shape one way only.
+    shape one way only (``either``: every dim it may come from, where several ways do).
 
     >>> import torch
     >>> def meta(*shape): return tensor_meta(torch.empty(shape))
@@ -204,7 +204,7 @@ def channel_dims(src: TensorMeta, out: TensorMeta) -> frozenset[int] | None:
     if src.rank != out.rank + 1:
         return None
     found = {1 if d > 1 else 2 for d in range(src.rank) if src.shape[:d] + src.shape[d + 1 :] == out.shape}
-    return frozenset(found) if len(found) == 1 else None
+    return frozenset(found) if len(found) == 1 or (either and found) else None
 
 
 def _factor_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:

@@ -92,8 +92,8 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
         same = bool(reverted) and reverted[0].shape == i.meta.shape
         return same and channels_innermost(i.meta, split_channels(i, by_name) - {reverted[0].rank - 1})
     channels = channel_dims(i.meta, reverted[0]) if reverted else None
-    sources = {1 if d > 1 else 2 for d in ways}  # the dims the output's channels may come from
-    if channels is None and len(sources) > 1 and sources <= (split := split_channels(i, by_name)):
+    either = channel_dims(i.meta, reverted[0], either=True) if reverted and channels is None else None
+    if either and either <= (split := split_channels(i, by_name)):
         channels = split  # N x G x C/G x H x W with G == C/G reduced over either: the shapes cannot say which
     if channels is not None and reduced:  # a mean over a channel group too
         split = split_channels(i, by_name)  # (diffusers' AutoencoderDC: unflatten(1, (-1, 2)).mean(2))

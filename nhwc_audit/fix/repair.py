@@ -215,6 +215,7 @@ def repair_model(
         start = gm
         batch: list[tuple[Candidate, RepairStep]] = []
         ordered = sorted(candidates(gm, records, analysis), key=lambda c: PRIORITY.index(c.kind))
+        seen = {(c.node, c.kind) for c in ordered}  # (what a no-gain rewrite exposes is not among them)
         for cand in ordered:
             key = (cand.node, cand.kind)
             if key in done:
@@ -238,7 +239,7 @@ def repair_model(
                 continue
             if saved <= 0 and fixed_breaks <= 0 and fixed_latent <= 0:
                 # alone it moves a revert on (a norm made to keep channels_last, a .contiguous() after it)
-                pair = exposed_pair(cand, trial, t, {(c.node, c.kind) for c in ordered}, before, remeasure)
+                pair = exposed_pair(cand, trial, t, seen, before, remeasure)
                 if pair is None:
                     done.add(key)
                     refused[key] = "it removes no layout change, break or latent break"

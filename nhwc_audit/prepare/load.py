@@ -129,7 +129,7 @@ def _import_module(module_part: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         try:
-            with _on_sys_path(_folder(module_part)), _no_bytecode():
+            with _on_sys_path(str(path.parent)), _no_bytecode():
                 spec.loader.exec_module(module)
         except BaseException as e:
             sys.modules.pop(mod_name, None)
@@ -138,7 +138,7 @@ def _import_module(module_part: str) -> Any:
             raise TargetLoadError(f"importing {module_part!r} raised {type(e).__name__}: {e}") from e
         return module
     try:
-        with _on_sys_path(_folder(module_part)):
+        with _on_sys_path(os.getcwd()):
             return importlib.import_module(module_part)
     except ModuleNotFoundError as e:
         if e.name and (module_part == e.name or module_part.startswith(e.name + ".")):

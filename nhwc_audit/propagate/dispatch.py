@@ -255,8 +255,9 @@ class CopyRecorder(GuardedMode):
                 if relay.weight:  # a weight computed in forward: the rule's re-lay is its kernel's copy of it
                     own = [c for c in own if c.shape != tuple(args[1].shape)]
         self.own += own
-        if func.overloadpacket in _VIEWS and isinstance(out, FakeTensor) and args and 1 in out.shape:
-            self.eager[id(out)] = (out, view_strides(args[0], out, backward=False))  # (bmm's copy reads them)
+        if func.overloadpacket in _VIEWS and isinstance(out, FakeTensor):  # (bmm's copy reads them)
+            if (eager := view_strides(args[0], out, backward=False)) is not out:
+                self.eager[id(out)] = (out, eager)
         return out
 
     def _as_eager(self, args: Any) -> Any:

@@ -44,8 +44,12 @@ def is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch._C._is_alias_of(a, b))  # type: ignore[attr-defined]
 
 
-def _layouts(t: torch.Tensor, m: TensorMeta, om: TensorMeta, conv: bool, name: str) -> tuple[Layout, Layout] | None:
-    """How an op that computes ``om`` from ``t`` (laid ``m``) re-lays it, or None."""
+def _layouts(
+    t: torch.Tensor, m: TensorMeta, om: TensorMeta, conv: bool, name: str, weight: bool
+) -> tuple[Layout, Layout] | None:
+    """How an op that computes ``om`` from ``t`` (laid ``m``; ``weight``: a convolution's) re-lays it, or None."""
+    if weight and m.layout is Layout.STRIDED and om.layout in _DECIDED:
+        return m.layout, om.layout  # dense in neither format: copied into the one it computes in
     if om.layout in _DECIDED and m.layout in _DECIDED and m.layout is not om.layout:
         return m.layout, om.layout
     if conv and om.layout in _DECIDED and m.layout is Layout.STRIDED and runs_otherwise(m, om):
@@ -85,11 +89,7 @@ def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ())
         if t.dim() != rank or isinstance(t, nn.Parameter) or id(t) in unsure:
             continue
         m = tensor_meta(t)
-        layouts: tuple[Layout, Layout] | None
-        if conv and k == 1 and m.layout is Layout.STRIDED and om.layout in _DECIDED:
-            layouts = m.layout, om.layout  # a weight dense in neither format, copied into the one it computes in
-        else:
-            layouts = _layouts(t, m, om, conv, name)
+        layouts = _layouts(t, m, om, conv, name, conv and k == 1)
         if layouts is None:
             continue
         if is_alias_of(result, t):

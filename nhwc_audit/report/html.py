@@ -31,6 +31,7 @@ from .text import (
     fmt_bytes,
     fmt_seconds,
     fmt_share,
+    noun,
     run_description,
     sentence,
     share_line,
@@ -70,7 +71,7 @@ def jinja_environment() -> jinja2.Environment:
     env.filters["bytes"] = fmt_bytes
     env.filters["seconds"] = fmt_seconds
     env.filters["share"] = fmt_share
-    env.filters["noun"] = lambda n, word: word if n == 1 else f"{word}s"  # a stat's label: 1 revert, 2 reverts
+    env.filters["noun"] = noun
     return env
 
 

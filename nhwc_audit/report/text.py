@@ -29,6 +29,7 @@ __all__ = [
     "fmt_seconds",
     "fmt_share",
     "headline",
+    "noun",
     "offender_line",
     "plural",
     "run_description",
@@ -121,13 +122,18 @@ def run_description(m: AuditMeta) -> str:
     )
 
 
+def noun(n: int, word: str) -> str:
+    """``word`` for ``n`` of it: ``revert``, ``reverts`` (the HTML's stat labels)."""
+    return word if n == 1 else f"{word}s"
+
+
 def plural(n: int, word: str) -> str:
     """``1 revert``, ``2 reverts``, ``0 reverts``.
 
     >>> plural(1, "revert"), plural(3, "convolution")
     ('1 revert', '3 convolutions')
     """
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    return f"{n} {noun(n, word)}"
 
 
 def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]]:
