@@ -4,6 +4,8 @@ a node has are :mod:`.findings`'."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..records import Finding, FindingKind, Layout, NodeRecord
@@ -13,7 +15,7 @@ from .hint_render import hint_keys, render_hint
 from .hints import HintTable
 from .origin import describe, origin_of, via
 
-__all__ = ["Ctx", "make_finding"]
+__all__ = ["Ctx", "make_finding", "recomputed"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,21 @@ def make_finding(
 def _only_ambiguous_inputs(r: NodeRecord) -> bool:
     """The node made NCHW out of ambiguous input only (C == 1 or H == W == 1 tensors)."""
     return bool(ins := r.spatial_inputs) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
+
+
+def recomputed(r: NodeRecord, findings: Sequence[Finding]) -> list[Finding]:
+    """``findings`` of ``r``'s forward counted every time a training step runs it: the backward
+    recomputes the function of each ``torch.utils.checkpoint`` around the node
+    (:attr:`NodeRecord.recomputed`), and with it the copy."""
+    times = 1 + r.recomputed
+    if times == 1:
+        return list(findings)
+    why = f"; paid {times} times a training step (torch.utils.checkpoint recomputes this block's forward in backward)"
+    return [
+        dataclasses.replace(
+            f, bytes=f.bytes * times, est_seconds=f.est_seconds * times, recomputed=r.recomputed, hint=f.hint + why
+        )
+        if f.bytes
+        else f
+        for f in findings
+    ]

@@ -41,7 +41,7 @@ from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, HiddenCopy, Layo
 from . import hint_keys as H
 from . import moves
 from .exposed import exposed
-from .finding_record import Ctx, make_finding
+from .finding_record import Ctx, make_finding, recomputed
 from .hints import HintTable, default_hints
 from .kernel_hints import inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
@@ -310,7 +310,7 @@ def find_findings(
         f
         for r in records
         if r.op not in SKIP_OPS
-        for f in _forward_findings(ctx, r) + _inside_findings(ctx, r) + _backward_findings(ctx, r)
+        for f in recomputed(r, _forward_findings(ctx, r) + _inside_findings(ctx, r)) + _backward_findings(ctx, r)
     ]
     # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding
     kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in out]

@@ -14,9 +14,19 @@ from typing import Any
 import torch
 import torch.fx
 
-from .context import FUNCTION_KEY
+from .context import CHECKPOINT_KEY, FUNCTION_KEY
 
-__all__ = ["AutocastBlock", "autocast_blocks_noted", "custom_backward_note", "custom_functions", "function_grad_noted"]
+__all__ = [
+    "AutocastBlock",
+    "Checkpoints",
+    "autocast_blocks_noted",
+    "checkpoint_count",
+    "checkpoint_note",
+    "checkpoints_noted",
+    "custom_backward_note",
+    "custom_functions",
+    "function_grad_noted",
+]
 
 AutocastBlock = tuple[str, "torch.dtype | None", bool, bool]
 """An autocast block's arguments: device, dtype, enabled, cache_enabled."""
@@ -96,8 +106,47 @@ def autocast_blocks_noted(blocks: list[AutocastBlock]) -> Iterator[None]:
         yield
 
 
+class Checkpoints:
+    """The ``torch.utils.checkpoint`` calls open while a trace runs (:data:`~.context.CHECKPOINT_KEY`):
+    each numbered in the order the trace meets it."""
+
+    def __init__(self) -> None:
+        self.open: list[int] = []
+        self.met = 0
+
+    @contextlib.contextmanager
+    def region(self) -> Iterator[None]:
+        self.met += 1
+        self.open.append(self.met)
+        try:
+            yield
+        finally:
+            self.open.pop()
+
+
 @contextlib.contextmanager
-def function_grad_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
+def checkpoints_noted(checkpoints: Checkpoints) -> Iterator[None]:
+    """While it lasts, ``checkpoints`` holds the non-reentrant checkpoints open (``use_reentrant=False``;
+    the reentrant ones: :func:`function_grad_noted`). Its function runs between the two steps of
+    torch's generator, which runs as it is."""
+    import torch.utils.checkpoint as ckpt
+
+    def made(impl: Any, patch: _Patch) -> Any:
+        def noted(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            if not patch.mine:
+                yield from impl(*args, **kwargs)
+                return
+            with checkpoints.region():
+                yield from impl(*args, **kwargs)
+
+        return noted
+
+    with _patched(ckpt, "_checkpoint_without_reentrant_generator_impl", made):
+        yield
+
+
+@contextlib.contextmanager
+def function_grad_noted(functions: list[tuple[bool, str]], checkpoints: Checkpoints | None = None) -> Iterator[None]:
     """While it lasts, ``functions`` holds, per open ``autograd.Function``, the grad mode the outermost
     one was applied in and its class's name (:data:`~.context.FUNCTION_KEY`). Autograd runs a
     Function's forward without grad: its nodes keep the mode the model runs them in, or a train
@@ -106,7 +155,7 @@ def function_grad_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
     checkpoint (``CheckpointFunction``, whose backward recomputes its function with autograd) is
     traced as its function called as it is, forward's own ``no_grad`` blocks inside it kept (timm's
     reentrant checkpoints: 0 B of backward where eager moves 32,768). Other threads' Functions are
-    theirs: applied as they are."""
+    theirs: applied as they are. ``checkpoints``: where the reentrant checkpoints open are kept."""
     from torch.utils.checkpoint import CheckpointFunction
 
     def applying(apply: Any, patch: _Patch) -> Any:
@@ -115,7 +164,8 @@ def function_grad_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
                 return apply.__get__(None, fn)(*args, **kwargs)
             if fn is CheckpointFunction and not functions:
                 run, _, *inputs = args  # (function, preserve_rng_state, *args)
-                return run(*inputs)
+                with checkpoints.region() if checkpoints is not None else contextlib.nullcontext():
+                    return run(*inputs)
             functions.append(functions[0] if functions else (torch.is_grad_enabled(), fn.__name__))
             try:
                 return apply.__get__(None, fn)(*args, **kwargs)
@@ -142,4 +192,20 @@ def custom_backward_note(graph: torch.fx.Graph) -> str | None:
     return (
         f"backward: custom autograd.Function {', '.join(names)}: audited as autograd's backward of the ops its "
         "forward runs; its own backward (and any copy it makes) is not run"
+    )
+
+
+def checkpoint_count(graph: torch.fx.Graph) -> int:
+    """How many ``torch.utils.checkpoint`` calls ``graph``'s capture saw (nested ones too)."""
+    return len({k for n in graph.nodes for k in n.meta.get(CHECKPOINT_KEY, ())})
+
+
+def checkpoint_note(graph: torch.fx.Graph) -> str | None:
+    """What a train audit tells of the checkpoints its capture saw; None when there are none."""
+    count = checkpoint_count(graph)
+    if not count:
+        return None
+    return (
+        f"backward: {count} torch.utils.checkpoint block{'s' if count != 1 else ''} recompute their forward in "
+        "backward: the layout changes inside are counted once per run"
     )

@@ -21,6 +21,7 @@ from .source import source_from_stack
 
 __all__ = [
     "AUTOCAST_KEY",
+    "CHECKPOINT_KEY",
     "FUNCTION_KEY",
     "NO_GRAD_KEY",
     "SOURCE_KEY",
@@ -41,6 +42,12 @@ FUNCTION_KEY = "nhwc_audit_function"
 """Set on a node made inside an ``autograd.Function``'s forward: (the grad mode the outermost one was
 applied in, its class's name). Autograd runs a Function's forward without grad; the node runs in the
 mode the model runs the Function in, and its backward is autograd's of the node, not the Function's own."""
+
+CHECKPOINT_KEY = "nhwc_audit_checkpoint"
+"""Set on a node traced inside ``torch.utils.checkpoint.checkpoint``'s function (either variant):
+the checkpoints open around it, outermost first, each a number unique in its trace. A training
+step's backward recomputes a checkpointed function's forward once per checkpoint around it; a
+graph records no checkpoint, and runs the nodes once."""
 
 AUTOCAST_KEY = "nhwc_audit_autocast"
 """Set on an fx node traced inside forward's own ``torch.autocast(...)`` blocks: their arguments

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import TraceError
-from .blocks import function_grad_noted
-from .context import FUNCTION_KEY, SOURCE_KEY, first_names
+from .blocks import Checkpoints, checkpoints_noted, function_grad_noted
+from .context import CHECKPOINT_KEY, FUNCTION_KEY, SOURCE_KEY, first_names
 from .fx import Capture
 from .inline import inline_blocks
 from .source import is_machinery, user_frame
@@ -30,11 +30,13 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
         # torch.export prints the partial graph of a failed export to stderr (300 KB for
         # torchvision's FCOS): the failure is a one-line note, the dump stays out of the terminal
         functions: list[tuple[bool, str]] = []
+        checkpoints = Checkpoints()
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stderr(io.StringIO()),
-            _sources_noted(functions),
-            function_grad_noted(functions),
+            _sources_noted(functions, checkpoints),
+            function_grad_noted(functions, checkpoints),
+            checkpoints_noted(checkpoints),
             _contiguous_kept(),
         ):
             # the chain restores what forward caches on modules during export, and says so
@@ -54,7 +56,7 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
 
 
 @contextlib.contextmanager
-def _sources_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
+def _sources_noted(functions: list[tuple[bool, str]], checkpoints: Checkpoints) -> Iterator[None]:
     """Every node export creates notes the innermost frame of the model's code, as the fx tracer
     and the eager recorder do (:func:`~.source.user_frame`). Export's own stack traces keep the
     frames of ``forward`` methods only: an op in a function forward calls (diffusers'
@@ -62,7 +64,8 @@ def _sources_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
     and its findings would differ from the other captures' (a train audit's from the eval one's).
     Nodes made outside the model's code (inputs, guards) keep export's trace. A node made inside an
     ``autograd.Function``'s forward notes it and the grad mode it was applied in (``functions``, kept by
-    :func:`~.blocks.function_grad_noted`; :data:`~.context.FUNCTION_KEY`)."""
+    :func:`~.blocks.function_grad_noted`; :data:`~.context.FUNCTION_KEY`), and one made inside a
+    checkpoint the checkpoints open (:data:`~.context.CHECKPOINT_KEY`)."""
     create = torch.fx.Graph.create_node
 
     def noted(graph: torch.fx.Graph, *args: Any, **kwargs: Any) -> torch.fx.Node:
@@ -71,6 +74,8 @@ def _sources_noted(functions: list[tuple[bool, str]]) -> Iterator[None]:
             node.meta[SOURCE_KEY] = where
         if functions:
             node.meta[FUNCTION_KEY] = functions[0]
+        if checkpoints.open:
+            node.meta[CHECKPOINT_KEY] = tuple(checkpoints.open)
         return node
 
     torch.fx.Graph.create_node = noted  # type: ignore[method-assign,assignment]

@@ -18,9 +18,9 @@ from torch import nn
 from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError, first_line
-from .blocks import AutocastBlock, autocast_blocks_noted, function_grad_noted
+from .blocks import AutocastBlock, Checkpoints, autocast_blocks_noted, checkpoints_noted, function_grad_noted
 from .constants import fresh_constants
-from .context import AUTOCAST_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
+from .context import AUTOCAST_KEY, CHECKPOINT_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
 from .source import user_frame
@@ -109,6 +109,7 @@ class _Tracer(torch.fx.Tracer):
         self._names: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
         self.autocasts: list[AutocastBlock] = []  # forward's open autocast blocks (:mod:`.blocks`)
         self.functions: list[tuple[bool, str]] = []  # open autograd.Functions (:func:`.blocks.function_grad_noted`)
+        self.checkpoints = Checkpoints()  # open torch.utils.checkpoint calls
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # a TorchScript module is called as a module: traced into, fx made a call on its C++ object
@@ -142,7 +143,11 @@ class _Tracer(torch.fx.Tracer):
             nn.modules.module.register_module_module_registration_hook(registered),
         ]
         try:
-            with autocast_blocks_noted(self.autocasts), function_grad_noted(self.functions):
+            with (
+                autocast_blocks_noted(self.autocasts),
+                function_grad_noted(self.functions, self.checkpoints),
+                checkpoints_noted(self.checkpoints),
+            ):
                 return super().trace(root, concrete_args)
         finally:
             for h in handles:
@@ -245,6 +250,8 @@ class _Tracer(torch.fx.Tracer):
             node.meta[NO_GRAD_KEY] = True  # (the trace runs with grad)
         if self.autocasts:
             node.meta[AUTOCAST_KEY] = tuple(self.autocasts)
+        if self.checkpoints.open:
+            node.meta[CHECKPOINT_KEY] = tuple(self.checkpoints.open)
         return node
 
 

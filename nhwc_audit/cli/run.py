@@ -244,4 +244,5 @@ def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
         lines.append(f"# Layout changes per forward: {log.bytes_before} B -> {log.bytes_after} B.")
         lines += [f"# {s.kind}: {s.node}: {s.reason} (-{s.bytes_saved} B)" for s in log.steps]
         lines += [f"# refused: {msg}" for msg in log.refused]
+        lines += [f"# note: {msg}" for msg in log.notes]
     return write_package(gm, folder, lines)

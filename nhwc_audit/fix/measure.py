@@ -25,7 +25,7 @@ import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..analyze.analysis import Analysis, analyze
-from ..propagate.backward import backward_layouts
+from ..propagate.backward import backward_layouts, recomputed
 from ..propagate.inputs import positional_inputs
 from ..propagate.interpreter import LayoutProp
 from ..propagate.runner import attributes_restored, autograd
@@ -174,6 +174,7 @@ def with_backward(
     with _state_kept(gm):
         flat = positional_inputs(gm.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
         ran = backward_layouts(gm, flat, breaks=frozenset(r.name for r in m.records if r.error))
+    again = recomputed(gm.graph)
     records = [
         dataclasses.replace(
             r,
@@ -181,6 +182,7 @@ def with_backward(
             backward=tuple(ran.moved.get(r.name, ())),
             nchw_backward_bytes=nchw_backward.get(r.name, (0, 0))[0],
             nchw_backward_inside=nchw_backward.get(r.name, (0, 0))[1],
+            recomputed=again.get(r.name, 0),
         )
         for r in m.records
     ]

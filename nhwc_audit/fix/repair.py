@@ -23,6 +23,8 @@ from ..errors import ConversionError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
+from . import results as res
+from .checkpoints import with_checkpoints
 from .contexts import keep_blocks, keeps_state
 from .deviation import Exactness, deviations
 from .equivalence import first_change, state_drift
@@ -72,6 +74,8 @@ class RepairLog:
     exactness: Exactness | None = None
     """Which of the original and the naive conversion is off, by float64, when the conversion
     deviates beyond :data:`~.results.CONVERSION` (else None; None too without float64)."""
+    notes: tuple[str, ...] = ()
+    """What else the repaired graph keeps or lacks of the model (its activation checkpoints)."""
 
     @property
     def changed(self) -> bool:
@@ -281,6 +285,13 @@ def repair_model(
     if model.training and wrote and (drift := state_drift(model, gm, samples)):
         raise ConversionError(f"repair needs a graph that updates the model's state as it does in training: {drift}")
     mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
+
+    def same(outlined: torch.fx.GraphModule) -> bool:  # (one run each: checkpointing changes no value)
+        with quiet():
+            flat, got = (res.outputs(res.fresh_copy(g), sample_args, sample_kwargs, grads) for g in (gm, outlined))
+        return res.within(got, flat, res.ROUNDING, res.ELEMENTS)
+
+    gm, checkpoints = with_checkpoints(gm, same)
     log = RepairLog(
         steps=tuple(steps),
         bytes_before=before_bytes,
@@ -293,5 +304,6 @@ def repair_model(
         deviation=mine,
         naive_deviation=naive_dev,
         exactness=exact,
+        notes=(checkpoints,) if checkpoints else (),
     )
     return gm, log

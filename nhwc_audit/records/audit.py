@@ -72,6 +72,10 @@ class Finding:
     backend of a Conv3d at batch 1 its channels_last_3d weight into NCDHW every call). Counted in
     bytes and shown; never an offender of ``check()``, ``--fail-on`` or
     :attr:`~nhwc_audit.AuditReport.incompatible_nodes`."""
+    recomputed: int = 0
+    """How many more times a training step makes this forward layout change: a checkpointed
+    block's forward runs again in backward (``torch.utils.checkpoint``), once per checkpoint
+    around the node. ``bytes`` counts every run."""
 
     @property
     def kind_label(self) -> str:

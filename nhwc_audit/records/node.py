@@ -163,6 +163,9 @@ class NodeRecord:
     nchw_bytes: int = 0
     """Bytes the same node moves between layouts when the model runs NCHW, as built (a copy it
     makes in either layout): what channels_last adds here is the difference."""
+    recomputed: int = 0
+    """How many more times a training step runs this node's forward: a backward recomputes the
+    function of each ``torch.utils.checkpoint`` around it (0 but in a train audit's records)."""
     call: int | None = None
     """Eager capture: which of the model's torch calls dispatched this ATen op (the ops of one
     call, InstanceNorm's four, are one node of a graph); None in graphs."""

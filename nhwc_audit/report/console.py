@@ -170,6 +170,8 @@ def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> Rend
             parts.append(Text(f"  {st.kind:<24} {st.node}: {st.reason} (-{fmt_bytes(st.bytes_saved)})"))
         for msg in rp.refused:
             parts.append(Text(f"  refused: {msg}", style="yellow"))
+        for msg in rp.notes:
+            parts.append(Text(f"  note: {msg}"))
         if (numerics := deviation_line(rp)) is not None:
             parts.append(Text(f"  {numerics}"))
     if report.measurement is not None:

@@ -97,6 +97,7 @@ def _finding(f: Finding) -> dict[str, Any]:
         "origin_op": f.origin_op,
         "error": f.error,
         "intrinsic": f.intrinsic,
+        "recomputed": f.recomputed,
     }
 
 
@@ -230,6 +231,7 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
             for s in repair.steps
         ],
         "refused": list(repair.refused),
+        "notes": list(repair.notes),
         "deviation": _deviation(repair.deviation),
         "naive_deviation": _deviation(repair.naive_deviation),
         "exactness": None

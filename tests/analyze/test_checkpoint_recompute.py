@@ -1,0 +1,112 @@
+"""Activation checkpointing (``torch.utils.checkpoint``): a training step's backward runs a
+checkpointed function's forward again, and with it every layout change it makes. A graph records
+no checkpoint and runs its nodes once, so a train audit counts the recompute from the checkpoints
+its capture saw around each node. The expected figures are eager's, measured independently: one
+training step of the model without checkpoints, plus the checkpointed block's own forward on its
+input once per checkpoint around it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import nhwc_audit
+from tests.eager_bytes import eager_backward_bytes, eager_bytes
+
+
+class Block(nn.Module):
+    """InstanceNorm on the CPU copies its channels_last input to NCHW; the convolution after it
+    converts back: a forward that moves bytes every time it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.n = nn.InstanceNorm2d(8)
+        self.d = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(self.n(self.c(x)).contiguous())
+
+
+class Net(nn.Module):
+    """``how``: 'none' (no checkpoint), 'plain' (use_reentrant=False), 'reentrant', or 'nested' (the
+    first block checkpointed inside a reentrant checkpoint of both blocks)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1, self.b2 = Block(), Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.how == "none":
+            return self.b2(self.b1(x))
+        if self.how == "nested":
+            return checkpoint(lambda y: self.b2(checkpoint(self.b1, y, use_reentrant=False)), x, use_reentrant=True)
+        return self.b2(checkpoint(self.b1, x, use_reentrant=self.how == "reentrant"))
+
+
+def _nets(how: str) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    plain = Net("none").train()
+    checked = Net(how).train()
+    checked.load_state_dict(plain.state_dict())
+    return plain, checked
+
+
+def _recomputes(how: str) -> dict[str, int]:
+    """Block name -> how many more times a training step runs its forward."""
+    return {"plain": {"b1": 1}, "reentrant": {"b1": 1}, "nested": {"b1": 2, "b2": 1}}[how]
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def _eager_step(plain: nn.Module, how: str) -> int:
+    """Eager's bytes for one training step of the checkpointed model: the model's forward and
+    backward without checkpoints, and each recomputed block's forward on its own input again."""
+    total = eager_bytes(plain, (X,)).added + eager_backward_bytes(plain, (X,)).added
+    with torch.no_grad():
+        inputs = {"b1": plain.stem(X)}
+        inputs["b2"] = plain.b1(inputs["b1"])
+    for name, times in _recomputes(how).items():
+        total += times * eager_bytes(copy.deepcopy(getattr(plain, name)), (inputs[name],)).added
+    return total
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("how", ["plain", "reentrant", "nested"])
+def test_a_checkpointed_block_is_charged_again_for_its_recompute(how: str, capture: str, mode: str) -> None:
+    plain, checked = _nets(how)
+    before = copy.deepcopy(checked.state_dict())
+    r = nhwc_audit.audit(checked, X, train=True, capture=capture, mode=mode)
+    base = nhwc_audit.audit(plain, X, train=True, capture=capture, mode=mode)
+    recompute = _eager_step(plain, how) - sum(f.bytes for f in base.findings)
+    assert (
+        sum(f.bytes for f in base.findings) == eager_bytes(plain, (X,)).added + eager_backward_bytes(plain, (X,)).added
+    )
+    assert recompute > 0
+    assert sum(f.bytes for f in r.findings) == sum(f.bytes for f in base.findings) + recompute
+    again = {f.module_path.split(".")[0]: f.recomputed for f in r.findings if f.recomputed}
+    assert again == _recomputes(how)
+    for f in r.findings:
+        if f.recomputed:
+            assert "torch.utils.checkpoint" in f.hint and f"paid {f.recomputed + 1} times" in f.hint
+    assert r.to_dict()["findings"][0]["recomputed"] in (0, 1, 2)
+    for k, v in checked.state_dict().items():  # the model as it was
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("how", ["plain", "reentrant", "nested"])
+def test_an_inference_audit_recomputes_nothing(how: str) -> None:
+    plain, checked = _nets(how)
+    r = nhwc_audit.audit(checked, X)
+    base = nhwc_audit.audit(plain, X)
+    assert [(f.node, f.bytes) for f in r.findings] == [(f.node, f.bytes) for f in base.findings]
+    assert not any(f.recomputed for f in r.findings)
