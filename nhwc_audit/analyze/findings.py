@@ -254,8 +254,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
 
 def _hidden_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     assigns = not r.outputs and any(i.meta.rank >= 4 for i in r.activation_inputs)  # x[...] = y
-    # a weight reshaped in forward (weight standardisation) copies out of NHWC whatever its output's
-    # rank: only activations exit; a reorder is the conversion's where it reads memory a map ordered
+    # a weight reshaped in forward copies out of NHWC whatever its output's rank: only activations exit
     of_weight = any(i.is_param and i.meta.rank >= 4 for i in r.inputs)
     mapped = any(h.reorder for h in r.hidden) and any(odd_order_from_map(i, ctx.by_name) for i in r.activation_inputs)
     copies = [h for h in r.hidden if mapped or not h.reorder]
@@ -267,13 +266,14 @@ def _hidden_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     exit = is_reshape(r) and not any(o.rank >= 4 for o in r.outputs) and not any(h.computed for h in copies)
     if exit and not (assigns or of_weight):
         return []
-    # the node left (and maybe re-entered) NHWC internally, invisible in its layouts; copies out of
-    # NHWC only are a revert (as the eager capture sees it), beside reorders in no layout's direction
+    # the node left (and maybe re-entered) NHWC internally; copies out of NHWC only are a revert
     lead = next((h for h in copies if not h.reorder), copies[0])
     out_only = not lead.reorder and all(
         h.reorder or (h.layout_in is Layout.CHANNELS_LAST and h.layout_out in _NCHW_SIDE) for h in copies
     )
-    kind = FindingKind.REVERT if out_only else FindingKind.CONVERSION
+    # and so is a node that reads a channels_last map and writes NCHW, whatever order its copies read (w @ x)
+    left = any(channels_innermost(i.meta) for i in r.spatial_inputs) and all(map(row_major, r.outputs))
+    kind = FindingKind.REVERT if out_only or (left and bool(r.spatial_outputs)) else FindingKind.CONVERSION
     fold = r.op_name.lower() in GEMM_OPS and any(o.rank >= 4 for o in r.outputs)
     table = out_only and (of_weight or any(i.meta.rank >= 4 and from_restrided_table(i, ctx.by_name) for i in r.inputs))
     stored = (H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE) if table else None

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from nhwc_audit import audit
+from nhwc_audit import audit, check
+from nhwc_audit.errors import ChannelsLastError
 from tests.eager_bytes import eager_bytes
 
 
@@ -43,3 +44,35 @@ def test_a_copy_made_in_either_layout_stays_the_origin_of_the_conversion_after_i
     assert [(f.kind.value, f.bytes) for f in r.findings] == [("revert", 0), ("conversion", 8192)]
     assert r.findings[1].origin == r.findings[0].node
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
+
+
+class MatrixOnTheLeft(nn.Module):
+    """``w @ x`` with ``w`` a parameter matrix: matmul copies the map's transposed matrices and the
+    result's back (32,768 B at 1x8x16x16, in NCHW as in channels_last: the CPU profiler's
+    ``aten::copy_``) and writes NCHW. It was a 0 B *conversion* (its copies read a transposed view,
+    no layout), so ``check(fail_on='revert')`` passed a model whose next convolution converts back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.w @ self.a(x))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_an_op_that_reads_channels_last_and_writes_nchw_through_copies_of_a_view_is_a_revert(
+    capture: str, mode: str
+) -> None:
+    torch.manual_seed(0)
+    model, x = MatrixOnTheLeft().eval(), torch.randn(1, 3, 16, 16)
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)
+    assert [(f.kind.value, f.op, f.bytes) for f in r.findings] == [
+        ("revert", "matmul", 0),
+        ("conversion", "Conv2d", 16384),
+    ]
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
+    with pytest.raises(ChannelsLastError, match="1 offending node"):
+        check(model, x, fail_on="revert", bandwidth=1e9, capture=capture, mode=mode)
