@@ -68,6 +68,12 @@ _GENERATED = re.compile(r"^<eval_with_key>\.\d+$")
 under a new ``<eval_with_key>.N``, the same lines of the same graph."""
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Dense in NCHW or channels_last order: a layout a ``.grad`` takes the strides of."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
+
+
 def _site() -> str:
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace("\\", "/")
@@ -748,12 +754,33 @@ class _NodeHooks:
         todo, done = list(roots), set()
         while todo:
             node = todo.pop()
-            if node is None or id(node) in done or type(node).__name__ == "AccumulateGrad":
+            if node is None or id(node) in done:
                 continue
             done.add(id(node))
             self.keep.append(node)
+            if type(node).__name__ == "AccumulateGrad":
+                self._hook_accumulate(node)
+                continue
             self._hook(node)
             todo.extend(n for n, _ in node.next_functions)
+
+    def _hook_accumulate(self, node: Any) -> None:
+        """A parameter's ``.grad`` keeps the parameter's strides: autograd copies a gradient that does
+        not have them on every dim of size above 1 (``obeys_layout_contract``) into them
+        (``clone_obey_contract``), as the CPU profiler's ``aten::copy_`` under ``AccumulateGrad`` shows."""
+        param = node.variable
+        site = node.metadata.get("site", "?")
+        call = node.metadata.get("call", f"{site}#0")
+
+        def pre(grad_outputs: Any) -> None:
+            g = grad_outputs[0]
+            if not isinstance(g, torch.Tensor) or param.dim() < 4 or not _dense(param):
+                return
+            if any(s != p and (n != 1 or s == 0) for n, s, p in zip(g.shape, g.stride(), param.stride(), strict=True)):
+                nbytes = 2 * param.numel() * param.element_size()
+                self.seen.append(Transpose("AccumulateGrad", tuple(param.shape), nbytes, site, call))
+
+        node.register_prehook(pre)
 
     def _hook(self, node: Any) -> None:
         site = node.metadata.get("site", "?")
@@ -823,10 +850,10 @@ def backward_transposes(
         wrt = [p for p in model.parameters() if p.requires_grad]
         if not isinstance(loss, torch.Tensor) or not wrt:
             return []  # nothing to train: no backward runs
-        if hooked:
+        if hooked:  # (into .grad, as training does: AccumulateGrad runs; the model is a copy)
             hooks = _NodeHooks()
             hooks.hook_all([loss.grad_fn])
-            torch.autograd.grad(loss, wrt, allow_unused=True)
+            torch.autograd.backward(loss, inputs=wrt)
             return hooks.seen
         rec = _Recorder(_Calls(), site=_backward_site)
         with rec:

@@ -43,7 +43,7 @@ from . import moves
 from .exposed import exposed
 from .finding_record import Ctx, make_finding, recomputed
 from .hints import HintTable, default_hints
-from .kernel_hints import inside_hint
+from .kernel_hints import backward_hint, inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, feeds_a_weight, leading_to, odd_order_from_map, origin_of
 from .reshapes import exits_spatial, is_reshape, viewed_as
@@ -65,7 +65,7 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         nbytes = sum(c.bytes for c in copies) - nchw
         if nbytes <= 0:
             continue
-        lead, dense = max(copies, key=lambda c: c.bytes), all(c.densified for c in copies)
+        lead = max(copies, key=lambda c: c.bytes)
         ops = f"{', '.join(dict.fromkeys(c.op for c in copies))}; its gradient comes from {users}"
         out.append(
             make_finding(
@@ -76,7 +76,7 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
                 nbytes=nbytes,
                 shape=lead.shape,
                 detail=ops,
-                hint_op=H.BACKWARD_INSIDE if inside else H.BACKWARD_DENSE if dense else None,
+                hint_op=backward_hint(copies, inside),
                 intrinsic=inside,
             )
         )

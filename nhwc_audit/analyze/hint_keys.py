@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "AMBIGUOUS_ORIGIN",
+    "ACCUMULATE_GRAD",
     "BACKWARD_DENSE",
     "BACKWARD_INSIDE",
     "FORWARD_INSIDE",
@@ -72,6 +73,10 @@ BACKWARD_INSIDE = "@backward-inside"
 """Key of the backward hint for what a backward kernel copies inside of a tensor it computed, into another
 layout (a CPU channels_last convolution's weight gradient, computed NCHW): intrinsic, no model change
 removes it."""
+
+ACCUMULATE_GRAD = "@accumulate-grad"
+"""Key of the backward hint for autograd's copy of a 4D/5D parameter's gradient, computed in another
+layout, into the parameter's strides (``AccumulateGrad``, at a training step's ``loss.backward()``)."""
 
 BACKWARD_DENSE = "@backward-dense"
 """Key of the backward hint for what a backward kernel copies inside of a saved input not dense in memory

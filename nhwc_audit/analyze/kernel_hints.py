@@ -7,9 +7,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..records import FindingKind, HiddenCopy, Layout
-from .hint_keys import BACKWARD_DENSE, BACKWARD_INSIDE, DENSE_COPY, FORWARD_INSIDE, HIDDEN, VIEW_COPY, WHOLE_COPY
+from .hint_keys import (
+    ACCUMULATE_GRAD,
+    BACKWARD_DENSE,
+    BACKWARD_INSIDE,
+    DENSE_COPY,
+    FORWARD_INSIDE,
+    HIDDEN,
+    VIEW_COPY,
+    WHOLE_COPY,
+)
 
-__all__ = ["KERNEL_HINTS", "inside_hint"]
+__all__ = ["KERNEL_HINTS", "backward_hint", "inside_hint"]
+
+
+def backward_hint(copies: Sequence[HiddenCopy], inside: bool) -> str | None:
+    """The hint key of a node's backward copies: a kernel's of what it computed (``inside``), a
+    parameter gradient's into its parameter's strides, a saved slice made dense, or the default."""
+    if inside:
+        return BACKWARD_INSIDE
+    if all(c.op.startswith("AccumulateGrad") for c in copies):
+        return ACCUMULATE_GRAD
+    return BACKWARD_DENSE if all(c.densified for c in copies) else None
 
 
 def inside_hint(copies: Sequence[HiddenCopy], writes_map: bool) -> str:
@@ -82,6 +101,16 @@ KERNEL_HINTS: tuple[tuple[FindingKind, tuple[str, ...], str], ...] = (
         "x[:, a:b]), dense in no memory format, is copied whole first, where NCHW memory holds one "
         "sample's slice densely; a weight gradient it copies besides is the kernel's own. Make each "
         "part its own output (two convolutions rather than one and a split), or accept the cost",
+    ),
+    (
+        FindingKind.BACKWARD,
+        (ACCUMULATE_GRAD,),
+        "in backward, a training step's loss.backward() copies this parameter's gradient into the parameter's "
+        "own strides ({detail}): the ops compute it in another layout than the converted channels_last "
+        "parameter (a (1, C, H, W) table added to a map: its gradient, summed over the batch, comes out NCHW), "
+        "and a .grad keeps its parameter's layout (AccumulateGrad), where the NCHW model's gradient is in its "
+        "parameter's order already. As large as the parameter at any batch: weigh it, or keep this parameter "
+        "NCHW after converting (then the forward reads it across layouts instead)",
     ),
     (FindingKind.REVERT, (FORWARD_INSIDE,), _FORWARD_INSIDE),
     (FindingKind.CONVERSION, (FORWARD_INSIDE,), _FORWARD_INSIDE),

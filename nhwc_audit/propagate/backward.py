@@ -12,6 +12,7 @@ What each node's backward moves between layouts is seen from hooks on its autogr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..capture.context import CHECKPOINT_KEY, node_contexts
 from ..layout import tensor_meta
-from ..records import Layout, TensorMeta
+from ..records import HiddenCopy, Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .backward_kernels import Call
 from .breaks import as_traced, to_channels_last
@@ -184,8 +185,45 @@ def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule, data: frozenset[str]
         grads.params = frozenset(id(t) for _, t in gm.named_parameters())
         got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
+        for node, copy in _accumulated(gm, params, got):
+            grads.moved.setdefault(node, []).append(copy)
     layouts = {k: tuple(v) for k, v in grads.layouts.items()}
     return Backward(layouts, param_grads, grads.moved, frozenset(grads.reordering), grads.kernels)
+
+
+def _obeys(grad: torch.Tensor, param: torch.Tensor) -> bool:
+    """autograd's ``obeys_layout_contract``: a parameter's ``.grad`` takes the gradient as it is where
+    its strides are the parameter's on every dim of size above 1 (the parameter dense), and copies
+    it into the parameter's strides otherwise (``AccumulateGrad``, ``clone_obey_contract``)."""
+    if not param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):
+        if param.dim() != 5 or not param.is_contiguous(memory_format=torch.channels_last_3d):
+            return True  # (other strides: not a layout of the conversion's)
+    return all(g == p or (n == 1 and g != 0) for n, g, p in zip(grad.shape, grad.stride(), param.stride(), strict=True))
+
+
+def _accumulated(
+    gm: torch.fx.GraphModule, params: Sequence[tuple[str, torch.Tensor]], got: Sequence[torch.Tensor | None]
+) -> list[tuple[str, HiddenCopy]]:
+    """The copies a training step's ``loss.backward()`` makes of 4D/5D parameter gradients into the
+    parameters' strides (:func:`_obeys`; ``torch.autograd.grad``, which the audit runs, makes none),
+    each at the first node that reads the parameter: a (1, C, H, W) position table added to a map,
+    whose gradient, summed over the batch, comes out NCHW while the converted table is channels_last."""
+    readers: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.users:
+            readers.setdefault(str(n.target), next(iter(n.users)).name)
+        elif n.op == "call_module":
+            for name, _ in gm.get_submodule(str(n.target)).named_parameters(prefix=str(n.target)):
+                readers.setdefault(name, n.name)
+    out = []
+    for (name, p), g in zip(params, got, strict=True):
+        if g is None or p.dim() not in (4, 5) or name not in readers or _obeys(g, p):
+            continue
+        have, want = tensor_meta(g), tensor_meta(p)
+        nbytes = 2 * p.numel() * p.element_size()
+        copied = HiddenCopy(f"AccumulateGrad of {name}", have.layout, want.layout, tuple(p.shape), nbytes)
+        out.append((readers[name], copied))
+    return out
 
 
 def param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:

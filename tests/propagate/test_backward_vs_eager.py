@@ -650,7 +650,10 @@ def test_a_convolutions_backward_is_charged_what_its_kernel_copies(name: str, ho
     report = audit(model, x, bandwidth=1e9, train=True, **how)  # type: ignore[arg-type]
     backward = [f for f in report.findings if f.kind.value == "backward"]
     assert sum(f.bytes for f in backward) == eager_backward_bytes(model, (x,)).added
-    assert sum(f.bytes for f in backward if f.module_path == path) == profiled > 0
+    # (the slow 3D backend's weight gradient comes out NCHW: loss.backward() copies it into the
+    # channels_last_3d parameter's .grad too, a finding of its own, not the kernel's)
+    kernel = [f for f in backward if f.module_path == path and "AccumulateGrad" not in f.hint]
+    assert sum(f.bytes for f in kernel) == profiled > 0
 
 
 @pytest.mark.parametrize("how", [{}, {"mode": "fake"}], ids=["real", "fake"])

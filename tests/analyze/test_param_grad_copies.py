@@ -1,0 +1,75 @@
+"""A training step's ``loss.backward()`` writes each parameter's gradient into its ``.grad``, which
+keeps the parameter's strides: autograd copies a gradient computed in another layout into them
+(``AccumulateGrad``). A converted (1, C, H, W) table added to a map is channels_last; its gradient,
+summed over the batch, comes out NCHW: a copy as large as the table, every step, that the NCHW
+model does not make. The audit takes gradients with ``torch.autograd.grad`` (no ``.grad``) and
+missed it, and so did the ground truth; the CPU profiler's ``aten::copy_`` under ``AccumulateGrad``
+is the reference here, measured independently of both."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+from tests.eager_bytes import eager_backward_bytes, eager_bytes
+
+
+class Table(nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(*shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.c1(x) + self.pos)
+
+
+def _accumulate_copies(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes (read and write) of the ``aten::copy_`` calls under ``AccumulateGrad`` in one backward."""
+    out = model(x)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out.backward(torch.randn_like(out))
+    return sum(
+        2 * x.element_size() * math.prod(e.input_shapes[0])
+        for e in prof.events()
+        if e.name == "aten::copy_" and e.cpu_parent is not None and "AccumulateGrad" in e.cpu_parent.name
+    )
+
+
+def _profiled_added(model: nn.Module, x: torch.Tensor) -> int:
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return _accumulate_copies(cl, x.contiguous(memory_format=torch.channels_last)) - _accumulate_copies(
+        copy.deepcopy(model), x
+    )
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize(("shape", "batch"), [((1, 8, 1, 16), 1), ((1, 8, 1, 16), 2), ((1, 8, 16, 16), 2)])
+def test_a_parameter_gradient_copied_into_its_channels_last_grad_is_charged(
+    shape: tuple[int, ...], batch: int, capture: str, mode: str
+) -> None:
+    torch.manual_seed(0)
+    model, x = Table(shape).train(), torch.randn(batch, 3, 16, 16)
+    expected = _profiled_added(model, x)
+    assert expected == 2 * 4 * math.prod(shape)
+    r = audit(model, x, train=True, capture=capture, mode=mode)
+    copies = [f for f in r.findings if f.kind.value == "backward" and not f.intrinsic]
+    assert [(f.op, f.bytes) for f in copies] == [("add", expected)]
+    assert "AccumulateGrad of pos" in copies[0].hint and ".grad keeps its parameter's layout" in copies[0].hint
+    assert eager_backward_bytes(model, (x,)).relayed == expected
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added + eager_backward_bytes(model, (x,)).added
+
+
+def test_a_gradient_in_the_parameters_own_layout_is_not_copied() -> None:
+    """A (1, C, 1, 1) table is dense in both orders: its gradient keeps its strides, nothing copied."""
+    torch.manual_seed(0)
+    model, x = Table((1, 8, 1, 1)).train(), torch.randn(2, 3, 16, 16)
+    assert _profiled_added(model, x) == 0
+    r = audit(model, x, train=True)
+    assert not [f for f in r.findings if f.kind.value == "backward" and not f.intrinsic]
