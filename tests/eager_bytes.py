@@ -68,12 +68,6 @@ _GENERATED = re.compile(r"^<eval_with_key>\.\d+$")
 under a new ``<eval_with_key>.N``, the same lines of the same graph."""
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Dense in NCHW or channels_last order: a layout a ``.grad`` takes the strides of."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
-
-
 def _site() -> str:
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace("\\", "/")
@@ -754,33 +748,12 @@ class _NodeHooks:
         todo, done = list(roots), set()
         while todo:
             node = todo.pop()
-            if node is None or id(node) in done:
+            if node is None or id(node) in done or type(node).__name__ == "AccumulateGrad":
                 continue
             done.add(id(node))
             self.keep.append(node)
-            if type(node).__name__ == "AccumulateGrad":
-                self._hook_accumulate(node)
-                continue
             self._hook(node)
             todo.extend(n for n, _ in node.next_functions)
-
-    def _hook_accumulate(self, node: Any) -> None:
-        """A parameter's ``.grad`` keeps the parameter's strides: autograd copies a gradient that does
-        not have them on every dim of size above 1 (``obeys_layout_contract``) into them
-        (``clone_obey_contract``), as the CPU profiler's ``aten::copy_`` under ``AccumulateGrad`` shows."""
-        param = node.variable
-        site = node.metadata.get("site", "?")
-        call = node.metadata.get("call", f"{site}#0")
-
-        def pre(grad_outputs: Any) -> None:
-            g = grad_outputs[0]
-            if not isinstance(g, torch.Tensor) or param.dim() < 4 or not _dense(param):
-                return
-            if any(s != p and (n != 1 or s == 0) for n, s, p in zip(g.shape, g.stride(), param.stride(), strict=True)):
-                nbytes = 2 * param.numel() * param.element_size()
-                self.seen.append(Transpose("AccumulateGrad", tuple(param.shape), nbytes, site, call))
-
-        node.register_prehook(pre)
 
     def _hook(self, node: Any) -> None:
         site = node.metadata.get("site", "?")
@@ -850,15 +823,63 @@ def backward_transposes(
         wrt = [p for p in model.parameters() if p.requires_grad]
         if not isinstance(loss, torch.Tensor) or not wrt:
             return []  # nothing to train: no backward runs
-        if hooked:  # (into .grad, as training does: AccumulateGrad runs; the model is a copy)
+        if hooked:
             hooks = _NodeHooks()
             hooks.hook_all([loss.grad_fn])
-            torch.autograd.backward(loss, inputs=wrt)
-            return hooks.seen
+            torch.autograd.grad(loss, wrt, allow_unused=True)
+            return hooks.seen + _accumulate_copies(model, args, kwargs or {})
         rec = _Recorder(_Calls(), site=_backward_site)
         with rec:
             torch.autograd.grad(loss, wrt, allow_unused=True)
         return rec.seen
+
+
+def _accumulate_copies(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Transpose]:
+    """The copies a training step's ``loss.backward()`` makes into the 4D/5D parameters' ``.grad``
+    (``AccumulateGrad``: a gradient in another layout than its parameter's, or one another tensor
+    holds too, is cloned into the parameter's strides), as the CPU profiler's ``aten::copy_`` under
+    ``AccumulateGrad`` shows them in a forward and backward run again with no hook on the backward (a
+    Python hook holding the gradient makes autograd copy what it would take as it is). Each is charged
+    to the line of the first call that read its parameter (the ``AccumulateGrad`` node's tag); both
+    runs make the same calls, so a copy made in either layout nets on its line."""
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(0)
+    with _Tagger():
+        out = model(*args, **kwargs)
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    torch.manual_seed(0)
+    loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+    assert isinstance(loss, torch.Tensor)
+    sites: dict[int, list[tuple[str, str]]] = {}  # element count -> (site, call) of each 4D/5D parameter
+    todo, done = [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in done:
+            continue
+        done.add(id(node))
+        if type(node).__name__ == "AccumulateGrad" and node.variable.dim() >= 4:
+            site = node.metadata.get("site", "?")
+            sites.setdefault(node.variable.numel(), []).append((site, node.metadata.get("call", f"{site}#0")))
+        todo.extend(n for n, _ in node.next_functions)
+    del node
+    wrt = [p for p in model.parameters() if p.requires_grad and p.dim() >= 4]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        torch.autograd.backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])
+    seen = []
+    for e in prof.events():
+        parent = e.cpu_parent
+        if e.name != "aten::copy_" or parent is None or "AccumulateGrad" not in parent.name or not e.input_shapes:
+            continue
+        shape = tuple(e.input_shapes[0])
+        if len(shape) < 4 or not sites.get(math.prod(shape)):
+            continue
+        site, call = sites[math.prod(shape)].pop(0)
+        itemsize = next((p.element_size() for p in wrt if p.numel() == math.prod(shape)), 4)
+        seen.append(Transpose("AccumulateGrad", shape, 2 * math.prod(shape) * itemsize, site, call))
+    for p in model.parameters():
+        p.grad = None
+    return seen
 
 
 def eager_backward_bytes(

@@ -185,7 +185,7 @@ def _back(out: Any, grads: Grads, gm: torch.fx.GraphModule, data: frozenset[str]
         grads.params = frozenset(id(t) for _, t in gm.named_parameters())
         got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         param_grads = {name: tensor_meta(g) for (name, _), g in zip(params, got, strict=True) if g is not None}
-        for node, copy in _accumulated(gm, params, got):
+        for node, copy in _accumulated(gm, params, got, grads):
             grads.moved.setdefault(node, []).append(copy)
     layouts = {k: tuple(v) for k, v in grads.layouts.items()}
     return Backward(layouts, param_grads, grads.moved, frozenset(grads.reordering), grads.kernels)
@@ -202,12 +202,18 @@ def _obeys(grad: torch.Tensor, param: torch.Tensor) -> bool:
 
 
 def _accumulated(
-    gm: torch.fx.GraphModule, params: Sequence[tuple[str, torch.Tensor]], got: Sequence[torch.Tensor | None]
+    gm: torch.fx.GraphModule,
+    params: Sequence[tuple[str, torch.Tensor]],
+    got: Sequence[torch.Tensor | None],
+    grads: Grads,
 ) -> list[tuple[str, HiddenCopy]]:
     """The copies a training step's ``loss.backward()`` makes of 4D/5D parameter gradients into the
     parameters' strides (:func:`_obeys`; ``torch.autograd.grad``, which the audit runs, makes none),
     each at the first node that reads the parameter: a (1, C, H, W) position table added to a map,
-    whose gradient, summed over the batch, comes out NCHW while the converted table is channels_last."""
+    whose gradient, summed over the batch, comes out NCHW while the converted table is channels_last.
+    A gradient some other tensor holds too (:attr:`~.grad_hooks.Grads.handed`: the table's at batch 1 is
+    the one the add's output got) is copied in NCHW as well, where the ``.grad`` cannot take it as it is:
+    the NCHW model moves as much, and channels_last adds nothing."""
     readers: dict[str, str] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.users:
@@ -217,7 +223,7 @@ def _accumulated(
                 readers.setdefault(name, n.name)
     out = []
     for (name, p), g in zip(params, got, strict=True):
-        if g is None or p.dim() not in (4, 5) or name not in readers or _obeys(g, p):
+        if g is None or p.dim() not in (4, 5) or name not in readers or _obeys(g, p) or grads.handed.get(id(g)) is g:
             continue
         have, want = tensor_meta(g), tensor_meta(p)
         nbytes = 2 * p.numel() * p.element_size()

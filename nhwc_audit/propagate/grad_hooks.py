@@ -10,6 +10,7 @@ made the autograd node (:func:`hook_gradients` hooks them as the forward runs)."
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,9 @@ class Grads:
     """A fake run's backward convolutions asked on zeros (:class:`~.backward_kernels.KernelWatch`)."""
     kernels: dict[str, list[Call | None]] = field(default_factory=dict)
     """Node -> its convolutions' backward calls' :func:`~.backward_kernels.counterpart` (None: unknown)."""
+    handed: weakref.WeakValueDictionary[int, torch.Tensor] = field(default_factory=weakref.WeakValueDictionary)
+    """The gradients that arrived at the nodes' outputs, by ``id()`` while alive: a parameter's
+    gradient among them is shared (``y = x + table`` at batch 1 hands one tensor to both operands)."""
 
 
 KEEPS_ORDER = frozenset(
@@ -108,6 +112,7 @@ def hook_gradients(name: str, value: Any, grads: Grads) -> None:
             def hook(g: torch.Tensor | None) -> None:
                 if g is not None:  # None reaches an output of a multi-output op no gradient flows to
                     grads.layouts.setdefault(name, []).append(tensor_meta(g))
+                    grads.handed[id(g)] = g
 
             t.register_hook(hook)
             _replayed_view(t)
