@@ -20,12 +20,13 @@ from .analyze.findings import find_findings, kernel_own
 from .analyze.moves import baselined, moved_bytes
 from .capture.blocks import checkpoint_note, custom_backward_note
 from .layout import channels_innermost, memory_order, nchw_ordered
-from .propagate.backward import backward_layouts, param_grad_notes, recomputed
+from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.backward_kernels import Call
 from .propagate.baseline import match_nodes, nchw_backward, nchw_records, split_moves
 from .propagate.chain import Captured
 from .propagate.kernels import layout_dependent_backwards
 from .propagate.nchw_kernels import asked
+from .propagate.recompute import recompute_counts
 from .propagate.runner import Runner
 from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, Layout, NodeRecord, TensorMeta
 
@@ -82,7 +83,7 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
             ran=captured.grad_run,
             data=captured.unconverted,
         )
-    again = recomputed(captured.gm.graph)
+        again, uncounted = recompute_counts(captured.gm, captured.inputs or [])
     records = [
         dataclasses.replace(
             r,
@@ -94,7 +95,9 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
     ]
     faults = layout_dependent_backwards(records, runner.device_type, fake=runner.fake)
     fixed = (f"backward: {n}",) if corrections is not None and (n := corrections.note()) else ()
-    custom = tuple(n for n in (custom_backward_note(captured.gm.graph), checkpoint_note(captured.gm.graph)) if n)
+    custom = tuple(
+        n for n in (custom_backward_note(captured.gm.graph), checkpoint_note(captured.gm.graph), uncounted) if n
+    )
     calls = {name: [c for c in node_calls if c is not None] for name, node_calls in ran.kernels.items()}
     known = all(c is not None for node_calls in ran.kernels.values() for c in node_calls)
     left = [t for name, t in captured.gm.named_buffers() if name in captured.unconverted]

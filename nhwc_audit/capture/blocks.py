@@ -115,9 +115,10 @@ class Checkpoints:
         self.met = 0
 
     @contextlib.contextmanager
-    def region(self) -> Iterator[None]:
+    def region(self, reentrant: bool = False) -> Iterator[None]:
+        """One checkpoint open while it lasts; a reentrant one's number is negative."""
         self.met += 1
-        self.open.append(self.met)
+        self.open.append(-self.met if reentrant else self.met)
         try:
             yield
         finally:
@@ -164,7 +165,7 @@ def function_grad_noted(functions: list[tuple[bool, str]], checkpoints: Checkpoi
                 return apply.__get__(None, fn)(*args, **kwargs)
             if fn is CheckpointFunction and not functions:
                 run, _, *inputs = args  # (function, preserve_rng_state, *args)
-                with checkpoints.region() if checkpoints is not None else contextlib.nullcontext():
+                with checkpoints.region(reentrant=True) if checkpoints is not None else contextlib.nullcontext():
                     return run(*inputs)
             functions.append(functions[0] if functions else (torch.is_grad_enabled(), fn.__name__))
             try:

@@ -23,6 +23,7 @@ __all__ = [
     "AUTOCAST_KEY",
     "CHECKPOINT_KEY",
     "FUNCTION_KEY",
+    "GRAD_ON_KEY",
     "NO_GRAD_KEY",
     "SOURCE_KEY",
     "NodeContext",
@@ -45,9 +46,16 @@ mode the model runs the Function in, and its backward is autograd's of the node,
 
 CHECKPOINT_KEY = "nhwc_audit_checkpoint"
 """Set on a node traced inside ``torch.utils.checkpoint.checkpoint``'s function (either variant):
-the checkpoints open around it, outermost first, each a number unique in its trace. A training
+the checkpoints open around it, outermost first, each a number unique in its trace (negative for a
+reentrant one, ``use_reentrant=True``). A training
 step's backward recomputes a checkpointed function's forward once per checkpoint around it; a
 graph records no checkpoint, and runs the nodes once."""
+
+GRAD_ON_KEY = "nhwc_audit_grad_on"
+"""Set by the export capture on a node made while the model's code ran with grad on (a non-strict
+export runs the Python for real). Export's own grad-mode blocks can be wrong: a nested non-reentrant
+checkpoint's pack hook runs a ``no_grad`` block, and export put every op after it in a
+``set_grad_enabled(False)`` block (a train audit then ran no backward); the mode the code ran in wins."""
 
 AUTOCAST_KEY = "nhwc_audit_autocast"
 """Set on an fx node traced inside forward's own ``torch.autocast(...)`` blocks: their arguments

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .context import AUTOCAST_KEY, FUNCTION_KEY, NO_GRAD_KEY
+from .context import AUTOCAST_KEY, FUNCTION_KEY, GRAD_ON_KEY, NO_GRAD_KEY
 
 __all__ = ["inline_blocks"]
 
@@ -99,7 +99,8 @@ def _note(new: torch.fx.Node, block: torch.fx.Node, at: int) -> None:
         new.meta[NO_GRAD_KEY] = block.meta[NO_GRAD_KEY]
     if at == 1:  # set_grad_enabled(enabled): unless a Function's forward made the node (its mode is the Function's)
         function = new.meta.get(FUNCTION_KEY)
-        new.meta[NO_GRAD_KEY] = not (function[0] if function else bool(block.args[0]))
+        # (export's block is wrong where the code ran with grad on: :data:`~.context.GRAD_ON_KEY`)
+        new.meta[NO_GRAD_KEY] = not (function[0] if function else bool(block.args[0]) or GRAD_ON_KEY in new.meta)
     else:
         device, dtype, on, cache = block.args[:4]
         new.meta[AUTOCAST_KEY] = (*block.meta.get(AUTOCAST_KEY, ()), (str(device), dtype, bool(on), bool(cache)))

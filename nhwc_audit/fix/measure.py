@@ -25,9 +25,10 @@ import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..analyze.analysis import Analysis, analyze
-from ..propagate.backward import backward_layouts, recomputed
+from ..propagate.backward import backward_layouts
 from ..propagate.inputs import positional_inputs
 from ..propagate.interpreter import LayoutProp
+from ..propagate.recompute import recompute_counts
 from ..propagate.runner import attributes_restored, autograd
 from ..records import NodeRecord
 from ..tensors import clone_value, seeded
@@ -174,7 +175,7 @@ def with_backward(
     with _state_kept(gm):
         flat = positional_inputs(gm.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
         ran = backward_layouts(gm, flat, breaks=frozenset(r.name for r in m.records if r.error))
-    again = recomputed(gm.graph)
+        again, _ = recompute_counts(gm, flat)
     records = [
         dataclasses.replace(
             r,

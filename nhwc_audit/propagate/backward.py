@@ -21,7 +21,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.context import CHECKPOINT_KEY, node_contexts
+from ..capture.context import node_contexts
 from ..layout import tensor_meta
 from ..records import HiddenCopy, Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
@@ -31,7 +31,7 @@ from .corrections import Corrections
 from .fake_views import VIEWS, view_node, view_strides
 from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients, hook_nodes
 
-__all__ = ["Backward", "GradRun", "backward_layouts", "param_grad_notes", "recomputed"]
+__all__ = ["Backward", "GradRun", "backward_layouts", "param_grad_notes"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,6 @@ class GradRun:
 
     out: Any
     grads: Grads
-
-
-def recomputed(graph: torch.fx.Graph) -> dict[str, int]:
-    """Node name -> how many more times a training step runs its forward: once per checkpoint
-    around it (:data:`~nhwc_audit.capture.context.CHECKPOINT_KEY`), whose function a backward
-    recomputes. A graph runs each node once, so that one backward through it makes no recompute."""
-    return {n.name: len(n.meta[CHECKPOINT_KEY]) for n in graph.nodes if n.meta.get(CHECKPOINT_KEY)}
 
 
 def _eager_input(v: Any) -> Any:

@@ -1,0 +1,93 @@
+"""How many more times a training step runs each node of a checkpointed block: a backward
+recomputes the function of a ``torch.utils.checkpoint`` when it needs the tensors the block did not
+keep. A reentrant checkpoint runs its whole function again; a non-reentrant one stops once it has
+made the last tensor the backward needs (torch's early stop: a block ending in a convolution, which
+saves its input before its kernel runs, does not run that kernel again), and a nested one runs as
+torch runs it. So the counts are measured, not derived: the graph runs forward and backward once
+more with its blocks outlined and checkpointed again (:mod:`~nhwc_audit.capture.outline`), each
+block's nodes counted as each run of them completes. Nodes inside a reentrant checkpoint count one
+run per checkpoint around them (the outlined blocks run non-reentrant)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..capture.context import CHECKPOINT_KEY
+from ..capture.outline import ORIGIN_KEY, outlined
+from ..errors import first_line
+from ..tensors import clone_value, iter_tensors, seeded
+
+__all__ = ["recompute_counts"]
+
+
+class _Counting(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str]) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # (torch's early stop is an exception it catches by type)
+        self.counts = counts
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op not in ("placeholder", "output", "get_attr"):
+            self.counts[n.meta.get(ORIGIN_KEY, n.name)] += 1
+        return out
+
+
+class _Counted(nn.Module):
+    """An outlined block, its nodes run one by one and counted."""
+
+    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.counts = counts
+
+    def forward(self, *args: Any) -> Any:
+        return _Counting(self.gm, self.counts).run(*args, enable_io_processing=False)
+
+
+@contextlib.contextmanager
+def _state_kept(gm: torch.fx.GraphModule) -> Iterator[None]:
+    """``gm``'s buffers as they were after the run (a training-mode BatchNorm updates its statistics)."""
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def recompute_counts(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> tuple[dict[str, int], str | None]:
+    """Node name -> how many more times a training step runs it (nodes in no checkpoint: absent),
+    and a note where the counting run failed (then every checkpointed node counts one run per
+    checkpoint around it, as a reentrant checkpoint runs)."""
+    marks = {n.name: n.meta[CHECKPOINT_KEY] for n in gm.graph.nodes if n.meta.get(CHECKPOINT_KEY)}
+    static = {name: len(ids) for name, ids in marks.items()}
+    if not marks:
+        return {}, None
+    counts: Counter[str] = Counter()
+    try:
+        with _state_kept(gm), seeded(0, list(flat_inputs)), torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = outlined(gm, lambda g: _Counted(g, counts))
+            out = torch.fx.Interpreter(run).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
+            outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
+            params = [p for p in run.parameters() if p.requires_grad]
+            if outs and params:
+                loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+                assert isinstance(loss, torch.Tensor)
+                torch.autograd.grad(loss, params, allow_unused=True)
+    except Exception as e:  # noqa: BLE001 (the whole-block count is the fallback, said in a note)
+        why = f"backward: checkpointed blocks counted whole per checkpoint (the counting run failed: {first_line(e)})"
+        return static, why
+    return {
+        name: static[name] if any(k < 0 for k in ids) else max(0, counts[name] - 1) for name, ids in marks.items()
+    }, None
