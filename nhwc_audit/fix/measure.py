@@ -13,10 +13,9 @@ whose rewrites each change one attention block, a few percent.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +27,8 @@ from ..analyze.analysis import Analysis, analyze
 from ..propagate.backward import backward_layouts
 from ..propagate.inputs import positional_inputs
 from ..propagate.interpreter import LayoutProp
-from ..propagate.recompute import recompute_counts
-from ..propagate.runner import attributes_restored, autograd
+from ..propagate.recompute import recompute_counts, state_kept
+from ..propagate.runner import autograd
 from ..records import NodeRecord
 from ..tensors import clone_value, seeded
 
@@ -88,21 +87,6 @@ def incremental(gm: torch.fx.GraphModule) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _state_kept(gm: torch.fx.GraphModule) -> Iterator[None]:
-    """``gm``'s buffers (BatchNorm statistics in train mode) and module attributes put back after
-    a measuring run. A buffer whose elements share memory (a graph constant ``idx.expand(...)``)
-    cannot be written in place, by the model or by the restore."""
-    buffers = [(b, b.clone()) for b in gm.buffers() if torch._debug_has_internal_overlap(b) != 1]
-    try:
-        with attributes_restored(gm):
-            yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-
-
 def measure(
     gm: torch.fx.GraphModule,
     args: tuple[Any, ...],
@@ -132,7 +116,7 @@ def measure(
 
     interp = LayoutProp(gm, record_hidden=True)
     interp.kept, interp.until = {}, until if base is not None else None
-    with _state_kept(gm), seeded(0, (args, kwargs)), autograd(False):
+    with state_kept(gm), seeded(0, (args, kwargs)), autograd(False):
         values = positional_inputs(interp.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
         interp.run(*values, initial_env=env, enable_io_processing=False)
     ran = {r.name: r for r in interp.records}
@@ -172,7 +156,7 @@ def with_backward(
     audit counts it: a repair's figures per training step, forward and backward. A node named in
     ``nchw_backward`` (the audit's NCHW baseline of the backward) is charged only what it moves
     beyond that; one the repair made, whole. ``gm``'s buffers and attributes are restored."""
-    with _state_kept(gm):
+    with state_kept(gm):
         flat = positional_inputs(gm.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
         ran = backward_layouts(gm, flat, breaks=frozenset(r.name for r in m.records if r.error))
         again, _ = recompute_counts(gm, flat)

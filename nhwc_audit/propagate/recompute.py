@@ -24,8 +24,9 @@ from ..capture.context import CHECKPOINT_KEY
 from ..capture.outline import ORIGIN_KEY, outlined
 from ..errors import first_line
 from ..tensors import clone_value, iter_tensors, seeded
+from .runner import attributes_restored
 
-__all__ = ["recompute_counts"]
+__all__ = ["recompute_counts", "state_kept"]
 
 
 class _Counting(torch.fx.Interpreter):
@@ -54,15 +55,18 @@ class _Counted(nn.Module):
 
 
 @contextlib.contextmanager
-def _state_kept(gm: torch.fx.GraphModule) -> Iterator[None]:
-    """``gm``'s buffers as they were after the run (a training-mode BatchNorm updates its statistics)."""
-    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+def state_kept(gm: torch.fx.GraphModule) -> Iterator[None]:
+    """``gm``'s buffers (BatchNorm statistics in train mode) and module attributes put back after
+    a measuring run. A buffer whose elements share memory (a graph constant ``idx.expand(...)``)
+    cannot be written in place, by the model or by the restore."""
+    buffers = [(b, b.clone()) for b in gm.buffers() if torch._debug_has_internal_overlap(b) != 1]
     try:
-        yield
+        with attributes_restored(gm):
+            yield
     finally:
         with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def recompute_counts(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> tuple[dict[str, int], str | None]:
@@ -75,7 +79,7 @@ def recompute_counts(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> tu
         return {}, None
     counts: Counter[str] = Counter()
     try:
-        with _state_kept(gm), seeded(0, list(flat_inputs)), torch.enable_grad(), warnings.catch_warnings():
+        with state_kept(gm), seeded(0, list(flat_inputs)), torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run = outlined(gm, lambda g: _Counted(g, counts))
             out = torch.fx.Interpreter(run).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
