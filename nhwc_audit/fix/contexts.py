@@ -26,7 +26,7 @@ from ..capture.blocks import custom_functions
 from ..capture.context import AUTOCAST_KEY, NO_GRAD_KEY
 from ..errors import ConversionError
 
-__all__ = ["keep_blocks", "keeps_state"]
+__all__ = ["keep_blocks", "keep_buffers", "keeps_state"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -154,3 +154,27 @@ def _runs(
         runs.append((nodes[i], nodes[j], k))
         i = j + 1
     return runs
+
+
+def keep_buffers(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """Register on ``gm`` each buffer of ``model`` (the converted model it was made from) that its
+    graph does not read, under the model's name for it: a GraphModule holds only what its graph
+    reads, so a counter forward updates in Python (timm's ``BatchNormAct2d.num_batches_tracked``,
+    which fx runs once while tracing) left the repaired ``state_dict`` without the model's keys, and
+    a strict ``load_state_dict`` of the model's weights raised."""
+    have = {name for name, _ in gm.named_buffers()}
+    for name, buffer in model.named_buffers():
+        if name in have:
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner: torch.nn.Module = gm
+        for part in path.split(".") if path else ():
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            nxt = getattr(owner, part)
+            if not isinstance(nxt, torch.nn.Module):
+                break
+            owner = nxt
+        else:
+            if not hasattr(owner, leaf):
+                owner.register_buffer(leaf, buffer)

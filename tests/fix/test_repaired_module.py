@@ -369,3 +369,37 @@ def test_the_api_repair_keeps_the_rewrites_the_audits_repair_keeps() -> None:
     assert by_audit is not None and len(by_audit.steps) == 3
     assert log.steps == by_audit.steps and log.bytes_after == by_audit.bytes_after
     assert type(gm).__name__ == "MaxVit"
+
+
+class _CountingNorm(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: ``F.batch_norm`` on its buffers, and ``num_batches_tracked`` counted in
+    Python, which fx runs once while tracing: the graph never reads that buffer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        w, b = self.weight, self.bias
+        return torch.relu(torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, w, b, True, 0.1))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_repaired_model_keeps_the_buffers_its_graph_does_not_read(checkpointed: bool) -> None:
+    """timm coatnet_0_rw_224's repaired state_dict lacked its 16 ``num_batches_tracked``: a strict
+    ``load_state_dict`` of the model's own weights raised (with its checkpoints kept or not)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.n, self.d = nn.Conv2d(3, 8, 3, padding=1), _CountingNorm(8), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c(x)
+            y = checkpoint(self.n, y, use_reentrant=False) if checkpointed else self.n(y)
+            return self.d(y)
+
+    torch.manual_seed(0)
+    model = Net().train()
+    gm, _ = nhwc_audit.repair(model, torch.randn(2, 3, 16, 16))
+    assert gm.state_dict().keys() == model.state_dict().keys()
+    gm.load_state_dict(model.state_dict())
