@@ -361,8 +361,8 @@ class _ConvKernel(TorchDispatchMode):
             if any(_storage(src) == _storage(v) for v in self.views) and ordered:
                 self.copies.append(("activation", 2 * out.numel() * out.element_size()))
             return out
-        if 0 in src.stride():
-            return out  # a bias broadcast into the output: in any layout, no layout's copy
+        if 0 in src.stride() or src.shape != out.shape:
+            return out  # a bias broadcast into the output (slow_conv3d's: viewed C x 1 x 1 x 1): no layout's copy
         of = next((a for a in self.acts if _storage(src) == _storage(a)), None)
         part = of is not None and (src.shape, src.stride(), src.storage_offset()) != (
             of.shape,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nhwc_audit import audit
 from tests import models as M
 from tests.eager_bytes import eager_backward_bytes, eager_bytes
 from tests.support import conv_backward_copies
@@ -353,3 +354,25 @@ def test_backward_moves_net_per_call_as_the_audit_nets_them_per_node() -> None:
         for mode in ("real", "fake"):
             r = audit(model, x, train=True, mode=mode, bandwidth=1e9)  # type: ignore[arg-type]
             assert sum(f.bytes for f in r.findings if f.kind.value == "backward") == e.added_per_call, mode
+
+
+def test_a_conv3d_bias_broadcast_is_no_copy_of_a_layout() -> None:
+    """The CPU's slow Conv3d fills its output with the bias viewed C x 1 x 1 x 1 (strides all 1, no
+    stride 0): a broadcast, in either layout. The checker charged it where channels_last made the
+    kernel watched (128 B on this LambdaLayer-like model; timm lambda_resnet26t 384 B over the audit)."""
+
+    class LambdaPos(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.pos = nn.Conv3d(1, 16, (3, 3, 1), padding=(1, 1, 0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x)
+            b, c, h, w = x.shape
+            v = x.reshape(b, c, h * w).transpose(-1, -2)
+            return self.pos(v.reshape(b, 1, h, w, c))
+
+    torch.manual_seed(0)
+    model, x = LambdaPos().eval(), torch.randn(1, 8, 4, 6)
+    assert eager_bytes(model, (x,)).added == audit(model, x, bandwidth=1e9).summary.bytes_moved
