@@ -83,7 +83,11 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
             ran=captured.grad_run,
             data=captured.unconverted,
         )
-        again, uncounted = recompute_counts(captured.gm, captured.inputs or [])
+        found = find_findings(
+            captured.records, bandwidth=1.0, device=runner.device_type, autocast=bool(runner.autocast)
+        )
+        moving = {f.node for f in found if f.bytes}  # (before the NCHW baseline nets: never fewer)
+        again, uncounted = recompute_counts(captured.gm, captured.inputs or [], moving)
     records = [
         dataclasses.replace(
             r,

@@ -7,6 +7,7 @@ and no autocast state; the tracer puts both on the nodes it makes
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -113,16 +114,24 @@ class Checkpoints:
     def __init__(self) -> None:
         self.open: list[int] = []
         self.met = 0
+        self.options: dict[int, dict[str, Any]] = {}
+        """Each checkpoint's arguments but its function's (``context_fn``, ``early_stop``,
+        ``preserve_rng_state``...), by number (:data:`~.context.CHECKPOINT_OPTIONS_KEY`)."""
 
     @contextlib.contextmanager
-    def region(self, reentrant: bool = False) -> Iterator[None]:
+    def region(self, reentrant: bool = False, options: dict[str, Any] | None = None) -> Iterator[None]:
         """One checkpoint open while it lasts; a reentrant one's number is negative."""
         self.met += 1
         self.open.append(-self.met if reentrant else self.met)
+        self.options[self.open[-1]] = dict(options or {})
         try:
             yield
         finally:
             self.open.pop()
+
+
+_OPTIONS = ("preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop")
+"""The arguments of a non-reentrant checkpoint kept with it (a selective checkpoint's policy is its ``context_fn``)."""
 
 
 @contextlib.contextmanager
@@ -137,7 +146,9 @@ def checkpoints_noted(checkpoints: Checkpoints) -> Iterator[None]:
             if not patch.mine:
                 yield from impl(*args, **kwargs)
                 return
-            with checkpoints.region():
+            defaults = inspect.signature(impl).parameters
+            asked = {k: kwargs[k] for k in _OPTIONS if k in kwargs and kwargs[k] is not defaults[k].default}
+            with checkpoints.region(options=asked):
                 yield from impl(*args, **kwargs)
 
         return noted
@@ -164,8 +175,11 @@ def function_grad_noted(functions: list[tuple[bool, str]], checkpoints: Checkpoi
             if not patch.mine:
                 return apply.__get__(None, fn)(*args, **kwargs)
             if fn is CheckpointFunction and not functions:
-                run, _, *inputs = args  # (function, preserve_rng_state, *args)
-                with checkpoints.region(reentrant=True) if checkpoints is not None else contextlib.nullcontext():
+                run, preserve, *inputs = args  # (function, preserve_rng_state, *args)
+                opened = (
+                    checkpoints.region(True, {} if preserve else {"preserve_rng_state": False}) if checkpoints else None
+                )
+                with opened or contextlib.nullcontext():
                     return run(*inputs)
             functions.append(functions[0] if functions else (torch.is_grad_enabled(), fn.__name__))
             try:

@@ -22,6 +22,7 @@ from .source import source_from_stack
 __all__ = [
     "AUTOCAST_KEY",
     "CHECKPOINT_KEY",
+    "CHECKPOINT_OPTIONS_KEY",
     "FUNCTION_KEY",
     "GRAD_ON_KEY",
     "NO_GRAD_KEY",
@@ -50,6 +51,11 @@ the checkpoints open around it, outermost first, each a number unique in its tra
 reentrant one, ``use_reentrant=True``). A training
 step's backward recomputes a checkpointed function's forward once per checkpoint around it; a
 graph records no checkpoint, and runs the nodes once."""
+
+CHECKPOINT_OPTIONS_KEY = "nhwc_audit_checkpoint_options"
+"""Set with :data:`CHECKPOINT_KEY`: each checkpoint's arguments but its function's, by number (a
+selective checkpoint's ``context_fn``, ``early_stop``, ``preserve_rng_state``), one table a trace's
+nodes share."""
 
 GRAD_ON_KEY = "nhwc_audit_grad_on"
 """Set by the export capture on a node made while the model's code ran with grad on (a non-strict

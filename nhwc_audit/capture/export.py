@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import TraceError
 from .blocks import Checkpoints, checkpoints_noted, function_grad_noted
-from .context import CHECKPOINT_KEY, FUNCTION_KEY, GRAD_ON_KEY, SOURCE_KEY, first_names
+from .context import CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY, FUNCTION_KEY, GRAD_ON_KEY, SOURCE_KEY, first_names
 from .fx import Capture
 from .inline import inline_blocks
 from .source import is_machinery, user_frame
@@ -76,6 +76,7 @@ def _sources_noted(functions: list[tuple[bool, str]], checkpoints: Checkpoints) 
             node.meta[FUNCTION_KEY] = functions[0]
         if checkpoints.open:
             node.meta[CHECKPOINT_KEY] = tuple(checkpoints.open)
+            node.meta[CHECKPOINT_OPTIONS_KEY] = checkpoints.options
         if torch.is_grad_enabled():
             node.meta[GRAD_ON_KEY] = True
         return node

@@ -20,7 +20,7 @@ from torch.fx.proxy import Proxy, Scope, TracerBase
 from ..errors import TraceError, first_line
 from .blocks import AutocastBlock, Checkpoints, autocast_blocks_noted, checkpoints_noted, function_grad_noted
 from .constants import fresh_constants
-from .context import AUTOCAST_KEY, CHECKPOINT_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
+from .context import AUTOCAST_KEY, CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
 from .source import user_frame
@@ -252,6 +252,7 @@ class _Tracer(torch.fx.Tracer):
             node.meta[AUTOCAST_KEY] = tuple(self.autocasts)
         if self.checkpoints.open:
             node.meta[CHECKPOINT_KEY] = tuple(self.checkpoints.open)
+            node.meta[CHECKPOINT_OPTIONS_KEY] = self.checkpoints.options
         return node
 
 

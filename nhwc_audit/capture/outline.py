@@ -1,7 +1,8 @@
 """Activation checkpoints put back into a captured graph. A torch.fx graph records the ops of a
 ``torch.utils.checkpoint`` call's function, not the checkpoint. Each block the capture saw
 (:data:`~.context.CHECKPOINT_KEY`) is outlined into a small GraphModule of its own that
-``torch.utils.checkpoint.checkpoint`` runs (``use_reentrant=False``), nested checkpoints inside it.
+``torch.utils.checkpoint.checkpoint`` runs with the checkpoint's own arguments, nested checkpoints
+inside it.
 The outlined graph holds no parameters and no modules: the modules its nodes call and the tensors
 they read come in as arguments, so the outer graph's ``state_dict`` keeps its keys. Each node
 copied into a block keeps the name of the node it copies (:data:`ORIGIN_KEY`). Used by the repair
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -19,7 +21,7 @@ import torch.fx
 import torch.utils.checkpoint
 from torch import nn
 
-from .context import CHECKPOINT_KEY
+from .context import CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY
 
 __all__ = ["CHECKPOINTED", "ORIGIN_KEY", "Block", "outlined"]
 
@@ -38,7 +40,7 @@ def _region(n: torch.fx.Node, depth: int) -> int | None:
     return open_[depth] if len(open_) > depth else None
 
 
-def _spans(graph: torch.fx.Graph, depth: int) -> list[list[torch.fx.Node]]:
+def _spans(graph: torch.fx.Graph, depth: int) -> list[tuple[int, list[torch.fx.Node]]]:
     """Each outermost block at ``depth``: its nodes from the first the capture saw in it to the
     last, with the nodes the repair put between them (and no get_attr: those stay outside)."""
     order = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
@@ -53,7 +55,7 @@ def _spans(graph: torch.fx.Graph, depth: int) -> list[list[torch.fx.Node]]:
         nodes = order[firsts[k] : lasts[k] + 1]
         if any(_region(n, depth) not in (k, None) for n in nodes):
             raise ValueError("checkpointed blocks interleave")
-        spans.append([n for n in nodes if n.op != "get_attr"])
+        spans.append((k, [n for n in nodes if n.op != "get_attr"]))
     return spans
 
 
@@ -61,10 +63,19 @@ def _outside(inside: set[torch.fx.Node]) -> Callable[[torch.fx.Node], bool]:
     return lambda u: u not in inside
 
 
-def _outline(owner: nn.Module, graph: torch.fx.Graph, depth: int, counter: list[int], block: Block) -> None:
+_LITERALS = (bool, int, float, str, type(None))
+
+
+def _outline(
+    owner: nn.Module, graph: torch.fx.Graph, depth: int, counter: list[int], block: Block, variant: bool
+) -> None:
     """Replace each block at ``depth`` of ``graph`` (``owner``'s) by a checkpoint call of a
-    GraphModule registered on ``owner`` (run by what ``block`` makes of it)."""
-    for span in _spans(graph, depth):
+    GraphModule registered on ``owner`` (run by what ``block`` makes of it), with the checkpoint's
+    own arguments (:data:`~.context.CHECKPOINT_OPTIONS_KEY`: a selective checkpoint's policy); a
+    reentrant one stays reentrant where ``variant``, else it runs non-reentrant."""
+    for k, span in _spans(graph, depth):
+        marked = next(n for n in span if _region(n, depth) == k)
+        options = marked.meta.get(CHECKPOINT_OPTIONS_KEY, {}).get(k, {})
         inside = set(span)
         inputs: dict[torch.fx.Node, None] = {}
         modules: dict[str, None] = {}
@@ -88,17 +99,21 @@ def _outline(owner: nn.Module, graph: torch.fx.Graph, depth: int, counter: list[
             env[n].meta[ORIGIN_KEY] = origin
         sub.output(tuple(env[o] for o in outputs) if len(outputs) != 1 else env[outputs[0]])
         holder = nn.Module()
-        _outline(holder, sub, depth + 1, counter, block)
+        _outline(holder, sub, depth + 1, counter, block, variant)
         counter[0] += 1
         name = f"{CHECKPOINTED}_{counter[0]}"
         owner.add_module(name, block(torch.fx.GraphModule(holder, sub, "Checkpointed")))
         with graph.inserting_before(span[-1].next):  # (every input is before it: outside, or a get_attr inside)
             refs = [graph.get_attr(m) for m in modules]
-            call = graph.call_function(
-                torch.utils.checkpoint.checkpoint,
-                (graph.get_attr(name), *inputs, *refs),
-                {"use_reentrant": False},
-            )
+            asked: dict[str, torch.fx.node.Argument] = {"use_reentrant": k < 0 and variant}
+            for opt, value in options.items():  # (a value no literal writes: an attribute of the owner)
+                if not isinstance(value, _LITERALS):
+                    setattr(owner, f"{name}_{opt}", value)
+                    with warnings.catch_warnings():  # (fx warns of a get_attr of no module, parameter or buffer)
+                        warnings.simplefilter("ignore")
+                        value = graph.get_attr(f"{name}_{opt}")
+                asked[opt] = value
+            call = graph.call_function(torch.utils.checkpoint.checkpoint, (graph.get_attr(name), *inputs, *refs), asked)
             results = (
                 [call]
                 if len(outputs) == 1
@@ -110,11 +125,12 @@ def _outline(owner: nn.Module, graph: torch.fx.Graph, depth: int, counter: list[
             graph.erase_node(n)
 
 
-def outlined(gm: torch.fx.GraphModule, block: Block | None = None) -> torch.fx.GraphModule:
+def outlined(gm: torch.fx.GraphModule, block: Block | None = None, variant: bool = True) -> torch.fx.GraphModule:
     """A copy of ``gm`` (sharing its modules and tensors) whose checkpointed blocks run under
-    ``torch.utils.checkpoint`` again; raises where the blocks cannot be outlined."""
+    ``torch.utils.checkpoint`` again, each with its own arguments (``variant``: a reentrant one
+    stays reentrant); raises where the blocks cannot be outlined."""
     new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
-    _outline(new, new.graph, 0, [0], block or (lambda g: g))
+    _outline(new, new.graph, 0, [0], block or (lambda g: g), variant)
     new.graph.lint()
     new.recompile()
     return new

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch.fx
 
 from ..capture.blocks import checkpoint_count
+from ..capture.context import CHECKPOINT_KEY
 from ..capture.outline import outlined
 
 __all__ = ["with_checkpoints"]
@@ -28,7 +29,7 @@ def with_checkpoints(
     if not count:
         return gm, None
     try:
-        new = outlined(gm)
+        new = outlined(gm, variant=False)
         ok = same(new)
     except Exception as e:  # noqa: BLE001 (any failure keeps the flat graph, said in the log)
         ok, why = False, f": {type(e).__name__}: {e}"
@@ -36,7 +37,12 @@ def with_checkpoints(
         why = ": it did not compute what the graph computes"
     blocks = f"{count} torch.utils.checkpoint block{'s' if count != 1 else ''}"
     if ok:
-        return new, f"{blocks} kept: each runs under torch.utils.checkpoint(use_reentrant=False) as before"
+        reentrant = any(k < 0 for n in gm.graph.nodes for k in n.meta.get(CHECKPOINT_KEY, ()))
+        how = "; the reentrant ones as non-reentrant, torch's recommended form" if reentrant else ""
+        return new, (
+            f"{blocks} kept: each runs under torch.utils.checkpoint(use_reentrant=False) with the model's own "
+            f"arguments (a selective checkpoint's policy){how}"
+        )
     return gm, (
         f"{blocks} not kept{why}; the repaired graph runs them without checkpointing (their activations are kept "
         "for backward): checkpoint the repaired model's blocks yourself, or repair each block"

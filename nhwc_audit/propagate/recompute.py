@@ -11,9 +11,10 @@ run per checkpoint around them (the outlined blocks run non-reentrant)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,34 +25,63 @@ from ..capture.context import CHECKPOINT_KEY
 from ..capture.outline import ORIGIN_KEY, outlined
 from ..errors import first_line
 from ..tensors import clone_value, iter_tensors, seeded
+from .dispatch import RecordingMode
 from .runner import attributes_restored
 
 __all__ = ["recompute_counts", "state_kept"]
 
 
+class _Ran(RecordingMode):
+    """Counts the ATen ops that return under it: a node whose run returned one ran its kernels, as
+    far as they went (torch's early stop interrupts a recompute at the last tensor it needs saved:
+    after the kernel of an op that saves its output, a softmax's; before that of one that saves its
+    inputs, a convolution's). An op a selective checkpoint's policy kept is served from its cache,
+    in a mode above this one: it does not run, and is not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.returned = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not _aliases(func):  # (saving a tensor for backward detaches it first: no kernel of the node's)
+            self.returned += 1
+        return out
+
+
+@functools.cache
+def _aliases(func: Any) -> bool:
+    """An ATen op that returns a view of an input (``detach``, ``view``): no data made."""
+    return any(r.alias_info is not None for r in func._schema.returns)
+
+
 class _Counting(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str], ran: _Ran) -> None:
         super().__init__(gm)
         self.extra_traceback = False  # (torch's early stop is an exception it catches by type)
-        self.counts = counts
+        self.counts, self.ran = counts, ran
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.op not in ("placeholder", "output", "get_attr"):
-            self.counts[n.meta.get(ORIGIN_KEY, n.name)] += 1
-        return out
+        if n.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(n)
+        before = self.ran.returned
+        try:
+            return super().run_node(n)
+        finally:
+            if self.ran.returned > before:
+                self.counts[n.meta.get(ORIGIN_KEY, n.name)] += 1
 
 
 class _Counted(nn.Module):
     """An outlined block, its nodes run one by one and counted."""
 
-    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str], ran: _Ran) -> None:
         super().__init__()
         self.gm = gm
-        self.counts = counts
+        self.counts, self.ran = counts, ran
 
     def forward(self, *args: Any) -> Any:
-        return _Counting(self.gm, self.counts).run(*args, enable_io_processing=False)
+        return _Counting(self.gm, self.counts, self.ran).run(*args, enable_io_processing=False)
 
 
 @contextlib.contextmanager
@@ -69,26 +99,33 @@ def state_kept(gm: torch.fx.GraphModule) -> Iterator[None]:
                 b.copy_(saved)
 
 
-def recompute_counts(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> tuple[dict[str, int], str | None]:
+def recompute_counts(
+    gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], moving: Container[str] | None = None
+) -> tuple[dict[str, int], str | None]:
     """Node name -> how many more times a training step runs it (nodes in no checkpoint: absent),
     and a note where the counting run failed (then every checkpointed node counts one run per
-    checkpoint around it, as a reentrant checkpoint runs)."""
+    checkpoint around it, as a reentrant checkpoint runs). ``moving``: the nodes whose forward
+    moves bytes (None: any may); where no checkpointed node is one of them, the counts change no
+    figure and nothing runs (a timm ResNet's checkpointed stages: a second training step spared)."""
     marks = {n.name: n.meta[CHECKPOINT_KEY] for n in gm.graph.nodes if n.meta.get(CHECKPOINT_KEY)}
     static = {name: len(ids) for name, ids in marks.items()}
-    if not marks:
+    if not marks or (moving is not None and not any(name in moving for name in marks)):
         return {}, None
     counts: Counter[str] = Counter()
+    ran = _Ran()
     try:
         with state_kept(gm), seeded(0, list(flat_inputs)), torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run = outlined(gm, lambda g: _Counted(g, counts))
-            out = torch.fx.Interpreter(run).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
+            run = outlined(gm, lambda g: _Counted(g, counts, ran), variant=False)
+            with ran:
+                out = torch.fx.Interpreter(run).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
             outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
             params = [p for p in run.parameters() if p.requires_grad]
             if outs and params:
                 loss = sum((t * torch.randn_like(t)).sum() for t in outs)
                 assert isinstance(loss, torch.Tensor)
-                torch.autograd.grad(loss, params, allow_unused=True)
+                with ran:
+                    torch.autograd.grad(loss, params, allow_unused=True)
     except Exception as e:  # noqa: BLE001 (the whole-block count is the fallback, said in a note)
         why = f"backward: checkpointed blocks counted whole per checkpoint (the counting run failed: {first_line(e)})"
         return static, why

@@ -11,11 +11,12 @@ eager backwards with and without the checkpoints, channels_last less NCHW."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import nhwc_audit
 from tests.eager_bytes import (
@@ -56,10 +57,23 @@ class Net(nn.Module):
         x = self.stem(x)
         if self.how == "none":
             return self.b2(self.b1(x))
+        if self.how.startswith("sac"):  # selective: the policy's ops kept, not run again
+            policy = _save_all if self.how == "sac_all" else _save_convolutions
+            ctx = functools.partial(create_selective_checkpoint_contexts, policy)
+            return self.b2(checkpoint(self.b1, x, use_reentrant=False, context_fn=ctx))
         if self.how.startswith("nested"):
             inner = lambda y: self.b2(checkpoint(self.b1, y, use_reentrant=False))  # noqa: E731
             return checkpoint(inner, x, use_reentrant=self.how == "nested")
         return self.b2(checkpoint(self.b1, x, use_reentrant=self.how == "reentrant"))
+
+
+def _save_all(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE
+
+
+def _save_convolutions(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    conv = op in (torch.ops.aten.convolution.default, torch.ops.aten.conv2d.default)
+    return CheckpointPolicy.MUST_SAVE if conv else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _nets(how: str) -> tuple[nn.Module, nn.Module]:
@@ -87,7 +101,7 @@ def _dispatched(model: nn.Module, cl: bool) -> int:
 def _eager_step(plain: nn.Module, checked: nn.Module, how: str) -> int:
     """Eager's bytes for one training step of the checkpointed model."""
     total = eager_bytes(plain, (X,)).added + eager_backward_bytes(plain, (X,)).added
-    if how in ("plain", "nested_plain"):  # (a reentrant checkpoint refuses torch.autograd.grad)
+    if how in ("plain", "nested_plain", "sac_convs", "sac_all"):  # (a reentrant one refuses torch.autograd.grad)
         return (
             total
             + (_dispatched(checked, True) - _dispatched(plain, True))
@@ -103,8 +117,12 @@ def _eager_step(plain: nn.Module, checked: nn.Module, how: str) -> int:
 
 @pytest.mark.parametrize("mode", ["real", "fake"])
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("how", ["plain", "reentrant", "nested", "nested_plain"])
-def test_a_checkpointed_block_is_charged_again_for_its_recompute(how: str, capture: str, mode: str) -> None:
+@pytest.mark.parametrize("how", ["plain", "reentrant", "nested", "nested_plain", "sac_convs", "sac_all"])
+def test_a_checkpointed_block_is_charged_again_for_its_recompute(
+    how: str, capture: str, mode: str, request: pytest.FixtureRequest
+) -> None:
+    if how == "sac_all" and mode == "fake":  # left open: one op of the block runs again on fake tensors
+        request.applymarker(pytest.mark.xfail(strict=True, reason="a fake run reruns an op the policy keeps: 16,384 B"))
     plain, checked = _nets(how)
     before = copy.deepcopy(checked.state_dict())
     r = nhwc_audit.audit(checked, X, train=True, capture=capture, mode=mode)
@@ -113,7 +131,7 @@ def test_a_checkpointed_block_is_charged_again_for_its_recompute(how: str, captu
     assert (
         sum(f.bytes for f in base.findings) == eager_bytes(plain, (X,)).added + eager_backward_bytes(plain, (X,)).added
     )
-    assert recompute > 0
+    assert recompute > 0 if how != "sac_all" else recompute == 0  # (a policy that keeps every op reruns none)
     assert sum(f.bytes for f in r.findings) == sum(f.bytes for f in base.findings) + recompute
     if how in ("reentrant", "nested"):  # (a non-reentrant one reruns part of its block: measured above)
         again = {f.module_path.split(".")[0]: f.recomputed for f in r.findings if f.recomputed}

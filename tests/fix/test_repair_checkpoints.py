@@ -47,7 +47,8 @@ def test_a_repaired_model_checkpoints_what_the_model_checkpoints(how: str) -> No
     blocks = 2 if how == "nested" else 1
     assert log.notes == (
         f"{blocks} torch.utils.checkpoint block{'s' if blocks > 1 else ''} kept: each runs under "
-        "torch.utils.checkpoint(use_reentrant=False) as before",
+        "torch.utils.checkpoint(use_reentrant=False) with the model's own arguments (a selective checkpoint's "
+        "policy)" + ("; the reentrant ones as non-reentrant, torch's recommended form" if how != "plain" else ""),
     )
     assert "torch.utils.checkpoint.checkpoint" in gm.code
     cl = X.contiguous(memory_format=torch.channels_last)
@@ -139,3 +140,14 @@ def test_a_saved_repair_checkpoints_in_a_fresh_process(tmp_path: Path, monkeypat
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "True"]
+
+
+def test_a_selective_checkpoints_policy_is_kept() -> None:
+    """A selective checkpoint (``context_fn``: a policy of ops to keep) runs with its policy in the
+    repaired model: it keeps what the model keeps for backward (the convolutions' outputs here)."""
+    _, model = _nets("sac_convs")
+    gm, log = nhwc_audit.repair(model, X)
+    assert log.notes and log.notes[0].startswith("1 torch.utils.checkpoint block kept")
+    assert "context_fn = checkpointed_1_context_fn" in gm.code
+    cl = X.contiguous(memory_format=torch.channels_last)
+    assert _saved(gm, cl) == _saved(model, X)
