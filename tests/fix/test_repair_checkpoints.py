@@ -70,6 +70,7 @@ def test_a_train_audits_repair_counts_the_recompute_and_keeps_the_checkpoints() 
     assert log.bytes_before - log.bytes_after >= recomputed > 0  # the rewrite inside saves every run of it
     assert log.notes[0].startswith("1 torch.utils.checkpoint block kept")
     assert repaired.to_dict()["repair"]["notes"] == list(log.notes)
+    assert "note: 1 torch.utils.checkpoint block kept" in repaired.to_html()
     assert repaired.repaired_module is not None
     assert "torch.utils.checkpoint.checkpoint" in repaired.repaired_module.code
 
