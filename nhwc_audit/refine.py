@@ -83,10 +83,13 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
             ran=captured.grad_run,
             data=captured.unconverted,
         )
-        found = find_findings(
-            captured.records, bandwidth=1.0, device=runner.device_type, autocast=bool(runner.autocast)
-        )
-        moving = {f.node for f in found if f.bytes}  # (before the NCHW baseline nets: never fewer)
+
+        def moving() -> set[str]:  # (before the NCHW baseline nets: never fewer)
+            found = find_findings(
+                captured.records, bandwidth=1.0, device=runner.device_type, autocast=bool(runner.autocast)
+            )
+            return {f.node for f in found if f.bytes}
+
         again, uncounted = recompute_counts(captured.gm, captured.inputs or [], moving)
     records = [
         dataclasses.replace(

@@ -25,6 +25,7 @@ __all__ = [
     "CHECKPOINT_OPTIONS_KEY",
     "FUNCTION_KEY",
     "GRAD_ON_KEY",
+    "reentrant",
     "NO_GRAD_KEY",
     "SOURCE_KEY",
     "NodeContext",
@@ -51,6 +52,12 @@ the checkpoints open around it, outermost first, each a number unique in its tra
 reentrant one, ``use_reentrant=True``). A training
 step's backward recomputes a checkpointed function's forward once per checkpoint around it; a
 graph records no checkpoint, and runs the nodes once."""
+
+
+def reentrant(checkpoint: int) -> bool:
+    """A checkpoint's number (:data:`CHECKPOINT_KEY`) is a reentrant one's (``use_reentrant=True``)."""
+    return checkpoint < 0
+
 
 CHECKPOINT_OPTIONS_KEY = "nhwc_audit_checkpoint_options"
 """Set with :data:`CHECKPOINT_KEY`: each checkpoint's arguments but its function's, by number (a

@@ -21,7 +21,7 @@ import torch.fx
 import torch.utils.checkpoint
 from torch import nn
 
-from .context import CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY
+from .context import CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY, reentrant
 
 __all__ = ["CHECKPOINTED", "ORIGIN_KEY", "Block", "outlined"]
 
@@ -105,7 +105,7 @@ def _outline(
         owner.add_module(name, block(torch.fx.GraphModule(holder, sub, "Checkpointed")))
         with graph.inserting_before(span[-1].next):  # (every input is before it: outside, or a get_attr inside)
             refs = [graph.get_attr(m) for m in modules]
-            asked: dict[str, torch.fx.node.Argument] = {"use_reentrant": k < 0 and variant}
+            asked: dict[str, torch.fx.node.Argument] = {"use_reentrant": reentrant(k) and variant}
             for opt, value in options.items():  # (a value no literal writes: an attribute of the owner)
                 if not isinstance(value, _LITERALS):
                     setattr(owner, f"{name}_{opt}", value)

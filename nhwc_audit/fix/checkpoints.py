@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch.fx
 
 from ..capture.blocks import checkpoint_count
-from ..capture.context import CHECKPOINT_KEY
+from ..capture.context import CHECKPOINT_KEY, reentrant
 from ..capture.outline import outlined
 
 __all__ = ["with_checkpoints"]
@@ -37,8 +37,8 @@ def with_checkpoints(
         why = ": it did not compute what the graph computes"
     blocks = f"{count} torch.utils.checkpoint block{'s' if count != 1 else ''}"
     if ok:
-        reentrant = any(k < 0 for n in gm.graph.nodes for k in n.meta.get(CHECKPOINT_KEY, ()))
-        how = "; the reentrant ones as non-reentrant, torch's recommended form" if reentrant else ""
+        any_reentrant = any(reentrant(k) for n in gm.graph.nodes for k in n.meta.get(CHECKPOINT_KEY, ()))
+        how = "; the reentrant ones as non-reentrant, torch's recommended form" if any_reentrant else ""
         return new, (
             f"{blocks} kept: each runs under torch.utils.checkpoint(use_reentrant=False) with the model's own "
             f"arguments (a selective checkpoint's policy){how}"

@@ -159,7 +159,7 @@ def with_backward(
     with state_kept(gm):
         flat = positional_inputs(gm.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
         ran = backward_layouts(gm, flat, breaks=frozenset(r.name for r in m.records if r.error))
-        again, _ = recompute_counts(gm, flat, {f.node for f in m.analysis.findings if f.bytes})
+        again, _ = recompute_counts(gm, flat, lambda: {f.node for f in m.analysis.findings if f.bytes})
     records = [
         dataclasses.replace(
             r,

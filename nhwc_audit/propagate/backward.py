@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..capture.context import node_contexts
 from ..layout import tensor_meta
+from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy, Layout, TensorMeta
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .backward_kernels import Call
@@ -188,9 +189,9 @@ def _obeys(grad: torch.Tensor, param: torch.Tensor) -> bool:
     """autograd's ``obeys_layout_contract``: a parameter's ``.grad`` takes the gradient as it is where
     its strides are the parameter's on every dim of size above 1 (the parameter dense), and copies
     it into the parameter's strides otherwise (``AccumulateGrad``, ``clone_obey_contract``)."""
-    if not param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):
-        if param.dim() != 5 or not param.is_contiguous(memory_format=torch.channels_last_3d):
-            return True  # (other strides: not a layout of the conversion's)
+    fmt = memory_format_for_rank(param.dim())
+    if not param.is_contiguous() and not (fmt is not None and param.is_contiguous(memory_format=fmt)):
+        return True  # (other strides: not a layout of the conversion's)
     return all(g == p or (n == 1 and g != 0) for n, g, p in zip(grad.shape, grad.stride(), param.stride(), strict=True))
 
 
@@ -207,6 +208,13 @@ def _accumulated(
     A gradient some other tensor holds too (:attr:`~.grad_hooks.Grads.handed`: the table's at batch 1 is
     the one the add's output got) is copied in NCHW as well, where the ``.grad`` cannot take it as it is:
     the NCHW model moves as much, and channels_last adds nothing."""
+    copied = [
+        (name, p, g)
+        for (name, p), g in zip(params, got, strict=True)
+        if g is not None and p.dim() in (4, 5) and not _obeys(g, p) and grads.handed.get(id(g)) is not g
+    ]
+    if not copied:  # (most often: the graph's walk below spared)
+        return []
     readers: dict[str, str] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.users:
@@ -214,15 +222,20 @@ def _accumulated(
         elif n.op == "call_module":
             for name, _ in gm.get_submodule(str(n.target)).named_parameters(prefix=str(n.target)):
                 readers.setdefault(name, n.name)
-    out = []
-    for (name, p), g in zip(params, got, strict=True):
-        if g is None or p.dim() not in (4, 5) or name not in readers or _obeys(g, p) or grads.handed.get(id(g)) is g:
-            continue
-        have, want = tensor_meta(g), tensor_meta(p)
-        nbytes = 2 * p.numel() * p.element_size()
-        copied = HiddenCopy(f"AccumulateGrad of {name}", have.layout, want.layout, tuple(p.shape), nbytes)
-        out.append((readers[name], copied))
-    return out
+    return [
+        (
+            readers[name],
+            HiddenCopy(
+                f"AccumulateGrad of {name}",
+                tensor_meta(g).layout,
+                tensor_meta(p).layout,
+                tuple(p.shape),
+                2 * p.numel() * p.element_size(),
+            ),
+        )
+        for name, p, g in copied
+        if name in readers
+    ]
 
 
 def param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:

@@ -14,14 +14,14 @@ import contextlib
 import functools
 import warnings
 from collections import Counter
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
-from ..capture.context import CHECKPOINT_KEY
+from ..capture.context import CHECKPOINT_KEY, reentrant
 from ..capture.outline import ORIGIN_KEY, outlined
 from ..errors import first_line
 from ..tensors import clone_value, iter_tensors, seeded
@@ -100,16 +100,17 @@ def state_kept(gm: torch.fx.GraphModule) -> Iterator[None]:
 
 
 def recompute_counts(
-    gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], moving: Container[str] | None = None
+    gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], moving: Callable[[], Container[str]] | None = None
 ) -> tuple[dict[str, int], str | None]:
     """Node name -> how many more times a training step runs it (nodes in no checkpoint: absent),
     and a note where the counting run failed (then every checkpointed node counts one run per
     checkpoint around it, as a reentrant checkpoint runs). ``moving``: the nodes whose forward
-    moves bytes (None: any may); where no checkpointed node is one of them, the counts change no
+    moves bytes, asked only of a graph with checkpoints (None: any may); where no checkpointed node is one of them, the counts change no
     figure and nothing runs (a timm ResNet's checkpointed stages: a second training step spared)."""
     marks = {n.name: n.meta[CHECKPOINT_KEY] for n in gm.graph.nodes if n.meta.get(CHECKPOINT_KEY)}
     static = {name: len(ids) for name, ids in marks.items()}
-    if not marks or (moving is not None and not any(name in moving for name in marks)):
+    busy = moving() if marks and moving is not None else None
+    if not marks or (busy is not None and not any(name in busy for name in marks)):
         return {}, None
     counts: Counter[str] = Counter()
     ran = _Ran()
@@ -130,5 +131,5 @@ def recompute_counts(
         why = f"backward: checkpointed blocks counted whole per checkpoint (the counting run failed: {first_line(e)})"
         return static, why
     return {
-        name: static[name] if any(k < 0 for k in ids) else max(0, counts[name] - 1) for name, ids in marks.items()
+        name: static[name] if any(map(reentrant, ids)) else max(0, counts[name] - 1) for name, ids in marks.items()
     }, None
