@@ -90,7 +90,7 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
             )
             return {f.node for f in found if f.bytes}
 
-        again, uncounted = recompute_counts(captured.gm, captured.inputs or [], moving)
+        again, uncounted = recompute_counts(captured.gm, captured.inputs or [], moving, breaks)
     records = [
         dataclasses.replace(
             r,

@@ -158,8 +158,9 @@ def with_backward(
     beyond that; one the repair made, whole. ``gm``'s buffers and attributes are restored."""
     with state_kept(gm):
         flat = positional_inputs(gm.graph, tree_map(clone_value, args), tree_map(clone_value, kwargs))
-        ran = backward_layouts(gm, flat, breaks=frozenset(r.name for r in m.records if r.error))
-        again, _ = recompute_counts(gm, flat, lambda: {f.node for f in m.analysis.findings if f.bytes})
+        breaks = frozenset(r.name for r in m.records if r.error)
+        ran = backward_layouts(gm, flat, breaks=breaks)
+        again, _ = recompute_counts(gm, flat, lambda: {f.node for f in m.analysis.findings if f.bytes}, breaks)
     records = [
         dataclasses.replace(
             r,

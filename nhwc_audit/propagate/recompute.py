@@ -20,11 +20,13 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..capture.context import CHECKPOINT_KEY, reentrant
 from ..capture.outline import ORIGIN_KEY, outlined
 from ..errors import first_line
-from ..tensors import clone_value, iter_tensors, seeded
+from ..tensors import clone_value, iter_tensors, seeded, to_nchw
+from .breaks import as_traced
 from .dispatch import RecordingMode
 from .runner import attributes_restored
 
@@ -56,32 +58,43 @@ def _aliases(func: Any) -> bool:
 
 
 class _Counting(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str], ran: _Ran) -> None:
+    """Runs each node as the audit's backward run does (:func:`~.breaks.as_traced`: forward's autocast
+    and no-grad blocks; a break on NCHW copies) and counts the runs of the captured graph's nodes."""
+
+    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str], ran: _Ran, breaks: frozenset[str]) -> None:
         super().__init__(gm)
         self.extra_traceback = False  # (torch's early stop is an exception it catches by type)
-        self.counts, self.ran = counts, ran
+        self.counts, self.ran, self.breaks = counts, ran, breaks
+
+    def _run_target(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return getattr(self, n.op)(n.target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op in ("placeholder", "output", "get_attr"):
             return super().run_node(n)
+        name = n.meta.get(ORIGIN_KEY, n.name)
         before = self.ran.returned
         try:
-            return super().run_node(n)
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                if name in self.breaks:  # raises on channels_last: run on NCHW, as the audit did
+                    args, kwargs = tree_map(to_nchw, args), tree_map(to_nchw, kwargs)
+                return as_traced(self._run_target, n, args, kwargs, grad=True)
         finally:
             if self.ran.returned > before:
-                self.counts[n.meta.get(ORIGIN_KEY, n.name)] += 1
+                self.counts[name] += 1
 
 
 class _Counted(nn.Module):
     """An outlined block, its nodes run one by one and counted."""
 
-    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str], ran: _Ran) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, counts: Counter[str], ran: _Ran, breaks: frozenset[str]) -> None:
         super().__init__()
         self.gm = gm
-        self.counts, self.ran = counts, ran
+        self.counts, self.ran, self.breaks = counts, ran, breaks
 
     def forward(self, *args: Any) -> Any:
-        return _Counting(self.gm, self.counts, self.ran).run(*args, enable_io_processing=False)
+        return _Counting(self.gm, self.counts, self.ran, self.breaks).run(*args, enable_io_processing=False)
 
 
 @contextlib.contextmanager
@@ -100,13 +113,17 @@ def state_kept(gm: torch.fx.GraphModule) -> Iterator[None]:
 
 
 def recompute_counts(
-    gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], moving: Callable[[], Container[str]] | None = None
+    gm: torch.fx.GraphModule,
+    flat_inputs: Sequence[Any],
+    moving: Callable[[], Container[str]] | None = None,
+    breaks: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, int], str | None]:
     """Node name -> how many more times a training step runs it (nodes in no checkpoint: absent),
     and a note where the counting run failed (then every checkpointed node counts one run per
     checkpoint around it, as a reentrant checkpoint runs). ``moving``: the nodes whose forward
     moves bytes, asked only of a graph with checkpoints (None: any may); where no checkpointed node is one of them, the counts change no
-    figure and nothing runs (a timm ResNet's checkpointed stages: a second training step spared)."""
+    figure and nothing runs (a timm ResNet's checkpointed stages: a second training step spared).
+    ``breaks``: the nodes that raise on channels_last, run on NCHW copies as the audit ran them."""
     marks = {n.name: n.meta[CHECKPOINT_KEY] for n in gm.graph.nodes if n.meta.get(CHECKPOINT_KEY)}
     static = {name: len(ids) for name, ids in marks.items()}
     busy = moving() if marks and moving is not None else None
@@ -117,9 +134,10 @@ def recompute_counts(
     try:
         with state_kept(gm), seeded(0, list(flat_inputs)), torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run = outlined(gm, lambda g: _Counted(g, counts, ran), variant=False)
+            run = outlined(gm, lambda g: _Counted(g, counts, ran, breaks), variant=False)
+            top = _Counting(run, counts, ran, breaks)
             with ran:
-                out = torch.fx.Interpreter(run).run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
+                out = top.run(*[clone_value(v) for v in flat_inputs], enable_io_processing=False)
             outs = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
             params = [p for p in run.parameters() if p.requires_grad]
             if outs and params:

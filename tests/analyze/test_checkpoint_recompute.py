@@ -151,3 +151,29 @@ def test_an_inference_audit_recomputes_nothing(how: str) -> None:
     base = nhwc_audit.audit(plain, X)
     assert [(f.node, f.bytes) for f in r.findings] == [(f.node, f.bytes) for f in base.findings]
     assert not any(f.recomputed for f in r.findings)
+
+
+class _BreaksAfter(Net):
+    """The plain net, then a ``view`` that raises on channels_last (a break, run on NCHW by the audit)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_the_recompute_is_counted_in_a_model_with_a_break(mode: str) -> None:
+    """The counting run runs each node as the audit does (a break on NCHW copies, forward's blocks):
+    it raised at the view, and every block was counted whole (a note said so)."""
+    plain, _ = _nets("plain")
+    broken = _BreaksAfter("plain").train()
+    broken.load_state_dict(plain.state_dict())
+    checked = Net("plain").train()
+    checked.load_state_dict(plain.state_dict())
+    r = nhwc_audit.audit(broken, X, train=True, mode=mode)
+    assert not [n for n in r.meta.capture_notes if "counting run failed" in n]
+    again = sorted((f.node, f.bytes) for f in r.findings if f.recomputed)
+    assert again == sorted(
+        (f.node, f.bytes) for f in nhwc_audit.audit(checked, X, train=True, mode=mode).findings if f.recomputed
+    )
+    assert again
