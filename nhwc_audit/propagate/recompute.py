@@ -22,7 +22,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..capture.context import CHECKPOINT_KEY, reentrant
+from ..capture.context import CHECKPOINT_KEY, NO_GRAD_KEY, reentrant
 from ..capture.outline import ORIGIN_KEY, outlined
 from ..errors import first_line
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
@@ -79,7 +79,9 @@ class _Counting(torch.fx.Interpreter):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 if name in self.breaks:  # raises on channels_last: run on NCHW, as the audit did
                     args, kwargs = tree_map(to_nchw, args), tree_map(to_nchw, kwargs)
-                return as_traced(self._run_target, n, args, kwargs, grad=True)
+                # (forward's no-grad blocks by hand: the retry of a refused write would swallow torch's early stop)
+                with torch.no_grad() if n.meta.get(NO_GRAD_KEY) else contextlib.nullcontext():
+                    return as_traced(self._run_target, n, args, kwargs, grad=False)
         finally:
             if self.ran.returned > before:
                 self.counts[name] += 1
