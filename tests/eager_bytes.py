@@ -225,6 +225,21 @@ def _copy_moves(name: str, src: Any, out: Any, aten: bool) -> int:
     return nbytes if aten and name == "contiguous" and not _laid_out(src) else 0
 
 
+def _broadcast_operands(func: Any, args: Any, kwargs: dict[str, Any], result: torch.Tensor) -> list[torch.Tensor]:
+    """The 2D/3D operands of a pointwise op (ATen's ``pointwise`` tag) writing a 4D/5D map, which
+    TensorIterator broadcasts against it from the right (a (C, H, W) table added to a map): each as
+    its view with the missing leading dims, which the kernel reads as it reads a (1, C, H, W) table."""
+    if torch.Tag.pointwise not in func.tags:
+        return []
+    out: list[torch.Tensor] = []
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor) and 2 <= t.dim() < 4:  # (a 4D one meets a 5D map as a new dim: :func:`_aligned`)
+            lead = result.dim() - t.dim()
+            if all(a in (b, 1) for a, b in zip(t.shape, result.shape[lead:], strict=True)):
+                out.append(t[(None,) * lead])
+    return out
+
+
 def _computing(func: Any) -> bool:
     """An ATen op that computes a new tensor: no copy, view, in-place op or allocation."""
     name = func.overloadpacket.__name__
@@ -472,7 +487,7 @@ class _Recorder(TorchDispatchMode):
             return out
         before = len(self.seen)
         weights = False
-        for t in ins:
+        for t in [*ins, *_broadcast_operands(func, args, kwargs, result)]:
             if _storage(t) == written:
                 continue  # the tensor written in place
             moved = _moved(t, result, tuple(args), kwargs, relaid=conv, name=name)

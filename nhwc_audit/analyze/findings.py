@@ -6,8 +6,8 @@ The rules (one place each):
 * latent     a view of an NCHW input that raises when that input is channels_last (propagation
              re-runs views of NCHW tensors on a channels_last copy): fixing the revert upstream
              exposes it, so it is grouped with that revert.
-* mixed      two full spatial inputs disagree (one channels_last, one NCHW): activations, or
-             a stored tensor (parameter, buffer, constant) read as data (:func:`.moves.data_inputs`).
+* mixed      two full spatial inputs disagree (one channels_last, one NCHW): activations, or a stored tensor
+             (parameter, buffer, constant) read as data (:func:`.moves.data_inputs`; a 2D/3D one broadcast: :mod:`.reads`).
 * revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the channels
              (an NHWC input and an NCHW output, a rank >= 4 view of one made contiguous), or of a
              stored table in the order the conversion gave it (:mod:`.tables`).
@@ -46,6 +46,7 @@ from .hints import HintTable, default_hints
 from .kernel_hints import backward_hint, inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, feeds_a_weight, leading_to, odd_order_from_map, origin_of
+from .reads import as_read
 from .reshapes import exits_spatial, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
 
@@ -84,10 +85,9 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
 
 
 def kernel_own(r: NodeRecord, stored: Layout = Layout.CHANNELS_LAST) -> list[HiddenCopy]:
-    """What its convolution's kernel copied of its own (``r.inside``) but of a weight not laid out as
-    the run lays out stored weights (``stored``: channels_last, or NCHW for the model as built): one
-    computed in forward, a tensor attribute, a constant the conversion leaves NCHW, whose re-lay the
-    rules charge (:func:`.moves.reorder_bytes`, a mixed op)."""
+    """What its convolution's kernel copied of its own (``r.inside``) but of a weight not laid out as the
+    run lays out stored weights (``stored``: channels_last, or NCHW as built): one computed in forward, a
+    tensor attribute, a constant the conversion leaves NCHW, whose re-lay the rules charge (a mixed op)."""
     ruled = {i.meta.shape for i in r.inputs[1:2] if not i.is_param or i.meta.layout is not stored}
     return [c for c in r.inside if c.shape not in ruled]
 
@@ -124,7 +124,7 @@ def _inside_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
 def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     if r.error is None and r.latent_error is None and not r.hidden and r.all_channels_last:
         return []  # nothing in another order, nothing copied inside: no rule below finds anything
-    r = moves.as_read(r)
+    raw, r = r, as_read(r)  # (a 2D/3D table a pointwise op broadcasts: read as its 4D/5D view)
     if r.error is not None:
         first = next((i.meta.layout for i in r.spatial_inputs), Layout.NOT_SPATIAL)
         return [make_finding(ctx, r, FindingKind.BREAK, layout_in=first, nbytes=0)]
@@ -161,10 +161,10 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
             return []  # it stays NHWC and reads no more across orders than NCHW does (x + x.mT)
         weight = computed_weight(r, nchw_in, ctx.by_name)
         stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
-        # op-specific mixed hints explain an NCHW first operand, else the generic one; the root cause:
-        # a weight computed in forward, else the stored tensor or the NCHW activation
-        generic = H.STORED_OPERAND if stored else None if out is Layout.CONTIGUOUS else ""
-        source = weight if weight is not None else (losers if stored else nchw_in)[0]
+        # op-specific mixed hints explain an NCHW first operand, else the generic one (a 2D/3D table: its own)
+        plain = None if out is Layout.CONTIGUOUS else ""  # (lifted by :func:`.reads.as_read`: a 2D/3D table)
+        generic = H.LOW_RANK_TABLE if losers[0] not in raw.inputs else H.STORED_OPERAND if stored else plain
+        source = weight if weight is not None else (losers if stored else nchw_in)[0]  # the root cause
         return [
             make_finding(
                 ctx,

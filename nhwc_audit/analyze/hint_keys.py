@@ -16,6 +16,7 @@ __all__ = [
     "ND_TRANSPOSE",
     "ONE_CHANNEL",
     "STACK_REDUCE",
+    "LOW_RANK_TABLE",
     "STORED_OPERAND",
     "STORED_TABLE",
     "VIEW_COPY",
@@ -48,6 +49,10 @@ COMPUTED_WEIGHT = "@computed-weight"
 
 STORED_OPERAND = "@stored-operand"
 """Key of the mixed hint for a parameter, buffer or tensor constant re-laid to meet an activation."""
+
+LOW_RANK_TABLE = "@low-rank-table"
+"""Key of the mixed hint for a 2D/3D tensor a pointwise op broadcasts onto a map (a stored one the
+conversion leaves row-major: it re-lays 4D/5D tensors only)."""
 
 WEIGHT_RESHAPE = "@weight-reshape"
 """Key of the revert hint for a weight reshaped in forward (a copy out of NHWC every call)."""

@@ -16,6 +16,7 @@ from .hint_keys import (
     COMPUTED_WEIGHT,
     HEAD_FOLD,
     HIDDEN,
+    LOW_RANK_TABLE,
     ND_TRANSPOSE,
     ONE_CHANNEL,
     STACK_REDUCE,
@@ -249,6 +250,18 @@ def default_hints() -> HintTable:
         "but no plain attribute or tensor made in forward; give it the activation's layout (register "
         "it as a buffer made once in __init__, .contiguous() it after converting, or store it 3D and "
         "reshape in forward; make a tensor in forward like the activation: torch.ones_like(x))",
+    )
+    _register(
+        t,
+        FindingKind.MIXED,
+        (LOW_RANK_TABLE,),
+        "{op} broadcasts a tensor of fewer dims than the map ({origin}; a (C, H, W) table, say) onto "
+        "a channels_last map and reads it across layouts on every call, element by element in another "
+        "order: model.to(memory_format=torch.channels_last) re-lays 4D and 5D tensors only, so such a "
+        "table stays row-major; store it with its leading dims of size 1 ((1, C, H, W), which the "
+        "conversion re-lays with the model's weights), or permute it once to the map's order after "
+        "converting (p.permute(1, 2, 0).contiguous().permute(2, 0, 1)); make a tensor made in forward "
+        "like the activation (torch.ones_like(x))",
     )
     _register(
         t,

@@ -4,8 +4,6 @@ the node records."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..channels import (
     broadcast_across,
     casts_first,
@@ -30,7 +28,6 @@ from ..records.kinds import in_place_name
 from .origin import SKIP_OPS, channels_last_ordered, dense, from_parameters_only, split_channels
 
 __all__ = [
-    "as_read",
     "allocates",
     "aten_op",
     "baselined",
@@ -169,18 +166,6 @@ def data_inputs(r: NodeRecord, stored: frozenset[str] | None = frozenset()) -> t
     if not outs:
         return r.inputs
     return tuple(i for i in r.inputs if _elementwise(i.meta.shape, outs[0].shape))
-
-
-_DTYPE_FROM = frozenset({"type_as", "to"})
-
-
-def as_read(r: NodeRecord) -> NodeRecord:
-    """``r`` with the tensors it reads: a cast's tensor argument after the first lends only its dtype
-    (and device), ``x.type_as(y)``, ``x.to(y)``; read, ``y``'s layout made a cast of an NCHW map a
-    mixed op or a revert under autocast (16,384 B where eager moves none)."""
-    if len(r.inputs) < 2 or r.op_name.lower() not in _DTYPE_FROM:
-        return r
-    return dataclasses.replace(r, inputs=r.inputs[:1])
 
 
 def _elementwise(s: tuple[int, ...], out: tuple[int, ...]) -> bool:
