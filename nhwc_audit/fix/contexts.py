@@ -26,7 +26,7 @@ from ..capture.blocks import custom_functions
 from ..capture.context import AUTOCAST_KEY, NO_GRAD_KEY
 from ..errors import ConversionError
 
-__all__ = ["keep_blocks", "keep_buffers", "keeps_state"]
+__all__ = ["keep_blocks", "keep_state", "keeps_state"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -156,16 +156,19 @@ def _runs(
     return runs
 
 
-def keep_buffers(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
-    """Register on ``gm`` each buffer of ``model`` (the converted model it was made from) that its
-    graph does not read, under the model's name for it: a GraphModule holds only what its graph
-    reads, so a counter forward updates in Python (timm's ``BatchNormAct2d.num_batches_tracked``,
-    which fx runs once while tracing) left the repaired ``state_dict`` without the model's keys, and
-    a strict ``load_state_dict`` of the model's weights raised."""
-    have = {name for name, _ in gm.named_buffers()}
-    for name, buffer in model.named_buffers():
-        if name in have:
-            continue
+def keep_state(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """Register on ``gm`` each tensor of ``model``'s ``state_dict`` (the converted model it was made
+    from) that its own lacks, under the model's name for it, as the parameter or buffer it is (the
+    same tensor): a GraphModule holds only what its graph reads, under one name each, so the
+    repaired ``state_dict`` lacked the model's keys and a strict ``load_state_dict`` of the model's
+    weights raised. Such are a counter forward updates in Python (timm's
+    ``BatchNormAct2d.num_batches_tracked``, which fx runs once while tracing), a module forward
+    never calls (an EfficientNet encoder's unused head in segmentation_models_pytorch) and a module
+    held under two names (MONAI DynUNet's ``skip_layers``). Optimizers see each parameter once."""
+    have = gm.state_dict(keep_vars=True).keys()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in have or not isinstance(t, torch.Tensor):
+            continue  # (a module's get_extra_state is no tensor)
         path, _, leaf = name.rpartition(".")
         owner: torch.nn.Module = gm
         for part in path.split(".") if path else ():
@@ -176,5 +179,9 @@ def keep_buffers(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
                 break
             owner = nxt
         else:
-            if not hasattr(owner, leaf):
-                owner.register_buffer(leaf, buffer)
+            if hasattr(owner, leaf):
+                continue
+            if isinstance(t, torch.nn.Parameter):
+                owner.register_parameter(leaf, t)
+            else:
+                owner.register_buffer(leaf, t)

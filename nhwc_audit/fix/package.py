@@ -144,17 +144,22 @@ def _modes_kept(gm: nn.Module) -> str:
     every parameter and buffer its memory format: ``to_folder`` builds the modules it writes out
     anew, in training mode, and unpickles the others as they were (BatchNorm would run on batch
     statistics in a model audited in eval); loading a state dict copies into NCHW tensors (the
-    package ran the repaired graph NCHW)."""
+    package ran the repaired graph NCHW); a tensor held under two names is made one tensor again."""
     mode = gm.training
     other = [name for name, m in gm.named_modules() if m.training != mode]
     formats: dict[str, str] = {}
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}  # a tensor held under two names (fix.contexts.keep_state): to_folder copies it
     for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if first.setdefault(id(t), name) != name:
+            tied[name] = first[id(t)]
         fmt = memory_format_for_rank(t.dim())
         if fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
             formats[name] = str(fmt).removeprefix("torch.")
     return (
         "\n\n_MODE, _OTHER_MODE = " + repr((mode, tuple(other))) + "  # the modes the model was repaired in\n"
         "_FORMATS = " + repr(formats) + "  # the memory formats of its weights\n"
+        "_TIED = " + repr(tied) + "  # a name of a tensor the model holds under another (one tensor)\n"
         "_built = Repaired.__init__\n\n\n"
         "def _init(self):\n"
         "    _built(self)\n"
@@ -165,6 +170,12 @@ def _modes_kept(gm: nn.Module) -> str:
         "    held = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]\n"
         "    for name, t in held:\n"
         "        if name in _FORMATS:\n"
-        "            t.data = t.data.contiguous(memory_format=getattr(torch, _FORMATS[name]))\n\n\n"
+        "            t.data = t.data.contiguous(memory_format=getattr(torch, _FORMATS[name]))\n"
+        "    for name, other in _TIED.items():\n"
+        "        path, _, leaf = name.rpartition('.')\n"
+        "        held, _, key = other.rpartition('.')\n"
+        "        source, owner = self.get_submodule(held), self.get_submodule(path)\n"
+        "        table = '_parameters' if key in source._parameters else '_buffers'\n"
+        "        getattr(owner, table)[leaf] = getattr(source, table)[key]\n\n\n"
         "Repaired.__init__ = _init\n"
     )

@@ -25,7 +25,7 @@ from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
 from . import results as res
 from .checkpoints import with_checkpoints
-from .contexts import keep_blocks, keep_buffers, keeps_state
+from .contexts import keep_blocks, keep_state, keeps_state
 from .deviation import Exactness, deviations
 from .equivalence import first_change, state_drift
 from .follows import exposed_pair
@@ -292,7 +292,7 @@ def repair_model(
         return res.within(got, flat, res.ROUNDING, res.ELEMENTS)
 
     gm, checkpoints = with_checkpoints(gm, same)
-    keep_buffers(gm, converted)  # (the graph's and the log's figures are made: state only)
+    keep_state(gm, converted)  # (the graph's and the log's figures are made: state only)
     log = RepairLog(
         steps=tuple(steps),
         bytes_before=before_bytes,

@@ -403,3 +403,85 @@ def test_a_repaired_model_keeps_the_buffers_its_graph_does_not_read(checkpointed
     gm, _ = nhwc_audit.repair(model, torch.randn(2, 3, 16, 16))
     assert gm.state_dict().keys() == model.state_dict().keys()
     gm.load_state_dict(model.state_dict())
+
+
+def test_a_repaired_model_keeps_the_modules_its_graph_does_not_call_and_every_name_of_a_shared_one() -> None:
+    """A helper's sweep of repaired models in training use: a strict ``load_state_dict`` of the
+    model's own weights raised where fx drops what forward never calls (segmentation_models_pytorch's
+    EfficientNet encoder's unused head, an unused scSE attention) or keeps a module held under two
+    names once (MONAI DynUNet's ``skip_layers``). The repaired model now has the model's keys, the
+    same tensors, and an optimizer sees each parameter once; a non-persistent buffer stays out."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.skip = self.c  # the same module under a second name
+            self.head = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))  # never called
+            self.scale = nn.Parameter(torch.ones(3))  # never read
+            self.register_buffer("cache", torch.zeros(2), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c(x).contiguous()  # (a revert the repair removes)
+            return self.d(y)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    gm, log = nhwc_audit.repair(model, x)
+    assert log.steps
+    assert sorted(gm.state_dict()) == sorted(model.state_dict())
+    gm.load_state_dict(model.state_dict())  # strict
+    assert len(list(gm.parameters())) == len(list(model.parameters()))
+    assert gm.get_parameter("skip.weight") is gm.get_parameter("c.weight")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.contiguous(memory_format=torch.channels_last)), model(x))
+
+
+_SHARED_FILE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.skip = self.c
+        self.head = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.d(self.c(x).contiguous())
+
+
+def build():
+    torch.manual_seed(0)
+    return Net().eval(), (torch.randn(2, 3, 16, 16),)
+"""
+
+
+def test_a_saved_repair_holds_a_shared_module_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``to_folder`` pickles each submodule apart: the name a module is held under twice came back
+    as a copy of its weights, which training leaves stale and which a ``load_state_dict`` into the
+    model then writes over the trained ones. The saved package ties it to the other name again."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sharednet.py").write_text(_SHARED_FILE)
+    assert main(["sharednet.py:build", "--apply", "--save-repaired", "saved", "--no-report", "--quiet"]) == 0
+    check = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from saved import Repaired\n"
+        "import sharednet\n"
+        "model, (x,) = sharednet.build()\n"
+        "rep = Repaired()\n"
+        "rep.load_state_dict(model.state_dict())\n"
+        "assert rep.get_parameter('skip.weight') is rep.get_parameter('c.weight')\n"
+        "assert len(list(rep.parameters())) == len(list(model.parameters()))\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(rep(x.contiguous(memory_format=torch.channels_last)), model(x))\n"
+        "print('ok')\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ok"]
