@@ -111,3 +111,16 @@ def profiled_copies_added(model: Any, x: Any) -> int:
     fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
     cl = copy.deepcopy(model).to(memory_format=fmt)
     return copied(cl, x.to(memory_format=fmt)) - copied(model, x)
+
+
+def printed_elsewhere(tmp_path: Any, code: str) -> list[str]:
+    """What ``code`` prints, run by this Python in a fresh process from a folder of its own under
+    ``tmp_path`` (a saved package loaded as a user loads it: nhwc_audit's tests not importable)."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()

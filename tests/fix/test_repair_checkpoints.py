@@ -6,8 +6,6 @@ it, independently of the repair."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from torch import nn
 import nhwc_audit
 from nhwc_audit.cli import main
 from tests.analyze.test_checkpoint_recompute import X, _nets
+from tests.support import printed_elsewhere
 
 
 def _saved(model: nn.Module, x: torch.Tensor) -> int:
@@ -136,11 +135,7 @@ def test_a_saved_repair_checkpoints_in_a_fresh_process(tmp_path: Path, monkeypat
         "torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)\n"
         "print(a == b, a < c)\n"
     )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["True", "True"]
+    assert printed_elsewhere(tmp_path, check) == ["True", "True"]
 
 
 def test_a_selective_checkpoints_policy_is_kept() -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 import nhwc_audit
 from nhwc_audit.cli import main
+from tests.support import printed_elsewhere
 
 
 class NoGradScale(nn.Module):
@@ -137,11 +138,7 @@ def test_a_saved_repair_imports_what_its_graph_calls_by_name(
         "torch.testing.assert_close(got.mask, want.mask, rtol=1e-4, atol=1e-5)\n"
         "print(type(got).__name__)\n"
     )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["Out"]
+    assert printed_elsewhere(tmp_path, check) == ["Out"]
 
 
 def test_a_save_that_writes_nothing_exits_2(
@@ -480,8 +477,4 @@ def test_a_saved_repair_holds_a_shared_module_once(tmp_path: Path, monkeypatch: 
         "    torch.testing.assert_close(rep(x.contiguous(memory_format=torch.channels_last)), model(x))\n"
         "print('ok')\n"
     )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=elsewhere, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["ok"]
+    assert printed_elsewhere(tmp_path, check) == ["ok"]
