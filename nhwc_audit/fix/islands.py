@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ..capture.proxies import node_writes
+from ..propagate.fresh_args import FreshArgs
 from ..propagate.inputs import positional_inputs
 from ..tensors import in_a_dense_format
 from .results import CONVERSION, ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
@@ -102,7 +103,7 @@ def _distance(got: torch.Tensor, exact: torch.Tensor) -> float:
     return float(torch.where(finite, diff, zero).norm()) / max(float(torch.where(finite, a, zero).norm()), 1e-30)
 
 
-class _Float64Islands(torch.fx.Interpreter):
+class _Float64Islands(FreshArgs):
     def __init__(self, gm: torch.fx.GraphModule, names: frozenset[str]) -> None:
         super().__init__(gm)
         self._names = names

@@ -30,6 +30,7 @@ from .backward_kernels import Call
 from .breaks import as_traced, to_channels_last
 from .corrections import Corrections
 from .fake_views import VIEWS, view_node, view_strides
+from .fresh_args import FreshArgs
 from .grad_hooks import EagerGrad, Grads, Moved, hook_gradients, hook_nodes
 
 __all__ = ["Backward", "GradRun", "backward_layouts", "param_grad_notes"]
@@ -67,7 +68,7 @@ def _eager_input(v: Any) -> Any:
     return v
 
 
-class _GradProp(torch.fx.Interpreter):
+class _GradProp(FreshArgs):
     def __init__(
         self,
         gm: torch.fx.GraphModule,

@@ -1,8 +1,6 @@
-"""Propagate stage: run the channels_last sample through the captured graph and record,
-per node, the layouts, shapes, strides, dtypes and bytes of what it reads and writes.
-
-It records; it never judges (that is :mod:`nhwc_audit.analyze.findings`).
-"""
+"""Propagate stage: run the channels_last sample through the captured graph and record, per node, the
+layouts, shapes, strides, dtypes and bytes of what it reads and writes. It records; it never judges (that
+is :mod:`nhwc_audit.analyze.findings`)."""
 
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from .breaks import as_traced, latent_error, retry_nchw
 from .conv_kernels import CONV_MODULES, call_key, known
 from .corrections import Corrections
 from .dispatch import CopyRecorder, inner_copies, is_alias_of
+from .fresh_args import fresh, holds_containers
 from .grad_hooks import Grads, hook_gradients
 from .inputs import PerNode, operands, own_weights, positional_inputs, sorted_users, versions_of, written
 from .runner import autograd
@@ -85,6 +84,7 @@ class LayoutProp(torch.fx.Interpreter):
         self._leaf_weights = PerNode(functools.partial(own_weights, callee=self._callee))  # static during the run
         self._blind_functions = {n for n in self._nodes if n.op == "call_function" and maybe_blind(n.target)}
         self._convs = {n for n, m in self._callee.items() if isinstance(m, CONV_MODULES)}
+        self._containers = {n for n in self._nodes if holds_containers(n)}
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
@@ -104,7 +104,7 @@ class LayoutProp(torch.fx.Interpreter):
         return as_traced(self._run_target, n, args, kwargs, grad=self._retry_without_grad)
 
     def _run_target(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        op = n.op
+        op, (args, kwargs) = n.op, (fresh(args), fresh(kwargs)) if n in self._containers else (args, kwargs)
         if op == "call_module":
             return self._callee[n](*args, **kwargs)  # looked up once per graph, not per call
         if op == "call_function":
@@ -294,14 +294,14 @@ def propagate(
     grad: bool = False,
     grads: Grads | None = None,
 ) -> tuple[list[NodeRecord], Any]:
-    """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already channels_last)
-    sample under ``no_grad``; return one record per node, in graph order, and the graph's output.
-    The caller owns copying the model and the sample. ``flat_inputs``: the graph takes the pytree
-    leaves of (args, kwargs), as torch.export graphs do. ``shared``: storages of the user's weights
-    the graph reads in place; a write to one raises :class:`SharedWeightWrite` before it happens.
-    ``skeleton`` collects what the replay check needs (:mod:`.replay`). ``corrections`` (fake runs)
-    makes known meta-kernel errors follow eager (:mod:`.corrections`). ``grad``: run with autograd,
-    as training does; ``grads``: each node's output hooked for its gradients (:mod:`.backward`)."""
+    """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already channels_last) sample under
+    ``no_grad``; return one record per node, in graph order, and the graph's output. The caller owns copying the
+    model and the sample. ``flat_inputs``: the graph takes the pytree leaves of (args, kwargs), as torch.export
+    graphs do. ``shared``: storages of the user's weights the graph reads in place; a write to one raises
+    :class:`SharedWeightWrite` before it happens. ``skeleton`` collects what the replay check needs
+    (:mod:`.replay`). ``corrections`` (fake runs) makes known meta-kernel errors follow eager
+    (:mod:`.corrections`). ``grad``: run with autograd, as training does; ``grads``: each node's output hooked
+    for its gradients (:mod:`.backward`)."""
     interp = LayoutProp(
         gm,
         graph=graph,

@@ -28,6 +28,7 @@ from ..errors import first_line
 from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .breaks import as_traced
 from .dispatch import RecordingMode
+from .fresh_args import FreshArgs
 from .runner import attributes_restored
 
 __all__ = ["recompute_counts", "state_kept"]
@@ -57,7 +58,7 @@ def _aliases(func: Any) -> bool:
     return any(r.alias_info is not None for r in func._schema.returns)
 
 
-class _Counting(torch.fx.Interpreter):
+class _Counting(FreshArgs):
     """Runs each node as the audit's backward run does (:func:`~.breaks.as_traced`: forward's autocast
     and no-grad blocks; a break on NCHW copies) and counts the runs of the captured graph's nodes."""
 

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import first_line
 from ..prepare.copy import convert, prepare_inputs
+from ..propagate.fresh_args import FreshArgs
 from ..propagate.runner import quiet
 from ..tensors import iter_tensors
 
@@ -24,7 +25,7 @@ _COPY_EVENTS = frozenset({"aten::copy_", "aten::_copy_from", "aten::_copy_from_a
 _RANGE = "nhwc-audit:"
 
 
-class _Ranged(torch.fx.Interpreter):
+class _Ranged(FreshArgs):
     """Runs each node inside a profiler range named after it."""
 
     def run_node(self, n: torch.fx.Node) -> Any:
