@@ -201,14 +201,14 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     if not (reverted and sources) and (relaid := moves.relaid_views(r, ctx.by_name)):
         reverted, sources = [r.outputs[0]], relaid  # its format flags say nothing (C == 1 views)
     if reverted and sources and r.op_name.lower() not in GEMM_OPS:  # a GEMM computes its output's layout
-        # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into
-        # NCHW: where the network leaves channels_last (the region starts here), no copy is made;
-        # the conversions downstream carry the cost
+        # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into NCHW: where the
+        # network leaves channels_last (the region starts here), no copy is made; the conversions downstream pay
         exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
         nbytes = 0 if exit_only else revert_bytes(r, sources, reverted, ctx.cast)
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
-        odd = H.STACK_REDUCE if sources[0].meta.rank > reverted[0].rank else H.ND_TRANSPOSE
+        src, to = sources[0].meta, reverted[0]  # a stack reduced has fewer elements; a 6D window reshaped, as many
+        odd = H.STACK_REDUCE if src.rank > to.rank and src.numel > to.numel else H.ND_TRANSPOSE
         if all(i.is_param or from_restrided_table(i, ctx.by_name) for i in sources):  # the conversion restrided it
             standard, odd = False, H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE
         return [

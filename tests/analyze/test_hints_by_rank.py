@@ -89,3 +89,41 @@ def test_a_one_channel_convs_conversion_says_its_weight_decides_and_the_advice_h
     assert relaid  # the head re-lays its input ...
     converted.head.weight.data = converted.head.weight.data.to(memory_format=torch.contiguous_format)
     assert not [t for t in transposes(converted, (cl,)) if t.op == "convolution" and t.shape[1] == 1]  # ... not after
+
+
+class _WindowDepartition(nn.Module):
+    """torchvision maxvit_t's window departition (maxvit.py:279): a 6D permute of windows reshaped
+    back to (B, C, H, W), copied row-major; or the same copy in (B, H, W, C) order, then a free
+    permute (what the hint advises)."""
+
+    def __init__(self, nhwc_order: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.nhwc_order = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1), nhwc_order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, p = self.a(x), 4
+        b, c, h, w = y.shape
+        t = y.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p, c)  # partition
+        t = t.reshape(b, h // p, w // p, p, p, c)
+        if self.nhwc_order:
+            return self.b(t.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c).permute(0, 3, 1, 2))
+        return self.b(t.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w))
+
+
+def test_a_window_reshaped_back_into_a_map_gets_the_nhwc_order_hint_not_the_stack_one() -> None:
+    """maxvit_t's first 'What to change' line told the user to add a stack of maps instead of summing
+    it: the hint for a revert from a higher rank assumed a reduction. A reshape keeps every element;
+    doing it in (N, H, W, C) order (the hint's advice) gives the same values and moves nothing."""
+    from tests.eager_bytes import eager_bytes
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    model, advised = _WindowDepartition(False).eval(), _WindowDepartition(True).eval()
+    advised.load_state_dict(model.state_dict())
+    report = audit(model, x, bandwidth=1e9)
+    (revert,) = [f for f in report.findings if f.kind.value == "revert"]
+    assert "(N, H, W, C) order" in revert.hint and "stack" not in revert.hint, revert.hint
+    assert report.summary.bytes_moved == eager_bytes(model, (x,)).added > 0
+    with torch.no_grad():
+        torch.testing.assert_close(advised(x), model(x))
+    assert audit(advised, x, bandwidth=1e9).summary.bytes_moved == eager_bytes(advised, (x,)).added == 0
