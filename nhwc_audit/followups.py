@@ -19,6 +19,7 @@ from .fix.repair import repair_model
 from .prepare.copy import own_dtype_name
 from .records import NodeRecord, Summary
 from .report.text import fmt_seconds, untimed_lines
+from .timing.threads import threads_set
 
 if TYPE_CHECKING:
     from .result import AuditReport
@@ -75,19 +76,20 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
         if report.meta.backward
         else None
     )
-    gm, log = repair_model(
-        model,
-        args,
-        kwargs,
-        bandwidth=report.meta.bandwidth,
-        graph=graph,
-        graph_checked=_checked(report),
-        constants=constants,
-        baseline=baseline,
-        backward=backward,
-        traced_writes=report.capture.traced_writes if report.capture is not None else None,
-        **options,
-    )
+    with threads_set(report.meta.threads):  # kernels choose by it: the repair runs as the audit ran
+        gm, log = repair_model(
+            model,
+            args,
+            kwargs,
+            bandwidth=report.meta.bandwidth,
+            graph=graph,
+            graph_checked=_checked(report),
+            constants=constants,
+            baseline=baseline,
+            backward=backward,
+            traced_writes=report.capture.traced_writes if report.capture is not None else None,
+            **options,
+        )
     repaired = dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)
     if not log.changed:
         return repaired  # the model as audited: its verdict stands
@@ -108,17 +110,18 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
     # copy times of the nodes that change layout (a pad in an NCHW region copies too), when the
     # profiled graph is the audit's own (else its node names are not the findings')
     moving = frozenset(f.node for f in report.findings if f.bytes > 0) if graph is not None else None
-    m = measure(
-        model,
-        args,
-        kwargs,
-        repaired=report.repaired_module,
-        train=train,
-        rounds=rounds,
-        graph=graph,
-        constants=constants,
-        nodes=moving,
-    )
+    with threads_set(report.meta.threads):  # timed as audited (--threads)
+        m = measure(
+            model,
+            args,
+            kwargs,
+            repaired=report.repaired_module,
+            train=train,
+            rounds=rounds,
+            graph=graph,
+            constants=constants,
+            nodes=moving,
+        )
     naive, repaired = m.speedup("channels_last"), m.speedup("repaired")
     speeds = [s for s in (naive, repaired) if s is not None]
     lines = [

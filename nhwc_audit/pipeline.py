@@ -41,6 +41,7 @@ from .result import AuditReport
 from .tensors import iter_tensors
 from .timing.bandwidth import measure_transpose_bandwidth
 from .timing.memory import peak_rss
+from .timing.threads import threads_set
 
 __all__ = ["ASSUMED_BANDWIDTH", "AuditOptions", "run_audit"]
 
@@ -265,14 +266,8 @@ def _audit_one(
 
 def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
     """Audit ``module`` on the sample ``(args, kwargs)`` as the options say."""
-    before = torch.get_num_threads()
-    if o.threads is not None:
-        torch.set_num_threads(o.threads)
-    try:
-        with collector_paused():
-            return _run(module, args, kwargs, o)
-    finally:
-        torch.set_num_threads(before)
+    with threads_set(o.threads), collector_paused():
+        return _run(module, args, kwargs, o)
 
 
 def _run(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
