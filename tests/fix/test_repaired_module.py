@@ -473,8 +473,44 @@ def test_a_saved_repair_holds_a_shared_module_once(tmp_path: Path, monkeypatch: 
         "rep.load_state_dict(model.state_dict())\n"
         "assert rep.get_parameter('skip.weight') is rep.get_parameter('c.weight')\n"
         "assert len(list(rep.parameters())) == len(list(model.parameters()))\n"
+        "assert list(rep.state_dict()) == list(model.state_dict())  # (an optimizer's state fits: the same order)\n"
         "with torch.no_grad():\n"
         "    torch.testing.assert_close(rep(x.contiguous(memory_format=torch.channels_last)), model(x))\n"
         "print('ok')\n"
     )
     assert printed_elsewhere(tmp_path, check) == ["ok"]
+
+
+def test_a_repaired_model_lists_its_parameters_in_the_models_order() -> None:
+    """A GraphModule holds its parameters in the order its graph first reads them: an optimizer's
+    state (kept by position) saved while training the model, loaded to train the repaired one, raised at
+    ``step()`` (timm nf_resnet26: "output with shape [64] doesn't match the broadcast shape") or, where
+    shapes matched, moved each parameter by another's moments."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(8, 4, 1)  # registered first, called last
+            self.blocks = nn.ModuleDict(
+                {"second": nn.Conv2d(8, 8, 3, padding=1), "first": nn.Conv2d(3, 8, 3, padding=1)}
+            )
+            self.norm = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(self.blocks["first"](x)).contiguous()  # (a revert the repair removes)
+            return self.head(self.blocks["second"](y))
+
+    torch.manual_seed(0)
+    model, x = Net().train(), torch.randn(2, 3, 16, 16)
+    gm, log = nhwc_audit.repair(model, x)
+    assert log.steps
+    assert [n for n, _ in gm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(gm.state_dict()) == list(model.state_dict())
+    opt = torch.optim.Adam(model.parameters())
+    model(x).sum().backward()
+    opt.step()
+    resumed = torch.optim.Adam(gm.parameters())
+    resumed.load_state_dict(opt.state_dict())
+    for p, q in zip(gm.parameters(), model.parameters(), strict=True):
+        assert p.shape == q.shape
+        torch.testing.assert_close(resumed.state[p]["exp_avg"], opt.state[q]["exp_avg"])
