@@ -31,6 +31,7 @@ from .equivalence import first_change, state_drift
 from .follows import exposed_pair
 from .islands import rewritten_nodes
 from .measure import Measured, measure, with_backward
+from .modes import mode_note
 from .results import Deviation
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates, rewritable_copy
 from .trace_check import check_trace
@@ -305,6 +306,6 @@ def repair_model(
         deviation=mine,
         naive_deviation=naive_dev,
         exactness=exact,
-        notes=(checkpoints,) if checkpoints else (),
+        notes=tuple(n for n in (checkpoints, mode_note(model)) if n),
     )
     return gm, log
