@@ -266,3 +266,43 @@ def test_a_cast_like_another_tensor_reads_only_its_source(how: str, capture: str
         expected = eager_bytes(model, (x,)).added
     report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=True)  # type: ignore[arg-type]
     assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
+
+
+class _GridCat(nn.Module):
+    """A sampling grid made in forward under its own autocast block and joined to a map: torch.fx
+    computes the grid once while tracing, outside the block (a float32 constant where eager rounds
+    it in bfloat16), and the bfloat16 output differs from eager's by 0.0053 where its largest value
+    is 1.08: the capture's check took it for another computation and fell back to export, which
+    misses a gradient's copy at batch 1 (3,840 B of eager's 6,144)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(10, 8, 3, padding=1)
+        self.register_buffer("theta", torch.tensor([[[0.9, 0.1, 0.05], [-0.1, 0.8, 0.0]]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.c1(x)
+            g = F.affine_grid(self.theta.expand(self.n, 2, 3), [self.n, 8, 12, 10], align_corners=False)
+            return self.c2(torch.cat([y, g.permute(0, 3, 1, 2)], 1))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_half_precision_output_is_checked_at_its_own_rounding(n: int) -> None:
+    torch.manual_seed(0)
+    model, x = _GridCat(n).train(), torch.randn(n, 8, 12, 10)
+    report = audit(model, x, bandwidth=1e9, train=True)
+    assert report.meta.capture == "fx", report.meta.capture_notes
+    backward = sum(f.bytes for f in report.findings if f.kind.value == "backward")
+    assert backward == eager_backward_bytes(model, (x,)).added
+
+
+def test_half_precision_tolerance_scales_with_the_tensor_but_not_past_rounding() -> None:
+    from nhwc_audit.propagate.compare import tensor_difference
+
+    big = torch.tensor([1.0, 0.0], dtype=torch.bfloat16)
+    assert tensor_difference(torch.tensor([1.0, 0.0078], dtype=torch.bfloat16), big) is None  # an ulp of 1
+    assert tensor_difference(torch.tensor([1.0, 0.05], dtype=torch.bfloat16), big) is not None
+    assert tensor_difference(torch.tensor([1e-3], dtype=torch.bfloat16), torch.tensor([0.0], dtype=torch.bfloat16))
+    assert tensor_difference(torch.tensor([1.0, 1e-4]), torch.tensor([1.0, 0.0])) is not None  # float32 as before
