@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..channels import relay_bytes
-from ..layout import reorders, tensor_meta
+from ..layout import memory_order, reorders, tensor_meta
 from ..records import HiddenCopy, TensorMeta
 from ..tensors import iter_tensors, view_reorders
 from .autograd_nodes import metadata, permuted_view, saved_tensors
@@ -223,7 +223,7 @@ def _hook_node(node: Any, name: str, grads: Grads) -> None:
                     grads.reordering.add(kind)
             saved.clear()
         for g, (nxt, slot) in zip(grad_inputs, me.next_functions, strict=False):
-            if nxt is not None and isinstance(g, torch.Tensor) and g.dim() >= 4:
+            if nxt is not None and isinstance(g, torch.Tensor) and g.dim() >= 3:
                 grads.parts.setdefault((id(metadata(nxt)), slot), []).append((tensor_meta(g), name))
         return grad_inputs if replayed else None
 
@@ -280,9 +280,11 @@ def _relay(
 
 def _summed(parts: Sequence[tuple[TensorMeta, str]], total: TensorMeta, moved: Moved) -> None:
     """Charge each part of a gradient summed from several consumers that runs in another memory
-    order than the sum ``total`` to the node whose backward handed it on."""
+    order than the sum ``total`` to the node whose backward handed it on; of a map's, and of a 3D
+    view of one (tokens ``y.flatten(2)``, channel-minor where ``y`` is channels_last, read by two ops)."""
     for m, who in parts:
-        if reorders(m, total, positional=True):
+        held = memory_order(m, held=True) if m.rank == 3 == total.rank and m.shape == total.shape else ()
+        if reorders(m, total, positional=True) or list(held) != [d for d in memory_order(total) if d in held]:
             n = relay_bytes(m, total, conv=False)
             moved.setdefault(who, []).append(HiddenCopy("add", m.layout, total.layout, total.shape, n, computed=True))
 
