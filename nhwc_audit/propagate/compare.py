@@ -77,10 +77,7 @@ _TOLERANCES = {
     torch.complex64: (1.3e-6, 1e-5),
     torch.complex128: (1e-7, 1e-7),
 }
-"""(rtol, atol) by dtype: ``torch.testing.assert_close``'s documented defaults; exact elsewhere. For
-half precision (:data:`_HALF`) ``atol`` is at least ``rtol`` times the tensor's largest magnitude."""
-
-_HALF = frozenset({torch.float16, torch.bfloat16})
+"""(rtol, atol) by dtype: ``torch.testing.assert_close``'s documented defaults; exact elsewhere."""
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | None, atol: float | None) -> str | None:
@@ -94,10 +91,6 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | None, ato
         return f"on {actual.device} where {expected.device} is expected"
     if rtol is None or atol is None:
         rtol, atol = _TOLERANCES.get(expected.dtype, (0.0, 0.0))
-        if expected.dtype in _HALF and expected.numel():
-            # a sum rounded to 8 (11) bits: an element near zero is off by an ulp of its terms, not of itself
-            # (a graph constant made outside forward's autocast block, rounded otherwise: 0.0053 off, max 1.08)
-            atol = max(atol, rtol * float(expected.abs().max().nan_to_num(0.0, 0.0, 0.0)))
     close = torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
     if bool(close.all()):
         return None
