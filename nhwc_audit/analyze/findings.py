@@ -163,7 +163,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
         # op-specific mixed hints explain an NCHW first operand, else the generic one (a 2D/3D table: its own)
         plain = None if out is Layout.CONTIGUOUS else ""  # (lifted by :func:`.reads.as_read`: a 2D/3D table)
-        generic = H.LOW_RANK_TABLE if losers[0] not in raw.inputs else H.STORED_OPERAND if stored else plain
+        generic = (H.LOW_RANK_TABLE if losers[0] not in raw.inputs else H.STORED_OPERAND) if stored else plain
         source = weight if weight is not None else (losers if stored else nchw_in)[0]  # the root cause
         return [
             make_finding(
