@@ -29,8 +29,10 @@ def mode_note(model: nn.Module) -> str | None:
     mode = model.training
     seen: list[list[tuple[Any, ...]]] = []
     sources: list[list[str]] = []
-    for training in (mode, not mode):
-        copy = prepare_audit_copy(model).module.train(training)
+    for flipped in (False, True):  # as it is (a frozen norm's eval too), then all flipped, as .train() sets it
+        copy = prepare_audit_copy(model).module
+        if flipped:
+            copy.train(not mode)
         try:
             cap = trace(copy)
         except Exception:

@@ -62,3 +62,15 @@ def test_no_note_where_forward_traces_alike_in_both_modes() -> None:
     model.train()
     with torch.no_grad():
         torch.testing.assert_close(gm(x.contiguous(memory_format=torch.channels_last)), model(x))
+
+
+def test_a_module_the_model_keeps_in_eval_is_traced_as_it_is() -> None:
+    """A model in training with a frozen norm kept in eval (``self.norm.eval()``): the repair traces
+    the norm's eval path, and the note compared all-train with all-eval copies, naming the frozen
+    norm's line as a path the repaired graph fixed. Traced as the model is, only the dropout differs."""
+    torch.manual_seed(0)
+    model, x = _Net(functional=True).train(), torch.randn(2, 3, 16, 16)
+    model.norm.eval()
+    _, log = nhwc_audit.repair(model, x)
+    (note,) = [n for n in log.notes if "mode" in n]
+    assert "in train mode" in note and "test_repair_modes.py:36" in note, note  # the dropout's line, not the norm's
