@@ -169,7 +169,7 @@ def keep_state(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
     have = gm.state_dict(keep_vars=True).keys()
     for name, t in model.state_dict(keep_vars=True).items():
         if name in have or not isinstance(t, torch.Tensor):
-            continue  # (a module's get_extra_state is no tensor)
+            continue  # (a module's get_extra_state is no tensor: not carried where fx traced through it)
         path, _, leaf = name.rpartition(".")
         owner: torch.nn.Module = gm
         for part in path.split(".") if path else ():
