@@ -12,30 +12,30 @@ package (:class:`FreshArgs`, and the propagation's own loop) hands such a node f
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch.fx
-from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 __all__ = ["FreshArgs", "fresh", "holds_containers"]
 
 
 def fresh(value: Any) -> Any:
-    """``value`` with each list and dict in it (through lists, dicts and plain tuples) a new,
-    mutable one; anything else as it is."""
-    kind = type(value)
-    if kind is immutable_list or kind is list:
-        return [fresh(v) for v in value]
-    if kind is immutable_dict or kind is dict:
+    """``value`` with each list and dict in it (through lists, dicts and plain tuples) a new, plain,
+    mutable one (fx's immutable ones, an ``OrderedDict``); anything else as it is. Also how the replay
+    compares a graph's output with eager's (fx returns ``{...}`` where eager code returns an OrderedDict)."""
+    if isinstance(value, dict):
         return {k: fresh(v) for k, v in value.items()}
-    if kind is tuple:
+    if isinstance(value, list):
+        return [fresh(v) for v in value]
+    if type(value) is tuple:
         return tuple(fresh(v) for v in value)
     return value
 
 
 def holds_containers(n: torch.fx.Node) -> bool:
     """A list or a dict is among ``n``'s arguments (in its args, or as a keyword's value)."""
-    return _holds(n.args) or any(_holds(v) or isinstance(v, (list, dict)) for v in n.kwargs.values())
+    return _holds(n.args) or any(map(_holds, n.kwargs.values()))
 
 
 def _holds(value: Any) -> bool:
@@ -47,6 +47,14 @@ def _holds(value: Any) -> bool:
 class FreshArgs(torch.fx.Interpreter):
     """An ``fx.Interpreter`` that hands each node fresh lists and dicts, as generated code does."""
 
+    @functools.cached_property
+    def _containers(self) -> frozenset[torch.fx.Node]:
+        """The nodes with a list or a dict among their arguments: asked once per graph, not per run of a node."""
+        return frozenset(n for n in self.graph.nodes if holds_containers(n))
+
+    def fresh_args(self, n: torch.fx.Node, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """``n``'s ``args`` and ``kwargs`` with fresh lists and dicts where it has some."""
+        return (fresh(args), fresh(kwargs)) if n in self._containers else (args, kwargs)
+
     def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return (fresh(args), fresh(kwargs)) if holds_containers(n) else (args, kwargs)
+        return self.fresh_args(n, *super().fetch_args_kwargs_from_env(n))

@@ -26,7 +26,7 @@ from .breaks import as_traced, latent_error, retry_nchw
 from .conv_kernels import CONV_MODULES, call_key, known
 from .corrections import Corrections
 from .dispatch import CopyRecorder, inner_copies, is_alias_of
-from .fresh_args import fresh, holds_containers
+from .fresh_args import FreshArgs
 from .grad_hooks import Grads, hook_gradients
 from .inputs import PerNode, operands, own_weights, positional_inputs, sorted_users, versions_of, written
 from .runner import autograd
@@ -37,7 +37,7 @@ __all__ = ["LayoutProp", "ProgressFn", "propagate"]
 ProgressFn = Callable[[int, int], None]
 
 
-class LayoutProp(torch.fx.Interpreter):
+class LayoutProp(FreshArgs):
     """An Interpreter that records a :class:`NodeRecord` for every node it runs.
 
     A node that raises on channels_last input (a *break*, e.g. ``x.view(n, -1)``) is run again on
@@ -84,7 +84,6 @@ class LayoutProp(torch.fx.Interpreter):
         self._leaf_weights = PerNode(functools.partial(own_weights, callee=self._callee))  # static during the run
         self._blind_functions = {n for n in self._nodes if n.op == "call_function" and maybe_blind(n.target)}
         self._convs = {n for n, m in self._callee.items() if isinstance(m, CONV_MODULES)}
-        self._containers = {n for n in self._nodes if holds_containers(n)}
 
     def _inputs(self, n: torch.fx.Node) -> list[tuple[NodeInput, torch.Tensor]]:
         out: list[tuple[NodeInput, torch.Tensor]] = []
@@ -104,7 +103,7 @@ class LayoutProp(torch.fx.Interpreter):
         return as_traced(self._run_target, n, args, kwargs, grad=self._retry_without_grad)
 
     def _run_target(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        op, (args, kwargs) = n.op, (fresh(args), fresh(kwargs)) if n in self._containers else (args, kwargs)
+        op, (args, kwargs) = n.op, self.fresh_args(n, args, kwargs)
         if op == "call_module":
             return self._callee[n](*args, **kwargs)  # looked up once per graph, not per call
         if op == "call_function":

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from ..errors import first_line
+from .fresh_args import fresh
 from .replay_state import ReplayState
 from .replay_values import Differs
 from .skeleton import Skeleton, Unsupported, is_plain, rebuild, standin
@@ -53,17 +54,6 @@ _GLOBAL_HOOKS = (
     "_global_backward_pre_hooks",
 )
 """torch.nn's tables of hooks for every module (``register_module_forward_hook``)."""
-
-
-def _plain_containers(v: Any) -> Any:
-    """Mappings as plain dicts: fx returns ``{...}`` where eager code returns an OrderedDict."""
-    if isinstance(v, dict):
-        return {k: _plain_containers(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_plain_containers(x) for x in v]
-    if type(v) is tuple:
-        return tuple(_plain_containers(x) for x in v)
-    return v
 
 
 def _wrap_registry() -> list[tuple[dict[str, Any], str]]:
@@ -151,7 +141,7 @@ def replay(
             raise Differs(f"the graph calls {n.name} ({getattr(n.target, '__name__', n.target)}), eager does not")
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         try:
-            state.same(_plain_containers(output.args[0]), _plain_containers(out))
+            state.same(fresh(output.args[0]), fresh(out))
         except Differs as e:
             raise Differs("output" + "".join(f"[{k!r}]" for k in reversed(e.at)) + f": {e}") from None
     except (Differs, Unsupported) as e:
