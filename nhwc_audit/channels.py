@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import kernel_itemsize
 from .layout import (
     classify_strides,
     innermost_dim,
@@ -28,19 +29,15 @@ from .layout import (
     reorders,
     tensor_meta,
 )
-from .records import CONV_OPS, GEMM_OPS, HiddenCopy, Layout, NodeRecord, TensorMeta
+from .records import HiddenCopy, Layout, TensorMeta
 
 __all__ = [
     "COPY_OPS",
-    "CASTS",
-    "PROMOTES_FIRST",
     "broadcast_across",
-    "casts_first",
     "conv_layout",
     "conv_relays",
     "dense_strides",
     "format_order",
-    "kernel_itemsize",
     "channels_relaid",
     "hidden_copy",
     "kernel_copy",
@@ -197,46 +194,6 @@ def kernel_copy(func: Any, args: Any, out: Any) -> HiddenCopy | None:
     return HiddenCopy(
         "contiguous", sm.layout, dm.layout, dm.shape, 2 * min(sm.stored_nbytes, dm.nbytes), densified=True
     )
-
-
-CASTS = frozenset({"to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double", "copy_"})
-"""Ops (lower-cased names, as recorded) that are dtype casts themselves: one kernel reads the source in
-its dtype and writes the result in another."""
-
-
-def _floating(dtype: str) -> bool:
-    return dtype.startswith("float") or dtype == "bfloat16"
-
-
-PROMOTES_FIRST = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "index_copy"})
-"""Ops CPU autocast casts to the widest dtype of their inputs before the kernel runs (its ``promote``
-list; a cat of a bfloat16 and a float32 map re-lays a float32 cast). CUDA's autocast leaves a cat's
-inputs as they are (an H200, torch 2.11: no cast at the dispatch level; the cat reads each)."""
-
-
-def casts_first(r: NodeRecord, autocast: str | None) -> bool:
-    """Node ``r``, run under autocast on device type ``autocast`` (None: no autocast, and nothing is
-    cast first), computes in its output's dtype, its inputs of another cast to it first, keeping
-    their layout (a float32 map into a bfloat16 convolution; GroupNorm in float32 on CUDA,
-    ``avg_pool3d`` on the CPU); not a cast itself (:data:`CASTS`). Activations of mixed dtypes are
-    read each in its own as the op promotes (an add; CUDA's cat), but where the CPU's autocast
-    casts them first (:data:`PROMOTES_FIRST`); a convolution or GEMM casts all. Without an audit-wide
-    autocast, a convolution or GEMM that reads an activation of another floating dtype than it
-    writes ran in forward's own autocast block (an eager kernel computes in one dtype)."""
-    if not r.outputs or (op := r.op_name.lower()) in CASTS:
-        return False
-    acts = {i.meta.dtype for i in r.inputs if not i.is_param and _floating(i.meta.dtype)}
-    if autocast is None:
-        return op in CONV_OPS | GEMM_OPS and _floating(r.outputs[0].dtype) and bool(acts - {r.outputs[0].dtype})
-    if len(acts) > 1 and op not in CONV_OPS | GEMM_OPS:
-        return autocast == "cpu" and op in PROMOTES_FIRST
-    return True
-
-
-def kernel_itemsize(source: TensorMeta, out: TensorMeta, *, cast_first: bool) -> int:
-    """The item size the kernel reads ``source`` in: the output's where autocast cast it first
-    (:func:`casts_first`), between floating dtypes (a real map into a complex FFT is re-laid real)."""
-    return out.itemsize if cast_first and _floating(source.dtype) and _floating(out.dtype) else source.itemsize
 
 
 def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool, cast_first: bool = False) -> int:

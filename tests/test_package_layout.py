@@ -16,6 +16,7 @@ RANK = {
     "errors": 0,
     "layout": 1,
     "channels": 1,
+    "dtypes": 1,
     "tensors": 1,
     "capture": 2,
     "prepare": 2,

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..channels import casts_first, conv_layout, relay_bytes
+from ..channels import conv_layout, relay_bytes
+from ..dtypes import casts_first
 from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, HiddenCopy, Layout, NodeRecord
 from . import hint_keys as H
@@ -222,10 +223,9 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=None if standard else odd,
             )
         ]
-    # each NCHW input re-laid whole (what it stores, where broadcast), in the dtype the kernel reads it
-    # (none where the NCHW model re-lays as much: a conv of a transposed map); an output only where it casts first
+    # each NCHW input re-laid whole (as stored), in the dtype the kernel reads it (none where NCHW re-lays as much)
     cast_first = casts_first(r, ctx.cast)
-    nbytes = sum(relay_bytes(i.meta, (r.outputs or (i.meta,))[0], conv=True, cast_first=cast_first) for i in nchw_in)
+    nbytes = sum(relay_bytes(i.meta, (r.outputs or [i.meta])[0], conv=True, cast_first=cast_first) for i in nchw_in)
     # what a conv inside re-laid instead: the padded map of a circular or reflect padding_mode, not its input
     nbytes = max(nbytes, sum(h.bytes for h in r.hidden if h.computed and h.layout_out is Layout.CHANNELS_LAST))
     relaid_in_nchw = r.nchw_bytes >= nbytes

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from ..channels import (
     broadcast_across,
-    casts_first,
     channels_relaid,
     conv_layout,
     conv_relays,
@@ -15,6 +14,7 @@ from ..channels import (
     relay_bytes,
     runs_otherwise,
 )
+from ..dtypes import casts_first
 from ..layout import (
     channel_dims,
     channels_innermost,

@@ -266,3 +266,33 @@ def test_a_cast_like_another_tensor_reads_only_its_source(how: str, capture: str
         expected = eager_bytes(model, (x,)).added
     report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=True)  # type: ignore[arg-type]
     assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
+
+
+class FlowWarpInItsOwnAutocast(nn.Module):
+    """A flow warp inside forward's own autocast block: CPU autocast runs ``grid_sample`` in float32,
+    casting the bfloat16 map and the permuted bfloat16 grid first; the NCHW model's kernel makes the
+    float32 cast of the grid contiguous. The NCHW baseline sized that copy in bfloat16 (fx and export
+    charged 45,056 B where eager moves 40,960): an op whose floating inputs share one dtype and which
+    writes another computes in the one it writes."""
+
+    def __init__(self, inner: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.c1, self.flow, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.inner):
+            y = self.c1(x)
+            return self.c2(F.grid_sample(y, self.flow(y).permute(0, 2, 3, 1), align_corners=False))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("inner", [True, False], ids=["forward_autocast", "audit_autocast"])
+def test_an_op_autocast_runs_in_float32_reads_its_inputs_cast(inner: bool, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = FlowWarpInItsOwnAutocast(inner).eval(), torch.randn(2, 8, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=not inner)  # type: ignore[arg-type]
+    assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
