@@ -94,6 +94,10 @@ class NodeContext:
     in_leaf_module: bool = False
     """The node is (or runs inside) a torch.nn leaf module such as InstanceNorm2d."""
 
+    def detail_at(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        """The op's mode at a call with ``args``: a roll's by its tensor's sizes (:func:`roll_detail`)."""
+        return _roll_detail(args, kwargs) if self.op_name == "roll" and args else self.detail
+
     @property
     def names(self) -> tuple[str, ...]:
         """The names a rule about the node's op may use: the op's, and in a leaf module the
@@ -114,7 +118,7 @@ def aten_detail(op: str, args: Any, kwargs: Mapping[str, Any]) -> str:
     if op == "pad":
         return _detail(op, kwargs.get("mode", args[2] if len(args) > 2 else None))
     if op == "roll":
-        return _roll_detail(kwargs.get("dims", args[2] if len(args) > 2 else None))
+        return _roll_detail(args, kwargs)
     if op.startswith("upsample_"):
         return op.removeprefix("upsample_").removesuffix("2d").removesuffix("3d").removesuffix("1d")
     if op.startswith("grid_sampler") and len(args) > 2 and args[2] in (0, 1, 2):
@@ -122,9 +126,17 @@ def aten_detail(op: str, args: Any, kwargs: Mapping[str, Any]) -> str:
     return next((mode for kernel, mode in _ATEN_MODES.items() if op.startswith(kernel)), _detail(op, None))
 
 
-def _roll_detail(dims: Any) -> str:
-    """``torch.roll`` without dims rolls the flattened tensor (an NCHW copy on CPU)."""
-    return "" if dims not in (None, (), []) else "flattened"
+def _roll_detail(args: Any, kwargs: Mapping[str, Any]) -> str:
+    """A roll's mode: 'flattened' without dims (it rolls the flattened tensor: an NCHW copy on the
+    CPU); 'whole turn' where a shift is a multiple of its dim's size, the call's tensor known (the
+    CPU kernel cats the dim's whole with an empty slice, which writes NCHW; torch 2.14.1); else ''."""
+    dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
+    if dims in (None, (), []):
+        return "flattened"
+    shifts, shape = kwargs.get("shifts", args[1] if len(args) > 1 else None), getattr(args[0], "shape", None)
+    pairs = zip(*(v if isinstance(v, (tuple, list)) else (v,) for v in (shifts, dims)), strict=False)
+    whole = shape is not None and any(type(s) is int and type(d) is int and s % (shape[d] or 1) == 0 for s, d in pairs)
+    return "whole turn" if whole else ""
 
 
 def _node_detail(node: torch.fx.Node, sub: nn.Module | None, op_name: str) -> str:
@@ -133,8 +145,8 @@ def _node_detail(node: torch.fx.Node, sub: nn.Module | None, op_name: str) -> st
         if own is None and hasattr(type(sub), "mode"):  # a class attribute or a property
             own = getattr(sub, "mode", None)
         return own if isinstance(own, str) else ""
-    if op_name == "roll":
-        return _roll_detail(node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None))
+    if op_name == "roll":  # its shifts are judged at each call (:meth:`NodeContext.detail_at`)
+        return _roll_detail(node.args, node.kwargs)
     mode: Any = node.kwargs.get("mode")
     if mode is None and op_name == "pad" and len(node.args) > 2:
         mode = node.args[2]

@@ -85,7 +85,7 @@ class _GradProp(FreshArgs):
         self.corrections = corrections
         self._contexts = node_contexts(gm.graph.nodes, gm) if corrections is not None else {}
 
-    def _diverges(self, n: torch.fx.Node, args: tuple[Any, ...], out: Any) -> bool:
+    def _diverges(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> bool:
         """A fake run's node that ``corrections`` would follow eager at, views aside (strided below)."""
         assert self.corrections is not None
         ctx = self._contexts[n]
@@ -94,7 +94,11 @@ class _GradProp(FreshArgs):
             return False
         before = len(self.corrections.applied)
         self.corrections.apply(
-            n.name, names, ctx.detail, [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)], out
+            n.name,
+            names,
+            ctx.detail_at(args, kwargs),
+            [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)],
+            out,
         )
         return len(self.corrections.applied) > before
 
@@ -109,7 +113,7 @@ class _GradProp(FreshArgs):
             if n.name in self.corrected:  # a fake run's known meta-kernel error: follow eager both ways
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
             out = as_traced(self._run_target, n, args, kwargs, grad=True)
-            if n.name not in self.corrected and self.corrections is not None and self._diverges(n, args, out):
+            if n.name not in self.corrected and self.corrections is not None and self._diverges(n, args, kwargs, out):
                 # found here (a run with no propagation before it: the NCHW baseline's): run again, as corrected
                 args, kwargs = tree_map(_eager_input, args), tree_map(_eager_input, kwargs)
                 out = tree_map(to_channels_last, as_traced(self._run_target, n, args, kwargs, grad=True))

@@ -58,7 +58,7 @@ KNOWN_DIVERGENCES: tuple[Divergence, ...] = (
         frozenset({"roll"}),
         "cpu",
         "torch.roll: fake/meta returns NCHW, eager CPU keeps channels_last",
-        modes=frozenset({""}),  # over dims; rolled flattened, eager copies to NCHW too
+        modes=frozenset({""}),  # over dims by less than a whole turn; eager copies to NCHW otherwise
     ),
     Divergence(
         frozenset({"channelshuffle", "channel_shuffle", "native_channel_shuffle"}),

@@ -161,11 +161,10 @@ class LayoutProp(FreshArgs):
                 sk.disable(f"node {n.name} raised")
             result = retry_nchw(self._call, n, self._contexts[n], args, kwargs, inputs, e)
             error = first_line(e)
+        detail = self._contexts[n].detail_at(args, kwargs)  # a roll's by its shifts
         if self.corrections is not None and error is None:
-            ctx = self._contexts[n]
-            names = ctx.names
             acts = [t for i, t in inputs if not i.is_param]
-            result = self.corrections.apply(n.name, names, ctx.detail, acts, result)
+            result = self.corrections.apply(n.name, self._contexts[n].names, detail, acts, result)
         latent = (
             latent_error(self._call, n, self._contexts[n].op_name, args, kwargs, inputs, result)
             if error is None
@@ -173,7 +172,7 @@ class LayoutProp(FreshArgs):
         )
         if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
             wrote = error is None and written(inputs, versions)
-            self._record(n, inputs, result, error, tuple(hidden), latent, wrote, own)
+            self._record(n, inputs, result, error, tuple(hidden), latent, wrote, own, detail)
         if self.grads is not None and n.op not in ("output", "get_attr"):
             hook_gradients(n.name, result, self.grads)
         if self._progress is not None:
@@ -236,6 +235,7 @@ class LayoutProp(FreshArgs):
         latent: str | None = None,
         wrote: bool = False,
         own: tuple[HiddenCopy, ...] = (),
+        detail: str = "",
     ) -> None:
         ctx = self._contexts[n]
         outputs: list[TensorMeta] = []
@@ -247,11 +247,11 @@ class LayoutProp(FreshArgs):
                 if not aliases:
                     aliases = any(is_alias_of(t, i) for i in in_tensors)
         self._pending.append(
-            (n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden, wrote, own)
+            (n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden, wrote, own, detail)
         )
 
     def _built(self) -> None:
-        for n, ctx, inputs, outputs, aliases, error, latent, hidden, wrote, own in self._pending:
+        for n, ctx, inputs, outputs, aliases, error, latent, hidden, wrote, own, detail in self._pending:
             self.records.append(
                 NodeRecord(
                     index=self._index[n],
@@ -267,7 +267,7 @@ class LayoutProp(FreshArgs):
                     aliases_input=aliases,
                     in_place=aliases and wrote,
                     users=self._users[n],
-                    detail=ctx.detail,
+                    detail=detail,
                     error=error,
                     latent_error=latent,
                     in_leaf_module=ctx.in_leaf_module,

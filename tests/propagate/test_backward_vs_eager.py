@@ -286,6 +286,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # roll and channel_shuffle keep channels_last on the CPU (FakeTensor: NCHW), their backward too
     "roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2)), nchw=False),
     "nchw_then_roll": lambda: NchwThenActivation(_Fn(lambda y: y.roll(1, 2))),
+    # but not by a whole turn of a dim (a shift of 0 or of its size): a cat with an empty slice, NCHW
+    "roll_by_a_whole_turn": lambda: NchwThenActivation(_Fn(lambda y: y.roll((0, 3), (2, 3))), nchw=False),
     "channel_shuffle": lambda: NchwThenActivation(nn.ChannelShuffle(2), nchw=False),
     "nchw_then_logit": lambda: NchwThenActivation(_Fn(lambda y: torch.logit(y, eps=1e-3))),
     "nchw_then_elu": lambda: NchwThenActivation(nn.ELU()),

@@ -244,6 +244,12 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "copy_into_nchw_buffer": _copy_into_buffer,
     "copy_into_empty_like": _copy_into_empty_like,
     "roll_flattened": _roll_flattened,
+    # a roll by a whole turn of a dim (a shift of 0, or of the dim's size) is a cat of the dim's whole
+    # with an empty slice on the CPU, which writes NCHW; one by less keeps channels_last. A fake run
+    # corrected every roll to channels_last (0 B where eager moves 65,536)
+    "roll_by_none_on_one_dim": lambda: Between(lambda s, y: torch.roll(y, (0, 3), (2, 3))),
+    "roll_by_the_dim_s_size": lambda: Between(lambda s, y: y.roll(-16, dims=3)),
+    "roll_by_less_on_each_dim": lambda: Between(lambda s, y: torch.roll(y, shifts=(3, -5), dims=(2, 3))),
     "image_pooling_upsampled": ImagePooling,
     "image_pooling_batchnorm_upsampled": lambda: ImagePooling(norm=True),
     # pointwise-tagged, but eager's kernel keeps the input's strides: asked of the CPU kernel itself
@@ -1176,3 +1182,16 @@ def test_a_reshape_as_out_of_the_spatial_ranks_is_charged_as_eager_charges_it() 
     expected = eager_bytes(model.eval(), (x,)).added
     for capture in ("export", "hooks"):
         assert audit(model.eval(), x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected > 0
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+@pytest.mark.parametrize("shifts", [(0, 3), (5, 3)])
+def test_a_fake_roll_too_large_to_ask_the_kernel_follows_eager(shifts: tuple[int, int], capture: str) -> None:
+    """Above the size the CPU kernel is asked at (fake_strides._PROBE_NUMEL), the fake run follows the
+    known divergence: a roll keeps channels_last, but by a whole turn of a dim."""
+    torch.manual_seed(0)
+    model = Between(lambda s, y: torch.roll(y, shifts, (2, 3)), width=8).eval()
+    x = torch.randn(1, 8, 520, 520)
+    expected = eager_bytes(model, (x,)).added
+    assert (expected > 0) == (0 in shifts)
+    assert audit(model, x, bandwidth=1e9, capture=capture, mode="fake").summary.bytes_moved == expected
