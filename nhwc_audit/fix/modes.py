@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..capture.context import SOURCE_KEY
@@ -20,6 +21,22 @@ from ..capture.fx import trace
 from ..prepare.copy import prepare_audit_copy
 
 __all__ = ["mode_note"]
+
+_DROPOUTS = frozenset(
+    {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "feature_dropout"}
+)
+"""Functions (``F.dropout``, ``torch.dropout``...) that are the identity at a rate of 0 in either mode."""
+
+
+def _signature(n: torch.fx.Node) -> tuple[Any, ...]:
+    """What a node computes, as far as the mode decides it: a dropout of rate 0 (a model's default,
+    passed ``training=self.training``) is its input in either mode."""
+    torch_fn = n.op == "call_function" and str(getattr(n.target, "__module__", "")).startswith("torch")
+    if torch_fn and getattr(n.target, "__name__", "") in _DROPOUTS:
+        rate = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
+        if isinstance(rate, (int, float)) and rate == 0:
+            return ("identity", str(n.args[0] if n.args else n.kwargs.get("input")))
+    return (n.op, str(n.target), str(n.args), str(n.kwargs))
 
 
 def mode_note(model: nn.Module) -> str | None:
@@ -38,7 +55,7 @@ def mode_note(model: nn.Module) -> str | None:
         except Exception:
             return None
         nodes = list(cap.graph.nodes)
-        seen.append([(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in nodes])
+        seen.append([_signature(n) for n in nodes])
         sources.append([str(n.meta.get(SOURCE_KEY) or n.name) for n in nodes])
         cap.release()
     if seen[0] == seen[1]:

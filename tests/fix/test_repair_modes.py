@@ -74,3 +74,23 @@ def test_a_module_the_model_keeps_in_eval_is_traced_as_it_is() -> None:
     _, log = nhwc_audit.repair(model, x)
     (note,) = [n for n in log.notes if "mode" in n]
     assert "in train mode" in note and "test_repair_modes.py:36" in note, note  # the dropout's line, not the norm's
+
+
+class _NoDropout(nn.Module):
+    """Dropout with p=0 asked ``self.training`` (diffusers' and timm's default rates): the same op in
+    either mode, which traces with another ``training`` argument only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.dropout(self.a(x).contiguous(), 0.0, self.training)
+        y = F.dropout2d(y, p=0.0, training=self.training)
+        return self.b(torch.dropout(y, 0, self.training))
+
+
+def test_no_note_for_a_dropout_that_drops_nothing() -> None:
+    torch.manual_seed(0)
+    _, log = nhwc_audit.repair(_NoDropout().train(), torch.randn(2, 3, 16, 16))
+    assert log.steps and not [n for n in log.notes if "mode" in n], log.notes
