@@ -23,14 +23,14 @@ from torch.utils._pytree import tree_map
 
 from ..prepare.copy import first_float_dtype
 from ..propagate.compare import IndexedJudge, first_difference, tensor_difference
-from ..propagate.runner import batch_of, first_sample, quiet
+from ..propagate.runner import batch_of, first_sample
 from ..tensors import to_nchw
 from . import results as res
 from .deviation import double, graph_key
 from .islands import against_naive, naive_results
 from .results import ELEMENTS, ROUNDING, Results, Sample, within
 
-__all__ = ["FLOAT64_ITEMS", "first_change", "state_drift"]
+__all__ = ["FLOAT64_ITEMS", "first_change"]
 
 
 def _deviation(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -273,45 +273,3 @@ def _originals(model: nn.Module, samples: list[Sample], grads: bool, reference: 
                 pass
     own: list[Results] | None = reference["own"]
     return own
-
-
-STATE = 1e-3
-"""Relative distance (norms) past which a buffer a training-mode forward updates has drifted from
-the model's, not rounded (float32 running statistics after two updates: ~1e-7)."""
-
-
-def state_drift(model: nn.Module, gm: torch.fx.GraphModule, samples: list[Sample]) -> str | None:
-    """Where ``gm`` (a graph of ``model`` in training mode) does not update the model's floating
-    buffers as the model does: each runs forward on every sample in turn, on its own copy, and the
-    buffers both hold are compared by name. A state update forward makes in Python on a buffer
-    alone runs once while torch.fx traces, and is not in the graph (timm's
-    ``BatchNormAct2d(momentum=None)`` divides by ``num_batches_tracked``, a constant in the graph:
-    the running statistics drift from the second step on). None when they agree, or when one
-    cannot run."""
-    if not any(b.is_floating_point() for b in model.buffers()):
-        return None  # no state to drift (the forwards are spared)
-    runs = []
-    for m in (model, gm):
-        copied = res.fresh_copy(m)
-        try:
-            with quiet():  # (a GraphModule prints the traceback of what it raises)
-                for args, kwargs in samples:  # (random draws in logical order: one dropout mask in both)
-                    res.outputs(copied, args, kwargs, grads=False)
-        except Exception:
-            return None  # one raises (a break left unrepaired): the checks of its results say so
-        runs.append(dict(copied.named_buffers()))
-    own, graph = runs
-    for name, b in own.items():
-        g = graph.get(name)
-        if g is None or not b.is_floating_point() or g.shape != b.shape:
-            continue
-        scale = float(b.double().norm())
-        gap = float((g.double() - b.double()).norm())
-        if gap > STATE * max(scale, 1e-12):
-            return (
-                f"{name} ends {gap / max(scale, 1e-12):.1e} away from the model's after {len(samples)} training-mode "
-                "forwards (forward updates it in Python, which torch.fx runs once while tracing: timm's BatchNormAct2d "
-                "with momentum=None); repair the model in eval mode (model.eval()) for inference, or make that update "
-                "traceable"
-            )
-    return None

@@ -27,7 +27,8 @@ from . import results as res
 from .checkpoints import with_checkpoints
 from .contexts import keep_blocks, keep_state, keeps_state
 from .deviation import Exactness, deviations
-from .equivalence import first_change, state_drift
+from .drift import state_drift
+from .equivalence import first_change
 from .follows import exposed_pair
 from .islands import rewritten_nodes
 from .measure import Measured, measure, with_backward

@@ -1162,3 +1162,32 @@ def test_a_rewrite_that_saves_nothing_alone_is_kept_with_the_one_it_exposes() ->
     with torch.no_grad():
         got = repaired.repaired_module(x.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+class CountingNorm(nn.BatchNorm2d):
+    """timm's BatchNormAct2d at its default momentum: it counts batches in Python (a write the
+    trace sees, so the repair compares the state), and its update is in the graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.1, self.eps)
+
+
+def test_a_running_mean_of_rounding_alone_is_no_drift() -> None:
+    """A BatchNorm after a 1x1 convolution without bias of a normed map (MobileNetV2's and
+    EfficientNet's blocks): the batch mean is 0 but for rounding, and its running mean (~1e-9) differed
+    between the model and the graph by as much again. Judged alone, relative to itself, it refused
+    timm efficientnet_b0's training repair ("blocks.1.0.bn1.running_mean ends 1.9e+00 away")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        CountingNorm(32),
+        nn.Conv2d(32, 64, 1, bias=False),
+        CountingNorm(64),
+        nn.InstanceNorm2d(64),
+        nn.Conv2d(64, 8, 3, padding=1),
+    ).train()
+    gm, log = repair_model(model, (torch.randn(2, 3, 16, 16),))
+    assert log.steps
+    gm(torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))

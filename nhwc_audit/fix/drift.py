@@ -1,0 +1,63 @@
+"""Does a repaired graph of a model in training keep the model's state as the model does? A state
+update forward makes in Python runs once while torch.fx traces, and is not in the graph."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..propagate.runner import quiet
+from . import results as res
+from .results import Sample
+
+__all__ = ["STATE", "state_drift"]
+
+
+STATE = 1e-3
+"""Relative distance (norms, at the scale of the module's floating buffers) past which a buffer a
+training-mode forward updates has drifted from the model's, not rounded (float32 running statistics
+after two updates: ~1e-7)."""
+
+
+def state_drift(model: nn.Module, gm: torch.fx.GraphModule, samples: list[Sample]) -> str | None:
+    """Where ``gm`` (a graph of ``model`` in training mode) does not update the model's floating
+    buffers as the model does: each runs forward on every sample in turn, on its own copy, and the
+    buffers both hold are compared by name. A state update forward makes in Python on a buffer
+    alone runs once while torch.fx traces, and is not in the graph (timm's
+    ``BatchNormAct2d(momentum=None)`` divides by ``num_batches_tracked``, a constant in the graph:
+    the running statistics drift from the second step on). None when they agree, or when one
+    cannot run."""
+    if not any(b.is_floating_point() for b in model.buffers()):
+        return None  # no state to drift (the forwards are spared)
+    runs = []
+    for m in (model, gm):
+        copied = res.fresh_copy(m)
+        try:
+            with quiet():  # (a GraphModule prints the traceback of what it raises)
+                for args, kwargs in samples:  # (random draws in logical order: one dropout mask in both)
+                    res.outputs(copied, args, kwargs, grads=False)
+        except Exception:
+            return None  # one raises (a break left unrepaired): the checks of its results say so
+        runs.append(dict(copied.named_buffers()))
+    own, graph = runs
+    # a buffer is judged at its module's scale: BatchNorm's running mean of a zero-mean input (a 1x1
+    # conv without bias after a norm: MobileNetV2's and EfficientNet's blocks) is rounding alone, ~1e-9
+    scales: dict[str, float] = {}
+    for name, b in own.items():
+        if b.is_floating_point():
+            owner = name.rpartition(".")[0]
+            scales[owner] = max(scales.get(owner, 0.0), float(b.double().norm()))
+    for name, b in own.items():
+        g = graph.get(name)
+        if g is None or not b.is_floating_point() or g.shape != b.shape:
+            continue
+        scale = scales[name.rpartition(".")[0]]
+        gap = float((g.double() - b.double()).norm())
+        if gap > STATE * max(scale, 1e-12):
+            return (
+                f"{name} ends {gap / max(scale, 1e-12):.1e} away from the model's after {len(samples)} training-mode "
+                "forwards (forward updates it in Python, which torch.fx runs once while tracing: timm's BatchNormAct2d "
+                "with momentum=None); repair the model in eval mode (model.eval()) for inference, or make that update "
+                "traceable"
+            )
+    return None
