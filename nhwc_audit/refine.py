@@ -125,7 +125,9 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
     laid out in neither order nor a slice of one (:func:`_laid_otherwise`: a tensor made in forward
     and ``expand``-ed or transposed, which no autograd node made: a convolution's backward re-lays
     it in NCHW too; not a ``stack`` of maps, whose maps are read, and laid, as they come: smp FPN's
-    ``torch.stack(maps).sum(0)``). Without any, the NCHW backward moves nothing."""
+    ``torch.stack(maps).sum(0)``), or a view permutes a 4D/5D tensor's dims with no autograd node (a
+    window partition of the model's own input: :func:`_permutes`). Without any, the NCHW backward
+    moves nothing."""
     formats = (torch.channels_last, torch.channels_last_3d)
     stacked = {r.name for r in records if r.op_name == "stack"}
     laid_otherwise = any(
@@ -134,6 +136,7 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
     return (
         bool(reordering)
         or laid_otherwise
+        or any(_permutes(r) for r in records)
         or any(
             v in formats
             for n in graph.nodes
@@ -141,6 +144,16 @@ def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Se
             if isinstance(v, torch.memory_format)
         )
     )
+
+
+def _permutes(r: NodeRecord) -> bool:
+    """``r`` is a view that puts a 4D/5D tensor's dims in another order (the same sizes and strides,
+    size-1 dims aside, in another order): the NCHW run's view of its NCHW tensor is strided otherwise."""
+    if not (r.aliases_input and r.outputs and r.inputs) or r.inputs[0].meta.rank < 4:
+        return False
+    src, out = r.inputs[0].meta, r.outputs[0]
+    dims = [[(n, st) for n, st in zip(m.shape, m.strides, strict=False) if n > 1] for m in (src, out)]
+    return dims[0] != dims[1] and sorted(dims[0]) == sorted(dims[1])
 
 
 def _laid_otherwise(meta: TensorMeta) -> bool:
