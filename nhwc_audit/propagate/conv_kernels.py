@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
 from ..channels import laid_out
+from ..layout import strides_like_channels_last
 from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy, Layout
 from ..tensors import iter_tensors
@@ -117,8 +118,8 @@ def kernel_key(
     return (
         "conv",
         backend,
-        _laid(x),
-        _laid(w),
+        _form(x),
+        _form(w),
         x.dtype,
         w.dtype,
         x.device.type,
@@ -220,6 +221,16 @@ def known(kernels: Kernels, key: Any) -> Answer | None:
 
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _form(t: torch.Tensor) -> tuple[Any, ...]:
+    """What a kernel reads of a tensor's layout to pick its path: the format it is dense in, whether it
+    is dense in the other too (a size-1 dim: a one-channel map, a 1 x 1 weight), and which way PyTorch
+    reads it then (``suggest_memory_format``): a bfloat16 1 x 1 convolution of a one-channel map copies
+    its output (oneDNN, torch 2.14.1), one of a three-channel NCHW map to one channel does not."""
+    fmt = memory_format_for_rank(t.dim())
+    both = fmt is not None and t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+    return _laid(t), both, both and strides_like_channels_last(t.shape, t.stride())
 
 
 def _laid(t: torch.Tensor) -> torch.memory_format | None:

@@ -296,3 +296,35 @@ def test_an_op_autocast_runs_in_float32_reads_its_inputs_cast(inner: bool, captu
         expected = eager_bytes(model, (x,)).added
     report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=not inner)  # type: ignore[arg-type]
     assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
+
+
+class OneChannelProjection(nn.Module):
+    """A non-local block's projection to one channel, viewed back from tokens and projected up: in
+    bfloat16 the oneDNN kernel of the 1 x 1 convolution of the one-channel map copies its output in
+    either layout. A kernel path was keyed by the formats its tensors are dense in, and the 3 -> 1
+    convolution before it (no copy) answered for it in the NCHW run: its copy was charged as
+    channels_last's (2,880 B where eager moves 1,440)."""
+
+    def __init__(self, inner: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.c1, self.g = nn.Conv2d(8, 3, 3, padding=1), nn.Conv2d(3, 1, 1)
+        self.o, self.c2 = nn.Conv2d(1, 3, 1), nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.inner):
+            y = self.c1(x)
+            n, _, h, w = y.shape
+            return self.c2(y + self.o(self.g(y).flatten(1).view(n, 1, h, w)))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("inner", [True, False], ids=["forward_autocast", "audit_autocast"])
+def test_a_kernel_path_is_asked_for_a_one_channel_map_of_its_own(inner: bool, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = OneChannelProjection(inner).eval(), torch.randn(2, 8, 6, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=not inner)  # type: ignore[arg-type]
+    assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
