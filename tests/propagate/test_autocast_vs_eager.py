@@ -286,18 +286,6 @@ class FlowWarpInItsOwnAutocast(nn.Module):
             return self.c2(F.grid_sample(y, self.flow(y).permute(0, 2, 3, 1), align_corners=False))
 
 
-@pytest.mark.parametrize("mode", ["real", "fake"])
-@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
-@pytest.mark.parametrize("inner", [True, False], ids=["forward_autocast", "audit_autocast"])
-def test_an_op_autocast_runs_in_float32_reads_its_inputs_cast(inner: bool, capture: str, mode: str) -> None:
-    torch.manual_seed(0)
-    model, x = FlowWarpInItsOwnAutocast(inner).eval(), torch.randn(2, 8, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = eager_bytes(model, (x,)).added
-    report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=not inner)  # type: ignore[arg-type]
-    assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
-
-
 class OneChannelProjection(nn.Module):
     """A non-local block's projection to one channel, viewed back from tokens and projected up: in
     bfloat16 the oneDNN kernel of the 1 x 1 convolution of the one-channel map copies its output in
@@ -318,12 +306,22 @@ class OneChannelProjection(nn.Module):
             return self.c2(y + self.o(self.g(y).flatten(1).view(n, 1, h, w)))
 
 
+INNER_CASES: dict[str, tuple[Callable[[bool], nn.Module], tuple[int, ...]]] = {
+    "flow_warp": (FlowWarpInItsOwnAutocast, (2, 8, 16, 16)),
+    "one_channel_projection": (OneChannelProjection, (2, 8, 6, 10)),
+}
+"""Models with an autocast block of their own (``inner``), audited as they are or without it under the
+audit's autocast, and the input shape each is audited at."""
+
+
 @pytest.mark.parametrize("mode", ["real", "fake"])
 @pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
 @pytest.mark.parametrize("inner", [True, False], ids=["forward_autocast", "audit_autocast"])
-def test_a_kernel_path_is_asked_for_a_one_channel_map_of_its_own(inner: bool, capture: str, mode: str) -> None:
+@pytest.mark.parametrize("name", sorted(INNER_CASES))
+def test_forward_s_own_autocast_is_charged_what_eager_moves(name: str, inner: bool, capture: str, mode: str) -> None:
     torch.manual_seed(0)
-    model, x = OneChannelProjection(inner).eval(), torch.randn(2, 8, 6, 10)
+    build, shape = INNER_CASES[name]
+    model, x = build(inner).eval(), torch.randn(shape)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = eager_bytes(model, (x,)).added
     report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=not inner)  # type: ignore[arg-type]
