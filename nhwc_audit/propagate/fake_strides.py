@@ -18,6 +18,7 @@ from ..channels import dense_strides
 from ..layout import is_dense_in_order
 from ..records import CONV_OPS
 from .dispatch import RecordingMode
+from .fake_views import VIEW_STRIDES, view_strides
 
 __all__ = [
     "PROBED_FORWARDS",
@@ -84,6 +85,8 @@ _FILLED_IN_PLACE = frozenset(
 """Autograd formulas that mask their gradient with ``masked_fill_`` (in place), and under any
 dispatch mode (a fake run's) with ``masked_fill``, which copies to contiguous (torch 2.14.1,
 ``isTensorSubclassLike``): the fill keeps its input's strides, as in training."""
+_VIEW_OPS = frozenset({"view", "_unsafe_view", "_reshape_alias"})
+"""ATen's views by ``computeStride`` (:func:`~.fake_views.view_strides`), met at the dispatch level."""
 _UNTAGGED_POINTWISE = frozenset({"hardswish"})
 """TensorIterator kernels without ATen's ``pointwise`` tag."""
 _PROBE_NUMEL = 1 << 22
@@ -125,6 +128,11 @@ class PointwiseStrides(RecordingMode):
         odd = first.shape[0] == 1 and _odd_batch(args)
         if not (probed or 1 in first.shape[1:] or odd or _half_expanded(func, args)):
             return out  # the common case, decided first: no size-1 dim to stride otherwise
+        if name in _VIEW_OPS and isinstance(args[0], torch.Tensor):  # inside a composite too (einsum's)
+            viewed = view_strides(args[0], first, backward=False)
+            if viewed is not first:
+                self.applied.append(("", VIEW_STRIDES))
+            return viewed
         if (func._schema.is_mutable and not forward) or func._schema.returns[0].alias_info is not None:
             return out  # in place, or a view: strided by its input
         conv = func.overloadpacket.__name__ in CONV_OPS  # strided as FakeTensor strides them, and costly
