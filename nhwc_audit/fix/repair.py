@@ -284,7 +284,7 @@ def repair_model(
         )
         records, analysis = current.records, current.analysis
     wrote = traced_writes is None or len(traced_writes) > 0  # forward wrote a buffer while traced (None: not known)
-    if model.training and wrote and (drift := state_drift(model, gm, samples)):
+    if model.training and wrote and (drift := state_drift(converted, gm, samples)):
         raise ConversionError(f"repair needs a graph that updates the model's state as it does in training: {drift}")
     mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
 

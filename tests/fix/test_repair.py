@@ -1191,3 +1191,19 @@ def test_a_running_mean_of_rounding_alone_is_no_drift() -> None:
     gm, log = repair_model(model, (torch.randn(2, 3, 16, 16),))
     assert log.steps
     gm(torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mnasnet_100"])
+def test_a_training_repair_is_judged_against_the_converted_models_state(name: str) -> None:
+    """At 32 x 32 the running statistics of timm's last blocks (batch 2, 1 x 1 maps, squeeze-excite)
+    end 1e-3 to 1e-2 away from the NCHW model's after two steps, and as far in eager channels_last:
+    the conversion's rounding, which the graph shares exactly. Judged against the NCHW model, the
+    training repair was refused ("blocks.5.2.bn1.running_var ends 1.2e-02 away", 13 timm models in a
+    helper's sweep); judged against the converted model it stands."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).train()
+    gm, log = repair_model(model, (torch.randn(2, 3, 32, 32),))
+    assert any("mode" in n for n in log.notes)  # (BatchNormAct2d asks self.training)
