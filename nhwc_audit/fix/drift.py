@@ -10,7 +10,7 @@ from ..propagate.runner import quiet
 from . import results as res
 from .results import Sample
 
-__all__ = ["STATE", "state_drift"]
+__all__ = ["STATE", "counted", "state_drift"]
 
 
 STATE = 1e-3
@@ -20,16 +20,18 @@ its kernels: ~1e-7 after two updates; the NCHW model's statistics are 1e-3 away 
 efficientnet_b0, and a conversion's rounding is no drift)."""
 
 
-def state_drift(model: nn.Module, gm: torch.fx.GraphModule, samples: list[Sample]) -> str | None:
+def state_drift(model: nn.Module, gm: torch.fx.GraphModule, samples: list[Sample]) -> tuple[str | None, dict[str, int]]:
     """Where ``gm`` (a graph of ``model``, the model converted to channels_last, in training mode) does
-    not update the model's floating buffers as the model does: each runs forward on every sample in
-    turn, on its own copy, and the buffers both hold are compared by name. A state update forward makes in Python on a buffer
-    alone runs once while torch.fx traces, and is not in the graph (timm's
-    ``BatchNormAct2d(momentum=None)`` divides by ``num_batches_tracked``, a constant in the graph:
-    the running statistics drift from the second step on). None when they agree, or when one
-    cannot run."""
-    if not any(b.is_floating_point() for b in model.buffers()):
-        return None  # no state to drift (the forwards are spared)
+    not update the model's buffers as the model does: each runs forward on every sample in turn, on
+    its own copy, and the buffers are compared by name. A state update forward makes in Python on a
+    buffer alone runs once while torch.fx traces, and is not in the graph (timm's
+    ``BatchNormAct2d(momentum=None)`` divides by ``num_batches_tracked``, a constant in the graph: the
+    running statistics drift from the second step on). Returns why the floating state drifted (None
+    where it agrees, or where one cannot run) and the counters forward advances by a fixed step in
+    Python that the graph leaves (:func:`counted`: the same BatchNormAct2d's ``num_batches_tracked``)."""
+    start = {n: b.clone() for n, b in model.named_buffers() if not b.is_floating_point() and b.numel() == 1}
+    if not start and not any(b.is_floating_point() for b in model.buffers()):
+        return None, {}  # no state to drift (the forwards are spared)
     runs = []
     for m in (model, gm):
         copied = res.fresh_copy(m)
@@ -38,9 +40,14 @@ def state_drift(model: nn.Module, gm: torch.fx.GraphModule, samples: list[Sample
                 for args, kwargs in samples:  # (random draws in logical order: one dropout mask in both)
                     res.outputs(copied, args, kwargs, grads=False)
         except Exception:
-            return None  # one raises (a break left unrepaired): the checks of its results say so
+            return None, {}  # one raises (a break left unrepaired): the checks of its results say so
         runs.append(dict(copied.named_buffers()))
     own, graph = runs
+    counts = {}
+    for name, was in start.items():
+        moved, left = int(own[name] - was), int(graph.get(name, was) - was)
+        if moved and not left and moved % len(samples) == 0:
+            counts[name] = moved // len(samples)
     # a buffer is judged at its module's scale: BatchNorm's running mean of a zero-mean input (a 1x1
     # conv without bias after a norm: MobileNetV2's and EfficientNet's blocks) is rounding alone, ~1e-9
     scales: dict[str, float] = {}
@@ -58,7 +65,20 @@ def state_drift(model: nn.Module, gm: torch.fx.GraphModule, samples: list[Sample
             return (
                 f"{name} ends {gap / max(scale, 1e-12):.1e} away from the model's after {len(samples)} training-mode "
                 "forwards (forward updates it in Python, which torch.fx runs once while tracing, as timm's "
-                "BatchNormAct2d does with momentum=None); repair the model in eval mode (model.eval()) for inference, or make that update "
-                "traceable"
-            )
-    return None
+                "BatchNormAct2d does with momentum=None); repair the model in eval mode (model.eval()) for "
+                "inference, or make that update traceable"
+            ), counts
+    return None, counts
+
+
+def counted(gm: torch.fx.GraphModule, counts: dict[str, int]) -> None:
+    """Advance each counter of ``counts`` (a buffer of ``gm``'s by name, :func:`state_drift`) by its step
+    at the start of ``gm``'s graph: a checkpoint of the repaired model counts its batches as the model's
+    does (timm's 33 BatchNormAct2d models in a helper's sweep left them at the count of the repair)."""
+    if not counts:
+        return
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        for name, step in counts.items():
+            gm.graph.call_method("add_", (gm.graph.get_attr(name), step))
+    gm.recompile()

@@ -27,7 +27,7 @@ from . import results as res
 from .checkpoints import with_checkpoints
 from .contexts import keep_blocks, keep_state, keeps_state
 from .deviation import Exactness, deviations
-from .drift import state_drift
+from .drift import counted, state_drift
 from .equivalence import first_change
 from .follows import exposed_pair
 from .islands import rewritten_nodes
@@ -284,7 +284,8 @@ def repair_model(
         )
         records, analysis = current.records, current.analysis
     wrote = traced_writes is None or len(traced_writes) > 0  # forward wrote a buffer while traced (None: not known)
-    if model.training and wrote and (drift := state_drift(converted, gm, samples)):
+    drift, counts = state_drift(converted, gm, samples) if model.training and wrote else (None, {})
+    if drift:
         raise ConversionError(f"repair needs a graph that updates the model's state as it does in training: {drift}")
     mine, naive_dev, exact = deviations(model, runs, gm if steps else None, samples[0], grads, reference)
 
@@ -295,6 +296,7 @@ def repair_model(
 
     gm, checkpoints = with_checkpoints(gm, same)
     keep_state(gm, converted)  # (the graph's and the log's figures are made: state only)
+    counted(gm, counts)
     log = RepairLog(
         steps=tuple(steps),
         bytes_before=before_bytes,

@@ -400,6 +400,11 @@ def test_a_repaired_model_keeps_the_buffers_its_graph_does_not_read(checkpointed
     gm, _ = nhwc_audit.repair(model, torch.randn(2, 3, 16, 16))
     assert gm.state_dict().keys() == model.state_dict().keys()
     gm.load_state_dict(model.state_dict())
+    # and counts its batches as the model does: the graph advances the counter fx ran once
+    for _ in range(3):
+        x = torch.randn(2, 3, 16, 16)
+        model(x), gm(x.contiguous(memory_format=torch.channels_last))
+    assert int(gm.state_dict()["n.num_batches_tracked"]) == int(model.n.num_batches_tracked) == 3
 
 
 def test_a_repaired_model_keeps_the_modules_its_graph_does_not_call_and_every_name_of_a_shared_one() -> None:
