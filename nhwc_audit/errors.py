@@ -63,7 +63,14 @@ class TargetLoadError(NhwcAuditError):
 
 
 class TraceError(NhwcAuditError):
-    """The model could not be captured as a graph (torch.fx symbolic tracing failed)."""
+    """The model could not be captured as a graph (torch.fx symbolic tracing failed).
+
+    ``plain`` is what failed without the advice for an audit (a repair, which needs the graph, gives its own).
+    """
+
+    def __init__(self, message: str, *, plain: str | None = None):
+        super().__init__(message)
+        self.plain = plain or message
 
 
 class PropagationError(NhwcAuditError):

@@ -242,6 +242,13 @@ def test_untraceable_model_falls_back_and_says_why(audit_fixed: Callable[..., Au
     assert [n.split(":")[0] for n in report.meta.capture_notes] == ["fx", "hooks"]
     assert "torch.fx could not trace DataDependent" in report.meta.capture_notes[0]
     assert "torch.export is tried only when a graph is needed" in report.meta.capture_notes[1]
+    # the line that branches is named; a repair (which needs the graph) is not told to capture otherwise
+    line = f"{__file__}:{test_untraceable_model_falls_back_and_says_why.__code__.co_firstlineno + 3} (if x.sum() > 0:)"
+    assert f"DataDependent at {line}: TraceError" in report.meta.capture_notes[0]
+    with pytest.raises(nhwc_audit.ConversionError) as refused:
+        nhwc_audit.repair(DataDependent(), torch.randn(1, 3, 4, 4))
+    assert line in str(refused.value) and "torch.fx.wrap" in str(refused.value)
+    assert "capture" not in str(refused.value), str(refused.value)
     trained = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), train=True)  # backward needs a graph
     assert [n.split(":")[0] for n in trained.meta.capture_notes][:2] == ["fx", "export"]
     hooked = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), train=True, capture="hooks")

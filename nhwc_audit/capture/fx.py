@@ -23,7 +23,7 @@ from .constants import fresh_constants
 from .context import AUTOCAST_KEY, CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
-from .source import user_frame
+from .source import failing_frame, user_frame
 from .state import module_state, put_back_proxied, put_back_state
 from .untraceable import RECORDED, untraceable
 
@@ -299,8 +299,9 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         if tracer.proxied_maps:
             raise _MapsProxied from e
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = untraceable(msg)
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {msg} ({why})") from e
+        at = f" at {where} ({where.code})" if (where := failing_frame(e)) is not None else ""
+        plain = f"torch.fx could not trace {type(model).__name__}{at}: {type(e).__name__}: {msg}"
+        raise TraceError(f"{plain} ({untraceable(msg)})", plain=f"{plain} ({untraceable(msg, audit=False)})") from e
     finally:
         root: nn.Module = getattr(tracer, "root", model)
         # torch's Tracer.trace leaves a recursive closure that holds the tracer (a reference

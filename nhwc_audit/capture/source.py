@@ -16,7 +16,7 @@ import torch
 
 from ..records import SourceLoc
 
-__all__ = ["is_machinery", "source_from_stack", "user_frame"]
+__all__ = ["failing_frame", "is_machinery", "source_from_stack", "user_frame"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -76,6 +76,18 @@ def _kind(file: str) -> str:
 @functools.lru_cache(maxsize=16384)
 def _location(file: str, line: int, function: str) -> SourceLoc:
     return SourceLoc(file=file, line=line, function=function, code=linecache.getline(file, line).strip())
+
+
+def failing_frame(e: BaseException) -> SourceLoc | None:
+    """The innermost frame of the model's code in the traceback of ``e`` (where a trace failed: the
+    line that branches on a traced value), or None."""
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if _kind(code.co_filename) is _MODEL:
+            found = _location(code.co_filename, tb.tb_lineno, code.co_name)
+        tb = tb.tb_next
+    return found
 
 
 def source_from_stack(stack_trace: str | None) -> SourceLoc | None:

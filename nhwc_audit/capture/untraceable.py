@@ -19,7 +19,12 @@ RECORDED = "capture 'hooks' or 'auto', the default, records it from an eager run
 """What audits a model torch.fx cannot trace."""
 
 
-def untraceable(msg: str) -> str:
-    """The hint for a failed trace whose error reads ``msg``."""
+def untraceable(msg: str, *, audit: bool = True) -> str:
+    """The hint for a failed trace whose error reads ``msg``: what forward does, and what audits it
+    (``audit``) or what makes it traceable."""
     what = next((why for key, why in WHY if key in msg), "data-dependent control flow or non-torch calls in forward")
-    return f"{what}; {RECORDED} (or wrap that code in torch.fx.wrap)"
+    return (
+        f"{what}; {RECORDED} (or wrap that code in torch.fx.wrap)"
+        if audit
+        else f"{what}; wrap that code in torch.fx.wrap"
+    )

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 from ..capture.fx import trace
 from ..capture.kept import put_back
 from ..capture.proxies import in_place_operator
-from ..errors import ConversionError, first_line
+from ..errors import ConversionError, TraceError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.runner import quiet
 from ..records import NodeRecord, Summary
@@ -183,6 +183,8 @@ def repair_model(
                 gm, traced_writes = cap.gm, cap.traced_writes
             else:
                 cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph), type(converted).__name__)
+        except TraceError as e:  # (the audit records such a model from an eager run; a repair rewrites a graph)
+            raise ConversionError(f"repair needs a torch.fx-traceable model: {e.plain}") from e
         except Exception as e:
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
         if keep_blocks(gm.graph, grads=grads):  # forward's no_grad and autocast blocks, which fx does not record
