@@ -1207,3 +1207,27 @@ def test_a_training_repair_is_judged_against_the_converted_models_state(name: st
     model = timm.create_model(name).train()
     gm, log = repair_model(model, (torch.randn(2, 3, 32, 32),))
     assert any("mode" in n for n in log.notes)  # (BatchNormAct2d asks self.training)
+
+
+class _AverageBesideATable(nn.Module):
+    """A cumulative average forward updates in Python (its factor 1/t is a constant in the graph) beside
+    a large table in the same module: judged at the module's scale its drift hid (a review's case)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 0
+        self.register_buffer("ema", torch.zeros(8))
+        self.register_buffer("pos", torch.randn(8, 16, 16) * 100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.t += 1
+            self.ema.mul_(1 - 1 / self.t).add_(x.mean((0, 2, 3)).detach() / self.t)
+        return x + self.pos
+
+
+def test_a_small_buffer_that_drifts_beside_a_large_one_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _AverageBesideATable(), nn.Conv2d(8, 8, 3, padding=1))
+    with pytest.raises(ConversionError, match=r"1\.ema ends .* away"):
+        repair_model(model.train(), (torch.randn(2, 3, 16, 16),))

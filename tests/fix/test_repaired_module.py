@@ -405,6 +405,11 @@ def test_a_repaired_model_keeps_the_buffers_its_graph_does_not_read(checkpointed
         x = torch.randn(2, 3, 16, 16)
         model(x), gm(x.contiguous(memory_format=torch.channels_last))
     assert int(gm.state_dict()["n.num_batches_tracked"]) == int(model.n.num_batches_tracked) == 3
+    # a pickle loads by tracing the code again, where torch's Tracer would run the update once, unrecorded
+    loaded = pickle.loads(pickle.dumps(gm))
+    assert int(loaded.get_buffer("n.num_batches_tracked")) == 3
+    loaded(torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+    assert int(loaded.get_buffer("n.num_batches_tracked")) == 4
 
 
 def test_a_repaired_model_keeps_the_modules_its_graph_does_not_call_and_every_name_of_a_shared_one() -> None:
