@@ -299,7 +299,8 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         if tracer.proxied_maps:
             raise _MapsProxied from e
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        at = f" at {where} ({where.code})" if (where := failing_frame(e)) is not None else ""
+        where = failing_frame(e)
+        at = "" if where is None else f" at {where}" + (f" ({where.code})" if where.code else "")
         plain = f"torch.fx could not trace {type(model).__name__}{at}: {type(e).__name__}: {msg}"
         raise TraceError(f"{plain} ({untraceable(msg)})", plain=f"{plain} ({untraceable(msg, audit=False)})") from e
     finally:
