@@ -28,10 +28,20 @@ __all__ = ["as_read", "pointwise"]
 _DTYPE_FROM = frozenset({"type_as", "to"})
 
 
+_BINARY = {"truediv": "div", "floordiv": "floor_divide", "mod": "remainder", "lshift": "bitwise_left_shift"}
+_BINARY |= {"rshift": "bitwise_right_shift", "and": "bitwise_and", "or": "bitwise_or", "xor": "bitwise_xor"}
+_OPERATORS = {k + "_" * (k in ("and", "or")): v for k, v in _BINARY.items()} | {f"i{k}": v for k, v in _BINARY.items()}
+_OPERATORS |= {"iadd": "add", "isub": "sub", "imul": "mul", "ipow": "pow", "invert": "bitwise_not"}
+"""Python's operators as fx names a node of theirs (``operator.truediv``: ``h / p``; ``operator.itruediv``:
+``h /= p``; ``operator.and_``), by their ATen ops."""
+
+
 @functools.cache
 def pointwise(op_name: str) -> bool:
     """An op of this name is an ATen pointwise op (any overload tagged ``pointwise``): ``add``,
-    ``add_``, ``where``, ``masked_fill``; not a module's name, ``layer_norm`` or ``copy_``."""
+    ``add_``, ``where``, ``masked_fill``, Python's ``/`` and ``%`` (:data:`_OPERATORS`); not a module's
+    name, ``layer_norm`` or ``copy_``."""
+    op_name = _OPERATORS.get(op_name, op_name)
     packet = getattr(torch.ops.aten, op_name, None) if op_name.isidentifier() else None
     if not isinstance(packet, torch._ops.OpOverloadPacket):
         return False

@@ -30,6 +30,9 @@ _OPS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tupl
     "where_chw": (lambda h, p: torch.where(h > 0, h, p), (_C, _H, _W), 2 * _TABLE),
     "add_in_place_chw": (lambda h, p: h.add_(p), (_C, _H, _W), 2 * _TABLE),
     "lerp_chw": (lambda h, p: torch.lerp(h, p, 0.5), (_C, _H, _W), 2 * _TABLE),
+    # Python's operators, as fx names them (truediv, mod): ATen's div and remainder
+    "div_chw": (lambda h, p: h / p, (_C, _H, _W), 2 * _TABLE),
+    "mod_chw": (lambda h, p: h % p, (_C, _H, _W), 2 * _TABLE),
     "add_c11": (lambda h, p: h + p, (_C, 1, 1), 0),  # one dim held: no order to change
     "add_hw": (lambda h, p: h + p, (_H, _W), 0),  # H and W run alike in both layouts
     "add_hw_transposed": (lambda h, p: h + p.t(), (_W, _H), 0),  # across in NCHW as much
@@ -102,4 +105,5 @@ def test_training_with_a_broadcast_table_matches_eager() -> None:
 
 def test_pointwise_names() -> None:
     assert all(map(pointwise, ("add", "add_", "mul", "where", "masked_fill", "sub")))
-    assert not any(map(pointwise, ("layer_norm", "copy_", "Conv2d", "conv2d", "iadd", "getitem", "a.b")))
+    assert all(map(pointwise, ("truediv", "mod", "iadd", "itruediv", "and_")))  # Python's operators, as fx names them
+    assert not any(map(pointwise, ("layer_norm", "copy_", "Conv2d", "conv2d", "getitem", "matmul", "a.b")))
