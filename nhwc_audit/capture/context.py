@@ -95,8 +95,8 @@ class NodeContext:
     """The node is (or runs inside) a torch.nn leaf module such as InstanceNorm2d."""
 
     def detail_at(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-        """The op's mode at a call with ``args``: a roll's by its tensor's sizes (:func:`roll_detail`)."""
-        return _roll_detail(args, kwargs) if self.op_name == "roll" and args else self.detail
+        """The op's mode at a call with ``args``: a roll's by its tensor's sizes (:func:`_roll_detail`)."""
+        return _roll_detail(args, kwargs) if self.op_name == "roll" else self.detail
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -133,7 +133,8 @@ def _roll_detail(args: Any, kwargs: Mapping[str, Any]) -> str:
     dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
     if dims in (None, (), []):
         return "flattened"
-    shifts, shape = kwargs.get("shifts", args[1] if len(args) > 1 else None), getattr(args[0], "shape", None)
+    shifts = kwargs.get("shifts", args[1] if len(args) > 1 else None)
+    shape = getattr(args[0] if args else kwargs.get("input"), "shape", None)  # (torch.roll(input=y, ...) too)
     pairs = zip(*(v if isinstance(v, (tuple, list)) else (v,) for v in (shifts, dims)), strict=False)
     whole = shape is not None and any(type(s) is int and type(d) is int and s % (shape[d] or 1) == 0 for s, d in pairs)
     return "whole turn" if whole else ""

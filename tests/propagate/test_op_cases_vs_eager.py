@@ -250,6 +250,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "roll_by_none_on_one_dim": lambda: Between(lambda s, y: torch.roll(y, (0, 3), (2, 3))),
     "roll_by_the_dim_s_size": lambda: Between(lambda s, y: y.roll(-16, dims=3)),
     "roll_by_less_on_each_dim": lambda: Between(lambda s, y: torch.roll(y, shifts=(3, -5), dims=(2, 3))),
+    # every argument by keyword: fx's node has no positional argument to take the tensor from
+    "roll_by_none_by_keywords": lambda: Between(lambda s, y: torch.roll(input=y, shifts=(0, 3), dims=(2, 3))),
     "image_pooling_upsampled": ImagePooling,
     "image_pooling_batchnorm_upsampled": lambda: ImagePooling(norm=True),
     # pointwise-tagged, but eager's kernel keeps the input's strides: asked of the CPU kernel itself
