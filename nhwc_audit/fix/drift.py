@@ -14,7 +14,7 @@ __all__ = ["STATE", "counted", "state_drift"]
 
 
 STATE = 1e-3
-"""Relative distance (norms, at the scale of the module's floating buffers) past which a buffer a
+"""Relative distance (norms, of the buffer's own; :data:`ROUNDING` sets a floor) past which a buffer a
 training-mode forward updates has drifted from the converted model's, not rounded (the graph runs
 its kernels: ~1e-7 after two updates; the NCHW model's statistics are 1e-3 away at 32 x 32 in timm
 efficientnet_b0, and a conversion's rounding is no drift)."""
