@@ -5,9 +5,13 @@ sizes a relay by it."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 from .records import CONV_OPS, GEMM_OPS, NodeRecord, TensorMeta
 
-__all__ = ["CASTS", "PROMOTES_FIRST", "casts_first", "kernel_itemsize"]
+__all__ = ["AUTOCAST_NAMES", "CASTS", "autocast_casts", "casts_first", "kernel_itemsize"]
 
 
 CASTS = frozenset({"to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double", "copy_"})
@@ -19,27 +23,48 @@ def _floating(dtype: str) -> bool:
     return dtype.startswith("float") or dtype == "bfloat16"
 
 
-PROMOTES_FIRST = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "index_copy"})
-"""Ops CPU autocast casts to the widest dtype of their inputs before the kernel runs (its ``promote``
-list; a cat of a bfloat16 and a float32 map re-lays a float32 cast). CUDA's autocast leaves a cat's
-inputs as they are (an H200, torch 2.11: no cast at the dispatch level; the cat reads each)."""
+AUTOCAST_NAMES = {"grid_sample": "grid_sampler"} | dict.fromkeys(
+    ("concat", "concatenate", "hstack", "vstack", "dstack"), "cat"
+)
+"""torch functions recorded by another name than the ATen op they reach autocast as (``F.grid_sample``;
+``torch.hstack`` is made of ``cat``)."""
+
+
+@functools.cache
+def _autocast_ops(device: str) -> frozenset[str]:
+    """The ATen ops (names without their overloads) that ``device``'s autocast has a kernel for, asked of
+    PyTorch's dispatcher: each casts its floating inputs to the dtype it computes in before its kernel
+    runs (a convolution's to bfloat16, ``grid_sampler``'s to float32, the CPU's ``cat``'s to the widest;
+    CUDA's autocast leaves a cat's inputs as they are). Other ops run on their inputs as they come."""
+    key = f"Autocast{device.upper()}"
+    names = torch._C._dispatch_get_all_op_names()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(n.split("::", 1)[1].split(".", 1)[0] for n in names if n.startswith("aten::") and has(n, key))
+
+
+def autocast_casts(op: str, device: str) -> bool:
+    """``device``'s autocast casts the inputs of ``op`` (a lower-cased recorded name) first."""
+    try:
+        return AUTOCAST_NAMES.get(op, op) in _autocast_ops(device)
+    except RuntimeError:  # a device type without autocast keys
+        return False
 
 
 def casts_first(r: NodeRecord, autocast: str | None) -> bool:
-    """Node ``r``, run under autocast on device type ``autocast`` (None: no autocast, and nothing is
-    cast first), computes in its output's dtype, its inputs of another cast to it first, keeping
-    their layout (a float32 map into a bfloat16 convolution; GroupNorm in float32 on CUDA,
-    ``avg_pool3d`` on the CPU); not a cast itself (:data:`CASTS`). Activations of mixed dtypes are
-    read each in its own as the op promotes (an add; CUDA's cat), but where the CPU's autocast
-    casts them first (:data:`PROMOTES_FIRST`); a convolution or GEMM casts all. Without an audit-wide
-    autocast, an op that writes another floating dtype than its activations are in ran in forward's
+    """Node ``r``, run under autocast on device type ``autocast`` or its own :attr:`~NodeRecord.autocast`
+    (None for both: no autocast, and nothing is cast first), computes in its output's dtype, its
+    inputs of another cast to it first, keeping their layout (a float32 map into a bfloat16
+    convolution; GroupNorm in float32 on CUDA, ``avg_pool3d`` on the CPU); not a cast itself
+    (:data:`CASTS`). Activations of mixed dtypes are read each in its own as the op promotes (an add;
+    CUDA's cat), but where autocast casts them first (:func:`autocast_casts`: a float32 map and a
+    bfloat16 grid into ``grid_sample``, a cat on the CPU); a convolution or GEMM casts all. Without autocast, an op that writes another floating dtype than its activations are in ran in forward's
     own autocast block or was given the dtype (``softmax(dtype=)``), and an eager kernel computes in
     one: a convolution or GEMM cast each such activation first, any other op where all its floating
     inputs share one dtype (``grid_sample``, which CPU autocast runs in float32; mixed ones promote)."""
     if not r.outputs or (op := r.op_name.lower()) in CASTS:
         return False
     acts = {i.meta.dtype for i in r.inputs if not i.is_param and _floating(i.meta.dtype)}
-    if autocast is None:
+    if (autocast := autocast or r.autocast) is None:
         if not _floating(out := r.outputs[0].dtype):
             return False
         if op in CONV_OPS | GEMM_OPS:
@@ -47,7 +72,7 @@ def casts_first(r: NodeRecord, autocast: str | None) -> bool:
         dtypes = {i.meta.dtype for i in r.inputs if _floating(i.meta.dtype)}  # a parameter's promotes too
         return len(dtypes) == 1 and out not in dtypes
     if len(acts) > 1 and op not in CONV_OPS | GEMM_OPS:
-        return autocast == "cpu" and op in PROMOTES_FIRST
+        return autocast_casts(op, autocast)
     return True
 
 

@@ -24,7 +24,15 @@ from ..tensors import to_nchw
 from .dispatch import is_alias_of
 from .runner import fake_limitation
 
-__all__ = ["Call", "as_traced", "latent_error", "retry_nchw", "to_channels_last", "without_grad_if_refused"]
+__all__ = [
+    "Call",
+    "as_traced",
+    "autocast_in",
+    "latent_error",
+    "retry_nchw",
+    "to_channels_last",
+    "without_grad_if_refused",
+]
 
 Call = Callable[[torch.fx.Node, tuple[Any, ...], dict[str, Any]], Any]
 """Runs a node on given argument values (the interpreter's own call)."""
@@ -45,6 +53,18 @@ def as_traced(call: Call, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[
             if device != "cuda" or torch.cuda.is_available():
                 stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
         return without_grad_if_refused(call, n, args, kwargs) if grad else call(n, args, kwargs)
+
+
+def autocast_in(n: torch.fx.Node, device: str) -> str | None:
+    """``device`` where ``n`` ran under its autocast (the audit's, or the blocks of forward's own
+    that :func:`as_traced` enters), else None (a tensor on the meta device: no autocast there)."""
+    if not torch.amp.is_autocast_available(device):
+        return None
+    on = torch.is_autocast_enabled(device)
+    for block, _, enabled, _ in n.meta.get(AUTOCAST_KEY, ()):
+        if block == device and (block != "cuda" or torch.cuda.is_available()):
+            on = enabled
+    return device if on else None
 
 
 def without_grad_if_refused(call: Call, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

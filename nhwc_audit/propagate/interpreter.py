@@ -22,7 +22,7 @@ from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
 from ..tensors import iter_tensors
 from .blind import function_blind, maybe_blind, recorder_blind
-from .breaks import as_traced, latent_error, retry_nchw
+from .breaks import as_traced, autocast_in, latent_error, retry_nchw
 from .conv_kernels import CONV_MODULES, call_key, known
 from .corrections import Corrections
 from .dispatch import CopyRecorder, inner_copies, is_alias_of
@@ -57,8 +57,7 @@ class LayoutProp(FreshArgs):
         grads: Grads | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
-        self.corrections = corrections
-        self.grads = grads
+        self.corrections, self.grads = corrections, grads
         self._retry_without_grad = grad
         self.extra_traceback = False
         self.record_hidden = record_hidden
@@ -237,7 +236,6 @@ class LayoutProp(FreshArgs):
         own: tuple[HiddenCopy, ...] = (),
         detail: str = "",
     ) -> None:
-        ctx = self._contexts[n]
         outputs: list[TensorMeta] = []
         aliases = False
         in_tensors = [t for _, t in inputs]
@@ -246,12 +244,14 @@ class LayoutProp(FreshArgs):
                 outputs.append(tensor_meta(t))
                 if not aliases:
                     aliases = any(is_alias_of(t, i) for i in in_tensors)
-        self._pending.append(
-            (n, ctx, tuple(i for i, _ in inputs), tuple(outputs), aliases, error, latent, hidden, wrote, own, detail)
-        )
+        first = in_tensors or iter_tensors(result)
+        amp = autocast_in(n, first[0].device.type) if first else None  # forward's own blocks too
+        ins = tuple(i for i, _ in inputs)
+        self._pending.append((n, ins, tuple(outputs), aliases, error, latent, hidden, wrote, own, detail, amp))
 
     def _built(self) -> None:
-        for n, ctx, inputs, outputs, aliases, error, latent, hidden, wrote, own, detail in self._pending:
+        for n, inputs, outputs, aliases, error, latent, hidden, wrote, own, detail, amp in self._pending:
+            ctx = self._contexts[n]
             self.records.append(
                 NodeRecord(
                     index=self._index[n],
@@ -268,6 +268,7 @@ class LayoutProp(FreshArgs):
                     in_place=aliases and wrote,
                     users=self._users[n],
                     detail=detail,
+                    autocast=amp,
                     error=error,
                     latent_error=latent,
                     in_leaf_module=ctx.in_leaf_module,

@@ -166,6 +166,9 @@ class NodeRecord:
     recomputed: int = 0
     """How many more times a training step runs this node's forward: a backward recomputes the
     function of each ``torch.utils.checkpoint`` around it (0 but in a train audit's records)."""
+    autocast: str | None = None
+    """The device type whose autocast was on when the node ran in a graph (the audit's, or forward's
+    own block); None without, and in eager capture, whose records are the ATen ops after its casts."""
     call: int | None = None
     """Eager capture: which of the model's torch calls dispatched this ATen op (the ops of one
     call, InstanceNorm's four, are one node of a graph); None in graphs."""

@@ -7,6 +7,7 @@ bfloat16 convolution in bfloat16. The audit charged its float32 bytes (timm nfne
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -306,9 +307,37 @@ class OneChannelProjection(nn.Module):
             return self.c2(y + self.o(self.g(y).flatten(1).view(n, 1, h, w)))
 
 
+class MixedDtypesAutocastCasts(nn.Module):
+    """Ops with a float32 and a bfloat16 activation inside forward's own autocast block, which the
+    device's autocast casts to one dtype before the kernel runs (PyTorch's dispatcher has an
+    autocast kernel for them): ``grid_sample`` to float32 (a float32 map warped by a bfloat16 flow:
+    fx and export charged 45,056 B where eager moves 40,960), the CPU's ``cat`` and ``stack`` to the
+    widest (a NCHW float32 map beside a bfloat16 one: 11,520 where eager moves 13,824). Their nodes
+    ran under autocast without the audit's: each record says so."""
+
+    def __init__(self, inner: bool, op: str) -> None:
+        super().__init__()
+        self.inner, self.op = inner, op
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.flow, self.c3 = nn.Conv2d(8, 2, 3, padding=1), nn.Conv2d(8 if op == "grid_sample" else 16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.inner):
+            y = self.c1(x)
+            if self.op == "grid_sample":
+                return self.c3(F.grid_sample(y.float(), self.flow(y).permute(0, 2, 3, 1), align_corners=False))
+            z = self.c2(x).float().contiguous()
+            both = torch.cat([y, z], 1) if self.op == "cat" else torch.stack([y, z], 1).flatten(1, 2)
+            return self.c3(both)
+
+
 INNER_CASES: dict[str, tuple[Callable[[bool], nn.Module], tuple[int, ...]]] = {
     "flow_warp": (FlowWarpInItsOwnAutocast, (2, 8, 16, 16)),
     "one_channel_projection": (OneChannelProjection, (2, 8, 6, 10)),
+    **{
+        f"mixed_dtypes_{op}": (functools.partial(MixedDtypesAutocastCasts, op=op), (2, 8, 6, 6))
+        for op in ("grid_sample", "cat", "stack")
+    },
 }
 """Models with an autocast block of their own (``inner``), audited as they are or without it under the
 audit's autocast, and the input shape each is audited at."""
