@@ -26,6 +26,7 @@ in NCHW and copies it into channels_last, ``grad_weight.to(...)``), charged to t
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import os
@@ -33,6 +34,7 @@ import re
 import traceback
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -866,7 +868,7 @@ def _accumulate_copies(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     torch.manual_seed(0)
     loss = sum((t * torch.randn_like(t)).sum() for t in outs)
     assert isinstance(loss, torch.Tensor)
-    sites: dict[int, list[tuple[str, str]]] = {}  # element count -> (site, call) of each 4D/5D parameter
+    sites: dict[int, list[tuple[nn.Parameter, str, str]]] = {}  # element count -> each 4D/5D parameter's
     todo, done = [loss.grad_fn], set()
     while todo:
         node = todo.pop()
@@ -875,26 +877,63 @@ def _accumulate_copies(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str
         done.add(id(node))
         if type(node).__name__ == "AccumulateGrad" and node.variable.dim() >= 4:
             site = node.metadata.get("site", "?")
-            sites.setdefault(node.variable.numel(), []).append((site, node.metadata.get("call", f"{site}#0")))
+            call = node.metadata.get("call", f"{site}#0")
+            sites.setdefault(node.variable.numel(), []).append((node.variable, site, call))
         todo.extend(n for n, _ in node.next_functions)
     del node
-    wrt = [p for p in model.parameters() if p.requires_grad and p.dim() >= 4]
     with torch.profiler.profile(record_shapes=True) as prof:
         torch.autograd.backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])
+    copies = [
+        tuple(e.input_shapes[0])
+        for e in prof.events()
+        if e.name == "aten::copy_"
+        and e.cpu_parent is not None
+        and "AccumulateGrad" in e.cpu_parent.name
+        and e.input_shapes
+        and len(e.input_shapes[0]) >= 4
+    ]
+    del loss, outs, out
+    counts = collections.Counter(math.prod(shape) for shape in copies)
+    if any(0 < counts[n] < len(sites.get(n, ())) for n in counts):  # which of same-sized parameters: asked
+        relaid = _gradients_relaid(model, args, kwargs, [p for n in counts for p, _, _ in sites.get(n, ())])
+        for group in sites.values():
+            group.sort(key=lambda ps: id(ps[0]) not in relaid)  # (stable: graph order otherwise)
     seen = []
-    for e in prof.events():
-        parent = e.cpu_parent
-        if e.name != "aten::copy_" or parent is None or "AccumulateGrad" not in parent.name or not e.input_shapes:
-            continue
-        shape = tuple(e.input_shapes[0])
-        if len(shape) < 4 or not sites.get(math.prod(shape)):
-            continue
-        site, call = sites[math.prod(shape)].pop(0)
-        itemsize = next((p.element_size() for p in wrt if p.numel() == math.prod(shape)), 4)
-        seen.append(Transpose("AccumulateGrad", shape, 2 * math.prod(shape) * itemsize, site, call))
+    for shape in copies:
+        if sites.get(numel := math.prod(shape)):
+            p, site, call = sites[numel].pop(0)
+            seen.append(Transpose("AccumulateGrad", shape, 2 * numel * p.element_size(), site, call))
     for p in model.parameters():
         p.grad = None
     return seen
+
+
+def _gradients_relaid(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], params: list[nn.Parameter]
+) -> set[int]:
+    """The parameters (by id) of ``params`` whose gradient arrives in another layout than theirs, seen by
+    a hook on each in a forward and backward run again (the copies are matched to parameters by their
+    element count: several parameters of one size share it, and the copies go to those re-laid)."""
+    relaid: set[int] = set()
+
+    def seen(p: nn.Parameter) -> Callable[[torch.Tensor], None]:
+        return lambda g: relaid.add(id(p)) if g.stride() != p.stride() else None
+
+    handles = [p.register_hook(seen(p)) for p in params]
+    try:
+        torch.manual_seed(0)
+        out = model(*args, **kwargs)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        torch.manual_seed(0)
+        loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+        assert isinstance(loss, torch.Tensor)
+        torch.autograd.backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.grad = None
+    return relaid
 
 
 def eager_backward_bytes(
