@@ -33,7 +33,8 @@ from .captured import Captured
 from .corrections import Corrections
 from .eager import record_eager
 from .interpreter import LayoutProp
-from .runner import Runner, attributes_restored
+from .module_state import attributes_restored
+from .runner import Runner
 
 __all__ = ["match_nodes", "nchw_backward", "nchw_records", "split_moves", "training_fails"]
 

@@ -38,8 +38,9 @@ from .exported import exported
 from .grad_hooks import Grads
 from .inputs import positional_inputs
 from .interpreter import ProgressFn, propagate
+from .module_state import attributes_restored
 from .replay import replay
-from .runner import Runner, StateKept, attributes_restored, batch_of, first_sample, quiet
+from .runner import Runner, StateKept, batch_of, first_sample, quiet
 from .skeleton import Skeleton
 
 __all__ = ["CAPTURES", "CaptureMethod", "Captured", "CheckKind", "capture_and_propagate", "replay_check"]

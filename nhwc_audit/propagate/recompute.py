@@ -29,7 +29,7 @@ from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .breaks import as_traced
 from .dispatch import RecordingMode
 from .fresh_args import FreshArgs
-from .runner import attributes_restored
+from .module_state import attributes_restored
 
 __all__ = ["recompute_counts", "state_kept"]
 

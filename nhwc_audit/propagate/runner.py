@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import torch
@@ -25,7 +23,6 @@ from .dispatch import CopyRecorder
 __all__ = [
     "Runner",
     "StateKept",
-    "attributes_restored",
     "autograd",
     "batch_of",
     "fake_limitation",
@@ -138,98 +135,6 @@ def autocast(device_type: str, dtype: torch.dtype, *, absent: bool) -> Iterator[
 def autograd(grad: bool) -> Any:
     """``enable_grad`` for a run as training runs the model (a train audit's), else ``no_grad``."""
     return torch.enable_grad() if grad else torch.no_grad()
-
-
-@contextlib.contextmanager
-def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
-    """Every module's attributes (its parameter, buffer and submodule tables, and hooks) as they were
-    before: a trace or an export runs ``forward`` on proxies or fake tensors, and models cache what
-    they compute on themselves (Ultralytics' Detect keeps anchors and strides), which a later run
-    would read back. Yields a list that names, on exit, the public attributes the run had set
-    (``model.22.anchors``). The tables' keys and values are kept as two flat lists (built and
-    compared in C, values by identity): most runs change nothing."""
-    modules = [(n, m) for n, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
-    tables = [t for _, m in modules for t in (m.__dict__, m._parameters, m._buffers, m._modules)]
-    hooks = [t for _, m in modules for t in map(m.__dict__.get, _HOOKS) if t is not None]
-    hooked = list(map(len, hooks))
-    sizes = list(map(len, tables))
-    keys = list(chain.from_iterable(tables))
-    views = [t.values() for t in tables]
-    values = list(chain.from_iterable(views))
-    changed: list[str] = []
-    try:
-        yield changed
-    finally:
-        same = (
-            all(map(operator.is_, map(_OWN, (m for _, m in modules)), tables[::4]))  # no __dict__ replaced
-            and list(map(len, tables)) == sizes
-            and list(chain.from_iterable(tables)) == keys
-            and all(map(operator.is_, chain.from_iterable(views), values))
-        )
-        if not same:
-            changed += _restore(modules, tables, sizes, keys, values)
-        if list(map(len, hooks)) != hooked:  # hooks a run registered go with the flag it set: cut off the end
-            for table, size in zip(hooks, hooked, strict=True):
-                while len(table) > size:
-                    table.popitem()
-
-
-def _restore(
-    modules: list[tuple[str, nn.Module]], tables: list[Any], sizes: list[int], keys: list[str], values: list[Any]
-) -> list[str]:
-    """Put each module's four tables (``tables``: four per module, in order) back as they were
-    (``sizes``, ``keys``, ``values``: their entries then, flat); the public attributes set."""
-    changed: list[str] = []
-    start = 0
-    before: list[dict[str, Any]] = []
-    for size in sizes:
-        before.append(dict(zip(keys[start : start + size], values[start : start + size], strict=True)))
-        start += size
-    for i, (path, m) in enumerate(modules):
-        now, then = tables[4 * i : 4 * i + 4], before[4 * i : 4 * i + 4]
-        own = m.__dict__
-        if own is not now[0]:  # replaced whole: the module's own goes back
-            object.__setattr__(m, "__dict__", now[0])
-        elif all(map(_unchanged, now, then)):
-            continue
-        attrs = then[0]
-        changed += [
-            f"{path}.{k}" if path else k
-            for k, v in own.items()
-            if not k.startswith("_") and (k not in attrs or _replaced(attrs[k], v))
-        ]
-        for table, saved in zip(now, then, strict=True):
-            table.clear()
-            table.update(saved)
-    return changed
-
-
-_OWN = operator.attrgetter("__dict__")
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-"""A module's hook tables: a run that registers hooks (transformers' ``capture_outputs``, in forward,
-with a flag saying so) has them cut back with the flag."""
-
-
-def _unchanged(now: dict[str, Any], before: dict[str, Any]) -> bool:
-    """``now`` holds the same keys, in the same order, with the same objects as ``before``."""
-    return (
-        len(now) == len(before)
-        and tuple(now) == tuple(before)
-        and all(map(operator.is_, now.values(), before.values()))
-    )
-
-
-def _replaced(old: Any, new: Any) -> bool:
-    """``new`` is another value than ``old``: another tensor, or an unequal plain value (export
-    rebuilds equal tuples such as a conv's ``padding``)."""
-    if old is new:
-        return False
-    if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor):
-        return True
-    try:
-        return not bool(old == new)
-    except Exception:
-        return True
 
 
 def fake_limitation(e: BaseException) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 import nhwc_audit
 from nhwc_audit import pipeline
 from nhwc_audit.prepare.copy import AuditCopy
-from nhwc_audit.propagate.runner import attributes_restored
+from nhwc_audit.propagate.module_state import attributes_restored
 
 
 def _model() -> nn.Sequential:
@@ -66,6 +66,55 @@ def test_a_dict_replaced_whole_is_put_back() -> None:
         object.__setattr__(m[0], "__dict__", {**own, "anchors": torch.zeros(1)})
     assert m[0].__dict__ is own and _state(m) == before
     assert changed == ["0.anchors"]
+
+
+def test_the_entries_of_a_modules_own_dict_and_list_are_put_back() -> None:
+    """A cache a model keeps in a dict or list of its own, filled in place by forward (timm's
+    ``attention_bias_cache``): its entries go back as they were, the containers stay the very objects."""
+    m = _model()
+    cache: dict[str, Any] = {"kept": torch.ones(1)}
+    seen: list[Any] = [1]
+    m[0].cache, m[1].seen, m[1]._memo = cache, seen, {}
+    kept = cache["kept"]
+    with attributes_restored(m) as changed:
+        cache["cpu"] = torch.zeros(1)  # an entry added
+        cache["kept"] = torch.zeros(1)  # one replaced
+        seen.append(2)
+        m[1]._memo["x"] = 1  # a private one: put back, not named
+    assert m[0].cache is cache and cache == {"kept": kept} and cache["kept"] is kept
+    assert m[1].seen is seen and seen == [1] and m[1]._memo == {}
+    assert sorted(changed) == ["0.cache", "1.seen"]
+
+
+class AttentionBiasCache(nn.Module):
+    """timm's EfficientFormer and LeViT attention: in eval, the biases gathered by their indices are
+    kept in a dict on the module, by device, the first time forward runs."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.biases = nn.Parameter(torch.randn(4, size * size))
+        self.register_buffer("idxs", torch.arange(size * size), persistent=False)
+        self.size, self.attention_bias_cache = size, {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if self.training or key not in self.attention_bias_cache:
+            self.attention_bias_cache[key] = self.biases[:, self.idxs].view(1, 4, self.size, self.size)
+        return self.conv(x) + self.attention_bias_cache[key]
+
+
+def test_a_model_that_cannot_run_at_the_size_names_its_own_error_with_export_in_fake_mode() -> None:
+    """Export's trace filled the cache with a tensor of its own fake mode before the model's error (a
+    7 x 7 bias added to a 16 x 16 map): the eager run that names the model's error then mixed fake
+    modes ("fake mode cannot run the model: AssertionError: Mixing fake modes NYI")."""
+    x = torch.randn(1, 3, 16, 16)
+    for mode in ("real", "fake"):
+        with pytest.raises(nhwc_audit.PropagationError, match="the model's own error") as e:
+            nhwc_audit.audit(AttentionBiasCache(7).eval(), x, capture="export", mode=mode)  # type: ignore[arg-type]
+        assert "fake modes" not in str(e.value)
+    r = nhwc_audit.audit(AttentionBiasCache(16).eval(), x, capture="export", mode="fake")
+    assert r.meta.capture == "export"
 
 
 class Functional(nn.Module):
