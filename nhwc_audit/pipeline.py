@@ -29,6 +29,7 @@ from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prep
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .prepare.notes import conversion_note, one_channel_note
 from .prepare.wrappers import unwrapped
+from .propagate import onednn
 from .propagate.baseline import fake_pays, training_fails
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
@@ -221,7 +222,13 @@ def _audit_one(
     if captured.capture is not None:
         captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph
     rank = max({t.dim() for t in iter_tensors((p.args, p.kwargs))} & {4, 5}, default=None)
-    notes = (wrapper, conversion_note(module, rank), one_channel_note(args, kwargs), callers_modes_note(o.mode))
+    notes = (
+        wrapper,
+        conversion_note(module, rank),
+        one_channel_note(args, kwargs),
+        callers_modes_note(o.mode),
+        onednn.note(module, o.device.type, o.train and o.backward),
+    )
     meta = AuditMeta(
         model=o.name or type(module).__name__,
         torch_version=torch.__version__,

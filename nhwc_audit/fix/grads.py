@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from ..propagate.onednn import Guard, may_need_guard
 
 __all__ = ["gradients"]
 
@@ -11,7 +15,13 @@ def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Ten
     """``loss``'s gradients with respect to ``params``: ``autograd.grad``, or where a reentrant
     checkpoint refuses it, ``backward()`` into ``.grad`` with each parameter's own put back (they
     are the user's: a checking copy shares them). The repair refused every rewrite of such a model,
-    blaming the rewrite."""
+    blaming the rewrite. A oneDNN kernel that would crash the process runs without oneDNN
+    (:class:`~nhwc_audit.propagate.onednn.Guard`)."""
+    with Guard() if may_need_guard(params) else contextlib.nullcontext():
+        return _gradients(loss, params)
+
+
+def _gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     try:
         return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)  # (kept for a retry)
     except RuntimeError as e:

@@ -1,0 +1,160 @@
+"""A oneDNN kernel that breaks channels_last training on the CPU, found and stepped around.
+
+oneDNN's CPU kernel for the weight gradient of a 1 x 1 convolution with a stride above 1 reduces the
+stride first into a workspace sized for whole channel blocks; with channels_last (NHWC) data and
+fewer input channels than a block (16 with AVX-512, 8 with AVX2) it writes past that workspace
+(uxlfoundation/oneDNN#6035). In torch 2.14.1 on an AVX-512 CPU, ``Conv2d(8, 8, 1, stride=2)``
+trained channels_last at 1x8x64x64 segfaults, at 1x12x128x128 glibc aborts on a corrupted heap;
+the NCHW model, padding 1, a stride of 1, 16 input channels, or a grouped convolution run.
+Whether this PyTorch has the bug is asked once per process of a fresh interpreter
+(:func:`present`: the smallest known crash, which would take the caller's process down with it).
+Where it has, the audit runs such a convolution's backward without oneDNN (:func:`stepped_around`,
+:class:`Guard`) and says so (:func:`note`): the model's own training would crash or corrupt memory."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch._prims_common import suggest_memory_format
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["Guard", "at_risk", "ic_block", "may_need_guard", "note", "present", "stepped_around"]
+
+_PROBE = """
+import torch
+torch.set_num_threads(1)
+for _ in range(3):
+    m = torch.nn.Conv2d(4, 8, 1, stride=2).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 4, 128, 128).to(memory_format=torch.channels_last)
+    m(x).sum().backward()
+"""
+"""The smallest crash known on both AVX2 and AVX-512 (4 input channels, below either's block)."""
+
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+
+
+def ic_block() -> int | None:
+    """oneDNN's block of input channels on this CPU (its ISA, or the one ``ONEDNN_MAX_CPU_ISA``
+    caps it at): 16 with AVX-512 or AMX, 8 with AVX2; None on other CPUs."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    isa = (isa or torch.backends.cpu.get_cpu_capability()).upper()
+    return 16 if "AVX512" in isa or "AMX" in isa else 8 if "AVX2" in isa else None
+
+
+@functools.cache
+def present() -> bool:
+    """This PyTorch's oneDNN has the bug: the probe crashes, aborts or hangs a fresh interpreter."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        ran = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=120, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return True
+    except OSError:
+        return False
+    return ran.returncode != 0
+
+
+def at_risk(weight: torch.Tensor, stride: Any, padding: Any, groups: int, channels_last: bool) -> bool:
+    """A CPU convolution of ``weight`` (float32, 1 x 1, fewer input channels than a block) with a
+    stride above 1, no padding and no groups, computed channels_last, where oneDNN is on: its
+    weight gradient is the kernel's case (whether this PyTorch has the bug aside, :func:`present`)."""
+    block = ic_block()
+    return (
+        channels_last
+        and block is not None
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 4
+        and tuple(weight.shape[2:]) == (1, 1)
+        and weight.shape[1] < block
+        and groups == 1
+        and any(s > 1 for s in stride)
+        and not isinstance(padding, str)
+        and all(p == 0 for p in padding)
+        and torch._C._has_mkldnn
+        and torch._C._get_mkldnn_enabled()
+    )
+
+
+def _backward_at_risk(args: Any) -> bool:
+    """``aten.convolution_backward``'s arguments ask for the kernel's case and its weight gradient."""
+    _, x, w, _, stride, padding, _, transposed, _, groups, mask = args
+    cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
+    return not transposed and bool(mask[1]) and at_risk(w, stride, padding, groups, cl)
+
+
+def stepped_around(func: Any, args: Any) -> contextlib.AbstractContextManager[Any]:
+    """oneDNN off for one op where it is the kernel's case and this PyTorch has the bug (the slow
+    backend computes it), else nothing."""
+    if func is _CONV_BACKWARD and _backward_at_risk(args) and present():
+        return _without_onednn()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_onednn() -> Iterator[None]:
+    """oneDNN's switch alone off (``torch.backends.mkldnn.flags`` resets its other settings too)."""
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
+
+
+class Guard(TorchDispatchMode):
+    """Pushed around a backward the audit runs outside its own watch (a repair's checks): each
+    ``convolution_backward`` of the kernel's case runs without oneDNN (:func:`stepped_around`)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # (as the audit's other modes: never under torch.compile)
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        with stepped_around(func, args):
+            return func(*args, **(kwargs or {}))
+
+
+def may_need_guard(params: list[torch.Tensor]) -> bool:
+    """Some parameter could be the weight of the kernel's case (its stride and padding are known
+    only at the call): a :class:`Guard` is worth pushing."""
+    block = ic_block()
+    return block is not None and any(
+        p.dim() == 4 and tuple(p.shape[2:]) == (1, 1) and p.shape[1] < block and p.dtype == torch.float32
+        for p in params
+    )
+
+
+def note(model: nn.Module, device: str, train: bool) -> str | None:
+    """The report's note where the model has convolutions of the kernel's case and this PyTorch has the
+    bug: which, what happens, and what to change (and, in a ``train`` audit, how its backward ran)."""
+    if device != "cpu":
+        return None
+    hit = [
+        f"{path} ({m.in_channels} -> {m.out_channels}, stride {tuple(m.stride)})"
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and not isinstance(m.weight, nn.parameter.UninitializedParameter)
+        and at_risk(m.weight, m.stride, m.padding, m.groups, channels_last=True)
+    ]
+    if not hit or not present():
+        return None
+    block = ic_block()
+    return (
+        f"oneDNN: the channels_last weight gradient of a 1x1 strided convolution with fewer than {block} input "
+        f"channels writes past its buffer on this CPU in this PyTorch (uxlfoundation/oneDNN#6035): training "
+        f"{', '.join(hit[:3])}{' and more' if len(hit) > 3 else ''} channels_last here crashes or corrupts memory "
+        f"{' (the audit ran its backward without oneDNN)' if train else ''}. Keep it NCHW, give it "
+        f"{block} input channels, or write it as the same 1x1 convolution with stride 1 of x[:, :, ::s, ::s] (s its stride)"
+    )
