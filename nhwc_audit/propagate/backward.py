@@ -220,16 +220,16 @@ def _accumulated(
     ]
     if not copied:  # (most often: the graph's walk below spared)
         return []
-    readers: dict[str, str] = {}
+    readers: dict[int, str] = {}  # by the tensor: a module registered under two names is read by either
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.users:
-            readers.setdefault(str(n.target), next(iter(n.users)).name)
+        if n.op == "get_attr" and n.users and (q := _parameter(gm, str(n.target))) is not None:
+            readers.setdefault(id(q), next(iter(n.users)).name)
         elif n.op == "call_module":
-            for name, _ in gm.get_submodule(str(n.target)).named_parameters(prefix=str(n.target)):
-                readers.setdefault(name, n.name)
+            for q in gm.get_submodule(str(n.target)).parameters():
+                readers.setdefault(id(q), n.name)
     return [
         (
-            readers[name],
+            readers[id(p)],
             HiddenCopy(
                 f"AccumulateGrad of {name}",
                 tensor_meta(g).layout,
@@ -239,8 +239,16 @@ def _accumulated(
             ),
         )
         for name, p, g in copied
-        if name in readers
+        if id(p) in readers
     ]
+
+
+def _parameter(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | None:
+    """The parameter of ``gm``'s a get_attr node's ``target`` names; None for anything else."""
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:
+        return None
 
 
 def param_grad_notes(param_grads: dict[str, TensorMeta]) -> tuple[str, ...]:

@@ -295,7 +295,25 @@ class InputLaidChannelsInnermost(nn.Module):
         return self.bn(self.conv(w)).mean((2, 3))
 
 
+class PositionTableUnderTwoNames(nn.Module):
+    """A (1, C, H, W) table added to a map, its batch-summed gradient NCHW where the converted table
+    is channels_last (``AccumulateGrad`` copies it), in a module registered under two names (monai's
+    DynUNet: ``input_block`` and ``skip_layers.downsample``). torch.export names the parameter by the
+    other name than ``named_parameters()`` does; the copy was looked up by name and dropped (export
+    2,240 B where eager adds 6,336; a Conv3d block so aliased at batch 1: 317,440 of 400,384)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.table = nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.Conv2d(8, 8, 1))
+        self.table.pos = nn.Parameter(torch.randn(1, 8, 8, 8))
+        self.again = self.table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table(self.conv(x) + self.table.pos)
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "position_table_under_two_names": PositionTableUnderTwoNames,
     "input_laid_channels_innermost": InputLaidChannelsInnermost,
     "no_grad_block": NoGradBlock,
     "add_into_a_view": AddIntoAView,
