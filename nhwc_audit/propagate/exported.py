@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves
 
 from ..capture.export import export
@@ -81,7 +82,46 @@ def exported(
     """torch.export's capture, traced under :class:`EagerLayouts` on the CPU and under ``amp``
     (the audit's autocast, :meth:`.runner.Runner.amp`). Where that trace raises (a view that
     eager cannot make either: a break), the trace on the fake tensors' own layouts, with a note
-    in ``notes``."""
+    in ``notes``. A fake run's export that meets two fake modes (forward reassigns a tensor kept as
+    a plain attribute, which the fake copy holds as a fake tensor of the audit's mode: monai
+    GlobalNet's ``self.grid = self.grid.to(...)``) is traced again with those attributes real, as
+    export takes them (a small one's value, a larger one's zeros; the graph's constants are made
+    fake after the capture)."""
+    try:
+        return _exported(model, args, kwargs, device, notes, amp)
+    except TraceError as e:
+        held = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if _stand_in(v) is not None]
+        if "doesn't match mode" not in str(e) or not held:
+            raise
+        try:
+            for m, k, v in held:
+                m.__dict__[k] = _stand_in(v)
+            return _exported(model, args, kwargs, device, notes, amp)
+        finally:
+            for m, k, v in held:
+                m.__dict__[k] = v
+
+
+def _stand_in(v: Any) -> torch.Tensor | None:
+    """A real tensor for a fake one a module keeps as a plain attribute: its constant's value, or zeros
+    strided as it is on the CPU (up to 16 M elements); None for anything else."""
+    if not isinstance(v, FakeTensor) or isinstance(v, torch.nn.Parameter):
+        return None
+    if v.constant is not None:
+        return v.constant
+    if v.device.type != "cpu" or v.numel() > 1 << 24:
+        return None
+    return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype).zero_()
+
+
+def _exported(
+    model: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: str,
+    notes: list[str],
+    amp: contextlib.AbstractContextManager[None] | None,
+) -> Capture:
     with amp if amp is not None else contextlib.nullcontext():
         if device != "cpu":
             return export(model, args, kwargs)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nhwc_audit import audit, convert
+from tests.eager_bytes import eager_backward_bytes, eager_bytes
 
 
 class ThenContiguous(nn.Module):
@@ -134,3 +135,35 @@ def test_a_contiguous_that_copies_in_nchw_only_is_in_the_export_graph(train: boo
         forced = audit(model, x, train=True, capture="export", bandwidth=1e9)
         assert [f for f in forced.findings if f.kind.value != "backward"] == []
         assert [f for f in trained.findings if f.kind.value != "backward"] == []
+
+
+class ReassignsItsGrid(nn.Module):
+    """monai GlobalNet's ``AffineHead``: a tensor kept as a plain attribute (not a buffer) that
+    forward reassigns (``self.grid = self.grid.to(device=...)``). The fake copy holds it as a fake
+    tensor of the audit's mode, and export met two fake modes: "fake mode ... doesn't match mode"
+    (export in fake mode raised, and a fake train audit had no backward; eager 1,965,440 B on GlobalNet)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.grid = torch.randn(3, numel // 24, 8) if numel > 8 else torch.randn(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.grid = self.grid.to(device=x.device)
+        return self.a(x) - self.grid
+
+
+@pytest.mark.parametrize("numel", [8, 6144], ids=["constant", "large"])  # (fake constants: up to 4,096 elements)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_an_attribute_forward_reassigns_is_exported_in_fake_mode(numel: int, train: bool) -> None:
+    torch.manual_seed(0)
+    model = ReassignsItsGrid(numel).train(train)
+    x = torch.randn(1, 2, numel // 24 if numel > 8 else 8, 8)
+    real = audit(model, x, bandwidth=1e9, capture="export", train=train)
+    fake = audit(model, x, bandwidth=1e9, capture="export", mode="fake", train=train)
+    assert fake.meta.capture == "export" and fake.meta.backward is train
+    assert (
+        fake.summary.bytes_moved
+        == real.summary.bytes_moved
+        == eager_bytes(model, (x,)).added + (eager_backward_bytes(model, (x,)).added if train else 0)
+    )
