@@ -87,16 +87,17 @@ def exported(
     GlobalNet's ``self.grid = self.grid.to(...)``) is traced again with those attributes real, as
     export takes them (a small one's value, a larger one's zeros; the graph's constants are made
     fake after the capture)."""
-    try:
-        return _exported(model, args, kwargs, device, notes, amp)
-    except TraceError as e:
-        held = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if _stand_in(v) is not None]
-        if "doesn't match mode" not in str(e) or not held:
-            raise
+    with amp if amp is not None else contextlib.nullcontext():
         try:
+            return _traced(model, args, kwargs, device, notes)
+        except TraceError as e:
+            held = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if _stand_in(v) is not None]
+            if "doesn't match mode" not in str(e) or not held:
+                raise
+        try:  # (under amp still)
             for m, k, v in held:
                 m.__dict__[k] = _stand_in(v)
-            return _exported(model, args, kwargs, device, notes, amp)
+            return _traced(model, args, kwargs, device, notes)
         finally:
             for m, k, v in held:
                 m.__dict__[k] = v
@@ -114,24 +115,16 @@ def _stand_in(v: Any) -> torch.Tensor | None:
     return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype).zero_()
 
 
-def _exported(
-    model: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    device: str,
-    notes: list[str],
-    amp: contextlib.AbstractContextManager[None] | None,
-) -> Capture:
-    with amp if amp is not None else contextlib.nullcontext():
-        if device != "cpu":
+def _traced(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], device: str, notes: list[str]) -> Capture:
+    if device != "cpu":
+        return export(model, args, kwargs)
+    try:
+        with EagerLayouts():
             return export(model, args, kwargs)
-        try:
-            with EagerLayouts():
-                return export(model, args, kwargs)
-        except TraceError as e:
-            cap = export(model, args, kwargs)
-            notes.append(
-                f"export: traced on fake tensors' layouts, as eager's made the trace raise ({first_line(e)}): a copy "
-                "torch.export writes only where the fake tensor needs it (.contiguous(), a reshape) may be missing"
-            )
-            return cap
+    except TraceError as e:
+        cap = export(model, args, kwargs)
+        notes.append(
+            f"export: traced on fake tensors' layouts, as eager's made the trace raise ({first_line(e)}): a copy "
+            "torch.export writes only where the fake tensor needs it (.contiguous(), a reshape) may be missing"
+        )
+        return cap
