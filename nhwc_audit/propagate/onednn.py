@@ -66,22 +66,20 @@ def at_risk(weight: torch.Tensor, stride: Any, padding: Any, groups: int, channe
     """A CPU convolution of ``weight`` (float32, 1 x 1, fewer input channels than a block) with a
     stride above 1, no padding and no groups, computed channels_last, where oneDNN is on: its
     weight gradient is the kernel's case (whether this PyTorch has the bug aside, :func:`present`)."""
-    block = ic_block()
-    return (
+    if not (
         channels_last
-        and block is not None
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and weight.dim() == 4
         and tuple(weight.shape[2:]) == (1, 1)
-        and weight.shape[1] < block
         and groups == 1
         and any(s > 1 for s in stride)
         and not isinstance(padding, str)
         and all(p == 0 for p in padding)
-        and torch._C._has_mkldnn
-        and torch._C._get_mkldnn_enabled()
-    )
+    ):
+        return False  # (the cheap questions first: every audit asks them of every convolution)
+    block = ic_block()
+    return block is not None and weight.shape[1] < block and torch._C._has_mkldnn and torch._C._get_mkldnn_enabled()
 
 
 def _backward_at_risk(args: Any) -> bool:
