@@ -51,8 +51,9 @@ def autocast_casts(op: str, device: str) -> bool:
 
 
 def casts_first(r: NodeRecord, autocast: str | None) -> bool:
-    """Node ``r``, run under autocast on device type ``autocast`` or its own :attr:`~NodeRecord.autocast`
-    (None for both: no autocast, and nothing is cast first), computes in its output's dtype, its
+    """Node ``r``, run under autocast on device type ``autocast`` (an eager capture's record: the audit's)
+    or, a graph's node, on its own :attr:`~NodeRecord.autocast` (None: no autocast, and nothing is cast
+    first; forward's ``autocast(enabled=False)`` block turns the audit's off), computes in its output's dtype, its
     inputs of another cast to it first, keeping their layout (a float32 map into a bfloat16
     convolution; GroupNorm in float32 on CUDA, ``avg_pool3d`` on the CPU); not a cast itself
     (:data:`CASTS`). Activations of mixed dtypes are read each in its own as the op promotes (an add;
@@ -64,7 +65,9 @@ def casts_first(r: NodeRecord, autocast: str | None) -> bool:
     if not r.outputs or (op := r.op_name.lower()) in CASTS:
         return False
     acts = {i.meta.dtype for i in r.inputs if not i.is_param and _floating(i.meta.dtype)}
-    if (autocast := autocast or r.autocast) is None:
+    if r.call is None:  # a graph's node: as it ran (forward's own block turns the audit's off, too)
+        autocast = r.autocast
+    if autocast is None:
         if not _floating(out := r.outputs[0].dtype):
             return False
         if op in CONV_OPS | GEMM_OPS:

@@ -131,13 +131,14 @@ def _containers(modules: list[tuple[str, nn.Module]]) -> list[_Held]:
 
 
 def _refilled(held: list[_Held]) -> list[str]:
-    """Put back the entries of each container of :func:`_containers` a run changed (keys by equality,
-    values by identity); the public ones, by name."""
+    """Put back the entries of each container of :func:`_containers` a run changed (keys and values by
+    identity: a dict keyed by tensors compares none by value; writing an equal key keeps the dict's own);
+    the public ones, by name."""
     changed = []
     for name, c, then in held:
         if type(c) is dict:
             now = list(c.items())
-            if len(now) == len(then) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(now, then, strict=True)):
+            if len(now) == len(then) and all(a[0] is b[0] and a[1] is b[1] for a, b in zip(now, then, strict=True)):
                 continue
             c.clear()
             c.update(then)

@@ -42,11 +42,16 @@ _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
 
 def ic_block() -> int | None:
-    """oneDNN's block of input channels on this CPU (its ISA, or the one ``ONEDNN_MAX_CPU_ISA``
-    caps it at): 16 with AVX-512 or AMX, 8 with AVX2; None on other CPUs."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    isa = (isa or torch.backends.cpu.get_cpu_capability()).upper()
-    return 16 if "AVX512" in isa or "AMX" in isa else 8 if "AVX2" in isa else None
+    """oneDNN's block of input channels on this CPU: 16 with AVX-512 (or AMX), 8 with AVX2, as the
+    hardware has them (``ATEN_CPU_CAPABILITY`` caps ATen's kernels, not oneDNN's) or as
+    ``ONEDNN_MAX_CPU_ISA`` caps them; None on other CPUs."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    wide = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
+    if wide and (cap == "ALL" or any(isa in cap for isa in ("AVX512", "AMX", "AVX10"))):
+        return 16
+    if torch.cpu._is_avx2_supported() and (cap == "ALL" or "AVX" in cap):
+        return 8
+    return None
 
 
 @functools.cache

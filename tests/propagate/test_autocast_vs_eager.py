@@ -355,3 +355,34 @@ def test_forward_s_own_autocast_is_charged_what_eager_moves(name: str, inner: bo
         expected = eager_bytes(model, (x,)).added
     report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=not inner)  # type: ignore[arg-type]
     assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
+
+
+class MixedInABlockWithoutAutocast(nn.Module):
+    """Under the audit's autocast, a bfloat16 map and a float32 buffer met inside forward's own
+    ``torch.autocast(enabled=False)`` block: no cast there, each read in its own dtype. The audit's
+    autocast alone decided, and fx and export charged a cast first (196,608 B where eager moves 131,072;
+    a review's find). The eager capture's records (ATen ops, no block) still follow the audit's."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op, self.conv = op, nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("pos", torch.randn(1, 8, 32, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        with torch.autocast("cpu", enabled=False):
+            p = self.pos.expand(a.shape[0], -1, -1, -1)
+            y = torch.cat([a, p], 1) if self.op == "cat" else torch.stack([a, p], 2).flatten(1, 2)
+        return y.float().sum((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("op", ["cat", "stack"])
+def test_a_block_without_autocast_is_run_and_charged_without_it(op: str, capture: str, mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = MixedInABlockWithoutAutocast(op).eval(), torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_bytes(model, (x,)).added
+    report = audit(model, x, bandwidth=1e9, capture=capture, mode=mode, autocast=torch.bfloat16)  # type: ignore[arg-type]
+    assert report.summary.bytes_moved == expected == 131072

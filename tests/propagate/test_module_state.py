@@ -86,6 +86,26 @@ def test_the_entries_of_a_modules_own_dict_and_list_are_put_back() -> None:
     assert sorted(changed) == ["0.cache", "1.seen"]
 
 
+class ScalesByAnchors(nn.Module):
+    """A lookup keyed by a tensor (hashed by identity): comparing its keys by value raised "Boolean
+    value of Tensor with more than one element is ambiguous" in every audit (a review's find)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.anchors = nn.Conv2d(3, 8, 3, padding=1), torch.tensor([8.0, 16.0, 32.0])
+        self.scales = {self.anchors: 1.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.scales[self.anchors]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_a_dict_keyed_by_tensors_is_compared_by_identity(capture: str) -> None:
+    model = ScalesByAnchors().eval()
+    assert nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), capture=capture).summary.bytes_moved == 0  # type: ignore[arg-type]
+    assert list(model.scales) == [model.anchors]
+
+
 class AttentionBiasCache(nn.Module):
     """timm's EfficientFormer and LeViT attention: in eval, the biases gathered by their indices are
     kept in a dict on the module, by device, the first time forward runs."""
