@@ -227,7 +227,7 @@ def _audit_one(
         conversion_note(module, rank),
         one_channel_note(args, kwargs),
         callers_modes_note(o.mode),
-        onednn.note(module, o.device.type, o.train and o.backward),
+        onednn.note(module, o.device.type, o.train and o.backward, o.autocast or o.dtype),
     )
     meta = AuditMeta(
         model=o.name or type(module).__name__,

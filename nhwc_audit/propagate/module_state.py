@@ -47,7 +47,7 @@ def attributes_restored(model: nn.Module) -> Iterator[list[str]]:
         )
         if not same:
             changed += _restore(modules, tables, sizes, keys, values)
-        changed += _refilled(held)
+        changed += [name for name in _refilled(held) if name not in changed]
         if list(map(len, hooks)) != hooked:  # hooks a run registered go with the flag it set: cut off the end
             for table, size in zip(hooks, hooked, strict=True):
                 while len(table) > size:

@@ -73,14 +73,13 @@ def at_risk(weight: torch.Tensor, stride: Any, padding: Any, groups: int, channe
     weight gradient is the kernel's case (whether this PyTorch has the bug aside, :func:`present`)."""
     if not (
         channels_last
-        and weight.device.type == "cpu"
+        and weight.device.type in ("cpu", "meta")  # (a model built on meta, audited for the CPU)
         and weight.dtype == torch.float32
         and weight.dim() == 4
         and tuple(weight.shape[2:]) == (1, 1)
         and groups == 1
         and any(s > 1 for s in stride)
-        and not isinstance(padding, str)
-        and all(p == 0 for p in padding)
+        and (padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding)))
     ):
         return False  # (the cheap questions first: every audit asks them of every convolution)
     block = ic_block()
@@ -88,10 +87,11 @@ def at_risk(weight: torch.Tensor, stride: Any, padding: Any, groups: int, channe
 
 
 def _backward_at_risk(args: Any) -> bool:
-    """``aten.convolution_backward``'s arguments ask for the kernel's case and its weight gradient."""
+    """``aten.convolution_backward``'s arguments ask for the kernel's case and its weight or bias gradient
+    (oneDNN computes a bias gradient alone in the same kernel: a frozen weight's bias trained crashes too)."""
     _, x, w, _, stride, padding, _, transposed, _, groups, mask = args
     cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
-    return not transposed and bool(mask[1]) and at_risk(w, stride, padding, groups, cl)
+    return not transposed and bool(mask[1] or mask[2]) and at_risk(w, stride, padding, groups, cl)
 
 
 def stepped_around(func: Any, args: Any) -> contextlib.AbstractContextManager[Any]:
@@ -139,10 +139,12 @@ def may_need_guard(params: list[torch.Tensor]) -> bool:
     )
 
 
-def note(model: nn.Module, device: str, train: bool) -> str | None:
+def note(model: nn.Module, device: str, train: bool, dtype: torch.dtype | None) -> str | None:
     """The report's note where the model has convolutions of the kernel's case and this PyTorch has the
-    bug: which, what happens, and what to change (and, in a ``train`` audit, how its backward ran)."""
-    if device != "cpu":
+    bug: which, what happens, and what to change (and, in a ``train`` audit, how its backward ran).
+    ``dtype``: what the convolutions compute in where the audit sets it (its dtype, or autocast's): the
+    kernel's case is float32's."""
+    if device != "cpu" or dtype not in (None, torch.float32):
         return None
     hit = [
         f"{path} ({m.in_channels} -> {m.out_channels}, stride {tuple(m.stride)})"
@@ -157,7 +159,7 @@ def note(model: nn.Module, device: str, train: bool) -> str | None:
     return (
         f"oneDNN: the channels_last weight gradient of a 1x1 strided convolution with fewer than {block} input "
         f"channels writes past its buffer on this CPU in this PyTorch (uxlfoundation/oneDNN#6035): training "
-        f"{', '.join(hit[:3])}{' and more' if len(hit) > 3 else ''} channels_last here crashes or corrupts memory "
+        f"{', '.join(hit[:3])}{' and more' if len(hit) > 3 else ''} channels_last here crashes or corrupts memory"
         f"{' (the audit ran its backward without oneDNN)' if train else ''}. Keep it NCHW, give it "
         f"{block} input channels, or write it as the same 1x1 convolution with stride 1 of x[:, :, ::s, ::s] (s its stride)"
     )

@@ -206,3 +206,25 @@ def test_hooks_a_failed_trace_installed_go_with_the_flag_it_set() -> None:
     r = nhwc_audit.audit(model, x, bandwidth=1e9)
     assert r.meta.capture == "hooks" and r.meta.capture_notes[0].startswith("fx: torch.fx could not trace")
     assert not model.blocks[0]._forward_hooks and not hasattr(model, "hooked")  # the user's model untouched
+
+
+class CachesOnItself(nn.Module):
+    """Fills a dict cache of its own in forward, keyed by device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bias, self.cache = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(1, 8, 1, 1)), {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (key := str(x.device)) not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.conv(x) + self.cache[key]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_cache_filled_in_forward_is_named_once(capture: str) -> None:
+    """The export note named it twice, "(cache, cache)": as an attribute set and as a container refilled."""
+    model = CachesOnItself().eval()
+    r = nhwc_audit.audit(model, torch.randn(1, 3, 8, 8), capture=capture)  # type: ignore[arg-type]
+    (note,) = [n for n in r.meta.capture_notes if "sets attributes" in n]
+    assert "(cache)" in note and model.cache == {}

@@ -29,6 +29,7 @@ def _needs_the_bug() -> None:
     [
         (nn.Conv2d(8, 8, 1, stride=2), True),
         (nn.Conv2d(3, 32, 1, stride=(2, 1)), True),
+        (nn.Conv2d(8, 16, 1, stride=2, padding="valid"), True),
         (nn.Conv2d(8, 8, 1, stride=1), False),  # no stride to reduce
         (nn.Conv2d(8, 8, 1, stride=2, padding=1), False),
         (nn.Conv2d(64, 8, 1, stride=2), False),  # whole blocks of input channels
@@ -57,17 +58,22 @@ class Downsample(nn.Module):
         return self.skip(y) + self.body(y)
 
 
+def _onednn_notes(model: nn.Module, x: torch.Tensor, **how: object) -> list[str]:
+    return [n for n in nhwc_audit.audit(model, x, **how).meta.capture_notes if n.startswith("oneDNN")]  # type: ignore[arg-type]
+
+
 def test_the_report_names_the_convolution_and_what_to_change() -> None:
     _needs_the_bug()
-    notes = nhwc_audit.audit(Downsample().eval(), torch.randn(1, 3, 16, 16)).meta.capture_notes
-    (note,) = [n for n in notes if n.startswith("oneDNN")]
+    (note,) = _onednn_notes(Downsample().eval(), torch.randn(1, 3, 16, 16))
     assert "skip (8 -> 8, stride (2, 2))" in note and "oneDNN#6035" in note and "ran its backward" not in note
-    assert "16 input channels" in note and "x[:, :, ::s, ::s]" in note
-    assert not [
-        n
-        for n in nhwc_audit.audit(nn.Conv2d(16, 8, 1, stride=2), torch.randn(1, 16, 8, 8)).meta.capture_notes
-        if n.startswith("oneDNN")
-    ]
+    assert "16 input channels" in note and "x[:, :, ::s, ::s]" in note and "  " not in note and " ." not in note
+    assert not _onednn_notes(nn.Conv2d(16, 8, 1, stride=2), torch.randn(1, 16, 8, 8))
+    # the convolutions compute in bfloat16 (the audit's dtype or autocast): not the kernel's case, no note
+    assert not _onednn_notes(Downsample().eval(), torch.randn(1, 3, 16, 16), autocast=torch.bfloat16)
+    assert not _onednn_notes(Downsample().eval(), torch.randn(1, 3, 16, 16), dtype=torch.bfloat16)
+    with torch.device("meta"):  # built on meta, audited for the CPU in fake mode
+        on_meta = Downsample().eval()
+    assert _onednn_notes(on_meta, torch.randn(1, 3, 16, 16), mode="fake", device="cpu")
 
 
 _SCRIPT = textwrap.dedent(
@@ -99,19 +105,27 @@ _SCRIPT = textwrap.dedent(
             r = nhwc_audit.audit(Down(how).train(), x, train=True, mode=mode)
             assert any(n.startswith("oneDNN") and "ran its backward without oneDNN" in n for n in r.meta.capture_notes)
             print(how, mode, r.summary.bytes_moved, flush=True)
-    r = nhwc_audit.audit(Down("none").train(), x, train=True).repaired()
+    r = nhwc_audit.audit(Down("none").train(), x, train=True)
+    print("measured", r.measure(train=True).measurement is not None, flush=True)
+    r = r.repaired()
     print("repaired", r.repair.bytes_before, r.repair.bytes_after, flush=True)
+    frozen = Down("none").train()
+    frozen.skip.weight.requires_grad_(False)  # its bias trained alone: the same kernel
+    r = nhwc_audit.audit(frozen, x, train=True)
+    print("frozen", r.summary.bytes_moved, flush=True)
     """
 )
 
 
 def test_a_train_audit_and_its_repair_run_where_training_channels_last_crashes() -> None:
     """In a fresh process (a crash would take pytest down): real and fake, a checkpointed block
-    (the counting run's backward), and the repair's checks with gradients."""
+    (the counting run's backward), a training step timed (``--measure``), the repair's checks with
+    gradients, and a frozen weight whose bias is trained."""
     _needs_the_bug()
     ran = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600, check=False)
     assert ran.returncode == 0, (ran.returncode, ran.stdout, ran.stderr[-2000:])
     lines = ran.stdout.splitlines()
-    assert len(lines) == 7 and lines[-1].startswith("repaired")
+    assert len(lines) == 9 and [line.split()[0] for line in lines[-3:]] == ["measured", "repaired", "frozen"]
+    assert lines[-3] == "measured True"
     for how in ("none", "reentrant", "non-reentrant"):  # fake = real
         assert len({line.split()[2] for line in lines if line.split()[0] == how}) == 1
