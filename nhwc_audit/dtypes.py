@@ -53,12 +53,13 @@ def autocast_casts(op: str, device: str) -> bool:
 def casts_first(r: NodeRecord, autocast: str | None) -> bool:
     """Node ``r``, run under autocast on device type ``autocast`` (an eager capture's record: the audit's)
     or, a graph's node, on its own :attr:`~NodeRecord.autocast` (None: no autocast, and nothing is cast
-    first; forward's ``autocast(enabled=False)`` block turns the audit's off), computes in its output's dtype, its
-    inputs of another cast to it first, keeping their layout (a float32 map into a bfloat16
+    first; forward's ``autocast(enabled=False)`` block turns the audit's off), computes in its output's
+    dtype, its inputs of another cast to it first, keeping their layout (a float32 map into a bfloat16
     convolution; GroupNorm in float32 on CUDA, ``avg_pool3d`` on the CPU); not a cast itself
     (:data:`CASTS`). Activations of mixed dtypes are read each in its own as the op promotes (an add;
     CUDA's cat), but where autocast casts them first (:func:`autocast_casts`: a float32 map and a
-    bfloat16 grid into ``grid_sample``, a cat on the CPU); a convolution or GEMM casts all. Without autocast, an op that writes another floating dtype than its activations are in ran in forward's
+    bfloat16 grid into ``grid_sample``, a cat on the CPU); a convolution or GEMM casts all. Without
+    autocast, an op that writes another floating dtype than its activations are in ran in forward's
     own autocast block or was given the dtype (``softmax(dtype=)``), and an eager kernel computes in
     one: a convolution or GEMM cast each such activation first, any other op where all its floating
     inputs share one dtype (``grid_sample``, which CPU autocast runs in float32; mixed ones promote)."""

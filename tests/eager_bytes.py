@@ -821,6 +821,14 @@ class _NodeHooks:
         node.register_hook(post)
 
 
+def _seeded_loss(out: Any) -> torch.Tensor | int:
+    """A fixed random linear loss on ``out``'s tensors that require grad (each seed gradient in its
+    output's layout); 0 where none does."""
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    torch.manual_seed(0)
+    return sum((t * torch.randn_like(t)).sum() for t in outs)
+
+
 def backward_transposes(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, hooked: bool = True
 ) -> list[Transpose]:
@@ -834,9 +842,7 @@ def backward_transposes(
         warnings.simplefilter("ignore")
         with _Tagger():
             out = model(*args, **(kwargs or {}))
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-        torch.manual_seed(0)
-        loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+        loss = _seeded_loss(out)
         wrt = [p for p in model.parameters() if p.requires_grad]
         if not isinstance(loss, torch.Tensor) or not wrt:
             return []  # nothing to train: no backward runs
@@ -864,9 +870,7 @@ def _accumulate_copies(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     torch.manual_seed(0)
     with _Tagger():
         out = model(*args, **kwargs)
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-    torch.manual_seed(0)
-    loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+    loss = _seeded_loss(out)
     assert isinstance(loss, torch.Tensor)
     sites: dict[int, list[tuple[nn.Parameter, str, str]]] = {}  # element count -> each 4D/5D parameter's
     todo, done = [loss.grad_fn], set()
@@ -892,7 +896,7 @@ def _accumulate_copies(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str
         and e.input_shapes
         and len(e.input_shapes[0]) >= 4
     ]
-    del loss, outs, out
+    del loss, out
     counts = collections.Counter(math.prod(shape) for shape in copies)
     if any(0 < counts[n] < len(sites.get(n, ())) for n in counts):  # which of same-sized parameters: asked
         relaid = _gradients_relaid(model, args, kwargs, [p for n in counts for p, _, _ in sites.get(n, ())])
@@ -922,10 +926,7 @@ def _gradients_relaid(
     handles = [p.register_hook(seen(p)) for p in params]
     try:
         torch.manual_seed(0)
-        out = model(*args, **kwargs)
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-        torch.manual_seed(0)
-        loss = sum((t * torch.randn_like(t)).sum() for t in outs)
+        loss = _seeded_loss(model(*args, **kwargs))
         assert isinstance(loss, torch.Tensor)
         torch.autograd.backward(loss, inputs=[p for p in model.parameters() if p.requires_grad])
     finally:

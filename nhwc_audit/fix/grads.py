@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ..propagate.onednn import Guard, may_need_guard
+from ..propagate.onednn import guarded
 
 __all__ = ["gradients"]
 
@@ -17,7 +15,7 @@ def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Ten
     are the user's: a checking copy shares them). The repair refused every rewrite of such a model,
     blaming the rewrite. A oneDNN kernel that would crash the process runs without oneDNN
     (:class:`~nhwc_audit.propagate.onednn.Guard`)."""
-    with Guard() if may_need_guard(params) else contextlib.nullcontext():
+    with guarded(params):
         return _gradients(loss, params)
 
 

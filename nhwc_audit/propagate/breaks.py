@@ -49,10 +49,15 @@ def as_traced(call: Call, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[
     if not blocks:
         return without_grad_if_refused(call, n, args, kwargs) if grad else call(n, args, kwargs)
     with contextlib.ExitStack() as stack:
-        for device, dtype, enabled, cache in blocks:
-            if device != "cuda" or torch.cuda.is_available():
-                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        for device, dtype, enabled, cache in _entered(blocks):
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
         return without_grad_if_refused(call, n, args, kwargs) if grad else call(n, args, kwargs)
+
+
+def _entered(blocks: Any) -> list[Any]:
+    """The autocast blocks (device, dtype, enabled, cache) a node's run enters: CUDA's on a machine
+    without CUDA do nothing in eager and are left out."""
+    return [b for b in blocks if b[0] != "cuda" or torch.cuda.is_available()]
 
 
 def autocast_in(n: torch.fx.Node, device: str) -> str | None:
@@ -61,8 +66,8 @@ def autocast_in(n: torch.fx.Node, device: str) -> str | None:
     if not torch.amp.is_autocast_available(device):
         return None
     on = torch.is_autocast_enabled(device)
-    for block, _, enabled, _ in n.meta.get(AUTOCAST_KEY, ()):
-        if block == device and (block != "cuda" or torch.cuda.is_available()):
+    for block, _, enabled, _ in _entered(n.meta.get(AUTOCAST_KEY, ())):
+        if block == device:
             on = enabled
     return device if on else None
 

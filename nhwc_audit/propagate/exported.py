@@ -91,15 +91,22 @@ def exported(
         try:
             return _traced(model, args, kwargs, device, notes)
         except TraceError as e:
-            held = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if _stand_in(v) is not None]
-            if "doesn't match mode" not in str(e) or not held:
+            if "doesn't match mode" not in str(e):
+                raise
+            held = [
+                (m, k, v, real)
+                for m in model.modules()
+                for k, v in vars(m).items()
+                if (real := _stand_in(v)) is not None
+            ]
+            if not held:
                 raise
         try:  # (under amp still)
-            for m, k, v in held:
-                m.__dict__[k] = _stand_in(v)
+            for m, k, _, real in held:
+                m.__dict__[k] = real
             return _traced(model, args, kwargs, device, notes)
         finally:
-            for m, k, v in held:
+            for m, k, v, _ in held:
                 m.__dict__[k] = v
 
 

@@ -18,7 +18,7 @@ import functools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Guard", "at_risk", "ic_block", "may_need_guard", "note", "present", "stepped_around"]
+__all__ = ["Guard", "at_risk", "guarded", "ic_block", "note", "present", "stepped_around"]
 
 _PROBE = """
 import torch
@@ -129,14 +129,16 @@ class Guard(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
 
 
-def may_need_guard(params: list[torch.Tensor]) -> bool:
-    """Some parameter could be the weight of the kernel's case (its stride and padding are known
-    only at the call): a :class:`Guard` is worth pushing."""
+def guarded(params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager[Any]:
+    """A :class:`Guard` around a backward into ``params`` where one could be the weight of the
+    kernel's case (its stride and padding are known only at the call) and this PyTorch has the bug;
+    else nothing (a mode on the stack costs every op its dispatch)."""
     block = ic_block()
-    return block is not None and any(
+    could = block is not None and any(
         p.dim() == 4 and tuple(p.shape[2:]) == (1, 1) and p.shape[1] < block and p.dtype == torch.float32
         for p in params
     )
+    return Guard() if could and present() else contextlib.nullcontext()
 
 
 def note(model: nn.Module, device: str, train: bool, dtype: torch.dtype | None) -> str | None:

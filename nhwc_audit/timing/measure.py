@@ -3,7 +3,6 @@ timed side by side with torch.utils.benchmark, interleaved so noise hits all thr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from torch.utils._pytree import tree_map
 from ..errors import first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.fresh_args import FreshArgs
-from ..propagate.onednn import Guard, may_need_guard
+from ..propagate.onednn import guarded
 from ..propagate.runner import quiet
 from ..tensors import iter_tensors
 
@@ -140,13 +139,13 @@ def _step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], train
         with torch.no_grad():
             model(*args, **kwargs)
 
-    guarded = may_need_guard(list(model.parameters()))  # a oneDNN kernel that would crash the process
+    params = list(model.parameters())
 
     def fwd_bwd() -> None:
         out = model(*args, **kwargs)
         floats = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
         if floats:
-            with Guard() if guarded else contextlib.nullcontext():
+            with guarded(params):  # a oneDNN kernel that would crash the process
                 sum(t.float().mean() for t in floats).backward()  # type: ignore[union-attr]
         for p in model.parameters():
             p.grad = None
