@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .dtypes import kernel_itemsize
+from .dtypes import kernel_nbytes
 from .layout import (
     classify_strides,
     innermost_dim,
@@ -203,8 +203,9 @@ def relay_bytes(source: TensorMeta, out: TensorMeta, *, conv: bool, cast_first: 
     stack only its result); a broadcast source (``repeat_interleave``'s expand) its stored bytes. A
     source of another dtype than the output counts at the output's where ``cast_first``: autocast casts it, keeping its
     layout, to the dtype the kernel computes in, and the kernel re-lays the cast (a weight computed in
-    float32 into a bfloat16 convolution moves bfloat16; :func:`kernel_itemsize`)."""
-    stored = source.stored_nbytes // source.itemsize * kernel_itemsize(source, out, cast_first=cast_first)
+    float32 into a bfloat16 convolution moves bfloat16; an expanded one its every element:
+    :func:`kernel_nbytes`)."""
+    stored = kernel_nbytes(source, out, cast_first=cast_first)
     return 2 * (stored if conv else min(stored, out.nbytes))
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .records import CONV_OPS, GEMM_OPS, NodeRecord, TensorMeta
 
-__all__ = ["AUTOCAST_NAMES", "CASTS", "autocast_casts", "casts_first", "kernel_itemsize"]
+__all__ = ["AUTOCAST_NAMES", "CASTS", "autocast_casts", "casts_first", "kernel_nbytes"]
 
 
 CASTS = frozenset({"to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double", "copy_"})
@@ -50,25 +50,24 @@ def autocast_casts(op: str, device: str) -> bool:
         return False
 
 
-def casts_first(r: NodeRecord, autocast: str | None) -> bool:
-    """Node ``r``, run under autocast on device type ``autocast`` (an eager capture's record: the audit's)
-    or, a graph's node, on its own :attr:`~NodeRecord.autocast` (None: no autocast, and nothing is cast
-    first; forward's ``autocast(enabled=False)`` block turns the audit's off), computes in its output's
-    dtype, its inputs of another cast to it first, keeping their layout (a float32 map into a bfloat16
-    convolution; GroupNorm in float32 on CUDA, ``avg_pool3d`` on the CPU); not a cast itself
-    (:data:`CASTS`). Activations of mixed dtypes are read each in its own as the op promotes (an add;
-    CUDA's cat), but where autocast casts them first (:func:`autocast_casts`: a float32 map and a
-    bfloat16 grid into ``grid_sample``, a cat on the CPU); a convolution or GEMM casts all. Without
-    autocast, an op that writes another floating dtype than its activations are in ran in forward's
-    own autocast block or was given the dtype (``softmax(dtype=)``), and an eager kernel computes in
-    one: a convolution or GEMM cast each such activation first, any other op where all its floating
-    inputs share one dtype (``grid_sample``, which CPU autocast runs in float32; mixed ones promote)."""
+def casts_first(r: NodeRecord) -> bool:
+    """Node ``r``, run under autocast on the device type of its :attr:`~NodeRecord.autocast` (None: no
+    autocast, and nothing is cast first; forward's ``autocast(enabled=False)`` block turns the audit's
+    off; an eager capture's records are ATen ops, which autocast reaches first: they meet the dtypes
+    autocast cast them to, and are read as without it), computes in its output's dtype, its inputs of
+    another cast to it first, keeping their layout (a float32 map into a bfloat16 convolution; GroupNorm
+    in float32 on CUDA, ``avg_pool3d`` on the CPU); not a cast itself (:data:`CASTS`). Activations of
+    mixed dtypes are read each in its own as the op promotes (an add; CUDA's cat), but where autocast
+    casts them first (:func:`autocast_casts`: a float32 map and a bfloat16 grid into ``grid_sample``, a
+    cat on the CPU); a convolution or GEMM casts all. Without autocast, an op that writes another
+    floating dtype than its activations are in ran in forward's own autocast block or was given the
+    dtype (``softmax(dtype=)``), and an eager kernel computes in one: a convolution or GEMM cast each
+    such activation first, any other op where all its floating inputs share one dtype (``grid_sample``,
+    which CPU autocast runs in float32; mixed ones promote)."""
     if not r.outputs or (op := r.op_name.lower()) in CASTS:
         return False
     acts = {i.meta.dtype for i in r.inputs if not i.is_param and _floating(i.meta.dtype)}
-    if r.call is None:  # a graph's node: as it ran (forward's own block turns the audit's off, too)
-        autocast = r.autocast
-    if autocast is None:
+    if (autocast := r.autocast) is None:
         if not _floating(out := r.outputs[0].dtype):
             return False
         if op in CONV_OPS | GEMM_OPS:
@@ -80,7 +79,11 @@ def casts_first(r: NodeRecord, autocast: str | None) -> bool:
     return True
 
 
-def kernel_itemsize(source: TensorMeta, out: TensorMeta, *, cast_first: bool) -> int:
-    """The item size the kernel reads ``source`` in: the output's where autocast cast it first
-    (:func:`casts_first`), between floating dtypes (a real map into a complex FFT is re-laid real)."""
-    return out.itemsize if cast_first and _floating(source.dtype) and _floating(out.dtype) else source.itemsize
+def kernel_nbytes(source: TensorMeta, out: TensorMeta, *, cast_first: bool) -> int:
+    """The bytes of ``source`` the kernel reads: what it stores, or, where autocast casts it first
+    (:func:`casts_first`) between floating dtypes, the cast, in the output's item size (a real map into
+    a complex FFT is re-laid real). A cast of a tensor that is not dense (an ``expand`` over the batch)
+    is a dense copy of every element, which is what the kernel then reads."""
+    if not (cast_first and source.dtype != out.dtype and _floating(source.dtype) and _floating(out.dtype)):
+        return source.stored_nbytes
+    return source.numel * out.itemsize

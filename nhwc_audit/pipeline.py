@@ -205,8 +205,7 @@ def _audit_one(
     t2 = time.perf_counter()
     bandwidth, source = _bandwidth(o)
     t3 = time.perf_counter()
-    amp = o.autocast is not None
-    found = find_findings(records, bandwidth=bandwidth, device=o.device.type, autocast=amp)
+    found = find_findings(records, bandwidth=bandwidth, device=o.device.type)
     fake = o.mode == "real" and fake_pays(t1 - t0, len(records))
     baselined, baseline_notes = with_nchw_baseline(
         records, found, captured, p.module, p.args, p.kwargs, p.runner, fake=fake, device=o.device.type
@@ -215,9 +214,7 @@ def _audit_one(
         baselined, backward_notes = with_nchw_backward(baselined, captured, p.runner, plan)
         baseline_notes += backward_notes
     unchanged, records = baselined is records, baselined  # else copies made in NCHW too are charged less
-    analysis = analyze(
-        records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None, autocast=amp
-    )
+    analysis = analyze(records, bandwidth=bandwidth, device=o.device.type, findings=found if unchanged else None)
     dtype = str(o.dtype).removeprefix("torch.") if o.dtype is not None else own_dtype_name(module)
     if captured.capture is not None:
         captured.capture.release()  # nothing runs it from here on; what the report keeps is the graph

@@ -85,9 +85,7 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
         )
 
         def moving() -> set[str]:  # (before the NCHW baseline nets: never fewer)
-            found = find_findings(
-                captured.records, bandwidth=1.0, device=runner.device_type, autocast=bool(runner.autocast)
-            )
+            found = find_findings(captured.records, bandwidth=1.0, device=runner.device_type)
             return {f.node for f in found if f.bytes}
 
         again, uncounted = recompute_counts(captured.gm, captured.inputs or [], moving, breaks)
@@ -255,7 +253,7 @@ def with_nchw_baseline(
     graph = captured.capture.graph if captured.capture is not None and captured.method == "fx" else None
     made = captured.unconverted
     left = frozenset(n.name for n in graph.nodes if n.op == "get_attr" and n.target in made) if graph else frozenset()
-    for f in find_findings(nchw, bandwidth=1.0, device=device, autocast=runner.autocast is not None, stored=left):
+    for f in find_findings(nchw, bandwidth=1.0, device=device, stored=left):
         if baselined(f.kind) and not f.intrinsic:  # (a kernel's own copies: netted as ``nchw_inside``)
             moved[f.node] = max(moved.get(f.node, 0), f.bytes)
     pairs = match_nodes(records, nchw, by_name=captured.capture is not None)

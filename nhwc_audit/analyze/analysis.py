@@ -198,12 +198,11 @@ def analyze(
     device: str = "cpu",
     hints: HintTable | None = None,
     findings: Sequence[Finding] | None = None,
-    autocast: bool = False,
 ) -> Analysis:
     """All of the above in one call (``findings``: :func:`find_findings` of ``records`` with
     the same settings, when the caller already has them)."""
     if findings is None:
-        findings = find_findings(records, bandwidth=bandwidth, device=device, hints=hints, autocast=autocast)
+        findings = find_findings(records, bandwidth=bandwidth, device=device, hints=hints)
     regions = find_regions(records, findings)
     return Analysis(
         findings=tuple(findings),

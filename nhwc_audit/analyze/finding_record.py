@@ -25,7 +25,6 @@ class Ctx:
     hints: HintTable
     device: str
     free: frozenset[str]  # records the conversion leaves as they are (.origin.conversion_free)
-    cast: str | None  # the device type autocast runs on (channels.casts_first), None without
     stored: frozenset[str] | None  # producers of the conv weights read as data (None: any left NCHW)
     ranks: frozenset[int] = frozenset({4})  # of the convolutions' outputs: 4 for 2D maps, 5 for volumes
 

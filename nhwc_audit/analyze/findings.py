@@ -158,7 +158,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     nchw_in = [i for i in ins if moves.other_side(r, i)]
     if cl_in and nchw_in:
         losers = nchw_in if out is Layout.CHANNELS_LAST else [*cl_in, *moves.strided_across(r)]  # (x.mT too)
-        if 0 < (nbytes := moves.mixed_bytes(r, losers, ctx.cast)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
+        if 0 < (nbytes := moves.mixed_bytes(r, losers)) <= r.nchw_bytes and out is Layout.CHANNELS_LAST:
             return []  # it stays NHWC and reads no more across orders than NCHW does (x + x.mT)
         weight = computed_weight(r, nchw_in, ctx.by_name)
         stored = all(i.is_param for i in losers)  # a parameter, buffer or constant re-laid
@@ -192,7 +192,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     if reverted and cl_in and strided_nchw:
         # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
         # disagree and the op followed the NCHW one; it is mixed, not an op without an NHWC kernel
-        producer, nbytes = ctx.by_name.get(strided_nchw[0].producer or ""), moves.mixed_bytes(r, cl_in, ctx.cast)
+        producer, nbytes = ctx.by_name.get(strided_nchw[0].producer or ""), moves.mixed_bytes(r, cl_in)
         kind, shape = FindingKind.MIXED, cl_in[0].meta.shape
         return [
             make_finding(ctx, r, kind, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes, producer=producer, shape=shape)
@@ -205,7 +205,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into NCHW: where the
         # network leaves channels_last (the region starts here), no copy is made; the conversions downstream pay
         exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
-        nbytes = 0 if exit_only else revert_bytes(r, sources, reverted, ctx.cast)
+        nbytes = 0 if exit_only else revert_bytes(r, sources, reverted)
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
         src, to = sources[0].meta, reverted[0]  # a stack reduced has fewer elements; a 6D window reshaped, as many
@@ -224,7 +224,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     # each NCHW input re-laid whole (as stored), in the dtype the kernel reads it (none where NCHW re-lays as much)
-    cast_first = casts_first(r, ctx.cast)
+    cast_first = casts_first(r)
     nbytes = sum(relay_bytes(i.meta, (r.outputs or [i.meta])[0], conv=True, cast_first=cast_first) for i in nchw_in)
     # what a conv inside re-laid instead: the padded map of a circular or reflect padding_mode, not its input
     nbytes = max(nbytes, sum(h.bytes for h in r.hidden if h.computed and h.layout_out is Layout.CHANNELS_LAST))
@@ -243,7 +243,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
             )
         ]
     across = moves.read_across(r) if len(ins) > 1 else []
-    if across and (nbytes := moves.reorder_bytes(r, ctx.cast)) > r.nchw_bytes:
+    if across and (nbytes := moves.reorder_bytes(r)) > r.nchw_bytes:
         # operands in dense orders no layout names (NHWC tokens of a map plus an NCHW map permuted alike)
         producer = ctx.by_name.get(across[0].producer or "")
         return [
@@ -290,18 +290,15 @@ def find_findings(
     bandwidth: float,
     device: str = "cpu",
     hints: HintTable | None = None,
-    autocast: bool = False,
     stored: frozenset[str] | None = None,
 ) -> list[Finding]:
-    """Every finding, in graph order (``autocast``: the records ran under autocast on ``device``;
-    ``stored``: for the model as built, the nodes of its stored tensors that are no parameters)."""
+    """Every finding, in graph order (``stored``: for the model as built, the nodes of its stored tensors that are no parameters)."""
     ctx = Ctx(
         by_name={r.name: r for r in records},
         bandwidth=bandwidth,
         hints=hints if hints is not None else default_hints(),
         device=device,
         free=conversion_free(records),
-        cast=device.split(":")[0] if autocast else None,
         stored=stored,
         ranks=frozenset(r.outputs[0].rank for r in records if r.op_name.lower() in CONV_OPS and r.outputs)
         or frozenset({4}),

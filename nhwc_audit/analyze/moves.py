@@ -172,7 +172,7 @@ def _elementwise(s: tuple[int, ...], out: tuple[int, ...]) -> bool:
     return len(s) == len(out) and all(d == 1 or a in (b, 1) for d, (a, b) in enumerate(zip(s, out, strict=True)))
 
 
-def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta], cast: str | None = None) -> int:
+def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta]) -> int:
     """Bytes a revert moves: each input whose memory runs along the channels (``sources``, not one
     laid alike in both, :func:`~nhwc_audit.channels.moves_into`) brought into the NCHW output's order,
     read and written. A convolution re-lays its whole input (a CPU Conv3d from 45 to 64 channels its
@@ -192,7 +192,7 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
         # what it copied (the NCHW baseline's own copies are taken off as for any node); a cast
         # (``_to_copy``) is the node's own op, charged as any revert
         return sum(h.bytes for h in r.hidden)
-    conv, first, out = r.op_name.lower() in CONV_OPS, casts_first(r, cast), reverted[0]
+    conv, first, out = r.op_name.lower() in CONV_OPS, casts_first(r), reverted[0]
     total = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in sources if moves_into(i.meta, out))
     copies = [h.bytes for h in r.hidden if not h.reorder]
     return min(total, sum(copies)) if copies else total
@@ -211,17 +211,17 @@ def reordered(r: NodeRecord, out: TensorMeta, by_name: dict[str, NodeRecord]) ->
     return any(channels_last_ordered(i, by_name) and reorders(i.meta, out) for i in r.activation_inputs)
 
 
-def mixed_bytes(r: NodeRecord, losers: list[NodeInput], cast: str | None = None) -> int:
+def mixed_bytes(r: NodeRecord, losers: list[NodeInput]) -> int:
     """Bytes a mixed op moves reading ``losers`` across layouts: each brought into its output's
     layout as :func:`~nhwc_audit.channels.relay_bytes` counts it (a scatter of an 8-channel map into
     a 4-channel buffer moves at most the buffer)."""
     if not r.outputs:
         return 2 * sum(i.meta.nbytes for i in losers)
-    conv, first = r.op_name.lower() in CONV_OPS, casts_first(r, cast)
+    conv, first = r.op_name.lower() in CONV_OPS, casts_first(r)
     return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=first) for i in losers)
 
 
-def reorder_bytes(r: NodeRecord, autocast: str | None = None) -> int:
+def reorder_bytes(r: NodeRecord) -> int:
     """Bytes a node moves reordering memory: each activation it copies (a reshape's too) or
     stored tensor it reads element for element (:func:`data_inputs`: timm volo adds its position
     embedding to a permuted map) into another dim order, as ``relay_bytes`` counts it
@@ -245,7 +245,7 @@ def reorder_bytes(r: NodeRecord, autocast: str | None = None) -> int:
         if r.aliases_input
         else (*r.activation_inputs, *(i for i in data_inputs(r) if i.is_param))
     )
-    cast = casts_first(r, autocast)
+    cast = casts_first(r)
     return sum(relay_bytes(i.meta, out, conv=False, cast_first=cast) for i in ins if reorders(i.meta, out))
 
 

@@ -7,6 +7,7 @@ bfloat16 convolution in bfloat16. The audit charged its float32 bytes (timm nfne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -269,6 +270,12 @@ def test_a_cast_like_another_tensor_reads_only_its_source(how: str, capture: str
     assert report.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in report.findings]
 
 
+def own_block(inner: bool) -> contextlib.AbstractContextManager[object]:
+    """Forward's own autocast block (``inner``), or none: the audit's autocast, or eager's around the
+    call, applies (``autocast(enabled=False)`` would turn theirs off)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if inner else contextlib.nullcontext()
+
+
 class FlowWarpInItsOwnAutocast(nn.Module):
     """A flow warp inside forward's own autocast block: CPU autocast runs ``grid_sample`` in float32,
     casting the bfloat16 map and the permuted bfloat16 grid first; the NCHW model's kernel makes the
@@ -282,7 +289,7 @@ class FlowWarpInItsOwnAutocast(nn.Module):
         self.c1, self.flow, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1), nn.Conv2d(8, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.inner):
+        with own_block(self.inner):
             y = self.c1(x)
             return self.c2(F.grid_sample(y, self.flow(y).permute(0, 2, 3, 1), align_corners=False))
 
@@ -301,7 +308,7 @@ class OneChannelProjection(nn.Module):
         self.o, self.c2 = nn.Conv2d(1, 3, 1), nn.Conv2d(3, 8, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.inner):
+        with own_block(self.inner):
             y = self.c1(x)
             n, _, h, w = y.shape
             return self.c2(y + self.o(self.g(y).flatten(1).view(n, 1, h, w)))
@@ -322,7 +329,7 @@ class MixedDtypesAutocastCasts(nn.Module):
         self.flow, self.c3 = nn.Conv2d(8, 2, 3, padding=1), nn.Conv2d(8 if op == "grid_sample" else 16, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.inner):
+        with own_block(self.inner):
             y = self.c1(x)
             if self.op == "grid_sample":
                 return self.c3(F.grid_sample(y.float(), self.flow(y).permute(0, 2, 3, 1), align_corners=False))
@@ -331,8 +338,29 @@ class MixedDtypesAutocastCasts(nn.Module):
             return self.c3(both)
 
 
+class ExpandedGridAutocastCasts(nn.Module):
+    """A stored sampling grid (restrided by the conversion, as every 4D buffer), cast to bfloat16 and
+    expanded over the batch, into ``grid_sample`` beside a float32 map: autocast casts the grid to
+    float32 first, and the cast of an expanded tensor is a dense copy of every element, which the kernel
+    then makes contiguous. fx and export sized that copy by what the expand stores, one batch's (81,920 B
+    where eager moves 98,304)."""
+
+    def __init__(self, inner: bool) -> None:
+        super().__init__()
+        self.inner, self.conv, self.c2 = inner, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.register_buffer("pos", torch.randn(1, 8, 16, 16))
+        self.register_buffer("grid", torch.rand(1, 16, 16, 2) * 2 - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with own_block(self.inner):
+            a = self.conv(x)
+            grid = self.grid.to(a.dtype).expand(a.shape[0], -1, -1, -1)
+            return self.c2(F.grid_sample(self.pos.expand(a.shape[0], -1, -1, -1), grid, align_corners=False) + a)
+
+
 INNER_CASES: dict[str, tuple[Callable[[bool], nn.Module], tuple[int, ...]]] = {
     "flow_warp": (FlowWarpInItsOwnAutocast, (2, 8, 16, 16)),
+    "expanded_grid": (ExpandedGridAutocastCasts, (2, 3, 16, 16)),
     "one_channel_projection": (OneChannelProjection, (2, 8, 6, 10)),
     **{
         f"mixed_dtypes_{op}": (functools.partial(MixedDtypesAutocastCasts, op=op), (2, 8, 6, 6))
@@ -361,7 +389,8 @@ class MixedInABlockWithoutAutocast(nn.Module):
     """Under the audit's autocast, a bfloat16 map and a float32 buffer met inside forward's own
     ``torch.autocast(enabled=False)`` block: no cast there, each read in its own dtype. The audit's
     autocast alone decided, and fx and export charged a cast first (196,608 B where eager moves 131,072;
-    a review's find). The eager capture's records (ATen ops, no block) still follow the audit's."""
+    a review's find). The eager capture's records are ATen ops, below autocast: an op there meets the
+    dtypes autocast left it, and charged the same 196,608 B while it followed the audit's setting."""
 
     def __init__(self, op: str) -> None:
         super().__init__()
@@ -377,7 +406,7 @@ class MixedInABlockWithoutAutocast(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["real", "fake"])
-@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
 @pytest.mark.parametrize("op", ["cat", "stack"])
 def test_a_block_without_autocast_is_run_and_charged_without_it(op: str, capture: str, mode: str) -> None:
     torch.manual_seed(0)
