@@ -14,8 +14,9 @@ import torch.fx
 from torch import nn
 
 from .analyze.verdict import decide
-from .errors import UsageError
-from .fix.repair import repair_model
+from .errors import ConversionError, UsageError
+from .fix.parts import parts_code, repair_parts
+from .fix.repair import RepairLog, repair_model, repair_samples
 from .prepare.copy import own_dtype_name
 from .records import NodeRecord, Summary
 from .report.text import fmt_seconds, untimed_lines
@@ -77,20 +78,28 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
         else None
     )
     with threads_set(report.meta.threads):  # kernels choose by it: the repair runs as the audit ran
-        gm, log = repair_model(
-            model,
-            args,
-            kwargs,
-            bandwidth=report.meta.bandwidth,
-            graph=graph,
-            graph_checked=_checked(report),
-            constants=constants,
-            baseline=baseline,
-            backward=backward,
-            traced_writes=report.capture.traced_writes if report.capture is not None else None,
-            **options,
-        )
-    repaired = dataclasses.replace(report, repair=log, repaired_code=gm.code, repaired_module=gm)
+        try:
+            gm, log = repair_model(
+                model,
+                args,
+                kwargs,
+                bandwidth=report.meta.bandwidth,
+                graph=graph,
+                graph_checked=_checked(report),
+                constants=constants,
+                baseline=baseline,
+                backward=backward,
+                traced_writes=report.capture.traced_writes if report.capture is not None else None,
+                **options,
+            )
+            module: nn.Module = gm
+            code = gm.code
+        except ConversionError as e:
+            if graph is not None:
+                raise
+            module, log = _repaired_parts(report, e, same_run, options)
+            code = parts_code(module)
+    repaired = dataclasses.replace(report, repair=log, repaired_code=code, repaired_module=module)
     if not log.changed:
         return repaired  # the model as audited: its verdict stands
     # decided on the repaired graph: its breaks, its share of channels_last nodes and bytes
@@ -98,6 +107,33 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     meta = report.meta
     verdict = decide(records, summary, device=meta.device, dtype=meta.compute_dtype, bytes_moved=log.bytes_after)
     return dataclasses.replace(repaired, verdict=verdict)
+
+
+def _repaired_parts(
+    report: AuditReport, whole: ConversionError, same_run: bool, options: dict[str, Any]
+) -> tuple[nn.Module, RepairLog]:
+    """The repair of a model torch.fx cannot trace as a whole, part by part (:mod:`.fix.parts`); the
+    whole audited again as ``report`` was, in the model's own dtype (and, unless ``same_run``, the
+    original too: the log's two figures come from audits alike)."""
+    model, args, kwargs = _source(report)
+    rerun = report.rerun
+    if rerun is None:
+        raise UsageError("this report cannot audit a repaired model again: repair needs a real-mode audit")
+
+    def reaudit(m: nn.Module) -> tuple[tuple[NodeRecord, ...], Summary]:
+        again = rerun(m)
+        return again.nodes, again.summary
+
+    return repair_parts(
+        model,
+        repair_samples(model, args, kwargs),
+        report.findings,
+        whole_error=whole,
+        repair=lambda part, sample: repair_model(part, *sample, bandwidth=report.meta.bandwidth, **options),
+        reaudit=reaudit,
+        before=(report.nodes, report.summary) if same_run else reaudit(model),
+        grads=options.get("grads", True),
+    )
 
 
 def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5) -> AuditReport:

@@ -10,6 +10,7 @@ The caller (:mod:`nhwc_audit.api`) has resolved the user's arguments into
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -265,7 +266,13 @@ def _audit_one(
         verdict=decide(records, analysis.summary, device=str(o.device), dtype=meta.compute_dtype),
         source=(module, args, kwargs) if o.mode == "real" else None,
         capture=captured.kept if o.mode == "real" else None,
+        rerun=functools.partial(_rerun, args=args, kwargs=kwargs, o=o) if o.mode == "real" else None,
     )
+
+
+def _rerun(module: nn.Module, *, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
+    """:attr:`AuditReport.rerun`: ``module`` audited on the sample with ``o``, in its own dtype, no autocast."""
+    return run_audit(module, args, kwargs, dataclasses.replace(o, dtype=None, autocast=None, progress=None))
 
 
 def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:

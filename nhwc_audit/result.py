@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +16,8 @@ from .report.serialize import json_text, report_dict
 from .report.text import headline, offender_line
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .analyze.verdict import Verdict
     from .capture.kept import KeptGraph
     from .fix.repair import RepairLog
@@ -54,6 +56,9 @@ class AuditReport:
     """(model, args, kwargs) as given, for repair()/measure(); never serialized or modified."""
     capture: KeptGraph | None = field(default=None, compare=False)
     """The fx graph the audit captured (real mode), reused by repair()/measure(); never serialized."""
+    rerun: Callable[[nn.Module], AuditReport] | None = field(default=None, compare=False, repr=False)
+    """Audits another module on this audit's sample with its options, in the module's own dtype and without
+    autocast, as a repair runs (real mode): the repair of a model torch.fx cannot trace audits its result."""
 
     @property
     def incompatible_nodes(self) -> list[NodeRecord]:

@@ -233,11 +233,13 @@ def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
     (:func:`~nhwc_audit.fix.package.write_package`: code, weights, and the list of rewrites in the
     code's header)."""
     from ..errors import ReportWriteError
-    from ..fix.package import write_package
+    from ..fix.package import write_package, write_parts
+    from ..fix.parts import repaired_parts
 
     gm = report.repaired_module
     if gm is None:
         raise ReportWriteError("no repaired model to save")
+    parts = repaired_parts(gm)
     log = report.repair
     lines = [f"# Repaired channels_last graph of {spec}, written by nhwc-audit."]
     if log is not None:
@@ -245,4 +247,8 @@ def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
         lines += [f"# {s.kind}: {s.node}: {s.reason} (-{s.bytes_saved} B)" for s in log.steps]
         lines += [f"# refused: {msg}" for msg in log.refused]
         lines += [f"# note: {msg}" for msg in log.notes]
-    return write_package(gm, folder, lines)
+    if parts and parts[0][0] == "":
+        return write_package(parts[0][1], folder, lines)
+    if not parts:
+        raise ReportWriteError("no part of the model was repaired: nothing to save")
+    return write_parts(parts, folder, lines)

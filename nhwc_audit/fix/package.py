@@ -30,7 +30,7 @@ from ..errors import ReportWriteError
 from ..prepare.copy import memory_format_for_rank
 from ..prepare.load import FILE_MODULE_PREFIX
 
-__all__ = ["package_name", "write_package"]
+__all__ = ["package_name", "write_package", "write_parts"]
 
 _WRAPPED = re.compile(r"^\s*torch\.fx\._symbolic_trace\.wrap\([^)]*\)\s*$", re.MULTILINE)
 
@@ -71,6 +71,49 @@ def write_package(gm: torch.fx.GraphModule, folder: Path, header: list[str]) -> 
         raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+_PARTS_INIT = '''"""{title}
+
+Each subpackage holds one repaired part (its code and weights). ``apply(model)`` converts your
+model to channels_last in place and puts each part in its module's place, with the plain attributes
+of the module it replaces (what the model's forward reads of it); it returns the model."""
+
+import importlib
+
+import torch
+
+PARTS = {parts!r}
+"""module path -> subpackage"""
+
+
+def apply(model):
+    model = model.to(memory_format=torch.channels_last)
+    for path, sub in PARTS.items():
+        parent, _, name = path.rpartition(".")
+        part = importlib.import_module(f"{{__name__}}.{{sub}}").Repaired()
+        for key, value in vars(model.get_submodule(path)).items():
+            if not key.startswith("_") and key not in vars(part):
+                setattr(part, key, value)
+        setattr(model.get_submodule(parent) if parent else model, name, part)
+    return model
+'''
+
+
+def write_parts(parts: list[tuple[str, torch.fx.GraphModule]], folder: Path, header: list[str]) -> Path:
+    """Write the repaired parts of a model torch.fx cannot trace as a whole (module path, graph) to
+    ``folder``: one package per part (:func:`write_package`), and an ``apply(model)`` that puts them
+    into the user's model. Raises :class:`ReportWriteError`."""
+    package_name(folder)
+    subs = {path: "part_" + path.replace(".", "_") for path, _ in parts}
+    for path, gm in parts:
+        write_package(gm, folder / subs[path], [*header[:1], f"# The part {path} of the model.", *header[1:]])
+    title = header[0].lstrip("# ") if header else "Repaired parts"
+    try:
+        (folder / "__init__.py").write_text(_PARTS_INIT.format(title=title, parts=subs), encoding="utf-8")
+    except OSError as e:
+        raise ReportWriteError(f"cannot write {str(folder)!r}: {e.strerror or e}") from e
     return folder
 
 

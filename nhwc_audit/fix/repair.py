@@ -37,7 +37,7 @@ from .results import Deviation
 from .rewrites import PRIORITY, Candidate, RepairKind, candidates, rewritable_copy
 from .trace_check import check_trace
 
-__all__ = ["RepairLog", "RepairStep", "repair_model"]
+__all__ = ["RepairLog", "RepairStep", "repair_model", "repair_samples"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +129,20 @@ def _checked(
     return first + _checked(base, batch[half:], change, refused)
 
 
+def repair_samples(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[res.Sample]:
+    """What a repair checks on: the sample, channels_last (copied), and a second random input of the
+    same shapes (floating tensors drawn; others as they are)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sample = prepare_inputs(args, kwargs, dtype=None, device=device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def drawn(t: Any) -> Any:
+        floating = isinstance(t, torch.Tensor) and t.is_floating_point()
+        return torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) if floating else t
+
+    return [sample, tree_map(drawn, sample)]
+
+
 @keeps_state
 def repair_model(
     model: nn.Module,
@@ -161,18 +175,8 @@ def repair_model(
     ``traced_writes``: the buffers forward wrote while ``graph`` was traced (None: not known, checked).
     """
     kwargs, baseline = kwargs or {}, baseline or {}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    sample_args, sample_kwargs = prepare_inputs(args, kwargs, dtype=None, device=device)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    second = tree_map(
-        lambda t: (
-            torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
-            if isinstance(t, torch.Tensor) and t.is_floating_point()
-            else t
-        ),
-        (sample_args, sample_kwargs),
-    )
-    samples = [(sample_args, sample_kwargs), second]
+    samples = repair_samples(model, args, kwargs)
+    sample_args, sample_kwargs = samples[0]
     current: Measured | None = None  # the measurement of the graph kept, when its check took one
     for maps in (True, False):  # a trace of 4D/5D buffers that is not the model's: again with them stowed
         try:

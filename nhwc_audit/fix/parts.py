@@ -1,0 +1,253 @@
+"""The repair of a model torch.fx cannot trace as a whole (a shape check in its top forward, a
+branch on a tensor): its largest parts that trace, each repaired as a model of its own
+(:func:`~.repair.repair_model`) on the inputs it gets in the channels_last model, put back into a
+channels_last copy of the model. The whole is then checked against the original model (outputs
+and gradients, :func:`~.equivalence.first_change`) and audited again as the report was: the log's
+bytes are the two audits'.
+
+Only parts with a finding inside are tried, top down: a part that does not trace is split into
+its children. A leaf module is no part (a rewrite changes the graph around it). A part called more
+than once in a forward, or sharing a parameter or buffer with the rest of the model (a tied
+weight: its repaired copy would train apart), is left as it is and said so.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..errors import ConversionError, first_line
+from ..prepare.copy import convert
+from ..records import Finding, FindingKind, NodeRecord, Summary
+from .deviation import deviations
+from .equivalence import first_change
+from .repair import RepairLog, RepairStep
+from .results import Sample
+
+__all__ = ["Part", "Reaudit", "parts_code", "repaired_parts", "repair_parts"]
+
+_PRESERVED = "_user_preserved_attributes"
+"""The key of a GraphModule's ``meta`` whose attributes its ``__deepcopy__`` sets on the copy
+(``torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY``)."""
+_BREAKS = (FindingKind.BREAK, FindingKind.LATENT)
+
+Reaudit = Callable[[nn.Module], tuple[tuple[NodeRecord, ...], Summary]]
+"""Audits a channels_last model as the report was audited: its records and summary."""
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One repaired part: its module path and its repaired graph, with that repair's log."""
+
+    path: str
+    module: torch.fx.GraphModule
+    log: RepairLog
+
+
+def _shared(model: nn.Module, path: str) -> bool:
+    """The module at ``path`` holds a parameter or buffer the rest of the model reads too."""
+    inside = {id(t) for t in (*model.get_submodule(path).parameters(), *model.get_submodule(path).buffers())}
+    prefix = path + "."
+    outside = (
+        t
+        for name, t in (
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        )
+        if not name.startswith(prefix)
+    )
+    return any(id(t) in inside for t in outside)
+
+
+def _inputs(model: nn.Module, paths: Sequence[str], sample: Sample) -> dict[str, list[Sample]]:
+    """What each module at ``paths`` is called with in one run of a channels_last copy of ``model``
+    (each call's tensors cloned as they came: a later op may write into them)."""
+    run = convert(model)
+    calls: dict[str, list[Sample]] = {p: [] for p in paths}
+
+    def keep(v: Any) -> Any:
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+    handles = []
+    for p in paths:
+
+        def pre(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any], p: str = p) -> None:
+            calls[p].append(torch.utils._pytree.tree_map(keep, (a, dict(k))))
+
+        handles.append(run.get_submodule(p).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run(*sample[0], **sample[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _relevant(path: str, findings: Sequence[Finding]) -> bool:
+    prefix = path + "."
+    return any(
+        f.module_path == path or f.module_path.startswith(prefix) for f in findings if f.bytes or f.kind in _BREAKS
+    )
+
+
+def _children(model: nn.Module, path: str, findings: Sequence[Finding]) -> list[str]:
+    """The children of the module at ``path`` with a finding inside that have children of their own."""
+    mod = model.get_submodule(path) if path else model
+    out = []
+    for name, child in mod.named_children():
+        full = f"{path}.{name}" if path else name
+        if next(child.children(), None) is not None and _relevant(full, findings):
+            out.append(full)
+    return out
+
+
+def find_parts(
+    model: nn.Module,
+    sample: Sample,
+    findings: Sequence[Finding],
+    repair: Callable[[nn.Module, Sample], tuple[torch.fx.GraphModule, RepairLog]],
+) -> tuple[list[Part], list[str], int]:
+    """Repair the largest parts of ``model`` that trace, with a finding inside (``repair``: a
+    part's repair on its inputs). Returns the parts a rewrite changed, why others were left, and
+    how many parts traced."""
+    parts: list[Part] = []
+    left: list[str] = []
+    traced = 0
+    todo = _children(model, "", findings)
+    while todo:
+        calls = _inputs(model, todo, sample)
+        deeper: list[str] = []
+        for path in todo:
+            if not calls[path]:  # a container forward iterates over (a ModuleList): its children are called
+                deeper += _children(model, path, findings)
+                continue
+            if len(calls[path]) > 1:
+                left.append(f"part {path}: called {len(calls[path])} times in a forward, left as it is")
+                continue
+            if _shared(model, path):
+                left.append(f"part {path}: shares a parameter or buffer with the rest of the model, left as it is")
+                continue
+            try:
+                gm, log = repair(model.get_submodule(path), calls[path][0])
+            except ConversionError:
+                deeper += _children(model, path, findings)  # (it does not trace: its children may)
+                continue
+            except Exception as e:
+                left.append(f"part {path}: its repair failed: {first_line(e)}")
+                continue
+            traced += 1
+            if log.changed:
+                parts.append(Part(path, gm, log))
+        todo = deeper
+    return parts, left, traced
+
+
+def assemble(model: nn.Module, parts: Sequence[Part]) -> nn.Module:
+    """A channels_last copy of ``model`` with each part's repaired graph in its place, keeping the
+    plain attributes of the module it replaces (what the parent's forward reads of it: ultralytics'
+    ``m.f``, where its layer takes its input from)."""
+    whole = convert(model)
+    for part in parts:
+        parent, _, name = part.path.rpartition(".")
+        gm, own = copy.deepcopy(part.module), vars(whole.get_submodule(part.path))
+        kept = {k: v for k, v in own.items() if not k.startswith("_") and k not in vars(gm)}
+        for k, v in kept.items():
+            setattr(gm, k, v)
+        # (what GraphModule's own deepcopy puts back: a checking copy, a user's copy.deepcopy)
+        gm.meta.setdefault(_PRESERVED, {}).update(kept)
+        setattr(whole.get_submodule(parent) if parent else whole, name, gm)
+    return whole
+
+
+def repaired_parts(module: nn.Module) -> list[tuple[str, torch.fx.GraphModule]]:
+    """The repaired graphs in a model :func:`repair_parts` made, by module path (outermost only)."""
+    if isinstance(module, torch.fx.GraphModule):
+        return [("", module)]
+    found: list[tuple[str, torch.fx.GraphModule]] = []
+    for path, m in module.named_modules():
+        if isinstance(m, torch.fx.GraphModule) and not any(path.startswith(p + ".") for p, _ in found):
+            found.append((path, m))
+    return found
+
+
+def parts_code(module: nn.Module) -> str:
+    """The code of each repaired graph in ``module``, each under a line naming its module path."""
+    return "\n".join(f"# {path} ({type(m).__name__})\n{m.code}" for path, m in repaired_parts(module))
+
+
+def repair_parts(
+    model: nn.Module,
+    samples: list[Sample],
+    findings: Sequence[Finding],
+    *,
+    whole_error: ConversionError,
+    repair: Callable[[nn.Module, Sample], tuple[torch.fx.GraphModule, RepairLog]],
+    reaudit: Reaudit,
+    before: tuple[tuple[NodeRecord, ...], Summary],
+    grads: bool,
+) -> tuple[nn.Module, RepairLog]:
+    """The repaired model (a channels_last copy of ``model`` with repaired parts) and its log.
+    ``samples``: the sample and a second input (the model's checks); ``before``: the audit's records
+    and summary (as ``reaudit`` would find them for the naive conversion). Raises ``whole_error``
+    (why the model does not trace), extended, when no part with a finding traces either (and none
+    was left for another reason, which the log then gives)."""
+    parts, left, traced = find_parts(model, samples[0], findings, repair)
+    if not traced and not left:
+        raise ConversionError(f"{whole_error}; no part of it with a finding traces either") from whole_error
+    _, summary = before
+    notes = [
+        f"torch.fx cannot trace {type(model).__name__} as a whole: its parts that trace were repaired each on "
+        "the inputs it gets in the channels_last model, and the whole checked against the original"
+    ]
+    refused = list(left)
+    naive = convert(model) if summary.breaks == 0 else None  # (it raises at a break)
+    reference: dict[str, Any] = {}  # the original's and the naive conversion's results, once
+    if parts:
+        whole = assemble(model, parts)
+        try:
+            why = first_change(model, naive, whole, samples, grads, reference)
+        except Exception as e:
+            why = f"they fail to run together: {first_line(e)}"
+        if why is not None:
+            refused.append(f"the repaired parts together ({', '.join(p.path for p in parts)}): {why}")
+            parts = []
+    if not parts:
+        return convert(model), RepairLog(
+            steps=(),
+            bytes_before=summary.bytes_moved,
+            bytes_after=summary.bytes_moved,
+            breaks_before=summary.breaks,
+            breaks_after=summary.breaks,
+            refused=tuple(refused),
+            notes=tuple(notes),
+        )
+    records, after = reaudit(whole)
+    mine, naive_dev, exact = deviations(model, naive, whole, samples[0], grads, reference)
+    steps = [
+        RepairStep(f"{p.path}/{s.node}", s.kind, s.reason, s.bytes_saved, s.breaks_removed)
+        for p in parts
+        for s in p.log.steps
+    ]
+    refused += [f"{p.path}/{r}" for p in parts for r in p.log.refused]
+    notes += [f"{p.path}: {n}" for p in parts for n in p.log.notes]
+    return whole, RepairLog(
+        steps=tuple(steps),
+        bytes_before=summary.bytes_moved,
+        bytes_after=after.bytes_moved,
+        breaks_before=summary.breaks,
+        breaks_after=after.breaks,
+        refused=tuple(refused),
+        records_after=records,
+        summary_after=after,
+        deviation=mine,
+        naive_deviation=naive_dev,
+        exactness=exact,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,150 @@
+"""The repair of a model torch.fx cannot trace as a whole: its parts that trace, repaired each and put
+back, the whole checked against the original and audited again (:mod:`nhwc_audit.fix.parts`). The
+bytes the log gives after the repair are eager's for the repaired model (the ground truth)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+from nhwc_audit.cli import main
+from nhwc_audit.errors import ConversionError
+from tests.eager_bytes import eager_bytes
+
+
+class Body(nn.Module):
+    """Traces: an InstanceNorm between two convolutions (the repair's GroupNorm keeps channels_last)."""
+
+    def __init__(self, check: bool = False) -> None:
+        super().__init__()
+        self.check = check
+        self.c1, self.norm = nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.c2, self.gain = nn.Conv2d(8, 8, 3, padding=1), 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check and x.shape[1] != 8:  # (a branch on a traced value: no trace)
+            raise ValueError("8 channels")
+        return self.c2(torch.relu(self.norm(self.c1(x))))
+
+
+class Top(nn.Module):
+    """Does not trace: forward checks its input's size, as segmentation models do."""
+
+    def __init__(self, tied: bool = False, check: bool = False) -> None:
+        super().__init__()
+        self.stem, self.body, self.head = nn.Conv2d(3, 8, 3, padding=1), Body(check), nn.Conv2d(8, 8, 3, padding=1)
+        if tied:
+            self.head.weight = self.body.c2.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 8:
+            raise ValueError("the size must be a multiple of 8")
+        return self.head(self.body(self.stem(x)) * self.body.gain)  # (a plain attribute of the part)
+
+
+def moved_after(model: nn.Module, repaired: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
+    """What eager PyTorch's channels_last run of ``repaired`` moves beyond the NCHW run of ``model``
+    (the repaired model is built to run channels_last: a rewrite that keeps a map channels_last copies
+    in an NCHW run of it, so its own NCHW run is no baseline)."""
+    moved = eager_bytes(repaired, args).channels_last
+    return sum(t.nbytes for t in moved) - sum(t.nbytes for t in eager_bytes(model, args).nchw)
+
+
+def build_top() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    return Top().eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def test_a_model_fx_cannot_trace_is_repaired_part_by_part() -> None:
+    model, (x,) = build_top()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = audit(model, x, bandwidth=1e9)
+    assert report.meta.capture == "hooks"
+    before = eager_bytes(model, (x,)).added
+    assert report.summary.bytes_moved == before > 0
+    repaired = report.repaired()
+    log = repaired.repair
+    assert log is not None and [(s.node, s.kind) for s in log.steps] == [("body/norm", "instancenorm->groupnorm")]
+    fixed = repaired.repaired_module
+    assert isinstance(fixed, Top) and isinstance(fixed.body, torch.fx.GraphModule)
+    assert log.bytes_before == before and log.bytes_after == moved_after(model, fixed, (x,)) == 0
+    assert log.deviation is not None and log.deviation.outputs < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x.to(memory_format=torch.channels_last)), model(x), atol=1e-5, rtol=1e-4)
+    assert "body (GraphModule)" in repaired.repaired_code and "torch.relu" in repaired.repaired_code
+    assert any("cannot trace Top as a whole" in n for n in log.notes)
+    # the user's model as it was
+    assert isinstance(model.body.norm, nn.InstanceNorm2d)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_part_that_shares_a_weight_with_the_rest_is_left_as_it_is() -> None:
+    torch.manual_seed(0)
+    model, x = Top(tied=True).eval(), torch.randn(1, 3, 32, 32)
+    log = audit(model, x, bandwidth=1e9).repaired().repair
+    assert log is not None and not log.changed
+    assert any(r.startswith("part body: shares a parameter") for r in log.refused), log.refused
+
+
+def test_no_part_that_traces_raises_why() -> None:
+    torch.manual_seed(0)
+    model, x = Top(check=True).eval(), torch.randn(1, 3, 32, 32)
+    report = audit(model, x, bandwidth=1e9)
+    with pytest.raises(ConversionError, match="no part of it with a finding traces either"):
+        report.repaired()
+
+
+def test_the_saved_parts_go_back_into_the_model_in_a_fresh_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "topmodel.py").write_text("from tests.fix.test_parts import build_top\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["topmodel:build_top", "--apply", "--save-repaired", "rep", "--no-report", "--quiet"]) == 0
+    assert (tmp_path / "rep" / "__init__.py").is_file() and (tmp_path / "rep" / "part_body" / "module.py").is_file()
+    script = textwrap.dedent(
+        """
+        import torch, rep
+        from tests.fix.test_parts import build_top
+        model, (x,) = build_top()
+        fixed = rep.apply(build_top()[0])
+        assert type(fixed.body).__name__ == "Repaired", type(fixed.body)
+        with torch.no_grad():
+            torch.testing.assert_close(fixed(x.to(memory_format=torch.channels_last)), model(x), atol=1e-5, rtol=1e-4)
+        print("ok")
+        """
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])},
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["monai.BasicUNet2d", "ultralytics.yolo11n"])
+def test_public_models_fx_cannot_trace_are_repaired_part_by_part(name: str) -> None:
+    """monai's BasicUNet (its InstanceNorms, in parts that trace); ultralytics' YOLO11n, whose layers
+    its model's forward routes by an attribute of each (``m.f``), kept on the repaired part."""
+    from nhwc_audit.zoo.models import build
+
+    model, args, _ = build(name)
+    report = audit(model, *args, bandwidth=1e9)
+    assert report.meta.capture == "hooks"
+    repaired = report.repaired()
+    log = repaired.repair
+    assert log is not None and log.changed and log.bytes_before == eager_bytes(model, args).added > 0
+    assert log.bytes_after == moved_after(model, repaired.repaired_module, args) < log.bytes_before
