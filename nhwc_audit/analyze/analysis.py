@@ -28,18 +28,21 @@ __all__ = [
 
 
 def find_regions(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> list[Region]:
-    """Connected runs of nodes executing in NCHW that start at a revert, mixed op or break.
+    """Connected runs of nodes executing in NCHW that start at a revert, mixed op or break, or at an op
+    that makes an NCHW map from no map (a matmul's result viewed as one) converted later.
 
     Nodes that are NCHW only because they view a channels_last tensor in another order
     (ConvNeXt's permute to N, H, W, C) start at no finding and form no region. The dataflow
     graph is built over the NCHW nodes only, and only when some finding starts a region.
     """
-    starters = {
-        f.node: f for f in findings if f.kind is not FindingKind.CONVERSION and f.layout_out is Layout.CONTIGUOUS
+    by_name = {r.name: r for r in records}
+    starters = {f.node for f in findings if f.kind is not FindingKind.CONVERSION and f.layout_out is Layout.CONTIGUOUS}
+    # a map made NCHW from values of fewer dims (a matmul's result viewed as a map) and converted later
+    starters |= {
+        f.origin for f in findings if f.kind is FindingKind.CONVERSION and f.origin and _enters(by_name.get(f.origin))
     }
     if not starters:
         return []
-    by_name = {r.name: r for r in records}
     conversions = {f.node for f in findings if f.kind is FindingKind.CONVERSION}
     sub = build_graph([r for r in records if r.op not in SKIP_OPS and r.output_layout is Layout.CONTIGUOUS])
     regions: list[Region] = []
@@ -58,6 +61,13 @@ def find_regions(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> 
             Region(id=len(regions) + 1, nodes=tuple(comp), entries=entries, exits=tuple(exits), bytes=nbytes)
         )
     return regions
+
+
+def _enters(r: NodeRecord | None) -> bool:
+    """``r`` makes an NCHW map from no map (a view of a matmul's result): where an NCHW region starts."""
+    if r is None or r.op in SKIP_OPS or r.output_layout is not Layout.CONTIGUOUS:
+        return False
+    return bool(r.spatial_outputs) and not r.spatial_inputs
 
 
 def rank_hotspots(findings: Sequence[Finding]) -> list[Hotspot]:

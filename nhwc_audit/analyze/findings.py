@@ -44,11 +44,11 @@ from . import moves
 from .exposed import exposed
 from .finding_record import Ctx, make_finding, recomputed
 from .hints import HintTable, default_hints
-from .kernel_hints import backward_hint, inside_hint
+from .kernel_hints import average_pool, backward_hint, inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, feeds_a_weight, leading_to, odd_order_from_map, origin_of
 from .reads import as_read
-from .reshapes import exits_spatial, is_reshape, viewed_as
+from .reshapes import exits_spatial, folds_tokens, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
 
 __all__ = ["SKIP_OPS", "find_findings", "kernel_own"]
@@ -60,7 +60,8 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     runs NCHW: what its kernels copy of what they computed or of their weights (``HiddenCopy.result``: a
     CPU convolution's weight gradient; intrinsic, no model change removes it) beyond what they copy so
     there; the rest (gradients re-laid, a saved slice made dense) beyond the rest."""
-    users = ", ".join(sorted({ctx.by_name[u].op_name for u in r.users if u in ctx.by_name})) or "the loss"
+    readers = [ctx.by_name[u] for u in r.users if u in ctx.by_name]
+    users = ", ".join(sorted({u.op_name for u in readers})) or "the loss"
     out = []
     for inside, nchw in ((False, r.nchw_backward_bytes), (True, r.nchw_backward_inside)):
         copies = [c for c in r.backward if c.result is inside]
@@ -78,7 +79,7 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
                 nbytes=nbytes,
                 shape=lead.shape,
                 detail=ops,
-                hint_op=backward_hint(copies, inside),
+                hint_op=backward_hint(copies, inside, pooled=any(map(average_pool, (r, *readers)))),
                 intrinsic=inside,
             )
         )
@@ -230,6 +231,8 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     nbytes = max(nbytes, sum(h.bytes for h in r.hidden if h.computed and h.layout_out is Layout.CHANNELS_LAST))
     relaid_in_nchw = r.nchw_bytes >= nbytes
     if nchw_in and out is Layout.CHANNELS_LAST and not relaid_in_nchw:
+        producer = ctx.by_name.get(nchw_in[0].producer or "")
+        folded = H.TOKENS_TO_MAP if folds_tokens(producer) else None
         return [
             make_finding(
                 ctx,
@@ -237,9 +240,9 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
                 FindingKind.CONVERSION,
                 layout_in=Layout.CONTIGUOUS,
                 nbytes=nbytes,
-                producer=ctx.by_name.get(nchw_in[0].producer or ""),
+                producer=producer,
                 shape=nchw_in[0].meta.shape,
-                hint_op=H.ONE_CHANNEL if conv and r.output_layout is Layout.AMBIGUOUS else None,
+                hint_op=H.ONE_CHANNEL if conv and r.output_layout is Layout.AMBIGUOUS else folded,
             )
         ]
     across = moves.read_across(r) if len(ins) > 1 else []

@@ -7,6 +7,7 @@ __all__ = [
     "AMBIGUOUS_ORIGIN",
     "ACCUMULATE_GRAD",
     "BACKWARD_DENSE",
+    "BACKWARD_POOLED",
     "BACKWARD_INSIDE",
     "FORWARD_INSIDE",
     "COMPUTED_WEIGHT",
@@ -18,6 +19,7 @@ __all__ = [
     "STACK_REDUCE",
     "LOW_RANK_TABLE",
     "STORED_OPERAND",
+    "TOKENS_TO_MAP",
     "STORED_TABLE",
     "VIEW_COPY",
     "WEIGHT_RESHAPE",
@@ -87,7 +89,17 @@ BACKWARD_DENSE = "@backward-dense"
 """Key of the backward hint for what a backward kernel copies inside of a saved input not dense in memory
 (a channel slice of a channels_last map) made dense, a weight gradient's copy beside it or not."""
 
+BACKWARD_POOLED = "@backward-pooled"
+"""Key of the backward hint for a global average pool's gradient (``mean`` over the spatial dims,
+``AdaptiveAvgPool2d(1)``): its backward divides the broadcast gradient into a new NCHW tensor, which meets
+channels_last maps at the pool's input (a pooled head, squeeze-excite); a sum divided after it keeps the
+gradient a broadcast view."""
+
 FORWARD_INSIDE = "@forward-inside"
 """Key of the revert (or conversion) hint for what a convolution's kernel copies inside of its weight or of
 what it made (the CPU's slow backend for a Conv3d at batch 1 copies its channels_last weight into NCDHW):
 intrinsic, no change to the model's ops removes it."""
+
+TOKENS_TO_MAP = "@tokens-to-map"
+"""Key of the conversion hint for a map made NCHW from values of fewer dims in channel-major order
+(``out.view(b, c, h, w)`` of an attention's (b, c, h * w) result)."""

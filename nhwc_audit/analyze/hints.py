@@ -22,6 +22,7 @@ from .hint_keys import (
     STACK_REDUCE,
     STORED_OPERAND,
     STORED_TABLE,
+    TOKENS_TO_MAP,
     WEIGHT_RESHAPE,
 )
 from .kernel_hints import KERNEL_HINTS
@@ -50,8 +51,8 @@ KIND_DEFAULTS: dict[FindingKind, str] = {
         "transpose here and one at the next conv"
     ),
     FindingKind.MIXED: (
-        "inputs disagree in layout and the first operand decides the output; the NCHW "
-        "input comes from {origin}: keep that op channels_last"
+        "inputs disagree in layout (an elementwise op's output follows its first operand, a cat's is "
+        "NCHW); the NCHW input comes from {origin}: keep that op channels_last"
     ),
     FindingKind.CONVERSION: (
         "converts an NCHW input back to channels_last; the NCHW tensor comes from "
@@ -60,9 +61,7 @@ KIND_DEFAULTS: dict[FindingKind, str] = {
     FindingKind.BACKWARD: (
         "in backward, this node's gradient ops move data between layouts where the NCHW model's "
         "backward does not ({detail}): a gradient arrives in another layout than the tensors it "
-        "meets. Where a consumer is kept NCHW in forward, keeping it channels_last fixes this; a "
-        "mean's or a global pool's broadcast gradient summed into a channels_last one "
-        "(squeeze-excite, a pooled head) has no layout fix: weigh it against what channels_last saves"
+        "meets. Where a consumer is kept NCHW in forward, keeping it channels_last fixes this"
     ),
 }
 
@@ -199,6 +198,16 @@ def default_hints() -> HintTable:
         "weight NCHW after converting (conv.weight.data = conv.weight.data.to(memory_format=torch.contiguous_format);"
         " .contiguous() keeps a 1 x 1 weight as it is): the kernel then "
         "reads its input as it is; or give it a channels_last input",
+    )
+    _register(
+        t,
+        FindingKind.CONVERSION,
+        (TOKENS_TO_MAP,),
+        "converts an NCHW input back to channels_last; {origin} makes the map from values of fewer dims in "
+        "channel-major order, (N, C, H*W), which is NCHW: compute them as (N, H*W, C) instead (a matmul's "
+        "operands swapped and transposed: bmm(attn, v.transpose(1, 2)) for bmm(v, attn.transpose(1, 2))) and "
+        "make the map with .transpose(1, 2).reshape(N, C, H, W), which is channels_last (a view), and this "
+        "conversion disappears",
     )
     _register(
         t,

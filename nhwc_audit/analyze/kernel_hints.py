@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..records import FindingKind, HiddenCopy, Layout
+from ..records import FindingKind, HiddenCopy, Layout, NodeRecord
 from .hint_keys import (
     ACCUMULATE_GRAD,
     BACKWARD_DENSE,
     BACKWARD_INSIDE,
+    BACKWARD_POOLED,
     DENSE_COPY,
     FORWARD_INSIDE,
     HIDDEN,
@@ -18,17 +19,31 @@ from .hint_keys import (
     WHOLE_COPY,
 )
 
-__all__ = ["KERNEL_HINTS", "backward_hint", "inside_hint"]
+__all__ = ["KERNEL_HINTS", "average_pool", "backward_hint", "inside_hint"]
 
 
-def backward_hint(copies: Sequence[HiddenCopy], inside: bool) -> str | None:
+def backward_hint(copies: Sequence[HiddenCopy], inside: bool, pooled: bool = False) -> str | None:
     """The hint key of a node's backward copies: a kernel's of what it computed (``inside``), a
-    parameter gradient's into its parameter's strides, a saved slice made dense, or the default."""
+    parameter gradient's into its parameter's strides, a global average pool's gradient (``pooled``: the
+    node is one, or reads one's gradient), a saved slice made dense, or the default."""
     if inside:
         return BACKWARD_INSIDE
     if all(c.op.startswith("AccumulateGrad") for c in copies):
         return ACCUMULATE_GRAD
+    if pooled:
+        return BACKWARD_POOLED
     return BACKWARD_DENSE if all(c.densified for c in copies) else None
+
+
+_AVERAGES = frozenset({"mean", "adaptive_avg_pool2d", "adaptiveavgpool2d", "adaptive_avg_pool3d", "adaptiveavgpool3d"})
+
+
+def average_pool(r: NodeRecord) -> bool:
+    """``r`` averages a map over all its spatial dims (a global average pool, ``mean((2, 3))``): its
+    backward divides the broadcast gradient into a new tensor, NCHW (:data:`BACKWARD_POOLED`)."""
+    if r.op_name.lower() not in _AVERAGES or not r.inputs or r.inputs[0].meta.rank not in (4, 5) or not r.outputs:
+        return False
+    return all(d == 1 for d in r.outputs[0].shape[2:])
 
 
 def inside_hint(copies: Sequence[HiddenCopy], writes_map: bool) -> str:
@@ -101,6 +116,15 @@ KERNEL_HINTS: tuple[tuple[FindingKind, tuple[str, ...], str], ...] = (
         "x[:, a:b]), dense in no memory format, is copied whole first, where NCHW memory holds one "
         "sample's slice densely; a weight gradient it copies besides is the kernel's own. Make each "
         "part its own output (two convolutions rather than one and a split), or accept the cost",
+    ),
+    (
+        FindingKind.BACKWARD,
+        (BACKWARD_POOLED,),
+        "in backward, a global average pool's gradient reaches {op} in NCHW ({detail}): the mean's backward "
+        "divides the broadcast gradient by H x W into a new tensor, in NCHW order, which meets the channels_last "
+        "map here (a pooled head, squeeze-excite), where the NCHW model's is in that order already. Pool by a "
+        "sum and divide after it, x.sum((2, 3), keepdim=True) / (H * W), in place of AdaptiveAvgPool2d(1) or "
+        "x.mean((2, 3)): the gradient then stays a broadcast view, which any layout reads as it is",
     ),
     (
         FindingKind.BACKWARD,

@@ -4,9 +4,9 @@ and whether it is an exit out of the spatial ranks (a flatten before a classifie
 
 from __future__ import annotations
 
-from ..records import NodeRecord, TensorMeta
+from ..records import Layout, NodeRecord, TensorMeta
 
-__all__ = ["exits_spatial", "is_reshape", "viewed_as"]
+__all__ = ["exits_spatial", "folds_tokens", "is_reshape", "viewed_as"]
 
 
 _RESHAPE_COPIES = ("clone", "contiguous", "_reshape_copy", "reshape", "flatten")
@@ -58,3 +58,12 @@ def exits_spatial(r: NodeRecord, reverted: list[TensorMeta], by_name: dict[str, 
     user = _reshape_view(r, reverted, by_name)
     # below rank 4 only, as a graph's hidden copy counts (a 6D reshape that copies stays a revert)
     return user is not None and user.outputs[0].rank < 4 and user.op_name == r.op_name and user.source == r.source
+
+
+def folds_tokens(r: NodeRecord | None) -> bool:
+    """``r`` reshapes values of fewer dims into an NCHW map: ``out.view(b, c, h, w)`` of a matmul's
+    (b, c, h * w) result, channel-major, which a (b, h * w, c) result transposed would make channels_last."""
+    if r is None or not is_reshape(r) or not r.outputs or not r.inputs:
+        return False
+    out = r.outputs[0]
+    return out.rank in (4, 5) and r.inputs[0].meta.rank < out.rank and out.layout is Layout.CONTIGUOUS

@@ -123,7 +123,8 @@ class FindingKind(str, enum.Enum):
     REVERT = "revert"
     """A channels_last input produced a contiguous (NCHW) output: the op left NHWC."""
     MIXED = "mixed"
-    """The op's spatial inputs disagree in layout; the first operand decided the output."""
+    """The op's spatial inputs disagree in layout: an elementwise op's output follows its first
+    operand, a cat's or stack's is NCHW."""
     CONVERSION = "conversion"
     """An NCHW input was converted back to channels_last (e.g. by a conv with NHWC weights)."""
     BACKWARD = "backward"
