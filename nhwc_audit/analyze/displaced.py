@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Sequence
 
-from ..records import NodeRecord
+from ..records import NodeRecord, SourceLoc
 from .moves import moved_bytes
 
-__all__ = ["displaced", "displaced_backward", "unpaired"]
+__all__ = ["call_of", "displaced", "displaced_backward", "unpaired"]
 
 
 def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged: Collection[str]) -> dict[str, int]:
@@ -24,7 +24,7 @@ def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged
     credit: dict[str, int] = {}
     used: set[str] = set()
     for name in charged:
-        site = by_name[name].source
+        site = call_of(by_name[name])
         frontier, seen = deque(_producers(by_name[name], by_name)), {name}
         while frontier:
             node, shape = frontier.popleft()
@@ -32,12 +32,20 @@ def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged
                 continue
             seen.add(node.name)
             saved = nchw_moved.get(node.name, 0) - moved_bytes(node)
-            if saved > 0 and node.name not in used and node.source == site:  # one call of the model's
+            if saved > 0 and node.name not in used and call_of(node) == site:  # one call of the model's
                 credit[name] = saved
                 used.add(node.name)
                 break
             frontier.extend(_producers(node, by_name))
     return credit
+
+
+def call_of(r: NodeRecord) -> tuple[SourceLoc | None, str]:
+    """Which call of the model's code ran ``r``: its source line, in the forward of the module instance
+    that line belongs to (a torch.nn module's own ops, and a call of it: its parent's, whose forward
+    called it). Two instances of one module class run one line in two calls."""
+    leaf = r.op == "call_module" or r.in_leaf_module
+    return r.source, r.module_path.rpartition(".")[0] if leaf else r.module_path
 
 
 def _producers(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[tuple[NodeRecord, tuple[int, ...]]]:
@@ -91,11 +99,11 @@ def displaced_backward(records: Sequence[NodeRecord], nchw: dict[str, int], ours
     used: set[str] = set()
     for name in sorted(ours, key=lambda n: by_name[n].index, reverse=True):
         start = by_name[name]
-        shape = start.outputs[0].shape if start.outputs else None
+        shape, site = start.outputs[0].shape if start.outputs else None, call_of(start)
         frontier, seen = deque(readers.get(name, [])), {name}
         while frontier:
             node = frontier.popleft()
-            if node.name in seen or not node.outputs or node.outputs[0].shape != shape or node.source != start.source:
+            if node.name in seen or not node.outputs or node.outputs[0].shape != shape or call_of(node) != site:
                 continue
             seen.add(node.name)
             saved = nchw.get(node.name, 0) - ours.get(node.name, 0)

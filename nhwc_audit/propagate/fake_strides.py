@@ -44,7 +44,7 @@ BACKWARD_STRIDES = (
 )
 FORWARD_STRIDES = (
     "LogSigmoid, RReLU and a scalar raised to a tensor (2 ** x) strided as eager strides them (NCHW from a "
-    "channels_last input), and roll, channel_shuffle and 5D reflect/replicate pads (channels_last kept), where "
+    "channels_last input), BatchNorm of a map in no memory format (a transposed or sliced one: NCHW), and roll, channel_shuffle and 5D reflect/replicate pads (channels_last kept), where "
     "FakeTensor does otherwise"
 )
 PROBED_FORWARDS = frozenset(
@@ -121,7 +121,7 @@ class PointwiseStrides(RecordingMode):
             self.applied.append(("", BACKWARD_STRIDES))
             return torch.empty_strided(first.shape, args[0].stride(), dtype=first.dtype, device=first.device)
         name = func.overloadpacket.__name__
-        forward = name in PROBED_FORWARDS or func.__name__ in PROBED_FORWARDS
+        forward = name in PROBED_FORWARDS or func.__name__ in PROBED_FORWARDS or _odd_norm(name, args)
         probed = forward or name in _PROBED_BACKWARDS
         if not isinstance(first, torch.Tensor) or first.dim() not in (3, 4, 5):
             return out
@@ -162,6 +162,15 @@ class PointwiseStrides(RecordingMode):
         elif forward:  # (asked on cuts: an output of the first's shape strided as it)
             rest = [_like(o, fixed) if isinstance(o, torch.Tensor) and o.shape == first.shape else o for o in rest]
         return type(out)([fixed, *rest])
+
+
+def _odd_norm(name: str, args: Any) -> bool:
+    """A CPU BatchNorm of a map dense in no memory format (``x.transpose(2, 3)``, ``x[..., ::2]``): its kernel
+    writes NCHW, FakeTensor keeps the input's strides (a map in a memory format: alike, never asked)."""
+    if name != "native_batch_norm" or not args or not isinstance(x := args[0], torch.Tensor) or x.dim() not in (4, 5):
+        return False
+    formats = (torch.contiguous_format, torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return not any(x.is_contiguous(memory_format=f) for f in formats)
 
 
 def _like(fake: Any, eager: Any) -> Any:

@@ -352,3 +352,43 @@ def test_a_stored_operand_re_laid_in_either_layout_costs_nothing_extra(capture: 
     r = audit(PermutedPlusEmbedding().eval(), x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
     assert [f.kind.value for f in r.findings] == ["mixed"]
     assert r.summary.bytes_moved == eager_bytes(PermutedPlusEmbedding().eval(), (x,)).added == 0
+
+
+class _Join(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class _OtherJoin(nn.Module):  # the same code on another line
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class TwoJoins(nn.Module):
+    """Two instances of one module (one source line): the NCHW model copies at the first (a mixed add of a
+    LayerNorm2d-like output), the channels_last one at the second (after a log_softmax over channels).
+    The NCHW copy at the first was netted against the second's, the same line but another call of it (a
+    composition fuzz's find): 4,096 B where the same model with a second class on another line is
+    charged 6,144, as eager charges it."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.stem, self.ln, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.LayerNorm(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.j1, self.j2 = _Join(), (_Join() if shared else _OtherJoin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.j1(x, self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.head(self.j2(F.log_softmax(x, 1), x))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_another_instance_on_the_same_line_is_another_call(capture: str) -> None:
+    x = torch.randn(1, 3, 8, 8)
+    torch.manual_seed(0)
+    apart = TwoJoins(False).eval()
+    expected = eager_bytes(apart, (x,)).added  # (per line, eager nets the shared model's two calls alike)
+    assert audit(apart, x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected == 6144  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    shared = TwoJoins(True).eval()
+    assert audit(shared, x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected  # type: ignore[arg-type]

@@ -421,3 +421,32 @@ def test_a_bfloat16_matmul_of_a_flattened_map_is_asked_with_the_strides_eager_vi
     for mode in ("real", "fake"):
         r = nhwc_audit.audit(m, x, bandwidth=1e9, mode=mode)  # type: ignore[arg-type]
         assert r.summary.bytes_moved == truth, (mode, [(f.kind.value, f.op, f.bytes) for f in r.findings])
+
+
+class NormOfAView(nn.Module):
+    """A BatchNorm of a channels_last map viewed in no memory format (transposed, or a stepped slice): the
+    CPU kernel writes NCHW, FakeTensor kept the view's strides, and fake mode charged nothing where real
+    mode and eager charge the revert (a composition fuzz's find)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.stem, self.bn = how, nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(self.bn(y.transpose(2, 3) if self.how == "transpose" else y[..., ::2]))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+@pytest.mark.parametrize("how", ["transpose", "stepped"])
+def test_a_batch_norm_of_a_view_in_no_format_is_strided_as_the_cpu_kernel_strides_it(
+    how: str, capture: str, train: bool
+) -> None:
+    torch.manual_seed(0)
+    model, x = NormOfAView(how).train(train), torch.randn(1, 3, 8, 23)
+    real = nhwc_audit.audit(model, x, bandwidth=1e9, capture=capture)  # type: ignore[arg-type]
+    fake = nhwc_audit.audit(model, x, bandwidth=1e9, capture=capture, mode="fake")  # type: ignore[arg-type]
+    assert real.summary.bytes_moved > 0
+    assert fake.summary.bytes_moved == real.summary.bytes_moved
