@@ -218,6 +218,15 @@ def repair_parts(
         if why is not None:
             refused.append(f"the repaired parts together ({', '.join(p.path for p in parts)}): {why}")
             parts = []
+    if parts:
+        records, after = reaudit(whole)
+        if after.bytes_moved >= summary.bytes_moved and after.breaks >= summary.breaks:
+            # a part repaired on channels_last inputs that the model hands it NCHW (a revert upstream)
+            refused.append(
+                f"the repaired parts together ({', '.join(p.path for p in parts)}): the model moves "
+                f"{after.bytes_moved} B with them where it moved {summary.bytes_moved} B"
+            )
+            parts = []
     if not parts:
         return convert(model), RepairLog(
             steps=(),
@@ -228,7 +237,6 @@ def repair_parts(
             refused=tuple(refused),
             notes=tuple(notes),
         )
-    records, after = reaudit(whole)
     mine, naive_dev, exact = deviations(model, naive, whole, samples[0], grads, reference)
     steps = [
         RepairStep(f"{p.path}/{s.node}", s.kind, s.reason, s.bytes_saved, s.breaks_removed)

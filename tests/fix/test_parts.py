@@ -148,3 +148,33 @@ def test_public_models_fx_cannot_trace_are_repaired_part_by_part(name: str) -> N
     log = repaired.repair
     assert log is not None and log.changed and log.bytes_before == eager_bytes(model, args).added > 0
     assert log.bytes_after == moved_after(model, repaired.repaired_module, args) < log.bytes_before
+
+
+def test_parts_that_move_no_fewer_bytes_in_the_model_are_not_kept() -> None:
+    """Each part is repaired on channels_last inputs; where the model hands a part NCHW ones (a revert
+    upstream), the whole audited again may move no fewer bytes: the model is then handed back as converted,
+    and the log says why."""
+    import dataclasses
+
+    from nhwc_audit.fix.parts import repair_parts
+    from nhwc_audit.fix.repair import repair_model, repair_samples
+
+    model, args = build_top()
+    report = audit(model, args[0], bandwidth=1e9)
+
+    def worse(m: nn.Module) -> tuple[tuple[object, ...], object]:  # as if the parts moved a byte more
+        return report.nodes, dataclasses.replace(report.summary, bytes_moved=report.summary.bytes_moved + 1)
+
+    fixed, log = repair_parts(
+        model,
+        repair_samples(model, args, {}),
+        report.findings,
+        whole_error=ConversionError("no trace"),
+        repair=lambda part, sample: repair_model(part, *sample, bandwidth=1e9),
+        reaudit=worse,  # type: ignore[arg-type]
+        before=(report.nodes, report.summary),
+        grads=True,
+    )
+    assert not log.changed and log.bytes_after == log.bytes_before
+    assert any("the model moves" in r for r in log.refused), log.refused
+    assert isinstance(fixed.body.norm, nn.InstanceNorm2d)
