@@ -300,8 +300,9 @@ def repair(
     *,
     example_kwargs: dict[str, Any] | None = None,
     grads: bool = True,
-) -> tuple[torch.fx.GraphModule, RepairLog]:
-    """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog``.
+) -> tuple[nn.Module, RepairLog]:
+    """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog`` (for a model
+    torch.fx cannot trace as a whole, the model's own class with its repaired parts).
 
     Rewrites that remove layout transposes are kept only when the outputs (and gradients) still
     match the original model in float64; the model is never modified. ``audit(model, x).repaired()``'s

@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nhwc_audit
@@ -245,9 +246,22 @@ def test_untraceable_model_falls_back_and_says_why(audit_fixed: Callable[..., Au
     # the line that branches is named; a repair (which needs the graph) is not told to capture otherwise
     line = f"{__file__}:{test_untraceable_model_falls_back_and_says_why.__code__.co_firstlineno + 3} (if x.sum() > 0:)"
     assert f"DataDependent at {line}: TraceError" in report.meta.capture_notes[0]
+    _, log = nhwc_audit.repair(DataDependent(), torch.randn(1, 3, 4, 4))  # nothing to repair
+    assert not log.changed
+
+    class Branching(nn.Module):  # a finding in the top forward, which no part of it can hold
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.instance_norm(self.conv(x))
+            return y if y.sum() > 0 else -y
+
     with pytest.raises(nhwc_audit.ConversionError) as refused:
-        nhwc_audit.repair(DataDependent(), torch.randn(1, 3, 4, 4))
-    assert line in str(refused.value) and "torch.fx.wrap" in str(refused.value)
+        nhwc_audit.repair(Branching(), torch.randn(1, 3, 4, 4))
+    branch = f"{__file__}:{Branching.forward.__code__.co_firstlineno + 2} (return y if y.sum() > 0 else -y)"
+    assert branch in str(refused.value) and "torch.fx.wrap" in str(refused.value)
     assert "capture" not in str(refused.value), str(refused.value)
     trained = audit_fixed(DataDependent(), torch.randn(1, 3, 4, 4), train=True)  # backward needs a graph
     assert [n.split(":")[0] for n in trained.meta.capture_notes][:2] == ["fx", "export"]

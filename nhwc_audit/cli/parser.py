@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="write the repaired model here as a Python package (code and weights): "
-        "from DIR import Repaired; Repaired()(x)",
+        "from DIR import Repaired; Repaired()(x); for a model torch.fx cannot trace as a whole, "
+        "its repaired parts: import DIR; DIR.apply(model)",
     )
     p.add_argument(
         "--mode",

@@ -76,9 +76,10 @@ def write_package(gm: torch.fx.GraphModule, folder: Path, header: list[str]) -> 
 
 _PARTS_INIT = '''"""{title}
 
-Each subpackage holds one repaired part (its code and weights). ``apply(model)`` converts your
-model to channels_last in place and puts each part in its module's place, with the plain attributes
-of the module it replaces (what the model's forward reads of it); it returns the model."""
+Each subpackage holds one repaired part (its code). ``apply(model)`` puts each part in its module's place
+in your model, with that module's weights (``load_state_dict``: your trained ones, not those the repair
+saw), training modes and plain attributes, then converts the model to channels_last in place (4D tensors
+channels_last, 5D channels_last_3d); it returns the model."""
 
 import importlib
 
@@ -87,16 +88,26 @@ import torch
 PARTS = {parts!r}
 """module path -> subpackage"""
 
+_FORMATS = {{4: torch.channels_last, 5: torch.channels_last_3d}}
+
 
 def apply(model):
-    model = model.to(memory_format=torch.channels_last)
     for path, sub in PARTS.items():
-        parent, _, name = path.rpartition(".")
+        old = model.get_submodule(path)
         part = importlib.import_module(f"{{__name__}}.{{sub}}").Repaired()
-        for key, value in vars(model.get_submodule(path)).items():
+        part.load_state_dict(old.state_dict())
+        modes = {{name: m.training for name, m in old.named_modules()}}
+        for name, m in part.named_modules():
+            m.training = modes.get(name, old.training)
+        for key, value in vars(old).items():
             if not key.startswith("_") and key not in vars(part):
                 setattr(part, key, value)
+        parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, part)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() in _FORMATS:
+                t.data = t.data.to(memory_format=_FORMATS[t.dim()])
     return model
 '''
 

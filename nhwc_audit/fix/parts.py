@@ -32,6 +32,9 @@ from .results import Sample
 
 __all__ = ["Part", "Reaudit", "parts_code", "repaired_parts", "repair_parts"]
 
+PART_KEY = "nhwc_audit_part"
+"""The key of a repaired part's GraphModule ``meta`` that holds its module path (a GraphModule the model
+had of its own is no part)."""
 _PRESERVED = "_user_preserved_attributes"
 """The key of a GraphModule's ``meta`` whose attributes its ``__deepcopy__`` sets on the copy
 (``torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY``)."""
@@ -63,6 +66,11 @@ def _shared(model: nn.Module, path: str) -> bool:
         if not name.startswith(prefix)
     )
     return any(id(t) in inside for t in outside)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """``module`` or a module in it has forward hooks a user registered (a repaired graph runs none)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _inputs(model: nn.Module, paths: Sequence[str], sample: Sample) -> dict[str, list[Sample]]:
@@ -134,10 +142,16 @@ def find_parts(
             if _shared(model, path):
                 left.append(f"part {path}: shares a parameter or buffer with the rest of the model, left as it is")
                 continue
+            if _hooked(model.get_submodule(path)):
+                left.append(f"part {path}: has forward hooks of its own, which a repaired graph would not run")
+                continue
             try:
                 gm, log = repair(model.get_submodule(path), calls[path][0])
-            except ConversionError:
-                deeper += _children(model, path, findings)  # (it does not trace: its children may)
+            except ConversionError as e:
+                inner = _children(model, path, findings)  # (it does not trace: its children may)
+                deeper += inner
+                if not inner:
+                    left.append(f"part {path}: {first_line(e)}")
                 continue
             except Exception as e:
                 left.append(f"part {path}: its repair failed: {first_line(e)}")
@@ -145,6 +159,8 @@ def find_parts(
             traced += 1
             if log.changed:
                 parts.append(Part(path, gm, log))
+            else:
+                left += [f"{path}/{r}" for r in log.refused]
         todo = deeper
     return parts, left, traced
 
@@ -157,6 +173,7 @@ def assemble(model: nn.Module, parts: Sequence[Part]) -> nn.Module:
     for part in parts:
         parent, _, name = part.path.rpartition(".")
         gm, own = copy.deepcopy(part.module), vars(whole.get_submodule(part.path))
+        gm.meta[PART_KEY] = part.path
         kept = {k: v for k, v in own.items() if not k.startswith("_") and k not in vars(gm)}
         for k, v in kept.items():
             setattr(gm, k, v)
@@ -172,7 +189,7 @@ def repaired_parts(module: nn.Module) -> list[tuple[str, torch.fx.GraphModule]]:
         return [("", module)]
     found: list[tuple[str, torch.fx.GraphModule]] = []
     for path, m in module.named_modules():
-        if isinstance(m, torch.fx.GraphModule) and not any(path.startswith(p + ".") for p, _ in found):
+        if isinstance(m, torch.fx.GraphModule) and m.meta.get(PART_KEY) == path:
             found.append((path, m))
     return found
 
@@ -180,6 +197,41 @@ def repaired_parts(module: nn.Module) -> list[tuple[str, torch.fx.GraphModule]]:
 def parts_code(module: nn.Module) -> str:
     """The code of each repaired graph in ``module``, each under a line naming its module path."""
     return "\n".join(f"# {path} ({type(m).__name__})\n{m.code}" for path, m in repaired_parts(module))
+
+
+def _checked(
+    model: nn.Module,
+    naive: nn.Module | None,
+    parts: list[Part],
+    samples: list[Sample],
+    grads: bool,
+    reference: dict[str, Any],
+) -> tuple[list[Part], list[str]]:
+    """The parts that, put back together, compute what ``model`` computes (outputs and gradients, as a
+    repair's rewrites are checked), and why the others were dropped: all together first; where that
+    fails, each alone, then the ones that passed together (a part the parent reads otherwise than by
+    calling it, ``self.enc.out_channels``, sinks no other)."""
+
+    def change(group: list[Part]) -> str | None:
+        try:
+            return first_change(model, naive, assemble(model, group), samples, grads, reference)
+        except Exception as e:
+            return f"it fails to run in the model: {first_line(e)}"
+
+    if not parts or (why := change(parts)) is None:
+        return parts, []
+    if len(parts) == 1:
+        return [], [f"part {parts[0].path}: repaired, {why}"]
+    kept: list[Part] = []
+    dropped: list[str] = []
+    for part in parts:
+        if (alone := change([part])) is None:
+            kept.append(part)
+        else:
+            dropped.append(f"part {part.path}: repaired, {alone}")
+    if len(kept) > 1 and (why := change(kept)) is not None:
+        return [], [*dropped, f"the repaired parts together ({', '.join(p.path for p in kept)}): {why}"]
+    return kept, dropped
 
 
 def repair_parts(
@@ -196,10 +248,10 @@ def repair_parts(
     """The repaired model (a channels_last copy of ``model`` with repaired parts) and its log.
     ``samples``: the sample and a second input (the model's checks); ``before``: the audit's records
     and summary (as ``reaudit`` would find them for the naive conversion). Raises ``whole_error``
-    (why the model does not trace), extended, when no part with a finding traces either (and none
-    was left for another reason, which the log then gives)."""
+    (why the model does not trace), extended, when the model has findings and no part with one was
+    tried (they lie in the top forward); parts tried and left are in the log's ``refused``."""
     parts, left, traced = find_parts(model, samples[0], findings, repair)
-    if not traced and not left:
+    if not traced and not left and any(f.bytes or f.kind in _BREAKS for f in findings):
         raise ConversionError(f"{whole_error}; no part of it with a finding traces either") from whole_error
     _, summary = before
     notes = [
@@ -209,16 +261,10 @@ def repair_parts(
     refused = list(left)
     naive = convert(model) if summary.breaks == 0 else None  # (it raises at a break)
     reference: dict[str, Any] = {}  # the original's and the naive conversion's results, once
+    parts, why = _checked(model, naive, parts, samples, grads, reference)
+    refused += why
     if parts:
         whole = assemble(model, parts)
-        try:
-            why = first_change(model, naive, whole, samples, grads, reference)
-        except Exception as e:
-            why = f"they fail to run together: {first_line(e)}"
-        if why is not None:
-            refused.append(f"the repaired parts together ({', '.join(p.path for p in parts)}): {why}")
-            parts = []
-    if parts:
         records, after = reaudit(whole)
         if after.bytes_moved >= summary.bytes_moved and after.breaks >= summary.breaks:
             # a part repaired on channels_last inputs that the model hands it NCHW (a revert upstream)

@@ -63,6 +63,35 @@ def build_top() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return Top().eval(), (torch.randn(1, 3, 32, 32),)
 
 
+class Body3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.norm, self.c2 = (
+            nn.Conv3d(4, 4, 3, padding=1),
+            nn.InstanceNorm3d(4, affine=True),
+            nn.Conv3d(4, 4, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.norm(self.c1(x))))
+
+
+class Top3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body, self.bn = nn.Conv3d(1, 4, 3, padding=1), Body3d(), nn.BatchNorm3d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 4:
+            raise ValueError("the size must be a multiple of 4")
+        return self.bn(self.body(self.stem(x)))
+
+
+def build_top3d() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    return Top3d().eval(), (torch.randn(2, 1, 8, 8, 8),)
+
+
 def test_a_model_fx_cannot_trace_is_repaired_part_by_part() -> None:
     model, (x,) = build_top()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -94,31 +123,94 @@ def test_a_part_that_shares_a_weight_with_the_rest_is_left_as_it_is() -> None:
     assert any(r.startswith("part body: shares a parameter") for r in log.refused), log.refused
 
 
-def test_no_part_that_traces_raises_why() -> None:
+def test_a_part_that_does_not_trace_is_named_in_the_log() -> None:
     torch.manual_seed(0)
     model, x = Top(check=True).eval(), torch.randn(1, 3, 32, 32)
+    log = audit(model, x, bandwidth=1e9).repaired().repair
+    assert log is not None and not log.changed
+    assert any(r.startswith("part body: ") and "could not trace Body" in r for r in log.refused), log.refused
+
+
+def test_a_model_fx_cannot_trace_with_nothing_to_repair_is_handed_back_as_converted() -> None:
+    class Clean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] % 8:
+                raise ValueError("the size must be a multiple of 8")
+            return self.body(x)
+
+    report = audit(Clean().eval(), torch.randn(1, 3, 16, 16), bandwidth=1e9)
+    assert report.meta.capture == "hooks" and not report.findings
+    log = report.repaired().repair
+    assert log is not None and not log.changed and log.bytes_after == 0
+
+
+class Encoder(Body):
+    @property
+    def width(self) -> int:  # what the parent reads of it otherwise than by calling it
+        return self.c2.out_channels
+
+
+class TwoParts(nn.Module):
+    def __init__(self, hooked: bool = False) -> None:
+        super().__init__()
+        self.stem, self.enc, self.body = nn.Conv2d(3, 8, 3, padding=1), Encoder(), Body()
+        if hooked:
+            self.body.register_forward_hook(lambda m, a, o: None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 8:
+            raise ValueError("the size must be a multiple of 8")
+        return self.body(self.enc(self.stem(x))) * (self.enc.width / 8)
+
+
+def test_a_part_the_model_cannot_use_repaired_sinks_no_other() -> None:
+    torch.manual_seed(0)
+    model, x = TwoParts().eval(), torch.randn(1, 3, 32, 32)
     report = audit(model, x, bandwidth=1e9)
-    with pytest.raises(ConversionError, match="no part of it with a finding traces either"):
-        report.repaired()
+    log = report.repaired().repair
+    assert log is not None and [s.node for s in log.steps] == ["body/norm"]
+    assert any(r.startswith("part enc: repaired, ") and "width" in r for r in log.refused), log.refused
+    assert log.bytes_after < log.bytes_before
 
 
+def test_a_part_with_hooks_of_its_own_is_left_as_it_is() -> None:
+    torch.manual_seed(0)
+    model, x = TwoParts(hooked=True).eval(), torch.randn(1, 3, 32, 32)
+    log = audit(model, x, bandwidth=1e9).repaired().repair
+    assert log is not None and "body/norm" not in [s.node for s in log.steps]
+    assert any(r.startswith("part body: has forward hooks") for r in log.refused), log.refused
+
+
+@pytest.mark.parametrize("build", ["build_top", "build_top3d"])
 def test_the_saved_parts_go_back_into_the_model_in_a_fresh_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    build: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``apply(model)`` puts each part into the user's model with that model's own weights (trained since
+    the repair: here other ones) and training modes, and converts a 3D model's tensors to channels_last_3d."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "topmodel.py").write_text("from tests.fix.test_parts import build_top\n", encoding="utf-8")
+    (tmp_path / f"user_{build}.py").write_text(f"from tests.fix.test_parts import {build}\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["topmodel:build_top", "--apply", "--save-repaired", "rep", "--no-report", "--quiet"]) == 0
+    assert main([f"user_{build}:{build}", "--apply", "--save-repaired", "rep", "--no-report", "--quiet"]) == 0
     assert (tmp_path / "rep" / "__init__.py").is_file() and (tmp_path / "rep" / "part_body" / "module.py").is_file()
     script = textwrap.dedent(
-        """
-        import torch, rep
-        from tests.fix.test_parts import build_top
-        model, (x,) = build_top()
-        fixed = rep.apply(build_top()[0])
-        assert type(fixed.body).__name__ == "Repaired", type(fixed.body)
+        f"""
+        import copy, torch, rep
+        from tests.fix.test_parts import {build} as build
+        model, (x,) = build()
+        torch.manual_seed(1)
         with torch.no_grad():
-            torch.testing.assert_close(fixed(x.to(memory_format=torch.channels_last)), model(x), atol=1e-5, rtol=1e-4)
+            for p in model.parameters():  # the user's weights, trained since the repair
+                p.add_(torch.randn_like(p) * 0.1)
+        model.train()
+        fixed = rep.apply(copy.deepcopy(model))
+        assert type(fixed.body).__name__ == "Repaired", type(fixed.body)
+        assert all(m.training for m in fixed.modules())
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        torch.testing.assert_close(fixed(x.to(memory_format=fmt)), model(x), atol=1e-4, rtol=1e-3)
         print("ok")
         """
     )

@@ -76,7 +76,7 @@ class Untraceable(torch.nn.Module):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 1)
     def forward(self, x):
-        y = self.conv(x)
+        y = torch.nn.functional.instance_norm(self.conv(x))  # (a finding in the top forward: no part holds it)
         return y if y.sum() > 0 else -y
 """
 
