@@ -301,12 +301,11 @@ def repair(
     example_kwargs: dict[str, Any] | None = None,
     grads: bool = True,
 ) -> tuple[nn.Module, RepairLog]:
-    """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog`` (for a model
-    torch.fx cannot trace as a whole, the model's own class with its repaired parts).
+    """A repaired channels_last ``torch.fx.GraphModule`` of ``model`` and its ``RepairLog``.
 
-    Rewrites that remove layout transposes are kept only when the outputs (and gradients) still
-    match the original model in float64; the model is never modified. ``audit(model, x).repaired()``'s
-    graph and log: each rewrite kept by the bytes channels_last adds over NCHW, as the audit charges them.
+    Rewrites that remove layout transposes are kept only when the outputs (and gradients) still match the
+    original in float64; the model is never modified. ``audit(model, x).repaired()``'s graph and log, by the
+    bytes channels_last adds over NCHW (a model fx cannot trace whole: its own class, parts repaired).
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8), torch.nn.Conv2d(8, 8, 3))
