@@ -266,18 +266,13 @@ def _audit_one(
         verdict=decide(records, analysis.summary, device=str(o.device), dtype=meta.compute_dtype),
         source=(module, args, kwargs) if o.mode == "real" else None,
         capture=captured.kept if o.mode == "real" else None,
-        rerun=functools.partial(_rerun, args=args, kwargs=kwargs, o=_repairs(o)) if o.mode == "real" else None,
+        rerun=functools.partial(run_audit, args=args, kwargs=kwargs, o=_repairs(o)) if o.mode == "real" else None,
     )
 
 
-def _rerun(module: nn.Module, *, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:
-    """:attr:`AuditReport.rerun`: ``module`` audited on the sample with ``o`` (:func:`_repairs`)."""
-    return run_audit(module, args, kwargs, o)
-
-
 def _repairs(o: AuditOptions) -> AuditOptions:
-    """The options a repair's audit runs with: the model in its own dtype, no autocast, no progress
-    callback (the report keeps them: not the caller's display)."""
+    """The options a repair's audit runs with (:attr:`AuditReport.rerun`): the model in its own dtype,
+    no autocast, no progress callback (the report keeps them: not the caller's display)."""
     return dataclasses.replace(o, dtype=None, autocast=None, progress=None)
 
 

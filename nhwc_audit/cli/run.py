@@ -231,7 +231,8 @@ def _write_reports(report: AuditReport, json_path: Path | None, html_path: Path 
 def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
     """The repaired GraphModule as a package a user can import and run in a fresh process
     (:func:`~nhwc_audit.fix.package.write_package`: code, weights, and the list of rewrites in the
-    code's header)."""
+    code's header); a model repaired part by part, one package per part and an ``apply(model)``
+    (:func:`~nhwc_audit.fix.package.write_parts`)."""
     from ..errors import ReportWriteError
     from ..fix.package import write_package, write_parts
     from ..fix.parts import repaired_parts

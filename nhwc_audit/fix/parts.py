@@ -1,6 +1,6 @@
 """The repair of a model torch.fx cannot trace as a whole (a shape check in its top forward, a
 branch on a tensor): its largest parts that trace, each repaired as a model of its own
-(:func:`~.repair.repair_model`) on the inputs it gets in the channels_last model, put back into a
+(:func:`~.repair.repair_model`) on a channels_last copy of the inputs it gets in the model, put back into a
 channels_last copy of the model. The whole is then checked against the original model (outputs
 and gradients, :func:`~.equivalence.first_change`) and audited again as the report was: the log's
 bytes are the two audits'.
@@ -55,7 +55,8 @@ class Part:
 
 def _shared(model: nn.Module, path: str) -> bool:
     """The module at ``path`` holds a parameter or buffer the rest of the model reads too."""
-    inside = {id(t) for t in (*model.get_submodule(path).parameters(), *model.get_submodule(path).buffers())}
+    part = model.get_submodule(path)
+    inside = {id(t) for t in (*part.parameters(), *part.buffers())}
     prefix = path + "."
     outside = (
         t
@@ -98,11 +99,14 @@ def _inputs(model: nn.Module, paths: Sequence[str], sample: Sample) -> dict[str,
     return calls
 
 
+def _moving(f: Finding) -> bool:
+    """``f`` is worth a repair: it moves bytes, or it is a break (one now, or once its input is channels_last)."""
+    return bool(f.bytes) or f.kind in _BREAKS
+
+
 def _relevant(path: str, findings: Sequence[Finding]) -> bool:
     prefix = path + "."
-    return any(
-        f.module_path == path or f.module_path.startswith(prefix) for f in findings if f.bytes or f.kind in _BREAKS
-    )
+    return any(f.module_path == path or f.module_path.startswith(prefix) for f in findings if _moving(f))
 
 
 def _children(model: nn.Module, path: str, findings: Sequence[Finding]) -> list[str]:
@@ -251,12 +255,12 @@ def repair_parts(
     (why the model does not trace), extended, when the model has findings and no part with one was
     tried (they lie in the top forward); parts tried and left are in the log's ``refused``."""
     parts, left, traced = find_parts(model, samples[0], findings, repair)
-    if not traced and not left and any(f.bytes or f.kind in _BREAKS for f in findings):
+    if not traced and not left and any(map(_moving, findings)):
         raise ConversionError(f"{whole_error}; no part of it with a finding traces either") from whole_error
     _, summary = before
     notes = [
         f"torch.fx cannot trace {type(model).__name__} as a whole: its parts that trace were repaired each on "
-        "the inputs it gets in the channels_last model, and the whole checked against the original"
+        "a channels_last copy of the inputs it gets in the model, and the whole checked against the original"
     ]
     refused = list(left)
     naive = convert(model) if summary.breaks == 0 else None  # (it raises at a break)
