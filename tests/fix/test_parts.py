@@ -270,3 +270,24 @@ def test_parts_that_move_no_fewer_bytes_in_the_model_are_not_kept() -> None:
     assert not log.changed and log.bytes_after == log.bytes_before
     assert any("the model moves" in r for r in log.refused), log.refused
     assert isinstance(fixed.body.norm, nn.InstanceNorm2d)
+
+
+class BreaksAtTheTop(Top):
+    """Its top forward views a map, which raises on channels_last: the run that records the parts' inputs
+    stopped there with a raw RuntimeError, and the repair with it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 8:
+            raise ValueError("the size must be a multiple of 8")
+        y = self.head(self.body(self.stem(x)))
+        return y.view(y.shape[0], -1)
+
+
+def test_a_model_that_breaks_in_its_top_forward_is_refused_by_the_check_not_the_recording() -> None:
+    torch.manual_seed(0)
+    model, x = BreaksAtTheTop().eval(), torch.randn(1, 3, 32, 32)
+    report = audit(model, x, bandwidth=1e9)
+    assert report.summary.breaks == 1
+    log = report.repaired().repair
+    assert log is not None and not log.changed
+    assert any(r.startswith("part body: repaired, it fails to run in the model") for r in log.refused), log.refused
