@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,71 +21,21 @@ from ..capture.proxies import in_place_operator
 from ..errors import ConversionError, TraceError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.runner import quiet
-from ..records import NodeRecord, Summary
 from . import results as res
 from .checkpoints import with_checkpoints
 from .contexts import keep_blocks, keep_state, keeps_state
-from .deviation import Exactness, deviations
+from .deviation import deviations
 from .drift import counted, state_drift
 from .equivalence import first_change
 from .follows import exposed_pair
 from .islands import rewritten_nodes
+from .log import RepairLog, RepairStep
 from .measure import Measured, measure, with_backward
 from .modes import mode_note
-from .results import Deviation
-from .rewrites import PRIORITY, Candidate, RepairKind, candidates, rewritable_copy
+from .rewrites import PRIORITY, Candidate, candidates, rewritable_copy
 from .trace_check import check_trace
 
 __all__ = ["RepairLog", "RepairStep", "repair_model", "repair_samples"]
-
-
-@dataclass(frozen=True, slots=True)
-class RepairStep:
-    """One accepted rewrite."""
-
-    node: str
-    kind: RepairKind
-    reason: str
-    bytes_saved: int
-    breaks_removed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RepairLog:
-    """What the repair changed, and the bytes moved by layout changes before and after."""
-
-    steps: tuple[RepairStep, ...]
-    bytes_before: int
-    bytes_after: int
-    breaks_before: int
-    breaks_after: int
-    refused: tuple[str, ...] = ()
-    """Every rewrite tried and dropped, with why (it changed the outputs or gradients, exposed a
-    break, removed nothing, or could not be applied)."""
-    records_after: tuple[NodeRecord, ...] = field(default=(), repr=False)
-    """The repaired graph's records (one propagation of the sample): what the verdict after
-    repairing is decided on."""
-    summary_after: Summary | None = None
-    """The repaired graph's summary (bytes, breaks, the share that stays channels_last)."""
-    deviation: Deviation | None = None
-    """How far the repaired model's results are from the original's (None: nothing rewritten)."""
-    naive_deviation: Deviation | None = None
-    """The same for the naive conversion (the model handed back when nothing was rewritten): what
-    converting alone changes; None when it cannot run."""
-    exactness: Exactness | None = None
-    """Which of the original and the naive conversion is off, by float64, when the conversion
-    deviates beyond :data:`~.results.CONVERSION` (else None; None too without float64)."""
-    notes: tuple[str, ...] = ()
-    """What else the repaired graph keeps or lacks of the model (its activation checkpoints)."""
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.steps)
-
-    @property
-    def per(self) -> str:
-        """What the bytes are counted over: a forward, or a training step (a train audit's repair)."""
-        return self.summary_after.per if self.summary_after is not None else "per forward"
 
 
 def _apply(gm: torch.fx.GraphModule, cands: list[Candidate], *, compile: bool = True) -> None:

@@ -162,8 +162,7 @@ def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> Rend
         parts.append(
             Text(
                 f" layout changes {fmt_bytes(rp.bytes_before)} -> {fmt_bytes(rp.bytes_after)} {rp.per}, "
-                f"breaks {rp.breaks_before} -> {rp.breaks_after}"
-                + ("" if rp.steps else " (nothing to repair: no rewrite removes bytes without changing the math)")
+                f"breaks {rp.breaks_before} -> {rp.breaks_after}" + (f" ({rp.unchanged})" if rp.unchanged else "")
             )
         )
         for st in rp.steps:

@@ -218,6 +218,7 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
         "bytes_before": repair.bytes_before,
         "bytes_after": repair.bytes_after,
         "per": repair.per,
+        "unchanged": repair.unchanged,
         "breaks_before": repair.breaks_before,
         "breaks_after": repair.breaks_after,
         "steps": [

@@ -291,3 +291,22 @@ def test_a_model_that_breaks_in_its_top_forward_is_refused_by_the_check_not_the_
     log = report.repaired().repair
     assert log is not None and not log.changed
     assert any(r.startswith("part body: repaired, it fails to run in the model") for r in log.refused), log.refused
+
+
+def test_a_repair_that_kept_nothing_says_whether_it_refused_or_had_nothing_to_try() -> None:
+    """The console and the report said "nothing to repair: no rewrite removes bytes without changing
+    the math" whenever nothing was kept, also where a part's repair was refused for failing to run
+    in the model (the refusal printed under it)."""
+    from rich.console import Console
+
+    from nhwc_audit.report.console import render_outcome
+
+    torch.manual_seed(0)
+    refused = audit(BreaksAtTheTop().eval(), torch.randn(1, 3, 32, 32), bandwidth=1e9).repaired()
+    nothing = audit(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8), bandwidth=1e9).repaired()
+    for report, words in ((refused, "no rewrite kept: 1 tried, each refused"), (nothing, "nothing to repair:")):
+        console = Console(record=True, width=400)
+        console.print(render_outcome(report))
+        text = console.export_text()
+        assert words in text and "without changing the math" not in text, text
+        assert words in report.to_html() and report.to_dict()["repair"]["unchanged"].startswith(words)
