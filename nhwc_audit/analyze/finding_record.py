@@ -13,7 +13,7 @@ from . import hint_keys as H
 from . import moves
 from .hint_render import hint_keys, render_hint
 from .hints import HintTable
-from .origin import describe, origin_of, via
+from .origin import describe, only_ambiguous_inputs, origin_of, via
 
 __all__ = ["Ctx", "make_finding", "recomputed"]
 
@@ -49,7 +49,8 @@ def make_finding(
     origin = origin_of(producer, ctx.by_name)
     if moves.baselined(kind, hidden=hidden) and not intrinsic:  # what it moves in NCHW too is not channels_last's
         nbytes = max(0, nbytes - r.nchw_bytes)
-    if kind is FindingKind.CONVERSION and origin is not None and _only_ambiguous_inputs(origin):
+    mixed_or_converted = kind in (FindingKind.CONVERSION, FindingKind.MIXED)
+    if mixed_or_converted and origin is not None and only_ambiguous_inputs(origin):
         hint_op = H.AMBIGUOUS_ORIGIN
     return Finding(
         node=r.name,
@@ -82,11 +83,6 @@ def make_finding(
         error=r.error,
         intrinsic=intrinsic,
     )
-
-
-def _only_ambiguous_inputs(r: NodeRecord) -> bool:
-    """The node made NCHW out of ambiguous input only (C == 1 or H == W == 1 tensors)."""
-    return bool(ins := r.spatial_inputs) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
 
 
 def recomputed(r: NodeRecord, findings: Sequence[Finding]) -> list[Finding]:

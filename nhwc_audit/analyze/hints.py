@@ -65,6 +65,12 @@ KIND_DEFAULTS: dict[FindingKind, str] = {
     ),
 }
 
+_RESTRIDE = (  # the fix of an NCHW map made from ambiguous input only (the AMBIGUOUS_ORIGIN hints)
+    ", whose input is ambiguous (C == 1 or H == W == 1) with NCHW-order strides, so that op chose NCHW: "
+    "restride its input with .to(memory_format={channels_last}) (a tiny copy; .contiguous(memory_format=...) "
+    "is a no-op on ambiguous tensors) and it stays channels_last"
+)
+
 
 def _register(
     table: HintTable, kind: FindingKind, ops: tuple[str, ...], text: str, *, device: str | None = None
@@ -209,16 +215,11 @@ def default_hints() -> HintTable:
         "make the map with .transpose(1, 2).reshape(N, C, H, W), which is channels_last (a view), and this "
         "conversion disappears",
     )
-    _register(
-        t,
-        FindingKind.CONVERSION,
-        (AMBIGUOUS_ORIGIN,),
-        "converts an NCHW input back to channels_last; the NCHW tensor comes from "
-        "{origin}, whose input is ambiguous (C == 1 or H == W == 1) with NCHW-order "
-        "strides, so that op chose NCHW: restride its input with "
-        ".to(memory_format={channels_last}) (a tiny copy; .contiguous(memory_format=...) "
-        "is a no-op on ambiguous tensors) and it stays channels_last",
-    )
+    for kind, lead in (
+        (FindingKind.CONVERSION, "converts an NCHW input back to channels_last; the NCHW tensor comes from {origin}"),
+        (FindingKind.MIXED, "{op}'s inputs disagree in layout; the NCHW one comes from {origin}"),
+    ):
+        _register(t, kind, (AMBIGUOUS_ORIGIN,), lead + _RESTRIDE)
     _register(
         t,
         FindingKind.REVERT,

@@ -23,6 +23,7 @@ __all__ = [
     "leading_to",
     "dense",
     "odd_order_from_map",
+    "only_ambiguous_inputs",
     "origin_of",
     "split_channels",
     "via",
@@ -56,6 +57,13 @@ def leading_to(records: Sequence[NodeRecord], targets: set[str]) -> set[str]:
             found.add(name)
             stack.extend(producers.get(name, ()))
     return found
+
+
+def only_ambiguous_inputs(r: NodeRecord) -> bool:
+    """The node's spatial inputs are all ambiguous (C == 1 or H == W == 1: dense in both orders), so
+    their strides alone chose the layout it made (an op that makes NCHW from them is a finding's
+    origin that ``.to(memory_format=...)`` on its input fixes)."""
+    return bool(ins := r.spatial_inputs) and all(i.meta.layout is Layout.AMBIGUOUS for i in ins)
 
 
 def origin_of(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeRecord | None:

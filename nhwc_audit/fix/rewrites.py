@@ -14,6 +14,9 @@ them judges whether it helped (that is :mod:`.repair`).
 * ``standardise-weight``   a weight standardised through reshape, ``F.batch_norm`` and
                            ``reshape_as`` (timm's StdConv2d) is standardised over dims (1, 2, 3)
                            instead (:mod:`.standardise`).
+* ``restride-ambiguous``   an op that makes NCHW out of ambiguous input only (a 1 x 1 map with
+                           NCHW-order strides, upsampled: DeepLabV3's ASPP pooling) reads it
+                           through ``.to(memory_format=channels_last)`` (:mod:`.restride`).
 * ``insert-contiguous-cl`` one ``.contiguous(memory_format=channels_last)`` right after an op
                            that reverts, when that costs less than the conversions downstream.
 * ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``, ``new_*``,
@@ -38,6 +41,7 @@ from torch import nn
 from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
 from ..records import FindingKind, Layout, NodeRecord
+from .restride import ambiguous_origins, restride_inputs
 from .softmax import softmax_last, softmax_over_channels
 from .standardise import standardisation, standardise
 
@@ -51,6 +55,7 @@ RepairKind = Literal[
     "softmax-nhwc",
     "swap-operands",
     "standardise-weight",
+    "restride-ambiguous",
     "insert-contiguous-cl",
 ]
 PRIORITY: tuple[RepairKind, ...] = get_args(RepairKind)
@@ -109,6 +114,13 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
                 f"allocate {getattr(node.target, '__name__', 'buffer')}(...) channels_last",
                 alloc_cl,
             )
+    for r, producers in ambiguous_origins(records, analysis):
+        yield Candidate(
+            r.name,
+            "restride-ambiguous",
+            f"{r.site_op}: restride its ambiguous input (C == 1 or H == W == 1) to channels_last first",
+            functools.partial(restride_inputs, name=r.name, producers=producers, fmt=_fmt(r.spatial_outputs[0].rank)),
+        )
     for f in analysis.findings:
         r = by_name[f.node]
         node = find_node(gm, f.node)
