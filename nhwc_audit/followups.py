@@ -6,6 +6,7 @@ model. ``AuditReport.repaired()`` and ``.measure()`` call these.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,23 @@ def _fx_graph(report: AuditReport) -> tuple[torch.fx.Graph | None, list[tuple[st
     return (kept.graph, list(kept.attributes)) if kept is not None else (None, [])
 
 
+def _fx_audit(report: AuditReport) -> AuditReport | None:
+    """An audit of the model with torch.fx, as the report's ``rerun`` audits, for a report captured
+    otherwise (``capture='hooks'`` or ``'export'``, or the fallback after a trace eager did not vouch
+    for) when the model traces; else None. A repair rewrites its graph and charges each node beyond
+    what it moves NCHW, as it does an fx audit's: re-traced without that baseline, it charged whole a
+    copy the model makes in either layout (a channel shuffle's: 131,072 B a forward reported 262,144)."""
+    if report.capture is not None or report.rerun is None or report.source is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fx = report.rerun(report.source[0], capture="fx")
+    except Exception:  # (it does not trace: the repair goes part by part)
+        return None
+    return fx if fx.capture is not None else None
+
+
 def _checked(report: AuditReport) -> bool:
     """The audit's fx graph was checked against eager (a forced or unverified capture is not)."""
     return report.capture is None or report.capture.checked
@@ -65,15 +83,20 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     ``repaired_module``) and the verdict updated. The repair starts from the audit's own
     torch.fx graph when it has one (no second trace)."""
     model, args, kwargs = _source(report)
-    graph, constants = _fx_graph(report)
-    # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the
-    # audit, when the repair runs as the audit did (it runs the model in its own dtype, no autocast)
     own = own_dtype_name(model)
     same_run = report.meta.autocast is None and report.meta.dtype == own
-    baseline = {r.name: r.nchw_bytes for r in report.nodes if r.nchw_bytes} if graph is not None and same_run else None
+    audited = _fx_audit(report) or report
+    graph, constants = _fx_graph(audited)
+    # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the
+    # audit, when the repair runs as the audit did (it runs the model in its own dtype, no autocast)
+    baseline = (
+        {r.name: r.nchw_bytes for r in audited.nodes if r.nchw_bytes}
+        if graph is not None and (same_run or audited is not report)
+        else None
+    )
     # a train audit's repair counts a backward pass too, each node beyond what it moves in NCHW
     backward = (
-        {r.name: (r.nchw_backward_bytes, r.nchw_backward_inside) for r in report.nodes}
+        {r.name: (r.nchw_backward_bytes, r.nchw_backward_inside) for r in audited.nodes}
         if report.meta.backward
         else None
     )
@@ -85,20 +108,23 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
                 kwargs,
                 bandwidth=report.meta.bandwidth,
                 graph=graph,
-                graph_checked=_checked(report),
+                graph_checked=_checked(audited),
                 constants=constants,
                 baseline=baseline,
                 backward=backward,
-                traced_writes=report.capture.traced_writes if report.capture is not None else None,
+                traced_writes=audited.capture.traced_writes if audited.capture is not None else None,
                 **options,
             )
             module: nn.Module = gm
             code = gm.code
         except ConversionError as e:
-            if graph is not None:
+            if graph is not None and audited is report:
                 raise
             module, log = _repaired_parts(report, e, same_run, options)
             code = parts_code(module)
+    if audited is not report and isinstance(module, torch.fx.GraphModule):
+        note = f"the audit captured with {report.meta.capture}; the model traces, so the repair audited it again with torch.fx"
+        log = dataclasses.replace(log, notes=(*log.notes, note + " and rewrote that graph"))
     repaired = dataclasses.replace(report, repair=log, repaired_code=code, repaired_module=module)
     if not log.changed:
         return repaired  # the model as audited: its verdict stands

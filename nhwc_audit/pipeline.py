@@ -266,7 +266,7 @@ def _audit_one(
         verdict=decide(records, analysis.summary, device=str(o.device), dtype=meta.compute_dtype),
         source=(module, args, kwargs) if o.mode == "real" else None,
         capture=captured.kept if o.mode == "real" else None,
-        rerun=functools.partial(run_audit, args=args, kwargs=kwargs, o=_repairs(o)) if o.mode == "real" else None,
+        rerun=functools.partial(rerun_audit, args=args, kwargs=kwargs, o=_repairs(o)) if o.mode == "real" else None,
     )
 
 
@@ -274,6 +274,17 @@ def _repairs(o: AuditOptions) -> AuditOptions:
     """The options a repair's audit runs with (:attr:`AuditReport.rerun`): the model in its own dtype,
     no autocast, no progress callback (the report keeps them: not the caller's display)."""
     return dataclasses.replace(o, dtype=None, autocast=None, progress=None)
+
+
+def rerun_audit(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    o: AuditOptions,
+    capture: CaptureMethod | None = None,
+) -> AuditReport:
+    """:attr:`AuditReport.rerun`: ``module`` audited as ``o`` says, with ``capture`` when given."""
+    return run_audit(module, args, kwargs, o if capture is None else dataclasses.replace(o, capture=capture))
 
 
 def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:

@@ -16,8 +16,6 @@ from .report.serialize import json_text, report_dict
 from .report.text import headline, offender_line
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from .analyze.verdict import Verdict
     from .capture.kept import KeptGraph
     from .fix.repair import RepairLog
@@ -56,9 +54,10 @@ class AuditReport:
     """(model, args, kwargs) as given, for repair()/measure(); never serialized or modified."""
     capture: KeptGraph | None = field(default=None, compare=False)
     """The fx graph the audit captured (real mode), reused by repair()/measure(); never serialized."""
-    rerun: Callable[[nn.Module], AuditReport] | None = field(default=None, compare=False, repr=False)
-    """Audits another module on this audit's sample with its options, in the module's own dtype and without
-    autocast, as a repair runs (real mode): the repair of a model torch.fx cannot trace audits its result."""
+    rerun: Callable[..., AuditReport] | None = field(default=None, compare=False, repr=False)
+    """``rerun(module, capture=None)`` audits a module on this audit's sample with its options (``capture``,
+    when given, instead of its capture), in the module's own dtype and without autocast, as a repair runs
+    (real mode): the repair of a model torch.fx cannot trace audits its result."""
 
     @property
     def incompatible_nodes(self) -> list[NodeRecord]:
