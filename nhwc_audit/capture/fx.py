@@ -299,6 +299,8 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         if tracer.proxied_maps:
             raise _MapsProxied from e
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "torch.fx docs" in msg:  # torch's pointer to its docs: what it means follows, in our words
+            msg = msg.split(". ", 1)[0]
         where = failing_frame(e)
         at = "" if where is None else f" at {where}" + (f" ({where.code})" if where.code else "")
         plain = f"torch.fx could not trace {type(model).__name__}{at}: {type(e).__name__}: {msg}"

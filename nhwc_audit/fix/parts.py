@@ -159,7 +159,7 @@ def find_parts(
                 inner = _children(model, path, findings)  # (it does not trace: its children may)
                 deeper += inner
                 if not inner:
-                    left.append(f"part {path}: {first_line(e)}")
+                    left.append(f"part {path}: {str(e).splitlines()[0]}")
                 continue
             except Exception as e:
                 left.append(f"part {path}: its repair failed: {first_line(e)}")
@@ -262,9 +262,14 @@ def repair_parts(
     if not traced and not left and any(map(_moving, findings)):
         raise ConversionError(f"{whole_error}; no part of it with a finding traces either") from whole_error
     _, summary = before
+    untraced = f"torch.fx cannot trace {type(model).__name__} as a whole"
     notes = [
-        f"torch.fx cannot trace {type(model).__name__} as a whole: its parts that trace were repaired each on "
-        "a channels_last copy of the inputs it gets in the model, and the whole checked against the original"
+        f"{untraced}: its parts that trace were repaired each on a channels_last copy of the inputs it gets in "
+        "the model, and the whole checked against the original"
+        if traced
+        else f"{untraced}, nor any part of it with a finding (why, below): nothing repaired"
+        if left
+        else f"{untraced}; no finding moves bytes or breaks: nothing to repair"
     ]
     refused = list(left)
     naive = convert(model) if summary.breaks == 0 else None  # (it raises at a break)

@@ -310,3 +310,52 @@ def test_a_repair_that_kept_nothing_says_whether_it_refused_or_had_nothing_to_tr
         text = console.export_text()
         assert words in text and "without changing the math" not in text, text
         assert words in report.to_html() and report.to_dict()["repair"]["unchanged"].startswith(words)
+
+
+class IteratingHead(nn.Module):
+    """Its forward iterates over a list of maps (Segformer's head does): it does not trace either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(8, 8, 1) for _ in range(2)])
+        self.norm = nn.InstanceNorm2d(8, affine=True)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return sum(self.norm(c(m)) for m, c in zip(maps, self.convs, strict=True))  # type: ignore[return-value]
+
+
+class ChecksThenIterates(nn.Module):
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), IteratingHead()
+        if not norm:
+            self.head.norm = nn.Identity()  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 8:
+            raise ValueError("the size must be a multiple of 8")
+        y = self.stem(x)
+        return self.head([y, y * 2])
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["untraced-part", "nothing-found"])
+def test_the_log_says_no_part_was_repaired_when_none_traced(norm: bool) -> None:
+    """The note read "its parts that trace were repaired each ..." also where no part traced (diffusers'
+    UNet2DModel, Segformer) or nothing was found (transformers' ConvNext), and each untraced part's
+    reason repeated torch.fx's pointer to its docs ("This can be attempted when ... See the torch.fx
+    docs on pytorch.org ..."), three times over for diffusers' UNet2DModel."""
+    torch.manual_seed(0)
+    report = audit(ChecksThenIterates(norm).eval(), torch.randn(1, 3, 32, 32), bandwidth=1e9)
+    assert report.meta.capture == "hooks"
+    log = report.repaired().repair
+    assert log is not None and not log.changed
+    assert not any("were repaired" in n for n in log.notes), log.notes
+    if norm:
+        assert report.summary.bytes_moved > 0
+        assert any("nor any part of it with a finding" in n for n in log.notes), log.notes
+        (why,) = log.refused
+        assert why.startswith("part head: ") and "Proxy object cannot be iterated (forward iterates" in why, why
+        assert "torch.fx docs" not in why and "This can be attempted" not in why
+    else:
+        assert report.summary.bytes_moved == 0 and not log.refused
+        assert any("nothing to repair" in n for n in log.notes), log.notes
