@@ -19,14 +19,15 @@ from torch.fx.node import map_arg
 
 from ..analyze.analysis import Analysis
 from ..analyze.origin import only_ambiguous_inputs
+from ..prepare.copy import memory_format_for_rank
 from ..records import Layout, NodeRecord
 
 __all__ = ["ambiguous_origins", "restride_inputs"]
 
 
-def ambiguous_origins(records: list[NodeRecord], analysis: Analysis) -> Iterator[tuple[NodeRecord, frozenset[str]]]:
-    """The origins of the findings that move bytes or break, in graph order, which made an NCHW map
-    out of ambiguous input only, each with the producers of those inputs."""
+def ambiguous_origins(records: list[NodeRecord], analysis: Analysis) -> Iterator[tuple[NodeRecord, dict[str, int]]]:
+    """The origins of the findings, in graph order, which made an NCHW map out of ambiguous input
+    only, each with the producers of those inputs and their ranks."""
     by_name = {r.name: r for r in records}
     seen: set[str] = set()
     for f in analysis.findings:
@@ -35,15 +36,14 @@ def ambiguous_origins(records: list[NodeRecord], analysis: Analysis) -> Iterator
             continue
         seen.add(r.name)
         made = r.spatial_outputs
-        producers = frozenset(i.producer for i in r.spatial_inputs if i.producer and not i.is_param)
+        producers = {i.producer: i.meta.rank for i in r.spatial_inputs if i.producer and not i.is_param}
         if made and made[0].layout is Layout.CONTIGUOUS and producers:
             yield r, producers
 
 
-def restride_inputs(
-    gm: torch.fx.GraphModule, *, name: str, producers: frozenset[str], fmt: torch.memory_format
-) -> None:
-    """Read the node ``name``'s inputs made by ``producers`` through ``.to(memory_format=fmt)``."""
+def restride_inputs(gm: torch.fx.GraphModule, *, name: str, producers: dict[str, int]) -> None:
+    """Read the node ``name``'s inputs made by ``producers`` (name -> rank) through
+    ``.to(memory_format=...)``: channels_last for a map, channels_last_3d for a volume."""
     n = next(x for x in gm.graph.nodes if x.name == name)
     made: dict[torch.fx.Node, torch.fx.Node] = {}
 
@@ -52,6 +52,7 @@ def restride_inputs(
             return a
         if a not in made:
             with gm.graph.inserting_before(n):
+                fmt = memory_format_for_rank(producers[a.name])
                 made[a] = gm.graph.call_method("to", (a,), {"memory_format": fmt})
         return made[a]
 

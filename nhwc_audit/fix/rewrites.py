@@ -17,6 +17,9 @@ them judges whether it helped (that is :mod:`.repair`).
 * ``restride-ambiguous``   an op that makes NCHW out of ambiguous input only (a 1 x 1 map with
                            NCHW-order strides, upsampled: DeepLabV3's ASPP pooling) reads it
                            through ``.to(memory_format=channels_last)`` (:mod:`.restride`).
+* ``contiguous-map-order`` a ``.contiguous()`` of a reordered view of a map that a view makes a
+                           map again (a channel shuffle, a space-to-depth) copies in the order
+                           that makes that map channels_last (:mod:`.maporder`).
 * ``insert-contiguous-cl`` one ``.contiguous(memory_format=channels_last)`` right after an op
                            that reverts, when that costs less than the conversions downstream.
 * ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``, ``new_*``,
@@ -41,6 +44,7 @@ from torch import nn
 from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
 from ..records import FindingKind, Layout, NodeRecord
+from .maporder import copy_in_map_order, map_order_copies
 from .restride import ambiguous_origins, restride_inputs
 from .softmax import softmax_last, softmax_over_channels
 from .standardise import standardisation, standardise
@@ -56,6 +60,7 @@ RepairKind = Literal[
     "swap-operands",
     "standardise-weight",
     "restride-ambiguous",
+    "contiguous-map-order",
     "insert-contiguous-cl",
 ]
 PRIORITY: tuple[RepairKind, ...] = get_args(RepairKind)
@@ -119,7 +124,14 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
             r.name,
             "restride-ambiguous",
             f"{r.site_op}: restride its ambiguous input (C == 1 or H == W == 1) to channels_last first",
-            functools.partial(restride_inputs, name=r.name, producers=producers, fmt=_fmt(r.spatial_outputs[0].rank)),
+            functools.partial(restride_inputs, name=r.name, producers=producers),
+        )
+    for name, perm in map_order_copies(gm, records, analysis):
+        yield Candidate(
+            name,
+            "contiguous-map-order",
+            f".contiguous() in the order that makes the map it is viewed as channels_last: permute{perm}",
+            functools.partial(copy_in_map_order, name=name, order=perm),
         )
     for f in analysis.findings:
         r = by_name[f.node]
@@ -146,6 +158,7 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
             and node.target == "contiguous"
             and not node.kwargs
             and len(node.args) == 1
+            and r.spatial_outputs  # (a 6D window's copy: contiguous-map-order)
         ):
             fmt_cl = _fmt(rank)
 

@@ -623,13 +623,18 @@ def test_the_repair_counts_bytes_as_the_audit_does() -> None:
     """The repair's bytes before and after are charged over the audit's NCHW baseline: its log
     said 65,536 bytes before against the audit's 32,768 (the shuffle's copy counted whole), and
     the verdict after the repair read that."""
+    from tests.fix.test_parts import moved_after
+
     torch.manual_seed(0)
-    r = audit(_Shuffle().eval(), torch.randn(2, 8, 16, 16), bandwidth=1e9)
+    model, x = _Shuffle().eval(), torch.randn(2, 8, 16, 16)
+    r = audit(model, x, bandwidth=1e9)
     assert any(n.nchw_bytes for n in r.nodes)
     fixed = r.repaired()
     assert fixed.repair is not None and fixed.repair.changed
     assert fixed.repair.bytes_before == r.summary.bytes_moved == 32768
-    assert fixed.repair.bytes_after == 32768
+    # the shuffle's copy made in the order that makes its map channels_last: the conversion after it goes
+    assert [s.kind for s in fixed.repair.steps] == ["view->reshape", "contiguous-map-order"]
+    assert fixed.repair.bytes_after == moved_after(model, fixed.repaired_module, (x,)) == 0
 
 
 def test_the_repair_of_an_audit_in_another_dtype_counts_its_own_bytes() -> None:

@@ -1,0 +1,79 @@
+"""The ``contiguous-map-order`` rewrite (:mod:`nhwc_audit.fix.maporder`): a space-to-depth written as
+view, permute, ``.contiguous()``, view (timm's ``SpaceToDepth``, TResNet's stem) copies the map into
+row-major order, so the map it makes is NCHW and the convolution after it converts it back (timm's
+tresnet_m at 64x64: 98,304 B a forward, which the repair left: contiguous-cl failed on the 6D copy).
+Copied in the order that makes that map channels_last, nothing moves: eager PyTorch's count of the
+repaired model is the ground truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+from nhwc_audit.fix.maporder import map_order
+from tests.eager_bytes import eager_bytes
+from tests.fix.test_parts import moved_after
+
+
+def test_the_copy_order_puts_batch_then_spatial_then_channel_dims() -> None:
+    # a channel shuffle's transposed view (n, c // g, g, h, w) viewed as (n, c, h, w)
+    assert map_order((2, 24, 2, 8, 8), (2, 48, 8, 8)) == (0, 3, 4, 1, 2)
+    # a space-to-depth's (n, 2, 2, c, h // 2, w // 2) viewed as (n, 4c, h // 2, w // 2)
+    assert map_order((1, 2, 2, 8, 4, 4), (1, 32, 4, 4)) == (0, 4, 5, 1, 2, 3)
+    # a depth-to-space's (n, c, h, 2, w, 2) viewed as (n, c, 2h, 2w); size-1 dims go with a group
+    assert map_order((1, 8, 4, 2, 4, 2), (1, 8, 8, 8)) == (0, 2, 3, 4, 5, 1)
+    assert map_order((1, 8, 4, 4, 1), (1, 8, 4, 4)) == (0, 2, 3, 4, 1)
+    # a volume: (n, c, d, h, w) order is channels_last_3d's
+    assert map_order((1, 4, 2, 3, 3, 3), (1, 8, 3, 3, 3)) == (0, 3, 4, 5, 1, 2)
+    assert map_order((1, 6, 4, 4), (1, 4, 6, 4)) is None  # no merge of the dims
+    assert map_order((1, 6, 4, 4), (1, 6, 16)) is None  # no map
+    assert map_order((1, 1, 1, 1, 4), (1, 4, 1, 1)) is None  # no merge in order
+
+
+class SpaceToDepth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        n, c, h, w = x.shape
+        x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).contiguous()
+        return self.head(x.view(n, c * 4, h // 2, w // 2))
+
+
+def _timm_space_to_depth() -> nn.Module:
+    layers = pytest.importorskip("timm.layers")
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layers.SpaceToDepth(4), nn.Conv2d(128, 8, 1))
+
+
+@pytest.mark.parametrize("build", [SpaceToDepth, _timm_space_to_depth], ids=["hand", "timm"])
+def test_a_space_to_depth_copies_in_map_order_and_nothing_moves(build: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(2, 3, 16, 16)
+    report = audit(model, x, bandwidth=1e9)
+    before = eager_bytes(model, (x,)).added
+    assert report.summary.bytes_moved == before > 0
+    repaired = report.repaired()
+    log = repaired.repair
+    assert log is not None and [s.kind for s in log.steps] == ["contiguous-map-order"], log.refused
+    assert not log.refused, log.refused  # (contiguous-cl failed on the 6D copy: a map's format for a 6D tensor)
+    assert log.bytes_after == moved_after(model, repaired.repaired_module, (x,)) == 0
+    with torch.no_grad():
+        got = repaired.repaired_module(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_tresnet_stem_repairs_to_nothing_moved() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("tresnet_m", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    report = audit(model, x, bandwidth=1e9)
+    repaired = report.repaired()
+    log = repaired.repair
+    assert log is not None and log.bytes_before == eager_bytes(model, (x,)).added > 0
+    assert [s.kind for s in log.steps] == ["contiguous-map-order"], log.refused
+    assert log.bytes_after == moved_after(model, repaired.repaired_module, (x,)) == 0
