@@ -20,6 +20,8 @@ them judges whether it helped (that is :mod:`.repair`).
 * ``contiguous-map-order`` a ``.contiguous()`` of a reordered view of a map that a view makes a
                            map again (a channel shuffle, a space-to-depth) copies in the order
                            that makes that map channels_last (:mod:`.maporder`).
+* ``sum-as-adds``          a sum over the stacking dim of a stack of maps (selective kernel
+                           attention) becomes the maps added one by one (:mod:`.stacksum`).
 * ``insert-contiguous-cl`` one ``.contiguous(memory_format=channels_last)`` right after an op
                            that reverts, when that costs less than the conversions downstream.
 * ``alloc-cl``             a buffer allocated NCHW (``torch.zeros/ones/empty/full``, ``new_*``,
@@ -47,6 +49,7 @@ from ..records import FindingKind, Layout, NodeRecord
 from .maporder import copy_in_map_order, map_order_copies
 from .restride import ambiguous_origins, restride_inputs
 from .softmax import softmax_last, softmax_over_channels
+from .stacksum import sum_as_adds, sums_over_stacks
 from .standardise import standardisation, standardise
 
 __all__ = ["PRIORITY", "Candidate", "RepairKind", "candidates", "find_node", "rewritable_copy"]
@@ -61,6 +64,7 @@ RepairKind = Literal[
     "standardise-weight",
     "restride-ambiguous",
     "contiguous-map-order",
+    "sum-as-adds",
     "insert-contiguous-cl",
 ]
 PRIORITY: tuple[RepairKind, ...] = get_args(RepairKind)
@@ -133,6 +137,9 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
             f".contiguous() in the order that makes the map it is viewed as channels_last: permute{perm}",
             functools.partial(copy_in_map_order, name=name, order=perm),
         )
+    for name, dim, terms in sums_over_stacks(gm, records, analysis):
+        rewrite = functools.partial(sum_as_adds, name=name, dim=dim, terms=terms)
+        yield Candidate(name, "sum-as-adds", f"sum over dim {dim}: its {terms} maps added one by one", rewrite)
     for f in analysis.findings:
         r = by_name[f.node]
         node = find_node(gm, f.node)
