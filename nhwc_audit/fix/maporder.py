@@ -20,6 +20,7 @@ import torch.fx
 
 from ..analyze.analysis import Analysis
 from ..records import FindingKind, NodeRecord
+from .matched import found
 
 __all__ = ["copy_in_map_order", "map_order", "map_order_copies"]
 
@@ -76,18 +77,14 @@ def map_order_copies(
     """The reverts at a ``.contiguous()`` whose only reader views the copy as a map, each with the
     order to copy in (:func:`map_order`)."""
     by_name = {r.name: r for r in records}
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for f in analysis.findings:
-        n, r = nodes.get(f.node), by_name.get(f.node)
-        if f.kind is not FindingKind.REVERT or n is None or r is None or not r.outputs:
-            continue
+    for n, r in found(gm, records, analysis, FindingKind.REVERT):
         plain = not n.kwargs or n.kwargs == {"memory_format": torch.contiguous_format}
-        if n.op != "call_method" or n.target != "contiguous" or len(n.args) != 1 or not plain:
+        if n.op != "call_method" or n.target != "contiguous" or len(n.args) != 1 or not plain or not r.outputs:
             continue
         user = _reshaped_into_map(n, by_name)
         order = map_order(r.outputs[0].shape, user.spatial_outputs[0].shape) if user is not None else None
         if order is not None:
-            yield f.node, order
+            yield n.name, order
 
 
 def copy_in_map_order(gm: torch.fx.GraphModule, *, name: str, order: tuple[int, ...]) -> None:

@@ -19,6 +19,7 @@ import torch.fx
 
 from ..analyze.analysis import Analysis
 from ..records import FindingKind, NodeRecord
+from .matched import found
 
 __all__ = ["sum_as_adds", "sums_over_stacks"]
 
@@ -43,20 +44,14 @@ def sums_over_stacks(
 ) -> Iterator[tuple[str, int, int]]:
     """The reverts at a sum of a 5D/6D tensor over one dim into a map or a volume, each with that dim
     (non-negative) and its size."""
-    by_name = {r.name: r for r in records}
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for f in analysis.findings:
-        n, r = nodes.get(f.node), by_name.get(f.node)
-        if f.kind is not FindingKind.REVERT or n is None or r is None or not r.spatial_outputs:
-            continue
-        dim = _summed_dim(n)
-        acts = r.activation_inputs
-        if dim is None or not acts or acts[0].meta.rank != r.spatial_outputs[0].rank + 1:
+    for n, r in found(gm, records, analysis, FindingKind.REVERT):
+        dim, acts = _summed_dim(n), r.activation_inputs
+        if dim is None or not acts or not r.spatial_outputs or acts[0].meta.rank != r.spatial_outputs[0].rank + 1:
             continue
         shape = acts[0].meta.shape
         dim %= len(shape)
         if dim != 0 and 2 <= shape[dim] <= _MAX_TERMS:
-            yield f.node, dim, shape[dim]
+            yield n.name, dim, shape[dim]
 
 
 def sum_as_adds(gm: torch.fx.GraphModule, *, name: str, dim: int, terms: int) -> None:
