@@ -69,3 +69,9 @@ class RepairLog:
     def per(self) -> str:
         """What the bytes are counted over: a forward, or a training step (a train audit's repair)."""
         return self.summary_after.per if self.summary_after is not None else "per forward"
+
+    @property
+    def steps_per(self) -> str:
+        """What each step's ``bytes_saved`` is counted over: one forward, as the rewrite was measured
+        when tried (a train repair's totals count a training step; they are not split by rewrite)."""
+        return "per forward"

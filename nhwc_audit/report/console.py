@@ -166,7 +166,8 @@ def render_outcome(report: AuditReport, *, paths: tuple[Path, ...] = ()) -> Rend
             )
         )
         for st in rp.steps:
-            parts.append(Text(f"  {st.kind:<24} {st.node}: {st.reason} (-{fmt_bytes(st.bytes_saved)})"))
+            per = "" if rp.steps_per == rp.per else f" {rp.steps_per}"
+            parts.append(Text(f"  {st.kind:<24} {st.node}: {st.reason} (-{fmt_bytes(st.bytes_saved)}{per})"))
         for msg in rp.refused:
             parts.append(Text(f"  refused: {msg}", style="yellow"))
         for msg in rp.notes:

@@ -219,6 +219,7 @@ def repair_dict(repair: RepairLog | None) -> dict[str, Any] | None:
         "bytes_after": repair.bytes_after,
         "per": repair.per,
         "unchanged": repair.unchanged,
+        "steps_per": repair.steps_per,
         "breaks_before": repair.breaks_before,
         "breaks_after": repair.breaks_after,
         "steps": [
