@@ -206,7 +206,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         # from inputs dense in both orders (C == 1 at batch 1) a kernel computes straight into NCHW: where the
         # network leaves channels_last (the region starts here), no copy is made; the conversions downstream pay
         exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
-        nbytes = 0 if exit_only else revert_bytes(r, sources, reverted)
+        nbytes = 0 if exit_only else revert_bytes(r, sources, reverted, [i for i in read if i not in sources])
         # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
         standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
         src, to = sources[0].meta, reverted[0]  # a stack reduced has fewer elements; a 6D window reshaped, as many

@@ -4,6 +4,8 @@ the node records."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..channels import (
     broadcast_across,
     channels_relaid,
@@ -172,7 +174,9 @@ def _elementwise(s: tuple[int, ...], out: tuple[int, ...]) -> bool:
     return len(s) == len(out) and all(d == 1 or a in (b, 1) for d, (a, b) in enumerate(zip(s, out, strict=True)))
 
 
-def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta]) -> int:
+def revert_bytes(
+    r: NodeRecord, sources: list[NodeInput], reverted: list[TensorMeta], alike: Sequence[NodeInput] = ()
+) -> int:
     """Bytes a revert moves: each input whose memory runs along the channels (``sources``, not one
     laid alike in both, :func:`~nhwc_audit.channels.moves_into`) brought into the NCHW output's order,
     read and written. A convolution re-lays its whole input (a CPU Conv3d from 45 to 64 channels its
@@ -180,7 +184,10 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
     channels_last operands). The output is the first one reverted (not ``topk``'s indices). A node
     whose ops transposed an intermediate into it (``torch.fft.fft2`` of a real map: ATen casts it to
     complex, channels_last, then transposes that) is charged what they moved (its hidden relays);
-    one whose copies moved less, no more (a circular pad cropping W)."""
+    one whose copies moved less, no more (a circular pad cropping W). ``alike``: inputs laid alike in
+    either layout that the op re-lays too (a transposed view cat with a map), counted up to what the
+    node moves in NCHW (:attr:`NodeRecord.nchw_bytes`, taken off after): that baseline holds their
+    moves, so without them the sources' would be netted against them (4,096 B where eager moves 6,144)."""
     if not reverted:
         return 0
     inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in is Layout.CHANNELS_LAST]
@@ -194,6 +201,9 @@ def revert_bytes(r: NodeRecord, sources: list[NodeInput], reverted: list[TensorM
         return sum(h.bytes for h in r.hidden)
     conv, first, out = r.op_name.lower() in CONV_OPS, casts_first(r), reverted[0]
     total = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in sources if moves_into(i.meta, out))
+    again = [i for i in alike if not i.is_param and i.meta.rank == out.rank and runs_otherwise(i.meta, out)]
+    same = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in again)
+    total += min(same, r.nchw_bytes)
     copies = [h.bytes for h in r.hidden if not h.reorder]
     return min(total, sum(copies)) if copies else total
 
