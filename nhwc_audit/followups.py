@@ -123,8 +123,11 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
             module, log = _repaired_parts(report, e, same_run, options)
             code = parts_code(module)
     if audited is not report and isinstance(module, torch.fx.GraphModule):
-        note = f"the audit captured with {report.meta.capture}; the model traces, so the repair audited it again with torch.fx"
-        log = dataclasses.replace(log, notes=(*log.notes, note + " and rewrote that graph"))
+        note = (
+            f"the audit captured with {report.meta.capture}; the model traces, so the repair audited it again "
+            "with torch.fx and rewrote that graph"
+        )
+        log = dataclasses.replace(log, notes=(*log.notes, note))
     repaired = dataclasses.replace(report, repair=log, repaired_code=code, repaired_module=module)
     if not log.changed:
         return repaired  # the model as audited: its verdict stands

@@ -20,7 +20,7 @@ import torch.fx
 
 from ..analyze.analysis import Analysis
 from ..records import FindingKind, NodeRecord
-from .matched import found
+from .matched import find_node, found
 
 __all__ = ["copy_in_map_order", "map_order", "map_order_copies"]
 
@@ -90,7 +90,7 @@ def map_order_copies(
 def copy_in_map_order(gm: torch.fx.GraphModule, *, name: str, order: tuple[int, ...]) -> None:
     """Make the ``.contiguous()`` at ``name`` copy in ``order``: it reads its input permuted so, and its
     readers read the copy permuted back (two views; the copy keeps its node, and its name)."""
-    n = next(x for x in gm.graph.nodes if x.name == name)
+    n = find_node(gm, name)
     inverse = tuple(order.index(d) for d in range(len(order)))
     with gm.graph.inserting_before(n):
         n.args = (gm.graph.call_method("permute", (n.args[0], *order)),)

@@ -1,4 +1,4 @@
-"""What a rewrite matches: the graph node and the record of each finding of a kind."""
+"""What a rewrite matches: a graph node by name, and the node and the record of each finding of a kind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import torch.fx
 from ..analyze.analysis import Analysis
 from ..records import FindingKind, NodeRecord
 
-__all__ = ["found"]
+__all__ = ["find_node", "found"]
+
+
+def find_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    """The node of ``gm`` named ``name`` (KeyError: none)."""
+    for n in gm.graph.nodes:
+        if n.name == name:
+            node: torch.fx.Node = n
+            return node
+    raise KeyError(name)
 
 
 def found(

@@ -21,6 +21,7 @@ from ..analyze.analysis import Analysis
 from ..analyze.origin import only_ambiguous_inputs
 from ..prepare.copy import memory_format_for_rank
 from ..records import Layout, NodeRecord
+from .matched import find_node
 
 __all__ = ["ambiguous_origins", "restride_inputs"]
 
@@ -44,7 +45,7 @@ def ambiguous_origins(records: list[NodeRecord], analysis: Analysis) -> Iterator
 def restride_inputs(gm: torch.fx.GraphModule, *, name: str, producers: dict[str, int]) -> None:
     """Read the node ``name``'s inputs made by ``producers`` (name -> rank) through
     ``.to(memory_format=...)``: channels_last for a map, channels_last_3d for a volume."""
-    n = next(x for x in gm.graph.nodes if x.name == name)
+    n = find_node(gm, name)
     made: dict[torch.fx.Node, torch.fx.Node] = {}
 
     def restrided(a: torch.fx.Node) -> torch.fx.Node:

@@ -47,6 +47,7 @@ from ..analyze.analysis import Analysis
 from ..prepare.copy import memory_format_for_rank
 from ..records import FindingKind, Layout, NodeRecord
 from .maporder import copy_in_map_order, map_order_copies
+from .matched import find_node
 from .restride import ambiguous_origins, restride_inputs
 from .softmax import softmax_last, softmax_over_channels
 from .stacksum import sum_as_adds, sums_over_stacks
@@ -86,14 +87,6 @@ class Candidate:
     kind: RepairKind
     reason: str
     apply: Callable[[torch.fx.GraphModule], None]
-
-
-def find_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
-    for n in gm.graph.nodes:
-        if n.name == name:
-            node: torch.fx.Node = n
-            return node
-    raise KeyError(name)
 
 
 def _fmt(rank: int) -> torch.memory_format:

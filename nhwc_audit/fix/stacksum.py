@@ -19,7 +19,7 @@ import torch.fx
 
 from ..analyze.analysis import Analysis
 from ..records import FindingKind, NodeRecord
-from .matched import found
+from .matched import find_node, found
 
 __all__ = ["sum_as_adds", "sums_over_stacks"]
 
@@ -57,7 +57,7 @@ def sums_over_stacks(
 def sum_as_adds(gm: torch.fx.GraphModule, *, name: str, dim: int, terms: int) -> None:
     """Replace the sum at ``name`` by ``unbind(x, dim)`` and ``terms - 1`` adds, the last of them the
     sum's own node (its name kept: what it moves is charged over the sum's NCHW baseline)."""
-    n = next(x for x in gm.graph.nodes if x.name == name)
+    n = find_node(gm, name)
     g = gm.graph
     with g.inserting_before(n):
         parts = g.call_function(torch.unbind, (n.args[0], dim))
