@@ -124,3 +124,14 @@ def printed_elsewhere(tmp_path: Any, code: str) -> list[str]:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.split()
+
+
+def timm_model(name: str, size: int = 64, batch: int = 1) -> tuple[Any, Any]:
+    """timm's ``name`` built from its config (random weights, eval mode, seeded) and a
+    ``batch x 3 x size x size`` sample; the test is skipped where timm is not installed."""
+    import pytest
+    import torch
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).eval(), torch.randn(batch, 3, size, size)

@@ -6,7 +6,7 @@ The rules (one place each):
 * latent     a view of an NCHW input that raises when that input is channels_last (propagation
              re-runs views of NCHW tensors on a channels_last copy): fixing the revert upstream
              exposes it, so it is grouped with that revert.
-* mixed      two full spatial inputs disagree (one channels_last, one NCHW): activations, or a stored tensor
+* mixed      spatial inputs disagree (one channels_last, one NCHW; or a slice of either): activations, or a stored tensor
              (parameter, buffer, constant) read as data (:func:`.moves.data_inputs`; a 2D/3D one broadcast: :mod:`.reads`).
 * revert     a copy into row-major (NCHW) order of a tensor whose memory runs along the channels
              (an NHWC input and an NCHW output, a rank >= 4 view of one made contiguous), or of a
@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 from ..channels import conv_layout, relay_bytes
 from ..dtypes import casts_first
-from ..layout import along_w, channels_innermost, nchw_ordered, reorders, row_major
+from ..layout import along_w, channels_innermost, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, HiddenCopy, Layout, NodeRecord
 from . import hint_keys as H
 from . import moves
@@ -46,7 +46,7 @@ from .finding_record import Ctx, make_finding, recomputed
 from .hints import HintTable, default_hints
 from .kernel_hints import average_pool, backward_hint, inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
-from .origin import SKIP_OPS, conversion_free, feeds_a_weight, leading_to, odd_order_from_map, origin_of
+from .origin import SKIP_OPS, conversion_free, disagreeing, feeds_a_weight, leading_to, odd_order_from_map, origin_of
 from .reads import as_read
 from .reshapes import exits_spatial, folds_tokens, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
@@ -189,15 +189,12 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     # the activations, and 4D parameters the conversion re-laid (timm Hiera's position embedding, tiled)
     read = [i for i in r.inputs if not i.is_param or (i.meta.rank >= 4 and r.op_name.lower() not in CONV_OPS)]
     sources = [i for i in read if reverted and i.producer not in ctx.free and moved_out(i, viewed, ctx.by_name)]
-    strided_nchw = [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)]
-    if reverted and cl_in and strided_nchw:
-        # one input NCHW-ordered but not dense (a slice), another channels_last: the inputs
-        # disagree and the op followed the NCHW one; it is mixed, not an op without an NHWC kernel
-        producer, nbytes = ctx.by_name.get(strided_nchw[0].producer or ""), moves.mixed_bytes(r, cl_in)
-        kind, shape = FindingKind.MIXED, cl_in[0].meta.shape
-        return [
-            make_finding(ctx, r, kind, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes, producer=producer, shape=shape)
-        ]
+    roots, losers = disagreeing(r, cl_in, nchw_in, sources) if reverted else ([], [])
+    if roots:  # (inputs that disagree, a slice among them: :func:`.origin.disagreeing`)
+        others = [i for i in read if i not in losers]
+        nbytes = moves.mixed_bytes(r, cl_in) if cl_in else revert_bytes(r, losers, reverted, others)
+        at, shape, kind = ctx.by_name.get(roots[0].producer or ""), losers[0].meta.shape, FindingKind.MIXED
+        return [make_finding(ctx, r, kind, layout_in=Layout.CHANNELS_LAST, nbytes=nbytes, producer=at, shape=shape)]
     if reverted and not (row_major(reverted[0]) or along_w(reverted[0])):  # another order than NCHW:
         sources = [i for i in sources if reorders(i.meta, reverted[0])]  # only what changes order moves
     if not (reverted and sources) and (relaid := moves.relaid_views(r, ctx.by_name)):

@@ -18,6 +18,7 @@ __all__ = [
     "build_graph",
     "conversion_free",
     "describe",
+    "disagreeing",
     "feeds_a_weight",
     "from_parameters_only",
     "leading_to",
@@ -94,6 +95,22 @@ def origin_of(start: NodeRecord | None, by_name: dict[str, NodeRecord]) -> NodeR
             return r
         r = nxt
     return r
+
+
+def disagreeing(
+    r: NodeRecord, cl_in: list[NodeInput], nchw_in: list[NodeInput], sources: list[NodeInput]
+) -> tuple[list[NodeInput], list[NodeInput]]:
+    """``(roots, losers)`` of a node that reverted because its inputs disagree in layout and it
+    followed the NCHW one: mixed, not an op without an NHWC kernel. An NCHW-ordered slice (dense in
+    no order) read with channels_last inputs (``cl_in``, the losers); or a slice of an NHWC map
+    (among ``sources``, what the node moved out of channels order: the losers) read with an NCHW
+    activation (``nchw_in``; timm CSP's cat of a split half and a ``.contiguous()`` branch). Empty
+    lists where neither holds."""
+    if cl_in:
+        return [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)], cl_in
+    sliced = [i for i in sources if i.meta.layout is Layout.STRIDED and channels_innermost(i.meta)]
+    roots = [i for i in nchw_in if not i.is_param] if sliced else []
+    return roots, sliced if roots else []
 
 
 def via(origin: NodeRecord | None, producer: NodeRecord | None) -> str | None:

@@ -15,6 +15,7 @@ from nhwc_audit import audit
 from nhwc_audit.fix.maporder import map_order
 from tests.eager_bytes import eager_bytes
 from tests.fix.test_parts import moved_after
+from tests.support import timm_model
 
 
 def test_the_copy_order_puts_batch_then_spatial_then_channel_dims() -> None:
@@ -68,9 +69,7 @@ def test_a_space_to_depth_copies_in_map_order_and_nothing_moves(build: type[nn.M
 
 @pytest.mark.slow
 def test_tresnet_stem_repairs_to_nothing_moved() -> None:
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model, x = timm.create_model("tresnet_m", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    model, x = timm_model("tresnet_m")
     report = audit(model, x, bandwidth=1e9)
     repaired = report.repaired()
     log = repaired.repair

@@ -13,6 +13,7 @@ from torch import nn
 from nhwc_audit import audit
 from tests.eager_bytes import eager_bytes
 from tests.fix.test_parts import moved_after
+from tests.support import timm_model
 
 
 class Selective(nn.Module):
@@ -59,9 +60,7 @@ def test_a_sum_over_a_stack_of_maps_becomes_adds_and_nothing_moves(
 
 @pytest.mark.slow
 def test_skresnet_repairs_to_what_eager_moves() -> None:
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model, x = timm.create_model("skresnet18", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    model, x = timm_model("skresnet18")
     report = audit(model, x, bandwidth=1e9)
     repaired = report.repaired()
     log = repaired.repair
