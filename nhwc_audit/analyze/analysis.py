@@ -13,7 +13,7 @@ import networkx as nx
 from ..records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
 from .findings import find_findings
 from .hints import HintTable
-from .origin import SKIP_OPS, build_graph
+from .origin import SKIP_OPS, build_graph, origin_of
 
 __all__ = [
     "Analysis",
@@ -94,10 +94,8 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     roots: dict[tuple[str, ...], list[str]] = {}
     sources: dict[tuple[str, ...], SourceLoc | None] = {}
     for f in findings:
-        # conversions and mixed ops go with the change that removes them; a latent break goes
-        # with the revert that hides it: fixing that revert without it makes it raise
-        traced = (FindingKind.CONVERSION, FindingKind.MIXED, FindingKind.LATENT)
-        root_name = f.origin if f.kind in traced and f.origin else f.node
+        backward = f.kind is FindingKind.BACKWARD and not f.intrinsic
+        root_name = _backward_root(f, by_node, by_name) if backward else _root(f)
         root = by_name[root_name]
         if root.in_leaf_module:
             key: tuple[str, ...] = ("module", root.module_type)
@@ -131,6 +129,28 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
         )
     fixes.sort(key=lambda x: (x.kind is not FindingKind.BREAK, -x.bytes, x.op, str(x.source), x.roots))
     return fixes
+
+
+def _root(f: Finding) -> str:
+    """The node whose change removes ``f``: conversions and mixed ops go with the change that removes
+    them (their ``origin``); a latent break with the revert that hides it (fixing that revert without
+    it makes it raise); a revert or a break is its own."""
+    traced = (FindingKind.CONVERSION, FindingKind.MIXED, FindingKind.LATENT)
+    return f.origin if f.kind in traced and f.origin else f.node
+
+
+def _backward_root(f: Finding, by_node: dict[str, Finding], by_name: dict[str, NodeRecord]) -> str:
+    """The node whose change removes backward finding ``f`` (not a kernel's own copy): the root of its
+    node's forward finding; else, where its node or a reader of it (whose gradient it gets) runs in an
+    NCHW region forward, the root of the finding where that region starts (an InstanceNorm's revert:
+    the ReLU after it, the convolution before it); else its own node."""
+    r = by_name[f.node]
+    for c in (r, *(by_name[u] for u in r.users if u in by_name)):
+        start = c if c.name in by_node else origin_of(c, by_name) if c.output_layout is Layout.CONTIGUOUS else None
+        lead = by_node.get(start.name) if start is not None else None
+        if lead is not None and lead.kind is not FindingKind.BACKWARD:
+            return _root(lead)
+    return f.node
 
 
 def _counts(r: NodeRecord) -> bool:

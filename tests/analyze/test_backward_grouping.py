@@ -1,0 +1,72 @@
+"""A train audit's backward findings go with the change that removes them.
+
+An InstanceNorm reverts to NCHW on the CPU: in backward the convolution before it gets its gradient
+in NCHW, and the ReLU after it (NCHW in forward) meets the next convolution's channels_last gradient;
+both re-lay it. "What to change" listed those backward findings as fixes of their own ("Conv2d:
+backward x7 (23.1 MB)", "ReLU: backward x6 (7.3 MB)" on the bundled UNet, beside "InstanceNorm2d:
+revert x6 (25.7 MB)"), where the one change, the InstanceNorm, removes all of them: the repair takes
+that UNet's training step from 59.9 MB to 3.3 MB, the kernels' own copies of weight gradients, which
+no change removes and which stay a group of their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nhwc_audit import audit
+from nhwc_audit.records import FindingKind
+
+
+def block() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+    )
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] < 4:
+            raise ValueError("too small")
+        return self.body(x)
+
+
+@pytest.mark.parametrize("build", [block, Untraceable], ids=["fx", "hooks"])
+def test_backward_findings_are_listed_under_the_instancenorm_that_causes_them(build: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(2, 3, 16, 16)
+    report = audit(model, x, train=True, bandwidth=1e9)
+    backward = [f for f in report.findings if f.kind is FindingKind.BACKWARD and not f.intrinsic]
+    # the convolution before the norm, the ReLU after it, the convolution after that
+    assert len(backward) == 3, report.findings
+    norm, *rest = report.fixes
+    assert norm.op == "InstanceNorm2d" and norm.findings == 2 + len(backward)
+    assert [f.op for f in rest] == ["Conv2d"] and rest[0].kind is FindingKind.BACKWARD  # the weight gradients' copies
+    assert norm.bytes + rest[0].bytes == report.summary.bytes_moved
+    # what the fix lists is what the change removes
+    log = report.repaired().repair
+    assert log is not None and [s.kind for s in log.steps] == ["instancenorm->groupnorm"]
+    assert log.bytes_before - log.bytes_after == norm.bytes
+
+
+def test_a_convolution_s_backward_goes_with_the_copy_its_gradient_comes_through() -> None:
+    """A convolution's backward re-lays the gradient that arrives NCHW through a ``.contiguous()``
+    the model writes after it: the copy's change removes both."""
+    torch.manual_seed(0)
+
+    class Tail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).contiguous() * 2
+
+    report = audit(Tail(), torch.randn(2, 3, 8, 8), train=True, bandwidth=1e9)
+    fixes = {f.op: f for f in report.fixes}
+    moved = [f for f in report.findings if not f.intrinsic]
+    assert fixes["contiguous"].findings == len(moved) and fixes["contiguous"].bytes == sum(f.bytes for f in moved)
