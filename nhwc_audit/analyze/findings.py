@@ -44,7 +44,7 @@ from . import moves
 from .exposed import exposed
 from .finding_record import Ctx, make_finding, recomputed
 from .hints import HintTable, default_hints
-from .kernel_hints import average_pool, backward_hint, inside_hint
+from .kernel_hints import average_pool, backward_hint, forward_inside, inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, disagreeing, feeds_a_weight, leading_to, odd_order_from_map, origin_of
 from .reads import as_read
@@ -104,7 +104,7 @@ def _inside_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         return []
     lead = max(own, key=lambda c: c.bytes)
     kind = FindingKind.REVERT if lead.layout_out in _NCHW_SIDE else FindingKind.CONVERSION
-    weight = r.inputs[1].meta.shape if len(r.inputs) > 1 else None
+    weight, x = (r.inputs[1].meta.shape if len(r.inputs) > 1 else None), (r.inputs[0].meta.shape if r.inputs else ())
     what = ", ".join(
         dict.fromkeys(("its weight " if c.shape == weight else "") + "x".join(map(str, c.shape)) for c in own)
     )
@@ -117,7 +117,7 @@ def _inside_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
             nbytes=nbytes,
             shape=lead.shape,
             detail=f"it copies {what}",
-            hint_op=H.FORWARD_INSIDE,
+            hint_op=forward_inside(own, x),
             intrinsic=True,
         )
     ]

@@ -9,6 +9,7 @@ __all__ = [
     "BACKWARD_DENSE",
     "BACKWARD_POOLED",
     "BACKWARD_INSIDE",
+    "FORWARD_GROUPS",
     "FORWARD_INSIDE",
     "COMPUTED_WEIGHT",
     "DENSE_COPY",
@@ -99,6 +100,11 @@ FORWARD_INSIDE = "@forward-inside"
 """Key of the revert (or conversion) hint for what a convolution's kernel copies inside of its weight or of
 what it made (the CPU's slow backend for a Conv3d at batch 1 copies its channels_last weight into NCDHW):
 intrinsic, no change to the model's ops removes it."""
+
+FORWARD_GROUPS = "@forward-groups"
+"""Key of the hint for a grouped convolution's kernel copying each group's channel slice of its input (the
+CPU's slow backend for a grouped Conv2d at batch 1 runs one group at a time; a channel slice of a
+channels_last map is dense in no order): intrinsic, no change to the model's ops removes it."""
 
 TOKENS_TO_MAP = "@tokens-to-map"
 """Key of the conversion hint for a map made NCHW from values of fewer dims in channel-major order

@@ -13,13 +13,25 @@ from .hint_keys import (
     BACKWARD_INSIDE,
     BACKWARD_POOLED,
     DENSE_COPY,
+    FORWARD_GROUPS,
     FORWARD_INSIDE,
     HIDDEN,
     VIEW_COPY,
     WHOLE_COPY,
 )
 
-__all__ = ["KERNEL_HINTS", "average_pool", "backward_hint", "inside_hint"]
+__all__ = ["KERNEL_HINTS", "average_pool", "backward_hint", "forward_inside", "inside_hint"]
+
+
+def forward_inside(copies: Sequence[HiddenCopy], x: tuple[int, ...]) -> str:
+    """The hint key of a forward convolution's own copies: each group's channel slice of its input,
+    shaped ``x`` (a grouped Conv2d on the CPU's slow backend at batch 1, one group at a time), else its
+    weight or what it made (the slow backend of a Conv3d at batch 1)."""
+    whole = x[:1] + x[2:]
+    slices = all(
+        len(c.shape) == len(x) > 2 and c.shape[1] < x[1] and c.shape[:1] + c.shape[2:] == whole for c in copies
+    )
+    return FORWARD_GROUPS if slices else FORWARD_INSIDE
 
 
 def backward_hint(copies: Sequence[HiddenCopy], inside: bool, pooled: bool = False) -> str | None:
@@ -67,6 +79,15 @@ _FORWARD_INSIDE = (
     "computes in contiguous (NCHW, NCDHW) order and copies a {channels_last} weight into that order (its input's "
     "re-lay is charged apart). No change to the model's ops removes it: a batch of 2 or more, a larger volume "
     "or bfloat16 may pick oneDNN, which reads the weight as it is (audit at your training shapes); weigh it "
+    "against what {channels_last} saves elsewhere"
+)
+
+_FORWARD_GROUPS = (
+    "the kernel of {op} on {device} copies inside, every call, what the NCHW model's does not ({detail}): at "
+    "this shape the CPU runs this grouped convolution on its slow backend, one group at a time, and a group's "
+    "channel slice of a {channels_last} map is dense in no order, so the kernel copies each group's input first "
+    "(NCHW memory holds one sample's group densely). No change to the model's ops removes it: a batch of 2 or "
+    "more or bfloat16 may pick oneDNN, which reads the map as it is (audit at your training shapes); weigh it "
     "against what {channels_last} saves elsewhere"
 )
 
@@ -138,4 +159,6 @@ KERNEL_HINTS: tuple[tuple[FindingKind, tuple[str, ...], str], ...] = (
     ),
     (FindingKind.REVERT, (FORWARD_INSIDE,), _FORWARD_INSIDE),
     (FindingKind.CONVERSION, (FORWARD_INSIDE,), _FORWARD_INSIDE),
+    (FindingKind.REVERT, (FORWARD_GROUPS,), _FORWARD_GROUPS),
+    (FindingKind.CONVERSION, (FORWARD_GROUPS,), _FORWARD_GROUPS),
 )
