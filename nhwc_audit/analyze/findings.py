@@ -46,10 +46,11 @@ from .finding_record import Ctx, make_finding, recomputed
 from .hints import HintTable, default_hints
 from .kernel_hints import average_pool, backward_hint, forward_inside, inside_hint
 from .moves import computed_weight, revert_bytes, writes_in_place
-from .origin import SKIP_OPS, conversion_free, disagreeing, feeds_a_weight, leading_to, odd_order_from_map, origin_of
+from .origin import SKIP_OPS, conversion_free, disagreeing, feeds_a_weight, odd_order_from_map, origin_of
 from .reads import as_read
 from .reshapes import exits_spatial, folds_tokens, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
+from .zero_bytes import without_idle_reverts
 
 __all__ = ["SKIP_OPS", "find_findings", "kernel_own"]
 _NCHW_SIDE = (Layout.CONTIGUOUS, Layout.STRIDED)  # a layout change's strided end is NCHW-ordered
@@ -309,9 +310,4 @@ def find_findings(
         if r.op not in SKIP_OPS
         for f in recomputed(r, _forward_findings(ctx, r) + _inside_findings(ctx, r)) + _backward_findings(ctx, r)
     ]
-    # a revert NCHW makes too (0 B) is kept where data flows from it to a conv or another finding
-    kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in out]
-    convs = {r.name for r in records if r.op_name.lower() in CONV_OPS}
-    ends = {f.node for f, k in zip(out, kept, strict=True) if k} | convs
-    targets = leading_to(records, ends) if not all(kept) else ends
-    return [f for f, k in zip(out, kept, strict=True) if k or any(u in targets for u in ctx.by_name[f.node].users)]
+    return without_idle_reverts(out, records)  # (0 B reverts that change nothing are none)

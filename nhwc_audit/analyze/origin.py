@@ -21,7 +21,6 @@ __all__ = [
     "disagreeing",
     "feeds_a_weight",
     "from_parameters_only",
-    "leading_to",
     "dense",
     "odd_order_from_map",
     "only_ambiguous_inputs",
@@ -43,21 +42,6 @@ def build_graph(records: Sequence[NodeRecord]) -> nx.DiGraph[str]:
     for r in records:
         g.add_edges_from((r.name, u) for u in r.users if u in g)
     return g
-
-
-def leading_to(records: Sequence[NodeRecord], targets: set[str]) -> set[str]:
-    """The nodes with a path of data flow to one of ``targets``, ``targets`` included: where a
-    0-byte revert's output can change something downstream (a convolution, a finding that moves
-    data), whatever the capture's granularity (one reshape node, or a copy and views)."""
-    producers = {r.name: [i.producer for i in r.inputs if i.producer] for r in records}
-    found: set[str] = set()
-    stack = list(targets)
-    while stack:
-        name = stack.pop()
-        if name not in found:
-            found.add(name)
-            stack.extend(producers.get(name, ()))
-    return found
 
 
 def only_ambiguous_inputs(r: NodeRecord) -> bool:

@@ -76,3 +76,43 @@ def test_an_op_that_reads_channels_last_and_writes_nchw_through_copies_of_a_view
     assert r.summary.bytes_moved == eager_bytes(model, (x,)).added
     with pytest.raises(ChannelsLastError, match="1 offending node"):
         check(model, x, fail_on="revert", bandwidth=1e9, capture=capture, mode=mode)
+
+
+class PermutedResidual(nn.Module):
+    """A residual add on a permuted view of a map (timm MobileViTv2's unfolded patches, ``x = x +
+    attn(norm(x))``): the add follows its first operand's order, in either layout, and the
+    convolution after it re-lays that in either layout too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in, self.conv_a, self.conv_out = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.conv_in(x).permute(0, 1, 3, 2)
+        p = p + self.conv_a(p)
+        return self.conv_out(p)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_an_add_that_follows_its_permuted_first_operand_is_no_revert(capture: str) -> None:
+    """It was a 0 B revert, "add has no channels_last kernel on cpu and returns NCHW", kept because
+    data flows from it to a convolution; its output is in its first operand's order, not NCHW, and
+    no finding's bytes come from it. A 0 B revert is kept where its output flows on as NCHW."""
+    torch.manual_seed(0)
+    model, x = PermutedResidual().eval(), torch.randn(2, 8, 6, 4)
+    r = audit(model, x, bandwidth=1e9, capture=capture)
+    assert r.summary.bytes_moved == eager_bytes(model, (x,)).added == 0
+    assert not r.findings and not r.incompatible_nodes
+    check(model, x, fail_on="revert")
+
+
+def test_mobilevitv2_s_patch_adds_are_no_reverts() -> None:
+    """timm mobilevitv2_050's last stage at a 2x3x80x48 input (a 3 x 2 map): its three residual adds
+    of the patches were 0 B reverts; what moves is the GroupNorms' and the sums' (eager's count)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    block, x = timm.create_model("mobilevitv2_050", pretrained=False).stages[4][1].eval(), torch.randn(2, 256, 3, 2)
+    r = audit(block, x, bandwidth=1e9)
+    assert r.summary.bytes_moved == eager_bytes(block, (x,)).added > 0
+    assert "add" not in {f.op for f in r.findings}
+    assert {f.op for f in r.findings if f.kind.value == "revert"} == {"group_norm", "sum"}
