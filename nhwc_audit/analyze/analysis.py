@@ -139,17 +139,30 @@ def _root(f: Finding) -> str:
     return f.origin if f.kind in traced and f.origin else f.node
 
 
+_GRADIENT_HOPS = 6
+"""How far downstream a backward finding's cause is looked for, through ops that keep channels_last."""
+
+
 def _backward_root(f: Finding, by_node: dict[str, Finding], by_name: dict[str, NodeRecord]) -> str:
     """The node whose change removes backward finding ``f`` (not a kernel's own copy): the root of its
-    node's forward finding; else, where its node or a reader of it (whose gradient it gets) runs in an
-    NCHW region forward, the root of the finding where that region starts (an InstanceNorm's revert:
-    the ReLU after it, the convolution before it); else its own node."""
-    r = by_name[f.node]
-    for c in (r, *(by_name[u] for u in r.users if u in by_name)):
-        start = c if c.name in by_node else origin_of(c, by_name) if c.output_layout is Layout.CONTIGUOUS else None
-        lead = by_node.get(start.name) if start is not None else None
-        if lead is not None and lead.kind is not FindingKind.BACKWARD:
-            return _root(lead)
+    node's forward finding; else of the nearest finding downstream, through ops that stay
+    channels_last without one (an upsample, an identity, a scale: their backward hands the gradient on
+    in the layout it came in), or of the finding where the NCHW region such an op runs in starts (an
+    InstanceNorm's revert: the convolution before it and the ReLU after it re-lay gradients); else its
+    own node."""
+    frontier, seen = [by_name[f.node]], {f.node}
+    for _ in range(_GRADIENT_HOPS):
+        ahead = []
+        for c in frontier:
+            lead = by_node.get(c.name)
+            if (lead is None or lead.kind is FindingKind.BACKWARD) and c.output_layout is Layout.CONTIGUOUS:
+                lead = by_node.get(getattr(origin_of(c, by_name), "name", ""))  # (where its NCHW region starts)
+            if lead is not None and lead.kind is not FindingKind.BACKWARD:
+                return _root(lead)
+            if c is by_name[f.node] or (c.output_layout is Layout.CHANNELS_LAST and c.name not in by_node):
+                ahead += [by_name[u] for u in c.users if u in by_name and u not in seen]
+        seen.update(c.name for c in ahead)
+        frontier = ahead
     return f.node
 
 

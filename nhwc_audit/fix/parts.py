@@ -271,11 +271,10 @@ def repair_parts(
         if left
         else f"{untraced}; no finding moves bytes or breaks: nothing to repair"
     ]
-    refused = list(left)
     naive = convert(model) if summary.breaks == 0 else None  # (it raises at a break)
     reference: dict[str, Any] = {}  # the original's and the naive conversion's results, once
     parts, why = _checked(model, naive, parts, samples, grads, reference)
-    refused += why
+    refused = [*left, *why]
     if parts:
         whole = assemble(model, parts)
         records, after = reaudit(whole)
@@ -294,6 +293,7 @@ def repair_parts(
             breaks_before=summary.breaks,
             breaks_after=summary.breaks,
             refused=tuple(refused),
+            summary_after=summary,  # (unchanged: its bytes count a training step in a train audit)
             notes=tuple(notes),
         )
     mine, naive_dev, exact = deviations(model, naive, whole, samples[0], grads, reference)

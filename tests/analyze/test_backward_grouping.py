@@ -10,8 +10,11 @@ no change removes and which stay a group of their own."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import audit
@@ -70,3 +73,58 @@ def test_a_convolution_s_backward_goes_with_the_copy_its_gradient_comes_through(
     fixes = {f.op: f for f in report.fixes}
     moved = [f for f in report.findings if not f.intrinsic]
     assert fixes["contiguous"].findings == len(moved) and fixes["contiguous"].bytes == sum(f.bytes for f in moved)
+
+
+class NormTwoOpsOn(nn.Module):
+    """A convolution whose gradient comes back NCHW from an InstanceNorm through an op that keeps
+    channels_last (monai SegResNet: its first convolution, then an identity; an upsampling
+    convolution, then an upsample and an add)."""
+
+    def __init__(self, via: str) -> None:
+        super().__init__()
+        self.via = via
+        self.c1, self.mid = nn.Conv2d(3, 16, 3, padding=1), nn.Identity()
+        self.norm, self.c2 = nn.InstanceNorm2d(16), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        y = (
+            self.mid(y)
+            if self.via == "identity"
+            else F.interpolate(y, scale_factor=2.0)
+            if self.via == "upsample"
+            else y * 2
+        )
+        return self.c2(F.relu(self.norm(y)))
+
+
+class GatedAfterCopy(nn.Module):
+    """A sigmoid gate in the NCHW region a ``.contiguous()`` starts: the mul reading it has only a
+    backward finding, the sigmoid's own backward re-lays its gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x).contiguous()
+        y = torch.sigmoid(y) * y
+        return self.c3(self.c2(y) + y)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: NormTwoOpsOn("identity"), lambda: NormTwoOpsOn("upsample"), lambda: NormTwoOpsOn("mul"), GatedAfterCopy],
+    ids=["identity", "upsample", "mul", "gate"],
+)
+def test_what_the_fix_lists_is_what_its_repair_removes(build: Callable[[], nn.Module]) -> None:
+    """Found by a helper's train sweep: monai SegResNet's InstanceNorm fix listed 27,525,120 B where
+    its repair removes 28,311,552; the rest sat in a "Conv2d (backward)" group of its own."""
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(2, 3, 16, 20)
+    report = audit(model, x, train=True, bandwidth=1e9)
+    fix, *rest = report.fixes
+    assert all(f.kind is FindingKind.BACKWARD and f.findings == len(f.roots) for f in rest), rest  # kernels' own
+    log = report.repaired().repair
+    assert log is not None and len({s.kind for s in log.steps}) == 1
+    assert log.bytes_before - log.bytes_after == fix.bytes

@@ -98,3 +98,37 @@ def test_a_train_repair_says_its_steps_count_a_forward() -> None:
     console.print(render_outcome(report))
     assert "per forward)" in console.export_text()
     assert "per forward" in report.to_html() and report.to_dict()["repair"]["steps_per"] == "per forward"
+
+
+class _Excite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.pool, self.f = nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(x)
+        return y * torch.sigmoid(self.f(self.pool(y))) + y
+
+
+class _ShapeBranch(nn.Module):
+    """A squeeze-excite block behind a branch on a shape, which torch.fx cannot trace (torch.export
+    captures it for a train audit): its repair goes part by part and changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.se, self.c2 = nn.Conv2d(3, 16, 3, padding=1), _Excite(), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        if y.shape[-1] > 8:
+            y = self.se(y)
+        return self.c2(y)
+
+
+def test_a_train_repair_that_changed_nothing_counts_a_training_step() -> None:
+    """Its totals are the audit's, per training step; the log said "per forward" (a helper's sweep)."""
+    torch.manual_seed(0)
+    report = audit(_ShapeBranch().train(), torch.randn(2, 3, 16, 20), bandwidth=1e9, train=True)
+    log = report.repaired().repair
+    assert log is not None and not log.changed and log.bytes_before == report.summary.bytes_moved
+    assert log.per == report.summary.per and log.per.startswith("per training step")
