@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from ..records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
+from ..records import CONV_OPS, Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
 from .findings import find_findings
 from .hints import HintTable
 from .origin import SKIP_OPS, build_graph, origin_of
@@ -150,7 +150,12 @@ def _backward_root(f: Finding, by_node: dict[str, Finding], by_name: dict[str, N
     in the layout it came in), or of the finding where the NCHW region such an op runs in starts (an
     InstanceNorm's revert: the convolution before it and the ReLU after it re-lay gradients); else its
     own node."""
-    frontier, seen = [by_name[f.node]], {f.node}
+    r, own = by_name[f.node], by_node.get(f.node)
+    moved = [c for c in r.backward if not c.result]
+    if moved and all(c.op.startswith("AccumulateGrad") or c.densified for c in moved):
+        # a parameter's gradient copied into its strides, a saved slice made dense: the node's own doing
+        return _root(own) if own is not None and own.kind is not FindingKind.BACKWARD else f.node
+    frontier, seen = [r], {f.node}
     for _ in range(_GRADIENT_HOPS):
         ahead = []
         for c in frontier:
@@ -159,11 +164,17 @@ def _backward_root(f: Finding, by_node: dict[str, Finding], by_name: dict[str, N
                 lead = by_node.get(getattr(origin_of(c, by_name), "name", ""))  # (where its NCHW region starts)
             if lead is not None and lead.kind is not FindingKind.BACKWARD:
                 return _root(lead)
-            if c is by_name[f.node] or (c.output_layout is Layout.CHANNELS_LAST and c.name not in by_node):
+            # on through an op that stays channels_last with no forward finding (a convolution's backward re-lays
+            # what comes in: none past it)
+            if c is r or (c.output_layout is Layout.CHANNELS_LAST and not _convolves(c)):
                 ahead += [by_name[u] for u in c.users if u in by_name and u not in seen]
         seen.update(c.name for c in ahead)
         frontier = ahead
     return f.node
+
+
+def _convolves(r: NodeRecord) -> bool:
+    return r.op_name.lower() in CONV_OPS
 
 
 def _counts(r: NodeRecord) -> bool:
