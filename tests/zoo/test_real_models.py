@@ -46,7 +46,7 @@ EXPECTED = {
     "transformers.ConvNext": ("hooks", 0, 0, 0, 0),
     "transformers.ResNet": ("hooks", 0, 0, 0, 0),
     "transformers.MobileViT": ("hooks", 4, 2, 0, 0),
-    "transformers.Segformer": ("hooks", 8, 4, 0, 0),  # tokens back to maps with .contiguous(), bilinear upsample
+    "transformers.Segformer": ("hooks", 7, 4, 0, 0),  # tokens back to maps with .contiguous(), bilinear upsample
     "transformers.Detr": ("hooks", 0, 0, 0, 0),
     "transformers.Swin2SR": ("hooks", 2, 0, 0, 0),  # linear over a 4D coords buffer .to(channels_last) made NHWC
 }
