@@ -72,7 +72,7 @@ def make_finding(
             kind,
             hint_keys(r) if hint_op is None else hint_op,
             op=r.site_op,
-            origin=via(origin, producer),
+            origin=via(origin, producer) or _unnamed(r, hint_op),
             device=ctx.device,
             detail=detail if detail is not None else (r.detail or None),
             rank=len(shape) if len(shape) in ctx.ranks else min(ctx.ranks),  # a channel shuffle's 5D view: a map's
@@ -83,6 +83,14 @@ def make_finding(
         error=r.error,
         intrinsic=intrinsic,
     )
+
+
+def _unnamed(r: NodeRecord, hint_op: str | None) -> str | None:
+    """What a hint says of a stored tensor no node names (the eager capture records none for a
+    parameter or buffer an op reads): where it is read."""
+    if hint_op != H.STORED_OPERAND:
+        return None
+    return f"unnamed in this capture; read in {r.module_path or 'the top module'} ({r.module_type})"
 
 
 def recomputed(r: NodeRecord, findings: Sequence[Finding]) -> list[Finding]:
