@@ -93,9 +93,10 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     groups: dict[tuple[str, ...], list[Finding]] = {}
     roots: dict[tuple[str, ...], list[str]] = {}
     sources: dict[tuple[str, ...], SourceLoc | None] = {}
+    forward = {n: f for n, f in by_node.items() if f.kind is not FindingKind.BACKWARD}
     for f in findings:
         backward = f.kind is FindingKind.BACKWARD and not f.intrinsic
-        root_name = _backward_root(f, by_node, by_name) if backward else _root(f)
+        root_name = _backward_root(f, forward, by_name) if backward else _root(f)
         root = by_name[root_name]
         if root.in_leaf_module:
             key: tuple[str, ...] = ("module", root.module_type)
@@ -143,27 +144,25 @@ _GRADIENT_HOPS = 6
 """How far downstream a backward finding's cause is looked for, through ops that keep channels_last."""
 
 
-def _backward_root(f: Finding, by_node: dict[str, Finding], by_name: dict[str, NodeRecord]) -> str:
-    """The node whose change removes backward finding ``f`` (not a kernel's own copy): the root of its
-    node's forward finding; else of the nearest finding downstream, through ops that stay
-    channels_last without one (an upsample, an identity, a scale: their backward hands the gradient on
-    in the layout it came in), or of the finding where the NCHW region such an op runs in starts (an
+def _backward_root(f: Finding, forward: dict[str, Finding], by_name: dict[str, NodeRecord]) -> str:
+    """The node whose change removes backward finding ``f`` (not a kernel's own copy), given each
+    node's ``forward`` finding: the root of its node's; else of the nearest one downstream, through
+    ops that stay channels_last (an upsample, an identity, a scale: their backward hands the gradient
+    on in the layout it came in), or of the one where the NCHW region such an op runs in starts (an
     InstanceNorm's revert: the convolution before it and the ReLU after it re-lay gradients); else its
     own node."""
-    r, own = by_name[f.node], by_node.get(f.node)
+    r = by_name[f.node]
     moved = [c for c in r.backward if not c.result]
     if moved and all(c.op.startswith("AccumulateGrad") or c.densified for c in moved):
         # a parameter's gradient copied into its strides, a saved slice made dense: the node's own doing
-        return _root(own) if own is not None and own.kind is not FindingKind.BACKWARD else f.node
+        return _root(forward[f.node]) if f.node in forward else f.node
     frontier, seen = [r], {f.node}
     for _ in range(_GRADIENT_HOPS):
         ahead = []
         for c in frontier:
-            lead = by_node.get(c.name)
-            if (lead is None or lead.kind is FindingKind.BACKWARD) and c.output_layout is Layout.CONTIGUOUS:
-                lead = by_node.get(getattr(origin_of(c, by_name), "name", ""))  # (where its NCHW region starts)
-            if lead is not None and lead.kind is not FindingKind.BACKWARD:
-                return _root(lead)
+            start = origin_of(c, by_name) if c.name not in forward and c.output_layout is Layout.CONTIGUOUS else c
+            if start is not None and start.name in forward:  # (its own, or where its NCHW region starts)
+                return _root(forward[start.name])
             # on through an op that stays channels_last with no forward finding (a convolution's backward re-lays
             # what comes in: none past it)
             if c is r or (c.output_layout is Layout.CHANNELS_LAST and not _convolves(c)):

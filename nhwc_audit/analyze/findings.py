@@ -310,4 +310,4 @@ def find_findings(
         if r.op not in SKIP_OPS
         for f in recomputed(r, _forward_findings(ctx, r) + _inside_findings(ctx, r)) + _backward_findings(ctx, r)
     ]
-    return without_idle_reverts(out, records)  # (0 B reverts that change nothing are none)
+    return without_idle_reverts(out, records, ctx.by_name)  # (0 B reverts that change nothing are none)

@@ -14,13 +14,14 @@ from ..records import CONV_OPS, Finding, FindingKind, NodeInput, NodeRecord
 __all__ = ["leading_to", "without_idle_reverts"]
 
 
-def without_idle_reverts(findings: Sequence[Finding], records: Sequence[NodeRecord]) -> list[Finding]:
+def without_idle_reverts(
+    findings: Sequence[Finding], records: Sequence[NodeRecord], by_name: dict[str, NodeRecord]
+) -> list[Finding]:
     """``findings`` less the 0 B reverts from which no NCHW tensor flows to a convolution or to
-    another finding (:func:`leading_to`)."""
+    another finding (:func:`leading_to`); ``by_name``: ``records`` by name."""
     kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in findings]
     if all(kept):
         return list(findings)
-    by_name = {r.name: r for r in records}
     convs = {r.name for r in records if r.op_name.lower() in CONV_OPS}
     targets = leading_to(records, {f.node for f, k in zip(findings, kept, strict=True) if k} | convs)
     return [f for f, k in zip(findings, kept, strict=True) if k or _flows_to(by_name[f.node], targets, by_name)]
