@@ -175,12 +175,17 @@ def repair_model(
     for _ in range(max_passes):
         start = gm
         batch: list[tuple[Candidate, RepairStep]] = []
-        ordered = sorted(candidates(gm, records, analysis), key=lambda c: PRIORITY.index(c.kind))
-        seen = {(c.node, c.kind) for c in ordered}  # (what a no-gain rewrite exposes is not among them)
-        for cand in ordered:
+        tried: set[tuple[str, str]] = set()
+        ordered: list[Candidate] | None = None
+        while True:  # a rewrite kept can expose another (a chain of shuffles): tried in the same pass
+            if ordered is None:
+                ordered = sorted(candidates(gm, records, analysis), key=lambda c: PRIORITY.index(c.kind))
+                seen = {(c.node, c.kind) for c in ordered}  # (what a no-gain rewrite exposes is not among them)
+            cand = next((c for c in ordered if (c.node, c.kind) not in done and (c.node, c.kind) not in tried), None)
+            if cand is None:
+                break
             key = (cand.node, cand.kind)
-            if key in done:
-                continue
+            tried.add(key)
             trial = rewritable_copy(gm)
             try:
                 _apply(trial, [cand], compile=False)
@@ -213,6 +218,7 @@ def repair_model(
             refused.pop(key, None)
             gm, current, records, analysis = trial, t, t_records, t_analysis
             batch.append((cand, RepairStep(cand.node, cand.kind, cand.reason, saved, fixed_breaks)))
+            ordered = None
         if not batch:
             break
         # the pass's rewrites are checked against the original model together, once; only a

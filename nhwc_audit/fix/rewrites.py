@@ -96,8 +96,9 @@ def _fmt(rank: int) -> torch.memory_format:
 
 def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: Analysis) -> Iterator[Candidate]:
     by_name = {r.name: r for r in records}
+    nodes = {n.name: n for n in gm.graph.nodes}
     for r in records:
-        node = find_node(gm, r.name)
+        node = nodes[r.name]
         spatial = r.spatial_outputs
         allocates = (
             (node.op == "call_function" and node.target in _ALLOC)
@@ -135,7 +136,7 @@ def candidates(gm: torch.fx.GraphModule, records: list[NodeRecord], analysis: An
         yield Candidate(name, "sum-as-adds", f"sum over dim {dim}: its {terms} maps added one by one", rewrite)
     for f in analysis.findings:
         r = by_name[f.node]
-        node = find_node(gm, f.node)
+        node = nodes[f.node]
         rank = r.spatial_outputs[0].rank if r.spatial_outputs else 4
         if f.kind in (FindingKind.BREAK, FindingKind.LATENT) and node.op == "call_method" and node.target == "view":
 
