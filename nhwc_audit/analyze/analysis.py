@@ -162,7 +162,9 @@ def _backward_root(f: Finding, forward: dict[str, Finding], by_name: dict[str, N
         for c in frontier:
             start = origin_of(c, by_name) if c.name not in forward and c.output_layout is Layout.CONTIGUOUS else c
             if start is not None and start.name in forward:  # (its own, or where its NCHW region starts)
-                return _root(forward[start.name])
+                # a gradient that comes back through a view of other dims (a channel shuffle's) is laid
+                # out by that view's backward, whatever the change does: no cause downstream
+                return _root(forward[start.name]) if c is r or _regrades(c, by_name) else f.node
             # on through an op that stays channels_last with no forward finding (a convolution's backward re-lays
             # what comes in: none past it)
             if c is r or (c.output_layout is Layout.CHANNELS_LAST and not _convolves(c)):
@@ -170,6 +172,13 @@ def _backward_root(f: Finding, forward: dict[str, Finding], by_name: dict[str, N
         seen.update(c.name for c in ahead)
         frontier = ahead
     return f.node
+
+
+def _regrades(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
+    """Whether ``r``'s gradient comes back in the layout its output has: no user views it as a tensor of
+    another rank (the backward of such a view reshapes the gradient, row-major where it cannot view it)."""
+    rank = r.outputs[0].rank if r.outputs else 0
+    return all(u.outputs[0].rank == rank for u in map(by_name.get, r.users) if u is not None and u.outputs)
 
 
 def _convolves(r: NodeRecord) -> bool:
