@@ -195,13 +195,15 @@ def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5)
         for t in m.timings
     ] + untimed_lines(m, report.findings)
     records, summary = _decided_on(report)
+    needs_repair = repaired is not None and repaired > (naive or 0.0)
     verdict = decide(
         records,
         summary,
         device=report.meta.device,
         dtype=report.meta.compute_dtype,
         speedup=max(speeds) if speeds else None,
-        needs_repair=repaired is not None and repaired > (naive or 0.0),
+        needs_repair=needs_repair,
         measured=lines,
+        rounds=m.round_speedups("repaired" if needs_repair else "channels_last"),
     )
     return dataclasses.replace(report, measurement=m, verdict=verdict)

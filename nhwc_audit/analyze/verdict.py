@@ -69,19 +69,28 @@ def decide(
     measured: Sequence[str] = (),
     bytes_moved: int | None = None,
     needs_repair: bool = False,
+    rounds: Sequence[float] = (),
 ) -> Verdict:
     """The verdict. ``speedup``: measured NCHW time / best channels_last time; ``measured``:
     lines describing each timed variant, shown as reasons; ``needs_repair``: the best variant is
-    the repaired one (the naive conversion is slower), so the verdict says so."""
+    the repaired one (the naive conversion is slower), so the verdict says so; ``rounds``: that
+    variant's speed-up round by round: a gain some round does not show is within the noise."""
     reasons: list[str] = list(measured)
     convs = conv_infos(records)
     # bytes_moved counts read + write; the share of activation data transposed is half of it
     moved = summary.bytes_moved if bytes_moved is None else bytes_moved
     moved_share = moved / 2 / summary.spatial_bytes if summary.spatial_bytes else 0.0
     if speedup is not None:
-        ok = speedup >= 1.05
+        noise = bool(rounds) and min(rounds) <= 1 < speedup
+        ok = speedup >= 1.05 and not noise
         best = "the repaired channels_last model" if needs_repair else "the best channels_last variant"
         reasons.append(f"measured: {best} runs {speedup:.2f}x the speed of NCHW on {device}")
+        if noise:
+            reasons[-1] += (
+                f" (median), but {min(rounds):.2f}x-{max(rounds):.2f}x round by round: within this machine's"
+                " noise, no gain shown; measure again on a quiet machine, or with more rounds"
+                " (report.measure(rounds=...))"
+            )
         text = _summary(ok, summary.breaks)
         if ok and needs_repair:
             text = "convert with the repair (--apply)" if not summary.breaks else text + ", with the repair (--apply)"

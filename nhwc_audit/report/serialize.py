@@ -261,7 +261,14 @@ def measurement_dict(measurement: Measurement | None) -> dict[str, Any] | None:
         "train": measurement.train,
         "device": measurement.device,
         "timings": [
-            {"variant": t.variant, "median_s": t.median, "min_s": t.low, "max_s": t.high, "rounds": t.rounds}
+            {
+                "variant": t.variant,
+                "median_s": t.median,
+                "min_s": t.low,
+                "max_s": t.high,
+                "rounds": t.rounds,
+                "round_s": list(t.samples),
+            }
             for t in measurement.timings
         ],
         "copies": [{"node": n, "seconds": sec} for n, sec in measurement.copies],

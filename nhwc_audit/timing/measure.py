@@ -106,6 +106,8 @@ class Timing:
     low: float
     high: float
     rounds: int
+    samples: tuple[float, ...] = ()
+    """Seconds per call in each round, in round order (rounds interleave the variants)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,14 @@ class Measurement:
         if base is None or other is None or other.median <= 0:
             return None
         return base.median / other.median
+
+    def round_speedups(self, variant: str) -> tuple[float, ...]:
+        """NCHW time / ``variant`` time round by round (the rounds interleave the variants, so a slow
+        spell of the machine hits both of a round alike); () where either was not timed."""
+        base, other = self.of("nchw"), self.of(variant)
+        if base is None or other is None or len(base.samples) != len(other.samples):
+            return ()
+        return tuple(b / o for b, o in zip(base.samples, other.samples, strict=True) if o > 0)
 
 
 def _step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], train: bool) -> Callable[[], None]:
@@ -212,7 +222,7 @@ def measure(
         for name, timer, number in timers:
             samples[name].append(timer.timeit(number).median)
     timings = tuple(
-        Timing(variant=name, median=statistics.median(v), low=min(v), high=max(v), rounds=rounds)
+        Timing(variant=name, median=statistics.median(v), low=min(v), high=max(v), rounds=rounds, samples=tuple(v))
         for name, v in samples.items()
     )
     try:

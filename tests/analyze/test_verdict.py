@@ -97,3 +97,40 @@ def test_convolutions_of_a_weight_computed_in_forward_are_counted(audit_fixed: C
     assert len(conv_infos(report.nodes)) == 3
     assert not any("no convolutions" in r for r in report.verdict.reasons)
     assert report.repaired().verdict.convert
+
+
+def test_a_measured_gain_some_round_does_not_show_is_noise(audit_fixed: Callable[..., AuditReport]) -> None:
+    """Rounds interleave the variants; a median gain that one round's pair does not show is the machine's
+    noise: three runs of `--measure` on one small model said "don't convert" (1.05x), "convert" (1.23x)
+    and "don't convert" (1.00x), the rounds' spread far wider than the gain."""
+    from nhwc_audit.timing.measure import Measurement, Timing
+
+    r = audit_fixed(Wide(), torch.randn(1, 3, 8, 8))
+
+    def timed(nchw: list[float], cl: list[float]) -> Measurement:
+        def t(name: str, v: list[float]) -> Timing:
+            return Timing(name, sorted(v)[len(v) // 2], min(v), max(v), len(v), tuple(v))
+
+        return Measurement(train=False, device="cpu", timings=(t("nchw", nchw), t("channels_last", cl)))
+
+    noisy = timed([1.3, 1.2, 2.2, 1.25, 1.3], [1.0, 1.0, 2.4, 1.0, 1.1])
+    assert noisy.speedup("channels_last") == 1.3
+    assert min(noisy.round_speedups("channels_last")) < 1
+    v = decide(
+        r.nodes, r.summary, device="cpu", dtype="float32", speedup=1.25, rounds=noisy.round_speedups("channels_last")
+    )
+    assert not v.convert and v.summary == "don't convert"
+    assert "0.92x-1.30x round by round: within this machine's noise" in v.reasons[-1]
+    steady = timed([1.3, 1.2, 2.2, 1.25, 1.3], [1.0, 1.0, 2.0, 1.0, 1.1])
+    v = decide(
+        r.nodes, r.summary, device="cpu", dtype="float32", speedup=1.25, rounds=steady.round_speedups("channels_last")
+    )
+    assert v.convert and "round by round" not in v.reasons[-1]
+
+
+def test_a_measurement_keeps_each_round(audit_fixed: Callable[..., AuditReport]) -> None:
+    report = audit_fixed(Wide(), torch.randn(1, 3, 8, 8)).measure(rounds=3)
+    m = report.measurement
+    assert m is not None and all(len(t.samples) == 3 for t in m.timings)
+    assert len(m.round_speedups("channels_last")) == 3
+    assert [len(t["round_s"]) for t in report.to_dict()["measurement"]["timings"]] == [3, 3]
