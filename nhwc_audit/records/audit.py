@@ -133,7 +133,7 @@ class Fix:
     findings: int
     """Findings removed by the change, root causes included."""
     bytes: int
-    """Bytes moved by all those findings per forward."""
+    """Bytes moved by all those findings per forward (per training step in a train audit: :attr:`Summary.per`)."""
 
 
 @dataclass(frozen=True, slots=True)

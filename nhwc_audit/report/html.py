@@ -124,7 +124,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
         )
     by_name = {n["name"]: n for n in nodes}
     rows = module_rows(report.nodes, report.findings, report.regions, m.modules, m.model)
-    graph = graph_data(report.nodes, report.findings, report.regions, rows)
+    graph = graph_data(report.nodes, report.findings, report.regions, rows, per=report.summary.per)
     parents = {row.parent for row in rows}
     top = list(report.hotspots[:25])
     max_bytes = max((h.finding.bytes for h in top), default=1) or 1
@@ -243,7 +243,7 @@ def view_model(report: AuditReport, *, now: Callable[[], dt.datetime] | None = N
             for row in rows
         ],
         "layouts": [lay.value for lay in Layout],
-        "strip": layout_strip(report.nodes, report.findings),
+        "strip": layout_strip(report.nodes, report.findings, report.summary.per),
         "strip_colours": LAYOUT_COLOURS,
         "verdict": verdict_dict(report.verdict),
         "repair": repair_dict(report.repair),

@@ -48,7 +48,7 @@ class ModuleRow:
     findings: tuple[tuple[str, int], ...]
     """(kind, count) in severity order, kinds with none left out."""
     moved: int
-    """Bytes its findings move per forward."""
+    """Bytes its findings move per forward (per training step in a train audit)."""
     output: str
     """Name of its output op: the last of its ops that an op outside it reads (else its last op)."""
     output_shape: str
@@ -181,14 +181,14 @@ def _node_tip(r: NodeRecord, kinds: list[str]) -> str:
     )
 
 
-def _module_tip(m: ModuleRow) -> str:
+def _module_tip(m: ModuleRow, per: str) -> str:
     return _lines(
         f"{m.path or m.name} ({m.type})" if m.type else m.path,
         f"{m.ops} ops",
         f"output: {m.output_shape} ({m.output_layout})" if m.output_shape else "",
         f"channels_last: {fmt_share(m.share)} of {fmt_bytes(m.activation_bytes)}" if m.share is not None else "",
         "findings: " + ", ".join(f"{n} {k}" for k, n in m.findings) if m.findings else "findings: none",
-        f"moved: {fmt_bytes(m.moved)} per forward" if m.moved else "",
+        f"moved: {fmt_bytes(m.moved)} {per}" if m.moved else "",
     )
 
 
@@ -217,11 +217,16 @@ def _function_groups(shown: Sequence[NodeRecord], module_of: dict[str, int]) -> 
 
 
 def graph_data(
-    nodes: Sequence[NodeRecord], findings: Sequence[Finding], regions: Sequence[Region], rows: Sequence[ModuleRow]
+    nodes: Sequence[NodeRecord],
+    findings: Sequence[Finding],
+    regions: Sequence[Region],
+    rows: Sequence[ModuleRow],
+    per: str = "per forward",
 ) -> dict[str, Any]:
     """Plain lists for the report's script: modules and function groups (parent index, colour
     share, findings), ops (module or group index, layout, label, tooltip with one fact per line),
-    edges (heavy where a layout changes), and which modules the graph opens with."""
+    edges (heavy where a layout changes), and which modules the graph opens with. ``per``: what the
+    bytes count (the audit's :attr:`~nhwc_audit.records.Summary.per`)."""
     index = {m.path: i for i, m in enumerate(rows)}
     kinds = finding_kinds(findings)
     shown = [r for r in nodes if drawn(r)]
@@ -253,7 +258,7 @@ def graph_data(
             "share": None if m.share is None else round(m.share, 4),
             "kinds": [k for k, _ in m.findings],
             "findings": m.finding_count,
-            "tip": _module_tip(m),
+            "tip": _module_tip(m, per),
         }
         for m in rows
     ]

@@ -36,8 +36,9 @@ _KIND_COLOURS = {
 _ORDER = list(FindingKind)
 
 
-def layout_strip(nodes: Sequence[NodeRecord], findings: Sequence[Finding]) -> dict[str, Any]:
-    """Runs (start, length, layout) and marks (position, height, kind, title) in units of one op."""
+def layout_strip(nodes: Sequence[NodeRecord], findings: Sequence[Finding], per: str = "per forward") -> dict[str, Any]:
+    """Runs (start, length, layout) and marks (position, height, kind, title) in units of one op;
+    ``per``: what the bytes count (the audit's :attr:`~nhwc_audit.records.Summary.per`)."""
     ops = [r for r in nodes if r.op not in SKIP_OPS]
     at = {r.name: i for i, r in enumerate(ops)}
     runs: list[dict[str, Any]] = []
@@ -61,7 +62,7 @@ def layout_strip(nodes: Sequence[NodeRecord], findings: Sequence[Finding]) -> di
         height = 2 + 8 * (math.log1p(nbytes) / math.log1p(top) if top else 0)
         title = "\n".join(
             [f"{name} ({r.op_label})", r.module_path or "(model)", ", ".join(sorted({f.kind.value for f in fs}))]
-            + ([f"{nbytes:,} bytes per forward"] if nbytes else [])
+            + ([f"{nbytes:,} bytes {per}"] if nbytes else [])
         )
         marks.append(
             {
