@@ -40,7 +40,7 @@ from .inputs import positional_inputs
 from .interpreter import ProgressFn, propagate
 from .module_state import attributes_restored
 from .replay import replay
-from .runner import Runner, StateKept, batch_of, first_sample, quiet
+from .runner import Runner, StateKept, batch_of, first_sample, nchw_error, quiet
 from .skeleton import Skeleton
 
 __all__ = ["CAPTURES", "CaptureMethod", "Captured", "CheckKind", "capture_and_propagate", "replay_check"]
@@ -263,11 +263,15 @@ class _Chain:
         return Verdict.compared("eager", out, reference)
 
     def _raise_if_eager_fails(self, e: PropagationError) -> None:
-        """The graph raised on the sample: when eager raises too, it is the model's error."""
+        """The graph raised on the sample: when eager raises too, it is the model's error. Where eager
+        channels_last raises otherwise (first at a break the graph ran past), the error quoted is the
+        eager forward's as the model was built (NCHW), which is what the user's own run meets."""
         try:
             self._eager_reference()
         except Exception as eager_error:
             same = str(e.__cause__) == str(eager_error) if e.__cause__ else False
+            if not same and (nchw := nchw_error(self.runner, self.model, self.args, self.kwargs)) is not None:
+                eager_error, same = nchw, str(e.__cause__) == str(nchw) if e.__cause__ else False
             tail = "eager forward fails the same way" if same else f"eager forward fails too: {first_line(eager_error)}"
             raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
 

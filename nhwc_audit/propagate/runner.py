@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from torch.utils._pytree import tree_map
 from ..prepare.caches import emptied
 from ..prepare.copy import model_tensors
 from ..prepare.fake import meta_failures_unlogged
-from ..tensors import clone_value, iter_tensors, seeded
+from ..tensors import clone_value, iter_tensors, seeded, to_nchw
 from .corrections import Corrections
 from .dispatch import CopyRecorder
 
@@ -27,6 +28,7 @@ __all__ = [
     "batch_of",
     "fake_limitation",
     "first_sample",
+    "nchw_error",
     "quiet",
 ]
 
@@ -223,3 +225,18 @@ def quiet() -> contextlib.AbstractContextManager[Any]:
     """stderr kept for a block: a GraphModule prints the traceback of what it raises there before
     raising it, which the caller handles."""
     return contextlib.redirect_stderr(io.StringIO())
+
+
+def nchw_error(runner: Runner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception | None:
+    """What one eager forward of ``model`` as built (NCHW: its weights and the sample contiguous, its
+    buffers copied; the model untouched) raises, or None where it runs."""
+    params = model.named_parameters(remove_duplicate=False)
+    buffers = ((name, clone_value(b)) for name, b in model.named_buffers(remove_duplicate=False))  # (forward may write)
+    try:
+        with runner.context(), runner.grad_mode(), quiet():
+            state = {name: to_nchw(t) for name, t in itertools.chain(params, buffers)}
+            args, kwargs = tree_map(to_nchw, tree_map(clone_value, (args, kwargs)))
+            torch.func.functional_call(model, state, args, kwargs)
+    except Exception as error:
+        return error
+    return None

@@ -240,3 +240,29 @@ def test_a_forced_export_of_a_model_that_breaks_on_channels_last_says_so() -> No
     with pytest.raises(TraceError, match="the model breaks on channels_last input .*'auto' .* report where"):
         nhwc_audit.audit(_ViewsTheMap().eval(), x, capture="export")
     assert [f.kind.value for f in nhwc_audit.audit(_ViewsTheMap().eval(), x, bandwidth=1e9).findings] == ["break"]
+
+
+class _ViewHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_a_wrong_input_shape_quotes_the_error_the_nchw_model_meets(mode: str) -> None:
+    """At a shape the head does not take, the graph runs past the view (a break, run again NCHW) and the
+    linear layer raises in either layout; the message added "eager forward fails too: view size is not
+    compatible ... Use .reshape(...)", what eager channels_last meets first, sending the user to the
+    break instead of the input shape (a new user's trial). Eager as the model was built meets the
+    linear layer's error: the same."""
+    from nhwc_audit.errors import PropagationError
+
+    with pytest.raises(PropagationError) as info:
+        nhwc_audit.audit(_ViewHead(), torch.randn(1, 3, 32, 32), mode=mode)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "node 'fc'" in message and "the model's own error at the audited shapes" in message
+    assert message.endswith("(eager forward fails the same way)") and "view size" not in message
