@@ -28,7 +28,7 @@ from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
 from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
-from .prepare.notes import conversion_note, one_channel_note
+from .prepare.notes import conversion_note, eval_train_note, one_channel_note
 from .prepare.wrappers import unwrapped
 from .propagate import onednn
 from .propagate.baseline import fake_pays, training_fails
@@ -224,6 +224,7 @@ def _audit_one(
         wrapper,
         conversion_note(module, rank),
         one_channel_note(args, kwargs),
+        eval_train_note(module, o.train),
         callers_modes_note(o.mode),
         onednn.note(module, o.device.type, o.train and o.backward, o.autocast or o.dtype),
     )

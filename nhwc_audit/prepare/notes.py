@@ -1,5 +1,6 @@
 """Notes on how the audit converted the model and its sample, for the report: where the user's
-own conversion would differ (:func:`conversion_note`, :func:`one_channel_note`)."""
+own conversion would differ (:func:`conversion_note`, :func:`one_channel_note`), or a train audit
+of a model in eval mode (:func:`eval_train_note`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from ..tensors import iter_tensors
 
-__all__ = ["conversion_note", "one_channel_note"]
+__all__ = ["conversion_note", "eval_train_note", "one_channel_note"]
 
 
 def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
@@ -56,3 +57,17 @@ def one_channel_note(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | Non
                 "with .to()"
             )
     return None
+
+
+def eval_train_note(model: nn.Module, train: bool) -> str | None:
+    """What to tell the user when a train audit's model is in eval mode: its backward runs through
+    eval-mode layers (BatchNorm normalising by its running statistics, no dropout), which is not a
+    training step; the audit keeps the mode the model is in (a frozen norm in a training model is the
+    user's choice). None otherwise."""
+    if not train or model.training:
+        return None
+    return (
+        "train audit of a model in eval mode: forward and backward ran as eval mode runs them (BatchNorm "
+        "by its running statistics, no dropout), not as training does: call model.train() before the audit "
+        "(in the build function for the CLI)"
+    )

@@ -87,3 +87,17 @@ def test_a_one_channel_input_gets_a_note_on_converting_it(rank: int) -> None:
     assert not any(
         "one channel" in n for n in audit(nn.Conv2d(3, 4, 1), three[..., 0] if rank == 5 else three).meta.capture_notes
     )
+
+
+def test_a_train_audit_of_a_model_in_eval_mode_says_so() -> None:
+    """`--train` on a build function that returns `model.eval()` audited a backward through eval-mode
+    BatchNorm, with "eval mode" in the header and no word of it (a new user's trial)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    note = "train audit of a model in eval mode"
+    notes = nhwc_audit.audit(model.eval(), x, train=True).meta.capture_notes
+    assert any(n.startswith(note) and "model.train()" in n for n in notes), notes
+    assert not model.training  # (the model's mode is left as it was)
+    assert not any(n.startswith(note) for n in nhwc_audit.audit(model.train(), x, train=True).meta.capture_notes)
+    assert not any(n.startswith(note) for n in nhwc_audit.audit(model.eval(), x).meta.capture_notes)
