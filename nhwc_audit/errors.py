@@ -37,6 +37,7 @@ __all__ = [
     "UsageError",
     "ValueDependentShapes",
     "first_line",
+    "said",
 ]
 
 
@@ -48,6 +49,16 @@ def first_line(e: BaseException) -> str:
     """
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def said(e: BaseException) -> str:
+    """:func:`first_line`, without the type for nhwc-audit's own errors (their message says it all).
+
+    >>> said(UsageError("bad spec"))
+    'bad spec'
+    """
+    text = str(e).strip()
+    return text.splitlines()[0] if isinstance(e, NhwcAuditError) and text else first_line(e)
 
 
 class NhwcAuditError(Exception):

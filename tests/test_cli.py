@@ -267,3 +267,34 @@ def test_a_file_specs_build_function_imports_its_sibling_modules(
     code, out, err = run([f"{folder / 'entry.py'}:build", "--no-report"], capsys)
     assert code == 0, err
     assert "1 revert" in out
+
+
+def test_saving_the_repair_of_an_untraceable_model_with_nothing_to_repair_says_why(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "saving the repaired model not done: ReportWriteError: no part of the model was repaired:
+    nothing to save" (a class name, and no word of why a traceable clean model saves and this one not)."""
+    (workdir / "branchy_conv.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Net(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+                def forward(self, x):
+                    y = self.conv(x)
+                    return y.relu() if y.mean() > 0 else y
+            """
+        )
+    )
+    code, out, err = run(
+        ["branchy_conv:Net", "--input", "1x3x16x16", "--no-report", "--apply", "--save-repaired", "pkg"], capsys
+    )
+    assert code == 2 and "Traceback" not in err
+    text = " ".join((out + err).split())
+    assert "saving the repaired model not done: nothing to save: torch.fx cannot trace the model whole" in text
+    assert "ReportWriteError" not in text and not (workdir / "pkg").exists()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import first_line
+from ..errors import said
 from ..records import FAIL_ON, FailOn
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ def _followup(step: Callable[[], T], what: str, out: Any) -> T | None:
     try:
         return step()
     except Exception as e:
-        line = f"{what} not done: {first_line(e)}"
+        line = f"{what} not done: {said(e)}"
         if out.quiet:
             print(f"nhwc-audit: {line}", file=sys.stderr)
         out.print(Text(line, style="yellow"))
@@ -251,5 +251,8 @@ def _write_repaired(report: AuditReport, folder: Path, spec: str) -> Path:
     if parts and parts[0][0] == "":
         return write_package(parts[0][1], folder, lines)
     if not parts:
-        raise ReportWriteError("no part of the model was repaired: nothing to save")
+        raise ReportWriteError(
+            "nothing to save: torch.fx cannot trace the model whole and no part of it was rewritten; "
+            "nhwc_audit.convert(model) is its channels_last conversion"
+        )
     return write_parts(parts, folder, lines)
