@@ -8,13 +8,13 @@ Turns the caller's arguments into a model, a sample and :class:`~nhwc_audit.pipe
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, cast, get_args
 
 import torch
 from torch import nn
 
-from .errors import ChannelsLastError, UsageError
+from .errors import UsageError
 from .fix.repair import RepairLog
 from .followups import measure_report, repair_report
 from .pipeline import AuditOptions, run_audit
@@ -23,9 +23,8 @@ from .prepare.load import call_build_fn, split_example, usable_bandwidth
 from .prepare.wrappers import unwrapped
 from .propagate.chain import CAPTURES
 from .propagate.interpreter import ProgressFn
-from .records import FAIL_ON, CaptureMethod, FailOn, Finding, FindingKind, Mode, NodeRecord
-from .report.text import fmt_bytes, offender_line
-from .result import AuditReport
+from .records import FAIL_ON, CaptureMethod, FailOn, FindingKind, Mode, NodeRecord
+from .result import AuditReport, channels_last_error
 
 __all__ = [
     "DEFAULT_INPUT_SHAPE",
@@ -282,16 +281,6 @@ def fail_on_kinds(fail_on: FailOn) -> frozenset[FindingKind]:
         return FAIL_ON[fail_on]
     except (KeyError, TypeError):
         raise UsageError(f"fail_on={fail_on!r} is not one of: {', '.join(FAIL_ON)}") from None
-
-
-def channels_last_error(report: AuditReport, offenders: Sequence[Finding]) -> ChannelsLastError:
-    """The error ``check()`` raises: the model, the offenders' count and bytes, one line each."""
-    lines = [
-        f"{report.meta.model} does not stay channels_last: {len(offenders)} offending "
-        f"node(s), {fmt_bytes(sum(f.bytes for f in offenders))} moved {report.summary.per}"
-    ]
-    lines += [f"  {i}. {offender_line(f)}" for i, f in enumerate(offenders, 1)]
-    return ChannelsLastError("\n".join(lines), offenders=tuple(offenders))
 
 
 def repair(

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collector import collector_paused
+from .errors import ChannelsLastError
 from .records import AuditMeta, Finding, FindingKind, Fix, Hotspot, NodeRecord, Region, Summary
 from .report.files import write_text_atomic
 from .report.serialize import json_text, report_dict
-from .report.text import headline, offender_line
+from .report.text import fmt_bytes, headline, offender_line
 
 if TYPE_CHECKING:
     from .analyze.verdict import Verdict
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .fix.repair import RepairLog
     from .timing.measure import Measurement
 
-__all__ = ["AuditReport"]
+__all__ = ["AuditReport", "channels_last_error"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -141,3 +142,14 @@ class AuditReport:
         from .report.html import render_notebook
 
         return render_notebook(self)
+
+
+def channels_last_error(report: AuditReport, offenders: Sequence[Finding]) -> ChannelsLastError:
+    """The error ``check()`` raises: the model, the offenders' count and bytes, one line each."""
+    names, own = {f.node for f in offenders}, sum(f.bytes for f in offenders)
+    fixed = sum(x.bytes for x in report.fixes if names & set(x.roots))  # with the conversions they cause
+    caused = f" ({fmt_bytes(fixed)} with the conversions and mixed ops they cause)" if fixed > own else ""
+    head = f"{len(offenders)} offending node(s), {fmt_bytes(own)} moved {report.summary.per}{caused}"
+    lines = [f"{report.meta.model} does not stay channels_last: {head}"]
+    lines += [f"  {i}. {offender_line(f)}" for i, f in enumerate(offenders, 1)]
+    return ChannelsLastError("\n".join(lines), offenders=tuple(offenders))

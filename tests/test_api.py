@@ -19,6 +19,7 @@ from torch import nn
 import nhwc_audit
 from nhwc_audit import AuditReport, ChannelsLastError, NhwcAuditError, audit, check, convert, incompatible_nodes
 from nhwc_audit.examples import UNet, unet
+from nhwc_audit.report.text import fmt_bytes
 from tests import models as M
 from tests.support import BANDWIDTH
 
@@ -131,9 +132,16 @@ def test_check_passes_clean_models_and_lists_offenders() -> None:
     assert "models.py:" in lines[1] and "GroupNorm" in lines[1]
     assert lines[2].lstrip().startswith("2. conversion: conv2")
     assert [f.node for f in err.offenders] == ["norm", "conv2"]  # type: ignore[attr-defined]
-    # 'revert' ignores conversions alone; the revert is still there
-    with pytest.raises(ChannelsLastError):
+    assert "with the conversions" not in lines[0]
+    # 'revert' ignores conversions alone; the revert is still there, and the message says what its
+    # change removes in all (it said the revert's bytes alone: half of the fix's, on a new user's trial)
+    with pytest.raises(ChannelsLastError) as exc:
         check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="revert", bandwidth=BANDWIDTH)
+    (fix,) = audit(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), bandwidth=BANDWIDTH).fixes
+    head = str(exc.value).splitlines()[0]
+    assert "1 offending node(s), " in head and head.endswith(
+        f"({fmt_bytes(fix.bytes)} with the conversions and mixed ops they cause)"
+    )
     with pytest.raises(nhwc_audit.UsageError):
         check(M.InstanceNormNet(), torch.randn(1, 3, 8, 8), fail_on="sometimes", bandwidth=BANDWIDTH)
 

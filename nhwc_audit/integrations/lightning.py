@@ -16,10 +16,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from ..api import audit, channels_last_error, fail_on_kinds
+from ..api import audit, fail_on_kinds
 from ..records import FailOn
 from ..report.text import headline
-from ..result import AuditReport
+from ..result import AuditReport, channels_last_error
 
 __all__ = ["ChannelsLastAudit"]
 
