@@ -31,7 +31,7 @@ import copy
 import math
 import os
 import re
-import traceback
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -56,7 +56,7 @@ class Transpose:
     site: str
     """The model's source line that made the call (``file:line``, innermost frame outside torch)."""
     call: str = ""
-    """Which call of that line (``file:line#k``) a backward's move belongs to; '' where not known."""
+    """Which call of that line (``file:line#k``) the move belongs to; '' where not known."""
 
 
 _HERE = __file__.replace("\\", "/")
@@ -71,11 +71,12 @@ under a new ``<eval_with_key>.N``, the same lines of the same graph."""
 
 
 def _site() -> str:
-    for frame in reversed(traceback.extract_stack()):
-        path = frame.filename.replace("\\", "/")
-        if path.startswith(_TORCH) or path == _HERE:
-            continue
-        return f"{_GENERATED.sub('<eval_with_key>', path)}:{frame.lineno}"
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if not (path.startswith(_TORCH) or path == _HERE):
+            return f"{_GENERATED.sub('<eval_with_key>', path)}:{frame.f_lineno}"
+        frame = frame.f_back  # type: ignore[assignment]
     return "?"
 
 
@@ -181,21 +182,28 @@ def _storage(t: torch.Tensor) -> int:
 
 class _Calls(TorchFunctionMode):
     """The name of the outermost torch call running (``flatten``, ``linear``): ATen ops do not say
-    which call of the model's made them."""
+    which call of the model's made them; and which call of its source line it is (``key``,
+    ``file:line#k``: the two runs make the same calls in the same order), so that a forward's moves
+    can net per call (:attr:`EagerBytes.added_per_call`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.current: str | None = None
+        self.key = ""
+        self._counts: dict[str, int] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         outer = self.current is None
         if outer:
             self.current = getattr(func, "__name__", None)
+            site = _site()
+            self._counts[site] = self._counts.get(site, 0) + 1
+            self.key = f"{site}#{self._counts[site]}"
         try:
             return func(*args, **(kwargs or {}))
         finally:
             if outer:
-                self.current = None
+                self.current, self.key = None, ""
 
 
 _EXITING_CALLS = frozenset({"flatten", "reshape"})
@@ -442,7 +450,7 @@ class _Recorder(TorchDispatchMode):
         inside = _KernelCopies.run(func, args, kwargs) or self._conv_kernel(func, args, kwargs)
         if inside is not None:  # what its kernel copied: a library's op (torchvision's roi_align), a slice made dense
             out, copies = inside
-            self.seen += [Transpose(name, shape, nbytes, self.site()) for name, shape, nbytes in copies]
+            self.seen += [Transpose(name, shape, nbytes, self.site(), self.calls.key) for name, shape, nbytes in copies]
             if copies and func.namespace not in ("aten", "prim", "prims"):
                 return out  # it computed from its copies: their orders are its output's
         else:
@@ -459,7 +467,10 @@ class _Recorder(TorchDispatchMode):
         if outs and outs[0].dim() < 4:  # a view's copies; a map's whole, by a kernel that leaves the ranks
             maps = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 4]
             low = self._view_copies(func, args, kwargs, outs[0]) + self._whole_copies(func, args, kwargs, maps, outs[0])
-            self.seen += [Transpose(func.overloadpacket.__name__, tuple(outs[0].shape), n, self.site()) for n in low]
+            self.seen += [
+                Transpose(func.overloadpacket.__name__, tuple(outs[0].shape), n, self.site(), self.calls.key)
+                for n in low
+            ]
         if not outs or outs[0].dim() < 4:
             return out
         result = outs[0]
@@ -481,11 +492,17 @@ class _Recorder(TorchDispatchMode):
                 # kernel computes in (its output's): the kernel re-lays it every call; autocast's
                 # cast of a channels_last weight is channels_last and re-laid by no one
                 self.seen.append(
-                    Transpose(name, tuple(weight.shape), 2 * weight.numel() * weight.element_size(), self.site())
+                    Transpose(
+                        name,
+                        tuple(weight.shape),
+                        2 * weight.numel() * weight.element_size(),
+                        self.site(),
+                        self.calls.key,
+                    )
                 )
         whole = [] if conv else self._whole_copies(func, args, kwargs, ins, result)
         if whole:  # it copied an input whole into NCHW, then computed from the copy (a CPU avg_pool3d)
-            self.seen += [Transpose(name, tuple(result.shape), nbytes, self.site()) for nbytes in whole]
+            self.seen += [Transpose(name, tuple(result.shape), nbytes, self.site(), self.calls.key) for nbytes in whole]
             return out
         before = len(self.seen)
         weights = False
@@ -502,7 +519,7 @@ class _Recorder(TorchDispatchMode):
                 relaid = not t.is_contiguous(memory_format=fmt) and not seen
                 moved = 2 * math.prod(t.shape) * t.element_size() if relaid else 0
             if moved:
-                self.seen.append(Transpose(name, tuple(result.shape), moved, self.site()))
+                self.seen.append(Transpose(name, tuple(result.shape), moved, self.site(), self.calls.key))
                 weights = weights or isinstance(t, nn.Parameter)
         exiting = self.calls.current in _EXITING_CALLS and not weights  # activations exit, not weights
         if len(self.seen) > before and exiting:
@@ -597,7 +614,7 @@ class _Recorder(TorchDispatchMode):
         self.seen += [Transpose(_OWN, (), nbytes, site) for whose, nbytes in watch.copies if whose == "own"]
         if watch.views:  # a 1D convolution's input, a view of a map in another order: re-laid, no layout shows it
             self.seen += [
-                Transpose(func.overloadpacket.__name__, tuple(out.shape), n, self.site())
+                Transpose(func.overloadpacket.__name__, tuple(out.shape), n, self.site(), self.calls.key)
                 for w, n in watch.copies
                 if w == "activation"
             ]
@@ -658,10 +675,11 @@ class EagerBytes:
 
     @property
     def added_per_call(self) -> int:
-        """:attr:`added` with a backward's moves netted per call of a line, as the audit nets them per
-        node: where two modules share a line (a block's norm run by two blocks; ``nn.Sequential``'s
-        children all fall to its caller's line), a copy only the NCHW model makes in one does not
-        cancel a channels_last copy in the other. Not the tests' reference (:attr:`added` is): one
+        """:attr:`added` with moves netted per call of a line, as the audit nets them per node: where
+        two modules share a line (a block's norm run by two blocks; ``nn.Sequential``'s children all
+        fall to its caller's line; a method called twice, MONAI SwinUNETR's decoder ``cat``), a copy
+        only the NCHW model makes in one does not cancel a channels_last copy in the other (a forward's
+        call: the outermost torch call, :class:`_Calls`). Not the tests' reference (:attr:`added` is): one
         copy met at another node of the same call (a conv, BatchNorm and SiLU on one line: NCHW copies
         at the norm's backward, channels_last at the conv's) nets per line, as the audit nets it
         (:mod:`nhwc_audit.analyze.displaced`); per call it would count twice."""

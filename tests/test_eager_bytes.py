@@ -356,6 +356,38 @@ def test_backward_moves_net_per_call_as_the_audit_nets_them_per_node() -> None:
             assert sum(f.bytes for f in r.findings if f.kind.value == "backward") == e.added_per_call, mode
 
 
+class _JoinedTwice(nn.Module):
+    """One method concatenates twice (MONAI SwinUNETR's decoder blocks): once a map only the NCHW model
+    copies (a skip with channels_last strides in both runs), once one only the channels_last model
+    copies (a ``.contiguous()`` map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+
+    def join(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.cat((p, q), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.c1(x)
+        skip = a.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        return self.join(a, skip) + self.join(a, self.c2(x).contiguous())
+
+
+def test_forward_moves_net_per_call_as_the_audit_nets_them_per_node() -> None:
+    """Per line, the NCHW model's copy at the first call cancelled the channels_last model's at the
+    second (a sweep of public models: SwinUNETR 24,576 B over the reference); per call (the outermost
+    torch call, :attr:`EagerBytes.added_per_call`) the channels_last copy stays, as the audit charges
+    it at its node. Where no line is called twice, the two agree."""
+    torch.manual_seed(0)
+    model, x = _JoinedTwice().eval(), torch.randn(2, 3, 32, 48)
+    e = eager_bytes(model, (x,))
+    assert e.added_per_call > e.added
+    assert audit(model, x, bandwidth=1e9).summary.bytes_moved == e.added_per_call
+    plain = eager_bytes(Reverting().eval(), (torch.randn(1, 3, 8, 8),))
+    assert plain.added_per_call == plain.added > 0
+
+
 def test_a_conv3d_bias_broadcast_is_no_copy_of_a_layout() -> None:
     """The CPU's slow Conv3d fills its output with the bias viewed C x 1 x 1 x 1 (strides all 1, no
     stride 0): a broadcast, in either layout. The checker charged it where channels_last made the
