@@ -60,12 +60,20 @@ def _entered(blocks: Any) -> list[Any]:
     return [b for b in blocks if b[0] != "cuda" or torch.cuda.is_available()]
 
 
-def autocast_in(n: torch.fx.Node, device: str) -> str | None:
+def autocast_in(n: torch.fx.Node, device: str, run: dict[str, bool | None] | None = None) -> str | None:
     """``device`` where ``n`` ran under its autocast (the audit's, or the blocks of forward's own
-    that :func:`as_traced` enters), else None (a tensor on the meta device: no autocast there)."""
-    if not torch.amp.is_autocast_available(device):
+    that :func:`as_traced` enters), else None (a tensor on the meta device: no autocast there).
+    ``run``: the audit's own autocast per device, asked once per run (no node changes it: forward's
+    blocks are entered around the nodes traced in them)."""
+    if run is None or device not in run:
+        on_run = torch.is_autocast_enabled(device) if torch.amp.is_autocast_available(device) else None
+        if run is not None:
+            run[device] = on_run
+    else:
+        on_run = run[device]
+    if on_run is None:
         return None
-    on = torch.is_autocast_enabled(device)
+    on = on_run
     for block, _, enabled, _ in _entered(n.meta.get(AUTOCAST_KEY, ())):
         if block == device:
             on = enabled

@@ -60,9 +60,7 @@ class LayoutProp(FreshArgs):
         self.corrections, self.grads = corrections, grads
         self._retry_without_grad = grad
         self.extra_traceback = False
-        self.record_hidden = record_hidden
-        self.shared = shared
-        self.skeleton = skeleton
+        self.record_hidden, self.shared, self.skeleton = record_hidden, shared, skeleton
         self._recorder = CopyRecorder(shared, recording=False) if (record_hidden or shared) else None
         self._blind_ok = False  # calls the recorder cannot see into may run without it (.blind)
         # the repair's measurements (fix.measure): every value by name; asked after each node, True stops
@@ -70,6 +68,7 @@ class LayoutProp(FreshArgs):
         self.until: Callable[[torch.fx.Node, dict[torch.fx.Node, Any]], bool] | None = None
         self.records: list[NodeRecord] = []
         self._pending: list[Any] = []
+        self._amp: dict[str, bool | None] = {}  # the run's own autocast per device (breaks.autocast_in)
         self._progress = progress
         self._nodes = list(self.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
@@ -185,7 +184,7 @@ class LayoutProp(FreshArgs):
         managers, ~20 us a node): every value is dropped after its last use."""
         if enable_io_processing:
             args = self.graph.process_inputs(*args)
-        rec = self._recorder
+        rec, self._amp = self._recorder, {}
         if rec is not None:  # a fake run keeps no layout change of a meta kernel known to be wrong
             fake = any(isinstance(t, FakeTensor) for t in iter_tensors(args))
             rec.relays = not fake or self.corrections is not None
@@ -245,7 +244,7 @@ class LayoutProp(FreshArgs):
                 if not aliases:
                     aliases = any(is_alias_of(t, i) for i in in_tensors)
         first = in_tensors or iter_tensors(result)
-        amp = autocast_in(n, first[0].device.type) if first else None  # forward's own blocks too
+        amp = autocast_in(n, first[0].device.type, self._amp) if first else None  # forward's own blocks too
         ins = tuple(i for i, _ in inputs)
         self._pending.append((n, ins, tuple(outputs), aliases, error, latent, hidden, wrote, own, detail, amp))
 
