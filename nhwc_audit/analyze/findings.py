@@ -41,6 +41,7 @@ from ..layout import along_w, channels_innermost, reorders, row_major
 from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, HiddenCopy, Layout, NodeRecord
 from . import hint_keys as H
 from . import moves
+from . import origin as origins
 from .exposed import exposed
 from .finding_record import Ctx, make_finding, recomputed
 from .hints import HintTable, default_hints
@@ -154,7 +155,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     conv = r.op_name.lower() in CONV_OPS and r.outputs  # (one output channel: the format it computed in)
     out = ins[0].meta.layout if assigned else conv_layout(r.outputs[0], moves.conv_ins(r)) if conv else r.output_layout
     # written in place from a slice of an NHWC map (``z[:, :4] += y[:, :4]``, z NCHW): read across as a whole map is
-    nhwc = [i for i in ins if in_place and i.meta.layout is Layout.STRIDED and channels_innermost(i.meta)]
+    nhwc = [i for i in ins if in_place and origins.sliced_channels_last(i.meta)]
     cl_in = [i for i in ins if (i.meta.layout is Layout.CHANNELS_LAST or i in nhwc) and i.producer not in ctx.free]
     cl_in = [i for i in cl_in if not moves.converted_weight(r, i, ctx.by_name)]
     nchw_in = [i for i in ins if moves.other_side(r, i)]

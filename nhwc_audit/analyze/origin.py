@@ -13,6 +13,7 @@ from ..records import CONV_OPS, Layout, NodeInput, NodeRecord, TensorMeta
 
 __all__ = [
     "channels_last_ordered",
+    "sliced_channels_last",
     "CONV_OPS",
     "SKIP_OPS",
     "build_graph",
@@ -92,7 +93,7 @@ def disagreeing(
     lists where neither holds."""
     if cl_in:
         return [i for i in r.spatial_inputs if i.meta.layout is Layout.STRIDED and nchw_ordered(i.meta)], cl_in
-    sliced = [i for i in sources if i.meta.layout is Layout.STRIDED and channels_innermost(i.meta)]
+    sliced = [i for i in sources if sliced_channels_last(i.meta)]
     roots = [i for i in nchw_in if not i.is_param] if sliced else []
     return roots, sliced if roots else []
 
@@ -191,11 +192,17 @@ def split_channels(i: NodeInput, by_name: dict[str, NodeRecord]) -> frozenset[in
     return frozenset()
 
 
+def sliced_channels_last(meta: TensorMeta, channels: frozenset[int] = frozenset({1})) -> bool:
+    """A view of a channels_last map dense in no order, its ``channels`` innermost: a channel slice
+    of an NHWC map (``chunk``, ``split``), a channel shuffle's 5D view of one."""
+    return meta.layout is Layout.STRIDED and channels_innermost(meta, channels)
+
+
 def channels_last_ordered(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
     """``i`` is channels_last, or a view of a channels_last map with its channels innermost."""
     if i.meta.layout is Layout.CHANNELS_LAST:
         return True
-    return i.meta.layout is Layout.STRIDED and channels_innermost(i.meta, split_channels(i, by_name) or frozenset({1}))
+    return sliced_channels_last(i.meta, split_channels(i, by_name) or frozenset({1}))
 
 
 def _kept_first(node: NodeRecord) -> bool:
