@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import traceback
 import warnings
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import first_line
+from ..timing.quiet import native_stderr_silenced
 from .parser import build_parser
 from .run import run
 
@@ -120,34 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Native code's writes to file descriptor 2 (the profiler's 'USDT ... profiler_start' and
-    'gpuGetDeviceCount failed' lines) go to /dev/null; Python's own stderr, where nhwc-audit
-    prints its errors, keeps the terminal through a duplicate of the descriptor."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, OSError):  # not a real file (a test's capture): nothing to do
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    python_stderr = os.fdopen(os.dup(saved), "w", buffering=1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    previous = sys.stderr
-    os.dup2(devnull, fd)
-    os.close(devnull)
-    sys.stderr = python_stderr
-    try:
-        yield
-    finally:
-        python_stderr.flush()
-        os.dup2(saved, fd)
-        os.close(saved)
-        sys.stderr = previous
-        python_stderr.close()
-
-
-@contextlib.contextmanager
 def _quiet_libraries(*, debug: bool) -> Iterator[None]:
     """torch's warnings and log messages (export's program dumps, profiler notices) reach the
     terminal with ``--debug`` only; the levels and filters are put back afterwards."""
@@ -159,7 +131,7 @@ def _quiet_libraries(*, debug: bool) -> Iterator[None]:
     names = ("torch", "torch._export", "torch.export", "torch._dynamo", "torch.utils.cpp_extension")
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), _native_stderr_silenced():
+    with warnings.catch_warnings(), native_stderr_silenced():
         for module in ("torch", "contextlib", "torchvision", "timm", "diffusers", "monai"):
             warnings.filterwarnings("ignore", module=module + r"(\..*)?$")
         for lg in loggers:

@@ -19,6 +19,7 @@ from ..propagate.fresh_args import FreshArgs
 from ..propagate.onednn import guarded
 from ..propagate.runner import quiet
 from ..tensors import iter_tensors
+from .quiet import profiler_notices_silenced
 
 __all__ = ["Measurement", "Timing", "measure", "profile_copies"]
 
@@ -184,8 +185,8 @@ def measure(
     round times every variant once with ``torch.utils.benchmark.Timer.timeit`` (enough calls
     for ``min_time``), rounds interleave the variants; reported: median, min, max per call.
     """
-    from torch.utils import benchmark
-
+    with profiler_notices_silenced():  # (its first import logs a CUDA_HOME notice on a machine without CUDA)
+        from torch.utils import benchmark
     kwargs = kwargs or {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cl_args, cl_kwargs = prepare_inputs(args, kwargs, dtype=None, device=device)
@@ -226,9 +227,10 @@ def measure(
         for name, v in samples.items()
     )
     try:
-        copies = profile_copies(
-            model, args, kwargs, converted=converted, graph=graph, constants=constants, rounds=rounds, nodes=nodes
-        )
+        with profiler_notices_silenced():  # (the profiler's native start, stop and GPU-count lines)
+            copies = profile_copies(
+                model, args, kwargs, converted=converted, graph=graph, constants=constants, rounds=rounds, nodes=nodes
+            )
     except Exception:  # the channels_last graph raises (a break): nothing to attribute
         copies = ()
     return Measurement(train=train, device=str(device), timings=timings, copies=copies, untimed=tuple(untimed))

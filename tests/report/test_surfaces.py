@@ -162,6 +162,25 @@ def test_quiet_measure_in_a_fresh_process_prints_nothing(tmp_path: Path) -> None
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
 
 
+def test_measure_from_python_prints_nothing_of_the_profiler(tmp_path: Path) -> None:
+    """``report.measure()`` from the API (a notebook, a script) printed the profiler's native
+    'USDT ... profiler_start' lines, 'ERROR ... gpuGetDeviceCount failed with code 35' and
+    cpp_extension's CUDA_HOME notice on a machine without CUDA (a new user's trial); the CLI hid
+    them. A fresh process: those notices come on first use."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, nhwc_audit\n"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.InstanceNorm2d(4), torch.nn.Conv2d(4, 4, 1))\n"
+        "r = nhwc_audit.audit(m, torch.randn(1, 3, 8, 8), bandwidth=1e9).measure(rounds=2)\n"
+        "print(r.measurement is not None and r.verdict is not None)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "True\n", proc.stderr
+    assert proc.stderr == "", proc.stderr
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_the_bytes_are_said_to_be_per_training_step_where_backward_findings_count(train: bool) -> None:
     """A train audit's bytes include its backward findings (786.4 kB of 1.3 MB on a LightningModule)
