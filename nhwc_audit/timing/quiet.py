@@ -16,29 +16,36 @@ __all__ = ["native_stderr_silenced", "profiler_notices_silenced"]
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
     """Native code's writes to file descriptor 2 (the profiler's 'USDT ... profiler_start' and
-    'gpuGetDeviceCount failed' lines) go to /dev/null; Python's own stderr, where nhwc-audit
-    prints its errors, keeps the terminal through a duplicate of the descriptor."""
+    'gpuGetDeviceCount failed' lines) go to /dev/null for the block. Python's own stderr keeps its
+    destination: where it writes to descriptor 2 (a terminal), through a duplicate of it; where it
+    is something else (a notebook's stream, a test's capture), as it is."""
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, OSError):  # not a real file (a test's capture): nothing to do
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2: nothing to silence
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    python_stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        python_fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (a notebook's stream, a test's capture)
+        python_fd = None
+    previous, python_stderr = sys.stderr, None
+    if python_fd == 2:
+        previous.flush()
+        python_stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+        sys.stderr = python_stderr
     devnull = os.open(os.devnull, os.O_WRONLY)
-    previous = sys.stderr
-    os.dup2(devnull, fd)
+    os.dup2(devnull, 2)
     os.close(devnull)
-    sys.stderr = python_stderr
     try:
         yield
     finally:
-        python_stderr.flush()
-        os.dup2(saved, fd)
+        if python_stderr is not None:
+            python_stderr.flush()
+        os.dup2(saved, 2)
         os.close(saved)
-        sys.stderr = previous
-        python_stderr.close()
+        if python_stderr is not None:
+            sys.stderr = previous
+            python_stderr.close()
 
 
 @contextlib.contextmanager
