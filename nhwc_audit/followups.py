@@ -90,7 +90,7 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the
     # audit, when the repair runs as the audit did (it runs the model in its own dtype, no autocast)
     baseline = (
-        {r.name: r.nchw_bytes for r in audited.nodes if r.nchw_bytes}
+        {r.name: (r.nchw_bytes, r.nchw_inside) for r in audited.nodes if r.nchw_bytes or r.nchw_inside}
         if graph is not None and (same_run or audited is not report)
         else None
     )

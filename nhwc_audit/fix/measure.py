@@ -92,7 +92,7 @@ def measure(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     bandwidth: float,
-    baseline: Mapping[str, int],
+    baseline: Mapping[str, tuple[int, int]],
     *,
     base: Measured | None = None,
     changed: frozenset[str] = frozenset(),
@@ -101,7 +101,8 @@ def measure(
     graph ``gm`` rewrites at the nodes ``changed``, when :func:`incremental`: only the part the
     rewrite can change runs), whose buffers (BatchNorm statistics in train mode) and module
     attributes are as they were before it; a node named in ``baseline`` is charged only what it
-    moves beyond that (its NCHW baseline in the audit)."""
+    moves, and its kernels copy inside, beyond that (its NCHW baseline in the audit: ``nchw_bytes``,
+    ``nchw_inside``)."""
     nodes = list(gm.graph.nodes)
     index = {n.name: i for i, n in enumerate(nodes)}
     spots = [index[name] for name in changed if name in index]
@@ -127,7 +128,9 @@ def measure(
         if r is None and n.name in before:  # not run: the measured run's, at its place and with its users here
             r = _placed(before[n.name], n, index)
         if r is not None:
-            records.append(dataclasses.replace(r, nchw_bytes=baseline[r.name]) if r.name in baseline else r)
+            if r.name in baseline:
+                r = dataclasses.replace(r, nchw_bytes=baseline[r.name][0], nchw_inside=baseline[r.name][1])
+            records.append(r)
     return Measured(records, analyze(records, bandwidth=bandwidth), {**held, **interp.kept})
 
 

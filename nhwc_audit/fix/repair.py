@@ -104,7 +104,7 @@ def repair_model(
     graph: torch.fx.Graph | None = None,
     graph_checked: bool = True,
     constants: Sequence[tuple[str, Any]] = (),
-    baseline: Mapping[str, int] | None = None,
+    baseline: Mapping[str, tuple[int, int]] | None = None,
     backward: Mapping[str, tuple[int, int]] | None = None,
     traced_writes: Sequence[str] | None = None,
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
@@ -113,7 +113,8 @@ def repair_model(
     The model is never modified. Needs a torch.fx-traceable model; ``graph`` (an audit's fx capture
     of the same module tree, with ``constants``, :func:`~nhwc_audit.capture.kept.graph_attributes`)
     saves the trace (checked here unless ``graph_checked``: the audit checked it), and ``baseline`` (node
-    name -> the bytes it moves when the model runs NCHW, the audit's ``nchw_bytes``) charges
+    name -> the bytes it moves and its kernels copy inside when the model runs NCHW, the audit's
+    ``nchw_bytes`` and ``nchw_inside``) charges
     the graph's nodes as the audit did; without it every copy is charged whole. Outputs (and, with
     ``grads``, parameter gradients of a fixed random linear loss) are checked against the
     original model on the sample and on a second random input of the same shapes, at the

@@ -637,6 +637,36 @@ def test_the_repair_counts_bytes_as_the_audit_does() -> None:
     assert fixed.repair.bytes_after == moved_after(model, fixed.repaired_module, (x,)) == 0
 
 
+class _Depthwise1x1(nn.Module):
+    """A 1x1 depthwise convolution (RepVGG's scale branch: timm repvit, fastvit): its CPU kernel copies
+    each channel's slice in either layout, which the audit nets against the NCHW run's (``nchw_inside``)."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem, self.dw, self.pw = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1, groups=c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(torch.relu(self.dw(self.stem(x))))
+
+
+def test_the_repair_nets_a_kernel_s_own_copies_as_the_audit_does() -> None:
+    """The repair's baseline carried what each node moves NCHW but not what its kernels copy inside
+    there: the log charged a 1x1 depthwise convolution's slice copies whole, before and after, where
+    the audit and eager charge nothing (timm fastvit_t8 860,160 B, repvit_m1 1,671,168 B; a sweep of
+    public models)."""
+    from tests.eager_bytes import eager_bytes
+    from tests.fix.test_parts import moved_after
+
+    torch.manual_seed(0)
+    model, x = _Depthwise1x1().eval(), torch.randn(2, 3, 16, 16)
+    report = audit(model, x, bandwidth=1e9, threads=1)  # (the kernel path copying slices: one thread)
+    assert any(n.nchw_inside for n in report.nodes)  # (the kernel's copies, made in either layout)
+    assert report.summary.bytes_moved == eager_bytes(model, (x,)).added == 0
+    log = report.repaired().repair
+    assert log is not None and log.bytes_before == log.bytes_after == 0
+    assert moved_after(model, report.repaired().repaired_module, (x,)) == 0
+
+
 def test_the_repair_of_an_audit_in_another_dtype_counts_its_own_bytes() -> None:
     """The repair runs the model in its own dtype: the bytes of a bfloat16 audit's NCHW baseline
     are not taken off its float32 copies (it reported 65,536 - 16,384 B)."""
