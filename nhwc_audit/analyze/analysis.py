@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from ..records import CONV_OPS, Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
+from ..records import Finding, FindingKind, Fix, Hotspot, Layout, NodeRecord, Region, SourceLoc, Summary
 from .findings import find_findings
+from .gradient_roots import backward_shares, root_of
 from .hints import HintTable
-from .origin import SKIP_OPS, build_graph, origin_of
+from .origin import SKIP_OPS, build_graph
 
 __all__ = [
     "Analysis",
@@ -90,26 +91,27 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
     for f in findings:
         if (f.node not in by_node or by_node[f.node].kind is FindingKind.BACKWARD) and not f.intrinsic:
             by_node[f.node] = f
-    groups: dict[tuple[str, ...], list[Finding]] = {}
+    groups: dict[tuple[str, ...], list[tuple[Finding, int]]] = {}  # (a finding, its bytes this change removes)
     roots: dict[tuple[str, ...], list[str]] = {}
     sources: dict[tuple[str, ...], SourceLoc | None] = {}
     forward = {n: f for n, f in by_node.items() if f.kind is not FindingKind.BACKWARD}
     for f in findings:
         backward = f.kind is FindingKind.BACKWARD and not f.intrinsic
-        root_name = _backward_root(f, forward, by_name) if backward else _root(f)
-        root = by_name[root_name]
-        if root.in_leaf_module:
-            key: tuple[str, ...] = ("module", root.module_type)
-        else:
-            key = ("site", root.op_label, root.location)
-            sources[key] = root.source
-        key += ("intrinsic",) if f.intrinsic else ()  # a cost no change removes: apart from the changes
-        groups.setdefault(key, []).append(f)
-        names = roots.setdefault(key, [])
-        if root_name not in names:
-            names.append(root_name)
+        for root_name, nbytes in backward_shares(f, forward, by_name) if backward else [(root_of(f), f.bytes)]:
+            root = by_name[root_name]
+            if root.in_leaf_module:
+                key: tuple[str, ...] = ("module", root.module_type)
+            else:
+                key = ("site", root.op_label, root.location)
+                sources[key] = root.source
+            key += ("intrinsic",) if f.intrinsic else ()  # a cost no change removes: apart from the changes
+            groups.setdefault(key, []).append((f, nbytes))
+            names = roots.setdefault(key, [])
+            if root_name not in names:
+                names.append(root_name)
     fixes = []
-    for key, fs in groups.items():
+    for key, shares in groups.items():
+        fs = [f for f, _ in shares]
         root_findings = [by_node[n] for n in roots[key] if n in by_node and key[-1] != "intrinsic"]
         lead = root_findings[0] if root_findings else fs[0]
         latent = [f for f in fs if f.kind is FindingKind.LATENT and f is not lead]
@@ -125,64 +127,11 @@ def group_fixes(records: Sequence[NodeRecord], findings: Sequence[Finding]) -> l
                 hint=hint,
                 roots=tuple(sorted(roots[key], key=lambda n: by_name[n].index)),
                 findings=len(fs),
-                bytes=sum(f.bytes for f in fs),
+                bytes=sum(nbytes for _, nbytes in shares),
             )
         )
     fixes.sort(key=lambda x: (x.kind is not FindingKind.BREAK, -x.bytes, x.op, str(x.source), x.roots))
     return fixes
-
-
-def _root(f: Finding) -> str:
-    """The node whose change removes ``f``: conversions and mixed ops go with the change that removes
-    them (their ``origin``); a latent break with the revert that hides it (fixing that revert without
-    it makes it raise); a revert or a break is its own."""
-    traced = (FindingKind.CONVERSION, FindingKind.MIXED, FindingKind.LATENT)
-    return f.origin if f.kind in traced and f.origin else f.node
-
-
-_GRADIENT_HOPS = 6
-"""How far downstream a backward finding's cause is looked for, through ops that keep channels_last."""
-
-
-def _backward_root(f: Finding, forward: dict[str, Finding], by_name: dict[str, NodeRecord]) -> str:
-    """The node whose change removes backward finding ``f`` (not a kernel's own copy), given each
-    node's ``forward`` finding: the root of its node's; else of the nearest one downstream, through
-    ops that stay channels_last (an upsample, an identity, a scale: their backward hands the gradient
-    on in the layout it came in), or of the one where the NCHW region such an op runs in starts (an
-    InstanceNorm's revert: the convolution before it and the ReLU after it re-lay gradients); else its
-    own node."""
-    r = by_name[f.node]
-    moved = [c for c in r.backward if not c.result]
-    if moved and all(c.op.startswith("AccumulateGrad") or c.densified for c in moved):
-        # a parameter's gradient copied into its strides, a saved slice made dense: the node's own doing
-        return _root(forward[f.node]) if f.node in forward else f.node
-    frontier, seen = [r], {f.node}
-    for _ in range(_GRADIENT_HOPS):
-        ahead = []
-        for c in frontier:
-            start = origin_of(c, by_name) if c.name not in forward and c.output_layout is Layout.CONTIGUOUS else c
-            if start is not None and start.name in forward:  # (its own, or where its NCHW region starts)
-                # a gradient that comes back through a view of other dims (a channel shuffle's) is laid
-                # out by that view's backward, whatever the change does: no cause downstream
-                return _root(forward[start.name]) if c is r or _regrades(c, by_name) else f.node
-            # on through an op that stays channels_last with no forward finding (a convolution's backward re-lays
-            # what comes in: none past it)
-            if c is r or (c.output_layout is Layout.CHANNELS_LAST and not _convolves(c)):
-                ahead += [by_name[u] for u in c.users if u in by_name and u not in seen]
-        seen.update(c.name for c in ahead)
-        frontier = ahead
-    return f.node
-
-
-def _regrades(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
-    """Whether ``r``'s gradient comes back in the layout its output has: no user views it as a tensor of
-    another rank (the backward of such a view reshapes the gradient, row-major where it cannot view it)."""
-    rank = r.outputs[0].rank if r.outputs else 0
-    return all(u.outputs[0].rank == rank for u in map(by_name.get, r.users) if u is not None and u.outputs)
-
-
-def _convolves(r: NodeRecord) -> bool:
-    return r.op_name.lower() in CONV_OPS
 
 
 def _counts(r: NodeRecord) -> bool:

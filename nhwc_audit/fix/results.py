@@ -127,7 +127,8 @@ CONVERSION = 1e-2
 """How near the naive conversion must be to the original (norms and elements, as :func:`within`
 measures) to stand in for it (:func:`~.islands.against_naive`), and beyond which, in norm
 (:attr:`Deviation.off`), it is off: converting costs rounding (~1e-6), and a CPU kernel's error
-at batch size 1 (InstanceNorm's channels_last backward: 1.3e-3 on the bundled UNet's gradients);
+at batch size 1 (the channels_last GroupNorm a repair puts in for an InstanceNorm, on maps with a
+large mean: 1.3e-3 on the bundled UNet's gradients, where the naive conversion rounds by 3e-6);
 a conversion that changes the math (an ``as_strided`` reading the strides) moves them by the size
 of the values, and so does a kernel that computes otherwise in one layout, or a model whose
 float32 results are far from exact in both (the repair then asks float64 which: :class:`~.deviation.Exactness`)."""
