@@ -176,27 +176,29 @@ class _NormThenSoftmax(nn.Module):
     the channels after it. In backward that convolution re-lays its input (NCHW: the norm reverted)
     and the gradient the softmax hands back NCHW."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: int = 4) -> None:
         super().__init__()
         self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
-        self.outc = nn.Conv2d(8, 4, 1)
+        self.outc = nn.Conv2d(8, out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.outc(torch.relu(self.norm(self.conv(x)))), dim=1)
 
 
+@pytest.mark.parametrize("out", [4, 8], ids=["other-shape", "same-shape"])
 def test_a_convolution_s_backward_is_shared_by_the_changes_upstream_and_downstream(
-    monkeypatch: pytest.MonkeyPatch,
+    out: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The convolution's backward finding went whole with its own forward finding's root, the
     InstanceNorm; the re-lay of the gradient the softmax hands back goes with the softmax (the bundled
     UNet in training: the InstanceNorm fix listed 56,623,104 B and its rewrite alone removes 55,574,528;
     the softmax fix 524,288 and its rewrite alone 1,572,864; a helper's repair sweep). Each fix now
-    lists what its own rewrite removes, and together they list the whole."""
+    lists what its own rewrite removes, and together they list the whole; where the convolution's input
+    and output have one shape, one of its copies of that shape is its input's."""
     import nhwc_audit.fix.repair as repair
 
     torch.manual_seed(0)
-    model, x = _NormThenSoftmax().train(), torch.randn(2, 3, 16, 16)
+    model, x = _NormThenSoftmax(out).train(), torch.randn(2, 3, 16, 16)
     report = audit(model, x, train=True, bandwidth=1e9)
     fixes = {f.op: f for f in report.fixes}
     assert {"InstanceNorm2d", "softmax"} <= set(fixes)
