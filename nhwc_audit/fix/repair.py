@@ -161,7 +161,6 @@ def repair_model(
     records, analysis = current.records, current.analysis
     stepped = None if backward is None else with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward)
     before_bytes, before_breaks = (stepped or current).analysis.summary.bytes_moved, analysis.summary.breaks
-    per_step = stepped  # the graph kept, measured per training step (a train audit's repair): rewrites must gain there
     steps: list[RepairStep] = []
     refused: dict[tuple[str, str], str] = {}
     """(node, kind) -> why the candidate was dropped; a candidate that would have exposed a
@@ -216,15 +215,6 @@ def repair_model(
                 t_records, t_analysis = t.records, t.analysis
                 after = t_analysis.summary
                 saved, fixed_breaks = before.bytes_moved - after.bytes_moved, before.breaks - after.breaks
-            if per_step is not None and fixed_breaks <= 0 and fixed_latent <= 0:  # a train audit's: per training step
-                step = with_backward(t, trial, sample_args, sample_kwargs, bandwidth, backward or {})
-                if step.analysis.summary.bytes_moved >= per_step.analysis.summary.bytes_moved:
-                    done.add(key)
-                    refused[key] = (
-                        f"it saves {saved:,} B a forward but none per training step: its backward moves as much more"
-                    )
-                    continue
-                per_step = step
             done.add(key)
             refused.pop(key, None)
             gm, current, records, analysis = trial, t, t_records, t_analysis
@@ -240,9 +230,7 @@ def repair_model(
             _apply(gm, [c for c, _ in kept], compile=False)
             current = measure(gm, sample_args, sample_kwargs, bandwidth, baseline)
             records, analysis = current.records, current.analysis
-            if per_step is not None:
-                per_step = with_backward(current, gm, sample_args, sample_kwargs, bandwidth, backward or {})
-        steps.extend(kept_step for _, kept_step in kept)
+        steps.extend(step for _, step in kept)
         if not kept:
             break
     if gm is not naive:
