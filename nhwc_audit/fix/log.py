@@ -51,6 +51,10 @@ class RepairLog:
     deviates beyond :data:`~.results.CONVERSION` (else None; None too without float64)."""
     notes: tuple[str, ...] = ()
     """What else the repaired graph keeps or lacks of the model (its activation checkpoints)."""
+    by_parts: bool = False
+    """Repaired part by part (a model fx cannot trace whole, :func:`.parts.repair_parts`): each step was
+    measured inside its part; what the model around the part saves with it (a conversion after it
+    gone) is in the totals only."""
 
     @property
     def changed(self) -> bool:
@@ -73,5 +77,6 @@ class RepairLog:
     @property
     def steps_per(self) -> str:
         """What each step's ``bytes_saved`` is counted over: one forward, as the rewrite was measured
-        when tried (a train repair's totals count a training step; they are not split by rewrite)."""
-        return "per forward"
+        when tried (a train repair's totals count a training step; they are not split by rewrite), inside
+        its part in a repair by parts (the model around the part may save more with it: the totals)."""
+        return "per forward, inside its part" if self.by_parts else "per forward"

@@ -5,10 +5,9 @@ channels_last copy of the model. The whole is then checked against the original 
 and gradients, :func:`~.equivalence.first_change`) and audited again as the report was: the log's
 bytes are the two audits'.
 
-Only parts with a finding inside are tried, top down: a part that does not trace is split into
-its children. A leaf module is no part (a rewrite changes the graph around it). A part called more
-than once in a forward, or sharing a parameter or buffer with the rest of the model (a tied
-weight: its repaired copy would train apart), is left as it is and said so.
+Only parts with a finding inside are tried, top down: a part that does not trace is split into its children. A
+leaf module is no part (a rewrite changes the graph around it). A part called more than once in a forward, or sharing
+a parameter or buffer with the model (a tied weight: its repaired copy would train apart), is left as it is, said so.
 """
 
 from __future__ import annotations
@@ -317,4 +316,5 @@ def repair_parts(
         naive_deviation=naive_dev,
         exactness=exact,
         notes=tuple(notes),
+        by_parts=True,
     )

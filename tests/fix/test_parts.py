@@ -115,6 +115,44 @@ def test_a_model_fx_cannot_trace_is_repaired_part_by_part() -> None:
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class _NormAtTheEnd(nn.Module):
+    """A part that ends in an InstanceNorm: the conversion its revert causes is the model's, after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.enc = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 8:  # (no trace of the whole: repaired by parts)
+            raise ValueError("size")
+        return self.head(self.enc(self.stem(x)))
+
+
+def test_a_repair_by_parts_says_its_steps_count_inside_their_part() -> None:
+    """A step's bytes are measured inside its part; the conversion after the part, in the model around
+    it, goes too and is in the totals only: the steps did not add up to the log's drop and said "per
+    forward" as a whole-graph repair's do (monai BasicUNet: 1,142,784 against 1,947,648; a helper's
+    repair sweep). The log says where its steps count, in every surface."""
+    from rich.console import Console
+
+    from nhwc_audit.report.console import render_outcome
+
+    torch.manual_seed(0)
+    model, x = _NormAtTheEnd().eval(), torch.randn(2, 3, 16, 16)
+    report = audit(model, x, bandwidth=1e9).repaired()
+    log = report.repair
+    assert log is not None and log.by_parts and log.steps
+    assert log.bytes_after == moved_after(model, report.repaired_module, (x,)) == 0
+    assert sum(s.bytes_saved for s in log.steps) < log.bytes_before - log.bytes_after
+    assert log.steps_per == "per forward, inside its part" and log.per == "per forward"
+    console = Console(record=True, width=400)
+    console.print(render_outcome(report))
+    assert "per forward, inside its part)" in console.export_text()
+    assert report.to_dict()["repair"]["steps_per"] == "per forward, inside its part"
+    assert "per forward, inside its part" in report.to_html()
+
+
 def test_a_part_that_shares_a_weight_with_the_rest_is_left_as_it_is() -> None:
     torch.manual_seed(0)
     model, x = Top(tied=True).eval(), torch.randn(1, 3, 32, 32)
