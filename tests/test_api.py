@@ -75,6 +75,16 @@ def test_build_fn_and_tuple_forms(audit_fixed: Callable[..., AuditReport]) -> No
     assert [f.node for f in r2.findings] == ["norm", "conv2"]
 
 
+def test_a_build_fn_returning_a_tuple_without_a_module_first_says_which_item() -> None:
+    """It said "returned tuple, not an nn.Module" of ("not a module", x) (a new user's trial)."""
+    from nhwc_audit.errors import TargetLoadError
+
+    with pytest.raises(TargetLoadError, match="returned a tuple whose first item is a str, not an nn.Module"):
+        audit(lambda: ("resnet", torch.randn(1, 3, 8, 8)), bandwidth=BANDWIDTH)
+    with pytest.raises(TargetLoadError, match=r"returned str, not an nn.Module"):
+        audit(lambda: "resnet", bandwidth=BANDWIDTH)
+
+
 def test_kwargs_and_non_image_inputs_pass_through() -> None:
     class Cond(nn.Module):
         def __init__(self) -> None:

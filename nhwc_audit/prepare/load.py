@@ -185,9 +185,11 @@ def split_example(value: Any, where: str) -> tuple[nn.Module, tuple[Any, ...] | 
         if not isinstance(kwargs, dict):
             raise TargetLoadError(f"{where} returned example kwargs of type {type(kwargs).__name__}: use a dict")
         return value[0], args, dict(kwargs)
+    what = type(value).__name__
+    if isinstance(value, (tuple, list)) and value:  # (its first item is the one that is no module)
+        what = f"a {what} whose first item is a {type(value[0]).__name__}"
     raise TargetLoadError(
-        f"{where} returned {type(value).__name__}, not an nn.Module: return a module, "
-        "(module, inputs) or (module, inputs, kwargs)"
+        f"{where} returned {what}, not an nn.Module: return a module, (module, inputs) or (module, inputs, kwargs)"
     )
 
 
