@@ -86,9 +86,11 @@ def backward_shares(f: Finding, forward: dict[str, Finding], by_name: dict[str, 
     shapes = {o.shape for o in r.outputs}
     relaid = [c for c in r.backward if not c.result and c.shape in shapes]
     for i in r.spatial_inputs:  # an input of the output's shape in another layout: one of those copies is its
-        if not i.is_param and i.meta.layout is not r.output_layout:
-            at = next((k for k, c in enumerate(relaid) if c.shape == i.meta.shape), None)
-            relaid = relaid if at is None else relaid[:at] + relaid[at + 1 :]
+        if i.meta.layout is r.output_layout:
+            continue
+        own_copy = next((c for c in relaid if c.shape == i.meta.shape), None)
+        if own_copy is not None:
+            relaid.remove(own_copy)
     part = min(f.bytes, sum(c.bytes for c in relaid))
     ahead = _walk([by_name[u] for u in r.users if u in by_name], r, forward, by_name) if part else None
     if ahead is None or ahead == own:

@@ -1,13 +1,13 @@
-"""The repair of a model torch.fx cannot trace as a whole (a shape check in its top forward, a
-branch on a tensor): its largest parts that trace, each repaired as a model of its own
-(:func:`~.repair.repair_model`) on a channels_last copy of the inputs it gets in the model, put back into a
-channels_last copy of the model. The whole is then checked against the original model (outputs
-and gradients, :func:`~.equivalence.first_change`) and audited again as the report was: the log's
-bytes are the two audits'.
+"""The repair of a model torch.fx cannot trace as a whole (a shape check in its top forward, a branch on a tensor):
+its largest parts that trace, each repaired as a model of its own (:func:`~.repair.repair_model`) on a channels_last
+copy of the inputs it gets in the model, put back into a channels_last copy of the model. The whole is then checked
+against the original model (outputs and gradients, :func:`~.equivalence.first_change`) and audited again as the
+report was: the log's bytes are the two audits'.
 
 Only parts with a finding inside are tried, top down: a part that does not trace is split into its children. A
 leaf module is no part (a rewrite changes the graph around it). A part called more than once in a forward, or sharing
-a parameter or buffer with the model (a tied weight: its repaired copy would train apart), is left as it is, said so.
+a parameter or buffer with the model (a tied weight: its repaired copy would train apart), is left as it is: the log
+says so.
 """
 
 from __future__ import annotations

@@ -65,15 +65,12 @@ def autocast_in(n: torch.fx.Node, device: str, run: dict[str, bool | None] | Non
     that :func:`as_traced` enters), else None (a tensor on the meta device: no autocast there).
     ``run``: the audit's own autocast per device, asked once per run (no node changes it: forward's
     blocks are entered around the nodes traced in them)."""
-    if run is None or device not in run:
-        on_run = torch.is_autocast_enabled(device) if torch.amp.is_autocast_available(device) else None
-        if run is not None:
-            run[device] = on_run
-    else:
-        on_run = run[device]
-    if on_run is None:
+    run = {} if run is None else run
+    if device not in run:
+        run[device] = torch.is_autocast_enabled(device) if torch.amp.is_autocast_available(device) else None
+    on = run[device]
+    if on is None:
         return None
-    on = on_run
     for block, _, enabled, _ in _entered(n.meta.get(AUTOCAST_KEY, ())):
         if block == device:
             on = enabled

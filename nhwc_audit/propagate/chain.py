@@ -269,9 +269,10 @@ class _Chain:
         try:
             self._eager_reference()
         except Exception as eager_error:
-            same = str(e.__cause__) == str(eager_error) if e.__cause__ else False
+            cause = str(e.__cause__) if e.__cause__ else None
+            same = cause == str(eager_error)
             if not same and (nchw := nchw_error(self.runner, self.model, self.args, self.kwargs)) is not None:
-                eager_error, same = nchw, str(e.__cause__) == str(nchw) if e.__cause__ else False
+                eager_error, same = nchw, cause == str(nchw)
             tail = "eager forward fails the same way" if same else f"eager forward fails too: {first_line(eager_error)}"
             raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
 
