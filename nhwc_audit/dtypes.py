@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from .records import CONV_OPS, GEMM_OPS, NodeRecord, TensorMeta
+from .records import NodeRecord, TensorMeta
 
 __all__ = ["AUTOCAST_NAMES", "CASTS", "autocast_casts", "casts_first", "kernel_nbytes"]
 
@@ -70,11 +70,11 @@ def casts_first(r: NodeRecord) -> bool:
     if (autocast := r.autocast) is None:
         if not _floating(out := r.outputs[0].dtype):
             return False
-        if op in CONV_OPS | GEMM_OPS:
+        if r.convolves_or_multiplies:
             return bool(acts - {out})
         dtypes = {i.meta.dtype for i in r.inputs if _floating(i.meta.dtype)}  # a parameter's promotes too
         return len(dtypes) == 1 and out not in dtypes
-    if len(acts) > 1 and op not in CONV_OPS | GEMM_OPS:
+    if len(acts) > 1 and not r.convolves_or_multiplies:
         return autocast_casts(op, autocast)
     return True
 

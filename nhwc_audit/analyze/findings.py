@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from ..channels import conv_layout, relay_bytes
 from ..dtypes import casts_first
 from ..layout import along_w, channels_innermost, reorders, row_major
-from ..records import CONV_OPS, GEMM_OPS, Finding, FindingKind, HiddenCopy, Layout, NodeRecord
+from ..records import GEMM_OPS, Finding, FindingKind, HiddenCopy, Layout, NodeRecord
 from . import hint_keys as H
 from . import moves
 from . import origin as origins
@@ -152,7 +152,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         return _hidden_findings(ctx, r) if moves.copies_into(r) else []
     ins = [i for i in moves.data_inputs(r, ctx.stored) if i.meta.is_spatial]
     assigned = not r.outputs and ins and r.op_name.strip("_") == "setitem"  # x[i] = y: in x's layout
-    conv = r.op_name.lower() in CONV_OPS and r.outputs  # (one output channel: the format it computed in)
+    conv = r.convolves and r.outputs  # (one output channel: the format it computed in)
     out = ins[0].meta.layout if assigned else conv_layout(r.outputs[0], moves.conv_ins(r)) if conv else r.output_layout
     # written in place from a slice of an NHWC map (``z[:, :4] += y[:, :4]``, z NCHW): read across as a whole map is
     nhwc = [i for i in ins if in_place and origins.sliced_channels_last(i.meta)]
@@ -189,7 +189,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
     # an ambiguous input counts when its strides lean channels_last (kernels follow them: a C == 1 volume)
     viewed = viewed_as(r, reverted, ctx.by_name)
     # the activations, and 4D parameters the conversion re-laid (timm Hiera's position embedding, tiled)
-    read = [i for i in r.inputs if not i.is_param or (i.meta.rank >= 4 and r.op_name.lower() not in CONV_OPS)]
+    read = [i for i in r.inputs if not i.is_param or (i.meta.rank >= 4 and not r.convolves)]
     sources = [i for i in read if reverted and i.producer not in ctx.free and moved_out(i, viewed, ctx.by_name)]
     roots, losers = disagreeing(r, cl_in, nchw_in, sources) if reverted else ([], [])
     if roots:  # (inputs that disagree, a slice among them: :func:`.origin.disagreeing`)
@@ -302,8 +302,7 @@ def find_findings(
         device=device,
         free=conversion_free(records),
         stored=stored,
-        ranks=frozenset(r.outputs[0].rank for r in records if r.op_name.lower() in CONV_OPS and r.outputs)
-        or frozenset({4}),
+        ranks=frozenset(r.outputs[0].rank for r in records if r.convolves and r.outputs) or frozenset({4}),
     )
     out = [
         f

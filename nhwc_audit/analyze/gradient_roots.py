@@ -4,7 +4,7 @@ gradient a node's backward re-lays comes from downstream, its input's layout fro
 
 from __future__ import annotations
 
-from ..records import CONV_OPS, Finding, FindingKind, Layout, NodeRecord
+from ..records import Finding, FindingKind, Layout, NodeRecord
 from .origin import origin_of
 
 __all__ = ["GRADIENT_HOPS", "backward_root", "backward_shares", "root_of"]
@@ -68,7 +68,7 @@ def _regrades(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
 
 
 def _convolves(r: NodeRecord) -> bool:
-    return r.op_name.lower() in CONV_OPS
+    return r.convolves
 
 
 def backward_shares(f: Finding, forward: dict[str, Finding], by_name: dict[str, NodeRecord]) -> list[tuple[str, int]]:

@@ -25,7 +25,7 @@ from ..layout import (
     nchw_side,
     reorders,
 )
-from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
+from ..records import ALLOCATING_OPS, GEMM_OPS, FindingKind, Layout, NodeInput, NodeRecord, TensorMeta
 from ..records.kinds import in_place_name
 from .origin import SKIP_OPS, channels_last_ordered, dense, from_parameters_only, split_channels
 
@@ -111,7 +111,7 @@ def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInpu
     place, read through a view that no format flag calls channels_last (:mod:`nhwc_audit.channels`:
     LocalResponseNorm pads an N x 1 x C x H x W view of its NHWC input into row-major order). Not
     at a convolution or a matmul, which compute their output (their relays are their own rules)."""
-    if r.aliases_input or not r.outputs or r.op_name.lower() in CONV_OPS | GEMM_OPS:
+    if r.aliases_input or not r.outputs or r.convolves_or_multiplies:
         return []
     out = r.outputs[0]
     return [
@@ -124,7 +124,7 @@ def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInpu
 def computed_weight(r: NodeRecord, nchw_in: list[NodeInput], by_name: dict[str, NodeRecord]) -> NodeInput | None:
     """For a convolution: its NCHW input that is a weight computed in forward from parameters
     only (weight standardisation: batch_norm over the reshaped weight, then reshape_as)."""
-    if r.op_name.lower() not in CONV_OPS:
+    if not r.convolves:
         return None
     return next((i for i in nchw_in if not i.is_param and _from_parameters(i, by_name)), None)
 
@@ -140,7 +140,7 @@ def converted_weight(r: NodeRecord, i: NodeInput, by_name: dict[str, NodeRecord]
     from parameters only and channels_last, as the conversion lays weights out (autocast's cast of
     the weight, which the eager capture records as an op of its own): a weight, not an activation
     that disagrees with another."""
-    if r.op_name.lower() not in CONV_OPS or i.meta.layout is not Layout.CHANNELS_LAST:
+    if not r.convolves or i.meta.layout is not Layout.CHANNELS_LAST:
         return False
     if len(r.inputs) < 2 or r.inputs[1] is not i:  # the weight, after the input (a constant map is data)
         return False
@@ -159,7 +159,7 @@ def data_inputs(r: NodeRecord, stored: frozenset[str] | None = frozenset()) -> t
     added to a row-major token map) is read across layouts on every call; a graph's tensor constant was
     made in forward, NCHW (``x + torch.ones(...)``). Only inputs read element for element with the output:
     its shape but for the channels (a cat) and broadcast dims; a grid_sample grid holds coordinates."""
-    if r.op_name.lower() in CONV_OPS:
+    if r.convolves:
         cl = r.outputs[0] if r.outputs and conv_layout(r.outputs[0], conv_ins(r)) is Layout.CHANNELS_LAST else None
         ws = [i for i in r.inputs[1:2] if i.is_param and cl and relaid_weight(i.meta, cl, conv_ins(r))]
         held = r.inputs[:1] if r.inputs and r.inputs[0].is_param else ()  # a stored tensor convolved (made in forward)
@@ -199,7 +199,7 @@ def revert_bytes(
         # what it copied (the NCHW baseline's own copies are taken off as for any node); a cast
         # (``_to_copy``) is the node's own op, charged as any revert
         return sum(h.bytes for h in r.hidden)
-    conv, first, out = r.op_name.lower() in CONV_OPS, casts_first(r), reverted[0]
+    conv, first, out = r.convolves, casts_first(r), reverted[0]
     total = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in sources if moves_into(i.meta, out))
     again = [i for i in alike if not i.is_param and i.meta.rank == out.rank and runs_otherwise(i.meta, out)]
     same = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in again)
@@ -215,7 +215,7 @@ def reordered(r: NodeRecord, out: TensorMeta, by_name: dict[str, NodeRecord]) ->
     stack of batch-1 maps at dim 0 is ambiguous by the 5D rule (its dim 1 is the maps' batch),
     and so is a reduction over the groups of a channel-group view that keeps its dim (N x 1 x
     C/G x H x W, read from a view whose channels, :func:`split_channels`, are innermost)."""
-    odd = out.layout in (Layout.STRIDED, Layout.AMBIGUOUS) and r.op_name.lower() not in CONV_OPS | GEMM_OPS
+    odd = out.layout in (Layout.STRIDED, Layout.AMBIGUOUS) and not r.convolves_or_multiplies
     if not odd or r.aliases_input or not dense(out):
         return False
     return any(channels_last_ordered(i, by_name) and reorders(i.meta, out) for i in r.activation_inputs)
@@ -227,7 +227,7 @@ def mixed_bytes(r: NodeRecord, losers: list[NodeInput]) -> int:
     a 4-channel buffer moves at most the buffer)."""
     if not r.outputs:
         return 2 * sum(i.meta.nbytes for i in losers)
-    conv, first = r.op_name.lower() in CONV_OPS, casts_first(r)
+    conv, first = r.convolves, casts_first(r)
     return sum(relay_bytes(i.meta, r.outputs[0], conv=conv, cast_first=first) for i in losers)
 
 
@@ -245,7 +245,7 @@ def reorder_bytes(r: NodeRecord) -> int:
         return 0  # a view; ``y.add_(t)`` reads ``t`` into ``y``'s order
     out = r.outputs[0]
     act = r.activation_inputs[0] if r.activation_inputs else None
-    if r.op_name.lower() in CONV_OPS and act is not None and act.meta.is_spatial and out.is_spatial:
+    if r.convolves and act is not None and act.meta.is_spatial and out.is_spatial:
         # and a weight computed in forward: diffusers' FIR upsampler transposes it (re-laid in NCHW too)
         kin = conv_ins(r)
         w = [i.meta for i in r.inputs[1:2] if not i.is_param and i is not act and relaid_weight(i.meta, out, kin)]
@@ -262,7 +262,7 @@ def reorder_bytes(r: NodeRecord) -> int:
 def read_across(r: NodeRecord) -> list[NodeInput]:
     """The operands an element-for-element op (no convolution or GEMM) reads in another dense
     order than it writes (:func:`~nhwc_audit.layout.reorders`; densenet's cats decided by labels)."""
-    if r.op_name.lower() in CONV_OPS | GEMM_OPS or not r.outputs or r.aliases_input:
+    if r.convolves_or_multiplies or not r.outputs or r.aliases_input:
         return []
     out, same = r.outputs[0], (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)  # one dense order throughout: no sort
     if out.layout in same and all(i.meta.layout is out.layout and i.meta.rank == out.rank for i in r.inputs):
@@ -294,10 +294,10 @@ def other_side(r: NodeRecord, i: NodeInput) -> bool:
         return True
     if out is None or i.meta.layout is not Layout.STRIDED:
         return False
-    if out.layout is not Layout.CHANNELS_LAST and r.op_name.lower() not in CONV_OPS:
+    if out.layout is not Layout.CHANNELS_LAST and not r.convolves:
         return False
     # y[:, ::2] runs along the channels; y[:, :1] has no run to leave
-    return conv_relays(i.meta, out, conv_ins(r)) if r.op_name.lower() in CONV_OPS else runs_otherwise(i.meta, out)
+    return conv_relays(i.meta, out, conv_ins(r)) if r.convolves else runs_otherwise(i.meta, out)
 
 
 def writes_in_place(r: NodeRecord) -> bool:

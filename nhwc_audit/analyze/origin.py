@@ -9,12 +9,11 @@ import networkx as nx
 
 from ..channels import view_channels
 from ..layout import channels_innermost, is_dense_in_order, memory_order, nchw_ordered, row_major
-from ..records import CONV_OPS, Layout, NodeInput, NodeRecord, TensorMeta
+from ..records import Layout, NodeInput, NodeRecord, TensorMeta
 
 __all__ = [
     "channels_last_ordered",
     "sliced_channels_last",
-    "CONV_OPS",
     "SKIP_OPS",
     "build_graph",
     "conversion_free",
@@ -142,7 +141,7 @@ def feeds_a_weight(r: NodeRecord, by_name: dict[str, NodeRecord], hops: int = 8)
             for user in (by_name.get(u) for u in node.users):
                 if user is None or user.name in seen:
                     continue
-                if user.op_name.lower() in CONV_OPS:
+                if user.convolves:
                     if len(user.inputs) > 1 and user.inputs[1].producer == node.name:
                         return True
                     continue  # data of a conv: its output is an activation

@@ -13,7 +13,7 @@ no table is restrided: a copy both make is netted there.
 from __future__ import annotations
 
 from ..layout import memory_order, reorders, row_major
-from ..records import CONV_OPS, GEMM_OPS, Layout, NodeInput, NodeRecord, TensorMeta
+from ..records import Layout, NodeInput, NodeRecord, TensorMeta
 from .moves import channels_source
 
 __all__ = ["from_restrided_table", "moved_out"]
@@ -49,7 +49,7 @@ def from_restrided_table(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
         # convolution or a GEMM, which compute their output's layout
         if node.aliases_input:
             kept = [node.inputs[0]]
-        elif row_major(meta) or node.op_name.lower() in CONV_OPS | GEMM_OPS:
+        elif row_major(meta) or node.convolves_or_multiplies:
             return False
         else:
             kept = sorted(node.inputs, key=lambda j: j.is_param)

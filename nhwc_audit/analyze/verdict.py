@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..records import CONV_OPS, NodeRecord, Summary
+from ..records import NodeRecord, Summary
 
 __all__ = ["ConvInfo", "Verdict", "conv_infos", "decide"]
 
@@ -40,10 +40,10 @@ def conv_infos(records: Sequence[NodeRecord]) -> list[ConvInfo]:
     out: list[ConvInfo] = []
     for r in records:
         name = r.op_name.lower()
-        if name not in CONV_OPS and not (r.op == "call_module" and name.startswith("conv")):
+        if not r.convolves and not (r.op == "call_module" and name.startswith("conv")):
             continue
         weights = [i for i in r.inputs if i.is_param and i.meta.rank >= 3]
-        if not weights and name in CONV_OPS and len(r.inputs) > 1 and r.inputs[1].meta.rank >= 3:
+        if not weights and r.convolves and len(r.inputs) > 1 and r.inputs[1].meta.rank >= 3:
             weights = [r.inputs[1]]  # computed in forward (weight standardisation: timm's NFNets)
         acts = [i for i in r.activation_inputs if i.meta.rank >= 3 and i not in weights]
         if not acts or not weights or not r.outputs:

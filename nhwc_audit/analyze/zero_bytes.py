@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..layout import channels_innermost
-from ..records import CONV_OPS, Finding, FindingKind, NodeInput, NodeRecord
+from ..records import Finding, FindingKind, NodeInput, NodeRecord
 
 __all__ = ["leading_to", "without_idle_reverts"]
 
@@ -22,7 +22,7 @@ def without_idle_reverts(
     kept = [bool(f.bytes) or f.kind is not FindingKind.REVERT for f in findings]
     if all(kept):
         return list(findings)
-    convs = {r.name for r in records if r.op_name.lower() in CONV_OPS}
+    convs = {r.name for r in records if r.convolves}
     targets = leading_to(records, {f.node for f, k in zip(findings, kept, strict=True) if k} | convs)
     return [f for f, k in zip(findings, kept, strict=True) if k or _flows_to(by_name[f.node], targets, by_name)]
 

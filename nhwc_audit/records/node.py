@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .kinds import Layout, op_label
+from .kinds import CONV_OPS, GEMM_OPS, Layout, op_label
 
 __all__ = ["HiddenCopy", "NodeInput", "NodeRecord", "SourceLoc", "TensorMeta"]
 
@@ -175,6 +175,17 @@ class NodeRecord:
     call_at_site: int | None = None
     """Eager capture: which call of its torch function from its source line that call is (from
     0), the same in a run in either layout; None in graphs."""
+
+    @property
+    def convolves(self) -> bool:
+        """A convolution (:data:`~.kinds.CONV_OPS`), as fx, ATen or torch.nn names it."""
+        return self.op_name.lower() in CONV_OPS
+
+    @property
+    def convolves_or_multiplies(self) -> bool:
+        """A convolution or a matrix multiply (:data:`~.kinds.GEMM_OPS`): a kernel that reads its
+        operands strided either way and picks the layout it writes."""
+        return self.op_name.lower() in CONV_OPS or self.op_name.lower() in GEMM_OPS
 
     @property
     def activation_inputs(self) -> tuple[NodeInput, ...]:
