@@ -6,8 +6,9 @@ model. ``AuditReport.repaired()`` and ``.measure()`` call these.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,9 +16,10 @@ import torch.fx
 from torch import nn
 
 from .analyze.verdict import decide
-from .errors import ConversionError, UsageError
+from .errors import ConversionError, UsageError, first_line
 from .fix.parts import parts_code, repair_parts
 from .fix.repair import RepairLog, repair_model, repair_samples
+from .fix.results import Sample
 from .prepare.copy import own_dtype_name
 from .records import NodeRecord, Summary
 from .report.text import fmt_seconds, untimed_lines
@@ -69,6 +71,11 @@ def _checked(report: AuditReport) -> bool:
     return report.capture is None or report.capture.checked
 
 
+def _baseline(report: AuditReport) -> dict[str, tuple[int, int]]:
+    """Node -> what it moves, and its kernels copy inside, when the model runs NCHW, in ``report``."""
+    return {r.name: (r.nchw_bytes, r.nchw_inside) for r in report.nodes if r.nchw_bytes or r.nchw_inside}
+
+
 def _decided_on(report: AuditReport) -> tuple[Sequence[NodeRecord], Summary]:
     """What a verdict is decided on: the repaired graph's records and summary when a repair
     changed the model, else the audit's."""
@@ -89,11 +96,7 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     graph, constants = _fx_graph(audited)
     # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the
     # audit, when the repair runs as the audit did (it runs the model in its own dtype, no autocast)
-    baseline = (
-        {r.name: (r.nchw_bytes, r.nchw_inside) for r in audited.nodes if r.nchw_bytes or r.nchw_inside}
-        if graph is not None and (same_run or audited is not report)
-        else None
-    )
+    baseline = _baseline(audited) if graph is not None and (same_run or audited is not report) else None
     # a train audit's repair counts a backward pass too, each node beyond what it moves in NCHW
     backward = (
         {r.name: (r.nchw_backward_bytes, r.nchw_backward_inside) for r in audited.nodes}
@@ -158,10 +161,43 @@ def _repaired_parts(
         repair_samples(model, args, kwargs),
         report.findings,
         whole_error=whole,
-        repair=lambda part, sample: repair_model(part, *sample, bandwidth=report.meta.bandwidth, **options),
+        repair=functools.partial(_part_repair, rerun, report.meta.bandwidth, options),
         reaudit=reaudit,
         before=(report.nodes, report.summary) if same_run else reaudit(model),
         grads=options.get("grads", True),
+    )
+
+
+def _part_repair(
+    rerun: Callable[..., AuditReport],
+    bandwidth: float,
+    options: dict[str, Any],
+    part: nn.Module,
+    sample: Sample,
+    built: Sample | None,
+) -> tuple[torch.fx.GraphModule, RepairLog]:
+    """A part's repair (:mod:`.fix.parts`) from its own torch.fx audit on the inputs it gets in the
+    channels_last model, whose NCHW baseline runs it on those the NCHW model hands it (``built``):
+    its steps are charged what they add over NCHW, as a whole graph's are. Forward only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            audited = rerun(part, capture="fx", args=sample[0], kwargs=sample[1], as_built=built, train=False)
+    except Exception as e:
+        raise ConversionError(f"repair needs a torch.fx-traceable model: {first_line(e)}") from e
+    graph, constants = _fx_graph(audited)
+    if graph is None or audited.capture is None:
+        raise ConversionError("repair needs a torch.fx-traceable model")
+    return repair_model(
+        part,
+        *sample,
+        bandwidth=bandwidth,
+        graph=graph,
+        graph_checked=_checked(audited),
+        constants=constants,
+        baseline=_baseline(audited),
+        traced_writes=audited.capture.traced_writes,
+        **options,
     )
 
 

@@ -34,10 +34,11 @@ from .propagate import onednn
 from .propagate.baseline import fake_pays, training_fails
 from .propagate.captured import value_dependent
 from .propagate.chain import Captured, capture_and_propagate
+from .propagate.inputs import keyword_metas
 from .propagate.interpreter import ProgressFn
 from .propagate.kernel_copies import callers_modes_note
-from .propagate.runner import Runner
-from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord, TensorMeta
+from .propagate.runner import Runner, as_built_pairs
+from .records import BACKWARD_NOT_AUDITED, AuditMeta, BandwidthSource, CaptureMethod, Mode, NodeRecord
 from .refine import NO_BACKWARD, NchwPlan, with_backward, with_nchw_backward, with_nchw_baseline
 from .result import AuditReport
 from .tensors import iter_tensors
@@ -73,6 +74,8 @@ class AuditOptions:
     progress: ProgressFn | None = None
     threads: int | None = None
     """CPU threads to audit with (``torch.set_num_threads``, put back afterwards); None: as set."""
+    as_built: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    """The sample as the NCHW model gets it, if not its NCHW copy (:attr:`.Runner.as_built`)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,14 @@ def _prepare(
     target = o.device if o.device != model_device(module) else None
     audit_copy = prepare_audit_copy(module, dtype=o.dtype, device=target, share_weights=share_weights)
     sargs, skwargs = prepare_inputs(args, kwargs, dtype=o.dtype, device=o.device)
-    runner = Runner(o.device.type, o.autocast, audit_copy.shared, caches=code_caches(module), grad=o.train)
+    runner = Runner(
+        o.device.type,
+        o.autocast,
+        audit_copy.shared,
+        caches=code_caches(module),
+        grad=o.train,
+        as_built=as_built_pairs((sargs, skwargs), o.as_built),
+    )
     return _Prepared(audit_copy.module, sargs, skwargs, runner, audit_copy.permuted)
 
 
@@ -181,16 +191,6 @@ def _backward(captured: Captured, p: _Prepared) -> tuple[list[NodeRecord], tuple
         (f"{BACKWARD_NOT_AUDITED} (the {captured.method} graph's backward raised: {why})",),
         NO_BACKWARD,
     )
-
-
-def keyword_metas(kwargs: dict[str, Any]) -> tuple[tuple[str, TensorMeta], ...]:
-    """The sample's keyword tensors for the report: ``(name, meta)``, ``name[i]`` for the i-th
-    tensor of a keyword that holds several."""
-    out: list[tuple[str, TensorMeta]] = []
-    for key, value in kwargs.items():
-        tensors = iter_tensors(value)
-        out += [(key if len(tensors) == 1 else f"{key}[{i}]", tensor_meta(t)) for i, t in enumerate(tensors)]
-    return tuple(out)
 
 
 def _audit_one(
@@ -283,9 +283,14 @@ def rerun_audit(
     kwargs: dict[str, Any],
     o: AuditOptions,
     capture: CaptureMethod | None = None,
+    *,
+    as_built: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    train: bool | None = None,
 ) -> AuditReport:
-    """:attr:`AuditReport.rerun`: ``module`` audited as ``o`` says, with ``capture`` when given."""
-    return run_audit(module, args, kwargs, o if capture is None else dataclasses.replace(o, capture=capture))
+    """:attr:`AuditReport.rerun`: ``module`` audited as ``o`` says, with ``capture``, ``train`` and
+    :attr:`AuditOptions.as_built` when given (a part of the model, on the inputs it gets there)."""
+    o = dataclasses.replace(o, capture=capture or o.capture, train=o.train if train is None else train)
+    return run_audit(module, args, kwargs, dataclasses.replace(o, as_built=as_built))
 
 
 def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:

@@ -58,7 +58,8 @@ class AuditReport:
     rerun: Callable[..., AuditReport] | None = field(default=None, compare=False, repr=False)
     """``rerun(module, capture=None)`` audits a module on this audit's sample with its options (``capture``,
     when given, instead of its capture), in the module's own dtype and without autocast, as a repair runs
-    (real mode): the repair of a model torch.fx cannot trace audits its result."""
+    (real mode): the repair of a model torch.fx cannot trace audits its result, and each part on the inputs
+    it gets (``args=``, ``kwargs=``, ``as_built=``, ``train=``: :func:`~nhwc_audit.pipeline.rerun_audit`)."""
 
     @property
     def incompatible_nodes(self) -> list[NodeRecord]:

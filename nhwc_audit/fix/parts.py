@@ -20,16 +20,19 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..errors import ConversionError, first_line
 from ..prepare.copy import convert
 from ..records import Finding, FindingKind, NodeRecord, Summary
+from ..tensors import to_nchw
+from .calls import calls_in
 from .deviation import deviations
 from .equivalence import first_change
 from .repair import RepairLog, RepairStep
 from .results import Sample
 
-__all__ = ["Part", "Reaudit", "parts_code", "repaired_parts", "repair_parts"]
+__all__ = ["Part", "PartRepair", "Reaudit", "parts_code", "repaired_parts", "repair_parts"]
 
 PART_KEY = "nhwc_audit_part"
 """The key of a repaired part's GraphModule ``meta`` that holds its module path (a GraphModule the model
@@ -41,6 +44,9 @@ _BREAKS = (FindingKind.BREAK, FindingKind.LATENT)
 
 Reaudit = Callable[[nn.Module], tuple[tuple[NodeRecord, ...], Summary]]
 """Audits a channels_last model as the report was audited: its records and summary."""
+PartRepair = Callable[[nn.Module, Sample, Sample | None], tuple[torch.fx.GraphModule, RepairLog]]
+"""A part's repair, on the inputs the channels_last model calls it with and those the NCHW model does
+(its baseline's: an encoder's last map can come channels_last from its kernel there too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,35 +79,6 @@ def _hooked(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
-def _inputs(model: nn.Module, paths: Sequence[str], sample: Sample) -> dict[str, list[Sample]]:
-    """What each module at ``paths`` is called with in one run of a channels_last copy of ``model``
-    (each call's tensors cloned as they came: a later op may write into them). A model that breaks on
-    channels_last (``x.view`` in its top forward) stops at the break: the parts called before it are
-    known, the others are not called."""
-    run = convert(model)
-    calls: dict[str, list[Sample]] = {p: [] for p in paths}
-
-    def keep(v: Any) -> Any:
-        return v.detach().clone() if isinstance(v, torch.Tensor) else v
-
-    handles = []
-    for p in paths:
-
-        def pre(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any], p: str = p) -> None:
-            calls[p].append(torch.utils._pytree.tree_map(keep, (a, dict(k))))
-
-        handles.append(run.get_submodule(p).register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run(*sample[0], **sample[1])
-    except Exception:
-        pass  # (the break is the audit's finding; the check of the repaired model meets it again)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
 def _moving(f: Finding) -> bool:
     """``f`` is worth a repair: it moves bytes, or it is a break (one now, or once its input is channels_last)."""
     return bool(f.bytes) or f.kind in _BREAKS
@@ -127,17 +104,19 @@ def find_parts(
     model: nn.Module,
     sample: Sample,
     findings: Sequence[Finding],
-    repair: Callable[[nn.Module, Sample], tuple[torch.fx.GraphModule, RepairLog]],
+    repair: PartRepair,
 ) -> tuple[list[Part], list[str], int]:
-    """Repair the largest parts of ``model`` that trace, with a finding inside (``repair``: a
-    part's repair on its inputs). Returns the parts a rewrite changed, why others were left, and
-    how many parts traced."""
+    """Repair the largest parts of ``model`` that trace, with a finding inside (``repair``: a part's
+    repair on the inputs the channels_last model calls it with, and those of the NCHW model, None
+    where it calls the part otherwise). Returns the parts a rewrite changed, why others were left,
+    and how many parts traced."""
     parts: list[Part] = []
     left: list[str] = []
     traced = 0
     todo = _children(model, "", findings)
     while todo:
-        calls = _inputs(model, todo, sample)
+        calls = calls_in(convert(model), todo, sample)
+        built = calls_in(copy.deepcopy(model), todo, tree_map(to_nchw, sample))
         deeper: list[str] = []
         for path in todo:
             if not calls[path]:  # a container forward iterates over (a ModuleList): its children are called
@@ -153,7 +132,8 @@ def find_parts(
                 left.append(f"part {path}: has forward hooks of its own, which a repaired graph would not run")
                 continue
             try:
-                gm, log = repair(model.get_submodule(path), calls[path][0])
+                theirs = built[path][0] if len(built[path]) == 1 else None
+                gm, log = repair(model.get_submodule(path), calls[path][0], theirs)
             except ConversionError as e:
                 inner = _children(model, path, findings)  # (it does not trace: its children may)
                 deeper += inner
@@ -247,7 +227,7 @@ def repair_parts(
     findings: Sequence[Finding],
     *,
     whole_error: ConversionError,
-    repair: Callable[[nn.Module, Sample], tuple[torch.fx.GraphModule, RepairLog]],
+    repair: PartRepair,
     reaudit: Reaudit,
     before: tuple[tuple[NodeRecord, ...], Summary],
     grads: bool,

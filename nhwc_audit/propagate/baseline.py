@@ -48,15 +48,6 @@ def _nchw_view(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided(t.shape, strides) if dense or t.is_contiguous() else t.contiguous()
 
 
-def _nchw_input(v: Any) -> Any:
-    """A 4D/5D sample tensor as the user builds it: an NCHW copy with PyTorch's canonical
-    strides (``contiguous()`` keeps a C == 1 tensor's channels_last strides, and kernels follow
-    them)."""
-    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
-        return v.clone(memory_format=torch.contiguous_format)
-    return v
-
-
 class _Graph(nn.Module):
     """Runs ``graph`` on ``root`` (its targets are paths into it), as the propagation did: no
     GraphModule is built (generating its code cost ~50 ms on maxvit_t's 1,633 nodes)."""
@@ -129,7 +120,7 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, tuple[int, in
         return f"the {captured.method} capture has no graph to run backward through"
     corrections = runner.corrections()  # the run's own: its kernels' strides and its nodes' outputs
     holder = _Backward(captured.gm, captured.unconverted, corrections)
-    call = tuple(tree_map(_nchw_input, v) for v in captured.inputs)
+    call = tuple(tree_map(runner.built, v) for v in captured.inputs)
     why = _run_as_built(holder, call, runner, corrections, left=captured.unconverted)
     return why if why is not None else holder.moved
 
@@ -151,7 +142,7 @@ def training_fails(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     """Why one eager forward and backward of ``model`` as built (NCHW weights and inputs, in the
     audit's mode) raises, or None when it trains: the model's own error, not one of its
     channels_last run (a ``.view`` that breaks there)."""
-    call = (tuple(tree_map(_nchw_input, a) for a in args), {k: tree_map(_nchw_input, v) for k, v in kwargs.items()})
+    call = (tuple(tree_map(runner.built, a) for a in args), {k: tree_map(runner.built, v) for k, v in kwargs.items()})
     return _run_as_built(_Trains(model), call, runner, corrections=None)
 
 
@@ -251,10 +242,10 @@ def _nchw_run(
     shared: frozenset[int] = frozenset() if runner.fake else _values_kept(runner.shared)
     if captured.capture is not None and captured.inputs is not None:
         holder = _Graph(captured.capture.root, captured.capture.graph, shared, corrections)
-        call: tuple[Any, ...] = tuple(tree_map(_nchw_input, v) for v in captured.inputs)
+        call: tuple[Any, ...] = tuple(tree_map(runner.built, v) for v in captured.inputs)
     else:
         holder = _Eager(model, shared, corrections)
-        call = (tree_map(_nchw_input, args), tree_map(_nchw_input, kwargs))
+        call = (tree_map(runner.built, args), tree_map(runner.built, kwargs))
     why = _run_as_built(holder, call, runner, corrections)
     return why if why is not None else holder.records
 

@@ -12,9 +12,19 @@ from torch.fx.node import map_arg
 
 from ..errors import PropagationError
 from ..layout import tensor_meta
-from ..records import NodeInput
+from ..records import NodeInput, TensorMeta
+from ..tensors import iter_tensors
 
-__all__ = ["PerNode", "operands", "own_weights", "positional_inputs", "sorted_users", "versions_of", "written"]
+__all__ = [
+    "PerNode",
+    "keyword_metas",
+    "operands",
+    "own_weights",
+    "positional_inputs",
+    "sorted_users",
+    "versions_of",
+    "written",
+]
 
 
 class PerNode(dict):  # type: ignore[type-arg]
@@ -99,3 +109,13 @@ def own_weights(n: torch.fx.Node, callee: dict[torch.fx.Node, torch.nn.Module]) 
         return []
     own = {id(t): t for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None}
     return [(NodeInput(None, tensor_meta(t), is_param=True), t) for t in own.values() if t.dim() in (4, 5)]
+
+
+def keyword_metas(kwargs: dict[str, Any]) -> tuple[tuple[str, TensorMeta], ...]:
+    """The sample's keyword tensors for the report: ``(name, meta)``, ``name[i]`` for the i-th
+    tensor of a keyword that holds several."""
+    out: list[tuple[str, TensorMeta]] = []
+    for key, value in kwargs.items():
+        tensors = iter_tensors(value)
+        out += [(key if len(tensors) == 1 else f"{key}[{i}]", tensor_meta(t)) for i, t in enumerate(tensors)]
+    return tuple(out)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..prepare.caches import emptied
 from ..prepare.copy import model_tensors
@@ -23,6 +23,7 @@ from .dispatch import CopyRecorder
 
 __all__ = [
     "Runner",
+    "as_built_pairs",
     "StateKept",
     "autograd",
     "batch_of",
@@ -54,6 +55,21 @@ class Runner:
     """Runs go with autograd, as training runs the model (a train audit): the propagation and
     every run compared with it, so that a module with a path of its own without autograd
     (MultiheadAttention's fused fast path) takes the same one everywhere."""
+    as_built: tuple[tuple[int, torch.Tensor], ...] = ()
+    """(id of a sample tensor, the tensor the model as built gets there) where that is not an NCHW
+    copy of it: a part of a model in the NCHW run's baseline (:mod:`~nhwc_audit.fix.parts`) gets what
+    the NCHW model hands it (an encoder's last map, computed channels_last by its kernel)."""
+
+    def built(self, v: Any) -> Any:
+        """Sample value ``v`` as the model as built gets it: :attr:`as_built`'s tensor, else an NCHW
+        copy of a 4D/5D tensor with PyTorch's canonical strides (``contiguous()`` keeps a C == 1
+        tensor's channels_last strides, and kernels follow them), else ``v``."""
+        for key, t in self.as_built:
+            if key == id(v):
+                return t
+        if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
+            return v.clone(memory_format=torch.contiguous_format)
+        return v
 
     def grad_mode(self) -> Any:
         """The autograd mode of every run (:func:`autograd`)."""
@@ -240,3 +256,19 @@ def nchw_error(runner: Runner, model: nn.Module, args: tuple[Any, ...], kwargs: 
     except Exception as error:
         return error
     return None
+
+
+def as_built_pairs(sample: Any, given: Any) -> tuple[tuple[int, torch.Tensor], ...]:
+    """Each tensor of the audit's ``sample`` paired with the tensor in the same place of ``given``
+    (:attr:`~nhwc_audit.pipeline.AuditOptions.as_built`, for :attr:`Runner.as_built`; none when not given or not of the sample's structure)."""
+    if given is None:
+        return ()
+    mine, spec = tree_flatten(sample)
+    theirs, their_spec = tree_flatten(given)
+    if spec != their_spec:
+        return ()
+    return tuple(
+        (id(a), b.to(device=a.device, dtype=a.dtype))
+        for a, b in zip(mine, theirs, strict=True)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+    )
