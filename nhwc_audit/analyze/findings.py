@@ -244,7 +244,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
                 hint_op=H.ONE_CHANNEL if conv and r.output_layout is Layout.AMBIGUOUS else folded,
             )
         ]
-    across = moves.read_across(r) if len(ins) > 1 else []
+    across = moves.read_across(r) if len(moves.data_inputs(r, ctx.stored)) > 1 else []  # (a 6D involution's too)
     if across and (nbytes := moves.reorder_bytes(r)) > r.nchw_bytes:
         # operands in dense orders no layout names (NHWC tokens of a map plus an NCHW map permuted alike)
         producer = ctx.by_name.get(across[0].producer or "")

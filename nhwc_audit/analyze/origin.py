@@ -230,9 +230,22 @@ def odd_order_from_map(i: NodeInput, by_name: dict[str, NodeRecord]) -> bool:
     while meta.layout is not Layout.CHANNELS_LAST:
         if node is None or not node.inputs or node.inputs[0].is_param:
             return False
-        first = node.inputs[0].meta
-        kept = first.shape == meta.shape and not row_major(meta) and memory_order(first) == memory_order(meta)
-        if not (node.aliases_input or (kept and dense(meta))):
+        giver = node.inputs[0] if node.aliases_input else _order_giver(node, meta)
+        if giver is None:
             return False
-        meta, node = first, by_name.get(node.inputs[0].producer or "")
+        meta, node = giver.meta, by_name.get(giver.producer or "")
     return True
+
+
+def _order_giver(node: NodeRecord, meta: TensorMeta) -> NodeInput | None:
+    """The activation that gave an element-for-element op's output ``meta`` (dense, not row-major)
+    its order: one of the same rank not row-major over the dims it holds (where several are, the
+    kernel blends their orders: an involution's per-pixel kernel, a view of a channels_last map,
+    times the map's row-major 6D patches writes them N x G x C x H x W x taps)."""
+    if row_major(meta) or not dense(meta):
+        return None
+    for inp in node.activation_inputs:
+        held = memory_order(inp.meta, held=True)
+        if inp.meta.rank == meta.rank and held and held != tuple(sorted(held)):
+            return inp
+    return None
