@@ -17,6 +17,7 @@ from ..tensors import iter_tensors, on_shared
 
 __all__ = [
     "ANY_LAYOUT_FUNCTIONS",
+    "IN_PLACE_FUNCTIONS",
     "PLAIN_FUNCTIONS",
     "RECORDER_BLIND",
     "RECORDER_BLIND_FUNCTIONS",
@@ -120,6 +121,11 @@ RECORDER_BLIND_FUNCTIONS: frozenset[Any] = frozenset(
 above the kernel): on tensors of one dtype and one layout (:func:`function_blind`) the recorder
 finds nothing in them (``tests/propagate/test_dispatch.py`` runs each under it)."""
 
+IN_PLACE_FUNCTIONS: frozenset[Any] = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+"""Python's in-place arithmetic on a tensor (``out += identity`` closing torchvision's ResNet blocks):
+one computing ATen op writing its first operand (``add_``), blind as :data:`RECORDER_BLIND_FUNCTIONS`
+are where no operand holds a user's weight the audit reads in place (the recorder refuses that write)."""
+
 ANY_LAYOUT_FUNCTIONS: frozenset[Any] = frozenset({F.batch_norm, F.layer_norm, F.gelu, F.silu, F.relu, F.hardswish})
 """The functional forms of :data:`RECORDER_BLIND` modules (timm's norm-and-activation layers call
 them): blind on tensors of one dtype in either layout, out of place, and ``batch_norm`` without
@@ -138,18 +144,19 @@ def maybe_blind(target: Any) -> bool:
     """``target`` is a function :func:`function_blind` may find blind (decided once per node)."""
     try:
         return target is getattr or any(
-            target in s for s in (RECORDER_BLIND_FUNCTIONS, ANY_LAYOUT_FUNCTIONS, PLAIN_FUNCTIONS)
+            target in s for s in (RECORDER_BLIND_FUNCTIONS, IN_PLACE_FUNCTIONS, ANY_LAYOUT_FUNCTIONS, PLAIN_FUNCTIONS)
         )
     except TypeError:  # an unhashable callable
         return False
 
 
-def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+def function_blind(target: Any, args: Any, kwargs: dict[str, Any], shared: frozenset[int] | None = None) -> bool:
     """The recorder cannot see anything in ``target(*args, **kwargs)`` on the CPU (without
     autocast): a :data:`PLAIN_FUNCTIONS` function on no tensor, ``getattr`` of
     :data:`METADATA`, an :data:`ANY_LAYOUT_FUNCTIONS` function on tensors of one dtype, or a
     :data:`RECORDER_BLIND_FUNCTIONS` one on tensors of one dtype, all row-major or all
-    channels_last maps of one rank."""
+    channels_last maps of one rank; an :data:`IN_PLACE_FUNCTIONS` one so too, on none of the
+    ``shared`` weights (None: never)."""
     ts = list(iter_tensors((args, kwargs)))
     if not _plain(ts):
         return False
@@ -161,7 +168,10 @@ def function_blind(target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
         return False
     if target in ANY_LAYOUT_FUNCTIONS:  # (on tensors dense in memory: a kernel copies others first)
         return all(map(_as_is, ts)) and (target is not F.batch_norm or not _updates_statistics(args, kwargs))
-    if target not in RECORDER_BLIND_FUNCTIONS:
+    if target in IN_PLACE_FUNCTIONS:
+        if shared is None or (shared and any(on_shared(t, shared) for t in ts)):
+            return False
+    elif target not in RECORDER_BLIND_FUNCTIONS:
         return False
     if all(t.is_contiguous() for t in ts):
         return True

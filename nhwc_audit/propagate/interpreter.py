@@ -126,7 +126,7 @@ class LayoutProp(FreshArgs):
                 and (
                     recorder_blind(self._callee[n], (args, kwargs), rec.shared)
                     if n in self._callee
-                    else n in self._blind_functions and function_blind(n.target, args, kwargs)
+                    else n in self._blind_functions and function_blind(n.target, args, kwargs, rec.shared)
                 )
                 and rec.off_stack()  # (before the key: choosing a conv backend dispatches an op)
                 and (

@@ -512,7 +512,7 @@ def _operands(target: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[Any,
     return ((([x, y], 1) if target is torch.cat else (x, y)) if target not in (torch.sigmoid, torch.relu) else (x,)), {}
 
 
-@pytest.mark.parametrize("target", sorted(blind.RECORDER_BLIND_FUNCTIONS, key=repr))
+@pytest.mark.parametrize("target", sorted(blind.RECORDER_BLIND_FUNCTIONS | blind.IN_PLACE_FUNCTIONS, key=repr))
 def test_the_recorder_sees_nothing_in_a_blind_function_on_one_layout_and_dtype(target: Any) -> None:
     """Why the interpreter may take the recorder off the stack for these functions: on tensors
     of one dtype, all row-major or all channels_last (4D and 5D, a broadcast operand too), no
@@ -533,12 +533,23 @@ def test_the_recorder_sees_nothing_in_a_blind_function_on_one_layout_and_dtype(t
                 if target is torch.cat and shape != other:
                     continue
                 args, kwargs = _operands(target, x, y)
-                assert blind.function_blind(target, args, kwargs), (target, fmt, shape, other)
+                assert blind.function_blind(target, args, kwargs, frozenset()), (target, fmt, shape, other)
                 rec = dispatch.CopyRecorder(relays=True)
                 with rec, torch.no_grad():
                     out = target(*args, **kwargs)
                 assert rec.copies == [], (target, x.stride(), rec.copies)
                 assert all(r.result == id(out) for r in rec.relayed), (target, x.stride(), rec.relayed)
+
+
+def test_an_in_place_operator_on_a_shared_weight_is_not_blind() -> None:
+    """``out += identity`` runs without the recorder, but not where an operand holds a user's weight
+    the audit reads in place: the recorder refuses that write before it happens."""
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    shared = frozenset({w.untyped_storage().data_ptr()})
+    assert blind.function_blind(operator.iadd, (x, x), {}, shared)
+    assert not blind.function_blind(operator.iadd, (x, x), {})  # (no guard known: never)
+    assert not blind.function_blind(operator.iadd, (w, x), {}, shared)
+    assert not blind.function_blind(operator.imul, (x, w), {}, shared)
 
 
 def test_a_blind_function_on_mixed_layouts_or_dtypes_is_not_blind() -> None:
