@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from .analyze.verdict import decide
-from .errors import ConversionError, UsageError, first_line
+from .errors import ConversionError, UsageError
 from .fix.parts import parts_code, repair_parts
 from .fix.repair import RepairLog, repair_model, repair_samples
 from .fix.results import Sample
@@ -178,16 +178,17 @@ def _part_repair(
 ) -> tuple[torch.fx.GraphModule, RepairLog]:
     """A part's repair (:mod:`.fix.parts`) from its own torch.fx audit on the inputs it gets in the
     channels_last model, whose NCHW baseline runs it on those the NCHW model hands it (``built``):
-    its steps are charged what they add over NCHW, as a whole graph's are. Forward only."""
+    its steps are charged what they add over NCHW, as a whole graph's are; where that audit fails, the
+    repair traces the part itself (and says why it cannot, as a repair: a branch the trace took). Forward only."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             audited = rerun(part, capture="fx", args=sample[0], kwargs=sample[1], as_built=built, train=False)
-    except Exception as e:
-        raise ConversionError(f"repair needs a torch.fx-traceable model: {first_line(e)}") from e
+    except Exception:
+        return repair_model(part, *sample, bandwidth=bandwidth, **options)
     graph, constants = _fx_graph(audited)
     if graph is None or audited.capture is None:
-        raise ConversionError("repair needs a torch.fx-traceable model")
+        return repair_model(part, *sample, bandwidth=bandwidth, **options)
     return repair_model(
         part,
         *sample,

@@ -66,7 +66,7 @@ class Runner:
         tensor's channels_last strides, and kernels follow them), else ``v``."""
         for key, t in self.as_built:
             if key == id(v):
-                return t
+                return t.clone(memory_format=torch.preserve_format)  # (each run may write its input)
         if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
             return v.clone(memory_format=torch.contiguous_format)
         return v
@@ -251,7 +251,7 @@ def nchw_error(runner: Runner, model: nn.Module, args: tuple[Any, ...], kwargs: 
     try:
         with runner.context(), runner.grad_mode(), quiet():
             state = {name: to_nchw(t) for name, t in itertools.chain(params, buffers)}
-            args, kwargs = tree_map(to_nchw, tree_map(clone_value, (args, kwargs)))
+            args, kwargs = tree_map(clone_value, tree_map(runner.built, (args, kwargs)))
             torch.func.functional_call(model, state, args, kwargs)
     except Exception as error:
         return error

@@ -199,6 +199,41 @@ def test_a_part_s_steps_are_charged_over_what_it_moves_in_the_nchw_model() -> No
     assert sum(s.bytes_saved for s in log.steps) == log.bytes_before - log.bytes_after
 
 
+class _TakesAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, y: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(y, (list, tuple)):  # a branch fx's trace takes the other way
+            y = y[0] + y[1]
+        return self.c2(self.c1(y).contiguous())
+
+
+class _HandsAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.part = nn.Conv2d(3, 8, 3, padding=1), _TakesAList()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c0(x)
+        if bool(y.abs().sum() >= 0):  # a branch on a value: fx cannot trace the model whole
+            y = y * 1
+        return self.part([y, y.clone()])
+
+
+def test_a_part_whose_trace_runs_otherwise_is_refused_with_the_repair_s_reason() -> None:
+    """A part's repair starts from its own fx audit; where that audit refuses the trace, the repair
+    traces the part itself and says why as a repair does (a review: the log gave the audit's advice,
+    to audit with capture 'auto' or 'hooks', which means nothing for a repair)."""
+    torch.manual_seed(0)
+    model, x = _HandsAList().eval(), torch.randn(1, 3, 16, 16)
+    log = audit(model, x, bandwidth=1e9).repaired().repair
+    assert log is not None and not log.changed
+    (why,) = [r for r in log.refused if r.startswith("part part: ")]
+    assert "the trace took a branch of forward the other way" in why and "capture" not in why, why
+
+
 def test_a_part_that_shares_a_weight_with_the_rest_is_left_as_it_is() -> None:
     torch.manual_seed(0)
     model, x = Top(tied=True).eval(), torch.randn(1, 3, 32, 32)
