@@ -49,6 +49,7 @@ from .kernel_hints import average_pool, backward_hint, forward_inside, inside_hi
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, disagreeing, feeds_a_weight, odd_order_from_map, origin_of
 from .reads import as_read
+from .reductions import reduces_across, reduction_revert
 from .reshapes import exits_spatial, folds_tokens, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
 from .zero_bytes import without_idle_reverts
@@ -152,6 +153,8 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         return _hidden_findings(ctx, r) if moves.copies_into(r) else []
     ins = [i for i in moves.data_inputs(r, ctx.stored) if i.meta.is_spatial]
     assigned = not r.outputs and ins and r.op_name.strip("_") == "setitem"  # x[i] = y: in x's layout
+    if (transposes := reduces_across(r)) is not None:  # a reduction: by the order of the dims it keeps
+        return [reduction_revert(ctx, r)] if transposes else _hidden_findings(ctx, r)
     conv = r.convolves and r.outputs  # (one output channel: the format it computed in)
     out = ins[0].meta.layout if assigned else conv_layout(r.outputs[0], moves.conv_ins(r)) if conv else r.output_layout
     # written in place from a slice of an NHWC map (``z[:, :4] += y[:, :4]``, z NCHW): read across as a whole map is

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture.context import aten_detail
+from ..capture.reductions import reduced_dims
 from ..capture.source import user_frame
 from ..channels import hidden_copy
 from ..errors import NhwcAuditError, first_line
@@ -140,6 +141,7 @@ class _Recorder(GuardedMode):
                 for t in ins
             ],
             "detail": aten_detail(op, args, kwargs),
+            "reduced": reduced_dims(op, args, kwargs),
             "call": self.calls.index,
             "at_site": self.calls.at_site,
         }
@@ -269,6 +271,7 @@ def record_eager(
                 aliases_input=r["aliases"],
                 users=tuple(users.get(r["name"], [])),
                 detail=r["detail"],
+                reduced=r.get("reduced"),
                 error=r.get("error"),
                 in_leaf_module=torch_nn.get(r["module_path"], False),  # paths come from the hooks above
                 hidden=tuple(r["hidden"]),

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..capture.context import node_context
 from ..capture.proxies import in_place_operator, settle_in_place
+from ..capture.reductions import reduced_dims
 from ..errors import PropagationError, first_line
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeInput, NodeRecord, TensorMeta
@@ -159,18 +160,16 @@ class LayoutProp(FreshArgs):
                 sk.disable(f"node {n.name} raised")
             result = retry_nchw(self._call, n, self._contexts[n], args, kwargs, inputs, e)
             error = first_line(e)
-        detail = self._contexts[n].detail_at(args, kwargs)  # a roll's by its shifts
+        ctx = self._contexts[n]
+        detail = ctx.detail_at(args, kwargs)  # a roll's by its shifts
+        reduced = reduced_dims(ctx.op_name, args, kwargs)
         if self.corrections is not None and error is None:
             acts = [t for i, t in inputs if not i.is_param]
-            result = self.corrections.apply(n.name, self._contexts[n].names, detail, acts, result)
-        latent = (
-            latent_error(self._call, n, self._contexts[n].op_name, args, kwargs, inputs, result)
-            if error is None
-            else None
-        )
+            result = self.corrections.apply(n.name, ctx.names, detail, acts, result)
+        latent = latent_error(self._call, n, ctx.op_name, args, kwargs, inputs, result) if error is None else None
         if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
             wrote = error is None and written(inputs, versions)
-            self._record(n, inputs, result, error, tuple(hidden), latent, wrote, own, detail)
+            self._record(n, inputs, result, error, tuple(hidden), latent, wrote, own, detail, reduced)
         if self.grads is not None and n.op not in ("output", "get_attr"):
             hook_gradients(n.name, result, self.grads)
         if self._progress is not None:
@@ -234,6 +233,7 @@ class LayoutProp(FreshArgs):
         wrote: bool = False,
         own: tuple[HiddenCopy, ...] = (),
         detail: str = "",
+        reduced: tuple[int, ...] | None = None,
     ) -> None:
         outputs: list[TensorMeta] = []
         aliases = False
@@ -246,10 +246,10 @@ class LayoutProp(FreshArgs):
         first = in_tensors or iter_tensors(result)
         amp = autocast_in(n, first[0].device.type, self._amp) if first else None  # forward's own blocks too
         ins = tuple(i for i, _ in inputs)
-        self._pending.append((n, ins, tuple(outputs), aliases, error, latent, hidden, wrote, own, detail, amp))
+        self._pending.append((n, ins, tuple(outputs), aliases, error, latent, hidden, wrote, own, detail, amp, reduced))
 
     def _built(self) -> None:
-        for n, inputs, outputs, aliases, error, latent, hidden, wrote, own, detail, amp in self._pending:
+        for n, inputs, outputs, aliases, error, latent, hidden, wrote, own, detail, amp, reduced in self._pending:
             ctx = self._contexts[n]
             self.records.append(
                 NodeRecord(
@@ -267,6 +267,7 @@ class LayoutProp(FreshArgs):
                     in_place=aliases and wrote,
                     users=self._users[n],
                     detail=detail,
+                    reduced=reduced,
                     autocast=amp,
                     error=error,
                     latent_error=latent,

@@ -175,6 +175,9 @@ class NodeRecord:
     call_at_site: int | None = None
     """Eager capture: which call of its torch function from its source line that call is (from
     0), the same in a run in either layout; None in graphs."""
+    reduced: tuple[int, ...] | None = None
+    """A reduction over some dims (``sum(1)``, ``amax((2, 3))``): those dims of its input, from 0; None
+    for any other op (and a reduction over all dims)."""
 
     @property
     def convolves(self) -> bool:

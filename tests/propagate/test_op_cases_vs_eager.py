@@ -258,6 +258,18 @@ class Involution(nn.Module):
 CASES: dict[str, Callable[[], nn.Module]] = {
     "gather_broadcast_index": _gather_h,
     "involution_rank6": Involution,
+    # a 5D map reduced to 4D moves data only where the dims it keeps are not in the order the output
+    # is written in: summed over its innermost dim, a product stays in NCHW order (no move, though its
+    # layout class is channels_last); a cost volume of two channels_last maps summed over either
+    # channel dim writes NCHW from NHWC-ordered dims (a sweep of op cases: 61,440 B apart both ways)
+    "reduce_over_the_innermost_dim": lambda: Between(
+        lambda s, y: (y.unsqueeze(2) * s.k).sum(1), k=torch.randn(1, 8, 8, 1, 1)
+    ),
+    "reduce_max_over_the_innermost_dim": lambda: Between(
+        lambda s, y: (y.unsqueeze(2) * s.k).amax(1), k=torch.randn(1, 8, 8, 1, 1)
+    ),
+    "reduce_a_cost_volume": lambda: Between(lambda s, y: (y.unsqueeze(2) * y.unsqueeze(1)).sum(1)),
+    "reduce_a_cost_volume_over_dim_2": lambda: Between(lambda s, y: (y.unsqueeze(2) * y.unsqueeze(1)).mean(2)),
     "involution_rank6_flattened": lambda: Involution(flat=True),
     "scatter_broadcast_index": _scatter_c,
     "scatter_add_operand_twice": _scatter_add_twice,
