@@ -49,7 +49,7 @@ from .kernel_hints import average_pool, backward_hint, forward_inside, inside_hi
 from .moves import computed_weight, revert_bytes, writes_in_place
 from .origin import SKIP_OPS, conversion_free, disagreeing, feeds_a_weight, odd_order_from_map, origin_of
 from .reads import as_read
-from .reductions import reduces_across, reduction_revert
+from .reductions import reduces_across, reduction_revert, revert_hint
 from .reshapes import exits_spatial, folds_tokens, is_reshape, viewed_as
 from .tables import from_restrided_table, moved_out
 from .zero_bytes import without_idle_reverts
@@ -209,12 +209,9 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         # network leaves channels_last (the region starts here), no copy is made; the conversions downstream pay
         exit_only = all(i.meta.layout is Layout.AMBIGUOUS for i in sources)
         nbytes = 0 if exit_only else revert_bytes(r, sources, reverted, [i for i in read if i not in sources])
-        # a kernel leaving a dense-in-both-orders input (C == 1) is not a channel-shuffle copy
-        standard = sources[0].meta.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and reverted[0].is_spatial
-        src, to = sources[0].meta, reverted[0]  # a stack reduced has fewer elements; a 6D window reshaped, as many
-        odd = H.STACK_REDUCE if src.rank > to.rank and src.numel > to.numel else H.ND_TRANSPOSE
+        hint = revert_hint(sources[0].meta, reverted[0])
         if all(i.is_param or from_restrided_table(i, ctx.by_name) for i in sources):  # the conversion restrided it
-            standard, odd = False, H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE
+            hint = H.WEIGHT_RESHAPE if feeds_a_weight(r, ctx.by_name) else H.STORED_TABLE
         return [
             make_finding(
                 ctx,
@@ -223,7 +220,7 @@ def _forward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
                 layout_in=sources[0].meta.layout,
                 nbytes=nbytes,
                 shape=reverted[0].shape,
-                hint_op=None if standard else odd,
+                hint_op=hint,
             )
         ]
     # each NCHW input re-laid whole (as stored), in the dtype the kernel reads it (none where NCHW re-lays as much)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from ..layout import memory_order
-from ..records import Finding, FindingKind, NodeRecord
+from ..records import Finding, FindingKind, Layout, NodeRecord, TensorMeta
 from . import hint_keys as H
 from .finding_record import Ctx, make_finding
 from .moves import revert_bytes
 
-__all__ = ["reduces_across", "reduction_revert"]
+__all__ = ["reduces_across", "reduction_revert", "revert_hint"]
 
 
 def reduces_across(r: NodeRecord) -> bool | None:
@@ -36,4 +36,14 @@ def reduction_revert(ctx: Ctx, r: NodeRecord) -> Finding:
     (:func:`reduces_across`): its output read and written, as any revert that leaves a map's order."""
     src = [i for i in r.activation_inputs if i.meta.is_spatial]
     nbytes = revert_bytes(r, src, [r.outputs[0]])
-    return make_finding(ctx, r, FindingKind.REVERT, layout_in=src[0].meta.layout, nbytes=nbytes, hint_op=H.STACK_REDUCE)
+    hint = revert_hint(src[0].meta, r.outputs[0])
+    return make_finding(ctx, r, FindingKind.REVERT, layout_in=src[0].meta.layout, nbytes=nbytes, hint_op=hint)
+
+
+def revert_hint(src: TensorMeta, to: TensorMeta) -> str | None:
+    """The hint of a revert from ``src`` into ``to``: the op's own (None) where it leaves a channels_last
+    map, or one dense in both orders (C == 1: not a channel-shuffle copy), for a map; else a stack
+    reduced (fewer elements, a lower rank) or an N-D transpose (a 6D window reshaped: as many)."""
+    if src.layout in (Layout.CHANNELS_LAST, Layout.AMBIGUOUS) and to.is_spatial:
+        return None
+    return H.STACK_REDUCE if src.rank > to.rank and src.numel > to.numel else H.ND_TRANSPOSE

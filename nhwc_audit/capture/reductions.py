@@ -1,5 +1,5 @@
 """The dims a reduction reduces, read from its call's arguments (a graph node's or an ATen op's):
-what tells whether it reads its input across orders (:func:`~nhwc_audit.analyze.moves.reduces_across`)."""
+what tells whether it reads its input across orders (:func:`~nhwc_audit.analyze.reductions.reduces_across`)."""
 
 from __future__ import annotations
 

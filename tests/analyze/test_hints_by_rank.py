@@ -127,3 +127,22 @@ def test_a_window_reshaped_back_into_a_map_gets_the_nhwc_order_hint_not_the_stac
     with torch.no_grad():
         torch.testing.assert_close(advised(x), model(x))
     assert audit(advised, x, bandwidth=1e9).summary.bytes_moved == eager_bytes(advised, (x,)).added == 0
+
+
+class _SumOverH(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).sum(2, keepdim=True) + 1
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_a_map_reduced_over_h_gets_the_op_s_own_hint_not_the_stack_one(capture: str) -> None:
+    """A reduction judged by the order of the dims it keeps is hinted as any revert out of a map: a
+    review found every such revert told to "add the maps instead" (the hint of a stack reduced)."""
+    report = audit(_SumOverH().eval(), torch.randn(2, 3, 6, 5), bandwidth=1e9, capture=capture)
+    (f,) = [f for f in report.findings if f.op == "sum"]
+    assert f.kind.value == "revert" and f.bytes == 640
+    assert f.hint.startswith("sum has no channels_last kernel on cpu") and "stack" not in f.hint, f.hint
