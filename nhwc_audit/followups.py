@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import torch.fx
@@ -71,9 +71,28 @@ def _checked(report: AuditReport) -> bool:
     return report.capture is None or report.capture.checked
 
 
-def _baseline(report: AuditReport) -> dict[str, tuple[int, int]]:
-    """Node -> what it moves, and its kernels copy inside, when the model runs NCHW, in ``report``."""
-    return {r.name: (r.nchw_bytes, r.nchw_inside) for r in report.nodes if r.nchw_bytes or r.nchw_inside}
+class _FromAudit(TypedDict, total=False):
+    graph: torch.fx.Graph | None
+    graph_checked: bool
+    constants: list[tuple[str, Any]]
+    baseline: dict[str, tuple[int, int]] | None
+    traced_writes: tuple[str, ...] | None
+
+
+def _from_audit(audited: AuditReport, charged: bool) -> _FromAudit:
+    """:func:`~.fix.repair.repair_model`'s options from an audit's fx capture: its graph (None where it
+    has none), whether eager vouched for it, its constants, the buffers its trace wrote, and, where
+    ``charged`` and a graph keeps the audit's node names, what each node moves and its kernels copy
+    inside when the model runs NCHW."""
+    graph, constants = _fx_graph(audited)
+    baseline = {r.name: (r.nchw_bytes, r.nchw_inside) for r in audited.nodes if r.nchw_bytes or r.nchw_inside}
+    return _FromAudit(
+        graph=graph,
+        graph_checked=_checked(audited),
+        constants=constants,
+        baseline=baseline if graph is not None and charged else None,
+        traced_writes=audited.capture.traced_writes if audited.capture is not None else None,
+    )
 
 
 def _decided_on(report: AuditReport) -> tuple[Sequence[NodeRecord], Summary]:
@@ -93,10 +112,9 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
     own = own_dtype_name(model)
     same_run = report.meta.autocast is None and report.meta.dtype == own
     audited = _fx_audit(report) or report
-    graph, constants = _fx_graph(audited)
     # the audit's graph keeps its node names: each is charged what it adds over NCHW, as in the
     # audit, when the repair runs as the audit did (it runs the model in its own dtype, no autocast)
-    baseline = _baseline(audited) if graph is not None and (same_run or audited is not report) else None
+    given = _from_audit(audited, charged=same_run or audited is not report)
     # a train audit's repair counts a backward pass too, each node beyond what it moves in NCHW
     backward = (
         {r.name: (r.nchw_backward_bytes, r.nchw_backward_inside) for r in audited.nodes}
@@ -110,18 +128,14 @@ def repair_report(report: AuditReport, **options: Any) -> AuditReport:
                 args,
                 kwargs,
                 bandwidth=report.meta.bandwidth,
-                graph=graph,
-                graph_checked=_checked(audited),
-                constants=constants,
-                baseline=baseline,
                 backward=backward,
-                traced_writes=audited.capture.traced_writes if audited.capture is not None else None,
+                **given,
                 **options,
             )
             module: nn.Module = gm
             code = gm.code
         except ConversionError as e:
-            if graph is not None and audited is report:
+            if given.get("graph") is not None and audited is report:
                 raise
             module, log = _repaired_parts(report, e, same_run, options)
             code = parts_code(module)
@@ -185,21 +199,9 @@ def _part_repair(
             warnings.simplefilter("ignore")
             audited = rerun(part, capture="fx", args=sample[0], kwargs=sample[1], as_built=built, train=False)
     except Exception:
-        return repair_model(part, *sample, bandwidth=bandwidth, **options)
-    graph, constants = _fx_graph(audited)
-    if graph is None or audited.capture is None:
-        return repair_model(part, *sample, bandwidth=bandwidth, **options)
-    return repair_model(
-        part,
-        *sample,
-        bandwidth=bandwidth,
-        graph=graph,
-        graph_checked=_checked(audited),
-        constants=constants,
-        baseline=_baseline(audited),
-        traced_writes=audited.capture.traced_writes,
-        **options,
-    )
+        audited = None
+    given = _from_audit(audited, charged=True) if audited is not None and audited.capture is not None else _FromAudit()
+    return repair_model(part, *sample, bandwidth=bandwidth, **given, **options)
 
 
 def measure_report(report: AuditReport, *, train: bool = False, rounds: int = 5) -> AuditReport:

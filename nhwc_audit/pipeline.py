@@ -289,8 +289,10 @@ def rerun_audit(
 ) -> AuditReport:
     """:attr:`AuditReport.rerun`: ``module`` audited as ``o`` says, with ``capture``, ``train`` and
     :attr:`AuditOptions.as_built` when given (a part of the model, on the inputs it gets there)."""
-    o = dataclasses.replace(o, capture=capture or o.capture, train=o.train if train is None else train)
-    return run_audit(module, args, kwargs, dataclasses.replace(o, as_built=as_built))
+    train = o.train if train is None else train
+    return run_audit(
+        module, args, kwargs, dataclasses.replace(o, capture=capture or o.capture, train=train, as_built=as_built)
+    )
 
 
 def run_audit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], o: AuditOptions) -> AuditReport:

@@ -53,7 +53,7 @@ def _walk(
                 return root_of(forward[start.name]) if c is r or _regrades(c, by_name) else None
             # on through an op that stays channels_last with no forward finding (a convolution's backward re-lays
             # what comes in: none past it)
-            if c is r or (c.output_layout is Layout.CHANNELS_LAST and not _convolves(c)):
+            if c is r or (c.output_layout is Layout.CHANNELS_LAST and not c.convolves):
                 ahead += [by_name[u] for u in c.users if u in by_name and u not in seen]
         seen.update(c.name for c in ahead)
         frontier = ahead
@@ -65,10 +65,6 @@ def _regrades(r: NodeRecord, by_name: dict[str, NodeRecord]) -> bool:
     another rank (the backward of such a view reshapes the gradient, row-major where it cannot view it)."""
     rank = r.outputs[0].rank if r.outputs else 0
     return all(u.outputs[0].rank == rank for u in map(by_name.get, r.users) if u is not None and u.outputs)
-
-
-def _convolves(r: NodeRecord) -> bool:
-    return r.convolves
 
 
 def backward_shares(f: Finding, forward: dict[str, Finding], by_name: dict[str, NodeRecord]) -> list[tuple[str, int]]:
