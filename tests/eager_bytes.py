@@ -110,8 +110,14 @@ def _aligned(
     return None
 
 
-def _reduced_dims(args: tuple[Any, ...], kwargs: dict[str, Any], rank: int) -> list[int]:
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+def _reduced_dims(args: tuple[Any, ...], kwargs: dict[str, Any], rank: int, func: Any = None) -> list[int]:
+    """The dims named by the op's ``dim`` argument, found by its schema (``linalg_vector_norm(x, ord, dim)``,
+    ``quantile(x, q, dim)``: not always the second argument); the second argument where no schema is given."""
+    at = 1
+    if func is not None:
+        names = [a.name for a in func._schema.arguments]
+        at = names.index("dim") if "dim" in names else len(args)
+    dim = kwargs.get("dim", args[at] if len(args) > at else None)
     if isinstance(dim, int):
         return [dim % rank]
     if isinstance(dim, (list, tuple)) and all(isinstance(d, int) for d in dim):
@@ -120,12 +126,19 @@ def _reduced_dims(args: tuple[Any, ...], kwargs: dict[str, Any], rank: int) -> l
 
 
 def _moved(
-    inp: torch.Tensor, out: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], *, relaid: bool, name: str = ""
+    inp: torch.Tensor,
+    out: torch.Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    relaid: bool,
+    name: str = "",
+    func: Any = None,
 ) -> int:
     """Bytes moved to bring ``inp`` into ``out``'s memory order (0 when they agree). A
     convolution re-lays its whole input (``relaid``); other ops move the smaller tensor."""
-    new = (_reduced_dims(args, kwargs, out.dim()) or [0]) if name == "stack" else []  # dim 0 unless given
-    pairs = _aligned(inp, out, _reduced_dims(args, kwargs, inp.dim()), new[0] if new else None)
+    new = (_reduced_dims(args, kwargs, out.dim(), func) or [0]) if name == "stack" else []  # dim 0 unless given
+    pairs = _aligned(inp, out, _reduced_dims(args, kwargs, inp.dim(), func), new[0] if new else None)
     if pairs is None:
         return 0
     # a broadcast input (stride 0: ``expand``) holds only its stored dims
@@ -509,7 +522,7 @@ class _Recorder(TorchDispatchMode):
         for t in [*ins, *_broadcast_operands(func, args, kwargs, result)]:
             if _storage(t) == written:
                 continue  # the tensor written in place
-            moved = _moved(t, result, tuple(args), kwargs, relaid=conv, name=name)
+            moved = _moved(t, result, tuple(args), kwargs, relaid=conv, name=name, func=func)
             if name == "convolution" and _ambiguous(result) and t.dim() == result.dim():
                 # one output channel: the sizes say no order; the kernel re-lays an input not dense
                 # in the format it computes in (a mask or depth head, CBAM's spatial attention), but

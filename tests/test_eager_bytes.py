@@ -165,6 +165,27 @@ def test_checker_reads_a_stacks_new_dim_from_its_argument() -> None:
     assert [t.nbytes for t in e.channels_last] == [2 * one_map, 2 * one_map]
 
 
+class NormOfAStack(nn.Module):
+    """The vector norm of two channels_last maps stacked at dim 0: ``linalg_vector_norm(x, ord, dim)``
+    names its dims third, after the norm's order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return torch.stack([y, y * 2]).norm(dim=0) * 1
+
+
+def test_checker_reads_a_reduction_s_dims_where_its_schema_names_them() -> None:
+    # the norm writes NCHW from NHWC-ordered dims: its output read and written (the checker read the
+    # order, 2, as the dim and saw no move)
+    e = eager_bytes(NormOfAStack().eval(), (torch.randn(2, 8, 8, 8),))
+    assert [(t.op, t.nbytes) for t in e.channels_last] == [("linalg_vector_norm", 2 * 2 * 8 * 8 * 8 * 4)]
+    assert e.nchw == []
+
+
 def test_backward_checker_counts_what_the_backward_re_lays() -> None:
     """Conv ``a`` re-lays the NCHW gradient InstanceNorm hands back; the norm's backward copies
     the channels_last gradient of ``b`` into its own (1, N * C, H, W) view; ``b`` re-lays the NCHW

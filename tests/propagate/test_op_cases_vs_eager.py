@@ -271,6 +271,35 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "reduce_a_cost_volume": lambda: Between(lambda s, y: (y.unsqueeze(2) * y.unsqueeze(1)).sum(1)),
     "reduce_a_cost_volume_over_dim_2": lambda: Between(lambda s, y: (y.unsqueeze(2) * y.unsqueeze(1)).mean(2)),
     "involution_rank6_flattened": lambda: Involution(flat=True),
+    # every reduction that names its dims is judged so, wherever its ``dim`` stands among its arguments
+    # (``torch.norm(x, p, dim)``, ``kthvalue(x, k, dim)``) and whatever it returns (values and indices,
+    # an int64 argmax): a sweep of reductions found norm, std, var, max, median, argmax... of a product
+    # whose reduced dim is innermost charged 65,536 or 98,304 B where eager moves 32,768, and of a cost
+    # volume 32,768 where eager moves 65,536 (the layout class of the 5D input, not the kept dims' order)
+    "reduce_std_over_the_innermost_dim": lambda: Between(
+        lambda s, y: (y.unsqueeze(2) * s.k).std(1), k=torch.randn(1, 8, 8, 1, 1)
+    ),
+    "reduce_norm_by_position_over_the_innermost_dim": lambda: Between(
+        lambda s, y: torch.norm(y.unsqueeze(2) * s.k, 2, 1), k=torch.randn(1, 8, 8, 1, 1)
+    ),
+    "reduce_max_values_over_the_innermost_dim": lambda: Between(
+        lambda s, y: (y.unsqueeze(2) * s.k).max(1).values, k=torch.randn(1, 8, 8, 1, 1)
+    ),
+    "reduce_argmax_over_the_innermost_dim": lambda: Between(
+        lambda s, y: (y.unsqueeze(2) * s.k).argmax(1).float(), k=torch.randn(1, 8, 8, 1, 1)
+    ),
+    "reduce_kthvalue_over_the_innermost_dim": lambda: Between(
+        lambda s, y: (y.unsqueeze(2) * s.k).kthvalue(2, 1).values, k=torch.randn(1, 8, 8, 1, 1)
+    ),
+    "reduce_a_cost_volume_by_its_vector_norm": lambda: Between(
+        lambda s, y: torch.linalg.vector_norm(y.unsqueeze(2) * y.unsqueeze(1), dim=1)
+    ),
+    "reduce_a_cost_volume_by_var_mean": lambda: Between(
+        lambda s, y: torch.var_mean(y.unsqueeze(2) * y.unsqueeze(1), 1)[0]
+    ),
+    "reduce_a_cost_volume_by_its_median_kept": lambda: Between(
+        lambda s, y: (y.unsqueeze(2) * y.unsqueeze(1)).median(2, keepdim=True).values[:, :, 0]
+    ),
     "scatter_broadcast_index": _scatter_c,
     "scatter_add_operand_twice": _scatter_add_twice,
     "scatter_into_fewer_channels": _scatter_into_fewer_channels,
