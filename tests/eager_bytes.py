@@ -341,8 +341,13 @@ class _KernelCopies(TorchDispatchMode):
         if key is None:
             return None
         mode = cls(aten)
-        with mode:
-            out = func._op_dk(key, *args, **kwargs)
+        try:
+            with mode:
+                out = func._op_dk(key, *args, **kwargs)
+        except RuntimeError:
+            # a CompositeExplicit Scalar overload (fmod.Scalar) calls its Tensor overload with the
+            # scalar wrapped, which the mode is given unwrapped and which refuses it: the caller runs it
+            return None
         return out, mode.copies
 
 

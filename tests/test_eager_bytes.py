@@ -459,3 +459,19 @@ def test_backward_checker_charges_a_gradients_copy_to_its_own_parameter() -> Non
     assert [t.site.rsplit(":", 1)[1] for t in e.nchw if t.op == "AccumulateGrad"] == [str(line)]
     report = audit(m, x, bandwidth=1e9, train=True)
     assert sum(f.bytes for f in report.findings if f.kind.value == "backward") == e.added == 65536
+
+
+class FmodOfASlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.fmod(self.a(x)[:, :4], 0.5))
+
+
+def test_checker_runs_a_scalar_overload_of_a_tensor_not_dense() -> None:
+    # fmod.Scalar's kernel, run by its key, calls fmod.Tensor with the scalar a mode is given unwrapped:
+    # the checker raised; the CPU keeps the slice's order and copies nothing
+    e = eager_bytes(FmodOfASlice().eval(), (torch.randn(2, 8, 8, 8),))
+    assert e.channels_last == [] and e.nchw == []
