@@ -113,11 +113,13 @@ def _aligned(
 def _reduced_dims(args: tuple[Any, ...], kwargs: dict[str, Any], rank: int, func: Any = None) -> list[int]:
     """The dims named by the op's ``dim`` argument, found by its schema (``linalg_vector_norm(x, ord, dim)``,
     ``quantile(x, q, dim)``: not always the second argument); the second argument where no schema is given."""
-    at = 1
+    at, default = 1, None
     if func is not None:
         names = [a.name for a in func._schema.arguments]
         at = names.index("dim") if "dim" in names else len(args)
-    dim = kwargs.get("dim", args[at] if len(args) > at else None)
+        if at < len(names):  # a dim left at its default is not passed (``kthvalue(x, k)``: dim -1)
+            default = func._schema.arguments[at].default_value
+    dim = kwargs.get("dim", args[at] if len(args) > at else default)
     if isinstance(dim, int):
         return [dim % rank]
     if isinstance(dim, (list, tuple)) and all(isinstance(d, int) for d in dim):

@@ -475,3 +475,21 @@ def test_checker_runs_a_scalar_overload_of_a_tensor_not_dense() -> None:
     # the checker raised; the CPU keeps the slice's order and copies nothing
     e = eager_bytes(FmodOfASlice().eval(), (torch.randn(2, 8, 8, 8),))
     assert e.channels_last == [] and e.nchw == []
+
+
+class KthOfAProduct(nn.Module):
+    """``(y.unsqueeze(-1) * k).kthvalue(2)``: the default dim, -1, is not among the ATen op's arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 1)
+        self.register_buffer("k", torch.randn(1, 1, 1, 1, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a(x).unsqueeze(-1) * self.k).kthvalue(2).values * 1
+
+
+def test_checker_reads_a_reduction_s_default_dim() -> None:
+    # the product's last dim is innermost; kthvalue over it writes N, C, H, W from N, H, W, C-ordered dims
+    e = eager_bytes(KthOfAProduct().eval(), (torch.randn(2, 8, 8, 8),))
+    assert [(t.op, t.nbytes) for t in e.channels_last] == [("kthvalue", 2 * 2 * 8 * 8 * 8 * 4)]

@@ -45,6 +45,9 @@ _DIM_AT: dict[str, int] = {
 Not ``quantile``: a graph's one node for a sort, gathers and a lerp, whose moves its kept dims' order
 does not tell (a cost volume's: 106,496 B in eager, 65,536 by that order; the layout rule says 106,496)."""
 
+_DEFAULT_DIM = {"kthvalue": -1, "mode": -1}
+"""A ``dim`` left at its default (``x.kthvalue(k)``; ATen is not passed it)."""
+
 REDUCTIONS = frozenset(_DIM_AT)
 """Reductions that name the dims they reduce (``dim``), as torch and ATen call them."""
 
@@ -56,7 +59,7 @@ def reduced_dims(op: str, args: Any, kwargs: Mapping[str, Any]) -> tuple[int, ..
     at = _DIM_AT.get(op)
     if at is None or not args or not hasattr(args[0], "dim"):
         return None
-    dim = kwargs.get("dim", args[at] if 0 < at < len(args) else None)
+    dim = kwargs.get("dim", args[at] if 0 < at < len(args) else _DEFAULT_DIM.get(op))
     dims = (dim,) if type(dim) is int else tuple(dim) if isinstance(dim, (tuple, list)) else ()
     rank = args[0].dim()
     if not dims or not rank or not all(type(d) is int and -rank <= d < rank for d in dims):

@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_map
 
 from ..channels import COPY_OPS, hidden_copy, kernel_copy, laid_out, layout_change, permuted
+from ..errors import NhwcAuditError
 from ..layout import reorders, tensor_meta
 from ..records import ALLOCATING_OPS, HiddenCopy
 from ..tensors import iter_tensors
@@ -215,11 +216,24 @@ def probed(
         key = next((k for k in _COMPOSITE if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), k)), None)
     if key is None:
         return None
-    inside = _Inside(guard, aten=not library_op(func), activations=activations)
+    refused: list[BaseException] = []
+
+    def guarded(f: Any, a: Any, k: Any) -> None:
+        try:
+            guard(f, a, k)
+        except BaseException as e:  # (a library kernel hands it back as a RuntimeError: torch's stable ABI)
+            refused.append(e)
+            raise
+
+    inside = _Inside(guarded, aten=not library_op(func), activations=activations)
     try:
         with inside:
             out = func._op_dk(key, *args, **kwargs)
+    except NhwcAuditError:
+        raise  # the audit's own (a nested mode's): not the kernel's
     except Exception:
+        if refused:  # the guard refused an op the kernel calls (a write to the user's weights)
+            raise refused[0] from None
         # a kernel run by its key that refuses what the mode hands back to it: a CompositeExplicit
         # Scalar overload (``fmod.Scalar``, ``remainder.Scalar``, ``copysign.Scalar``) calls its
         # Tensor overload with the scalar wrapped, which a mode is given unwrapped. Not probed: the

@@ -134,3 +134,22 @@ def test_a_custom_op_for_every_device_is_seen_inside(capture: str) -> None:
     model, x = Library(lambda s, y: torch.ops.nhwc_audit_tests.roundtrip(y)).eval(), torch.randn(2, 8, 16, 16)
     expected = eager_bytes(model, (x,)).added
     assert audit(model, x, bandwidth=1e9, capture=capture).summary.bytes_moved == expected > 0
+
+
+def test_a_refusal_of_the_probe_s_guard_inside_a_library_kernel_is_raised_on() -> None:
+    """A kernel run by its key that raises is not probed (the caller runs the op as the model does:
+    a Scalar overload refuses the scalar a mode hands back to it). A refusal of the probe's guard at
+    an op the kernel calls (a write to the user's weights; here at ``roi_align``'s ``contiguous()``) is
+    no such case: a library kernel hands it back as a RuntimeError (torch's stable ABI), and running
+    the op again unguarded would make the write the guard refused."""
+    from nhwc_audit.errors import SharedWeightWrite
+    from nhwc_audit.propagate.kernel_copies import probed
+
+    def guard(func: object, args: object, kwargs: object) -> None:
+        raise SharedWeightWrite("refused by the guard")
+
+    y = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(SharedWeightWrite, match="refused by the guard"):
+        probed(torch.ops.torchvision.roi_align.default, (y, _BOXES, 1.0, 4, 4, 2, True), {}, guard)
+    # a Scalar overload's refusal: not probed (the caller runs it)
+    assert probed(torch.ops.aten.fmod.Scalar, (y[:, :4], 0.5), {}, lambda *a: None) is None

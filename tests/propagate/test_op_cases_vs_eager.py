@@ -321,6 +321,14 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "reduce_a_cost_volume_by_var_mean": lambda: Between(
         lambda s, y: torch.var_mean(y.unsqueeze(2) * y.unsqueeze(1), 1)[0]
     ),
+    # kthvalue and mode reduce the last dim by default, a dim ATen is not passed (the eager reference
+    # missed these moves too): a product whose last dim is innermost, its kept dims N, H, W, C
+    "reduce_kthvalue_over_the_last_dim_by_default": lambda: Between(
+        lambda s, y: (y.unsqueeze(-1) * s.k).kthvalue(2).values, k=torch.randn(1, 1, 1, 1, 3)
+    ),
+    "reduce_mode_over_the_last_dim_by_default": lambda: Between(
+        lambda s, y: (y.unsqueeze(-1) * s.k).mode().values, k=torch.randn(1, 1, 1, 1, 3)
+    ),
     # quantile is one graph node for a sort, gathers and a lerp: its kept dims' order does not tell what
     # they move (65,536 B where eager moves 106,496); it stays with the layout rule
     "reduce_a_cost_volume_by_its_quantile": lambda: Between(
