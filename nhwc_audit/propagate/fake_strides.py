@@ -45,18 +45,18 @@ BACKWARD_STRIDES = (
 FORWARD_STRIDES = (
     "LogSigmoid, RReLU and a scalar raised to a tensor (2 ** x) strided as eager strides them (NCHW from a "
     "channels_last input), BatchNorm of a map in no memory format (a transposed or sliced one: NCHW), the angle of a "
-    "complex map (NCHW), and roll, channel_shuffle, 5D reflect/replicate pads, copysign and floor_divide by a "
+    "complex map and isin (NCHW), and roll, channel_shuffle, 5D reflect/replicate pads, copysign and floor_divide by a "
     "broadcast operand and index_fill of a channel slice (channels_last kept), where FakeTensor does otherwise"
 )
 PROBED_FORWARDS = frozenset(
     {"log_sigmoid_forward", "rrelu_with_noise", "pow.Scalar", "roll", "channel_shuffle", "reflection_pad3d"}
-    | {"replication_pad3d", "copysign", "floor_divide", "index_fill", "angle"}
+    | {"replication_pad3d", "copysign", "floor_divide", "index_fill", "angle", "isin"}
 )
 """Forward ops (by name, or name and overload) whose eager kernels stride their output otherwise
 than FakeTensor (torch 2.14.1, each op run raw on a channels_last map, eager against fake);
 ``rrelu_with_noise`` writes its noise argument, not its output's source. The 5D pads too where no
 node of their own shows them (a Conv3d's ``padding_mode='reflect'`` pads inside the module). copysign,
-floor_divide, index_fill and angle: a sweep of 144 elementwise ops, eager's strides against fake's, on
+floor_divide, index_fill, angle and isin: sweeps of 144 elementwise ops and of every ATen op callable on a map, eager's strides against fake's, on
 whole channels_last maps and their channel slices, with channel and row buffers."""
 _PROBED_BACKWARDS = frozenset(
     {

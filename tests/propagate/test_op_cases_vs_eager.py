@@ -295,6 +295,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
         lambda s, y: y[:, :4].index_fill(1, s.i, 0.0), post=4, i=torch.tensor([1])
     ),
     "angle_of_a_complex_map": lambda: Between(lambda s, y: torch.complex(y, y.flip(1)).angle()),
+    "isin_of_a_channel_slice": lambda: Between(lambda s, y: torch.isin(y[:, :4], 0.5).float(), post=4),
     # every reduction that names its dims is judged so, wherever its ``dim`` stands among its arguments
     # (``torch.norm(x, p, dim)``, ``kthvalue(x, k, dim)``) and whatever it returns (values and indices,
     # an int64 argmax): a sweep of reductions found norm, std, var, max, median, argmax... of a product
