@@ -244,9 +244,11 @@ def _accumulated(
 
 
 def _parameter(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | None:
-    """The parameter of ``gm``'s a get_attr node's ``target`` names; None for anything else."""
+    """The parameter of ``gm``'s a get_attr node's ``target`` names (what its module holds there: the
+    NCHW baseline's run holds a view of it, :func:`torch.func.functional_call`); None for anything else."""
+    path, _, name = target.rpartition(".")
     try:
-        return gm.get_parameter(target)
+        return gm.get_submodule(path)._parameters.get(name)
     except AttributeError:
         return None
 
