@@ -167,6 +167,8 @@ def data_inputs(r: NodeRecord, stored: frozenset[str] | None = frozenset()) -> t
     outs = r.spatial_outputs
     if not outs:
         return r.inputs
+    if "index_put" in (r.op_name.rstrip("_"), aten_op(r).rstrip("_")):  # ``buf[idx] = y``: y fills indexed rows
+        return tuple(i for i in r.inputs if i.meta.rank == outs[0].rank)
     return tuple(i for i in r.inputs if _elementwise(i.meta.shape, outs[0].shape))
 
 

@@ -296,6 +296,15 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     ),
     "angle_of_a_complex_map": lambda: Between(lambda s, y: torch.complex(y, y.flip(1)).angle()),
     "isin_of_a_channel_slice": lambda: Between(lambda s, y: torch.isin(y[:, :4], 0.5).float(), post=4),
+    # a map's rows written into a larger NCHW buffer by an index (torchvision's MultiScaleRoIAlign:
+    # ``result[idx_in_level] = ...``): the values fill the indexed rows, read across layouts; the
+    # rule read only operands of the output's shape and charged nothing under export and hooks
+    "assign_rows_into_a_larger_nchw_buffer": lambda: Between(
+        lambda s, y: (lambda r: (r.__setitem__(s.idx, y), r)[1])(torch.zeros(3, 8, 16, 16)), idx=torch.tensor([0, 2])
+    ),
+    "index_put_accumulate_into_a_larger_buffer": lambda: Between(
+        lambda s, y: torch.zeros(3, 8, 16, 16).index_put_((s.idx,), y, accumulate=True), idx=torch.tensor([0, 2])
+    ),
     # every reduction that names its dims is judged so, wherever its ``dim`` stands among its arguments
     # (``torch.norm(x, p, dim)``, ``kthvalue(x, k, dim)``) and whatever it returns (values and indices,
     # an int64 argmax): a sweep of reductions found norm, std, var, max, median, argmax... of a product
