@@ -273,7 +273,8 @@ class _Chain:
             same = cause == str(eager_error)
             if not same and (nchw := nchw_error(self.runner, self.model, self.args, self.kwargs)) is not None:
                 eager_error, same = nchw, cause == str(nchw)
-            tail = "eager forward fails the same way" if same else f"eager forward fails too: {first_line(eager_error)}"
+            run = "eager forward on fake tensors" if self.runner.fake else "eager forward"  # (not the model's own)
+            tail = f"{run} fails the same way" if same else f"{run} fails too: {first_line(eager_error)}"
             raise PropagationError(f"{e} ({tail})", node=e.node, node_format=e.node_format) from e
 
     def _hooks(self) -> Captured:

@@ -265,4 +265,29 @@ def test_a_wrong_input_shape_quotes_the_error_the_nchw_model_meets(mode: str) ->
         nhwc_audit.audit(_ViewHead(), torch.randn(1, 3, 32, 32), mode=mode)  # type: ignore[arg-type]
     message = str(info.value)
     assert "node 'fc'" in message and "the model's own error at the audited shapes" in message
-    assert message.endswith("(eager forward fails the same way)") and "view size" not in message
+    run = "eager forward on fake tensors" if mode == "fake" else "eager forward"
+    assert message.endswith(f"({run} fails the same way)") and "view size" not in message
+
+
+class PicksByAValue(nn.Module):
+    """``y[torch.where(level == 0)[0]]`` (torchvision's MultiScaleRoIAlign per level): its output's shape
+    needs the buffer's values, which fake tensors do not have; the model's own run works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.post = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("level", torch.tensor([0, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        return self.post(y[torch.where(self.level == 0)[0]])
+
+
+def test_a_fake_run_s_error_says_the_eager_run_it_compared_was_on_fake_tensors() -> None:
+    # it said "(eager forward fails the same way)", read as the model's own error where the model runs
+    with pytest.raises(PropagationError) as e:
+        nhwc_audit.audit(
+            PicksByAValue().eval(), torch.randn(2, 8, 16, 16), capture="export", mode="fake", bandwidth=1e9
+        )
+    assert str(e.value).endswith("(eager forward on fake tensors fails the same way)"), str(e.value)
+    assert "--mode real" in str(e.value)
