@@ -268,7 +268,7 @@ def check(
     """
     kinds = fail_on_kinds(fail_on)
     report = audit(model, example_inputs, **options)
-    offenders = report.findings_of(kinds)
+    offenders = report.offenders(kinds)
     if offenders:
         raise channels_last_error(report, offenders)
     return report

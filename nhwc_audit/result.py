@@ -72,6 +72,11 @@ class AuditReport:
         wanted = frozenset(kinds)
         return [f for f in self.findings if f.kind in wanted and not f.intrinsic]
 
+    def offenders(self, kinds: Iterable[FindingKind]) -> list[Finding]:
+        """:meth:`findings_of`, as ``check()`` and ``--fail-on`` list them: breaks first (a converted
+        model that raises), then the costliest."""
+        return sorted(self.findings_of(kinds), key=lambda f: (f.kind is not FindingKind.BREAK, -f.bytes, f.index))
+
     def to_dict(self) -> dict[str, Any]:
         from .report.serialize import extras_dict
 

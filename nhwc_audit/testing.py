@@ -73,7 +73,7 @@ def check_report(report: AuditReport, *, allow: Iterable[str] | str = (), fail_o
     """:func:`assert_channels_last` on a report already made."""
     __tracebackhide__ = True  # pytest shows the caller's line, not this frame
     accepted, kinds = checked_arguments(allow, fail_on)
-    offenders = [f for f in report.findings_of(kinds) if not _allowed(f, accepted)]
+    offenders = [f for f in report.offenders(kinds) if not _allowed(f, accepted)]
     if offenders:
         lines = [f"{report.meta.model} does not stay channels_last: {len(offenders)} finding(s) not allowed"]
         lines += [f"  {offender_line(f)}\n    key: {f.key}" for f in offenders]

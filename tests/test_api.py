@@ -549,3 +549,28 @@ def test_a_dataclass_output_is_audited_as_a_tuple_is(train: bool) -> None:
         r = audit(model, x, bandwidth=1e9, train=train)
         found.append(sorted((f.kind.value, f.bytes) for f in r.findings))
     assert found[0] == found[1] and ("backward" in {k for k, _ in found[0]}) == train
+
+
+class _NormThenViewHead(nn.Module):
+    """An InstanceNorm (a revert and the conversion after it), then ``view(n, -1)`` of the map: a break."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.norm(self.conv1(x)))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_check_lists_a_break_first_then_the_costliest() -> None:
+    # the break (the converted model raises there) was listed last, after the findings before it in the
+    # graph; the CLI's --fail-on line showed five and hid it behind "+1 more" (a new user's trial)
+    with pytest.raises(ChannelsLastError) as exc:
+        check(_NormThenViewHead(), torch.randn(2, 3, 8, 8), bandwidth=BANDWIDTH)
+    offenders = exc.value.offenders  # type: ignore[attr-defined]
+    assert [f.kind.value for f in offenders][0] == "break"
+    rest = [f.bytes for f in offenders[1:]]
+    assert rest == sorted(rest, reverse=True) and len(rest) >= 2
+    assert str(exc.value).splitlines()[1].lstrip().startswith("1. break: view")

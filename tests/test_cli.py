@@ -197,6 +197,33 @@ def test_python_dash_m_and_console_script_on_bundled_example(tmp_path: Path) -> 
     assert (tmp_path / "reports" / "nhwc_audit.examples.unet.json").is_file()
 
 
+@pytest.mark.parametrize(("fail_on", "code"), [("never", 0), ("any", 1)])
+def test_a_reader_that_closes_the_pipe_leaves_the_run_s_exit_code_and_reports(
+    tmp_path: Path, fail_on: str, code: int
+) -> None:
+    """``nhwc-audit m:f | head -1``: rich's console ended the process with exit code 1 (``--fail-on``'s)
+    where its reader had closed the pipe (a new user's trial). Here the read end is closed before the
+    run prints anything: every write to standard output fails."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "nhwc_audit", "nhwc_audit.examples:unet", "--bandwidth", "2GB/s"]
+            + ["--fail-on", fail_on],
+            cwd=tmp_path,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NO_COLOR": "1"},
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert (tmp_path / "reports" / "nhwc_audit.examples.unet.json").is_file()
+
+
 def test_debug_keeps_exit_3_for_internal_errors(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -298,3 +325,12 @@ def test_saving_the_repair_of_an_untraceable_model_with_nothing_to_repair_says_w
     text = " ".join((out + err).split())
     assert "saving the repaired model not done: nothing to save: torch.fx cannot trace the model whole" in text
     assert "ReportWriteError" not in text and not (workdir / "pkg").exists()
+
+
+def test_help_names_the_other_commands_and_what_save_repaired_implies(capsys: pytest.CaptureFixture[str]) -> None:
+    # a new user's trial: --help named neither 'diff' nor 'atlas' (the README's CLI block shows both),
+    # nor that --save-repaired runs the repair
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "nhwc-audit diff OLD.json NEW.json" in out and "nhwc-audit atlas" in out
+    assert "implies --apply" in out

@@ -103,11 +103,15 @@ def decide(
     against = 0
     reasons.append(f"{len(convs)} convolution{'' if len(convs) == 1 else 's'}")
     if grouped:
-        reasons.append(f"{len(grouped)} grouped, non-depthwise convolutions (slower in channels_last per inductor)")
+        reasons.append(
+            f"{len(grouped)} grouped, non-depthwise convolution{'' if len(grouped) == 1 else 's'} "
+            "(slower in channels_last per inductor)"
+        )
         against += len(grouped) * 2 >= len(convs)
     if shrinking:
         reasons.append(
-            f"{len(shrinking)} convolutions with out <= in/2 channels and kernel > 1 (inductor avoids channels_last)"
+            f"{len(shrinking)} convolution{'' if len(shrinking) == 1 else 's'} with out <= in/2 channels and kernel > 1 "
+            "(inductor avoids channels_last)"
         )
         against += len(shrinking) * 2 >= len(convs)
     if small:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import traceback
 import warnings
@@ -40,7 +41,7 @@ def _atlas(argv: Sequence[str]) -> int:
     from ..zoo.atlas import run_atlas
 
     rows = run_atlas(Path(args.out), args.models, jobs=args.jobs, threads=args.threads)
-    print(f"atlas: {len(rows)} models -> {Path(args.out) / 'index.html'}")
+    _say(f"atlas: {len(rows)} models -> {Path(args.out) / 'index.html'}")
     return 0
 
 
@@ -69,13 +70,22 @@ def _print_diff(diff: ReportDiff, json_path: Path | None, html: tuple[Path, str]
     from ..report.files import write_all_atomic
 
     for line in diff.lines():
-        print(line)
+        _say(line)
     files = [(json_path, json.dumps(diff.to_dict(), indent=2) + "\n")] if json_path is not None else []
     if html is not None:
         files.append(html)
     if files:
         write_all_atomic(files)
     return 1 if diff.regressions else 0
+
+
+def _say(line: str) -> None:
+    """Print ``line``; where the reader closed the pipe (``| head -1``), print nothing more and go on
+    (the files and the exit code are the run's)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nhwc-audit: interrupted", file=sys.stderr)
         return 130
+
     except Exception as e:
         if args.debug:
             traceback.print_exc()

@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
             "revert to NCHW, which break, and what the layout conversions cost. Loading SPEC "
             "imports and runs its code, like running it."
         ),
+        epilog=(
+            "other commands: 'nhwc-audit diff OLD.json NEW.json [--json OUT] [--html OUT]' compares two "
+            "reports (exit 1 on a new or grown finding); 'nhwc-audit atlas [--models NAME ...]' audits "
+            "the public model zoo into one index page ('nhwc-audit atlas --help')"
+        ),
     )
     p.add_argument("spec", help="package.module:attr or path/to/file.py:attr (a module, a class, or a build_fn)")
     p.add_argument(
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-repaired",
         default=None,
         metavar="DIR",
-        help="write the repaired model here as a Python package (code and weights): "
+        help="repair (implies --apply) and write the repaired model here as a Python package (code and weights): "
         "from DIR import Repaired; Repaired()(x); for a model torch.fx cannot trace as a whole, "
         "its repaired parts: import DIR; DIR.apply(model)",
     )

@@ -22,6 +22,26 @@ __all__ = ["run"]
 T = TypeVar("T")
 
 
+def _silenced_stdout() -> None:
+    """Standard output sent to the null device: its reader closed the pipe (``| head -1``)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _Out(**options: Any) -> Any:
+    """rich's Console, which ends the process with exit code 1 when its reader closes the pipe
+    (``nhwc-audit m:f | head -1``), 1 being ``--fail-on``'s: this one stops printing and the run goes on
+    (reports written, its own exit code)."""
+    from rich.console import Console
+
+    class Out(Console):
+        def on_broken_pipe(self) -> None:
+            _silenced_stdout()
+            self.quiet = True
+
+    return Out(**options)
+
+
 def _default_name(spec: str) -> str:
     name = spec.strip().replace(os.sep, "/").rsplit("/", 1)[-1]
     name = name.replace(".py:", ".").replace(":", ".")
@@ -107,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = target.args
 
     interactive = sys.stdout.isatty() and not args.quiet and not os.environ.get("NO_COLOR")
-    out = Console(quiet=args.quiet, highlight=False, width=None if sys.stdout.isatty() else 160)
+    out = _Out(quiet=args.quiet, highlight=False, width=None if sys.stdout.isatty() else 160)
     progress_cb = None
     progress_ctx = None
     if interactive:
@@ -191,7 +211,7 @@ def _exit_code(report: AuditReport, fail_on: FailOn, baseline: dict[str, Any] | 
         if diff.regressions:
             print(f"nhwc-audit: --baseline: {len(diff.regressions)} new or grown finding(s)", file=sys.stderr)
             code = 1
-    offenders = report.findings_of(FAIL_ON[fail_on])
+    offenders = report.offenders(FAIL_ON[fail_on])
     if not offenders:
         return code
     named = "; ".join(f"{f.kind.value} {f.node} ({f.module_label})" for f in offenders[:5])

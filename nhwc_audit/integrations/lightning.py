@@ -89,6 +89,6 @@ class ChannelsLastAudit(pl.Callback):  # type: ignore[misc]  # pytorch_lightning
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        offenders = report.findings_of(fail_on_kinds(self.fail_on))
+        offenders = report.offenders(fail_on_kinds(self.fail_on))
         if offenders:  # the report's path is in the log line above
             raise channels_last_error(report, offenders)

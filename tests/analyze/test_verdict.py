@@ -70,7 +70,7 @@ def test_transposed_convolutions_are_not_counted_as_grouped(audit_fixed: Callabl
     assert infos["grouped"].groups == 4
     assert r.verdict is not None
     assert [reason for reason in r.verdict.reasons if "grouped" in reason] == [
-        "1 grouped, non-depthwise convolutions (slower in channels_last per inductor)"
+        "1 grouped, non-depthwise convolution (slower in channels_last per inductor)"
     ]
 
 
