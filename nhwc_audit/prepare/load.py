@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -212,7 +213,19 @@ def call_build_fn(obj: Any, where: str) -> Any:
     try:
         return obj()
     except Exception as e:
-        raise TargetLoadError(f"{where} raised {type(e).__name__}: {e}") from e
+        raise TargetLoadError(f"{where} raised {type(e).__name__}: {e}{raised_at(e)}") from e
+
+
+def raised_at(e: BaseException) -> str:
+    """`` (at file:line)``: the innermost frame of the user's code the error passed through (not
+    torch's, nor this package's), relative to the working folder where it lies below it; '' if none."""
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith(skipped) and not frame.filename.startswith("<"):
+            rel = os.path.relpath(path)
+            return f" (at {path if rel.startswith('..') else rel}:{frame.lineno})"
+    return ""
 
 
 def load_target(spec: str) -> LoadedTarget:

@@ -50,6 +50,9 @@ class Change:
 @dataclass(frozen=True, slots=True)
 class ReportDiff:
     changes: tuple[Change, ...]
+    notes: tuple[str, ...] = ()
+    """What differs between the two audits besides the model (:func:`_unlike`): their bytes compare
+    only at the same inputs, dtype, mode and device."""
 
     @property
     def regressions(self) -> tuple[Change, ...]:
@@ -57,9 +60,9 @@ class ReportDiff:
 
     def lines(self) -> list[str]:
         """One line per change, regressions first."""
+        out = [f"note: {n}" for n in self.notes]
         if not self.changes:
-            return ["no change in findings"]
-        out = []
+            return [*out, "no change in findings"]
         for c in sorted(self.changes, key=lambda c: (not c.regression, c.kind, c.key)):
             counts = f"{c.count_before} -> {c.count_after}"
             sizes = f"{fmt_bytes(c.bytes_before)} -> {fmt_bytes(c.bytes_after)}"
@@ -72,10 +75,11 @@ class ReportDiff:
 
         ordered = sorted(self.changes, key=lambda c: (not c.regression, c.kind, c.key))
         template = jinja_environment().get_template("diff.html")
-        return template.render(changes=ordered, regressions=len(self.regressions), old=old, new=new)
+        return template.render(changes=ordered, regressions=len(self.regressions), old=old, new=new, notes=self.notes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "notes": list(self.notes),
             "regressions": len(self.regressions),
             "changes": [
                 {
@@ -135,7 +139,24 @@ def diff_reports(before: Mapping[str, Any], after: Mapping[str, Any]) -> ReportD
             kind = "shrunk"
         lines = tuple(sorted((a if a.count else b).lines))
         changes.append(Change(key, kind, b.count, a.count, b.nbytes, a.nbytes, a.hint or b.hint, lines))
-    return ReportDiff(tuple(changes))
+    return ReportDiff(tuple(changes), _unlike(before, after))
+
+
+def _shapes(report: Mapping[str, Any]) -> str:
+    inputs = [*report.get("inputs", []), *report.get("keyword_inputs", [])]
+    return ", ".join("x".join(map(str, i.get("shape", []))) for i in inputs) or "none"
+
+
+def _unlike(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[str, ...]:
+    """A note per setting the two audits ran with otherwise (inputs, dtype, mode, device): bytes
+    scale with the inputs, and the kernels differ with the rest."""
+    notes = []
+    if (old := _shapes(before)) != (new := _shapes(after)):
+        notes.append(f"the audits ran on other inputs ({old} -> {new}): their bytes do not compare")
+    for key in ("dtype", "mode", "device"):
+        if before.get(key) != after.get(key):
+            notes.append(f"the audits ran with another {key} ({before.get(key)} -> {after.get(key)})")
+    return tuple(notes)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -107,3 +107,20 @@ def test_diff_as_html(workdir: Path) -> None:
     assert "regression" in rows[0]["class"] and "<script" not in Path("out/d.html").read_text()
     assert main(["diff", "new.json", "old.json", "--html", "back.html"]) == 0
     assert "no new or grown findings" in Path("back.html").read_text()
+
+
+def test_a_diff_of_audits_on_other_inputs_says_their_bytes_do_not_compare(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a new user's trial: a baseline made at 2x3x64x64 against a run at 4x3x64x64 printed ten 'grown'
+    # lines and exit 1 with nothing saying the inputs differed
+    small, big = _report("net.py:old", "small.json"), _report("net.py:old", "big.json", "2x3x16x16")
+    diff = diff_reports(small, big)
+    assert diff.notes == ("the audits ran on other inputs (1x3x16x16 -> 2x3x16x16): their bytes do not compare",)
+    assert diff.lines()[0] == f"note: {diff.notes[0]}"
+    assert diff_reports(small, small).notes == ()
+    assert main(["net.py:old", "--input", "2x3x16x16", "--bandwidth", "1e9", "--no-report", "--baseline", "small.json"])
+    assert "note: the audits ran on other inputs" in capsys.readouterr().out
+    assert main(["diff", "small.json", "big.json", "--json", "d.json", "--html", "d.html"]) == 1
+    assert json.loads(Path("d.json").read_text())["notes"] == list(diff.notes)
+    assert "their bytes do not compare" in Path("d.html").read_text()
