@@ -92,12 +92,16 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     >>> default_input_shape(nn.Sequential(nn.Conv3d(1, 8, 3)))
     (1, 1, 16, 112, 112)
     """
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            return (1, m.in_channels, 224, 224)
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-            return (1, m.in_channels, 16, 112, 112)
-    return DEFAULT_INPUT_SHAPE
+    conv = first_conv(model)
+    if conv is None:
+        return DEFAULT_INPUT_SHAPE
+    return (1, conv.in_channels, 224, 224) if conv.weight.dim() == 4 else (1, conv.in_channels, 16, 112, 112)
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d | nn.ConvTranspose2d | nn.Conv3d | nn.ConvTranspose3d | None:
+    """The model's first 2D or 3D convolution (in module order), which decides its input's rank."""
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d)
+    return next((m for m in model.modules() if isinstance(m, kinds)), None)
 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: Mode) -> torch.device:

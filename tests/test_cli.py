@@ -334,3 +334,22 @@ def test_help_names_the_other_commands_and_what_save_repaired_implies(capsys: py
     out = " ".join(capsys.readouterr().out.split())
     assert "nhwc-audit diff OLD.json NEW.json" in out and "nhwc-audit atlas" in out
     assert "implies --apply" in out
+
+
+def test_an_input_of_another_rank_than_the_first_conv_takes_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a new user's trial: a 3D UNet given --input 1x1x64x64 (a Conv3d runs it as one unbatched volume)
+    # failed deep inside, at a cat, with nothing saying the input wanted 5 dims
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vol.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 64 * 64, 2))\n"
+    )
+    assert main(["vol.py:build", "--input", "1x1x64x64", "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.rstrip().endswith(
+        "--input 1x1x64x64 has 4 dims where the model's first convolution takes 5 (N x C x D x H x W)"
+    )

@@ -42,6 +42,30 @@ def _Out(**options: Any) -> Any:
     return Out(**options)
 
 
+def _with_rank_hint(shapes: Any, model: Any, run: Callable[[], T]) -> T:
+    """``run()``; where the model fails on an ``--input`` of another rank than its first convolution
+    takes (a Conv3d model given 1x1x64x64 runs it as one unbatched volume and fails deep inside), the
+    error names the rank to give."""
+    from torch import nn
+
+    from ..api import first_conv
+    from ..errors import PropagationError
+
+    try:
+        return run()
+    except PropagationError as e:
+        conv = first_conv(model) if isinstance(model, nn.Module) else None
+        rank = conv.weight.dim() if conv is not None else None
+        odd = [s for s in shapes or () if rank is not None and len(s) != rank]
+        if not odd:
+            raise
+        dims = "N x C x D x H x W" if rank == 5 else "N x C x H x W"
+        given = "x".join(map(str, odd[0]))
+        raise PropagationError(
+            f"{e}; --input {given} has {len(odd[0])} dims where the model's first convolution takes {rank} ({dims})"
+        ) from e
+
+
 def _default_name(spec: str) -> str:
     name = spec.strip().replace(os.sep, "/").rsplit("/", 1)[-1]
     name = name.replace(".py:", ".").replace(":", ".")
@@ -144,21 +168,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         if progress_ctx is not None:
             progress_ctx.start()
-        report = audit(
+        report = _with_rank_hint(
+            shapes,
             target.model,
-            inputs,
-            example_kwargs=target.kwargs,
-            dtype=dtype,
-            device=args.device,
-            bandwidth=bandwidth,
-            name=args.spec,
-            capture=args.capture,
-            autocast=args.autocast,
-            mode=args.mode,
-            train=args.train,
-            verify=not args.no_verify,
-            progress=progress_cb,
-            threads=args.threads,
+            lambda: audit(
+                target.model,
+                inputs,
+                example_kwargs=target.kwargs,
+                dtype=dtype,
+                device=args.device,
+                bandwidth=bandwidth,
+                name=args.spec,
+                capture=args.capture,
+                autocast=args.autocast,
+                mode=args.mode,
+                train=args.train,
+                verify=not args.no_verify,
+                progress=progress_cb,
+                threads=args.threads,
+            ),
         )
     finally:
         if progress_ctx is not None:
