@@ -74,8 +74,8 @@ class AuditReport:
 
     def offenders(self, kinds: Iterable[FindingKind]) -> list[Finding]:
         """:meth:`findings_of`, as ``check()`` and ``--fail-on`` list them: breaks first (a converted
-        model that raises), then the costliest."""
-        return sorted(self.findings_of(kinds), key=lambda f: (f.kind is not FindingKind.BREAK, -f.bytes, f.index))
+        model that raises there), then the rest in graph order (causes before the conversions they cause)."""
+        return sorted(self.findings_of(kinds), key=lambda f: f.kind is not FindingKind.BREAK)
 
     def to_dict(self) -> dict[str, Any]:
         from .report.serialize import extras_dict

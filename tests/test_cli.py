@@ -135,7 +135,7 @@ def test_json_path_and_input_shapes(workdir: Path, capsys: pytest.CaptureFixture
         ("broken_import:build", [], "importing 'broken_import' raised ImportError: no module named timm_extra"),
         ("usermodels:buld", [], "has no attribute 'buld'; did you mean 'build'"),
         ("usermodels:not_a_model", [], "is of type int, neither an nn.Module nor a callable"),
-        ("usermodels:build_raises", [], "raised ValueError: weights folder missing (at usermodels.py:"),
+        ("usermodels:build_raises", [], "raised ValueError: weights folder missing (at "),
         ("usermodels:build_needs_args", [], "needs arguments (depth)"),
         ("usermodels:build_returns_str", [], "returned str, not an nn.Module"),
         ("usermodels:build", ["--input", "1x3xax224"], "is not a shape"),
