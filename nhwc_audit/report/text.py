@@ -162,10 +162,10 @@ def count_parts(m: AuditMeta, s: Summary) -> list[tuple[str, FindingKind | None]
 def cost_line(m: AuditMeta, s: Summary) -> str:
     """Bytes moved by layout changes per forward (per training step where backward findings count
     too) and the time they cost at the bandwidth."""
-    return (
-        f"{fmt_bytes(s.bytes_moved)} moved by layout changes {s.per} "
-        f"(~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s, {m.bandwidth_source})"
-    )
+    moved = f"{fmt_bytes(s.bytes_moved)} moved by layout changes {s.per}"
+    if not s.bytes_moved:  # (no time to estimate: '~0.0 us at 2.1 GB/s' said nothing, a new user's trial)
+        return moved
+    return f"{moved} (~{fmt_seconds(s.est_seconds)} at {fmt_bytes(m.bandwidth)}/s, {m.bandwidth_source})"
 
 
 def share_line(s: Summary) -> str:

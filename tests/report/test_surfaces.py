@@ -209,3 +209,14 @@ def test_the_html_stats_name_one_finding_in_the_singular() -> None:
     html = audit(m, torch.randn(1, 3, 16, 16), bandwidth=1e9).to_html()
     stats = re.findall(r'<b class="kind (?:revert|conversion|break)">(\d+)</b><span>([a-z ]+)</span>', html)
     assert stats == [("1", "revert"), ("1", "conversion"), ("0", "breaks")]
+
+
+def test_nothing_moved_is_said_without_a_time_at_a_bandwidth() -> None:
+    # a clean model's line said '0 B moved by layout changes per forward (~0.0 us at 2.1 GB/s, measured)'
+    from nhwc_audit import audit
+    from nhwc_audit.report.text import cost_line
+
+    clean = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    r = audit(clean, torch.randn(1, 3, 16, 16), bandwidth=2e9)
+    assert cost_line(r.meta, r.summary) == "0 B moved by layout changes per forward"
+    assert "at 2.0 GB/s" not in str(r)
