@@ -72,7 +72,9 @@ def _backward_findings(ctx: Ctx, r: NodeRecord) -> list[Finding]:
         if nbytes <= 0:
             continue
         lead = max(copies, key=lambda c: c.bytes)
-        ops = f"{', '.join(dict.fromkeys(c.op for c in copies))}; its gradient comes from {users}"
+        # (a kernel's copy of what it computed, its weight gradient, is its own whatever feeds it the gradient:
+        # a group of them named one source for convolutions of several, a new user's trial)
+        ops = ", ".join(dict.fromkeys(c.op for c in copies)) + ("" if inside else f"; its gradient comes from {users}")
         out.append(
             make_finding(
                 ctx,

@@ -215,3 +215,23 @@ def test_a_convolution_s_backward_is_shared_by_the_changes_upstream_and_downstre
         log = report.repaired().repair
         assert log is not None and [s.kind for s in log.steps] == [kind]
         assert log.bytes_before - log.bytes_after == fixes[op].bytes, op
+
+
+def test_a_kernel_s_own_copies_name_no_gradient_source() -> None:
+    """A channels_last CPU convolution's backward copies its weight gradient, computed NCHW, into
+    channels_last whatever feeds it the gradient; "What to change" grouped those of nine convolutions
+    under "its gradient comes from InstanceNorm2d" where several got theirs from a BatchNorm2d (a new
+    user's trial). The clause stays where it tells what to change: a gradient re-laid."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.InstanceNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1),
+    ).train()
+    r = audit(model, torch.randn(2, 3, 16, 16), bandwidth=1e9, train=True)
+    own = [f for f in r.findings if f.kind.value == "backward" and f.intrinsic]
+    assert len(own) >= 2 and not [f for f in own if "its gradient comes from" in f.hint]
+    relaid = [f for f in r.findings if f.kind.value == "backward" and not f.intrinsic]
+    assert all("its gradient comes from" in f.hint for f in relaid)
