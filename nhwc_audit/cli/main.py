@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import traceback
 import warnings
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..errors import first_line
 from ..timing.quiet import native_stderr_silenced
 from .parser import build_parser
-from .run import run
+from .run import run, silence_stdout
 
 if TYPE_CHECKING:
     from ..report.diff import ReportDiff
@@ -85,7 +84,7 @@ def _say(line: str) -> None:
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,7 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nhwc-audit: interrupted", file=sys.stderr)
         return 130
-
     except Exception as e:
         if args.debug:
             traceback.print_exc()

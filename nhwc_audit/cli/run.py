@@ -17,12 +17,12 @@ from ..records import FAIL_ON, FailOn
 if TYPE_CHECKING:
     from ..result import AuditReport
 
-__all__ = ["run"]
+__all__ = ["run", "silence_stdout"]
 
 T = TypeVar("T")
 
 
-def _silenced_stdout() -> None:
+def silence_stdout() -> None:
     """Standard output sent to the null device: its reader closed the pipe (``| head -1``)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
@@ -36,7 +36,7 @@ def _Out(**options: Any) -> Any:
 
     class Out(Console):
         def on_broken_pipe(self) -> None:
-            _silenced_stdout()
+            silence_stdout()
             self.quiet = True
 
     return Out(**options)

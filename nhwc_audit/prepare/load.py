@@ -14,7 +14,6 @@ import math
 import numbers
 import os
 import sys
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture.source import failing_frame
 from ..errors import TargetLoadError, UsageError
 
 __all__ = [
@@ -217,15 +217,14 @@ def call_build_fn(obj: Any, where: str) -> Any:
 
 
 def raised_at(e: BaseException) -> str:
-    """`` (at file:line)``: the innermost frame of the user's code the error passed through (not
-    torch's, nor this package's), relative to the working folder where it lies below it; '' if none."""
-    skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for frame in reversed(traceback.extract_tb(e.__traceback__)):
-        path = os.path.abspath(frame.filename)
-        if not path.startswith(skipped) and not frame.filename.startswith("<"):
-            rel = os.path.relpath(path)
-            return f" (at {path if rel.startswith('..') else rel}:{frame.lineno})"
-    return ""
+    """`` (at file:line)``: the innermost frame of the user's code the error passed through
+    (:func:`~nhwc_audit.capture.source.failing_frame`), relative to the working folder where it lies
+    below it; '' if none."""
+    loc = failing_frame(e)
+    if loc is None or loc.file.startswith("<"):
+        return ""
+    rel = os.path.relpath(loc.file)
+    return f" (at {loc.file if rel.startswith('..') else rel}:{loc.line})"
 
 
 def load_target(spec: str) -> LoadedTarget:
