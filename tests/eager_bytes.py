@@ -81,9 +81,11 @@ def _site() -> str:
 
 
 def _order(t: torch.Tensor, dims: list[int]) -> list[int]:
-    """Positions (into ``dims``) of ``t``'s dims, outermost memory first."""
+    """Positions (into ``dims``) of ``t``'s dims, outermost memory first; dims of one stride (an
+    overlapping view: ``unfold``'s windows and their positions) in their logical order, the order a
+    read of that view walks memory in."""
     strides = t.stride()
-    return sorted(range(len(dims)), key=lambda k: (-strides[dims[k]], -k))
+    return sorted(range(len(dims)), key=lambda k: (-strides[dims[k]], k))
 
 
 def _aligned(

@@ -312,7 +312,20 @@ class PositionTableUnderTwoNames(nn.Module):
         return self.table(self.conv(x) + self.table.pos)
 
 
+class SlidingWindowMax(nn.Module):
+    """The max of 3-wide windows along W (``unfold``: an overlapping view) between convolutions:
+    ``amax``'s backward reads the saved view, whose windows run along the channels in channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).unfold(3, 3, 1).amax(-1))
+
+
 CASES: dict[str, Callable[[], nn.Module]] = {
+    "sliding_window_max": SlidingWindowMax,
     "position_table_under_two_names": PositionTableUnderTwoNames,
     "input_laid_channels_innermost": InputLaidChannelsInnermost,
     "no_grad_block": NoGradBlock,
