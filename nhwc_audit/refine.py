@@ -267,8 +267,13 @@ def with_nchw_baseline(
     both |= {k: both.get(k, 0) + n for k, n in displaced(records, both, charged).items()}
     if captured.capture is None:  # the eager capture records only the ops a run makes: NCHW's copies of its own
         both |= {k: both.get(k, 0) + n for k, n in unpaired(nchw, pairs, moved, charged).items()}
+    changed = captured.as_built[1]
+    read = (
+        f"NCHW baseline: the strides torch.export fixed from the channels_last sample ({', '.join(changed)}) "
+        "read as the NCHW model reads its own",
+    )
     if not both and not own:
-        return records, ()
+        return records, read if changed else ()
     out = [
         dataclasses.replace(r, nchw_bytes=both.get(r.name, 0), nchw_inside=own.get(r.name, 0))
         if r.name in both or r.name in own
@@ -287,4 +292,4 @@ def with_nchw_baseline(
                 f"NCHW baseline: {len(hit)} {what} in NCHW too ({', '.join(sorted({f.op for f in hit}))}): "
                 "charged only the bytes channels_last adds"
             )
-    return out, tuple(notes)
+    return out, tuple(notes) + (read if changed else ())

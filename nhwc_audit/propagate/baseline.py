@@ -116,10 +116,12 @@ def nchw_backward(captured: Captured, runner: Runner) -> dict[str, tuple[int, in
     from eager's on an NCHW model too (diffusers' UNet2DModel with attention at batch 1: 7
     nodes move data on fake tensors, 4 for real), and the corrections a fake run makes are
     checked on channels_last runs."""
-    if captured.gm is None or captured.inputs is None:
+    graph, changed = captured.as_built
+    if captured.gm is None or graph is None or captured.inputs is None:
         return f"the {captured.method} capture has no graph to run backward through"
     corrections = runner.corrections()  # the run's own: its kernels' strides and its nodes' outputs
-    holder = _Backward(captured.gm, captured.unconverted, corrections)
+    gm = captured.gm if not changed else torch.fx.GraphModule(captured.gm, graph, type(captured.gm).__name__)
+    holder = _Backward(gm, captured.unconverted, corrections)
     call = tuple(tree_map(runner.built, v) for v in captured.inputs)
     why = _run_as_built(holder, call, runner, corrections, left=captured.unconverted)
     return why if why is not None else holder.moved
@@ -240,8 +242,9 @@ def _nchw_run(
     # a fake run writes to no storage: only a real one is guarded, and its weights, seen through
     # NCHW strides, have the model's values (shapes made from values are the model's)
     shared: frozenset[int] = frozenset() if runner.fake else _values_kept(runner.shared)
-    if captured.capture is not None and captured.inputs is not None:
-        holder = _Graph(captured.capture.root, captured.capture.graph, shared, corrections)
+    graph = captured.as_built[0]
+    if captured.capture is not None and graph is not None and captured.inputs is not None:
+        holder = _Graph(captured.capture.root, graph, shared, corrections)
         call: tuple[Any, ...] = tuple(tree_map(runner.built, v) for v in captured.inputs)
     else:
         holder = _Eager(model, shared, corrections)

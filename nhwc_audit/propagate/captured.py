@@ -16,6 +16,7 @@ from ..errors import PropagationError, first_line
 from ..records import NodeRecord
 from ..tensors import detached
 from .backward import GradRun
+from .baked import nchw_graph
 from .compare import first_difference
 from .runner import fake_limitation
 
@@ -58,6 +59,17 @@ class Captured:
         if self.capture is None or self.method != "fx":
             return frozenset()
         return frozenset(t for t, _ in made_attributes(self.capture))
+
+    @functools.cached_property
+    def as_built(self) -> tuple[torch.fx.Graph | None, tuple[str, ...]]:
+        """The graph the NCHW runs take (None for the hooks capture), and the nodes it changed: an
+        exported graph's ``as_strided`` strides, fixed from the channels_last sample, read as the NCHW
+        model reads its own (:func:`~.baked.nchw_graph`; asked by the NCHW baseline and its backward)."""
+        if self.capture is None:
+            return None, ()
+        if self.method != "export":
+            return self.capture.graph, ()
+        return nchw_graph(self.capture.graph, self.records)
 
     @property
     def kept(self) -> KeptGraph | None:
