@@ -1,19 +1,38 @@
-"""Tensor constants of an fx trace that the graph writes in place, made fresh in each run."""
+"""Tensor constants of an fx trace: those that are views of buffers, marked; those the graph writes
+in place, made fresh in each run."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
 
 from .proxies import written_operand
 
-__all__ = ["fresh_constants"]
+__all__ = ["BUFFER_VIEW_KEY", "buffer_view", "fresh_constants"]
 
 
 _CONSTANT = "_tensor_constant"
 """The prefix of the root attributes the tracer stows a tensor forward made in (:meth:`_Tracer._constant`)."""
+
+
+BUFFER_VIEW_KEY = "nhwc_audit_buffer_view"
+"""Node meta of a constant that is a view of one of the root's buffers but a map: (the buffer's name,
+the view's shape, strides and storage offset), :func:`buffer_view`."""
+
+
+def buffer_view(a: torch.Tensor, buffer_name: Callable[[torch.Tensor], str | None]) -> tuple[Any, ...] | None:
+    """Where ``a`` is a view forward made of one of the root's buffers but a map (MaxViT's
+    ``self.relative_position_index.view(-1)``; ``buffer_name``: its name in the root, or None):
+    the buffer's name, the view's shape, strides and storage offset. torch's Tracer runs what forward
+    computes from a buffer and stows the result, a tensor of the graph's own: the audit reads it as
+    torch's graph does, a repaired model through its buffer (:func:`~nhwc_audit.fix.buffers.read_through`).
+    A map (4D/5D) buffer is traced, or, where forward reads its values in Python, stowed as traced."""
+    base = a._base
+    name = buffer_name(base) if isinstance(base, torch.Tensor) and base.dim() not in (4, 5) else None
+    return None if name is None else (name, tuple(a.shape), a.stride(), a.storage_offset())
 
 
 def fresh_constants(graph: torch.fx.Graph, root: torch.nn.Module) -> None:

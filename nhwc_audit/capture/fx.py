@@ -19,7 +19,7 @@ from torch.fx.proxy import Proxy, Scope, TracerBase
 
 from ..errors import TraceError, first_line
 from .blocks import AutocastBlock, Checkpoints, autocast_blocks_noted, checkpoints_noted, function_grad_noted
-from .constants import fresh_constants
+from .constants import BUFFER_VIEW_KEY, buffer_view, fresh_constants
 from .context import AUTOCAST_KEY, CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
@@ -207,7 +207,9 @@ class _Tracer(torch.fx.Tracer):
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
             if type(a) is torch.Tensor:  # none of the root's: a constant, stowed as torch stows it
-                return self.create_node("get_attr", self._constant(a), (), {})
+                node = self.create_node("get_attr", self._constant(a), (), {})
+                node.meta[BUFFER_VIEW_KEY] = buffer_view(a, lambda t: self._name_of(t, "b"))  # (a repaired model's)
+                return node
         return super().create_arg(a)
 
     def _constant(self, a: torch.Tensor) -> str:

@@ -22,6 +22,7 @@ from ..errors import ConversionError, TraceError, first_line
 from ..prepare.copy import convert, prepare_inputs
 from ..propagate.runner import quiet
 from . import results as res
+from .buffers import read_through
 from .checkpoints import with_checkpoints
 from .contexts import keep_blocks, keep_state, keeps_state
 from .deviation import deviations
@@ -141,6 +142,8 @@ def repair_model(
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e.plain}") from e
         except Exception as e:
             raise ConversionError(f"repair needs a torch.fx-traceable model: {e}") from e
+        if read_through(gm.graph):  # views forward makes of buffers, read through them (the model's state)
+            gm = torch.fx.GraphModule(converted, gm.graph, type(converted).__name__)
         if keep_blocks(gm.graph, grads=grads):  # forward's no_grad and autocast blocks, which fx does not record
             gm.recompile()
         if cap is None and graph_checked:  # an audit's graph checked against eager; others are checked here

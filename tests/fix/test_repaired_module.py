@@ -524,3 +524,34 @@ def test_a_repaired_model_lists_its_parameters_in_the_models_order() -> None:
     for p, q in zip(gm.parameters(), model.parameters(), strict=True):
         assert p.shape == q.shape
         torch.testing.assert_close(resumed.state[p]["exp_avg"], opt.state[q]["exp_avg"])
+
+
+class BufferViews(nn.Module):
+    """torchvision MaxViT's ``self.relative_position_index.view(-1)``, a scale buffer viewed to
+    broadcast: torch's Tracer runs views of buffers and stowed them as the graph's own tensors
+    (``_tensor_constant0``): the repaired state_dict had 22 keys more than maxvit_t's, a strict
+    ``load_state_dict`` of the model's weights raised, and one not strict left the old values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8)
+        self.register_buffer("scale", torch.ones(8))
+        self.register_buffer("idx", torch.arange(8))
+        self.table = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x))
+        return y * self.scale.view(1, -1, 1, 1) + self.table[self.idx.view(-1)].view(1, -1, 1, 1)
+
+
+def test_a_repaired_model_reads_views_of_its_buffers_through_them() -> None:
+    torch.manual_seed(0)
+    model, x = BufferViews().eval(), torch.randn(2, 3, 16, 16)
+    gm, log = nhwc_audit.repair(model, x)
+    assert log.steps and gm.state_dict().keys() == model.state_dict().keys()
+    other = BufferViews().eval()
+    with torch.no_grad():
+        other.scale.fill_(3.0)
+    gm.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.contiguous(memory_format=torch.channels_last)), other(x))
