@@ -32,7 +32,8 @@ from ..capture.proxies import node_writes
 from ..propagate.fresh_args import FreshArgs
 from ..propagate.inputs import positional_inputs
 from ..tensors import in_a_dense_format
-from .results import CONVERSION, ELEMENTS, ROUNDING, Results, Sample, fresh_copy, gradient_noise, outputs, within
+from .results import CONVERSION, ELEMENTS, ROUNDING, gradient_noise, within
+from .runs import Results, Sample, fresh_copy, outputs
 
 __all__ = ["CONVERSION", "KERNEL", "Float64Run", "against_naive", "naive_results", "rewritten_nodes"]
 

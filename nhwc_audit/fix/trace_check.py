@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import ConversionError, first_line
 from ..propagate.compare import first_difference
 from ..propagate.runner import quiet
-from .results import fresh_copy, outputs
+from .runs import fresh_copy, outputs
 
 __all__ = ["check_trace"]
 

@@ -130,3 +130,37 @@ def test_random_draws_in_the_checks_are_one_whatever_the_layout(draw: str) -> No
     # (the CPU's bernoulli(p) of a tensor p draws in logical order already; the others do not)
     assert torch.equal(nchw, eager) == (draw == "bernoulli")
     assert logical.is_contiguous(memory_format=torch.channels_last) and not logical.is_contiguous()
+
+
+class _Counted(nn.Module):
+    """A conv (and a dropout): a check's run of it, in NCHW or channels_last."""
+
+    def __init__(self, dropout: bool) -> None:
+        super().__init__()
+        self.conv, self.drop = nn.Conv2d(3, 8, 3, padding=1), nn.Dropout(0.5) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.conv(x))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_check_runs_under_no_mode_unless_the_model_draws(dropout: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run under any Python dispatch mode can take other kernel paths than the user's: timm
+    efficientformer_l1's NCHW model at batch 1 gets BatchNorm gradients 0.9 off float64 without one
+    and right under one, so the checks said the conversion moved its gradients 4.8e-6, where the
+    user's two models' differ by 1.8. A check's first run is made without the mode that orders
+    random draws; one that drew (its generator moved) is made again under it, as are the next."""
+    from nhwc_audit.propagate.dispatch import LogicalDraws
+
+    entered: list[int] = []
+    enter = LogicalDraws.__enter__
+    monkeypatch.setattr(LogicalDraws, "__enter__", lambda self: entered.append(1) or enter(self))
+    torch.manual_seed(0)
+    model, x = _Counted(dropout).train(), torch.randn(2, 3, 8, 8)
+    cl = fresh_copy(model).to(memory_format=torch.channels_last)
+    reference: dict[str, object] = {}
+    nchw = outputs(fresh_copy(model), (x,), {}, True, reference=reference)
+    assert reference["draws"] is dropout and bool(entered) is dropout
+    got = outputs(cl, (x.contiguous(memory_format=torch.channels_last),), {}, True, reference=reference)
+    torch.testing.assert_close(got[0], nchw[0])  # one dropout mask whatever the layout
+    torch.testing.assert_close(got[1], nchw[1])
