@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,3 +193,20 @@ def test_fake_copy_holds_what_the_ops_under_fake_mode_would_make() -> None:
             )
             assert out.device.type == device.type and out.shape == (1, 8, 8, 8)
     assert all(type(p) is nn.Parameter for p in model.parameters())  # the user's model untouched
+
+
+@pytest.mark.parametrize("order", [(1, 4), (4, 1)])
+def test_a_fake_audit_predicts_the_conv3d_layouts_of_its_own_thread_count(order: tuple[int, int]) -> None:
+    """A CPU Conv3d picks its backend, and so its output's layout, by the thread count: at batch 2 a
+    1x1x1 one writes NCDHW at one thread, channels_last_3d at four. FakeTensorMode's dispatch cache
+    (one per process) is keyed without it: a fake audit kept the layouts of the thread count of the
+    first fake audit in the process (MONAI SegResNet: 2,654,208 B where eager at 4 threads moves 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(1, 32, 3, padding=1), nn.Conv3d(32, 16, 1, bias=False), nn.Conv3d(16, 8, 3, padding=1)
+    ).eval()
+    x = torch.randn(2, 1, 8, 8, 8)
+    for threads in order:
+        real = audit(model, x, bandwidth=1e9, threads=threads).summary.bytes_moved
+        fake = audit(model, x, bandwidth=1e9, threads=threads, mode="fake").summary.bytes_moved
+        assert fake == real == (393216 if threads == 1 else 0), threads
