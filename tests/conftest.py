@@ -19,6 +19,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json from this run")
 
 
+@pytest.fixture(autouse=True)
+def _threads_put_back() -> Any:
+    """The CPU thread count each test found, put back after it: tests that pin one thread (CPU kernel
+    paths depend on it) left it so for every test after them, whose Conv3d layouts then depended on the
+    order tests ran in (``pytest tests/propagate tests/fix`` failed two repairs of 3D models)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def audit_fixed() -> Callable[..., AuditReport]:
     """``nhwc_audit.audit`` at the fixed test bandwidth."""
