@@ -84,32 +84,44 @@ def unpaired(
 
 def displaced_backward(records: Sequence[NodeRecord], nchw: dict[str, int], ours: dict[str, int]) -> dict[str, int]:
     """For each node whose backward moves data in channels_last (``ours``), the bytes NCHW's
-    backward moves at a node downstream where channels_last's moves fewer (``nchw``): the same
-    copy, which the gradient, flowing back, meets earlier in the same line (``act(bn(conv(y)))``
-    handed an NHWC-ordered gradient: NCHW copies at the BatchNorm's backward, channels_last at the
-    convolution's). Down every reader of each output at one shape, nearest first (a BatchNorm
-    read by its activation and by a mean: NCHW copies at the activation's backward, channels_last
-    at the BatchNorm's); the nodes furthest downstream, which the gradient reaches first, first."""
+    backward moves at another node of the same call where channels_last's moves fewer (``nchw``):
+    the same copy, which the gradient meets at another node of the line in each layout. First
+    downstream, where the gradient, flowing back, meets it earlier (``act(bn(conv(y)))`` handed an
+    NHWC-ordered gradient: NCHW copies at the BatchNorm's backward, channels_last at the
+    convolution's), down every reader of each output at one shape, nearest first (a BatchNorm read
+    by its activation and by a mean: NCHW copies at the activation's backward, channels_last at the
+    BatchNorm's); else upstream, where it meets it later (diffusers' TemporalConvLayer,
+    ``h + conv1(h)`` with ``conv1`` a GroupNorm, a SiLU and a Conv3d: channels_last re-lays the
+    Conv3d's NCDHW gradient at the SiLU's backward, NCHW sums the two gradients of ``h`` at the
+    GroupNorm's: 131,072 B charged twice a block where eager adds it once); the nodes furthest
+    downstream, which the gradient reaches first, first."""
     by_name = {r.name: r for r in records}
     readers: dict[str, list[NodeRecord]] = {}
     for r in records:
         if first := r.activation_inputs[:1]:
             readers.setdefault(first[0].producer or "", []).append(r)
+
+    def producers(r: NodeRecord) -> list[NodeRecord]:
+        return [by_name[i.producer] for i in r.activation_inputs[:1] if i.producer in by_name]
+
     credit: dict[str, int] = {}
     used: set[str] = set()
     for name in sorted(ours, key=lambda n: by_name[n].index, reverse=True):
         start = by_name[name]
         shape, site = start.outputs[0].shape if start.outputs else None, call_of(start)
-        frontier, seen = deque(readers.get(name, [])), {name}
-        while frontier:
-            node = frontier.popleft()
-            if node.name in seen or not node.outputs or node.outputs[0].shape != shape or call_of(node) != site:
-                continue
-            seen.add(node.name)
-            saved = nchw.get(node.name, 0) - ours.get(node.name, 0)
-            if saved > 0 and node.name not in used:  # one call of the model's
-                credit[name] = saved
-                used.add(node.name)
+        for step in (lambda r: readers.get(r.name, []), producers):
+            frontier, seen = deque(step(start)), {name}
+            while frontier and name not in credit:
+                node = frontier.popleft()
+                if node.name in seen or not node.outputs or node.outputs[0].shape != shape or call_of(node) != site:
+                    continue
+                seen.add(node.name)
+                saved = nchw.get(node.name, 0) - ours.get(node.name, 0)
+                if saved > 0 and node.name not in used:  # one call of the model's
+                    credit[name] = saved
+                    used.add(node.name)
+                    break
+                frontier.extend(step(node))
+            if name in credit:
                 break
-            frontier.extend(readers.get(node.name, []))
     return credit
