@@ -15,7 +15,7 @@ def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Ten
     are the user's: a checking copy shares them). The repair refused every rewrite of such a model,
     blaming the rewrite. A oneDNN kernel that would crash the process runs without oneDNN
     (:class:`~nhwc_audit.propagate.onednn.Guard`)."""
-    with guarded(params):
+    with guarded(params, loss):
         return _gradients(loss, params)
 
 

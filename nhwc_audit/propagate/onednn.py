@@ -129,16 +129,45 @@ class Guard(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
 
 
-def guarded(params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager[Any]:
+def guarded(params: Sequence[torch.Tensor], loss: torch.Tensor | None = None) -> contextlib.AbstractContextManager[Any]:
     """A :class:`Guard` around a backward into ``params`` where one could be the weight of the
-    kernel's case (its stride and padding are known only at the call) and this PyTorch has the bug;
-    else nothing (a mode on the stack costs every op its dispatch)."""
+    kernel's case and this PyTorch has the bug; else nothing (a mode on the stack costs every op its
+    dispatch). With ``loss``, the backward's own convolutions say whether one is the kernel's case
+    (their strides and paddings, saved by autograd): the probe of this PyTorch (:func:`present`, a
+    fresh interpreter, ~2.7 s) runs only then, not for every model with a 1 x 1 convolution of few
+    input channels (a squeeze-excitation block's: timm regnety_002's repair, 27 s against a 3 s audit)."""
     block = ic_block()
     could = block is not None and any(
         p.dim() == 4 and tuple(p.shape[2:]) == (1, 1) and p.shape[1] < block and p.dtype == torch.float32
         for p in params
     )
+    if could and loss is not None:
+        could = _graph_at_risk(loss)
     return Guard() if could and present() else contextlib.nullcontext()
+
+
+def _graph_at_risk(loss: torch.Tensor) -> bool:
+    """Some convolution the backward of ``loss`` runs is the kernel's case (:func:`at_risk`)."""
+    todo: list[Any] = [loss.grad_fn]
+    seen: set[Any] = set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "ConvolutionBackward0":
+            try:  # (what autograd did not save, a frozen weight's input: asked as before)
+                w, x = node._saved_weight, node._saved_input
+                cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
+                risky = not node._saved_transposed and at_risk(
+                    w, node._saved_stride, node._saved_padding, node._saved_groups, cl
+                )
+            except RuntimeError:
+                return True
+            if risky:
+                return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def note(model: nn.Module, device: str, train: bool, dtype: torch.dtype | None) -> str | None:

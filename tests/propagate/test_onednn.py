@@ -129,3 +129,28 @@ def test_a_train_audit_and_its_repair_run_where_training_channels_last_crashes()
     assert lines[-3] == "measured True"
     for how in ("none", "reentrant", "non-reentrant"):  # fake = real
         assert len({line.split()[2] for line in lines if line.split()[0] == how}) == 1
+
+
+@pytest.mark.parametrize(
+    ("second", "risky"),
+    [
+        (nn.Conv2d(4, 8, 1, stride=2), True),
+        (nn.Conv2d(4, 8, 1), False),  # a squeeze-excitation block's: no stride to reduce
+        (nn.Conv2d(4, 8, 1, stride=2, padding=1), False),
+    ],
+)
+def test_a_backward_asks_the_probe_only_when_one_of_its_convolutions_is_the_kernels_case(
+    second: nn.Conv2d, risky: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repair's checks guarded every backward of a model with a 1 x 1 convolution of few input
+    channels, whatever its stride: the probe (a fresh interpreter, ~2.7 s) ran for every
+    squeeze-excitation block (timm regnety_002's repair: 27 s against a 3 s audit). The backward's own
+    convolutions, as autograd saved them, now say whether one is the kernel's case."""
+    if onednn.ic_block() is None or not torch._C._has_mkldnn:
+        pytest.skip("no oneDNN x86 kernel on this machine")
+    asked: list[int] = []
+    monkeypatch.setattr(onednn, "present", lambda: asked.append(1) or True)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), second).to(memory_format=torch.channels_last)
+    loss = model(torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)).sum()
+    with onednn.guarded(list(model.parameters()), loss) as mode:
+        assert isinstance(mode, onednn.Guard) is risky and bool(asked) is risky
