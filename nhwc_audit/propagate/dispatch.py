@@ -36,6 +36,7 @@ __all__ = [
     "check_value_shape",
     "inner_copies",
     "is_alias_of",
+    "out_tensors",
     "written_tensors",
 ]
 
@@ -56,6 +57,12 @@ def written_tensors(func: Any, args: Any, kwargs: Any) -> Iterator[torch.Tensor]
     for i, name in _written_args(func):
         value = args[i] if i < len(args) else (kwargs or {}).get(name)
         yield from (value,) if isinstance(value, torch.Tensor) else iter_tensors(value)
+
+
+def out_tensors(func: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensors an ATen op call writes its result into by keyword (``out=``): written, not read."""
+    named = [name for i, name in _written_args(func) if func._schema.arguments[i].kwarg_only]
+    return [t for name in named for t in iter_tensors((kwargs or {}).get(name))]
 
 
 def check_shared_write(func: Any, args: Any, kwargs: Any, shared: frozenset[int]) -> None:

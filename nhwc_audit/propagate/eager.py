@@ -33,7 +33,7 @@ from ..tensors import iter_tensors, to_nchw
 from .breaks import to_channels_last
 from .conv_kernels import Kernels, own_copies
 from .corrections import Corrections
-from .dispatch import GuardedMode, is_alias_of
+from .dispatch import GuardedMode, is_alias_of, out_tensors
 from .kernel_copies import Asked, kernel_copies
 from .revert_kernels import revert_copies
 
@@ -116,7 +116,8 @@ class _Recorder(GuardedMode):
         kwargs = kwargs or {}
         self.guard(func, args, kwargs)
         op = func.overloadpacket.__name__
-        ins = list(iter_tensors((args, kwargs)))
+        given = out_tensors(func, kwargs)  # (``torch.add(y, 1, out=buf)``: ``buf`` is written, not read)
+        ins = [t for t in iter_tensors((args, kwargs)) if not any(t is o for o in given)]
         if op in _SKIP or func.namespace == "prim":  # prim.device: a fake tensor's C++ device() query
             out = func(*args, **kwargs)
             for t in iter_tensors(out):

@@ -1332,3 +1332,44 @@ def test_a_fake_roll_too_large_to_ask_the_kernel_follows_eager(shifts: tuple[int
     expected = eager_bytes(model, (x,)).added
     assert (expected > 0) == any(s % 520 == 0 for s in shifts)  # (asked on dims cut to 3: 520 is no turn there)
     assert audit(model, x, bandwidth=1e9, capture=capture, mode="fake").summary.bytes_moved == expected
+
+
+def _add_out(s: Between, y: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty(y.shape)
+    torch.add(y, 1, out=buf)
+    return buf
+
+
+def _cat_out(s: Between, y: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty(y.shape[0], 2 * y.shape[1], *y.shape[2:])
+    torch.cat([y, y], 1, out=buf)
+    return buf[:, : y.shape[1]]
+
+
+def _sum_out(s: Between, y: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty(*y.shape[:3], 1)
+    torch.sum(y, 3, keepdim=True, out=buf)
+    return y * buf
+
+
+def _clamp_out(s: Between, y: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty(y.shape)
+    torch.clamp(y, 0, out=buf)
+    return buf
+
+
+OUT_CASES = {"add": _add_out, "cat": _cat_out, "sum": _sum_out, "clamp": _clamp_out}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("case", sorted(OUT_CASES))
+def test_an_op_writing_into_an_nchw_out_buffer_is_charged_what_eager_moves(case: str, mode: str) -> None:
+    """``torch.add(y, 1, out=buf)`` of a channels_last map into an NCHW buffer: the eager recording
+    read the buffer as an input with no producer (an alias of its output: no move; hooks 0 or 65,536 B
+    where eager moves 131,072). The buffer is written, not read (torch.fx traces none but the add and
+    the clamp here, and charges them so; torch.export refuses ``out=``)."""
+    torch.manual_seed(0)
+    model, x = Between(OUT_CASES[case]).eval(), torch.randn(2, 8, 16, 16)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture="hooks", mode=mode)
+    assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
