@@ -1,5 +1,4 @@
-"""The capture chain: torch.fx (checked against eager), then the eager recording (torch.export
-before it when a graph is needed: a backward pass).
+"""The capture chain: torch.fx (checked against eager), then the eager recording (torch.export before it when a graph is needed).
 
 Each step that fails leaves a one-line note and the next one runs; the result says which
 capture was used, how it was checked, and why the earlier ones were not used. Real and fake
@@ -24,7 +23,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.fx import Capture, GraphMethod, trace
+from ..capture.defaults import trace_as_called
+from ..capture.fx import Capture, GraphMethod
 from ..capture.kept import graph_attributes, put_back
 from ..errors import PropagationError, TraceError, UsageError, first_line
 from ..prepare.fake import fake_plain
@@ -98,10 +98,10 @@ class _Chain:
         first: dict[str, Capture] = {}  # the first fx trace: did it trace 4D/5D buffers?
         r = self.runner
         steps: list[tuple[GraphMethod, Callable[[], Capture]]] = [
-            ("fx", lambda: first.setdefault("fx", trace(self.model))),
+            ("fx", lambda: first.setdefault("fx", trace_as_called(self.model, self.args, self.kwargs))),
             # a graph that traced buffers is not the model's (``isinstance(buf, Tensor)`` is False
             # for a proxy): traced again with them stowed, as torch's Tracer does
-            ("fx", lambda: trace(self.model, trace_maps=False)),
+            ("fx", lambda: trace_as_called(self.model, self.args, self.kwargs, trace_maps=False)),
             ("export", lambda: exported(self.model, self.args, self.kwargs, r.device_type, self.notes, r.amp())),
         ]
         for i, (name, capture) in enumerate(steps):

@@ -357,3 +357,31 @@ def test_a_forced_trace_says_what_forward_does_that_fx_cannot_follow(model: type
     with pytest.raises(TraceError, match=f"{says}.*capture 'hooks' or 'auto'") as err:
         audit(model(), torch.randn(1, 3, 8, 8), capture="fx", bandwidth=1e9)
     assert "data-dependent" not in str(err.value)
+
+
+class OptionalInputs(nn.Module):
+    """``forward(x, mask=None, scale=1.0, flag=True)``: the sample gives ``x`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.n = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0, *, flag: bool = True
+    ) -> torch.Tensor:
+        y = self.n(self.c(x))
+        if mask is not None:
+            y = y * mask
+        return y * scale if flag else y
+
+
+def test_parameters_the_sample_leaves_at_their_defaults_are_traced_as_those() -> None:
+    """torch.fx made ``mask`` a proxy, so ``if mask is not None`` took the branch the call does not
+    (the graph failed its check: 'Tensor' * 'NoneType'), and ``if flag`` stopped the trace: the audit
+    fell back to the eager recording, and a repair had no graph. A parameter given is traced as given."""
+    x = torch.randn(2, 3, 16, 16)
+    r = audit(OptionalInputs().eval(), x, bandwidth=1e9)
+    assert r.meta.capture == "fx" and r.summary.bytes_moved == 32768, r.meta.capture_notes
+    assert [s.kind for s in r.repaired().repair.steps] == ["instancenorm->groupnorm"]  # type: ignore[union-attr]
+    given = audit(OptionalInputs().eval(), (x, torch.ones(1, 8, 1, 1)), bandwidth=1e9)
+    assert given.meta.capture == "fx" and any(n.op_name == "mul" for n in given.nodes)
