@@ -95,13 +95,19 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     conv = first_conv(model)
     if conv is None:
         return DEFAULT_INPUT_SHAPE
-    return (1, conv.in_channels, 224, 224) if conv.weight.dim() == 4 else (1, conv.in_channels, 16, 112, 112)
+    return (1, conv.in_channels, 16, 112, 112) if first_conv_rank(conv) == 5 else (1, conv.in_channels, 224, 224)
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d | nn.ConvTranspose2d | nn.Conv3d | nn.ConvTranspose3d | None:
     """The model's first 2D or 3D convolution (in module order), which decides its input's rank."""
     kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d)
     return next((m for m in model.modules() if isinstance(m, kinds)), None)
+
+
+def first_conv_rank(conv: nn.Module) -> int:
+    """The rank of the input ``conv`` (a :func:`first_conv`) takes, from its class: its weight is not
+    read, which for a parametrized one runs the parametrization (spectral_norm's writes in place)."""
+    return 5 if isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)) else 4
 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None, mode: Mode) -> torch.device:

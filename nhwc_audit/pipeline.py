@@ -26,7 +26,7 @@ from .collector import collector_paused
 from .errors import PropagationError, SharedWeightWrite, ValueDependentShapes, first_line
 from .layout import tensor_meta
 from .prepare.caches import code_caches, emptied
-from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs
+from .prepare.copy import model_device, own_dtype_name, prepare_audit_copy, prepare_inputs, refuse_inference
 from .prepare.fake import fake_copy, fake_inputs, fake_mode
 from .prepare.notes import conversion_note, eval_train_note, one_channel_note
 from .prepare.wrappers import unwrapped
@@ -99,6 +99,7 @@ def _prepare(
     """The private channels_last copy and sample, and how they run (``raw``: a fake run keeps
     the meta kernels' layouts, uncorrected; ``share_weights``: see
     :func:`~nhwc_audit.prepare.copy.prepare_audit_copy`)."""
+    refuse_inference(module, o.train)
     if o.mode == "fake":
         fmode = fake_mode()
         copy = fake_copy(module, fmode, o.device, o.dtype)
@@ -226,7 +227,8 @@ def _audit_one(
         one_channel_note(args, kwargs),
         eval_train_note(module, o.train),
         callers_modes_note(o.mode),
-        onednn.note(module, o.device.type, o.train and o.backward, o.autocast or o.dtype),
+        # (the audit's copy: a parametrized weight read runs its parametrization, spectral_norm's in place)
+        onednn.note(p.module, o.device.type, o.train and o.backward, o.autocast or o.dtype),
     )
     meta = AuditMeta(
         model=o.name or type(module).__name__,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from nhwc_audit import audit, check
 from nhwc_audit.cli import main
@@ -135,6 +136,9 @@ def _hooks(model: nn.Module) -> list[int]:
         lambda: M.ConvBnRelu(),
         lambda: M.Conv3dNet(),
         lambda: M.PoolingBranch(),
+        # a parametrized weight read runs its parametrization: spectral_norm's power iteration writes its
+        # _u and _v in place in training (the oneDNN note read the user's convolutions' weights)
+        lambda: nn.Sequential(spectral_norm(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(), nn.Conv2d(8, 8, 1)),
     ],
 )
 @pytest.mark.parametrize("train", [True, False])
@@ -290,6 +294,25 @@ def test_an_audit_runs_inside_inference_mode(options: dict[str, Any]) -> None:
         model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
         r = audit(_blocks(2), x, bandwidth=BANDWIDTH, **options)
     assert r.nodes and r.summary.breaks == 0
+
+
+def test_a_train_mode_model_audits_inside_inference_mode_and_one_built_there_outside_it() -> None:
+    """A train-mode model under ``torch.inference_mode()``: the trace read its buffers' version
+    counters, which inference tensors keep none of (a raw RuntimeError); a model built under it,
+    audited outside: its parameters were made to require gradients, which inference tensors refuse
+    outside it (a raw RuntimeError). A train audit of the latter says why it cannot train."""
+    from nhwc_audit.errors import UsageError
+    from nhwc_audit.examples import UNet
+
+    x = torch.randn(2, 3, 16, 16)
+    expected = audit(UNet().eval(), x, bandwidth=BANDWIDTH).summary.bytes_moved
+    with torch.inference_mode():
+        r = audit(UNet().train(), x, bandwidth=BANDWIDTH)
+        built = UNet().eval()
+    assert r.meta.capture == "fx" and r.summary.bytes_moved == expected
+    assert audit(built, x, bandwidth=BANDWIDTH).summary.bytes_moved == expected
+    with pytest.raises(UsageError, match="inference_mode"):
+        audit(built, x, bandwidth=BANDWIDTH, train=True)
 
 
 class MismatchedAdd(nn.Module):

@@ -266,9 +266,9 @@ def trace(model: nn.Module, *, concrete_args: dict[str, Any] | None = None, trac
     reads their values in Python: then traced again, from the modules as they were, with them
     stowed. No proxy is left on the modules. Raises :class:`TraceError` naming what to do. In
     training mode, the buffers forward wrote while traced are noted (:attr:`Capture.traced_writes`)."""
-    versions = {n: b._version for n, b in model.named_buffers()} if model.training else {}
+    versions = {n: b._version for n, b in model.named_buffers() if not b.is_inference()} if model.training else {}
     cap = _traced(model, concrete_args, trace_maps)
-    writes = tuple(n for n, b in model.named_buffers() if b._version != versions.get(n, b._version)) if versions else ()
+    writes = tuple(n for n, b in model.named_buffers() if n in versions and b._version != versions[n])
     return dataclasses.replace(cap, traced_writes=writes) if writes else cap
 
 

@@ -48,14 +48,14 @@ def _with_rank_hint(shapes: Any, model: Any, run: Callable[[], T]) -> T:
     error names the rank to give."""
     from torch import nn
 
-    from ..api import first_conv
+    from ..api import first_conv, first_conv_rank
     from ..errors import PropagationError
 
     try:
         return run()
     except PropagationError as e:
         conv = first_conv(model) if isinstance(model, nn.Module) else None
-        rank = conv.weight.dim() if conv is not None else None
+        rank = first_conv_rank(conv) if conv is not None else None
         odd = [s for s in shapes or () if rank is not None and len(s) != rank]
         if not odd:
             raise

@@ -36,6 +36,7 @@ __all__ = [
     "own_dtype_name",
     "prepare_audit_copy",
     "prepare_inputs",
+    "refuse_inference",
     "refuse_meta",
 ]
 
@@ -231,6 +232,16 @@ def refuse_meta(model: nn.Module, why: str, tensors: Any = None) -> None:
             raise ConversionError(f"{type(model).__name__} has tensors on the meta device (e.g. {name!r}); {why}")
 
 
+def refuse_inference(model: nn.Module, train: bool) -> None:
+    """Raise :class:`UsageError` for a train audit of a model whose parameters are inference tensors
+    (made under ``torch.inference_mode()``): autograd trains none of them, in eager either."""
+    if train and any(p.is_inference() for p in model.parameters()):
+        raise UsageError(
+            "the model's parameters were made under torch.inference_mode(), and autograd cannot train them "
+            "(eager training fails the same way): build the model outside inference_mode for a train audit"
+        )
+
+
 def prepare_audit_copy(
     model: nn.Module,
     *,
@@ -271,7 +282,10 @@ def prepare_audit_copy(
                 permuted = permuted or new.stride() != t.stride()
                 storage = t.untyped_storage()
                 shared[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
-            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+            # (a parameter made under torch.inference_mode takes no gradient outside it: none is asked)
+            memo[id(t)] = (
+                nn.Parameter(new, requires_grad=t.requires_grad and not new.is_inference()) if is_param else new
+            )
         for _, t in plain_tensors(model, modules):  # copied (and moved with the model), layout and dtype as they are
             if id(t) not in memo:
                 memo[id(t)] = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..tensors import iter_tensors
@@ -29,7 +30,7 @@ def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
     }
     other = 4 if input_rank == 5 else 5
     if other not in ranks or (input_rank not in (4, 5) and 9 - other not in ranks):
-        return None  # the call for the input's rank converts every tensor (without one: either call)
+        return _converted_note(model)  # the call for the input's rank converts every tensor (without one: either)
     fmt = "channels_last_3d" if input_rank == 5 else "channels_last"
     held = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.dim() == other]
     names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
@@ -38,6 +39,24 @@ def conversion_note(model: nn.Module, input_rank: int | None) -> str | None:
         f"buffers ({names}); the audit converts each tensor by its rank (4D to channels_last, 5D to "
         "channels_last_3d), as nhwc_audit.convert(model) does: convert the model that way"
     )
+
+
+def _converted_note(model: nn.Module) -> str | None:
+    """What to tell the user whose model holds channels_last convolution weights already (converted
+    before the audit): the bytes are still what channels_last adds over the model in NCHW, as the
+    audit's baseline runs it, not 0 (a reference run of the model as it is would be channels_last)."""
+    for m in model.modules():
+        w = m._parameters.get("weight") if isinstance(m, nn.modules.conv._ConvNd) else None
+        if w is None or w.dim() not in (4, 5) or w.is_contiguous() or w.shape[2:].numel() == 1:
+            continue  # (a 1x1 weight is dense in both formats)
+        fmt = torch.channels_last if w.dim() == 4 else torch.channels_last_3d
+        if w.is_contiguous(memory_format=fmt):
+            return (
+                "the model's convolution weights are channels_last already (converted before the audit): "
+                "the bytes are what channels_last adds over the same model in NCHW, whose run the audit "
+                "compares with (NCHW views of the same weights)"
+            )
+    return None
 
 
 def one_channel_note(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:

@@ -124,6 +124,12 @@ def own_error(e: Exception, fake: bool, notes: list[str]) -> PropagationError:
     """The error for an eager forward of the model that raised ``e`` (a fake run's: fake tensors'
     own limit, or the model's error); ``notes``: why the captures before it were not used."""
     reasons = f" (earlier captures: {'; '.join(notes)})" if notes else ""
+    if fake and "convert all Tensors to FakeTensors" in str(e):  # (a real tensor met fake ones)
+        return PropagationError(
+            "fake mode met a real tensor the model holds outside its parameters, buffers and tensor "
+            "attributes, which the fake copy makes fake (a submodule kept in a plain Python list or dict: "
+            f"register it with nn.ModuleList / nn.ModuleDict), or audit in real mode (--mode real){reasons}"
+        )
     if fake and fake_limitation(e):
         return PropagationError(
             f"fake mode cannot run the model: {first_line(e)} (it needs tensor values, or fake tensors do "

@@ -41,8 +41,8 @@ def test_a_model_the_standard_call_cannot_convert_is_audited_with_a_note() -> No
 def test_no_note_where_the_standard_call_works() -> None:
     for model, rank in ((nn.Conv2d(3, 8, 3), 4), (nn.Conv3d(3, 8, 3), 5), (nn.Linear(3, 8), None)):
         fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
-        model.to(memory_format=fmt)  # eager: it converts
         assert conversion_note(model, rank) is None
+        model.to(memory_format=fmt)  # eager: it converts (and the model is then told it is converted already)
 
 
 def test_a_3d_model_holding_a_4d_parameter_names_channels_last_3d() -> None:
@@ -101,3 +101,18 @@ def test_a_train_audit_of_a_model_in_eval_mode_says_so() -> None:
     assert not model.training  # (the model's mode is left as it was)
     assert not any(n.startswith(note) for n in nhwc_audit.audit(model.train(), x, train=True).meta.capture_notes)
     assert not any(n.startswith(note) for n in nhwc_audit.audit(model.eval(), x).meta.capture_notes)
+
+
+def test_a_model_converted_before_the_audit_is_told_what_its_bytes_compare_with() -> None:
+    """A user audits the model they converted already: the bytes are what channels_last adds over
+    the model in NCHW (its baseline views the weights NCHW), where a run of the model as it is, the
+    reference a user might make, is channels_last already and moves nothing: said in a note."""
+    from nhwc_audit import audit
+    from nhwc_audit.examples import UNet
+
+    x = torch.randn(2, 3, 16, 16)
+    plain = audit(UNet().eval(), x, bandwidth=1e9)
+    converted = audit(UNet().eval().to(memory_format=torch.channels_last), x, bandwidth=1e9)
+    assert converted.summary.bytes_moved == plain.summary.bytes_moved > 0
+    assert [n for n in converted.meta.capture_notes if "channels_last already" in n]
+    assert not [n for n in plain.meta.capture_notes if "channels_last already" in n]

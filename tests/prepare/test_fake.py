@@ -210,3 +210,24 @@ def test_a_fake_audit_predicts_the_conv3d_layouts_of_its_own_thread_count(order:
         real = audit(model, x, bandwidth=1e9, threads=threads).summary.bytes_moved
         fake = audit(model, x, bandwidth=1e9, threads=threads, mode="fake").summary.bytes_moved
         assert fake == real == (393216 if threads == 1 else 0), threads
+
+
+class _PlainList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks = nn.Conv2d(3, 8, 3), [nn.Conv2d(8, 8, 3)]  # a plain list: not registered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](self.stem(x))
+
+
+def test_a_fake_audit_of_a_submodule_held_in_a_plain_list_says_to_register_it() -> None:
+    """Its parameters are no parameters of the model: the fake copy leaves them real, and the fake run
+    met them ("Please convert all Tensors to FakeTensors first"), told as an op fake tensors need values
+    for; a real audit reads them as the model does."""
+    from nhwc_audit.errors import PropagationError
+
+    model, x = _PlainList().eval(), torch.randn(2, 3, 16, 16)
+    assert audit(model, x, bandwidth=1e9).summary.breaks == 0
+    with pytest.raises(PropagationError, match="nn.ModuleList"):
+        audit(model, x, bandwidth=1e9, mode="fake")
