@@ -20,7 +20,7 @@ _CONSTANT = "_tensor_constant"
 
 BUFFER_VIEW_KEY = "nhwc_audit_buffer_view"
 """Node meta of a constant that is a view of one of the root's buffers but a map: (the buffer's name,
-the view's shape, strides and storage offset), :func:`buffer_view`."""
+the view's shape, strides and storage offset from the buffer's), :func:`buffer_view`."""
 
 
 def buffer_view(a: torch.Tensor, buffer_name: Callable[[torch.Tensor], str | None]) -> tuple[Any, ...] | None:
@@ -31,8 +31,10 @@ def buffer_view(a: torch.Tensor, buffer_name: Callable[[torch.Tensor], str | Non
     torch's graph does, a repaired model through its buffer (:func:`~nhwc_audit.fix.buffers.read_through`).
     A map (4D/5D) buffer is traced, or, where forward reads its values in Python, stowed as traced."""
     base = a._base
-    name = buffer_name(base) if isinstance(base, torch.Tensor) and base.dim() not in (4, 5) else None
-    return None if name is None else (name, tuple(a.shape), a.stride(), a.storage_offset())
+    if not isinstance(base, torch.Tensor) or base.dim() in (4, 5) or (name := buffer_name(base)) is None:
+        return None
+    # the offset from the buffer's own: the repaired model's buffer may start elsewhere in its storage
+    return name, tuple(a.shape), a.stride(), a.storage_offset() - base.storage_offset()
 
 
 def fresh_constants(graph: torch.fx.Graph, root: torch.nn.Module) -> None:

@@ -10,6 +10,8 @@ same view of the same memory (a buffer is not a map, which the conversion would 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
@@ -29,9 +31,12 @@ def read_through(graph: torch.fx.Graph) -> bool:
         name, shape, stride, offset = view
         with graph.inserting_before(n):
             held = graph.create_node("get_attr", name)  # (owned by the GraphModule made after)
-            read = graph.call_method("as_strided", (held, shape, stride, offset))
+            own = graph.call_method("storage_offset", (held,))
+            start = graph.call_function(operator.add, (own, offset))
+            read = graph.call_method("as_strided", (held, shape, stride, start))
         read.meta.update({k: v for k, v in n.meta.items() if k != BUFFER_VIEW_KEY})
-        held.meta.update(read.meta)
+        for made in (held, own, start):
+            made.meta.update(read.meta)
         n.replace_all_uses_with(read)
         graph.erase_node(n)
         changed = True

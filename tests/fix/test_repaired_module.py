@@ -555,3 +555,28 @@ def test_a_repaired_model_reads_views_of_its_buffers_through_them() -> None:
     gm.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(gm(x.contiguous(memory_format=torch.channels_last)), other(x))
+
+
+class SharedStorageBuffers(nn.Module):
+    """Two buffers in one storage (rows of one tensor), each viewed to broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8)
+        rows = torch.rand(2, 8) + 0.5
+        self.register_buffer("mean", rows[0])
+        self.register_buffer("scale", rows[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.norm(self.conv(x)) - self.mean.view(1, -1, 1, 1)) * self.scale.view(1, -1, 1, 1)
+
+
+def test_a_repaired_model_reads_a_buffer_at_its_own_place_in_a_shared_storage() -> None:
+    """The view's storage offset was taken from the traced copy, whose buffers each had a storage of
+    their own: the repaired model read ``scale`` at ``mean``'s place (outputs 1.15 off the model's)."""
+    torch.manual_seed(0)
+    model, x = SharedStorageBuffers().eval(), torch.randn(2, 3, 16, 16)
+    gm, log = nhwc_audit.repair(model, x)
+    assert log.steps
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.contiguous(memory_format=torch.channels_last)), model(x))
