@@ -65,8 +65,8 @@ def nchw_graph(graph: torch.fx.Graph, records: Sequence[NodeRecord]) -> tuple[to
         if not all(type(v) is int for v in fixed):
             continue
         steps = [relaid(v, meta.shape) for v in fixed]
-        if any(s is None for s in steps):
-            continue
+        if any(s is None for s in steps) or not _inside([s for s in steps if s is not None], n.args[1], meta.numel):
+            continue  # (strides the model wrote itself, NCHW's: read as channels_last steps they leave the map)
         changes[n.name] = [s for s in steps if s is not None]
     if not changes:
         return graph, ()
@@ -76,3 +76,10 @@ def nchw_graph(graph: torch.fx.Graph, records: Sequence[NodeRecord]) -> tuple[to
             new = changes[n.name]
             n.args = (n.args[0], n.args[1], new[: len(n.args[2])], *new[len(n.args[2]) :])
     return out, tuple(changes)
+
+
+def _inside(steps: list[int], size: Sequence[int], numel: int) -> bool:
+    """A view of ``size`` with ``steps`` (strides, then an offset when given) stays inside a dense
+    tensor of ``numel`` elements."""
+    strides, offset = steps[: len(size)], sum(steps[len(size) :])
+    return offset + sum((n - 1) * st for n, st in zip(size, strides, strict=True) if n > 0) < numel

@@ -43,6 +43,11 @@ def _windows_by_own_strides(s: Between, y: torch.Tensor) -> torch.Tensor:
     return y.as_strided((n, c, h - 2, w - 2, 3, 3), (st[0], st[1], st[2], st[3], st[2], st[3])).mean((-1, -2))
 
 
+def _every_other_by_written_strides(s: Between, y: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = y.shape
+    return y.as_strided((n, c, h // 2, w // 2), (c * h * w, h * w, 2 * w, 2))
+
+
 def _gather_h() -> Between:
     # an index broadcast over batch and channels: in NCHW gather reads it in order, no copy
     return Between(lambda s, y: y.gather(2, s.idx.expand(2, 8, 16, 16)), idx=torch.randint(0, 16, (1, 1, 16, 16)))
@@ -357,6 +362,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     # torch.export fixes the strides it reads from the channels_last sample: the NCHW baseline read NCHW
     # memory through them (a revert of its own, netting the real one: 25,088 B where eager moves 50,176)
     "windows_by_the_map_s_own_strides": lambda: Between(_windows_by_own_strides),
+    # strides the model writes itself (NCHW's) are not read as channels_last steps for the NCHW runs
+    "every_other_pixel_by_nchw_strides_written_out": lambda: Between(_every_other_by_written_strides),
     "scatter_broadcast_index": _scatter_c,
     "scatter_add_operand_twice": _scatter_add_twice,
     "scatter_into_fewer_channels": _scatter_into_fewer_channels,
