@@ -16,7 +16,6 @@ __all__ = [
     "PLAIN_LEAVES",
     "SharedStorages",
     "clone_value",
-    "generator_states",
     "detached",
     "in_a_dense_format",
     "is_plain_dense",
@@ -171,10 +170,3 @@ def seeded(seed: int, values: Any = (), *, cuda: bool = False) -> Iterator[None]
             for generator in torch.cuda.default_generators:
                 generator.manual_seed(seed)
         yield
-
-
-def generator_states() -> list[torch.Tensor]:
-    """The states of the generators a run draws from (:func:`seeded`'s): the CPU's, and the current
-    CUDA device's once CUDA is initialised."""
-    cuda = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-    return [torch.default_generator.get_state(), *([torch.cuda.get_rng_state()] if cuda else [])]

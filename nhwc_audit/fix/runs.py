@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_map
 
 from ..prepare.clone import clone_modules
 from ..propagate.dispatch import LogicalDraws
-from ..tensors import clone_value, generator_states, iter_tensors, seeded
+from ..tensors import clone_value, iter_tensors, seeded
 from .grads import gradients
 
 __all__ = ["Results", "Sample", "fresh_copy", "outputs"]
@@ -36,15 +36,16 @@ def outputs(
     parameters' gradients by name; ``run`` calls the model another way (an interpreter over it).
     Random draws are made in the tensors' logical order (:class:`LogicalDraws`) where the model
     draws: ``reference`` (the dict of one repair's checks, all runs of one model and its rewrites)
-    learns that from its first run, made without the mode, from the generators' states (one that
-    drew is run again under the mode). No mode where none is needed: the mode costs a Python call
-    per ATen op (~8% of a repair), and a run under any Python dispatch mode can take other kernel
+    learns that from its first run, made under the mode, which sees every op that draws (one under
+    ``torch.random.fork_rng()`` or from a generator of the model's own too, which leave the global
+    generator as it was); one that drew none is run again without it. No mode where none is needed:
+    the mode costs a Python call per ATen op (~8% of a repair), and a run under any Python dispatch mode can take other kernel
     paths than the user's (timm efficientformer_l1 at batch 1: its NCHW model's BatchNorm backward,
     handed a channels_last-strided gradient, is wrong without one and right under one)."""
     if reference is not None and "draws" not in reference:
-        got, drew = _outputs(model, args, kwargs, grads, run, None)
+        got, drew = _outputs(model, args, kwargs, grads, run, LogicalDraws())
         reference["draws"] = drew
-        if not drew:
+        if drew:
             return got
     draws = None if reference is not None and reference.get("draws") is False else LogicalDraws()
     return _outputs(model, args, kwargs, grads, run, draws)[0]
@@ -61,7 +62,6 @@ def _outputs(
     """:func:`outputs` under ``draws`` (or no mode), and whether the run drew random numbers."""
     g: dict[str, torch.Tensor] = {}
     with seeded(0, (args, kwargs)), torch.enable_grad() if grads else torch.no_grad():
-        before = generator_states()
         with draws or contextlib.nullcontext():  # dropout's mask is one whatever the layout
             out = (run or model)(*tree_map(clone_value, args), **tree_map(clone_value, kwargs))
         tensors = iter_tensors(out)
@@ -77,11 +77,7 @@ def _outputs(
             with draws or contextlib.nullcontext():
                 got = gradients(loss, [p for _, p in names])
             g = {n: gr for (n, _), gr in zip(names, got, strict=True) if gr is not None}
-        drew = (
-            draws.drew
-            if draws is not None
-            else any(not torch.equal(a, b) for a, b in zip(before, generator_states(), strict=False))
-        )
+        drew = draws is not None and draws.drew
     return ([t.detach() for t in tensors], g), drew
 
 

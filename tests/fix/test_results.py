@@ -148,19 +148,47 @@ def test_a_check_runs_under_no_mode_unless_the_model_draws(dropout: bool, monkey
     """A run under any Python dispatch mode can take other kernel paths than the user's: timm
     efficientformer_l1's NCHW model at batch 1 gets BatchNorm gradients 0.9 off float64 without one
     and right under one, so the checks said the conversion moved its gradients 4.8e-6, where the
-    user's two models' differ by 1.8. A check's first run is made without the mode that orders
-    random draws; one that drew (its generator moved) is made again under it, as are the next."""
+    user's two models' differ by 1.8. A check's first run is made under the mode that orders random
+    draws, which sees whether the model draws (from a forked generator too); one that drew none is made
+    again without it, as are the next."""
     from nhwc_audit.propagate.dispatch import LogicalDraws
 
-    entered: list[int] = []
-    enter = LogicalDraws.__enter__
-    monkeypatch.setattr(LogicalDraws, "__enter__", lambda self: entered.append(1) or enter(self))
+    entered: list[int] = []  # (one mode per run: entered for its forward and its backward)
+    init = LogicalDraws.__init__
+    monkeypatch.setattr(LogicalDraws, "__init__", lambda self: entered.append(1) or init(self))
     torch.manual_seed(0)
     model, x = _Counted(dropout).train(), torch.randn(2, 3, 8, 8)
     cl = fresh_copy(model).to(memory_format=torch.channels_last)
     reference: dict[str, object] = {}
     nchw = outputs(fresh_copy(model), (x,), {}, True, reference=reference)
-    assert reference["draws"] is dropout and bool(entered) is dropout
+    assert reference["draws"] is dropout and len(entered) == 1
     got = outputs(cl, (x.contiguous(memory_format=torch.channels_last),), {}, True, reference=reference)
+    assert len(entered) == (2 if dropout else 1)
     torch.testing.assert_close(got[0], nchw[0])  # one dropout mask whatever the layout
     torch.testing.assert_close(got[1], nchw[1])
+
+
+class _ForkedNoise(nn.Module):
+    """Noise drawn under ``torch.random.fork_rng()``: the global generator is left as it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        with torch.random.fork_rng():
+            return y + 0.1 * torch.randn_like(y)
+
+
+def test_a_check_sees_draws_under_a_forked_generator() -> None:
+    """A model that draws under ``fork_rng`` leaves the generator's state as it was: a check that read
+    the state saw no draw and ran without the mode, so NCHW and channels_last drew other noise."""
+    torch.manual_seed(0)
+    model, x = _ForkedNoise().eval(), torch.randn(2, 3, 8, 8)
+    reference: dict[str, object] = {}
+    nchw = outputs(fresh_copy(model), (x,), {}, False, reference=reference)
+    cl = fresh_copy(model).to(memory_format=torch.channels_last)
+    got = outputs(cl, (x.contiguous(memory_format=torch.channels_last),), {}, False, reference=reference)
+    assert reference["draws"] is True
+    torch.testing.assert_close(got[0], nchw[0])
