@@ -155,6 +155,8 @@ def _graph_at_risk(loss: torch.Tensor) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True  # an autograd.Function's backward (a reentrant checkpoint's) runs what the graph does not show
         if type(node).__name__ == "ConvolutionBackward0":
             try:  # (what autograd did not save, a frozen weight's input: asked as before)
                 w, x = node._saved_weight, node._saved_input

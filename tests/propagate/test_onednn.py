@@ -154,3 +154,19 @@ def test_a_backward_asks_the_probe_only_when_one_of_its_convolutions_is_the_kern
     loss = model(torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)).sum()
     with onednn.guarded(list(model.parameters()), loss) as mode:
         assert isinstance(mode, onednn.Guard) is risky and bool(asked) is risky
+
+
+def test_a_backward_through_a_reentrant_checkpoint_asks_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reentrant checkpoint's backward recomputes its block inside an autograd.Function: the graph
+    shows no convolution of it, so one of the kernel's case in it would go unguarded."""
+    from torch.utils.checkpoint import checkpoint
+
+    if onednn.ic_block() is None or not torch._C._has_mkldnn:
+        pytest.skip("no oneDNN x86 kernel on this machine")
+    monkeypatch.setattr(onednn, "present", lambda: True)
+    stem, risky = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 1, stride=2)
+    model = nn.Sequential(stem, risky).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    loss = checkpoint(risky, stem(x), use_reentrant=True).sum()
+    with onednn.guarded(list(model.parameters()), loss) as mode:
+        assert isinstance(mode, onednn.Guard)
