@@ -15,7 +15,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..capture.fx import trace
+from ..capture.defaults import defaults_left, trace_as_called
 from ..capture.kept import put_back
 from ..capture.proxies import in_place_operator
 from ..errors import ConversionError, TraceError, first_line
@@ -134,7 +134,7 @@ def repair_model(
             converted = convert(model)
             put_back(converted, list(constants))  # tensors made in forward: the trace kept them on its root
             if graph is None:
-                cap = trace(converted, trace_maps=maps)
+                cap = trace_as_called(converted, sample_args, sample_kwargs, trace_maps=maps)
                 gm, traced_writes = cap.gm, cap.traced_writes
             else:
                 cap, gm = None, torch.fx.GraphModule(converted, copy.deepcopy(graph), type(converted).__name__)
@@ -274,6 +274,16 @@ def repair_model(
         deviation=mine,
         naive_deviation=naive_dev,
         exactness=exact,
-        notes=tuple(n for n in (checkpoints, mode_note(model)) if n),
+        notes=tuple(n for n in (checkpoints, mode_note(model), _specialised(model, args, kwargs)) if n),
     )
     return gm, log
+
+
+def _specialised(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The log's note on forward's parameters the sample left at their defaults: the graph is traced
+    with those (:func:`~nhwc_audit.capture.defaults.defaults_left`) and takes no other."""
+    left = defaults_left(model, args, kwargs)
+    if not left:
+        return None
+    given = ", ".join(f"{k}={v!r}" for k, v in left.items())
+    return f"the repaired graph is traced with forward's defaults the sample left ({given}): call it without them"

@@ -382,6 +382,8 @@ def test_parameters_the_sample_leaves_at_their_defaults_are_traced_as_those() ->
     x = torch.randn(2, 3, 16, 16)
     r = audit(OptionalInputs().eval(), x, bandwidth=1e9)
     assert r.meta.capture == "fx" and r.summary.bytes_moved == 32768, r.meta.capture_notes
-    assert [s.kind for s in r.repaired().repair.steps] == ["instancenorm->groupnorm"]  # type: ignore[union-attr]
+    log = r.repaired().repair
+    assert log is not None and [s.kind for s in log.steps] == ["instancenorm->groupnorm"]
+    assert [n for n in log.notes if "mask=None, scale=1.0, flag=True" in n]  # (its graph takes no other)
     given = audit(OptionalInputs().eval(), (x, torch.ones(1, 8, 1, 1)), bandwidth=1e9)
     assert given.meta.capture == "fx" and any(n.op_name == "mul" for n in given.nodes)
