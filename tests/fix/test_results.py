@@ -158,12 +158,20 @@ def test_a_check_runs_under_no_mode_unless_the_model_draws(dropout: bool, monkey
     monkeypatch.setattr(LogicalDraws, "__init__", lambda self: entered.append(1) or init(self))
     torch.manual_seed(0)
     model, x = _Counted(dropout).train(), torch.randn(2, 3, 8, 8)
-    cl = fresh_copy(model).to(memory_format=torch.channels_last)
+    under: list[bool] = []  # each forward: whether it ran under the mode
+
+    def watched(m: nn.Module) -> nn.Module:
+        stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack
+        m.register_forward_pre_hook(lambda *_: under.append(any(isinstance(d, LogicalDraws) for d in stack())))
+        return m
+
+    cl = watched(fresh_copy(model).to(memory_format=torch.channels_last))
     reference: dict[str, object] = {}
-    nchw = outputs(fresh_copy(model), (x,), {}, True, reference=reference)
+    nchw = outputs(watched(fresh_copy(model)), (x,), {}, True, reference=reference)
     assert reference["draws"] is dropout and len(entered) == 1
     got = outputs(cl, (x.contiguous(memory_format=torch.channels_last),), {}, True, reference=reference)
     assert len(entered) == (2 if dropout else 1)
+    assert under == ([True, True] if dropout else [True, False, False])  # (learnt under it, then run without)
     torch.testing.assert_close(got[0], nchw[0])  # one dropout mask whatever the layout
     torch.testing.assert_close(got[1], nchw[1])
 
