@@ -128,7 +128,8 @@ def own_error(e: Exception, fake: bool, notes: list[str]) -> PropagationError:
         return PropagationError(
             "fake mode met a real tensor the model holds outside its parameters, buffers and tensor "
             "attributes, which the fake copy makes fake (a submodule kept in a plain Python list or dict: "
-            f"register it with nn.ModuleList / nn.ModuleDict), or audit in real mode (--mode real){reasons}"
+            "register it with nn.ModuleList / nn.ModuleDict; a tensor as the default of a parameter of "
+            f"forward: pass it in the sample), or audit in real mode (--mode real){reasons}"
         )
     if fake and fake_limitation(e):
         return PropagationError(
