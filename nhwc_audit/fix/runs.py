@@ -39,9 +39,10 @@ def outputs(
     learns that from its first run, made under the mode, which sees every op that draws (one under
     ``torch.random.fork_rng()`` or from a generator of the model's own too, which leave the global
     generator as it was); one that drew none is run again without it. No mode where none is needed:
-    the mode costs a Python call per ATen op (~8% of a repair), and a run under any Python dispatch mode can take other kernel
-    paths than the user's (timm efficientformer_l1 at batch 1: its NCHW model's BatchNorm backward,
-    handed a channels_last-strided gradient, is wrong without one and right under one)."""
+    the mode costs a Python call per ATen op (~8% of a repair), and a run under any Python dispatch
+    mode can take other kernel paths than the user's (timm efficientformer_l1 at batch 1: its NCHW
+    model's BatchNorm backward, handed a channels_last-strided gradient, is wrong without one and
+    right under one)."""
     if reference is not None and "draws" not in reference:
         got, drew = _outputs(model, args, kwargs, grads, run, LogicalDraws())
         reference["draws"] = drew

@@ -33,10 +33,10 @@ _AS_STRIDED = frozenset({torch.ops.aten.as_strided.default, torch.ops.aten.as_st
 def relaid(step: int, shape: Sequence[int]) -> int | None:
     """``step``, elements of a dense channels_last map of ``shape`` apart, as the same logical step
     in a dense NCHW one; None where it is no whole number of steps of its dims."""
-    rank = len(shape)
-    cl, nchw = dense_strides(shape, format_order(rank, True)), dense_strides(shape, format_order(rank, False))
     if step < 0:
         return None
+    rank = len(shape)
+    cl, nchw = dense_strides(shape, format_order(rank, True)), dense_strides(shape, format_order(rank, False))
     out, left = 0, step
     for i, d in enumerate(d for d in format_order(rank, True) if shape[d] > 1):
         digit, left = divmod(left, cl[d])
@@ -64,10 +64,10 @@ def nchw_graph(graph: torch.fx.Graph, records: Sequence[NodeRecord]) -> tuple[to
         fixed = [*n.args[2], *n.args[3:4]]  # (the offset, when given)
         if not all(type(v) is int for v in fixed):
             continue
-        steps = [relaid(v, meta.shape) for v in fixed]
-        if any(s is None for s in steps) or not _inside([s for s in steps if s is not None], n.args[1], meta.numel):
+        steps = [s for v in fixed if (s := relaid(v, meta.shape)) is not None]
+        if len(steps) < len(fixed) or not _inside(steps, n.args[1], meta.numel):
             continue  # (strides the model wrote itself, NCHW's: read as channels_last steps they leave the map)
-        changes[n.name] = [s for s in steps if s is not None]
+        changes[n.name] = steps
     if not changes:
         return graph, ()
     out = copy.deepcopy(graph)

@@ -90,8 +90,16 @@ def _backward_at_risk(args: Any) -> bool:
     """``aten.convolution_backward``'s arguments ask for the kernel's case and its weight or bias gradient
     (oneDNN computes a bias gradient alone in the same kernel: a frozen weight's bias trained crashes too)."""
     _, x, w, _, stride, padding, _, transposed, _, groups, mask = args
+    return bool(mask[1] or mask[2]) and _convolution_at_risk(x, w, stride, padding, transposed, groups)
+
+
+def _convolution_at_risk(
+    x: torch.Tensor, w: torch.Tensor, stride: Any, padding: Any, transposed: bool, groups: int
+) -> bool:
+    """A convolution of ``x`` by ``w`` is the kernel's case (:func:`at_risk`), computed channels_last
+    where either suggests that format."""
     cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
-    return not transposed and bool(mask[1] or mask[2]) and at_risk(w, stride, padding, groups, cl)
+    return not transposed and at_risk(w, stride, padding, groups, cl)
 
 
 def stepped_around(func: Any, args: Any) -> contextlib.AbstractContextManager[Any]:
@@ -159,11 +167,8 @@ def _graph_at_risk(loss: torch.Tensor) -> bool:
             return True  # an autograd.Function's backward (a reentrant checkpoint's) runs what the graph does not show
         if type(node).__name__ == "ConvolutionBackward0":
             try:  # (what autograd did not save, a frozen weight's input: asked as before)
-                w, x = node._saved_weight, node._saved_input
-                cl = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
-                risky = not node._saved_transposed and at_risk(
-                    w, node._saved_stride, node._saved_padding, node._saved_groups, cl
-                )
+                saved = (node._saved_input, node._saved_weight, node._saved_stride, node._saved_padding)
+                risky = _convolution_at_risk(*saved, node._saved_transposed, node._saved_groups)
             except RuntimeError:
                 return True
             if risky:
