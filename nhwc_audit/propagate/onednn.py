@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._prims_common import suggest_memory_format
+from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Guard", "at_risk", "guarded", "ic_block", "note", "present", "stepped_around"]
@@ -188,8 +189,8 @@ def note(model: nn.Module, device: str, train: bool, dtype: torch.dtype | None) 
         f"{path} ({m.in_channels} -> {m.out_channels}, stride {tuple(m.stride)})"
         for path, m in model.named_modules()
         if isinstance(m, nn.Conv2d)
-        and not isinstance(m.weight, nn.parameter.UninitializedParameter)
-        and at_risk(m.weight, m.stride, m.padding, m.groups, channels_last=True)
+        and (w := _weight(m)) is not None
+        and at_risk(w, m.stride, m.padding, m.groups, channels_last=True)
     ]
     if not hit or not present():
         return None
@@ -201,3 +202,20 @@ def note(model: nn.Module, device: str, train: bool, dtype: torch.dtype | None) 
         f"{' (the audit ran its backward without oneDNN)' if train else ''}. Keep it NCHW, give it "
         f"{block} input channels, or write it as the same 1x1 convolution with stride 1 of x[:, :, ::s, ::s] (s its stride)"
     )
+
+
+def _weight(m: nn.Conv2d) -> torch.Tensor | None:
+    """``m``'s weight as :func:`at_risk` reads it (its shape, dtype and device), or None before a lazy
+    module has one. A weight a parametrization computes (orthogonal, weight_norm) is not computed: that
+    runs the parametrization on the audit's copy out of the run's modes (a fake audit's Cayley map made
+    a real identity beside fake weights and raised) and updates its state (spectral_norm's power
+    iteration); its shape is the convolution's own, in its first original tensor's dtype, on meta."""
+    if not parametrize.is_parametrized(m, "weight"):
+        w = m.weight
+        return None if isinstance(w, nn.parameter.UninitializedParameter) else w
+    plist = m.get_submodule("parametrizations.weight")  # (a ParametrizationList: its originals)
+    first = next(iter(plist.parameters()), None)
+    if first is None or isinstance(first, nn.parameter.UninitializedParameter):
+        return None
+    shape = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+    return torch.empty(shape, dtype=first.dtype, device="meta")

@@ -76,6 +76,28 @@ def test_the_report_names_the_convolution_and_what_to_change() -> None:
     assert _onednn_notes(on_meta, torch.randn(1, 3, 16, 16), mode="fake", device="cpu")
 
 
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
+def test_a_parametrized_convolution_is_judged_without_running_its_parametrization(orthogonal_map: str) -> None:
+    """The note reads a parametrized weight's shape, not the weight: computing it ran the parametrization
+    on the audit's copy out of a fake run's mode (a Cayley map's real identity beside fake weights raised:
+    every capture's fake audit failed), and an orthogonal 1 x 1 stride-2 projection of 8 channels is
+    still the kernel's case."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        m = Downsample().eval()
+        m.skip = orthogonal(m.skip, orthogonal_map=orthogonal_map)
+        return m
+
+    x = torch.randn(1, 3, 16, 16)
+    for capture in ("fx", "export", "hooks"):
+        nhwc_audit.audit(build(), x, mode="fake", capture=capture)  # type: ignore[arg-type]
+    if onednn.ic_block() is not None and torch._C._has_mkldnn and onednn.present():
+        (note,) = _onednn_notes(build(), x, mode="fake")
+        assert "skip (8 -> 8, stride (2, 2))" in note
+
+
 _SCRIPT = textwrap.dedent(
     """
     import sys
