@@ -93,6 +93,15 @@ class NodeContext:
     """The op's mode where it has one (pad, interpolate, upsample): 'circular', 'bilinear'."""
     in_leaf_module: bool = False
     """The node is (or runs inside) a torch.nn leaf module such as InstanceNorm2d."""
+    called_as: str = ""
+    """The ATen op whose arguments the node holds, where :attr:`op_name` is the torch.nn.functional
+    call it came from (a torch.export node of ``F.normalize``: ``linalg_vector_norm``); else empty."""
+
+    @property
+    def args_name(self) -> str:
+        """The name the node's arguments are read by (a reduction's ``dim``): its ATen op's where
+        :attr:`op_name` is another call's (``normalize(x, p, dim)`` is no ``linalg_vector_norm(x, ord, dim)``)."""
+        return self.called_as or self.op_name
 
     def detail_at(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """The op's mode at a call with ``args``: a roll's by its tensor's sizes (:func:`_roll_detail`)."""
@@ -290,10 +299,11 @@ def node_context(
         op_name = _short_name(node.target, names)
     else:
         op_name = node.op
-    detail = _node_detail(node, sub, op_name)
+    detail, called_as = _node_detail(node, sub, op_name), ""
     called = node.meta.get("torch_fn")  # torch.export's: the torch.nn.functional call an ATen op came from
     if called and str(called[1]).startswith("function.") and isinstance(getattr(node.target, "_opname", None), str):
         # named as the model called it, as fx and the eager capture name it (interpolate, not upsample_bilinear2d)
+        called_as = op_name
         op_name, detail = str(called[1]).removeprefix("function."), aten_detail(op_name, node.args, node.kwargs)
     return NodeContext(
         module_path=module_path,
@@ -303,4 +313,5 @@ def node_context(
         target=target,
         detail=detail,
         in_leaf_module=in_leaf,
+        called_as=called_as,
     )

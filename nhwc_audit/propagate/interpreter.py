@@ -162,7 +162,7 @@ class LayoutProp(FreshArgs):
             error = first_line(e)
         ctx = self._contexts[n]
         detail = ctx.detail_at(args, kwargs)  # a roll's by its shifts
-        reduced = reduced_dims(ctx.op_name, args, kwargs)
+        reduced = reduced_dims(ctx.args_name, args, kwargs)
         if self.corrections is not None and error is None:
             acts = [t for i, t in inputs if not i.is_param]
             result = self.corrections.apply(n.name, ctx.names, detail, acts, result)

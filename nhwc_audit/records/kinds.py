@@ -40,7 +40,20 @@ CONV_OPS = frozenset(
 )
 """Convolutions as fx and ATen graphs name them, and torch.nn's modules (lower case)."""
 
-GEMM_OPS = frozenset({"einsum", "tensordot", "matmul", "bmm", "mm", "baddbmm", "addmm", "addbmm", "linear"})
+GEMM_OPS = frozenset(
+    {
+        "einsum",
+        "tensordot",
+        "matmul",
+        "bmm",
+        "mm",
+        "baddbmm",
+        "addmm",
+        "addbmm",
+        "linear",
+        "scaled_dot_product_attention",
+    }
+)
 """Ops computed by a matrix multiply, which reads an operand strided either way (a
 channels_last map viewed as B x C x HW) without a copy and writes its own row-major output:
 the layout of the result is computed, not copied (a copy ATen makes first is a hidden copy)."""

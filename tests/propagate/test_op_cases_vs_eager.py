@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nhwc_audit import audit
@@ -615,6 +616,15 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "flatten_to_2d_exit": lambda: Between(lambda s, y: y * y.flatten(1).sum(1)[:, None, None, None]),
     "flatten_to_tokens_exit": lambda: Between(lambda s, y: y * y.flatten(2).mean(-1)[:, :, None, None]),
     "reshape_to_2d_exit": lambda: Between(lambda s, y: y * y.reshape(2, -1).amax(1)[:, None, None, None]),
+    # F.normalize over the last dim of channel groups: its norm keeps the view's order on the dims it
+    # keeps (no move in either run); torch.export names the norm's node after F.normalize, whose
+    # arguments are not linalg_vector_norm's: its dims were not read, and a 128 B revert was charged
+    "normalize_channel_groups_over_positions": lambda: Between(
+        lambda s, y: F.normalize(y.reshape(2, 2, 4, 256), dim=-1).reshape(y.shape)
+    ),
+    "normalize_channel_groups_over_positions_p1": lambda: Between(
+        lambda s, y: F.normalize(y.reshape(2, 2, 4, 256), p=1.0, dim=-1).reshape(y.shape)
+    ),
 }
 
 
@@ -1379,4 +1389,27 @@ def test_an_op_writing_into_an_nchw_out_buffer_is_charged_what_eager_moves(case:
     model, x = Between(OUT_CASES[case]).eval(), torch.randn(2, 8, 16, 16)
     expected = eager_bytes(model, (x,)).added
     r = audit(model, x, bandwidth=1e9, capture="hooks", mode=mode)
+    assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
+
+
+def _attention_over_channel_groups(s: Between, y: torch.Tensor) -> torch.Tensor:
+    q = y.reshape(y.shape[0], 2, y.shape[1] // 2, -1)  # heads of channels, each position a feature
+    return F.scaled_dot_product_attention(q, q, q).reshape(y.shape)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+@pytest.mark.parametrize(("batch", "dtype"), [(1, torch.float32), (2, torch.float32), (2, torch.bfloat16)])
+def test_attention_is_charged_the_copies_its_kernel_makes(
+    batch: int, dtype: torch.dtype, capture: str, mode: str
+) -> None:
+    """scaled_dot_product_attention computes its output's order as a matrix multiply does: what it
+    moves is the copies its CPU math path makes to fold batch and heads (none at batch 1, where the
+    size-1 batch folds by a view: eager 16,384 B, the conversion after it; 65,536 were charged), in
+    float32 after casting a bfloat16 input up (114,688 B; 65,536 were charged at bfloat16's size)."""
+    torch.manual_seed(0)
+    model = Between(_attention_over_channel_groups).eval().to(dtype)
+    x = torch.randn(batch, 8, 16, 16, dtype=dtype)
+    expected = eager_bytes(model, (x,)).added
+    r = audit(model, x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
     assert expected > 0 and r.summary.bytes_moved == expected, [(f.kind.value, f.op, f.bytes) for f in r.findings]
