@@ -3,7 +3,7 @@ follow, and what audits such a model instead."""
 
 from __future__ import annotations
 
-__all__ = ["RECORDED", "WHY", "untraceable"]
+__all__ = ["RECORDED", "WHY", "unexportable", "untraceable"]
 
 WHY = (
     ("item assignment", "fx cannot record an item assignment, x[...] = y"),
@@ -28,3 +28,21 @@ def untraceable(msg: str, *, audit: bool = True) -> str:
         if audit
         else f"{what}; wrap that code in torch.fx.wrap"
     )
+
+
+_VALUES = "forward's shapes or branches depend on tensor values (nonzero, a count of boxes, an if on a value)"
+
+EXPORT_WHY = (
+    ("data-dependent", _VALUES),
+    ("DataDependent", _VALUES),
+    ("DynamicOutputShape", _VALUES),
+    ("unbacked", _VALUES),
+)
+"""What torch.export's error says forward does that export cannot capture (first match)."""
+
+
+def unexportable(msg: str, *, audit: bool = True) -> str:
+    """The hint for a failed torch.export capture whose error reads ``msg`` (its type's name first):
+    what forward does, and what audits it (``audit``)."""
+    what = next((why for key, why in EXPORT_WHY if key in msg), "torch.export cannot follow forward's code")
+    return f"{what}; {RECORDED}" if audit else what

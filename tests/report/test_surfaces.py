@@ -141,6 +141,9 @@ def test_quiet_keeps_a_failed_exports_graph_dump_off_the_terminal(
     assert main([*args, "-q"]) == 2  # export forced: it fails, and says so in one line
     out, err = capsys.readouterr()
     assert out == "" and "torch.export could not capture DataDependent" in err and "def forward" not in err
+    # the line export stopped at, and what audits the model (torch's error alone said neither)
+    assert "dd.py:8 (return y * 2 if (y > 0).any() else y)" in err and "depend on tensor values" in err
+    assert "capture 'hooks' or 'auto'" in err and "  " not in err.strip()
     # --train needs a graph: after fx, export is tried (and fails quietly), then the eager recording
     assert main([*args[:-2], "--train"]) == 0
     out, err = capsys.readouterr()
