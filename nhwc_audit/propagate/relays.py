@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..channels import COPY_OPS, broadcast_across, conv_layout, relay_bytes, relays_view, runs_otherwise
-from ..layout import tensor_meta
+from ..layout import reorders, tensor_meta
 from ..records import ALLOCATING_OPS, CONV_OPS, GEMM_OPS, HiddenCopy, Layout, TensorMeta
 from ..tensors import iter_tensors
 
@@ -58,7 +58,18 @@ def _layouts(
         return Layout.CHANNELS_LAST, Layout.CONTIGUOUS
     if broadcast_across(m, om):  # F.normalize's norm, expanded back over the map
         return Layout.CONTIGUOUS, Layout.CHANNELS_LAST
+    if not conv and name not in GEMM_OPS and Layout.STRIDED in (m.layout, om.layout) and _read_along(m, om):
+        return m.layout, om.layout  # a view in no format read in another order (a norm of channel groups)
     return None
+
+
+def _read_along(m: TensorMeta, om: TensorMeta) -> bool:
+    """An op reads ``m`` element for element along ``om`` (the same rank; each dim ``om``'s, broadcast,
+    or reduced to 1 by a reduction that keeps it) and writes it in another memory order
+    (:func:`~nhwc_audit.layout.reorders`)."""
+    if m.rank != om.rank or not all(a == b or 1 in (a, b) for a, b in zip(m.shape, om.shape, strict=True)):
+        return False
+    return reorders(m, om, positional=True)
 
 
 def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ()) -> Relay | None:

@@ -625,6 +625,23 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "normalize_channel_groups_over_positions_p1": lambda: Between(
         lambda s, y: F.normalize(y.reshape(2, 2, 4, 256), p=1.0, dim=-1).reshape(y.shape)
     ),
+    # a torch.nn.functional call fx traces as one node, whose ATen ops read a view dense in neither
+    # format in another order (the norm of channel groups written row-major, then read back expanded
+    # by the division): fx charged 0 where eager, export and hooks move 16,384 to 32,768 B (the
+    # recorder judged such ops only between channels_last and NCHW)
+    "normalize_within_channel_groups": lambda: Between(
+        lambda s, y: F.normalize(y.reshape(2, 2, 4, 256), dim=2).reshape(y.shape)
+    ),
+    "normalize_across_channel_groups": lambda: Between(
+        lambda s, y: F.normalize(y.reshape(2, 2, 4, 256), dim=1).reshape(y.shape)
+    ),
+    "normalize_pairs_of_channels_5d": lambda: Between(
+        lambda s, y: F.normalize(y.reshape(2, 4, 2, 16, 16), dim=2).reshape(y.shape)
+    ),
+    "normalize_a_transposed_map": lambda: Between(lambda s, y: F.normalize(y.transpose(2, 3), dim=2)),
+    "cosine_similarity_of_channel_groups": lambda: Between(
+        lambda s, y: y * F.cosine_similarity(y.reshape(2, 2, 4, 256), y.reshape(2, 2, 4, 256).flip(-1), dim=2).mean()
+    ),
 }
 
 
