@@ -103,7 +103,8 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     return channels is not None and channels_innermost(i.meta, channels)
 
 
-_UNNAMED = (Layout.STRIDED, Layout.NOT_SPATIAL)  # in no format: a 4D/5D view, or one above rank 5
+_UNNAMED = (Layout.STRIDED, Layout.NOT_SPATIAL)
+_DECIDED_IN = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)  # in no format: a 4D/5D view, or one above rank 5
 
 
 def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInput]:
@@ -192,7 +193,7 @@ def revert_bytes(
     moves, so without them the sources' would be netted against them (4,096 B where eager moves 6,144)."""
     if not reverted:
         return 0
-    inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in is Layout.CHANNELS_LAST]
+    inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in in _DECIDED_IN]
     if inner:
         return sum(h.bytes for h in inner)
     held = [i.meta.shape for i in r.inputs if 0 not in i.meta.strides]  # (an expanded map stores less)

@@ -639,6 +639,10 @@ CASES: dict[str, Callable[[], nn.Module]] = {
         lambda s, y: F.normalize(y.reshape(2, 4, 2, 16, 16), dim=2).reshape(y.shape)
     ),
     "normalize_a_transposed_map": lambda: Between(lambda s, y: F.normalize(y.transpose(2, 3), dim=2)),
+    # a node whose revert its ops make (a softmax over the channels writes NCHW), and whose noise,
+    # drawn NCHW (legacy_contiguous_format), one of them reads into the channels_last map: fx charged
+    # the revert alone (65,536 B where eager moves 98,304)
+    "gumbel_softmax_hard_over_channels": lambda: Between(lambda s, y: F.gumbel_softmax(y, hard=True, dim=1)),
     "cosine_similarity_of_channel_groups": lambda: Between(
         lambda s, y: y * F.cosine_similarity(y.reshape(2, 2, 4, 256), y.reshape(2, 2, 4, 256).flip(-1), dim=2).mean()
     ),
