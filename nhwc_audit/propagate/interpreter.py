@@ -164,8 +164,8 @@ class LayoutProp(FreshArgs):
         detail = ctx.detail_at(args, kwargs)  # a roll's by its shifts
         reduced = reduced_dims(ctx.args_name, args, kwargs)
         if self.corrections is not None and error is None:
-            acts = [t for i, t in inputs if not i.is_param]
-            result = self.corrections.apply(n.name, ctx.names, detail, acts, result)
+            # (a 4D parameter too: a fake group_norm of a channels_last table writes NCHW, as of an activation)
+            result = self.corrections.apply(n.name, ctx.names, detail, [t for _, t in inputs], result)
         latent = latent_error(self._call, n, ctx.op_name, args, kwargs, inputs, result) if error is None else None
         if not (n.op == "call_module" and n.target == "_guards_fn"):  # torch.export's input guards
             wrote = error is None and written(inputs, versions)

@@ -450,3 +450,31 @@ def test_a_batch_norm_of_a_view_in_no_format_is_strided_as_the_cpu_kernel_stride
     fake = nhwc_audit.audit(model, x, bandwidth=1e9, capture=capture, mode="fake")  # type: ignore[arg-type]
     assert real.summary.bytes_moved > 0
     assert fake.summary.bytes_moved == real.summary.bytes_moved
+
+
+class NormedTable(nn.Module):
+    """A position table of batch 1 (a 4D parameter, converted channels_last) group-normed in forward
+    and added to the map: the CPU kernel keeps it channels_last, the fake one writes NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.c1(x) + torch.nn.functional.group_norm(self.pos, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "hooks"])
+def test_the_group_norm_correction_follows_a_parameter_as_an_activation(capture: str) -> None:
+    """fx and export passed the fake-run corrections a node's activations only: a group_norm of a 4D
+    parameter kept the fake kernel's NCHW (8,192 B: a revert and a mixed add, where eager and a real
+    audit move nothing); the eager recording passed every input, and was right."""
+    from tests.eager_bytes import eager_bytes
+
+    torch.manual_seed(0)
+    model, x = NormedTable().eval(), torch.randn(2, 4, 8, 8)
+    assert eager_bytes(model, (x,)).added == 0
+    for mode in ("real", "fake"):
+        r = nhwc_audit.audit(model, x, bandwidth=1e9, capture=capture, mode=mode)  # type: ignore[arg-type]
+        assert r.summary.bytes_moved == 0, (mode, [(f.kind.value, f.op, f.bytes) for f in r.findings])
