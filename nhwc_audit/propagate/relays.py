@@ -46,20 +46,22 @@ def is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _layouts(
     t: torch.Tensor, m: TensorMeta, om: TensorMeta, conv: bool, name: str, weight: bool
-) -> tuple[Layout, Layout] | None:
-    """How an op that computes ``om`` from ``t`` (laid ``m``; ``weight``: a convolution's) re-lays it, or None."""
+) -> tuple[Layout, Layout, bool] | None:
+    """How an op that computes ``om`` from ``t`` (laid ``m``; ``weight``: a convolution's) re-lays it, and
+    whether that is a reorder of no format's (:attr:`HiddenCopy.reorder`: whose it is, the analysis's
+    call), or None."""
     if weight and m.layout is Layout.STRIDED and om.layout in _DECIDED:
-        return m.layout, om.layout  # dense in neither format: copied into the one it computes in
+        return m.layout, om.layout, False  # dense in neither format: copied into the one it computes in
     if om.layout in _DECIDED and m.layout in _DECIDED and m.layout is not om.layout:
-        return m.layout, om.layout
+        return m.layout, om.layout, False
     if conv and om.layout in _DECIDED and m.layout is Layout.STRIDED and runs_otherwise(m, om):
-        return m.layout, om.layout  # a slice in another order (a pad's crop): the kernel re-lays it
+        return m.layout, om.layout, False  # a slice in another order (a pad's crop): the kernel re-lays it
     if not conv and name not in GEMM_OPS and relays_view(t, m, om):  # they compute their output
-        return Layout.CHANNELS_LAST, Layout.CONTIGUOUS
+        return Layout.CHANNELS_LAST, Layout.CONTIGUOUS, False
     if broadcast_across(m, om):  # F.normalize's norm, expanded back over the map
-        return Layout.CONTIGUOUS, Layout.CHANNELS_LAST
+        return Layout.CONTIGUOUS, Layout.CHANNELS_LAST, False
     if not conv and name not in GEMM_OPS and Layout.STRIDED in (m.layout, om.layout) and _read_along(m, om):
-        return m.layout, om.layout  # a view in no format read in another order (a norm of channel groups)
+        return m.layout, om.layout, True  # a view in no format read in another order (a norm of channel groups)
     return None
 
 
@@ -110,7 +112,9 @@ def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ())
         first, source, weight = first or layouts, source or id(t), weight or (conv and k == 1)
     if first is None:
         return None
-    copy = HiddenCopy(op=name, layout_in=first[0], layout_out=first[1], shape=om.shape, bytes=moved, computed=True)
+    copy = HiddenCopy(
+        op=name, layout_in=first[0], layout_out=first[1], shape=om.shape, bytes=moved, computed=True, reorder=first[2]
+    )
     return Relay(copy, source, id(result), weight)
 
 
