@@ -103,8 +103,8 @@ def channels_source(i: NodeInput, reverted: list[TensorMeta], by_name: dict[str,
     return channels is not None and channels_innermost(i.meta, channels)
 
 
-_UNNAMED = (Layout.STRIDED, Layout.NOT_SPATIAL)
-_DECIDED_IN = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)  # in no format: a 4D/5D view, or one above rank 5
+_UNNAMED = (Layout.STRIDED, Layout.NOT_SPATIAL)  # in no format: a 4D/5D view, or one above rank 5
+_FORMATS = (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)  # the two a layout change is between
 
 
 def relaid_views(r: NodeRecord, by_name: dict[str, NodeRecord]) -> list[NodeInput]:
@@ -193,7 +193,7 @@ def revert_bytes(
     moves, so without them the sources' would be netted against them (4,096 B where eager moves 6,144)."""
     if not reverted:
         return 0
-    inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in in _DECIDED_IN]
+    inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in in _FORMATS]
     if inner:
         return sum(h.bytes for h in inner)
     held = [i.meta.shape for i in r.inputs if 0 not in i.meta.strides]  # (an expanded map stores less)
@@ -267,9 +267,9 @@ def read_across(r: NodeRecord) -> list[NodeInput]:
     order than it writes (:func:`~nhwc_audit.layout.reorders`; densenet's cats decided by labels)."""
     if r.convolves_or_multiplies or not r.outputs or r.aliases_input:
         return []
-    out, same = r.outputs[0], (Layout.CHANNELS_LAST, Layout.CONTIGUOUS)  # one dense order throughout: no sort
-    if out.layout in same and all(i.meta.layout is out.layout and i.meta.rank == out.rank for i in r.inputs):
-        return []
+    out = r.outputs[0]
+    if out.layout in _FORMATS and all(i.meta.layout is out.layout and i.meta.rank == out.rank for i in r.inputs):
+        return []  # one dense order throughout: no sort
     return [i for i in data_inputs(r) if reorders(i.meta, out)]  # a graph's constant made in forward too
 
 

@@ -17,7 +17,7 @@ from .blocks import Checkpoints, checkpoints_noted, function_grad_noted
 from .context import CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY, FUNCTION_KEY, GRAD_ON_KEY, SOURCE_KEY, first_names
 from .fx import Capture
 from .inline import inline_blocks
-from .source import failing_frame, is_machinery, user_frame
+from .source import failing_at, is_machinery, user_frame
 from .untraceable import unexportable
 
 __all__ = ["export"]
@@ -48,10 +48,9 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
         gm = ep.module()
     except Exception as e:
         msg = " ".join(str(e).strip().splitlines()[0].split()) if str(e).strip() else ""
-        where = failing_frame(e)  # (non-strict export runs forward's own code: its frames are in the traceback)
-        at = "" if where is None else f" at {where}" + (f" ({where.code})" if where.code else "")
-        plain = f"torch.export could not capture {type(model).__name__}{at}: {type(e).__name__}: {msg}"
         why = f"{type(e).__name__}: {msg}"
+        # (non-strict export runs forward's own code: its frames are in the traceback)
+        plain = f"torch.export could not capture {type(model).__name__}{failing_at(e)}: {why}"
         raise TraceError(f"{plain} ({unexportable(why)})", plain=f"{plain} ({unexportable(why, audit=False)})") from e
     assert isinstance(gm, torch.fx.GraphModule)
     inline_blocks(gm)  # forward's no_grad and autocast blocks: their nodes, each noted with its block

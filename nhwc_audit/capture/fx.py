@@ -23,7 +23,7 @@ from .constants import BUFFER_VIEW_KEY, buffer_view, fresh_constants
 from .context import AUTOCAST_KEY, CHECKPOINT_KEY, CHECKPOINT_OPTIONS_KEY, FUNCTION_KEY, NO_GRAD_KEY, SOURCE_KEY
 from .kept import holds
 from .proxies import TracerProxy
-from .source import failing_frame, user_frame
+from .source import failing_at, user_frame
 from .state import module_state, put_back_proxied, put_back_state
 from .untraceable import RECORDED, untraceable
 
@@ -303,9 +303,7 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None, *, proxy_maps
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "torch.fx docs" in msg:  # torch's pointer to its docs: what it means follows, in our words
             msg = msg.split(". ", 1)[0]
-        where = failing_frame(e)
-        at = "" if where is None else f" at {where}" + (f" ({where.code})" if where.code else "")
-        plain = f"torch.fx could not trace {type(model).__name__}{at}: {type(e).__name__}: {msg}"
+        plain = f"torch.fx could not trace {type(model).__name__}{failing_at(e)}: {type(e).__name__}: {msg}"
         raise TraceError(f"{plain} ({untraceable(msg)})", plain=f"{plain} ({untraceable(msg, audit=False)})") from e
     finally:
         root: nn.Module = getattr(tracer, "root", model)

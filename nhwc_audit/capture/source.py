@@ -16,7 +16,7 @@ import torch
 
 from ..records import SourceLoc
 
-__all__ = ["failing_frame", "is_machinery", "source_from_stack", "user_frame"]
+__all__ = ["failing_at", "failing_frame", "is_machinery", "source_from_stack", "user_frame"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -88,6 +88,12 @@ def failing_frame(e: BaseException) -> SourceLoc | None:
             found = _location(code.co_filename, tb.tb_lineno, code.co_name)
         tb = tb.tb_next
     return found
+
+
+def failing_at(e: BaseException) -> str:
+    """`` at file:line (code)`` of :func:`failing_frame`, for a failed capture's message; '' if none."""
+    where = failing_frame(e)
+    return "" if where is None else f" at {where}" + (f" ({where.code})" if where.code else "")
 
 
 def source_from_stack(stack_trace: str | None) -> SourceLoc | None:

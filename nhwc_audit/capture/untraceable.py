@@ -30,19 +30,15 @@ def untraceable(msg: str, *, audit: bool = True) -> str:
     )
 
 
-_VALUES = "forward's shapes or branches depend on tensor values (nonzero, a count of boxes, an if on a value)"
-
-EXPORT_WHY = (
-    ("data-dependent", _VALUES),
-    ("DataDependent", _VALUES),
-    ("DynamicOutputShape", _VALUES),
-    ("unbacked", _VALUES),
-)
-"""What torch.export's error says forward does that export cannot capture (first match)."""
+_DATA_DEPENDENT = ("data-dependent", "DataDependent", "DynamicOutputShape", "unbacked")
+"""What torch.export's error says where forward's shapes or branches depend on tensor values."""
 
 
 def unexportable(msg: str, *, audit: bool = True) -> str:
     """The hint for a failed torch.export capture whose error reads ``msg`` (its type's name first):
     what forward does, and what audits it (``audit``)."""
-    what = next((why for key, why in EXPORT_WHY if key in msg), "torch.export cannot follow forward's code")
+    if any(key in msg for key in _DATA_DEPENDENT):
+        what = "forward's shapes or branches depend on tensor values (nonzero, a count of boxes, an if on a value)"
+    else:
+        what = "torch.export cannot follow forward's code"
     return f"{what}; {RECORDED}" if audit else what
