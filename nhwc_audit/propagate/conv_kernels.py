@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
-from ..channels import laid_out
+from ..channels import dense_strides, laid_out
 from ..layout import strides_like_channels_last
 from ..prepare.copy import memory_format_for_rank
 from ..records import HiddenCopy, Layout
@@ -243,11 +243,10 @@ def _laid(t: torch.Tensor) -> torch.memory_format | None:
 
 def cut(func: Any, args: Any) -> list[HiddenCopy] | None:
     """What a fake convolution's kernel (``func``: forward, or ``convolution_backward``), too large
-    to ask whole (above :data:`~.kernel_copies.PROBE_NUMEL`), copies inside: asked on a copy cut
-    along the spatial dims (halved one dim at a time, W first, never below the kernel's extent,
-    keeping a halving only where the cut still picks the same backend,
-    ``torch._C._select_conv_backend``: the CPU's choice reads N x C x D x H) until its input and
-    output fit. Its copies of a tensor shaped as the weight are the whole problem's; those laid
+    to ask whole (above :data:`~.kernel_copies.PROBE_NUMEL`), copies inside: asked on a copy cut along the
+    spatial dims (halved one dim at a time, W first, never below the kernel's extent, keeping a halving
+    only where the cut still picks the same backend, ``torch._C._select_conv_backend``: the CPU's choice
+    reads N x C x D x H) until its input and output fit, each laid as the op's (:func:`_zeros`). Its copies of a tensor shaped as the weight are the whole problem's; those laid
     over the cut input's or output's map (whole, or a group's channels) are scaled up to the whole
     map; others are dropped. None where no such cut exists or a tensor is not dense."""
     backward = func is CONV_BACKWARD
@@ -256,20 +255,17 @@ def cut(func: Any, args: Any) -> list[HiddenCopy] | None:
     else:
         x, w, b, *conv = args[:9]
         go, bias_sizes = None, None if b is None else list(b.shape)
-    formats = [_laid(t) for t in (x, w, *(() if go is None else (go,)))]
-    if any(f is None for f in formats) or x.device.type != "cpu" or w.numel() > 16 * PROBE_NUMEL:
+    dense = all(_laid(t) is not None for t in (x, w, go) if t is not None)
+    if not dense or x.device.type != "cpu" or w.numel() > 16 * PROBE_NUMEL:
         return None
     backend = torch._C._select_conv_backend(x, w, None, *conv, bias_sizes)
     dilation, out_of = conv[2], torch.ops.aten.convolution
     extents = [d * (k - 1) + 1 for d, k in zip(dilation, w.shape[2:], strict=False)]
 
     def problem(shape: list[int]) -> tuple[torch.Tensor, ...]:
-        cx = torch.zeros(shape, dtype=x.dtype).to(memory_format=formats[0])
-        cw = torch.zeros(tuple(w.shape), dtype=w.dtype).to(memory_format=formats[1])
+        cx, cw = _zeros(x, shape), _zeros(w, list(w.shape))
         out = out_of(cx.to("meta"), cw.to("meta"), None, *conv)
-        if backward:
-            return cx, cw, torch.zeros(tuple(out.shape), dtype=go.dtype).to(memory_format=formats[2])
-        return cx, cw, out
+        return (cx, cw, _zeros(go, list(out.shape))) if backward else (cx, cw, out)
 
     shape, left = list(x.shape), list(range(x.dim() - 1, 1, -1))  # the spatial dims, W first
     try:
@@ -310,6 +306,13 @@ def cut(func: Any, args: Any) -> list[HiddenCopy] | None:
             full = (*c.shape[:2], *whole)
             copies.append(dataclasses.replace(c, shape=full, bytes=c.bytes * math.prod(full) // math.prod(c.shape)))
     return copies
+
+
+def _zeros(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """Zeros of ``shape`` in ``t``'s dim order, its size-1 dims' too: a 1 x 1 weight converted channels_last
+    is dense in both orders, and the kernel picks its path by its strides (rebuilt NCHW, it computed NCHW)."""
+    order = sorted(range(t.dim()), key=t.stride().__getitem__, reverse=True)  # (stable: ties keep dim order)
+    return torch.zeros(math.prod(shape), dtype=t.dtype).as_strided(shape, dense_strides(shape, order))
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:

@@ -175,3 +175,35 @@ def test_an_audit_inside_a_callers_dispatch_mode_says_its_kernels_were_not_asked
     assert not [n for n in fake.meta.capture_notes if "_Passing" in n]
     assert fake.summary.intrinsic_bytes == _profiled(model, x) > 0
     assert not [n for n in audit(model, x).meta.capture_notes if "dispatch mode" in n]
+
+
+class _NormedProjection(nn.Module):
+    """MONAI's decoder block (SwinUNETR's ``decoder1``): a 1 x 1 convolution of an InstanceNorm's NCHW
+    output, whose weight, converted channels_last, is dense in both orders."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if rank == 4 else (nn.Conv3d, nn.InstanceNorm3d)
+        self.a, self.n, self.c = conv(24, 24, 1), norm(24, affine=True), conv(24, 12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.n(self.a(x)))
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 128, 128), (1, 24, 32, 64, 64)])
+def test_a_cut_copy_keeps_a_one_by_one_weights_strides(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake training run above the probe limit asks a convolution's kernels on a cut copy, rebuilt
+    in each tensor's format: a 1 x 1 weight converted channels_last is dense in NCHW order too, and was
+    rebuilt NCHW, a kernel path that copies nothing: the backward of SwinUNETR's 1 x 1 projection of an
+    NCHW map at 1x1x64x64x64 lost 75,499,776 B (the input and gradient re-laid) of eager's 509,675,712."""
+    from nhwc_audit.propagate import backward_kernels
+    from tests.eager_bytes import eager_backward_bytes
+
+    torch.manual_seed(0)
+    model, x = _NormedProjection(len(shape)).train(), torch.randn(shape)
+    truth = eager_backward_bytes(model, (x,)).added
+    for module in (conv_kernels, backward_kernels):
+        monkeypatch.setattr(module, "PROBE_NUMEL", 100_000)  # (4M elements: these are asked whole)
+    for mode in ("real", "fake"):
+        r = audit(model, x, bandwidth=1e9, train=True, mode=mode)
+        assert sum(f.bytes for f in r.findings if f.kind.value == "backward") == truth > 0, mode
