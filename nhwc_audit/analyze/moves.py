@@ -186,14 +186,16 @@ def revert_bytes(
     45-channel input); any other op moves the smaller of the input and the output (a cat only its
     channels_last operands). The output is the first one reverted (not ``topk``'s indices). A node
     whose ops transposed an intermediate into it (``torch.fft.fft2`` of a real map: ATen casts it to
-    complex, channels_last, then transposes that) is charged what they moved (its hidden relays);
+    complex, channels_last, then transposes that) is charged what they moved (its hidden relays, the
+    reorders of a view in no format among them: gumbel_softmax of channel groups, its noise and softmax);
     one whose copies moved less, no more (a circular pad cropping W). ``alike``: inputs laid alike in
     either layout that the op re-lays too (a transposed view cat with a map), counted up to what the
     node moves in NCHW (:attr:`NodeRecord.nchw_bytes`, taken off after): that baseline holds their
     moves, so without them the sources' would be netted against them (4,096 B where eager moves 6,144)."""
     if not reverted:
         return 0
-    inner = [h for h in r.hidden if h.computed and h.shape == reverted[0].shape and h.layout_in in _FORMATS]
+    out = reverted[0]
+    inner = [h for h in r.hidden if h.computed and h.shape == out.shape and (h.layout_in in _FORMATS or h.reorder)]
     if inner:
         return sum(h.bytes for h in inner)
     held = [i.meta.shape for i in r.inputs if 0 not in i.meta.strides]  # (an expanded map stores less)
@@ -202,7 +204,7 @@ def revert_bytes(
         # what it copied (the NCHW baseline's own copies are taken off as for any node); a cast
         # (``_to_copy``) is the node's own op, charged as any revert
         return sum(h.bytes for h in r.hidden)
-    conv, first, out = r.convolves, casts_first(r), reverted[0]
+    conv, first = r.convolves, casts_first(r)
     total = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in sources if moves_into(i.meta, out))
     again = [i for i in alike if not i.is_param and i.meta.rank == out.rank and runs_otherwise(i.meta, out)]
     same = sum(relay_bytes(i.meta, out, conv=conv, cast_first=first) for i in again)

@@ -66,12 +66,11 @@ def _layouts(
 
 
 def _read_along(m: TensorMeta, om: TensorMeta) -> bool:
-    """An op reads ``m`` element for element along ``om`` (the same rank; each dim ``om``'s, broadcast,
-    or reduced to 1 by a reduction that keeps it) and writes it in another memory order
-    (:func:`~nhwc_audit.layout.reorders`)."""
-    if m.rank != om.rank or not all(a == b or 1 in (a, b) for a, b in zip(m.shape, om.shape, strict=True)):
-        return False
-    return reorders(m, om, positional=True)
+    """An op reads ``m`` along ``om``'s dims (the same rank: each dim ``om``'s, broadcast, reduced to 1
+    by a reduction that keeps it, or resized: the pad inside F.local_response_norm grows the channel
+    groups' dim) and writes it in another memory order (:func:`~nhwc_audit.layout.reorders`), as eager
+    PyTorch charges an op whose output's order disagrees with its input's."""
+    return m.rank == om.rank and reorders(m, om, positional=True)
 
 
 def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ()) -> Relay | None:

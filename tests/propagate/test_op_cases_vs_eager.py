@@ -646,7 +646,34 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "cosine_similarity_of_channel_groups": lambda: Between(
         lambda s, y: y * F.cosine_similarity(y.reshape(2, 2, 4, 256), y.reshape(2, 2, 4, 256).flip(-1), dim=2).mean()
     ),
+    # an op inside one node that resizes a view dense in neither format as it re-lays it: the pad
+    # inside F.local_response_norm of channel groups grows their dim and writes row-major (fx charged
+    # the division after it only: 32,768 of 65,536 B); the pool inside F.lp_pool2d and the upsampling
+    # inside nn.UpsamplingBilinear2d, of a transposed map, are each charged once
+    "local_response_norm_of_channel_groups": lambda: Between(
+        lambda s, y: F.local_response_norm(y.reshape(2, 2, 4, 256), 3).reshape(y.shape)
+    ),
+    "lp_pool_of_a_transposed_map": lambda: Between(
+        lambda s, y: F.lp_pool2d(y.transpose(2, 3), 2, 2).repeat(1, 1, 2, 2)
+    ),
+    # a node that reverts through its ops' reorders of a view in no format: gumbel_softmax of channel
+    # groups adds NCHW-drawn noise into the groups' order, and its softmax writes them row-major; fx
+    # charged the add alone (65,536 of 98,304 B with the conversion after it)
+    "gumbel_softmax_of_channel_groups": lambda: Between(
+        lambda s, y: F.gumbel_softmax(y.reshape(2, 2, 4, 256), dim=2).reshape(y.shape)
+    ),
+    "gumbel_softmax_hard_of_channel_groups": lambda: Between(
+        lambda s, y: F.gumbel_softmax(y.reshape(2, 2, 4, 256), hard=True, dim=-1).reshape(y.shape)
+    ),
+    "upsample_of_a_transposed_map": lambda: nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), _Transposed(), nn.UpsamplingBilinear2d(scale_factor=2), nn.Conv2d(8, 8, 3)
+    ),
 }
+
+
+class _Transposed(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y.transpose(2, 3)
 
 
 class _StackOfOne(nn.Module):
