@@ -37,6 +37,7 @@ __all__ = [
     "UsageError",
     "ValueDependentShapes",
     "first_line",
+    "model_hint",
     "said",
 ]
 
@@ -59,6 +60,21 @@ def said(e: BaseException) -> str:
     """
     text = str(e).strip()
     return text.splitlines()[0] if isinstance(e, NhwcAuditError) and text else first_line(e)
+
+
+def model_hint(e: BaseException) -> str | None:
+    """What to change for a model error whose cause its message names, or None: BatchNorm in training
+    given one value per channel (a batch of 1 reaching a 1 x 1 map), which eager raises too.
+
+    >>> model_hint(ValueError("Expected more than 1 value per channel when training, got input size [1, 8, 1, 1]"))[:40]
+    'BatchNorm in training needs more than on'
+    """
+    if "Expected more than 1 value per channel when training" in str(e):
+        return (
+            "BatchNorm in training needs more than one value per channel (a batch of 1 reaching a 1x1 map): "
+            "audit a batch of 2 or more (--input 2x3x224x224), or the model in eval mode (model.eval())"
+        )
+    return None
 
 
 class NhwcAuditError(Exception):

@@ -338,6 +338,29 @@ def test_a_models_own_error_is_one_error_and_nothing_on_stderr(mode: str, capfd:
     assert not logging.getLogger("torch._subclasses.fake_tensor").filters  # the filter went with the run
 
 
+class PooledNorm(nn.Module):
+    """A BatchNorm after a global pool (ghostnetv3's squeeze-excite): in training, a batch of 1 gives it
+    one value per channel, which eager refuses too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool, self.norm = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.pool(self.conv(x)))
+
+
+@pytest.mark.parametrize("capture", ["auto", "hooks"])
+def test_a_batch_of_one_in_training_is_named_as_the_cause(capture: str) -> None:
+    """The model's own error said to check the input shapes or give inputs of other dtypes; a
+    BatchNorm given one value per channel in training says what to change: a batch of 2, or eval mode."""
+    from nhwc_audit.errors import PropagationError
+
+    with pytest.raises(PropagationError, match=r"BatchNorm in training .* a batch of 2 or more .* eval mode"):
+        audit(PooledNorm().train(), torch.randn(1, 3, 16, 16), bandwidth=BANDWIDTH, capture=capture)  # type: ignore[arg-type]
+    assert audit(PooledNorm().train(), torch.randn(2, 3, 16, 16), bandwidth=BANDWIDTH).summary.nodes > 0
+
+
 class WritesAnExpand(nn.Module):
     """``e = y.mean(...).expand_as(y); e += 1`` raises in eager in either layout (the elements of
     an expand share memory); the NCHW retry made a dense copy of it and ran, and the audit
