@@ -31,7 +31,8 @@ def displaced(records: Sequence[NodeRecord], nchw_moved: dict[str, int], charged
             if node.name in seen or node.name in charged or not node.outputs or node.outputs[0].shape != shape:
                 continue
             seen.add(node.name)
-            saved = nchw_moved.get(node.name, 0) - moved_bytes(node)
+            before = nchw_moved.get(node.name, 0)  # (most move nothing in NCHW: their own bytes are not asked)
+            saved = before - moved_bytes(node) if before > 0 else 0
             if saved > 0 and node.name not in used and call_of(node) == site:  # one call of the model's
                 credit[name] = saved
                 used.add(node.name)
