@@ -37,7 +37,7 @@ __all__ = [
     "UsageError",
     "ValueDependentShapes",
     "first_line",
-    "model_hint",
+    "model_advice",
     "said",
 ]
 
@@ -62,19 +62,25 @@ def said(e: BaseException) -> str:
     return text.splitlines()[0] if isinstance(e, NhwcAuditError) and text else first_line(e)
 
 
-def model_hint(e: BaseException) -> str | None:
-    """What to change for a model error whose cause its message names, or None: BatchNorm in training
-    given one value per channel (a batch of 1 reaching a 1 x 1 map), which eager raises too.
+def model_advice(e: BaseException) -> str:
+    """What to change for the model's own error ``e`` at the audited shapes: where its message names
+    the cause, that (BatchNorm in training given one value per channel, a batch of 1 reaching a 1 x 1
+    map, which eager raises too); else where a shape or dtype error comes from.
 
-    >>> model_hint(ValueError("Expected more than 1 value per channel when training, got input size [1, 8, 1, 1]"))[:40]
+    >>> model_advice(ValueError("Expected more than 1 value per channel when training, got [1, 8, 1, 1]"))[:40]
     'BatchNorm in training needs more than on'
+    >>> model_advice(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))[:35]
+    'for a shape or dtype error, check t'
     """
     if "Expected more than 1 value per channel when training" in str(e):
         return (
             "BatchNorm in training needs more than one value per channel (a batch of 1 reaching a 1x1 map): "
             "audit a batch of 2 or more (--input 2x3x224x224), or the model in eval mode (model.eval())"
         )
-    return None
+    return (
+        "for a shape or dtype error, check the input shapes (--input: random float tensors), or give inputs of "
+        "other dtypes (integer ids, timesteps) from a build function that returns (model, inputs)"
+    )
 
 
 class NhwcAuditError(Exception):

@@ -16,7 +16,7 @@ import torch.fx
 from torch.utils._pytree import tree_map
 
 from ..capture.context import AUTOCAST_KEY, NO_GRAD_KEY, NodeContext
-from ..errors import PropagationError, first_line, model_hint
+from ..errors import PropagationError, first_line, model_advice
 from ..layout import tensor_meta
 from ..prepare.copy import memory_format_for_rank
 from ..records import Layout, NodeInput, in_place_name
@@ -125,13 +125,9 @@ def retry_nchw(
                 node=n.name,
                 node_format=n.format_node(),
             )
-        advice = model_hint(error) or (
-            "for a shape or dtype error, check the input shapes (--input: random float tensors), or give inputs "
-            "of other dtypes (integer ids, timesteps) from a build function that returns (model, inputs)"
-        )
         return PropagationError(
             f"{where} raised {first_line(error)} ({how}; node inputs {shapes}): the model's own error at "
-            f"the audited shapes, not a channels_last problem; {advice}",
+            f"the audited shapes, not a channels_last problem; {model_advice(error)}",
             node=n.name,
             node_format=n.format_node(),
         )

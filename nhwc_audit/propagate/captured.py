@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_map
 
 from ..capture.fx import Capture
 from ..capture.kept import KeptGraph, kept, made_attributes
-from ..errors import PropagationError, first_line, model_hint
+from ..errors import PropagationError, first_line, model_advice
 from ..records import NodeRecord
 from ..tensors import detached
 from .backward import GradRun
@@ -136,11 +136,7 @@ def own_error(e: Exception, fake: bool, notes: list[str]) -> PropagationError:
             f"fake mode cannot run the model: {first_line(e)} (it needs tensor values, or fake tensors do "
             f"not support an op it runs); audit in real mode (--mode real){reasons}"
         )
-    advice = model_hint(e) or (
-        "for a shape or dtype error, check the input shapes, --input: random float tensors; inputs of other "
-        "dtypes come from a build function that returns (model, inputs)"
-    )
     return PropagationError(
         f"the model's forward raised {first_line(e)} when run eagerly on the channels_last sample: the "
-        f"model's own error at the audited shapes, not a channels_last problem ({advice}){reasons}"
+        f"model's own error at the audited shapes, not a channels_last problem; {model_advice(e)}{reasons}"
     )

@@ -242,13 +242,13 @@ def _laid(t: torch.Tensor) -> torch.memory_format | None:
 
 
 def cut(func: Any, args: Any) -> list[HiddenCopy] | None:
-    """What a fake convolution's kernel (``func``: forward, or ``convolution_backward``), too large
-    to ask whole (above :data:`~.kernel_copies.PROBE_NUMEL`), copies inside: asked on a copy cut along the
-    spatial dims (halved one dim at a time, W first, never below the kernel's extent, keeping a halving
-    only where the cut still picks the same backend, ``torch._C._select_conv_backend``: the CPU's choice
-    reads N x C x D x H) until its input and output fit, each laid as the op's (:func:`_zeros`). Its copies of a tensor shaped as the weight are the whole problem's; those laid
-    over the cut input's or output's map (whole, or a group's channels) are scaled up to the whole
-    map; others are dropped. None where no such cut exists or a tensor is not dense."""
+    """What a fake convolution's kernel (``func``: forward, or ``convolution_backward``), too large to ask
+    whole (above :data:`~.kernel_copies.PROBE_NUMEL`), copies inside: asked on a copy cut along the spatial
+    dims (halved one dim at a time, W first, never below the kernel's extent, keeping a halving only where
+    the cut still picks the same backend, ``torch._C._select_conv_backend``: the CPU's choice reads N x C x
+    D x H) until its input and output fit, each laid as the op's (:func:`_zeros`). Its copies of a tensor
+    shaped as the weight are the whole problem's; those over the cut input's or output's map (whole, or a
+    group's channels) are scaled to the whole map; others dropped. None: no such cut, or a tensor not dense."""
     backward = func is CONV_BACKWARD
     if backward:
         go, x, w, bias_sizes, *conv = args[:10]

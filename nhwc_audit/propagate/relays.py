@@ -80,8 +80,9 @@ def computed_relay(func: Any, args: Any, out: Any, unsure: Collection[int] = ())
     token map unsqueezed from an NHWC map and writes NCHW), and an op on a parameter inside a leaf
     module (an orthogonal map's ``tril`` of a weight converted channels_last); a convolution's
     parameters are left to its kernel's own copies (:func:`~.conv_kernels.own_copies`). Bytes by
-    :func:`~nhwc_audit.channels.relay_bytes`, summed over such inputs (a node's own op is its record's: :class:`~.dispatch.CopyRecorder` judges an op that reads only the node's
-    inputs once it knows the node's result). ``unsure``: the ``id()`` of tensors whose layouts are
+    :func:`~nhwc_audit.channels.relay_bytes`, summed over such inputs (a node's own op is its record's:
+    :class:`~.dispatch.CopyRecorder` judges an op that reads only the node's inputs once it knows the
+    node's result). ``unsure``: the ``id()`` of tensors whose layouts are
     not to be trusted (made by meta kernels known to differ from eager)."""
     if func in COPY_OPS:
         return None
