@@ -10,16 +10,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from .analyze.displaced import displaced, displaced_backward, unpaired
 from .analyze.findings import find_findings, kernel_own
 from .analyze.moves import baselined, moved_bytes
+from .analyze.nchw_order import forward_keeps_nchw, reorders_dims
 from .capture.blocks import checkpoint_note, custom_backward_note
-from .layout import channels_innermost, memory_order, nchw_ordered
 from .propagate.backward import backward_layouts, param_grad_notes
 from .propagate.backward_kernels import Call
 from .propagate.baseline import match_nodes, nchw_backward, nchw_records, split_moves
@@ -28,7 +25,7 @@ from .propagate.kernels import layout_dependent_backwards
 from .propagate.nchw_kernels import asked
 from .propagate.recompute import recompute_counts
 from .propagate.runner import Runner
-from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, Layout, NodeRecord, TensorMeta
+from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, Layout, NodeRecord
 
 __all__ = [
     "NO_BACKWARD",
@@ -114,59 +111,6 @@ def with_backward(captured: Captured, runner: Runner) -> tuple[list[NodeRecord],
     )
 
 
-def reorders_dims(graph: torch.fx.Graph, reordering: frozenset[str], records: Sequence[NodeRecord] = ()) -> bool:
-    """Can an NCHW run of the model hand a 4D/5D tensor on in another dim order than NCHW? Unless
-    every autograd node the channels_last run made on tensors of rank 3 and up is of a kind known
-    to keep NCHW order (``reordering``: those not in :data:`~.propagate.grad_hooks.KEEPS_ORDER`,
-    inside leaf modules too), or the graph asks for a channels_last memory format
-    (``.contiguous(memory_format=...)``, a no-op in the channels_last run), or a node reads a map
-    laid out in neither order nor a slice of one (:func:`_laid_otherwise`: a tensor made in forward
-    and ``expand``-ed or transposed, which no autograd node made: a convolution's backward re-lays
-    it in NCHW too; not a ``stack`` of maps, whose maps are read, and laid, as they come: smp FPN's
-    ``torch.stack(maps).sum(0)``), or a view permutes a 4D/5D tensor's dims with no autograd node (a
-    window partition of the model's own input: :func:`_permutes`). Without any, the NCHW backward
-    moves nothing."""
-    formats = (torch.channels_last, torch.channels_last_3d)
-    stacked = {r.name for r in records if r.op_name == "stack"}
-    laid_otherwise = any(
-        _laid_otherwise(i.meta) for r in records for i in r.inputs if i.meta.rank >= 4 and i.producer not in stacked
-    )
-    return (
-        bool(reordering)
-        or laid_otherwise
-        or any(_permutes(r) for r in records)
-        or any(
-            v in formats
-            for n in graph.nodes
-            for v in tree_leaves((n.args, n.kwargs))
-            if isinstance(v, torch.memory_format)
-        )
-    )
-
-
-def _permutes(r: NodeRecord) -> bool:
-    """``r`` is a view that puts a 4D/5D tensor's dims in another order (the same sizes and strides,
-    size-1 dims aside, in another order): the NCHW run's view of its NCHW tensor is strided otherwise."""
-    if not (r.aliases_input and r.outputs and r.inputs) or r.inputs[0].meta.rank < 4:
-        return False
-    src, out = r.inputs[0].meta, r.outputs[0]
-    dims = [[(n, st) for n, st in zip(m.shape, m.strides, strict=False) if n > 1] for m in (src, out)]
-    return dims[0] != dims[1] and sorted(dims[0]) == sorted(dims[1])
-
-
-def _laid_otherwise(meta: TensorMeta) -> bool:
-    """Broadcast over a dim of size > 1, or strided in an order that is neither NCHW's nor NHWC's:
-    a channel slice of an NHWC map is in NHWC's (no NCHW run makes it); a transpose of H and W is in
-    neither, whichever map it is of, even one no autograd node made (``y.detach().mT``, a buffer's,
-    the input's): the NCHW run's copy of it is another order, and its conv's backward re-lays it."""
-    if any(n > 1 and st == 0 for n, st in zip(meta.shape, meta.strides, strict=False)):
-        return True
-    if meta.layout is not Layout.STRIDED or nchw_ordered(meta):
-        return False
-    outer = [d for d in memory_order(meta) if d != 1]  # the dims but the channels, outermost first
-    return not channels_innermost(meta) or outer != sorted(outer)
-
-
 def with_nchw_backward(
     records: list[NodeRecord], captured: Captured, runner: Runner, plan: NchwPlan
 ) -> tuple[list[NodeRecord], tuple[str, ...]]:
@@ -238,10 +182,11 @@ def with_nchw_baseline(
     capture run as built, in the audit's mode; ``fake``: a real audit's on fake tensors), and
     notes saying what that changed; ``records`` itself when nothing changed. Run only when one of
     ``findings`` (theirs) that it can change moves data (:func:`~.analyze.moves.baselined`: a
-    revert, a mixed op, a conversion, a layout change a node makes inside)."""
+    revert, a mixed op, a conversion, a layout change a node makes inside), and not where the NCHW
+    forward moves nothing (:func:`~.analyze.nchw_order.forward_keeps_nchw`)."""
     hidden = {r.name for r in records if r.hidden}
     costly = [f for f in findings if baselined(f.kind, hidden=f.node in hidden) and f.bytes > 0]
-    if not costly:
+    if not costly or forward_keeps_nchw(captured, records, handed=bool(runner.as_built)):  # (it would net nothing)
         return records, ()
     nchw, on_fake = nchw_records(captured, module, args, kwargs, runner, fake=fake)
     if isinstance(nchw, str):

@@ -3,8 +3,14 @@ output is a module output that forward hooks can observe)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from torch import nn
 
 C = 8
@@ -130,3 +136,23 @@ class FuzzNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.body(self.stem(x)))
         return out
+
+
+def fuzz_settings(examples: int) -> Callable[[Any], Any]:
+    """Hypothesis settings of the fuzz tests: ``examples`` cases (``FUZZ_EXAMPLES`` overrides), the
+    same ones each run unless ``FUZZ_RANDOM=1``."""
+    return settings(
+        max_examples=int(os.environ.get("FUZZ_EXAMPLES", str(examples))),
+        deadline=None,
+        derandomize=os.environ.get("FUZZ_RANDOM") != "1",
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+NETS = {
+    "ops": st.lists(st.sampled_from(OPS), min_size=1, max_size=6),
+    "head": st.sampled_from(HEADS),
+    "batch": st.sampled_from([1, 2]),
+    "train": st.booleans(),
+}
+"""The strategies of a random :class:`FuzzNet` and its sample (ops, head, batch size, training mode)."""

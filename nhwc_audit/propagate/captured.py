@@ -46,6 +46,9 @@ class Captured:
     grad_run: GradRun | None = None
     """The propagation's forward, run with autograd for the backward that follows (real runs
     that need a graph: ``train``)."""
+    reordering: frozenset[str] | None = None
+    """The ATen ops the propagation ran that may not keep NCHW order
+    (:func:`~.order.forward_reorders`, the NCHW baseline's plan); None where not recorded (hooks)."""
 
     @property
     def gm(self) -> torch.fx.GraphModule | None:

@@ -52,8 +52,7 @@ def replay_check(
     cap: Capture, skeleton: Skeleton, args: tuple[Any, ...], kwargs: dict[str, Any], runner: Runner
 ) -> str | None:
     """The replay check (:mod:`.replay`) of an fx capture whose propagation of the sample
-    (``args``, ``kwargs``) left ``skeleton``: None when the replay vouches for the graph,
-    else why not."""
+    (``args``, ``kwargs``) left ``skeleton``: None when the replay vouches for the graph, else why not."""
     placeholders = [str(n.name) for n in cap.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, positional_inputs(cap.graph, args, kwargs), strict=True))
     with attributes_restored(cap.root), runner.context(), runner.grad_mode():  # what forward caches goes
@@ -129,7 +128,7 @@ class _Chain:
         return self._eager[0]
 
     def _done(self, records: list[NodeRecord], cap: Capture, checked: CheckKind, **more: Any) -> Captured:
-        """The capture kept; ``more``: :class:`Captured`'s ``corrected`` and ``grad_run``."""
+        """The capture kept; ``more``: :class:`Captured`'s ``corrected``, ``grad_run``, ``reordering``."""
         sample = (self.args, self.kwargs)
         inputs = list(tree_leaves(sample)) if cap.flat_inputs else positional_inputs(cap.graph, *sample)
         return Captured(records, cap.method, tuple(self.notes), checked, cap, inputs, **more)
@@ -171,7 +170,7 @@ class _Chain:
         skeleton = Skeleton() if checking and name == "fx" else None
         corrections = self.runner.corrections()
         grads: Grads | None = Grads() if self.runner.grad and not self.runner.fake else None  # a backward starts there
-        state = StateKept(self.model if checking else None)
+        state, seen = StateKept(self.model if checking else None), set[str]()  # seen: ops that may reorder
         try:
             with self.runner.context(guard=False, corrections=corrections):
                 records, out = propagate(
@@ -186,6 +185,7 @@ class _Chain:
                     corrections=corrections,
                     grad=self.runner.grad,
                     grads=grads,
+                    reordering=seen,
                 )
         except PropagationError as e:
             self._raise_if_eager_fails(e)
@@ -199,9 +199,9 @@ class _Chain:
             state.undo()
             return None
         corrected = self._noted(corrections)
-        ran = GradRun(out, grads) if grads is not None else None
+        more = {"grad_run": GradRun(out, grads) if grads is not None else None, "reordering": frozenset(seen)}
         if not checking:
-            return self._done(records, cap, "off", corrected=corrected, grad_run=ran)
+            return self._done(records, cap, "off", corrected=corrected, **more)
         try:
             verdict = self._check(cap, records, out, skeleton, first_sample(self.args, self.kwargs, batch), state)
         except Exception as e:  # the check itself failed: the audit's problem, not the model's
@@ -212,7 +212,7 @@ class _Chain:
             return None
         if verdict.note is not None:
             self.notes.append(f"{name}: {verdict.note}")
-        return self._done(records, cap, verdict.checked, grad_run=ran)
+        return self._done(records, cap, verdict.checked, **more)
 
     def _check(
         self,

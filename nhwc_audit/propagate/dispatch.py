@@ -24,6 +24,7 @@ from ..tensors import iter_tensors, on_shared
 from .conv_kernels import Kernels, own_copies
 from .fake_views import view_strides
 from .kernel_copies import Asked, kernel_copies, library_op
+from .order import forward_reorders
 from .relays import Relay, computed_relay, first_output, inner_copies, is_alias_of
 from .revert_kernels import revert_copies
 
@@ -176,7 +177,14 @@ class CopyRecorder(GuardedMode):
     """Sees the ATen ops a node runs, keeps the copies that change layout and refuses
     writes to the weights the audit shares with the user's model (``shared``)."""
 
-    def __init__(self, shared: frozenset[int] = frozenset(), *, relays: bool = False, recording: bool = True) -> None:
+    def __init__(
+        self,
+        shared: frozenset[int] = frozenset(),
+        *,
+        relays: bool = False,
+        recording: bool = True,
+        reordering: set[str] | None = None,
+    ) -> None:
         super().__init__(shared)
         self.copies: list[HiddenCopy] = []
         self.relays = relays
@@ -202,6 +210,9 @@ class CopyRecorder(GuardedMode):
         """The convolutions' own copies by kernel path (:func:`~.conv_kernels.own_copies`)."""
         self.own: list[HiddenCopy] = []
         """The node's convolution kernels' copies of their weights or of what they made."""
+        self.reordering = reordering
+        """Where a set: the ATen ops the nodes ran that may not keep NCHW order
+        (:func:`~.order.forward_reorders`), by name (the NCHW baseline's plan)."""
         self.eager: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """A fake run's views made inside the node, by ``id()``: (the view, itself strided as eager
         strides it, :func:`~.fake_views.view_strides`), what a kernel asked on zeros is given."""
@@ -238,6 +249,8 @@ class CopyRecorder(GuardedMode):
             func, args, kw, self.guard, self.asked
         )
         out = func(*args, **kw) if inside is None else inside[0]
+        if self.recording and self.reordering is not None and forward_reorders(func, args, kw, out):
+            self.reordering.add(func.overloadpacket.__name__)
         own: list[HiddenCopy] = []  # a convolution's copies of its weight (a slow backend's)
         if inside is not None and inside[1]:  # what its kernel copied: a library's (roi_align: its input), a slice's
             if self.recording:

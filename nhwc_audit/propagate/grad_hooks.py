@@ -25,6 +25,7 @@ from ..tensors import iter_tensors, view_reorders
 from .autograd_nodes import metadata, permuted_view, saved_tensors
 from .backward_kernels import Answers, Call, KernelWatch
 from .breaks import to_channels_last
+from .order import KEEPS_ORDER
 
 __all__ = ["KEEPS_ORDER", "EagerGrad", "Grads", "Moved", "hook_gradients", "hook_nodes"]
 
@@ -62,36 +63,6 @@ class Grads:
     handed: weakref.WeakValueDictionary[int, torch.Tensor] = field(default_factory=weakref.WeakValueDictionary)
     """The gradients that arrived at the nodes' outputs, by ``id()`` while alive: a parameter's
     gradient among them is shared (``y = x + table`` at batch 1 hands one tensor to both operands)."""
-
-
-KEEPS_ORDER = frozenset(
-    {
-        # elementwise and activations: TensorIterator follows the input's strides
-        *("Add", "Sub", "Mul", "Div", "Neg", "Pow", "Exp", "Log", "Sqrt", "Rsqrt", "Abs", "Reciprocal"),
-        *("Clamp", "ClampMin", "ClampMax", "Relu", "Threshold", "Gelu", "Silu", "Sigmoid", "Tanh"),
-        *("Hardsigmoid", "Hardswish", "Hardtanh", "LeakyRelu", "Elu", "PreluKernel", "Softplus", "Mish"),
-        *("Where", "MaskedFill", "NativeDropout", "Softmax", "LogSoftmax"),
-        # reductions over dims (keepdim or not), norms, convolutions, pools, pads, resampling
-        *("Mean", "Sum", "Amax", "Amin", "Std", "Var", "LinalgVectorNorm", "Convolution"),
-        *("NativeBatchNorm", "NativeGroupNorm", "NativeLayerNorm", "MaxPool2DWithIndices"),
-        *("MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D"),
-        *("AdaptiveMaxPool2D", "UpsampleNearest2D", "UpsampleNearest3D", "UpsampleBilinear2D"),
-        *("UpsampleTrilinear3D", "UpsampleBicubic2D", "ConstantPadNd", "ReflectionPad2D"),
-        *("ReplicationPad2D", "ReflectionPad3D", "ReplicationPad3D", "PixelShuffle", "PixelUnshuffle"),
-        # joins, splits and views that keep the dims' order; copies into the same order
-        *("Cat", "Stack", "Split", "SplitWithSizes", "Unbind", "Slice", "Select", "View", "UnsafeView"),
-        *("ReshapeAlias", "Alias", "Expand", "Unsqueeze", "Squeeze", "Clone", "ToCopy", "CopySlices"),
-        *("AsStrided", "Roll", "Flip", "Mm", "Addmm", "Bmm"),
-    }
-)
-"""Autograd nodes (their names without the version digit) of ops that, handed tensors in NCHW
-order, hand on tensors in NCHW order, forward and backward. A model all of whose nodes on tensors
-of rank 3 and up are of these kinds (and whose graph asks for no channels_last memory format)
-keeps every 4D/5D tensor of an NCHW run in NCHW order, so its backward moves nothing. Anything
-else may not: a permute or transpose (a transpose of tokens reshaped back to a map is
-channels_last-strided in an NCHW model), ``linalg.inv`` (column-major), an FFT over the channels,
-an attention kernel; a Linear's ``weight.t()`` is rank 2. ``as_strided`` is here: autograd puts it
-behind every in-place op on a view, and the audit on the weights it restrides."""
 
 
 _NODE = "nhwc_audit.node"

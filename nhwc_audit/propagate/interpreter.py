@@ -56,13 +56,13 @@ class LayoutProp(FreshArgs):
         corrections: Corrections | None = None,
         grad: bool = False,
         grads: Grads | None = None,
+        reordering: set[str] | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True, graph=graph)
-        self.corrections, self.grads = corrections, grads
-        self._retry_without_grad = grad
-        self.extra_traceback = False
-        self.record_hidden, self.shared, self.skeleton = record_hidden, shared, skeleton
-        self._recorder = CopyRecorder(shared, recording=False) if (record_hidden or shared) else None
+        self.corrections, self.grads, self._retry_without_grad = corrections, grads, grad
+        self.record_hidden, self.shared, self.skeleton, self.extra_traceback = record_hidden, shared, skeleton, False
+        seen = reordering if record_hidden else None  # (the ops it sees: those it records)
+        self._recorder = CopyRecorder(shared, recording=False, reordering=seen) if (record_hidden or shared) else None
         self._blind_ok = False  # calls the recorder cannot see into may run without it (.blind)
         # the repair's measurements (fix.measure): every value by name; asked after each node, True stops
         self.kept: dict[str, Any] | None = None
@@ -235,9 +235,7 @@ class LayoutProp(FreshArgs):
         detail: str = "",
         reduced: tuple[int, ...] | None = None,
     ) -> None:
-        outputs: list[TensorMeta] = []
-        aliases = False
-        in_tensors = [t for _, t in inputs]
+        outputs, aliases, in_tensors = list[TensorMeta](), False, [t for _, t in inputs]
         if n.op != "output":
             for t in (result,) if isinstance(result, torch.Tensor) else iter_tensors(result):
                 outputs.append(tensor_meta(t))
@@ -293,6 +291,7 @@ def propagate(
     corrections: Corrections | None = None,
     grad: bool = False,
     grads: Grads | None = None,
+    reordering: set[str] | None = None,
 ) -> tuple[list[NodeRecord], Any]:
     """Run ``gm`` (a GraphModule, or the root module of ``graph``) on the (already channels_last) sample under
     ``no_grad``; return one record per node, in graph order, and the graph's output. The caller owns copying the
@@ -301,7 +300,7 @@ def propagate(
     :class:`SharedWeightWrite` before it happens. ``skeleton`` collects what the replay check needs
     (:mod:`.replay`). ``corrections`` (fake runs) makes known meta-kernel errors follow eager
     (:mod:`.corrections`). ``grad``: run with autograd, as training does; ``grads``: each node's output hooked
-    for its gradients (:mod:`.backward`)."""
+    for its gradients (:mod:`.backward`); ``reordering`` collects the ops that may not keep NCHW order."""
     interp = LayoutProp(
         gm,
         graph=graph,
@@ -312,6 +311,7 @@ def propagate(
         corrections=corrections,
         grad=grad,
         grads=grads,
+        reordering=reordering,
     )
     kw = kwargs or {}
     values = list(tree_leaves((args, kw))) if flat_inputs else positional_inputs(interp.graph, args, kw)

@@ -3,30 +3,17 @@ recorded layout equals what eager forward hooks observe on the same channels_las
 
 from __future__ import annotations
 
-import os
-
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nhwc_audit import audit
 from tests.eager import hook_layouts, report_module_layouts
-from tests.fuzz_models import HEADS, OPS, FuzzNet
+from tests.fuzz_models import NETS, FuzzNet, fuzz_settings
 
 
-@settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "40")),
-    deadline=None,
-    derandomize=os.environ.get("FUZZ_RANDOM") != "1",
-    suppress_health_check=[HealthCheck.too_slow],
-)
-@given(
-    ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=6),
-    head=st.sampled_from(HEADS),
-    batch=st.sampled_from([1, 2]),
-    size=st.sampled_from([4, 7, 8]),
-    train=st.booleans(),
-)
+@fuzz_settings(40)
+@given(**NETS, size=st.sampled_from([4, 7, 8]))
 def test_random_cnns_match_eager(ops: list[str], head: str, batch: int, size: int, train: bool) -> None:
     torch.manual_seed(0)
     model = FuzzNet(ops, head).train(train)

@@ -1,0 +1,144 @@
+"""The NCHW baseline's forward plan (``analyze.nchw_order.forward_keeps_nchw``): an fx capture
+whose NCHW forward keeps every map in NCHW order moves nothing there, and the baseline skips its
+run. Each model here is audited twice, with the plan and with the baseline run whatever the plan
+says: the records, findings, fixes and notes must be the same. The plan must fire where it can (a
+UNet's reverts), and must not where an NCHW run moves what the channels_last one does not (a
+tensor the conversion leaves channels_last, code of the model's that branches on the layout, a
+permute)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.fx
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from nhwc_audit import audit, examples, refine
+from nhwc_audit.api import AuditReport
+from tests.fuzz_models import NETS, FuzzNet, fuzz_settings
+from tests.propagate.test_op_cases_vs_eager import CASES
+
+
+def _audits(model: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[AuditReport, AuditReport, bool]:
+    """(audit with the plan, audit with the baseline always run, whether the plan skipped a run)."""
+    asked: list[bool] = []
+    plan = refine.forward_keeps_nchw
+
+    def spied(*a: Any, **kw: Any) -> bool:
+        asked.append(plan(*a, **kw))
+        return asked[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(refine, "forward_keeps_nchw", spied)
+        planned = audit(model, x, bandwidth=1e9, **kw)
+        mp.setattr(refine, "forward_keeps_nchw", lambda *a, **kw: False)
+        whole = audit(model, x, bandwidth=1e9, **kw)
+    return planned, whole, any(asked)
+
+
+def _assert_same(planned: AuditReport, whole: AuditReport) -> None:
+    assert planned.nodes == whole.nodes
+    assert planned.findings == whole.findings
+    assert planned.fixes == whole.fixes
+    assert planned.meta.capture_notes == whole.meta.capture_notes
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_a_unets_reverts_skip_the_nchw_run_with_the_same_result(mode: str, train: bool) -> None:
+    model, (x,) = examples.unet()
+    planned, whole, skipped = _audits(model.train(train), x[:, :, :32, :32], mode=mode, train=train)
+    assert skipped and any(f.kind.value == "revert" for f in planned.findings)
+    _assert_same(planned, whole)
+
+
+class _LeftChannelsLast(nn.Module):
+    """A plain tensor attribute made channels_last, which the conversion leaves as built: the NCHW
+    run adds it to an NCHW map (a mixed op there, none in channels_last's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8)
+        self.table = torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x) + self.table)
+
+
+@torch.fx.wrap
+def _as_nchw(x: torch.Tensor) -> torch.Tensor:
+    """The model's own code, run eagerly under fx: a channels_last map is copied to NCHW (a clone),
+    an NCHW one goes through a permuted copy (NCHW's run moves it too)."""
+    if x.is_contiguous():
+        return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).contiguous()
+    return x.contiguous()
+
+
+class _Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.post = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(_as_nchw(self.conv(x)))
+
+
+class _Permutes(nn.Module):
+    """ConvNeXt's LayerNorm over channels, permuted, before a revert: NCHW's run re-lays it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.norm = nn.InstanceNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm(y) + y
+
+
+class _TransposedTable(nn.Module):
+    """A rank-2 table read transposed, added to a map: across NCHW's order as much as NHWC's (the
+    same mixed op in both runs), and an InstanceNorm's revert to make the baseline run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(16, 16))
+        self.norm = nn.InstanceNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x) + self.table.t())
+
+
+@pytest.mark.parametrize("build", [_LeftChannelsLast, _Branches, _Permutes, _TransposedTable])
+def test_a_model_whose_nchw_run_moves_data_runs_it(build: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    planned, whole, skipped = _audits(build().eval(), torch.randn(2, 3, 16, 16))
+    assert not skipped
+    assert any(n.nchw_bytes for n in whole.nodes)  # the NCHW run moved data: skipping it would be wrong
+    _assert_same(planned, whole)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_an_op_case_gets_the_same_records_with_the_plan(case: str) -> None:
+    torch.manual_seed(0)
+    planned, whole, _ = _audits(CASES[case]().eval(), torch.randn(2, 8, 16, 16))
+    _assert_same(planned, whole)
+
+
+@fuzz_settings(30)
+@given(**NETS, size=st.sampled_from([2, 4, 7]), mode=st.sampled_from(["real", "fake"]))
+def test_random_cnns_get_the_same_records_with_the_plan(
+    ops: list[str], head: str, batch: int, size: int, train: bool, mode: str
+) -> None:
+    torch.manual_seed(0)
+    model = FuzzNet(ops, head).train(train)
+    planned, whole, _ = _audits(model, torch.randn(batch, 3, size, size), mode=mode, train=train)
+    _assert_same(planned, whole)
