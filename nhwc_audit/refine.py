@@ -22,7 +22,7 @@ from .propagate.backward_kernels import Call
 from .propagate.baseline import match_nodes, nchw_backward, nchw_records, split_moves
 from .propagate.chain import Captured
 from .propagate.kernels import layout_dependent_backwards
-from .propagate.nchw_kernels import asked
+from .propagate.nchw_kernels import asked, forward_inside
 from .propagate.recompute import recompute_counts
 from .propagate.runner import Runner
 from .records import BACKWARD_NOT_AUDITED, Finding, FindingKind, Layout, NodeRecord
@@ -166,6 +166,29 @@ def by_kernel(plan: NchwPlan, runner: Runner) -> dict[str, tuple[int, int]] | No
     return None if copies is None else {name: split_moves(c) for name, c in copies.items()}
 
 
+def _kernels_asked(records: list[NodeRecord], captured: Captured, runner: Runner) -> list[NodeRecord] | None:
+    """The records as an NCHW forward that moves nothing (:func:`~.analyze.nchw_order.forward_keeps_nchw`)
+    leaves them: but the copies its convolutions' kernels make of their own, asked of each call's NCHW
+    counterpart (:func:`~.propagate.nchw_kernels.forward_inside`), where channels_last's kernel copied
+    too (``nchw_inside``, as the run's own records would give). None where one cannot be asked."""
+    inside = [r for r in records if r.inside]
+    asked = forward_inside(captured.capture.root, inside, runner) if inside and captured.capture else {}
+    if asked is None:
+        return None
+    own = {}
+    for r in inside:
+        copies, meta = asked[r.name]
+        if copies:  # (the NCHW run's record: its weight as that run reads it, its kernel's copies)
+            ins = tuple(
+                dataclasses.replace(i, meta=meta) if k == 1 and i.meta.shape == meta.shape else i
+                for k, i in enumerate(r.inputs)
+            )
+            own[r.name] = sum(
+                c.bytes for c in kernel_own(dataclasses.replace(r, inputs=ins, inside=tuple(copies)), Layout.CONTIGUOUS)
+            )
+    return [dataclasses.replace(r, nchw_inside=own[r.name]) if r.name in own else r for r in records]
+
+
 def with_nchw_baseline(
     records: list[NodeRecord],
     findings: Sequence[Finding],
@@ -186,8 +209,12 @@ def with_nchw_baseline(
     forward moves nothing (:func:`~.analyze.nchw_order.forward_keeps_nchw`)."""
     hidden = {r.name for r in records if r.hidden}
     costly = [f for f in findings if baselined(f.kind, hidden=f.node in hidden) and f.bytes > 0]
-    if not costly or forward_keeps_nchw(captured, records, handed=bool(runner.as_built)):  # (it would net nothing)
+    if not costly:
         return records, ()
+    if forward_keeps_nchw(captured, records, handed=bool(runner.as_built)):
+        planned = _kernels_asked(records, captured, runner)
+        if planned is not None:
+            return planned, ()
     nchw, on_fake = nchw_records(captured, module, args, kwargs, runner, fake=fake)
     if isinstance(nchw, str):
         return records, (f"NCHW baseline: not run ({nchw}); each finding is charged its whole copy",)

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx
+from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from ..layout import channels_innermost, memory_order, nchw_ordered
@@ -81,15 +83,16 @@ def forward_keeps_nchw(captured: Captured, records: Sequence[NodeRecord], *, han
     neither order or permutes one (:func:`reorders_dims`), every tensor the conversion leaves as
     built is in NCHW order, and every call runs torch's own code (a ``torch.nn`` leaf module, a
     torch function or a tensor method: no code of the model's, run eagerly, that may take another
-    branch on NCHW input); and no node broke, copied in its kernel (whose NCHW copies the
-    baseline asks of the NCHW run: :func:`~.findings.kernel_own`), sliced a map (:func:`_slices`)
-    or read a table or tokens laid across row-major order (:func:`_across`). Not where the NCHW run
-    is ``handed`` inputs of its own (a part of a model, on what the NCHW model hands it: an encoder's
-    last map its kernel made channels_last), in place of an NCHW copy of the sample."""
+    branch on NCHW input); and no node broke, sliced a map (:func:`_slices`) or read a table or
+    tokens laid across row-major order (:func:`_across`). Not where the NCHW run is ``handed``
+    inputs of its own (a part of a model, on what the NCHW model hands it: an encoder's last map its
+    kernel made channels_last), in place of an NCHW copy of the sample. What a convolution's kernel
+    copies of its own is no move: the baseline asks it of the NCHW call's kernel
+    (:func:`~nhwc_audit.propagate.nchw_kernels.forward_inside`)."""
     cap = captured.capture
     if cap is None or captured.method != "fx" or captured.reordering is None or handed:
         return False
-    if any(r.error or r.inside or _slices(r) or any(_across(i.meta) for i in r.inputs) for r in records):
+    if any(r.error or _slices(r) or any(_across(i.meta) for i in r.inputs) for r in records):
         return False
     made, outputs = captured.unconverted, {r.name: r.outputs for r in records}
     for n in cap.graph.nodes:
@@ -99,7 +102,7 @@ def forward_keeps_nchw(captured: Captured, records: Sequence[NodeRecord], *, han
             and any(m.rank >= 4 and not nchw_ordered(m) for m in outputs[n.name])
         ):
             return False  # a tensor constant read as built in both runs: channels_last, it mixes in NCHW's
-        if n.op == "call_module" and not _torch_code(type(cap.root.get_submodule(str(n.target)))):
+        if n.op == "call_module" and not _torch_leaf(cap.root.get_submodule(str(n.target))):
             return False
         if n.op == "call_function" and not _torch_code(n.target):
             return False
@@ -107,10 +110,32 @@ def forward_keeps_nchw(captured: Captured, records: Sequence[NodeRecord], *, han
 
 
 def _torch_code(target: object) -> bool:
-    """``target`` (a function, or a module's type) is torch's own: neither the model's nor a library's."""
+    """``target`` (a function, or a module's type) is torch's own: neither the model's nor a library's
+    (nor a custom op of ``torch.ops``, whose kernel the recorder cannot see into, named like ATen's)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace in ("aten", "prims")
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[0] in ("aten", "prims")
     module = getattr(target, "__module__", None) or ""
     return module.split(".")[0] in ("torch", "_operator", "builtins", "math") and not (
         isinstance(target, type) and issubclass(target, torch.jit.ScriptModule)
+    )
+
+
+def _torch_leaf(m: nn.Module) -> bool:
+    """A leaf call of ``m`` runs torch's code alone: every module in it of torch's own type, none
+    parametrized (a parametrization's module may be the model's) or with a ``forward`` of its own, and
+    no hook on them or on every module (a hook that makes its output channels_last dispatches nothing
+    in the channels_last run and a copy in the NCHW one)."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_forward_hooks_always_called:
+        return False
+    return all(
+        _torch_code(type(sub))
+        and not parametrize.is_parametrized(sub)
+        and "forward" not in sub.__dict__
+        and not (sub._forward_hooks or sub._forward_pre_hooks)
+        for sub in m.modules()
     )
 
 

@@ -68,7 +68,7 @@ class Answer:
     path copies the same tensors at its own sizes (:meth:`at`)."""
 
     copies: tuple[HiddenCopy, ...]
-    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    shapes: tuple[tuple[int, ...], ...]
 
     def at(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tuple[HiddenCopy, ...]:
         """The copies a call on ``x`` and ``w`` giving ``out`` makes."""
@@ -182,17 +182,17 @@ def own_copies(
     return out, list(answer.copies)
 
 
-def _shapes(
-    x: torch.Tensor, w: torch.Tensor, out: torch.Tensor
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    return tuple(x.shape), tuple(w.shape), tuple(out.shape)
+def _shapes(*tensors: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t.shape) for t in tensors)
 
 
-def call_key(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """:func:`kernel_key` of a call of a torch.nn convolution module on ``args`` (as its forward
-    calls the op); None for a call with more than its input (a ConvTranspose's ``output_size``), a
-    padding given as a string, or a weight that is no parameter of its own (weight_norm's,
-    spectral_norm's, prune's: computed by a hook or a parametrization), whose kernel is asked at each call."""
+def call_key(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], weight: torch.Tensor | None = None
+) -> Any:
+    """:func:`kernel_key` of a call of a torch.nn convolution module on ``args`` (as its forward calls
+    the op; ``weight`` in place of its own: an NCHW counterpart's); None for a call with more than its
+    input (a ConvTranspose's ``output_size``), a padding given as a string, or a weight that is no
+    parameter of its own (weight_norm's, prune's: made by a hook or a parametrization), asked each call."""
     if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
         return None
     own = module.__dict__
@@ -203,7 +203,7 @@ def call_key(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     transposed = isinstance(module, _TRANSPOSED)
     return kernel_key(
         args[0],
-        params["weight"],
+        params["weight"] if weight is None else weight,
         params.get("bias") is not None,
         own["stride"],
         padding,

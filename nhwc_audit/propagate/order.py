@@ -57,8 +57,8 @@ _FORMATS = (torch.channels_last, torch.channels_last_3d)
 @functools.cache
 def _kept(func: Any) -> bool:
     """ATen op ``func`` is of a kind in :data:`KEEPS_ORDER` (``add_`` as ``add``, ``_softmax`` as
-    ``Softmax``)."""
-    return func.overloadpacket.__name__.strip("_").replace("_", "").lower() in _FORWARD
+    ``Softmax``; a custom op named so, ``mylib::relu``, is not)."""
+    return func.namespace == "aten" and func.overloadpacket.__name__.strip("_").replace("_", "").lower() in _FORWARD
 
 
 def forward_reorders(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> bool:

@@ -8,6 +8,7 @@ permute)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import torch.fx
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 from nhwc_audit import audit, examples, refine
 from nhwc_audit.api import AuditReport
@@ -44,7 +46,13 @@ def _assert_same(planned: AuditReport, whole: AuditReport) -> None:
     assert planned.nodes == whole.nodes
     assert planned.findings == whole.findings
     assert planned.fixes == whole.fixes
-    assert planned.meta.capture_notes == whole.meta.capture_notes
+    assert _notes(planned) == _notes(whole)
+
+
+def _notes(report: AuditReport) -> tuple[str, ...]:
+    """The capture notes but the one saying the baseline ran on fake tensors, which a real audit
+    chooses by how long its own run took (``baseline.fake_pays``: a first audit in a process can)."""
+    return tuple(n for n in report.meta.capture_notes if "run on fake tensors" not in n)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -53,6 +61,45 @@ def test_a_unets_reverts_skip_the_nchw_run_with_the_same_result(mode: str, train
     model, (x,) = examples.unet()
     planned, whole, skipped = _audits(model.train(train), x[:, :, :32, :32], mode=mode, train=train)
     assert skipped and any(f.kind.value == "revert" for f in planned.findings)
+    _assert_same(planned, whole)
+
+
+class _Volume(nn.Module):
+    """A 3D UNet's step at batch 1: the CPU's slow Conv3d copies its channels_last_3d weight into NCDHW
+    every call (its kernel's own copies, asked of the NCHW call's kernel: none there), and an
+    InstanceNorm3d reverts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.interpolate(self.norm(self.a(x)), scale_factor=2.0))
+
+
+class _Depthwise1x1(nn.Module):
+    """A 1x1 depthwise convolution at one thread: its CPU kernel copies each channel's slice in either
+    layout (``nchw_inside``: asked of the NCHW call's kernel, the same bytes)."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem, self.dw, self.pw = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1, groups=c), nn.Conv2d(c, c, 1)
+        self.norm = nn.InstanceNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.norm(torch.relu(self.dw(self.stem(x)))))
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("build", [_Volume, _Depthwise1x1])
+def test_a_kernel_s_own_copies_are_asked_of_its_nchw_call(build: type[nn.Module], mode: str) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(1, 1, 8, 8, 8) if build is _Volume else torch.randn(2, 3, 16, 16)
+    planned, whole, skipped = _audits(model, x, mode=mode, threads=1)
+    assert skipped and any(n.inside for n in planned.nodes)
+    assert any(n.nchw_inside for n in planned.nodes) == (build is _Depthwise1x1)
     _assert_same(planned, whole)
 
 
@@ -117,12 +164,107 @@ class _TransposedTable(nn.Module):
         return self.norm(self.conv(x) + self.table.t())
 
 
-@pytest.mark.parametrize("build", [_LeftChannelsLast, _Branches, _Permutes, _TransposedTable])
-def test_a_model_whose_nchw_run_moves_data_runs_it(build: type[nn.Module]) -> None:
+@torch.library.custom_op("nhwc_audit_tests::relu", mutates_args=())
+def _relu_to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A custom op named like ATen's ``relu``, whose kernel (opaque to a dispatch mode) lays its
+    output channels_last."""
+    return torch.relu(x).contiguous(memory_format=torch.channels_last)
+
+
+@_relu_to_channels_last.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+class _Stem(nn.Module):
+    """A convolution, an InstanceNorm's revert, a 1x1 convolution: the stem's output made
+    channels_last by code of the model's that the graph calls as a torch.nn leaf (a hook, a
+    parametrization, a forward of the instance's own) is a no-op in the channels_last run and a
+    copy in the NCHW one, which then reverts at the norm too."""
+
+    def __init__(self, custom: bool = False) -> None:
+        super().__init__()
+        self.conv, self.norm, self.post = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.custom = custom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.post(self.norm(torch.ops.nhwc_audit_tests.relu(y) if self.custom else y))
+
+
+class _ToChannelsLast(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.contiguous(memory_format=torch.channels_last)
+
+
+def _hooked() -> nn.Module:
+    m = _Stem()
+    m.conv.register_forward_hook(lambda mod, i, o: o.contiguous(memory_format=torch.channels_last))
+    return m
+
+
+def _pre_hooked() -> nn.Module:
+    m = _Stem()
+    m.norm.register_forward_pre_hook(lambda mod, i: (i[0].contiguous(memory_format=torch.channels_last),))
+    return m
+
+
+def _parametrized() -> nn.Module:
+    m = _Stem()
+    torch.nn.utils.parametrize.register_parametrization(m.conv, "weight", _ToChannelsLast())
+    return m
+
+
+def _own_forward() -> nn.Module:
+    m = _Stem()
+    conv = m.conv
+    conv.forward = lambda x: nn.Conv2d.forward(conv, x).contiguous(memory_format=torch.channels_last)  # type: ignore[method-assign]
+    return m
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        _LeftChannelsLast,
+        _Branches,
+        _Permutes,
+        _TransposedTable,
+        _hooked,
+        _pre_hooked,
+        _parametrized,
+        lambda: _Stem(custom=True),
+    ],
+    ids=["left", "branches", "permutes", "table", "hook", "pre_hook", "parametrized", "custom_op"],
+)
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_a_model_whose_nchw_run_moves_data_runs_it(build: Callable[[], nn.Module], mode: str) -> None:
     torch.manual_seed(0)
-    planned, whole, skipped = _audits(build().eval(), torch.randn(2, 3, 16, 16))
+    planned, whole, skipped = _audits(build().eval(), torch.randn(2, 3, 16, 16), mode=mode)
     assert not skipped
     assert any(n.nchw_bytes for n in whole.nodes)  # the NCHW run moved data: skipping it would be wrong
+    _assert_same(planned, whole)
+
+
+def test_a_leaf_with_a_forward_of_its_own_runs_the_nchw_run() -> None:
+    """(Real mode: the instance's forward, a closure over the user's module, runs its weights.)"""
+    torch.manual_seed(0)
+    planned, whole, skipped = _audits(_own_forward().eval(), torch.randn(2, 3, 16, 16))
+    assert not skipped
+    assert any(n.nchw_bytes for n in whole.nodes)  # the NCHW run moved data: skipping it would be wrong
+    _assert_same(planned, whole)
+
+
+def test_a_global_module_hook_runs_the_nchw_run() -> None:
+    torch.manual_seed(0)
+    model = _Stem().eval()
+    hook = nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: o.contiguous(memory_format=torch.channels_last) if getattr(mod, "in_channels", 0) == 3 else o
+    )
+    try:
+        planned, whole, skipped = _audits(model, torch.randn(2, 3, 16, 16))
+    finally:
+        hook.remove()
+    assert not skipped and any(n.nchw_bytes for n in whole.nodes)
     _assert_same(planned, whole)
 
 
