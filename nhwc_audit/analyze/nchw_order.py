@@ -81,9 +81,10 @@ def forward_keeps_nchw(captured: Captured, records: Sequence[NodeRecord], *, han
     (:attr:`~.propagate.captured.Captured.reordering` empty: the recorder saw every op but those of
     :mod:`~nhwc_audit.propagate.blind` calls, one such op each), no node reads a map laid out in
     neither order or permutes one (:func:`reorders_dims`), every tensor the conversion leaves as
-    built is in NCHW order, and every call runs torch's own code (a ``torch.nn`` leaf module, a
-    torch function or a tensor method: no code of the model's, run eagerly, that may take another
-    branch on NCHW input); and no node broke, sliced a map (:func:`_slices`) or read a table or
+    built is in NCHW order, and every call runs torch's own code (a ``torch.nn`` leaf module with no
+    hook, parametrization or forward of its own (:func:`_torch_leaf`), a torch function, an ATen op, a
+    tensor method: no code of the model's, run eagerly, that may take another branch on NCHW input,
+    no custom op); and no node broke, sliced a map (:func:`_slices`) or read a table or
     tokens laid across row-major order (:func:`_across`). Not where the NCHW run is ``handed``
     inputs of its own (a part of a model, on what the NCHW model hands it: an encoder's last map its
     kernel made channels_last), in place of an NCHW copy of the sample. What a convolution's kernel
