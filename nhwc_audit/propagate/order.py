@@ -67,6 +67,6 @@ def forward_reorders(func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> 
     for no channels_last memory format (a ``clone``'s), or makes no tensor (a fake tensor's
     ``prim.device``, a size), or reads and makes nothing of rank 3 and up (a Linear's rank-2 ``mm``)."""
     if _kept(func):
-        return any(v in _FORMATS for v in kwargs.values())
+        return kwargs.get("memory_format") in _FORMATS
     made = iter_tensors(out)
-    return bool(made) and any(t.dim() >= 3 for t in (*made, *iter_tensors((args, kwargs))))
+    return bool(made) and (any(t.dim() >= 3 for t in made) or any(t.dim() >= 3 for t in iter_tensors((args, kwargs))))
