@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from ..layout import channels_innermost, memory_order, nchw_ordered
+from ..propagate.blind import forward_hooked
 from ..propagate.captured import Captured
 from ..records import Layout, NodeRecord, TensorMeta
 
@@ -66,7 +67,7 @@ def _laid_otherwise(meta: TensorMeta) -> bool:
     a channel slice of an NHWC map is in NHWC's (no NCHW run makes it); a transpose of H and W is in
     neither, whichever map it is of, even one no autograd node made (``y.detach().mT``, a buffer's,
     the input's): the NCHW run's copy of it is another order, and its conv's backward re-lays it."""
-    if any(n > 1 and st == 0 for n, st in zip(meta.shape, meta.strides, strict=False)):
+    if _broadcast(meta):
         return True
     if meta.layout is not Layout.STRIDED or nchw_ordered(meta):
         return False
@@ -128,14 +129,11 @@ def _torch_leaf(m: nn.Module) -> bool:
     parametrized (a parametrization's module may be the model's) or with a ``forward`` of its own, and
     no hook on them or on every module (a hook that makes its output channels_last dispatches nothing
     in the channels_last run and a copy in the NCHW one)."""
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_forward_hooks_always_called:
-        return False
     return all(
         _torch_code(type(sub))
         and not parametrize.is_parametrized(sub)
         and "forward" not in sub.__dict__
-        and not (sub._forward_hooks or sub._forward_pre_hooks)
+        and not forward_hooked(sub)
         for sub in m.modules()
     )
 
@@ -157,6 +155,10 @@ def _across(meta: TensorMeta) -> bool:
     counterparts are laid otherwise."""
     if not 2 <= meta.rank <= 3:
         return False
-    broadcast = any(n > 1 and st == 0 for n, st in zip(meta.shape, meta.strides, strict=False))
     order = memory_order(meta)
-    return broadcast or list(order) != sorted(order)
+    return _broadcast(meta) or list(order) != sorted(order)
+
+
+def _broadcast(meta: TensorMeta) -> bool:
+    """Broadcast over a dim of size > 1 (stride 0: ``expand``)."""
+    return any(n > 1 and st == 0 for n, st in zip(meta.shape, meta.strides, strict=False))

@@ -21,6 +21,7 @@ __all__ = [
     "PLAIN_FUNCTIONS",
     "RECORDER_BLIND",
     "RECORDER_BLIND_FUNCTIONS",
+    "forward_hooked",
     "function_blind",
     "maybe_blind",
     "recorder_blind",
@@ -84,11 +85,7 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
         kind not in RECORDER_BLIND
         or "forward" in own
         or own.get("padding_mode", "zeros") != "zeros"
-        or module._forward_hooks
-        or module._forward_pre_hooks
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
-        or nn.modules.module._global_forward_hooks_always_called
+        or forward_hooked(module)
     ):
         return False
     ts = iter_tensors(args)
@@ -101,6 +98,20 @@ def recorder_blind(module: nn.Module, args: Any = (), shared: frozenset[int] | N
             not own.get("inplace", False)
             or (shared is not None and not (shared and any(on_shared(t, shared) for t in ts)))
         )
+    )
+
+
+def forward_hooked(module: nn.Module) -> bool:
+    """A forward hook or pre-hook runs around a call of ``module``: its own, or one torch.nn runs
+    around every module's (``register_module_forward_hook``). Its code is the model's, unseen by a
+    graph: a hook that lays the output channels_last dispatches nothing on a channels_last map."""
+    every = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or every._global_forward_hooks
+        or every._global_forward_pre_hooks
+        or every._global_forward_hooks_always_called
     )
 
 

@@ -19,11 +19,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
 from ..layout import tensor_meta
 from ..records import HiddenCopy, NodeRecord, TensorMeta
 from .backward_kernels import Answers, Call, KernelWatch, Zeros
+from .blind import forward_hooked
 from .conv_kernels import CONV_BACKWARD, CONV_MODULES, call_key, known
 from .dispatch import CopyRecorder
 from .runner import Runner
@@ -108,12 +110,12 @@ def forward_inside(
 def _asked_so(m: torch.nn.Module, r: NodeRecord) -> bool:
     """``r``'s call of convolution module ``m`` has an NCHW counterpart to ask: one input of the
     weight's dtype and of no size-1 dim but its batch, one output, a weight of its own (no
-    parametrization's), no hook."""
+    parametrization's), no hook (:func:`~.blind.forward_hooked`)."""
     weight = m._parameters.get("weight")
     return (
         isinstance(weight, torch.Tensor)
-        and not hasattr(m, "parametrizations")
-        and not (m._forward_hooks or m._forward_pre_hooks)
+        and not parametrize.is_parametrized(m)
+        and not forward_hooked(m)
         and len(r.inputs) >= 1
         and len(r.outputs) == 1
         and 1 not in r.inputs[0].meta.shape[1:]
